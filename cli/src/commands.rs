@@ -1,0 +1,595 @@
+//! The commands: each parses nothing itself (clap did) and delegates to the libraries.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use edgepack_packager::{BundleBuilder, SecretKey};
+use edgepack_runtime::bundle::{BackendKind, OpenOptions, Precision, PublicKey, Task};
+use edgepack_runtime::onnx::Dim;
+use edgepack_runtime::process::{self, ImagePreprocess, Layout, Postprocess, Preprocess, Softmax};
+use edgepack_runtime::{Bundle, DType, Session, SessionOptions, Tensor, npy};
+use serde_json::json;
+
+use crate::LoadArgs;
+use crate::dataset::{self, Dataset};
+
+/// An error in the user's data (not in the tool): exit code 4.
+#[derive(Debug)]
+pub struct BadInput(pub String);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+pub fn load_key(path: Option<&Path>) -> Result<Option<PublicKey>> {
+    path.map(|p| PublicKey::load(p).with_context(|| format!("reading key {}", p.display()))).transpose()
+}
+
+pub fn open_session(path: &Path, a: &LoadArgs) -> Result<Session> {
+    let opts = SessionOptions {
+        device: a.device,
+        threads: a.threads,
+        variant: a.variant.clone(),
+        key: load_key(a.key.as_deref())?,
+        ..Default::default()
+    };
+    Session::open(path, &opts).with_context(|| format!("loading {}", path.display()))
+}
+
+/// The image pre-processing to use: the bundle's, or a named preset sized from the model's first input.
+pub fn image_preprocess(s: &Session, preset: Option<&str>) -> Result<Option<ImagePreprocess>> {
+    if let Some(name) = preset {
+        let input = s.inputs().first().context("the model has no input")?;
+        let (h, w) = image_hw(&input.shape).with_context(|| format!("input `{}` {} is not an image", input.name, input.shape_string()))?;
+        let mut p = ImagePreprocess::preset(name, h, w)?;
+        if input.shape.len() == 4 && matches!(input.shape[3], Dim::Fixed(1 | 3)) && !matches!(input.shape[1], Dim::Fixed(1 | 3)) {
+            p.layout = Layout::Nhwc;
+        }
+        p.dtype = input.dtype.unwrap_or(DType::F32);
+        return Ok(Some(p));
+    }
+    Ok(match s.preprocess() {
+        Some(Preprocess::Image(p)) => Some(p.clone()),
+        None => None,
+    })
+}
+
+/// (height, width) of an NCHW or NHWC image input with fixed spatial dims.
+fn image_hw(shape: &[Dim]) -> Option<(u32, u32)> {
+    let fixed = |d: &Dim| if let Dim::Fixed(n) = d { Some(*n as u32) } else { None };
+    if shape.len() != 4 {
+        return None;
+    }
+    if matches!(shape[1], Dim::Fixed(1 | 3)) {
+        Some((fixed(&shape[2])?, fixed(&shape[3])?))
+    } else {
+        Some((fixed(&shape[1])?, fixed(&shape[2])?))
+    }
+}
+
+fn read_labels(path: &Path) -> Result<Vec<String>> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("reading labels {}", path.display()))?
+        .lines()
+        .map(|l| l.trim_end().to_string())
+        .collect())
+}
+
+pub fn inspect(path: &Path, json_out: bool, key: Option<&Path>) -> Result<()> {
+    let key = load_key(key)?;
+    let s = Session::open(path, &SessionOptions { key: key.clone(), threads: 1, ..Default::default() })
+        .with_context(|| format!("loading {}", path.display()))?;
+    let io = |v: &[edgepack_runtime::IoInfo]| {
+        v.iter().map(|i| json!({"name": i.name, "dtype": i.dtype, "shape": i.shape})).collect::<Vec<_>>()
+    };
+    let bundle = s.bundle();
+    let j = json!({
+        "path": path,
+        "kind": if bundle.is_some() { "bundle" } else { "onnx" },
+        "inputs": io(s.inputs()),
+        "outputs": io(s.outputs()),
+        "model": s.model_summary(),
+        "backend": s.backend_description(),
+        "bundle": bundle.map(|b| json!({
+            "manifest": b.manifest,
+            "loaded_variant": b.variant,
+            "signed_by": b.signer,
+            "trusted": b.trusted,
+        })),
+    });
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
+    let m = s.model_summary();
+    println!("{}", path.display());
+    if let Some(b) = bundle {
+        let man = &b.manifest;
+        println!("  bundle      {} {} ({:?}), {}", man.name, man.version, man.task, man.created_by);
+        for v in &man.variants {
+            let mark = if v.id == b.variant { "*" } else { " " };
+            println!("  variant {mark}   {:<10} {:?} {:>10} bytes  sha256 {}…  backends {:?}", v.id, v.precision, v.size, &v.sha256[..16], v.preferred_backends);
+        }
+        match (&b.signer, b.trusted) {
+            (Some(k), true) => println!("  signature   valid, by trusted key {k}"),
+            (Some(k), false) => println!("  signature   valid, by key {k} (pass --key to require it)"),
+            (None, _) => println!("  signature   none"),
+        }
+        if let Some(p) = &man.preprocess {
+            println!("  preprocess  {}", serde_json::to_string(p)?);
+        }
+        if let Some(p) = &man.postprocess {
+            println!("  postprocess {}", serde_json::to_string(p)?);
+        }
+        if let Some(l) = s.labels() {
+            println!("  labels      {} classes", l.len());
+        }
+        for r in &man.reports {
+            println!("  report      {r}");
+        }
+    }
+    println!("  onnx        ir {} opset {} producer `{}`", m.ir_version, m.opset.unwrap_or(0), m.producer);
+    println!("  graph       {} nodes, {} initializers, {} parameters", m.nodes, m.initializers, m.parameters);
+    let ops: Vec<String> = m.op_histogram.iter().map(|(o, n)| format!("{o}×{n}")).collect();
+    println!("  ops         {}", ops.join(" "));
+    for i in s.inputs() {
+        println!("  input       {} {} {}", i.name, i.dtype.map(|d| d.to_string()).unwrap_or("?".into()), i.shape_string());
+    }
+    for o in s.outputs() {
+        println!("  output      {} {} {}", o.name, o.dtype.map(|d| d.to_string()).unwrap_or("?".into()), o.shape_string());
+    }
+    println!("  backend     {}", s.backend_description());
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Model (.onnx) or bundle (.edgepack)
+    model: PathBuf,
+    /// Input files: images (JPEG/PNG), .npy arrays, or raw little-endian data (with --shape and --dtype)
+    inputs: Vec<PathBuf>,
+    /// Named input: NAME=FILE (for models with several inputs)
+    #[arg(long = "input", value_name = "NAME=FILE")]
+    named: Vec<String>,
+    /// Pre-processing preset for images fed to a bare .onnx model (tf, caffe_bgr, imagenet, raw255, mnist, ultraface)
+    #[arg(long)]
+    preset: Option<String>,
+    /// Shape of raw inputs, e.g. 1,3,224,224
+    #[arg(long)]
+    shape: Option<String>,
+    /// Element type of raw inputs (f32, f16, i64, i32, u8, i8, bool)
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Labels file (one per line) for a bare .onnx classifier
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Print output tensors instead of the bundle's post-processing
+    #[arg(long)]
+    raw: bool,
+    /// Write each output tensor as <DIR>/<name>.npy
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+fn is_image(p: &Path) -> bool {
+    matches!(p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(), Some("jpg" | "jpeg" | "png"))
+}
+
+fn read_tensor(path: &Path, shape: Option<&str>, dtype: &str) -> Result<Tensor> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "npy") {
+        return npy::read(&bytes).with_context(|| format!("{}", path.display()));
+    }
+    let shape = shape.ok_or_else(|| BadInput(format!("{}: raw input needs --shape", path.display())))?;
+    let shape: Vec<usize> = shape
+        .split(',')
+        .map(|d| d.trim().parse().map_err(|_| BadInput(format!("bad --shape `{shape}`"))))
+        .collect::<Result<_, _>>()?;
+    let dt = DType::parse(dtype).ok_or_else(|| BadInput(format!("unknown dtype `{dtype}`")))?;
+    Ok(Tensor::from_le_bytes(dt, shape, &bytes)?)
+}
+
+fn tensor_json(name: &str, t: &Tensor) -> serde_json::Value {
+    json!({"name": name, "dtype": t.dtype(), "shape": t.shape(), "data": t.to_f32_vec()})
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let s = open_session(&a.model, &a.load)?;
+    let pre = image_preprocess(&s, a.preset.as_deref())?;
+    let labels = match &a.labels {
+        Some(p) => Some(read_labels(p)?),
+        None => s.labels().map(|l| l.to_vec()),
+    };
+    let images: Vec<&PathBuf> = a.inputs.iter().filter(|p| is_image(p)).collect();
+    let mut feeds: Vec<(String, Tensor)> = Vec::new();
+    let mut sizes = Vec::new();
+    if !images.is_empty() {
+        if images.len() != a.inputs.len() {
+            bail!(BadInput("mix of images and tensor files; use --input NAME=FILE for tensors".into()));
+        }
+        let p = pre.clone().ok_or_else(|| BadInput("images need pre-processing: pass --preset or run a bundle".into()))?;
+        let mut ts = Vec::new();
+        for img in &images {
+            let bytes = std::fs::read(img).with_context(|| format!("reading {}", img.display()))?;
+            let decoded = process::decode_image(&bytes).with_context(|| format!("{}", img.display()))?;
+            sizes.push((decoded.width(), decoded.height()));
+            ts.push(p.apply(&decoded)?);
+        }
+        let name = p.input.clone().unwrap_or_else(|| s.inputs()[0].name.clone());
+        feeds.push((name, process::stack(&ts)?));
+    } else {
+        match (a.inputs.as_slice(), s.inputs()) {
+            ([], _) => {}
+            ([one], [only]) => feeds.push((only.name.clone(), read_tensor(one, a.shape.as_deref(), &a.dtype)?)),
+            _ => bail!(BadInput("several inputs: name them with --input NAME=FILE".into())),
+        }
+    }
+    for n in &a.named {
+        let (name, file) = n.split_once('=').ok_or_else(|| BadInput(format!("--input expects NAME=FILE, got `{n}`")))?;
+        let file = Path::new(file);
+        let t = if is_image(file) {
+            let p = pre.clone().ok_or_else(|| BadInput("images need pre-processing: pass --preset".into()))?;
+            p.apply_encoded(&std::fs::read(file).with_context(|| format!("reading {}", file.display()))?)?
+        } else {
+            read_tensor(file, a.shape.as_deref(), &a.dtype)?
+        };
+        feeds.push((name.to_string(), t));
+    }
+    if feeds.is_empty() {
+        bail!(BadInput("no input given".into()));
+    }
+    let t0 = Instant::now();
+    let outs = s.run(feeds)?;
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    if let Some(dir) = &a.output_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (name, t) in &outs {
+            let safe: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' { c } else { '_' }).collect();
+            let path = dir.join(format!("{safe}.npy"));
+            edgepack_runtime::fsutil::write_atomic(&path, &npy::write(t)).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    let backend = s.backend_description();
+    let detector = matches!(s.postprocess(), Some(Postprocess::SsdDetection { .. }));
+    let classifier = !a.raw && !detector && (!images.is_empty() || a.top_k.is_some() || matches!(s.postprocess(), Some(Postprocess::Classification { .. })));
+    if !a.raw && detector && !sizes.is_empty() {
+        let dets = s.detections_from_outputs(&outs, sizes[0])?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&json!({"backend": backend, "latency_ms": ms, "detections": dets}))?);
+        } else {
+            println!("{} detections ({backend}, {ms:.1} ms)", dets.len());
+            for d in &dets {
+                println!("  {:.3}  [{:.0}, {:.0}, {:.0}, {:.0}] {}", d.score, d.x1, d.y1, d.x2, d.y2, d.label.as_deref().unwrap_or(""));
+            }
+        }
+    } else if classifier {
+        let mut rows = s.classify_outputs(&outs, a.top_k)?;
+        if let Some(l) = &labels {
+            for r in rows.iter_mut().flatten() {
+                r.label = l.get(r.class_index).map(|x| process::display_label(x).to_string());
+            }
+        }
+        if a.json {
+            let names: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
+            println!("{}", serde_json::to_string_pretty(&json!({"backend": backend, "latency_ms": ms, "inputs": names, "top_k": rows}))?);
+        } else {
+            for (i, r) in rows.iter().enumerate() {
+                let name = images.get(i).map(|p| p.display().to_string()).unwrap_or_else(|| format!("row {i}"));
+                println!("{name}  ({backend}, {ms:.1} ms for the batch)");
+                for c in r {
+                    println!("  {:>7.4}  {:>4}  {}", c.score, c.class_index, c.label.as_deref().unwrap_or(""));
+                }
+            }
+        }
+    } else if a.json {
+        let v: Vec<_> = outs.iter().map(|(n, t)| tensor_json(n, t)).collect();
+        println!("{}", serde_json::to_string(&json!({"backend": backend, "latency_ms": ms, "outputs": v}))?);
+    } else {
+        println!("{backend}, {ms:.1} ms");
+        for (n, t) in &outs {
+            let v = t.to_f32_vec();
+            let head: Vec<String> = v.iter().take(8).map(|x| format!("{x:.5}")).collect();
+            println!("  {n} {} {:?}  [{}{}]", t.dtype(), t.shape(), head.join(", "), if v.len() > 8 { ", …" } else { "" });
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Model (.onnx) or bundle (.edgepack)
+    model: PathBuf,
+    /// Folder with labels.csv + images/, a folder of class folders, or an IDX image file (with --idx-labels)
+    data: PathBuf,
+    /// IDX label file (MNIST format; .gz accepted) when DATA is an IDX image file
+    #[arg(long)]
+    idx_labels: Option<PathBuf>,
+    /// Pre-processing preset for a bare .onnx model
+    #[arg(long)]
+    preset: Option<String>,
+    /// Evaluate at most N samples
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Skip the first N samples (e.g. to hold out calibration images)
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
+    /// Images per inference call (the model must accept a batch dimension)
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Write per-sample top-5 predictions as CSV
+    #[arg(long)]
+    predictions: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let s = open_session(&a.model, &a.load)?;
+    let pre = image_preprocess(&s, a.preset.as_deref())?
+        .ok_or_else(|| BadInput("evaluation needs image pre-processing: pass --preset or use a bundle".into()))?;
+    let data = Dataset::open(&a.data, a.idx_labels.as_deref(), s.labels())?;
+    let total = data.len();
+    let end = a.limit.map(|l| (a.skip + l).min(total)).unwrap_or(total);
+    if a.skip >= end {
+        bail!(BadInput(format!("no samples to evaluate ({total} in the dataset, skip {})", a.skip)));
+    }
+    let name = pre.input.clone().unwrap_or_else(|| s.inputs()[0].name.clone());
+    let bar = dataset::progress(end - a.skip, "eval");
+    let (mut top1, mut top5, mut n) = (0usize, 0usize, 0usize);
+    let mut infer_ms = Vec::new();
+    let mut csv = String::from("file,label,top1,top2,top3,top4,top5\n");
+    let batch = a.batch.max(1);
+    let mut i = a.skip;
+    while i < end {
+        let j = (i + batch).min(end);
+        let mut xs = Vec::new();
+        let mut meta = Vec::new();
+        for k in i..j {
+            let (id, img, label) = data.get(k)?;
+            xs.push(pre.apply(&img).with_context(|| id.clone())?);
+            meta.push((id, label));
+        }
+        let t0 = Instant::now();
+        let outs = s.run(vec![(name.clone(), process::stack(&xs)?)])?;
+        infer_ms.push(t0.elapsed().as_secs_f64() * 1e3 / (j - i) as f64);
+        let rows = s.classify_outputs(&outs, Some(5))?;
+        for ((id, label), r) in meta.into_iter().zip(rows) {
+            let idx: Vec<usize> = r.iter().map(|c| c.class_index).collect();
+            top1 += usize::from(idx.first() == Some(&label));
+            top5 += usize::from(idx.contains(&label));
+            n += 1;
+            let cells: Vec<String> = idx.iter().map(|x| x.to_string()).collect();
+            csv.push_str(&format!("{id},{label},{}\n", cells.join(",")));
+        }
+        bar.inc((j - i) as u64);
+        i = j;
+    }
+    bar.finish_and_clear();
+    if let Some(p) = &a.predictions {
+        edgepack_runtime::fsutil::write_atomic(p, csv.as_bytes()).with_context(|| format!("writing {}", p.display()))?;
+    }
+    infer_ms.sort_by(f64::total_cmp);
+    let median = infer_ms[infer_ms.len() / 2];
+    let res = json!({
+        "model": a.model, "data": a.data, "samples": n, "skip": a.skip,
+        "top1": top1 as f64 / n as f64, "top5": top5 as f64 / n as f64,
+        "latency_ms_median_per_sample": median, "backend": s.backend_description(),
+        "variant": s.bundle().map(|b| b.variant.clone()),
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&res)?);
+    } else {
+        println!(
+            "{} samples: top-1 {:.2} %, top-5 {:.2} %  (median {:.2} ms/sample, {})",
+            n,
+            100.0 * top1 as f64 / n as f64,
+            100.0 * top5 as f64 / n as f64,
+            median,
+            s.backend_description()
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct PackArgs {
+    /// The fp32 ONNX model (first variant)
+    model: PathBuf,
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Bundle name (default: the model file's stem)
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, default_value = "1.0.0")]
+    version: String,
+    #[arg(long)]
+    description: Option<String>,
+    /// classification, detection or custom
+    #[arg(long, default_value = "classification")]
+    task: String,
+    /// Image pre-processing preset (tf, caffe_bgr, imagenet, raw255, mnist, ultraface)
+    #[arg(long)]
+    preset: Option<String>,
+    /// Image pre-processing as JSON (see schema/manifest.v1.schema.json), instead of --preset
+    #[arg(long)]
+    preprocess_json: Option<String>,
+    /// Post-processing as JSON, instead of the task's default
+    #[arg(long)]
+    postprocess_json: Option<String>,
+    /// Labels: one per line (class index = line number)
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    #[arg(long, default_value_t = 5)]
+    top_k: usize,
+    /// Detection: score threshold
+    #[arg(long, default_value_t = 0.7)]
+    score_threshold: f32,
+    /// Detection: NMS IoU threshold
+    #[arg(long, default_value_t = 0.3)]
+    iou_threshold: f32,
+    /// Extra variant: ID=PATH[:PRECISION] (precision fp32, fp16, int8, mixed; default int8)
+    #[arg(long = "variant", value_name = "ID=PATH[:PRECISION]")]
+    variants: Vec<String>,
+    /// Attach a report file (stored under reports/)
+    #[arg(long)]
+    report: Vec<PathBuf>,
+    /// Metadata KEY=VALUE (license, source, ...)
+    #[arg(long = "meta", value_name = "KEY=VALUE")]
+    meta: Vec<String>,
+    /// Sign the manifest with this secret key (.key from `edgepack keygen`)
+    #[arg(long)]
+    sign: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_precision(s: &str) -> Result<Precision> {
+    Ok(match s {
+        "fp32" => Precision::Fp32,
+        "fp16" => Precision::Fp16,
+        "int8" => Precision::Int8,
+        "mixed" => Precision::Mixed,
+        _ => bail!(BadInput(format!("unknown precision `{s}`"))),
+    })
+}
+
+pub fn pack(a: PackArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let bytes = std::fs::read(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
+    let model = edgepack_runtime::onnx::Model::from_bytes(&bytes).with_context(|| format!("{}", a.model.display()))?;
+    let task = match a.task.as_str() {
+        "classification" => Task::Classification,
+        "detection" => Task::Detection,
+        "custom" => Task::Custom,
+        t => bail!(BadInput(format!("unknown task `{t}`"))),
+    };
+    let name = a.name.clone().unwrap_or_else(|| a.model.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or("model".into()));
+    let mut b = BundleBuilder::new(&name, &a.version, task);
+    if let Some(d) = &a.description {
+        b = b.description(d);
+    }
+    for kv in &a.meta {
+        let (k, v) = kv.split_once('=').ok_or_else(|| BadInput(format!("--meta expects KEY=VALUE, got `{kv}`")))?;
+        b = b.metadata(k, v);
+    }
+    b = b.variant("fp32", bytes, Precision::Fp32, &[BackendKind::Cpu, BackendKind::Gpu])?;
+    for v in &a.variants {
+        let (id, rest) = v.split_once('=').ok_or_else(|| BadInput(format!("--variant expects ID=PATH[:PRECISION], got `{v}`")))?;
+        let (path, prec) = match rest.rsplit_once(':') {
+            Some((p, pr)) if ["fp32", "fp16", "int8", "mixed"].contains(&pr) => (p, parse_precision(pr)?),
+            _ => (rest, Precision::Int8),
+        };
+        let vb = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+        b = b.variant(id, vb, prec, &[BackendKind::Cpu])?;
+    }
+    // Pre-processing: explicit JSON, or a preset sized from the model's first input.
+    let pre = if let Some(j) = &a.preprocess_json {
+        Some(Preprocess::Image(serde_json::from_str(j).context("--preprocess-json")?))
+    } else if let Some(p) = &a.preset {
+        let s = Session::from_model(&model, &SessionOptions { threads: 1, ..Default::default() })?;
+        image_preprocess(&s, Some(p))?.map(Preprocess::Image)
+    } else {
+        None
+    };
+    if let Some(Preprocess::Image(p)) = &pre {
+        p.validate()?;
+    }
+    if let Some(p) = pre {
+        b = b.preprocess(p);
+    }
+    let outputs: Vec<String> = model.graph.outputs.iter().filter_map(|o| o.name.clone()).collect();
+    let post = if let Some(j) = &a.postprocess_json {
+        Some(serde_json::from_str(j).context("--postprocess-json")?)
+    } else {
+        match task {
+            Task::Classification => Some(Postprocess::Classification { output: None, softmax: Softmax::Auto, top_k: a.top_k, label_offset: 0 }),
+            Task::Detection => {
+                let find = |w: &str| outputs.iter().find(|o| o.contains(w)).cloned();
+                match (find("score"), find("box")) {
+                    (Some(scores_output), Some(boxes_output)) => Some(Postprocess::SsdDetection {
+                        scores_output,
+                        boxes_output,
+                        classes: vec![1],
+                        score_threshold: a.score_threshold,
+                        iou_threshold: a.iou_threshold,
+                        max_detections: 1000,
+                    }),
+                    _ => bail!(BadInput("detection needs outputs named like `scores` and `boxes`, or --postprocess-json".into())),
+                }
+            }
+            Task::Custom => None,
+        }
+    };
+    if let Some(p) = post {
+        b = b.postprocess(p);
+    }
+    if let Some(l) = &a.labels {
+        b = b.labels(&read_labels(l)?)?;
+    }
+    for r in &a.report {
+        let fname = r.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or("report".into());
+        let media = if fname.ends_with(".json") { "application/json" } else if fname.ends_with(".html") { "text/html" } else { "text/plain" };
+        b = b.report(&fname, media, std::fs::read(r).with_context(|| format!("reading {}", r.display()))?)?;
+    }
+    let key = a.sign.as_deref().map(SecretKey::load).transpose()?;
+    let manifest = b.write(&a.out, key.as_ref())?;
+    let size = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&json!({"bundle": a.out, "size": size, "signed_by": key.map(|k| k.public().key_id()), "manifest": manifest}))?);
+    } else {
+        println!(
+            "packed {} ({} bytes, {} variant(s), {}) in {:.0} ms",
+            a.out.display(),
+            size,
+            manifest.variants.len(),
+            key.map(|k| format!("signed by {}", k.public().key_id())).unwrap_or("unsigned".into()),
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
+}
+
+pub fn verify(path: &Path, key: Option<&Path>, json_out: bool) -> Result<()> {
+    let key = load_key(key)?;
+    let t0 = Instant::now();
+    let b = Bundle::open(path, &OpenOptions { key: key.clone(), ..Default::default() }).with_context(|| format!("verifying {}", path.display()))?;
+    // Every variant must also be a well-formed model.
+    for v in &b.manifest().variants {
+        edgepack_runtime::onnx::Model::from_bytes(b.member(&v.member)?).with_context(|| format!("variant `{}`", v.id))?;
+    }
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    let signer = b.signer().map(|k| k.key_id());
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"bundle": path, "ok": true, "members": b.manifest().members.len(), "signed_by": signer, "trusted": b.is_trusted()}))?
+        );
+    } else {
+        let sig = match (&signer, b.is_trusted()) {
+            (Some(k), true) => format!("signature valid, trusted key {k}"),
+            (Some(k), false) => format!("signature valid (key {k}; pass --key to require a trusted key)"),
+            (None, _) => "unsigned".into(),
+        };
+        println!("OK {}: {} members verified, {sig} ({ms:.0} ms)", path.display(), b.manifest().members.len());
+    }
+    Ok(())
+}
+
+pub fn keygen(out: &Path) -> Result<()> {
+    let (k, p, pk) = edgepack_packager::generate_key_files(out)?;
+    println!("secret key {} (keep it private)\npublic key {} (id {})", k.display(), p.display(), pk.key_id());
+    Ok(())
+}

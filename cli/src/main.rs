@@ -1,0 +1,144 @@
+//! `edgepack`: a thin command line over the library crates. Arguments are parsed here; the work happens in
+//! `edgepack-runtime` and `edgepack-packager`.
+mod bench;
+mod commands;
+mod dataset;
+mod demo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit codes (documented in the README).
+pub mod exit {
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const VERIFY: u8 = 3;
+    pub const BAD_INPUT: u8 = 4;
+    pub const UNSUPPORTED: u8 = 5;
+}
+
+#[derive(Parser)]
+#[command(name = "edgepack", version, about = "Package, verify, run and benchmark edge ML models (.onnx and .edgepack bundles)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options shared by every command that loads a model.
+#[derive(Args, Clone, Debug)]
+pub struct LoadArgs {
+    /// CPU threads (0 = one per core)
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Backend: auto, cpu or gpu
+    #[arg(long, default_value = "auto")]
+    pub device: edgepack_runtime::Device,
+    /// Bundle variant to load (default: the bundle's first, usually fp32)
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Trusted public key (.pub): the bundle must be signed by it
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe a model or bundle: inputs, outputs, ops, variants, signature
+    Inspect {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Run a model on images, .npy files or raw tensors; print top-k, detections or tensors
+    Run(commands::RunArgs),
+    /// Accuracy on a labelled dataset (labels.csv + images/, one folder per class, or MNIST IDX files)
+    Eval(commands::EvalArgs),
+    /// Pack an ONNX model with its pre/post-processing, labels and reports into a .edgepack bundle
+    Pack(commands::PackArgs),
+    /// Check a bundle's structure, member hashes and signature
+    Verify {
+        bundle: PathBuf,
+        /// Trusted public key; without it a signature is checked for integrity only
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate an ed25519 signing key pair: <OUT>.key (secret) and <OUT>.pub
+    Keygen {
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// Measure load time, first run, latency percentiles, throughput and peak memory
+    Bench(bench::BenchArgs),
+    /// Offline demo: pack the shipped EfficientNet-Lite0, verify it, classify the shipped photos
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { 0 });
+        }
+    };
+    let result = match cli.command {
+        Command::Inspect { path, json, key } => commands::inspect(&path, json, key.as_deref()),
+        Command::Run(a) => commands::run(a),
+        Command::Eval(a) => commands::eval(a),
+        Command::Pack(a) => commands::pack(a),
+        Command::Verify { bundle, key, json } => commands::verify(&bundle, key.as_deref(), json),
+        Command::Keygen { out } => commands::keygen(&out),
+        Command::Bench(a) => bench::bench(a),
+        Command::Demo(a) => demo::demo(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// Maps an error to an exit code by what caused it.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use edgepack_runtime::Error as E;
+    for cause in e.chain() {
+        if let Some(err) = cause.downcast_ref::<E>() {
+            return match err {
+                E::Bundle(_) => exit::VERIFY,
+                E::UnsupportedOp { .. } => exit::UNSUPPORTED,
+                E::Backend { backend: "gpu", .. } => exit::UNSUPPORTED,
+                E::UnknownInput { .. }
+                | E::MissingInput { .. }
+                | E::InputDType { .. }
+                | E::InputShape { .. }
+                | E::InvalidTensor(_)
+                | E::Image(_)
+                | E::Npy(_)
+                | E::MalformedModel(_) => exit::BAD_INPUT,
+                _ => exit::FAILURE,
+            };
+        }
+        if let Some(edgepack_runtime::bundle::BundleError::Signature(_)) = cause.downcast_ref() {
+            return exit::VERIFY;
+        }
+        if let Some(p) = cause.downcast_ref::<edgepack_packager::PackError>() {
+            return match p {
+                edgepack_packager::PackError::Runtime(E::Bundle(_)) => exit::VERIFY,
+                edgepack_packager::PackError::Runtime(E::MalformedModel(_)) => exit::BAD_INPUT,
+                _ => exit::FAILURE,
+            };
+        }
+        if cause.downcast_ref::<commands::BadInput>().is_some() {
+            return exit::BAD_INPUT;
+        }
+    }
+    exit::FAILURE
+}

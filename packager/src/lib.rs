@@ -1,0 +1,309 @@
+//! edgepack packager: writes `.edgepack` bundles (layout in `edgepack_runtime::bundle`) and manages the
+//! ed25519 keys that sign them. Writes are atomic: a bundle either appears whole or not at all.
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use ed25519_dalek::{Signer, SigningKey};
+use edgepack_runtime::bundle::{
+    self, ALIGN, BackendKind, CONTAINER_VERSION, FLAG_SIGNED, HEADER_LEN, MAGIC, MANIFEST_FORMAT_VERSION, Manifest, Member,
+    Precision, PublicKey, SECRET_KEY_PREFIX, SIGNATURE_BLOCK_LEN, SIGNING_CONTEXT, Task, TensorSpec, Variant,
+};
+use edgepack_runtime::onnx::{Model, value_info_to_type};
+use edgepack_runtime::process::{Postprocess, Preprocess};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error("{0}")]
+    Runtime(#[from] edgepack_runtime::Error),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("key: {0}")]
+    Key(String),
+}
+
+type Result<T> = std::result::Result<T, PackError>;
+
+fn io_err(path: &Path, source: std::io::Error) -> PackError {
+    PackError::Io { path: path.display().to_string(), source }
+}
+
+/// A secret signing key, as written by [`generate_key`].
+pub struct SecretKey(SigningKey);
+
+impl SecretKey {
+    pub fn generate() -> Result<SecretKey> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| PackError::Key(format!("no randomness: {e}")))?;
+        Ok(SecretKey(SigningKey::from_bytes(&seed)))
+    }
+
+    pub fn parse(text: &str) -> Result<SecretKey> {
+        let h = text
+            .trim()
+            .strip_prefix(SECRET_KEY_PREFIX)
+            .ok_or_else(|| PackError::Key(format!("not a secret key file (expected `{SECRET_KEY_PREFIX} <hex>`)")))?
+            .trim();
+        let seed: [u8; 32] = hex::decode(h)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| PackError::Key("secret key must be 32 bytes of hex".into()))?;
+        Ok(SecretKey(SigningKey::from_bytes(&seed)))
+    }
+
+    pub fn load(path: &Path) -> Result<SecretKey> {
+        SecretKey::parse(&std::fs::read_to_string(path).map_err(|e| io_err(path, e))?)
+    }
+
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.0.verifying_key())
+    }
+
+    pub fn to_text(&self) -> String {
+        format!("{SECRET_KEY_PREFIX} {}\n", hex::encode(self.0.to_bytes()))
+    }
+}
+
+/// Writes `<stem>.key` (mode 0600) and `<stem>.pub`; refuses to overwrite an existing secret key.
+pub fn generate_key_files(stem: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf, PublicKey)> {
+    let key_path = stem.with_extension("key");
+    let pub_path = stem.with_extension("pub");
+    if key_path.exists() {
+        return Err(PackError::Invalid(format!("{} exists; not overwriting a secret key", key_path.display())));
+    }
+    let sk = SecretKey::generate()?;
+    edgepack_runtime::fsutil::write_atomic_with(&key_path, |f| {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        }
+        f.write_all(sk.to_text().as_bytes())
+    })
+    .map_err(|e| io_err(&key_path, e))?;
+    let pk = sk.public();
+    edgepack_runtime::fsutil::write_atomic(&pub_path, pk.to_text().as_bytes()).map_err(|e| io_err(&pub_path, e))?;
+    Ok((key_path, pub_path, pk))
+}
+
+struct PendingMember {
+    path: String,
+    media_type: String,
+    bytes: Vec<u8>,
+}
+
+/// Builds a bundle: add variants, processing, labels, reports; then [`BundleBuilder::write`].
+pub struct BundleBuilder {
+    name: String,
+    version: String,
+    description: Option<String>,
+    task: Task,
+    inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+    variants: Vec<Variant>,
+    preprocess: Option<Preprocess>,
+    postprocess: Option<Postprocess>,
+    labels: Option<String>,
+    reports: Vec<String>,
+    metadata: BTreeMap<String, String>,
+    members: Vec<PendingMember>,
+}
+
+fn io_specs(model: &Model) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
+    let spec = |v: &edgepack_runtime::onnx::ValueInfoProto| {
+        let t = value_info_to_type(v);
+        TensorSpec {
+            name: v.name.clone().unwrap_or_default(),
+            dtype: t.as_ref().and_then(|t| t.dtype()),
+            shape: t.and_then(|t| t.shape).unwrap_or_default(),
+        }
+    };
+    (
+        model.graph.runtime_inputs().into_iter().map(spec).collect(),
+        model.graph.outputs.iter().map(spec).collect(),
+    )
+}
+
+impl BundleBuilder {
+    pub fn new(name: &str, version: &str, task: Task) -> BundleBuilder {
+        BundleBuilder {
+            name: name.into(),
+            version: version.into(),
+            description: None,
+            task,
+            inputs: vec![],
+            outputs: vec![],
+            variants: vec![],
+            preprocess: None,
+            postprocess: None,
+            labels: None,
+            reports: vec![],
+            metadata: BTreeMap::new(),
+            members: vec![],
+        }
+    }
+
+    pub fn description(mut self, d: &str) -> Self {
+        self.description = Some(d.into());
+        self
+    }
+
+    pub fn metadata(mut self, key: &str, value: &str) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    pub fn preprocess(mut self, p: Preprocess) -> Self {
+        self.preprocess = Some(p);
+        self
+    }
+
+    pub fn postprocess(mut self, p: Postprocess) -> Self {
+        self.postprocess = Some(p);
+        self
+    }
+
+    fn add_member(&mut self, path: String, media_type: &str, bytes: Vec<u8>) -> Result<()> {
+        bundle::check_member_path(&path).map_err(|e| PackError::Invalid(e.to_string()))?;
+        if self.members.iter().any(|m| m.path == path) {
+            return Err(PackError::Invalid(format!("member `{path}` added twice")));
+        }
+        self.members.push(PendingMember { path, media_type: media_type.into(), bytes });
+        Ok(())
+    }
+
+    /// Adds a model variant. The ONNX bytes are checked (decoded and validated); the first variant fixes the
+    /// bundle's inputs/outputs and later variants must have the same input names.
+    pub fn variant(mut self, id: &str, onnx: Vec<u8>, precision: Precision, backends: &[BackendKind]) -> Result<Self> {
+        let model = Model::from_bytes(&onnx)?;
+        let (inputs, outputs) = io_specs(&model);
+        if self.variants.is_empty() {
+            self.inputs = inputs;
+            self.outputs = outputs;
+        } else if inputs.iter().map(|i| &i.name).ne(self.inputs.iter().map(|i| &i.name)) {
+            return Err(PackError::Invalid(format!("variant `{id}` has different inputs than the first variant")));
+        }
+        if self.variants.iter().any(|v| v.id == id) {
+            return Err(PackError::Invalid(format!("variant `{id}` added twice")));
+        }
+        let path = format!("models/{id}.onnx");
+        self.variants.push(Variant {
+            id: id.into(),
+            member: path.clone(),
+            precision,
+            preferred_backends: backends.to_vec(),
+            sha256: bundle::sha256_hex(&onnx),
+            size: onnx.len() as u64,
+            description: None,
+        });
+        self.add_member(path, "application/onnx", onnx)?;
+        Ok(self)
+    }
+
+    /// Labels, one per line (class index = line number).
+    pub fn labels(mut self, lines: &[String]) -> Result<Self> {
+        let text = lines.join("\n") + "\n";
+        self.add_member("labels.txt".into(), "text/plain", text.into_bytes())?;
+        self.labels = Some("labels.txt".into());
+        Ok(self)
+    }
+
+    /// A report stored under `reports/<name>`.
+    pub fn report(mut self, name: &str, media_type: &str, bytes: Vec<u8>) -> Result<Self> {
+        let path = format!("reports/{name}");
+        self.add_member(path.clone(), media_type, bytes)?;
+        self.reports.push(path);
+        Ok(self)
+    }
+
+    /// Lays the bundle out and returns (manifest, bytes). Signs the manifest when a key is given.
+    pub fn build(self, key: Option<&SecretKey>) -> Result<(Manifest, Vec<u8>)> {
+        if self.variants.is_empty() {
+            return Err(PackError::Invalid("a bundle needs at least one model variant".into()));
+        }
+        let mut manifest = Manifest {
+            format: "edgepack".into(),
+            format_version: MANIFEST_FORMAT_VERSION,
+            name: self.name,
+            version: self.version,
+            description: self.description,
+            created_by: format!("edgepack {}", edgepack_runtime::VERSION),
+            task: self.task,
+            inputs: self.inputs,
+            outputs: self.outputs,
+            variants: self.variants,
+            preprocess: self.preprocess,
+            postprocess: self.postprocess,
+            labels: self.labels,
+            reports: self.reports,
+            members: vec![],
+            metadata: self.metadata,
+        };
+        let sig_len = if key.is_some() { SIGNATURE_BLOCK_LEN } else { 0 };
+        let align = |x: u64| x.div_ceil(ALIGN) * ALIGN;
+        // Offsets depend on the manifest's length, which depends on the offsets: iterate to a fixed point
+        // (the length only grows with the digits of the offsets, so this ends in a few rounds).
+        let mut manifest_json = Vec::new();
+        for _ in 0..8 {
+            let mut at = align((HEADER_LEN + sig_len) as u64 + manifest_json.len() as u64);
+            manifest.members = self
+                .members
+                .iter()
+                .map(|m| {
+                    let mem = Member {
+                        path: m.path.clone(),
+                        offset: at,
+                        size: m.bytes.len() as u64,
+                        sha256: bundle::sha256_hex(&m.bytes),
+                        media_type: m.media_type.clone(),
+                    };
+                    at = align(at + m.bytes.len() as u64);
+                    mem
+                })
+                .collect();
+            let next = serde_json::to_vec_pretty(&manifest).map_err(|e| PackError::Invalid(e.to_string()))?;
+            if next.len() == manifest_json.len() {
+                manifest_json = next;
+                break;
+            }
+            manifest_json = next;
+        }
+        let manifest_end = (HEADER_LEN + sig_len + manifest_json.len()) as u64;
+        if manifest.members.first().is_some_and(|m| m.offset < manifest_end) {
+            return Err(PackError::Invalid("bundle layout did not converge".into()));
+        }
+        let total = manifest.members.last().map(|m| m.offset + m.size).unwrap_or(manifest_end);
+        let mut out = Vec::with_capacity(total as usize);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&CONTAINER_VERSION.to_le_bytes());
+        out.extend_from_slice(&(if key.is_some() { FLAG_SIGNED } else { 0 }).to_le_bytes());
+        out.extend_from_slice(&(manifest_json.len() as u64).to_le_bytes());
+        out.extend_from_slice(&total.to_le_bytes());
+        if let Some(k) = key {
+            let sig = k.0.sign(&[SIGNING_CONTEXT, &manifest_json].concat());
+            out.extend_from_slice(k.0.verifying_key().as_bytes());
+            out.extend_from_slice(&sig.to_bytes());
+        }
+        out.extend_from_slice(&manifest_json);
+        for (pending, mem) in self.members.iter().zip(&manifest.members) {
+            out.resize(mem.offset as usize, 0);
+            out.extend_from_slice(&pending.bytes);
+        }
+        debug_assert_eq!(out.len() as u64, total);
+        Ok((manifest, out))
+    }
+
+    /// Builds and writes the bundle atomically; re-opens it to prove it verifies.
+    pub fn write(self, path: &Path, key: Option<&SecretKey>) -> Result<Manifest> {
+        let public = key.map(SecretKey::public);
+        let (manifest, bytes) = self.build(key)?;
+        edgepack_runtime::fsutil::write_atomic(path, &bytes).map_err(|e| io_err(path, e))?;
+        edgepack_runtime::Bundle::open(path, &bundle::OpenOptions { key: public, ..Default::default() })?;
+        Ok(manifest)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,181 @@
+use super::*;
+use edgepack_runtime::bundle::{BundleError, OpenOptions};
+use edgepack_runtime::onnx::builder::tiny_classifier;
+use edgepack_runtime::process::{ImagePreprocess, Softmax};
+use edgepack_runtime::{Bundle, Error};
+
+fn builder() -> BundleBuilder {
+    BundleBuilder::new("tiny", "1.2.3", Task::Classification)
+        .description("a test bundle")
+        .metadata("license", "Apache-2.0")
+        .preprocess(Preprocess::Image(ImagePreprocess::preset("tf", 2, 2).unwrap()))
+        .postprocess(Postprocess::Classification { output: None, softmax: Softmax::Auto, top_k: 2, label_offset: 0 })
+        .variant("fp32", tiny_classifier().to_bytes(), Precision::Fp32, &[BackendKind::Cpu, BackendKind::Gpu])
+        .unwrap()
+        .labels(&["a".into(), "b".into(), "c".into()])
+        .unwrap()
+        .report("notes.json", "application/json", b"{\"ok\":true}".to_vec())
+        .unwrap()
+}
+
+fn open(bytes: &[u8], key: Option<PublicKey>) -> std::result::Result<Bundle, BundleError> {
+    Bundle::from_bytes(bytes.to_vec(), &OpenOptions { key, ..Default::default() })
+}
+
+#[test]
+fn unsigned_and_signed_round_trip() {
+    let (m, bytes) = builder().build(None).unwrap();
+    let b = open(&bytes, None).unwrap();
+    assert_eq!(b.manifest(), &m);
+    assert!(b.signer().is_none());
+    assert_eq!(b.labels().unwrap().unwrap(), vec!["a", "b", "c"]);
+    assert_eq!(b.model_bytes(None).unwrap().1, tiny_classifier().to_bytes().as_slice());
+    assert_eq!(b.member("reports/notes.json").unwrap(), b"{\"ok\":true}");
+    assert!(m.members.iter().all(|x| x.offset % ALIGN == 0));
+
+    let sk = SecretKey::generate().unwrap();
+    let (_, signed) = builder().build(Some(&sk)).unwrap();
+    let b = open(&signed, Some(sk.public())).unwrap();
+    assert!(b.is_trusted());
+    assert_eq!(b.signer().unwrap().key_id(), sk.public().key_id());
+    // Without a trusted key, a signed bundle still has its signature checked (integrity), but is not trusted.
+    assert!(!open(&signed, None).unwrap().is_trusted());
+}
+
+#[test]
+fn wrong_key_and_missing_signature_are_rejected() {
+    let sk = SecretKey::generate().unwrap();
+    let other = SecretKey::generate().unwrap();
+    let (_, signed) = builder().build(Some(&sk)).unwrap();
+    let e = open(&signed, Some(other.public())).unwrap_err();
+    assert!(matches!(e, BundleError::Signature(ref m) if m.contains("wrong key")), "{e}");
+    let (_, unsigned) = builder().build(None).unwrap();
+    assert!(matches!(open(&unsigned, Some(sk.public())).unwrap_err(), BundleError::Signature(_)));
+}
+
+#[test]
+fn every_truncation_is_rejected() {
+    let (_, bytes) = builder().build(Some(&SecretKey::generate().unwrap())).unwrap();
+    for cut in (0..bytes.len()).step_by(7).chain([bytes.len() - 1]) {
+        let e = open(&bytes[..cut], None).unwrap_err();
+        assert!(
+            matches!(e, BundleError::Truncated(_) | BundleError::NotABundle),
+            "cut at {cut}/{}: {e}",
+            bytes.len()
+        );
+    }
+}
+
+#[test]
+fn tampering_is_detected_everywhere() {
+    let sk = SecretKey::generate().unwrap();
+    let (m, signed) = builder().build(Some(&sk)).unwrap();
+    // Flip one byte inside each member: the member hash catches it.
+    for mem in &m.members {
+        let mut b = signed.clone();
+        b[(mem.offset + mem.size / 2) as usize] ^= 0x40;
+        match open(&b, Some(sk.public())).unwrap_err() {
+            BundleError::Tampered { member, .. } => assert_eq!(member, mem.path),
+            e => panic!("{}: {e}", mem.path),
+        }
+    }
+    // Flip a byte in the signed manifest: the signature catches it.
+    let mut b = signed.clone();
+    b[HEADER_LEN + SIGNATURE_BLOCK_LEN + 20] ^= 1;
+    assert!(matches!(open(&b, None).unwrap_err(), BundleError::Signature(_)));
+    // Unsigned: edit the manifest's recorded hash of the model to match tampered bytes is impossible without
+    // also rewriting the manifest; a rewritten manifest without a key is accepted only if consistent.
+    let (_, unsigned) = builder().build(None).unwrap();
+    let mut b = unsigned.clone();
+    let mid = HEADER_LEN + 40;
+    b[mid] ^= 0x20;
+    assert!(open(&b, None).is_err());
+}
+
+#[test]
+fn versions_sizes_and_garbage_are_rejected() {
+    let (_, bytes) = builder().build(None).unwrap();
+    let mut v2 = bytes.clone();
+    v2[8] = 2;
+    assert!(matches!(open(&v2, None).unwrap_err(), BundleError::UnsupportedVersion { what: "container", found: 2, .. }));
+
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    let at = text.find("\"format_version\": 1").unwrap() + "\"format_version\": ".len();
+    let mut fv = bytes.clone();
+    fv[at] = b'9';
+    assert!(matches!(open(&fv, None).unwrap_err(), BundleError::UnsupportedVersion { what: "manifest format", found: 9, .. }));
+
+    let e = Bundle::from_bytes(bytes.clone(), &OpenOptions { key: None, max_bundle_size: 100 }).unwrap_err();
+    assert!(matches!(e, BundleError::TooLarge(_)));
+    let mut huge = bytes.clone();
+    huge[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    assert!(matches!(open(&huge, None).unwrap_err(), BundleError::TooLarge(_)));
+
+    let mut trailing = bytes.clone();
+    trailing.extend_from_slice(b"junk");
+    assert!(matches!(open(&trailing, None).unwrap_err(), BundleError::Corrupt(_)));
+    assert!(matches!(open(b"PK\x03\x04 a zip file", None).unwrap_err(), BundleError::NotABundle));
+    assert!(matches!(open(b"", None).unwrap_err(), BundleError::NotABundle));
+}
+
+#[test]
+fn random_corruption_never_panics() {
+    let (_, bytes) = builder().build(Some(&SecretKey::generate().unwrap())).unwrap();
+    let mut rng = 0x9E3779B97F4A7C15u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for _ in 0..2000 {
+        let mut b = bytes.clone();
+        for _ in 0..(1 + next() % 4) {
+            let i = (next() as usize) % b.len();
+            b[i] = next() as u8;
+        }
+        // Corruption either is detected, or hit only padding; never a panic.
+        if let Ok(ok) = open(&b, None) {
+            assert_eq!(ok.model_bytes(None).unwrap().1, tiny_classifier().to_bytes().as_slice());
+        }
+    }
+}
+
+#[test]
+fn written_bundle_is_atomic_and_loads_as_a_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.edgepack");
+    let sk = SecretKey::generate().unwrap();
+    builder().write(&path, Some(&sk)).unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers.len(), 1, "temp files left behind: {leftovers:?}");
+    let opts = edgepack_runtime::SessionOptions { key: Some(sk.public()), threads: 1, ..Default::default() };
+    let s = edgepack_runtime::Session::open(&path, &opts).unwrap();
+    assert_eq!(s.bundle().unwrap().variant, "fp32");
+    assert!(s.bundle().unwrap().trusted);
+    let wrong = edgepack_runtime::SessionOptions { key: Some(SecretKey::generate().unwrap().public()), ..opts };
+    assert!(matches!(edgepack_runtime::Session::open(&path, &wrong).err().unwrap(), Error::Bundle(BundleError::Signature(_))));
+}
+
+#[test]
+fn key_files_round_trip_and_are_not_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let stem = dir.path().join("release");
+    let (k, p, pk) = generate_key_files(&stem).unwrap();
+    assert_eq!(SecretKey::load(&k).unwrap().public(), pk);
+    assert_eq!(PublicKey::load(&p).unwrap(), pk);
+    assert!(generate_key_files(&stem).is_err());
+    assert!(SecretKey::parse("edgepack-ed25519-secret zz").is_err());
+    assert!(PublicKey::parse("ssh-ed25519 AAAA").is_err());
+}
+
+#[test]
+fn manifest_schema_is_checked_in_and_current() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema/manifest.v1.schema.json");
+    let current = serde_json::to_string_pretty(&Manifest::json_schema()).unwrap() + "\n";
+    if std::env::var_os("EDGEPACK_UPDATE_SCHEMA").is_some() {
+        std::fs::write(&path, &current).unwrap();
+    }
+    let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(checked_in == current, "schema/manifest.v1.schema.json is stale: rerun with EDGEPACK_UPDATE_SCHEMA=1");
+}

@@ -1,0 +1,41 @@
+//! The one small trait every execution backend implements. A [`crate::Session`] holds a `Box<dyn Backend>` and
+//! never knows which device it drives.
+use crate::tensor::Tensor;
+use crate::Result;
+
+pub use crate::bundle::BackendKind;
+
+/// Where a session should run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// The best available backend that supports the model (today: the CPU).
+    #[default]
+    Auto,
+    Cpu,
+    Gpu,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "gpu" => Ok(Device::Gpu),
+            _ => Err(format!("unknown device `{s}` (auto, cpu, gpu)")),
+        }
+    }
+}
+
+/// An executor of one loaded model.
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> BackendKind;
+    /// Human-readable description, e.g. "cpu (tract 0.23.9, 2 threads)".
+    fn describe(&self) -> String;
+    /// Runs the model. `inputs` are in model input order and already validated against the declared
+    /// names, dtypes and fixed dimensions. Returns outputs in model output order.
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>>;
+    /// Prepares execution for these concrete input shapes ahead of time (plans, shaders).
+    fn prepare(&self, shapes: &[Vec<usize>]) -> Result<()>;
+}

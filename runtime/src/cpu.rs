@@ -1,0 +1,187 @@
+//! CPU backend on tract: the model is parsed once; an optimised plan is built per concrete set of input
+//! shapes (at load for static models, on first use otherwise) and cached.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::InferenceFact as Fact;
+
+use crate::backend::{Backend, BackendKind};
+use crate::onnx::{Model, NodeExt, NodeProto};
+use crate::tensor::{DType as EDType, Tensor as ETensor, TensorData};
+use crate::{Error, Result};
+
+type Plan = Arc<TypedRunnableModel>;
+
+/// Plans kept per model; a new shape beyond this evicts the oldest.
+const MAX_PLANS: usize = 8;
+pub const TRACT_VERSION: &str = "0.23.9";
+
+pub struct CpuBackend {
+    model: InferenceModel,
+    input_dtypes: Vec<DatumType>,
+    threads: usize,
+    options: RunOptions,
+    plans: Mutex<(HashMap<Vec<Vec<usize>>, Plan>, Vec<Vec<Vec<usize>>>)>,
+}
+
+fn backend_err(e: impl std::fmt::Display) -> Error {
+    Error::Backend { backend: "cpu", message: e.to_string() }
+}
+
+/// tract's error chain on one line ("Translating ... : caused by ...").
+fn tract_err(e: TractError) -> Error {
+    backend_err(format!("{e:#}").replace('\n', " "))
+}
+
+fn to_datum(dt: EDType) -> DatumType {
+    match dt {
+        EDType::F32 => f32::datum_type(),
+        EDType::F16 => f16::datum_type(),
+        EDType::F64 => f64::datum_type(),
+        EDType::I64 => i64::datum_type(),
+        EDType::I32 => i32::datum_type(),
+        EDType::I8 => i8::datum_type(),
+        EDType::U8 => u8::datum_type(),
+        EDType::Bool => bool::datum_type(),
+    }
+}
+
+/// First node (searching subgraphs too) whose op tract does not implement.
+fn find_unsupported(nodes: &[NodeProto], known: &HashMap<String, impl Sized>) -> Option<(String, String, String)> {
+    for n in nodes {
+        if !known.contains_key(n.op()) {
+            return Some((n.op().to_string(), n.domain_name().to_string(), n.name().to_string()));
+        }
+        for a in &n.attribute {
+            for g in a.g.iter().chain(&a.graphs) {
+                if let Some(u) = find_unsupported(&g.node, known) {
+                    return Some(u);
+                }
+            }
+        }
+    }
+    None
+}
+
+impl CpuBackend {
+    /// Parses a checked model. `input_dtypes` are the declared input types (for concrete input facts).
+    pub fn load(model: &Model, input_dtypes: &[EDType], threads: usize) -> Result<CpuBackend> {
+        let onnx = tract_onnx::onnx();
+        if let Some((op, domain, node)) = find_unsupported(&model.graph.nodes, &onnx.op_register.0) {
+            return Err(Error::UnsupportedOp { op, domain, node, backend: "cpu" });
+        }
+        let bytes = model.to_bytes();
+        let inference = onnx.model_for_read(&mut &bytes[..]).map_err(tract_err)?;
+        let threads = threads.max(1);
+        let executor = if threads == 1 {
+            tract_linalg::multithread::Executor::SingleThread
+        } else {
+            tract_linalg::multithread::Executor::multithread_with_name(threads, "edgepack-cpu")
+        };
+        let options = RunOptions { executor: Some(executor), ..Default::default() };
+        Ok(CpuBackend {
+            model: inference,
+            input_dtypes: input_dtypes.iter().map(|&d| to_datum(d)).collect(),
+            threads,
+            options,
+            plans: Mutex::new((HashMap::new(), Vec::new())),
+        })
+    }
+
+    fn plan(&self, shapes: &[Vec<usize>]) -> Result<Plan> {
+        if let Some(p) = self.plans.lock().map_err(|_| backend_err("plan cache poisoned"))?.0.get(shapes) {
+            return Ok(p.clone());
+        }
+        let mut m = self.model.clone();
+        for (i, (shape, dt)) in shapes.iter().zip(&self.input_dtypes).enumerate() {
+            m = m.with_input_fact(i, Fact::dt_shape(*dt, shape.clone())).map_err(tract_err)?;
+        }
+        let plan = m
+            .into_optimized()
+            .and_then(|t| t.into_runnable_with_options(&self.options))
+            .map_err(tract_err)?;
+        let mut cache = self.plans.lock().map_err(|_| backend_err("plan cache poisoned"))?;
+        let (map, order) = &mut *cache;
+        if map.len() >= MAX_PLANS {
+            let oldest = order.remove(0);
+            map.remove(&oldest);
+        }
+        map.insert(shapes.to_vec(), plan.clone());
+        order.push(shapes.to_vec());
+        Ok(plan)
+    }
+}
+
+fn to_tract(t: ETensor) -> Result<Tensor> {
+    let shape = t.shape().to_vec();
+    let r = match t.into_data() {
+        TensorData::F32(v) => Tensor::from_shape(&shape, &v),
+        TensorData::F16(v) => Tensor::from_shape(&shape, &v),
+        TensorData::F64(v) => Tensor::from_shape(&shape, &v),
+        TensorData::I64(v) => Tensor::from_shape(&shape, &v),
+        TensorData::I32(v) => Tensor::from_shape(&shape, &v),
+        TensorData::I8(v) => Tensor::from_shape(&shape, &v),
+        TensorData::U8(v) => Tensor::from_shape(&shape, &v),
+        TensorData::Bool(v) => Tensor::from_shape(&shape, &v),
+    };
+    r.map_err(tract_err)
+}
+
+fn from_tract(t: &Tensor) -> Result<ETensor> {
+    let shape = t.shape().to_vec();
+    macro_rules! take {
+        ($ty:ty, $variant:ident) => {
+            TensorData::$variant(t.try_as_plain_ram().and_then(|v| v.as_slice::<$ty>().map(|s| s.to_vec())).map_err(tract_err)?)
+        };
+    }
+    let dt = t.datum_type();
+    let data = if dt == f32::datum_type() {
+        take!(f32, F32)
+    } else if dt == f16::datum_type() {
+        take!(f16, F16)
+    } else if dt == f64::datum_type() {
+        take!(f64, F64)
+    } else if dt == i64::datum_type() {
+        take!(i64, I64)
+    } else if dt == i32::datum_type() {
+        take!(i32, I32)
+    } else if dt == i8::datum_type() {
+        take!(i8, I8)
+    } else if dt == u8::datum_type() {
+        take!(u8, U8)
+    } else if dt == bool::datum_type() {
+        take!(bool, Bool)
+    } else if dt.is_float() || dt.is_integer() {
+        // Other numeric types (u16, i16, u32, quantized...) are widened to f32.
+        {
+            let c = t.cast_to::<f32>().map_err(tract_err)?;
+            TensorData::F32(c.try_as_plain_ram().and_then(|v| v.as_slice::<f32>().map(|s| s.to_vec())).map_err(tract_err)?)
+        }
+    } else {
+        return Err(backend_err(format!("output of type {dt:?} is not supported")));
+    };
+    ETensor::new(shape, data)
+}
+
+impl Backend for CpuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cpu
+    }
+
+    fn describe(&self) -> String {
+        format!("cpu (tract {TRACT_VERSION}, {} thread{})", self.threads, if self.threads == 1 { "" } else { "s" })
+    }
+
+    fn prepare(&self, shapes: &[Vec<usize>]) -> Result<()> {
+        self.plan(shapes).map(|_| ())
+    }
+
+    fn run(&self, inputs: Vec<ETensor>) -> Result<Vec<ETensor>> {
+        let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+        let plan = self.plan(&shapes)?;
+        let values: TVec<TValue> = inputs.into_iter().map(|t| to_tract(t).map(|t| t.into_tvalue())).collect::<Result<_>>()?;
+        let outputs = plan.run(values).map_err(tract_err)?;
+        outputs.iter().map(|o| from_tract(o)).collect()
+    }
+}

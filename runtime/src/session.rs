@@ -1,0 +1,394 @@
+//! Sessions: load a model (an `.onnx` file or bytes, or a verified bundle), describe its inputs and outputs,
+//! and run it with named tensors on a backend chosen from [`SessionOptions::device`].
+use std::path::Path;
+
+use crate::backend::{Backend, BackendKind, Device};
+use crate::bundle::{Bundle, Manifest, OpenOptions, PublicKey, TensorSpec};
+use crate::cpu::CpuBackend;
+use crate::error::no_panic;
+use crate::onnx::{self, Dim, Model, shape_string};
+use crate::process::{self, ClassScore, Detection, Postprocess, Preprocess};
+use crate::tensor::{DType, Tensor};
+use crate::{Error, Result};
+
+/// How to load a session.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub device: Device,
+    /// Worker threads for the CPU backend; 0 = one per available core.
+    pub threads: usize,
+    /// Bundle variant to load ("fp32", "int8"...); default: the bundle's first.
+    pub variant: Option<String>,
+    /// Trusted key: bundles must be signed by it.
+    pub key: Option<PublicKey>,
+    pub max_bundle_size: u64,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            device: Device::Auto,
+            threads: 0,
+            variant: None,
+            key: None,
+            max_bundle_size: crate::bundle::DEFAULT_MAX_BUNDLE_SIZE,
+        }
+    }
+}
+
+/// Name, element type and shape (with symbolic dims) of an input or output.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct IoInfo {
+    pub name: String,
+    /// `None` when the file declares a type the API does not carry (e.g. strings).
+    pub dtype: Option<DType>,
+    pub shape: Vec<Dim>,
+}
+
+impl IoInfo {
+    pub fn shape_string(&self) -> String {
+        shape_string(&self.shape)
+    }
+
+    /// The shape with symbolic dims replaced by `batch` for the first dim and 1 elsewhere.
+    pub fn concrete_shape(&self, batch: usize) -> Vec<usize> {
+        self.shape
+            .iter()
+            .enumerate()
+            .map(|(i, d)| match d {
+                Dim::Fixed(n) => *n,
+                Dim::Symbolic(_) => if i == 0 { batch } else { 1 },
+            })
+            .collect()
+    }
+
+    fn spec(&self) -> TensorSpec {
+        TensorSpec { name: self.name.clone(), dtype: self.dtype, shape: self.shape.clone() }
+    }
+}
+
+/// Where a bundle-backed session came from.
+#[derive(Debug, Clone)]
+pub struct BundleInfo {
+    pub manifest: Manifest,
+    pub variant: String,
+    pub labels: Option<Vec<String>>,
+    /// Key id of the signer, when signed.
+    pub signer: Option<String>,
+    pub trusted: bool,
+}
+
+/// A loaded model ready to run.
+pub struct Session {
+    backend: Box<dyn Backend>,
+    inputs: Vec<IoInfo>,
+    outputs: Vec<IoInfo>,
+    model_summary: ModelSummary,
+    bundle: Option<BundleInfo>,
+}
+
+/// Facts about the ONNX file behind a session.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelSummary {
+    pub ir_version: i64,
+    pub opset: Option<i64>,
+    pub producer: String,
+    pub nodes: usize,
+    pub initializers: usize,
+    pub parameters: u64,
+    /// (op type, count), most frequent first.
+    pub op_histogram: Vec<(String, usize)>,
+}
+
+impl ModelSummary {
+    pub fn of(model: &Model) -> ModelSummary {
+        let mut hist: std::collections::BTreeMap<String, usize> = Default::default();
+        for n in &model.graph.nodes {
+            *hist.entry(onnx::NodeExt::op(n).to_string()).or_default() += 1;
+        }
+        let mut op_histogram: Vec<(String, usize)> = hist.into_iter().collect();
+        op_histogram.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        ModelSummary {
+            ir_version: model.ir_version(),
+            opset: model.opset(""),
+            producer: model.producer(),
+            nodes: model.graph.nodes.len(),
+            initializers: model.graph.initializers.len(),
+            parameters: model.graph.initializers.iter().map(|t| t.dims.iter().product::<i64>().max(0) as u64).sum(),
+            op_histogram,
+        }
+    }
+}
+
+fn io_infos(model: &Model) -> (Vec<IoInfo>, Vec<IoInfo>) {
+    let conv = |v: &onnx::ValueInfoProto| {
+        let t = onnx::value_info_to_type(v);
+        IoInfo {
+            name: v.name.clone().unwrap_or_default(),
+            dtype: t.as_ref().and_then(|t| t.dtype()),
+            shape: t.and_then(|t| t.shape).unwrap_or_default(),
+        }
+    };
+    let inputs = model.graph.runtime_inputs().into_iter().map(conv).collect();
+    let outputs = model.graph.outputs.iter().map(conv).collect();
+    (inputs, outputs)
+}
+
+/// True when the bytes start like a bundle.
+pub fn is_bundle(bytes: &[u8]) -> bool {
+    bytes.starts_with(crate::bundle::MAGIC)
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+impl Session {
+    /// Opens an `.onnx` file or an `.edgepack` bundle (detected by content, not extension).
+    pub fn open(path: impl AsRef<Path>, opts: &SessionOptions) -> Result<Session> {
+        let path = path.as_ref();
+        let mut head = [0u8; 8];
+        let n = {
+            use std::io::Read;
+            let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            f.read(&mut head).map_err(|e| Error::io(path, e))?
+        };
+        if is_bundle(&head[..n]) {
+            let bundle = Bundle::open(path, &OpenOptions { key: opts.key.clone(), max_bundle_size: opts.max_bundle_size })?;
+            Session::from_bundle(bundle, opts)
+        } else {
+            if opts.key.is_some() {
+                return Err(crate::bundle::BundleError::Signature("a bare .onnx file cannot be signature-checked; pack it into a signed bundle".into()).into());
+            }
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            Session::from_onnx_bytes(&bytes, opts)
+        }
+    }
+
+    /// Loads ONNX bytes (or bundle bytes, detected by their magic).
+    pub fn from_bytes(bytes: &[u8], opts: &SessionOptions) -> Result<Session> {
+        if is_bundle(bytes) {
+            let bundle = Bundle::from_bytes(bytes.to_vec(), &OpenOptions { key: opts.key.clone(), max_bundle_size: opts.max_bundle_size })?;
+            Session::from_bundle(bundle, opts)
+        } else {
+            Session::from_onnx_bytes(bytes, opts)
+        }
+    }
+
+    pub fn from_onnx_bytes(bytes: &[u8], opts: &SessionOptions) -> Result<Session> {
+        let model = Model::from_bytes(bytes)?;
+        Session::from_model(&model, opts)
+    }
+
+    /// Loads a checked model on the backend chosen by `opts.device`.
+    pub fn from_model(model: &Model, opts: &SessionOptions) -> Result<Session> {
+        let (inputs, outputs) = io_infos(model);
+        for i in &inputs {
+            if i.dtype.is_none() {
+                return Err(Error::MalformedModel(format!("input `{}` has a type the runtime does not support", i.name)));
+            }
+        }
+        let threads = if opts.threads == 0 { default_threads() } else { opts.threads };
+        let backend: Box<dyn Backend> = match opts.device {
+            Device::Auto | Device::Cpu => {
+                let dts: Vec<DType> = inputs.iter().map(|i| i.dtype.unwrap_or(DType::F32)).collect();
+                Box::new(no_panic("loading on the cpu backend", || CpuBackend::load(model, &dts, threads))?)
+            }
+            Device::Gpu => {
+                return Err(Error::Backend { backend: "gpu", message: "no GPU backend in this build".into() });
+            }
+        };
+        let session = Session { backend, inputs, outputs, model_summary: ModelSummary::of(model), bundle: None };
+        // Static models get their plan now, so the first run costs no compilation.
+        if session.inputs.iter().all(|i| i.shape.iter().all(|d| matches!(d, Dim::Fixed(_)))) {
+            let shapes: Vec<Vec<usize>> = session.inputs.iter().map(|i| i.concrete_shape(1)).collect();
+            no_panic("preparing the model", || session.backend.prepare(&shapes))?;
+        }
+        Ok(session)
+    }
+
+    /// Loads a variant of a verified bundle, with its pre/post-processing and labels.
+    pub fn from_bundle(bundle: Bundle, opts: &SessionOptions) -> Result<Session> {
+        let (variant, bytes) = bundle.model_bytes(opts.variant.as_deref())?;
+        let variant_id = variant.id.clone();
+        let model = Model::from_bytes(bytes)?;
+        let mut s = Session::from_model(&model, opts)?;
+        let manifest = bundle.manifest().clone();
+        let declared: Vec<TensorSpec> = s.inputs.iter().map(IoInfo::spec).collect();
+        if declared.iter().map(|d| &d.name).ne(manifest.inputs.iter().map(|d| &d.name)) {
+            return Err(crate::bundle::BundleError::Manifest(format!(
+                "variant `{variant_id}` inputs do not match the manifest's inputs"
+            ))
+            .into());
+        }
+        s.bundle = Some(BundleInfo {
+            labels: bundle.labels()?,
+            variant: variant_id,
+            signer: bundle.signer().map(PublicKey::key_id),
+            trusted: bundle.is_trusted(),
+            manifest,
+        });
+        Ok(s)
+    }
+
+    pub fn inputs(&self) -> &[IoInfo] {
+        &self.inputs
+    }
+
+    pub fn outputs(&self) -> &[IoInfo] {
+        &self.outputs
+    }
+
+    pub fn backend_kind(&self) -> BackendKind {
+        self.backend.kind()
+    }
+
+    /// Which backend runs this session, e.g. "cpu (tract 0.23.9, 2 threads)".
+    pub fn backend_description(&self) -> String {
+        self.backend.describe()
+    }
+
+    pub fn model_summary(&self) -> &ModelSummary {
+        &self.model_summary
+    }
+
+    pub fn bundle(&self) -> Option<&BundleInfo> {
+        self.bundle.as_ref()
+    }
+
+    pub fn preprocess(&self) -> Option<&Preprocess> {
+        self.bundle.as_ref().and_then(|b| b.manifest.preprocess.as_ref())
+    }
+
+    pub fn postprocess(&self) -> Option<&Postprocess> {
+        self.bundle.as_ref().and_then(|b| b.manifest.postprocess.as_ref())
+    }
+
+    pub fn labels(&self) -> Option<&[String]> {
+        self.bundle.as_ref().and_then(|b| b.labels.as_deref())
+    }
+
+    /// Checks named inputs against the model and orders them as the model declares.
+    fn order_inputs(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>> {
+        let mut slots: Vec<Option<Tensor>> = vec![None; self.inputs.len()];
+        for (name, t) in inputs {
+            let Some(i) = self.inputs.iter().position(|x| x.name == name) else {
+                return Err(Error::UnknownInput {
+                    name,
+                    expected: self.inputs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", "),
+                });
+            };
+            let info = &self.inputs[i];
+            if let Some(dt) = info.dtype
+                && dt != t.dtype()
+            {
+                return Err(Error::InputDType { name, expected: dt.to_string(), got: t.dtype().to_string() });
+            }
+            let rank_ok = info.shape.is_empty() && !t.shape().is_empty() || info.shape.len() == t.shape().len();
+            let dims_ok = info.shape.iter().zip(t.shape()).all(|(d, &n)| match d {
+                Dim::Fixed(f) => *f == n,
+                Dim::Symbolic(_) => true,
+            });
+            if !(rank_ok && dims_ok) || (info.shape.is_empty() && !t.shape().is_empty() && false) {
+                return Err(Error::InputShape { name, expected: info.shape_string(), got: t.shape().to_vec() });
+            }
+            if slots[i].is_some() {
+                return Err(Error::InvalidTensor(format!("input `{name}` given twice")));
+            }
+            slots[i] = Some(t);
+        }
+        slots
+            .into_iter()
+            .zip(&self.inputs)
+            .map(|(t, info)| t.ok_or_else(|| Error::MissingInput { name: info.name.clone() }))
+            .collect()
+    }
+
+    /// Runs the model on named inputs; returns named outputs in model order.
+    pub fn run(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+        let ordered = self.order_inputs(inputs)?;
+        let outs = no_panic("running the model", || self.backend.run(ordered))?;
+        Ok(self.outputs.iter().map(|o| o.name.clone()).zip(outs).collect())
+    }
+
+    /// Runs a single-input model.
+    pub fn run_one(&self, input: Tensor) -> Result<Vec<(String, Tensor)>> {
+        let name = match self.inputs.as_slice() {
+            [only] => only.name.clone(),
+            _ => return Err(Error::InvalidTensor(format!("the model has {} inputs; name them", self.inputs.len()))),
+        };
+        self.run(vec![(name, input)])
+    }
+
+    fn image_preprocess(&self) -> Result<&process::ImagePreprocess> {
+        match self.preprocess() {
+            Some(Preprocess::Image(p)) => Ok(p),
+            None => Err(Error::Processing("this model has no image pre-processing; pack it with one (e.g. --preset)".into())),
+        }
+    }
+
+    /// Decodes and pre-processes images with the bundle's recipe; returns (input name, batched tensor, sizes).
+    pub fn image_input(&self, images: &[&[u8]]) -> Result<(String, Tensor, Vec<(u32, u32)>)> {
+        let p = self.image_preprocess()?;
+        let mut tensors = Vec::with_capacity(images.len());
+        let mut sizes = Vec::with_capacity(images.len());
+        for bytes in images {
+            let img = process::decode_image(bytes)?;
+            sizes.push((img.width(), img.height()));
+            tensors.push(p.apply(&img)?);
+        }
+        let name = p.input.clone().or_else(|| self.inputs.first().map(|i| i.name.clone())).unwrap_or_default();
+        Ok((name, process::stack(&tensors)?, sizes))
+    }
+
+    fn output<'a>(&self, outs: &'a [(String, Tensor)], name: Option<&str>) -> Result<&'a Tensor> {
+        match name {
+            None => outs.first().map(|o| &o.1),
+            Some(n) => outs.iter().find(|o| o.0 == n).map(|o| &o.1),
+        }
+        .ok_or_else(|| Error::Processing(format!("no output `{}`", name.unwrap_or("<first>"))))
+    }
+
+    /// Top-k classes of each raw output row, using the bundle's post-processing (or softmax + top-5).
+    pub fn classify_outputs(&self, outs: &[(String, Tensor)], top_k: Option<usize>) -> Result<Vec<Vec<ClassScore>>> {
+        let (output, softmax, k, offset) = match self.postprocess() {
+            Some(Postprocess::Classification { output, softmax, top_k, label_offset }) => (output.as_deref(), *softmax, *top_k, *label_offset),
+            Some(other) => return Err(Error::Processing(format!("this model is not a classifier ({other:?})"))),
+            None => (None, process::Softmax::Auto, 5, 0),
+        };
+        process::classify(self.output(outs, output)?, softmax, top_k.unwrap_or(k), offset, self.labels())
+    }
+
+    /// Classifies encoded images (JPEG/PNG) in one batch.
+    pub fn classify_images(&self, images: &[&[u8]], top_k: Option<usize>) -> Result<Vec<Vec<ClassScore>>> {
+        let (name, x, _) = self.image_input(images)?;
+        let outs = self.run(vec![(name, x)])?;
+        self.classify_outputs(&outs, top_k)
+    }
+
+    /// Detections from raw outputs, scaled to `image_size` (width, height).
+    pub fn detections_from_outputs(&self, outs: &[(String, Tensor)], image_size: (u32, u32)) -> Result<Vec<Detection>> {
+        match self.postprocess() {
+            Some(Postprocess::SsdDetection { scores_output, boxes_output, classes, score_threshold, iou_threshold, max_detections }) => {
+                process::detect_ssd(
+                    self.output(outs, Some(scores_output))?,
+                    self.output(outs, Some(boxes_output))?,
+                    classes,
+                    *score_threshold,
+                    *iou_threshold,
+                    *max_detections,
+                    image_size,
+                    self.labels(),
+                )
+            }
+            _ => Err(Error::Processing("this model has no detection post-processing".into())),
+        }
+    }
+
+    /// Detects objects in one encoded image.
+    pub fn detect_image(&self, image: &[u8]) -> Result<Vec<Detection>> {
+        let (name, x, sizes) = self.image_input(&[image])?;
+        let outs = self.run(vec![(name, x)])?;
+        self.detections_from_outputs(&outs, sizes[0])
+    }
+}
