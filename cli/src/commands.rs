@@ -593,3 +593,22 @@ pub fn keygen(out: &Path) -> Result<()> {
     println!("secret key {} (keep it private)\npublic key {} (id {})", k.display(), p.display(), pk.key_id());
     Ok(())
 }
+
+pub fn rewrite(input: &Path, output: &Path, topo_sort: bool, remove_unused: bool) -> Result<()> {
+    let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
+    let mut model = edgepack_runtime::onnx::Model::from_bytes(&bytes).with_context(|| format!("{}", input.display()))?;
+    if topo_sort {
+        model.graph.topo_sort()?;
+    }
+    let removed = if remove_unused { model.graph.remove_unused_initializers() } else { 0 };
+    let out = model.to_bytes();
+    edgepack_runtime::fsutil::write_atomic(output, &out).with_context(|| format!("writing {}", output.display()))?;
+    println!(
+        "wrote {} ({} bytes; {}{} initializers removed)",
+        output.display(),
+        out.len(),
+        if out == bytes { "byte-identical to the input; " } else { "" },
+        removed
+    );
+    Ok(())
+}

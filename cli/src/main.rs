@@ -77,6 +77,17 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Offline demo: pack the shipped EfficientNet-Lite0, verify it, classify the shipped photos
     Demo(demo::DemoArgs),
+    /// Re-write an ONNX file through edgepack's graph type (lossless), optionally applying cleanup passes
+    Rewrite {
+        input: PathBuf,
+        output: PathBuf,
+        /// Sort nodes topologically
+        #[arg(long)]
+        topo_sort: bool,
+        /// Drop initializers nothing reads
+        #[arg(long)]
+        remove_unused_initializers: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -96,6 +107,9 @@ fn main() -> ExitCode {
         Command::Keygen { out } => commands::keygen(&out),
         Command::Bench(a) => bench::bench(a),
         Command::Demo(a) => demo::demo(a),
+        Command::Rewrite { input, output, topo_sort, remove_unused_initializers } => {
+            commands::rewrite(&input, &output, topo_sort, remove_unused_initializers)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -99,8 +99,8 @@ fn versions_sizes_and_garbage_are_rejected() {
     v2[8] = 2;
     assert!(matches!(open(&v2, None).unwrap_err(), BundleError::UnsupportedVersion { what: "container", found: 2, .. }));
 
-    let text = String::from_utf8_lossy(&bytes).to_string();
-    let at = text.find("\"format_version\": 1").unwrap() + "\"format_version\": ".len();
+    let needle = b"\"format_version\": 1";
+    let at = bytes.windows(needle.len()).position(|w| w == needle).unwrap() + needle.len() - 1;
     let mut fv = bytes.clone();
     fv[at] = b'9';
     assert!(matches!(open(&fv, None).unwrap_err(), BundleError::UnsupportedVersion { what: "manifest format", found: 9, .. }));

@@ -284,12 +284,13 @@ impl Session {
             {
                 return Err(Error::InputDType { name, expected: dt.to_string(), got: t.dtype().to_string() });
             }
-            let rank_ok = info.shape.is_empty() && !t.shape().is_empty() || info.shape.len() == t.shape().len();
+            // An empty declared shape means "rank unknown" (or a scalar): the backend checks further.
+            let rank_ok = info.shape.is_empty() || info.shape.len() == t.shape().len();
             let dims_ok = info.shape.iter().zip(t.shape()).all(|(d, &n)| match d {
                 Dim::Fixed(f) => *f == n,
                 Dim::Symbolic(_) => true,
             });
-            if !(rank_ok && dims_ok) || (info.shape.is_empty() && !t.shape().is_empty() && false) {
+            if !(rank_ok && dims_ok) {
                 return Err(Error::InputShape { name, expected: info.shape_string(), got: t.shape().to_vec() });
             }
             if slots[i].is_some() {

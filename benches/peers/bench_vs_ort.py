@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""edgepack vs onnxruntime latency on the same models and thread counts, measured side by side in one run.
+
+For each (model, threads): `edgepack bench --json` and an onnxruntime session (CPU EP, intra-op threads = T, same
+input shape, same numbers of warm-up and timed runs) alternate for --rounds rounds; the table reports the median
+of the per-round medians and the ratio edgepack/onnxruntime (< 1 means edgepack is faster).
+Writes the table into BENCHMARKS.md between the bench-vs-ort markers.
+
+Usage: benches/peers/bench_vs_ort.py [--runs 30] [--rounds 3] [--md BENCHMARKS.md] [--models a,b] [--threads 1,2]
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+MODELS = ["efficientnet_lite0_fp32.onnx", "squeezenet1.0_fp32.onnx", "ultraface_rfb_320.onnx"]
+BEGIN, END = "<!-- bench-vs-ort:begin -->", "<!-- bench-vs-ort:end -->"
+
+
+def edgepack_bin():
+    tgt = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
+    return os.environ.get("EDGEPACK_BIN") or os.path.join(tgt, "release", "edgepack")
+
+
+def ep_bench(model, threads, runs, warmup):
+    r = subprocess.run([edgepack_bin(), "bench", model, "--threads", str(threads), "--runs", str(runs),
+                        "--warmup", str(warmup), "--json"], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout)
+
+
+def ort_bench(model, threads, runs, warmup):
+    t0 = time.perf_counter()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    s = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    load_ms = (time.perf_counter() - t0) * 1e3
+    i = s.get_inputs()[0]
+    shape = [d if isinstance(d, int) else 1 for d in i.shape]
+    x = np.random.default_rng(1).uniform(-1, 1, shape).astype(np.float32)
+    for _ in range(warmup + 1):
+        s.run(None, {i.name: x})
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        s.run(None, {i.name: x})
+        ts.append((time.perf_counter() - t) * 1e3)
+    return {"p50_ms": statistics.median(ts), "load_ms": load_ms}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", default=os.environ.get("EDGEPACK_SHARED") or os.path.join(ROOT, "..", "shared"))
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--md", help="BENCHMARKS.md to update")
+    a = ap.parse_args()
+    rows = []
+    for fname in a.models.split(","):
+        model = os.path.join(a.shared, "models", fname)
+        for t in map(int, a.threads.split(",")):
+            e, o, loads, rss = [], [], [], []
+            for _ in range(a.rounds):
+                r = ep_bench(model, t, a.runs, a.warmup)
+                e.append(r["p50_ms"])
+                loads.append(r["load_ms"])
+                rss.append(r["peak_rss_mb"] or 0)
+                o.append(ort_bench(model, t, a.runs, a.warmup)["p50_ms"])
+            em, om = statistics.median(e), statistics.median(o)
+            rows.append((fname, t, em, om, em / om, statistics.median(loads), max(rss)))
+            print(f"{fname} threads={t}: edgepack p50 {em:.2f} ms, onnxruntime p50 {om:.2f} ms, ratio {em / om:.2f}", flush=True)
+    lines = ["| model | threads | edgepack p50 (ms) | onnxruntime p50 (ms) | ratio edgepack/ort | edgepack load (ms) | edgepack peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|"]
+    for f, t, em, om, ratio, load, rss in rows:
+        lines.append(f"| {f} | {t} | {em:.2f} | {om:.2f} | **{ratio:.2f}** | {load:.0f} | {rss:.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    if a.md:
+        cmd = f"python3 benches/peers/bench_vs_ort.py --runs {a.runs} --rounds {a.rounds} --md BENCHMARKS.md"
+        meta = (f"Measured with `{cmd}` on {platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}; "
+                f"median of {a.rounds} alternating rounds of {a.runs} timed runs each (batch 1, after {a.warmup} warm-ups).")
+        text = open(a.md).read() if os.path.exists(a.md) else f"{BEGIN}\n{END}\n"
+        pre, rest = text.split(BEGIN, 1)
+        _, post = rest.split(END, 1)
+        open(a.md, "w").write(f"{pre}{BEGIN}\n{meta}\n\n{table}\n{END}{post}")
+
+
+if __name__ == "__main__":
+    main()

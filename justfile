@@ -1,0 +1,44 @@
+# edgepack task runner (https://github.com/casey/just). Every recipe is a plain command you can also run by hand.
+export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", env_var("HOME") + "/.cache/edgepack-target")
+
+# Offline demo: pack the shipped EfficientNet-Lite0, verify it, classify the shipped photos
+demo:
+    cargo run --release -- demo
+
+# Everything CI runs: lint, Rust tests, Python acceptance tests against onnxruntime
+test:
+    ./scripts/test.sh
+
+# Fast subset (skips dataset-wide accuracy runs)
+test-quick:
+    ./scripts/test.sh --quick
+
+# edgepack vs onnxruntime, side by side, ratios into BENCHMARKS.md
+bench:
+    cargo build --release --workspace
+    python3 benches/peers/bench_vs_ort.py --md BENCHMARKS.md
+
+# CPU runtime vs onnxruntime on every shared model, table into CONFORMANCE.md
+conformance:
+    cargo build --release --workspace
+    python3 scripts/ort_parity.py --md CONFORMANCE.md
+
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --release --workspace --all-targets -- -D warnings
+
+# Swift/Kotlin/Python bindings (mobile/ crate; see the mobile issue): not built yet
+bindings:
+    @echo "bindings: the uniffi SDK in mobile/ is not implemented yet" && exit 1
+
+# KServe v2 server (server/ crate; see the serve issue): not built yet
+serve:
+    @echo "serve: the server crate is not implemented yet" && exit 1
+
+# Regenerate the ONNX protobuf types from runtime/proto/onnx-ml.proto
+proto:
+    cargo run --release --manifest-path tools/onnx-proto-gen/Cargo.toml
+
+# Regenerate schema/manifest.v1.schema.json from the manifest types
+schema:
+    EDGEPACK_UPDATE_SCHEMA=1 cargo test --release -p edgepack-packager manifest_schema

@@ -1,0 +1,32 @@
+"""Acceptance: the graph type writes ONNX back losslessly: byte-identical files, and onnxruntime gives
+identical outputs on a re-written (topologically re-sorted) file."""
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import model_inputs
+from conftest import ep
+
+MODELS = [
+    "efficientnet_lite0_fp32.onnx", "squeezenet1.0_fp32.onnx", "mnist_cntk_opset7.onnx", "ultraface_rfb_320.onnx",
+    "silero_vad.onnx", "magika_standard_v3_3.onnx", "ppocr_mobile_v2_cls.onnx",
+]
+
+
+@pytest.mark.parametrize("fname", MODELS)
+def test_rewrite_is_lossless(shared, binary, tmp_path, fname):
+    src = os.path.join(shared, "models", fname)
+    plain = tmp_path / "plain.onnx"
+    ep("rewrite", src, plain)
+    assert open(src, "rb").read() == plain.read_bytes()
+    sorted_ = tmp_path / "sorted.onnx"
+    ep("rewrite", src, sorted_, "--topo-sort")
+    feeds = model_inputs.all_inputs(shared)[fname]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    a = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+    b = ort.InferenceSession(str(sorted_), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)
