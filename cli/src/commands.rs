@@ -176,6 +176,9 @@ pub struct RunArgs {
     /// Write each output tensor as <DIR>/<name>.npy
     #[arg(long)]
     output_dir: Option<PathBuf>,
+    /// Also write each (pre-processed) input tensor as <DIR>/input_<name>.npy
+    #[arg(long)]
+    save_inputs: Option<PathBuf>,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -198,6 +201,11 @@ fn read_tensor(path: &Path, shape: Option<&str>, dtype: &str) -> Result<Tensor> 
         .collect::<Result<_, _>>()?;
     let dt = DType::parse(dtype).ok_or_else(|| BadInput(format!("unknown dtype `{dtype}`")))?;
     Ok(Tensor::from_le_bytes(dt, shape, &bytes)?)
+}
+
+/// A tensor name usable as a file name (other characters become `_`).
+fn safe_name(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' { c } else { '_' }).collect()
 }
 
 fn tensor_json(name: &str, t: &Tensor) -> serde_json::Value {
@@ -249,14 +257,41 @@ pub fn run(a: RunArgs) -> Result<()> {
     if feeds.is_empty() {
         bail!(BadInput("no input given".into()));
     }
+    if let Some(dir) = &a.save_inputs {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (name, t) in &feeds {
+            let path = dir.join(format!("input_{}.npy", safe_name(name)));
+            edgepack_runtime::fsutil::write_atomic(&path, &npy::write(t)).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    // Several images on a model with a fixed batch of 1: one call per image, outputs stacked row-wise.
     let t0 = Instant::now();
-    let outs = s.run(feeds)?;
+    let outs = if images.len() > 1 && !s.accepts_batch() && feeds.len() == 1 {
+        let (name, x) = feeds.remove(0);
+        let per = x.len() / images.len();
+        let mut rows: Vec<Vec<(String, Tensor)>> = Vec::new();
+        let bytes = x.to_le_bytes();
+        let sz = x.dtype().size();
+        for k in 0..images.len() {
+            let mut shape = x.shape().to_vec();
+            shape[0] = 1;
+            let one = Tensor::from_le_bytes(x.dtype(), shape, &bytes[k * per * sz..(k + 1) * per * sz])?;
+            rows.push(s.run(vec![(name.clone(), one)])?);
+        }
+        let names: Vec<String> = rows[0].iter().map(|o| o.0.clone()).collect();
+        names
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| Ok((n, process::stack(&rows.iter().map(|r| r[i].1.clone()).collect::<Vec<_>>())?)))
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        s.run(feeds)?
+    };
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     if let Some(dir) = &a.output_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         for (name, t) in &outs {
-            let safe: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' { c } else { '_' }).collect();
-            let path = dir.join(format!("{safe}.npy"));
+            let path = dir.join(format!("{}.npy", safe_name(name)));
             edgepack_runtime::fsutil::write_atomic(&path, &npy::write(t)).with_context(|| format!("writing {}", path.display()))?;
         }
     }

@@ -239,6 +239,11 @@ impl Session {
         &self.outputs
     }
 
+    /// True when the first input has a free (symbolic) leading dimension, i.e. accepts batches > 1.
+    pub fn accepts_batch(&self) -> bool {
+        self.inputs.first().is_some_and(|i| matches!(i.shape.first(), Some(Dim::Symbolic(_))))
+    }
+
     pub fn backend_kind(&self) -> BackendKind {
         self.backend.kind()
     }
