@@ -77,10 +77,18 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     for (k, i) in s.inputs().iter().enumerate() {
         let given = a.shapes.iter().find_map(|kv| kv.split_once('=').filter(|(n, _)| *n == i.name).map(|(_, d)| d));
         let shape: Vec<usize> = match given {
-            Some(d) => d.split(',').map(|x| x.trim().parse().map_err(|_| BadInput(format!("bad --shape `{d}`")))).collect::<Result<_, _>>()?,
+            Some(d) => d
+                .split(',')
+                .map(|x| x.trim().parse().map_err(|_| BadInput(format!("bad --shape `{d}`"))))
+                .collect::<Result<_, _>>()?,
             None => {
                 if i.shape.iter().skip(1).any(|d| matches!(d, Dim::Symbolic(_))) {
-                    bail!(BadInput(format!("input `{}` {} has symbolic dims: pass --shape {}=...", i.name, i.shape_string(), i.name)));
+                    bail!(BadInput(format!(
+                        "input `{}` {} has symbolic dims: pass --shape {}=...",
+                        i.name,
+                        i.shape_string(),
+                        i.name
+                    )));
                 }
                 i.concrete_shape(a.batch)
             }

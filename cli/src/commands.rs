@@ -45,18 +45,19 @@ pub fn open_session(path: &Path, a: &LoadArgs) -> Result<Session> {
 pub fn image_preprocess(s: &Session, preset: Option<&str>) -> Result<Option<ImagePreprocess>> {
     if let Some(name) = preset {
         let input = s.inputs().first().context("the model has no input")?;
-        let (h, w) = image_hw(&input.shape).with_context(|| format!("input `{}` {} is not an image", input.name, input.shape_string()))?;
+        let (h, w) = image_hw(&input.shape)
+            .with_context(|| format!("input `{}` {} is not an image", input.name, input.shape_string()))?;
         let mut p = ImagePreprocess::preset(name, h, w)?;
-        if input.shape.len() == 4 && matches!(input.shape[3], Dim::Fixed(1 | 3)) && !matches!(input.shape[1], Dim::Fixed(1 | 3)) {
+        if input.shape.len() == 4
+            && matches!(input.shape[3], Dim::Fixed(1 | 3))
+            && !matches!(input.shape[1], Dim::Fixed(1 | 3))
+        {
             p.layout = Layout::Nhwc;
         }
         p.dtype = input.dtype.unwrap_or(DType::F32);
         return Ok(Some(p));
     }
-    Ok(match s.preprocess() {
-        Some(Preprocess::Image(p)) => Some(p.clone()),
-        None => None,
-    })
+    Ok(s.preprocess().map(|Preprocess::Image(p)| p.clone()))
 }
 
 /// (height, width) of an NCHW or NHWC image input with fixed spatial dims.
@@ -113,7 +114,14 @@ pub fn inspect(path: &Path, json_out: bool, key: Option<&Path>) -> Result<()> {
         println!("  bundle      {} {} ({:?}), {}", man.name, man.version, man.task, man.created_by);
         for v in &man.variants {
             let mark = if v.id == b.variant { "*" } else { " " };
-            println!("  variant {mark}   {:<10} {:?} {:>10} bytes  sha256 {}…  backends {:?}", v.id, v.precision, v.size, &v.sha256[..16], v.preferred_backends);
+            println!(
+                "  variant {mark}   {:<10} {:?} {:>10} bytes  sha256 {}…  backends {:?}",
+                v.id,
+                v.precision,
+                v.size,
+                &v.sha256[..16],
+                v.preferred_backends
+            );
         }
         match (&b.signer, b.trusted) {
             (Some(k), true) => println!("  signature   valid, by trusted key {k}"),
@@ -138,10 +146,20 @@ pub fn inspect(path: &Path, json_out: bool, key: Option<&Path>) -> Result<()> {
     let ops: Vec<String> = m.op_histogram.iter().map(|(o, n)| format!("{o}×{n}")).collect();
     println!("  ops         {}", ops.join(" "));
     for i in s.inputs() {
-        println!("  input       {} {} {}", i.name, i.dtype.map(|d| d.to_string()).unwrap_or("?".into()), i.shape_string());
+        println!(
+            "  input       {} {} {}",
+            i.name,
+            i.dtype.map(|d| d.to_string()).unwrap_or("?".into()),
+            i.shape_string()
+        );
     }
     for o in s.outputs() {
-        println!("  output      {} {} {}", o.name, o.dtype.map(|d| d.to_string()).unwrap_or("?".into()), o.shape_string());
+        println!(
+            "  output      {} {} {}",
+            o.name,
+            o.dtype.map(|d| d.to_string()).unwrap_or("?".into()),
+            o.shape_string()
+        );
     }
     println!("  backend     {}", s.backend_description());
     Ok(())
@@ -186,7 +204,10 @@ pub struct RunArgs {
 }
 
 fn is_image(p: &Path) -> bool {
-    matches!(p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(), Some("jpg" | "jpeg" | "png"))
+    matches!(
+        p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(),
+        Some("jpg" | "jpeg" | "png")
+    )
 }
 
 fn read_tensor(path: &Path, shape: Option<&str>, dtype: &str) -> Result<Tensor> {
@@ -226,7 +247,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         if images.len() != a.inputs.len() {
             bail!(BadInput("mix of images and tensor files; use --input NAME=FILE for tensors".into()));
         }
-        let p = pre.clone().ok_or_else(|| BadInput("images need pre-processing: pass --preset or run a bundle".into()))?;
+        let p =
+            pre.clone().ok_or_else(|| BadInput("images need pre-processing: pass --preset or run a bundle".into()))?;
         let mut ts = Vec::new();
         for img in &images {
             let bytes = std::fs::read(img).with_context(|| format!("reading {}", img.display()))?;
@@ -244,7 +266,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         }
     }
     for n in &a.named {
-        let (name, file) = n.split_once('=').ok_or_else(|| BadInput(format!("--input expects NAME=FILE, got `{n}`")))?;
+        let (name, file) =
+            n.split_once('=').ok_or_else(|| BadInput(format!("--input expects NAME=FILE, got `{n}`")))?;
         let file = Path::new(file);
         let t = if is_image(file) {
             let p = pre.clone().ok_or_else(|| BadInput("images need pre-processing: pass --preset".into()))?;
@@ -261,7 +284,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         for (name, t) in &feeds {
             let path = dir.join(format!("input_{}.npy", safe_name(name)));
-            edgepack_runtime::fsutil::write_atomic(&path, &npy::write(t)).with_context(|| format!("writing {}", path.display()))?;
+            edgepack_runtime::fsutil::write_atomic(&path, &npy::write(t))
+                .with_context(|| format!("writing {}", path.display()))?;
         }
     }
     // Several images on a model with a fixed batch of 1: one call per image, outputs stacked row-wise.
@@ -292,20 +316,36 @@ pub fn run(a: RunArgs) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         for (name, t) in &outs {
             let path = dir.join(format!("{}.npy", safe_name(name)));
-            edgepack_runtime::fsutil::write_atomic(&path, &npy::write(t)).with_context(|| format!("writing {}", path.display()))?;
+            edgepack_runtime::fsutil::write_atomic(&path, &npy::write(t))
+                .with_context(|| format!("writing {}", path.display()))?;
         }
     }
     let backend = s.backend_description();
     let detector = matches!(s.postprocess(), Some(Postprocess::SsdDetection { .. }));
-    let classifier = !a.raw && !detector && (!images.is_empty() || a.top_k.is_some() || matches!(s.postprocess(), Some(Postprocess::Classification { .. })));
+    let classifier = !a.raw
+        && !detector
+        && (!images.is_empty()
+            || a.top_k.is_some()
+            || matches!(s.postprocess(), Some(Postprocess::Classification { .. })));
     if !a.raw && detector && !sizes.is_empty() {
         let dets = s.detections_from_outputs(&outs, sizes[0])?;
         if a.json {
-            println!("{}", serde_json::to_string_pretty(&json!({"backend": backend, "latency_ms": ms, "detections": dets}))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({"backend": backend, "latency_ms": ms, "detections": dets}))?
+            );
         } else {
             println!("{} detections ({backend}, {ms:.1} ms)", dets.len());
             for d in &dets {
-                println!("  {:.3}  [{:.0}, {:.0}, {:.0}, {:.0}] {}", d.score, d.x1, d.y1, d.x2, d.y2, d.label.as_deref().unwrap_or(""));
+                println!(
+                    "  {:.3}  [{:.0}, {:.0}, {:.0}, {:.0}] {}",
+                    d.score,
+                    d.x1,
+                    d.y1,
+                    d.x2,
+                    d.y2,
+                    d.label.as_deref().unwrap_or("")
+                );
             }
         }
     } else if classifier {
@@ -317,7 +357,12 @@ pub fn run(a: RunArgs) -> Result<()> {
         }
         if a.json {
             let names: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
-            println!("{}", serde_json::to_string_pretty(&json!({"backend": backend, "latency_ms": ms, "inputs": names, "top_k": rows}))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &json!({"backend": backend, "latency_ms": ms, "inputs": names, "top_k": rows})
+                )?
+            );
         } else {
             for (i, r) in rows.iter().enumerate() {
                 let name = images.get(i).map(|p| p.display().to_string()).unwrap_or_else(|| format!("row {i}"));
@@ -335,7 +380,13 @@ pub fn run(a: RunArgs) -> Result<()> {
         for (n, t) in &outs {
             let v = t.to_f32_vec();
             let head: Vec<String> = v.iter().take(8).map(|x| format!("{x:.5}")).collect();
-            println!("  {n} {} {:?}  [{}{}]", t.dtype(), t.shape(), head.join(", "), if v.len() > 8 { ", …" } else { "" });
+            println!(
+                "  {n} {} {:?}  [{}{}]",
+                t.dtype(),
+                t.shape(),
+                head.join(", "),
+                if v.len() > 8 { ", …" } else { "" }
+            );
         }
     }
     Ok(())
@@ -414,7 +465,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     bar.finish_and_clear();
     if let Some(p) = &a.predictions {
-        edgepack_runtime::fsutil::write_atomic(p, csv.as_bytes()).with_context(|| format!("writing {}", p.display()))?;
+        edgepack_runtime::fsutil::write_atomic(p, csv.as_bytes())
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     infer_ms.sort_by(f64::total_cmp);
     let median = infer_ms[infer_ms.len() / 2];
@@ -511,7 +563,10 @@ pub fn pack(a: PackArgs) -> Result<()> {
         "custom" => Task::Custom,
         t => bail!(BadInput(format!("unknown task `{t}`"))),
     };
-    let name = a.name.clone().unwrap_or_else(|| a.model.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or("model".into()));
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| a.model.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or("model".into()));
     let mut b = BundleBuilder::new(&name, &a.version, task);
     if let Some(d) = &a.description {
         b = b.description(d);
@@ -522,7 +577,8 @@ pub fn pack(a: PackArgs) -> Result<()> {
     }
     b = b.variant("fp32", bytes, Precision::Fp32, &[BackendKind::Cpu, BackendKind::Gpu])?;
     for v in &a.variants {
-        let (id, rest) = v.split_once('=').ok_or_else(|| BadInput(format!("--variant expects ID=PATH[:PRECISION], got `{v}`")))?;
+        let (id, rest) =
+            v.split_once('=').ok_or_else(|| BadInput(format!("--variant expects ID=PATH[:PRECISION], got `{v}`")))?;
         let (path, prec) = match rest.rsplit_once(':') {
             Some((p, pr)) if ["fp32", "fp16", "int8", "mixed"].contains(&pr) => (p, parse_precision(pr)?),
             _ => (rest, Precision::Int8),
@@ -550,7 +606,12 @@ pub fn pack(a: PackArgs) -> Result<()> {
         Some(serde_json::from_str(j).context("--postprocess-json")?)
     } else {
         match task {
-            Task::Classification => Some(Postprocess::Classification { output: None, softmax: Softmax::Auto, top_k: a.top_k, label_offset: 0 }),
+            Task::Classification => Some(Postprocess::Classification {
+                output: None,
+                softmax: Softmax::Auto,
+                top_k: a.top_k,
+                label_offset: 0,
+            }),
             Task::Detection => {
                 let find = |w: &str| outputs.iter().find(|o| o.contains(w)).cloned();
                 match (find("score"), find("box")) {
@@ -562,7 +623,9 @@ pub fn pack(a: PackArgs) -> Result<()> {
                         iou_threshold: a.iou_threshold,
                         max_detections: 1000,
                     }),
-                    _ => bail!(BadInput("detection needs outputs named like `scores` and `boxes`, or --postprocess-json".into())),
+                    _ => bail!(BadInput(
+                        "detection needs outputs named like `scores` and `boxes`, or --postprocess-json".into()
+                    )),
                 }
             }
             Task::Custom => None,
@@ -576,14 +639,25 @@ pub fn pack(a: PackArgs) -> Result<()> {
     }
     for r in &a.report {
         let fname = r.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or("report".into());
-        let media = if fname.ends_with(".json") { "application/json" } else if fname.ends_with(".html") { "text/html" } else { "text/plain" };
+        let media = if fname.ends_with(".json") {
+            "application/json"
+        } else if fname.ends_with(".html") {
+            "text/html"
+        } else {
+            "text/plain"
+        };
         b = b.report(&fname, media, std::fs::read(r).with_context(|| format!("reading {}", r.display()))?)?;
     }
     let key = a.sign.as_deref().map(SecretKey::load).transpose()?;
     let manifest = b.write(&a.out, key.as_ref())?;
     let size = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&json!({"bundle": a.out, "size": size, "signed_by": key.map(|k| k.public().key_id()), "manifest": manifest}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"bundle": a.out, "size": size, "signed_by": key.map(|k| k.public().key_id()), "manifest": manifest})
+            )?
+        );
     } else {
         println!(
             "packed {} ({} bytes, {} variant(s), {}) in {:.0} ms",
@@ -600,17 +674,21 @@ pub fn pack(a: PackArgs) -> Result<()> {
 pub fn verify(path: &Path, key: Option<&Path>, json_out: bool) -> Result<()> {
     let key = load_key(key)?;
     let t0 = Instant::now();
-    let b = Bundle::open(path, &OpenOptions { key: key.clone(), ..Default::default() }).with_context(|| format!("verifying {}", path.display()))?;
+    let b = Bundle::open(path, &OpenOptions { key: key.clone(), ..Default::default() })
+        .with_context(|| format!("verifying {}", path.display()))?;
     // Every variant must also be a well-formed model.
     for v in &b.manifest().variants {
-        edgepack_runtime::onnx::Model::from_bytes(b.member(&v.member)?).with_context(|| format!("variant `{}`", v.id))?;
+        edgepack_runtime::onnx::Model::from_bytes(b.member(&v.member)?)
+            .with_context(|| format!("variant `{}`", v.id))?;
     }
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     let signer = b.signer().map(|k| k.key_id());
     if json_out {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"bundle": path, "ok": true, "members": b.manifest().members.len(), "signed_by": signer, "trusted": b.is_trusted()}))?
+            serde_json::to_string_pretty(
+                &json!({"bundle": path, "ok": true, "members": b.manifest().members.len(), "signed_by": signer, "trusted": b.is_trusted()})
+            )?
         );
     } else {
         let sig = match (&signer, b.is_trusted()) {
@@ -631,7 +709,8 @@ pub fn keygen(out: &Path) -> Result<()> {
 
 pub fn rewrite(input: &Path, output: &Path, topo_sort: bool, remove_unused: bool) -> Result<()> {
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
-    let mut model = edgepack_runtime::onnx::Model::from_bytes(&bytes).with_context(|| format!("{}", input.display()))?;
+    let mut model =
+        edgepack_runtime::onnx::Model::from_bytes(&bytes).with_context(|| format!("{}", input.display()))?;
     if topo_sort {
         model.graph.topo_sort()?;
     }

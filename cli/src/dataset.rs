@@ -28,7 +28,9 @@ fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).with_context(|| format!("gunzip {}", path.display()))?;
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .with_context(|| format!("gunzip {}", path.display()))?;
         Ok(out)
     } else {
         Ok(raw)
@@ -45,7 +47,8 @@ fn idx<'a>(bytes: &'a [u8], what: &Path) -> Result<(Vec<usize>, &'a [u8])> {
     if bytes.len() < head {
         bail!(BadInput(format!("{}: truncated IDX header", what.display())));
     }
-    let dims: Vec<usize> = (0..nd).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
+    let dims: Vec<usize> =
+        (0..nd).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
     let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     if n != Some(bytes.len() - head) {
         bail!(BadInput(format!("{}: IDX dims {dims:?} do not match the data size", what.display())));
@@ -58,7 +61,9 @@ fn idx<'a>(bytes: &'a [u8], what: &Path) -> Result<(Vec<usize>, &'a [u8])> {
 fn class_of(name: &str, labels: Option<&[String]>, sorted: &[String]) -> usize {
     if let Some(l) = labels
         && let Some(i) = l.iter().position(|x| {
-            x == name || edgepack_runtime::process::display_label(x) == name || x.split_whitespace().next() == Some(name)
+            x == name
+                || edgepack_runtime::process::display_label(x) == name
+                || x.split_whitespace().next() == Some(name)
         })
     {
         return i;
@@ -79,7 +84,10 @@ impl Dataset {
             return Ok(Dataset::Idx { images: ipix.to_vec(), rows: idims[1], cols: idims[2], labels: lvals.to_vec() });
         }
         if !path.is_dir() {
-            bail!(BadInput(format!("{}: not a dataset folder (labels.csv + images/, or class folders)", path.display())));
+            bail!(BadInput(format!(
+                "{}: not a dataset folder (labels.csv + images/, or class folders)",
+                path.display()
+            )));
         }
         let csv = path.join("labels.csv");
         let mut items = Vec::new();
@@ -98,7 +106,10 @@ impl Dataset {
                 let (Some(f), Some(c)) = (cells.get(fcol), cells.get(ccol)) else {
                     bail!(BadInput(format!("{} line {}: too few columns", csv.display(), n + 2)));
                 };
-                let c: usize = c.trim().parse().map_err(|_| BadInput(format!("{} line {}: bad class index `{c}`", csv.display(), n + 2)))?;
+                let c: usize = c
+                    .trim()
+                    .parse()
+                    .map_err(|_| BadInput(format!("{} line {}: bad class index `{c}`", csv.display(), n + 2)))?;
                 items.push((img_dir.join(f.trim()), c));
             }
         } else {
@@ -110,7 +121,8 @@ impl Dataset {
             classes.sort();
             for c in &classes {
                 let k = class_of(c, labels, &classes);
-                let mut files: Vec<PathBuf> = std::fs::read_dir(path.join(c))?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+                let mut files: Vec<PathBuf> =
+                    std::fs::read_dir(path.join(c))?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
                 files.sort();
                 items.extend(files.into_iter().map(|f| (f, k)));
             }
@@ -134,7 +146,8 @@ impl Dataset {
             Dataset::Files(v) => {
                 let (p, label) = &v[k];
                 let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-                let img = edgepack_runtime::process::decode_image(&bytes).with_context(|| format!("{}", p.display()))?;
+                let img =
+                    edgepack_runtime::process::decode_image(&bytes).with_context(|| format!("{}", p.display()))?;
                 let id = p.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
                 Ok((id, img, *label))
             }

@@ -11,12 +11,19 @@ use edgepack_runtime::bundle::{BackendKind, Precision, Task};
 use edgepack_runtime::process::{ImagePreprocess, Postprocess, Preprocess, Softmax};
 use edgepack_runtime::{Session, SessionOptions};
 
-const MODEL: &[u8] = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/models/efficientnet_lite0_fp32.onnx"));
+const MODEL: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/models/efficientnet_lite0_fp32.onnx"));
 const SYNSETS: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/models/imagenet_synsets.txt"));
 const PHOTOS: &[(&str, &[u8])] = &[
-    ("skimage_chelsea.png", include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/photos/skimage_chelsea.png"))),
+    (
+        "skimage_chelsea.png",
+        include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/photos/skimage_chelsea.png")),
+    ),
     ("skimage_coffee.png", include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/photos/skimage_coffee.png"))),
-    ("skimage_astronaut.png", include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/photos/skimage_astronaut.png"))),
+    (
+        "skimage_astronaut.png",
+        include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/photos/skimage_astronaut.png")),
+    ),
 ];
 
 #[derive(Args)]
@@ -51,31 +58,50 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     let pub_path = a.out.join("demo.pub");
     edgepack_runtime::fsutil::write_atomic(&pub_path, key.public().to_text().as_bytes())?;
     let size = std::fs::metadata(&bundle_path)?.len();
-    println!("1. packed   {} ({:.1} MB, {} members, signed by {}) in {:.0} ms",
-        bundle_path.display(), size as f64 / 1e6, manifest.members.len(), key.public().key_id(), t.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "1. packed   {} ({:.1} MB, {} members, signed by {}) in {:.0} ms",
+        bundle_path.display(),
+        size as f64 / 1e6,
+        manifest.members.len(),
+        key.public().key_id(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
 
     let t = Instant::now();
     let opts = SessionOptions { threads: a.threads, key: Some(key.public()), ..Default::default() };
     let session = Session::open(&bundle_path, &opts)?;
-    println!("2. verified signature + {} sha256 members, loaded and optimised in {:.0} ms on {}",
-        manifest.members.len(), t.elapsed().as_secs_f64() * 1e3, session.backend_description());
+    println!(
+        "2. verified signature + {} sha256 members, loaded and optimised in {:.0} ms on {}",
+        manifest.members.len(),
+        t.elapsed().as_secs_f64() * 1e3,
+        session.backend_description()
+    );
     let i = &session.inputs()[0];
-    println!("   input `{}` {} {}, preprocessing from the bundle: resize 256, crop 224, (x-127)/128\n",
-        i.name, i.dtype.map(|d| d.to_string()).unwrap_or_default(), i.shape_string());
+    println!(
+        "   input `{}` {} {}, preprocessing from the bundle: resize 256, crop 224, (x-127)/128\n",
+        i.name,
+        i.dtype.map(|d| d.to_string()).unwrap_or_default(),
+        i.shape_string()
+    );
 
     let images: Vec<(String, Vec<u8>)> = if a.images.is_empty() {
         PHOTOS.iter().map(|(n, b)| (n.to_string(), b.to_vec())).collect()
     } else {
-        a.images.iter().map(|p| Ok((p.display().to_string(), std::fs::read(p).with_context(|| format!("reading {}", p.display()))?))).collect::<Result<_>>()?
+        a.images
+            .iter()
+            .map(|p| {
+                Ok((p.display().to_string(), std::fs::read(p).with_context(|| format!("reading {}", p.display()))?))
+            })
+            .collect::<Result<_>>()?
     };
     println!("3. classify ({} images)", images.len());
     let mut infer = Vec::new();
     for (name, bytes) in &images {
         let t = Instant::now();
-        let (input, x, _) = session.image_input(&[bytes])?;
+        let batch = session.image_input(&[bytes])?;
         let pre_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
-        let outs = session.run(vec![(input, x)])?;
+        let outs = session.run(vec![(batch.input, batch.tensor)])?;
         let run_ms = t.elapsed().as_secs_f64() * 1e3;
         infer.push(run_ms);
         let top = session.classify_outputs(&outs, Some(5))?;

@@ -20,7 +20,11 @@ pub mod exit {
 }
 
 #[derive(Parser)]
-#[command(name = "edgepack", version, about = "Package, verify, run and benchmark edge ML models (.onnx and .edgepack bundles)")]
+#[command(
+    name = "edgepack",
+    version,
+    about = "Package, verify, run and benchmark edge ML models (.onnx and .edgepack bundles)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use ed25519_dalek::{Signer, SigningKey};
 use edgepack_runtime::bundle::{
-    self, ALIGN, BackendKind, CONTAINER_VERSION, FLAG_SIGNED, HEADER_LEN, MAGIC, MANIFEST_FORMAT_VERSION, Manifest, Member,
-    Precision, PublicKey, SECRET_KEY_PREFIX, SIGNATURE_BLOCK_LEN, SIGNING_CONTEXT, Task, TensorSpec, Variant,
+    self, ALIGN, BackendKind, CONTAINER_VERSION, FLAG_SIGNED, HEADER_LEN, MAGIC, MANIFEST_FORMAT_VERSION, Manifest,
+    Member, Precision, PublicKey, SECRET_KEY_PREFIX, SIGNATURE_BLOCK_LEN, SIGNING_CONTEXT, Task, TensorSpec, Variant,
 };
 use edgepack_runtime::onnx::{Model, value_info_to_type};
 use edgepack_runtime::process::{Postprocess, Preprocess};
@@ -120,10 +120,7 @@ fn io_specs(model: &Model) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
             shape: t.and_then(|t| t.shape).unwrap_or_default(),
         }
     };
-    (
-        model.graph.runtime_inputs().into_iter().map(spec).collect(),
-        model.graph.outputs.iter().map(spec).collect(),
-    )
+    (model.graph.runtime_inputs().into_iter().map(spec).collect(), model.graph.outputs.iter().map(spec).collect())
 }
 
 impl BundleBuilder {

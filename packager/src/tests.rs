@@ -58,11 +58,7 @@ fn every_truncation_is_rejected() {
     let (_, bytes) = builder().build(Some(&SecretKey::generate().unwrap())).unwrap();
     for cut in (0..bytes.len()).step_by(7).chain([bytes.len() - 1]) {
         let e = open(&bytes[..cut], None).unwrap_err();
-        assert!(
-            matches!(e, BundleError::Truncated(_) | BundleError::NotABundle),
-            "cut at {cut}/{}: {e}",
-            bytes.len()
-        );
+        assert!(matches!(e, BundleError::Truncated(_) | BundleError::NotABundle), "cut at {cut}/{}: {e}", bytes.len());
     }
 }
 
@@ -97,13 +93,19 @@ fn versions_sizes_and_garbage_are_rejected() {
     let (_, bytes) = builder().build(None).unwrap();
     let mut v2 = bytes.clone();
     v2[8] = 2;
-    assert!(matches!(open(&v2, None).unwrap_err(), BundleError::UnsupportedVersion { what: "container", found: 2, .. }));
+    assert!(matches!(
+        open(&v2, None).unwrap_err(),
+        BundleError::UnsupportedVersion { what: "container", found: 2, .. }
+    ));
 
     let needle = b"\"format_version\": 1";
     let at = bytes.windows(needle.len()).position(|w| w == needle).unwrap() + needle.len() - 1;
     let mut fv = bytes.clone();
     fv[at] = b'9';
-    assert!(matches!(open(&fv, None).unwrap_err(), BundleError::UnsupportedVersion { what: "manifest format", found: 9, .. }));
+    assert!(matches!(
+        open(&fv, None).unwrap_err(),
+        BundleError::UnsupportedVersion { what: "manifest format", found: 9, .. }
+    ));
 
     let e = Bundle::from_bytes(bytes.clone(), &OpenOptions { key: None, max_bundle_size: 100 }).unwrap_err();
     assert!(matches!(e, BundleError::TooLarge(_)));
@@ -154,7 +156,10 @@ fn written_bundle_is_atomic_and_loads_as_a_session() {
     assert_eq!(s.bundle().unwrap().variant, "fp32");
     assert!(s.bundle().unwrap().trusted);
     let wrong = edgepack_runtime::SessionOptions { key: Some(SecretKey::generate().unwrap().public()), ..opts };
-    assert!(matches!(edgepack_runtime::Session::open(&path, &wrong).err().unwrap(), Error::Bundle(BundleError::Signature(_))));
+    assert!(matches!(
+        edgepack_runtime::Session::open(&path, &wrong).err().unwrap(),
+        Error::Bundle(BundleError::Signature(_))
+    ));
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The one small trait every execution backend implements. A [`crate::Session`] holds a `Box<dyn Backend>` and
 //! never knows which device it drives.
-use crate::tensor::Tensor;
 use crate::Result;
+use crate::tensor::Tensor;
 
 pub use crate::bundle::BackendKind;
 

@@ -291,7 +291,11 @@ impl Bundle {
         let bytes: std::sync::Arc<[u8]> = bytes.into();
         let b = &bytes[..];
         if b.len() as u64 > opts.max_bundle_size {
-            return Err(BundleError::TooLarge(format!("{} bytes exceeds the limit of {}", b.len(), opts.max_bundle_size)));
+            return Err(BundleError::TooLarge(format!(
+                "{} bytes exceeds the limit of {}",
+                b.len(),
+                opts.max_bundle_size
+            )));
         }
         if b.len() < 8 || &b[..8] != MAGIC {
             return Err(if b.len() < 8 && MAGIC.starts_with(b) && !b.is_empty() {
@@ -305,7 +309,11 @@ impl Bundle {
         }
         let version = u32_at(b, 8);
         if version != CONTAINER_VERSION {
-            return Err(BundleError::UnsupportedVersion { what: "container", found: version.into(), supported: CONTAINER_VERSION });
+            return Err(BundleError::UnsupportedVersion {
+                what: "container",
+                found: version.into(),
+                supported: CONTAINER_VERSION,
+            });
         }
         let flags = u32_at(b, 12);
         if flags & !FLAG_SIGNED != 0 {
@@ -320,7 +328,10 @@ impl Bundle {
             return Err(BundleError::Truncated(format!("header says {total_len} bytes, file has {}", b.len())));
         }
         if total_len < b.len() as u64 {
-            return Err(BundleError::Corrupt(format!("{} bytes of trailing data after the bundle", b.len() as u64 - total_len)));
+            return Err(BundleError::Corrupt(format!(
+                "{} bytes of trailing data after the bundle",
+                b.len() as u64 - total_len
+            )));
         }
         let signed = flags & FLAG_SIGNED != 0;
         let manifest_start = HEADER_LEN + if signed { SIGNATURE_BLOCK_LEN } else { 0 };
@@ -336,7 +347,8 @@ impl Bundle {
         if signed {
             let pk: [u8; 32] = b[HEADER_LEN..HEADER_LEN + 32].try_into().unwrap();
             let sig: [u8; 64] = b[HEADER_LEN + 32..HEADER_LEN + 96].try_into().unwrap();
-            let embedded = PublicKey::from_bytes(&pk).map_err(|_| BundleError::Signature("embedded public key is invalid".into()))?;
+            let embedded = PublicKey::from_bytes(&pk)
+                .map_err(|_| BundleError::Signature("embedded public key is invalid".into()))?;
             if let Some(want) = &opts.key
                 && want != &embedded
             {
@@ -354,10 +366,14 @@ impl Bundle {
             trusted = opts.key.is_some();
             signer = Some(embedded);
         } else if let Some(want) = &opts.key {
-            return Err(BundleError::Signature(format!("bundle is not signed, but key {} was required", want.key_id())));
+            return Err(BundleError::Signature(format!(
+                "bundle is not signed, but key {} was required",
+                want.key_id()
+            )));
         }
 
-        let manifest: Manifest = serde_json::from_slice(manifest_bytes).map_err(|e| BundleError::Manifest(e.to_string()))?;
+        let manifest: Manifest =
+            serde_json::from_slice(manifest_bytes).map_err(|e| BundleError::Manifest(e.to_string()))?;
         if manifest.format != "edgepack" {
             return Err(BundleError::Manifest(format!("format is `{}`, expected `edgepack`", manifest.format)));
         }
@@ -408,7 +424,8 @@ impl Bundle {
     /// Labels, one per line, if the bundle has any.
     pub fn labels(&self) -> Result<Option<Vec<String>>, BundleError> {
         let Some(p) = &self.manifest.labels else { return Ok(None) };
-        let text = std::str::from_utf8(self.member(p)?).map_err(|_| BundleError::Manifest("labels are not UTF-8".into()))?;
+        let text =
+            std::str::from_utf8(self.member(p)?).map_err(|_| BundleError::Manifest("labels are not UTF-8".into()))?;
         Ok(Some(text.lines().map(|l| l.trim_end_matches('\r').to_string()).collect()))
     }
 
@@ -433,7 +450,10 @@ fn check_layout(m: &Manifest, data_start: u64, total_len: u64) -> Result<(), Bun
             return Err(BundleError::Corrupt(format!("member `{}` has an invalid offset {}", mem.path, mem.offset)));
         }
         if end > total_len {
-            return Err(BundleError::Truncated(format!("member `{}` ends at {end}, past the end of the file", mem.path)));
+            return Err(BundleError::Truncated(format!(
+                "member `{}` ends at {end}, past the end of the file",
+                mem.path
+            )));
         }
         if mem.sha256.len() != 64 || !mem.sha256.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
             return Err(BundleError::Manifest(format!("member `{}` has a malformed sha256", mem.path)));

@@ -13,6 +13,13 @@ use crate::{Error, Result};
 
 type Plan = Arc<TypedRunnableModel>;
 
+/// Optimised plans by concrete input shapes, oldest first in `order`.
+#[derive(Default)]
+struct PlanCache {
+    map: HashMap<Vec<Vec<usize>>, Plan>,
+    order: Vec<Vec<Vec<usize>>>,
+}
+
 /// Plans kept per model; a new shape beyond this evicts the oldest.
 const MAX_PLANS: usize = 8;
 pub const TRACT_VERSION: &str = "0.23.9";
@@ -22,7 +29,7 @@ pub struct CpuBackend {
     input_dtypes: Vec<DatumType>,
     threads: usize,
     options: RunOptions,
-    plans: Mutex<(HashMap<Vec<Vec<usize>>, Plan>, Vec<Vec<Vec<usize>>>)>,
+    plans: Mutex<PlanCache>,
 }
 
 fn backend_err(e: impl std::fmt::Display) -> Error {
@@ -85,30 +92,26 @@ impl CpuBackend {
             input_dtypes: input_dtypes.iter().map(|&d| to_datum(d)).collect(),
             threads,
             options,
-            plans: Mutex::new((HashMap::new(), Vec::new())),
+            plans: Mutex::new(PlanCache::default()),
         })
     }
 
     fn plan(&self, shapes: &[Vec<usize>]) -> Result<Plan> {
-        if let Some(p) = self.plans.lock().map_err(|_| backend_err("plan cache poisoned"))?.0.get(shapes) {
+        if let Some(p) = self.plans.lock().map_err(|_| backend_err("plan cache poisoned"))?.map.get(shapes) {
             return Ok(p.clone());
         }
         let mut m = self.model.clone();
         for (i, (shape, dt)) in shapes.iter().zip(&self.input_dtypes).enumerate() {
             m = m.with_input_fact(i, Fact::dt_shape(*dt, shape.clone())).map_err(tract_err)?;
         }
-        let plan = m
-            .into_optimized()
-            .and_then(|t| t.into_runnable_with_options(&self.options))
-            .map_err(tract_err)?;
+        let plan = m.into_optimized().and_then(|t| t.into_runnable_with_options(&self.options)).map_err(tract_err)?;
         let mut cache = self.plans.lock().map_err(|_| backend_err("plan cache poisoned"))?;
-        let (map, order) = &mut *cache;
-        if map.len() >= MAX_PLANS {
-            let oldest = order.remove(0);
-            map.remove(&oldest);
+        if cache.map.len() >= MAX_PLANS {
+            let oldest = cache.order.remove(0);
+            cache.map.remove(&oldest);
         }
-        map.insert(shapes.to_vec(), plan.clone());
-        order.push(shapes.to_vec());
+        cache.map.insert(shapes.to_vec(), plan.clone());
+        cache.order.push(shapes.to_vec());
         Ok(plan)
     }
 }
@@ -132,7 +135,9 @@ fn from_tract(t: &Tensor) -> Result<ETensor> {
     let shape = t.shape().to_vec();
     macro_rules! take {
         ($ty:ty, $variant:ident) => {
-            TensorData::$variant(t.try_as_plain_ram().and_then(|v| v.as_slice::<$ty>().map(|s| s.to_vec())).map_err(tract_err)?)
+            TensorData::$variant(
+                t.try_as_plain_ram().and_then(|v| v.as_slice::<$ty>().map(|s| s.to_vec())).map_err(tract_err)?,
+            )
         };
     }
     let dt = t.datum_type();
@@ -156,7 +161,9 @@ fn from_tract(t: &Tensor) -> Result<ETensor> {
         // Other numeric types (u16, i16, u32, quantized...) are widened to f32.
         {
             let c = t.cast_to::<f32>().map_err(tract_err)?;
-            TensorData::F32(c.try_as_plain_ram().and_then(|v| v.as_slice::<f32>().map(|s| s.to_vec())).map_err(tract_err)?)
+            TensorData::F32(
+                c.try_as_plain_ram().and_then(|v| v.as_slice::<f32>().map(|s| s.to_vec())).map_err(tract_err)?,
+            )
         }
     } else {
         return Err(backend_err(format!("output of type {dt:?} is not supported")));
@@ -180,7 +187,8 @@ impl Backend for CpuBackend {
     fn run(&self, inputs: Vec<ETensor>) -> Result<Vec<ETensor>> {
         let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
         let plan = self.plan(&shapes)?;
-        let values: TVec<TValue> = inputs.into_iter().map(|t| to_tract(t).map(|t| t.into_tvalue())).collect::<Result<_>>()?;
+        let values: TVec<TValue> =
+            inputs.into_iter().map(|t| to_tract(t).map(|t| t.into_tvalue())).collect::<Result<_>>()?;
         let outputs = plan.run(values).map_err(tract_err)?;
         outputs.iter().map(|o| from_tract(o)).collect()
     }

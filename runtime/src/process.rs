@@ -212,7 +212,11 @@ impl ImagePreprocess {
     pub fn apply(&self, img: &DynamicImage) -> Result<Tensor> {
         self.validate()?;
         let c = self.channels();
-        let (w, h, pixels) = if c == 1 { (img.width(), img.height(), to_gray(img)) } else { (img.width(), img.height(), img.to_rgb8().into_raw()) };
+        let (w, h, pixels) = if c == 1 {
+            (img.width(), img.height(), to_gray(img))
+        } else {
+            (img.width(), img.height(), img.to_rgb8().into_raw())
+        };
         let (w, h, pixels) = self.resize_pixels(w, h, pixels, c)?;
         let n = (w * h) as usize;
         let mut out = vec![0f32; n * c];
@@ -238,7 +242,9 @@ impl ImagePreprocess {
     fn resize_pixels(&self, w: u32, h: u32, pixels: Vec<u8>, c: usize) -> Result<(u32, u32, Vec<u8>)> {
         match self.resize {
             Resize::None => Ok((w, h, pixels)),
-            Resize::Stretch { width, height } => Ok((width, height, resize(w, h, pixels, c, width, height, self.interpolation)?)),
+            Resize::Stretch { width, height } => {
+                Ok((width, height, resize(w, h, pixels, c, width, height, self.interpolation)?))
+            }
             Resize::ShorterSideCrop { shorter_side, crop_width, crop_height } => {
                 let r = shorter_side as f64 / w.min(h) as f64;
                 // Python's round() is round-half-to-even; match it for identical sizes.
@@ -479,7 +485,8 @@ pub fn display_label(line: &str) -> &str {
 
 /// Softmax in f64 for stability; `auto` leaves already-normalised outputs alone.
 pub fn softmax(scores: &[f32], mode: Softmax) -> Vec<f32> {
-    let already = scores.iter().all(|&s| s >= 0.0) && (scores.iter().map(|&s| s as f64).sum::<f64>() - 1.0).abs() < 1e-3;
+    let already =
+        scores.iter().all(|&s| s >= 0.0) && (scores.iter().map(|&s| s as f64).sum::<f64>() - 1.0).abs() < 1e-3;
     if mode == Softmax::Never || (mode == Softmax::Auto && already) {
         return scores.to_vec();
     }
@@ -498,10 +505,16 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
 }
 
 /// Classification of each batch row of `scores` (shape [B, C, ...1]).
-pub fn classify(scores: &Tensor, softmax_mode: Softmax, k: usize, label_offset: usize, labels: Option<&[String]>) -> Result<Vec<Vec<ClassScore>>> {
+pub fn classify(
+    scores: &Tensor,
+    softmax_mode: Softmax,
+    k: usize,
+    label_offset: usize,
+    labels: Option<&[String]>,
+) -> Result<Vec<Vec<ClassScore>>> {
     let batch = scores.shape().first().copied().unwrap_or(1).max(1);
     let all = scores.to_f32_vec();
-    if all.len() % batch != 0 || all.len() / batch <= label_offset {
+    if !all.len().is_multiple_of(batch) || all.len() / batch <= label_offset {
         return Err(Error::Processing(format!("scores of shape {:?} cannot be classified", scores.shape())));
     }
     let per = all.len() / batch;
@@ -654,7 +667,15 @@ mod tests {
         assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert_eq!(softmax(&[0.2, 0.8], Softmax::Auto), vec![0.2, 0.8]);
         assert_eq!(top_k(&[0.1, 0.7, 0.2], 2), vec![1, 2]);
-        let d = |s: f32, x: f32| Detection { class_index: 1, label: None, score: s, x1: x, y1: 0.0, x2: x + 10.0, y2: 10.0 };
+        let d = |s: f32, x: f32| Detection {
+            class_index: 1,
+            label: None,
+            score: s,
+            x1: x,
+            y1: 0.0,
+            x2: x + 10.0,
+            y2: 10.0,
+        };
         let kept = nms(vec![d(0.9, 0.0), d(0.8, 1.0), d(0.7, 50.0)], 0.3, 10);
         assert_eq!(kept.len(), 2);
         assert_eq!(display_label("n01440764 tench, Tinca tinca"), "tench, Tinca tinca");

@@ -57,7 +57,13 @@ impl IoInfo {
             .enumerate()
             .map(|(i, d)| match d {
                 Dim::Fixed(n) => *n,
-                Dim::Symbolic(_) => if i == 0 { batch } else { 1 },
+                Dim::Symbolic(_) => {
+                    if i == 0 {
+                        batch
+                    } else {
+                        1
+                    }
+                }
             })
             .collect()
     }
@@ -65,6 +71,16 @@ impl IoInfo {
     fn spec(&self) -> TensorSpec {
         TensorSpec { name: self.name.clone(), dtype: self.dtype, shape: self.shape.clone() }
     }
+}
+
+/// Images decoded and pre-processed into one batched input.
+#[derive(Debug, Clone)]
+pub struct ImageBatch {
+    /// Model input the tensor feeds.
+    pub input: String,
+    pub tensor: Tensor,
+    /// (width, height) of each original image, for mapping boxes back.
+    pub sizes: Vec<(u32, u32)>,
 }
 
 /// Where a bundle-backed session came from.
@@ -154,11 +170,15 @@ impl Session {
             f.read(&mut head).map_err(|e| Error::io(path, e))?
         };
         if is_bundle(&head[..n]) {
-            let bundle = Bundle::open(path, &OpenOptions { key: opts.key.clone(), max_bundle_size: opts.max_bundle_size })?;
+            let bundle =
+                Bundle::open(path, &OpenOptions { key: opts.key.clone(), max_bundle_size: opts.max_bundle_size })?;
             Session::from_bundle(bundle, opts)
         } else {
             if opts.key.is_some() {
-                return Err(crate::bundle::BundleError::Signature("a bare .onnx file cannot be signature-checked; pack it into a signed bundle".into()).into());
+                return Err(crate::bundle::BundleError::Signature(
+                    "a bare .onnx file cannot be signature-checked; pack it into a signed bundle".into(),
+                )
+                .into());
             }
             let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
             Session::from_onnx_bytes(&bytes, opts)
@@ -168,7 +188,10 @@ impl Session {
     /// Loads ONNX bytes (or bundle bytes, detected by their magic).
     pub fn from_bytes(bytes: &[u8], opts: &SessionOptions) -> Result<Session> {
         if is_bundle(bytes) {
-            let bundle = Bundle::from_bytes(bytes.to_vec(), &OpenOptions { key: opts.key.clone(), max_bundle_size: opts.max_bundle_size })?;
+            let bundle = Bundle::from_bytes(
+                bytes.to_vec(),
+                &OpenOptions { key: opts.key.clone(), max_bundle_size: opts.max_bundle_size },
+            )?;
             Session::from_bundle(bundle, opts)
         } else {
             Session::from_onnx_bytes(bytes, opts)
@@ -185,7 +208,10 @@ impl Session {
         let (inputs, outputs) = io_infos(model);
         for i in &inputs {
             if i.dtype.is_none() {
-                return Err(Error::MalformedModel(format!("input `{}` has a type the runtime does not support", i.name)));
+                return Err(Error::MalformedModel(format!(
+                    "input `{}` has a type the runtime does not support",
+                    i.name
+                )));
             }
         }
         let threads = if opts.threads == 0 { default_threads() } else { opts.threads };
@@ -329,12 +355,14 @@ impl Session {
     fn image_preprocess(&self) -> Result<&process::ImagePreprocess> {
         match self.preprocess() {
             Some(Preprocess::Image(p)) => Ok(p),
-            None => Err(Error::Processing("this model has no image pre-processing; pack it with one (e.g. --preset)".into())),
+            None => Err(Error::Processing(
+                "this model has no image pre-processing; pack it with one (e.g. --preset)".into(),
+            )),
         }
     }
 
-    /// Decodes and pre-processes images with the bundle's recipe; returns (input name, batched tensor, sizes).
-    pub fn image_input(&self, images: &[&[u8]]) -> Result<(String, Tensor, Vec<(u32, u32)>)> {
+    /// Decodes and pre-processes images with the bundle's recipe into one batch.
+    pub fn image_input(&self, images: &[&[u8]]) -> Result<ImageBatch> {
         let p = self.image_preprocess()?;
         let mut tensors = Vec::with_capacity(images.len());
         let mut sizes = Vec::with_capacity(images.len());
@@ -344,7 +372,7 @@ impl Session {
             tensors.push(p.apply(&img)?);
         }
         let name = p.input.clone().or_else(|| self.inputs.first().map(|i| i.name.clone())).unwrap_or_default();
-        Ok((name, process::stack(&tensors)?, sizes))
+        Ok(ImageBatch { input: name, tensor: process::stack(&tensors)?, sizes })
     }
 
     fn output<'a>(&self, outs: &'a [(String, Tensor)], name: Option<&str>) -> Result<&'a Tensor> {
@@ -358,7 +386,9 @@ impl Session {
     /// Top-k classes of each raw output row, using the bundle's post-processing (or softmax + top-5).
     pub fn classify_outputs(&self, outs: &[(String, Tensor)], top_k: Option<usize>) -> Result<Vec<Vec<ClassScore>>> {
         let (output, softmax, k, offset) = match self.postprocess() {
-            Some(Postprocess::Classification { output, softmax, top_k, label_offset }) => (output.as_deref(), *softmax, *top_k, *label_offset),
+            Some(Postprocess::Classification { output, softmax, top_k, label_offset }) => {
+                (output.as_deref(), *softmax, *top_k, *label_offset)
+            }
             Some(other) => return Err(Error::Processing(format!("this model is not a classifier ({other:?})"))),
             None => (None, process::Softmax::Auto, 5, 0),
         };
@@ -367,34 +397,39 @@ impl Session {
 
     /// Classifies encoded images (JPEG/PNG) in one batch.
     pub fn classify_images(&self, images: &[&[u8]], top_k: Option<usize>) -> Result<Vec<Vec<ClassScore>>> {
-        let (name, x, _) = self.image_input(images)?;
-        let outs = self.run(vec![(name, x)])?;
+        let batch = self.image_input(images)?;
+        let outs = self.run(vec![(batch.input, batch.tensor)])?;
         self.classify_outputs(&outs, top_k)
     }
 
     /// Detections from raw outputs, scaled to `image_size` (width, height).
     pub fn detections_from_outputs(&self, outs: &[(String, Tensor)], image_size: (u32, u32)) -> Result<Vec<Detection>> {
         match self.postprocess() {
-            Some(Postprocess::SsdDetection { scores_output, boxes_output, classes, score_threshold, iou_threshold, max_detections }) => {
-                process::detect_ssd(
-                    self.output(outs, Some(scores_output))?,
-                    self.output(outs, Some(boxes_output))?,
-                    classes,
-                    *score_threshold,
-                    *iou_threshold,
-                    *max_detections,
-                    image_size,
-                    self.labels(),
-                )
-            }
+            Some(Postprocess::SsdDetection {
+                scores_output,
+                boxes_output,
+                classes,
+                score_threshold,
+                iou_threshold,
+                max_detections,
+            }) => process::detect_ssd(
+                self.output(outs, Some(scores_output))?,
+                self.output(outs, Some(boxes_output))?,
+                classes,
+                *score_threshold,
+                *iou_threshold,
+                *max_detections,
+                image_size,
+                self.labels(),
+            ),
             _ => Err(Error::Processing("this model has no detection post-processing".into())),
         }
     }
 
     /// Detects objects in one encoded image.
     pub fn detect_image(&self, image: &[u8]) -> Result<Vec<Detection>> {
-        let (name, x, sizes) = self.image_input(&[image])?;
-        let outs = self.run(vec![(name, x)])?;
-        self.detections_from_outputs(&outs, sizes[0])
+        let batch = self.image_input(&[image])?;
+        let outs = self.run(vec![(batch.input, batch.tensor)])?;
+        self.detections_from_outputs(&outs, batch.sizes[0])
     }
 }

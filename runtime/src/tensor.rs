@@ -142,8 +142,8 @@ impl Tensor {
 
     /// Builds a tensor from little-endian bytes (the layout used by the bindings and by .npy files).
     pub fn from_le_bytes(dtype: DType, shape: Vec<usize>, bytes: &[u8]) -> crate::Result<Tensor> {
-        let count = checked_count(&shape)
-            .ok_or_else(|| crate::Error::InvalidTensor(format!("shape {shape:?} overflows")))?;
+        let count =
+            checked_count(&shape).ok_or_else(|| crate::Error::InvalidTensor(format!("shape {shape:?} overflows")))?;
         let expected = count.checked_mul(dtype.size());
         if expected != Some(bytes.len()) {
             return Err(crate::Error::InvalidTensor(format!(

@@ -110,7 +110,10 @@ fn backend_errors_do_not_panic() {
 
 #[test]
 fn gpu_request_without_gpu_backend_is_a_typed_error() {
-    let e = Session::from_model(&tiny_classifier(), &SessionOptions { device: edgepack_runtime::Device::Gpu, ..opts() }).err().unwrap();
+    let e =
+        Session::from_model(&tiny_classifier(), &SessionOptions { device: edgepack_runtime::Device::Gpu, ..opts() })
+            .err()
+            .unwrap();
     assert!(matches!(e, Error::Backend { backend: "gpu", .. }), "{e}");
 }
 

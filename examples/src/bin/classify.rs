@@ -17,7 +17,8 @@ fn ensure_bundle(path: &Path) -> Result<()> {
         return Ok(());
     }
     let model = std::fs::read(format!("{ASSETS}/models/efficientnet_lite0_fp32.onnx"))?;
-    let labels: Vec<String> = std::fs::read_to_string(format!("{ASSETS}/models/imagenet_synsets.txt"))?.lines().map(str::to_string).collect();
+    let labels: Vec<String> =
+        std::fs::read_to_string(format!("{ASSETS}/models/imagenet_synsets.txt"))?.lines().map(str::to_string).collect();
     BundleBuilder::new("efficientnet_lite0", "1.0.0", Task::Classification)
         .preprocess(Preprocess::Image(ImagePreprocess::preset("tf", 224, 224)?))
         .postprocess(Postprocess::Classification { output: None, softmax: Softmax::Auto, top_k: 3, label_offset: 0 })
@@ -39,7 +40,10 @@ fn main() -> Result<()> {
     for path in &images {
         let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
         let top = session.classify_images(&[&bytes], None)?;
-        let best: Vec<String> = top[0].iter().map(|c| format!("{} ({:.1} %)", c.label.as_deref().unwrap_or("?"), c.score * 100.0)).collect();
+        let best: Vec<String> = top[0]
+            .iter()
+            .map(|c| format!("{} ({:.1} %)", c.label.as_deref().unwrap_or("?"), c.score * 100.0))
+            .collect();
         println!("{path}: {}", best.join("; "));
     }
     Ok(())

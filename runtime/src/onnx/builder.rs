@@ -1,7 +1,10 @@
 //! Helpers to build small ONNX graphs in code: initializers from data, typed value infos, whole models.
 //! Used by passes that insert tensors and by tests that need a model without files.
 use super::proto::{self, tensor_shape_proto::Dimension, tensor_shape_proto::dimension::Value as DimValue, type_proto};
-use super::{AttributeProto, Dim, GraphProto, Model, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TypeProto, ValueInfoProto};
+use super::{
+    AttributeProto, Dim, GraphProto, Model, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TypeProto,
+    ValueInfoProto,
+};
 
 /// An f32 initializer stored as raw little-endian bytes.
 pub fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
@@ -63,7 +66,12 @@ pub fn attr_float(name: &str, v: f32) -> AttributeProto {
 }
 
 /// Assembles a model (default opset 13, IR 7).
-pub fn model(nodes: Vec<NodeProto>, inputs: Vec<ValueInfoProto>, outputs: Vec<ValueInfoProto>, initializers: Vec<TensorProto>) -> Model {
+pub fn model(
+    nodes: Vec<NodeProto>,
+    inputs: Vec<ValueInfoProto>,
+    outputs: Vec<ValueInfoProto>,
+    initializers: Vec<TensorProto>,
+) -> Model {
     let proto = ModelProto {
         ir_version: Some(7),
         producer_name: Some("edgepack".into()),

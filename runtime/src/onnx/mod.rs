@@ -13,8 +13,8 @@ use std::collections::{HashMap, HashSet};
 
 use prost::Message;
 pub use proto::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TypeProto,
-    ValueInfoProto, tensor_proto::DataType,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TypeProto, ValueInfoProto,
+    tensor_proto::DataType,
 };
 
 use crate::tensor::DType;
@@ -137,7 +137,8 @@ pub struct Graph {
 impl Model {
     /// Decodes and checks a model. Never panics on malformed bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Model> {
-        let proto = ModelProto::decode(bytes).map_err(|e| Error::MalformedModel(format!("protobuf decode failed: {e}")))?;
+        let proto =
+            ModelProto::decode(bytes).map_err(|e| Error::MalformedModel(format!("protobuf decode failed: {e}")))?;
         let model = Model::from_proto(proto)?;
         model.check()?;
         Ok(model)
@@ -358,11 +359,12 @@ impl Graph {
         Ok(())
     }
 
-    fn defined_at_start<'a>(&'a self, outer: &HashSet<String>) -> HashSet<String> {
+    fn defined_at_start(&self, outer: &HashSet<String>) -> HashSet<String> {
         let mut defined: HashSet<String> = outer.clone();
         defined.extend(self.inputs.iter().filter_map(|v| v.name.clone()));
         defined.extend(self.initializers.iter().filter_map(|v| v.name.clone()));
-        defined.extend(self.rest.sparse_initializer.iter().filter_map(|s| s.values.as_ref().and_then(|v| v.name.clone())));
+        defined
+            .extend(self.rest.sparse_initializer.iter().filter_map(|s| s.values.as_ref().and_then(|v| v.name.clone())));
         defined.insert(String::new());
         defined
     }
@@ -381,7 +383,10 @@ impl Graph {
                 if let Some(&p) = prods.get(v.as_str()) {
                     if p == i {
                         if !defined.contains(&v) {
-                            return Err(Error::MalformedModel(format!("node `{}` reads its own output `{v}`", node.name())));
+                            return Err(Error::MalformedModel(format!(
+                                "node `{}` reads its own output `{v}`",
+                                node.name()
+                            )));
                         }
                         continue;
                     }
@@ -410,7 +415,8 @@ impl Graph {
             }
         }
         if order.len() != n {
-            let stuck = (0..n).find(|&i| remaining[i] > 0).map(|i| self.nodes[i].name().to_string()).unwrap_or_default();
+            let stuck =
+                (0..n).find(|&i| remaining[i] > 0).map(|i| self.nodes[i].name().to_string()).unwrap_or_default();
             return Err(Error::MalformedModel(format!("the graph has a cycle (through node `{stuck}`)")));
         }
         Ok(order)
@@ -520,11 +526,11 @@ fn collect_subgraph_refs(node: &NodeProto, out: &mut HashSet<String>) {
 /// Byte size of one element for fixed-size ONNX types (None for strings and unknown codes).
 fn onnx_elem_size(code: i32) -> Option<u64> {
     Some(match code {
-        1 | 6 | 12 => 4,             // float, int32, uint32
-        2 | 3 | 9 | 17..=20 => 1,    // uint8, int8, bool, float8 variants
-        4 | 5 | 10 | 16 => 2,        // uint16, int16, float16, bfloat16
-        7 | 11 | 13 | 14 => 8,       // int64, double, uint64, complex64
-        15 => 16,                    // complex128
+        1 | 6 | 12 => 4,          // float, int32, uint32
+        2 | 3 | 9 | 17..=20 => 1, // uint8, int8, bool, float8 variants
+        4 | 5 | 10 | 16 => 2,     // uint16, int16, float16, bfloat16
+        7 | 11 | 13 | 14 => 8,    // int64, double, uint64, complex64
+        15 => 16,                 // complex128
         _ => return None,
     })
 }
@@ -558,7 +564,8 @@ fn check_tensor(t: &TensorProto) -> Result<()> {
         }
         return Ok(());
     }
-    let typed = t.float_data.len() + t.int32_data.len() + t.int64_data.len() + t.double_data.len() + t.uint64_data.len();
+    let typed =
+        t.float_data.len() + t.int32_data.len() + t.int64_data.len() + t.double_data.len() + t.uint64_data.len();
     // Complex types store 2 numbers per element; everything else one.
     let per = if code == 14 || code == 15 { 2 } else { 1 };
     if typed as u64 != count * per && !(typed == 0 && count == 0) {

@@ -125,10 +125,25 @@ fn subgraph_outer_references_count_as_uses() {
         ..Default::default()
     };
     let mut m = tiny_classifier();
-    m.graph.initializers.push(TensorProto { name: Some("cond".into()), data_type: Some(9), raw_data: Some(vec![1]), ..Default::default() });
+    m.graph.initializers.push(TensorProto {
+        name: Some("cond".into()),
+        data_type: Some(9),
+        raw_data: Some(vec![1]),
+        ..Default::default()
+    });
     let mut iff = node("If", "if", &["cond"], &["z"], vec![]);
-    iff.attribute.push(AttributeProto { name: Some("then_branch".into()), r#type: Some(5), g: Some(branch("then")), ..Default::default() });
-    iff.attribute.push(AttributeProto { name: Some("else_branch".into()), r#type: Some(5), g: Some(branch("else")), ..Default::default() });
+    iff.attribute.push(AttributeProto {
+        name: Some("then_branch".into()),
+        r#type: Some(5),
+        g: Some(branch("then")),
+        ..Default::default()
+    });
+    iff.attribute.push(AttributeProto {
+        name: Some("else_branch".into()),
+        r#type: Some(5),
+        g: Some(branch("else")),
+        ..Default::default()
+    });
     m.graph.nodes.insert(0, iff);
     m.graph.topo_sort().unwrap();
     let pos_if = m.graph.node_by_name("if").unwrap();
