@@ -27,6 +27,9 @@ pub struct BenchArgs {
     /// Concrete shape for an input: NAME=1,3,224,224 (needed for symbolic dims other than the batch)
     #[arg(long = "shape", value_name = "NAME=DIMS")]
     shapes: Vec<String>,
+    /// Also time every operation and print the time per op type
+    #[arg(long)]
+    profile: bool,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -112,6 +115,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     let wall = all.elapsed().as_secs_f64();
     times.sort_by(f64::total_cmp);
+    let profile = if a.profile { Some(s.profile(feeds.clone(), a.runs.min(20))?) } else { None };
     let res = json!({
         "model": a.model,
         "variant": s.bundle().map(|b| b.variant.clone()),
@@ -127,6 +131,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "mean_ms": times.iter().sum::<f64>() / times.len() as f64,
         "throughput_per_s": (batch * a.runs) as f64 / wall,
         "peak_rss_mb": peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
+        "profile": profile,
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&res)?);
@@ -144,6 +149,19 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         println!("  throughput  {:.1} samples/s", res["throughput_per_s"].as_f64().unwrap_or(0.0));
         if let Some(mb) = res["peak_rss_mb"].as_f64() {
             println!("  peak RSS    {mb:.0} MiB");
+        }
+        if let Some(p) = &profile {
+            let total: f64 = p.iter().map(|o| o.ms_per_run).sum();
+            println!("  profile (time per op type, mean of {} runs, {total:.2} ms in ops)", a.runs.min(20));
+            for o in p {
+                println!(
+                    "    {:<28} {:>4}×  {:>8.3} ms  {:>5.1} %",
+                    o.op,
+                    o.count,
+                    o.ms_per_run,
+                    100.0 * o.ms_per_run / total
+                );
+            }
         }
     }
     Ok(())

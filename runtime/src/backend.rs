@@ -38,4 +38,20 @@ pub trait Backend: Send + Sync {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>>;
     /// Prepares execution for these concrete input shapes ahead of time (plans, shaders).
     fn prepare(&self, shapes: &[Vec<usize>]) -> Result<()>;
+    /// Runs the model `runs` times, timing each executed operation; returns totals per op type.
+    fn profile(&self, inputs: Vec<Tensor>, runs: usize) -> Result<Vec<OpTime>> {
+        let _ = (inputs, runs);
+        Err(crate::Error::Backend { backend: "profile", message: format!("{} cannot profile", self.describe()) })
+    }
+}
+
+/// Time spent in one kind of operation, summed over a profile's runs.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct OpTime {
+    /// The backend's name for the operation (for tract: the optimised op, e.g. `OptMatMul`, `DepthWise`).
+    pub op: String,
+    /// Executions per run.
+    pub count: usize,
+    /// Mean milliseconds per run.
+    pub ms_per_run: f64,
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::InferenceFact as Fact;
 
-use crate::backend::{Backend, BackendKind};
+use crate::backend::{Backend, BackendKind, OpTime};
 use crate::onnx::{Model, NodeExt, NodeProto};
 use crate::tensor::{DType as EDType, Tensor as ETensor, TensorData};
 use crate::{Error, Result};
@@ -182,6 +182,36 @@ impl Backend for CpuBackend {
 
     fn prepare(&self, shapes: &[Vec<usize>]) -> Result<()> {
         self.plan(shapes).map(|_| ())
+    }
+
+    fn profile(&self, inputs: Vec<ETensor>, runs: usize) -> Result<Vec<OpTime>> {
+        let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+        let plan = self.plan(&shapes)?;
+        let values: TVec<TValue> =
+            inputs.into_iter().map(|t| to_tract(t).map(|t| t.into_tvalue())).collect::<Result<_>>()?;
+        let mut totals: HashMap<String, (usize, std::time::Duration)> = HashMap::new();
+        let runs = runs.max(1);
+        let executor = self.options.executor.clone().unwrap_or_default();
+        for _ in 0..runs {
+            let mut state = plan.spawn().map_err(tract_err)?;
+            tract_linalg::multithread::multithread_tract_scope(executor.clone(), || {
+                state.run_plan_with_eval(values.clone(), |ctx, op_state, node, ins| {
+                    let t = std::time::Instant::now();
+                    let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, ins);
+                    let e = totals.entry(node.op().name().to_string()).or_default();
+                    e.0 += 1;
+                    e.1 += t.elapsed();
+                    r
+                })
+            })
+            .map_err(tract_err)?;
+        }
+        let mut out: Vec<OpTime> = totals
+            .into_iter()
+            .map(|(op, (n, d))| OpTime { op, count: n / runs, ms_per_run: d.as_secs_f64() * 1e3 / runs as f64 })
+            .collect();
+        out.sort_by(|a, b| b.ms_per_run.total_cmp(&a.ms_per_run));
+        Ok(out)
     }
 
     fn run(&self, inputs: Vec<ETensor>) -> Result<Vec<ETensor>> {

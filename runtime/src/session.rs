@@ -343,6 +343,12 @@ impl Session {
         Ok(self.outputs.iter().map(|o| o.name.clone()).zip(outs).collect())
     }
 
+    /// Per-op-type timings of `runs` executions on these inputs (see [`crate::backend::OpTime`]).
+    pub fn profile(&self, inputs: Vec<(String, Tensor)>, runs: usize) -> Result<Vec<crate::backend::OpTime>> {
+        let ordered = self.order_inputs(inputs)?;
+        no_panic("profiling the model", || self.backend.profile(ordered, runs))
+    }
+
     /// Runs a single-input model.
     pub fn run_one(&self, input: Tensor) -> Result<Vec<(String, Tensor)>> {
         let name = match self.inputs.as_slice() {

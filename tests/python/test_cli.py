@@ -119,6 +119,16 @@ def test_bench_reports_every_figure(binary):
     for k in ["load_ms", "first_run_ms", "p50_ms", "p90_ms", "p99_ms", "throughput_per_s", "peak_rss_mb"]:
         assert r[k] > 0, k
     assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+    assert r["profile"] is None
+
+
+def test_bench_profile_times_every_op_type(binary):
+    r = json.loads(ep("bench", MNIST, "--runs", "10", "--threads", "1", "--profile", "--json").stdout)
+    ops = {o["op"]: o for o in r["profile"]}
+    assert ops, r
+    assert all(o["count"] >= 1 and o["ms_per_run"] >= 0 for o in ops.values())
+    # The op times add up to no more than a whole run (plus timer slack).
+    assert sum(o["ms_per_run"] for o in ops.values()) <= r["p99_ms"] * 1.5 + 0.5
 
 
 def test_demo_runs_offline_from_the_embedded_model(binary, tmp_path):
@@ -127,3 +137,19 @@ def test_demo_runs_offline_from_the_embedded_model(binary, tmp_path):
     assert (tmp_path / "demo" / "efficientnet_lite0.edgepack").exists()
     r = ep("verify", tmp_path / "demo" / "efficientnet_lite0.edgepack", "--key", tmp_path / "demo" / "demo.pub")
     assert "trusted" in r.stdout
+
+
+def test_eval_on_class_folders_matched_by_label_or_wnid(binary, tmp_path):
+    b = tmp_path / "effnet.edgepack"
+    ep("pack", os.path.join(ASSETS, "models", "efficientnet_lite0_fp32.onnx"), "-o", b, "--preset", "tf",
+       "--labels", os.path.join(ASSETS, "models", "imagenet_synsets.txt"))
+    photos = os.path.join(ASSETS, "photos")
+    for layout in [{"espresso": "skimage_coffee.png", "tiger cat": "skimage_chelsea.png"},
+                   {"n07920052": "skimage_coffee.png", "n02123159": "skimage_chelsea.png"}]:
+        root = tmp_path / ("data_" + next(iter(layout)))
+        for cls, photo in layout.items():
+            (root / cls).mkdir(parents=True)
+            os.symlink(os.path.join(photos, photo), root / cls / photo)
+        r = json.loads(ep("eval", b, root, "--json").stdout)
+        assert r["samples"] == 2
+        assert r["top1"] == 1.0, r
