@@ -191,6 +191,9 @@ pub struct RunArgs {
     /// Print output tensors instead of the bundle's post-processing
     #[arg(long)]
     raw: bool,
+    /// Return this graph value (an intermediate activation) instead of the model outputs; repeatable
+    #[arg(long = "value", value_name = "NAME")]
+    values: Vec<String>,
     /// Write each output tensor as <DIR>/<name>.npy
     #[arg(long)]
     output_dir: Option<PathBuf>,
@@ -290,7 +293,10 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     // Several images on a model with a fixed batch of 1: one call per image, outputs stacked row-wise.
     let t0 = Instant::now();
-    let outs = if images.len() > 1 && !s.accepts_batch() && feeds.len() == 1 {
+    let outs = if !a.values.is_empty() {
+        let names: Vec<&str> = a.values.iter().map(String::as_str).collect();
+        s.run_values(feeds, &names)?
+    } else if images.len() > 1 && !s.accepts_batch() && feeds.len() == 1 {
         let (name, x) = feeds.remove(0);
         let per = x.len() / images.len();
         let mut rows: Vec<Vec<(String, Tensor)>> = Vec::new();
@@ -321,13 +327,14 @@ pub fn run(a: RunArgs) -> Result<()> {
         }
     }
     let backend = s.backend_description();
+    let raw = a.raw || !a.values.is_empty();
     let detector = matches!(s.postprocess(), Some(Postprocess::SsdDetection { .. }));
-    let classifier = !a.raw
+    let classifier = !raw
         && !detector
         && (!images.is_empty()
             || a.top_k.is_some()
             || matches!(s.postprocess(), Some(Postprocess::Classification { .. })));
-    if !a.raw && detector && !sizes.is_empty() {
+    if !raw && detector && !sizes.is_empty() {
         let dets = s.detections_from_outputs(&outs, sizes[0])?;
         if a.json {
             println!(

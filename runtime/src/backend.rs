@@ -36,6 +36,16 @@ pub trait Backend: Send + Sync {
     /// Runs the model. `inputs` are in model input order and already validated against the declared
     /// names, dtypes and fixed dimensions. Returns outputs in model output order.
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>>;
+    /// Runs the model and returns the named values instead of the model outputs: any value of the graph
+    /// (intermediate activations for calibration and per-layer error), in the order asked. Names are checked
+    /// by the session beforehand.
+    fn run_values(&self, inputs: Vec<Tensor>, values: &[String]) -> Result<Vec<Tensor>> {
+        let _ = (inputs, values);
+        Err(crate::Error::Backend {
+            backend: "values",
+            message: format!("{} cannot expose intermediate values", self.describe()),
+        })
+    }
     /// Prepares execution for these concrete input shapes ahead of time (plans, shaders).
     fn prepare(&self, shapes: &[Vec<usize>]) -> Result<()>;
     /// Runs the model `runs` times, timing each executed operation; returns totals per op type.

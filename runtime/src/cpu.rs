@@ -13,11 +13,14 @@ use crate::{Error, Result};
 
 type Plan = Arc<TypedRunnableModel>;
 
-/// Optimised plans by concrete input shapes, oldest first in `order`.
+/// A plan is built for concrete input shapes and a set of outputs (empty: the model's own).
+type PlanKey = (Vec<Vec<usize>>, Vec<String>);
+
+/// Optimised plans by key, oldest first in `order`.
 #[derive(Default)]
 struct PlanCache {
-    map: HashMap<Vec<Vec<usize>>, Plan>,
-    order: Vec<Vec<Vec<usize>>>,
+    map: HashMap<PlanKey, Plan>,
+    order: Vec<PlanKey>,
 }
 
 /// Plans kept per model; a new shape beyond this evicts the oldest.
@@ -96,13 +99,17 @@ impl CpuBackend {
         })
     }
 
-    fn plan(&self, shapes: &[Vec<usize>]) -> Result<Plan> {
-        if let Some(p) = self.plans.lock().map_err(|_| backend_err("plan cache poisoned"))?.map.get(shapes) {
+    fn plan(&self, shapes: &[Vec<usize>], outputs: &[String]) -> Result<Plan> {
+        let key: PlanKey = (shapes.to_vec(), outputs.to_vec());
+        if let Some(p) = self.plans.lock().map_err(|_| backend_err("plan cache poisoned"))?.map.get(&key) {
             return Ok(p.clone());
         }
         let mut m = self.model.clone();
         for (i, (shape, dt)) in shapes.iter().zip(&self.input_dtypes).enumerate() {
             m = m.with_input_fact(i, Fact::dt_shape(*dt, shape.clone())).map_err(tract_err)?;
+        }
+        if !outputs.is_empty() {
+            m = m.with_outputs_by_name(outputs).map_err(tract_err)?;
         }
         let plan = m.into_optimized().and_then(|t| t.into_runnable_with_options(&self.options)).map_err(tract_err)?;
         let mut cache = self.plans.lock().map_err(|_| backend_err("plan cache poisoned"))?;
@@ -110,9 +117,18 @@ impl CpuBackend {
             let oldest = cache.order.remove(0);
             cache.map.remove(&oldest);
         }
-        cache.map.insert(shapes.to_vec(), plan.clone());
-        cache.order.push(shapes.to_vec());
+        cache.map.insert(key.clone(), plan.clone());
+        cache.order.push(key);
         Ok(plan)
+    }
+
+    fn execute(&self, inputs: Vec<ETensor>, outputs: &[String]) -> Result<Vec<ETensor>> {
+        let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+        let plan = self.plan(&shapes, outputs)?;
+        let values: TVec<TValue> =
+            inputs.into_iter().map(|t| to_tract(t).map(|t| t.into_tvalue())).collect::<Result<_>>()?;
+        let outs = plan.run(values).map_err(tract_err)?;
+        outs.iter().map(|o| from_tract(o)).collect()
     }
 }
 
@@ -181,12 +197,12 @@ impl Backend for CpuBackend {
     }
 
     fn prepare(&self, shapes: &[Vec<usize>]) -> Result<()> {
-        self.plan(shapes).map(|_| ())
+        self.plan(shapes, &[]).map(|_| ())
     }
 
     fn profile(&self, inputs: Vec<ETensor>, runs: usize) -> Result<Vec<OpTime>> {
         let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
-        let plan = self.plan(&shapes)?;
+        let plan = self.plan(&shapes, &[])?;
         let values: TVec<TValue> =
             inputs.into_iter().map(|t| to_tract(t).map(|t| t.into_tvalue())).collect::<Result<_>>()?;
         let mut totals: HashMap<String, (usize, std::time::Duration)> = HashMap::new();
@@ -215,11 +231,10 @@ impl Backend for CpuBackend {
     }
 
     fn run(&self, inputs: Vec<ETensor>) -> Result<Vec<ETensor>> {
-        let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
-        let plan = self.plan(&shapes)?;
-        let values: TVec<TValue> =
-            inputs.into_iter().map(|t| to_tract(t).map(|t| t.into_tvalue())).collect::<Result<_>>()?;
-        let outputs = plan.run(values).map_err(tract_err)?;
-        outputs.iter().map(|o| from_tract(o)).collect()
+        self.execute(inputs, &[])
+    }
+
+    fn run_values(&self, inputs: Vec<ETensor>, values: &[String]) -> Result<Vec<ETensor>> {
+        self.execute(inputs, values)
     }
 }

@@ -25,6 +25,8 @@ pub enum Error {
     Backend { backend: &'static str, message: String },
     #[error("unknown input `{name}`; the model's inputs are: {expected}")]
     UnknownInput { name: String, expected: String },
+    #[error("no value `{name}` in the model (ask for graph inputs, node outputs or model outputs)")]
+    UnknownValue { name: String },
     #[error("missing input `{name}`")]
     MissingInput { name: String },
     #[error("input `{name}`: expected dtype {expected}, got {got}")]

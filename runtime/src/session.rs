@@ -97,6 +97,8 @@ pub struct BundleInfo {
 /// A loaded model ready to run.
 pub struct Session {
     backend: Box<dyn Backend>,
+    /// Every value name of the graph (inputs, initializers, node outputs), for checking requested values.
+    values: std::collections::HashSet<String>,
     inputs: Vec<IoInfo>,
     outputs: Vec<IoInfo>,
     model_summary: ModelSummary,
@@ -224,7 +226,11 @@ impl Session {
                 return Err(Error::Backend { backend: "gpu", message: "no GPU backend in this build".into() });
             }
         };
-        let session = Session { backend, inputs, outputs, model_summary: ModelSummary::of(model), bundle: None };
+        let mut values: std::collections::HashSet<String> =
+            model.graph.inputs.iter().filter_map(|v| v.name.clone()).collect();
+        values.extend(model.graph.nodes.iter().flat_map(|n| n.output.iter().filter(|o| !o.is_empty()).cloned()));
+        let session =
+            Session { backend, values, inputs, outputs, model_summary: ModelSummary::of(model), bundle: None };
         // Static models get their plan now, so the first run costs no compilation.
         if session.inputs.iter().all(|i| i.shape.iter().all(|d| matches!(d, Dim::Fixed(_)))) {
             let shapes: Vec<Vec<usize>> = session.inputs.iter().map(|i| i.concrete_shape(1)).collect();
@@ -341,6 +347,17 @@ impl Session {
         let ordered = self.order_inputs(inputs)?;
         let outs = no_panic("running the model", || self.backend.run(ordered))?;
         Ok(self.outputs.iter().map(|o| o.name.clone()).zip(outs).collect())
+    }
+
+    /// Runs the model and returns the named values (intermediate activations or outputs), in the order asked.
+    pub fn run_values(&self, inputs: Vec<(String, Tensor)>, values: &[&str]) -> Result<Vec<(String, Tensor)>> {
+        if let Some(bad) = values.iter().find(|v| !self.values.contains(**v)) {
+            return Err(Error::UnknownValue { name: bad.to_string() });
+        }
+        let ordered = self.order_inputs(inputs)?;
+        let names: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        let outs = no_panic("running the model", || self.backend.run_values(ordered, &names))?;
+        Ok(names.into_iter().zip(outs).collect())
     }
 
     /// Per-op-type timings of `runs` executions on these inputs (see [`crate::backend::OpTime`]).

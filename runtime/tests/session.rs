@@ -127,3 +127,22 @@ fn shipped_mnist_model_runs() {
     let e = s.run_one(Tensor::from_f32(vec![2, 1, 28, 28], vec![0.0; 1568]).unwrap()).unwrap_err();
     assert!(matches!(e, Error::InputShape { .. }));
 }
+
+#[test]
+fn intermediate_values_can_be_read() {
+    let s = Session::from_model(&tiny_classifier(), &opts()).unwrap();
+    let x: Vec<f32> = (0..8).map(|i| i as f32 - 4.0).collect();
+    let out = s.run_values(vec![("x".into(), Tensor::from_f32(vec![2, 4], x.clone()).unwrap())], &["h", "y"]).unwrap();
+    assert_eq!(out[0].0, "h");
+    let h = out[0].1.as_f32().unwrap();
+    let y = out[1].1.as_f32().unwrap();
+    // y = relu(h), and h has negative entries for this input: the pre-activation value really is exposed.
+    assert!(h.iter().any(|&v| v < 0.0));
+    for (a, b) in h.iter().zip(y) {
+        assert_eq!(a.max(0.0), *b);
+    }
+    assert_eq!(y, reference(&x).as_slice());
+    let e =
+        s.run_values(vec![("x".into(), Tensor::from_f32(vec![1, 4], vec![0.0; 4]).unwrap())], &["nope"]).unwrap_err();
+    assert!(matches!(e, Error::UnknownValue { .. }), "{e}");
+}

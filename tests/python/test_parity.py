@@ -37,3 +37,32 @@ def test_matches_onnxruntime(shared, binary, inputs, fname):
         assert o["shape_equal"], o
         assert o["cosine"] >= 0.9999, o
         assert o["max_abs_diff"] <= 1e-3 * max(1.0, o["max_abs_ref"]), o
+
+
+def test_intermediate_values_match_onnxruntime(shared, binary, tmp_path):
+    """Values inside the graph (what calibration and per-layer error read) match onnxruntime's."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from conftest import ep
+
+    src = os.path.join(shared, "models", "efficientnet_lite0_fp32.onnx")
+    m = onnx.load(src)
+    names = [n.output[0] for n in m.graph.node if n.op_type in ("Conv", "Add")][::12][:5]
+    for n in names:
+        m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    x = model_inputs.all_inputs(shared)["efficientnet_lite0_fp32.onnx"]["input"]
+    ref = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(names, {"input": x})
+    np.save(tmp_path / "x.npy", x)
+    args = ["run", src, "--input", f"input={tmp_path / 'x.npy'}", "--output-dir", tmp_path / "out"]
+    for n in names:
+        args += ["--value", n]
+    ep(*args)
+    for n, r in zip(names, ref):
+        safe = "".join(c if (c.isalnum() or c in "_-.") else "_" for c in n)
+        got = np.load(tmp_path / "out" / f"{safe}.npy")
+        assert got.shape == r.shape, n
+        assert np.max(np.abs(got - r)) <= 1e-3 * max(1.0, float(np.max(np.abs(r)))), n
