@@ -81,6 +81,15 @@ fn read_labels(path: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
+/// One line on a bundle's signature for people: who signed, and whether that key was required.
+fn signature_summary(signer: Option<&str>, trusted: bool) -> String {
+    match (signer, trusted) {
+        (Some(k), true) => format!("signature valid, trusted key {k}"),
+        (Some(k), false) => format!("signature valid, key {k} (pass --key to require a trusted key)"),
+        (None, _) => "unsigned".into(),
+    }
+}
+
 pub fn inspect(path: &Path, json_out: bool, key: Option<&Path>) -> Result<()> {
     let key = load_key(key)?;
     let s = Session::open(path, &SessionOptions { key: key.clone(), threads: 1, ..Default::default() })
@@ -123,11 +132,7 @@ pub fn inspect(path: &Path, json_out: bool, key: Option<&Path>) -> Result<()> {
                 v.preferred_backends
             );
         }
-        match (&b.signer, b.trusted) {
-            (Some(k), true) => println!("  signature   valid, by trusted key {k}"),
-            (Some(k), false) => println!("  signature   valid, by key {k} (pass --key to require it)"),
-            (None, _) => println!("  signature   none"),
-        }
+        println!("  signature   {}", signature_summary(b.signer.as_deref(), b.trusted));
         if let Some(p) = &man.preprocess {
             println!("  preprocess  {}", serde_json::to_string(p)?);
         }
@@ -145,21 +150,11 @@ pub fn inspect(path: &Path, json_out: bool, key: Option<&Path>) -> Result<()> {
     println!("  graph       {} nodes, {} initializers, {} parameters", m.nodes, m.initializers, m.parameters);
     let ops: Vec<String> = m.op_histogram.iter().map(|(o, n)| format!("{o}×{n}")).collect();
     println!("  ops         {}", ops.join(" "));
-    for i in s.inputs() {
-        println!(
-            "  input       {} {} {}",
-            i.name,
-            i.dtype.map(|d| d.to_string()).unwrap_or("?".into()),
-            i.shape_string()
-        );
-    }
-    for o in s.outputs() {
-        println!(
-            "  output      {} {} {}",
-            o.name,
-            o.dtype.map(|d| d.to_string()).unwrap_or("?".into()),
-            o.shape_string()
-        );
+    for (kind, list) in [("input ", s.inputs()), ("output", s.outputs())] {
+        for v in list {
+            let dt = v.dtype.map(|d| d.to_string()).unwrap_or("?".into());
+            println!("  {kind}      {} {dt} {}", v.name, v.shape_string());
+        }
     }
     println!("  backend     {}", s.backend_description());
     Ok(())
@@ -698,11 +693,7 @@ pub fn verify(path: &Path, key: Option<&Path>, json_out: bool) -> Result<()> {
             )?
         );
     } else {
-        let sig = match (&signer, b.is_trusted()) {
-            (Some(k), true) => format!("signature valid, trusted key {k}"),
-            (Some(k), false) => format!("signature valid (key {k}; pass --key to require a trusted key)"),
-            (None, _) => "unsigned".into(),
-        };
+        let sig = signature_summary(signer.as_deref(), b.is_trusted());
         println!("OK {}: {} members verified, {sig} ({ms:.0} ms)", path.display(), b.manifest().members.len());
     }
     Ok(())

@@ -41,15 +41,7 @@ impl SecretKey {
     }
 
     pub fn parse(text: &str) -> Result<SecretKey> {
-        let h = text
-            .trim()
-            .strip_prefix(SECRET_KEY_PREFIX)
-            .ok_or_else(|| PackError::Key(format!("not a secret key file (expected `{SECRET_KEY_PREFIX} <hex>`)")))?
-            .trim();
-        let seed: [u8; 32] = hex::decode(h)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| PackError::Key("secret key must be 32 bytes of hex".into()))?;
+        let seed = bundle::parse_key_text(text, SECRET_KEY_PREFIX).map_err(|e| PackError::Key(e.to_string()))?;
         Ok(SecretKey(SigningKey::from_bytes(&seed)))
     }
 

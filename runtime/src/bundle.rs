@@ -211,16 +211,7 @@ impl PublicKey {
 
     /// Parses the text form `edgepack-ed25519-public <64 hex>`.
     pub fn parse(text: &str) -> Result<PublicKey, BundleError> {
-        let hexpart = text
-            .trim()
-            .strip_prefix(PUBLIC_KEY_PREFIX)
-            .ok_or_else(|| BundleError::Key(format!("not a public key file (expected `{PUBLIC_KEY_PREFIX} <hex>`)")))?
-            .trim();
-        let bytes: [u8; 32] = hex::decode(hexpart)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| BundleError::Key("public key must be 32 bytes of hex".into()))?;
-        PublicKey::from_bytes(&bytes)
+        PublicKey::from_bytes(&parse_key_text(text, PUBLIC_KEY_PREFIX)?)
     }
 
     pub fn load(path: &Path) -> crate::Result<PublicKey> {
@@ -236,6 +227,19 @@ impl PublicKey {
     pub fn key_id(&self) -> String {
         hex::encode(&Sha256::digest(self.0.as_bytes())[..8])
     }
+}
+
+/// The 32 key bytes of a key file's text form `<prefix> <64 hex digits>` (public and secret keys alike).
+pub fn parse_key_text(text: &str, prefix: &str) -> Result<[u8; 32], BundleError> {
+    let hexpart = text
+        .trim()
+        .strip_prefix(prefix)
+        .ok_or_else(|| BundleError::Key(format!("not a `{prefix}` key file (expected `{prefix} <hex>`)")))?
+        .trim();
+    hex::decode(hexpart)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| BundleError::Key(format!("`{prefix}` key must be 32 bytes of hex")))
 }
 
 /// A bundle that passed every check.

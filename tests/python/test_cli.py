@@ -136,7 +136,7 @@ def test_demo_runs_offline_from_the_embedded_model(binary, tmp_path):
     assert "tiger cat" in r.stdout and "espresso" in r.stdout
     assert (tmp_path / "demo" / "efficientnet_lite0.edgepack").exists()
     r = ep("verify", tmp_path / "demo" / "efficientnet_lite0.edgepack", "--key", tmp_path / "demo" / "demo.pub")
-    assert "trusted" in r.stdout
+    assert "signature valid, trusted key" in r.stdout
 
 
 def test_eval_on_class_folders_matched_by_label_or_wnid(binary, tmp_path):
