@@ -12,7 +12,18 @@ use edgepack_runtime::{Bundle, DType, Session, SessionOptions, Tensor, npy};
 use serde_json::json;
 
 use crate::LoadArgs;
-use crate::dataset::{self, Dataset};
+use edgepack_quantize::data::Dataset;
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress(n: usize, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(n as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} [{elapsed_precise} < {eta_precise}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
 
 /// An error in the user's data (not in the tool): exit code 4.
 #[derive(Debug)]
@@ -428,14 +439,14 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let s = open_session(&a.model, &a.load)?;
     let pre = image_preprocess(&s, a.preset.as_deref())?
         .ok_or_else(|| BadInput("evaluation needs image pre-processing: pass --preset or use a bundle".into()))?;
-    let data = Dataset::open(&a.data, a.idx_labels.as_deref(), s.labels())?;
+    let data = Dataset::labelled(&a.data, a.idx_labels.as_deref(), s.labels())?;
     let total = data.len();
     let end = a.limit.map(|l| (a.skip + l).min(total)).unwrap_or(total);
     if a.skip >= end {
         bail!(BadInput(format!("no samples to evaluate ({total} in the dataset, skip {})", a.skip)));
     }
     let name = pre.input.clone().unwrap_or_else(|| s.inputs()[0].name.clone());
-    let bar = dataset::progress(end - a.skip, "eval");
+    let bar = progress(end - a.skip, "eval");
     let (mut top1, mut top5, mut n) = (0usize, 0usize, 0usize);
     let mut infer_ms = Vec::new();
     let mut csv = String::from("file,label,top1,top2,top3,top4,top5\n");
@@ -446,9 +457,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         let mut xs = Vec::new();
         let mut meta = Vec::new();
         for k in i..j {
-            let (id, img, label) = data.get(k)?;
-            xs.push(pre.apply(&img).with_context(|| id.clone())?);
-            meta.push((id, label));
+            let sample = data.get(k)?;
+            xs.push(sample.to_input(Some(&pre))?);
+            meta.push((sample.id, sample.label.unwrap_or(usize::MAX)));
         }
         let t0 = Instant::now();
         let outs = s.run(vec![(name.clone(), process::stack(&xs)?)])?;

@@ -2,7 +2,6 @@
 //! `edgepack-runtime` and `edgepack-packager`.
 mod bench;
 mod commands;
-mod dataset;
 mod demo;
 
 use std::path::PathBuf;
@@ -155,6 +154,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             };
         }
         if cause.downcast_ref::<commands::BadInput>().is_some() {
+            return exit::BAD_INPUT;
+        }
+        if cause.downcast_ref::<edgepack_quantize::data::DataError>().is_some() {
             return exit::BAD_INPUT;
         }
     }
