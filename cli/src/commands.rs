@@ -735,3 +735,89 @@ pub fn rewrite(input: &Path, output: &Path, topo_sort: bool, remove_unused: bool
     );
     Ok(())
 }
+
+#[derive(Args)]
+pub struct QuantizeArgs {
+    /// fp32 model (.onnx) or bundle (its first variant and pre-processing are used)
+    model: PathBuf,
+    /// Calibration samples: a folder of images and/or .npy tensors (searched recursively)
+    #[arg(long)]
+    calib: PathBuf,
+    /// Use at most this many calibration samples (the first ones, in sorted order)
+    #[arg(long, default_value_t = 200)]
+    calib_limit: usize,
+    /// Pre-processing preset for a bare .onnx model fed with images
+    #[arg(long)]
+    preset: Option<String>,
+    /// Range estimation: minmax, or percentile (with --percentile)
+    #[arg(long, default_value = "minmax")]
+    method: String,
+    #[arg(long, default_value_t = 99.99)]
+    percentile: f64,
+    /// Keep these nodes (by name) or op types in float; repeatable
+    #[arg(long)]
+    exclude: Vec<String>,
+    /// Output INT8 ONNX file
+    #[arg(short, long)]
+    out: PathBuf,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+pub fn quantize(a: QuantizeArgs) -> Result<()> {
+    use edgepack_quantize::{calib, data::Dataset, qdq};
+    let t0 = Instant::now();
+    let s = open_session(&a.model, &a.load)?;
+    // The fp32 graph: the bundle's loaded variant, or the file itself.
+    let fp32_bytes = match s.bundle() {
+        Some(b) => {
+            let bundle = Bundle::open(&a.model, &OpenOptions::default())?;
+            bundle.model_bytes(Some(&b.variant))?.1.to_vec()
+        }
+        None => std::fs::read(&a.model).with_context(|| format!("reading {}", a.model.display()))?,
+    };
+    let model = edgepack_runtime::onnx::Model::from_bytes(&fp32_bytes)?;
+    let method = match a.method.as_str() {
+        "minmax" => calib::Method::MinMax,
+        "percentile" => calib::Method::Percentile(a.percentile),
+        m => bail!(BadInput(format!("unknown method `{m}` (minmax, percentile)"))),
+    };
+    let cfg = qdq::QdqConfig { exclude: a.exclude.clone(), ..Default::default() };
+    let values = qdq::activations_to_calibrate(&model, &cfg);
+    let pre = image_preprocess(&s, a.preset.as_deref())?;
+    let data = Dataset::samples(&a.calib)?;
+    let n = data.len().min(a.calib_limit.max(1));
+    let bar = progress(n * if matches!(method, calib::Method::Percentile(_)) { 2 } else { 1 }, "calibrate");
+    let ranges = calib::calibrate(&s, &data, 0..n, pre.as_ref(), &values, method, |d, _| bar.set_position(d as u64))?;
+    bar.finish_and_clear();
+    let (q, summary) = qdq::quantize(&model, &ranges, &cfg)?;
+    let bytes = q.to_bytes();
+    edgepack_runtime::fsutil::write_atomic(&a.out, &bytes).with_context(|| format!("writing {}", a.out.display()))?;
+    let res = json!({
+        "model": a.model, "out": a.out, "calibration_samples": n, "method": a.method,
+        "fp32_bytes": fp32_bytes.len(), "int8_bytes": bytes.len(),
+        "size_ratio": bytes.len() as f64 / fp32_bytes.len() as f64,
+        "summary": summary, "seconds": t0.elapsed().as_secs_f64(),
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&res)?);
+    } else {
+        println!(
+            "wrote {} ({} bytes, {:.1} % of fp32): {} weighted ops int8, {} activations quantized, {} left in float; calibrated on {n} samples ({}) in {:.1} s",
+            a.out.display(),
+            bytes.len(),
+            100.0 * bytes.len() as f64 / fp32_bytes.len() as f64,
+            summary.quantized_weights.len(),
+            summary.quantized_activations.len(),
+            summary.skipped.len(),
+            a.method,
+            t0.elapsed().as_secs_f64()
+        );
+        for (k, why) in &summary.skipped {
+            println!("  float: {k}: {why}");
+        }
+    }
+    Ok(())
+}

@@ -60,6 +60,8 @@ enum Command {
     Run(commands::RunArgs),
     /// Accuracy on a labelled dataset (labels.csv + images/, one folder per class, or MNIST IDX files)
     Eval(commands::EvalArgs),
+    /// Quantize an fp32 model to INT8 (QDQ: per-channel int8 weights, uint8 activations) calibrated on real samples
+    Quantize(commands::QuantizeArgs),
     /// Pack an ONNX model with its pre/post-processing, labels and reports into a .edgepack bundle
     Pack(commands::PackArgs),
     /// Check a bundle's structure, member hashes and signature
@@ -105,6 +107,7 @@ fn main() -> ExitCode {
         Command::Inspect { path, json, key } => commands::inspect(&path, json, key.as_deref()),
         Command::Run(a) => commands::run(a),
         Command::Eval(a) => commands::eval(a),
+        Command::Quantize(a) => commands::quantize(a),
         Command::Pack(a) => commands::pack(a),
         Command::Verify { bundle, key, json } => commands::verify(&bundle, key.as_deref(), json),
         Command::Keygen { out } => commands::keygen(&out),
@@ -123,41 +126,52 @@ fn main() -> ExitCode {
     }
 }
 
+/// Exit code for a runtime error.
+fn runtime_exit(err: &edgepack_runtime::Error) -> u8 {
+    use edgepack_runtime::Error as E;
+    match err {
+        E::Bundle(_) => exit::VERIFY,
+        E::UnsupportedOp { .. } => exit::UNSUPPORTED,
+        E::Backend { backend: "gpu", .. } => exit::UNSUPPORTED,
+        E::UnknownInput { .. }
+        | E::UnknownValue { .. }
+        | E::MissingInput { .. }
+        | E::InputDType { .. }
+        | E::InputShape { .. }
+        | E::InvalidTensor(_)
+        | E::Image(_)
+        | E::Npy(_)
+        | E::MalformedModel(_) => exit::BAD_INPUT,
+        _ => exit::FAILURE,
+    }
+}
+
 /// Maps an error to an exit code by what caused it.
 fn exit_code(e: &anyhow::Error) -> u8 {
-    use edgepack_runtime::Error as E;
+    use edgepack_quantize::{calib::CalibError, data::DataError, qdq::QdqError};
     for cause in e.chain() {
-        if let Some(err) = cause.downcast_ref::<E>() {
-            return match err {
-                E::Bundle(_) => exit::VERIFY,
-                E::UnsupportedOp { .. } => exit::UNSUPPORTED,
-                E::Backend { backend: "gpu", .. } => exit::UNSUPPORTED,
-                E::UnknownInput { .. }
-                | E::MissingInput { .. }
-                | E::InputDType { .. }
-                | E::InputShape { .. }
-                | E::InvalidTensor(_)
-                | E::Image(_)
-                | E::Npy(_)
-                | E::MalformedModel(_) => exit::BAD_INPUT,
-                _ => exit::FAILURE,
-            };
+        if let Some(err) = cause.downcast_ref::<edgepack_runtime::Error>() {
+            return runtime_exit(err);
         }
         if let Some(edgepack_runtime::bundle::BundleError::Signature(_)) = cause.downcast_ref() {
             return exit::VERIFY;
         }
         if let Some(p) = cause.downcast_ref::<edgepack_packager::PackError>() {
             return match p {
-                edgepack_packager::PackError::Runtime(E::Bundle(_)) => exit::VERIFY,
-                edgepack_packager::PackError::Runtime(E::MalformedModel(_)) => exit::BAD_INPUT,
+                edgepack_packager::PackError::Runtime(err) => runtime_exit(err),
                 _ => exit::FAILURE,
             };
         }
-        if cause.downcast_ref::<commands::BadInput>().is_some() {
+        if cause.downcast_ref::<commands::BadInput>().is_some() || cause.downcast_ref::<DataError>().is_some() {
             return exit::BAD_INPUT;
         }
-        if cause.downcast_ref::<edgepack_quantize::data::DataError>().is_some() {
-            return exit::BAD_INPUT;
+        match cause.downcast_ref::<CalibError>() {
+            Some(CalibError::Runtime(err)) => return runtime_exit(err),
+            Some(_) => return exit::BAD_INPUT,
+            None => {}
+        }
+        if let Some(q) = cause.downcast_ref::<QdqError>() {
+            return if matches!(q, QdqError::Opset(_)) { exit::UNSUPPORTED } else { exit::FAILURE };
         }
     }
     exit::FAILURE

@@ -1,0 +1,149 @@
+//! Calibration: run the fp32 model on real samples and observe the activations the QDQ pass needs.
+//! Streaming: one sample in memory at a time, observers keep fixed-size state.
+use std::collections::HashMap;
+
+use edgepack_runtime::process::ImagePreprocess;
+use edgepack_runtime::{Session, Tensor};
+
+use crate::data::{DataError, Dataset};
+use crate::qdq::Range;
+
+/// How a range is chosen from the observed values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Method {
+    /// Exact minimum and maximum.
+    MinMax,
+    /// The given percentile of |x| on each side (e.g. 99.99), from a histogram (second pass).
+    Percentile(f64),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CalibError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Runtime(#[from] edgepack_runtime::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+const BINS: usize = 2048;
+
+/// Per-activation state: min/max, then (for percentiles) a histogram over [min, max].
+struct Observer {
+    min: f32,
+    max: f32,
+    hist: Vec<u64>,
+}
+
+impl Observer {
+    fn new() -> Self {
+        Observer { min: f32::INFINITY, max: f32::NEG_INFINITY, hist: Vec::new() }
+    }
+
+    fn observe_range(&mut self, v: &[f32]) {
+        for &x in v.iter().filter(|x| x.is_finite()) {
+            self.min = self.min.min(x);
+            self.max = self.max.max(x);
+        }
+    }
+
+    fn bin(&self, x: f32) -> usize {
+        let w = (self.max - self.min).max(f32::MIN_POSITIVE);
+        (((x - self.min) / w) * (BINS as f32 - 1.0)).round().clamp(0.0, BINS as f32 - 1.0) as usize
+    }
+
+    fn observe_hist(&mut self, v: &[f32]) {
+        if self.hist.is_empty() {
+            self.hist = vec![0; BINS];
+        }
+        for &x in v.iter().filter(|x| x.is_finite()) {
+            let b = self.bin(x);
+            self.hist[b] += 1;
+        }
+    }
+
+    fn range(&self, method: Method) -> Range {
+        if !self.min.is_finite() {
+            return Range { min: 0.0, max: 0.0 };
+        }
+        match method {
+            Method::MinMax => Range { min: self.min, max: self.max },
+            Method::Percentile(p) => {
+                let total: u64 = self.hist.iter().sum();
+                if total == 0 {
+                    return Range { min: self.min, max: self.max };
+                }
+                let cut = ((1.0 - p / 100.0) * total as f64).floor() as u64;
+                let at = |i: usize| self.min + (self.max - self.min) * i as f32 / (BINS as f32 - 1.0);
+                let (mut acc, mut lo) = (0u64, 0usize);
+                while lo + 1 < BINS && acc + self.hist[lo] <= cut {
+                    acc += self.hist[lo];
+                    lo += 1;
+                }
+                let (mut acc, mut hi) = (0u64, BINS - 1);
+                while hi > lo && acc + self.hist[hi] <= cut {
+                    acc += self.hist[hi];
+                    hi -= 1;
+                }
+                Range { min: at(lo).min(0.0).max(self.min), max: at(hi).max(0.0).min(self.max) }
+            }
+        }
+    }
+}
+
+/// Observes `values` on `samples` (indices into `data`) and returns a range per value.
+/// `progress` is called after each sample with (done, total).
+pub fn calibrate(
+    session: &Session,
+    data: &Dataset,
+    samples: std::ops::Range<usize>,
+    pre: Option<&ImagePreprocess>,
+    values: &[String],
+    method: Method,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<HashMap<String, Range>, CalibError> {
+    if samples.is_empty() {
+        return Err(CalibError::Invalid("no calibration samples".into()));
+    }
+    let input = match session.inputs() {
+        [one] => one.name.clone(),
+        more => return Err(CalibError::Invalid(format!("calibration feeds one input; the model has {}", more.len()))),
+    };
+    let names: Vec<&str> = values.iter().map(String::as_str).collect();
+    let mut obs: Vec<Observer> = values.iter().map(|_| Observer::new()).collect();
+    let passes = if matches!(method, Method::Percentile(_)) { 2 } else { 1 };
+    let total = samples.len() * passes;
+    let mut done = 0;
+    for pass in 0..passes {
+        for k in samples.clone() {
+            let x: Tensor = data.get(k)?.to_input(pre)?;
+            let outs = session.run_values(vec![(input.clone(), x)], &names)?;
+            for (o, (_, t)) in obs.iter_mut().zip(&outs) {
+                let v = t.to_f32_vec();
+                if pass == 0 { o.observe_range(&v) } else { o.observe_hist(&v) }
+            }
+            done += 1;
+            progress(done, total);
+        }
+    }
+    Ok(values.iter().cloned().zip(obs.iter().map(|o| o.range(method))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_clips_outliers_minmax_does_not() {
+        let mut o = Observer::new();
+        let mut v: Vec<f32> = (0..10000).map(|i| (i % 100) as f32 / 100.0).collect();
+        v.push(50.0);
+        o.observe_range(&v);
+        o.observe_hist(&v);
+        assert_eq!(o.range(Method::MinMax), Range { min: 0.0, max: 50.0 });
+        let r = o.range(Method::Percentile(99.9));
+        assert!(r.max < 1.1 && r.max > 0.9, "{r:?}");
+        assert_eq!(r.min, 0.0);
+    }
+}

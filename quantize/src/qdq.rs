@@ -1,0 +1,342 @@
+//! The QDQ pass: rewrites an fp32 [`Model`] into the standard QuantizeLinear/DequantizeLinear form that
+//! onnxruntime (and edgepack's integer lowering) recognise:
+//! - weights of Conv / Gemm / MatMul: int8, symmetric, per output channel (zero point 0), `DequantizeLinear(axis)`;
+//! - biases: int32 with scale `s_x · s_w[c]`;
+//! - activations read by quantizable ops (Conv, Gemm, MatMul, Add, Concat, pools...): uint8, asymmetric,
+//!   per tensor, `QuantizeLinear → DequantizeLinear` placed once per value, ranges from calibration.
+//!
+//! Activation functions (Relu, Clip) stay in the graph; their effect reaches the ranges because the QDQ pair sits
+//! after them, where the next quantized op reads.
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use edgepack_runtime::onnx::builder::attr_int;
+use edgepack_runtime::onnx::{Model, NodeExt, NodeProto, TensorProto, node};
+
+/// Observed range of one activation.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Range {
+    pub min: f32,
+    pub max: f32,
+}
+
+/// What to quantize.
+#[derive(Debug, Clone, Default)]
+pub struct QdqConfig {
+    /// Node names or op types to keep in float.
+    pub exclude: Vec<String>,
+    /// Per-tensor weights instead of per-channel (for comparison only).
+    pub per_tensor_weights: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QdqError {
+    #[error("opset {0} is too old for per-channel QDQ (needs the default-domain opset ≥ 13)")]
+    Opset(i64),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Ops with a weight input that get integer weights.
+const WEIGHTED: &[&str] = &["Conv", "Gemm", "MatMul"];
+/// Ops whose float activation inputs get a QDQ pair (so the integer path continues through them).
+const ACTIVATION_CONSUMERS: &[&str] =
+    &["Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool"];
+
+/// What the pass did, node by node.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct QdqSummary {
+    /// Nodes whose weights are int8.
+    pub quantized_weights: Vec<String>,
+    /// Activations given a QDQ pair.
+    pub quantized_activations: Vec<String>,
+    /// Nodes left in float, with the reason.
+    pub skipped: BTreeMap<String, String>,
+}
+
+fn excluded(cfg: &QdqConfig, n: &NodeProto) -> bool {
+    cfg.exclude.iter().any(|e| e == n.name() || e == n.op())
+}
+
+/// The float activations whose ranges the pass needs (inputs of quantizable ops that are not initializers).
+pub fn activations_to_calibrate(model: &Model, cfg: &QdqConfig) -> Vec<String> {
+    let inits: HashSet<&str> = model.graph.initializers.iter().filter_map(|t| t.name.as_deref()).collect();
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for n in &model.graph.nodes {
+        if !ACTIVATION_CONSUMERS.contains(&n.op()) || excluded(cfg, n) {
+            continue;
+        }
+        let acts: Vec<&str> = match n.op() {
+            // Only the data input of weighted ops (weights and bias are constants).
+            "Conv" | "Gemm" => n.real_inputs().into_iter().take(1).collect(),
+            _ => n.real_inputs(),
+        };
+        for a in acts {
+            if !inits.contains(a) && is_float(model, a) && seen.insert(a.to_string()) {
+                out.push(a.to_string());
+            }
+        }
+    }
+    out
+}
+
+fn is_float(model: &Model, name: &str) -> bool {
+    // Unknown types are assumed float (most intermediate values carry no declared type).
+    model.graph.value_type(name).and_then(|t| t.dtype()).is_none_or(|d| d == edgepack_runtime::DType::F32)
+}
+
+/// Reads an f32 initializer (raw or typed storage).
+pub fn f32_data(t: &TensorProto) -> Option<Vec<f32>> {
+    if t.data_type != Some(1) {
+        return None;
+    }
+    match &t.raw_data {
+        Some(raw) => Some(raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
+        None => Some(t.float_data.clone()),
+    }
+}
+
+fn tensor(name: &str, dims: &[i64], data_type: i32, raw: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(data_type),
+        raw_data: Some(raw),
+        ..Default::default()
+    }
+}
+
+fn f32_tensor(name: &str, dims: &[i64], v: &[f32]) -> TensorProto {
+    tensor(name, dims, 1, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+}
+
+/// uint8 asymmetric scale and zero point covering `r` (widened to include 0, as zero must be exact).
+pub fn activation_params(r: Range) -> (f32, u8) {
+    let (lo, hi) = (r.min.min(0.0), r.max.max(0.0));
+    if !(hi - lo).is_finite() || hi - lo <= f32::EPSILON {
+        return (1.0, 0);
+    }
+    let scale = (hi - lo) / 255.0;
+    let zp = (-lo / scale).round().clamp(0.0, 255.0) as u8;
+    (scale, zp)
+}
+
+/// Per-channel symmetric int8 quantization of `w` along `axis` of `dims`: (int8 values, scales).
+pub fn quantize_weights(w: &[f32], dims: &[i64], axis: usize, per_tensor: bool) -> (Vec<i8>, Vec<f32>) {
+    let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+    let channels = if per_tensor { 1 } else { dims[axis] };
+    let inner: usize = dims[axis + 1..].iter().product();
+    let channel_of = |i: usize| if per_tensor { 0 } else { (i / inner) % dims[axis] };
+    let mut max = vec![0f32; channels];
+    for (i, &v) in w.iter().enumerate() {
+        let c = channel_of(i);
+        max[c] = max[c].max(v.abs());
+    }
+    let scales: Vec<f32> = max.iter().map(|&m| if m > 0.0 { m / 127.0 } else { 1.0 }).collect();
+    let q =
+        w.iter().enumerate().map(|(i, &v)| (v / scales[channel_of(i)]).round().clamp(-127.0, 127.0) as i8).collect();
+    (q, scales)
+}
+
+/// Applies the QDQ pass. `ranges` must cover [`activations_to_calibrate`]; a node whose input has no range stays
+/// float (reported in the summary).
+pub fn quantize(
+    model: &Model,
+    ranges: &HashMap<String, Range>,
+    cfg: &QdqConfig,
+) -> Result<(Model, QdqSummary), QdqError> {
+    let opset = model.opset("").unwrap_or(0);
+    if opset < 13 {
+        return Err(QdqError::Opset(opset));
+    }
+    let mut m = model.clone();
+    let mut summary = QdqSummary::default();
+    // 1. One QDQ pair per calibrated activation, rewiring its quantizable readers.
+    let wanted = activations_to_calibrate(model, cfg);
+    let mut dq_of: HashMap<String, (String, f32)> = HashMap::new();
+    for a in &wanted {
+        let Some(&r) = ranges.get(a) else {
+            summary.skipped.insert(a.clone(), "no calibration range".into());
+            continue;
+        };
+        let (scale, zp) = activation_params(r);
+        let base = sanitize(a);
+        let (s_name, z_name) =
+            (m.graph.unique_name(&format!("{base}_scale")), m.graph.unique_name(&format!("{base}_zero_point")));
+        m.graph.initializers.push(f32_tensor(&s_name, &[], &[scale]));
+        m.graph.initializers.push(tensor(&z_name, &[], 2, vec![zp]));
+        let q = m.graph.unique_name(&format!("{base}_quantized"));
+        let dq = m.graph.unique_name(&format!("{base}_dequantized"));
+        m.graph.nodes.push(node("QuantizeLinear", &format!("{q}_node"), &[a, &s_name, &z_name], &[&q], vec![]));
+        m.graph.nodes.push(node("DequantizeLinear", &format!("{dq}_node"), &[&q, &s_name, &z_name], &[&dq], vec![]));
+        dq_of.insert(a.clone(), (dq, scale));
+        summary.quantized_activations.push(a.clone());
+    }
+    let inits: HashMap<String, TensorProto> =
+        m.graph.initializers.iter().filter_map(|t| Some((t.name.clone()?, t.clone()))).collect();
+    let n_nodes = m.graph.nodes.len();
+    let mut new_inits = Vec::new();
+    let mut new_nodes = Vec::new();
+    for i in 0..n_nodes {
+        let n = m.graph.nodes[i].clone();
+        if !ACTIVATION_CONSUMERS.contains(&n.op()) || excluded(cfg, &n) {
+            if WEIGHTED.contains(&n.op()) {
+                summary.skipped.insert(n.name().to_string(), "excluded".into());
+            }
+            continue;
+        }
+        let data_inputs = if matches!(n.op(), "Conv" | "Gemm") { 1 } else { n.input.len() };
+        let mut rewired = n.clone();
+        for k in 0..data_inputs.min(n.input.len()) {
+            if let Some((dq, _)) = dq_of.get(&n.input[k]) {
+                rewired.input[k] = dq.clone();
+            }
+        }
+        // 2. Weights and bias.
+        if WEIGHTED.contains(&n.op()) {
+            let x_scale = n.input.first().and_then(|x| dq_of.get(x)).map(|d| d.1);
+            let w = n.input.get(1).and_then(|w| inits.get(w));
+            match (x_scale, w) {
+                (Some(x_scale), Some(w)) if f32_data(w).is_some() && !w.dims.is_empty() => {
+                    let axis = match n.op() {
+                        "Conv" => 0,
+                        "Gemm" if n.attr_i("transB").unwrap_or(0) == 1 => 0,
+                        _ => w.dims.len() - 1,
+                    };
+                    let data = f32_data(w).unwrap();
+                    let (q, scales) = quantize_weights(&data, &w.dims, axis, cfg.per_tensor_weights);
+                    let wname = sanitize(w.name.as_deref().unwrap_or("w"));
+                    let (qn, sn, zn, dqn) = (
+                        m.graph.unique_name(&format!("{wname}_quantized")),
+                        m.graph.unique_name(&format!("{wname}_scale")),
+                        m.graph.unique_name(&format!("{wname}_zero_point")),
+                        m.graph.unique_name(&format!("{wname}_dequantized")),
+                    );
+                    let c = scales.len() as i64;
+                    let sdims: Vec<i64> = if cfg.per_tensor_weights { vec![] } else { vec![c] };
+                    new_inits.push(tensor(&qn, &w.dims, 3, q.iter().map(|&v| v as u8).collect()));
+                    new_inits.push(f32_tensor(&sn, &sdims, &scales));
+                    new_inits.push(tensor(&zn, &sdims, 3, vec![0u8; scales.len()]));
+                    let attrs = if cfg.per_tensor_weights { vec![] } else { vec![attr_int("axis", axis as i64)] };
+                    new_nodes
+                        .push((i, node("DequantizeLinear", &format!("{dqn}_node"), &[&qn, &sn, &zn], &[&dqn], attrs)));
+                    rewired.input[1] = dqn;
+                    // Bias: int32 at scale s_x * s_w[c].
+                    if let Some(b) = n.input.get(2).and_then(|b| inits.get(b)).filter(|b| b.dims.len() == 1)
+                        && let Some(bv) = f32_data(b)
+                        && (bv.len() == scales.len() || scales.len() == 1)
+                    {
+                        let bs: Vec<f32> =
+                            (0..bv.len()).map(|k| x_scale * scales[if scales.len() == 1 { 0 } else { k }]).collect();
+                        let bq: Vec<i32> = bv
+                            .iter()
+                            .zip(&bs)
+                            .map(|(&v, &s)| (v / s).round().clamp(i32::MIN as f32, i32::MAX as f32) as i32)
+                            .collect();
+                        let bname = sanitize(b.name.as_deref().unwrap_or("bias"));
+                        let (bqn, bsn, bzn, bdq) = (
+                            m.graph.unique_name(&format!("{bname}_quantized")),
+                            m.graph.unique_name(&format!("{bname}_scale")),
+                            m.graph.unique_name(&format!("{bname}_zero_point")),
+                            m.graph.unique_name(&format!("{bname}_dequantized")),
+                        );
+                        new_inits.push(tensor(&bqn, &b.dims, 6, bq.iter().flat_map(|v| v.to_le_bytes()).collect()));
+                        new_inits.push(f32_tensor(&bsn, &b.dims, &bs));
+                        new_inits.push(tensor(&bzn, &b.dims, 6, vec![0u8; 4 * bv.len()]));
+                        new_nodes.push((
+                            i,
+                            node(
+                                "DequantizeLinear",
+                                &format!("{bdq}_node"),
+                                &[&bqn, &bsn, &bzn],
+                                &[&bdq],
+                                vec![attr_int("axis", 0)],
+                            ),
+                        ));
+                        rewired.input[2] = bdq;
+                    }
+                    summary.quantized_weights.push(n.name().to_string());
+                }
+                (None, _) => {
+                    summary.skipped.insert(n.name().to_string(), "input activation not quantized".into());
+                }
+                _ => {
+                    summary.skipped.insert(n.name().to_string(), "weights are not an f32 initializer".into());
+                }
+            }
+        }
+        m.graph.nodes[i] = rewired;
+    }
+    m.graph.initializers.extend(new_inits);
+    for (_, n) in new_nodes {
+        m.graph.nodes.push(n);
+    }
+    m.graph.topo_sort().map_err(|e| QdqError::Invalid(e.to_string()))?;
+    m.graph.remove_unused_initializers();
+    m.check().map_err(|e| QdqError::Invalid(e.to_string()))?;
+    Ok((m, summary))
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '.' { c } else { '_' }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_per_channel_round_trip_within_half_a_step() {
+        let w: Vec<f32> = (0..24).map(|i| ((i * 7919) % 23) as f32 / 7.0 - 1.5).collect();
+        let (q, s) = quantize_weights(&w, &[4, 2, 3], 0, false);
+        assert_eq!(s.len(), 4);
+        for (i, (&qv, &wv)) in q.iter().zip(&w).enumerate() {
+            let back = qv as f32 * s[i / 6];
+            assert!((back - wv).abs() <= s[i / 6] / 2.0 + 1e-6);
+        }
+        assert!(q.iter().any(|&v| v == 127 || v == -127));
+    }
+
+    #[test]
+    fn activation_params_keep_zero_exact() {
+        let (s, z) = activation_params(Range { min: -1.0, max: 3.0 });
+        assert!((s - 4.0 / 255.0).abs() < 1e-7);
+        assert_eq!(z, 64);
+        assert_eq!(activation_params(Range { min: 0.5, max: 6.0 }).1, 0); // widened to include 0
+        assert_eq!(activation_params(Range { min: 0.0, max: 0.0 }), (1.0, 0));
+    }
+
+    #[test]
+    fn tiny_classifier_gets_qdq_and_stays_valid() {
+        let mut m = edgepack_runtime::onnx::builder::tiny_classifier();
+        // The builder makes opset 13 models.
+        m.graph.topo_sort().unwrap();
+        let cfg = QdqConfig::default();
+        assert_eq!(activations_to_calibrate(&m, &cfg), vec!["x".to_string()]);
+        let ranges = HashMap::from([("x".to_string(), Range { min: -1.0, max: 1.0 })]);
+        let (q, s) = quantize(&m, &ranges, &cfg).unwrap();
+        assert_eq!(s.quantized_weights, vec!["fc".to_string()]);
+        let ops: Vec<&str> = q.graph.nodes.iter().map(|n| n.op()).collect();
+        assert_eq!(ops.iter().filter(|o| **o == "DequantizeLinear").count(), 3); // x, W, b
+        assert_eq!(ops.iter().filter(|o| **o == "QuantizeLinear").count(), 1);
+        // Runs on the CPU backend and stays close to the float model.
+        let opts = edgepack_runtime::SessionOptions { threads: 1, ..Default::default() };
+        let f = edgepack_runtime::Session::from_model(&m, &opts).unwrap();
+        let i8m = edgepack_runtime::Session::from_model(&q, &opts).unwrap();
+        let x =
+            edgepack_runtime::Tensor::from_f32(vec![2, 4], vec![0.5, -0.25, 0.75, 1.0, -1.0, 0.1, 0.2, 0.3]).unwrap();
+        let a = f.run_one(x.clone()).unwrap()[0].1.to_f32_vec();
+        let b = i8m.run_one(x).unwrap()[0].1.to_f32_vec();
+        for (u, v) in a.iter().zip(&b) {
+            assert!((u - v).abs() < 0.05, "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn old_opsets_are_refused_clearly() {
+        let p =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/models/mnist_cntk_opset8_simplified.onnx");
+        let m = Model::load(p).unwrap();
+        assert!(matches!(quantize(&m, &HashMap::new(), &QdqConfig::default()), Err(QdqError::Opset(8))));
+    }
+}

@@ -1,0 +1,79 @@
+"""First steps of `edgepack quantize` (issue: calibrated INT8): the QDQ output runs unchanged in onnxruntime,
+keeps top-1, and edgepack's own runtime agrees with onnxruntime on the INT8 model."""
+import csv
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import model_inputs
+from conftest import ROOT, ep
+
+CALIB, HELD_OUT = 32, (200, 300)
+
+
+@pytest.fixture(scope="module")
+def int8_effnet(shared, binary, tmp_path_factory):
+    d = tmp_path_factory.mktemp("quant")
+    calib = d / "calib"
+    calib.mkdir()
+    images = os.path.join(shared, "data", "imagenet_sample", "images")
+    for f in sorted(os.listdir(images))[:CALIB]:
+        os.symlink(os.path.join(images, f), calib / f)
+    out = d / "effnet_int8.onnx"
+    ep("quantize", os.path.join(shared, "models", "efficientnet_lite0_fp32.onnx"), "--calib", calib, "--preset", "tf",
+       "-o", out, "--threads", "2")
+    return out
+
+
+def test_int8_model_runs_in_onnxruntime_and_keeps_top1(shared, int8_effnet, tmp_path):
+    ev = model_inputs._tools(shared)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    fp32 = ort.InferenceSession(os.path.join(shared, "models", "efficientnet_lite0_fp32.onnx"), so)
+    int8 = ort.InferenceSession(str(int8_effnet), so)
+    ops = {n.op_type for n in __import__("onnx").load(str(int8_effnet)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    rows = list(csv.DictReader(open(os.path.join(shared, "data", "imagenet_sample", "labels.csv"))))[slice(*HELD_OUT)]
+    ort_int8_top1 = {}
+    agree = 0
+    for r in rows:
+        x = ev.preprocess(os.path.join(shared, "data", "imagenet_sample", "images", r["file"]), 256, 224, **ev.PRESETS["tf"])
+        a = int(fp32.run(None, {"input": x})[0].argmax())
+        b = int(int8.run(None, {"input": x})[0].argmax())
+        agree += a == b
+        ort_int8_top1[r["file"]] = b
+    print(f"int8 vs fp32 top-1 agreement (onnxruntime, {len(rows)} held-out images): {100 * agree / len(rows):.1f} %")
+    assert agree / len(rows) >= 0.95
+    assert os.path.getsize(int8_effnet) <= 0.28 * os.path.getsize(os.path.join(shared, "models", "efficientnet_lite0_fp32.onnx"))
+
+    # edgepack's runtime on the same INT8 file agrees with onnxruntime.
+    preds = tmp_path / "pred.csv"
+    ep("eval", int8_effnet, os.path.join(shared, "data", "imagenet_sample"), "--preset", "tf", "--skip", HELD_OUT[0],
+       "--limit", HELD_OUT[1] - HELD_OUT[0], "--predictions", preds, "--threads", "2")
+    ours = {row["file"]: int(row["top1"]) for row in csv.DictReader(open(preds))}
+    same = sum(ours[f] == ort_int8_top1[f] for f in ort_int8_top1) / len(ort_int8_top1)
+    print(f"edgepack vs onnxruntime top-1 on the INT8 model: {100 * same:.1f} %")
+    # Identical tensors fed to both give 99 % (tract runs QDQ as float fake-quant, onnxruntime fuses integer
+    # kernels: borderline images flip); JPEG decoding differences cost up to one more point here. The issue's
+    # 99 % on 800 held-out images is measured by the quantization report, not by this smoke test.
+    assert same >= 0.97
+
+
+def test_quantize_refuses_bad_input_clearly(binary, tmp_path):
+    mnist = os.path.join(ROOT, "assets", "models", "mnist_cntk_opset8_simplified.onnx")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = ep("quantize", mnist, "--calib", empty, "--preset", "mnist", "-o", tmp_path / "q.onnx", check=False)
+    assert r.returncode == 4 and "no images or .npy" in r.stderr
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.save(calib / "x.npy", np.zeros((1, 1, 28, 28), np.float32))
+    r = ep("quantize", mnist, "--calib", calib, "-o", tmp_path / "q.onnx", check=False)
+    assert r.returncode == 5 and "opset" in r.stderr
+    np.save(calib / "x.npy", np.zeros((1, 1, 27, 28), np.float32))
+    effnet = os.path.join(ROOT, "assets", "models", "efficientnet_lite0_fp32.onnx")
+    r = ep("quantize", effnet, "--calib", calib, "-o", tmp_path / "q.onnx", check=False)
+    assert r.returncode == 4 and "shape" in r.stderr
+    assert not (tmp_path / "q.onnx").exists()
