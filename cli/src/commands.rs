@@ -716,10 +716,16 @@ pub fn keygen(out: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn rewrite(input: &Path, output: &Path, topo_sort: bool, remove_unused: bool) -> Result<()> {
+pub fn rewrite(input: &Path, output: &Path, topo_sort: bool, remove_unused: bool, opset: Option<i64>) -> Result<()> {
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
     let mut model =
         edgepack_runtime::onnx::Model::from_bytes(&bytes).with_context(|| format!("{}", input.display()))?;
+    if let Some(v) = opset {
+        let r = model.upgrade_opset(v)?;
+        for (node, what) in &r.converted {
+            println!("  opset {} → {}: {node}: {what}", r.from, r.to);
+        }
+    }
     if topo_sort {
         model.graph.topo_sort()?;
     }
@@ -778,7 +784,9 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         }
         None => std::fs::read(&a.model).with_context(|| format!("reading {}", a.model.display()))?,
     };
-    let model = edgepack_runtime::onnx::Model::from_bytes(&fp32_bytes)?;
+    let mut model = edgepack_runtime::onnx::Model::from_bytes(&fp32_bytes)?;
+    // Per-channel QDQ needs opset 13: older models are upgraded first (value names are kept).
+    let upgrade = model.upgrade_opset(13)?;
     let method = match a.method.as_str() {
         "minmax" => calib::Method::MinMax,
         "percentile" => calib::Method::Percentile(a.percentile),
@@ -799,7 +807,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         "model": a.model, "out": a.out, "calibration_samples": n, "method": a.method,
         "fp32_bytes": fp32_bytes.len(), "int8_bytes": bytes.len(),
         "size_ratio": bytes.len() as f64 / fp32_bytes.len() as f64,
-        "summary": summary, "seconds": t0.elapsed().as_secs_f64(),
+        "summary": summary, "opset_upgrade": upgrade, "seconds": t0.elapsed().as_secs_f64(),
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&res)?);

@@ -92,6 +92,9 @@ enum Command {
         /// Drop initializers nothing reads
         #[arg(long)]
         remove_unused_initializers: bool,
+        /// Upgrade the default-domain opset to this version (e.g. 13)
+        #[arg(long)]
+        opset: Option<i64>,
     },
 }
 
@@ -113,8 +116,8 @@ fn main() -> ExitCode {
         Command::Keygen { out } => commands::keygen(&out),
         Command::Bench(a) => bench::bench(a),
         Command::Demo(a) => demo::demo(a),
-        Command::Rewrite { input, output, topo_sort, remove_unused_initializers } => {
-            commands::rewrite(&input, &output, topo_sort, remove_unused_initializers)
+        Command::Rewrite { input, output, topo_sort, remove_unused_initializers, opset } => {
+            commands::rewrite(&input, &output, topo_sort, remove_unused_initializers, opset)
         }
     };
     match result {

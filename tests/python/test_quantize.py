@@ -70,10 +70,35 @@ def test_quantize_refuses_bad_input_clearly(binary, tmp_path):
     calib = tmp_path / "calib"
     calib.mkdir()
     np.save(calib / "x.npy", np.zeros((1, 1, 28, 28), np.float32))
-    r = ep("quantize", mnist, "--calib", calib, "-o", tmp_path / "q.onnx", check=False)
-    assert r.returncode == 5 and "opset" in r.stderr
+    # MNIST is opset 8: upgraded, then quantized (no longer refused).
+    assert ep("quantize", mnist, "--calib", calib, "-o", tmp_path / "m.onnx").returncode == 0
     np.save(calib / "x.npy", np.zeros((1, 1, 27, 28), np.float32))
     effnet = os.path.join(ROOT, "assets", "models", "efficientnet_lite0_fp32.onnx")
     r = ep("quantize", effnet, "--calib", calib, "-o", tmp_path / "q.onnx", check=False)
     assert r.returncode == 4 and "shape" in r.stderr
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_old_opset_model_is_upgraded_and_quantized(shared, binary, tmp_path):
+    """SqueezeNet is opset 7 (IR 3, initializers listed as inputs): upgraded to 13, then QDQ; onnxruntime runs it."""
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    images = os.path.join(shared, "data", "imagenet_sample", "images")
+    for f in sorted(os.listdir(images))[:16]:
+        os.symlink(os.path.join(images, f), calib / f)
+    out = tmp_path / "sq_int8.onnx"
+    src = os.path.join(shared, "models", "squeezenet1.0_fp32.onnx")
+    ep("quantize", src, "--calib", calib, "--preset", "caffe_bgr", "-o", out, "--threads", "2")
+    ev = model_inputs._tools(shared)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    fp32 = ort.InferenceSession(src, so)
+    int8 = ort.InferenceSession(str(out), so)
+    assert [i.name for i in int8.get_inputs()] == ["data_0"]
+    rows = list(csv.DictReader(open(os.path.join(shared, "data", "imagenet_sample", "labels.csv"))))[200:260]
+    agree = 0
+    for r in rows:
+        x = ev.preprocess(os.path.join(images, r["file"]), 256, 224, **ev.PRESETS["caffe_bgr"])
+        agree += int(fp32.run(None, {"data_0": x})[0].argmax() == int8.run(None, {"data_0": x})[0].argmax())
+    print(f"squeezenet int8 vs fp32 top-1 agreement: {100 * agree / len(rows):.1f} %")
+    assert agree / len(rows) >= 0.9

@@ -30,3 +30,24 @@ def test_rewrite_is_lossless(shared, binary, tmp_path, fname):
     b = ort.InferenceSession(str(sorted_), so, providers=["CPUExecutionProvider"]).run(None, feeds)
     for x, y in zip(a, b):
         assert np.array_equal(x, y)
+
+
+@pytest.mark.parametrize("fname", ["squeezenet1.0_fp32.onnx", "mnist_cntk_opset7.onnx",
+                                   "mnist_cntk_opset8_simplified.onnx", "ultraface_rfb_320.onnx"])
+def test_opset_upgrade_keeps_results(shared, binary, tmp_path, fname):
+    """The opset-13 upgrade pass (Softmax axis semantics, Dropout, attribute→input ops) changes no result."""
+    import onnx
+    src = os.path.join(shared, "models", fname)
+    up = tmp_path / "op13.onnx"
+    ep("rewrite", src, up, "--opset", "13")
+    m = onnx.load(str(up))
+    assert [o.version for o in m.opset_import if o.domain in ("", "ai.onnx")] == [13]
+    onnx.checker.check_model(m)
+    feeds = model_inputs.all_inputs(shared)[fname]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    a = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+    b = ort.InferenceSession(str(up), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+    for x, y in zip(a, b):
+        assert x.shape == y.shape
+        assert np.max(np.abs(x - y)) <= 1e-6 * max(1.0, float(np.max(np.abs(x))))

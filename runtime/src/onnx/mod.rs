@@ -8,6 +8,7 @@
 pub mod proto;
 
 pub mod builder;
+pub mod upgrade;
 
 use std::collections::{HashMap, HashSet};
 
@@ -192,6 +193,25 @@ impl Model {
             .and_then(|o| o.version)
     }
 
+    /// Sets (or adds) the opset version imported for `domain`.
+    pub fn set_opset(&mut self, domain: &str, version: i64) {
+        let found = self.header.opset_import.iter_mut().find(|o| {
+            let d = o.domain.as_deref().unwrap_or("");
+            d == domain || (domain.is_empty() && d == "ai.onnx")
+        });
+        match found {
+            Some(o) => o.version = Some(version),
+            None => self
+                .header
+                .opset_import
+                .push(OperatorSetIdProto { domain: Some(domain.into()), version: Some(version) }),
+        }
+    }
+
+    pub fn set_ir_version(&mut self, v: i64) {
+        self.header.ir_version = Some(v);
+    }
+
     pub fn opset_imports(&self) -> &[OperatorSetIdProto] {
         &self.header.opset_import
     }
@@ -259,7 +279,8 @@ impl Graph {
         }
     }
 
-    /// Removes initializers no node, subgraph or graph output reads. Returns how many went.
+    /// Removes initializers no node, subgraph or graph output reads (and their graph-input entries, which IR < 4
+    /// files carry). Returns how many went.
     pub fn remove_unused_initializers(&mut self) -> usize {
         let mut used: HashSet<String> = HashSet::new();
         for n in &self.nodes {
@@ -268,7 +289,17 @@ impl Graph {
         }
         used.extend(self.outputs.iter().filter_map(|o| o.name.clone()));
         let before = self.initializers.len();
-        self.initializers.retain(|t| used.contains(t.name.as_deref().unwrap_or("")));
+        let mut removed: HashSet<String> = HashSet::new();
+        self.initializers.retain(|t| {
+            let name = t.name.as_deref().unwrap_or("");
+            let keep = used.contains(name);
+            if !keep {
+                removed.insert(name.to_string());
+            }
+            keep
+        });
+        // Old IR versions also list initializers as graph inputs: those entries go with them.
+        self.inputs.retain(|i| !removed.contains(i.name.as_deref().unwrap_or("")));
         before - self.initializers.len()
     }
 
