@@ -61,6 +61,27 @@ impl Namer<'_> {
     }
 }
 
+/// Moves attribute `attr` (ints) to a constant input at position `pos` (earlier optional inputs filled with "").
+fn attr_to_input(
+    n: &mut NodeProto,
+    attr: &str,
+    pos: usize,
+    pre: &mut Vec<NodeProto>,
+    names: &mut Namer,
+    log: &mut Vec<(String, String)>,
+    label: &str,
+) {
+    if let Some(a) = take_attr(n, attr) {
+        let c = names.fresh(&format!("{label}_{attr}"));
+        pre.push(ints_const(&format!("{c}_const"), &c, &a.ints));
+        while n.input.len() < pos {
+            n.input.push(String::new());
+        }
+        n.input.insert(pos, c);
+        log.push((label.to_string(), format!("{attr} attribute → input")));
+    }
+}
+
 /// Converts one node from opset `from`; returns the replacement nodes (the node itself, possibly changed, with
 /// any constants it now needs in front).
 fn convert(mut n: NodeProto, from: i64, names: &mut Namer, log: &mut Vec<(String, String)>) -> Result<Vec<NodeProto>> {
@@ -68,20 +89,6 @@ fn convert(mut n: NodeProto, from: i64, names: &mut Namer, log: &mut Vec<(String
     let op = n.op().to_string();
     let unsupported = |why: &str| Err(Error::MalformedModel(format!("cannot upgrade node `{label}` ({op}): {why}")));
     let mut pre = Vec::new();
-    // Attribute → constant input, appended at input position `pos` (earlier optional inputs filled with "").
-    let mut attr_to_input = |n: &mut NodeProto, attr: &str, pos: usize, pre: &mut Vec<NodeProto>| {
-        if let Some(a) = take_attr(n, attr) {
-            let c = names.fresh(&format!("{label}_{attr}"));
-            pre.push(ints_const(&format!("{c}_const"), &c, &a.ints));
-            while n.input.len() < pos {
-                n.input.push(String::new());
-            }
-            n.input.insert(pos, c);
-            true
-        } else {
-            false
-        }
-    };
     match n.op() {
         "Softmax" | "LogSoftmax" | "Hardmax" if from < 13 => {
             let axis = take_attr(&mut n, "axis").and_then(|a| a.i).unwrap_or(1);
@@ -112,14 +119,10 @@ fn convert(mut n: NodeProto, from: i64, names: &mut Namer, log: &mut Vec<(String
             return Ok(vec![node("Identity", &label, &[&n.input[0]], &[&n.output[0]], vec![])]);
         }
         "Squeeze" | "Unsqueeze" | "ReduceSum" if from < 13 => {
-            if attr_to_input(&mut n, "axes", 1, &mut pre) {
-                log.push((label.clone(), "axes attribute → input".into()));
-            }
+            attr_to_input(&mut n, "axes", 1, &mut pre, names, log, &label);
         }
         "Split" if from < 13 => {
-            if attr_to_input(&mut n, "split", 1, &mut pre) {
-                log.push((label.clone(), "split attribute → input".into()));
-            }
+            attr_to_input(&mut n, "split", 1, &mut pre, names, log, &label);
         }
         "Slice" if from < 10 => {
             let starts = take_attr(&mut n, "starts");
@@ -168,9 +171,7 @@ fn convert(mut n: NodeProto, from: i64, names: &mut Namer, log: &mut Vec<(String
             log.push((label.clone(), "min/max attributes → inputs".into()));
         }
         "TopK" if from < 10 => {
-            if attr_to_input(&mut n, "k", 1, &mut pre) {
-                log.push((label.clone(), "k attribute → input".into()));
-            }
+            attr_to_input(&mut n, "k", 1, &mut pre, names, log, &label);
         }
         "BatchNormalization" if from < 9 => {
             if let Some(s) = take_attr(&mut n, "spatial")
