@@ -234,21 +234,20 @@ pub fn quantize(
                             .map(|(&v, &s)| (v / s).round().clamp(i32::MIN as f32, i32::MAX as f32) as i32)
                             .collect();
                         let bname = sanitize(b.name.as_deref().unwrap_or("bias"));
-                        let (bqn, bsn, bzn, bdq) = (
+                        let (bqn, bsn, bdq) = (
                             m.graph.unique_name(&format!("{bname}_quantized")),
                             m.graph.unique_name(&format!("{bname}_scale")),
-                            m.graph.unique_name(&format!("{bname}_zero_point")),
                             m.graph.unique_name(&format!("{bname}_dequantized")),
                         );
                         new_inits.push(tensor(&bqn, &b.dims, 6, bq.iter().flat_map(|v| v.to_le_bytes()).collect()));
                         new_inits.push(f32_tensor(&bsn, &b.dims, &bs));
-                        new_inits.push(tensor(&bzn, &b.dims, 6, vec![0u8; 4 * bv.len()]));
+                        // No zero point: it is optional and 0 for int32 bias (saves 4 bytes per channel).
                         new_nodes.push((
                             i,
                             node(
                                 "DequantizeLinear",
                                 &format!("{bdq}_node"),
-                                &[&bqn, &bsn, &bzn],
+                                &[&bqn, &bsn],
                                 &[&bdq],
                                 vec![attr_int("axis", 0)],
                             ),
