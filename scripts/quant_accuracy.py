@@ -21,6 +21,7 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 sys.path.insert(0, os.path.dirname(__file__))
+import mdtable  # noqa: E402
 import model_inputs  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -129,10 +130,7 @@ def main():
                 f"imagenet_sample (sorted), evaluation: the other {len(eval_rows)}; every model run by onnxruntime "
                 f"(so only the quantization differs); range method {a.method} for both; models below opset 13 are given to "
                 f"onnxruntime's quantizer upgraded by `edgepack rewrite --opset 13`. Drop = fp32 − INT8 top-1 (pt).")
-        text = open(a.md).read() if os.path.exists(a.md) else f"{BEGIN}\n{END}\n"
-        pre, rest = text.split(BEGIN, 1)
-        _, post = rest.split(END, 1)
-        open(a.md, "w").write(f"{pre}{BEGIN}\n{meta}\n\n{table}\n{END}{post}")
+        mdtable.replace_between(a.md, BEGIN, END, f"{meta}\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,15 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import numpy as np
 import onnxruntime as ort
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import mdtable  # noqa: E402
 MODELS = ["efficientnet_lite0_fp32.onnx", "squeezenet1.0_fp32.onnx", "ultraface_rfb_320.onnx"]
 BEGIN, END = "<!-- bench-vs-ort:begin -->", "<!-- bench-vs-ort:end -->"
 
@@ -90,10 +93,7 @@ def main():
         cmd = f"python3 benches/peers/bench_vs_ort.py --runs {a.runs} --rounds {a.rounds} --md BENCHMARKS.md"
         meta = (f"Measured with `{cmd}` on {platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}; "
                 f"median of {a.rounds} alternating rounds of {a.runs} timed runs each (batch 1, after {a.warmup} warm-ups).")
-        text = open(a.md).read() if os.path.exists(a.md) else f"{BEGIN}\n{END}\n"
-        pre, rest = text.split(BEGIN, 1)
-        _, post = rest.split(END, 1)
-        open(a.md, "w").write(f"{pre}{BEGIN}\n{meta}\n\n{table}\n{END}{post}")
+        mdtable.replace_between(a.md, BEGIN, END, f"{meta}\n\n{table}")
 
 
 if __name__ == "__main__":

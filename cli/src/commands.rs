@@ -233,6 +233,17 @@ fn read_tensor(path: &Path, shape: Option<&str>, dtype: &str) -> Result<Tensor> 
     Ok(Tensor::from_le_bytes(dt, shape, &bytes)?)
 }
 
+/// Writes each named tensor as `<dir>/<prefix><name>.npy` (atomically).
+fn save_npy_dir(dir: &Path, prefix: &str, tensors: &[(String, Tensor)]) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, t) in tensors {
+        let path = dir.join(format!("{prefix}{}.npy", safe_name(name)));
+        edgepack_runtime::fsutil::write_atomic(&path, &npy::write(t))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// A tensor name usable as a file name (other characters become `_`).
 fn safe_name(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' { c } else { '_' }).collect()
@@ -252,21 +263,21 @@ pub fn run(a: RunArgs) -> Result<()> {
     let images: Vec<&PathBuf> = a.inputs.iter().filter(|p| is_image(p)).collect();
     let mut feeds: Vec<(String, Tensor)> = Vec::new();
     let mut sizes = Vec::new();
+    let mut per_image: Vec<Tensor> = Vec::new();
     if !images.is_empty() {
         if images.len() != a.inputs.len() {
             bail!(BadInput("mix of images and tensor files; use --input NAME=FILE for tensors".into()));
         }
         let p =
             pre.clone().ok_or_else(|| BadInput("images need pre-processing: pass --preset or run a bundle".into()))?;
-        let mut ts = Vec::new();
         for img in &images {
             let bytes = std::fs::read(img).with_context(|| format!("reading {}", img.display()))?;
             let decoded = process::decode_image(&bytes).with_context(|| format!("{}", img.display()))?;
             sizes.push((decoded.width(), decoded.height()));
-            ts.push(p.apply(&decoded)?);
+            per_image.push(p.apply(&decoded)?);
         }
         let name = p.input.clone().unwrap_or_else(|| s.inputs()[0].name.clone());
-        feeds.push((name, process::stack(&ts)?));
+        feeds.push((name, process::stack(&per_image)?));
     } else {
         match (a.inputs.as_slice(), s.inputs()) {
             ([], _) => {}
@@ -290,47 +301,24 @@ pub fn run(a: RunArgs) -> Result<()> {
         bail!(BadInput("no input given".into()));
     }
     if let Some(dir) = &a.save_inputs {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        for (name, t) in &feeds {
-            let path = dir.join(format!("input_{}.npy", safe_name(name)));
-            edgepack_runtime::fsutil::write_atomic(&path, &npy::write(t))
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
+        save_npy_dir(dir, "input_", &feeds)?;
     }
-    // Several images on a model with a fixed batch of 1: one call per image, outputs stacked row-wise.
     let t0 = Instant::now();
     let outs = if !a.values.is_empty() {
         let names: Vec<&str> = a.values.iter().map(String::as_str).collect();
         s.run_values(feeds, &names)?
-    } else if images.len() > 1 && !s.accepts_batch() && feeds.len() == 1 {
-        let (name, x) = feeds.remove(0);
-        let per = x.len() / images.len();
-        let mut rows: Vec<Vec<(String, Tensor)>> = Vec::new();
-        let bytes = x.to_le_bytes();
-        let sz = x.dtype().size();
-        for k in 0..images.len() {
-            let mut shape = x.shape().to_vec();
-            shape[0] = 1;
-            let one = Tensor::from_le_bytes(x.dtype(), shape, &bytes[k * per * sz..(k + 1) * per * sz])?;
-            rows.push(s.run(vec![(name.clone(), one)])?);
-        }
-        let names: Vec<String> = rows[0].iter().map(|o| o.0.clone()).collect();
-        names
-            .into_iter()
-            .enumerate()
-            .map(|(i, n)| Ok((n, process::stack(&rows.iter().map(|r| r[i].1.clone()).collect::<Vec<_>>())?)))
-            .collect::<Result<Vec<_>>>()?
+    } else if per_image.len() > 1 && !s.accepts_batch() && feeds.len() == 1 {
+        // Several images on a model with a fixed batch of 1: one call per image, outputs stacked row-wise.
+        let name = feeds.remove(0).0;
+        let rows = per_image.into_iter().map(|x| s.run(vec![(name.clone(), x)])).collect::<Result<Vec<_>, _>>()?;
+        let stacked = |i: usize| process::stack(&rows.iter().map(|r| r[i].1.clone()).collect::<Vec<_>>());
+        rows[0].iter().enumerate().map(|(i, (n, _))| Ok((n.clone(), stacked(i)?))).collect::<Result<Vec<_>>>()?
     } else {
         s.run(feeds)?
     };
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     if let Some(dir) = &a.output_dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        for (name, t) in &outs {
-            let path = dir.join(format!("{}.npy", safe_name(name)));
-            edgepack_runtime::fsutil::write_atomic(&path, &npy::write(t))
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
+        save_npy_dir(dir, "", &outs)?;
     }
     let backend = s.backend_description();
     let raw = a.raw || !a.values.is_empty();

@@ -9,6 +9,12 @@ import pytest
 import model_inputs
 from conftest import ep
 
+def ort_outputs(path, feeds):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
 MODELS = [
     "efficientnet_lite0_fp32.onnx", "squeezenet1.0_fp32.onnx", "mnist_cntk_opset7.onnx", "ultraface_rfb_320.onnx",
     "silero_vad.onnx", "magika_standard_v3_3.onnx", "ppocr_mobile_v2_cls.onnx",
@@ -24,10 +30,7 @@ def test_rewrite_is_lossless(shared, binary, tmp_path, fname):
     sorted_ = tmp_path / "sorted.onnx"
     ep("rewrite", src, sorted_, "--topo-sort")
     feeds = model_inputs.all_inputs(shared)[fname]
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    a = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]).run(None, feeds)
-    b = ort.InferenceSession(str(sorted_), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+    a, b = ort_outputs(src, feeds), ort_outputs(sorted_, feeds)
     for x, y in zip(a, b):
         assert np.array_equal(x, y)
 
@@ -44,10 +47,7 @@ def test_opset_upgrade_keeps_results(shared, binary, tmp_path, fname):
     assert [o.version for o in m.opset_import if o.domain in ("", "ai.onnx")] == [13]
     onnx.checker.check_model(m)
     feeds = model_inputs.all_inputs(shared)[fname]
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    a = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]).run(None, feeds)
-    b = ort.InferenceSession(str(up), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+    a, b = ort_outputs(src, feeds), ort_outputs(up, feeds)
     for x, y in zip(a, b):
         assert x.shape == y.shape
         assert np.max(np.abs(x - y)) <= 1e-6 * max(1.0, float(np.max(np.abs(x))))
