@@ -37,6 +37,13 @@ fi
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+# Cargo does not record which checkout built a path crate: with one target dir shared between clones, a crate built
+# from another checkout can look fresh and be tested instead of this one. Clean this workspace's own crates (the
+# dependencies stay cached) so what is linted, tested and run is built from these sources.
+step "clean the workspace crates in the shared target dir"
+cargo clean --release -q -p edgepack-runtime -p edgepack-packager -p edgepack-quantize -p edgepack-mobile \
+  -p edgepack-cli -p edgepack-examples
+
 step "cargo clippy (warnings are errors)"
 cargo clippy --release --workspace --all-targets -- -D warnings
 

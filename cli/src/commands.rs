@@ -743,7 +743,7 @@ pub struct QuantizeArgs {
     /// Pre-processing preset for a bare .onnx model fed with images
     #[arg(long)]
     preset: Option<String>,
-    /// Range estimation: minmax, or percentile (with --percentile)
+    /// Range estimation: minmax, percentile (with --percentile) or mse
     #[arg(long, default_value = "minmax")]
     method: String,
     #[arg(long, default_value_t = 99.99)]
@@ -778,14 +778,15 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     let method = match a.method.as_str() {
         "minmax" => calib::Method::MinMax,
         "percentile" => calib::Method::Percentile(a.percentile),
-        m => bail!(BadInput(format!("unknown method `{m}` (minmax, percentile)"))),
+        "mse" => calib::Method::Mse,
+        m => bail!(BadInput(format!("unknown method `{m}` (minmax, percentile, mse)"))),
     };
     let cfg = qdq::QdqConfig { exclude: a.exclude.clone(), ..Default::default() };
     let values = qdq::activations_to_calibrate(&model, &cfg);
     let pre = image_preprocess(&s, a.preset.as_deref())?;
     let data = Dataset::samples(&a.calib)?;
     let n = data.len().min(a.calib_limit.max(1));
-    let bar = progress(n * if matches!(method, calib::Method::Percentile(_)) { 2 } else { 1 }, "calibrate");
+    let bar = progress(n * if method.needs_histogram() { 2 } else { 1 }, "calibrate");
     let ranges = calib::calibrate(&s, &data, 0..n, pre.as_ref(), &values, method, |d, _| bar.set_position(d as u64))?;
     bar.finish_and_clear();
     let (q, summary) = qdq::quantize(&model, &ranges, &cfg)?;

@@ -15,6 +15,14 @@ pub enum Method {
     MinMax,
     /// The given percentile of |x| on each side (e.g. 99.99), from a histogram (second pass).
     Percentile(f64),
+    /// The clipping range minimising the expected quantization error (clipping + rounding) over the histogram.
+    Mse,
+}
+
+impl Method {
+    pub fn needs_histogram(self) -> bool {
+        !matches!(self, Method::MinMax)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +71,41 @@ impl Observer {
         }
     }
 
+    /// Value at the centre of histogram bin `i`.
+    fn center(&self, i: usize) -> f32 {
+        self.min + (self.max - self.min) * i as f32 / (BINS as f32 - 1.0)
+    }
+
+    /// Expected squared error of uint8 quantization over [lo, hi], weighted by the histogram.
+    fn quant_mse(&self, lo: f32, hi: f32) -> f64 {
+        let (scale, zp) = crate::qdq::activation_params(Range { min: lo, max: hi });
+        self.hist
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(i, &c)| {
+                let x = self.center(i);
+                let q = ((x / scale).round() + zp as f32).clamp(0.0, 255.0);
+                let e = (x - (q - zp as f32) * scale) as f64;
+                e * e * c as f64
+            })
+            .sum()
+    }
+
+    fn mse_range(&self) -> Range {
+        let mut best = (f64::INFINITY, Range { min: self.min, max: self.max });
+        for k in 0..=80 {
+            let a = 1.0 - k as f32 * 0.01; // shrink both ends from 100 % down to 20 %
+            // The quantizer's range always includes 0 (see `activation_params`): shrink towards it.
+            let (lo, hi) = (self.min.min(0.0) * a, self.max.max(0.0) * a);
+            let e = self.quant_mse(lo, hi);
+            if e < best.0 {
+                best = (e, Range { min: lo, max: hi });
+            }
+        }
+        best.1
+    }
+
     fn range(&self, method: Method) -> Range {
         if !self.min.is_finite() {
             return Range { min: 0.0, max: 0.0 };
@@ -88,6 +131,7 @@ impl Observer {
                 }
                 Range { min: at(lo).min(0.0).max(self.min), max: at(hi).max(0.0).min(self.max) }
             }
+            Method::Mse => self.mse_range(),
         }
     }
 }
@@ -112,7 +156,7 @@ pub fn calibrate(
     };
     let names: Vec<&str> = values.iter().map(String::as_str).collect();
     let mut obs: Vec<Observer> = values.iter().map(|_| Observer::new()).collect();
-    let passes = if matches!(method, Method::Percentile(_)) { 2 } else { 1 };
+    let passes = if method.needs_histogram() { 2 } else { 1 };
     let total = samples.len() * passes;
     let mut done = 0;
     for pass in 0..passes {
@@ -145,5 +189,18 @@ mod tests {
         let r = o.range(Method::Percentile(99.9));
         assert!(r.max < 1.1 && r.max > 0.9, "{r:?}");
         assert_eq!(r.min, 0.0);
+    }
+
+    #[test]
+    fn mse_never_does_worse_than_minmax_and_clips_a_heavy_tail() {
+        let mut o = Observer::new();
+        // Exponential-like values: a long, populated tail where clipping pays off.
+        let v: Vec<f32> = (1..20000).map(|i| -((i as f32 / 20000.0).ln()) * 0.5).collect();
+        o.observe_range(&v);
+        o.observe_hist(&v);
+        let m = o.range(Method::Mse);
+        assert!(m.min >= o.min.min(0.0) && m.max <= o.max.max(0.0));
+        assert!(o.quant_mse(m.min, m.max) <= o.quant_mse(o.min, o.max));
+        assert!(m.max < o.max, "{m:?} vs max {}", o.max);
     }
 }
