@@ -41,34 +41,41 @@ pub fn load_key(path: Option<&Path>) -> Result<Option<PublicKey>> {
     path.map(|p| PublicKey::load(p).with_context(|| format!("reading key {}", p.display()))).transpose()
 }
 
-pub fn open_session(path: &Path, a: &LoadArgs) -> Result<Session> {
-    let opts = SessionOptions {
+fn session_options(a: &LoadArgs) -> Result<SessionOptions> {
+    Ok(SessionOptions {
         device: a.device,
         threads: a.threads,
         variant: a.variant.clone(),
         key: load_key(a.key.as_deref())?,
         ..Default::default()
-    };
-    Session::open(path, &opts).with_context(|| format!("loading {}", path.display()))
+    })
+}
+
+pub fn open_session(path: &Path, a: &LoadArgs) -> Result<Session> {
+    Session::open(path, &session_options(a)?).with_context(|| format!("loading {}", path.display()))
 }
 
 /// The image pre-processing to use: the bundle's, or a named preset sized from the model's first input.
 pub fn image_preprocess(s: &Session, preset: Option<&str>) -> Result<Option<ImagePreprocess>> {
-    if let Some(name) = preset {
-        let input = s.inputs().first().context("the model has no input")?;
-        let (h, w) = image_hw(&input.shape)
-            .with_context(|| format!("input `{}` {} is not an image", input.name, input.shape_string()))?;
-        let mut p = ImagePreprocess::preset(name, h, w)?;
-        if input.shape.len() == 4
-            && matches!(input.shape[3], Dim::Fixed(1 | 3))
-            && !matches!(input.shape[1], Dim::Fixed(1 | 3))
-        {
-            p.layout = Layout::Nhwc;
-        }
-        p.dtype = input.dtype.unwrap_or(DType::F32);
-        return Ok(Some(p));
+    match preset {
+        Some(name) => Ok(Some(preset_for(name, s.inputs().first().context("the model has no input")?)?)),
+        None => Ok(s.preprocess().map(|Preprocess::Image(p)| p.clone())),
     }
-    Ok(s.preprocess().map(|Preprocess::Image(p)| p.clone()))
+}
+
+/// A named preset sized (and laid out) for an image input.
+fn preset_for(name: &str, input: &edgepack_runtime::IoInfo) -> Result<ImagePreprocess> {
+    let (h, w) = image_hw(&input.shape)
+        .with_context(|| format!("input `{}` {} is not an image", input.name, input.shape_string()))?;
+    let mut p = ImagePreprocess::preset(name, h, w)?;
+    if input.shape.len() == 4
+        && matches!(input.shape[3], Dim::Fixed(1 | 3))
+        && !matches!(input.shape[1], Dim::Fixed(1 | 3))
+    {
+        p.layout = Layout::Nhwc;
+    }
+    p.dtype = input.dtype.unwrap_or(DType::F32);
+    Ok(p)
 }
 
 /// (height, width) of an NCHW or NHWC image input with fixed spatial dims.
@@ -591,8 +598,8 @@ pub fn pack(a: PackArgs) -> Result<()> {
     let pre = if let Some(j) = &a.preprocess_json {
         Some(Preprocess::Image(serde_json::from_str(j).context("--preprocess-json")?))
     } else if let Some(p) = &a.preset {
-        let s = Session::from_model(&model, &SessionOptions { threads: 1, ..Default::default() })?;
-        image_preprocess(&s, Some(p))?.map(Preprocess::Image)
+        let (inputs, _) = edgepack_runtime::session::model_io(&model);
+        Some(Preprocess::Image(preset_for(p, inputs.first().context("the model has no input")?)?))
     } else {
         None
     };
@@ -763,14 +770,15 @@ pub struct QuantizeArgs {
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
     use edgepack_quantize::{calib, data::Dataset, qdq};
     let t0 = Instant::now();
-    let s = open_session(&a.model, &a.load)?;
-    // The fp32 graph: the bundle's loaded variant, or the file itself.
-    let fp32_bytes = match s.bundle() {
-        Some(b) => {
-            let bundle = Bundle::open(&a.model, &OpenOptions::default())?;
-            bundle.model_bytes(Some(&b.variant))?.1.to_vec()
-        }
-        None => std::fs::read(&a.model).with_context(|| format!("reading {}", a.model.display()))?,
+    // One read and one verification: the calibration session and the fp32 graph come from the same bytes.
+    let opts = session_options(&a.load)?;
+    let bytes = std::fs::read(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
+    let (s, fp32_bytes) = if edgepack_runtime::session::is_bundle(&bytes) {
+        let bundle = Bundle::from_bytes(bytes, &OpenOptions { key: opts.key.clone(), ..Default::default() })?;
+        let fp32 = bundle.model_bytes(opts.variant.as_deref())?.1.to_vec();
+        (Session::from_bundle(bundle, &opts)?, fp32)
+    } else {
+        (Session::from_onnx_bytes(&bytes, &opts)?, bytes)
     };
     let mut model = edgepack_runtime::onnx::Model::from_bytes(&fp32_bytes)?;
     // Per-channel QDQ needs opset 13: older models are upgraded first (value names are kept).

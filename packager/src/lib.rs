@@ -9,7 +9,7 @@ use edgepack_runtime::bundle::{
     self, ALIGN, BackendKind, CONTAINER_VERSION, FLAG_SIGNED, HEADER_LEN, MAGIC, MANIFEST_FORMAT_VERSION, Manifest,
     Member, Precision, PublicKey, SECRET_KEY_PREFIX, SIGNATURE_BLOCK_LEN, SIGNING_CONTEXT, Task, TensorSpec, Variant,
 };
-use edgepack_runtime::onnx::{Model, value_info_to_type};
+use edgepack_runtime::onnx::Model;
 use edgepack_runtime::process::{Postprocess, Preprocess};
 
 #[derive(Debug, thiserror::Error)]
@@ -103,18 +103,6 @@ pub struct BundleBuilder {
     members: Vec<PendingMember>,
 }
 
-fn io_specs(model: &Model) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
-    let spec = |v: &edgepack_runtime::onnx::ValueInfoProto| {
-        let t = value_info_to_type(v);
-        TensorSpec {
-            name: v.name.clone().unwrap_or_default(),
-            dtype: t.as_ref().and_then(|t| t.dtype()),
-            shape: t.and_then(|t| t.shape).unwrap_or_default(),
-        }
-    };
-    (model.graph.runtime_inputs().into_iter().map(spec).collect(), model.graph.outputs.iter().map(spec).collect())
-}
-
 impl BundleBuilder {
     pub fn new(name: &str, version: &str, task: Task) -> BundleBuilder {
         BundleBuilder {
@@ -167,7 +155,9 @@ impl BundleBuilder {
     /// bundle's inputs/outputs and later variants must have the same input names.
     pub fn variant(mut self, id: &str, onnx: Vec<u8>, precision: Precision, backends: &[BackendKind]) -> Result<Self> {
         let model = Model::from_bytes(&onnx)?;
-        let (inputs, outputs) = io_specs(&model);
+        let (inputs, outputs) = edgepack_runtime::session::model_io(&model);
+        let (inputs, outputs): (Vec<TensorSpec>, Vec<TensorSpec>) =
+            (inputs.iter().map(|i| i.spec()).collect(), outputs.iter().map(|o| o.spec()).collect());
         if self.variants.is_empty() {
             self.inputs = inputs;
             self.outputs = outputs;

@@ -68,7 +68,8 @@ impl IoInfo {
             .collect()
     }
 
-    fn spec(&self) -> TensorSpec {
+    /// The manifest form of this description.
+    pub fn spec(&self) -> TensorSpec {
         TensorSpec { name: self.name.clone(), dtype: self.dtype, shape: self.shape.clone() }
     }
 }
@@ -138,7 +139,8 @@ impl ModelSummary {
     }
 }
 
-fn io_infos(model: &Model) -> (Vec<IoInfo>, Vec<IoInfo>) {
+/// Inputs (initializer-backed inputs excluded) and outputs of a model, as the file declares them.
+pub fn model_io(model: &Model) -> (Vec<IoInfo>, Vec<IoInfo>) {
     let conv = |v: &onnx::ValueInfoProto| {
         let t = onnx::value_info_to_type(v);
         IoInfo {
@@ -207,7 +209,7 @@ impl Session {
 
     /// Loads a checked model on the backend chosen by `opts.device`.
     pub fn from_model(model: &Model, opts: &SessionOptions) -> Result<Session> {
-        let (inputs, outputs) = io_infos(model);
+        let (inputs, outputs) = model_io(model);
         for i in &inputs {
             if i.dtype.is_none() {
                 return Err(Error::MalformedModel(format!(

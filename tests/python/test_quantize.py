@@ -102,3 +102,18 @@ def test_old_opset_model_is_upgraded_and_quantized(shared, binary, tmp_path):
         agree += int(fp32.run(None, {"data_0": x})[0].argmax() == int8.run(None, {"data_0": x})[0].argmax())
     print(f"squeezenet int8 vs fp32 top-1 agreement: {100 * agree / len(rows):.1f} %")
     assert agree / len(rows) >= 0.9
+
+
+def test_quantize_reads_a_signed_bundle_once_with_its_key(binary, tmp_path):
+    mnist = os.path.join(ROOT, "assets", "models", "mnist_cntk_opset8_simplified.onnx")
+    ep("keygen", "-o", tmp_path / "k")
+    ep("keygen", "-o", tmp_path / "other")
+    b = tmp_path / "mnist.edgepack"
+    ep("pack", mnist, "-o", b, "--preset", "mnist", "--sign", tmp_path / "k.key")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.save(calib / "x.npy", np.full((1, 1, 28, 28), 128.0, np.float32))
+    r = ep("quantize", b, "--calib", calib, "--key", tmp_path / "k.pub", "-o", tmp_path / "q.onnx", "--json")
+    assert r.returncode == 0 and os.path.exists(tmp_path / "q.onnx")
+    r = ep("quantize", b, "--calib", calib, "--key", tmp_path / "other.pub", "-o", tmp_path / "q2.onnx", check=False)
+    assert r.returncode == 3 and not os.path.exists(tmp_path / "q2.onnx")
