@@ -741,26 +741,62 @@ pub fn rewrite(input: &Path, output: &Path, topo_sort: bool, remove_unused: bool
 pub struct QuantizeArgs {
     /// fp32 model (.onnx) or bundle (its first variant and pre-processing are used)
     model: PathBuf,
-    /// Calibration samples: a folder of images and/or .npy tensors (searched recursively)
+    /// Calibration samples: a folder of images and/or .npy tensors (searched recursively), a labelled folder
+    /// (labels.csv + images/, class folders) or an IDX image file with --idx-labels
     #[arg(long)]
     calib: PathBuf,
+    /// Labels of an IDX calibration file (MNIST); makes the held-out samples labelled
+    #[arg(long)]
+    idx_labels: Option<PathBuf>,
     /// Use at most this many calibration samples (the first ones, in sorted order)
     #[arg(long, default_value_t = 200)]
     calib_limit: usize,
+    /// Held-out samples for the budget and the fidelity report: the next N samples after the calibration ones
+    /// (or the first N of --eval)
+    #[arg(long, default_value_t = 200)]
+    holdout: usize,
+    /// Take the held-out samples from this folder instead (same layouts as --calib)
+    #[arg(long)]
+    eval: Option<PathBuf>,
     /// Pre-processing preset for a bare .onnx model fed with images
     #[arg(long)]
     preset: Option<String>,
-    /// Range estimation: minmax, percentile (with --percentile) or mse
+    /// Range estimation: minmax, percentile (with --percentile), entropy or mse
     #[arg(long, default_value = "minmax")]
     method: String,
     #[arg(long, default_value_t = 99.99)]
     percentile: f64,
+    /// Accuracy budget on the held-out samples: top1-drop=PT, agreement=PCT or sqnr=DB. When the all-INT8 model
+    /// misses it, the most sensitive layers are kept in fp32 (the fewest that meet it)
+    #[arg(long)]
+    budget: Option<String>,
+    /// At most this fraction of the quantizable layers may be kept in fp32 to meet the budget
+    #[arg(long, default_value_t = 0.25)]
+    max_float_fraction: f64,
+    /// Held-out samples per layer for the sensitivity analysis
+    #[arg(long, default_value_t = 16)]
+    sensitivity_samples: usize,
+    /// Measure per-layer sensitivity even when no budget needs it
+    #[arg(long)]
+    sensitivity: bool,
+    /// Held-out samples for the per-layer SQNR
+    #[arg(long, default_value_t = 8)]
+    layer_samples: usize,
+    /// Timed runs per model for the CPU latency in the report (0 = skip)
+    #[arg(long, default_value_t = 10)]
+    latency_runs: usize,
     /// Keep these nodes (by name) or op types in float; repeatable
     #[arg(long)]
     exclude: Vec<String>,
     /// Output INT8 ONNX file
     #[arg(short, long)]
     out: PathBuf,
+    /// Fidelity report (JSON; an .html page is written beside it). Default: OUT.report.json
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Print every layer in the terminal table (default: fp32 layers and the 10 lowest-SQNR int8 layers)
+    #[arg(long)]
+    all_layers: bool,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -768,9 +804,12 @@ pub struct QuantizeArgs {
 }
 
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
-    use edgepack_quantize::{calib, data::Dataset, qdq};
-    let t0 = Instant::now();
-    // One read and one verification: the calibration session and the fp32 graph come from the same bytes.
+    use edgepack_quantize::{calib, pipeline, qdq};
+    // Fail before the long job, not after it.
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+        bail!(BadInput(format!("output folder {} does not exist", dir.display())));
+    }
+    // One read and one verification: the pre-processing and the fp32 graph come from the same bytes.
     let opts = session_options(&a.load)?;
     let bytes = std::fs::read(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
     let (s, fp32_bytes) = if edgepack_runtime::session::is_bundle(&bytes) {
@@ -780,49 +819,114 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     } else {
         (Session::from_onnx_bytes(&bytes, &opts)?, bytes)
     };
-    let mut model = edgepack_runtime::onnx::Model::from_bytes(&fp32_bytes)?;
-    // Per-channel QDQ needs opset 13: older models are upgraded first (value names are kept).
-    let upgrade = model.upgrade_opset(13)?;
+    let model = edgepack_runtime::onnx::Model::from_bytes(&fp32_bytes)?;
     let method = match a.method.as_str() {
         "minmax" => calib::Method::MinMax,
         "percentile" => calib::Method::Percentile(a.percentile),
         "mse" => calib::Method::Mse,
-        m => bail!(BadInput(format!("unknown method `{m}` (minmax, percentile, mse)"))),
+        "entropy" => calib::Method::Entropy,
+        m => bail!(BadInput(format!("unknown method `{m}` (minmax, percentile, entropy, mse)"))),
     };
-    let cfg = qdq::QdqConfig { exclude: a.exclude.clone(), ..Default::default() };
-    let values = qdq::activations_to_calibrate(&model, &cfg);
+    let budget = match &a.budget {
+        Some(b) => Some(b.parse::<edgepack_quantize::mixed::Budget>().map_err(BadInput)?),
+        None => None,
+    };
+    if !(0.0..=1.0).contains(&a.max_float_fraction) {
+        bail!(BadInput("--max-float-fraction must be within 0..1".into()));
+    }
     let pre = image_preprocess(&s, a.preset.as_deref())?;
-    let data = Dataset::samples(&a.calib)?;
+    let data = Dataset::open(&a.calib, a.idx_labels.as_deref())?;
     let n = data.len().min(a.calib_limit.max(1));
-    let bar = progress(n * if method.needs_histogram() { 2 } else { 1 }, "calibrate");
-    let ranges = calib::calibrate(&s, &data, 0..n, pre.as_ref(), &values, method, |d, _| bar.set_position(d as u64))?;
-    bar.finish_and_clear();
-    let (q, summary) = qdq::quantize(&model, &ranges, &cfg)?;
-    let bytes = q.to_bytes();
-    edgepack_runtime::fsutil::write_atomic(&a.out, &bytes).with_context(|| format!("writing {}", a.out.display()))?;
-    let res = json!({
-        "model": a.model, "out": a.out, "calibration_samples": n, "method": a.method,
-        "fp32_bytes": fp32_bytes.len(), "int8_bytes": bytes.len(),
-        "size_ratio": bytes.len() as f64 / fp32_bytes.len() as f64,
-        "summary": summary, "opset_upgrade": upgrade, "seconds": t0.elapsed().as_secs_f64(),
-    });
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&res)?);
-    } else {
-        println!(
-            "wrote {} ({} bytes, {:.1} % of fp32): {} weighted ops int8, {} activations quantized, {} left in float; calibrated on {n} samples ({}) in {:.1} s",
-            a.out.display(),
-            bytes.len(),
-            100.0 * bytes.len() as f64 / fp32_bytes.len() as f64,
-            summary.quantized_weights.len(),
-            summary.quantized_activations.len(),
-            summary.skipped.len(),
-            a.method,
-            t0.elapsed().as_secs_f64()
-        );
-        for (k, why) in &summary.skipped {
-            println!("  float: {k}: {why}");
+    let eval_data = match &a.eval {
+        Some(p) => Some(Dataset::open(p, None)?),
+        None => None,
+    };
+    let held_out = match (&eval_data, &a.eval) {
+        (Some(d), Some(p)) => {
+            Some(pipeline::Samples { data: d, range: 0..d.len().min(a.holdout), source: p.display().to_string() })
         }
+        _ => Some(pipeline::Samples {
+            data: &data,
+            range: n..data.len().min(n + a.holdout),
+            source: a.calib.display().to_string(),
+        }),
+    };
+    let job = pipeline::Job {
+        model: &model,
+        model_name: a.model.display().to_string(),
+        output_name: a.out.display().to_string(),
+        fp32_bytes: fp32_bytes.len(),
+        calib: pipeline::Samples { data: &data, range: 0..n, source: a.calib.display().to_string() },
+        held_out,
+        pre: pre.as_ref(),
+        method,
+        method_name: if a.method == "percentile" { format!("percentile {}", a.percentile) } else { a.method.clone() },
+        cfg: qdq::QdqConfig { exclude: a.exclude.clone(), ..Default::default() },
+        budget,
+        max_float_fraction: a.max_float_fraction,
+        sensitivity_samples: a.sensitivity_samples,
+        layer_samples: a.layer_samples,
+        latency_runs: a.latency_runs,
+        always_sensitivity: a.sensitivity,
+        session: opts.clone(),
+        held_out_max_bytes: 1 << 30,
+    };
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let (q, report) = pipeline::run(&job, &mut |e| match e {
+        pipeline::Event::Stage(name, total) => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            bar = Some(progress(total, name));
+        }
+        pipeline::Event::Step(d) => {
+            if let Some(b) = &bar {
+                b.set_position(d as u64);
+            }
+        }
+        pipeline::Event::Note(line) => match &bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        },
+    })?;
+    if let Some(b) = bar.take() {
+        b.finish_and_clear();
+    }
+    let out_bytes = q.to_bytes();
+    edgepack_runtime::fsutil::write_atomic(&a.out, &out_bytes)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    let report_path = a.report.clone().unwrap_or_else(|| {
+        let mut p = a.out.clone().into_os_string();
+        p.push(".report.json");
+        PathBuf::from(p)
+    });
+    let html_path = report_path.with_extension("html");
+    edgepack_runtime::fsutil::write_atomic(&report_path, serde_json::to_string_pretty(&report)?.as_bytes())
+        .with_context(|| format!("writing {}", report_path.display()))?;
+    edgepack_runtime::fsutil::write_atomic(&html_path, report.html().as_bytes())
+        .with_context(|| format!("writing {}", html_path.display()))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"out": a.out, "report_json": report_path, "report_html": html_path, "report": report})
+            )?
+        );
+    } else {
+        print!("{}", report.table(a.all_layers));
+        println!(
+            "wrote {} ({:.1} % of fp32), {} and {} in {:.1} s",
+            a.out.display(),
+            100.0 * report.size.ratio,
+            report_path.display(),
+            html_path.display(),
+            report.seconds
+        );
+    }
+    if let Some(b) = &report.budget
+        && !b.met
+    {
+        eprintln!("warning: budget {} not met (best reached {:.3}); see the report", b.text, b.reached);
     }
     Ok(())
 }

@@ -170,6 +170,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         }
         match cause.downcast_ref::<CalibError>() {
             Some(CalibError::Runtime(err)) => return runtime_exit(err),
+            Some(CalibError::Unsupported(_)) => return exit::UNSUPPORTED,
             Some(_) => return exit::BAD_INPUT,
             None => {}
         }

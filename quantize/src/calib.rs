@@ -17,6 +17,9 @@ pub enum Method {
     Percentile(f64),
     /// The clipping range minimising the expected quantization error (clipping + rounding) over the histogram.
     Mse,
+    /// The clipping range minimising the KL divergence between the clipped histogram and its quantized form
+    /// (TensorRT's entropy calibration, applied to the asymmetric uint8 range).
+    Entropy,
 }
 
 impl Method {
@@ -33,6 +36,9 @@ pub enum CalibError {
     Runtime(#[from] edgepack_runtime::Error),
     #[error("{0}")]
     Invalid(String),
+    /// The model cannot be calibrated here (e.g. the CPU backend cannot run it).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 const BINS: usize = 2048;
@@ -92,18 +98,53 @@ impl Observer {
             .sum()
     }
 
-    fn mse_range(&self) -> Range {
+    /// KL(P‖Q) of the range [lo, hi]: P is the histogram with the mass outside moved to the edge bins, Q spreads
+    /// each quantization level's mass evenly over the level's non-empty bins.
+    fn kl(&self, lo: f32, hi: f32) -> f64 {
+        let (scale, zp) = crate::qdq::activation_params(Range { min: lo, max: hi });
+        let (a, b) = (self.bin(lo.max(self.min)), self.bin(hi.min(self.max)));
+        let mut p: Vec<f64> = self.hist[a..=b].iter().map(|&c| c as f64).collect();
+        p[0] += self.hist[..a].iter().sum::<u64>() as f64;
+        *p.last_mut().unwrap() += self.hist[b + 1..].iter().sum::<u64>() as f64;
+        let level = |i: usize| ((self.center(a + i) / scale).round() + zp as f32).clamp(0.0, 255.0) as usize;
+        let (mut mass, mut count) = (vec![0f64; 256], vec![0u32; 256]);
+        for (i, &v) in p.iter().enumerate() {
+            if v > 0.0 {
+                mass[level(i)] += v;
+                count[level(i)] += 1;
+            }
+        }
+        let total: f64 = p.iter().sum();
+        if total <= 0.0 {
+            return 0.0;
+        }
+        p.iter()
+            .enumerate()
+            .filter(|(_, v)| **v > 0.0)
+            .map(|(i, &v)| {
+                let q = mass[level(i)] / count[level(i)] as f64;
+                (v / total) * ((v / total) / (q / total)).ln()
+            })
+            .sum()
+    }
+
+    /// The candidate (both ends shrunk towards 0 by the same factor, 100 % down to 20 %) minimising `cost`.
+    fn best_shrink(&self, cost: impl Fn(f32, f32) -> f64) -> Range {
         let mut best = (f64::INFINITY, Range { min: self.min, max: self.max });
         for k in 0..=80 {
-            let a = 1.0 - k as f32 * 0.01; // shrink both ends from 100 % down to 20 %
+            let a = 1.0 - k as f32 * 0.01;
             // The quantizer's range always includes 0 (see `activation_params`): shrink towards it.
             let (lo, hi) = (self.min.min(0.0) * a, self.max.max(0.0) * a);
-            let e = self.quant_mse(lo, hi);
+            let e = cost(lo, hi);
             if e < best.0 {
                 best = (e, Range { min: lo, max: hi });
             }
         }
         best.1
+    }
+
+    fn mse_range(&self) -> Range {
+        self.best_shrink(|lo, hi| self.quant_mse(lo, hi))
     }
 
     fn range(&self, method: Method) -> Range {
@@ -132,6 +173,8 @@ impl Observer {
                 Range { min: at(lo).min(0.0).max(self.min), max: at(hi).max(0.0).min(self.max) }
             }
             Method::Mse => self.mse_range(),
+            Method::Entropy if self.hist.iter().all(|&c| c == 0) => Range { min: self.min, max: self.max },
+            Method::Entropy => self.best_shrink(|lo, hi| self.kl(lo, hi)),
         }
     }
 }
@@ -189,6 +232,25 @@ mod tests {
         let r = o.range(Method::Percentile(99.9));
         assert!(r.max < 1.1 && r.max > 0.9, "{r:?}");
         assert_eq!(r.min, 0.0);
+    }
+
+    #[test]
+    fn entropy_clips_a_sparse_tail_and_keeps_a_dense_range() {
+        // Dense uniform values: clipping loses information, the full range wins.
+        let mut o = Observer::new();
+        let v: Vec<f32> = (0..20000).map(|i| (i % 1000) as f32 / 1000.0).collect();
+        o.observe_range(&v);
+        o.observe_hist(&v);
+        let r = o.range(Method::Entropy);
+        assert!(r.max > 0.95 && r.min == 0.0, "{r:?}");
+        // A few far outliers: the range is clipped well below them.
+        let mut w = v.clone();
+        w.extend([20.0, 19.0, 18.5]);
+        let mut o = Observer::new();
+        o.observe_range(&w);
+        o.observe_hist(&w);
+        let r = o.range(Method::Entropy);
+        assert!(r.max < 10.0, "{r:?}");
     }
 
     #[test]

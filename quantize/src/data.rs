@@ -210,6 +210,15 @@ impl Dataset {
         Ok(Dataset { items: Items::Files(files.into_iter().map(|f| (f, None)).collect()) })
     }
 
+    /// Labelled when the layout says so (`idx_labels`, or `labels.csv` in `path`), else unlabelled samples.
+    pub fn open(path: &Path, idx_labels: Option<&Path>) -> Result<Dataset> {
+        if idx_labels.is_some() || path.join("labels.csv").is_file() {
+            Dataset::labelled(path, idx_labels, None)
+        } else {
+            Dataset::samples(path)
+        }
+    }
+
     pub fn len(&self) -> usize {
         match &self.items {
             Items::Files(v) => v.len(),

@@ -1,6 +1,13 @@
-//! edgepack offline model tools. Today: datasets and calibration samples ([`data`]), shared by `edgepack eval`
-//! and (next) calibration for INT8 quantization and pruning, which will be passes over
-//! `edgepack_runtime::onnx::Graph`.
+//! edgepack offline model tools, as passes over `edgepack_runtime::onnx::Graph`:
+//! - [`data`]: datasets and calibration samples (shared by `edgepack eval`), read lazily;
+//! - [`calib`]: streaming calibration (min-max, percentile, entropy, MSE observers);
+//! - [`qdq`]: the QDQ INT8 pass; [`mixed`]: per-layer sensitivity and mixed precision under a budget;
+//! - [`fidelity`] + [`report`]: how close the INT8 model is to fp32, as JSON, a table and HTML;
+//! - [`pipeline`]: the whole `edgepack quantize` job as one call.
 pub mod calib;
 pub mod data;
+pub mod fidelity;
+pub mod mixed;
+pub mod pipeline;
 pub mod qdq;
+pub mod report;

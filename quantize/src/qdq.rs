@@ -51,6 +51,39 @@ pub struct QdqSummary {
     pub quantized_activations: Vec<String>,
     /// Nodes left in float, with the reason.
     pub skipped: BTreeMap<String, String>,
+    /// Quantizable nodes kept in float by the configuration (`--exclude` or mixed precision).
+    pub excluded: Vec<String>,
+}
+
+/// Compute-heavy ops this pass leaves in float, with the reason the report gives.
+fn float_reason(op: &str) -> Option<&'static str> {
+    Some(match op {
+        "If" | "Loop" | "Scan" => "control flow: the node and its subgraphs stay fp32",
+        "LSTM" | "GRU" | "RNN" => "recurrent op: no QDQ form here, stays fp32",
+        "ConvTranspose" => "ConvTranspose is not quantized yet, stays fp32",
+        "Einsum" | "Attention" | "LayerNormalization" | "InstanceNormalization" => "not quantized, stays fp32",
+        "BatchNormalization" => "BatchNormalization not after a Conv (not folded), stays fp32",
+        _ => return None,
+    })
+}
+
+/// Compute-heavy nodes the pass leaves in float, with the reason.
+pub fn float_nodes(model: &Model) -> BTreeMap<String, String> {
+    model.graph.nodes.iter().filter_map(|n| Some((n.name().to_string(), float_reason(n.op())?.to_string()))).collect()
+}
+
+/// The nodes the pass would quantize (name, op type), in graph order: the units of sensitivity analysis and of
+/// mixed precision (keeping a node in fp32 = excluding it by name).
+pub fn quantizable_nodes(model: &Model, cfg: &QdqConfig) -> Vec<(String, String)> {
+    let acts: HashSet<String> = activations_to_calibrate(model, cfg).into_iter().collect();
+    model
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| ACTIVATION_CONSUMERS.contains(&n.op()) && !excluded(cfg, n))
+        .filter(|n| n.real_inputs().iter().any(|i| acts.contains(*i)))
+        .map(|n| (n.name().to_string(), n.op().to_string()))
+        .collect()
 }
 
 fn excluded(cfg: &QdqConfig, n: &NodeProto) -> bool {
@@ -179,9 +212,12 @@ pub fn quantize(
     let mut new_nodes = Vec::new();
     for i in 0..n_nodes {
         let n = m.graph.nodes[i].clone();
+        if let Some(why) = float_reason(n.op()) {
+            summary.skipped.insert(n.name().to_string(), why.into());
+        }
         if !ACTIVATION_CONSUMERS.contains(&n.op()) || excluded(cfg, &n) {
-            if WEIGHTED.contains(&n.op()) {
-                summary.skipped.insert(n.name().to_string(), "excluded".into());
+            if ACTIVATION_CONSUMERS.contains(&n.op()) {
+                summary.excluded.push(n.name().to_string());
             }
             continue;
         }

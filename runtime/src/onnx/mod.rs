@@ -8,6 +8,7 @@
 pub mod proto;
 
 pub mod builder;
+pub mod passes;
 pub mod upgrade;
 
 use std::collections::{HashMap, HashSet};

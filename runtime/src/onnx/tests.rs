@@ -151,3 +151,41 @@ fn subgraph_outer_references_count_as_uses() {
     assert!(pos_if > pos_fc, "If must come after the producer of `h`");
     m.check().unwrap();
 }
+
+#[test]
+fn batchnorm_folds_into_conv_with_the_same_results_and_nodes_get_names() {
+    let c = 3usize;
+    let w: Vec<f32> = (0..c * 2 * 3 * 3).map(|i| ((i * 37 % 19) as f32 - 9.0) / 10.0).collect();
+    let mut m = model(
+        vec![
+            node("Conv", "", &["x", "W", "B"], &["c"], vec![attr_ints("pads", &[1, 1, 1, 1])]),
+            node("BatchNormalization", "", &["c", "g", "beta", "mu", "var"], &["y"], vec![attr_float("epsilon", 1e-3)]),
+        ],
+        vec![value_info("x", 1, &[Dim::Fixed(1), Dim::Fixed(2), Dim::Fixed(5), Dim::Fixed(5)])],
+        vec![value_info("y", 1, &[Dim::Fixed(1), Dim::Fixed(3), Dim::Fixed(5), Dim::Fixed(5)])],
+        vec![
+            tensor_f32("W", &[3, 2, 3, 3], &w),
+            tensor_f32("B", &[3], &[0.5, -0.5, 0.0]),
+            tensor_f32("g", &[3], &[1.5, 0.5, -2.0]),
+            tensor_f32("beta", &[3], &[0.1, 0.2, 0.3]),
+            tensor_f32("mu", &[3], &[0.3, -0.1, 1.0]),
+            tensor_f32("var", &[3], &[2.0, 0.25, 1.0]),
+        ],
+    );
+    assert_eq!(m.graph.name_unnamed_nodes(), 2);
+    assert_eq!(m.graph.nodes[0].name(), "Conv_c");
+    assert_eq!(m.graph.name_unnamed_nodes(), 0);
+    let mut folded = m.clone();
+    assert_eq!(folded.graph.fold_batchnorm(), vec!["BatchNormalization_y".to_string()]);
+    assert_eq!(folded.graph.nodes.len(), 1);
+    assert_eq!(folded.graph.nodes[0].output[0], "y");
+    assert!(folded.graph.initializer("mu").is_none(), "BN parameters are dropped");
+    folded.check().unwrap();
+    let opts = crate::SessionOptions { threads: 1, ..Default::default() };
+    let x = crate::Tensor::from_f32(vec![1, 2, 5, 5], (0..50).map(|i| (i as f32 * 0.37).sin()).collect()).unwrap();
+    let a = crate::Session::from_model(&m, &opts).unwrap().run_one(x.clone()).unwrap()[0].1.to_f32_vec();
+    let b = crate::Session::from_model(&folded, &opts).unwrap().run_one(x).unwrap()[0].1.to_f32_vec();
+    for (u, v) in a.iter().zip(&b) {
+        assert!((u - v).abs() < 1e-4, "{u} vs {v}");
+    }
+}

@@ -1,0 +1,241 @@
+//! Fidelity of a quantized model against its fp32 original, measured with edgepack's own runtime on held-out
+//! samples: output SQNR, top-1 agreement, top-1/top-5 accuracy when labels are known, per-layer SQNR, latency.
+//!
+//! The held-out inputs and the fp32 outputs are computed once and kept ([`HeldOut`]), so every candidate of the
+//! mixed-precision search costs one pass of the candidate only. Memory is bounded by [`HeldOut::build`]'s cap.
+use std::time::Instant;
+
+use edgepack_runtime::process::ImagePreprocess;
+use edgepack_runtime::{Session, Tensor};
+
+use crate::calib::CalibError;
+use crate::data::Dataset;
+
+/// Signal-to-quantization-noise ratio in dB from accumulated Σref² and Σ(ref−q)²; `None` when exact, floored at
+/// −200 dB (a zero signal with noise).
+pub fn sqnr_db(signal: f64, noise: f64) -> Option<f64> {
+    if noise <= 0.0 {
+        return None;
+    }
+    Some((10.0 * (signal / noise).log10()).max(-200.0))
+}
+
+/// Quality of one model on the held-out samples.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Metrics {
+    pub samples: usize,
+    /// Output SQNR against fp32 over all outputs and samples, dB (`null` = identical).
+    pub output_sqnr_db: Option<f64>,
+    /// % of samples whose arg-max equals fp32's (classification-shaped first output only).
+    pub top1_agreement: Option<f64>,
+    /// % top-1 / top-5 correct (labelled samples only).
+    pub top1: Option<f64>,
+    pub top5: Option<f64>,
+}
+
+/// Held-out samples with their fp32 results.
+pub struct HeldOut {
+    input_name: String,
+    pub ids: Vec<String>,
+    inputs: Vec<Tensor>,
+    labels: Vec<Option<usize>>,
+    /// fp32 outputs, all outputs flattened and concatenated per sample.
+    reference: Vec<Vec<f32>>,
+    /// Length of the first output per sample when it is classification-shaped (`[N, C]`, C ≥ 2), else `None`.
+    classes: Option<usize>,
+    pub fp32: Metrics,
+}
+
+/// A classification-shaped output: all dims but the last are 1, and the last is at least 2.
+fn class_count(shape: &[usize]) -> Option<usize> {
+    let (&c, rest) = shape.split_last()?;
+    (c >= 2 && rest.iter().all(|&d| d == 1)).then_some(c)
+}
+
+fn flatten(outs: &[(String, Tensor)]) -> Vec<f32> {
+    outs.iter().flat_map(|(_, t)| t.to_f32_vec()).collect()
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0
+}
+
+fn rank_of(v: &[f32], k: usize) -> usize {
+    v.iter().filter(|&&x| x > v[k]).count()
+}
+
+impl HeldOut {
+    /// Reads samples `range` of `data`, runs the fp32 session on them and keeps inputs and outputs. Stops early
+    /// (keeping what it has) when inputs and outputs would exceed `max_bytes`.
+    pub fn build(
+        fp32: &Session,
+        data: &Dataset,
+        range: std::ops::Range<usize>,
+        pre: Option<&ImagePreprocess>,
+        max_bytes: usize,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<HeldOut, CalibError> {
+        let input_name = match fp32.inputs() {
+            [one] => one.name.clone(),
+            more => {
+                return Err(CalibError::Invalid(format!("evaluation feeds one input; the model has {}", more.len())));
+            }
+        };
+        let mut h = HeldOut {
+            input_name,
+            ids: vec![],
+            inputs: vec![],
+            labels: vec![],
+            reference: vec![],
+            classes: None,
+            fp32: Metrics::default(),
+        };
+        let total = range.len();
+        let mut bytes = 0usize;
+        for (done, k) in range.enumerate() {
+            let s = data.get(k)?;
+            let x = s.to_input(pre)?;
+            let outs = fp32.run(vec![(h.input_name.clone(), x.clone())])?;
+            if done == 0 {
+                h.classes = outs.first().and_then(|(_, t)| class_count(t.shape()));
+            }
+            let r = flatten(&outs);
+            bytes += x.len() * x.dtype().size() + r.len() * 4;
+            if bytes > max_bytes && done > 0 {
+                break;
+            }
+            h.ids.push(s.id);
+            h.inputs.push(x);
+            h.labels.push(s.label);
+            h.reference.push(r);
+            progress(done + 1, total);
+        }
+        h.fp32 = h.score(&h.reference.clone());
+        h.fp32.output_sqnr_db = None;
+        Ok(h)
+    }
+
+    pub fn len(&self) -> usize {
+        self.inputs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inputs.is_empty()
+    }
+
+    pub fn labelled(&self) -> bool {
+        !self.labels.is_empty() && self.labels.iter().all(Option::is_some)
+    }
+
+    pub fn is_classification(&self) -> bool {
+        self.classes.is_some()
+    }
+
+    pub fn input(&self, k: usize) -> Vec<(String, Tensor)> {
+        vec![(self.input_name.clone(), self.inputs[k].clone())]
+    }
+
+    /// Runs `s` on the first `limit` held-out samples (all when `None`) and scores it against fp32.
+    pub fn evaluate(
+        &self,
+        s: &Session,
+        limit: Option<usize>,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Metrics, CalibError> {
+        let n = limit.unwrap_or(self.len()).min(self.len());
+        let mut outs = Vec::with_capacity(n);
+        for k in 0..n {
+            outs.push(flatten(&s.run(self.input(k))?));
+            progress(k + 1, n);
+        }
+        Ok(self.score(&outs))
+    }
+
+    fn score(&self, outs: &[Vec<f32>]) -> Metrics {
+        let n = outs.len();
+        let (mut sig, mut noise) = (0f64, 0f64);
+        let (mut agree, mut top1, mut top5) = (0usize, 0usize, 0usize);
+        for (k, o) in outs.iter().enumerate() {
+            let r = &self.reference[k];
+            for (a, b) in r.iter().zip(o) {
+                sig += (*a as f64).powi(2);
+                noise += (*a as f64 - *b as f64).powi(2);
+            }
+            if let Some(c) = self.classes {
+                let (rc, oc) = (&r[..c.min(r.len())], &o[..c.min(o.len())]);
+                agree += (argmax(rc) == argmax(oc)) as usize;
+                if let Some(l) = self.labels[k].filter(|&l| l < oc.len()) {
+                    let rank = rank_of(oc, l);
+                    top1 += (rank == 0) as usize;
+                    top5 += (rank < 5) as usize;
+                }
+            }
+        }
+        let pct = |x: usize| 100.0 * x as f64 / n.max(1) as f64;
+        let labelled = self.classes.is_some() && self.labelled();
+        Metrics {
+            samples: n,
+            output_sqnr_db: sqnr_db(sig, noise),
+            top1_agreement: self.classes.map(|_| pct(agree)),
+            top1: labelled.then(|| pct(top1)),
+            top5: labelled.then(|| pct(top5)),
+        }
+    }
+
+    /// SQNR of each of `values` in `q` against `fp32`, over the first `samples` held-out samples.
+    /// `None` where a value is identical (or absent from either model).
+    pub fn value_sqnr(
+        &self,
+        fp32: &Session,
+        q: &Session,
+        values: &[String],
+        samples: usize,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Vec<Option<f64>>, CalibError> {
+        let names: Vec<&str> = values.iter().map(String::as_str).collect();
+        let mut acc = vec![(0f64, 0f64); values.len()];
+        let n = samples.min(self.len());
+        for k in 0..n {
+            let a = fp32.run_values(self.input(k), &names)?;
+            let b = q.run_values(self.input(k), &names)?;
+            for (i, ((_, ta), (_, tb))) in a.iter().zip(&b).enumerate() {
+                for (x, y) in ta.to_f32_vec().iter().zip(tb.to_f32_vec()) {
+                    acc[i].0 += (*x as f64).powi(2);
+                    acc[i].1 += (*x as f64 - y as f64).powi(2);
+                }
+            }
+            progress(k + 1, n);
+        }
+        Ok(acc.into_iter().map(|(s, e)| sqnr_db(s, e)).collect())
+    }
+}
+
+/// Median latency in ms of `runs` runs of `s` on `input` (after one warm-up run).
+pub fn median_latency_ms(s: &Session, input: Vec<(String, Tensor)>, runs: usize) -> Result<f64, CalibError> {
+    s.run(input.clone())?;
+    let mut t: Vec<f64> = (0..runs.max(1))
+        .map(|_| {
+            let t0 = Instant::now();
+            s.run(input.clone()).map(|_| t0.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<_, _>>()?;
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqnr_and_class_shapes() {
+        assert_eq!(sqnr_db(1.0, 0.0), None);
+        assert!((sqnr_db(100.0, 1.0).unwrap() - 20.0).abs() < 1e-12);
+        assert_eq!(class_count(&[1, 1000]), Some(1000));
+        assert_eq!(class_count(&[1, 1, 1, 10]), Some(10));
+        assert_eq!(class_count(&[1, 4420, 2]), None);
+        assert_eq!(class_count(&[1, 1]), None);
+        assert_eq!(rank_of(&[0.1, 0.5, 0.3], 2), 1);
+        assert_eq!(argmax(&[0.1, 0.5, 0.3]), 1);
+    }
+}

@@ -1,0 +1,289 @@
+//! The whole `edgepack quantize` job as one library call: prepare the graph (opset 13, names, BatchNorm folded),
+//! calibrate, QDQ, gate accuracy (sensitivity + mixed precision under a budget), measure fidelity and latency,
+//! and return the INT8 model with its [`Report`]. The CLI only parses arguments and writes files.
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::time::Instant;
+
+use edgepack_runtime::onnx::{Model, NodeExt};
+use edgepack_runtime::process::ImagePreprocess;
+use edgepack_runtime::{Session, SessionOptions};
+
+use crate::calib::{self, CalibError, Method};
+use crate::data::Dataset;
+use crate::fidelity::{self, HeldOut};
+use crate::mixed::{self, Budget, Probe};
+use crate::qdq::{self, QdqConfig};
+use crate::report::{BudgetOutcome, Latency, Layer, Preparation, Report, SampleInfo, Size};
+
+/// Samples from a dataset.
+pub struct Samples<'a> {
+    pub data: &'a Dataset,
+    pub range: Range<usize>,
+    /// Where they come from, for the report.
+    pub source: String,
+}
+
+pub struct Job<'a> {
+    /// The fp32 model as given (any opset).
+    pub model: &'a Model,
+    pub model_name: String,
+    pub output_name: String,
+    /// Size of the fp32 file, for the report.
+    pub fp32_bytes: usize,
+    pub calib: Samples<'a>,
+    /// Held-out samples for the budget and the report; `None`: the calibration samples (with a warning).
+    pub held_out: Option<Samples<'a>>,
+    pub pre: Option<&'a ImagePreprocess>,
+    pub method: Method,
+    pub method_name: String,
+    pub cfg: QdqConfig,
+    pub budget: Option<Budget>,
+    /// At most this fraction of the quantizable nodes may stay fp32 under the budget.
+    pub max_float_fraction: f64,
+    /// Held-out samples used per node by the sensitivity analysis.
+    pub sensitivity_samples: usize,
+    /// Held-out samples used for per-layer SQNR.
+    pub layer_samples: usize,
+    /// Timed runs per model for latency (0 = skip).
+    pub latency_runs: usize,
+    /// Measure sensitivity even when no budget needs it (for the report).
+    pub always_sensitivity: bool,
+    pub session: SessionOptions,
+    /// Memory cap for cached held-out inputs and fp32 outputs.
+    pub held_out_max_bytes: usize,
+}
+
+/// What the job is doing, for progress bars.
+pub enum Event {
+    /// A new stage with its number of steps.
+    Stage(&'static str, usize),
+    Step(usize),
+    /// A line worth showing (a search candidate, a warning).
+    Note(String),
+}
+
+fn which(r: &Range<usize>) -> String {
+    if r.start == 0 { format!("first {}", r.len()) } else { format!("samples {}-{}", r.start + 1, r.end) }
+}
+
+/// Runs the job. Errors are bad input (data, budget that cannot be checked) or a model the CPU backend cannot run.
+pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), CalibError> {
+    let t0 = Instant::now();
+    let mut warnings = Vec::new();
+    // 1. One modern, named, BN-folded graph: what gets calibrated is exactly what gets quantized.
+    let mut model = job.model.clone();
+    let upgrade = model.upgrade_opset(13)?;
+    let named_nodes = model.graph.name_unnamed_nodes();
+    let folded_batchnorm = model.graph.fold_batchnorm();
+    let fp32 = Session::from_model(&model, &job.session).map_err(|e| {
+        let nodes = qdq::float_nodes(&model);
+        let detail = if nodes.is_empty() {
+            String::new()
+        } else {
+            format!(" (nodes the quantizer would leave in fp32: {})", fmt_map(&nodes))
+        };
+        CalibError::Unsupported(format!(
+            "the fp32 model does not run on the CPU backend, so it cannot be calibrated: {e}{detail}"
+        ))
+    })?;
+
+    // 2. Calibration.
+    let values = qdq::activations_to_calibrate(&model, &job.cfg);
+    if values.is_empty() {
+        return Err(CalibError::Invalid(
+            "nothing to quantize: no Conv/Gemm/MatMul/Add/Concat/pool reads a float activation".into(),
+        ));
+    }
+    let passes = if job.method.needs_histogram() { 2 } else { 1 };
+    on(Event::Stage("calibrate", job.calib.range.len() * passes));
+    let ranges =
+        calib::calibrate(&fp32, job.calib.data, job.calib.range.clone(), job.pre, &values, job.method, |d, _| {
+            on(Event::Step(d))
+        })?;
+
+    // 3. Held-out samples and their fp32 results.
+    let held_src = job.held_out.as_ref().filter(|h| !h.range.is_empty()).unwrap_or_else(|| {
+        warnings.push("no held-out samples: fidelity is measured on the calibration samples (optimistic)".into());
+        &job.calib
+    });
+    on(Event::Stage("fp32 reference", held_src.range.len()));
+    let held =
+        HeldOut::build(&fp32, held_src.data, held_src.range.clone(), job.pre, job.held_out_max_bytes, |d, _| {
+            on(Event::Step(d))
+        })?;
+    if held.len() < held_src.range.len() {
+        warnings.push(format!(
+            "held-out set cut to {} samples to stay within {} MiB of cached tensors",
+            held.len(),
+            job.held_out_max_bytes >> 20
+        ));
+    }
+    if let Some(b) = &job.budget
+        && let Some(why) = b.unusable(&held)
+    {
+        return Err(CalibError::Invalid(format!("budget {b}: {why}")));
+    }
+
+    // 4. Full INT8, then (if a budget misses) sensitivity and the mixed-precision search.
+    let units = qdq::quantizable_nodes(&model, &job.cfg);
+    let (full, _) = qdq::quantize(&model, &ranges, &job.cfg).map_err(|e| CalibError::Invalid(e.to_string()))?;
+    on(Event::Stage("evaluate int8", held.len()));
+    let full_metrics = held.evaluate(&Session::from_model(&full, &job.session)?, None, |d, _| on(Event::Step(d)))?;
+    let mut sens: Vec<mixed::Sensitivity> = Vec::new();
+    let need_search = job.budget.is_some_and(|b| !b.met(b.value(&held.fp32, &full_metrics)));
+    if need_search || job.always_sensitivity {
+        on(Event::Stage("sensitivity", units.len()));
+        let n = job.sensitivity_samples.max(1);
+        sens = mixed::sensitivity(&model, &ranges, &job.cfg, &job.session, &held, n, |d, _| on(Event::Step(d)))?;
+    }
+    let max_float = ((units.len() as f64) * job.max_float_fraction.clamp(0.0, 1.0)).floor() as usize;
+    let (q, summary, metrics, budget) = match job.budget {
+        Some(b) if need_search => {
+            let order: Vec<String> = sens.iter().map(|s| s.node.clone()).collect();
+            on(Event::Stage("mixed precision", 0));
+            let first =
+                Probe { float_nodes: 0, value: b.value(&held.fp32, &full_metrics), met: false, metrics: full_metrics };
+            let r = mixed::search(&model, &ranges, &job.cfg, &job.session, &held, b, &order, max_float, first, |p| {
+                on(Event::Note(format!(
+                    "  {} node(s) in fp32: {:.3} ({})",
+                    p.float_nodes,
+                    p.value,
+                    if p.met { "meets the budget" } else { "misses" }
+                )))
+            })?;
+            if !r.met {
+                warnings.push(format!(
+                    "budget {b} not met with up to {max_float} node(s) in fp32 (--max-float-fraction {}): best reached {:.3} with {} in fp32; that model was written",
+                    job.max_float_fraction,
+                    b.value(&held.fp32, &r.metrics),
+                    r.float_nodes.len()
+                ));
+            }
+            let outcome = BudgetOutcome {
+                budget: b,
+                text: b.to_string(),
+                met: r.met,
+                reached: b.value(&held.fp32, &r.metrics),
+                max_float_nodes: max_float,
+                float_nodes: r.float_nodes.clone(),
+                probes: r.probes,
+            };
+            (r.model, r.summary, r.metrics, Some(outcome))
+        }
+        _ => {
+            let (m, s) = qdq::quantize(&model, &ranges, &job.cfg).map_err(|e| CalibError::Invalid(e.to_string()))?;
+            let outcome = job.budget.map(|b| BudgetOutcome {
+                budget: b,
+                text: b.to_string(),
+                met: true,
+                reached: b.value(&held.fp32, &full_metrics),
+                max_float_nodes: max_float,
+                float_nodes: vec![],
+                probes: vec![Probe {
+                    float_nodes: 0,
+                    value: b.value(&held.fp32, &full_metrics),
+                    met: true,
+                    metrics: full_metrics.clone(),
+                }],
+            });
+            (m, s, full_metrics, outcome)
+        }
+    };
+
+    // 5. Per-layer SQNR of the written model, latency, sizes.
+    let qs = Session::from_model(&q, &job.session)?;
+    let layer_nodes: Vec<(String, String, String)> = model
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| units.iter().any(|(u, _)| u == n.name()) || summary.excluded.iter().any(|e| e == n.name()))
+        .filter_map(|n| Some((n.name().to_string(), n.op().to_string(), n.output.first()?.clone())))
+        .collect();
+    let outs: Vec<String> = layer_nodes.iter().map(|l| l.2.clone()).collect();
+    on(Event::Stage("per-layer SQNR", job.layer_samples.min(held.len())));
+    let layer_sqnr = held.value_sqnr(&fp32, &qs, &outs, job.layer_samples, |d, _| on(Event::Step(d)))?;
+    let latency = if job.latency_runs > 0 {
+        on(Event::Stage("latency", 2));
+        let x = held.input(0);
+        let a = fidelity::median_latency_ms(&fp32, x.clone(), job.latency_runs)?;
+        on(Event::Step(1));
+        let b = fidelity::median_latency_ms(&qs, x, job.latency_runs)?;
+        on(Event::Step(2));
+        Some(Latency {
+            fp32_ms: a,
+            int8_ms: b,
+            ratio: b / a,
+            runs: job.latency_runs,
+            threads: job.session.threads,
+            backend: qs.backend_description(),
+        })
+    } else {
+        None
+    };
+    let search_float: Vec<String> = budget.as_ref().map(|b| b.float_nodes.clone()).unwrap_or_default();
+    let sens_of: HashMap<&str, Option<f64>> = sens.iter().map(|s| (s.node.as_str(), s.output_sqnr_db)).collect();
+    let layers = layer_nodes
+        .iter()
+        .zip(&layer_sqnr)
+        .map(|((name, op, _), sq)| {
+            let fp = summary.excluded.iter().any(|e| e == name);
+            let reason = if search_float.contains(name) {
+                let rank = sens.iter().position(|s| &s.node == name).map(|r| r + 1).unwrap_or(0);
+                Some(format!("kept fp32 by the budget search (sensitivity rank {rank} of {})", sens.len()))
+            } else if fp {
+                Some("excluded (--exclude)".into())
+            } else {
+                summary.skipped.get(name).cloned()
+            };
+            let int8 = !fp && !summary.skipped.contains_key(name);
+            Layer {
+                node: name.clone(),
+                op: op.clone(),
+                precision: if int8 { "int8" } else { "fp32" }.into(),
+                reason,
+                sqnr_db: *sq,
+                sensitivity_db: sens_of.get(name.as_str()).copied().flatten(),
+            }
+        })
+        .collect();
+    let float_ops: BTreeMap<String, String> = summary
+        .skipped
+        .iter()
+        .filter(|(k, _)| !layer_nodes.iter().any(|l| &l.0 == *k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let int8_bytes = q.to_bytes().len();
+    let report = Report {
+        model: job.model_name.clone(),
+        output: job.output_name.clone(),
+        method: job.method_name.clone(),
+        calibration: SampleInfo {
+            source: job.calib.source.clone(),
+            samples: job.calib.range.len(),
+            labelled: false,
+            which: which(&job.calib.range),
+        },
+        held_out: SampleInfo {
+            source: held_src.source.clone(),
+            samples: held.len(),
+            labelled: held.labelled(),
+            which: which(&(held_src.range.start..held_src.range.start + held.len())),
+        },
+        preparation: Preparation { opset_upgrade: upgrade, folded_batchnorm, named_nodes },
+        fp32: held.fp32.clone(),
+        int8: metrics,
+        budget,
+        size: Size { fp32_bytes: job.fp32_bytes, int8_bytes, ratio: int8_bytes as f64 / job.fp32_bytes.max(1) as f64 },
+        latency,
+        layers,
+        float_ops,
+        warnings,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    Ok((q, report))
+}
+
+fn fmt_map(m: &BTreeMap<String, String>) -> String {
+    m.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; ")
+}
