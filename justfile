@@ -23,6 +23,14 @@ conformance:
     cargo build --release --workspace
     python3 scripts/ort_parity.py --md CONFORMANCE.md
 
+# INT8: edgepack quantize beside onnxruntime's quantizer (ImageNet, MNIST, UltraFace), every shared model, and the
+# edgepack/onnxruntime agreement analysis; tables into QUANTIZATION.md
+quant-accuracy:
+    cargo build --release --workspace
+    python3 scripts/quant_accuracy.py --md QUANTIZATION.md
+    python3 scripts/quant_all.py --md QUANTIZATION.md
+    python3 scripts/int8_agreement.py --md QUANTIZATION.md
+
 lint:
     cargo fmt --all -- --check
     cargo clippy --release --workspace --all-targets -- -D warnings

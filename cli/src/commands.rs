@@ -432,15 +432,15 @@ pub struct EvalArgs {
 
 pub fn eval(a: EvalArgs) -> Result<()> {
     let s = open_session(&a.model, &a.load)?;
-    let pre = image_preprocess(&s, a.preset.as_deref())?
-        .ok_or_else(|| BadInput("evaluation needs image pre-processing: pass --preset or use a bundle".into()))?;
+    // Images need pre-processing (--preset or the bundle's); .npy samples are fed as they are.
+    let pre = image_preprocess(&s, a.preset.as_deref())?;
     let data = Dataset::labelled(&a.data, a.idx_labels.as_deref(), s.labels())?;
     let total = data.len();
     let end = a.limit.map(|l| (a.skip + l).min(total)).unwrap_or(total);
     if a.skip >= end {
         bail!(BadInput(format!("no samples to evaluate ({total} in the dataset, skip {})", a.skip)));
     }
-    let name = pre.input.clone().unwrap_or_else(|| s.inputs()[0].name.clone());
+    let name = pre.as_ref().and_then(|p| p.input.clone()).unwrap_or_else(|| s.inputs()[0].name.clone());
     let bar = progress(end - a.skip, "eval");
     let (mut top1, mut top5, mut n) = (0usize, 0usize, 0usize);
     let mut infer_ms = Vec::new();
@@ -453,7 +453,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         let mut meta = Vec::new();
         for k in i..j {
             let sample = data.get(k)?;
-            xs.push(sample.to_input(Some(&pre))?);
+            xs.push(sample.to_input(pre.as_ref())?);
             meta.push((sample.id, sample.label.unwrap_or(usize::MAX)));
         }
         let t0 = Instant::now();

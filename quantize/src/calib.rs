@@ -18,7 +18,7 @@ pub enum Method {
     /// The clipping range minimising the expected quantization error (clipping + rounding) over the histogram.
     Mse,
     /// The clipping range minimising the KL divergence between the clipped histogram and its quantized form
-    /// (TensorRT's entropy calibration, applied to the asymmetric uint8 range).
+    /// (TensorRT's entropy calibration) for non-negative activations; signed activations get the MSE range.
     Entropy,
 }
 
@@ -174,7 +174,19 @@ impl Observer {
             }
             Method::Mse => self.mse_range(),
             Method::Entropy if self.hist.iter().all(|&c| c == 0) => Range { min: self.min, max: self.max },
-            Method::Entropy => self.best_shrink(|lo, hi| self.kl(lo, hi)),
+            // KL calibration is meant for one-sided (post-ReLU) distributions; signed ones get the MSE range,
+            // which weighs the error of both tails by its size.
+            Method::Entropy if self.min < 0.0 => self.mse_range(),
+            // KL ignores how far mass moves: a saturated spike (HardSigmoid at 1) can be clipped at no cost.
+            // Candidates may clip at most 0.1 % of the values (sparse tails, as the method intends).
+            Method::Entropy => {
+                let total: u64 = self.hist.iter().sum();
+                self.best_shrink(|lo, hi| {
+                    let (a, b) = (self.bin(lo.max(self.min)), self.bin(hi.min(self.max)));
+                    let clipped: u64 = self.hist[..a].iter().chain(&self.hist[b + 1..]).sum();
+                    if clipped as f64 > 1e-3 * total as f64 { f64::INFINITY } else { self.kl(lo, hi) }
+                })
+            }
         }
     }
 }

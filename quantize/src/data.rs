@@ -51,7 +51,10 @@ impl Sample {
         match &self.data {
             SampleData::Image(img) => match pre {
                 Some(p) => p.apply(img).map_err(err),
-                None => Err(DataError::Invalid(format!("{}: images need pre-processing", self.id))),
+                None => Err(DataError::Invalid(format!(
+                    "{}: images need pre-processing (pass --preset or use a bundle)",
+                    self.id
+                ))),
             },
             SampleData::Tensor(t) => Ok(t.clone()),
         }

@@ -41,15 +41,18 @@ pub struct HeldOut {
     labels: Vec<Option<usize>>,
     /// fp32 outputs, all outputs flattened and concatenated per sample.
     reference: Vec<Vec<f32>>,
-    /// Length of the first output per sample when it is classification-shaped (`[N, C]`, C ≥ 2), else `None`.
+    /// Number of classes when the first output is classification-shaped (see [`class_count`]), else `None`.
     classes: Option<usize>,
     pub fp32: Metrics,
 }
 
-/// A classification-shaped output: all dims but the last are 1, and the last is at least 2.
+/// A classification-shaped output: one dim of at least 2 classes, every other dim 1 (`[N, C]`, `[N, C, 1, 1]`).
 fn class_count(shape: &[usize]) -> Option<usize> {
-    let (&c, rest) = shape.split_last()?;
-    (c >= 2 && rest.iter().all(|&d| d == 1)).then_some(c)
+    let mut big = shape.iter().filter(|&&d| d != 1);
+    match (big.next(), big.next()) {
+        (Some(&c), None) if c >= 2 => Some(c),
+        _ => None,
+    }
 }
 
 fn flatten(outs: &[(String, Tensor)]) -> Vec<f32> {
@@ -233,6 +236,7 @@ mod tests {
         assert!((sqnr_db(100.0, 1.0).unwrap() - 20.0).abs() < 1e-12);
         assert_eq!(class_count(&[1, 1000]), Some(1000));
         assert_eq!(class_count(&[1, 1, 1, 10]), Some(10));
+        assert_eq!(class_count(&[1, 1000, 1, 1]), Some(1000));
         assert_eq!(class_count(&[1, 4420, 2]), None);
         assert_eq!(class_count(&[1, 1]), None);
         assert_eq!(rank_of(&[0.1, 0.5, 0.3], 2), 1);

@@ -59,13 +59,13 @@ impl Budget {
     pub fn unusable(&self, held: &HeldOut) -> Option<String> {
         match self {
             Budget::Top1Drop(_) if !held.is_classification() => {
-                Some("top1-drop needs a classification output ([N, classes])".into())
+                Some("top1-drop needs a classification output ([N, classes], other dims 1)".into())
             }
             Budget::Top1Drop(_) if !held.labelled() => {
                 Some("top1-drop needs labelled held-out samples (labels.csv, class folders or IDX labels)".into())
             }
             Budget::Agreement(_) if !held.is_classification() => {
-                Some("agreement needs a classification output ([N, classes]); use sqnr=DB".into())
+                Some("agreement needs a classification output ([N, classes], other dims 1); use sqnr=DB".into())
             }
             _ if held.is_empty() => Some("no held-out samples".into()),
             _ => None,

@@ -75,6 +75,7 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
     let mut model = job.model.clone();
     let upgrade = model.upgrade_opset(13)?;
     let named_nodes = model.graph.name_unnamed_nodes();
+    let constants = model.graph.constants_to_initializers();
     let folded_batchnorm = model.graph.fold_batchnorm();
     let fp32 = Session::from_model(&model, &job.session).map_err(|e| {
         let nodes = qdq::float_nodes(&model);
@@ -89,11 +90,25 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
     })?;
 
     // 2. Calibration.
+    let per_node = || {
+        let nodes = qdq::float_nodes(&model);
+        if nodes.is_empty() { String::new() } else { format!("; per node: {}", fmt_map(&nodes)) }
+    };
+    if fp32.inputs().len() != 1 {
+        let names: Vec<&str> = fp32.inputs().iter().map(|i| i.name.as_str()).collect();
+        return Err(CalibError::Unsupported(format!(
+            "calibration feeds single-input models; this one has {} inputs ({}){}",
+            names.len(),
+            names.join(", "),
+            per_node()
+        )));
+    }
     let values = qdq::activations_to_calibrate(&model, &job.cfg);
     if values.is_empty() {
-        return Err(CalibError::Invalid(
-            "nothing to quantize: no Conv/Gemm/MatMul/Add/Concat/pool reads a float activation".into(),
-        ));
+        return Err(CalibError::Unsupported(format!(
+            "nothing to quantize: no Conv/Gemm/MatMul/Add/Concat/pool of the main graph reads a float activation{}",
+            per_node()
+        )));
     }
     let passes = if job.method.needs_histogram() { 2 } else { 1 };
     on(Event::Stage("calibrate", job.calib.range.len() * passes));
@@ -270,7 +285,7 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
             labelled: held.labelled(),
             which: which(&(held_src.range.start..held_src.range.start + held.len())),
         },
-        preparation: Preparation { opset_upgrade: upgrade, folded_batchnorm, named_nodes },
+        preparation: Preparation { opset_upgrade: upgrade, folded_batchnorm, named_nodes, constants },
         fp32: held.fp32.clone(),
         int8: metrics,
         budget,

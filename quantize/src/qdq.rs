@@ -93,6 +93,8 @@ fn excluded(cfg: &QdqConfig, n: &NodeProto) -> bool {
 /// The float activations whose ranges the pass needs (inputs of quantizable ops that are not initializers).
 pub fn activations_to_calibrate(model: &Model, cfg: &QdqConfig) -> Vec<String> {
     let inits: HashSet<&str> = model.graph.initializers.iter().filter_map(|t| t.name.as_deref()).collect();
+    // Element types from the ops' typing rules: shape arithmetic (Shape → Gather → Concat...) is not an activation.
+    let types = model.graph.infer_elem_types();
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for n in &model.graph.nodes {
@@ -105,17 +107,13 @@ pub fn activations_to_calibrate(model: &Model, cfg: &QdqConfig) -> Vec<String> {
             _ => n.real_inputs(),
         };
         for a in acts {
-            if !inits.contains(a) && is_float(model, a) && seen.insert(a.to_string()) {
+            // Unknown types are assumed float (inference covers what the graph's ops tell).
+            if !inits.contains(a) && types.get(a).is_none_or(|&t| t == 1) && seen.insert(a.to_string()) {
                 out.push(a.to_string());
             }
         }
     }
     out
-}
-
-fn is_float(model: &Model, name: &str) -> bool {
-    // Unknown types are assumed float (most intermediate values carry no declared type).
-    model.graph.value_type(name).and_then(|t| t.dtype()).is_none_or(|d| d == edgepack_runtime::DType::F32)
 }
 
 /// Reads an f32 initializer (raw or typed storage).
@@ -295,6 +293,8 @@ pub fn quantize(
                 (None, _) => {
                     summary.skipped.insert(n.name().to_string(), "input activation not quantized".into());
                 }
+                // MatMul of two activations (attention): both inputs already have their QDQ pair.
+                _ if n.op() == "MatMul" && n.input.get(1).is_some_and(|b| dq_of.contains_key(b)) => {}
                 _ => {
                     summary.skipped.insert(n.name().to_string(), "weights are not an f32 initializer".into());
                 }

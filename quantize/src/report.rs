@@ -23,6 +23,8 @@ pub struct Preparation {
     pub opset_upgrade: UpgradeReport,
     pub folded_batchnorm: Vec<String>,
     pub named_nodes: usize,
+    /// `Constant` nodes turned into initializers.
+    pub constants: usize,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

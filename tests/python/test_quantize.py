@@ -1,7 +1,9 @@
 """First steps of `edgepack quantize` (issue: calibrated INT8): the QDQ output runs unchanged in onnxruntime,
 keeps top-1, and edgepack's own runtime agrees with onnxruntime on the INT8 model."""
 import csv
+import json
 import os
+import re
 
 import numpy as np
 import onnxruntime as ort
@@ -117,3 +119,92 @@ def test_quantize_reads_a_signed_bundle_once_with_its_key(binary, tmp_path):
     assert r.returncode == 0 and os.path.exists(tmp_path / "q.onnx")
     r = ep("quantize", b, "--calib", calib, "--key", tmp_path / "other.pub", "-o", tmp_path / "q2.onnx", check=False)
     assert r.returncode == 3 and not os.path.exists(tmp_path / "q2.onnx")
+
+
+def _mnist_idx(shared):
+    d = os.path.join(shared, "data", "mnist")
+    return os.path.join(d, "t10k-images-idx3-ubyte.gz"), os.path.join(d, "t10k-labels-idx1-ubyte.gz")
+
+
+def test_budget_search_report_and_a_budget_that_cannot_be_met(shared, binary, tmp_path):
+    """MNIST calibrated on IDX samples: an unreachable SQNR budget makes the search keep the most sensitive layers in
+    fp32 up to the cap, warns, writes the best candidate, and the report (JSON + HTML/SVG) says what it reached."""
+    import xml.etree.ElementTree as ET
+    imgs, lbls = _mnist_idx(shared)
+    mnist = os.path.join(ROOT, "assets", "models", "mnist_cntk_opset8_simplified.onnx")
+    out = tmp_path / "m.onnx"
+    r = ep("quantize", mnist, "--calib", imgs, "--idx-labels", lbls, "--preset", "mnist", "--calib-limit", 50,
+           "--holdout", 100, "--budget", "sqnr=99", "--max-float-fraction", 0.4, "--sensitivity-samples", 4, "-o", out)
+    assert "budget output SQNR ≥ 99 dB: NOT met" in r.stdout and "warning: budget" in r.stderr
+    rep = json.load(open(f"{out}.report.json"))
+    b = rep["budget"]
+    assert b["met"] is False and b["max_float_nodes"] == 2 and len(b["probes"]) >= 2
+    assert [p["float_nodes"] for p in b["probes"]] == sorted(p["float_nodes"] for p in b["probes"])
+    # The written model is the best candidate: its SQNR is the best of the probes, and its fp32 layers are the
+    # most sensitive ones with the reason given.
+    best = max(p["value"] for p in b["probes"])
+    assert abs(b["reached"] - best) < 1e-9
+    fp32 = [l for l in rep["layers"] if l["precision"] == "fp32"]
+    assert len(fp32) == len(b["float_nodes"]) and all("budget search" in l["reason"] for l in fp32)
+    assert all(l["sensitivity_db"] is not None for l in rep["layers"])
+    assert rep["held_out"]["labelled"] and rep["int8"]["samples"] == 100 and rep["fp32"]["top1"] > 90
+    assert rep["calibration"]["which"] == "first 50" and rep["held_out"]["which"] == "samples 51-150"
+    html = open(f"{out}.report.html").read()
+    svgs = re.findall(r"<svg.*?</svg>", html, re.S)
+    assert len(svgs) >= 3
+    for s in svgs:
+        ET.fromstring(s)  # well-formed SVG
+    # The file runs in onnxruntime.
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    ort.InferenceSession(str(out), so).run(None, {"Input3": np.zeros((1, 1, 28, 28), np.float32)})
+
+    # A budget the all-INT8 model meets: no search, no fp32 layer.
+    r = ep("quantize", mnist, "--calib", imgs, "--idx-labels", lbls, "--preset", "mnist", "--calib-limit", 50,
+           "--holdout", 200, "--budget", "top1-drop=0.5", "-o", tmp_path / "m2.onnx", "--json")
+    rep = json.loads(r.stdout)["report"]
+    assert rep["budget"]["met"] and rep["budget"]["float_nodes"] == [] and len(rep["budget"]["probes"]) == 1
+    assert rep["fp32"]["top1"] - rep["int8"]["top1"] <= 0.5
+
+
+def test_budgets_that_cannot_be_checked_and_unsupported_models_are_clear(shared, binary, tmp_path):
+    mnist = os.path.join(ROOT, "assets", "models", "mnist_cntk_opset8_simplified.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(3):
+        np.save(calib / f"{i}.npy", np.full((1, 1, 28, 28), 40.0 * i, np.float32))
+    q = tmp_path / "q.onnx"
+    r = ep("quantize", mnist, "--calib", calib, "--budget", "top1-drop=1", "-o", q, check=False)
+    assert r.returncode == 4 and "labelled" in r.stderr and not q.exists()
+    r = ep("quantize", mnist, "--calib", calib, "--budget", "speed=2", "-o", q, check=False)
+    assert r.returncode == 4 and "unknown budget" in r.stderr
+    r = ep("quantize", mnist, "--calib", calib, "--method", "kl", "-o", q, check=False)
+    assert r.returncode == 4 and "unknown method" in r.stderr
+    r = ep("quantize", mnist, "--calib", calib, "-o", tmp_path / "missing" / "q.onnx", check=False)
+    assert r.returncode == 4 and "does not exist" in r.stderr
+    # Silero VAD: three inputs and If control flow: refused with the reason per node, not a crash.
+    r = ep("quantize", os.path.join(shared, "models", "silero_vad_16k_op15.onnx"), "--calib", calib, "-o", q, check=False)
+    assert r.returncode == 5, r.stderr
+    assert "3 inputs" in r.stderr and "/model/decoder/If: control flow" in r.stderr and not q.exists()
+
+
+def test_pack_carries_both_variants_and_the_report(shared, binary, tmp_path):
+    imgs, lbls = _mnist_idx(shared)
+    mnist = os.path.join(ROOT, "assets", "models", "mnist_cntk_opset8_simplified.onnx")
+    q = tmp_path / "m.int8.onnx"
+    ep("quantize", mnist, "--calib", imgs, "--idx-labels", lbls, "--preset", "mnist", "--calib-limit", 32,
+       "--holdout", 32, "--latency-runs", 0, "-o", q)
+    b = tmp_path / "mnist.edgepack"
+    ep("pack", mnist, "--preset", "mnist", "--variant", f"int8={q}", "--report", f"{q}.report.json",
+       "--report", f"{q}.report.html", "-o", b)
+    man = json.loads(ep("inspect", b, "--json").stdout)
+    text = json.dumps(man)
+    assert "int8" in text and "m.int8.onnx.report.json" in text and "m.int8.onnx.report.html" in text
+    # Both variants run from the bundle and agree with the fp32 digit on a test image.
+    sample = tmp_path / "x.npy"
+    np.save(sample, model_inputs.mnist_first(shared, 3)[2:3])
+    outs = []
+    for v in ("fp32", "int8"):
+        r = ep("run", b, sample, "--variant", v, "--raw", "--json")
+        outs.append(np.array(json.loads(r.stdout)["outputs"][0]["data"]).argmax())
+    assert outs[0] == outs[1]

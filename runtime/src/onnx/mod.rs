@@ -505,7 +505,7 @@ impl Graph {
     }
 }
 
-fn value_info_type(v: &ValueInfoProto) -> Option<ValueType> {
+pub(crate) fn value_info_type(v: &ValueInfoProto) -> Option<ValueType> {
     use proto::type_proto::Value;
     let Some(Value::TensorType(t)) = v.r#type.as_ref()?.value.as_ref() else { return None };
     let shape = t.shape.as_ref().map(|s| {

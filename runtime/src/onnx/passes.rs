@@ -54,6 +54,28 @@ impl Graph {
         named
     }
 
+    /// Turns top-level `Constant` nodes holding a tensor (`value`) into initializers of the same name, so passes
+    /// that look for constant weights (BatchNorm folding, quantization) see them. Returns how many moved.
+    pub fn constants_to_initializers(&mut self) -> usize {
+        let mut moved = Vec::new();
+        self.nodes.retain(|n| {
+            let tensor = (n.op() == "Constant" && n.output.len() == 1)
+                .then(|| n.attr("value").and_then(|a| a.t.clone()))
+                .flatten();
+            match tensor {
+                Some(mut t) => {
+                    t.name = Some(n.output[0].clone());
+                    moved.push(t);
+                    false
+                }
+                None => true,
+            }
+        });
+        let count = moved.len();
+        self.initializers.extend(moved);
+        count
+    }
+
     /// Folds `Conv → BatchNormalization` (inference form, constant parameters, the Conv output read by the BN
     /// only) into the Conv: `W' = W·γ/√(σ²+ε)` per output channel, `b' = (b − μ)·γ/√(σ²+ε) + β`. The BN output
     /// name is kept (now produced by the Conv). Returns the names of the folded BN nodes.
@@ -122,5 +144,70 @@ impl Graph {
         conv_node.output[0] = out;
         self.nodes.remove(bn_idx);
         Some(bn.name().to_string())
+    }
+}
+
+impl Graph {
+    /// ONNX element type (data type code) of every value that can be inferred from the declared types, the
+    /// initializers and the ops' typing rules: shape arithmetic (`Shape`, `Size`, comparisons, `Cast`...) is told
+    /// apart from float activations even when the file declares no intermediate types. Values whose type cannot
+    /// be inferred are absent.
+    pub fn infer_elem_types(&self) -> std::collections::HashMap<String, i32> {
+        use std::collections::HashMap;
+        let mut t: HashMap<String, i32> = HashMap::new();
+        for v in self.inputs.iter().chain(&self.outputs).chain(&self.value_info) {
+            if let (Some(name), Some(vt)) = (v.name.as_ref(), super::value_info_type(v))
+                && vt.elem_type != 0
+            {
+                t.insert(name.clone(), vt.elem_type);
+            }
+        }
+        for i in &self.initializers {
+            if let (Some(name), Some(dt)) = (i.name.as_ref(), i.data_type) {
+                t.insert(name.clone(), dt);
+            }
+        }
+        const INT64: i32 = 7;
+        const BOOL: i32 = 9;
+        for n in &self.nodes {
+            let first = n.input.first().and_then(|i| t.get(i)).copied();
+            let out: Option<i32> = match n.op() {
+                "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin" => Some(INT64),
+                "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "Not" | "And" | "Or" | "Xor"
+                | "IsNaN" | "IsInf" => Some(BOOL),
+                "Cast" => n.attr_i("to").map(|v| v as i32),
+                "CastLike" => n.input.get(1).and_then(|i| t.get(i)).copied(),
+                "Constant" => n.attr("value").and_then(|a| a.t.as_ref()).and_then(|x| x.data_type).or_else(|| {
+                    n.attr("value_float")
+                        .or(n.attr("value_floats"))
+                        .map(|_| 1)
+                        .or_else(|| n.attr("value_int").or(n.attr("value_ints")).map(|_| INT64))
+                }),
+                "ConstantOfShape" => n.attr("value").and_then(|a| a.t.as_ref()).and_then(|x| x.data_type).or(Some(1)),
+                "QuantizeLinear" => n.input.get(2).and_then(|i| t.get(i)).copied().or(Some(2)),
+                "DequantizeLinear" => n.input.get(1).and_then(|i| t.get(i)).copied().or(Some(1)),
+                "Where" => n.input.get(1).and_then(|i| t.get(i)).copied(),
+                "TopK" => None, // two outputs of different types: handled below
+                "If" | "Loop" | "Scan" => None,
+                // Everything else keeps the type of its first (data) input: element-wise ops, Gather, Concat,
+                // Reshape, Slice, Squeeze, Unsqueeze, Transpose, Conv, pools, Range...
+                _ => first,
+            };
+            if n.op() == "TopK" {
+                if let (Some(v), Some(f)) = (n.output.first(), first) {
+                    t.insert(v.clone(), f);
+                }
+                if let Some(i) = n.output.get(1) {
+                    t.insert(i.clone(), INT64);
+                }
+                continue;
+            }
+            if let Some(dt) = out {
+                for o in n.output.iter().filter(|o| !o.is_empty()) {
+                    t.entry(o.clone()).or_insert(dt);
+                }
+            }
+        }
+        t
     }
 }

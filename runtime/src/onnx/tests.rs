@@ -172,6 +172,19 @@ fn batchnorm_folds_into_conv_with_the_same_results_and_nodes_get_names() {
             tensor_f32("var", &[3], &[2.0, 0.25, 1.0]),
         ],
     );
+    let mut with_const = m.clone();
+    let w_init = with_const.graph.initializers.remove(0);
+    let mut c = node("Constant", "wc", &[], &["W"], vec![]);
+    c.attribute.push(AttributeProto {
+        name: Some("value".into()),
+        r#type: Some(4),
+        t: Some(w_init),
+        ..Default::default()
+    });
+    with_const.graph.nodes.insert(0, c);
+    assert_eq!(with_const.graph.constants_to_initializers(), 1);
+    assert_eq!(with_const.graph.nodes.len(), 2);
+    assert!(with_const.graph.initializer("W").is_some());
     assert_eq!(m.graph.name_unnamed_nodes(), 2);
     assert_eq!(m.graph.nodes[0].name(), "Conv_c");
     assert_eq!(m.graph.name_unnamed_nodes(), 0);
@@ -188,4 +201,24 @@ fn batchnorm_folds_into_conv_with_the_same_results_and_nodes_get_names() {
     for (u, v) in a.iter().zip(&b) {
         assert!((u - v).abs() < 1e-4, "{u} vs {v}");
     }
+}
+
+#[test]
+fn element_types_follow_shape_arithmetic() {
+    let m = model(
+        vec![
+            node("Shape", "s", &["x"], &["shape"], vec![]),
+            node("Gather", "g", &["shape", "zero"], &["n"], vec![]),
+            node("Concat", "c", &["n", "n"], &["dims"], vec![attr_int("axis", 0)]),
+            node("Relu", "r", &["x"], &["h"], vec![]),
+            node("Reshape", "rs", &["h", "dims"], &["y"], vec![]),
+            node("Cast", "cast", &["y"], &["yi"], vec![attr_int("to", 6)]),
+        ],
+        vec![value_info("x", 1, &[Dim::Fixed(2), Dim::Fixed(2)])],
+        vec![value_info("yi", 6, &[Dim::Fixed(2), Dim::Fixed(2)])],
+        vec![tensor_i64("zero", &[1], &[0])],
+    );
+    let t = m.graph.infer_elem_types();
+    assert_eq!((t["shape"], t["n"], t["dims"]), (7, 7, 7));
+    assert_eq!((t["h"], t["y"], t["yi"]), (1, 1, 6));
 }

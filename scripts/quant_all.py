@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""`edgepack quantize` on every model in shared/models: it quantizes what it can and says per node why not.
+
+For each model a few real inputs (prepared as shared/tools does, see model_inputs.py) are written as .npy
+calibration samples; `edgepack quantize` runs on them; onnxruntime then loads the INT8 file and runs it on the
+parity input, and its outputs are compared with the fp32 model's (SQNR over all outputs). Models edgepack refuses
+are listed with its error message (exit code 4 = bad input, 5 = unsupported).
+
+Usage: scripts/quant_all.py [--md QUANTIZATION.md] [--only NAME,...]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, os.path.dirname(__file__))
+import mdtable  # noqa: E402
+import model_inputs as mi  # noqa: E402
+
+ort.set_default_logger_severity(3)
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+BEGIN, END = "<!-- quant-all:begin -->", "<!-- quant-all:end -->"
+
+
+def edgepack_bin():
+    tgt = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
+    return os.environ.get("EDGEPACK_BIN") or os.path.join(tgt, "release", "edgepack")
+
+
+def magika_features(shared, path):
+    cfg = json.load(open(os.path.join(shared, "models/magika_standard_v3_3.config.json")))
+    beg, end, pad = cfg["beg_size"], cfg["end_size"], cfg["padding_token"]
+    block = cfg.get("block_size", 4096)
+    data = open(path, "rb").read()
+    head, tail = data[:block].lstrip()[:beg], data[-block:].rstrip()[-end:]
+    return np.array([list(head) + [pad] * (beg - len(head)) + [pad] * (end - len(tail)) + list(tail)], np.int32)
+
+
+def calibration_samples(shared, model):
+    """A few real inputs per model: {input name: array} each."""
+    d = os.path.join(shared, "data")
+    inet = [os.path.join(d, "imagenet_sample", "images", f) for f in sorted(os.listdir(os.path.join(d, "imagenet_sample", "images")))[:8]]
+    photos = [os.path.join(d, "photos", f) for f in sorted(os.listdir(os.path.join(d, "photos")))]
+    ocr = [os.path.join(d, "ocr", f) for f in sorted(os.listdir(os.path.join(d, "ocr")))]
+    if model.startswith("efficientnet"):
+        return [{"input": mi.imagenet_input(shared, p, "tf")} for p in inet]
+    if model.startswith("squeezenet"):
+        return [{"data_0": mi.imagenet_input(shared, p, "caffe_bgr")} for p in inet]
+    if model.startswith("mnist"):
+        return [{"Input3": x[None]} for x in mi.mnist_first(shared, 16)]
+    if model.startswith("ultraface"):
+        return [{"input": mi.ultraface_input(p)} for p in photos + inet[:3]]
+    if model.startswith("magika"):
+        files = photos + ocr + [os.path.join(d, "audio", "silero_test_16k.wav"), os.path.join(d, "DATA.md"),
+                                os.path.join(shared, "models", "MODELS.md"), os.path.join(shared, "tools", "smoke_models_ort.py")]
+        return [{"bytes": magika_features(shared, p)} for p in files]
+    if model == "ppocrv4_det.onnx":
+        return [{"x": mi.ppocr_det_input(p)} for p in ocr[:2]]
+    if model == "ppocrv4_rec.onnx":
+        return [{"x": mi.ppocr_line_input(p, 48, 320, min_w=320)} for p in ocr]
+    if model == "ppocr_mobile_v2_cls.onnx":
+        return [{"x": mi.ppocr_line_input(p, 48, 192)} for p in ocr]
+    if model.startswith("silero"):
+        return [mi.silero_inputs(shared)]
+    raise SystemExit(f"no calibration inputs for {model}")
+
+
+def sqnr(ref, got):
+    s = sum(float((r.astype(np.float64) ** 2).sum()) for r in ref)
+    e = sum(float(((r.astype(np.float64) - g) ** 2).sum()) for r, g in zip(ref, got))
+    return float("inf") if e == 0 else 10 * np.log10(s / e)
+
+
+def run_one(shared, model, tmp):
+    src = os.path.join(shared, "models", model)
+    cdir = os.path.join(tmp, model + "_calib")
+    os.mkdir(cdir)
+    samples = calibration_samples(shared, model)
+    for i, feeds in enumerate(samples):
+        for name, x in feeds.items():
+            # One input: one .npy per sample. Several inputs: edgepack takes single-input models only today.
+            np.save(os.path.join(cdir, f"{i:03d}_{name}.npy") if len(feeds) > 1 else os.path.join(cdir, f"{i:03d}.npy"), x)
+    out = os.path.join(tmp, model.replace(".onnx", "_int8.onnx"))
+    cmd = [edgepack_bin(), "quantize", src, "--calib", cdir, "--holdout", "0", "--latency-runs", "0",
+           "--layer-samples", "2", "--threads", "2", "-o", out, "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    res = {"model": model, "rc": r.returncode}
+    if r.returncode != 0:
+        res["error"] = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+        return res
+    rep = json.loads(r.stdout)["report"]
+    layers = rep["layers"]
+    res.update({
+        "int8_layers": sum(l["precision"] == "int8" for l in layers),
+        "layers": len(layers),
+        "float_ops": rep["float_ops"],
+        "float_layers": {l["node"]: l["reason"] for l in layers if l["precision"] == "fp32"},
+        "edgepack_sqnr": rep["int8"]["output_sqnr_db"],
+        "folded_bn": len(rep["preparation"]["folded_batchnorm"]),
+        "size": rep["size"]["ratio"],
+    })
+    feeds = mi.all_inputs(shared)[model]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        ref = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+        got = ort.InferenceSession(out, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+        res["ort_sqnr"] = sqnr(ref, got)
+    except Exception as e:  # noqa: BLE001 (reported in the table)
+        res["ort_error"] = f"{type(e).__name__}: {e}"[:200]
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", default=mi.shared_dir())
+    ap.add_argument("--only")
+    ap.add_argument("--md")
+    a = ap.parse_args()
+    models = sorted(f for f in os.listdir(os.path.join(a.shared, "models")) if f.endswith(".onnx"))
+    if a.only:
+        models = [m for m in models if any(m.startswith(o) for o in a.only.split(","))]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in models:
+            res = run_one(a.shared, m, tmp)
+            print(json.dumps(res), flush=True)
+            rows.append(res)
+    lines = ["| model | result | int8 layers | kept fp32 (why) | output SQNR, edgepack runtime (calibration inputs) | onnxruntime runs the INT8 file: output SQNR vs fp32 |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["rc"] != 0:
+            lines.append(f"| {r['model']} | refused (exit {r['rc']}): {r['error'].replace('|', '/')} | - | - | - | - |")
+            continue
+        why = {**r["float_layers"], **r["float_ops"]}
+        reasons = {}
+        for node, reason in why.items():
+            reasons.setdefault(reason or "?", []).append(node)
+        kept = "; ".join(f"{len(v)} × {k}" for k, v in reasons.items()) or "none"
+        ort_col = f"{r['ort_sqnr']:.1f} dB" if "ort_sqnr" in r else f"fails: {r['ort_error']}"
+        es = "exact" if r["edgepack_sqnr"] is None else f"{r['edgepack_sqnr']:.1f} dB"
+        bn = f", {r['folded_bn']} BatchNorm folded" if r["folded_bn"] else ""
+        lines.append(f"| {r['model']} | quantized ({100 * r['size']:.0f} % of fp32{bn}) | {r['int8_layers']} of {r['layers']} | {kept} | {es} | {ort_col} |")
+    table = "\n".join(lines)
+    print(table)
+    if a.md:
+        meta = (f"`python3 scripts/quant_all.py --md {a.md}` — onnxruntime {ort.__version__}; calibration on a few real "
+                "inputs per model (scripts/quant_all.py says which), min-max; SQNR over all outputs against fp32.")
+        mdtable.replace_between(a.md, BEGIN, END, f"{meta}\n\n{table}")
+
+
+if __name__ == "__main__":
+    main()
