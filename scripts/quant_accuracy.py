@@ -245,6 +245,12 @@ def ultraface(a, tmp):
             "output_sqnr_db": rep["int8"]["output_sqnr_db"]}
 
 
+def budget_cell(b):
+    if not b:
+        return "-"
+    return f"met ({b['reached']:+.2f})" if b["met"] else f"not met, best {b['reached']:+.2f}"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", default=model_inputs.shared_dir())
@@ -270,8 +276,8 @@ def main():
             else:
                 raise SystemExit(f"unknown model {key}")
             print(json.dumps((results + faces_res)[-1]), flush=True)
-    lines = ["| model | eval samples | fp32 top-1 / top-5 | edgepack INT8 | drop | onnxruntime INT8 | drop | top-1 agreement with fp32 (edgepack / ort) | layers kept fp32 | size vs fp32 (edgepack / ort) | edgepack runtime = onnxruntime top-1 on edgepack's INT8 file |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | eval samples | fp32 top-1 / top-5 | edgepack INT8 | drop | onnxruntime INT8 | drop | top-1 agreement with fp32 (edgepack / ort) | edgepack budget on its held-out samples | layers kept fp32 | size vs fp32 (edgepack / ort) | edgepack runtime = onnxruntime top-1 on edgepack's INT8 file |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         (f1, f5), (e1, e5) = r["fp32"], r["edgepack"]
         rt = "-" if r["runtime_vs_ort"] is None else f"{r['runtime_vs_ort']:.1f} %"
@@ -281,7 +287,7 @@ def main():
         else:
             theirs = ("quantize_static fails | -", "-", "-")
         lines.append(f"| {r['model']} | {r['eval']} | {f1:.2f} / {f5:.2f} | {e1:.2f} / {e5:.2f} | **{f1 - e1:+.2f}** | {theirs[0]} | "
-                     f"{r['edgepack_agree']:.1f} % / {theirs[1]} | {r['float_layers']} of {r['layers']} | "
+                     f"{r['edgepack_agree']:.1f} % / {theirs[1]} | {budget_cell(r['budget'])} | {r['float_layers']} of {r['layers']} | "
                      f"{100 * r['edgepack_size']:.1f} % / {theirs[2]} | {rt} |")
     table = "\n".join(lines)
     if faces_res:

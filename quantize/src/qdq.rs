@@ -53,6 +53,8 @@ pub struct QdqSummary {
     pub skipped: BTreeMap<String, String>,
     /// Quantizable nodes kept in float by the configuration (`--exclude` or mixed precision).
     pub excluded: Vec<String>,
+    /// `Max(x, -f32::MAX)` guards placed in front of fp32 Conv/Gemm nodes (see `quantize`).
+    pub fp32_guards: usize,
 }
 
 /// Compute-heavy ops this pass leaves in float, with the reason the report gives.
@@ -152,8 +154,19 @@ pub fn activation_params(r: Range) -> (f32, u8) {
     (scale, zp)
 }
 
-/// Per-channel symmetric int8 quantization of `w` along `axis` of `dims`: (int8 values, scales).
-pub fn quantize_weights(w: &[f32], dims: &[i64], axis: usize, per_tensor: bool) -> (Vec<i8>, Vec<f32>) {
+/// Largest |int32 bias| the pass writes: far inside int32 so accumulator + bias cannot overflow, and exact in f32
+/// (integer runtimes and edgepack's lowering add it to an exact accumulator).
+pub const BIAS_LIMIT: f32 = (1 << 23) as f32;
+
+/// Per-channel symmetric int8 quantization of `w` along `axis` of `dims`: (int8 values, scales). `min_scale`
+/// (per channel) raises a scale where a tiny weight range would make the bias overflow (see [`BIAS_LIMIT`]).
+pub fn quantize_weights(
+    w: &[f32],
+    dims: &[i64],
+    axis: usize,
+    per_tensor: bool,
+    min_scale: Option<&[f32]>,
+) -> (Vec<i8>, Vec<f32>) {
     let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
     let channels = if per_tensor { 1 } else { dims[axis] };
     let inner: usize = dims[axis + 1..].iter().product();
@@ -163,7 +176,19 @@ pub fn quantize_weights(w: &[f32], dims: &[i64], axis: usize, per_tensor: bool) 
         let c = channel_of(i);
         max[c] = max[c].max(v.abs());
     }
-    let scales: Vec<f32> = max.iter().map(|&m| if m > 0.0 { m / 127.0 } else { 1.0 }).collect();
+    let floor = |c: usize| match min_scale {
+        Some(m) if per_tensor => m.iter().cloned().fold(0.0, f32::max),
+        Some(m) => m.get(c).copied().unwrap_or(0.0),
+        None => 0.0,
+    };
+    let scales: Vec<f32> = max
+        .iter()
+        .enumerate()
+        .map(|(c, &m)| {
+            let s = (m / 127.0).max(floor(c));
+            if s > 0.0 && s.is_finite() { s } else { 1.0 }
+        })
+        .collect();
     let q =
         w.iter().enumerate().map(|(i, &v)| (v / scales[channel_of(i)]).round().clamp(-127.0, 127.0) as i8).collect();
     (q, scales)
@@ -208,6 +233,7 @@ pub fn quantize(
     let n_nodes = m.graph.nodes.len();
     let mut new_inits = Vec::new();
     let mut new_nodes = Vec::new();
+    let mut guards: HashMap<String, String> = HashMap::new();
     for i in 0..n_nodes {
         let n = m.graph.nodes[i].clone();
         if let Some(why) = float_reason(n.op()) {
@@ -216,6 +242,31 @@ pub fn quantize(
         if !ACTIVATION_CONSUMERS.contains(&n.op()) || excluded(cfg, &n) {
             if ACTIVATION_CONSUMERS.contains(&n.op()) {
                 summary.excluded.push(n.name().to_string());
+            }
+            // fp32 guard: onnxruntime quantizes the weights of a float Conv/Gemm whose input comes from a
+            // DequantizeLinear (its optimizer moves DQs past pools and reshapes) and whose output leads to a
+            // QuantizeLinear (WeightBiasQuantization: per-tensor int8). A `Max(x, -f32::MAX)` in front keeps the
+            // node in fp32 there too, as the file says; the result is unchanged. (`Mul(x, 1)` would not do: the
+            // optimizer removes it as a no-op.)
+            if matches!(n.op(), "Conv" | "Gemm" | "ConvTranspose")
+                && excluded(cfg, &n)
+                && let Some(x) = n.input.first().filter(|x| !inits.contains_key(*x) && !x.is_empty())
+            {
+                // One guard per value, shared by every fp32 reader.
+                let guarded = match guards.get(x) {
+                    Some(g) => g.clone(),
+                    None => {
+                        let base = sanitize(x);
+                        let floor = m.graph.unique_name(&format!("{base}_fp32_guard_floor"));
+                        let g = m.graph.unique_name(&format!("{base}_fp32_guard"));
+                        new_inits.push(f32_tensor(&floor, &[], &[-f32::MAX]));
+                        new_nodes.push((i, node("Max", &format!("{g}_node"), &[x, &floor], &[&g], vec![])));
+                        guards.insert(x.clone(), g.clone());
+                        summary.fp32_guards += 1;
+                        g
+                    }
+                };
+                m.graph.nodes[i].input[0] = guarded;
             }
             continue;
         }
@@ -238,7 +289,16 @@ pub fn quantize(
                         _ => w.dims.len() - 1,
                     };
                     let data = f32_data(w).unwrap();
-                    let (q, scales) = quantize_weights(&data, &w.dims, axis, cfg.per_tensor_weights);
+                    // A channel whose weights are (nearly) zero but whose bias is not would need an int32 bias far
+                    // beyond range: its weight scale is raised so |b / (s_x·s_w)| ≤ BIAS_LIMIT.
+                    let min_scale: Option<Vec<f32>> = n
+                        .input
+                        .get(2)
+                        .and_then(|b| inits.get(b))
+                        .and_then(f32_data)
+                        .map(|bv| bv.iter().map(|b| b.abs() / (x_scale * BIAS_LIMIT)).collect());
+                    let (q, scales) =
+                        quantize_weights(&data, &w.dims, axis, cfg.per_tensor_weights, min_scale.as_deref());
                     let wname = sanitize(w.name.as_deref().unwrap_or("w"));
                     let (qn, sn, zn, dqn) = (
                         m.graph.unique_name(&format!("{wname}_quantized")),
@@ -323,13 +383,18 @@ mod tests {
     #[test]
     fn weights_per_channel_round_trip_within_half_a_step() {
         let w: Vec<f32> = (0..24).map(|i| ((i * 7919) % 23) as f32 / 7.0 - 1.5).collect();
-        let (q, s) = quantize_weights(&w, &[4, 2, 3], 0, false);
+        let (q, s) = quantize_weights(&w, &[4, 2, 3], 0, false, None);
         assert_eq!(s.len(), 4);
         for (i, (&qv, &wv)) in q.iter().zip(&w).enumerate() {
             let back = qv as f32 * s[i / 6];
             assert!((back - wv).abs() <= s[i / 6] / 2.0 + 1e-6);
         }
         assert!(q.iter().any(|&v| v == 127 || v == -127));
+        // A near-zero channel with a bias: the scale floor keeps the int32 bias in range.
+        let w = [1e-12f32, -1e-12, 0.5, -0.25];
+        let (q, s) = quantize_weights(&w, &[2, 2], 0, false, Some(&[0.01, 0.0]));
+        assert_eq!((s[0], &q[..2]), (0.01, &[0i8, 0][..]));
+        assert!((s[1] - 0.5 / 127.0).abs() < 1e-9);
     }
 
     #[test]

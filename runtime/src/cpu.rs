@@ -29,6 +29,9 @@ pub const TRACT_VERSION: &str = "0.23.9";
 
 pub struct CpuBackend {
     model: InferenceModel,
+    /// For QDQ models: the graph before the integer lowering, used when a run asks for an intermediate value
+    /// the lowering removed (calibration, per-layer error).
+    raw: Option<(InferenceModel, std::collections::HashSet<String>)>,
     input_dtypes: Vec<DatumType>,
     threads: usize,
     options: RunOptions,
@@ -81,7 +84,21 @@ impl CpuBackend {
         if let Some((op, domain, node)) = find_unsupported(&model.graph.nodes, &onnx.op_register.0) {
             return Err(Error::UnsupportedOp { op, domain, node, backend: "cpu" });
         }
-        let bytes = model.to_bytes();
+        // QDQ graphs run with onnxruntime's integer arithmetic (exact accumulation, one requantization multiply).
+        let mut lowered = model.clone();
+        let raw = if lowered.graph.lower_qdq_integer() > 0 {
+            let kept: std::collections::HashSet<String> = lowered
+                .graph
+                .nodes
+                .iter()
+                .flat_map(|n| n.output.iter().cloned())
+                .chain(lowered.graph.inputs.iter().filter_map(|i| i.name.clone()))
+                .collect();
+            Some((onnx.model_for_read(&mut &model.to_bytes()[..]).map_err(tract_err)?, kept))
+        } else {
+            None
+        };
+        let bytes = lowered.to_bytes();
         let inference = onnx.model_for_read(&mut &bytes[..]).map_err(tract_err)?;
         let threads = threads.max(1);
         let executor = if threads == 1 {
@@ -92,6 +109,7 @@ impl CpuBackend {
         let options = RunOptions { executor: Some(executor), ..Default::default() };
         Ok(CpuBackend {
             model: inference,
+            raw,
             input_dtypes: input_dtypes.iter().map(|&d| to_datum(d)).collect(),
             threads,
             options,
@@ -104,7 +122,10 @@ impl CpuBackend {
         if let Some(p) = self.plans.lock().map_err(|_| backend_err("plan cache poisoned"))?.map.get(&key) {
             return Ok(p.clone());
         }
-        let mut m = self.model.clone();
+        let mut m = match &self.raw {
+            Some((raw, kept)) if outputs.iter().any(|o| !kept.contains(o)) => raw.clone(),
+            _ => self.model.clone(),
+        };
         for (i, (shape, dt)) in shapes.iter().zip(&self.input_dtypes).enumerate() {
             m = m.with_input_fact(i, Fact::dt_shape(*dt, shape.clone())).map_err(tract_err)?;
         }

@@ -9,6 +9,7 @@ pub mod proto;
 
 pub mod builder;
 pub mod passes;
+pub mod qdq_lower;
 pub mod upgrade;
 
 use std::collections::{HashMap, HashSet};

@@ -222,3 +222,86 @@ fn element_types_follow_shape_arithmetic() {
     assert_eq!((t["shape"], t["n"], t["dims"]), (7, 7, 7));
     assert_eq!((t["h"], t["y"], t["yi"]), (1, 1, 6));
 }
+
+fn q_tensor(name: &str, dims: &[i64], code: i32, raw: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(code),
+        raw_data: Some(raw),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn qdq_conv_lowers_to_exact_integer_arithmetic() {
+    // x → Q → DQ → Conv(DQ(w int8, per channel), DQ(b int32)) → Relu → Q → DQ → y
+    let (c_in, c_out, k) = (3usize, 4usize, 3usize);
+    let (sx, zx, sy) = (0.02f32, 120u8, 0.05f32);
+    let sw = [0.011f32, 0.007, 0.013, 0.003];
+    let w: Vec<i8> = (0..c_out * c_in * k * k).map(|i| ((i * 53 % 255) as i32 - 127) as i8).collect();
+    let b: Vec<i32> = vec![1500, -2200, 40, 999];
+    let m = model(
+        vec![
+            node("QuantizeLinear", "qx", &["x", "sx", "zx"], &["xq"], vec![]),
+            node("DequantizeLinear", "dqx", &["xq", "sx", "zx"], &["xd"], vec![]),
+            node("DequantizeLinear", "dqw", &["wq", "sw", "zw"], &["wd"], vec![attr_int("axis", 0)]),
+            node("DequantizeLinear", "dqb", &["bq", "sb"], &["bd"], vec![attr_int("axis", 0)]),
+            node("Conv", "conv", &["xd", "wd", "bd"], &["c"], vec![attr_ints("pads", &[1, 1, 1, 1])]),
+            node("Relu", "relu", &["c"], &["r"], vec![]),
+            node("QuantizeLinear", "qy", &["r", "sy", "zy"], &["yq"], vec![]),
+            node("DequantizeLinear", "dqy", &["yq", "sy", "zy"], &["y"], vec![]),
+        ],
+        vec![value_info("x", 1, &[Dim::Fixed(1), Dim::Fixed(3), Dim::Fixed(6), Dim::Fixed(5)])],
+        vec![value_info("y", 1, &[Dim::Fixed(1), Dim::Fixed(4), Dim::Fixed(6), Dim::Fixed(5)])],
+        vec![
+            tensor_f32("sx", &[], &[sx]),
+            q_tensor("zx", &[], 2, vec![zx]),
+            q_tensor("wq", &[4, 3, 3, 3], 3, w.iter().map(|&v| v as u8).collect()),
+            tensor_f32("sw", &[4], &sw),
+            q_tensor("zw", &[4], 3, vec![0; 4]),
+            q_tensor("bq", &[4], 6, b.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            tensor_f32("sb", &[4], &sw.map(|s| sx * s)),
+            tensor_f32("sy", &[], &[sy]),
+            q_tensor("zy", &[], 2, vec![0]),
+        ],
+    );
+    let mut lowered = m.clone();
+    assert_eq!(lowered.graph.lower_qdq_integer(), 2); // the Conv pattern and the input Q (exact division)
+    assert!(lowered.graph.nodes.iter().all(|n| n.op() != "Relu"), "the Relu is the Q saturation now");
+    lowered.check().unwrap();
+    // Scalar reference: exact integer accumulation, one f32 multiply, round half to even.
+    let xs: Vec<f32> = (0..90).map(|i| ((i * 37 % 91) as f32 - 45.0) * 0.031).collect();
+    let xq: Vec<i32> = xs.iter().map(|&v| ((v / sx).round_ties_even() as i32 + zx as i32).clamp(0, 255)).collect();
+    let mut want = vec![0f32; 4 * 6 * 5];
+    for o in 0..c_out {
+        let mult = (sx * sw[o]) / sy;
+        for y in 0..6i32 {
+            for xx in 0..5i32 {
+                let mut acc = b[o] as i64;
+                for ci in 0..c_in {
+                    for ky in 0..3i32 {
+                        for kx in 0..3i32 {
+                            let (iy, ix) = (y + ky - 1, xx + kx - 1);
+                            if (0..6).contains(&iy) && (0..5).contains(&ix) {
+                                let xv = xq[ci * 30 + (iy * 5 + ix) as usize] - zx as i32;
+                                let wv = w[((o * c_in + ci) * 3 + ky as usize) * 3 + kx as usize] as i32;
+                                acc += (xv * wv) as i64;
+                            }
+                        }
+                    }
+                }
+                let q = ((acc as f32 * mult).round_ties_even()).clamp(0.0, 255.0);
+                want[o * 30 + (y * 5 + xx) as usize] = q * sy;
+            }
+        }
+    }
+    let opts = crate::SessionOptions { threads: 1, ..Default::default() };
+    let s = crate::Session::from_model(&m, &opts).unwrap();
+    let x = crate::Tensor::from_f32(vec![1, 3, 6, 5], xs).unwrap();
+    let got = s.run_one(x.clone()).unwrap()[0].1.to_f32_vec();
+    assert_eq!(got, want);
+    // Values the lowering removed are still there for calibration and per-layer error (the raw graph runs them).
+    let c = s.run_values(vec![("x".into(), x)], &["c"]).unwrap();
+    assert_eq!(c[0].1.shape(), &[1, 4, 6, 5]);
+}

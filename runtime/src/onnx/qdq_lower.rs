@@ -1,0 +1,452 @@
+//! QDQ lowering to integer arithmetic, expressed with float ops that carry exact integers.
+//!
+//! A QDQ graph says `Q((Σ DQ(x)·DQ(w) + DQ(b)) → Relu/Clip, s_y)`: float products, float rounding, then one
+//! division by `s_y`. Integer runtimes (onnxruntime's fused QLinearConv, edgepack's coming kernels) compute
+//! `round(float(Σ (x−z_x)·w + b) · m) + z_y` with `m = s_x·s_w / s_y` per channel: exact integer accumulation and
+//! one float multiply. The two round differently on a few values per layer and the flips grow through a deep
+//! network. This pass rewrites the patterns below into the integer form:
+//!
+//! - `DQ(x) → Conv|Gemm(DQ(w), [DQ(b)]) → [Relu|Clip] → Q(s_y, z_y)` becomes
+//!   `DQ(x, 1, z_x) → Conv|Gemm(w as integer floats, b as integer floats) → Mul(m) → Q(1, z_y)`;
+//!   the Relu/Clip is dropped only when the Q range already lies inside it (saturation does the clamping);
+//! - `DQ(a) + DQ(b) → Q(s_y, z_y)` becomes `DQ(a, 1, z_a)·(s_a/s_y) + DQ(b, 1, z_b)·(s_b/s_y) → Q(1, z_y)`.
+//!
+//! Integer values stay exact in f32 while accumulators stay below 2^24 (checked for weights and biases; typical
+//! int8 accumulations are far below). `Q(·, 1, z)` multiplies by exactly 1, so the rounding is the integer one.
+//! Value names of the Q outputs are kept; the removed intermediates (the Conv output...) no longer exist.
+use std::collections::HashMap;
+
+use super::passes::tensor_f32_values;
+use super::{Graph, NodeExt, NodeProto, TensorProto, node};
+
+fn f32_tensor(name: &str, dims: &[i64], v: &[f32]) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(1),
+        raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        ..Default::default()
+    }
+}
+
+/// Integer values of an int8/uint8/int32 initializer, as f32.
+fn int_values(t: &TensorProto) -> Option<Vec<f32>> {
+    let raw = t.raw_data.as_ref();
+    let n: i64 = t.dims.iter().product();
+    let v: Vec<f32> = match (t.data_type?, raw) {
+        (3, Some(r)) => r.iter().map(|&b| b as i8 as f32).collect(),
+        (2, Some(r)) => r.iter().map(|&b| b as f32).collect(),
+        (6, Some(r)) => r.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32).collect(),
+        (3 | 2 | 6, None) => t.int32_data.iter().map(|&x| x as f32).collect(),
+        _ => return None,
+    };
+    (v.len() as i64 == n && v.iter().all(|x| x.abs() < (1 << 24) as f32)).then_some(v)
+}
+
+fn scalar_f32(g: &Graph, name: &str) -> Option<f32> {
+    let v = tensor_f32_values(g.initializer(name)?)?;
+    (v.len() == 1).then(|| v[0])
+}
+
+/// Zero point of a DQ/Q node as (value, onnx type), default uint8 0.
+fn zero_point(g: &Graph, n: &NodeProto) -> Option<(f32, i32)> {
+    match n.input.get(2).filter(|z| !z.is_empty()) {
+        None => Some((0.0, 2)),
+        Some(z) => {
+            let t = g.initializer(z)?;
+            let v = int_values(t)?;
+            (v.len() == 1).then(|| (v[0], t.data_type.unwrap_or(2)))
+        }
+    }
+}
+
+struct Ctx<'a> {
+    g: &'a Graph,
+    producers: HashMap<&'a str, usize>,
+    readers: HashMap<&'a str, usize>,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(g: &'a Graph) -> Self {
+        let mut readers: HashMap<&str, usize> = HashMap::new();
+        for n in &g.nodes {
+            for i in &n.input {
+                *readers.entry(i.as_str()).or_default() += 1;
+            }
+        }
+        for o in &g.outputs {
+            if let Some(name) = o.name.as_deref() {
+                *readers.entry(name).or_default() += 2; // graph outputs must survive
+            }
+        }
+        Ctx { g, producers: g.producers(), readers }
+    }
+
+    fn producer(&self, value: &str, op: &str) -> Option<&'a NodeProto> {
+        let n = &self.g.nodes[*self.producers.get(value)?];
+        (n.op() == op).then_some(n)
+    }
+
+    /// The only reader of `value`, if it has exactly one and `value` is not a graph output.
+    fn only_reader(&self, value: &str) -> Option<usize> {
+        if self.readers.get(value).copied() != Some(1) {
+            return None;
+        }
+        self.g.nodes.iter().position(|n| n.input.iter().any(|i| i == value))
+    }
+}
+
+/// One rewrite: nodes to remove (indices), nodes and initializers to add.
+struct Rewrite {
+    remove: Vec<usize>,
+    nodes: Vec<NodeProto>,
+    inits: Vec<TensorProto>,
+}
+
+fn unit_dq(dq: &NodeProto, one: &str, tag: &str) -> Option<NodeProto> {
+    let mut inputs = vec![dq.input[0].as_str(), one];
+    if let Some(z) = dq.input.get(2).filter(|z| !z.is_empty()) {
+        inputs.push(z);
+    }
+    let out = format!("{}_int_{tag}", dq.input[0]);
+    Some(node("DequantizeLinear", &format!("{}_int_{tag}_node", dq.input[0]), &inputs, &[&out], vec![]))
+}
+
+fn lower_weighted(c: &Ctx, idx: usize, uid: usize) -> Option<Rewrite> {
+    let g = c.g;
+    let n = &g.nodes[idx];
+    let is_gemm = n.op() == "Gemm";
+    if is_gemm
+        && (n.attr_i("transA").unwrap_or(0) != 0
+            || n.attr_f("alpha").unwrap_or(1.0) != 1.0
+            || n.attr_f("beta").unwrap_or(1.0) != 1.0)
+    {
+        return None;
+    }
+    let dqx = c.producer(n.input.first()?, "DequantizeLinear")?;
+    let dqw = c.producer(n.input.get(1)?, "DequantizeLinear")?;
+    let s_x = scalar_f32(g, dqx.input.get(1)?)?;
+    zero_point(g, dqx)?;
+    let w_t = g.initializer(&dqw.input[0])?;
+    let w = int_values(w_t)?;
+    let s_w = tensor_f32_values(g.initializer(dqw.input.get(1)?)?)?;
+    if zero_point(g, dqw).is_none_or(|z| z.0 != 0.0) && dqw.input.get(2).is_some() {
+        // Per-channel weight zero points must all be 0 (symmetric weights).
+        let z = int_values(g.initializer(&dqw.input[2])?)?;
+        if z.iter().any(|&v| v != 0.0) {
+            return None;
+        }
+    }
+    let channels = if is_gemm {
+        let tb = n.attr_i("transB").unwrap_or(0) == 1;
+        *w_t.dims.get(if tb { 0 } else { 1 })? as usize
+    } else {
+        *w_t.dims.first()? as usize
+    };
+    let w_axis = dqw.attr_i("axis").unwrap_or(1);
+    let per_channel_ok = s_w.len() == 1
+        || (s_w.len() == channels
+            && if is_gemm { (w_axis == 0) == (n.attr_i("transB").unwrap_or(0) == 1) } else { w_axis == 0 });
+    if !per_channel_ok {
+        return None;
+    }
+    let bias = match n.input.get(2).filter(|b| !b.is_empty()) {
+        None => None,
+        Some(b) => {
+            let dqb = c.producer(b, "DequantizeLinear")?;
+            let bv = int_values(g.initializer(&dqb.input[0])?)?;
+            if bv.len() != channels {
+                return None;
+            }
+            // The bias must be at scale s_x·s_w (what the QDQ pass writes).
+            let s_b = tensor_f32_values(g.initializer(dqb.input.get(1)?)?)?;
+            let ok = s_b.iter().enumerate().all(|(k, &sb)| {
+                let want = s_x * s_w[if s_w.len() == 1 { 0 } else { k }];
+                (sb - want).abs() <= want.abs() * 1e-6
+            });
+            if !ok || zero_point(g, dqb).is_none_or(|z| z.0 != 0.0) {
+                return None;
+            }
+            Some(bv)
+        }
+    };
+    // Output chain: [Relu|Clip] → Q, each read once.
+    let mut remove = vec![idx];
+    let mut cur = n.output.first()?.clone();
+    let mut clamp: Option<(f32, f32)> = None;
+    let mut next = c.only_reader(&cur)?;
+    if matches!(g.nodes[next].op(), "Relu" | "Clip") {
+        let a = &g.nodes[next];
+        clamp = Some(match a.op() {
+            "Relu" => (0.0, f32::INFINITY),
+            _ => {
+                let lo =
+                    a.input.get(1).filter(|s| !s.is_empty()).map(|s| scalar_f32(g, s)).unwrap_or(Some(f32::MIN))?;
+                let hi =
+                    a.input.get(2).filter(|s| !s.is_empty()).map(|s| scalar_f32(g, s)).unwrap_or(Some(f32::MAX))?;
+                (lo, hi)
+            }
+        });
+        remove.push(next);
+        cur = a.output.first()?.clone();
+        next = c.only_reader(&cur)?;
+    }
+    let q = &g.nodes[next];
+    if q.op() != "QuantizeLinear" || q.input[0] != cur {
+        return None;
+    }
+    let s_y = scalar_f32(g, q.input.get(1)?)?;
+    let (z_y, z_ty) = zero_point(g, q)?;
+    if let Some((lo, hi)) = clamp {
+        // Dropping the activation is exact only if the Q range lies inside it.
+        let (qmin, qmax) = if z_ty == 3 { (-128.0, 127.0) } else { (0.0, 255.0) };
+        if (qmin - z_y) * s_y < lo - 1e-6 * lo.abs() || (qmax - z_y) * s_y > hi + 1e-6 * hi.abs() {
+            return None;
+        }
+    }
+    remove.push(next);
+    // onnxruntime's per-channel output scale: (s_x · s_w[c]) / s_y in f32.
+    let m: Vec<f32> = (0..channels).map(|k| (s_x * s_w[if s_w.len() == 1 { 0 } else { k }]) / s_y).collect();
+    let p = format!("{}_lowered{uid}", n.name());
+    let one = format!("{p}_one");
+    let mut inits = vec![f32_tensor(&one, &[], &[1.0])];
+    let dx = unit_dq(dqx, &one, &format!("{uid}x"))?;
+    let w_name = format!("{p}_w_int");
+    inits.push(f32_tensor(&w_name, &w_t.dims, &w));
+    let mut inputs = vec![dx.output[0].clone(), w_name];
+    if let Some(bv) = &bias {
+        let b_name = format!("{p}_b_int");
+        inits.push(f32_tensor(&b_name, &[channels as i64], bv));
+        inputs.push(b_name);
+    }
+    let mut op = n.clone();
+    op.name = Some(format!("{p}_acc_node"));
+    op.input = inputs;
+    op.output = vec![format!("{p}_acc")];
+    let m_name = format!("{p}_multiplier");
+    let m_dims: Vec<i64> = if is_gemm { vec![channels as i64] } else { vec![1, channels as i64, 1, 1] };
+    // Conv outputs [N, C, spatial...]: broadcast over every spatial dim of the weight.
+    let m_dims = if is_gemm {
+        m_dims
+    } else {
+        let mut d = vec![1, channels as i64];
+        d.extend(std::iter::repeat_n(1, w_t.dims.len().saturating_sub(2)));
+        d
+    };
+    // acc · m in f64 is exact (24 + 24 significant bits), so casting it back rounds once, as an f32 multiply
+    // does; the f64 detour also keeps tract from folding the multiplier into the weights.
+    inits.push(TensorProto {
+        name: Some(m_name.clone()),
+        dims: m_dims,
+        data_type: Some(11),
+        raw_data: Some(m.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect()),
+        ..Default::default()
+    });
+    let scaled = format!("{p}_scaled");
+    let acc64 = node(
+        "Cast",
+        &format!("{p}_acc_f64"),
+        &[&format!("{p}_acc")],
+        &[&format!("{p}_acc64")],
+        vec![super::builder::attr_int("to", 11)],
+    );
+    let mul =
+        node("Mul", &format!("{p}_requant"), &[&format!("{p}_acc64"), &m_name], &[&format!("{p}_scaled64")], vec![]);
+    let back = node(
+        "Cast",
+        &format!("{p}_to_f32"),
+        &[&format!("{p}_scaled64")],
+        &[&scaled],
+        vec![super::builder::attr_int("to", 1)],
+    );
+    let mut q_inputs = vec![scaled.as_str(), one.as_str()];
+    if let Some(z) = q.input.get(2).filter(|z| !z.is_empty()) {
+        q_inputs.push(z);
+    }
+    let newq = node("QuantizeLinear", &format!("{p}_q"), &q_inputs, &[&q.output[0]], vec![]);
+    Some(Rewrite { remove, nodes: vec![dx, op, acc64, mul, back, newq], inits })
+}
+
+fn f64_scalar(name: &str, v: f64) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: vec![],
+        data_type: Some(11),
+        raw_data: Some(v.to_le_bytes().to_vec()),
+        ..Default::default()
+    }
+}
+
+fn cast(name: &str, input: &str, output: &str, to: i64) -> NodeProto {
+    node("Cast", name, &[input], &[output], vec![super::builder::attr_int("to", to)])
+}
+
+/// `DQ(a) + DQ(b) → Q` as onnxruntime's QLinearAdd computes it on x86 (MLAS, AVX2):
+/// `r_a = s_a/s_c`, `r_b = s_b/s_c`, `k = z_c − (r_a·z_a + r_b·z_b)` in f32, then per element
+/// `round_half_even(fma(a, r_a, fma(b, r_b, k)))` saturated, on the raw quantized values. Each fused multiply-add
+/// is done in f64 (exact for these magnitudes) and rounded once to f32.
+fn lower_add(c: &Ctx, idx: usize, uid: usize) -> Option<Rewrite> {
+    let g = c.g;
+    let n = &g.nodes[idx];
+    let (a, b) = (c.producer(n.input.first()?, "DequantizeLinear")?, c.producer(n.input.get(1)?, "DequantizeLinear")?);
+    let (s_a, s_b) = (scalar_f32(g, a.input.get(1)?)?, scalar_f32(g, b.input.get(1)?)?);
+    let ((z_a, ta), (z_b, tb)) = (zero_point(g, a)?, zero_point(g, b)?);
+    let qi = c.only_reader(n.output.first()?)?;
+    let q = &g.nodes[qi];
+    if q.op() != "QuantizeLinear" {
+        return None;
+    }
+    let s_c = scalar_f32(g, q.input.get(1)?)?;
+    let (z_c, tc) = zero_point(g, q)?;
+    if ta != 2 || tb != 2 || tc != 2 {
+        return None; // uint8 only (what the QDQ pass writes)
+    }
+    let (r_a, r_b) = (s_a / s_c, s_b / s_c);
+    let k = z_c - (r_a * z_a + r_b * z_b);
+    let p = format!("{}_lowered{uid}", n.name());
+    let v = |s: &str| format!("{p}_{s}");
+    let inits = vec![
+        f64_scalar(&v("ra"), r_a as f64),
+        f64_scalar(&v("rb"), r_b as f64),
+        f64_scalar(&v("k"), k as f64),
+        f32_tensor(&v("one"), &[], &[1.0]),
+        TensorProto {
+            name: Some(v("zero")),
+            dims: vec![],
+            data_type: Some(2),
+            raw_data: Some(vec![0]),
+            ..Default::default()
+        },
+    ];
+    let nodes = vec![
+        cast(&v("b64_node"), &b.input[0], &v("b64"), 11),
+        node("Mul", &v("bm_node"), &[&v("b64"), &v("rb")], &[&v("bm")], vec![]),
+        node("Add", &v("bk_node"), &[&v("bm"), &v("k")], &[&v("bk64")], vec![]),
+        cast(&v("bk32_node"), &v("bk64"), &v("bk32"), 1),
+        cast(&v("bk_back_node"), &v("bk32"), &v("bk"), 11),
+        cast(&v("a64_node"), &a.input[0], &v("a64"), 11),
+        node("Mul", &v("am_node"), &[&v("a64"), &v("ra")], &[&v("am")], vec![]),
+        node("Add", &v("sum_node"), &[&v("am"), &v("bk")], &[&v("sum64")], vec![]),
+        cast(&v("sum_node32"), &v("sum64"), &v("sum"), 1),
+        node("QuantizeLinear", &v("q"), &[&v("sum"), &v("one"), &v("zero")], &[&q.output[0]], vec![]),
+    ];
+    Some(Rewrite { remove: vec![idx, qi], nodes, inits })
+}
+
+impl Graph {
+    /// Applies the integer-arithmetic lowering (see the module docs). Returns how many patterns were rewritten.
+    pub fn lower_qdq_integer(&mut self) -> usize {
+        let rewrites: Vec<Rewrite> = {
+            let c = Ctx::new(self);
+            let mut taken = std::collections::HashSet::new();
+            let mut out = Vec::new();
+            for (i, n) in self.nodes.iter().enumerate() {
+                let r = match n.op() {
+                    "Conv" | "Gemm" => lower_weighted(&c, i, out.len()),
+                    "Add" => lower_add(&c, i, out.len()),
+                    _ => None,
+                };
+                if let Some(r) = r
+                    && r.remove.iter().all(|k| !taken.contains(k))
+                {
+                    taken.extend(r.remove.iter().copied());
+                    out.push(r);
+                }
+            }
+            out
+        };
+        let count = rewrites.len();
+        if count == 0 && !self.nodes.iter().any(|n| n.op() == "QuantizeLinear") {
+            return 0; // not a QDQ graph: left untouched
+        }
+        let mut g = self.clone();
+        let mut remove: Vec<usize> = rewrites.iter().flat_map(|r| r.remove.iter().copied()).collect();
+        remove.sort_unstable();
+        for k in remove.into_iter().rev() {
+            g.nodes.remove(k);
+        }
+        for r in rewrites {
+            g.initializers.extend(r.inits);
+            g.nodes.extend(r.nodes);
+        }
+        if g.topo_sort().is_err() {
+            return 0; // never expected: the graph is left as it was
+        }
+        // The QuantizeLinear nodes no pattern took (after float layers): exact division.
+        let exact_q = g.exact_quantize_linear();
+        if count + exact_q == 0 {
+            return 0;
+        }
+        g.remove_dead_nodes();
+        g.remove_unused_initializers();
+        *self = g;
+        count + exact_q
+    }
+
+    /// `QuantizeLinear(x, s, z)` with a per-tensor scale as ONNX and onnxruntime compute it, `round(x / s)`: tract
+    /// multiplies by `1/s`, which rounds some values to the neighbouring integer. The division is done in f64
+    /// (`x · (1/s)` there is within an f64 ulp of `x / s`) and rounded once to f32; the Q then has scale 1.
+    fn exact_quantize_linear(&mut self) -> usize {
+        let mut added = Vec::new();
+        let mut inits = Vec::new();
+        let mut count = 0;
+        for (k, n) in self.nodes.iter_mut().enumerate() {
+            if n.op() != "QuantizeLinear" || n.input.len() < 2 {
+                continue;
+            }
+            let Some(s) = self.initializers.iter().find(|t| t.name.as_deref() == Some(&n.input[1])) else { continue };
+            let Some(sv) = tensor_f32_values(s).filter(|v| v.len() == 1).map(|v| v[0]) else { continue };
+            if !(sv.is_finite() && sv > 0.0) || sv.log2().fract() == 0.0 {
+                continue; // a power of two: 1/s is exact already
+            }
+            let p = format!("{}_exactq{k}", n.name());
+            inits.push(TensorProto {
+                name: Some(format!("{p}_s64")),
+                dims: vec![],
+                data_type: Some(11),
+                raw_data: Some((sv as f64).to_le_bytes().to_vec()),
+                ..Default::default()
+            });
+            inits.push(f32_tensor(&format!("{p}_one"), &[], &[1.0]));
+            added.push(cast(&format!("{p}_x64_node"), &n.input[0], &format!("{p}_x64"), 11));
+            added.push(node(
+                "Div",
+                &format!("{p}_div"),
+                &[&format!("{p}_x64"), &format!("{p}_s64")],
+                &[&format!("{p}_q64")],
+                vec![],
+            ));
+            added.push(cast(&format!("{p}_q32_node"), &format!("{p}_q64"), &format!("{p}_q32"), 1));
+            n.input[0] = format!("{p}_q32");
+            n.input[1] = format!("{p}_one");
+            count += 1;
+        }
+        if count > 0 {
+            self.initializers.extend(inits);
+            self.nodes.extend(added);
+            if self.topo_sort().is_err() {
+                return 0;
+            }
+        }
+        count
+    }
+
+    /// Removes nodes none of whose outputs is read (by a node, a subgraph or the graph outputs), repeatedly.
+    pub fn remove_dead_nodes(&mut self) -> usize {
+        let before = self.nodes.len();
+        loop {
+            let mut used: std::collections::HashSet<String> =
+                self.outputs.iter().filter_map(|o| o.name.clone()).collect();
+            for n in &self.nodes {
+                used.extend(n.input.iter().cloned());
+                super::collect_subgraph_refs(n, &mut used);
+            }
+            let n0 = self.nodes.len();
+            self.nodes.retain(|n| n.output.iter().any(|o| used.contains(o)));
+            if self.nodes.len() == n0 {
+                break;
+            }
+        }
+        before - self.nodes.len()
+    }
+}
