@@ -12,6 +12,7 @@ pub mod bundle;
 pub mod cpu;
 mod error;
 pub mod fsutil;
+pub mod kernels;
 pub mod npy;
 pub mod onnx;
 pub mod process;
