@@ -1,7 +1,7 @@
 # edgepack task runner (https://github.com/casey/just). Every recipe is a plain command you can also run by hand.
 export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", env_var("HOME") + "/.cache/edgepack-target")
 
-# Offline demo: pack the shipped EfficientNet-Lite0, verify it, classify the shipped photos
+# Offline demo: quantize the shipped EfficientNet-Lite0, pack fp32 + int8 signed, verify, classify the shipped photos
 demo:
     cargo run --release -- demo
 

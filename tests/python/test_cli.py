@@ -2,6 +2,7 @@
 Uses only files shipped in the repo (assets/), so it runs without ../shared."""
 import json
 import os
+import re
 
 import numpy as np
 import onnx
@@ -134,7 +135,13 @@ def test_bench_profile_times_every_op_type(binary):
 def test_demo_runs_offline_from_the_embedded_model(binary, tmp_path):
     r = ep("demo", "--out", tmp_path / "demo", "--threads", "1", timeout=600)
     assert "tiger cat" in r.stdout and "espresso" in r.stdout
+    assert "quantized to INT8" in r.stdout
+    # Calibrated on three photos only; the cat and the espresso are clear-cut, the astronaut is a near tie in fp32.
+    same = re.search(r"int8 top-1 = fp32 top-1 on (\d) of 3 images", r.stdout)
+    assert same and int(same.group(1)) >= 2, r.stdout
     assert (tmp_path / "demo" / "efficientnet_lite0.edgepack").exists()
+    man = json.loads(ep("inspect", tmp_path / "demo" / "efficientnet_lite0.edgepack", "--json").stdout)
+    assert "int8" in json.dumps(man) and "quantization.html" in json.dumps(man)
     r = ep("verify", tmp_path / "demo" / "efficientnet_lite0.edgepack", "--key", tmp_path / "demo" / "demo.pub")
     assert "signature valid, trusted key" in r.stdout
 
