@@ -113,7 +113,7 @@ impl HeldOut {
             h.reference.push(r);
             progress(done + 1, total);
         }
-        h.fp32 = h.score(&h.reference.clone());
+        h.fp32 = h.score(&h.reference);
         h.fp32.output_sqnr_db = None;
         Ok(h)
     }

@@ -142,7 +142,8 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
 
     // 4. Full INT8, then (if a budget misses) sensitivity and the mixed-precision search.
     let units = qdq::quantizable_nodes(&model, &job.cfg);
-    let (full, _) = qdq::quantize(&model, &ranges, &job.cfg).map_err(|e| CalibError::Invalid(e.to_string()))?;
+    let (full, full_summary) =
+        qdq::quantize(&model, &ranges, &job.cfg).map_err(|e| CalibError::Invalid(e.to_string()))?;
     on(Event::Stage("evaluate int8", held.len()));
     let full_metrics = held.evaluate(&Session::from_model(&full, &job.session)?, None, |d, _| on(Event::Step(d)))?;
     let mut sens: Vec<mixed::Sensitivity> = Vec::new();
@@ -187,7 +188,6 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
             (r.model, r.summary, r.metrics, Some(outcome))
         }
         _ => {
-            let (m, s) = qdq::quantize(&model, &ranges, &job.cfg).map_err(|e| CalibError::Invalid(e.to_string()))?;
             let outcome = job.budget.map(|b| BudgetOutcome {
                 budget: b,
                 text: b.to_string(),
@@ -202,7 +202,7 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
                     metrics: full_metrics.clone(),
                 }],
             });
-            (m, s, full_metrics, outcome)
+            (full, full_summary, full_metrics, outcome)
         }
     };
 

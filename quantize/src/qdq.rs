@@ -9,7 +9,8 @@
 //! after them, where the next quantized op reads.
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use edgepack_runtime::onnx::builder::attr_int;
+use edgepack_runtime::onnx::builder::{attr_int, tensor_f32, tensor_raw};
+use edgepack_runtime::onnx::passes::tensor_f32_values;
 use edgepack_runtime::onnx::{Model, NodeExt, NodeProto, TensorProto, node};
 
 /// Observed range of one activation.
@@ -118,31 +119,6 @@ pub fn activations_to_calibrate(model: &Model, cfg: &QdqConfig) -> Vec<String> {
     out
 }
 
-/// Reads an f32 initializer (raw or typed storage).
-pub fn f32_data(t: &TensorProto) -> Option<Vec<f32>> {
-    if t.data_type != Some(1) {
-        return None;
-    }
-    match &t.raw_data {
-        Some(raw) => Some(raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
-        None => Some(t.float_data.clone()),
-    }
-}
-
-fn tensor(name: &str, dims: &[i64], data_type: i32, raw: Vec<u8>) -> TensorProto {
-    TensorProto {
-        name: Some(name.into()),
-        dims: dims.to_vec(),
-        data_type: Some(data_type),
-        raw_data: Some(raw),
-        ..Default::default()
-    }
-}
-
-fn f32_tensor(name: &str, dims: &[i64], v: &[f32]) -> TensorProto {
-    tensor(name, dims, 1, v.iter().flat_map(|x| x.to_le_bytes()).collect())
-}
-
 /// uint8 asymmetric scale and zero point covering `r` (widened to include 0, as zero must be exact).
 pub fn activation_params(r: Range) -> (f32, u8) {
     let (lo, hi) = (r.min.min(0.0), r.max.max(0.0));
@@ -219,8 +195,8 @@ pub fn quantize(
         let base = sanitize(a);
         let (s_name, z_name) =
             (m.graph.unique_name(&format!("{base}_scale")), m.graph.unique_name(&format!("{base}_zero_point")));
-        m.graph.initializers.push(f32_tensor(&s_name, &[], &[scale]));
-        m.graph.initializers.push(tensor(&z_name, &[], 2, vec![zp]));
+        m.graph.initializers.push(tensor_f32(&s_name, &[], &[scale]));
+        m.graph.initializers.push(tensor_raw(&z_name, &[], 2, vec![zp]));
         let q = m.graph.unique_name(&format!("{base}_quantized"));
         let dq = m.graph.unique_name(&format!("{base}_dequantized"));
         m.graph.nodes.push(node("QuantizeLinear", &format!("{q}_node"), &[a, &s_name, &z_name], &[&q], vec![]));
@@ -259,7 +235,7 @@ pub fn quantize(
                         let base = sanitize(x);
                         let floor = m.graph.unique_name(&format!("{base}_fp32_guard_floor"));
                         let g = m.graph.unique_name(&format!("{base}_fp32_guard"));
-                        new_inits.push(f32_tensor(&floor, &[], &[-f32::MAX]));
+                        new_inits.push(tensor_f32(&floor, &[], &[-f32::MAX]));
                         new_nodes.push((i, node("Max", &format!("{g}_node"), &[x, &floor], &[&g], vec![])));
                         guards.insert(x.clone(), g.clone());
                         summary.fp32_guards += 1;
@@ -282,20 +258,20 @@ pub fn quantize(
             let x_scale = n.input.first().and_then(|x| dq_of.get(x)).map(|d| d.1);
             let w = n.input.get(1).and_then(|w| inits.get(w));
             match (x_scale, w) {
-                (Some(x_scale), Some(w)) if f32_data(w).is_some() && !w.dims.is_empty() => {
+                (Some(x_scale), Some(w)) if tensor_f32_values(w).is_some() && !w.dims.is_empty() => {
                     let axis = match n.op() {
                         "Conv" => 0,
                         "Gemm" if n.attr_i("transB").unwrap_or(0) == 1 => 0,
                         _ => w.dims.len() - 1,
                     };
-                    let data = f32_data(w).unwrap();
+                    let data = tensor_f32_values(w).unwrap();
                     // A channel whose weights are (nearly) zero but whose bias is not would need an int32 bias far
                     // beyond range: its weight scale is raised so |b / (s_x·s_w)| ≤ BIAS_LIMIT.
                     let min_scale: Option<Vec<f32>> = n
                         .input
                         .get(2)
                         .and_then(|b| inits.get(b))
-                        .and_then(f32_data)
+                        .and_then(tensor_f32_values)
                         .map(|bv| bv.iter().map(|b| b.abs() / (x_scale * BIAS_LIMIT)).collect());
                     let (q, scales) =
                         quantize_weights(&data, &w.dims, axis, cfg.per_tensor_weights, min_scale.as_deref());
@@ -308,16 +284,16 @@ pub fn quantize(
                     );
                     let c = scales.len() as i64;
                     let sdims: Vec<i64> = if cfg.per_tensor_weights { vec![] } else { vec![c] };
-                    new_inits.push(tensor(&qn, &w.dims, 3, q.iter().map(|&v| v as u8).collect()));
-                    new_inits.push(f32_tensor(&sn, &sdims, &scales));
-                    new_inits.push(tensor(&zn, &sdims, 3, vec![0u8; scales.len()]));
+                    new_inits.push(tensor_raw(&qn, &w.dims, 3, q.iter().map(|&v| v as u8).collect()));
+                    new_inits.push(tensor_f32(&sn, &sdims, &scales));
+                    new_inits.push(tensor_raw(&zn, &sdims, 3, vec![0u8; scales.len()]));
                     let attrs = if cfg.per_tensor_weights { vec![] } else { vec![attr_int("axis", axis as i64)] };
                     new_nodes
                         .push((i, node("DequantizeLinear", &format!("{dqn}_node"), &[&qn, &sn, &zn], &[&dqn], attrs)));
                     rewired.input[1] = dqn;
                     // Bias: int32 at scale s_x * s_w[c].
                     if let Some(b) = n.input.get(2).and_then(|b| inits.get(b)).filter(|b| b.dims.len() == 1)
-                        && let Some(bv) = f32_data(b)
+                        && let Some(bv) = tensor_f32_values(b)
                         && (bv.len() == scales.len() || scales.len() == 1)
                     {
                         let bs: Vec<f32> =
@@ -333,8 +309,8 @@ pub fn quantize(
                             m.graph.unique_name(&format!("{bname}_scale")),
                             m.graph.unique_name(&format!("{bname}_dequantized")),
                         );
-                        new_inits.push(tensor(&bqn, &b.dims, 6, bq.iter().flat_map(|v| v.to_le_bytes()).collect()));
-                        new_inits.push(f32_tensor(&bsn, &b.dims, &bs));
+                        new_inits.push(tensor_raw(&bqn, &b.dims, 6, bq.iter().flat_map(|v| v.to_le_bytes()).collect()));
+                        new_inits.push(tensor_f32(&bsn, &b.dims, &bs));
                         // No zero point: it is optional and 0 for int32 bias (saves 4 bytes per channel).
                         new_nodes.push((
                             i,

@@ -2,7 +2,7 @@
 //! groups, strides, dilations, pads, zero points and scales.
 use super::reference::{self, Conv2d};
 use crate::onnx::builder::*;
-use crate::onnx::{Dim, Model, TensorProto, node};
+use crate::onnx::{Dim, Model, node};
 use crate::{DType, Session, SessionOptions, Tensor};
 
 /// xorshift64*: deterministic, no dependency.
@@ -20,16 +20,6 @@ impl Rng {
     }
     fn unit(&mut self) -> f32 {
         (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-}
-
-fn raw(name: &str, dims: &[i64], code: i32, bytes: Vec<u8>) -> TensorProto {
-    TensorProto {
-        name: Some(name.into()),
-        dims: dims.to_vec(),
-        data_type: Some(code),
-        raw_data: Some(bytes),
-        ..Default::default()
     }
 }
 
@@ -97,19 +87,19 @@ fn lowered_qconv_equals_the_scalar_reference_on_random_geometry() {
             vec![value_info("yq", 2, &[Dim::Fixed(1), Dim::Fixed(c_out), Dim::Fixed(oh), Dim::Fixed(ow)])],
             vec![
                 tensor_f32("sx", &[], &[s_x]),
-                raw("zx", &[], 2, vec![z_x]),
-                raw(
+                tensor_raw("zx", &[], 2, vec![z_x]),
+                tensor_raw(
                     "wq",
                     &[c_out as i64, (c_in / group) as i64, kernel[0] as i64, kernel[1] as i64],
                     3,
                     wq.iter().map(|&v| v as u8).collect(),
                 ),
                 tensor_f32("sw", &[c_out as i64], &s_w),
-                raw("zw", &[c_out as i64], 3, vec![0; c_out]),
-                raw("bq", &[c_out as i64], 6, bias.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                tensor_raw("zw", &[c_out as i64], 3, vec![0; c_out]),
+                tensor_raw("bq", &[c_out as i64], 6, bias.iter().flat_map(|v| v.to_le_bytes()).collect()),
                 tensor_f32("sb", &[c_out as i64], &s_w.iter().map(|s| s_x * s).collect::<Vec<_>>()),
                 tensor_f32("sy", &[], &[s_y]),
-                raw("zy", &[], 2, vec![z_y]),
+                tensor_raw("zy", &[], 2, vec![z_y]),
             ],
         );
         let mut lowered = model.clone();
@@ -147,11 +137,11 @@ fn lowered_qadd_equals_the_scalar_reference() {
             vec![value_info("y", 2, &[Dim::Fixed(n)])],
             vec![
                 tensor_f32("sa", &[], &[s_a]),
-                raw("za", &[], 2, vec![z_a]),
+                tensor_raw("za", &[], 2, vec![z_a]),
                 tensor_f32("sb", &[], &[s_b]),
-                raw("zb", &[], 2, vec![z_b]),
+                tensor_raw("zb", &[], 2, vec![z_b]),
                 tensor_f32("sc", &[], &[s_c]),
-                raw("zc", &[], 2, vec![z_c]),
+                tensor_raw("zc", &[], 2, vec![z_c]),
             ],
         );
         let s = Session::from_model(&model, &SessionOptions { threads: 1, ..Default::default() }).unwrap();
@@ -192,14 +182,14 @@ fn lowered_qgemm_equals_the_scalar_reference() {
             vec![value_info("yq", 2, &[Dim::Fixed(n), Dim::Fixed(c_out)])],
             vec![
                 tensor_f32("sx", &[], &[s_x]),
-                raw("zx", &[], 2, vec![z_x]),
-                raw("wq", &[c_out as i64, k as i64], 3, wq.iter().map(|&v| v as u8).collect()),
+                tensor_raw("zx", &[], 2, vec![z_x]),
+                tensor_raw("wq", &[c_out as i64, k as i64], 3, wq.iter().map(|&v| v as u8).collect()),
                 tensor_f32("sw", &[c_out as i64], &s_w),
-                raw("zw", &[c_out as i64], 3, vec![0; c_out]),
-                raw("bq", &[c_out as i64], 6, bias.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                tensor_raw("zw", &[c_out as i64], 3, vec![0; c_out]),
+                tensor_raw("bq", &[c_out as i64], 6, bias.iter().flat_map(|v| v.to_le_bytes()).collect()),
                 tensor_f32("sb", &[c_out as i64], &s_w.iter().map(|s| s_x * s).collect::<Vec<_>>()),
                 tensor_f32("sy", &[], &[s_y]),
-                raw("zy", &[], 2, vec![z_y]),
+                tensor_raw("zy", &[], 2, vec![z_y]),
             ],
         );
         let mut lowered = model.clone();

@@ -17,6 +17,17 @@ pub fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
     }
 }
 
+/// An initializer of any element type from its little-endian bytes (`data_type`: ONNX type code).
+pub fn tensor_raw(name: &str, dims: &[i64], data_type: i32, raw: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(data_type),
+        raw_data: Some(raw),
+        ..Default::default()
+    }
+}
+
 /// An i64 initializer (shapes, axes).
 pub fn tensor_i64(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
     TensorProto {

@@ -5,6 +5,7 @@
 //! Each pass keeps the graph's results (up to float rounding) and its value names, except the values it removes.
 use std::collections::HashSet;
 
+use super::builder::tensor_f32;
 use super::{Graph, NodeExt, TensorProto};
 
 /// Reads an f32 tensor (raw or typed storage); `None` for other types or inconsistent sizes.
@@ -18,16 +19,6 @@ pub fn tensor_f32_values(t: &TensorProto) -> Option<Vec<f32>> {
         None => t.float_data.clone(),
     };
     (v.len() as i64 == n).then_some(v)
-}
-
-fn f32_tensor(name: &str, dims: &[i64], v: &[f32]) -> TensorProto {
-    TensorProto {
-        name: Some(name.into()),
-        dims: dims.to_vec(),
-        data_type: Some(1),
-        raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        ..Default::default()
-    }
 }
 
 impl Graph {
@@ -133,9 +124,9 @@ impl Graph {
         let w2: Vec<f32> = w.iter().enumerate().map(|(i, &v)| v * k[i / inner]).collect();
         let b2: Vec<f32> = (0..c).map(|j| (b[j] - mean[j]) * k[j] + beta[j]).collect();
         let w_name = self.unique_name(&format!("{}_bnfolded_W", conv.name()));
-        self.set_initializer(f32_tensor(&w_name, &w_t.dims, &w2));
+        self.set_initializer(tensor_f32(&w_name, &w_t.dims, &w2));
         let b_name = self.unique_name(&format!("{}_bnfolded_B", conv.name()));
-        self.set_initializer(f32_tensor(&b_name, &[c as i64], &b2));
+        self.set_initializer(tensor_f32(&b_name, &[c as i64], &b2));
         let out = bn.output[0].clone();
         let conv_node = &mut self.nodes[conv_idx];
         conv_node.input.truncate(1);

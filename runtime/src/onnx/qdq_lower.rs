@@ -16,18 +16,9 @@
 //! Value names of the Q outputs are kept; the removed intermediates (the Conv output...) no longer exist.
 use std::collections::HashMap;
 
+use super::builder::{tensor_f32, tensor_raw};
 use super::passes::tensor_f32_values;
 use super::{Graph, NodeExt, NodeProto, TensorProto, node};
-
-fn f32_tensor(name: &str, dims: &[i64], v: &[f32]) -> TensorProto {
-    TensorProto {
-        name: Some(name.into()),
-        dims: dims.to_vec(),
-        data_type: Some(1),
-        raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        ..Default::default()
-    }
-}
 
 /// Integer values of an int8/uint8/int32 initializer, as f32.
 fn int_values(t: &TensorProto) -> Option<Vec<f32>> {
@@ -209,14 +200,14 @@ fn lower_weighted(c: &Ctx, idx: usize, uid: usize) -> Option<Rewrite> {
     let m: Vec<f32> = (0..channels).map(|k| (s_x * s_w[if s_w.len() == 1 { 0 } else { k }]) / s_y).collect();
     let p = format!("{}_lowered{uid}", n.name());
     let one = format!("{p}_one");
-    let mut inits = vec![f32_tensor(&one, &[], &[1.0])];
+    let mut inits = vec![tensor_f32(&one, &[], &[1.0])];
     let dx = unit_dq(dqx, &one, &format!("{uid}x"))?;
     let w_name = format!("{p}_w_int");
-    inits.push(f32_tensor(&w_name, &w_t.dims, &w));
+    inits.push(tensor_f32(&w_name, &w_t.dims, &w));
     let mut inputs = vec![dx.output[0].clone(), w_name];
     if let Some(bv) = &bias {
         let b_name = format!("{p}_b_int");
-        inits.push(f32_tensor(&b_name, &[channels as i64], bv));
+        inits.push(tensor_f32(&b_name, &[channels as i64], bv));
         inputs.push(b_name);
     }
     let mut op = n.clone();
@@ -235,13 +226,7 @@ fn lower_weighted(c: &Ctx, idx: usize, uid: usize) -> Option<Rewrite> {
     };
     // acc · m in f64 is exact (24 + 24 significant bits), so casting it back rounds once, as an f32 multiply
     // does; the f64 detour also keeps tract from folding the multiplier into the weights.
-    inits.push(TensorProto {
-        name: Some(m_name.clone()),
-        dims: m_dims,
-        data_type: Some(11),
-        raw_data: Some(m.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect()),
-        ..Default::default()
-    });
+    inits.push(tensor_raw(&m_name, &m_dims, 11, m.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect()));
     let scaled = format!("{p}_scaled");
     let acc64 = node(
         "Cast",
@@ -268,13 +253,7 @@ fn lower_weighted(c: &Ctx, idx: usize, uid: usize) -> Option<Rewrite> {
 }
 
 fn f64_scalar(name: &str, v: f64) -> TensorProto {
-    TensorProto {
-        name: Some(name.into()),
-        dims: vec![],
-        data_type: Some(11),
-        raw_data: Some(v.to_le_bytes().to_vec()),
-        ..Default::default()
-    }
+    tensor_raw(name, &[], 11, v.to_le_bytes().to_vec())
 }
 
 fn cast(name: &str, input: &str, output: &str, to: i64) -> NodeProto {
@@ -309,14 +288,8 @@ fn lower_add(c: &Ctx, idx: usize, uid: usize) -> Option<Rewrite> {
         f64_scalar(&v("ra"), r_a as f64),
         f64_scalar(&v("rb"), r_b as f64),
         f64_scalar(&v("k"), k as f64),
-        f32_tensor(&v("one"), &[], &[1.0]),
-        TensorProto {
-            name: Some(v("zero")),
-            dims: vec![],
-            data_type: Some(2),
-            raw_data: Some(vec![0]),
-            ..Default::default()
-        },
+        tensor_f32(&v("one"), &[], &[1.0]),
+        tensor_raw(&v("zero"), &[], 2, vec![0]),
     ];
     let nodes = vec![
         cast(&v("b64_node"), &b.input[0], &v("b64"), 11),
@@ -400,14 +373,8 @@ impl Graph {
                 continue; // a power of two: 1/s is exact already
             }
             let p = format!("{}_exactq{k}", n.name());
-            inits.push(TensorProto {
-                name: Some(format!("{p}_s64")),
-                dims: vec![],
-                data_type: Some(11),
-                raw_data: Some((sv as f64).to_le_bytes().to_vec()),
-                ..Default::default()
-            });
-            inits.push(f32_tensor(&format!("{p}_one"), &[], &[1.0]));
+            inits.push(f64_scalar(&format!("{p}_s64"), sv as f64));
+            inits.push(tensor_f32(&format!("{p}_one"), &[], &[1.0]));
             added.push(cast(&format!("{p}_x64_node"), &n.input[0], &format!("{p}_x64"), 11));
             added.push(node(
                 "Div",

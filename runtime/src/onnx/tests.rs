@@ -223,16 +223,6 @@ fn element_types_follow_shape_arithmetic() {
     assert_eq!((t["h"], t["y"], t["yi"]), (1, 1, 6));
 }
 
-fn q_tensor(name: &str, dims: &[i64], code: i32, raw: Vec<u8>) -> TensorProto {
-    TensorProto {
-        name: Some(name.into()),
-        dims: dims.to_vec(),
-        data_type: Some(code),
-        raw_data: Some(raw),
-        ..Default::default()
-    }
-}
-
 #[test]
 fn qdq_conv_lowers_to_exact_integer_arithmetic() {
     // x → Q → DQ → Conv(DQ(w int8, per channel), DQ(b int32)) → Relu → Q → DQ → y
@@ -256,14 +246,14 @@ fn qdq_conv_lowers_to_exact_integer_arithmetic() {
         vec![value_info("y", 1, &[Dim::Fixed(1), Dim::Fixed(4), Dim::Fixed(6), Dim::Fixed(5)])],
         vec![
             tensor_f32("sx", &[], &[sx]),
-            q_tensor("zx", &[], 2, vec![zx]),
-            q_tensor("wq", &[4, 3, 3, 3], 3, w.iter().map(|&v| v as u8).collect()),
+            tensor_raw("zx", &[], 2, vec![zx]),
+            tensor_raw("wq", &[4, 3, 3, 3], 3, w.iter().map(|&v| v as u8).collect()),
             tensor_f32("sw", &[4], &sw),
-            q_tensor("zw", &[4], 3, vec![0; 4]),
-            q_tensor("bq", &[4], 6, b.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            tensor_raw("zw", &[4], 3, vec![0; 4]),
+            tensor_raw("bq", &[4], 6, b.iter().flat_map(|v| v.to_le_bytes()).collect()),
             tensor_f32("sb", &[4], &sw.map(|s| sx * s)),
             tensor_f32("sy", &[], &[sy]),
-            q_tensor("zy", &[], 2, vec![0]),
+            tensor_raw("zy", &[], 2, vec![0]),
         ],
     );
     let mut lowered = m.clone();
