@@ -46,6 +46,11 @@ pub trait Backend: Send + Sync {
             message: format!("{} cannot expose intermediate values", self.describe()),
         })
     }
+    /// Values this backend computes beyond the model's own (e.g. the NHWC `NAME__nhwc` twins of the CPU
+    /// backend's integer kernels), which `run_values` may also ask for.
+    fn extra_values(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Prepares execution for these concrete input shapes ahead of time (plans, shaders).
     fn prepare(&self, shapes: &[Vec<usize>]) -> Result<()>;
     /// Runs the model `runs` times, timing each executed operation; returns totals per op type.

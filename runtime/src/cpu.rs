@@ -27,11 +27,28 @@ struct PlanCache {
 const MAX_PLANS: usize = 8;
 pub const TRACT_VERSION: &str = "0.23.9";
 
+/// A graph to run instead of the kernel graph when it lacks a requested value.
+struct Fallback {
+    bytes: Vec<u8>,
+    kept: std::collections::HashSet<String>,
+}
+
+fn values_of(m: &Model) -> std::collections::HashSet<String> {
+    m.graph
+        .nodes
+        .iter()
+        .flat_map(|n| n.output.iter().cloned())
+        .chain(m.graph.inputs.iter().filter_map(|i| i.name.clone()))
+        .collect()
+}
+
 pub struct CpuBackend {
     model: InferenceModel,
-    /// For QDQ models: the graph before the integer lowering, used when a run asks for an intermediate value
-    /// the lowering removed (calibration, per-layer error).
-    raw: Option<(InferenceModel, std::collections::HashSet<String>)>,
+    /// For QDQ models, the values the kernel graph computes under their own names, then fallbacks for runs
+    /// asking for other intermediate values (calibration, per-layer error), each parsed on first use: the
+    /// float-op integer lowering (same arithmetic, NCHW names kept), then the graph as written.
+    kept: std::collections::HashSet<String>,
+    fallbacks: Vec<Fallback>,
     input_dtypes: Vec<DatumType>,
     threads: usize,
     options: RunOptions,
@@ -80,24 +97,32 @@ fn find_unsupported(nodes: &[NodeProto], known: &HashMap<String, impl Sized>) ->
 impl CpuBackend {
     /// Parses a checked model. `input_dtypes` are the declared input types (for concrete input facts).
     pub fn load(model: &Model, input_dtypes: &[EDType], threads: usize) -> Result<CpuBackend> {
-        let onnx = tract_onnx::onnx();
+        let mut onnx = tract_onnx::onnx();
         if let Some((op, domain, node)) = find_unsupported(&model.graph.nodes, &onnx.op_register.0) {
             return Err(Error::UnsupportedOp { op, domain, node, backend: "cpu" });
         }
-        // QDQ graphs run with onnxruntime's integer arithmetic (exact accumulation, one requantization multiply).
+        crate::cpu_ops::register(&mut onnx.op_register);
+        // QDQ graphs run with onnxruntime's integer arithmetic (exact accumulation, one requantization multiply):
+        // the patterns the integer kernels cover become kernel nodes (NHWC uint8 chains), the rest is lowered to
+        // float ops carrying exact integers. `EDGEPACK_KERNELS=off` keeps everything on the float-op form.
         let mut lowered = model.clone();
-        let raw = if lowered.graph.lower_qdq_integer() > 0 {
-            let kept: std::collections::HashSet<String> = lowered
-                .graph
-                .nodes
-                .iter()
-                .flat_map(|n| n.output.iter().cloned())
-                .chain(lowered.graph.inputs.iter().filter_map(|i| i.name.clone()))
-                .collect();
-            Some((onnx.model_for_read(&mut &model.to_bytes()[..]).map_err(tract_err)?, kept))
-        } else {
-            None
-        };
+        let kernels = std::env::var("EDGEPACK_KERNELS").map_or(true, |v| v != "off");
+        let n_kernels = if kernels { lowered.lower_qdq_kernels() } else { 0 };
+        let n_int = lowered.graph.lower_qdq_integer();
+        let mut fallbacks = Vec::new();
+        if n_kernels > 0 {
+            let mut int_only = model.clone();
+            int_only.graph.lower_qdq_integer();
+            fallbacks.push(Fallback { kept: values_of(&int_only), bytes: int_only.to_bytes() });
+        }
+        if n_kernels + n_int > 0 {
+            fallbacks.push(Fallback { kept: values_of(model), bytes: model.to_bytes() });
+            if let Ok(path) = std::env::var("EDGEPACK_DUMP_LOWERED") {
+                // Debugging aid: the graph tract is about to run.
+                let _ = std::fs::write(path, lowered.to_bytes());
+            }
+        }
+        let kept = values_of(&lowered);
         let bytes = lowered.to_bytes();
         let inference = onnx.model_for_read(&mut &bytes[..]).map_err(tract_err)?;
         let threads = threads.max(1);
@@ -109,7 +134,8 @@ impl CpuBackend {
         let options = RunOptions { executor: Some(executor), ..Default::default() };
         Ok(CpuBackend {
             model: inference,
-            raw,
+            kept,
+            fallbacks,
             input_dtypes: input_dtypes.iter().map(|&d| to_datum(d)).collect(),
             threads,
             options,
@@ -122,9 +148,14 @@ impl CpuBackend {
         if let Some(p) = self.plans.lock().map_err(|_| backend_err("plan cache poisoned"))?.map.get(&key) {
             return Ok(p.clone());
         }
-        let mut m = match &self.raw {
-            Some((raw, kept)) if outputs.iter().any(|o| !kept.contains(o)) => raw.clone(),
-            _ => self.model.clone(),
+        let mut m = if outputs.iter().all(|o| self.kept.contains(o)) {
+            self.model.clone()
+        } else {
+            // The first fallback computing every requested value (the graph as written computes them all).
+            match self.fallbacks.iter().find(|f| outputs.iter().all(|o| f.kept.contains(o))).or(self.fallbacks.last()) {
+                Some(f) => tract_onnx::onnx().model_for_read(&mut &f.bytes[..]).map_err(tract_err)?,
+                None => self.model.clone(),
+            }
         };
         for (i, (shape, dt)) in shapes.iter().zip(&self.input_dtypes).enumerate() {
             m = m.with_input_fact(i, Fact::dt_shape(*dt, shape.clone())).map_err(tract_err)?;
@@ -215,6 +246,11 @@ impl Backend for CpuBackend {
 
     fn describe(&self) -> String {
         format!("cpu (tract {TRACT_VERSION}, {} thread{})", self.threads, if self.threads == 1 { "" } else { "s" })
+    }
+
+    fn extra_values(&self) -> Vec<String> {
+        let nhwc = crate::onnx::qdq_kernels::NHWC;
+        self.kept.iter().filter(|v| v.ends_with(nhwc)).cloned().collect()
     }
 
     fn prepare(&self, shapes: &[Vec<usize>]) -> Result<()> {

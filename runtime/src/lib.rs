@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod bundle;
 pub mod cpu;
+mod cpu_ops;
 mod error;
 pub mod fsutil;
 pub mod kernels;

@@ -231,6 +231,7 @@ impl Session {
         let mut values: std::collections::HashSet<String> =
             model.graph.inputs.iter().filter_map(|v| v.name.clone()).collect();
         values.extend(model.graph.nodes.iter().flat_map(|n| n.output.iter().filter(|o| !o.is_empty()).cloned()));
+        values.extend(backend.extra_values());
         let session =
             Session { backend, values, inputs, outputs, model_summary: ModelSummary::of(model), bundle: None };
         // Static models get their plan now, so the first run costs no compilation.

@@ -17,9 +17,10 @@ def edgepack_bin():
     return os.path.join(tgt, "release", "edgepack")
 
 
-def ep(*args, check=True, timeout=1200):
-    """Runs the edgepack binary; returns the CompletedProcess (stdout/stderr as text)."""
-    r = subprocess.run([edgepack_bin(), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+def ep(*args, check=True, timeout=1200, env=None):
+    """Runs the edgepack binary; returns the CompletedProcess (stdout/stderr as text). `env`: extra variables."""
+    full_env = {**os.environ, **{k: str(v) for k, v in (env or {}).items()}}
+    r = subprocess.run([edgepack_bin(), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and r.returncode != 0:
         raise AssertionError(f"edgepack {' '.join(map(str, args))} exited {r.returncode}\n{r.stdout}\n{r.stderr}")
     return r

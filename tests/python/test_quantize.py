@@ -64,7 +64,9 @@ def test_int8_model_runs_in_onnxruntime_and_keeps_top1(shared, int8_effnet, tmp_
 
 
 def assert_quantized_activations_match_onnxruntime(model_path, feeds, tmp_path):
-    """Every QuantizeLinear output (uint8) of `model_path`: edgepack's CPU runtime equals onnxruntime's, bit for bit."""
+    """Every QuantizeLinear output (uint8) of `model_path`: edgepack's CPU runtime equals onnxruntime's, bit for bit,
+    both as computed by the integer kernels (NHWC values `NAME__nhwc` of the kernel graph) and by the float-op
+    lowering (NCHW values under their own names). Returns how many kernel outputs were compared."""
     import onnx
     m = onnx.load(str(model_path))
     qs = [n.output[0] for n in m.graph.node if n.op_type == "QuantizeLinear"]
@@ -83,7 +85,23 @@ def assert_quantized_activations_match_onnxruntime(model_path, feeds, tmp_path):
     for q, t in zip(qs, theirs):
         ours = np.load(out / (re.sub(r"[^A-Za-z0-9._-]", "_", q) + ".npy"))
         assert ours.dtype == np.uint8 and np.array_equal(ours, t), f"{q}: {(ours != t).sum()} values differ"
-    return len(qs)
+    # The kernel graph: which Q outputs its integer kernels compute (the graph it runs, dumped at load).
+    dump = tmp_path / "lowered.onnx"
+    ep("run", model_path, "--input", f"{name}={tmp_path / 'x.npy'}", env={"EDGEPACK_DUMP_LOWERED": dump})
+    low = onnx.load(str(dump))
+    made = {o for n in low.graph.node if n.domain == "ai.edgepack" for o in n.output}
+    kq = [(q, t) for q, t in zip(qs, theirs) if q + "__nhwc" in made]
+    out_k = tmp_path / "kernel_values"
+    args = ["run", model_path, "--input", f"{name}={tmp_path / 'x.npy'}", "--output-dir", out_k]
+    for q, _ in kq:
+        args += ["--value", q + "__nhwc"]
+    ep(*args)
+    for q, t in kq:
+        ours = np.load(out_k / (re.sub(r"[^A-Za-z0-9._-]", "_", q + "__nhwc") + ".npy"))
+        assert ours.dtype == np.uint8 and ours.ndim == 4, q
+        ours = ours.transpose(0, 3, 1, 2)
+        assert np.array_equal(ours, t), f"kernel output {q}: {(ours != t).sum()} values differ"
+    return len(kq)
 
 
 def test_runtime_computes_onnxruntime_integer_arithmetic_bit_for_bit(shared, int8_effnet, tmp_path):

@@ -1,7 +1,117 @@
-//! INT8 kernels. Today: the scalar reference ([`reference`]) that defines the arithmetic and that the QDQ lowering
-//! (`onnx::qdq_lower`) is tested against; fast kernels selected by CPU features come next and are tested against
-//! the same reference.
+//! INT8 kernels on NHWC uint8 activations.
+//!
+//! - [`reference`]: the scalar reference that defines the arithmetic (onnxruntime's); the QDQ lowering
+//!   (`onnx::qdq_lower`) and every fast kernel are tested against it, element for element.
+//! - [`qconv`]: convolutions (pointwise as a plain GEMM, general through a tiled im2col, direct depthwise) with
+//!   the requantization fused into the output stage.
+//! - [`qelem`]: residual Add (QLinearAdd's arithmetic), MaxPool and channel Concat with requantization tables,
+//!   QuantizeLinear into NHWC.
+//!
+//! The instruction set is chosen at run time ([`Isa::detect`]): AVX-512 VNNI, AVX2 (exact 16-bit products), or
+//! portable Rust. `EDGEPACK_ISA=portable|avx2|avx512vnni` forces a lower one (testing, comparisons).
+pub mod qconv;
+pub mod qelem;
 pub mod reference;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 #[cfg(test)]
 mod tests;
+
+/// Instruction set a kernel runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    Portable,
+    Avx2,
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The best instruction set this CPU supports, capped by `EDGEPACK_ISA` when set.
+    pub fn detect() -> Isa {
+        let best = Self::best();
+        match std::env::var("EDGEPACK_ISA").ok().as_deref().and_then(Isa::parse) {
+            Some(cap) => cap.min(best),
+            None => best,
+        }
+    }
+
+    /// Every instruction set this CPU can run (for tests and benchmarks).
+    pub fn available() -> Vec<Isa> {
+        let best = Self::best();
+        [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| *i <= best).collect()
+    }
+
+    pub fn parse(s: &str) -> Option<Isa> {
+        match s {
+            "portable" => Some(Isa::Portable),
+            "avx2" => Some(Isa::Avx2),
+            "avx512vnni" => Some(Isa::Avx512Vnni),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512vnni",
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn best() -> Isa {
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+        {
+            Isa::Avx512Vnni
+        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            Isa::Avx2
+        } else {
+            Isa::Portable
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn best() -> Isa {
+        Isa::Portable
+    }
+}
+
+/// Runs `f(i)` for `i in 0..parts` on the tract executor's thread pool when the plan runs multithreaded, inline
+/// otherwise. `parts` is the number of independent chunks the caller split its work into.
+pub fn for_each_part(parts: usize, f: impl Fn(usize) + Sync) {
+    if parts <= 1 {
+        if parts == 1 {
+            f(0);
+        }
+        return;
+    }
+    match tract_linalg::multithread::current_tract_executor() {
+        tract_linalg::multithread::Executor::MultiThread(pool) => pool.scope(|s| {
+            for i in 1..parts {
+                let f = &f;
+                s.spawn(move |_| f(i));
+            }
+            f(0);
+        }),
+        _ => (0..parts).for_each(f),
+    }
+}
+
+/// Threads available to a kernel right now (1 outside a multithreaded plan).
+pub fn threads() -> usize {
+    match tract_linalg::multithread::current_tract_executor() {
+        tract_linalg::multithread::Executor::MultiThread(pool) => pool.current_num_threads(),
+        _ => 1,
+    }
+}
+
+/// Requantizes one accumulator exactly as [`reference::requantize`] (i32 input).
+#[inline(always)]
+pub(crate) fn requant(acc: i32, m: f32, z: i32) -> u8 {
+    let v = ((acc as f32) * m).clamp(-1024.0, 1024.0).round_ties_even() as i32 + z;
+    v.clamp(0, 255) as u8
+}

@@ -72,6 +72,10 @@ pub fn attr_int(name: &str, v: i64) -> AttributeProto {
     AttributeProto { name: Some(name.into()), r#type: Some(2), i: Some(v), ..Default::default() }
 }
 
+pub fn attr_tensor(name: &str, t: TensorProto) -> AttributeProto {
+    AttributeProto { name: Some(name.into()), r#type: Some(4), t: Some(t), ..Default::default() }
+}
+
 pub fn attr_float(name: &str, v: f32) -> AttributeProto {
     AttributeProto { name: Some(name.into()), r#type: Some(1), f: Some(v), ..Default::default() }
 }

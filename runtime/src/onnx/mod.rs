@@ -9,6 +9,7 @@ pub mod proto;
 
 pub mod builder;
 pub mod passes;
+pub mod qdq_kernels;
 pub mod qdq_lower;
 pub mod upgrade;
 
@@ -528,7 +529,7 @@ pub fn value_info_to_type(v: &ValueInfoProto) -> Option<ValueType> {
 }
 
 /// Outer-scope names a node's subgraphs read (so If/Loop nodes are ordered after what their bodies use).
-fn collect_subgraph_refs(node: &NodeProto, out: &mut HashSet<String>) {
+pub(crate) fn collect_subgraph_refs(node: &NodeProto, out: &mut HashSet<String>) {
     for a in &node.attribute {
         for g in a.g.iter().chain(&a.graphs) {
             let mut local: HashSet<&str> = HashSet::new();

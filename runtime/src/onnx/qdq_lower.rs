@@ -21,7 +21,7 @@ use super::passes::tensor_f32_values;
 use super::{Graph, NodeExt, NodeProto, TensorProto, node};
 
 /// Integer values of an int8/uint8/int32 initializer, as f32.
-fn int_values(t: &TensorProto) -> Option<Vec<f32>> {
+pub(super) fn int_values(t: &TensorProto) -> Option<Vec<f32>> {
     let raw = t.raw_data.as_ref();
     let n: i64 = t.dims.iter().product();
     let v: Vec<f32> = match (t.data_type?, raw) {
@@ -34,13 +34,13 @@ fn int_values(t: &TensorProto) -> Option<Vec<f32>> {
     (v.len() as i64 == n && v.iter().all(|x| x.abs() < (1 << 24) as f32)).then_some(v)
 }
 
-fn scalar_f32(g: &Graph, name: &str) -> Option<f32> {
+pub(super) fn scalar_f32(g: &Graph, name: &str) -> Option<f32> {
     let v = tensor_f32_values(g.initializer(name)?)?;
     (v.len() == 1).then(|| v[0])
 }
 
 /// Zero point of a DQ/Q node as (value, onnx type), default uint8 0.
-fn zero_point(g: &Graph, n: &NodeProto) -> Option<(f32, i32)> {
+pub(super) fn zero_point(g: &Graph, n: &NodeProto) -> Option<(f32, i32)> {
     match n.input.get(2).filter(|z| !z.is_empty()) {
         None => Some((0.0, 2)),
         Some(z) => {
@@ -51,14 +51,14 @@ fn zero_point(g: &Graph, n: &NodeProto) -> Option<(f32, i32)> {
     }
 }
 
-struct Ctx<'a> {
-    g: &'a Graph,
+pub(super) struct Ctx<'a> {
+    pub g: &'a Graph,
     producers: HashMap<&'a str, usize>,
     readers: HashMap<&'a str, usize>,
 }
 
 impl<'a> Ctx<'a> {
-    fn new(g: &'a Graph) -> Self {
+    pub(super) fn new(g: &'a Graph) -> Self {
         let mut readers: HashMap<&str, usize> = HashMap::new();
         for n in &g.nodes {
             for i in &n.input {
@@ -73,13 +73,13 @@ impl<'a> Ctx<'a> {
         Ctx { g, producers: g.producers(), readers }
     }
 
-    fn producer(&self, value: &str, op: &str) -> Option<&'a NodeProto> {
+    pub(super) fn producer(&self, value: &str, op: &str) -> Option<&'a NodeProto> {
         let n = &self.g.nodes[*self.producers.get(value)?];
         (n.op() == op).then_some(n)
     }
 
     /// The only reader of `value`, if it has exactly one and `value` is not a graph output.
-    fn only_reader(&self, value: &str) -> Option<usize> {
+    pub(super) fn only_reader(&self, value: &str) -> Option<usize> {
         if self.readers.get(value).copied() != Some(1) {
             return None;
         }
@@ -103,7 +103,26 @@ fn unit_dq(dq: &NodeProto, one: &str, tag: &str) -> Option<NodeProto> {
     Some(node("DequantizeLinear", &format!("{}_int_{tag}_node", dq.input[0]), &inputs, &[&out], vec![]))
 }
 
-fn lower_weighted(c: &Ctx, idx: usize, uid: usize) -> Option<Rewrite> {
+/// A matched `DQ(x) → Conv|Gemm(DQ(w), [DQ(b)]) → [Relu|Clip] → Q` pattern.
+pub(super) struct Weighted<'a> {
+    pub n: &'a NodeProto,
+    pub dqx: &'a NodeProto,
+    pub q: &'a NodeProto,
+    pub is_gemm: bool,
+    pub w_t: &'a TensorProto,
+    pub w: Vec<f32>,
+    pub channels: usize,
+    pub bias: Option<Vec<f32>>,
+    /// onnxruntime's per-channel output scale: `(s_x · s_w[c]) / s_y` in f32.
+    pub m: Vec<f32>,
+    /// (value, onnx type) of the input and output zero points.
+    pub z_x: (f32, i32),
+    pub z_y: (f32, i32),
+    /// Nodes the rewrite replaces: the Conv/Gemm, the activation, the Q.
+    pub remove: Vec<usize>,
+}
+
+pub(super) fn match_weighted<'a>(c: &Ctx<'a>, idx: usize) -> Option<Weighted<'a>> {
     let g = c.g;
     let n = &g.nodes[idx];
     let is_gemm = n.op() == "Gemm";
@@ -117,7 +136,7 @@ fn lower_weighted(c: &Ctx, idx: usize, uid: usize) -> Option<Rewrite> {
     let dqx = c.producer(n.input.first()?, "DequantizeLinear")?;
     let dqw = c.producer(n.input.get(1)?, "DequantizeLinear")?;
     let s_x = scalar_f32(g, dqx.input.get(1)?)?;
-    zero_point(g, dqx)?;
+    let z_x = zero_point(g, dqx)?;
     let w_t = g.initializer(&dqw.input[0])?;
     let w = int_values(w_t)?;
     let s_w = tensor_f32_values(g.initializer(dqw.input.get(1)?)?)?;
@@ -196,8 +215,12 @@ fn lower_weighted(c: &Ctx, idx: usize, uid: usize) -> Option<Rewrite> {
         }
     }
     remove.push(next);
-    // onnxruntime's per-channel output scale: (s_x · s_w[c]) / s_y in f32.
     let m: Vec<f32> = (0..channels).map(|k| (s_x * s_w[if s_w.len() == 1 { 0 } else { k }]) / s_y).collect();
+    Some(Weighted { n, dqx, q, is_gemm, w_t, w, channels, bias, m, z_x, z_y: (z_y, z_ty), remove })
+}
+
+fn lower_weighted(c: &Ctx, idx: usize, uid: usize) -> Option<Rewrite> {
+    let Weighted { n, dqx, q, is_gemm, w_t, w, channels, bias, m, remove, .. } = match_weighted(c, idx)?;
     let p = format!("{}_lowered{uid}", n.name());
     let one = format!("{p}_one");
     let mut inits = vec![tensor_f32(&one, &[], &[1.0])];
@@ -252,7 +275,7 @@ fn lower_weighted(c: &Ctx, idx: usize, uid: usize) -> Option<Rewrite> {
     Some(Rewrite { remove, nodes: vec![dx, op, acc64, mul, back, newq], inits })
 }
 
-fn f64_scalar(name: &str, v: f64) -> TensorProto {
+pub(super) fn f64_scalar(name: &str, v: f64) -> TensorProto {
     tensor_raw(name, &[], 11, v.to_le_bytes().to_vec())
 }
 
@@ -347,6 +370,7 @@ impl Graph {
         }
         // The QuantizeLinear nodes no pattern took (after float layers): exact division.
         let exact_q = g.exact_quantize_linear();
+        g.fold_constant_dequantize();
         if count + exact_q == 0 {
             return 0;
         }
@@ -394,6 +418,58 @@ impl Graph {
             if self.topo_sort().is_err() {
                 return 0;
             }
+        }
+        count
+    }
+
+    /// `DequantizeLinear` of constant int8/uint8/int32 initializers (weights of layers left in float) becomes an
+    /// f32 initializer with the same values, `(q − z)·s` in f32, so the float op sees a constant weight (tract
+    /// packs constant weights once at load instead of on every run). Returns how many were folded.
+    pub fn fold_constant_dequantize(&mut self) -> usize {
+        let mut folded = Vec::new();
+        for (k, n) in self.nodes.iter().enumerate() {
+            if n.op() != "DequantizeLinear" || n.input.len() < 2 {
+                continue;
+            }
+            let Some(t) = self.initializer(&n.input[0]) else { continue };
+            let (Some(q), Some(s)) = (int_values(t), self.initializer(&n.input[1]).and_then(tensor_f32_values)) else {
+                continue;
+            };
+            let z = match n.input.get(2).filter(|z| !z.is_empty()) {
+                None => vec![0.0],
+                Some(z) => match self.initializer(z).and_then(int_values) {
+                    Some(z) => z,
+                    None => continue,
+                },
+            };
+            if z.len() != s.len() || s.is_empty() {
+                continue;
+            }
+            // Per-axis parameters index the elements along `axis`.
+            let rank = t.dims.len() as i64;
+            let axis = n.attr_i("axis").unwrap_or(1);
+            let axis = if axis < 0 { axis + rank } else { axis };
+            let (inner, len) = if s.len() == 1 {
+                (1usize, 1usize)
+            } else if (0..rank).contains(&axis) && t.dims[axis as usize] as usize == s.len() {
+                (t.dims[axis as usize + 1..].iter().product::<i64>() as usize, s.len())
+            } else {
+                continue;
+            };
+            let v: Vec<f32> = q
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| {
+                    let c = (i / inner) % len;
+                    (x - z[c]) * s[c]
+                })
+                .collect();
+            folded.push((k, tensor_f32(&n.output[0], &t.dims, &v)));
+        }
+        let count = folded.len();
+        for (k, t) in folded.into_iter().rev() {
+            self.nodes.remove(k);
+            self.initializers.push(t);
         }
         count
     }

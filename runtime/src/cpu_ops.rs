@@ -1,0 +1,328 @@
+//! tract ops running edgepack's integer kernels: the `ai.edgepack` nodes written by `onnx::qdq_kernels`
+//! (NHWC uint8 in and out, except `EpQuantize`: NCHW f32 in). Parsed from their ONNX attributes once, with the
+//! weights packed at load.
+use std::sync::Arc;
+
+use tract_onnx::model::{OnnxOpRegister, ParsingContext};
+use tract_onnx::pb::NodeProto;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::internal::*;
+
+use crate::kernels::qconv::{QConv, QConvSpec};
+use crate::kernels::qelem::{self, Pool2d};
+use crate::kernels::reference::QParams;
+use crate::kernels::{Isa, for_each_part};
+
+/// Adds the kernel ops to a tract ONNX op register.
+pub fn register(reg: &mut OnnxOpRegister) {
+    reg.insert("EpQConv", parse_conv);
+    reg.insert("EpQAdd", parse_add);
+    reg.insert("EpQMaxPool", parse_maxpool);
+    reg.insert("EpQConcat", parse_concat);
+    reg.insert("EpQuantize", parse_quantize);
+}
+
+#[derive(Debug)]
+enum Kernel {
+    Conv(QConv),
+    Add { qa: QParams, qb: QParams, qc: QParams, isa: Isa },
+    MaxPool { g: Pool2d, table: [u8; 256] },
+    Concat { tables: Vec<[u8; 256]> },
+    Quantize { q: QParams, isa: Isa },
+}
+
+#[derive(Debug, Clone)]
+struct EpOp(Arc<Kernel>);
+
+impl PartialEq for EpOp {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+impl Eq for EpOp {}
+
+fn raw<'a>(node: &'a NodeProto, name: &str, dt: i32, len: usize) -> TractResult<&'a [u8]> {
+    let t: &tract_onnx::pb::TensorProto = node.get_attr(name)?;
+    let bytes = t.raw_data.as_slice();
+    ensure!(
+        t.data_type == dt && bytes.len() == len,
+        "{}: attribute {name} is not a raw tensor of {len} bytes",
+        node.name
+    );
+    Ok(bytes)
+}
+
+fn usizes<const N: usize>(node: &NodeProto, name: &str) -> TractResult<[usize; N]> {
+    let v: Vec<i64> = node.get_attr_vec(name)?;
+    ensure!(
+        v.len() == N && v.iter().all(|&x| x >= 0),
+        "{}: attribute {name} must hold {N} non-negative ints",
+        node.name
+    );
+    Ok(std::array::from_fn(|i| v[i] as usize))
+}
+
+fn byte(node: &NodeProto, name: &str) -> TractResult<u8> {
+    let v: i64 = node.get_attr(name)?;
+    u8::try_from(v).map_err(|_| format_err!("{}: {name} = {v} is not a uint8 zero point", node.name))
+}
+
+fn op(k: Kernel) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    Ok((expand(EpExpansion(EpOp(Arc::new(k)))), vec![]))
+}
+
+fn parse_conv(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let c_out: usize = node.get_attr("c_out")?;
+    let c_in: usize = node.get_attr("c_in")?;
+    let group: usize = node.get_attr("group")?;
+    let kernel = usizes::<2>(node, "kernel_shape")?;
+    let per_out = (c_in / group.max(1)) * kernel[0] * kernel[1];
+    let weights = raw(node, "weights", 3, c_out * per_out)?.iter().map(|&b| b as i8).collect();
+    let m = raw(node, "multiplier", 1, c_out * 4)?;
+    let multiplier = m.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let bias = if node.attribute.iter().any(|a| a.name == "bias") {
+        let b = raw(node, "bias", 6, c_out * 4)?;
+        Some(b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    } else {
+        None
+    };
+    let spec = QConvSpec {
+        c_in,
+        c_out,
+        group,
+        kernel,
+        stride: usizes(node, "strides")?,
+        dilation: usizes(node, "dilations")?,
+        pads: usizes(node, "pads")?,
+        z_x: byte(node, "z_x")?,
+        z_y: byte(node, "z_y")?,
+        weights,
+        bias,
+        multiplier,
+    };
+    let conv = QConv::new(spec, Isa::detect()).map_err(|e| format_err!("{}: {e}", node.name))?;
+    op(Kernel::Conv(conv))
+}
+
+fn qparams(node: &NodeProto, s: &str, z: &str) -> TractResult<QParams> {
+    let scale: f32 = node.get_attr(s)?;
+    ensure!(scale.is_finite() && scale > 0.0, "{}: scale {s} = {scale} must be positive", node.name);
+    Ok(QParams { scale, zero: byte(node, z)? })
+}
+
+fn parse_add(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    op(Kernel::Add {
+        qa: qparams(node, "s_a", "z_a")?,
+        qb: qparams(node, "s_b", "z_b")?,
+        qc: qparams(node, "s_c", "z_c")?,
+        isa: Isa::detect(),
+    })
+}
+
+fn parse_maxpool(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let ceil: i64 = node.get_attr("ceil_mode")?;
+    let g = Pool2d {
+        kernel: usizes(node, "kernel_shape")?,
+        stride: usizes(node, "strides")?,
+        pads: usizes(node, "pads")?,
+        ceil_mode: ceil != 0,
+    };
+    ensure!(g.kernel.iter().chain(&g.stride).all(|&v| v > 0), "{}: empty pooling window or stride", node.name);
+    let table = raw(node, "table", 2, 256)?.try_into()?;
+    op(Kernel::MaxPool { g, table })
+}
+
+fn parse_concat(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let n = node.input.len();
+    let tables = raw(node, "tables", 2, n * 256)?.chunks_exact(256).map(|c| c.try_into().unwrap()).collect();
+    op(Kernel::Concat { tables })
+}
+
+fn parse_quantize(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    op(Kernel::Quantize { q: qparams(node, "scale", "zero")?, isa: Isa::detect() })
+}
+
+impl EpOp {
+    fn op_name(&self) -> &'static str {
+        match &*self.0 {
+            Kernel::Conv(_) => "EpQConv",
+            Kernel::Add { .. } => "EpQAdd",
+            Kernel::MaxPool { .. } => "EpQMaxPool",
+            Kernel::Concat { .. } => "EpQConcat",
+            Kernel::Quantize { .. } => "EpQuantize",
+        }
+    }
+
+    fn arity(&self) -> Option<usize> {
+        match &*self.0 {
+            Kernel::Add { .. } => Some(2),
+            Kernel::Concat { tables } => Some(tables.len()),
+            _ => Some(1),
+        }
+    }
+
+    /// Output shape from the input shapes (NHWC; `EpQuantize` reads NCHW).
+    fn out_shape(&self, ins: &[TVec<TDim>]) -> TractResult<TVec<TDim>> {
+        let name = self.op_name();
+        ensure!(Some(ins.len()) == self.arity(), "{name}: expected {:?} inputs, got {}", self.arity(), ins.len());
+        for s in ins {
+            ensure!(s.len() == 4, "{name}: expected rank-4 inputs, got {s:?}");
+        }
+        let x = &ins[0];
+        let hw = |s: &TVec<TDim>| -> TractResult<(usize, usize)> { Ok((s[1].to_usize()?, s[2].to_usize()?)) };
+        Ok(match &*self.0 {
+            Kernel::Conv(conv) => {
+                let (h, w) = hw(x)?;
+                ensure!(
+                    x[3].to_usize()? == conv.spec().c_in,
+                    "{name}: input has {} channels, expected {}",
+                    x[3],
+                    conv.spec().c_in
+                );
+                let (oh, ow) = conv.output_hw(h, w).ok_or_else(|| format_err!("{name}: input {h}x{w} too small"))?;
+                tvec![x[0].clone(), oh.into(), ow.into(), conv.spec().c_out.into()]
+            }
+            Kernel::Add { .. } => {
+                ensure!(ins[0] == ins[1], "{name}: inputs {:?} and {:?} differ (no broadcasting)", ins[0], ins[1]);
+                x.clone()
+            }
+            Kernel::MaxPool { g, .. } => {
+                let (h, w) = hw(x)?;
+                let (oh, ow) = g.output_hw(h, w).ok_or_else(|| format_err!("{name}: input {h}x{w} too small"))?;
+                tvec![x[0].clone(), oh.into(), ow.into(), x[3].clone()]
+            }
+            Kernel::Concat { .. } => {
+                for s in &ins[1..] {
+                    ensure!(s[..3] == x[..3], "{name}: inputs {:?} and {s:?} differ outside the channel axis", x);
+                }
+                let c: TDim = ins.iter().map(|s| s[3].clone()).sum();
+                tvec![x[0].clone(), x[1].clone(), x[2].clone(), c]
+            }
+            Kernel::Quantize { .. } => tvec![x[0].clone(), x[2].clone(), x[3].clone(), x[1].clone()],
+        })
+    }
+}
+
+fn slice<T: Datum>(t: &TValue) -> TractResult<&[T]> {
+    t.try_as_plain_ram()?.as_slice::<T>()
+}
+
+impl Op for EpOp {
+    fn name(&self) -> StaticName {
+        self.op_name().into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("{:?}", self.0)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for EpOp {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let name = self.op_name();
+        let shapes: Vec<TVec<TDim>> = inputs.iter().map(|t| t.shape().iter().map(|&d| d.into()).collect()).collect();
+        let out: Vec<usize> = self.out_shape(&shapes)?.iter().map(|d| Ok(d.to_usize()?)).collect::<TractResult<_>>()?;
+        let x = inputs[0].shape().to_vec();
+        // SAFETY: every kernel below writes every output element.
+        let mut y = unsafe { Tensor::uninitialized::<u8>(&out)? };
+        {
+            let mut view = y.try_as_plain_ram_mut()?;
+            let ys = view.as_slice_mut::<u8>()?;
+            match &*self.0 {
+                Kernel::Conv(conv) => {
+                    conv.run(slice(&inputs[0])?, x[0], x[1], x[2], ys).map_err(|e| format_err!("{name}: {e}"))?
+                }
+                Kernel::Add { qa, qb, qc, isa } => {
+                    let (a, b) = (slice::<u8>(&inputs[0])?, slice::<u8>(&inputs[1])?);
+                    // Large adds split across the pool; each part is an independent range.
+                    let parts = crate::kernels::threads().min(a.len() / 65536).max(1);
+                    let per = a.len().div_ceil(parts);
+                    let y_addr = ys.as_mut_ptr() as usize;
+                    for_each_part(parts, |p| {
+                        let r = p * per..((p + 1) * per).min(a.len());
+                        // SAFETY: disjoint ranges of the output per part.
+                        let o = unsafe { std::slice::from_raw_parts_mut((y_addr + r.start) as *mut u8, r.len()) };
+                        qelem::qadd(*isa, &a[r.clone()], *qa, &b[r.clone()], *qb, *qc, o);
+                    });
+                }
+                Kernel::MaxPool { g, table } => {
+                    qelem::maxpool(slice(&inputs[0])?, [x[0], x[1], x[2], x[3]], *g, table, ys)
+                        .ok_or_else(|| format_err!("{name}: a pooling window holds no input cell"))?;
+                }
+                Kernel::Concat { tables } => {
+                    let ins: Vec<(&[u8], usize, &[u8; 256])> = inputs
+                        .iter()
+                        .zip(tables)
+                        .map(|(t, tb)| Ok((slice::<u8>(t)?, t.shape()[3], tb)))
+                        .collect::<TractResult<_>>()?;
+                    qelem::concat_channels(&ins, x[0] * x[1] * x[2], ys);
+                }
+                Kernel::Quantize { q, isa } => {
+                    let xs = inputs[0].cast_to::<f32>()?;
+                    qelem::quantize_nchw_to_nhwc(
+                        *isa,
+                        xs.try_as_plain_ram()?.as_slice::<f32>()?,
+                        [x[0], x[1], x[2], x[3]],
+                        *q,
+                        ys,
+                    );
+                }
+            }
+        }
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for EpOp {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let want = if matches!(&*self.0, Kernel::Quantize { .. }) { f32::datum_type() } else { u8::datum_type() };
+        for i in inputs {
+            ensure!(i.datum_type == want, "{}: expected {want:?} inputs, got {:?}", self.op_name(), i.datum_type);
+        }
+        let shapes: Vec<TVec<TDim>> = inputs.iter().map(|f| f.shape.to_tvec()).collect();
+        Ok(tvec!(u8::fact(self.out_shape(&shapes)?)))
+    }
+
+    as_op!();
+}
+
+#[derive(Debug, Clone)]
+struct EpExpansion(EpOp);
+
+impl Expansion for EpExpansion {
+    fn name(&self) -> StaticName {
+        self.0.op_name().into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_output_arity(outputs, 1)?;
+        if let Some(n) = self.0.arity() {
+            check_input_arity(inputs, n)?;
+        }
+        s.equals(&outputs[0].datum_type, u8::datum_type())?;
+        s.equals(&outputs[0].rank, 4)?;
+        for i in inputs {
+            s.equals(&i.rank, 4)?;
+        }
+        s.given_all(inputs.iter().map(|i| &i.shape), move |s, shapes| {
+            let shapes: Vec<TVec<TDim>> = shapes.into_iter().map(|s| s.into_iter().collect()).collect();
+            if let Ok(out) = self.0.out_shape(&shapes) {
+                s.equals(&outputs[0].shape, ShapeFactoid::from(out))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+        model.wire_node(prefix, self.0.clone(), inputs)
+    }
+}

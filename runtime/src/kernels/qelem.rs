@@ -1,0 +1,155 @@
+//! Element-wise and data-movement INT8 kernels on NHWC uint8 tensors.
+use super::Isa;
+use super::reference::QParams;
+
+/// onnxruntime's QLinearAdd (see [`super::reference::qadd`]), `out[i] = add(a[i], b[i])`.
+pub fn qadd(isa: Isa, a: &[u8], qa: QParams, b: &[u8], qb: QParams, qc: QParams, out: &mut [u8]) {
+    let (r_a, r_b) = (qa.scale / qc.scale, qb.scale / qc.scale);
+    let k = qc.zero as f32 - (r_a * qa.zero as f32 + r_b * qb.zero as f32);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512Vnni {
+        // SAFETY: AVX-512 F/BW/VL are part of the detected ISA.
+        done = unsafe { super::x86::qadd_512(a, b, r_a, r_b, k, out) };
+    }
+    let _ = isa;
+    for ((o, &av), &bv) in out.iter_mut().zip(a).zip(b).skip(done) {
+        let t = (bv as f32).mul_add(r_b, k);
+        *o = (av as f32).mul_add(r_a, t).clamp(-1024.0, 1024.0).round_ties_even().clamp(0.0, 255.0) as u8;
+    }
+}
+
+/// `QuantizeLinear(DequantizeLinear(v))` for every byte: what a float op between the two computes when it
+/// commutes with monotonic maps (max, concat, reshape). The division is exact (f32 `x / s`, as onnxruntime).
+pub fn requant_table(from: QParams, to: QParams) -> [u8; 256] {
+    std::array::from_fn(|v| {
+        let f = (v as i32 - from.zero as i32) as f32 * from.scale;
+        quantize(f, to)
+    })
+}
+
+/// `round_half_even(x / s) + z`, saturated to uint8 (ONNX QuantizeLinear).
+#[inline]
+pub fn quantize(x: f32, q: QParams) -> u8 {
+    ((x / q.scale).round_ties_even() + q.zero as f32).clamp(0.0, 255.0) as u8
+}
+
+/// QuantizeLinear of a contiguous slice.
+pub fn quantize_slice(isa: Isa, x: &[f32], q: QParams, out: &mut [u8]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512Vnni {
+        // SAFETY: AVX-512 F/BW/VL are part of the detected ISA.
+        done = unsafe { super::x86::quantize_512(x, q.scale, q.zero, out) };
+    }
+    let _ = isa;
+    for (o, &v) in out.iter_mut().zip(x).skip(done) {
+        *o = quantize(v, q);
+    }
+}
+
+/// QuantizeLinear of an NCHW f32 tensor into NHWC uint8 (the entry of an integer chain).
+pub fn quantize_nchw_to_nhwc(isa: Isa, x: &[f32], [n, c, h, w]: [usize; 4], q: QParams, out: &mut [u8]) {
+    let hw = h * w;
+    if c == 1 {
+        return quantize_slice(isa, x, q, out);
+    }
+    let mut plane = vec![0u8; hw];
+    for b in 0..n {
+        let img = &x[b * c * hw..(b + 1) * c * hw];
+        let dst = &mut out[b * c * hw..(b + 1) * c * hw];
+        for ch in 0..c {
+            quantize_slice(isa, &img[ch * hw..(ch + 1) * hw], q, &mut plane);
+            for (d, &v) in dst[ch..].iter_mut().step_by(c).zip(&plane) {
+                *d = v;
+            }
+        }
+    }
+}
+
+/// Max pooling geometry (NHWC).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pool2d {
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    /// top, left, bottom, right
+    pub pads: [usize; 4],
+    pub ceil_mode: bool,
+}
+
+impl Pool2d {
+    pub fn output_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        // ONNX: floor or ceil of (len + pads − k) / s, plus one; in ceil mode the last window must start inside
+        // the input or the leading pad.
+        let one = |len: usize, k: usize, s: usize, p0: usize, p1: usize| {
+            let span = (len + p0 + p1).checked_sub(k)?;
+            let mut o = if self.ceil_mode { span.div_ceil(s) + 1 } else { span / s + 1 };
+            if self.ceil_mode && o > 1 && (o - 1) * s >= len + p0 {
+                o -= 1;
+            }
+            Some(o)
+        };
+        if self.stride.contains(&0) || self.kernel.contains(&0) {
+            return None;
+        }
+        let oh = one(h, self.kernel[0], self.stride[0], self.pads[0], self.pads[2])?;
+        let ow = one(w, self.kernel[1], self.stride[1], self.pads[1], self.pads[3])?;
+        Some((oh, ow))
+    }
+}
+
+/// Max pooling on raw uint8 values, then `table` (the requantization to the output's parameters; monotonic, so
+/// it commutes with the max). Window cells outside the input are skipped.
+pub fn maxpool(x: &[u8], [n, h, w, c]: [usize; 4], g: Pool2d, table: &[u8; 256], out: &mut [u8]) -> Option<()> {
+    let (oh, ow) = g.output_hw(h, w)?;
+    let mut acc = vec![0u8; c];
+    for b in 0..n {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                acc.fill(0);
+                let mut any = false;
+                for ky in 0..g.kernel[0] {
+                    let iy = (oy * g.stride[0] + ky) as isize - g.pads[0] as isize;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    for kx in 0..g.kernel[1] {
+                        let ix = (ox * g.stride[1] + kx) as isize - g.pads[1] as isize;
+                        if ix < 0 || ix >= w as isize {
+                            continue;
+                        }
+                        any = true;
+                        let src = &x[((b * h + iy as usize) * w + ix as usize) * c..][..c];
+                        for (a, &v) in acc.iter_mut().zip(src) {
+                            *a = (*a).max(v);
+                        }
+                    }
+                }
+                if !any {
+                    return None;
+                }
+                let dst = &mut out[((b * oh + oy) * ow + ox) * c..][..c];
+                for (d, &a) in dst.iter_mut().zip(&acc) {
+                    *d = table[a as usize];
+                }
+            }
+        }
+    }
+    Some(())
+}
+
+/// Concatenation along the channel axis (last in NHWC), each input through its requantization table.
+pub fn concat_channels(inputs: &[(&[u8], usize, &[u8; 256])], pixels: usize, out: &mut [u8]) {
+    let c_out: usize = inputs.iter().map(|i| i.1).sum();
+    let mut off = 0;
+    for &(x, c, table) in inputs {
+        for p in 0..pixels {
+            let src = &x[p * c..(p + 1) * c];
+            let dst = &mut out[p * c_out + off..p * c_out + off + c];
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = table[v as usize];
+            }
+        }
+        off += c;
+    }
+}
