@@ -779,6 +779,9 @@ pub struct QuantizeArgs {
     /// Measure per-layer sensitivity even when no budget needs it
     #[arg(long)]
     sensitivity: bool,
+    /// Keep in fp32 the layers the CPU runtime has no integer kernel for (their INT8 form would be slower)
+    #[arg(long)]
+    speed_gate: bool,
     /// Held-out samples for the per-layer SQNR
     #[arg(long, default_value_t = 8)]
     layer_samples: usize,
@@ -868,6 +871,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         layer_samples: a.layer_samples,
         latency_runs: a.latency_runs,
         always_sensitivity: a.sensitivity,
+        speed_gate: a.speed_gate,
         session: opts.clone(),
         held_out_max_bytes: 1 << 30,
     };

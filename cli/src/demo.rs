@@ -75,6 +75,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         layer_samples: 1,
         latency_runs: 3,
         always_sensitivity: false,
+        speed_gate: false,
         session: SessionOptions { threads: a.threads, ..Default::default() },
         held_out_max_bytes: 1 << 28,
     };

@@ -49,6 +49,8 @@ pub struct Job<'a> {
     pub latency_runs: usize,
     /// Measure sensitivity even when no budget needs it (for the report).
     pub always_sensitivity: bool,
+    /// Keep in fp32 the layers the CPU runtime has no integer kernel for (they would be slower in INT8).
+    pub speed_gate: bool,
     pub session: SessionOptions,
     /// Memory cap for cached held-out inputs and fp32 outputs.
     pub held_out_max_bytes: usize,
@@ -141,9 +143,30 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
     }
 
     // 4. Full INT8, then (if a budget misses) sensitivity and the mixed-precision search.
-    let units = qdq::quantizable_nodes(&model, &job.cfg);
-    let (full, full_summary) =
-        qdq::quantize(&model, &ranges, &job.cfg).map_err(|e| CalibError::Invalid(e.to_string()))?;
+    let mut cfg = job.cfg.clone();
+    let (mut full, mut full_summary) =
+        qdq::quantize(&model, &ranges, &cfg).map_err(|e| CalibError::Invalid(e.to_string()))?;
+    // The runtime's view: quantized layers without an integer kernel run slower than in fp32.
+    let slow = edgepack_runtime::onnx::qdq_kernels::layers_without_int8_kernel(&full);
+    let gated: HashMap<String, String> = if job.speed_gate { slow.iter().cloned().collect() } else { HashMap::new() };
+    if !slow.is_empty() {
+        let names: Vec<&str> = slow.iter().map(|(n, _)| n.as_str()).collect();
+        warnings.push(if job.speed_gate {
+            format!("speed gate: {} layer(s) kept fp32, no integer kernel on the CPU runtime: {}", slow.len(), names.join(", "))
+        } else {
+            format!(
+                "{} INT8 layer(s) have no integer kernel on the CPU runtime and run slower than in fp32 (--speed-gate keeps them fp32): {}",
+                slow.len(),
+                names.join(", ")
+            )
+        });
+    }
+    if !gated.is_empty() {
+        cfg.exclude.extend(gated.keys().cloned());
+        (full, full_summary) = qdq::quantize(&model, &ranges, &cfg).map_err(|e| CalibError::Invalid(e.to_string()))?;
+    }
+    let job_cfg = cfg;
+    let units = qdq::quantizable_nodes(&model, &job_cfg);
     on(Event::Stage("evaluate int8", held.len()));
     let full_metrics = held.evaluate(&Session::from_model(&full, &job.session)?, None, |d, _| on(Event::Step(d)))?;
     let mut sens: Vec<mixed::Sensitivity> = Vec::new();
@@ -151,7 +174,7 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
     if need_search || job.always_sensitivity {
         on(Event::Stage("sensitivity", units.len()));
         let n = job.sensitivity_samples.max(1);
-        sens = mixed::sensitivity(&model, &ranges, &job.cfg, &job.session, &held, n, |d, _| on(Event::Step(d)))?;
+        sens = mixed::sensitivity(&model, &ranges, &job_cfg, &job.session, &held, n, |d, _| on(Event::Step(d)))?;
     }
     let max_float = ((units.len() as f64) * job.max_float_fraction.clamp(0.0, 1.0)).floor() as usize;
     let (q, summary, metrics, budget) = match job.budget {
@@ -160,7 +183,7 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
             on(Event::Stage("mixed precision", 0));
             let first =
                 Probe { float_nodes: 0, value: b.value(&held.fp32, &full_metrics), met: false, metrics: full_metrics };
-            let r = mixed::search(&model, &ranges, &job.cfg, &job.session, &held, b, &order, max_float, first, |p| {
+            let r = mixed::search(&model, &ranges, &job_cfg, &job.session, &held, b, &order, max_float, first, |p| {
                 on(Event::Note(format!(
                     "  {} node(s) in fp32: {:.3} ({})",
                     p.float_nodes,
@@ -246,6 +269,8 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
             let reason = if search_float.contains(name) {
                 let rank = sens.iter().position(|s| &s.node == name).map(|r| r + 1).unwrap_or(0);
                 Some(format!("kept fp32 by the budget search (sensitivity rank {rank} of {})", sens.len()))
+            } else if let Some(why) = gated.get(name) {
+                Some(format!("speed gate: no integer kernel ({why})"))
             } else if fp {
                 Some("excluded (--exclude)".into())
             } else {

@@ -264,3 +264,27 @@ def test_pack_carries_both_variants_and_the_report(shared, binary, tmp_path):
         r = ep("run", b, sample, "--variant", v, "--raw", "--json")
         outs.append(np.array(json.loads(r.stdout)["outputs"][0]["data"]).argmax())
     assert outs[0] == outs[1]
+
+
+def test_speed_gate_keeps_layers_without_an_integer_kernel_in_fp32(tmp_path):
+    """The CPU runtime tells quantize which INT8 layers it has no integer kernel for (MNIST's MatMul/Gemm, its
+    convolutions followed by a bias Add): they are reported, and with --speed-gate kept in fp32 with that reason."""
+    import json
+    mnist = os.path.join(ROOT, "assets", "models", "mnist_cntk_opset8_simplified.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        np.save(calib / f"x{i}.npy", rng.uniform(0, 255, (1, 1, 28, 28)).astype(np.float32))
+    plain = ep("quantize", mnist, "--calib", calib, "--holdout", "0", "--latency-runs", "0", "--json", "-o", tmp_path / "a.onnx")
+    ra = json.load(open(tmp_path / "a.onnx.report.json"))
+    assert any("no integer kernel" in w for w in ra["warnings"]), ra["warnings"]
+    ep("quantize", mnist, "--calib", calib, "--holdout", "0", "--latency-runs", "0", "--speed-gate", "-o", tmp_path / "b.onnx")
+    rb = json.load(open(tmp_path / "b.onnx.report.json"))
+    gated = [l for l in rb["layers"] if (l.get("reason") or "").startswith("speed gate")]
+    assert gated and all(l["precision"] == "fp32" for l in gated), rb["layers"]
+    assert any(l["op"] in ("Gemm", "MatMul") for l in gated)
+    # MNIST's convolutions feed a separate bias Add, not a Q: not a kernel pattern either, so they are gated too;
+    # without the gate the same layers are INT8.
+    assert all(l["precision"] == "int8" for l in ra["layers"] if l["node"] in {g["node"] for g in gated})
+    assert plain.returncode == 0

@@ -194,6 +194,38 @@ fn concat(c: &Ctx, idx: usize, nhwc: &HashSet<String>) -> Option<Rewrite> {
     })
 }
 
+/// Quantized layers (Conv/Gemm/MatMul reading a DequantizeLinear weight) of a QDQ model that the CPU backend's
+/// integer kernels do not cover: they run as float ops carrying exact integers, slower than their fp32 form.
+/// Each with the reason.
+pub fn layers_without_int8_kernel(model: &Model) -> Vec<(String, String)> {
+    let mut lowered = model.clone();
+    lowered.lower_qdq_kernels();
+    let made: HashSet<&str> =
+        lowered.graph.nodes.iter().filter(|n| n.domain_name() == DOMAIN).map(|n| n.name()).collect();
+    let producers = model.graph.producers();
+    model
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op(), "Conv" | "Gemm" | "MatMul") && n.domain_name().is_empty())
+        .filter(|n| {
+            n.input
+                .get(1)
+                .and_then(|w| producers.get(w.as_str()))
+                .is_some_and(|&p| model.graph.nodes[p].op() == "DequantizeLinear")
+        })
+        .filter(|n| !made.contains(format!("{}_kernel", n.name()).as_str()))
+        .map(|n| {
+            let why = match n.op() {
+                "Conv" if n.attr_i("group").unwrap_or(1) > 1 => "grouped convolution other than depthwise",
+                "Conv" => "pattern not covered (output not requantized, or an activation outside the Q range)",
+                _ => "no integer GEMM kernel for Gemm/MatMul yet",
+            };
+            (n.name().to_string(), why.to_string())
+        })
+        .collect()
+}
+
 impl Model {
     /// [`Graph::lower_qdq_kernels`], declaring the kernel domain. Returns how many patterns became kernels.
     pub fn lower_qdq_kernels(&mut self) -> usize {
