@@ -46,11 +46,7 @@ unsafe fn tiles_vnni<const MR: usize, const NV: usize>(
 ) {
     let mut r0 = 0;
     while r0 < rows.len() {
-        let nr = (rows.len() - r0).min(MR);
-        let mut rp = [rows[r0]; MR];
-        for (i, p) in rp.iter_mut().enumerate().take(nr) {
-            *p = rows[r0 + i];
-        }
+        let (rp, nr) = row_tile::<MR>(rows, r0);
         unsafe { tile_vnni::<MR, NV>(&rp, &outs[r0..r0 + nr], kp, b, bias, m, z_y) };
         r0 += nr;
     }
@@ -109,11 +105,27 @@ unsafe fn tile_vnni<const MR: usize, const NV: usize>(
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn requant16(acc: __m512i, m: __m512, z: __m512i) -> __m128i {
-    let f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), m);
+    round_to_u8_16(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), m), z)
+}
+
+/// `clamp(round_half_even(f) + z, 0, 255)` on 16 lanes (NaN → 0: max/min return their second operand for NaN).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn round_to_u8_16(f: __m512, z: __m512i) -> __m128i {
     let f = _mm512_min_ps(_mm512_max_ps(f, _mm512_set1_ps(-1024.0)), _mm512_set1_ps(1024.0));
     let i = _mm512_add_epi32(_mm512_cvtps_epi32(f), z);
     let i = _mm512_min_epi32(_mm512_max_epi32(i, _mm512_setzero_si512()), _mm512_set1_epi32(255));
     _mm512_cvtepi32_epi8(i)
+}
+
+/// Row pointers `rows[r0..r0 + nr]` of one register tile, the missing rows repeating the first (computed, never
+/// stored), and `nr`.
+#[inline]
+fn row_tile<const MR: usize>(rows: &[*const u8], r0: usize) -> ([*const u8; MR], usize) {
+    let nr = (rows.len() - r0).min(MR);
+    let mut rp = [rows[r0]; MR];
+    rp[..nr].copy_from_slice(&rows[r0..r0 + nr]);
+    (rp, nr)
 }
 
 /// 8 lanes of [`requant16`].
@@ -142,11 +154,7 @@ unsafe fn tiles_avx2(rows: &[*const u8], outs: &[*mut u8], kp: usize, b: &Block,
         let zv = _mm256_set1_epi32(z_y as i32);
         let mut r0 = 0;
         while r0 < rows.len() {
-            let nr = (rows.len() - r0).min(MR);
-            let mut rp = [rows[r0]; MR];
-            for (i, p) in rp.iter_mut().enumerate().take(nr) {
-                *p = rows[r0 + i];
-            }
+            let (rp, nr) = row_tile::<MR>(rows, r0);
             // 8 output channels per ymm: each 32-bit lane holds 4 consecutive k of one channel.
             for j8 in 0..b.width / 8 {
                 let mut acc = [_mm256_setzero_si256(); MR];
@@ -320,13 +328,8 @@ pub(crate) unsafe fn qadd_512(a: &[u8], b: &[u8], r_a: f32, r_b: f32, k: f32, ou
             let av = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(a.as_ptr().add(i) as *const _)));
             let bv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(b.as_ptr().add(i) as *const _)));
             let t = _mm512_fmadd_ps(bv, rb, kv);
-            let f = _mm512_fmadd_ps(av, ra, t);
-            let f = _mm512_min_ps(_mm512_max_ps(f, _mm512_set1_ps(-1024.0)), _mm512_set1_ps(1024.0));
-            let q = _mm512_min_epi32(
-                _mm512_max_epi32(_mm512_cvtps_epi32(f), _mm512_setzero_si512()),
-                _mm512_set1_epi32(255),
-            );
-            _mm_storeu_si128(out.as_mut_ptr().add(i) as *mut _, _mm512_cvtepi32_epi8(q));
+            let q = round_to_u8_16(_mm512_fmadd_ps(av, ra, t), _mm512_setzero_si512());
+            _mm_storeu_si128(out.as_mut_ptr().add(i) as *mut _, q);
             i += 16;
         }
     }
@@ -345,12 +348,9 @@ pub(crate) unsafe fn quantize_512(x: &[f32], s: f32, z: u8, out: &mut [u8]) -> u
     let mut i = 0;
     unsafe {
         while i < n {
-            let f = _mm512_div_ps(_mm512_loadu_ps(x.as_ptr().add(i)), sv);
-            // NaN → 0 after the clamps (max/min return the second operand for NaN), like the scalar cast.
-            let f = _mm512_min_ps(_mm512_max_ps(f, _mm512_set1_ps(-1024.0)), _mm512_set1_ps(1024.0));
-            let q = _mm512_add_epi32(_mm512_cvtps_epi32(f), zv);
-            let q = _mm512_min_epi32(_mm512_max_epi32(q, _mm512_setzero_si512()), _mm512_set1_epi32(255));
-            _mm_storeu_si128(out.as_mut_ptr().add(i) as *mut _, _mm512_cvtepi32_epi8(q));
+            // NaN → 0, like the scalar cast.
+            let q = round_to_u8_16(_mm512_div_ps(_mm512_loadu_ps(x.as_ptr().add(i)), sv), zv);
+            _mm_storeu_si128(out.as_mut_ptr().add(i) as *mut _, q);
             i += 16;
         }
     }
