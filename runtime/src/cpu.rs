@@ -115,7 +115,10 @@ impl CpuBackend {
             int_only.graph.lower_qdq_integer();
             fallbacks.push(Fallback { kept: values_of(&int_only), bytes: int_only.to_bytes() });
         }
-        if n_kernels + n_int > 0 {
+        // Float graphs: Conv chains (with their Relu/Clip, residual Adds, MaxPools, Concats) on the fp32 NHWC
+        // kernels. Not mixed with the integer lowering (its float ops carry exact integers).
+        let n_f32 = if kernels && n_kernels + n_int == 0 { lowered.lower_f32_kernels() } else { 0 };
+        if n_kernels + n_int + n_f32 > 0 {
             fallbacks.push(Fallback { kept: values_of(model), bytes: model.to_bytes() });
             if let Ok(path) = std::env::var("EDGEPACK_DUMP_LOWERED") {
                 // Debugging aid: the graph tract is about to run.
@@ -265,13 +268,20 @@ impl Backend for CpuBackend {
         let mut totals: HashMap<String, (usize, std::time::Duration)> = HashMap::new();
         let runs = runs.max(1);
         let executor = self.options.executor.clone().unwrap_or_default();
+        // `EDGEPACK_PROFILE_BY=node`: one row per node instead of per op type (finding the slow layer).
+        let by_node = std::env::var("EDGEPACK_PROFILE_BY").is_ok_and(|v| v == "node");
         for _ in 0..runs {
             let mut state = plan.spawn().map_err(tract_err)?;
             tract_linalg::multithread::multithread_tract_scope(executor.clone(), || {
                 state.run_plan_with_eval(values.clone(), |ctx, op_state, node, ins| {
                     let t = std::time::Instant::now();
                     let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, ins);
-                    let e = totals.entry(node.op().name().to_string()).or_default();
+                    let key = if by_node {
+                        format!("{} {}", node.op().name(), node.name)
+                    } else {
+                        node.op().name().to_string()
+                    };
+                    let e = totals.entry(key).or_default();
                     e.0 += 1;
                     e.1 += t.elapsed();
                     r

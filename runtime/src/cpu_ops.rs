@@ -1,5 +1,5 @@
-//! tract ops running edgepack's integer kernels: the `ai.edgepack` nodes written by `onnx::qdq_kernels`
-//! (NHWC uint8 in and out, except `EpQuantize`: NCHW f32 in). Parsed from their ONNX attributes once, with the
+//! tract ops running edgepack's kernels: the `ai.edgepack` nodes written by `onnx::qdq_kernels` (integer: NHWC
+//! uint8 in and out, except `EpQuantize`: NCHW f32 in) and `onnx::f32_kernels` (float: NHWC f32 in and out). Parsed from their ONNX attributes once, with the
 //! weights packed at load.
 use std::sync::Arc;
 
@@ -8,6 +8,7 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
+use crate::kernels::fconv::{FConv, FConvSpec};
 use crate::kernels::qconv::{QConv, QConvSpec};
 use crate::kernels::qelem::{self, Pool2d};
 use crate::kernels::reference::QParams;
@@ -20,15 +21,47 @@ pub fn register(reg: &mut OnnxOpRegister) {
     reg.insert("EpQMaxPool", parse_maxpool);
     reg.insert("EpQConcat", parse_concat);
     reg.insert("EpQuantize", parse_quantize);
+    reg.insert("EpConv", parse_fconv);
+    reg.insert("EpAdd", |_, _| op(Kernel::FAdd));
+    reg.insert("EpMaxPool", |_, node| op(Kernel::FMaxPool(pool2d(node)?)));
+    reg.insert("EpConcat", |_, node| op(Kernel::FConcat(node.input.len())));
+    reg.insert("EpGlobalAveragePool", |_, _| op(Kernel::FGlobalAvg));
+    reg.insert("EpLayout", |_, node| {
+        let to: String = node.get_attr("to")?;
+        ensure!(to == "nhwc" || to == "nchw", "{}: EpLayout to {to:?}: expected \"nhwc\" or \"nchw\"", node.name);
+        op(Kernel::Layout { to_nhwc: to == "nhwc" })
+    });
 }
 
 #[derive(Debug)]
 enum Kernel {
     Conv(QConv),
-    Add { qa: QParams, qb: QParams, qc: QParams, isa: Isa },
-    MaxPool { g: Pool2d, table: [u8; 256] },
-    Concat { tables: Vec<[u8; 256]> },
-    Quantize { q: QParams, isa: Isa },
+    Add {
+        qa: QParams,
+        qb: QParams,
+        qc: QParams,
+        isa: Isa,
+    },
+    MaxPool {
+        g: Pool2d,
+        table: [u8; 256],
+    },
+    Concat {
+        tables: Vec<[u8; 256]>,
+    },
+    Quantize {
+        q: QParams,
+        isa: Isa,
+    },
+    FConv(FConv),
+    FAdd,
+    FMaxPool(Pool2d),
+    FConcat(usize),
+    FGlobalAvg,
+    /// NCHW → NHWC or back, uint8 or f32 (the chain boundaries of the layout pass).
+    Layout {
+        to_nhwc: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -119,7 +152,7 @@ fn parse_add(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn Infer
     })
 }
 
-fn parse_maxpool(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+fn pool2d(node: &NodeProto) -> TractResult<Pool2d> {
     let ceil: i64 = node.get_attr("ceil_mode")?;
     let g = Pool2d {
         kernel: usizes(node, "kernel_shape")?,
@@ -128,8 +161,46 @@ fn parse_maxpool(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn I
         ceil_mode: ceil != 0,
     };
     ensure!(g.kernel.iter().chain(&g.stride).all(|&v| v > 0), "{}: empty pooling window or stride", node.name);
+    Ok(g)
+}
+
+fn parse_maxpool(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let g = pool2d(node)?;
     let table = raw(node, "table", 2, 256)?.try_into()?;
     op(Kernel::MaxPool { g, table })
+}
+
+fn floats(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+fn parse_fconv(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let c_out: usize = node.get_attr("c_out")?;
+    let c_in: usize = node.get_attr("c_in")?;
+    let group: usize = node.get_attr("group")?;
+    let kernel = usizes::<2>(node, "kernel_shape")?;
+    let per_out = (c_in / group.max(1)) * kernel[0] * kernel[1];
+    let bias = if node.attribute.iter().any(|a| a.name == "bias") {
+        Some(floats(raw(node, "bias", 1, c_out * 4)?))
+    } else {
+        None
+    };
+    let clamp: Vec<f32> = node.get_attr_vec("clamp")?;
+    ensure!(clamp.len() == 2, "{}: clamp must hold 2 floats", node.name);
+    let spec = FConvSpec {
+        c_in,
+        c_out,
+        group,
+        kernel,
+        stride: usizes(node, "strides")?,
+        dilation: usizes(node, "dilations")?,
+        pads: usizes(node, "pads")?,
+        weights: floats(raw(node, "weights", 1, c_out * per_out * 4)?),
+        bias,
+        clamp: [clamp[0], clamp[1]],
+    };
+    let conv = FConv::new(spec, Isa::detect()).map_err(|e| format_err!("{}: {e}", node.name))?;
+    op(Kernel::FConv(conv))
 }
 
 fn parse_concat(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
@@ -150,13 +221,39 @@ impl EpOp {
             Kernel::MaxPool { .. } => "EpQMaxPool",
             Kernel::Concat { .. } => "EpQConcat",
             Kernel::Quantize { .. } => "EpQuantize",
+            Kernel::FConv(_) => "EpConv",
+            Kernel::FAdd => "EpAdd",
+            Kernel::FMaxPool(_) => "EpMaxPool",
+            Kernel::FConcat(_) => "EpConcat",
+            Kernel::FGlobalAvg => "EpGlobalAveragePool",
+            Kernel::Layout { .. } => "EpLayout",
         }
+    }
+
+    fn is_float(&self) -> bool {
+        matches!(
+            &*self.0,
+            Kernel::FConv(_) | Kernel::FAdd | Kernel::FMaxPool(_) | Kernel::FConcat(_) | Kernel::FGlobalAvg
+        )
+    }
+
+    fn input_type(&self) -> DatumType {
+        if self.is_float() || matches!(&*self.0, Kernel::Quantize { .. }) {
+            f32::datum_type()
+        } else {
+            u8::datum_type()
+        }
+    }
+
+    fn output_type(&self) -> DatumType {
+        if self.is_float() { f32::datum_type() } else { u8::datum_type() }
     }
 
     fn arity(&self) -> Option<usize> {
         match &*self.0 {
-            Kernel::Add { .. } => Some(2),
+            Kernel::Add { .. } | Kernel::FAdd => Some(2),
             Kernel::Concat { tables } => Some(tables.len()),
+            Kernel::FConcat(n) => Some(*n),
             _ => Some(1),
         }
     }
@@ -182,23 +279,38 @@ impl EpOp {
                 let (oh, ow) = conv.output_hw(h, w).ok_or_else(|| format_err!("{name}: input {h}x{w} too small"))?;
                 tvec![x[0].clone(), oh.into(), ow.into(), conv.spec().c_out.into()]
             }
-            Kernel::Add { .. } => {
+            Kernel::FConv(conv) => {
+                let (h, w) = hw(x)?;
+                ensure!(
+                    x[3].to_usize()? == conv.spec().c_in,
+                    "{name}: input has {} channels, expected {}",
+                    x[3],
+                    conv.spec().c_in
+                );
+                let (oh, ow) = conv.output_hw(h, w).ok_or_else(|| format_err!("{name}: input {h}x{w} too small"))?;
+                tvec![x[0].clone(), oh.into(), ow.into(), conv.spec().c_out.into()]
+            }
+            Kernel::Add { .. } | Kernel::FAdd => {
                 ensure!(ins[0] == ins[1], "{name}: inputs {:?} and {:?} differ (no broadcasting)", ins[0], ins[1]);
                 x.clone()
             }
-            Kernel::MaxPool { g, .. } => {
+            Kernel::MaxPool { g, .. } | Kernel::FMaxPool(g) => {
                 let (h, w) = hw(x)?;
                 let (oh, ow) = g.output_hw(h, w).ok_or_else(|| format_err!("{name}: input {h}x{w} too small"))?;
                 tvec![x[0].clone(), oh.into(), ow.into(), x[3].clone()]
             }
-            Kernel::Concat { .. } => {
+            Kernel::Concat { .. } | Kernel::FConcat(_) => {
                 for s in &ins[1..] {
                     ensure!(s[..3] == x[..3], "{name}: inputs {:?} and {s:?} differ outside the channel axis", x);
                 }
                 let c: TDim = ins.iter().map(|s| s[3].clone()).sum();
                 tvec![x[0].clone(), x[1].clone(), x[2].clone(), c]
             }
-            Kernel::Quantize { .. } => tvec![x[0].clone(), x[2].clone(), x[3].clone(), x[1].clone()],
+            Kernel::Quantize { .. } | Kernel::Layout { to_nhwc: true } => {
+                tvec![x[0].clone(), x[2].clone(), x[3].clone(), x[1].clone()]
+            }
+            Kernel::FGlobalAvg => tvec![x[0].clone(), 1.into(), 1.into(), x[3].clone()],
+            Kernel::Layout { to_nhwc: false } => tvec![x[0].clone(), x[3].clone(), x[1].clone(), x[2].clone()],
         })
     }
 }
@@ -227,6 +339,24 @@ impl EvalOp for EpOp {
         let shapes: Vec<TVec<TDim>> = inputs.iter().map(|t| t.shape().iter().map(|&d| d.into()).collect()).collect();
         let out: Vec<usize> = self.out_shape(&shapes)?.iter().map(|d| Ok(d.to_usize()?)).collect::<TractResult<_>>()?;
         let x = inputs[0].shape().to_vec();
+        if let Kernel::Layout { to_nhwc } = &*self.0 {
+            // Per image: [c, h·w] → [h·w, c] into NHWC, [h·w, c] → [c, h·w] back.
+            let (rows, cols) = if *to_nhwc { (x[1], x[2] * x[3]) } else { (x[1] * x[2], x[3]) };
+            let t = &inputs[0];
+            let y = if t.datum_type() == u8::datum_type() {
+                let mut y = unsafe { Tensor::uninitialized::<u8>(&out)? };
+                qelem::transpose(slice::<u8>(t)?, x[0], rows, cols, y.try_as_plain_ram_mut()?.as_slice_mut::<u8>()?);
+                y
+            } else {
+                let mut y = unsafe { Tensor::uninitialized::<f32>(&out)? };
+                qelem::transpose(slice::<f32>(t)?, x[0], rows, cols, y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
+                y
+            };
+            return Ok(tvec!(y.into_tvalue()));
+        }
+        if self.is_float() {
+            return Ok(tvec!(self.eval_f32(&inputs, &x, &out)?.into_tvalue()));
+        }
         // SAFETY: every kernel below writes every output element.
         let mut y = unsafe { Tensor::uninitialized::<u8>(&out)? };
         {
@@ -261,6 +391,14 @@ impl EvalOp for EpOp {
                         .collect::<TractResult<_>>()?;
                     qelem::concat_channels(&ins, x[0] * x[1] * x[2], ys);
                 }
+                Kernel::FConv(_)
+                | Kernel::FAdd
+                | Kernel::FMaxPool(_)
+                | Kernel::FConcat(_)
+                | Kernel::FGlobalAvg
+                | Kernel::Layout { .. } => {
+                    unreachable!("dispatched above")
+                }
                 Kernel::Quantize { q, isa } => {
                     let xs = inputs[0].cast_to::<f32>()?;
                     qelem::quantize_nchw_to_nhwc(
@@ -277,14 +415,71 @@ impl EvalOp for EpOp {
     }
 }
 
+impl EpOp {
+    /// The float kernels (NHWC f32 in and out).
+    fn eval_f32(&self, inputs: &[TValue], x: &[usize], out: &[usize]) -> TractResult<Tensor> {
+        let name = self.op_name();
+        // SAFETY: every kernel below writes every output element.
+        let mut y = unsafe { Tensor::uninitialized::<f32>(out)? };
+        {
+            let mut view = y.try_as_plain_ram_mut()?;
+            let ys = view.as_slice_mut::<f32>()?;
+            match &*self.0 {
+                Kernel::FConv(conv) => {
+                    conv.run(slice(&inputs[0])?, x[0], x[1], x[2], ys).map_err(|e| format_err!("{name}: {e}"))?
+                }
+                Kernel::FAdd => {
+                    let (a, b) = (slice::<f32>(&inputs[0])?, slice::<f32>(&inputs[1])?);
+                    for ((o, &p), &q) in ys.iter_mut().zip(a).zip(b) {
+                        *o = p + q;
+                    }
+                }
+                Kernel::FMaxPool(g) => {
+                    qelem::maxpool_f32(slice(&inputs[0])?, [x[0], x[1], x[2], x[3]], *g, ys)
+                        .ok_or_else(|| format_err!("{name}: a pooling window holds no input cell"))?;
+                }
+                Kernel::FConcat(_) => {
+                    let ins: Vec<(&[f32], usize)> =
+                        inputs.iter().map(|t| Ok((slice::<f32>(t)?, t.shape()[3]))).collect::<TractResult<_>>()?;
+                    qelem::concat_channels_f32(&ins, x[0] * x[1] * x[2], ys);
+                }
+                Kernel::FGlobalAvg => {
+                    let xs = slice::<f32>(&inputs[0])?;
+                    let (hw, c) = (x[1] * x[2], x[3]);
+                    ensure!(hw > 0, "{name}: empty image");
+                    for (b, o) in ys.chunks_exact_mut(c).enumerate() {
+                        o.fill(0.0);
+                        for p in xs[b * hw * c..(b + 1) * hw * c].chunks_exact(c) {
+                            for (a, &v) in o.iter_mut().zip(p) {
+                                *a += v;
+                            }
+                        }
+                        for a in o.iter_mut() {
+                            *a /= hw as f32;
+                        }
+                    }
+                }
+                _ => unreachable!("integer kernels are evaluated by `eval`"),
+            }
+        }
+        Ok(y)
+    }
+}
+
 impl TypedOp for EpOp {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let want = if matches!(&*self.0, Kernel::Quantize { .. }) { f32::datum_type() } else { u8::datum_type() };
+        if let Kernel::Layout { .. } = &*self.0 {
+            let dt = inputs.first().map(|f| f.datum_type).ok_or_else(|| format_err!("EpLayout: no input"))?;
+            ensure!(dt == u8::datum_type() || dt == f32::datum_type(), "EpLayout: expected u8 or f32, got {dt:?}");
+            let shapes: Vec<TVec<TDim>> = inputs.iter().map(|f| f.shape.to_tvec()).collect();
+            return Ok(tvec!(dt.fact(self.out_shape(&shapes)?)));
+        }
+        let want = self.input_type();
         for i in inputs {
             ensure!(i.datum_type == want, "{}: expected {want:?} inputs, got {:?}", self.op_name(), i.datum_type);
         }
         let shapes: Vec<TVec<TDim>> = inputs.iter().map(|f| f.shape.to_tvec()).collect();
-        Ok(tvec!(u8::fact(self.out_shape(&shapes)?)))
+        Ok(tvec!(self.output_type().fact(self.out_shape(&shapes)?)))
     }
 
     as_op!();
@@ -308,7 +503,11 @@ impl Expansion for EpExpansion {
         if let Some(n) = self.0.arity() {
             check_input_arity(inputs, n)?;
         }
-        s.equals(&outputs[0].datum_type, u8::datum_type())?;
+        if let Kernel::Layout { .. } = &*self.0.0 {
+            s.equals(&outputs[0].datum_type, &inputs[0].datum_type)?;
+        } else {
+            s.equals(&outputs[0].datum_type, self.0.output_type())?;
+        }
         s.equals(&outputs[0].rank, 4)?;
         for i in inputs {
             s.equals(&i.rank, 4)?;

@@ -9,11 +9,15 @@
 //!
 //! The instruction set is chosen at run time ([`Isa::detect`]): AVX-512 VNNI, AVX2 (exact 16-bit products), or
 //! portable Rust. `EDGEPACK_ISA=portable|avx2|avx512vnni` forces a lower one (testing, comparisons).
+pub mod fconv;
+pub mod pool;
 pub mod qconv;
 pub mod qelem;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_f32;
 
 #[cfg(test)]
 mod tests;
@@ -80,25 +84,16 @@ impl Isa {
     }
 }
 
-/// Runs `f(i)` for `i in 0..parts` on the tract executor's thread pool when the plan runs multithreaded, inline
-/// otherwise. `parts` is the number of independent chunks the caller split its work into.
+/// Runs `f(i)` for `i in 0..parts` on the kernels' pool ([`pool`]) when the plan runs multithreaded, inline
+/// otherwise. `parts` is the number of independent chunks the caller split its work into; parts are claimed
+/// dynamically, so splitting into a few more parts than threads balances uneven or descheduled threads.
 pub fn for_each_part(parts: usize, f: impl Fn(usize) + Sync) {
-    if parts <= 1 {
-        if parts == 1 {
-            f(0);
-        }
+    let threads = threads();
+    if parts <= 1 || threads <= 1 {
+        (0..parts).for_each(f);
         return;
     }
-    match tract_linalg::multithread::current_tract_executor() {
-        tract_linalg::multithread::Executor::MultiThread(pool) => pool.scope(|s| {
-            for i in 1..parts {
-                let f = &f;
-                s.spawn(move |_| f(i));
-            }
-            f(0);
-        }),
-        _ => (0..parts).for_each(f),
-    }
+    pool::run(parts, threads, &f);
 }
 
 /// Threads available to a kernel right now (1 outside a multithreaded plan).

@@ -7,8 +7,13 @@
 //!   unpadded convolution reads the activation rows directly (no im2col); others gather rows of 48 output
 //!   pixels into a small buffer. Weights are packed once in blocks of up to 64 output channels, 4 consecutive
 //!   `k` per 32-bit lane (the VNNI `dpbusd` layout).
-//! - **Depthwise** (`group == c_in == c_out`): direct, vectorised over channels, on a zero-point-padded copy.
+//! - **Depthwise** (`group == c_in == c_out`): direct, vectorised over channels. Each output row reads its `kh`
+//!   input rows through pointers: rows inside the image in place (or, with left/right padding, copied once into a
+//!   small ring of zero-point-padded rows), rows in the top/bottom padding from one row of `z_x`. With VNNI, four
+//!   taps are interleaved per 32-bit lane (two byte/word unpacks) so one `vpdpbusd` does 64 channels × 4 taps.
 use super::{Isa, for_each_part, requant};
+
+// The window geometry and im2col are shared with the float convolution (`fconv`).
 
 /// A convolution as the QDQ pass writes it (the graph-level description).
 #[derive(Debug, Clone, PartialEq)]
@@ -44,17 +49,25 @@ pub(crate) struct Block {
 }
 
 enum Plan {
-    Gemm {
-        kp: usize,
-        direct: bool,
-        blocks: Vec<Block>,
-    },
-    /// `w[t][c]` as i32, and the same values as 16-bit lanes (`(w as u16) as i32`) for `pmaddwd`.
-    Depthwise {
-        w: Vec<i32>,
-        w16: Vec<i32>,
-        cpad: usize,
-    },
+    Gemm { kp: usize, direct: bool, blocks: Vec<Block> },
+    Depthwise(DwPlan),
+}
+
+/// Depthwise weights in the layouts of each kernel.
+pub(crate) struct DwPlan {
+    /// `w[t][c]` as i32 (portable), `cpad` = channels rounded up to 16.
+    pub w: Vec<i32>,
+    /// The same values as 16-bit lanes (`(w as u16) as i32`) for `pmaddwd` (AVX2).
+    pub w16: Vec<i32>,
+    pub cpad: usize,
+    /// Per tap, padded with tap 0 to a multiple of 4: (kernel row, byte offset `kx·dilation·c` in the row).
+    pub taps: Vec<(usize, usize)>,
+    /// VNNI layout, `[c/64][taps/4][4 vectors][64 bytes]`: vector `q`, byte `16·L + 4·j + tt` holds tap `4g + tt`
+    /// of channel `64·cb + 16·L + 4·q + j` (what two rounds of unpacks make of four tap loads).
+    pub w4: Vec<i8>,
+    /// Bias (zero point folded) and multiplier in the lane order of `w4`'s accumulators, `[c/64][4][16]`.
+    pub bias4: Vec<i32>,
+    pub m4: Vec<f32>,
 }
 
 pub struct QConv {
@@ -71,7 +84,7 @@ impl std::fmt::Debug for QConv {
         let kind = match &self.plan {
             Plan::Gemm { direct: true, .. } => "gemm",
             Plan::Gemm { direct: false, .. } => "im2col-gemm",
-            Plan::Depthwise { .. } => "depthwise",
+            Plan::Depthwise(_) => "depthwise",
         };
         write!(
             f,
@@ -119,17 +132,7 @@ impl QConv {
             multiplier[o] = s.multiplier[o];
         }
         let plan = if depthwise {
-            let cpad = round_up(s.c_in, 16);
-            let mut w = vec![0i32; taps * cpad];
-            let mut w16 = vec![0i32; taps * cpad];
-            for c in 0..s.c_in {
-                for t in 0..taps {
-                    let v = s.weights[c * taps + t];
-                    w[t * cpad + c] = v as i32;
-                    w16[t * cpad + c] = (v as i16 as u16) as i32;
-                }
-            }
-            Plan::Depthwise { w, w16, cpad }
+            Plan::Depthwise(DwPlan::new(s, &bias, &multiplier))
         } else {
             let k = taps * s.c_in;
             let kp = round_up(k, 4);
@@ -186,7 +189,7 @@ impl QConv {
         }
         match &self.plan {
             Plan::Gemm { kp, direct, blocks } => self.run_gemm(x, [n, h, w], (oh, ow), *kp, *direct, blocks, y),
-            Plan::Depthwise { w: wt, w16, cpad } => self.run_depthwise(x, [n, h, w], (oh, ow), wt, w16, *cpad, y),
+            Plan::Depthwise(p) => self.run_depthwise(x, [n, h, w], (oh, ow), p, y),
         }
         Ok(())
     }
@@ -205,36 +208,43 @@ impl QConv {
         let s = &self.spec;
         let rows = n * oh * ow;
         let tiles = rows.div_ceil(TILE_ROWS);
-        // Enough work per part to pay a thread hand-off (~10 µs).
+        // Enough work per part to pay a hand-off (a few µs), a few parts per thread to balance them. Small images
+        // (the late layers: 7×7 = 49 rows) have fewer row tiles than threads: their channel blocks are split too.
         let macs = rows * kp * s.c_out;
-        let parts = super::threads().min(tiles).min((macs / 200_000).max(1));
-        let per = tiles.div_ceil(parts.max(1));
+        let threads = super::threads();
+        let wanted = (threads * 2).min((macs / 100_000).max(1));
+        let col_parts = if tiles >= wanted { 1 } else { wanted.div_ceil(tiles).min(blocks.len()) };
+        let row_parts = tiles.min(wanted.div_ceil(col_parts));
+        let per = rows.div_ceil(row_parts);
+        let bper = blocks.len().div_ceil(col_parts);
         let y_addr = y.as_mut_ptr() as usize;
         let c_out = s.c_out;
-        for_each_part(parts, |part| {
+        for_each_part(row_parts * col_parts, |part| {
+            let (rp, cp) = (part / col_parts, part % col_parts);
+            let blocks = &blocks[(cp * bper).min(blocks.len())..((cp + 1) * bper).min(blocks.len())];
             let mut buf = if direct { Vec::new() } else { vec![s.z_x; TILE_ROWS * kp] };
             let mut row_ptrs = [std::ptr::null::<u8>(); TILE_ROWS];
             let mut out_ptrs = [std::ptr::null_mut::<u8>(); TILE_ROWS];
-            for t in part * per..((part + 1) * per).min(tiles) {
-                let r0 = t * TILE_ROWS;
-                let nr = (rows - r0).min(TILE_ROWS);
+            let end = ((rp + 1) * per).min(rows);
+            for r0 in (rp * per..end).step_by(TILE_ROWS) {
+                let nr = (end - r0).min(TILE_ROWS);
                 if direct {
                     for i in 0..nr {
                         row_ptrs[i] = x[(r0 + i) * s.c_in..].as_ptr();
                     }
                 } else {
-                    self.im2col(x, [h, w], (oh, ow), kp, r0, nr, &mut buf);
+                    im2col(&self.window(), x, [h, w], (oh, ow), kp, r0, nr, s.z_x, &mut buf);
                     for i in 0..nr {
                         row_ptrs[i] = buf[i * kp..].as_ptr();
                     }
                 }
                 for (i, p) in out_ptrs.iter_mut().enumerate().take(nr) {
-                    // Disjoint rows per part: each output row is written by exactly one tile.
+                    // Each (row tile, channel block) is written by exactly one part.
                     *p = (y_addr + (r0 + i) * c_out) as *mut u8;
                 }
                 for b in blocks {
                     // SAFETY: row pointers address `kp` readable bytes; output rows hold `c_out` bytes each and
-                    // tiles are disjoint across parts.
+                    // (tile, block) pairs are disjoint across parts.
                     unsafe {
                         gemm_block(
                             self.isa,
@@ -252,120 +262,43 @@ impl QConv {
         });
     }
 
-    /// Gathers rows `r0..r0+nr` of the im2col matrix (NHWC, `k = (ky·kw + kx)·c_in + c`), padding with `z_x`.
-    #[allow(clippy::too_many_arguments)]
-    fn im2col(
-        &self,
-        x: &[u8],
-        [h, w]: [usize; 2],
-        (oh, ow): (usize, usize),
-        kp: usize,
-        r0: usize,
-        nr: usize,
-        buf: &mut [u8],
-    ) {
+    fn window(&self) -> Window {
         let s = &self.spec;
-        let [kh, kw] = s.kernel;
-        let c = s.c_in;
-        for i in 0..nr {
-            let r = r0 + i;
-            let (b, rem) = (r / (oh * ow), r % (oh * ow));
-            let (oy, ox) = (rem / ow, rem % ow);
-            let dst = &mut buf[i * kp..(i + 1) * kp];
-            let ix0 = (ox * s.stride[1]) as isize - s.pads[1] as isize;
-            let row_inside = ix0 >= 0 && ix0 as usize + (kw - 1) * s.dilation[1] < w && s.dilation[1] == 1;
-            for ky in 0..kh {
-                let iy = (oy * s.stride[0] + ky * s.dilation[0]) as isize - s.pads[0] as isize;
-                if row_inside && iy >= 0 && (iy as usize) < h {
-                    // The window's row is contiguous in NHWC: one copy of kw·c bytes.
-                    let src = ((b * h + iy as usize) * w + ix0 as usize) * c;
-                    dst[ky * kw * c..(ky + 1) * kw * c].copy_from_slice(&x[src..src + kw * c]);
-                    continue;
-                }
-                for kx in 0..kw {
-                    let ix = (ox * s.stride[1] + kx * s.dilation[1]) as isize - s.pads[1] as isize;
-                    let d = &mut dst[(ky * kw + kx) * c..(ky * kw + kx + 1) * c];
-                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                        d.fill(s.z_x);
-                    } else {
-                        let src = ((b * h + iy as usize) * w + ix as usize) * c;
-                        d.copy_from_slice(&x[src..src + c]);
-                    }
-                }
-            }
-            dst[kh * kw * c..].fill(s.z_x);
-        }
+        Window { c: s.c_in, kernel: s.kernel, stride: s.stride, dilation: s.dilation, pads: s.pads }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn run_depthwise(
-        &self,
-        x: &[u8],
-        [n, h, w]: [usize; 3],
-        (oh, ow): (usize, usize),
-        wt: &[i32],
-        w16: &[i32],
-        cpad: usize,
-        y: &mut [u8],
-    ) {
+    fn run_depthwise(&self, x: &[u8], [n, h, w]: [usize; 3], (oh, ow): (usize, usize), p: &DwPlan, y: &mut [u8]) {
         let s = &self.spec;
         let c = s.c_in;
-        let [pt, pl, pb, pr] = s.pads;
-        let (hp, wp) = (h + pt + pb, w + pl + pr);
-        // Zero-point-padded copy: the inner loops need no bounds checks; the fold in `bias` covers pad taps.
-        let padded: std::borrow::Cow<[u8]> = if s.pads == [0; 4] {
-            std::borrow::Cow::Borrowed(x)
-        } else {
-            let mut p = vec![s.z_x; n * hp * wp * c];
-            for b in 0..n {
-                for iy in 0..h {
-                    let src = ((b * h + iy) * w) * c;
-                    let dst = ((b * hp + iy + pt) * wp + pl) * c;
-                    p[dst..dst + w * c].copy_from_slice(&x[src..src + w * c]);
-                }
-            }
-            std::borrow::Cow::Owned(p)
-        };
-        let xp: &[u8] = &padded;
-        let rows = n * oh;
-        let macs = n * oh * ow * c * s.kernel[0] * s.kernel[1];
-        let parts = super::threads().min(rows).min((macs / 100_000).max(1));
-        let per = rows.div_ceil(parts.max(1));
         let y_addr = y.as_mut_ptr() as usize;
-        for_each_part(parts, |part| {
-            for r in part * per..((part + 1) * per).min(rows) {
-                let (b, oy) = (r / oh, r % oh);
-                // SAFETY: output row `r` (ow·c bytes) is written by this part only; reads stay inside `xp`.
-                let yrow = unsafe { std::slice::from_raw_parts_mut((y_addr + r * ow * c) as *mut u8, ow * c) };
-                let dw = Dw { xp, wp, c, cpad, img: b * hp * wp * c, oy, ow, wt, w16 };
-                self.depthwise_row(&dw, yrow);
-            }
+        self.window().for_each_row(x, [n, h, w], (oh, ow), s.z_x, |rows, r| {
+            // SAFETY: output row `r` (ow·c bytes) is written by one part only.
+            let yrow = unsafe { std::slice::from_raw_parts_mut((y_addr + r * ow * c) as *mut u8, ow * c) };
+            let dw = Dw { rows, taps: &p.taps, step: s.stride[1] * c, c, ow };
+            self.depthwise_row(&dw, p, yrow);
         });
     }
 
-    fn depthwise_row(&self, d: &Dw, yrow: &mut [u8]) {
+    fn depthwise_row(&self, d: &Dw, p: &DwPlan, yrow: &mut [u8]) {
         #[cfg(target_arch = "x86_64")]
         if self.isa >= Isa::Avx2 {
-            // SAFETY: the ISA was detected at construction (or capped below what the CPU has).
-            unsafe { super::x86::depthwise_row(self.isa, &self.spec, d, &self.bias, &self.multiplier, yrow) };
+            // SAFETY: the ISA was detected at construction (or capped below what the CPU has); every row pointer
+            // addresses a full (padded) input row.
+            unsafe { super::x86::depthwise_row(self.isa, &self.spec, d, p, &self.bias, &self.multiplier, yrow) };
             return;
         }
         let s = &self.spec;
-        let [kh, kw] = s.kernel;
+        let taps = s.kernel[0] * s.kernel[1];
         let z = s.z_y as i32;
         let mut acc = vec![0i32; d.c];
         for ox in 0..d.ow {
             acc.copy_from_slice(&self.bias[..d.c]);
-            for ky in 0..kh {
-                for kx in 0..kw {
-                    let t = ky * kw + kx;
-                    let iy = d.oy * s.stride[0] + ky * s.dilation[0];
-                    let ix = ox * s.stride[1] + kx * s.dilation[1];
-                    let src = &d.xp[d.img + (iy * d.wp + ix) * d.c..][..d.c];
-                    let wv = &d.wt[t * d.cpad..][..d.c];
-                    for ((a, &xv), &wv) in acc.iter_mut().zip(src).zip(wv) {
-                        *a += xv as i32 * wv;
-                    }
+            for (t, &(ky, off)) in d.taps[..taps].iter().enumerate() {
+                // SAFETY: `rows[ky]` holds a full padded row; `ox·step + off + c` stays inside it.
+                let src = unsafe { std::slice::from_raw_parts(d.rows[ky].add(ox * d.step + off), d.c) };
+                let wv = &p.w[t * p.cpad..][..d.c];
+                for ((a, &xv), &wv) in acc.iter_mut().zip(src).zip(wv) {
+                    *a += xv as i32 * wv;
                 }
             }
             for (ch, &a) in acc.iter().enumerate() {
@@ -375,19 +308,63 @@ impl QConv {
     }
 }
 
+impl DwPlan {
+    fn new(s: &QConvSpec, bias: &[i32], multiplier: &[f32]) -> DwPlan {
+        let [kh, kw] = s.kernel;
+        let (c, taps) = (s.c_in, kh * kw);
+        let cpad = round_up(c, 16);
+        let mut w = vec![0i32; taps * cpad];
+        let mut w16 = vec![0i32; taps * cpad];
+        for ch in 0..c {
+            for t in 0..taps {
+                let v = s.weights[ch * taps + t];
+                w[t * cpad + ch] = v as i32;
+                w16[t * cpad + ch] = (v as i16 as u16) as i32;
+            }
+        }
+        let mut tap_list: Vec<(usize, usize)> = (0..taps).map(|t| (t / kw, (t % kw) * s.dilation[1] * c)).collect();
+        tap_list.resize(round_up(taps, 4), tap_list[0]);
+        let groups = tap_list.len() / 4;
+        let blocks = c.div_ceil(64);
+        let mut w4 = vec![0i8; blocks * groups * 256];
+        let mut bias4 = vec![0i32; blocks * 64];
+        let mut m4 = vec![0f32; blocks * 64];
+        for cb in 0..blocks {
+            for q in 0..4 {
+                for l in 0..4 {
+                    for j in 0..4 {
+                        let ch = 64 * cb + 16 * l + 4 * q + j;
+                        if ch >= c {
+                            continue;
+                        }
+                        bias4[(cb * 4 + q) * 16 + 4 * l + j] = bias[ch];
+                        m4[(cb * 4 + q) * 16 + 4 * l + j] = multiplier[ch];
+                        for g in 0..groups {
+                            for tt in 0..4 {
+                                if 4 * g + tt < taps {
+                                    w4[((cb * groups + g) * 4 + q) * 64 + 16 * l + 4 * j + tt] =
+                                        s.weights[ch * taps + 4 * g + tt];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        DwPlan { w, w16, cpad, taps: tap_list, w4, bias4, m4 }
+    }
+}
+
 /// One output row of a depthwise convolution: what the kernels read.
 pub(crate) struct Dw<'a> {
-    /// Padded input (all images), `[n, hp, wp, c]`.
-    pub xp: &'a [u8],
-    pub wp: usize,
+    /// Per kernel row, the input row it reads (zero-point padded left and right): `(w + pl + pr)·c` bytes.
+    pub rows: &'a [*const u8],
+    /// See [`DwPlan::taps`]; tap `t` of output pixel `ox` starts at `rows[ky] + ox·step + off`.
+    pub taps: &'a [(usize, usize)],
+    /// `stride_w · c`.
+    pub step: usize,
     pub c: usize,
-    pub cpad: usize,
-    /// Offset of this image in `xp`.
-    pub img: usize,
-    pub oy: usize,
     pub ow: usize,
-    pub wt: &'a [i32],
-    pub w16: &'a [i32],
 }
 
 /// `out[r][b.c0..b.c0+b.valid] = requant(bias + Σ_k rows[r][k]·w[k])` for every row.
@@ -429,5 +406,132 @@ unsafe fn gemm_block(
         for (j, v) in o.iter_mut().enumerate() {
             *v = requant(acc[j], m[b.c0 + j], z);
         }
+    }
+}
+
+/// Geometry of a convolution window over an NHWC tensor (the integer and the float kernels share it).
+pub(crate) struct Window {
+    pub c: usize,
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub dilation: [usize; 2],
+    /// top, left, bottom, right
+    pub pads: [usize; 4],
+}
+
+impl Window {
+    /// Calls `f(rows, r)` for every output row `r` in `0..n·oh`, split across the kernel pool. `rows[ky]` is the
+    /// input row kernel row `ky` reads, padded with `pad` on the left and right: `(w + pl + pr)·c` elements.
+    /// Rows inside the image are read in place when there is no left/right padding, otherwise copied once into a
+    /// ring of padded rows (distinct rows one output row reads lie within `span` consecutive rows, so `span`
+    /// slots indexed by row modulo `span` hold them all); rows in the top/bottom padding read one row of `pad`.
+    pub fn for_each_row<T: Copy + Send + Sync>(
+        &self,
+        x: &[T],
+        [n, h, w]: [usize; 3],
+        (oh, ow): (usize, usize),
+        pad: T,
+        f: impl Fn(&[*const T], usize) + Sync,
+    ) {
+        let (c, kh) = (self.c, self.kernel[0]);
+        let [pt, pl, _, pr] = self.pads;
+        let row_len = (w + pl + pr) * c;
+        let padded_lr = pl + pr > 0;
+        let span = (kh - 1) * self.dilation[0] + 1;
+        let rows = n * oh;
+        let macs = rows * ow * c * kh * self.kernel[1];
+        // Enough work per part to pay a hand-off; a few parts per thread balance uneven threads.
+        let parts = (super::threads() * 2).min(rows).min((macs / 50_000).max(1));
+        let per = rows.div_ceil(parts.max(1));
+        for_each_part(parts, |part| {
+            let zrow = vec![pad; row_len];
+            let mut ring = if padded_lr { vec![pad; span * row_len] } else { Vec::new() };
+            let mut ring_row = vec![usize::MAX; span];
+            let mut row_ptrs = vec![std::ptr::null::<T>(); kh];
+            for r in part * per..((part + 1) * per).min(rows) {
+                let (b, oy) = (r / oh, r % oh);
+                for (ky, rp) in row_ptrs.iter_mut().enumerate() {
+                    let iy = (oy * self.stride[0] + ky * self.dilation[0]) as isize - pt as isize;
+                    *rp = if iy < 0 || iy >= h as isize {
+                        zrow.as_ptr()
+                    } else {
+                        let src = &x[(b * h + iy as usize) * w * c..][..w * c];
+                        if padded_lr {
+                            let key = b * h + iy as usize;
+                            let slot = key % span;
+                            let dst = &mut ring[slot * row_len..(slot + 1) * row_len];
+                            if ring_row[slot] != key {
+                                // The pad columns keep the value they were created with.
+                                dst[pl * c..(pl + w) * c].copy_from_slice(src);
+                                ring_row[slot] = key;
+                            }
+                            dst.as_ptr()
+                        } else {
+                            src.as_ptr()
+                        }
+                    };
+                }
+                f(&row_ptrs, r);
+            }
+        });
+    }
+}
+
+/// Gathers rows `r0..r0+nr` of the im2col matrix of `x` (NHWC, `k = (ky·kw + kx)·c + ci`, rows `kp ≥ kh·kw·c`
+/// long), padding with `pad`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn im2col<T: Copy>(
+    g: &Window,
+    x: &[T],
+    [h, w]: [usize; 2],
+    (oh, ow): (usize, usize),
+    kp: usize,
+    r0: usize,
+    nr: usize,
+    pad: T,
+    buf: &mut [T],
+) {
+    let [kh, kw] = g.kernel;
+    let c = g.c;
+    for i in 0..nr {
+        let r = r0 + i;
+        let (b, rem) = (r / (oh * ow), r % (oh * ow));
+        let (oy, ox) = (rem / ow, rem % ow);
+        let dst = &mut buf[i * kp..(i + 1) * kp];
+        let ix0 = (ox * g.stride[1]) as isize - g.pads[1] as isize;
+        let row_inside = ix0 >= 0 && ix0 as usize + (kw - 1) * g.dilation[1] < w && g.dilation[1] == 1;
+        for ky in 0..kh {
+            let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.pads[0] as isize;
+            if row_inside && iy >= 0 && (iy as usize) < h {
+                // The window's row is contiguous in NHWC: one copy of kw·c elements.
+                let src = ((b * h + iy as usize) * w + ix0 as usize) * c;
+                copy_short(&mut dst[ky * kw * c..(ky + 1) * kw * c], &x[src..src + kw * c]);
+                continue;
+            }
+            for kx in 0..kw {
+                let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.pads[1] as isize;
+                let d = &mut dst[(ky * kw + kx) * c..(ky * kw + kx + 1) * c];
+                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                    d.fill(pad);
+                } else {
+                    let src = ((b * h + iy as usize) * w + ix as usize) * c;
+                    copy_short(d, &x[src..src + c]);
+                }
+            }
+        }
+        dst[kh * kw * c..].fill(pad);
+    }
+}
+
+/// `dst.copy_from_slice(src)` without a `memcpy` call for the short runs of thin inputs (an RGB stem copies
+/// 3-9 values at a time).
+#[inline(always)]
+fn copy_short<T: Copy>(dst: &mut [T], src: &[T]) {
+    if src.len() <= 16 {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s;
+        }
+    } else {
+        dst.copy_from_slice(src);
     }
 }

@@ -100,14 +100,42 @@ impl Pool2d {
 
 /// Max pooling on raw uint8 values, then `table` (the requantization to the output's parameters; monotonic, so
 /// it commutes with the max). Window cells outside the input are skipped.
-pub fn maxpool(x: &[u8], [n, h, w, c]: [usize; 4], g: Pool2d, table: &[u8; 256], out: &mut [u8]) -> Option<()> {
+pub fn maxpool(x: &[u8], dims: [usize; 4], g: Pool2d, table: &[u8; 256], out: &mut [u8]) -> Option<()> {
+    maxpool_with(x, dims, g, 0, u8::max, |a| table[a as usize], out)
+}
+
+/// Float max pooling on NHWC (window cells outside the input are skipped, as in onnxruntime).
+pub fn maxpool_f32(x: &[f32], dims: [usize; 4], g: Pool2d, out: &mut [f32]) -> Option<()> {
+    // `v > a` keeps the first NaN out of the max and compiles to `maxps` (f32::max's NaN handling does not).
+    maxpool_with(x, dims, g, f32::NEG_INFINITY, |a, v| if v > a { v } else { a }, |a| a, out)
+}
+
+fn maxpool_with<T: Copy + Send + Sync>(
+    x: &[T],
+    [n, h, w, c]: [usize; 4],
+    g: Pool2d,
+    lowest: T,
+    max: impl Fn(T, T) -> T + Sync,
+    finish: impl Fn(T) -> T + Sync,
+    out: &mut [T],
+) -> Option<()> {
     let (oh, ow) = g.output_hw(h, w)?;
-    let mut acc = vec![0u8; c];
-    for b in 0..n {
-        for oy in 0..oh {
+    // Every window must hold an input cell (the lowering checks pads < kernel, so this holds there).
+    let covered = |o: usize, len: usize, k: usize, s: usize, p: usize| (0..o).all(|i| i * s + k > p && i * s < len + p);
+    if !covered(oh, h, g.kernel[0], g.stride[0], g.pads[0]) || !covered(ow, w, g.kernel[1], g.stride[1], g.pads[1]) {
+        return None;
+    }
+    let rows = n * oh;
+    let work = rows * ow * c * g.kernel[0] * g.kernel[1];
+    let parts = (super::threads() * 2).min(rows).min((work / 100_000).max(1));
+    let per = rows.div_ceil(parts);
+    let out_addr = out.as_mut_ptr() as usize;
+    super::for_each_part(parts, |part| {
+        let mut acc = vec![lowest; c];
+        for r in part * per..((part + 1) * per).min(rows) {
+            let (b, oy) = (r / oh, r % oh);
             for ox in 0..ow {
-                acc.fill(0);
-                let mut any = false;
+                acc.fill(lowest);
                 for ky in 0..g.kernel[0] {
                     let iy = (oy * g.stride[0] + ky) as isize - g.pads[0] as isize;
                     if iy < 0 || iy >= h as isize {
@@ -118,24 +146,40 @@ pub fn maxpool(x: &[u8], [n, h, w, c]: [usize; 4], g: Pool2d, table: &[u8; 256],
                         if ix < 0 || ix >= w as isize {
                             continue;
                         }
-                        any = true;
                         let src = &x[((b * h + iy as usize) * w + ix as usize) * c..][..c];
                         for (a, &v) in acc.iter_mut().zip(src) {
-                            *a = (*a).max(v);
+                            *a = max(*a, v);
                         }
                     }
                 }
-                if !any {
-                    return None;
-                }
-                let dst = &mut out[((b * oh + oy) * ow + ox) * c..][..c];
+                // SAFETY: output pixel (r, ox) is written by this part only.
+                let dst = unsafe { std::slice::from_raw_parts_mut((out_addr as *mut T).add((r * ow + ox) * c), c) };
                 for (d, &a) in dst.iter_mut().zip(&acc) {
-                    *d = table[a as usize];
+                    *d = finish(a);
                 }
             }
         }
-    }
+    });
     Some(())
+}
+
+/// Float concatenation along the channel axis (last in NHWC): `inputs` are (values, channels).
+pub fn concat_channels_f32(inputs: &[(&[f32], usize)], pixels: usize, out: &mut [f32]) {
+    let c_out: usize = inputs.iter().map(|i| i.1).sum();
+    let parts = (super::threads() * 2).min((pixels * c_out / 32_768).max(1));
+    let per = pixels.div_ceil(parts);
+    let out_addr = out.as_mut_ptr() as usize;
+    super::for_each_part(parts, |part| {
+        let mut off = 0;
+        for &(x, c) in inputs {
+            for p in part * per..((part + 1) * per).min(pixels) {
+                // SAFETY: pixel `p` of the output is written by this part only.
+                let dst = unsafe { std::slice::from_raw_parts_mut((out_addr as *mut f32).add(p * c_out + off), c) };
+                dst.copy_from_slice(&x[p * c..(p + 1) * c]);
+            }
+            off += c;
+        }
+    });
 }
 
 /// Concatenation along the channel axis (last in NHWC), each input through its requantization table.
@@ -152,4 +196,34 @@ pub fn concat_channels(inputs: &[(&[u8], usize, &[u8; 256])], pixels: usize, out
         }
         off += c;
     }
+}
+
+/// `y = xᵀ` for each of `n` row-major `[rows, cols]` matrices (NCHW ↔ NHWC is this with `[c, h·w]` or
+/// `[h·w, c]`), in tiles of 16 rows × 256 columns (reads and writes stay in cache), split across the pool for
+/// large tensors.
+pub fn transpose<T: Copy + Send + Sync>(x: &[T], n: usize, rows: usize, cols: usize, y: &mut [T]) {
+    const BR: usize = 16;
+    const BC: usize = 256;
+    assert!(x.len() >= n * rows * cols && y.len() >= n * rows * cols, "transpose: buffers too small");
+    let (rb, cb) = (rows.div_ceil(BR), cols.div_ceil(BC));
+    let items = n * rb * cb;
+    let parts = (super::threads() * 2).min(items).min((n * rows * cols / 32_768).max(1));
+    let per = items.div_ceil(parts.max(1));
+    let (x_addr, y_addr) = (x.as_ptr() as usize, y.as_mut_ptr() as usize);
+    super::for_each_part(parts, |part| {
+        for item in part * per..((part + 1) * per).min(items) {
+            let (b, t) = (item / (rb * cb), item % (rb * cb));
+            let (i0, j0) = ((t / cb) * BR, (t % cb) * BC);
+            let (i1, j1) = ((i0 + BR).min(rows), (j0 + BC).min(cols));
+            let xm = (x_addr as *const T).wrapping_add(b * rows * cols);
+            let ym = (y_addr as *mut T).wrapping_add(b * rows * cols);
+            for j in j0..j1 {
+                for i in i0..i1 {
+                    // SAFETY: i < rows, j < cols (checked above against the buffer sizes); each (i, j) tile is
+                    // written by one part only.
+                    unsafe { *ym.add(j * rows + i) = *xm.add(i * cols + j) };
+                }
+            }
+        }
+    });
 }

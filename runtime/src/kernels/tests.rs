@@ -2,7 +2,7 @@
 //! groups, strides, dilations, pads, zero points and scales.
 use super::reference::{self, Conv2d};
 use crate::onnx::builder::*;
-use crate::onnx::{Dim, Model, node};
+use crate::onnx::{Dim, Model, NodeExt, node};
 use crate::{DType, Session, SessionOptions, Tensor};
 
 /// xorshift64*: deterministic, no dependency.
@@ -240,13 +240,13 @@ fn random_conv(r: &mut Rng, kind: usize, big: bool) -> Option<(QConvSpec, Conv2d
         }
         // depthwise
         _ => {
-            c_in = pick(r, &[1, 3, 8, 16, 17, 32, 40, 64, 72, 96, 130]);
+            c_in = pick(r, &[1, 3, 8, 16, 17, 32, 40, 64, 72, 96, 130, 144, 240]);
             c_out = c_in;
             group = c_in;
             let k = pick(r, &[3, 5]);
             kernel = [k, pick(r, &[k, 1])];
             stride = [r.range(1, 2) as usize, r.range(1, 2) as usize];
-            dilation = [r.range(1, 2) as usize, 1];
+            dilation = [r.range(1, 2) as usize, r.range(1, 2) as usize];
             pads = [r.range(0, 2) as usize, r.range(0, 2) as usize, r.range(0, 2) as usize, r.range(0, 2) as usize];
         }
     }
@@ -296,7 +296,7 @@ fn qconv_kernels_equal_the_scalar_reference_for_every_isa() {
     for &isa in &isas {
         let mut r = Rng(0x5eed_0000 + isa as u64);
         let mut checked = [0usize; 3];
-        for case in 0..150 {
+        for case in 0..240 {
             let kind = case % 3;
             let Some((spec, g, shape)) = random_conv(&mut r, kind, false) else { continue };
             let x: Vec<u8> = (0..shape.iter().product()).map(|_| r.range(0, 255) as u8).collect();
@@ -500,5 +500,149 @@ fn kernel_timing() {
             line += &format!("  {} {:.3} ms ({:.1} MAC/ns)", isa.name(), times[7], macs / times[7] / 1e6);
         }
         eprintln!("{line}");
+    }
+}
+
+// ---- fp32 convolution (fconv) against a float64 direct loop, for every ISA, 1 and 2 threads ----
+
+use super::fconv::{FConv, FConvSpec};
+
+/// Direct NHWC convolution in f64: (values, Σ|x·w| per output for the tolerance).
+fn fconv_reference(s: &FConvSpec, x: &[f32], [n, h, w]: [usize; 3]) -> (Vec<f64>, Vec<f64>) {
+    let g = Conv2d { group: s.group, kernel: s.kernel, stride: s.stride, dilation: s.dilation, pads: s.pads };
+    let (oh, ow) = g.output_hw(h, w).unwrap();
+    let cin_g = s.c_in / s.group;
+    let cout_g = s.c_out / s.group;
+    let [kh, kw] = s.kernel;
+    let (mut y, mut mag) = (vec![0f64; n * oh * ow * s.c_out], vec![0f64; n * oh * ow * s.c_out]);
+    for b in 0..n {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for o in 0..s.c_out {
+                    let (mut acc, mut m) = (s.bias.as_ref().map_or(0.0, |v| v[o] as f64), 0.0);
+                    for ci in 0..cin_g {
+                        let c = (o / cout_g) * cin_g + ci;
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let iy = (oy * s.stride[0] + ky * s.dilation[0]) as isize - s.pads[0] as isize;
+                                let ix = (ox * s.stride[1] + kx * s.dilation[1]) as isize - s.pads[1] as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                    continue;
+                                }
+                                let xv = x[((b * h + iy as usize) * w + ix as usize) * s.c_in + c] as f64;
+                                let wv = s.weights[((o * cin_g + ci) * kh + ky) * kw + kx] as f64;
+                                acc += xv * wv;
+                                m += (xv * wv).abs();
+                            }
+                        }
+                    }
+                    let i = ((b * oh + oy) * ow + ox) * s.c_out + o;
+                    y[i] = acc.clamp(s.clamp[0] as f64, s.clamp[1] as f64);
+                    mag[i] = m;
+                }
+            }
+        }
+    }
+    (y, mag)
+}
+
+fn check_fconv(r: &mut Rng, kind: usize, big: bool, isa: Isa, what: &str) -> bool {
+    let Some((q, _, [n, _, h, w])) = random_conv(r, kind, big) else { return false };
+    let clamp = [[f32::NEG_INFINITY, f32::INFINITY], [0.0, f32::INFINITY], [0.0, 6.0]][r.range(0, 2) as usize];
+    let spec = FConvSpec {
+        c_in: q.c_in,
+        c_out: q.c_out,
+        group: q.group,
+        kernel: q.kernel,
+        stride: q.stride,
+        dilation: q.dilation,
+        pads: q.pads,
+        weights: q.weights.iter().map(|&v| v as f32 / 64.0).collect(),
+        bias: (r.range(0, 1) == 1).then(|| (0..q.c_out).map(|_| r.unit() * 4.0 - 2.0).collect()),
+        clamp,
+    };
+    let x: Vec<f32> = (0..n * h * w * spec.c_in).map(|_| r.unit() * 2.0 - 1.0).collect();
+    let (want, mag) = fconv_reference(&spec, &x, [n, h, w]);
+    let conv = FConv::new(spec, isa).unwrap();
+    let mut got = vec![f32::NAN; want.len()];
+    conv.run(&x, n, h, w, &mut got).unwrap();
+    for (i, ((&g, &e), &m)) in got.iter().zip(&want).zip(&mag).enumerate() {
+        assert!((g as f64 - e).abs() <= 1e-5 * (1.0 + m), "{what}: {conv:?} element {i}: {g} vs {e}");
+    }
+    true
+}
+
+#[test]
+fn fconv_kernels_equal_a_direct_loop_for_every_isa_and_thread_split() {
+    let pool = tract_linalg::multithread::Executor::multithread(2);
+    for &isa in &Isa::available() {
+        let mut r = Rng(0xf1_0000 + isa as u64);
+        let mut checked = [0usize; 3];
+        for case in 0..180 {
+            checked[case % 3] += check_fconv(&mut r, case % 3, false, isa, &format!("{isa:?} case {case}")) as usize;
+        }
+        assert!(checked.iter().all(|&c| c >= 20), "{isa:?}: too few valid cases {checked:?}");
+        for case in 0..9 {
+            tract_linalg::multithread::multithread_tract_scope(pool.clone(), || {
+                check_fconv(&mut r, case % 3, true, isa, &format!("{isa:?} threaded case {case}"))
+            });
+        }
+    }
+}
+
+/// A float CNN with every pattern of `onnx::f32_kernels` (Conv+Clip, depthwise Conv+Relu, residual Add, MaxPool,
+/// Dropout, Concat, GlobalAveragePool) runs on the kernels and matches the graph as written (tract's ops, reached
+/// through the fallback by asking for a value the kernels fuse away).
+#[test]
+fn lowered_f32_graph_equals_the_graph_as_written() {
+    let mut r = Rng(0x00f3_2f32);
+    let mut w = |name: &str, dims: &[i64]| {
+        let n: i64 = dims.iter().product();
+        tensor_f32(name, dims, &(0..n).map(|_| r.unit() - 0.5).collect::<Vec<_>>())
+    };
+    let inits = vec![
+        w("w1", &[8, 3, 3, 3]),
+        w("b1", &[8]),
+        w("wd", &[8, 1, 3, 3]),
+        w("w2", &[8, 8, 1, 1]),
+        w("w3", &[6, 8, 3, 3]),
+        tensor_f32("lo", &[], &[0.0]),
+        tensor_f32("hi", &[], &[6.0]),
+    ];
+    let nodes = vec![
+        node("Conv", "c1", &["x", "w1", "b1"], &["a1"], vec![attr_ints("pads", &[1, 1, 1, 1])]),
+        node("Clip", "clip1", &["a1", "lo", "hi"], &["a2"], vec![]),
+        node("Conv", "dw", &["a2", "wd"], &["d1"], vec![attr_int("group", 8), attr_ints("pads", &[1, 0, 1, 2])]),
+        node("Relu", "relu", &["d1"], &["d2"], vec![]),
+        node("Conv", "pw", &["d2", "w2"], &["p1"], vec![attr_ints("strides", &[1, 1])]),
+        node("Add", "res", &["p1", "a2"], &["s"], vec![]),
+        node("MaxPool", "mp", &["s"], &["m"], vec![attr_ints("kernel_shape", &[3, 3]), attr_ints("strides", &[2, 2])]),
+        node("Dropout", "drop", &["m"], &["m2"], vec![]),
+        node("Conv", "c3", &["m2", "w3"], &["e"], vec![attr_ints("pads", &[1, 1, 1, 1])]),
+        node("Concat", "cat", &["m2", "e"], &["cat"], vec![attr_int("axis", 1)]),
+        node("GlobalAveragePool", "gap", &["cat"], &["y"], vec![]),
+    ];
+    let m = model(
+        nodes,
+        vec![value_info("x", 1, &[Dim::Fixed(2), Dim::Fixed(3), Dim::Fixed(13), Dim::Fixed(11)])],
+        vec![value_info("y", 1, &[Dim::Fixed(2), Dim::Fixed(14), Dim::Fixed(1), Dim::Fixed(1)])],
+        inits,
+    );
+    let mut lowered = m.clone();
+    assert_eq!(lowered.lower_f32_kernels(), 8, "every pattern becomes a kernel");
+    let ops: Vec<&str> = lowered.graph.nodes.iter().map(|n| n.op()).collect();
+    assert!(!ops.contains(&"Conv") && !ops.contains(&"Dropout"), "{ops:?}");
+    let x: Vec<f32> = (0..2 * 3 * 13 * 11).map(|_| r.unit() * 2.0 - 1.0).collect();
+    for threads in [1, 2] {
+        let s = Session::from_model(&m, &SessionOptions { threads, ..Default::default() }).unwrap();
+        let input = || vec![("x".to_string(), Tensor::from_f32(vec![2, 3, 13, 11], x.clone()).unwrap())];
+        let fast = s.run(input()).unwrap();
+        // "a1" (the Conv output before its fused Clip) exists only in the graph as written.
+        let slow = s.run_values(input(), &["y", "a1"]).unwrap();
+        let (f, w) = (fast[0].1.to_f32_vec(), slow[0].1.to_f32_vec());
+        assert_eq!(f.len(), 28);
+        for (a, b) in f.iter().zip(&w) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "threads {threads}: {f:?} vs {w:?}");
+        }
     }
 }

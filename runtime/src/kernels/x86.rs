@@ -4,7 +4,7 @@
 use std::arch::x86_64::*;
 
 use super::Isa;
-use super::qconv::{Block, Dw, QConvSpec};
+use super::qconv::{Block, Dw, DwPlan, QConvSpec};
 
 /// # Safety
 /// See `qconv::gemm_block`; `isa` must be supported by the CPU.
@@ -46,7 +46,7 @@ unsafe fn tiles_vnni<const MR: usize, const NV: usize>(
 ) {
     let mut r0 = 0;
     while r0 < rows.len() {
-        let (rp, nr) = row_tile::<MR>(rows, r0);
+        let (rp, nr) = row_tile::<MR, u8>(rows, r0);
         unsafe { tile_vnni::<MR, NV>(&rp, &outs[r0..r0 + nr], kp, b, bias, m, z_y) };
         r0 += nr;
     }
@@ -121,7 +121,7 @@ fn round_to_u8_16(f: __m512, z: __m512i) -> __m128i {
 /// Row pointers `rows[r0..r0 + nr]` of one register tile, the missing rows repeating the first (computed, never
 /// stored), and `nr`.
 #[inline]
-fn row_tile<const MR: usize>(rows: &[*const u8], r0: usize) -> ([*const u8; MR], usize) {
+pub(super) fn row_tile<const MR: usize, T>(rows: &[*const T], r0: usize) -> ([*const T; MR], usize) {
     let nr = (rows.len() - r0).min(MR);
     let mut rp = [rows[r0]; MR];
     rp[..nr].copy_from_slice(&rows[r0..r0 + nr]);
@@ -154,7 +154,7 @@ unsafe fn tiles_avx2(rows: &[*const u8], outs: &[*mut u8], kp: usize, b: &Block,
         let zv = _mm256_set1_epi32(z_y as i32);
         let mut r0 = 0;
         while r0 < rows.len() {
-            let (rp, nr) = row_tile::<MR>(rows, r0);
+            let (rp, nr) = row_tile::<MR, u8>(rows, r0);
             // 8 output channels per ymm: each 32-bit lane holds 4 consecutive k of one channel.
             for j8 in 0..b.width / 8 {
                 let mut acc = [_mm256_setzero_si256(); MR];
@@ -194,106 +194,135 @@ unsafe fn tiles_avx2(rows: &[*const u8], outs: &[*mut u8], kp: usize, b: &Block,
 /// One output row of a depthwise convolution.
 ///
 /// # Safety
-/// `isa` must be supported by the CPU; `d` describes a valid padded input (see `QConv::run_depthwise`).
-pub(crate) unsafe fn depthwise_row(isa: Isa, s: &QConvSpec, d: &Dw, bias: &[i32], m: &[f32], yrow: &mut [u8]) {
+/// `isa` must be supported by the CPU; `d` describes valid padded input rows (see `QConv::run_depthwise`).
+pub(crate) unsafe fn depthwise_row(
+    isa: Isa,
+    s: &QConvSpec,
+    d: &Dw,
+    p: &DwPlan,
+    bias: &[i32],
+    m: &[f32],
+    yrow: &mut [u8],
+) {
     unsafe {
         if isa >= Isa::Avx512Vnni {
-            depthwise_row_512(s, d, bias, m, yrow)
+            depthwise_row_vnni(s.z_y, d, p, yrow)
         } else {
-            depthwise_row_avx2(s, d, bias, m, yrow)
+            depthwise_row_avx2(s, d, p, bias, m, yrow)
         }
     }
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn depthwise_row_512(s: &QConvSpec, d: &Dw, bias: &[i32], m: &[f32], yrow: &mut [u8]) {
-    let mut c0 = 0;
-    while c0 < d.c {
-        let left = d.c - c0;
-        unsafe {
-            // Full blocks of 64 channels, then one block of 1-4 vectors for the rest (masked at its end).
-            match left.min(64).div_ceil(16) {
-                4 => dw_block_512::<4>(s, d, bias, m, yrow, c0),
-                3 => dw_block_512::<3>(s, d, bias, m, yrow, c0),
-                2 => dw_block_512::<2>(s, d, bias, m, yrow, c0),
-                _ => dw_block_512::<1>(s, d, bias, m, yrow, c0),
-            }
-            c0 += 64;
-        }
-    }
-}
-
-/// Channels `c0..c0+16·NV` (the last vector masked to `d.c`) of one output row, two output pixels at a time
-/// (each weight load serves both). Each tap: widen 16 bytes to 32-bit lanes, `pmaddwd` with the weight in the
-/// low 16 bits (the high halves are 0), add.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn dw_block_512<const NV: usize>(s: &QConvSpec, d: &Dw, bias: &[i32], m: &[f32], yrow: &mut [u8], c0: usize) {
-    let [kh, kw] = s.kernel;
-    let zv = _mm512_set1_epi32(s.z_y as i32);
-    let masks: [u16; NV] = std::array::from_fn(|j| {
-        let left = d.c.saturating_sub(c0 + 16 * j).min(16);
-        if left == 16 { u16::MAX } else { (1u16 << left) - 1 }
-    });
-    let step = s.stride[1] * d.c;
+/// Blocks of 64 channels (zmm), the last block 32 or fewer wide on ymm, two output pixels at a time.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn depthwise_row_vnni(z_y: u8, d: &Dw, p: &DwPlan, yrow: &mut [u8]) {
     unsafe {
-        let bv: [__m512i; NV] = std::array::from_fn(|j| _mm512_loadu_si512(bias.as_ptr().add(c0 + 16 * j) as *const _));
-        let mv: [__m512; NV] = std::array::from_fn(|j| _mm512_loadu_ps(m.as_ptr().add(c0 + 16 * j)));
-        let xb = d.xp.as_ptr().add(d.img);
-        let load =
-            |p: *const u8, j: usize| _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(masks[j], p.add(16 * j) as *const _));
-        let mut ox = 0;
-        while ox < d.ow {
-            let pair = ox + 1 < d.ow;
-            let mut acc0 = bv;
-            let mut acc1 = bv;
-            for ky in 0..kh {
-                let iy = d.oy * s.stride[0] + ky * s.dilation[0];
-                for kx in 0..kw {
-                    let ix = ox * s.stride[1] + kx * s.dilation[1];
-                    let src = xb.add((iy * d.wp + ix) * d.c + c0);
-                    let wrow = d.w16.as_ptr().add((ky * kw + kx) * d.cpad + c0);
-                    for j in 0..NV {
-                        let wv = _mm512_loadu_si512(wrow.add(16 * j) as *const _);
-                        acc0[j] = _mm512_add_epi32(acc0[j], _mm512_madd_epi16(load(src, j), wv));
+        for cb in 0..d.c.div_ceil(64) {
+            if d.c - 64 * cb > 32 { dw_vnni_512(z_y, d, p, cb, yrow) } else { dw_vnni_256(z_y, d, p, cb, yrow) }
+        }
+    }
+}
+
+// One channel block of a depthwise row, two output pixels at a time (each weight load serves both). Per group of
+// four taps: four loads, `unpack{lo,hi}_epi8` then `unpack{lo,hi}_epi16` put the four taps of a channel in one
+// 32-bit lane, four `vpdpbusd` accumulate. Accumulator `q`, 128-bit lane `L`, dword `j` holds channel
+// `16·L + 4·q + j` (`DwPlan::w4`, `bias4`, `m4` follow that order); the output stage requantizes, and the
+// saturating packs (i32→i16 of q = 0,1 and 2,3, then i16→u8) restore channel order in every 128-bit lane.
+// Exact: requantized values lie in [-1024 + z, 1024 + z] before the final unsigned saturation to 0..255.
+macro_rules! dw_vnni_block {
+    ($name:ident, $bytes:expr, $mask:ty, $vi:ty, $vf:ty, { $($alias:ident = $f:ident),* $(,)? }) => {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+        unsafe fn $name(z_y: u8, d: &Dw, p: &DwPlan, cb: usize, yrow: &mut [u8]) {
+            $(use std::arch::x86_64::$f as $alias;)*
+            let groups = p.taps.len() / 4;
+            let c0 = 64 * cb;
+            let left = (d.c - c0).min($bytes);
+            let mask: $mask = if left == $bytes { <$mask>::MAX } else { (1 << left) - 1 };
+            let (lo, hi, z) = (set1_ps(-1024.0), set1_ps(1024.0), set1_epi16(z_y as i16));
+            unsafe {
+                let bv: [$vi; 4] = std::array::from_fn(|q| loadu_si(p.bias4.as_ptr().add(c0 + 16 * q) as *const _));
+                let mv: [$vf; 4] = std::array::from_fn(|q| loadu_ps(p.m4.as_ptr().add(c0 + 16 * q)));
+                let wb = p.w4.as_ptr().add(cb * groups * 256);
+                let dp4 = |acc: &mut [$vi; 4], x: [$vi; 4], w: &[$vi; 4]| {
+                    let a = unpacklo_epi8(x[0], x[1]);
+                    let b = unpackhi_epi8(x[0], x[1]);
+                    let c = unpacklo_epi8(x[2], x[3]);
+                    let d = unpackhi_epi8(x[2], x[3]);
+                    acc[0] = dpbusd(acc[0], unpacklo_epi16(a, c), w[0]);
+                    acc[1] = dpbusd(acc[1], unpackhi_epi16(a, c), w[1]);
+                    acc[2] = dpbusd(acc[2], unpacklo_epi16(b, d), w[2]);
+                    acc[3] = dpbusd(acc[3], unpackhi_epi16(b, d), w[3]);
+                };
+                let store = |acc: [$vi; 4], dst: *mut u8| {
+                    let i: [$vi; 4] = std::array::from_fn(|q| cvtps_epi32(min_ps(max_ps(mul_ps(cvtepi32_ps(acc[q]), mv[q]), lo), hi)));
+                    let v = packus_epi16(adds_epi16(packs_epi32(i[0], i[1]), z), adds_epi16(packs_epi32(i[2], i[3]), z));
+                    mask_storeu_epi8(dst as *mut _, mask, v);
+                };
+                let mut ox = 0;
+                while ox < d.ow {
+                    let pair = ox + 1 < d.ow;
+                    let (o0, o1) = (ox * d.step + c0, (ox + 1) * d.step + c0);
+                    let mut a0 = bv;
+                    let mut a1 = bv;
+                    for g in 0..groups {
+                        let wv: [$vi; 4] = std::array::from_fn(|q| loadu_si(wb.add((g * 4 + q) * 64) as *const _));
+                        let t = &p.taps[4 * g..4 * g + 4];
+                        let base: [*const u8; 4] = std::array::from_fn(|i| d.rows[t[i].0].add(t[i].1));
+                        let load = |o: usize| -> [$vi; 4] {
+                            std::array::from_fn(|i| maskz_loadu_epi8(mask, base[i].add(o) as *const _))
+                        };
+                        dp4(&mut a0, load(o0), &wv);
                         if pair {
-                            acc1[j] = _mm512_add_epi32(acc1[j], _mm512_madd_epi16(load(src.add(step), j), wv));
+                            dp4(&mut a1, load(o1), &wv);
                         }
                     }
+                    store(a0, yrow.as_mut_ptr().add(ox * d.c + c0));
+                    if pair {
+                        store(a1, yrow.as_mut_ptr().add((ox + 1) * d.c + c0));
+                    }
+                    ox += 2;
                 }
             }
-            let dst = yrow.as_mut_ptr().add(ox * d.c + c0);
-            for j in 0..NV {
-                _mm_mask_storeu_epi8(dst.add(16 * j) as *mut _, masks[j], requant16(acc0[j], mv[j], zv));
-                if pair {
-                    _mm_mask_storeu_epi8(dst.add(d.c + 16 * j) as *mut _, masks[j], requant16(acc1[j], mv[j], zv));
-                }
-            }
-            ox += 2;
         }
-    }
+    };
 }
 
+dw_vnni_block!(dw_vnni_512, 64, u64, __m512i, __m512, {
+    set1_ps = _mm512_set1_ps, set1_epi16 = _mm512_set1_epi16, loadu_si = _mm512_loadu_si512,
+    loadu_ps = _mm512_loadu_ps, unpacklo_epi8 = _mm512_unpacklo_epi8, unpackhi_epi8 = _mm512_unpackhi_epi8,
+    unpacklo_epi16 = _mm512_unpacklo_epi16, unpackhi_epi16 = _mm512_unpackhi_epi16, dpbusd = _mm512_dpbusd_epi32,
+    cvtps_epi32 = _mm512_cvtps_epi32, min_ps = _mm512_min_ps, max_ps = _mm512_max_ps, mul_ps = _mm512_mul_ps,
+    cvtepi32_ps = _mm512_cvtepi32_ps, packus_epi16 = _mm512_packus_epi16, adds_epi16 = _mm512_adds_epi16,
+    packs_epi32 = _mm512_packs_epi32, mask_storeu_epi8 = _mm512_mask_storeu_epi8,
+    maskz_loadu_epi8 = _mm512_maskz_loadu_epi8,
+});
+
+dw_vnni_block!(dw_vnni_256, 32, u32, __m256i, __m256, {
+    set1_ps = _mm256_set1_ps, set1_epi16 = _mm256_set1_epi16, loadu_si = _mm256_loadu_si256,
+    loadu_ps = _mm256_loadu_ps, unpacklo_epi8 = _mm256_unpacklo_epi8, unpackhi_epi8 = _mm256_unpackhi_epi8,
+    unpacklo_epi16 = _mm256_unpacklo_epi16, unpackhi_epi16 = _mm256_unpackhi_epi16, dpbusd = _mm256_dpbusd_epi32,
+    cvtps_epi32 = _mm256_cvtps_epi32, min_ps = _mm256_min_ps, max_ps = _mm256_max_ps, mul_ps = _mm256_mul_ps,
+    cvtepi32_ps = _mm256_cvtepi32_ps, packus_epi16 = _mm256_packus_epi16, adds_epi16 = _mm256_adds_epi16,
+    packs_epi32 = _mm256_packs_epi32, mask_storeu_epi8 = _mm256_mask_storeu_epi8,
+    maskz_loadu_epi8 = _mm256_maskz_loadu_epi8,
+});
+
 #[target_feature(enable = "avx2,fma")]
-unsafe fn depthwise_row_avx2(s: &QConvSpec, d: &Dw, bias: &[i32], m: &[f32], yrow: &mut [u8]) {
-    let [kh, kw] = s.kernel;
+unsafe fn depthwise_row_avx2(s: &QConvSpec, d: &Dw, p: &DwPlan, bias: &[i32], m: &[f32], yrow: &mut [u8]) {
+    let taps = &p.taps[..s.kernel[0] * s.kernel[1]];
     let zv = _mm256_set1_epi32(s.z_y as i32);
     let full = d.c / 8 * 8;
     unsafe {
-        let xb = d.xp.as_ptr().add(d.img);
         for ox in 0..d.ow {
+            let o = ox * d.step;
             let mut c0 = 0;
             while c0 < full {
                 let mut acc = _mm256_loadu_si256(bias.as_ptr().add(c0) as *const _);
-                for ky in 0..kh {
-                    let iy = d.oy * s.stride[0] + ky * s.dilation[0];
-                    for kx in 0..kw {
-                        let ix = ox * s.stride[1] + kx * s.dilation[1];
-                        let src = xb.add((iy * d.wp + ix) * d.c + c0);
-                        let xv = _mm256_cvtepu8_epi32(_mm_loadl_epi64(src as *const _));
-                        let wv = _mm256_loadu_si256(d.w16.as_ptr().add((ky * kw + kx) * d.cpad + c0) as *const _);
-                        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(xv, wv));
-                    }
+                for (t, &(ky, off)) in taps.iter().enumerate() {
+                    let src = d.rows[ky].add(o + off + c0);
+                    let xv = _mm256_cvtepu8_epi32(_mm_loadl_epi64(src as *const _));
+                    let wv = _mm256_loadu_si256(p.w16.as_ptr().add(t * p.cpad + c0) as *const _);
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(xv, wv));
                 }
                 let q = requant8(acc, _mm256_loadu_ps(m.as_ptr().add(c0)), zv);
                 std::ptr::copy_nonoverlapping(q.as_ptr(), yrow.as_mut_ptr().add(ox * d.c + c0), 8);
@@ -301,12 +330,8 @@ unsafe fn depthwise_row_avx2(s: &QConvSpec, d: &Dw, bias: &[i32], m: &[f32], yro
             }
             for ch in full..d.c {
                 let mut a = bias[ch];
-                for ky in 0..kh {
-                    for kx in 0..kw {
-                        let iy = d.oy * s.stride[0] + ky * s.dilation[0];
-                        let ix = ox * s.stride[1] + kx * s.dilation[1];
-                        a += d.xp[d.img + (iy * d.wp + ix) * d.c + ch] as i32 * d.wt[(ky * kw + kx) * d.cpad + ch];
-                    }
+                for (t, &(ky, off)) in taps.iter().enumerate() {
+                    a += *d.rows[ky].add(o + off + ch) as i32 * p.w[t * p.cpad + ch];
                 }
                 yrow[ox * d.c + ch] = super::requant(a, m[ch], s.z_y as i32);
             }

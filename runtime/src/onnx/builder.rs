@@ -80,6 +80,14 @@ pub fn attr_float(name: &str, v: f32) -> AttributeProto {
     AttributeProto { name: Some(name.into()), r#type: Some(1), f: Some(v), ..Default::default() }
 }
 
+pub fn attr_string(name: &str, v: &str) -> AttributeProto {
+    AttributeProto { name: Some(name.into()), r#type: Some(3), s: Some(v.as_bytes().to_vec()), ..Default::default() }
+}
+
+pub fn attr_floats(name: &str, v: &[f32]) -> AttributeProto {
+    AttributeProto { name: Some(name.into()), r#type: Some(6), floats: v.to_vec(), ..Default::default() }
+}
+
 /// Assembles a model (default opset 13, IR 7).
 pub fn model(
     nodes: Vec<NodeProto>,

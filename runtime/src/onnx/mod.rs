@@ -8,6 +8,7 @@
 pub mod proto;
 
 pub mod builder;
+pub mod f32_kernels;
 pub mod passes;
 pub mod qdq_kernels;
 pub mod qdq_lower;

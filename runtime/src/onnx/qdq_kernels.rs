@@ -21,7 +21,7 @@ pub const DOMAIN: &str = "ai.edgepack";
 /// Suffix of the NHWC twin of a value.
 pub const NHWC: &str = "__nhwc";
 /// Op types of the kernel nodes.
-pub const OPS: [&str; 5] = ["EpQConv", "EpQAdd", "EpQMaxPool", "EpQConcat", "EpQuantize"];
+pub const OPS: [&str; 6] = ["EpQConv", "EpQAdd", "EpQMaxPool", "EpQConcat", "EpQuantize", "EpLayout"];
 
 fn ep_node(op: &str, name: &str, inputs: &[&str], output: &str, attrs: Vec<super::AttributeProto>) -> NodeProto {
     let mut n = node(op, name, inputs, &[output], attrs);
@@ -292,7 +292,7 @@ impl Graph {
     }
 
     /// Renames kernel values to their NHWC twins and inserts the conversions at the chain boundaries.
-    fn nhwc_layout(&mut self) {
+    pub(super) fn nhwc_layout(&mut self) {
         let is_ep = |n: &NodeProto| n.domain_name() == DOMAIN;
         let ep_out: HashSet<String> =
             self.nodes.iter().filter(|n| is_ep(n)).flat_map(|n| n.output.iter().cloned()).collect();
@@ -316,12 +316,12 @@ impl Graph {
                             &twin,
                             vec![attr_float("scale", s), attr_int("zero", z as i64)],
                         ),
-                        None => node(
-                            "Transpose",
+                        None => ep_node(
+                            "EpLayout",
                             &format!("{u}_to_nhwc"),
                             &[&u],
-                            &[&twin],
-                            vec![attr_ints("perm", &[0, 2, 3, 1])],
+                            &twin,
+                            vec![super::builder::attr_string("to", "nhwc")],
                         ),
                     };
                     into.insert(u.clone(), entry);
@@ -343,12 +343,12 @@ impl Graph {
         }
         for v in read {
             if ep_out.contains(&v) && seen.insert(v.clone()) {
-                back.push(node(
-                    "Transpose",
+                back.push(ep_node(
+                    "EpLayout",
                     &format!("{v}_to_nchw"),
                     &[&format!("{v}{NHWC}")],
-                    &[&v],
-                    vec![attr_ints("perm", &[0, 3, 1, 2])],
+                    &v,
+                    vec![super::builder::attr_string("to", "nchw")],
                 ));
             }
         }

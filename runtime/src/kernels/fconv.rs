@@ -1,0 +1,311 @@
+//! fp32 2-D convolution on NHWC activations, bias and activation clamp (Relu, Clip/Relu6) fused into the output
+//! stage. The float twin of [`super::qconv`], with the same plans:
+//! - **GEMM** (`group == 1`): 1×1, stride-1, unpadded convolutions read activation rows directly; others gather
+//!   48-pixel im2col tiles. Weights packed once in blocks of up to 64 output channels, `[k][width]`.
+//!   Register tiles of `MR` pixels × `NV` vectors (AVX-512: 16 lanes, AVX2: 8), one FMA per weight vector and pixel.
+//! - **Depthwise**: direct, vectorised over channels, two output pixels per weight load, reading the input rows
+//!   through the same row pointers as the integer kernel (ring of zero-padded rows).
+//!
+//! The sums run in a different order than a reference loop (FMA, per-tile accumulation), so results differ from
+//! it by float rounding only; tests compare with a tolerance.
+use super::qconv::{TILE_ROWS, Window, im2col};
+use super::{Isa, for_each_part};
+
+/// A float convolution as the lowering pass writes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FConvSpec {
+    pub c_in: usize,
+    pub c_out: usize,
+    pub group: usize,
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub dilation: [usize; 2],
+    /// top, left, bottom, right
+    pub pads: [usize; 4],
+    /// OIHW `[c_out, c_in / group, kh, kw]`.
+    pub weights: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+    /// Output clamp `[lo, hi]` (−∞, +∞ for none; Relu is `[0, +∞]`).
+    pub clamp: [f32; 2],
+}
+
+pub(crate) struct FBlock {
+    pub c0: usize,
+    /// Channels computed (a multiple of 16), ≥ `valid`.
+    pub width: usize,
+    pub valid: usize,
+    /// `[k][width]`.
+    pub packed: Vec<f32>,
+}
+
+enum Plan {
+    Gemm {
+        k: usize,
+        direct: bool,
+        blocks: Vec<FBlock>,
+    },
+    /// `w[t][c]`, `cpad` = channels rounded up to 16; `taps` as `DwPlan::taps` (not padded).
+    Depthwise {
+        w: Vec<f32>,
+        cpad: usize,
+        taps: Vec<(usize, usize)>,
+    },
+}
+
+pub struct FConv {
+    spec: FConvSpec,
+    isa: Isa,
+    plan: Plan,
+    /// Bias padded to a multiple of 64.
+    bias: Vec<f32>,
+}
+
+impl std::fmt::Debug for FConv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.plan {
+            Plan::Gemm { direct: true, .. } => "gemm",
+            Plan::Gemm { direct: false, .. } => "im2col-gemm",
+            Plan::Depthwise { .. } => "depthwise",
+        };
+        let s = &self.spec;
+        write!(f, "FConv({kind}, {}→{}, k{:?}, s{:?}, {})", s.c_in, s.c_out, s.kernel, s.stride, self.isa.name())
+    }
+}
+
+impl FConv {
+    pub fn new(spec: FConvSpec, isa: Isa) -> Result<FConv, String> {
+        let [kh, kw] = spec.kernel;
+        let s = &spec;
+        if s.c_in == 0 || s.c_out == 0 || kh == 0 || kw == 0 || s.stride.contains(&0) || s.dilation.contains(&0) {
+            return Err(format!("degenerate convolution {s:?}"));
+        }
+        let depthwise = s.group > 1 && s.group == s.c_in && s.c_out == s.c_in;
+        if s.group != 1 && !depthwise {
+            return Err(format!("grouped convolution (group {}, {}→{}) is not supported", s.group, s.c_in, s.c_out));
+        }
+        let taps = kh * kw;
+        let cin_g = s.c_in / s.group;
+        if s.weights.len() != s.c_out * cin_g * taps || s.bias.as_ref().is_some_and(|b| b.len() != s.c_out) {
+            return Err("weights or bias do not match the convolution".into());
+        }
+        if s.clamp[0].is_nan() || s.clamp[1].is_nan() || s.clamp[0] > s.clamp[1] {
+            return Err(format!("bad clamp {:?}", s.clamp));
+        }
+        let mut bias = vec![0f32; s.c_out.div_ceil(64) * 64];
+        if let Some(b) = &s.bias {
+            bias[..s.c_out].copy_from_slice(b);
+        }
+        let plan = if depthwise {
+            let cpad = s.c_in.div_ceil(16) * 16;
+            let mut w = vec![0f32; taps * cpad];
+            for c in 0..s.c_in {
+                for t in 0..taps {
+                    w[t * cpad + c] = s.weights[c * taps + t];
+                }
+            }
+            let taps = (0..taps).map(|t| (t / kw, (t % kw) * s.dilation[1] * s.c_in)).collect();
+            Plan::Depthwise { w, cpad, taps }
+        } else {
+            let k = taps * s.c_in;
+            let direct = kh == 1 && kw == 1 && s.stride == [1, 1] && s.pads == [0; 4];
+            let mut blocks = Vec::new();
+            let mut c0 = 0;
+            while c0 < s.c_out {
+                let valid = (s.c_out - c0).min(64);
+                let width = valid.div_ceil(16) * 16;
+                let mut packed = vec![0f32; k * width];
+                for j in 0..valid {
+                    for c in 0..s.c_in {
+                        for t in 0..taps {
+                            packed[(t * s.c_in + c) * width + j] = s.weights[((c0 + j) * s.c_in + c) * taps + t];
+                        }
+                    }
+                }
+                blocks.push(FBlock { c0, width, valid, packed });
+                c0 += valid;
+            }
+            Plan::Gemm { k, direct, blocks }
+        };
+        Ok(FConv { spec, isa, plan, bias })
+    }
+
+    pub fn spec(&self) -> &FConvSpec {
+        &self.spec
+    }
+
+    pub fn output_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        let s = &self.spec;
+        super::reference::Conv2d {
+            group: s.group,
+            kernel: s.kernel,
+            stride: s.stride,
+            dilation: s.dilation,
+            pads: s.pads,
+        }
+        .output_hw(h, w)
+    }
+
+    /// `x: [n, h, w, c_in]` → `y: [n, oh, ow, c_out]`, both NHWC f32.
+    pub fn run(&self, x: &[f32], n: usize, h: usize, w: usize, y: &mut [f32]) -> Result<(), String> {
+        let (oh, ow) = self.output_hw(h, w).ok_or_else(|| format!("input {h}x{w} is smaller than the kernel"))?;
+        let s = &self.spec;
+        if x.len() != n * h * w * s.c_in || y.len() != n * oh * ow * s.c_out {
+            return Err(format!("buffer sizes do not match [{n}, {h}, {w}, {}]", s.c_in));
+        }
+        match &self.plan {
+            Plan::Gemm { k, direct, blocks } => self.run_gemm(x, [n, h, w], (oh, ow), *k, *direct, blocks, y),
+            Plan::Depthwise { w: wt, cpad, taps } => {
+                let y_addr = y.as_mut_ptr() as usize;
+                self.geom().for_each_row(x, [n, h, w], (oh, ow), 0.0, |row_ptrs, r| {
+                    // SAFETY: output row `r` (ow·c floats) is written by one part only.
+                    let yrow = unsafe {
+                        std::slice::from_raw_parts_mut((y_addr as *mut f32).add(r * ow * s.c_in), ow * s.c_in)
+                    };
+                    self.depthwise_row(row_ptrs, taps, wt, *cpad, ow, yrow);
+                });
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_gemm(
+        &self,
+        x: &[f32],
+        [n, h, w]: [usize; 3],
+        (oh, ow): (usize, usize),
+        k: usize,
+        direct: bool,
+        blocks: &[FBlock],
+        y: &mut [f32],
+    ) {
+        let s = &self.spec;
+        let rows = n * oh * ow;
+        let tiles = rows.div_ceil(TILE_ROWS);
+        let macs = rows * k * s.c_out;
+        let wanted = (super::threads() * 2).min((macs / 100_000).max(1));
+        let col_parts = if tiles >= wanted { 1 } else { wanted.div_ceil(tiles).min(blocks.len()) };
+        let row_parts = tiles.min(wanted.div_ceil(col_parts));
+        let per = rows.div_ceil(row_parts);
+        let bper = blocks.len().div_ceil(col_parts);
+        let y_addr = y.as_mut_ptr() as usize;
+        let geom = self.geom();
+        for_each_part(row_parts * col_parts, |part| {
+            let (rp, cp) = (part / col_parts, part % col_parts);
+            let blocks = &blocks[(cp * bper).min(blocks.len())..((cp + 1) * bper).min(blocks.len())];
+            let mut buf = if direct { Vec::new() } else { vec![0f32; TILE_ROWS * k] };
+            let mut row_ptrs = [std::ptr::null::<f32>(); TILE_ROWS];
+            let mut out_ptrs = [std::ptr::null_mut::<f32>(); TILE_ROWS];
+            let end = ((rp + 1) * per).min(rows);
+            for r0 in (rp * per..end).step_by(TILE_ROWS) {
+                let nr = (end - r0).min(TILE_ROWS);
+                if direct {
+                    for i in 0..nr {
+                        row_ptrs[i] = x[(r0 + i) * s.c_in..].as_ptr();
+                    }
+                } else {
+                    im2col(&geom, x, [h, w], (oh, ow), k, r0, nr, 0.0, &mut buf);
+                    for i in 0..nr {
+                        row_ptrs[i] = buf[i * k..].as_ptr();
+                    }
+                }
+                for (i, p) in out_ptrs.iter_mut().enumerate().take(nr) {
+                    // Each (row tile, channel block) is written by exactly one part.
+                    *p = (y_addr as *mut f32).wrapping_add((r0 + i) * s.c_out);
+                }
+                for b in blocks {
+                    // SAFETY: row pointers address `k` readable floats; output rows hold `c_out` floats.
+                    unsafe { gemm_block(self.isa, &row_ptrs[..nr], &out_ptrs[..nr], k, b, &self.bias, s.clamp) };
+                }
+            }
+        });
+    }
+
+    fn geom(&self) -> Window {
+        let s = &self.spec;
+        Window { c: s.c_in, kernel: s.kernel, stride: s.stride, dilation: s.dilation, pads: s.pads }
+    }
+
+    fn depthwise_row(
+        &self,
+        rows: &[*const f32],
+        taps: &[(usize, usize)],
+        wt: &[f32],
+        cpad: usize,
+        ow: usize,
+        yrow: &mut [f32],
+    ) {
+        let s = &self.spec;
+        let c = s.c_in;
+        let step = s.stride[1] * c;
+        #[cfg(target_arch = "x86_64")]
+        if self.isa >= Isa::Avx2 {
+            // SAFETY: the ISA was detected at construction; every row pointer addresses a full padded row.
+            unsafe {
+                super::x86_f32::depthwise_row(self.isa, rows, taps, wt, cpad, &self.bias, s.clamp, c, step, ow, yrow)
+            };
+            return;
+        }
+        let mut acc = vec![0f32; c];
+        for ox in 0..ow {
+            acc.copy_from_slice(&self.bias[..c]);
+            for (t, &(ky, off)) in taps.iter().enumerate() {
+                // SAFETY: `rows[ky]` holds a full padded row; `ox·step + off + c` stays inside it.
+                let src = unsafe { std::slice::from_raw_parts(rows[ky].add(ox * step + off), c) };
+                for ((a, &xv), &wv) in acc.iter_mut().zip(src).zip(&wt[t * cpad..][..c]) {
+                    *a += xv * wv;
+                }
+            }
+            for (o, &a) in yrow[ox * c..(ox + 1) * c].iter_mut().zip(&acc) {
+                *o = clampf(a, s.clamp);
+            }
+        }
+    }
+}
+
+/// `out[r][b.c0..b.c0+b.valid] = clamp(bias + Σ_k rows[r][k]·w[k])` for every row.
+///
+/// # Safety
+/// Each `rows[r]` addresses `k` readable floats, each `outs[r]` addresses `c_out ≥ b.c0 + b.valid` floats.
+unsafe fn gemm_block(
+    isa: Isa,
+    rows: &[*const f32],
+    outs: &[*mut f32],
+    k: usize,
+    b: &FBlock,
+    bias: &[f32],
+    clamp: [f32; 2],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        unsafe { super::x86_f32::gemm_block(isa, rows, outs, k, b, bias, clamp) };
+        return;
+    }
+    let _ = isa;
+    let mut acc = vec![0f32; b.width];
+    for (&row, &out) in rows.iter().zip(outs) {
+        acc.copy_from_slice(&bias[b.c0..b.c0 + b.width]);
+        let xr = unsafe { std::slice::from_raw_parts(row, k) };
+        for (kk, &xv) in xr.iter().enumerate() {
+            for (a, &wv) in acc.iter_mut().zip(&b.packed[kk * b.width..(kk + 1) * b.width]) {
+                *a += xv * wv;
+            }
+        }
+        let o = unsafe { std::slice::from_raw_parts_mut(out.add(b.c0), b.valid) };
+        for (v, &a) in o.iter_mut().zip(&acc) {
+            *v = clampf(a, clamp);
+        }
+    }
+}
+
+/// `a` clamped to `[lo, hi]`, NaN kept (as the ONNX Clip/Relu).
+#[inline(always)]
+pub(crate) fn clampf(a: f32, [lo, hi]: [f32; 2]) -> f32 {
+    if a < lo {
+        lo
+    } else if a > hi {
+        hi
+    } else {
+        a
+    }
+}
