@@ -171,3 +171,59 @@ fn worker(s: &'static Shared, id: usize) {
         claim(s, job.epoch, job.parts, job.task);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn every_part_runs_once_from_concurrent_and_nested_callers() {
+        let threads: Vec<_> = (0..3)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    for round in 0..200 {
+                        let parts = 1 + (round * 7 + t) % 13;
+                        let hits: Vec<AtomicU64> = (0..parts).map(|_| AtomicU64::new(0)).collect();
+                        run(parts, 1 + round % 4, &|i| {
+                            hits[i].fetch_add(1, SeqCst);
+                            if i == 0 {
+                                // A nested call runs inline (the pool is busy) and still completes.
+                                let inner = AtomicU64::new(0);
+                                run(3, 2, &|_| {
+                                    inner.fetch_add(1, SeqCst);
+                                });
+                                assert_eq!(inner.load(SeqCst), 3);
+                            }
+                        });
+                        assert!(hits.iter().all(|h| h.load(SeqCst) == 1), "round {round}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_panicking_part_reaches_the_caller_after_the_others_finish() {
+        let done = AtomicU64::new(0);
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            run(8, 2, &|i| {
+                if i == 3 {
+                    panic!("part 3");
+                }
+                done.fetch_add(1, SeqCst);
+            })
+        }));
+        assert!(r.is_err());
+        assert_eq!(done.load(SeqCst), 7);
+        // The pool is usable afterwards.
+        let n = AtomicU64::new(0);
+        run(4, 2, &|_| {
+            n.fetch_add(1, SeqCst);
+        });
+        assert_eq!(n.load(SeqCst), 4);
+    }
+}
