@@ -16,7 +16,11 @@ use crate::kernels::{Isa, for_each_part};
 
 /// Adds the kernel ops to a tract ONNX op register.
 pub fn register(reg: &mut OnnxOpRegister) {
-    reg.insert("EpQConv", parse_conv);
+    reg.insert("EpQConv", |_, node| op(Kernel::Conv(qconv(node)?)));
+    reg.insert("EpQGemm", |_, node| {
+        let float_out: i64 = node.get_attr("float_out")?;
+        op(Kernel::Gemm { conv: qconv(node)?, float_out: float_out != 0 })
+    });
     reg.insert("EpQAdd", parse_add);
     reg.insert("EpQMaxPool", parse_maxpool);
     reg.insert("EpQConcat", parse_concat);
@@ -36,6 +40,11 @@ pub fn register(reg: &mut OnnxOpRegister) {
 #[derive(Debug)]
 enum Kernel {
     Conv(QConv),
+    /// `[N, K]` uint8 → `[N, c_out]` uint8 or f32 (a 1×1 convolution over `N` pixels).
+    Gemm {
+        conv: QConv,
+        float_out: bool,
+    },
     Add {
         qa: QParams,
         qb: QParams,
@@ -104,7 +113,7 @@ fn op(k: Kernel) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     Ok((expand(EpExpansion(EpOp(Arc::new(k)))), vec![]))
 }
 
-fn parse_conv(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+fn qconv(node: &NodeProto) -> TractResult<QConv> {
     let c_out: usize = node.get_attr("c_out")?;
     let c_in: usize = node.get_attr("c_in")?;
     let group: usize = node.get_attr("group")?;
@@ -133,8 +142,7 @@ fn parse_conv(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn Infe
         bias,
         multiplier,
     };
-    let conv = QConv::new(spec, Isa::detect()).map_err(|e| format_err!("{}: {e}", node.name))?;
-    op(Kernel::Conv(conv))
+    QConv::new(spec, Isa::detect()).map_err(|e| format_err!("{}: {e}", node.name))
 }
 
 fn qparams(node: &NodeProto, s: &str, z: &str) -> TractResult<QParams> {
@@ -217,6 +225,7 @@ impl EpOp {
     fn op_name(&self) -> &'static str {
         match &*self.0 {
             Kernel::Conv(_) => "EpQConv",
+            Kernel::Gemm { .. } => "EpQGemm",
             Kernel::Add { .. } => "EpQAdd",
             Kernel::MaxPool { .. } => "EpQMaxPool",
             Kernel::Concat { .. } => "EpQConcat",
@@ -246,7 +255,16 @@ impl EpOp {
     }
 
     fn output_type(&self) -> DatumType {
-        if self.is_float() { f32::datum_type() } else { u8::datum_type() }
+        if self.is_float() || matches!(&*self.0, Kernel::Gemm { float_out: true, .. }) {
+            f32::datum_type()
+        } else {
+            u8::datum_type()
+        }
+    }
+
+    /// Rank of every input and of the output.
+    fn rank(&self) -> usize {
+        if matches!(&*self.0, Kernel::Gemm { .. }) { 2 } else { 4 }
     }
 
     fn arity(&self) -> Option<usize> {
@@ -262,12 +280,18 @@ impl EpOp {
     fn out_shape(&self, ins: &[TVec<TDim>]) -> TractResult<TVec<TDim>> {
         let name = self.op_name();
         ensure!(Some(ins.len()) == self.arity(), "{name}: expected {:?} inputs, got {}", self.arity(), ins.len());
+        let rank = self.rank();
         for s in ins {
-            ensure!(s.len() == 4, "{name}: expected rank-4 inputs, got {s:?}");
+            ensure!(s.len() == rank, "{name}: expected rank-{rank} inputs, got {s:?}");
         }
         let x = &ins[0];
         let hw = |s: &TVec<TDim>| -> TractResult<(usize, usize)> { Ok((s[1].to_usize()?, s[2].to_usize()?)) };
         Ok(match &*self.0 {
+            Kernel::Gemm { conv, .. } => {
+                let k = conv.spec().c_in;
+                ensure!(x[1].to_usize()? == k, "{name}: input has {} columns, expected {k}", x[1]);
+                tvec![x[0].clone(), conv.spec().c_out.into()]
+            }
             Kernel::Conv(conv) => {
                 let (h, w) = hw(x)?;
                 ensure!(
@@ -357,6 +381,21 @@ impl EvalOp for EpOp {
         if self.is_float() {
             return Ok(tvec!(self.eval_f32(&inputs, &x, &out)?.into_tvalue()));
         }
+        if let Kernel::Gemm { conv, float_out } = &*self.0 {
+            let xs = slice::<u8>(&inputs[0])?;
+            let y = if *float_out {
+                let mut y = unsafe { Tensor::uninitialized::<f32>(&out)? };
+                conv.run_f32(xs, x[0], 1, 1, y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?)
+                    .map_err(|e| format_err!("{name}: {e}"))?;
+                y
+            } else {
+                let mut y = unsafe { Tensor::uninitialized::<u8>(&out)? };
+                conv.run(xs, x[0], 1, 1, y.try_as_plain_ram_mut()?.as_slice_mut::<u8>()?)
+                    .map_err(|e| format_err!("{name}: {e}"))?;
+                y
+            };
+            return Ok(tvec!(y.into_tvalue()));
+        }
         // SAFETY: every kernel below writes every output element.
         let mut y = unsafe { Tensor::uninitialized::<u8>(&out)? };
         {
@@ -396,6 +435,7 @@ impl EvalOp for EpOp {
                 | Kernel::FMaxPool(_)
                 | Kernel::FConcat(_)
                 | Kernel::FGlobalAvg
+                | Kernel::Gemm { .. }
                 | Kernel::Layout { .. } => {
                     unreachable!("dispatched above")
                 }
@@ -508,9 +548,10 @@ impl Expansion for EpExpansion {
         } else {
             s.equals(&outputs[0].datum_type, self.0.output_type())?;
         }
-        s.equals(&outputs[0].rank, 4)?;
+        let rank = self.0.rank() as i64;
+        s.equals(&outputs[0].rank, rank)?;
         for i in inputs {
-            s.equals(&i.rank, 4)?;
+            s.equals(&i.rank, rank)?;
         }
         s.given_all(inputs.iter().map(|i| &i.shape), move |s, shapes| {
             let shapes: Vec<TVec<TDim>> = shapes.into_iter().map(|s| s.into_iter().collect()).collect();

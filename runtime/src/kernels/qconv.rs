@@ -35,8 +35,24 @@ pub struct QConvSpec {
     pub multiplier: Vec<f32>,
 }
 
+/// What a GEMM convolution's output stage writes: requantized uint8 with this zero point, or `f32(acc)·m`
+/// (a QDQ Gemm whose output stays float, as onnxruntime's QGemm with a float output).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Out {
+    U8(u8),
+    F32,
+}
+
 /// Rows (output pixels) gathered per im2col tile.
 pub(crate) const TILE_ROWS: usize = 48;
+
+/// A GEMM plan and the output stage of one run.
+struct Gemm<'a> {
+    kp: usize,
+    direct: bool,
+    blocks: &'a [Block],
+    out: Out,
+}
 
 pub(crate) struct Block {
     pub c0: usize,
@@ -188,23 +204,37 @@ impl QConv {
             return Err(format!("buffer sizes do not match [{n}, {h}, {w}, {}]", s.c_in));
         }
         match &self.plan {
-            Plan::Gemm { kp, direct, blocks } => self.run_gemm(x, [n, h, w], (oh, ow), *kp, *direct, blocks, y),
+            Plan::Gemm { kp, direct, blocks } => {
+                let g = Gemm { kp: *kp, direct: *direct, blocks, out: Out::U8(s.z_y) };
+                self.run_gemm(x, [n, h, w], (oh, ow), &g, y.as_mut_ptr() as usize)
+            }
             Plan::Depthwise(p) => self.run_depthwise(x, [n, h, w], (oh, ow), p, y),
         }
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn run_gemm(
-        &self,
-        x: &[u8],
-        [n, h, w]: [usize; 3],
-        (oh, ow): (usize, usize),
-        kp: usize,
-        direct: bool,
-        blocks: &[Block],
-        y: &mut [u8],
-    ) {
+    /// As [`QConv::run`] with a float output `f32(acc)·multiplier` (no requantization; the multiplier is then
+    /// `s_x·s_w`). Group-1 convolutions only (the lowering uses it for Gemm as a 1×1 convolution).
+    pub fn run_f32(&self, x: &[u8], n: usize, h: usize, w: usize, y: &mut [f32]) -> Result<(), String> {
+        let (oh, ow) = self.output_hw(h, w).ok_or_else(|| format!("input {h}x{w} is smaller than the kernel"))?;
+        let s = &self.spec;
+        if x.len() != n * h * w * s.c_in || y.len() != n * oh * ow * s.c_out {
+            return Err(format!("buffer sizes do not match [{n}, {h}, {w}, {}]", s.c_in));
+        }
+        match &self.plan {
+            Plan::Gemm { kp, direct, blocks } => {
+                let g = Gemm { kp: *kp, direct: *direct, blocks, out: Out::F32 };
+                self.run_gemm(x, [n, h, w], (oh, ow), &g, y.as_mut_ptr() as usize);
+                Ok(())
+            }
+            Plan::Depthwise(_) => Err("a float output is only available for group-1 convolutions".into()),
+        }
+    }
+
+    /// `y_addr`: the output, `n·oh·ow·c_out` elements of `g.out`'s type.
+    fn run_gemm(&self, x: &[u8], [n, h, w]: [usize; 3], (oh, ow): (usize, usize), g: &Gemm, y_addr: usize) {
+        let (kp, direct, blocks) = (g.kp, g.direct, g.blocks);
+        let elem = if g.out == Out::F32 { 4 } else { 1 };
         let s = &self.spec;
         let rows = n * oh * ow;
         let tiles = rows.div_ceil(TILE_ROWS);
@@ -217,7 +247,6 @@ impl QConv {
         let row_parts = tiles.min(wanted.div_ceil(col_parts));
         let per = rows.div_ceil(row_parts);
         let bper = blocks.len().div_ceil(col_parts);
-        let y_addr = y.as_mut_ptr() as usize;
         let c_out = s.c_out;
         for_each_part(row_parts * col_parts, |part| {
             let (rp, cp) = (part / col_parts, part % col_parts);
@@ -240,7 +269,7 @@ impl QConv {
                 }
                 for (i, p) in out_ptrs.iter_mut().enumerate().take(nr) {
                     // Each (row tile, channel block) is written by exactly one part.
-                    *p = (y_addr + (r0 + i) * c_out) as *mut u8;
+                    *p = (y_addr + (r0 + i) * c_out * elem) as *mut u8;
                 }
                 for b in blocks {
                     // SAFETY: row pointers address `kp` readable bytes; output rows hold `c_out` bytes each and
@@ -254,7 +283,7 @@ impl QConv {
                             b,
                             &self.bias,
                             &self.multiplier,
-                            s.z_y,
+                            g.out,
                         )
                     };
                 }
@@ -380,17 +409,16 @@ unsafe fn gemm_block(
     b: &Block,
     bias: &[i32],
     m: &[f32],
-    z_y: u8,
+    out: Out,
 ) {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
-        unsafe { super::x86::gemm_block(isa, rows, outs, kp, b, bias, m, z_y) };
+        unsafe { super::x86::gemm_block(isa, rows, outs, kp, b, bias, m, out) };
         return;
     }
     let _ = isa;
-    let z = z_y as i32;
     let mut acc = vec![0i32; b.width];
-    for (&row, &out) in rows.iter().zip(outs) {
+    for (&row, &dst) in rows.iter().zip(outs) {
         acc.copy_from_slice(&bias[b.c0..b.c0 + b.width]);
         let xr = unsafe { std::slice::from_raw_parts(row, kp) };
         for (k4, xs) in xr.chunks_exact(4).enumerate() {
@@ -402,9 +430,19 @@ unsafe fn gemm_block(
                     + xs[3] as i32 * wq[3] as i32;
             }
         }
-        let o = unsafe { std::slice::from_raw_parts_mut(out.add(b.c0), b.valid) };
-        for (j, v) in o.iter_mut().enumerate() {
-            *v = requant(acc[j], m[b.c0 + j], z);
+        match out {
+            Out::U8(z) => {
+                let o = unsafe { std::slice::from_raw_parts_mut(dst.add(b.c0), b.valid) };
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = requant(acc[j], m[b.c0 + j], z as i32);
+                }
+            }
+            Out::F32 => {
+                let o = unsafe { std::slice::from_raw_parts_mut((dst as *mut f32).add(b.c0), b.valid) };
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = acc[j] as f32 * m[b.c0 + j];
+                }
+            }
         }
     }
 }

@@ -194,8 +194,30 @@ fn lowered_qgemm_equals_the_scalar_reference() {
         );
         let mut lowered = model.clone();
         assert!(lowered.graph.lower_qdq_integer() >= 1, "case {case}: the pattern was not lowered");
+        let mut kernels = model.clone();
+        kernels.lower_qdq_kernels();
+        assert!(kernels.graph.nodes.iter().any(|n| n.op() == "EpQGemm"), "case {case}: no EpQGemm");
         let got = run_u8(&model, Tensor::from_le_bytes(DType::U8, vec![n, k], &x).unwrap());
         assert_eq!(got, want, "case {case}: n {n} k {k} c_out {c_out}");
+
+        // The same Gemm with its float output kept (a classifier head): f32(acc)·s_x·s_w.
+        let mut float_head = model.clone();
+        float_head.graph.nodes.pop();
+        float_head.graph.outputs = vec![value_info("g", 1, &[Dim::Fixed(n), Dim::Fixed(c_out)])];
+        let s = Session::from_model(&float_head, &SessionOptions { threads: 1, ..Default::default() }).unwrap();
+        let got = s.run_one(Tensor::from_le_bytes(DType::U8, vec![n, k], &x).unwrap()).unwrap()[0].1.to_f32_vec();
+        for r in 0..n {
+            for o in 0..c_out {
+                let acc: i64 = bias[o] as i64
+                    + (0..k).map(|i| (x[r * k + i] as i64 - z_x as i64) * wq[o * k + i] as i64).sum::<i64>();
+                let want = acc as f64 * s_x as f64 * s_w[o] as f64;
+                let g = got[r * c_out + o] as f64;
+                assert!(
+                    (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "case {case} float head [{r}, {o}]: {g} vs {want}"
+                );
+            }
+        }
     }
 }
 

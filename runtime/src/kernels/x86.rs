@@ -4,7 +4,7 @@
 use std::arch::x86_64::*;
 
 use super::Isa;
-use super::qconv::{Block, Dw, DwPlan, QConvSpec};
+use super::qconv::{Block, Dw, DwPlan, Out, QConvSpec};
 
 /// # Safety
 /// See `qconv::gemm_block`; `isa` must be supported by the CPU.
@@ -17,18 +17,18 @@ pub(crate) unsafe fn gemm_block(
     b: &Block,
     bias: &[i32],
     m: &[f32],
-    z_y: u8,
+    out: Out,
 ) {
     unsafe {
         if isa >= Isa::Avx512Vnni {
             match b.width / 16 {
-                4 => tiles_vnni::<6, 4>(rows, outs, kp, b, bias, m, z_y),
-                3 => tiles_vnni::<8, 3>(rows, outs, kp, b, bias, m, z_y),
-                2 => tiles_vnni::<12, 2>(rows, outs, kp, b, bias, m, z_y),
-                _ => tiles_vnni::<16, 1>(rows, outs, kp, b, bias, m, z_y),
+                4 => tiles_vnni::<6, 4>(rows, outs, kp, b, bias, m, out),
+                3 => tiles_vnni::<8, 3>(rows, outs, kp, b, bias, m, out),
+                2 => tiles_vnni::<12, 2>(rows, outs, kp, b, bias, m, out),
+                _ => tiles_vnni::<16, 1>(rows, outs, kp, b, bias, m, out),
             }
         } else {
-            tiles_avx2(rows, outs, kp, b, bias, m, z_y)
+            tiles_avx2(rows, outs, kp, b, bias, m, out)
         }
     }
 }
@@ -42,12 +42,20 @@ unsafe fn tiles_vnni<const MR: usize, const NV: usize>(
     b: &Block,
     bias: &[i32],
     m: &[f32],
-    z_y: u8,
+    out: Out,
 ) {
     let mut r0 = 0;
     while r0 < rows.len() {
         let (rp, nr) = row_tile::<MR, u8>(rows, r0);
-        unsafe { tile_vnni::<MR, NV>(&rp, &outs[r0..r0 + nr], kp, b, bias, m, z_y) };
+        if nr < MR / 2 {
+            // A short last tile (a GEMV at batch 1, the 49th pixel of a 7×7 image): one row at a time rather
+            // than MR rows of which most repeat.
+            for r in r0..r0 + nr {
+                unsafe { tile_vnni::<1, NV>(&[rows[r]], &outs[r..r + 1], kp, b, bias, m, out) };
+            }
+        } else {
+            unsafe { tile_vnni::<MR, NV>(&rp, &outs[r0..r0 + nr], kp, b, bias, m, out) };
+        }
         r0 += nr;
     }
 }
@@ -62,7 +70,7 @@ unsafe fn tile_vnni<const MR: usize, const NV: usize>(
     b: &Block,
     bias: &[i32],
     m: &[f32],
-    z_y: u8,
+    out: Out,
 ) {
     unsafe {
         let mut acc = [[_mm512_setzero_si512(); NV]; MR];
@@ -88,14 +96,21 @@ unsafe fn tile_vnni<const MR: usize, const NV: usize>(
             wp = wp.add(64 * NV);
             k += 4;
         }
-        let zv = _mm512_set1_epi32(z_y as i32);
         for j in 0..NV {
             let mv = _mm512_loadu_ps(m.as_ptr().add(b.c0 + 16 * j));
             let left = b.valid.saturating_sub(16 * j).min(16);
             let mask: u16 = if left == 16 { u16::MAX } else { (1u16 << left) - 1 };
             for (r, &o) in outs.iter().enumerate() {
-                let q = requant16(acc[r][j], mv, zv);
-                _mm_mask_storeu_epi8(o.add(b.c0 + 16 * j) as *mut _, mask, q);
+                match out {
+                    Out::U8(z_y) => {
+                        let q = requant16(acc[r][j], mv, _mm512_set1_epi32(z_y as i32));
+                        _mm_mask_storeu_epi8(o.add(b.c0 + 16 * j) as *mut _, mask, q);
+                    }
+                    Out::F32 => {
+                        let f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][j]), mv);
+                        _mm512_mask_storeu_ps((o as *mut f32).add(b.c0 + 16 * j), mask, f);
+                    }
+                }
             }
         }
     }
@@ -145,13 +160,12 @@ fn requant8(acc: __m256i, m: __m256, z: __m256i) -> [u8; 8] {
 /// split (`a = a_lo + 128·a_hi`, `a_lo < 128`): both halves' pair sums fit, then widen exactly with `pmaddwd`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tiles_avx2(rows: &[*const u8], outs: &[*mut u8], kp: usize, b: &Block, bias: &[i32], m: &[f32], z_y: u8) {
+unsafe fn tiles_avx2(rows: &[*const u8], outs: &[*mut u8], kp: usize, b: &Block, bias: &[i32], m: &[f32], out: Out) {
     const MR: usize = 4;
     unsafe {
         let ones = _mm256_set1_epi16(1);
         let w128 = _mm256_set1_epi16(128);
         let lo7 = _mm256_set1_epi8(0x7f);
-        let zv = _mm256_set1_epi32(z_y as i32);
         let mut r0 = 0;
         while r0 < rows.len() {
             let (rp, nr) = row_tile::<MR, u8>(rows, r0);
@@ -182,8 +196,17 @@ unsafe fn tiles_avx2(rows: &[*const u8], outs: &[*mut u8], kp: usize, b: &Block,
                 let mv = _mm256_loadu_ps(m.as_ptr().add(c));
                 let n = (b.c0 + b.valid - c).min(8);
                 for (r, &o) in outs[r0..r0 + nr].iter().enumerate() {
-                    let q = requant8(acc[r], mv, zv);
-                    std::ptr::copy_nonoverlapping(q.as_ptr(), o.add(c), n);
+                    match out {
+                        Out::U8(z_y) => {
+                            let q = requant8(acc[r], mv, _mm256_set1_epi32(z_y as i32));
+                            std::ptr::copy_nonoverlapping(q.as_ptr(), o.add(c), n);
+                        }
+                        Out::F32 => {
+                            let mut f = [0f32; 8];
+                            _mm256_storeu_ps(f.as_mut_ptr(), _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r]), mv));
+                            std::ptr::copy_nonoverlapping(f.as_ptr(), (o as *mut f32).add(c), n);
+                        }
+                    }
                 }
             }
             r0 += nr;

@@ -2,6 +2,7 @@
 //! on NHWC uint8 tensors (`kernels::qconv`, `kernels::qelem`), with the arithmetic of `kernels::reference`.
 //!
 //! - `DQ(x) → Conv(DQ(w), DQ(b)) → [Relu|Clip] → Q` (group 1 or depthwise) → `EpQConv(x)`;
+//! - `DQ(x) → Gemm(DQ(w), DQ(b)) [→ [Relu|Clip] → Q]` → `EpQGemm(x)` (rank 2, uint8 or float output);
 //! - `DQ(a) + DQ(b) → Q` on two kernel outputs → `EpQAdd(a, b)` (QLinearAdd's arithmetic);
 //! - `DQ(x) → MaxPool → Q`, `DQ(xᵢ) → Concat(axis 1) → Q` on kernel outputs → `EpQMaxPool`, `EpQConcat` with
 //!   256-entry requantization tables (max and concat commute with the monotonic DQ/Q maps, so this is exact).
@@ -13,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::builder::{attr_float, attr_int, attr_ints, attr_tensor, tensor_raw};
-use super::qdq_lower::{Ctx, match_weighted, scalar_f32, zero_point};
+use super::qdq_lower::{Ctx, match_weighted, match_weighted_inputs, scalar_f32, zero_point};
 use super::{Graph, Model, NodeExt, NodeProto, node};
 
 /// Domain of the kernel nodes.
@@ -21,7 +22,7 @@ pub const DOMAIN: &str = "ai.edgepack";
 /// Suffix of the NHWC twin of a value.
 pub const NHWC: &str = "__nhwc";
 /// Op types of the kernel nodes.
-pub const OPS: [&str; 6] = ["EpQConv", "EpQAdd", "EpQMaxPool", "EpQConcat", "EpQuantize", "EpLayout"];
+pub const OPS: [&str; 7] = ["EpQConv", "EpQGemm", "EpQAdd", "EpQMaxPool", "EpQConcat", "EpQuantize", "EpLayout"];
 
 fn ep_node(op: &str, name: &str, inputs: &[&str], output: &str, attrs: Vec<super::AttributeProto>) -> NodeProto {
     let mut n = node(op, name, inputs, &[output], attrs);
@@ -100,6 +101,61 @@ fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
     }
     let name = format!("{}_kernel", n.name());
     Some(Rewrite { remove: m.remove, node: ep_node("EpQConv", &name, &[&m.dqx.input[0]], &m.q.output[0], attrs) })
+}
+
+/// `DQ(x) → Gemm(DQ(W), DQ(b))` (transA 0, alpha = beta = 1) → `EpQGemm(x)`: a 1×1 convolution on `[N, K]` (the
+/// bytes of NHWC `[N, 1, 1, K]`, so no layout change), requantized when `[Relu|Clip] → Q` follows, else with a
+/// float output `f32(acc)·s_x·s_w` (onnxruntime's QGemm with a float output: the classifier head).
+fn gemm(c: &Ctx, idx: usize) -> Option<Rewrite> {
+    let g = c.g;
+    let n = &g.nodes[idx];
+    let wi = match_weighted_inputs(c, idx)?;
+    if !wi.is_gemm || wi.z_x.1 != 2 || wi.w_t.dims.len() != 2 {
+        return None;
+    }
+    u8_params(g, wi.dqx)?;
+    if wi.w.iter().any(|&v| !(-128.0..=127.0).contains(&v)) {
+        return None;
+    }
+    let tb = n.attr_i("transB").unwrap_or(0) == 1;
+    let (d0, d1) = (wi.w_t.dims[0] as usize, wi.w_t.dims[1] as usize);
+    let (k, c_out) = if tb { (d1, d0) } else { (d0, d1) };
+    // OIHW [c_out, k, 1, 1].
+    let weights: Vec<u8> = (0..c_out * k)
+        .map(|i| {
+            let (o, kk) = (i / k, i % k);
+            let v = if tb { wi.w[o * k + kk] } else { wi.w[kk * c_out + o] };
+            (v as i8) as u8
+        })
+        .collect();
+    let q = match_weighted(c, idx).filter(|m| m.z_y.1 == 2 && u8_params(g, m.q).is_some());
+    let (z_y, multiplier, remove, output, float_out) = match &q {
+        Some(m) => (m.z_y.0 as i64, m.m.clone(), m.remove.clone(), m.q.output[0].as_str(), 0),
+        None => {
+            let m = (0..c_out).map(|o| wi.s_x * wi.s_w[if wi.s_w.len() == 1 { 0 } else { o }]).collect();
+            (0, m, vec![idx], n.output.first()?.as_str(), 1)
+        }
+    };
+    let mut attrs = vec![
+        attr_int("c_in", k as i64),
+        attr_int("c_out", c_out as i64),
+        attr_int("group", 1),
+        attr_ints("kernel_shape", &[1, 1]),
+        attr_ints("strides", &[1, 1]),
+        attr_ints("dilations", &[1, 1]),
+        attr_ints("pads", &[0, 0, 0, 0]),
+        attr_int("z_x", wi.z_x.0 as i64),
+        attr_int("z_y", z_y),
+        attr_int("float_out", float_out),
+        attr_tensor("weights", tensor_raw("weights", &[c_out as i64, k as i64, 1, 1], 3, weights)),
+        attr_tensor("multiplier", super::builder::tensor_f32("multiplier", &[c_out as i64], &multiplier)),
+    ];
+    if let Some(b) = &wi.bias {
+        let raw = b.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect();
+        attrs.push(attr_tensor("bias", tensor_raw("bias", &[c_out as i64], 6, raw)));
+    }
+    let name = format!("{}_kernel", n.name());
+    Some(Rewrite { remove, node: ep_node("EpQGemm", &name, &[&wi.dqx.input[0]], output, attrs) })
 }
 
 /// The quantized value behind `DQ(value)` when it is a kernel output, with its parameters.
@@ -219,7 +275,8 @@ pub fn layers_without_int8_kernel(model: &Model) -> Vec<(String, String)> {
             let why = match n.op() {
                 "Conv" if n.attr_i("group").unwrap_or(1) > 1 => "grouped convolution other than depthwise",
                 "Conv" => "pattern not covered (output not requantized, or an activation outside the Q range)",
-                _ => "no integer GEMM kernel for Gemm/MatMul yet",
+                "Gemm" => "pattern not covered (transA, alpha/beta ≠ 1, or weights not int8)",
+                _ => "no integer kernel for MatMul yet",
             };
             (n.name().to_string(), why.to_string())
         })
@@ -256,6 +313,7 @@ impl Graph {
                 }
                 let r = match n.op() {
                     "Conv" if n.domain_name().is_empty() => conv(&c, i),
+                    "Gemm" if n.domain_name().is_empty() => gemm(&c, i),
                     "Add" => add(&c, i, &nhwc),
                     "MaxPool" => maxpool(&c, i, &nhwc),
                     "Concat" => concat(&c, i, &nhwc),
@@ -265,7 +323,9 @@ impl Graph {
                     && r.remove.iter().all(|k| !taken.contains(k))
                 {
                     taken.extend(r.remove.iter().copied());
-                    nhwc.insert(r.node.output[0].clone());
+                    if r.node.op() != "EpQGemm" {
+                        nhwc.insert(r.node.output[0].clone());
+                    }
                     out.push(r);
                 }
             }
@@ -293,7 +353,8 @@ impl Graph {
 
     /// Renames kernel values to their NHWC twins and inserts the conversions at the chain boundaries.
     pub(super) fn nhwc_layout(&mut self) {
-        let is_ep = |n: &NodeProto| n.domain_name() == DOMAIN;
+        // EpQGemm reads and writes rank-2 tensors: no layout of its own.
+        let is_ep = |n: &NodeProto| n.domain_name() == DOMAIN && n.op() != "EpQGemm";
         let ep_out: HashSet<String> =
             self.nodes.iter().filter(|n| is_ep(n)).flat_map(|n| n.output.iter().cloned()).collect();
         let producers: HashMap<String, usize> =

@@ -122,7 +122,21 @@ pub(super) struct Weighted<'a> {
     pub remove: Vec<usize>,
 }
 
-pub(super) fn match_weighted<'a>(c: &Ctx<'a>, idx: usize) -> Option<Weighted<'a>> {
+/// The quantized inputs of a Conv/Gemm: `DQ(x)`, `DQ(w)` (symmetric), `DQ(b)` at `s_x·s_w`.
+pub(super) struct WeightedInputs<'a> {
+    pub n: &'a NodeProto,
+    pub dqx: &'a NodeProto,
+    pub is_gemm: bool,
+    pub w_t: &'a TensorProto,
+    pub w: Vec<f32>,
+    pub channels: usize,
+    pub bias: Option<Vec<f32>>,
+    pub s_x: f32,
+    pub s_w: Vec<f32>,
+    pub z_x: (f32, i32),
+}
+
+pub(super) fn match_weighted_inputs<'a>(c: &Ctx<'a>, idx: usize) -> Option<WeightedInputs<'a>> {
     let g = c.g;
     let n = &g.nodes[idx];
     let is_gemm = n.op() == "Gemm";
@@ -180,6 +194,12 @@ pub(super) fn match_weighted<'a>(c: &Ctx<'a>, idx: usize) -> Option<Weighted<'a>
             Some(bv)
         }
     };
+    Some(WeightedInputs { n, dqx, is_gemm, w_t, w, channels, bias, s_x, s_w, z_x })
+}
+
+pub(super) fn match_weighted<'a>(c: &Ctx<'a>, idx: usize) -> Option<Weighted<'a>> {
+    let g = c.g;
+    let WeightedInputs { n, dqx, is_gemm, w_t, w, channels, bias, s_x, s_w, z_x } = match_weighted_inputs(c, idx)?;
     // Output chain: [Relu|Clip] → Q, each read once.
     let mut remove = vec![idx];
     let mut cur = n.output.first()?.clone();
