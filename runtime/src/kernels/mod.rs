@@ -22,6 +22,26 @@ mod x86_f32;
 #[cfg(test)]
 mod tests;
 
+/// `unroll!(N, i => body)`: `body` once per `i` in `0..N` (N ≤ 16, a constant or const generic), each copy with
+/// `i` a literal. Register tiles indexed by loop counters stay in memory when LLVM's SROA runs before the loops
+/// are unrolled (every multiply-add then also stores its accumulator); literal indices keep them in registers.
+#[allow(unused_macros)]
+macro_rules! unroll {
+    ($n:expr, $i:ident => $body:block) => {{
+        unroll!(@ $n, $i, $body, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+    }};
+    (@ $n:expr, $i:ident, $body:block, $($k:literal)*) => {
+        $(
+            if $k < $n {
+                let $i: usize = $k;
+                $body
+            }
+        )*
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use unroll;
+
 /// Instruction set a kernel runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Isa {

@@ -50,21 +50,40 @@ pub fn quantize_slice(isa: Isa, x: &[f32], q: QParams, out: &mut [u8]) {
 
 /// QuantizeLinear of an NCHW f32 tensor into NHWC uint8 (the entry of an integer chain).
 pub fn quantize_nchw_to_nhwc(isa: Isa, x: &[f32], [n, c, h, w]: [usize; 4], q: QParams, out: &mut [u8]) {
+    // Chunks of pixels: each channel plane's chunk is quantized (vectorised) into a small buffer, then the
+    // chunk's pixels are interleaved into NHWC; chunks split across the pool.
+    const CHUNK: usize = 2048;
     let hw = h * w;
-    if c == 1 {
-        return quantize_slice(isa, x, q, out);
-    }
-    let mut plane = vec![0u8; hw];
-    for b in 0..n {
-        let img = &x[b * c * hw..(b + 1) * c * hw];
-        let dst = &mut out[b * c * hw..(b + 1) * c * hw];
-        for ch in 0..c {
-            quantize_slice(isa, &img[ch * hw..(ch + 1) * hw], q, &mut plane);
-            for (d, &v) in dst[ch..].iter_mut().step_by(c).zip(&plane) {
-                *d = v;
+    let chunks = hw.div_ceil(CHUNK);
+    let items = n * chunks;
+    let parts = (super::threads() * 2).min(items).min((x.len() / 32_768).max(1));
+    let per = items.div_ceil(parts.max(1));
+    let out_addr = out.as_mut_ptr() as usize;
+    super::for_each_part(parts, |part| {
+        let mut planes = vec![0u8; c * CHUNK];
+        for item in part * per..((part + 1) * per).min(items) {
+            let (b, p0) = (item / chunks, (item % chunks) * CHUNK);
+            let len = (hw - p0).min(CHUNK);
+            for ch in 0..c {
+                quantize_slice(isa, &x[(b * c + ch) * hw + p0..][..len], q, &mut planes[ch * CHUNK..ch * CHUNK + len]);
+            }
+            // SAFETY: pixels p0..p0+len of image b are written by this part only.
+            let dst = unsafe { std::slice::from_raw_parts_mut((out_addr as *mut u8).add((b * hw + p0) * c), len * c) };
+            if c == 3 {
+                let (r, rest) = planes.split_at(CHUNK);
+                let (g, bl) = rest.split_at(CHUNK);
+                for (i, px) in dst.chunks_exact_mut(3).enumerate() {
+                    px.copy_from_slice(&[r[i], g[i], bl[i]]);
+                }
+            } else {
+                for (i, px) in dst.chunks_exact_mut(c).enumerate() {
+                    for (ch, v) in px.iter_mut().enumerate() {
+                        *v = planes[ch * CHUNK + i];
+                    }
+                }
             }
         }
-    }
+    });
 }
 
 /// Max pooling geometry (NHWC).
@@ -185,17 +204,29 @@ pub fn concat_channels_f32(inputs: &[(&[f32], usize)], pixels: usize, out: &mut 
 /// Concatenation along the channel axis (last in NHWC), each input through its requantization table.
 pub fn concat_channels(inputs: &[(&[u8], usize, &[u8; 256])], pixels: usize, out: &mut [u8]) {
     let c_out: usize = inputs.iter().map(|i| i.1).sum();
-    let mut off = 0;
-    for &(x, c, table) in inputs {
-        for p in 0..pixels {
-            let src = &x[p * c..(p + 1) * c];
-            let dst = &mut out[p * c_out + off..p * c_out + off + c];
-            for (d, &v) in dst.iter_mut().zip(src) {
-                *d = table[v as usize];
+    // Inputs already at the output's parameters (identity table) are plain copies.
+    let identity: Vec<bool> = inputs.iter().map(|i| i.2.iter().enumerate().all(|(k, &v)| v as usize == k)).collect();
+    let parts = (super::threads() * 2).min((pixels * c_out / 65_536).max(1));
+    let per = pixels.div_ceil(parts);
+    let out_addr = out.as_mut_ptr() as usize;
+    super::for_each_part(parts, |part| {
+        let mut off = 0;
+        for (&(x, c, table), &copy) in inputs.iter().zip(&identity) {
+            for p in part * per..((part + 1) * per).min(pixels) {
+                let src = &x[p * c..(p + 1) * c];
+                // SAFETY: pixel `p` of the output is written by this part only.
+                let dst = unsafe { std::slice::from_raw_parts_mut((out_addr as *mut u8).add(p * c_out + off), c) };
+                if copy {
+                    dst.copy_from_slice(src);
+                } else {
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = table[v as usize];
+                    }
+                }
             }
+            off += c;
         }
-        off += c;
-    }
+    });
 }
 
 /// `y = xᵀ` for each of `n` row-major `[rows, cols]` matrices (NCHW ↔ NHWC is this with `[c, h·w]` or

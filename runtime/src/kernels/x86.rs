@@ -5,6 +5,7 @@ use std::arch::x86_64::*;
 
 use super::Isa;
 use super::qconv::{Block, Dw, DwPlan, Out, QConvSpec};
+use super::unroll;
 
 /// # Safety
 /// See `qconv::gemm_block`; `isa` must be supported by the CPU.
@@ -23,9 +24,9 @@ pub(crate) unsafe fn gemm_block(
         if isa >= Isa::Avx512Vnni {
             match b.width / 16 {
                 4 => tiles_vnni::<6, 4>(rows, outs, kp, b, bias, m, out),
-                3 => tiles_vnni::<8, 3>(rows, outs, kp, b, bias, m, out),
-                2 => tiles_vnni::<12, 2>(rows, outs, kp, b, bias, m, out),
-                _ => tiles_vnni::<16, 1>(rows, outs, kp, b, bias, m, out),
+                3 => tiles_vnni::<6, 3>(rows, outs, kp, b, bias, m, out),
+                2 => tiles_vnni::<8, 2>(rows, outs, kp, b, bias, m, out),
+                _ => tiles_vnni::<8, 1>(rows, outs, kp, b, bias, m, out),
             }
         } else {
             tiles_avx2(rows, outs, kp, b, bias, m, out)
@@ -73,34 +74,27 @@ unsafe fn tile_vnni<const MR: usize, const NV: usize>(
     out: Out,
 ) {
     unsafe {
-        let mut acc = [[_mm512_setzero_si512(); NV]; MR];
-        for j in 0..NV {
-            let bv = _mm512_loadu_si512(bias.as_ptr().add(b.c0 + 16 * j) as *const _);
-            for a in acc.iter_mut() {
-                a[j] = bv;
-            }
-        }
+        let bv: [__m512i; NV] =
+            std::array::from_fn(|j| _mm512_loadu_si512(bias.as_ptr().add(b.c0 + 16 * j) as *const _));
+        let mut acc = [bv; MR];
         let mut wp = b.packed.as_ptr();
         let mut k = 0;
         while k < kp {
             let mut wv = [_mm512_setzero_si512(); NV];
-            for (j, w) in wv.iter_mut().enumerate() {
-                *w = _mm512_loadu_si512(wp.add(64 * j) as *const _);
-            }
-            for r in 0..MR {
+            unroll!(NV, j => { wv[j] = _mm512_loadu_si512(wp.add(64 * j) as *const _); });
+            unroll!(MR, r => {
                 let a = _mm512_set1_epi32((rows[r].add(k) as *const i32).read_unaligned());
-                for j in 0..NV {
-                    acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], a, wv[j]);
-                }
-            }
+                unroll!(NV, j => { acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], a, wv[j]); });
+            });
             wp = wp.add(64 * NV);
             k += 4;
         }
-        for j in 0..NV {
+        unroll!(NV, j => {
             let mv = _mm512_loadu_ps(m.as_ptr().add(b.c0 + 16 * j));
             let left = b.valid.saturating_sub(16 * j).min(16);
             let mask: u16 = if left == 16 { u16::MAX } else { (1u16 << left) - 1 };
-            for (r, &o) in outs.iter().enumerate() {
+            unroll!(MR, r => {
+                if let Some(&o) = outs.get(r) {
                 match out {
                     Out::U8(z_y) => {
                         let q = requant16(acc[r][j], mv, _mm512_set1_epi32(z_y as i32));
@@ -111,8 +105,9 @@ unsafe fn tile_vnni<const MR: usize, const NV: usize>(
                         _mm512_mask_storeu_ps((o as *mut f32).add(b.c0 + 16 * j), mask, f);
                     }
                 }
-            }
-        }
+                }
+            });
+        });
     }
 }
 
@@ -171,22 +166,19 @@ unsafe fn tiles_avx2(rows: &[*const u8], outs: &[*mut u8], kp: usize, b: &Block,
             let (rp, nr) = row_tile::<MR, u8>(rows, r0);
             // 8 output channels per ymm: each 32-bit lane holds 4 consecutive k of one channel.
             for j8 in 0..b.width / 8 {
-                let mut acc = [_mm256_setzero_si256(); MR];
                 let bv = _mm256_loadu_si256(bias.as_ptr().add(b.c0 + 8 * j8) as *const _);
-                for a in acc.iter_mut() {
-                    *a = bv;
-                }
+                let mut acc = [bv; MR];
                 let mut k = 0;
                 while k < kp {
                     let w = _mm256_loadu_si256(b.packed.as_ptr().add(k * b.width + 32 * j8) as *const _);
-                    for r in 0..MR {
+                    unroll!(MR, r => {
                         let a = _mm256_set1_epi32((rp[r].add(k) as *const i32).read_unaligned());
                         let a_lo = _mm256_and_si256(a, lo7);
                         let a_hi = _mm256_and_si256(_mm256_srli_epi16(a, 7), _mm256_set1_epi8(1));
                         let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(a_lo, w), ones);
                         let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(a_hi, w), w128);
                         acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(p_lo, p_hi));
-                    }
+                    });
                     k += 4;
                 }
                 let c = b.c0 + 8 * j8;
@@ -195,7 +187,9 @@ unsafe fn tiles_avx2(rows: &[*const u8], outs: &[*mut u8], kp: usize, b: &Block,
                 }
                 let mv = _mm256_loadu_ps(m.as_ptr().add(c));
                 let n = (b.c0 + b.valid - c).min(8);
-                for (r, &o) in outs[r0..r0 + nr].iter().enumerate() {
+                unroll!(MR, r => {
+                    if r < nr {
+                    let o = outs[r0 + r];
                     match out {
                         Out::U8(z_y) => {
                             let q = requant8(acc[r], mv, _mm256_set1_epi32(z_y as i32));
@@ -207,7 +201,8 @@ unsafe fn tiles_avx2(rows: &[*const u8], outs: &[*mut u8], kp: usize, b: &Block,
                             std::ptr::copy_nonoverlapping(f.as_ptr(), (o as *mut f32).add(c), n);
                         }
                     }
-                }
+                    }
+                });
             }
             r0 += nr;
         }

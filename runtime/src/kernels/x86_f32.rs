@@ -3,6 +3,7 @@
 use std::arch::x86_64::*;
 
 use super::Isa;
+use super::unroll;
 // Clamps are written `min(hi, max(lo, v))`: the vector min/max return their second operand when one is NaN, so
 // a NaN result stays NaN (as in the ONNX ops).
 use super::fconv::FBlock;
@@ -65,24 +66,25 @@ unsafe fn tile_512<const MR: usize, const NV: usize>(
         let mut acc = [bv; MR];
         let mut wp = b.packed.as_ptr();
         for kk in 0..k {
-            let wv: [__m512; NV] = std::array::from_fn(|j| _mm512_loadu_ps(wp.add(16 * j)));
-            for r in 0..MR {
+            let mut wv = [_mm512_setzero_ps(); NV];
+            unroll!(NV, j => { wv[j] = _mm512_loadu_ps(wp.add(16 * j)); });
+            unroll!(MR, r => {
                 let a = _mm512_set1_ps(*rows[r].add(kk));
-                for j in 0..NV {
-                    acc[r][j] = _mm512_fmadd_ps(a, wv[j], acc[r][j]);
-                }
-            }
+                unroll!(NV, j => { acc[r][j] = _mm512_fmadd_ps(a, wv[j], acc[r][j]); });
+            });
             wp = wp.add(b.width);
         }
         let (lo, hi) = (_mm512_set1_ps(clamp[0]), _mm512_set1_ps(clamp[1]));
-        for j in 0..NV {
+        unroll!(NV, j => {
             let left = b.valid.saturating_sub(16 * j).min(16);
             let mask: u16 = if left == 16 { u16::MAX } else { (1u16 << left) - 1 };
-            for (r, &o) in outs.iter().enumerate() {
-                let v = _mm512_min_ps(hi, _mm512_max_ps(lo, acc[r][j]));
-                _mm512_mask_storeu_ps(o.add(b.c0 + 16 * j), mask, v);
-            }
-        }
+            unroll!(MR, r => {
+                if let Some(&o) = outs.get(r) {
+                    let v = _mm512_min_ps(hi, _mm512_max_ps(lo, acc[r][j]));
+                    _mm512_mask_storeu_ps(o.add(b.c0 + 16 * j), mask, v);
+                }
+            });
+        });
     }
 }
 
@@ -102,20 +104,22 @@ unsafe fn tiles_avx2(rows: &[*const f32], outs: &[*mut f32], k: usize, b: &FBloc
                 let mut wp = b.packed.as_ptr().add(j0);
                 for kk in 0..k {
                     let w = [_mm256_loadu_ps(wp), _mm256_loadu_ps(wp.add(8))];
-                    for r in 0..MR {
+                    unroll!(MR, r => {
                         let a = _mm256_set1_ps(*rp[r].add(kk));
                         acc[r][0] = _mm256_fmadd_ps(a, w[0], acc[r][0]);
                         acc[r][1] = _mm256_fmadd_ps(a, w[1], acc[r][1]);
-                    }
+                    });
                     wp = wp.add(b.width);
                 }
                 let valid = b.valid.saturating_sub(j0).min(16);
-                for r in 0..nr {
-                    let mut tmp = [0f32; 16];
-                    _mm256_storeu_ps(tmp.as_mut_ptr(), _mm256_min_ps(hi, _mm256_max_ps(lo, acc[r][0])));
-                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8), _mm256_min_ps(hi, _mm256_max_ps(lo, acc[r][1])));
-                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), outs[r0 + r].add(b.c0 + j0), valid);
-                }
+                unroll!(MR, r => {
+                    if r < nr {
+                        let mut tmp = [0f32; 16];
+                        _mm256_storeu_ps(tmp.as_mut_ptr(), _mm256_min_ps(hi, _mm256_max_ps(lo, acc[r][0])));
+                        _mm256_storeu_ps(tmp.as_mut_ptr().add(8), _mm256_min_ps(hi, _mm256_max_ps(lo, acc[r][1])));
+                        std::ptr::copy_nonoverlapping(tmp.as_ptr(), outs[r0 + r].add(b.c0 + j0), valid);
+                    }
+                });
             }
             r0 += nr;
         }
