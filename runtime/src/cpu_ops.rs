@@ -26,6 +26,7 @@ pub fn register(reg: &mut OnnxOpRegister) {
     reg.insert("EpQConcat", parse_concat);
     reg.insert("EpQuantize", parse_quantize);
     reg.insert("EpConv", parse_fconv);
+    reg.insert("EpConvConcat", parse_fconv_concat);
     reg.insert("EpAdd", |_, _| op(Kernel::FAdd));
     reg.insert("EpMaxPool", |_, node| op(Kernel::FMaxPool(pool2d(node)?)));
     reg.insert("EpConcat", |_, node| op(Kernel::FConcat(node.input.len())));
@@ -63,6 +64,8 @@ enum Kernel {
         isa: Isa,
     },
     FConv(FConv),
+    /// Convolutions writing their channels of one concatenated output (no separate Concat copy).
+    FConvConcat(Vec<FConv>),
     FAdd,
     FMaxPool(Pool2d),
     FConcat(usize),
@@ -183,32 +186,43 @@ fn floats(bytes: &[u8]) -> Vec<f32> {
 }
 
 fn parse_fconv(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let c_out: usize = node.get_attr("c_out")?;
-    let c_in: usize = node.get_attr("c_in")?;
-    let group: usize = node.get_attr("group")?;
-    let kernel = usizes::<2>(node, "kernel_shape")?;
+    op(Kernel::FConv(fconv(node, "")?))
+}
+
+/// `EpConvConcat`: convolution `i` reads input `i`, its attributes carry the suffix `_i`.
+fn parse_fconv_concat(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let convs: Vec<FConv> = (0..node.input.len()).map(|i| fconv(node, &format!("_{i}"))).collect::<TractResult<_>>()?;
+    ensure!(!convs.is_empty(), "{}: no convolution", node.name);
+    op(Kernel::FConvConcat(convs))
+}
+
+fn fconv(node: &NodeProto, sfx: &str) -> TractResult<FConv> {
+    let a = |name: &str| format!("{name}{sfx}");
+    let c_out: usize = node.get_attr(&a("c_out"))?;
+    let c_in: usize = node.get_attr(&a("c_in"))?;
+    let group: usize = node.get_attr(&a("group"))?;
+    let kernel = usizes::<2>(node, &a("kernel_shape"))?;
     let per_out = (c_in / group.max(1)) * kernel[0] * kernel[1];
-    let bias = if node.attribute.iter().any(|a| a.name == "bias") {
-        Some(floats(raw(node, "bias", 1, c_out * 4)?))
+    let bias = if node.attribute.iter().any(|x| x.name == a("bias")) {
+        Some(floats(raw(node, &a("bias"), 1, c_out * 4)?))
     } else {
         None
     };
-    let clamp: Vec<f32> = node.get_attr_vec("clamp")?;
+    let clamp: Vec<f32> = node.get_attr_vec(&a("clamp"))?;
     ensure!(clamp.len() == 2, "{}: clamp must hold 2 floats", node.name);
     let spec = FConvSpec {
         c_in,
         c_out,
         group,
         kernel,
-        stride: usizes(node, "strides")?,
-        dilation: usizes(node, "dilations")?,
-        pads: usizes(node, "pads")?,
-        weights: floats(raw(node, "weights", 1, c_out * per_out * 4)?),
+        stride: usizes(node, &a("strides"))?,
+        dilation: usizes(node, &a("dilations"))?,
+        pads: usizes(node, &a("pads"))?,
+        weights: floats(raw(node, &a("weights"), 1, c_out * per_out * 4)?),
         bias,
         clamp: [clamp[0], clamp[1]],
     };
-    let conv = FConv::new(spec, Isa::detect()).map_err(|e| format_err!("{}: {e}", node.name))?;
-    op(Kernel::FConv(conv))
+    FConv::new(spec, Isa::detect()).map_err(|e| format_err!("{}: {e}", node.name))
 }
 
 fn parse_concat(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
@@ -231,6 +245,7 @@ impl EpOp {
             Kernel::Concat { .. } => "EpQConcat",
             Kernel::Quantize { .. } => "EpQuantize",
             Kernel::FConv(_) => "EpConv",
+            Kernel::FConvConcat(_) => "EpConvConcat",
             Kernel::FAdd => "EpAdd",
             Kernel::FMaxPool(_) => "EpMaxPool",
             Kernel::FConcat(_) => "EpConcat",
@@ -242,7 +257,12 @@ impl EpOp {
     fn is_float(&self) -> bool {
         matches!(
             &*self.0,
-            Kernel::FConv(_) | Kernel::FAdd | Kernel::FMaxPool(_) | Kernel::FConcat(_) | Kernel::FGlobalAvg
+            Kernel::FConv(_)
+                | Kernel::FConvConcat(_)
+                | Kernel::FAdd
+                | Kernel::FMaxPool(_)
+                | Kernel::FConcat(_)
+                | Kernel::FGlobalAvg
         )
     }
 
@@ -272,6 +292,7 @@ impl EpOp {
             Kernel::Add { .. } | Kernel::FAdd => Some(2),
             Kernel::Concat { tables } => Some(tables.len()),
             Kernel::FConcat(n) => Some(*n),
+            Kernel::FConvConcat(convs) => Some(convs.len()),
             _ => Some(1),
         }
     }
@@ -313,6 +334,19 @@ impl EpOp {
                 );
                 let (oh, ow) = conv.output_hw(h, w).ok_or_else(|| format_err!("{name}: input {h}x{w} too small"))?;
                 tvec![x[0].clone(), oh.into(), ow.into(), conv.spec().c_out.into()]
+            }
+            Kernel::FConvConcat(convs) => {
+                let mut out: Option<(usize, usize)> = None;
+                for (conv, s) in convs.iter().zip(ins) {
+                    ensure!(s[3].to_usize()? == conv.spec().c_in, "{name}: input {s:?} has the wrong channel count");
+                    let (h, w) = hw(s)?;
+                    let o = conv.output_hw(h, w).ok_or_else(|| format_err!("{name}: input {h}x{w} too small"))?;
+                    ensure!(out.is_none_or(|p| p == o) && s[0] == x[0], "{name}: outputs of different sizes");
+                    out = Some(o);
+                }
+                let (oh, ow) = out.unwrap_or((0, 0));
+                let c: usize = convs.iter().map(|c| c.spec().c_out).sum();
+                tvec![x[0].clone(), oh.into(), ow.into(), c.into()]
             }
             Kernel::Add { .. } | Kernel::FAdd => {
                 ensure!(ins[0] == ins[1], "{name}: inputs {:?} and {:?} differ (no broadcasting)", ins[0], ins[1]);
@@ -431,6 +465,7 @@ impl EvalOp for EpOp {
                     qelem::concat_channels(&ins, x[0] * x[1] * x[2], ys);
                 }
                 Kernel::FConv(_)
+                | Kernel::FConvConcat(_)
                 | Kernel::FAdd
                 | Kernel::FMaxPool(_)
                 | Kernel::FConcat(_)
@@ -467,6 +502,16 @@ impl EpOp {
             match &*self.0 {
                 Kernel::FConv(conv) => {
                     conv.run(slice(&inputs[0])?, x[0], x[1], x[2], ys).map_err(|e| format_err!("{name}: {e}"))?
+                }
+                Kernel::FConvConcat(convs) => {
+                    let ld = out[3];
+                    let mut offset = 0;
+                    for (conv, t) in convs.iter().zip(inputs) {
+                        let s = t.shape();
+                        conv.run_into(slice(t)?, [s[0], s[1], s[2]], ys, ld, offset)
+                            .map_err(|e| format_err!("{name}: {e}"))?;
+                        offset += conv.spec().c_out;
+                    }
                 }
                 Kernel::FAdd => {
                     let (a, b) = (slice::<f32>(&inputs[0])?, slice::<f32>(&inputs[1])?);

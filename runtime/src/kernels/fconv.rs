@@ -147,14 +147,32 @@ impl FConv {
 
     /// `x: [n, h, w, c_in]` → `y: [n, oh, ow, c_out]`, both NHWC f32.
     pub fn run(&self, x: &[f32], n: usize, h: usize, w: usize, y: &mut [f32]) -> Result<(), String> {
+        self.run_into(x, [n, h, w], y, self.spec.c_out, 0)
+    }
+
+    /// As [`FConv::run`], writing channels `offset..offset + c_out` of an output whose pixels are `ld` floats
+    /// apart (a channel concatenation written in place). Group-1 convolutions only, unless `ld == c_out`.
+    pub fn run_into(
+        &self,
+        x: &[f32],
+        [n, h, w]: [usize; 3],
+        y: &mut [f32],
+        ld: usize,
+        offset: usize,
+    ) -> Result<(), String> {
         let (oh, ow) = self.output_hw(h, w).ok_or_else(|| format!("input {h}x{w} is smaller than the kernel"))?;
         let s = &self.spec;
-        if x.len() != n * h * w * s.c_in || y.len() != n * oh * ow * s.c_out {
+        if x.len() != n * h * w * s.c_in || y.len() != n * oh * ow * ld || offset + s.c_out > ld {
             return Err(format!("buffer sizes do not match [{n}, {h}, {w}, {}]", s.c_in));
         }
         match &self.plan {
-            Plan::Gemm { k, direct, blocks } => self.run_gemm(x, [n, h, w], (oh, ow), *k, *direct, blocks, y),
+            Plan::Gemm { k, direct, blocks } => {
+                self.run_gemm(x, [n, h, w], (oh, ow), (*k, *direct, blocks), y.as_mut_ptr() as usize, ld, offset)
+            }
             Plan::Depthwise { w: wt, cpad, taps } => {
+                if ld != s.c_out {
+                    return Err("a depthwise convolution writes a whole output".into());
+                }
                 let y_addr = y.as_mut_ptr() as usize;
                 self.geom().for_each_row(x, [n, h, w], (oh, ow), 0.0, |row_ptrs, r| {
                     // SAFETY: output row `r` (ow·c floats) is written by one part only.
@@ -168,16 +186,17 @@ impl FConv {
         Ok(())
     }
 
+    /// `y_addr`: the output, pixels `ld` floats apart, this convolution's channels from `offset`.
     #[allow(clippy::too_many_arguments)]
     fn run_gemm(
         &self,
         x: &[f32],
         [n, h, w]: [usize; 3],
         (oh, ow): (usize, usize),
-        k: usize,
-        direct: bool,
-        blocks: &[FBlock],
-        y: &mut [f32],
+        (k, direct, blocks): (usize, bool, &[FBlock]),
+        y_addr: usize,
+        ld: usize,
+        offset: usize,
     ) {
         let s = &self.spec;
         let rows = n * oh * ow;
@@ -188,7 +207,6 @@ impl FConv {
         let row_parts = tiles.min(wanted.div_ceil(col_parts));
         let per = rows.div_ceil(row_parts);
         let bper = blocks.len().div_ceil(col_parts);
-        let y_addr = y.as_mut_ptr() as usize;
         let geom = self.geom();
         for_each_part(row_parts * col_parts, |part| {
             let (rp, cp) = (part / col_parts, part % col_parts);
@@ -211,7 +229,7 @@ impl FConv {
                 }
                 for (i, p) in out_ptrs.iter_mut().enumerate().take(nr) {
                     // Each (row tile, channel block) is written by exactly one part.
-                    *p = (y_addr as *mut f32).wrapping_add((r0 + i) * s.c_out);
+                    *p = (y_addr as *mut f32).wrapping_add((r0 + i) * ld + offset);
                 }
                 for b in blocks {
                     // SAFETY: row pointers address `k` readable floats; output rows hold `c_out` floats.

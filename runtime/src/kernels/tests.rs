@@ -613,7 +613,7 @@ fn fconv_kernels_equal_a_direct_loop_for_every_isa_and_thread_split() {
 }
 
 /// A float CNN with every pattern of `onnx::f32_kernels` (Conv+Clip, depthwise Conv+Relu, residual Add, MaxPool,
-/// Dropout, Concat, GlobalAveragePool) runs on the kernels and matches the graph as written (tract's ops, reached
+/// Dropout, a fire module's fused convolutions + Concat, Concat, GlobalAveragePool) runs on the kernels and matches the graph as written (tract's ops, reached
 /// through the fallback by asking for a value the kernels fuse away).
 #[test]
 fn lowered_f32_graph_equals_the_graph_as_written() {
@@ -640,20 +640,25 @@ fn lowered_f32_graph_equals_the_graph_as_written() {
         node("Add", "res", &["p1", "a2"], &["s"], vec![]),
         node("MaxPool", "mp", &["s"], &["m"], vec![attr_ints("kernel_shape", &[3, 3]), attr_ints("strides", &[2, 2])]),
         node("Dropout", "drop", &["m"], &["m2"], vec![]),
+        // A fire module: two convolutions of one input, concatenated (fused: each writes its channels).
         node("Conv", "c3", &["m2", "w3"], &["e"], vec![attr_ints("pads", &[1, 1, 1, 1])]),
-        node("Concat", "cat", &["m2", "e"], &["cat"], vec![attr_int("axis", 1)]),
+        node("Conv", "f1", &["m2", "w2"], &["f"], vec![]),
+        node("Relu", "f1relu", &["f"], &["fr"], vec![]),
+        node("Concat", "fire", &["fr", "e"], &["fire"], vec![attr_int("axis", 1)]),
+        node("Concat", "cat", &["fire", "m2"], &["cat"], vec![attr_int("axis", 1)]),
         node("GlobalAveragePool", "gap", &["cat"], &["y"], vec![]),
     ];
     let m = model(
         nodes,
         vec![value_info("x", 1, &[Dim::Fixed(2), Dim::Fixed(3), Dim::Fixed(13), Dim::Fixed(11)])],
-        vec![value_info("y", 1, &[Dim::Fixed(2), Dim::Fixed(14), Dim::Fixed(1), Dim::Fixed(1)])],
+        vec![value_info("y", 1, &[Dim::Fixed(2), Dim::Fixed(22), Dim::Fixed(1), Dim::Fixed(1)])],
         inits,
     );
     let mut lowered = m.clone();
-    assert_eq!(lowered.lower_f32_kernels(), 8, "every pattern becomes a kernel");
+    assert_eq!(lowered.lower_f32_kernels(), 8, "every pattern becomes a kernel (fire module: one)");
     let ops: Vec<&str> = lowered.graph.nodes.iter().map(|n| n.op()).collect();
     assert!(!ops.contains(&"Conv") && !ops.contains(&"Dropout"), "{ops:?}");
+    assert_eq!(ops.iter().filter(|o| **o == "EpConvConcat").count(), 1, "{ops:?}");
     let x: Vec<f32> = (0..2 * 3 * 13 * 11).map(|_| r.unit() * 2.0 - 1.0).collect();
     for threads in [1, 2] {
         let s = Session::from_model(&m, &SessionOptions { threads, ..Default::default() }).unwrap();
@@ -662,7 +667,7 @@ fn lowered_f32_graph_equals_the_graph_as_written() {
         // "a1" (the Conv output before its fused Clip) exists only in the graph as written.
         let slow = s.run_values(input(), &["y", "a1"]).unwrap();
         let (f, w) = (fast[0].1.to_f32_vec(), slow[0].1.to_f32_vec());
-        assert_eq!(f.len(), 28);
+        assert_eq!(f.len(), 44);
         for (a, b) in f.iter().zip(&w) {
             assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "threads {threads}: {f:?} vs {w:?}");
         }

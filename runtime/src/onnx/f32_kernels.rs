@@ -4,7 +4,8 @@
 //!   clamp fused (BatchNormalization after a Conv is folded first);
 //! - `Add(a, b)`, `MaxPool(x)`, `Concat(axis 1)`, `GlobalAveragePool(x)` whose inputs are kernel outputs →
 //!   `EpAdd`, `EpMaxPool`, `EpConcat`, `EpGlobalAveragePool` (its `[n, 1, 1, c]` NHWC output is already NCHW in
-//!   memory, so the chain's exit transpose is free).
+//!   memory, so the chain's exit transpose is free);
+//! - a Concat of group-1 convolutions read by nothing else → `EpConvConcat` (each writes its channels in place).
 //!
 //! Then the layout pass of `qdq_kernels`: kernel chains stay NHWC, Transposes only where a chain starts or ends.
 use std::collections::{HashMap, HashSet};
@@ -15,7 +16,7 @@ use super::qdq_kernels::DOMAIN;
 use super::{Graph, Model, NodeExt, NodeProto, node};
 
 /// Op types of the float kernel nodes.
-pub const OPS: [&str; 5] = ["EpConv", "EpAdd", "EpMaxPool", "EpConcat", "EpGlobalAveragePool"];
+pub const OPS: [&str; 6] = ["EpConv", "EpConvConcat", "EpAdd", "EpMaxPool", "EpConcat", "EpGlobalAveragePool"];
 
 struct Rewrite {
     remove: Vec<usize>,
@@ -179,6 +180,63 @@ fn simple(c: &Ctx, idx: usize, made: &HashMap<String, usize>) -> Option<Rewrite>
     Some(Rewrite { remove: vec![idx], node })
 }
 
+/// `EpConcat` of group-1 `EpConv` outputs read by nothing else → one `EpConvConcat`: each convolution writes
+/// its channels of the concatenated output (SqueezeNet's fire modules), saving the Concat's copy.
+fn fuse_conv_concats(c: &Ctx, rewrites: Vec<Rewrite>) -> Vec<Rewrite> {
+    let by_output: HashMap<&str, usize> =
+        rewrites.iter().enumerate().map(|(i, r)| (r.node.output[0].as_str(), i)).collect();
+    let mut fused: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (i, r) in rewrites.iter().enumerate() {
+        if r.node.op() != "EpConcat" {
+            continue;
+        }
+        let convs: Option<Vec<usize>> = r
+            .node
+            .input
+            .iter()
+            .map(|v| {
+                let k = *by_output.get(v.as_str())?;
+                let n = &rewrites[k].node;
+                (n.op() == "EpConv"
+                    && n.attr_i("group") == Some(1)
+                    && c.readers.get(v.as_str()) == Some(&1)
+                    && !c.pinned.contains(v))
+                .then_some(k)
+            })
+            .collect();
+        if let Some(convs) = convs.filter(|v| v.iter().collect::<HashSet<_>>().len() == v.len()) {
+            fused.push((i, convs));
+        }
+    }
+    let mut gone: HashSet<usize> = HashSet::new();
+    let mut merged: HashMap<usize, Rewrite> = HashMap::new();
+    for (i, convs) in fused {
+        let cat = &rewrites[i];
+        let mut remove = cat.remove.clone();
+        let mut attrs = Vec::new();
+        let mut inputs = Vec::new();
+        for (j, &k) in convs.iter().enumerate() {
+            let conv = &rewrites[k];
+            remove.extend(conv.remove.iter().copied());
+            inputs.push(conv.node.input[0].as_str());
+            for a in &conv.node.attribute {
+                let mut a = a.clone();
+                a.name = Some(format!("{}_{j}", a.name.as_deref().unwrap_or_default()));
+                attrs.push(a);
+            }
+            gone.insert(k);
+        }
+        let node = ep("EpConvConcat", cat.node.name(), &inputs, &cat.node.output[0], attrs);
+        merged.insert(i, Rewrite { remove, node });
+    }
+    rewrites
+        .into_iter()
+        .enumerate()
+        .filter(|(k, _)| !gone.contains(k))
+        .map(|(k, r)| merged.remove(&k).unwrap_or(r))
+        .collect()
+}
+
 impl Model {
     /// [`Graph::lower_f32_kernels`], declaring the kernel domain. Returns how many patterns became kernels.
     pub fn lower_f32_kernels(&mut self) -> usize {
@@ -234,7 +292,7 @@ impl Graph {
                     out.push(r);
                 }
             }
-            out
+            fuse_conv_concats(&c, out)
         };
         if rewrites.is_empty() {
             return 0;
