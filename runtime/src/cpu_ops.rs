@@ -27,6 +27,7 @@ pub fn register(reg: &mut OnnxOpRegister) {
     reg.insert("EpQuantize", parse_quantize);
     reg.insert("EpConv", parse_fconv);
     reg.insert("EpConvConcat", parse_fconv_concat);
+    reg.insert("EpGemm", |_, node| op(Kernel::FGemm(fconv(node, "")?)));
     reg.insert("EpAdd", |_, _| op(Kernel::FAdd));
     reg.insert("EpMaxPool", |_, node| op(Kernel::FMaxPool(pool2d(node)?)));
     reg.insert("EpConcat", |_, node| op(Kernel::FConcat(node.input.len())));
@@ -66,6 +67,8 @@ enum Kernel {
     FConv(FConv),
     /// Convolutions writing their channels of one concatenated output (no separate Concat copy).
     FConvConcat(Vec<FConv>),
+    /// `[N, K]` f32 → `[N, c_out]` f32 (a 1×1 convolution over `N` pixels).
+    FGemm(FConv),
     FAdd,
     FMaxPool(Pool2d),
     FConcat(usize),
@@ -246,6 +249,7 @@ impl EpOp {
             Kernel::Quantize { .. } => "EpQuantize",
             Kernel::FConv(_) => "EpConv",
             Kernel::FConvConcat(_) => "EpConvConcat",
+            Kernel::FGemm(_) => "EpGemm",
             Kernel::FAdd => "EpAdd",
             Kernel::FMaxPool(_) => "EpMaxPool",
             Kernel::FConcat(_) => "EpConcat",
@@ -259,6 +263,7 @@ impl EpOp {
             &*self.0,
             Kernel::FConv(_)
                 | Kernel::FConvConcat(_)
+                | Kernel::FGemm(_)
                 | Kernel::FAdd
                 | Kernel::FMaxPool(_)
                 | Kernel::FConcat(_)
@@ -284,7 +289,7 @@ impl EpOp {
 
     /// Rank of every input and of the output.
     fn rank(&self) -> usize {
-        if matches!(&*self.0, Kernel::Gemm { .. }) { 2 } else { 4 }
+        if matches!(&*self.0, Kernel::Gemm { .. } | Kernel::FGemm(_)) { 2 } else { 4 }
     }
 
     fn arity(&self) -> Option<usize> {
@@ -308,6 +313,11 @@ impl EpOp {
         let x = &ins[0];
         let hw = |s: &TVec<TDim>| -> TractResult<(usize, usize)> { Ok((s[1].to_usize()?, s[2].to_usize()?)) };
         Ok(match &*self.0 {
+            Kernel::FGemm(conv) => {
+                let k = conv.spec().c_in;
+                ensure!(x[1].to_usize()? == k, "{name}: input has {} columns, expected {k}", x[1]);
+                tvec![x[0].clone(), conv.spec().c_out.into()]
+            }
             Kernel::Gemm { conv, .. } => {
                 let k = conv.spec().c_in;
                 ensure!(x[1].to_usize()? == k, "{name}: input has {} columns, expected {k}", x[1]);
@@ -466,6 +476,7 @@ impl EvalOp for EpOp {
                 }
                 Kernel::FConv(_)
                 | Kernel::FConvConcat(_)
+                | Kernel::FGemm(_)
                 | Kernel::FAdd
                 | Kernel::FMaxPool(_)
                 | Kernel::FConcat(_)
@@ -502,6 +513,9 @@ impl EpOp {
             match &*self.0 {
                 Kernel::FConv(conv) => {
                     conv.run(slice(&inputs[0])?, x[0], x[1], x[2], ys).map_err(|e| format_err!("{name}: {e}"))?
+                }
+                Kernel::FGemm(conv) => {
+                    conv.run(slice(&inputs[0])?, x[0], 1, 1, ys).map_err(|e| format_err!("{name}: {e}"))?
                 }
                 Kernel::FConvConcat(convs) => {
                     let ld = out[3];

@@ -232,8 +232,17 @@ impl FConv {
                     *p = (y_addr as *mut f32).wrapping_add((r0 + i) * ld + offset);
                 }
                 for b in blocks {
-                    // SAFETY: row pointers address `k` readable floats; output rows hold `c_out` floats.
-                    unsafe { gemm_block(self.isa, &row_ptrs[..nr], &out_ptrs[..nr], k, b, &self.bias, s.clamp) };
+                    // The depth in passes of KC: each pass's weights stay in L1 while the tile's rows use them;
+                    // the output holds the partial sums between passes.
+                    let mut k0 = 0;
+                    while k0 < k {
+                        let kc = (k - k0).min(KC);
+                        let part = KPart { k0, kc, first: k0 == 0, last: k0 + kc == k };
+                        let rows_k: [*const f32; TILE_ROWS] = std::array::from_fn(|i| row_ptrs[i].wrapping_add(k0));
+                        // SAFETY: row pointers address `k` readable floats; output rows hold `c_out` floats.
+                        unsafe { gemm_block(self.isa, &rows_k[..nr], &out_ptrs[..nr], part, b, &self.bias, s.clamp) };
+                        k0 += kc;
+                    }
                 }
             }
         });
@@ -281,37 +290,56 @@ impl FConv {
     }
 }
 
-/// `out[r][b.c0..b.c0+b.valid] = clamp(bias + Σ_k rows[r][k]·w[k])` for every row.
+/// Depth of one pass of a GEMM: `[KC][64]` f32 weights (32 KiB) stay in L1 across the rows of a tile.
+const KC: usize = 128;
+
+/// One pass over depths `k0..k0 + kc` of a block: the first starts from the bias, later ones from the partial sums
+/// in the output, the last applies the clamp.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KPart {
+    pub k0: usize,
+    pub kc: usize,
+    pub first: bool,
+    pub last: bool,
+}
+
+/// `out[r][b.c0..b.c0+b.valid] (+)= Σ_{k in part} rows[r][k]·w[k]` for every row (bias first, clamp last).
 ///
 /// # Safety
-/// Each `rows[r]` addresses `k` readable floats, each `outs[r]` addresses `c_out ≥ b.c0 + b.valid` floats.
+/// Each `rows[r]` addresses `part.kc` readable floats (already offset to `part.k0`), each `outs[r]` addresses
+/// `c_out ≥ b.c0 + b.valid` floats.
 unsafe fn gemm_block(
     isa: Isa,
     rows: &[*const f32],
     outs: &[*mut f32],
-    k: usize,
+    part: KPart,
     b: &FBlock,
     bias: &[f32],
     clamp: [f32; 2],
 ) {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
-        unsafe { super::x86_f32::gemm_block(isa, rows, outs, k, b, bias, clamp) };
+        unsafe { super::x86_f32::gemm_block(isa, rows, outs, part, b, bias, clamp) };
         return;
     }
     let _ = isa;
     let mut acc = vec![0f32; b.width];
     for (&row, &out) in rows.iter().zip(outs) {
-        acc.copy_from_slice(&bias[b.c0..b.c0 + b.width]);
-        let xr = unsafe { std::slice::from_raw_parts(row, k) };
+        let o = unsafe { std::slice::from_raw_parts_mut(out.add(b.c0), b.valid) };
+        if part.first {
+            acc.copy_from_slice(&bias[b.c0..b.c0 + b.width]);
+        } else {
+            acc[..b.valid].copy_from_slice(o);
+        }
+        let xr = unsafe { std::slice::from_raw_parts(row, part.kc) };
         for (kk, &xv) in xr.iter().enumerate() {
-            for (a, &wv) in acc.iter_mut().zip(&b.packed[kk * b.width..(kk + 1) * b.width]) {
+            let k = part.k0 + kk;
+            for (a, &wv) in acc.iter_mut().zip(&b.packed[k * b.width..(k + 1) * b.width]) {
                 *a += xv * wv;
             }
         }
-        let o = unsafe { std::slice::from_raw_parts_mut(out.add(b.c0), b.valid) };
         for (v, &a) in o.iter_mut().zip(&acc) {
-            *v = clampf(a, clamp);
+            *v = if part.last { clampf(a, clamp) } else { a };
         }
     }
 }

@@ -613,7 +613,7 @@ fn fconv_kernels_equal_a_direct_loop_for_every_isa_and_thread_split() {
 }
 
 /// A float CNN with every pattern of `onnx::f32_kernels` (Conv+Clip, depthwise Conv+Relu, residual Add, MaxPool,
-/// Dropout, a fire module's fused convolutions + Concat, Concat, GlobalAveragePool) runs on the kernels and matches the graph as written (tract's ops, reached
+/// Dropout, a fire module's fused convolutions + Concat, Concat, GlobalAveragePool, Gemm) runs on the kernels and matches the graph as written (tract's ops, reached
 /// through the fallback by asking for a value the kernels fuse away).
 #[test]
 fn lowered_f32_graph_equals_the_graph_as_written() {
@@ -628,6 +628,8 @@ fn lowered_f32_graph_equals_the_graph_as_written() {
         w("wd", &[8, 1, 3, 3]),
         w("w2", &[8, 8, 1, 1]),
         w("w3", &[6, 8, 3, 3]),
+        w("wg", &[5, 22]),
+        w("bg", &[5]),
         tensor_f32("lo", &[], &[0.0]),
         tensor_f32("hi", &[], &[6.0]),
     ];
@@ -647,15 +649,20 @@ fn lowered_f32_graph_equals_the_graph_as_written() {
         node("Concat", "fire", &["fr", "e"], &["fire"], vec![attr_int("axis", 1)]),
         node("Concat", "cat", &["fire", "m2"], &["cat"], vec![attr_int("axis", 1)]),
         node("GlobalAveragePool", "gap", &["cat"], &["y"], vec![]),
+        node("Flatten", "flat", &["y"], &["flat"], vec![]),
+        node("Gemm", "fc", &["flat", "wg", "bg"], &["logits"], vec![attr_int("transB", 1)]),
     ];
     let m = model(
         nodes,
         vec![value_info("x", 1, &[Dim::Fixed(2), Dim::Fixed(3), Dim::Fixed(13), Dim::Fixed(11)])],
-        vec![value_info("y", 1, &[Dim::Fixed(2), Dim::Fixed(22), Dim::Fixed(1), Dim::Fixed(1)])],
+        vec![
+            value_info("y", 1, &[Dim::Fixed(2), Dim::Fixed(22), Dim::Fixed(1), Dim::Fixed(1)]),
+            value_info("logits", 1, &[Dim::Fixed(2), Dim::Fixed(5)]),
+        ],
         inits,
     );
     let mut lowered = m.clone();
-    assert_eq!(lowered.lower_f32_kernels(), 8, "every pattern becomes a kernel (fire module: one)");
+    assert_eq!(lowered.lower_f32_kernels(), 9, "every pattern becomes a kernel (fire module: one)");
     let ops: Vec<&str> = lowered.graph.nodes.iter().map(|n| n.op()).collect();
     assert!(!ops.contains(&"Conv") && !ops.contains(&"Dropout"), "{ops:?}");
     assert_eq!(ops.iter().filter(|o| **o == "EpConvConcat").count(), 1, "{ops:?}");
@@ -665,11 +672,13 @@ fn lowered_f32_graph_equals_the_graph_as_written() {
         let input = || vec![("x".to_string(), Tensor::from_f32(vec![2, 3, 13, 11], x.clone()).unwrap())];
         let fast = s.run(input()).unwrap();
         // "a1" (the Conv output before its fused Clip) exists only in the graph as written.
-        let slow = s.run_values(input(), &["y", "a1"]).unwrap();
-        let (f, w) = (fast[0].1.to_f32_vec(), slow[0].1.to_f32_vec());
-        assert_eq!(f.len(), 44);
-        for (a, b) in f.iter().zip(&w) {
-            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "threads {threads}: {f:?} vs {w:?}");
+        let slow = s.run_values(input(), &["y", "logits", "a1"]).unwrap();
+        for (i, len) in [(0, 44), (1, 10)] {
+            let (f, w) = (fast[i].1.to_f32_vec(), slow[i].1.to_f32_vec());
+            assert_eq!(f.len(), len);
+            for (a, b) in f.iter().zip(&w) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "threads {threads}, output {i}: {f:?} vs {w:?}");
+            }
         }
     }
 }

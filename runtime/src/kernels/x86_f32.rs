@@ -6,7 +6,7 @@ use super::Isa;
 use super::unroll;
 // Clamps are written `min(hi, max(lo, v))`: the vector min/max return their second operand when one is NaN, so
 // a NaN result stays NaN (as in the ONNX ops).
-use super::fconv::FBlock;
+use super::fconv::{FBlock, KPart};
 use super::x86::row_tile;
 
 /// # Safety
@@ -15,7 +15,7 @@ pub(crate) unsafe fn gemm_block(
     isa: Isa,
     rows: &[*const f32],
     outs: &[*mut f32],
-    k: usize,
+    k: KPart,
     b: &FBlock,
     bias: &[f32],
     clamp: [f32; 2],
@@ -38,7 +38,7 @@ pub(crate) unsafe fn gemm_block(
 unsafe fn tiles_512<const MR: usize, const NV: usize>(
     rows: &[*const f32],
     outs: &[*mut f32],
-    k: usize,
+    k: KPart,
     b: &FBlock,
     bias: &[f32],
     clamp: [f32; 2],
@@ -56,16 +56,27 @@ unsafe fn tiles_512<const MR: usize, const NV: usize>(
 unsafe fn tile_512<const MR: usize, const NV: usize>(
     rows: &[*const f32; MR],
     outs: &[*mut f32],
-    k: usize,
+    part: KPart,
     b: &FBlock,
     bias: &[f32],
     clamp: [f32; 2],
 ) {
     unsafe {
+        let masks: [u16; NV] = std::array::from_fn(|j| {
+            let left = b.valid.saturating_sub(16 * j).min(16);
+            if left == 16 { u16::MAX } else { (1u16 << left) - 1 }
+        });
         let bv: [__m512; NV] = std::array::from_fn(|j| _mm512_loadu_ps(bias.as_ptr().add(b.c0 + 16 * j)));
         let mut acc = [bv; MR];
-        let mut wp = b.packed.as_ptr();
-        for kk in 0..k {
+        if !part.first {
+            unroll!(MR, r => {
+                if let Some(&o) = outs.get(r) {
+                    unroll!(NV, j => { acc[r][j] = _mm512_maskz_loadu_ps(masks[j], o.add(b.c0 + 16 * j)); });
+                }
+            });
+        }
+        let mut wp = b.packed.as_ptr().add(part.k0 * b.width);
+        for kk in 0..part.kc {
             let mut wv = [_mm512_setzero_ps(); NV];
             unroll!(NV, j => { wv[j] = _mm512_loadu_ps(wp.add(16 * j)); });
             unroll!(MR, r => {
@@ -76,12 +87,10 @@ unsafe fn tile_512<const MR: usize, const NV: usize>(
         }
         let (lo, hi) = (_mm512_set1_ps(clamp[0]), _mm512_set1_ps(clamp[1]));
         unroll!(NV, j => {
-            let left = b.valid.saturating_sub(16 * j).min(16);
-            let mask: u16 = if left == 16 { u16::MAX } else { (1u16 << left) - 1 };
             unroll!(MR, r => {
                 if let Some(&o) = outs.get(r) {
-                    let v = _mm512_min_ps(hi, _mm512_max_ps(lo, acc[r][j]));
-                    _mm512_mask_storeu_ps(o.add(b.c0 + 16 * j), mask, v);
+                    let v = if part.last { _mm512_min_ps(hi, _mm512_max_ps(lo, acc[r][j])) } else { acc[r][j] };
+                    _mm512_mask_storeu_ps(o.add(b.c0 + 16 * j), masks[j], v);
                 }
             });
         });
@@ -90,7 +99,7 @@ unsafe fn tile_512<const MR: usize, const NV: usize>(
 
 /// 16 channels (two vectors) of 6 rows at a time.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tiles_avx2(rows: &[*const f32], outs: &[*mut f32], k: usize, b: &FBlock, bias: &[f32], clamp: [f32; 2]) {
+unsafe fn tiles_avx2(rows: &[*const f32], outs: &[*mut f32], part: KPart, b: &FBlock, bias: &[f32], clamp: [f32; 2]) {
     const MR: usize = 6;
     unsafe {
         let (lo, hi) = (_mm256_set1_ps(clamp[0]), _mm256_set1_ps(clamp[1]));
@@ -98,11 +107,24 @@ unsafe fn tiles_avx2(rows: &[*const f32], outs: &[*mut f32], k: usize, b: &FBloc
         while r0 < rows.len() {
             let (rp, nr) = row_tile::<MR, f32>(rows, r0);
             for j0 in (0..b.width).step_by(16) {
+                let valid = b.valid.saturating_sub(j0).min(16);
+                if valid == 0 {
+                    break;
+                }
                 let bv =
                     [_mm256_loadu_ps(bias.as_ptr().add(b.c0 + j0)), _mm256_loadu_ps(bias.as_ptr().add(b.c0 + j0 + 8))];
                 let mut acc = [bv; MR];
-                let mut wp = b.packed.as_ptr().add(j0);
-                for kk in 0..k {
+                if !part.first {
+                    unroll!(MR, r => {
+                        if r < nr {
+                            let mut tmp = [0f32; 16];
+                            std::ptr::copy_nonoverlapping(outs[r0 + r].add(b.c0 + j0), tmp.as_mut_ptr(), valid);
+                            acc[r] = [_mm256_loadu_ps(tmp.as_ptr()), _mm256_loadu_ps(tmp.as_ptr().add(8))];
+                        }
+                    });
+                }
+                let mut wp = b.packed.as_ptr().add(part.k0 * b.width + j0);
+                for kk in 0..part.kc {
                     let w = [_mm256_loadu_ps(wp), _mm256_loadu_ps(wp.add(8))];
                     unroll!(MR, r => {
                         let a = _mm256_set1_ps(*rp[r].add(kk));
@@ -111,12 +133,12 @@ unsafe fn tiles_avx2(rows: &[*const f32], outs: &[*mut f32], k: usize, b: &FBloc
                     });
                     wp = wp.add(b.width);
                 }
-                let valid = b.valid.saturating_sub(j0).min(16);
                 unroll!(MR, r => {
                     if r < nr {
+                        let fin = |v| if part.last { _mm256_min_ps(hi, _mm256_max_ps(lo, v)) } else { v };
                         let mut tmp = [0f32; 16];
-                        _mm256_storeu_ps(tmp.as_mut_ptr(), _mm256_min_ps(hi, _mm256_max_ps(lo, acc[r][0])));
-                        _mm256_storeu_ps(tmp.as_mut_ptr().add(8), _mm256_min_ps(hi, _mm256_max_ps(lo, acc[r][1])));
+                        _mm256_storeu_ps(tmp.as_mut_ptr(), fin(acc[r][0]));
+                        _mm256_storeu_ps(tmp.as_mut_ptr().add(8), fin(acc[r][1]));
                         std::ptr::copy_nonoverlapping(tmp.as_ptr(), outs[r0 + r].add(b.c0 + j0), valid);
                     }
                 });

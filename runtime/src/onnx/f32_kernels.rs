@@ -5,7 +5,8 @@
 //! - `Add(a, b)`, `MaxPool(x)`, `Concat(axis 1)`, `GlobalAveragePool(x)` whose inputs are kernel outputs →
 //!   `EpAdd`, `EpMaxPool`, `EpConcat`, `EpGlobalAveragePool` (its `[n, 1, 1, c]` NHWC output is already NCHW in
 //!   memory, so the chain's exit transpose is free);
-//! - a Concat of group-1 convolutions read by nothing else → `EpConvConcat` (each writes its channels in place).
+//! - a Concat of group-1 convolutions read by nothing else → `EpConvConcat` (each writes its channels in place);
+//! - `Gemm(x, W, b)` with constant weights → `EpGemm(x)` (rank 2, no layout of its own).
 //!
 //! Then the layout pass of `qdq_kernels`: kernel chains stay NHWC, Transposes only where a chain starts or ends.
 use std::collections::{HashMap, HashSet};
@@ -16,7 +17,8 @@ use super::qdq_kernels::DOMAIN;
 use super::{Graph, Model, NodeExt, NodeProto, node};
 
 /// Op types of the float kernel nodes.
-pub const OPS: [&str; 6] = ["EpConv", "EpConvConcat", "EpAdd", "EpMaxPool", "EpConcat", "EpGlobalAveragePool"];
+pub const OPS: [&str; 7] =
+    ["EpConv", "EpConvConcat", "EpGemm", "EpAdd", "EpMaxPool", "EpConcat", "EpGlobalAveragePool"];
 
 struct Rewrite {
     remove: Vec<usize>,
@@ -134,6 +136,58 @@ fn channels(n: &NodeProto, made: &HashMap<String, usize>) -> usize {
         "EpConcat" => n.input.iter().map(|i| made.get(i).copied().unwrap_or(0)).sum(),
         _ => n.input.first().and_then(|i| made.get(i)).copied().unwrap_or(0),
     }
+}
+
+/// `Gemm(x, W, b)` with constant weights (transA 0, alpha = beta = 1) → `EpGemm(x)`: a 1×1 convolution over the
+/// rows of `[N, K]` (the classifier head; rank 2, outside the NHWC chains).
+fn gemm(c: &Ctx, idx: usize) -> Option<Rewrite> {
+    let g = c.g;
+    let n = &g.nodes[idx];
+    if n.attr_i("transA").unwrap_or(0) != 0
+        || n.attr_f("alpha").unwrap_or(1.0) != 1.0
+        || n.attr_f("beta").unwrap_or(1.0) != 1.0
+        || c.float.get(n.input.first()?) != Some(&1)
+    {
+        return None;
+    }
+    let wt = g.initializer(n.input.get(1)?)?;
+    if wt.dims.len() != 2 || wt.data_type != Some(1) {
+        return None;
+    }
+    let w = tensor_f32_values(wt)?;
+    let tb = n.attr_i("transB").unwrap_or(0) == 1;
+    let (d0, d1) = (wt.dims[0] as usize, wt.dims[1] as usize);
+    let (k, c_out) = if tb { (d1, d0) } else { (d0, d1) };
+    if w.len() != k * c_out {
+        return None;
+    }
+    let bias = match n.input.get(2).filter(|b| !b.is_empty()) {
+        None => None,
+        Some(b) => Some(tensor_f32_values(g.initializer(b)?).filter(|v| v.len() == c_out)?),
+    };
+    // OIHW [c_out, k, 1, 1].
+    let raw: Vec<u8> = (0..c_out * k)
+        .flat_map(|i| {
+            let (o, kk) = (i / k, i % k);
+            (if tb { w[o * k + kk] } else { w[kk * c_out + o] }).to_le_bytes()
+        })
+        .collect();
+    let mut attrs = vec![
+        attr_int("c_in", k as i64),
+        attr_int("c_out", c_out as i64),
+        attr_int("group", 1),
+        attr_ints("kernel_shape", &[1, 1]),
+        attr_ints("strides", &[1, 1]),
+        attr_ints("dilations", &[1, 1]),
+        attr_ints("pads", &[0, 0, 0, 0]),
+        attr_floats("clamp", &[f32::NEG_INFINITY, f32::INFINITY]),
+        attr_tensor("weights", super::builder::tensor_raw("weights", &[c_out as i64, k as i64, 1, 1], 1, raw)),
+    ];
+    if let Some(b) = &bias {
+        attrs.push(attr_tensor("bias", tensor_f32("bias", &[c_out as i64], b)));
+    }
+    let out = n.output.first()?;
+    Some(Rewrite { remove: vec![idx], node: ep("EpGemm", &format!("{}_kernel", n.name()), &[&n.input[0]], out, attrs) })
 }
 
 fn simple(c: &Ctx, idx: usize, made: &HashMap<String, usize>) -> Option<Rewrite> {
@@ -280,6 +334,7 @@ impl Graph {
                 }
                 let r = match n.op() {
                     "Conv" if n.domain_name().is_empty() => conv(&c, i),
+                    "Gemm" if n.domain_name().is_empty() => gemm(&c, i),
                     "Add" | "Concat" | "MaxPool" | "GlobalAveragePool" => simple(&c, i, &made),
                     _ => None,
                 };
@@ -287,8 +342,10 @@ impl Graph {
                     && r.remove.iter().all(|k| !taken.contains(k))
                 {
                     taken.extend(r.remove.iter().copied());
-                    let ch = channels(&r.node, &made);
-                    made.insert(r.node.output[0].clone(), ch);
+                    if r.node.op() != "EpGemm" {
+                        let ch = channels(&r.node, &made);
+                        made.insert(r.node.output[0].clone(), ch);
+                    }
                     out.push(r);
                 }
             }

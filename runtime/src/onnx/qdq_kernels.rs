@@ -353,8 +353,8 @@ impl Graph {
 
     /// Renames kernel values to their NHWC twins and inserts the conversions at the chain boundaries.
     pub(super) fn nhwc_layout(&mut self) {
-        // EpQGemm reads and writes rank-2 tensors: no layout of its own.
-        let is_ep = |n: &NodeProto| n.domain_name() == DOMAIN && n.op() != "EpQGemm";
+        // EpQGemm and EpGemm read and write rank-2 tensors: no layout of their own.
+        let is_ep = |n: &NodeProto| n.domain_name() == DOMAIN && !matches!(n.op(), "EpQGemm" | "EpGemm");
         let ep_out: HashSet<String> =
             self.nodes.iter().filter(|n| is_ep(n)).flat_map(|n| n.output.iter().cloned()).collect();
         let producers: HashMap<String, usize> =
