@@ -312,39 +312,24 @@ impl EpOp {
         }
         let x = &ins[0];
         let hw = |s: &TVec<TDim>| -> TractResult<(usize, usize)> { Ok((s[1].to_usize()?, s[2].to_usize()?)) };
+        // [N, K] → [N, c_out].
+        let rows = |k: usize, c_out: usize| -> TractResult<TVec<TDim>> {
+            ensure!(x[1].to_usize()? == k, "{name}: input has {} columns, expected {k}", x[1]);
+            Ok(tvec![x[0].clone(), c_out.into()])
+        };
+        // [N, H, W, c_in] → [N, OH, OW, c_out].
+        type OutHw<'a> = &'a dyn Fn(usize, usize) -> Option<(usize, usize)>;
+        let image = |c_in: usize, c_out: usize, out_hw: OutHw| -> TractResult<TVec<TDim>> {
+            let (h, w) = hw(x)?;
+            ensure!(x[3].to_usize()? == c_in, "{name}: input has {} channels, expected {c_in}", x[3]);
+            let (oh, ow) = out_hw(h, w).ok_or_else(|| format_err!("{name}: input {h}x{w} too small"))?;
+            Ok(tvec![x[0].clone(), oh.into(), ow.into(), c_out.into()])
+        };
         Ok(match &*self.0 {
-            Kernel::FGemm(conv) => {
-                let k = conv.spec().c_in;
-                ensure!(x[1].to_usize()? == k, "{name}: input has {} columns, expected {k}", x[1]);
-                tvec![x[0].clone(), conv.spec().c_out.into()]
-            }
-            Kernel::Gemm { conv, .. } => {
-                let k = conv.spec().c_in;
-                ensure!(x[1].to_usize()? == k, "{name}: input has {} columns, expected {k}", x[1]);
-                tvec![x[0].clone(), conv.spec().c_out.into()]
-            }
-            Kernel::Conv(conv) => {
-                let (h, w) = hw(x)?;
-                ensure!(
-                    x[3].to_usize()? == conv.spec().c_in,
-                    "{name}: input has {} channels, expected {}",
-                    x[3],
-                    conv.spec().c_in
-                );
-                let (oh, ow) = conv.output_hw(h, w).ok_or_else(|| format_err!("{name}: input {h}x{w} too small"))?;
-                tvec![x[0].clone(), oh.into(), ow.into(), conv.spec().c_out.into()]
-            }
-            Kernel::FConv(conv) => {
-                let (h, w) = hw(x)?;
-                ensure!(
-                    x[3].to_usize()? == conv.spec().c_in,
-                    "{name}: input has {} channels, expected {}",
-                    x[3],
-                    conv.spec().c_in
-                );
-                let (oh, ow) = conv.output_hw(h, w).ok_or_else(|| format_err!("{name}: input {h}x{w} too small"))?;
-                tvec![x[0].clone(), oh.into(), ow.into(), conv.spec().c_out.into()]
-            }
+            Kernel::FGemm(conv) => rows(conv.spec().c_in, conv.spec().c_out)?,
+            Kernel::Gemm { conv, .. } => rows(conv.spec().c_in, conv.spec().c_out)?,
+            Kernel::Conv(conv) => image(conv.spec().c_in, conv.spec().c_out, &|h, w| conv.output_hw(h, w))?,
+            Kernel::FConv(conv) => image(conv.spec().c_in, conv.spec().c_out, &|h, w| conv.output_hw(h, w))?,
             Kernel::FConvConcat(convs) => {
                 let mut out: Option<(usize, usize)> = None;
                 for (conv, s) in convs.iter().zip(ins) {

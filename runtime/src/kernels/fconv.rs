@@ -8,8 +8,8 @@
 //!
 //! The sums run in a different order than a reference loop (FMA, per-tile accumulation), so results differ from
 //! it by float rounding only; tests compare with a tolerance.
-use super::qconv::{TILE_ROWS, Window, im2col};
-use super::{Isa, for_each_part};
+use super::Isa;
+use super::qconv::{GemmTiles, TILE_ROWS, Window, check_geometry};
 
 /// A float convolution as the lowering pass writes it.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,13 +76,7 @@ impl FConv {
     pub fn new(spec: FConvSpec, isa: Isa) -> Result<FConv, String> {
         let [kh, kw] = spec.kernel;
         let s = &spec;
-        if s.c_in == 0 || s.c_out == 0 || kh == 0 || kw == 0 || s.stride.contains(&0) || s.dilation.contains(&0) {
-            return Err(format!("degenerate convolution {s:?}"));
-        }
-        let depthwise = s.group > 1 && s.group == s.c_in && s.c_out == s.c_in;
-        if s.group != 1 && !depthwise {
-            return Err(format!("grouped convolution (group {}, {}→{}) is not supported", s.group, s.c_in, s.c_out));
-        }
+        let depthwise = check_geometry(s.c_in, s.c_out, s.group, s.kernel, s.stride, s.dilation)?;
         let taps = kh * kw;
         let cin_g = s.c_in / s.group;
         if s.weights.len() != s.c_out * cin_g * taps || s.bias.as_ref().is_some_and(|b| b.len() != s.c_out) {
@@ -134,15 +128,7 @@ impl FConv {
     }
 
     pub fn output_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
-        let s = &self.spec;
-        super::reference::Conv2d {
-            group: s.group,
-            kernel: s.kernel,
-            stride: s.stride,
-            dilation: s.dilation,
-            pads: s.pads,
-        }
-        .output_hw(h, w)
+        self.geom().output_hw(h, w)
     }
 
     /// `x: [n, h, w, c_in]` → `y: [n, oh, ow, c_out]`, both NHWC f32.
@@ -160,10 +146,10 @@ impl FConv {
         ld: usize,
         offset: usize,
     ) -> Result<(), String> {
-        let (oh, ow) = self.output_hw(h, w).ok_or_else(|| format!("input {h}x{w} is smaller than the kernel"))?;
+        let (oh, ow) = self.geom().check(x.len(), [n, h, w], y.len(), ld)?;
         let s = &self.spec;
-        if x.len() != n * h * w * s.c_in || y.len() != n * oh * ow * ld || offset + s.c_out > ld {
-            return Err(format!("buffer sizes do not match [{n}, {h}, {w}, {}]", s.c_in));
+        if offset + s.c_out > ld {
+            return Err(format!("channels {offset}..{} do not fit {ld} per pixel", offset + s.c_out));
         }
         match &self.plan {
             Plan::Gemm { k, direct, blocks } => {
@@ -199,50 +185,26 @@ impl FConv {
         offset: usize,
     ) {
         let s = &self.spec;
-        let rows = n * oh * ow;
-        let tiles = rows.div_ceil(TILE_ROWS);
-        let macs = rows * k * s.c_out;
-        let wanted = (super::threads() * 2).min((macs / 100_000).max(1));
-        let col_parts = if tiles >= wanted { 1 } else { wanted.div_ceil(tiles).min(blocks.len()) };
-        let row_parts = tiles.min(wanted.div_ceil(col_parts));
-        let per = rows.div_ceil(row_parts);
-        let bper = blocks.len().div_ceil(col_parts);
-        let geom = self.geom();
-        for_each_part(row_parts * col_parts, |part| {
-            let (rp, cp) = (part / col_parts, part % col_parts);
-            let blocks = &blocks[(cp * bper).min(blocks.len())..((cp + 1) * bper).min(blocks.len())];
-            let mut buf = if direct { Vec::new() } else { vec![0f32; TILE_ROWS * k] };
-            let mut row_ptrs = [std::ptr::null::<f32>(); TILE_ROWS];
+        let tiles = GemmTiles { k, direct, macs: n * oh * ow * k * s.c_out, pad: 0.0 };
+        self.geom().for_each_gemm_tile(x, [n, h, w], (oh, ow), &tiles, blocks, |rows, r0, blocks| {
             let mut out_ptrs = [std::ptr::null_mut::<f32>(); TILE_ROWS];
-            let end = ((rp + 1) * per).min(rows);
-            for r0 in (rp * per..end).step_by(TILE_ROWS) {
-                let nr = (end - r0).min(TILE_ROWS);
-                if direct {
-                    for i in 0..nr {
-                        row_ptrs[i] = x[(r0 + i) * s.c_in..].as_ptr();
-                    }
-                } else {
-                    im2col(&geom, x, [h, w], (oh, ow), k, r0, nr, 0.0, &mut buf);
-                    for i in 0..nr {
-                        row_ptrs[i] = buf[i * k..].as_ptr();
-                    }
-                }
-                for (i, p) in out_ptrs.iter_mut().enumerate().take(nr) {
-                    // Each (row tile, channel block) is written by exactly one part.
-                    *p = (y_addr as *mut f32).wrapping_add((r0 + i) * ld + offset);
-                }
-                for b in blocks {
-                    // The depth in passes of KC: each pass's weights stay in L1 while the tile's rows use them;
-                    // the output holds the partial sums between passes.
-                    let mut k0 = 0;
-                    while k0 < k {
-                        let kc = (k - k0).min(KC);
-                        let part = KPart { k0, kc, first: k0 == 0, last: k0 + kc == k };
-                        let rows_k: [*const f32; TILE_ROWS] = std::array::from_fn(|i| row_ptrs[i].wrapping_add(k0));
-                        // SAFETY: row pointers address `k` readable floats; output rows hold `c_out` floats.
-                        unsafe { gemm_block(self.isa, &rows_k[..nr], &out_ptrs[..nr], part, b, &self.bias, s.clamp) };
-                        k0 += kc;
-                    }
+            for (i, p) in out_ptrs.iter_mut().enumerate().take(rows.len()) {
+                // Each (row tile, channel block) is written by exactly one part.
+                *p = (y_addr as *mut f32).wrapping_add((r0 + i) * ld + offset);
+            }
+            for b in blocks {
+                // The depth in passes of KC: each pass's weights stay in L1 while the tile's rows use them; the
+                // output holds the partial sums between passes.
+                let mut k0 = 0;
+                while k0 < k {
+                    let kc = (k - k0).min(KC);
+                    let part = KPart { k0, kc, first: k0 == 0, last: k0 + kc == k };
+                    let rows_k: [*const f32; TILE_ROWS] =
+                        std::array::from_fn(|i| rows.get(i).map_or(std::ptr::null(), |p| p.wrapping_add(k0)));
+                    let nr = rows.len();
+                    // SAFETY: row pointers address `k` readable floats; output rows hold `ld` floats.
+                    unsafe { gemm_block(self.isa, &rows_k[..nr], &out_ptrs[..nr], part, b, &self.bias, s.clamp) };
+                    k0 += kc;
                 }
             }
         });

@@ -114,6 +114,26 @@ impl std::fmt::Debug for QConv {
     }
 }
 
+/// Whether a convolution is depthwise; an error for degenerate sizes and for grouped convolutions other than
+/// depthwise with one filter per channel (the kernels do not handle them; the lowering keeps them in float).
+pub(crate) fn check_geometry(
+    c_in: usize,
+    c_out: usize,
+    group: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+) -> Result<bool, String> {
+    if c_in == 0 || c_out == 0 || kernel.contains(&0) || stride.contains(&0) || dilation.contains(&0) {
+        return Err(format!("degenerate convolution {c_in}→{c_out}, k{kernel:?}, s{stride:?}, d{dilation:?}"));
+    }
+    let depthwise = group > 1 && group == c_in && c_out == c_in;
+    if group != 1 && !depthwise {
+        return Err(format!("grouped convolution (group {group}, {c_in}→{c_out}) is not supported"));
+    }
+    Ok(depthwise)
+}
+
 fn round_up(x: usize, m: usize) -> usize {
     x.div_ceil(m) * m
 }
@@ -124,13 +144,7 @@ impl QConv {
     pub fn new(spec: QConvSpec, isa: Isa) -> Result<QConv, String> {
         let [kh, kw] = spec.kernel;
         let s = &spec;
-        if s.c_in == 0 || s.c_out == 0 || kh == 0 || kw == 0 || s.stride.contains(&0) || s.dilation.contains(&0) {
-            return Err(format!("degenerate convolution {s:?}"));
-        }
-        let depthwise = s.group > 1 && s.group == s.c_in && s.c_out == s.c_in;
-        if s.group != 1 && !depthwise {
-            return Err(format!("grouped convolution (group {}, {}→{}) is not supported", s.group, s.c_in, s.c_out));
-        }
+        let depthwise = check_geometry(s.c_in, s.c_out, s.group, s.kernel, s.stride, s.dilation)?;
         let cin_g = s.c_in / s.group;
         let taps = kh * kw;
         if s.weights.len() != s.c_out * cin_g * taps
@@ -185,24 +199,13 @@ impl QConv {
     }
 
     pub fn output_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
-        let s = &self.spec;
-        super::reference::Conv2d {
-            group: s.group,
-            kernel: s.kernel,
-            stride: s.stride,
-            dilation: s.dilation,
-            pads: s.pads,
-        }
-        .output_hw(h, w)
+        self.window().output_hw(h, w)
     }
 
     /// `x: [n, h, w, c_in]` → `y: [n, oh, ow, c_out]`, both NHWC uint8.
     pub fn run(&self, x: &[u8], n: usize, h: usize, w: usize, y: &mut [u8]) -> Result<(), String> {
-        let (oh, ow) = self.output_hw(h, w).ok_or_else(|| format!("input {h}x{w} is smaller than the kernel"))?;
+        let (oh, ow) = self.window().check(x.len(), [n, h, w], y.len(), self.spec.c_out)?;
         let s = &self.spec;
-        if x.len() != n * h * w * s.c_in || y.len() != n * oh * ow * s.c_out {
-            return Err(format!("buffer sizes do not match [{n}, {h}, {w}, {}]", s.c_in));
-        }
         match &self.plan {
             Plan::Gemm { kp, direct, blocks } => {
                 let g = Gemm { kp: *kp, direct: *direct, blocks, out: Out::U8(s.z_y) };
@@ -216,11 +219,7 @@ impl QConv {
     /// As [`QConv::run`] with a float output `f32(acc)·multiplier` (no requantization; the multiplier is then
     /// `s_x·s_w`). Group-1 convolutions only (the lowering uses it for Gemm as a 1×1 convolution).
     pub fn run_f32(&self, x: &[u8], n: usize, h: usize, w: usize, y: &mut [f32]) -> Result<(), String> {
-        let (oh, ow) = self.output_hw(h, w).ok_or_else(|| format!("input {h}x{w} is smaller than the kernel"))?;
-        let s = &self.spec;
-        if x.len() != n * h * w * s.c_in || y.len() != n * oh * ow * s.c_out {
-            return Err(format!("buffer sizes do not match [{n}, {h}, {w}, {}]", s.c_in));
-        }
+        let (oh, ow) = self.window().check(x.len(), [n, h, w], y.len(), self.spec.c_out)?;
         match &self.plan {
             Plan::Gemm { kp, direct, blocks } => {
                 let g = Gemm { kp: *kp, direct: *direct, blocks, out: Out::F32 };
@@ -233,60 +232,21 @@ impl QConv {
 
     /// `y_addr`: the output, `n·oh·ow·c_out` elements of `g.out`'s type.
     fn run_gemm(&self, x: &[u8], [n, h, w]: [usize; 3], (oh, ow): (usize, usize), g: &Gemm, y_addr: usize) {
-        let (kp, direct, blocks) = (g.kp, g.direct, g.blocks);
         let elem = if g.out == Out::F32 { 4 } else { 1 };
         let s = &self.spec;
-        let rows = n * oh * ow;
-        let tiles = rows.div_ceil(TILE_ROWS);
-        // Enough work per part to pay a hand-off (a few µs), a few parts per thread to balance them. Small images
-        // (the late layers: 7×7 = 49 rows) have fewer row tiles than threads: their channel blocks are split too.
-        let macs = rows * kp * s.c_out;
-        let threads = super::threads();
-        let wanted = (threads * 2).min((macs / 100_000).max(1));
-        let col_parts = if tiles >= wanted { 1 } else { wanted.div_ceil(tiles).min(blocks.len()) };
-        let row_parts = tiles.min(wanted.div_ceil(col_parts));
-        let per = rows.div_ceil(row_parts);
-        let bper = blocks.len().div_ceil(col_parts);
-        let c_out = s.c_out;
-        for_each_part(row_parts * col_parts, |part| {
-            let (rp, cp) = (part / col_parts, part % col_parts);
-            let blocks = &blocks[(cp * bper).min(blocks.len())..((cp + 1) * bper).min(blocks.len())];
-            let mut buf = if direct { Vec::new() } else { vec![s.z_x; TILE_ROWS * kp] };
-            let mut row_ptrs = [std::ptr::null::<u8>(); TILE_ROWS];
+        let tiles = GemmTiles { k: g.kp, direct: g.direct, macs: n * oh * ow * g.kp * s.c_out, pad: s.z_x };
+        self.window().for_each_gemm_tile(x, [n, h, w], (oh, ow), &tiles, g.blocks, |rows, r0, blocks| {
             let mut out_ptrs = [std::ptr::null_mut::<u8>(); TILE_ROWS];
-            let end = ((rp + 1) * per).min(rows);
-            for r0 in (rp * per..end).step_by(TILE_ROWS) {
-                let nr = (end - r0).min(TILE_ROWS);
-                if direct {
-                    for i in 0..nr {
-                        row_ptrs[i] = x[(r0 + i) * s.c_in..].as_ptr();
-                    }
-                } else {
-                    im2col(&self.window(), x, [h, w], (oh, ow), kp, r0, nr, s.z_x, &mut buf);
-                    for i in 0..nr {
-                        row_ptrs[i] = buf[i * kp..].as_ptr();
-                    }
-                }
-                for (i, p) in out_ptrs.iter_mut().enumerate().take(nr) {
-                    // Each (row tile, channel block) is written by exactly one part.
-                    *p = (y_addr + (r0 + i) * c_out * elem) as *mut u8;
-                }
-                for b in blocks {
-                    // SAFETY: row pointers address `kp` readable bytes; output rows hold `c_out` bytes each and
-                    // (tile, block) pairs are disjoint across parts.
-                    unsafe {
-                        gemm_block(
-                            self.isa,
-                            &row_ptrs[..nr],
-                            &out_ptrs[..nr],
-                            kp,
-                            b,
-                            &self.bias,
-                            &self.multiplier,
-                            g.out,
-                        )
-                    };
-                }
+            for (i, p) in out_ptrs.iter_mut().enumerate().take(rows.len()) {
+                // Each (row tile, channel block) is written by exactly one part.
+                *p = (y_addr + (r0 + i) * s.c_out * elem) as *mut u8;
+            }
+            for b in blocks {
+                // SAFETY: row pointers address `kp` readable bytes; output rows hold `c_out` elements each and
+                // (tile, block) pairs are disjoint across parts.
+                unsafe {
+                    gemm_block(self.isa, rows, &out_ptrs[..rows.len()], g.kp, b, &self.bias, &self.multiplier, g.out)
+                };
             }
         });
     }
@@ -457,7 +417,87 @@ pub(crate) struct Window {
     pub pads: [usize; 4],
 }
 
+/// How a GEMM convolution walks its rows: depth `k` (im2col row length), whether rows are read in place,
+/// its MAC count (for the thread split) and the padding value of im2col.
+pub(crate) struct GemmTiles<T> {
+    pub k: usize,
+    pub direct: bool,
+    pub macs: usize,
+    pub pad: T,
+}
+
 impl Window {
+    /// Calls `f(rows, r0, blocks)` for tiles of up to [`TILE_ROWS`] output pixels (`rows`: their `k`-long input
+    /// rows, read in place when `direct`, else gathered by im2col) and a share of the channel `blocks`, split across
+    /// the kernel pool: enough work per part to pay a hand-off, a few parts per thread; images with fewer row tiles
+    /// than parts (7×7 = 49 rows) split their channel blocks too. Every (tile, block) pair is visited once.
+    pub fn for_each_gemm_tile<T: Copy + Send + Sync, B: Sync>(
+        &self,
+        x: &[T],
+        [_n, h, w]: [usize; 3],
+        (oh, ow): (usize, usize),
+        t: &GemmTiles<T>,
+        blocks: &[B],
+        f: impl Fn(&[*const T], usize, &[B]) + Sync,
+    ) {
+        let rows = _n * oh * ow;
+        let tiles = rows.div_ceil(TILE_ROWS);
+        let wanted = (super::threads() * 2).min((t.macs / 100_000).max(1));
+        let col_parts = if tiles >= wanted { 1 } else { wanted.div_ceil(tiles).min(blocks.len()) };
+        let row_parts = tiles.min(wanted.div_ceil(col_parts));
+        let per = rows.div_ceil(row_parts);
+        let bper = blocks.len().div_ceil(col_parts);
+        for_each_part(row_parts * col_parts, |part| {
+            let (rp, cp) = (part / col_parts, part % col_parts);
+            let blocks = &blocks[(cp * bper).min(blocks.len())..((cp + 1) * bper).min(blocks.len())];
+            let mut buf = if t.direct { Vec::new() } else { vec![t.pad; TILE_ROWS * t.k] };
+            let mut row_ptrs = [std::ptr::null::<T>(); TILE_ROWS];
+            let end = ((rp + 1) * per).min(rows);
+            for r0 in (rp * per..end).step_by(TILE_ROWS) {
+                let nr = (end - r0).min(TILE_ROWS);
+                if t.direct {
+                    for (i, p) in row_ptrs.iter_mut().enumerate().take(nr) {
+                        *p = x[(r0 + i) * self.c..].as_ptr();
+                    }
+                } else {
+                    im2col(self, x, [h, w], (oh, ow), t.k, r0, nr, t.pad, &mut buf);
+                    for (i, p) in row_ptrs.iter_mut().enumerate().take(nr) {
+                        *p = buf[i * t.k..].as_ptr();
+                    }
+                }
+                f(&row_ptrs[..nr], r0, blocks);
+            }
+        });
+    }
+
+    /// Output size of an `h×w` input, `None` when the kernel does not fit.
+    pub fn output_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        super::reference::Conv2d {
+            group: 1,
+            kernel: self.kernel,
+            stride: self.stride,
+            dilation: self.dilation,
+            pads: self.pads,
+        }
+        .output_hw(h, w)
+    }
+
+    /// Checks an input of `x_len` elements as `[n, h, w, c]` and an output of `y_len` elements with `ld` values per
+    /// pixel; returns the output size.
+    pub fn check(
+        &self,
+        x_len: usize,
+        [n, h, w]: [usize; 3],
+        y_len: usize,
+        ld: usize,
+    ) -> Result<(usize, usize), String> {
+        let (oh, ow) = self.output_hw(h, w).ok_or_else(|| format!("input {h}x{w} is smaller than the kernel"))?;
+        if x_len != n * h * w * self.c || y_len != n * oh * ow * ld {
+            return Err(format!("buffer sizes do not match [{n}, {h}, {w}, {}]", self.c));
+        }
+        Ok((oh, ow))
+    }
+
     /// Calls `f(rows, r)` for every output row `r` in `0..n·oh`, split across the kernel pool. `rows[ky]` is the
     /// input row kernel row `ky` reads, padded with `pad` on the left and right: `(w + pl + pr)·c` elements.
     /// Rows inside the image are read in place when there is no left/right padding, otherwise copied once into a

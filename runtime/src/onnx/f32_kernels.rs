@@ -13,23 +13,12 @@ use std::collections::{HashMap, HashSet};
 
 use super::builder::{attr_floats, attr_int, attr_ints, attr_tensor, tensor_f32};
 use super::passes::tensor_f32_values;
-use super::qdq_kernels::DOMAIN;
-use super::{Graph, Model, NodeExt, NodeProto, node};
+use super::qdq_kernels::{DOMAIN, Rewrite, conv_geometry, ep_node as ep, maxpool_attrs};
+use super::{Graph, Model, NodeExt, NodeProto};
 
 /// Op types of the float kernel nodes.
 pub const OPS: [&str; 7] =
     ["EpConv", "EpConvConcat", "EpGemm", "EpAdd", "EpMaxPool", "EpConcat", "EpGlobalAveragePool"];
-
-struct Rewrite {
-    remove: Vec<usize>,
-    node: NodeProto,
-}
-
-fn ep(op: &str, name: &str, inputs: &[&str], output: &str, attrs: Vec<super::AttributeProto>) -> NodeProto {
-    let mut n = node(op, name, inputs, &[output], attrs);
-    n.domain = Some(DOMAIN.into());
-    n
-}
 
 struct Ctx<'a> {
     g: &'a Graph,
@@ -56,7 +45,7 @@ impl Ctx<'_> {
 fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
     let g = c.g;
     let n = &g.nodes[idx];
-    if n.attr_s("auto_pad").is_some_and(|p| p != "NOTSET") || c.float.get(n.input.first()?) != Some(&1) {
+    if c.float.get(n.input.first()?) != Some(&1) {
         return None;
     }
     let wt = g.initializer(n.input.get(1)?)?;
@@ -70,20 +59,7 @@ fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
     if !(group == 1 || (group == c_in && c_out == c_in && d[1] == 1)) || w.len() != d.iter().product::<usize>() {
         return None;
     }
-    let two = |name: &str, default: i64| -> Option<Vec<i64>> {
-        let v = n.attr_ints(name).map(|v| v.to_vec()).unwrap_or_else(|| vec![default; 2]);
-        (v.len() == 2 && v.iter().all(|&x| x >= default)).then_some(v)
-    };
-    let (strides, dilations) = (two("strides", 1)?, two("dilations", 1)?);
-    let pads = n.attr_ints("pads").map(|v| v.to_vec()).unwrap_or_else(|| vec![0; 4]);
-    if pads.len() != 4 || pads.iter().any(|&p| p < 0) {
-        return None;
-    }
-    if let Some(k) = n.attr_ints("kernel_shape")
-        && k != [d[2] as i64, d[3] as i64]
-    {
-        return None;
-    }
+    let [strides, dilations, pads] = conv_geometry(n, d[2], d[3])?;
     let bias = match n.input.get(2).filter(|b| !b.is_empty()) {
         None => None,
         Some(b) => Some(tensor_f32_values(g.initializer(b)?).filter(|v| v.len() == c_out)?),
@@ -205,30 +181,7 @@ fn simple(c: &Ctx, idx: usize, made: &HashMap<String, usize>) -> Option<Rewrite>
         "Add" if ins.len() == 2 => ep("EpAdd", &name, &ins, &n.output[0], vec![]),
         "GlobalAveragePool" if ins.len() == 1 => ep("EpGlobalAveragePool", &name, &ins, &n.output[0], vec![]),
         "Concat" if n.attr_i("axis") == Some(1) && !ins.is_empty() => ep("EpConcat", &name, &ins, &n.output[0], vec![]),
-        "MaxPool" if ins.len() == 1 => {
-            if n.attr_s("auto_pad").is_some_and(|p| p != "NOTSET")
-                || n.attr_ints("dilations").is_some_and(|d| d.iter().any(|&v| v != 1))
-                || n.attr_i("storage_order").unwrap_or(0) != 0
-            {
-                return None;
-            }
-            let k = n.attr_ints("kernel_shape")?.to_vec();
-            let strides = n.attr_ints("strides").map(|v| v.to_vec()).unwrap_or_else(|| vec![1, 1]);
-            let pads = n.attr_ints("pads").map(|v| v.to_vec()).unwrap_or_else(|| vec![0; 4]);
-            if k.len() != 2 || strides.len() != 2 || pads.len() != 4 || k.iter().chain(&strides).any(|&v| v < 1) {
-                return None;
-            }
-            if pads.iter().any(|&p| p < 0) || pads[0].max(pads[2]) >= k[0] || pads[1].max(pads[3]) >= k[1] {
-                return None;
-            }
-            let attrs = vec![
-                attr_ints("kernel_shape", &k),
-                attr_ints("strides", &strides),
-                attr_ints("pads", &pads),
-                attr_int("ceil_mode", n.attr_i("ceil_mode").unwrap_or(0)),
-            ];
-            ep("EpMaxPool", &name, &ins, &n.output[0], attrs)
-        }
+        "MaxPool" if ins.len() == 1 => ep("EpMaxPool", &name, &ins, &n.output[0], maxpool_attrs(n)?),
         _ => return None,
     };
     Some(Rewrite { remove: vec![idx], node })
@@ -351,24 +304,8 @@ impl Graph {
             }
             fuse_conv_concats(&c, out)
         };
-        if rewrites.is_empty() {
-            return 0;
-        }
         let count = rewrites.len();
-        let mut remove: Vec<usize> = rewrites.iter().flat_map(|r| r.remove.iter().copied()).collect();
-        remove.sort_unstable();
-        for k in remove.into_iter().rev() {
-            g.nodes.remove(k);
-        }
-        g.nodes.extend(rewrites.into_iter().map(|r| r.node));
-        g.nhwc_layout();
-        if g.topo_sort().is_err() {
-            return 0; // never expected: the graph is left as it was
-        }
-        g.remove_dead_nodes();
-        g.remove_unused_initializers();
-        *self = g;
-        count
+        g.apply_kernel_rewrites(rewrites).map(|g| *self = g).map_or(0, |_| count)
     }
 }
 

@@ -24,7 +24,13 @@ pub const NHWC: &str = "__nhwc";
 /// Op types of the kernel nodes.
 pub const OPS: [&str; 7] = ["EpQConv", "EpQGemm", "EpQAdd", "EpQMaxPool", "EpQConcat", "EpQuantize", "EpLayout"];
 
-fn ep_node(op: &str, name: &str, inputs: &[&str], output: &str, attrs: Vec<super::AttributeProto>) -> NodeProto {
+pub(super) fn ep_node(
+    op: &str,
+    name: &str,
+    inputs: &[&str],
+    output: &str,
+    attrs: Vec<super::AttributeProto>,
+) -> NodeProto {
     let mut n = node(op, name, inputs, &[output], attrs);
     n.domain = Some(DOMAIN.into());
     n
@@ -42,26 +48,16 @@ fn table_of(from: (f32, u8), to: (f32, u8)) -> Vec<u8> {
     qelem::requant_table(QParams { scale: from.0, zero: from.1 }, QParams { scale: to.0, zero: to.1 }).to_vec()
 }
 
-struct Rewrite {
-    remove: Vec<usize>,
-    node: NodeProto,
+/// A kernel node and the nodes it replaces (indices into the graph being lowered).
+pub(super) struct Rewrite {
+    pub remove: Vec<usize>,
+    pub node: NodeProto,
 }
 
-fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
-    let g = c.g;
-    let n = &g.nodes[idx];
+/// `[strides, dilations, pads]` of a Conv with a `kh×kw` kernel, when its attributes are explicit (no auto_pad)
+/// and consistent.
+pub(super) fn conv_geometry(n: &NodeProto, kh: usize, kw: usize) -> Option<[Vec<i64>; 3]> {
     if n.attr_s("auto_pad").is_some_and(|p| p != "NOTSET") {
-        return None;
-    }
-    let m = match_weighted(c, idx)?;
-    if m.is_gemm || m.w_t.dims.len() != 4 || m.z_x.1 != 2 || m.z_y.1 != 2 {
-        return None;
-    }
-    u8_params(g, m.dqx)?;
-    let d: Vec<usize> = m.w_t.dims.iter().map(|&v| v as usize).collect();
-    let group = n.attr_i("group").unwrap_or(1).max(1) as usize;
-    let (c_out, c_in) = (d[0], d[1] * group);
-    if !(group == 1 || (group == c_in && c_out == c_in && d[1] == 1)) {
         return None;
     }
     let two = |name: &str, default: i64| -> Option<Vec<i64>> {
@@ -73,11 +69,54 @@ fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
     if pads.len() != 4 || pads.iter().any(|&p| p < 0) {
         return None;
     }
-    if let Some(k) = n.attr_ints("kernel_shape")
-        && k != [d[2] as i64, d[3] as i64]
+    if n.attr_ints("kernel_shape").is_some_and(|k| k != [kh as i64, kw as i64]) {
+        return None;
+    }
+    Some([strides, dilations, pads])
+}
+
+/// The attributes of a 2-D MaxPool the kernels run (explicit pads smaller than the window, so every window holds
+/// an input cell; no dilation, no indices output).
+pub(super) fn maxpool_attrs(n: &NodeProto) -> Option<Vec<super::AttributeProto>> {
+    if n.output.len() != 1
+        || n.attr_s("auto_pad").is_some_and(|p| p != "NOTSET")
+        || n.attr_ints("dilations").is_some_and(|d| d.iter().any(|&v| v != 1))
+        || n.attr_i("storage_order").unwrap_or(0) != 0
     {
         return None;
     }
+    let k = n.attr_ints("kernel_shape")?.to_vec();
+    let strides = n.attr_ints("strides").map(|v| v.to_vec()).unwrap_or_else(|| vec![1, 1]);
+    let pads = n.attr_ints("pads").map(|v| v.to_vec()).unwrap_or_else(|| vec![0; 4]);
+    if k.len() != 2 || strides.len() != 2 || pads.len() != 4 || k.iter().chain(&strides).any(|&v| v < 1) {
+        return None;
+    }
+    if pads.iter().any(|&p| p < 0) || pads[0].max(pads[2]) >= k[0] || pads[1].max(pads[3]) >= k[1] {
+        return None;
+    }
+    Some(vec![
+        attr_ints("kernel_shape", &k),
+        attr_ints("strides", &strides),
+        attr_ints("pads", &pads),
+        attr_int("ceil_mode", n.attr_i("ceil_mode").unwrap_or(0)),
+    ])
+}
+
+fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
+    let g = c.g;
+    let n = &g.nodes[idx];
+    let m = match_weighted(c, idx)?;
+    if m.is_gemm || m.w_t.dims.len() != 4 || m.z_x.1 != 2 || m.z_y.1 != 2 {
+        return None;
+    }
+    u8_params(g, m.dqx)?;
+    let d: Vec<usize> = m.w_t.dims.iter().map(|&v| v as usize).collect();
+    let group = n.attr_i("group").unwrap_or(1).max(1) as usize;
+    let (c_out, c_in) = (d[0], d[1] * group);
+    if !(group == 1 || (group == c_in && c_out == c_in && d[1] == 1)) {
+        return None;
+    }
+    let [strides, dilations, pads] = conv_geometry(n, d[2], d[3])?;
     let weights: Vec<u8> = m.w.iter().map(|&v| (v as i8) as u8).collect();
     if m.w.iter().any(|&v| !(-128.0..=127.0).contains(&v)) {
         return None;
@@ -202,32 +241,10 @@ fn add(c: &Ctx, idx: usize, nhwc: &HashSet<String>) -> Option<Rewrite> {
 
 fn maxpool(c: &Ctx, idx: usize, nhwc: &HashSet<String>) -> Option<Rewrite> {
     let n = &c.g.nodes[idx];
-    if n.output.len() != 1
-        || n.attr_s("auto_pad").is_some_and(|p| p != "NOTSET")
-        || n.attr_ints("dilations").is_some_and(|d| d.iter().any(|&v| v != 1))
-        || n.attr_i("storage_order").unwrap_or(0) != 0
-    {
-        return None;
-    }
-    let k = n.attr_ints("kernel_shape")?.to_vec();
-    let strides = n.attr_ints("strides").map(|v| v.to_vec()).unwrap_or_else(|| vec![1, 1]);
-    let pads = n.attr_ints("pads").map(|v| v.to_vec()).unwrap_or_else(|| vec![0; 4]);
-    if k.len() != 2 || strides.len() != 2 || pads.len() != 4 || k.iter().chain(&strides).any(|&v| v < 1) {
-        return None;
-    }
-    // Every window must hold an input cell (the uint8 max skips pads).
-    if pads.iter().any(|&p| p < 0) || pads[0].max(pads[2]) >= k[0] || pads[1].max(pads[3]) >= k[1] {
-        return None;
-    }
+    let mut attrs = maxpool_attrs(n)?;
     let (x, px) = kernel_dq(c, n.input.first()?, nhwc)?;
     let (path, q, py) = only_q(c, n.output.first()?)?;
-    let attrs = vec![
-        attr_ints("kernel_shape", &k),
-        attr_ints("strides", &strides),
-        attr_ints("pads", &pads),
-        attr_int("ceil_mode", n.attr_i("ceil_mode").unwrap_or(0)),
-        attr_tensor("table", tensor_raw("table", &[256], 2, table_of(px, py))),
-    ];
+    attrs.push(attr_tensor("table", tensor_raw("table", &[256], 2, table_of(px, py))));
     Some(Rewrite {
         remove: [vec![idx], path].concat(),
         node: ep_node("EpQMaxPool", &format!("{}_kernel", n.name()), &[x], &q.output[0], attrs),
@@ -331,24 +348,28 @@ impl Graph {
             }
             out
         };
-        if rewrites.is_empty() {
-            return 0;
-        }
         let count = rewrites.len();
+        g.apply_kernel_rewrites(rewrites).map(|g| *self = g).map_or(0, |_| count)
+    }
+
+    /// Replaces the rewritten nodes by their kernel nodes, runs the layout pass and cleans up. `None` (the graph
+    /// left as it was) when nothing was rewritten or the result would not sort.
+    pub(super) fn apply_kernel_rewrites(mut self, rewrites: Vec<Rewrite>) -> Option<Graph> {
+        if rewrites.is_empty() {
+            return None;
+        }
         let mut remove: Vec<usize> = rewrites.iter().flat_map(|r| r.remove.iter().copied()).collect();
         remove.sort_unstable();
+        remove.dedup();
         for k in remove.into_iter().rev() {
-            g.nodes.remove(k);
+            self.nodes.remove(k);
         }
-        g.nodes.extend(rewrites.into_iter().map(|r| r.node));
-        g.nhwc_layout();
-        if g.topo_sort().is_err() {
-            return 0; // never expected: the graph is left as it was
-        }
-        g.remove_dead_nodes();
-        g.remove_unused_initializers();
-        *self = g;
-        count
+        self.nodes.extend(rewrites.into_iter().map(|r| r.node));
+        self.nhwc_layout();
+        self.topo_sort().ok()?;
+        self.remove_dead_nodes();
+        self.remove_unused_initializers();
+        Some(self)
     }
 
     /// Renames kernel values to their NHWC twins and inserts the conversions at the chain boundaries.
