@@ -44,11 +44,14 @@ fn values_of(m: &Model) -> std::collections::HashSet<String> {
 
 pub struct CpuBackend {
     model: InferenceModel,
-    /// For QDQ models, the values the kernel graph computes under their own names, then fallbacks for runs
-    /// asking for other intermediate values (calibration, per-layer error), each parsed on first use: the
-    /// float-op integer lowering (same arithmetic, NCHW names kept), then the graph as written.
+    /// The values the kernel graph computes under their own names; runs asking for other intermediate values
+    /// (calibration, per-layer error) use a fallback, built and parsed on first use: the float-op integer
+    /// lowering for QDQ models (same arithmetic, NCHW names kept), then the graph as written.
     kept: std::collections::HashSet<String>,
-    fallbacks: Vec<Fallback>,
+    /// The model as given, when the kernel graph differs from it; the fallbacks are built from it on first use.
+    original: Option<Model>,
+    integer_only: bool,
+    fallbacks: std::sync::OnceLock<Vec<Fallback>>,
     input_dtypes: Vec<DatumType>,
     threads: usize,
     options: RunOptions,
@@ -109,21 +112,17 @@ impl CpuBackend {
         let kernels = std::env::var("EDGEPACK_KERNELS").map_or(true, |v| v != "off");
         let n_kernels = if kernels { lowered.lower_qdq_kernels() } else { 0 };
         let n_int = lowered.graph.lower_qdq_integer();
-        let mut fallbacks = Vec::new();
-        if n_kernels > 0 {
-            let mut int_only = model.clone();
-            int_only.graph.lower_qdq_integer();
-            fallbacks.push(Fallback { kept: values_of(&int_only), bytes: int_only.to_bytes() });
-        }
         // Float graphs: Conv chains (with their Relu/Clip, residual Adds, MaxPools, Concats) on the fp32 NHWC
         // kernels. Not mixed with the integer lowering (its float ops carry exact integers).
         let n_f32 = if kernels && n_kernels + n_int == 0 { lowered.lower_f32_kernels() } else { 0 };
-        if n_kernels + n_int + n_f32 > 0 {
-            fallbacks.push(Fallback { kept: values_of(model), bytes: model.to_bytes() });
-            if let Ok(path) = std::env::var("EDGEPACK_DUMP_LOWERED") {
-                // Debugging aid: the graph tract is about to run.
-                let _ = std::fs::write(path, lowered.to_bytes());
-            }
+        // Fallbacks (built on first use, `fallbacks()`): the float-op integer lowering when kernels were made,
+        // then the graph as written.
+        let original = (n_kernels + n_int + n_f32 > 0).then(|| model.clone());
+        if original.is_some()
+            && let Ok(path) = std::env::var("EDGEPACK_DUMP_LOWERED")
+        {
+            // Debugging aid: the graph tract is about to run.
+            let _ = std::fs::write(path, lowered.to_bytes());
         }
         let kept = values_of(&lowered);
         let bytes = lowered.to_bytes();
@@ -138,11 +137,28 @@ impl CpuBackend {
         Ok(CpuBackend {
             model: inference,
             kept,
-            fallbacks,
+            original,
+            integer_only: n_kernels > 0,
+            fallbacks: std::sync::OnceLock::new(),
             input_dtypes: input_dtypes.iter().map(|&d| to_datum(d)).collect(),
             threads,
             options,
             plans: Mutex::new(PlanCache::default()),
+        })
+    }
+
+    /// The graphs to run when a request asks for values the kernel graph does not compute under their names.
+    fn fallbacks(&self) -> &[Fallback] {
+        self.fallbacks.get_or_init(|| {
+            let Some(model) = &self.original else { return Vec::new() };
+            let mut out = Vec::new();
+            if self.integer_only {
+                let mut int_only = model.clone();
+                int_only.graph.lower_qdq_integer();
+                out.push(Fallback { kept: values_of(&int_only), bytes: int_only.to_bytes() });
+            }
+            out.push(Fallback { kept: values_of(model), bytes: model.to_bytes() });
+            out
         })
     }
 
@@ -155,7 +171,8 @@ impl CpuBackend {
             self.model.clone()
         } else {
             // The first fallback computing every requested value (the graph as written computes them all).
-            match self.fallbacks.iter().find(|f| outputs.iter().all(|o| f.kept.contains(o))).or(self.fallbacks.last()) {
+            let fallbacks = self.fallbacks();
+            match fallbacks.iter().find(|f| outputs.iter().all(|o| f.kept.contains(o))).or(fallbacks.last()) {
                 Some(f) => tract_onnx::onnx().model_for_read(&mut &f.bytes[..]).map_err(tract_err)?,
                 None => self.model.clone(),
             }

@@ -22,7 +22,7 @@ pub struct FConvSpec {
     pub dilation: [usize; 2],
     /// top, left, bottom, right
     pub pads: [usize; 4],
-    /// OIHW `[c_out, c_in / group, kh, kw]`.
+    /// OIHW `[c_out, c_in / group, kh, kw]` (emptied once packed: `spec()` of a built convolution has none).
     pub weights: Vec<f32>,
     pub bias: Option<Vec<f32>>,
     /// Output clamp `[lo, hi]` (−∞, +∞ for none; Relu is `[0, +∞]`).
@@ -120,6 +120,9 @@ impl FConv {
             }
             Plan::Gemm { k, direct, blocks }
         };
+        // The packed plan holds the weights now: drop the unpacked copy (a model's worth of memory).
+        let mut spec = spec;
+        spec.weights = Vec::new();
         Ok(FConv { spec, isa, plan, bias })
     }
 

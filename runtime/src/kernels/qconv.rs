@@ -28,7 +28,7 @@ pub struct QConvSpec {
     pub pads: [usize; 4],
     pub z_x: u8,
     pub z_y: u8,
-    /// OIHW `[c_out, c_in / group, kh, kw]`.
+    /// OIHW `[c_out, c_in / group, kh, kw]` (emptied once packed: `spec()` of a built convolution has none).
     pub weights: Vec<i8>,
     pub bias: Option<Vec<i32>>,
     /// Per output channel `(s_x·s_w[o]) / s_y`.
@@ -187,6 +187,9 @@ impl QConv {
             }
             Plan::Gemm { kp, direct, blocks }
         };
+        // The packed plan holds the weights now: drop the unpacked copy (a model's worth of memory).
+        let mut spec = spec;
+        spec.weights = Vec::new();
         Ok(QConv { spec, isa, plan, bias, multiplier })
     }
 
