@@ -9,7 +9,7 @@
 //! The sums run in a different order than a reference loop (FMA, per-tile accumulation), so results differ from
 //! it by float rounding only; tests compare with a tolerance.
 use super::Isa;
-use super::qconv::{GemmTiles, TILE_ROWS, Window, check_geometry};
+use super::qconv::{DIRECT_ROWS, GemmTiles, Window, check_geometry};
 
 /// A float convolution as the lowering pass writes it.
 #[derive(Debug, Clone, PartialEq)]
@@ -190,7 +190,7 @@ impl FConv {
         let s = &self.spec;
         let tiles = GemmTiles { k, direct, macs: n * oh * ow * k * s.c_out, pad: 0.0 };
         self.geom().for_each_gemm_tile(x, [n, h, w], (oh, ow), &tiles, blocks, |rows, r0, blocks| {
-            let mut out_ptrs = [std::ptr::null_mut::<f32>(); TILE_ROWS];
+            let mut out_ptrs = [std::ptr::null_mut::<f32>(); DIRECT_ROWS];
             for (i, p) in out_ptrs.iter_mut().enumerate().take(rows.len()) {
                 // Each (row tile, channel block) is written by exactly one part.
                 *p = (y_addr as *mut f32).wrapping_add((r0 + i) * ld + offset);
@@ -202,7 +202,7 @@ impl FConv {
                 while k0 < k {
                     let kc = (k - k0).min(KC);
                     let part = KPart { k0, kc, first: k0 == 0, last: k0 + kc == k };
-                    let rows_k: [*const f32; TILE_ROWS] =
+                    let rows_k: [*const f32; DIRECT_ROWS] =
                         std::array::from_fn(|i| rows.get(i).map_or(std::ptr::null(), |p| p.wrapping_add(k0)));
                     let nr = rows.len();
                     // SAFETY: row pointers address `k` readable floats; output rows hold `ld` floats.

@@ -45,6 +45,9 @@ pub(crate) enum Out {
 
 /// Rows (output pixels) gathered per im2col tile.
 pub(crate) const TILE_ROWS: usize = 48;
+/// Rows per tile when they are read in place (1×1 convolutions): a whole small image, so each pass over a
+/// block's weights serves every row while the weights sit in L1.
+pub(crate) const DIRECT_ROWS: usize = 256;
 
 /// A GEMM plan and the output stage of one run.
 struct Gemm<'a> {
@@ -239,7 +242,7 @@ impl QConv {
         let s = &self.spec;
         let tiles = GemmTiles { k: g.kp, direct: g.direct, macs: n * oh * ow * g.kp * s.c_out, pad: s.z_x };
         self.window().for_each_gemm_tile(x, [n, h, w], (oh, ow), &tiles, g.blocks, |rows, r0, blocks| {
-            let mut out_ptrs = [std::ptr::null_mut::<u8>(); TILE_ROWS];
+            let mut out_ptrs = [std::ptr::null_mut::<u8>(); DIRECT_ROWS];
             for (i, p) in out_ptrs.iter_mut().enumerate().take(rows.len()) {
                 // Each (row tile, channel block) is written by exactly one part.
                 *p = (y_addr + (r0 + i) * s.c_out * elem) as *mut u8;
@@ -430,8 +433,8 @@ pub(crate) struct GemmTiles<T> {
 }
 
 impl Window {
-    /// Calls `f(rows, r0, blocks)` for tiles of up to [`TILE_ROWS`] output pixels (`rows`: their `k`-long input
-    /// rows, read in place when `direct`, else gathered by im2col) and a share of the channel `blocks`, split across
+    /// Calls `f(rows, r0, blocks)` for tiles of up to [`TILE_ROWS`] output pixels ([`DIRECT_ROWS`] when read in
+    /// place) (`rows`: their `k`-long input rows, read in place when `direct`, else gathered by im2col) and a share of the channel `blocks`, split across
     /// the kernel pool: enough work per part to pay a hand-off, a few parts per thread; images with fewer row tiles
     /// than parts (7×7 = 49 rows) split their channel blocks too. Every (tile, block) pair is visited once.
     pub fn for_each_gemm_tile<T: Copy + Send + Sync, B: Sync>(
@@ -444,7 +447,8 @@ impl Window {
         f: impl Fn(&[*const T], usize, &[B]) + Sync,
     ) {
         let rows = _n * oh * ow;
-        let tiles = rows.div_ceil(TILE_ROWS);
+        let tile = if t.direct { DIRECT_ROWS } else { TILE_ROWS };
+        let tiles = rows.div_ceil(tile);
         let wanted = (super::threads() * 2).min((t.macs / 100_000).max(1));
         let col_parts = if tiles >= wanted { 1 } else { wanted.div_ceil(tiles).min(blocks.len()) };
         let row_parts = tiles.min(wanted.div_ceil(col_parts));
@@ -454,10 +458,10 @@ impl Window {
             let (rp, cp) = (part / col_parts, part % col_parts);
             let blocks = &blocks[(cp * bper).min(blocks.len())..((cp + 1) * bper).min(blocks.len())];
             let mut buf = if t.direct { Vec::new() } else { vec![t.pad; TILE_ROWS * t.k] };
-            let mut row_ptrs = [std::ptr::null::<T>(); TILE_ROWS];
+            let mut row_ptrs = [std::ptr::null::<T>(); DIRECT_ROWS];
             let end = ((rp + 1) * per).min(rows);
-            for r0 in (rp * per..end).step_by(TILE_ROWS) {
-                let nr = (end - r0).min(TILE_ROWS);
+            for r0 in (rp * per..end).step_by(tile) {
+                let nr = (end - r0).min(tile);
                 if t.direct {
                     for (i, p) in row_ptrs.iter_mut().enumerate().take(nr) {
                         *p = x[(r0 + i) * self.c..].as_ptr();
