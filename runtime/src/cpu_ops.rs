@@ -514,9 +514,18 @@ impl EpOp {
                 }
                 Kernel::FAdd => {
                     let (a, b) = (slice::<f32>(&inputs[0])?, slice::<f32>(&inputs[1])?);
-                    for ((o, &p), &q) in ys.iter_mut().zip(a).zip(b) {
-                        *o = p + q;
-                    }
+                    // Large adds split across the pool; each part is an independent range.
+                    let parts = (crate::kernels::threads() * 2).min(a.len() / 32_768).max(1);
+                    let per = a.len().div_ceil(parts);
+                    let y_addr = ys.as_mut_ptr() as usize;
+                    for_each_part(parts, |p| {
+                        let r = p * per..((p + 1) * per).min(a.len());
+                        // SAFETY: disjoint ranges of the output per part.
+                        let o = unsafe { std::slice::from_raw_parts_mut((y_addr as *mut f32).add(r.start), r.len()) };
+                        for ((o, &p), &q) in o.iter_mut().zip(&a[r.clone()]).zip(&b[r]) {
+                            *o = p + q;
+                        }
+                    });
                 }
                 Kernel::FMaxPool(g) => {
                     qelem::maxpool_f32(slice(&inputs[0])?, [x[0], x[1], x[2], x[3]], *g, ys)
