@@ -119,29 +119,59 @@ fn op(k: Kernel) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     Ok((expand(EpExpansion(EpOp(Arc::new(k)))), vec![]))
 }
 
+/// The geometry attributes every convolution kernel node carries (names suffixed with `sfx`).
+struct Geometry {
+    c_in: usize,
+    c_out: usize,
+    group: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    pads: [usize; 4],
+}
+
+impl Geometry {
+    fn parse(node: &NodeProto, sfx: &str) -> TractResult<Geometry> {
+        let a = |name: &str| format!("{name}{sfx}");
+        Ok(Geometry {
+            c_in: node.get_attr(&a("c_in"))?,
+            c_out: node.get_attr(&a("c_out"))?,
+            group: node.get_attr(&a("group"))?,
+            kernel: usizes(node, &a("kernel_shape"))?,
+            stride: usizes(node, &a("strides"))?,
+            dilation: usizes(node, &a("dilations"))?,
+            pads: usizes(node, &a("pads"))?,
+        })
+    }
+
+    /// Weights per output channel.
+    fn per_out(&self) -> usize {
+        (self.c_in / self.group.max(1)) * self.kernel[0] * self.kernel[1]
+    }
+}
+
+fn has_attr(node: &NodeProto, name: &str) -> bool {
+    node.attribute.iter().any(|a| a.name == name)
+}
+
 fn qconv(node: &NodeProto) -> TractResult<QConv> {
-    let c_out: usize = node.get_attr("c_out")?;
-    let c_in: usize = node.get_attr("c_in")?;
-    let group: usize = node.get_attr("group")?;
-    let kernel = usizes::<2>(node, "kernel_shape")?;
-    let per_out = (c_in / group.max(1)) * kernel[0] * kernel[1];
-    let weights = raw(node, "weights", 3, c_out * per_out)?.iter().map(|&b| b as i8).collect();
-    let m = raw(node, "multiplier", 1, c_out * 4)?;
-    let multiplier = m.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    let bias = if node.attribute.iter().any(|a| a.name == "bias") {
-        let b = raw(node, "bias", 6, c_out * 4)?;
+    let g = Geometry::parse(node, "")?;
+    let weights = raw(node, "weights", 3, g.c_out * g.per_out())?.iter().map(|&b| b as i8).collect();
+    let multiplier = floats(raw(node, "multiplier", 1, g.c_out * 4)?);
+    let bias = if has_attr(node, "bias") {
+        let b = raw(node, "bias", 6, g.c_out * 4)?;
         Some(b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     } else {
         None
     };
     let spec = QConvSpec {
-        c_in,
-        c_out,
-        group,
-        kernel,
-        stride: usizes(node, "strides")?,
-        dilation: usizes(node, "dilations")?,
-        pads: usizes(node, "pads")?,
+        c_in: g.c_in,
+        c_out: g.c_out,
+        group: g.group,
+        kernel: g.kernel,
+        stride: g.stride,
+        dilation: g.dilation,
+        pads: g.pads,
         z_x: byte(node, "z_x")?,
         z_y: byte(node, "z_y")?,
         weights,
@@ -201,27 +231,19 @@ fn parse_fconv_concat(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<
 
 fn fconv(node: &NodeProto, sfx: &str) -> TractResult<FConv> {
     let a = |name: &str| format!("{name}{sfx}");
-    let c_out: usize = node.get_attr(&a("c_out"))?;
-    let c_in: usize = node.get_attr(&a("c_in"))?;
-    let group: usize = node.get_attr(&a("group"))?;
-    let kernel = usizes::<2>(node, &a("kernel_shape"))?;
-    let per_out = (c_in / group.max(1)) * kernel[0] * kernel[1];
-    let bias = if node.attribute.iter().any(|x| x.name == a("bias")) {
-        Some(floats(raw(node, &a("bias"), 1, c_out * 4)?))
-    } else {
-        None
-    };
+    let g = Geometry::parse(node, sfx)?;
+    let bias = if has_attr(node, &a("bias")) { Some(floats(raw(node, &a("bias"), 1, g.c_out * 4)?)) } else { None };
     let clamp: Vec<f32> = node.get_attr_vec(&a("clamp"))?;
     ensure!(clamp.len() == 2, "{}: clamp must hold 2 floats", node.name);
     let spec = FConvSpec {
-        c_in,
-        c_out,
-        group,
-        kernel,
-        stride: usizes(node, &a("strides"))?,
-        dilation: usizes(node, &a("dilations"))?,
-        pads: usizes(node, &a("pads"))?,
-        weights: floats(raw(node, &a("weights"), 1, c_out * per_out * 4)?),
+        c_in: g.c_in,
+        c_out: g.c_out,
+        group: g.group,
+        kernel: g.kernel,
+        stride: g.stride,
+        dilation: g.dilation,
+        pads: g.pads,
+        weights: floats(raw(node, &a("weights"), 1, g.c_out * g.per_out() * 4)?),
         bias,
         clamp: [clamp[0], clamp[1]],
     };
@@ -392,93 +414,102 @@ impl EvalOp for EpOp {
         let shapes: Vec<TVec<TDim>> = inputs.iter().map(|t| t.shape().iter().map(|&d| d.into()).collect()).collect();
         let out: Vec<usize> = self.out_shape(&shapes)?.iter().map(|d| Ok(d.to_usize()?)).collect::<TractResult<_>>()?;
         let x = inputs[0].shape().to_vec();
-        if let Kernel::Layout { to_nhwc } = &*self.0 {
-            // Per image: [c, h·w] → [h·w, c] into NHWC, [h·w, c] → [c, h·w] back.
-            let (rows, cols) = if *to_nhwc { (x[1], x[2] * x[3]) } else { (x[1] * x[2], x[3]) };
-            let t = &inputs[0];
-            let y = if t.datum_type() == u8::datum_type() {
-                let mut y = unsafe { Tensor::uninitialized::<u8>(&out)? };
-                qelem::transpose(slice::<u8>(t)?, x[0], rows, cols, y.try_as_plain_ram_mut()?.as_slice_mut::<u8>()?);
-                y
-            } else {
-                let mut y = unsafe { Tensor::uninitialized::<f32>(&out)? };
-                qelem::transpose(slice::<f32>(t)?, x[0], rows, cols, y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
-                y
-            };
-            return Ok(tvec!(y.into_tvalue()));
-        }
-        if self.is_float() {
-            return Ok(tvec!(self.eval_f32(&inputs, &x, &out)?.into_tvalue()));
-        }
-        if let Kernel::Gemm { conv, float_out } = &*self.0 {
-            let xs = slice::<u8>(&inputs[0])?;
-            let y = if *float_out {
-                let mut y = unsafe { Tensor::uninitialized::<f32>(&out)? };
-                conv.run_f32(xs, x[0], 1, 1, y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?)
-                    .map_err(|e| format_err!("{name}: {e}"))?;
-                y
-            } else {
-                let mut y = unsafe { Tensor::uninitialized::<u8>(&out)? };
-                conv.run(xs, x[0], 1, 1, y.try_as_plain_ram_mut()?.as_slice_mut::<u8>()?)
-                    .map_err(|e| format_err!("{name}: {e}"))?;
-                y
-            };
-            return Ok(tvec!(y.into_tvalue()));
-        }
+        let dt = if let Kernel::Layout { .. } = &*self.0 { inputs[0].datum_type() } else { self.output_type() };
         // SAFETY: every kernel below writes every output element.
-        let mut y = unsafe { Tensor::uninitialized::<u8>(&out)? };
-        {
-            let mut view = y.try_as_plain_ram_mut()?;
-            let ys = view.as_slice_mut::<u8>()?;
-            match &*self.0 {
-                Kernel::Conv(conv) => {
-                    conv.run(slice(&inputs[0])?, x[0], x[1], x[2], ys).map_err(|e| format_err!("{name}: {e}"))?
+        let mut y = unsafe { Tensor::uninitialized_dt(dt, &out)? };
+        let mut view = y.try_as_plain_ram_mut()?;
+        let err = |e: String| format_err!("{name}: {e}");
+        match &*self.0 {
+            Kernel::Conv(conv) => conv.run(slice(&inputs[0])?, x[0], x[1], x[2], view.as_slice_mut()?).map_err(err)?,
+            Kernel::Gemm { conv, float_out: false } => {
+                conv.run(slice(&inputs[0])?, x[0], 1, 1, view.as_slice_mut()?).map_err(err)?
+            }
+            Kernel::Gemm { conv, float_out: true } => {
+                conv.run_f32(slice(&inputs[0])?, x[0], 1, 1, view.as_slice_mut()?).map_err(err)?
+            }
+            Kernel::Add { qa, qb, qc, isa } => {
+                let (a, b) = (slice::<u8>(&inputs[0])?, slice::<u8>(&inputs[1])?);
+                let parts = crate::kernels::threads().min(a.len() / 65536).max(1);
+                for_each_range(view.as_slice_mut::<u8>()?, parts, |r, o| {
+                    qelem::qadd(*isa, &a[r.clone()], *qa, &b[r], *qb, *qc, o)
+                });
+            }
+            Kernel::MaxPool { g, table } => {
+                qelem::maxpool(slice(&inputs[0])?, [x[0], x[1], x[2], x[3]], *g, table, view.as_slice_mut()?)
+                    .ok_or_else(|| format_err!("{name}: a pooling window holds no input cell"))?;
+            }
+            Kernel::Concat { tables } => {
+                let ins: Vec<(&[u8], usize, &[u8; 256])> = inputs
+                    .iter()
+                    .zip(tables)
+                    .map(|(t, tb)| Ok((slice::<u8>(t)?, t.shape()[3], tb)))
+                    .collect::<TractResult<_>>()?;
+                qelem::concat_channels(&ins, x[0] * x[1] * x[2], view.as_slice_mut()?);
+            }
+            Kernel::Quantize { q, isa } => {
+                let xs = inputs[0].cast_to::<f32>()?;
+                let xs = xs.try_as_plain_ram()?;
+                qelem::quantize_nchw_to_nhwc(
+                    *isa,
+                    xs.as_slice::<f32>()?,
+                    [x[0], x[1], x[2], x[3]],
+                    *q,
+                    view.as_slice_mut()?,
+                );
+            }
+            Kernel::FConv(conv) => conv.run(slice(&inputs[0])?, x[0], x[1], x[2], view.as_slice_mut()?).map_err(err)?,
+            Kernel::FGemm(conv) => conv.run(slice(&inputs[0])?, x[0], 1, 1, view.as_slice_mut()?).map_err(err)?,
+            Kernel::FConvConcat(convs) => {
+                let ys = view.as_slice_mut::<f32>()?;
+                let mut offset = 0;
+                for (conv, t) in convs.iter().zip(&inputs) {
+                    let s = t.shape();
+                    conv.run_into(slice(t)?, [s[0], s[1], s[2]], ys, out[3], offset).map_err(err)?;
+                    offset += conv.spec().c_out;
                 }
-                Kernel::Add { qa, qb, qc, isa } => {
-                    let (a, b) = (slice::<u8>(&inputs[0])?, slice::<u8>(&inputs[1])?);
-                    // Large adds split across the pool; each part is an independent range.
-                    let parts = crate::kernels::threads().min(a.len() / 65536).max(1);
-                    let per = a.len().div_ceil(parts);
-                    let y_addr = ys.as_mut_ptr() as usize;
-                    for_each_part(parts, |p| {
-                        let r = p * per..((p + 1) * per).min(a.len());
-                        // SAFETY: disjoint ranges of the output per part.
-                        let o = unsafe { std::slice::from_raw_parts_mut((y_addr + r.start) as *mut u8, r.len()) };
-                        qelem::qadd(*isa, &a[r.clone()], *qa, &b[r.clone()], *qb, *qc, o);
-                    });
+            }
+            Kernel::FAdd => {
+                let (a, b) = (slice::<f32>(&inputs[0])?, slice::<f32>(&inputs[1])?);
+                let parts = (crate::kernels::threads() * 2).min(a.len() / 32_768).max(1);
+                for_each_range(view.as_slice_mut::<f32>()?, parts, |r, o| {
+                    for ((o, &p), &q) in o.iter_mut().zip(&a[r.clone()]).zip(&b[r]) {
+                        *o = p + q;
+                    }
+                });
+            }
+            Kernel::FMaxPool(g) => {
+                qelem::maxpool_f32(slice(&inputs[0])?, [x[0], x[1], x[2], x[3]], *g, view.as_slice_mut()?)
+                    .ok_or_else(|| format_err!("{name}: a pooling window holds no input cell"))?;
+            }
+            Kernel::FConcat(_) => {
+                let ins: Vec<(&[f32], usize)> =
+                    inputs.iter().map(|t| Ok((slice::<f32>(t)?, t.shape()[3]))).collect::<TractResult<_>>()?;
+                qelem::concat_channels_f32(&ins, x[0] * x[1] * x[2], view.as_slice_mut()?);
+            }
+            Kernel::FGlobalAvg => {
+                let xs = slice::<f32>(&inputs[0])?;
+                let (hw, c) = (x[1] * x[2], x[3]);
+                ensure!(hw > 0, "{name}: empty image");
+                for (b, o) in view.as_slice_mut::<f32>()?.chunks_exact_mut(c).enumerate() {
+                    o.fill(0.0);
+                    for p in xs[b * hw * c..(b + 1) * hw * c].chunks_exact(c) {
+                        for (a, &v) in o.iter_mut().zip(p) {
+                            *a += v;
+                        }
+                    }
+                    for a in o.iter_mut() {
+                        *a /= hw as f32;
+                    }
                 }
-                Kernel::MaxPool { g, table } => {
-                    qelem::maxpool(slice(&inputs[0])?, [x[0], x[1], x[2], x[3]], *g, table, ys)
-                        .ok_or_else(|| format_err!("{name}: a pooling window holds no input cell"))?;
-                }
-                Kernel::Concat { tables } => {
-                    let ins: Vec<(&[u8], usize, &[u8; 256])> = inputs
-                        .iter()
-                        .zip(tables)
-                        .map(|(t, tb)| Ok((slice::<u8>(t)?, t.shape()[3], tb)))
-                        .collect::<TractResult<_>>()?;
-                    qelem::concat_channels(&ins, x[0] * x[1] * x[2], ys);
-                }
-                Kernel::FConv(_)
-                | Kernel::FConvConcat(_)
-                | Kernel::FGemm(_)
-                | Kernel::FAdd
-                | Kernel::FMaxPool(_)
-                | Kernel::FConcat(_)
-                | Kernel::FGlobalAvg
-                | Kernel::Gemm { .. }
-                | Kernel::Layout { .. } => {
-                    unreachable!("dispatched above")
-                }
-                Kernel::Quantize { q, isa } => {
-                    let xs = inputs[0].cast_to::<f32>()?;
-                    qelem::quantize_nchw_to_nhwc(
-                        *isa,
-                        xs.try_as_plain_ram()?.as_slice::<f32>()?,
-                        [x[0], x[1], x[2], x[3]],
-                        *q,
-                        ys,
-                    );
+            }
+            Kernel::Layout { to_nhwc } => {
+                // Per image: [c, h·w] → [h·w, c] into NHWC, [h·w, c] → [c, h·w] back.
+                let (rows, cols) = if *to_nhwc { (x[1], x[2] * x[3]) } else { (x[1] * x[2], x[3]) };
+                let t = &inputs[0];
+                if dt == u8::datum_type() {
+                    qelem::transpose(slice::<u8>(t)?, x[0], rows, cols, view.as_slice_mut()?);
+                } else {
+                    qelem::transpose(slice::<f32>(t)?, x[0], rows, cols, view.as_slice_mut()?);
                 }
             }
         }
@@ -486,77 +517,17 @@ impl EvalOp for EpOp {
     }
 }
 
-impl EpOp {
-    /// The float kernels (NHWC f32 in and out).
-    fn eval_f32(&self, inputs: &[TValue], x: &[usize], out: &[usize]) -> TractResult<Tensor> {
-        let name = self.op_name();
-        // SAFETY: every kernel below writes every output element.
-        let mut y = unsafe { Tensor::uninitialized::<f32>(out)? };
-        {
-            let mut view = y.try_as_plain_ram_mut()?;
-            let ys = view.as_slice_mut::<f32>()?;
-            match &*self.0 {
-                Kernel::FConv(conv) => {
-                    conv.run(slice(&inputs[0])?, x[0], x[1], x[2], ys).map_err(|e| format_err!("{name}: {e}"))?
-                }
-                Kernel::FGemm(conv) => {
-                    conv.run(slice(&inputs[0])?, x[0], 1, 1, ys).map_err(|e| format_err!("{name}: {e}"))?
-                }
-                Kernel::FConvConcat(convs) => {
-                    let ld = out[3];
-                    let mut offset = 0;
-                    for (conv, t) in convs.iter().zip(inputs) {
-                        let s = t.shape();
-                        conv.run_into(slice(t)?, [s[0], s[1], s[2]], ys, ld, offset)
-                            .map_err(|e| format_err!("{name}: {e}"))?;
-                        offset += conv.spec().c_out;
-                    }
-                }
-                Kernel::FAdd => {
-                    let (a, b) = (slice::<f32>(&inputs[0])?, slice::<f32>(&inputs[1])?);
-                    // Large adds split across the pool; each part is an independent range.
-                    let parts = (crate::kernels::threads() * 2).min(a.len() / 32_768).max(1);
-                    let per = a.len().div_ceil(parts);
-                    let y_addr = ys.as_mut_ptr() as usize;
-                    for_each_part(parts, |p| {
-                        let r = p * per..((p + 1) * per).min(a.len());
-                        // SAFETY: disjoint ranges of the output per part.
-                        let o = unsafe { std::slice::from_raw_parts_mut((y_addr as *mut f32).add(r.start), r.len()) };
-                        for ((o, &p), &q) in o.iter_mut().zip(&a[r.clone()]).zip(&b[r]) {
-                            *o = p + q;
-                        }
-                    });
-                }
-                Kernel::FMaxPool(g) => {
-                    qelem::maxpool_f32(slice(&inputs[0])?, [x[0], x[1], x[2], x[3]], *g, ys)
-                        .ok_or_else(|| format_err!("{name}: a pooling window holds no input cell"))?;
-                }
-                Kernel::FConcat(_) => {
-                    let ins: Vec<(&[f32], usize)> =
-                        inputs.iter().map(|t| Ok((slice::<f32>(t)?, t.shape()[3]))).collect::<TractResult<_>>()?;
-                    qelem::concat_channels_f32(&ins, x[0] * x[1] * x[2], ys);
-                }
-                Kernel::FGlobalAvg => {
-                    let xs = slice::<f32>(&inputs[0])?;
-                    let (hw, c) = (x[1] * x[2], x[3]);
-                    ensure!(hw > 0, "{name}: empty image");
-                    for (b, o) in ys.chunks_exact_mut(c).enumerate() {
-                        o.fill(0.0);
-                        for p in xs[b * hw * c..(b + 1) * hw * c].chunks_exact(c) {
-                            for (a, &v) in o.iter_mut().zip(p) {
-                                *a += v;
-                            }
-                        }
-                        for a in o.iter_mut() {
-                            *a /= hw as f32;
-                        }
-                    }
-                }
-                _ => unreachable!("integer kernels are evaluated by `eval`"),
-            }
-        }
-        Ok(y)
-    }
+/// `f(range, out[range])` for `parts` consecutive ranges of an element-wise output, split across the kernel pool.
+fn for_each_range<T: Send + Sync>(out: &mut [T], parts: usize, f: impl Fn(std::ops::Range<usize>, &mut [T]) + Sync) {
+    let len = out.len();
+    let per = len.div_ceil(parts.max(1));
+    let addr = out.as_mut_ptr() as usize;
+    for_each_part(parts, |p| {
+        let r = (p * per).min(len)..((p + 1) * per).min(len);
+        // SAFETY: the ranges are disjoint, so each part owns its slice of the output.
+        let o = unsafe { std::slice::from_raw_parts_mut((addr as *mut T).add(r.start), r.len()) };
+        f(r, o);
+    });
 }
 
 impl TypedOp for EpOp {

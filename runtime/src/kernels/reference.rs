@@ -86,7 +86,7 @@ pub fn qconv2d(
     y
 }
 
-/// Quantized `x [n, k] · wᵀ` with `w: [c_out, k]` (Gemm with transB = 1).
+/// Quantized `x [n, k] · wᵀ` with `w: [c_out, k]` (Gemm with transB = 1): the 1×1 convolution of `[n, k, 1, 1]`.
 #[allow(clippy::too_many_arguments)]
 pub fn qgemm(
     x: &[u8],
@@ -99,17 +99,8 @@ pub fn qgemm(
     m: &[f32],
     z_y: u8,
 ) -> Vec<u8> {
-    let mut y = vec![0u8; n * c_out];
-    for r in 0..n {
-        for o in 0..c_out {
-            let mut acc: i64 = bias.map_or(0, |bv| bv[o] as i64);
-            for i in 0..k {
-                acc += (x[r * k + i] as i64 - z_x as i64) * w[o * k + i] as i64;
-            }
-            y[r * c_out + o] = requantize(acc, m[o], z_y);
-        }
-    }
-    y
+    let g = Conv2d { group: 1, kernel: [1, 1], stride: [1, 1], dilation: [1, 1], pads: [0; 4] };
+    qconv2d(x, [n, k, 1, 1], z_x, w, c_out, bias, m, z_y, g)
 }
 
 /// Per-tensor quantization parameters of a uint8 tensor.

@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::builder::{attr_floats, attr_int, attr_ints, attr_tensor, tensor_f32};
 use super::passes::tensor_f32_values;
-use super::qdq_kernels::{DOMAIN, Rewrite, conv_geometry, ep_node as ep, maxpool_attrs};
+use super::qdq_kernels::{Rewrite, conv_geometry, ep_node as ep, in_layout, maxpool_attrs};
 use super::{Graph, Model, NodeExt, NodeProto};
 
 /// Op types of the float kernel nodes.
@@ -248,10 +248,7 @@ impl Model {
     /// [`Graph::lower_f32_kernels`], declaring the kernel domain. Returns how many patterns became kernels.
     pub fn lower_f32_kernels(&mut self) -> usize {
         let n = self.graph.lower_f32_kernels();
-        if n > 0 {
-            self.set_opset(DOMAIN, 1);
-        }
-        n
+        self.declare_kernels(n)
     }
 }
 
@@ -295,7 +292,7 @@ impl Graph {
                     && r.remove.iter().all(|k| !taken.contains(k))
                 {
                     taken.extend(r.remove.iter().copied());
-                    if r.node.op() != "EpGemm" {
+                    if in_layout(r.node.op()) {
                         let ch = channels(&r.node, &made);
                         made.insert(r.node.output[0].clone(), ch);
                     }

@@ -48,6 +48,12 @@ fn table_of(from: (f32, u8), to: (f32, u8)) -> Vec<u8> {
     qelem::requant_table(QParams { scale: from.0, zero: from.1 }, QParams { scale: to.0, zero: to.1 }).to_vec()
 }
 
+/// Whether a kernel op takes part in the NHWC layout (the Gemm kernels read and write rank-2 tensors, whose
+/// layout is the same either way).
+pub(super) fn in_layout(op: &str) -> bool {
+    !matches!(op, "EpQGemm" | "EpGemm")
+}
+
 /// A kernel node and the nodes it replaces (indices into the graph being lowered).
 pub(super) struct Rewrite {
     pub remove: Vec<usize>,
@@ -304,6 +310,11 @@ impl Model {
     /// [`Graph::lower_qdq_kernels`], declaring the kernel domain. Returns how many patterns became kernels.
     pub fn lower_qdq_kernels(&mut self) -> usize {
         let n = self.graph.lower_qdq_kernels();
+        self.declare_kernels(n)
+    }
+
+    /// Declares the kernel domain when `n` patterns became kernels; returns `n`.
+    pub(super) fn declare_kernels(&mut self, n: usize) -> usize {
         if n > 0 {
             self.set_opset(DOMAIN, 1);
         }
@@ -340,7 +351,7 @@ impl Graph {
                     && r.remove.iter().all(|k| !taken.contains(k))
                 {
                     taken.extend(r.remove.iter().copied());
-                    if r.node.op() != "EpQGemm" {
+                    if in_layout(r.node.op()) {
                         nhwc.insert(r.node.output[0].clone());
                     }
                     out.push(r);
@@ -374,8 +385,7 @@ impl Graph {
 
     /// Renames kernel values to their NHWC twins and inserts the conversions at the chain boundaries.
     pub(super) fn nhwc_layout(&mut self) {
-        // EpQGemm and EpGemm read and write rank-2 tensors: no layout of their own.
-        let is_ep = |n: &NodeProto| n.domain_name() == DOMAIN && !matches!(n.op(), "EpQGemm" | "EpGemm");
+        let is_ep = |n: &NodeProto| n.domain_name() == DOMAIN && in_layout(n.op());
         let ep_out: HashSet<String> =
             self.nodes.iter().filter(|n| is_ep(n)).flat_map(|n| n.output.iter().cloned()).collect();
         let producers: HashMap<String, usize> =
