@@ -9,7 +9,7 @@
 //! The sums run in a different order than a reference loop (FMA, per-tile accumulation), so results differ from
 //! it by float rounding only; tests compare with a tolerance.
 use super::Isa;
-use super::qconv::{DIRECT_ROWS, GemmTiles, Window, check_geometry};
+use super::qconv::{DIRECT_ROWS, Dw, GemmTiles, Window, check_geometry};
 
 /// A float convolution as the lowering pass writes it.
 #[derive(Debug, Clone, PartialEq)]
@@ -168,7 +168,8 @@ impl FConv {
                     let yrow = unsafe {
                         std::slice::from_raw_parts_mut((y_addr as *mut f32).add(r * ow * s.c_in), ow * s.c_in)
                     };
-                    self.depthwise_row(row_ptrs, taps, wt, *cpad, ow, yrow);
+                    let d = Dw { rows: row_ptrs, taps, step: s.stride[1] * s.c_in, c: s.c_in, ow };
+                    self.depthwise_row(&d, wt, *cpad, yrow);
                 });
             }
         }
@@ -218,32 +219,21 @@ impl FConv {
         Window { c: s.c_in, kernel: s.kernel, stride: s.stride, dilation: s.dilation, pads: s.pads }
     }
 
-    fn depthwise_row(
-        &self,
-        rows: &[*const f32],
-        taps: &[(usize, usize)],
-        wt: &[f32],
-        cpad: usize,
-        ow: usize,
-        yrow: &mut [f32],
-    ) {
+    fn depthwise_row(&self, d: &Dw<f32>, wt: &[f32], cpad: usize, yrow: &mut [f32]) {
         let s = &self.spec;
-        let c = s.c_in;
-        let step = s.stride[1] * c;
         #[cfg(target_arch = "x86_64")]
         if self.isa >= Isa::Avx2 {
             // SAFETY: the ISA was detected at construction; every row pointer addresses a full padded row.
-            unsafe {
-                super::x86_f32::depthwise_row(self.isa, rows, taps, wt, cpad, &self.bias, s.clamp, c, step, ow, yrow)
-            };
+            unsafe { super::x86_f32::depthwise_row(self.isa, d, wt, cpad, &self.bias, s.clamp, yrow) };
             return;
         }
+        let c = d.c;
         let mut acc = vec![0f32; c];
-        for ox in 0..ow {
+        for ox in 0..d.ow {
             acc.copy_from_slice(&self.bias[..c]);
-            for (t, &(ky, off)) in taps.iter().enumerate() {
+            for (t, &(ky, off)) in d.taps.iter().enumerate() {
                 // SAFETY: `rows[ky]` holds a full padded row; `ox·step + off + c` stays inside it.
-                let src = unsafe { std::slice::from_raw_parts(rows[ky].add(ox * step + off), c) };
+                let src = unsafe { std::slice::from_raw_parts(d.rows[ky].add(ox * d.step + off), c) };
                 for ((a, &xv), &wv) in acc.iter_mut().zip(src).zip(&wt[t * cpad..][..c]) {
                     *a += xv * wv;
                 }

@@ -351,9 +351,9 @@ impl DwPlan {
 }
 
 /// One output row of a depthwise convolution: what the kernels read.
-pub(crate) struct Dw<'a> {
-    /// Per kernel row, the input row it reads (zero-point padded left and right): `(w + pl + pr)·c` bytes.
-    pub rows: &'a [*const u8],
+pub(crate) struct Dw<'a, T = u8> {
+    /// Per kernel row, the input row it reads (padded left and right): `(w + pl + pr)·c` elements.
+    pub rows: &'a [*const T],
     /// See [`DwPlan::taps`]; tap `t` of output pixel `ox` starts at `rows[ky] + ox·step + off`.
     pub taps: &'a [(usize, usize)],
     /// `stride_w · c`.

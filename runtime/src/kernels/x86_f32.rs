@@ -7,6 +7,7 @@ use super::unroll;
 // Clamps are written `min(hi, max(lo, v))`: the vector min/max return their second operand when one is NaN, so
 // a NaN result stays NaN (as in the ONNX ops).
 use super::fconv::{FBlock, KPart};
+use super::qconv::Dw;
 use super::x86::row_tile;
 
 /// # Safety
@@ -151,56 +152,47 @@ unsafe fn tiles_avx2(rows: &[*const f32], outs: &[*mut f32], part: KPart, b: &FB
 /// One output row of a float depthwise convolution (see `FConv::depthwise_row`).
 ///
 /// # Safety
-/// `isa` must be supported by the CPU; `rows[ky]` address full padded input rows.
-#[allow(clippy::too_many_arguments)]
+/// `isa` must be supported by the CPU; `d.rows[ky]` address full padded input rows.
 pub(crate) unsafe fn depthwise_row(
     isa: Isa,
-    rows: &[*const f32],
-    taps: &[(usize, usize)],
+    d: &Dw<f32>,
     wt: &[f32],
     cpad: usize,
     bias: &[f32],
     clamp: [f32; 2],
-    c: usize,
-    step: usize,
-    ow: usize,
     yrow: &mut [f32],
 ) {
     unsafe {
         if isa >= Isa::Avx512Vnni {
             let mut c0 = 0;
-            while c0 < c {
-                match (c - c0).min(64).div_ceil(16) {
-                    4 => dw_512::<4>(rows, taps, wt, cpad, bias, clamp, c, c0, step, ow, yrow),
-                    3 => dw_512::<3>(rows, taps, wt, cpad, bias, clamp, c, c0, step, ow, yrow),
-                    2 => dw_512::<2>(rows, taps, wt, cpad, bias, clamp, c, c0, step, ow, yrow),
-                    _ => dw_512::<1>(rows, taps, wt, cpad, bias, clamp, c, c0, step, ow, yrow),
+            while c0 < d.c {
+                match (d.c - c0).min(64).div_ceil(16) {
+                    4 => dw_512::<4>(d, wt, cpad, bias, clamp, c0, yrow),
+                    3 => dw_512::<3>(d, wt, cpad, bias, clamp, c0, yrow),
+                    2 => dw_512::<2>(d, wt, cpad, bias, clamp, c0, yrow),
+                    _ => dw_512::<1>(d, wt, cpad, bias, clamp, c0, yrow),
                 }
                 c0 += 64;
             }
         } else {
-            dw_avx2(rows, taps, wt, cpad, bias, clamp, c, step, ow, yrow)
+            dw_avx2(d, wt, cpad, bias, clamp, yrow)
         }
     }
 }
 
 /// Channels `c0..c0+16·NV` (the last vector masked), two output pixels per weight load.
-#[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn dw_512<const NV: usize>(
-    rows: &[*const f32],
-    taps: &[(usize, usize)],
+    d: &Dw<f32>,
     wt: &[f32],
     cpad: usize,
     bias: &[f32],
     clamp: [f32; 2],
-    c: usize,
     c0: usize,
-    step: usize,
-    ow: usize,
     yrow: &mut [f32],
 ) {
+    let (c, step, ow) = (d.c, d.step, d.ow);
     let masks: [u16; NV] = std::array::from_fn(|j| {
         let left = c.saturating_sub(c0 + 16 * j).min(16);
         if left == 16 { u16::MAX } else { (1u16 << left) - 1 }
@@ -214,8 +206,8 @@ unsafe fn dw_512<const NV: usize>(
             let (o0, o1) = (ox * step + c0, (ox + 1) * step + c0);
             let mut a0 = bv;
             let mut a1 = bv;
-            for (t, &(ky, off)) in taps.iter().enumerate() {
-                let src = rows[ky].add(off);
+            for (t, &(ky, off)) in d.taps.iter().enumerate() {
+                let src = d.rows[ky].add(off);
                 let wrow = wt.as_ptr().add(t * cpad + c0);
                 for j in 0..NV {
                     let w = _mm512_loadu_ps(wrow.add(16 * j));
@@ -237,30 +229,19 @@ unsafe fn dw_512<const NV: usize>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dw_avx2(
-    rows: &[*const f32],
-    taps: &[(usize, usize)],
-    wt: &[f32],
-    cpad: usize,
-    bias: &[f32],
-    clamp: [f32; 2],
-    c: usize,
-    step: usize,
-    ow: usize,
-    yrow: &mut [f32],
-) {
+unsafe fn dw_avx2(d: &Dw<f32>, wt: &[f32], cpad: usize, bias: &[f32], clamp: [f32; 2], yrow: &mut [f32]) {
+    let c = d.c;
     let full = c / 8 * 8;
     unsafe {
         let (lo, hi) = (_mm256_set1_ps(clamp[0]), _mm256_set1_ps(clamp[1]));
-        for ox in 0..ow {
-            let o = ox * step;
+        for ox in 0..d.ow {
+            let o = ox * d.step;
             let mut c0 = 0;
             while c0 < full {
                 let mut acc = _mm256_loadu_ps(bias.as_ptr().add(c0));
-                for (t, &(ky, off)) in taps.iter().enumerate() {
-                    let xv = _mm256_loadu_ps(rows[ky].add(o + off + c0));
+                for (t, &(ky, off)) in d.taps.iter().enumerate() {
+                    let xv = _mm256_loadu_ps(d.rows[ky].add(o + off + c0));
                     acc = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wt.as_ptr().add(t * cpad + c0)), acc);
                 }
                 _mm256_storeu_ps(yrow.as_mut_ptr().add(ox * c + c0), _mm256_min_ps(hi, _mm256_max_ps(lo, acc)));
@@ -268,8 +249,8 @@ unsafe fn dw_avx2(
             }
             for ch in full..c {
                 let mut a = bias[ch];
-                for (t, &(ky, off)) in taps.iter().enumerate() {
-                    a += *rows[ky].add(o + off + ch) * wt[t * cpad + ch];
+                for (t, &(ky, off)) in d.taps.iter().enumerate() {
+                    a += *d.rows[ky].add(o + off + ch) * wt[t * cpad + ch];
                 }
                 yrow[ox * c + ch] = super::fconv::clampf(a, clamp);
             }
