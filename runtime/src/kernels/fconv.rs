@@ -1,15 +1,16 @@
 //! fp32 2-D convolution on NHWC activations, bias and activation clamp (Relu, Clip/Relu6) fused into the output
 //! stage. The float twin of [`super::qconv`], with the same plans:
-//! - **GEMM** (`group == 1`): 1×1, stride-1, unpadded convolutions read activation rows directly; others gather
-//!   48-pixel im2col tiles. Weights packed once in blocks of up to 64 output channels, `[k][width]`.
+//! - **GEMM** (`group == 1`): 1×1, stride-1, unpadded convolutions read activation rows directly; others are
+//!   implicit GEMMs over a zero-padded copy of the input (row pointer + a per-depth offset table, no im2col). Weights packed once in blocks of up to 64 output channels, `[k][width]`.
 //!   Register tiles of `MR` pixels × `NV` vectors (AVX-512: 16 lanes, AVX2: 8), one FMA per weight vector and pixel.
-//! - **Depthwise**: direct, vectorised over channels, two output pixels per weight load, reading the input rows
-//!   through the same row pointers as the integer kernel (ring of zero-padded rows).
+//! - **Depthwise**: direct, vectorised over channels, blocks of output pixels per weight load, reading the input
+//!   rows in place (no padded copy): taps in the zero padding are skipped, pixels whose window lies inside the
+//!   row take the fast path.
 //!
 //! The sums run in a different order than a reference loop (FMA, per-tile accumulation), so results differ from
 //! it by float rounding only; tests compare with a tolerance.
 use super::Isa;
-use super::qconv::{DIRECT_ROWS, Dw, GemmTiles, Window, check_geometry};
+use super::qconv::{DIRECT_ROWS, Dw, GemmTiles, RowSource, Window, check_geometry};
 
 /// A float convolution as the lowering pass writes it.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,7 +65,7 @@ impl std::fmt::Debug for FConv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match &self.plan {
             Plan::Gemm { direct: true, .. } => "gemm",
-            Plan::Gemm { direct: false, .. } => "im2col-gemm",
+            Plan::Gemm { direct: false, .. } => "implicit-gemm",
             Plan::Depthwise { .. } => "depthwise",
         };
         let s = &self.spec;
@@ -163,12 +164,14 @@ impl FConv {
                     return Err("a depthwise convolution writes a whole output".into());
                 }
                 let y_addr = y.as_mut_ptr() as usize;
-                self.geom().for_each_row(x, [n, h, w], (oh, ow), 0.0, |row_ptrs, r| {
+                let [_, pl, _, _] = s.pads;
+                let cols = pl * s.c_in..(pl + w) * s.c_in;
+                self.geom().for_each_row(x, [n, h, w], (oh, ow), None, |row_ptrs, r| {
                     // SAFETY: output row `r` (ow·c floats) is written by one part only.
                     let yrow = unsafe {
                         std::slice::from_raw_parts_mut((y_addr as *mut f32).add(r * ow * s.c_in), ow * s.c_in)
                     };
-                    let d = Dw { rows: row_ptrs, taps, step: s.stride[1] * s.c_in, c: s.c_in, ow };
+                    let d = Dw { rows: row_ptrs, taps, step: s.stride[1] * s.c_in, c: s.c_in, ow, cols: cols.clone() };
                     self.depthwise_row(&d, wt, *cpad, yrow);
                 });
             }
@@ -189,25 +192,82 @@ impl FConv {
         offset: usize,
     ) {
         let s = &self.spec;
-        let tiles = GemmTiles { k, direct, macs: n * oh * ow * k * s.c_out, pad: 0.0 };
-        self.geom().for_each_gemm_tile(x, [n, h, w], (oh, ow), &tiles, blocks, |rows, r0, blocks| {
+        let macs = n * oh * ow * k * s.c_out;
+        if direct {
+            let tiles = GemmTiles { k, rows: RowSource::Direct, macs };
+            return self.gemm_tiles(x, [n, h, w], (oh, ow), &tiles, blocks, &[], (y_addr, ld, offset));
+        }
+        // An implicit GEMM over the zero-padded input: depth `(ky·kw + kx)·c + ci` of an output pixel is
+        // `koff` floats after its window's first element.
+        let run = |xp: &[f32], [hp, wp]: [usize; 2]| {
+            let [_, kw] = s.kernel;
+            let koff: Vec<usize> = (0..k)
+                .map(|kk| {
+                    let (t, ci) = (kk / s.c_in, kk % s.c_in);
+                    ((t / kw) * s.dilation[0] * wp + (t % kw) * s.dilation[1]) * s.c_in + ci
+                })
+                .collect();
+            let tiles = GemmTiles { k, rows: RowSource::Padded { x: xp, hp, wp }, macs };
+            self.gemm_tiles(xp, [n, hp, wp], (oh, ow), &tiles, blocks, &koff, (y_addr, ld, offset));
+        };
+        if s.pads == [0; 4] {
+            return run(x, [h, w]);
+        }
+        PADDED.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buf) => {
+                let hw = self.geom().pad_input(x, [n, h, w], 0.0, &mut buf);
+                run(&buf, hw)
+            }
+            Err(_) => {
+                let mut buf = Vec::new();
+                let hw = self.geom().pad_input(x, [n, h, w], 0.0, &mut buf);
+                run(&buf, hw)
+            }
+        })
+    }
+
+    /// The GEMM over `tiles`' rows; `koff` empty: rows are `k` contiguous floats, else depth `kk` of a row is at
+    /// `row + koff[kk]`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_tiles(
+        &self,
+        x: &[f32],
+        nhw: [usize; 3],
+        ohw: (usize, usize),
+        tiles: &GemmTiles<f32>,
+        blocks: &[FBlock],
+        koff: &[usize],
+        (y_addr, ld, offset): (usize, usize, usize),
+    ) {
+        let (s, k) = (&self.spec, tiles.k);
+        self.geom().for_each_gemm_tile(x, nhw, ohw, tiles, blocks, |rows, r0, blocks| {
             let mut out_ptrs = [std::ptr::null_mut::<f32>(); DIRECT_ROWS];
             for (i, p) in out_ptrs.iter_mut().enumerate().take(rows.len()) {
                 // Each (row tile, channel block) is written by exactly one part.
                 *p = (y_addr as *mut f32).wrapping_add((r0 + i) * ld + offset);
             }
+            let nr = rows.len();
             for b in blocks {
-                // The depth in passes of KC: each pass's weights stay in L1 while the tile's rows use them; the
-                // output holds the partial sums between passes.
+                // The depth in passes of equal length: each pass's weights (at most `KC_FLOATS`) stay in L1 while
+                // the tile's rows use them; the output holds the partial sums between passes.
+                let passes = (k * b.width).div_ceil(KC_FLOATS);
+                let step = k.div_ceil(passes);
                 let mut k0 = 0;
                 while k0 < k {
-                    let kc = (k - k0).min(KC);
+                    let kc = (k - k0).min(step);
                     let part = KPart { k0, kc, first: k0 == 0, last: k0 + kc == k };
-                    let rows_k: [*const f32; DIRECT_ROWS] =
-                        std::array::from_fn(|i| rows.get(i).map_or(std::ptr::null(), |p| p.wrapping_add(k0)));
-                    let nr = rows.len();
-                    // SAFETY: row pointers address `k` readable floats; output rows hold `ld` floats.
-                    unsafe { gemm_block(self.isa, &rows_k[..nr], &out_ptrs[..nr], part, b, &self.bias, s.clamp) };
+                    // SAFETY: row pointers address `k` readable floats (at the `koff` offsets when given); output
+                    // rows hold `ld` floats.
+                    unsafe {
+                        if koff.is_empty() {
+                            let rows_k: [*const f32; DIRECT_ROWS] =
+                                std::array::from_fn(|i| rows.get(i).map_or(std::ptr::null(), |p| p.wrapping_add(k0)));
+                            gemm_block(self.isa, &rows_k[..nr], &out_ptrs[..nr], part, b, &self.bias, s.clamp, &[]);
+                        } else {
+                            let koff = &koff[k0..k0 + kc];
+                            gemm_block(self.isa, rows, &out_ptrs[..nr], part, b, &self.bias, s.clamp, koff);
+                        }
+                    }
                     k0 += kc;
                 }
             }
@@ -232,8 +292,12 @@ impl FConv {
         for ox in 0..d.ow {
             acc.copy_from_slice(&self.bias[..c]);
             for (t, &(ky, off)) in d.taps.iter().enumerate() {
-                // SAFETY: `rows[ky]` holds a full padded row; `ox·step + off + c` stays inside it.
-                let src = unsafe { std::slice::from_raw_parts(d.rows[ky].add(ox * d.step + off), c) };
+                let col = ox * d.step + off;
+                if d.rows[ky].is_null() || !d.readable(col) {
+                    continue; // zero padding
+                }
+                // SAFETY: readable columns of a non-null row lie inside the input row.
+                let src = unsafe { std::slice::from_raw_parts(d.rows[ky].wrapping_add(col), c) };
                 for ((a, &xv), &wv) in acc.iter_mut().zip(src).zip(&wt[t * cpad..][..c]) {
                     *a += xv * wv;
                 }
@@ -245,8 +309,14 @@ impl FConv {
     }
 }
 
-/// Depth of one pass of a GEMM: `[KC][64]` f32 weights (32 KiB) stay in L1 across the rows of a tile.
-const KC: usize = 128;
+thread_local! {
+    /// The zero-padded input of an implicit GEMM, kept between runs (a fresh large buffer each run would be
+    /// mapped and faulted in again).
+    static PADDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Weights of one pass of a GEMM, `[kc][width]` f32 (32 KiB): they stay in L1 across the rows of a tile.
+const KC_FLOATS: usize = 8192;
 
 /// One pass over depths `k0..k0 + kc` of a block: the first starts from the bias, later ones from the partial sums
 /// in the output, the last applies the clamp.
@@ -258,11 +328,13 @@ pub(crate) struct KPart {
     pub last: bool,
 }
 
-/// `out[r][b.c0..b.c0+b.valid] (+)= Σ_{k in part} rows[r][k]·w[k]` for every row (bias first, clamp last).
+/// `out[r][b.c0..b.c0+b.valid] (+)= Σ_{k in part} A[r][k]·w[k]` for every row (bias first, clamp last), where
+/// `A[r][k]` is `rows[r][k - k0]` (`koff` empty) or `rows[r][koff[k - k0]]`.
 ///
 /// # Safety
-/// Each `rows[r]` addresses `part.kc` readable floats (already offset to `part.k0`), each `outs[r]` addresses
-/// `c_out ≥ b.c0 + b.valid` floats.
+/// Each `rows[r]` addresses `part.kc` readable floats (already offset to `part.k0`) or, with `koff`, the floats
+/// at those offsets; each `outs[r]` addresses `c_out ≥ b.c0 + b.valid` floats.
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_block(
     isa: Isa,
     rows: &[*const f32],
@@ -271,10 +343,11 @@ unsafe fn gemm_block(
     b: &FBlock,
     bias: &[f32],
     clamp: [f32; 2],
+    koff: &[usize],
 ) {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
-        unsafe { super::x86_f32::gemm_block(isa, rows, outs, part, b, bias, clamp) };
+        unsafe { super::x86_f32::gemm_block(isa, rows, outs, part, b, bias, clamp, koff) };
         return;
     }
     let _ = isa;
@@ -286,8 +359,8 @@ unsafe fn gemm_block(
         } else {
             acc[..b.valid].copy_from_slice(o);
         }
-        let xr = unsafe { std::slice::from_raw_parts(row, part.kc) };
-        for (kk, &xv) in xr.iter().enumerate() {
+        for kk in 0..part.kc {
+            let xv = unsafe { *row.add(koff.get(kk).copied().unwrap_or(kk)) };
             let k = part.k0 + kk;
             for (a, &wv) in acc.iter_mut().zip(&b.packed[k * b.width..(k + 1) * b.width]) {
                 *a += xv * wv;

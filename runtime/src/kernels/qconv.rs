@@ -240,7 +240,8 @@ impl QConv {
     fn run_gemm(&self, x: &[u8], [n, h, w]: [usize; 3], (oh, ow): (usize, usize), g: &Gemm, y_addr: usize) {
         let elem = if g.out == Out::F32 { 4 } else { 1 };
         let s = &self.spec;
-        let tiles = GemmTiles { k: g.kp, direct: g.direct, macs: n * oh * ow * g.kp * s.c_out, pad: s.z_x };
+        let rows = if g.direct { RowSource::Direct } else { RowSource::Im2col { pad: s.z_x } };
+        let tiles = GemmTiles { k: g.kp, rows, macs: n * oh * ow * g.kp * s.c_out };
         self.window().for_each_gemm_tile(x, [n, h, w], (oh, ow), &tiles, g.blocks, |rows, r0, blocks| {
             let mut out_ptrs = [std::ptr::null_mut::<u8>(); DIRECT_ROWS];
             for (i, p) in out_ptrs.iter_mut().enumerate().take(rows.len()) {
@@ -266,10 +267,10 @@ impl QConv {
         let s = &self.spec;
         let c = s.c_in;
         let y_addr = y.as_mut_ptr() as usize;
-        self.window().for_each_row(x, [n, h, w], (oh, ow), s.z_x, |rows, r| {
+        self.window().for_each_row(x, [n, h, w], (oh, ow), Some(s.z_x), |rows, r| {
             // SAFETY: output row `r` (ow·c bytes) is written by one part only.
             let yrow = unsafe { std::slice::from_raw_parts_mut((y_addr + r * ow * c) as *mut u8, ow * c) };
-            let dw = Dw { rows, taps: &p.taps, step: s.stride[1] * c, c, ow };
+            let dw = Dw { rows, taps: &p.taps, step: s.stride[1] * c, c, ow, cols: 0..usize::MAX };
             self.depthwise_row(&dw, p, yrow);
         });
     }
@@ -360,6 +361,28 @@ pub(crate) struct Dw<'a, T = u8> {
     pub step: usize,
     pub c: usize,
     pub ow: usize,
+    /// Readable columns of the padded rows (the float kernels read rows in place and skip the taps outside,
+    /// and the rows that are null); the integer kernels read fully padded rows (`0..usize::MAX`).
+    pub cols: std::ops::Range<usize>,
+}
+
+impl<T> Dw<'_, T> {
+    /// Output pixels whose every tap lies in the readable columns: `lo..hi` (empty when none).
+    pub fn inner(&self, kw_span: usize) -> std::ops::Range<usize> {
+        let lo = self.cols.start.div_ceil(self.step).min(self.ow);
+        // Last tap of pixel `ox` ends at `ox·step + kw_span` (exclusive).
+        let hi = match self.cols.end.checked_sub(kw_span) {
+            Some(last) => (last / self.step + 1).min(self.ow),
+            None => 0,
+        };
+        lo..hi.max(lo)
+    }
+
+    /// Whether tap column `col` (padded coordinates) is readable.
+    #[inline(always)]
+    pub fn readable(&self, col: usize) -> bool {
+        self.cols.contains(&col)
+    }
 }
 
 /// `out[r][b.c0..b.c0+b.valid] = requant(bias + Σ_k rows[r][k]·w[k])` for every row.
@@ -423,20 +446,30 @@ pub(crate) struct Window {
     pub pads: [usize; 4],
 }
 
-/// How a GEMM convolution walks its rows: depth `k` (im2col row length), whether rows are read in place,
-/// its MAC count (for the thread split) and the padding value of im2col.
-pub(crate) struct GemmTiles<T> {
+/// How a GEMM convolution walks its rows: depth `k` (im2col row length), where the rows come from, and its MAC
+/// count (for the thread split).
+pub(crate) struct GemmTiles<'a, T> {
     pub k: usize,
-    pub direct: bool,
+    pub rows: RowSource<'a, T>,
     pub macs: usize,
-    pub pad: T,
+}
+
+/// Where the rows of a GEMM convolution are read.
+pub(crate) enum RowSource<'a, T> {
+    /// 1×1, stride 1, unpadded: output pixel `r` reads input pixel `r` in place.
+    Direct,
+    /// Gathered into tiles by im2col, padded with `pad`.
+    Im2col { pad: T },
+    /// An implicit GEMM: output pixel `r` points at its window's first element in `x`, a copy of the input with
+    /// its padding written out (`[n, hp, wp, c]`); the kernel reads depth `k` at `row + koff[k]`.
+    Padded { x: &'a [T], hp: usize, wp: usize },
 }
 
 impl Window {
-    /// Calls `f(rows, r0, blocks)` for tiles of up to [`TILE_ROWS`] output pixels ([`DIRECT_ROWS`] when read in
-    /// place) (`rows`: their `k`-long input rows, read in place when `direct`, else gathered by im2col) and a share of the channel `blocks`, split across
-    /// the kernel pool: enough work per part to pay a hand-off, a few parts per thread; images with fewer row tiles
-    /// than parts (7×7 = 49 rows) split their channel blocks too. Every (tile, block) pair is visited once.
+    /// Calls `f(rows, r0, blocks)` for tiles of up to [`TILE_ROWS`] output pixels (im2col) or [`DIRECT_ROWS`]
+    /// (rows read in place) and a share of the channel `blocks`, split across the kernel pool: enough work per
+    /// part to pay a hand-off, a few parts per thread; images with fewer row tiles than parts (7×7 = 49 rows)
+    /// split their channel blocks too. Every (tile, block) pair is visited once.
     pub fn for_each_gemm_tile<T: Copy + Send + Sync, B: Sync>(
         &self,
         x: &[T],
@@ -447,7 +480,7 @@ impl Window {
         f: impl Fn(&[*const T], usize, &[B]) + Sync,
     ) {
         let rows = _n * oh * ow;
-        let tile = if t.direct { DIRECT_ROWS } else { TILE_ROWS };
+        let tile = if let RowSource::Im2col { .. } = t.rows { TILE_ROWS } else { DIRECT_ROWS };
         let tiles = rows.div_ceil(tile);
         let wanted = (super::threads() * 2).min((t.macs / 100_000).max(1));
         let col_parts = if tiles >= wanted { 1 } else { wanted.div_ceil(tiles).min(blocks.len()) };
@@ -457,24 +490,64 @@ impl Window {
         for_each_part(row_parts * col_parts, |part| {
             let (rp, cp) = (part / col_parts, part % col_parts);
             let blocks = &blocks[(cp * bper).min(blocks.len())..((cp + 1) * bper).min(blocks.len())];
-            let mut buf = if t.direct { Vec::new() } else { vec![t.pad; TILE_ROWS * t.k] };
+            let mut buf = match t.rows {
+                RowSource::Im2col { pad } => vec![pad; TILE_ROWS * t.k],
+                _ => Vec::new(),
+            };
             let mut row_ptrs = [std::ptr::null::<T>(); DIRECT_ROWS];
             let end = ((rp + 1) * per).min(rows);
             for r0 in (rp * per..end).step_by(tile) {
                 let nr = (end - r0).min(tile);
-                if t.direct {
-                    for (i, p) in row_ptrs.iter_mut().enumerate().take(nr) {
-                        *p = x[(r0 + i) * self.c..].as_ptr();
+                match t.rows {
+                    RowSource::Direct => {
+                        for (i, p) in row_ptrs.iter_mut().enumerate().take(nr) {
+                            *p = x[(r0 + i) * self.c..].as_ptr();
+                        }
                     }
-                } else {
-                    im2col(self, x, [h, w], (oh, ow), t.k, r0, nr, t.pad, &mut buf);
-                    for (i, p) in row_ptrs.iter_mut().enumerate().take(nr) {
-                        *p = buf[i * t.k..].as_ptr();
+                    RowSource::Im2col { pad } => {
+                        im2col(self, x, [h, w], (oh, ow), t.k, r0, nr, pad, &mut buf);
+                        for (i, p) in row_ptrs.iter_mut().enumerate().take(nr) {
+                            *p = buf[i * t.k..].as_ptr();
+                        }
+                    }
+                    RowSource::Padded { x: xp, hp, wp } => {
+                        // Pixel coordinates stepped, not divided, per row.
+                        let (mut b, mut oy, mut ox) = (r0 / (oh * ow), r0 / ow % oh, r0 % ow);
+                        for p in row_ptrs.iter_mut().take(nr) {
+                            *p = xp[((b * hp + oy * self.stride[0]) * wp + ox * self.stride[1]) * self.c..].as_ptr();
+                            ox += 1;
+                            if ox == ow {
+                                ox = 0;
+                                oy += 1;
+                                if oy == oh {
+                                    oy = 0;
+                                    b += 1;
+                                }
+                            }
+                        }
                     }
                 }
                 f(&row_ptrs[..nr], r0, blocks);
             }
         });
+    }
+
+    /// The input with its padding written out: `[n, h + pt + pb, w + pl + pr, c]` into `out` (resized).
+    pub fn pad_input<T: Copy>(&self, x: &[T], [n, h, w]: [usize; 3], pad: T, out: &mut Vec<T>) -> [usize; 2] {
+        let [pt, pl, pb, pr] = self.pads;
+        let (hp, wp, c) = (h + pt + pb, w + pl + pr, self.c);
+        out.clear();
+        out.reserve(n * hp * wp * c);
+        for b in 0..n {
+            out.extend(std::iter::repeat_n(pad, pt * wp * c));
+            for row in x[b * h * w * c..(b + 1) * h * w * c].chunks_exact(w * c) {
+                out.extend(std::iter::repeat_n(pad, pl * c));
+                out.extend_from_slice(row);
+                out.extend(std::iter::repeat_n(pad, pr * c));
+            }
+            out.extend(std::iter::repeat_n(pad, pb * wp * c));
+        }
+        [hp, wp]
     }
 
     /// Output size of an `h×w` input, `None` when the kernel does not fit.
@@ -506,16 +579,20 @@ impl Window {
     }
 
     /// Calls `f(rows, r)` for every output row `r` in `0..n·oh`, split across the kernel pool. `rows[ky]` is the
-    /// input row kernel row `ky` reads, padded with `pad` on the left and right: `(w + pl + pr)·c` elements.
-    /// Rows inside the image are read in place when there is no left/right padding, otherwise copied once into a
-    /// ring of padded rows (distinct rows one output row reads lie within `span` consecutive rows, so `span`
-    /// slots indexed by row modulo `span` hold them all); rows in the top/bottom padding read one row of `pad`.
+    /// input row kernel row `ky` reads, as if padded on the left and right: column `i` of the padded row (of
+    /// `(w + pl + pr)·c` elements) is at `rows[ky] + i`.
+    /// - `Some(pad)`: every padded row is readable, its padding holds `pad`. Rows inside the image are read in
+    ///   place when there is no left/right padding, otherwise copied once into a ring of padded rows (distinct
+    ///   rows one output row reads lie within `span` consecutive rows, so `span` slots indexed by row modulo
+    ///   `span` hold them all); rows in the top/bottom padding read one row of `pad`.
+    /// - `None` (kernels that skip the taps that fall in the padding): rows are read in place, only columns
+    ///   `pl·c..(pl + w)·c` are readable, and rows in the top/bottom padding are null.
     pub fn for_each_row<T: Copy + Send + Sync>(
         &self,
         x: &[T],
         [n, h, w]: [usize; 3],
         (oh, ow): (usize, usize),
-        pad: T,
+        pad: Option<T>,
         f: impl Fn(&[*const T], usize) + Sync,
     ) {
         let (c, kh) = (self.c, self.kernel[0]);
@@ -529,8 +606,11 @@ impl Window {
         let parts = (super::threads() * 2).min(rows).min((macs / 50_000).max(1));
         let per = rows.div_ceil(parts.max(1));
         for_each_part(parts, |part| {
-            let zrow = vec![pad; row_len];
-            let mut ring = if padded_lr { vec![pad; span * row_len] } else { Vec::new() };
+            let zrow = pad.map_or_else(Vec::new, |pad| vec![pad; row_len]);
+            let mut ring = match pad {
+                Some(pad) if padded_lr => vec![pad; span * row_len],
+                _ => Vec::new(),
+            };
             let mut ring_row = vec![usize::MAX; span];
             let mut row_ptrs = vec![std::ptr::null::<T>(); kh];
             for r in part * per..((part + 1) * per).min(rows) {
@@ -538,10 +618,13 @@ impl Window {
                 for (ky, rp) in row_ptrs.iter_mut().enumerate() {
                     let iy = (oy * self.stride[0] + ky * self.dilation[0]) as isize - pt as isize;
                     *rp = if iy < 0 || iy >= h as isize {
-                        zrow.as_ptr()
+                        if pad.is_some() { zrow.as_ptr() } else { std::ptr::null() }
                     } else {
                         let src = &x[(b * h + iy as usize) * w * c..][..w * c];
-                        if padded_lr {
+                        if pad.is_none() {
+                            // Never dereferenced outside the row: the kernel skips padded columns.
+                            src.as_ptr().wrapping_sub(pl * c)
+                        } else if padded_lr {
                             let key = b * h + iy as usize;
                             let slot = key % span;
                             let dst = &mut ring[slot * row_len..(slot + 1) * row_len];

@@ -12,6 +12,7 @@ use super::x86::row_tile;
 
 /// # Safety
 /// See `fconv::gemm_block`; `isa` must be supported by the CPU.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_block(
     isa: Isa,
     rows: &[*const f32],
@@ -20,47 +21,58 @@ pub(crate) unsafe fn gemm_block(
     b: &FBlock,
     bias: &[f32],
     clamp: [f32; 2],
+    koff: &[usize],
 ) {
     unsafe {
         if isa >= Isa::Avx512Vnni {
-            match b.width / 16 {
-                4 => tiles_512::<6, 4>(rows, outs, k, b, bias, clamp),
-                3 => tiles_512::<8, 3>(rows, outs, k, b, bias, clamp),
-                2 => tiles_512::<12, 2>(rows, outs, k, b, bias, clamp),
-                _ => tiles_512::<16, 1>(rows, outs, k, b, bias, clamp),
+            match (b.width / 16, koff.is_empty()) {
+                (4, true) => tiles_512::<6, 4, false>(rows, outs, k, b, bias, clamp, koff),
+                (3, true) => tiles_512::<8, 3, false>(rows, outs, k, b, bias, clamp, koff),
+                (2, true) => tiles_512::<12, 2, false>(rows, outs, k, b, bias, clamp, koff),
+                (_, true) => tiles_512::<16, 1, false>(rows, outs, k, b, bias, clamp, koff),
+                (4, false) => tiles_512::<6, 4, true>(rows, outs, k, b, bias, clamp, koff),
+                (3, false) => tiles_512::<8, 3, true>(rows, outs, k, b, bias, clamp, koff),
+                // Twelve rows would spill: the offset loads get hoisted into twelve more registers.
+                (2, false) => tiles_512::<8, 2, true>(rows, outs, k, b, bias, clamp, koff),
+                (_, false) => tiles_512::<16, 1, true>(rows, outs, k, b, bias, clamp, koff),
             }
         } else {
-            tiles_avx2(rows, outs, k, b, bias, clamp)
+            tiles_avx2(rows, outs, k, b, bias, clamp, koff)
         }
     }
 }
 
+/// `OFF`: depth `kk` of a row is at `koff[kk]` (an implicit GEMM), else at `kk`.
 #[target_feature(enable = "avx512f")]
-unsafe fn tiles_512<const MR: usize, const NV: usize>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn tiles_512<const MR: usize, const NV: usize, const OFF: bool>(
     rows: &[*const f32],
     outs: &[*mut f32],
     k: KPart,
     b: &FBlock,
     bias: &[f32],
     clamp: [f32; 2],
+    koff: &[usize],
 ) {
     let mut r0 = 0;
     while r0 < rows.len() {
         let (rp, nr) = row_tile::<MR, f32>(rows, r0);
-        unsafe { tile_512::<MR, NV>(&rp, &outs[r0..r0 + nr], k, b, bias, clamp) };
+        unsafe { tile_512::<MR, NV, OFF>(&rp, &outs[r0..r0 + nr], k, b, bias, clamp, koff) };
         r0 += nr;
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_512<const MR: usize, const NV: usize>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_512<const MR: usize, const NV: usize, const OFF: bool>(
     rows: &[*const f32; MR],
     outs: &[*mut f32],
     part: KPart,
     b: &FBlock,
     bias: &[f32],
     clamp: [f32; 2],
+    koff: &[usize],
 ) {
     unsafe {
         let masks: [u16; NV] = std::array::from_fn(|j| {
@@ -80,8 +92,9 @@ unsafe fn tile_512<const MR: usize, const NV: usize>(
         for kk in 0..part.kc {
             let mut wv = [_mm512_setzero_ps(); NV];
             unroll!(NV, j => { wv[j] = _mm512_loadu_ps(wp.add(16 * j)); });
+            let o = if OFF { *koff.get_unchecked(kk) } else { kk };
             unroll!(MR, r => {
-                let a = _mm512_set1_ps(*rows[r].add(kk));
+                let a = _mm512_set1_ps(*rows[r].add(o));
                 unroll!(NV, j => { acc[r][j] = _mm512_fmadd_ps(a, wv[j], acc[r][j]); });
             });
             wp = wp.add(b.width);
@@ -100,7 +113,15 @@ unsafe fn tile_512<const MR: usize, const NV: usize>(
 
 /// 16 channels (two vectors) of 6 rows at a time.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tiles_avx2(rows: &[*const f32], outs: &[*mut f32], part: KPart, b: &FBlock, bias: &[f32], clamp: [f32; 2]) {
+unsafe fn tiles_avx2(
+    rows: &[*const f32],
+    outs: &[*mut f32],
+    part: KPart,
+    b: &FBlock,
+    bias: &[f32],
+    clamp: [f32; 2],
+    koff: &[usize],
+) {
     const MR: usize = 6;
     unsafe {
         let (lo, hi) = (_mm256_set1_ps(clamp[0]), _mm256_set1_ps(clamp[1]));
@@ -127,8 +148,9 @@ unsafe fn tiles_avx2(rows: &[*const f32], outs: &[*mut f32], part: KPart, b: &FB
                 let mut wp = b.packed.as_ptr().add(part.k0 * b.width + j0);
                 for kk in 0..part.kc {
                     let w = [_mm256_loadu_ps(wp), _mm256_loadu_ps(wp.add(8))];
+                    let o = koff.get(kk).copied().unwrap_or(kk);
                     unroll!(MR, r => {
-                        let a = _mm256_set1_ps(*rp[r].add(kk));
+                        let a = _mm256_set1_ps(*rp[r].add(o));
                         acc[r][0] = _mm256_fmadd_ps(a, w[0], acc[r][0]);
                         acc[r][1] = _mm256_fmadd_ps(a, w[1], acc[r][1]);
                     });
@@ -166,13 +188,14 @@ pub(crate) unsafe fn depthwise_row(
         if isa >= Isa::Avx512Vnni {
             let mut c0 = 0;
             while c0 < d.c {
-                match (d.c - c0).min(64).div_ceil(16) {
-                    4 => dw_512::<4>(d, wt, cpad, bias, clamp, c0, yrow),
-                    3 => dw_512::<3>(d, wt, cpad, bias, clamp, c0, yrow),
-                    2 => dw_512::<2>(d, wt, cpad, bias, clamp, c0, yrow),
-                    _ => dw_512::<1>(d, wt, cpad, bias, clamp, c0, yrow),
+                // Two vectors (32 channels) per pass; a last odd vector alone.
+                if d.c - c0 > 16 {
+                    dw_512_row::<2>(d, wt, cpad, bias, clamp, c0, yrow);
+                    c0 += 32;
+                } else {
+                    dw_512_row::<1>(d, wt, cpad, bias, clamp, c0, yrow);
+                    c0 += 16;
                 }
-                c0 += 64;
             }
         } else {
             dw_avx2(d, wt, cpad, bias, clamp, yrow)
@@ -180,10 +203,11 @@ pub(crate) unsafe fn depthwise_row(
     }
 }
 
-/// Channels `c0..c0+16·NV` (the last vector masked), two output pixels per weight load.
+/// Channels `c0..c0+16·NV` (the last vector masked) of one output row: the pixels whose window lies inside the
+/// row in blocks of 8, then 4, then 1; the pixels at the edges one at a time, skipping taps in the padding.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn dw_512<const NV: usize>(
+unsafe fn dw_512_row<const NV: usize>(
     d: &Dw<f32>,
     wt: &[f32],
     cpad: usize,
@@ -192,40 +216,80 @@ unsafe fn dw_512<const NV: usize>(
     c0: usize,
     yrow: &mut [f32],
 ) {
-    let (c, step, ow) = (d.c, d.step, d.ow);
     let masks: [u16; NV] = std::array::from_fn(|j| {
-        let left = c.saturating_sub(c0 + 16 * j).min(16);
+        let left = d.c.saturating_sub(c0 + 16 * j).min(16);
         if left == 16 { u16::MAX } else { (1u16 << left) - 1 }
     });
+    let span = d.taps.iter().map(|&(_, off)| off).max().unwrap_or(0) + d.c;
+    let inner = d.inner(span);
     unsafe {
-        let (lo, hi) = (_mm512_set1_ps(clamp[0]), _mm512_set1_ps(clamp[1]));
-        let bv: [__m512; NV] = std::array::from_fn(|j| _mm512_loadu_ps(bias.as_ptr().add(c0 + 16 * j)));
-        let mut ox = 0;
-        while ox < ow {
-            let pair = ox + 1 < ow;
-            let (o0, o1) = (ox * step + c0, (ox + 1) * step + c0);
-            let mut a0 = bv;
-            let mut a1 = bv;
-            for (t, &(ky, off)) in d.taps.iter().enumerate() {
-                let src = d.rows[ky].add(off);
-                let wrow = wt.as_ptr().add(t * cpad + c0);
-                for j in 0..NV {
-                    let w = _mm512_loadu_ps(wrow.add(16 * j));
-                    a0[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(masks[j], src.add(o0 + 16 * j)), w, a0[j]);
-                    if pair {
-                        a1[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(masks[j], src.add(o1 + 16 * j)), w, a1[j]);
-                    }
-                }
-            }
-            let dst = yrow.as_mut_ptr().add(ox * c + c0);
-            for j in 0..NV {
-                _mm512_mask_storeu_ps(dst.add(16 * j), masks[j], _mm512_min_ps(hi, _mm512_max_ps(lo, a0[j])));
-                if pair {
-                    _mm512_mask_storeu_ps(dst.add(c + 16 * j), masks[j], _mm512_min_ps(hi, _mm512_max_ps(lo, a1[j])));
-                }
-            }
-            ox += 2;
+        for ox in 0..inner.start {
+            dw_512_block::<NV, 1, true>(d, wt, cpad, bias, clamp, c0, &masks, ox, yrow);
         }
+        let mut ox = inner.start;
+        while ox + 8 <= inner.end {
+            dw_512_block::<NV, 8, false>(d, wt, cpad, bias, clamp, c0, &masks, ox, yrow);
+            ox += 8;
+        }
+        if ox + 4 <= inner.end {
+            dw_512_block::<NV, 4, false>(d, wt, cpad, bias, clamp, c0, &masks, ox, yrow);
+            ox += 4;
+        }
+        while ox < inner.end {
+            dw_512_block::<NV, 1, false>(d, wt, cpad, bias, clamp, c0, &masks, ox, yrow);
+            ox += 1;
+        }
+        for ox in inner.end.max(inner.start)..d.ow {
+            dw_512_block::<NV, 1, true>(d, wt, cpad, bias, clamp, c0, &masks, ox, yrow);
+        }
+    }
+}
+
+/// `R` output pixels from `ox` × `NV` channel vectors from `c0`: each weight vector loaded once per tap for the
+/// `R` pixels (R + 1 loads per R multiply-adds), accumulators in registers. Taps on null rows (top/bottom
+/// padding) are skipped; with `EDGE` (R = 1) so are taps outside the readable columns.
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dw_512_block<const NV: usize, const R: usize, const EDGE: bool>(
+    d: &Dw<f32>,
+    wt: &[f32],
+    cpad: usize,
+    bias: &[f32],
+    clamp: [f32; 2],
+    c0: usize,
+    masks: &[u16; NV],
+    ox: usize,
+    yrow: &mut [f32],
+) {
+    let step = d.step;
+    unsafe {
+        let bv: [__m512; NV] = std::array::from_fn(|j| _mm512_loadu_ps(bias.as_ptr().add(c0 + 16 * j)));
+        let mut acc = [bv; R];
+        let base = ox * step;
+        for (t, &(ky, off)) in d.taps.iter().enumerate() {
+            let row = *d.rows.get_unchecked(ky);
+            if row.is_null() || (EDGE && !d.readable(base + off)) {
+                continue;
+            }
+            let src = row.wrapping_add(base + off + c0);
+            let wrow = wt.as_ptr().add(t * cpad + c0);
+            unroll!(NV, j => {
+                let w = _mm512_loadu_ps(wrow.add(16 * j));
+                unroll!(R, r => {
+                    let x = _mm512_maskz_loadu_ps(masks[j], src.add(r * step + 16 * j));
+                    acc[r][j] = _mm512_fmadd_ps(x, w, acc[r][j]);
+                });
+            });
+        }
+        let (lo, hi) = (_mm512_set1_ps(clamp[0]), _mm512_set1_ps(clamp[1]));
+        let dst = yrow.as_mut_ptr().add(ox * d.c + c0);
+        unroll!(R, r => {
+            unroll!(NV, j => {
+                let v = _mm512_min_ps(hi, _mm512_max_ps(lo, acc[r][j]));
+                _mm512_mask_storeu_ps(dst.add(r * d.c + 16 * j), masks[j], v);
+            });
+        });
     }
 }
 
@@ -237,20 +301,26 @@ unsafe fn dw_avx2(d: &Dw<f32>, wt: &[f32], cpad: usize, bias: &[f32], clamp: [f3
         let (lo, hi) = (_mm256_set1_ps(clamp[0]), _mm256_set1_ps(clamp[1]));
         for ox in 0..d.ow {
             let o = ox * d.step;
+            // Taps outside the image (zero padding) contribute nothing.
+            let live = |&(ky, off): &(usize, usize)| !d.rows[ky].is_null() && d.readable(o + off);
             let mut c0 = 0;
             while c0 < full {
                 let mut acc = _mm256_loadu_ps(bias.as_ptr().add(c0));
-                for (t, &(ky, off)) in d.taps.iter().enumerate() {
-                    let xv = _mm256_loadu_ps(d.rows[ky].add(o + off + c0));
-                    acc = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wt.as_ptr().add(t * cpad + c0)), acc);
+                for (t, tap) in d.taps.iter().enumerate() {
+                    if live(tap) {
+                        let xv = _mm256_loadu_ps(d.rows[tap.0].wrapping_add(o + tap.1 + c0));
+                        acc = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wt.as_ptr().add(t * cpad + c0)), acc);
+                    }
                 }
                 _mm256_storeu_ps(yrow.as_mut_ptr().add(ox * c + c0), _mm256_min_ps(hi, _mm256_max_ps(lo, acc)));
                 c0 += 8;
             }
             for ch in full..c {
                 let mut a = bias[ch];
-                for (t, &(ky, off)) in d.taps.iter().enumerate() {
-                    a += *d.rows[ky].add(o + off + ch) * wt[t * cpad + ch];
+                for (t, tap) in d.taps.iter().enumerate() {
+                    if live(tap) {
+                        a += *d.rows[tap.0].wrapping_add(o + tap.1 + ch) * wt[t * cpad + ch];
+                    }
                 }
                 yrow[ox * c + ch] = super::fconv::clampf(a, clamp);
             }
