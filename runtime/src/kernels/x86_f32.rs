@@ -203,8 +203,8 @@ pub(crate) unsafe fn depthwise_row(
     }
 }
 
-/// Channels `c0..c0+16·NV` (the last vector masked) of one output row: the pixels whose window lies inside the
-/// row in blocks of 8, then 4, then 1; the pixels at the edges one at a time, skipping taps in the padding.
+/// Channels `c0..c0+16·NV` (the last vector masked) of one output row, in blocks of 8 output pixels (then 4, 2,
+/// 1); blocks that reach into the left or right padding check each tap of each pixel.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn dw_512_row<const NV: usize>(
@@ -222,32 +222,35 @@ unsafe fn dw_512_row<const NV: usize>(
     });
     let span = d.taps.iter().map(|&(_, off)| off).max().unwrap_or(0) + d.c;
     let inner = d.inner(span);
+    let mut ox = 0;
     unsafe {
-        for ox in 0..inner.start {
-            dw_512_block::<NV, 1, true>(d, wt, cpad, bias, clamp, c0, &masks, ox, yrow);
-        }
-        let mut ox = inner.start;
-        while ox + 8 <= inner.end {
-            dw_512_block::<NV, 8, false>(d, wt, cpad, bias, clamp, c0, &masks, ox, yrow);
-            ox += 8;
-        }
-        if ox + 4 <= inner.end {
-            dw_512_block::<NV, 4, false>(d, wt, cpad, bias, clamp, c0, &masks, ox, yrow);
-            ox += 4;
-        }
-        while ox < inner.end {
-            dw_512_block::<NV, 1, false>(d, wt, cpad, bias, clamp, c0, &masks, ox, yrow);
-            ox += 1;
-        }
-        for ox in inner.end.max(inner.start)..d.ow {
-            dw_512_block::<NV, 1, true>(d, wt, cpad, bias, clamp, c0, &masks, ox, yrow);
+        while ox < d.ow {
+            let r = match d.ow - ox {
+                8.. => 8,
+                4.. => 4,
+                2.. => 2,
+                _ => 1,
+            };
+            let edge = ox < inner.start || ox + r > inner.end;
+            match (r, edge) {
+                (8, false) => dw_512_block::<NV, 8, false>(d, wt, cpad, bias, clamp, c0, &masks, ox, yrow),
+                (8, true) => dw_512_block::<NV, 8, true>(d, wt, cpad, bias, clamp, c0, &masks, ox, yrow),
+                (4, false) => dw_512_block::<NV, 4, false>(d, wt, cpad, bias, clamp, c0, &masks, ox, yrow),
+                (4, true) => dw_512_block::<NV, 4, true>(d, wt, cpad, bias, clamp, c0, &masks, ox, yrow),
+                (2, false) => dw_512_block::<NV, 2, false>(d, wt, cpad, bias, clamp, c0, &masks, ox, yrow),
+                (2, true) => dw_512_block::<NV, 2, true>(d, wt, cpad, bias, clamp, c0, &masks, ox, yrow),
+                (_, false) => dw_512_block::<NV, 1, false>(d, wt, cpad, bias, clamp, c0, &masks, ox, yrow),
+                (_, true) => dw_512_block::<NV, 1, true>(d, wt, cpad, bias, clamp, c0, &masks, ox, yrow),
+            }
+            ox += r;
         }
     }
 }
 
 /// `R` output pixels from `ox` × `NV` channel vectors from `c0`: each weight vector loaded once per tap for the
 /// `R` pixels (R + 1 loads per R multiply-adds), accumulators in registers. Taps on null rows (top/bottom
-/// padding) are skipped; with `EDGE` (R = 1) so are taps outside the readable columns.
+/// padding) are skipped; with `EDGE`, a pixel's tap outside the readable columns loads nothing (empty mask: the
+/// masked load reads no memory and gives zeros).
 #[inline]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
@@ -269,15 +272,17 @@ unsafe fn dw_512_block<const NV: usize, const R: usize, const EDGE: bool>(
         let base = ox * step;
         for (t, &(ky, off)) in d.taps.iter().enumerate() {
             let row = *d.rows.get_unchecked(ky);
-            if row.is_null() || (EDGE && !d.readable(base + off)) {
+            if row.is_null() {
                 continue;
             }
             let src = row.wrapping_add(base + off + c0);
             let wrow = wt.as_ptr().add(t * cpad + c0);
+            let live: [bool; R] = std::array::from_fn(|r| !EDGE || d.readable(base + off + r * step));
             unroll!(NV, j => {
                 let w = _mm512_loadu_ps(wrow.add(16 * j));
                 unroll!(R, r => {
-                    let x = _mm512_maskz_loadu_ps(masks[j], src.add(r * step + 16 * j));
+                    let m = if live[r] { masks[j] } else { 0 };
+                    let x = _mm512_maskz_loadu_ps(m, src.wrapping_add(r * step + 16 * j));
                     acc[r][j] = _mm512_fmadd_ps(x, w, acc[r][j]);
                 });
             });
