@@ -207,22 +207,18 @@ impl FConv {
                     ((t / kw) * s.dilation[0] * wp + (t % kw) * s.dilation[1]) * s.c_in + ci
                 })
                 .collect();
-            let tiles = GemmTiles { k, rows: RowSource::Padded { x: xp, hp, wp }, macs };
+            let tiles = GemmTiles { k, rows: RowSource::Padded, macs };
             self.gemm_tiles(xp, [n, hp, wp], (oh, ow), &tiles, blocks, &koff, (y_addr, ld, offset));
         };
         if s.pads == [0; 4] {
             return run(x, [h, w]);
         }
-        PADDED.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut buf) => {
-                let hw = self.geom().pad_input(x, [n, h, w], 0.0, &mut buf);
-                run(&buf, hw)
-            }
-            Err(_) => {
-                let mut buf = Vec::new();
-                let hw = self.geom().pad_input(x, [n, h, w], 0.0, &mut buf);
-                run(&buf, hw)
-            }
+        PADDED.with(|cell| {
+            // A re-entrant call (a kernel inside a kernel) pads into a buffer of its own.
+            let (mut shared, mut own) = (cell.try_borrow_mut(), Vec::new());
+            let buf = shared.as_deref_mut().unwrap_or(&mut own);
+            let hw = self.geom().pad_input(x, [n, h, w], 0.0, buf);
+            run(buf, hw)
         })
     }
 

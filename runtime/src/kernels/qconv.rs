@@ -368,10 +368,11 @@ pub(crate) struct Dw<'a, T = u8> {
 
 impl<T> Dw<'_, T> {
     /// Output pixels whose every tap lies in the readable columns: `lo..hi` (empty when none).
-    pub fn inner(&self, kw_span: usize) -> std::ops::Range<usize> {
+    pub fn inner(&self) -> std::ops::Range<usize> {
         let lo = self.cols.start.div_ceil(self.step).min(self.ow);
-        // Last tap of pixel `ox` ends at `ox·step + kw_span` (exclusive).
-        let hi = match self.cols.end.checked_sub(kw_span) {
+        // Last tap of pixel `ox` ends at `ox·step + span` (exclusive).
+        let span = self.taps.iter().map(|&(_, off)| off).max().unwrap_or(0) + self.c;
+        let hi = match self.cols.end.checked_sub(span) {
             Some(last) => (last / self.step + 1).min(self.ow),
             None => 0,
         };
@@ -448,21 +449,21 @@ pub(crate) struct Window {
 
 /// How a GEMM convolution walks its rows: depth `k` (im2col row length), where the rows come from, and its MAC
 /// count (for the thread split).
-pub(crate) struct GemmTiles<'a, T> {
+pub(crate) struct GemmTiles<T> {
     pub k: usize,
-    pub rows: RowSource<'a, T>,
+    pub rows: RowSource<T>,
     pub macs: usize,
 }
 
 /// Where the rows of a GEMM convolution are read.
-pub(crate) enum RowSource<'a, T> {
+pub(crate) enum RowSource<T> {
     /// 1×1, stride 1, unpadded: output pixel `r` reads input pixel `r` in place.
     Direct,
     /// Gathered into tiles by im2col, padded with `pad`.
     Im2col { pad: T },
-    /// An implicit GEMM: output pixel `r` points at its window's first element in `x`, a copy of the input with
-    /// its padding written out (`[n, hp, wp, c]`); the kernel reads depth `k` at `row + koff[k]`.
-    Padded { x: &'a [T], hp: usize, wp: usize },
+    /// An implicit GEMM: the input has its padding written out (`[n, h, w]` are the padded sizes) and output
+    /// pixel `r` points at its window's first element; the kernel reads depth `k` at `row + koff[k]`.
+    Padded,
 }
 
 impl Window {
@@ -510,11 +511,11 @@ impl Window {
                             *p = buf[i * t.k..].as_ptr();
                         }
                     }
-                    RowSource::Padded { x: xp, hp, wp } => {
+                    RowSource::Padded => {
                         // Pixel coordinates stepped, not divided, per row.
                         let (mut b, mut oy, mut ox) = (r0 / (oh * ow), r0 / ow % oh, r0 % ow);
                         for p in row_ptrs.iter_mut().take(nr) {
-                            *p = xp[((b * hp + oy * self.stride[0]) * wp + ox * self.stride[1]) * self.c..].as_ptr();
+                            *p = x[((b * h + oy * self.stride[0]) * w + ox * self.stride[1]) * self.c..].as_ptr();
                             ox += 1;
                             if ox == ow {
                                 ox = 0;

@@ -25,19 +25,37 @@ pub(crate) unsafe fn gemm_block(
 ) {
     unsafe {
         if isa >= Isa::Avx512Vnni {
-            match (b.width / 16, koff.is_empty()) {
-                (4, true) => tiles_512::<6, 4, false>(rows, outs, k, b, bias, clamp, koff),
-                (3, true) => tiles_512::<8, 3, false>(rows, outs, k, b, bias, clamp, koff),
-                (2, true) => tiles_512::<12, 2, false>(rows, outs, k, b, bias, clamp, koff),
-                (_, true) => tiles_512::<16, 1, false>(rows, outs, k, b, bias, clamp, koff),
-                (4, false) => tiles_512::<6, 4, true>(rows, outs, k, b, bias, clamp, koff),
-                (3, false) => tiles_512::<8, 3, true>(rows, outs, k, b, bias, clamp, koff),
-                // Twelve rows would spill: the offset loads get hoisted into twelve more registers.
-                (2, false) => tiles_512::<8, 2, true>(rows, outs, k, b, bias, clamp, koff),
-                (_, false) => tiles_512::<16, 1, true>(rows, outs, k, b, bias, clamp, koff),
+            if koff.is_empty() {
+                tiles_512_by_width::<false>(rows, outs, k, b, bias, clamp, koff)
+            } else {
+                tiles_512_by_width::<true>(rows, outs, k, b, bias, clamp, koff)
             }
         } else {
             tiles_avx2(rows, outs, k, b, bias, clamp, koff)
+        }
+    }
+}
+
+/// The register tile for the block's width: `MR` rows × `NV` vectors.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tiles_512_by_width<const OFF: bool>(
+    rows: &[*const f32],
+    outs: &[*mut f32],
+    k: KPart,
+    b: &FBlock,
+    bias: &[f32],
+    clamp: [f32; 2],
+    koff: &[usize],
+) {
+    unsafe {
+        match b.width / 16 {
+            4 => tiles_512::<6, 4, OFF>(rows, outs, k, b, bias, clamp, koff),
+            3 => tiles_512::<8, 3, OFF>(rows, outs, k, b, bias, clamp, koff),
+            // With offsets, twelve rows would spill: the offset loads get hoisted into twelve more registers.
+            2 if OFF => tiles_512::<8, 2, OFF>(rows, outs, k, b, bias, clamp, koff),
+            2 => tiles_512::<12, 2, OFF>(rows, outs, k, b, bias, clamp, koff),
+            _ => tiles_512::<16, 1, OFF>(rows, outs, k, b, bias, clamp, koff),
         }
     }
 }
@@ -186,14 +204,15 @@ pub(crate) unsafe fn depthwise_row(
 ) {
     unsafe {
         if isa >= Isa::Avx512Vnni {
+            let inner = d.inner();
             let mut c0 = 0;
             while c0 < d.c {
                 // Two vectors (32 channels) per pass; a last odd vector alone.
                 if d.c - c0 > 16 {
-                    dw_512_row::<2>(d, wt, cpad, bias, clamp, c0, yrow);
+                    dw_512_row::<2>(d, &inner, wt, cpad, bias, clamp, c0, yrow);
                     c0 += 32;
                 } else {
-                    dw_512_row::<1>(d, wt, cpad, bias, clamp, c0, yrow);
+                    dw_512_row::<1>(d, &inner, wt, cpad, bias, clamp, c0, yrow);
                     c0 += 16;
                 }
             }
@@ -204,11 +223,13 @@ pub(crate) unsafe fn depthwise_row(
 }
 
 /// Channels `c0..c0+16·NV` (the last vector masked) of one output row, in blocks of 8 output pixels (then 4, 2,
-/// 1); blocks that reach into the left or right padding check each tap of each pixel.
+/// 1); blocks outside `inner` (the pixels whose window lies inside the row) check each tap of each pixel.
 #[inline]
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn dw_512_row<const NV: usize>(
     d: &Dw<f32>,
+    inner: &std::ops::Range<usize>,
     wt: &[f32],
     cpad: usize,
     bias: &[f32],
@@ -220,8 +241,6 @@ unsafe fn dw_512_row<const NV: usize>(
         let left = d.c.saturating_sub(c0 + 16 * j).min(16);
         if left == 16 { u16::MAX } else { (1u16 << left) - 1 }
     });
-    let span = d.taps.iter().map(|&(_, off)| off).max().unwrap_or(0) + d.c;
-    let inner = d.inner(span);
     let mut ox = 0;
     unsafe {
         while ox < d.ow {
