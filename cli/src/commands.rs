@@ -340,7 +340,9 @@ pub fn run(a: RunArgs) -> Result<()> {
         if a.json {
             println!(
                 "{}",
-                serde_json::to_string_pretty(&json!({"backend": backend, "latency_ms": ms, "detections": dets}))?
+                serde_json::to_string_pretty(
+                    &json!({"backend": backend, "backend_selection": s.backend_selection(), "latency_ms": ms, "detections": dets})
+                )?
             );
         } else {
             println!("{} detections ({backend}, {ms:.1} ms)", dets.len());
@@ -368,7 +370,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             println!(
                 "{}",
                 serde_json::to_string_pretty(
-                    &json!({"backend": backend, "latency_ms": ms, "inputs": names, "top_k": rows})
+                    &json!({"backend": backend, "backend_selection": s.backend_selection(), "latency_ms": ms, "inputs": names, "top_k": rows})
                 )?
             );
         } else {
@@ -382,7 +384,12 @@ pub fn run(a: RunArgs) -> Result<()> {
         }
     } else if a.json {
         let v: Vec<_> = outs.iter().map(|(n, t)| tensor_json(n, t)).collect();
-        println!("{}", serde_json::to_string(&json!({"backend": backend, "latency_ms": ms, "outputs": v}))?);
+        println!(
+            "{}",
+            serde_json::to_string(
+                &json!({"backend": backend, "backend_selection": s.backend_selection(), "latency_ms": ms, "outputs": v})
+            )?
+        );
     } else {
         println!("{backend}, {ms:.1} ms");
         for (n, t) in &outs {
@@ -931,6 +938,33 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         && !b.met
     {
         eprintln!("warning: budget {} not met (best reached {:.3}); see the report", b.text, b.reached);
+    }
+    Ok(())
+}
+
+/// `edgepack devices`: what `--device auto` can choose from.
+pub fn devices(json: bool) -> anyhow::Result<()> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let gpu = edgepack_runtime::gpu::adapter();
+    if json {
+        let gpu = match &gpu {
+            Ok(a) => serde_json::to_value(a)?,
+            Err(why) => serde_json::json!({ "unavailable": why }),
+        };
+        let v = serde_json::json!({ "cpu": { "threads": threads }, "gpu": gpu });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("cpu   tract {} ({threads} threads)", edgepack_runtime::cpu::TRACT_VERSION);
+    match gpu {
+        Ok(a) => println!(
+            "gpu   {} ({}, {}; {})",
+            a.short(),
+            a.device_type,
+            if a.shader_f16 { "shader-f16" } else { "no shader-f16" },
+            a.driver
+        ),
+        Err(why) => println!("gpu   none: {why}"),
     }
     Ok(())
 }

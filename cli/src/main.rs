@@ -82,6 +82,11 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Offline demo: pack the shipped EfficientNet-Lite0, verify it, classify the shipped photos
     Demo(demo::DemoArgs),
+    /// The devices a session can run on: the CPU, and the GPU adapter (or why there is none)
+    Devices {
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-write an ONNX file through edgepack's graph type (lossless), optionally applying cleanup passes
     Rewrite {
         input: PathBuf,
@@ -116,6 +121,7 @@ fn main() -> ExitCode {
         Command::Keygen { out } => commands::keygen(&out),
         Command::Bench(a) => bench::bench(a),
         Command::Demo(a) => demo::demo(a),
+        Command::Devices { json } => commands::devices(json),
         Command::Rewrite { input, output, topo_sort, remove_unused_initializers, opset } => {
             commands::rewrite(&input, &output, topo_sort, remove_unused_initializers, opset)
         }

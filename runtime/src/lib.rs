@@ -1,4 +1,4 @@
-//! edgepack runtime: one ONNX graph type ([`onnx::Model`]), sessions over pluggable backends (CPU via tract),
+//! edgepack runtime: one ONNX graph type ([`onnx::Model`]), sessions over pluggable backends (CPU via tract, GPU via wgpu/burn),
 //! pre/post-processing as data, and the `.edgepack` bundle reader.
 //!
 //! ```no_run
@@ -13,10 +13,13 @@ pub mod cpu;
 mod cpu_ops;
 mod error;
 pub mod fsutil;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod kernels;
 pub mod npy;
 pub mod onnx;
 pub mod process;
+mod select;
 pub mod session;
 pub mod tensor;
 

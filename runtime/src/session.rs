@@ -98,6 +98,8 @@ pub struct BundleInfo {
 /// A loaded model ready to run.
 pub struct Session {
     backend: Box<dyn Backend>,
+    /// Why this backend runs the session ("requested", or `Device::Auto`'s reason).
+    selection: String,
     /// Every value name of the graph (inputs, initializers, node outputs), for checking requested values.
     values: std::collections::HashSet<String>,
     inputs: Vec<IoInfo>,
@@ -157,6 +159,19 @@ pub fn model_io(model: &Model) -> (Vec<IoInfo>, Vec<IoInfo>) {
 /// True when the bytes start like a bundle.
 pub fn is_bundle(bytes: &[u8]) -> bool {
     bytes.starts_with(crate::bundle::MAGIC)
+}
+
+/// The GPU backend, or why it cannot run this model (no adapter, an op it lacks, a build without `gpu`).
+fn load_gpu(model: &Model) -> Result<Box<dyn Backend>> {
+    #[cfg(feature = "gpu")]
+    {
+        Ok(Box::new(no_panic("loading on the gpu backend", || crate::gpu::GpuBackend::load(model))?))
+    }
+    #[cfg(not(feature = "gpu"))]
+    {
+        let _ = model;
+        Err(Error::Backend { backend: "gpu", message: "this build has no GPU backend (feature `gpu`)".into() })
+    }
 }
 
 fn default_threads() -> usize {
@@ -219,21 +234,28 @@ impl Session {
             }
         }
         let threads = if opts.threads == 0 { default_threads() } else { opts.threads };
-        let backend: Box<dyn Backend> = match opts.device {
-            Device::Auto | Device::Cpu => {
-                let dts: Vec<DType> = inputs.iter().map(|i| i.dtype.unwrap_or(DType::F32)).collect();
-                Box::new(no_panic("loading on the cpu backend", || CpuBackend::load(model, &dts, threads))?)
-            }
-            Device::Gpu => {
-                return Err(Error::Backend { backend: "gpu", message: "no GPU backend in this build".into() });
-            }
+        let load_cpu = || -> Result<Box<dyn Backend>> {
+            let dts: Vec<DType> = inputs.iter().map(|i| i.dtype.unwrap_or(DType::F32)).collect();
+            Ok(Box::new(no_panic("loading on the cpu backend", || CpuBackend::load(model, &dts, threads))?))
+        };
+        let (backend, selection) = match opts.device {
+            Device::Cpu => (load_cpu()?, "requested".to_string()),
+            Device::Gpu => (load_gpu(model)?, "requested".to_string()),
+            Device::Auto => crate::select::auto(model, &inputs, load_cpu, load_gpu)?,
         };
         let mut values: std::collections::HashSet<String> =
             model.graph.inputs.iter().filter_map(|v| v.name.clone()).collect();
         values.extend(model.graph.nodes.iter().flat_map(|n| n.output.iter().filter(|o| !o.is_empty()).cloned()));
         values.extend(backend.extra_values());
-        let session =
-            Session { backend, values, inputs, outputs, model_summary: ModelSummary::of(model), bundle: None };
+        let session = Session {
+            backend,
+            selection,
+            values,
+            inputs,
+            outputs,
+            model_summary: ModelSummary::of(model),
+            bundle: None,
+        };
         // Static models get their plan now, so the first run costs no compilation.
         if session.inputs.iter().all(|i| i.shape.iter().all(|d| matches!(d, Dim::Fixed(_)))) {
             let shapes: Vec<Vec<usize>> = session.inputs.iter().map(|i| i.concrete_shape(1)).collect();
@@ -286,6 +308,12 @@ impl Session {
     /// Which backend runs this session, e.g. "cpu (tract 0.23.9, 2 threads)".
     pub fn backend_description(&self) -> String {
         self.backend.describe()
+    }
+
+    /// Why the backend was chosen: "requested" for an explicit device, else `Device::Auto`'s reason
+    /// (e.g. "gpu measured 2.1x faster", "no GPU adapter: ...", "op LSTM has no GPU kernel").
+    pub fn backend_selection(&self) -> &str {
+        &self.selection
     }
 
     pub fn model_summary(&self) -> &ModelSummary {

@@ -22,7 +22,7 @@ pub use proto::{
     tensor_proto::DataType,
 };
 
-use crate::tensor::DType;
+use crate::tensor::{DType, Tensor, TensorData};
 use crate::{Error, Result};
 
 /// Largest element count a single initializer may declare (guards allocations on hostile files).
@@ -607,6 +607,37 @@ fn check_tensor(t: &TensorProto) -> Result<()> {
         return bad(format!("dims {:?} declare {count} elements, the data holds {}", t.dims, typed as u64 / per));
     }
     Ok(())
+}
+
+/// The values of an initializer or node-test tensor as a runtime [`Tensor`] (raw or typed storage).
+/// Types the runtime does not carry (strings, bfloat16, complex...) are an error naming the type.
+pub fn tensor_from_proto(t: &TensorProto) -> Result<Tensor> {
+    check_tensor(t)?;
+    let code = t.data_type.unwrap_or(0);
+    let name = t.name.as_deref().unwrap_or("");
+    let dtype = DType::from_onnx_code(code)
+        .ok_or_else(|| Error::MalformedModel(format!("tensor `{name}`: element type {code} is not supported")))?;
+    let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+    if let Some(raw) = &t.raw_data {
+        return Tensor::from_le_bytes(dtype, shape, raw);
+    }
+    let data = match dtype {
+        DType::F32 => TensorData::F32(t.float_data.clone()),
+        DType::F64 => TensorData::F64(t.double_data.clone()),
+        DType::I64 => TensorData::I64(t.int64_data.clone()),
+        DType::I32 => TensorData::I32(t.int32_data.clone()),
+        DType::I8 => TensorData::I8(t.int32_data.iter().map(|&v| v as i8).collect()),
+        DType::U8 => TensorData::U8(t.int32_data.iter().map(|&v| v as u8).collect()),
+        DType::Bool => TensorData::Bool(t.int32_data.iter().map(|&v| v != 0).collect()),
+        DType::F16 => TensorData::F16(t.int32_data.iter().map(|&v| half::f16::from_bits(v as u16)).collect()),
+    };
+    Tensor::new(shape, data)
+}
+
+/// A runtime [`Tensor`] as an ONNX tensor (raw little-endian storage).
+pub fn tensor_to_proto(name: &str, t: &Tensor) -> TensorProto {
+    let dims: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
+    builder::tensor_raw(name, &dims, t.dtype().onnx_code(), t.to_le_bytes())
 }
 
 #[cfg(test)]

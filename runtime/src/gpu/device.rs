@@ -1,0 +1,70 @@
+//! The process-wide wgpu device: found once, shared by every GPU session (burn's runtime keeps one client,
+//! its compiled pipelines and its memory pools per device).
+use std::sync::OnceLock;
+
+use burn_wgpu::{RuntimeOptions, WgpuDevice, graphics::AutoGraphicsApi, wgpu};
+
+/// What the adapter is and can do.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AdapterInfo {
+    /// e.g. "llvmpipe (LLVM 15.0.6, 256 bits)", "NVIDIA H100 80GB HBM3".
+    pub name: String,
+    /// Graphics API: "Vulkan", "Metal", "Dx12", "Gl".
+    pub api: String,
+    /// "DiscreteGpu", "IntegratedGpu", "Cpu" (a software rasterizer such as lavapipe), ...
+    pub device_type: String,
+    pub driver: String,
+    /// The adapter has `shader-f16` (f16 arithmetic in shaders).
+    pub shader_f16: bool,
+}
+
+impl AdapterInfo {
+    /// Short form for reports: "llvmpipe (LLVM 15.0.6, 256 bits) / Vulkan".
+    pub fn short(&self) -> String {
+        format!("{} / {}", self.name, self.api)
+    }
+}
+
+pub(crate) struct GpuDevice {
+    pub device: <super::plan::B as burn_backend::BackendTypes>::Device,
+    pub info: AdapterInfo,
+}
+
+static DEVICE: OnceLock<std::result::Result<GpuDevice, String>> = OnceLock::new();
+
+/// The device, initialised on first use. `Err` says why there is none (no adapter, driver failure,
+/// `EDGEPACK_GPU=off`); it is the signal to run on the CPU.
+pub(crate) fn device() -> std::result::Result<&'static GpuDevice, String> {
+    DEVICE.get_or_init(init).as_ref().map_err(Clone::clone)
+}
+
+/// The adapter a GPU session would use, or why there is none.
+pub fn adapter() -> std::result::Result<AdapterInfo, String> {
+    device().map(|d| d.info.clone())
+}
+
+fn init() -> std::result::Result<GpuDevice, String> {
+    if std::env::var("EDGEPACK_GPU").is_ok_and(|v| v == "off" || v == "0") {
+        return Err("disabled by EDGEPACK_GPU=off".into());
+    }
+    let found = std::panic::catch_unwind(|| {
+        let selector = WgpuDevice::default();
+        burn_wgpu::try_init_setup::<AutoGraphicsApi>(&selector, RuntimeOptions::default())
+            .map(|setup| (selector, setup))
+            .map_err(|e| format!("no usable GPU adapter: {e}"))
+    })
+    .map_err(|p| {
+        let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        format!("the wgpu driver failed while starting: {}", msg.unwrap_or_default())
+    })??;
+    let (selector, setup) = found;
+    let raw = setup.adapter.get_info();
+    let info = AdapterInfo {
+        name: raw.name.clone(),
+        api: format!("{:?}", raw.backend),
+        device_type: format!("{:?}", raw.device_type),
+        driver: format!("{} {}", raw.driver, raw.driver_info).trim().to_string(),
+        shader_f16: setup.device.features().contains(wgpu::Features::SHADER_F16),
+    };
+    Ok(GpuDevice { device: selector.into(), info })
+}

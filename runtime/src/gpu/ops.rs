@@ -1,0 +1,1281 @@
+//! ONNX operators on burn's cubecl backend (run-time shapes). Each op takes the node and its input values and
+//! returns its outputs; attributes and host-known inputs (shapes, axes, pads) are read here.
+use burn_backend::ops::{ConvOptions, ConvTransposeOptions, InterpolateMode, InterpolateOptions, PadMode};
+use burn_backend::ops::{FloatTensorOps, ModuleOps};
+use burn_backend::{BoolDType, IntDType, Scalar, Shape, Slice, TensorMetadata};
+
+use super::plan::{B, Ctx, Dv, T, Val, gpu_err};
+use crate::onnx::{NodeExt, NodeProto};
+use crate::tensor::{DType, Tensor, TensorData};
+use crate::{Error, Result};
+
+/// The ops the GPU backend implements (default ONNX domain). A model with any other op is
+/// [`Error::UnsupportedOp`] on `--device gpu` and runs on the CPU under `auto`.
+pub const SUPPORTED_OPS: &[&str] = &[
+    "Abs",
+    "Add",
+    "And",
+    "ArgMax",
+    "ArgMin",
+    "AveragePool",
+    "BatchNormalization",
+    "Cast",
+    "Ceil",
+    "Clip",
+    "Concat",
+    "Constant",
+    "ConstantOfShape",
+    "Conv",
+    "ConvTranspose",
+    "Cos",
+    "DequantizeLinear",
+    "Div",
+    "Dropout",
+    "Elu",
+    "Equal",
+    "Erf",
+    "Exp",
+    "Expand",
+    "Flatten",
+    "Floor",
+    "Gather",
+    "Gemm",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "Greater",
+    "GreaterOrEqual",
+    "HardSigmoid",
+    "HardSwish",
+    "Identity",
+    "LeakyRelu",
+    "Less",
+    "LessOrEqual",
+    "Log",
+    "LogSoftmax",
+    "MatMul",
+    "Max",
+    "MaxPool",
+    "Mean",
+    "Min",
+    "Mul",
+    "Neg",
+    "Not",
+    "Or",
+    "Pad",
+    "Pow",
+    "PRelu",
+    "QuantizeLinear",
+    "Reciprocal",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceMin",
+    "ReduceSum",
+    "Relu",
+    "Reshape",
+    "Resize",
+    "Shape",
+    "Sigmoid",
+    "Sin",
+    "Size",
+    "Slice",
+    "Softmax",
+    "Softplus",
+    "Split",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "Sum",
+    "Tanh",
+    "Tile",
+    "Transpose",
+    "Unsqueeze",
+    "Where",
+];
+
+type Ins<'a> = &'a [Option<Val>];
+
+fn fail(node: &NodeProto, why: impl std::fmt::Display) -> Error {
+    gpu_err(format!("{} `{}`: {why}", node.op(), node.name()))
+}
+
+fn input<'a>(node: &NodeProto, ins: Ins<'a>, i: usize) -> Result<&'a Val> {
+    ins.get(i).and_then(|v| v.as_ref()).ok_or_else(|| fail(node, format!("input {i} is missing")))
+}
+
+fn opt<'a>(ins: Ins<'a>, i: usize) -> Option<&'a Val> {
+    ins.get(i).and_then(|v| v.as_ref())
+}
+
+/// Integer values of a host-known input (axes, shapes, pads...).
+fn host_ints(node: &NodeProto, v: &Val, what: &str) -> Result<Vec<i64>> {
+    let t =
+        v.as_host().ok_or_else(|| fail(node, format!("{what} must be known at load (not computed on the device)")))?;
+    Ok(match t.data() {
+        TensorData::I64(v) => v.clone(),
+        TensorData::I32(v) => v.iter().map(|&x| x as i64).collect(),
+        _ => t.to_f32_vec().into_iter().map(|x| x as i64).collect(),
+    })
+}
+
+fn host_floats(node: &NodeProto, v: &Val, what: &str) -> Result<Vec<f32>> {
+    let t = v.as_host().ok_or_else(|| fail(node, format!("{what} must be known at load")))?;
+    Ok(t.to_f32_vec())
+}
+
+fn dims(t: &T) -> Vec<usize> {
+    t.shape().to_vec()
+}
+
+fn reshape(t: T, shape: &[usize]) -> T {
+    let s: Vec<usize> = if shape.is_empty() { vec![1] } else { shape.to_vec() };
+    if dims(&t) == s { t } else { B::float_reshape(t, Shape::from(s)) }
+}
+
+fn dv(t: T, dt: DType) -> Val {
+    let shape = dims(&t);
+    Val::Dev(Dv { t, dt, shape })
+}
+
+fn dv_shaped(t: T, dt: DType, shape: Vec<usize>) -> Val {
+    let t = reshape(t, &shape);
+    Val::Dev(Dv { t, dt, shape })
+}
+
+fn axis(node: &NodeProto, a: i64, rank: usize) -> Result<usize> {
+    let r = rank as i64;
+    let v = if a < 0 { a + r } else { a };
+    if (0..r.max(1)).contains(&v) {
+        Ok(v as usize)
+    } else {
+        Err(fail(node, format!("axis {a} out of range for rank {rank}")))
+    }
+}
+
+/// Both operands at the same rank (leading 1s), as tensors of their logical shapes.
+fn binary(ctx: &Ctx, a: &Val, b: &Val) -> (T, T, Vec<usize>) {
+    let (da, db) = (ctx.dev(a), ctx.dev(b));
+    let r = da.shape.len().max(db.shape.len());
+    let pad = |s: &[usize]| {
+        let mut v = vec![1; r - s.len()];
+        v.extend_from_slice(s);
+        v
+    };
+    let (sa, sb) = (pad(&da.shape), pad(&db.shape));
+    let out: Vec<usize> = sa.iter().zip(&sb).map(|(&x, &y)| if x == 1 { y } else { x }).collect();
+    (reshape(da.t, &sa), reshape(db.t, &sb), out)
+}
+
+/// The device's boolean storage (wgpu has no native bool buffers).
+fn bool_dt(ctx: &Ctx) -> BoolDType {
+    burn_backend::get_or_init_device_settings::<B>(ctx.device).bool_dtype
+}
+
+fn b2f(ctx: &Ctx, b: burn_wgpu::CubeTensor) -> T {
+    <B as burn_backend::ops::BoolTensorOps<B>>::bool_into_float(b, ctx.float_dtype())
+}
+
+fn f2b(ctx: &Ctx, t: T) -> burn_wgpu::CubeTensor {
+    B::float_not_equal_elem(t, Scalar::from(0f32), bool_dt(ctx))
+}
+
+fn full_like(ctx: &Ctx, shape: &[usize], v: f32) -> T {
+    B::float_full(Shape::from(shape.to_vec()), Scalar::from(v), ctx.device, ctx.float_dtype())
+}
+
+/// Padding per spatial dim from `pads` / `auto_pad`.
+fn conv_pads(
+    node: &NodeProto,
+    input: &[usize],
+    kernel: &[usize],
+    stride: &[usize],
+    dil: &[usize],
+) -> Result<Vec<(usize, usize)>> {
+    let n = input.len();
+    match node.attr_s("auto_pad").unwrap_or("NOTSET") {
+        "NOTSET" => match node.attr_ints("pads") {
+            Some(p) if p.len() == 2 * n => {
+                if p.iter().any(|&v| v < 0) {
+                    return Err(fail(node, "negative pads"));
+                }
+                Ok((0..n).map(|i| (p[i] as usize, p[i + n] as usize)).collect())
+            }
+            Some(p) if !p.is_empty() => Err(fail(node, format!("pads {p:?} for {n} spatial dims"))),
+            _ => Ok(vec![(0, 0); n]),
+        },
+        "VALID" => Ok(vec![(0, 0); n]),
+        mode @ ("SAME_UPPER" | "SAME_LOWER") => Ok((0..n)
+            .map(|i| {
+                let out = input[i].div_ceil(stride[i]);
+                let need = (out.saturating_sub(1)) * stride[i] + (kernel[i] - 1) * dil[i] + 1;
+                let total = need.saturating_sub(input[i]);
+                if mode == "SAME_UPPER" { (total / 2, total - total / 2) } else { (total - total / 2, total / 2) }
+            })
+            .collect()),
+        other => Err(fail(node, format!("auto_pad {other}"))),
+    }
+}
+
+fn ints_or(node: &NodeProto, name: &str, n: usize, default: usize) -> Result<Vec<usize>> {
+    match node.attr_ints(name) {
+        Some(v) if v.len() == n && v.iter().all(|&x| x > 0) => Ok(v.iter().map(|&x| x as usize).collect()),
+        Some(v) if !v.is_empty() => Err(fail(node, format!("{name} {v:?}"))),
+        _ => Ok(vec![default; n]),
+    }
+}
+
+fn conv(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let w = ctx.dev(input(node, ins, 1)?);
+    let bias = opt(ins, 2).map(|b| ctx.dev(b).t);
+    let nd = x.shape.len().saturating_sub(2);
+    if !(1..=3).contains(&nd) || w.shape.len() != nd + 2 {
+        return Err(fail(node, format!("input rank {} / weight rank {}", x.shape.len(), w.shape.len())));
+    }
+    let kernel: Vec<usize> = w.shape[2..].to_vec();
+    let stride = ints_or(node, "strides", nd, 1)?;
+    let dil = ints_or(node, "dilations", nd, 1)?;
+    let group = node.attr_i("group").unwrap_or(1).max(1) as usize;
+    let pads = conv_pads(node, &x.shape[2..], &kernel, &stride, &dil)?;
+    if x.shape[1] != w.shape[1] * group || !w.shape[0].is_multiple_of(group) {
+        return Err(fail(node, format!("channels: input {:?}, weight {:?}, group {group}", x.shape, w.shape)));
+    }
+    let out = match nd {
+        1 => {
+            let (n, c, l) = (x.shape[0], x.shape[1], x.shape[2]);
+            let xt = reshape(x.t, &[n, c, 1, l]);
+            let wt = reshape(w.t, &[w.shape[0], w.shape[1], 1, kernel[0]]);
+            let o = B::conv2d(
+                xt,
+                wt,
+                bias,
+                ConvOptions::new_with_padding([1, stride[0]], [(0, 0), pads[0]], [1, dil[0]], group),
+            );
+            let d = dims(&o);
+            reshape(o, &[d[0], d[1], d[3]])
+        }
+        2 => B::conv2d(
+            x.t,
+            w.t,
+            bias,
+            ConvOptions::new_with_padding([stride[0], stride[1]], [pads[0], pads[1]], [dil[0], dil[1]], group),
+        ),
+        _ => B::conv3d(
+            x.t,
+            w.t,
+            bias,
+            ConvOptions::new_with_padding(
+                [stride[0], stride[1], stride[2]],
+                [pads[0], pads[1], pads[2]],
+                [dil[0], dil[1], dil[2]],
+                group,
+            ),
+        ),
+    };
+    Ok(vec![dv(out, x.dt)])
+}
+
+fn conv_transpose(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let w = ctx.dev(input(node, ins, 1)?);
+    let bias = opt(ins, 2).map(|b| ctx.dev(b));
+    if x.shape.len() != 4 || w.shape.len() != 4 {
+        return Err(fail(node, "only 2-D transposed convolutions are supported"));
+    }
+    let kernel = [w.shape[2], w.shape[3]];
+    let stride = ints_or(node, "strides", 2, 1)?;
+    let dil = ints_or(node, "dilations", 2, 1)?;
+    let group = node.attr_i("group").unwrap_or(1).max(1) as usize;
+    let out_pad: Vec<usize> = match node.attr_ints("output_padding") {
+        Some(v) if v.len() == 2 => v.iter().map(|&x| x.max(0) as usize).collect(),
+        _ => vec![0, 0],
+    };
+    let full: Vec<usize> =
+        (0..2).map(|i| (x.shape[2 + i] - 1) * stride[i] + (kernel[i] - 1) * dil[i] + 1 + out_pad[i]).collect();
+    let auto = node.attr_s("auto_pad").unwrap_or("NOTSET");
+    let pads: Vec<(usize, usize)> = if let Some(os) = node.attr_ints("output_shape").filter(|v| !v.is_empty()) {
+        let os = &os[os.len() - 2..];
+        (0..2)
+            .map(|i| {
+                let total = full[i].saturating_sub(os[i].max(0) as usize);
+                if auto == "SAME_UPPER" { (total / 2, total - total / 2) } else { (total - total / 2, total / 2) }
+            })
+            .collect()
+    } else if auto == "SAME_UPPER" || auto == "SAME_LOWER" {
+        (0..2)
+            .map(|i| {
+                let total = full[i].saturating_sub(x.shape[2 + i] * stride[i]);
+                if auto == "SAME_UPPER" { (total / 2, total - total / 2) } else { (total - total / 2, total / 2) }
+            })
+            .collect()
+    } else {
+        match node.attr_ints("pads") {
+            Some(p) if p.len() == 4 => (0..2).map(|i| (p[i].max(0) as usize, p[i + 2].max(0) as usize)).collect(),
+            _ => vec![(0, 0); 2],
+        }
+    };
+    let o = B::conv_transpose2d(
+        x.t,
+        w.t,
+        None,
+        ConvTransposeOptions::new([stride[0], stride[1]], [0, 0], [out_pad[0], out_pad[1]], [dil[0], dil[1]], group),
+    );
+    let d = dims(&o);
+    let o = B::float_slice(
+        o,
+        &[
+            Slice::full(),
+            Slice::full(),
+            Slice::new(pads[0].0 as isize, Some((d[2] - pads[0].1) as isize), 1),
+            Slice::new(pads[1].0 as isize, Some((d[3] - pads[1].1) as isize), 1),
+        ],
+    );
+    let o = match bias {
+        Some(b) => {
+            let c = b.shape.iter().product::<usize>();
+            B::float_add(o, reshape(b.t, &[1, c, 1, 1]))
+        }
+        None => o,
+    };
+    Ok(vec![dv(o, x.dt)])
+}
+
+fn pool(ctx: &Ctx, node: &NodeProto, ins: Ins, max: bool) -> Result<Vec<Val>> {
+    if node.output.len() > 1 && node.output.get(1).is_some_and(|o| !o.is_empty()) {
+        return Err(fail(node, "the Indices output is not supported"));
+    }
+    let x = ctx.dev(input(node, ins, 0)?);
+    let nd = x.shape.len().saturating_sub(2);
+    let k = node.attr_ints("kernel_shape").ok_or_else(|| fail(node, "no kernel_shape"))?;
+    if !(1..=2).contains(&nd) || k.len() != nd {
+        return Err(fail(node, format!("{nd}-D pooling is not supported")));
+    }
+    let kernel: Vec<usize> = k.iter().map(|&v| v.max(1) as usize).collect();
+    let stride = ints_or(node, "strides", nd, 1)?;
+    let dil = ints_or(node, "dilations", nd, 1)?;
+    if !max && dil.iter().any(|&d| d != 1) {
+        return Err(fail(node, "dilated average pooling"));
+    }
+    let ceil = node.attr_i("ceil_mode").unwrap_or(0) == 1;
+    let include = node.attr_i("count_include_pad").unwrap_or(0) == 1;
+    let pads = conv_pads(node, &x.shape[2..], &kernel, &stride, &dil)?;
+    // Everything as 2-D.
+    let (xt, kernel, stride, dil, pads) = if nd == 1 {
+        let s = &x.shape;
+        (
+            reshape(x.t, &[s[0], s[1], 1, s[2]]),
+            vec![1, kernel[0]],
+            vec![1, stride[0]],
+            vec![1, dil[0]],
+            vec![(0, 0), pads[0]],
+        )
+    } else {
+        (x.t, kernel, stride, dil, pads)
+    };
+    let symmetric = pads.iter().all(|p| p.0 == p.1);
+    let out = if symmetric {
+        let p = [pads[0].0, pads[1].0];
+        if max {
+            B::max_pool2d(xt, [kernel[0], kernel[1]], [stride[0], stride[1]], p, [dil[0], dil[1]], ceil)
+        } else {
+            B::avg_pool2d(xt, [kernel[0], kernel[1]], [stride[0], stride[1]], p, include, ceil)
+        }
+    } else {
+        if ceil {
+            return Err(fail(node, "asymmetric pads with ceil_mode"));
+        }
+        let padding = [(0, 0), (0, 0), pads[0], pads[1]];
+        if max {
+            let xp = B::float_pad(xt, &padding, PadMode::Constant(f32::NEG_INFINITY));
+            B::max_pool2d(xp, [kernel[0], kernel[1]], [stride[0], stride[1]], [0, 0], [dil[0], dil[1]], false)
+        } else {
+            let shape = dims(&xt);
+            let xp = B::float_pad(xt, &padding, PadMode::Constant(0.0));
+            let sum = B::avg_pool2d(xp, [kernel[0], kernel[1]], [stride[0], stride[1]], [0, 0], true, false);
+            if include {
+                sum
+            } else {
+                let ones = B::float_pad(full_like(ctx, &shape, 1.0), &padding, PadMode::Constant(0.0));
+                let cnt = B::avg_pool2d(ones, [kernel[0], kernel[1]], [stride[0], stride[1]], [0, 0], true, false);
+                B::float_div(sum, cnt)
+            }
+        }
+    };
+    let out = if nd == 1 {
+        let d = dims(&out);
+        reshape(out, &[d[0], d[1], d[3]])
+    } else {
+        out
+    };
+    Ok(vec![dv(out, x.dt)])
+}
+
+fn global_pool(ctx: &Ctx, node: &NodeProto, ins: Ins, max: bool) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let mut t = x.t;
+    for d in 2..x.shape.len() {
+        t = if max { B::float_max_dim(t, d) } else { B::float_mean_dim(t, d) };
+    }
+    Ok(vec![dv(t, x.dt)])
+}
+
+fn matmul2(a: T, b: T) -> T {
+    B::float_matmul(a, b)
+}
+
+fn gemm(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let a = ctx.dev(input(node, ins, 0)?);
+    let b = ctx.dev(input(node, ins, 1)?);
+    if a.shape.len() != 2 || b.shape.len() != 2 {
+        return Err(fail(node, "Gemm needs 2-D operands"));
+    }
+    let at = if node.attr_i("transA").unwrap_or(0) == 1 { B::float_transpose(a.t) } else { a.t };
+    let bt = if node.attr_i("transB").unwrap_or(0) == 1 { B::float_transpose(b.t) } else { b.t };
+    let mut y = matmul2(at, bt);
+    let alpha = node.attr_f("alpha").unwrap_or(1.0);
+    if alpha != 1.0 {
+        y = B::float_mul_scalar(y, Scalar::from(alpha));
+    }
+    if let Some(c) = opt(ins, 2) {
+        let beta = node.attr_f("beta").unwrap_or(1.0);
+        let y_shape = dims(&y);
+        let (yt, ct, _) = binary(ctx, &dv(y, a.dt), c);
+        let ct = if beta != 1.0 { B::float_mul_scalar(ct, Scalar::from(beta)) } else { ct };
+        y = reshape(B::float_add(yt, ct), &y_shape);
+    }
+    Ok(vec![dv(y, a.dt)])
+}
+
+fn matmul(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let a = ctx.dev(input(node, ins, 0)?);
+    let b = ctx.dev(input(node, ins, 1)?);
+    let (mut sa, mut sb) = (a.shape.clone(), b.shape.clone());
+    if sa.is_empty() || sb.is_empty() {
+        return Err(fail(node, "MatMul of a scalar"));
+    }
+    let (va, vb) = (sa.len() == 1, sb.len() == 1);
+    if va {
+        sa.insert(0, 1);
+    }
+    if vb {
+        sb.push(1);
+    }
+    let r = sa.len().max(sb.len());
+    while sa.len() < r {
+        sa.insert(0, 1);
+    }
+    while sb.len() < r {
+        sb.insert(0, 1);
+    }
+    let batch: Vec<usize> = (0..r - 2).map(|i| sa[i].max(sb[i])).collect();
+    let mut ea = batch.clone();
+    ea.extend_from_slice(&sa[r - 2..]);
+    let mut eb = batch.clone();
+    eb.extend_from_slice(&sb[r - 2..]);
+    let at = reshape(a.t, &sa);
+    let bt = reshape(b.t, &sb);
+    let at = if sa != ea { B::float_expand(at, Shape::from(ea)) } else { at };
+    let bt = if sb != eb { B::float_expand(bt, Shape::from(eb)) } else { bt };
+    let y = matmul2(at, bt);
+    let mut out = batch;
+    if !va {
+        out.push(sa[r - 2]);
+    }
+    if !vb {
+        out.push(sb[r - 1]);
+    }
+    Ok(vec![dv_shaped(y, a.dt, out)])
+}
+
+fn softmax_dim(ctx: &Ctx, t: T, d: usize, log: bool) -> T {
+    let _ = ctx;
+    let m = B::float_max_dim(t.clone(), d);
+    let z = B::float_sub(t, m);
+    let e = B::float_exp(z.clone());
+    let s = B::float_sum_dim(e.clone(), d);
+    if log { B::float_sub(z, B::float_log(s)) } else { B::float_div(e, s) }
+}
+
+fn softmax(ctx: &Ctx, node: &NodeProto, ins: Ins, log: bool) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let r = x.shape.len().max(1);
+    if ctx.opset >= 13 {
+        let a = axis(node, node.attr_i("axis").unwrap_or(-1), r)?;
+        Ok(vec![dv_shaped(softmax_dim(ctx, x.t, a, log), x.dt, x.shape)])
+    } else {
+        // Before opset 13: the input is coerced to 2-D at `axis`.
+        let a = axis(node, node.attr_i("axis").unwrap_or(1), r)?;
+        let rows: usize = x.shape[..a].iter().product();
+        let cols: usize = x.shape[a..].iter().product();
+        let t = reshape(x.t, &[rows, cols]);
+        Ok(vec![dv_shaped(softmax_dim(ctx, t, 1, log), x.dt, x.shape)])
+    }
+}
+
+fn reduce(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let r = x.shape.len();
+    let from_input = opt(ins, 1);
+    let axes: Vec<i64> = match (node.attr_ints("axes"), from_input) {
+        (_, Some(a)) => host_ints(node, a, "axes")?,
+        (Some(a), None) => a.to_vec(),
+        (None, None) => Vec::new(),
+    };
+    let keep = node.attr_i("keepdims").unwrap_or(1) == 1;
+    if axes.is_empty() && node.attr_i("noop_with_empty_axes").unwrap_or(0) == 1 {
+        return Ok(vec![Val::Dev(x)]);
+    }
+    let mut ax: Vec<usize> = if axes.is_empty() {
+        (0..r).collect()
+    } else {
+        axes.iter().map(|&a| axis(node, a, r)).collect::<Result<_>>()?
+    };
+    ax.sort_unstable();
+    ax.dedup();
+    let mut t = x.t;
+    for &a in &ax {
+        t = match node.op() {
+            "ReduceMean" => B::float_mean_dim(t, a),
+            "ReduceSum" => B::float_sum_dim(t, a),
+            "ReduceMax" => B::float_max_dim(t, a),
+            "ReduceMin" => B::float_min_dim(t, a),
+            _ => unreachable!("reduce op"),
+        };
+    }
+    let shape: Vec<usize> =
+        (0..r).filter_map(|i| if ax.contains(&i) { keep.then_some(1) } else { Some(x.shape[i]) }).collect();
+    Ok(vec![dv_shaped(t, x.dt, shape)])
+}
+
+fn arg(ctx: &Ctx, node: &NodeProto, ins: Ins, max: bool) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let a = axis(node, node.attr_i("axis").unwrap_or(0), x.shape.len())?;
+    // The last index of the extreme value: the first one along the flipped axis, mapped back.
+    let last = node.attr_i("select_last_index").unwrap_or(0) == 1;
+    let t = if last { B::float_flip(x.t, &[a]) } else { x.t };
+    let idx = if max { B::float_argmax(t, a, IntDType::I32) } else { B::float_argmin(t, a, IntDType::I32) };
+    let mut f = <B as burn_backend::ops::IntTensorOps<B>>::int_into_float(idx, ctx.float_dtype());
+    if last {
+        f = B::float_add_scalar(B::float_neg(f), Scalar::from((x.shape[a] - 1) as f32));
+    }
+    let mut shape = x.shape.clone();
+    if node.attr_i("keepdims").unwrap_or(1) == 1 {
+        shape[a] = 1;
+    } else {
+        shape.remove(a);
+    }
+    Ok(vec![dv_shaped(f, DType::I64, shape)])
+}
+
+fn reshape_op(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let spec: Vec<i64> = match opt(ins, 1) {
+        Some(s) => host_ints(node, s, "the target shape")?,
+        None => node.attr_ints("shape").map(<[i64]>::to_vec).ok_or_else(|| fail(node, "no shape"))?,
+    };
+    let allow_zero = node.attr_i("allowzero").unwrap_or(0) == 1;
+    let total: usize = x.shape.iter().product();
+    let mut out = Vec::with_capacity(spec.len());
+    let mut infer = None;
+    for (i, &d) in spec.iter().enumerate() {
+        match d {
+            -1 if infer.is_none() => {
+                infer = Some(i);
+                out.push(1);
+            }
+            0 if !allow_zero => out.push(*x.shape.get(i).ok_or_else(|| fail(node, "0 beyond the input rank"))?),
+            d if d >= 0 => out.push(d as usize),
+            _ => return Err(fail(node, format!("bad target shape {spec:?}"))),
+        }
+    }
+    if let Some(i) = infer {
+        let known: usize = out.iter().product();
+        if known == 0 || !total.is_multiple_of(known) {
+            return Err(fail(node, format!("cannot reshape {:?} to {spec:?}", x.shape)));
+        }
+        out[i] = total / known;
+    }
+    if out.iter().product::<usize>() != total {
+        return Err(fail(node, format!("cannot reshape {:?} to {out:?}", x.shape)));
+    }
+    Ok(vec![dv_shaped(x.t, x.dt, out)])
+}
+
+fn axes_of(node: &NodeProto, ins: Ins) -> Result<Option<Vec<i64>>> {
+    Ok(match opt(ins, 1) {
+        Some(a) => Some(host_ints(node, a, "axes")?),
+        None => node.attr_ints("axes").map(<[i64]>::to_vec),
+    })
+}
+
+fn squeeze(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let r = x.shape.len();
+    let shape: Vec<usize> = match axes_of(node, ins)? {
+        Some(a) => {
+            let ax: Vec<usize> = a.iter().map(|&a| axis(node, a, r)).collect::<Result<_>>()?;
+            if ax.iter().any(|&a| x.shape[a] != 1) {
+                return Err(fail(node, format!("squeezing a dim that is not 1 in {:?}", x.shape)));
+            }
+            (0..r).filter(|i| !ax.contains(i)).map(|i| x.shape[i]).collect()
+        }
+        None => x.shape.iter().copied().filter(|&d| d != 1).collect(),
+    };
+    Ok(vec![dv_shaped(x.t, x.dt, shape)])
+}
+
+fn unsqueeze(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let a = axes_of(node, ins)?.ok_or_else(|| fail(node, "no axes"))?;
+    let r = x.shape.len() + a.len();
+    let mut ax: Vec<usize> = a.iter().map(|&v| axis(node, v, r)).collect::<Result<_>>()?;
+    ax.sort_unstable();
+    let mut shape = x.shape.clone();
+    for &i in &ax {
+        shape.insert(i, 1);
+    }
+    Ok(vec![dv_shaped(x.t, x.dt, shape)])
+}
+
+fn flatten(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let r = x.shape.len();
+    let a = node.attr_i("axis").unwrap_or(1);
+    let a = if a < 0 { a + r as i64 } else { a };
+    if !(0..=r as i64).contains(&a) {
+        return Err(fail(node, format!("axis {a}")));
+    }
+    let a = a as usize;
+    let shape = vec![x.shape[..a].iter().product(), x.shape[a..].iter().product()];
+    Ok(vec![dv_shaped(x.t, x.dt, shape)])
+}
+
+fn transpose(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let r = x.shape.len();
+    let perm: Vec<usize> = match node.attr_ints("perm") {
+        Some(p) => p.iter().map(|&v| axis(node, v, r)).collect::<Result<_>>()?,
+        None => (0..r).rev().collect(),
+    };
+    if r <= 1 {
+        return Ok(vec![Val::Dev(x)]);
+    }
+    let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
+    Ok(vec![dv_shaped(B::float_permute(x.t, &perm), x.dt, shape)])
+}
+
+fn concat(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let parts: Vec<Dv> = ins.iter().flatten().map(|v| ctx.dev(v)).collect();
+    let first = parts.first().ok_or_else(|| fail(node, "no inputs"))?;
+    let r = first.shape.len();
+    let a = axis(node, node.attr_i("axis").ok_or_else(|| fail(node, "no axis"))?, r)?;
+    let dt = first.dt;
+    let mut shape = first.shape.clone();
+    shape[a] = parts.iter().map(|p| p.shape.get(a).copied().unwrap_or(0)).sum();
+    let live: Vec<T> = parts.into_iter().filter(|p| p.shape.iter().product::<usize>() > 0).map(|p| p.t).collect();
+    if live.is_empty() {
+        return Err(fail(node, "every input is empty"));
+    }
+    let t =
+        if live.len() == 1 { live.into_iter().next().unwrap_or_else(|| unreachable!()) } else { B::float_cat(live, a) };
+    Ok(vec![dv_shaped(t, dt, shape)])
+}
+
+fn slice(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let r = x.shape.len();
+    let (starts, ends, axes, steps) = if ctx.opset >= 10 {
+        let get = |i: usize, what: &str| opt(ins, i).map(|v| host_ints(node, v, what)).transpose();
+        (
+            get(1, "starts")?.ok_or_else(|| fail(node, "no starts"))?,
+            get(2, "ends")?.ok_or_else(|| fail(node, "no ends"))?,
+            get(3, "axes")?,
+            get(4, "steps")?,
+        )
+    } else {
+        let a = |n: &str| node.attr_ints(n).map(<[i64]>::to_vec);
+        (a("starts").unwrap_or_default(), a("ends").unwrap_or_default(), a("axes"), None)
+    };
+    let axes: Vec<i64> = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
+    let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
+    if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+        return Err(fail(node, "starts/ends/axes/steps lengths differ"));
+    }
+    let mut t = x.t;
+    let mut slices = vec![Slice::full(); r];
+    let mut shape = x.shape.clone();
+    for i in 0..starts.len() {
+        let a = axis(node, axes[i], r)?;
+        let d = x.shape[a] as i64;
+        let step = steps[i];
+        if step == 0 {
+            return Err(fail(node, "step 0"));
+        }
+        let norm = |v: i64| if v < 0 { v + d } else { v };
+        if step > 0 {
+            let s = norm(starts[i]).clamp(0, d);
+            let e = norm(ends[i]).clamp(0, d);
+            let n = if e > s { (e - s + step - 1) / step } else { 0 };
+            shape[a] = n as usize;
+            slices[a] = Slice::new(s as isize, Some((s + (n - 1).max(0) * step + 1).min(d) as isize), step as isize);
+        } else {
+            // Flip the axis and slice forwards: index j of the flipped axis is d-1-j.
+            let s = norm(starts[i]).clamp(-1, d - 1);
+            let e = norm(ends[i]).clamp(-1, d - 1);
+            let n = if s > e { (s - e + (-step) - 1) / (-step) } else { 0 };
+            shape[a] = n as usize;
+            t = B::float_flip(t, &[a]);
+            let fs = d - 1 - s;
+            slices[a] =
+                Slice::new(fs as isize, Some((fs + (n - 1).max(0) * (-step) + 1).min(d) as isize), -step as isize);
+        }
+    }
+    if shape.contains(&0) {
+        return Err(fail(node, "an empty result"));
+    }
+    Ok(vec![dv_shaped(B::float_slice(t, &slices), x.dt, shape)])
+}
+
+fn int_tensor(ctx: &Ctx, v: &[i64]) -> burn_wgpu::CubeTensor {
+    let data = burn_backend::TensorData::new(v.iter().map(|&x| x as i32).collect::<Vec<i32>>(), [v.len()]);
+    <B as burn_backend::ops::IntTensorOps<B>>::int_from_data(data, ctx.device)
+}
+
+fn gather(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let r = x.shape.len();
+    let a = axis(node, node.attr_i("axis").unwrap_or(0), r)?;
+    let iv = input(node, ins, 1)?;
+    let ishape = iv.shape();
+    let d = x.shape[a] as i64;
+    let idx = match iv {
+        Val::Host(h) => {
+            let v = host_ints(node, iv, "indices")?;
+            if let Some(bad) = v.iter().find(|&&i| i < -d || i >= d) {
+                return Err(fail(node, format!("index {bad} out of range for {}", h.t.shape().len().max(d as usize))));
+            }
+            int_tensor(ctx, &v.iter().map(|&i| if i < 0 { i + d } else { i }).collect::<Vec<_>>())
+        }
+        _ => {
+            let it = ctx.dev(iv);
+            let n = it.shape.iter().product::<usize>().max(1);
+            let flat = reshape(it.t, &[n]);
+            let neg = b2f(ctx, B::float_lower_elem(flat.clone(), Scalar::from(0f32), bool_dt(ctx)));
+            let fixed = B::float_add(flat, B::float_mul_scalar(neg, Scalar::from(d as f32)));
+            B::float_into_int(fixed, IntDType::I32)
+        }
+    };
+    let t = B::float_select(x.t, a, idx);
+    let mut shape: Vec<usize> = x.shape[..a].to_vec();
+    shape.extend_from_slice(&ishape);
+    shape.extend_from_slice(&x.shape[a + 1..]);
+    Ok(vec![dv_shaped(t, x.dt, shape)])
+}
+
+fn expand(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let target = host_ints(node, input(node, ins, 1)?, "the shape")?;
+    let r = x.shape.len().max(target.len());
+    let mut sx = vec![1; r - x.shape.len()];
+    sx.extend_from_slice(&x.shape);
+    let mut st = vec![1i64; r - target.len()];
+    st.extend_from_slice(&target);
+    let mut out = Vec::with_capacity(r);
+    for i in 0..r {
+        let (a, b) = (sx[i], st[i].max(0) as usize);
+        out.push(match (a, b) {
+            (a, b) if a == b => a,
+            (1, b) => b,
+            (a, 1) => a,
+            _ => return Err(fail(node, format!("cannot expand {:?} to {target:?}", x.shape))),
+        });
+    }
+    let t = reshape(x.t, &sx);
+    let t = if sx != out { B::float_expand(t, Shape::from(out.clone())) } else { t };
+    Ok(vec![dv_shaped(t, x.dt, out)])
+}
+
+fn tile(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let reps = host_ints(node, input(node, ins, 1)?, "repeats")?;
+    if reps.len() != x.shape.len() || reps.iter().any(|&r| r < 1) {
+        return Err(fail(node, format!("repeats {reps:?}")));
+    }
+    let mut t = x.t;
+    let mut shape = x.shape.clone();
+    for (d, &n) in reps.iter().enumerate() {
+        if n > 1 {
+            t = B::float_repeat_dim(t, d, n as usize);
+            shape[d] *= n as usize;
+        }
+    }
+    Ok(vec![dv_shaped(t, x.dt, shape)])
+}
+
+fn pad(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let r = x.shape.len();
+    let (pads, value) = if ctx.opset >= 11 {
+        let p = host_ints(node, input(node, ins, 1)?, "pads")?;
+        let v = match opt(ins, 2) {
+            Some(v) => host_floats(node, v, "constant_value")?.first().copied().unwrap_or(0.0),
+            None => 0.0,
+        };
+        (p, v)
+    } else {
+        (node.attr_ints("pads").unwrap_or_default().to_vec(), node.attr_f("value").unwrap_or(0.0))
+    };
+    let axes: Vec<usize> = match opt(ins, 3) {
+        Some(a) => host_ints(node, a, "axes")?.iter().map(|&a| axis(node, a, r)).collect::<Result<_>>()?,
+        None => (0..r).collect(),
+    };
+    if pads.len() != 2 * axes.len() {
+        return Err(fail(node, format!("pads {pads:?}")));
+    }
+    if pads.iter().any(|&p| p < 0) {
+        return Err(fail(node, "negative pads"));
+    }
+    let mut padding = vec![(0usize, 0usize); r];
+    for (i, &a) in axes.iter().enumerate() {
+        padding[a] = (pads[i] as usize, pads[i + axes.len()] as usize);
+    }
+    let mode = match node.attr_s("mode").unwrap_or("constant") {
+        "constant" => PadMode::Constant(value),
+        "reflect" => PadMode::Reflect,
+        "edge" => PadMode::Edge,
+        m => return Err(fail(node, format!("mode {m}"))),
+    };
+    let shape: Vec<usize> = (0..r).map(|i| x.shape[i] + padding[i].0 + padding[i].1).collect();
+    Ok(vec![dv_shaped(B::float_pad(x.t, &padding, mode), x.dt, shape)])
+}
+
+fn resize(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    if x.shape.len() != 4 {
+        return Err(fail(node, "only 4-D (NCHW) inputs are supported"));
+    }
+    let (scales, sizes) = if ctx.opset >= 11 {
+        let s = opt(ins, 2).map(|v| host_floats(node, v, "scales")).transpose()?.filter(|v| !v.is_empty());
+        let z = opt(ins, 3).map(|v| host_ints(node, v, "sizes")).transpose()?.filter(|v| !v.is_empty());
+        (s, z)
+    } else {
+        (Some(host_floats(node, input(node, ins, 1)?, "scales")?), None)
+    };
+    if node.attr_ints("axes").is_some() || node.attr_i("antialias").unwrap_or(0) != 0 {
+        return Err(fail(node, "axes/antialias"));
+    }
+    let (oh, ow) = match (&sizes, &scales) {
+        (Some(z), _) if z.len() == 4 => {
+            if z[0] as usize != x.shape[0] || z[1] as usize != x.shape[1] {
+                return Err(fail(node, "resizing batch or channels"));
+            }
+            (z[2] as usize, z[3] as usize)
+        }
+        (_, Some(s)) if s.len() == 4 => {
+            if s[0] != 1.0 || s[1] != 1.0 {
+                return Err(fail(node, "scaling batch or channels"));
+            }
+            ((x.shape[2] as f32 * s[2]).floor() as usize, (x.shape[3] as f32 * s[3]).floor() as usize)
+        }
+        _ => return Err(fail(node, "needs 4 scales or sizes")),
+    };
+    // The coordinate mapping of burn's kernels equals ONNX's only when the scale is out/in.
+    if let Some(s) = &scales
+        && sizes.is_none()
+        && ((s[2] * x.shape[2] as f32 - oh as f32).abs() > 1e-3 || (s[3] * x.shape[3] as f32 - ow as f32).abs() > 1e-3)
+    {
+        return Err(fail(node, "scales that do not give whole output sizes"));
+    }
+    let mode = node.attr_s("mode").unwrap_or("nearest");
+    let ctm = node.attr_s("coordinate_transformation_mode").unwrap_or(if ctx.opset >= 11 {
+        "half_pixel"
+    } else {
+        "asymmetric"
+    });
+    let nearest = node.attr_s("nearest_mode").unwrap_or("round_prefer_floor");
+    let opts = match (mode, ctm) {
+        ("nearest", "asymmetric") if nearest == "floor" || ctx.opset < 11 => InterpolateOptions {
+            mode: InterpolateMode::Nearest,
+            align_corners: false,
+            output_size: None,
+            scale_factor: None,
+        },
+        ("nearest", "half_pixel") if nearest == "round_prefer_ceil" => InterpolateOptions {
+            mode: InterpolateMode::NearestExact,
+            align_corners: false,
+            output_size: None,
+            scale_factor: None,
+        },
+        ("linear" | "bilinear", "half_pixel" | "pytorch_half_pixel") => InterpolateOptions {
+            mode: InterpolateMode::Bilinear,
+            align_corners: false,
+            output_size: None,
+            scale_factor: None,
+        },
+        ("linear" | "bilinear", "align_corners") => InterpolateOptions {
+            mode: InterpolateMode::Bilinear,
+            align_corners: true,
+            output_size: None,
+            scale_factor: None,
+        },
+        _ => return Err(fail(node, format!("mode {mode} with {ctm} / {nearest}"))),
+    };
+    let t = B::interpolate(x.t, [oh, ow], opts);
+    Ok(vec![dv(t, x.dt)])
+}
+
+fn split(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let r = x.shape.len();
+    let a = axis(node, node.attr_i("axis").unwrap_or(0), r)?;
+    let d = x.shape[a];
+    let n_out = node.output.len();
+    let sizes: Vec<usize> = match (opt(ins, 1), node.attr_ints("split")) {
+        (Some(s), _) => host_ints(node, s, "split")?.iter().map(|&v| v.max(0) as usize).collect(),
+        (None, Some(s)) if !s.is_empty() => s.iter().map(|&v| v.max(0) as usize).collect(),
+        _ => {
+            let parts = node.attr_i("num_outputs").map(|v| v as usize).unwrap_or(n_out).max(1);
+            let each = d.div_ceil(parts);
+            (0..parts).map(|i| each.min(d.saturating_sub(i * each))).collect()
+        }
+    };
+    if sizes.iter().sum::<usize>() != d || sizes.len() != n_out {
+        return Err(fail(node, format!("split {sizes:?} of {d}")));
+    }
+    let mut outs = Vec::new();
+    let mut at = 0;
+    for s in sizes {
+        let mut sl = vec![Slice::full(); r];
+        sl[a] = Slice::new(at as isize, Some((at + s) as isize), 1);
+        let mut shape = x.shape.clone();
+        shape[a] = s;
+        outs.push(dv_shaped(B::float_slice(x.t.clone(), &sl), x.dt, shape));
+        at += s;
+    }
+    Ok(outs)
+}
+
+fn cast(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let to = node
+        .attr_i("to")
+        .and_then(|c| DType::from_onnx_code(c as i32))
+        .ok_or_else(|| fail(node, "unsupported target type"))?;
+    let is_float = |d: DType| matches!(d, DType::F32 | DType::F16 | DType::F64);
+    let t = match to {
+        DType::Bool => b2f(ctx, f2b(ctx, x.t)),
+        d if !is_float(d) && is_float(x.dt) => B::float_trunc(x.t),
+        _ => x.t,
+    };
+    Ok(vec![dv_shaped(t, to, x.shape)])
+}
+
+fn clip(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let (lo, hi) = if ctx.opset >= 11 {
+        // Bounds computed on the device: max/min against a broadcast scalar tensor.
+        if opt(ins, 1).is_some_and(|v| v.as_host().is_none()) || opt(ins, 2).is_some_and(|v| v.as_host().is_none()) {
+            let mut t = x.t;
+            for (i, lower) in [(1, true), (2, false)] {
+                if let Some(b) = opt(ins, i) {
+                    let (xt, bt, shape) = binary(ctx, &dv(t, x.dt), b);
+                    let bt = bcast_to(bt, &shape);
+                    let m = if lower {
+                        B::float_lower(xt.clone(), bt.clone(), bool_dt(ctx))
+                    } else {
+                        B::float_greater(xt.clone(), bt.clone(), bool_dt(ctx))
+                    };
+                    t = B::float_mask_where(xt, m, bt);
+                }
+            }
+            return Ok(vec![dv_shaped(t, x.dt, x.shape)]);
+        }
+        let get = |i| opt(ins, i).map(|v| host_floats(node, v, "a bound").map(|v| v.first().copied())).transpose();
+        (get(1)?.flatten(), get(2)?.flatten())
+    } else {
+        (node.attr_f("min"), node.attr_f("max"))
+    };
+    let mut t = x.t;
+    if let Some(lo) = lo {
+        t = B::float_clamp_min(t, Scalar::from(lo));
+    }
+    if let Some(hi) = hi {
+        t = B::float_clamp_max(t, Scalar::from(hi));
+    }
+    Ok(vec![dv_shaped(t, x.dt, x.shape)])
+}
+
+fn where_op(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let c = input(node, ins, 0)?;
+    let a = input(node, ins, 1)?;
+    let b = input(node, ins, 2)?;
+    let dt = a.dtype();
+    let (at, bt, s1) = binary(ctx, a, b);
+    let (ct, _, _) = binary(ctx, c, &dv(reshape(at.clone(), &s1), dt));
+    let (_, ct2, shape) = binary(ctx, &dv(reshape(at.clone(), &s1), dt), &dv(ct, DType::Bool));
+    let r = shape.len();
+    let expand = |t: T| {
+        let d = dims(&t);
+        if d == shape || d.len() != r { t } else { B::float_expand(t, Shape::from(shape.clone())) }
+    };
+    let (at, bt, ct) = (expand(at), expand(bt), expand(ct2));
+    let mask = f2b(ctx, ct);
+    Ok(vec![dv_shaped(B::float_mask_where(bt, mask, at), dt, shape)])
+}
+
+/// `(x - zp) * scale` broadcast along `axis` (scale and zero point host-known or on the device).
+fn qparam(ctx: &Ctx, node: &NodeProto, v: &Val, rank: usize) -> Result<T> {
+    let d = ctx.dev(v);
+    let n = d.shape.iter().product::<usize>();
+    if n == 1 {
+        return Ok(reshape(d.t, &vec![1; rank.max(1)]));
+    }
+    let a = axis(node, node.attr_i("axis").unwrap_or(1), rank)?;
+    let mut s = vec![1; rank];
+    s[a] = n;
+    Ok(reshape(d.t, &s))
+}
+
+fn dequantize(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let r = x.shape.len();
+    let s = qparam(ctx, node, input(node, ins, 1)?, r)?;
+    let mut t = x.t;
+    if let Some(z) = opt(ins, 2) {
+        t = B::float_sub(t, qparam(ctx, node, z, r)?);
+    }
+    Ok(vec![dv_shaped(B::float_mul(t, s), DType::F32, x.shape)])
+}
+
+fn quantize(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let r = x.shape.len();
+    let s = qparam(ctx, node, input(node, ins, 1)?, r)?;
+    let (dt, lo, hi) = match opt(ins, 2).map(Val::dtype) {
+        Some(DType::I8) => (DType::I8, -128.0, 127.0),
+        Some(DType::U8) | None => (DType::U8, 0.0, 255.0),
+        Some(other) => return Err(fail(node, format!("{other} zero point"))),
+    };
+    // Division, not multiplication by the reciprocal; ties to even (WGSL `round`).
+    let mut t = B::float_round(B::float_div(x.t, s));
+    if let Some(z) = opt(ins, 2) {
+        t = B::float_add(t, qparam(ctx, node, z, r)?);
+    }
+    let t = B::float_clamp(t, Scalar::from(lo), Scalar::from(hi));
+    Ok(vec![dv_shaped(t, dt, x.shape)])
+}
+
+fn batchnorm(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let get = |i: usize, what: &str| host_floats(node, input(node, ins, i)?, what);
+    let (g, b, m, v) = (get(1, "scale")?, get(2, "bias")?, get(3, "mean")?, get(4, "var")?);
+    let eps = node.attr_f("epsilon").unwrap_or(1e-5);
+    let c = g.len();
+    if [b.len(), m.len(), v.len()].iter().any(|&n| n != c) || x.shape.get(1) != Some(&c) {
+        return Err(fail(node, "parameter sizes"));
+    }
+    let a: Vec<f32> = (0..c).map(|i| g[i] / (v[i] + eps).sqrt()).collect();
+    let sh: Vec<f32> = (0..c).map(|i| b[i] - m[i] * a[i]).collect();
+    let mut s = vec![1; x.shape.len()];
+    s[1] = c;
+    let at = ctx.upload(&Tensor::from_f32(s.clone(), a)?);
+    let bt = ctx.upload(&Tensor::from_f32(s, sh)?);
+    Ok(vec![dv_shaped(B::float_add(B::float_mul(x.t, at), bt), x.dt, x.shape)])
+}
+
+fn unary(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let x = ctx.dev(input(node, ins, 0)?);
+    let s = |v: f32| Scalar::from(v);
+    let t = x.t;
+    let out = match node.op() {
+        "Relu" => B::float_clamp_min(t, s(0.0)),
+        "Sigmoid" => {
+            let e = B::float_exp(B::float_neg(t));
+            B::float_recip(B::float_add_scalar(e, s(1.0)))
+        }
+        "Tanh" => B::float_tanh(t),
+        "Exp" => B::float_exp(t),
+        "Log" => B::float_log(t),
+        "Sqrt" => B::float_sqrt(t),
+        "Reciprocal" => B::float_recip(t),
+        "Neg" => B::float_neg(t),
+        "Abs" => B::float_abs(t),
+        "Floor" => B::float_floor(t),
+        "Ceil" => B::float_ceil(t),
+        "Erf" => B::float_erf(t),
+        "Sin" => B::float_sin(t),
+        "Cos" => B::float_cos(t),
+        "Identity" | "Dropout" => t,
+        "Not" => b2f(ctx, B::float_equal_elem(t, s(0.0), bool_dt(ctx))),
+        "LeakyRelu" => {
+            let a = node.attr_f("alpha").unwrap_or(0.01);
+            let neg = B::float_mul_scalar(B::float_clamp_max(t.clone(), s(0.0)), s(a));
+            B::float_add(B::float_clamp_min(t, s(0.0)), neg)
+        }
+        "Elu" => {
+            let a = node.attr_f("alpha").unwrap_or(1.0);
+            let neg = B::float_mul_scalar(
+                B::float_sub_scalar(B::float_exp(B::float_clamp_max(t.clone(), s(0.0))), s(1.0)),
+                s(a),
+            );
+            B::float_add(B::float_clamp_min(t, s(0.0)), neg)
+        }
+        "Softplus" => {
+            // log(1 + e^x) = max(x, 0) + log(1 + e^-|x|)
+            let m = B::float_clamp_min(t.clone(), s(0.0));
+            let l = B::float_log1p(B::float_exp(B::float_neg(B::float_abs(t))));
+            B::float_add(m, l)
+        }
+        "HardSigmoid" | "HardSwish" => {
+            let (a, b) = if node.op() == "HardSwish" {
+                (1.0 / 6.0, 0.5)
+            } else {
+                (node.attr_f("alpha").unwrap_or(0.2), node.attr_f("beta").unwrap_or(0.5))
+            };
+            let h = B::float_clamp(B::float_add_scalar(B::float_mul_scalar(t.clone(), s(a)), s(b)), s(0.0), s(1.0));
+            if node.op() == "HardSwish" { B::float_mul(t, h) } else { h }
+        }
+        op => return Err(fail(node, format!("{op} is not a unary op"))),
+    };
+    let dt = if node.op() == "Not" { DType::Bool } else { x.dt };
+    Ok(vec![dv_shaped(out, dt, x.shape)])
+}
+
+fn bin_op(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let a = input(node, ins, 0)?;
+    let b = input(node, ins, 1)?;
+    let dt = a.dtype();
+    let int = !matches!(dt, DType::F32 | DType::F16 | DType::F64);
+    let (x, y, shape) = binary(ctx, a, b);
+    let cmp = |m: burn_wgpu::CubeTensor| b2f(ctx, m);
+    let (out, odt) = match node.op() {
+        "Add" => (B::float_add(x, y), dt),
+        "Sub" => (B::float_sub(x, y), dt),
+        "Mul" => (B::float_mul(x, y), dt),
+        "Div" if int => (B::float_trunc(B::float_div(x, y)), dt),
+        "Div" => (B::float_div(x, y), dt),
+        "Pow" => (B::float_powf(x, y), dt),
+        "Equal" => (cmp(B::float_equal(x, y, bool_dt(ctx))), DType::Bool),
+        "Greater" => (cmp(B::float_greater(x, y, bool_dt(ctx))), DType::Bool),
+        "Less" => (cmp(B::float_lower(x, y, bool_dt(ctx))), DType::Bool),
+        "GreaterOrEqual" => (cmp(B::float_greater_equal(x, y, bool_dt(ctx))), DType::Bool),
+        "LessOrEqual" => (cmp(B::float_lower_equal(x, y, bool_dt(ctx))), DType::Bool),
+        "And" => (B::float_mul(x, y), DType::Bool),
+        "Or" => (B::float_clamp_max(B::float_add(x, y), Scalar::from(1f32)), DType::Bool),
+        "PRelu" => {
+            let neg = B::float_mul(B::float_clamp_max(x.clone(), Scalar::from(0f32)), y);
+            (B::float_add(B::float_clamp_min(x, Scalar::from(0f32)), neg), dt)
+        }
+        op => return Err(fail(node, format!("{op} is not a binary op"))),
+    };
+    let out_shape = if node.op() == "PRelu" { a.shape() } else { shape };
+    Ok(vec![dv_shaped(out, odt, out_shape)])
+}
+
+fn variadic(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
+    let vals: Vec<&Val> = ins.iter().flatten().collect();
+    let first = *vals.first().ok_or_else(|| fail(node, "no inputs"))?;
+    let dt = first.dtype();
+    let mut acc = first.clone();
+    for v in &vals[1..] {
+        let (x, y, shape) = binary(ctx, &acc, v);
+        let t = match node.op() {
+            "Sum" | "Mean" => B::float_add(x, y),
+            "Max" => {
+                let m = B::float_greater(y.clone(), x.clone(), bool_dt(ctx));
+                let (x, y) = (bcast_to(x, &shape), bcast_to(y, &shape));
+                B::float_mask_where(x, m, y)
+            }
+            "Min" => {
+                let m = B::float_lower(y.clone(), x.clone(), bool_dt(ctx));
+                let (x, y) = (bcast_to(x, &shape), bcast_to(y, &shape));
+                B::float_mask_where(x, m, y)
+            }
+            op => return Err(fail(node, format!("{op} is not variadic"))),
+        };
+        acc = dv_shaped(t, dt, shape);
+    }
+    if node.op() == "Mean" && vals.len() > 1 {
+        let d = ctx.dev(&acc);
+        acc = dv_shaped(B::float_div_scalar(d.t, Scalar::from(vals.len() as f32)), dt, d.shape);
+    } else if vals.len() == 1 {
+        let d = ctx.dev(&acc);
+        acc = Val::Dev(d);
+    }
+    Ok(vec![acc])
+}
+
+fn bcast_to(t: T, shape: &[usize]) -> T {
+    if dims(&t) == shape { t } else { B::float_expand(t, Shape::from(shape.to_vec())) }
+}
+
+/// Outputs known on the host although the input is on the device (shapes).
+pub(crate) fn host_result(node: &NodeProto, ins: &[Option<Val>]) -> Option<Vec<Val>> {
+    let x = ins.first()?.as_ref()?;
+    let shape: Vec<i64> = x.shape().iter().map(|&d| d as i64).collect();
+    match node.op() {
+        "Shape" => {
+            let r = shape.len() as i64;
+            let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+            let s = clamp(node.attr_i("start").unwrap_or(0));
+            let e = clamp(node.attr_i("end").unwrap_or(r));
+            let v: Vec<i64> = if e > s { shape[s..e].to_vec() } else { Vec::new() };
+            Tensor::new(vec![v.len()], TensorData::I64(v)).ok().map(|t| vec![Val::host(t)])
+        }
+        "Size" => Tensor::new(vec![], TensorData::I64(vec![shape.iter().product()])).ok().map(|t| vec![Val::host(t)]),
+        _ => None,
+    }
+}
+
+/// Runs one node on the device.
+pub(crate) fn exec(ctx: &Ctx, node: &NodeProto, ins: &[Option<Val>]) -> Result<Vec<Val>> {
+    let outs = match node.op() {
+        "Conv" => conv(ctx, node, ins),
+        "ConvTranspose" => conv_transpose(ctx, node, ins),
+        "MaxPool" => pool(ctx, node, ins, true),
+        "AveragePool" => pool(ctx, node, ins, false),
+        "GlobalAveragePool" => global_pool(ctx, node, ins, false),
+        "GlobalMaxPool" => global_pool(ctx, node, ins, true),
+        "Gemm" => gemm(ctx, node, ins),
+        "MatMul" => matmul(ctx, node, ins),
+        "Softmax" => softmax(ctx, node, ins, false),
+        "LogSoftmax" => softmax(ctx, node, ins, true),
+        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" => reduce(ctx, node, ins),
+        "ArgMax" => arg(ctx, node, ins, true),
+        "ArgMin" => arg(ctx, node, ins, false),
+        "Reshape" => reshape_op(ctx, node, ins),
+        "Squeeze" => squeeze(ctx, node, ins),
+        "Unsqueeze" => unsqueeze(ctx, node, ins),
+        "Flatten" => flatten(ctx, node, ins),
+        "Transpose" => transpose(ctx, node, ins),
+        "Concat" => concat(ctx, node, ins),
+        "Slice" => slice(ctx, node, ins),
+        "Gather" => gather(ctx, node, ins),
+        "Expand" => expand(ctx, node, ins),
+        "Tile" => tile(ctx, node, ins),
+        "Pad" => pad(ctx, node, ins),
+        "Resize" => resize(ctx, node, ins),
+        "Split" => split(ctx, node, ins),
+        "Cast" => cast(ctx, node, ins),
+        "Clip" => clip(ctx, node, ins),
+        "Where" => where_op(ctx, node, ins),
+        "DequantizeLinear" => dequantize(ctx, node, ins),
+        "QuantizeLinear" => quantize(ctx, node, ins),
+        "BatchNormalization" => batchnorm(ctx, node, ins),
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Greater" | "Less" | "GreaterOrEqual" | "LessOrEqual"
+        | "And" | "Or" | "PRelu" => bin_op(ctx, node, ins),
+        "Sum" | "Mean" | "Max" | "Min" => variadic(ctx, node, ins),
+        "Shape" | "Size" => host_result(node, ins).ok_or_else(|| fail(node, "no input")),
+        "Constant" | "ConstantOfShape" => Err(fail(node, "constants are folded on the host")),
+        _ => unary(ctx, node, ins),
+    }?;
+    // Dropout's optional mask output.
+    if node.op() == "Dropout" && node.output.len() > 1 {
+        let mut outs = outs;
+        if let Some(Val::Dev(d)) = outs.first() {
+            let mask = full_like(ctx, &dims(&d.t), 1.0);
+            outs.push(dv_shaped(mask, DType::Bool, d.shape.clone()));
+        }
+        return Ok(outs);
+    }
+    Ok(outs)
+}

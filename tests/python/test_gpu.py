@@ -1,0 +1,91 @@
+"""GPU backend (wgpu through burn) acceptance: the ONNX node test suite from the `onnx` pip package, and the CLI's
+--device gpu|cpu|auto. Needs a wgpu adapter (Mesa lavapipe in CI, where EDGEPACK_REQUIRE_GPU=1 makes them
+required); elsewhere they are skipped loudly."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, edgepack_bin, ep
+
+
+def _adapter():
+    r = ep("devices", "--json")
+    return json.loads(r.stdout)["gpu"]
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    a = _adapter()
+    if "unavailable" in a:
+        msg = f"SKIPPED: no GPU adapter ({a['unavailable']}); install mesa-vulkan-drivers for lavapipe"
+        if os.environ.get("EDGEPACK_REQUIRE_GPU") == "1":
+            pytest.fail(msg.replace("SKIPPED", "REQUIRED"))
+        print("\n" + "!" * 20 + " " + msg, file=sys.stderr)
+        pytest.skip(msg)
+    return a
+
+
+def node_dir():
+    import onnx
+
+    d = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "node")
+    if not os.path.isdir(d):
+        pytest.fail(f"onnx {onnx.__version__} does not ship the node tests ({d}); requirements-test.txt pins 1.20.1")
+    return d
+
+
+@pytest.mark.slow
+def test_onnx_node_suite_on_gpu(gpu, tmp_path):
+    """Every node-test case of every op the GPU backend claims (table: CONFORMANCE_GPU.md).
+
+    Regression floor, not the goal: the target is 95 % of all cases; today most failures are element types the
+    runtime's Tensor does not carry (uint16/32/64, int16, strings, bfloat16, float8), 3-D pooling and some Resize
+    modes. The floor is raised as those land."""
+    exe = os.path.join(os.path.dirname(edgepack_bin()), "examples", "node_tests")
+    assert os.path.exists(exe), f"{exe} missing: cargo test/build --examples builds it"
+    md = tmp_path / "table.md"
+    r = subprocess.run([exe, node_dir(), "--device", "gpu", "--md", str(md)], capture_output=True, text=True,
+                       timeout=3000)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = re.search(r"(\d+) passed, (\d+) failed \(([\d.]+) %\).*?([\d.]+) % of expressible", r.stdout)
+    assert m, r.stdout[-2000:]
+    passed, failed, pct, pct_expr = int(m[1]), int(m[2]), float(m[3]), float(m[4])
+    print(f"\nONNX node tests on {gpu['name']}: {passed} passed, {failed} failed ({pct} %; {pct_expr} % of expressible)")
+    assert passed + failed > 500, "the suite looks incomplete"
+    assert pct >= 65.0 and pct_expr >= 82.0, md.read_text()
+
+
+def test_cli_device_flag(gpu, tmp_path):
+    model = os.path.join(ROOT, "assets", "models", "mnist_cntk_opset8_simplified.onnx")
+    x = tmp_path / "x.npy"
+    import numpy as np
+
+    np.save(x, (np.arange(784, dtype=np.float32).reshape(1, 1, 28, 28) % 255) / 255.0)
+    outs = {}
+    for dev in ("cpu", "gpu"):
+        r = ep("run", model, x, "--device", dev, "--raw", "--json")
+        out = json.loads(r.stdout)
+        assert out["backend"].startswith(dev), out["backend"]
+        outs[dev] = np.array(out["outputs"][0]["data"], dtype=np.float32)
+    np.testing.assert_allclose(outs["gpu"], outs["cpu"], rtol=1e-4, atol=1e-4)
+    r = ep("bench", model, "--device", "gpu", "--runs", "3", "--json")
+    assert json.loads(r.stdout)["backend"].startswith("gpu")
+    # auto: a software adapter (lavapipe) is not measured; the CPU runs, and the result says why.
+    cache = tmp_path / "cache"
+    r = ep("run", model, x, "--device", "auto", "--raw", "--json", env={"EDGEPACK_CACHE_DIR": cache})
+    out = json.loads(r.stdout)
+    if gpu["device_type"] == "Cpu":
+        assert out["backend"].startswith("cpu") and "software" in out["backend_selection"], out
+    # Measured at first load (forced on a software adapter), then cached per model and adapter.
+    env = {"EDGEPACK_CACHE_DIR": cache, "EDGEPACK_AUTO_MEASURE_SOFTWARE_GPU": "1"}
+    r = ep("run", model, x, "--device", "auto", "--raw", "--json", env=env)
+    out = json.loads(r.stdout)
+    assert "measured" in out["backend_selection"], out
+    assert out["backend"].split(" ")[0] == out["backend_selection"].split(":")[0]
+    assert (cache / "device-choice.json").exists()
+    r = ep("run", model, x, "--device", "auto", "--raw", "--json", env=env)
+    assert "cached" in json.loads(r.stdout)["backend_selection"]
