@@ -70,3 +70,19 @@ pub struct OpTime {
     /// Mean milliseconds per run.
     pub ms_per_run: f64,
 }
+
+impl OpTime {
+    /// Per-op totals of `runs` runs ((executions, time) by op name), slowest first.
+    pub fn from_totals(
+        totals: std::collections::HashMap<String, (usize, std::time::Duration)>,
+        runs: usize,
+    ) -> Vec<OpTime> {
+        let runs = runs.max(1);
+        let mut out: Vec<OpTime> = totals
+            .into_iter()
+            .map(|(op, (n, d))| OpTime { op, count: n / runs, ms_per_run: d.as_secs_f64() * 1e3 / runs as f64 })
+            .collect();
+        out.sort_by(|a, b| b.ms_per_run.total_cmp(&a.ms_per_run));
+        out
+    }
+}

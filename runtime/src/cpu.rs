@@ -306,12 +306,7 @@ impl Backend for CpuBackend {
             })
             .map_err(tract_err)?;
         }
-        let mut out: Vec<OpTime> = totals
-            .into_iter()
-            .map(|(op, (n, d))| OpTime { op, count: n / runs, ms_per_run: d.as_secs_f64() * 1e3 / runs as f64 })
-            .collect();
-        out.sort_by(|a, b| b.ms_per_run.total_cmp(&a.ms_per_run));
-        Ok(out)
+        Ok(OpTime::from_totals(totals, runs))
     }
 
     fn run(&self, inputs: Vec<ETensor>) -> Result<Vec<ETensor>> {

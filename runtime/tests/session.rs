@@ -108,6 +108,7 @@ fn backend_errors_do_not_panic() {
     assert!(matches!(e, Error::Backend { .. } | Error::Internal(_)), "{e}");
 }
 
+#[cfg(not(feature = "gpu"))]
 #[test]
 fn gpu_request_without_gpu_backend_is_a_typed_error() {
     let e =
@@ -115,6 +116,18 @@ fn gpu_request_without_gpu_backend_is_a_typed_error() {
             .err()
             .unwrap();
     assert!(matches!(e, Error::Backend { backend: "gpu", .. }), "{e}");
+}
+
+/// With the `gpu` feature: a GPU session when there is an adapter, else the same typed error.
+#[cfg(feature = "gpu")]
+#[test]
+fn gpu_request_runs_on_the_adapter_or_is_a_typed_error() {
+    let r =
+        Session::from_model(&tiny_classifier(), &SessionOptions { device: edgepack_runtime::Device::Gpu, ..opts() });
+    match edgepack_runtime::gpu::adapter() {
+        Ok(_) => assert!(r.unwrap().backend_description().starts_with("gpu")),
+        Err(_) => assert!(matches!(r.err().unwrap(), Error::Backend { backend: "gpu", .. })),
+    }
 }
 
 #[test]

@@ -151,18 +151,31 @@ fn axis(node: &NodeProto, a: i64, rank: usize) -> Result<usize> {
     }
 }
 
-/// Both operands at the same rank (leading 1s), as tensors of their logical shapes.
+/// The operands at one rank (leading 1s; burn's element-wise kernels broadcast dims of 1), and the
+/// broadcast shape.
+fn broadcast(ctx: &Ctx, vals: &[&Val]) -> (Vec<T>, Vec<usize>) {
+    let devs: Vec<Dv> = vals.iter().map(|v| ctx.dev(v)).collect();
+    let r = devs.iter().map(|d| d.shape.len()).max().unwrap_or(0);
+    let mut out = vec![1; r];
+    let mut ts = Vec::with_capacity(devs.len());
+    for d in devs {
+        let mut s = vec![1; r - d.shape.len()];
+        s.extend_from_slice(&d.shape);
+        for (o, &x) in out.iter_mut().zip(&s) {
+            if *o == 1 {
+                *o = x;
+            }
+        }
+        ts.push(reshape(d.t, &s));
+    }
+    (ts, out)
+}
+
 fn binary(ctx: &Ctx, a: &Val, b: &Val) -> (T, T, Vec<usize>) {
-    let (da, db) = (ctx.dev(a), ctx.dev(b));
-    let r = da.shape.len().max(db.shape.len());
-    let pad = |s: &[usize]| {
-        let mut v = vec![1; r - s.len()];
-        v.extend_from_slice(s);
-        v
-    };
-    let (sa, sb) = (pad(&da.shape), pad(&db.shape));
-    let out: Vec<usize> = sa.iter().zip(&sb).map(|(&x, &y)| if x == 1 { y } else { x }).collect();
-    (reshape(da.t, &sa), reshape(db.t, &sb), out)
+    let (mut ts, shape) = broadcast(ctx, &[a, b]);
+    let y = ts.pop().unwrap_or_else(|| unreachable!());
+    let x = ts.pop().unwrap_or_else(|| unreachable!());
+    (x, y, shape)
 }
 
 /// The device's boolean storage (wgpu has no native bool buffers).
@@ -418,10 +431,6 @@ fn global_pool(ctx: &Ctx, node: &NodeProto, ins: Ins, max: bool) -> Result<Vec<V
     Ok(vec![dv(t, x.dt)])
 }
 
-fn matmul2(a: T, b: T) -> T {
-    B::float_matmul(a, b)
-}
-
 fn gemm(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
     let a = ctx.dev(input(node, ins, 0)?);
     let b = ctx.dev(input(node, ins, 1)?);
@@ -430,7 +439,7 @@ fn gemm(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
     }
     let at = if node.attr_i("transA").unwrap_or(0) == 1 { B::float_transpose(a.t) } else { a.t };
     let bt = if node.attr_i("transB").unwrap_or(0) == 1 { B::float_transpose(b.t) } else { b.t };
-    let mut y = matmul2(at, bt);
+    let mut y = B::float_matmul(at, bt);
     let alpha = node.attr_f("alpha").unwrap_or(1.0);
     if alpha != 1.0 {
         y = B::float_mul_scalar(y, Scalar::from(alpha));
@@ -475,7 +484,7 @@ fn matmul(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
     let bt = reshape(b.t, &sb);
     let at = if sa != ea { B::float_expand(at, Shape::from(ea)) } else { at };
     let bt = if sb != eb { B::float_expand(bt, Shape::from(eb)) } else { bt };
-    let y = matmul2(at, bt);
+    let y = B::float_matmul(at, bt);
     let mut out = batch;
     if !va {
         out.push(sa[r - 2]);
@@ -486,8 +495,7 @@ fn matmul(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
     Ok(vec![dv_shaped(y, a.dt, out)])
 }
 
-fn softmax_dim(ctx: &Ctx, t: T, d: usize, log: bool) -> T {
-    let _ = ctx;
+fn softmax_dim(t: T, d: usize, log: bool) -> T {
     let m = B::float_max_dim(t.clone(), d);
     let z = B::float_sub(t, m);
     let e = B::float_exp(z.clone());
@@ -500,14 +508,14 @@ fn softmax(ctx: &Ctx, node: &NodeProto, ins: Ins, log: bool) -> Result<Vec<Val>>
     let r = x.shape.len().max(1);
     if ctx.opset >= 13 {
         let a = axis(node, node.attr_i("axis").unwrap_or(-1), r)?;
-        Ok(vec![dv_shaped(softmax_dim(ctx, x.t, a, log), x.dt, x.shape)])
+        Ok(vec![dv_shaped(softmax_dim(x.t, a, log), x.dt, x.shape)])
     } else {
         // Before opset 13: the input is coerced to 2-D at `axis`.
         let a = axis(node, node.attr_i("axis").unwrap_or(1), r)?;
         let rows: usize = x.shape[..a].iter().product();
         let cols: usize = x.shape[a..].iter().product();
         let t = reshape(x.t, &[rows, cols]);
-        Ok(vec![dv_shaped(softmax_dim(ctx, t, 1, log), x.dt, x.shape)])
+        Ok(vec![dv_shaped(softmax_dim(t, 1, log), x.dt, x.shape)])
     }
 }
 
@@ -1005,21 +1013,12 @@ fn clip(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
 }
 
 fn where_op(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
-    let c = input(node, ins, 0)?;
-    let a = input(node, ins, 1)?;
-    let b = input(node, ins, 2)?;
+    let (c, a, b) = (input(node, ins, 0)?, input(node, ins, 1)?, input(node, ins, 2)?);
     let dt = a.dtype();
-    let (at, bt, s1) = binary(ctx, a, b);
-    let (ct, _, _) = binary(ctx, c, &dv(reshape(at.clone(), &s1), dt));
-    let (_, ct2, shape) = binary(ctx, &dv(reshape(at.clone(), &s1), dt), &dv(ct, DType::Bool));
-    let r = shape.len();
-    let expand = |t: T| {
-        let d = dims(&t);
-        if d == shape || d.len() != r { t } else { B::float_expand(t, Shape::from(shape.clone())) }
-    };
-    let (at, bt, ct) = (expand(at), expand(bt), expand(ct2));
-    let mask = f2b(ctx, ct);
-    Ok(vec![dv_shaped(B::float_mask_where(bt, mask, at), dt, shape)])
+    let (ts, shape) = broadcast(ctx, &[c, a, b]);
+    let [ct, at, bt]: [T; 3] = ts.try_into().unwrap_or_else(|_| unreachable!());
+    let mask = f2b(ctx, bcast_to(ct, &shape));
+    Ok(vec![dv_shaped(B::float_mask_where(bcast_to(bt, &shape), mask, bcast_to(at, &shape)), dt, shape)])
 }
 
 /// `(x - zp) * scale` broadcast along `axis` (scale and zero point host-known or on the device).
@@ -1204,8 +1203,9 @@ fn variadic(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
     Ok(vec![acc])
 }
 
+/// `t` expanded to `shape` (same rank; a scalar result stays the `[1]` tensor that carries it).
 fn bcast_to(t: T, shape: &[usize]) -> T {
-    if dims(&t) == shape { t } else { B::float_expand(t, Shape::from(shape.to_vec())) }
+    if dims(&t) == shape || shape.is_empty() { t } else { B::float_expand(t, Shape::from(shape.to_vec())) }
 }
 
 /// Outputs known on the host although the input is on the device (shapes).

@@ -171,7 +171,8 @@ pub struct GpuBackend {
     prec: Precision,
     gpu: &'static GpuDevice,
     plans: Mutex<HashMap<PlanKey, Arc<Plan>>>,
-    int8_weights: usize,
+    /// The model has QDQ weights (kept int8 on the device).
+    int8_weights: bool,
     weight_bytes: Mutex<(usize, usize)>,
 }
 
@@ -199,12 +200,8 @@ impl GpuBackend {
     /// Loads a checked model for the GPU; an op the backend does not implement is
     /// [`Error::UnsupportedOp`] naming it, no adapter is [`Error::Backend`].
     pub fn load(model: &Model) -> Result<GpuBackend> {
-        if let Some((op, domain, node)) = super::unsupported_op(model) {
-            return Err(Error::UnsupportedOp { op, domain, node, backend: "gpu" });
-        }
-        let gpu = device().map_err(|e| Error::Backend { backend: "gpu", message: e })?;
-        let prec = precision_for(model, gpu.info.shader_f16);
-        Self::load_with(model, gpu, prec)
+        let f16 = device().is_ok_and(|d| d.info.shader_f16);
+        Self::load_with_precision(model, precision_for(model, f16))
     }
 
     /// Like [`GpuBackend::load`] with the compute precision chosen by the caller.
@@ -258,7 +255,7 @@ impl GpuBackend {
             .map(|o| slot(o.name.as_deref().unwrap_or("")).ok_or_else(|| gpu_err("unnamed output")))
             .collect::<Result<_>>()?;
         let opset = m.opset("").unwrap_or(1);
-        let int8_weights = m.graph.nodes.iter().filter(|n| n.op() == "DequantizeLinear").count();
+        let int8_weights = super::has_int8_weights(&m);
         let mut fold_template = m.clone();
         fold_template.graph.nodes.clear();
         fold_template.graph.initializers.clear();
@@ -555,12 +552,13 @@ impl GpuBackend {
         Ok(env)
     }
 
-    fn take(&self, env: &mut [Option<Val>], slot: usize) -> Result<Tensor> {
-        match env[slot].take() {
+    /// A value read back to the host.
+    fn read(&self, v: Option<&Val>) -> Result<Tensor> {
+        match v {
             Some(Val::Host(h)) => Ok(h.t.clone()),
-            Some(Val::Dev(d)) => self.ctx().read(d),
+            Some(Val::Dev(d)) => self.ctx().read(d.clone()),
             Some(Val::Q(q)) => Ok(self.fold(&q.node, &q.host_inputs)?.remove(0)),
-            None => Err(gpu_err("a requested value was not computed")),
+            None => Err(gpu_err("a requested value was folded away (BatchNorm folded into its Conv)")),
         }
     }
 }
@@ -571,13 +569,13 @@ impl Backend for GpuBackend {
     }
 
     fn describe(&self) -> String {
-        let weights = if self.int8_weights > 0 { ", int8 weights" } else { "" };
+        let weights = if self.int8_weights { ", int8 weights" } else { "" };
         format!("gpu (wgpu {}, {} compute{weights})", self.gpu.info.short(), self.prec)
     }
 
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
-        let mut env = self.execute(inputs, &[], None)?;
-        self.outputs.iter().map(|&s| self.take(&mut env, s)).collect()
+        let env = self.execute(inputs, &[], None)?;
+        self.outputs.iter().map(|&s| self.read(env[s].as_ref())).collect()
     }
 
     fn run_values(&self, inputs: Vec<Tensor>, values: &[String]) -> Result<Vec<Tensor>> {
@@ -585,19 +583,8 @@ impl Backend for GpuBackend {
             .iter()
             .map(|v| self.slots.get(v).copied().ok_or_else(|| Error::UnknownValue { name: v.clone() }))
             .collect::<Result<_>>()?;
-        let mut env = self.execute(inputs, &slots, None)?;
-        slots
-            .iter()
-            .map(|&s| match &env[s] {
-                Some(_) => {
-                    let v = env[s].clone();
-                    let r = self.take(&mut env, s);
-                    env[s] = v;
-                    r
-                }
-                None => Err(gpu_err("a requested value was folded away (BatchNorm folded into its Conv)")),
-            })
-            .collect()
+        let env = self.execute(inputs, &slots, None)?;
+        slots.iter().map(|&s| self.read(env[s].as_ref())).collect()
     }
 
     fn prepare(&self, shapes: &[Vec<usize>]) -> Result<()> {
@@ -615,18 +602,12 @@ impl Backend for GpuBackend {
 
     fn profile(&self, inputs: Vec<Tensor>, runs: usize) -> Result<Vec<OpTime>> {
         let mut totals = HashMap::new();
-        let runs = runs.max(1);
-        for _ in 0..runs {
-            let mut env = self.execute(inputs.clone(), &[], Some(&mut totals))?;
+        for _ in 0..runs.max(1) {
+            let env = self.execute(inputs.clone(), &[], Some(&mut totals))?;
             for &s in &self.outputs {
-                self.take(&mut env, s)?;
+                self.read(env[s].as_ref())?;
             }
         }
-        let mut out: Vec<OpTime> = totals
-            .into_iter()
-            .map(|(op, (n, d))| OpTime { op, count: n / runs, ms_per_run: d.as_secs_f64() * 1e3 / runs as f64 })
-            .collect();
-        out.sort_by(|a, b| b.ms_per_run.total_cmp(&a.ms_per_run));
-        Ok(out)
+        Ok(OpTime::from_totals(totals, runs))
     }
 }
