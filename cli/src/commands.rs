@@ -193,7 +193,7 @@ pub struct RunArgs {
     /// Shape of raw inputs, e.g. 1,3,224,224
     #[arg(long)]
     shape: Option<String>,
-    /// Element type of raw inputs (f32, f16, i64, i32, u8, i8, bool)
+    /// Element type of raw inputs (f32, f16, f64, i64, i32, i16, i8, u64, u32, u16, u8, bool)
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Labels file (one per line) for a bare .onnx classifier

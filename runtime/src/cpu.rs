@@ -74,6 +74,10 @@ fn to_datum(dt: EDType) -> DatumType {
         EDType::F64 => f64::datum_type(),
         EDType::I64 => i64::datum_type(),
         EDType::I32 => i32::datum_type(),
+        EDType::I16 => i16::datum_type(),
+        EDType::U64 => u64::datum_type(),
+        EDType::U32 => u32::datum_type(),
+        EDType::U16 => u16::datum_type(),
         EDType::I8 => i8::datum_type(),
         EDType::U8 => u8::datum_type(),
         EDType::Bool => bool::datum_type(),
@@ -212,6 +216,10 @@ fn to_tract(t: ETensor) -> Result<Tensor> {
         TensorData::F64(v) => Tensor::from_shape(&shape, &v),
         TensorData::I64(v) => Tensor::from_shape(&shape, &v),
         TensorData::I32(v) => Tensor::from_shape(&shape, &v),
+        TensorData::I16(v) => Tensor::from_shape(&shape, &v),
+        TensorData::U64(v) => Tensor::from_shape(&shape, &v),
+        TensorData::U32(v) => Tensor::from_shape(&shape, &v),
+        TensorData::U16(v) => Tensor::from_shape(&shape, &v),
         TensorData::I8(v) => Tensor::from_shape(&shape, &v),
         TensorData::U8(v) => Tensor::from_shape(&shape, &v),
         TensorData::Bool(v) => Tensor::from_shape(&shape, &v),
@@ -239,6 +247,14 @@ fn from_tract(t: &Tensor) -> Result<ETensor> {
         take!(i64, I64)
     } else if dt == i32::datum_type() {
         take!(i32, I32)
+    } else if dt == i16::datum_type() {
+        take!(i16, I16)
+    } else if dt == u64::datum_type() {
+        take!(u64, U64)
+    } else if dt == u32::datum_type() {
+        take!(u32, U32)
+    } else if dt == u16::datum_type() {
+        take!(u16, U16)
     } else if dt == i8::datum_type() {
         take!(i8, I8)
     } else if dt == u8::datum_type() {
@@ -246,7 +262,7 @@ fn from_tract(t: &Tensor) -> Result<ETensor> {
     } else if dt == bool::datum_type() {
         take!(bool, Bool)
     } else if dt.is_float() || dt.is_integer() {
-        // Other numeric types (u16, i16, u32, quantized...) are widened to f32.
+        // Other numeric types (quantized...) are widened to f32.
         {
             let c = t.cast_to::<f32>().map_err(tract_err)?;
             TensorData::F32(

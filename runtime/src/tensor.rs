@@ -10,7 +10,11 @@ pub enum DType {
     F64,
     I64,
     I32,
+    I16,
     I8,
+    U64,
+    U32,
+    U16,
     U8,
     Bool,
 }
@@ -18,9 +22,9 @@ pub enum DType {
 impl DType {
     pub fn size(self) -> usize {
         match self {
-            DType::F64 | DType::I64 => 8,
-            DType::F32 | DType::I32 => 4,
-            DType::F16 => 2,
+            DType::F64 | DType::I64 | DType::U64 => 8,
+            DType::F32 | DType::I32 | DType::U32 => 4,
+            DType::F16 | DType::I16 | DType::U16 => 2,
             DType::I8 | DType::U8 | DType::Bool => 1,
         }
     }
@@ -32,7 +36,11 @@ impl DType {
             DType::F64 => "f64",
             DType::I64 => "i64",
             DType::I32 => "i32",
+            DType::I16 => "i16",
             DType::I8 => "i8",
+            DType::U64 => "u64",
+            DType::U32 => "u32",
+            DType::U16 => "u16",
             DType::U8 => "u8",
             DType::Bool => "bool",
         }
@@ -45,7 +53,11 @@ impl DType {
             "f64" | "double" | "float64" => DType::F64,
             "i64" | "int64" => DType::I64,
             "i32" | "int32" => DType::I32,
+            "i16" | "int16" => DType::I16,
             "i8" | "int8" => DType::I8,
+            "u64" | "uint64" => DType::U64,
+            "u32" | "uint32" => DType::U32,
+            "u16" | "uint16" => DType::U16,
             "u8" | "uint8" => DType::U8,
             "bool" => DType::Bool,
             _ => return None,
@@ -58,8 +70,12 @@ impl DType {
             DType::F32 => 1,
             DType::U8 => 2,
             DType::I8 => 3,
+            DType::U16 => 4,
+            DType::I16 => 5,
             DType::I32 => 6,
             DType::I64 => 7,
+            DType::U32 => 12,
+            DType::U64 => 13,
             DType::Bool => 9,
             DType::F16 => 10,
             DType::F64 => 11,
@@ -71,8 +87,12 @@ impl DType {
             1 => DType::F32,
             2 => DType::U8,
             3 => DType::I8,
+            4 => DType::U16,
+            5 => DType::I16,
             6 => DType::I32,
             7 => DType::I64,
+            12 => DType::U32,
+            13 => DType::U64,
             9 => DType::Bool,
             10 => DType::F16,
             11 => DType::F64,
@@ -95,7 +115,11 @@ pub enum TensorData {
     F64(Vec<f64>),
     I64(Vec<i64>),
     I32(Vec<i32>),
+    I16(Vec<i16>),
     I8(Vec<i8>),
+    U64(Vec<u64>),
+    U32(Vec<u32>),
+    U16(Vec<u16>),
     U8(Vec<u8>),
     Bool(Vec<bool>),
 }
@@ -108,7 +132,11 @@ macro_rules! each_data {
             TensorData::F64($v) => $e,
             TensorData::I64($v) => $e,
             TensorData::I32($v) => $e,
+            TensorData::I16($v) => $e,
             TensorData::I8($v) => $e,
+            TensorData::U64($v) => $e,
+            TensorData::U32($v) => $e,
+            TensorData::U16($v) => $e,
             TensorData::U8($v) => $e,
             TensorData::Bool($v) => $e,
         }
@@ -163,6 +191,10 @@ impl Tensor {
             DType::F64 => TensorData::F64(conv!(f64, 8)),
             DType::I64 => TensorData::I64(conv!(i64, 8)),
             DType::I32 => TensorData::I32(conv!(i32, 4)),
+            DType::I16 => TensorData::I16(conv!(i16, 2)),
+            DType::U64 => TensorData::U64(conv!(u64, 8)),
+            DType::U32 => TensorData::U32(conv!(u32, 4)),
+            DType::U16 => TensorData::U16(conv!(u16, 2)),
             DType::I8 => TensorData::I8(bytes.iter().map(|&b| b as i8).collect()),
             DType::U8 => TensorData::U8(bytes.to_vec()),
             DType::Bool => {
@@ -183,6 +215,10 @@ impl Tensor {
             TensorData::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             TensorData::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             TensorData::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::I16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::U64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::U32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::U16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             TensorData::I8(v) => v.iter().map(|&x| x as u8).collect(),
             TensorData::U8(v) => v.clone(),
             TensorData::Bool(v) => v.iter().map(|&x| x as u8).collect(),
@@ -208,7 +244,11 @@ impl Tensor {
             TensorData::F64(_) => DType::F64,
             TensorData::I64(_) => DType::I64,
             TensorData::I32(_) => DType::I32,
+            TensorData::I16(_) => DType::I16,
             TensorData::I8(_) => DType::I8,
+            TensorData::U64(_) => DType::U64,
+            TensorData::U32(_) => DType::U32,
+            TensorData::U16(_) => DType::U16,
             TensorData::U8(_) => DType::U8,
             TensorData::Bool(_) => DType::Bool,
         }
@@ -230,6 +270,10 @@ impl Tensor {
             TensorData::F64(v) => v.iter().map(|&x| x as f32).collect(),
             TensorData::I64(v) => v.iter().map(|&x| x as f32).collect(),
             TensorData::I32(v) => v.iter().map(|&x| x as f32).collect(),
+            TensorData::I16(v) => v.iter().map(|&x| x as f32).collect(),
+            TensorData::U64(v) => v.iter().map(|&x| x as f32).collect(),
+            TensorData::U32(v) => v.iter().map(|&x| x as f32).collect(),
+            TensorData::U16(v) => v.iter().map(|&x| x as f32).collect(),
             TensorData::I8(v) => v.iter().map(|&x| x as f32).collect(),
             TensorData::U8(v) => v.iter().map(|&x| x as f32).collect(),
             TensorData::Bool(v) => v.iter().map(|&x| x as u8 as f32).collect(),
@@ -256,6 +300,9 @@ impl Tensor {
         let f: Vec<f64> = match &self.data {
             TensorData::F64(v) => v.clone(),
             TensorData::I64(v) => v.iter().map(|&x| x as f64).collect(),
+            TensorData::I32(v) => v.iter().map(|&x| x as f64).collect(),
+            TensorData::U64(v) => v.iter().map(|&x| x as f64).collect(),
+            TensorData::U32(v) => v.iter().map(|&x| x as f64).collect(),
             _ => self.to_f32_vec().into_iter().map(f64::from).collect(),
         };
         let data = match to {
@@ -264,6 +311,10 @@ impl Tensor {
             DType::F64 => TensorData::F64(f),
             DType::I64 => TensorData::I64(f.iter().map(|&x| x as i64).collect()),
             DType::I32 => TensorData::I32(f.iter().map(|&x| x as i32).collect()),
+            DType::I16 => TensorData::I16(f.iter().map(|&x| x as i16).collect()),
+            DType::U64 => TensorData::U64(f.iter().map(|&x| x as u64).collect()),
+            DType::U32 => TensorData::U32(f.iter().map(|&x| x as u32).collect()),
+            DType::U16 => TensorData::U16(f.iter().map(|&x| x as u16).collect()),
             DType::I8 => TensorData::I8(f.iter().map(|&x| x as i8).collect()),
             DType::U8 => TensorData::U8(f.iter().map(|&x| x as u8).collect()),
             DType::Bool => TensorData::Bool(f.iter().map(|&x| x != 0.0).collect()),
@@ -279,7 +330,20 @@ mod tests {
     #[test]
     fn bytes_round_trip_every_dtype() {
         let t = Tensor::from_f32(vec![2, 2], vec![1.0, -2.5, 3.0, 0.0]).unwrap();
-        for dt in [DType::F32, DType::F16, DType::F64, DType::I64, DType::I32, DType::I8, DType::U8, DType::Bool] {
+        for dt in [
+            DType::F32,
+            DType::F16,
+            DType::F64,
+            DType::I64,
+            DType::I32,
+            DType::I16,
+            DType::I8,
+            DType::U64,
+            DType::U32,
+            DType::U16,
+            DType::U8,
+            DType::Bool,
+        ] {
             let c = t.cast(dt);
             let back = Tensor::from_le_bytes(dt, vec![2, 2], &c.to_le_bytes()).unwrap();
             assert_eq!(back, c, "{dt}");

@@ -42,21 +42,23 @@ def node_dir():
 def test_onnx_node_suite_on_gpu(gpu, tmp_path):
     """Every node-test case of every op the GPU backend claims (table: CONFORMANCE_GPU.md).
 
-    Regression floor, not the goal: the target is 95 % of all cases; today most failures are element types the
-    runtime's Tensor does not carry (uint16/32/64, int16, strings, bfloat16, float8), 3-D pooling and some Resize
-    modes. The floor is raised as those land."""
+    The claim is per (op, element type), as an execution provider registers kernels: the runtime's twelve element
+    types. Cases with the float8 family, float4, int4/int2, bfloat16 or strings are run and counted in the all-cases
+    figure; both backends reject such models at load with a typed error. The training-mode Dropout cases depend on
+    numpy's random generator and cannot match."""
     exe = os.path.join(os.path.dirname(edgepack_bin()), "examples", "node_tests")
     assert os.path.exists(exe), f"{exe} missing: cargo test/build --examples builds it"
     md = tmp_path / "table.md"
     r = subprocess.run([exe, node_dir(), "--device", "gpu", "--md", str(md)], capture_output=True, text=True,
                        timeout=3000)
     assert r.returncode == 0, r.stderr[-3000:]
-    m = re.search(r"(\d+) passed, (\d+) failed \(([\d.]+) %\).*?([\d.]+) % of expressible", r.stdout)
+    m = re.search(r"(\d+) passed, (\d+) failed \(([\d.]+) % of all\).*?([\d.]+) % of the claimed cases", r.stdout)
     assert m, r.stdout[-2000:]
     passed, failed, pct, pct_expr = int(m[1]), int(m[2]), float(m[3]), float(m[4])
-    print(f"\nONNX node tests on {gpu['name']}: {passed} passed, {failed} failed ({pct} %; {pct_expr} % of expressible)")
-    assert passed + failed > 500, "the suite looks incomplete"
-    assert pct >= 65.0 and pct_expr >= 82.0, md.read_text()
+    print(f"\nONNX node tests on {gpu['name']}: {passed} passed, {failed} failed ({pct} % of all; {pct_expr} % of claimed)")
+    assert passed + failed > 700, "the suite looks incomplete"
+    # Issue 5's bar is 95 % of the claimed cases; the floor guards against regressions below today's figures.
+    assert pct_expr >= 98.5 and pct >= 76.0, md.read_text()
 
 
 def test_cli_device_flag(gpu, tmp_path):

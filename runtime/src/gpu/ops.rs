@@ -1,6 +1,6 @@
 //! ONNX operators on burn's cubecl backend (run-time shapes). Each op takes the node and its input values and
 //! returns its outputs; attributes and host-known inputs (shapes, axes, pads) are read here.
-use burn_backend::ops::{ConvOptions, ConvTransposeOptions, InterpolateMode, InterpolateOptions, PadMode};
+use burn_backend::ops::{ConvOptions, ConvTransposeOptions, PadMode};
 use burn_backend::ops::{FloatTensorOps, ModuleOps};
 use burn_backend::{BoolDType, IntDType, Scalar, Shape, Slice, TensorMetadata};
 
@@ -20,6 +20,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "AveragePool",
     "BatchNormalization",
     "Cast",
+    "CastLike",
     "Ceil",
     "Clip",
     "Concat",
@@ -93,6 +94,19 @@ pub const SUPPORTED_OPS: &[&str] = &[
 ];
 
 type Ins<'a> = &'a [Option<Val>];
+
+/// Input `i` of `op` is a parameter the op reads on the host (a shape, axes, pads, scales...): a graph input fed
+/// there is kept on the host and the plan is specialised on its value.
+pub(crate) fn param_input(op: &str, i: usize) -> bool {
+    match op {
+        "Reshape" | "Expand" | "Tile" | "Squeeze" | "Unsqueeze" | "Split" | "ReduceMean" | "ReduceSum"
+        | "ReduceMax" | "ReduceMin" => i == 1,
+        "Slice" => (1..=4).contains(&i),
+        "Pad" | "Resize" => (1..=3).contains(&i),
+        "ConstantOfShape" => i == 0,
+        _ => false,
+    }
+}
 
 fn fail(node: &NodeProto, why: impl std::fmt::Display) -> Error {
     gpu_err(format!("{} `{}`: {why}", node.op(), node.name()))
@@ -291,86 +305,284 @@ fn conv_transpose(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
     let x = ctx.dev(input(node, ins, 0)?);
     let w = ctx.dev(input(node, ins, 1)?);
     let bias = opt(ins, 2).map(|b| ctx.dev(b));
-    if x.shape.len() != 4 || w.shape.len() != 4 {
-        return Err(fail(node, "only 2-D transposed convolutions are supported"));
+    let nd = x.shape.len().saturating_sub(2);
+    if !(1..=3).contains(&nd) || w.shape.len() != nd + 2 {
+        return Err(fail(node, format!("input rank {} / weight rank {}", x.shape.len(), w.shape.len())));
     }
-    let kernel = [w.shape[2], w.shape[3]];
-    let stride = ints_or(node, "strides", 2, 1)?;
-    let dil = ints_or(node, "dilations", 2, 1)?;
+    let kernel = &w.shape[2..];
+    let stride = ints_or(node, "strides", nd, 1)?;
+    let dil = ints_or(node, "dilations", nd, 1)?;
     let group = node.attr_i("group").unwrap_or(1).max(1) as usize;
-    let out_pad: Vec<usize> = match node.attr_ints("output_padding") {
-        Some(v) if v.len() == 2 => v.iter().map(|&x| x.max(0) as usize).collect(),
-        _ => vec![0, 0],
+    let mut out_pad: Vec<usize> = match node.attr_ints("output_padding") {
+        Some(v) if v.len() == nd => v.iter().map(|&x| x.max(0) as usize).collect(),
+        _ => vec![0; nd],
     };
-    let full: Vec<usize> =
-        (0..2).map(|i| (x.shape[2 + i] - 1) * stride[i] + (kernel[i] - 1) * dil[i] + 1 + out_pad[i]).collect();
+    let full = |op: &[usize]| -> Vec<usize> {
+        (0..nd).map(|i| (x.shape[2 + i] - 1) * stride[i] + (kernel[i] - 1) * dil[i] + 1 + op[i]).collect()
+    };
     let auto = node.attr_s("auto_pad").unwrap_or("NOTSET");
+    let split = |total: usize| {
+        if auto == "SAME_LOWER" { (total - total / 2, total / 2) } else { (total / 2, total - total / 2) }
+    };
     let pads: Vec<(usize, usize)> = if let Some(os) = node.attr_ints("output_shape").filter(|v| !v.is_empty()) {
-        let os = &os[os.len() - 2..];
-        (0..2)
-            .map(|i| {
-                let total = full[i].saturating_sub(os[i].max(0) as usize);
-                if auto == "SAME_UPPER" { (total / 2, total - total / 2) } else { (total - total / 2, total / 2) }
-            })
-            .collect()
+        let os: Vec<usize> = os[os.len().saturating_sub(nd)..].iter().map(|&v| v.max(0) as usize).collect();
+        // A requested shape beyond the full output is reached with output padding.
+        let f = full(&out_pad);
+        for i in 0..nd {
+            out_pad[i] += os[i].saturating_sub(f[i]);
+        }
+        let f = full(&out_pad);
+        (0..nd).map(|i| split(f[i] - os[i].min(f[i]))).collect()
     } else if auto == "SAME_UPPER" || auto == "SAME_LOWER" {
-        (0..2)
-            .map(|i| {
-                let total = full[i].saturating_sub(x.shape[2 + i] * stride[i]);
-                if auto == "SAME_UPPER" { (total / 2, total - total / 2) } else { (total - total / 2, total / 2) }
-            })
-            .collect()
+        let f = full(&out_pad);
+        (0..nd).map(|i| split(f[i].saturating_sub(x.shape[2 + i] * stride[i]))).collect()
     } else {
         match node.attr_ints("pads") {
-            Some(p) if p.len() == 4 => (0..2).map(|i| (p[i].max(0) as usize, p[i + 2].max(0) as usize)).collect(),
-            _ => vec![(0, 0); 2],
+            Some(p) if p.len() == 2 * nd => {
+                (0..nd).map(|i| (p[i].max(0) as usize, p[i + nd].max(0) as usize)).collect()
+            }
+            _ => vec![(0, 0); nd],
         }
     };
-    let o = B::conv_transpose2d(
-        x.t,
-        w.t,
-        None,
-        ConvTransposeOptions::new([stride[0], stride[1]], [0, 0], [out_pad[0], out_pad[1]], [dil[0], dil[1]], group),
-    );
+    if (0..nd).any(|i| out_pad[i] >= stride[i].max(dil[i])) {
+        return Err(fail(
+            node,
+            format!("output padding {out_pad:?} not below strides {stride:?} or dilations {dil:?}"),
+        ));
+    }
+    let o = match nd {
+        1 => {
+            let xt = reshape(x.t, &[x.shape[0], x.shape[1], 1, x.shape[2]]);
+            let wt = reshape(w.t, &[w.shape[0], w.shape[1], 1, kernel[0]]);
+            let o = B::conv_transpose2d(
+                xt,
+                wt,
+                None,
+                ConvTransposeOptions::new([1, stride[0]], [0, 0], [0, out_pad[0]], [1, dil[0]], group),
+            );
+            let d = dims(&o);
+            reshape(o, &[d[0], d[1], d[3]])
+        }
+        2 => B::conv_transpose2d(
+            x.t,
+            w.t,
+            None,
+            ConvTransposeOptions::new(
+                [stride[0], stride[1]],
+                [0, 0],
+                [out_pad[0], out_pad[1]],
+                [dil[0], dil[1]],
+                group,
+            ),
+        ),
+        _ => B::conv_transpose3d(
+            x.t,
+            w.t,
+            None,
+            ConvTransposeOptions::new(
+                [stride[0], stride[1], stride[2]],
+                [0, 0, 0],
+                [out_pad[0], out_pad[1], out_pad[2]],
+                [dil[0], dil[1], dil[2]],
+                group,
+            ),
+        ),
+    };
     let d = dims(&o);
-    let o = B::float_slice(
-        o,
-        &[
-            Slice::full(),
-            Slice::full(),
-            Slice::new(pads[0].0 as isize, Some((d[2] - pads[0].1) as isize), 1),
-            Slice::new(pads[1].0 as isize, Some((d[3] - pads[1].1) as isize), 1),
-        ],
-    );
+    let mut sl = vec![Slice::full(), Slice::full()];
+    for i in 0..nd {
+        let (b, e) = pads[i];
+        if b + e >= d[2 + i] {
+            return Err(fail(node, format!("pads {pads:?} leave no output")));
+        }
+        sl.push(Slice::new(b as isize, Some((d[2 + i] - e) as isize), 1));
+    }
+    let o = B::float_slice(o, &sl);
     let o = match bias {
         Some(b) => {
             let c = b.shape.iter().product::<usize>();
-            B::float_add(o, reshape(b.t, &[1, c, 1, 1]))
+            let mut s = vec![1; nd + 2];
+            s[1] = c;
+            B::float_add(o, reshape(b.t, &s))
         }
         None => o,
     };
     Ok(vec![dv(o, x.dt)])
 }
 
-fn pool(ctx: &Ctx, node: &NodeProto, ins: Ins, max: bool) -> Result<Vec<Val>> {
-    if node.output.len() > 1 && node.output.get(1).is_some_and(|o| !o.is_empty()) {
-        return Err(fail(node, "the Indices output is not supported"));
+/// Pooling geometry of one spatial dim.
+#[derive(Clone, Copy)]
+struct PoolDim {
+    len: usize,
+    k: usize,
+    s: usize,
+    d: usize,
+    pads: (usize, usize),
+    out: usize,
+}
+
+impl PoolDim {
+    fn new(len: usize, k: usize, s: usize, d: usize, pads: (usize, usize), ceil: bool) -> Option<PoolDim> {
+        let span = (k - 1) * d + 1;
+        let room = (len + pads.0 + pads.1).checked_sub(span)?;
+        let mut out = if ceil { room.div_ceil(s) } else { room / s } + 1;
+        // A window must start inside the input or its leading pad (as onnxruntime and PyTorch).
+        if ceil && (out - 1) * s >= len + pads.0 {
+            out -= 1;
+        }
+        Some(PoolDim { len, k, s, d, pads, out })
     }
+
+    /// Input position of tap `t` of output `o` (negative: in the leading pad).
+    fn pos(&self, o: usize, t: usize) -> i64 {
+        (o * self.s + t * self.d) as i64 - self.pads.0 as i64
+    }
+}
+
+/// Pooling as a loop over the kernel's taps, each a strided slice of the padded input: any rank, dilations, and
+/// the flat argmax indices of MaxPool. Burn's 2-D kernels serve the common cases.
+fn pool_taps(
+    ctx: &Ctx,
+    node: &NodeProto,
+    x: Dv,
+    dims: &[PoolDim],
+    max: bool,
+    include: bool,
+    indices: bool,
+) -> Result<Vec<Val>> {
+    let nd = dims.len();
+    let (n, c) = (x.shape[0], x.shape[1]);
+    let mut padding = vec![(0, 0), (0, 0)];
+    for p in dims {
+        let need = (p.out - 1) * p.s + (p.k - 1) * p.d + 1;
+        padding.push((p.pads.0, need.saturating_sub(p.len + p.pads.0)));
+    }
+    let fill = if max { f32::NEG_INFINITY } else { 0.0 };
+    let xp = B::float_pad(x.t, &padding, PadMode::Constant(fill));
+    let mut out_shape = vec![n, c];
+    out_shape.extend(dims.iter().map(|p| p.out));
+    let spatial: Vec<usize> = dims.iter().map(|p| p.out).collect();
+    let mut pos_shape = vec![1, 1];
+    pos_shape.extend(&spatial);
+    let taps: usize = dims.iter().map(|p| p.k).product();
+    let col_major = node.attr_i("storage_order").unwrap_or(0) == 1;
+    if indices && ctx.prec == super::Precision::F16 && x.shape.iter().product::<usize>() > 2048 {
+        return Err(fail(node, "argmax indices beyond 2048 are not exact in f16 compute"));
+    }
+    let (mut acc, mut idx): (Option<T>, Option<T>) = (None, None);
+    for tap in 0..taps {
+        // The tap's offset per dim (row-major over the kernel).
+        let mut rem = tap;
+        let mut t = vec![0; nd];
+        for i in (0..nd).rev() {
+            t[i] = rem % dims[i].k;
+            rem /= dims[i].k;
+        }
+        let mut sl = vec![Slice::full(), Slice::full()];
+        for (i, p) in dims.iter().enumerate() {
+            let start = t[i] * p.d;
+            sl.push(Slice::new(start as isize, Some((start + (p.out - 1) * p.s + 1) as isize), p.s as isize));
+        }
+        let v = B::float_slice(xp.clone(), &sl);
+        acc = Some(match acc {
+            None => {
+                if indices {
+                    idx = Some(bcast_to(tap_index(ctx, dims, &t, &pos_shape, col_major)?, &out_shape));
+                }
+                v
+            }
+            Some(a) if max => {
+                let better = B::float_greater(v.clone(), a.clone(), bool_dt(ctx));
+                if let Some(i) = idx.take() {
+                    idx = Some(B::float_mask_where(
+                        i,
+                        better.clone(),
+                        bcast_to(tap_index(ctx, dims, &t, &pos_shape, col_major)?, &out_shape),
+                    ));
+                }
+                B::float_mask_where(a, better, v)
+            }
+            Some(a) => B::float_add(a, v),
+        });
+    }
+    let acc = acc.ok_or_else(|| fail(node, "empty kernel"))?;
+    let y = if max {
+        acc
+    } else {
+        // Divisor per output position: the taps inside the input (or inside input + pads), per dim, multiplied.
+        let mut count = vec![1f32; spatial.iter().product()];
+        for (j, cnt) in count.iter_mut().enumerate() {
+            let mut rem = j;
+            for i in (0..nd).rev() {
+                let p = &dims[i];
+                let o = rem % p.out;
+                rem /= p.out;
+                let hi = if include { (p.len + p.pads.1) as i64 } else { p.len as i64 };
+                let lo = if include { -(p.pads.0 as i64) } else { 0 };
+                *cnt *= (0..p.k).filter(|&t| (lo..hi).contains(&p.pos(o, t))).count() as f32;
+            }
+        }
+        B::float_div(acc, ctx.upload(&Tensor::from_f32(pos_shape.clone(), count)?))
+    };
+    let mut outs = vec![dv_shaped(y, x.dt, out_shape.clone())];
+    if let Some(i) = idx {
+        // Flat index into the input: (n * C + c) * spatial size + spatial offset.
+        let size: usize = dims.iter().map(|p| p.len).product();
+        let base: Vec<f32> = (0..n * c).map(|b| (b * size) as f32).collect();
+        let base = ctx.upload(&Tensor::from_f32(vec![n, c].into_iter().chain(vec![1; nd]).collect(), base)?);
+        outs.push(dv_shaped(B::float_add(i, base), DType::I64, out_shape));
+    }
+    Ok(outs)
+}
+
+/// The spatial flat index of tap `t` at each output position (row-major over the input's spatial dims, or
+/// column-major with `storage_order` 1).
+fn tap_index(ctx: &Ctx, dims: &[PoolDim], t: &[usize], shape: &[usize], col_major: bool) -> Result<T> {
+    let nd = dims.len();
+    let outs: usize = dims.iter().map(|p| p.out).product();
+    let mut strides = vec![1i64; nd];
+    for i in 1..nd {
+        if col_major {
+            strides[i] = strides[i - 1] * dims[i - 1].len as i64;
+        } else {
+            strides[nd - 1 - i] = strides[nd - i] * dims[nd - i].len as i64;
+        }
+    }
+    let mut v = vec![0f32; outs];
+    for (j, e) in v.iter_mut().enumerate() {
+        let (mut rem, mut flat) = (j, 0i64);
+        for i in (0..nd).rev() {
+            let p = &dims[i];
+            let o = rem % p.out;
+            rem /= p.out;
+            flat += p.pos(o, t[i]).clamp(0, p.len as i64 - 1) * strides[i];
+        }
+        *e = flat as f32;
+    }
+    Ok(ctx.upload(&Tensor::from_f32(shape.to_vec(), v)?))
+}
+
+fn pool(ctx: &Ctx, node: &NodeProto, ins: Ins, max: bool) -> Result<Vec<Val>> {
+    let indices = node.output.get(1).is_some_and(|o| !o.is_empty());
     let x = ctx.dev(input(node, ins, 0)?);
     let nd = x.shape.len().saturating_sub(2);
     let k = node.attr_ints("kernel_shape").ok_or_else(|| fail(node, "no kernel_shape"))?;
-    if !(1..=2).contains(&nd) || k.len() != nd {
-        return Err(fail(node, format!("{nd}-D pooling is not supported")));
+    if nd == 0 || k.len() != nd {
+        return Err(fail(node, format!("kernel_shape {k:?} for input {:?}", x.shape)));
     }
     let kernel: Vec<usize> = k.iter().map(|&v| v.max(1) as usize).collect();
     let stride = ints_or(node, "strides", nd, 1)?;
     let dil = ints_or(node, "dilations", nd, 1)?;
-    if !max && dil.iter().any(|&d| d != 1) {
-        return Err(fail(node, "dilated average pooling"));
-    }
     let ceil = node.attr_i("ceil_mode").unwrap_or(0) == 1;
     let include = node.attr_i("count_include_pad").unwrap_or(0) == 1;
     let pads = conv_pads(node, &x.shape[2..], &kernel, &stride, &dil)?;
+    if nd > 2 || indices || (!max && dil.iter().any(|&d| d != 1)) {
+        let dims = (0..nd)
+            .map(|i| PoolDim::new(x.shape[2 + i], kernel[i], stride[i], dil[i], pads[i], ceil))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| fail(node, format!("kernel {kernel:?} larger than the padded input {:?}", x.shape)))?;
+        return pool_taps(ctx, node, x, &dims, max, include, indices);
+    }
     // Everything as 2-D.
     let (xt, kernel, stride, dil, pads) = if nd == 1 {
         let s = &x.shape;
@@ -539,6 +751,19 @@ fn reduce(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
     };
     ax.sort_unstable();
     ax.dedup();
+    let shape: Vec<usize> =
+        (0..r).filter_map(|i| if ax.contains(&i) { keep.then_some(1) } else { Some(x.shape[i]) }).collect();
+    if ax.iter().any(|&a| x.shape[a] == 0) || shape.contains(&0) {
+        // An empty reduction gives the identity of the reduction (or an empty tensor).
+        let v = match node.op() {
+            "ReduceMax" => f32::NEG_INFINITY,
+            "ReduceMin" => f32::INFINITY,
+            "ReduceMean" => f32::NAN,
+            _ => 0.0,
+        };
+        let n = shape.iter().product();
+        return Ok(vec![Val::host(Tensor::from_f32(shape, vec![v; n])?.cast(x.dt))]);
+    }
     let mut t = x.t;
     for &a in &ax {
         t = match node.op() {
@@ -549,8 +774,6 @@ fn reduce(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
             _ => unreachable!("reduce op"),
         };
     }
-    let shape: Vec<usize> =
-        (0..r).filter_map(|i| if ax.contains(&i) { keep.then_some(1) } else { Some(x.shape[i]) }).collect();
     Ok(vec![dv_shaped(t, x.dt, shape)])
 }
 
@@ -738,7 +961,7 @@ fn slice(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
         }
     }
     if shape.contains(&0) {
-        return Err(fail(node, "an empty result"));
+        return Ok(vec![Val::host(Tensor::from_f32(shape, Vec::new())?.cast(x.dt))]);
     }
     Ok(vec![dv_shaped(B::float_slice(t, &slices), x.dt, shape)])
 }
@@ -839,96 +1062,304 @@ fn pad(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
     if pads.len() != 2 * axes.len() {
         return Err(fail(node, format!("pads {pads:?}")));
     }
-    if pads.iter().any(|&p| p < 0) {
-        return Err(fail(node, "negative pads"));
-    }
-    let mut padding = vec![(0usize, 0usize); r];
+    let mut padding = vec![(0i64, 0i64); r];
     for (i, &a) in axes.iter().enumerate() {
-        padding[a] = (pads[i] as usize, pads[i + axes.len()] as usize);
+        padding[a] = (pads[i], pads[i + axes.len()]);
     }
-    let mode = match node.attr_s("mode").unwrap_or("constant") {
+    let mode = node.attr_s("mode").unwrap_or("constant");
+    let mut t = x.t;
+    let mut shape = x.shape.clone();
+    // Negative pads crop first.
+    if padding.iter().any(|p| p.0 < 0 || p.1 < 0) {
+        let mut sl = vec![Slice::full(); r];
+        for (d, &(b, e)) in padding.iter().enumerate() {
+            let (cb, ce) = ((-b).max(0) as usize, (-e).max(0) as usize);
+            if cb + ce > shape[d] {
+                return Err(fail(node, format!("pads {pads:?} crop more than dim {d} holds")));
+            }
+            sl[d] = Slice::new(cb as isize, Some((shape[d] - ce) as isize), 1);
+            shape[d] -= cb + ce;
+        }
+        t = B::float_slice(t, &sl);
+    }
+    let padding: Vec<(usize, usize)> = padding.iter().map(|&(b, e)| (b.max(0) as usize, e.max(0) as usize)).collect();
+    if mode == "wrap" {
+        // Each padded axis gathers its source index modulo the length.
+        for (d, &(b, e)) in padding.iter().enumerate() {
+            if b + e > 0 {
+                let n = shape[d] as i64;
+                let idx: Vec<i64> = (0..n + (b + e) as i64).map(|i| (i - b as i64).rem_euclid(n)).collect();
+                t = B::float_select(t, d, int_tensor(ctx, &idx));
+                shape[d] += b + e;
+            }
+        }
+        return Ok(vec![dv_shaped(t, x.dt, shape)]);
+    }
+    let mode = match mode {
         "constant" => PadMode::Constant(value),
         "reflect" => PadMode::Reflect,
         "edge" => PadMode::Edge,
         m => return Err(fail(node, format!("mode {m}"))),
     };
-    let shape: Vec<usize> = (0..r).map(|i| x.shape[i] + padding[i].0 + padding[i].1).collect();
-    Ok(vec![dv_shaped(B::float_pad(x.t, &padding, mode), x.dt, shape)])
+    if padding.iter().all(|&p| p == (0, 0)) {
+        return Ok(vec![dv_shaped(t, x.dt, shape)]);
+    }
+    let shape: Vec<usize> = (0..r).map(|i| shape[i] + padding[i].0 + padding[i].1).collect();
+    Ok(vec![dv_shaped(B::float_pad(t, &padding, mode), x.dt, shape)])
+}
+
+/// The Resize attributes that shape the per-axis interpolation tables.
+struct ResizeMode<'a> {
+    mode: &'a str,
+    ctm: &'a str,
+    nearest: &'a str,
+    cubic_a: f64,
+    exclude_outside: bool,
+    antialias: bool,
+    extrapolation: f64,
+}
+
+/// Resize along one axis as a table: for each output index, source indices (clamped to the input, as the
+/// reference's edge padding) with their weights, and a constant added (tf_crop_and_resize's extrapolation value
+/// where the source falls outside the input). Follows the ONNX reference (`onnx.reference.ops.op_resize`).
+struct Interp {
+    taps: Vec<Vec<(i64, f64)>>,
+    add: Vec<f64>,
+}
+
+impl ResizeMode<'_> {
+    fn coeffs(&self, ratio: f64, scale: f64) -> Vec<f64> {
+        let a = self.cubic_a;
+        let cubic = |x: f64| {
+            let x = x.abs();
+            if x <= 1.0 {
+                (a + 2.0) * x * x * x - (a + 3.0) * x * x + 1.0
+            } else if x < 2.0 {
+                a * x * x * x - 5.0 * a * x * x + 8.0 * a * x - 4.0 * a
+            } else {
+                0.0
+            }
+        };
+        let normalized = |c: Vec<f64>| {
+            let s: f64 = c.iter().sum();
+            c.into_iter().map(|v| v / s).collect()
+        };
+        match self.mode {
+            "nearest" if ratio == 1.0 => vec![0.0, 1.0],
+            "nearest" => {
+                let right = match self.nearest {
+                    "round_prefer_ceil" => ratio >= 0.5,
+                    "floor" => false,
+                    "ceil" => true,
+                    _ => ratio > 0.5,
+                };
+                if right { vec![0.0, 1.0] } else { vec![1.0, 0.0] }
+            }
+            "cubic" if self.antialias => {
+                let s = scale.min(1.0);
+                let start = (-2.0 / s).floor() as i64 + 1;
+                normalized((start..2 - start).map(|i| cubic(s * (i as f64 - ratio))).collect())
+            }
+            "cubic" => (0..4).map(|k| cubic(ratio + 1.0 - k as f64)).collect(),
+            _ if self.antialias => {
+                let s = scale.min(1.0);
+                let start = (-1.0 / s).floor() as i64 + 1;
+                let n = 2 - 2 * start;
+                normalized((start..start + n).map(|i| (1.0 - ((i as f64 - ratio) * s).abs()).clamp(0.0, 1.0)).collect())
+            }
+            _ => vec![1.0 - ratio, ratio],
+        }
+    }
+
+    fn axis(&self, len_in: usize, len_out: usize, scale: f64, roi: (f64, f64)) -> Interp {
+        let (lin, out_w) = (len_in as f64, scale * len_in as f64);
+        let mut taps = Vec::with_capacity(len_out);
+        let mut add = vec![0.0; len_out];
+        for (x, extra) in add.iter_mut().enumerate() {
+            let xf = x as f64;
+            let x_ori = match self.ctm {
+                "align_corners" if out_w == 1.0 => 0.0,
+                "align_corners" => xf * (lin - 1.0) / (out_w - 1.0),
+                "asymmetric" => xf / scale,
+                "tf_crop_and_resize" => {
+                    let v = if out_w == 1.0 {
+                        (roi.1 - roi.0) * (lin - 1.0) / 2.0
+                    } else {
+                        xf * (roi.1 - roi.0) * (lin - 1.0) / (out_w - 1.0)
+                    };
+                    v + roi.0 * (lin - 1.0)
+                }
+                "pytorch_half_pixel" if out_w == 1.0 => -0.5,
+                "half_pixel_symmetric" => {
+                    let adjustment = len_out as f64 / out_w;
+                    lin / 2.0 * (1.0 - adjustment) + (xf + 0.5) / scale - 0.5
+                }
+                _ => (xf + 0.5) / scale - 0.5,
+            };
+            if self.ctm == "tf_crop_and_resize" && (x_ori < 0.0 || x_ori > lin - 1.0) {
+                taps.push(Vec::new());
+                *extra = self.extrapolation;
+                continue;
+            }
+            // The pixel left of x_ori (strictly: an integer x_ori is the right neighbour, ratio 1).
+            let fl = x_ori.floor();
+            let (ratio, left) = if x_ori == fl { (1.0, fl as i64 - 1) } else { (x_ori - fl, fl as i64) };
+            let mut c = self.coeffs(ratio, scale);
+            let first = left + 1 - c.len() as i64 / 2;
+            if self.exclude_outside {
+                for (k, v) in c.iter_mut().enumerate() {
+                    if !(0..len_in as i64).contains(&(first + k as i64)) {
+                        *v = 0.0;
+                    }
+                }
+                let s: f64 = c.iter().sum();
+                if s != 0.0 {
+                    c.iter_mut().for_each(|v| *v /= s);
+                }
+            }
+            let mut row: Vec<(i64, f64)> = Vec::new();
+            for (k, w) in c.into_iter().enumerate() {
+                let i = (first + k as i64).clamp(0, len_in as i64 - 1);
+                match row.iter_mut().find(|(j, _)| *j == i) {
+                    Some(e) => e.1 += w,
+                    None => row.push((i, w)),
+                }
+            }
+            row.retain(|&(_, w)| w != 0.0);
+            taps.push(row);
+        }
+        Interp { taps, add }
+    }
+}
+
+impl Interp {
+    /// Every output index copies one input element: a gather.
+    fn gather(&self) -> Option<Vec<i64>> {
+        let one = |r: &Vec<(i64, f64)>| (r.len() == 1 && r[0].1 == 1.0).then_some(r[0].0);
+        if self.add.iter().any(|&a| a != 0.0) {
+            return None;
+        }
+        self.taps.iter().map(one).collect()
+    }
+
+    /// Applies the table along `axis` of `t` (shape `shape`, updated).
+    fn apply(&self, ctx: &Ctx, t: T, axis: usize, shape: &mut [usize]) -> T {
+        let len_out = self.taps.len();
+        if let Some(idx) = self.gather() {
+            if idx.len() == shape[axis] && idx.iter().enumerate().all(|(i, &j)| i as i64 == j) {
+                return t;
+            }
+            shape[axis] = len_out;
+            return B::float_select(t, axis, int_tensor(ctx, &idx));
+        }
+        let mut along = vec![1; shape.len()];
+        along[axis] = len_out;
+        let column = |v: Vec<f32>| ctx.upload(&Tensor::from_f32(along.clone(), v).unwrap_or_else(|_| unreachable!()));
+        let n = self.taps.iter().map(Vec::len).max().unwrap_or(0);
+        let mut acc: Option<T> = None;
+        for k in 0..n {
+            let idx: Vec<i64> = self.taps.iter().map(|r| r.get(k).map_or(0, |e| e.0)).collect();
+            let w: Vec<f32> = self.taps.iter().map(|r| r.get(k).map_or(0.0, |e| e.1 as f32)).collect();
+            let term = B::float_mul(B::float_select(t.clone(), axis, int_tensor(ctx, &idx)), column(w));
+            acc = Some(match acc {
+                Some(a) => B::float_add(a, term),
+                None => term,
+            });
+        }
+        shape[axis] = len_out;
+        let acc = acc.unwrap_or_else(|| full_like(ctx, shape, 0.0));
+        if self.add.iter().any(|&a| a != 0.0) {
+            B::float_add(acc, column(self.add.iter().map(|&a| a as f32).collect()))
+        } else {
+            acc
+        }
+    }
 }
 
 fn resize(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
     let x = ctx.dev(input(node, ins, 0)?);
-    if x.shape.len() != 4 {
-        return Err(fail(node, "only 4-D (NCHW) inputs are supported"));
-    }
-    let (scales, sizes) = if ctx.opset >= 11 {
-        let s = opt(ins, 2).map(|v| host_floats(node, v, "scales")).transpose()?.filter(|v| !v.is_empty());
+    let r = x.shape.len();
+    let nonempty = |v: Option<Vec<f32>>| v.filter(|v| !v.is_empty());
+    let (roi, scales, sizes) = if ctx.opset >= 11 {
+        let roi = nonempty(opt(ins, 1).map(|v| host_floats(node, v, "roi")).transpose()?);
+        let s = nonempty(opt(ins, 2).map(|v| host_floats(node, v, "scales")).transpose()?);
         let z = opt(ins, 3).map(|v| host_ints(node, v, "sizes")).transpose()?.filter(|v| !v.is_empty());
-        (s, z)
+        (roi, s, z)
     } else {
-        (Some(host_floats(node, input(node, ins, 1)?, "scales")?), None)
+        (None, Some(host_floats(node, input(node, ins, 1)?, "scales")?), None)
     };
-    if node.attr_ints("axes").is_some() || node.attr_i("antialias").unwrap_or(0) != 0 {
-        return Err(fail(node, "axes/antialias"));
-    }
-    let (oh, ow) = match (&sizes, &scales) {
-        (Some(z), _) if z.len() == 4 => {
-            if z[0] as usize != x.shape[0] || z[1] as usize != x.shape[1] {
-                return Err(fail(node, "resizing batch or channels"));
-            }
-            (z[2] as usize, z[3] as usize)
-        }
-        (_, Some(s)) if s.len() == 4 => {
-            if s[0] != 1.0 || s[1] != 1.0 {
-                return Err(fail(node, "scaling batch or channels"));
-            }
-            ((x.shape[2] as f32 * s[2]).floor() as usize, (x.shape[3] as f32 * s[3]).floor() as usize)
-        }
-        _ => return Err(fail(node, "needs 4 scales or sizes")),
+    let axes: Vec<usize> = match node.attr_ints("axes") {
+        Some(a) if !a.is_empty() => a.iter().map(|&a| axis(node, a, r)).collect::<Result<_>>()?,
+        _ => (0..r).collect(),
     };
-    // The coordinate mapping of burn's kernels equals ONNX's only when the scale is out/in.
-    if let Some(s) = &scales
-        && sizes.is_none()
-        && ((s[2] * x.shape[2] as f32 - oh as f32).abs() > 1e-3 || (s[3] * x.shape[3] as f32 - ow as f32).abs() > 1e-3)
-    {
-        return Err(fail(node, "scales that do not give whole output sizes"));
+    let na = axes.len();
+    let in_len = |i: usize| x.shape[axes[i]];
+    let (scale, out): (Vec<f64>, Vec<usize>) = match (&sizes, &scales) {
+        (Some(z), _) if z.len() == na => {
+            if z.iter().any(|&v| v <= 0) {
+                return Err(fail(node, format!("sizes {z:?}")));
+            }
+            let ratios: Vec<f64> = (0..na).map(|i| z[i] as f64 / in_len(i) as f64).collect();
+            match node.attr_s("keep_aspect_ratio_policy").unwrap_or("stretch") {
+                "stretch" => (ratios, z.iter().map(|&v| v as usize).collect()),
+                policy => {
+                    let pick = if policy == "not_larger" { f64::min } else { f64::max };
+                    let s = ratios.iter().copied().reduce(pick).unwrap_or(1.0);
+                    ((0..na).map(|_| s).collect(), (0..na).map(|i| (s * in_len(i) as f64 + 0.5) as usize).collect())
+                }
+            }
+        }
+        (_, Some(s)) if s.len() == na => {
+            if s.iter().any(|&v| v.is_nan() || v <= 0.0) {
+                return Err(fail(node, format!("scales {s:?}")));
+            }
+            (
+                s.iter().map(|&v| v as f64).collect(),
+                (0..na).map(|i| (in_len(i) as f64 * s[i] as f64) as usize).collect(),
+            )
+        }
+        _ => return Err(fail(node, format!("needs {na} scales or sizes"))),
+    };
+    if out.contains(&0) {
+        return Err(fail(node, format!("an empty output {out:?}")));
     }
+    let roi = match roi {
+        Some(v) if v.len() == 2 * na => (0..na).map(|i| (v[i] as f64, v[na + i] as f64)).collect(),
+        Some(v) => return Err(fail(node, format!("roi of {} values for {na} axes", v.len()))),
+        None => vec![(0.0, 1.0); na],
+    };
     let mode = node.attr_s("mode").unwrap_or("nearest");
-    let ctm = node.attr_s("coordinate_transformation_mode").unwrap_or(if ctx.opset >= 11 {
-        "half_pixel"
-    } else {
-        "asymmetric"
-    });
-    let nearest = node.attr_s("nearest_mode").unwrap_or("round_prefer_floor");
-    let opts = match (mode, ctm) {
-        ("nearest", "asymmetric") if nearest == "floor" || ctx.opset < 11 => InterpolateOptions {
-            mode: InterpolateMode::Nearest,
-            align_corners: false,
-            output_size: None,
-            scale_factor: None,
-        },
-        ("nearest", "half_pixel") if nearest == "round_prefer_ceil" => InterpolateOptions {
-            mode: InterpolateMode::NearestExact,
-            align_corners: false,
-            output_size: None,
-            scale_factor: None,
-        },
-        ("linear" | "bilinear", "half_pixel" | "pytorch_half_pixel") => InterpolateOptions {
-            mode: InterpolateMode::Bilinear,
-            align_corners: false,
-            output_size: None,
-            scale_factor: None,
-        },
-        ("linear" | "bilinear", "align_corners") => InterpolateOptions {
-            mode: InterpolateMode::Bilinear,
-            align_corners: true,
-            output_size: None,
-            scale_factor: None,
-        },
-        _ => return Err(fail(node, format!("mode {mode} with {ctm} / {nearest}"))),
+    if !matches!(mode, "nearest" | "linear" | "cubic") {
+        return Err(fail(node, format!("mode {mode}")));
+    }
+    let old = ctx.opset < 11;
+    let rm = ResizeMode {
+        mode,
+        ctm: node.attr_s("coordinate_transformation_mode").unwrap_or(if old { "asymmetric" } else { "half_pixel" }),
+        nearest: node.attr_s("nearest_mode").unwrap_or(if old { "floor" } else { "round_prefer_floor" }),
+        cubic_a: node.attr_f("cubic_coeff_a").unwrap_or(-0.75) as f64,
+        exclude_outside: node.attr_i("exclude_outside").unwrap_or(0) != 0,
+        antialias: mode != "nearest" && node.attr_i("antialias").unwrap_or(0) != 0,
+        extrapolation: node.attr_f("extrapolation_value").unwrap_or(0.0) as f64,
     };
-    let t = B::interpolate(x.t, [oh, ow], opts);
-    Ok(vec![dv(t, x.dt)])
+    if !matches!(
+        rm.ctm,
+        "half_pixel"
+            | "half_pixel_symmetric"
+            | "pytorch_half_pixel"
+            | "align_corners"
+            | "asymmetric"
+            | "tf_crop_and_resize"
+    ) {
+        return Err(fail(node, format!("coordinate_transformation_mode {}", rm.ctm)));
+    }
+    // Separable: one table per axis, innermost axis first (the reference's order).
+    let mut t = x.t;
+    let mut shape = x.shape.clone();
+    for i in (0..na).rev() {
+        t = rm.axis(in_len(i), out[i], scale[i], roi[i]).apply(ctx, t, axes[i], &mut shape);
+    }
+    Ok(vec![dv_shaped(t, x.dt, shape)])
 }
 
 fn split(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
@@ -964,10 +1395,13 @@ fn split(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
 
 fn cast(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
     let x = ctx.dev(input(node, ins, 0)?);
-    let to = node
-        .attr_i("to")
-        .and_then(|c| DType::from_onnx_code(c as i32))
-        .ok_or_else(|| fail(node, "unsupported target type"))?;
+    let to = if node.op() == "CastLike" {
+        input(node, ins, 1)?.dtype()
+    } else {
+        node.attr_i("to")
+            .and_then(|c| DType::from_onnx_code(c as i32))
+            .ok_or_else(|| fail(node, "unsupported target type"))?
+    };
     let is_float = |d: DType| matches!(d, DType::F32 | DType::F16 | DType::F64);
     let t = match to {
         DType::Bool => b2f(ctx, f2b(ctx, x.t)),
@@ -1021,14 +1455,30 @@ fn where_op(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
     Ok(vec![dv_shaped(B::float_mask_where(bcast_to(bt, &shape), mask, bcast_to(at, &shape)), dt, shape)])
 }
 
-/// `(x - zp) * scale` broadcast along `axis` (scale and zero point host-known or on the device).
-fn qparam(ctx: &Ctx, node: &NodeProto, v: &Val, rank: usize) -> Result<T> {
+/// A scale or zero point shaped to broadcast against `x`: a scalar, one value per index of `axis`, or (with
+/// `block_size`) one per block of `block_size` indices along `axis`, repeated over its block.
+fn qparam(ctx: &Ctx, node: &NodeProto, v: &Val, x: &[usize]) -> Result<T> {
     let d = ctx.dev(v);
+    let rank = x.len();
     let n = d.shape.iter().product::<usize>();
     if n == 1 {
         return Ok(reshape(d.t, &vec![1; rank.max(1)]));
     }
     let a = axis(node, node.attr_i("axis").unwrap_or(1), rank)?;
+    let block = node.attr_i("block_size").unwrap_or(0);
+    if block > 0 {
+        let b = block as usize;
+        let fits = d.shape.len() == rank
+            && (0..rank).all(|i| if i == a { d.shape[i] == x[i].div_ceil(b) } else { d.shape[i] == x[i] });
+        if !fits {
+            return Err(fail(node, format!("blocked parameter of shape {:?} for input {x:?}", d.shape)));
+        }
+        let idx: Vec<i64> = (0..x[a]).map(|i| (i / b) as i64).collect();
+        return Ok(B::float_select(d.t, a, int_tensor(ctx, &idx)));
+    }
+    if n != x[a] {
+        return Err(fail(node, format!("{n} parameters for axis {a} of {x:?}")));
+    }
     let mut s = vec![1; rank];
     s[a] = n;
     Ok(reshape(d.t, &s))
@@ -1036,28 +1486,32 @@ fn qparam(ctx: &Ctx, node: &NodeProto, v: &Val, rank: usize) -> Result<T> {
 
 fn dequantize(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
     let x = ctx.dev(input(node, ins, 0)?);
-    let r = x.shape.len();
-    let s = qparam(ctx, node, input(node, ins, 1)?, r)?;
+    let s = qparam(ctx, node, input(node, ins, 1)?, &x.shape)?;
     let mut t = x.t;
     if let Some(z) = opt(ins, 2) {
-        t = B::float_sub(t, qparam(ctx, node, z, r)?);
+        t = B::float_sub(t, qparam(ctx, node, z, &x.shape)?);
     }
     Ok(vec![dv_shaped(B::float_mul(t, s), DType::F32, x.shape)])
 }
 
 fn quantize(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
     let x = ctx.dev(input(node, ins, 0)?);
-    let r = x.shape.len();
-    let s = qparam(ctx, node, input(node, ins, 1)?, r)?;
-    let (dt, lo, hi) = match opt(ins, 2).map(Val::dtype) {
+    let s = qparam(ctx, node, input(node, ins, 1)?, &x.shape)?;
+    // The zero point's type, else the `output_dtype` attribute (opset 21), else uint8.
+    let out_dt = opt(ins, 2)
+        .map(Val::dtype)
+        .or_else(|| node.attr_i("output_dtype").and_then(|c| DType::from_onnx_code(c as i32)));
+    let (dt, lo, hi) = match out_dt {
         Some(DType::I8) => (DType::I8, -128.0, 127.0),
         Some(DType::U8) | None => (DType::U8, 0.0, 255.0),
+        Some(DType::I16) => (DType::I16, -32768.0, 32767.0),
+        Some(DType::U16) => (DType::U16, 0.0, 65535.0),
         Some(other) => return Err(fail(node, format!("{other} zero point"))),
     };
     // Division, not multiplication by the reciprocal; ties to even (WGSL `round`).
     let mut t = B::float_round(B::float_div(x.t, s));
     if let Some(z) = opt(ins, 2) {
-        t = B::float_add(t, qparam(ctx, node, z, r)?);
+        t = B::float_add(t, qparam(ctx, node, z, &x.shape)?);
     }
     let t = B::float_clamp(t, Scalar::from(lo), Scalar::from(hi));
     Ok(vec![dv_shaped(t, dt, x.shape)])
@@ -1065,20 +1519,55 @@ fn quantize(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
 
 fn batchnorm(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
     let x = ctx.dev(input(node, ins, 0)?);
-    let get = |i: usize, what: &str| host_floats(node, input(node, ins, i)?, what);
-    let (g, b, m, v) = (get(1, "scale")?, get(2, "bias")?, get(3, "mean")?, get(4, "var")?);
     let eps = node.attr_f("epsilon").unwrap_or(1e-5);
-    let c = g.len();
-    if [b.len(), m.len(), v.len()].iter().any(|&n| n != c) || x.shape.get(1) != Some(&c) {
+    let c = *x.shape.get(1).ok_or_else(|| fail(node, "input of rank < 2"))?;
+    let params = (1..5).map(|i| input(node, ins, i)).collect::<Result<Vec<_>>>()?;
+    if params.iter().any(|p| p.shape().iter().product::<usize>() != c) {
         return Err(fail(node, "parameter sizes"));
     }
-    let a: Vec<f32> = (0..c).map(|i| g[i] / (v[i] + eps).sqrt()).collect();
-    let sh: Vec<f32> = (0..c).map(|i| b[i] - m[i] * a[i]).collect();
     let mut s = vec![1; x.shape.len()];
     s[1] = c;
-    let at = ctx.upload(&Tensor::from_f32(s.clone(), a)?);
-    let bt = ctx.upload(&Tensor::from_f32(s, sh)?);
-    Ok(vec![dv_shaped(B::float_add(B::float_mul(x.t, at), bt), x.dt, x.shape)])
+    let training = node.attr_i("training_mode").unwrap_or(0) != 0;
+    if !training && params.iter().all(|p| p.as_host().is_some()) {
+        // Known at load: one scale and one shift per channel.
+        let get = |i: usize| host_floats(node, params[i], "a parameter");
+        let (g, b, m, v) = (get(0)?, get(1)?, get(2)?, get(3)?);
+        let a: Vec<f32> = (0..c).map(|i| g[i] / (v[i] + eps).sqrt()).collect();
+        let sh: Vec<f32> = (0..c).map(|i| b[i] - m[i] * a[i]).collect();
+        let at = ctx.upload(&Tensor::from_f32(s.clone(), a)?);
+        let bt = ctx.upload(&Tensor::from_f32(s, sh)?);
+        return Ok(vec![dv_shaped(B::float_add(B::float_mul(x.t, at), bt), x.dt, x.shape)]);
+    }
+    let p = |i: usize| reshape(ctx.dev(params[i]).t, &s);
+    let (g, b, m, v) = (p(0), p(1), p(2), p(3));
+    // Training mode normalises with the batch statistics (population variance) and also returns the updated
+    // running statistics.
+    let (mean, var) = if training {
+        let mut mean = x.t.clone();
+        for d in (0..x.shape.len()).filter(|&d| d != 1) {
+            mean = B::float_mean_dim(mean, d);
+        }
+        let dev = B::float_sub(x.t.clone(), mean.clone());
+        let mut var = B::float_mul(dev.clone(), dev);
+        for d in (0..x.shape.len()).filter(|&d| d != 1) {
+            var = B::float_mean_dim(var, d);
+        }
+        (mean, var)
+    } else {
+        (m.clone(), v.clone())
+    };
+    let a = B::float_div(g, B::float_sqrt(B::float_add_scalar(var.clone(), Scalar::from(eps))));
+    let y = B::float_add(B::float_mul(B::float_sub(x.t, mean.clone()), a), b);
+    let mut outs = vec![dv_shaped(y, x.dt, x.shape)];
+    if training {
+        let mom = node.attr_f("momentum").unwrap_or(0.9);
+        let run = |old: T, new: T| {
+            B::float_add(B::float_mul_scalar(old, Scalar::from(mom)), B::float_mul_scalar(new, Scalar::from(1.0 - mom)))
+        };
+        outs.push(dv_shaped(run(m, mean), x.dt, vec![c]));
+        outs.push(dv_shaped(run(v, var), x.dt, vec![c]));
+    }
+    Ok(outs)
 }
 
 fn unary(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
@@ -1255,7 +1744,7 @@ pub(crate) fn exec(ctx: &Ctx, node: &NodeProto, ins: &[Option<Val>]) -> Result<V
         "Pad" => pad(ctx, node, ins),
         "Resize" => resize(ctx, node, ins),
         "Split" => split(ctx, node, ins),
-        "Cast" => cast(ctx, node, ins),
+        "Cast" | "CastLike" => cast(ctx, node, ins),
         "Clip" => clip(ctx, node, ins),
         "Where" => where_op(ctx, node, ins),
         "DequantizeLinear" => dequantize(ctx, node, ins),

@@ -164,6 +164,8 @@ pub struct GpuBackend {
     slots: HashMap<String, usize>,
     init: Vec<(usize, Val)>,
     inputs: Vec<(usize, DType)>,
+    /// Per graph input: a parameter of some node (scales, sizes, pads, axes...), kept on the host when small.
+    params: Vec<bool>,
     outputs: Vec<usize>,
     /// Opset imports and IR version for the one-node models folded on the host.
     fold_template: Model,
@@ -180,12 +182,9 @@ const MAX_PLANS: usize = 8;
 
 type PlanKey = (Vec<Vec<usize>>, Vec<Option<Vec<u8>>>);
 
-/// Integer inputs this small stay on the host (they are parameters: shapes, axes, indices).
+/// Graph inputs fed to a parameter position ([`ops::param_input`]) stay on the host when this small: the plan is
+/// specialised on their values. Larger ones go to the device, where an op that needs them known fails.
 const HOST_INPUT_MAX: usize = 64;
-
-fn host_kept(t: &Tensor) -> bool {
-    matches!(t.dtype(), DType::I64 | DType::I32) && t.len() <= HOST_INPUT_MAX
-}
 
 fn precision_for(model: &Model, f16: bool) -> Precision {
     match std::env::var("EDGEPACK_GPU_PRECISION").as_deref() {
@@ -234,7 +233,7 @@ impl GpuBackend {
             let s = slot(t.name.as_deref().unwrap_or("")).ok_or_else(|| gpu_err("unnamed initializer"))?;
             init.push((s, Val::host(tensor_from_proto(t)?)));
         }
-        let inputs = m
+        let inputs: Vec<(usize, DType)> = m
             .graph
             .runtime_inputs()
             .into_iter()
@@ -246,6 +245,15 @@ impl GpuBackend {
             .collect();
         let node_ins: Vec<Vec<Option<usize>>> =
             m.graph.nodes.iter().map(|n| n.input.iter().map(|i| slot(i)).collect()).collect();
+        let params =
+            inputs
+                .iter()
+                .map(|(s, _): &(usize, DType)| {
+                    m.graph.nodes.iter().zip(&node_ins).any(|(n, ins)| {
+                        ins.iter().enumerate().any(|(i, x)| *x == Some(*s) && ops::param_input(n.op(), i))
+                    })
+                })
+                .collect();
         let node_outs: Vec<Vec<Option<usize>>> =
             m.graph.nodes.iter().map(|n| n.output.iter().map(|o| slot(o)).collect()).collect();
         let outputs = m
@@ -269,6 +277,7 @@ impl GpuBackend {
             slots,
             init,
             inputs,
+            params,
             outputs,
             fold_template,
             opset,
@@ -392,6 +401,10 @@ impl GpuBackend {
         Some(QWeight { q: qt, len, shape: x.shape().to_vec(), scale: ctx.upload(&st), node: node.clone(), host_inputs })
     }
 
+    fn host_kept(&self, i: usize, t: &Tensor) -> bool {
+        self.params.get(i).copied().unwrap_or(false) && t.len() <= HOST_INPUT_MAX
+    }
+
     fn zeros(&self, shape: &[usize], dt: DType) -> Dv {
         let ctx = self.ctx();
         let n: usize = shape.iter().product();
@@ -480,8 +493,8 @@ impl GpuBackend {
         Ok(Plan { consts, steps, frees })
     }
 
-    /// The plan for these input shapes and host-kept input values (small integer inputs: shapes, axes, indices
-    /// fed at run time are parameters, so the plan is specialised on them).
+    /// The plan for these input shapes and host-kept input values (parameters fed at run time: shapes, axes,
+    /// scales, pads; the plan is specialised on them).
     fn plan(&self, shapes: &[Vec<usize>], host_inputs: &[Option<Tensor>]) -> Result<Arc<Plan>> {
         let key: PlanKey = (shapes.to_vec(), host_inputs.iter().map(|t| t.as_ref().map(|t| t.to_le_bytes())).collect());
         if let Some(p) = self.plans.lock().map_err(|_| gpu_err("plan cache poisoned"))?.get(&key) {
@@ -504,15 +517,16 @@ impl GpuBackend {
         mut timing: Option<&mut HashMap<String, (usize, std::time::Duration)>>,
     ) -> Result<Vec<Option<Val>>> {
         let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
-        let host: Vec<Option<Tensor>> = inputs.iter().map(|t| host_kept(t).then(|| t.clone())).collect();
+        let host: Vec<Option<Tensor>> =
+            inputs.iter().enumerate().map(|(i, t)| self.host_kept(i, t).then(|| t.clone())).collect();
         let plan = self.plan(&shapes, &host)?;
         let ctx = self.ctx();
         let mut env: Vec<Option<Val>> = vec![None; self.slots.len()];
         for (s, v) in self.init.iter().chain(&plan.consts) {
             env[*s] = Some(v.clone());
         }
-        for ((s, dt), t) in self.inputs.iter().zip(inputs) {
-            env[*s] = Some(if host_kept(&t) {
+        for (i, ((s, dt), t)) in self.inputs.iter().zip(inputs).enumerate() {
+            env[*s] = Some(if self.host_kept(i, &t) {
                 Val::host(t)
             } else {
                 Val::Dev(Dv { t: ctx.upload(&t), dt: *dt, shape: t.shape().to_vec() })
@@ -589,12 +603,7 @@ impl Backend for GpuBackend {
 
     fn prepare(&self, shapes: &[Vec<usize>]) -> Result<()> {
         // Host-kept inputs are planned when their values are known (first run).
-        if self
-            .inputs
-            .iter()
-            .zip(shapes)
-            .any(|((_, dt), s)| matches!(dt, DType::I64 | DType::I32) && s.iter().product::<usize>() <= HOST_INPUT_MAX)
-        {
+        if self.params.iter().zip(shapes).any(|(&p, s)| p && s.iter().product::<usize>() <= HOST_INPUT_MAX) {
             return Ok(());
         }
         self.plan(shapes, &vec![None; shapes.len()]).map(|_| ())
