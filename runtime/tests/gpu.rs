@@ -189,3 +189,61 @@ fn int8_weights_stay_int8_on_the_device() {
         assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
     }
 }
+
+/// Parameters fed at run time: an int64 input that goes through arithmetic before it is a Slice bound, and Resize
+/// scales given as a graph input. Both stay on the host (the plan is specialised on their values) and the results
+/// match the CPU backend running the same graph with those values as initializers; new values give a new plan.
+#[test]
+fn run_time_parameters_stay_on_the_host() {
+    if !gpu_or_skip("run_time_parameters_stay_on_the_host") {
+        return;
+    }
+    use edgepack_runtime::onnx::{Dim, node};
+    // `fed`: n and scales are graph inputs; otherwise initializers holding these values.
+    let graph = |fed: Option<(i64, [f32; 4])>| {
+        let mut inputs =
+            vec![builder::value_info("x", 1, &[Dim::Fixed(1), Dim::Fixed(2), Dim::Fixed(3), Dim::Fixed(5)])];
+        let mut inits = vec![
+            builder::tensor_i64("one", &[1], &[1]),
+            builder::tensor_i64("zero", &[1], &[0]),
+            builder::tensor_i64("axis3", &[1], &[3]),
+        ];
+        match fed {
+            None => {
+                inputs.push(builder::value_info("n", 7, &[Dim::Fixed(1)]));
+                inputs.push(builder::value_info("scales", 1, &[Dim::Fixed(4)]));
+            }
+            Some((n, scales)) => {
+                inits.push(builder::tensor_i64("n", &[1], &[n]));
+                inits.push(builder::tensor_f32("scales", &[4], &scales));
+            }
+        }
+        builder::model(
+            vec![
+                node("Add", "end", &["n", "one"], &["end"], vec![]),
+                node("Slice", "slice", &["x", "zero", "end", "axis3"], &["s"], vec![]),
+                node("Resize", "resize", &["s", "", "scales"], &["y"], vec![builder::attr_string("mode", "linear")]),
+            ],
+            inputs,
+            vec![builder::value_info("y", 1, &["a", "b", "c", "d"].map(|d| Dim::Symbolic(d.into())))],
+            inits,
+        )
+    };
+    let gpu = Session::from_model(&graph(None), &opts(Device::Gpu)).unwrap();
+    let x = Tensor::from_f32(vec![1, 2, 3, 5], (0..30).map(|i| (i as f32 * 0.7).sin()).collect()).unwrap();
+    for (n, scales) in [(3i64, [1.0f32, 1.0, 2.0, 1.5]), (1, [1.0, 1.0, 0.5, 3.0])] {
+        let g = gpu
+            .run(vec![
+                ("x".to_string(), x.clone()),
+                ("n".to_string(), Tensor::new(vec![1], edgepack_runtime::TensorData::I64(vec![n])).unwrap()),
+                ("scales".to_string(), Tensor::from_f32(vec![4], scales.to_vec()).unwrap()),
+            ])
+            .unwrap();
+        let cpu = Session::from_model(&graph(Some((n, scales))), &opts(Device::Cpu)).unwrap();
+        let c = cpu.run_one(x.clone()).unwrap();
+        assert_eq!(g[0].1.shape(), c[0].1.shape(), "n={n}");
+        for (a, b) in g[0].1.to_f32_vec().iter().zip(c[0].1.to_f32_vec()) {
+            assert!((a - b).abs() < 1e-5, "n={n}: {a} vs {b}");
+        }
+    }
+}

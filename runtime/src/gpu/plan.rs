@@ -1,5 +1,5 @@
 //! The GPU session: values, the plan per input shapes, host folding, execution.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use burn_backend::ops::{FloatTensorOps, QTensorOps};
@@ -164,7 +164,8 @@ pub struct GpuBackend {
     slots: HashMap<String, usize>,
     init: Vec<(usize, Val)>,
     inputs: Vec<(usize, DType)>,
-    /// Per graph input: a parameter of some node (scales, sizes, pads, axes...), kept on the host when small.
+    /// Per graph input: a parameter of some node (scales, sizes, pads, axes...) or a value one is computed from;
+    /// kept on the host when small.
     params: Vec<bool>,
     outputs: Vec<usize>,
     /// Opset imports and IR version for the one-node models folded on the host.
@@ -245,17 +246,28 @@ impl GpuBackend {
             .collect();
         let node_ins: Vec<Vec<Option<usize>>> =
             m.graph.nodes.iter().map(|n| n.input.iter().map(|i| slot(i)).collect()).collect();
-        let params =
-            inputs
-                .iter()
-                .map(|(s, _): &(usize, DType)| {
-                    m.graph.nodes.iter().zip(&node_ins).any(|(n, ins)| {
-                        ins.iter().enumerate().any(|(i, x)| *x == Some(*s) && ops::param_input(n.op(), i))
-                    })
-                })
-                .collect();
         let node_outs: Vec<Vec<Option<usize>>> =
             m.graph.nodes.iter().map(|n| n.output.iter().map(|o| slot(o)).collect()).collect();
+        // Values read as parameters, and (backwards, nodes being in topological order) every value they are
+        // computed from, up to Shape/Size whose outputs are known on the host anyway: a graph input among them
+        // (a sequence length added to before a Slice, say) is kept on the host.
+        let mut wanted: HashSet<usize> = HashSet::new();
+        for (n, ins) in m.graph.nodes.iter().zip(&node_ins) {
+            for (i, x) in ins.iter().enumerate() {
+                if let Some(x) = x
+                    && ops::param_input(n.op(), i)
+                {
+                    wanted.insert(*x);
+                }
+            }
+        }
+        for (ni, n) in m.graph.nodes.iter().enumerate().rev() {
+            let needed = node_outs[ni].iter().flatten().any(|s| wanted.contains(s));
+            if needed && !matches!(n.op(), "Shape" | "Size") {
+                wanted.extend(node_ins[ni].iter().flatten());
+            }
+        }
+        let params = inputs.iter().map(|(s, _)| wanted.contains(s)).collect();
         let outputs = m
             .graph
             .outputs
