@@ -16,7 +16,7 @@ more at f16): the whole sample is hours on 2 cores, which is why CI does not run
 --chunk, each run by every configuration before the next chunk, their predictions kept under --work: a run stopped
 by --hours (or interrupted) reports the same images for every configuration, and a rerun resumes.
 
-Usage: scripts/gpu_agreement.py [--limit N] [--models efficientnet,squeezenet,ultraface] [--md CONFORMANCE.md]
+Usage: scripts/gpu_agreement.py [--limit N] [--hours H] [--cached-only] [--models efficientnet,squeezenet,ultraface] [--md CONFORMANCE.md]
 """
 import argparse
 import csv
@@ -97,24 +97,28 @@ def imagenet(a, work, deadline):
         if a.int8_f32:
             configs.append((title, "INT8 weights, f32 compute", q, preset, {"EDGEPACK_GPU_PRECISION": "f32"},
                             f"{key}_int8_f32"))
-    got = {c: {"cpu": [], "gpu": [], "ms": [], "backend": None} for c in configs}
+    got = {c[5]: {"cpu": [], "gpu": [], "ms": [], "backend": None} for c in configs}
     for skip in range(0, n, a.chunk):
         if time.time() > deadline:
             print(f"stopping at image {skip} of {n} (--hours)", file=sys.stderr, flush=True)
             break
         m = min(a.chunk, n - skip)
+        cached = lambda c, d: os.path.exists(os.path.join(work, f"{c[5]}_{d}_{skip}_{m}.csv"))  # noqa: E731
+        if a.cached_only and not all(cached(c, d) for c in configs for d in ("cpu", "gpu")):
+            print(f"stopping at image {skip} of {n} (--cached-only)", file=sys.stderr, flush=True)
+            break
         for c in configs:
             title, name, model, preset, env, tag = c
             cpu, _ = chunk_predictions(model, data, preset, "cpu", skip, m, work, tag)
             gpu, meta = chunk_predictions(model, data, preset, "gpu", skip, m, work, tag, env)
             assert [f for f, _ in cpu] == [f for f, _ in gpu]
-            got[c]["cpu"] += cpu
-            got[c]["gpu"] += gpu
-            got[c]["ms"].append(meta["latency_ms_median_per_sample"])
-            got[c]["backend"] = meta["backend"]
+            got[tag]["cpu"] += cpu
+            got[tag]["gpu"] += gpu
+            got[tag]["ms"].append(meta["latency_ms_median_per_sample"])
+            got[tag]["backend"] = meta["backend"]
     out = []
     for c in configs:
-        g = got[c]
+        g = got[c[5]]
         if not g["cpu"]:
             continue
         same = sum(x == y for (_, x), (_, y) in zip(g["cpu"], g["gpu"]))
@@ -181,6 +185,8 @@ def main():
     ap.add_argument("--int8-f32", action="store_true", help="also run the INT8 variants at f32 compute")
     ap.add_argument("--chunk", type=int, default=50, help="images per eval call (the unit of resumption)")
     ap.add_argument("--hours", type=float, default=0, help="stop starting new chunks after this long (0 = no limit)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="report the chunks already run by every configuration; run nothing new")
     ap.add_argument("--min-agreement", type=float, default=99.5)
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/edgepack-gpu-agreement"))
     ap.add_argument("--md")
