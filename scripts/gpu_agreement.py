@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 import mdtable  # noqa: E402
 import model_inputs  # noqa: E402
-from quant_accuracy import edgepack_bin, iou, matched  # noqa: E402
+from quant_accuracy import decode_faces, edgepack_bin, iou, matched  # noqa: E402
 
 BEGIN, END = "<!-- gpu-agreement:begin -->", "<!-- gpu-agreement:end -->"
 IMAGENET = {
@@ -130,15 +130,6 @@ def imagenet(a, work, deadline):
     return out
 
 
-def faces_of(scores, boxes, W, H):
-    sys.path.insert(0, os.path.join(model_inputs.shared_dir(), "tools"))
-    from smoke_models_ort import nms
-    p = scores[:, 1]
-    m = p > 0.7
-    b, p = boxes[m], p[m]
-    return [b[i] * [W, H, W, H] for i in nms(b, p, 0.3)]
-
-
 def ultraface(a, work):
     from PIL import Image
     src = os.path.join(a.shared, "models", "ultraface_rfb_320.onnx")
@@ -162,7 +153,7 @@ def ultraface(a, work):
             if not os.path.exists(os.path.join(d, "boxes.npy")):
                 ep("run", model, *files, "--preset", "ultraface", "--device", device, "--output-dir", d, env=env)
             scores, boxes = np.load(os.path.join(d, "scores.npy")), np.load(os.path.join(d, "boxes.npy"))
-            got[device] = [faces_of(scores[i], boxes[i], W, H) for i, (W, H) in enumerate(sizes)]
+            got[device] = [decode_faces(scores[i], boxes[i], W, H) for i, (W, H) in enumerate(sizes)]
         n_cpu = sum(map(len, got["cpu"]))
         n_gpu = sum(map(len, got["gpu"]))
         n_match = sum(matched(c, g) for c, g in zip(got["cpu"], got["gpu"]))

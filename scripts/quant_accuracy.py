@@ -180,14 +180,20 @@ def mnist(a, tmp):
             "budget": rep["budget"] and {k: rep["budget"][k] for k in ("text", "met", "reached")}}
 
 
-def faces(s, x, W, H):
+def decode_faces(scores, boxes, W, H):
+    """UltraFace outputs of one image ([N, 2] scores, [N, 4] boxes) as the reference decodes them: score > 0.7,
+    NMS at 0.3, boxes in pixels."""
     sys.path.insert(0, os.path.join(model_inputs.shared_dir(), "tools"))
     from smoke_models_ort import nms
-    scores, boxes = s.run(None, {s.get_inputs()[0].name: x})
-    p = scores[0, :, 1]
+    p = scores[:, 1]
     m = p > 0.7
-    b, p = boxes[0][m], p[m]
+    b, p = boxes[m], p[m]
     return [b[i] * [W, H, W, H] for i in nms(b, p, 0.3)]
+
+
+def faces(s, x, W, H):
+    scores, boxes = s.run(None, {s.get_inputs()[0].name: x})
+    return decode_faces(scores[0], boxes[0], W, H)
 
 
 def iou(a, b):

@@ -209,6 +209,17 @@ fn full_like(ctx: &Ctx, shape: &[usize], v: f32) -> T {
     B::float_full(Shape::from(shape.to_vec()), Scalar::from(v), ctx.device, ctx.float_dtype())
 }
 
+/// A 1-D NCL tensor (or OIK weight) as 2-D with a height of 1, for burn's 2-D kernels.
+fn lift_1d(t: T, s: &[usize]) -> T {
+    reshape(t, &[s[0], s[1], 1, s[2]])
+}
+
+/// Back from [`lift_1d`]: drops the height of 1.
+fn drop_1d(t: T) -> T {
+    let d = dims(&t);
+    reshape(t, &[d[0], d[1], d[3]])
+}
+
 /// Padding per spatial dim from `pads` / `auto_pad`.
 fn conv_pads(
     node: &NodeProto,
@@ -267,19 +278,12 @@ fn conv(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
         return Err(fail(node, format!("channels: input {:?}, weight {:?}, group {group}", x.shape, w.shape)));
     }
     let out = match nd {
-        1 => {
-            let (n, c, l) = (x.shape[0], x.shape[1], x.shape[2]);
-            let xt = reshape(x.t, &[n, c, 1, l]);
-            let wt = reshape(w.t, &[w.shape[0], w.shape[1], 1, kernel[0]]);
-            let o = B::conv2d(
-                xt,
-                wt,
-                bias,
-                ConvOptions::new_with_padding([1, stride[0]], [(0, 0), pads[0]], [1, dil[0]], group),
-            );
-            let d = dims(&o);
-            reshape(o, &[d[0], d[1], d[3]])
-        }
+        1 => drop_1d(B::conv2d(
+            lift_1d(x.t, &x.shape),
+            lift_1d(w.t, &w.shape),
+            bias,
+            ConvOptions::new_with_padding([1, stride[0]], [(0, 0), pads[0]], [1, dil[0]], group),
+        )),
         2 => B::conv2d(
             x.t,
             w.t,
@@ -351,18 +355,12 @@ fn conv_transpose(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
         ));
     }
     let o = match nd {
-        1 => {
-            let xt = reshape(x.t, &[x.shape[0], x.shape[1], 1, x.shape[2]]);
-            let wt = reshape(w.t, &[w.shape[0], w.shape[1], 1, kernel[0]]);
-            let o = B::conv_transpose2d(
-                xt,
-                wt,
-                None,
-                ConvTransposeOptions::new([1, stride[0]], [0, 0], [0, out_pad[0]], [1, dil[0]], group),
-            );
-            let d = dims(&o);
-            reshape(o, &[d[0], d[1], d[3]])
-        }
+        1 => drop_1d(B::conv_transpose2d(
+            lift_1d(x.t, &x.shape),
+            lift_1d(w.t, &w.shape),
+            None,
+            ConvTransposeOptions::new([1, stride[0]], [0, 0], [0, out_pad[0]], [1, dil[0]], group),
+        )),
         2 => B::conv_transpose2d(
             x.t,
             w.t,
@@ -586,13 +584,7 @@ fn pool(ctx: &Ctx, node: &NodeProto, ins: Ins, max: bool) -> Result<Vec<Val>> {
     // Everything as 2-D.
     let (xt, kernel, stride, dil, pads) = if nd == 1 {
         let s = &x.shape;
-        (
-            reshape(x.t, &[s[0], s[1], 1, s[2]]),
-            vec![1, kernel[0]],
-            vec![1, stride[0]],
-            vec![1, dil[0]],
-            vec![(0, 0), pads[0]],
-        )
+        (lift_1d(x.t, s), vec![1, kernel[0]], vec![1, stride[0]], vec![1, dil[0]], vec![(0, 0), pads[0]])
     } else {
         (x.t, kernel, stride, dil, pads)
     };
@@ -625,12 +617,7 @@ fn pool(ctx: &Ctx, node: &NodeProto, ins: Ins, max: bool) -> Result<Vec<Val>> {
             }
         }
     };
-    let out = if nd == 1 {
-        let d = dims(&out);
-        reshape(out, &[d[0], d[1], d[3]])
-    } else {
-        out
-    };
+    let out = if nd == 1 { drop_1d(out) } else { out };
     Ok(vec![dv(out, x.dt)])
 }
 
@@ -1543,16 +1530,10 @@ fn batchnorm(ctx: &Ctx, node: &NodeProto, ins: Ins) -> Result<Vec<Val>> {
     // Training mode normalises with the batch statistics (population variance) and also returns the updated
     // running statistics.
     let (mean, var) = if training {
-        let mut mean = x.t.clone();
-        for d in (0..x.shape.len()).filter(|&d| d != 1) {
-            mean = B::float_mean_dim(mean, d);
-        }
+        let per_channel = |t: T| (0..x.shape.len()).filter(|&d| d != 1).fold(t, B::float_mean_dim);
+        let mean = per_channel(x.t.clone());
         let dev = B::float_sub(x.t.clone(), mean.clone());
-        let mut var = B::float_mul(dev.clone(), dev);
-        for d in (0..x.shape.len()).filter(|&d| d != 1) {
-            var = B::float_mean_dim(var, d);
-        }
-        (mean, var)
+        (mean, per_channel(B::float_mul(dev.clone(), dev)))
     } else {
         (m.clone(), v.clone())
     };
