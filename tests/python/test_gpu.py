@@ -91,3 +91,44 @@ def test_cli_device_flag(gpu, tmp_path):
     assert (cache / "device-choice.json").exists()
     r = ep("run", model, x, "--device", "auto", "--raw", "--json", env=env)
     assert "cached" in json.loads(r.stdout)["backend_selection"]
+
+
+@pytest.mark.parametrize("model,preset", [("efficientnet_lite0_fp32.onnx", "tf"), ("ultraface_rfb_320.onnx", "ultraface")])
+def test_int8_requantization_equals_cpu(gpu, tmp_path, model, preset):
+    """An INT8 model from `edgepack quantize` on the GPU backend (f32 compute, the default) writes the same
+    quantized activations as the CPU backend's integer kernels (onnxruntime's arithmetic): every QuantizeLinear
+    after a Conv/Gemm[+Relu/Clip] or an Add is lowered to integer arithmetic and must match bit for bit; a
+    QuantizeLinear after a float op (Softmax, a Conv feeding a Reshape...) may round a rare tie the other way."""
+    import numpy as np
+    import onnx
+
+    photos = os.path.join(ROOT, "assets", "photos")
+    q = tmp_path / "q.onnx"
+    ep("quantize", os.path.join(ROOT, "assets", "models", model), "--calib", photos, "--preset", preset,
+       "--holdout", "0", "--latency-runs", "0", "-o", q)
+    g = onnx.load(str(q)).graph
+    producer = {o: n for n in g.node for o in n.output}
+    qs = [n.output[0] for n in g.node if n.op_type == "QuantizeLinear"]
+    lowered = {v for v in qs if producer.get(producer[v].input[0], onnx.NodeProto()).op_type
+               in ("Conv", "Gemm", "Relu", "Clip", "Add")}
+    assert len(lowered) >= 20, f"only {len(lowered)} lowered patterns in {model}"
+    img = os.path.join(photos, "skimage_astronaut.png")
+    values = [a for v in qs for a in ("--value", v)]
+    backends = {}
+    for dev in ("cpu", "gpu"):
+        r = ep("run", q, img, "--preset", preset, "--device", dev, *values, "--output-dir", tmp_path / dev, "--json")
+        backends[dev] = json.loads(r.stdout)["backend"]
+    assert "f32 compute" in backends["gpu"] and "integer requantization" in backends["gpu"], backends["gpu"]
+    total = differ = 0
+    for v in qs:
+        f = re.sub(r"[^A-Za-z0-9_.-]", "_", v) + ".npy"
+        c, d = np.load(tmp_path / "cpu" / f).astype(np.int32), np.load(tmp_path / "gpu" / f).astype(np.int32)
+        assert c.shape == d.shape, v
+        n = int((c != d).sum())
+        if v in lowered:
+            assert n == 0, f"{v}: {n} of {c.size} quantized values differ from the CPU's"
+        assert np.abs(c - d).max(initial=0) <= 1, v
+        total, differ = total + c.size, differ + n
+    assert differ <= total * 1e-5, f"{differ} of {total} quantized values differ"
+    print(f"\n{model} INT8 on {gpu['name']}: {len(qs)} quantized values, {total} elements, {differ} differ; "
+          f"{len(lowered)} lowered patterns identical")

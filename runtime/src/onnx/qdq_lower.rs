@@ -9,7 +9,8 @@
 //! - `DQ(x) → Conv|Gemm(DQ(w), [DQ(b)]) → [Relu|Clip] → Q(s_y, z_y)` becomes
 //!   `DQ(x, 1, z_x) → Conv|Gemm(w as integer floats, b as integer floats) → Mul(m) → Q(1, z_y)`;
 //!   the Relu/Clip is dropped only when the Q range already lies inside it (saturation does the clamping);
-//! - `DQ(a) + DQ(b) → Q(s_y, z_y)` becomes `DQ(a, 1, z_a)·(s_a/s_y) + DQ(b, 1, z_b)·(s_b/s_y) → Q(1, z_y)`.
+//! - `DQ(a) + DQ(b) → Q(s_y, z_y)` becomes onnxruntime's QLinearAdd: its fused multiply-adds on the raw values
+//!   in f64 ([`LowerFor::Host`]), or a lookup in the 256×256 table of its results ([`LowerFor::F32Device`]).
 //!
 //! Integer values stay exact in f32 while accumulators stay below 2^24 (checked for weights and biases; typical
 //! int8 accumulations are far below). `Q(·, 1, z)` multiplies by exactly 1, so the rounding is the integer one.
@@ -239,14 +240,22 @@ pub(super) fn match_weighted<'a>(c: &Ctx<'a>, idx: usize) -> Option<Weighted<'a>
     Some(Weighted { n, dqx, q, is_gemm, w_t, w, channels, bias, m, z_x, z_y: (z_y, z_ty), remove })
 }
 
-fn lower_weighted(c: &Ctx, idx: usize, uid: usize) -> Option<Rewrite> {
+fn lower_weighted(c: &Ctx, idx: usize, uid: usize, target: LowerFor) -> Option<Rewrite> {
     let Weighted { n, dqx, q, is_gemm, w_t, w, channels, bias, m, remove, .. } = match_weighted(c, idx)?;
     let p = format!("{}_lowered{uid}", n.name());
     let one = format!("{p}_one");
     let mut inits = vec![tensor_f32(&one, &[], &[1.0])];
     let dx = unit_dq(dqx, &one, &format!("{uid}x"))?;
     let w_name = format!("{p}_w_int");
-    inits.push(tensor_f32(&w_name, &w_t.dims, &w));
+    let mut w_dq = None;
+    match target {
+        LowerFor::Host => inits.push(tensor_f32(&w_name, &w_t.dims, &w)),
+        LowerFor::F32Device => {
+            // `DQ(w, 1)`: the same integer values, the initializer left int8 (symmetric: no zero point).
+            let w_src = w_t.name.as_deref()?;
+            w_dq = Some(node("DequantizeLinear", &format!("{p}_w_dq"), &[w_src, &one], &[&w_name], vec![]));
+        }
+    }
     let mut inputs = vec![dx.output[0].clone(), w_name];
     if let Some(bv) = &bias {
         let b_name = format!("{p}_b_int");
@@ -292,7 +301,8 @@ fn lower_weighted(c: &Ctx, idx: usize, uid: usize) -> Option<Rewrite> {
         q_inputs.push(z);
     }
     let newq = node("QuantizeLinear", &format!("{p}_q"), &q_inputs, &[&q.output[0]], vec![]);
-    Some(Rewrite { remove, nodes: vec![dx, op, acc64, mul, back, newq], inits })
+    let nodes = w_dq.into_iter().chain([dx, op, acc64, mul, back, newq]).collect();
+    Some(Rewrite { remove, nodes, inits })
 }
 
 pub(super) fn f64_scalar(name: &str, v: f64) -> TensorProto {
@@ -307,7 +317,7 @@ fn cast(name: &str, input: &str, output: &str, to: i64) -> NodeProto {
 /// `r_a = s_a/s_c`, `r_b = s_b/s_c`, `k = z_c − (r_a·z_a + r_b·z_b)` in f32, then per element
 /// `round_half_even(fma(a, r_a, fma(b, r_b, k)))` saturated, on the raw quantized values. Each fused multiply-add
 /// is done in f64 (exact for these magnitudes) and rounded once to f32.
-fn lower_add(c: &Ctx, idx: usize, uid: usize) -> Option<Rewrite> {
+fn lower_add(c: &Ctx, idx: usize, uid: usize, target: LowerFor) -> Option<Rewrite> {
     let g = c.g;
     let n = &g.nodes[idx];
     let (a, b) = (c.producer(n.input.first()?, "DequantizeLinear")?, c.producer(n.input.get(1)?, "DequantizeLinear")?);
@@ -327,6 +337,26 @@ fn lower_add(c: &Ctx, idx: usize, uid: usize) -> Option<Rewrite> {
     let k = z_c - (r_a * z_a + r_b * z_b);
     let p = format!("{}_lowered{uid}", n.name());
     let v = |s: &str| format!("{p}_{s}");
+    if target == LowerFor::F32Device {
+        // Without f64 the fused multiply-adds round twice; the 65536 results are a table instead, indexed by
+        // `a·256 + b` (exact in f32), computed here with the reference arithmetic.
+        let qp = |s, z: f32| crate::kernels::reference::QParams { scale: s, zero: z as u8 };
+        let av: Vec<u8> = (0..=255u8).flat_map(|a| std::iter::repeat_n(a, 256)).collect();
+        let bv: Vec<u8> = (0..256 * 256).map(|k| (k % 256) as u8).collect();
+        let table = crate::kernels::reference::qadd(&av, qp(s_a, z_a), &bv, qp(s_b, z_b), qp(s_c, z_c));
+        let inits = vec![
+            tensor_raw(&v("table"), &[256 * 256], 2, table),
+            tensor_raw(&v("256"), &[], 7, 256i64.to_le_bytes().to_vec()),
+        ];
+        let nodes = vec![
+            cast(&v("a_i64_node"), &a.input[0], &v("a_i64"), 7),
+            cast(&v("b_i64_node"), &b.input[0], &v("b_i64"), 7),
+            node("Mul", &v("row_node"), &[&v("a_i64"), &v("256")], &[&v("row")], vec![]),
+            node("Add", &v("index_node"), &[&v("row"), &v("b_i64")], &[&v("index")], vec![]),
+            node("Gather", &v("lookup"), &[&v("table"), &v("index")], &[&q.output[0]], vec![]),
+        ];
+        return Some(Rewrite { remove: vec![idx, qi], nodes, inits });
+    }
     let inits = vec![
         f64_scalar(&v("ra"), r_a as f64),
         f64_scalar(&v("rb"), r_b as f64),
@@ -349,17 +379,34 @@ fn lower_add(c: &Ctx, idx: usize, uid: usize) -> Option<Rewrite> {
     Some(Rewrite { remove: vec![idx, qi], nodes, inits })
 }
 
+/// Which backend [`Graph::lower_qdq_integer_with`] writes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LowerFor {
+    /// tract: f64 arithmetic for the single roundings; integer weights as f32 initializers (packed once at load).
+    Host,
+    /// A device computing in f32 only (the GPU backend). The requantization `f32(acc)·m` is one f32 multiply
+    /// there (its f64 detour runs in f32, still one rounding); QLinearAdd's fused multiply-adds would round twice,
+    /// so an Add becomes a lookup in its 256×256 result table; weights stay int8 (`DequantizeLinear(w, 1)`) and
+    /// other constant DequantizeLinear nodes are left as written.
+    F32Device,
+}
+
 impl Graph {
     /// Applies the integer-arithmetic lowering (see the module docs). Returns how many patterns were rewritten.
     pub fn lower_qdq_integer(&mut self) -> usize {
+        self.lower_qdq_integer_with(LowerFor::Host)
+    }
+
+    /// [`Graph::lower_qdq_integer`] for `target`.
+    pub fn lower_qdq_integer_with(&mut self, target: LowerFor) -> usize {
         let rewrites: Vec<Rewrite> = {
             let c = Ctx::new(self);
             let mut taken = std::collections::HashSet::new();
             let mut out = Vec::new();
             for (i, n) in self.nodes.iter().enumerate() {
                 let r = match n.op() {
-                    "Conv" | "Gemm" => lower_weighted(&c, i, out.len()),
-                    "Add" => lower_add(&c, i, out.len()),
+                    "Conv" | "Gemm" => lower_weighted(&c, i, out.len(), target),
+                    "Add" => lower_add(&c, i, out.len(), target),
                     _ => None,
                 };
                 if let Some(r) = r
@@ -390,7 +437,9 @@ impl Graph {
         }
         // The QuantizeLinear nodes no pattern took (after float layers): exact division.
         let exact_q = g.exact_quantize_linear();
-        g.fold_constant_dequantize();
+        if target == LowerFor::Host {
+            g.fold_constant_dequantize();
+        }
         if count + exact_q == 0 {
             return 0;
         }

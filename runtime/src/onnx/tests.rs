@@ -291,7 +291,52 @@ fn qdq_conv_lowers_to_exact_integer_arithmetic() {
     let x = crate::Tensor::from_f32(vec![1, 3, 6, 5], xs).unwrap();
     let got = s.run_one(x.clone()).unwrap()[0].1.to_f32_vec();
     assert_eq!(got, want);
+    // For an f32 device: the weights stay int8 behind DequantizeLinear(w, 1); the same integers come out.
+    let mut dev = m.clone();
+    assert_eq!(dev.graph.lower_qdq_integer_with(super::qdq_lower::LowerFor::F32Device), 2);
+    assert_eq!(dev.graph.initializer("wq").and_then(|t| t.data_type), Some(3), "int8 weights kept");
+    let sd = crate::Session::from_model(&dev, &opts).unwrap();
+    assert_eq!(sd.run_one(x.clone()).unwrap()[0].1.to_f32_vec(), want);
     // Values the lowering removed are still there for calibration and per-layer error (the raw graph runs them).
     let c = s.run_values(vec![("x".into(), x)], &["c"]).unwrap();
     assert_eq!(c[0].1.shape(), &[1, 4, 6, 5]);
+}
+
+#[test]
+fn qdq_add_lowers_to_a_table_for_an_f32_device() {
+    // DQ(a) + DQ(b) → Q, uint8 graph inputs: every (a, b) pair, through the table form an f32-only device runs.
+    let (qa, qb, qc) = ((0.031f32, 121u8), (0.0173f32, 7u8), (0.0419f32, 133u8));
+    let m = model(
+        vec![
+            node("DequantizeLinear", "dqa", &["a", "sa", "za"], &["ad"], vec![]),
+            node("DequantizeLinear", "dqb", &["b", "sb", "zb"], &["bd"], vec![]),
+            node("Add", "add", &["ad", "bd"], &["c"], vec![]),
+            node("QuantizeLinear", "qc", &["c", "sc", "zc"], &["cq"], vec![]),
+        ],
+        vec![value_info("a", 2, &[Dim::Fixed(256 * 256)]), value_info("b", 2, &[Dim::Fixed(256 * 256)])],
+        vec![value_info("cq", 2, &[Dim::Fixed(256 * 256)])],
+        vec![
+            tensor_f32("sa", &[], &[qa.0]),
+            tensor_raw("za", &[], 2, vec![qa.1]),
+            tensor_f32("sb", &[], &[qb.0]),
+            tensor_raw("zb", &[], 2, vec![qb.1]),
+            tensor_f32("sc", &[], &[qc.0]),
+            tensor_raw("zc", &[], 2, vec![qc.1]),
+        ],
+    );
+    let mut lowered = m.clone();
+    assert_eq!(lowered.graph.lower_qdq_integer_with(super::qdq_lower::LowerFor::F32Device), 1);
+    lowered.check().unwrap();
+    assert!(lowered.graph.nodes.iter().any(|n| n.op() == "Gather"));
+    assert!(lowered.graph.nodes.iter().all(|n| n.op() != "QuantizeLinear"));
+    let a: Vec<u8> = (0..256 * 256).map(|k| (k / 256) as u8).collect();
+    let b: Vec<u8> = (0..256 * 256).map(|k| (k * 31 % 256) as u8).collect();
+    use crate::kernels::reference::{QParams, qadd};
+    let p = |(scale, zero)| QParams { scale, zero };
+    let want = qadd(&a, p(qa), &b, p(qb), p(qc));
+    let opts = crate::SessionOptions { threads: 1, ..Default::default() };
+    let s = crate::Session::from_model(&lowered, &opts).unwrap();
+    let t = |v: &[u8]| crate::Tensor::new(vec![v.len()], crate::tensor::TensorData::U8(v.to_vec())).unwrap();
+    let got = s.run(vec![("a".into(), t(&a)), ("b".into(), t(&b))]).unwrap();
+    assert_eq!(got[0].1.to_f32_vec(), want.iter().map(|&v| v as f32).collect::<Vec<_>>());
 }
