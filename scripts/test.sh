@@ -42,7 +42,7 @@ cargo fmt --all -- --check
 # dependencies stay cached) so what is linted, tested and run is built from these sources.
 step "clean the workspace crates in the shared target dir"
 cargo clean --release -q -p edgepack-runtime -p edgepack-packager -p edgepack-quantize -p edgepack-mobile \
-  -p edgepack-cli -p edgepack-examples
+  -p edgepack-server -p edgepack-cli -p edgepack-examples
 
 step "cargo clippy (warnings are errors)"
 cargo clippy --release --workspace --all-targets -- -D warnings

@@ -968,3 +968,46 @@ pub fn devices(json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Model repository: <REPO>/<model>/<version>/<file>.edgepack|.onnx, and <REPO>/<model>/config.json
+    #[arg(long)]
+    pub repo: PathBuf,
+    /// Address to listen on (port 0: any free port, printed at start)
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub addr: std::net::SocketAddr,
+    /// Seconds between repository scans for new, changed or removed versions (0 = load once)
+    #[arg(long, default_value_t = 5.0)]
+    pub poll: f64,
+    /// Largest request body, in MiB (413 beyond)
+    #[arg(long, default_value_t = 64)]
+    pub max_body_mib: usize,
+    /// Deadline of a request that sets none, in milliseconds (504 after it)
+    #[arg(long, default_value_t = 30_000)]
+    pub timeout_ms: u64,
+    /// Logs as JSON lines
+    #[arg(long)]
+    pub log_json: bool,
+    #[command(flatten)]
+    pub load: crate::LoadArgs,
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    let mut session = session_options(&a.load)?;
+    session.variant = None; // per model, from its config.json
+    if a.load.variant.is_some() {
+        anyhow::bail!("--variant is set per model in <REPO>/<model>/config.json (\"variant\")");
+    }
+    let opts = edgepack_server::ServeOptions {
+        repo: a.repo,
+        addr: a.addr,
+        poll: (a.poll > 0.0).then(|| std::time::Duration::from_secs_f64(a.poll)),
+        session,
+        max_body_bytes: a.max_body_mib.saturating_mul(1 << 20),
+        request_timeout: std::time::Duration::from_millis(a.timeout_ms.max(1)),
+        log_json: a.log_json,
+    };
+    edgepack_server::serve(opts)?;
+    Ok(())
+}

@@ -80,6 +80,8 @@ enum Command {
     },
     /// Measure load time, first run, latency percentiles, throughput and peak memory
     Bench(bench::BenchArgs),
+    /// Serve a repository of bundles over the KServe v2 protocol (HTTP), with dynamic batching and routing
+    Serve(commands::ServeArgs),
     /// Offline demo: pack the shipped EfficientNet-Lite0, verify it, classify the shipped photos
     Demo(demo::DemoArgs),
     /// The devices a session can run on: the CPU, and the GPU adapter (or why there is none)
@@ -121,6 +123,7 @@ fn main() -> ExitCode {
         Command::Keygen { out } => commands::keygen(&out),
         Command::Bench(a) => bench::bench(a),
         Command::Demo(a) => demo::demo(a),
+        Command::Serve(a) => commands::serve(a),
         Command::Devices { json } => commands::devices(json),
         Command::Rewrite { input, output, topo_sort, remove_unused_initializers, opset } => {
             commands::rewrite(&input, &output, topo_sort, remove_unused_initializers, opset)

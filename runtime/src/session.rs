@@ -22,6 +22,9 @@ pub struct SessionOptions {
     /// Trusted key: bundles must be signed by it.
     pub key: Option<PublicKey>,
     pub max_bundle_size: u64,
+    /// Free a leading input dim fixed at 1 so the session takes batches ([`crate::onnx::Graph::free_batch_dim`]);
+    /// for servers that batch requests. The rewrite is structural: check batched results against single runs.
+    pub free_batch: bool,
 }
 
 impl Default for SessionOptions {
@@ -32,6 +35,7 @@ impl Default for SessionOptions {
             variant: None,
             key: None,
             max_bundle_size: crate::bundle::DEFAULT_MAX_BUNDLE_SIZE,
+            free_batch: false,
         }
     }
 }
@@ -224,6 +228,15 @@ impl Session {
 
     /// Loads a checked model on the backend chosen by `opts.device`.
     pub fn from_model(model: &Model, opts: &SessionOptions) -> Result<Session> {
+        let freed;
+        let model = if opts.free_batch {
+            let mut m = model.clone();
+            m.graph.free_batch_dim();
+            freed = m;
+            &freed
+        } else {
+            model
+        };
         let (inputs, outputs) = model_io(model);
         for i in &inputs {
             if i.dtype.is_none() {

@@ -159,3 +159,28 @@ fn intermediate_values_can_be_read() {
         s.run_values(vec![("x".into(), Tensor::from_f32(vec![1, 4], vec![0.0; 4]).unwrap())], &["nope"]).unwrap_err();
     assert!(matches!(e, Error::UnknownValue { .. }), "{e}");
 }
+
+/// `free_batch`: a model written for one sample (MNIST, leading dim 1, a Reshape to [1, 256]) takes batches, and
+/// each row of a batched run equals the single run of that sample.
+#[test]
+fn free_batch_runs_batches_equal_to_single_runs() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/models/mnist_cntk_opset8_simplified.onnx");
+    let o = SessionOptions { free_batch: true, device: edgepack_runtime::Device::Cpu, ..opts() };
+    let s = Session::open(&path, &o).unwrap();
+    assert!(s.accepts_batch(), "{:?}", s.inputs()[0].shape);
+    let sample = |k: usize| (0..784).map(|i| ((i * 31 + k * 97) % 256) as f32 / 255.0).collect::<Vec<f32>>();
+    let batch: Vec<f32> = (0..3).flat_map(sample).collect();
+    let y = s.run_one(Tensor::from_f32(vec![3, 1, 28, 28], batch).unwrap()).unwrap();
+    assert_eq!(y[0].1.shape(), &[3, 10]);
+    let rows = y[0].1.to_f32_vec();
+    for k in 0..3 {
+        let one = s.run_one(Tensor::from_f32(vec![1, 1, 28, 28], sample(k)).unwrap()).unwrap()[0].1.to_f32_vec();
+        for (a, b) in rows[k * 10..(k + 1) * 10].iter().zip(&one) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "row {k}: {a} vs {b}");
+        }
+    }
+    // Without the option the model keeps its fixed batch of 1.
+    let fixed = Session::open(&path, &SessionOptions { device: edgepack_runtime::Device::Cpu, ..opts() }).unwrap();
+    assert!(!fixed.accepts_batch());
+}

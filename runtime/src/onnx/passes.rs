@@ -22,6 +22,71 @@ pub fn tensor_f32_values(t: &TensorProto) -> Option<Vec<f32>> {
 }
 
 impl Graph {
+    /// Makes a graph that is written for one sample take batches: every graph input and output whose leading
+    /// dim is fixed at 1 gets a symbolic one (`batch`), intermediate shape annotations are dropped (they would pin
+    /// it), and a Reshape whose target shape is a constant starting with 1 copies the leading dim instead (0; a
+    /// new initializer when the constant is shared). Returns how many inputs were freed (0: the graph is left as
+    /// it was). Structural only: a graph that mixes samples (a Reshape folding the batch into another dim, a
+    /// reduction over dim 0) is not detected here; callers compare batched results with single runs.
+    pub fn free_batch_dim(&mut self) -> usize {
+        use super::proto::{tensor_shape_proto::dimension::Value as D, type_proto::Value as T};
+        fn free(v: &mut super::ValueInfoProto) -> bool {
+            let Some(T::TensorType(t)) = v.r#type.as_mut().and_then(|t| t.value.as_mut()) else { return false };
+            match t.shape.as_mut().and_then(|s| s.dim.first_mut()) {
+                Some(d) if d.value == Some(D::DimValue(1)) => {
+                    d.value = Some(D::DimParam("batch".into()));
+                    true
+                }
+                _ => false,
+            }
+        }
+        let inits: HashSet<String> = self.initializers.iter().filter_map(|t| t.name.clone()).collect();
+        let mut probe = self.clone();
+        let freed = probe
+            .inputs
+            .iter_mut()
+            .filter(|v| !v.name.as_deref().is_some_and(|n| inits.contains(n)))
+            .map(free)
+            .filter(|&f| f)
+            .count();
+        if freed == 0 {
+            return 0;
+        }
+        *self = probe;
+        self.constants_to_initializers();
+        for v in &mut self.outputs {
+            free(v);
+        }
+        self.value_info.clear();
+        let mut added = Vec::new();
+        for k in 0..self.nodes.len() {
+            let n = &self.nodes[k];
+            if n.op() != "Reshape" || n.attr_i("allowzero").unwrap_or(0) != 0 {
+                continue;
+            }
+            let Some(t) = n.input.get(1).and_then(|s| self.initializer(s)) else { continue };
+            if t.data_type != Some(7) {
+                continue;
+            }
+            let Ok(shape) = super::tensor_from_proto(t).map(|t| t.to_f32_vec()) else { continue };
+            if shape.len() < 2 || shape[0] != 1.0 {
+                continue;
+            }
+            let name = format!("{}_batch", t.name.as_deref().unwrap_or("shape"));
+            let mut v: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
+            v[0] = 0;
+            if self.initializer(&name).is_none()
+                && !added.iter().any(|t: &TensorProto| t.name.as_deref() == Some(&name))
+            {
+                added.push(super::builder::tensor_i64(&name, &[v.len() as i64], &v));
+            }
+            self.nodes[k].input[1] = name;
+        }
+        self.initializers.extend(added);
+        self.remove_unused_initializers();
+        freed
+    }
+
     /// Names every unnamed node `{op}_{first output}` (made unique). Returns how many were named.
     pub fn name_unnamed_nodes(&mut self) -> usize {
         let mut taken: HashSet<String> = self.nodes.iter().map(|n| n.name().to_string()).collect();

@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""`edgepack serve` under load against a FastAPI + onnxruntime service on the same model (issue 6), loopback only.
+
+One run, side by side: a model repository with EfficientNet-Lite0 fp32 (the shipped model, packed with its
+pre-processing) twice, `effnet` with dynamic batching (max_batch_size 8, 2 ms) and `effnet_b1` without
+(max_batch_size 1); `edgepack serve --device cpu`; the peer `fastapi_ort.py` under uvicorn (one worker,
+onnxruntime with one intra-op thread per core). Every target gets the same KServe v2 JSON request (a real photo,
+pre-processed by edgepack) from `wrk` (one thread, N keep-alive connections, --duration seconds after a warm-up),
+interleaved per client count. Any non-2xx answer or socket error fails the run. The table gives throughput and
+p50/p99 latency per client count, and the ratios the issue sets targets for at 32 clients.
+
+Usage: benches/peers/serve_load.py [--clients 1,8,32,64] [--duration 10] [--md BENCHMARKS.md]
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import numpy as np
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import mdtable  # noqa: E402
+
+BEGIN, END = "<!-- serve-load:begin -->", "<!-- serve-load:end -->"
+MODEL = os.path.join(ROOT, "assets", "models", "efficientnet_lite0_fp32.onnx")
+PHOTO = os.path.join(ROOT, "assets", "photos", "skimage_chelsea.png")
+LUA = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local f = io.open(os.getenv("BODY_FILE"), "rb")
+wrk.body = f:read("*a")
+f:close()
+"""
+
+
+def edgepack_bin():
+    b = os.environ.get("EDGEPACK_BIN")
+    if b:
+        return b
+    return os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), "release", "edgepack")
+
+
+def wait_ready(url, proc, what):
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(url + "/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}")
+        time.sleep(0.5)
+    raise SystemExit(f"{what} not ready")
+
+
+def ms(s):
+    v, unit = re.match(r"([\d.]+)(us|ms|s)", s).groups()
+    return float(v) * {"us": 1e-3, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(url, clients, seconds, body_file, lua):
+    r = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "60s", "--latency", "-s", lua, url],
+                       capture_output=True, text=True, env={**os.environ, "BODY_FILE": body_file})
+    out = r.stdout
+    if r.returncode != 0 or "Non-2xx" in out or "Socket errors" in out:
+        raise SystemExit(f"wrk against {url} with {clients} clients failed:\n{out}\n{r.stderr}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
+    p50 = ms(re.search(r"\s50%\s+(\S+)", out)[1])
+    p99 = ms(re.search(r"\s99%\s+(\S+)", out)[1])
+    n = int(re.search(r"(\d+) requests in", out)[1])
+    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "requests": n}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", default="1,8,32,64")
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--md")
+    a = ap.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is required (apt-get install wrk)")
+    clients = [int(c) for c in a.clients.split(",")]
+    work = tempfile.mkdtemp(prefix="edgepack-load-")
+    procs = []
+    body_kib = 0
+    try:
+        bundle = os.path.join(work, "effnet.edgepack")
+        subprocess.run([edgepack_bin(), "pack", MODEL, "--preset", "tf", "-o", bundle], check=True, capture_output=True)
+        repo = os.path.join(work, "repo")
+        for name, batch in (("effnet", 8), ("effnet_b1", 1)):
+            os.makedirs(os.path.join(repo, name, "1"))
+            shutil.copy(bundle, os.path.join(repo, name, "1", "model.edgepack"))
+            json.dump({"max_batch_size": batch, "max_queue_delay_ms": 2, "queue_capacity": 1024},
+                      open(os.path.join(repo, name, "config.json"), "w"))
+        # The request: the photo pre-processed by edgepack, as KServe v2 JSON.
+        subprocess.run([edgepack_bin(), "run", bundle, PHOTO, "--save-inputs", work], check=True, capture_output=True)
+        x = np.load(os.path.join(work, "input_input.npy"))
+        body_file = os.path.join(work, "request.json")
+        json.dump({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]},
+                  open(body_file, "w"))
+        body_kib = os.path.getsize(body_file) // 1024
+        lua = os.path.join(work, "post.lua")
+        open(lua, "w").write(LUA)
+        ep = subprocess.Popen([edgepack_bin(), "serve", "--repo", repo, "--addr", "127.0.0.1:8790", "--poll", "0",
+                               "--device", "cpu"], stderr=subprocess.DEVNULL)
+        procs.append(ep)
+        peer = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", os.path.dirname(__file__),
+                                 "fastapi_ort:app", "--port", "8791", "--log-level", "warning"],
+                                env={**os.environ, "MODEL": MODEL})
+        procs.append(peer)
+        wait_ready("http://127.0.0.1:8790", ep, "edgepack serve")
+        wait_ready("http://127.0.0.1:8791", peer, "fastapi")
+        targets = {
+            "edgepack serve, batching on": "http://127.0.0.1:8790/v2/models/effnet/infer",
+            "edgepack serve, batching off": "http://127.0.0.1:8790/v2/models/effnet_b1/infer",
+            "FastAPI + onnxruntime": "http://127.0.0.1:8791/v2/models/effnet/infer",
+        }
+        # Same answer from both services.
+        outs = []
+        for url in (targets["edgepack serve, batching on"], targets["FastAPI + onnxruntime"]):
+            req = urllib.request.Request(url, data=open(body_file, "rb").read(), headers={"Content-Type": "application/json"})
+            outs.append(np.array(json.loads(urllib.request.urlopen(req).read())["outputs"][0]["data"]))
+        assert np.argmax(outs[0]) == np.argmax(outs[1]), "the services disagree on top-1"
+        for url in targets.values():
+            wrk(url, 8, 3, body_file, lua)  # warm-up
+        rows = []
+        for c in clients:
+            for name, url in targets.items():
+                r = wrk(url, c, a.duration, body_file, lua)
+                rows.append({"target": name, "clients": c, **r})
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(60)
+        shutil.rmtree(work, ignore_errors=True)
+    get = lambda t, c: next(r for r in rows if r["target"] == t and r["clients"] == c)  # noqa: E731
+    lines = ["| clients | target | requests/s | p50 ms | p99 ms |", "|---:|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['clients']} | {r['target']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+    if 32 in clients:
+        on, off, peer = (get(t, 32) for t in targets)
+        lines += ["", "At 32 clients (targets: throughput ≥ 2× and p99 ≤ 0.5× FastAPI + onnxruntime; batching ≥ 1.5× "
+                  "batch-1 throughput):", "",
+                  f"- throughput, edgepack / FastAPI: **{on['rps'] / peer['rps']:.2f}×**",
+                  f"- p99, edgepack / FastAPI: **{on['p99_ms'] / peer['p99_ms']:.2f}×**",
+                  f"- throughput, batching on / off: **{on['rps'] / off['rps']:.2f}×**"]
+    table = "\n".join(lines)
+    print(table)
+    if a.md:
+        cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | sed 's/.*: *//'"], capture_output=True,
+                             text=True).stdout.strip()
+        meta = (f"`python3 benches/peers/serve_load.py --md {a.md}` on {os.cpu_count()} cores ({cpu}); EfficientNet-"
+                f"Lite0 fp32, one 224×224 photo per request as KServe v2 JSON (~{body_kib} KiB), "
+                f"wrk with one thread and N connections for {a.duration} s per cell, services and load generator "
+                "on the same machine.")
+        mdtable.replace_between(a.md, BEGIN, END, f"{meta}\n\n{table}")
+
+
+if __name__ == "__main__":
+    main()

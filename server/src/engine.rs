@@ -1,0 +1,417 @@
+//! One loaded model version: a session, a bounded queue and a worker thread that batches queued requests.
+//!
+//! Requests are checked against the model's inputs before they are queued, so one bad request never fails a
+//! batch. The worker takes the first waiting request, then keeps collecting until `max_batch_size` samples or
+//! `max_queue_delay` has passed (requests already queued are taken at once), drops requests whose client left or
+//! whose deadline passed, concatenates compatible requests along the leading dim and runs them in power-of-two
+//! chunks (the runtime keeps one plan per input shape), then splits the outputs back. A full queue refuses new
+//! requests (503 + Retry-After). Closing the queue lets the worker finish everything accepted, then exit.
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use edgepack_runtime::onnx::Dim;
+use edgepack_runtime::process::stack;
+use edgepack_runtime::{DType, Session, SessionOptions, Tensor, TensorData};
+use tokio::sync::oneshot;
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+pub type Outputs = Vec<(String, Tensor)>;
+
+/// Batching and queueing of one model (from its `config.json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchConfig {
+    pub max_batch_size: usize,
+    pub max_queue_delay: Duration,
+    pub queue_capacity: usize,
+}
+
+pub struct Job {
+    pub inputs: Vec<(String, Tensor)>,
+    pub deadline: Instant,
+    pub enqueued: Instant,
+    pub reply: oneshot::Sender<Result<Outputs, ApiError>>,
+}
+
+impl Job {
+    fn samples(&self) -> usize {
+        self.inputs.first().and_then(|t| t.1.shape().first().copied()).unwrap_or(1)
+    }
+}
+
+pub struct Version {
+    pub model: String,
+    pub version: String,
+    pub session: Arc<Session>,
+    /// The session takes batches (checked at load against single runs); otherwise requests run one by one.
+    pub batchable: bool,
+    pub config: BatchConfig,
+    tx: Mutex<Option<SyncSender<Job>>>,
+    depth: Arc<AtomicUsize>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    metrics: Arc<Metrics>,
+}
+
+fn labels<'a>(model: &'a str, version: &'a str) -> [(&'static str, &'a str); 2] {
+    [("model", model), ("version", version)]
+}
+
+/// A deterministic sample for an input: zeros for integer types (valid indices), a ramp in [0, 1) for floats.
+fn probe_input(info: &edgepack_runtime::IoInfo, batch: usize, salt: usize) -> Option<Tensor> {
+    let shape = info.concrete_shape(batch);
+    let n: usize = shape.iter().product();
+    let dt = info.dtype?;
+    let t = match dt {
+        DType::F32 | DType::F16 | DType::F64 => {
+            let v = (0..n).map(|i| ((i * 7919 + salt * 104729) % 1000) as f32 / 1000.0).collect();
+            Tensor::from_f32(shape, v).ok()?.cast(dt)
+        }
+        DType::Bool => Tensor::new(shape, TensorData::Bool(vec![false; n])).ok()?,
+        _ => Tensor::from_f32(shape, vec![0.0; n]).ok()?.cast(dt),
+    };
+    Some(t)
+}
+
+fn probe(s: &Session, batch: usize, salt: usize) -> Option<Vec<(String, Tensor)>> {
+    s.inputs().iter().map(|i| probe_input(i, batch, salt).map(|t| (i.name.clone(), t))).collect()
+}
+
+fn close(a: &Tensor, b: &Tensor) -> bool {
+    a.shape() == b.shape()
+        && a.to_f32_vec().iter().zip(b.to_f32_vec()).all(|(x, y)| (x - y).abs() <= 1e-3 * (1.0 + y.abs()))
+}
+
+/// Rows `start..start + n` of the leading dim.
+fn rows(t: &Tensor, start: usize, n: usize) -> Result<Tensor, String> {
+    let total = *t.shape().first().ok_or("a scalar output cannot be split into a batch")?;
+    if start + n > total {
+        return Err(format!("output has {total} rows, {} expected", start + n));
+    }
+    let row = t.len() / total.max(1) * t.dtype().size();
+    let bytes = t.to_le_bytes();
+    let mut shape = t.shape().to_vec();
+    shape[0] = n;
+    Tensor::from_le_bytes(t.dtype(), shape, &bytes[start * row..(start + n) * row]).map_err(|e| e.to_string())
+}
+
+/// Loads a model file for serving: a batch-free session when `max_batch_size > 1` and batched runs equal single
+/// runs on two probe samples, else the model as written. Warms every batch size a batch can be split into.
+pub fn load(
+    path: &std::path::Path,
+    opts: &SessionOptions,
+    model: &str,
+    version: &str,
+    config: BatchConfig,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<Version>, String> {
+    let open =
+        |free| Session::open(path, &SessionOptions { free_batch: free, ..opts.clone() }).map_err(|e| e.to_string());
+    let mut session = None;
+    if config.max_batch_size > 1 {
+        let s = open(true)?;
+        if s.accepts_batch() && batch_equals_singles(&s) {
+            session = Some(s);
+        } else {
+            tracing::warn!(
+                model,
+                version,
+                "batched runs differ from single runs (or the model takes no batch): batching off"
+            );
+        }
+    }
+    let batchable = session.is_some();
+    let session = match session {
+        Some(s) => s,
+        None => open(false)?,
+    };
+    // Warm-up: every power-of-two chunk size up to the largest batch.
+    let mut b = 1;
+    while b <= if batchable { config.max_batch_size } else { 1 } {
+        if let Some(x) = probe(&session, b, 0) {
+            session.run(x).map_err(|e| format!("warm-up at batch {b}: {e}"))?;
+        }
+        b *= 2;
+    }
+    let v = Arc::new(Version {
+        model: model.into(),
+        version: version.into(),
+        session: Arc::new(session),
+        batchable,
+        config,
+        tx: Mutex::new(None),
+        depth: Arc::new(AtomicUsize::new(0)),
+        worker: Mutex::new(None),
+        metrics,
+    });
+    let (tx, rx) = sync_channel(v.config.queue_capacity.max(1));
+    let w = v.clone();
+    let handle = std::thread::Builder::new()
+        .name(format!("edgepack-{model}-{version}"))
+        .spawn(move || w.work(rx))
+        .map_err(|e| e.to_string())?;
+    *v.tx.lock().map_err(|e| e.to_string())? = Some(tx);
+    *v.worker.lock().map_err(|e| e.to_string())? = Some(handle);
+    let l = labels(model, version);
+    v.metrics.set("edgepack_model_ready", &l, 1.0);
+    v.metrics.set("edgepack_queue_depth", &l, 0.0);
+    let backend = v.session.backend_description();
+    v.metrics.set("edgepack_model_info", &[l[0], l[1], ("backend", &backend)], 1.0);
+    Ok(v)
+}
+
+fn batch_equals_singles(s: &Session) -> bool {
+    let (Some(a), Some(b), Some(ab)) = (probe(s, 1, 1), probe(s, 1, 2), probe(s, 2, 0)) else { return false };
+    // The batch of two is the two singles stacked.
+    let Ok(ab) = ab
+        .iter()
+        .zip(a.iter().zip(&b))
+        .map(|((n, _), ((_, x), (_, y)))| stack(&[x.clone(), y.clone()]).map(|t| (n.clone(), t)))
+        .collect::<Result<Vec<_>, _>>()
+    else {
+        return false;
+    };
+    let (Ok(ra), Ok(rb), Ok(rab)) = (s.run(a), s.run(b), s.run(ab)) else { return false };
+    rab.iter().zip(ra.iter().zip(&rb)).all(|((_, t), ((_, x), (_, y)))| {
+        matches!((rows(t, 0, 1), rows(t, 1, 1)), (Ok(p), Ok(q)) if close(&p, x) && close(&q, y))
+    })
+}
+
+impl Version {
+    /// Checks a request's inputs against the model (names, dtypes, ranks, fixed dims; the leading dim may vary
+    /// when the version batches) and orders them as the model declares.
+    pub fn check_inputs(&self, mut inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, ApiError> {
+        let declared = self.session.inputs();
+        for (name, _) in &inputs {
+            if !declared.iter().any(|d| &d.name == name) {
+                let names: Vec<&str> = declared.iter().map(|d| d.name.as_str()).collect();
+                return Err(ApiError::bad_request(format!("unknown input `{name}`; the model's inputs are {names:?}")));
+            }
+        }
+        let mut ordered = Vec::with_capacity(declared.len());
+        let mut lead = None;
+        for d in declared {
+            let k = inputs
+                .iter()
+                .position(|(n, _)| n == &d.name)
+                .ok_or_else(|| ApiError::bad_request(format!("missing input `{}` ({})", d.name, d.shape_string())))?;
+            let (name, t) = inputs.swap_remove(k);
+            if Some(t.dtype()) != d.dtype {
+                return Err(ApiError::bad_request(format!(
+                    "input `{name}`: datatype {} but the model takes {}",
+                    crate::kserve::datatype(t.dtype()),
+                    d.dtype.map(crate::kserve::datatype).unwrap_or("?")
+                )));
+            }
+            let ok_rank = t.shape().len() == d.shape.len();
+            let ok_dims = ok_rank
+                && t.shape().iter().zip(&d.shape).enumerate().all(|(i, (&g, w))| match w {
+                    Dim::Fixed(w) => g == *w || (i == 0 && self.batchable),
+                    Dim::Symbolic(_) => true,
+                });
+            if !ok_dims || t.is_empty() {
+                return Err(ApiError::bad_request(format!(
+                    "input `{name}`: shape {:?} but the model takes {}",
+                    t.shape(),
+                    d.shape_string()
+                )));
+            }
+            if self.batchable {
+                let n = t.shape()[0];
+                if *lead.get_or_insert(n) != n {
+                    return Err(ApiError::bad_request("inputs disagree on the batch dimension"));
+                }
+            }
+            ordered.push((name, t));
+        }
+        Ok(ordered)
+    }
+
+    /// Queues a job; a full queue is back-pressure (503 with Retry-After), a closed one means shutting down.
+    pub fn submit(&self, job: Job) -> Result<(), ApiError> {
+        let tx = self.tx.lock().ok().and_then(|g| g.clone());
+        let Some(tx) = tx else {
+            return Err(ApiError::unavailable(format!("{} version {} is unloading", self.model, self.version), 1));
+        };
+        self.depth.fetch_add(1, Ordering::SeqCst);
+        match tx.try_send(job) {
+            Ok(()) => {
+                let d = self.depth.load(Ordering::SeqCst);
+                self.metrics.set("edgepack_queue_depth", &labels(&self.model, &self.version), d as f64);
+                Ok(())
+            }
+            Err(e) => {
+                self.depth.fetch_sub(1, Ordering::SeqCst);
+                let l = labels(&self.model, &self.version);
+                let reason = if matches!(e, TrySendError::Full(_)) { "queue_full" } else { "unloading" };
+                self.metrics.inc("edgepack_rejected_total", &[l[0], l[1], ("reason", reason)]);
+                Err(ApiError::unavailable(
+                    format!(
+                        "{} version {}: {} requests queued, try again",
+                        self.model, self.version, self.config.queue_capacity
+                    ),
+                    1,
+                ))
+            }
+        }
+    }
+
+    /// Stops accepting; the worker finishes every queued request, then exits.
+    pub fn close(&self) {
+        if let Ok(mut g) = self.tx.lock() {
+            g.take();
+        }
+        self.metrics.remove(&labels(&self.model, &self.version));
+    }
+
+    /// Waits for the worker after [`Version::close`].
+    pub fn join(&self) {
+        let h = self.worker.lock().ok().and_then(|mut g| g.take());
+        if let Some(h) = h {
+            let _ = h.join();
+        }
+    }
+
+    fn work(self: Arc<Self>, rx: Receiver<Job>) {
+        let l = labels(&self.model, &self.version);
+        let l = [l[0], l[1]];
+        while let Ok(first) = rx.recv() {
+            let mut jobs = vec![first];
+            if self.batchable {
+                let until = Instant::now() + self.config.max_queue_delay;
+                let mut n = jobs[0].samples();
+                while n < self.config.max_batch_size {
+                    let left = until.saturating_duration_since(Instant::now());
+                    let next = if left.is_zero() {
+                        rx.try_recv().map_err(|_| ())
+                    } else {
+                        rx.recv_timeout(left).map_err(|_: RecvTimeoutError| ())
+                    };
+                    match next {
+                        Ok(j) if n + j.samples() <= self.config.max_batch_size => {
+                            n += j.samples();
+                            jobs.push(j);
+                        }
+                        Ok(j) => {
+                            // Too big for this batch: it runs next, alone or with what follows.
+                            self.depth.fetch_sub(jobs.len(), Ordering::SeqCst);
+                            self.run(std::mem::replace(&mut jobs, vec![j]), &l);
+                            n = jobs[0].samples();
+                        }
+                        Err(()) => break,
+                    }
+                }
+            }
+            self.depth.fetch_sub(jobs.len(), Ordering::SeqCst);
+            self.run(jobs, &l);
+            self.metrics.set("edgepack_queue_depth", &l, self.depth.load(Ordering::SeqCst) as f64);
+        }
+    }
+
+    fn run(&self, jobs: Vec<Job>, l: &[(&'static str, &str); 2]) {
+        let now = Instant::now();
+        let mut live = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            if j.reply.is_closed() {
+                self.metrics.inc("edgepack_rejected_total", &[l[0], l[1], ("reason", "client_gone")]);
+            } else if j.deadline <= now {
+                self.metrics.inc("edgepack_rejected_total", &[l[0], l[1], ("reason", "deadline")]);
+                let _ = j.reply.send(Err(ApiError::new(
+                    axum::http::StatusCode::GATEWAY_TIMEOUT,
+                    "the request's deadline passed while it was queued",
+                )));
+            } else {
+                self.metrics.observe("edgepack_queue_duration_seconds", l, (now - j.enqueued).as_secs_f64());
+                live.push(j);
+            }
+        }
+        // Groups of identical trailing shapes run together.
+        while !live.is_empty() {
+            let key = |j: &Job| -> Vec<Vec<usize>> { j.inputs.iter().map(|t| t.1.shape()[1..].to_vec()).collect() };
+            let k0 = key(&live[0]);
+            let (group, rest): (Vec<Job>, Vec<Job>) = live.into_iter().partition(|j| key(j) == k0);
+            live = rest;
+            self.run_group(group, l);
+        }
+    }
+
+    fn run_group(&self, group: Vec<Job>, l: &[(&'static str, &str); 2]) {
+        let counts: Vec<usize> = group.iter().map(Job::samples).collect();
+        let total: usize = counts.iter().sum();
+        let t0 = Instant::now();
+        let result = if group.len() == 1 {
+            self.session.run(group[0].inputs.clone()).map_err(|e| ApiError::from_runtime(&e))
+        } else {
+            self.run_stacked(&group, total)
+        };
+        let backend = match self.session.backend_kind() {
+            edgepack_runtime::BackendKind::Cpu => "cpu",
+            edgepack_runtime::BackendKind::Gpu => "gpu",
+        };
+        self.metrics.observe(
+            "edgepack_inference_duration_seconds",
+            &[l[0], l[1], ("backend", backend)],
+            t0.elapsed().as_secs_f64(),
+        );
+        self.metrics.observe("edgepack_batch_size", l, total as f64);
+        match result {
+            Err(e) => {
+                for j in group {
+                    let _ = j.reply.send(Err(e.clone()));
+                }
+            }
+            Ok(outs) if group.len() == 1 => {
+                if let Some(j) = group.into_iter().next() {
+                    let _ = j.reply.send(Ok(outs));
+                }
+            }
+            Ok(outs) => {
+                let mut start = 0;
+                for (j, n) in group.into_iter().zip(counts) {
+                    let mine: Result<Outputs, String> =
+                        outs.iter().map(|(name, t)| rows(t, start, n).map(|r| (name.clone(), r))).collect();
+                    start += n;
+                    let _ =
+                        j.reply.send(mine.map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e)));
+                }
+            }
+        }
+    }
+
+    /// The group's inputs stacked along the leading dim, run in power-of-two chunks, outputs stacked back.
+    fn run_stacked(&self, group: &[Job], total: usize) -> Result<Outputs, ApiError> {
+        let internal = |e: edgepack_runtime::Error| ApiError::from_runtime(&e);
+        let names: Vec<String> = group[0].inputs.iter().map(|t| t.0.clone()).collect();
+        let stacked: Vec<Tensor> = (0..names.len())
+            .map(|i| stack(&group.iter().map(|j| j.inputs[i].1.clone()).collect::<Vec<_>>()))
+            .collect::<Result<_, _>>()
+            .map_err(internal)?;
+        let mut parts: Vec<Outputs> = Vec::new();
+        let mut start = 0;
+        while start < total {
+            let left = total - start;
+            let n = 1usize << (usize::BITS - 1 - left.leading_zeros());
+            let chunk: Vec<(String, Tensor)> = names
+                .iter()
+                .zip(&stacked)
+                .map(|(name, t)| rows(t, start, n).map(|r| (name.clone(), r)))
+                .collect::<Result<_, _>>()
+                .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e))?;
+            parts.push(self.session.run(chunk).map_err(internal)?);
+            start += n;
+        }
+        if parts.len() == 1 {
+            return Ok(parts.remove(0));
+        }
+        let first = &parts[0];
+        (0..first.len())
+            .map(|k| {
+                let ts: Vec<Tensor> = parts.iter().map(|p| p[k].1.clone()).collect();
+                stack(&ts).map(|t| (first[k].0.clone(), t)).map_err(internal)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,448 @@
+//! The KServe v2 / Open Inference Protocol wire format: JSON tensors (flat or nested `data`), the binary tensor
+//! extension (`Inference-Header-Content-Length`, `binary_data_size`, `binary_data`), and their conversion to and
+//! from runtime tensors. Every malformed request is an [`ApiError`] with a 4xx status, never a panic.
+use std::fmt;
+
+use edgepack_runtime::{DType, Tensor, TensorData};
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::error::ApiError;
+
+/// The header that carries the JSON part's length when binary tensor data follows it.
+pub const HEADER_LEN: &str = "inference-header-content-length";
+
+/// KServe v2 datatype name of a runtime element type.
+pub fn datatype(dt: DType) -> &'static str {
+    match dt {
+        DType::F32 => "FP32",
+        DType::F16 => "FP16",
+        DType::F64 => "FP64",
+        DType::I64 => "INT64",
+        DType::I32 => "INT32",
+        DType::I16 => "INT16",
+        DType::I8 => "INT8",
+        DType::U64 => "UINT64",
+        DType::U32 => "UINT32",
+        DType::U16 => "UINT16",
+        DType::U8 => "UINT8",
+        DType::Bool => "BOOL",
+    }
+}
+
+/// Runtime element type of a KServe v2 datatype name (`BYTES` has none: strings are not tensors here).
+pub fn dtype_of(name: &str) -> Option<DType> {
+    Some(match name {
+        "FP32" => DType::F32,
+        "FP16" => DType::F16,
+        "FP64" => DType::F64,
+        "INT64" => DType::I64,
+        "INT32" => DType::I32,
+        "INT16" => DType::I16,
+        "INT8" => DType::I8,
+        "UINT64" => DType::U64,
+        "UINT32" => DType::U32,
+        "UINT16" => DType::U16,
+        "UINT8" => DType::U8,
+        "BOOL" => DType::Bool,
+        _ => return None,
+    })
+}
+
+/// One JSON scalar of a `data` array, kept exact (integers are not forced through f64).
+#[derive(Debug, Clone, Copy)]
+pub enum Scalar {
+    F(f64),
+    I(i64),
+    U(u64),
+    B(bool),
+}
+
+/// The `data` of a JSON tensor: nested arrays flattened in row-major order while parsing (no `Value` tree).
+#[derive(Debug, Default)]
+pub struct Flat(pub Vec<Scalar>);
+
+impl<'de> Deserialize<'de> for Flat {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Flat, D::Error> {
+        struct V<'a>(&'a mut Vec<Scalar>);
+        impl<'de> Visitor<'de> for V<'_> {
+            type Value = ();
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number, a boolean or an array of them")
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+                self.0.push(Scalar::F(v));
+                Ok(())
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+                self.0.push(Scalar::I(v));
+                Ok(())
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+                self.0.push(Scalar::U(v));
+                Ok(())
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+                self.0.push(Scalar::B(v));
+                Ok(())
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+                Err(E::custom("string data (BYTES tensors) is not supported"))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+                if let Some(n) = seq.size_hint() {
+                    self.0.reserve(n);
+                }
+                while seq.next_element_seed(Seed(&mut *self.0))?.is_some() {}
+                Ok(())
+            }
+        }
+        struct Seed<'a>(&'a mut Vec<Scalar>);
+        impl<'de> de::DeserializeSeed<'de> for Seed<'_> {
+            type Value = ();
+            fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+                d.deserialize_any(V(self.0))
+            }
+        }
+        let mut out = Vec::new();
+        d.deserialize_any(V(&mut out))?;
+        Ok(Flat(out))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferRequest {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub parameters: Option<Map<String, Value>>,
+    pub inputs: Vec<InputTensor>,
+    #[serde(default)]
+    pub outputs: Option<Vec<RequestedOutput>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputTensor {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub datatype: String,
+    #[serde(default)]
+    pub parameters: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub data: Option<Flat>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestedOutput {
+    pub name: String,
+    #[serde(default)]
+    pub parameters: Option<Map<String, Value>>,
+}
+
+fn param_bool(p: &Option<Map<String, Value>>, key: &str) -> bool {
+    p.as_ref().and_then(|m| m.get(key)).and_then(Value::as_bool).unwrap_or(false)
+}
+
+fn param_u64(p: &Option<Map<String, Value>>, key: &str) -> Option<u64> {
+    p.as_ref().and_then(|m| m.get(key)).and_then(Value::as_u64)
+}
+
+/// A parsed request: named input tensors, the outputs asked for (all when empty) and how to return them.
+#[derive(Debug)]
+pub struct Request {
+    pub id: Option<String>,
+    pub inputs: Vec<(String, Tensor)>,
+    /// (name, as binary)
+    pub outputs: Vec<(String, bool)>,
+    pub binary_default: bool,
+    /// Triton's `timeout` parameter, in microseconds.
+    pub timeout_us: Option<u64>,
+}
+
+/// Parses a request body: JSON, or JSON followed by binary tensor data when `json_len` (the
+/// `Inference-Header-Content-Length` header) is given.
+pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<Request, ApiError> {
+    let (head, mut binary) = match json_len {
+        Some(n) if n <= body.len() => body.split_at(n),
+        Some(n) => {
+            return Err(ApiError::bad_request(format!("{HEADER_LEN} is {n} but the body has {} bytes", body.len())));
+        }
+        None => (body, &[][..]),
+    };
+    let req: InferRequest =
+        serde_json::from_slice(head).map_err(|e| ApiError::bad_request(format!("invalid inference request: {e}")))?;
+    if req.inputs.is_empty() {
+        return Err(ApiError::bad_request("the request has no inputs"));
+    }
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    for t in req.inputs {
+        let dt = dtype_of(&t.datatype).ok_or_else(|| {
+            ApiError::bad_request(format!("input `{}`: unsupported datatype `{}`", t.name, t.datatype))
+        })?;
+        if t.shape.iter().any(|&d| d < 0) {
+            return Err(ApiError::bad_request(format!("input `{}`: negative dimension in {:?}", t.name, t.shape)));
+        }
+        let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| ApiError::bad_request(format!("input `{}`: shape {:?} overflows", t.name, t.shape)))?;
+        let tensor = match (param_u64(&t.parameters, "binary_data_size"), t.data) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request(format!("input `{}`: both data and binary_data_size", t.name)));
+            }
+            (Some(size), None) => {
+                let size = size as usize;
+                if size > binary.len() {
+                    return Err(ApiError::bad_request(format!(
+                        "input `{}`: binary_data_size {size} but only {} binary bytes remain",
+                        t.name,
+                        binary.len()
+                    )));
+                }
+                if Some(size) != n.checked_mul(dt.size()) {
+                    return Err(ApiError::bad_request(format!(
+                        "input `{}`: {size} bytes of binary data for shape {:?} of {}",
+                        t.name, t.shape, t.datatype
+                    )));
+                }
+                let (bytes, rest) = binary.split_at(size);
+                binary = rest;
+                Tensor::from_le_bytes(dt, shape, bytes)
+                    .map_err(|e| ApiError::bad_request(format!("input `{}`: {e}", t.name)))?
+            }
+            (None, Some(Flat(v))) => {
+                if v.len() != n {
+                    return Err(ApiError::bad_request(format!(
+                        "input `{}`: {} values for shape {:?} ({n} expected)",
+                        t.name,
+                        v.len(),
+                        t.shape
+                    )));
+                }
+                from_scalars(&t.name, dt, shape, &v)?
+            }
+            (None, None) => return Err(ApiError::bad_request(format!("input `{}` has no data", t.name))),
+        };
+        inputs.push((t.name, tensor));
+    }
+    if !binary.is_empty() {
+        return Err(ApiError::bad_request(format!("{} bytes of binary data no input claims", binary.len())));
+    }
+    let binary_default = param_bool(&req.parameters, "binary_data_output");
+    let outputs = req
+        .outputs
+        .unwrap_or_default()
+        .into_iter()
+        .map(|o| {
+            let b = o
+                .parameters
+                .as_ref()
+                .and_then(|m| m.get("binary_data"))
+                .and_then(Value::as_bool)
+                .unwrap_or(binary_default);
+            (o.name, b)
+        })
+        .collect();
+    let timeout_us = param_u64(&req.parameters, "timeout");
+    Ok(Request { id: req.id, inputs, outputs, binary_default, timeout_us })
+}
+
+fn from_scalars(name: &str, dt: DType, shape: Vec<usize>, v: &[Scalar]) -> Result<Tensor, ApiError> {
+    let bad = |what: &str| ApiError::bad_request(format!("input `{name}`: {what} in {} data", datatype(dt)));
+    let f = |s: &Scalar| -> Result<f64, ApiError> {
+        Ok(match *s {
+            Scalar::F(x) => x,
+            Scalar::I(x) => x as f64,
+            Scalar::U(x) => x as f64,
+            Scalar::B(_) => return Err(bad("a boolean")),
+        })
+    };
+    let int = |s: &Scalar, lo: i128, hi: i128| -> Result<i128, ApiError> {
+        let x = match *s {
+            Scalar::I(x) => x as i128,
+            Scalar::U(x) => x as i128,
+            Scalar::F(x) if x.fract() == 0.0 && x.abs() < 1e38 => x as i128,
+            Scalar::F(_) => return Err(bad("a non-integer")),
+            Scalar::B(b) => b as i128,
+        };
+        if x < lo || x > hi {
+            return Err(bad(&format!("{x} out of range")));
+        }
+        Ok(x)
+    };
+    macro_rules! ints {
+        ($t:ty, $var:ident) => {
+            TensorData::$var(
+                v.iter()
+                    .map(|s| int(s, <$t>::MIN as i128, <$t>::MAX as i128).map(|x| x as $t))
+                    .collect::<Result<_, _>>()?,
+            )
+        };
+    }
+    let data = match dt {
+        DType::F32 => TensorData::F32(v.iter().map(|s| f(s).map(|x| x as f32)).collect::<Result<_, _>>()?),
+        DType::F64 => TensorData::F64(v.iter().map(f).collect::<Result<_, _>>()?),
+        DType::F16 => TensorData::F16(v.iter().map(|s| f(s).map(half::f16::from_f64)).collect::<Result<_, _>>()?),
+        DType::I64 => ints!(i64, I64),
+        DType::I32 => ints!(i32, I32),
+        DType::I16 => ints!(i16, I16),
+        DType::I8 => ints!(i8, I8),
+        DType::U64 => ints!(u64, U64),
+        DType::U32 => ints!(u32, U32),
+        DType::U16 => ints!(u16, U16),
+        DType::U8 => ints!(u8, U8),
+        DType::Bool => TensorData::Bool(
+            v.iter()
+                .map(|s| match *s {
+                    Scalar::B(b) => Ok(b),
+                    Scalar::I(x @ (0 | 1)) => Ok(x == 1),
+                    Scalar::U(x @ (0 | 1)) => Ok(x == 1),
+                    _ => Err(bad("a non-boolean")),
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+    Tensor::new(shape, data).map_err(|e| ApiError::bad_request(format!("input `{name}`: {e}")))
+}
+
+/// JSON `data` of a tensor (flat, row-major).
+fn data_json(t: &Tensor) -> Value {
+    match t.data() {
+        TensorData::F32(v) => json!(v),
+        TensorData::F16(v) => json!(v.iter().map(|x| x.to_f32()).collect::<Vec<_>>()),
+        TensorData::F64(v) => json!(v),
+        TensorData::I64(v) => json!(v),
+        TensorData::I32(v) => json!(v),
+        TensorData::I16(v) => json!(v),
+        TensorData::I8(v) => json!(v),
+        TensorData::U64(v) => json!(v),
+        TensorData::U32(v) => json!(v),
+        TensorData::U16(v) => json!(v),
+        TensorData::U8(v) => json!(v),
+        TensorData::Bool(v) => json!(v),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct OutputJson {
+    name: String,
+    datatype: &'static str,
+    shape: Vec<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<Value>,
+}
+
+/// A response body and, when any output is binary, the JSON part's length for `Inference-Header-Content-Length`.
+pub struct Response {
+    pub body: Vec<u8>,
+    pub json_len: Option<usize>,
+}
+
+/// Builds the response for `outputs` (already filtered to the requested ones, in order).
+pub fn response(model: &str, version: &str, id: Option<&str>, outputs: &[(String, Tensor, bool)]) -> Response {
+    let mut binary = Vec::new();
+    let outs: Vec<OutputJson> = outputs
+        .iter()
+        .map(|(name, t, bin)| {
+            let (parameters, data) = if *bin {
+                let bytes = t.to_le_bytes();
+                let p = json!({ "binary_data_size": bytes.len() });
+                binary.extend_from_slice(&bytes);
+                (Some(p), None)
+            } else {
+                (None, Some(data_json(t)))
+            };
+            OutputJson {
+                name: name.clone(),
+                datatype: datatype(t.dtype()),
+                shape: t.shape().to_vec(),
+                parameters,
+                data,
+            }
+        })
+        .collect();
+    let mut head = json!({ "model_name": model, "model_version": version, "outputs": outs });
+    if let Some(id) = id {
+        head["id"] = json!(id);
+    }
+    let mut body = serde_json::to_vec(&head).unwrap_or_default();
+    if outputs.iter().any(|o| o.2) {
+        let n = body.len();
+        body.extend_from_slice(&binary);
+        Response { body, json_len: Some(n) }
+    } else {
+        Response { body, json_len: None }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_and_flat_json_tensors_parse_alike() {
+        let flat = br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2.5,3,4]}]}"#;
+        let nested = br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2.5],[3,4]]}]}"#;
+        let a = parse_request(flat, None).unwrap();
+        let b = parse_request(nested, None).unwrap();
+        assert_eq!(a.inputs[0].1, b.inputs[0].1);
+        assert_eq!(a.inputs[0].1.to_f32_vec(), vec![1.0, 2.5, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn integers_stay_exact_and_ranges_are_checked() {
+        let r = parse_request(
+            br#"{"inputs":[{"name":"x","shape":[2],"datatype":"INT64","data":[9007199254740993,-1]}]}"#,
+            None,
+        )
+        .unwrap();
+        assert_eq!(r.inputs[0].1.data(), &TensorData::I64(vec![9007199254740993, -1]));
+        let e = parse_request(br#"{"inputs":[{"name":"x","shape":[1],"datatype":"UINT8","data":[256]}]}"#, None);
+        assert_eq!(e.unwrap_err().status.as_u16(), 400);
+    }
+
+    #[test]
+    fn binary_extension_round_trip() {
+        let head = br#"{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","parameters":{"binary_data_size":12}}],"parameters":{"binary_data_output":true}}"#;
+        let mut body = head.to_vec();
+        for v in [1.0f32, -2.0, 0.5] {
+            body.extend(v.to_le_bytes());
+        }
+        let r = parse_request(&body, Some(head.len())).unwrap();
+        assert_eq!(r.inputs[0].1.to_f32_vec(), vec![1.0, -2.0, 0.5]);
+        assert!(r.binary_default);
+        // Wrong sizes are client errors.
+        assert!(parse_request(&body[..body.len() - 1], Some(head.len())).is_err());
+        assert!(parse_request(&body, Some(body.len() + 1)).is_err());
+        let t = r.inputs[0].1.clone();
+        let resp = response("m", "1", Some("a"), &[("y".into(), t, true)]);
+        let n = resp.json_len.unwrap();
+        let v: Value = serde_json::from_slice(&resp.body[..n]).unwrap();
+        assert_eq!(v["outputs"][0]["parameters"]["binary_data_size"], 12);
+        assert_eq!(resp.body.len(), n + 12);
+    }
+
+    #[test]
+    fn malformed_requests_are_client_errors() {
+        for body in [
+            &b"{"[..],
+            br#"{"inputs":[]}"#,
+            br#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1]}]}"#,
+            br#"{"inputs":[{"name":"x","shape":[-1],"datatype":"FP32","data":[1]}]}"#,
+            br#"{"inputs":[{"name":"x","shape":[1],"datatype":"BYTES","data":["a"]}]}"#,
+            br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32"}]}"#,
+            br#"{"inputs":[{"name":"x","shape":[4294967296,4294967296,4294967296],"datatype":"FP32","data":[1]}]}"#,
+            br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}],"bogus":1}"#,
+        ] {
+            let e = parse_request(body, None).unwrap_err();
+            assert_eq!(e.status.as_u16(), 400, "{}", String::from_utf8_lossy(body));
+        }
+    }
+}

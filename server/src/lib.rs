@@ -1,0 +1,686 @@
+//! `edgepack serve`: the cloud fallback. The same engine and bundles as the device, behind the KServe v2 / Open
+//! Inference Protocol over HTTP (JSON tensors and the binary tensor extension), with a raw-image classify
+//! endpoint, dynamic batching per model version, bounded queues with back-pressure, per-request deadlines,
+//! version routing (pinned, canary, A/B with a sticky key, shadow), a polled model repository, Prometheus
+//! metrics and a graceful shutdown that finishes every accepted request.
+//!
+//! Threads: HTTP on a small tokio runtime; each model version has one worker thread that owns the engine calls
+//! (the runtime's kernels use every core per call), fed by a bounded queue.
+mod engine;
+mod error;
+mod kserve;
+mod metrics;
+pub mod repo;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use edgepack_runtime::{SessionOptions, Tensor};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+pub use engine::BatchConfig;
+use engine::{Job, Outputs, Version};
+pub use error::ApiError;
+use metrics::Metrics;
+use repo::{ModelConfig, version_order};
+
+/// Everything `edgepack serve` is told.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub repo: PathBuf,
+    pub addr: SocketAddr,
+    /// Repository poll interval (None: load once).
+    pub poll: Option<Duration>,
+    /// Device, threads, trusted key for every model.
+    pub session: SessionOptions,
+    pub max_body_bytes: usize,
+    /// Deadline of a request that does not set one (Triton's `timeout` parameter, in microseconds, or the
+    /// `x-request-timeout-ms` header).
+    pub request_timeout: Duration,
+    /// JSON logs (one object per line) instead of text.
+    pub log_json: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("model repository {0}: {1}")]
+    Repo(PathBuf, std::io::Error),
+    #[error("binding {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+struct Model {
+    config: ModelConfig,
+    versions: BTreeMap<String, Arc<Version>>,
+    files: BTreeMap<String, (PathBuf, (u64, Option<std::time::SystemTime>))>,
+}
+
+impl Model {
+    fn latest(&self) -> Option<&Arc<Version>> {
+        self.versions.iter().max_by(|a, b| version_order(a.0, b.0)).map(|(_, v)| v)
+    }
+}
+
+struct AppState {
+    opts: ServeOptions,
+    models: RwLock<BTreeMap<String, Arc<Model>>>,
+    ready: AtomicBool,
+    metrics: Arc<Metrics>,
+    rng: AtomicU64,
+}
+
+impl AppState {
+    fn model(&self, name: &str) -> Result<Arc<Model>, ApiError> {
+        self.models
+            .read()
+            .ok()
+            .and_then(|m| m.get(name).cloned())
+            .ok_or_else(|| ApiError::not_found(format!("unknown model `{name}`")))
+    }
+
+    /// A uniform number in [0, 100) (xorshift over a shared state).
+    fn percent(&self) -> f64 {
+        let mut x = self.rng.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.store(x, Ordering::Relaxed);
+        (x % 10_000) as f64 / 100.0
+    }
+
+    /// The version that answers, and the shadow version to mirror to.
+    fn route(
+        &self,
+        m: &Model,
+        name: &str,
+        pinned: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<(Arc<Version>, Option<Arc<Version>>), ApiError> {
+        let get = |v: &str| m.versions.get(v).cloned();
+        if let Some(v) = pinned {
+            return get(v)
+                .map(|v| (v, None))
+                .ok_or_else(|| ApiError::not_found(format!("model `{name}` has no version `{v}`")));
+        }
+        let r = &m.config.routing;
+        let default = r.default.as_deref().and_then(get).or_else(|| m.latest().cloned());
+        let ab = r.ab.as_ref().and_then(|ab| {
+            let key = headers.get(ab.header.as_str())?.to_str().ok()?;
+            get(if repo::sticky_hash(key) < ab.percent_b { &ab.b } else { &ab.a })
+        });
+        let canary = r.canary.as_ref().filter(|c| self.percent() < c.percent).and_then(|c| get(&c.version));
+        let chosen = ab
+            .or(canary)
+            .or(default)
+            .ok_or_else(|| ApiError::unavailable(format!("model `{name}` has no loaded version"), 1))?;
+        let shadow = r
+            .shadow
+            .as_ref()
+            .filter(|s| s.version != chosen.version && self.percent() < s.percent)
+            .and_then(|s| get(&s.version));
+        Ok((chosen, shadow))
+    }
+}
+
+type St = State<Arc<AppState>>;
+
+/// Runs the server until SIGTERM/SIGINT, then finishes every accepted request and returns.
+pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
+    init_logs(opts.log_json);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("edgepack-http")
+        .build()?;
+    rt.block_on(run(opts))
+}
+
+fn init_logs(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("EDGEPACK_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { b.json().try_init() } else { b.with_ansi(false).try_init() };
+}
+
+async fn run(opts: ServeOptions) -> Result<(), ServeError> {
+    std::fs::read_dir(&opts.repo).map_err(|e| ServeError::Repo(opts.repo.clone(), e))?;
+    let listener = tokio::net::TcpListener::bind(opts.addr).await.map_err(|e| ServeError::Bind(opts.addr, e))?;
+    let addr = listener.local_addr()?;
+    let seed =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+    let state = Arc::new(AppState {
+        opts: opts.clone(),
+        models: RwLock::new(BTreeMap::new()),
+        ready: AtomicBool::new(false),
+        metrics: Arc::new(Metrics::default()),
+        rng: AtomicU64::new(seed | 1),
+    });
+    // Live at once (the port answers); ready after the first load has warmed every model.
+    eprintln!("edgepack serve: listening on http://{addr} (repository {})", opts.repo.display());
+    tracing::info!(%addr, repo = %opts.repo.display(), "listening");
+    let loader = state.clone();
+    tokio::spawn(async move {
+        let s = loader.clone();
+        let _ = tokio::task::spawn_blocking(move || sync_repo(&s)).await;
+        loader.ready.store(true, Ordering::SeqCst);
+        tracing::info!(models = loader.models.read().map(|m| m.len()).unwrap_or(0), "ready");
+        if let Some(every) = loader.opts.poll {
+            loop {
+                tokio::time::sleep(every).await;
+                let s = loader.clone();
+                let _ = tokio::task::spawn_blocking(move || sync_repo(&s)).await;
+            }
+        }
+    });
+    let app = router(state.clone());
+    let stopping = state.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            stopping.ready.store(false, Ordering::SeqCst);
+            tracing::info!("shutting down: not accepting new connections, finishing accepted requests");
+        })
+        .await?;
+    // Every HTTP request has its answer; stop the workers.
+    let models = state.models.read().map(|m| m.clone()).unwrap_or_default();
+    for m in models.values() {
+        for v in m.versions.values() {
+            v.close();
+        }
+    }
+    for m in models.values() {
+        for v in m.versions.values() {
+            v.join();
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// Loads what changed in the repository, then swaps it in; versions no longer there stop taking requests and
+/// finish the ones they have.
+fn sync_repo(state: &AppState) {
+    let (found, problems) = match repo::scan(&state.opts.repo) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(error = %e, "scanning the model repository");
+            return;
+        }
+    };
+    for p in problems {
+        tracing::warn!(problem = %p, "model repository");
+    }
+    let current = state.models.read().map(|m| m.clone()).unwrap_or_default();
+    let mut next = BTreeMap::new();
+    let mut changed = false;
+    for (name, dir) in found {
+        let old = current.get(&name);
+        let mut versions = BTreeMap::new();
+        let mut files = BTreeMap::new();
+        for (v, file) in &dir.versions {
+            let same_batch =
+                old.is_some_and(|o| o.config.batch() == dir.config.batch() && o.config.variant == dir.config.variant);
+            let reuse = old.filter(|o| same_batch && o.files.get(v) == Some(file)).and_then(|o| o.versions.get(v));
+            if let Some(r) = reuse {
+                versions.insert(v.clone(), r.clone());
+                files.insert(v.clone(), file.clone());
+                continue;
+            }
+            changed = true;
+            let t0 = Instant::now();
+            let opts = SessionOptions { variant: dir.config.variant.clone(), ..state.opts.session.clone() };
+            match engine::load(&file.0, &opts, &name, v, dir.config.batch(), state.metrics.clone()) {
+                Ok(loaded) => {
+                    tracing::info!(model = %name, version = %v, backend = %loaded.session.backend_description(),
+                        batching = loaded.batchable, load_ms = t0.elapsed().as_millis() as u64, "loaded and warmed up");
+                    versions.insert(v.clone(), loaded);
+                    files.insert(v.clone(), file.clone());
+                }
+                Err(e) => {
+                    tracing::error!(model = %name, version = %v, error = %e, "loading failed");
+                    // Keep serving what was there.
+                    if let Some(prev) = old.and_then(|o| o.versions.get(v)) {
+                        versions.insert(v.clone(), prev.clone());
+                        if let Some(f) = old.and_then(|o| o.files.get(v)) {
+                            files.insert(v.clone(), f.clone());
+                        }
+                    }
+                }
+            }
+        }
+        if old.is_none_or(|o| o.config != dir.config) {
+            changed = true;
+        }
+        if !versions.is_empty() {
+            next.insert(name, Arc::new(Model { config: dir.config, versions, files }));
+        }
+    }
+    let retired: Vec<Arc<Version>> = current
+        .iter()
+        .flat_map(|(name, m)| {
+            let kept = next.get(name);
+            m.versions
+                .iter()
+                .filter(move |(v, old)| !kept.and_then(|k| k.versions.get(*v)).is_some_and(|n| Arc::ptr_eq(n, old)))
+                .map(|(_, old)| old.clone())
+        })
+        .collect();
+    if !changed && retired.is_empty() {
+        return;
+    }
+    if let Ok(mut m) = state.models.write() {
+        *m = next;
+    }
+    for r in retired {
+        tracing::info!(model = %r.model, version = %r.version, "unloaded (finishing its queued requests)");
+        r.close();
+    }
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/config", get(model_config))
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata_v))
+        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_v))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
+        .route("/v1/models/{spec}", post(classify))
+        .route("/metrics", get(metrics))
+        .route("/v2/openapi.json", get(openapi))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint (see /v2/openapi.json)")
+}
+
+async fn server_metadata() -> Response {
+    axum::Json(json!({
+        "name": "edgepack",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data", "classify"],
+    }))
+    .into_response()
+}
+
+async fn live() -> Response {
+    axum::Json(json!({ "live": true })).into_response()
+}
+
+async fn ready(State(s): St) -> Response {
+    let r = s.ready.load(Ordering::SeqCst);
+    let status = if r { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(json!({ "ready": r }))).into_response()
+}
+
+fn tensor_meta(io: &[edgepack_runtime::IoInfo], batch: bool) -> Vec<Value> {
+    io.iter()
+        .map(|i| {
+            let shape: Vec<i64> = i
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(k, d)| match d {
+                    edgepack_runtime::onnx::Dim::Fixed(n) if !(k == 0 && batch) => *n as i64,
+                    _ => -1,
+                })
+                .collect();
+            json!({ "name": i.name, "datatype": i.dtype.map(kserve::datatype).unwrap_or("BYTES"), "shape": shape })
+        })
+        .collect()
+}
+
+fn metadata(s: &AppState, name: &str, version: Option<&str>) -> Result<Response, ApiError> {
+    let m = s.model(name)?;
+    let v = match version {
+        Some(v) => m
+            .versions
+            .get(v)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(format!("model `{name}` has no version `{v}`")))?,
+        None => s.route(&m, name, None, &HeaderMap::new())?.0,
+    };
+    let mut versions: Vec<&String> = m.versions.keys().collect();
+    versions.sort_by(|a, b| version_order(a, b));
+    Ok(axum::Json(json!({
+        "name": name,
+        "versions": versions,
+        "platform": "edgepack",
+        "backend": v.session.backend_description(),
+        "inputs": tensor_meta(v.session.inputs(), v.batchable),
+        "outputs": tensor_meta(v.session.outputs(), v.batchable),
+    }))
+    .into_response())
+}
+
+async fn model_metadata(State(s): St, Path(m): Path<String>) -> Result<Response, ApiError> {
+    metadata(&s, &m, None)
+}
+
+async fn model_metadata_v(State(s): St, Path((m, v)): Path<(String, String)>) -> Result<Response, ApiError> {
+    metadata(&s, &m, Some(&v))
+}
+
+fn model_ready_inner(s: &AppState, name: &str, version: Option<&str>) -> Result<Response, ApiError> {
+    let m = s.model(name)?;
+    if let Some(v) = version
+        && !m.versions.contains_key(v)
+    {
+        return Err(ApiError::not_found(format!("model `{name}` has no version `{v}`")));
+    }
+    Ok(axum::Json(json!({ "name": name, "ready": true })).into_response())
+}
+
+async fn model_ready(State(s): St, Path(m): Path<String>) -> Result<Response, ApiError> {
+    model_ready_inner(&s, &m, None)
+}
+
+async fn model_ready_v(State(s): St, Path((m, v)): Path<(String, String)>) -> Result<Response, ApiError> {
+    model_ready_inner(&s, &m, Some(&v))
+}
+
+async fn model_config(State(s): St, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let m = s.model(&name)?;
+    let latest = m.latest().ok_or_else(|| ApiError::unavailable("no loaded version", 1))?;
+    let max_batch = if latest.batchable { m.config.max_batch_size } else { 0 };
+    Ok(axum::Json(json!({
+        "name": name,
+        "max_batch_size": max_batch,
+        "dynamic_batching": { "max_queue_delay_microseconds": (m.config.max_queue_delay_ms * 1000.0) as u64 },
+        "queue_capacity": m.config.queue_capacity,
+        "routing": m.config.routing,
+        "input": tensor_meta(latest.session.inputs(), latest.batchable),
+        "output": tensor_meta(latest.session.outputs(), latest.batchable),
+    }))
+    .into_response())
+}
+
+async fn metrics(State(s): St) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json")).into_response()
+}
+
+/// The request body, at most `max_body_bytes` (413 beyond).
+async fn read_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, ApiError> {
+    let limit = s.opts.max_body_bytes;
+    let too_big = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {limit} bytes"));
+    if headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|n| n > limit)
+    {
+        return Err(too_big());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit"))
+            || e.to_string().contains("length limit")
+        {
+            too_big()
+        } else {
+            ApiError::bad_request(format!("reading the body: {e}"))
+        }
+    })
+}
+
+fn deadline(s: &AppState, headers: &HeaderMap, timeout_us: Option<u64>) -> Instant {
+    let header_ms = headers.get("x-request-timeout-ms").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let d = timeout_us
+        .map(Duration::from_micros)
+        .or(header_ms.map(Duration::from_millis))
+        .unwrap_or(s.opts.request_timeout)
+        .min(s.opts.request_timeout.max(Duration::from_secs(1)) * 10);
+    Instant::now() + d
+}
+
+/// Queues `inputs` on `v` and waits for the result until `deadline` (504 after it).
+async fn execute(v: &Version, inputs: Vec<(String, Tensor)>, deadline: Instant) -> Result<Outputs, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    v.submit(Job { inputs, deadline, enqueued: Instant::now(), reply: tx })?;
+    match tokio::time::timeout_at(deadline.into(), rx).await {
+        Err(_) => Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "deadline exceeded")),
+        Ok(Err(_)) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the worker dropped the request")),
+        Ok(Ok(r)) => r,
+    }
+}
+
+/// Records the request's metrics around `f`.
+async fn instrumented<F>(s: &AppState, model: &str, endpoint: &'static str, f: F) -> Response
+where
+    F: std::future::Future<Output = Result<(Response, String), (ApiError, String)>>,
+{
+    let t0 = Instant::now();
+    let (resp, version) = match f.await {
+        Ok(x) => x,
+        Err((e, v)) => {
+            if e.status.is_server_error() {
+                tracing::warn!(model, version = %v, status = e.status.as_u16(), error = %e.message, "request failed");
+            }
+            (e.into_response(), v)
+        }
+    };
+    let status = resp.status().as_u16().to_string();
+    let l = [("model", model), ("version", version.as_str())];
+    s.metrics.inc("edgepack_requests_total", &[l[0], l[1], ("endpoint", endpoint), ("status", &status)]);
+    s.metrics.observe("edgepack_request_duration_seconds", &l, t0.elapsed().as_secs_f64());
+    resp
+}
+
+async fn infer(State(s): St, Path(m): Path<String>, headers: HeaderMap, body: Body) -> Response {
+    let f = infer_inner(s.clone(), m.clone(), None, headers, body);
+    instrumented(&s, &m, "infer", f).await
+}
+
+async fn infer_v(State(s): St, Path((m, v)): Path<(String, String)>, headers: HeaderMap, body: Body) -> Response {
+    let f = infer_inner(s.clone(), m.clone(), Some(v), headers, body);
+    instrumented(&s, &m, "infer", f).await
+}
+
+async fn infer_inner(
+    s: Arc<AppState>,
+    name: String,
+    pinned: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(Response, String), (ApiError, String)> {
+    let unknown = || pinned.clone().unwrap_or_default();
+    let model = s.model(&name).map_err(|e| (e, unknown()))?;
+    let (v, shadow) = s.route(&model, &name, pinned.as_deref(), &headers).map_err(|e| (e, unknown()))?;
+    let ver = v.version.clone();
+    let fail = |e: ApiError| (e, ver.clone());
+    let bytes = read_body(&s, &headers, body).await.map_err(fail)?;
+    let json_len = match headers.get(kserve::HEADER_LEN) {
+        None => None,
+        Some(h) => Some(
+            h.to_str()
+                .ok()
+                .and_then(|x| x.parse::<usize>().ok())
+                .ok_or_else(|| fail(ApiError::bad_request(format!("invalid {} header", kserve::HEADER_LEN))))?,
+        ),
+    };
+    let req = kserve::parse_request(&bytes, json_len).map_err(fail)?;
+    drop(bytes);
+    let inputs = v.check_inputs(req.inputs).map_err(fail)?;
+    let declared: Vec<&str> = v.session.outputs().iter().map(|o| o.name.as_str()).collect();
+    for (o, _) in &req.outputs {
+        if !declared.contains(&o.as_str()) {
+            return Err(fail(ApiError::bad_request(format!(
+                "unknown output `{o}`; the model's outputs are {declared:?}"
+            ))));
+        }
+    }
+    let deadline = deadline(&s, &headers, req.timeout_us);
+    let mirror = shadow.map(|sv| (sv, inputs.clone()));
+    let outs = execute(&v, inputs, deadline).await.map_err(fail)?;
+    if let Some((sv, inputs)) = mirror {
+        spawn_shadow(s.clone(), v.clone(), sv, inputs, outs.clone(), deadline);
+    }
+    let selected: Vec<(String, Tensor, bool)> = if req.outputs.is_empty() {
+        outs.into_iter().map(|(n, t)| (n, t, req.binary_default)).collect()
+    } else {
+        req.outputs
+            .iter()
+            .filter_map(|(n, b)| outs.iter().find(|o| &o.0 == n).map(|o| (n.clone(), o.1.clone(), *b)))
+            .collect()
+    };
+    let r = kserve::response(&name, &v.version, req.id.as_deref(), &selected);
+    let mut resp = Response::new(Body::from(r.body));
+    let h = resp.headers_mut();
+    match r.json_len {
+        Some(n) => {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            h.insert(kserve::HEADER_LEN, HeaderValue::from(n));
+        }
+        None => {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+    }
+    Ok((resp, v.version.clone()))
+}
+
+/// Mirrors a request to the shadow version; compares its first output with the answer returned (same top-1 per
+/// row for classifier-like outputs, relative L2 error under 1 % otherwise), logs and counts. Never blocks or
+/// fails the request: a full shadow queue drops the mirror.
+fn spawn_shadow(
+    s: Arc<AppState>,
+    primary: Arc<Version>,
+    shadow: Arc<Version>,
+    inputs: Vec<(String, Tensor)>,
+    answer: Outputs,
+    deadline: Instant,
+) {
+    tokio::spawn(async move {
+        let l = [("model", primary.model.as_str()), ("version", shadow.version.as_str())];
+        let inputs = match shadow.check_inputs(inputs) {
+            Ok(i) => i,
+            Err(e) => {
+                s.metrics.inc("edgepack_shadow_requests_total", &[l[0], l[1], ("result", "error")]);
+                tracing::warn!(model = %primary.model, shadow = %shadow.version, error = %e.message, "shadow: inputs do not fit");
+                return;
+            }
+        };
+        let result = match execute(&shadow, inputs, deadline + Duration::from_secs(5)).await {
+            Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => "dropped",
+            Err(_) => "error",
+            Ok(outs) => match (answer.first(), outs.first()) {
+                (Some(a), Some(b)) if agree(&a.1, &b.1) => "agree",
+                _ => "disagree",
+            },
+        };
+        s.metrics.inc("edgepack_shadow_requests_total", &[l[0], l[1], ("result", result)]);
+        if result != "agree" {
+            tracing::info!(model = %primary.model, version = %primary.version, shadow = %shadow.version, result, "shadow comparison");
+        }
+    });
+}
+
+fn agree(a: &Tensor, b: &Tensor) -> bool {
+    if a.shape() != b.shape() || a.is_empty() {
+        return a.shape() == b.shape();
+    }
+    let (x, y) = (a.to_f32_vec(), b.to_f32_vec());
+    let last = *a.shape().last().unwrap_or(&1);
+    if a.shape().len() == 2 && last > 1 {
+        let argmax = |r: &[f32]| r.iter().enumerate().max_by(|p, q| p.1.total_cmp(q.1)).map(|p| p.0);
+        return x.chunks(last).zip(y.chunks(last)).all(|(p, q)| argmax(p) == argmax(q));
+    }
+    let err: f64 = x.iter().zip(&y).map(|(p, q)| ((p - q) as f64).powi(2)).sum();
+    let norm: f64 = y.iter().map(|q| (*q as f64).powi(2)).sum();
+    err <= 1e-4 * norm.max(1e-12)
+}
+
+#[derive(serde::Deserialize)]
+struct ClassifyQuery {
+    top_k: Option<usize>,
+}
+
+/// `POST /v1/models/{m}:classify`: a raw JPEG/PNG body, the bundle's pre-processing, labels and scores.
+async fn classify(
+    State(s): St,
+    Path(spec): Path<String>,
+    Query(q): Query<ClassifyQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(name) = spec.strip_suffix(":classify").map(str::to_string) else {
+        return ApiError::not_found(format!("unknown verb in `{spec}` (POST /v1/models/<model>:classify)"))
+            .into_response();
+    };
+    let f = classify_inner(s.clone(), name.clone(), q.top_k, headers, body);
+    instrumented(&s, &name, "classify", f).await
+}
+
+async fn classify_inner(
+    s: Arc<AppState>,
+    name: String,
+    top_k: Option<usize>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(Response, String), (ApiError, String)> {
+    let model = s.model(&name).map_err(|e| (e, String::new()))?;
+    let (v, _) = s.route(&model, &name, None, &headers).map_err(|e| (e, String::new()))?;
+    let ver = v.version.clone();
+    let fail = |e: ApiError| (e, ver.clone());
+    if v.session.preprocess().is_none() {
+        return Err(fail(ApiError::bad_request(format!(
+            "model `{name}` has no image pre-processing (pack it with --preset)"
+        ))));
+    }
+    let bytes = read_body(&s, &headers, body).await.map_err(fail)?;
+    let vv = v.clone();
+    let batch = tokio::task::spawn_blocking(move || vv.session.image_input(&[&bytes]))
+        .await
+        .map_err(|e| fail(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))?
+        .map_err(|e| fail(ApiError::from_runtime(&e)))?;
+    let inputs = v.check_inputs(vec![(batch.input, batch.tensor)]).map_err(fail)?;
+    let outs = execute(&v, inputs, deadline(&s, &headers, None)).await.map_err(fail)?;
+    let classes = v
+        .session
+        .classify_outputs(&outs, top_k.map(|k| k.clamp(1, 1000)))
+        .map_err(|e| fail(ApiError::from_runtime(&e)))?;
+    let mut predictions = classes.into_iter().next().unwrap_or_default();
+    for p in &mut predictions {
+        p.label = p.label.as_deref().map(|l| edgepack_runtime::process::display_label(l).to_string());
+    }
+    let body = json!({ "model_name": name, "model_version": v.version, "predictions": predictions });
+    Ok((axum::Json(body).into_response(), v.version.clone()))
+}

@@ -1,0 +1,341 @@
+"""`edgepack serve` (issue 6) against real clients over loopback: tritonclient's HTTP client, curl (the README's
+examples), promtool on /metrics, raw HTTP for the error cases, and a SIGTERM under load that must lose no accepted
+request. The repository is built from the shipped models (assets/), so these tests need nothing from ../shared."""
+import concurrent.futures as cf
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, edgepack_bin, ep
+
+MNIST = os.path.join(ROOT, "assets", "models", "mnist_cntk_opset8_simplified.onnx")
+EFFNET = os.path.join(ROOT, "assets", "models", "efficientnet_lite0_fp32.onnx")
+SYNSETS = os.path.join(ROOT, "assets", "models", "imagenet_synsets.txt")
+PHOTOS = os.path.join(ROOT, "assets", "photos")
+
+
+def require(tool, why):
+    if shutil.which(tool):
+        return shutil.which(tool)
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"REQUIRED: `{tool}` is not installed ({why}); .ci/run installs it")
+    pytest.skip(f"SKIPPED: `{tool}` is not installed ({why})")
+
+
+class Server:
+    def __init__(self, repo, *args):
+        self.proc = subprocess.Popen([edgepack_bin(), "serve", "--repo", str(repo), "--addr", "127.0.0.1:0", *args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.log = []
+        line = self.proc.stderr.readline()
+        self.log.append(line)
+        m = re.search(r"listening on http://([\d.]+:\d+)", line)
+        assert m, f"no address in {line!r}"
+        self.url = f"http://{m[1]}"
+        self.host = m[1]
+        threading.Thread(target=self._drain, daemon=True).start()
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.get("/v2/health/ready")[0] == 200:
+                return
+            assert self.proc.poll() is None, "".join(self.log)
+            time.sleep(0.2)
+        raise AssertionError("server not ready in 300 s:\n" + "".join(self.log))
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def request(self, method, path, body=None, headers=None):
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, r.read(), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(), dict(e.headers)
+        except (urllib.error.URLError, ConnectionError) as e:
+            return None, str(e).encode(), {}
+
+    def get(self, path):
+        return self.request("GET", path)
+
+    def post_json(self, path, obj, headers=None):
+        return self.request("POST", path, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.returncode
+
+
+def mnist_input(seed):
+    rng = np.random.default_rng(seed)
+    return rng.random((1, 1, 28, 28), dtype=np.float32)
+
+
+def mnist_reference(x):
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(MNIST, providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, binary):
+    r = tmp_path_factory.mktemp("repo")
+    for v in ("1", "2"):
+        (r / "mnist" / v).mkdir(parents=True)
+        ep("pack", MNIST, "--preset", "mnist", "-o", r / "mnist" / v / "model.edgepack")
+    (r / "mnist" / "config.json").write_text(json.dumps({
+        "max_batch_size": 8, "max_queue_delay_ms": 5,
+        "routing": {"default": "1", "shadow": {"version": "2", "percent": 100},
+                    "ab": {"a": "1", "b": "2", "percent_b": 50, "header": "x-user"}}}))
+    (r / "effnet" / "1").mkdir(parents=True)
+    ep("pack", EFFNET, "--preset", "tf", "--labels", SYNSETS, "-o", r / "effnet" / "1" / "model.edgepack")
+    (r / "effnet" / "config.json").write_text(json.dumps({"max_batch_size": 4, "max_queue_delay_ms": 2}))
+    return r
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    s = Server(repo, "--poll", "0.5", "--max-body-mib", "4", "--device", "cpu")
+    yield s
+    assert s.stop() == 0, "".join(s.log[-20:])
+
+
+def test_tritonclient_metadata_and_infer(server):
+    import tritonclient.http as httpclient
+
+    c = httpclient.InferenceServerClient(url=server.host)
+    assert c.is_server_live() and c.is_server_ready()
+    assert c.is_model_ready("mnist") and c.is_model_ready("mnist", "2")
+    meta = c.get_model_metadata("mnist")
+    assert meta["name"] == "mnist" and meta["versions"] == ["1", "2"]
+    inp = meta["inputs"][0]
+    assert inp["datatype"] == "FP32" and inp["shape"] == [-1, 1, 28, 28], inp
+    out_name = meta["outputs"][0]["name"]
+    for binary in (True, False):
+        x = mnist_input(1 if binary else 2)
+        i = httpclient.InferInput(inp["name"], list(x.shape), "FP32")
+        i.set_data_from_numpy(x, binary_data=binary)
+        o = httpclient.InferRequestedOutput(out_name, binary_data=binary)
+        r = c.infer("mnist", [i], outputs=[o], model_version="1", request_id="r1")
+        y = r.as_numpy(out_name)
+        np.testing.assert_allclose(y, mnist_reference(x), rtol=1e-4, atol=1e-4)
+        assert r.get_response()["model_version"] == "1" and r.get_response()["id"] == "r1"
+    # No outputs named: tritonclient asks for every output in binary.
+    x = mnist_input(3)
+    i = httpclient.InferInput(inp["name"], list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    y = c.infer("mnist", [i]).as_numpy(out_name)
+    np.testing.assert_allclose(y, mnist_reference(x), rtol=1e-4, atol=1e-4)
+
+
+def readme_curl_examples():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    m = re.search(r"<!-- serve-curl:begin -->(.*?)<!-- serve-curl:end -->", text, re.S)
+    assert m, "README.md has no serve-curl section"
+    cmds, cur = [], ""
+    for line in m[1].splitlines():
+        line = line.rstrip()
+        if line.startswith("```") or not (line or cur):
+            continue
+        cur += line[:-1] + " " if line.endswith("\\") else line
+        if not line.endswith("\\"):
+            if cur.strip().startswith("curl"):
+                cmds.append(cur.strip())
+            cur = ""
+    return cmds
+
+
+def test_readme_curl_examples(server, tmp_path):
+    curl = require("curl", "the README's curl examples")
+    cmds = readme_curl_examples()
+    assert len(cmds) >= 5, cmds
+    env = {**os.environ, "EDGEPACK": server.url}
+    for cmd in cmds:
+        cmd = cmd.replace("curl", curl + " --fail-with-body", 1)
+        r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+        assert r.returncode == 0, f"{cmd}\n{r.stdout}\n{r.stderr}"
+        if r.stdout.strip().startswith("{"):
+            json.loads(r.stdout)
+
+
+def test_classify_raw_image(server):
+    img = os.path.join(PHOTOS, "skimage_chelsea.png")
+    s, body, _ = server.request("POST", "/v1/models/effnet:classify?top_k=3", open(img, "rb").read(),
+                                {"Content-Type": "image/png"})
+    assert s == 200, body
+    got = json.loads(body)
+    want = json.loads(ep("run", server_repo_bundle(server, "effnet"), img, "--json", "--top-k", "3", "--device", "cpu").stdout)
+    assert [p["class_index"] for p in got["predictions"]] == [p["class_index"] for p in want["top_k"][0]]
+    assert [p["label"] for p in got["predictions"]] == [p["label"] for p in want["top_k"][0]]
+    assert "cat" in got["predictions"][0]["label"], got
+
+
+def server_repo_bundle(server, model):
+    return os.path.join(server_repo_bundle.repo, model, "1", "model.edgepack")
+
+
+@pytest.fixture(autouse=True)
+def _repo_path(repo):
+    server_repo_bundle.repo = str(repo)
+
+
+def test_errors_are_kserve_4xx(server, tmp_path):
+    x = mnist_input(0)
+    good = {"inputs": [{"name": "Input3", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": x.ravel().tolist()}]}
+    assert server.post_json("/v2/models/mnist/infer", good)[0] == 200
+    cases = {
+        "unknown model": ("/v2/models/nope/infer", good, 404),
+        "unknown version": ("/v2/models/mnist/versions/9/infer", good, 404),
+        "wrong input name": ("/v2/models/mnist/infer", {"inputs": [{**good["inputs"][0], "name": "x"}]}, 400),
+        "wrong shape": ("/v2/models/mnist/infer", {"inputs": [{**good["inputs"][0], "shape": [1, 1, 28, 27]}]}, 400),
+        "data/shape mismatch": ("/v2/models/mnist/infer", {"inputs": [{**good["inputs"][0], "shape": [2, 1, 28, 28]}]}, 400),
+        "wrong dtype": ("/v2/models/mnist/infer", {"inputs": [{**good["inputs"][0], "datatype": "INT32",
+                                                               "data": [0] * 784}]}, 400),
+        "unknown output": ("/v2/models/mnist/infer", {**good, "outputs": [{"name": "nope"}]}, 400),
+        "no inputs": ("/v2/models/mnist/infer", {"inputs": []}, 400),
+    }
+    for what, (path, body, status) in cases.items():
+        s, b, _ = server.post_json(path, body)
+        assert s == status, (what, s, b)
+        assert "error" in json.loads(b), (what, b)
+    s, b, _ = server.request("POST", "/v2/models/mnist/infer", b'{"inputs": [', {"Content-Type": "application/json"})
+    assert s == 400 and "error" in json.loads(b)
+    # Oversized: refused from Content-Length, before the body is read (curl sends Expect: 100-continue and gets the
+    # 413 instead of the go-ahead).
+    big = tmp_path / "big.json"
+    big.write_bytes(b"x" * (5 << 20))
+    curl = require("curl", "the oversized-body case")
+    r = subprocess.run([curl, "-s", "-w", "\n%{http_code}", "-H", "Content-Type: application/json", "--data-binary",
+                        f"@{big}", server.url + "/v2/models/mnist/infer"], capture_output=True, text=True, timeout=60)
+    body, code = r.stdout.rsplit("\n", 1)
+    assert code == "413" and "error" in json.loads(body), r.stdout[:300]
+    s, b, _ = server.get("/v2/models/nope")
+    assert s == 404 and "error" in json.loads(b)
+
+
+def test_dynamic_batching_equals_single_runs(server):
+    xs = [mnist_input(100 + k) for k in range(24)]
+    want = [mnist_reference(x) for x in xs]
+
+    def one(k):
+        body = {"inputs": [{"name": "Input3", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": xs[k].ravel().tolist()}]}
+        s, b, _ = server.post_json("/v2/models/mnist/versions/1/infer", body)
+        assert s == 200, b
+        return k, np.array(json.loads(b)["outputs"][0]["data"], np.float32).reshape(want[k].shape)
+
+    with cf.ThreadPoolExecutor(12) as pool:
+        for k, y in pool.map(one, range(len(xs))):
+            np.testing.assert_allclose(y, want[k], rtol=1e-4, atol=1e-4)
+    metrics = server.get("/metrics")[1].decode()
+    # Some executed batch held more than one sample.
+    m = re.search(r'edgepack_batch_size_bucket\{model="mnist",version="1",le="1"\} (\d+)', metrics)
+    c = re.search(r'edgepack_batch_size_count\{model="mnist",version="1"\} (\d+)', metrics)
+    assert m and c and int(m[1]) < int(c[1]), metrics
+
+
+def test_routing_ab_sticky_and_shadow(server):
+    x = mnist_input(7)
+    body = {"inputs": [{"name": "Input3", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": x.ravel().tolist()}]}
+    seen = {}
+    for user in [f"user-{i}" for i in range(20)]:
+        versions = {json.loads(server.post_json("/v2/models/mnist/infer", body, {"x-user": user})[1])["model_version"]
+                    for _ in range(3)}
+        assert len(versions) == 1, (user, versions)  # sticky
+        seen[user] = versions.pop()
+    assert set(seen.values()) == {"1", "2"}, seen
+    # Without the key: the default version answers; version 2 shadows it and agrees (same model).
+    assert json.loads(server.post_json("/v2/models/mnist/infer", body)[1])["model_version"] == "1"
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        m = re.search(r'edgepack_shadow_requests_total\{model="mnist",version="2",result="agree"\} (\d+)',
+                      server.get("/metrics")[1].decode())
+        if m and int(m[1]) >= 1:
+            break
+        time.sleep(0.2)
+    assert m and int(m[1]) >= 1
+
+
+def test_promtool_check_metrics(server):
+    promtool = require("promtool", "Debian package prometheus")
+    text = server.get("/metrics")[1]
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
+    assert r.returncode == 0, (r.stdout + r.stderr).decode() + text.decode()[:3000]
+    assert b"edgepack_requests_total{" in text and b"edgepack_queue_depth{" in text
+
+
+def test_hot_reload_without_dropping_requests(server, repo):
+    x = mnist_input(9)
+    body = {"inputs": [{"name": "Input3", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": x.ravel().tolist()}]}
+    stop, statuses = threading.Event(), []
+
+    def load():
+        while not stop.is_set():
+            statuses.append(server.post_json("/v2/models/mnist/infer", body)[0])
+
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        shutil.copytree(repo / "mnist" / "1", repo / "mnist" / "3")
+        deadline = time.time() + 60
+        while time.time() < deadline and server.get("/v2/models/mnist/versions/3/ready")[0] != 200:
+            time.sleep(0.2)
+        assert server.get("/v2/models/mnist/versions/3/ready")[0] == 200
+        shutil.rmtree(repo / "mnist" / "3")
+        deadline = time.time() + 60
+        while time.time() < deadline and server.get("/v2/models/mnist/versions/3/ready")[0] != 404:
+            time.sleep(0.2)
+        assert server.get("/v2/models/mnist/versions/3/ready")[0] == 404
+    finally:
+        stop.set()
+        t.join()
+    assert statuses and set(statuses) == {200}, statuses
+
+
+def test_sigterm_under_load_loses_no_accepted_request(repo, tmp_path):
+    s = Server(repo, "--poll", "0", "--device", "cpu")
+    img = open(os.path.join(PHOTOS, "skimage_coffee.png"), "rb").read()
+    results = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            st, b, _ = s.request("POST", "/v1/models/effnet:classify", img, {"Content-Type": "image/png"})
+            with lock:
+                results.append((st, b))
+            if st is None:
+                return  # connection refused: the server stopped accepting
+
+    threads = [threading.Thread(target=client) for _ in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    s.proc.send_signal(signal.SIGTERM)
+    code = s.proc.wait(120)
+    stop.set()
+    for t in threads:
+        t.join(120)
+    answered = [r for r in results if r[0] is not None]
+    refused = len(results) - len(answered)
+    bad = [r for r in answered if r[0] != 200]
+    print(f"\nSIGTERM under load: {len(answered)} accepted requests answered, {len(bad)} not 200, {refused} refused after")
+    assert code == 0, "".join(s.log[-20:])
+    assert len(answered) >= 16 and not bad, bad[:3]
+    assert any("shutting down" in line for line in s.log), "".join(s.log[-10:])
