@@ -82,6 +82,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", default="1,8,32,64")
     ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--instances", type=int, default=1, help="edgepack workers per model (config.json instances)")
+    ap.add_argument("--engine-threads", type=int, default=0,
+                    help="engine threads per run (config.json threads; 0 = one per core)")
+    ap.add_argument("--delay-ms", type=float, default=2.0, help="max_queue_delay_ms of the batching model")
     ap.add_argument("--md")
     a = ap.parse_args()
     if not shutil.which("wrk"):
@@ -97,7 +101,8 @@ def main():
         for name, batch in (("effnet", 8), ("effnet_b1", 1)):
             os.makedirs(os.path.join(repo, name, "1"))
             shutil.copy(bundle, os.path.join(repo, name, "1", "model.edgepack"))
-            json.dump({"max_batch_size": batch, "max_queue_delay_ms": 2, "queue_capacity": 1024},
+            json.dump({"max_batch_size": batch, "max_queue_delay_ms": a.delay_ms, "queue_capacity": 1024,
+                       "instances": a.instances, "threads": a.engine_threads},
                       open(os.path.join(repo, name, "config.json"), "w"))
         # The request: the photo pre-processed by edgepack, as KServe v2 JSON.
         subprocess.run([edgepack_bin(), "run", bundle, PHOTO, "--save-inputs", work], check=True, capture_output=True)
@@ -130,6 +135,12 @@ def main():
         assert np.argmax(outs[0]) == np.argmax(outs[1]), "the services disagree on top-1"
         for url in targets.values():
             wrk(url, 8, 3, body_file, lua)  # warm-up
+        # The engine alone, batch 1 and batch 8 (same batch-freed model the server runs): what batching can gain.
+        engine = {}
+        for b in (1, 8):
+            r = subprocess.run([edgepack_bin(), "bench", MODEL, "--free-batch", "--batch", str(b), "--device", "cpu",
+                                "--runs", "20", "--json"], check=True, capture_output=True, text=True)
+            engine[b] = json.loads(r.stdout)["p50_ms"]
         rows = []
         for c in clients:
             for name, url in targets.items():
@@ -151,7 +162,9 @@ def main():
                   "batch-1 throughput):", "",
                   f"- throughput, edgepack / FastAPI: **{on['rps'] / peer['rps']:.2f}×**",
                   f"- p99, edgepack / FastAPI: **{on['p99_ms'] / peer['p99_ms']:.2f}×**",
-                  f"- throughput, batching on / off: **{on['rps'] / off['rps']:.2f}×**"]
+                  f"- throughput, batching on / off: **{on['rps'] / off['rps']:.2f}×**",
+                  f"- the engine alone (`edgepack bench --free-batch --device cpu`): {1000 / engine[1]:.0f} samples/s at "
+                  f"batch 1, {8000 / engine[8]:.0f} samples/s at batch 8 (**{engine[1] * 8 / engine[8]:.2f}×**)"]
     table = "\n".join(lines)
     print(table)
     if a.md:
@@ -160,7 +173,9 @@ def main():
         meta = (f"`python3 benches/peers/serve_load.py --md {a.md}` on {os.cpu_count()} cores ({cpu}); EfficientNet-"
                 f"Lite0 fp32, one 224×224 photo per request as KServe v2 JSON (~{body_kib} KiB), "
                 f"wrk with one thread and N connections for {a.duration} s per cell, services and load generator "
-                "on the same machine.")
+                f"on the same machine. edgepack: `--device cpu`, {a.instances} instance(s) per model, engine threads "
+                f"{a.engine_threads or 'one per core'}; the peer: one uvicorn worker, onnxruntime with one intra-op "
+                "thread per core, runs off the event loop.")
         mdtable.replace_between(a.md, BEGIN, END, f"{meta}\n\n{table}")
 
 

@@ -47,6 +47,7 @@ fn session_options(a: &LoadArgs) -> Result<SessionOptions> {
         threads: a.threads,
         variant: a.variant.clone(),
         key: load_key(a.key.as_deref())?,
+        free_batch: a.free_batch,
         ..Default::default()
     })
 }

@@ -44,6 +44,10 @@ pub struct LoadArgs {
     /// Trusted public key (.pub): the bundle must be signed by it
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// Free a leading input dim fixed at 1 so the model takes batches (--batch N); what `serve` does when it
+    /// batches requests
+    #[arg(long)]
+    pub free_batch: bool,
 }
 
 #[derive(Subcommand)]

@@ -28,6 +28,8 @@ pub struct BatchConfig {
     pub max_batch_size: usize,
     pub max_queue_delay: Duration,
     pub queue_capacity: usize,
+    /// Worker threads taking batches from the queue, sharing one session (Triton's instance count).
+    pub instances: usize,
 }
 
 pub struct Job {
@@ -52,7 +54,7 @@ pub struct Version {
     pub config: BatchConfig,
     tx: Mutex<Option<SyncSender<Job>>>,
     depth: Arc<AtomicUsize>,
-    worker: Mutex<Option<JoinHandle<()>>>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -144,17 +146,20 @@ pub fn load(
         config,
         tx: Mutex::new(None),
         depth: Arc::new(AtomicUsize::new(0)),
-        worker: Mutex::new(None),
+        workers: Mutex::new(Vec::new()),
         metrics,
     });
     let (tx, rx) = sync_channel(v.config.queue_capacity.max(1));
-    let w = v.clone();
-    let handle = std::thread::Builder::new()
-        .name(format!("edgepack-{model}-{version}"))
-        .spawn(move || w.work(rx))
-        .map_err(|e| e.to_string())?;
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..v.config.instances.max(1) {
+        let (w, rx) = (v.clone(), rx.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("edgepack-{model}-{version}-{i}"))
+            .spawn(move || w.work(&rx))
+            .map_err(|e| e.to_string())?;
+        v.workers.lock().map_err(|e| e.to_string())?.push(handle);
+    }
     *v.tx.lock().map_err(|e| e.to_string())? = Some(tx);
-    *v.worker.lock().map_err(|e| e.to_string())? = Some(handle);
     let l = labels(model, version);
     v.metrics.set("edgepack_model_ready", &l, 1.0);
     v.metrics.set("edgepack_queue_depth", &l, 0.0);
@@ -267,47 +272,59 @@ impl Version {
         self.metrics.remove(&labels(&self.model, &self.version));
     }
 
-    /// Waits for the worker after [`Version::close`].
+    /// Waits for the workers after [`Version::close`].
     pub fn join(&self) {
-        let h = self.worker.lock().ok().and_then(|mut g| g.take());
-        if let Some(h) = h {
+        let hs = self.workers.lock().map(|mut g| std::mem::take(&mut *g)).unwrap_or_default();
+        for h in hs {
             let _ = h.join();
         }
     }
 
-    fn work(self: Arc<Self>, rx: Receiver<Job>) {
+    /// One instance: takes a batch from the shared queue (holding it only while collecting), runs it.
+    fn work(self: Arc<Self>, rx: &Mutex<Receiver<Job>>) {
         let l = labels(&self.model, &self.version);
         let l = [l[0], l[1]];
-        while let Ok(first) = rx.recv() {
-            let mut jobs = vec![first];
-            if self.batchable {
-                let until = Instant::now() + self.config.max_queue_delay;
-                let mut n = jobs[0].samples();
-                while n < self.config.max_batch_size {
-                    let left = until.saturating_duration_since(Instant::now());
-                    let next = if left.is_zero() {
-                        rx.try_recv().map_err(|_| ())
-                    } else {
-                        rx.recv_timeout(left).map_err(|_: RecvTimeoutError| ())
-                    };
-                    match next {
-                        Ok(j) if n + j.samples() <= self.config.max_batch_size => {
-                            n += j.samples();
-                            jobs.push(j);
+        let mut carry: Option<Job> = None;
+        loop {
+            let jobs = {
+                let Ok(rx) = rx.lock() else { return };
+                let first = match carry.take() {
+                    Some(j) => j,
+                    None => match rx.recv() {
+                        Ok(j) => j,
+                        Err(_) => return, // closed and drained
+                    },
+                };
+                let mut jobs = vec![first];
+                if self.batchable {
+                    let until = Instant::now() + self.config.max_queue_delay;
+                    let mut n = jobs[0].samples();
+                    while n < self.config.max_batch_size {
+                        let left = until.saturating_duration_since(Instant::now());
+                        let next = if left.is_zero() {
+                            rx.try_recv().map_err(|_| ())
+                        } else {
+                            rx.recv_timeout(left).map_err(|_: RecvTimeoutError| ())
+                        };
+                        match next {
+                            Ok(j) if n + j.samples() <= self.config.max_batch_size => {
+                                n += j.samples();
+                                jobs.push(j);
+                            }
+                            Ok(j) => {
+                                // Too big for this batch: it starts the next one.
+                                carry = Some(j);
+                                break;
+                            }
+                            Err(()) => break,
                         }
-                        Ok(j) => {
-                            // Too big for this batch: it runs next, alone or with what follows.
-                            self.depth.fetch_sub(jobs.len(), Ordering::SeqCst);
-                            self.run(std::mem::replace(&mut jobs, vec![j]), &l);
-                            n = jobs[0].samples();
-                        }
-                        Err(()) => break,
                     }
                 }
-            }
+                jobs
+            };
             self.depth.fetch_sub(jobs.len(), Ordering::SeqCst);
-            self.run(jobs, &l);
             self.metrics.set("edgepack_queue_depth", &l, self.depth.load(Ordering::SeqCst) as f64);
+            self.run(jobs, &l);
         }
     }
 

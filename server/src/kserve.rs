@@ -446,3 +446,25 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod speed {
+    /// `cargo test --release -p edgepack-server -- --ignored --nocapture json_parse_speed`: JSON parse cost of an
+    /// ImageNet-sized request (informative; the load benchmark is `benches/peers/serve_load.py`).
+    #[test]
+    #[ignore]
+    fn json_parse_speed() {
+        let data: Vec<f32> = (0..3 * 224 * 224).map(|i| ((i * 7919) % 1000) as f32 / 997.0 - 0.5).collect();
+        let body = serde_json::to_vec(&serde_json::json!({"inputs": [{"name": "x", "shape": [1, 3, 224, 224], "datatype": "FP32", "data": data}]})).unwrap();
+        let t = std::time::Instant::now();
+        let n = 20;
+        for _ in 0..n {
+            super::parse_request(&body, None).unwrap();
+        }
+        eprintln!(
+            "{} KiB JSON request: {:.2} ms per parse",
+            body.len() / 1024,
+            t.elapsed().as_secs_f64() * 1000.0 / n as f64
+        );
+    }
+}

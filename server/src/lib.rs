@@ -249,8 +249,11 @@ fn sync_repo(state: &AppState) {
         let mut versions = BTreeMap::new();
         let mut files = BTreeMap::new();
         for (v, file) in &dir.versions {
-            let same_batch =
-                old.is_some_and(|o| o.config.batch() == dir.config.batch() && o.config.variant == dir.config.variant);
+            let same_batch = old.is_some_and(|o| {
+                o.config.batch() == dir.config.batch()
+                    && o.config.variant == dir.config.variant
+                    && o.config.threads == dir.config.threads
+            });
             let reuse = old.filter(|o| same_batch && o.files.get(v) == Some(file)).and_then(|o| o.versions.get(v));
             if let Some(r) = reuse {
                 versions.insert(v.clone(), r.clone());
@@ -259,7 +262,10 @@ fn sync_repo(state: &AppState) {
             }
             changed = true;
             let t0 = Instant::now();
-            let opts = SessionOptions { variant: dir.config.variant.clone(), ..state.opts.session.clone() };
+            let mut opts = SessionOptions { variant: dir.config.variant.clone(), ..state.opts.session.clone() };
+            if let Some(t) = dir.config.threads {
+                opts.threads = t;
+            }
             match engine::load(&file.0, &opts, &name, v, dir.config.batch(), state.metrics.clone()) {
                 Ok(loaded) => {
                     tracing::info!(model = %name, version = %v, backend = %loaded.session.backend_description(),

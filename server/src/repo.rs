@@ -22,6 +22,11 @@ pub struct ModelConfig {
     pub queue_capacity: usize,
     /// Bundle variant to load ("int8", "fp32"...; default: the bundle's first).
     pub variant: Option<String>,
+    /// Worker threads running batches concurrently on one loaded session (1).
+    pub instances: usize,
+    /// Engine threads per run (default: the server's --threads; 0 = one per core). Several instances with one
+    /// thread each suit a loaded CPU server better than one instance spreading each run over every core.
+    pub threads: Option<usize>,
     pub routing: Routing,
 }
 
@@ -32,6 +37,8 @@ impl Default for ModelConfig {
             max_queue_delay_ms: 2.0,
             queue_capacity: 256,
             variant: None,
+            instances: 1,
+            threads: None,
             routing: Routing::default(),
         }
     }
@@ -43,6 +50,7 @@ impl ModelConfig {
             max_batch_size: self.max_batch_size.max(1),
             max_queue_delay: Duration::from_secs_f64(self.max_queue_delay_ms.clamp(0.0, 10_000.0) / 1000.0),
             queue_capacity: self.queue_capacity.max(1),
+            instances: self.instances.clamp(1, 64),
         }
     }
 }

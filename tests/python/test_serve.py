@@ -101,7 +101,7 @@ def repo(tmp_path_factory, binary):
         (r / "mnist" / v).mkdir(parents=True)
         ep("pack", MNIST, "--preset", "mnist", "-o", r / "mnist" / v / "model.edgepack")
     (r / "mnist" / "config.json").write_text(json.dumps({
-        "max_batch_size": 8, "max_queue_delay_ms": 5,
+        "max_batch_size": 8, "max_queue_delay_ms": 5, "instances": 2,
         "routing": {"default": "1", "shadow": {"version": "2", "percent": 100},
                     "ab": {"a": "1", "b": "2", "percent_b": 50, "header": "x-user"}}}))
     (r / "effnet" / "1").mkdir(parents=True)
