@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -634,24 +634,33 @@ fn agree(a: &Tensor, b: &Tensor) -> bool {
     err <= 1e-4 * norm.max(1e-12)
 }
 
-#[derive(serde::Deserialize)]
-struct ClassifyQuery {
-    top_k: Option<usize>,
-}
-
 /// `POST /v1/models/{m}:classify`: a raw JPEG/PNG body, the bundle's pre-processing, labels and scores.
 async fn classify(
     State(s): St,
     Path(spec): Path<String>,
-    Query(q): Query<ClassifyQuery>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // `?top_k=N` (1-1000), parsed here so a bad value is a KServe error body like every other.
+    let mut top_k = None;
+    for (k, v) in query.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()).filter_map(|p| p.split_once('='))
+    {
+        if k == "top_k" {
+            match v.parse::<usize>() {
+                Ok(n) if (1..=1000).contains(&n) => top_k = Some(n),
+                _ => {
+                    return ApiError::bad_request(format!("top_k must be an integer in 1..=1000, got `{v}`"))
+                        .into_response();
+                }
+            }
+        }
+    }
     let Some(name) = spec.strip_suffix(":classify").map(str::to_string) else {
         return ApiError::not_found(format!("unknown verb in `{spec}` (POST /v1/models/<model>:classify)"))
             .into_response();
     };
-    let f = classify_inner(s.clone(), name.clone(), q.top_k, headers, body);
+    let f = classify_inner(s.clone(), name.clone(), top_k, headers, body);
     instrumented(&s, &name, "classify", f).await
 }
 
@@ -679,10 +688,7 @@ async fn classify_inner(
         .map_err(|e| fail(ApiError::from_runtime(&e)))?;
     let inputs = v.check_inputs(vec![(batch.input, batch.tensor)]).map_err(fail)?;
     let outs = execute(&v, inputs, deadline(&s, &headers, None)).await.map_err(fail)?;
-    let classes = v
-        .session
-        .classify_outputs(&outs, top_k.map(|k| k.clamp(1, 1000)))
-        .map_err(|e| fail(ApiError::from_runtime(&e)))?;
+    let classes = v.session.classify_outputs(&outs, top_k).map_err(|e| fail(ApiError::from_runtime(&e)))?;
     let mut predictions = classes.into_iter().next().unwrap_or_default();
     for p in &mut predictions {
         p.label = p.label.as_deref().map(|l| edgepack_runtime::process::display_label(l).to_string());
