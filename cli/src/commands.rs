@@ -1012,3 +1012,60 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     edgepack_server::serve(opts)?;
     Ok(())
 }
+
+#[derive(clap::Args, Debug)]
+pub struct BatchArgs {
+    /// Model (.onnx) or bundle (.edgepack); images need a bundle with pre-processing
+    pub model: PathBuf,
+    /// A folder of images (JPEG/PNG, recursively) or a .jsonl file of KServe v2 requests
+    pub input: PathBuf,
+    /// Output JSON lines (written as <OUT>.part, renamed when complete; rerun to resume)
+    #[arg(short, long)]
+    pub out: PathBuf,
+    /// Classes per image for classifiers (default: the bundle's)
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Items between fsyncs of the .part file (what an interruption can lose)
+    #[arg(long, default_value_t = 32)]
+    pub sync_every: usize,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub load: crate::LoadArgs,
+}
+
+pub fn batch(a: BatchArgs) -> Result<()> {
+    use edgepack_server::batch::{BatchInput, run_batch};
+    let input = if a.input.is_dir() {
+        BatchInput::Images(a.input.clone())
+    } else if a.input.extension().is_some_and(|e| e == "jsonl") {
+        BatchInput::Requests(a.input.clone())
+    } else {
+        anyhow::bail!("{}: expected a folder of images or a .jsonl file of requests", a.input.display());
+    };
+    let s = open_session(&a.model, &a.load)?;
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let report = run_batch(&s, &input, &a.out, a.top_k, a.sync_every, |done, total| {
+        let b = bar.get_or_insert_with(|| progress(total, "batch"));
+        b.set_position(done as u64);
+    })
+    .with_context(|| format!("writing {}", a.out.display()))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let summary = json!({"out": a.out, "backend": s.backend_description(), "total": report.total,
+        "resumed": report.resumed, "done": report.done, "failed": report.failed});
+    if a.json {
+        println!("{summary}");
+    } else {
+        eprintln!(
+            "{}: {} items ({} from an earlier run, {} now, {} with errors)",
+            a.out.display(),
+            report.total,
+            report.resumed,
+            report.done,
+            report.failed
+        );
+    }
+    Ok(())
+}

@@ -84,6 +84,9 @@ enum Command {
     },
     /// Measure load time, first run, latency percentiles, throughput and peak memory
     Bench(bench::BenchArgs),
+    /// Bulk inference over a folder of images or a JSONL file of KServe v2 requests; JSON lines out, written
+    /// atomically and resumable after an interruption
+    Batch(commands::BatchArgs),
     /// Serve a repository of bundles over the KServe v2 protocol (HTTP), with dynamic batching and routing
     Serve(commands::ServeArgs),
     /// Offline demo: pack the shipped EfficientNet-Lite0, verify it, classify the shipped photos
@@ -128,6 +131,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::bench(a),
         Command::Demo(a) => demo::demo(a),
         Command::Serve(a) => commands::serve(a),
+        Command::Batch(a) => commands::batch(a),
         Command::Devices { json } => commands::devices(json),
         Command::Rewrite { input, output, topo_sort, remove_unused_initializers, opset } => {
             commands::rewrite(&input, &output, topo_sort, remove_unused_initializers, opset)

@@ -6,6 +6,7 @@
 //!
 //! Threads: HTTP on a small tokio runtime; each model version has one worker thread that owns the engine calls
 //! (the runtime's kernels use every core per call), fed by a bounded queue.
+pub mod batch;
 mod engine;
 mod error;
 mod kserve;
