@@ -211,10 +211,11 @@ pub fn run_batch(
     f.sync_all()?;
     drop(f);
     std::fs::rename(&part, out)?;
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+    // The rename itself is durable once the directory is synced.
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
     }
     Ok(report)
 }
