@@ -33,6 +33,10 @@ MODEL = os.path.join(ROOT, "assets", "models", "efficientnet_lite0_fp32.onnx")
 PHOTO = os.path.join(ROOT, "assets", "photos", "skimage_chelsea.png")
 LUA = """wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+if os.getenv("HEADER_LEN") ~= "" then
+  wrk.headers["Content-Type"] = "application/octet-stream"
+  wrk.headers["Inference-Header-Content-Length"] = os.getenv("HEADER_LEN")
+end
 local f = io.open(os.getenv("BODY_FILE"), "rb")
 wrk.body = f:read("*a")
 f:close()
@@ -65,9 +69,11 @@ def ms(s):
     return float(v) * {"us": 1e-3, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(url, clients, seconds, body_file, lua):
+def wrk(url, clients, seconds, body, lua):
+    body_file, header_len = body
     r = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "60s", "--latency", "-s", lua, url],
-                       capture_output=True, text=True, env={**os.environ, "BODY_FILE": body_file})
+                       capture_output=True, text=True,
+                       env={**os.environ, "BODY_FILE": body_file, "HEADER_LEN": str(header_len or "")})
     out = r.stdout
     if r.returncode != 0 or "Non-2xx" in out or "Socket errors" in out:
         raise SystemExit(f"wrk against {url} with {clients} clients failed:\n{out}\n{r.stderr}")
@@ -86,8 +92,13 @@ def main():
     ap.add_argument("--engine-threads", type=int, default=0,
                     help="engine threads per run (config.json threads; 0 = one per core)")
     ap.add_argument("--delay-ms", type=float, default=2.0, help="max_queue_delay_ms of the batching model")
+    ap.add_argument("--int8", action="store_true", help="serve the INT8 QDQ model (edgepack quantize) on both services")
+    ap.add_argument("--binary", action="store_true", help="also load edgepack with binary tensor requests")
     ap.add_argument("--md")
     a = ap.parse_args()
+    global BEGIN, END
+    if a.int8:
+        BEGIN, END = "<!-- serve-load-int8:begin -->", "<!-- serve-load-int8:end -->"
     if not shutil.which("wrk"):
         raise SystemExit("wrk is required (apt-get install wrk)")
     clients = [int(c) for c in a.clients.split(",")]
@@ -95,8 +106,14 @@ def main():
     procs = []
     body_kib = 0
     try:
+        model = MODEL
+        if a.int8:
+            # INT8 QDQ from `edgepack quantize`, calibrated on the shipped photos; both services run this file.
+            model = os.path.join(work, "effnet_int8.onnx")
+            subprocess.run([edgepack_bin(), "quantize", MODEL, "--calib", os.path.dirname(PHOTO), "--preset", "tf",
+                            "--holdout", "0", "--latency-runs", "0", "-o", model], check=True, capture_output=True)
         bundle = os.path.join(work, "effnet.edgepack")
-        subprocess.run([edgepack_bin(), "pack", MODEL, "--preset", "tf", "-o", bundle], check=True, capture_output=True)
+        subprocess.run([edgepack_bin(), "pack", model, "--preset", "tf", "-o", bundle], check=True, capture_output=True)
         repo = os.path.join(work, "repo")
         for name, batch in (("effnet", 8), ("effnet_b1", 1)):
             os.makedirs(os.path.join(repo, name, "1"))
@@ -105,12 +122,19 @@ def main():
                        "instances": a.instances, "threads": a.engine_threads},
                       open(os.path.join(repo, name, "config.json"), "w"))
         # The request: the photo pre-processed by edgepack, as KServe v2 JSON.
-        subprocess.run([edgepack_bin(), "run", bundle, PHOTO, "--save-inputs", work], check=True, capture_output=True)
+        subprocess.run([edgepack_bin(), "run", bundle, PHOTO, "--save-inputs", work, "--device", "cpu"], check=True,
+                       capture_output=True)
         x = np.load(os.path.join(work, "input_input.npy"))
         body_file = os.path.join(work, "request.json")
         json.dump({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]},
                   open(body_file, "w"))
         body_kib = os.path.getsize(body_file) // 1024
+        # The same request with the binary tensor extension (what tritonclient sends by default).
+        head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                       "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+        bin_file = os.path.join(work, "request.bin")
+        open(bin_file, "wb").write(head + np.ascontiguousarray(x, np.float32).tobytes())
+        bodies = {"json": (body_file, None), "binary": (bin_file, len(head))}
         lua = os.path.join(work, "post.lua")
         open(lua, "w").write(LUA)
         ep = subprocess.Popen([edgepack_bin(), "serve", "--repo", repo, "--addr", "127.0.0.1:8790", "--poll", "0",
@@ -118,33 +142,36 @@ def main():
         procs.append(ep)
         peer = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", os.path.dirname(__file__),
                                  "fastapi_ort:app", "--port", "8791", "--log-level", "warning"],
-                                env={**os.environ, "MODEL": MODEL})
+                                env={**os.environ, "MODEL": model})
         procs.append(peer)
         wait_ready("http://127.0.0.1:8790", ep, "edgepack serve")
         wait_ready("http://127.0.0.1:8791", peer, "fastapi")
         targets = {
-            "edgepack serve, batching on": "http://127.0.0.1:8790/v2/models/effnet/infer",
-            "edgepack serve, batching off": "http://127.0.0.1:8790/v2/models/effnet_b1/infer",
-            "FastAPI + onnxruntime": "http://127.0.0.1:8791/v2/models/effnet/infer",
+            "edgepack serve, batching on": ("http://127.0.0.1:8790/v2/models/effnet/infer", "json"),
+            "edgepack serve, batching off": ("http://127.0.0.1:8790/v2/models/effnet_b1/infer", "json"),
+            "FastAPI + onnxruntime": ("http://127.0.0.1:8791/v2/models/effnet/infer", "json"),
         }
+        if a.binary:
+            targets["edgepack serve, batching on, binary tensors"] = (targets["edgepack serve, batching on"][0], "binary")
+            targets["edgepack serve, batching off, binary tensors"] = (targets["edgepack serve, batching off"][0], "binary")
         # Same answer from both services.
         outs = []
-        for url in (targets["edgepack serve, batching on"], targets["FastAPI + onnxruntime"]):
+        for url in (targets["edgepack serve, batching on"][0], targets["FastAPI + onnxruntime"][0]):
             req = urllib.request.Request(url, data=open(body_file, "rb").read(), headers={"Content-Type": "application/json"})
             outs.append(np.array(json.loads(urllib.request.urlopen(req).read())["outputs"][0]["data"]))
         assert np.argmax(outs[0]) == np.argmax(outs[1]), "the services disagree on top-1"
-        for url in targets.values():
-            wrk(url, 8, 3, body_file, lua)  # warm-up
+        for url, kind in targets.values():
+            wrk(url, 8, 3, bodies[kind], lua)  # warm-up
         # The engine alone, batch 1 and batch 8 (same batch-freed model the server runs): what batching can gain.
         engine = {}
         for b in (1, 8):
-            r = subprocess.run([edgepack_bin(), "bench", MODEL, "--free-batch", "--batch", str(b), "--device", "cpu",
+            r = subprocess.run([edgepack_bin(), "bench", model, "--free-batch", "--batch", str(b), "--device", "cpu",
                                 "--runs", "20", "--json"], check=True, capture_output=True, text=True)
             engine[b] = json.loads(r.stdout)["p50_ms"]
         rows = []
         for c in clients:
-            for name, url in targets.items():
-                r = wrk(url, c, a.duration, body_file, lua)
+            for name, (url, kind) in targets.items():
+                r = wrk(url, c, a.duration, bodies[kind], lua)
                 rows.append({"target": name, "clients": c, **r})
                 print(json.dumps(rows[-1]), flush=True)
     finally:
@@ -157,7 +184,7 @@ def main():
     for r in rows:
         lines.append(f"| {r['clients']} | {r['target']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
     if 32 in clients:
-        on, off, peer = (get(t, 32) for t in targets)
+        on, off, peer = (get(t, 32) for t in list(targets)[:3])
         lines += ["", "At 32 clients (targets: throughput ≥ 2× and p99 ≤ 0.5× FastAPI + onnxruntime; batching ≥ 1.5× "
                   "batch-1 throughput):", "",
                   f"- throughput, edgepack / FastAPI: **{on['rps'] / peer['rps']:.2f}×**",
@@ -165,13 +192,17 @@ def main():
                   f"- throughput, batching on / off: **{on['rps'] / off['rps']:.2f}×**",
                   f"- the engine alone (`edgepack bench --free-batch --device cpu`): {1000 / engine[1]:.0f} samples/s at "
                   f"batch 1, {8000 / engine[8]:.0f} samples/s at batch 8 (**{engine[1] * 8 / engine[8]:.2f}×**)"]
+        if a.binary:
+            bon, boff = get("edgepack serve, batching on, binary tensors", 32), get("edgepack serve, batching off, binary tensors", 32)
+            lines.append(f"- with binary tensors (no JSON parsing), batching on / off: **{bon['rps'] / boff['rps']:.2f}×**")
     table = "\n".join(lines)
     print(table)
     if a.md:
         cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | sed 's/.*: *//'"], capture_output=True,
                              text=True).stdout.strip()
-        meta = (f"`python3 benches/peers/serve_load.py --md {a.md}` on {os.cpu_count()} cores ({cpu}); EfficientNet-"
-                f"Lite0 fp32, one 224×224 photo per request as KServe v2 JSON (~{body_kib} KiB), "
+        flags = (" --int8" if a.int8 else "") + (" --binary" if a.binary else "")
+        meta = (f"`python3 benches/peers/serve_load.py{flags} --md {a.md}` on {os.cpu_count()} cores ({cpu}); EfficientNet-"
+                f"Lite0 {'INT8 (QDQ from edgepack quantize)' if a.int8 else 'fp32'}, one 224×224 photo per request as KServe v2 JSON (~{body_kib} KiB), "
                 f"wrk with one thread and N connections for {a.duration} s per cell, services and load generator "
                 f"on the same machine. edgepack: `--device cpu`, {a.instances} instance(s) per model, engine threads "
                 f"{a.engine_threads or 'one per core'}; the peer: one uvicorn worker, onnxruntime with one intra-op "
