@@ -6,7 +6,7 @@
 //! whose deadline passed, concatenates compatible requests along the leading dim and runs them in power-of-two
 //! chunks (the runtime keeps one plan per input shape), then splits the outputs back. A full queue refuses new
 //! requests (503 + Retry-After). Closing the queue lets the worker finish everything accepted, then exit.
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -54,6 +54,11 @@ pub struct Version {
     pub config: BatchConfig,
     tx: Mutex<Option<SyncSender<Job>>>,
     depth: Arc<AtomicUsize>,
+    /// Arrival times (ns since `born`) of the last request and the gap before it: when requests arrive further
+    /// apart than `max_queue_delay`, a batch would wait for company that does not come, so it runs at once.
+    born: Instant,
+    last_arrival_ns: AtomicU64,
+    gap_ns: AtomicU64,
     workers: Mutex<Vec<JoinHandle<()>>>,
     metrics: Arc<Metrics>,
 }
@@ -146,6 +151,9 @@ pub fn load(
         config,
         tx: Mutex::new(None),
         depth: Arc::new(AtomicUsize::new(0)),
+        born: Instant::now(),
+        last_arrival_ns: AtomicU64::new(0),
+        gap_ns: AtomicU64::new(u64::MAX),
         workers: Mutex::new(Vec::new()),
         metrics,
     });
@@ -242,6 +250,9 @@ impl Version {
             return Err(ApiError::unavailable(format!("{} version {} is unloading", self.model, self.version), 1));
         };
         self.depth.fetch_add(1, Ordering::SeqCst);
+        let now = self.born.elapsed().as_nanos() as u64;
+        let last = self.last_arrival_ns.swap(now, Ordering::Relaxed);
+        self.gap_ns.store(now.saturating_sub(last), Ordering::Relaxed);
         match tx.try_send(job) {
             Ok(()) => {
                 let d = self.depth.load(Ordering::SeqCst);
@@ -297,7 +308,9 @@ impl Version {
                 };
                 let mut jobs = vec![first];
                 if self.batchable {
-                    let until = Instant::now() + self.config.max_queue_delay;
+                    // Sparse traffic: take what is queued, do not wait.
+                    let sparse = self.gap_ns.load(Ordering::Relaxed) > self.config.max_queue_delay.as_nanos() as u64;
+                    let until = if sparse { Instant::now() } else { Instant::now() + self.config.max_queue_delay };
                     let mut n = jobs[0].samples();
                     while n < self.config.max_batch_size {
                         let left = until.saturating_duration_since(Instant::now());
