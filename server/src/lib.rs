@@ -506,7 +506,13 @@ where
         }
     };
     let status = resp.status().as_u16().to_string();
-    let l = [("model", model), ("version", version.as_str())];
+    // Names a client made up never become label values (unbounded series): they count as `_unknown`.
+    let known = s
+        .models
+        .read()
+        .is_ok_and(|m| m.get(model).is_some_and(|m| version.is_empty() || m.versions.contains_key(&version)));
+    let (model, version) = if known { (model, version.as_str()) } else { ("_unknown", "") };
+    let l = [("model", model), ("version", version)];
     s.metrics.inc("edgepack_requests_total", &[l[0], l[1], ("endpoint", endpoint), ("status", &status)]);
     s.metrics.observe("edgepack_request_duration_seconds", &l, t0.elapsed().as_secs_f64());
     resp

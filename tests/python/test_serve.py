@@ -229,6 +229,10 @@ def test_errors_are_kserve_4xx(server, tmp_path):
     assert code == "413" and "error" in json.loads(body), r.stdout[:300]
     s, b, _ = server.get("/v2/models/nope")
     assert s == 404 and "error" in json.loads(b)
+    # Made-up names do not become metric labels.
+    metrics = server.get("/metrics")[1].decode()
+    assert 'model="nope"' not in metrics and 'version="9"' not in metrics
+    assert re.search(r'edgepack_requests_total\{model="_unknown",version="",endpoint="infer",status="404"\} \d+', metrics)
 
 
 def test_dynamic_batching_equals_single_runs(server):
