@@ -18,6 +18,12 @@ bench:
     cargo build --release --workspace
     python3 benches/peers/bench_vs_ort.py --md BENCHMARKS.md
 
+# edgepack serve vs FastAPI + onnxruntime under load (needs wrk, fastapi, uvicorn); tables into BENCHMARKS.md
+bench-serve:
+    cargo build --release --workspace
+    python3 benches/peers/serve_load.py --md BENCHMARKS.md
+    python3 benches/peers/serve_load.py --int8 --binary --md BENCHMARKS.md
+
 # CPU runtime vs onnxruntime on every shared model, table into CONFORMANCE.md
 conformance:
     cargo build --release --workspace

@@ -84,10 +84,14 @@ fn items(input: &BatchInput) -> std::io::Result<Vec<Item>> {
                 if line.trim().is_empty() {
                     continue;
                 }
-                // The key: the request's id, else its line number.
-                let id = serde_json::from_str::<Value>(&line)
+                // The key: the request's id, else its line number (the tensors are skipped, not built).
+                #[derive(serde::Deserialize)]
+                struct Id {
+                    id: Option<String>,
+                }
+                let id = serde_json::from_str::<Id>(&line)
                     .ok()
-                    .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_string))
+                    .and_then(|r| r.id)
                     .unwrap_or_else(|| format!("line {}", i + 1));
                 out.push(Item::Request(id, line.into_bytes()));
             }
@@ -109,13 +113,8 @@ fn line_for(s: &Session, item: &Item, top_k: Option<usize>) -> Value {
                         json!({ "detections": s.detections_from_outputs(&outs, size).map_err(|e| e.to_string())? })
                     }
                     _ => {
-                        let mut top = s.classify_outputs(&outs, top_k).map_err(|e| e.to_string())?;
-                        let mut top = top.pop().unwrap_or_default();
-                        for c in &mut top {
-                            c.label =
-                                c.label.as_deref().map(|l| edgepack_runtime::process::display_label(l).to_string());
-                        }
-                        json!({ "top_k": top })
+                        let top = s.classify_outputs(&outs, top_k).map_err(|e| e.to_string())?;
+                        json!({ "top_k": crate::display_top(top) })
                     }
                 })
             };

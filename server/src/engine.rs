@@ -92,17 +92,36 @@ fn close(a: &Tensor, b: &Tensor) -> bool {
         && a.to_f32_vec().iter().zip(b.to_f32_vec()).all(|(x, y)| (x - y).abs() <= 1e-3 * (1.0 + y.abs()))
 }
 
-/// Rows `start..start + n` of the leading dim.
-fn rows(t: &Tensor, start: usize, n: usize) -> Result<Tensor, String> {
+/// `t` cut along its leading dim into consecutive pieces of `counts` rows, which must add up to that dim.
+fn split_rows(t: &Tensor, counts: &[usize]) -> Result<Vec<Tensor>, String> {
     let total = *t.shape().first().ok_or("a scalar output cannot be split into a batch")?;
-    if start + n > total {
-        return Err(format!("output has {total} rows, {} expected", start + n));
+    let want: usize = counts.iter().sum();
+    if want != total {
+        return Err(format!("output has {total} rows, {want} expected"));
     }
     let row = t.len() / total.max(1) * t.dtype().size();
     let bytes = t.to_le_bytes();
-    let mut shape = t.shape().to_vec();
-    shape[0] = n;
-    Tensor::from_le_bytes(t.dtype(), shape, &bytes[start * row..(start + n) * row]).map_err(|e| e.to_string())
+    let mut start = 0;
+    counts
+        .iter()
+        .map(|&n| {
+            let mut shape = t.shape().to_vec();
+            shape[0] = n;
+            let piece = Tensor::from_le_bytes(t.dtype(), shape, &bytes[start * row..(start + n) * row]);
+            start += n;
+            piece.map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+/// Named tensors cut as [`split_rows`] does: for each entry of `counts`, its piece of every tensor, by name.
+fn split_named(outs: &Outputs, counts: &[usize]) -> Result<Vec<Outputs>, String> {
+    let mut pieces: Vec<std::vec::IntoIter<Tensor>> =
+        outs.iter().map(|(_, t)| split_rows(t, counts).map(Vec::into_iter)).collect::<Result<_, _>>()?;
+    Ok(counts
+        .iter()
+        .map(|_| outs.iter().zip(&mut pieces).filter_map(|((name, _), p)| Some((name.clone(), p.next()?))).collect())
+        .collect())
 }
 
 /// Loads a model file for serving: a batch-free session when `max_batch_size > 1` and batched runs equal single
@@ -189,7 +208,7 @@ fn batch_equals_singles(s: &Session) -> bool {
     };
     let (Ok(ra), Ok(rb), Ok(rab)) = (s.run(a), s.run(b), s.run(ab)) else { return false };
     rab.iter().zip(ra.iter().zip(&rb)).all(|((_, t), ((_, x), (_, y)))| {
-        matches!((rows(t, 0, 1), rows(t, 1, 1)), (Ok(p), Ok(q)) if close(&p, x) && close(&q, y))
+        matches!(split_rows(t, &[1, 1]).as_deref(), Ok([p, q]) if close(p, x) && close(q, y))
     })
 }
 
@@ -398,16 +417,19 @@ impl Version {
                     let _ = j.reply.send(Ok(outs));
                 }
             }
-            Ok(outs) => {
-                let mut start = 0;
-                for (j, n) in group.into_iter().zip(counts) {
-                    let mine: Result<Outputs, String> =
-                        outs.iter().map(|(name, t)| rows(t, start, n).map(|r| (name.clone(), r))).collect();
-                    start += n;
-                    let _ =
-                        j.reply.send(mine.map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e)));
+            Ok(outs) => match split_named(&outs, &counts) {
+                Ok(mine) => {
+                    for (j, m) in group.into_iter().zip(mine) {
+                        let _ = j.reply.send(Ok(m));
+                    }
                 }
-            }
+                Err(e) => {
+                    let e = ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e);
+                    for j in group {
+                        let _ = j.reply.send(Err(e.clone()));
+                    }
+                }
+            },
         }
     }
 
@@ -419,23 +441,22 @@ impl Version {
             .map(|i| stack(&group.iter().map(|j| j.inputs[i].1.clone()).collect::<Vec<_>>()))
             .collect::<Result<_, _>>()
             .map_err(internal)?;
-        let mut parts: Vec<Outputs> = Vec::new();
-        let mut start = 0;
-        while start < total {
-            let left = total - start;
+        let stacked: Outputs = names.into_iter().zip(stacked).collect();
+        // Power-of-two chunks, largest first (13 = 8 + 4 + 1).
+        let mut chunks = Vec::new();
+        let mut left = total;
+        while left > 0 {
             let n = 1usize << (usize::BITS - 1 - left.leading_zeros());
-            let chunk: Vec<(String, Tensor)> = names
-                .iter()
-                .zip(&stacked)
-                .map(|(name, t)| rows(t, start, n).map(|r| (name.clone(), r)))
-                .collect::<Result<_, _>>()
-                .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e))?;
-            parts.push(self.session.run(chunk).map_err(internal)?);
-            start += n;
+            chunks.push(n);
+            left -= n;
         }
-        if parts.len() == 1 {
-            return Ok(parts.remove(0));
+        if chunks.len() == 1 {
+            return self.session.run(stacked).map_err(internal);
         }
+        let inputs = split_named(&stacked, &chunks)
+            .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        let parts: Vec<Outputs> =
+            inputs.into_iter().map(|chunk| self.session.run(chunk).map_err(internal)).collect::<Result<_, _>>()?;
         let first = &parts[0];
         (0..first.len())
             .map(|k| {

@@ -641,6 +641,15 @@ fn agree(a: &Tensor, b: &Tensor) -> bool {
     err <= 1e-4 * norm.max(1e-12)
 }
 
+/// The first image's classes with labels in display form, as `edgepack run` prints them (classify, batch).
+fn display_top(classes: Vec<Vec<edgepack_runtime::process::ClassScore>>) -> Vec<edgepack_runtime::process::ClassScore> {
+    let mut top = classes.into_iter().next().unwrap_or_default();
+    for c in &mut top {
+        c.label = c.label.as_deref().map(|l| edgepack_runtime::process::display_label(l).to_string());
+    }
+    top
+}
+
 /// `POST /v1/models/{m}:classify`: a raw JPEG/PNG body, the bundle's pre-processing, labels and scores.
 async fn classify(
     State(s): St,
@@ -696,10 +705,7 @@ async fn classify_inner(
     let inputs = v.check_inputs(vec![(batch.input, batch.tensor)]).map_err(fail)?;
     let outs = execute(&v, inputs, deadline(&s, &headers, None)).await.map_err(fail)?;
     let classes = v.session.classify_outputs(&outs, top_k).map_err(|e| fail(ApiError::from_runtime(&e)))?;
-    let mut predictions = classes.into_iter().next().unwrap_or_default();
-    for p in &mut predictions {
-        p.label = p.label.as_deref().map(|l| edgepack_runtime::process::display_label(l).to_string());
-    }
+    let predictions = display_top(classes);
     let body = json!({ "model_name": name, "model_version": v.version, "predictions": predictions });
     Ok((axum::Json(body).into_response(), v.version.clone()))
 }

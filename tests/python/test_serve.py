@@ -176,25 +176,16 @@ def test_readme_curl_examples(server, tmp_path):
             json.loads(r.stdout)
 
 
-def test_classify_raw_image(server):
+def test_classify_raw_image(server, repo):
     img = os.path.join(PHOTOS, "skimage_chelsea.png")
     s, body, _ = server.request("POST", "/v1/models/effnet:classify?top_k=3", open(img, "rb").read(),
                                 {"Content-Type": "image/png"})
     assert s == 200, body
     got = json.loads(body)
-    want = json.loads(ep("run", server_repo_bundle(server, "effnet"), img, "--json", "--top-k", "3", "--device", "cpu").stdout)
+    want = json.loads(ep("run", repo / "effnet" / "1" / "model.edgepack", img, "--json", "--top-k", "3", "--device", "cpu").stdout)
     assert [p["class_index"] for p in got["predictions"]] == [p["class_index"] for p in want["top_k"][0]]
     assert [p["label"] for p in got["predictions"]] == [p["label"] for p in want["top_k"][0]]
     assert "cat" in got["predictions"][0]["label"], got
-
-
-def server_repo_bundle(server, model):
-    return os.path.join(server_repo_bundle.repo, model, "1", "model.edgepack")
-
-
-@pytest.fixture(autouse=True)
-def _repo_path(repo):
-    server_repo_bundle.repo = str(repo)
 
 
 def test_errors_are_kserve_4xx(server, tmp_path):

@@ -176,9 +176,8 @@ pub struct GpuBackend {
     plans: Mutex<HashMap<PlanKey, Arc<Plan>>>,
     /// The model has QDQ weights (kept int8 on the device).
     int8_weights: bool,
-    /// QDQ patterns rewritten to integer arithmetic (`lower_qdq_integer_with`): how many, and the model as
-    /// written, for requests of intermediate values the rewrite removed (a Conv's float output...).
-    lowered: usize,
+    /// When QDQ patterns were rewritten to integer arithmetic (`lower_qdq_integer_with`): the model as written,
+    /// for requests of intermediate values the rewrite removed (a Conv's float output...).
     unlowered: Option<Model>,
     fallback: OnceLock<std::result::Result<Box<GpuBackend>, String>>,
     weight_bytes: Mutex<(usize, usize)>,
@@ -231,12 +230,13 @@ impl GpuBackend {
         m.graph.constants_to_initializers();
         m.graph.fold_batchnorm();
         m.graph.topo_sort()?;
-        let unlowered = m.clone();
-        let lowered = if lower && prec == Precision::F32 && super::has_int8_weights(&m) {
-            m.graph.lower_qdq_integer_with(crate::onnx::qdq_lower::LowerFor::F32Device)
-        } else {
-            0
-        };
+        let mut unlowered = None;
+        if lower && prec == Precision::F32 && super::has_int8_weights(&m) {
+            let written = m.clone();
+            if m.graph.lower_qdq_integer_with(crate::onnx::qdq_lower::LowerFor::F32Device) > 0 {
+                unlowered = Some(written);
+            }
+        }
         let mut slots: HashMap<String, usize> = HashMap::new();
         let mut slot = |name: &str| -> Option<usize> {
             if name.is_empty() {
@@ -313,8 +313,7 @@ impl GpuBackend {
             gpu,
             plans: Mutex::new(HashMap::new()),
             int8_weights,
-            lowered,
-            unlowered: (lowered > 0).then_some(unlowered),
+            unlowered,
             fallback: OnceLock::new(),
             weight_bytes: Mutex::new((0, 0)),
         })
@@ -614,7 +613,7 @@ impl Backend for GpuBackend {
     }
 
     fn describe(&self) -> String {
-        let weights = match (self.int8_weights, self.lowered > 0) {
+        let weights = match (self.int8_weights, self.unlowered.is_some()) {
             (true, true) => ", int8 weights, integer requantization",
             (true, false) => ", int8 weights",
             _ => "",

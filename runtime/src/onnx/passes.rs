@@ -41,8 +41,8 @@ impl Graph {
             }
         }
         let inits: HashSet<String> = self.initializers.iter().filter_map(|t| t.name.clone()).collect();
-        let mut probe = self.clone();
-        let freed = probe
+        // `free` changes nothing when it returns false: a graph with no such input is left as it was.
+        let freed = self
             .inputs
             .iter_mut()
             .filter(|v| !v.name.as_deref().is_some_and(|n| inits.contains(n)))
@@ -52,7 +52,6 @@ impl Graph {
         if freed == 0 {
             return 0;
         }
-        *self = probe;
         self.constants_to_initializers();
         for v in &mut self.outputs {
             free(v);
