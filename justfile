@@ -41,13 +41,17 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --release --workspace --all-targets -- -D warnings
 
-# Swift/Kotlin/Python bindings (mobile/ crate; see the mobile issue): not built yet
+# Swift/Kotlin/Python bindings of the mobile SDK (uniffi) into $CARGO_TARGET_DIR/bindings (mobile/README.md)
 bindings:
-    @echo "bindings: the uniffi SDK in mobile/ is not implemented yet" && exit 1
+    ./scripts/bindings.sh
 
-# KServe v2 server (server/ crate; see the serve issue): not built yet
-serve:
-    @echo "serve: the server crate is not implemented yet" && exit 1
+# Stripped size of the CPU-only mobile library (`mobile` profile) into BENCHMARKS.md; a separate, long build
+mobile-size:
+    ./scripts/mobile_size.sh --md BENCHMARKS.md --abort
+
+# KServe v2 server on the repository REPO (README "Serving")
+serve REPO:
+    cargo run --release -- serve --repo {{REPO}}
 
 # Regenerate the ONNX protobuf types from runtime/proto/onnx-ml.proto
 proto:

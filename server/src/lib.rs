@@ -342,7 +342,7 @@ async fn server_metadata() -> Response {
     axum::Json(json!({
         "name": "edgepack",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "classify"],
+        "extensions": ["binary_tensor_data", "classify", "detect"],
     }))
     .into_response()
 }
@@ -650,7 +650,15 @@ fn display_top(classes: Vec<Vec<edgepack_runtime::process::ClassScore>>) -> Vec<
     top
 }
 
-/// `POST /v1/models/{m}:classify`: a raw JPEG/PNG body, the bundle's pre-processing, labels and scores.
+/// What `POST /v1/models/{m}:<verb>` does with a raw image.
+#[derive(Clone, Copy)]
+enum ImageVerb {
+    Classify,
+    Detect,
+}
+
+/// `POST /v1/models/{m}:classify` and `:detect`: a raw JPEG/PNG body through the bundle's pre- and
+/// post-processing; labels and scores, or boxes in pixels of the image. `?top_k=N` (classify), `?version=V`.
 async fn classify(
     State(s): St,
     Path(spec): Path<String>,
@@ -658,37 +666,52 @@ async fn classify(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    // `?top_k=N` (1-1000), parsed here so a bad value is a KServe error body like every other.
+    // Parsed here so a bad value is a KServe error body like every other.
     let mut top_k = None;
+    let mut version = None;
     for (k, v) in query.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()).filter_map(|p| p.split_once('='))
     {
-        if k == "top_k" {
-            match v.parse::<usize>() {
+        match k {
+            "top_k" => match v.parse::<usize>() {
                 Ok(n) if (1..=1000).contains(&n) => top_k = Some(n),
                 _ => {
                     return ApiError::bad_request(format!("top_k must be an integer in 1..=1000, got `{v}`"))
                         .into_response();
                 }
-            }
+            },
+            "version" if !v.is_empty() => version = Some(v.to_string()),
+            _ => {}
         }
     }
-    let Some(name) = spec.strip_suffix(":classify").map(str::to_string) else {
-        return ApiError::not_found(format!("unknown verb in `{spec}` (POST /v1/models/<model>:classify)"))
+    let (name, verb) = match spec.rsplit_once(':') {
+        Some((n, "classify")) => (n.to_string(), ImageVerb::Classify),
+        Some((n, "detect")) => (n.to_string(), ImageVerb::Detect),
+        _ => {
+            return ApiError::not_found(format!(
+                "unknown verb in `{spec}` (POST /v1/models/<model>:classify or :detect)"
+            ))
             .into_response();
+        }
     };
-    let f = classify_inner(s.clone(), name.clone(), top_k, headers, body);
-    instrumented(&s, &name, "classify", f).await
+    let what = match verb {
+        ImageVerb::Classify => "classify",
+        ImageVerb::Detect => "detect",
+    };
+    let f = image_inner(s.clone(), name.clone(), verb, top_k, version, headers, body);
+    instrumented(&s, &name, what, f).await
 }
 
-async fn classify_inner(
+async fn image_inner(
     s: Arc<AppState>,
     name: String,
+    verb: ImageVerb,
     top_k: Option<usize>,
+    version: Option<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(Response, String), (ApiError, String)> {
     let model = s.model(&name).map_err(|e| (e, String::new()))?;
-    let (v, _) = s.route(&model, &name, None, &headers).map_err(|e| (e, String::new()))?;
+    let (v, _) = s.route(&model, &name, version.as_deref(), &headers).map_err(|e| (e, String::new()))?;
     let ver = v.version.clone();
     let fail = |e: ApiError| (e, ver.clone());
     if v.session.preprocess().is_none() {
@@ -702,10 +725,18 @@ async fn classify_inner(
         .await
         .map_err(|e| fail(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))?
         .map_err(|e| fail(ApiError::from_runtime(&e)))?;
+    let size = batch.sizes[0];
     let inputs = v.check_inputs(vec![(batch.input, batch.tensor)]).map_err(fail)?;
     let outs = execute(&v, inputs, deadline(&s, &headers, None)).await.map_err(fail)?;
-    let classes = v.session.classify_outputs(&outs, top_k).map_err(|e| fail(ApiError::from_runtime(&e)))?;
-    let predictions = display_top(classes);
-    let body = json!({ "model_name": name, "model_version": v.version, "predictions": predictions });
+    let body = match verb {
+        ImageVerb::Classify => {
+            let classes = v.session.classify_outputs(&outs, top_k).map_err(|e| fail(ApiError::from_runtime(&e)))?;
+            json!({ "model_name": name, "model_version": v.version, "predictions": display_top(classes) })
+        }
+        ImageVerb::Detect => {
+            let dets = v.session.detections_from_outputs(&outs, size).map_err(|e| fail(ApiError::from_runtime(&e)))?;
+            json!({ "model_name": name, "model_version": v.version, "detections": dets })
+        }
+    };
     Ok((axum::Json(body).into_response(), v.version.clone()))
 }

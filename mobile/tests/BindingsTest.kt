@@ -1,0 +1,258 @@
+// The generated Kotlin bindings on the JVM (JNA) against the built library: the same checks as bindings_test.py.
+//
+//   java -Djna.library.path=DIR -cp test.jar:jna.jar:coroutines.jar:kotlin-stdlib.jar BindingsTestKt FIXTURES.properties
+//
+// Prints `N passed, N failed`; exits non-zero on any failure.
+import dev.edgepack.mobile.*
+import java.io.File
+import java.net.HttpURLConnection
+import java.net.SocketTimeoutException
+import java.net.URI
+import java.nio.ByteBuffer
+import java.nio.ByteOrder
+import java.util.Properties
+import kotlinx.coroutines.async
+import kotlinx.coroutines.awaitAll
+import kotlinx.coroutines.runBlocking
+import kotlin.system.exitProcess
+
+val results = mutableListOf<Pair<String, Boolean>>()
+
+fun check(name: String, body: () -> Unit) {
+    val t0 = System.nanoTime()
+    try {
+        body()
+        results.add(name to true)
+        println("PASS $name (%.2f s)".format((System.nanoTime() - t0) / 1e9))
+    } catch (e: Throwable) {
+        results.add(name to false)
+        println("FAIL $name\n${e.stackTraceToString()}")
+    }
+}
+
+fun ensure(cond: Boolean, msg: () -> String = { "check failed" }) {
+    if (!cond) throw AssertionError(msg())
+}
+
+inline fun <reified E : Throwable> raises(f: () -> Unit): E {
+    try {
+        f()
+    } catch (e: Throwable) {
+        if (e is E) return e
+        throw AssertionError("expected ${E::class.simpleName}, got $e", e)
+    }
+    throw AssertionError("expected ${E::class.simpleName}, nothing was thrown")
+}
+
+fun floats(b: ByteArray): FloatArray {
+    val buf = ByteBuffer.wrap(b).order(ByteOrder.LITTLE_ENDIAN).asFloatBuffer()
+    return FloatArray(buf.remaining()).also { buf.get(it) }
+}
+
+fun close(a: ByteArray, b: ByteArray, tol: Float = 1e-4f): Boolean {
+    val x = floats(a)
+    val y = floats(b)
+    return x.size == y.size && x.indices.all { Math.abs(x[it] - y[it]) <= tol * (1 + Math.abs(y[it])) }
+}
+
+fun topLabels(c: List<ClassScore>, n: Int = 3) = c.take(n).map { it.label!!.split(",")[0] }
+
+/** A foreign transport, as an app would write with OkHttp; counts calls, `fail` simulates a dead network. */
+class UrlTransport : HttpTransport {
+    @Volatile var calls = 0
+    @Volatile var fail = false
+
+    override fun send(request: HttpRequest): HttpResponse {
+        calls++
+        if (fail) throw TransportException.Failed("simulated network down")
+        val c = URI(request.url).toURL().openConnection() as HttpURLConnection
+        try {
+            c.requestMethod = request.method
+            c.connectTimeout = request.timeoutMs.toInt()
+            c.readTimeout = request.timeoutMs.toInt()
+            c.doOutput = true
+            request.headers.forEach { c.setRequestProperty(it.name, it.value) }
+            c.outputStream.use { it.write(request.body) }
+            val status = c.responseCode
+            val body = (if (status >= 400) c.errorStream else c.inputStream)?.use { it.readBytes() } ?: ByteArray(0)
+            val headers = c.headerFields.filterKeys { it != null }.flatMap { (k, vs) -> vs.map { HttpHeader(k, it) } }
+            return HttpResponse(status.toUShort(), headers, body)
+        } catch (e: SocketTimeoutException) {
+            throw TransportException.Timeout(e.toString())
+        } catch (e: java.io.IOException) {
+            throw TransportException.Failed(e.toString())
+        } finally {
+            c.disconnect()
+        }
+    }
+}
+
+fun main(args: Array<String>) {
+    val fx = Properties().apply { File(args[0]).inputStream().use { load(it) } }
+    fun path(k: String) = fx.getProperty(k) ?: error("fixture $k missing")
+    fun bytes(k: String) = File(path(k)).readBytes()
+    val photo = mapOf("chelsea" to bytes("photo.chelsea"), "coffee" to bytes("photo.coffee"), "astronaut" to bytes("photo.astronaut"))
+    val key = File(path("public_key")).readText()
+    val mnistIn = NamedTensor(path("mnist_input_name"), DType.F32, listOf(1uL, 1uL, 28uL, 28uL), bytes("mnist_input"))
+    val mnistOut = bytes("mnist_expected")
+    val serve = path("serve")
+    val slow = path("slow")
+    val dead = path("dead")
+
+    fun opts(cloud: CloudConfig? = null, key: String? = null) =
+        EngineOptions(backend = Backend.CPU, threads = 1u, variant = null, verificationKey = key, cloud = cloud)
+    fun cloud(endpoint: String, model: String, policy: FallbackPolicy, deadlineMs: UInt = 2000u, deviceTimeoutMs: UInt = 200u,
+              minConfidence: Float = 0.5f, breakerFailures: UInt = 3u, breakerCooldownMs: UInt = 30000u, version: String? = null) =
+        CloudConfig(endpoint = endpoint, model = model, version = version, policy = policy, deadlineMs = deadlineMs,
+                    deviceTimeoutMs = deviceTimeoutMs, minConfidence = minConfidence, breakerFailures = breakerFailures,
+                    breakerCooldownMs = breakerCooldownMs, headers = listOf())
+
+    val effnet = Engine.open(path("effnet"), opts(key = key))
+
+    check("sdk version and model info") {
+        ensure(sdkVersion().isNotEmpty())
+        val info = effnet.info()
+        ensure(info.inputs.size == 1 && info.inputs[0].dtype == DType.F32 && info.inputs[0].shape.drop(1) == listOf(3L, 224L, 224L)) { "${info.inputs}" }
+        ensure(info.labels.size == 1000 && info.task == "classification" && info.trusted && info.signer != null) { "$info" }
+        ensure(info.deviceBackend!!.lowercase().contains("cpu") && info.deviceError == null && info.cloud == null) { "$info" }
+    }
+
+    check("classify the shipped photos on the device") {
+        val r = effnet.classify(photo["chelsea"]!!, 5u)
+        ensure(topLabels(r.classes) == listOf("tiger cat", "Egyptian cat", "tabby")) { "${topLabels(r.classes)}" }
+        ensure(r.classes.size == 5 && r.classes[0].index == 282u)
+        ensure(r.provenance.place == Place.DEVICE && r.provenance.reason.contains("no cloud") && r.provenance.latencyMs > 0) { "${r.provenance}" }
+        val c = effnet.classify(photo["coffee"]!!, 1u).classes
+        ensure(c[0].label!!.startsWith("espresso") && c[0].score > 0.9f) { "$c" }
+    }
+
+    check("detect the face in the astronaut photo") {
+        Engine.open(path("ultraface"), opts()).use { face ->
+            val d = face.detect(photo["astronaut"]!!).detections
+            ensure(d.size == 1 && d[0].score > 0.9f && d[0].x2 - d[0].x1 > 50f && d[0].x1 >= 0f && d[0].x2 <= 512f) { "$d" }
+        }
+    }
+
+    check("run named tensors as bytes equals onnxruntime") {
+        val m = Engine.fromBytes(bytes("mnist"), opts())
+        val r = m.run(listOf(mnistIn))
+        ensure(r.outputs.size == 1 && r.outputs[0].dtype == DType.F32 && r.outputs[0].shape == listOf(1uL, 10uL))
+        ensure(close(r.outputs[0].data, mnistOut)) { "${floats(r.outputs[0].data).toList()} vs ${floats(mnistOut).toList()}" }
+    }
+
+    check("typed errors for bad input") {
+        val m = Engine.fromBytes(bytes("mnist"), opts())
+        val e = raises<EdgepackException.InvalidInput> { m.run(listOf(NamedTensor(mnistIn.name, DType.F32, listOf(1uL, 1uL, 28uL, 27uL), ByteArray(28 * 27 * 4)))) }
+        ensure(e.message!!.contains("shape")) { e.message!! }
+        raises<EdgepackException.InvalidInput> { m.run(listOf(NamedTensor(mnistIn.name, DType.F32, listOf(1uL, 1uL, 28uL, 28uL), ByteArray(10)))) }
+        raises<EdgepackException.InvalidInput> { m.run(listOf(NamedTensor(mnistIn.name, DType.I64, listOf(1uL, 1uL, 28uL, 28uL), ByteArray(28 * 28 * 8)))) }
+        raises<EdgepackException.InvalidInput> { m.run(listOf(NamedTensor("nope", DType.F32, listOf(1uL, 1uL, 28uL, 28uL), mnistIn.data))) }
+        raises<EdgepackException.Image> { effnet.classify("not an image".toByteArray(), 5u) }
+        val bare = Engine.fromBytes(bytes("mnist_onnx"), opts())  // a bare .onnx: no pre-processing to apply
+        raises<EdgepackException.Processing> { bare.classify(photo["coffee"]!!, 5u) }
+    }
+
+    check("typed errors for bad bundles and keys") {
+        raises<EdgepackException.Io> { Engine.open("/nonexistent/model.edgepack", opts()) }
+        val data = bytes("effnet")
+        raises<EdgepackException.InvalidBundle> { Engine.fromBytes(data.copyOf(data.size / 2), opts()) }
+        val tampered = data.copyOf().also { it[it.size - 1000] = (it[it.size - 1000].toInt() xor 0xFF).toByte() }
+        raises<EdgepackException.InvalidBundle> { Engine.fromBytes(tampered, opts()) }
+        raises<EdgepackException.InvalidBundle> { Engine.fromBytes(bytes("unsigned"), opts(key = key)) }
+        raises<EdgepackException.InvalidModel> { Engine.fromBytes(byteArrayOf(8, 7, 1, 2, 3), opts()) }
+        val u = raises<EdgepackException.UnsupportedOp> { Engine.fromBytes(bytes("custom_op"), opts()) }
+        ensure(u.op.endsWith("Mystery") && u.node.isNotEmpty()) { "$u" }
+    }
+
+    check("async variants (suspend functions)") {
+        runBlocking {
+            val m = Engine.fromBytes(bytes("mnist"), opts())
+            val jobs = listOf(async { effnet.classifyAsync(photo["chelsea"]!!, 3u).classes },
+                              async { effnet.classifyAsync(photo["coffee"]!!, 1u).classes })
+            val (a, b) = jobs.awaitAll()
+            ensure(topLabels(a) == listOf("tiger cat", "Egyptian cat", "tabby") && b[0].label!!.startsWith("espresso"))
+            ensure(close(m.runAsync(listOf(mnistIn)).outputs[0].data, mnistOut))
+            raises<EdgepackException.Image> { runBlocking { effnet.classifyAsync("junk".toByteArray(), 3u) } }
+        }
+    }
+
+    check("offline: the device answers, the dead cloud is never asked") {
+        val t = UrlTransport()
+        val e = Engine.open(path("effnet"), opts(cloud = cloud(dead, "effnet", FallbackPolicy.ON_ERROR)), t)
+        val r = e.classify(photo["chelsea"]!!, 3u)
+        ensure(r.provenance.place == Place.DEVICE && t.calls == 0 && e.breaker() == BreakerState.Closed(0u)) { "${r.provenance}" }
+    }
+
+    check("a model the device cannot run is answered by the cloud") {
+        val e = Engine.fromBytes(bytes("custom_op"), opts(cloud = cloud(serve, "mnist", FallbackPolicy.ON_UNSUPPORTED)))
+        ensure(e.info().deviceBackend == null && e.info().deviceError!!.contains("Mystery"))
+        val r = e.run(listOf(mnistIn))
+        ensure(r.provenance.place == Place.CLOUD && r.provenance.deviceError!!.contains("Mystery") && close(r.outputs[0].data, mnistOut)) { "${r.provenance}" }
+    }
+
+    check("cloud results equal device results (foreign transport)") {
+        val t = UrlTransport()
+        val c = Engine.cloudOnly(cloud(serve, "effnet", FallbackPolicy.ALWAYS), t)
+        val r = c.classify(photo["chelsea"]!!, 3u)
+        val d = effnet.classify(photo["chelsea"]!!, 3u)
+        ensure(r.provenance.place == Place.CLOUD && t.calls == 1 && r.classes.map { it.index } == d.classes.map { it.index }) { "${r.classes} vs ${d.classes}" }
+        val f = Engine.cloudOnly(cloud(serve, "ultraface", FallbackPolicy.ALWAYS), null)
+        ensure(f.detect(photo["astronaut"]!!).detections.size == 1)
+        val m = Engine.cloudOnly(cloud(serve, "mnist", FallbackPolicy.ALWAYS, version = "1"), t)
+        ensure(close(m.run(listOf(mnistIn)).outputs[0].data, mnistOut))
+        val err = raises<EdgepackException.Cloud> { m.run(listOf(NamedTensor("nope", DType.F32, listOf(1uL), ByteArray(4)))) }
+        ensure(err.status == 400.toUShort()) { "$err" }
+    }
+
+    check("cloud down: device result, or a typed error, within the deadline") {
+        val e = Engine.open(path("effnet"), opts(cloud = cloud(dead, "effnet", FallbackPolicy.ALWAYS, deadlineMs = 1000u)))
+        var t0 = System.nanoTime()
+        val r = e.classify(photo["chelsea"]!!, 3u)
+        ensure((System.nanoTime() - t0) / 1e9 < 1.5 && r.provenance.place == Place.DEVICE && r.provenance.cloudError != null) { "${r.provenance}" }
+        val c = Engine.cloudOnly(cloud(dead, "effnet", FallbackPolicy.ALWAYS, deadlineMs = 1000u), null)
+        t0 = System.nanoTime()
+        raises<EdgepackException.Transport> { c.classify(photo["chelsea"]!!, 3u) }
+        ensure((System.nanoTime() - t0) / 1e9 < 1.5)
+    }
+
+    check("slow cloud: the deadline is honoured") {
+        val c = Engine.cloudOnly(cloud(slow, "effnet", FallbackPolicy.ALWAYS, deadlineMs = 300u), null)
+        val t0 = System.nanoTime()
+        val e = raises<EdgepackException.Timeout> { c.classify(photo["chelsea"]!!, 3u) }
+        val took = (System.nanoTime() - t0) / 1e9
+        ensure(took > 0.25 && took < 0.8 && e.deadlineMs == 300uL) { "took $took s, $e" }
+    }
+
+    check("on-timeout and on-low-confidence policies") {
+        val e = Engine.open(path("effnet"), opts(cloud = cloud(serve, "effnet", FallbackPolicy.ON_TIMEOUT, deviceTimeoutMs = 1u)))
+        val r = e.classify(photo["chelsea"]!!, 3u)
+        ensure(r.provenance.place == Place.CLOUD && r.provenance.reason.contains("took over 1 ms")) { "${r.provenance}" }
+        val u = Engine.open(path("effnet"), opts(cloud = cloud(serve, "effnet", FallbackPolicy.ON_LOW_CONFIDENCE, minConfidence = 0.99f)))
+        val p = u.classify(photo["chelsea"]!!, 3u).provenance
+        ensure(p.place == Place.CLOUD && p.reason.contains("below 0.99")) { "$p" }
+    }
+
+    check("circuit breaker: opens, refuses at once, half-opens, closes on success") {
+        val t = UrlTransport().apply { fail = true }
+        val c = Engine.cloudOnly(cloud(serve, "effnet", FallbackPolicy.ALWAYS, breakerFailures = 2u, breakerCooldownMs = 400u), t)
+        raises<EdgepackException.Transport> { c.classify(photo["coffee"]!!, 1u) }
+        ensure(c.breaker() == BreakerState.Closed(1u)) { "${c.breaker()}" }
+        raises<EdgepackException.Transport> { c.classify(photo["coffee"]!!, 1u) }
+        ensure(c.breaker() is BreakerState.Open) { "${c.breaker()}" }
+        val t0 = System.nanoTime()
+        val open = raises<EdgepackException.CircuitOpen> { c.classify(photo["coffee"]!!, 1u) }
+        ensure((System.nanoTime() - t0) / 1e9 < 0.1 && t.calls == 2 && open.retryInMs in 1uL..400uL) { "$open, ${t.calls} calls" }
+        Thread.sleep(450)
+        ensure(c.breaker() == BreakerState.HalfOpen) { "${c.breaker()}" }
+        raises<EdgepackException.Transport> { c.classify(photo["coffee"]!!, 1u) }
+        ensure(c.breaker() is BreakerState.Open && t.calls == 3)
+        Thread.sleep(450)
+        t.fail = false
+        ensure(c.classify(photo["coffee"]!!, 1u).provenance.place == Place.CLOUD && c.breaker() == BreakerState.Closed(0u)) { "${c.breaker()}" }
+    }
+
+    val passed = results.count { it.second }
+    val failed = results.size - passed
+    println("$passed passed, $failed failed")
+    exitProcess(if (failed == 0) 0 else 1)
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Generates the Swift, Kotlin and Python bindings of the mobile crate from the built library (uniffi library mode,
+# with the in-repo uniffi-bindgen), and puts the library beside the Python module (the generated module loads it
+# from its own folder).
+#
+#   scripts/bindings.sh [OUT]        default OUT: $CARGO_TARGET_DIR/bindings
+#   EDGEPACK_MOBILE_FEATURES=...     cargo features of the library (default: the crate's, GPU included)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/edgepack-target}
+OUT=${1:-$CARGO_TARGET_DIR/bindings}
+
+# The whole workspace, as the test command builds it: one feature resolution, so nothing is rebuilt twice.
+cargo build --release -q --workspace
+LIB=$CARGO_TARGET_DIR/release/libedgepack_mobile.so
+BINDGEN=$CARGO_TARGET_DIR/release/uniffi-bindgen
+[ -f "$LIB" ] || { echo "FATAL: $LIB was not built" >&2; exit 1; }
+
+rm -rf "$OUT"
+for lang in python kotlin swift; do
+  "$BINDGEN" generate --library "$LIB" --language "$lang" --out-dir "$OUT/$lang" >/dev/null
+done
+cp "$LIB" "$OUT/python/"
+echo "bindings in $OUT: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"

@@ -1,0 +1,200 @@
+"""The mobile SDK (issue 7) through its generated bindings, not Rust stand-ins: the uniffi-generated Python module and
+Kotlin sources on the JVM run mobile/tests/bindings_test.py and mobile/tests/BindingsTest.kt against the built
+library and a real `edgepack serve` on loopback; the Swift header is checked against the library's exported symbols.
+
+Fixtures come from the shipped assets (no ../shared needed): bundles packed by the edgepack binary (one signed),
+a model with an operator no backend has, expected outputs from onnxruntime, a live server, a slow one and a dead
+port."""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, ep
+from test_serve import EFFNET, MNIST, PHOTOS, SYNSETS, Server
+
+ULTRAFACE = os.path.join(ROOT, "assets", "models", "ultraface_rfb_320.onnx")
+TARGET = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
+KOTLIN_HOME = os.path.join(ROOT, ".tools", "node_modules", "kotlin-compiler")
+JNA = "/usr/share/java/jna.jar"
+
+
+def required(what, why):
+    msg = f"{what} is not available ({why})"
+    if os.environ.get("CI") == "true":
+        pytest.fail("REQUIRED: " + msg + "; .ci/run installs it")
+    print("\n" + "!" * 20 + " SKIPPED: " + msg)
+    pytest.skip("SKIPPED: " + msg)
+
+
+@pytest.fixture(scope="module")
+def bindings(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bindings")
+    r = subprocess.run([os.path.join(ROOT, "scripts", "bindings.sh"), str(out)], capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+class SlowServer:
+    """Accepts connections and answers nothing for `delay` seconds: a cloud that is up but too slow."""
+
+    def __init__(self, delay=5.0):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.delay = delay
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._hold, args=(c,), daemon=True).start()
+
+    def _hold(self, c):
+        time.sleep(self.delay)
+        try:
+            c.sendall(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+        except OSError:
+            pass
+        c.close()
+
+
+def dead_url():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now: connection refused
+    return f"http://127.0.0.1:{port}"
+
+
+def custom_op_model(path):
+    """MNIST's inputs and outputs around an operator of a domain no backend implements."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("Input3", TensorProto.FLOAT, [1, 1, 28, 28])
+    y = helper.make_tensor_value_info("Plus214_Output_0", TensorProto.FLOAT, [1, 10])
+    node = helper.make_node("Mystery", ["Input3"], ["Plus214_Output_0"], name="mystery_0", domain="com.example.ops")
+    g = helper.make_graph([node], "custom", [x], [y])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.example.ops", 1)])
+    onnx.save(m, path)
+
+
+@pytest.fixture(scope="module")
+def fixtures(bindings, tmp_path_factory, binary):
+    d = tmp_path_factory.mktemp("mobile-fixtures")
+    ep("keygen", "-o", d / "key")
+    pub = next(p for p in d.iterdir() if p.name.endswith(".pub"))
+    sec = next(p for p in d.iterdir() if p.name.startswith("key") and not p.name.endswith(".pub"))
+    ep("pack", EFFNET, "--preset", "tf", "--labels", SYNSETS, "--sign", sec, "-o", d / "effnet.edgepack")
+    ep("pack", EFFNET, "--preset", "tf", "--labels", SYNSETS, "-o", d / "unsigned.edgepack")
+    ep("pack", ULTRAFACE, "--preset", "ultraface", "--task", "detection", "-o", d / "ultraface.edgepack")
+    ep("pack", MNIST, "--preset", "mnist", "-o", d / "mnist.edgepack")
+    custom_op_model(str(d / "custom_op.onnx"))
+    x = np.random.default_rng(7).random((1, 1, 28, 28), dtype=np.float32)
+    (d / "mnist_input.bin").write_bytes(x.tobytes())
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(MNIST, providers=["CPUExecutionProvider"])
+    (d / "mnist_expected.bin").write_bytes(s.run(None, {"Input3": x})[0].astype("<f4").tobytes())
+
+    repo = d / "repo"
+    for name, src in [("effnet", d / "effnet.edgepack"), ("ultraface", d / "ultraface.edgepack"), ("mnist", d / "mnist.edgepack")]:
+        (repo / name / "1").mkdir(parents=True)
+        shutil.copy(src, repo / name / "1" / "model.edgepack")
+    server = Server(repo, "--device", "cpu")
+    slow = SlowServer()
+    fx = {
+        "module_dir": str(bindings / "python"),
+        "effnet": str(d / "effnet.edgepack"),
+        "unsigned": str(d / "unsigned.edgepack"),
+        "ultraface": str(d / "ultraface.edgepack"),
+        "mnist": str(d / "mnist.edgepack"),
+        "mnist_onnx": MNIST,
+        "custom_op": str(d / "custom_op.onnx"),
+        "public_key": str(pub),
+        "mnist_input": str(d / "mnist_input.bin"),
+        "mnist_input_name": "Input3",
+        "mnist_expected": str(d / "mnist_expected.bin"),
+        "photos": {k: os.path.join(PHOTOS, f"skimage_{k}.png") for k in ("chelsea", "coffee", "astronaut")},
+        "serve": server.url,
+        "slow": slow.url,
+        "dead": dead_url(),
+    }
+    (d / "fixtures.json").write_text(json.dumps(fx, indent=1))
+    # The Kotlin test reads a flat properties file.
+    flat = {**{k: v for k, v in fx.items() if isinstance(v, str)}, **{f"photo.{k}": v for k, v in fx["photos"].items()}}
+    (d / "fixtures.properties").write_text("".join(f"{k}={v}\n" for k, v in flat.items()))
+    yield d
+    assert server.stop() == 0, "".join(server.log[-20:])
+
+
+def summary(out):
+    m = re.findall(r"^(\d+) passed, (\d+) failed$", out, re.M)
+    assert m, "no `N passed, N failed` line:\n" + out[-3000:]
+    return int(m[-1][0]), int(m[-1][1])
+
+
+def test_python_bindings(fixtures):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "mobile", "tests", "bindings_test.py"), str(fixtures / "fixtures.json")],
+                       capture_output=True, text=True, timeout=900)
+    print(r.stdout[-4000:], r.stderr[-2000:])
+    passed, failed = summary(r.stdout)
+    assert r.returncode == 0 and failed == 0 and passed >= 15, r.stdout[-6000:] + r.stderr[-3000:]
+
+
+def test_kotlin_bindings(fixtures, bindings, tmp_path):
+    kotlinc = os.path.join(KOTLIN_HOME, "bin", "kotlinc")
+    if not os.path.exists(kotlinc):
+        required("kotlinc", "npm install --prefix .tools kotlin-compiler@2.4.20")
+    if not os.path.exists(JNA):
+        required("JNA", "apt-get install libjna-java")
+    if not shutil.which("java"):
+        required("java", "apt-get install default-jdk-headless")
+    coroutines = os.path.join(KOTLIN_HOME, "lib", "kotlinx-coroutines-core-jvm.jar")
+    stdlib = os.path.join(KOTLIN_HOME, "lib", "kotlin-stdlib.jar")
+    sources = [str(p) for p in (bindings / "kotlin").rglob("*.kt")] + [os.path.join(ROOT, "mobile", "tests", "BindingsTest.kt")]
+    jar = tmp_path / "bindings-test.jar"
+    cp = os.pathsep.join([JNA, coroutines])
+    r = subprocess.run([kotlinc, *sources, "-cp", cp, "-nowarn", "-d", str(jar)], capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    libdir = bindings / "python"  # the built library (copied there by scripts/bindings.sh)
+    r = subprocess.run(["java", f"-Djna.library.path={libdir}", "-cp", os.pathsep.join([str(jar), cp, stdlib]),
+                        "BindingsTestKt", str(fixtures / "fixtures.properties")], capture_output=True, text=True, timeout=900)
+    print(r.stdout[-4000:], r.stderr[-2000:])
+    passed, failed = summary(r.stdout)
+    assert r.returncode == 0 and failed == 0 and passed >= 12, r.stdout[-6000:] + r.stderr[-3000:]
+
+
+def test_swift_header_matches_the_library(bindings, tmp_path):
+    """No Swift compiler here: the generated C header must parse (gcc, clang's nullability spelled out) and declare
+    exactly the `uniffi_*`/`ffi_*` functions the library exports."""
+    headers = list((bindings / "swift").glob("*.h"))
+    assert len(headers) == 1, headers
+    swift = list((bindings / "swift").glob("*.swift"))
+    assert len(swift) == 1 and re.search(r"\bclass Engine\b", swift[0].read_text())
+    assert (bindings / "swift" / "EdgepackMobileFFI.modulemap").exists()
+    unit = tmp_path / "include_header.c"
+    unit.write_text(f'#include "{headers[0]}"\nint main(void) {{ return 0; }}\n')
+    r = subprocess.run(["gcc", "-fsyntax-only", "-std=c11", "-Wall", "-Werror", "-D_Nonnull=", "-D_Nullable=", str(unit)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    text = headers[0].read_text()
+    declared = set(re.findall(r"\b((?:uniffi|ffi)_edgepack_mobile_\w+)\s*\(", text))
+    lib = bindings / "python" / "libedgepack_mobile.so"
+    nm = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True).stdout
+    exported = {line.split()[-1] for line in nm.splitlines() if re.search(r" T (uniffi|ffi)_edgepack_mobile_", line)}
+    assert declared, "no functions in the header"
+    assert declared == exported, f"header only: {sorted(declared - exported)[:10]}; library only: {sorted(exported - declared)[:10]}"
