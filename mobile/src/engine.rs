@@ -34,7 +34,7 @@ pub struct Engine {
     /// `None` when the device cannot run the model (`device_error` says why).
     session: Option<Arc<Session>>,
     device_error: Option<EdgepackError>,
-    cloud: Option<Cloud>,
+    cloud: Option<Arc<Cloud>>,
     info: ModelInfo,
 }
 
@@ -66,7 +66,7 @@ impl Engine {
         transport: Option<Arc<dyn HttpTransport>>,
     ) -> Result<Engine, EdgepackError> {
         let opts = session_options(&options)?;
-        let cloud = options.cloud.clone().map(|c| Cloud::new(c, transport)).transpose()?;
+        let cloud = options.cloud.clone().map(|c| Cloud::new(c, transport).map(Arc::new)).transpose()?;
         let (session, device_error) = match load(&opts) {
             Ok(s) => (Some(Arc::new(s)), None),
             Err(e) => {
@@ -114,7 +114,7 @@ impl Engine {
     fn call<T: Send + 'static>(
         &self,
         device: impl FnOnce(Arc<Session>) -> Result<T, EdgepackError> + Send + 'static,
-        cloud: impl Fn(&Cloud, Duration) -> Result<Answer<T>, EdgepackError>,
+        cloud: impl Fn(&Cloud, Duration) -> Result<Answer<T>, EdgepackError> + Send + Sync + 'static,
         unsure: impl Fn(&T) -> Option<String>,
     ) -> Result<(T, Provenance), EdgepackError> {
         let start = Instant::now();
@@ -193,38 +193,74 @@ impl Engine {
                 },
             },
             FallbackPolicy::OnTimeout => {
+                // A hedged call: the device starts; past `device_timeout_ms` the cloud starts too, and the first
+                // good answer wins (the other finishes in the background and is dropped).
                 let budget = Duration::from_millis(c.config.device_timeout_ms as u64);
-                let rx = spawn(device, s.clone());
-                match rx.recv_timeout(budget) {
-                    Ok(Err(e)) if e.is_input_error() => Err(e),
-                    Ok(Ok(v)) => {
-                        Ok(on_device(s, format!("on device within {} ms (policy {name})", budget.as_millis()), None, v))
+                let (tx, rx) = mpsc::channel();
+                let dtx = tx.clone();
+                let ds = s.clone();
+                std::thread::spawn(move || {
+                    let _ = dtx.send(Hedge::Device(guarded(|| device(ds))));
+                });
+                let first = match rx.recv_timeout(budget) {
+                    Ok(Hedge::Device(Err(e))) if e.is_input_error() => return Err(e),
+                    Ok(Hedge::Device(Ok(v))) => {
+                        return Ok(on_device(
+                            s,
+                            format!("on device within {} ms (policy {name})", budget.as_millis()),
+                            None,
+                            v,
+                        ));
                     }
-                    Ok(Err(e)) => to_cloud(format!("the device failed (policy {name})"), Some(e.to_string())),
-                    Err(_) => {
-                        let why = format!("the device took over {} ms (policy {name})", budget.as_millis());
-                        match to_cloud(why.clone(), None) {
-                            Ok(r) => Ok(r),
-                            // The cloud failed: the device result, if it comes within the deadline.
-                            Err(cloud_err) => match rx.recv_timeout(left()) {
-                                Ok(Ok(v)) => Ok(on_device(
-                                    s,
-                                    format!("{why}; the cloud failed, device result kept"),
-                                    Some(cloud_err.to_string()),
-                                    v,
-                                )),
-                                Ok(Err(e)) => Err(e),
-                                Err(_) => Err(EdgepackError::timeout(
-                                    deadline,
-                                    format!("device still running; cloud: {cloud_err}"),
-                                )),
-                            },
+                    Ok(Hedge::Device(Err(e))) => {
+                        return to_cloud(format!("the device failed (policy {name})"), Some(e.to_string()));
+                    }
+                    _ => format!("the device took over {} ms (policy {name})", budget.as_millis()),
+                };
+                let (cc, remaining) = (c.clone(), left());
+                let cloud = Arc::new(cloud);
+                std::thread::spawn(move || {
+                    let _ = tx.send(Hedge::Cloud(guarded(|| cloud(&cc, remaining))));
+                });
+                let mut cloud_err = None;
+                loop {
+                    match rx.recv_timeout(left()) {
+                        Ok(Hedge::Device(Ok(v))) => {
+                            let why = match &cloud_err {
+                                None => format!("{first}; the device answered first"),
+                                Some(_) => format!("{first}; the cloud failed, device result kept"),
+                            };
+                            return Ok(on_device(s, why, cloud_err, v));
+                        }
+                        Ok(Hedge::Cloud(Ok(a))) => {
+                            return Ok((a.value, prov(Place::Cloud, c.describe(&a.version), first, None, None)));
+                        }
+                        Ok(Hedge::Device(Err(e))) if cloud_err.is_some() || e.is_input_error() => return Err(e),
+                        Ok(Hedge::Device(Err(_))) => {} // the cloud may still answer
+                        Ok(Hedge::Cloud(Err(e))) => cloud_err = Some(e.to_string()),
+                        Err(_) => {
+                            let what = cloud_err.map_or("no answer from either".to_string(), |e| {
+                                format!("device still running; cloud: {e}")
+                            });
+                            return Err(EdgepackError::timeout(deadline, what));
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// A result of one side of a hedged call.
+enum Hedge<T> {
+    Device(Result<T, EdgepackError>),
+    Cloud(Result<Answer<T>, EdgepackError>),
+}
+
+/// `f()`, with a panic turned into an internal error (it runs on a thread of its own).
+fn guarded<R>(f: impl FnOnce() -> Result<R, EdgepackError>) -> Result<R, EdgepackError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(EdgepackError::Internal { detail: "panicked".into() }))
 }
 
 fn policy_name(p: FallbackPolicy) -> &'static str {
@@ -236,20 +272,6 @@ fn policy_name(p: FallbackPolicy) -> &'static str {
         FallbackPolicy::OnLowConfidence => "on-low-confidence",
         FallbackPolicy::Always => "always",
     }
-}
-
-/// Runs `f` on its own thread; the receiver gets its result (the thread finishes even if nobody waits).
-fn spawn<T: Send + 'static>(
-    f: impl FnOnce(Arc<Session>) -> Result<T, EdgepackError> + Send + 'static,
-    s: Arc<Session>,
-) -> mpsc::Receiver<Result<T, EdgepackError>> {
-    let (tx, rx) = mpsc::sync_channel(1);
-    std::thread::spawn(move || {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(s)))
-            .unwrap_or_else(|_| Err(EdgepackError::Internal { detail: "device run panicked".into() }));
-        let _ = tx.send(r);
-    });
-    rx
 }
 
 fn classes(v: Vec<Vec<edgepack_runtime::process::ClassScore>>) -> Vec<ClassScore> {
@@ -311,7 +333,7 @@ impl Engine {
         };
         let device_error =
             Some(EdgepackError::Unavailable { detail: "no model on the device (cloud-only engine)".into() });
-        Ok(Arc::new(Engine { session: None, device_error, cloud: Some(c), info }))
+        Ok(Arc::new(Engine { session: None, device_error, cloud: Some(Arc::new(c)), info }))
     }
 
     pub fn info(&self) -> ModelInfo {
@@ -331,7 +353,7 @@ impl Engine {
                 let outs = s.run(rt)?;
                 Ok(outs.iter().map(|(n, t)| NamedTensor::from_runtime(n.clone(), t)).collect())
             },
-            |c, budget| c.infer(&inputs, budget),
+            move |c, budget| c.infer(&inputs, budget),
             |_| None,
         )?;
         Ok(RunResult { outputs, provenance })
@@ -345,7 +367,7 @@ impl Engine {
         let min = self.cloud.as_ref().map_or(0.0, |c| c.config.min_confidence);
         let (classes, provenance) = self.call(
             move |s| Ok(classes(s.classify_images(&[dev.as_slice()], Some(k as usize))?)),
-            |c, budget| c.classify(&img, k, budget),
+            move |c, budget| c.classify(&img, k, budget),
             |v: &Vec<ClassScore>| match v.first() {
                 Some(best) if best.score >= min => None,
                 Some(best) => Some(format!("device top-1 score {:.3} below {min}", best.score)),
@@ -374,7 +396,7 @@ impl Engine {
                     })
                     .collect())
             },
-            |c, budget| c.detect(&img, budget),
+            move |c, budget| c.detect(&img, budget),
             |_| None,
         )?;
         Ok(DetectResult { detections, provenance })

@@ -198,7 +198,8 @@ pub struct DetectResult {
     pub provenance: Provenance,
 }
 
-/// Every error the SDK returns. Input mistakes (`InvalidInput`, `Image`) are never retried in the cloud.
+/// Every error the SDK returns. Input mistakes (`InvalidInput`, `Image`, a 400/413/422 from the server) are never
+/// retried elsewhere; other cloud statuses (404, 401, 5xx, 429...) are the endpoint's failures.
 #[derive(uniffi::Error, thiserror::Error, Debug, Clone, PartialEq)]
 pub enum EdgepackError {
     #[error("{detail}")]
@@ -238,7 +239,7 @@ impl EdgepackError {
     /// A mistake in the caller's input: the same request fails anywhere, so it is never sent to the cloud.
     pub(crate) fn is_input_error(&self) -> bool {
         matches!(self, EdgepackError::InvalidInput { .. } | EdgepackError::Image { .. })
-            || matches!(self, EdgepackError::Cloud { status, .. } if (400..500).contains(status) && *status != 408 && *status != 429)
+            || matches!(self, EdgepackError::Cloud { status: 400 | 413 | 422, .. })
     }
 
     pub(crate) fn timeout(deadline: Duration, detail: impl Into<String>) -> Self {

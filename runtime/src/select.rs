@@ -2,6 +2,8 @@
 //! than the CPU at first load; otherwise the CPU. The measurement is cached per (model, adapter, CPU threads)
 //! in `$EDGEPACK_CACHE_DIR` (default `$XDG_CACHE_HOME/edgepack` or `~/.cache/edgepack`), so later loads
 //! decide without measuring. A software adapter (lavapipe) is not measured: the CPU backend is used.
+// Without the GPU backend there is nothing to choose between: the cache and timing helpers go unused.
+#![cfg_attr(not(feature = "gpu"), allow(dead_code))]
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 

@@ -92,6 +92,34 @@ def custom_op_model(path):
     onnx.save(m, path)
 
 
+def slow_model(path, rows=256, depth=48):
+    """MNIST's inputs and outputs around `depth` MatMuls of a [rows, 784] activation by one shared 784×784 weight
+    (~12 GFLOP): a device run of a few hundred ms, for on-timeout hand-overs that do not hang on a close race."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    init = [
+        numpy_helper.from_array((rng.standard_normal((784, 784)) / 28.0).astype(np.float32), "w"),
+        numpy_helper.from_array((rng.standard_normal((784, 10)) / 28.0).astype(np.float32), "head"),
+        numpy_helper.from_array(np.array([784, 1], dtype=np.int64), "column"),
+        numpy_helper.from_array(np.array([1, 784], dtype=np.int64), "row"),
+        numpy_helper.from_array(np.ones((1, rows), dtype=np.float32), "ones"),
+    ]
+    # h0 = x^T · ones: [784, rows]; then h = w · h, `depth` times; the mean column through a 784×10 head.
+    nodes = [helper.make_node("Reshape", ["Input3", "column"], ["x"], name="to_column"),
+             helper.make_node("MatMul", ["x", "ones"], ["h0"], name="widen")]
+    for i in range(depth):
+        nodes.append(helper.make_node("MatMul", ["w", f"h{i}"], [f"h{i + 1}"], name=f"mm{i}"))
+    nodes.append(helper.make_node("ReduceMean", [f"h{depth}"], ["m"], name="mean", axes=[1], keepdims=1))
+    nodes.append(helper.make_node("Reshape", ["m", "row"], ["r"], name="to_row"))
+    nodes.append(helper.make_node("MatMul", ["r", "head"], ["Plus214_Output_0"], name="head"))
+    x = helper.make_tensor_value_info("Input3", TensorProto.FLOAT, [1, 1, 28, 28])
+    y = helper.make_tensor_value_info("Plus214_Output_0", TensorProto.FLOAT, [1, 10])
+    g = helper.make_graph(nodes, "slow", [x], [y], initializer=init)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), path)
+
+
 @pytest.fixture(scope="module")
 def fixtures(bindings, tmp_path_factory, binary):
     d = tmp_path_factory.mktemp("mobile-fixtures")
@@ -103,6 +131,7 @@ def fixtures(bindings, tmp_path_factory, binary):
     ep("pack", ULTRAFACE, "--preset", "ultraface", "--task", "detection", "-o", d / "ultraface.edgepack")
     ep("pack", MNIST, "--preset", "mnist", "-o", d / "mnist.edgepack")
     custom_op_model(str(d / "custom_op.onnx"))
+    slow_model(str(d / "slow_mnist.onnx"))
     x = np.random.default_rng(7).random((1, 1, 28, 28), dtype=np.float32)
     (d / "mnist_input.bin").write_bytes(x.tobytes())
     import onnxruntime as ort
@@ -124,6 +153,7 @@ def fixtures(bindings, tmp_path_factory, binary):
         "mnist": str(d / "mnist.edgepack"),
         "mnist_onnx": MNIST,
         "custom_op": str(d / "custom_op.onnx"),
+        "slow_mnist": str(d / "slow_mnist.onnx"),
         "public_key": str(pub),
         "mnist_input": str(d / "mnist_input.bin"),
         "mnist_input_name": "Input3",
