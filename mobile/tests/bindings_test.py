@@ -137,6 +137,22 @@ def _():
     assert b.x2 - b.x1 > 50, b  # a face, not a speck
 
 
+@check("the GPU backend (wgpu) through the bindings")
+def _():
+    try:
+        g = ep.Engine.open(FX["effnet"], opts(backend=ep.Backend.GPU))
+    except (ep.EdgepackError.Internal, ep.EdgepackError.Unavailable, ep.EdgepackError.UnsupportedOp) as e:
+        if os.environ.get("EDGEPACK_REQUIRE_GPU"):
+            raise
+        print(f"!!!!!!!!!! SKIPPED the GPU check: no usable adapter ({e})", flush=True)
+        return
+    assert "gpu" in g.info().device_backend.lower(), g.info().device_backend
+    r = g.classify(PHOTO["chelsea"], 3)
+    assert "gpu" in r.provenance.backend.lower() and top_labels(r.classes) == ["tiger cat", "Egyptian cat", "tabby"]
+    cpu = effnet.classify(PHOTO["chelsea"], 3).classes
+    assert all(abs(a.score - b.score) < 1e-3 for a, b in zip(r.classes, cpu)), (r.classes, cpu)
+
+
 @check("run named tensors as bytes equals onnxruntime")
 def _():
     m = ep.Engine.from_bytes(read(FX["mnist"]), opts())
