@@ -3,6 +3,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use edgepack_runtime::process;
+use edgepack_runtime::tensor::DType as RtDType;
 use serde_json::{Value, json};
 
 use crate::types::{ClassScore, DType, Detection, EdgepackError, NamedTensor, TransportError};
@@ -309,10 +311,6 @@ impl Cloud {
         Ok(resp)
     }
 
-    fn query_version(&self) -> String {
-        self.config.version.as_ref().map(|v| format!("&version={v}")).unwrap_or_default()
-    }
-
     /// KServe v2 infer with the binary tensor extension both ways.
     pub(crate) fn infer(
         &self,
@@ -324,7 +322,7 @@ impl Cloud {
             head_inputs.push(json!({
                 "name": t.name,
                 "shape": t.shape,
-                "datatype": kserve_dtype(t.dtype),
+                "datatype": RtDType::from(t.dtype).kserve_name(),
                 "parameters": { "binary_data_size": t.data.len() },
             }));
         }
@@ -358,7 +356,9 @@ impl Cloud {
         for o in head.get("outputs").and_then(Value::as_array).ok_or_else(|| bad("no outputs".into()))? {
             let name = o.get("name").and_then(Value::as_str).ok_or_else(|| bad("output without a name".into()))?;
             let dt = o.get("datatype").and_then(Value::as_str).unwrap_or("");
-            let dtype = dtype_of_kserve(dt).ok_or_else(|| bad(format!("output `{name}`: datatype `{dt}`")))?;
+            let dtype = RtDType::from_kserve_name(dt)
+                .map(DType::from)
+                .ok_or_else(|| bad(format!("output `{name}`: datatype `{dt}`")))?;
             let shape: Vec<u64> = o
                 .get("shape")
                 .and_then(Value::as_array)
@@ -368,7 +368,7 @@ impl Cloud {
                 .collect::<Result<_, _>>()?;
             let count: u64 =
                 shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or_else(|| bad("shape overflow".into()))?;
-            let nbytes = count.saturating_mul(edgepack_runtime::tensor::DType::from(dtype).size() as u64);
+            let nbytes = count.saturating_mul(RtDType::from(dtype).size() as u64);
             let data = match o.get("parameters").and_then(|p| p.get("binary_data_size")).and_then(Value::as_u64) {
                 Some(n) => {
                     if n != nbytes || n as usize > rest.len() {
@@ -394,59 +394,43 @@ impl Cloud {
         top_k: u32,
         budget: Duration,
     ) -> Result<Answer<Vec<ClassScore>>, EdgepackError> {
-        let url = format!(
-            "{}/v1/models/{}:classify?top_k={}{}",
-            self.base(),
-            self.config.model,
-            top_k.clamp(1, 1000),
-            self.query_version()
-        );
-        let resp = self.post(url, image.to_vec(), vec![octet()], budget)?;
-        let v: Value =
-            serde_json::from_slice(&resp.body).map_err(|e| EdgepackError::Transport { detail: e.to_string() })?;
-        let classes = v
-            .get("predictions")
-            .and_then(Value::as_array)
-            .ok_or_else(|| EdgepackError::Transport { detail: "classify response without predictions".into() })?
-            .iter()
-            .map(|p| ClassScore {
-                index: p.get("class_index").and_then(Value::as_u64).unwrap_or(0) as u32,
-                label: p.get("label").and_then(Value::as_str).map(str::to_string),
-                score: p.get("score").and_then(Value::as_f64).unwrap_or(f64::NAN) as f32,
-            })
-            .collect();
-        Ok(Answer { value: classes, version: version_of(&v) })
+        let r: ImageAnswer<process::ClassScore> =
+            self.image_verb("classify", "predictions", Some(top_k.clamp(1, 1000)), image, budget)?;
+        Ok(Answer { value: r.items.into_iter().map(Into::into).collect(), version: r.model_version })
     }
 
     /// `POST /v1/models/{m}:detect` with the raw image.
     pub(crate) fn detect(&self, image: &[u8], budget: Duration) -> Result<Answer<Vec<Detection>>, EdgepackError> {
-        let url = format!(
-            "{}/v1/models/{}:detect?{}",
-            self.base(),
-            self.config.model,
-            self.query_version().trim_start_matches('&')
-        );
-        let resp = self.post(url, image.to_vec(), vec![octet()], budget)?;
-        let v: Value =
-            serde_json::from_slice(&resp.body).map_err(|e| EdgepackError::Transport { detail: e.to_string() })?;
-        let f = |d: &Value, k: &str| d.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN) as f32;
-        let dets = v
-            .get("detections")
-            .and_then(Value::as_array)
-            .ok_or_else(|| EdgepackError::Transport { detail: "detect response without detections".into() })?
-            .iter()
-            .map(|d| Detection {
-                index: d.get("class_index").and_then(Value::as_u64).unwrap_or(0) as u32,
-                label: d.get("label").and_then(Value::as_str).map(str::to_string),
-                score: f(d, "score"),
-                x1: f(d, "x1"),
-                y1: f(d, "y1"),
-                x2: f(d, "x2"),
-                y2: f(d, "y2"),
-            })
-            .collect();
-        Ok(Answer { value: dets, version: version_of(&v) })
+        let r: ImageAnswer<process::Detection> = self.image_verb("detect", "detections", None, image, budget)?;
+        Ok(Answer { value: r.items.into_iter().map(Into::into).collect(), version: r.model_version })
     }
+
+    /// One raw-image verb of the server; `field` is the response's list (the runtime's own serialised records).
+    fn image_verb<T: serde::de::DeserializeOwned>(
+        &self,
+        verb: &str,
+        field: &str,
+        top_k: Option<u32>,
+        image: &[u8],
+        budget: Duration,
+    ) -> Result<ImageAnswer<T>, EdgepackError> {
+        let mut query: Vec<String> = top_k.map(|k| format!("top_k={k}")).into_iter().collect();
+        query.extend(self.config.version.as_ref().map(|v| format!("version={v}")));
+        let url = format!("{}/v1/models/{}:{verb}?{}", self.base(), self.config.model, query.join("&"));
+        let resp = self.post(url, image.to_vec(), vec![octet()], budget)?;
+        let bad = |m: String| EdgepackError::Transport { detail: format!("unreadable {verb} response: {m}") };
+        let mut v: Value = serde_json::from_slice(&resp.body).map_err(|e| bad(e.to_string()))?;
+        let items =
+            serde_json::from_value(v.get_mut(field).map(Value::take).ok_or_else(|| bad(format!("no `{field}`")))?)
+                .map_err(|e| bad(e.to_string()))?;
+        Ok(ImageAnswer { items, model_version: version_of(&v) })
+    }
+}
+
+/// The list a raw-image verb answered, and the version that answered it.
+struct ImageAnswer<T> {
+    items: Vec<T>,
+    model_version: String,
 }
 
 fn octet() -> HttpHeader {
@@ -459,42 +443,6 @@ fn version_of(v: &Value) -> String {
 
 fn header<'a>(headers: &'a [HttpHeader], name: &str) -> Option<&'a str> {
     headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value.as_str())
-}
-
-fn kserve_dtype(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "FP32",
-        DType::F16 => "FP16",
-        DType::F64 => "FP64",
-        DType::I64 => "INT64",
-        DType::I32 => "INT32",
-        DType::I16 => "INT16",
-        DType::I8 => "INT8",
-        DType::U64 => "UINT64",
-        DType::U32 => "UINT32",
-        DType::U16 => "UINT16",
-        DType::U8 => "UINT8",
-        DType::Bool => "BOOL",
-    }
-}
-
-fn dtype_of_kserve(s: &str) -> Option<DType> {
-    [
-        DType::F32,
-        DType::F16,
-        DType::F64,
-        DType::I64,
-        DType::I32,
-        DType::I16,
-        DType::I8,
-        DType::U64,
-        DType::U32,
-        DType::U16,
-        DType::U8,
-        DType::Bool,
-    ]
-    .into_iter()
-    .find(|d| kserve_dtype(*d) == s)
 }
 
 /// A JSON `data` array (flat or nested) as little-endian bytes of `dtype`.
@@ -566,6 +514,5 @@ mod tests {
         assert_eq!(b.len(), 16);
         assert_eq!(f32::from_le_bytes(b[12..16].try_into().unwrap()), -1.0);
         assert!(json_data_bytes(Some(&v), DType::F32, 5).is_err());
-        assert_eq!(dtype_of_kserve("INT64"), Some(DType::I64));
     }
 }

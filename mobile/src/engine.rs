@@ -4,7 +4,6 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use edgepack_runtime::bundle::PublicKey;
-use edgepack_runtime::process::display_label;
 use edgepack_runtime::session::{Session, SessionOptions};
 
 use crate::cloud::{Answer, BreakerState, Cloud, CloudConfig, FallbackPolicy, HttpTransport};
@@ -68,7 +67,7 @@ impl Engine {
         let opts = session_options(&options)?;
         let cloud = options.cloud.clone().map(|c| Cloud::new(c, transport).map(Arc::new)).transpose()?;
         let (session, device_error) = match load(&opts) {
-            Ok(s) => (Some(Arc::new(s)), None),
+            Ok(s) => (Some(s), None),
             Err(e) => {
                 let e = EdgepackError::from(e);
                 // A bad, tampered or untrusted bundle is never papered over by the cloud; an operator the device
@@ -80,23 +79,36 @@ impl Engine {
                 (None, Some(e))
             }
         };
-        let info =
-            ModelInfo {
-                inputs: session.as_ref().map(|s| s.inputs().iter().map(Into::into).collect()).unwrap_or_default(),
-                outputs: session.as_ref().map(|s| s.outputs().iter().map(Into::into).collect()).unwrap_or_default(),
-                task: session.as_ref().and_then(|s| s.bundle()).map(|b| b.manifest.task).map(|t| {
-                    serde_json::to_value(t).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
-                }),
-                variant: session.as_ref().and_then(|s| s.bundle()).map(|b| b.variant.clone()),
-                labels: session.as_ref().and_then(|s| s.labels()).map(|l| l.to_vec()).unwrap_or_default(),
-                signer: session.as_ref().and_then(|s| s.bundle()).and_then(|b| b.signer.clone()),
-                trusted: session.as_ref().and_then(|s| s.bundle()).is_some_and(|b| b.trusted),
-                device_backend: session.as_ref().map(|s| s.backend_description()),
-                device_reason: session.as_ref().map(|s| s.backend_selection().to_string()),
-                device_error: device_error.as_ref().map(ToString::to_string),
-                cloud: cloud.as_ref().map(|c| format!("{} model {}", c.config.endpoint, c.config.model)),
-            };
-        Ok(Engine { session, device_error, cloud, info })
+        Ok(Engine::assemble(session.map(Arc::new), device_error, cloud))
+    }
+
+    /// The engine and its `ModelInfo` snapshot, from what the device and the cloud offer.
+    fn assemble(
+        session: Option<Arc<Session>>,
+        device_error: Option<EdgepackError>,
+        cloud: Option<Arc<Cloud>>,
+    ) -> Engine {
+        let s = session.as_deref();
+        let bundle = s.and_then(Session::bundle);
+        let info = ModelInfo {
+            inputs: s.map(|s| s.inputs().iter().map(Into::into).collect()).unwrap_or_default(),
+            outputs: s.map(|s| s.outputs().iter().map(Into::into).collect()).unwrap_or_default(),
+            task: bundle.map(|b| {
+                serde_json::to_value(b.manifest.task)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            }),
+            variant: bundle.map(|b| b.variant.clone()),
+            labels: s.and_then(Session::labels).map(<[String]>::to_vec).unwrap_or_default(),
+            signer: bundle.and_then(|b| b.signer.clone()),
+            trusted: bundle.is_some_and(|b| b.trusted),
+            device_backend: s.map(Session::backend_description),
+            device_reason: s.map(|s| s.backend_selection().to_string()),
+            device_error: device_error.as_ref().map(ToString::to_string),
+            cloud: cloud.as_ref().map(|c| format!("{} model {}", c.config.endpoint, c.config.model)),
+        };
+        Engine { session, device_error, cloud, info }
     }
 
     fn policy(&self) -> FallbackPolicy {
@@ -274,17 +286,9 @@ fn policy_name(p: FallbackPolicy) -> &'static str {
     }
 }
 
+/// The first image's classes (classify takes one image).
 fn classes(v: Vec<Vec<edgepack_runtime::process::ClassScore>>) -> Vec<ClassScore> {
-    v.into_iter()
-        .next()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| ClassScore {
-            index: c.class_index as u32,
-            label: c.label.as_deref().map(|l| display_label(l).to_string()),
-            score: c.score,
-        })
-        .collect()
+    v.into_iter().next().unwrap_or_default().into_iter().map(Into::into).collect()
 }
 
 #[uniffi::export]
@@ -318,22 +322,8 @@ impl Engine {
         transport: Option<Arc<dyn HttpTransport>>,
     ) -> Result<Arc<Engine>, EdgepackError> {
         let c = Cloud::new(cloud, transport)?;
-        let info = ModelInfo {
-            inputs: vec![],
-            outputs: vec![],
-            task: None,
-            variant: None,
-            labels: vec![],
-            signer: None,
-            trusted: false,
-            device_backend: None,
-            device_reason: None,
-            device_error: Some("no model on the device (cloud-only engine)".into()),
-            cloud: Some(format!("{} model {}", c.config.endpoint, c.config.model)),
-        };
-        let device_error =
-            Some(EdgepackError::Unavailable { detail: "no model on the device (cloud-only engine)".into() });
-        Ok(Arc::new(Engine { session: None, device_error, cloud: Some(Arc::new(c)), info }))
+        let no_model = EdgepackError::Unavailable { detail: "no model on the device (cloud-only engine)".into() };
+        Ok(Arc::new(Engine::assemble(None, Some(no_model), Some(Arc::new(c)))))
     }
 
     pub fn info(&self) -> ModelInfo {
@@ -382,20 +372,7 @@ impl Engine {
         let img = Arc::new(image);
         let dev = img.clone();
         let (detections, provenance) = self.call(
-            move |s| {
-                Ok(s.detect_image(&dev)?
-                    .into_iter()
-                    .map(|d| Detection {
-                        index: d.class_index as u32,
-                        label: d.label,
-                        score: d.score,
-                        x1: d.x1,
-                        y1: d.y1,
-                        x2: d.x2,
-                        y2: d.y2,
-                    })
-                    .collect())
-            },
+            move |s| Ok(s.detect_image(&dev)?.into_iter().map(Into::into).collect()),
             move |c, budget| c.detect(&img, budget),
             |_| None,
         )?;

@@ -173,6 +173,17 @@ pub struct ClassScore {
     pub score: f32,
 }
 
+impl From<edgepack_runtime::process::ClassScore> for ClassScore {
+    /// Labels in display form (an ImageNet synset line loses its wnid; other labels are kept as they are).
+    fn from(c: edgepack_runtime::process::ClassScore) -> Self {
+        ClassScore {
+            index: c.class_index as u32,
+            label: c.label.as_deref().map(|l| edgepack_runtime::process::display_label(l).to_string()),
+            score: c.score,
+        }
+    }
+}
+
 #[derive(uniffi::Record, Debug, Clone)]
 pub struct ClassifyResult {
     /// Best first.
@@ -190,6 +201,20 @@ pub struct Detection {
     pub y1: f32,
     pub x2: f32,
     pub y2: f32,
+}
+
+impl From<edgepack_runtime::process::Detection> for Detection {
+    fn from(d: edgepack_runtime::process::Detection) -> Self {
+        Detection {
+            index: d.class_index as u32,
+            label: d.label,
+            score: d.score,
+            x1: d.x1,
+            y1: d.y1,
+            x2: d.x2,
+            y2: d.y2,
+        }
+    }
 }
 
 #[derive(uniffi::Record, Debug, Clone)]

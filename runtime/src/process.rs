@@ -454,7 +454,7 @@ pub fn stack(items: &[Tensor]) -> Result<Tensor> {
 }
 
 /// One class of a classification result.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ClassScore {
     pub class_index: usize,
     pub label: Option<String>,
@@ -462,7 +462,7 @@ pub struct ClassScore {
 }
 
 /// One detected object, in pixels of the original image.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Detection {
     pub class_index: usize,
     pub label: Option<String>,

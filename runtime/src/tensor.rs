@@ -20,6 +20,45 @@ pub enum DType {
 }
 
 impl DType {
+    /// Every element type.
+    pub const ALL: [DType; 12] = [
+        DType::F32,
+        DType::F16,
+        DType::F64,
+        DType::I64,
+        DType::I32,
+        DType::I16,
+        DType::I8,
+        DType::U64,
+        DType::U32,
+        DType::U16,
+        DType::U8,
+        DType::Bool,
+    ];
+
+    /// The KServe v2 / Open Inference Protocol datatype name (spoken by `edgepack serve` and its clients).
+    pub fn kserve_name(self) -> &'static str {
+        match self {
+            DType::F32 => "FP32",
+            DType::F16 => "FP16",
+            DType::F64 => "FP64",
+            DType::I64 => "INT64",
+            DType::I32 => "INT32",
+            DType::I16 => "INT16",
+            DType::I8 => "INT8",
+            DType::U64 => "UINT64",
+            DType::U32 => "UINT32",
+            DType::U16 => "UINT16",
+            DType::U8 => "UINT8",
+            DType::Bool => "BOOL",
+        }
+    }
+
+    /// The element type of a KServe v2 datatype name (`BYTES` has none: strings are not tensors here).
+    pub fn from_kserve_name(name: &str) -> Option<DType> {
+        DType::ALL.into_iter().find(|d| d.kserve_name() == name)
+    }
+
     pub fn size(self) -> usize {
         match self {
             DType::F64 | DType::I64 | DType::U64 => 8,
@@ -330,20 +369,7 @@ mod tests {
     #[test]
     fn bytes_round_trip_every_dtype() {
         let t = Tensor::from_f32(vec![2, 2], vec![1.0, -2.5, 3.0, 0.0]).unwrap();
-        for dt in [
-            DType::F32,
-            DType::F16,
-            DType::F64,
-            DType::I64,
-            DType::I32,
-            DType::I16,
-            DType::I8,
-            DType::U64,
-            DType::U32,
-            DType::U16,
-            DType::U8,
-            DType::Bool,
-        ] {
+        for dt in DType::ALL {
             let c = t.cast(dt);
             let back = Tensor::from_le_bytes(dt, vec![2, 2], &c.to_le_bytes()).unwrap();
             assert_eq!(back, c, "{dt}");

@@ -234,8 +234,8 @@ impl Version {
             if Some(t.dtype()) != d.dtype {
                 return Err(ApiError::bad_request(format!(
                     "input `{name}`: datatype {} but the model takes {}",
-                    crate::kserve::datatype(t.dtype()),
-                    d.dtype.map(crate::kserve::datatype).unwrap_or("?")
+                    t.dtype().kserve_name(),
+                    d.dtype.map(DType::kserve_name).unwrap_or("?")
                 )));
             }
             let ok_rank = t.shape().len() == d.shape.len();

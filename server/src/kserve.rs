@@ -13,43 +13,6 @@ use crate::error::ApiError;
 /// The header that carries the JSON part's length when binary tensor data follows it.
 pub const HEADER_LEN: &str = "inference-header-content-length";
 
-/// KServe v2 datatype name of a runtime element type.
-pub fn datatype(dt: DType) -> &'static str {
-    match dt {
-        DType::F32 => "FP32",
-        DType::F16 => "FP16",
-        DType::F64 => "FP64",
-        DType::I64 => "INT64",
-        DType::I32 => "INT32",
-        DType::I16 => "INT16",
-        DType::I8 => "INT8",
-        DType::U64 => "UINT64",
-        DType::U32 => "UINT32",
-        DType::U16 => "UINT16",
-        DType::U8 => "UINT8",
-        DType::Bool => "BOOL",
-    }
-}
-
-/// Runtime element type of a KServe v2 datatype name (`BYTES` has none: strings are not tensors here).
-pub fn dtype_of(name: &str) -> Option<DType> {
-    Some(match name {
-        "FP32" => DType::F32,
-        "FP16" => DType::F16,
-        "FP64" => DType::F64,
-        "INT64" => DType::I64,
-        "INT32" => DType::I32,
-        "INT16" => DType::I16,
-        "INT8" => DType::I8,
-        "UINT64" => DType::U64,
-        "UINT32" => DType::U32,
-        "UINT16" => DType::U16,
-        "UINT8" => DType::U8,
-        "BOOL" => DType::Bool,
-        _ => return None,
-    })
-}
-
 /// One JSON scalar of a `data` array, kept exact (integers are not forced through f64).
 #[derive(Debug, Clone, Copy)]
 pub enum Scalar {
@@ -180,7 +143,7 @@ pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<Request, Ap
     }
     let mut inputs = Vec::with_capacity(req.inputs.len());
     for t in req.inputs {
-        let dt = dtype_of(&t.datatype).ok_or_else(|| {
+        let dt = DType::from_kserve_name(&t.datatype).ok_or_else(|| {
             ApiError::bad_request(format!("input `{}`: unsupported datatype `{}`", t.name, t.datatype))
         })?;
         if t.shape.iter().any(|&d| d < 0) {
@@ -253,7 +216,7 @@ pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<Request, Ap
 }
 
 fn from_scalars(name: &str, dt: DType, shape: Vec<usize>, v: &[Scalar]) -> Result<Tensor, ApiError> {
-    let bad = |what: &str| ApiError::bad_request(format!("input `{name}`: {what} in {} data", datatype(dt)));
+    let bad = |what: &str| ApiError::bad_request(format!("input `{name}`: {what} in {} data", dt.kserve_name()));
     let f = |s: &Scalar| -> Result<f64, ApiError> {
         Ok(match *s {
             Scalar::F(x) => x,
@@ -361,7 +324,7 @@ pub fn response(model: &str, version: &str, id: Option<&str>, outputs: &[(String
             };
             OutputJson {
                 name: name.clone(),
-                datatype: datatype(t.dtype()),
+                datatype: t.dtype().kserve_name(),
                 shape: t.shape().to_vec(),
                 parameters,
                 data,

@@ -26,7 +26,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use edgepack_runtime::{SessionOptions, Tensor};
+use edgepack_runtime::{DType, SessionOptions, Tensor};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -369,7 +369,7 @@ fn tensor_meta(io: &[edgepack_runtime::IoInfo], batch: bool) -> Vec<Value> {
                     _ => -1,
                 })
                 .collect();
-            json!({ "name": i.name, "datatype": i.dtype.map(kserve::datatype).unwrap_or("BYTES"), "shape": shape })
+            json!({ "name": i.name, "datatype": i.dtype.map(DType::kserve_name).unwrap_or("BYTES"), "shape": shape })
         })
         .collect()
 }
