@@ -41,7 +41,7 @@ pub fn load_key(path: Option<&Path>) -> Result<Option<PublicKey>> {
     path.map(|p| PublicKey::load(p).with_context(|| format!("reading key {}", p.display()))).transpose()
 }
 
-fn session_options(a: &LoadArgs) -> Result<SessionOptions> {
+pub fn session_options(a: &LoadArgs) -> Result<SessionOptions> {
     Ok(SessionOptions {
         device: a.device,
         threads: a.threads,
@@ -555,6 +555,10 @@ pub struct PackArgs {
     /// Sign the manifest with this secret key (.key from `edgepack keygen`)
     #[arg(long)]
     sign: Option<PathBuf>,
+    /// Member storage: none, or zstd (each member stored compressed when that makes it smaller; pruned weights
+    /// shrink the most; the runtime decompresses at load)
+    #[arg(long, default_value = "none")]
+    compress: String,
     #[arg(long)]
     json: bool,
 }
@@ -583,7 +587,11 @@ pub fn pack(a: PackArgs) -> Result<()> {
         .name
         .clone()
         .unwrap_or_else(|| a.model.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or("model".into()));
-    let mut b = BundleBuilder::new(&name, &a.version, task);
+    let mut b = BundleBuilder::new(&name, &a.version, task).compression(match a.compress.as_str() {
+        "none" => edgepack_packager::Compression::None,
+        "zstd" => edgepack_packager::Compression::Zstd,
+        c => bail!(BadInput(format!("unknown --compress `{c}` (none, zstd)"))),
+    });
     if let Some(d) = &a.description {
         b = b.description(d);
     }
@@ -694,7 +702,7 @@ pub fn verify(path: &Path, key: Option<&Path>, json_out: bool) -> Result<()> {
         .with_context(|| format!("verifying {}", path.display()))?;
     // Every variant must also be a well-formed model.
     for v in &b.manifest().variants {
-        edgepack_runtime::onnx::Model::from_bytes(b.member(&v.member)?)
+        edgepack_runtime::onnx::Model::from_bytes(&b.member(&v.member)?)
             .with_context(|| format!("variant `{}`", v.id))?;
     }
     let ms = t0.elapsed().as_secs_f64() * 1e3;

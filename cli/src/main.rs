@@ -3,6 +3,7 @@
 mod bench;
 mod commands;
 mod demo;
+mod prune;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +67,9 @@ enum Command {
     Eval(commands::EvalArgs),
     /// Quantize an fp32 model to INT8 (QDQ: per-channel int8 weights, uint8 activations) calibrated on real samples
     Quantize(commands::QuantizeArgs),
+    /// Prune an fp32 model: unstructured (magnitude zeros, for a smaller zstd bundle) or structured (whole
+    /// channels removed, for speed), repaired by bias correction, by a uniform amount or a plan under a budget
+    Prune(prune::PruneArgs),
     /// Pack an ONNX model with its pre/post-processing, labels and reports into a .edgepack bundle
     Pack(commands::PackArgs),
     /// Check a bundle's structure, member hashes and signature
@@ -125,6 +129,7 @@ fn main() -> ExitCode {
         Command::Run(a) => commands::run(a),
         Command::Eval(a) => commands::eval(a),
         Command::Quantize(a) => commands::quantize(a),
+        Command::Prune(a) => prune::prune(a),
         Command::Pack(a) => commands::pack(a),
         Command::Verify { bundle, key, json } => commands::verify(&bundle, key.as_deref(), json),
         Command::Keygen { out } => commands::keygen(&out),

@@ -86,6 +86,22 @@ struct PendingMember {
     bytes: Vec<u8>,
 }
 
+/// A member as laid out: stored bytes and, when compressed, how they decode.
+struct StoredMember {
+    bytes: Vec<u8>,
+    encoding: Option<bundle::Encoding>,
+}
+
+/// How [`BundleBuilder`] stores members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// As is (manifest format 1: readable by every edgepack version).
+    #[default]
+    None,
+    /// zstd, for each member it makes smaller (manifest format 2). Sparse (pruned) weights shrink the most.
+    Zstd,
+}
+
 /// Builds a bundle: add variants, processing, labels, reports; then [`BundleBuilder::write`].
 pub struct BundleBuilder {
     name: String,
@@ -101,6 +117,7 @@ pub struct BundleBuilder {
     reports: Vec<String>,
     metadata: BTreeMap<String, String>,
     members: Vec<PendingMember>,
+    compression: Compression,
 }
 
 impl BundleBuilder {
@@ -119,7 +136,14 @@ impl BundleBuilder {
             reports: vec![],
             metadata: BTreeMap::new(),
             members: vec![],
+            compression: Compression::None,
         }
+    }
+
+    /// How members are stored (default: as is).
+    pub fn compression(mut self, c: Compression) -> Self {
+        self.compression = c;
+        self
     }
 
     pub fn description(mut self, d: &str) -> Self {
@@ -202,9 +226,32 @@ impl BundleBuilder {
         if self.variants.is_empty() {
             return Err(PackError::Invalid("a bundle needs at least one model variant".into()));
         }
+        let stored: Vec<StoredMember> = self
+            .members
+            .iter()
+            .map(|m| {
+                if self.compression == Compression::Zstd {
+                    let z = edgepack_runtime::compress::zstd_compress(&m.bytes);
+                    if z.len() < m.bytes.len() {
+                        let encoding = bundle::Encoding {
+                            codec: "zstd".into(),
+                            size: m.bytes.len() as u64,
+                            sha256: bundle::sha256_hex(&m.bytes),
+                        };
+                        return StoredMember { bytes: z, encoding: Some(encoding) };
+                    }
+                }
+                StoredMember { bytes: m.bytes.clone(), encoding: None }
+            })
+            .collect();
+        let format_version = if stored.iter().any(|s| s.encoding.is_some()) {
+            MANIFEST_FORMAT_VERSION
+        } else {
+            bundle::MANIFEST_FORMAT_VERSION_PLAIN
+        };
         let mut manifest = Manifest {
             format: "edgepack".into(),
-            format_version: MANIFEST_FORMAT_VERSION,
+            format_version,
             name: self.name,
             version: self.version,
             description: self.description,
@@ -230,15 +277,17 @@ impl BundleBuilder {
             manifest.members = self
                 .members
                 .iter()
-                .map(|m| {
+                .zip(&stored)
+                .map(|(m, s)| {
                     let mem = Member {
                         path: m.path.clone(),
                         offset: at,
-                        size: m.bytes.len() as u64,
-                        sha256: bundle::sha256_hex(&m.bytes),
+                        size: s.bytes.len() as u64,
+                        sha256: bundle::sha256_hex(&s.bytes),
                         media_type: m.media_type.clone(),
+                        encoding: s.encoding.clone(),
                     };
-                    at = align(at + m.bytes.len() as u64);
+                    at = align(at + s.bytes.len() as u64);
                     mem
                 })
                 .collect();
@@ -266,9 +315,9 @@ impl BundleBuilder {
             out.extend_from_slice(&sig.to_bytes());
         }
         out.extend_from_slice(&manifest_json);
-        for (pending, mem) in self.members.iter().zip(&manifest.members) {
+        for (s, mem) in stored.iter().zip(&manifest.members) {
             out.resize(mem.offset as usize, 0);
-            out.extend_from_slice(&pending.bytes);
+            out.extend_from_slice(&s.bytes);
         }
         debug_assert_eq!(out.len() as u64, total);
         Ok((manifest, out))

@@ -30,7 +30,7 @@ fn unsigned_and_signed_round_trip() {
     assert!(b.signer().is_none());
     assert_eq!(b.labels().unwrap().unwrap(), vec!["a", "b", "c"]);
     assert_eq!(b.model_bytes(None).unwrap().1, tiny_classifier().to_bytes().as_slice());
-    assert_eq!(b.member("reports/notes.json").unwrap(), b"{\"ok\":true}");
+    assert_eq!(b.member("reports/notes.json").unwrap().as_ref(), b"{\"ok\":true}");
     assert!(m.members.iter().all(|x| x.offset % ALIGN == 0));
 
     let sk = SecretKey::generate().unwrap();
@@ -183,4 +183,62 @@ fn manifest_schema_is_checked_in_and_current() {
     }
     let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(checked_in == current, "schema/manifest.v1.schema.json is stale: rerun with EDGEPACK_UPDATE_SCHEMA=1");
+}
+
+#[test]
+fn compressed_members_round_trip_and_are_verified() {
+    // A sparse weight matrix: most of it zeros, as unstructured pruning leaves it.
+    let mut w = vec![0f32; 64 * 256];
+    for (i, x) in w.iter_mut().enumerate().step_by(5) {
+        *x = (i as f32 * 0.37).sin();
+    }
+    let sparse = edgepack_runtime::onnx::builder::model(
+        vec![edgepack_runtime::onnx::node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
+        vec![edgepack_runtime::onnx::builder::value_info(
+            "x",
+            1,
+            &[edgepack_runtime::onnx::Dim::Fixed(1), edgepack_runtime::onnx::Dim::Fixed(64)],
+        )],
+        vec![edgepack_runtime::onnx::builder::value_info(
+            "y",
+            1,
+            &[edgepack_runtime::onnx::Dim::Fixed(1), edgepack_runtime::onnx::Dim::Fixed(256)],
+        )],
+        vec![edgepack_runtime::onnx::builder::tensor_f32("W", &[64, 256], &w)],
+    )
+    .to_bytes();
+    let make = |c: Compression| {
+        BundleBuilder::new("sparse", "1", Task::Custom)
+            .compression(c)
+            .variant("fp32", sparse.clone(), Precision::Fp32, &[BackendKind::Cpu])
+            .unwrap()
+            .report("notes.json", "application/json", b"{}".to_vec())
+            .unwrap()
+    };
+    let (plain_m, plain) = make(Compression::None).build(None).unwrap();
+    let sk = SecretKey::generate().unwrap();
+    let (m, packed) = make(Compression::Zstd).build(Some(&sk)).unwrap();
+    assert_eq!(plain_m.format_version, 1, "uncompressed bundles stay readable by format-1 readers");
+    assert_eq!(m.format_version, 2);
+    assert!(packed.len() * 2 < plain.len(), "{} vs {}", packed.len(), plain.len());
+    let model = m.members.iter().find(|x| x.path == "models/fp32.onnx").unwrap();
+    assert!(model.encoding.is_some());
+    // A 2-byte report does not shrink: it stays as is.
+    assert!(m.members.iter().find(|x| x.path == "reports/notes.json").unwrap().encoding.is_none());
+    let b = open(&packed, Some(sk.public())).unwrap();
+    assert_eq!(b.model_bytes(None).unwrap().1.as_ref(), sparse.as_slice());
+    assert_eq!(b.manifest().variants[0].sha256, edgepack_runtime::bundle::sha256_hex(&sparse));
+    // The stored (compressed) bytes are hashed at open.
+    let mut t = packed.clone();
+    t[(model.offset + model.size / 2) as usize] ^= 0x10;
+    assert!(matches!(open(&t, Some(sk.public())).unwrap_err(), BundleError::Tampered { .. }));
+    // Runs as a session.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sparse.edgepack");
+    std::fs::write(&path, &packed).unwrap();
+    let s =
+        edgepack_runtime::Session::open(&path, &edgepack_runtime::SessionOptions { threads: 1, ..Default::default() })
+            .unwrap();
+    let y = s.run(vec![("x".into(), edgepack_runtime::Tensor::from_f32(vec![1, 64], vec![1.0; 64]).unwrap())]).unwrap();
+    assert_eq!(y[0].1.shape(), &[1, 256]);
 }

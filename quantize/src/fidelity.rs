@@ -226,6 +226,33 @@ pub fn median_latency_ms(s: &Session, input: Vec<(String, Tensor)>, runs: usize)
     Ok(t[t.len() / 2])
 }
 
+/// Median latencies in ms of `a` and `b` on `input`, measured in alternation (a, b, a, b...) after one warm-up
+/// run each, so both see the same machine state; `progress(done)` after each pair.
+pub fn interleaved_latency_ms(
+    a: &Session,
+    b: &Session,
+    input: Vec<(String, Tensor)>,
+    runs: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<(f64, f64), CalibError> {
+    a.run(input.clone())?;
+    b.run(input.clone())?;
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for i in 0..runs.max(1) {
+        for (s, t) in [(a, &mut ta), (b, &mut tb)] {
+            let t0 = Instant::now();
+            s.run(input.clone())?;
+            t.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        progress(i + 1);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok((median(ta), median(tb)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

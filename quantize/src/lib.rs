@@ -3,11 +3,13 @@
 //! - [`calib`]: streaming calibration (min-max, percentile, entropy, MSE observers);
 //! - [`qdq`]: the QDQ INT8 pass; [`mixed`]: per-layer sensitivity and mixed precision under a budget;
 //! - [`fidelity`] + [`report`]: how close the INT8 model is to fp32, as JSON, a table and HTML;
-//! - [`pipeline`]: the whole `edgepack quantize` job as one call.
+//! - [`pipeline`]: the whole `edgepack quantize` job as one call;
+//! - [`prune`]: unstructured and structured pruning, repair, sensitivity, plan and report (`edgepack prune`).
 pub mod calib;
 pub mod data;
 pub mod fidelity;
 pub mod mixed;
 pub mod pipeline;
+pub mod prune;
 pub mod qdq;
 pub mod report;

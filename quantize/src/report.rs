@@ -316,12 +316,12 @@ impl Report {
     }
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 /// Horizontal bars, one per row; fp32 rows in orange, `None` drawn as "exact".
-fn bar_chart(rows: Vec<(&str, Option<f64>, bool)>, unit: &str) -> String {
+pub(crate) fn bar_chart(rows: Vec<(&str, Option<f64>, bool)>, unit: &str) -> String {
     let finite: Vec<f64> = rows.iter().filter_map(|r| r.1).filter(|v| v.is_finite()).collect();
     let max = finite.iter().cloned().fold(1.0f64, f64::max);
     let min = finite.iter().cloned().fold(0.0f64, f64::min);

@@ -12,6 +12,8 @@
 //! ..  manifest (UTF-8 JSON, schema: schema/manifest.v1.schema.json)
 //! ..  members, each at a 64-byte aligned absolute offset listed in the manifest, sha256 in the manifest
 //! ```
+//! A member may be stored zstd-compressed (manifest format 2): its `encoding` gives the codec and the size and
+//! sha256 of the decoded bytes; the stored bytes' sha256 is checked at open, the decoded bytes' when read.
 //! Everything is checked (sizes, versions, signature, every member's hash) before any model code runs.
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -25,7 +27,12 @@ use crate::tensor::DType;
 
 pub const MAGIC: &[u8; 8] = b"EDGEPACK";
 pub const CONTAINER_VERSION: u32 = 1;
-pub const MANIFEST_FORMAT_VERSION: u32 = 1;
+/// The newest manifest format: 2 adds compressed members (`Member::encoding`). Writers use 1 when no member is
+/// compressed, so older readers still open those bundles.
+pub const MANIFEST_FORMAT_VERSION: u32 = 2;
+pub const MANIFEST_FORMAT_VERSION_PLAIN: u32 = 1;
+/// Largest decoded size a compressed member may declare.
+pub const MAX_DECODED_MEMBER: u64 = 4 << 30;
 pub const HEADER_LEN: usize = 32;
 pub const SIGNATURE_BLOCK_LEN: usize = 96;
 pub const FLAG_SIGNED: u32 = 1;
@@ -108,7 +115,7 @@ pub struct Variant {
     pub member: String,
     pub precision: Precision,
     pub preferred_backends: Vec<BackendKind>,
-    /// Must equal the member's sha256 and size (checked on open).
+    /// sha256 and size of the ONNX file; must equal the member's (decoded, when it is compressed), checked on open.
     pub sha256: String,
     pub size: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -126,6 +133,30 @@ pub struct Member {
     pub sha256: String,
     /// IANA-style media type, e.g. "application/onnx", "text/plain", "application/json".
     pub media_type: String,
+    /// Present when the stored bytes are compressed (manifest format 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<Encoding>,
+}
+
+/// How a compressed member decodes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+pub struct Encoding {
+    /// Only "zstd".
+    pub codec: String,
+    /// Size of the decoded bytes.
+    pub size: u64,
+    /// Lower-case hex sha256 of the decoded bytes.
+    pub sha256: String,
+}
+
+impl Member {
+    /// (size, sha256) of the member's content: decoded when compressed, else as stored.
+    pub fn content_identity(&self) -> (u64, &str) {
+        match &self.encoding {
+            Some(e) => (e.size, &e.sha256),
+            None => (self.size, &self.sha256),
+        }
+    }
 }
 
 /// The self-description of a bundle.
@@ -381,7 +412,7 @@ impl Bundle {
         if manifest.format != "edgepack" {
             return Err(BundleError::Manifest(format!("format is `{}`, expected `edgepack`", manifest.format)));
         }
-        if manifest.format_version != MANIFEST_FORMAT_VERSION {
+        if !(MANIFEST_FORMAT_VERSION_PLAIN..=MANIFEST_FORMAT_VERSION).contains(&manifest.format_version) {
             return Err(BundleError::UnsupportedVersion {
                 what: "manifest format",
                 found: manifest.format_version.into(),
@@ -414,13 +445,22 @@ impl Bundle {
         self.trusted
     }
 
-    pub fn member(&self, path: &str) -> Result<&[u8], BundleError> {
+    /// A member's content: borrowed when stored as is, decoded (and its decoded sha256 checked) when compressed.
+    pub fn member(&self, path: &str) -> Result<std::borrow::Cow<'_, [u8]>, BundleError> {
         let m = self.manifest.member(path).ok_or_else(|| BundleError::MissingMember(path.to_string()))?;
-        Ok(&self.bytes[m.offset as usize..(m.offset + m.size) as usize])
+        let stored = &self.bytes[m.offset as usize..(m.offset + m.size) as usize];
+        let Some(e) = &m.encoding else { return Ok(std::borrow::Cow::Borrowed(stored)) };
+        let decoded = crate::compress::zstd_decompress(stored, e.size)
+            .map_err(|why| BundleError::Corrupt(format!("member `{}`: {why}", m.path)))?;
+        let actual = sha256_hex(&decoded);
+        if actual != e.sha256 {
+            return Err(BundleError::Tampered { member: m.path.clone(), expected: e.sha256.clone(), actual });
+        }
+        Ok(std::borrow::Cow::Owned(decoded))
     }
 
-    /// The ONNX bytes of a variant (default: the first).
-    pub fn model_bytes(&self, variant: Option<&str>) -> Result<(&Variant, &[u8]), BundleError> {
+    /// The ONNX bytes of a variant (default: the first), decoded when the member is compressed.
+    pub fn model_bytes(&self, variant: Option<&str>) -> Result<(&Variant, std::borrow::Cow<'_, [u8]>), BundleError> {
         let v = self.manifest.variant(variant)?;
         Ok((v, self.member(&v.member)?))
     }
@@ -428,8 +468,8 @@ impl Bundle {
     /// Labels, one per line, if the bundle has any.
     pub fn labels(&self) -> Result<Option<Vec<String>>, BundleError> {
         let Some(p) = &self.manifest.labels else { return Ok(None) };
-        let text =
-            std::str::from_utf8(self.member(p)?).map_err(|_| BundleError::Manifest("labels are not UTF-8".into()))?;
+        let bytes = self.member(p)?;
+        let text = std::str::from_utf8(&bytes).map_err(|_| BundleError::Manifest("labels are not UTF-8".into()))?;
         Ok(Some(text.lines().map(|l| l.trim_end_matches('\r').to_string()).collect()))
     }
 
@@ -462,6 +502,26 @@ fn check_layout(m: &Manifest, data_start: u64, total_len: u64) -> Result<(), Bun
         if mem.sha256.len() != 64 || !mem.sha256.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
             return Err(BundleError::Manifest(format!("member `{}` has a malformed sha256", mem.path)));
         }
+        if let Some(e) = &mem.encoding {
+            if m.format_version < 2 {
+                return Err(BundleError::Manifest(format!(
+                    "member `{}` is compressed, which needs manifest format 2 (this one says {})",
+                    mem.path, m.format_version
+                )));
+            }
+            if e.codec != "zstd" {
+                return Err(BundleError::Manifest(format!("member `{}`: unknown codec `{}`", mem.path, e.codec)));
+            }
+            if e.size > MAX_DECODED_MEMBER {
+                return Err(BundleError::TooLarge(format!(
+                    "member `{}` decodes to {} bytes (limit {MAX_DECODED_MEMBER})",
+                    mem.path, e.size
+                )));
+            }
+            if e.sha256.len() != 64 || !e.sha256.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
+                return Err(BundleError::Manifest(format!("member `{}` has a malformed decoded sha256", mem.path)));
+            }
+        }
         ranges.push((mem.offset, end, &mem.path));
     }
     ranges.sort();
@@ -483,7 +543,7 @@ fn check_references(m: &Manifest) -> Result<(), BundleError> {
             return Err(BundleError::Manifest(format!("variant `{}` listed twice", v.id)));
         }
         let mem = m.member(&v.member).ok_or_else(|| BundleError::MissingMember(v.member.clone()))?;
-        if mem.sha256 != v.sha256 || mem.size != v.size {
+        if mem.content_identity() != (v.size, v.sha256.as_str()) {
             return Err(BundleError::Manifest(format!("variant `{}` disagrees with its member's hash or size", v.id)));
         }
     }

@@ -9,6 +9,7 @@
 //! ```
 pub mod backend;
 pub mod bundle;
+pub mod compress;
 pub mod cpu;
 mod cpu_ops;
 mod error;

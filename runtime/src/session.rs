@@ -281,7 +281,8 @@ impl Session {
     pub fn from_bundle(bundle: Bundle, opts: &SessionOptions) -> Result<Session> {
         let (variant, bytes) = bundle.model_bytes(opts.variant.as_deref())?;
         let variant_id = variant.id.clone();
-        let model = Model::from_bytes(bytes)?;
+        let model = Model::from_bytes(&bytes)?;
+        drop(bytes);
         let mut s = Session::from_model(&model, opts)?;
         let manifest = bundle.manifest().clone();
         let declared: Vec<TensorSpec> = s.inputs.iter().map(IoInfo::spec).collect();

@@ -1,0 +1,207 @@
+//! `edgepack prune`: arguments and output files; the job is `edgepack_quantize::prune::run`.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use edgepack_quantize::data::Dataset;
+use edgepack_quantize::pipeline::{Event, Samples};
+use edgepack_quantize::prune::{self, Criterion, Method, Scope, Target};
+use edgepack_runtime::bundle::OpenOptions;
+use edgepack_runtime::{Bundle, Device, Session};
+use serde_json::json;
+
+use crate::LoadArgs;
+use crate::commands::{BadInput, image_preprocess, progress, session_options};
+
+#[derive(Args)]
+pub struct PruneArgs {
+    /// fp32 model (.onnx) or bundle (its first variant and pre-processing are used)
+    model: PathBuf,
+    /// Samples for the statistics (bias correction, the contribution criterion): a folder of images/.npy, a
+    /// labelled folder (labels.csv + images/, class folders) or an IDX file with --idx-labels
+    #[arg(long)]
+    calib: PathBuf,
+    #[arg(long)]
+    idx_labels: Option<PathBuf>,
+    /// Statistics samples: the first N of --calib
+    #[arg(long, default_value_t = 64)]
+    calib_limit: usize,
+    /// Held-out samples for accuracy, the plan and the curve: the next N after the statistics samples (or the
+    /// first N of --eval)
+    #[arg(long, default_value_t = 200)]
+    holdout: usize,
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// Pre-processing preset for a bare .onnx model fed with images
+    #[arg(long)]
+    preset: Option<String>,
+    /// structured (remove channels: faster) or unstructured (zero weights: smaller compressed)
+    #[arg(long, default_value = "structured")]
+    method: String,
+    /// Uniform amount: sparsity (unstructured) or fraction of each group's channels (structured), 0..1
+    #[arg(long)]
+    amount: Option<f64>,
+    /// Plan the largest reduction (MACs when structured, weights when unstructured) within this budget on the
+    /// held-out samples: top1-drop=PT, agreement=PCT or sqnr=DB
+    #[arg(long)]
+    budget: Option<String>,
+    /// Unstructured: global (one magnitude threshold) or layer (the same fraction of each layer)
+    #[arg(long, default_value = "global")]
+    scope: String,
+    /// Structured channel ranking: contribution (E|x|·‖W‖ at the consumers; uses the samples), l1, l2,
+    /// bn-scale (needs BatchNormalization after the convs)
+    #[arg(long, default_value = "contribution")]
+    criterion: String,
+    /// Structured: kept channel counts are rounded up to a multiple of this (when the group's count is one)
+    #[arg(long, default_value_t = 8)]
+    round_to: usize,
+    /// Amounts tried per layer/group by the sensitivity scan (with --budget)
+    #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,0.75")]
+    levels: Vec<f64>,
+    /// Held-out samples per scan point
+    #[arg(long, default_value_t = 16)]
+    sensitivity_samples: usize,
+    /// Uniform amounts to evaluate for the report's accuracy curve, e.g. 0.1,0.2,0.3
+    #[arg(long, value_delimiter = ',')]
+    curve: Vec<f64>,
+    /// No bias correction
+    #[arg(long)]
+    no_repair: bool,
+    /// Timed runs (interleaved fp32/pruned) for the CPU latency (0 = skip)
+    #[arg(long, default_value_t = 20)]
+    latency_runs: usize,
+    /// Output ONNX file
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Report (JSON; an .html page is written beside it). Default: OUT.prune.json
+    #[arg(long)]
+    report: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+pub fn prune(a: PruneArgs) -> Result<()> {
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+        bail!(BadInput(format!("output folder {} does not exist", dir.display())));
+    }
+    let method = match a.method.as_str() {
+        "structured" => Method::Structured {
+            criterion: a.criterion.parse::<Criterion>().map_err(BadInput)?,
+            multiple: a.round_to.max(1),
+        },
+        "unstructured" => Method::Unstructured {
+            scope: match a.scope.as_str() {
+                "global" => Scope::Global,
+                "layer" => Scope::Layer,
+                s => bail!(BadInput(format!("unknown --scope `{s}` (global, layer)"))),
+            },
+        },
+        m => bail!(BadInput(format!("unknown --method `{m}` (structured, unstructured)"))),
+    };
+    let target = match (a.amount, &a.budget) {
+        (Some(x), None) if (0.0..1.0).contains(&x) => Target::Amount(x),
+        (Some(_), None) => bail!(BadInput("--amount must be within [0, 1)".into())),
+        (None, Some(b)) => Target::Budget(b.parse().map_err(BadInput)?),
+        _ => bail!(BadInput("give exactly one of --amount or --budget".into())),
+    };
+    if a.levels.iter().chain(&a.curve).any(|x| !(0.0..1.0).contains(x)) {
+        bail!(BadInput("--levels and --curve amounts must be within [0, 1)".into()));
+    }
+    let mut opts = session_options(&a.load)?;
+    // Every candidate is a new model: an automatic device choice would measure the GPU for each one.
+    if opts.device == Device::Auto {
+        opts.device = Device::Cpu;
+    }
+    let bytes = std::fs::read(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
+    let (s, fp32_bytes) = if edgepack_runtime::session::is_bundle(&bytes) {
+        let bundle = Bundle::from_bytes(bytes, &OpenOptions { key: opts.key.clone(), ..Default::default() })?;
+        let fp32 = bundle.model_bytes(opts.variant.as_deref())?.1.to_vec();
+        (Session::from_bundle(bundle, &opts)?, fp32)
+    } else {
+        (Session::from_onnx_bytes(&bytes, &opts)?, bytes)
+    };
+    let model = edgepack_runtime::onnx::Model::from_bytes(&fp32_bytes)?;
+    let pre = image_preprocess(&s, a.preset.as_deref())?;
+    let data = Dataset::open(&a.calib, a.idx_labels.as_deref())?;
+    let n = data.len().min(a.calib_limit.max(1));
+    let eval_data = a.eval.as_ref().map(|p| Dataset::open(p, None)).transpose()?;
+    let held_out = match (&eval_data, &a.eval) {
+        (Some(d), Some(p)) => Samples { data: d, range: 0..d.len().min(a.holdout), source: p.display().to_string() },
+        _ => Samples { data: &data, range: n..data.len().min(n + a.holdout), source: a.calib.display().to_string() },
+    };
+    let job = prune::Job {
+        model: &model,
+        model_name: a.model.display().to_string(),
+        output_name: a.out.display().to_string(),
+        method,
+        target,
+        calib: Samples { data: &data, range: 0..n, source: a.calib.display().to_string() },
+        held_out: Some(held_out),
+        pre: pre.as_ref(),
+        repair: !a.no_repair,
+        levels: a.levels.clone(),
+        sensitivity_samples: a.sensitivity_samples,
+        curve: a.curve.clone(),
+        latency_runs: a.latency_runs,
+        session: opts,
+        held_out_max_bytes: 1 << 30,
+    };
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let (pruned, report) = prune::run(&job, &mut |e| match e {
+        Event::Stage(name, total) => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            bar = Some(progress(total, name));
+        }
+        Event::Step(d) => {
+            if let Some(b) = &bar {
+                b.set_position(d as u64);
+            }
+        }
+        Event::Note(line) => match &bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        },
+    })?;
+    if let Some(b) = bar.take() {
+        b.finish_and_clear();
+    }
+    edgepack_runtime::fsutil::write_atomic(&a.out, &pruned.to_bytes())
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    let report_path = a.report.clone().unwrap_or_else(|| {
+        let mut p = a.out.clone().into_os_string();
+        p.push(".prune.json");
+        PathBuf::from(p)
+    });
+    let html_path = report_path.with_extension("html");
+    edgepack_runtime::fsutil::write_atomic(&report_path, serde_json::to_string_pretty(&report)?.as_bytes())
+        .with_context(|| format!("writing {}", report_path.display()))?;
+    edgepack_runtime::fsutil::write_atomic(&html_path, report.html().as_bytes())
+        .with_context(|| format!("writing {}", html_path.display()))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"out": a.out, "report_json": report_path, "report_html": html_path, "report": report})
+            )?
+        );
+    } else {
+        print!("{}", report.table());
+        println!(
+            "wrote {}, {} and {} in {:.1} s",
+            a.out.display(),
+            report_path.display(),
+            html_path.display(),
+            report.seconds
+        );
+    }
+    if let Some(p) = &report.plan
+        && !p.met
+    {
+        eprintln!("warning: budget {} not met; see the report", p.text);
+    }
+    Ok(())
+}
