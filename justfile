@@ -37,6 +37,12 @@ quant-accuracy:
     python3 scripts/quant_all.py --md QUANTIZATION.md
     python3 scripts/int8_agreement.py --md QUANTIZATION.md
 
+# Pruning: edgepack prune on EfficientNet-Lite0 and SqueezeNet (curves, 1 pt budgets, latency, zstd and INT8
+# bundle sizes, onnxruntime and both backends on the pruned files); tables into PRUNING.md
+pruning:
+    cargo build --release --workspace
+    python3 scripts/pruning.py --md PRUNING.md
+
 lint:
     cargo fmt --all -- --check
     cargo clippy --release --workspace --all-targets -- -D warnings

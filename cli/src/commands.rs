@@ -509,8 +509,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct PackArgs {
-    /// The fp32 ONNX model (first variant)
+    /// The ONNX model (first variant; usually fp32)
     model: PathBuf,
+    /// Id and precision of the first variant: ID[:PRECISION] (e.g. pruned-int8:int8)
+    #[arg(long, default_value = "fp32:fp32")]
+    main: String,
     #[arg(short, long)]
     out: PathBuf,
     /// Bundle name (default: the model file's stem)
@@ -599,7 +602,11 @@ pub fn pack(a: PackArgs) -> Result<()> {
         let (k, v) = kv.split_once('=').ok_or_else(|| BadInput(format!("--meta expects KEY=VALUE, got `{kv}`")))?;
         b = b.metadata(k, v);
     }
-    b = b.variant("fp32", bytes, Precision::Fp32, &[BackendKind::Cpu, BackendKind::Gpu])?;
+    let (main_id, main_prec) = match a.main.split_once(':') {
+        Some((id, p)) => (id, parse_precision(p)?),
+        None => (a.main.as_str(), Precision::Fp32),
+    };
+    b = b.variant(main_id, bytes, main_prec, &[BackendKind::Cpu, BackendKind::Gpu])?;
     for v in &a.variants {
         let (id, rest) =
             v.split_once('=').ok_or_else(|| BadInput(format!("--variant expects ID=PATH[:PRECISION], got `{v}`")))?;

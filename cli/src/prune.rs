@@ -32,6 +32,9 @@ pub struct PruneArgs {
     holdout: usize,
     #[arg(long)]
     eval: Option<PathBuf>,
+    /// Take the statistics and held-out samples in a fixed shuffled order (for datasets sorted by class)
+    #[arg(long)]
+    shuffle: bool,
     /// Pre-processing preset for a bare .onnx model fed with images
     #[arg(long)]
     preset: Option<String>,
@@ -124,9 +127,16 @@ pub fn prune(a: PruneArgs) -> Result<()> {
     };
     let model = edgepack_runtime::onnx::Model::from_bytes(&fp32_bytes)?;
     let pre = image_preprocess(&s, a.preset.as_deref())?;
-    let data = Dataset::open(&a.calib, a.idx_labels.as_deref())?;
+    let mut data = Dataset::open(&a.calib, a.idx_labels.as_deref())?;
+    if a.shuffle {
+        data = data.shuffled(0x5eed);
+    }
     let n = data.len().min(a.calib_limit.max(1));
-    let eval_data = a.eval.as_ref().map(|p| Dataset::open(p, None)).transpose()?;
+    let eval_data = a
+        .eval
+        .as_ref()
+        .map(|p| Dataset::open(p, None).map(|d| if a.shuffle { d.shuffled(0x5eed) } else { d }))
+        .transpose()?;
     let held_out = match (&eval_data, &a.eval) {
         (Some(d), Some(p)) => Samples { data: d, range: 0..d.len().min(a.holdout), source: p.display().to_string() },
         _ => Samples { data: &data, range: n..data.len().min(n + a.holdout), source: a.calib.display().to_string() },

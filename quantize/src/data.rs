@@ -69,6 +69,8 @@ enum Items {
 /// An indexed, lazily read set of samples.
 pub struct Dataset {
     items: Items,
+    /// Sample order (a permutation of the stored order), when shuffled.
+    order: Option<Vec<usize>>,
 }
 
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
@@ -152,7 +154,7 @@ impl Dataset {
                 return Err(DataError::Invalid(format!("IDX images {idims:?} and labels {ldims:?} do not match")));
             }
             let items = Items::Idx { images: ipix.to_vec(), rows: idims[1], cols: idims[2], labels: lvals.to_vec() };
-            return Ok(Dataset { items });
+            return Ok(Dataset { order: None, items });
         }
         if !path.is_dir() {
             return Err(DataError::Invalid(format!(
@@ -196,7 +198,7 @@ impl Dataset {
         if items.is_empty() {
             return Err(DataError::Invalid(format!("{}: no labelled samples found", path.display())));
         }
-        Ok(Dataset { items: Items::Files(items) })
+        Ok(Dataset { order: None, items: Items::Files(items) })
     }
 
     /// Unlabelled samples for calibration: every image and `.npy` file under `path` (sorted, recursive), or
@@ -210,7 +212,7 @@ impl Dataset {
         if files.is_empty() {
             return Err(DataError::Invalid(format!("{}: no images or .npy files found", path.display())));
         }
-        Ok(Dataset { items: Items::Files(files.into_iter().map(|f| (f, None)).collect()) })
+        Ok(Dataset { order: None, items: Items::Files(files.into_iter().map(|f| (f, None)).collect()) })
     }
 
     /// Labelled when the layout says so (`idx_labels`, or `labels.csv` in `path`), else unlabelled samples.
@@ -233,8 +235,28 @@ impl Dataset {
         self.len() == 0
     }
 
+    /// The same samples in a fixed pseudo-random order (seeded Fisher-Yates), so that the first N of a dataset
+    /// sorted by class (calibration, then held-out) cover every class instead of the first few.
+    pub fn shuffled(mut self, seed: u64) -> Dataset {
+        let n = self.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        for i in (1..n).rev() {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            order.swap(i, (s % (i as u64 + 1)) as usize);
+        }
+        self.order = Some(order);
+        self
+    }
+
     /// Reads and decodes sample `k` (`k < len()`).
     pub fn get(&self, k: usize) -> Result<Sample> {
+        let k = match &self.order {
+            Some(o) => *o.get(k).ok_or_else(|| DataError::Invalid(format!("no sample {k}")))?,
+            None => k,
+        };
         match &self.items {
             Items::Files(v) => {
                 let (p, label) = v.get(k).ok_or_else(|| DataError::Invalid(format!("no sample {k}")))?;

@@ -463,23 +463,47 @@ impl Groups {
             let (wd, wv) = weights(&m, node)?;
             let is_gemm = n.op() == "Gemm";
             let c_out = if is_gemm { gemm_outputs(&n, &wd) } else { wd[0] };
+            let mut wv = wv;
             if let Some(st) = stats {
                 let ch = st.get(&n.input[0]).ok_or_else(|| {
                     PruneError::Invalid(format!("no statistics for `{}` (input of `{}`)", n.input[0], n.name()))
                 })?;
-                let mut bias = bias_of(&m, &n, c_out)?;
-                for &j in rm {
-                    let mu = ch.mean.get(j).copied().unwrap_or(0.0) as f64;
-                    for (o, b) in bias.iter_mut().enumerate() {
-                        let contrib: f64 = if is_gemm {
-                            gemm_weight(&n, &wd, &wv, o, j) as f64
-                        } else {
-                            conv_filter_input(&wd, &wv, o, j).map(|x| x as f64).sum()
-                        };
-                        *b += (contrib * mu) as f32;
+                let c_in = if is_gemm { wv.len() / c_out } else { wd[1] };
+                let taps = if is_gemm { 1 } else { wd[2..].iter().product() };
+                // Index of weight (o, j, t) in the stored layout.
+                let trans_b = n.attr_i("transB").unwrap_or(0) != 0;
+                let at = |o: usize, j: usize, t: usize| -> usize {
+                    if !is_gemm {
+                        (o * c_in + j) * taps + t
+                    } else if trans_b {
+                        o * c_in + j
+                    } else {
+                        j * c_out + o
+                    }
+                };
+                let alpha = if is_gemm { n.attr_f("alpha").unwrap_or(1.0) as f64 } else { 1.0 };
+                // Removed inputs rebuilt from the kept ones: x_r ≈ Σ_k B[r,k]·x_k + c_r (least squares on the
+                // samples; B = 0, c = E[x_r] without second moments, which is plain bias correction).
+                let (keep, b, c) = reconstruction(ch, rm, c_in);
+                let mut bias: Vec<f64> = bias_of(&m, &n, c_out)?.iter().map(|&v| v as f64).collect();
+                for (ri, &r) in rm.iter().enumerate() {
+                    for o in 0..c_out {
+                        for t in 0..taps {
+                            let w = wv[at(o, r, t)] as f64;
+                            if w == 0.0 {
+                                continue;
+                            }
+                            bias[o] += alpha * w * c[ri];
+                            if !b.is_empty() {
+                                for (ki, &k) in keep.iter().enumerate() {
+                                    let idx = at(o, k, t);
+                                    wv[idx] = (wv[idx] as f64 + w * b[ri * keep.len() + ki]) as f32;
+                                }
+                            }
+                        }
                     }
                 }
-                set_bias(&mut m, node, bias)?;
+                set_bias(&mut m, node, bias.iter().map(|&v| v as f32).collect())?;
             }
             let axis = if is_gemm { usize::from(n.attr_i("transB").unwrap_or(0) != 0) } else { 1 };
             let (nd, nv) = remove_along(&wd, &wv, axis, rm);
@@ -514,6 +538,84 @@ impl Groups {
     }
 }
 
+/// Least-squares reconstruction of the removed channels `rm` of a value from its kept channels, from its
+/// statistics: (kept indices, B as |rm|×|kept| row-major, intercepts c). Without second moments B is empty and
+/// c the removed channels' means. A small ridge keeps the solve stable on rank-deficient samples.
+pub(crate) fn reconstruction(
+    ch: &super::stats::Channel,
+    rm: &BTreeSet<usize>,
+    c_in: usize,
+) -> (Vec<usize>, Vec<f64>, Vec<f64>) {
+    let keep: Vec<usize> = (0..c_in).filter(|j| !rm.contains(j)).collect();
+    let mean = |j: usize| ch.mean.get(j).copied().unwrap_or(0.0) as f64;
+    let plain = || (keep.clone(), vec![], rm.iter().map(|&r| mean(r)).collect());
+    let c = ch.mean.len();
+    if ch.second.len() != c * c || c != c_in || keep.is_empty() {
+        return plain();
+    }
+    let cov = |i: usize, j: usize| ch.second[i * c + j] - mean(i) * mean(j);
+    let nk = keep.len();
+    let diag: f64 = keep.iter().map(|&k| cov(k, k).max(0.0)).sum::<f64>() / nk as f64;
+    let ridge = 1e-3 * diag.max(1e-12);
+    let mut a = vec![0f64; nk * nk];
+    for (i, &ki) in keep.iter().enumerate() {
+        for (j, &kj) in keep.iter().enumerate() {
+            a[i * nk + j] = cov(ki, kj) + if i == j { ridge } else { 0.0 };
+        }
+    }
+    // Right-hand sides: one column per removed channel, stored as |rm| rows of length nk.
+    let mut x: Vec<f64> = rm.iter().flat_map(|&r| keep.iter().map(move |&k| (r, k))).map(|(r, k)| cov(k, r)).collect();
+    if !cholesky_solve(&mut a, nk, &mut x) {
+        return plain();
+    }
+    let cs = rm
+        .iter()
+        .enumerate()
+        .map(|(ri, &r)| mean(r) - keep.iter().enumerate().map(|(ki, &k)| x[ri * nk + ki] * mean(k)).sum::<f64>())
+        .collect();
+    (keep, x, cs)
+}
+
+/// Solves A·x = b in place for each length-n row of `rhs` (A symmetric positive definite, overwritten by its
+/// Cholesky factor). False when A is not positive definite.
+fn cholesky_solve(a: &mut [f64], n: usize, rhs: &mut [f64]) -> bool {
+    for j in 0..n {
+        let mut d = a[j * n + j];
+        for k in 0..j {
+            d -= a[j * n + k] * a[j * n + k];
+        }
+        if d <= 0.0 || !d.is_finite() {
+            return false;
+        }
+        let d = d.sqrt();
+        a[j * n + j] = d;
+        for i in j + 1..n {
+            let mut s = a[i * n + j];
+            for k in 0..j {
+                s -= a[i * n + k] * a[j * n + k];
+            }
+            a[i * n + j] = s / d;
+        }
+    }
+    for b in rhs.chunks_mut(n) {
+        for i in 0..n {
+            let mut s = b[i];
+            for k in 0..i {
+                s -= a[i * n + k] * b[k];
+            }
+            b[i] = s / a[i * n + i];
+        }
+        for i in (0..n).rev() {
+            let mut s = b[i];
+            for k in i + 1..n {
+                s -= a[k * n + i] * b[k];
+            }
+            b[i] = s / a[i * n + i];
+        }
+    }
+    true
+}
+
 /// Indices of the lowest-importance channels of a group to remove so that `keep` remain (ties: higher index first).
 pub fn lowest(score: &[f64], keep: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..score.len()).collect();
@@ -526,7 +628,7 @@ pub fn lowest(score: &[f64], keep: usize) -> Vec<usize> {
 /// Channels to keep for a ratio: round(C·(1−r)), rounded up to a multiple of `multiple` (when C is one).
 pub fn kept_channels(channels: usize, ratio: f64, multiple: usize) -> usize {
     let mut keep = ((channels as f64) * (1.0 - ratio.clamp(0.0, 1.0))).round().max(1.0) as usize;
-    if multiple > 1 && channels % multiple == 0 && keep > 0 {
+    if multiple > 1 && channels.is_multiple_of(multiple) && keep > 0 {
         keep = keep.div_ceil(multiple) * multiple;
     }
     keep.min(channels)
@@ -615,13 +717,6 @@ fn conv_input_slice<'a>(dims: &[usize], v: &'a [f32], j: usize) -> impl Iterator
     let (c_out, c_in) = (dims[0], dims[1]);
     let taps: usize = dims[2..].iter().product();
     (0..c_out).flat_map(move |o| v[(o * c_in + j) * taps..(o * c_in + j + 1) * taps].iter().copied())
-}
-
-/// The taps of filter `o` on input channel `j` of a group-1 Conv.
-fn conv_filter_input<'a>(dims: &[usize], v: &'a [f32], o: usize, j: usize) -> impl Iterator<Item = f32> + 'a {
-    let c_in = dims[1];
-    let taps: usize = dims[2..].iter().product();
-    v[(o * c_in + j) * taps..(o * c_in + j + 1) * taps].iter().copied()
 }
 
 fn gemm_outputs(n: &NodeProto, dims: &[usize]) -> usize {

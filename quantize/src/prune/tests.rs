@@ -25,12 +25,14 @@ fn rnd(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// x[1,3,8,8] → a: Conv 3→8 (3×3) → Relu → dw: depthwise 8 → Clip(0,6) → b: Conv 8→6 (1×1)
-///   + c: Conv x 3→6 (1×1) (residual Add ties b and c) → Relu → Concat(·, d: Conv x 3→4) → e: Conv 10→5 (1×1)
-///   → Relu → GlobalAveragePool → Flatten → fc: Gemm 5→3 → y.
+/// x\[1,3,8,8\] → a: Conv 3→8 (3×3) → Relu → dw: depthwise 8 → Clip(0,6) → b: Conv 8→6 (1×1),
+/// plus c: Conv x 3→6 (1×1) (the residual Add ties b and c) → Relu → Concat(·, d: Conv x 3→4) → e: Conv 10→5
+/// (1×1) → Relu → GlobalAveragePool → Flatten → fc: Gemm 5→3 → y.
+///
 /// `zero`: (conv, channel, bias) filters set to zero with that bias.
 fn net(zero: &[(&str, usize, f32)]) -> Model {
-    let mut w: BTreeMap<&str, (Vec<i64>, Vec<f32>, Vec<f32>)> = BTreeMap::new();
+    type Params = (Vec<i64>, Vec<f32>, Vec<f32>);
+    let mut w: BTreeMap<&str, Params> = BTreeMap::new();
     let shapes: [(&str, [i64; 4]); 6] = [
         ("a", [8, 3, 3, 3]),
         ("dw", [8, 1, 3, 3]),
@@ -63,7 +65,7 @@ fn net(zero: &[(&str, usize, f32)]) -> Model {
     inits.push(tensor_f32("hi", &[], &[6.0]));
     inits.push(tensor_i64("flat", &[2], &[1, -1]));
     let conv = |name: &str, x: &str, y: &str, k: i64, group: i64| {
-        let mut attrs = vec![attr_ints("kernel_shape", &[k, k]), attr_ints("pads", &vec![(k - 1) / 2; 4])];
+        let mut attrs = vec![attr_ints("kernel_shape", &[k, k]), attr_ints("pads", &[(k - 1) / 2; 4])];
         if group > 1 {
             attrs.push(attr_int("group", group));
         }
@@ -120,7 +122,15 @@ fn stats_of(m: &Model) -> ChannelStats {
         let mean = (0..c).map(|k| v[k * inner..(k + 1) * inner].iter().sum::<f32>() / inner as f32).collect();
         let mean_abs =
             (0..c).map(|k| v[k * inner..(k + 1) * inner].iter().map(|x| x.abs()).sum::<f32>() / inner as f32).collect();
-        st.0.insert(n, Channel { mean, mean_abs, shape: sh });
+        let mut second = vec![0f64; c * c];
+        for p in 0..inner {
+            for i in 0..c {
+                for j in 0..c {
+                    second[i * c + j] += v[i * inner + p] as f64 * v[j * inner + p] as f64 / inner as f64;
+                }
+            }
+        }
+        st.0.insert(n, Channel { mean, mean_abs, shape: sh, second });
     }
     st
 }
@@ -210,6 +220,32 @@ fn bias_correction_absorbs_a_constant_channel() {
     assert!(max_diff(&run(&repaired), &reference) < 1e-5);
     let plain = g.prune(&m, &remove, None).unwrap();
     assert!(max_diff(&run(&plain), &reference) > 1e-3, "the test channel must matter without repair");
+}
+
+#[test]
+fn least_squares_rebuilds_a_redundant_channel() {
+    // d's channel 0 is exactly twice its channel 1 (no activation before the Concat): with second moments the
+    // consumer e takes it over from channel 1 and the output is unchanged.
+    let mut m = net(&[]);
+    let t = m.graph.initializer("d_w").unwrap().clone();
+    let mut w = edgepack_runtime::onnx::passes::tensor_f32_values(&t).unwrap();
+    for k in 0..3 {
+        w[k] = 2.0 * w[3 + k];
+    }
+    m.graph.set_initializer(tensor_f32("d_w", &[4, 3, 1, 1], &w));
+    let mut b = edgepack_runtime::onnx::passes::tensor_f32_values(m.graph.initializer("d_b").unwrap()).unwrap();
+    b[0] = 2.0 * b[1];
+    m.graph.set_initializer(tensor_f32("d_b", &[4], &b));
+    let reference = run(&m);
+    let g = Groups::analyze(&m);
+    let remove = BTreeMap::from([(group(&g, "d").0, vec![0])]);
+    let st = stats_of(&m);
+    let rebuilt = g.prune(&m, &remove, Some(&st)).unwrap();
+    assert!(max_diff(&run(&rebuilt), &reference) < 1e-4, "{}", max_diff(&run(&rebuilt), &reference));
+    let mut means_only = st.clone();
+    means_only.0.values_mut().for_each(|c| c.second.clear());
+    let corrected = g.prune(&m, &remove, Some(&means_only)).unwrap();
+    assert!(max_diff(&run(&corrected), &reference) > 1e-3);
 }
 
 #[test]

@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""PRUNING.md: `edgepack prune` on EfficientNet-Lite0 and SqueezeNet over the ImageNet sample (issue 8).
+
+Per model, with the samples in a fixed shuffled order (`--shuffle`: the sample is sorted by class):
+  1. unstructured: one global magnitude threshold, the largest sparsity within a 1 pt top-1 budget (plan on
+     --holdout images after the 64 statistics images), the accuracy curve over uniform sparsities;
+  2. structured: channel groups (contribution criterion, least-squares repair), the largest MAC reduction within a
+     1 pt top-1 budget (sensitivity scan + plan), the curve over uniform ratios, CPU latency against fp32 (medians
+     of interleaved runs, 1 thread, inside the job);
+  3. bundles: fp32 as is; the unstructured model with zstd members; pruned + INT8 (`edgepack quantize` on the
+     unstructured model) with zstd members; their sizes against the fp32 bundle;
+  4. top-1 of every variant with `edgepack eval` on all 1000 images (the statistics images included);
+  5. the pruned models on --check-images images through onnxruntime, edgepack CPU and edgepack GPU (lavapipe):
+     the same top-1 on each image.
+
+Usage: scripts/pruning.py [--holdout 500] [--check-images 40] [--models efficientnet,squeezenet] [--md PRUNING.md]
+Reports (JSON + HTML) stay under --work.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+import mdtable  # noqa: E402
+from quant_accuracy import edgepack_bin  # noqa: E402
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+SHARED = os.environ.get("EDGEPACK_SHARED") or os.path.join(ROOT, "..", "shared")
+DATA = os.path.join(SHARED, "data", "imagenet_sample")
+MODELS = {
+    "efficientnet": ("EfficientNet-Lite0", "efficientnet_lite0_fp32.onnx", "tf"),
+    "squeezenet": ("SqueezeNet 1.0", "squeezenet1.0_fp32.onnx", "caffe_bgr"),
+}
+BEGIN, END = "<!-- pruning:begin -->", "<!-- pruning:end -->"
+
+
+def ep(*args, capture=True):
+    cmd = [edgepack_bin(), *map(str, args)]
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    r = subprocess.run(cmd, capture_output=capture, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr}")
+    return r.stdout
+
+
+def top1_eval(model, preset, variant=None):
+    args = ["eval", model, DATA, "--preset", preset, "--device", "cpu", "--json"]
+    out = json.loads(ep(*args))
+    return 100.0 * out["top1"]
+
+
+def cross_check(models, preset, n):
+    """Top-1 of each pruned model on the first n images through onnxruntime, edgepack CPU and edgepack GPU."""
+    import csv
+
+    import onnxruntime as ort
+
+    rows = list(csv.DictReader(open(os.path.join(DATA, "labels.csv"))))
+    step = max(1, len(rows) // n)
+    imgs = [os.path.join(DATA, "images", r["file"]) for r in rows[::step][:n]]
+    out = {}
+    for name, path in models.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            ep("run", path, *imgs, "--preset", preset, "--raw", "--device", "cpu", "--save-inputs", f"{tmp}/in",
+               "--output-dir", f"{tmp}/cpu")
+            ep("run", path, *imgs, "--preset", preset, "--raw", "--device", "gpu", "--output-dir", f"{tmp}/gpu")
+            x = np.load(next(os.path.join(f"{tmp}/in", f) for f in os.listdir(f"{tmp}/in")))
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            iname = s.get_inputs()[0].name
+            ref = np.concatenate([s.run(None, {iname: x[i:i + 1]})[0].reshape(1, -1) for i in range(len(x))])
+            cpu = np.load(os.path.join(f"{tmp}/cpu", os.listdir(f"{tmp}/cpu")[0])).reshape(len(x), -1)
+            gpu = np.load(os.path.join(f"{tmp}/gpu", os.listdir(f"{tmp}/gpu")[0])).reshape(len(x), -1)
+            a, b, c = ref.argmax(1), cpu.argmax(1), gpu.argmax(1)
+            out[name] = {"images": len(x), "cpu_equal": int((a == b).sum()), "gpu_equal": int((a == c).sum()),
+                         "max_abs_cpu": float(np.abs(ref - cpu).max()), "max_abs_gpu": float(np.abs(ref - gpu).max())}
+    return out
+
+
+def run_model(key, args):
+    title, fname, preset = MODELS[key]
+    fp32 = os.path.join(SHARED, "models", fname)
+    w = os.path.join(args.work, key)
+    os.makedirs(w, exist_ok=True)
+    common = ["--calib", DATA, "--preset", preset, "--shuffle", "--calib-limit", 64, "--holdout", args.holdout]
+    un, st = f"{w}/unstructured.onnx", f"{w}/structured.onnx"
+    ep("prune", fp32, *common, "--method", "unstructured", "--scope", "global", "--budget", "top1-drop=1",
+       "--levels", 0.8, "--curve", "0.1,0.2,0.3,0.4,0.5,0.6,0.7", "--latency-runs", 0, "-o", un)
+    ep("prune", fp32, *common, "--method", "structured", "--budget", "top1-drop=1", "--levels",
+       "0.125,0.25,0.375,0.5", "--curve", "0.05,0.1,0.15,0.2,0.3", "--latency-runs", args.latency_runs,
+       "--threads", 1, "-o", st)
+    ru, rs = (json.load(open(p + ".prune.json")) for p in (un, st))
+    q = f"{w}/unstructured_int8.onnx"
+    ep("quantize", un, "--calib", DATA, "--preset", preset, "--calib-limit", 100, "--holdout", 100,
+       "--latency-runs", 0, "-o", q)
+    qf = f"{w}/int8.onnx"
+    ep("quantize", fp32, "--calib", DATA, "--preset", preset, "--calib-limit", 100, "--holdout", 100,
+       "--latency-runs", 0, "-o", qf)
+    sizes = {}
+    for tag, model, main, comp in [("fp32", fp32, "fp32:fp32", "none"), ("unstructured_zstd", un, "pruned:fp32", "zstd"),
+                                   ("structured", st, "pruned:fp32", "none"), ("int8_zstd", qf, "int8:int8", "zstd"),
+                                   ("unstructured_int8_zstd", q, "pruned-int8:int8", "zstd")]:
+        out = f"{w}/{tag}.edgepack"
+        ep("pack", model, "-o", out, "--preset", preset, "--main", main, "--compress", comp)
+        sizes[tag] = os.path.getsize(out)
+    top1 = {tag: top1_eval(m, preset) for tag, m in
+            [("fp32", fp32), ("unstructured", un), ("structured", st), ("int8", qf), ("unstructured_int8", q)]}
+    check = cross_check({"unstructured": un, "structured": st}, preset, args.check_images)
+    return {"title": title, "unstructured": ru, "structured": rs, "sizes": sizes, "top1": top1, "check": check}
+
+
+def pct(x):
+    return f"{100 * x:.1f} %"
+
+
+def md(results):
+    L = []
+    L.append("Generated by `scripts/pruning.py` (`just pruning`); the JSON and HTML reports of every run are under its "
+             "work folder. Statistics: the first 64 images of the shuffled sample; plans and curves: the next "
+             f"{next(iter(results.values()))['structured']['held_out']['samples']} (held out); final top-1: "
+             "`edgepack eval` on all 1000 images. No training anywhere: repair is bias correction (unstructured) and "
+             "least-squares reconstruction of removed channels from kept ones (structured).\n")
+    L.append("### Within a 1 pt top-1 budget (plan on the held-out images)\n")
+    L.append("| model | method | pruned | held-out top-1 fp32 → pruned | top-1, 1000 images | MACs | CPU latency (1 thread) | bundle |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for r in results.values():
+        t, s = r["top1"], r["sizes"]
+        u, st = r["unstructured"], r["structured"]
+        L.append(f"| {r['title']} | unstructured, global magnitude | sparsity {pct(u['compute']['sparsity'])} | "
+                 f"{u['fp32']['top1']:.1f} → {u['pruned']['top1']:.1f} | {t['fp32']:.1f} → {t['unstructured']:.1f} | "
+                 f"100 % | = | {s['unstructured_zstd'] / s['fp32']:.1%} of fp32 (zstd) |")
+        lat = st.get("latency") or {}
+        L.append(f"| {r['title']} | structured channels | {sum(g['channels'] - g['kept'] for g in st['groups'])} channels | "
+                 f"{st['fp32']['top1']:.1f} → {st['pruned']['top1']:.1f} | {t['fp32']:.1f} → {t['structured']:.1f} | "
+                 f"{pct(st['compute']['macs_ratio'])} | ×{lat.get('ratio', float('nan')):.3f} "
+                 f"({lat.get('fp32_ms', 0):.2f} → {lat.get('pruned_ms', 0):.2f} ms, median of {lat.get('runs', 0)}) | "
+                 f"{s['structured'] / s['fp32']:.1%} of fp32 |")
+    L.append("\n### Pruned + INT8 (target: ≤ 15 % of the fp32 bundle within 1.5 pt top-1)\n")
+    L.append("| model | bundle | bytes | of fp32 | top-1, 1000 images | drop |")
+    L.append("|---|---|---|---|---|---|")
+    for r in results.values():
+        t, s = r["top1"], r["sizes"]
+        for tag, label, k in [("fp32", "fp32", "fp32"), ("int8_zstd", "INT8, zstd", "int8"),
+                              ("unstructured_zstd", "unstructured, zstd", "unstructured"),
+                              ("unstructured_int8_zstd", "unstructured + INT8, zstd", "unstructured_int8")]:
+            L.append(f"| {r['title']} | {label} | {s[tag]} | {s[tag] / s['fp32']:.1%} | {t[k]:.1f} | {t['fp32'] - t[k]:+.1f} pt |")
+    L.append("\n### Accuracy curves (held-out images, no plan: the same amount everywhere)\n")
+    L.append("| model | method | amount | sparsity | MACs | zstd bytes of the ONNX file | top-1 | agreement with fp32 |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for r in results.values():
+        for m in ("unstructured", "structured"):
+            for p in r[m]["curve"]:
+                L.append(f"| {r['title']} | {m} | {p['amount']} | {pct(p['sparsity'])} | {pct(p['macs_ratio'])} | "
+                         f"{p['zstd_bytes']} | {p['metrics']['top1']:.1f} | {p['metrics']['top1_agreement']:.1f} |")
+    L.append("\n### The pruned models in onnxruntime and both edgepack backends\n")
+    L.append("| model | pruned | images | edgepack CPU top-1 = onnxruntime | edgepack GPU (lavapipe) top-1 = onnxruntime | max abs diff CPU / GPU |")
+    L.append("|---|---|---|---|---|---|")
+    for r in results.values():
+        for m, c in r["check"].items():
+            L.append(f"| {r['title']} | {m} | {c['images']} | {c['cpu_equal']}/{c['images']} | {c['gpu_equal']}/{c['images']} | "
+                     f"{c['max_abs_cpu']:.2e} / {c['max_abs_gpu']:.2e} |")
+    return "\n".join(L)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--holdout", type=int, default=500)
+    ap.add_argument("--latency-runs", type=int, default=60)
+    ap.add_argument("--check-images", type=int, default=40)
+    ap.add_argument("--models", default="efficientnet,squeezenet")
+    ap.add_argument("--work", default=os.path.expanduser("~/.cache/edgepack-pruning"))
+    ap.add_argument("--md", default=os.path.join(ROOT, "PRUNING.md"))
+    ap.add_argument("--cached-only", action="store_true", help="rewrite the tables from --work/results.json")
+    args = ap.parse_args()
+    if not os.path.isdir(DATA):
+        raise SystemExit(f"MISSING: {DATA} (the ImageNet sample is read from ../shared, never shipped)")
+    cache = os.path.join(args.work, "results.json")
+    os.makedirs(args.work, exist_ok=True)
+    results = json.load(open(cache)) if os.path.exists(cache) else {}
+    if not args.cached_only:
+        for k in args.models.split(","):
+            results[k] = run_model(k, args)
+            json.dump(results, open(cache + ".tmp", "w"), indent=1)
+            os.replace(cache + ".tmp", cache)
+    mdtable.replace_between(args.md, BEGIN, END, md({k: results[k] for k in MODELS if k in results}))
+    print(f"wrote {args.md}")
+
+
+if __name__ == "__main__":
+    main()
