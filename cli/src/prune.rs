@@ -51,9 +51,10 @@ pub struct PruneArgs {
     /// Unstructured: global (one magnitude threshold) or layer (the same fraction of each layer)
     #[arg(long, default_value = "global")]
     scope: String,
-    /// Structured channel ranking: contribution (E|x|·‖W‖ at the consumers; uses the samples), l1, l2,
-    /// bn-scale (needs BatchNormalization after the convs)
-    #[arg(long, default_value = "contribution")]
+    /// Structured channel ranking: reconstruction (‖W‖²·Var(x | other channels) at the consumers: redundant
+    /// channels first; uses the samples), contribution (E|x|·‖W‖), l1, l2, bn-scale (needs BatchNormalization
+    /// after the convs)
+    #[arg(long, default_value = "reconstruction")]
     criterion: String,
     /// Structured: kept channel counts are rounded up to a multiple of this (when the group's count is one)
     #[arg(long, default_value_t = 8)]

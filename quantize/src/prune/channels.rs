@@ -385,9 +385,12 @@ impl Groups {
                         *s += v.abs() as f64;
                     }
                 }
-                (Use::ConvInput { node, offset } | Use::GemmInput { node, offset }, C::Contribution) => {
+                (
+                    Use::ConvInput { node, offset } | Use::GemmInput { node, offset },
+                    C::Contribution | C::Reconstruction,
+                ) => {
                     let st = stats.ok_or_else(|| {
-                        PruneError::Invalid("criterion contribution needs calibration samples".into())
+                        PruneError::Invalid(format!("criterion {criterion:?} needs calibration samples").to_lowercase())
                     })?;
                     let input = &g.nodes[node].input[0];
                     let ch = st.get(input).ok_or_else(|| {
@@ -398,6 +401,7 @@ impl Groups {
                     })?;
                     let (wd, wv) = weights(model, node)?;
                     let is_gemm = matches!(u, Use::GemmInput { .. });
+                    let residual = if criterion == C::Reconstruction { conditional_variances(ch) } else { None };
                     for (c, s) in score.iter_mut().enumerate() {
                         let j = offset + c;
                         let norm2: f64 = if is_gemm {
@@ -405,7 +409,11 @@ impl Groups {
                         } else {
                             conv_input_slice(&wd, &wv, j).map(|x| (x as f64).powi(2)).sum()
                         };
-                        *s += ch.mean_abs.get(j).copied().unwrap_or(0.0) as f64 * norm2.sqrt();
+                        *s += match &residual {
+                            // What the consumer's output loses when channel j is rebuilt from all the others.
+                            Some(v) => norm2 * v.get(j).copied().unwrap_or(0.0),
+                            None => ch.mean_abs.get(j).copied().unwrap_or(0.0) as f64 * norm2.sqrt(),
+                        };
                     }
                 }
                 _ => {}
@@ -576,9 +584,55 @@ pub(crate) fn reconstruction(
     (keep, x, cs)
 }
 
+/// Variance of each channel given all the others (1 / (Σ⁻¹)ⱼⱼ of the covariance, with the reconstruction's
+/// ridge): the error left after the least-squares rebuild of that channel alone. `None` without second moments.
+fn conditional_variances(ch: &super::stats::Channel) -> Option<Vec<f64>> {
+    let c = ch.mean.len();
+    if ch.second.len() != c * c || c == 0 {
+        return None;
+    }
+    let mean = |j: usize| ch.mean[j] as f64;
+    let mut a: Vec<f64> = (0..c * c).map(|k| ch.second[k] - mean(k / c) * mean(k % c)).collect();
+    let diag: f64 = (0..c).map(|j| a[j * c + j].max(0.0)).sum::<f64>() / c as f64;
+    let ridge = 1e-3 * diag.max(1e-12);
+    for j in 0..c {
+        a[j * c + j] += ridge;
+    }
+    let mut inv: Vec<f64> = (0..c * c).map(|k| if k / c == k % c { 1.0 } else { 0.0 }).collect();
+    if !cholesky_solve(&mut a, c, &mut inv) {
+        return None;
+    }
+    Some((0..c).map(|j| 1.0 / inv[j * c + j].max(1e-300)).collect())
+}
+
 /// Solves A·x = b in place for each length-n row of `rhs` (A symmetric positive definite, overwritten by its
 /// Cholesky factor). False when A is not positive definite.
-fn cholesky_solve(a: &mut [f64], n: usize, rhs: &mut [f64]) -> bool {
+pub(crate) fn cholesky_solve(a: &mut [f64], n: usize, rhs: &mut [f64]) -> bool {
+    if !cholesky(a, n) {
+        return false;
+    }
+    for b in rhs.chunks_mut(n) {
+        for i in 0..n {
+            let mut s = b[i];
+            for k in 0..i {
+                s -= a[i * n + k] * b[k];
+            }
+            b[i] = s / a[i * n + i];
+        }
+        for i in (0..n).rev() {
+            let mut s = b[i];
+            for k in i + 1..n {
+                s -= a[k * n + i] * b[k];
+            }
+            b[i] = s / a[i * n + i];
+        }
+    }
+    true
+}
+
+/// In-place Cholesky factorisation A = L·Lᵀ (L in the lower triangle; the upper one is left as it was). False when
+/// A is not positive definite.
+pub(crate) fn cholesky(a: &mut [f64], n: usize) -> bool {
     for j in 0..n {
         let mut d = a[j * n + j];
         for k in 0..j {
@@ -595,22 +649,6 @@ fn cholesky_solve(a: &mut [f64], n: usize, rhs: &mut [f64]) -> bool {
                 s -= a[i * n + k] * a[j * n + k];
             }
             a[i * n + j] = s / d;
-        }
-    }
-    for b in rhs.chunks_mut(n) {
-        for i in 0..n {
-            let mut s = b[i];
-            for k in 0..i {
-                s -= a[i * n + k] * b[k];
-            }
-            b[i] = s / a[i * n + i];
-        }
-        for i in (0..n).rev() {
-            let mut s = b[i];
-            for k in i + 1..n {
-                s -= a[k * n + i] * b[k];
-            }
-            b[i] = s / a[i * n + i];
         }
     }
     true

@@ -39,30 +39,42 @@ pub fn layers(model: &Model) -> Vec<WeightLayer> {
         .collect()
 }
 
-/// Per-layer sparsities that one global magnitude threshold gives `sparsity` of all prunable weights.
+/// Per-layer sparsities for an overall `sparsity` from one global threshold on layer-adaptive magnitude scores
+/// (LAMP, Lee et al. 2021): a weight's score is w² over the sum of w² of the weights of its layer that are not
+/// smaller, so scores are comparable across layers of very different scales and every layer keeps its largest
+/// weight (a raw |w| threshold wipes out whole small-scale layers, e.g. depthwise convolutions).
 pub fn global_targets(model: &Model, sparsity: f64) -> Result<BTreeMap<String, f64>, PruneError> {
     let ls = layers(model);
-    let mut all: Vec<f32> = Vec::new();
+    let mut per_layer: Vec<Vec<f64>> = Vec::with_capacity(ls.len());
     for l in &ls {
-        all.extend(weights(model, l.index)?.1.iter().map(|x| x.abs()));
+        let mut sq: Vec<f64> = weights(model, l.index)?.1.iter().map(|x| (*x as f64).powi(2)).collect();
+        sq.sort_by(f64::total_cmp);
+        let mut tail = 0f64;
+        let mut scores = vec![0f64; sq.len()];
+        for i in (0..sq.len()).rev() {
+            tail += sq[i];
+            scores[i] = if tail > 0.0 { sq[i] / tail } else { 0.0 };
+        }
+        per_layer.push(scores);
     }
+    let mut all: Vec<f64> = per_layer.iter().flatten().copied().collect();
     if all.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let k = ((all.len() as f64) * sparsity.clamp(0.0, 1.0)).round() as usize;
+    let k = (((all.len() as f64) * sparsity.clamp(0.0, 1.0)).round() as usize).min(all.len());
     if k == 0 {
         return Ok(ls.iter().map(|l| (l.node.clone(), 0.0)).collect());
     }
-    let k = k.min(all.len());
-    let (_, t, _) = all.select_nth_unstable_by(k - 1, f32::total_cmp);
+    let (_, t, _) = all.select_nth_unstable_by(k - 1, f64::total_cmp);
     let threshold = *t;
-    let mut out = BTreeMap::new();
-    for l in &ls {
-        let w = weights(model, l.index)?.1;
-        let below = w.iter().filter(|x| x.abs() <= threshold).count();
-        out.insert(l.node.clone(), below as f64 / w.len().max(1) as f64);
-    }
-    Ok(out)
+    Ok(ls
+        .iter()
+        .zip(&per_layer)
+        .map(|(l, s)| {
+            let below = s.iter().filter(|&&x| x <= threshold).count();
+            (l.node.clone(), below as f64 / s.len().max(1) as f64)
+        })
+        .collect())
 }
 
 /// The model with `sparsity[node]` of each named layer's weights (the smallest |w|) set to zero.
@@ -79,10 +91,24 @@ pub fn prune(
         if k == 0 {
             continue;
         }
+        let n = m.graph.nodes[l.index].clone();
+        // A linear layer over channels (1×1 Conv, Gemm with transB) with second moments of its input: optimal
+        // brain surgeon pruning, the kept weights updated to rebuild the layer's output on the samples.
+        let over_channels = match n.op() {
+            "Conv" => dims.len() == 4 && dims[2] == 1 && dims[3] == 1 && n.attr_i("group").unwrap_or(1) == 1,
+            "Gemm" => n.attr_i("transB").unwrap_or(0) != 0 && dims.len() == 2,
+            _ => false,
+        };
+        if over_channels
+            && let Some(st) = stats.and_then(|st| st.get(&n.input[0]))
+            && obs_prune(&mut w, dims[0], dims[1], st, k)
+        {
+            set_weights(&mut m, l.index, dims, w)?;
+            continue;
+        }
         let mut order: Vec<usize> = (0..w.len()).collect();
         order.select_nth_unstable_by(k - 1, |&a, &b| w[a].abs().total_cmp(&w[b].abs()).then(a.cmp(&b)));
         let removed: Vec<usize> = order[..k].to_vec();
-        let n = m.graph.nodes[l.index].clone();
         if let Some(st) = stats.and_then(|st| st.get(&n.input[0]))
             && n.op() != "MatMul"
         {
@@ -94,6 +120,56 @@ pub fn prune(
         set_weights(&mut m, l.index, dims, w)?;
     }
     Ok(m)
+}
+
+/// Prunes `k` of the weights of `w` (rows = outputs, columns = input channels) by optimal brain surgeon with the
+/// input's second moments H = E[x·xᵀ] (+1 % ridge), as SparseGPT does for one layer: each weight's saliency is
+/// w²/[U]ⱼⱼ² with U the upper Cholesky factor of H⁻¹; the k least salient go, and walking the columns in order,
+/// each removed weight's error is spread over the later columns of its row (U's row j; later weights to be
+/// removed take their share too, and pass it on when their turn comes). Uncentred moments, so the
+/// output mean is kept too (no separate bias correction). False (nothing done) without usable moments.
+fn obs_prune(w: &mut [f32], rows: usize, cols: usize, st: &super::stats::Channel, k: usize) -> bool {
+    let c = cols;
+    if st.second.len() != c * c || (st.second_samples as usize) < c || w.len() != rows * c {
+        return false;
+    }
+    let mut h: Vec<f64> = st.second.clone();
+    let diag = (0..c).map(|j| h[j * c + j].max(0.0)).sum::<f64>() / c as f64;
+    let dead: Vec<bool> = (0..c).map(|j| h[j * c + j] <= 0.0).collect();
+    for j in 0..c {
+        h[j * c + j] += 0.01 * diag.max(1e-12);
+    }
+    // H⁻¹, then its upper Cholesky factor U (H⁻¹ = UᵀU): U = Lᵀ for H⁻¹ = L·Lᵀ.
+    let mut hinv: Vec<f64> = (0..c * c).map(|i| if i / c == i % c { 1.0 } else { 0.0 }).collect();
+    if !super::channels::cholesky_solve(&mut h, c, &mut hinv) || !super::channels::cholesky(&mut hinv, c) {
+        return false;
+    }
+    let u = |i: usize, j: usize| hinv[j * c + i]; // U[i][j] = L[j][i]
+    let mut order: Vec<usize> = (0..w.len()).collect();
+    let sal = |i: usize| {
+        let j = i % c;
+        if dead[j] { -1.0 } else { (w[i] as f64 / u(j, j)).powi(2) }
+    };
+    order.select_nth_unstable_by(k - 1, |&a, &b| sal(a).total_cmp(&sal(b)).then(a.cmp(&b)));
+    let mut prune = vec![false; w.len()];
+    for &i in &order[..k] {
+        prune[i] = true;
+    }
+    for r in 0..rows {
+        let row = &mut w[r * c..(r + 1) * c];
+        let mask = &prune[r * c..(r + 1) * c];
+        for j in 0..c {
+            if !mask[j] {
+                continue;
+            }
+            let e = row[j] as f64 / u(j, j);
+            for q in j + 1..c {
+                row[q] = (row[q] as f64 - e * u(j, q)) as f32;
+            }
+            row[j] = 0.0;
+        }
+    }
+    true
 }
 
 /// bias[o] += Σ over removed weights w[o, j, taps] · E[x_channel(o, j)].

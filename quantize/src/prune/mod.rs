@@ -54,6 +54,9 @@ pub enum Criterion {
     BnScale,
     /// E|x_c| · ‖W[:, c]‖ at every consumer: the channel's contribution to what reads it (needs samples).
     Contribution,
+    /// ‖W[:, c]‖² · Var(x_c | the other channels) at every consumer: what the consumer's output keeps losing
+    /// after the least-squares rebuild from the other channels (needs samples; redundant channels go first).
+    Reconstruction,
 }
 
 impl std::str::FromStr for Criterion {
@@ -64,7 +67,8 @@ impl std::str::FromStr for Criterion {
             "l2" => Ok(Criterion::L2),
             "bn-scale" => Ok(Criterion::BnScale),
             "contribution" => Ok(Criterion::Contribution),
-            o => Err(format!("unknown criterion `{o}` (l1, l2, bn-scale, contribution)")),
+            "reconstruction" => Ok(Criterion::Reconstruction),
+            o => Err(format!("unknown criterion `{o}` (reconstruction, contribution, l1, l2, bn-scale)")),
         }
     }
 }
@@ -73,7 +77,7 @@ impl std::str::FromStr for Criterion {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scope {
-    /// One magnitude threshold over every layer.
+    /// One threshold over every layer on layer-adaptive magnitude scores (LAMP).
     Global,
     /// The same fraction of each layer.
     Layer,

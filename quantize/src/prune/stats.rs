@@ -17,6 +17,8 @@ pub struct Channel {
     /// E[x·xᵀ] over sampled positions, C×C row-major (empty when not collected): what the least-squares
     /// reconstruction of removed channels reads.
     pub second: Vec<f64>,
+    /// Positions that fed `second`.
+    pub second_samples: u64,
 }
 
 /// Positions per sample (spread evenly) that feed the second moments.
@@ -71,6 +73,7 @@ impl ChannelStats {
                         mean_abs: a.sum_abs.iter().map(|v| (v / c) as f32).collect(),
                         shape: a.shape,
                         second: a.second.iter().map(|v| v / s).collect(),
+                        second_samples: a.second_count,
                     };
                     (n.clone(), ch)
                 })
