@@ -163,8 +163,8 @@ fn obs_prune(w: &mut [f32], rows: usize, cols: usize, st: &super::stats::Channel
                 continue;
             }
             let e = row[j] as f64 / u(j, j);
-            for q in j + 1..c {
-                row[q] = (row[q] as f64 - e * u(j, q)) as f32;
+            for (q, x) in row.iter_mut().enumerate().skip(j + 1) {
+                *x = (*x as f64 - e * u(j, q)) as f32;
             }
             row[j] = 0.0;
         }
