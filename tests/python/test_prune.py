@@ -55,8 +55,9 @@ def test_structured_pruning_shrinks_the_graph_and_matches_onnxruntime(setup, tmp
     assert len(r["curve"]) == 2 and all(p["metrics"]["samples"] == 24 for p in r["curve"])
     assert r["latency"]["runs"] == 3 and r["latency"]["fp32_ms"] > 0
     assert any(g["kept"] < g["channels"] for g in r["groups"])
-    # Groups that reach the output (conv10 → softmax) are never pruned.
-    assert any("graph output" in (g["blocked"] or "") for g in r["groups"])
+    # conv10's channels are the classes (→ GlobalAveragePool → Softmax → output): never pruned, with the reason.
+    conv10 = next(g for g in r["groups"] if g["name"].endswith("conv10_1"))
+    assert conv10["blocked"] and conv10["kept"] == conv10["channels"] == 1000, conv10
     html = open(str(out) + ".prune.html").read()
     assert "<svg" in html and "Channel groups" in html
     m = onnx.load(out)
