@@ -13,6 +13,7 @@ use serde_json::json;
 
 use crate::LoadArgs;
 use edgepack_quantize::data::Dataset;
+use edgepack_quantize::pipeline::{Event, Samples};
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).
 pub fn progress(n: usize, what: &str) -> indicatif::ProgressBar {
@@ -829,23 +830,134 @@ pub struct QuantizeArgs {
     load: LoadArgs,
 }
 
-pub fn quantize(a: QuantizeArgs) -> Result<()> {
-    use edgepack_quantize::{calib, pipeline, qdq};
-    // Fail before the long job, not after it.
-    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+/// Fails before a long job when the output's folder does not exist.
+pub fn check_out_dir(out: &Path) -> Result<()> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
         bail!(BadInput(format!("output folder {} does not exist", dir.display())));
     }
-    // One read and one verification: the pre-processing and the fp32 graph come from the same bytes.
-    let opts = session_options(&a.load)?;
-    let bytes = std::fs::read(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
-    let (s, fp32_bytes) = if edgepack_runtime::session::is_bundle(&bytes) {
+    Ok(())
+}
+
+/// One read and one verification of a model or bundle: the session (its pre-processing) and the ONNX graph of the
+/// chosen variant come from the same bytes. Also returns the size of that ONNX file.
+pub fn open_with_graph(path: &Path, opts: &SessionOptions) -> Result<(Session, edgepack_runtime::onnx::Model, usize)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (s, onnx) = if edgepack_runtime::session::is_bundle(&bytes) {
         let bundle = Bundle::from_bytes(bytes, &OpenOptions { key: opts.key.clone(), ..Default::default() })?;
-        let fp32 = bundle.model_bytes(opts.variant.as_deref())?.1.to_vec();
-        (Session::from_bundle(bundle, &opts)?, fp32)
+        let onnx = bundle.model_bytes(opts.variant.as_deref())?.1.to_vec();
+        (Session::from_bundle(bundle, opts)?, onnx)
     } else {
-        (Session::from_onnx_bytes(&bytes, &opts)?, bytes)
+        (Session::from_onnx_bytes(&bytes, opts)?, bytes)
     };
-    let model = edgepack_runtime::onnx::Model::from_bytes(&fp32_bytes)?;
+    let model = edgepack_runtime::onnx::Model::from_bytes(&onnx)?;
+    Ok((s, model, onnx.len()))
+}
+
+/// The datasets of an offline job: the first `limit` samples of `calib` calibrate, the next `holdout` (or the first
+/// `holdout` of `eval`) are held out. `shuffle`: both in a fixed shuffled order.
+pub struct SampleSets {
+    data: Dataset,
+    eval: Option<Dataset>,
+    calib_src: String,
+    eval_src: String,
+    n: usize,
+    holdout: usize,
+}
+
+impl SampleSets {
+    pub fn open(
+        calib: &Path,
+        idx_labels: Option<&Path>,
+        limit: usize,
+        eval: Option<&Path>,
+        holdout: usize,
+        shuffle: bool,
+    ) -> Result<SampleSets> {
+        let order = |d: Dataset| if shuffle { d.shuffled(0x5eed) } else { d };
+        let data = order(Dataset::open(calib, idx_labels)?);
+        let n = data.len().min(limit.max(1));
+        let eval_data = eval.map(|p| Dataset::open(p, None).map(order)).transpose()?;
+        Ok(SampleSets {
+            data,
+            eval: eval_data,
+            calib_src: calib.display().to_string(),
+            eval_src: eval.map(|p| p.display().to_string()).unwrap_or_default(),
+            n,
+            holdout,
+        })
+    }
+
+    pub fn calib(&self) -> Samples<'_> {
+        Samples { data: &self.data, range: 0..self.n, source: self.calib_src.clone() }
+    }
+
+    pub fn held_out(&self) -> Samples<'_> {
+        match &self.eval {
+            Some(d) => Samples { data: d, range: 0..d.len().min(self.holdout), source: self.eval_src.clone() },
+            None => Samples {
+                data: &self.data,
+                range: self.n..self.data.len().min(self.n + self.holdout),
+                source: self.calib_src.clone(),
+            },
+        }
+    }
+}
+
+/// Runs a library job that reports [`Event`]s: one progress bar per stage, notes printed above it.
+pub fn with_progress<T>(job: impl FnOnce(&mut dyn FnMut(Event)) -> T) -> T {
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let out = job(&mut |e| match e {
+        Event::Stage(name, total) => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            bar = Some(progress(total, name));
+        }
+        Event::Step(d) => {
+            if let Some(b) = &bar {
+                b.set_position(d as u64);
+            }
+        }
+        Event::Note(line) => match &bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        },
+    });
+    if let Some(b) = bar.take() {
+        b.finish_and_clear();
+    }
+    out
+}
+
+/// Writes a job's model and its report atomically: the JSON at `report` (default: OUT + `suffix`) and the HTML
+/// beside it. Returns (JSON path, HTML path).
+pub fn write_model_and_report(
+    out: &Path,
+    model: &[u8],
+    report: Option<&Path>,
+    suffix: &str,
+    json_text: &str,
+    html: &str,
+) -> Result<(PathBuf, PathBuf)> {
+    let report_path = report.map(Path::to_path_buf).unwrap_or_else(|| {
+        let mut p = out.to_path_buf().into_os_string();
+        p.push(suffix);
+        PathBuf::from(p)
+    });
+    let html_path = report_path.with_extension("html");
+    for (path, bytes) in
+        [(out, model), (report_path.as_path(), json_text.as_bytes()), (html_path.as_path(), html.as_bytes())]
+    {
+        edgepack_runtime::fsutil::write_atomic(path, bytes).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok((report_path, html_path))
+}
+
+pub fn quantize(a: QuantizeArgs) -> Result<()> {
+    use edgepack_quantize::{calib, pipeline, qdq};
+    check_out_dir(&a.out)?;
+    let opts = session_options(&a.load)?;
+    let (s, model, fp32_bytes) = open_with_graph(&a.model, &opts)?;
     let method = match a.method.as_str() {
         "minmax" => calib::Method::MinMax,
         "percentile" => calib::Method::Percentile(a.percentile),
@@ -861,29 +973,14 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         bail!(BadInput("--max-float-fraction must be within 0..1".into()));
     }
     let pre = image_preprocess(&s, a.preset.as_deref())?;
-    let data = Dataset::open(&a.calib, a.idx_labels.as_deref())?;
-    let n = data.len().min(a.calib_limit.max(1));
-    let eval_data = match &a.eval {
-        Some(p) => Some(Dataset::open(p, None)?),
-        None => None,
-    };
-    let held_out = match (&eval_data, &a.eval) {
-        (Some(d), Some(p)) => {
-            Some(pipeline::Samples { data: d, range: 0..d.len().min(a.holdout), source: p.display().to_string() })
-        }
-        _ => Some(pipeline::Samples {
-            data: &data,
-            range: n..data.len().min(n + a.holdout),
-            source: a.calib.display().to_string(),
-        }),
-    };
+    let sets = SampleSets::open(&a.calib, a.idx_labels.as_deref(), a.calib_limit, a.eval.as_deref(), a.holdout, false)?;
     let job = pipeline::Job {
         model: &model,
         model_name: a.model.display().to_string(),
         output_name: a.out.display().to_string(),
-        fp32_bytes: fp32_bytes.len(),
-        calib: pipeline::Samples { data: &data, range: 0..n, source: a.calib.display().to_string() },
-        held_out,
+        fp32_bytes,
+        calib: sets.calib(),
+        held_out: Some(sets.held_out()),
         pre: pre.as_ref(),
         method,
         method_name: if a.method == "percentile" { format!("percentile {}", a.percentile) } else { a.method.clone() },
@@ -898,40 +995,15 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         session: opts.clone(),
         held_out_max_bytes: 1 << 30,
     };
-    let mut bar: Option<indicatif::ProgressBar> = None;
-    let (q, report) = pipeline::run(&job, &mut |e| match e {
-        pipeline::Event::Stage(name, total) => {
-            if let Some(b) = bar.take() {
-                b.finish_and_clear();
-            }
-            bar = Some(progress(total, name));
-        }
-        pipeline::Event::Step(d) => {
-            if let Some(b) = &bar {
-                b.set_position(d as u64);
-            }
-        }
-        pipeline::Event::Note(line) => match &bar {
-            Some(b) => b.println(line),
-            None => eprintln!("{line}"),
-        },
-    })?;
-    if let Some(b) = bar.take() {
-        b.finish_and_clear();
-    }
-    let out_bytes = q.to_bytes();
-    edgepack_runtime::fsutil::write_atomic(&a.out, &out_bytes)
-        .with_context(|| format!("writing {}", a.out.display()))?;
-    let report_path = a.report.clone().unwrap_or_else(|| {
-        let mut p = a.out.clone().into_os_string();
-        p.push(".report.json");
-        PathBuf::from(p)
-    });
-    let html_path = report_path.with_extension("html");
-    edgepack_runtime::fsutil::write_atomic(&report_path, serde_json::to_string_pretty(&report)?.as_bytes())
-        .with_context(|| format!("writing {}", report_path.display()))?;
-    edgepack_runtime::fsutil::write_atomic(&html_path, report.html().as_bytes())
-        .with_context(|| format!("writing {}", html_path.display()))?;
+    let (q, report) = with_progress(|on| pipeline::run(&job, on))?;
+    let (report_path, html_path) = write_model_and_report(
+        &a.out,
+        &q.to_bytes(),
+        a.report.as_deref(),
+        ".report.json",
+        &serde_json::to_string_pretty(&report)?,
+        &report.html(),
+    )?;
     if a.json {
         println!(
             "{}",

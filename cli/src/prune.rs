@@ -1,17 +1,17 @@
 //! `edgepack prune`: arguments and output files; the job is `edgepack_quantize::prune::run`.
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
-use edgepack_quantize::data::Dataset;
-use edgepack_quantize::pipeline::{Event, Samples};
 use edgepack_quantize::prune::{self, Criterion, Method, Scope, Target};
-use edgepack_runtime::bundle::OpenOptions;
-use edgepack_runtime::{Bundle, Device, Session};
+use edgepack_runtime::Device;
 use serde_json::json;
 
 use crate::LoadArgs;
-use crate::commands::{BadInput, image_preprocess, progress, session_options};
+use crate::commands::{
+    BadInput, SampleSets, check_out_dir, image_preprocess, open_with_graph, session_options, with_progress,
+    write_model_and_report,
+};
 
 #[derive(Args)]
 pub struct PruneArgs {
@@ -87,9 +87,7 @@ pub struct PruneArgs {
 }
 
 pub fn prune(a: PruneArgs) -> Result<()> {
-    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
-        bail!(BadInput(format!("output folder {} does not exist", dir.display())));
-    }
+    check_out_dir(&a.out)?;
     let method = match a.method.as_str() {
         "structured" => Method::Structured {
             criterion: a.criterion.parse::<Criterion>().map_err(BadInput)?,
@@ -118,38 +116,18 @@ pub fn prune(a: PruneArgs) -> Result<()> {
     if opts.device == Device::Auto {
         opts.device = Device::Cpu;
     }
-    let bytes = std::fs::read(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
-    let (s, fp32_bytes) = if edgepack_runtime::session::is_bundle(&bytes) {
-        let bundle = Bundle::from_bytes(bytes, &OpenOptions { key: opts.key.clone(), ..Default::default() })?;
-        let fp32 = bundle.model_bytes(opts.variant.as_deref())?.1.to_vec();
-        (Session::from_bundle(bundle, &opts)?, fp32)
-    } else {
-        (Session::from_onnx_bytes(&bytes, &opts)?, bytes)
-    };
-    let model = edgepack_runtime::onnx::Model::from_bytes(&fp32_bytes)?;
+    let (s, model, _) = open_with_graph(&a.model, &opts)?;
     let pre = image_preprocess(&s, a.preset.as_deref())?;
-    let mut data = Dataset::open(&a.calib, a.idx_labels.as_deref())?;
-    if a.shuffle {
-        data = data.shuffled(0x5eed);
-    }
-    let n = data.len().min(a.calib_limit.max(1));
-    let eval_data = a
-        .eval
-        .as_ref()
-        .map(|p| Dataset::open(p, None).map(|d| if a.shuffle { d.shuffled(0x5eed) } else { d }))
-        .transpose()?;
-    let held_out = match (&eval_data, &a.eval) {
-        (Some(d), Some(p)) => Samples { data: d, range: 0..d.len().min(a.holdout), source: p.display().to_string() },
-        _ => Samples { data: &data, range: n..data.len().min(n + a.holdout), source: a.calib.display().to_string() },
-    };
+    let sets =
+        SampleSets::open(&a.calib, a.idx_labels.as_deref(), a.calib_limit, a.eval.as_deref(), a.holdout, a.shuffle)?;
     let job = prune::Job {
         model: &model,
         model_name: a.model.display().to_string(),
         output_name: a.out.display().to_string(),
         method,
         target,
-        calib: Samples { data: &data, range: 0..n, source: a.calib.display().to_string() },
-        held_out: Some(held_out),
+        calib: sets.calib(),
+        held_out: Some(sets.held_out()),
         pre: pre.as_ref(),
         repair: !a.no_repair,
         levels: a.levels.clone(),
@@ -159,39 +137,15 @@ pub fn prune(a: PruneArgs) -> Result<()> {
         session: opts,
         held_out_max_bytes: 1 << 30,
     };
-    let mut bar: Option<indicatif::ProgressBar> = None;
-    let (pruned, report) = prune::run(&job, &mut |e| match e {
-        Event::Stage(name, total) => {
-            if let Some(b) = bar.take() {
-                b.finish_and_clear();
-            }
-            bar = Some(progress(total, name));
-        }
-        Event::Step(d) => {
-            if let Some(b) = &bar {
-                b.set_position(d as u64);
-            }
-        }
-        Event::Note(line) => match &bar {
-            Some(b) => b.println(line),
-            None => eprintln!("{line}"),
-        },
-    })?;
-    if let Some(b) = bar.take() {
-        b.finish_and_clear();
-    }
-    edgepack_runtime::fsutil::write_atomic(&a.out, &pruned.to_bytes())
-        .with_context(|| format!("writing {}", a.out.display()))?;
-    let report_path = a.report.clone().unwrap_or_else(|| {
-        let mut p = a.out.clone().into_os_string();
-        p.push(".prune.json");
-        PathBuf::from(p)
-    });
-    let html_path = report_path.with_extension("html");
-    edgepack_runtime::fsutil::write_atomic(&report_path, serde_json::to_string_pretty(&report)?.as_bytes())
-        .with_context(|| format!("writing {}", report_path.display()))?;
-    edgepack_runtime::fsutil::write_atomic(&html_path, report.html().as_bytes())
-        .with_context(|| format!("writing {}", html_path.display()))?;
+    let (pruned, report) = with_progress(|on| prune::run(&job, on))?;
+    let (report_path, html_path) = write_model_and_report(
+        &a.out,
+        &pruned.to_bytes(),
+        a.report.as_deref(),
+        ".prune.json",
+        &serde_json::to_string_pretty(&report)?,
+        &report.html(),
+    )?;
     if a.json {
         println!(
             "{}",

@@ -69,6 +69,44 @@ fn which(r: &Range<usize>) -> String {
     if r.start == 0 { format!("first {}", r.len()) } else { format!("samples {}-{}", r.start + 1, r.end) }
 }
 
+impl Samples<'_> {
+    /// What a report says about the first `n` of these samples.
+    pub fn info(&self, n: usize, labelled: bool) -> SampleInfo {
+        let r = self.range.start..self.range.start + n;
+        SampleInfo { source: self.source.clone(), samples: n, labelled, which: which(&r) }
+    }
+}
+
+/// The samples a job measures on and their fp32 results: `held_out`, or (with a warning) the `calib` samples when
+/// none are given; a warning too when the memory cap cut them. `what`: what is measured, `calib_name`: what the
+/// calibration samples are called, for the warning.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn build_held_out<'a>(
+    fp32: &Session,
+    calib: &'a Samples<'a>,
+    held_out: Option<&'a Samples<'a>>,
+    pre: Option<&ImagePreprocess>,
+    max_bytes: usize,
+    (what, calib_name): (&str, &str),
+    warnings: &mut Vec<String>,
+    on: &mut dyn FnMut(Event),
+) -> Result<(HeldOut, &'a Samples<'a>), CalibError> {
+    let src = held_out.filter(|h| !h.range.is_empty()).unwrap_or_else(|| {
+        warnings.push(format!("no held-out samples: {what} is measured on the {calib_name} samples (optimistic)"));
+        calib
+    });
+    on(Event::Stage("fp32 reference", src.range.len()));
+    let held = HeldOut::build(fp32, src.data, src.range.clone(), pre, max_bytes, |d, _| on(Event::Step(d)))?;
+    if held.len() < src.range.len() {
+        warnings.push(format!(
+            "held-out set cut to {} samples to stay within {} MiB of cached tensors",
+            held.len(),
+            max_bytes >> 20
+        ));
+    }
+    Ok((held, src))
+}
+
 /// Runs the job. Errors are bad input (data, budget that cannot be checked) or a model the CPU backend cannot run.
 pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), CalibError> {
     let t0 = Instant::now();
@@ -120,22 +158,16 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
         })?;
 
     // 3. Held-out samples and their fp32 results.
-    let held_src = job.held_out.as_ref().filter(|h| !h.range.is_empty()).unwrap_or_else(|| {
-        warnings.push("no held-out samples: fidelity is measured on the calibration samples (optimistic)".into());
-        &job.calib
-    });
-    on(Event::Stage("fp32 reference", held_src.range.len()));
-    let held =
-        HeldOut::build(&fp32, held_src.data, held_src.range.clone(), job.pre, job.held_out_max_bytes, |d, _| {
-            on(Event::Step(d))
-        })?;
-    if held.len() < held_src.range.len() {
-        warnings.push(format!(
-            "held-out set cut to {} samples to stay within {} MiB of cached tensors",
-            held.len(),
-            job.held_out_max_bytes >> 20
-        ));
-    }
+    let (held, held_src) = build_held_out(
+        &fp32,
+        &job.calib,
+        job.held_out.as_ref(),
+        job.pre,
+        job.held_out_max_bytes,
+        ("fidelity", "calibration"),
+        &mut warnings,
+        on,
+    )?;
     if let Some(b) = &job.budget
         && let Some(why) = b.unusable(&held)
     {
@@ -298,18 +330,8 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
         model: job.model_name.clone(),
         output: job.output_name.clone(),
         method: job.method_name.clone(),
-        calibration: SampleInfo {
-            source: job.calib.source.clone(),
-            samples: job.calib.range.len(),
-            labelled: false,
-            which: which(&job.calib.range),
-        },
-        held_out: SampleInfo {
-            source: held_src.source.clone(),
-            samples: held.len(),
-            labelled: held.labelled(),
-            which: which(&(held_src.range.start..held_src.range.start + held.len())),
-        },
+        calibration: job.calib.info(job.calib.range.len(), false),
+        held_out: held_src.info(held.len(), held.labelled()),
         preparation: Preparation { opset_upgrade: upgrade, folded_batchnorm, named_nodes, constants },
         fp32: held.fp32.clone(),
         int8: metrics,

@@ -91,11 +91,11 @@ pub struct Report {
     pub seconds: f64,
 }
 
-fn opt(v: Option<f64>, digits: usize) -> String {
+pub(crate) fn opt(v: Option<f64>, digits: usize) -> String {
     v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into())
 }
 
-fn db(v: Option<f64>) -> String {
+pub(crate) fn db(v: Option<f64>) -> String {
     match v {
         Some(x) => format!("{x:.1}"),
         None => "exact".into(),

@@ -12,7 +12,6 @@ pub mod report;
 pub mod stats;
 
 use std::collections::{BTreeMap, HashMap};
-use std::ops::Range;
 use std::time::Instant;
 
 use edgepack_runtime::onnx::passes::tensor_f32_values;
@@ -21,10 +20,10 @@ use edgepack_runtime::process::ImagePreprocess;
 use edgepack_runtime::{Session, SessionOptions};
 
 use crate::calib::CalibError;
-use crate::fidelity::{self, HeldOut};
+use crate::fidelity;
 use crate::mixed::Budget;
 use crate::pipeline::Samples;
-use crate::report::{Preparation, SampleInfo};
+use crate::report::Preparation;
 use channels::Groups;
 use stats::ChannelStats;
 
@@ -211,7 +210,6 @@ pub struct Pruner<'a> {
     pub method: Method,
     pub groups: Groups,
     pub stats: Option<&'a ChannelStats>,
-    pub bn_scales: &'a HashMap<String, Vec<f32>>,
     /// Bias correction from the statistics.
     pub repair: bool,
     /// Channel importance per group (structured), computed once.
@@ -236,7 +234,7 @@ impl<'a> Pruner<'a> {
                 importance.insert(gi, groups.importance(model, gi, criterion, stats, bn_scales)?);
             }
         }
-        Ok(Pruner { model, method, groups, stats, bn_scales, repair, importance })
+        Ok(Pruner { model, method, groups, stats, repair, importance })
     }
 
     /// The knobs a plan can turn: prunable groups or weight layers.
@@ -298,10 +296,6 @@ pub struct Job<'a> {
 
 pub use crate::pipeline::Event;
 
-fn which(r: &Range<usize>) -> String {
-    if r.start == 0 { format!("first {}", r.len()) } else { format!("samples {}-{}", r.start + 1, r.end) }
-}
-
 /// Runs the job: returns the pruned model and its report.
 pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, report::PruneReport), CalibError> {
     let t0 = Instant::now();
@@ -339,15 +333,16 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, report::Prune
         }));
     }
 
-    let held_src = job.held_out.as_ref().filter(|h| !h.range.is_empty()).unwrap_or_else(|| {
-        warnings.push("no held-out samples: accuracy is measured on the statistics samples (optimistic)".into());
-        &job.calib
-    });
-    on(Event::Stage("fp32 reference", held_src.range.len()));
-    let held =
-        HeldOut::build(&fp32, held_src.data, held_src.range.clone(), job.pre, job.held_out_max_bytes, |d, _| {
-            on(Event::Step(d))
-        })?;
+    let (held, held_src) = crate::pipeline::build_held_out(
+        &fp32,
+        &job.calib,
+        job.held_out.as_ref(),
+        job.pre,
+        job.held_out_max_bytes,
+        ("accuracy", "statistics"),
+        &mut warnings,
+        on,
+    )?;
     if let Target::Budget(b) = &job.target
         && let Some(why) = b.unusable(&held)
     {
@@ -407,6 +402,7 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, report::Prune
     // Accuracy curve over uniform amounts.
     on(Event::Stage("curve", job.curve.len()));
     let mut curve = Vec::new();
+    let fp32_macs = total_macs(model, &positions).max(1) as f64;
     for (i, &a) in job.curve.iter().enumerate() {
         let m = pruner.build(&pruner.uniform(a)?)?;
         let s = Session::from_model(&m, &job.session)?;
@@ -414,7 +410,7 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, report::Prune
         curve.push(report::CurvePoint {
             amount: a,
             sparsity: magnitude::sparsity(&m),
-            macs_ratio: total_macs(&m, &positions) as f64 / total_macs(model, &positions).max(1) as f64,
+            macs_ratio: total_macs(&m, &positions) as f64 / fp32_macs,
             zstd_bytes: edgepack_runtime::compress::zstd_compress(&m.to_bytes()).len(),
             metrics: mt,
         });
@@ -456,10 +452,6 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, report::Prune
         seconds: t0.elapsed().as_secs_f64(),
     });
     Ok((pruned, rep))
-}
-
-pub(crate) fn sample_info(s: &Samples, n: usize, labelled: bool) -> SampleInfo {
-    SampleInfo { source: s.source.clone(), samples: n, labelled, which: which(&s.range) }
 }
 
 #[cfg(test)]

@@ -9,10 +9,10 @@ use edgepack_runtime::compress::zstd_compress;
 use edgepack_runtime::onnx::Model;
 
 use super::plan::{KnobScan, PlanOutcome};
-use super::{Job, Method, Prepared, Pruner, Settings, Target, layer_costs, magnitude, sample_info};
+use super::{Job, Method, Prepared, Pruner, Settings, Target, layer_costs, magnitude};
 use crate::fidelity::{HeldOut, Metrics};
 use crate::pipeline::Samples;
-use crate::report::{Preparation, SampleInfo, bar_chart, esc};
+use crate::report::{Preparation, SampleInfo, bar_chart, db, esc, opt};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CurvePoint {
@@ -124,14 +124,6 @@ pub(crate) struct Parts<'a> {
     pub seconds: f64,
 }
 
-fn opt(v: Option<f64>, digits: usize) -> String {
-    v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into())
-}
-
-fn db(v: Option<f64>) -> String {
-    v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "exact".into())
-}
-
 impl PruneReport {
     pub(crate) fn assemble(p: Parts) -> PruneReport {
         let fp32_model = &p.prep.model;
@@ -192,8 +184,8 @@ impl PruneReport {
             method: p.job.method,
             target: p.job.target,
             repair: p.job.repair,
-            statistics: sample_info(&p.job.calib, p.job.calib.range.len(), false),
-            held_out: sample_info(p.held_source, p.held.len(), p.held.labelled()),
+            statistics: p.job.calib.info(p.job.calib.range.len(), false),
+            held_out: p.held_source.info(p.held.len(), p.held.labelled()),
             preparation: p.prep.preparation.clone(),
             fp32: p.held.fp32.clone(),
             pruned: p.metrics,
