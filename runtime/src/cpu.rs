@@ -261,6 +261,10 @@ fn from_tract(t: &Tensor) -> Result<ETensor> {
         take!(u8, U8)
     } else if dt == bool::datum_type() {
         take!(bool, Bool)
+    } else if dt == TDim::datum_type() {
+        // A shape computed by tract (a one-node Shape folded on the host, say) is concrete here: i64, as ONNX has it.
+        let c = t.cast_to::<i64>().map_err(tract_err)?;
+        TensorData::I64(c.try_as_plain_ram().and_then(|v| v.as_slice::<i64>().map(|s| s.to_vec())).map_err(tract_err)?)
     } else if dt.is_float() || dt.is_integer() {
         // Other numeric types (quantized...) are widened to f32.
         {

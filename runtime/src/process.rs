@@ -523,7 +523,9 @@ pub fn classify(
         .map(|row| {
             let row = &row[label_offset..];
             let probs = softmax(row, softmax_mode);
-            top_k(&probs, k)
+            // Ranked by the raw scores: softmax keeps their order, but large logits (MNIST's reach ±8000) underflow
+            // to probabilities of exactly 0, whose ties would rank classes 2..k by index.
+            top_k(row, k)
                 .into_iter()
                 .map(|i| ClassScore {
                     class_index: i,
@@ -627,6 +629,16 @@ mod tests {
             assert!((v[0] - (10.0 - 127.0) / 128.0).abs() < 1e-6);
             assert!((v[224 * 224] - (20.0 - 127.0) / 128.0).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn top_k_of_large_logits_follows_the_logits() {
+        // Softmax of these underflows to [1, 0, 0, 0]: the ranking must still follow the logits.
+        let t = Tensor::from_f32(vec![1, 4], vec![8000.0, -5.0, 100.0, 0.0]).unwrap();
+        let r = classify(&t, Softmax::Auto, 4, 0, None).unwrap();
+        let idx: Vec<usize> = r[0].iter().map(|c| c.class_index).collect();
+        assert_eq!(idx, [0, 2, 3, 1]);
+        assert_eq!(r[0][0].score, 1.0);
     }
 
     #[test]

@@ -184,3 +184,26 @@ fn free_batch_runs_batches_equal_to_single_runs() {
     let fixed = Session::open(&path, &SessionOptions { device: edgepack_runtime::Device::Cpu, ..opts() }).unwrap();
     assert!(!fixed.accepts_batch());
 }
+
+/// A shape computed by tract comes out as i64, as ONNX has it (tract keeps shapes as `TDim` inside). The GPU backend
+/// folds host-known nodes such as `Shape` → `Cast` one at a time through the CPU backend, with untyped outputs.
+#[test]
+fn computed_shapes_come_out_as_i64() {
+    use edgepack_runtime::onnx::ValueInfoProto;
+    let untyped = |n: &str| ValueInfoProto { name: Some(n.into()), ..Default::default() };
+    let m = model(
+        vec![
+            node("Shape", "shape", &["c"], &["s"], vec![]),
+            node("Cast", "cast", &["s"], &["t"], vec![attr_int("to", 7)]),
+        ],
+        vec![],
+        vec![untyped("s"), untyped("t")],
+        vec![tensor_f32("c", &[2, 3], &[0.0; 6])],
+    );
+    let s = Session::from_model(&m, &opts()).unwrap();
+    let out = s.run(vec![]).unwrap();
+    for (name, t) in &out {
+        assert_eq!(t.dtype(), DType::I64, "{name}");
+        assert_eq!(t.to_f32_vec(), [2.0, 3.0], "{name}");
+    }
+}
