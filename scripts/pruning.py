@@ -4,9 +4,10 @@
 Per model, with the samples in a fixed shuffled order (`--shuffle`: the sample is sorted by class):
   1. unstructured: one global threshold on layer-adaptive magnitude scores (OBS updates on 1×1 layers), the largest sparsity within a 1 pt top-1 budget (plan on
      --holdout images after the 256 statistics images), the accuracy curve over uniform sparsities;
-  2. structured: channel groups (contribution criterion, least-squares repair), the largest MAC reduction within a
-     1 pt top-1 budget (sensitivity scan + plan), the curve over uniform ratios, CPU latency against fp32 (medians
-     of interleaved runs, 1 thread, inside the job);
+  2. structured: channel groups (reconstruction criterion, least-squares repair, kept counts on the CPU kernels'
+     16-channel tile), the largest reduction of kernel MACs within a 1 pt top-1 budget (sensitivity scan on 64
+     held-out images + plan), the curve over uniform ratios, CPU latency against fp32 (the median ratio of
+     interleaved pairs with its 95 % confidence interval, 1 thread, inside the job);
   3. bundles: fp32 as is; the unstructured model with zstd members; pruned + INT8 (`edgepack quantize` on the
      unstructured model) with zstd members; their sizes against the fp32 bundle;
   4. top-1 of every variant with `edgepack eval` on all 1000 images (the statistics images included);
@@ -14,7 +15,9 @@ Per model, with the samples in a fixed shuffled order (`--shuffle`: the sample i
      the same top-1 on each image.
 
 Usage: scripts/pruning.py [--holdout 500] [--check-images 40] [--models efficientnet,squeezenet] [--md PRUNING.md]
-Reports (JSON + HTML) stay under --work.
+                          [--only structured]
+Reports (JSON + HTML) stay under --work. `--only structured` reruns the structured part of each model and keeps the
+rest from --work/results.json (from an earlier full run).
 """
 import argparse
 import json
@@ -83,19 +86,42 @@ def cross_check(models, preset, n):
     return out
 
 
+def run_structured(fp32, w, common, args):
+    st, st5 = f"{w}/structured.onnx", f"{w}/structured_5pt.onnx"
+    structured = [*common, "--method", "structured", "--levels", "0.0625,0.125,0.1875,0.25,0.375,0.5",
+                  "--sensitivity-samples", 64, "--latency-runs", args.latency_runs, "--threads", 1]
+    ep("prune", fp32, *structured, "--budget", "top1-drop=1", "--curve", "0.05,0.1,0.15,0.2,0.3", "-o", st)
+    ep("prune", fp32, *structured, "--budget", "top1-drop=5", "-o", st5)
+    return st, st5
+
+
+def rerun_structured(key, args, prev):
+    """The structured part again; everything else from an earlier full run."""
+    _, fname, preset = MODELS[key]
+    fp32 = os.path.join(SHARED, "models", fname)
+    w = os.path.join(args.work, key)
+    common = ["--calib", DATA, "--preset", preset, "--shuffle", "--calib-limit", 256, "--holdout", args.holdout]
+    st, st5 = run_structured(fp32, w, common, args)
+    out = f"{w}/structured.edgepack"
+    ep("pack", st, "-o", out, "--preset", preset, "--main", "pruned:fp32", "--compress", "none")
+    r = dict(prev)
+    r["sizes"] = {**prev["sizes"], "structured": os.path.getsize(out)}
+    r["structured"], r["structured_5pt"] = (json.load(open(p + ".prune.json")) for p in (st, st5))
+    r["top1"] = {**prev["top1"], "structured": top1_eval(st, preset), "structured_5pt": top1_eval(st5, preset)}
+    r["check"] = {**prev["check"], **cross_check({"structured": st}, preset, args.check_images)}
+    return r
+
+
 def run_model(key, args):
     title, fname, preset = MODELS[key]
     fp32 = os.path.join(SHARED, "models", fname)
     w = os.path.join(args.work, key)
     os.makedirs(w, exist_ok=True)
     common = ["--calib", DATA, "--preset", preset, "--shuffle", "--calib-limit", 256, "--holdout", args.holdout]
-    un, st, st5 = f"{w}/unstructured.onnx", f"{w}/structured.onnx", f"{w}/structured_5pt.onnx"
+    un = f"{w}/unstructured.onnx"
     ep("prune", fp32, *common, "--method", "unstructured", "--scope", "global", "--budget", "top1-drop=1",
        "--levels", 0.8, "--curve", "0.1,0.2,0.3,0.4,0.5,0.6,0.7", "--latency-runs", 0, "-o", un)
-    structured = [*common, "--method", "structured", "--levels", "0.125,0.25,0.375,0.5",
-                  "--latency-runs", args.latency_runs, "--threads", 1]
-    ep("prune", fp32, *structured, "--budget", "top1-drop=1", "--curve", "0.05,0.1,0.15,0.2,0.3", "-o", st)
-    ep("prune", fp32, *structured, "--budget", "top1-drop=5", "-o", st5)
+    st, st5 = run_structured(fp32, w, common, args)
     ru, rs, rs5 = (json.load(open(p + ".prune.json")) for p in (un, st, st5))
     q = f"{w}/unstructured_int8.onnx"
     ep("quantize", un, "--calib", DATA, "--preset", preset, "--calib-limit", 100, "--holdout", 100,
@@ -122,6 +148,15 @@ def pct(x):
     return f"{100 * x:.1f} %"
 
 
+def latency_cell(lat):
+    if not lat:
+        return "-"
+    lo, hi = lat.get("ratio_ci95") or (float("nan"), float("nan"))
+    verdict = "**faster**" if hi < 1 else ("slower" if lo > 1 else "no measured change")
+    return (f"×{lat['ratio']:.3f}, 95 % CI ×{lo:.3f}–×{hi:.3f}: {verdict} ({lat['fp32_ms']:.2f} → "
+            f"{lat['pruned_ms']:.2f} ms; {lat['runs']} interleaved pairs)")
+
+
 def md(results):
     L = []
     L.append("Generated by `scripts/pruning.py` (`just pruning`); the JSON and HTML reports of every run are under its "
@@ -146,8 +181,7 @@ def md(results):
                 f"{st['size']['pruned_bytes'] / st['size']['fp32_bytes']:.1%} of fp32 (file)"
             L.append(f"| {r['title']} | structured channels | {budget} | {sum(g['channels'] - g['kept'] for g in st['groups'])} channels | "
                      f"{st['fp32']['top1']:.1f} → {st['pruned']['top1']:.1f} | {t['fp32']:.1f} → {t[key]:.1f} | "
-                     f"{pct(st['compute']['macs_ratio'])} | ×{lat.get('ratio', float('nan')):.3f} "
-                     f"({lat.get('fp32_ms', 0):.2f} → {lat.get('pruned_ms', 0):.2f} ms, median of {lat.get('runs', 0)}) | "
+                     f"{pct(st['compute']['macs_ratio'])} | {latency_cell(lat)} | "
                      f"{size} |")
     L.append("\n### Pruned + INT8 (target: ≤ 15 % of the fp32 bundle within 1.5 pt top-1)\n")
     L.append("| model | bundle | bytes | of fp32 | top-1, 1000 images | drop |")
@@ -179,7 +213,8 @@ def md(results):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--holdout", type=int, default=500)
-    ap.add_argument("--latency-runs", type=int, default=60)
+    ap.add_argument("--latency-runs", type=int, default=200)
+    ap.add_argument("--only", choices=["structured"], help="rerun only this part; the rest from --work/results.json")
     ap.add_argument("--check-images", type=int, default=30)
     ap.add_argument("--models", default="efficientnet,squeezenet")
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/edgepack-pruning"))
@@ -193,7 +228,9 @@ def main():
     results = json.load(open(cache)) if os.path.exists(cache) else {}
     if not args.cached_only:
         for k in args.models.split(","):
-            results[k] = run_model(k, args)
+            if args.only and k not in results:
+                raise SystemExit(f"--only {args.only}: no earlier results for {k} in {cache}; run without --only")
+            results[k] = rerun_structured(k, args, results[k]) if args.only else run_model(k, args)
             json.dump(results, open(cache + ".tmp", "w"), indent=1)
             os.replace(cache + ".tmp", cache)
     mdtable.replace_between(args.md, BEGIN, END, md({k: results[k] for k in MODELS if k in results}))

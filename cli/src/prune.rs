@@ -56,8 +56,9 @@ pub struct PruneArgs {
     /// after the convs)
     #[arg(long, default_value = "reconstruction")]
     criterion: String,
-    /// Structured: kept channel counts are rounded up to a multiple of this (when the group's count is one)
-    #[arg(long, default_value_t = 8)]
+    /// Structured: kept channel counts are rounded up to a multiple of this (at most the group's count). 16 is the
+    /// CPU kernels' f32 tile: a count between two multiples costs as much as the larger one
+    #[arg(long, default_value_t = 16)]
     round_to: usize,
     /// Amounts tried per layer/group by the sensitivity scan (with --budget)
     #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,0.75")]

@@ -226,36 +226,78 @@ pub fn median_latency_ms(s: &Session, input: Vec<(String, Tensor)>, runs: usize)
     Ok(t[t.len() / 2])
 }
 
-/// Median latencies in ms of `a` and `b` on `input`, measured in alternation (a, b, a, b...) after one warm-up
-/// run each, so both see the same machine state; `progress(done)` after each pair.
+/// Latency of two sessions on the same input, measured as pairs: each pair runs both back to back (the order
+/// alternating between pairs), so drift of the machine's speed cancels within a pair.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct PairedLatency {
+    /// Median milliseconds of each session.
+    pub a_ms: f64,
+    pub b_ms: f64,
+    /// Median of the per-pair ratios b/a.
+    pub ratio: f64,
+    /// A 95 % confidence interval of that median (distribution-free: order statistics of the ratios).
+    pub ratio_ci95: (f64, f64),
+    pub pairs: usize,
+}
+
+/// Times `a` and `b` in `runs` interleaved pairs after one warm-up run each.
 pub fn interleaved_latency_ms(
     a: &Session,
     b: &Session,
     input: Vec<(String, Tensor)>,
     runs: usize,
     mut progress: impl FnMut(usize),
-) -> Result<(f64, f64), CalibError> {
+) -> Result<PairedLatency, CalibError> {
     a.run(input.clone())?;
     b.run(input.clone())?;
+    let time = |s: &Session| -> Result<f64, CalibError> {
+        let t0 = Instant::now();
+        s.run(input.clone())?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    };
     let (mut ta, mut tb) = (Vec::new(), Vec::new());
     for i in 0..runs.max(1) {
-        for (s, t) in [(a, &mut ta), (b, &mut tb)] {
-            let t0 = Instant::now();
-            s.run(input.clone())?;
-            t.push(t0.elapsed().as_secs_f64() * 1e3);
+        if i % 2 == 0 {
+            ta.push(time(a)?);
+            tb.push(time(b)?);
+        } else {
+            tb.push(time(b)?);
+            ta.push(time(a)?);
         }
         progress(i + 1);
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    Ok((median(ta), median(tb)))
+    let ratios: Vec<f64> = ta.iter().zip(&tb).map(|(x, y)| y / x).collect();
+    let (ratio, ratio_ci95) = median_ci95(ratios);
+    Ok(PairedLatency { a_ms: median_ci95(ta).0, b_ms: median_ci95(tb).0, ratio, ratio_ci95, pairs: runs.max(1) })
+}
+
+/// The median of `v` and a 95 % confidence interval for it from order statistics: ranks n/2 ∓ 1.96·√n/2 (the normal
+/// approximation of the binomial, conservative by one rank each side).
+pub fn median_ci95(mut v: Vec<f64>) -> (f64, (f64, f64)) {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return (f64::NAN, (f64::NAN, f64::NAN));
+    }
+    let half = 1.96 * (n as f64).sqrt() / 2.0;
+    let lo = ((n as f64 / 2.0 - half).floor().max(0.0) as usize).min(n - 1);
+    let hi = ((n as f64 / 2.0 + half).ceil() as usize).min(n - 1);
+    (v[n / 2], (v[lo], v[hi]))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_and_its_confidence_interval() {
+        let (m, (lo, hi)) = median_ci95((1..=100).map(f64::from).collect());
+        assert_eq!(m, 51.0);
+        // Ranks 50 ∓ 9.8 → 40 and 60 (0-based): the values 41 and 61.
+        assert_eq!((lo, hi), (41.0, 61.0));
+        let (m, (lo, hi)) = median_ci95(vec![2.0]);
+        assert_eq!((m, lo, hi), (2.0, 2.0, 2.0));
+    }
 
     #[test]
     fn sqnr_and_class_shapes() {

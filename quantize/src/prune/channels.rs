@@ -663,12 +663,12 @@ pub fn lowest(score: &[f64], keep: usize) -> Vec<usize> {
     rm
 }
 
-/// Channels to keep for a ratio: round(C·(1−r)), rounded up to a multiple of `multiple` (when C is one).
+/// Channels to keep for a ratio: round(C·(1−r)), rounded up to a multiple of `multiple` (at most C).
 pub fn kept_channels(channels: usize, ratio: f64, multiple: usize) -> usize {
-    let mut keep = ((channels as f64) * (1.0 - ratio.clamp(0.0, 1.0))).round().max(1.0) as usize;
-    if multiple > 1 && channels.is_multiple_of(multiple) && keep > 0 {
-        keep = keep.div_ceil(multiple) * multiple;
-    }
+    let keep = ((channels as f64) * (1.0 - ratio.clamp(0.0, 1.0))).round().max(1.0) as usize;
+    // Rounded up to the kernels' tile: 35 of 40 channels cost what 48 do (an f32 block pads its width to 16), so
+    // the count drops to the tile below or stays whole.
+    let keep = if multiple > 1 { keep.div_ceil(multiple) * multiple } else { keep };
     keep.min(channels)
 }
 
@@ -790,7 +790,10 @@ mod tests {
     fn keep_counts_and_lowest() {
         assert_eq!(kept_channels(96, 0.5, 8), 48);
         assert_eq!(kept_channels(96, 0.3, 8), 72); // 67.2 → 67 → 72
-        assert_eq!(kept_channels(10, 0.3, 8), 7);
+        assert_eq!(kept_channels(10, 0.3, 8), 8); // 7 → 8
+        assert_eq!(kept_channels(40, 0.125, 16), 40); // 35 → 48 → all 40: no tile saved
+        assert_eq!(kept_channels(40, 0.25, 16), 32);
+        assert_eq!(kept_channels(10, 0.3, 1), 7);
         assert_eq!(kept_channels(8, 1.0, 1), 1);
         assert_eq!(lowest(&[0.5, 0.1, 0.9, 0.1], 2), vec![1, 3]);
         assert_eq!(lowest(&[0.5, 0.1], 5), Vec::<usize>::new());

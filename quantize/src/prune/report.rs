@@ -31,8 +31,11 @@ pub struct CurvePoint {
 pub struct PruneLatency {
     pub fp32_ms: f64,
     pub pruned_ms: f64,
-    /// pruned / fp32 (medians of interleaved runs).
+    /// pruned / fp32: the median of the per-pair ratios of interleaved runs.
     pub ratio: f64,
+    /// Its 95 % confidence interval: an upper end below 1 is a measured reduction.
+    pub ratio_ci95: (f64, f64),
+    /// Timed pairs.
     pub runs: usize,
     pub threads: usize,
     pub backend: String,
@@ -276,8 +279,9 @@ impl PruneReport {
         if let Some(l) = &self.latency {
             let _ = writeln!(
                 s,
-                "  latency     fp32 {:.2} ms, pruned {:.2} ms (×{:.3}; medians of {} interleaved runs, {})",
-                l.fp32_ms, l.pruned_ms, l.ratio, l.runs, l.backend
+                "  latency     fp32 {:.2} ms, pruned {:.2} ms: ×{:.3} (95 % CI ×{:.3}–×{:.3}; median ratio of {} interleaved \
+                 pairs, {})",
+                l.fp32_ms, l.pruned_ms, l.ratio, l.ratio_ci95.0, l.ratio_ci95.1, l.runs, l.backend
             );
         }
         if let Some(p) = &self.plan {
@@ -375,12 +379,15 @@ impl PruneReport {
         if let Some(l) = &self.latency {
             let _ = write!(
                 h,
-                "<tr><td>CPU latency ms (median of {} interleaved runs, {})</td><td>{:.2}</td><td>{:.2} (×{:.3})</td></tr>",
+                "<tr><td>CPU latency ms (medians; the ratio is the median of {} interleaved pairs' ratios, with its \
+                 95 % CI; {})</td><td>{:.2}</td><td>{:.2} (×{:.3}, CI ×{:.3}–×{:.3})</td></tr>",
                 l.runs,
                 esc(&l.backend),
                 l.fp32_ms,
                 l.pruned_ms,
-                l.ratio
+                l.ratio,
+                l.ratio_ci95.0,
+                l.ratio_ci95.1
             );
         }
         h.push_str("</table>");

@@ -337,4 +337,16 @@ fn structured_pruning_reduces_macs() {
     let half = p.build(&p.uniform(0.5).unwrap()).unwrap();
     let (before, after) = (total_macs(&m, &pos), total_macs(&half, &pos));
     assert!(after * 2 < before + before / 4, "{after} vs {before}");
+    // The kernels' work: every layer here has at most 16 outputs, so each is padded to one 16-lane tile.
+    let expected: u64 = layer_costs(&m, &pos)
+        .iter()
+        .map(|(name, c)| {
+            let n = m.graph.nodes.iter().find(|n| n.name() == name).unwrap();
+            let dims = &m.graph.initializer(&n.input[1]).unwrap().dims;
+            let outs = dims[0] as u64; // Conv weights, and the transB Gemm's [3, 5]
+            c.0 / outs * super::KERNEL_TILE as u64
+        })
+        .sum();
+    assert_eq!(kernel_macs(&m, &pos), expected);
+    assert!(kernel_macs(&half, &pos) < expected);
 }
