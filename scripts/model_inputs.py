@@ -86,6 +86,14 @@ def ppocr_line_input(path, H, W, min_w=None):
     return x
 
 
+# Every model of shared/models, in the order of the tables (the keys of all_inputs).
+MODEL_FILES = [
+    "efficientnet_lite0_fp32.onnx", "squeezenet1.0_fp32.onnx", "mnist_cntk_opset7.onnx",
+    "mnist_cntk_opset8_simplified.onnx", "ultraface_rfb_320.onnx", "silero_vad.onnx", "silero_vad_16k_op15.onnx",
+    "magika_standard_v3_3.onnx", "ppocrv4_det.onnx", "ppocrv4_rec.onnx", "ppocr_mobile_v2_cls.onnx",
+]
+
+
 def all_inputs(shared):
     d = os.path.join(shared, "data")
     ph = os.path.join(d, "photos")

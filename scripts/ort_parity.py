@@ -108,21 +108,36 @@ def compare_gpu(model_path, feeds, edgepack, threads=1):
     return {"loaded": True, "outputs": outs}
 
 
-def gpu_table(results):
-    rows = ["| model | runs on the gpu backend | output | max abs diff vs cpu | max abs value | cosine vs cpu "
-            "| cosine vs onnxruntime | top-1 cpu / gpu |", "|---|---|---|---|---|---|---|---|"]
+def fmt(v, spec, none="-"):
+    return none if v is None else format(v, spec)
+
+
+def md_table(results, loads, columns, cells):
+    """One row per output of each model; `cells(o)` gives the cells after the output's name and shape."""
+    rows = [f"| model | {loads} | output | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
     for fname, r in results.items():
         if not r["loaded"]:
-            rows.append(f"| `{fname}` | **no** (exit {r['exit_code']}): {r['error'].replace('|', '/')} | | | | | | |")
+            rows.append(f"| `{fname}` | **no** (exit {r['exit_code']}): {r['error'].replace('|', '/')} |"
+                        + " |" * (len(columns) + 1))
             continue
         for o in r["outputs"]:
-            cos = "shape differs" if o["cosine"] is None else f"{o['cosine']:.7f}"
-            ort_cos = "-" if o["cosine_vs_ort"] is None else f"{o['cosine_vs_ort']:.7f}"
-            dd = "-" if o["max_abs_diff"] is None else f"{o['max_abs_diff']:.3g}"
-            top = f"{o['top1'][0]} / {o['top1'][1]}" if "top1" in o else ""
-            rows.append(f"| `{fname}` | yes | `{o['name']}` {o['shape']} | {dd} | {o['max_abs_ref']:.3g} | {cos} "
-                        f"| {ort_cos} | {top} |")
+            rows.append(f"| `{fname}` | yes | `{o['name']}` {o['shape']} | " + " | ".join(cells(o)) + " |")
     return "\n".join(rows)
+
+
+def cpu_table(results):
+    return md_table(results, "loads in edgepack (tract)", ["max abs diff", "max abs value", "cosine"],
+                    lambda o: [fmt(o["max_abs_diff"], ".3g"), f"{o['max_abs_ref']:.3g}",
+                               fmt(o["cosine"], ".7f", "shape differs")])
+
+
+def gpu_table(results):
+    return md_table(results, "runs on the gpu backend",
+                    ["max abs diff vs cpu", "max abs value", "cosine vs cpu", "cosine vs onnxruntime",
+                     "top-1 cpu / gpu"],
+                    lambda o: [fmt(o["max_abs_diff"], ".3g"), f"{o['max_abs_ref']:.3g}",
+                               fmt(o["cosine"], ".7f", "shape differs"), fmt(o["cosine_vs_ort"], ".7f"),
+                               f"{o['top1'][0]} / {o['top1'][1]}" if "top1" in o else ""])
 
 
 def adapter(edgepack):
@@ -146,20 +161,7 @@ def main():
         path = os.path.join(a.shared, "models", fname)
         results[fname] = (compare_gpu if a.device == "gpu" else compare)(path, feeds, a.edgepack)
         print(fname, json.dumps(results[fname]), flush=True)
-    if a.device == "gpu":
-        table = gpu_table(results)
-    else:
-        rows = ["| model | loads in edgepack (tract) | output | max abs diff | max abs value | cosine |",
-                "|---|---|---|---|---|---|"]
-        for fname, r in results.items():
-            if not r["loaded"]:
-                rows.append(f"| `{fname}` | **no** (exit {r['exit_code']}): {r['error'].replace('|', '/')} | | | | |")
-                continue
-            for o in r["outputs"]:
-                cos = "shape differs" if o["cosine"] is None else f"{o['cosine']:.7f}"
-                dd = "-" if o["max_abs_diff"] is None else f"{o['max_abs_diff']:.3g}"
-                rows.append(f"| `{fname}` | yes | `{o['name']}` {o['shape']} | {dd} | {o['max_abs_ref']:.3g} | {cos} |")
-        table = "\n".join(rows)
+    table = gpu_table(results) if a.device == "gpu" else cpu_table(results)
     if a.json:
         json.dump(results, open(a.json, "w"), indent=1)
     if a.md:

@@ -86,6 +86,15 @@ def cross_check(models, preset, n):
     return out
 
 
+def setup(key, args):
+    """(title, fp32 model, preset, work folder, the prune arguments every run shares) of one model."""
+    title, fname, preset = MODELS[key]
+    w = os.path.join(args.work, key)
+    os.makedirs(w, exist_ok=True)
+    common = ["--calib", DATA, "--preset", preset, "--shuffle", "--calib-limit", 256, "--holdout", args.holdout]
+    return title, os.path.join(SHARED, "models", fname), preset, w, common
+
+
 def run_structured(fp32, w, common, args):
     st, st5 = f"{w}/structured.onnx", f"{w}/structured_5pt.onnx"
     structured = [*common, "--method", "structured", "--levels", "0.0625,0.125,0.1875,0.25,0.375,0.5",
@@ -97,10 +106,7 @@ def run_structured(fp32, w, common, args):
 
 def rerun_structured(key, args, prev):
     """The structured part again; everything else from an earlier full run."""
-    _, fname, preset = MODELS[key]
-    fp32 = os.path.join(SHARED, "models", fname)
-    w = os.path.join(args.work, key)
-    common = ["--calib", DATA, "--preset", preset, "--shuffle", "--calib-limit", 256, "--holdout", args.holdout]
+    _, fp32, preset, w, common = setup(key, args)
     st, st5 = run_structured(fp32, w, common, args)
     out = f"{w}/structured.edgepack"
     ep("pack", st, "-o", out, "--preset", preset, "--main", "pruned:fp32", "--compress", "none")
@@ -113,11 +119,7 @@ def rerun_structured(key, args, prev):
 
 
 def run_model(key, args):
-    title, fname, preset = MODELS[key]
-    fp32 = os.path.join(SHARED, "models", fname)
-    w = os.path.join(args.work, key)
-    os.makedirs(w, exist_ok=True)
-    common = ["--calib", DATA, "--preset", preset, "--shuffle", "--calib-limit", 256, "--holdout", args.holdout]
+    title, fp32, preset, w, common = setup(key, args)
     un = f"{w}/unstructured.onnx"
     ep("prune", fp32, *common, "--method", "unstructured", "--scope", "global", "--budget", "top1-drop=1",
        "--levels", 0.8, "--curve", "0.1,0.2,0.3,0.4,0.5,0.6,0.7", "--latency-runs", 0, "-o", un)

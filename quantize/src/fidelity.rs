@@ -213,17 +213,18 @@ impl HeldOut {
     }
 }
 
+/// Milliseconds of one run of `s` on `input`.
+fn run_ms(s: &Session, input: &[(String, Tensor)]) -> Result<f64, CalibError> {
+    let t0 = Instant::now();
+    s.run(input.to_vec())?;
+    Ok(t0.elapsed().as_secs_f64() * 1e3)
+}
+
 /// Median latency in ms of `runs` runs of `s` on `input` (after one warm-up run).
 pub fn median_latency_ms(s: &Session, input: Vec<(String, Tensor)>, runs: usize) -> Result<f64, CalibError> {
     s.run(input.clone())?;
-    let mut t: Vec<f64> = (0..runs.max(1))
-        .map(|_| {
-            let t0 = Instant::now();
-            s.run(input.clone()).map(|_| t0.elapsed().as_secs_f64() * 1e3)
-        })
-        .collect::<Result<_, _>>()?;
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
+    let t: Vec<f64> = (0..runs.max(1)).map(|_| run_ms(s, &input)).collect::<Result<_, _>>()?;
+    Ok(median_ci95(t).0)
 }
 
 /// Latency of two sessions on the same input, measured as pairs: each pair runs both back to back (the order
@@ -250,11 +251,7 @@ pub fn interleaved_latency_ms(
 ) -> Result<PairedLatency, CalibError> {
     a.run(input.clone())?;
     b.run(input.clone())?;
-    let time = |s: &Session| -> Result<f64, CalibError> {
-        let t0 = Instant::now();
-        s.run(input.clone())?;
-        Ok(t0.elapsed().as_secs_f64() * 1e3)
-    };
+    let time = |s: &Session| run_ms(s, &input);
     let (mut ta, mut tb) = (Vec::new(), Vec::new());
     for i in 0..runs.max(1) {
         if i % 2 == 0 {

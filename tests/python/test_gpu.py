@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import model_inputs
 from conftest import ROOT, edgepack_bin, ep
 
 
@@ -61,22 +62,15 @@ def test_onnx_node_suite_on_gpu(gpu, tmp_path):
     assert pct_expr >= 98.5 and pct >= 76.0, md.read_text()
 
 
-SHARED_MODELS = [
-    "efficientnet_lite0_fp32.onnx", "squeezenet1.0_fp32.onnx", "mnist_cntk_opset7.onnx",
-    "mnist_cntk_opset8_simplified.onnx", "ultraface_rfb_320.onnx", "silero_vad.onnx", "silero_vad_16k_op15.onnx",
-    "magika_standard_v3_3.onnx", "ppocrv4_det.onnx", "ppocrv4_rec.onnx", "ppocr_mobile_v2_cls.onnx",
-]
 # Models the GPU backend claims (every op in SUPPORTED_OPS): they must run. Silero VAD uses `If` control flow.
-GPU_CLAIMS = set(SHARED_MODELS) - {"silero_vad.onnx", "silero_vad_16k_op15.onnx"}
+GPU_CLAIMS = set(model_inputs.MODEL_FILES) - {"silero_vad.onnx", "silero_vad_16k_op15.onnx"}
 
 
-@pytest.mark.parametrize("fname", SHARED_MODELS)
+@pytest.mark.parametrize("fname", model_inputs.MODEL_FILES)
 def test_shared_models_match_cpu(gpu, shared, fname):
     """Issue 5: on real inputs, every shared model the GPU backend claims gives cosine >= 0.9999 against the CPU
     backend (fp32) and the same top-1 for classifiers; the others are refused at load with a typed error (exit 5)
     naming the op. The table is CONFORMANCE.md's gpu-parity section."""
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import model_inputs
     import ort_parity
 
     feeds = model_inputs.all_inputs(shared)[fname]

@@ -20,11 +20,7 @@ def inputs(shared):
     return model_inputs.all_inputs(shared)
 
 
-@pytest.mark.parametrize("fname", [
-    "efficientnet_lite0_fp32.onnx", "squeezenet1.0_fp32.onnx", "mnist_cntk_opset7.onnx",
-    "mnist_cntk_opset8_simplified.onnx", "ultraface_rfb_320.onnx", "silero_vad.onnx", "silero_vad_16k_op15.onnx",
-    "magika_standard_v3_3.onnx", "ppocrv4_det.onnx", "ppocrv4_rec.onnx", "ppocr_mobile_v2_cls.onnx",
-])
+@pytest.mark.parametrize("fname", model_inputs.MODEL_FILES)
 def test_matches_onnxruntime(shared, binary, inputs, fname):
     r = ort_parity.compare(os.path.join(shared, "models", fname), inputs[fname], edgepack_bin())
     if not r["loaded"]:

@@ -761,6 +761,15 @@ fn gemm_outputs(n: &NodeProto, dims: &[usize]) -> usize {
     if n.attr_i("transB").unwrap_or(0) != 0 { dims[0] } else { dims[1] }
 }
 
+/// Output channels of a weight layer from its weight dims: a Conv's filters, a Gemm's outputs, a MatMul's columns.
+pub(crate) fn output_channels(n: &NodeProto, dims: &[usize]) -> usize {
+    match n.op() {
+        "Conv" => dims[0],
+        "Gemm" => gemm_outputs(n, dims),
+        _ => *dims.last().unwrap_or(&1),
+    }
+}
+
 fn gemm_weight(n: &NodeProto, dims: &[usize], v: &[f32], o: usize, j: usize) -> f32 {
     let alpha = n.attr_f("alpha").unwrap_or(1.0);
     alpha * if n.attr_i("transB").unwrap_or(0) != 0 { v[o * dims[1] + j] } else { v[j * dims[1] + o] }

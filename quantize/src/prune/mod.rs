@@ -213,14 +213,7 @@ pub fn kernel_macs(model: &Model, positions: &HashMap<String, usize>) -> u64 {
     let mut total = 0u64;
     for l in magnitude::layers(model) {
         let Ok((dims, w)) = channels::weights(model, l.index) else { continue };
-        let n = &model.graph.nodes[l.index];
-        // Output channels: dim 0 of a Conv's weights (and of a transB Gemm's), else the last dim.
-        let out = match n.op() {
-            "Conv" => dims[0],
-            "Gemm" if n.attr_i("transB").unwrap_or(0) != 0 => dims[0],
-            _ => *dims.last().unwrap_or(&1),
-        }
-        .max(1);
+        let out = channels::output_channels(&model.graph.nodes[l.index], &dims).max(1);
         let padded = out.div_ceil(KERNEL_TILE) * KERNEL_TILE;
         let pos = positions.get(&l.node).copied().unwrap_or(1) as u64;
         total += pos * (w.len() / out * padded) as u64;
