@@ -4,7 +4,8 @@
 # from its own folder).
 #
 #   scripts/bindings.sh [OUT]        default OUT: $CARGO_TARGET_DIR/bindings
-#   EDGEPACK_MOBILE_FEATURES=...     cargo features of the library (default: the crate's, GPU included)
+#   EDGEPACK_MOBILE_FEATURES=...     cargo features of the library, defaults off (unset: the crate's defaults,
+#                                    tract and the GPU; "": the kernel interpreter alone, as scripts/mobile_size.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/edgepack-target}
@@ -12,6 +13,10 @@ OUT=${1:-$CARGO_TARGET_DIR/bindings}
 
 # The whole workspace, as the test command builds it: one feature resolution, so nothing is rebuilt twice.
 cargo build --release -q --workspace
+if [ -n "${EDGEPACK_MOBILE_FEATURES+set}" ]; then
+  # Another feature set of the library alone (e.g. "" for the kernel interpreter without tract or the GPU).
+  cargo build --release -q -p edgepack-mobile --lib --no-default-features --features "$EDGEPACK_MOBILE_FEATURES"
+fi
 LIB=$CARGO_TARGET_DIR/release/libedgepack_mobile.so
 BINDGEN=$CARGO_TARGET_DIR/release/uniffi-bindgen
 [ -f "$LIB" ] || { echo "FATAL: $LIB was not built" >&2; exit 1; }

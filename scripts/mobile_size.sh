@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stripped size of the mobile library for x86_64 Linux, CPU-only (`--no-default-features`), with the `mobile`
-# profile of Cargo.toml; writes the table between the mobile-size markers of BENCHMARKS.md with --md.
+# profile of Cargo.toml, with tract (`--features tract`) and without (the kernel interpreter alone); writes the
+# table between the mobile-size markers of BENCHMARKS.md with --md.
 #
 #   scripts/mobile_size.sh [--md BENCHMARKS.md] [--abort]    --abort also measures panic = "abort"
 # A separate build (own profile and feature set): tens of minutes on 2 cores the first time.
@@ -26,9 +27,10 @@ measure() {  # name, extra cargo args...
   rows+=("| $name | $(awk -v b="$bytes" 'BEGIN{printf "%.2f", b/1048576}') MiB ($bytes B) | $(awk -v b="$gz" 'BEGIN{printf "%.2f", b/1048576}') MiB |")
   echo "$name: $bytes bytes stripped, $gz gzip -9" >&2
 }
-measure 'CPU-only, `mobile` profile (panic = "unwind")'
+measure 'CPU-only with tract (`--features tract`: every op tract runs)' --features tract
+measure 'CPU-only, kernel interpreter (no features: kernel nodes + its op set)'
 if [ "$ABORT" = 1 ]; then
-  CARGO_PROFILE_MOBILE_PANIC=abort measure 'CPU-only, `mobile` profile with panic = "abort"'
+  CARGO_PROFILE_MOBILE_PANIC=abort measure 'CPU-only, kernel interpreter, panic = "abort"'
   cargo build -q -p edgepack-mobile --lib --profile mobile --no-default-features  # leave the default build in place
 fi
 table=$(printf '%s\n' "| x86_64 Linux cdylib (libedgepack_mobile.so, strip --strip-all) | size | gzip -9 |" "|---|---|---|" "${rows[@]}")

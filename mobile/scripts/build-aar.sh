@@ -6,7 +6,9 @@
 #   - JDK 17 and Gradle 8.5+ with the Android Gradle Plugin (ANDROID_HOME with platform 34).
 # The app also depends on JNA's Android build: implementation("net.java.dev.jna:jna:5.13.0@aar"), and
 # kotlinx-coroutines-core for the suspend functions.
-# FEATURES="" (default) builds the CPU-only engine; FEATURES=gpu adds the wgpu backend (Vulkan), larger.
+# FEATURES="" (default) builds the small CPU-only engine (the kernel interpreter: kernel nodes and its op set, other
+# models go to the cloud under on-unsupported); FEATURES=tract adds tract (every op it runs), FEATURES=gpu the wgpu
+# backend (Vulkan); both larger (BENCHMARKS.md, "Mobile library size").
 #
 #   mobile/scripts/build-aar.sh      output: mobile/android/build/outputs/aar/
 set -euo pipefail

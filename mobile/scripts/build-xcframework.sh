@@ -2,7 +2,9 @@
 # Builds EdgepackMobileFFI.xcframework (static libraries for iOS devices and the simulators) and a Swift Package
 # (EdgepackMobile) around it. NOT runnable on Linux: it needs macOS with Xcode 15+ (xcodebuild, lipo) and
 #   rustup target add aarch64-apple-ios aarch64-apple-ios-sim x86_64-apple-ios
-# FEATURES="" (default) builds the CPU-only engine; FEATURES=gpu adds the wgpu backend (Metal), larger.
+# FEATURES="" (default) builds the small CPU-only engine (the kernel interpreter: kernel nodes and its op set, other
+# models go to the cloud under on-unsupported); FEATURES=tract adds tract (every op it runs), FEATURES=gpu the wgpu
+# backend (Metal); both larger (BENCHMARKS.md, "Mobile library size").
 #
 #   mobile/scripts/build-xcframework.sh [OUT]      default OUT: target/apple
 set -euo pipefail

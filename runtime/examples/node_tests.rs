@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p edgepack-runtime --example node_tests -- NODE_DIR [--device gpu|cpu] [--md FILE] [--filter S]
+//! EDGEPACK_CPU=interp cargo run ... -- NODE_DIR --device cpu     (the kernel interpreter's ops)
 //! ```
 //!
 //! A case is counted for the op its base case tests: the op producing the first graph output, where
@@ -102,6 +103,10 @@ fn main() {
     let claimed: Vec<&str> = match args.device {
         #[cfg(feature = "gpu")]
         Device::Gpu => edgepack_runtime::gpu::SUPPORTED_OPS.to_vec(),
+        // The kernel interpreter (`EDGEPACK_CPU=interp`, or a build without tract) claims its plain ops.
+        Device::Cpu if std::env::var("EDGEPACK_CPU").is_ok_and(|v| v == "interp") || cfg!(not(feature = "tract")) => {
+            edgepack_runtime::interp::OPS.to_vec()
+        }
         _ => Vec::new(),
     };
     let mut names: Vec<String> = match std::fs::read_dir(&args.dir) {

@@ -109,19 +109,13 @@ impl CpuBackend {
             return Err(Error::UnsupportedOp { op, domain, node, backend: "cpu" });
         }
         crate::cpu_ops::register(&mut onnx.op_register);
-        // QDQ graphs run with onnxruntime's integer arithmetic (exact accumulation, one requantization multiply):
-        // the patterns the integer kernels cover become kernel nodes (NHWC uint8 chains), the rest is lowered to
-        // float ops carrying exact integers. `EDGEPACK_KERNELS=off` keeps everything on the float-op form.
-        let mut lowered = model.clone();
+        // `EDGEPACK_KERNELS=off` keeps everything on the float-op form.
         let kernels = std::env::var("EDGEPACK_KERNELS").map_or(true, |v| v != "off");
-        let n_kernels = if kernels { lowered.lower_qdq_kernels() } else { 0 };
-        let n_int = lowered.graph.lower_qdq_integer();
-        // Float graphs: Conv chains (with their Relu/Clip, residual Adds, MaxPools, Concats) on the fp32 NHWC
-        // kernels. Not mixed with the integer lowering (its float ops carry exact integers).
-        let n_f32 = if kernels && n_kernels + n_int == 0 { lowered.lower_f32_kernels() } else { 0 };
+        let lowering = model.lower_for_cpu(kernels);
         // Fallbacks (built on first use, `fallbacks()`): the float-op integer lowering when kernels were made,
         // then the graph as written.
-        let original = (n_kernels + n_int + n_f32 > 0).then(|| model.clone());
+        let original = lowering.changed().then(|| model.clone());
+        let (lowered, n_kernels) = (lowering.model, lowering.integer_kernels);
         if original.is_some()
             && let Ok(path) = std::env::var("EDGEPACK_DUMP_LOWERED")
         {

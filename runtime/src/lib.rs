@@ -1,4 +1,4 @@
-//! edgepack runtime: one ONNX graph type ([`onnx::Model`]), sessions over pluggable backends (CPU via tract, GPU via wgpu/burn),
+//! edgepack runtime: one ONNX graph type ([`onnx::Model`]), sessions over pluggable backends (CPU via tract or edgepack's kernel interpreter, GPU via wgpu/burn),
 //! pre/post-processing as data, and the `.edgepack` bundle reader.
 //!
 //! ```no_run
@@ -10,12 +10,15 @@
 pub mod backend;
 pub mod bundle;
 pub mod compress;
+#[cfg(feature = "tract")]
 pub mod cpu;
+#[cfg(feature = "tract")]
 mod cpu_ops;
 mod error;
 pub mod fsutil;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub mod interp;
 pub mod kernels;
 pub mod npy;
 pub mod onnx;

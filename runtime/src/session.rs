@@ -4,7 +4,6 @@ use std::path::Path;
 
 use crate::backend::{Backend, BackendKind, Device};
 use crate::bundle::{Bundle, Manifest, OpenOptions, PublicKey, TensorSpec};
-use crate::cpu::CpuBackend;
 use crate::error::no_panic;
 use crate::onnx::{self, Dim, Model, shape_string};
 use crate::process::{self, ClassScore, Detection, Postprocess, Preprocess};
@@ -178,6 +177,17 @@ fn load_gpu(model: &Model) -> Result<Box<dyn Backend>> {
     }
 }
 
+/// The CPU backend of this build: tract (feature `tract`, every op it implements) unless `EDGEPACK_CPU=interp`
+/// asks for edgepack's kernel interpreter, which builds without tract always use (kernel nodes and a small op set).
+pub(crate) fn load_cpu_backend(model: &Model, dtypes: &[DType], threads: usize) -> Result<Box<dyn Backend>> {
+    #[cfg(feature = "tract")]
+    if std::env::var("EDGEPACK_CPU").map_or(true, |v| v != "interp") {
+        return Ok(Box::new(crate::cpu::CpuBackend::load(model, dtypes, threads)?));
+    }
+    let _ = dtypes;
+    Ok(Box::new(crate::interp::InterpBackend::load(model, threads)?))
+}
+
 fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
@@ -249,7 +259,7 @@ impl Session {
         let threads = if opts.threads == 0 { default_threads() } else { opts.threads };
         let load_cpu = || -> Result<Box<dyn Backend>> {
             let dts: Vec<DType> = inputs.iter().map(|i| i.dtype.unwrap_or(DType::F32)).collect();
-            Ok(Box::new(no_panic("loading on the cpu backend", || CpuBackend::load(model, &dts, threads))?))
+            no_panic("loading on the cpu backend", || load_cpu_backend(model, &dts, threads))
         };
         let (backend, selection) = match opts.device {
             Device::Cpu => (load_cpu()?, "requested".to_string()),

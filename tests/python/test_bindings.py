@@ -185,6 +185,25 @@ def test_python_bindings(fixtures):
     assert r.returncode == 0 and failed == 0 and passed >= 15, r.stdout[-6000:] + r.stderr[-3000:]
 
 
+def test_python_bindings_kernel_interpreter_build(fixtures, tmp_path):
+    """The library without tract or the GPU (`--no-default-features`: the CPU backend is edgepack's kernel
+    interpreter, the build whose size BENCHMARKS.md reports) passes the same Python checks; the one model outside
+    the interpreter's op set is refused at load with a typed error naming the op."""
+    out = tmp_path / "bindings"
+    r = subprocess.run([os.path.join(ROOT, "scripts", "bindings.sh"), str(out)], capture_output=True, text=True,
+                       timeout=3600, env=dict(os.environ, EDGEPACK_MOBILE_FEATURES=""))
+    assert r.returncode == 0, r.stdout + r.stderr
+    fx = json.loads((fixtures / "fixtures.json").read_text())
+    fx.update(module_dir=str(out / "python"), cpu="interp")
+    (tmp_path / "fixtures.json").write_text(json.dumps(fx))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "mobile", "tests", "bindings_test.py"), str(tmp_path / "fixtures.json")],
+                       capture_output=True, text=True, timeout=900)
+    print(r.stdout[-4000:], r.stderr[-2000:])
+    passed, failed = summary(r.stdout)
+    assert r.returncode == 0 and failed == 0 and passed >= 15, r.stdout[-6000:] + r.stderr[-3000:]
+    assert "kernel-interpreter build" in r.stdout, r.stdout[-3000:]
+
+
 def test_kotlin_bindings(fixtures, bindings, tmp_path):
     kotlinc = os.path.join(KOTLIN_HOME, "bin", "kotlinc")
     if not os.path.exists(kotlinc):

@@ -10,7 +10,6 @@ use super::Precision;
 use super::device::{GpuDevice, device};
 use super::ops;
 use crate::backend::{Backend, BackendKind, OpTime};
-use crate::cpu::CpuBackend;
 use crate::onnx::{Model, NodeExt, NodeProto, tensor_from_proto, tensor_to_proto};
 use crate::tensor::{DType, Tensor, TensorData};
 use crate::{Error, Result};
@@ -351,7 +350,7 @@ impl GpuBackend {
         m.graph.outputs =
             outs.iter().map(|o| crate::onnx::ValueInfoProto { name: Some(o.clone()), ..Default::default() }).collect();
         m.graph.nodes.push(n);
-        let cpu = CpuBackend::load(&m, &[], 1)
+        let cpu = crate::session::load_cpu_backend(&m, &[], 1)
             .map_err(|e| gpu_err(format!("folding {} `{}` on the host: {e}", node.op(), node.name())))?;
         cpu.run(Vec::new())
     }

@@ -10,6 +10,7 @@
 //! The instruction set is chosen at run time ([`Isa::detect`]): AVX-512 VNNI, AVX2 (exact 16-bit products), or
 //! portable Rust. `EDGEPACK_ISA=portable|avx2|avx512vnni` forces a lower one (testing, comparisons).
 pub mod fconv;
+pub mod nodes;
 pub mod pool;
 pub mod qconv;
 pub mod qelem;
@@ -116,12 +117,36 @@ pub fn for_each_part(parts: usize, f: impl Fn(usize) + Sync) {
     pool::run(parts, threads, &f);
 }
 
-/// Threads available to a kernel right now (1 outside a multithreaded plan).
-pub fn threads() -> usize {
-    match tract_linalg::multithread::current_tract_executor() {
-        tract_linalg::multithread::Executor::MultiThread(pool) => pool.current_num_threads(),
-        _ => 1,
+thread_local! {
+    /// Threads granted by [`with_threads`] on this thread (0: none).
+    static THREADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f` with `threads` threads available to the kernels it calls on this thread (the kernel interpreter's
+/// runs; tract's plans grant theirs through tract's executor).
+pub fn with_threads<R>(threads: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(usize);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREADS.set(self.0);
+        }
     }
+    let _restore = Restore(THREADS.replace(threads.max(1)));
+    f()
+}
+
+/// Threads available to a kernel right now (1 outside a multithreaded run).
+pub fn threads() -> usize {
+    let granted = THREADS.get();
+    if granted > 0 {
+        return granted;
+    }
+    #[cfg(feature = "tract")]
+    if let tract_linalg::multithread::Executor::MultiThread(pool) = tract_linalg::multithread::current_tract_executor()
+    {
+        return pool.current_num_threads();
+    }
+    1
 }
 
 /// Requantizes one accumulator exactly as [`reference::requantize`] (i32 input).

@@ -331,13 +331,12 @@ fn qconv_kernels_equal_the_scalar_reference_for_every_isa() {
 
 #[test]
 fn qconv_kernels_split_across_threads_equal_the_reference() {
-    let pool = tract_linalg::multithread::Executor::multithread(2);
     for &isa in &Isa::available() {
         let mut r = Rng(0xfeed_0000 + isa as u64);
         for case in 0..9 {
             let Some((spec, g, shape)) = random_conv(&mut r, case % 3, true) else { continue };
             let x: Vec<u8> = (0..shape.iter().product()).map(|_| r.range(0, 255) as u8).collect();
-            tract_linalg::multithread::multithread_tract_scope(pool.clone(), || {
+            super::with_threads(2, || {
                 assert_eq!(super::threads(), 2);
                 check_qconv(&spec, g, shape, &x, isa, &format!("{isa:?} threaded case {case}"))
             });
@@ -596,7 +595,6 @@ fn check_fconv(r: &mut Rng, kind: usize, big: bool, isa: Isa, what: &str) -> boo
 
 #[test]
 fn fconv_kernels_equal_a_direct_loop_for_every_isa_and_thread_split() {
-    let pool = tract_linalg::multithread::Executor::multithread(2);
     for &isa in &Isa::available() {
         let mut r = Rng(0xf1_0000 + isa as u64);
         let mut checked = [0usize; 3];
@@ -605,7 +603,7 @@ fn fconv_kernels_equal_a_direct_loop_for_every_isa_and_thread_split() {
         }
         assert!(checked.iter().all(|&c| c >= 20), "{isa:?}: too few valid cases {checked:?}");
         for case in 0..9 {
-            tract_linalg::multithread::multithread_tract_scope(pool.clone(), || {
+            super::with_threads(2, || {
                 check_fconv(&mut r, case % 3, true, isa, &format!("{isa:?} threaded case {case}"))
             });
         }

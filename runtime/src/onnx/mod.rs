@@ -139,7 +139,37 @@ pub struct Graph {
     rest: GraphProto,
 }
 
+/// What [`Model::lower_for_cpu`] rewrote.
+pub struct CpuLowering {
+    pub model: Model,
+    /// QDQ patterns that became integer-kernel nodes.
+    pub integer_kernels: usize,
+    /// QDQ patterns lowered to exact integer arithmetic on float ops.
+    pub integer_ops: usize,
+    /// Float patterns that became float-kernel nodes.
+    pub float_kernels: usize,
+}
+
+impl CpuLowering {
+    pub fn changed(&self) -> bool {
+        self.integer_kernels + self.integer_ops + self.float_kernels > 0
+    }
+}
+
 impl Model {
+    /// The graph the CPU backends run. QDQ graphs keep onnxruntime's integer arithmetic (exact accumulation, one
+    /// requantization multiply): the patterns the integer kernels cover become kernel nodes (NHWC uint8 chains),
+    /// the rest is lowered to float ops carrying exact integers. Float graphs: Conv chains (with their Relu/Clip,
+    /// residual Adds, MaxPools, Concats) become fp32 NHWC kernel nodes; not mixed with the integer lowering (its
+    /// float ops carry exact integers). `kernels: false` keeps everything on float ops.
+    pub fn lower_for_cpu(&self, kernels: bool) -> CpuLowering {
+        let mut model = self.clone();
+        let integer_kernels = if kernels { model.lower_qdq_kernels() } else { 0 };
+        let integer_ops = model.graph.lower_qdq_integer();
+        let float_kernels = if kernels && integer_kernels + integer_ops == 0 { model.lower_f32_kernels() } else { 0 };
+        CpuLowering { model, integer_kernels, integer_ops, float_kernels }
+    }
+
     /// Decodes and checks a model. Never panics on malformed bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Model> {
         let proto =
