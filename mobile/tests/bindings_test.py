@@ -141,6 +141,14 @@ def _():
 
 @check("the GPU backend (wgpu) through the bindings")
 def _():
+    if FX.get("cpu") == "interp":
+        # The small build has no GPU backend: asking for it is a typed error that says so.
+        try:
+            ep.Engine.open(FX["effnet"], opts(backend=ep.Backend.GPU))
+        except ep.EdgepackError.Internal as e:
+            assert "no GPU backend" in str(e), e
+            return
+        raise AssertionError("a build without the gpu feature opened a GPU engine")
     try:
         g = ep.Engine.open(FX["effnet"], opts(backend=ep.Backend.GPU))
     except (ep.EdgepackError.Internal, ep.EdgepackError.Unavailable, ep.EdgepackError.UnsupportedOp) as e:
