@@ -145,7 +145,12 @@ impl InterpBackend {
             let ins = n.input.iter().map(|i| (!i.is_empty()).then(|| slot(&mut names, i))).collect();
             let outs = n.output.iter().map(|o| slot(&mut names, o)).collect();
             let op = prepare(n, &consts)?;
-            steps.push(Step { node: n.clone(), op, inputs: ins, outputs: outs, frees: Vec::new() });
+            // A kernel's attributes (its weights) live on packed in `op`: the step keeps only names and wiring.
+            let node = match op {
+                Op::Kernel(_) => NodeProto { attribute: Vec::new(), ..n.clone() },
+                _ => n.clone(),
+            };
+            steps.push(Step { node, op, inputs: ins, outputs: outs, frees: Vec::new() });
         }
         let outputs: Vec<usize> = g.outputs.iter().map(|o| slot(&mut names, o.name.as_deref().unwrap_or(""))).collect();
         let mut by_slot = vec![None; names.len()];
@@ -507,6 +512,11 @@ fn broadcast(a: &[usize], b: &[usize]) -> Res<Vec<usize>> {
         .collect()
 }
 
+/// Row-major element strides of `shape`.
+fn dense_strides(shape: &[usize]) -> Vec<isize> {
+    (0..shape.len()).map(|d| shape[d + 1..].iter().product::<usize>() as isize).collect()
+}
+
 /// Element offsets of `shape` read through `out`'s broadcast (strides 0 along broadcast axes).
 fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<isize> {
     let mut strides = vec![0isize; out.len()];
@@ -804,7 +814,7 @@ fn plain(n: &NodeProto, ins: &[Option<&Tensor>], opset: i64) -> Res<Tensor> {
             if seen != (0..rank).collect::<Vec<_>>() {
                 return Err(format!("perm {perm:?} is not a permutation of rank {rank}"));
             }
-            let dense: Vec<isize> = (0..rank).map(|d| shape[d + 1..].iter().product::<usize>() as isize).collect();
+            let dense = dense_strides(&shape);
             strided(
                 x,
                 perm.iter().map(|&p| shape[p]).collect(),
@@ -830,7 +840,7 @@ fn plain(n: &NodeProto, ins: &[Option<&Tensor>], opset: i64) -> Res<Tensor> {
             {
                 return Err("starts, ends, axes and steps differ in length".into());
             }
-            let dense: Vec<isize> = (0..rank).map(|d| shape[d + 1..].iter().product::<usize>() as isize).collect();
+            let dense = dense_strides(&shape);
             let mut out = shape.clone();
             let mut strides = dense.clone();
             let mut base = 0isize;
