@@ -153,10 +153,12 @@ def pct(x):
 def latency_cell(lat):
     if not lat:
         return "-"
-    lo, hi = lat.get("ratio_ci95") or (float("nan"), float("nan"))
+    lo, hi = lat.get("ratio_ci") or (float("nan"), float("nan"))
     verdict = "**faster**" if hi < 1 else ("slower" if lo > 1 else "no measured change")
-    return (f"×{lat['ratio']:.3f}, 95 % CI ×{lo:.3f}–×{hi:.3f}: {verdict} ({lat['fp32_ms']:.2f} → "
-            f"{lat['pruned_ms']:.2f} ms; {lat['runs']} interleaved pairs)")
+    reps = len(lat.get("replica_ratios") or [])
+    return (f"×{lat['ratio']:.3f}, {100 * lat['ci_level']:.1f} % CI ×{lo:.3f}–×{hi:.3f}: {verdict} "
+            f"({lat['fp32_ms']:.2f} → {lat['pruned_ms']:.2f} ms; {lat['runs']} interleaved pairs in {reps} "
+            "replicas)")
 
 
 def md(results):

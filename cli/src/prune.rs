@@ -72,7 +72,7 @@ pub struct PruneArgs {
     /// No bias correction
     #[arg(long)]
     no_repair: bool,
-    /// Timed runs (interleaved fp32/pruned) for the CPU latency (0 = skip)
+    /// Timed pairs (interleaved fp32/pruned, in 6 replicas of freshly built sessions) for the CPU latency (0 = skip)
     #[arg(long, default_value_t = 20)]
     latency_runs: usize,
     /// Output ONNX file

@@ -227,45 +227,91 @@ pub fn median_latency_ms(s: &Session, input: Vec<(String, Tensor)>, runs: usize)
     Ok(median_ci95(t).0)
 }
 
-/// Latency of two sessions on the same input, measured as pairs: each pair runs both back to back (the order
+/// Latency of two models measured as pairs: each pair runs both back to back on the same input (the order
 /// alternating between pairs), so drift of the machine's speed cancels within a pair.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PairedLatency {
-    /// Median milliseconds of each session.
+    /// Median milliseconds of each model over every timed run.
     pub a_ms: f64,
     pub b_ms: f64,
-    /// Median of the per-pair ratios b/a.
+    /// b/a: the median of the replicas' medians of their per-pair ratios.
     pub ratio: f64,
-    /// A 95 % confidence interval of that median (distribution-free: order statistics of the ratios).
-    pub ratio_ci95: (f64, f64),
+    /// The lowest and highest replica median: a distribution-free confidence interval for the median ratio at
+    /// level `ci_level` (1 − 2^(1 − replicas)).
+    pub ratio_ci: (f64, f64),
+    pub ci_level: f64,
+    /// Each replica's median ratio.
+    pub replica_ratios: Vec<f64>,
+    /// Timed pairs in all.
     pub pairs: usize,
 }
 
-/// Times `a` and `b` in `runs` interleaved pairs after one warm-up run each.
-pub fn interleaved_latency_ms(
-    a: &Session,
-    b: &Session,
-    input: Vec<(String, Tensor)>,
+/// Times two models in `replicas` rounds of interleaved pairs (`runs` pairs in all). Each round builds both
+/// sessions afresh, in alternating order, so where each lands in memory (cache-set conflicts, heap state) varies
+/// between rounds: a difference of a few per cent between two sessions of the *same* model is common within one
+/// process, and a single round would report it as a measured change. The rounds' median ratios then give the
+/// interval: the smallest and largest replica median bound the median ratio with confidence 1 − 2^(1 − replicas)
+/// (6 replicas: 96.9 %). Pairs cycle over `inputs`; both runs of a pair read the same one.
+pub fn replicated_latency_ms(
+    make_a: impl Fn() -> Result<Session, CalibError>,
+    make_b: impl Fn() -> Result<Session, CalibError>,
+    inputs: &[Vec<(String, Tensor)>],
+    replicas: usize,
     runs: usize,
     mut progress: impl FnMut(usize),
 ) -> Result<PairedLatency, CalibError> {
-    a.run(input.clone())?;
-    b.run(input.clone())?;
-    let time = |s: &Session| run_ms(s, &input);
-    let (mut ta, mut tb) = (Vec::new(), Vec::new());
-    for i in 0..runs.max(1) {
-        if i % 2 == 0 {
-            ta.push(time(a)?);
-            tb.push(time(b)?);
-        } else {
-            tb.push(time(b)?);
-            ta.push(time(a)?);
-        }
-        progress(i + 1);
+    if inputs.is_empty() {
+        return Err(CalibError::Invalid("latency: no input samples".into()));
     }
-    let ratios: Vec<f64> = ta.iter().zip(&tb).map(|(x, y)| y / x).collect();
-    let (ratio, ratio_ci95) = median_ci95(ratios);
-    Ok(PairedLatency { a_ms: median_ci95(ta).0, b_ms: median_ci95(tb).0, ratio, ratio_ci95, pairs: runs.max(1) })
+    let replicas = replicas.max(1);
+    let per = runs.div_ceil(replicas).max(1);
+    let (mut ta, mut tb, mut medians) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..replicas {
+        let (a, b) = if r % 2 == 0 {
+            let a = make_a()?;
+            (a, make_b()?)
+        } else {
+            let b = make_b()?;
+            (make_a()?, b)
+        };
+        for x in inputs {
+            a.run(x.clone())?;
+            b.run(x.clone())?;
+        }
+        let mut ratios = Vec::with_capacity(per);
+        for i in 0..per {
+            let x = &inputs[i % inputs.len()];
+            let (x_ms, y_ms) = if i % 2 == 0 {
+                let x_ms = run_ms(&a, x)?;
+                (x_ms, run_ms(&b, x)?)
+            } else {
+                let y_ms = run_ms(&b, x)?;
+                (run_ms(&a, x)?, y_ms)
+            };
+            ta.push(x_ms);
+            tb.push(y_ms);
+            ratios.push(y_ms / x_ms);
+            progress(r * per + i + 1);
+        }
+        medians.push(median_ci95(ratios).0);
+    }
+    let mut sorted = medians.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(PairedLatency {
+        a_ms: median_ci95(ta).0,
+        b_ms: median_ci95(tb).0,
+        ratio: median_of(&sorted),
+        ratio_ci: (sorted[0], sorted[sorted.len() - 1]),
+        ci_level: 1.0 - 0.5f64.powi(replicas as i32 - 1),
+        replica_ratios: medians,
+        pairs: per * replicas,
+    })
+}
+
+/// The median of sorted values (the mean of the middle two for an even count).
+fn median_of(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 { sorted[n / 2] } else { 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]) }
 }
 
 /// The median of `v` and a 95 % confidence interval for it from order statistics: ranks n/2 ∓ 1.96·√n/2 (the normal

@@ -314,6 +314,9 @@ pub struct Job<'a> {
 pub use crate::pipeline::Event;
 
 /// Runs the job: returns the pruned model and its report.
+/// Rounds of the latency measurement, each with freshly built sessions ([`fidelity::replicated_latency_ms`]).
+pub const LATENCY_REPLICAS: usize = 6;
+
 pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, report::PruneReport), CalibError> {
     let t0 = Instant::now();
     let mut warnings = Vec::new();
@@ -434,15 +437,26 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, report::Prune
         on(Event::Step(i + 1));
     }
 
-    // Latency, interleaved so both models see the same machine state.
+    // Latency: interleaved pairs (both models see the same machine state) in replicas that rebuild both sessions,
+    // over a few held-out inputs.
     let latency = if job.latency_runs > 0 {
-        on(Event::Stage("latency", job.latency_runs));
-        let l = fidelity::interleaved_latency_ms(&fp32, &ps, held.input(0), job.latency_runs, |d| on(Event::Step(d)))?;
+        on(Event::Stage("latency", job.latency_runs.div_ceil(LATENCY_REPLICAS) * LATENCY_REPLICAS));
+        let inputs: Vec<_> = (0..held.len().min(8)).map(|k| held.input(k)).collect();
+        let l = fidelity::replicated_latency_ms(
+            || Ok(Session::from_model(model, &job.session)?),
+            || Ok(Session::from_model(&pruned, &job.session)?),
+            &inputs,
+            LATENCY_REPLICAS.min(job.latency_runs),
+            job.latency_runs,
+            |d| on(Event::Step(d)),
+        )?;
         Some(report::PruneLatency {
             fp32_ms: l.a_ms,
             pruned_ms: l.b_ms,
             ratio: l.ratio,
-            ratio_ci95: l.ratio_ci95,
+            ratio_ci: l.ratio_ci,
+            ci_level: l.ci_level,
+            replica_ratios: l.replica_ratios,
             runs: l.pairs,
             threads: job.session.threads,
             backend: ps.backend_description(),

@@ -31,11 +31,14 @@ pub struct CurvePoint {
 pub struct PruneLatency {
     pub fp32_ms: f64,
     pub pruned_ms: f64,
-    /// pruned / fp32: the median of the per-pair ratios of interleaved runs.
+    /// pruned / fp32: the median over replicas (sessions built afresh) of each one's median per-pair ratio.
     pub ratio: f64,
-    /// Its 95 % confidence interval: an upper end below 1 is a measured reduction.
-    pub ratio_ci95: (f64, f64),
-    /// Timed pairs.
+    /// Its confidence interval (lowest and highest replica median) at level `ci_level`: an upper end below 1 is a
+    /// measured reduction.
+    pub ratio_ci: (f64, f64),
+    pub ci_level: f64,
+    pub replica_ratios: Vec<f64>,
+    /// Timed pairs, all replicas.
     pub runs: usize,
     pub threads: usize,
     pub backend: String,
@@ -279,9 +282,17 @@ impl PruneReport {
         if let Some(l) = &self.latency {
             let _ = writeln!(
                 s,
-                "  latency     fp32 {:.2} ms, pruned {:.2} ms: ×{:.3} (95 % CI ×{:.3}–×{:.3}; median ratio of {} interleaved \
-                 pairs, {})",
-                l.fp32_ms, l.pruned_ms, l.ratio, l.ratio_ci95.0, l.ratio_ci95.1, l.runs, l.backend
+                "  latency     fp32 {:.2} ms, pruned {:.2} ms: ×{:.3} ({:.1} % CI ×{:.3}–×{:.3}; median ratio of {} interleaved \
+                 pairs in {} replicas, {})",
+                l.fp32_ms,
+                l.pruned_ms,
+                l.ratio,
+                100.0 * l.ci_level,
+                l.ratio_ci.0,
+                l.ratio_ci.1,
+                l.runs,
+                l.replica_ratios.len(),
+                l.backend
             );
         }
         if let Some(p) = &self.plan {
@@ -379,15 +390,17 @@ impl PruneReport {
         if let Some(l) = &self.latency {
             let _ = write!(
                 h,
-                "<tr><td>CPU latency ms (medians; the ratio is the median of {} interleaved pairs' ratios, with its \
-                 95 % CI; {})</td><td>{:.2}</td><td>{:.2} (×{:.3}, CI ×{:.3}–×{:.3})</td></tr>",
+                "<tr><td>CPU latency ms (medians; the ratio is the median over {} replicas of {} interleaved pairs' \
+                 ratios, with its {:.1} % CI; {})</td><td>{:.2}</td><td>{:.2} (×{:.3}, CI ×{:.3}–×{:.3})</td></tr>",
+                l.replica_ratios.len(),
                 l.runs,
+                100.0 * l.ci_level,
                 esc(&l.backend),
                 l.fp32_ms,
                 l.pruned_ms,
                 l.ratio,
-                l.ratio_ci95.0,
-                l.ratio_ci95.1
+                l.ratio_ci.0,
+                l.ratio_ci.1
             );
         }
         h.push_str("</table>");

@@ -350,3 +350,24 @@ fn structured_pruning_reduces_macs() {
     assert_eq!(kernel_macs(&m, &pos), expected);
     assert!(kernel_macs(&half, &pos) < expected);
 }
+
+#[test]
+fn replicated_latency_builds_sessions_per_replica_and_bounds_the_ratio() {
+    let m = net(&[]);
+    let built = std::cell::Cell::new(0);
+    let make = || {
+        built.set(built.get() + 1);
+        Ok(Session::from_model(&m, &opts())?)
+    };
+    let inputs = vec![vec![("x".to_string(), input())]];
+    let mut steps = 0;
+    let l = crate::fidelity::replicated_latency_ms(make, make, &inputs, 4, 10, |d| steps = d).unwrap();
+    // 4 replicas × ⌈10 / 4⌉ pairs, two fresh sessions per replica.
+    assert_eq!((l.pairs, steps, built.get()), (12, 12, 8));
+    assert_eq!(l.replica_ratios.len(), 4);
+    assert!((l.ci_level - 0.875).abs() < 1e-12);
+    let (lo, hi) = l.ratio_ci;
+    assert!(lo <= l.ratio && l.ratio <= hi && lo > 0.0 && hi.is_finite());
+    assert!(l.replica_ratios.iter().all(|r| (lo..=hi).contains(r)));
+    assert!(crate::fidelity::replicated_latency_ms(make, make, &[], 2, 4, |_| {}).is_err());
+}
