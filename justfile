@@ -24,6 +24,12 @@ bench-serve:
     python3 benches/peers/serve_load.py --md BENCHMARKS.md
     python3 benches/peers/serve_load.py --int8 --binary --md BENCHMARKS.md
 
+# On a GPU host (Vulkan driver): the GPU backend vs the CPU backend and onnxruntime at batch 1/8/32, and
+# `edgepack serve --device gpu` under load (needs wrk, fastapi, uvicorn); tables into BENCHMARKS.md
+bench-gpu-host:
+    cargo build --release --workspace
+    EDGEPACK_BIN=$CARGO_TARGET_DIR/release/edgepack ./benches/gpu_host.sh
+
 # CPU runtime vs onnxruntime on every shared model, table into CONFORMANCE.md
 conformance:
     cargo build --release --workspace

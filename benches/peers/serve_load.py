@@ -2,14 +2,14 @@
 """`edgepack serve` under load against a FastAPI + onnxruntime service on the same model (issue 6), loopback only.
 
 One run, side by side: a model repository with EfficientNet-Lite0 fp32 (the shipped model, packed with its
-pre-processing) twice, `effnet` with dynamic batching (max_batch_size 8, 2 ms) and `effnet_b1` without
-(max_batch_size 1); `edgepack serve --device cpu`; the peer `fastapi_ort.py` under uvicorn (one worker,
+pre-processing) twice, `effnet` with dynamic batching (max_batch_size 8, 2 ms; --max-batch) and `effnet_b1`
+without (max_batch_size 1); `edgepack serve --device cpu` (--device gpu on a GPU host); the peer `fastapi_ort.py` under uvicorn (one worker,
 onnxruntime with one intra-op thread per core). Every target gets the same KServe v2 JSON request (a real photo,
 pre-processed by edgepack) from `wrk` (one thread, N keep-alive connections, --duration seconds after a warm-up),
 interleaved per client count. Any non-2xx answer or socket error fails the run. The table gives throughput and
 p50/p99 latency per client count, and the ratios the issue sets targets for at 32 clients.
 
-Usage: benches/peers/serve_load.py [--clients 1,8,32,64] [--duration 10] [--md BENCHMARKS.md]
+Usage: benches/peers/serve_load.py [--clients 1,8,32,64] [--duration 10] [--device cpu|gpu] [--md BENCHMARKS.md]
 """
 import argparse
 import json
@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import mdtable  # noqa: E402
 
 BEGIN, END = "<!-- serve-load:begin -->", "<!-- serve-load:end -->"
+WRK = os.environ.get("WRK", "wrk")
 MODEL = os.path.join(ROOT, "assets", "models", "efficientnet_lite0_fp32.onnx")
 PHOTO = os.path.join(ROOT, "assets", "photos", "skimage_chelsea.png")
 LUA = """wrk.method = "POST"
@@ -69,9 +70,9 @@ def ms(s):
     return float(v) * {"us": 1e-3, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(url, clients, seconds, body, lua):
+def wrk(url, clients, seconds, body, lua, threads=1):
     body_file, header_len = body
-    r = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "60s", "--latency", "-s", lua, url],
+    r = subprocess.run([WRK, f"-t{min(threads, clients)}", f"-c{clients}", f"-d{seconds}s", "--timeout", "60s", "--latency", "-s", lua, url],
                        capture_output=True, text=True,
                        env={**os.environ, "BODY_FILE": body_file, "HEADER_LEN": str(header_len or "")})
     out = r.stdout
@@ -92,14 +93,17 @@ def main():
     ap.add_argument("--engine-threads", type=int, default=0,
                     help="engine threads per run (config.json threads; 0 = one per core)")
     ap.add_argument("--delay-ms", type=float, default=2.0, help="max_queue_delay_ms of the batching model")
+    ap.add_argument("--max-batch", type=int, default=8, help="max_batch_size of the batching model")
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="edgepack's backend (serve and bench)")
+    ap.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (at most one per connection)")
     ap.add_argument("--int8", action="store_true", help="serve the INT8 QDQ model (edgepack quantize) on both services")
     ap.add_argument("--binary", action="store_true", help="also load edgepack with binary tensor requests")
     ap.add_argument("--md")
     a = ap.parse_args()
     global BEGIN, END
-    if a.int8:
-        BEGIN, END = "<!-- serve-load-int8:begin -->", "<!-- serve-load-int8:end -->"
-    if not shutil.which("wrk"):
+    tag = ("-int8" if a.int8 else "") + ("-gpu" if a.device == "gpu" else "")
+    BEGIN, END = f"<!-- serve-load{tag}:begin -->", f"<!-- serve-load{tag}:end -->"
+    if not shutil.which(WRK):
         raise SystemExit("wrk is required (apt-get install wrk)")
     clients = [int(c) for c in a.clients.split(",")]
     work = tempfile.mkdtemp(prefix="edgepack-load-")
@@ -115,7 +119,7 @@ def main():
         bundle = os.path.join(work, "effnet.edgepack")
         subprocess.run([edgepack_bin(), "pack", model, "--preset", "tf", "-o", bundle], check=True, capture_output=True)
         repo = os.path.join(work, "repo")
-        for name, batch in (("effnet", 8), ("effnet_b1", 1)):
+        for name, batch in (("effnet", a.max_batch), ("effnet_b1", 1)):
             os.makedirs(os.path.join(repo, name, "1"))
             shutil.copy(bundle, os.path.join(repo, name, "1", "model.edgepack"))
             json.dump({"max_batch_size": batch, "max_queue_delay_ms": a.delay_ms, "queue_capacity": 1024,
@@ -138,7 +142,7 @@ def main():
         lua = os.path.join(work, "post.lua")
         open(lua, "w").write(LUA)
         ep = subprocess.Popen([edgepack_bin(), "serve", "--repo", repo, "--addr", "127.0.0.1:8790", "--poll", "0",
-                               "--device", "cpu"], stderr=subprocess.DEVNULL)
+                               "--device", a.device], stderr=subprocess.DEVNULL)
         procs.append(ep)
         peer = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", os.path.dirname(__file__),
                                  "fastapi_ort:app", "--port", "8791", "--log-level", "warning"],
@@ -161,17 +165,18 @@ def main():
             outs.append(np.array(json.loads(urllib.request.urlopen(req).read())["outputs"][0]["data"]))
         assert np.argmax(outs[0]) == np.argmax(outs[1]), "the services disagree on top-1"
         for url, kind in targets.values():
-            wrk(url, 8, 3, bodies[kind], lua)  # warm-up
-        # The engine alone, batch 1 and batch 8 (same batch-freed model the server runs): what batching can gain.
+            wrk(url, 8, 3, bodies[kind], lua, a.wrk_threads)  # warm-up
+        # The engine alone, batch 1 and the largest batch (same batch-freed model the server runs): what batching
+        # can gain.
         engine = {}
-        for b in (1, 8):
-            r = subprocess.run([edgepack_bin(), "bench", model, "--free-batch", "--batch", str(b), "--device", "cpu",
+        for b in (1, a.max_batch):
+            r = subprocess.run([edgepack_bin(), "bench", model, "--free-batch", "--batch", str(b), "--device", a.device,
                                 "--runs", "20", "--json"], check=True, capture_output=True, text=True)
             engine[b] = json.loads(r.stdout)["p50_ms"]
         rows = []
         for c in clients:
             for name, (url, kind) in targets.items():
-                r = wrk(url, c, a.duration, bodies[kind], lua)
+                r = wrk(url, c, a.duration, bodies[kind], lua, a.wrk_threads)
                 rows.append({"target": name, "clients": c, **r})
                 print(json.dumps(rows[-1]), flush=True)
     finally:
@@ -190,8 +195,9 @@ def main():
                   f"- throughput, edgepack / FastAPI: **{on['rps'] / peer['rps']:.2f}×**",
                   f"- p99, edgepack / FastAPI: **{on['p99_ms'] / peer['p99_ms']:.2f}×**",
                   f"- throughput, batching on / off: **{on['rps'] / off['rps']:.2f}×**",
-                  f"- the engine alone (`edgepack bench --free-batch --device cpu`): {1000 / engine[1]:.0f} samples/s at "
-                  f"batch 1, {8000 / engine[8]:.0f} samples/s at batch 8 (**{engine[1] * 8 / engine[8]:.2f}×**)"]
+                  f"- the engine alone (`edgepack bench --free-batch --device {a.device}`): {1000 / engine[1]:.0f} "
+                  f"samples/s at batch 1, {a.max_batch * 1000 / engine[a.max_batch]:.0f} samples/s at batch "
+                  f"{a.max_batch} (**{engine[1] * a.max_batch / engine[a.max_batch]:.2f}×**)"]
         if a.binary:
             bon, boff = get("edgepack serve, batching on, binary tensors", 32), get("edgepack serve, batching off, binary tensors", 32)
             lines.append(f"- with binary tensors (no JSON parsing), batching on / off: **{bon['rps'] / boff['rps']:.2f}×**")
@@ -200,12 +206,20 @@ def main():
     if a.md:
         cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | sed 's/.*: *//'"], capture_output=True,
                              text=True).stdout.strip()
+        adapter = ""
+        if a.device == "gpu":
+            gpu = json.loads(subprocess.run([edgepack_bin(), "devices", "--json"], capture_output=True,
+                                            text=True).stdout)["gpu"]
+            adapter = f" ({gpu.get('name', '?')} / {gpu.get('api', '?')}, driver {gpu.get('driver', '?')})"
         flags = (" --int8" if a.int8 else "") + (" --binary" if a.binary else "")
+        for opt, default in (("device", "cpu"), ("max_batch", 8), ("wrk_threads", 1), ("duration", 10)):
+            if getattr(a, opt) != default:
+                flags += f" --{opt.replace('_', '-')} {getattr(a, opt)}"
         meta = (f"`python3 benches/peers/serve_load.py{flags} --md {a.md}` on {os.cpu_count()} cores ({cpu}); EfficientNet-"
                 f"Lite0 {'INT8 (QDQ from edgepack quantize)' if a.int8 else 'fp32'}, one 224×224 photo per request as KServe v2 JSON (~{body_kib} KiB), "
-                f"wrk with one thread and N connections for {a.duration} s per cell, services and load generator "
-                f"on the same machine. edgepack: `--device cpu`, {a.instances} instance(s) per model, engine threads "
-                f"{a.engine_threads or 'one per core'}; the peer: one uvicorn worker, onnxruntime with one intra-op "
+                f"wrk with {a.wrk_threads} thread(s) and N connections for {a.duration} s per cell, services and load "
+                f"generator on the same machine. edgepack: `--device {a.device}`{adapter}, max batch {a.max_batch}, "
+                f"{a.instances} instance(s) per model, engine threads {a.engine_threads or 'one per core'}; the peer: one uvicorn worker, onnxruntime with one intra-op "
                 "thread per core, runs off the event loop.")
         mdtable.replace_between(a.md, BEGIN, END, f"{meta}\n\n{table}")
 

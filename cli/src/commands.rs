@@ -735,7 +735,14 @@ pub fn keygen(out: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn rewrite(input: &Path, output: &Path, topo_sort: bool, remove_unused: bool, opset: Option<i64>) -> Result<()> {
+pub fn rewrite(
+    input: &Path,
+    output: &Path,
+    topo_sort: bool,
+    remove_unused: bool,
+    opset: Option<i64>,
+    free_batch: bool,
+) -> Result<()> {
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
     let mut model =
         edgepack_runtime::onnx::Model::from_bytes(&bytes).with_context(|| format!("{}", input.display()))?;
@@ -747,6 +754,9 @@ pub fn rewrite(input: &Path, output: &Path, topo_sort: bool, remove_unused: bool
     }
     if topo_sort {
         model.graph.topo_sort()?;
+    }
+    if free_batch && model.graph.free_batch_dim() == 0 {
+        anyhow::bail!(BadInput(format!("{}: no input has a leading dim fixed at 1 to free", input.display())));
     }
     let removed = if remove_unused { model.graph.remove_unused_initializers() } else { 0 };
     let out = model.to_bytes();
@@ -1077,6 +1087,9 @@ pub struct ServeArgs {
     /// Logs as JSON lines
     #[arg(long)]
     pub log_json: bool,
+    /// Threads parsing and answering HTTP requests (0 = one per core); inference runs on each model's workers
+    #[arg(long, default_value_t = 0)]
+    pub http_threads: usize,
     #[command(flatten)]
     pub load: crate::LoadArgs,
 }
@@ -1095,6 +1108,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_body_bytes: a.max_body_mib.saturating_mul(1 << 20),
         request_timeout: std::time::Duration::from_millis(a.timeout_ms.max(1)),
         log_json: a.log_json,
+        http_threads: a.http_threads,
     };
     edgepack_server::serve(opts)?;
     Ok(())

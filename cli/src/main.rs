@@ -113,6 +113,10 @@ enum Command {
         /// Upgrade the default-domain opset to this version (e.g. 13)
         #[arg(long)]
         opset: Option<i64>,
+        /// Free a leading dim fixed at 1 (inputs, outputs, constant Reshape targets) so that other runtimes take
+        /// batches of the model as `serve` and `bench --free-batch` do
+        #[arg(long)]
+        free_batch: bool,
     },
 }
 
@@ -138,8 +142,8 @@ fn main() -> ExitCode {
         Command::Serve(a) => commands::serve(a),
         Command::Batch(a) => commands::batch(a),
         Command::Devices { json } => commands::devices(json),
-        Command::Rewrite { input, output, topo_sort, remove_unused_initializers, opset } => {
-            commands::rewrite(&input, &output, topo_sort, remove_unused_initializers, opset)
+        Command::Rewrite { input, output, topo_sort, remove_unused_initializers, opset, free_batch } => {
+            commands::rewrite(&input, &output, topo_sort, remove_unused_initializers, opset, free_batch)
         }
     };
     match result {

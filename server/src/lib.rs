@@ -4,8 +4,9 @@
 //! version routing (pinned, canary, A/B with a sticky key, shadow), a polled model repository, Prometheus
 //! metrics and a graceful shutdown that finishes every accepted request.
 //!
-//! Threads: HTTP on a small tokio runtime; each model version has one worker thread that owns the engine calls
-//! (the runtime's kernels use every core per call), fed by a bounded queue.
+//! Threads: HTTP on a tokio runtime (one thread per core by default: parsing a JSON image tensor takes
+//! milliseconds); each model version has its worker threads that own the engine calls (the runtime's kernels use
+//! every core per call), fed by a bounded queue.
 pub mod batch;
 mod engine;
 mod error;
@@ -51,6 +52,9 @@ pub struct ServeOptions {
     pub request_timeout: Duration,
     /// JSON logs (one object per line) instead of text.
     pub log_json: bool,
+    /// Threads of the HTTP runtime, which parse and encode request bodies (0: one per core). Engine calls run on
+    /// the model versions' own worker threads, not here.
+    pub http_threads: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,8 +145,12 @@ type St = State<Arc<AppState>>;
 /// Runs the server until SIGTERM/SIGINT, then finishes every accepted request and returns.
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     init_logs(opts.log_json);
+    let threads = match opts.http_threads {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()).max(2),
+        n => n,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(threads)
         .enable_all()
         .thread_name("edgepack-http")
         .build()?;

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU-host measurements of BENCHMARKS.md in one go (an NVIDIA/AMD host with a Vulkan driver): the adapter, a
+# smoke run on the GPU backend, the engine table (benches/peers/gpu_host.py) and `edgepack serve --device gpu`
+# under load against FastAPI + onnxruntime (benches/peers/serve_load.py). Tables go into BENCHMARKS.md; logs into
+# the folder given (default: a temp folder).
+#
+#   EDGEPACK_BIN=target/release/edgepack [WRK=wrk] benches/gpu_host.sh [LOG_DIR]
+#
+# Needs: the edgepack binary (gpu feature, the default), wrk, python3 with numpy, onnx, onnxruntime, fastapi and
+# uvicorn. DURATION (s per load cell, default 5), RUNS (timed runs per engine cell, default 30), MAX_BATCH
+# (default 32) and WRK_THREADS (default 4) tune it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG=${1:-$(mktemp -d)}
+mkdir -p "$LOG"
+BIN=${EDGEPACK_BIN:?set EDGEPACK_BIN to the edgepack binary}
+DURATION=${DURATION:-5}
+RUNS=${RUNS:-30}
+MAX_BATCH=${MAX_BATCH:-32}
+WRK_THREADS=${WRK_THREADS:-4}
+step() { printf '\n==> %s\n' "$*"; }
+
+step "host"
+nvidia-smi -L 2>&1 | tee "$LOG/host.txt" || true
+nproc | tee -a "$LOG/host.txt"
+step "edgepack devices"
+timeout 120 "$BIN" devices --json 2>&1 | tee "$LOG/devices.json"
+if ! grep -q '"api"' "$LOG/devices.json"; then
+  echo "FATAL: no GPU adapter (see $LOG/devices.json)" >&2
+  exit 1
+fi
+step "smoke: the shipped model on the GPU backend"
+timeout 180 "$BIN" run assets/models/efficientnet_lite0_fp32.onnx assets/photos/skimage_chelsea.png --preset tf \
+  --device gpu --json > "$LOG/smoke.json" 2> "$LOG/smoke.err" || { cat "$LOG/smoke.err" >&2; exit 1; }
+head -c 600 "$LOG/smoke.json"; echo
+step "engine: GPU vs CPU backends vs onnxruntime"
+timeout 240 python3 benches/peers/gpu_host.py --runs "$RUNS" --f16 --md BENCHMARKS.md 2>&1 | tee "$LOG/engine.log"
+engine=$?
+step "serve: edgepack serve --device gpu vs FastAPI + onnxruntime"
+timeout 330 python3 benches/peers/serve_load.py --device gpu --binary --max-batch "$MAX_BATCH" \
+  --wrk-threads "$WRK_THREADS" --duration "$DURATION" --md BENCHMARKS.md 2>&1 | tee "$LOG/serve.log"
+serve=$?
+cp BENCHMARKS.md "$LOG/BENCHMARKS.md"
+echo "engine exit $engine, serve exit $serve; logs in $LOG"
+[ "$engine" = 0 ] && [ "$serve" = 0 ]

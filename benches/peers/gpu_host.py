@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""The engine on a GPU host: `edgepack bench` on the GPU backend beside the CPU backend and onnxruntime's CPU
+execution provider, at batch 1, 8 and 32, on EfficientNet-Lite0 fp32 (the shipped model) and INT8 (QDQ from
+`edgepack quantize`, calibrated on the shipped photos). One run, side by side; the GPU rows name the adapter.
+
+Every edgepack row is `edgepack bench MODEL --free-batch --batch B --device D --runs R --json` (the batch-freed
+model `edgepack serve` runs); onnxruntime reads the same batch-freed graph (`edgepack rewrite --free-batch`) at the
+same batch, with a random input and the same numbers of warm-up and timed runs. `--f16` adds the GPU backend at
+`EDGEPACK_GPU_PRECISION=f16`.
+
+Usage: benches/peers/gpu_host.py [--batches 1,8,32] [--runs 50] [--md BENCHMARKS.md]
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import mdtable  # noqa: E402
+
+BEGIN, END = "<!-- gpu-host:begin -->", "<!-- gpu-host:end -->"
+MODEL = os.path.join(ROOT, "assets", "models", "efficientnet_lite0_fp32.onnx")
+PHOTOS = os.path.join(ROOT, "assets", "photos")
+
+
+def edgepack_bin():
+    tgt = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
+    return os.environ.get("EDGEPACK_BIN") or os.path.join(tgt, "release", "edgepack")
+
+
+def ep_bench(model, device, batch, runs, warmup, env=None):
+    r = subprocess.run([edgepack_bin(), "bench", model, "--free-batch", "--batch", str(batch), "--device", device,
+                        "--runs", str(runs), "--warmup", str(warmup), "--json"], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        raise SystemExit(f"edgepack bench {model} --device {device} --batch {batch} failed:\n{r.stderr}")
+    return json.loads(r.stdout)
+
+
+def free_batch_copy(model, out):
+    """The model as `--free-batch` runs it (`edgepack rewrite --free-batch`), for onnxruntime at any batch."""
+    subprocess.run([edgepack_bin(), "rewrite", model, out, "--free-batch"], check=True, capture_output=True)
+    return out
+
+
+def ort_bench(model, batch, runs, warmup):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = os.cpu_count() or 1
+    so.log_severity_level = 3
+    s = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    i = s.get_inputs()[0]
+    shape = [batch] + [d for d in i.shape[1:]]
+    x = np.random.default_rng(1).uniform(-1, 1, shape).astype(np.float32)
+    for _ in range(warmup + 1):
+        s.run(None, {i.name: x})
+    ts = []
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        t = time.perf_counter()
+        s.run(None, {i.name: x})
+        ts.append((time.perf_counter() - t) * 1e3)
+    wall = time.perf_counter() - t0
+    return {"p50_ms": statistics.median(ts), "throughput_per_s": batch * runs / wall, "load_ms": None,
+            "first_run_ms": None, "backend": f"onnxruntime {ort.__version__} CPU EP, {so.intra_op_num_threads} threads"}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--f16", action="store_true", help="also the GPU backend at f16 (adapters with shader-f16)")
+    ap.add_argument("--no-ort", action="store_true", help="leave onnxruntime out")
+    ap.add_argument("--md", help="BENCHMARKS.md to update")
+    a = ap.parse_args()
+    dev = json.loads(subprocess.run([edgepack_bin(), "devices", "--json"], capture_output=True, text=True,
+                                    check=True).stdout)
+    gpu = dev["gpu"]
+    if "unavailable" in gpu:
+        raise SystemExit(f"no GPU adapter: {gpu['unavailable']}")
+    print(f"adapter: {gpu}", flush=True)
+    batches = [int(b) for b in a.batches.split(",")]
+    work = tempfile.mkdtemp(prefix="edgepack-gpu-host-")
+    int8 = os.path.join(work, "effnet_int8.onnx")
+    subprocess.run([edgepack_bin(), "quantize", MODEL, "--calib", PHOTOS, "--preset", "tf", "--holdout", "0",
+                    "--latency-runs", "0", "-o", int8], check=True, capture_output=True)
+    rows = []
+    for label, model in (("fp32", MODEL), ("INT8", int8)):
+        ort_model = None if a.no_ort else free_batch_copy(model, os.path.join(work, f"ort_{label}.onnx"))
+        for b in batches:
+            cells = [("edgepack cpu", lambda: ep_bench(model, "cpu", b, a.runs, a.warmup)),
+                     ("edgepack gpu", lambda: ep_bench(model, "gpu", b, a.runs, a.warmup))]
+            if a.f16 and gpu.get("shader_f16"):
+                cells.append(("edgepack gpu f16", lambda: ep_bench(model, "gpu", b, a.runs, a.warmup,
+                                                                   {"EDGEPACK_GPU_PRECISION": "f16"})))
+            if ort_model:
+                cells.append(("onnxruntime cpu", lambda: ort_bench(ort_model, b, a.runs, a.warmup)))
+            for name, fn in cells:
+                r = fn()
+                rows.append({"model": label, "target": name, "batch": b, "p50_ms": r["p50_ms"],
+                             "throughput_per_s": r["throughput_per_s"], "load_ms": r.get("load_ms"),
+                             "first_run_ms": r.get("first_run_ms"), "backend": r.get("backend")})
+                print(json.dumps(rows[-1]), flush=True)
+    cpu_tp = {(r["model"], r["batch"]): r["throughput_per_s"] for r in rows if r["target"] == "edgepack cpu"}
+    gpu_b1 = {r["model"]: r["throughput_per_s"] for r in rows if r["target"] == "edgepack gpu" and r["batch"] == 1}
+    opt = lambda v: "—" if v is None else f"{v:.0f}"  # noqa: E731
+    lines = ["| model | target | batch | p50 ms | samples/s | ÷ edgepack cpu | ÷ own batch 1 | load ms | first run ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    b1 = {(r["model"], r["target"]): r["throughput_per_s"] for r in rows if r["batch"] == 1}
+    for r in rows:
+        tp = r["throughput_per_s"]
+        lines.append(f"| {r['model']} | {r['target']} | {r['batch']} | {r['p50_ms']:.2f} | {tp:.0f} | "
+                     f"{tp / cpu_tp[(r['model'], r['batch'])]:.2f}× | {tp / b1[(r['model'], r['target'])]:.2f}× | "
+                     f"{opt(r['load_ms'])} | {opt(r['first_run_ms'])} |")
+    summary = [f"- {m}: GPU backend at batch {max(batches)} / batch 1: "
+               f"**{next(r['throughput_per_s'] for r in rows if r['model'] == m and r['target'] == 'edgepack gpu' and r['batch'] == max(batches)) / gpu_b1[m]:.2f}×** samples/s"
+               for m in gpu_b1]
+    table = "\n".join(lines + [""] + summary)
+    print(table)
+    if a.md:
+        cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | sed 's/.*: *//'"], capture_output=True,
+                             text=True).stdout.strip()
+        flags = "".join(f" --{k} {v}" for k, v in (("batches", a.batches), ("runs", a.runs)))
+        meta = (f"`python3 benches/peers/gpu_host.py{flags}{' --f16' if a.f16 else ''} --md {a.md}` on "
+                f"{gpu['name']} / {gpu['api']} ({gpu['device_type']}, driver {gpu['driver']}) with {os.cpu_count()} "
+                f"CPU cores ({cpu}); EfficientNet-Lite0, random input; `edgepack bench --free-batch` medians of "
+                f"{a.runs} runs after {a.warmup} warm-ups, samples/s over the timed runs (inputs uploaded and outputs "
+                "read back every run); onnxruntime's CPU execution provider with one intra-op thread per core on "
+                "the same file with a free batch dim. Load and first run include every shader compiled for that "
+                "input shape.")
+        mdtable.replace_between(a.md, BEGIN, END, f"{meta}\n\n{table}")
+
+
+if __name__ == "__main__":
+    main()
