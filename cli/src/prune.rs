@@ -72,9 +72,13 @@ pub struct PruneArgs {
     /// No bias correction
     #[arg(long)]
     no_repair: bool,
-    /// Timed pairs (interleaved fp32/pruned, in 6 replicas of freshly built sessions) for the CPU latency (0 = skip)
-    #[arg(long, default_value_t = 20)]
+    /// Timed pairs (interleaved fp32/pruned, spread over --latency-replicas rounds of freshly built sessions) for
+    /// the CPU latency (0 = skip)
+    #[arg(long, default_value_t = 32)]
     latency_runs: usize,
+    /// Rounds of freshly built sessions for the latency: the confidence interval comes from their medians
+    #[arg(long, default_value_t = prune::LATENCY_REPLICAS)]
+    latency_replicas: usize,
     /// Output ONNX file
     #[arg(short, long)]
     out: PathBuf,
@@ -135,6 +139,7 @@ pub fn prune(a: PruneArgs) -> Result<()> {
         sensitivity_samples: a.sensitivity_samples,
         curve: a.curve.clone(),
         latency_runs: a.latency_runs,
+        latency_replicas: a.latency_replicas,
         session: opts,
         held_out_max_bytes: 1 << 30,
     };

@@ -236,8 +236,9 @@ pub struct PairedLatency {
     pub b_ms: f64,
     /// b/a: the median of the replicas' medians of their per-pair ratios.
     pub ratio: f64,
-    /// The lowest and highest replica median: a distribution-free confidence interval for the median ratio at
-    /// level `ci_level` (1 − 2^(1 − replicas)).
+    /// A distribution-free confidence interval for the median ratio at level `ci_level`: the replica medians of
+    /// ranks k and n + 1 − k, k the largest rank whose interval still covers at least 95 % (the lowest and highest
+    /// replica for up to 8 replicas, coverage 1 − 2^(1 − replicas)).
     pub ratio_ci: (f64, f64),
     pub ci_level: f64,
     /// Each replica's median ratio.
@@ -250,8 +251,9 @@ pub struct PairedLatency {
 /// sessions afresh, in alternating order, so where each lands in memory (cache-set conflicts, heap state) varies
 /// between rounds: a difference of a few per cent between two sessions of the *same* model is common within one
 /// process, and a single round would report it as a measured change. The rounds' median ratios then give the
-/// interval: the smallest and largest replica median bound the median ratio with confidence 1 − 2^(1 − replicas)
-/// (6 replicas: 96.9 %). Pairs cycle over `inputs`; both runs of a pair read the same one.
+/// interval from their order statistics ([`order_statistic_ci`]: 6 replicas, the smallest and largest at
+/// 96.9 %; 16 replicas, the 4th and 13th at 97.9 %). Pairs cycle over `inputs`; both runs of a pair read the
+/// same one.
 pub fn replicated_latency_ms(
     make_a: impl Fn() -> Result<Session, CalibError>,
     make_b: impl Fn() -> Result<Session, CalibError>,
@@ -297,15 +299,38 @@ pub fn replicated_latency_ms(
     }
     let mut sorted = medians.clone();
     sorted.sort_by(f64::total_cmp);
+    let (k, ci_level) = order_statistic_ci(sorted.len(), 0.95);
     Ok(PairedLatency {
         a_ms: median_ci95(ta).0,
         b_ms: median_ci95(tb).0,
         ratio: median_of(&sorted),
-        ratio_ci: (sorted[0], sorted[sorted.len() - 1]),
-        ci_level: 1.0 - 0.5f64.powi(replicas as i32 - 1),
+        ratio_ci: (sorted[k], sorted[sorted.len() - 1 - k]),
+        ci_level,
         replica_ratios: medians,
         pairs: per * replicas,
     })
+}
+
+/// The distribution-free confidence interval for the median of `n` independent values: the sorted values of
+/// (0-based) ranks `k` and `n − 1 − k`, for the largest `k` whose coverage 1 − 2·P(Binomial(n, ½) ≤ k) is still at
+/// least `level` (`k` = 0, the extremes, when no inner pair reaches it). Returns `k` and the exact coverage.
+pub fn order_statistic_ci(n: usize, level: f64) -> (usize, f64) {
+    let coverage = |k: usize| {
+        // P(Binomial(n, 1/2) <= k), in floating point (n is a replica count: small).
+        let (mut c, mut tail) = (1.0f64, 0.0f64);
+        for i in 0..=k {
+            if i > 0 {
+                c *= (n - i + 1) as f64 / i as f64;
+            }
+            tail += c;
+        }
+        1.0 - 2.0 * tail * 0.5f64.powi(n as i32)
+    };
+    let mut k = 0;
+    while n > 2 * (k + 1) && coverage(k + 1) >= level {
+        k += 1;
+    }
+    (k, coverage(k).max(0.0))
 }
 
 /// The median of sorted values (the mean of the middle two for an even count).

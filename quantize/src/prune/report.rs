@@ -33,8 +33,8 @@ pub struct PruneLatency {
     pub pruned_ms: f64,
     /// pruned / fp32: the median over replicas (sessions built afresh) of each one's median per-pair ratio.
     pub ratio: f64,
-    /// Its confidence interval (lowest and highest replica median) at level `ci_level`: an upper end below 1 is a
-    /// measured reduction.
+    /// Its confidence interval (replica medians of symmetric ranks, `fidelity::order_statistic_ci`) at level
+    /// `ci_level`: an upper end below 1 is a measured reduction.
     pub ratio_ci: (f64, f64),
     pub ci_level: f64,
     pub replica_ratios: Vec<f64>,

@@ -371,3 +371,24 @@ fn replicated_latency_builds_sessions_per_replica_and_bounds_the_ratio() {
     assert!(l.replica_ratios.iter().all(|r| (lo..=hi).contains(r)));
     assert!(crate::fidelity::replicated_latency_ms(make, make, &[], 2, 4, |_| {}).is_err());
 }
+
+#[test]
+fn order_statistic_interval_is_the_exact_binomial_one() {
+    use crate::fidelity::order_statistic_ci;
+    // Up to 8 replicas no inner pair of ranks reaches 95 %: the extremes, at 1 - 2^(1-n).
+    for n in 2..=8 {
+        let (k, level) = order_statistic_ci(n, 0.95);
+        assert_eq!(k, 0, "n = {n}");
+        assert!((level - (1.0 - 0.5f64.powi(n as i32 - 1))).abs() < 1e-12);
+    }
+    // 16: P(Bin(16, 1/2) <= 3) = 697 / 65536, so ranks 4 and 13 (1-based) cover 1 - 2 * 697 / 65536; the next
+    // pair inward would cover 1 - 2 * 2517 / 65536 = 92.3 % < 95 %.
+    let (k, level) = order_statistic_ci(16, 0.95);
+    assert_eq!(k, 3);
+    assert!((level - (1.0 - 2.0 * 697.0 / 65536.0)).abs() < 1e-12);
+    // 20: ranks 6 and 15 (P(Bin(20, 1/2) <= 5) = 21700 / 2^20).
+    let (k, level) = order_statistic_ci(20, 0.95);
+    assert_eq!(k, 5);
+    assert!((level - (1.0 - 2.0 * 21700.0 / 1048576.0)).abs() < 1e-12);
+    assert_eq!(order_statistic_ci(1, 0.95).0, 0);
+}
