@@ -74,7 +74,7 @@ pub struct PruneArgs {
     no_repair: bool,
     /// Timed pairs (interleaved fp32/pruned, spread over --latency-replicas rounds of freshly built sessions) for
     /// the CPU latency (0 = skip)
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 64)]
     latency_runs: usize,
     /// Rounds of freshly built sessions for the latency: the confidence interval comes from their medians
     #[arg(long, default_value_t = prune::LATENCY_REPLICAS)]

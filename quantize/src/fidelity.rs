@@ -252,7 +252,7 @@ pub struct PairedLatency {
 /// between rounds: a difference of a few per cent between two sessions of the *same* model is common within one
 /// process, and a single round would report it as a measured change. The rounds' median ratios then give the
 /// interval from their order statistics ([`order_statistic_ci`]: 6 replicas, the smallest and largest at
-/// 96.9 %; 16 replicas, the 4th and 13th at 97.9 %). Pairs cycle over `inputs`; both runs of a pair read the
+/// 96.9 %; 32 replicas, the 10th and 23rd at 98.0 %). Pairs cycle over `inputs`; both runs of a pair read the
 /// same one.
 pub fn replicated_latency_ms(
     make_a: impl Fn() -> Result<Session, CalibError>,

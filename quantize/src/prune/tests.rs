@@ -390,5 +390,9 @@ fn order_statistic_interval_is_the_exact_binomial_one() {
     let (k, level) = order_statistic_ci(20, 0.95);
     assert_eq!(k, 5);
     assert!((level - (1.0 - 2.0 * 21700.0 / 1048576.0)).abs() < 1e-12);
+    // 32 (the default): ranks 10 and 23.
+    let (k, level) = order_statistic_ci(32, 0.95);
+    assert_eq!(k, 9);
+    assert!((level - (1.0 - 2.0 * 43081973.0 / 4294967296.0)).abs() < 1e-12);
     assert_eq!(order_statistic_ci(1, 0.95).0, 0);
 }
