@@ -243,10 +243,6 @@ def main():
     cache = os.path.join(args.work, "results.json")
     os.makedirs(args.work, exist_ok=True)
     results = json.load(open(cache)) if os.path.exists(cache) else {}
-    for k, r in results.items():  # results from before the xz column: measure it on the file they left
-        q = os.path.join(args.work, k, "unstructured_int8.onnx")
-        if "unstructured_int8_xz" not in r["sizes"] and os.path.exists(q):
-            r["sizes"]["unstructured_int8_xz"] = xz_size(q)
     if not args.cached_only:
         for k in args.models.split(","):
             if args.only and k not in results:
@@ -254,6 +250,10 @@ def main():
             results[k] = rerun_structured(k, args, results[k]) if args.only else run_model(k, args)
             json.dump(results, open(cache + ".tmp", "w"), indent=1)
             os.replace(cache + ".tmp", cache)
+    for k, r in results.items():  # results from before the xz row: measure it on the file they left
+        q = os.path.join(args.work, k, "unstructured_int8.onnx")
+        if "unstructured_int8_xz" not in r["sizes"] and os.path.exists(q):
+            r["sizes"]["unstructured_int8_xz"] = xz_size(q)
     mdtable.replace_between(args.md, BEGIN, END, md({k: results[k] for k in MODELS if k in results}))
     print(f"wrote {args.md}")
 

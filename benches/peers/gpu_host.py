@@ -13,26 +13,18 @@ Usage: benches/peers/gpu_host.py [--batches 1,8,32] [--runs 50] [--md BENCHMARKS
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-
-import numpy as np
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import mdtable  # noqa: E402
+from bench_vs_ort import edgepack_bin, ort_bench  # noqa: E402
 
 BEGIN, END = "<!-- gpu-host:begin -->", "<!-- gpu-host:end -->"
 MODEL = os.path.join(ROOT, "assets", "models", "efficientnet_lite0_fp32.onnx")
 PHOTOS = os.path.join(ROOT, "assets", "photos")
-
-
-def edgepack_bin():
-    tgt = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
-    return os.environ.get("EDGEPACK_BIN") or os.path.join(tgt, "release", "edgepack")
 
 
 def ep_bench(model, device, batch, runs, warmup, env=None):
@@ -50,27 +42,13 @@ def free_batch_copy(model, out):
     return out
 
 
-def ort_bench(model, batch, runs, warmup):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = os.cpu_count() or 1
-    so.log_severity_level = 3
-    s = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-    i = s.get_inputs()[0]
-    shape = [batch] + [d for d in i.shape[1:]]
-    x = np.random.default_rng(1).uniform(-1, 1, shape).astype(np.float32)
-    for _ in range(warmup + 1):
-        s.run(None, {i.name: x})
-    ts = []
-    t0 = time.perf_counter()
-    for _ in range(runs):
-        t = time.perf_counter()
-        s.run(None, {i.name: x})
-        ts.append((time.perf_counter() - t) * 1e3)
-    wall = time.perf_counter() - t0
-    return {"p50_ms": statistics.median(ts), "throughput_per_s": batch * runs / wall, "load_ms": None,
-            "first_run_ms": None, "backend": f"onnxruntime {ort.__version__} CPU EP, {so.intra_op_num_threads} threads"}
+def adapter():
+    """The GPU adapter `edgepack devices --json` reports (name, api, device_type, driver, shader_f16)."""
+    out = subprocess.run([edgepack_bin(), "devices", "--json"], capture_output=True, text=True, check=True).stdout
+    gpu = json.loads(out)["gpu"]
+    if "unavailable" in gpu:
+        raise SystemExit(f"no GPU adapter: {gpu['unavailable']}")
+    return gpu
 
 
 def main():
@@ -82,11 +60,7 @@ def main():
     ap.add_argument("--no-ort", action="store_true", help="leave onnxruntime out")
     ap.add_argument("--md", help="BENCHMARKS.md to update")
     a = ap.parse_args()
-    dev = json.loads(subprocess.run([edgepack_bin(), "devices", "--json"], capture_output=True, text=True,
-                                    check=True).stdout)
-    gpu = dev["gpu"]
-    if "unavailable" in gpu:
-        raise SystemExit(f"no GPU adapter: {gpu['unavailable']}")
+    gpu = adapter()
     print(f"adapter: {gpu}", flush=True)
     batches = [int(b) for b in a.batches.split(",")]
     work = tempfile.mkdtemp(prefix="edgepack-gpu-host-")
@@ -103,27 +77,27 @@ def main():
                 cells.append(("edgepack gpu f16", lambda: ep_bench(model, "gpu", b, a.runs, a.warmup,
                                                                    {"EDGEPACK_GPU_PRECISION": "f16"})))
             if ort_model:
-                cells.append(("onnxruntime cpu", lambda: ort_bench(ort_model, b, a.runs, a.warmup)))
+                cells.append(("onnxruntime cpu",
+                              lambda: ort_bench(ort_model, os.cpu_count() or 1, a.runs, a.warmup, b)))
             for name, fn in cells:
                 r = fn()
                 rows.append({"model": label, "target": name, "batch": b, "p50_ms": r["p50_ms"],
                              "throughput_per_s": r["throughput_per_s"], "load_ms": r.get("load_ms"),
                              "first_run_ms": r.get("first_run_ms"), "backend": r.get("backend")})
                 print(json.dumps(rows[-1]), flush=True)
-    cpu_tp = {(r["model"], r["batch"]): r["throughput_per_s"] for r in rows if r["target"] == "edgepack cpu"}
-    gpu_b1 = {r["model"]: r["throughput_per_s"] for r in rows if r["target"] == "edgepack gpu" and r["batch"] == 1}
+    tp = {(r["model"], r["target"], r["batch"]): r["throughput_per_s"] for r in rows}
     opt = lambda v: "—" if v is None else f"{v:.0f}"  # noqa: E731
     lines = ["| model | target | batch | p50 ms | samples/s | ÷ edgepack cpu | ÷ own batch 1 | load ms | first run ms |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    b1 = {(r["model"], r["target"]): r["throughput_per_s"] for r in rows if r["batch"] == 1}
     for r in rows:
-        tp = r["throughput_per_s"]
-        lines.append(f"| {r['model']} | {r['target']} | {r['batch']} | {r['p50_ms']:.2f} | {tp:.0f} | "
-                     f"{tp / cpu_tp[(r['model'], r['batch'])]:.2f}× | {tp / b1[(r['model'], r['target'])]:.2f}× | "
+        m, t, b = r["model"], r["target"], r["batch"]
+        lines.append(f"| {m} | {t} | {b} | {r['p50_ms']:.2f} | {tp[m, t, b]:.0f} | "
+                     f"{tp[m, t, b] / tp[m, 'edgepack cpu', b]:.2f}× | {tp[m, t, b] / tp[m, t, 1]:.2f}× | "
                      f"{opt(r['load_ms'])} | {opt(r['first_run_ms'])} |")
-    summary = [f"- {m}: GPU backend at batch {max(batches)} / batch 1: "
-               f"**{next(r['throughput_per_s'] for r in rows if r['model'] == m and r['target'] == 'edgepack gpu' and r['batch'] == max(batches)) / gpu_b1[m]:.2f}×** samples/s"
-               for m in gpu_b1]
+    top = max(batches)
+    summary = [f"- {m}: GPU backend at batch {top} / batch 1: "
+               f"**{tp[m, 'edgepack gpu', top] / tp[m, 'edgepack gpu', 1]:.2f}×** samples/s"
+               for m in ("fp32", "INT8")]
     table = "\n".join(lines + [""] + summary)
     print(table)
     if a.md:

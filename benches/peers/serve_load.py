@@ -3,8 +3,8 @@
 
 One run, side by side: a model repository with EfficientNet-Lite0 fp32 (the shipped model, packed with its
 pre-processing) twice, `effnet` with dynamic batching (max_batch_size 8, 2 ms; --max-batch) and `effnet_b1`
-without (max_batch_size 1); `edgepack serve --device cpu` (--device gpu on a GPU host); the peer `fastapi_ort.py` under uvicorn (one worker,
-onnxruntime with one intra-op thread per core). Every target gets the same KServe v2 JSON request (a real photo,
+without (max_batch_size 1); `edgepack serve --device cpu` (--device gpu on a GPU host); the peer `fastapi_ort.py`
+under uvicorn (one worker, onnxruntime with one intra-op thread per core). Every target gets the same KServe v2 JSON request (a real photo,
 pre-processed by edgepack) from `wrk` (one thread, N keep-alive connections, --duration seconds after a warm-up),
 interleaved per client count. Any non-2xx answer or socket error fails the run. The table gives throughput and
 p50/p99 latency per client count, and the ratios the issue sets targets for at 32 clients.
@@ -208,9 +208,9 @@ def main():
                              text=True).stdout.strip()
         adapter = ""
         if a.device == "gpu":
-            gpu = json.loads(subprocess.run([edgepack_bin(), "devices", "--json"], capture_output=True,
-                                            text=True).stdout)["gpu"]
-            adapter = f" ({gpu.get('name', '?')} / {gpu.get('api', '?')}, driver {gpu.get('driver', '?')})"
+            from gpu_host import adapter as gpu_adapter
+            gpu = gpu_adapter()
+            adapter = f" ({gpu['name']} / {gpu['api']}, driver {gpu['driver']})"
         flags = (" --int8" if a.int8 else "") + (" --binary" if a.binary else "")
         for opt, default in (("device", "cpu"), ("max_batch", 8), ("wrk_threads", 1), ("duration", 10)):
             if getattr(a, opt) != default:
@@ -219,8 +219,8 @@ def main():
                 f"Lite0 {'INT8 (QDQ from edgepack quantize)' if a.int8 else 'fp32'}, one 224×224 photo per request as KServe v2 JSON (~{body_kib} KiB), "
                 f"wrk with {a.wrk_threads} thread(s) and N connections for {a.duration} s per cell, services and load "
                 f"generator on the same machine. edgepack: `--device {a.device}`{adapter}, max batch {a.max_batch}, "
-                f"{a.instances} instance(s) per model, engine threads {a.engine_threads or 'one per core'}; the peer: one uvicorn worker, onnxruntime with one intra-op "
-                "thread per core, runs off the event loop.")
+                f"{a.instances} instance(s) per model, engine threads {a.engine_threads or 'one per core'}; the peer: "
+                "one uvicorn worker, onnxruntime with one intra-op thread per core, runs off the event loop.")
         mdtable.replace_between(a.md, BEGIN, END, f"{meta}\n\n{table}")
 
 
