@@ -41,8 +41,9 @@ cargo fmt --all -- --check
 # from another checkout can look fresh and be tested instead of this one. Clean this workspace's own crates (the
 # dependencies stay cached) so what is linted, tested and run is built from these sources.
 step "clean the workspace crates in the shared target dir"
-cargo clean --release -q -p edgepack-runtime -p edgepack-packager -p edgepack-quantize -p edgepack-mobile \
-  -p edgepack-server -p edgepack-cli -p edgepack-examples
+mapfile -t CRATES < <(cargo metadata --no-deps --format-version 1 \
+  | python3 -c 'import json,sys; print("\n".join(p["name"] for p in json.load(sys.stdin)["packages"]))')
+cargo clean --release -q $(printf -- '-p %s ' "${CRATES[@]}")
 
 step "cargo clippy (warnings are errors)"
 cargo clippy --release --workspace --all-targets -- -D warnings

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use crate::backend::{Backend, BackendKind, Device};
 use crate::bundle::{Bundle, Manifest, OpenOptions, PublicKey, TensorSpec};
-use crate::error::no_panic;
+use crate::no_panic;
 use crate::onnx::{self, Dim, Model, shape_string};
 use crate::process::{self, ClassScore, Detection, Postprocess, Preprocess};
 use crate::tensor::{DType, Tensor};
@@ -168,13 +168,18 @@ pub fn is_bundle(bytes: &[u8]) -> bool {
 fn load_gpu(model: &Model) -> Result<Box<dyn Backend>> {
     #[cfg(feature = "gpu")]
     {
-        Ok(Box::new(no_panic("loading on the gpu backend", || crate::gpu::GpuBackend::load(model))?))
+        Ok(Box::new(no_panic("loading on the gpu backend", || crate::gpu::GpuBackend::load(model, host_loader()))?))
     }
     #[cfg(not(feature = "gpu"))]
     {
         let _ = model;
         Err(Error::Backend { backend: "gpu", message: "this build has no GPU backend (feature `gpu`)".into() })
     }
+}
+
+/// The CPU backend a device backend folds host-known nodes with (one thread: such nodes are small).
+pub fn host_loader() -> crate::backend::HostLoader {
+    std::sync::Arc::new(|m: &Model| load_cpu_backend(m, &[], 1))
 }
 
 /// The CPU backend of this build: tract (feature `tract`, every op it implements) unless `EDGEPACK_CPU=interp`

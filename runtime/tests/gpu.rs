@@ -177,7 +177,7 @@ fn int8_weights_stay_int8_on_the_device() {
     );
     let x = Tensor::from_f32(vec![2, i], (0..2 * i).map(|k| (k as f32 * 0.37).sin()).collect()).unwrap();
     let cpu = Session::from_model(&m, &opts(Device::Cpu)).unwrap().run_one(x.clone()).unwrap();
-    let g = GpuBackend::load_with_precision(&m, Precision::F32).unwrap();
+    let g = GpuBackend::load_with_precision(&m, Precision::F32, edgepack_runtime::session::host_loader()).unwrap();
     use edgepack_runtime::Backend;
     assert!(g.describe().contains("int8 weights"), "{}", g.describe());
     g.prepare(&[vec![2, i]]).unwrap();

@@ -1,0 +1,65 @@
+//! GPU backend: the shared ONNX graph interpreted on wgpu (Vulkan, Metal, DX12) through burn's cubecl backend.
+//!
+//! Load: graph passes (Constant → initializer, BatchNorm folded into Conv), then a **plan** per concrete input
+//! shapes: the graph is walked once; a node whose inputs are all known on the host (initializers, shapes of
+//! device values, results of such nodes) is folded on the host by the CPU backend, the rest become device
+//! steps. That first walk executes every device step, so it also compiles every shader (warm-up at load).
+//! Runs replay the steps only; each device value is dropped after its last use and burn's memory pool reuses
+//! the buffers between runs.
+//!
+//! INT8 QDQ models: a DequantizeLinear of an int8 initializer stays int8 on the device (burn's Q8S, four values
+//! per u32: a quarter of the f32 upload and resident bytes) and is dequantized on the GPU each run, its
+//! per-channel scale applied there. At f32 (the default) the QDQ patterns are first rewritten to the integer
+//! arithmetic of the CPU backend and onnxruntime (`qdq_lower`, for an f32 device): integer-valued floats are
+//! exact, the requantization is one f32 multiply, QLinearAdd a table lookup, so the quantized activations equal
+//! the CPU's. `EDGEPACK_GPU_PRECISION=f16` (adapters with `shader-f16`) runs the QDQ graph as written in f16:
+//! faster on some GPUs, not bit-equal (2-3 % of ImageNet-sample top-1s differed from the CPU's).
+mod device;
+mod ops;
+mod plan;
+
+pub use device::{AdapterInfo, adapter};
+pub use ops::SUPPORTED_OPS;
+pub use plan::GpuBackend;
+
+use edgepack_onnx::{Model, NodeExt, NodeProto};
+
+/// Compute precision on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    F16,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        })
+    }
+}
+
+/// First node (ops in the default domain the GPU backend implements) it cannot run: (op, domain, node).
+pub fn unsupported_op(model: &Model) -> Option<(String, String, String)> {
+    fn find(nodes: &[NodeProto]) -> Option<(String, String, String)> {
+        nodes.iter().find_map(|n| {
+            let domain = n.domain_name();
+            let ok = (domain.is_empty() || domain == "ai.onnx") && SUPPORTED_OPS.contains(&n.op());
+            (!ok).then(|| (n.op().to_string(), domain.to_string(), n.name().to_string()))
+        })
+    }
+    find(&model.graph.nodes)
+}
+
+/// True when the graph holds QDQ weights (an int8/uint8 initializer feeding a DequantizeLinear).
+pub fn has_int8_weights(model: &Model) -> bool {
+    model.graph.nodes.iter().any(|n| {
+        n.op() == "DequantizeLinear"
+            && n.input
+                .first()
+                .and_then(|x| model.graph.initializer(x))
+                .is_some_and(|t| matches!(t.data_type, Some(2 | 3)))
+    })
+}

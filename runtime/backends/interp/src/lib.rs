@@ -1,0 +1,993 @@
+//! The kernel interpreter: a CPU backend without tract. It runs the graph [`Model::lower_for_cpu`] produces —
+//! edgepack's kernel nodes ([`edgepack_lower::nodes`]) plus the small set of plain ONNX ops ([`OPS`]) that
+//! classification and detection models keep around them (reshapes, softmax, quantize/dequantize, the integer
+//! arithmetic of `qdq_lower`, box decoding) — node by node in topological order, freeing each value after its last
+//! reader. A model with any other op is refused at load with `Error::UnsupportedOp`, naming the op.
+//!
+//! It is the CPU backend of builds without the `tract` feature (the mobile library's selective, small build, as
+//! TFLite's selective builds keep only the kernels a model needs) and can be chosen in full builds with
+//! `EDGEPACK_CPU=interp`. Kernel nodes run the very same code as on tract, so results agree with it.
+use std::collections::HashMap;
+
+use edgepack_backend::{Backend, BackendKind, OpTime};
+use edgepack_core::tensor::{DType, Tensor, TensorData};
+use edgepack_core::{Error, Result};
+use edgepack_kernels::qelem::{self, Pool2d};
+use edgepack_kernels::{Isa, fconv};
+use edgepack_lower::LowerForCpu;
+use edgepack_lower::nodes::{Data, DataMut, Kernel};
+use edgepack_onnx::{Model, NodeExt, NodeProto, tensor_from_proto};
+
+/// The plain ONNX ops the interpreter runs (beyond the kernel nodes).
+pub const OPS: [&str; 36] = [
+    "Constant",
+    "Identity",
+    "Dropout",
+    "Relu",
+    "Clip",
+    "Exp",
+    "Sigmoid",
+    "Tanh",
+    "Sqrt",
+    "Neg",
+    "Abs",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Max",
+    "Min",
+    "Cast",
+    "Shape",
+    "Gather",
+    "Unsqueeze",
+    "Squeeze",
+    "Reshape",
+    "Flatten",
+    "Concat",
+    "Transpose",
+    "Slice",
+    "Softmax",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "GlobalAveragePool",
+    "Conv",
+    "MaxPool",
+];
+
+fn err(e: impl std::fmt::Display) -> Error {
+    Error::Backend { backend: "cpu", message: e.to_string() }
+}
+
+enum Op {
+    Kernel(Kernel),
+    /// An NCHW float convolution with constant weights, run as NHWC kernel between two transposes.
+    Conv(fconv::FConv),
+    /// An NCHW MaxPool, run as the NHWC kernel between two transposes.
+    MaxPool(Pool2d),
+    Plain,
+}
+
+struct Step {
+    node: NodeProto,
+    op: Op,
+    /// Value slots of the inputs (`None`: an omitted optional input).
+    inputs: Vec<Option<usize>>,
+    outputs: Vec<usize>,
+    /// Slots whose last reader is this step (freed after it).
+    frees: Vec<usize>,
+}
+
+pub struct InterpBackend {
+    steps: Vec<Step>,
+    /// Initializers by slot.
+    constants: Vec<Option<Tensor>>,
+    slots: usize,
+    names: HashMap<String, usize>,
+    inputs: Vec<usize>,
+    outputs: Vec<usize>,
+    opset: i64,
+    threads: usize,
+}
+
+impl InterpBackend {
+    /// Lowers a checked model to kernel nodes and prepares every node; refuses ops outside the interpreter's set.
+    pub fn load(model: &Model, threads: usize) -> Result<InterpBackend> {
+        let lowering = model.lower_for_cpu(true);
+        let mut m = lowering.model;
+        m.graph.topo_sort()?;
+        let opset = m.opset("").unwrap_or(13);
+        let g = &m.graph;
+        for n in &g.nodes {
+            let kernel = n.domain_name() == edgepack_lower::qdq_kernels::DOMAIN
+                && edgepack_lower::nodes::ops().any(|o| o == n.op());
+            let plain = n.domain_name().is_empty() && OPS.contains(&n.op());
+            if !(kernel || plain) || n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()) {
+                return Err(Error::UnsupportedOp {
+                    op: n.op().to_string(),
+                    domain: n.domain_name().to_string(),
+                    node: n.name().to_string(),
+                    backend: "cpu",
+                });
+            }
+        }
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let slot = |names: &mut HashMap<String, usize>, v: &str| -> usize {
+            let n = names.len();
+            *names.entry(v.to_string()).or_insert(n)
+        };
+        // Initializers, and the values of plain nodes that read only constants (folded once here: dequantized
+        // weights and biases, constant shapes).
+        let mut consts: HashMap<String, Tensor> = HashMap::new();
+        for t in &g.initializers {
+            consts.insert(t.name.clone().unwrap_or_default(), tensor_from_proto(t)?);
+        }
+        let mut live = Vec::new();
+        for n in &g.nodes {
+            let foldable = n.domain_name().is_empty()
+                && !matches!(n.op(), "Conv" | "MaxPool")
+                && n.output.len() == 1
+                && n.input.iter().all(|i| i.is_empty() || consts.contains_key(i));
+            if foldable {
+                let ins: Vec<Option<&Tensor>> = n.input.iter().map(|i| consts.get(i)).collect();
+                let out = plain(n, &ins, opset).map_err(|e| err(format!("{} `{}`: {e}", n.op(), n.name())))?;
+                consts.insert(n.output[0].clone(), out);
+            } else {
+                live.push(n);
+            }
+        }
+        let inputs: Vec<usize> =
+            g.runtime_inputs().iter().map(|i| slot(&mut names, i.name.as_deref().unwrap_or(""))).collect();
+        let mut steps = Vec::new();
+        for n in live {
+            let ins = n.input.iter().map(|i| (!i.is_empty()).then(|| slot(&mut names, i))).collect();
+            let outs = n.output.iter().map(|o| slot(&mut names, o)).collect();
+            let op = prepare(n, &consts)?;
+            // A kernel's attributes (its weights) live on packed in `op`: the step keeps only names and wiring.
+            let node = match op {
+                Op::Kernel(_) => NodeProto { attribute: Vec::new(), ..n.clone() },
+                _ => n.clone(),
+            };
+            steps.push(Step { node, op, inputs: ins, outputs: outs, frees: Vec::new() });
+        }
+        let outputs: Vec<usize> = g.outputs.iter().map(|o| slot(&mut names, o.name.as_deref().unwrap_or(""))).collect();
+        let mut by_slot = vec![None; names.len()];
+        for (v, t) in consts {
+            if let Some(&s) = names.get(&v) {
+                by_slot[s] = Some(t);
+            }
+        }
+        let mut b = InterpBackend {
+            steps,
+            constants: by_slot,
+            slots: names.len(),
+            names,
+            inputs,
+            outputs,
+            opset,
+            threads: threads.max(1),
+        };
+        b.set_frees();
+        Ok(b)
+    }
+
+    /// Marks each value's last reader (graph outputs and constants are never freed).
+    fn set_frees(&mut self) {
+        let mut last: Vec<Option<usize>> = vec![None; self.slots];
+        for (i, s) in self.steps.iter().enumerate() {
+            for v in s.inputs.iter().flatten().chain(&s.outputs) {
+                last[*v] = Some(i);
+            }
+        }
+        for s in &mut self.steps {
+            s.frees.clear();
+        }
+        for (v, l) in last.into_iter().enumerate() {
+            if let Some(l) = l
+                && !self.outputs.contains(&v)
+                && self.constants[v].is_none()
+            {
+                self.steps[l].frees.push(v);
+            }
+        }
+    }
+
+    fn execute(
+        &self,
+        inputs: Vec<Tensor>,
+        wanted: &[usize],
+        mut timing: Option<&mut HashMap<String, (usize, std::time::Duration)>>,
+    ) -> Result<Vec<Tensor>> {
+        let mut vals: Vec<Option<Tensor>> = vec![None; self.slots];
+        for (&s, t) in self.inputs.iter().zip(inputs) {
+            vals[s] = Some(t);
+        }
+        let mut kept: HashMap<usize, Tensor> = HashMap::new();
+        edgepack_kernels::with_threads(self.threads, || -> Result<()> {
+            for s in &self.steps {
+                let t0 = std::time::Instant::now();
+                let ins: Vec<Option<&Tensor>> =
+                    s.inputs.iter().map(|i| i.and_then(|i| vals[i].as_ref().or(self.constants[i].as_ref()))).collect();
+                let outs = run_step(s, &ins, self.opset)
+                    .map_err(|e| err(format!("{} `{}`: {e}", s.node.op(), s.node.name())))?;
+                for (&o, t) in s.outputs.iter().zip(outs) {
+                    vals[o] = Some(t);
+                }
+                for &f in &s.frees {
+                    if let Some(t) = vals[f].take()
+                        && wanted.contains(&f)
+                    {
+                        kept.insert(f, t);
+                    }
+                }
+                if let Some(tm) = timing.as_deref_mut() {
+                    let e = tm.entry(s.node.op().to_string()).or_default();
+                    e.0 += 1;
+                    e.1 += t0.elapsed();
+                }
+            }
+            Ok(())
+        })?;
+        wanted
+            .iter()
+            .map(|&w| {
+                kept.remove(&w)
+                    .or_else(|| vals[w].clone())
+                    .or_else(|| self.constants[w].clone())
+                    .ok_or_else(|| err("a requested value was not computed"))
+            })
+            .collect()
+    }
+}
+
+/// The load-time work of one node: kernels parsed and packed, NCHW Conv/MaxPool turned into kernels when their
+/// weights are constant and their padding does not depend on the input size (otherwise built per run).
+fn prepare(n: &NodeProto, consts: &HashMap<String, Tensor>) -> Result<Op> {
+    let bad = |m: String| err(format!("{} `{}`: {m}", n.op(), n.name()));
+    if n.domain_name() == edgepack_lower::qdq_kernels::DOMAIN {
+        return Kernel::parse(n).map(Op::Kernel).map_err(err);
+    }
+    Ok(match n.op() {
+        "Conv" => {
+            let w = n.input.get(1).and_then(|w| consts.get(w));
+            let b = n.input.get(2).filter(|b| !b.is_empty());
+            let bias = b.and_then(|b| consts.get(b));
+            match w {
+                Some(w) if b.is_none() || bias.is_some() => {
+                    conv_of(n, w, bias, None).map_err(bad)?.map_or(Op::Plain, Op::Conv)
+                }
+                _ => Op::Plain,
+            }
+        }
+        "MaxPool" => pool_of(n, None).map_err(bad)?.map_or(Op::Plain, Op::MaxPool),
+        _ => Op::Plain,
+    })
+}
+
+fn two(v: &[i64]) -> Res<[usize; 2]> {
+    match *v {
+        [a, b] if a > 0 && b > 0 => Ok([a as usize, b as usize]),
+        _ => Err(format!("2-D attributes expected, got {v:?}")),
+    }
+}
+
+/// Padding (top, left, bottom, right) of a 2-D window op; `None` when it depends on the input size `hw`
+/// (auto_pad SAME with a stride) and that is not given.
+fn pads_of(
+    n: &NodeProto,
+    k: [usize; 2],
+    stride: [usize; 2],
+    dil: [usize; 2],
+    hw: Option<[usize; 2]>,
+) -> Res<Option<[usize; 4]>> {
+    match n.attr_s("auto_pad").unwrap_or("NOTSET") {
+        "NOTSET" => match n.attr_ints("pads").unwrap_or(&[0, 0, 0, 0]) {
+            &[t, l, b, r] if t >= 0 && l >= 0 && b >= 0 && r >= 0 => {
+                Ok(Some([t as usize, l as usize, b as usize, r as usize]))
+            }
+            p => Err(format!("pads {p:?}")),
+        },
+        "VALID" => Ok(Some([0; 4])),
+        mode @ ("SAME_UPPER" | "SAME_LOWER") => {
+            // ONNX: output ceil(in / stride); total padding (out − 1)·stride + (k − 1)·dilation + 1 − in.
+            let hw = match hw {
+                Some(hw) => hw,
+                None if stride == [1, 1] => [1, 1],
+                None => return Ok(None),
+            };
+            let total = |i: usize| {
+                let out = hw[i].div_ceil(stride[i]);
+                ((out - 1) * stride[i] + (k[i] - 1) * dil[i] + 1).saturating_sub(hw[i])
+            };
+            let tot = [total(0), total(1)];
+            let small = [tot[0] / 2, tot[1] / 2];
+            let big = [tot[0] - small[0], tot[1] - small[1]];
+            Ok(Some(if mode == "SAME_UPPER" {
+                [small[0], small[1], big[0], big[1]]
+            } else {
+                [big[0], big[1], small[0], small[1]]
+            }))
+        }
+        mode => Err(format!("auto_pad {mode}")),
+    }
+}
+
+/// An NCHW float Conv as the NHWC kernel; `None` when the padding needs the input size.
+fn conv_of(n: &NodeProto, w: &Tensor, bias: Option<&Tensor>, hw: Option<[usize; 2]>) -> Res<Option<fconv::FConv>> {
+    let d = w.shape().to_vec();
+    let Some(wv) = w.as_f32().filter(|_| d.len() == 4) else {
+        return Err("f32 OIHW weights expected (2-D convolutions only)".into());
+    };
+    let kernel = [d[2], d[3]];
+    let stride = two(n.attr_ints("strides").unwrap_or(&[1, 1]))?;
+    let dilation = two(n.attr_ints("dilations").unwrap_or(&[1, 1]))?;
+    let Some(pads) = pads_of(n, kernel, stride, dilation, hw)? else { return Ok(None) };
+    let group = n.attr_i("group").unwrap_or(1).max(1) as usize;
+    let spec = fconv::FConvSpec {
+        c_in: d[1] * group,
+        c_out: d[0],
+        group,
+        kernel,
+        stride,
+        dilation,
+        pads,
+        weights: wv.to_vec(),
+        bias: bias.map(Tensor::to_f32_vec),
+        clamp: [f32::NEG_INFINITY, f32::INFINITY],
+    };
+    fconv::FConv::new(spec, Isa::detect()).map(Some)
+}
+
+/// An NCHW MaxPool as the NHWC kernel; `None` when the padding needs the input size.
+fn pool_of(n: &NodeProto, hw: Option<[usize; 2]>) -> Res<Option<Pool2d>> {
+    if n.output.len() > 1 && !n.output[1].is_empty() {
+        return Err("the Indices output is not supported".into());
+    }
+    let kernel = two(n.attr_ints("kernel_shape").unwrap_or_default())?;
+    let stride = two(n.attr_ints("strides").unwrap_or(&[1, 1]))?;
+    let dilation = two(n.attr_ints("dilations").unwrap_or(&[1, 1]))?;
+    if dilation != [1, 1] {
+        return Err("dilated pooling is not supported".into());
+    }
+    let ceil_mode = n.attr_i("ceil_mode").unwrap_or(0) != 0;
+    Ok(pads_of(n, kernel, stride, dilation, hw)?.map(|pads| Pool2d { kernel, stride, pads, ceil_mode }))
+}
+
+fn run_conv(conv: &fconv::FConv, x: &Tensor) -> Res<Tensor> {
+    let [b, c, h, w] = image_dims(x)?;
+    if c != conv.spec().c_in {
+        return Err(format!("input has {c} channels, expected {}", conv.spec().c_in));
+    }
+    let (oh, ow) = conv.output_hw(h, w).ok_or_else(|| format!("input {h}x{w} too small"))?;
+    let co = conv.spec().c_out;
+    let mut y = vec![0.0; b * oh * ow * co];
+    conv.run(&layout(f32s(x)?, [b, c, h, w], true), b, h, w, &mut y)?;
+    tensor(vec![b, co, oh, ow], TensorData::F32(layout(&y, [b, oh, ow, co], false)))
+}
+
+fn run_pool(g: &Pool2d, x: &Tensor) -> Res<Tensor> {
+    let [b, c, h, w] = image_dims(x)?;
+    let (oh, ow) = g.output_hw(h, w).ok_or_else(|| format!("input {h}x{w} too small"))?;
+    let empty = "a pooling window holds no input cell";
+    let data = match x.data() {
+        TensorData::F32(v) => {
+            let mut y = vec![0.0; b * oh * ow * c];
+            qelem::maxpool_f32(&layout(v, [b, c, h, w], true), [b, h, w, c], *g, &mut y).ok_or(empty)?;
+            TensorData::F32(layout(&y, [b, oh, ow, c], false))
+        }
+        TensorData::U8(v) => {
+            let mut nhwc = vec![0u8; v.len()];
+            qelem::transpose(v, b, c, h * w, &mut nhwc);
+            let mut y = vec![0u8; b * oh * ow * c];
+            let identity: [u8; 256] = std::array::from_fn(|i| i as u8);
+            qelem::maxpool(&nhwc, [b, h, w, c], *g, &identity, &mut y).ok_or(empty)?;
+            let mut out = vec![0u8; y.len()];
+            qelem::transpose(&y, b, oh * ow, c, &mut out);
+            TensorData::U8(out)
+        }
+        _ => return Err(format!("MaxPool of {} is not supported", x.dtype())),
+    };
+    tensor(vec![b, c, oh, ow], data)
+}
+
+type Res<T> = std::result::Result<T, String>;
+
+fn input<'a>(ins: &[Option<&'a Tensor>], i: usize) -> Res<&'a Tensor> {
+    ins.get(i).copied().flatten().ok_or_else(|| format!("input {i} is missing"))
+}
+
+fn tensor(shape: Vec<usize>, data: TensorData) -> Res<Tensor> {
+    Tensor::new(shape, data).map_err(|e| e.to_string())
+}
+
+/// Integer values of a small tensor (shapes, axes, indices).
+fn i64s(t: &Tensor) -> Res<Vec<i64>> {
+    match t.data() {
+        TensorData::I64(v) => Ok(v.clone()),
+        TensorData::I32(v) => Ok(v.iter().map(|&x| x as i64).collect()),
+        _ => Err(format!("expected an integer tensor, got {}", t.dtype())),
+    }
+}
+
+fn axis(a: i64, rank: usize) -> Res<usize> {
+    let r = rank as i64;
+    if a < -r || a >= r.max(1) {
+        return Err(format!("axis {a} out of range for rank {rank}"));
+    }
+    Ok(if a < 0 { (a + r) as usize } else { a as usize })
+}
+
+fn f32s(t: &Tensor) -> Res<&[f32]> {
+    t.as_f32().ok_or_else(|| format!("expected f32, got {}", t.dtype()))
+}
+
+/// NCHW ↔ NHWC of an f32 image batch.
+fn layout(x: &[f32], [n, a, b, c]: [usize; 4], to_nhwc: bool) -> Vec<f32> {
+    let mut y = vec![0.0; x.len()];
+    let (rows, cols) = if to_nhwc { (a, b * c) } else { (a * b, c) };
+    qelem::transpose(x, n, rows, cols, &mut y);
+    y
+}
+
+fn image_dims(x: &Tensor) -> Res<[usize; 4]> {
+    match *x.shape() {
+        [n, c, h, w] => Ok([n, c, h, w]),
+        ref s => Err(format!("expected an NCHW input, got shape {s:?}")),
+    }
+}
+
+fn run_step(s: &Step, ins: &[Option<&Tensor>], opset: i64) -> Res<Vec<Tensor>> {
+    let n = &s.node;
+    match &s.op {
+        Op::Kernel(k) => {
+            let ts: Vec<&Tensor> = (0..ins.len()).map(|i| input(ins, i)).collect::<Res<_>>()?;
+            let shapes: Vec<Vec<usize>> = ts.iter().map(|t| t.shape().to_vec()).collect();
+            let out = k.out_shape(&shapes)?;
+            let mut data = Vec::with_capacity(ts.len());
+            for t in &ts {
+                let want = k.input_type().unwrap_or(ts[0].dtype());
+                if t.dtype() != want {
+                    return Err(format!("expected {want} inputs, got {}", t.dtype()));
+                }
+                data.push(match t.data() {
+                    TensorData::U8(v) => Data::U8(v),
+                    TensorData::F32(v) => Data::F32(v),
+                    _ => return Err(format!("unexpected input type {}", t.dtype())),
+                });
+            }
+            let ins: Vec<(Data, &[usize])> = data.into_iter().zip(shapes.iter().map(Vec::as_slice)).collect();
+            let len: usize = out.iter().product();
+            let y = match k.output_type().unwrap_or(ts[0].dtype()) {
+                DType::U8 => {
+                    let mut y = vec![0u8; len];
+                    k.eval(&ins, &out, DataMut::U8(&mut y))?;
+                    TensorData::U8(y)
+                }
+                _ => {
+                    let mut y = vec![0f32; len];
+                    k.eval(&ins, &out, DataMut::F32(&mut y))?;
+                    TensorData::F32(y)
+                }
+            };
+            Ok(vec![tensor(out, y)?])
+        }
+        Op::Conv(conv) => Ok(vec![run_conv(conv, input(ins, 0)?)?]),
+        Op::MaxPool(g) => Ok(vec![run_pool(g, input(ins, 0)?)?]),
+        Op::Plain => {
+            let y = plain(n, ins, opset)?;
+            // Dropout at inference: the mask output (when wired) is all true.
+            if n.op() == "Dropout" && s.outputs.len() > 1 {
+                let mask = tensor(y.shape().to_vec(), TensorData::Bool(vec![true; y.len()]))?;
+                return Ok(vec![y, mask]);
+            }
+            Ok(vec![y])
+        }
+    }
+}
+
+fn float_map(x: &Tensor, f: impl Fn(f64) -> f64) -> Res<Tensor> {
+    if !matches!(x.dtype(), DType::F32 | DType::F64 | DType::F16) {
+        return Err(format!("expected a float tensor, got {}", x.dtype()));
+    }
+    let v = x.cast(DType::F64);
+    let TensorData::F64(v) = v.into_data() else { unreachable!("cast to f64") };
+    Ok(tensor(x.shape().to_vec(), TensorData::F64(v.into_iter().map(f).collect()))?.cast(x.dtype()))
+}
+
+/// Numpy broadcasting of two shapes.
+fn broadcast(a: &[usize], b: &[usize]) -> Res<Vec<usize>> {
+    let r = a.len().max(b.len());
+    (0..r)
+        .map(|i| {
+            let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
+            let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
+            match (da, db) {
+                _ if da == db => Ok(da),
+                (1, d) | (d, 1) => Ok(d),
+                _ => Err(format!("shapes {a:?} and {b:?} do not broadcast")),
+            }
+        })
+        .collect()
+}
+
+/// Row-major element strides of `shape`.
+fn dense_strides(shape: &[usize]) -> Vec<isize> {
+    (0..shape.len()).map(|d| shape[d + 1..].iter().product::<usize>() as isize).collect()
+}
+
+/// Element offsets of `shape` read through `out`'s broadcast (strides 0 along broadcast axes).
+fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<isize> {
+    let mut strides = vec![0isize; out.len()];
+    let mut acc = 1isize;
+    for i in (0..shape.len()).rev() {
+        let o = out.len() - shape.len() + i;
+        strides[o] = if shape[i] == 1 { 0 } else { acc };
+        acc *= shape[i] as isize;
+    }
+    strides
+}
+
+/// `f(offset)` for every element of `out` in row-major order, the offset following `strides` from `base`.
+fn for_each_offset(out: &[usize], base: isize, strides: &[isize], mut f: impl FnMut(isize)) {
+    let total: usize = out.iter().product();
+    if total == 0 {
+        return;
+    }
+    let mut idx = vec![0usize; out.len()];
+    let mut off = base;
+    for _ in 0..total {
+        f(off);
+        for d in (0..out.len()).rev() {
+            idx[d] += 1;
+            off += strides[d];
+            if idx[d] < out[d] {
+                break;
+            }
+            off -= strides[d] * out[d] as isize;
+            idx[d] = 0;
+        }
+    }
+}
+
+/// A strided view of `x` copied out: `out` shape, element offsets from `base` along `strides` (any dtype).
+fn strided(x: &Tensor, out: Vec<usize>, base: isize, strides: &[isize]) -> Res<Tensor> {
+    let es = x.dtype().size();
+    let src = x.to_le_bytes();
+    let mut dst = Vec::with_capacity(out.iter().product::<usize>() * es);
+    for_each_offset(&out, base, strides, |o| {
+        let o = o as usize * es;
+        dst.extend_from_slice(&src[o..o + es]);
+    });
+    Tensor::from_le_bytes(x.dtype(), out, &dst).map_err(|e| e.to_string())
+}
+
+fn binary(op: &str, a: &Tensor, b: &Tensor) -> Res<Tensor> {
+    if a.dtype() != b.dtype() {
+        return Err(format!("input types differ: {} and {}", a.dtype(), b.dtype()));
+    }
+    let out = broadcast(a.shape(), b.shape())?;
+    let (sa, sb) = (broadcast_strides(a.shape(), &out), broadcast_strides(b.shape(), &out));
+    let mut ia = Vec::with_capacity(out.iter().product());
+    for_each_offset(&out, 0, &sa, |o| ia.push(o as usize));
+    let mut ib = Vec::with_capacity(ia.len());
+    for_each_offset(&out, 0, &sb, |o| ib.push(o as usize));
+    let dt = a.dtype();
+    if matches!(dt, DType::F32 | DType::F64 | DType::F16) {
+        // f32 results through f64 are exact for + − × ÷ (one rounding at the end, as f32 arithmetic).
+        let (TensorData::F64(x), TensorData::F64(y)) = (a.cast(DType::F64).into_data(), b.cast(DType::F64).into_data())
+        else {
+            unreachable!("cast to f64")
+        };
+        let f: fn(f64, f64) -> f64 = match op {
+            "Add" => |p, q| p + q,
+            "Sub" => |p, q| p - q,
+            "Mul" => |p, q| p * q,
+            "Div" => |p, q| p / q,
+            "Max" => f64::max,
+            _ => f64::min,
+        };
+        let v = ia.iter().zip(&ib).map(|(&i, &j)| f(x[i], y[j])).collect();
+        return Ok(tensor(out, TensorData::F64(v))?.cast(dt));
+    }
+    let (x, y) = (i64s(&a.cast(DType::I64))?, i64s(&b.cast(DType::I64))?);
+    let mut v = Vec::with_capacity(ia.len());
+    for (&i, &j) in ia.iter().zip(&ib) {
+        v.push(match op {
+            "Add" => x[i].wrapping_add(y[j]),
+            "Sub" => x[i].wrapping_sub(y[j]),
+            "Mul" => x[i].wrapping_mul(y[j]),
+            "Div" => x[i].checked_div(y[j]).ok_or("integer division by zero")?,
+            "Max" => x[i].max(y[j]),
+            _ => x[i].min(y[j]),
+        });
+    }
+    Ok(tensor(out, TensorData::I64(v))?.cast(dt))
+}
+
+/// Per-tensor or per-axis quantization parameters broadcast to `x`: (scale, zero point) per element.
+fn qparams_at(x: &Tensor, scale: &Tensor, zero: Option<&Tensor>, axis_attr: i64) -> Res<Vec<(f32, i32)>> {
+    let s = f32s(scale)?;
+    let z: Vec<i32> = match zero {
+        Some(z) => z.to_f32_vec().into_iter().map(|v| v as i32).collect(),
+        None => vec![0; s.len()],
+    };
+    if z.len() != s.len() {
+        return Err("scale and zero point lengths differ".into());
+    }
+    if s.len() == 1 {
+        return Ok(vec![(s[0], z[0]); x.len()]);
+    }
+    let ax = axis(axis_attr, x.shape().len())?;
+    if x.shape()[ax] != s.len() {
+        return Err(format!("{} scales for axis {ax} of shape {:?}", s.len(), x.shape()));
+    }
+    let inner: usize = x.shape()[ax + 1..].iter().product();
+    Ok((0..x.len()).map(|i| (i / inner) % s.len()).map(|c| (s[c], z[c])).collect())
+}
+
+fn plain(n: &NodeProto, ins: &[Option<&Tensor>], opset: i64) -> Res<Tensor> {
+    if n.op() == "Constant" {
+        return constant(n);
+    }
+    let x = input(ins, 0)?;
+    let shape = x.shape().to_vec();
+    let rank = shape.len();
+    let axes_of = |attr: &str, input_idx: usize| -> Res<Vec<i64>> {
+        match ins.get(input_idx).copied().flatten() {
+            Some(t) => i64s(t),
+            None => Ok(n.attr_ints(attr).unwrap_or_default().to_vec()),
+        }
+    };
+    Ok(match n.op() {
+        "Identity" | "Dropout" => x.clone(),
+        "Relu" => float_map(x, |v| if v > 0.0 { v } else { 0.0 })?,
+        "Exp" => float_map(x, f64::exp)?,
+        "Sigmoid" => float_map(x, |v| 1.0 / (1.0 + (-v).exp()))?,
+        "Tanh" => float_map(x, f64::tanh)?,
+        "Sqrt" => float_map(x, f64::sqrt)?,
+        "Neg" => float_map(x, |v| -v)?,
+        "Abs" => float_map(x, f64::abs)?,
+        "Floor" => float_map(x, f64::floor)?,
+        "Ceil" => float_map(x, f64::ceil)?,
+        "Round" => float_map(x, f64::round_ties_even)?,
+        "Clip" => {
+            let bound = |i: usize, attr: &str| -> Option<Tensor> {
+                match ins.get(i).copied().flatten() {
+                    Some(t) => Some(t.clone()),
+                    None if opset < 11 => n.attr_f(attr).map(|v| Tensor::from_f32(vec![], vec![v]).ok())?,
+                    None => None,
+                }
+            };
+            let mut y = x.clone();
+            if let Some(lo) = bound(1, "min") {
+                y = binary("Max", &y, &lo.cast(x.dtype()))?;
+            }
+            if let Some(hi) = bound(2, "max") {
+                y = binary("Min", &y, &hi.cast(x.dtype()))?;
+            }
+            y
+        }
+        "Conv" => {
+            let hw = image_dims(x).map(|[_, _, h, w]| [h, w])?;
+            let conv = conv_of(n, input(ins, 1)?, ins.get(2).copied().flatten(), Some(hw))?.ok_or("no padding")?;
+            run_conv(&conv, x)?
+        }
+        "MaxPool" => {
+            let hw = image_dims(x).map(|[_, _, h, w]| [h, w])?;
+            run_pool(&pool_of(n, Some(hw))?.ok_or("no padding")?, x)?
+        }
+        op @ ("Add" | "Sub" | "Mul" | "Div") => binary(op, x, input(ins, 1)?)?,
+        // Variadic, broadcasting.
+        op @ ("Max" | "Min") => {
+            let mut y = x.clone();
+            for i in 1..ins.len() {
+                y = binary(op, &y, input(ins, i)?)?;
+            }
+            y
+        }
+        "Cast" => {
+            let to = n.attr_i("to").unwrap_or(0) as i32;
+            x.cast(DType::from_onnx_code(to).ok_or_else(|| format!("cast to element type {to}"))?)
+        }
+        "Shape" => {
+            let r = rank as i64;
+            let clampi = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+            let (a, b) = (clampi(n.attr_i("start").unwrap_or(0)), clampi(n.attr_i("end").unwrap_or(r)));
+            let dims: Vec<i64> = shape[a..b.max(a)].iter().map(|&d| d as i64).collect();
+            tensor(vec![dims.len()], TensorData::I64(dims))?
+        }
+        "Gather" => {
+            let idx = input(ins, 1)?;
+            let ax = axis(n.attr_i("axis").unwrap_or(0), rank)?;
+            let len = shape[ax] as i64;
+            let outer: usize = shape[..ax].iter().product();
+            let inner: usize = shape[ax + 1..].iter().product();
+            let es = x.dtype().size();
+            let src = x.to_le_bytes();
+            let ids = i64s(idx)?
+                .into_iter()
+                .map(|i| {
+                    let j = if i < 0 { i + len } else { i };
+                    (0..len).contains(&j).then_some(j as usize).ok_or(format!("index {i} out of range {len}"))
+                })
+                .collect::<Res<Vec<usize>>>()?;
+            let mut dst = Vec::with_capacity(outer * ids.len() * inner * es);
+            for o in 0..outer {
+                for &j in &ids {
+                    let at = ((o * shape[ax] + j) * inner) * es;
+                    dst.extend_from_slice(&src[at..at + inner * es]);
+                }
+            }
+            let out: Vec<usize> = shape[..ax].iter().chain(idx.shape()).chain(&shape[ax + 1..]).copied().collect();
+            Tensor::from_le_bytes(x.dtype(), out, &dst).map_err(|e| e.to_string())?
+        }
+        "Unsqueeze" => {
+            let axes = axes_of("axes", 1)?;
+            let r = rank + axes.len();
+            let mut axes: Vec<usize> = axes.iter().map(|&a| axis(a, r)).collect::<Res<_>>()?;
+            axes.sort_unstable();
+            let mut out = shape.clone();
+            for a in axes {
+                if a > out.len() {
+                    return Err(format!("axis {a} out of range"));
+                }
+                out.insert(a, 1);
+            }
+            x.clone().reshape(out).map_err(|e| e.to_string())?
+        }
+        "Squeeze" => {
+            let axes: Vec<usize> = axes_of("axes", 1)?.iter().map(|&a| axis(a, rank)).collect::<Res<_>>()?;
+            let out: Vec<usize> = shape
+                .iter()
+                .enumerate()
+                .filter(|(i, d)| if axes.is_empty() { **d != 1 } else { !axes.contains(i) })
+                .map(|(_, &d)| d)
+                .collect();
+            x.clone().reshape(out).map_err(|e| e.to_string())?
+        }
+        "Reshape" => {
+            let spec = i64s(input(ins, 1)?)?;
+            let allow_zero = n.attr_i("allowzero").unwrap_or(0) != 0;
+            let mut out = Vec::with_capacity(spec.len());
+            let mut infer = None;
+            for (i, &d) in spec.iter().enumerate() {
+                out.push(match d {
+                    0 if !allow_zero => *shape.get(i).ok_or("0 copies a dimension the input lacks")?,
+                    -1 if infer.is_none() => {
+                        infer = Some(i);
+                        1
+                    }
+                    d if d >= 0 => d as usize,
+                    d => return Err(format!("bad dimension {d} in shape {spec:?}")),
+                });
+            }
+            if let Some(i) = infer {
+                let known: usize = out.iter().product();
+                if known == 0 || x.len() % known != 0 {
+                    return Err(format!("cannot reshape {shape:?} into {spec:?}"));
+                }
+                out[i] = x.len() / known;
+            }
+            x.clone().reshape(out).map_err(|e| e.to_string())?
+        }
+        "Flatten" => {
+            let a = n.attr_i("axis").unwrap_or(1);
+            let a = if a == rank as i64 { rank } else { axis(a, rank)? };
+            let out = vec![shape[..a].iter().product(), shape[a..].iter().product()];
+            x.clone().reshape(out).map_err(|e| e.to_string())?
+        }
+        "Concat" => {
+            let ts: Vec<&Tensor> = (0..ins.len()).map(|i| input(ins, i)).collect::<Res<_>>()?;
+            let ax = axis(n.attr_i("axis").unwrap_or(0), rank)?;
+            let mut out = shape.clone();
+            out[ax] = 0;
+            for t in &ts {
+                if t.dtype() != x.dtype()
+                    || t.shape().len() != rank
+                    || (0..rank).any(|d| d != ax && t.shape()[d] != shape[d])
+                {
+                    return Err(format!("inputs {:?} and {:?} do not concatenate on axis {ax}", shape, t.shape()));
+                }
+                out[ax] += t.shape()[ax];
+            }
+            let outer: usize = shape[..ax].iter().product();
+            let es = x.dtype().size();
+            let bytes: Vec<Vec<u8>> = ts.iter().map(|t| t.to_le_bytes()).collect();
+            let chunks: Vec<usize> = ts.iter().map(|t| t.shape()[ax..].iter().product::<usize>() * es).collect();
+            let mut dst = Vec::with_capacity(out.iter().product::<usize>() * es);
+            for o in 0..outer {
+                for (b, &c) in bytes.iter().zip(&chunks) {
+                    dst.extend_from_slice(&b[o * c..(o + 1) * c]);
+                }
+            }
+            Tensor::from_le_bytes(x.dtype(), out, &dst).map_err(|e| e.to_string())?
+        }
+        "Transpose" => {
+            let perm: Vec<usize> = match n.attr_ints("perm") {
+                Some(p) => p.iter().map(|&a| axis(a, rank)).collect::<Res<_>>()?,
+                None => (0..rank).rev().collect(),
+            };
+            let mut seen = perm.clone();
+            seen.sort_unstable();
+            if seen != (0..rank).collect::<Vec<_>>() {
+                return Err(format!("perm {perm:?} is not a permutation of rank {rank}"));
+            }
+            let dense = dense_strides(&shape);
+            strided(
+                x,
+                perm.iter().map(|&p| shape[p]).collect(),
+                0,
+                &perm.iter().map(|&p| dense[p]).collect::<Vec<_>>(),
+            )?
+        }
+        "Slice" => {
+            let (starts, ends, axes, steps) = if opset < 10 {
+                (axes_of("starts", 99)?, axes_of("ends", 99)?, axes_of("axes", 99)?, vec![])
+            } else {
+                let opt = |i: usize| ins.get(i).copied().flatten().map(i64s).transpose();
+                (i64s(input(ins, 1)?)?, i64s(input(ins, 2)?)?, opt(3)?.unwrap_or_default(), opt(4)?.unwrap_or_default())
+            };
+            let axes: Vec<usize> = if axes.is_empty() {
+                (0..starts.len()).collect()
+            } else {
+                axes.iter().map(|&a| axis(a, rank)).collect::<Res<_>>()?
+            };
+            if starts.len() != axes.len()
+                || ends.len() != axes.len()
+                || !(steps.is_empty() || steps.len() == axes.len())
+            {
+                return Err("starts, ends, axes and steps differ in length".into());
+            }
+            let dense = dense_strides(&shape);
+            let mut out = shape.clone();
+            let mut strides = dense.clone();
+            let mut base = 0isize;
+            for (k, &a) in axes.iter().enumerate() {
+                let dim = shape[a] as i64;
+                let step = steps.get(k).copied().unwrap_or(1);
+                if step == 0 {
+                    return Err("slice step 0".into());
+                }
+                let norm = |v: i64| if v < 0 { v + dim } else { v };
+                let (s, e) = if step > 0 {
+                    (norm(starts[k]).clamp(0, dim), norm(ends[k]).clamp(0, dim))
+                } else {
+                    (norm(starts[k]).clamp(-1, dim - 1), norm(ends[k]).clamp(-1, dim - 1))
+                };
+                let (span, by) = if step > 0 { ((e - s).max(0), step) } else { ((s - e).max(0), -step) };
+                let len = (span + by - 1) / by;
+                out[a] = len as usize;
+                base += s.max(0) as isize * dense[a];
+                strides[a] = dense[a] * step as isize;
+            }
+            strided(x, out, base, &strides)?
+        }
+        "Softmax" => {
+            let v = f32s(x)?;
+            let default = if opset < 13 { 1 } else { -1 };
+            let ax = axis(n.attr_i("axis").unwrap_or(default), rank)?;
+            // Before opset 13 the input is coerced to 2-D at the axis.
+            let (len, inner) = if opset < 13 {
+                (shape[ax..].iter().product(), 1)
+            } else {
+                (shape[ax], shape[ax + 1..].iter().product())
+            };
+            let mut y = vec![0.0f32; v.len()];
+            for o in 0..v.len() / (len * inner).max(1) {
+                for i in 0..inner {
+                    let at = |k: usize| o * len * inner + k * inner + i;
+                    let m = (0..len).map(|k| v[at(k)]).fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0f32;
+                    for k in 0..len {
+                        y[at(k)] = (v[at(k)] - m).exp();
+                        sum += y[at(k)];
+                    }
+                    for k in 0..len {
+                        y[at(k)] /= sum;
+                    }
+                }
+            }
+            tensor(shape, TensorData::F32(y))?
+        }
+        "QuantizeLinear" => {
+            let zero = ins.get(2).copied().flatten();
+            let q = qparams_at(x, input(ins, 1)?, zero, n.attr_i("axis").unwrap_or(1))?;
+            let v = x.to_f32_vec();
+            let (lo, hi, dt) = match zero.map(Tensor::dtype) {
+                Some(DType::I8) => (-128, 127, DType::I8),
+                None | Some(DType::U8) => (0, 255, DType::U8),
+                Some(DType::I16) => (-32768, 32767, DType::I16),
+                Some(DType::U16) => (0, 65535, DType::U16),
+                Some(d) => return Err(format!("zero point of type {d}")),
+            };
+            let y: Vec<i64> = v
+                .iter()
+                .zip(&q)
+                .map(|(&x, &(s, z))| ((x / s).round_ties_even() as i64 + z as i64).clamp(lo, hi))
+                .collect();
+            tensor(shape, TensorData::I64(y))?.cast(dt)
+        }
+        "DequantizeLinear" => {
+            let q = qparams_at(x, input(ins, 1)?, ins.get(2).copied().flatten(), n.attr_i("axis").unwrap_or(1))?;
+            let v = i64s(&x.cast(DType::I64))?;
+            let y = v.iter().zip(&q).map(|(&v, &(s, z))| (v - z as i64) as f32 * s).collect();
+            tensor(shape, TensorData::F32(y))?
+        }
+        "GlobalAveragePool" => {
+            let v = f32s(x)?;
+            if rank < 3 {
+                return Err(format!("expected N, C and spatial axes, got {shape:?}"));
+            }
+            let hw: usize = shape[2..].iter().product();
+            let y = v.chunks(hw.max(1)).map(|c| c.iter().sum::<f32>() / hw as f32).collect();
+            let out: Vec<usize> = shape[..2].iter().copied().chain(std::iter::repeat_n(1, rank - 2)).collect();
+            tensor(out, TensorData::F32(y))?
+        }
+        op => return Err(format!("{op} is not an interpreter op")),
+    })
+}
+
+/// A `Constant` node's value (`value`, or one of the `value_*` scalar/list attributes).
+fn constant(n: &NodeProto) -> Res<Tensor> {
+    if let Some(t) = n.attr("value").and_then(|a| a.t.as_ref()) {
+        return tensor_from_proto(t).map_err(|e| e.to_string());
+    }
+    let a = |name: &str| n.attr(name);
+    if let Some(v) = a("value_float").and_then(|a| a.f) {
+        return tensor(vec![], TensorData::F32(vec![v]));
+    }
+    if let Some(v) = a("value_floats") {
+        return tensor(vec![v.floats.len()], TensorData::F32(v.floats.clone()));
+    }
+    if let Some(v) = a("value_int") {
+        return tensor(vec![], TensorData::I64(vec![v.i.unwrap_or(0)]));
+    }
+    if let Some(v) = a("value_ints") {
+        return tensor(vec![v.ints.len()], TensorData::I64(v.ints.clone()));
+    }
+    Err("a Constant without a supported value attribute".into())
+}
+
+impl Backend for InterpBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cpu
+    }
+
+    fn describe(&self) -> String {
+        let t = self.threads;
+        format!("cpu (edgepack kernel interpreter, {t} thread{})", if t == 1 { "" } else { "s" })
+    }
+
+    fn prepare(&self, _shapes: &[Vec<usize>]) -> Result<()> {
+        // Weights are packed at load; nothing depends on the input shapes.
+        Ok(())
+    }
+
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        self.execute(inputs, &self.outputs, None)
+    }
+
+    fn run_values(&self, inputs: Vec<Tensor>, values: &[String]) -> Result<Vec<Tensor>> {
+        let slots: Vec<usize> = values
+            .iter()
+            .map(|v| {
+                self.names.get(v).copied().ok_or_else(|| {
+                    err(format!("value `{v}` is not computed by the kernel graph (ask the tract backend)"))
+                })
+            })
+            .collect::<Result<_>>()?;
+        self.execute(inputs, &slots, None)
+    }
+
+    fn profile(&self, inputs: Vec<Tensor>, runs: usize) -> Result<Vec<OpTime>> {
+        let mut totals = HashMap::new();
+        let runs = runs.max(1);
+        for _ in 0..runs {
+            self.execute(inputs.clone(), &self.outputs, Some(&mut totals))?;
+        }
+        Ok(OpTime::from_totals(totals, runs))
+    }
+}

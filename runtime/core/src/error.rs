@@ -1,0 +1,98 @@
+//! Typed errors of the runtime. Every failure a caller can cause (bad files, bad inputs, bad bundles) maps to
+//! one of these variants; nothing in the public API panics on bad input.
+use std::path::PathBuf;
+
+/// Result alias used across the runtime.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong when loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bytes are not a valid ONNX model (protobuf decode failure or an inconsistent graph).
+    #[error("malformed ONNX model: {0}")]
+    MalformedModel(String),
+    /// An operator the chosen backend cannot execute.
+    #[error("unsupported operator `{op}` (domain `{domain}`) at node `{node}` on the {backend} backend")]
+    UnsupportedOp { op: String, domain: String, node: String, backend: &'static str },
+    /// The backend failed while analysing, optimising or running the model.
+    #[error("{backend} backend: {message}")]
+    Backend { backend: &'static str, message: String },
+    #[error("unknown input `{name}`; the model's inputs are: {expected}")]
+    UnknownInput { name: String, expected: String },
+    #[error("no value `{name}` in the model (ask for graph inputs, node outputs or model outputs)")]
+    UnknownValue { name: String },
+    #[error("missing input `{name}`")]
+    MissingInput { name: String },
+    #[error("input `{name}`: expected dtype {expected}, got {got}")]
+    InputDType { name: String, expected: String, got: String },
+    #[error("input `{name}`: expected shape {expected}, got {got:?}")]
+    InputShape { name: String, expected: String, got: Vec<usize> },
+    /// A tensor whose declared shape does not match its data.
+    #[error("invalid tensor: {0}")]
+    InvalidTensor(String),
+    #[error("invalid bundle: {0}")]
+    Bundle(#[from] BundleError),
+    #[error("image: {0}")]
+    Image(String),
+    #[error("pre/post-processing: {0}")]
+    Processing(String),
+    #[error("invalid .npy data: {0}")]
+    Npy(String),
+    /// A bug caught at the API boundary (a panic inside a dependency). Reported, never propagated as a panic.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}
+
+/// Runs `f`, turning a panic inside it (from a dependency) into [`Error::Internal`].
+pub fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            Err(Error::Internal(format!("{what}: {msg}")))
+        }
+    }
+}
+
+/// Why a bundle was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("not an .edgepack bundle (bad magic)")]
+    NotABundle,
+    #[error("truncated: {0}")]
+    Truncated(String),
+    #[error("unsupported {what} version {found} (this build reads version {supported})")]
+    UnsupportedVersion { what: &'static str, found: u64, supported: u32 },
+    #[error("too large: {0}")]
+    TooLarge(String),
+    #[error("corrupt structure: {0}")]
+    Corrupt(String),
+    #[error("manifest: {0}")]
+    Manifest(String),
+    #[error("member `{member}` is tampered or corrupt: sha256 {actual} does not match the manifest's {expected}")]
+    Tampered { member: String, expected: String, actual: String },
+    #[error("signature: {0}")]
+    Signature(String),
+    #[error("no member `{0}` in the bundle")]
+    MissingMember(String),
+    #[error("no variant `{wanted}`; the bundle has: {available}")]
+    NoSuchVariant { wanted: String, available: String },
+    #[error("invalid key: {0}")]
+    Key(String),
+}

@@ -1,0 +1,13 @@
+//! The base of the runtime's crate ladder: typed tensors and element types, dimensions, the one error type,
+//! `.npy` reading and atomic writes. It depends on no other edgepack crate.
+mod dim;
+pub mod error;
+pub mod fsutil;
+mod kind;
+pub mod npy;
+pub mod tensor;
+
+pub use dim::{Dim, shape_string};
+pub use error::{BundleError, Error, Result, no_panic};
+pub use kind::BackendKind;
+pub use tensor::{DType, Tensor, TensorData};

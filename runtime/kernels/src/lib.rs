@@ -1,0 +1,160 @@
+//! INT8 kernels on NHWC uint8 activations.
+//!
+//! - [`reference`]: the scalar reference that defines the arithmetic (onnxruntime's); the QDQ lowering
+//!   (`onnx::qdq_lower`) and every fast kernel are tested against it, element for element.
+//! - [`qconv`]: convolutions (pointwise as a plain GEMM, general through a tiled im2col, direct depthwise) with
+//!   the requantization fused into the output stage.
+//! - [`qelem`]: residual Add (QLinearAdd's arithmetic), MaxPool and channel Concat with requantization tables,
+//!   QuantizeLinear into NHWC.
+//!
+//! The instruction set is chosen at run time ([`Isa::detect`]): AVX-512 VNNI, AVX2 (exact 16-bit products), or
+//! portable Rust. `EDGEPACK_ISA=portable|avx2|avx512vnni` forces a lower one (testing, comparisons).
+pub mod fconv;
+pub mod pool;
+pub mod qconv;
+pub mod qelem;
+pub mod reference;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_f32;
+
+#[cfg(test)]
+mod tests;
+
+/// `unroll!(N, i => body)`: `body` once per `i` in `0..N` (N ≤ 16, a constant or const generic), each copy with
+/// `i` a literal. Register tiles indexed by loop counters stay in memory when LLVM's SROA runs before the loops
+/// are unrolled (every multiply-add then also stores its accumulator); literal indices keep them in registers.
+#[allow(unused_macros)]
+macro_rules! unroll {
+    ($n:expr, $i:ident => $body:block) => {{
+        unroll!(@ $n, $i, $body, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+    }};
+    (@ $n:expr, $i:ident, $body:block, $($k:literal)*) => {
+        $(
+            if $k < $n {
+                let $i: usize = $k;
+                $body
+            }
+        )*
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use unroll;
+
+/// Instruction set a kernel runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    Portable,
+    Avx2,
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The best instruction set this CPU supports, capped by `EDGEPACK_ISA` when set.
+    pub fn detect() -> Isa {
+        let best = Self::best();
+        match std::env::var("EDGEPACK_ISA").ok().as_deref().and_then(Isa::parse) {
+            Some(cap) => cap.min(best),
+            None => best,
+        }
+    }
+
+    /// Every instruction set this CPU can run (for tests and benchmarks).
+    pub fn available() -> Vec<Isa> {
+        let best = Self::best();
+        [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| *i <= best).collect()
+    }
+
+    pub fn parse(s: &str) -> Option<Isa> {
+        match s {
+            "portable" => Some(Isa::Portable),
+            "avx2" => Some(Isa::Avx2),
+            "avx512vnni" => Some(Isa::Avx512Vnni),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512vnni",
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn best() -> Isa {
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+        {
+            Isa::Avx512Vnni
+        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            Isa::Avx2
+        } else {
+            Isa::Portable
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn best() -> Isa {
+        Isa::Portable
+    }
+}
+
+/// Runs `f(i)` for `i in 0..parts` on the kernels' pool ([`pool`]) when the plan runs multithreaded, inline
+/// otherwise. `parts` is the number of independent chunks the caller split its work into; parts are claimed
+/// dynamically, so splitting into a few more parts than threads balances uneven or descheduled threads.
+pub fn for_each_part(parts: usize, f: impl Fn(usize) + Sync) {
+    let threads = threads();
+    if parts <= 1 || threads <= 1 {
+        (0..parts).for_each(f);
+        return;
+    }
+    pool::run(parts, threads, &f);
+}
+
+thread_local! {
+    /// Threads granted by [`with_threads`] on this thread (0: none).
+    static THREADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f` with `threads` threads available to the kernels it calls on this thread (the kernel interpreter's
+/// runs; tract's plans grant theirs through tract's executor).
+pub fn with_threads<R>(threads: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(usize);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREADS.set(self.0);
+        }
+    }
+    let _restore = Restore(THREADS.replace(threads.max(1)));
+    f()
+}
+
+/// Threads available to a kernel right now (1 outside a multithreaded run).
+pub fn threads() -> usize {
+    let granted = THREADS.get();
+    if granted > 0 {
+        return granted;
+    }
+    AMBIENT_THREADS.get().map_or(1, |f| f())
+}
+
+/// Where [`threads`] asks when no run granted threads: an executor that runs kernels inside its own thread pool
+/// (tract's) registers its pool's size here once. This crate knows nothing of that executor.
+static AMBIENT_THREADS: std::sync::OnceLock<fn() -> usize> = std::sync::OnceLock::new();
+
+/// Registers the executor's thread count for kernels run outside [`with_threads`] (first registration wins).
+pub fn set_ambient_threads(f: fn() -> usize) {
+    let _ = AMBIENT_THREADS.set(f);
+}
+
+/// Requantizes one accumulator exactly as [`reference::requantize`] (i32 input).
+#[inline(always)]
+pub(crate) fn requant(acc: i32, m: f32, z: i32) -> u8 {
+    let v = ((acc as f32) * m).clamp(-1024.0, 1024.0).round_ties_even() as i32 + z;
+    v.clamp(0, 255) as u8
+}

@@ -1,0 +1,408 @@
+//! Property tests: every fast kernel equals the scalar reference (or a direct float loop) for every ISA the CPU
+//! has and split across threads, over random shapes, strides, dilations, pads, zero points and scales.
+use super::reference::{self, Conv2d};
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn range(&mut self, lo: i64, hi: i64) -> i64 {
+        lo + (self.next() % (hi - lo + 1) as u64) as i64
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+use super::Isa;
+use super::qconv::{QConv, QConvSpec};
+use super::qelem;
+
+fn nchw_to_nhwc(x: &[u8], [n, c, h, w]: [usize; 4]) -> Vec<u8> {
+    let mut y = vec![0u8; x.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            for p in 0..h * w {
+                y[(b * h * w + p) * c + ch] = x[(b * c + ch) * h * w + p];
+            }
+        }
+    }
+    y
+}
+
+/// A random quantized convolution of the given kind: (spec, geometry, input NCHW shape).
+fn random_conv(r: &mut Rng, kind: usize, big: bool) -> Option<(QConvSpec, Conv2d, [usize; 4])> {
+    let pick = |r: &mut Rng, v: &[usize]| v[r.range(0, v.len() as i64 - 1) as usize];
+    let (c_in, c_out, group, kernel, stride, dilation, pads);
+    match kind {
+        // pointwise: direct GEMM when c_in % 4 == 0
+        0 => {
+            c_in = pick(r, &[4, 8, 16, 24, 32, 3, 5, 40]);
+            c_out = pick(r, &[1, 7, 16, 24, 40, 64, 65, 96, 130]);
+            (group, kernel, stride, dilation, pads) = (1, [1, 1], [1, 1], [1, 1], [0; 4]);
+        }
+        // general GEMM through im2col
+        1 => {
+            c_in = r.range(1, 20) as usize;
+            c_out = pick(r, &[1, 5, 16, 32, 48, 64, 70]);
+            group = 1;
+            kernel = [r.range(1, 4) as usize, r.range(1, 4) as usize];
+            stride = [r.range(1, 2) as usize, r.range(1, 2) as usize];
+            dilation = [r.range(1, 2) as usize, r.range(1, 2) as usize];
+            pads = [r.range(0, 2) as usize, r.range(0, 2) as usize, r.range(0, 2) as usize, r.range(0, 2) as usize];
+        }
+        // depthwise
+        _ => {
+            c_in = pick(r, &[1, 3, 8, 16, 17, 32, 40, 64, 72, 96, 130, 144, 240]);
+            c_out = c_in;
+            group = c_in;
+            let k = pick(r, &[3, 5]);
+            kernel = [k, pick(r, &[k, 1])];
+            stride = [r.range(1, 2) as usize, r.range(1, 2) as usize];
+            dilation = [r.range(1, 2) as usize, r.range(1, 2) as usize];
+            pads = [r.range(0, 2) as usize, r.range(0, 2) as usize, r.range(0, 2) as usize, r.range(0, 2) as usize];
+        }
+    }
+    let g = Conv2d { group, kernel, stride, dilation, pads };
+    let (h, w) = if big {
+        (r.range(20, 30) as usize, r.range(20, 30) as usize)
+    } else {
+        (r.range(1, 11) as usize, r.range(1, 11) as usize)
+    };
+    g.output_hw(h, w)?;
+    let n = if big { 1 } else { r.range(1, 2) as usize };
+    let weights: Vec<i8> =
+        (0..c_out * (c_in / group) * kernel[0] * kernel[1]).map(|_| r.range(-127, 127) as i8).collect();
+    let bias = (r.range(0, 3) > 0).then(|| (0..c_out).map(|_| r.range(-20_000, 20_000) as i32).collect());
+    let (z_x, z_y) = (r.range(0, 255) as u8, r.range(0, 255) as u8);
+    let taps = ((c_in / group) * kernel[0] * kernel[1]) as f32;
+    let multiplier = (0..c_out).map(|_| (0.5 + r.unit()) * 40.0 / (5400.0 * taps.sqrt())).collect();
+    let spec = QConvSpec { c_in, c_out, group, kernel, stride, dilation, pads, z_x, z_y, weights, bias, multiplier };
+    Some((spec, g, [n, c_in, h, w]))
+}
+
+fn check_qconv(spec: &QConvSpec, g: Conv2d, shape: [usize; 4], x: &[u8], isa: Isa, what: &str) {
+    let [n, _, h, w] = shape;
+    let (oh, ow) = g.output_hw(h, w).unwrap();
+    let want = reference::qconv2d(
+        x,
+        shape,
+        spec.z_x,
+        &spec.weights,
+        spec.c_out,
+        spec.bias.as_deref(),
+        &spec.multiplier,
+        spec.z_y,
+        g,
+    );
+    let want = nchw_to_nhwc(&want, [n, spec.c_out, oh, ow]);
+    let conv = QConv::new(spec.clone(), isa).unwrap();
+    let mut got = vec![0u8; want.len()];
+    conv.run(&nchw_to_nhwc(x, shape), n, h, w, &mut got).unwrap();
+    assert_eq!(got, want, "{what}: {conv:?} {g:?} input {shape:?}");
+}
+
+#[test]
+fn qconv_kernels_equal_the_scalar_reference_for_every_isa() {
+    let isas = Isa::available();
+    eprintln!("kernel ISAs tested: {:?}", isas);
+    for &isa in &isas {
+        let mut r = Rng(0x5eed_0000 + isa as u64);
+        let mut checked = [0usize; 3];
+        for case in 0..240 {
+            let kind = case % 3;
+            let Some((spec, g, shape)) = random_conv(&mut r, kind, false) else { continue };
+            let x: Vec<u8> = (0..shape.iter().product()).map(|_| r.range(0, 255) as u8).collect();
+            check_qconv(&spec, g, shape, &x, isa, &format!("{isa:?} case {case}"));
+            checked[kind] += 1;
+        }
+        assert!(checked.iter().all(|&c| c >= 30), "{isa:?}: too few valid cases {checked:?}");
+    }
+}
+
+#[test]
+fn qconv_kernels_split_across_threads_equal_the_reference() {
+    for &isa in &Isa::available() {
+        let mut r = Rng(0xfeed_0000 + isa as u64);
+        for case in 0..9 {
+            let Some((spec, g, shape)) = random_conv(&mut r, case % 3, true) else { continue };
+            let x: Vec<u8> = (0..shape.iter().product()).map(|_| r.range(0, 255) as u8).collect();
+            super::with_threads(2, || {
+                assert_eq!(super::threads(), 2);
+                check_qconv(&spec, g, shape, &x, isa, &format!("{isa:?} threaded case {case}"))
+            });
+        }
+    }
+}
+
+#[test]
+fn qconv_rejects_bad_specs_and_buffers() {
+    let spec = QConvSpec {
+        c_in: 4,
+        c_out: 4,
+        group: 2,
+        kernel: [1, 1],
+        stride: [1, 1],
+        dilation: [1, 1],
+        pads: [0; 4],
+        z_x: 0,
+        z_y: 0,
+        weights: vec![1; 8],
+        bias: None,
+        multiplier: vec![1.0; 4],
+    };
+    assert!(QConv::new(spec.clone(), Isa::Portable).unwrap_err().contains("grouped"));
+    let bad = QConvSpec { group: 1, weights: vec![1; 3], ..spec.clone() };
+    assert!(QConv::new(bad, Isa::Portable).is_err());
+    let ok = QConv::new(QConvSpec { group: 1, weights: vec![1; 16], ..spec }, Isa::Portable).unwrap();
+    let mut y = vec![0u8; 4];
+    assert!(ok.run(&[0u8; 3], 1, 1, 1, &mut y).is_err());
+}
+
+#[test]
+fn qadd_kernels_equal_the_scalar_reference_for_every_isa() {
+    let q = |scale, zero| reference::QParams { scale, zero };
+    for &isa in &Isa::available() {
+        let mut r = Rng(0xadd0_0000 + isa as u64);
+        for case in 0..40 {
+            let n = r.range(1, 200) as usize;
+            let a: Vec<u8> = (0..n).map(|_| r.range(0, 255) as u8).collect();
+            let b: Vec<u8> = (0..n).map(|_| r.range(0, 255) as u8).collect();
+            let (qa, qb) =
+                (q(0.001 + r.unit() * 0.1, r.range(0, 255) as u8), q(0.001 + r.unit() * 0.1, r.range(0, 255) as u8));
+            let qc = q((qa.scale + qb.scale) * (0.3 + r.unit()), r.range(0, 255) as u8);
+            let want = reference::qadd(&a, qa, &b, qb, qc);
+            let mut got = vec![0u8; n];
+            qelem::qadd(isa, &a, qa, &b, qb, qc, &mut got);
+            assert_eq!(got, want, "{isa:?} case {case}");
+        }
+    }
+}
+
+#[test]
+fn maxpool_concat_and_quantize_equal_their_float_definitions() {
+    let mut r = Rng(0x9001);
+    let q = |scale, zero| reference::QParams { scale, zero };
+    let dq = |v: u8, p: reference::QParams| (v as i32 - p.zero as i32) as f32 * p.scale;
+    // ONNX QuantizeLinear in f64 (x / s rounded once to f32, as the graph lowering computes it).
+    let qf = |x: f32, p: reference::QParams| {
+        (((x as f64 / p.scale as f64) as f32).round_ties_even() + p.zero as f32).clamp(0.0, 255.0) as u8
+    };
+    for case in 0..30 {
+        let (n, h, w, c) =
+            (r.range(1, 2) as usize, r.range(1, 9) as usize, r.range(1, 9) as usize, r.range(1, 20) as usize);
+        let (h, w) = if case % 5 == 0 { (h + 20, w + 7) } else { (h, w) };
+        let g = qelem::Pool2d {
+            kernel: [r.range(1, 3) as usize, r.range(1, 3) as usize],
+            stride: [r.range(1, 2) as usize, r.range(1, 2) as usize],
+            pads: [r.range(0, 1) as usize, r.range(0, 1) as usize, r.range(0, 1) as usize, r.range(0, 1) as usize],
+            ceil_mode: r.range(0, 1) == 1,
+        };
+        let (qi, qo) =
+            (q(0.01 + r.unit() * 0.1, r.range(0, 255) as u8), q(0.01 + r.unit() * 0.1, r.range(0, 255) as u8));
+        let x: Vec<u8> = (0..n * h * w * c).map(|_| r.range(0, 255) as u8).collect();
+        let Some((oh, ow)) = g.output_hw(h, w) else { continue };
+        if g.kernel[0] <= g.pads[0].max(g.pads[2]) || g.kernel[1] <= g.pads[1].max(g.pads[3]) {
+            continue;
+        }
+        let table = qelem::requant_table(qi, qo);
+        let mut got = vec![0u8; n * oh * ow * c];
+        qelem::maxpool(&x, [n, h, w, c], g, &table, &mut got).unwrap();
+        for b in 0..n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    for ch in 0..c {
+                        let mut m = f32::NEG_INFINITY;
+                        for ky in 0..g.kernel[0] {
+                            for kx in 0..g.kernel[1] {
+                                let (iy, ix) = (
+                                    (oy * g.stride[0] + ky) as isize - g.pads[0] as isize,
+                                    (ox * g.stride[1] + kx) as isize - g.pads[1] as isize,
+                                );
+                                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                    m = m.max(dq(x[((b * h + iy as usize) * w + ix as usize) * c + ch], qi));
+                                }
+                            }
+                        }
+                        assert_eq!(got[((b * oh + oy) * ow + ox) * c + ch], qf(m, qo), "maxpool case {case}");
+                    }
+                }
+            }
+        }
+        // concat of two tensors with their own parameters
+        let c2 = r.range(1, 9) as usize;
+        let q2 = q(0.01 + r.unit() * 0.1, r.range(0, 255) as u8);
+        let x2: Vec<u8> = (0..n * h * w * c2).map(|_| r.range(0, 255) as u8).collect();
+        let (t1, t2) = (qelem::requant_table(qi, qo), qelem::requant_table(q2, qo));
+        let mut cat = vec![0u8; n * h * w * (c + c2)];
+        qelem::concat_channels(&[(&x, c, &t1), (&x2, c2, &t2)], n * h * w, &mut cat);
+        for p in 0..n * h * w {
+            for ch in 0..c + c2 {
+                let want = if ch < c { qf(dq(x[p * c + ch], qi), qo) } else { qf(dq(x2[p * c2 + ch - c], q2), qo) };
+                assert_eq!(cat[p * (c + c2) + ch], want, "concat case {case}");
+            }
+        }
+        // quantize NCHW f32 → NHWC u8
+        let mut f: Vec<f32> = (0..n * c * h * w).map(|_| (r.unit() - 0.3) * 4.0).collect();
+        f[0] = f32::NAN;
+        if f.len() > 2 {
+            (f[1], f[2]) = (f32::INFINITY, -1e30);
+        }
+        let want: Vec<u8> = f.iter().map(|&v| qf(v, qo)).collect();
+        for &isa in &Isa::available() {
+            let mut qx = vec![0u8; f.len()];
+            qelem::quantize_nchw_to_nhwc(isa, &f, [n, c, h, w], qo, &mut qx);
+            assert_eq!(qx, nchw_to_nhwc(&want, [n, c, h, w]), "quantize {isa:?} case {case}");
+        }
+    }
+}
+
+/// Timing of the conv kernels on EfficientNet-Lite0-like layers (`cargo test --release -- --ignored kernel_timing
+/// --nocapture`); informative, not a test of speed.
+#[test]
+#[ignore]
+fn kernel_timing() {
+    let layers: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
+        // name, hw, c_in, c_out, k, stride, group(0 = depthwise)
+        ("stem 3x3 s2", 224, 3, 32, 3, 2, 1),
+        ("pw 112 32->16", 112, 32, 16, 1, 1, 1),
+        ("pw 112 16->96", 112, 16, 96, 1, 1, 1),
+        ("dw3 112 96 s2", 112, 96, 96, 3, 2, 0),
+        ("pw 56 96->24", 56, 96, 24, 1, 1, 1),
+        ("pw 56 24->144", 56, 24, 144, 1, 1, 1),
+        ("dw3 56 144", 56, 144, 144, 3, 1, 0),
+        ("dw5 28 240", 28, 240, 240, 5, 1, 0),
+        ("dw3 56 144 unpadded", 56, 144, 144, 3, 1, 0),
+        ("pw 14 80->480", 14, 80, 480, 1, 1, 1),
+        ("pw 7 1152->320", 7, 1152, 320, 1, 1, 1),
+        ("pw 7 320->1280", 7, 320, 1280, 1, 1, 1),
+    ];
+    let mut r = Rng(7);
+    for &(name, hw, c_in, c_out, k, s, g) in layers {
+        let group = if g == 0 { c_in } else { 1 };
+        let pad = if name.ends_with("unpadded") { 0 } else { k / 2 };
+        let spec = QConvSpec {
+            c_in,
+            c_out,
+            group,
+            kernel: [k, k],
+            stride: [s, s],
+            dilation: [1, 1],
+            pads: [pad; 4],
+            z_x: 3,
+            z_y: 5,
+            weights: (0..c_out * (c_in / group) * k * k).map(|_| r.range(-127, 127) as i8).collect(),
+            bias: Some(vec![7; c_out]),
+            multiplier: vec![0.001; c_out],
+        };
+        let x: Vec<u8> = (0..hw * hw * c_in).map(|_| r.range(0, 255) as u8).collect();
+        let mut line = format!("{name:>18}:");
+        for isa in Isa::available() {
+            let conv = QConv::new(spec.clone(), isa).unwrap();
+            let (oh, ow) = conv.output_hw(hw, hw).unwrap();
+            let mut y = vec![0u8; oh * ow * c_out];
+            let mut times = Vec::new();
+            for _ in 0..15 {
+                let t = std::time::Instant::now();
+                conv.run(&x, 1, hw, hw, &mut y).unwrap();
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            times.sort_by(f64::total_cmp);
+            let macs = (oh * ow * c_out * (c_in / group) * k * k) as f64;
+            line += &format!("  {} {:.3} ms ({:.1} MAC/ns)", isa.name(), times[7], macs / times[7] / 1e6);
+        }
+        eprintln!("{line}");
+    }
+}
+
+// ---- fp32 convolution (fconv) against a float64 direct loop, for every ISA, 1 and 2 threads ----
+
+use super::fconv::{FConv, FConvSpec};
+
+/// Direct NHWC convolution in f64: (values, Σ|x·w| per output for the tolerance).
+fn fconv_reference(s: &FConvSpec, x: &[f32], [n, h, w]: [usize; 3]) -> (Vec<f64>, Vec<f64>) {
+    let g = Conv2d { group: s.group, kernel: s.kernel, stride: s.stride, dilation: s.dilation, pads: s.pads };
+    let (oh, ow) = g.output_hw(h, w).unwrap();
+    let cin_g = s.c_in / s.group;
+    let cout_g = s.c_out / s.group;
+    let [kh, kw] = s.kernel;
+    let (mut y, mut mag) = (vec![0f64; n * oh * ow * s.c_out], vec![0f64; n * oh * ow * s.c_out]);
+    for b in 0..n {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for o in 0..s.c_out {
+                    let (mut acc, mut m) = (s.bias.as_ref().map_or(0.0, |v| v[o] as f64), 0.0);
+                    for ci in 0..cin_g {
+                        let c = (o / cout_g) * cin_g + ci;
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let iy = (oy * s.stride[0] + ky * s.dilation[0]) as isize - s.pads[0] as isize;
+                                let ix = (ox * s.stride[1] + kx * s.dilation[1]) as isize - s.pads[1] as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                    continue;
+                                }
+                                let xv = x[((b * h + iy as usize) * w + ix as usize) * s.c_in + c] as f64;
+                                let wv = s.weights[((o * cin_g + ci) * kh + ky) * kw + kx] as f64;
+                                acc += xv * wv;
+                                m += (xv * wv).abs();
+                            }
+                        }
+                    }
+                    let i = ((b * oh + oy) * ow + ox) * s.c_out + o;
+                    y[i] = acc.clamp(s.clamp[0] as f64, s.clamp[1] as f64);
+                    mag[i] = m;
+                }
+            }
+        }
+    }
+    (y, mag)
+}
+
+fn check_fconv(r: &mut Rng, kind: usize, big: bool, isa: Isa, what: &str) -> bool {
+    let Some((q, _, [n, _, h, w])) = random_conv(r, kind, big) else { return false };
+    let clamp = [[f32::NEG_INFINITY, f32::INFINITY], [0.0, f32::INFINITY], [0.0, 6.0]][r.range(0, 2) as usize];
+    let spec = FConvSpec {
+        c_in: q.c_in,
+        c_out: q.c_out,
+        group: q.group,
+        kernel: q.kernel,
+        stride: q.stride,
+        dilation: q.dilation,
+        pads: q.pads,
+        weights: q.weights.iter().map(|&v| v as f32 / 64.0).collect(),
+        bias: (r.range(0, 1) == 1).then(|| (0..q.c_out).map(|_| r.unit() * 4.0 - 2.0).collect()),
+        clamp,
+    };
+    let x: Vec<f32> = (0..n * h * w * spec.c_in).map(|_| r.unit() * 2.0 - 1.0).collect();
+    let (want, mag) = fconv_reference(&spec, &x, [n, h, w]);
+    let conv = FConv::new(spec, isa).unwrap();
+    let mut got = vec![f32::NAN; want.len()];
+    conv.run(&x, n, h, w, &mut got).unwrap();
+    for (i, ((&g, &e), &m)) in got.iter().zip(&want).zip(&mag).enumerate() {
+        assert!((g as f64 - e).abs() <= 1e-5 * (1.0 + m), "{what}: {conv:?} element {i}: {g} vs {e}");
+    }
+    true
+}
+
+#[test]
+fn fconv_kernels_equal_a_direct_loop_for_every_isa_and_thread_split() {
+    for &isa in &Isa::available() {
+        let mut r = Rng(0xf1_0000 + isa as u64);
+        let mut checked = [0usize; 3];
+        for case in 0..180 {
+            checked[case % 3] += check_fconv(&mut r, case % 3, false, isa, &format!("{isa:?} case {case}")) as usize;
+        }
+        assert!(checked.iter().all(|&c| c >= 20), "{isa:?}: too few valid cases {checked:?}");
+        for case in 0..9 {
+            super::with_threads(2, || {
+                check_fconv(&mut r, case % 3, true, isa, &format!("{isa:?} threaded case {case}"))
+            });
+        }
+    }
+}

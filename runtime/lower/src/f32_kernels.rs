@@ -1,0 +1,363 @@
+//! Float graphs to edgepack's fp32 kernels (`kernels::fconv`): custom `ai.edgepack` nodes on NHWC f32 tensors.
+//!
+//! - `Conv(x, W, b) → [Relu|Clip]` (constant weights, group 1 or depthwise) → `EpConv(x)` with the bias and the
+//!   clamp fused (BatchNormalization after a Conv is folded first);
+//! - `Add(a, b)`, `MaxPool(x)`, `Concat(axis 1)`, `GlobalAveragePool(x)` whose inputs are kernel outputs →
+//!   `EpAdd`, `EpMaxPool`, `EpConcat`, `EpGlobalAveragePool` (its `[n, 1, 1, c]` NHWC output is already NCHW in
+//!   memory, so the chain's exit transpose is free);
+//! - a Concat of group-1 convolutions read by nothing else → `EpConvConcat` (each writes its channels in place);
+//! - `Gemm(x, W, b)` with constant weights → `EpGemm(x)` (rank 2, no layout of its own).
+//!
+//! Then the layout pass of `qdq_kernels`: kernel chains stay NHWC, Transposes only where a chain starts or ends.
+use std::collections::{HashMap, HashSet};
+
+use crate::qdq_kernels::{Rewrite, conv_geometry, ep_node as ep, in_layout, maxpool_attrs};
+use edgepack_onnx::builder::{attr_floats, attr_int, attr_ints, attr_tensor, tensor_f32};
+use edgepack_onnx::passes::tensor_f32_values;
+use edgepack_onnx::{Graph, Model, NodeExt, NodeProto};
+
+use crate::qdq_kernels::{ApplyRewrites, declare_kernels};
+
+/// Op types of the float kernel nodes.
+pub const OPS: [&str; 7] =
+    ["EpConv", "EpConvConcat", "EpGemm", "EpAdd", "EpMaxPool", "EpConcat", "EpGlobalAveragePool"];
+
+struct Ctx<'a> {
+    g: &'a Graph,
+    readers: HashMap<&'a str, usize>,
+    /// Graph outputs and values read inside subgraphs.
+    pinned: HashSet<String>,
+    float: HashMap<String, i32>,
+}
+
+impl Ctx<'_> {
+    fn only_reader(&self, v: &str) -> Option<usize> {
+        if self.readers.get(v).copied() != Some(1) || self.pinned.contains(v) {
+            return None;
+        }
+        self.g.nodes.iter().position(|n| n.input.iter().any(|i| i == v))
+    }
+
+    fn scalar(&self, name: &str) -> Option<f32> {
+        let v = tensor_f32_values(self.g.initializer(name)?)?;
+        (v.len() == 1).then(|| v[0])
+    }
+}
+
+fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
+    let g = c.g;
+    let n = &g.nodes[idx];
+    if c.float.get(n.input.first()?) != Some(&1) {
+        return None;
+    }
+    let wt = g.initializer(n.input.get(1)?)?;
+    if wt.dims.len() != 4 || wt.data_type != Some(1) {
+        return None;
+    }
+    let w = tensor_f32_values(wt)?;
+    let d: Vec<usize> = wt.dims.iter().map(|&v| v as usize).collect();
+    let group = n.attr_i("group").unwrap_or(1).max(1) as usize;
+    let (c_out, c_in) = (d[0], d[1] * group);
+    if !(group == 1 || (group == c_in && c_out == c_in && d[1] == 1)) || w.len() != d.iter().product::<usize>() {
+        return None;
+    }
+    let [strides, dilations, pads] = conv_geometry(n, d[2], d[3])?;
+    let bias = match n.input.get(2).filter(|b| !b.is_empty()) {
+        None => None,
+        Some(b) => Some(tensor_f32_values(g.initializer(b)?).filter(|v| v.len() == c_out)?),
+    };
+    // [Relu|Clip] read only by this Conv: fused as the output clamp.
+    let mut remove = vec![idx];
+    let mut out = n.output.first()?.clone();
+    let mut clamp = [f32::NEG_INFINITY, f32::INFINITY];
+    if let Some(a) = c.only_reader(&out).map(|i| (i, &g.nodes[i]))
+        && a.1.domain_name().is_empty()
+    {
+        let (i, a) = a;
+        let bound = |k: usize, default: f32| match a.input.get(k).filter(|s| !s.is_empty()) {
+            None => Some(default),
+            Some(s) => c.scalar(s),
+        };
+        let fused = match a.op() {
+            "Relu" => Some([0.0, f32::INFINITY]),
+            "Clip" => bound(1, f32::NEG_INFINITY).zip(bound(2, f32::INFINITY)).map(|(lo, hi)| [lo, hi]),
+            _ => None,
+        };
+        if let Some(cl) = fused.filter(|cl| !cl[0].is_nan() && !cl[1].is_nan() && cl[0] <= cl[1]) {
+            clamp = cl;
+            remove.push(i);
+            out = a.output.first()?.clone();
+        }
+    }
+    let raw: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut attrs = vec![
+        attr_int("c_in", c_in as i64),
+        attr_int("c_out", c_out as i64),
+        attr_int("group", group as i64),
+        attr_ints("kernel_shape", &[d[2] as i64, d[3] as i64]),
+        attr_ints("strides", &strides),
+        attr_ints("dilations", &dilations),
+        attr_ints("pads", &pads),
+        attr_floats("clamp", &clamp),
+        attr_tensor("weights", edgepack_onnx::builder::tensor_raw("weights", &wt.dims, 1, raw)),
+    ];
+    if let Some(b) = &bias {
+        attrs.push(attr_tensor("bias", tensor_f32("bias", &[c_out as i64], b)));
+    }
+    Some(Rewrite { remove, node: ep("EpConv", &format!("{}_kernel", n.name()), &[&n.input[0]], &out, attrs) })
+}
+
+/// Output channels of a kernel node.
+fn channels(n: &NodeProto, made: &HashMap<String, usize>) -> usize {
+    match n.op() {
+        "EpConv" => n.attr_i("c_out").unwrap_or(0) as usize,
+        "EpConcat" => n.input.iter().map(|i| made.get(i).copied().unwrap_or(0)).sum(),
+        _ => n.input.first().and_then(|i| made.get(i)).copied().unwrap_or(0),
+    }
+}
+
+/// `Gemm(x, W, b)` with constant weights (transA 0, alpha = beta = 1) → `EpGemm(x)`: a 1×1 convolution over the
+/// rows of `[N, K]` (the classifier head; rank 2, outside the NHWC chains).
+fn gemm(c: &Ctx, idx: usize) -> Option<Rewrite> {
+    let g = c.g;
+    let n = &g.nodes[idx];
+    if n.attr_i("transA").unwrap_or(0) != 0
+        || n.attr_f("alpha").unwrap_or(1.0) != 1.0
+        || n.attr_f("beta").unwrap_or(1.0) != 1.0
+        || c.float.get(n.input.first()?) != Some(&1)
+    {
+        return None;
+    }
+    let wt = g.initializer(n.input.get(1)?)?;
+    if wt.dims.len() != 2 || wt.data_type != Some(1) {
+        return None;
+    }
+    let w = tensor_f32_values(wt)?;
+    let tb = n.attr_i("transB").unwrap_or(0) == 1;
+    let (d0, d1) = (wt.dims[0] as usize, wt.dims[1] as usize);
+    let (k, c_out) = if tb { (d1, d0) } else { (d0, d1) };
+    if w.len() != k * c_out {
+        return None;
+    }
+    let bias = match n.input.get(2).filter(|b| !b.is_empty()) {
+        None => None,
+        Some(b) => Some(tensor_f32_values(g.initializer(b)?).filter(|v| v.len() == c_out)?),
+    };
+    // OIHW [c_out, k, 1, 1].
+    let raw: Vec<u8> = (0..c_out * k)
+        .flat_map(|i| {
+            let (o, kk) = (i / k, i % k);
+            (if tb { w[o * k + kk] } else { w[kk * c_out + o] }).to_le_bytes()
+        })
+        .collect();
+    let mut attrs = vec![
+        attr_int("c_in", k as i64),
+        attr_int("c_out", c_out as i64),
+        attr_int("group", 1),
+        attr_ints("kernel_shape", &[1, 1]),
+        attr_ints("strides", &[1, 1]),
+        attr_ints("dilations", &[1, 1]),
+        attr_ints("pads", &[0, 0, 0, 0]),
+        attr_floats("clamp", &[f32::NEG_INFINITY, f32::INFINITY]),
+        attr_tensor("weights", edgepack_onnx::builder::tensor_raw("weights", &[c_out as i64, k as i64, 1, 1], 1, raw)),
+    ];
+    if let Some(b) = &bias {
+        attrs.push(attr_tensor("bias", tensor_f32("bias", &[c_out as i64], b)));
+    }
+    let out = n.output.first()?;
+    Some(Rewrite { remove: vec![idx], node: ep("EpGemm", &format!("{}_kernel", n.name()), &[&n.input[0]], out, attrs) })
+}
+
+fn simple(c: &Ctx, idx: usize, made: &HashMap<String, usize>) -> Option<Rewrite> {
+    let n = &c.g.nodes[idx];
+    if !n.domain_name().is_empty() || n.output.len() != 1 || !n.input.iter().all(|i| made.contains_key(i)) {
+        return None;
+    }
+    // A residual Add of equal channel counts (no broadcasting across channels).
+    if n.op() == "Add" && n.input.iter().map(|i| made[i]).collect::<HashSet<_>>().len() != 1 {
+        return None;
+    }
+    let name = format!("{}_kernel", n.name());
+    let ins: Vec<&str> = n.input.iter().map(|s| s.as_str()).collect();
+    let node = match n.op() {
+        "Add" if ins.len() == 2 => ep("EpAdd", &name, &ins, &n.output[0], vec![]),
+        "GlobalAveragePool" if ins.len() == 1 => ep("EpGlobalAveragePool", &name, &ins, &n.output[0], vec![]),
+        "Concat" if n.attr_i("axis") == Some(1) && !ins.is_empty() => ep("EpConcat", &name, &ins, &n.output[0], vec![]),
+        "MaxPool" if ins.len() == 1 => ep("EpMaxPool", &name, &ins, &n.output[0], maxpool_attrs(n)?),
+        _ => return None,
+    };
+    Some(Rewrite { remove: vec![idx], node })
+}
+
+/// `EpConcat` of group-1 `EpConv` outputs read by nothing else → one `EpConvConcat`: each convolution writes
+/// its channels of the concatenated output (SqueezeNet's fire modules), saving the Concat's copy.
+fn fuse_conv_concats(c: &Ctx, rewrites: Vec<Rewrite>) -> Vec<Rewrite> {
+    let by_output: HashMap<&str, usize> =
+        rewrites.iter().enumerate().map(|(i, r)| (r.node.output[0].as_str(), i)).collect();
+    let mut fused: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (i, r) in rewrites.iter().enumerate() {
+        if r.node.op() != "EpConcat" {
+            continue;
+        }
+        let convs: Option<Vec<usize>> = r
+            .node
+            .input
+            .iter()
+            .map(|v| {
+                let k = *by_output.get(v.as_str())?;
+                let n = &rewrites[k].node;
+                (n.op() == "EpConv"
+                    && n.attr_i("group") == Some(1)
+                    && c.readers.get(v.as_str()) == Some(&1)
+                    && !c.pinned.contains(v))
+                .then_some(k)
+            })
+            .collect();
+        if let Some(convs) = convs.filter(|v| v.iter().collect::<HashSet<_>>().len() == v.len()) {
+            fused.push((i, convs));
+        }
+    }
+    let mut gone: HashSet<usize> = HashSet::new();
+    let mut merged: HashMap<usize, Rewrite> = HashMap::new();
+    for (i, convs) in fused {
+        let cat = &rewrites[i];
+        let mut remove = cat.remove.clone();
+        let mut attrs = Vec::new();
+        let mut inputs = Vec::new();
+        for (j, &k) in convs.iter().enumerate() {
+            let conv = &rewrites[k];
+            remove.extend(conv.remove.iter().copied());
+            inputs.push(conv.node.input[0].as_str());
+            for a in &conv.node.attribute {
+                let mut a = a.clone();
+                a.name = Some(format!("{}_{j}", a.name.as_deref().unwrap_or_default()));
+                attrs.push(a);
+            }
+            gone.insert(k);
+        }
+        let node = ep("EpConvConcat", cat.node.name(), &inputs, &cat.node.output[0], attrs);
+        merged.insert(i, Rewrite { remove, node });
+    }
+    rewrites
+        .into_iter()
+        .enumerate()
+        .filter(|(k, _)| !gone.contains(k))
+        .map(|(k, r)| merged.remove(&k).unwrap_or(r))
+        .collect()
+}
+
+/// The float-kernel lowering on the graph types (an extension trait: they live in `edgepack-onnx`).
+pub trait F32Kernels {
+    /// Rewrites the float patterns the fp32 kernels cover; returns how many were rewritten.
+    fn lower_f32_kernels(&mut self) -> usize;
+}
+
+impl F32Kernels for Model {
+    /// [`Graph::lower_f32_kernels`], declaring the kernel domain. Returns how many patterns became kernels.
+    fn lower_f32_kernels(&mut self) -> usize {
+        let n = self.graph.lower_f32_kernels();
+        declare_kernels(self, n)
+    }
+}
+
+impl F32Kernels for Graph {
+    /// Rewrites the float patterns the fp32 kernels cover (module docs) and puts their chains in NHWC. Returns
+    /// how many patterns were rewritten (0: the graph is untouched). Meant for graphs without QDQ nodes.
+    fn lower_f32_kernels(&mut self) -> usize {
+        let mut g = self.clone();
+        g.name_unnamed_nodes();
+        g.constants_to_initializers();
+        g.fold_batchnorm();
+        g.bypass_inference_identities();
+        if g.topo_sort().is_err() {
+            return 0;
+        }
+        let rewrites = {
+            let mut readers = HashMap::new();
+            let mut pinned: HashSet<String> = g.outputs.iter().filter_map(|o| o.name.clone()).collect();
+            for n in &g.nodes {
+                for i in n.input.iter().filter(|i| !i.is_empty()) {
+                    *readers.entry(i.as_str()).or_insert(0) += 1;
+                }
+                edgepack_onnx::collect_subgraph_refs(n, &mut pinned);
+            }
+            let c = Ctx { g: &g, readers, pinned, float: g.infer_elem_types() };
+            // Kernel outputs and their channel counts.
+            let mut made: HashMap<String, usize> = HashMap::new();
+            let mut taken: HashSet<usize> = HashSet::new();
+            let mut out = Vec::new();
+            for (i, n) in g.nodes.iter().enumerate() {
+                if taken.contains(&i) {
+                    continue;
+                }
+                let r = match n.op() {
+                    "Conv" if n.domain_name().is_empty() => conv(&c, i),
+                    "Gemm" if n.domain_name().is_empty() => gemm(&c, i),
+                    "Add" | "Concat" | "MaxPool" | "GlobalAveragePool" => simple(&c, i, &made),
+                    _ => None,
+                };
+                if let Some(r) = r
+                    && r.remove.iter().all(|k| !taken.contains(k))
+                {
+                    taken.extend(r.remove.iter().copied());
+                    if in_layout(r.node.op()) {
+                        let ch = channels(&r.node, &made);
+                        made.insert(r.node.output[0].clone(), ch);
+                    }
+                    out.push(r);
+                }
+            }
+            fuse_conv_concats(&c, out)
+        };
+        let count = rewrites.len();
+        g.apply_kernel_rewrites(rewrites).map(|g| *self = g).map_or(0, |_| count)
+    }
+}
+
+trait Bypass {
+    fn bypass_inference_identities(&mut self) -> usize;
+}
+
+impl Bypass for Graph {
+    /// Removes `Identity` and inference `Dropout` nodes (only their first output read, not a graph output): their
+    /// readers read the input instead. Kernel chains then run through them (SqueezeNet's Dropout before conv10).
+    fn bypass_inference_identities(&mut self) -> usize {
+        let outputs: HashSet<String> = self.outputs.iter().filter_map(|o| o.name.clone()).collect();
+        let mut pinned = outputs.clone();
+        for n in &self.nodes {
+            edgepack_onnx::collect_subgraph_refs(n, &mut pinned);
+        }
+        let read: HashSet<String> = self.nodes.iter().flat_map(|n| n.input.iter().cloned()).collect();
+        let mut renames: HashMap<String, String> = HashMap::new();
+        self.nodes.retain(|n| {
+            let bypass = matches!(n.op(), "Identity" | "Dropout")
+                && n.domain_name().is_empty()
+                && !n.input.is_empty()
+                && n.output.first().is_some_and(|o| !pinned.contains(o))
+                && n.output.iter().skip(1).all(|o| o.is_empty() || (!read.contains(o) && !pinned.contains(o)))
+                && (n.op() == "Identity" || n.input.len() == 1 || n.attr_i("training_mode").unwrap_or(0) == 0);
+            // Dropout's training_mode input (opset 12+) must be absent or a constant false; only the 1-input form
+            // (or the attribute-free one) is taken here.
+            let bypass = bypass && (n.op() == "Identity" || n.input.len() == 1);
+            if bypass {
+                renames.insert(n.output[0].clone(), n.input[0].clone());
+            }
+            !bypass
+        });
+        let resolve = |v: &str| {
+            let mut cur = v.to_string();
+            while let Some(next) = renames.get(&cur) {
+                cur = next.clone();
+            }
+            cur
+        };
+        for n in &mut self.nodes {
+            for i in n.input.iter_mut() {
+                if renames.contains_key(i.as_str()) {
+                    *i = resolve(i);
+                }
+            }
+        }
+        renames.len()
+    }
+}

@@ -1,0 +1,50 @@
+//! The lowering passes that turn ONNX graphs into the CPU kernels' graphs: `ai.edgepack` kernel nodes (integer
+//! and float, NHWC chains) and onnxruntime's integer arithmetic on float ops for the QDQ patterns left over.
+//! [`nodes`] parses those kernel nodes, computes their shapes and evaluates them on slices for any executor.
+pub mod f32_kernels;
+pub mod nodes;
+pub mod qdq_kernels;
+pub mod qdq_lower;
+
+pub use f32_kernels::F32Kernels;
+pub use qdq_kernels::QdqKernels;
+pub use qdq_lower::{LowerFor, QdqInteger};
+
+use edgepack_onnx::Model;
+
+/// What [`Model::lower_for_cpu`] rewrote.
+pub struct CpuLowering {
+    pub model: Model,
+    /// QDQ patterns that became integer-kernel nodes.
+    pub integer_kernels: usize,
+    /// QDQ patterns lowered to exact integer arithmetic on float ops.
+    pub integer_ops: usize,
+    /// Float patterns that became float-kernel nodes.
+    pub float_kernels: usize,
+}
+
+impl CpuLowering {
+    pub fn changed(&self) -> bool {
+        self.integer_kernels + self.integer_ops + self.float_kernels > 0
+    }
+}
+
+/// The graph the CPU backends run (see [`CpuLowering`]).
+pub trait LowerForCpu {
+    fn lower_for_cpu(&self, kernels: bool) -> CpuLowering;
+}
+
+impl LowerForCpu for Model {
+    /// The graph the CPU backends run. QDQ graphs keep onnxruntime's integer arithmetic (exact accumulation, one
+    /// requantization multiply): the patterns the integer kernels cover become kernel nodes (NHWC uint8 chains),
+    /// the rest is lowered to float ops carrying exact integers. Float graphs: Conv chains (with their Relu/Clip,
+    /// residual Adds, MaxPools, Concats) become fp32 NHWC kernel nodes; not mixed with the integer lowering (its
+    /// float ops carry exact integers). `kernels: false` keeps everything on float ops.
+    fn lower_for_cpu(&self, kernels: bool) -> CpuLowering {
+        let mut model = self.clone();
+        let integer_kernels = if kernels { model.lower_qdq_kernels() } else { 0 };
+        let integer_ops = model.graph.lower_qdq_integer();
+        let float_kernels = if kernels && integer_kernels + integer_ops == 0 { model.lower_f32_kernels() } else { 0 };
+        CpuLowering { model, integer_kernels, integer_ops, float_kernels }
+    }
+}

@@ -1,0 +1,540 @@
+//! The `ai.edgepack` kernel nodes written by `onnx::qdq_kernels` (integer: NHWC uint8 in and out, except
+//! `EpQuantize`: NCHW f32 in) and `onnx::f32_kernels` (float: NHWC f32 in and out), independent of any executor:
+//! parsed from their ONNX attributes once (weights packed at load), output shapes, evaluation on slices. The tract
+//! backend wraps them as tract ops (`cpu_ops`), the kernel interpreter (`interp`) calls them directly.
+use edgepack_core::tensor::DType;
+use edgepack_kernels::fconv::{FConv, FConvSpec};
+use edgepack_kernels::qconv::{QConv, QConvSpec};
+use edgepack_kernels::qelem::{self, Pool2d};
+use edgepack_kernels::reference::QParams;
+use edgepack_kernels::{Isa, for_each_part};
+use edgepack_onnx::{AttributeProto, NodeExt, NodeProto};
+
+/// The node types of this module: the integer kernels' and the float kernels'.
+pub fn ops() -> impl Iterator<Item = &'static str> {
+    crate::qdq_kernels::OPS.into_iter().chain(crate::f32_kernels::OPS)
+}
+
+type Res<T> = std::result::Result<T, String>;
+
+#[derive(Debug)]
+pub enum Kernel {
+    Conv(QConv),
+    /// `[N, K]` uint8 → `[N, c_out]` uint8 or f32 (a 1×1 convolution over `N` pixels).
+    Gemm {
+        conv: QConv,
+        float_out: bool,
+    },
+    Add {
+        qa: QParams,
+        qb: QParams,
+        qc: QParams,
+        isa: Isa,
+    },
+    MaxPool {
+        g: Pool2d,
+        table: [u8; 256],
+    },
+    Concat {
+        tables: Vec<[u8; 256]>,
+    },
+    Quantize {
+        q: QParams,
+        isa: Isa,
+    },
+    FConv(FConv),
+    /// Convolutions writing their channels of one concatenated output (no separate Concat copy).
+    FConvConcat(Vec<FConv>),
+    /// `[N, K]` f32 → `[N, c_out]` f32 (a 1×1 convolution over `N` pixels).
+    FGemm(FConv),
+    FAdd,
+    FMaxPool(Pool2d),
+    FConcat(usize),
+    FGlobalAvg,
+    /// NCHW → NHWC or back, uint8 or f32 (the chain boundaries of the layout pass).
+    Layout {
+        to_nhwc: bool,
+    },
+}
+
+/// A dimension of a shape as an executor knows it: concrete (`usize`) or possibly symbolic (tract's `TDim`).
+pub trait KernelDim: Clone + PartialEq + std::fmt::Debug {
+    fn value(&self) -> Option<usize>;
+    fn known(n: usize) -> Self;
+}
+
+impl KernelDim for usize {
+    fn value(&self) -> Option<usize> {
+        Some(*self)
+    }
+    fn known(n: usize) -> Self {
+        n
+    }
+}
+
+/// A kernel input or output: the two element types the kernels read and write.
+pub enum Data<'a> {
+    U8(&'a [u8]),
+    F32(&'a [f32]),
+}
+
+pub enum DataMut<'a> {
+    U8(&'a mut [u8]),
+    F32(&'a mut [f32]),
+}
+
+fn attr<'a>(node: &'a NodeProto, name: &str) -> Res<&'a AttributeProto> {
+    node.attr(name).ok_or_else(|| format!("{}: attribute {name} is missing", node.name()))
+}
+
+fn int(node: &NodeProto, name: &str) -> Res<i64> {
+    let a = attr(node, name)?;
+    // An INT attribute whose value is absent is 0 (proto3 writers, tract's among them, omit default values).
+    a.i.or((a.r#type == Some(2)).then_some(0)).ok_or_else(|| format!("{}: attribute {name} is not an int", node.name()))
+}
+
+fn raw<'a>(node: &'a NodeProto, name: &str, dt: i32, len: usize) -> Res<&'a [u8]> {
+    let t = attr(node, name)?.t.as_ref();
+    match t {
+        Some(t) if t.data_type == Some(dt) && t.raw_data.as_ref().is_some_and(|b| b.len() == len) => {
+            Ok(t.raw_data.as_deref().unwrap_or_default())
+        }
+        _ => Err(format!("{}: attribute {name} is not a raw tensor of {len} bytes", node.name())),
+    }
+}
+
+fn usizes<const N: usize>(node: &NodeProto, name: &str) -> Res<[usize; N]> {
+    let v = node.attr_ints(name).unwrap_or_default();
+    if v.len() != N || v.iter().any(|&x| x < 0) {
+        return Err(format!("{}: attribute {name} must hold {N} non-negative ints", node.name()));
+    }
+    Ok(std::array::from_fn(|i| v[i] as usize))
+}
+
+fn byte(node: &NodeProto, name: &str) -> Res<u8> {
+    let v = int(node, name)?;
+    u8::try_from(v).map_err(|_| format!("{}: {name} = {v} is not a uint8 zero point", node.name()))
+}
+
+fn floats(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// The geometry attributes every convolution kernel node carries (names suffixed with `sfx`).
+struct Geometry {
+    c_in: usize,
+    c_out: usize,
+    group: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    pads: [usize; 4],
+}
+
+impl Geometry {
+    fn parse(node: &NodeProto, sfx: &str) -> Res<Geometry> {
+        let a = |name: &str| format!("{name}{sfx}");
+        let count = |name: &str| -> Res<usize> {
+            let v = int(node, &a(name))?;
+            usize::try_from(v).map_err(|_| format!("{}: {name} = {v} is negative", node.name()))
+        };
+        Ok(Geometry {
+            c_in: count("c_in")?,
+            c_out: count("c_out")?,
+            group: count("group")?,
+            kernel: usizes(node, &a("kernel_shape"))?,
+            stride: usizes(node, &a("strides"))?,
+            dilation: usizes(node, &a("dilations"))?,
+            pads: usizes(node, &a("pads"))?,
+        })
+    }
+
+    /// Weights per output channel.
+    fn per_out(&self) -> usize {
+        (self.c_in / self.group.max(1)) * self.kernel[0] * self.kernel[1]
+    }
+}
+
+fn qconv(node: &NodeProto) -> Res<QConv> {
+    let g = Geometry::parse(node, "")?;
+    let weights = raw(node, "weights", 3, g.c_out * g.per_out())?.iter().map(|&b| b as i8).collect();
+    let multiplier = floats(raw(node, "multiplier", 1, g.c_out * 4)?);
+    let bias = if node.attr("bias").is_some() {
+        let b = raw(node, "bias", 6, g.c_out * 4)?;
+        Some(b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    } else {
+        None
+    };
+    let spec = QConvSpec {
+        c_in: g.c_in,
+        c_out: g.c_out,
+        group: g.group,
+        kernel: g.kernel,
+        stride: g.stride,
+        dilation: g.dilation,
+        pads: g.pads,
+        z_x: byte(node, "z_x")?,
+        z_y: byte(node, "z_y")?,
+        weights,
+        bias,
+        multiplier,
+    };
+    QConv::new(spec, Isa::detect()).map_err(|e| format!("{}: {e}", node.name()))
+}
+
+fn qparams(node: &NodeProto, s: &str, z: &str) -> Res<QParams> {
+    let scale = attr(node, s)?.f.ok_or_else(|| format!("{}: attribute {s} is not a float", node.name()))?;
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(format!("{}: scale {s} = {scale} must be positive", node.name()));
+    }
+    Ok(QParams { scale, zero: byte(node, z)? })
+}
+
+fn pool2d(node: &NodeProto) -> Res<Pool2d> {
+    let g = Pool2d {
+        kernel: usizes(node, "kernel_shape")?,
+        stride: usizes(node, "strides")?,
+        pads: usizes(node, "pads")?,
+        ceil_mode: int(node, "ceil_mode")? != 0,
+    };
+    if g.kernel.iter().chain(&g.stride).any(|&v| v == 0) {
+        return Err(format!("{}: empty pooling window or stride", node.name()));
+    }
+    Ok(g)
+}
+
+fn fconv(node: &NodeProto, sfx: &str) -> Res<FConv> {
+    let a = |name: &str| format!("{name}{sfx}");
+    let g = Geometry::parse(node, sfx)?;
+    let bias =
+        if node.attr(&a("bias")).is_some() { Some(floats(raw(node, &a("bias"), 1, g.c_out * 4)?)) } else { None };
+    let clamp = attr(node, &a("clamp"))?.floats.as_slice();
+    if clamp.len() != 2 {
+        return Err(format!("{}: clamp must hold 2 floats", node.name()));
+    }
+    let spec = FConvSpec {
+        c_in: g.c_in,
+        c_out: g.c_out,
+        group: g.group,
+        kernel: g.kernel,
+        stride: g.stride,
+        dilation: g.dilation,
+        pads: g.pads,
+        weights: floats(raw(node, &a("weights"), 1, g.c_out * g.per_out() * 4)?),
+        bias,
+        clamp: [clamp[0], clamp[1]],
+    };
+    FConv::new(spec, Isa::detect()).map_err(|e| format!("{}: {e}", node.name()))
+}
+
+impl Kernel {
+    /// Parses a kernel node (`op` one of [`ops`]).
+    pub fn parse(node: &NodeProto) -> Res<Kernel> {
+        Ok(match node.op() {
+            "EpQConv" => Kernel::Conv(qconv(node)?),
+            "EpQGemm" => Kernel::Gemm { conv: qconv(node)?, float_out: int(node, "float_out")? != 0 },
+            "EpQAdd" => Kernel::Add {
+                qa: qparams(node, "s_a", "z_a")?,
+                qb: qparams(node, "s_b", "z_b")?,
+                qc: qparams(node, "s_c", "z_c")?,
+                isa: Isa::detect(),
+            },
+            "EpQMaxPool" => {
+                let table = raw(node, "table", 2, 256)?.try_into().map_err(|_| "table".to_string())?;
+                Kernel::MaxPool { g: pool2d(node)?, table }
+            }
+            "EpQConcat" => {
+                let n = node.input.len();
+                let tables = raw(node, "tables", 2, n * 256)?
+                    .chunks_exact(256)
+                    .map(|c| c.try_into().unwrap_or([0; 256]))
+                    .collect();
+                Kernel::Concat { tables }
+            }
+            "EpQuantize" => Kernel::Quantize { q: qparams(node, "scale", "zero")?, isa: Isa::detect() },
+            "EpConv" => Kernel::FConv(fconv(node, "")?),
+            // Convolution `i` reads input `i`, its attributes carry the suffix `_i`.
+            "EpConvConcat" => {
+                let convs: Vec<FConv> =
+                    (0..node.input.len()).map(|i| fconv(node, &format!("_{i}"))).collect::<Res<_>>()?;
+                if convs.is_empty() {
+                    return Err(format!("{}: no convolution", node.name()));
+                }
+                Kernel::FConvConcat(convs)
+            }
+            "EpGemm" => Kernel::FGemm(fconv(node, "")?),
+            "EpAdd" => Kernel::FAdd,
+            "EpMaxPool" => Kernel::FMaxPool(pool2d(node)?),
+            "EpConcat" => Kernel::FConcat(node.input.len()),
+            "EpGlobalAveragePool" => Kernel::FGlobalAvg,
+            "EpLayout" => match node.attr_s("to") {
+                Some("nhwc") => Kernel::Layout { to_nhwc: true },
+                Some("nchw") => Kernel::Layout { to_nhwc: false },
+                to => return Err(format!("{}: EpLayout to {to:?}: expected \"nhwc\" or \"nchw\"", node.name())),
+            },
+            op => return Err(format!("{}: {op} is not an edgepack kernel", node.name())),
+        })
+    }
+
+    pub fn op_name(&self) -> &'static str {
+        match self {
+            Kernel::Conv(_) => "EpQConv",
+            Kernel::Gemm { .. } => "EpQGemm",
+            Kernel::Add { .. } => "EpQAdd",
+            Kernel::MaxPool { .. } => "EpQMaxPool",
+            Kernel::Concat { .. } => "EpQConcat",
+            Kernel::Quantize { .. } => "EpQuantize",
+            Kernel::FConv(_) => "EpConv",
+            Kernel::FConvConcat(_) => "EpConvConcat",
+            Kernel::FGemm(_) => "EpGemm",
+            Kernel::FAdd => "EpAdd",
+            Kernel::FMaxPool(_) => "EpMaxPool",
+            Kernel::FConcat(_) => "EpConcat",
+            Kernel::FGlobalAvg => "EpGlobalAveragePool",
+            Kernel::Layout { .. } => "EpLayout",
+        }
+    }
+
+    fn is_float(&self) -> bool {
+        matches!(
+            self,
+            Kernel::FConv(_)
+                | Kernel::FConvConcat(_)
+                | Kernel::FGemm(_)
+                | Kernel::FAdd
+                | Kernel::FMaxPool(_)
+                | Kernel::FConcat(_)
+                | Kernel::FGlobalAvg
+        )
+    }
+
+    /// The element type of every input; `None` for `EpLayout` (u8 or f32, the output's type).
+    pub fn input_type(&self) -> Option<DType> {
+        match self {
+            Kernel::Layout { .. } => None,
+            k if k.is_float() || matches!(k, Kernel::Quantize { .. }) => Some(DType::F32),
+            _ => Some(DType::U8),
+        }
+    }
+
+    /// The output's element type; `None` for `EpLayout` (its input's).
+    pub fn output_type(&self) -> Option<DType> {
+        match self {
+            Kernel::Layout { .. } => None,
+            k if k.is_float() || matches!(k, Kernel::Gemm { float_out: true, .. }) => Some(DType::F32),
+            _ => Some(DType::U8),
+        }
+    }
+
+    /// Rank of every input and of the output.
+    pub fn rank(&self) -> usize {
+        if matches!(self, Kernel::Gemm { .. } | Kernel::FGemm(_)) { 2 } else { 4 }
+    }
+
+    pub fn arity(&self) -> usize {
+        match self {
+            Kernel::Add { .. } | Kernel::FAdd => 2,
+            Kernel::Concat { tables } => tables.len(),
+            Kernel::FConcat(n) => *n,
+            Kernel::FConvConcat(convs) => convs.len(),
+            _ => 1,
+        }
+    }
+
+    /// Output shape from the input shapes (NHWC; `EpQuantize` reads NCHW). The batch dimension may be symbolic.
+    pub fn out_shape<D: KernelDim>(&self, ins: &[Vec<D>]) -> Res<Vec<D>> {
+        let name = self.op_name();
+        if ins.len() != self.arity() {
+            return Err(format!("{name}: expected {} inputs, got {}", self.arity(), ins.len()));
+        }
+        let rank = self.rank();
+        for s in ins {
+            if s.len() != rank {
+                return Err(format!("{name}: expected rank-{rank} inputs, got {s:?}"));
+            }
+        }
+        let x = &ins[0];
+        let val = |d: &D| d.value().ok_or_else(|| format!("{name}: dimension {d:?} must be concrete"));
+        let hw = |s: &Vec<D>| -> Res<(usize, usize)> { Ok((val(&s[1])?, val(&s[2])?)) };
+        // [N, K] → [N, c_out].
+        let rows = |k: usize, c_out: usize| -> Res<Vec<D>> {
+            if val(&x[1])? != k {
+                return Err(format!("{name}: input has {:?} columns, expected {k}", x[1]));
+            }
+            Ok(vec![x[0].clone(), D::known(c_out)])
+        };
+        // [N, H, W, c_in] → [N, OH, OW, c_out].
+        type OutHw<'a> = &'a dyn Fn(usize, usize) -> Option<(usize, usize)>;
+        let image = |c_in: usize, c_out: usize, out_hw: OutHw| -> Res<Vec<D>> {
+            let (h, w) = hw(x)?;
+            if val(&x[3])? != c_in {
+                return Err(format!("{name}: input has {:?} channels, expected {c_in}", x[3]));
+            }
+            let (oh, ow) = out_hw(h, w).ok_or_else(|| format!("{name}: input {h}x{w} too small"))?;
+            Ok(vec![x[0].clone(), D::known(oh), D::known(ow), D::known(c_out)])
+        };
+        Ok(match self {
+            Kernel::FGemm(conv) => rows(conv.spec().c_in, conv.spec().c_out)?,
+            Kernel::Gemm { conv, .. } => rows(conv.spec().c_in, conv.spec().c_out)?,
+            Kernel::Conv(conv) => image(conv.spec().c_in, conv.spec().c_out, &|h, w| conv.output_hw(h, w))?,
+            Kernel::FConv(conv) => image(conv.spec().c_in, conv.spec().c_out, &|h, w| conv.output_hw(h, w))?,
+            Kernel::FConvConcat(convs) => {
+                let mut out: Option<(usize, usize)> = None;
+                for (conv, s) in convs.iter().zip(ins) {
+                    if val(&s[3])? != conv.spec().c_in {
+                        return Err(format!("{name}: input {s:?} has the wrong channel count"));
+                    }
+                    let (h, w) = hw(s)?;
+                    let o = conv.output_hw(h, w).ok_or_else(|| format!("{name}: input {h}x{w} too small"))?;
+                    if out.is_some_and(|p| p != o) || s[0] != x[0] {
+                        return Err(format!("{name}: outputs of different sizes"));
+                    }
+                    out = Some(o);
+                }
+                let (oh, ow) = out.unwrap_or((0, 0));
+                let c: usize = convs.iter().map(|c| c.spec().c_out).sum();
+                vec![x[0].clone(), D::known(oh), D::known(ow), D::known(c)]
+            }
+            Kernel::Add { .. } | Kernel::FAdd => {
+                if ins[0] != ins[1] {
+                    return Err(format!("{name}: inputs {:?} and {:?} differ (no broadcasting)", ins[0], ins[1]));
+                }
+                x.clone()
+            }
+            Kernel::MaxPool { g, .. } | Kernel::FMaxPool(g) => {
+                let (h, w) = hw(x)?;
+                let (oh, ow) = g.output_hw(h, w).ok_or_else(|| format!("{name}: input {h}x{w} too small"))?;
+                vec![x[0].clone(), D::known(oh), D::known(ow), x[3].clone()]
+            }
+            Kernel::Concat { .. } | Kernel::FConcat(_) => {
+                for s in &ins[1..] {
+                    if s[..3] != x[..3] {
+                        return Err(format!("{name}: inputs {x:?} and {s:?} differ outside the channel axis"));
+                    }
+                }
+                let c: usize = ins.iter().map(|s| val(&s[3])).sum::<Res<usize>>()?;
+                vec![x[0].clone(), x[1].clone(), x[2].clone(), D::known(c)]
+            }
+            Kernel::Quantize { .. } | Kernel::Layout { to_nhwc: true } => {
+                vec![x[0].clone(), x[2].clone(), x[3].clone(), x[1].clone()]
+            }
+            Kernel::FGlobalAvg => vec![x[0].clone(), D::known(1), D::known(1), x[3].clone()],
+            Kernel::Layout { to_nhwc: false } => vec![x[0].clone(), x[3].clone(), x[1].clone(), x[2].clone()],
+        })
+    }
+
+    /// Runs the kernel: `inputs` with their shapes (checked by [`Kernel::out_shape`]), `y` of the output shape
+    /// `out`, every element of which is written.
+    pub fn eval(&self, inputs: &[(Data, &[usize])], out: &[usize], y: DataMut) -> Res<()> {
+        let name = self.op_name();
+        let x = inputs.first().ok_or_else(|| format!("{name}: no input"))?.1;
+        let err = |e: String| format!("{name}: {e}");
+        let wrong = || format!("{name}: unexpected element types");
+        let f32s = |i: usize| match inputs.get(i) {
+            Some((Data::F32(v), _)) => Ok(*v),
+            _ => Err(wrong()),
+        };
+        let u8s = |i: usize| match inputs.get(i) {
+            Some((Data::U8(v), _)) => Ok(*v),
+            _ => Err(wrong()),
+        };
+        match (self, y) {
+            (Kernel::Conv(conv), DataMut::U8(y)) => conv.run(u8s(0)?, x[0], x[1], x[2], y).map_err(err)?,
+            (Kernel::Gemm { conv, float_out: false }, DataMut::U8(y)) => {
+                conv.run(u8s(0)?, x[0], 1, 1, y).map_err(err)?
+            }
+            (Kernel::Gemm { conv, float_out: true }, DataMut::F32(y)) => {
+                conv.run_f32(u8s(0)?, x[0], 1, 1, y).map_err(err)?
+            }
+            (Kernel::Add { qa, qb, qc, isa }, DataMut::U8(y)) => {
+                let (a, b) = (u8s(0)?, u8s(1)?);
+                let parts = edgepack_kernels::threads().min(a.len() / 65536).max(1);
+                for_each_range(y, parts, |r, o| qelem::qadd(*isa, &a[r.clone()], *qa, &b[r], *qb, *qc, o));
+            }
+            (Kernel::MaxPool { g, table }, DataMut::U8(y)) => {
+                qelem::maxpool(u8s(0)?, [x[0], x[1], x[2], x[3]], *g, table, y)
+                    .ok_or_else(|| format!("{name}: a pooling window holds no input cell"))?;
+            }
+            (Kernel::Concat { tables }, DataMut::U8(y)) => {
+                let ins: Vec<(&[u8], usize, &[u8; 256])> = (0..inputs.len())
+                    .zip(tables)
+                    .map(|(i, tb)| Ok((u8s(i)?, inputs[i].1[3], tb)))
+                    .collect::<Res<_>>()?;
+                qelem::concat_channels(&ins, x[0] * x[1] * x[2], y);
+            }
+            (Kernel::Quantize { q, isa }, DataMut::U8(y)) => {
+                qelem::quantize_nchw_to_nhwc(*isa, f32s(0)?, [x[0], x[1], x[2], x[3]], *q, y);
+            }
+            (Kernel::FConv(conv), DataMut::F32(y)) => conv.run(f32s(0)?, x[0], x[1], x[2], y).map_err(err)?,
+            (Kernel::FGemm(conv), DataMut::F32(y)) => conv.run(f32s(0)?, x[0], 1, 1, y).map_err(err)?,
+            (Kernel::FConvConcat(convs), DataMut::F32(y)) => {
+                let mut offset = 0;
+                for (i, conv) in convs.iter().enumerate() {
+                    let s = inputs[i].1;
+                    conv.run_into(f32s(i)?, [s[0], s[1], s[2]], y, out[3], offset).map_err(err)?;
+                    offset += conv.spec().c_out;
+                }
+            }
+            (Kernel::FAdd, DataMut::F32(y)) => {
+                let (a, b) = (f32s(0)?, f32s(1)?);
+                let parts = (edgepack_kernels::threads() * 2).min(a.len() / 32_768).max(1);
+                for_each_range(y, parts, |r, o| {
+                    for ((o, &p), &q) in o.iter_mut().zip(&a[r.clone()]).zip(&b[r]) {
+                        *o = p + q;
+                    }
+                });
+            }
+            (Kernel::FMaxPool(g), DataMut::F32(y)) => {
+                qelem::maxpool_f32(f32s(0)?, [x[0], x[1], x[2], x[3]], *g, y)
+                    .ok_or_else(|| format!("{name}: a pooling window holds no input cell"))?;
+            }
+            (Kernel::FConcat(_), DataMut::F32(y)) => {
+                let ins: Vec<(&[f32], usize)> =
+                    (0..inputs.len()).map(|i| Ok((f32s(i)?, inputs[i].1[3]))).collect::<Res<_>>()?;
+                qelem::concat_channels_f32(&ins, x[0] * x[1] * x[2], y);
+            }
+            (Kernel::FGlobalAvg, DataMut::F32(y)) => {
+                let xs = f32s(0)?;
+                let (hw, c) = (x[1] * x[2], x[3]);
+                if hw == 0 {
+                    return Err(format!("{name}: empty image"));
+                }
+                for (b, o) in y.chunks_exact_mut(c).enumerate() {
+                    o.fill(0.0);
+                    for p in xs[b * hw * c..(b + 1) * hw * c].chunks_exact(c) {
+                        for (a, &v) in o.iter_mut().zip(p) {
+                            *a += v;
+                        }
+                    }
+                    for a in o.iter_mut() {
+                        *a /= hw as f32;
+                    }
+                }
+            }
+            (Kernel::Layout { to_nhwc }, y) => {
+                // Per image: [c, h·w] → [h·w, c] into NHWC, [h·w, c] → [c, h·w] back.
+                let (rows, cols) = if *to_nhwc { (x[1], x[2] * x[3]) } else { (x[1] * x[2], x[3]) };
+                match (&inputs[0].0, y) {
+                    (Data::U8(v), DataMut::U8(y)) => qelem::transpose(v, x[0], rows, cols, y),
+                    (Data::F32(v), DataMut::F32(y)) => qelem::transpose(v, x[0], rows, cols, y),
+                    _ => return Err(wrong()),
+                }
+            }
+            _ => return Err(wrong()),
+        }
+        Ok(())
+    }
+}
+
+/// `f(range, out[range])` for `parts` consecutive ranges of an element-wise output, split across the kernel pool.
+fn for_each_range<T: Send + Sync>(out: &mut [T], parts: usize, f: impl Fn(std::ops::Range<usize>, &mut [T]) + Sync) {
+    let len = out.len();
+    let per = len.div_ceil(parts.max(1));
+    let addr = out.as_mut_ptr() as usize;
+    for_each_part(parts, |p| {
+        let r = (p * per).min(len)..((p + 1) * per).min(len);
+        // SAFETY: the ranges are disjoint, so each part owns its slice of the output.
+        let o = unsafe { std::slice::from_raw_parts_mut((addr as *mut T).add(r.start), r.len()) };
+        f(r, o);
+    });
+}

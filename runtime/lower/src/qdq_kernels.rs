@@ -1,0 +1,464 @@
+//! QDQ patterns to edgepack's integer kernels: custom nodes in the `ai.edgepack` domain that the CPU backend runs
+//! on NHWC uint8 tensors (`kernels::qconv`, `kernels::qelem`), with the arithmetic of `kernels::reference`.
+//!
+//! - `DQ(x) → Conv(DQ(w), DQ(b)) → [Relu|Clip] → Q` (group 1 or depthwise) → `EpQConv(x)`;
+//! - `DQ(x) → Gemm(DQ(w), DQ(b)) [→ [Relu|Clip] → Q]` → `EpQGemm(x)` (rank 2, uint8 or float output);
+//! - `DQ(a) + DQ(b) → Q` on two kernel outputs → `EpQAdd(a, b)` (QLinearAdd's arithmetic);
+//! - `DQ(x) → MaxPool → Q`, `DQ(xᵢ) → Concat(axis 1) → Q` on kernel outputs → `EpQMaxPool`, `EpQConcat` with
+//!   256-entry requantization tables (max and concat commute with the monotonic DQ/Q maps, so this is exact).
+//!
+//! Then the layout pass: every kernel reads and writes `name__nhwc`; a kernel input produced elsewhere enters
+//! through `EpQuantize` (the QuantizeLinear that produced it, writing NHWC) or a Transpose, and a kernel output read
+//! by a standard node (or a graph output) leaves through a Transpose back to NCHW under its original name. Chains
+//! of kernels therefore stay in uint8 NHWC with no float round trip and no transposes inside.
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::qdq_lower::{Ctx, match_weighted, match_weighted_inputs, scalar_f32, zero_point};
+use edgepack_onnx::builder::{attr_float, attr_int, attr_ints, attr_tensor, tensor_raw};
+use edgepack_onnx::{Graph, Model, NodeExt, NodeProto, node};
+
+/// Domain of the kernel nodes.
+pub const DOMAIN: &str = "ai.edgepack";
+/// Suffix of the NHWC twin of a value.
+pub const NHWC: &str = "__nhwc";
+/// Op types of the kernel nodes.
+pub const OPS: [&str; 7] = ["EpQConv", "EpQGemm", "EpQAdd", "EpQMaxPool", "EpQConcat", "EpQuantize", "EpLayout"];
+
+pub(super) fn ep_node(
+    op: &str,
+    name: &str,
+    inputs: &[&str],
+    output: &str,
+    attrs: Vec<edgepack_onnx::AttributeProto>,
+) -> NodeProto {
+    let mut n = node(op, name, inputs, &[output], attrs);
+    n.domain = Some(DOMAIN.into());
+    n
+}
+
+/// Per-tensor uint8 parameters (scale, zero point) of a DQ or Q node.
+fn u8_params(g: &Graph, n: &NodeProto) -> Option<(f32, u8)> {
+    let s = scalar_f32(g, n.input.get(1)?)?;
+    let (z, ty) = zero_point(g, n)?;
+    (ty == 2 && s.is_finite() && s > 0.0).then_some((s, z as u8))
+}
+
+fn table_of(from: (f32, u8), to: (f32, u8)) -> Vec<u8> {
+    use edgepack_kernels::{qelem, reference::QParams};
+    qelem::requant_table(QParams { scale: from.0, zero: from.1 }, QParams { scale: to.0, zero: to.1 }).to_vec()
+}
+
+/// Whether a kernel op takes part in the NHWC layout (the Gemm kernels read and write rank-2 tensors, whose
+/// layout is the same either way).
+pub(super) fn in_layout(op: &str) -> bool {
+    !matches!(op, "EpQGemm" | "EpGemm")
+}
+
+/// A kernel node and the nodes it replaces (indices into the graph being lowered).
+pub(super) struct Rewrite {
+    pub remove: Vec<usize>,
+    pub node: NodeProto,
+}
+
+/// `[strides, dilations, pads]` of a Conv with a `kh×kw` kernel, when its attributes are explicit (no auto_pad)
+/// and consistent.
+pub(super) fn conv_geometry(n: &NodeProto, kh: usize, kw: usize) -> Option<[Vec<i64>; 3]> {
+    if n.attr_s("auto_pad").is_some_and(|p| p != "NOTSET") {
+        return None;
+    }
+    let two = |name: &str, default: i64| -> Option<Vec<i64>> {
+        let v = n.attr_ints(name).map(|v| v.to_vec()).unwrap_or_else(|| vec![default; 2]);
+        (v.len() == 2 && v.iter().all(|&x| x >= default)).then_some(v)
+    };
+    let (strides, dilations) = (two("strides", 1)?, two("dilations", 1)?);
+    let pads = n.attr_ints("pads").map(|v| v.to_vec()).unwrap_or_else(|| vec![0; 4]);
+    if pads.len() != 4 || pads.iter().any(|&p| p < 0) {
+        return None;
+    }
+    if n.attr_ints("kernel_shape").is_some_and(|k| k != [kh as i64, kw as i64]) {
+        return None;
+    }
+    Some([strides, dilations, pads])
+}
+
+/// The attributes of a 2-D MaxPool the kernels run (explicit pads smaller than the window, so every window holds
+/// an input cell; no dilation, no indices output).
+pub(super) fn maxpool_attrs(n: &NodeProto) -> Option<Vec<edgepack_onnx::AttributeProto>> {
+    if n.output.len() != 1
+        || n.attr_s("auto_pad").is_some_and(|p| p != "NOTSET")
+        || n.attr_ints("dilations").is_some_and(|d| d.iter().any(|&v| v != 1))
+        || n.attr_i("storage_order").unwrap_or(0) != 0
+    {
+        return None;
+    }
+    let k = n.attr_ints("kernel_shape")?.to_vec();
+    let strides = n.attr_ints("strides").map(|v| v.to_vec()).unwrap_or_else(|| vec![1, 1]);
+    let pads = n.attr_ints("pads").map(|v| v.to_vec()).unwrap_or_else(|| vec![0; 4]);
+    if k.len() != 2 || strides.len() != 2 || pads.len() != 4 || k.iter().chain(&strides).any(|&v| v < 1) {
+        return None;
+    }
+    if pads.iter().any(|&p| p < 0) || pads[0].max(pads[2]) >= k[0] || pads[1].max(pads[3]) >= k[1] {
+        return None;
+    }
+    Some(vec![
+        attr_ints("kernel_shape", &k),
+        attr_ints("strides", &strides),
+        attr_ints("pads", &pads),
+        attr_int("ceil_mode", n.attr_i("ceil_mode").unwrap_or(0)),
+    ])
+}
+
+fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
+    let g = c.g;
+    let n = &g.nodes[idx];
+    let m = match_weighted(c, idx)?;
+    if m.is_gemm || m.w_t.dims.len() != 4 || m.z_x.1 != 2 || m.z_y.1 != 2 {
+        return None;
+    }
+    u8_params(g, m.dqx)?;
+    let d: Vec<usize> = m.w_t.dims.iter().map(|&v| v as usize).collect();
+    let group = n.attr_i("group").unwrap_or(1).max(1) as usize;
+    let (c_out, c_in) = (d[0], d[1] * group);
+    if !(group == 1 || (group == c_in && c_out == c_in && d[1] == 1)) {
+        return None;
+    }
+    let [strides, dilations, pads] = conv_geometry(n, d[2], d[3])?;
+    let weights: Vec<u8> = m.w.iter().map(|&v| (v as i8) as u8).collect();
+    if m.w.iter().any(|&v| !(-128.0..=127.0).contains(&v)) {
+        return None;
+    }
+    let mut attrs = vec![
+        attr_int("c_in", c_in as i64),
+        attr_int("c_out", c_out as i64),
+        attr_int("group", group as i64),
+        attr_ints("kernel_shape", &[d[2] as i64, d[3] as i64]),
+        attr_ints("strides", &strides),
+        attr_ints("dilations", &dilations),
+        attr_ints("pads", &pads),
+        attr_int("z_x", m.z_x.0 as i64),
+        attr_int("z_y", m.z_y.0 as i64),
+        attr_tensor("weights", tensor_raw("weights", &m.w_t.dims, 3, weights)),
+        attr_tensor("multiplier", edgepack_onnx::builder::tensor_f32("multiplier", &[c_out as i64], &m.m)),
+    ];
+    if let Some(b) = &m.bias {
+        let raw = b.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect();
+        attrs.push(attr_tensor("bias", tensor_raw("bias", &[c_out as i64], 6, raw)));
+    }
+    let name = format!("{}_kernel", n.name());
+    Some(Rewrite { remove: m.remove, node: ep_node("EpQConv", &name, &[&m.dqx.input[0]], &m.q.output[0], attrs) })
+}
+
+/// `DQ(x) → Gemm(DQ(W), DQ(b))` (transA 0, alpha = beta = 1) → `EpQGemm(x)`: a 1×1 convolution on `[N, K]` (the
+/// bytes of NHWC `[N, 1, 1, K]`, so no layout change), requantized when `[Relu|Clip] → Q` follows, else with a
+/// float output `f32(acc)·s_x·s_w` (onnxruntime's QGemm with a float output: the classifier head).
+fn gemm(c: &Ctx, idx: usize) -> Option<Rewrite> {
+    let g = c.g;
+    let n = &g.nodes[idx];
+    let wi = match_weighted_inputs(c, idx)?;
+    if !wi.is_gemm || wi.z_x.1 != 2 || wi.w_t.dims.len() != 2 {
+        return None;
+    }
+    u8_params(g, wi.dqx)?;
+    if wi.w.iter().any(|&v| !(-128.0..=127.0).contains(&v)) {
+        return None;
+    }
+    let tb = n.attr_i("transB").unwrap_or(0) == 1;
+    let (d0, d1) = (wi.w_t.dims[0] as usize, wi.w_t.dims[1] as usize);
+    let (k, c_out) = if tb { (d1, d0) } else { (d0, d1) };
+    // OIHW [c_out, k, 1, 1].
+    let weights: Vec<u8> = (0..c_out * k)
+        .map(|i| {
+            let (o, kk) = (i / k, i % k);
+            let v = if tb { wi.w[o * k + kk] } else { wi.w[kk * c_out + o] };
+            (v as i8) as u8
+        })
+        .collect();
+    let q = match_weighted(c, idx).filter(|m| m.z_y.1 == 2 && u8_params(g, m.q).is_some());
+    let (z_y, multiplier, remove, output, float_out) = match &q {
+        Some(m) => (m.z_y.0 as i64, m.m.clone(), m.remove.clone(), m.q.output[0].as_str(), 0),
+        None => {
+            let m = (0..c_out).map(|o| wi.s_x * wi.s_w[if wi.s_w.len() == 1 { 0 } else { o }]).collect();
+            (0, m, vec![idx], n.output.first()?.as_str(), 1)
+        }
+    };
+    let mut attrs = vec![
+        attr_int("c_in", k as i64),
+        attr_int("c_out", c_out as i64),
+        attr_int("group", 1),
+        attr_ints("kernel_shape", &[1, 1]),
+        attr_ints("strides", &[1, 1]),
+        attr_ints("dilations", &[1, 1]),
+        attr_ints("pads", &[0, 0, 0, 0]),
+        attr_int("z_x", wi.z_x.0 as i64),
+        attr_int("z_y", z_y),
+        attr_int("float_out", float_out),
+        attr_tensor("weights", tensor_raw("weights", &[c_out as i64, k as i64, 1, 1], 3, weights)),
+        attr_tensor("multiplier", edgepack_onnx::builder::tensor_f32("multiplier", &[c_out as i64], &multiplier)),
+    ];
+    if let Some(b) = &wi.bias {
+        let raw = b.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect();
+        attrs.push(attr_tensor("bias", tensor_raw("bias", &[c_out as i64], 6, raw)));
+    }
+    let name = format!("{}_kernel", n.name());
+    Some(Rewrite { remove, node: ep_node("EpQGemm", &name, &[&wi.dqx.input[0]], output, attrs) })
+}
+
+/// The quantized value behind `DQ(value)` when it is a kernel output, with its parameters.
+fn kernel_dq<'a>(c: &Ctx<'a>, value: &str, nhwc: &HashSet<String>) -> Option<(&'a str, (f32, u8))> {
+    let dq = c.producer(value, "DequantizeLinear")?;
+    nhwc.contains(&dq.input[0]).then_some(())?;
+    Some((dq.input[0].as_str(), u8_params(c.g, dq)?))
+}
+
+/// The Q reading `value` (its only reader, through Identity nodes), the nodes up to it, and its parameters.
+fn only_q<'a>(c: &Ctx<'a>, value: &str) -> Option<(Vec<usize>, &'a NodeProto, (f32, u8))> {
+    let mut path = Vec::new();
+    let mut cur = value;
+    loop {
+        let i = c.only_reader(cur)?;
+        let n = &c.g.nodes[i];
+        path.push(i);
+        match n.op() {
+            "Identity" if n.domain_name().is_empty() && n.input.len() == 1 => cur = n.output.first()?,
+            "QuantizeLinear" if n.input[0] == cur => return Some((path, n, u8_params(c.g, n)?)),
+            _ => return None,
+        }
+    }
+}
+
+fn add(c: &Ctx, idx: usize, nhwc: &HashSet<String>) -> Option<Rewrite> {
+    let n = &c.g.nodes[idx];
+    let (a, pa) = kernel_dq(c, n.input.first()?, nhwc)?;
+    let (b, pb) = kernel_dq(c, n.input.get(1)?, nhwc)?;
+    let (path, q, pc) = only_q(c, n.output.first()?)?;
+    let attrs = vec![
+        attr_float("s_a", pa.0),
+        attr_int("z_a", pa.1 as i64),
+        attr_float("s_b", pb.0),
+        attr_int("z_b", pb.1 as i64),
+        attr_float("s_c", pc.0),
+        attr_int("z_c", pc.1 as i64),
+    ];
+    Some(Rewrite {
+        remove: [vec![idx], path].concat(),
+        node: ep_node("EpQAdd", &format!("{}_kernel", n.name()), &[a, b], &q.output[0], attrs),
+    })
+}
+
+fn maxpool(c: &Ctx, idx: usize, nhwc: &HashSet<String>) -> Option<Rewrite> {
+    let n = &c.g.nodes[idx];
+    let mut attrs = maxpool_attrs(n)?;
+    let (x, px) = kernel_dq(c, n.input.first()?, nhwc)?;
+    let (path, q, py) = only_q(c, n.output.first()?)?;
+    attrs.push(attr_tensor("table", tensor_raw("table", &[256], 2, table_of(px, py))));
+    Some(Rewrite {
+        remove: [vec![idx], path].concat(),
+        node: ep_node("EpQMaxPool", &format!("{}_kernel", n.name()), &[x], &q.output[0], attrs),
+    })
+}
+
+fn concat(c: &Ctx, idx: usize, nhwc: &HashSet<String>) -> Option<Rewrite> {
+    let n = &c.g.nodes[idx];
+    if n.attr_i("axis") != Some(1) || n.input.is_empty() {
+        return None;
+    }
+    let ins: Vec<(&str, (f32, u8))> = n.input.iter().map(|i| kernel_dq(c, i, nhwc)).collect::<Option<_>>()?;
+    let (path, q, py) = only_q(c, n.output.first()?)?;
+    let tables: Vec<u8> = ins.iter().flat_map(|(_, p)| table_of(*p, py)).collect();
+    let names: Vec<&str> = ins.iter().map(|(v, _)| *v).collect();
+    let attrs = vec![attr_tensor("tables", tensor_raw("tables", &[ins.len() as i64, 256], 2, tables))];
+    Some(Rewrite {
+        remove: [vec![idx], path].concat(),
+        node: ep_node("EpQConcat", &format!("{}_kernel", n.name()), &names, &q.output[0], attrs),
+    })
+}
+
+/// Quantized layers (Conv/Gemm/MatMul reading a DequantizeLinear weight) of a QDQ model that the CPU backend's
+/// integer kernels do not cover: they run as float ops carrying exact integers, slower than their fp32 form.
+/// Each with the reason.
+pub fn layers_without_int8_kernel(model: &Model) -> Vec<(String, String)> {
+    let mut lowered = model.clone();
+    lowered.lower_qdq_kernels();
+    let made: HashSet<&str> =
+        lowered.graph.nodes.iter().filter(|n| n.domain_name() == DOMAIN).map(|n| n.name()).collect();
+    let producers = model.graph.producers();
+    model
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op(), "Conv" | "Gemm" | "MatMul") && n.domain_name().is_empty())
+        .filter(|n| {
+            n.input
+                .get(1)
+                .and_then(|w| producers.get(w.as_str()))
+                .is_some_and(|&p| model.graph.nodes[p].op() == "DequantizeLinear")
+        })
+        .filter(|n| !made.contains(format!("{}_kernel", n.name()).as_str()))
+        .map(|n| {
+            let why = match n.op() {
+                "Conv" if n.attr_i("group").unwrap_or(1) > 1 => "grouped convolution other than depthwise",
+                "Conv" => "pattern not covered (output not requantized, or an activation outside the Q range)",
+                "Gemm" => "pattern not covered (transA, alpha/beta ≠ 1, or weights not int8)",
+                _ => "no integer kernel for MatMul yet",
+            };
+            (n.name().to_string(), why.to_string())
+        })
+        .collect()
+}
+
+/// The integer-kernel lowering on the graph types (an extension trait: they live in `edgepack-onnx`).
+pub trait QdqKernels {
+    /// Rewrites the QDQ patterns the integer kernels cover; returns how many were rewritten.
+    fn lower_qdq_kernels(&mut self) -> usize;
+}
+
+impl QdqKernels for Model {
+    /// [`Graph::lower_qdq_kernels`], declaring the kernel domain. Returns how many patterns became kernels.
+    fn lower_qdq_kernels(&mut self) -> usize {
+        let n = self.graph.lower_qdq_kernels();
+        declare_kernels(self, n)
+    }
+}
+
+/// Declares the kernel domain when `n` patterns became kernels; returns `n`.
+pub(crate) fn declare_kernels(m: &mut Model, n: usize) -> usize {
+    if n > 0 {
+        m.set_opset(DOMAIN, 1);
+    }
+    n
+}
+
+impl QdqKernels for Graph {
+    /// Rewrites the QDQ patterns the integer kernels cover (module docs) and puts their chains in NHWC.
+    /// Returns how many patterns were rewritten (0: the graph is untouched).
+    fn lower_qdq_kernels(&mut self) -> usize {
+        let mut g = self.clone();
+        if g.topo_sort().is_err() {
+            return 0;
+        }
+        let rewrites = {
+            let c = Ctx::new(&g);
+            let mut nhwc: HashSet<String> = HashSet::new();
+            let mut taken: HashSet<usize> = HashSet::new();
+            let mut out = Vec::new();
+            for (i, n) in g.nodes.iter().enumerate() {
+                if taken.contains(&i) {
+                    continue;
+                }
+                let r = match n.op() {
+                    "Conv" if n.domain_name().is_empty() => conv(&c, i),
+                    "Gemm" if n.domain_name().is_empty() => gemm(&c, i),
+                    "Add" => add(&c, i, &nhwc),
+                    "MaxPool" => maxpool(&c, i, &nhwc),
+                    "Concat" => concat(&c, i, &nhwc),
+                    _ => None,
+                };
+                if let Some(r) = r
+                    && r.remove.iter().all(|k| !taken.contains(k))
+                {
+                    taken.extend(r.remove.iter().copied());
+                    if in_layout(r.node.op()) {
+                        nhwc.insert(r.node.output[0].clone());
+                    }
+                    out.push(r);
+                }
+            }
+            out
+        };
+        let count = rewrites.len();
+        g.apply_kernel_rewrites(rewrites).map(|g| *self = g).map_or(0, |_| count)
+    }
+}
+
+/// Applying rewrites and the NHWC layout pass, shared by both kernel lowerings.
+pub(crate) trait ApplyRewrites {
+    fn apply_kernel_rewrites(self, rewrites: Vec<Rewrite>) -> Option<Graph>;
+    fn nhwc_layout(&mut self);
+}
+
+impl ApplyRewrites for Graph {
+    /// Replaces the rewritten nodes by their kernel nodes, runs the layout pass and cleans up. `None` (the graph
+    /// left as it was) when nothing was rewritten or the result would not sort.
+    fn apply_kernel_rewrites(mut self, rewrites: Vec<Rewrite>) -> Option<Graph> {
+        if rewrites.is_empty() {
+            return None;
+        }
+        let mut remove: Vec<usize> = rewrites.iter().flat_map(|r| r.remove.iter().copied()).collect();
+        remove.sort_unstable();
+        remove.dedup();
+        for k in remove.into_iter().rev() {
+            self.nodes.remove(k);
+        }
+        self.nodes.extend(rewrites.into_iter().map(|r| r.node));
+        self.nhwc_layout();
+        self.topo_sort().ok()?;
+        self.remove_dead_nodes();
+        self.remove_unused_initializers();
+        Some(self)
+    }
+
+    /// Renames kernel values to their NHWC twins and inserts the conversions at the chain boundaries.
+    fn nhwc_layout(&mut self) {
+        let is_ep = |n: &NodeProto| n.domain_name() == DOMAIN && in_layout(n.op());
+        let ep_out: HashSet<String> =
+            self.nodes.iter().filter(|n| is_ep(n)).flat_map(|n| n.output.iter().cloned()).collect();
+        let producers: HashMap<String, usize> =
+            self.nodes.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i))).collect();
+        let mut into: BTreeMap<String, NodeProto> = BTreeMap::new();
+        for k in 0..self.nodes.len() {
+            if !is_ep(&self.nodes[k]) {
+                continue;
+            }
+            for j in 0..self.nodes[k].input.len() {
+                let u = self.nodes[k].input[j].clone();
+                let twin = format!("{u}{NHWC}");
+                if !ep_out.contains(&u) && !into.contains_key(&u) {
+                    let q = producers.get(&u).map(|&p| &self.nodes[p]).filter(|p| p.op() == "QuantizeLinear");
+                    let entry = match q.and_then(|q| Some((q, u8_params(self, q)?))) {
+                        Some((q, (s, z))) => ep_node(
+                            "EpQuantize",
+                            &format!("{u}_to_nhwc"),
+                            &[&q.input[0]],
+                            &twin,
+                            vec![attr_float("scale", s), attr_int("zero", z as i64)],
+                        ),
+                        None => ep_node(
+                            "EpLayout",
+                            &format!("{u}_to_nhwc"),
+                            &[&u],
+                            &twin,
+                            vec![edgepack_onnx::builder::attr_string("to", "nhwc")],
+                        ),
+                    };
+                    into.insert(u.clone(), entry);
+                }
+                self.nodes[k].input[j] = twin;
+            }
+            for o in self.nodes[k].output.iter_mut() {
+                o.push_str(NHWC);
+            }
+        }
+        let mut back: Vec<NodeProto> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut read: Vec<String> = self.outputs.iter().filter_map(|o| o.name.clone()).collect();
+        for n in self.nodes.iter().filter(|n| !is_ep(n)) {
+            read.extend(n.input.iter().cloned());
+            let mut sub = HashSet::new();
+            edgepack_onnx::collect_subgraph_refs(n, &mut sub);
+            read.extend(sub);
+        }
+        for v in read {
+            if ep_out.contains(&v) && seen.insert(v.clone()) {
+                back.push(ep_node(
+                    "EpLayout",
+                    &format!("{v}_to_nchw"),
+                    &[&format!("{v}{NHWC}")],
+                    &v,
+                    vec![edgepack_onnx::builder::attr_string("to", "nchw")],
+                ));
+            }
+        }
+        self.nodes.extend(into.into_values());
+        self.nodes.extend(back);
+    }
+}

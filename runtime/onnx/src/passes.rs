@@ -1,0 +1,287 @@
+//! Small rewrite passes over [`Graph`] that several consumers need (quantize, the GPU lowering):
+//! - [`Graph::name_unnamed_nodes`]: every node gets a unique name, so reports and `--exclude` can point at it;
+//! - [`Graph::fold_batchnorm`]: inference BatchNormalization after a Conv is folded into the Conv's weights and bias.
+//!
+//! Each pass keeps the graph's results (up to float rounding) and its value names, except the values it removes.
+use std::collections::HashSet;
+
+use super::builder::tensor_f32;
+use super::{Graph, NodeExt, TensorProto};
+
+/// Reads an f32 tensor (raw or typed storage); `None` for other types or inconsistent sizes.
+pub fn tensor_f32_values(t: &TensorProto) -> Option<Vec<f32>> {
+    if t.data_type != Some(1) {
+        return None;
+    }
+    let n: i64 = t.dims.iter().product();
+    let v: Vec<f32> = match &t.raw_data {
+        Some(raw) => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        None => t.float_data.clone(),
+    };
+    (v.len() as i64 == n).then_some(v)
+}
+
+impl Graph {
+    /// Removes nodes none of whose outputs is read (by a node, a subgraph or the graph outputs), repeatedly.
+    pub fn remove_dead_nodes(&mut self) -> usize {
+        let before = self.nodes.len();
+        loop {
+            let mut used: std::collections::HashSet<String> =
+                self.outputs.iter().filter_map(|o| o.name.clone()).collect();
+            for n in &self.nodes {
+                used.extend(n.input.iter().cloned());
+                crate::collect_subgraph_refs(n, &mut used);
+            }
+            let n0 = self.nodes.len();
+            self.nodes.retain(|n| n.output.iter().any(|o| used.contains(o)));
+            if self.nodes.len() == n0 {
+                break;
+            }
+        }
+        before - self.nodes.len()
+    }
+
+    /// Makes a graph that is written for one sample take batches: every graph input and output whose leading
+    /// dim is fixed at 1 gets a symbolic one (`batch`), intermediate shape annotations are dropped (they would pin
+    /// it), and a Reshape whose target shape is a constant starting with 1 copies the leading dim instead (0; a
+    /// new initializer when the constant is shared). Returns how many inputs were freed (0: the graph is left as
+    /// it was). Structural only: a graph that mixes samples (a Reshape folding the batch into another dim, a
+    /// reduction over dim 0) is not detected here; callers compare batched results with single runs.
+    pub fn free_batch_dim(&mut self) -> usize {
+        use super::proto::{tensor_shape_proto::dimension::Value as D, type_proto::Value as T};
+        fn free(v: &mut super::ValueInfoProto) -> bool {
+            let Some(T::TensorType(t)) = v.r#type.as_mut().and_then(|t| t.value.as_mut()) else { return false };
+            match t.shape.as_mut().and_then(|s| s.dim.first_mut()) {
+                Some(d) if d.value == Some(D::DimValue(1)) => {
+                    d.value = Some(D::DimParam("batch".into()));
+                    true
+                }
+                _ => false,
+            }
+        }
+        let inits: HashSet<String> = self.initializers.iter().filter_map(|t| t.name.clone()).collect();
+        // `free` changes nothing when it returns false: a graph with no such input is left as it was.
+        let freed = self
+            .inputs
+            .iter_mut()
+            .filter(|v| !v.name.as_deref().is_some_and(|n| inits.contains(n)))
+            .map(free)
+            .filter(|&f| f)
+            .count();
+        if freed == 0 {
+            return 0;
+        }
+        self.constants_to_initializers();
+        for v in &mut self.outputs {
+            free(v);
+        }
+        self.value_info.clear();
+        let mut added = Vec::new();
+        for k in 0..self.nodes.len() {
+            let n = &self.nodes[k];
+            if n.op() != "Reshape" || n.attr_i("allowzero").unwrap_or(0) != 0 {
+                continue;
+            }
+            let Some(t) = n.input.get(1).and_then(|s| self.initializer(s)) else { continue };
+            if t.data_type != Some(7) {
+                continue;
+            }
+            let Ok(shape) = super::tensor_from_proto(t).map(|t| t.to_f32_vec()) else { continue };
+            if shape.len() < 2 || shape[0] != 1.0 {
+                continue;
+            }
+            let name = format!("{}_batch", t.name.as_deref().unwrap_or("shape"));
+            let mut v: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
+            v[0] = 0;
+            if self.initializer(&name).is_none()
+                && !added.iter().any(|t: &TensorProto| t.name.as_deref() == Some(&name))
+            {
+                added.push(super::builder::tensor_i64(&name, &[v.len() as i64], &v));
+            }
+            self.nodes[k].input[1] = name;
+        }
+        self.initializers.extend(added);
+        self.remove_unused_initializers();
+        freed
+    }
+
+    /// Names every unnamed node `{op}_{first output}` (made unique). Returns how many were named.
+    pub fn name_unnamed_nodes(&mut self) -> usize {
+        let mut taken: HashSet<String> = self.nodes.iter().map(|n| n.name().to_string()).collect();
+        let mut named = 0;
+        for n in &mut self.nodes {
+            if !n.name().is_empty() {
+                continue;
+            }
+            let out = n.output.first().filter(|o| !o.is_empty()).cloned().unwrap_or_else(|| "node".into());
+            let base = format!("{}_{}", n.op(), out);
+            let mut name = base.clone();
+            let mut i = 1;
+            while taken.contains(&name) {
+                name = format!("{base}_{i}");
+                i += 1;
+            }
+            taken.insert(name.clone());
+            n.name = Some(name);
+            named += 1;
+        }
+        named
+    }
+
+    /// Turns top-level `Constant` nodes holding a tensor (`value`) into initializers of the same name, so passes
+    /// that look for constant weights (BatchNorm folding, quantization) see them. Returns how many moved.
+    pub fn constants_to_initializers(&mut self) -> usize {
+        let mut moved = Vec::new();
+        self.nodes.retain(|n| {
+            let tensor = (n.op() == "Constant" && n.output.len() == 1)
+                .then(|| n.attr("value").and_then(|a| a.t.clone()))
+                .flatten();
+            match tensor {
+                Some(mut t) => {
+                    t.name = Some(n.output[0].clone());
+                    moved.push(t);
+                    false
+                }
+                None => true,
+            }
+        });
+        let count = moved.len();
+        self.initializers.extend(moved);
+        count
+    }
+
+    /// Folds `Conv → BatchNormalization` (inference form, constant parameters, the Conv output read by the BN
+    /// only) into the Conv: `W' = W·γ/√(σ²+ε)` per output channel, `b' = (b − μ)·γ/√(σ²+ε) + β`. The BN output
+    /// name is kept (now produced by the Conv). Returns the names of the folded BN nodes.
+    pub fn fold_batchnorm(&mut self) -> Vec<String> {
+        let mut folded = Vec::new();
+        let mut i = 0;
+        while i < self.nodes.len() {
+            if self.nodes[i].op() == "BatchNormalization"
+                && let Some(done) = self.try_fold_bn(i)
+            {
+                folded.push(done);
+                continue; // node i was removed; the next one moved into its place
+            }
+            i += 1;
+        }
+        if !folded.is_empty() {
+            self.remove_unused_initializers();
+        }
+        folded
+    }
+
+    fn try_fold_bn(&mut self, bn_idx: usize) -> Option<String> {
+        let bn = self.nodes[bn_idx].clone();
+        // Training-mode outputs (mean/var) must be absent.
+        if bn.output.iter().skip(1).any(|o| !o.is_empty()) || bn.input.len() != 5 {
+            return None;
+        }
+        let x = &bn.input[0];
+        let conv_idx = *self.producers().get(x.as_str())?;
+        let conv = self.nodes[conv_idx].clone();
+        if conv.op() != "Conv"
+            || self.consumers(x).len() != 1
+            || self.outputs.iter().any(|o| o.name.as_ref() == Some(x))
+        {
+            return None;
+        }
+        let get = |name: &str| self.initializer(name).and_then(tensor_f32_values);
+        let (gamma, beta, mean, var) = (get(&bn.input[1])?, get(&bn.input[2])?, get(&bn.input[3])?, get(&bn.input[4])?);
+        let w_t = self.initializer(conv.input.get(1)?)?.clone();
+        let w = tensor_f32_values(&w_t)?;
+        let c = *w_t.dims.first()? as usize;
+        if [gamma.len(), beta.len(), mean.len(), var.len()].iter().any(|&l| l != c) || c == 0 {
+            return None;
+        }
+        let b = match conv.input.get(2).filter(|b| !b.is_empty()) {
+            Some(b) => {
+                let v = get(b)?;
+                (v.len() == c).then_some(v)?
+            }
+            None => vec![0.0; c],
+        };
+        let eps = bn.attr_f("epsilon").unwrap_or(1e-5);
+        let k: Vec<f32> = (0..c).map(|j| gamma[j] / (var[j] + eps).sqrt()).collect();
+        let inner = w.len() / c;
+        let w2: Vec<f32> = w.iter().enumerate().map(|(i, &v)| v * k[i / inner]).collect();
+        let b2: Vec<f32> = (0..c).map(|j| (b[j] - mean[j]) * k[j] + beta[j]).collect();
+        let w_name = self.unique_name(&format!("{}_bnfolded_W", conv.name()));
+        self.set_initializer(tensor_f32(&w_name, &w_t.dims, &w2));
+        let b_name = self.unique_name(&format!("{}_bnfolded_B", conv.name()));
+        self.set_initializer(tensor_f32(&b_name, &[c as i64], &b2));
+        let out = bn.output[0].clone();
+        let conv_node = &mut self.nodes[conv_idx];
+        conv_node.input.truncate(1);
+        conv_node.input.push(w_name);
+        conv_node.input.push(b_name);
+        conv_node.output[0] = out;
+        self.nodes.remove(bn_idx);
+        Some(bn.name().to_string())
+    }
+}
+
+impl Graph {
+    /// ONNX element type (data type code) of every value that can be inferred from the declared types, the
+    /// initializers and the ops' typing rules: shape arithmetic (`Shape`, `Size`, comparisons, `Cast`...) is told
+    /// apart from float activations even when the file declares no intermediate types. Values whose type cannot
+    /// be inferred are absent.
+    pub fn infer_elem_types(&self) -> std::collections::HashMap<String, i32> {
+        use std::collections::HashMap;
+        let mut t: HashMap<String, i32> = HashMap::new();
+        for v in self.inputs.iter().chain(&self.outputs).chain(&self.value_info) {
+            if let (Some(name), Some(vt)) = (v.name.as_ref(), super::value_info_type(v))
+                && vt.elem_type != 0
+            {
+                t.insert(name.clone(), vt.elem_type);
+            }
+        }
+        for i in &self.initializers {
+            if let (Some(name), Some(dt)) = (i.name.as_ref(), i.data_type) {
+                t.insert(name.clone(), dt);
+            }
+        }
+        const INT64: i32 = 7;
+        const BOOL: i32 = 9;
+        for n in &self.nodes {
+            let first = n.input.first().and_then(|i| t.get(i)).copied();
+            let out: Option<i32> = match n.op() {
+                "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin" => Some(INT64),
+                "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "Not" | "And" | "Or" | "Xor"
+                | "IsNaN" | "IsInf" => Some(BOOL),
+                "Cast" => n.attr_i("to").map(|v| v as i32),
+                "CastLike" => n.input.get(1).and_then(|i| t.get(i)).copied(),
+                "Constant" => n.attr("value").and_then(|a| a.t.as_ref()).and_then(|x| x.data_type).or_else(|| {
+                    n.attr("value_float")
+                        .or(n.attr("value_floats"))
+                        .map(|_| 1)
+                        .or_else(|| n.attr("value_int").or(n.attr("value_ints")).map(|_| INT64))
+                }),
+                "ConstantOfShape" => n.attr("value").and_then(|a| a.t.as_ref()).and_then(|x| x.data_type).or(Some(1)),
+                "QuantizeLinear" => n.input.get(2).and_then(|i| t.get(i)).copied().or(Some(2)),
+                "DequantizeLinear" => n.input.get(1).and_then(|i| t.get(i)).copied().or(Some(1)),
+                "Where" => n.input.get(1).and_then(|i| t.get(i)).copied(),
+                "TopK" => None, // two outputs of different types: handled below
+                "If" | "Loop" | "Scan" => None,
+                // Everything else keeps the type of its first (data) input: element-wise ops, Gather, Concat,
+                // Reshape, Slice, Squeeze, Unsqueeze, Transpose, Conv, pools, Range...
+                _ => first,
+            };
+            if n.op() == "TopK" {
+                if let (Some(v), Some(f)) = (n.output.first(), first) {
+                    t.insert(v.clone(), f);
+                }
+                if let Some(i) = n.output.get(1) {
+                    t.insert(i.clone(), INT64);
+                }
+                continue;
+            }
+            if let Some(dt) = out {
+                for o in n.output.iter().filter(|o| !o.is_empty()) {
+                    t.entry(o.clone()).or_insert(dt);
+                }
+            }
+        }
+        t
+    }
+}

@@ -1,0 +1,174 @@
+use super::builder::*;
+use super::*;
+
+fn shared_models() -> Option<std::path::PathBuf> {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models");
+    if p.is_dir() {
+        Some(p)
+    } else {
+        eprintln!("SKIPPED: ../shared/models is absent; byte-identical round trips of the shared models not checked");
+        None
+    }
+}
+
+#[test]
+fn round_trip_is_byte_identical_on_every_shared_model() {
+    let Some(dir) = shared_models() else { return };
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "onnx") {
+            let bytes = std::fs::read(&p).unwrap();
+            let m = Model::from_bytes(&bytes).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert!(m.to_bytes() == bytes, "{} does not round-trip byte for byte", p.display());
+            n += 1;
+        }
+    }
+    assert!(n >= 10, "expected the 11 shared models, found {n}");
+}
+
+#[test]
+fn shipped_mnist_round_trips() {
+    let p =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/models/mnist_cntk_opset8_simplified.onnx");
+    let bytes = std::fs::read(p).unwrap();
+    let m = Model::from_bytes(&bytes).unwrap();
+    assert_eq!(m.to_bytes(), bytes);
+    assert_eq!(m.opset(""), Some(8));
+    let t = m.graph.value_type("Input3").unwrap();
+    assert_eq!(t.dtype(), Some(DType::F32));
+    assert_eq!(t.shape.unwrap(), vec![Dim::Fixed(1), Dim::Fixed(1), Dim::Fixed(28), Dim::Fixed(28)]);
+}
+
+#[test]
+fn topo_sort_orders_an_unsorted_graph_and_detects_cycles() {
+    let mut m = tiny_classifier();
+    m.graph.nodes.reverse();
+    m.check().unwrap(); // unsorted is legal to read
+    m.graph.topo_sort().unwrap();
+    assert_eq!(m.graph.nodes[0].op(), "Gemm");
+    // Make a cycle: Gemm reads Relu's output.
+    m.graph.nodes[0].input[0] = "y".into();
+    assert!(matches!(m.graph.topo_sort(), Err(Error::MalformedModel(msg)) if msg.contains("cycle")));
+}
+
+#[test]
+fn check_rejects_inconsistent_graphs() {
+    let mut m = tiny_classifier();
+    m.graph.nodes[1].input[0] = "nowhere".into();
+    assert!(matches!(m.check(), Err(Error::MalformedModel(msg)) if msg.contains("nowhere")));
+
+    let mut m = tiny_classifier();
+    m.graph.outputs[0].name = Some("ghost".into());
+    assert!(matches!(m.check(), Err(Error::MalformedModel(msg)) if msg.contains("ghost")));
+
+    let mut m = tiny_classifier();
+    m.graph.initializers[0].raw_data.as_mut().unwrap().pop();
+    assert!(matches!(m.check(), Err(Error::MalformedModel(msg)) if msg.contains("raw_data")));
+
+    let mut m = tiny_classifier();
+    m.graph.initializers[0].dims = vec![1 << 40, 1 << 40];
+    assert!(m.check().is_err());
+
+    let mut m = tiny_classifier();
+    m.graph.nodes[1].output[0] = "h".into();
+    assert!(matches!(m.check(), Err(Error::MalformedModel(msg)) if msg.contains("twice")));
+}
+
+#[test]
+fn malformed_bytes_never_panic() {
+    let good = tiny_classifier().to_bytes();
+    assert!(Model::from_bytes(b"").is_err());
+    assert!(Model::from_bytes(b"\xff\xff\xff\xff garbage").is_err());
+    for cut in 0..good.len() {
+        let _ = Model::from_bytes(&good[..cut]);
+    }
+    let mut rng = 0x2545F4914F6CDD1Du64;
+    for _ in 0..3000 {
+        let mut b = good.clone();
+        for _ in 0..3 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let i = (rng as usize) % b.len();
+            b[i] = (rng >> 32) as u8;
+        }
+        let _ = Model::from_bytes(&b);
+    }
+}
+
+#[test]
+fn rewrite_api_inserts_replaces_and_cleans() {
+    let mut m = tiny_classifier();
+    let g = &mut m.graph;
+    assert_eq!(g.consumers("h"), vec![1]);
+    assert_eq!(g.producers()["y"], 1);
+    // Insert an Identity between Gemm and Relu.
+    let mid = g.unique_name("h");
+    assert_ne!(mid, "h");
+    g.replace_uses("h", &mid);
+    let at = g.insert_node(node("Identity", "id", &["h"], &[&mid], vec![]));
+    assert_eq!(at, 1);
+    m.check().unwrap();
+    m.graph.set_initializer(tensor_f32("unused", &[1], &[0.0]));
+    assert_eq!(m.graph.remove_unused_initializers(), 1);
+    let bytes = m.to_bytes();
+    assert_eq!(Model::from_bytes(&bytes).unwrap(), m);
+}
+
+#[test]
+fn subgraph_outer_references_count_as_uses() {
+    // If node whose branches read an outer value `h`.
+    let branch = |name: &str| GraphProto {
+        name: Some(name.into()),
+        node: vec![node("Identity", &format!("{name}_id"), &["h"], &[&format!("{name}_out")], vec![])],
+        output: vec![value_info(&format!("{name}_out"), 1, &[])],
+        ..Default::default()
+    };
+    let mut m = tiny_classifier();
+    m.graph.initializers.push(TensorProto {
+        name: Some("cond".into()),
+        data_type: Some(9),
+        raw_data: Some(vec![1]),
+        ..Default::default()
+    });
+    let mut iff = node("If", "if", &["cond"], &["z"], vec![]);
+    iff.attribute.push(AttributeProto {
+        name: Some("then_branch".into()),
+        r#type: Some(5),
+        g: Some(branch("then")),
+        ..Default::default()
+    });
+    iff.attribute.push(AttributeProto {
+        name: Some("else_branch".into()),
+        r#type: Some(5),
+        g: Some(branch("else")),
+        ..Default::default()
+    });
+    m.graph.nodes.insert(0, iff);
+    m.graph.topo_sort().unwrap();
+    let pos_if = m.graph.node_by_name("if").unwrap();
+    let pos_fc = m.graph.node_by_name("fc").unwrap();
+    assert!(pos_if > pos_fc, "If must come after the producer of `h`");
+    m.check().unwrap();
+}
+
+#[test]
+fn element_types_follow_shape_arithmetic() {
+    let m = model(
+        vec![
+            node("Shape", "s", &["x"], &["shape"], vec![]),
+            node("Gather", "g", &["shape", "zero"], &["n"], vec![]),
+            node("Concat", "c", &["n", "n"], &["dims"], vec![attr_int("axis", 0)]),
+            node("Relu", "r", &["x"], &["h"], vec![]),
+            node("Reshape", "rs", &["h", "dims"], &["y"], vec![]),
+            node("Cast", "cast", &["y"], &["yi"], vec![attr_int("to", 6)]),
+        ],
+        vec![value_info("x", 1, &[Dim::Fixed(2), Dim::Fixed(2)])],
+        vec![value_info("yi", 6, &[Dim::Fixed(2), Dim::Fixed(2)])],
+        vec![tensor_i64("zero", &[1], &[0])],
+    );
+    let t = m.graph.infer_elem_types();
+    assert_eq!((t["shape"], t["n"], t["dims"]), (7, 7, 7));
+    assert_eq!((t["h"], t["y"], t["yi"]), (1, 1, 6));
+}

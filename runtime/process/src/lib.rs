@@ -1,0 +1,696 @@
+//! Pre- and post-processing described as data (stored in the bundle manifest), never as code: decode, resize,
+//! channel order, layout, normalisation; softmax/top-k with labels; SSD-style boxes + NMS.
+//!
+//! The image path reproduces the reference pipeline of `shared/tools/eval_imagenet_ort.py` (PIL): decode,
+//! convert to RGB (grayscale replicated, alpha dropped), resize with PIL's own convolution resampler (same
+//! coefficients, same 22-bit fixed point, same rounding: see [`resize`]), centre crop, then
+//! `(pixel * scale - mean) / std`.
+use image::DynamicImage;
+
+use edgepack_core::tensor::{DType, Tensor, TensorData};
+use edgepack_core::{Error, Result};
+
+/// Channel order fed to the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ColorOrder {
+    Rgb,
+    Bgr,
+    /// One channel, ITU-R 601-2 luma (as PIL's `convert("L")`).
+    Gray,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    Nchw,
+    Nhwc,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpolation {
+    Nearest,
+    #[default]
+    Bilinear,
+    Bicubic,
+}
+
+/// How the decoded image is brought to the model's input size.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum Resize {
+    /// The image must already have the model's size.
+    None,
+    /// Resize to exactly `width`×`height`, ignoring the aspect ratio.
+    Stretch { width: u32, height: u32 },
+    /// Resize so the shorter side is `shorter_side` (aspect kept, never below the crop), then centre-crop.
+    ShorterSideCrop { shorter_side: u32, crop_width: u32, crop_height: u32 },
+}
+
+/// Image pre-processing for one model input.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+pub struct ImagePreprocess {
+    /// Model input fed by this step (default: the first input).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    pub resize: Resize,
+    #[serde(default)]
+    pub interpolation: Interpolation,
+    pub color: ColorOrder,
+    pub layout: Layout,
+    /// Multiplies 0..255 pixel values first (1/255 for 0..1 models, 1 for raw pixels).
+    pub scale: f32,
+    /// Per output channel (in `color` order), subtracted after `scale`.
+    pub mean: Vec<f32>,
+    /// Per output channel, divides after the mean.
+    pub std: Vec<f32>,
+    /// Element type of the model input (f32, or u8 for raw-pixel models).
+    #[serde(default = "default_dtype")]
+    pub dtype: DType,
+}
+
+fn default_dtype() -> DType {
+    DType::F32
+}
+
+/// Pre-processing stored in a bundle.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Preprocess {
+    Image(ImagePreprocess),
+}
+
+/// Whether classification scores go through a softmax.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Softmax {
+    /// Softmax unless the output already sums to 1 with no negative value.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// Post-processing stored in a bundle.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Postprocess {
+    /// Scores per class → top-k (with labels).
+    Classification {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<String>,
+        #[serde(default)]
+        softmax: Softmax,
+        top_k: usize,
+        /// Classes to skip at the front of the scores (1 for models with a background class 0).
+        #[serde(default)]
+        label_offset: usize,
+    },
+    /// SSD-style detector with decoded boxes: scores [1,N,C] and boxes [1,N,4] (x1,y1,x2,y2 in 0..1).
+    SsdDetection {
+        scores_output: String,
+        boxes_output: String,
+        /// Classes reported (e.g. [1] for a face detector whose class 0 is background).
+        classes: Vec<usize>,
+        score_threshold: f32,
+        iou_threshold: f32,
+        #[serde(default = "default_max_detections")]
+        max_detections: usize,
+    },
+}
+
+fn default_max_detections() -> usize {
+    1000
+}
+
+/// Named pre-processing recipes matching `shared/models/MODELS.md`.
+pub const PRESETS: &[&str] = &["tf", "caffe_bgr", "imagenet", "raw255", "mnist", "ultraface"];
+
+impl ImagePreprocess {
+    /// A named preset for a model whose image input is `height`×`width`.
+    pub fn preset(name: &str, height: u32, width: u32) -> Result<ImagePreprocess> {
+        let crop = |mean: [f32; 3], std: [f32; 3], scale: f32, color: ColorOrder| ImagePreprocess {
+            input: None,
+            resize: Resize::ShorterSideCrop {
+                // The usual 256/224 ratio (256 for a 224 crop).
+                shorter_side: ((height.min(width) as f64) * 256.0 / 224.0).round() as u32,
+                crop_width: width,
+                crop_height: height,
+            },
+            interpolation: Interpolation::Bilinear,
+            color,
+            layout: Layout::Nchw,
+            scale,
+            mean: mean.to_vec(),
+            std: std.to_vec(),
+            dtype: DType::F32,
+        };
+        Ok(match name {
+            "tf" => crop([127.0; 3], [128.0; 3], 1.0, ColorOrder::Rgb),
+            "caffe_bgr" => crop([104.0, 117.0, 123.0], [1.0; 3], 1.0, ColorOrder::Bgr),
+            "imagenet" => crop([0.485, 0.456, 0.406], [0.229, 0.224, 0.225], 1.0 / 255.0, ColorOrder::Rgb),
+            "raw255" => crop([0.0; 3], [1.0; 3], 1.0, ColorOrder::Rgb),
+            "mnist" => ImagePreprocess {
+                input: None,
+                resize: Resize::Stretch { width, height },
+                interpolation: Interpolation::Bilinear,
+                color: ColorOrder::Gray,
+                layout: Layout::Nchw,
+                scale: 1.0,
+                mean: vec![0.0],
+                std: vec![1.0],
+                dtype: DType::F32,
+            },
+            "ultraface" => ImagePreprocess {
+                input: None,
+                resize: Resize::Stretch { width, height },
+                interpolation: Interpolation::Bilinear,
+                color: ColorOrder::Rgb,
+                layout: Layout::Nchw,
+                scale: 1.0,
+                mean: vec![127.0; 3],
+                std: vec![128.0; 3],
+                dtype: DType::F32,
+            },
+            other => {
+                return Err(Error::Processing(format!("unknown preset `{other}` (known: {})", PRESETS.join(", "))));
+            }
+        })
+    }
+
+    pub fn channels(&self) -> usize {
+        if self.color == ColorOrder::Gray { 1 } else { 3 }
+    }
+
+    /// Checks the numbers are usable (channel counts, non-zero std, sane sizes).
+    pub fn validate(&self) -> Result<()> {
+        let c = self.channels();
+        if self.mean.len() != c || self.std.len() != c {
+            return Err(Error::Processing(format!("mean/std need {c} values for {:?}", self.color)));
+        }
+        if self.std.iter().any(|&s| s == 0.0 || !s.is_finite()) || self.mean.iter().any(|m| !m.is_finite()) {
+            return Err(Error::Processing("std must be finite and non-zero".into()));
+        }
+        let dims_ok = |a: u32, b: u32| (1..=16384).contains(&a) && (1..=16384).contains(&b);
+        match self.resize {
+            Resize::None => {}
+            Resize::Stretch { width, height } if dims_ok(width, height) => {}
+            Resize::ShorterSideCrop { shorter_side, crop_width, crop_height }
+                if dims_ok(crop_width, crop_height) && (1..=16384).contains(&shorter_side) => {}
+            _ => return Err(Error::Processing(format!("invalid resize {:?}", self.resize))),
+        }
+        Ok(())
+    }
+
+    /// Decodes an encoded image (JPEG/PNG) and runs the pipeline; result has batch 1.
+    pub fn apply_encoded(&self, bytes: &[u8]) -> Result<Tensor> {
+        self.apply(&decode_image(bytes)?)
+    }
+
+    /// Runs the pipeline on a decoded image; result has batch 1.
+    pub fn apply(&self, img: &DynamicImage) -> Result<Tensor> {
+        self.validate()?;
+        let c = self.channels();
+        let (w, h, pixels) = if c == 1 {
+            (img.width(), img.height(), to_gray(img))
+        } else {
+            (img.width(), img.height(), img.to_rgb8().into_raw())
+        };
+        let (w, h, pixels) = self.resize_pixels(w, h, pixels, c)?;
+        let n = (w * h) as usize;
+        let mut out = vec![0f32; n * c];
+        for (p, px) in pixels.chunks_exact(c).enumerate() {
+            for oc in 0..c {
+                let src = if self.color == ColorOrder::Bgr { 2 - oc } else { oc };
+                let v = (px[src] as f32 * self.scale - self.mean[oc]) / self.std[oc];
+                let at = match self.layout {
+                    Layout::Nchw => oc * n + p,
+                    Layout::Nhwc => p * c + oc,
+                };
+                out[at] = v;
+            }
+        }
+        let shape = match self.layout {
+            Layout::Nchw => vec![1, c, h as usize, w as usize],
+            Layout::Nhwc => vec![1, h as usize, w as usize, c],
+        };
+        let t = Tensor::from_f32(shape, out)?;
+        Ok(if self.dtype == DType::F32 { t } else { t.cast(self.dtype) })
+    }
+
+    fn resize_pixels(&self, w: u32, h: u32, pixels: Vec<u8>, c: usize) -> Result<(u32, u32, Vec<u8>)> {
+        match self.resize {
+            Resize::None => Ok((w, h, pixels)),
+            Resize::Stretch { width, height } => {
+                Ok((width, height, resize(w, h, pixels, c, width, height, self.interpolation)?))
+            }
+            Resize::ShorterSideCrop { shorter_side, crop_width, crop_height } => {
+                let r = shorter_side as f64 / w.min(h) as f64;
+                // Python's round() is round-half-to-even; match it for identical sizes.
+                let nw = ((w as f64 * r).round_ties_even() as u32).max(crop_width);
+                let nh = ((h as f64 * r).round_ties_even() as u32).max(crop_height);
+                let resized = resize(w, h, pixels, c, nw, nh, self.interpolation)?;
+                let (left, top) = ((nw - crop_width) / 2, (nh - crop_height) / 2);
+                let mut out = Vec::with_capacity((crop_width * crop_height) as usize * c);
+                for y in top..top + crop_height {
+                    let row = (y * nw + left) as usize * c;
+                    out.extend_from_slice(&resized[row..row + crop_width as usize * c]);
+                }
+                Ok((crop_width, crop_height, out))
+            }
+        }
+    }
+}
+
+/// Decodes JPEG or PNG bytes.
+pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
+    let fmt = image::guess_format(bytes).map_err(|e| Error::Image(format!("unknown image format: {e}")))?;
+    if !matches!(fmt, image::ImageFormat::Jpeg | image::ImageFormat::Png) {
+        return Err(Error::Image(format!("{fmt:?} images are not supported (JPEG and PNG are)")));
+    }
+    if fmt == image::ImageFormat::Jpeg
+        && let Some(img) = decode_jpeg_libjpeg_style(bytes)?
+    {
+        return Ok(img);
+    }
+    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), fmt);
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(16384);
+    limits.max_image_height = Some(16384);
+    limits.max_alloc = Some(1 << 30);
+    reader.limits(limits);
+    reader.decode().map_err(|e| Error::Image(e.to_string()))
+}
+
+/// Decodes baseline/progressive RGB or grayscale JPEGs with `jpeg-decoder`, whose fancy upsampling and colour
+/// conversion follow libjpeg (what PIL uses) far more closely than the `image` crate's default decoder (mean
+/// pixel difference to PIL 0.10 vs 0.24 on the ImageNet sample). Returns `None` for other colour formats
+/// (CMYK...), which the generic decoder handles.
+fn decode_jpeg_libjpeg_style(bytes: &[u8]) -> Result<Option<DynamicImage>> {
+    let mut d = jpeg_decoder::Decoder::new(bytes);
+    d.read_info().map_err(|e| Error::Image(format!("jpeg: {e}")))?;
+    let info = d.info().ok_or_else(|| Error::Image("jpeg: no header".into()))?;
+    if info.width == 0 || info.height == 0 || info.width > 16384 || info.height > 16384 {
+        return Err(Error::Image(format!("jpeg: unsupported size {}x{}", info.width, info.height)));
+    }
+    if !matches!(info.pixel_format, jpeg_decoder::PixelFormat::RGB24 | jpeg_decoder::PixelFormat::L8) {
+        return Ok(None);
+    }
+    let px = d.decode().map_err(|e| Error::Image(format!("jpeg: {e}")))?;
+    let (w, h) = (info.width as u32, info.height as u32);
+    let img = match info.pixel_format {
+        jpeg_decoder::PixelFormat::RGB24 => image::RgbImage::from_raw(w, h, px).map(DynamicImage::ImageRgb8),
+        _ => image::GrayImage::from_raw(w, h, px).map(DynamicImage::ImageLuma8),
+    };
+    img.map(Some).ok_or_else(|| Error::Image("jpeg: pixel data does not match the header".into()))
+}
+
+/// ITU-R 601-2 luma with PIL's fixed-point rounding.
+fn to_gray(img: &DynamicImage) -> Vec<u8> {
+    match img {
+        DynamicImage::ImageLuma8(g) => g.as_raw().clone(),
+        _ => img
+            .to_rgb8()
+            .pixels()
+            .map(|p| ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8)
+            .collect(),
+    }
+}
+
+/// Fixed-point precision of PIL's 8-bit resampler (`PRECISION_BITS` in Pillow's Resample.c).
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn filter_weight(interp: Interpolation, x: f64) -> f64 {
+    let x = x.abs();
+    match interp {
+        Interpolation::Bilinear => (1.0 - x).max(0.0),
+        // Pillow's bicubic, a = -0.5.
+        Interpolation::Bicubic => {
+            let a = -0.5;
+            if x < 1.0 {
+                ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+            } else if x < 2.0 {
+                (((x - 5.0) * x + 8.0) * x - 4.0) * a
+            } else {
+                0.0
+            }
+        }
+        Interpolation::Nearest => unreachable!("nearest does not convolve"),
+    }
+}
+
+/// Per output pixel: first input index and fixed-point weights (Pillow's `precompute_coeffs` followed by
+/// `normalize_coeffs_8bpc`).
+fn coefficients(in_size: u32, out_size: u32, interp: Interpolation) -> Vec<(usize, Vec<i32>)> {
+    let support_of = if interp == Interpolation::Bicubic { 2.0 } else { 1.0 };
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = support_of * filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let mut w: Vec<f64> = (xmin..xmax).map(|x| filter_weight(interp, (x as f64 - center + 0.5) * ss)).collect();
+            let total: f64 = w.iter().sum();
+            if total != 0.0 {
+                w.iter_mut().for_each(|v| *v /= total);
+            }
+            let one = (1u64 << PRECISION_BITS) as f64;
+            let k = w.iter().map(|&v| if v < 0.0 { (-0.5 + v * one) as i32 } else { (0.5 + v * one) as i32 }).collect();
+            (xmin, k)
+        })
+        .collect()
+}
+
+fn clip8(v: i64) -> u8 {
+    if v >= (1i64 << PRECISION_BITS << 8) {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+/// Resizes interleaved 8-bit pixels exactly as Pillow's `Image.resize` does (two separable passes, horizontal
+/// first, in 22-bit fixed point with its rounding), so a bundle's preprocessing reproduces PIL-based references
+/// bit for bit. Nearest neighbour samples the source pixel under each output pixel centre.
+fn resize(w: u32, h: u32, pixels: Vec<u8>, c: usize, nw: u32, nh: u32, interp: Interpolation) -> Result<Vec<u8>> {
+    if (w, h) == (nw, nh) {
+        return Ok(pixels);
+    }
+    if w == 0 || h == 0 || nw == 0 || nh == 0 {
+        return Err(Error::Image("empty image".into()));
+    }
+    let (w, h, nw, nh) = (w as usize, h as usize, nw as usize, nh as usize);
+    if interp == Interpolation::Nearest {
+        let mut out = Vec::with_capacity(nw * nh * c);
+        for y in 0..nh {
+            let sy = (((y as f64 + 0.5) * h as f64 / nh as f64) as usize).min(h - 1);
+            for x in 0..nw {
+                let sx = (((x as f64 + 0.5) * w as f64 / nw as f64) as usize).min(w - 1);
+                out.extend_from_slice(&pixels[(sy * w + sx) * c..(sy * w + sx + 1) * c]);
+            }
+        }
+        return Ok(out);
+    }
+    let half = 1i64 << (PRECISION_BITS - 1);
+    // Horizontal pass (only when the width changes), over every row.
+    let (tmp, tw) = if nw != w {
+        let coeffs = coefficients(w as u32, nw as u32, interp);
+        let mut tmp = vec![0u8; nw * h * c];
+        for y in 0..h {
+            let row = &pixels[y * w * c..(y + 1) * w * c];
+            for (x, (xmin, k)) in coeffs.iter().enumerate() {
+                for ch in 0..c {
+                    let mut ss = half;
+                    for (i, &kv) in k.iter().enumerate() {
+                        ss += row[(xmin + i) * c + ch] as i64 * kv as i64;
+                    }
+                    tmp[(y * nw + x) * c + ch] = clip8(ss);
+                }
+            }
+        }
+        (tmp, nw)
+    } else {
+        (pixels, w)
+    };
+    if nh == h {
+        return Ok(tmp);
+    }
+    // Vertical pass.
+    let coeffs = coefficients(h as u32, nh as u32, interp);
+    let mut out = vec![0u8; tw * nh * c];
+    for (y, (ymin, k)) in coeffs.iter().enumerate() {
+        for x in 0..tw * c {
+            let mut ss = half;
+            for (i, &kv) in k.iter().enumerate() {
+                ss += tmp[(ymin + i) * tw * c + x] as i64 * kv as i64;
+            }
+            out[y * tw * c + x] = clip8(ss);
+        }
+    }
+    Ok(out)
+}
+
+/// Concatenates batch-1 tensors of one dtype along axis 0.
+pub fn stack(items: &[Tensor]) -> Result<Tensor> {
+    let first = items.first().ok_or_else(|| Error::Processing("nothing to stack".into()))?;
+    let inner = &first.shape()[1..];
+    let mut shape = vec![0usize];
+    shape.extend_from_slice(inner);
+    let mut bytes = Vec::new();
+    for t in items {
+        if &t.shape()[1..] != inner || t.dtype() != first.dtype() {
+            return Err(Error::Processing("cannot stack tensors of different shapes or dtypes".into()));
+        }
+        shape[0] += t.shape()[0];
+        bytes.extend(t.to_le_bytes());
+    }
+    Tensor::from_le_bytes(first.dtype(), shape, &bytes)
+}
+
+/// One class of a classification result.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ClassScore {
+    pub class_index: usize,
+    pub label: Option<String>,
+    pub score: f32,
+}
+
+/// One detected object, in pixels of the original image.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Detection {
+    pub class_index: usize,
+    pub label: Option<String>,
+    pub score: f32,
+    pub x1: f32,
+    pub y1: f32,
+    pub x2: f32,
+    pub y2: f32,
+}
+
+/// The display part of a label line: ImageNet synset lines `n01440764 tench, Tinca tinca` lose the wnid.
+pub fn display_label(line: &str) -> &str {
+    let b = line.as_bytes();
+    if b.len() > 10 && b[0] == b'n' && b[1..9].iter().all(u8::is_ascii_digit) && b[9] == b' ' {
+        &line[10..]
+    } else {
+        line
+    }
+}
+
+/// Softmax in f64 for stability; `auto` leaves already-normalised outputs alone.
+pub fn softmax(scores: &[f32], mode: Softmax) -> Vec<f32> {
+    let already =
+        scores.iter().all(|&s| s >= 0.0) && (scores.iter().map(|&s| s as f64).sum::<f64>() - 1.0).abs() < 1e-3;
+    if mode == Softmax::Never || (mode == Softmax::Auto && already) {
+        return scores.to_vec();
+    }
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let exps: Vec<f64> = scores.iter().map(|&s| (s as f64 - max).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    exps.iter().map(|e| (e / sum) as f32).collect()
+}
+
+/// Indices of the `k` largest values, largest first (ties keep the lower index first).
+pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+/// Classification of each batch row of `scores` (shape [B, C, ...1]).
+pub fn classify(
+    scores: &Tensor,
+    softmax_mode: Softmax,
+    k: usize,
+    label_offset: usize,
+    labels: Option<&[String]>,
+) -> Result<Vec<Vec<ClassScore>>> {
+    let batch = scores.shape().first().copied().unwrap_or(1).max(1);
+    let all = scores.to_f32_vec();
+    if !all.len().is_multiple_of(batch) || all.len() / batch <= label_offset {
+        return Err(Error::Processing(format!("scores of shape {:?} cannot be classified", scores.shape())));
+    }
+    let per = all.len() / batch;
+    Ok(all
+        .chunks_exact(per)
+        .map(|row| {
+            let row = &row[label_offset..];
+            let probs = softmax(row, softmax_mode);
+            // Ranked by the raw scores: softmax keeps their order, but large logits (MNIST's reach ±8000) underflow
+            // to probabilities of exactly 0, whose ties would rank classes 2..k by index.
+            top_k(row, k)
+                .into_iter()
+                .map(|i| ClassScore {
+                    class_index: i,
+                    label: labels.and_then(|l| l.get(i)).map(|s| display_label(s).to_string()),
+                    score: probs[i],
+                })
+                .collect()
+        })
+        .collect())
+}
+
+fn iou(a: &Detection, b: &Detection) -> f32 {
+    let iw = (a.x2.min(b.x2) - a.x1.max(b.x1)).max(0.0);
+    let ih = (a.y2.min(b.y2) - a.y1.max(b.y1)).max(0.0);
+    let inter = iw * ih;
+    let area = |d: &Detection| (d.x2 - d.x1) * (d.y2 - d.y1);
+    inter / (area(a) + area(b) - inter + 1e-9)
+}
+
+/// Hard non-maximum suppression (per class), highest score first.
+pub fn nms(mut dets: Vec<Detection>, iou_threshold: f32, max: usize) -> Vec<Detection> {
+    dets.sort_by(|a, b| b.score.total_cmp(&a.score));
+    let mut keep: Vec<Detection> = Vec::new();
+    for d in dets {
+        if keep.len() >= max {
+            break;
+        }
+        if keep.iter().all(|k| k.class_index != d.class_index || iou(k, &d) <= iou_threshold) {
+            keep.push(d);
+        }
+    }
+    keep
+}
+
+/// SSD-style decoding for batch row 0: threshold, scale boxes to the image size, NMS.
+#[allow(clippy::too_many_arguments)]
+pub fn detect_ssd(
+    scores: &Tensor,
+    boxes: &Tensor,
+    classes: &[usize],
+    score_threshold: f32,
+    iou_threshold: f32,
+    max: usize,
+    image_size: (u32, u32),
+    labels: Option<&[String]>,
+) -> Result<Vec<Detection>> {
+    let (ss, bs) = (scores.shape(), boxes.shape());
+    if ss.len() != 3 || bs.len() != 3 || bs[2] != 4 || ss[1] != bs[1] {
+        return Err(Error::Processing(format!("SSD outputs must be [1,N,C] and [1,N,4], got {ss:?} and {bs:?}")));
+    }
+    let (n, c) = (ss[1], ss[2]);
+    if let Some(&bad) = classes.iter().find(|&&k| k >= c) {
+        return Err(Error::Processing(format!("class {bad} out of range for {c} score columns")));
+    }
+    let (s, b) = (scores.to_f32_vec(), boxes.to_f32_vec());
+    let (w, h) = (image_size.0 as f32, image_size.1 as f32);
+    let mut dets = Vec::new();
+    for i in 0..n {
+        for &k in classes {
+            let score = s[i * c + k];
+            if score > score_threshold {
+                let bb = &b[i * 4..i * 4 + 4];
+                dets.push(Detection {
+                    class_index: k,
+                    label: labels.and_then(|l| l.get(k)).cloned(),
+                    score,
+                    x1: bb[0] * w,
+                    y1: bb[1] * h,
+                    x2: bb[2] * w,
+                    y2: bb[3] * h,
+                });
+            }
+        }
+    }
+    Ok(nms(dets, iou_threshold, max))
+}
+
+/// The f32 values of a tensor, as a slice if already f32.
+pub fn f32_data(t: &Tensor) -> std::borrow::Cow<'_, [f32]> {
+    match t.data() {
+        TensorData::F32(v) => std::borrow::Cow::Borrowed(v),
+        _ => std::borrow::Cow::Owned(t.to_f32_vec()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{GrayImage, RgbImage, RgbaImage};
+
+    #[test]
+    fn shorter_side_crop_gives_the_crop_size_and_python_rounding() {
+        let p = ImagePreprocess::preset("tf", 224, 224).unwrap();
+        assert_eq!(p.resize, Resize::ShorterSideCrop { shorter_side: 256, crop_width: 224, crop_height: 224 });
+        for (w, h) in [(300u32, 200u32), (56, 80), (1000, 224), (224, 224)] {
+            let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(w, h, image::Rgb([10, 20, 30])));
+            let t = p.apply(&img).unwrap();
+            assert_eq!(t.shape(), &[1, 3, 224, 224]);
+            // Constant image: every value is (v - 127) / 128 of its channel.
+            let v = t.as_f32().unwrap();
+            assert!((v[0] - (10.0 - 127.0) / 128.0).abs() < 1e-6);
+            assert!((v[224 * 224] - (20.0 - 127.0) / 128.0).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn top_k_of_large_logits_follows_the_logits() {
+        // Softmax of these underflows to [1, 0, 0, 0]: the ranking must still follow the logits.
+        let t = Tensor::from_f32(vec![1, 4], vec![8000.0, -5.0, 100.0, 0.0]).unwrap();
+        let r = classify(&t, Softmax::Auto, 4, 0, None).unwrap();
+        let idx: Vec<usize> = r[0].iter().map(|c| c.class_index).collect();
+        assert_eq!(idx, [0, 2, 3, 1]);
+        assert_eq!(r[0][0].score, 1.0);
+    }
+
+    #[test]
+    fn bgr_nhwc_gray_and_alpha() {
+        let img = DynamicImage::ImageRgba8(RgbaImage::from_pixel(4, 4, image::Rgba([1, 2, 3, 0])));
+        let mut p = ImagePreprocess::preset("caffe_bgr", 4, 4).unwrap();
+        p.resize = Resize::None;
+        p.layout = Layout::Nhwc;
+        p.mean = vec![0.0; 3];
+        let t = p.apply(&img).unwrap();
+        assert_eq!(t.shape(), &[1, 4, 4, 3]);
+        assert_eq!(&t.as_f32().unwrap()[..3], &[3.0, 2.0, 1.0]); // alpha dropped, channels reversed
+        let g = DynamicImage::ImageLuma8(GrayImage::from_pixel(28, 28, image::Luma([200])));
+        let m = ImagePreprocess::preset("mnist", 28, 28).unwrap();
+        let t = m.apply(&g).unwrap();
+        assert_eq!(t.shape(), &[1, 1, 28, 28]);
+        assert!(t.as_f32().unwrap().iter().all(|&x| x == 200.0));
+        // Grayscale into an RGB model is replicated on every channel.
+        let t = ImagePreprocess::preset("raw255", 28, 28).unwrap().apply(&g).unwrap();
+        assert_eq!(t.shape(), &[1, 3, 28, 28]);
+        assert!(t.as_f32().unwrap().iter().all(|&x| x == 200.0));
+    }
+
+    #[test]
+    fn bad_images_are_errors() {
+        assert!(decode_image(b"not an image").is_err());
+        assert!(decode_image(&[0x89, b'P', b'N', b'G', 13, 10, 26, 10, 0, 0]).is_err());
+        let p = ImagePreprocess::preset("tf", 224, 224).unwrap();
+        assert!(p.apply_encoded(&[0xff, 0xd8, 0xff, 0xe0, 0, 0]).is_err());
+        let mut bad = p.clone();
+        bad.std = vec![0.0; 3];
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn softmax_topk_and_nms() {
+        let p = softmax(&[1.0, 2.0, 3.0], Softmax::Auto);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_eq!(softmax(&[0.2, 0.8], Softmax::Auto), vec![0.2, 0.8]);
+        assert_eq!(top_k(&[0.1, 0.7, 0.2], 2), vec![1, 2]);
+        let d = |s: f32, x: f32| Detection {
+            class_index: 1,
+            label: None,
+            score: s,
+            x1: x,
+            y1: 0.0,
+            x2: x + 10.0,
+            y2: 10.0,
+        };
+        let kept = nms(vec![d(0.9, 0.0), d(0.8, 1.0), d(0.7, 50.0)], 0.3, 10);
+        assert_eq!(kept.len(), 2);
+        assert_eq!(display_label("n01440764 tench, Tinca tinca"), "tench, Tinca tinca");
+        assert_eq!(display_label("cat"), "cat");
+    }
+}

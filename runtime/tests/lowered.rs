@@ -1,0 +1,296 @@
+//! Property tests: the QDQ lowering run by the CPU backend equals the scalar reference over random shapes,
+//! groups, strides, dilations, pads, zero points and scales; the float lowering equals the graph as written.
+use edgepack_runtime::kernels::reference::{self, Conv2d};
+use edgepack_runtime::onnx::builder::*;
+use edgepack_runtime::onnx::{Dim, Model, NodeExt, node};
+use edgepack_runtime::onnx::{F32Kernels, QdqInteger, QdqKernels};
+use edgepack_runtime::{DType, Session, SessionOptions, Tensor};
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn range(&mut self, lo: i64, hi: i64) -> i64 {
+        lo + (self.next() % (hi - lo + 1) as u64) as i64
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+fn run_u8(m: &Model, input: Tensor) -> Vec<u8> {
+    let s = Session::from_model(m, &SessionOptions { threads: 1, ..Default::default() }).unwrap();
+    let out = s.run_one(input).unwrap();
+    match out[0].1.data() {
+        edgepack_runtime::TensorData::U8(v) => v.clone(),
+        _ => panic!("expected u8 output, got {:?}", out[0].1.dtype()),
+    }
+}
+
+#[test]
+fn lowered_qconv_equals_the_scalar_reference_on_random_geometry() {
+    let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut checked = 0;
+    for case in 0..40 {
+        let c_in = r.range(1, 6) as usize;
+        let depthwise = r.range(0, 2) == 0;
+        let group = if depthwise { c_in } else { 1 };
+        let c_out = if depthwise { c_in * r.range(1, 2) as usize } else { r.range(1, 6) as usize };
+        let kernel = [r.range(1, 3) as usize, r.range(1, 3) as usize];
+        let g = Conv2d {
+            group,
+            kernel,
+            stride: [r.range(1, 2) as usize, r.range(1, 2) as usize],
+            dilation: [r.range(1, 2) as usize, r.range(1, 2) as usize],
+            pads: [r.range(0, 2) as usize, r.range(0, 2) as usize, r.range(0, 2) as usize, r.range(0, 2) as usize],
+        };
+        let (h, w) = (r.range(3, 9) as usize, r.range(3, 9) as usize);
+        let Some((oh, ow)) = g.output_hw(h, w) else { continue };
+        let x: Vec<u8> = (0..c_in * h * w).map(|_| r.range(0, 255) as u8).collect();
+        let wq: Vec<i8> =
+            (0..c_out * (c_in / group) * kernel[0] * kernel[1]).map(|_| r.range(-127, 127) as i8).collect();
+        let bias: Vec<i32> = (0..c_out).map(|_| r.range(-5_000, 5_000) as i32).collect();
+        let (z_x, z_y) = (r.range(0, 255) as u8, r.range(64, 192) as u8);
+        let s_x = 0.001 + r.unit() * 0.05;
+        let s_w: Vec<f32> = (0..c_out).map(|_| 0.0005 + r.unit() * 0.01).collect();
+        let taps = ((c_in / group) * kernel[0] * kernel[1]) as f32;
+        // Accumulators spread over about ±5400·√taps: map that onto ±40 output steps.
+        let s_y = s_x * s_w.iter().sum::<f32>() / c_out as f32 * 5400.0 * taps.sqrt() / 40.0 * (0.5 + r.unit());
+        let m = reference::multiplier(s_x, &s_w, s_y);
+        let want = reference::qconv2d(&x, [1, c_in, h, w], z_x, &wq, c_out, Some(&bias), &m, z_y, g);
+        let model = model(
+            vec![
+                node("DequantizeLinear", "dqx", &["xq", "sx", "zx"], &["xd"], vec![]),
+                node("DequantizeLinear", "dqw", &["wq", "sw", "zw"], &["wd"], vec![attr_int("axis", 0)]),
+                node("DequantizeLinear", "dqb", &["bq", "sb"], &["bd"], vec![attr_int("axis", 0)]),
+                node(
+                    "Conv",
+                    "conv",
+                    &["xd", "wd", "bd"],
+                    &["c"],
+                    vec![
+                        attr_int("group", group as i64),
+                        attr_ints("kernel_shape", &[kernel[0] as i64, kernel[1] as i64]),
+                        attr_ints("strides", &[g.stride[0] as i64, g.stride[1] as i64]),
+                        attr_ints("dilations", &[g.dilation[0] as i64, g.dilation[1] as i64]),
+                        attr_ints("pads", &g.pads.map(|p| p as i64)),
+                    ],
+                ),
+                node("QuantizeLinear", "qy", &["c", "sy", "zy"], &["yq"], vec![]),
+            ],
+            vec![value_info("xq", 2, &[Dim::Fixed(1), Dim::Fixed(c_in), Dim::Fixed(h), Dim::Fixed(w)])],
+            vec![value_info("yq", 2, &[Dim::Fixed(1), Dim::Fixed(c_out), Dim::Fixed(oh), Dim::Fixed(ow)])],
+            vec![
+                tensor_f32("sx", &[], &[s_x]),
+                tensor_raw("zx", &[], 2, vec![z_x]),
+                tensor_raw(
+                    "wq",
+                    &[c_out as i64, (c_in / group) as i64, kernel[0] as i64, kernel[1] as i64],
+                    3,
+                    wq.iter().map(|&v| v as u8).collect(),
+                ),
+                tensor_f32("sw", &[c_out as i64], &s_w),
+                tensor_raw("zw", &[c_out as i64], 3, vec![0; c_out]),
+                tensor_raw("bq", &[c_out as i64], 6, bias.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                tensor_f32("sb", &[c_out as i64], &s_w.iter().map(|s| s_x * s).collect::<Vec<_>>()),
+                tensor_f32("sy", &[], &[s_y]),
+                tensor_raw("zy", &[], 2, vec![z_y]),
+            ],
+        );
+        let mut lowered = model.clone();
+        assert!(lowered.graph.lower_qdq_integer() >= 1, "case {case}: the pattern was not lowered");
+        let input = Tensor::from_le_bytes(DType::U8, vec![1, c_in, h, w], &x).unwrap();
+        let got = run_u8(&model, input);
+        let spread = want.iter().filter(|&&v| v != 0 && v != 255).count();
+        assert!(spread * 5 >= want.len(), "case {case}: test outputs mostly saturated ({spread}/{})", want.len());
+        assert_eq!(got, want, "case {case}: {g:?} c_in {c_in} c_out {c_out} {h}x{w}");
+        checked += 1;
+    }
+    assert!(checked >= 30, "only {checked} geometries were valid");
+}
+
+#[test]
+fn lowered_qadd_equals_the_scalar_reference() {
+    let mut r = Rng(0x1234_5678_9abc_def1);
+    for case in 0..20 {
+        let n = r.range(1, 300) as usize;
+        let a: Vec<u8> = (0..n).map(|_| r.range(0, 255) as u8).collect();
+        let b: Vec<u8> = (0..n).map(|_| r.range(0, 255) as u8).collect();
+        let (s_a, s_b) = (0.001 + r.unit() * 0.1, 0.001 + r.unit() * 0.1);
+        let s_c = (s_a + s_b) * (0.6 + r.unit());
+        let (z_a, z_b, z_c) = (r.range(0, 255) as u8, r.range(0, 255) as u8, r.range(0, 255) as u8);
+        let q = |scale, zero| reference::QParams { scale, zero };
+        let want = reference::qadd(&a, q(s_a, z_a), &b, q(s_b, z_b), q(s_c, z_c));
+        let model = model(
+            vec![
+                node("DequantizeLinear", "dqa", &["a", "sa", "za"], &["ad"], vec![]),
+                node("DequantizeLinear", "dqb", &["b", "sb", "zb"], &["bd"], vec![]),
+                node("Add", "add", &["ad", "bd"], &["s"], vec![]),
+                node("QuantizeLinear", "q", &["s", "sc", "zc"], &["y"], vec![]),
+            ],
+            vec![value_info("a", 2, &[Dim::Fixed(n)]), value_info("b", 2, &[Dim::Fixed(n)])],
+            vec![value_info("y", 2, &[Dim::Fixed(n)])],
+            vec![
+                tensor_f32("sa", &[], &[s_a]),
+                tensor_raw("za", &[], 2, vec![z_a]),
+                tensor_f32("sb", &[], &[s_b]),
+                tensor_raw("zb", &[], 2, vec![z_b]),
+                tensor_f32("sc", &[], &[s_c]),
+                tensor_raw("zc", &[], 2, vec![z_c]),
+            ],
+        );
+        let s = Session::from_model(&model, &SessionOptions { threads: 1, ..Default::default() }).unwrap();
+        let out = s
+            .run(vec![
+                ("a".into(), Tensor::from_le_bytes(DType::U8, vec![n], &a).unwrap()),
+                ("b".into(), Tensor::from_le_bytes(DType::U8, vec![n], &b).unwrap()),
+            ])
+            .unwrap();
+        let got = out[0].1.to_le_bytes();
+        assert_eq!(got, want, "case {case}");
+    }
+}
+
+#[test]
+fn lowered_qgemm_equals_the_scalar_reference() {
+    let mut r = Rng(0x0bad_cafe_dead_beef);
+    for case in 0..20 {
+        let (n, k, c_out) = (r.range(1, 4) as usize, r.range(1, 64) as usize, r.range(1, 16) as usize);
+        let x: Vec<u8> = (0..n * k).map(|_| r.range(0, 255) as u8).collect();
+        let wq: Vec<i8> = (0..c_out * k).map(|_| r.range(-127, 127) as i8).collect();
+        let bias: Vec<i32> = (0..c_out).map(|_| r.range(-5_000, 5_000) as i32).collect();
+        let (z_x, z_y) = (r.range(0, 255) as u8, r.range(64, 192) as u8);
+        let s_x = 0.001 + r.unit() * 0.05;
+        let s_w: Vec<f32> = (0..c_out).map(|_| 0.0005 + r.unit() * 0.01).collect();
+        let s_y = s_x * s_w.iter().sum::<f32>() / c_out as f32 * 5400.0 * (k as f32).sqrt() / 40.0;
+        let m = reference::multiplier(s_x, &s_w, s_y);
+        let want = reference::qgemm(&x, n, k, z_x, &wq, c_out, Some(&bias), &m, z_y);
+        let model = model(
+            vec![
+                node("DequantizeLinear", "dqx", &["xq", "sx", "zx"], &["xd"], vec![]),
+                node("DequantizeLinear", "dqw", &["wq", "sw", "zw"], &["wd"], vec![attr_int("axis", 0)]),
+                node("DequantizeLinear", "dqb", &["bq", "sb"], &["bd"], vec![attr_int("axis", 0)]),
+                node("Gemm", "fc", &["xd", "wd", "bd"], &["g"], vec![attr_int("transB", 1)]),
+                node("QuantizeLinear", "qy", &["g", "sy", "zy"], &["yq"], vec![]),
+            ],
+            vec![value_info("xq", 2, &[Dim::Fixed(n), Dim::Fixed(k)])],
+            vec![value_info("yq", 2, &[Dim::Fixed(n), Dim::Fixed(c_out)])],
+            vec![
+                tensor_f32("sx", &[], &[s_x]),
+                tensor_raw("zx", &[], 2, vec![z_x]),
+                tensor_raw("wq", &[c_out as i64, k as i64], 3, wq.iter().map(|&v| v as u8).collect()),
+                tensor_f32("sw", &[c_out as i64], &s_w),
+                tensor_raw("zw", &[c_out as i64], 3, vec![0; c_out]),
+                tensor_raw("bq", &[c_out as i64], 6, bias.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                tensor_f32("sb", &[c_out as i64], &s_w.iter().map(|s| s_x * s).collect::<Vec<_>>()),
+                tensor_f32("sy", &[], &[s_y]),
+                tensor_raw("zy", &[], 2, vec![z_y]),
+            ],
+        );
+        let mut lowered = model.clone();
+        assert!(lowered.graph.lower_qdq_integer() >= 1, "case {case}: the pattern was not lowered");
+        let mut kernels = model.clone();
+        kernels.lower_qdq_kernels();
+        assert!(kernels.graph.nodes.iter().any(|n| n.op() == "EpQGemm"), "case {case}: no EpQGemm");
+        let got = run_u8(&model, Tensor::from_le_bytes(DType::U8, vec![n, k], &x).unwrap());
+        assert_eq!(got, want, "case {case}: n {n} k {k} c_out {c_out}");
+
+        // The same Gemm with its float output kept (a classifier head): f32(acc)·s_x·s_w.
+        let mut float_head = model.clone();
+        float_head.graph.nodes.pop();
+        float_head.graph.outputs = vec![value_info("g", 1, &[Dim::Fixed(n), Dim::Fixed(c_out)])];
+        let s = Session::from_model(&float_head, &SessionOptions { threads: 1, ..Default::default() }).unwrap();
+        let got = s.run_one(Tensor::from_le_bytes(DType::U8, vec![n, k], &x).unwrap()).unwrap()[0].1.to_f32_vec();
+        for r in 0..n {
+            for o in 0..c_out {
+                let acc: i64 = bias[o] as i64
+                    + (0..k).map(|i| (x[r * k + i] as i64 - z_x as i64) * wq[o * k + i] as i64).sum::<i64>();
+                let want = acc as f64 * s_x as f64 * s_w[o] as f64;
+                let g = got[r * c_out + o] as f64;
+                assert!(
+                    (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "case {case} float head [{r}, {o}]: {g} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+// ---- fast kernels (qconv, qelem) against the scalar reference, for every ISA this CPU has ----
+
+/// A float CNN with every pattern of `onnx::f32_kernels` (Conv+Clip, depthwise Conv+Relu, residual Add, MaxPool,
+/// Dropout, a fire module's fused convolutions + Concat, Concat, GlobalAveragePool, Gemm) runs on the kernels and matches the graph as written (tract's ops, reached
+/// through the fallback by asking for a value the kernels fuse away).
+#[test]
+fn lowered_f32_graph_equals_the_graph_as_written() {
+    let mut r = Rng(0x00f3_2f32);
+    let mut w = |name: &str, dims: &[i64]| {
+        let n: i64 = dims.iter().product();
+        tensor_f32(name, dims, &(0..n).map(|_| r.unit() - 0.5).collect::<Vec<_>>())
+    };
+    let inits = vec![
+        w("w1", &[8, 3, 3, 3]),
+        w("b1", &[8]),
+        w("wd", &[8, 1, 3, 3]),
+        w("w2", &[8, 8, 1, 1]),
+        w("w3", &[6, 8, 3, 3]),
+        w("wg", &[5, 22]),
+        w("bg", &[5]),
+        tensor_f32("lo", &[], &[0.0]),
+        tensor_f32("hi", &[], &[6.0]),
+    ];
+    let nodes = vec![
+        node("Conv", "c1", &["x", "w1", "b1"], &["a1"], vec![attr_ints("pads", &[1, 1, 1, 1])]),
+        node("Clip", "clip1", &["a1", "lo", "hi"], &["a2"], vec![]),
+        node("Conv", "dw", &["a2", "wd"], &["d1"], vec![attr_int("group", 8), attr_ints("pads", &[1, 0, 1, 2])]),
+        node("Relu", "relu", &["d1"], &["d2"], vec![]),
+        node("Conv", "pw", &["d2", "w2"], &["p1"], vec![attr_ints("strides", &[1, 1])]),
+        node("Add", "res", &["p1", "a2"], &["s"], vec![]),
+        node("MaxPool", "mp", &["s"], &["m"], vec![attr_ints("kernel_shape", &[3, 3]), attr_ints("strides", &[2, 2])]),
+        node("Dropout", "drop", &["m"], &["m2"], vec![]),
+        // A fire module: two convolutions of one input, concatenated (fused: each writes its channels).
+        node("Conv", "c3", &["m2", "w3"], &["e"], vec![attr_ints("pads", &[1, 1, 1, 1])]),
+        node("Conv", "f1", &["m2", "w2"], &["f"], vec![]),
+        node("Relu", "f1relu", &["f"], &["fr"], vec![]),
+        node("Concat", "fire", &["fr", "e"], &["fire"], vec![attr_int("axis", 1)]),
+        node("Concat", "cat", &["fire", "m2"], &["cat"], vec![attr_int("axis", 1)]),
+        node("GlobalAveragePool", "gap", &["cat"], &["y"], vec![]),
+        node("Flatten", "flat", &["y"], &["flat"], vec![]),
+        node("Gemm", "fc", &["flat", "wg", "bg"], &["logits"], vec![attr_int("transB", 1)]),
+    ];
+    let m = model(
+        nodes,
+        vec![value_info("x", 1, &[Dim::Fixed(2), Dim::Fixed(3), Dim::Fixed(13), Dim::Fixed(11)])],
+        vec![
+            value_info("y", 1, &[Dim::Fixed(2), Dim::Fixed(22), Dim::Fixed(1), Dim::Fixed(1)]),
+            value_info("logits", 1, &[Dim::Fixed(2), Dim::Fixed(5)]),
+        ],
+        inits,
+    );
+    let mut lowered = m.clone();
+    assert_eq!(lowered.lower_f32_kernels(), 9, "every pattern becomes a kernel (fire module: one)");
+    let ops: Vec<&str> = lowered.graph.nodes.iter().map(|n| n.op()).collect();
+    assert!(!ops.contains(&"Conv") && !ops.contains(&"Dropout"), "{ops:?}");
+    assert_eq!(ops.iter().filter(|o| **o == "EpConvConcat").count(), 1, "{ops:?}");
+    let x: Vec<f32> = (0..2 * 3 * 13 * 11).map(|_| r.unit() * 2.0 - 1.0).collect();
+    for threads in [1, 2] {
+        let s = Session::from_model(&m, &SessionOptions { threads, ..Default::default() }).unwrap();
+        let input = || vec![("x".to_string(), Tensor::from_f32(vec![2, 3, 13, 11], x.clone()).unwrap())];
+        let fast = s.run(input()).unwrap();
+        // "a1" (the Conv output before its fused Clip) exists only in the graph as written.
+        let slow = s.run_values(input(), &["y", "logits", "a1"]).unwrap();
+        for (i, len) in [(0, 44), (1, 10)] {
+            let (f, w) = (fast[i].1.to_f32_vec(), slow[i].1.to_f32_vec());
+            assert_eq!(f.len(), len);
+            for (a, b) in f.iter().zip(&w) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "threads {threads}, output {i}: {f:?} vs {w:?}");
+            }
+        }
+    }
+}
