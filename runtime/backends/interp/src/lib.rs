@@ -18,46 +18,6 @@ use edgepack_lower::LowerForCpu;
 use edgepack_lower::nodes::{Data, DataMut, Kernel};
 use edgepack_onnx::{Model, NodeExt, NodeProto, tensor_from_proto};
 
-/// The plain ONNX ops the interpreter runs (beyond the kernel nodes).
-pub const OPS: [&str; 36] = [
-    "Constant",
-    "Identity",
-    "Dropout",
-    "Relu",
-    "Clip",
-    "Exp",
-    "Sigmoid",
-    "Tanh",
-    "Sqrt",
-    "Neg",
-    "Abs",
-    "Floor",
-    "Ceil",
-    "Round",
-    "Add",
-    "Sub",
-    "Mul",
-    "Div",
-    "Max",
-    "Min",
-    "Cast",
-    "Shape",
-    "Gather",
-    "Unsqueeze",
-    "Squeeze",
-    "Reshape",
-    "Flatten",
-    "Concat",
-    "Transpose",
-    "Slice",
-    "Softmax",
-    "QuantizeLinear",
-    "DequantizeLinear",
-    "GlobalAveragePool",
-    "Conv",
-    "MaxPool",
-];
-
 fn err(e: impl std::fmt::Display) -> Error {
     Error::Backend { backend: "cpu", message: e.to_string() }
 }
@@ -68,7 +28,8 @@ enum Op {
     Conv(fconv::FConv),
     /// An NCHW MaxPool, run as the NHWC kernel between two transposes.
     MaxPool(Pool2d),
-    Plain,
+    /// A plain op, by its entry in the op table.
+    Plain(PlainFn),
 }
 
 struct Step {
@@ -104,7 +65,7 @@ impl InterpBackend {
         for n in &g.nodes {
             let kernel = n.domain_name() == edgepack_lower::qdq_kernels::DOMAIN
                 && edgepack_lower::nodes::ops().any(|o| o == n.op());
-            let plain = n.domain_name().is_empty() && OPS.contains(&n.op());
+            let plain = n.domain_name().is_empty() && plain_op(n.op()).is_some();
             if !(kernel || plain) || n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()) {
                 return Err(Error::UnsupportedOp {
                     op: n.op().to_string(),
@@ -250,6 +211,8 @@ fn prepare(n: &NodeProto, consts: &HashMap<String, Tensor>) -> Result<Op> {
     if n.domain_name() == edgepack_lower::qdq_kernels::DOMAIN {
         return Kernel::parse(n).map(Op::Kernel).map_err(err);
     }
+    // Every node reaching here passed the load check: a plain op has an entry in the table.
+    let plain = Op::Plain(plain_op(n.op()).ok_or_else(|| bad("not an interpreter op".into()))?);
     Ok(match n.op() {
         "Conv" => {
             let w = n.input.get(1).and_then(|w| consts.get(w));
@@ -257,13 +220,13 @@ fn prepare(n: &NodeProto, consts: &HashMap<String, Tensor>) -> Result<Op> {
             let bias = b.and_then(|b| consts.get(b));
             match w {
                 Some(w) if b.is_none() || bias.is_some() => {
-                    conv_of(n, w, bias, None).map_err(bad)?.map_or(Op::Plain, Op::Conv)
+                    conv_of(n, w, bias, None).map_err(bad)?.map_or(plain, Op::Conv)
                 }
-                _ => Op::Plain,
+                _ => plain,
             }
         }
-        "MaxPool" => pool_of(n, None).map_err(bad)?.map_or(Op::Plain, Op::MaxPool),
-        _ => Op::Plain,
+        "MaxPool" => pool_of(n, None).map_err(bad)?.map_or(plain, Op::MaxPool),
+        _ => plain,
     })
 }
 
@@ -476,8 +439,8 @@ fn run_step(s: &Step, ins: &[Option<&Tensor>], opset: i64) -> Res<Vec<Tensor>> {
         }
         Op::Conv(conv) => Ok(vec![run_conv(conv, input(ins, 0)?)?]),
         Op::MaxPool(g) => Ok(vec![run_pool(g, input(ins, 0)?)?]),
-        Op::Plain => {
-            let y = plain(n, ins, opset)?;
+        Op::Plain(f) => {
+            let y = f(&Args { n, ins, opset })?;
             // Dropout at inference: the mask output (when wired) is all true.
             if n.op() == "Dropout" && s.outputs.len() > 1 {
                 let mask = tensor(y.shape().to_vec(), TensorData::Bool(vec![true; y.len()]))?;
@@ -628,306 +591,489 @@ fn qparams_at(x: &Tensor, scale: &Tensor, zero: Option<&Tensor>, axis_attr: i64)
     Ok((0..x.len()).map(|i| (i / inner) % s.len()).map(|c| (s[c], z[c])).collect())
 }
 
-fn plain(n: &NodeProto, ins: &[Option<&Tensor>], opset: i64) -> Res<Tensor> {
-    if n.op() == "Constant" {
-        return constant(n);
+/// What a plain op's implementation receives: the node, its inputs (`None`: omitted) and the model's opset.
+#[derive(Clone, Copy)]
+struct Args<'a> {
+    n: &'a NodeProto,
+    ins: &'a [Option<&'a Tensor>],
+    opset: i64,
+}
+
+impl Args<'_> {
+    fn x(&self) -> Res<&Tensor> {
+        input(self.ins, 0)
     }
-    let x = input(ins, 0)?;
-    let shape = x.shape().to_vec();
-    let rank = shape.len();
-    let axes_of = |attr: &str, input_idx: usize| -> Res<Vec<i64>> {
-        match ins.get(input_idx).copied().flatten() {
+
+    /// Axes (or starts/ends) from input `input_idx` when wired, else from attribute `attr`.
+    fn axes_of(&self, attr: &str, input_idx: usize) -> Res<Vec<i64>> {
+        match self.ins.get(input_idx).copied().flatten() {
             Some(t) => i64s(t),
-            None => Ok(n.attr_ints(attr).unwrap_or_default().to_vec()),
+            None => Ok(self.n.attr_ints(attr).unwrap_or_default().to_vec()),
+        }
+    }
+}
+
+type PlainFn = fn(&Args) -> Res<Tensor>;
+
+/// The plain ONNX ops the interpreter runs (beyond the kernel nodes): the op table is the dispatch, and
+/// [`OPS`] is derived from it.
+const PLAIN: &[(&str, PlainFn)] = &[
+    ("Constant", op_constant),
+    ("Identity", op_identity),
+    ("Dropout", op_identity),
+    ("Relu", op_relu),
+    ("Exp", op_exp),
+    ("Sigmoid", op_sigmoid),
+    ("Tanh", op_tanh),
+    ("Sqrt", op_sqrt),
+    ("Neg", op_neg),
+    ("Abs", op_abs),
+    ("Floor", op_floor),
+    ("Ceil", op_ceil),
+    ("Round", op_round),
+    ("Clip", op_clip),
+    ("Conv", op_conv),
+    ("MaxPool", op_max_pool),
+    ("Add", op_arithmetic),
+    ("Sub", op_arithmetic),
+    ("Mul", op_arithmetic),
+    ("Div", op_arithmetic),
+    ("Max", op_variadic),
+    ("Min", op_variadic),
+    ("Cast", op_cast),
+    ("Shape", op_shape),
+    ("Gather", op_gather),
+    ("Unsqueeze", op_unsqueeze),
+    ("Squeeze", op_squeeze),
+    ("Reshape", op_reshape),
+    ("Flatten", op_flatten),
+    ("Concat", op_concat),
+    ("Transpose", op_transpose),
+    ("Slice", op_slice),
+    ("Softmax", op_softmax),
+    ("QuantizeLinear", op_quantize_linear),
+    ("DequantizeLinear", op_dequantize_linear),
+    ("GlobalAveragePool", op_global_average_pool),
+];
+
+/// The plain ONNX ops the interpreter runs (beyond the kernel nodes), in table order.
+pub static OPS: std::sync::LazyLock<Vec<&'static str>> =
+    std::sync::LazyLock::new(|| PLAIN.iter().map(|(op, _)| *op).collect());
+
+/// The implementation of a plain op, `None` when the interpreter does not run it.
+fn plain_op(op: &str) -> Option<PlainFn> {
+    PLAIN.iter().find(|(name, _)| *name == op).map(|(_, f)| *f)
+}
+
+fn plain(n: &NodeProto, ins: &[Option<&Tensor>], opset: i64) -> Res<Tensor> {
+    let f = plain_op(n.op()).ok_or_else(|| format!("{} is not an interpreter op", n.op()))?;
+    f(&Args { n, ins, opset })
+}
+
+fn op_constant(a: &Args) -> Res<Tensor> {
+    constant(a.n)
+}
+
+fn op_identity(a: &Args) -> Res<Tensor> {
+    let x = a.x()?;
+    Ok(x.clone())
+}
+
+fn op_relu(a: &Args) -> Res<Tensor> {
+    let x = a.x()?;
+    float_map(x, |v| if v > 0.0 { v } else { 0.0 })
+}
+
+fn op_exp(a: &Args) -> Res<Tensor> {
+    let x = a.x()?;
+    float_map(x, f64::exp)
+}
+
+fn op_sigmoid(a: &Args) -> Res<Tensor> {
+    let x = a.x()?;
+    float_map(x, |v| 1.0 / (1.0 + (-v).exp()))
+}
+
+fn op_tanh(a: &Args) -> Res<Tensor> {
+    let x = a.x()?;
+    float_map(x, f64::tanh)
+}
+
+fn op_sqrt(a: &Args) -> Res<Tensor> {
+    let x = a.x()?;
+    float_map(x, f64::sqrt)
+}
+
+fn op_neg(a: &Args) -> Res<Tensor> {
+    let x = a.x()?;
+    float_map(x, |v| -v)
+}
+
+fn op_abs(a: &Args) -> Res<Tensor> {
+    let x = a.x()?;
+    float_map(x, f64::abs)
+}
+
+fn op_floor(a: &Args) -> Res<Tensor> {
+    let x = a.x()?;
+    float_map(x, f64::floor)
+}
+
+fn op_ceil(a: &Args) -> Res<Tensor> {
+    let x = a.x()?;
+    float_map(x, f64::ceil)
+}
+
+fn op_round(a: &Args) -> Res<Tensor> {
+    let x = a.x()?;
+    float_map(x, f64::round_ties_even)
+}
+
+fn op_clip(a: &Args) -> Res<Tensor> {
+    let n = a.n;
+    let ins = a.ins;
+    let opset = a.opset;
+    let x = a.x()?;
+    let bound = |i: usize, attr: &str| -> Option<Tensor> {
+        match ins.get(i).copied().flatten() {
+            Some(t) => Some(t.clone()),
+            None if opset < 11 => n.attr_f(attr).map(|v| Tensor::from_f32(vec![], vec![v]).ok())?,
+            None => None,
         }
     };
-    Ok(match n.op() {
-        "Identity" | "Dropout" => x.clone(),
-        "Relu" => float_map(x, |v| if v > 0.0 { v } else { 0.0 })?,
-        "Exp" => float_map(x, f64::exp)?,
-        "Sigmoid" => float_map(x, |v| 1.0 / (1.0 + (-v).exp()))?,
-        "Tanh" => float_map(x, f64::tanh)?,
-        "Sqrt" => float_map(x, f64::sqrt)?,
-        "Neg" => float_map(x, |v| -v)?,
-        "Abs" => float_map(x, f64::abs)?,
-        "Floor" => float_map(x, f64::floor)?,
-        "Ceil" => float_map(x, f64::ceil)?,
-        "Round" => float_map(x, f64::round_ties_even)?,
-        "Clip" => {
-            let bound = |i: usize, attr: &str| -> Option<Tensor> {
-                match ins.get(i).copied().flatten() {
-                    Some(t) => Some(t.clone()),
-                    None if opset < 11 => n.attr_f(attr).map(|v| Tensor::from_f32(vec![], vec![v]).ok())?,
-                    None => None,
-                }
-            };
-            let mut y = x.clone();
-            if let Some(lo) = bound(1, "min") {
-                y = binary("Max", &y, &lo.cast(x.dtype()))?;
+    let mut y = x.clone();
+    if let Some(lo) = bound(1, "min") {
+        y = binary("Max", &y, &lo.cast(x.dtype()))?;
+    }
+    if let Some(hi) = bound(2, "max") {
+        y = binary("Min", &y, &hi.cast(x.dtype()))?;
+    }
+    Ok(y)
+}
+
+fn op_conv(a: &Args) -> Res<Tensor> {
+    let n = a.n;
+    let ins = a.ins;
+    let x = a.x()?;
+    let hw = image_dims(x).map(|[_, _, h, w]| [h, w])?;
+    let conv = conv_of(n, input(ins, 1)?, ins.get(2).copied().flatten(), Some(hw))?.ok_or("no padding")?;
+    run_conv(&conv, x)
+}
+
+fn op_max_pool(a: &Args) -> Res<Tensor> {
+    let n = a.n;
+    let x = a.x()?;
+    let hw = image_dims(x).map(|[_, _, h, w]| [h, w])?;
+    run_pool(&pool_of(n, Some(hw))?.ok_or("no padding")?, x)
+}
+
+fn op_arithmetic(a: &Args) -> Res<Tensor> {
+    let op = a.n.op();
+    let ins = a.ins;
+    let x = a.x()?;
+    binary(op, x, input(ins, 1)?)
+}
+
+fn op_variadic(a: &Args) -> Res<Tensor> {
+    let op = a.n.op();
+    let ins = a.ins;
+    let x = a.x()?;
+    // Variadic, broadcasting.
+    let mut y = x.clone();
+    for i in 1..ins.len() {
+        y = binary(op, &y, input(ins, i)?)?;
+    }
+    Ok(y)
+}
+
+fn op_cast(a: &Args) -> Res<Tensor> {
+    let n = a.n;
+    let x = a.x()?;
+    let to = n.attr_i("to").unwrap_or(0) as i32;
+    Ok(x.cast(DType::from_onnx_code(to).ok_or_else(|| format!("cast to element type {to}"))?))
+}
+
+fn op_shape(a: &Args) -> Res<Tensor> {
+    let n = a.n;
+    let x = a.x()?;
+    let shape = x.shape().to_vec();
+    let rank = x.shape().len();
+    let r = rank as i64;
+    let clampi = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+    let (a, b) = (clampi(n.attr_i("start").unwrap_or(0)), clampi(n.attr_i("end").unwrap_or(r)));
+    let dims: Vec<i64> = shape[a..b.max(a)].iter().map(|&d| d as i64).collect();
+    tensor(vec![dims.len()], TensorData::I64(dims))
+}
+
+fn op_gather(a: &Args) -> Res<Tensor> {
+    let n = a.n;
+    let ins = a.ins;
+    let x = a.x()?;
+    let shape = x.shape().to_vec();
+    let rank = x.shape().len();
+    let idx = input(ins, 1)?;
+    let ax = axis(n.attr_i("axis").unwrap_or(0), rank)?;
+    let len = shape[ax] as i64;
+    let outer: usize = shape[..ax].iter().product();
+    let inner: usize = shape[ax + 1..].iter().product();
+    let es = x.dtype().size();
+    let src = x.to_le_bytes();
+    let ids = i64s(idx)?
+        .into_iter()
+        .map(|i| {
+            let j = if i < 0 { i + len } else { i };
+            (0..len).contains(&j).then_some(j as usize).ok_or(format!("index {i} out of range {len}"))
+        })
+        .collect::<Res<Vec<usize>>>()?;
+    let mut dst = Vec::with_capacity(outer * ids.len() * inner * es);
+    for o in 0..outer {
+        for &j in &ids {
+            let at = ((o * shape[ax] + j) * inner) * es;
+            dst.extend_from_slice(&src[at..at + inner * es]);
+        }
+    }
+    let out: Vec<usize> = shape[..ax].iter().chain(idx.shape()).chain(&shape[ax + 1..]).copied().collect();
+    Tensor::from_le_bytes(x.dtype(), out, &dst).map_err(|e| e.to_string())
+}
+
+fn op_unsqueeze(a: &Args) -> Res<Tensor> {
+    let x = a.x()?;
+    let shape = x.shape().to_vec();
+    let rank = x.shape().len();
+    let axes = a.axes_of("axes", 1)?;
+    let r = rank + axes.len();
+    let mut axes: Vec<usize> = axes.iter().map(|&a| axis(a, r)).collect::<Res<_>>()?;
+    axes.sort_unstable();
+    let mut out = shape.clone();
+    for a in axes {
+        if a > out.len() {
+            return Err(format!("axis {a} out of range"));
+        }
+        out.insert(a, 1);
+    }
+    x.clone().reshape(out).map_err(|e| e.to_string())
+}
+
+fn op_squeeze(a: &Args) -> Res<Tensor> {
+    let x = a.x()?;
+    let shape = x.shape().to_vec();
+    let rank = x.shape().len();
+    let axes: Vec<usize> = a.axes_of("axes", 1)?.iter().map(|&a| axis(a, rank)).collect::<Res<_>>()?;
+    let out: Vec<usize> = shape
+        .iter()
+        .enumerate()
+        .filter(|(i, d)| if axes.is_empty() { **d != 1 } else { !axes.contains(i) })
+        .map(|(_, &d)| d)
+        .collect();
+    x.clone().reshape(out).map_err(|e| e.to_string())
+}
+
+fn op_reshape(a: &Args) -> Res<Tensor> {
+    let n = a.n;
+    let ins = a.ins;
+    let x = a.x()?;
+    let shape = x.shape().to_vec();
+    let spec = i64s(input(ins, 1)?)?;
+    let allow_zero = n.attr_i("allowzero").unwrap_or(0) != 0;
+    let mut out = Vec::with_capacity(spec.len());
+    let mut infer = None;
+    for (i, &d) in spec.iter().enumerate() {
+        out.push(match d {
+            0 if !allow_zero => *shape.get(i).ok_or("0 copies a dimension the input lacks")?,
+            -1 if infer.is_none() => {
+                infer = Some(i);
+                1
             }
-            if let Some(hi) = bound(2, "max") {
-                y = binary("Min", &y, &hi.cast(x.dtype()))?;
+            d if d >= 0 => d as usize,
+            d => return Err(format!("bad dimension {d} in shape {spec:?}")),
+        });
+    }
+    if let Some(i) = infer {
+        let known: usize = out.iter().product();
+        if known == 0 || x.len() % known != 0 {
+            return Err(format!("cannot reshape {shape:?} into {spec:?}"));
+        }
+        out[i] = x.len() / known;
+    }
+    x.clone().reshape(out).map_err(|e| e.to_string())
+}
+
+fn op_flatten(a: &Args) -> Res<Tensor> {
+    let n = a.n;
+    let x = a.x()?;
+    let shape = x.shape().to_vec();
+    let rank = x.shape().len();
+    let a = n.attr_i("axis").unwrap_or(1);
+    let a = if a == rank as i64 { rank } else { axis(a, rank)? };
+    let out = vec![shape[..a].iter().product(), shape[a..].iter().product()];
+    x.clone().reshape(out).map_err(|e| e.to_string())
+}
+
+fn op_concat(a: &Args) -> Res<Tensor> {
+    let n = a.n;
+    let ins = a.ins;
+    let x = a.x()?;
+    let shape = x.shape().to_vec();
+    let rank = x.shape().len();
+    let ts: Vec<&Tensor> = (0..ins.len()).map(|i| input(ins, i)).collect::<Res<_>>()?;
+    let ax = axis(n.attr_i("axis").unwrap_or(0), rank)?;
+    let mut out = shape.clone();
+    out[ax] = 0;
+    for t in &ts {
+        if t.dtype() != x.dtype() || t.shape().len() != rank || (0..rank).any(|d| d != ax && t.shape()[d] != shape[d]) {
+            return Err(format!("inputs {:?} and {:?} do not concatenate on axis {ax}", shape, t.shape()));
+        }
+        out[ax] += t.shape()[ax];
+    }
+    let outer: usize = shape[..ax].iter().product();
+    let es = x.dtype().size();
+    let bytes: Vec<Vec<u8>> = ts.iter().map(|t| t.to_le_bytes()).collect();
+    let chunks: Vec<usize> = ts.iter().map(|t| t.shape()[ax..].iter().product::<usize>() * es).collect();
+    let mut dst = Vec::with_capacity(out.iter().product::<usize>() * es);
+    for o in 0..outer {
+        for (b, &c) in bytes.iter().zip(&chunks) {
+            dst.extend_from_slice(&b[o * c..(o + 1) * c]);
+        }
+    }
+    Tensor::from_le_bytes(x.dtype(), out, &dst).map_err(|e| e.to_string())
+}
+
+fn op_transpose(a: &Args) -> Res<Tensor> {
+    let n = a.n;
+    let x = a.x()?;
+    let shape = x.shape().to_vec();
+    let rank = x.shape().len();
+    let perm: Vec<usize> = match n.attr_ints("perm") {
+        Some(p) => p.iter().map(|&a| axis(a, rank)).collect::<Res<_>>()?,
+        None => (0..rank).rev().collect(),
+    };
+    let mut seen = perm.clone();
+    seen.sort_unstable();
+    if seen != (0..rank).collect::<Vec<_>>() {
+        return Err(format!("perm {perm:?} is not a permutation of rank {rank}"));
+    }
+    let dense = dense_strides(&shape);
+    strided(x, perm.iter().map(|&p| shape[p]).collect(), 0, &perm.iter().map(|&p| dense[p]).collect::<Vec<_>>())
+}
+
+fn op_slice(a: &Args) -> Res<Tensor> {
+    let ins = a.ins;
+    let opset = a.opset;
+    let x = a.x()?;
+    let shape = x.shape().to_vec();
+    let rank = x.shape().len();
+    let (starts, ends, axes, steps) = if opset < 10 {
+        (a.axes_of("starts", 99)?, a.axes_of("ends", 99)?, a.axes_of("axes", 99)?, vec![])
+    } else {
+        let opt = |i: usize| ins.get(i).copied().flatten().map(i64s).transpose();
+        (i64s(input(ins, 1)?)?, i64s(input(ins, 2)?)?, opt(3)?.unwrap_or_default(), opt(4)?.unwrap_or_default())
+    };
+    let axes: Vec<usize> = if axes.is_empty() {
+        (0..starts.len()).collect()
+    } else {
+        axes.iter().map(|&a| axis(a, rank)).collect::<Res<_>>()?
+    };
+    if starts.len() != axes.len() || ends.len() != axes.len() || !(steps.is_empty() || steps.len() == axes.len()) {
+        return Err("starts, ends, axes and steps differ in length".into());
+    }
+    let dense = dense_strides(&shape);
+    let mut out = shape.clone();
+    let mut strides = dense.clone();
+    let mut base = 0isize;
+    for (k, &a) in axes.iter().enumerate() {
+        let dim = shape[a] as i64;
+        let step = steps.get(k).copied().unwrap_or(1);
+        if step == 0 {
+            return Err("slice step 0".into());
+        }
+        let norm = |v: i64| if v < 0 { v + dim } else { v };
+        let (s, e) = if step > 0 {
+            (norm(starts[k]).clamp(0, dim), norm(ends[k]).clamp(0, dim))
+        } else {
+            (norm(starts[k]).clamp(-1, dim - 1), norm(ends[k]).clamp(-1, dim - 1))
+        };
+        let (span, by) = if step > 0 { ((e - s).max(0), step) } else { ((s - e).max(0), -step) };
+        let len = (span + by - 1) / by;
+        out[a] = len as usize;
+        base += s.max(0) as isize * dense[a];
+        strides[a] = dense[a] * step as isize;
+    }
+    strided(x, out, base, &strides)
+}
+
+fn op_softmax(a: &Args) -> Res<Tensor> {
+    let n = a.n;
+    let opset = a.opset;
+    let x = a.x()?;
+    let shape = x.shape().to_vec();
+    let rank = x.shape().len();
+    let v = f32s(x)?;
+    let default = if opset < 13 { 1 } else { -1 };
+    let ax = axis(n.attr_i("axis").unwrap_or(default), rank)?;
+    // Before opset 13 the input is coerced to 2-D at the axis.
+    let (len, inner) =
+        if opset < 13 { (shape[ax..].iter().product(), 1) } else { (shape[ax], shape[ax + 1..].iter().product()) };
+    let mut y = vec![0.0f32; v.len()];
+    for o in 0..v.len() / (len * inner).max(1) {
+        for i in 0..inner {
+            let at = |k: usize| o * len * inner + k * inner + i;
+            let m = (0..len).map(|k| v[at(k)]).fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for k in 0..len {
+                y[at(k)] = (v[at(k)] - m).exp();
+                sum += y[at(k)];
             }
-            y
-        }
-        "Conv" => {
-            let hw = image_dims(x).map(|[_, _, h, w]| [h, w])?;
-            let conv = conv_of(n, input(ins, 1)?, ins.get(2).copied().flatten(), Some(hw))?.ok_or("no padding")?;
-            run_conv(&conv, x)?
-        }
-        "MaxPool" => {
-            let hw = image_dims(x).map(|[_, _, h, w]| [h, w])?;
-            run_pool(&pool_of(n, Some(hw))?.ok_or("no padding")?, x)?
-        }
-        op @ ("Add" | "Sub" | "Mul" | "Div") => binary(op, x, input(ins, 1)?)?,
-        // Variadic, broadcasting.
-        op @ ("Max" | "Min") => {
-            let mut y = x.clone();
-            for i in 1..ins.len() {
-                y = binary(op, &y, input(ins, i)?)?;
+            for k in 0..len {
+                y[at(k)] /= sum;
             }
-            y
         }
-        "Cast" => {
-            let to = n.attr_i("to").unwrap_or(0) as i32;
-            x.cast(DType::from_onnx_code(to).ok_or_else(|| format!("cast to element type {to}"))?)
-        }
-        "Shape" => {
-            let r = rank as i64;
-            let clampi = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
-            let (a, b) = (clampi(n.attr_i("start").unwrap_or(0)), clampi(n.attr_i("end").unwrap_or(r)));
-            let dims: Vec<i64> = shape[a..b.max(a)].iter().map(|&d| d as i64).collect();
-            tensor(vec![dims.len()], TensorData::I64(dims))?
-        }
-        "Gather" => {
-            let idx = input(ins, 1)?;
-            let ax = axis(n.attr_i("axis").unwrap_or(0), rank)?;
-            let len = shape[ax] as i64;
-            let outer: usize = shape[..ax].iter().product();
-            let inner: usize = shape[ax + 1..].iter().product();
-            let es = x.dtype().size();
-            let src = x.to_le_bytes();
-            let ids = i64s(idx)?
-                .into_iter()
-                .map(|i| {
-                    let j = if i < 0 { i + len } else { i };
-                    (0..len).contains(&j).then_some(j as usize).ok_or(format!("index {i} out of range {len}"))
-                })
-                .collect::<Res<Vec<usize>>>()?;
-            let mut dst = Vec::with_capacity(outer * ids.len() * inner * es);
-            for o in 0..outer {
-                for &j in &ids {
-                    let at = ((o * shape[ax] + j) * inner) * es;
-                    dst.extend_from_slice(&src[at..at + inner * es]);
-                }
-            }
-            let out: Vec<usize> = shape[..ax].iter().chain(idx.shape()).chain(&shape[ax + 1..]).copied().collect();
-            Tensor::from_le_bytes(x.dtype(), out, &dst).map_err(|e| e.to_string())?
-        }
-        "Unsqueeze" => {
-            let axes = axes_of("axes", 1)?;
-            let r = rank + axes.len();
-            let mut axes: Vec<usize> = axes.iter().map(|&a| axis(a, r)).collect::<Res<_>>()?;
-            axes.sort_unstable();
-            let mut out = shape.clone();
-            for a in axes {
-                if a > out.len() {
-                    return Err(format!("axis {a} out of range"));
-                }
-                out.insert(a, 1);
-            }
-            x.clone().reshape(out).map_err(|e| e.to_string())?
-        }
-        "Squeeze" => {
-            let axes: Vec<usize> = axes_of("axes", 1)?.iter().map(|&a| axis(a, rank)).collect::<Res<_>>()?;
-            let out: Vec<usize> = shape
-                .iter()
-                .enumerate()
-                .filter(|(i, d)| if axes.is_empty() { **d != 1 } else { !axes.contains(i) })
-                .map(|(_, &d)| d)
-                .collect();
-            x.clone().reshape(out).map_err(|e| e.to_string())?
-        }
-        "Reshape" => {
-            let spec = i64s(input(ins, 1)?)?;
-            let allow_zero = n.attr_i("allowzero").unwrap_or(0) != 0;
-            let mut out = Vec::with_capacity(spec.len());
-            let mut infer = None;
-            for (i, &d) in spec.iter().enumerate() {
-                out.push(match d {
-                    0 if !allow_zero => *shape.get(i).ok_or("0 copies a dimension the input lacks")?,
-                    -1 if infer.is_none() => {
-                        infer = Some(i);
-                        1
-                    }
-                    d if d >= 0 => d as usize,
-                    d => return Err(format!("bad dimension {d} in shape {spec:?}")),
-                });
-            }
-            if let Some(i) = infer {
-                let known: usize = out.iter().product();
-                if known == 0 || x.len() % known != 0 {
-                    return Err(format!("cannot reshape {shape:?} into {spec:?}"));
-                }
-                out[i] = x.len() / known;
-            }
-            x.clone().reshape(out).map_err(|e| e.to_string())?
-        }
-        "Flatten" => {
-            let a = n.attr_i("axis").unwrap_or(1);
-            let a = if a == rank as i64 { rank } else { axis(a, rank)? };
-            let out = vec![shape[..a].iter().product(), shape[a..].iter().product()];
-            x.clone().reshape(out).map_err(|e| e.to_string())?
-        }
-        "Concat" => {
-            let ts: Vec<&Tensor> = (0..ins.len()).map(|i| input(ins, i)).collect::<Res<_>>()?;
-            let ax = axis(n.attr_i("axis").unwrap_or(0), rank)?;
-            let mut out = shape.clone();
-            out[ax] = 0;
-            for t in &ts {
-                if t.dtype() != x.dtype()
-                    || t.shape().len() != rank
-                    || (0..rank).any(|d| d != ax && t.shape()[d] != shape[d])
-                {
-                    return Err(format!("inputs {:?} and {:?} do not concatenate on axis {ax}", shape, t.shape()));
-                }
-                out[ax] += t.shape()[ax];
-            }
-            let outer: usize = shape[..ax].iter().product();
-            let es = x.dtype().size();
-            let bytes: Vec<Vec<u8>> = ts.iter().map(|t| t.to_le_bytes()).collect();
-            let chunks: Vec<usize> = ts.iter().map(|t| t.shape()[ax..].iter().product::<usize>() * es).collect();
-            let mut dst = Vec::with_capacity(out.iter().product::<usize>() * es);
-            for o in 0..outer {
-                for (b, &c) in bytes.iter().zip(&chunks) {
-                    dst.extend_from_slice(&b[o * c..(o + 1) * c]);
-                }
-            }
-            Tensor::from_le_bytes(x.dtype(), out, &dst).map_err(|e| e.to_string())?
-        }
-        "Transpose" => {
-            let perm: Vec<usize> = match n.attr_ints("perm") {
-                Some(p) => p.iter().map(|&a| axis(a, rank)).collect::<Res<_>>()?,
-                None => (0..rank).rev().collect(),
-            };
-            let mut seen = perm.clone();
-            seen.sort_unstable();
-            if seen != (0..rank).collect::<Vec<_>>() {
-                return Err(format!("perm {perm:?} is not a permutation of rank {rank}"));
-            }
-            let dense = dense_strides(&shape);
-            strided(
-                x,
-                perm.iter().map(|&p| shape[p]).collect(),
-                0,
-                &perm.iter().map(|&p| dense[p]).collect::<Vec<_>>(),
-            )?
-        }
-        "Slice" => {
-            let (starts, ends, axes, steps) = if opset < 10 {
-                (axes_of("starts", 99)?, axes_of("ends", 99)?, axes_of("axes", 99)?, vec![])
-            } else {
-                let opt = |i: usize| ins.get(i).copied().flatten().map(i64s).transpose();
-                (i64s(input(ins, 1)?)?, i64s(input(ins, 2)?)?, opt(3)?.unwrap_or_default(), opt(4)?.unwrap_or_default())
-            };
-            let axes: Vec<usize> = if axes.is_empty() {
-                (0..starts.len()).collect()
-            } else {
-                axes.iter().map(|&a| axis(a, rank)).collect::<Res<_>>()?
-            };
-            if starts.len() != axes.len()
-                || ends.len() != axes.len()
-                || !(steps.is_empty() || steps.len() == axes.len())
-            {
-                return Err("starts, ends, axes and steps differ in length".into());
-            }
-            let dense = dense_strides(&shape);
-            let mut out = shape.clone();
-            let mut strides = dense.clone();
-            let mut base = 0isize;
-            for (k, &a) in axes.iter().enumerate() {
-                let dim = shape[a] as i64;
-                let step = steps.get(k).copied().unwrap_or(1);
-                if step == 0 {
-                    return Err("slice step 0".into());
-                }
-                let norm = |v: i64| if v < 0 { v + dim } else { v };
-                let (s, e) = if step > 0 {
-                    (norm(starts[k]).clamp(0, dim), norm(ends[k]).clamp(0, dim))
-                } else {
-                    (norm(starts[k]).clamp(-1, dim - 1), norm(ends[k]).clamp(-1, dim - 1))
-                };
-                let (span, by) = if step > 0 { ((e - s).max(0), step) } else { ((s - e).max(0), -step) };
-                let len = (span + by - 1) / by;
-                out[a] = len as usize;
-                base += s.max(0) as isize * dense[a];
-                strides[a] = dense[a] * step as isize;
-            }
-            strided(x, out, base, &strides)?
-        }
-        "Softmax" => {
-            let v = f32s(x)?;
-            let default = if opset < 13 { 1 } else { -1 };
-            let ax = axis(n.attr_i("axis").unwrap_or(default), rank)?;
-            // Before opset 13 the input is coerced to 2-D at the axis.
-            let (len, inner) = if opset < 13 {
-                (shape[ax..].iter().product(), 1)
-            } else {
-                (shape[ax], shape[ax + 1..].iter().product())
-            };
-            let mut y = vec![0.0f32; v.len()];
-            for o in 0..v.len() / (len * inner).max(1) {
-                for i in 0..inner {
-                    let at = |k: usize| o * len * inner + k * inner + i;
-                    let m = (0..len).map(|k| v[at(k)]).fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0f32;
-                    for k in 0..len {
-                        y[at(k)] = (v[at(k)] - m).exp();
-                        sum += y[at(k)];
-                    }
-                    for k in 0..len {
-                        y[at(k)] /= sum;
-                    }
-                }
-            }
-            tensor(shape, TensorData::F32(y))?
-        }
-        "QuantizeLinear" => {
-            let zero = ins.get(2).copied().flatten();
-            let q = qparams_at(x, input(ins, 1)?, zero, n.attr_i("axis").unwrap_or(1))?;
-            let v = x.to_f32_vec();
-            let (lo, hi, dt) = match zero.map(Tensor::dtype) {
-                Some(DType::I8) => (-128, 127, DType::I8),
-                None | Some(DType::U8) => (0, 255, DType::U8),
-                Some(DType::I16) => (-32768, 32767, DType::I16),
-                Some(DType::U16) => (0, 65535, DType::U16),
-                Some(d) => return Err(format!("zero point of type {d}")),
-            };
-            let y: Vec<i64> = v
-                .iter()
-                .zip(&q)
-                .map(|(&x, &(s, z))| ((x / s).round_ties_even() as i64 + z as i64).clamp(lo, hi))
-                .collect();
-            tensor(shape, TensorData::I64(y))?.cast(dt)
-        }
-        "DequantizeLinear" => {
-            let q = qparams_at(x, input(ins, 1)?, ins.get(2).copied().flatten(), n.attr_i("axis").unwrap_or(1))?;
-            let v = i64s(&x.cast(DType::I64))?;
-            let y = v.iter().zip(&q).map(|(&v, &(s, z))| (v - z as i64) as f32 * s).collect();
-            tensor(shape, TensorData::F32(y))?
-        }
-        "GlobalAveragePool" => {
-            let v = f32s(x)?;
-            if rank < 3 {
-                return Err(format!("expected N, C and spatial axes, got {shape:?}"));
-            }
-            let hw: usize = shape[2..].iter().product();
-            let y = v.chunks(hw.max(1)).map(|c| c.iter().sum::<f32>() / hw as f32).collect();
-            let out: Vec<usize> = shape[..2].iter().copied().chain(std::iter::repeat_n(1, rank - 2)).collect();
-            tensor(out, TensorData::F32(y))?
-        }
-        op => return Err(format!("{op} is not an interpreter op")),
-    })
+    }
+    tensor(shape, TensorData::F32(y))
+}
+
+fn op_quantize_linear(a: &Args) -> Res<Tensor> {
+    let n = a.n;
+    let ins = a.ins;
+    let x = a.x()?;
+    let shape = x.shape().to_vec();
+    let zero = ins.get(2).copied().flatten();
+    let q = qparams_at(x, input(ins, 1)?, zero, n.attr_i("axis").unwrap_or(1))?;
+    let v = x.to_f32_vec();
+    let (lo, hi, dt) = match zero.map(Tensor::dtype) {
+        Some(DType::I8) => (-128, 127, DType::I8),
+        None | Some(DType::U8) => (0, 255, DType::U8),
+        Some(DType::I16) => (-32768, 32767, DType::I16),
+        Some(DType::U16) => (0, 65535, DType::U16),
+        Some(d) => return Err(format!("zero point of type {d}")),
+    };
+    let y: Vec<i64> =
+        v.iter().zip(&q).map(|(&x, &(s, z))| ((x / s).round_ties_even() as i64 + z as i64).clamp(lo, hi)).collect();
+    Ok(tensor(shape, TensorData::I64(y))?.cast(dt))
+}
+
+fn op_dequantize_linear(a: &Args) -> Res<Tensor> {
+    let n = a.n;
+    let ins = a.ins;
+    let x = a.x()?;
+    let shape = x.shape().to_vec();
+    let q = qparams_at(x, input(ins, 1)?, ins.get(2).copied().flatten(), n.attr_i("axis").unwrap_or(1))?;
+    let v = i64s(&x.cast(DType::I64))?;
+    let y = v.iter().zip(&q).map(|(&v, &(s, z))| (v - z as i64) as f32 * s).collect();
+    tensor(shape, TensorData::F32(y))
+}
+
+fn op_global_average_pool(a: &Args) -> Res<Tensor> {
+    let x = a.x()?;
+    let shape = x.shape().to_vec();
+    let rank = x.shape().len();
+    let v = f32s(x)?;
+    if rank < 3 {
+        return Err(format!("expected N, C and spatial axes, got {shape:?}"));
+    }
+    let hw: usize = shape[2..].iter().product();
+    let y = v.chunks(hw.max(1)).map(|c| c.iter().sum::<f32>() / hw as f32).collect();
+    let out: Vec<usize> = shape[..2].iter().copied().chain(std::iter::repeat_n(1, rank - 2)).collect();
+    tensor(out, TensorData::F32(y))
 }
 
 /// A `Constant` node's value (`value`, or one of the `value_*` scalar/list attributes).
