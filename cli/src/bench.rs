@@ -49,26 +49,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-/// Deterministic pseudo-random input of the given type and shape.
-fn synthetic(dt: DType, shape: Vec<usize>, seed: u64) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    let vals: Vec<f32> = (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        })
-        .collect();
-    let t = Tensor::from_f32(shape, vals)?;
-    Ok(match dt {
-        DType::F32 => t,
-        DType::F16 | DType::F64 => t.cast(dt),
-        _ => Tensor::from_le_bytes(dt, t.shape().to_vec(), &vec![0u8; n * dt.size()])?,
-    })
-}
-
 pub fn bench(a: BenchArgs) -> Result<()> {
     if a.runs == 0 {
         bail!(BadInput("--runs must be at least 1".into()));
@@ -96,7 +76,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 i.concrete_shape(a.batch)
             }
         };
-        feeds.push((i.name.clone(), synthetic(i.dtype.unwrap_or(DType::F32), shape, k as u64 + 1)?));
+        feeds.push((i.name.clone(), Tensor::synthetic(i.dtype.unwrap_or(DType::F32), shape, k as u64 + 1)?));
     }
     let batch = feeds.first().and_then(|f| f.1.shape().first().copied()).unwrap_or(1).max(1);
     let t1 = Instant::now();

@@ -11,7 +11,7 @@ use crate::Result;
 use crate::backend::Backend;
 use crate::onnx::{Dim, Model};
 use crate::session::IoInfo;
-use crate::tensor::{DType, Tensor, TensorData};
+use crate::tensor::Tensor;
 
 /// One cached decision.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -50,25 +50,9 @@ fn write_cache(key: &str, choice: &Choice) {
     }
 }
 
-fn zeros(info: &IoInfo) -> Option<Tensor> {
-    let shape: Vec<usize> =
-        info.shape.iter().map(|d| if let Dim::Fixed(n) = d { Some(*n) } else { None }).collect::<Option<_>>()?;
-    let n: usize = shape.iter().product();
-    let data = match info.dtype? {
-        DType::F32 => TensorData::F32(vec![0.0; n]),
-        DType::F16 => TensorData::F16(vec![half::f16::ZERO; n]),
-        DType::F64 => TensorData::F64(vec![0.0; n]),
-        DType::I64 => TensorData::I64(vec![0; n]),
-        DType::I32 => TensorData::I32(vec![0; n]),
-        DType::I16 => TensorData::I16(vec![0; n]),
-        DType::U64 => TensorData::U64(vec![0; n]),
-        DType::U32 => TensorData::U32(vec![0; n]),
-        DType::U16 => TensorData::U16(vec![0; n]),
-        DType::I8 => TensorData::I8(vec![0; n]),
-        DType::U8 => TensorData::U8(vec![0; n]),
-        DType::Bool => TensorData::Bool(vec![false; n]),
-    };
-    Tensor::new(shape, data).ok()
+/// A synthetic input of a fully static declaration (`None` when a dimension is free).
+fn sample(info: &IoInfo) -> Option<Tensor> {
+    info.shape.iter().all(|d| matches!(d, Dim::Fixed(_))).then(|| info.synthetic(1, 0)).flatten()
 }
 
 /// Median milliseconds of `runs` runs (after the load-time warm-up).
@@ -112,7 +96,7 @@ pub(crate) fn auto(
         {
             return Ok((load_cpu()?, format!("cpu: the GPU adapter is a software rasterizer ({})", adapter.short())));
         }
-        let Some(zero) = inputs.iter().map(zeros).collect::<Option<Vec<Tensor>>>() else {
+        let Some(zero) = inputs.iter().map(sample).collect::<Option<Vec<Tensor>>>() else {
             return Ok((load_cpu()?, "cpu: inputs with free dimensions are not measured; pass --device gpu".into()));
         };
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);

@@ -71,6 +71,12 @@ impl IoInfo {
             .collect()
     }
 
+    /// A synthetic input for this declaration ([`Tensor::synthetic`]) with symbolic dims as in
+    /// [`IoInfo::concrete_shape`]; `None` for an element type the API does not carry.
+    pub fn synthetic(&self, batch: usize, seed: u64) -> Option<Tensor> {
+        Tensor::synthetic(self.dtype?, self.concrete_shape(batch), seed).ok()
+    }
+
     /// The manifest form of this description.
     pub fn spec(&self) -> TensorSpec {
         TensorSpec { name: self.name.clone(), dtype: self.dtype, shape: self.shape.clone() }
@@ -365,9 +371,14 @@ impl Session {
         self.bundle.as_ref().and_then(|b| b.labels.as_deref())
     }
 
-    /// Checks named inputs against the model and orders them as the model declares.
-    fn order_inputs(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>> {
+    /// Checks named inputs against the model's declaration and returns them in model order: every input given
+    /// once, no unknown name, declared element types, declared ranks (an empty declared shape means "rank
+    /// unknown": the backend checks further) and fixed dimensions. With `free_leading_dim` (a server batching
+    /// requests) the leading dimension may be any size of at least 1, the same for every input. The one input
+    /// check of the runtime: sessions run it, and the server runs it before queueing a request.
+    pub fn check_inputs(&self, inputs: Vec<(String, Tensor)>, free_leading_dim: bool) -> Result<Vec<(String, Tensor)>> {
         let mut slots: Vec<Option<Tensor>> = vec![None; self.inputs.len()];
+        let mut lead = None;
         for (name, t) in inputs {
             let Some(i) = self.inputs.iter().position(|x| x.name == name) else {
                 return Err(Error::UnknownInput {
@@ -381,13 +392,13 @@ impl Session {
             {
                 return Err(Error::InputDType { name, expected: dt.to_string(), got: t.dtype().to_string() });
             }
-            // An empty declared shape means "rank unknown" (or a scalar): the backend checks further.
             let rank_ok = info.shape.is_empty() || info.shape.len() == t.shape().len();
-            let dims_ok = info.shape.iter().zip(t.shape()).all(|(d, &n)| match d {
-                Dim::Fixed(f) => *f == n,
+            let dims_ok = info.shape.iter().zip(t.shape()).enumerate().all(|(k, (d, &n))| match d {
+                Dim::Fixed(f) => *f == n || (k == 0 && free_leading_dim),
                 Dim::Symbolic(_) => true,
             });
-            if !(rank_ok && dims_ok) {
+            let lead_ok = !free_leading_dim || t.shape().first().is_some_and(|&n| n > 0 && *lead.get_or_insert(n) == n);
+            if !(rank_ok && dims_ok && lead_ok) {
                 return Err(Error::InputShape { name, expected: info.shape_string(), got: t.shape().to_vec() });
             }
             if slots[i].is_some() {
@@ -398,8 +409,15 @@ impl Session {
         slots
             .into_iter()
             .zip(&self.inputs)
-            .map(|(t, info)| t.ok_or_else(|| Error::MissingInput { name: info.name.clone() }))
+            .map(|(t, info)| match t {
+                Some(t) => Ok((info.name.clone(), t)),
+                None => Err(Error::MissingInput { name: info.name.clone() }),
+            })
             .collect()
+    }
+
+    fn order_inputs(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>> {
+        Ok(self.check_inputs(inputs, false)?.into_iter().map(|(_, t)| t).collect())
     }
 
     /// Runs the model on named inputs; returns named outputs in model order.

@@ -12,9 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use edgepack_runtime::onnx::Dim;
 use edgepack_runtime::process::stack;
-use edgepack_runtime::{DType, Session, SessionOptions, Tensor, TensorData};
+use edgepack_runtime::{Session, SessionOptions, Tensor};
 use tokio::sync::oneshot;
 
 use crate::error::ApiError;
@@ -67,24 +66,8 @@ fn labels<'a>(model: &'a str, version: &'a str) -> [(&'static str, &'a str); 2] 
     [("model", model), ("version", version)]
 }
 
-/// A deterministic sample for an input: zeros for integer types (valid indices), a ramp in [0, 1) for floats.
-fn probe_input(info: &edgepack_runtime::IoInfo, batch: usize, salt: usize) -> Option<Tensor> {
-    let shape = info.concrete_shape(batch);
-    let n: usize = shape.iter().product();
-    let dt = info.dtype?;
-    let t = match dt {
-        DType::F32 | DType::F16 | DType::F64 => {
-            let v = (0..n).map(|i| ((i * 7919 + salt * 104729) % 1000) as f32 / 1000.0).collect();
-            Tensor::from_f32(shape, v).ok()?.cast(dt)
-        }
-        DType::Bool => Tensor::new(shape, TensorData::Bool(vec![false; n])).ok()?,
-        _ => Tensor::from_f32(shape, vec![0.0; n]).ok()?.cast(dt),
-    };
-    Some(t)
-}
-
 fn probe(s: &Session, batch: usize, salt: usize) -> Option<Vec<(String, Tensor)>> {
-    s.inputs().iter().map(|i| probe_input(i, batch, salt).map(|t| (i.name.clone(), t))).collect()
+    s.inputs().iter().map(|i| i.synthetic(batch, salt as u64).map(|t| (i.name.clone(), t))).collect()
 }
 
 fn close(a: &Tensor, b: &Tensor) -> bool {
@@ -215,51 +198,8 @@ fn batch_equals_singles(s: &Session) -> bool {
 impl Version {
     /// Checks a request's inputs against the model (names, dtypes, ranks, fixed dims; the leading dim may vary
     /// when the version batches) and orders them as the model declares.
-    pub fn check_inputs(&self, mut inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, ApiError> {
-        let declared = self.session.inputs();
-        for (name, _) in &inputs {
-            if !declared.iter().any(|d| &d.name == name) {
-                let names: Vec<&str> = declared.iter().map(|d| d.name.as_str()).collect();
-                return Err(ApiError::bad_request(format!("unknown input `{name}`; the model's inputs are {names:?}")));
-            }
-        }
-        let mut ordered = Vec::with_capacity(declared.len());
-        let mut lead = None;
-        for d in declared {
-            let k = inputs
-                .iter()
-                .position(|(n, _)| n == &d.name)
-                .ok_or_else(|| ApiError::bad_request(format!("missing input `{}` ({})", d.name, d.shape_string())))?;
-            let (name, t) = inputs.swap_remove(k);
-            if Some(t.dtype()) != d.dtype {
-                return Err(ApiError::bad_request(format!(
-                    "input `{name}`: datatype {} but the model takes {}",
-                    t.dtype().kserve_name(),
-                    d.dtype.map(DType::kserve_name).unwrap_or("?")
-                )));
-            }
-            let ok_rank = t.shape().len() == d.shape.len();
-            let ok_dims = ok_rank
-                && t.shape().iter().zip(&d.shape).enumerate().all(|(i, (&g, w))| match w {
-                    Dim::Fixed(w) => g == *w || (i == 0 && self.batchable),
-                    Dim::Symbolic(_) => true,
-                });
-            if !ok_dims || t.is_empty() {
-                return Err(ApiError::bad_request(format!(
-                    "input `{name}`: shape {:?} but the model takes {}",
-                    t.shape(),
-                    d.shape_string()
-                )));
-            }
-            if self.batchable {
-                let n = t.shape()[0];
-                if *lead.get_or_insert(n) != n {
-                    return Err(ApiError::bad_request("inputs disagree on the batch dimension"));
-                }
-            }
-            ordered.push((name, t));
-        }
-        Ok(ordered)
+    pub fn check_inputs(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, ApiError> {
+        self.session.check_inputs(inputs, self.batchable).map_err(|e| ApiError::bad_request(e.to_string()))
     }
 
     /// Queues a job; a full queue is back-pressure (503 with Retry-After), a closed one means shutting down.

@@ -203,6 +203,27 @@ impl Tensor {
         }
     }
 
+    /// A deterministic synthetic tensor for benchmarks, warm-ups and device probes: floats pseudo-random in
+    /// [0, 1) from `seed` (xorshift), integers zero (valid indices and sizes), bools false. The one generator
+    /// for every caller (backend selection, `edgepack bench`, the server's batching probe).
+    pub fn synthetic(dtype: DType, shape: Vec<usize>, seed: u64) -> crate::Result<Tensor> {
+        let n =
+            checked_count(&shape).ok_or_else(|| crate::Error::InvalidTensor(format!("shape {shape:?} overflows")))?;
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::F64) {
+            return Tensor::from_le_bytes(dtype, shape, &vec![0u8; n * dtype.size()]);
+        }
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 24) as f32
+            })
+            .collect();
+        Ok(Tensor::from_f32(shape, v)?.cast(dtype))
+    }
+
     pub fn from_f32(shape: Vec<usize>, v: Vec<f32>) -> crate::Result<Tensor> {
         Tensor::new(shape, TensorData::F32(v))
     }
