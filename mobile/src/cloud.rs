@@ -3,8 +3,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use edgepack_runtime::kserve::{Flat, tensor_from_scalars};
 use edgepack_runtime::process;
 use edgepack_runtime::tensor::DType as RtDType;
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::types::{ClassScore, DType, Detection, EdgepackError, NamedTensor, TransportError};
@@ -445,37 +447,14 @@ fn header<'a>(headers: &'a [HttpHeader], name: &str) -> Option<&'a str> {
     headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value.as_str())
 }
 
-/// A JSON `data` array (flat or nested) as little-endian bytes of `dtype`.
+/// A JSON `data` array (flat or nested) as little-endian bytes of `dtype`, through the runtime's KServe codec
+/// (the one the server writes it with).
 fn json_data_bytes(data: Option<&Value>, dtype: DType, count: u64) -> Result<Vec<u8>, String> {
-    fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
-        match v {
-            Value::Array(a) => a.iter().for_each(|x| flatten(x, out)),
-            x => out.push(x),
-        }
-    }
-    let mut flat = Vec::new();
-    flatten(data.ok_or("no data")?, &mut flat);
+    let Flat(flat) = Flat::deserialize(data.ok_or("no data")?).map_err(|e| e.to_string())?;
     if flat.len() as u64 != count {
         return Err(format!("{} values for {count} elements", flat.len()));
     }
-    let f = |v: &Value| v.as_f64().or_else(|| v.as_bool().map(|b| b as u8 as f64)).ok_or(format!("not a number: {v}"));
-    let mut out = Vec::new();
-    for v in flat {
-        match dtype {
-            DType::F32 => out.extend((f(v)? as f32).to_le_bytes()),
-            DType::F64 => out.extend(f(v)?.to_le_bytes()),
-            DType::I64 => out.extend(v.as_i64().ok_or(format!("not an int64: {v}"))?.to_le_bytes()),
-            DType::U64 => out.extend(v.as_u64().ok_or(format!("not a uint64: {v}"))?.to_le_bytes()),
-            DType::I32 => out.extend((f(v)? as i32).to_le_bytes()),
-            DType::U32 => out.extend((f(v)? as u32).to_le_bytes()),
-            DType::I16 => out.extend((f(v)? as i16).to_le_bytes()),
-            DType::U16 => out.extend((f(v)? as u16).to_le_bytes()),
-            DType::I8 => out.push(f(v)? as i8 as u8),
-            DType::U8 | DType::Bool => out.push(f(v)? as u8),
-            DType::F16 => return Err("FP16 outputs must be binary".into()),
-        }
-    }
-    Ok(out)
+    Ok(tensor_from_scalars(dtype.into(), vec![flat.len()], &flat)?.to_le_bytes())
 }
 
 #[cfg(test)]

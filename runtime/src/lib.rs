@@ -35,6 +35,7 @@ pub mod onnx {
     pub use edgepack_onnx::*;
 }
 
+pub mod kserve;
 mod select;
 pub mod session;
 
