@@ -11,12 +11,12 @@
 //! Then the layout pass of `qdq_kernels`: kernel chains stay NHWC, Transposes only where a chain starts or ends.
 use std::collections::{HashMap, HashSet};
 
-use crate::qdq_kernels::{Rewrite, conv_geometry, ep_node as ep, in_layout, maxpool_attrs};
+use crate::qdq_kernels::{Rewrite, conv_geometry, ep_node as ep, maxpool_attrs};
 use edgepack_onnx::builder::{attr_floats, attr_int, attr_ints, attr_tensor, tensor_f32};
 use edgepack_onnx::passes::tensor_f32_values;
 use edgepack_onnx::{Graph, Model, NodeExt, NodeProto};
 
-use crate::qdq_kernels::{ApplyRewrites, declare_kernels};
+use crate::qdq_kernels::{ApplyRewrites, Made, declare_kernels, match_rewrites};
 
 /// Op types of the float kernel nodes.
 pub const OPS: [&str; 7] =
@@ -108,7 +108,7 @@ fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
 }
 
 /// Output channels of a kernel node.
-fn channels(n: &NodeProto, made: &HashMap<String, usize>) -> usize {
+fn channels(n: &NodeProto, made: &Made) -> usize {
     match n.op() {
         "EpConv" => n.attr_i("c_out").unwrap_or(0) as usize,
         "EpConcat" => n.input.iter().map(|i| made.get(i).copied().unwrap_or(0)).sum(),
@@ -168,7 +168,7 @@ fn gemm(c: &Ctx, idx: usize) -> Option<Rewrite> {
     Some(Rewrite { remove: vec![idx], node: ep("EpGemm", &format!("{}_kernel", n.name()), &[&n.input[0]], out, attrs) })
 }
 
-fn simple(c: &Ctx, idx: usize, made: &HashMap<String, usize>) -> Option<Rewrite> {
+fn simple(c: &Ctx, idx: usize, made: &Made) -> Option<Rewrite> {
     let n = &c.g.nodes[idx];
     if !n.domain_name().is_empty() || n.output.len() != 1 || !n.input.iter().all(|i| made.contains_key(i)) {
         return None;
@@ -282,31 +282,16 @@ impl F32Kernels for Graph {
                 edgepack_onnx::collect_subgraph_refs(n, &mut pinned);
             }
             let c = Ctx { g: &g, readers, pinned, float: g.infer_elem_types() };
-            // Kernel outputs and their channel counts.
-            let mut made: HashMap<String, usize> = HashMap::new();
-            let mut taken: HashSet<usize> = HashSet::new();
-            let mut out = Vec::new();
-            for (i, n) in g.nodes.iter().enumerate() {
-                if taken.contains(&i) {
-                    continue;
-                }
-                let r = match n.op() {
+            let out = match_rewrites(
+                &g,
+                |i, n, made| match n.op() {
                     "Conv" if n.domain_name().is_empty() => conv(&c, i),
                     "Gemm" if n.domain_name().is_empty() => gemm(&c, i),
-                    "Add" | "Concat" | "MaxPool" | "GlobalAveragePool" => simple(&c, i, &made),
+                    "Add" | "Concat" | "MaxPool" | "GlobalAveragePool" => simple(&c, i, made),
                     _ => None,
-                };
-                if let Some(r) = r
-                    && r.remove.iter().all(|k| !taken.contains(k))
-                {
-                    taken.extend(r.remove.iter().copied());
-                    if in_layout(r.node.op()) {
-                        let ch = channels(&r.node, &made);
-                        made.insert(r.node.output[0].clone(), ch);
-                    }
-                    out.push(r);
-                }
-            }
+                },
+                channels,
+            );
             fuse_conv_concats(&c, out)
         };
         let count = rewrites.len();

@@ -10,7 +10,44 @@ pub use f32_kernels::F32Kernels;
 pub use qdq_kernels::QdqKernels;
 pub use qdq_lower::{LowerFor, QdqInteger};
 
-use edgepack_onnx::Model;
+use edgepack_core::Result;
+use edgepack_onnx::{Model, Pass};
+
+/// QDQ patterns → integer-kernel nodes on NHWC uint8 chains ([`QdqKernels`]).
+pub struct LowerQdqKernels;
+
+impl Pass for LowerQdqKernels {
+    fn name(&self) -> &'static str {
+        "lower-qdq-kernels"
+    }
+    fn run(&self, model: &mut Model) -> Result<usize> {
+        Ok(model.lower_qdq_kernels())
+    }
+}
+
+/// The remaining QDQ patterns → onnxruntime's integer arithmetic on float ops, for a target ([`QdqInteger`]).
+pub struct LowerQdqInteger(pub LowerFor);
+
+impl Pass for LowerQdqInteger {
+    fn name(&self) -> &'static str {
+        "lower-qdq-integer"
+    }
+    fn run(&self, model: &mut Model) -> Result<usize> {
+        Ok(model.graph.lower_qdq_integer_with(self.0))
+    }
+}
+
+/// Float Conv chains → fp32 kernel nodes on NHWC chains ([`F32Kernels`]); meant for graphs without QDQ nodes.
+pub struct LowerF32Kernels;
+
+impl Pass for LowerF32Kernels {
+    fn name(&self) -> &'static str {
+        "lower-f32-kernels"
+    }
+    fn run(&self, model: &mut Model) -> Result<usize> {
+        Ok(model.lower_f32_kernels())
+    }
+}
 
 /// What [`Model::lower_for_cpu`] rewrote.
 pub struct CpuLowering {
@@ -42,9 +79,11 @@ impl LowerForCpu for Model {
     /// float ops carry exact integers). `kernels: false` keeps everything on float ops.
     fn lower_for_cpu(&self, kernels: bool) -> CpuLowering {
         let mut model = self.clone();
-        let integer_kernels = if kernels { model.lower_qdq_kernels() } else { 0 };
-        let integer_ops = model.graph.lower_qdq_integer();
-        let float_kernels = if kernels && integer_kernels + integer_ops == 0 { model.lower_f32_kernels() } else { 0 };
+        // The passes cannot fail (a rewrite that would not sort leaves the graph as it was).
+        let mut run = |p: &dyn Pass| p.run(&mut model).unwrap_or(0);
+        let integer_kernels = if kernels { run(&LowerQdqKernels) } else { 0 };
+        let integer_ops = run(&LowerQdqInteger(LowerFor::Host));
+        let float_kernels = if kernels && integer_kernels + integer_ops == 0 { run(&LowerF32Kernels) } else { 0 };
         CpuLowering { model, integer_kernels, integer_ops, float_kernels }
     }
 }

@@ -204,9 +204,9 @@ fn gemm(c: &Ctx, idx: usize) -> Option<Rewrite> {
 }
 
 /// The quantized value behind `DQ(value)` when it is a kernel output, with its parameters.
-fn kernel_dq<'a>(c: &Ctx<'a>, value: &str, nhwc: &HashSet<String>) -> Option<(&'a str, (f32, u8))> {
+fn kernel_dq<'a>(c: &Ctx<'a>, value: &str, nhwc: &Made) -> Option<(&'a str, (f32, u8))> {
     let dq = c.producer(value, "DequantizeLinear")?;
-    nhwc.contains(&dq.input[0]).then_some(())?;
+    nhwc.contains_key(&dq.input[0]).then_some(())?;
     Some((dq.input[0].as_str(), u8_params(c.g, dq)?))
 }
 
@@ -226,7 +226,7 @@ fn only_q<'a>(c: &Ctx<'a>, value: &str) -> Option<(Vec<usize>, &'a NodeProto, (f
     }
 }
 
-fn add(c: &Ctx, idx: usize, nhwc: &HashSet<String>) -> Option<Rewrite> {
+fn add(c: &Ctx, idx: usize, nhwc: &Made) -> Option<Rewrite> {
     let n = &c.g.nodes[idx];
     let (a, pa) = kernel_dq(c, n.input.first()?, nhwc)?;
     let (b, pb) = kernel_dq(c, n.input.get(1)?, nhwc)?;
@@ -245,7 +245,7 @@ fn add(c: &Ctx, idx: usize, nhwc: &HashSet<String>) -> Option<Rewrite> {
     })
 }
 
-fn maxpool(c: &Ctx, idx: usize, nhwc: &HashSet<String>) -> Option<Rewrite> {
+fn maxpool(c: &Ctx, idx: usize, nhwc: &Made) -> Option<Rewrite> {
     let n = &c.g.nodes[idx];
     let mut attrs = maxpool_attrs(n)?;
     let (x, px) = kernel_dq(c, n.input.first()?, nhwc)?;
@@ -257,7 +257,7 @@ fn maxpool(c: &Ctx, idx: usize, nhwc: &HashSet<String>) -> Option<Rewrite> {
     })
 }
 
-fn concat(c: &Ctx, idx: usize, nhwc: &HashSet<String>) -> Option<Rewrite> {
+fn concat(c: &Ctx, idx: usize, nhwc: &Made) -> Option<Rewrite> {
     let n = &c.g.nodes[idx];
     if n.attr_i("axis") != Some(1) || n.input.is_empty() {
         return None;
@@ -336,38 +336,54 @@ impl QdqKernels for Graph {
         if g.topo_sort().is_err() {
             return 0;
         }
-        let rewrites = {
-            let c = Ctx::new(&g);
-            let mut nhwc: HashSet<String> = HashSet::new();
-            let mut taken: HashSet<usize> = HashSet::new();
-            let mut out = Vec::new();
-            for (i, n) in g.nodes.iter().enumerate() {
-                if taken.contains(&i) {
-                    continue;
-                }
-                let r = match n.op() {
-                    "Conv" if n.domain_name().is_empty() => conv(&c, i),
-                    "Gemm" if n.domain_name().is_empty() => gemm(&c, i),
-                    "Add" => add(&c, i, &nhwc),
-                    "MaxPool" => maxpool(&c, i, &nhwc),
-                    "Concat" => concat(&c, i, &nhwc),
-                    _ => None,
-                };
-                if let Some(r) = r
-                    && r.remove.iter().all(|k| !taken.contains(k))
-                {
-                    taken.extend(r.remove.iter().copied());
-                    if in_layout(r.node.op()) {
-                        nhwc.insert(r.node.output[0].clone());
-                    }
-                    out.push(r);
-                }
-            }
-            out
-        };
+        let c = Ctx::new(&g);
+        let rewrites = match_rewrites(
+            &g,
+            |i, n, nhwc| match n.op() {
+                "Conv" if n.domain_name().is_empty() => conv(&c, i),
+                "Gemm" if n.domain_name().is_empty() => gemm(&c, i),
+                "Add" => add(&c, i, nhwc),
+                "MaxPool" => maxpool(&c, i, nhwc),
+                "Concat" => concat(&c, i, nhwc),
+                _ => None,
+            },
+            |_, _| 0,
+        );
         let count = rewrites.len();
         g.apply_kernel_rewrites(rewrites).map(|g| *self = g).map_or(0, |_| count)
     }
+}
+
+/// Kernel outputs the rewrites so far produce in the NHWC layout, with their channel count where a lowering
+/// needs it (the float Concat's offsets; 0 otherwise).
+pub(crate) type Made = HashMap<String, usize>;
+
+/// The matching loop of both kernel lowerings: nodes in topological order, each offered to `matcher` with the
+/// kernel outputs made so far; a rewrite overlapping an earlier one's nodes is dropped; `channels` gives a new
+/// layout node's channel count.
+pub(crate) fn match_rewrites(
+    g: &Graph,
+    mut matcher: impl FnMut(usize, &NodeProto, &Made) -> Option<Rewrite>,
+    channels: impl Fn(&NodeProto, &Made) -> usize,
+) -> Vec<Rewrite> {
+    let mut made = Made::new();
+    let mut taken: HashSet<usize> = HashSet::new();
+    let mut out = Vec::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        if taken.contains(&i) {
+            continue;
+        }
+        if let Some(r) = matcher(i, n, &made)
+            && r.remove.iter().all(|k| !taken.contains(k))
+        {
+            taken.extend(r.remove.iter().copied());
+            if in_layout(r.node.op()) {
+                made.insert(r.node.output[0].clone(), channels(&r.node, &made));
+            }
+            out.push(r);
+        }
+    }
+    out
 }
 
 /// Applying rewrites and the NHWC layout pass, shared by both kernel lowerings.

@@ -8,11 +8,13 @@
 pub mod proto;
 
 pub mod builder;
+pub mod pass;
 pub mod passes;
 pub mod upgrade;
 
 use std::collections::{HashMap, HashSet};
 
+pub use pass::{Pass, PassRun, run_passes};
 use prost::Message;
 pub use proto::{
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TypeProto, ValueInfoProto,

@@ -235,8 +235,7 @@ impl GpuBackend {
         host: HostLoader,
     ) -> Result<GpuBackend> {
         let mut m = model.clone();
-        m.graph.constants_to_initializers();
-        m.graph.fold_batchnorm();
+        edgepack_onnx::run_passes(&mut m, edgepack_onnx::pass::DEVICE_PREPARE)?;
         m.graph.topo_sort()?;
         let mut unlowered = None;
         if lower && prec == Precision::F32 && super::has_int8_weights(&m) {
