@@ -5,8 +5,8 @@
 //! `EDGEPACK_BENCH_CACHE=warm|cold` runs each layer on warm or flushed caches.
 use std::time::Instant;
 
-use edgepack_runtime::kernels::Isa;
 use edgepack_runtime::kernels::fconv::{FConv, FConvSpec};
+use edgepack_runtime::kernels::{ConvGeometry, Isa};
 
 struct Layer {
     name: &'static str,
@@ -66,13 +66,15 @@ fn main() {
         let group = if ly.depthwise { ly.c_in } else { 1 };
         let p = ly.k / 2;
         let spec = FConvSpec {
-            c_in: ly.c_in,
-            c_out: ly.c_out,
-            group,
-            kernel: [ly.k; 2],
-            stride: [ly.stride; 2],
-            dilation: [1, 1],
-            pads: [p; 4],
+            geom: ConvGeometry {
+                c_in: ly.c_in,
+                c_out: ly.c_out,
+                group,
+                kernel: [ly.k; 2],
+                stride: [ly.stride; 2],
+                dilation: [1, 1],
+                pads: [p; 4],
+            },
             weights: (0..ly.c_out * ly.c_in / group * ly.k * ly.k).map(|_| rnd()).collect(),
             bias: Some((0..ly.c_out).map(|_| rnd()).collect()),
             clamp: [0.0, 6.0],

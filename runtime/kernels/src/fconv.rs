@@ -9,20 +9,13 @@
 //!
 //! The sums run in a different order than a reference loop (FMA, per-tile accumulation), so results differ from
 //! it by float rounding only; tests compare with a tolerance.
-use super::Isa;
-use super::qconv::{DIRECT_ROWS, Dw, GemmTiles, RowSource, Window, check_geometry};
+use super::qconv::{DIRECT_ROWS, Dw, GemmTiles, RowSource, Window};
+use super::{ConvGeometry, Isa};
 
 /// A float convolution as the lowering pass writes it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FConvSpec {
-    pub c_in: usize,
-    pub c_out: usize,
-    pub group: usize,
-    pub kernel: [usize; 2],
-    pub stride: [usize; 2],
-    pub dilation: [usize; 2],
-    /// top, left, bottom, right
-    pub pads: [usize; 4],
+    pub geom: ConvGeometry,
     /// OIHW `[c_out, c_in / group, kh, kw]` (emptied once packed: `spec()` of a built convolution has none).
     pub weights: Vec<f32>,
     pub bias: Option<Vec<f32>>,
@@ -69,50 +62,59 @@ impl std::fmt::Debug for FConv {
             Plan::Depthwise { .. } => "depthwise",
         };
         let s = &self.spec;
-        write!(f, "FConv({kind}, {}→{}, k{:?}, s{:?}, {})", s.c_in, s.c_out, s.kernel, s.stride, self.isa.name())
+        write!(
+            f,
+            "FConv({kind}, {}→{}, k{:?}, s{:?}, {})",
+            s.geom.c_in,
+            s.geom.c_out,
+            s.geom.kernel,
+            s.geom.stride,
+            self.isa.name()
+        )
     }
 }
 
 impl FConv {
     pub fn new(spec: FConvSpec, isa: Isa) -> Result<FConv, String> {
-        let [kh, kw] = spec.kernel;
+        let [kh, kw] = spec.geom.kernel;
         let s = &spec;
-        let depthwise = check_geometry(s.c_in, s.c_out, s.group, s.kernel, s.stride, s.dilation)?;
+        let depthwise = s.geom.check()?;
         let taps = kh * kw;
-        let cin_g = s.c_in / s.group;
-        if s.weights.len() != s.c_out * cin_g * taps || s.bias.as_ref().is_some_and(|b| b.len() != s.c_out) {
+        let cin_g = s.geom.c_in / s.geom.group;
+        if s.weights.len() != s.geom.c_out * cin_g * taps || s.bias.as_ref().is_some_and(|b| b.len() != s.geom.c_out) {
             return Err("weights or bias do not match the convolution".into());
         }
         if s.clamp[0].is_nan() || s.clamp[1].is_nan() || s.clamp[0] > s.clamp[1] {
             return Err(format!("bad clamp {:?}", s.clamp));
         }
-        let mut bias = vec![0f32; s.c_out.div_ceil(64) * 64];
+        let mut bias = vec![0f32; s.geom.c_out.div_ceil(64) * 64];
         if let Some(b) = &s.bias {
-            bias[..s.c_out].copy_from_slice(b);
+            bias[..s.geom.c_out].copy_from_slice(b);
         }
         let plan = if depthwise {
-            let cpad = s.c_in.div_ceil(16) * 16;
+            let cpad = s.geom.c_in.div_ceil(16) * 16;
             let mut w = vec![0f32; taps * cpad];
-            for c in 0..s.c_in {
+            for c in 0..s.geom.c_in {
                 for t in 0..taps {
                     w[t * cpad + c] = s.weights[c * taps + t];
                 }
             }
-            let taps = (0..taps).map(|t| (t / kw, (t % kw) * s.dilation[1] * s.c_in)).collect();
+            let taps = (0..taps).map(|t| (t / kw, (t % kw) * s.geom.dilation[1] * s.geom.c_in)).collect();
             Plan::Depthwise { w, cpad, taps }
         } else {
-            let k = taps * s.c_in;
-            let direct = kh == 1 && kw == 1 && s.stride == [1, 1] && s.pads == [0; 4];
+            let k = taps * s.geom.c_in;
+            let direct = kh == 1 && kw == 1 && s.geom.stride == [1, 1] && s.geom.pads == [0; 4];
             let mut blocks = Vec::new();
             let mut c0 = 0;
-            while c0 < s.c_out {
-                let valid = (s.c_out - c0).min(64);
+            while c0 < s.geom.c_out {
+                let valid = (s.geom.c_out - c0).min(64);
                 let width = valid.div_ceil(16) * 16;
                 let mut packed = vec![0f32; k * width];
                 for j in 0..valid {
-                    for c in 0..s.c_in {
+                    for c in 0..s.geom.c_in {
                         for t in 0..taps {
-                            packed[(t * s.c_in + c) * width + j] = s.weights[((c0 + j) * s.c_in + c) * taps + t];
+                            packed[(t * s.geom.c_in + c) * width + j] =
+                                s.weights[((c0 + j) * s.geom.c_in + c) * taps + t];
                         }
                     }
                 }
@@ -137,7 +139,7 @@ impl FConv {
 
     /// `x: [n, h, w, c_in]` → `y: [n, oh, ow, c_out]`, both NHWC f32.
     pub fn run(&self, x: &[f32], n: usize, h: usize, w: usize, y: &mut [f32]) -> Result<(), String> {
-        self.run_into(x, [n, h, w], y, self.spec.c_out, 0)
+        self.run_into(x, [n, h, w], y, self.spec.geom.c_out, 0)
     }
 
     /// As [`FConv::run`], writing channels `offset..offset + c_out` of an output whose pixels are `ld` floats
@@ -152,26 +154,33 @@ impl FConv {
     ) -> Result<(), String> {
         let (oh, ow) = self.geom().check(x.len(), [n, h, w], y.len(), ld)?;
         let s = &self.spec;
-        if offset + s.c_out > ld {
-            return Err(format!("channels {offset}..{} do not fit {ld} per pixel", offset + s.c_out));
+        if offset + s.geom.c_out > ld {
+            return Err(format!("channels {offset}..{} do not fit {ld} per pixel", offset + s.geom.c_out));
         }
         match &self.plan {
             Plan::Gemm { k, direct, blocks } => {
                 self.run_gemm(x, [n, h, w], (oh, ow), (*k, *direct, blocks), y.as_mut_ptr() as usize, ld, offset)
             }
             Plan::Depthwise { w: wt, cpad, taps } => {
-                if ld != s.c_out {
+                if ld != s.geom.c_out {
                     return Err("a depthwise convolution writes a whole output".into());
                 }
                 let y_addr = y.as_mut_ptr() as usize;
-                let [_, pl, _, _] = s.pads;
-                let cols = pl * s.c_in..(pl + w) * s.c_in;
+                let [_, pl, _, _] = s.geom.pads;
+                let cols = pl * s.geom.c_in..(pl + w) * s.geom.c_in;
                 self.geom().for_each_row(x, [n, h, w], (oh, ow), None, |row_ptrs, r| {
                     // SAFETY: output row `r` (ow·c floats) is written by one part only.
                     let yrow = unsafe {
-                        std::slice::from_raw_parts_mut((y_addr as *mut f32).add(r * ow * s.c_in), ow * s.c_in)
+                        std::slice::from_raw_parts_mut((y_addr as *mut f32).add(r * ow * s.geom.c_in), ow * s.geom.c_in)
                     };
-                    let d = Dw { rows: row_ptrs, taps, step: s.stride[1] * s.c_in, c: s.c_in, ow, cols: cols.clone() };
+                    let d = Dw {
+                        rows: row_ptrs,
+                        taps,
+                        step: s.geom.stride[1] * s.geom.c_in,
+                        c: s.geom.c_in,
+                        ow,
+                        cols: cols.clone(),
+                    };
                     self.depthwise_row(&d, wt, *cpad, yrow);
                 });
             }
@@ -192,7 +201,7 @@ impl FConv {
         offset: usize,
     ) {
         let s = &self.spec;
-        let macs = n * oh * ow * k * s.c_out;
+        let macs = n * oh * ow * k * s.geom.c_out;
         if direct {
             let tiles = GemmTiles { k, rows: RowSource::Direct, macs };
             return self.gemm_tiles(x, [n, h, w], (oh, ow), &tiles, blocks, &[], (y_addr, ld, offset));
@@ -200,17 +209,17 @@ impl FConv {
         // An implicit GEMM over the zero-padded input: depth `(ky·kw + kx)·c + ci` of an output pixel is
         // `koff` floats after its window's first element.
         let run = |xp: &[f32], [hp, wp]: [usize; 2]| {
-            let [_, kw] = s.kernel;
+            let [_, kw] = s.geom.kernel;
             let koff: Vec<usize> = (0..k)
                 .map(|kk| {
-                    let (t, ci) = (kk / s.c_in, kk % s.c_in);
-                    ((t / kw) * s.dilation[0] * wp + (t % kw) * s.dilation[1]) * s.c_in + ci
+                    let (t, ci) = (kk / s.geom.c_in, kk % s.geom.c_in);
+                    ((t / kw) * s.geom.dilation[0] * wp + (t % kw) * s.geom.dilation[1]) * s.geom.c_in + ci
                 })
                 .collect();
             let tiles = GemmTiles { k, rows: RowSource::Padded, macs };
             self.gemm_tiles(xp, [n, hp, wp], (oh, ow), &tiles, blocks, &koff, (y_addr, ld, offset));
         };
-        if s.pads == [0; 4] {
+        if s.geom.pads == [0; 4] {
             return run(x, [h, w]);
         }
         PADDED.with(|cell| {
@@ -271,8 +280,7 @@ impl FConv {
     }
 
     fn geom(&self) -> Window {
-        let s = &self.spec;
-        Window { c: s.c_in, kernel: s.kernel, stride: s.stride, dilation: s.dilation, pads: s.pads }
+        self.spec.geom.window()
     }
 
     fn depthwise_row(&self, d: &Dw<f32>, wt: &[f32], cpad: usize, yrow: &mut [f32]) {

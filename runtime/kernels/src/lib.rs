@@ -42,6 +42,47 @@ macro_rules! unroll {
 #[allow(unused_imports)]
 pub(crate) use unroll;
 
+/// The geometry of a 2-D convolution as the lowering writes it (NHWC activations, OIHW weights): one type for the
+/// integer ([`qconv::QConvSpec`]) and float ([`fconv::FConvSpec`]) kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub c_in: usize,
+    pub c_out: usize,
+    pub group: usize,
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub dilation: [usize; 2],
+    /// top, left, bottom, right
+    pub pads: [usize; 4],
+}
+
+impl ConvGeometry {
+    /// Checks that the kernels run this convolution: nothing degenerate, and group 1 or depthwise with one
+    /// filter per channel (other groupings stay on the float path). Returns whether it is depthwise.
+    pub fn check(&self) -> Result<bool, String> {
+        let ConvGeometry { c_in, c_out, group, kernel, stride, dilation, .. } = *self;
+        if c_in == 0 || c_out == 0 || kernel.contains(&0) || stride.contains(&0) || dilation.contains(&0) {
+            return Err(format!("degenerate convolution {c_in}→{c_out}, k{kernel:?}, s{stride:?}, d{dilation:?}"));
+        }
+        let depthwise = group > 1 && group == c_in && c_out == c_in;
+        if group != 1 && !depthwise {
+            return Err(format!("grouped convolution (group {group}, {c_in}→{c_out}) is not supported"));
+        }
+        Ok(depthwise)
+    }
+
+    /// The sliding window over the input this geometry reads.
+    pub(crate) fn window(&self) -> qconv::Window {
+        qconv::Window {
+            c: self.c_in,
+            kernel: self.kernel,
+            stride: self.stride,
+            dilation: self.dilation,
+            pads: self.pads,
+        }
+    }
+}
+
 /// Instruction set a kernel runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Isa {

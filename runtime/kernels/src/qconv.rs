@@ -11,21 +11,14 @@
 //!   input rows through pointers: rows inside the image in place (or, with left/right padding, copied once into a
 //!   small ring of zero-point-padded rows), rows in the top/bottom padding from one row of `z_x`. With VNNI, four
 //!   taps are interleaved per 32-bit lane (two byte/word unpacks) so one `vpdpbusd` does 64 channels × 4 taps.
-use super::{Isa, for_each_part, requant};
+use super::{ConvGeometry, Isa, for_each_part, requant};
 
 // The window geometry and im2col are shared with the float convolution (`fconv`).
 
 /// A convolution as the QDQ pass writes it (the graph-level description).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QConvSpec {
-    pub c_in: usize,
-    pub c_out: usize,
-    pub group: usize,
-    pub kernel: [usize; 2],
-    pub stride: [usize; 2],
-    pub dilation: [usize; 2],
-    /// top, left, bottom, right
-    pub pads: [usize; 4],
+    pub geom: ConvGeometry,
     pub z_x: u8,
     pub z_y: u8,
     /// OIHW `[c_out, c_in / group, kh, kw]` (emptied once packed: `spec()` of a built convolution has none).
@@ -108,33 +101,13 @@ impl std::fmt::Debug for QConv {
         write!(
             f,
             "QConv({kind}, {}→{}, k{:?}, s{:?}, {})",
-            self.spec.c_in,
-            self.spec.c_out,
-            self.spec.kernel,
-            self.spec.stride,
+            self.spec.geom.c_in,
+            self.spec.geom.c_out,
+            self.spec.geom.kernel,
+            self.spec.geom.stride,
             self.isa.name()
         )
     }
-}
-
-/// Whether a convolution is depthwise; an error for degenerate sizes and for grouped convolutions other than
-/// depthwise with one filter per channel (the kernels do not handle them; the lowering keeps them in float).
-pub(crate) fn check_geometry(
-    c_in: usize,
-    c_out: usize,
-    group: usize,
-    kernel: [usize; 2],
-    stride: [usize; 2],
-    dilation: [usize; 2],
-) -> Result<bool, String> {
-    if c_in == 0 || c_out == 0 || kernel.contains(&0) || stride.contains(&0) || dilation.contains(&0) {
-        return Err(format!("degenerate convolution {c_in}→{c_out}, k{kernel:?}, s{stride:?}, d{dilation:?}"));
-    }
-    let depthwise = group > 1 && group == c_in && c_out == c_in;
-    if group != 1 && !depthwise {
-        return Err(format!("grouped convolution (group {group}, {c_in}→{c_out}) is not supported"));
-    }
-    Ok(depthwise)
 }
 
 fn round_up(x: usize, m: usize) -> usize {
@@ -145,20 +118,20 @@ impl QConv {
     /// Prepares (checks, packs) a convolution. Grouped convolutions other than depthwise with one filter per
     /// channel are not handled (the caller keeps them on the float path).
     pub fn new(spec: QConvSpec, isa: Isa) -> Result<QConv, String> {
-        let [kh, kw] = spec.kernel;
+        let [kh, kw] = spec.geom.kernel;
         let s = &spec;
-        let depthwise = check_geometry(s.c_in, s.c_out, s.group, s.kernel, s.stride, s.dilation)?;
-        let cin_g = s.c_in / s.group;
+        let depthwise = s.geom.check()?;
+        let cin_g = s.geom.c_in / s.geom.group;
         let taps = kh * kw;
-        if s.weights.len() != s.c_out * cin_g * taps
-            || s.multiplier.len() != s.c_out
-            || s.bias.as_ref().is_some_and(|b| b.len() != s.c_out)
+        if s.weights.len() != s.geom.c_out * cin_g * taps
+            || s.multiplier.len() != s.geom.c_out
+            || s.bias.as_ref().is_some_and(|b| b.len() != s.geom.c_out)
         {
             return Err("weights, bias or multiplier do not match the convolution".into());
         }
-        let mut bias = vec![0i32; round_up(s.c_out, 64)];
-        let mut multiplier = vec![0f32; round_up(s.c_out, 64)];
-        for o in 0..s.c_out {
+        let mut bias = vec![0i32; round_up(s.geom.c_out, 64)];
+        let mut multiplier = vec![0f32; round_up(s.geom.c_out, 64)];
+        for o in 0..s.geom.c_out {
             let wsum: i64 = s.weights[o * cin_g * taps..(o + 1) * cin_g * taps].iter().map(|&v| v as i64).sum();
             let b = s.bias.as_ref().map_or(0, |b| b[o] as i64) - s.z_x as i64 * wsum;
             bias[o] = i32::try_from(b).map_err(|_| "bias out of the int32 range".to_string())?;
@@ -167,21 +140,22 @@ impl QConv {
         let plan = if depthwise {
             Plan::Depthwise(DwPlan::new(s, &bias, &multiplier))
         } else {
-            let k = taps * s.c_in;
+            let k = taps * s.geom.c_in;
             let kp = round_up(k, 4);
-            let direct = kh == 1 && kw == 1 && s.stride == [1, 1] && s.pads == [0; 4] && s.c_in.is_multiple_of(4);
+            let direct =
+                kh == 1 && kw == 1 && s.geom.stride == [1, 1] && s.geom.pads == [0; 4] && s.geom.c_in.is_multiple_of(4);
             let mut blocks = Vec::new();
             let mut c0 = 0;
-            while c0 < s.c_out {
-                let valid = (s.c_out - c0).min(64);
+            while c0 < s.geom.c_out {
+                let valid = (s.geom.c_out - c0).min(64);
                 let width = round_up(valid, 16);
                 let mut packed = vec![0i8; kp * width];
                 for j in 0..valid {
                     let o = c0 + j;
-                    for c in 0..s.c_in {
+                    for c in 0..s.geom.c_in {
                         for t in 0..taps {
-                            let kk = t * s.c_in + c;
-                            packed[(kk / 4) * width * 4 + j * 4 + kk % 4] = s.weights[(o * s.c_in + c) * taps + t];
+                            let kk = t * s.geom.c_in + c;
+                            packed[(kk / 4) * width * 4 + j * 4 + kk % 4] = s.weights[(o * s.geom.c_in + c) * taps + t];
                         }
                     }
                 }
@@ -210,7 +184,7 @@ impl QConv {
 
     /// `x: [n, h, w, c_in]` → `y: [n, oh, ow, c_out]`, both NHWC uint8.
     pub fn run(&self, x: &[u8], n: usize, h: usize, w: usize, y: &mut [u8]) -> Result<(), String> {
-        let (oh, ow) = self.window().check(x.len(), [n, h, w], y.len(), self.spec.c_out)?;
+        let (oh, ow) = self.window().check(x.len(), [n, h, w], y.len(), self.spec.geom.c_out)?;
         let s = &self.spec;
         match &self.plan {
             Plan::Gemm { kp, direct, blocks } => {
@@ -225,7 +199,7 @@ impl QConv {
     /// As [`QConv::run`] with a float output `f32(acc)·multiplier` (no requantization; the multiplier is then
     /// `s_x·s_w`). Group-1 convolutions only (the lowering uses it for Gemm as a 1×1 convolution).
     pub fn run_f32(&self, x: &[u8], n: usize, h: usize, w: usize, y: &mut [f32]) -> Result<(), String> {
-        let (oh, ow) = self.window().check(x.len(), [n, h, w], y.len(), self.spec.c_out)?;
+        let (oh, ow) = self.window().check(x.len(), [n, h, w], y.len(), self.spec.geom.c_out)?;
         match &self.plan {
             Plan::Gemm { kp, direct, blocks } => {
                 let g = Gemm { kp: *kp, direct: *direct, blocks, out: Out::F32 };
@@ -241,12 +215,12 @@ impl QConv {
         let elem = if g.out == Out::F32 { 4 } else { 1 };
         let s = &self.spec;
         let rows = if g.direct { RowSource::Direct } else { RowSource::Im2col { pad: s.z_x } };
-        let tiles = GemmTiles { k: g.kp, rows, macs: n * oh * ow * g.kp * s.c_out };
+        let tiles = GemmTiles { k: g.kp, rows, macs: n * oh * ow * g.kp * s.geom.c_out };
         self.window().for_each_gemm_tile(x, [n, h, w], (oh, ow), &tiles, g.blocks, |rows, r0, blocks| {
             let mut out_ptrs = [std::ptr::null_mut::<u8>(); DIRECT_ROWS];
             for (i, p) in out_ptrs.iter_mut().enumerate().take(rows.len()) {
                 // Each (row tile, channel block) is written by exactly one part.
-                *p = (y_addr + (r0 + i) * s.c_out * elem) as *mut u8;
+                *p = (y_addr + (r0 + i) * s.geom.c_out * elem) as *mut u8;
             }
             for b in blocks {
                 // SAFETY: row pointers address `kp` readable bytes; output rows hold `c_out` elements each and
@@ -259,18 +233,17 @@ impl QConv {
     }
 
     fn window(&self) -> Window {
-        let s = &self.spec;
-        Window { c: s.c_in, kernel: s.kernel, stride: s.stride, dilation: s.dilation, pads: s.pads }
+        self.spec.geom.window()
     }
 
     fn run_depthwise(&self, x: &[u8], [n, h, w]: [usize; 3], (oh, ow): (usize, usize), p: &DwPlan, y: &mut [u8]) {
         let s = &self.spec;
-        let c = s.c_in;
+        let c = s.geom.c_in;
         let y_addr = y.as_mut_ptr() as usize;
         self.window().for_each_row(x, [n, h, w], (oh, ow), Some(s.z_x), |rows, r| {
             // SAFETY: output row `r` (ow·c bytes) is written by one part only.
             let yrow = unsafe { std::slice::from_raw_parts_mut((y_addr + r * ow * c) as *mut u8, ow * c) };
-            let dw = Dw { rows, taps: &p.taps, step: s.stride[1] * c, c, ow, cols: 0..usize::MAX };
+            let dw = Dw { rows, taps: &p.taps, step: s.geom.stride[1] * c, c, ow, cols: 0..usize::MAX };
             self.depthwise_row(&dw, p, yrow);
         });
     }
@@ -284,7 +257,7 @@ impl QConv {
             return;
         }
         let s = &self.spec;
-        let taps = s.kernel[0] * s.kernel[1];
+        let taps = s.geom.kernel[0] * s.geom.kernel[1];
         let z = s.z_y as i32;
         let mut acc = vec![0i32; d.c];
         for ox in 0..d.ow {
@@ -306,8 +279,8 @@ impl QConv {
 
 impl DwPlan {
     fn new(s: &QConvSpec, bias: &[i32], multiplier: &[f32]) -> DwPlan {
-        let [kh, kw] = s.kernel;
-        let (c, taps) = (s.c_in, kh * kw);
+        let [kh, kw] = s.geom.kernel;
+        let (c, taps) = (s.geom.c_in, kh * kw);
         let cpad = round_up(c, 16);
         let mut w = vec![0i32; taps * cpad];
         let mut w16 = vec![0i32; taps * cpad];
@@ -318,7 +291,8 @@ impl DwPlan {
                 w16[t * cpad + ch] = (v as i16 as u16) as i32;
             }
         }
-        let mut tap_list: Vec<(usize, usize)> = (0..taps).map(|t| (t / kw, (t % kw) * s.dilation[1] * c)).collect();
+        let mut tap_list: Vec<(usize, usize)> =
+            (0..taps).map(|t| (t / kw, (t % kw) * s.geom.dilation[1] * c)).collect();
         tap_list.resize(round_up(taps, 4), tap_list[0]);
         let groups = tap_list.len() / 4;
         let blocks = c.div_ceil(64);

@@ -20,9 +20,9 @@ impl Rng {
     }
 }
 
-use super::Isa;
 use super::qconv::{QConv, QConvSpec};
 use super::qelem;
+use super::{ConvGeometry, Isa};
 
 fn nchw_to_nhwc(x: &[u8], [n, c, h, w]: [usize; 4]) -> Vec<u8> {
     let mut y = vec![0u8; x.len()];
@@ -83,7 +83,8 @@ fn random_conv(r: &mut Rng, kind: usize, big: bool) -> Option<(QConvSpec, Conv2d
     let (z_x, z_y) = (r.range(0, 255) as u8, r.range(0, 255) as u8);
     let taps = ((c_in / group) * kernel[0] * kernel[1]) as f32;
     let multiplier = (0..c_out).map(|_| (0.5 + r.unit()) * 40.0 / (5400.0 * taps.sqrt())).collect();
-    let spec = QConvSpec { c_in, c_out, group, kernel, stride, dilation, pads, z_x, z_y, weights, bias, multiplier };
+    let geom = ConvGeometry { c_in, c_out, group, kernel, stride, dilation, pads };
+    let spec = QConvSpec { geom, z_x, z_y, weights, bias, multiplier };
     Some((spec, g, [n, c_in, h, w]))
 }
 
@@ -95,13 +96,13 @@ fn check_qconv(spec: &QConvSpec, g: Conv2d, shape: [usize; 4], x: &[u8], isa: Is
         shape,
         spec.z_x,
         &spec.weights,
-        spec.c_out,
+        spec.geom.c_out,
         spec.bias.as_deref(),
         &spec.multiplier,
         spec.z_y,
         g,
     );
-    let want = nchw_to_nhwc(&want, [n, spec.c_out, oh, ow]);
+    let want = nchw_to_nhwc(&want, [n, spec.geom.c_out, oh, ow]);
     let conv = QConv::new(spec.clone(), isa).unwrap();
     let mut got = vec![0u8; want.len()];
     conv.run(&nchw_to_nhwc(x, shape), n, h, w, &mut got).unwrap();
@@ -143,24 +144,15 @@ fn qconv_kernels_split_across_threads_equal_the_reference() {
 
 #[test]
 fn qconv_rejects_bad_specs_and_buffers() {
-    let spec = QConvSpec {
-        c_in: 4,
-        c_out: 4,
-        group: 2,
-        kernel: [1, 1],
-        stride: [1, 1],
-        dilation: [1, 1],
-        pads: [0; 4],
-        z_x: 0,
-        z_y: 0,
-        weights: vec![1; 8],
-        bias: None,
-        multiplier: vec![1.0; 4],
-    };
+    let geom =
+        ConvGeometry { c_in: 4, c_out: 4, group: 2, kernel: [1, 1], stride: [1, 1], dilation: [1, 1], pads: [0; 4] };
+    let spec = QConvSpec { geom, z_x: 0, z_y: 0, weights: vec![1; 8], bias: None, multiplier: vec![1.0; 4] };
     assert!(QConv::new(spec.clone(), Isa::Portable).unwrap_err().contains("grouped"));
-    let bad = QConvSpec { group: 1, weights: vec![1; 3], ..spec.clone() };
+    let bad = QConvSpec { geom: ConvGeometry { group: 1, ..geom }, weights: vec![1; 3], ..spec.clone() };
     assert!(QConv::new(bad, Isa::Portable).is_err());
-    let ok = QConv::new(QConvSpec { group: 1, weights: vec![1; 16], ..spec }, Isa::Portable).unwrap();
+    let ok =
+        QConv::new(QConvSpec { geom: ConvGeometry { group: 1, ..geom }, weights: vec![1; 16], ..spec }, Isa::Portable)
+            .unwrap();
     let mut y = vec![0u8; 4];
     assert!(ok.run(&[0u8; 3], 1, 1, 1, &mut y).is_err());
 }
@@ -288,13 +280,7 @@ fn kernel_timing() {
         let group = if g == 0 { c_in } else { 1 };
         let pad = if name.ends_with("unpadded") { 0 } else { k / 2 };
         let spec = QConvSpec {
-            c_in,
-            c_out,
-            group,
-            kernel: [k, k],
-            stride: [s, s],
-            dilation: [1, 1],
-            pads: [pad; 4],
+            geom: ConvGeometry { c_in, c_out, group, kernel: [k, k], stride: [s, s], dilation: [1, 1], pads: [pad; 4] },
             z_x: 3,
             z_y: 5,
             weights: (0..c_out * (c_in / group) * k * k).map(|_| r.range(-127, 127) as i8).collect(),
@@ -327,34 +313,42 @@ use super::fconv::{FConv, FConvSpec};
 
 /// Direct NHWC convolution in f64: (values, Σ|x·w| per output for the tolerance).
 fn fconv_reference(s: &FConvSpec, x: &[f32], [n, h, w]: [usize; 3]) -> (Vec<f64>, Vec<f64>) {
-    let g = Conv2d { group: s.group, kernel: s.kernel, stride: s.stride, dilation: s.dilation, pads: s.pads };
+    let g = Conv2d {
+        group: s.geom.group,
+        kernel: s.geom.kernel,
+        stride: s.geom.stride,
+        dilation: s.geom.dilation,
+        pads: s.geom.pads,
+    };
     let (oh, ow) = g.output_hw(h, w).unwrap();
-    let cin_g = s.c_in / s.group;
-    let cout_g = s.c_out / s.group;
-    let [kh, kw] = s.kernel;
-    let (mut y, mut mag) = (vec![0f64; n * oh * ow * s.c_out], vec![0f64; n * oh * ow * s.c_out]);
+    let cin_g = s.geom.c_in / s.geom.group;
+    let cout_g = s.geom.c_out / s.geom.group;
+    let [kh, kw] = s.geom.kernel;
+    let (mut y, mut mag) = (vec![0f64; n * oh * ow * s.geom.c_out], vec![0f64; n * oh * ow * s.geom.c_out]);
     for b in 0..n {
         for oy in 0..oh {
             for ox in 0..ow {
-                for o in 0..s.c_out {
+                for o in 0..s.geom.c_out {
                     let (mut acc, mut m) = (s.bias.as_ref().map_or(0.0, |v| v[o] as f64), 0.0);
                     for ci in 0..cin_g {
                         let c = (o / cout_g) * cin_g + ci;
                         for ky in 0..kh {
                             for kx in 0..kw {
-                                let iy = (oy * s.stride[0] + ky * s.dilation[0]) as isize - s.pads[0] as isize;
-                                let ix = (ox * s.stride[1] + kx * s.dilation[1]) as isize - s.pads[1] as isize;
+                                let iy = (oy * s.geom.stride[0] + ky * s.geom.dilation[0]) as isize
+                                    - s.geom.pads[0] as isize;
+                                let ix = (ox * s.geom.stride[1] + kx * s.geom.dilation[1]) as isize
+                                    - s.geom.pads[1] as isize;
                                 if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
                                     continue;
                                 }
-                                let xv = x[((b * h + iy as usize) * w + ix as usize) * s.c_in + c] as f64;
+                                let xv = x[((b * h + iy as usize) * w + ix as usize) * s.geom.c_in + c] as f64;
                                 let wv = s.weights[((o * cin_g + ci) * kh + ky) * kw + kx] as f64;
                                 acc += xv * wv;
                                 m += (xv * wv).abs();
                             }
                         }
                     }
-                    let i = ((b * oh + oy) * ow + ox) * s.c_out + o;
+                    let i = ((b * oh + oy) * ow + ox) * s.geom.c_out + o;
                     y[i] = acc.clamp(s.clamp[0] as f64, s.clamp[1] as f64);
                     mag[i] = m;
                 }
@@ -368,18 +362,12 @@ fn check_fconv(r: &mut Rng, kind: usize, big: bool, isa: Isa, what: &str) -> boo
     let Some((q, _, [n, _, h, w])) = random_conv(r, kind, big) else { return false };
     let clamp = [[f32::NEG_INFINITY, f32::INFINITY], [0.0, f32::INFINITY], [0.0, 6.0]][r.range(0, 2) as usize];
     let spec = FConvSpec {
-        c_in: q.c_in,
-        c_out: q.c_out,
-        group: q.group,
-        kernel: q.kernel,
-        stride: q.stride,
-        dilation: q.dilation,
-        pads: q.pads,
+        geom: q.geom,
         weights: q.weights.iter().map(|&v| v as f32 / 64.0).collect(),
-        bias: (r.range(0, 1) == 1).then(|| (0..q.c_out).map(|_| r.unit() * 4.0 - 2.0).collect()),
+        bias: (r.range(0, 1) == 1).then(|| (0..q.geom.c_out).map(|_| r.unit() * 4.0 - 2.0).collect()),
         clamp,
     };
-    let x: Vec<f32> = (0..n * h * w * spec.c_in).map(|_| r.unit() * 2.0 - 1.0).collect();
+    let x: Vec<f32> = (0..n * h * w * spec.geom.c_in).map(|_| r.unit() * 2.0 - 1.0).collect();
     let (want, mag) = fconv_reference(&spec, &x, [n, h, w]);
     let conv = FConv::new(spec, isa).unwrap();
     let mut got = vec![f32::NAN; want.len()];

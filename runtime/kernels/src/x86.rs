@@ -327,7 +327,7 @@ dw_vnni_block!(dw_vnni_256, 32, u32, __m256i, __m256, {
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn depthwise_row_avx2(s: &QConvSpec, d: &Dw, p: &DwPlan, bias: &[i32], m: &[f32], yrow: &mut [u8]) {
-    let taps = &p.taps[..s.kernel[0] * s.kernel[1]];
+    let taps = &p.taps[..s.geom.kernel[0] * s.geom.kernel[1]];
     let zv = _mm256_set1_epi32(s.z_y as i32);
     let full = d.c / 8 * 8;
     unsafe {

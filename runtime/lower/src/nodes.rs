@@ -7,7 +7,7 @@ use edgepack_kernels::fconv::{FConv, FConvSpec};
 use edgepack_kernels::qconv::{QConv, QConvSpec};
 use edgepack_kernels::qelem::{self, Pool2d};
 use edgepack_kernels::reference::QParams;
-use edgepack_kernels::{Isa, for_each_part};
+use edgepack_kernels::{ConvGeometry, Isa, for_each_part};
 use edgepack_onnx::{AttributeProto, NodeExt, NodeProto};
 
 /// The node types of this module: the integer kernels' and the float kernels'.
@@ -121,43 +121,31 @@ fn floats(bytes: &[u8]) -> Vec<f32> {
 }
 
 /// The geometry attributes every convolution kernel node carries (names suffixed with `sfx`).
-struct Geometry {
-    c_in: usize,
-    c_out: usize,
-    group: usize,
-    kernel: [usize; 2],
-    stride: [usize; 2],
-    dilation: [usize; 2],
-    pads: [usize; 4],
+fn geometry(node: &NodeProto, sfx: &str) -> Res<ConvGeometry> {
+    let a = |name: &str| format!("{name}{sfx}");
+    let count = |name: &str| -> Res<usize> {
+        let v = int(node, &a(name))?;
+        usize::try_from(v).map_err(|_| format!("{}: {name} = {v} is negative", node.name()))
+    };
+    Ok(ConvGeometry {
+        c_in: count("c_in")?,
+        c_out: count("c_out")?,
+        group: count("group")?,
+        kernel: usizes(node, &a("kernel_shape"))?,
+        stride: usizes(node, &a("strides"))?,
+        dilation: usizes(node, &a("dilations"))?,
+        pads: usizes(node, &a("pads"))?,
+    })
 }
 
-impl Geometry {
-    fn parse(node: &NodeProto, sfx: &str) -> Res<Geometry> {
-        let a = |name: &str| format!("{name}{sfx}");
-        let count = |name: &str| -> Res<usize> {
-            let v = int(node, &a(name))?;
-            usize::try_from(v).map_err(|_| format!("{}: {name} = {v} is negative", node.name()))
-        };
-        Ok(Geometry {
-            c_in: count("c_in")?,
-            c_out: count("c_out")?,
-            group: count("group")?,
-            kernel: usizes(node, &a("kernel_shape"))?,
-            stride: usizes(node, &a("strides"))?,
-            dilation: usizes(node, &a("dilations"))?,
-            pads: usizes(node, &a("pads"))?,
-        })
-    }
-
-    /// Weights per output channel.
-    fn per_out(&self) -> usize {
-        (self.c_in / self.group.max(1)) * self.kernel[0] * self.kernel[1]
-    }
+/// Weights per output channel.
+fn per_out(g: &ConvGeometry) -> usize {
+    (g.c_in / g.group.max(1)) * g.kernel[0] * g.kernel[1]
 }
 
 fn qconv(node: &NodeProto) -> Res<QConv> {
-    let g = Geometry::parse(node, "")?;
-    let weights = raw(node, "weights", 3, g.c_out * g.per_out())?.iter().map(|&b| b as i8).collect();
+    let g = geometry(node, "")?;
+    let weights = raw(node, "weights", 3, g.c_out * per_out(&g))?.iter().map(|&b| b as i8).collect();
     let multiplier = floats(raw(node, "multiplier", 1, g.c_out * 4)?);
     let bias = if node.attr("bias").is_some() {
         let b = raw(node, "bias", 6, g.c_out * 4)?;
@@ -165,20 +153,7 @@ fn qconv(node: &NodeProto) -> Res<QConv> {
     } else {
         None
     };
-    let spec = QConvSpec {
-        c_in: g.c_in,
-        c_out: g.c_out,
-        group: g.group,
-        kernel: g.kernel,
-        stride: g.stride,
-        dilation: g.dilation,
-        pads: g.pads,
-        z_x: byte(node, "z_x")?,
-        z_y: byte(node, "z_y")?,
-        weights,
-        bias,
-        multiplier,
-    };
+    let spec = QConvSpec { geom: g, z_x: byte(node, "z_x")?, z_y: byte(node, "z_y")?, weights, bias, multiplier };
     QConv::new(spec, Isa::detect()).map_err(|e| format!("{}: {e}", node.name()))
 }
 
@@ -205,7 +180,7 @@ fn pool2d(node: &NodeProto) -> Res<Pool2d> {
 
 fn fconv(node: &NodeProto, sfx: &str) -> Res<FConv> {
     let a = |name: &str| format!("{name}{sfx}");
-    let g = Geometry::parse(node, sfx)?;
+    let g = geometry(node, sfx)?;
     let bias =
         if node.attr(&a("bias")).is_some() { Some(floats(raw(node, &a("bias"), 1, g.c_out * 4)?)) } else { None };
     let clamp = attr(node, &a("clamp"))?.floats.as_slice();
@@ -213,14 +188,8 @@ fn fconv(node: &NodeProto, sfx: &str) -> Res<FConv> {
         return Err(format!("{}: clamp must hold 2 floats", node.name()));
     }
     let spec = FConvSpec {
-        c_in: g.c_in,
-        c_out: g.c_out,
-        group: g.group,
-        kernel: g.kernel,
-        stride: g.stride,
-        dilation: g.dilation,
-        pads: g.pads,
-        weights: floats(raw(node, &a("weights"), 1, g.c_out * g.per_out() * 4)?),
+        geom: g,
+        weights: floats(raw(node, &a("weights"), 1, g.c_out * per_out(&g) * 4)?),
         bias,
         clamp: [clamp[0], clamp[1]],
     };
@@ -374,14 +343,14 @@ impl Kernel {
             Ok(vec![x[0].clone(), D::known(oh), D::known(ow), D::known(c_out)])
         };
         Ok(match self {
-            Kernel::FGemm(conv) => rows(conv.spec().c_in, conv.spec().c_out)?,
-            Kernel::Gemm { conv, .. } => rows(conv.spec().c_in, conv.spec().c_out)?,
-            Kernel::Conv(conv) => image(conv.spec().c_in, conv.spec().c_out, &|h, w| conv.output_hw(h, w))?,
-            Kernel::FConv(conv) => image(conv.spec().c_in, conv.spec().c_out, &|h, w| conv.output_hw(h, w))?,
+            Kernel::FGemm(conv) => rows(conv.spec().geom.c_in, conv.spec().geom.c_out)?,
+            Kernel::Gemm { conv, .. } => rows(conv.spec().geom.c_in, conv.spec().geom.c_out)?,
+            Kernel::Conv(conv) => image(conv.spec().geom.c_in, conv.spec().geom.c_out, &|h, w| conv.output_hw(h, w))?,
+            Kernel::FConv(conv) => image(conv.spec().geom.c_in, conv.spec().geom.c_out, &|h, w| conv.output_hw(h, w))?,
             Kernel::FConvConcat(convs) => {
                 let mut out: Option<(usize, usize)> = None;
                 for (conv, s) in convs.iter().zip(ins) {
-                    if val(&s[3])? != conv.spec().c_in {
+                    if val(&s[3])? != conv.spec().geom.c_in {
                         return Err(format!("{name}: input {s:?} has the wrong channel count"));
                     }
                     let (h, w) = hw(s)?;
@@ -392,7 +361,7 @@ impl Kernel {
                     out = Some(o);
                 }
                 let (oh, ow) = out.unwrap_or((0, 0));
-                let c: usize = convs.iter().map(|c| c.spec().c_out).sum();
+                let c: usize = convs.iter().map(|c| c.spec().geom.c_out).sum();
                 vec![x[0].clone(), D::known(oh), D::known(ow), D::known(c)]
             }
             Kernel::Add { .. } | Kernel::FAdd => {
@@ -472,7 +441,7 @@ impl Kernel {
                 for (i, conv) in convs.iter().enumerate() {
                     let s = inputs[i].1;
                     conv.run_into(f32s(i)?, [s[0], s[1], s[2]], y, out[3], offset).map_err(err)?;
-                    offset += conv.spec().c_out;
+                    offset += conv.spec().geom.c_out;
                 }
             }
             (Kernel::FAdd, DataMut::F32(y)) => {

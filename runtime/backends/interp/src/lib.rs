@@ -13,7 +13,7 @@ use edgepack_backend::{Backend, BackendKind, OpTime};
 use edgepack_core::tensor::{DType, Tensor, TensorData};
 use edgepack_core::{Error, Result};
 use edgepack_kernels::qelem::{self, Pool2d};
-use edgepack_kernels::{Isa, fconv};
+use edgepack_kernels::{ConvGeometry, Isa, fconv};
 use edgepack_lower::LowerForCpu;
 use edgepack_lower::nodes::{Data, DataMut, Kernel};
 use edgepack_onnx::{Model, NodeExt, NodeProto, tensor_from_proto};
@@ -290,13 +290,7 @@ fn conv_of(n: &NodeProto, w: &Tensor, bias: Option<&Tensor>, hw: Option<[usize; 
     let Some(pads) = pads_of(n, kernel, stride, dilation, hw)? else { return Ok(None) };
     let group = n.attr_i("group").unwrap_or(1).max(1) as usize;
     let spec = fconv::FConvSpec {
-        c_in: d[1] * group,
-        c_out: d[0],
-        group,
-        kernel,
-        stride,
-        dilation,
-        pads,
+        geom: ConvGeometry { c_in: d[1] * group, c_out: d[0], group, kernel, stride, dilation, pads },
         weights: wv.to_vec(),
         bias: bias.map(Tensor::to_f32_vec),
         clamp: [f32::NEG_INFINITY, f32::INFINITY],
@@ -321,11 +315,11 @@ fn pool_of(n: &NodeProto, hw: Option<[usize; 2]>) -> Res<Option<Pool2d>> {
 
 fn run_conv(conv: &fconv::FConv, x: &Tensor) -> Res<Tensor> {
     let [b, c, h, w] = image_dims(x)?;
-    if c != conv.spec().c_in {
-        return Err(format!("input has {c} channels, expected {}", conv.spec().c_in));
+    if c != conv.spec().geom.c_in {
+        return Err(format!("input has {c} channels, expected {}", conv.spec().geom.c_in));
     }
     let (oh, ow) = conv.output_hw(h, w).ok_or_else(|| format!("input {h}x{w} too small"))?;
-    let co = conv.spec().c_out;
+    let co = conv.spec().geom.c_out;
     let mut y = vec![0.0; b * oh * ow * co];
     conv.run(&layout(f32s(x)?, [b, c, h, w], true), b, h, w, &mut y)?;
     tensor(vec![b, co, oh, ow], TensorData::F32(layout(&y, [b, oh, ow, co], false)))
