@@ -6,8 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use edgepack_packager::{BundleBuilder, SecretKey};
 use edgepack_runtime::bundle::{BackendKind, OpenOptions, Precision, PublicKey, Task};
-use edgepack_runtime::onnx::Dim;
-use edgepack_runtime::process::{self, ImagePreprocess, Layout, Postprocess, Preprocess, Softmax};
+use edgepack_runtime::process::{self, ImagePreprocess, Postprocess, Preprocess, Softmax};
 use edgepack_runtime::{Bundle, DType, Session, SessionOptions, Tensor, npy};
 use serde_json::json;
 
@@ -59,38 +58,7 @@ pub fn open_session(path: &Path, a: &LoadArgs) -> Result<Session> {
 
 /// The image pre-processing to use: the bundle's, or a named preset sized from the model's first input.
 pub fn image_preprocess(s: &Session, preset: Option<&str>) -> Result<Option<ImagePreprocess>> {
-    match preset {
-        Some(name) => Ok(Some(preset_for(name, s.inputs().first().context("the model has no input")?)?)),
-        None => Ok(s.preprocess().map(|Preprocess::Image(p)| p.clone())),
-    }
-}
-
-/// A named preset sized (and laid out) for an image input.
-fn preset_for(name: &str, input: &edgepack_runtime::IoInfo) -> Result<ImagePreprocess> {
-    let (h, w) = image_hw(&input.shape)
-        .with_context(|| format!("input `{}` {} is not an image", input.name, input.shape_string()))?;
-    let mut p = ImagePreprocess::preset(name, h, w)?;
-    if input.shape.len() == 4
-        && matches!(input.shape[3], Dim::Fixed(1 | 3))
-        && !matches!(input.shape[1], Dim::Fixed(1 | 3))
-    {
-        p.layout = Layout::Nhwc;
-    }
-    p.dtype = input.dtype.unwrap_or(DType::F32);
-    Ok(p)
-}
-
-/// (height, width) of an NCHW or NHWC image input with fixed spatial dims.
-fn image_hw(shape: &[Dim]) -> Option<(u32, u32)> {
-    let fixed = |d: &Dim| if let Dim::Fixed(n) = d { Some(*n as u32) } else { None };
-    if shape.len() != 4 {
-        return None;
-    }
-    if matches!(shape[1], Dim::Fixed(1 | 3)) {
-        Some((fixed(&shape[2])?, fixed(&shape[3])?))
-    } else {
-        Some((fixed(&shape[1])?, fixed(&shape[2])?))
-    }
+    Ok(s.image_preprocessing(preset)?)
 }
 
 fn read_labels(path: &Path) -> Result<Vec<String>> {
@@ -272,21 +240,20 @@ pub fn run(a: RunArgs) -> Result<()> {
     let images: Vec<&PathBuf> = a.inputs.iter().filter(|p| is_image(p)).collect();
     let mut feeds: Vec<(String, Tensor)> = Vec::new();
     let mut sizes = Vec::new();
-    let mut per_image: Vec<Tensor> = Vec::new();
     if !images.is_empty() {
         if images.len() != a.inputs.len() {
             bail!(BadInput("mix of images and tensor files; use --input NAME=FILE for tensors".into()));
         }
         let p =
             pre.clone().ok_or_else(|| BadInput("images need pre-processing: pass --preset or run a bundle".into()))?;
-        for img in &images {
-            let bytes = std::fs::read(img).with_context(|| format!("reading {}", img.display()))?;
-            let decoded = process::decode_image(&bytes).with_context(|| format!("{}", img.display()))?;
-            sizes.push((decoded.width(), decoded.height()));
-            per_image.push(p.apply(&decoded)?);
-        }
-        let name = p.input.clone().unwrap_or_else(|| s.inputs()[0].name.clone());
-        feeds.push((name, process::stack(&per_image)?));
+        let bytes = images
+            .iter()
+            .map(|img| std::fs::read(img).with_context(|| format!("reading {}", img.display())))
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        let batch = s.image_batch(&refs, &p)?;
+        sizes = batch.sizes;
+        feeds.push((batch.input, batch.tensor));
     } else {
         match (a.inputs.as_slice(), s.inputs()) {
             ([], _) => {}
@@ -316,12 +283,10 @@ pub fn run(a: RunArgs) -> Result<()> {
     let outs = if !a.values.is_empty() {
         let names: Vec<&str> = a.values.iter().map(String::as_str).collect();
         s.run_values(feeds, &names)?
-    } else if per_image.len() > 1 && !s.accepts_batch() && feeds.len() == 1 {
-        // Several images on a model with a fixed batch of 1: one call per image, outputs stacked row-wise.
-        let name = feeds.remove(0).0;
-        let rows = per_image.into_iter().map(|x| s.run(vec![(name.clone(), x)])).collect::<Result<Vec<_>, _>>()?;
-        let stacked = |i: usize| process::stack(&rows.iter().map(|r| r[i].1.clone()).collect::<Vec<_>>());
-        rows[0].iter().enumerate().map(|(i, (n, _))| Ok((n.clone(), stacked(i)?))).collect::<Result<Vec<_>>>()?
+    } else if sizes.len() > 1 && feeds.len() == 1 {
+        // Several images: one batch, or one call per image on a model with a fixed batch of 1.
+        let (name, batch) = feeds.remove(0);
+        s.run_batch(&name, batch)?
     } else {
         s.run(feeds)?
     };
@@ -449,47 +414,26 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     if a.skip >= end {
         bail!(BadInput(format!("no samples to evaluate ({total} in the dataset, skip {})", a.skip)));
     }
-    let name = pre.as_ref().and_then(|p| p.input.clone()).unwrap_or_else(|| s.inputs()[0].name.clone());
     let bar = progress(end - a.skip, "eval");
-    let (mut top1, mut top5, mut n) = (0usize, 0usize, 0usize);
-    let mut infer_ms = Vec::new();
-    let mut csv = String::from("file,label,top1,top2,top3,top4,top5\n");
-    let batch = a.batch.max(1);
-    let mut i = a.skip;
-    while i < end {
-        let j = (i + batch).min(end);
-        let mut xs = Vec::new();
-        let mut meta = Vec::new();
-        for k in i..j {
-            let sample = data.get(k)?;
-            xs.push(sample.to_input(pre.as_ref())?);
-            meta.push((sample.id, sample.label.unwrap_or(usize::MAX)));
-        }
-        let t0 = Instant::now();
-        let outs = s.run(vec![(name.clone(), process::stack(&xs)?)])?;
-        infer_ms.push(t0.elapsed().as_secs_f64() * 1e3 / (j - i) as f64);
-        let rows = s.classify_outputs(&outs, Some(5))?;
-        for ((id, label), r) in meta.into_iter().zip(rows) {
-            let idx: Vec<usize> = r.iter().map(|c| c.class_index).collect();
-            top1 += usize::from(idx.first() == Some(&label));
-            top5 += usize::from(idx.contains(&label));
-            n += 1;
-            let cells: Vec<String> = idx.iter().map(|x| x.to_string()).collect();
-            csv.push_str(&format!("{id},{label},{}\n", cells.join(",")));
-        }
-        bar.inc((j - i) as u64);
-        i = j;
-    }
+    let e = edgepack_quantize::eval::evaluate(&s, &data, pre.as_ref(), a.skip..end, a.batch, |done| {
+        bar.set_position(done as u64)
+    })?;
     bar.finish_and_clear();
     if let Some(p) = &a.predictions {
+        let mut csv = String::from("file,label,top1,top2,top3,top4,top5\n");
+        for r in &e.predictions {
+            let cells: Vec<String> = r.top5.iter().map(|x| x.to_string()).collect();
+            csv.push_str(&format!("{},{},{}\n", r.id, r.label.unwrap_or(usize::MAX), cells.join(",")));
+        }
         edgepack_runtime::fsutil::write_atomic(p, csv.as_bytes())
             .with_context(|| format!("writing {}", p.display()))?;
     }
-    infer_ms.sort_by(f64::total_cmp);
-    let median = infer_ms[infer_ms.len() / 2];
+    let (n, median) = (e.tally.samples, e.median_ms_per_sample);
+    let (top1, top5) = e.tally.percent();
+    let fraction = |k: usize| k as f64 / n as f64;
     let res = json!({
         "model": a.model, "data": a.data, "samples": n, "skip": a.skip,
-        "top1": top1 as f64 / n as f64, "top5": top5 as f64 / n as f64,
+        "top1": fraction(e.tally.top1), "top5": fraction(e.tally.top5),
         "latency_ms_median_per_sample": median, "backend": s.backend_description(),
         "variant": s.bundle().map(|b| b.variant.clone()),
     });
@@ -499,8 +443,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         println!(
             "{} samples: top-1 {:.2} %, top-5 {:.2} %  (median {:.2} ms/sample, {})",
             n,
-            100.0 * top1 as f64 / n as f64,
-            100.0 * top5 as f64 / n as f64,
+            top1,
+            top5,
             median,
             s.backend_description()
         );
@@ -623,7 +567,7 @@ pub fn pack(a: PackArgs) -> Result<()> {
         Some(Preprocess::Image(serde_json::from_str(j).context("--preprocess-json")?))
     } else if let Some(p) = &a.preset {
         let (inputs, _) = edgepack_runtime::session::model_io(&model);
-        Some(Preprocess::Image(preset_for(p, inputs.first().context("the model has no input")?)?))
+        Some(Preprocess::Image(inputs.first().context("the model has no input")?.image_preset(p)?))
     } else {
         None
     };

@@ -157,7 +157,8 @@ impl HeldOut {
     fn score(&self, outs: &[Vec<f32>]) -> Metrics {
         let n = outs.len();
         let (mut sig, mut noise) = (0f64, 0f64);
-        let (mut agree, mut top1, mut top5) = (0usize, 0usize, 0usize);
+        let mut agree = 0usize;
+        let mut tally = crate::eval::TopK::default();
         for (k, o) in outs.iter().enumerate() {
             let r = &self.reference[k];
             for (a, b) in r.iter().zip(o) {
@@ -168,9 +169,7 @@ impl HeldOut {
                 let (rc, oc) = (&r[..c.min(r.len())], &o[..c.min(o.len())]);
                 agree += (argmax(rc) == argmax(oc)) as usize;
                 if let Some(l) = self.labels[k].filter(|&l| l < oc.len()) {
-                    let rank = rank_of(oc, l);
-                    top1 += (rank == 0) as usize;
-                    top5 += (rank < 5) as usize;
+                    tally.add(Some(rank_of(oc, l)));
                 }
             }
         }
@@ -180,8 +179,8 @@ impl HeldOut {
             samples: n,
             output_sqnr_db: sqnr_db(sig, noise),
             top1_agreement: self.classes.map(|_| pct(agree)),
-            top1: labelled.then(|| pct(top1)),
-            top5: labelled.then(|| pct(top5)),
+            top1: labelled.then(|| pct(tally.top1)),
+            top5: labelled.then(|| pct(tally.top5)),
         }
     }
 

@@ -7,6 +7,7 @@
 //! - [`prune`]: unstructured and structured pruning, repair, sensitivity, plan and report (`edgepack prune`).
 pub mod calib;
 pub mod data;
+pub mod eval;
 pub mod fidelity;
 pub mod mixed;
 pub mod pipeline;

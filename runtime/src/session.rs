@@ -77,6 +77,29 @@ impl IoInfo {
         Tensor::synthetic(self.dtype?, self.concrete_shape(batch), seed).ok()
     }
 
+    /// A named pre-processing preset ([`process::ImagePreprocess::preset`]) sized for this image input, laid out
+    /// NHWC when the 1 or 3 channels are last and not second, with the input's element type.
+    pub fn image_preset(&self, name: &str) -> Result<process::ImagePreprocess> {
+        let fixed = |d: &Dim| if let Dim::Fixed(n) = d { Some(*n as u32) } else { None };
+        let s = &self.shape;
+        let channels_first = s.len() == 4 && matches!(s[1], Dim::Fixed(1 | 3));
+        let channels_last = s.len() == 4 && matches!(s[3], Dim::Fixed(1 | 3)) && !channels_first;
+        let hw = match s.len() {
+            4 if channels_first => fixed(&s[2]).zip(fixed(&s[3])),
+            4 => fixed(&s[1]).zip(fixed(&s[2])),
+            _ => None,
+        };
+        let (h, w) = hw.ok_or_else(|| {
+            Error::Processing(format!("input `{}` {} is not an image", self.name, self.shape_string()))
+        })?;
+        let mut p = process::ImagePreprocess::preset(name, h, w)?;
+        if channels_last {
+            p.layout = process::Layout::Nhwc;
+        }
+        p.dtype = self.dtype.unwrap_or(DType::F32);
+        Ok(p)
+    }
+
     /// The manifest form of this description.
     pub fn spec(&self) -> TensorSpec {
         TensorSpec { name: self.name.clone(), dtype: self.dtype, shape: self.shape.clone() }
@@ -427,6 +450,25 @@ impl Session {
         Ok(self.outputs.iter().map(|o| o.name.clone()).zip(outs).collect())
     }
 
+    /// Runs a batch of one input: in one call when the model takes a batch, else one call per row (leading dim)
+    /// with the outputs stacked row-wise.
+    pub fn run_batch(&self, input: &str, batch: Tensor) -> Result<Vec<(String, Tensor)>> {
+        let n = batch.shape().first().copied().unwrap_or(1);
+        if n <= 1 || self.accepts_batch() {
+            return self.run(vec![(input.to_string(), batch)]);
+        }
+        let mut rows = Vec::with_capacity(n);
+        for x in process::split_rows(&batch, &vec![1; n])? {
+            rows.push(self.run(vec![(input.to_string(), x)])?);
+        }
+        (0..rows[0].len())
+            .map(|i| {
+                let column: Vec<Tensor> = rows.iter().map(|o| o[i].1.clone()).collect();
+                Ok((rows[0][i].0.clone(), process::stack(&column)?))
+            })
+            .collect()
+    }
+
     /// Runs the model and returns the named values (intermediate activations or outputs), in the order asked.
     pub fn run_values(&self, inputs: Vec<(String, Tensor)>, values: &[&str]) -> Result<Vec<(String, Tensor)>> {
         if let Some(bad) = values.iter().find(|v| !self.values.contains(**v)) {
@@ -462,9 +504,25 @@ impl Session {
         }
     }
 
+    /// The image pre-processing to use: a named preset sized for the first input ([`IoInfo::image_preset`]),
+    /// else the bundle's; `None` when there is neither.
+    pub fn image_preprocessing(&self, preset: Option<&str>) -> Result<Option<process::ImagePreprocess>> {
+        match preset {
+            Some(name) => {
+                let input = self.inputs.first().ok_or_else(|| Error::Processing("the model has no input".into()))?;
+                input.image_preset(name).map(Some)
+            }
+            None => Ok(self.preprocess().map(|Preprocess::Image(p)| p.clone())),
+        }
+    }
+
     /// Decodes and pre-processes images with the bundle's recipe into one batch.
     pub fn image_input(&self, images: &[&[u8]]) -> Result<ImageBatch> {
-        let p = self.image_preprocess()?;
+        self.image_batch(images, self.image_preprocess()?)
+    }
+
+    /// Decodes and pre-processes images with `p` into one batch.
+    pub fn image_batch(&self, images: &[&[u8]], p: &process::ImagePreprocess) -> Result<ImageBatch> {
         let mut tensors = Vec::with_capacity(images.len());
         let mut sizes = Vec::with_capacity(images.len());
         for bytes in images {

@@ -75,28 +75,6 @@ fn close(a: &Tensor, b: &Tensor) -> bool {
         && a.to_f32_vec().iter().zip(b.to_f32_vec()).all(|(x, y)| (x - y).abs() <= 1e-3 * (1.0 + y.abs()))
 }
 
-/// `t` cut along its leading dim into consecutive pieces of `counts` rows, which must add up to that dim.
-fn split_rows(t: &Tensor, counts: &[usize]) -> Result<Vec<Tensor>, String> {
-    let total = *t.shape().first().ok_or("a scalar output cannot be split into a batch")?;
-    let want: usize = counts.iter().sum();
-    if want != total {
-        return Err(format!("output has {total} rows, {want} expected"));
-    }
-    let row = t.len() / total.max(1) * t.dtype().size();
-    let bytes = t.to_le_bytes();
-    let mut start = 0;
-    counts
-        .iter()
-        .map(|&n| {
-            let mut shape = t.shape().to_vec();
-            shape[0] = n;
-            let piece = Tensor::from_le_bytes(t.dtype(), shape, &bytes[start * row..(start + n) * row]);
-            start += n;
-            piece.map_err(|e| e.to_string())
-        })
-        .collect()
-}
-
 /// Named tensors cut as [`split_rows`] does: for each entry of `counts`, its piece of every tensor, by name.
 fn split_named(outs: &Outputs, counts: &[usize]) -> Result<Vec<Outputs>, String> {
     let mut pieces: Vec<std::vec::IntoIter<Tensor>> =
@@ -405,4 +383,9 @@ impl Version {
             })
             .collect()
     }
+}
+
+/// [`edgepack_runtime::process::split_rows`] with the error as text.
+fn split_rows(t: &Tensor, counts: &[usize]) -> Result<Vec<Tensor>, String> {
+    edgepack_runtime::process::split_rows(t, counts).map_err(|e| e.to_string())
 }

@@ -453,6 +453,28 @@ pub fn stack(items: &[Tensor]) -> Result<Tensor> {
     Tensor::from_le_bytes(first.dtype(), shape, &bytes)
 }
 
+/// `t` cut along its leading dim into consecutive pieces of `counts` rows, which must add up to that dim.
+pub fn split_rows(t: &Tensor, counts: &[usize]) -> Result<Vec<Tensor>> {
+    let total = *t.shape().first().ok_or_else(|| Error::Processing("a scalar cannot be split into a batch".into()))?;
+    let want: usize = counts.iter().sum();
+    if want != total {
+        return Err(Error::Processing(format!("{total} rows, {want} expected")));
+    }
+    let row = t.len() / total.max(1) * t.dtype().size();
+    let bytes = t.to_le_bytes();
+    let mut start = 0;
+    counts
+        .iter()
+        .map(|&n| {
+            let mut shape = t.shape().to_vec();
+            shape[0] = n;
+            let piece = Tensor::from_le_bytes(t.dtype(), shape, &bytes[start * row..(start + n) * row]);
+            start += n;
+            piece
+        })
+        .collect()
+}
+
 /// One class of a classification result.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ClassScore {
