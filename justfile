@@ -1,5 +1,6 @@
 # edgepack task runner (https://github.com/casey/just). Every recipe is a plain command you can also run by hand.
-export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", env_var("HOME") + "/.cache/edgepack-target")
+# cargo's own default (target/ here) unless set, so `cargo run` and the recipes share one build.
+export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", justfile_directory() + "/target")
 
 # Offline demo: quantize the shipped EfficientNet-Lite0, pack fp32 + int8 signed, verify, classify the shipped photos
 demo:

@@ -8,11 +8,14 @@
 #                                    tract and the GPU; "": the kernel interpreter alone, as scripts/mobile_size.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/edgepack-target}
+# cargo's own default (the checkout's target/) unless set, so `cargo run` and the scripts share one build.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$(pwd)/target}
 OUT=${1:-$CARGO_TARGET_DIR/bindings}
 
-# The whole workspace, as the test command builds it: one feature resolution, so nothing is rebuilt twice.
+# The whole workspace, as the test command builds it: one feature resolution, so nothing is rebuilt twice; the
+# generator is a workspace of its own (its uniffi `cli` feature would change the engine's dependency features).
 cargo build --release -q --workspace
+cargo build --release -q --manifest-path mobile/uniffi-bindgen/Cargo.toml
 if [ -n "${EDGEPACK_MOBILE_FEATURES+set}" ]; then
   # Another feature set of the library alone (e.g. "" for the kernel interpreter without tract or the GPU).
   cargo build --release -q -p edgepack-mobile --lib --no-default-features --features "$EDGEPACK_MOBILE_FEATURES"

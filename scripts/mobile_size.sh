@@ -7,7 +7,8 @@
 # A separate build (own profile and feature set): tens of minutes on 2 cores the first time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/edgepack-target}
+# cargo's own default (the checkout's target/) unless set, so `cargo run` and the scripts share one build.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$(pwd)/target}
 MD=""; ABORT=0
 while [ $# -gt 0 ]; do
   case "$1" in

@@ -10,7 +10,8 @@ ROOT=$(pwd)
 QUICK=0
 [ "${1:-}" = "--quick" ] && QUICK=1
 
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/edgepack-target}
+# cargo's own default (the checkout's target/) unless set, so `cargo run` and the scripts share one build.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$(pwd)/target}
 VENV=${EDGEPACK_VENV:-$HOME/.cache/edgepack-venv}
 
 need() { command -v "$1" >/dev/null 2>&1 || { echo "FATAL: '$1' is required but not installed ($2)" >&2; exit 1; }; }

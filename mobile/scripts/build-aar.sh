@@ -22,7 +22,8 @@ rm -rf "$ANDROID/src/main/jniLibs" "$ANDROID/src/main/kotlin"
 cargo ndk -t arm64-v8a -t armeabi-v7a -t x86_64 -o "$ANDROID/src/main/jniLibs" \
   build -p edgepack-mobile --lib --profile mobile --no-default-features ${FEATURES:+--features "$FEATURES"}
 # Kotlin sources from the library's metadata (the host build of the same sources).
-cargo build --release -p uniffi-bindgen -p edgepack-mobile --no-default-features --lib
+cargo build --release --manifest-path mobile/uniffi-bindgen/Cargo.toml
+cargo build --release -p edgepack-mobile --no-default-features --lib
 "$CARGO_TARGET_DIR/release/uniffi-bindgen" generate --library "$CARGO_TARGET_DIR/release/libedgepack_mobile.so" \
   --language kotlin --out-dir "$ANDROID/src/main/kotlin"
 (cd "$ANDROID" && gradle --no-daemon assembleRelease)

@@ -22,7 +22,8 @@ rm -rf "$OUT" && mkdir -p "$OUT/sim" "$OUT/headers" "$OUT/Package/Sources/Edgepa
 lipo -create "$(lib aarch64-apple-ios-sim)" "$(lib x86_64-apple-ios)" -output "$OUT/sim/libedgepack_mobile.a"
 
 # Swift sources and the C header from the library's metadata (any build of the same sources; here the host's).
-cargo build --release -p uniffi-bindgen -p edgepack-mobile --no-default-features --lib
+cargo build --release --manifest-path mobile/uniffi-bindgen/Cargo.toml
+cargo build --release -p edgepack-mobile --no-default-features --lib
 "$CARGO_TARGET_DIR/release/uniffi-bindgen" generate --library "$CARGO_TARGET_DIR/release/libedgepack_mobile.dylib" \
   --language swift --out-dir "$OUT/gen"
 cp "$OUT/gen/EdgepackMobileFFI.h" "$OUT/headers/"
