@@ -1723,3 +1723,21 @@ pub(crate) fn exec(ctx: &Ctx, node: &NodeProto, ins: &[Option<Val>]) -> Result<V
     }
     Ok(outs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_op_table_names_each_op_once_and_is_the_supported_list() {
+        let mut names: Vec<&str> = OPS.iter().map(|(op, _)| *op).collect();
+        assert_eq!(names, *SUPPORTED_OPS);
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), OPS.len(), "an op listed twice");
+        // Ops that are folded on the host or refused still have an entry, so the load check and exec agree.
+        for op in ["Shape", "Constant", "Relu", "Conv", "QuantizeLinear"] {
+            assert!(SUPPORTED_OPS.contains(&op), "{op}");
+        }
+    }
+}

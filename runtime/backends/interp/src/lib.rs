@@ -1131,3 +1131,19 @@ impl Backend for InterpBackend {
         Ok(OpTime::from_totals(totals, runs))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_op_table_names_each_op_once_and_is_the_supported_list() {
+        let mut names: Vec<&str> = PLAIN.iter().map(|(op, _)| *op).collect();
+        assert_eq!(names, *OPS);
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), PLAIN.len(), "an op listed twice");
+        assert!(OPS.iter().all(|op| plain_op(op).is_some()));
+        assert!(plain_op("MatMul").is_none());
+    }
+}
