@@ -62,6 +62,10 @@ bindings:
 mobile-size:
     ./scripts/mobile_size.sh --md BENCHMARKS.md --abort
 
+# Cold build times of the README's commands in a fresh target dir (~20 min) into BENCHMARKS.md
+build-times:
+    ./scripts/build_times.sh --md BENCHMARKS.md
+
 # KServe v2 server on the repository REPO (README "Serving")
 serve REPO:
     cargo run --release -- serve --repo {{REPO}}
