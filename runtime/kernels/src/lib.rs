@@ -14,10 +14,6 @@ pub mod pool;
 pub mod qconv;
 pub mod qelem;
 pub mod reference;
-#[cfg(target_arch = "x86_64")]
-mod x86;
-#[cfg(target_arch = "x86_64")]
-mod x86_f32;
 
 #[cfg(test)]
 mod tests;

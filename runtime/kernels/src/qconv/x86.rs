@@ -1,11 +1,10 @@
-//! x86-64 kernels: AVX-512 VNNI (`vpdpbusd`) and AVX2 (exact 16-bit products). Same results as the portable
-//! code in `qconv`/`qelem`, bit for bit (tested for every ISA the CPU has).
+//! x86-64 integer convolution kernels: AVX-512 VNNI (`vpdpbusd`) and AVX2 (exact 16-bit products). Same results
+//! as the portable code in `qconv`, bit for bit (tested for every ISA the CPU has).
 #![allow(clippy::needless_range_loop)] // register tiles are indexed [row][vector] on purpose
 use std::arch::x86_64::*;
 
-use super::Isa;
-use super::qconv::{Block, Dw, DwPlan, Out, QConvSpec};
-use super::unroll;
+use super::{Block, Dw, DwPlan, Out, QConvSpec};
+use crate::{Isa, unroll};
 
 /// # Safety
 /// See `qconv::gemm_block`; `isa` must be supported by the CPU.
@@ -121,7 +120,7 @@ fn requant16(acc: __m512i, m: __m512, z: __m512i) -> __m128i {
 /// `clamp(round_half_even(f) + z, 0, 255)` on 16 lanes (NaN → 0: max/min return their second operand for NaN).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn round_to_u8_16(f: __m512, z: __m512i) -> __m128i {
+pub(crate) fn round_to_u8_16(f: __m512, z: __m512i) -> __m128i {
     let f = _mm512_min_ps(_mm512_max_ps(f, _mm512_set1_ps(-1024.0)), _mm512_set1_ps(1024.0));
     let i = _mm512_add_epi32(_mm512_cvtps_epi32(f), z);
     let i = _mm512_min_epi32(_mm512_max_epi32(i, _mm512_setzero_si512()), _mm512_set1_epi32(255));
@@ -131,7 +130,7 @@ fn round_to_u8_16(f: __m512, z: __m512i) -> __m128i {
 /// Row pointers `rows[r0..r0 + nr]` of one register tile, the missing rows repeating the first (computed, never
 /// stored), and `nr`.
 #[inline]
-pub(super) fn row_tile<const MR: usize, T>(rows: &[*const T], r0: usize) -> ([*const T; MR], usize) {
+pub(crate) fn row_tile<const MR: usize, T>(rows: &[*const T], r0: usize) -> ([*const T; MR], usize) {
     let nr = (rows.len() - r0).min(MR);
     let mut rp = [rows[r0]; MR];
     rp[..nr].copy_from_slice(&rows[r0..r0 + nr]);
@@ -351,51 +350,8 @@ unsafe fn depthwise_row_avx2(s: &QConvSpec, d: &Dw, p: &DwPlan, bias: &[i32], m:
                 for (t, &(ky, off)) in taps.iter().enumerate() {
                     a += *d.rows[ky].add(o + off + ch) as i32 * p.w[t * p.cpad + ch];
                 }
-                yrow[ox * d.c + ch] = super::requant(a, m[ch], s.z_y as i32);
+                yrow[ox * d.c + ch] = crate::requant(a, m[ch], s.z_y as i32);
             }
         }
     }
-}
-
-/// QLinearAdd on 16 lanes at a time (see `qelem::qadd`); returns how many leading elements it wrote.
-///
-/// # Safety
-/// The CPU must have AVX-512 F/BW/VL.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(crate) unsafe fn qadd_512(a: &[u8], b: &[u8], r_a: f32, r_b: f32, k: f32, out: &mut [u8]) -> usize {
-    let n = a.len().min(b.len()).min(out.len()) / 16 * 16;
-    let (ra, rb, kv) = (_mm512_set1_ps(r_a), _mm512_set1_ps(r_b), _mm512_set1_ps(k));
-    let mut i = 0;
-    unsafe {
-        while i < n {
-            let av = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(a.as_ptr().add(i) as *const _)));
-            let bv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(b.as_ptr().add(i) as *const _)));
-            let t = _mm512_fmadd_ps(bv, rb, kv);
-            let q = round_to_u8_16(_mm512_fmadd_ps(av, ra, t), _mm512_setzero_si512());
-            _mm_storeu_si128(out.as_mut_ptr().add(i) as *mut _, q);
-            i += 16;
-        }
-    }
-    n
-}
-
-/// QuantizeLinear (`round_half_even(x / s) + z`, saturated) on 16 lanes at a time; returns how many leading
-/// elements it wrote. `vdivps` rounds the quotient once, as the scalar division does.
-///
-/// # Safety
-/// The CPU must have AVX-512 F/BW/VL.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(crate) unsafe fn quantize_512(x: &[f32], s: f32, z: u8, out: &mut [u8]) -> usize {
-    let n = x.len().min(out.len()) / 16 * 16;
-    let (sv, zv) = (_mm512_set1_ps(s), _mm512_set1_epi32(z as i32));
-    let mut i = 0;
-    unsafe {
-        while i < n {
-            // NaN → 0, like the scalar cast.
-            let q = round_to_u8_16(_mm512_div_ps(_mm512_loadu_ps(x.as_ptr().add(i)), sv), zv);
-            _mm_storeu_si128(out.as_mut_ptr().add(i) as *mut _, q);
-            i += 16;
-        }
-    }
-    n
 }

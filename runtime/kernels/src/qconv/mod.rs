@@ -11,6 +11,8 @@
 //!   input rows through pointers: rows inside the image in place (or, with left/right padding, copied once into a
 //!   small ring of zero-point-padded rows), rows in the top/bottom padding from one row of `z_x`. With VNNI, four
 //!   taps are interleaved per 32-bit lane (two byte/word unpacks) so one `vpdpbusd` does 64 channels × 4 taps.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86;
 use super::{ConvGeometry, Isa, for_each_part, requant};
 
 // The window geometry and im2col are shared with the float convolution (`fconv`).
@@ -253,7 +255,7 @@ impl QConv {
         if self.isa >= Isa::Avx2 {
             // SAFETY: the ISA was detected at construction (or capped below what the CPU has); every row pointer
             // addresses a full (padded) input row.
-            unsafe { super::x86::depthwise_row(self.isa, &self.spec, d, p, &self.bias, &self.multiplier, yrow) };
+            unsafe { x86::depthwise_row(self.isa, &self.spec, d, p, &self.bias, &self.multiplier, yrow) };
             return;
         }
         let s = &self.spec;
@@ -377,7 +379,7 @@ unsafe fn gemm_block(
 ) {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
-        unsafe { super::x86::gemm_block(isa, rows, outs, kp, b, bias, m, out) };
+        unsafe { x86::gemm_block(isa, rows, outs, kp, b, bias, m, out) };
         return;
     }
     let _ = isa;

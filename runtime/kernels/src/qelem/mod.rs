@@ -1,4 +1,6 @@
 //! Element-wise and data-movement INT8 kernels on NHWC uint8 tensors.
+#[cfg(target_arch = "x86_64")]
+mod x86;
 use super::Isa;
 use super::reference::QParams;
 
@@ -10,7 +12,7 @@ pub fn qadd(isa: Isa, a: &[u8], qa: QParams, b: &[u8], qb: QParams, qc: QParams,
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx512Vnni {
         // SAFETY: AVX-512 F/BW/VL are part of the detected ISA.
-        done = unsafe { super::x86::qadd_512(a, b, r_a, r_b, k, out) };
+        done = unsafe { x86::qadd_512(a, b, r_a, r_b, k, out) };
     }
     let _ = isa;
     for ((o, &av), &bv) in out.iter_mut().zip(a).zip(b).skip(done) {
@@ -40,7 +42,7 @@ pub fn quantize_slice(isa: Isa, x: &[f32], q: QParams, out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx512Vnni {
         // SAFETY: AVX-512 F/BW/VL are part of the detected ISA.
-        done = unsafe { super::x86::quantize_512(x, q.scale, q.zero, out) };
+        done = unsafe { x86::quantize_512(x, q.scale, q.zero, out) };
     }
     let _ = isa;
     for (o, &v) in out.iter_mut().zip(x).skip(done) {

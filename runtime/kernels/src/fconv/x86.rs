@@ -2,13 +2,12 @@
 #![allow(clippy::needless_range_loop)] // register tiles are indexed [row][vector] on purpose
 use std::arch::x86_64::*;
 
-use super::Isa;
-use super::unroll;
+use crate::{Isa, unroll};
 // Clamps are written `min(hi, max(lo, v))`: the vector min/max return their second operand when one is NaN, so
 // a NaN result stays NaN (as in the ONNX ops).
-use super::fconv::{FBlock, KPart};
-use super::qconv::Dw;
-use super::x86::row_tile;
+use super::{FBlock, KPart};
+use crate::qconv::Dw;
+use crate::qconv::x86::row_tile;
 
 /// # Safety
 /// See `fconv::gemm_block`; `isa` must be supported by the CPU.
@@ -346,7 +345,7 @@ unsafe fn dw_avx2(d: &Dw<f32>, wt: &[f32], cpad: usize, bias: &[f32], clamp: [f3
                         a += *d.rows[tap.0].wrapping_add(o + tap.1 + ch) * wt[t * cpad + ch];
                     }
                 }
-                yrow[ox * c + ch] = super::fconv::clampf(a, clamp);
+                yrow[ox * c + ch] = super::clampf(a, clamp);
             }
         }
     }

@@ -9,6 +9,8 @@
 //!
 //! The sums run in a different order than a reference loop (FMA, per-tile accumulation), so results differ from
 //! it by float rounding only; tests compare with a tolerance.
+#[cfg(target_arch = "x86_64")]
+mod x86;
 use super::qconv::{DIRECT_ROWS, Dw, GemmTiles, RowSource, Window};
 use super::{ConvGeometry, Isa};
 
@@ -288,7 +290,7 @@ impl FConv {
         #[cfg(target_arch = "x86_64")]
         if self.isa >= Isa::Avx2 {
             // SAFETY: the ISA was detected at construction; every row pointer addresses a full padded row.
-            unsafe { super::x86_f32::depthwise_row(self.isa, d, wt, cpad, &self.bias, s.clamp, yrow) };
+            unsafe { x86::depthwise_row(self.isa, d, wt, cpad, &self.bias, s.clamp, yrow) };
             return;
         }
         let c = d.c;
@@ -351,7 +353,7 @@ unsafe fn gemm_block(
 ) {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
-        unsafe { super::x86_f32::gemm_block(isa, rows, outs, part, b, bias, clamp, koff) };
+        unsafe { x86::gemm_block(isa, rows, outs, part, b, bias, clamp, koff) };
         return;
     }
     let _ = isa;
