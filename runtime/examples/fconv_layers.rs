@@ -1,6 +1,6 @@
 //! Times the fp32 convolution kernels on the layer shapes of EfficientNet-Lite0 and SqueezeNet, one thread,
 //! side by side (rounds alternate between layers; medians). A tool for kernel work, not a target:
-//! `cargo run --release -p edgepack-runtime --example fconv_layers [-- FILTER [RUNS]]`.
+//! `cargo run --release --example fconv_layers [-- FILTER [RUNS]]`.
 //! `EDGEPACK_ISA=avx2|avx512vnni` picks the instruction set (default: the best the CPU has);
 //! `EDGEPACK_BENCH_CACHE=warm|cold` runs each layer on warm or flushed caches.
 use std::time::Instant;

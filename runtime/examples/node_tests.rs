@@ -2,7 +2,7 @@
 //! reports pass/fail per op, for every op the backend claims.
 //!
 //! ```text
-//! cargo run --release -p edgepack-runtime --example node_tests -- NODE_DIR [--device gpu|cpu] [--md FILE] [--filter S]
+//! cargo run --release --example node_tests -- NODE_DIR [--device gpu|cpu] [--md FILE] [--filter S]
 //! EDGEPACK_CPU=interp cargo run ... -- NODE_DIR --device cpu     (the kernel interpreter's ops)
 //! ```
 //!
@@ -203,7 +203,7 @@ fn main() {
         };
         let doc = format!(
             "# ONNX node tests on the {device:?} backend\n\n\
-             Written by `cargo run --release -p edgepack-runtime --example node_tests -- NODE_DIR --device {dev} --md \
+             Written by `cargo run --release --example node_tests -- NODE_DIR --device {dev} --md \
              CONFORMANCE_GPU.md`, NODE_DIR being `onnx/backend/test/data/node` of the `onnx` pip package \
              (requirements-test.txt pins 1.20.1, the last wheels that ship it). Adapter: {adapter}.\n\n\
              A case counts for the op its base case tests (the op producing the first output; `_expanded` variants \

@@ -2,7 +2,7 @@
 //! (B / A, pairs alternate their order) with a 95 % confidence interval, then per-node times from profiles taken
 //! the same way, largest differences first. A tool for finding where a rewritten model (pruned, quantized) gains
 //! or loses, not a target:
-//! `cargo run --release -p edgepack-runtime --example pair_profile -- A.onnx B.onnx [PAIRS] [INPUT.npy]`.
+//! `cargo run --release --example pair_profile -- A.onnx B.onnx [PAIRS] [INPUT.npy]`.
 //! Without an input file the input is a fixed pseudo-random tensor in [-1, 1] (batch 1). `EDGEPACK_CPU=interp`
 //! profiles the kernel interpreter instead of tract.
 use std::collections::HashMap;
