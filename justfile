@@ -76,4 +76,4 @@ proto:
 
 # Regenerate schema/manifest.v1.schema.json from the manifest types
 schema:
-    EDGEPACK_UPDATE_SCHEMA=1 cargo test --release -p edgepack-packager manifest_schema
+    EDGEPACK_UPDATE_SCHEMA=1 cargo test --release manifest_schema

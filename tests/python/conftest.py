@@ -43,7 +43,7 @@ def shared():
 def binary():
     b = edgepack_bin()
     if not os.path.exists(b):
-        pytest.fail(f"edgepack binary not built at {b} (cargo build --release -p edgepack-cli)")
+        pytest.fail(f"edgepack binary not built at {b} (cargo build --release)")
     return b
 
 
