@@ -1,28 +1,11 @@
 //! Property tests: the QDQ lowering run by the CPU backend equals the scalar reference over random shapes,
 //! groups, strides, dilations, pads, zero points and scales; the float lowering equals the graph as written.
+use edgepack_runtime::kernels::reference::Rng;
 use edgepack_runtime::kernels::reference::{self, Conv2d};
 use edgepack_runtime::onnx::builder::*;
 use edgepack_runtime::onnx::{Dim, Model, NodeExt, node};
 use edgepack_runtime::onnx::{F32Kernels, QdqInteger, QdqKernels};
 use edgepack_runtime::{DType, Session, SessionOptions, Tensor};
-
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn range(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + (self.next() % (hi - lo + 1) as u64) as i64
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-}
 
 fn run_u8(m: &Model, input: Tensor) -> Vec<u8> {
     let s = Session::from_model(m, &SessionOptions { threads: 1, ..Default::default() }).unwrap();

@@ -1,24 +1,7 @@
 //! Property tests: every fast kernel equals the scalar reference (or a direct float loop) for every ISA the CPU
 //! has and split across threads, over random shapes, strides, dilations, pads, zero points and scales.
+use super::reference::Rng;
 use super::reference::{self, Conv2d};
-
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn range(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + (self.next() % (hi - lo + 1) as u64) as i64
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-}
 
 use super::qconv::{QConv, QConvSpec};
 use super::qelem;
