@@ -120,6 +120,16 @@ enum Command {
     },
 }
 
+/// Rust ignores SIGPIPE, so writing to a closed pipe is an error that `println!` turns into a panic; the default
+/// disposition ends the process the way Unix filters end.
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: signal(2) with a valid signal number and the default handler, before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -128,6 +138,11 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { exit::USAGE } else { 0 });
         }
     };
+    // A closed stdout pipe (`edgepack … --json | head -1`) ends a printing command quietly, as it ends cat or grep,
+    // instead of a panic in println!. The server keeps Rust's default (SIGPIPE ignored): its sockets report EPIPE.
+    if !matches!(cli.command, Command::Serve(_)) {
+        restore_sigpipe();
+    }
     let result = match cli.command {
         Command::Inspect { path, json, key } => commands::inspect(&path, json, key.as_deref()),
         Command::Run(a) => commands::run(a),

@@ -160,3 +160,16 @@ def test_eval_on_class_folders_matched_by_label_or_wnid(binary, tmp_path):
         r = json.loads(ep("eval", b, root, "--json").stdout)
         assert r["samples"] == 2
         assert r["top1"] == 1.0, r
+
+
+def test_a_closed_stdout_pipe_ends_quietly(binary):
+    """`edgepack inspect MODEL --json | head -c 10`: the reader goes away before edgepack writes. It must end as
+    Unix filters do (SIGPIPE), never with Rust's "failed printing to stdout" panic and exit 101 (issue 25, 3)."""
+    import subprocess
+    model = os.path.join(ROOT, "assets", "models", "efficientnet_lite0_fp32.onnx")
+    p = subprocess.Popen([binary, "inspect", model, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the first write
+    _, err = p.communicate(timeout=120)
+    err = err.decode()
+    assert p.returncode == -13, (p.returncode, err)  # killed by SIGPIPE, as `cat` is
+    assert "panicked" not in err and "Broken pipe" not in err, err
