@@ -36,6 +36,9 @@ def test_signed_bundle_verifies_with_the_right_key_only(signed):
     assert r.returncode == VERIFY and "wrong key" in r.stderr
     r = ep("run", b, "--key", d / "other.pub", "--raw", check=False)
     assert r.returncode == VERIFY
+    # The secret key given where the public one belongs is named as such (issue 25, 12).
+    r = ep("verify", b, "--key", d / "release.key", check=False)
+    assert r.returncode != 0 and "secret signing key" in r.stderr and ".pub" in r.stderr, r.stderr
 
 
 def test_tampered_and_truncated_bundles_are_rejected(signed, tmp_path):

@@ -210,6 +210,13 @@ impl PublicKey {
 
     /// Parses the text form `edgepack-ed25519-public <64 hex>`.
     pub fn parse(text: &str) -> Result<PublicKey, BundleError> {
+        if text.trim_start().starts_with(SECRET_KEY_PREFIX) {
+            return Err(BundleError::Key(
+                "this is the secret signing key; verifying takes the public key (the `.pub` file `edgepack keygen` \
+                 wrote beside it)"
+                    .into(),
+            ));
+        }
         PublicKey::from_bytes(&parse_key_text(text, PUBLIC_KEY_PREFIX)?)
     }
 
