@@ -42,8 +42,18 @@ pub mod session;
 pub use backend::{Backend, BackendKind, Device};
 pub use bundle::{Bundle, Manifest, OpenOptions, PublicKey};
 pub use edgepack_core::{Error, Result, no_panic};
-pub use session::{IoInfo, Session, SessionOptions};
+pub use session::{BackendInfo, IoInfo, Session, SessionOptions};
 pub use tensor::{DType, Tensor, TensorData};
 
 /// Version of this crate, recorded in bundles as `created_by`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The optional parts compiled into this build: the CPU engine ("tract", else "interp", the kernel interpreter)
+/// and "gpu" when the wgpu backend is in.
+pub fn features() -> Vec<&'static str> {
+    let mut f = vec![if cfg!(feature = "tract") { "tract" } else { "interp" }];
+    if cfg!(feature = "gpu") {
+        f.push("gpu");
+    }
+    f
+}

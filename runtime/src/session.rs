@@ -106,6 +106,22 @@ impl IoInfo {
     }
 }
 
+/// Which backend runs a session, as structured fields.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendInfo {
+    /// "cpu" or "gpu".
+    pub kind: BackendKind,
+    /// What executes the model: "tract 0.23.9", "edgepack kernel interpreter", "wgpu <adapter> / Vulkan".
+    pub engine: String,
+    /// CPU threads (resolved, never 0); absent on the GPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+    /// The one-line form, e.g. "cpu (tract 0.23.9, 2 threads)".
+    pub description: String,
+    /// Why this backend: "requested", or `--device auto`'s reason.
+    pub selection: String,
+}
+
 /// Images decoded and pre-processed into one batched input.
 #[derive(Debug, Clone)]
 pub struct ImageBatch {
@@ -368,6 +384,17 @@ impl Session {
         self.backend.describe()
     }
 
+    /// The backend as structured fields (what `--json` outputs report as `backend`).
+    pub fn backend_info(&self) -> BackendInfo {
+        BackendInfo {
+            kind: self.backend.kind(),
+            engine: self.backend.engine(),
+            threads: self.backend.threads(),
+            description: self.backend.describe(),
+            selection: self.selection.clone(),
+        }
+    }
+
     /// Why the backend was chosen: "requested" for an explicit device, else `Device::Auto`'s reason
     /// (e.g. "gpu measured 2.1x faster", "no GPU adapter: ...", "op LSTM has no GPU kernel").
     pub fn backend_selection(&self) -> &str {
@@ -483,7 +510,15 @@ impl Session {
     /// Per-op-type timings of `runs` executions on these inputs (see [`crate::backend::OpTime`]).
     pub fn profile(&self, inputs: Vec<(String, Tensor)>, runs: usize) -> Result<Vec<crate::backend::OpTime>> {
         let ordered = self.order_inputs(inputs)?;
-        no_panic("profiling the model", || self.backend.profile(ordered, runs))
+        let by_node = std::env::var("EDGEPACK_PROFILE_BY").is_ok_and(|v| v == "node");
+        Ok(no_panic("profiling the model", || self.backend.trace(ordered, runs))?.op_times(by_node))
+    }
+
+    /// Every operation of `runs` executions on these inputs, in order, with its node and times (for a trace
+    /// viewer: `edgepack bench --trace`).
+    pub fn trace(&self, inputs: Vec<(String, Tensor)>, runs: usize) -> Result<crate::backend::Timeline> {
+        let ordered = self.order_inputs(inputs)?;
+        no_panic("profiling the model", || self.backend.trace(ordered, runs))
     }
 
     /// Runs a single-input model.
@@ -548,7 +583,12 @@ impl Session {
             Some(Postprocess::Classification { output, softmax, top_k, label_offset }) => {
                 (output.as_deref(), *softmax, *top_k, *label_offset)
             }
-            Some(other) => return Err(Error::Processing(format!("this model is not a classifier ({other:?})"))),
+            Some(other) => {
+                return Err(Error::Processing(format!(
+                    "this model is not a classifier (its post-processing is {})",
+                    other.kind()
+                )));
+            }
             None => (None, process::Softmax::Auto, 5, 0),
         };
         process::classify(self.output(outs, output)?, softmax, top_k.unwrap_or(k), offset, self.labels())
@@ -583,6 +623,31 @@ impl Session {
             ),
             _ => Err(Error::Processing("this model has no detection post-processing".into())),
         }
+    }
+
+    /// Detections of a batch of images from the batch's raw outputs: the outputs are split by their leading
+    /// (batch) dim, one row per image, and each row's boxes are scaled to its own image.
+    pub fn detections_per_image(&self, outs: &[(String, Tensor)], sizes: &[(u32, u32)]) -> Result<Vec<Vec<Detection>>> {
+        if let [one] = sizes {
+            return Ok(vec![self.detections_from_outputs(outs, *one)?]);
+        }
+        let ones = vec![1; sizes.len()];
+        let rows = outs
+            .iter()
+            .map(|(name, t)| {
+                process::split_rows(t, &ones)
+                    .map_err(|e| Error::Processing(format!("output `{name}` does not hold one row per image ({e})")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| {
+                let row: Vec<(String, Tensor)> =
+                    outs.iter().zip(&rows).map(|((name, _), r)| (name.clone(), r[i].clone())).collect();
+                self.detections_from_outputs(&row, size)
+            })
+            .collect()
     }
 
     /// Detects objects in one encoded image.

@@ -38,6 +38,15 @@ pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
     /// Human-readable description, e.g. "cpu (tract 0.23.9, 2 threads)".
     fn describe(&self) -> String;
+    /// What executes the model, for structured reports: "tract 0.23.9", "edgepack kernel interpreter",
+    /// "wgpu llvmpipe (LLVM 15.0.6, 256 bits) / Vulkan".
+    fn engine(&self) -> String {
+        self.describe()
+    }
+    /// CPU threads the backend runs on (resolved: never 0); `None` where threads are not its unit (a GPU).
+    fn threads(&self) -> Option<usize> {
+        None
+    }
     /// Runs the model. `inputs` are in model input order and already validated against the declared
     /// names, dtypes and fixed dimensions. Returns outputs in model output order.
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>>;
@@ -58,13 +67,74 @@ pub trait Backend: Send + Sync {
     }
     /// Prepares execution for these concrete input shapes ahead of time (plans, shaders).
     fn prepare(&self, shapes: &[Vec<usize>]) -> Result<()>;
-    /// Runs the model `runs` times, timing each executed operation; returns totals per op type.
-    fn profile(&self, inputs: Vec<Tensor>, runs: usize) -> Result<Vec<OpTime>> {
+    /// Runs the model `runs` times, timing each executed operation in order (a [`Timeline`]).
+    fn trace(&self, inputs: Vec<Tensor>, runs: usize) -> Result<Timeline> {
         let _ = (inputs, runs);
         Err(edgepack_core::Error::Backend {
             backend: "profile",
             message: format!("{} cannot profile", self.describe()),
         })
+    }
+}
+
+/// One executed operation of a profiled run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct OpEvent {
+    /// Which run (0-based).
+    pub run: usize,
+    /// The node: the ONNX node's name (the interpreter and the GPU backend), or tract's node, named after the
+    /// ONNX node it comes from.
+    pub node: String,
+    /// The operation: the ONNX op type, or tract's optimised op (`OptMatMul`, `DepthWise`...).
+    pub op: String,
+    /// Microseconds from the start of the trace.
+    pub start_us: f64,
+    pub dur_us: f64,
+}
+
+/// The operations of profiled runs, in execution order.
+#[derive(Debug, Clone)]
+pub struct Timeline {
+    origin: std::time::Instant,
+    run: usize,
+    pub runs: usize,
+    pub events: Vec<OpEvent>,
+}
+
+impl Default for Timeline {
+    fn default() -> Self {
+        Timeline::new()
+    }
+}
+
+impl Timeline {
+    pub fn new() -> Timeline {
+        Timeline { origin: std::time::Instant::now(), run: 0, runs: 0, events: Vec::new() }
+    }
+
+    /// Records an operation that started at `start` and ends now.
+    pub fn record(&mut self, node: &str, op: &str, start: std::time::Instant) {
+        let us = |t: std::time::Instant| t.saturating_duration_since(self.origin).as_secs_f64() * 1e6;
+        let (s, e) = (us(start), us(std::time::Instant::now()));
+        self.events.push(OpEvent { run: self.run, node: node.into(), op: op.into(), start_us: s, dur_us: e - s });
+    }
+
+    /// Ends a run: later events belong to the next one.
+    pub fn end_run(&mut self) {
+        self.run += 1;
+        self.runs = self.run;
+    }
+
+    /// Time per op type (or per node with `by_node`: "op node"), mean per run, slowest first.
+    pub fn op_times(&self, by_node: bool) -> Vec<OpTime> {
+        let mut totals: std::collections::HashMap<String, (usize, std::time::Duration)> = Default::default();
+        for e in &self.events {
+            let key = if by_node { format!("{} {}", e.op, e.node) } else { e.op.clone() };
+            let t = totals.entry(key).or_default();
+            t.0 += 1;
+            t.1 += std::time::Duration::from_secs_f64(e.dur_us.max(0.0) / 1e6);
+        }
+        OpTime::from_totals(totals, self.runs.max(1))
     }
 }
 

@@ -36,7 +36,7 @@ pub enum Error {
     /// A tensor whose declared shape does not match its data.
     #[error("invalid tensor: {0}")]
     InvalidTensor(String),
-    #[error("invalid bundle: {0}")]
+    #[error("{}", bundle_message(.0))]
     Bundle(#[from] BundleError),
     #[error("image: {0}")]
     Image(String),
@@ -47,6 +47,15 @@ pub enum Error {
     /// A bug caught at the API boundary (a panic inside a dependency). Reported, never propagated as a panic.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// A bundle error as one line: "invalid bundle: ..." for the bundle's own faults; a wrong key file or variant
+/// name is the caller's, and says so without blaming the bundle.
+fn bundle_message(e: &BundleError) -> String {
+    match e {
+        BundleError::Key(_) | BundleError::NoSuchVariant { .. } => e.to_string(),
+        _ => format!("invalid bundle: {e}"),
+    }
 }
 
 impl Error {

@@ -6,6 +6,10 @@ use super::builder::{attr_int, tensor_i64};
 use super::{AttributeProto, GraphProto, Model, NodeExt, NodeProto, node};
 use crate::{Error, Result};
 
+/// The newest opset [`Model::upgrade_opset`] converts to: the conversions cover every change up to it (later
+/// opsets change Reduce*, Split, Pad and Resize again, which it does not rewrite).
+pub const MAX_UPGRADE_OPSET: i64 = 13;
+
 /// What the upgrade did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct UpgradeReport {
@@ -218,6 +222,12 @@ impl Model {
         let mut report = UpgradeReport { from, to: from.max(target), converted: vec![] };
         if from >= target {
             return Ok(report);
+        }
+        if target > MAX_UPGRADE_OPSET {
+            return Err(Error::MalformedModel(format!(
+                "upgrading to opset {target} is not supported (conversions are implemented up to opset \
+                 {MAX_UPGRADE_OPSET})"
+            )));
         }
         if from < 7 {
             return Err(Error::MalformedModel(format!("opset {from} is older than 7; upgrading it is not supported")));

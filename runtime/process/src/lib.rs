@@ -120,6 +120,16 @@ pub enum Postprocess {
     },
 }
 
+impl Postprocess {
+    /// What it does, for messages: "classification", "SSD detection".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Postprocess::Classification { .. } => "classification",
+            Postprocess::SsdDetection { .. } => "SSD detection",
+        }
+    }
+}
+
 fn default_max_detections() -> usize {
     1000
 }

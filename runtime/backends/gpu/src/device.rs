@@ -2,7 +2,7 @@
 //! its compiled pipelines and its memory pools per device).
 use std::sync::OnceLock;
 
-use burn_wgpu::{RuntimeOptions, WgpuDevice, graphics::AutoGraphicsApi, wgpu};
+use burn_wgpu::{RuntimeOptions, WgpuDevice, graphics, wgpu};
 
 /// What the adapter is and can do.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -49,9 +49,7 @@ fn init() -> std::result::Result<GpuDevice, String> {
     }
     let found = std::panic::catch_unwind(|| {
         let selector = WgpuDevice::default();
-        burn_wgpu::try_init_setup::<AutoGraphicsApi>(&selector, RuntimeOptions::default())
-            .map(|setup| (selector, setup))
-            .map_err(|e| format!("no usable GPU adapter: {e}"))
+        setup_on_native_api(&selector).map(|setup| (selector, setup))
     })
     .map_err(|p| {
         let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
@@ -67,4 +65,22 @@ fn init() -> std::result::Result<GpuDevice, String> {
         shader_f16: setup.device.features().contains(wgpu::Features::SHADER_F16),
     };
     Ok(GpuDevice { device: selector.into(), info })
+}
+
+/// Brings the device up on the platform's native compute API: Metal on Apple platforms, Vulkan elsewhere (then
+/// DX12 on Windows). Never OpenGL, which the backend does not target: wgpu's automatic choice probes it after a
+/// software-only Vulkan adapter (lavapipe), and its EGL probe prints `XDG_RUNTIME_DIR is invalid` once per display
+/// it tries on a headless machine, on every run with `--device auto`.
+fn setup_on_native_api(selector: &WgpuDevice) -> std::result::Result<burn_wgpu::WgpuSetup, String> {
+    let opts = RuntimeOptions::default;
+    let failed = |api: &str, e: burn_wgpu::WgpuInitError| format!("no usable GPU adapter ({api}): {e}");
+    #[cfg(any(target_os = "macos", target_os = "ios"))]
+    return burn_wgpu::try_init_setup::<graphics::Metal>(selector, opts()).map_err(|e| failed("Metal", e));
+    #[cfg(not(any(target_os = "macos", target_os = "ios")))]
+    {
+        let vulkan = burn_wgpu::try_init_setup::<graphics::Vulkan>(selector, opts());
+        #[cfg(windows)]
+        let vulkan = vulkan.or_else(|_| burn_wgpu::try_init_setup::<graphics::Dx12>(selector, opts()));
+        vulkan.map_err(|e| failed("Vulkan", e))
+    }
 }

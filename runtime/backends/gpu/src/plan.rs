@@ -9,7 +9,7 @@ use burn_backend::{FloatDType, TensorData as BData, TensorMetadata};
 use super::Precision;
 use super::device::{GpuDevice, device};
 use super::ops;
-use edgepack_backend::{Backend, BackendKind, HostLoader, OpTime};
+use edgepack_backend::{Backend, BackendKind, HostLoader, Timeline};
 use edgepack_core::tensor::{DType, Tensor, TensorData};
 use edgepack_core::{Error, Result};
 use edgepack_lower::QdqInteger;
@@ -554,7 +554,7 @@ impl GpuBackend {
         &self,
         inputs: Vec<Tensor>,
         keep: &[usize],
-        mut timing: Option<&mut HashMap<String, (usize, std::time::Duration)>>,
+        mut timing: Option<&mut Timeline>,
     ) -> Result<Vec<Option<Val>>> {
         let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
         let host: Vec<Option<Tensor>> =
@@ -588,9 +588,7 @@ impl GpuBackend {
                         .map_err(gpu_err)?;
                     }
                 }
-                let e = t.entry(node.op().to_string()).or_default();
-                e.0 += 1;
-                e.1 += start.elapsed();
+                t.record(node.name(), node.op(), start);
             }
             for (slot, v) in self.node_outs[ni].iter().zip(outs) {
                 if let Some(s) = slot {
@@ -631,6 +629,10 @@ impl Backend for GpuBackend {
         format!("gpu (wgpu {}, {} compute{weights})", self.gpu.info.short(), self.prec)
     }
 
+    fn engine(&self) -> String {
+        format!("wgpu {}", self.gpu.info.short())
+    }
+
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let env = self.execute(inputs, &[], None)?;
         self.outputs.iter().map(|&s| self.read(env[s].as_ref())).collect()
@@ -667,14 +669,15 @@ impl Backend for GpuBackend {
         self.plan(shapes, &vec![None; shapes.len()]).map(|_| ())
     }
 
-    fn profile(&self, inputs: Vec<Tensor>, runs: usize) -> Result<Vec<OpTime>> {
-        let mut totals = HashMap::new();
+    fn trace(&self, inputs: Vec<Tensor>, runs: usize) -> Result<Timeline> {
+        let mut timeline = Timeline::new();
         for _ in 0..runs.max(1) {
-            let env = self.execute(inputs.clone(), &[], Some(&mut totals))?;
+            let env = self.execute(inputs.clone(), &[], Some(&mut timeline))?;
             for &s in &self.outputs {
                 self.read(env[s].as_ref())?;
             }
+            timeline.end_run();
         }
-        Ok(OpTime::from_totals(totals, runs))
+        Ok(timeline)
     }
 }

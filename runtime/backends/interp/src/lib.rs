@@ -9,7 +9,7 @@
 //! `EDGEPACK_CPU=interp`. Kernel nodes run the very same code as on tract, so results agree with it.
 use std::collections::HashMap;
 
-use edgepack_backend::{Backend, BackendKind, OpTime};
+use edgepack_backend::{Backend, BackendKind, Timeline};
 use edgepack_core::tensor::{DType, Tensor, TensorData};
 use edgepack_core::{Error, Result};
 use edgepack_kernels::qelem::{self, Pool2d};
@@ -156,12 +156,7 @@ impl InterpBackend {
         }
     }
 
-    fn execute(
-        &self,
-        inputs: Vec<Tensor>,
-        wanted: &[usize],
-        mut timing: Option<&mut HashMap<String, (usize, std::time::Duration)>>,
-    ) -> Result<Vec<Tensor>> {
+    fn execute(&self, inputs: Vec<Tensor>, wanted: &[usize], mut timing: Option<&mut Timeline>) -> Result<Vec<Tensor>> {
         let mut vals: Vec<Option<Tensor>> = vec![None; self.slots];
         for (&s, t) in self.inputs.iter().zip(inputs) {
             vals[s] = Some(t);
@@ -185,9 +180,7 @@ impl InterpBackend {
                     }
                 }
                 if let Some(tm) = timing.as_deref_mut() {
-                    let e = tm.entry(s.node.op().to_string()).or_default();
-                    e.0 += 1;
-                    e.1 += t0.elapsed();
+                    tm.record(s.node.name(), s.node.op(), t0);
                 }
             }
             Ok(())
@@ -1101,6 +1094,14 @@ impl Backend for InterpBackend {
         format!("cpu (edgepack kernel interpreter, {t} thread{})", if t == 1 { "" } else { "s" })
     }
 
+    fn engine(&self) -> String {
+        "edgepack kernel interpreter".into()
+    }
+
+    fn threads(&self) -> Option<usize> {
+        Some(self.threads)
+    }
+
     fn prepare(&self, _shapes: &[Vec<usize>]) -> Result<()> {
         // Weights are packed at load; nothing depends on the input shapes.
         Ok(())
@@ -1122,13 +1123,13 @@ impl Backend for InterpBackend {
         self.execute(inputs, &slots, None)
     }
 
-    fn profile(&self, inputs: Vec<Tensor>, runs: usize) -> Result<Vec<OpTime>> {
-        let mut totals = HashMap::new();
-        let runs = runs.max(1);
-        for _ in 0..runs {
-            self.execute(inputs.clone(), &self.outputs, Some(&mut totals))?;
+    fn trace(&self, inputs: Vec<Tensor>, runs: usize) -> Result<Timeline> {
+        let mut timeline = Timeline::new();
+        for _ in 0..runs.max(1) {
+            self.execute(inputs.clone(), &self.outputs, Some(&mut timeline))?;
+            timeline.end_run();
         }
-        Ok(OpTime::from_totals(totals, runs))
+        Ok(timeline)
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::InferenceFact as Fact;
 
-use edgepack_backend::{Backend, BackendKind, OpTime};
+use edgepack_backend::{Backend, BackendKind, Timeline};
 use edgepack_core::tensor::{DType as EDType, Tensor as ETensor, TensorData};
 use edgepack_core::{Error, Result};
 use edgepack_lower::{LowerForCpu, QdqInteger};
@@ -287,6 +287,14 @@ impl Backend for CpuBackend {
         format!("cpu (tract {TRACT_VERSION}, {} thread{})", self.threads, if self.threads == 1 { "" } else { "s" })
     }
 
+    fn engine(&self) -> String {
+        format!("tract {TRACT_VERSION}")
+    }
+
+    fn threads(&self) -> Option<usize> {
+        Some(self.threads)
+    }
+
     fn extra_values(&self) -> Vec<String> {
         let nhwc = edgepack_lower::qdq_kernels::NHWC;
         self.kept.iter().filter(|v| v.ends_with(nhwc)).cloned().collect()
@@ -296,36 +304,27 @@ impl Backend for CpuBackend {
         self.plan(shapes, &[]).map(|_| ())
     }
 
-    fn profile(&self, inputs: Vec<ETensor>, runs: usize) -> Result<Vec<OpTime>> {
+    fn trace(&self, inputs: Vec<ETensor>, runs: usize) -> Result<Timeline> {
         let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
         let plan = self.plan(&shapes, &[])?;
         let values: TVec<TValue> =
             inputs.into_iter().map(|t| to_tract(t).map(|t| t.into_tvalue())).collect::<Result<_>>()?;
-        let mut totals: HashMap<String, (usize, std::time::Duration)> = HashMap::new();
-        let runs = runs.max(1);
+        let mut timeline = Timeline::new();
         let executor = self.options.executor.clone().unwrap_or_default();
-        // `EDGEPACK_PROFILE_BY=node`: one row per node instead of per op type (finding the slow layer).
-        let by_node = std::env::var("EDGEPACK_PROFILE_BY").is_ok_and(|v| v == "node");
-        for _ in 0..runs {
+        for _ in 0..runs.max(1) {
             let mut state = plan.spawn().map_err(tract_err)?;
             tract_linalg::multithread::multithread_tract_scope(executor.clone(), || {
                 state.run_plan_with_eval(values.clone(), |ctx, op_state, node, ins| {
                     let t = std::time::Instant::now();
                     let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, ins);
-                    let key = if by_node {
-                        format!("{} {}", node.op().name(), node.name)
-                    } else {
-                        node.op().name().to_string()
-                    };
-                    let e = totals.entry(key).or_default();
-                    e.0 += 1;
-                    e.1 += t.elapsed();
+                    timeline.record(&node.name, node.op().name().as_ref(), t);
                     r
                 })
             })
             .map_err(tract_err)?;
+            timeline.end_run();
         }
-        Ok(OpTime::from_totals(totals, runs))
+        Ok(timeline)
     }
 
     fn run(&self, inputs: Vec<ETensor>) -> Result<Vec<ETensor>> {
