@@ -22,7 +22,12 @@ pub enum PackError {
     Invalid(String),
     #[error("key: {0}")]
     Key(String),
+    /// The bundle's description (pre/post-processing, labels, task) does not fit its model.
+    #[error("{0}")]
+    Mismatch(String),
 }
+
+mod check;
 
 type Result<T> = std::result::Result<T, PackError>;
 
@@ -114,6 +119,7 @@ pub struct BundleBuilder {
     preprocess: Option<Preprocess>,
     postprocess: Option<Postprocess>,
     labels: Option<String>,
+    label_count: Option<usize>,
     reports: Vec<String>,
     metadata: BTreeMap<String, String>,
     members: Vec<PendingMember>,
@@ -133,6 +139,7 @@ impl BundleBuilder {
             preprocess: None,
             postprocess: None,
             labels: None,
+            label_count: None,
             reports: vec![],
             metadata: BTreeMap::new(),
             members: vec![],
@@ -210,6 +217,7 @@ impl BundleBuilder {
         let text = lines.join("\n") + "\n";
         self.add_member("labels.txt".into(), "text/plain", text.into_bytes())?;
         self.labels = Some("labels.txt".into());
+        self.label_count = Some(lines.len());
         Ok(self)
     }
 
@@ -226,6 +234,15 @@ impl BundleBuilder {
         if self.variants.is_empty() {
             return Err(PackError::Invalid("a bundle needs at least one model variant".into()));
         }
+        check::check(
+            self.task,
+            &self.inputs,
+            &self.outputs,
+            self.preprocess.as_ref(),
+            self.postprocess.as_ref(),
+            self.label_count,
+        )
+        .map_err(PackError::Mismatch)?;
         let stored: Vec<StoredMember> = self
             .members
             .iter()

@@ -8,7 +8,6 @@ fn builder() -> BundleBuilder {
     BundleBuilder::new("tiny", "1.2.3", Task::Classification)
         .description("a test bundle")
         .metadata("license", "Apache-2.0")
-        .preprocess(Preprocess::Image(ImagePreprocess::preset("tf", 2, 2).unwrap()))
         .postprocess(Postprocess::Classification { output: None, softmax: Softmax::Auto, top_k: 2, label_offset: 0 })
         .variant("fp32", tiny_classifier().to_bytes(), Precision::Fp32, &[BackendKind::Cpu, BackendKind::Gpu])
         .unwrap()
@@ -241,4 +240,42 @@ fn compressed_members_round_trip_and_are_verified() {
             .unwrap();
     let y = s.run(vec![("x".into(), edgepack_runtime::Tensor::from_f32(vec![1, 64], vec![1.0; 64]).unwrap())]).unwrap();
     assert_eq!(y[0].1.shape(), &[1, 256]);
+}
+
+#[test]
+fn a_description_that_does_not_fit_the_model_is_refused() {
+    let tiny = || {
+        BundleBuilder::new("tiny", "1", Task::Classification)
+            .variant("fp32", tiny_classifier().to_bytes(), Precision::Fp32, &[BackendKind::Cpu])
+            .unwrap()
+    };
+    let mismatch = |b: BundleBuilder| match b.build(None) {
+        Err(PackError::Mismatch(m)) => m,
+        other => panic!("expected a mismatch, got {:?}", other.map(|(m, _)| m.name)),
+    };
+    // An image pre-processing on a [N, 4] input.
+    let m = mismatch(tiny().preprocess(Preprocess::Image(ImagePreprocess::preset("tf", 2, 2).unwrap())));
+    assert!(m.contains("not an image batch"), "{m}");
+    // Labels for another model.
+    let m =
+        mismatch(tiny().labels(&["a".into(), "b".into(), "c".into(), "d".into()]).unwrap().postprocess(
+            Postprocess::Classification { output: None, softmax: Softmax::Auto, top_k: 2, label_offset: 0 },
+        ));
+    assert!(m.contains("4 labels") && m.contains("3 classes"), "{m}");
+    // A post-processing reading an output the model lacks.
+    let m = mismatch(tiny().postprocess(Postprocess::Classification {
+        output: Some("nope".into()),
+        softmax: Softmax::Auto,
+        top_k: 2,
+        label_offset: 0,
+    }));
+    assert!(m.contains("`nope`") && m.contains("y"), "{m}");
+    // What fits is written.
+    let ok = tiny().labels(&["a".into(), "b".into(), "c".into()]).unwrap().postprocess(Postprocess::Classification {
+        output: None,
+        softmax: Softmax::Auto,
+        top_k: 2,
+        label_offset: 0,
+    });
+    assert!(ok.build(None).is_ok());
 }
