@@ -33,6 +33,43 @@ pub struct Metrics {
     pub top5: Option<f64>,
 }
 
+/// Limits beyond which a compressed model has collapsed rather than degraded: more than this many points of top-1
+/// lost (labelled samples), top-1 agreement with fp32 below this %, or (models without classes) output SQNR below
+/// this many dB.
+pub const COLLAPSE_TOP1_DROP_PT: f64 = 5.0;
+pub const COLLAPSE_AGREEMENT_PCT: f64 = 90.0;
+pub const COLLAPSE_SQNR_DB: f64 = 10.0;
+
+/// A warning when `got` has collapsed against `fp32` on the same held-out samples (see the limits above), naming
+/// every figure that crossed its limit; `None` when it holds.
+pub fn collapse(fp32: &Metrics, got: &Metrics) -> Option<String> {
+    let mut why = Vec::new();
+    if let (Some(a), Some(b)) = (fp32.top1, got.top1)
+        && a - b > COLLAPSE_TOP1_DROP_PT
+    {
+        why.push(format!("top-1 {a:.1} % -> {b:.1} % (-{:.1} pt)", a - b));
+    }
+    if let Some(ag) = got.top1_agreement
+        && ag < COLLAPSE_AGREEMENT_PCT
+    {
+        why.push(format!("top-1 agreement with fp32 {ag:.1} %"));
+    }
+    // SQNR speaks for models without classes; a classifier's logits may lose SQNR while its answers hold.
+    if let Some(db) = got.output_sqnr_db
+        && (db < COLLAPSE_SQNR_DB && got.top1_agreement.is_none() || !why.is_empty())
+    {
+        why.push(format!("output SQNR {db:.1} dB"));
+    }
+    (!why.is_empty()).then(|| {
+        format!(
+            "accuracy collapsed on {} held-out samples: {} (limits: {COLLAPSE_TOP1_DROP_PT} pt top-1 drop, \
+             {COLLAPSE_AGREEMENT_PCT} % agreement, {COLLAPSE_SQNR_DB} dB); use a smaller amount or a --budget",
+            got.samples,
+            why.join(", ")
+        )
+    })
+}
+
 /// Held-out samples with their fp32 results.
 pub struct HeldOut {
     input_name: String,
@@ -350,6 +387,29 @@ pub fn median_ci95(mut v: Vec<f64>) -> (f64, (f64, f64)) {
     let lo = ((n as f64 / 2.0 - half).floor().max(0.0) as usize).min(n - 1);
     let hi = ((n as f64 / 2.0 + half).ceil() as usize).min(n - 1);
     (v[n / 2], (v[lo], v[hi]))
+}
+
+#[cfg(test)]
+mod collapse_tests {
+    use super::*;
+
+    #[test]
+    fn a_collapse_names_each_figure_past_its_limit() {
+        let m = |top1, ag, db| Metrics {
+            samples: 100,
+            output_sqnr_db: Some(db),
+            top1_agreement: Some(ag),
+            top1: Some(top1),
+            top5: None,
+        };
+        assert!(collapse(&m(91.0, 100.0, 99.0), &m(90.0, 97.0, 25.0)).is_none());
+        let w = collapse(&m(91.0, 100.0, 99.0), &m(72.0, 75.0, 3.2)).unwrap();
+        assert!(w.contains("-19.0 pt") && w.contains("75.0 %") && w.contains("3.2 dB"), "{w}");
+        // A classifier whose answers hold is not flagged for its logits' SQNR; a model without classes is.
+        assert!(collapse(&m(91.0, 100.0, 99.0), &m(90.5, 98.0, 8.0)).is_none());
+        let plain = |db| Metrics { samples: 8, output_sqnr_db: Some(db), top1_agreement: None, top1: None, top5: None };
+        assert!(collapse(&plain(99.0), &plain(8.0)).unwrap().contains("8.0 dB"));
+    }
 }
 
 #[cfg(test)]

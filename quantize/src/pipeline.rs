@@ -107,6 +107,24 @@ pub(crate) fn build_held_out<'a>(
     Ok((held, src))
 }
 
+/// Names in `exclude` that are neither a node name nor an op type of the graph the job quantizes (the model
+/// upgraded to opset 13, its unnamed nodes named as [`run`] names them), and the graph's op types (for the
+/// message).
+pub fn unknown_excludes(model: &Model, exclude: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut m = model.clone();
+    if m.upgrade_opset(13).is_err() {
+        return (vec![], vec![]); // `run` reports the upgrade failure itself
+    }
+    m.graph.name_unnamed_nodes();
+    let ops: std::collections::BTreeSet<String> = m.graph.nodes.iter().map(|n| n.op().to_string()).collect();
+    let unknown = exclude
+        .iter()
+        .filter(|x| !m.graph.nodes.iter().any(|n| n.name() == x.as_str()) && !ops.contains(x.as_str()))
+        .cloned()
+        .collect();
+    (unknown, ops.into_iter().collect())
+}
+
 /// Runs the job. Errors are bad input (data, budget that cannot be checked) or a model the CPU backend cannot run.
 pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), CalibError> {
     let t0 = Instant::now();
@@ -285,7 +303,7 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
             int8_ms: b,
             ratio: b / a,
             runs: job.latency_runs,
-            threads: job.session.threads,
+            threads: qs.backend_info().threads.unwrap_or(job.session.threads),
             backend: qs.backend_description(),
         })
     } else {

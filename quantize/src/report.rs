@@ -136,8 +136,8 @@ impl Report {
         if let Some(l) = &self.latency {
             let _ = writeln!(
                 s,
-                "  {:<22} {:>10.2} {:>10.2}   (x{:.2}, median of {}, {} thread(s), {})",
-                "CPU latency ms", l.fp32_ms, l.int8_ms, l.ratio, l.runs, l.threads, l.backend
+                "  {:<22} {:>10.2} {:>10.2}   (x{:.2}, median of {}, {})",
+                "CPU latency ms", l.fp32_ms, l.int8_ms, l.ratio, l.runs, l.backend
             );
         }
         if let Some(b) = &self.budget {
@@ -243,9 +243,8 @@ impl Report {
         if let Some(l) = &self.latency {
             let _ = write!(
                 h,
-                "<tr><td>CPU latency ms (median of {}, {} thread(s), {})</td><td>{:.2}</td><td>{:.2} (×{:.2})</td></tr>",
+                "<tr><td>CPU latency ms (median of {}, {})</td><td>{:.2}</td><td>{:.2} (×{:.2})</td></tr>",
                 l.runs,
-                l.threads,
                 esc(&l.backend),
                 l.fp32_ms,
                 l.int8_ms,

@@ -28,8 +28,10 @@ pub struct BatchReport {
     /// Items already in the `.part` file from an earlier, interrupted run.
     pub resumed: usize,
     pub done: usize,
-    /// Items whose line records an error (a corrupt image, a request that does not fit the model).
+    /// Items of this run whose line records an error (a corrupt image, a request that does not fit the model).
     pub failed: usize,
+    /// Resumed items whose line records an error.
+    pub resumed_failed: usize,
 }
 
 fn images_under(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -141,9 +143,11 @@ fn line_for(s: &Session, item: &Item, top_k: Option<usize>) -> Value {
 }
 
 /// The keys already written by an interrupted run: complete JSON lines of `part`; the file is cut after the last one.
-fn resume(part: &Path, key_field: &str) -> std::io::Result<HashSet<String>> {
-    let Ok(bytes) = std::fs::read(part) else { return Ok(HashSet::new()) };
+/// The keys already in a `.part` file (a torn last line is cut off), and which of them recorded an error.
+fn resume(part: &Path, key_field: &str) -> std::io::Result<(HashSet<String>, HashSet<String>)> {
+    let Ok(bytes) = std::fs::read(part) else { return Ok(Default::default()) };
     let mut keys = HashSet::new();
+    let mut failed = HashSet::new();
     let mut good = 0;
     for line in bytes.split_inclusive(|&b| b == b'\n') {
         if !line.ends_with(b"\n") {
@@ -153,6 +157,9 @@ fn resume(part: &Path, key_field: &str) -> std::io::Result<HashSet<String>> {
             Ok(v) => match v.get(key_field).and_then(Value::as_str) {
                 Some(k) => {
                     keys.insert(k.to_string());
+                    if v.get("error").is_some() {
+                        failed.insert(k.to_string());
+                    }
                     good += line.len();
                 }
                 None => break,
@@ -165,7 +172,7 @@ fn resume(part: &Path, key_field: &str) -> std::io::Result<HashSet<String>> {
         f.set_len(good as u64)?;
         f.sync_all()?;
     }
-    Ok(keys)
+    Ok((keys, failed))
 }
 
 /// Runs `input` through `session` into `out` (see the module docs). `progress(done, total)` after each item.
@@ -182,13 +189,14 @@ pub fn run_batch(
     let mut part = out.as_os_str().to_owned();
     part.push(".part");
     let part = PathBuf::from(part);
-    let done_keys = resume(&part, key_field)?;
-    let mut report = BatchReport { total: all.len(), resumed: 0, done: 0, failed: 0 };
+    let (done_keys, failed_keys) = resume(&part, key_field)?;
+    let mut report = BatchReport { total: all.len(), ..Default::default() };
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&part)?;
     let mut since_sync = 0;
     for (i, item) in all.iter().enumerate() {
         if done_keys.contains(item.key()) {
             report.resumed += 1;
+            report.resumed_failed += usize::from(failed_keys.contains(item.key()));
             progress(i + 1, all.len());
             continue;
         }

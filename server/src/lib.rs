@@ -565,7 +565,8 @@ async fn infer_inner(
     for (o, _) in &req.outputs {
         if !declared.contains(&o.as_str()) {
             return Err(fail(ApiError::bad_request(format!(
-                "unknown output `{o}`; the model's outputs are {declared:?}"
+                "unknown output `{o}`; the model's outputs are {}",
+                declared.join(", ")
             ))));
         }
     }

@@ -424,6 +424,9 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, report::Prune
     let ps = Session::from_model(&pruned, &job.session)?;
     on(Event::Stage("evaluate", held.len()));
     let metrics = held.evaluate(&ps, None, |d, _| on(Event::Step(d)))?;
+    if let Some(w) = fidelity::collapse(&held.fp32, &metrics) {
+        warnings.push(w);
+    }
 
     // Accuracy curve over uniform amounts.
     on(Event::Stage("curve", job.curve.len()));
@@ -465,7 +468,7 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, report::Prune
             ci_level: l.ci_level,
             replica_ratios: l.replica_ratios,
             runs: l.pairs,
-            threads: job.session.threads,
+            threads: ps.backend_info().threads.unwrap_or(job.session.threads),
             backend: ps.backend_description(),
         })
     } else {
