@@ -50,6 +50,15 @@ pruning:
     cargo build --release --workspace
     python3 scripts/pruning.py --md PRUNING.md
 
+# Shell completions (bash, zsh, fish) and man pages into $CARGO_TARGET_DIR/share (install them from there)
+completions:
+    cargo build --release
+    mkdir -p $CARGO_TARGET_DIR/share/completions
+    $CARGO_TARGET_DIR/release/edgepack completions bash > $CARGO_TARGET_DIR/share/completions/edgepack.bash
+    $CARGO_TARGET_DIR/release/edgepack completions zsh > $CARGO_TARGET_DIR/share/completions/_edgepack
+    $CARGO_TARGET_DIR/release/edgepack completions fish > $CARGO_TARGET_DIR/share/completions/edgepack.fish
+    $CARGO_TARGET_DIR/release/edgepack man --out $CARGO_TARGET_DIR/share/man/man1
+
 lint:
     cargo fmt --all -- --check
     cargo clippy --release --workspace --all-targets -- -D warnings

@@ -118,7 +118,7 @@ def imagenet(a, work, deadline):
             got[tag]["cpu"] += cpu
             got[tag]["gpu"] += gpu
             got[tag]["ms"].append(meta["latency_ms_median_per_sample"])
-            got[tag]["backend"] = meta["backend"]
+            got[tag]["backend"] = meta["backend"]["description"]
     out = []
     for c in configs:
         g = got[c[6]]

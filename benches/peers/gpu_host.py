@@ -83,7 +83,7 @@ def main():
                 r = fn()
                 rows.append({"model": label, "target": name, "batch": b, "p50_ms": r["p50_ms"],
                              "throughput_per_s": r["throughput_per_s"], "load_ms": r.get("load_ms"),
-                             "first_run_ms": r.get("first_run_ms"), "backend": r.get("backend")})
+                             "first_run_ms": r.get("first_run_ms"), "backend": (r.get("backend") or {}).get("description") if isinstance(r.get("backend"), dict) else r.get("backend")})
                 print(json.dumps(rows[-1]), flush=True)
     tp = {(r["model"], r["target"], r["batch"]): r["throughput_per_s"] for r in rows}
     opt = lambda v: "—" if v is None else f"{v:.0f}"  # noqa: E731

@@ -14,16 +14,7 @@ use crate::LoadArgs;
 use edgepack_quantize::data::Dataset;
 use edgepack_quantize::pipeline::{Event, Samples};
 
-/// A progress bar on stderr (hidden when stderr is not a terminal).
-pub fn progress(n: usize, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(n as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} [{elapsed_precise} < {eta_precise}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_message(what.to_string());
-    bar
-}
+pub use crate::output::progress;
 
 /// An error in the user's data (not in the tool): exit code 4.
 #[derive(Debug)]
@@ -36,6 +27,50 @@ impl std::fmt::Display for BadInput {
 }
 
 impl std::error::Error for BadInput {}
+
+/// A bad flag, value or combination of them (exit code 2, as clap's own usage errors).
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// `--preset` values: the named recipes of `process::PRESETS`, checked by clap (a usage error lists them).
+pub fn preset_parser() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(edgepack_runtime::process::PRESETS)
+}
+
+/// A tensor shape: comma-separated sizes, e.g. `1,3,224,224`.
+pub fn parse_shape(s: &str) -> std::result::Result<Vec<usize>, String> {
+    s.split(',')
+        .map(|d| d.trim().parse::<usize>().map_err(|_| format!("`{s}` is not a shape like 1,3,224,224")))
+        .collect()
+}
+
+/// An element type name (f32, u8, ...).
+pub fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
+    DType::parse(s)
+        .ok_or_else(|| format!("unknown dtype `{s}` (f32, f16, f64, i64, i32, i16, i8, u64, u32, u16, u8, bool)"))
+}
+
+/// The backend of a session as `--json` reports it.
+pub fn backend_json(s: &Session) -> serde_json::Value {
+    serde_json::to_value(s.backend_info()).unwrap_or_default()
+}
+
+/// Fails before a long job when an output could not be written (its folder missing or read-only).
+pub fn check_writable(paths: &[&Path]) -> Result<()> {
+    for p in paths {
+        edgepack_runtime::fsutil::check_writable(p)
+            .map_err(|e| BadInput(format!("cannot write {}: {e}", p.display())))?;
+    }
+    Ok(())
+}
 
 pub fn load_key(path: Option<&Path>) -> Result<Option<PublicKey>> {
     path.map(|p| PublicKey::load(p).with_context(|| format!("reading key {}", p.display()))).transpose()
@@ -92,7 +127,7 @@ pub fn inspect(path: &Path, json_out: bool, key: Option<&Path>) -> Result<()> {
         "inputs": io(s.inputs()),
         "outputs": io(s.outputs()),
         "model": s.model_summary(),
-        "backend": s.backend_description(),
+        "backend": backend_json(&s),
         "bundle": bundle.map(|b| json!({
             "manifest": b.manifest,
             "loaded_variant": b.variant,
@@ -101,23 +136,22 @@ pub fn inspect(path: &Path, json_out: bool, key: Option<&Path>) -> Result<()> {
         })),
     });
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&j)?);
-        return Ok(());
+        return crate::output::json(j);
     }
     let m = s.model_summary();
     println!("{}", path.display());
     if let Some(b) = bundle {
         let man = &b.manifest;
-        println!("  bundle      {} {} ({:?}), {}", man.name, man.version, man.task, man.created_by);
+        println!("  bundle      {} {} ({}), {}", man.name, man.version, man.task, man.created_by);
         for v in &man.variants {
             let mark = if v.id == b.variant { "*" } else { " " };
             println!(
-                "  variant {mark}   {:<10} {:?} {:>10} bytes  sha256 {}…  backends {:?}",
+                "  variant {mark}   {:<10} {:<5} {:>10} bytes  sha256 {}…  backends {}",
                 v.id,
                 v.precision,
                 v.size,
                 &v.sha256[..16],
-                v.preferred_backends
+                v.preferred_backends.iter().map(|b| b.as_str()).collect::<Vec<_>>().join(", ")
             );
         }
         println!("  signature   {}", signature_summary(b.signer.as_deref(), b.trusted));
@@ -148,29 +182,39 @@ pub fn inspect(path: &Path, json_out: bool, key: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
+/// A tensor shape given on the command line (`1,3,224,224`).
+#[derive(Clone, Debug)]
+pub struct Shape(pub Vec<usize>);
+
+pub fn shape_arg(s: &str) -> std::result::Result<Shape, String> {
+    parse_shape(s).map(Shape)
+}
+
 #[derive(Args)]
 pub struct RunArgs {
     /// Model (.onnx) or bundle (.edgepack)
     model: PathBuf,
-    /// Input files: images (JPEG/PNG), .npy arrays, or raw little-endian data (with --shape and --dtype)
+    /// Input files: images (JPEG/PNG; several make one result each), .npy arrays, or raw little-endian data
+    /// (with --shape and --dtype)
     inputs: Vec<PathBuf>,
     /// Named input: NAME=FILE (for models with several inputs)
     #[arg(long = "input", value_name = "NAME=FILE")]
     named: Vec<String>,
-    /// Pre-processing preset for images fed to a bare .onnx model (tf, caffe_bgr, imagenet, raw255, mnist, ultraface)
-    #[arg(long)]
+    /// Pre-processing preset for images fed to a bare .onnx model
+    #[arg(long, value_parser = preset_parser())]
     preset: Option<String>,
     /// Shape of raw inputs, e.g. 1,3,224,224
-    #[arg(long)]
-    shape: Option<String>,
+    #[arg(long, value_parser = shape_arg)]
+    shape: Option<Shape>,
     /// Element type of raw inputs (f32, f16, f64, i64, i32, i16, i8, u64, u32, u16, u8, bool)
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    dtype: DType,
     /// Labels file (one per line) for a bare .onnx classifier
     #[arg(long)]
     labels: Option<PathBuf>,
-    #[arg(long)]
-    top_k: Option<usize>,
+    /// Classes printed per input for a classifier (default: the bundle's, else 5)
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    top_k: Option<u32>,
     /// Print output tensors instead of the bundle's post-processing
     #[arg(long)]
     raw: bool,
@@ -183,6 +227,7 @@ pub struct RunArgs {
     /// Also write each (pre-processed) input tensor as <DIR>/input_<name>.npy
     #[arg(long)]
     save_inputs: Option<PathBuf>,
+    /// Print a JSON document: one entry of `results` per input, with its path
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -196,18 +241,15 @@ fn is_image(p: &Path) -> bool {
     )
 }
 
-fn read_tensor(path: &Path, shape: Option<&str>, dtype: &str) -> Result<Tensor> {
+fn read_tensor(path: &Path, shape: Option<&Shape>, dtype: DType) -> Result<Tensor> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     if path.extension().is_some_and(|e| e == "npy") {
         return npy::read(&bytes).with_context(|| format!("{}", path.display()));
     }
-    let shape = shape.ok_or_else(|| BadInput(format!("{}: raw input needs --shape", path.display())))?;
-    let shape: Vec<usize> = shape
-        .split(',')
-        .map(|d| d.trim().parse().map_err(|_| BadInput(format!("bad --shape `{shape}`"))))
-        .collect::<Result<_, _>>()?;
-    let dt = DType::parse(dtype).ok_or_else(|| BadInput(format!("unknown dtype `{dtype}`")))?;
-    Ok(Tensor::from_le_bytes(dt, shape, &bytes)?)
+    let shape = shape.ok_or_else(|| {
+        Usage(format!("{}: a raw input needs --shape (and --dtype); .npy files carry their own", path.display()))
+    })?;
+    Ok(Tensor::from_le_bytes(dtype, shape.0.clone(), &bytes)?)
 }
 
 /// Writes each named tensor as `<dir>/<prefix><name>.npy` (atomically).
@@ -232,6 +274,7 @@ fn tensor_json(name: &str, t: &Tensor) -> serde_json::Value {
 
 pub fn run(a: RunArgs) -> Result<()> {
     let s = open_session(&a.model, &a.load)?;
+    crate::output::note(format!("backend {} ({})", s.backend_description(), s.backend_selection()));
     let pre = image_preprocess(&s, a.preset.as_deref())?;
     let labels = match &a.labels {
         Some(p) => Some(read_labels(p)?),
@@ -242,10 +285,9 @@ pub fn run(a: RunArgs) -> Result<()> {
     let mut sizes = Vec::new();
     if !images.is_empty() {
         if images.len() != a.inputs.len() {
-            bail!(BadInput("mix of images and tensor files; use --input NAME=FILE for tensors".into()));
+            bail!(Usage("a mix of images and tensor files; give tensors with --input NAME=FILE".into()));
         }
-        let p =
-            pre.clone().ok_or_else(|| BadInput("images need pre-processing: pass --preset or run a bundle".into()))?;
+        let p = pre.clone().ok_or_else(|| Usage("images need pre-processing: pass --preset or run a bundle".into()))?;
         let bytes = images
             .iter()
             .map(|img| std::fs::read(img).with_context(|| format!("reading {}", img.display())))
@@ -257,24 +299,32 @@ pub fn run(a: RunArgs) -> Result<()> {
     } else {
         match (a.inputs.as_slice(), s.inputs()) {
             ([], _) => {}
-            ([one], [only]) => feeds.push((only.name.clone(), read_tensor(one, a.shape.as_deref(), &a.dtype)?)),
-            _ => bail!(BadInput("several inputs: name them with --input NAME=FILE".into())),
+            ([one], [only]) => feeds.push((only.name.clone(), read_tensor(one, a.shape.as_ref(), a.dtype)?)),
+            ([_], _) => bail!(Usage(format!(
+                "the model has {} inputs: name each with --input NAME=FILE ({})",
+                s.inputs().len(),
+                s.inputs().iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+            ))),
+            _ => bail!(Usage(
+                "several tensor files: name each with --input NAME=FILE (several images make a batch; several \
+                 tensors do not)"
+                    .into()
+            )),
         }
     }
     for n in &a.named {
-        let (name, file) =
-            n.split_once('=').ok_or_else(|| BadInput(format!("--input expects NAME=FILE, got `{n}`")))?;
+        let (name, file) = n.split_once('=').ok_or_else(|| Usage(format!("--input expects NAME=FILE, got `{n}`")))?;
         let file = Path::new(file);
         let t = if is_image(file) {
-            let p = pre.clone().ok_or_else(|| BadInput("images need pre-processing: pass --preset".into()))?;
+            let p = pre.clone().ok_or_else(|| Usage("images need pre-processing: pass --preset".into()))?;
             p.apply_encoded(&std::fs::read(file).with_context(|| format!("reading {}", file.display()))?)?
         } else {
-            read_tensor(file, a.shape.as_deref(), &a.dtype)?
+            read_tensor(file, a.shape.as_ref(), a.dtype)?
         };
         feeds.push((name.to_string(), t));
     }
     if feeds.is_empty() {
-        bail!(BadInput("no input given".into()));
+        bail!(Usage("no input given: pass image, .npy or raw files, or --input NAME=FILE".into()));
     }
     if let Some(dir) = &a.save_inputs {
         save_npy_dir(dir, "input_", &feeds)?;
@@ -297,23 +347,35 @@ pub fn run(a: RunArgs) -> Result<()> {
     let backend = s.backend_description();
     let raw = a.raw || !a.values.is_empty();
     let detector = matches!(s.postprocess(), Some(Postprocess::SsdDetection { .. }));
+    let top_k = a.top_k.map(|k| k as usize);
     let classifier = !raw
         && !detector
         && (!images.is_empty()
-            || a.top_k.is_some()
+            || top_k.is_some()
             || matches!(s.postprocess(), Some(Postprocess::Classification { .. })));
+    let name_of = |i: usize| images.get(i).map(|p| p.display().to_string());
+    let head = json!({"backend": backend_json(&s), "latency_ms": ms});
+    let with = |mut v: serde_json::Value, extra: serde_json::Value| {
+        if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
+            o.extend(e);
+        }
+        v
+    };
     if !raw && detector && !sizes.is_empty() {
-        let dets = s.detections_from_outputs(&outs, sizes[0])?;
+        // One list of detections per image, each scaled to its own image.
+        let per_image = s.detections_per_image(&outs, &sizes)?;
         if a.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(
-                    &json!({"backend": backend, "backend_selection": s.backend_selection(), "latency_ms": ms, "detections": dets})
-                )?
-            );
-        } else {
-            println!("{} detections ({backend}, {ms:.1} ms)", dets.len());
-            for d in &dets {
+            let results: Vec<_> = per_image
+                .iter()
+                .enumerate()
+                .map(|(i, d)| json!({"input": name_of(i), "image_size": [sizes[i].0, sizes[i].1], "detections": d}))
+                .collect();
+            return crate::output::json(with(head, json!({"results": results})));
+        }
+        for (i, dets) in per_image.iter().enumerate() {
+            let name = name_of(i).unwrap_or_default();
+            println!("{name}: {} detections ({backend}, {ms:.1} ms for {} image(s))", dets.len(), sizes.len());
+            for d in dets {
                 println!(
                     "  {:.3}  [{:.0}, {:.0}, {:.0}, {:.0}] {}",
                     d.score,
@@ -326,52 +388,47 @@ pub fn run(a: RunArgs) -> Result<()> {
             }
         }
     } else if classifier {
-        let mut rows = s.classify_outputs(&outs, a.top_k)?;
+        let mut rows = s.classify_outputs(&outs, top_k)?;
         if let Some(l) = &labels {
             for r in rows.iter_mut().flatten() {
                 r.label = l.get(r.class_index).map(|x| process::display_label(x).to_string());
             }
         }
         if a.json {
-            let names: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(
-                    &json!({"backend": backend, "backend_selection": s.backend_selection(), "latency_ms": ms, "inputs": names, "top_k": rows})
-                )?
-            );
-        } else {
-            for (i, r) in rows.iter().enumerate() {
-                let name = images.get(i).map(|p| p.display().to_string()).unwrap_or_else(|| format!("row {i}"));
-                println!("{name}  ({backend}, {ms:.1} ms for the batch)");
-                for c in r {
-                    println!("  {:>7.4}  {:>4}  {}", c.score, c.class_index, c.label.as_deref().unwrap_or(""));
-                }
+            let results: Vec<_> =
+                rows.iter().enumerate().map(|(i, r)| json!({"input": name_of(i), "top_k": r})).collect();
+            return crate::output::json(with(head, json!({"results": results})));
+        }
+        for (i, r) in rows.iter().enumerate() {
+            let name = name_of(i).unwrap_or_else(|| format!("row {i}"));
+            println!("{name}  ({backend}, {ms:.1} ms for the batch)");
+            for c in r {
+                println!("  {:>7.4}  {:>4}  {}", c.score, c.class_index, c.label.as_deref().unwrap_or(""));
             }
         }
     } else if a.json {
         let v: Vec<_> = outs.iter().map(|(n, t)| tensor_json(n, t)).collect();
-        println!(
-            "{}",
-            serde_json::to_string(
-                &json!({"backend": backend, "backend_selection": s.backend_selection(), "latency_ms": ms, "outputs": v})
-            )?
-        );
+        let inputs: Vec<String> = a.inputs.iter().map(|p| p.display().to_string()).collect();
+        return crate::output::json_line(with(head, json!({"inputs": inputs, "outputs": v})));
     } else {
         println!("{backend}, {ms:.1} ms");
         for (n, t) in &outs {
             let v = t.to_f32_vec();
             let head: Vec<String> = v.iter().take(8).map(|x| format!("{x:.5}")).collect();
             println!(
-                "  {n} {} {:?}  [{}{}]",
+                "  {n} {} {}  [{}{}]",
                 t.dtype(),
-                t.shape(),
+                fmt_shape(t.shape()),
                 head.join(", "),
                 if v.len() > 8 { ", …" } else { "" }
             );
         }
     }
     Ok(())
+}
+
+fn fmt_shape(s: &[usize]) -> String {
+    format!("[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
 }
 
 #[derive(Args)]
@@ -384,20 +441,21 @@ pub struct EvalArgs {
     #[arg(long)]
     idx_labels: Option<PathBuf>,
     /// Pre-processing preset for a bare .onnx model
-    #[arg(long)]
+    #[arg(long, value_parser = preset_parser())]
     preset: Option<String>,
     /// Evaluate at most N samples
-    #[arg(long)]
-    limit: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    limit: Option<u64>,
     /// Skip the first N samples (e.g. to hold out calibration images)
     #[arg(long, default_value_t = 0)]
     skip: usize,
-    /// Images per inference call (the model must accept a batch dimension)
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
+    /// Images per inference call (the model must take a batch: a symbolic leading dim, or --free-batch)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    batch: u32,
     /// Write per-sample top-5 predictions as CSV
     #[arg(long)]
     predictions: Option<PathBuf>,
+    /// Print a JSON document instead of text
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -406,16 +464,27 @@ pub struct EvalArgs {
 
 pub fn eval(a: EvalArgs) -> Result<()> {
     let s = open_session(&a.model, &a.load)?;
+    let batch = a.batch as usize;
+    if batch > 1 && !s.accepts_batch() {
+        let shape = s.inputs().first().map(|i| i.shape_string()).unwrap_or_default();
+        bail!(Usage(format!(
+            "--batch {batch}: the model's input {shape} has a batch dim fixed at 1; add --free-batch to free it (as \
+             serve does), or use --batch 1"
+        )));
+    }
+    if let Some(p) = &a.predictions {
+        check_writable(&[p])?;
+    }
     // Images need pre-processing (--preset or the bundle's); .npy samples are fed as they are.
     let pre = image_preprocess(&s, a.preset.as_deref())?;
     let data = Dataset::labelled(&a.data, a.idx_labels.as_deref(), s.labels())?;
     let total = data.len();
-    let end = a.limit.map(|l| (a.skip + l).min(total)).unwrap_or(total);
+    let end = a.limit.map(|l| (a.skip + l as usize).min(total)).unwrap_or(total);
     if a.skip >= end {
         bail!(BadInput(format!("no samples to evaluate ({total} in the dataset, skip {})", a.skip)));
     }
     let bar = progress(end - a.skip, "eval");
-    let e = edgepack_quantize::eval::evaluate(&s, &data, pre.as_ref(), a.skip..end, a.batch, |done| {
+    let e = edgepack_quantize::eval::evaluate(&s, &data, pre.as_ref(), a.skip..end, batch, |done| {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
@@ -434,11 +503,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let res = json!({
         "model": a.model, "data": a.data, "samples": n, "skip": a.skip,
         "top1": fraction(e.tally.top1), "top5": fraction(e.tally.top5),
-        "latency_ms_median_per_sample": median, "backend": s.backend_description(),
+        "latency_ms_median_per_sample": median, "backend": backend_json(&s),
         "variant": s.bundle().map(|b| b.variant.clone()),
     });
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&res)?);
+        crate::output::json(res)?;
     } else {
         println!(
             "{} samples: top-1 {:.2} %, top-5 {:.2} %  (median {:.2} ms/sample, {})",
@@ -459,20 +528,23 @@ pub struct PackArgs {
     /// Id and precision of the first variant: ID[:PRECISION] (e.g. pruned-int8:int8)
     #[arg(long, default_value = "fp32:fp32")]
     main: String,
+    /// The bundle to write (atomically)
     #[arg(short, long)]
     out: PathBuf,
     /// Bundle name (default: the model file's stem)
     #[arg(long)]
     name: Option<String>,
+    /// Version of the bundle (the model's release, recorded in the manifest), e.g. 2.1.0
     #[arg(long, default_value = "1.0.0")]
-    version: String,
+    bundle_version: String,
+    /// One-line description stored in the manifest
     #[arg(long)]
     description: Option<String>,
-    /// classification, detection or custom
-    #[arg(long, default_value = "classification")]
+    /// What the model does: its default post-processing (checked against the model's outputs)
+    #[arg(long, default_value = "classification", value_parser = ["classification", "detection", "custom"])]
     task: String,
-    /// Image pre-processing preset (tf, caffe_bgr, imagenet, raw255, mnist, ultraface)
-    #[arg(long)]
+    /// Image pre-processing preset, sized from the model's input (checked against its channels and layout)
+    #[arg(long, value_parser = preset_parser())]
     preset: Option<String>,
     /// Image pre-processing as JSON (see schema/manifest.v1.schema.json), instead of --preset
     #[arg(long)]
@@ -480,11 +552,12 @@ pub struct PackArgs {
     /// Post-processing as JSON, instead of the task's default
     #[arg(long)]
     postprocess_json: Option<String>,
-    /// Labels: one per line (class index = line number)
+    /// Labels: one per line (class index = line number; as many as the model has classes)
     #[arg(long)]
     labels: Option<PathBuf>,
-    #[arg(long, default_value_t = 5)]
-    top_k: usize,
+    /// Classification: classes reported per input
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    top_k: u32,
     /// Detection: score threshold
     #[arg(long, default_value_t = 0.7)]
     score_threshold: f32,
@@ -505,8 +578,9 @@ pub struct PackArgs {
     sign: Option<PathBuf>,
     /// Member storage: none, or zstd (each member stored compressed when that makes it smaller; pruned weights
     /// shrink the most; the runtime decompresses at load)
-    #[arg(long, default_value = "none")]
+    #[arg(long, default_value = "none", value_parser = ["none", "zstd"])]
     compress: String,
+    /// Print a JSON document instead of text
     #[arg(long)]
     json: bool,
 }
@@ -517,34 +591,40 @@ fn parse_precision(s: &str) -> Result<Precision> {
         "fp16" => Precision::Fp16,
         "int8" => Precision::Int8,
         "mixed" => Precision::Mixed,
-        _ => bail!(BadInput(format!("unknown precision `{s}`"))),
+        _ => bail!(Usage(format!("unknown precision `{s}` (fp32, fp16, int8, mixed)"))),
     })
 }
 
 pub fn pack(a: PackArgs) -> Result<()> {
     let t0 = Instant::now();
+    check_writable(&[&a.out])?;
     let bytes = std::fs::read(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
+    if edgepack_runtime::session::is_bundle(&bytes) {
+        bail!(Usage(format!(
+            "{} is an .edgepack bundle, not an ONNX model: pack takes the .onnx file (see the bundle with \
+             `edgepack inspect`)",
+            a.model.display()
+        )));
+    }
     let model = edgepack_runtime::onnx::Model::from_bytes(&bytes).with_context(|| format!("{}", a.model.display()))?;
     let task = match a.task.as_str() {
-        "classification" => Task::Classification,
         "detection" => Task::Detection,
         "custom" => Task::Custom,
-        t => bail!(BadInput(format!("unknown task `{t}`"))),
+        _ => Task::Classification,
     };
     let name = a
         .name
         .clone()
         .unwrap_or_else(|| a.model.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or("model".into()));
-    let mut b = BundleBuilder::new(&name, &a.version, task).compression(match a.compress.as_str() {
-        "none" => edgepack_packager::Compression::None,
+    let mut b = BundleBuilder::new(&name, &a.bundle_version, task).compression(match a.compress.as_str() {
         "zstd" => edgepack_packager::Compression::Zstd,
-        c => bail!(BadInput(format!("unknown --compress `{c}` (none, zstd)"))),
+        _ => edgepack_packager::Compression::None,
     });
     if let Some(d) = &a.description {
         b = b.description(d);
     }
     for kv in &a.meta {
-        let (k, v) = kv.split_once('=').ok_or_else(|| BadInput(format!("--meta expects KEY=VALUE, got `{kv}`")))?;
+        let (k, v) = kv.split_once('=').ok_or_else(|| Usage(format!("--meta expects KEY=VALUE, got `{kv}`")))?;
         b = b.metadata(k, v);
     }
     let (main_id, main_prec) = match a.main.split_once(':') {
@@ -554,7 +634,7 @@ pub fn pack(a: PackArgs) -> Result<()> {
     b = b.variant(main_id, bytes, main_prec, &[BackendKind::Cpu, BackendKind::Gpu])?;
     for v in &a.variants {
         let (id, rest) =
-            v.split_once('=').ok_or_else(|| BadInput(format!("--variant expects ID=PATH[:PRECISION], got `{v}`")))?;
+            v.split_once('=').ok_or_else(|| Usage(format!("--variant expects ID=PATH[:PRECISION], got `{v}`")))?;
         let (path, prec) = match rest.rsplit_once(':') {
             Some((p, pr)) if ["fp32", "fp16", "int8", "mixed"].contains(&pr) => (p, parse_precision(pr)?),
             _ => (rest, Precision::Int8),
@@ -564,28 +644,29 @@ pub fn pack(a: PackArgs) -> Result<()> {
     }
     // Pre-processing: explicit JSON, or a preset sized from the model's first input.
     let pre = if let Some(j) = &a.preprocess_json {
-        Some(Preprocess::Image(serde_json::from_str(j).context("--preprocess-json")?))
+        Some(Preprocess::Image(serde_json::from_str(j).map_err(|e| Usage(format!("--preprocess-json: {e}")))?))
     } else if let Some(p) = &a.preset {
         let (inputs, _) = edgepack_runtime::session::model_io(&model);
-        Some(Preprocess::Image(inputs.first().context("the model has no input")?.image_preset(p)?))
+        let input = inputs.first().context("the model has no input")?;
+        Some(Preprocess::Image(input.image_preset(p).map_err(|e| Usage(format!("--preset {p}: {e}")))?))
     } else {
         None
     };
     if let Some(Preprocess::Image(p)) = &pre {
-        p.validate()?;
+        p.validate().map_err(|e| Usage(format!("--preprocess-json: {e}")))?;
     }
     if let Some(p) = pre {
         b = b.preprocess(p);
     }
     let outputs: Vec<String> = model.graph.outputs.iter().filter_map(|o| o.name.clone()).collect();
     let post = if let Some(j) = &a.postprocess_json {
-        Some(serde_json::from_str(j).context("--postprocess-json")?)
+        Some(serde_json::from_str(j).map_err(|e| Usage(format!("--postprocess-json: {e}")))?)
     } else {
         match task {
             Task::Classification => Some(Postprocess::Classification {
                 output: None,
                 softmax: Softmax::Auto,
-                top_k: a.top_k,
+                top_k: a.top_k as usize,
                 label_offset: 0,
             }),
             Task::Detection => {
@@ -599,9 +680,11 @@ pub fn pack(a: PackArgs) -> Result<()> {
                         iou_threshold: a.iou_threshold,
                         max_detections: 1000,
                     }),
-                    _ => bail!(BadInput(
-                        "detection needs outputs named like `scores` and `boxes`, or --postprocess-json".into()
-                    )),
+                    _ => bail!(Usage(format!(
+                        "--task detection needs outputs named like `scores` and `boxes` (the model's: {}); describe \
+                         them with --postprocess-json, or pack with --task custom",
+                        outputs.join(", ")
+                    ))),
                 }
             }
             Task::Custom => None,
@@ -628,12 +711,9 @@ pub fn pack(a: PackArgs) -> Result<()> {
     let manifest = b.write(&a.out, key.as_ref())?;
     let size = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &json!({"bundle": a.out, "size": size, "signed_by": key.map(|k| k.public().key_id()), "manifest": manifest})
-            )?
-        );
+        crate::output::json(
+            json!({"bundle": a.out, "size": size, "signed_by": key.map(|k| k.public().key_id()), "manifest": manifest}),
+        )?;
     } else {
         println!(
             "packed {} ({} bytes, {} variant(s), {}) in {:.0} ms",
@@ -660,12 +740,8 @@ pub fn verify(path: &Path, key: Option<&Path>, json_out: bool) -> Result<()> {
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     let signer = b.signer().map(|k| k.key_id());
     if json_out {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &json!({"bundle": path, "ok": true, "members": b.manifest().members.len(), "signed_by": signer, "trusted": b.is_trusted()})
-            )?
-        );
+        crate::output::json(json!({"bundle": path, "verified": true, "members": b.manifest().members.len(),
+            "signed_by": signer, "trusted": b.is_trusted(), "ms": ms}))?;
     } else {
         let sig = signature_summary(signer.as_deref(), b.is_trusted());
         println!("OK {}: {} members verified, {sig} ({ms:.0} ms)", path.display(), b.manifest().members.len());
@@ -691,6 +767,22 @@ pub fn rewrite(
     let mut model =
         edgepack_runtime::onnx::Model::from_bytes(&bytes).with_context(|| format!("{}", input.display()))?;
     if let Some(v) = opset {
+        use edgepack_runtime::onnx::upgrade::MAX_UPGRADE_OPSET;
+        let from = model.opset("").unwrap_or(0);
+        if v < from {
+            bail!(Usage(format!(
+                "{} is at opset {from}; --opset {v} would downgrade it, which rewrite does not do",
+                input.display()
+            )));
+        }
+        if v > MAX_UPGRADE_OPSET {
+            bail!(Usage(format!(
+                "--opset {v}: upgrades are implemented up to opset {MAX_UPGRADE_OPSET} (the model is at {from})"
+            )));
+        }
+        if v == from {
+            crate::output::warn(format!("{} is at opset {from} already; --opset {v} changes nothing", input.display()));
+        }
         let r = model.upgrade_opset(v)?;
         for (node, what) in &r.converted {
             println!("  opset {} → {}: {node}: {what}", r.from, r.to);
@@ -727,8 +819,8 @@ pub struct QuantizeArgs {
     #[arg(long)]
     idx_labels: Option<PathBuf>,
     /// Use at most this many calibration samples (the first ones, in sorted order)
-    #[arg(long, default_value_t = 200)]
-    calib_limit: usize,
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    calib_limit: u32,
     /// Held-out samples for the budget and the fidelity report: the next N samples after the calibration ones
     /// (or the first N of --eval)
     #[arg(long, default_value_t = 200)]
@@ -737,11 +829,12 @@ pub struct QuantizeArgs {
     #[arg(long)]
     eval: Option<PathBuf>,
     /// Pre-processing preset for a bare .onnx model fed with images
-    #[arg(long)]
+    #[arg(long, value_parser = preset_parser())]
     preset: Option<String>,
     /// Range estimation: minmax, percentile (with --percentile), entropy or mse
-    #[arg(long, default_value = "minmax")]
+    #[arg(long, default_value = "minmax", value_parser = ["minmax", "percentile", "entropy", "mse"])]
     method: String,
+    /// With --method percentile: the percentile of |activation| kept in range (e.g. 99.99)
     #[arg(long, default_value_t = 99.99)]
     percentile: f64,
     /// Accuracy budget on the held-out samples: top1-drop=PT, agreement=PCT or sqnr=DB. When the all-INT8 model
@@ -778,18 +871,31 @@ pub struct QuantizeArgs {
     /// Print every layer in the terminal table (default: fp32 layers and the 10 lowest-SQNR int8 layers)
     #[arg(long)]
     all_layers: bool,
+    /// Exit with code 1 when the result misses its --budget
+    #[arg(long)]
+    strict: bool,
+    /// Print a JSON document instead of text
     #[arg(long)]
     json: bool,
     #[command(flatten)]
     load: LoadArgs,
 }
 
-/// Fails before a long job when the output's folder does not exist.
-pub fn check_out_dir(out: &Path) -> Result<()> {
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
-        bail!(BadInput(format!("output folder {} does not exist", dir.display())));
-    }
-    Ok(())
+/// The files a job writes: the model, its JSON report (default: OUT + `suffix`) and the HTML page beside it.
+pub fn job_outputs(out: &Path, report: Option<&Path>, suffix: &str) -> (PathBuf, PathBuf) {
+    let report_path = report.map(Path::to_path_buf).unwrap_or_else(|| {
+        let mut p = out.to_path_buf().into_os_string();
+        p.push(suffix);
+        PathBuf::from(p)
+    });
+    let html = report_path.with_extension("html");
+    (report_path, html)
+}
+
+/// Fails before a long job when any of its outputs could not be written.
+pub fn check_job_outputs(out: &Path, report: Option<&Path>, suffix: &str) -> Result<()> {
+    let (json, html) = job_outputs(out, report, suffix);
+    check_writable(&[out, &json, &html])
 }
 
 /// One read and one verification of a model or bundle: the session (its pre-processing) and the ONNX graph of the
@@ -883,8 +989,8 @@ pub fn with_progress<T>(job: impl FnOnce(&mut dyn FnMut(Event)) -> T) -> T {
     out
 }
 
-/// Writes a job's model and its report atomically: the JSON at `report` (default: OUT + `suffix`) and the HTML
-/// beside it. Returns (JSON path, HTML path).
+/// Writes a job's model, its JSON report and the HTML page as one atomic group: all three appear, or none (an
+/// error or Ctrl-C while writing leaves nothing behind). Returns (JSON path, HTML path).
 pub fn write_model_and_report(
     out: &Path,
     model: &[u8],
@@ -893,41 +999,60 @@ pub fn write_model_and_report(
     json_text: &str,
     html: &str,
 ) -> Result<(PathBuf, PathBuf)> {
-    let report_path = report.map(Path::to_path_buf).unwrap_or_else(|| {
-        let mut p = out.to_path_buf().into_os_string();
-        p.push(suffix);
-        PathBuf::from(p)
-    });
-    let html_path = report_path.with_extension("html");
-    for (path, bytes) in
-        [(out, model), (report_path.as_path(), json_text.as_bytes()), (html_path.as_path(), html.as_bytes())]
-    {
-        edgepack_runtime::fsutil::write_atomic(path, bytes).with_context(|| format!("writing {}", path.display()))?;
-    }
+    let (report_path, html_path) = job_outputs(out, report, suffix);
+    edgepack_runtime::fsutil::write_atomic_all(&[
+        (out, model),
+        (report_path.as_path(), json_text.as_bytes()),
+        (html_path.as_path(), html.as_bytes()),
+    ])
+    .with_context(|| format!("writing {}, {} and {}", out.display(), report_path.display(), html_path.display()))?;
     Ok((report_path, html_path))
+}
+
+/// Names given to `--exclude` must be a node name or an op type of the model.
+fn check_excludes(model: &edgepack_runtime::onnx::Model, exclude: &[String]) -> Result<()> {
+    let (unknown, ops) = edgepack_quantize::pipeline::unknown_excludes(model, exclude);
+    if let Some(x) = unknown.first() {
+        bail!(Usage(format!(
+            "--exclude {x}: no node or op type of that name in the model (its op types: {}; node names are in the \
+             report of a run without --exclude)",
+            ops.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
     use edgepack_quantize::{calib, pipeline, qdq};
-    check_out_dir(&a.out)?;
-    let opts = session_options(&a.load)?;
-    let (s, model, fp32_bytes) = open_with_graph(&a.model, &opts)?;
     let method = match a.method.as_str() {
-        "minmax" => calib::Method::MinMax,
+        "percentile" if !(a.percentile > 0.0 && a.percentile <= 100.0) => {
+            bail!(Usage(format!("--percentile {} must be within (0, 100]", a.percentile)))
+        }
         "percentile" => calib::Method::Percentile(a.percentile),
         "mse" => calib::Method::Mse,
         "entropy" => calib::Method::Entropy,
-        m => bail!(BadInput(format!("unknown method `{m}` (minmax, percentile, entropy, mse)"))),
+        _ => calib::Method::MinMax,
     };
     let budget = match &a.budget {
-        Some(b) => Some(b.parse::<edgepack_quantize::mixed::Budget>().map_err(BadInput)?),
+        Some(b) => Some(b.parse::<edgepack_quantize::mixed::Budget>().map_err(|e| Usage(format!("--budget: {e}")))?),
         None => None,
     };
     if !(0.0..=1.0).contains(&a.max_float_fraction) {
-        bail!(BadInput("--max-float-fraction must be within 0..1".into()));
+        bail!(Usage("--max-float-fraction must be within 0..1".into()));
     }
+    check_job_outputs(&a.out, a.report.as_deref(), ".report.json")?;
+    let opts = session_options(&a.load)?;
+    let (s, model, fp32_bytes) = open_with_graph(&a.model, &opts)?;
+    check_excludes(&model, &a.exclude)?;
     let pre = image_preprocess(&s, a.preset.as_deref())?;
-    let sets = SampleSets::open(&a.calib, a.idx_labels.as_deref(), a.calib_limit, a.eval.as_deref(), a.holdout, false)?;
+    let sets = SampleSets::open(
+        &a.calib,
+        a.idx_labels.as_deref(),
+        a.calib_limit as usize,
+        a.eval.as_deref(),
+        a.holdout,
+        false,
+    )?;
     let job = pipeline::Job {
         model: &model,
         model_name: a.model.display().to_string(),
@@ -959,12 +1084,9 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         &report.html(),
     )?;
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &json!({"out": a.out, "report_json": report_path, "report_html": html_path, "report": report})
-            )?
-        );
+        crate::output::json(
+            json!({"out": a.out, "report_json": report_path, "report_html": html_path, "report": report}),
+        )?;
     } else {
         print!("{}", report.table(a.all_layers));
         println!(
@@ -979,7 +1101,11 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     if let Some(b) = &report.budget
         && !b.met
     {
-        eprintln!("warning: budget {} not met (best reached {:.3}); see the report", b.text, b.reached);
+        let msg = format!("budget {} not met (best reached {:.3}); see the report", b.text, b.reached);
+        if a.strict {
+            bail!(msg);
+        }
+        crate::output::warn(msg);
     }
     Ok(())
 }
@@ -993,9 +1119,8 @@ pub fn devices(json: bool) -> anyhow::Result<()> {
             Ok(a) => serde_json::to_value(a)?,
             Err(why) => serde_json::json!({ "unavailable": why }),
         };
-        let v = serde_json::json!({ "cpu": { "threads": threads }, "gpu": gpu });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        let v = serde_json::json!({ "cpu": { "threads": threads, "engine": format!("tract {}", edgepack_runtime::cpu::TRACT_VERSION) }, "gpu": gpu });
+        return crate::output::json(v);
     }
     println!("cpu   tract {} ({threads} threads)", edgepack_runtime::cpu::TRACT_VERSION);
     match gpu {
@@ -1042,7 +1167,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let mut session = session_options(&a.load)?;
     session.variant = None; // per model, from its config.json
     if a.load.variant.is_some() {
-        anyhow::bail!("--variant is set per model in <REPO>/<model>/config.json (\"variant\")");
+        anyhow::bail!(Usage("--variant is set per model in <REPO>/<model>/config.json (\"variant\")".into()));
     }
     let opts = edgepack_server::ServeOptions {
         repo: a.repo,
@@ -1068,11 +1193,12 @@ pub struct BatchArgs {
     #[arg(short, long)]
     pub out: PathBuf,
     /// Classes per image for classifiers (default: the bundle's)
-    #[arg(long)]
-    pub top_k: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub top_k: Option<u32>,
     /// Items between fsyncs of the .part file (what an interruption can lose)
-    #[arg(long, default_value_t = 32)]
-    pub sync_every: usize,
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sync_every: u32,
+    /// Print the summary as a JSON document
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -1086,11 +1212,14 @@ pub fn batch(a: BatchArgs) -> Result<()> {
     } else if a.input.extension().is_some_and(|e| e == "jsonl") {
         BatchInput::Requests(a.input.clone())
     } else {
-        anyhow::bail!("{}: expected a folder of images or a .jsonl file of requests", a.input.display());
+        anyhow::bail!(Usage(format!(
+            "{}: expected a folder of images or a .jsonl file of requests",
+            a.input.display()
+        )));
     };
     let s = open_session(&a.model, &a.load)?;
     let mut bar: Option<indicatif::ProgressBar> = None;
-    let report = run_batch(&s, &input, &a.out, a.top_k, a.sync_every, |done, total| {
+    let report = run_batch(&s, &input, &a.out, a.top_k.map(|k| k as usize), a.sync_every as usize, |done, total| {
         let b = bar.get_or_insert_with(|| progress(total, "batch"));
         b.set_position(done as u64);
     })
@@ -1098,19 +1227,48 @@ pub fn batch(a: BatchArgs) -> Result<()> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let summary = json!({"out": a.out, "backend": s.backend_description(), "total": report.total,
-        "resumed": report.resumed, "done": report.done, "failed": report.failed});
+    let failed = report.failed + report.resumed_failed;
+    let summary = json!({"out": a.out, "backend": backend_json(&s), "total": report.total,
+        "resumed": report.resumed, "done": report.done, "failed": failed});
+    // Every item has its line (failed ones with an `error`), but a run with failed items is not a success.
+    let failure = (failed > 0).then(|| {
+        format!("{failed} of {} items failed; their lines in {} carry the error", report.total, a.out.display())
+    });
     if a.json {
-        println!("{summary}");
+        match &failure {
+            Some(m) => crate::output::json_failure(crate::exit::BAD_INPUT, "bad_input", m, summary)?,
+            None => crate::output::json_line(summary)?,
+        }
     } else {
         eprintln!(
-            "{}: {} items ({} from an earlier run, {} now, {} with errors)",
+            "{}: {} items ({} from an earlier run, {} now, {failed} with errors)",
             a.out.display(),
             report.total,
             report.resumed,
             report.done,
-            report.failed
         );
     }
+    if let Some(m) = failure {
+        bail!(BadInput(m));
+    }
+    Ok(())
+}
+
+/// `edgepack man`: one page for the program and one per command (`edgepack-run.1`, ...).
+pub fn man_pages(cmd: clap::Command, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut pages = vec![(String::from("edgepack"), cmd.clone())];
+    for sub in cmd.get_subcommands().filter(|c| c.get_name() != "help") {
+        let name = format!("edgepack-{}", sub.get_name());
+        let page = sub.clone().name(&*Box::leak(name.clone().into_boxed_str()));
+        pages.push((name, page));
+    }
+    for (name, page) in &pages {
+        let mut bytes = Vec::new();
+        clap_mangen::Man::new(page.clone()).render(&mut bytes)?;
+        let path = out.join(format!("{name}.1"));
+        edgepack_runtime::fsutil::write_atomic(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("wrote {} man pages into {}", pages.len(), out.display());
     Ok(())
 }

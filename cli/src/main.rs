@@ -3,29 +3,69 @@
 mod bench;
 mod commands;
 mod demo;
+mod interrupt;
+mod output;
 mod prune;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-/// Exit codes (documented in the README).
+/// Exit codes (documented in the README and in `edgepack --help`).
 pub mod exit {
     pub const FAILURE: u8 = 1;
     pub const USAGE: u8 = 2;
     pub const VERIFY: u8 = 3;
     pub const BAD_INPUT: u8 = 4;
     pub const UNSUPPORTED: u8 = 5;
+    /// 128 + SIGINT, as shells report it.
+    pub const INTERRUPTED: u8 = 130;
+
+    /// The `kind` of an exit code in `--json` error documents.
+    pub fn kind(code: u8) -> &'static str {
+        match code {
+            USAGE => "usage",
+            VERIFY => "verification",
+            BAD_INPUT => "bad_input",
+            UNSUPPORTED => "unsupported",
+            INTERRUPTED => "interrupted",
+            _ => "failure",
+        }
+    }
 }
+
+const AFTER_HELP: &str = "\
+Exit codes: 0 ok, 1 failure, 2 usage (a bad flag or value), 3 bundle verification failed (truncated, tampered,
+wrong key), 4 bad input (malformed model, wrong input name/shape/dtype, unreadable or missing file), 5 unsupported
+(operator or device), 130 interrupted (SIGINT/SIGTERM; partial files are removed).
+With --json, a failure is also a JSON document on stdout: {\"ok\": false, \"error\": {\"code\", \"kind\", \"message\"}}.
+
+Environment:
+  EDGEPACK_LOG            log filter of `serve` and the libraries (e.g. info, debug, edgepack_server=trace);
+                          --log-level and -v override it
+  EDGEPACK_GPU=off        never use the GPU (--device auto runs on the CPU)
+  EDGEPACK_GPU_PRECISION  f16: f16 QDQ arithmetic on GPUs with shader-f16
+  EDGEPACK_CACHE_DIR      where --device auto caches its measured choice (default ~/.cache/edgepack)";
 
 #[derive(Parser)]
 #[command(
     name = "edgepack",
     version,
-    about = "Package, verify, run and benchmark edge ML models (.onnx and .edgepack bundles)"
+    about = "Package, verify, run and benchmark edge ML models (.onnx and .edgepack bundles)",
+    after_help = AFTER_HELP,
+    propagate_version = true
 )]
 struct Cli {
+    /// More detail on stderr: the backend chosen and why, notes; log level debug (-vv: trace)
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Print only results and errors: no progress bars, notes or warnings
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Log level of `serve` and the libraries (overrides EDGEPACK_LOG)
+    #[arg(long, global = true, value_name = "LEVEL", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,7 +76,7 @@ pub struct LoadArgs {
     /// CPU threads (0 = one per core)
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Backend: auto, cpu or gpu
+    /// Backend: auto (the GPU when it runs every op and was measured faster), cpu or gpu
     #[arg(long, default_value = "auto")]
     pub device: edgepack_runtime::Device,
     /// Bundle variant to load (default: the bundle's first, usually fp32)
@@ -55,9 +95,12 @@ pub struct LoadArgs {
 enum Command {
     /// Describe a model or bundle: inputs, outputs, ops, variants, signature
     Inspect {
+        /// Model (.onnx) or bundle (.edgepack)
         path: PathBuf,
+        /// Print a JSON document instead of text
         #[arg(long)]
         json: bool,
+        /// Trusted public key (.pub): the bundle must be signed by it
         #[arg(long)]
         key: Option<PathBuf>,
     },
@@ -74,19 +117,23 @@ enum Command {
     Pack(commands::PackArgs),
     /// Check a bundle's structure, member hashes and signature
     Verify {
+        /// The .edgepack bundle
         bundle: PathBuf,
         /// Trusted public key; without it a signature is checked for integrity only
         #[arg(long)]
         key: Option<PathBuf>,
+        /// Print a JSON document instead of text
         #[arg(long)]
         json: bool,
     },
     /// Generate an ed25519 signing key pair: <OUT>.key (secret) and <OUT>.pub
     Keygen {
+        /// Path stem of the pair: writes <OUT>.key and <OUT>.pub
         #[arg(short, long)]
         out: PathBuf,
     },
-    /// Measure load time, first run, latency percentiles, throughput and peak memory
+    /// Measure load time, first run, latency percentiles, throughput and peak memory of a model, or of a running
+    /// `edgepack serve` (--url) at a concurrency sweep
     Bench(bench::BenchArgs),
     /// Bulk inference over a folder of images or a JSONL file of KServe v2 requests; JSON lines out, written
     /// atomically and resumable after an interruption
@@ -97,12 +144,15 @@ enum Command {
     Demo(demo::DemoArgs),
     /// The devices a session can run on: the CPU, and the GPU adapter (or why there is none)
     Devices {
+        /// Print a JSON document instead of text
         #[arg(long)]
         json: bool,
     },
     /// Re-write an ONNX file through edgepack's graph type (lossless), optionally applying cleanup passes
     Rewrite {
+        /// The ONNX model to read
         input: PathBuf,
+        /// Where to write the result (atomically)
         output: PathBuf,
         /// Sort nodes topologically
         #[arg(long)]
@@ -118,6 +168,33 @@ enum Command {
         #[arg(long)]
         free_batch: bool,
     },
+    /// Shell completions on stdout: `edgepack completions bash > /etc/bash_completion.d/edgepack`
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+    /// Man pages: edgepack.1 and edgepack-COMMAND.1 for each command, written into a folder
+    Man {
+        /// Folder to write the pages into (created)
+        #[arg(long, default_value = "man")]
+        out: PathBuf,
+    },
+}
+
+/// `--version`: the version, the commit and what this build has in it.
+fn long_version() -> &'static str {
+    let v = format!(
+        "{} (commit {}; features: {}; tract {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("EDGEPACK_COMMIT"),
+        edgepack_runtime::features().join(", "),
+        edgepack_runtime::cpu::TRACT_VERSION,
+    );
+    Box::leak(v.into_boxed_str())
+}
+
+fn command() -> clap::Command {
+    Cli::command().long_version(long_version())
 }
 
 /// Rust ignores SIGPIPE, so writing to a closed pipe is an error that `println!` turns into a panic; the default
@@ -130,18 +207,60 @@ fn restore_sigpipe() {
     }
 }
 
+/// Mesa's Vulkan device-selection layer (an implicit layer every Mesa install enables) asks Wayland for the
+/// default GPU while adapters are enumerated, and on a headless machine (no `XDG_RUNTIME_DIR`) libwayland prints
+/// `error: XDG_RUNTIME_DIR is invalid or not set` once per call, on every run with `--device auto`. edgepack picks
+/// its adapter itself, so the layer is turned off there, unless the user steers it (`MESA_VK_DEVICE_SELECT`,
+/// `DRI_PRIME`, `NODEVICE_SELECT`).
+fn quiet_headless_vulkan() {
+    let headless = std::env::var_os("XDG_RUNTIME_DIR").is_none_or(|d| !std::path::Path::new(&d).is_dir());
+    let steered =
+        ["MESA_VK_DEVICE_SELECT", "DRI_PRIME", "NODEVICE_SELECT"].iter().any(|v| std::env::var_os(v).is_some());
+    if headless && !steered {
+        // SAFETY: called first thing in main, before any other thread exists.
+        unsafe { std::env::set_var("NODEVICE_SELECT", "1") };
+    }
+}
+
+/// `--log-level` and `-v` set the filter `serve` and the libraries read (EDGEPACK_LOG).
+fn set_log_level(level: Option<&str>, verbose: u8) {
+    let level = level.or(match verbose {
+        0 => None,
+        1 => Some("debug"),
+        _ => Some("trace"),
+    });
+    if let Some(l) = level {
+        // SAFETY: called in main before any other thread exists.
+        unsafe { std::env::set_var("EDGEPACK_LOG", l) };
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    quiet_headless_vulkan();
+    let json_requested = std::env::args_os().any(|a| a == "--json");
+    let cli = match command().try_get_matches().and_then(|m| Cli::from_arg_matches(&m)) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { 0 });
+            if !e.use_stderr() {
+                return ExitCode::SUCCESS; // --help, --version
+            }
+            if json_requested {
+                let first = e.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
+                output::json_error(exit::USAGE, exit::kind(exit::USAGE), &first);
+            }
+            return ExitCode::from(exit::USAGE);
         }
     };
+    output::set_verbosity(cli.quiet, cli.verbose);
+    output::set_json_errors(json_requested);
+    set_log_level(cli.log_level.as_deref(), cli.verbose);
     // A closed stdout pipe (`edgepack … --json | head -1`) ends a printing command quietly, as it ends cat or grep,
-    // instead of a panic in println!. The server keeps Rust's default (SIGPIPE ignored): its sockets report EPIPE.
+    // instead of a panic in println!. The server keeps Rust's default (SIGPIPE ignored): its sockets report EPIPE,
+    // and it handles SIGINT/SIGTERM itself (graceful shutdown).
     if !matches!(cli.command, Command::Serve(_)) {
         restore_sigpipe();
+        interrupt::install();
     }
     let result = match cli.command {
         Command::Inspect { path, json, key } => commands::inspect(&path, json, key.as_deref()),
@@ -160,12 +279,22 @@ fn main() -> ExitCode {
         Command::Rewrite { input, output, topo_sort, remove_unused_initializers, opset, free_batch } => {
             commands::rewrite(&input, &output, topo_sort, remove_unused_initializers, opset, free_batch)
         }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut command(), "edgepack", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { out } => commands::man_pages(command(), &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(exit_code(&e))
+            let code = exit_code(&e);
+            let line = output::error_line(&e);
+            eprintln!("error: {line}");
+            if output::json_errors() && !output::json_failure_printed() {
+                output::json_error(code, exit::kind(code), &line);
+            }
+            ExitCode::from(code)
         }
     }
 }
@@ -174,9 +303,11 @@ fn main() -> ExitCode {
 fn runtime_exit(err: &edgepack_runtime::Error) -> u8 {
     use edgepack_runtime::Error as E;
     match err {
-        E::Bundle(_) => exit::VERIFY,
+        // The user named a key file that is not a public key, or a variant the bundle lacks: the argument is wrong.
+        E::Bundle(b) => bundle_exit(b),
         E::UnsupportedOp { .. } => exit::UNSUPPORTED,
         E::Backend { backend: "gpu", .. } => exit::UNSUPPORTED,
+        E::Io { source, .. } => io_exit(source),
         E::UnknownInput { .. }
         | E::UnknownValue { .. }
         | E::MissingInput { .. }
@@ -190,20 +321,45 @@ fn runtime_exit(err: &edgepack_runtime::Error) -> u8 {
     }
 }
 
+fn bundle_exit(b: &edgepack_runtime::bundle::BundleError) -> u8 {
+    use edgepack_runtime::bundle::BundleError as B;
+    match b {
+        // The user named a key file that is not a public key, or a variant the bundle lacks: the argument is wrong.
+        B::Key(_) | B::NoSuchVariant { .. } => exit::USAGE,
+        _ => exit::VERIFY,
+    }
+}
+
+/// A file the user named that is not there (or not readable) is bad input; other I/O failures are failures.
+fn io_exit(e: &std::io::Error) -> u8 {
+    match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::IsADirectory | std::io::ErrorKind::InvalidData => {
+            exit::BAD_INPUT
+        }
+        _ => exit::FAILURE,
+    }
+}
+
 /// Maps an error to an exit code by what caused it.
 fn exit_code(e: &anyhow::Error) -> u8 {
     use edgepack_quantize::{calib::CalibError, data::DataError, qdq::QdqError};
     for cause in e.chain() {
+        if cause.downcast_ref::<commands::Usage>().is_some() {
+            return exit::USAGE;
+        }
         if let Some(err) = cause.downcast_ref::<edgepack_runtime::Error>() {
             return runtime_exit(err);
         }
-        if let Some(edgepack_runtime::bundle::BundleError::Signature(_)) = cause.downcast_ref() {
-            return exit::VERIFY;
+        if let Some(b) = cause.downcast_ref::<edgepack_runtime::bundle::BundleError>() {
+            return bundle_exit(b);
         }
         if let Some(p) = cause.downcast_ref::<edgepack_packager::PackError>() {
+            use edgepack_packager::PackError as P;
             return match p {
-                edgepack_packager::PackError::Runtime(err) => runtime_exit(err),
-                _ => exit::FAILURE,
+                P::Runtime(err) => runtime_exit(err),
+                P::Mismatch(_) | P::Key(_) => exit::USAGE,
+                P::Io { source, .. } => io_exit(source),
+                P::Invalid(_) => exit::FAILURE,
             };
         }
         if cause.downcast_ref::<commands::BadInput>().is_some() || cause.downcast_ref::<DataError>().is_some() {
@@ -218,6 +374,36 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         if let Some(q) = cause.downcast_ref::<QdqError>() {
             return if matches!(q, QdqError::Opset(_)) { exit::UNSUPPORTED } else { exit::FAILURE };
         }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return io_exit(io);
+        }
     }
     exit::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    /// `edgepack COMMAND --help` documents every flag and argument (issue 25).
+    #[test]
+    fn every_flag_and_argument_has_help_text() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for s in c.get_subcommands() {
+                walk(s, &format!("{path} {}", s.get_name()), missing);
+            }
+        }
+        let cmd = super::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cmd, "edgepack", &mut missing);
+        assert!(missing.is_empty(), "flags without help: {missing:?}");
+    }
 }

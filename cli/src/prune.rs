@@ -9,8 +9,8 @@ use serde_json::json;
 
 use crate::LoadArgs;
 use crate::commands::{
-    BadInput, SampleSets, check_out_dir, image_preprocess, open_with_graph, session_options, with_progress,
-    write_model_and_report,
+    SampleSets, Usage, check_job_outputs, image_preprocess, open_with_graph, preset_parser, session_options,
+    with_progress, write_model_and_report,
 };
 
 #[derive(Args)]
@@ -21,25 +21,27 @@ pub struct PruneArgs {
     /// labelled folder (labels.csv + images/, class folders) or an IDX file with --idx-labels
     #[arg(long)]
     calib: PathBuf,
+    /// IDX label file (MNIST format) when --calib is an IDX image file
     #[arg(long)]
     idx_labels: Option<PathBuf>,
     /// Statistics samples: the first N of --calib
-    #[arg(long, default_value_t = 64)]
-    calib_limit: usize,
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    calib_limit: u32,
     /// Held-out samples for accuracy, the plan and the curve: the next N after the statistics samples (or the
     /// first N of --eval)
     #[arg(long, default_value_t = 200)]
     holdout: usize,
+    /// Take the held-out samples from this folder instead (same layouts as --calib)
     #[arg(long)]
     eval: Option<PathBuf>,
     /// Take the statistics and held-out samples in a fixed shuffled order (for datasets sorted by class)
     #[arg(long)]
     shuffle: bool,
     /// Pre-processing preset for a bare .onnx model fed with images
-    #[arg(long)]
+    #[arg(long, value_parser = preset_parser())]
     preset: Option<String>,
     /// structured (remove channels: faster) or unstructured (zero weights: smaller compressed)
-    #[arg(long, default_value = "structured")]
+    #[arg(long, default_value = "structured", value_parser = ["structured", "unstructured"])]
     method: String,
     /// Uniform amount: sparsity (unstructured) or fraction of each group's channels (structured), 0..1
     #[arg(long)]
@@ -49,7 +51,7 @@ pub struct PruneArgs {
     #[arg(long)]
     budget: Option<String>,
     /// Unstructured: global (one magnitude threshold) or layer (the same fraction of each layer)
-    #[arg(long, default_value = "global")]
+    #[arg(long, default_value = "global", value_parser = ["global", "layer"])]
     scope: String,
     /// Structured channel ranking: reconstruction (‖W‖²·Var(x | other channels) at the consumers: redundant
     /// channels first; uses the samples), contribution (E|x|·‖W‖), l1, l2, bn-scale (needs BatchNormalization
@@ -85,6 +87,11 @@ pub struct PruneArgs {
     /// Report (JSON; an .html page is written beside it). Default: OUT.prune.json
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Exit with code 1 when the pruned model collapsed (see the warning) or missed its --budget; the files are
+    /// written either way, for inspection
+    #[arg(long)]
+    strict: bool,
+    /// Print a JSON document instead of text
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -92,30 +99,23 @@ pub struct PruneArgs {
 }
 
 pub fn prune(a: PruneArgs) -> Result<()> {
-    check_out_dir(&a.out)?;
     let method = match a.method.as_str() {
-        "structured" => Method::Structured {
-            criterion: a.criterion.parse::<Criterion>().map_err(BadInput)?,
+        "unstructured" => Method::Unstructured { scope: if a.scope == "layer" { Scope::Layer } else { Scope::Global } },
+        _ => Method::Structured {
+            criterion: a.criterion.parse::<Criterion>().map_err(|e| Usage(format!("--criterion: {e}")))?,
             multiple: a.round_to.max(1),
         },
-        "unstructured" => Method::Unstructured {
-            scope: match a.scope.as_str() {
-                "global" => Scope::Global,
-                "layer" => Scope::Layer,
-                s => bail!(BadInput(format!("unknown --scope `{s}` (global, layer)"))),
-            },
-        },
-        m => bail!(BadInput(format!("unknown --method `{m}` (structured, unstructured)"))),
     };
     let target = match (a.amount, &a.budget) {
         (Some(x), None) if (0.0..1.0).contains(&x) => Target::Amount(x),
-        (Some(_), None) => bail!(BadInput("--amount must be within [0, 1)".into())),
-        (None, Some(b)) => Target::Budget(b.parse().map_err(BadInput)?),
-        _ => bail!(BadInput("give exactly one of --amount or --budget".into())),
+        (Some(x), None) => bail!(Usage(format!("--amount {x} must be within [0, 1)"))),
+        (None, Some(b)) => Target::Budget(b.parse().map_err(|e| Usage(format!("--budget: {e}")))?),
+        _ => bail!(Usage("give exactly one of --amount or --budget".into())),
     };
     if a.levels.iter().chain(&a.curve).any(|x| !(0.0..1.0).contains(x)) {
-        bail!(BadInput("--levels and --curve amounts must be within [0, 1)".into()));
+        bail!(Usage("--levels and --curve amounts must be within [0, 1)".into()));
     }
+    check_job_outputs(&a.out, a.report.as_deref(), ".prune.json")?;
     let mut opts = session_options(&a.load)?;
     // Every candidate is a new model: an automatic device choice would measure the GPU for each one.
     if opts.device == Device::Auto {
@@ -123,8 +123,14 @@ pub fn prune(a: PruneArgs) -> Result<()> {
     }
     let (s, model, _) = open_with_graph(&a.model, &opts)?;
     let pre = image_preprocess(&s, a.preset.as_deref())?;
-    let sets =
-        SampleSets::open(&a.calib, a.idx_labels.as_deref(), a.calib_limit, a.eval.as_deref(), a.holdout, a.shuffle)?;
+    let sets = SampleSets::open(
+        &a.calib,
+        a.idx_labels.as_deref(),
+        a.calib_limit as usize,
+        a.eval.as_deref(),
+        a.holdout,
+        a.shuffle,
+    )?;
     let job = prune::Job {
         model: &model,
         model_name: a.model.display().to_string(),
@@ -153,12 +159,9 @@ pub fn prune(a: PruneArgs) -> Result<()> {
         &report.html(),
     )?;
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &json!({"out": a.out, "report_json": report_path, "report_html": html_path, "report": report})
-            )?
-        );
+        crate::output::json(
+            json!({"out": a.out, "report_json": report_path, "report_html": html_path, "report": report}),
+        )?;
     } else {
         print!("{}", report.table());
         println!(
@@ -169,10 +172,17 @@ pub fn prune(a: PruneArgs) -> Result<()> {
             report.seconds
         );
     }
+    // The report's warnings (a collapse, a budget missed), loudly on stderr whatever the output format.
+    for w in &report.warnings {
+        crate::output::warn(w);
+    }
     if let Some(p) = &report.plan
         && !p.met
     {
-        eprintln!("warning: budget {} not met; see the report", p.text);
+        crate::output::warn(format!("budget {} not met; see the report", p.text));
+    }
+    if a.strict && (!report.warnings.is_empty() || report.plan.as_ref().is_some_and(|p| !p.met)) {
+        bail!("--strict: the pruned model did not hold (see the warnings above); it was written for inspection");
     }
     Ok(())
 }

@@ -46,9 +46,11 @@ def test_mnist_accuracy(bundles, shared, key):
 @pytest.mark.parametrize("photo,faces", [("ultraface_crowd.jpg", 44), ("skimage_astronaut.png", 1)])
 def test_ultraface_finds_the_reference_faces(bundles, shared, photo, faces):
     r = json.loads(ep("run", bundles["ultraface"], os.path.join(shared, "data", "photos", photo), "--json").stdout)
-    assert len(r["detections"]) == faces
+    [res] = r["results"]
+    assert res["input"].endswith(photo)
+    assert len(res["detections"]) == faces
     if photo == "skimage_astronaut.png":
-        d = r["detections"][0]
+        d = res["detections"][0]
         # MODELS.md: score 1.00, box ≈ [180,62,268,174] px
         assert d["score"] > 0.99
         for got, want in zip([d["x1"], d["y1"], d["x2"], d["y2"]], [180, 62, 268, 174]):
@@ -58,7 +60,8 @@ def test_ultraface_finds_the_reference_faces(bundles, shared, photo, faces):
 def test_photos_classify_as_the_reference(bundles, shared):
     ph = os.path.join(shared, "data", "photos")
     r = json.loads(ep("run", bundles["efficientnet"], os.path.join(ph, "skimage_chelsea.png"), os.path.join(ph, "skimage_coffee.png"), "--json").stdout)
-    chelsea = [c["label"].split(",")[0] for c in r["top_k"][0][:3]]
+    assert [x["input"] for x in r["results"]] == [os.path.join(ph, "skimage_chelsea.png"), os.path.join(ph, "skimage_coffee.png")]
+    chelsea = [c["label"].split(",")[0] for c in r["results"][0]["top_k"][:3]]
     assert chelsea == ["tiger cat", "Egyptian cat", "tabby"]
-    coffee = r["top_k"][1][0]
+    coffee = r["results"][1]["top_k"][0]
     assert coffee["label"].startswith("espresso") and coffee["score"] > 0.9

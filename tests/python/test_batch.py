@@ -31,7 +31,11 @@ def test_batch_images_resumes_after_sigkill(tmp_path, binary):
     (imgs / "broken.png").write_bytes(b"not a png")
     # Reference: one uninterrupted run.
     ref = tmp_path / "ref.jsonl"
-    r = json.loads(ep("batch", bundle, tmp_path / "imgs", "-o", ref, "--json", "--threads", "1").stdout)
+    # A run with a failed item writes every line but exits 4 (bad input), its summary `ok: false` (issue 25).
+    r = ep("batch", bundle, tmp_path / "imgs", "-o", ref, "--json", "--threads", "1", check=False)
+    assert r.returncode == 4 and "1 of 1501 items failed" in r.stderr, r.stderr
+    r = json.loads(r.stdout)
+    assert r["ok"] is False and r["error"]["code"] == 4
     assert r["total"] == n + 1 and r["done"] == n + 1 and r["failed"] == 1, r
     want = {x["file"]: x for x in lines(ref)}
     assert len(want) == n + 1 and "error" in want[os.path.join("sub", "broken.png")]
@@ -50,8 +54,10 @@ def test_batch_images_resumes_after_sigkill(tmp_path, binary):
     # A torn last line, as a crash mid-write leaves it.
     with open(part, "ab") as f:
         f.write(b'{"file": "sub/1499.png", "top_k": [{"cla')
-    r = json.loads(ep("batch", bundle, tmp_path / "imgs", "-o", out, "--json", "--threads", "1").stdout)
-    assert r["resumed"] > 0 and r["resumed"] + r["done"] == n + 1, r
+    r = ep("batch", bundle, tmp_path / "imgs", "-o", out, "--json", "--threads", "1", check=False)
+    assert r.returncode == 4, r.stderr  # the broken image failed, in this run or the killed one
+    r = json.loads(r.stdout)
+    assert r["resumed"] > 0 and r["resumed"] + r["done"] == n + 1 and r["failed"] == 1, r
     assert not part.exists()
     got = lines(out)
     assert len(got) == n + 1 and {x["file"] for x in got} == set(want), "every item exactly once"
@@ -73,7 +79,9 @@ def test_batch_jsonl_requests(tmp_path, binary):
         f.write('{"id": "bad", "inputs": [{"name": "Input3", "shape": [1], "datatype": "FP32", "data": [1]}]}\n')
         f.write("{not json\n")
     out = tmp_path / "out.jsonl"
-    r = json.loads(ep("batch", MNIST, reqs, "-o", out, "--json").stdout)
+    r = ep("batch", MNIST, reqs, "-o", out, "--json", check=False)
+    assert r.returncode == 4, r.stderr
+    r = json.loads(r.stdout)
     assert r["total"] == 7 and r["failed"] == 2, r
     got = {x["id"]: x for x in lines(out)}
     s = ort.InferenceSession(MNIST, providers=["CPUExecutionProvider"])

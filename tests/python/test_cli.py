@@ -115,7 +115,8 @@ def test_detector_bundle_from_shipped_assets(binary, tmp_path):
     b = tmp_path / "faces.edgepack"
     ep("pack", ULTRA, "-o", b, "--preset", "ultraface", "--task", "detection")
     r = json.loads(ep("run", b, os.path.join(ASSETS, "photos", "skimage_astronaut.png"), "--json").stdout)
-    assert len(r["detections"]) == 1 and r["detections"][0]["score"] > 0.99
+    dets = r["results"][0]["detections"]
+    assert len(dets) == 1 and dets[0]["score"] > 0.99
 
 
 def test_bench_reports_every_figure(binary):

@@ -100,26 +100,26 @@ def test_cli_device_flag(gpu, tmp_path):
     for dev in ("cpu", "gpu"):
         r = ep("run", model, x, "--device", dev, "--raw", "--json")
         out = json.loads(r.stdout)
-        assert out["backend"].startswith(dev), out["backend"]
+        assert out["backend"]["kind"] == dev, out["backend"]
         outs[dev] = np.array(out["outputs"][0]["data"], dtype=np.float32)
     np.testing.assert_allclose(outs["gpu"], outs["cpu"], rtol=1e-4, atol=1e-4)
     r = ep("bench", model, "--device", "gpu", "--runs", "3", "--json")
-    assert json.loads(r.stdout)["backend"].startswith("gpu")
+    assert json.loads(r.stdout)["backend"]["kind"] == "gpu"
     # auto: a software adapter (lavapipe) is not measured; the CPU runs, and the result says why.
     cache = tmp_path / "cache"
     r = ep("run", model, x, "--device", "auto", "--raw", "--json", env={"EDGEPACK_CACHE_DIR": cache})
     out = json.loads(r.stdout)
     if gpu["device_type"] == "Cpu":
-        assert out["backend"].startswith("cpu") and "software" in out["backend_selection"], out
+        assert out["backend"]["kind"] == "cpu" and "software" in out["backend"]["selection"], out
     # Measured at first load (forced on a software adapter), then cached per model and adapter.
     env = {"EDGEPACK_CACHE_DIR": cache, "EDGEPACK_AUTO_MEASURE_SOFTWARE_GPU": "1"}
     r = ep("run", model, x, "--device", "auto", "--raw", "--json", env=env)
     out = json.loads(r.stdout)
-    assert "measured" in out["backend_selection"], out
-    assert out["backend"].split(" ")[0] == out["backend_selection"].split(":")[0]
+    assert "measured" in out["backend"]["selection"], out
+    assert out["backend"]["kind"] == out["backend"]["selection"].split(":")[0]
     assert (cache / "device-choice.json").exists()
     r = ep("run", model, x, "--device", "auto", "--raw", "--json", env=env)
-    assert "cached" in json.loads(r.stdout)["backend_selection"]
+    assert "cached" in json.loads(r.stdout)["backend"]["selection"]
 
 
 def test_cli_eval_on_each_device(gpu, shared, tmp_path):
@@ -136,7 +136,7 @@ def test_cli_eval_on_each_device(gpu, shared, tmp_path):
         assert out["samples"] == 100 and out["top1"] >= 0.97, out
         assert out["top5"] >= out["top1"], out
         if dev != "auto":
-            assert out["backend"].startswith(dev), out["backend"]
+            assert out["backend"]["kind"] == dev, out["backend"]
         preds[dev] = p.read_text()
     assert preds["gpu"] == preds["cpu"] == preds["auto"]
 
@@ -165,7 +165,7 @@ def test_int8_requantization_equals_cpu(gpu, tmp_path, model, preset):
     backends = {}
     for dev in ("cpu", "gpu"):
         r = ep("run", q, img, "--preset", preset, "--device", dev, *values, "--output-dir", tmp_path / dev, "--json")
-        backends[dev] = json.loads(r.stdout)["backend"]
+        backends[dev] = json.loads(r.stdout)["backend"]["description"]
     assert "f32 compute" in backends["gpu"] and "integer requantization" in backends["gpu"], backends["gpu"]
     total = differ = 0
     for v in qs:

@@ -232,10 +232,11 @@ def test_budgets_that_cannot_be_checked_and_unsupported_models_are_clear(shared,
     q = tmp_path / "q.onnx"
     r = ep("quantize", mnist, "--calib", calib, "--budget", "top1-drop=1", "-o", q, check=False)
     assert r.returncode == 4 and "labelled" in r.stderr and not q.exists()
+    # Bad flag values are usage errors (exit 2, issue 25).
     r = ep("quantize", mnist, "--calib", calib, "--budget", "speed=2", "-o", q, check=False)
-    assert r.returncode == 4 and "unknown budget" in r.stderr
+    assert r.returncode == 2 and "unknown budget" in r.stderr
     r = ep("quantize", mnist, "--calib", calib, "--method", "kl", "-o", q, check=False)
-    assert r.returncode == 4 and "unknown method" in r.stderr
+    assert r.returncode == 2 and "'kl'" in r.stderr and "minmax" in r.stderr
     r = ep("quantize", mnist, "--calib", calib, "-o", tmp_path / "missing" / "q.onnx", check=False)
     assert r.returncode == 4 and "does not exist" in r.stderr
     # Silero VAD: three inputs and If control flow: refused with the reason per node, not a crash.

@@ -163,6 +163,41 @@ def readme_curl_examples():
     return cmds
 
 
+def served_ok(server, model):
+    """Successful inference requests the server counted for `model` (all versions), from /metrics."""
+    _, body, _ = server.get("/metrics")
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith("edgepack_requests_total{") and f'model="{model}"' in line and 'status="200"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.parametrize("encoding", ["json", "binary"])
+def test_bench_url_measures_a_live_server(server, encoding):
+    """`edgepack bench --url` (issue 25): a concurrency sweep against the live server; every request it counts as
+    done is one the server counted as answered."""
+    before = served_ok(server, "mnist")
+    extra = ["--binary"] if encoding == "binary" else []
+    r = ep("bench", "mnist", "--url", server.url, "--concurrency", "1,4", "--duration", "1", "--json", *extra)
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is True and doc["encoding"] == encoding and doc["protocol"] == "http"
+    levels = {row["concurrency"]: row for row in doc["sweep"]}
+    assert sorted(levels) == [1, 4]
+    for row in levels.values():
+        assert row["errors"] == 0 and row["requests"] > 0, row
+        lat = row["latency"]
+        assert 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] <= lat["max_ms"], row
+        assert row["requests_per_s"] > 0 and abs(row["requests_per_s"] * row["seconds"] - row["requests"]) < 1
+    # Each connection sends one untimed request first, and one request checks the model before the sweep.
+    sent = sum(row["requests"] for row in levels.values()) + 1 + sum(levels)
+    assert served_ok(server, "mnist") - before >= sent - 5, (served_ok(server, "mnist") - before, sent)
+    text = ep("bench", "mnist", "--url", server.url, "--concurrency", "2", "--duration", "0.5").stdout
+    assert "requests/s" in text and "p99 ms" in text, text
+    r = ep("bench", "nosuch", "--url", server.url, check=False)
+    assert r.returncode == 4 and "nosuch" in r.stderr, r.stderr
+
+
 def test_readme_curl_examples(server, tmp_path):
     curl = require("curl", "the README's curl examples")
     cmds = readme_curl_examples()
@@ -183,8 +218,9 @@ def test_classify_raw_image(server, repo):
     assert s == 200, body
     got = json.loads(body)
     want = json.loads(ep("run", repo / "effnet" / "1" / "model.edgepack", img, "--json", "--top-k", "3", "--device", "cpu").stdout)
-    assert [p["class_index"] for p in got["predictions"]] == [p["class_index"] for p in want["top_k"][0]]
-    assert [p["label"] for p in got["predictions"]] == [p["label"] for p in want["top_k"][0]]
+    want = want["results"][0]["top_k"]
+    assert [p["class_index"] for p in got["predictions"]] == [p["class_index"] for p in want]
+    assert [p["label"] for p in got["predictions"]] == [p["label"] for p in want]
     assert "cat" in got["predictions"][0]["label"], got
 
 
