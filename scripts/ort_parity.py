@@ -41,8 +41,9 @@ def onnxruntime_outputs(model_path, feeds, threads=1):
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 
 
-def edgepack_outputs(model_path, feeds, names, edgepack, threads=1, device="cpu"):
-    """`edgepack run --raw` on one backend: {output name: array}, or {"error", "exit_code"} when it cannot run."""
+def edgepack_outputs(model_path, feeds, names, edgepack, threads=1, device="cpu", env=None):
+    """`edgepack run --raw` on one backend: {output name: array}, or {"error", "exit_code"} when it cannot run.
+    `env`: extra environment (e.g. EDGEPACK_CPU=interp for the kernel interpreter)."""
     with tempfile.TemporaryDirectory() as tmp:
         args = [edgepack, "run", model_path, "--raw", "--threads", str(threads), "--device", device,
                 "--output-dir", os.path.join(tmp, "out")]
@@ -50,7 +51,7 @@ def edgepack_outputs(model_path, feeds, names, edgepack, threads=1, device="cpu"
             p = os.path.join(tmp, f"in_{k}.npy")
             np.save(p, v)
             args += ["--input", f"{k}={p}"]
-        r = subprocess.run(args, capture_output=True, text=True, timeout=900)
+        r = subprocess.run(args, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
         if r.returncode != 0:
             err = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "?"
             return {"error": err, "exit_code": r.returncode}
@@ -78,10 +79,10 @@ def diff(name, ref_v, got):
     }
 
 
-def compare(model_path, feeds, edgepack, threads=1, device="cpu"):
+def compare(model_path, feeds, edgepack, threads=1, device="cpu", env=None):
     """One backend against onnxruntime."""
     ref = onnxruntime_outputs(model_path, feeds, threads)
-    r = edgepack_outputs(model_path, feeds, list(ref), edgepack, threads, device)
+    r = edgepack_outputs(model_path, feeds, list(ref), edgepack, threads, device, env)
     if "error" in r:
         return {"loaded": False, "exit_code": r["exit_code"], "error": r["error"]}
     return {"loaded": True, "outputs": [diff(n, ref[n], r["outputs"][n]) for n in ref]}

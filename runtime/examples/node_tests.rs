@@ -201,23 +201,42 @@ fn main() {
                 String::from("none")
             }
         };
+        let interp = args.device == Device::Cpu && !claimed.is_empty();
+        let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let (title, command, list, machine) = if interp {
+            (
+                "the kernel interpreter (the CPU backend without tract)".to_string(),
+                format!(
+                    "EDGEPACK_CPU=interp cargo run --release --example node_tests -- NODE_DIR --device cpu --md {file}"
+                ),
+                "`interp::OPS` (the interpreter's op table)",
+                String::from("The interpreter runs on the CPU; floats compute in f64 and round once to their type."),
+            )
+        } else {
+            (
+                format!("the {:?} backend", args.device),
+                format!(
+                    "cargo run --release --example node_tests -- NODE_DIR --device {} --md {file}",
+                    format!("{:?}", args.device).to_lowercase()
+                ),
+                "`SUPPORTED_OPS`",
+                format!("Adapter: {adapter}. Integer values ride as f32 on the device (exact to 2^24)."),
+            )
+        };
         let doc = format!(
-            "# ONNX node tests on the {device:?} backend\n\n\
-             Written by `cargo run --release --example node_tests -- NODE_DIR --device {dev} --md \
-             CONFORMANCE_GPU.md`, NODE_DIR being `onnx/backend/test/data/node` of the `onnx` pip package \
-             (requirements-test.txt pins 1.20.1, the last wheels that ship it). Adapter: {adapter}.\n\n\
+            "# ONNX node tests on {title}\n\n\
+             Written by `{command}`, NODE_DIR being `onnx/backend/test/data/node` of the `onnx` pip package \
+             (requirements-test.txt pins 1.20.1, the last wheels that ship it). {machine}\n\n\
              A case counts for the op its base case tests (the op producing the first output; `_expanded` variants \
              count for the op of their base case); every case of every op the backend claims is run. Tolerance as \
              the ONNX runner: 1e-7 + 1e-3·|expected|.\n\n\
-             What is claimed: the ops of `SUPPORTED_OPS` over the element types of the runtime's `Tensor` (f32, f16, \
+             What is claimed: the ops of {list} over the element types of the runtime's `Tensor` (f32, f16, \
              f64, i64, i32, i16, i8, u64, u32, u16, u8, bool), as an execution provider registers kernels per op and \
              type. Cases with other element types (the float8 family, float4e2m1, int4/uint4/int2/uint2, bfloat16, \
-             string) are run and listed too: both backends reject such a model at load with a typed error naming the \
-             type, and they count in the all-cases figure. Integer values ride as f32 on the device (exact to 2^24).\n\n\
+             string) are run and listed too: the backends reject such a model at load with a typed error naming the \
+             type, and they count in the all-cases figure.\n\n\
              **Headline: {pct_expr:.1} % of the claimed cases pass ({passed} of {expressible}); {pct:.1} % of all \
              {total} cases.**\n\n{md}",
-            device = args.device,
-            dev = format!("{:?}", args.device).to_lowercase(),
         );
         if let Err(e) = std::fs::write(path, &doc) {
             eprintln!("{}: {e}", path.display());

@@ -8,6 +8,8 @@ import subprocess
 import numpy as np
 import pytest
 
+import model_inputs
+import ort_parity
 from conftest import ROOT, edgepack_bin, ep
 from test_gpu import node_dir
 
@@ -48,20 +50,39 @@ def test_ops_outside_the_set_are_refused_by_name(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    path = tmp_path / "matmul.onnx"
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"], name="mm")], "g",
+    path = tmp_path / "det.onnx"
+    g = helper.make_graph([helper.make_node("Det", ["x"], ["y"], name="det")], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
     r = ep("bench", path, "--device", "cpu", "--runs", "1", check=False, env=INTERP)
-    assert r.returncode == 5 and "MatMul" in r.stderr and "cpu backend" in r.stderr, r.stderr
-    assert ep("bench", path, "--device", "cpu", "--runs", "1").returncode == 0  # tract runs it
+    assert r.returncode == 5 and "Det" in r.stderr and "cpu backend" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("fname", model_inputs.MODEL_FILES + ["yolov8n-doclaynet.onnx"])
+def test_every_shared_model_matches_onnxruntime(shared, binary, fname):
+    """Issue 26: every shared model runs on the interpreter with onnxruntime's outputs (Silero VAD's `If` and
+    LSTM, PP-OCR's recogniser, Magika, a YOLOv8 detector included), at the parity tolerances of the tract backend."""
+    path = os.path.join(shared, "models", fname)
+    if fname in model_inputs.MODEL_FILES:
+        feeds = model_inputs.all_inputs(shared)[fname]
+    else:
+        import onnxruntime as ort
+        i = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).get_inputs()[0]
+        feeds = {i.name: np.random.default_rng(0).random([d if isinstance(d, int) else 1 for d in i.shape],
+                                                         dtype=np.float32)}
+    r = ort_parity.compare(path, feeds, edgepack_bin(), env=INTERP)
+    assert r["loaded"], r
+    for o in r["outputs"]:
+        assert o["shape_equal"], o
+        assert o["cosine"] >= 0.9999, o
+        assert o["max_abs_diff"] <= 1e-3 * max(1.0, o["max_abs_ref"]), o
 
 
 def test_onnx_node_suite_on_the_interpreter(tmp_path):
-    """Every node-test case of the interpreter's plain ops (`interp::OPS`). What fails: function-body variants that
-    use ops outside the set (Less, ReduceMax, CastLike), 1-D/3-D and dilated pooling, blocked quantization, the
-    training-mode Dropout (numpy's random draws) and element types the runtime does not carry."""
+    """Every node-test case of the interpreter's ops (`interp::OPS`; CONFORMANCE_INTERP.md). What fails: the
+    training-mode Dropout (numpy's random draws), antialiased Resize, If branches with optional/sequence values,
+    and element types the runtime does not carry. Issue 26 asks for at least 95 % of the claimed cases."""
     exe = os.path.join(os.path.dirname(edgepack_bin()), "examples", "node_tests")
     assert os.path.exists(exe), f"{exe} missing: cargo build --examples builds it"
     md = tmp_path / "table.md"
@@ -73,4 +94,4 @@ def test_onnx_node_suite_on_the_interpreter(tmp_path):
     passed, failed, pct_expr = int(m[1]), int(m[2]), float(m[4])
     print(f"\nONNX node tests on the kernel interpreter: {passed} passed, {failed} failed ({pct_expr} % of claimed)")
     assert passed + failed > 300, "the suite looks incomplete"
-    assert pct_expr >= 75.0, md.read_text()
+    assert pct_expr >= 95.0, md.read_text()

@@ -138,6 +138,12 @@ impl Model {
         Ok(Model { graph: Graph::from_proto(g), header: proto })
     }
 
+    /// A model of `graph` with this model's header (opsets, IR version): how a subgraph (an `If` branch, a `Loop`
+    /// body) is prepared on its own.
+    pub fn with_graph(&self, graph: GraphProto) -> Model {
+        Model { graph: Graph::from_proto(graph), header: self.header.clone() }
+    }
+
     pub fn to_proto(&self) -> ModelProto {
         let mut p = self.header.clone();
         p.graph = Some(self.graph.to_proto());

@@ -9,6 +9,14 @@
 //! `EDGEPACK_CPU=interp`. Kernel nodes run the very same code as on tract, so results agree with it.
 use std::collections::HashMap;
 
+mod control;
+mod math;
+mod nn;
+mod reduce;
+mod resize;
+mod rnn;
+mod shape;
+
 use edgepack_backend::{Backend, BackendKind, Timeline};
 use edgepack_core::tensor::{DType, Tensor, TensorData};
 use edgepack_core::{Error, Result};
@@ -30,6 +38,10 @@ enum Op {
     MaxPool(Pool2d),
     /// A plain op, by its entry in the op table.
     Plain(PlainFn),
+    /// `If`: the two branches, prepared at load.
+    If(Box<control::Sub>, Box<control::Sub>),
+    /// `Loop`: the body, prepared at load.
+    Loop(Box<control::Sub>),
 }
 
 struct Step {
@@ -66,7 +78,8 @@ impl InterpBackend {
             let kernel = n.domain_name() == edgepack_lower::qdq_kernels::DOMAIN
                 && edgepack_lower::nodes::ops().any(|o| o == n.op());
             let plain = n.domain_name().is_empty() && plain_op(n.op()).is_some();
-            if !(kernel || plain) || n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()) {
+            let subgraphs = n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty());
+            if !(kernel || plain) || (subgraphs && !control::is_control(n.op())) {
                 return Err(Error::UnsupportedOp {
                     op: n.op().to_string(),
                     domain: n.domain_name().to_string(),
@@ -89,13 +102,17 @@ impl InterpBackend {
         let mut live = Vec::new();
         for n in &g.nodes {
             let foldable = n.domain_name().is_empty()
-                && !matches!(n.op(), "Conv" | "MaxPool")
-                && n.output.len() == 1
+                && !matches!(n.op(), "Conv" | "MaxPool" | "Dropout")
+                && !control::is_control(n.op())
                 && n.input.iter().all(|i| i.is_empty() || consts.contains_key(i));
             if foldable {
                 let ins: Vec<Option<&Tensor>> = n.input.iter().map(|i| consts.get(i)).collect();
-                let out = plain(n, &ins, opset).map_err(|e| err(format!("{} `{}`: {e}", n.op(), n.name())))?;
-                consts.insert(n.output[0].clone(), out);
+                let outs = plain(n, &ins, opset).map_err(|e| err(format!("{} `{}`: {e}", n.op(), n.name())))?;
+                for (name, t) in n.output.iter().zip(outs) {
+                    if !name.is_empty() {
+                        consts.insert(name.clone(), t);
+                    }
+                }
             } else {
                 live.push(n);
             }
@@ -104,9 +121,17 @@ impl InterpBackend {
             g.runtime_inputs().iter().map(|i| slot(&mut names, i.name.as_deref().unwrap_or(""))).collect();
         let mut steps = Vec::new();
         for n in live {
-            let ins = n.input.iter().map(|i| (!i.is_empty()).then(|| slot(&mut names, i))).collect();
+            let mut ins: Vec<Option<usize>> =
+                n.input.iter().map(|i| (!i.is_empty()).then(|| slot(&mut names, i))).collect();
             let outs = n.output.iter().map(|o| slot(&mut names, o)).collect();
-            let op = prepare(n, &consts)?;
+            let op = if control::is_control(n.op()) {
+                // The values the subgraphs read from this scope are extra inputs of the step, after the node's own.
+                let (op, free) = control::prepare(&m, n, threads, ins.len())?;
+                ins.extend(free.iter().map(|v| Some(slot(&mut names, v))));
+                op
+            } else {
+                prepare(n, &consts)?
+            };
             // A kernel's attributes (its weights) live on packed in `op`: the step keeps only names and wiring.
             let node = match op {
                 Op::Kernel(_) => NodeProto { attribute: Vec::new(), ..n.clone() },
@@ -212,13 +237,16 @@ fn prepare(n: &NodeProto, consts: &HashMap<String, Tensor>) -> Result<Op> {
             let b = n.input.get(2).filter(|b| !b.is_empty());
             let bias = b.and_then(|b| consts.get(b));
             match w {
-                Some(w) if b.is_none() || bias.is_some() => {
+                Some(w) if (b.is_none() || bias.is_some()) && w.shape().len() == 4 && w.dtype() == DType::F32 => {
                     conv_of(n, w, bias, None).map_err(bad)?.map_or(plain, Op::Conv)
                 }
                 _ => plain,
             }
         }
-        "MaxPool" => pool_of(n, None).map_err(bad)?.map_or(plain, Op::MaxPool),
+        "MaxPool" => match pool_of(n, None) {
+            Ok(Some(p)) => Op::MaxPool(p),
+            _ => plain,
+        },
         _ => plain,
     })
 }
@@ -424,16 +452,22 @@ fn run_step(s: &Step, ins: &[Option<&Tensor>], opset: i64) -> Res<Vec<Tensor>> {
             };
             Ok(vec![tensor(out, y)?])
         }
+        Op::If(then, other) => control::run_if(n, then, other, ins),
+        Op::Loop(body) => control::run_loop(n, body, ins),
         Op::Conv(conv) => Ok(vec![run_conv(conv, input(ins, 0)?)?]),
         Op::MaxPool(g) => Ok(vec![run_pool(g, input(ins, 0)?)?]),
         Op::Plain(f) => {
-            let y = f(&Args { n, ins, opset })?;
+            let mut y = f(&Args { n, ins, opset })?;
             // Dropout at inference: the mask output (when wired) is all true.
             if n.op() == "Dropout" && s.outputs.len() > 1 {
-                let mask = tensor(y.shape().to_vec(), TensorData::Bool(vec![true; y.len()]))?;
-                return Ok(vec![y, mask]);
+                let mask = tensor(y[0].shape().to_vec(), TensorData::Bool(vec![true; y[0].len()]))?;
+                y.push(mask);
             }
-            Ok(vec![y])
+            if y.len() < s.outputs.len() {
+                return Err(format!("{} outputs wired, {} computed", s.outputs.len(), y.len()));
+            }
+            y.truncate(s.outputs.len());
+            Ok(y)
         }
     }
 }
@@ -558,7 +592,7 @@ fn binary(op: &str, a: &Tensor, b: &Tensor) -> Res<Tensor> {
 }
 
 /// Per-tensor or per-axis quantization parameters broadcast to `x`: (scale, zero point) per element.
-fn qparams_at(x: &Tensor, scale: &Tensor, zero: Option<&Tensor>, axis_attr: i64) -> Res<Vec<(f32, i32)>> {
+fn qparams_at(x: &Tensor, scale: &Tensor, zero: Option<&Tensor>, axis_attr: i64, block: usize) -> Res<Vec<(f32, i32)>> {
     let s = f32s(scale)?;
     let z: Vec<i32> = match zero {
         Some(z) => z.to_f32_vec().into_iter().map(|v| v as i32).collect(),
@@ -571,11 +605,38 @@ fn qparams_at(x: &Tensor, scale: &Tensor, zero: Option<&Tensor>, axis_attr: i64)
         return Ok(vec![(s[0], z[0]); x.len()]);
     }
     let ax = axis(axis_attr, x.shape().len())?;
+    if block > 0 {
+        // Blocked (opset 21): the scale has x's shape with axis `ax` divided into blocks of `block`.
+        let xs = x.shape();
+        let ss = scale.shape();
+        if ss.len() != xs.len() || ss[ax] != xs[ax].div_ceil(block) {
+            return Err(format!("scale {ss:?} for blocks of {block} along axis {ax} of {xs:?}"));
+        }
+        let sstr = dense_strides(ss);
+        let mut idx = vec![0usize; xs.len()];
+        return Ok((0..x.len())
+            .map(|k| {
+                let mut r = k;
+                for d in (0..xs.len()).rev() {
+                    idx[d] = r % xs[d];
+                    r /= xs[d];
+                }
+                let o: isize = (0..xs.len())
+                    .map(|d| if d == ax { (idx[d] / block) as isize * sstr[d] } else { idx[d] as isize * sstr[d] })
+                    .sum();
+                (s[o as usize], z[o as usize])
+            })
+            .collect());
+    }
     if x.shape()[ax] != s.len() {
         return Err(format!("{} scales for axis {ax} of shape {:?}", s.len(), x.shape()));
     }
     let inner: usize = x.shape()[ax + 1..].iter().product();
     Ok((0..x.len()).map(|i| (i / inner) % s.len()).map(|c| (s[c], z[c])).collect())
+}
+
+fn block_size(n: &NodeProto) -> usize {
+    n.attr_i("block_size").unwrap_or(0).max(0) as usize
 }
 
 /// What a plain op's implementation receives: the node, its inputs (`None`: omitted) and the model's opset.
@@ -600,47 +661,154 @@ impl Args<'_> {
     }
 }
 
-type PlainFn = fn(&Args) -> Res<Tensor>;
+type PlainFn = fn(&Args) -> Res<Vec<Tensor>>;
+
+/// A single-output implementation as a table entry.
+macro_rules! one {
+    ($f:path) => {
+        |a: &Args| $f(a).map(|t| vec![t])
+    };
+}
 
 /// The plain ONNX ops the interpreter runs (beyond the kernel nodes): the op table is the dispatch, and
 /// [`OPS`] is derived from it.
 const PLAIN: &[(&str, PlainFn)] = &[
-    ("Constant", op_constant),
-    ("Identity", op_identity),
-    ("Dropout", op_identity),
-    ("Relu", op_relu),
-    ("Exp", op_exp),
-    ("Sigmoid", op_sigmoid),
-    ("Tanh", op_tanh),
-    ("Sqrt", op_sqrt),
-    ("Neg", op_neg),
-    ("Abs", op_abs),
-    ("Floor", op_floor),
-    ("Ceil", op_ceil),
-    ("Round", op_round),
-    ("Clip", op_clip),
+    ("Constant", one!(op_constant)),
+    ("Identity", one!(op_identity)),
+    ("Dropout", one!(op_identity)),
+    ("Relu", one!(op_relu)),
+    ("Exp", one!(op_exp)),
+    ("Sigmoid", one!(op_sigmoid)),
+    ("Tanh", one!(op_tanh)),
+    ("Sqrt", one!(op_sqrt)),
+    ("Neg", math::op_signed),
+    ("Abs", math::op_signed),
+    ("Sign", math::op_signed),
+    ("Floor", one!(op_floor)),
+    ("Ceil", one!(op_ceil)),
+    ("Round", one!(op_round)),
+    ("Clip", one!(op_clip)),
+    ("Log", math::op_log),
+    ("Reciprocal", math::op_reciprocal),
+    ("Sin", math::op_sin),
+    ("Cos", math::op_cos),
+    ("Tan", math::op_tan),
+    ("Asin", math::op_asin),
+    ("Acos", math::op_acos),
+    ("Atan", math::op_atan),
+    ("Sinh", math::op_sinh),
+    ("Cosh", math::op_cosh),
+    ("Asinh", math::op_asinh),
+    ("Acosh", math::op_acosh),
+    ("Atanh", math::op_atanh),
+    ("Erf", math::op_erf),
+    ("Softplus", math::op_softplus),
+    ("Softsign", math::op_softsign),
+    ("Elu", math::op_elu),
+    ("Celu", math::op_celu),
+    ("Selu", math::op_selu),
+    ("LeakyRelu", math::op_leaky_relu),
+    ("ThresholdedRelu", math::op_thresholded_relu),
+    ("HardSigmoid", math::op_hard_sigmoid),
+    ("HardSwish", math::op_hard_swish),
+    ("Gelu", math::op_gelu),
+    ("Mish", math::op_mish),
+    ("IsNaN", math::op_isnan),
+    ("IsInf", math::op_isinf),
+    ("Not", math::op_not),
+    ("And", math::op_logic),
+    ("Or", math::op_logic),
+    ("Xor", math::op_logic),
+    ("Equal", math::op_compare),
+    ("Less", math::op_compare),
+    ("LessOrEqual", math::op_compare),
+    ("Greater", math::op_compare),
+    ("GreaterOrEqual", math::op_compare),
+    ("Where", math::op_where),
+    ("PRelu", math::op_prelu),
+    ("Pow", math::op_pow),
+    ("Mod", math::op_mod),
+    ("Add", one!(op_arithmetic)),
+    ("Sub", one!(op_arithmetic)),
+    ("Mul", one!(op_arithmetic)),
+    ("Div", one!(op_arithmetic)),
+    ("Max", one!(op_variadic)),
+    ("Min", one!(op_variadic)),
+    ("Sum", math::op_sum_mean),
+    ("Mean", math::op_sum_mean),
+    ("Cast", one!(op_cast)),
+    ("CastLike", shape::op_cast_like),
+    ("Shape", one!(op_shape)),
+    ("Size", shape::op_size),
+    ("Gather", one!(op_gather)),
+    ("GatherElements", shape::op_gather_elements),
+    ("GatherND", shape::op_gather_nd),
+    ("ScatterElements", shape::op_scatter_elements),
+    ("ScatterND", shape::op_scatter_nd),
+    ("Unsqueeze", one!(op_unsqueeze)),
+    ("Squeeze", one!(op_squeeze)),
+    ("Reshape", one!(op_reshape)),
+    ("Flatten", one!(op_flatten)),
+    ("Concat", one!(op_concat)),
+    ("Split", shape::op_split),
+    ("Transpose", one!(op_transpose)),
+    ("Slice", one!(op_slice)),
+    ("Expand", shape::op_expand),
+    ("Tile", shape::op_tile),
+    ("ConstantOfShape", shape::op_constant_of_shape),
+    ("Range", shape::op_range),
+    ("Pad", shape::op_pad),
+    ("DepthToSpace", shape::op_depth_space),
+    ("SpaceToDepth", shape::op_depth_space),
+    ("NonZero", shape::op_nonzero),
+    ("OneHot", shape::op_one_hot),
+    ("Trilu", shape::op_trilu),
+    ("ReduceSum", reduce::op_reduce),
+    ("ReduceMean", reduce::op_reduce),
+    ("ReduceMax", reduce::op_reduce),
+    ("ReduceMin", reduce::op_reduce),
+    ("ReduceProd", reduce::op_reduce),
+    ("ReduceL1", reduce::op_reduce),
+    ("ReduceL2", reduce::op_reduce),
+    ("ReduceLogSum", reduce::op_reduce),
+    ("ReduceLogSumExp", reduce::op_reduce),
+    ("ReduceSumSquare", reduce::op_reduce),
+    ("ArgMax", reduce::op_arg),
+    ("ArgMin", reduce::op_arg),
+    ("CumSum", reduce::op_cumsum),
+    ("TopK", reduce::op_topk),
+    ("Softmax", one!(op_softmax)),
+    ("LogSoftmax", reduce::op_softmax_like),
+    ("Hardmax", reduce::op_softmax_like),
+    ("MatMul", nn::op_matmul),
+    ("MatMulInteger", nn::op_matmul_integer),
+    ("Gemm", nn::op_gemm),
+    ("Einsum", nn::op_einsum),
     ("Conv", op_conv),
+    ("ConvTranspose", nn::op_conv_transpose),
+    ("ConvInteger", nn::op_conv_integer),
+    ("NonMaxSuppression", nn::op_nms),
     ("MaxPool", op_max_pool),
-    ("Add", op_arithmetic),
-    ("Sub", op_arithmetic),
-    ("Mul", op_arithmetic),
-    ("Div", op_arithmetic),
-    ("Max", op_variadic),
-    ("Min", op_variadic),
-    ("Cast", op_cast),
-    ("Shape", op_shape),
-    ("Gather", op_gather),
-    ("Unsqueeze", op_unsqueeze),
-    ("Squeeze", op_squeeze),
-    ("Reshape", op_reshape),
-    ("Flatten", op_flatten),
-    ("Concat", op_concat),
-    ("Transpose", op_transpose),
-    ("Slice", op_slice),
-    ("Softmax", op_softmax),
-    ("QuantizeLinear", op_quantize_linear),
-    ("DequantizeLinear", op_dequantize_linear),
-    ("GlobalAveragePool", op_global_average_pool),
+    ("AveragePool", nn::pool_direct),
+    ("LpPool", nn::pool_direct),
+    ("GlobalAveragePool", one!(op_global_average_pool)),
+    ("GlobalMaxPool", nn::op_global_max_pool),
+    ("BatchNormalization", nn::op_batch_norm),
+    ("InstanceNormalization", nn::op_instance_norm),
+    ("LayerNormalization", nn::op_layer_norm),
+    ("GroupNormalization", nn::op_group_norm),
+    ("LpNormalization", nn::op_lp_norm),
+    ("LRN", nn::op_lrn),
+    ("Resize", resize::op_resize),
+    ("Upsample", resize::op_resize),
+    ("LSTM", rnn::op_rnn),
+    ("GRU", rnn::op_rnn),
+    ("RNN", rnn::op_rnn),
+    ("QuantizeLinear", one!(op_quantize_linear)),
+    ("DequantizeLinear", one!(op_dequantize_linear)),
+    ("DynamicQuantizeLinear", op_dynamic_quantize_linear),
+    ("If", control::op_control),
+    ("Loop", control::op_control),
 ];
 
 /// The plain ONNX ops the interpreter runs (beyond the kernel nodes), in table order.
@@ -652,7 +820,7 @@ fn plain_op(op: &str) -> Option<PlainFn> {
     PLAIN.iter().find(|(name, _)| *name == op).map(|(_, f)| *f)
 }
 
-fn plain(n: &NodeProto, ins: &[Option<&Tensor>], opset: i64) -> Res<Tensor> {
+fn plain(n: &NodeProto, ins: &[Option<&Tensor>], opset: i64) -> Res<Vec<Tensor>> {
     let f = plain_op(n.op()).ok_or_else(|| format!("{} is not an interpreter op", n.op()))?;
     f(&Args { n, ins, opset })
 }
@@ -689,16 +857,6 @@ fn op_tanh(a: &Args) -> Res<Tensor> {
 fn op_sqrt(a: &Args) -> Res<Tensor> {
     let x = a.x()?;
     float_map(x, f64::sqrt)
-}
-
-fn op_neg(a: &Args) -> Res<Tensor> {
-    let x = a.x()?;
-    float_map(x, |v| -v)
-}
-
-fn op_abs(a: &Args) -> Res<Tensor> {
-    let x = a.x()?;
-    float_map(x, f64::abs)
 }
 
 fn op_floor(a: &Args) -> Res<Tensor> {
@@ -738,20 +896,46 @@ fn op_clip(a: &Args) -> Res<Tensor> {
     Ok(y)
 }
 
-fn op_conv(a: &Args) -> Res<Tensor> {
+/// Conv: the NHWC kernel for 2-D f32 convolutions, direct loops for the rest (1-D, 3-D, other types).
+fn op_conv(a: &Args) -> Res<Vec<Tensor>> {
     let n = a.n;
     let ins = a.ins;
-    let x = a.x()?;
-    let hw = image_dims(x).map(|[_, _, h, w]| [h, w])?;
-    let conv = conv_of(n, input(ins, 1)?, ins.get(2).copied().flatten(), Some(hw))?.ok_or("no padding")?;
-    run_conv(&conv, x)
+    let (x, w, b) = (a.x()?, input(ins, 1)?, ins.get(2).copied().flatten());
+    if let (Ok([_, _, h, wd]), DType::F32, DType::F32) = (image_dims(x), x.dtype(), w.dtype())
+        && w.shape().len() == 4
+        && let Ok(Some(conv)) = conv_of(n, w, b.filter(|b| b.dtype() == DType::F32), Some([h, wd]))
+    {
+        return Ok(vec![run_conv(&conv, x)?]);
+    }
+    Ok(vec![nn::conv_direct(n, x, w, b)?])
 }
 
-fn op_max_pool(a: &Args) -> Res<Tensor> {
+/// MaxPool: the NHWC kernel for 2-D f32/u8 pooling, direct loops for the rest (1-D, 3-D, dilations, Indices).
+fn op_max_pool(a: &Args) -> Res<Vec<Tensor>> {
     let n = a.n;
     let x = a.x()?;
-    let hw = image_dims(x).map(|[_, _, h, w]| [h, w])?;
-    run_pool(&pool_of(n, Some(hw))?.ok_or("no padding")?, x)
+    if let Ok([_, _, h, w]) = image_dims(x)
+        && matches!(x.dtype(), DType::F32 | DType::U8)
+        && let Ok(Some(p)) = pool_of(n, Some([h, w]))
+    {
+        return Ok(vec![run_pool(&p, x)?]);
+    }
+    nn::pool_direct(a)
+}
+
+/// DynamicQuantizeLinear: uint8 with the scale and zero point of the tensor's range (including 0).
+fn op_dynamic_quantize_linear(a: &Args) -> Res<Vec<Tensor>> {
+    let x = a.x()?;
+    let v = x.to_f32_vec();
+    let (lo, hi) = v.iter().fold((0f32, 0f32), |(l, h), &e| (l.min(e), h.max(e)));
+    let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+    let zp = (-lo / scale).round_ties_even().clamp(0.0, 255.0);
+    let y = v.iter().map(|&e| ((e / scale).round_ties_even() + zp).clamp(0.0, 255.0) as u8).collect();
+    Ok(vec![
+        tensor(x.shape().to_vec(), TensorData::U8(y))?,
+        tensor(vec![], TensorData::F32(vec![scale]))?,
+        tensor(vec![], TensorData::U8(vec![zp as u8]))?,
+    ])
 }
 
 fn op_arithmetic(a: &Args) -> Res<Tensor> {
@@ -777,7 +961,7 @@ fn op_cast(a: &Args) -> Res<Tensor> {
     let n = a.n;
     let x = a.x()?;
     let to = n.attr_i("to").unwrap_or(0) as i32;
-    Ok(x.cast(DType::from_onnx_code(to).ok_or_else(|| format!("cast to element type {to}"))?))
+    Ok(x.cast(DType::from_onnx_code(to).ok_or_else(|| format!("unsupported target type (ONNX element type {to})"))?))
 }
 
 fn op_shape(a: &Args) -> Res<Tensor> {
@@ -1024,9 +1208,12 @@ fn op_quantize_linear(a: &Args) -> Res<Tensor> {
     let x = a.x()?;
     let shape = x.shape().to_vec();
     let zero = ins.get(2).copied().flatten();
-    let q = qparams_at(x, input(ins, 1)?, zero, n.attr_i("axis").unwrap_or(1))?;
+    let q = qparams_at(x, input(ins, 1)?, zero, n.attr_i("axis").unwrap_or(1), block_size(n))?;
     let v = x.to_f32_vec();
-    let (lo, hi, dt) = match zero.map(Tensor::dtype) {
+    // Without a zero point, opset 21's `output_dtype` names the type (default uint8).
+    let out_dt =
+        zero.map(Tensor::dtype).or_else(|| n.attr_i("output_dtype").and_then(|c| DType::from_onnx_code(c as i32)));
+    let (lo, hi, dt) = match out_dt {
         Some(DType::I8) => (-128, 127, DType::I8),
         None | Some(DType::U8) => (0, 255, DType::U8),
         Some(DType::I16) => (-32768, 32767, DType::I16),
@@ -1043,7 +1230,7 @@ fn op_dequantize_linear(a: &Args) -> Res<Tensor> {
     let ins = a.ins;
     let x = a.x()?;
     let shape = x.shape().to_vec();
-    let q = qparams_at(x, input(ins, 1)?, ins.get(2).copied().flatten(), n.attr_i("axis").unwrap_or(1))?;
+    let q = qparams_at(x, input(ins, 1)?, ins.get(2).copied().flatten(), n.attr_i("axis").unwrap_or(1), block_size(n))?;
     let v = i64s(&x.cast(DType::I64))?;
     let y = v.iter().zip(&q).map(|(&v, &(s, z))| (v - z as i64) as f32 * s).collect();
     tensor(shape, TensorData::F32(y))
