@@ -1,11 +1,16 @@
 //! The kernel interpreter: a CPU backend without tract. It runs the graph [`Model::lower_for_cpu`] produces —
-//! edgepack's kernel nodes ([`edgepack_lower::nodes`]) plus the small set of plain ONNX ops ([`OPS`]) that
-//! classification and detection models keep around them (reshapes, softmax, quantize/dequantize, the integer
-//! arithmetic of `qdq_lower`, box decoding) — node by node in topological order, freeing each value after its last
-//! reader. A model with any other op is refused at load with `Error::UnsupportedOp`, naming the op.
+//! edgepack's kernel nodes ([`edgepack_lower::nodes`]) for the heavy work, and the ONNX ops of its op table
+//! ([`OPS`]: element-wise math, shapes and data movement, reductions, MatMul/Gemm, N-D convolution and pooling,
+//! normalisations, Resize, recurrent layers, quantization, and `If`/`Loop` through prepared sub-interpreters) —
+//! node by node in topological order, freeing each value after its last reader. A model with any other op is
+//! refused at load with `Error::UnsupportedOp`, naming the op.
 //!
-//! It is the CPU backend of builds without the `tract` feature (the mobile library's selective, small build, as
-//! TFLite's selective builds keep only the kernels a model needs) and can be chosen in full builds with
+//! Modules by family: `math` (element-wise), `shape` (data movement), `reduce`, `nn`, `resize`, `rnn`, `control`.
+//! Plain ops compute floats in f64 and round once to their type (so results match onnxruntime's to float
+//! rounding); the kernels carry the speed.
+//!
+//! It is the CPU backend of builds without the `tract` feature (the mobile library's small build, as TFLite's
+//! selective builds keep only the kernels a model needs) and can be chosen in full builds with
 //! `EDGEPACK_CPU=interp`. Kernel nodes run the very same code as on tract, so results agree with it.
 use std::collections::HashMap;
 
@@ -1230,7 +1235,24 @@ fn op_dequantize_linear(a: &Args) -> Res<Tensor> {
     let ins = a.ins;
     let x = a.x()?;
     let shape = x.shape().to_vec();
-    let q = qparams_at(x, input(ins, 1)?, ins.get(2).copied().flatten(), n.attr_i("axis").unwrap_or(1), block_size(n))?;
+    let (scale, zero) = (input(ins, 1)?, ins.get(2).copied().flatten());
+    // The common case, a per-tensor 8-bit activation: one multiply per element through a 256-entry table.
+    if let (Some(&s), 1, TensorData::U8(_) | TensorData::I8(_)) = (f32s(scale)?.first(), scale.len(), x.data()) {
+        let z = zero.map_or(0.0, |z| z.to_f32_vec()[0]);
+        let y = match x.data() {
+            TensorData::U8(v) => {
+                let lut: Vec<f32> = (0..256).map(|q| (q as f32 - z) * s).collect();
+                v.iter().map(|&q| lut[q as usize]).collect()
+            }
+            TensorData::I8(v) => {
+                let lut: Vec<f32> = (0..256).map(|k| ((k as i32 - 128) as f32 - z) * s).collect();
+                v.iter().map(|&q| lut[(q as i32 + 128) as usize]).collect()
+            }
+            _ => unreachable!("matched above"),
+        };
+        return tensor(shape, TensorData::F32(y));
+    }
+    let q = qparams_at(x, scale, zero, n.attr_i("axis").unwrap_or(1), block_size(n))?;
     let v = i64s(&x.cast(DType::I64))?;
     let y = v.iter().zip(&q).map(|(&v, &(s, z))| (v - z as i64) as f32 * s).collect();
     tensor(shape, TensorData::F32(y))
