@@ -1245,7 +1245,7 @@ fn op_dequantize_linear(a: &Args) -> Res<Tensor> {
                 v.iter().map(|&q| lut[q as usize]).collect()
             }
             TensorData::I8(v) => {
-                let lut: Vec<f32> = (0..256).map(|k| ((k as i32 - 128) as f32 - z) * s).collect();
+                let lut: Vec<f32> = (0..256i32).map(|k| ((k - 128) as f32 - z) * s).collect();
                 v.iter().map(|&q| lut[(q as i32 + 128) as usize]).collect()
             }
             _ => unreachable!("matched above"),
