@@ -3,18 +3,21 @@
 # profile of Cargo.toml, with tract (`--features tract`) and without (the kernel interpreter alone); writes the
 # table between the mobile-size markers of BENCHMARKS.md with --md.
 #
-#   scripts/mobile_size.sh [--md BENCHMARKS.md] [--abort]    --abort also measures panic = "abort"
+#   scripts/mobile_size.sh [--md BENCHMARKS.md] [--abort] [--ops FILE]
+# --abort also measures panic = "abort"; --ops FILE adds a selective build of the interpreter with only the ops of
+# FILE (what `edgepack ops MODEL... -o FILE` writes; the build reads it through EDGEPACK_INTERP_OPS).
 # A separate build (own profile and feature set): tens of minutes on 2 cores the first time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # cargo's own default (the checkout's target/) unless set, so `cargo run` and the scripts share one build.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$(pwd)/target}
-MD=""; ABORT=0
+MD=""; ABORT=0; OPS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --md) MD=$2; shift 2 ;;
     --abort) ABORT=1; shift ;;
-    *) echo "usage: $0 [--md FILE] [--abort]" >&2; exit 2 ;;
+    --ops) OPS=$(realpath "$2"); shift 2 ;;
+    *) echo "usage: $0 [--md FILE] [--abort] [--ops FILE]" >&2; exit 2 ;;
   esac
 done
 rows=()
@@ -30,6 +33,11 @@ measure() {  # name, extra cargo args...
 }
 measure 'CPU-only with tract (`--features tract`: every op tract runs)' --features tract
 measure 'CPU-only, kernel interpreter (no features: kernel nodes + its op set)'
+if [ -n "$OPS" ]; then
+  n=$(grep -cv '^\s*\(#\|$\)' "$OPS")
+  EDGEPACK_INTERP_OPS=$OPS measure "CPU-only, kernel interpreter, selective: the $n ops of \`$(basename "$OPS")\`"
+  cargo build -q -p edgepack-mobile --lib --profile mobile --no-default-features  # leave the default build in place
+fi
 if [ "$ABORT" = 1 ]; then
   CARGO_PROFILE_MOBILE_PANIC=abort measure 'CPU-only, kernel interpreter, panic = "abort"'
   cargo build -q -p edgepack-mobile --lib --profile mobile --no-default-features  # leave the default build in place

@@ -1272,3 +1272,89 @@ pub fn man_pages(cmd: clap::Command, out: &Path) -> Result<()> {
     println!("wrote {} man pages into {}", pages.len(), out.display());
     Ok(())
 }
+
+#[derive(Args)]
+pub struct OpsArgs {
+    /// Models (.onnx) or bundles (.edgepack; every variant counts)
+    #[arg(required = true)]
+    models: Vec<PathBuf>,
+    /// Write the list here (one op per line, what EDGEPACK_INTERP_OPS reads) instead of printing it
+    #[arg(short, long)]
+    out: Option<PathBuf>,
+    /// Print a JSON document instead of text
+    #[arg(long)]
+    json: bool,
+}
+
+/// The ONNX models of a file: an .onnx, or every variant of a bundle (verified).
+fn models_of(path: &Path) -> Result<Vec<(String, edgepack_runtime::onnx::Model)>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if !edgepack_runtime::session::is_bundle(&bytes) {
+        let m = edgepack_runtime::onnx::Model::from_bytes(&bytes).with_context(|| format!("{}", path.display()))?;
+        return Ok(vec![(path.display().to_string(), m)]);
+    }
+    let b = Bundle::from_bytes(bytes, &OpenOptions::default()).with_context(|| format!("{}", path.display()))?;
+    b.manifest()
+        .variants
+        .iter()
+        .map(|v| {
+            let m = edgepack_runtime::onnx::Model::from_bytes(&b.member(&v.member)?)
+                .with_context(|| format!("{} variant `{}`", path.display(), v.id))?;
+            Ok((format!("{}#{}", path.display(), v.id), m))
+        })
+        .collect()
+}
+
+/// `edgepack ops`: the ops a selective interpreter build needs for a set of models.
+pub fn ops(a: OpsArgs) -> Result<()> {
+    if let Some(o) = &a.out {
+        check_writable(&[o])?;
+    }
+    let mut all = std::collections::BTreeSet::new();
+    let mut kernels = std::collections::BTreeSet::new();
+    let mut sources = Vec::new();
+    for p in &a.models {
+        for (name, m) in models_of(p)? {
+            let (ops, k) = edgepack_runtime::interp::required_ops(&m);
+            all.extend(ops);
+            kernels.extend(k);
+            sources.push(name);
+        }
+    }
+    let known: std::collections::BTreeSet<&str> = edgepack_runtime::interp::OPS.iter().copied().collect();
+    let missing: Vec<&String> = all.iter().filter(|o| !known.contains(o.as_str())).collect();
+    if !missing.is_empty() {
+        crate::output::warn(format!(
+            "not in the kernel interpreter (the tract build runs them): {}",
+            missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let ops: Vec<&String> = all.iter().collect();
+    if let Some(out) = &a.out {
+        let mut text = format!("# edgepack ops {} (edgepack {})\n", sources.join(" "), edgepack_runtime::VERSION);
+        text.push_str("# for EDGEPACK_INTERP_OPS: a selective build of the kernel interpreter\n");
+        for o in &ops {
+            text.push_str(o);
+            text.push('\n');
+        }
+        edgepack_runtime::fsutil::write_atomic(out, text.as_bytes())
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+    if a.json {
+        return crate::output::json(json!({"models": sources, "ops": ops, "kernel_nodes": kernels,
+            "not_in_interpreter": missing, "out": a.out}));
+    }
+    if let Some(out) = &a.out {
+        println!(
+            "wrote {} ({} ops for {} model(s); kernel nodes are always in)",
+            out.display(),
+            ops.len(),
+            sources.len()
+        );
+    } else {
+        for o in &ops {
+            println!("{o}");
+        }
+    }
+    Ok(())
+}

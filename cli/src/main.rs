@@ -168,6 +168,9 @@ enum Command {
         #[arg(long)]
         free_batch: bool,
     },
+    /// The ONNX ops the kernel interpreter needs for these models or bundles (every variant): the list a selective
+    /// mobile build takes (`EDGEPACK_INTERP_OPS=FILE`, mobile/README.md)
+    Ops(commands::OpsArgs),
     /// Shell completions on stdout: `edgepack completions bash > /etc/bash_completion.d/edgepack`
     Completions {
         /// bash, zsh, fish, elvish or powershell
@@ -279,6 +282,7 @@ fn main() -> ExitCode {
         Command::Rewrite { input, output, topo_sort, remove_unused_initializers, opset, free_batch } => {
             commands::rewrite(&input, &output, topo_sort, remove_unused_initializers, opset, free_batch)
         }
+        Command::Ops(a) => commands::ops(a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut command(), "edgepack", &mut std::io::stdout());
             Ok(())

@@ -95,3 +95,22 @@ def test_onnx_node_suite_on_the_interpreter(tmp_path):
     print(f"\nONNX node tests on the kernel interpreter: {passed} passed, {failed} failed ({pct_expr} % of claimed)")
     assert passed + failed > 300, "the suite looks incomplete"
     assert pct_expr >= 95.0, md.read_text()
+
+
+def test_a_selective_build_runs_its_models_only(binary, tmp_path):
+    """Issue 26: `edgepack ops` lists what a set of models needs, and the interpreter built with that list
+    (EDGEPACK_INTERP_OPS, as the mobile library's selective build takes it) has exactly those ops: its unit test
+    checks the table, and that a model needing another op is refused by name. Built in a target dir of its own
+    (the interpreter's crates only; cached under ~/.cache)."""
+    import json
+    ops = tmp_path / "tiny.ops"
+    model = os.path.join(ASSETS, "models", "efficientnet_lite0_fp32.onnx")
+    doc = json.loads(ep("ops", model, "-o", ops, "--json").stdout)
+    assert doc["ops"] == ["Reshape"] and "EpConv" in doc["kernel_nodes"] and doc["not_in_interpreter"] == [], doc
+    assert ops.read_text().splitlines()[-1] == "Reshape"
+    env = {**os.environ, "EDGEPACK_INTERP_OPS": str(ops),
+           "CARGO_TARGET_DIR": os.path.join(os.path.expanduser("~"), ".cache", "edgepack-selective-target")}
+    r = subprocess.run(["cargo", "test", "--release", "-p", "edgepack-interp", "--lib", "--", "selective",
+                        "--nocapture"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "a_selective_build_has_exactly_its_ops ... ok" in r.stdout, r.stdout[-2000:]

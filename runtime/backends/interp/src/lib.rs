@@ -668,6 +668,88 @@ impl Args<'_> {
 
 type PlainFn = fn(&Args) -> Res<Vec<Tensor>>;
 
+mod selection {
+    include!(concat!(env!("OUT_DIR"), "/selected_ops.rs"));
+
+    const fn same(a: &str, b: &str) -> bool {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let mut i = 0;
+        while i < a.len() {
+            if a[i] != b[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+
+    /// Whether `op` is compiled in (always, outside a selective build). Evaluated at compile time in the table,
+    /// so an unselected op's code is never referenced and the linker drops it.
+    pub const fn selected(op: &str) -> bool {
+        match SELECTED {
+            None => true,
+            Some(list) => {
+                let mut i = 0;
+                while i < list.len() {
+                    if same(list[i], op) {
+                        return true;
+                    }
+                    i += 1;
+                }
+                false
+            }
+        }
+    }
+}
+
+/// The ONNX ops the interpreter needs to run `model` (after the CPU lowering, subgraphs included), sorted; and the
+/// kernel nodes the lowering made (always compiled in). What `edgepack ops` lists for a selective build.
+pub fn required_ops(model: &Model) -> (Vec<String>, Vec<String>) {
+    fn walk(
+        nodes: &[NodeProto],
+        ops: &mut std::collections::BTreeSet<String>,
+        kernels: &mut std::collections::BTreeSet<String>,
+    ) {
+        for n in nodes {
+            if n.domain_name() == edgepack_lower::qdq_kernels::DOMAIN {
+                kernels.insert(n.op().to_string());
+            } else {
+                ops.insert(n.op().to_string());
+            }
+            for a in &n.attribute {
+                for g in a.g.iter().chain(&a.graphs) {
+                    walk(&g.node, ops, kernels);
+                }
+            }
+        }
+    }
+    let lowered = model.lower_for_cpu(true).model;
+    let (mut ops, mut kernels) = Default::default();
+    walk(&lowered.graph.nodes, &mut ops, &mut kernels);
+    (ops.into_iter().collect(), kernels.into_iter().collect())
+}
+
+/// Whether this build is selective (`EDGEPACK_INTERP_OPS`), and its op list.
+pub fn selective_build() -> Option<&'static [&'static str]> {
+    selection::SELECTED
+}
+
+/// The entry of an op left out of a selective build (never called: the load check refuses the op first).
+fn op_unselected(a: &Args) -> Res<Vec<Tensor>> {
+    Err(format!("{} is not in this selective build", a.n.op()))
+}
+
+/// A table entry: the implementation, or, in a selective build without the op, a stub (decided at compile time).
+macro_rules! pick {
+    ($name:literal, $f:expr) => {{
+        const F: PlainFn = if selection::selected($name) { $f } else { op_unselected };
+        ($name, F)
+    }};
+}
+
 /// A single-output implementation as a table entry.
 macro_rules! one {
     ($f:path) => {
@@ -678,151 +760,151 @@ macro_rules! one {
 /// The plain ONNX ops the interpreter runs (beyond the kernel nodes): the op table is the dispatch, and
 /// [`OPS`] is derived from it.
 const PLAIN: &[(&str, PlainFn)] = &[
-    ("Constant", one!(op_constant)),
-    ("Identity", one!(op_identity)),
-    ("Dropout", one!(op_identity)),
-    ("Relu", one!(op_relu)),
-    ("Exp", one!(op_exp)),
-    ("Sigmoid", one!(op_sigmoid)),
-    ("Tanh", one!(op_tanh)),
-    ("Sqrt", one!(op_sqrt)),
-    ("Neg", math::op_signed),
-    ("Abs", math::op_signed),
-    ("Sign", math::op_signed),
-    ("Floor", one!(op_floor)),
-    ("Ceil", one!(op_ceil)),
-    ("Round", one!(op_round)),
-    ("Clip", one!(op_clip)),
-    ("Log", math::op_log),
-    ("Reciprocal", math::op_reciprocal),
-    ("Sin", math::op_sin),
-    ("Cos", math::op_cos),
-    ("Tan", math::op_tan),
-    ("Asin", math::op_asin),
-    ("Acos", math::op_acos),
-    ("Atan", math::op_atan),
-    ("Sinh", math::op_sinh),
-    ("Cosh", math::op_cosh),
-    ("Asinh", math::op_asinh),
-    ("Acosh", math::op_acosh),
-    ("Atanh", math::op_atanh),
-    ("Erf", math::op_erf),
-    ("Softplus", math::op_softplus),
-    ("Softsign", math::op_softsign),
-    ("Elu", math::op_elu),
-    ("Celu", math::op_celu),
-    ("Selu", math::op_selu),
-    ("LeakyRelu", math::op_leaky_relu),
-    ("ThresholdedRelu", math::op_thresholded_relu),
-    ("HardSigmoid", math::op_hard_sigmoid),
-    ("HardSwish", math::op_hard_swish),
-    ("Gelu", math::op_gelu),
-    ("Mish", math::op_mish),
-    ("IsNaN", math::op_isnan),
-    ("IsInf", math::op_isinf),
-    ("Not", math::op_not),
-    ("And", math::op_logic),
-    ("Or", math::op_logic),
-    ("Xor", math::op_logic),
-    ("Equal", math::op_compare),
-    ("Less", math::op_compare),
-    ("LessOrEqual", math::op_compare),
-    ("Greater", math::op_compare),
-    ("GreaterOrEqual", math::op_compare),
-    ("Where", math::op_where),
-    ("PRelu", math::op_prelu),
-    ("Pow", math::op_pow),
-    ("Mod", math::op_mod),
-    ("Add", one!(op_arithmetic)),
-    ("Sub", one!(op_arithmetic)),
-    ("Mul", one!(op_arithmetic)),
-    ("Div", one!(op_arithmetic)),
-    ("Max", one!(op_variadic)),
-    ("Min", one!(op_variadic)),
-    ("Sum", math::op_sum_mean),
-    ("Mean", math::op_sum_mean),
-    ("Cast", one!(op_cast)),
-    ("CastLike", shape::op_cast_like),
-    ("Shape", one!(op_shape)),
-    ("Size", shape::op_size),
-    ("Gather", one!(op_gather)),
-    ("GatherElements", shape::op_gather_elements),
-    ("GatherND", shape::op_gather_nd),
-    ("ScatterElements", shape::op_scatter_elements),
-    ("ScatterND", shape::op_scatter_nd),
-    ("Unsqueeze", one!(op_unsqueeze)),
-    ("Squeeze", one!(op_squeeze)),
-    ("Reshape", one!(op_reshape)),
-    ("Flatten", one!(op_flatten)),
-    ("Concat", one!(op_concat)),
-    ("Split", shape::op_split),
-    ("Transpose", one!(op_transpose)),
-    ("Slice", one!(op_slice)),
-    ("Expand", shape::op_expand),
-    ("Tile", shape::op_tile),
-    ("ConstantOfShape", shape::op_constant_of_shape),
-    ("Range", shape::op_range),
-    ("Pad", shape::op_pad),
-    ("DepthToSpace", shape::op_depth_space),
-    ("SpaceToDepth", shape::op_depth_space),
-    ("NonZero", shape::op_nonzero),
-    ("OneHot", shape::op_one_hot),
-    ("Trilu", shape::op_trilu),
-    ("ReduceSum", reduce::op_reduce),
-    ("ReduceMean", reduce::op_reduce),
-    ("ReduceMax", reduce::op_reduce),
-    ("ReduceMin", reduce::op_reduce),
-    ("ReduceProd", reduce::op_reduce),
+    pick!("Constant", one!(op_constant)),
+    pick!("Identity", one!(op_identity)),
+    pick!("Dropout", one!(op_identity)),
+    pick!("Relu", one!(op_relu)),
+    pick!("Exp", one!(op_exp)),
+    pick!("Sigmoid", one!(op_sigmoid)),
+    pick!("Tanh", one!(op_tanh)),
+    pick!("Sqrt", one!(op_sqrt)),
+    pick!("Neg", math::op_signed),
+    pick!("Abs", math::op_signed),
+    pick!("Sign", math::op_signed),
+    pick!("Floor", one!(op_floor)),
+    pick!("Ceil", one!(op_ceil)),
+    pick!("Round", one!(op_round)),
+    pick!("Clip", one!(op_clip)),
+    pick!("Log", math::op_log),
+    pick!("Reciprocal", math::op_reciprocal),
+    pick!("Sin", math::op_sin),
+    pick!("Cos", math::op_cos),
+    pick!("Tan", math::op_tan),
+    pick!("Asin", math::op_asin),
+    pick!("Acos", math::op_acos),
+    pick!("Atan", math::op_atan),
+    pick!("Sinh", math::op_sinh),
+    pick!("Cosh", math::op_cosh),
+    pick!("Asinh", math::op_asinh),
+    pick!("Acosh", math::op_acosh),
+    pick!("Atanh", math::op_atanh),
+    pick!("Erf", math::op_erf),
+    pick!("Softplus", math::op_softplus),
+    pick!("Softsign", math::op_softsign),
+    pick!("Elu", math::op_elu),
+    pick!("Celu", math::op_celu),
+    pick!("Selu", math::op_selu),
+    pick!("LeakyRelu", math::op_leaky_relu),
+    pick!("ThresholdedRelu", math::op_thresholded_relu),
+    pick!("HardSigmoid", math::op_hard_sigmoid),
+    pick!("HardSwish", math::op_hard_swish),
+    pick!("Gelu", math::op_gelu),
+    pick!("Mish", math::op_mish),
+    pick!("IsNaN", math::op_isnan),
+    pick!("IsInf", math::op_isinf),
+    pick!("Not", math::op_not),
+    pick!("And", math::op_logic),
+    pick!("Or", math::op_logic),
+    pick!("Xor", math::op_logic),
+    pick!("Equal", math::op_compare),
+    pick!("Less", math::op_compare),
+    pick!("LessOrEqual", math::op_compare),
+    pick!("Greater", math::op_compare),
+    pick!("GreaterOrEqual", math::op_compare),
+    pick!("Where", math::op_where),
+    pick!("PRelu", math::op_prelu),
+    pick!("Pow", math::op_pow),
+    pick!("Mod", math::op_mod),
+    pick!("Add", one!(op_arithmetic)),
+    pick!("Sub", one!(op_arithmetic)),
+    pick!("Mul", one!(op_arithmetic)),
+    pick!("Div", one!(op_arithmetic)),
+    pick!("Max", one!(op_variadic)),
+    pick!("Min", one!(op_variadic)),
+    pick!("Sum", math::op_sum_mean),
+    pick!("Mean", math::op_sum_mean),
+    pick!("Cast", one!(op_cast)),
+    pick!("CastLike", shape::op_cast_like),
+    pick!("Shape", one!(op_shape)),
+    pick!("Size", shape::op_size),
+    pick!("Gather", one!(op_gather)),
+    pick!("GatherElements", shape::op_gather_elements),
+    pick!("GatherND", shape::op_gather_nd),
+    pick!("ScatterElements", shape::op_scatter_elements),
+    pick!("ScatterND", shape::op_scatter_nd),
+    pick!("Unsqueeze", one!(op_unsqueeze)),
+    pick!("Squeeze", one!(op_squeeze)),
+    pick!("Reshape", one!(op_reshape)),
+    pick!("Flatten", one!(op_flatten)),
+    pick!("Concat", one!(op_concat)),
+    pick!("Split", shape::op_split),
+    pick!("Transpose", one!(op_transpose)),
+    pick!("Slice", one!(op_slice)),
+    pick!("Expand", shape::op_expand),
+    pick!("Tile", shape::op_tile),
+    pick!("ConstantOfShape", shape::op_constant_of_shape),
+    pick!("Range", shape::op_range),
+    pick!("Pad", shape::op_pad),
+    pick!("DepthToSpace", shape::op_depth_space),
+    pick!("SpaceToDepth", shape::op_depth_space),
+    pick!("NonZero", shape::op_nonzero),
+    pick!("OneHot", shape::op_one_hot),
+    pick!("Trilu", shape::op_trilu),
+    pick!("ReduceSum", reduce::op_reduce),
+    pick!("ReduceMean", reduce::op_reduce),
+    pick!("ReduceMax", reduce::op_reduce),
+    pick!("ReduceMin", reduce::op_reduce),
+    pick!("ReduceProd", reduce::op_reduce),
     ("ReduceL1", reduce::op_reduce),
     ("ReduceL2", reduce::op_reduce),
-    ("ReduceLogSum", reduce::op_reduce),
-    ("ReduceLogSumExp", reduce::op_reduce),
-    ("ReduceSumSquare", reduce::op_reduce),
-    ("ArgMax", reduce::op_arg),
-    ("ArgMin", reduce::op_arg),
-    ("CumSum", reduce::op_cumsum),
-    ("TopK", reduce::op_topk),
-    ("Softmax", one!(op_softmax)),
-    ("LogSoftmax", reduce::op_softmax_like),
-    ("Hardmax", reduce::op_softmax_like),
-    ("MatMul", nn::op_matmul),
-    ("MatMulInteger", nn::op_matmul_integer),
-    ("Gemm", nn::op_gemm),
-    ("Einsum", nn::op_einsum),
-    ("Conv", op_conv),
-    ("ConvTranspose", nn::op_conv_transpose),
-    ("ConvInteger", nn::op_conv_integer),
-    ("NonMaxSuppression", nn::op_nms),
-    ("MaxPool", op_max_pool),
-    ("AveragePool", nn::pool_direct),
-    ("LpPool", nn::pool_direct),
-    ("GlobalAveragePool", one!(op_global_average_pool)),
-    ("GlobalMaxPool", nn::op_global_max_pool),
-    ("BatchNormalization", nn::op_batch_norm),
-    ("InstanceNormalization", nn::op_instance_norm),
-    ("LayerNormalization", nn::op_layer_norm),
-    ("GroupNormalization", nn::op_group_norm),
-    ("LpNormalization", nn::op_lp_norm),
-    ("LRN", nn::op_lrn),
-    ("Resize", resize::op_resize),
-    ("Upsample", resize::op_resize),
-    ("LSTM", rnn::op_rnn),
-    ("GRU", rnn::op_rnn),
-    ("RNN", rnn::op_rnn),
-    ("QuantizeLinear", one!(op_quantize_linear)),
-    ("DequantizeLinear", one!(op_dequantize_linear)),
-    ("DynamicQuantizeLinear", op_dynamic_quantize_linear),
-    ("If", control::op_control),
-    ("Loop", control::op_control),
+    pick!("ReduceLogSum", reduce::op_reduce),
+    pick!("ReduceLogSumExp", reduce::op_reduce),
+    pick!("ReduceSumSquare", reduce::op_reduce),
+    pick!("ArgMax", reduce::op_arg),
+    pick!("ArgMin", reduce::op_arg),
+    pick!("CumSum", reduce::op_cumsum),
+    pick!("TopK", reduce::op_topk),
+    pick!("Softmax", one!(op_softmax)),
+    pick!("LogSoftmax", reduce::op_softmax_like),
+    pick!("Hardmax", reduce::op_softmax_like),
+    pick!("MatMul", nn::op_matmul),
+    pick!("MatMulInteger", nn::op_matmul_integer),
+    pick!("Gemm", nn::op_gemm),
+    pick!("Einsum", nn::op_einsum),
+    pick!("Conv", op_conv),
+    pick!("ConvTranspose", nn::op_conv_transpose),
+    pick!("ConvInteger", nn::op_conv_integer),
+    pick!("NonMaxSuppression", nn::op_nms),
+    pick!("MaxPool", op_max_pool),
+    pick!("AveragePool", nn::pool_direct),
+    pick!("LpPool", nn::pool_direct),
+    pick!("GlobalAveragePool", one!(op_global_average_pool)),
+    pick!("GlobalMaxPool", nn::op_global_max_pool),
+    pick!("BatchNormalization", nn::op_batch_norm),
+    pick!("InstanceNormalization", nn::op_instance_norm),
+    pick!("LayerNormalization", nn::op_layer_norm),
+    pick!("GroupNormalization", nn::op_group_norm),
+    pick!("LpNormalization", nn::op_lp_norm),
+    pick!("LRN", nn::op_lrn),
+    pick!("Resize", resize::op_resize),
+    pick!("Upsample", resize::op_resize),
+    pick!("LSTM", rnn::op_rnn),
+    pick!("GRU", rnn::op_rnn),
+    pick!("RNN", rnn::op_rnn),
+    pick!("QuantizeLinear", one!(op_quantize_linear)),
+    pick!("DequantizeLinear", one!(op_dequantize_linear)),
+    pick!("DynamicQuantizeLinear", op_dynamic_quantize_linear),
+    pick!("If", control::op_control),
+    pick!("Loop", control::op_control),
 ];
 
 /// The plain ONNX ops the interpreter runs (beyond the kernel nodes), in table order.
 pub static OPS: std::sync::LazyLock<Vec<&'static str>> =
-    std::sync::LazyLock::new(|| PLAIN.iter().map(|(op, _)| *op).collect());
+    std::sync::LazyLock::new(|| PLAIN.iter().map(|(op, _)| *op).filter(|op| selection::selected(op)).collect());
 
 /// The implementation of a plain op, `None` when the interpreter does not run it.
 fn plain_op(op: &str) -> Option<PlainFn> {
-    PLAIN.iter().find(|(name, _)| *name == op).map(|(_, f)| *f)
+    PLAIN.iter().find(|(name, _)| *name == op && selection::selected(name)).map(|(_, f)| *f)
 }
 
 fn plain(n: &NodeProto, ins: &[Option<&Tensor>], opset: i64) -> Res<Vec<Tensor>> {
@@ -1354,6 +1436,30 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), PLAIN.len(), "an op listed twice");
         assert!(OPS.iter().all(|op| plain_op(op).is_some()));
-        assert!(plain_op("MatMul").is_none());
+        assert!(plain_op("Det").is_none());
+    }
+
+    /// A selective build (`EDGEPACK_INTERP_OPS`) has exactly its ops: the others are refused at load by name.
+    /// Run by `tests/python/test_interp.py::test_a_selective_build_runs_its_models_only` with a list from
+    /// `edgepack ops`; in a full build, every op of the table is in.
+    #[test]
+    fn a_selective_build_has_exactly_its_ops() {
+        match selective_build() {
+            None => assert_eq!(OPS.len(), PLAIN.len()),
+            Some(list) => {
+                assert!(OPS.iter().all(|op| list.contains(op)), "{:?}", *OPS);
+                for (name, _) in PLAIN {
+                    assert_eq!(plain_op(name).is_some(), list.contains(name), "{name}");
+                }
+            }
+        }
+        // A model loads iff the ops it needs are in.
+        let m = edgepack_onnx::builder::tiny_classifier();
+        let (need, _) = required_ops(&m);
+        let loaded = InterpBackend::load(&m, 1);
+        assert_eq!(loaded.is_ok(), need.iter().all(|o| OPS.contains(&o.as_str())), "{need:?}");
+        if let Err(e) = loaded {
+            assert!(matches!(e, Error::UnsupportedOp { .. }), "{e}");
+        }
     }
 }
