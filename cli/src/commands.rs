@@ -227,11 +227,74 @@ pub struct RunArgs {
     /// Also write each (pre-processed) input tensor as <DIR>/input_<name>.npy
     #[arg(long)]
     save_inputs: Option<PathBuf>,
+    /// Streams (a bundle with a stream description fed WAV files): the value above which a chunk counts, for the
+    /// segments (a VAD's speech probability)
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f32,
     /// Print a JSON document: one entry of `results` per input, with its path
     #[arg(long)]
     json: bool,
     #[command(flatten)]
     load: LoadArgs,
+}
+
+fn is_wav(p: &Path) -> bool {
+    p.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("wav"))
+}
+
+/// `edgepack run BUNDLE audio.wav...`: the bundle's stream over each file, chunk by chunk with the state carried;
+/// per file the value of each chunk and the segments above `--threshold`.
+fn run_streams(a: &RunArgs, s: Session) -> Result<()> {
+    let s = std::sync::Arc::new(s);
+    let mut results = Vec::new();
+    for path in &a.inputs {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let (samples, rate) =
+            edgepack_runtime::process::read_wav(&bytes).map_err(|e| BadInput(format!("{}: {e}", path.display())))?;
+        let mut st = edgepack_runtime::stream::Stream::new(s.clone(), None)?;
+        if let Some(want) = st.spec().sample_rate
+            && want != rate
+        {
+            bail!(BadInput(format!(
+                "{}: {rate} Hz audio; the model takes {want} Hz (resample it first)",
+                path.display()
+            )));
+        }
+        let t0 = Instant::now();
+        let steps = st.push(&samples)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let values: Vec<f32> = steps.iter().map(|o| st.value(o).unwrap_or(f32::NAN)).collect();
+        let chunk_s = st.spec().chunk as f64 / rate as f64;
+        let segs: Vec<[f64; 2]> = edgepack_runtime::stream::segments(&values, a.threshold)
+            .into_iter()
+            .map(|(b, e)| [b as f64 * chunk_s, e as f64 * chunk_s])
+            .collect();
+        let above = values.iter().filter(|&&v| v > a.threshold).count();
+        results.push(json!({"input": path.display().to_string(), "sample_rate": rate, "chunks": values.len(),
+            "chunk_ms": 1e3 * chunk_s, "latency_ms": ms, "fraction_above": above as f64 / values.len().max(1) as f64,
+            "threshold": a.threshold, "segments": segs, "values": values}));
+    }
+    if a.json {
+        return crate::output::json(json!({"backend": backend_json(&s), "results": results}));
+    }
+    for r in &results {
+        let segs = r["segments"].as_array().cloned().unwrap_or_default();
+        println!(
+            "{}: {} chunks of {:.0} ms, {:.1} % above {} ({}, {:.1} ms), {} segments",
+            r["input"].as_str().unwrap_or(""),
+            r["chunks"],
+            r["chunk_ms"].as_f64().unwrap_or(0.0),
+            100.0 * r["fraction_above"].as_f64().unwrap_or(0.0),
+            a.threshold,
+            s.backend_description(),
+            r["latency_ms"].as_f64().unwrap_or(0.0),
+            segs.len()
+        );
+        for sg in segs {
+            println!("  {:.2} - {:.2} s", sg[0].as_f64().unwrap_or(0.0), sg[1].as_f64().unwrap_or(0.0));
+        }
+    }
+    Ok(())
 }
 
 fn is_image(p: &Path) -> bool {
@@ -280,6 +343,9 @@ pub fn run(a: RunArgs) -> Result<()> {
         Some(p) => Some(read_labels(p)?),
         None => s.labels().map(|l| l.to_vec()),
     };
+    if !a.inputs.is_empty() && a.inputs.iter().all(|p| is_wav(p)) {
+        return run_streams(&a, s);
+    }
     let images: Vec<&PathBuf> = a.inputs.iter().filter(|p| is_image(p)).collect();
     let mut feeds: Vec<(String, Tensor)> = Vec::new();
     let mut sizes = Vec::new();
@@ -552,6 +618,11 @@ pub struct PackArgs {
     /// Post-processing as JSON, instead of the task's default
     #[arg(long)]
     postprocess_json: Option<String>,
+    /// How to run the model over a stream of samples, carrying state between calls, as JSON (schema
+    /// `StreamSpec`), e.g. Silero VAD: {"input": "input", "chunk": 512, "context": 64, "state": [{"input": "state",
+    /// "output": "stateN"}], "constants": {"sr": 16000}, "output": "output", "sample_rate": 16000}
+    #[arg(long)]
+    stream_json: Option<String>,
     /// Labels: one per line (class index = line number; as many as the model has classes)
     #[arg(long)]
     labels: Option<PathBuf>,
@@ -692,6 +763,9 @@ pub fn pack(a: PackArgs) -> Result<()> {
     };
     if let Some(p) = post {
         b = b.postprocess(p);
+    }
+    if let Some(j) = &a.stream_json {
+        b = b.stream(serde_json::from_str(j).map_err(|e| Usage(format!("--stream-json: {e}")))?);
     }
     if let Some(l) = &a.labels {
         b = b.labels(&read_labels(l)?)?;

@@ -4,7 +4,7 @@
 //! with wrong answers (1000 ImageNet labels on a 10-class model, a detector read as a classifier).
 use edgepack_runtime::bundle::{Task, TensorSpec};
 use edgepack_runtime::onnx::Dim;
-use edgepack_runtime::process::{ColorOrder, Layout, Postprocess, Preprocess, Resize};
+use edgepack_runtime::process::{ColorOrder, Layout, Postprocess, Preprocess, Resize, StreamSpec};
 
 fn fixed(d: &Dim) -> Option<usize> {
     if let Dim::Fixed(n) = d { Some(*n) } else { None }
@@ -210,6 +210,62 @@ pub fn check(
     }
     if let Some(p) = post {
         check_postprocess(p, outputs, labels)?;
+    }
+    Ok(())
+}
+
+/// A stream description against the model: every input and output it names exists; state inputs have declared
+/// shapes (zeros at the start, a symbolic dim taken as 1) and state outputs the same; the chunk input takes `[1, context + chunk]`.
+pub fn check_stream(st: &StreamSpec, inputs: &[TensorSpec], outputs: &[TensorSpec]) -> Result<(), String> {
+    st.validate().map_err(|e| e.to_string())?;
+    let names = |v: &[TensorSpec]| v.iter().map(|t| t.name.clone()).collect::<Vec<_>>().join(", ");
+    let input = |n: &str| {
+        inputs
+            .iter()
+            .find(|i| i.name == n)
+            .ok_or_else(|| format!("the stream names input `{n}`; the model's inputs are {}", names(inputs)))
+    };
+    let output = |n: &str| {
+        outputs
+            .iter()
+            .find(|o| o.name == n)
+            .ok_or_else(|| format!("the stream names output `{n}`; the model's outputs are {}", names(outputs)))
+    };
+    let x = input(&st.input)?;
+    if x.shape.len() != 2 || x.shape[1..].iter().any(|d| fixed(d).is_some_and(|n| n != st.context + st.chunk)) {
+        return Err(format!(
+            "stream input `{}` {} does not take [1, {}] (context {} + chunk {})",
+            x.name,
+            shape(x),
+            st.context + st.chunk,
+            st.context,
+            st.chunk
+        ));
+    }
+    for link in &st.state {
+        let (i, o) = (input(&link.input)?, output(&link.output)?);
+        if i.shape.is_empty() {
+            return Err(format!("state input `{}` has no declared shape (it starts as zeros of that shape)", i.name));
+        }
+        let same = |a: &Dim, b: &Dim| fixed(a).zip(fixed(b)).is_none_or(|(x, y)| x == y);
+        if !o.shape.is_empty()
+            && (o.shape.len() != i.shape.len() || !o.shape.iter().zip(&i.shape).all(|(a, b)| same(a, b)))
+        {
+            return Err(format!("state output `{}` {} does not fit input `{}` {}", o.name, shape(o), i.name, shape(i)));
+        }
+    }
+    for c in st.constants.keys() {
+        input(c)?;
+    }
+    if let Some(o) = &st.output {
+        output(o)?;
+    }
+    let fed: Vec<&str> = std::iter::once(st.input.as_str())
+        .chain(st.state.iter().map(|l| l.input.as_str()))
+        .chain(st.constants.keys().map(String::as_str))
+        .collect();
+    if let Some(i) = inputs.iter().find(|i| !fed.contains(&i.name.as_str())) {
+        return Err(format!("the stream does not feed input `{}` (give it as state or a constant)", i.name));
     }
     Ok(())
 }

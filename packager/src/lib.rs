@@ -10,7 +10,7 @@ use edgepack_runtime::bundle::{
     Member, Precision, PublicKey, SECRET_KEY_PREFIX, SIGNATURE_BLOCK_LEN, SIGNING_CONTEXT, Task, TensorSpec, Variant,
 };
 use edgepack_runtime::onnx::Model;
-use edgepack_runtime::process::{Postprocess, Preprocess};
+use edgepack_runtime::process::{Postprocess, Preprocess, StreamSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
@@ -120,6 +120,7 @@ pub struct BundleBuilder {
     postprocess: Option<Postprocess>,
     labels: Option<String>,
     label_count: Option<usize>,
+    stream: Option<StreamSpec>,
     reports: Vec<String>,
     metadata: BTreeMap<String, String>,
     members: Vec<PendingMember>,
@@ -140,6 +141,7 @@ impl BundleBuilder {
             postprocess: None,
             labels: None,
             label_count: None,
+            stream: None,
             reports: vec![],
             metadata: BTreeMap::new(),
             members: vec![],
@@ -165,6 +167,12 @@ impl BundleBuilder {
 
     pub fn preprocess(mut self, p: Preprocess) -> Self {
         self.preprocess = Some(p);
+        self
+    }
+
+    /// How to run the model over a stream of samples (state carried between calls).
+    pub fn stream(mut self, s: StreamSpec) -> Self {
+        self.stream = Some(s);
         self
     }
 
@@ -243,6 +251,9 @@ impl BundleBuilder {
             self.label_count,
         )
         .map_err(PackError::Mismatch)?;
+        if let Some(st) = &self.stream {
+            check::check_stream(st, &self.inputs, &self.outputs).map_err(PackError::Mismatch)?;
+        }
         let stored: Vec<StoredMember> = self
             .members
             .iter()
@@ -280,6 +291,7 @@ impl BundleBuilder {
             preprocess: self.preprocess,
             postprocess: self.postprocess,
             labels: self.labels,
+            stream: self.stream,
             reports: self.reports,
             members: vec![],
             metadata: self.metadata,

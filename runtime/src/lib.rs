@@ -38,6 +38,7 @@ pub mod onnx {
 pub mod kserve;
 mod select;
 pub mod session;
+pub mod stream;
 
 pub use backend::{Backend, BackendKind, Device};
 pub use bundle::{Bundle, Manifest, OpenOptions, PublicKey};

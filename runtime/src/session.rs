@@ -232,10 +232,39 @@ pub fn host_loader() -> crate::backend::HostLoader {
 pub(crate) fn load_cpu_backend(model: &Model, dtypes: &[DType], threads: usize) -> Result<Box<dyn Backend>> {
     #[cfg(feature = "tract")]
     if std::env::var("EDGEPACK_CPU").map_or(true, |v| v != "interp") {
-        return Ok(Box::new(crate::cpu::CpuBackend::load(model, dtypes, threads)?));
+        // tract first; a model it cannot analyse (Silero VAD's `If` branches of different ranks, say) runs on the
+        // kernel interpreter when that one takes it, and the tract error stands when neither does.
+        return match crate::cpu::CpuBackend::load(model, dtypes, threads) {
+            // tract analyses control flow when it plans, at the first run: for a model with `If`/`Loop`, plan now
+            // at the declared shapes (symbolic dims 1), and let the interpreter take the model tract cannot plan.
+            Ok(b) if has_control_flow(model) => {
+                let (inputs, _) = model_io(model);
+                let shapes: Vec<Vec<usize>> = inputs.iter().map(|i| i.concrete_shape(1)).collect();
+                match b.prepare(&shapes) {
+                    Err(tract_err) => crate::interp::InterpBackend::load(model, threads)
+                        .map(|i| Box::new(i) as Box<dyn Backend>)
+                        .map_err(|_| tract_err),
+                    Ok(()) => Ok(Box::new(b)),
+                }
+            }
+            Ok(b) => Ok(Box::new(b)),
+            Err(tract_err @ (Error::Backend { .. } | Error::UnsupportedOp { .. })) => {
+                match crate::interp::InterpBackend::load(model, threads) {
+                    Ok(b) => Ok(Box::new(b)),
+                    Err(_) => Err(tract_err),
+                }
+            }
+            Err(e) => Err(e),
+        };
     }
     let _ = dtypes;
     Ok(Box::new(crate::interp::InterpBackend::load(model, threads)?))
+}
+
+#[cfg(feature = "tract")]
+fn has_control_flow(model: &Model) -> bool {
+    use crate::onnx::NodeExt;
+    model.graph.nodes.iter().any(|n| matches!(n.op(), "If" | "Loop" | "Scan"))
 }
 
 fn default_threads() -> usize {

@@ -26,7 +26,7 @@ pub mod compress;
 use edgepack_core::Dim;
 use edgepack_core::tensor::DType;
 pub use edgepack_core::{BackendKind, BundleError};
-use edgepack_process::{Postprocess, Preprocess};
+use edgepack_process::{Postprocess, Preprocess, StreamSpec};
 
 pub const MAGIC: &[u8; 8] = b"EDGEPACK";
 pub const CONTAINER_VERSION: u32 = 1;
@@ -186,6 +186,9 @@ pub struct Manifest {
     /// Member holding one label per line (class index = line number).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<String>,
+    /// How to run the model over a stream of samples, carrying state between calls (e.g. Silero VAD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamSpec>,
     /// Members holding reports (fidelity, pruning, benchmarks).
     #[serde(default)]
     pub reports: Vec<String>,

@@ -5,6 +5,10 @@
 //! convert to RGB (grayscale replicated, alpha dropped), resize with PIL's own convolution resampler (same
 //! coefficients, same 22-bit fixed point, same rounding: see [`resize`]), centre crop, then
 //! `(pixel * scale - mean) / std`.
+
+mod stream;
+pub use stream::{StateLink, StreamSpec, read_wav};
+
 use image::DynamicImage;
 
 use edgepack_core::tensor::{DType, Tensor, TensorData};

@@ -68,7 +68,11 @@ pub(crate) fn prepare(model: &Model, n: &NodeProto, threads: usize, node_inputs:
         _ => vec![subgraph(n, "body")?],
     };
     let mut all_free: Vec<String> = Vec::new();
-    let frees: Vec<Vec<String>> = graphs.iter().map(|g| free_vars(g)).collect();
+    // Outer initializers (weights) a subgraph reads become its own initializers: constant there too, so its
+    // convolutions are packed once at load instead of on every call. The other outer values are step inputs.
+    let outer_init = |v: &str| model.graph.initializer(v);
+    let frees: Vec<Vec<String>> =
+        graphs.iter().map(|g| free_vars(g).into_iter().filter(|v| outer_init(v).is_none()).collect()).collect();
     for f in &frees {
         for v in f {
             if !all_free.contains(v) {
@@ -81,6 +85,11 @@ pub(crate) fn prepare(model: &Model, n: &NodeProto, threads: usize, node_inputs:
         .zip(&frees)
         .map(|(g, free)| {
             let mut g = (*g).clone();
+            for v in free_vars(&g) {
+                if let Some(t) = outer_init(&v) {
+                    g.initializer.push(t.clone());
+                }
+            }
             for v in free {
                 g.input.push(edgepack_onnx::ValueInfoProto { name: Some(v.clone()), ..Default::default() });
             }

@@ -39,6 +39,8 @@ enum Op {
     Kernel(Kernel),
     /// An NCHW float convolution with constant weights, run as NHWC kernel between two transposes.
     Conv(fconv::FConv),
+    /// An NCW float convolution (1-D) with constant weights, run as the 2-D kernel over a height of 1.
+    Conv1d(fconv::FConv),
     /// An NCHW MaxPool, run as the NHWC kernel between two transposes.
     MaxPool(Pool2d),
     /// A plain op, by its entry in the op table.
@@ -245,6 +247,9 @@ fn prepare(n: &NodeProto, consts: &HashMap<String, Tensor>) -> Result<Op> {
                 Some(w) if (b.is_none() || bias.is_some()) && w.shape().len() == 4 && w.dtype() == DType::F32 => {
                     conv_of(n, w, bias, None).map_err(bad)?.map_or(plain, Op::Conv)
                 }
+                Some(w) if (b.is_none() || bias.is_some()) && w.shape().len() == 3 && w.dtype() == DType::F32 => {
+                    conv1d_of(n, w, bias, None).ok().flatten().map_or(plain, Op::Conv1d)
+                }
                 _ => plain,
             }
         }
@@ -322,6 +327,65 @@ fn conv_of(n: &NodeProto, w: &Tensor, bias: Option<&Tensor>, hw: Option<[usize; 
         clamp: [f32::NEG_INFINITY, f32::INFINITY],
     };
     fconv::FConv::new(spec, Isa::detect()).map(Some)
+}
+
+/// An NCW float Conv (1-D) as the NHWC kernel over a height of 1; `None` when the padding needs the input length.
+fn conv1d_of(n: &NodeProto, w: &Tensor, bias: Option<&Tensor>, len: Option<usize>) -> Res<Option<fconv::FConv>> {
+    let d = w.shape().to_vec();
+    let Some(wv) = w.as_f32().filter(|_| d.len() == 3) else {
+        return Err("f32 OIW weights expected".into());
+    };
+    let one = |name: &str| -> Res<usize> {
+        match n.attr_ints(name) {
+            None => Ok(1),
+            Some(&[v]) if v > 0 => Ok(v as usize),
+            Some(v) => Err(format!("{name} {v:?}")),
+        }
+    };
+    let (k, stride, dil) = (d[2], one("strides")?, one("dilations")?);
+    let (pb, pe) = match n.attr_s("auto_pad").unwrap_or("NOTSET") {
+        "NOTSET" => match n.attr_ints("pads").unwrap_or(&[0, 0]) {
+            &[b, e] if b >= 0 && e >= 0 => (b as usize, e as usize),
+            p => return Err(format!("pads {p:?}")),
+        },
+        "VALID" => (0, 0),
+        mode @ ("SAME_UPPER" | "SAME_LOWER") => {
+            let l = match len {
+                Some(l) => l,
+                None if stride == 1 => 1,
+                None => return Ok(None),
+            };
+            let out = l.div_ceil(stride);
+            let total = ((out - 1) * stride + (k - 1) * dil + 1).saturating_sub(l);
+            let small = total / 2;
+            if mode == "SAME_UPPER" { (small, total - small) } else { (total - small, small) }
+        }
+        mode => return Err(format!("auto_pad {mode}")),
+    };
+    let group = n.attr_i("group").unwrap_or(1).max(1) as usize;
+    let spec = fconv::FConvSpec {
+        geom: ConvGeometry {
+            c_in: d[1] * group,
+            c_out: d[0],
+            group,
+            kernel: [1, k],
+            stride: [1, stride],
+            dilation: [1, dil],
+            pads: [0, pb, 0, pe],
+        },
+        weights: wv.to_vec(),
+        bias: bias.map(Tensor::to_f32_vec),
+        clamp: [f32::NEG_INFINITY, f32::INFINITY],
+    };
+    fconv::FConv::new(spec, Isa::detect()).map(Some)
+}
+
+/// A 1-D convolution through the 2-D kernel: [N, C, W] as [N, C, 1, W] and back.
+fn run_conv1d(conv: &fconv::FConv, x: &Tensor) -> Res<Tensor> {
+    let &[b, c, w] = x.shape() else { return Err(format!("expected an NCW input, got shape {:?}", x.shape())) };
+    let y = run_conv(conv, &x.clone().reshape(vec![b, c, 1, w]).map_err(|e| e.to_string())?)?;
+    let s = y.shape().to_vec();
+    y.reshape(vec![s[0], s[1], s[3]]).map_err(|e| e.to_string())
 }
 
 /// An NCHW MaxPool as the NHWC kernel; `None` when the padding needs the input size.
@@ -460,6 +524,7 @@ fn run_step(s: &Step, ins: &[Option<&Tensor>], opset: i64) -> Res<Vec<Tensor>> {
         Op::If(then, other) => control::run_if(n, then, other, ins),
         Op::Loop(body) => control::run_loop(n, body, ins),
         Op::Conv(conv) => Ok(vec![run_conv(conv, input(ins, 0)?)?]),
+        Op::Conv1d(conv) => Ok(vec![run_conv1d(conv, input(ins, 0)?)?]),
         Op::MaxPool(g) => Ok(vec![run_pool(g, input(ins, 0)?)?]),
         Op::Plain(f) => {
             let mut y = f(&Args { n, ins, opset })?;
@@ -993,6 +1058,12 @@ fn op_conv(a: &Args) -> Res<Vec<Tensor>> {
         && let Ok(Some(conv)) = conv_of(n, w, b.filter(|b| b.dtype() == DType::F32), Some([h, wd]))
     {
         return Ok(vec![run_conv(&conv, x)?]);
+    }
+    if let (&[_, _, len], DType::F32, DType::F32) = (x.shape(), x.dtype(), w.dtype())
+        && w.shape().len() == 3
+        && let Ok(Some(conv)) = conv1d_of(n, w, b.filter(|b| b.dtype() == DType::F32), Some(len))
+    {
+        return Ok(vec![run_conv1d(&conv, x)?]);
     }
     Ok(vec![nn::conv_direct(n, x, w, b)?])
 }
