@@ -379,6 +379,15 @@ impl Engine {
         Ok(DetectResult { detections, provenance })
     }
 
+    /// A stream over this model on the device, with its state carried between chunks (the bundle's stream
+    /// description, `edgepack pack --stream-json`). Each stream has its own state; open one per source.
+    pub fn open_stream(&self) -> Result<Arc<crate::stream::Stream>, EdgepackError> {
+        let s = self.session.clone().ok_or_else(|| {
+            self.device_error.clone().unwrap_or(EdgepackError::Unavailable { detail: "no model on the device".into() })
+        })?;
+        crate::stream::Stream::open(s).map(Arc::new)
+    }
+
     /// `run` off the caller's thread (a Swift `async`, Kotlin `suspend`, Python coroutine).
     pub async fn run_async(self: Arc<Self>, inputs: Vec<NamedTensor>) -> Result<RunResult, EdgepackError> {
         crate::asyncs::blocking(move || self.run(inputs)).await

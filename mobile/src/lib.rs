@@ -4,12 +4,14 @@
 mod asyncs;
 mod cloud;
 mod engine;
+mod stream;
 mod types;
 
 pub use cloud::{
     BreakerState, CloudConfig, FallbackPolicy, HttpHeader, HttpRequest, HttpResponse, HttpTransport, default_transport,
 };
 pub use engine::{Engine, EngineOptions};
+pub use stream::{Stream, StreamStep};
 pub use types::*;
 
 uniffi::setup_scaffolding!();

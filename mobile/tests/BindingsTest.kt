@@ -252,6 +252,27 @@ fun main(args: Array<String>) {
         ensure(c.classify(photo["coffee"]!!, 1u).provenance.place == Place.CLOUD && c.breaker() == BreakerState.Closed(0u)) { "${c.breaker()}" }
     }
 
+    if (fx.getProperty("silero") != null) {
+        check("stream: Silero VAD in 32 ms chunks, state carried, gives the reference's 30 speech segments") {
+            val audio = floats(File(path("silero_audio")).readBytes())
+            val s = Engine.open(path("silero"), opts()).openStream()
+            ensure(s.chunkLen() == 512u && s.sampleRate() == 16000u) { "${s.chunkLen()} ${s.sampleRate()}" }
+            val values = mutableListOf<Float>()
+            for (i in audio.indices step 512) {
+                values += s.push(audio.copyOfRange(i, minOf(i + 512, audio.size)).toList()).map { it.value!! }
+            }
+            ensure(values.size == 1875) { "${values.size} chunks" }
+            val speech = values.map { it > 0.5f }
+            val starts = speech.indices.filter { speech[it] && (it == 0 || !speech[it - 1]) }
+            ensure(starts.size == 30 && Math.abs(speech.count { it } / 1875.0 - 0.774) < 0.001) { "${starts.size} segments" }
+            s.reset()
+            val again = s.push(audio.copyOfRange(0, 1024).toList()).map { it.value!! }
+            ensure(again == values.subList(0, 2)) { "$again vs ${values.subList(0, 2)}" }
+        }
+    } else {
+        println("SKIP stream: no Silero VAD fixture (../shared absent)")
+    }
+
     val passed = results.count { it.second }
     val failed = results.size - passed
     println("$passed passed, $failed failed")

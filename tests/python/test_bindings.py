@@ -163,6 +163,20 @@ def fixtures(bindings, tmp_path_factory, binary):
         "slow": slow.url,
         "dead": dead_url(),
     }
+    # The stream API's check needs Silero VAD and its test recording from ../shared (skipped loudly without).
+    shared = os.path.abspath(os.environ.get("EDGEPACK_SHARED") or os.path.join(ROOT, "..", "shared"))
+    silero = os.path.join(shared, "models", "silero_vad.onnx")
+    if os.path.exists(silero):
+        import wave
+        spec = {"input": "input", "chunk": 512, "context": 64, "state": [{"input": "state", "output": "stateN"}],
+                "constants": {"sr": 16000}, "output": "output", "sample_rate": 16000}
+        ep("pack", silero, "--task", "custom", "--stream-json", json.dumps(spec), "-o", d / "silero.edgepack")
+        with wave.open(os.path.join(shared, "data", "audio", "silero_test_16k.wav")) as w:
+            pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+        (d / "silero_audio.f32").write_bytes((pcm.astype(np.float32) / 32768.0).astype("<f4").tobytes())
+        fx.update(silero=str(d / "silero.edgepack"), silero_audio=str(d / "silero_audio.f32"))
+    else:
+        print(f"\n{'!' * 20} SKIPPED: the stream check (no {silero})")
     (d / "fixtures.json").write_text(json.dumps(fx, indent=1))
     # The Kotlin test reads a flat properties file.
     flat = {**{k: v for k, v in fx.items() if isinstance(v, str)}, **{f"photo.{k}": v for k, v in fx["photos"].items()}}

@@ -114,3 +114,19 @@ def test_a_selective_build_runs_its_models_only(binary, tmp_path):
                         "--nocapture"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "a_selective_build_has_exactly_its_ops ... ok" in r.stdout, r.stdout[-2000:]
+
+
+@pytest.mark.parametrize("fname,preset", [("efficientnet_lite0_fp32.onnx", "tf"), ("squeezenet1.0_fp32.onnx", "caffe_bgr"),
+                                          ("ultraface_rfb_320.onnx", "ultraface"),
+                                          ("mnist_cntk_opset8_simplified.onnx", "mnist")])
+def test_int8_files_match_onnxruntime(shared, binary, tmp_path, fname, preset):
+    """Issue 26: the INT8 files of `edgepack quantize` give onnxruntime's outputs on the interpreter (the same QDQ
+    file in both; the interpreter's integer kernels use onnxruntime's requantization)."""
+    src = os.path.join(shared, "models", fname)
+    q = tmp_path / "q.onnx"
+    ep("quantize", src, "--calib", PHOTOS, "--preset", preset, "--holdout", "0", "--latency-runs", "0", "-o", q)
+    feeds = model_inputs.all_inputs(shared)[fname]
+    r = ort_parity.compare(str(q), feeds, edgepack_bin(), env=INTERP)
+    assert r["loaded"], r
+    for o in r["outputs"]:
+        assert o["shape_equal"] and o["cosine"] >= 0.999, o

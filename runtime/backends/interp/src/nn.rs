@@ -27,6 +27,31 @@ pub(crate) fn matmul(x: &Tensor, y: &Tensor) -> Res<Tensor> {
     let (mut bx, mut by) = (vec![], vec![]);
     for_each_offset(&batch, 0, &sx, |o| bx.push(o as usize));
     for_each_offset(&batch, 0, &sy, |o| by.push(o as usize));
+    if let (TensorData::F32(a), TensorData::F32(b)) = (x.data(), y.data()) {
+        // f32 × f32: accumulate in f32 (as onnxruntime's MLAS does), row by row so the inner loop vectorises.
+        let mut out = vec![0f32; bx.len() * m * n];
+        for (t, (&i, &j)) in bx.iter().zip(&by).enumerate() {
+            let (pa, pb) = (&a[i * m * k..(i + 1) * m * k], &b[j * k * n..(j + 1) * k * n]);
+            let po = &mut out[t * m * n..(t + 1) * m * n];
+            for r in 0..m {
+                let orow = &mut po[r * n..(r + 1) * n];
+                for kk in 0..k {
+                    let av = pa[r * k + kk];
+                    for (o, &bv) in orow.iter_mut().zip(&pb[kk * n..(kk + 1) * n]) {
+                        *o += av * bv;
+                    }
+                }
+            }
+        }
+        let mut shape = batch;
+        if !x1 {
+            shape.push(m);
+        }
+        if !y1 {
+            shape.push(n);
+        }
+        return tensor(shape, TensorData::F32(out));
+    }
     let float = is_float(x.dtype());
     let (a, b) = (f64s(x), f64s(y));
     let mut out = vec![0.0; bx.len() * m * n];
