@@ -50,6 +50,11 @@ pruning:
     cargo build --release --workspace
     python3 scripts/pruning.py --md PRUNING.md
 
+# aarch64 (issue 27): Debian's cross toolchain in a chroot under ~/.cache/armprobe (root; reused), the kernels'
+# property tests under qemu on -cpu max and a Cortex-A53, and the stripped aarch64 mobile library sizes
+aarch64:
+    ./scripts/aarch64.sh all
+
 # Shell completions (bash, zsh, fish) and man pages into $CARGO_TARGET_DIR/share (install them from there)
 completions:
     cargo build --release

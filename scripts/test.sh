@@ -52,6 +52,9 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 step "cargo test (release: numerics on real models are too slow unoptimised)"
 cargo test --release --workspace
 
+step "aarch64: the kernels' property tests under qemu (-cpu max, Cortex-A53; scripts/aarch64.sh test)"
+./scripts/aarch64.sh test
+
 step "build the edgepack binary"
 cargo build --release --workspace
 export EDGEPACK_BIN="$CARGO_TARGET_DIR/release/edgepack"
