@@ -8,6 +8,7 @@ use super::reference::QParams;
 pub fn qadd(isa: Isa, a: &[u8], qa: QParams, b: &[u8], qb: QParams, qc: QParams, out: &mut [u8]) {
     let (r_a, r_b) = (qa.scale / qc.scale, qb.scale / qc.scale);
     let k = qc.zero as f32 - (r_a * qa.zero as f32 + r_b * qb.zero as f32);
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))] // only the x86 paths advance it (for now)
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx512Vnni {
@@ -38,6 +39,7 @@ pub fn quantize(x: f32, q: QParams) -> u8 {
 
 /// QuantizeLinear of a contiguous slice.
 pub fn quantize_slice(isa: Isa, x: &[f32], q: QParams, out: &mut [u8]) {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))] // only the x86 paths advance it (for now)
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx512Vnni {
