@@ -740,24 +740,21 @@ pub fn pack(a: PackArgs) -> Result<()> {
                 top_k: a.top_k as usize,
                 label_offset: 0,
             }),
-            Task::Detection => {
-                let find = |w: &str| outputs.iter().find(|o| o.contains(w)).cloned();
-                match (find("score"), find("box")) {
-                    (Some(scores_output), Some(boxes_output)) => Some(Postprocess::SsdDetection {
-                        scores_output,
-                        boxes_output,
-                        classes: vec![1],
-                        score_threshold: a.score_threshold,
-                        iou_threshold: a.iou_threshold,
-                        max_detections: 1000,
-                    }),
-                    _ => bail!(Usage(format!(
-                        "--task detection needs outputs named like `scores` and `boxes` (the model's: {}); describe \
+            Task::Detection => match edgepack_packager::ssd_outputs(outputs.iter().map(String::as_str)) {
+                Some((scores, boxes)) => Some(Postprocess::SsdDetection {
+                    scores_output: scores.to_string(),
+                    boxes_output: boxes.to_string(),
+                    classes: vec![1],
+                    score_threshold: a.score_threshold,
+                    iou_threshold: a.iou_threshold,
+                    max_detections: 1000,
+                }),
+                None => bail!(Usage(format!(
+                    "--task detection needs outputs named like `scores` and `boxes` (the model's: {}); describe \
                          them with --postprocess-json, or pack with --task custom",
-                        outputs.join(", ")
-                    ))),
-                }
-            }
+                    outputs.join(", ")
+                ))),
+            },
             Task::Custom => None,
         }
     };

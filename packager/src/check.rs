@@ -91,15 +91,20 @@ fn check_preprocess(pre: &Preprocess, inputs: &[TensorSpec]) -> Result<(), Strin
     Ok(())
 }
 
-/// An output that looks like SSD scores + boxes: the names `pack --task detection` picks.
-fn detector_outputs(outputs: &[TensorSpec]) -> bool {
-    let has = |w: &str| outputs.iter().any(|o| o.name.contains(w));
-    has("score") && has("box")
+/// The (scores, boxes) outputs of an SSD-style detector: the first outputs whose names contain `score` and
+/// `box`, what `pack --task detection` reads by default.
+pub fn ssd_outputs<'a>(outputs: impl IntoIterator<Item = &'a str> + Clone) -> Option<(&'a str, &'a str)> {
+    let find = |w: &str| outputs.clone().into_iter().find(|o| o.contains(w));
+    find("score").zip(find("box"))
 }
 
 /// What to pack this model as instead, from its outputs.
 fn suggest_task(outputs: &[TensorSpec]) -> &'static str {
-    if detector_outputs(outputs) { "--task detection" } else { "--task custom (raw tensors)" }
+    if ssd_outputs(outputs.iter().map(|o| o.name.as_str())).is_some() {
+        "--task detection"
+    } else {
+        "--task custom (raw tensors)"
+    }
 }
 
 /// The class count of a classification output: its one dim beyond the batch that is not 1 ([N, C], [C],

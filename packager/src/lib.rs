@@ -28,6 +28,7 @@ pub enum PackError {
 }
 
 mod check;
+pub use check::ssd_outputs;
 
 type Result<T> = std::result::Result<T, PackError>;
 

@@ -47,14 +47,8 @@ impl Stream {
             let info = find(name)?;
             let shape = info.concrete_shape(1);
             let n: usize = shape.iter().product();
-            let t = Tensor::from_f32(shape, vec![*v as f32; n])?.cast(info.dtype.unwrap_or(DType::F32));
-            // Integer constants (a sample rate) must not pass through f32 rounding.
-            let t = if matches!(info.dtype, Some(DType::I64 | DType::I32)) {
-                Tensor::new(t.shape().to_vec(), crate::TensorData::I64(vec![*v as i64; n]))?
-                    .cast(info.dtype.unwrap_or(DType::I64))
-            } else {
-                t
-            };
+            // Through f64, so that an integer constant (a sample rate) takes no f32 rounding.
+            let t = Tensor::new(shape, crate::TensorData::F64(vec![*v; n]))?.cast(info.dtype.unwrap_or(DType::F32));
             constants.push((name.clone(), t));
         }
         let mut s = Stream { session, spec, state: vec![], context: vec![], pending: vec![], constants, input_dtype };

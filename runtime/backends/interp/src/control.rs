@@ -67,32 +67,30 @@ pub(crate) fn prepare(model: &Model, n: &NodeProto, threads: usize, node_inputs:
         "If" => vec![subgraph(n, "then_branch")?, subgraph(n, "else_branch")?],
         _ => vec![subgraph(n, "body")?],
     };
-    let mut all_free: Vec<String> = Vec::new();
     // Outer initializers (weights) a subgraph reads become its own initializers: constant there too, so its
     // convolutions are packed once at load instead of on every call. The other outer values are step inputs.
-    let outer_init = |v: &str| model.graph.initializer(v);
-    let frees: Vec<Vec<String>> =
-        graphs.iter().map(|g| free_vars(g).into_iter().filter(|v| outer_init(v).is_none()).collect()).collect();
-    for f in &frees {
-        for v in f {
-            if !all_free.contains(v) {
-                all_free.push(v.clone());
-            }
-        }
-    }
-    let subs = graphs
-        .iter()
-        .zip(&frees)
-        .map(|(g, free)| {
-            let mut g = (*g).clone();
-            for v in free_vars(&g) {
-                if let Some(t) = outer_init(&v) {
-                    g.initializer.push(t.clone());
+    let mut all_free: Vec<String> = Vec::new();
+    let mut prepared = Vec::with_capacity(graphs.len());
+    for g in &graphs {
+        let mut g = (*g).clone();
+        let mut free = Vec::new();
+        for v in free_vars(&g) {
+            match model.graph.initializer(&v) {
+                Some(t) => g.initializer.push(t.clone()),
+                None => {
+                    g.input.push(edgepack_onnx::ValueInfoProto { name: Some(v.clone()), ..Default::default() });
+                    if !all_free.contains(&v) {
+                        all_free.push(v.clone());
+                    }
+                    free.push(v);
                 }
             }
-            for v in free {
-                g.input.push(edgepack_onnx::ValueInfoProto { name: Some(v.clone()), ..Default::default() });
-            }
+        }
+        prepared.push((g, free));
+    }
+    let subs = prepared
+        .into_iter()
+        .map(|(g, free)| {
             let b = InterpBackend::load(&model.with_graph(g), threads)
                 .map_err(|e| err(format!("{} `{}`: subgraph: {e}", n.op(), n.name())))?;
             let free_at =
@@ -168,27 +166,17 @@ pub(crate) fn run_loop(n: &NodeProto, body: &Sub, ins: &[Option<&Tensor>]) -> Re
     }
     let mut outs = carried;
     for s in scans {
-        outs.push(if s.is_empty() {
-            tensor(vec![0], TensorData::F32(vec![]))?
-        } else {
-            let parts: Vec<Tensor> = s
-                .into_iter()
-                .map(|t| {
-                    let mut shape = t.shape().to_vec();
-                    shape.insert(0, 1);
-                    t.reshape(shape).map_err(|e| e.to_string())
-                })
-                .collect::<Res<_>>()?;
-            let refs: Vec<Option<&Tensor>> = parts.iter().map(Some).collect();
-            let node = NodeProto { op_type: Some("Concat".into()), ..Default::default() };
-            let mut node = node;
-            node.attribute.push(edgepack_onnx::AttributeProto {
-                name: Some("axis".into()),
-                r#type: Some(2),
-                i: Some(0),
-                ..Default::default()
-            });
-            op_concat(&Args { n: &node, ins: &refs, opset: 13 })?
+        // Each scan output stacked along a new leading axis (every iteration gives the same shape).
+        outs.push(match s.first() {
+            None => tensor(vec![0], TensorData::F32(vec![]))?,
+            Some(first) => {
+                if let Some(t) = s.iter().find(|t| t.shape() != first.shape() || t.dtype() != first.dtype()) {
+                    return Err(format!("scan outputs {:?} and {:?} do not stack", first.shape(), t.shape()));
+                }
+                let shape: Vec<usize> = std::iter::once(s.len()).chain(first.shape().iter().copied()).collect();
+                let bytes: Vec<u8> = s.iter().flat_map(|t| t.to_le_bytes()).collect();
+                Tensor::from_le_bytes(first.dtype(), shape, &bytes).map_err(|e| e.to_string())?
+            }
         });
     }
     Ok(outs)

@@ -606,6 +606,14 @@ fn for_each_offset(out: &[usize], base: isize, strides: &[isize], mut f: impl Fn
     }
 }
 
+/// Row-major multi-index of flat position `k` in `shape`.
+fn unravel(mut k: usize, shape: &[usize], idx: &mut [usize]) {
+    for d in (0..shape.len()).rev() {
+        idx[d] = k % shape[d].max(1);
+        k /= shape[d].max(1);
+    }
+}
+
 /// A strided view of `x` copied out: `out` shape, element offsets from `base` along `strides` (any dtype).
 fn strided(x: &Tensor, out: Vec<usize>, base: isize, strides: &[isize]) -> Res<Tensor> {
     let es = x.dtype().size();

@@ -53,7 +53,8 @@ fn attr(a: &Args, name: &str, default: f32) -> f64 {
     a.n.attr_f(name).unwrap_or(default) as f64
 }
 
-/// erf(x) to about 1e-7 absolute (Abramowitz & Stegun 7.1.26 refined by one Newton step on the series near 0).
+/// erf(x): the Maclaurin series for |x| < 0.5, else 1 − erfc(|x|) with Numerical Recipes' Chebyshev fit of erfc
+/// (relative error under 1.2e-7).
 pub(crate) fn erf(x: f64) -> f64 {
     if x.abs() < 0.5 {
         // Maclaurin series: fast convergence near 0.
@@ -68,7 +69,6 @@ pub(crate) fn erf(x: f64) -> f64 {
         }
         return sum * 2.0 / std::f64::consts::PI.sqrt();
     }
-    // Continued-fraction free complement: erfc via Numerical Recipes' Chebyshev fit (relative error < 1.2e-7).
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
     let poly = -z * z - 1.26551223
@@ -224,34 +224,29 @@ pub(crate) fn op_logic(a: &Args) -> Res<Vec<Tensor>> {
     Ok(vec![tensor(out, TensorData::Bool(v))?])
 }
 
+/// `op` over broadcast index pairs of `p` and `q`.
+fn compare<T: PartialOrd>(op: &str, p: &[T], q: &[T], ia: &[usize], ib: &[usize]) -> Vec<bool> {
+    let f: fn(&T, &T) -> bool = match op {
+        "Equal" => |p, q| p == q,
+        "Less" => |p, q| p < q,
+        "LessOrEqual" => |p, q| p <= q,
+        "Greater" => |p, q| p > q,
+        _ => |p, q| p >= q,
+    };
+    ia.iter().zip(ib).map(|(&i, &j)| f(&p[i], &q[j])).collect()
+}
+
 /// Equal, Less, LessOrEqual, Greater, GreaterOrEqual (broadcasting) → bool.
 pub(crate) fn op_compare(a: &Args) -> Res<Vec<Tensor>> {
     let (x, y) = (a.x()?, input(a.ins, 1)?);
     let (out, idx) = broadcast_many(&[x.shape(), y.shape()])?;
     let op = a.n.op();
     let v: Vec<bool> = if x.dtype() == DType::Bool && y.dtype() == DType::Bool {
-        let (p, q) = (bools(x)?, bools(y)?);
-        idx[0].iter().zip(&idx[1]).map(|(&i, &j)| if op == "Equal" { p[i] == q[j] } else { p[i] & !q[j] }).collect()
+        compare(op, bools(x)?, bools(y)?, &idx[0], &idx[1])
     } else if is_float(x.dtype()) || is_float(y.dtype()) {
-        let (p, q) = (f64s(x), f64s(y));
-        let f: fn(f64, f64) -> bool = match op {
-            "Equal" => |p, q| p == q,
-            "Less" => |p, q| p < q,
-            "LessOrEqual" => |p, q| p <= q,
-            "Greater" => |p, q| p > q,
-            _ => |p, q| p >= q,
-        };
-        idx[0].iter().zip(&idx[1]).map(|(&i, &j)| f(p[i], q[j])).collect()
+        compare(op, &f64s(x), &f64s(y), &idx[0], &idx[1])
     } else {
-        let (p, q) = (i64v(x), i64v(y));
-        let f: fn(i64, i64) -> bool = match op {
-            "Equal" => |p, q| p == q,
-            "Less" => |p, q| p < q,
-            "LessOrEqual" => |p, q| p <= q,
-            "Greater" => |p, q| p > q,
-            _ => |p, q| p >= q,
-        };
-        idx[0].iter().zip(&idx[1]).map(|(&i, &j)| f(p[i], q[j])).collect()
+        compare(op, &i64v(x), &i64v(y), &idx[0], &idx[1])
     };
     Ok(vec![tensor(out, TensorData::Bool(v))?])
 }

@@ -27,6 +27,13 @@ pub(crate) fn matmul(x: &Tensor, y: &Tensor) -> Res<Tensor> {
     let (mut bx, mut by) = (vec![], vec![]);
     for_each_offset(&batch, 0, &sx, |o| bx.push(o as usize));
     for_each_offset(&batch, 0, &sy, |o| by.push(o as usize));
+    let mut shape = batch;
+    if !x1 {
+        shape.push(m);
+    }
+    if !y1 {
+        shape.push(n);
+    }
     if let (TensorData::F32(a), TensorData::F32(b)) = (x.data(), y.data()) {
         // f32 × f32: accumulate in f32 (as onnxruntime's MLAS does), row by row so the inner loop vectorises.
         let mut out = vec![0f32; bx.len() * m * n];
@@ -42,13 +49,6 @@ pub(crate) fn matmul(x: &Tensor, y: &Tensor) -> Res<Tensor> {
                     }
                 }
             }
-        }
-        let mut shape = batch;
-        if !x1 {
-            shape.push(m);
-        }
-        if !y1 {
-            shape.push(n);
         }
         return tensor(shape, TensorData::F32(out));
     }
@@ -71,13 +71,6 @@ pub(crate) fn matmul(x: &Tensor, y: &Tensor) -> Res<Tensor> {
             }
         }
     }
-    let mut shape = batch;
-    if !x1 {
-        shape.push(m);
-    }
-    if !y1 {
-        shape.push(n);
-    }
     let t = tensor(shape, TensorData::F64(out))?;
     Ok(if float { t.cast(x.dtype()) } else { t.cast(DType::I64).cast(x.dtype()) })
 }
@@ -87,30 +80,26 @@ pub(crate) fn op_matmul(a: &Args) -> Res<Vec<Tensor>> {
 }
 
 /// MatMulInteger: (A − a_zero) · (B − b_zero) in int32.
-pub(crate) fn op_matmul_integer(a: &Args) -> Res<Vec<Tensor>> {
-    let sub = |t: &Tensor, z: Option<&Tensor>, per_col: bool| -> Res<Tensor> {
-        let v = super::math::i64v(t);
-        let z = z.map(super::math::i64v).unwrap_or_else(|| vec![0]);
-        let cols = *t.shape().last().unwrap_or(&1);
-        let rows = if t.shape().len() >= 2 { t.shape()[t.shape().len() - 2] } else { 1 };
-        let w: Vec<i64> = v
-            .iter()
-            .enumerate()
-            .map(|(i, &x)| {
-                let zi = if z.len() == 1 {
-                    z[0]
-                } else if per_col {
-                    z[i % cols]
-                } else {
-                    z[(i / cols) % rows]
-                };
-                x - zi
-            })
-            .collect();
-        tensor(t.shape().to_vec(), TensorData::I64(w))
+/// `t − zero` in f64 (exact for integer operands): one zero point, or (`axis`) one per index along that axis.
+fn minus_zero(t: &Tensor, zero: Option<&Tensor>, axis: Option<usize>) -> Res<Tensor> {
+    let z = zero.map(super::math::i64v).unwrap_or_else(|| vec![0]);
+    let shape = t.shape();
+    let (len, inner) = match axis.filter(|_| z.len() > 1) {
+        Some(ax) if ax < shape.len() => (shape[ax], shape[ax + 1..].iter().product::<usize>().max(1)),
+        _ => (1, 1),
     };
-    let x = sub(a.x()?, a.ins.get(2).copied().flatten(), false)?;
-    let y = sub(input(a.ins, 1)?, a.ins.get(3).copied().flatten(), true)?;
+    if z.len() != 1 && z.len() != len {
+        return Err(format!("{} zero points for {shape:?}", z.len()));
+    }
+    let v = super::math::i64v(t).iter().enumerate().map(|(i, &e)| (e - z[(i / inner) % len]) as f64).collect();
+    tensor(shape.to_vec(), TensorData::F64(v))
+}
+
+/// MatMulInteger: (A − a_zero) · (B − b_zero) in int32 (zero points per row of A, per column of B).
+pub(crate) fn op_matmul_integer(a: &Args) -> Res<Vec<Tensor>> {
+    let (x, y) = (a.x()?, input(a.ins, 1)?);
+    let x = minus_zero(x, a.ins.get(2).copied().flatten(), Some(x.shape().len().saturating_sub(2)))?;
+    let y = minus_zero(y, a.ins.get(3).copied().flatten(), Some(y.shape().len().saturating_sub(1)))?;
     Ok(vec![matmul(&x, &y)?.cast(DType::I32)])
 }
 
@@ -247,11 +236,11 @@ pub(crate) fn op_layer_norm(a: &Args) -> Res<Vec<Tensor>> {
         invs.push(i);
     }
     let stat_shape: Vec<usize> = s.iter().enumerate().map(|(d, &n)| if d < ax { n } else { 1 }).collect();
-    let stat_type = a.n.attr_i("stash_type").map_or(DType::F32, |_| DType::F32);
+    // The mean and inverse std outputs are f32 (`stash_type` 1, the only type ONNX defines for them).
     Ok(vec![
         out_float(s.clone(), v, x.dtype())?,
-        tensor(stat_shape.clone(), TensorData::F64(means))?.cast(stat_type),
-        tensor(stat_shape, TensorData::F64(invs))?.cast(stat_type),
+        tensor(stat_shape.clone(), TensorData::F64(means))?.cast(DType::F32),
+        tensor(stat_shape, TensorData::F64(invs))?.cast(DType::F32),
     ])
 }
 
@@ -365,17 +354,9 @@ fn for_window(w: &Window, input: &[usize], mut f: impl FnMut(usize, usize, Optio
     let in_strides = dense_strides(input);
     let (mut o, mut k) = (vec![0usize; r], vec![0usize; r]);
     for oi in 0..total_out {
-        let mut rem = oi;
-        for d in (0..r).rev() {
-            o[d] = rem % w.out[d];
-            rem /= w.out[d];
-        }
+        unravel(oi, &w.out, &mut o);
         for ki in 0..total_k {
-            let mut rem = ki;
-            for d in (0..r).rev() {
-                k[d] = rem % w.kernel[d];
-                rem /= w.kernel[d];
-            }
+            unravel(ki, &w.kernel, &mut k);
             let mut off = 0isize;
             let mut inside = true;
             for d in 0..r {
@@ -484,17 +465,9 @@ pub(crate) fn op_conv_transpose(a: &Args) -> Res<Vec<Tensor>> {
             let g = ic / cpg;
             let xo = &xv[(nb * c + ic) * isz..][..isz];
             for (ii, &xval) in xo.iter().enumerate() {
-                let mut rem = ii;
-                for d in (0..r).rev() {
-                    ip[d] = rem % sp[d];
-                    rem /= sp[d];
-                }
+                unravel(ii, sp, &mut ip);
                 for ki in 0..ksz {
-                    let mut rem = ki;
-                    for d in (0..r).rev() {
-                        kp[d] = rem % kernel[d];
-                        rem /= kernel[d];
-                    }
+                    unravel(ki, &kernel, &mut kp);
                     let mut off = 0isize;
                     let mut inside = true;
                     for d in 0..r {
@@ -608,11 +581,7 @@ fn recount_with_pads(n: &NodeProto, sp: &[usize], w: &Window) -> Vec<usize> {
     let mut o = vec![0usize; r];
     (0..osz)
         .map(|oi| {
-            let mut rem = oi;
-            for d in (0..r).rev() {
-                o[d] = rem % w.out[d];
-                rem /= w.out[d];
-            }
+            unravel(oi, &w.out, &mut o);
             (0..r)
                 .map(|d| {
                     let start = o[d] * w.strides[d];
@@ -744,11 +713,7 @@ pub(crate) fn op_einsum(a: &Args) -> Res<Vec<Tensor>> {
     let mut idx = vec![0usize; all.len()];
     for (o, yo) in y.iter_mut().enumerate() {
         for s in 0..inner {
-            let mut rem = o * inner + s;
-            for d in (0..all.len()).rev() {
-                idx[d] = rem % dims[d];
-                rem /= dims[d];
-            }
+            unravel(o * inner + s, &dims, &mut idx);
             let mut p = 1.0;
             for (v, st) in vals.iter().zip(&strides) {
                 p *= v[idx.iter().zip(st).map(|(i, s)| i * s).sum::<usize>()];
@@ -763,20 +728,8 @@ pub(crate) fn op_einsum(a: &Args) -> Res<Vec<Tensor>> {
 
 /// ConvInteger: (x − x_zero) ⊛ (w − w_zero) in int32 (zero points per tensor, or per output channel for w).
 pub(crate) fn op_conv_integer(a: &Args) -> Res<Vec<Tensor>> {
-    let (x, w) = (a.x()?, input(a.ins, 1)?);
-    let shift = |t: &Tensor, z: Option<&Tensor>, per_row: bool| -> Res<Tensor> {
-        let v = super::math::i64v(t);
-        let z = z.map(super::math::i64v).unwrap_or_else(|| vec![0]);
-        let row: usize = t.shape()[1..].iter().product::<usize>().max(1);
-        let d: Vec<f64> = v
-            .iter()
-            .enumerate()
-            .map(|(i, &e)| (e - if z.len() == 1 || !per_row { z[0] } else { z[i / row] }) as f64)
-            .collect();
-        tensor(t.shape().to_vec(), TensorData::F64(d))
-    };
-    let xs = shift(x, a.ins.get(2).copied().flatten(), false)?;
-    let ws = shift(w, a.ins.get(3).copied().flatten(), true)?;
+    let xs = minus_zero(a.x()?, a.ins.get(2).copied().flatten(), None)?;
+    let ws = minus_zero(input(a.ins, 1)?, a.ins.get(3).copied().flatten(), Some(0))?;
     let y = conv_direct(a.n, &xs, &ws, None)?;
     Ok(vec![y.cast(DType::I32)])
 }

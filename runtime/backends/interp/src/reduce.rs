@@ -46,11 +46,7 @@ pub(crate) fn op_reduce(a: &Args) -> Res<Vec<Tensor>> {
     let mut idx = vec![0usize; rank];
     let count = v.len().checked_div(n_out).unwrap_or(0);
     for (k, &e) in v.iter().enumerate() {
-        let mut r = k;
-        for d in (0..rank).rev() {
-            idx[d] = r % shape[d].max(1);
-            r /= shape[d].max(1);
-        }
+        unravel(k, &shape, &mut idx);
         let o: usize = (0..rank).map(|d| if axes.contains(&d) { 0 } else { idx[d] * out_strides[d] as usize }).sum();
         let s = &mut acc[o];
         *s = match op {
@@ -145,7 +141,6 @@ pub(crate) fn op_topk(a: &Args) -> Res<Vec<Tensor>> {
     let (outer, len, inner) = around(&shape, ax);
     let k = usize::try_from(k).ok().filter(|&k| k <= len).ok_or_else(|| format!("k {k} for a dim of {len}"))?;
     let v = f64s(x);
-    let mut vals = Vec::with_capacity(outer * k * inner);
     let mut ids = vec![0i64; outer * k * inner];
     let mut vv = vec![0.0; outer * k * inner];
     for o in 0..outer {
@@ -163,10 +158,9 @@ pub(crate) fn op_topk(a: &Args) -> Res<Vec<Tensor>> {
             }
         }
     }
-    vals.extend(vv);
     let mut out = shape.clone();
     out[ax] = k;
-    let values = tensor(out.clone(), TensorData::F64(vals))?;
+    let values = tensor(out.clone(), TensorData::F64(vv))?;
     let values = if is_float(x.dtype()) { values.cast(x.dtype()) } else { values.cast(DType::I64).cast(x.dtype()) };
     Ok(vec![values, tensor(out, TensorData::I64(ids))?])
 }

@@ -18,14 +18,6 @@ fn norm_index(i: i64, len: usize) -> Res<usize> {
     (0..len as i64).contains(&j).then_some(j as usize).ok_or_else(|| format!("index {i} out of range {len}"))
 }
 
-/// Row-major multi-index of flat position `k` in `shape`.
-fn unravel(mut k: usize, shape: &[usize], idx: &mut [usize]) {
-    for d in (0..shape.len()).rev() {
-        idx[d] = k % shape[d].max(1);
-        k /= shape[d].max(1);
-    }
-}
-
 pub(crate) fn op_size(a: &Args) -> Res<Vec<Tensor>> {
     Ok(vec![tensor(vec![], TensorData::I64(vec![a.x()?.len() as i64]))?])
 }
