@@ -245,6 +245,12 @@ fn is_wav(p: &Path) -> bool {
 /// `edgepack run BUNDLE audio.wav...`: the bundle's stream over each file, chunk by chunk with the state carried;
 /// per file the value of each chunk and the segments above `--threshold`.
 fn run_streams(a: &RunArgs, s: Session) -> Result<()> {
+    if s.bundle().and_then(|b| b.manifest.stream.as_ref()).is_none() {
+        bail!(Usage(format!(
+            "{} has no stream description, so it cannot take audio files: pack it with --stream-json",
+            a.model.display()
+        )));
+    }
     let s = std::sync::Arc::new(s);
     let mut results = Vec::new();
     for path in &a.inputs {

@@ -63,3 +63,9 @@ def test_audio_at_another_rate_is_refused(silero, tmp_path):
         w.writeframes(b"\x00\x00" * 8000)
     r = ep("run", silero["silero_vad"], p, check=False)
     assert r.returncode == 4 and "8000 Hz" in r.stderr and "16000" in r.stderr, r.stderr
+
+
+def test_audio_for_a_model_without_a_stream_is_a_usage_error(shared, binary):
+    r = ep("run", os.path.join(shared, "models", "silero_vad.onnx"),
+           os.path.join(shared, "data", "audio", "silero_test_16k.wav"), check=False)
+    assert r.returncode == 2 and "--stream-json" in r.stderr, r.stderr
