@@ -7,8 +7,11 @@
 //! - [`qelem`]: residual Add (QLinearAdd's arithmetic), MaxPool and channel Concat with requantization tables,
 //!   QuantizeLinear into NHWC.
 //!
-//! The instruction set is chosen at run time ([`Isa::detect`]): AVX-512 VNNI, AVX2 (exact 16-bit products), or
-//! portable Rust. `EDGEPACK_ISA=portable|avx2|avx512vnni` forces a lower one (testing, comparisons).
+//! The instruction set is chosen at run time ([`Isa::detect`]), per architecture: on x86-64 AVX-512 VNNI or AVX2
+//! (exact 16-bit products), on aarch64 NEON with `usmmla` (i8mm), `sdot` (dotprod) or widening multiplies (plain
+//! ARMv8), else portable Rust. `EDGEPACK_ISA=portable|avx2|avx512vnni|neon|dotprod|i8mm` forces a lower one
+//! (testing, comparisons). The SIMD code lives in one child module per architecture of each kernel family
+//! (`x86`, `aarch64`), as tract-linalg's; the portable loops in the family's module are the frame they plug into.
 pub mod fconv;
 pub mod pool;
 pub mod qconv;
@@ -79,37 +82,61 @@ impl ConvGeometry {
     }
 }
 
-/// Instruction set a kernel runs on.
+/// Instruction set a kernel runs on. Each architecture has its own ladder ([`Isa::ladder`]), lowest first; a
+/// kernel given an instruction set of another architecture (or one the CPU lacks) runs the best one below it
+/// that this CPU has ([`Isa::supported`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Isa {
     Portable,
+    /// x86-64: AVX2 + FMA.
     Avx2,
+    /// x86-64: AVX-512 F/BW/VL + VNNI.
     Avx512Vnni,
+    /// aarch64: Advanced SIMD (every ARMv8-A core, Cortex-A53 class).
+    Neon,
+    /// aarch64: NEON + the dot product instructions (`sdot`, ARMv8.2 dotprod: Cortex-A55/A76 and later).
+    NeonDot,
+    /// aarch64: NEON + dotprod + the int8 matrix multiply (`usmmla`, ARMv8.6 i8mm: Cortex-A510/A710/X2 and later).
+    NeonI8mm,
 }
 
 impl Isa {
     /// The best instruction set this CPU supports, capped by `EDGEPACK_ISA` when set.
     pub fn detect() -> Isa {
-        let best = Self::best();
         match std::env::var("EDGEPACK_ISA").ok().as_deref().and_then(Isa::parse) {
-            Some(cap) => cap.min(best),
-            None => best,
+            Some(cap) => cap.supported(),
+            None => Self::best(),
+        }
+    }
+
+    /// This architecture's instruction sets, lowest first.
+    pub fn ladder() -> &'static [Isa] {
+        if cfg!(target_arch = "x86_64") {
+            &[Isa::Portable, Isa::Avx2, Isa::Avx512Vnni]
+        } else if cfg!(target_arch = "aarch64") {
+            &[Isa::Portable, Isa::Neon, Isa::NeonDot, Isa::NeonI8mm]
+        } else {
+            &[Isa::Portable]
         }
     }
 
     /// Every instruction set this CPU can run (for tests and benchmarks).
     pub fn available() -> Vec<Isa> {
         let best = Self::best();
-        [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| *i <= best).collect()
+        Self::ladder().iter().copied().filter(|i| *i <= best).collect()
+    }
+
+    /// The best instruction set this CPU runs that is not above `self` on this architecture's ladder
+    /// (`Portable` for another architecture's).
+    pub fn supported(self) -> Isa {
+        let best = Self::best();
+        Self::ladder().iter().copied().filter(|i| *i <= best).rfind(|i| *i <= self).unwrap_or(Isa::Portable)
     }
 
     pub fn parse(s: &str) -> Option<Isa> {
-        match s {
-            "portable" => Some(Isa::Portable),
-            "avx2" => Some(Isa::Avx2),
-            "avx512vnni" => Some(Isa::Avx512Vnni),
-            _ => None,
-        }
+        [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni, Isa::Neon, Isa::NeonDot, Isa::NeonI8mm]
+            .into_iter()
+            .find(|i| i.name() == s)
     }
 
     pub fn name(self) -> &'static str {
@@ -117,7 +144,22 @@ impl Isa {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512vnni",
+            Isa::Neon => "neon",
+            Isa::NeonDot => "dotprod",
+            Isa::NeonI8mm => "i8mm",
         }
+    }
+
+    /// Whether this is one of the x86-64 SIMD levels.
+    #[allow(dead_code)]
+    pub(crate) fn is_x86(self) -> bool {
+        matches!(self, Isa::Avx2 | Isa::Avx512Vnni)
+    }
+
+    /// Whether this is one of the aarch64 SIMD levels.
+    #[allow(dead_code)]
+    pub(crate) fn is_arm(self) -> bool {
+        matches!(self, Isa::Neon | Isa::NeonDot | Isa::NeonI8mm)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -135,7 +177,21 @@ impl Isa {
         }
     }
 
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    fn best() -> Isa {
+        use std::arch::is_aarch64_feature_detected as has;
+        if !has!("neon") {
+            Isa::Portable
+        } else if has!("dotprod") && has!("i8mm") {
+            Isa::NeonI8mm
+        } else if has!("dotprod") {
+            Isa::NeonDot
+        } else {
+            Isa::Neon
+        }
+    }
+
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     fn best() -> Isa {
         Isa::Portable
     }

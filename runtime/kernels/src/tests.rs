@@ -60,8 +60,14 @@ fn random_conv(r: &mut Rng, kind: usize, big: bool) -> Option<(QConvSpec, Conv2d
     };
     g.output_hw(h, w)?;
     let n = if big { 1 } else { r.range(1, 2) as usize };
-    let weights: Vec<i8> =
+    let mut weights: Vec<i8> =
         (0..c_out * (c_in / group) * kernel[0] * kernel[1]).map(|_| r.range(-127, 127) as i8).collect();
+    if r.range(0, 3) == 0 {
+        // −128 (not made by symmetric quantizers, allowed by ONNX): the kernels that pair products in 16 bits
+        // must notice it.
+        let i = r.range(0, weights.len() as i64 - 1) as usize;
+        weights[i] = i8::MIN;
+    }
     let bias = (r.range(0, 3) > 0).then(|| (0..c_out).map(|_| r.range(-20_000, 20_000) as i32).collect());
     let (z_x, z_y) = (r.range(0, 255) as u8, r.range(0, 255) as u8);
     let taps = ((c_in / group) * kernel[0] * kernel[1]) as f32;
@@ -121,6 +127,32 @@ fn qconv_kernels_split_across_threads_equal_the_reference() {
                 assert_eq!(super::threads(), 2);
                 check_qconv(&spec, g, shape, &x, isa, &format!("{isa:?} threaded case {case}"))
             });
+        }
+    }
+}
+
+/// The extreme products: weights −128 against inputs 0 (`x − 128 = −128`, what the aarch64 kernels multiply), where
+/// two products no longer fit 16 bits together; every ISA must still equal the reference.
+#[test]
+fn qconv_extreme_products_equal_the_reference() {
+    for &isa in &Isa::available() {
+        for (c_in, k) in [(16, 1), (24, 1), (5, 3)] {
+            let c_out = 24;
+            let geom = ConvGeometry {
+                c_in,
+                c_out,
+                group: 1,
+                kernel: [k, k],
+                stride: [1, 1],
+                dilation: [1, 1],
+                pads: [k / 2; 4],
+            };
+            let n = c_out * c_in * k * k;
+            let weights = (0..n).map(|i| if i % 7 == 3 { 127 } else { i8::MIN }).collect();
+            let spec = QConvSpec { geom, z_x: 0, z_y: 128, weights, bias: None, multiplier: vec![1e-5; c_out] };
+            let g = Conv2d { group: 1, kernel: [k, k], stride: [1, 1], dilation: [1, 1], pads: [k / 2; 4] };
+            let x: Vec<u8> = (0..4 * 4 * c_in).map(|i| if i % 5 == 0 { 255 } else { 0 }).collect();
+            check_qconv(&spec, g, [1, c_in, 4, 4], &x, isa, &format!("{isa:?} extreme c_in {c_in} k {k}"));
         }
     }
 }
@@ -376,4 +408,14 @@ fn fconv_kernels_equal_a_direct_loop_for_every_isa_and_thread_split() {
             });
         }
     }
+}
+
+/// The test command says which instruction set the CPU it runs on must offer (`EDGEPACK_EXPECT_ISA`, e.g. `i8mm`
+/// under `qemu -cpu max`): the ISA tests above then provably ran that path, not only the portable one.
+#[test]
+fn the_expected_instruction_set_is_detected() {
+    let Ok(name) = std::env::var("EDGEPACK_EXPECT_ISA") else { return };
+    let want = Isa::parse(&name).unwrap_or_else(|| panic!("EDGEPACK_EXPECT_ISA={name} names no instruction set"));
+    let best = *Isa::available().last().unwrap();
+    assert_eq!(best, want, "best instruction set detected");
 }

@@ -36,7 +36,7 @@ fn err(e: impl std::fmt::Display) -> Error {
 }
 
 enum Op {
-    Kernel(Kernel),
+    Kernel(Box<Kernel>),
     /// An NCHW float convolution with constant weights, run as NHWC kernel between two transposes.
     Conv(fconv::FConv),
     /// An NCW float convolution (1-D) with constant weights, run as the 2-D kernel over a height of 1.
@@ -234,7 +234,7 @@ impl InterpBackend {
 fn prepare(n: &NodeProto, consts: &HashMap<String, Tensor>) -> Result<Op> {
     let bad = |m: String| err(format!("{} `{}`: {m}", n.op(), n.name()));
     if n.domain_name() == edgepack_lower::qdq_kernels::DOMAIN {
-        return Kernel::parse(n).map(Op::Kernel).map_err(err);
+        return Kernel::parse(n).map(|k| Op::Kernel(Box::new(k))).map_err(err);
     }
     // Every node reaching here passed the load check: a plain op has an entry in the table.
     let plain = Op::Plain(plain_op(n.op()).ok_or_else(|| bad("not an interpreter op".into()))?);

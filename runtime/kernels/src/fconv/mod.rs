@@ -2,13 +2,16 @@
 //! stage. The float twin of [`super::qconv`], with the same plans:
 //! - **GEMM** (`group == 1`): 1×1, stride-1, unpadded convolutions read activation rows directly; others are
 //!   implicit GEMMs over a zero-padded copy of the input (row pointer + a per-depth offset table, no im2col). Weights packed once in blocks of up to 64 output channels, `[k][width]`.
-//!   Register tiles of `MR` pixels × `NV` vectors (AVX-512: 16 lanes, AVX2: 8), one FMA per weight vector and pixel.
+//!   Register tiles of `MR` pixels × `NV` vectors (AVX-512: 16 lanes, AVX2: 8, NEON: 4), one FMA per weight vector
+//!   and pixel.
 //! - **Depthwise**: direct, vectorised over channels, blocks of output pixels per weight load, reading the input
 //!   rows in place (no padded copy): taps in the zero padding are skipped, pixels whose window lies inside the
 //!   row take the fast path.
 //!
 //! The sums run in a different order than a reference loop (FMA, per-tile accumulation), so results differ from
 //! it by float rounding only; tests compare with a tolerance.
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 use super::qconv::{DIRECT_ROWS, Dw, GemmTiles, RowSource, Window};
@@ -78,6 +81,7 @@ impl std::fmt::Debug for FConv {
 
 impl FConv {
     pub fn new(spec: FConvSpec, isa: Isa) -> Result<FConv, String> {
+        let isa = isa.supported();
         let [kh, kw] = spec.geom.kernel;
         let s = &spec;
         let depthwise = s.geom.check()?;
@@ -288,9 +292,15 @@ impl FConv {
     fn depthwise_row(&self, d: &Dw<f32>, wt: &[f32], cpad: usize, yrow: &mut [f32]) {
         let s = &self.spec;
         #[cfg(target_arch = "x86_64")]
-        if self.isa >= Isa::Avx2 {
+        if self.isa.is_x86() {
             // SAFETY: the ISA was detected at construction; every row pointer addresses a full padded row.
             unsafe { x86::depthwise_row(self.isa, d, wt, cpad, &self.bias, s.clamp, yrow) };
+            return;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if self.isa.is_arm() {
+            // SAFETY: as above (NEON is part of every aarch64 level).
+            unsafe { aarch64::depthwise_row(d, wt, cpad, &self.bias, s.clamp, yrow) };
             return;
         }
         let c = d.c;
@@ -352,8 +362,13 @@ unsafe fn gemm_block(
     koff: &[usize],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx2 {
+    if isa.is_x86() {
         unsafe { x86::gemm_block(isa, rows, outs, part, b, bias, clamp, koff) };
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if isa.is_arm() {
+        unsafe { aarch64::gemm_block(rows, outs, part, b, bias, clamp, koff) };
         return;
     }
     let _ = isa;

@@ -7,7 +7,7 @@ use crate::{Isa, unroll};
 // a NaN result stays NaN (as in the ONNX ops).
 use super::{FBlock, KPart};
 use crate::qconv::Dw;
-use crate::qconv::x86::row_tile;
+use crate::qconv::row_tile;
 
 /// # Safety
 /// See `fconv::gemm_block`; `isa` must be supported by the CPU.

@@ -11,6 +11,8 @@
 //!   input rows through pointers: rows inside the image in place (or, with left/right padding, copied once into a
 //!   small ring of zero-point-padded rows), rows in the top/bottom padding from one row of `z_x`. With VNNI, four
 //!   taps are interleaved per 32-bit lane (two byte/word unpacks) so one `vpdpbusd` does 64 channels × 4 taps.
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod aarch64;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 use super::{ConvGeometry, Isa, for_each_part, requant};
@@ -58,8 +60,13 @@ pub(crate) struct Block {
     pub width: usize,
     /// Channels stored.
     pub valid: usize,
-    /// `[kp/4][width][4]` int8.
+    /// `[kp/4][width][4]` int8; for the aarch64 `usmmla` kernels (`Isa::NeonI8mm`) `[kp8/8][width/2][2][8]`
+    /// instead (`kp8` = `kp` rounded up to 8, zeros past `k`): channel pairs, 8 depths each.
     pub packed: Vec<i8>,
+    /// No weight is −128: two products of `x − 128` and a weight then sum within i16 (|Σ| ≤ 2·128·127), which the
+    /// aarch64 kernel without dotprod uses.
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    pub no_i8_min: bool,
 }
 
 enum Plan {
@@ -67,14 +74,21 @@ enum Plan {
     Depthwise(DwPlan),
 }
 
-/// Depthwise weights in the layouts of each kernel (the SIMD layouts are read by the x86 kernels; the aarch64
-/// ones of issue 27 will read them too).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+/// Depthwise weights in the layouts of each kernel.
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 pub(crate) struct DwPlan {
     /// `w[t][c]` as i32 (portable), `cpad` = channels rounded up to 16.
     pub w: Vec<i32>,
     /// The same values as 16-bit lanes (`(w as u16) as i32`) for `pmaddwd` (AVX2).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub w16: Vec<i32>,
+    /// The same values as i16 (NEON widening multiply-adds).
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    pub wh: Vec<i16>,
+    /// Per channel (padded to 64) the bias plus `128·Σ_t w[t]`: what the `sdot` kernels start from, as they
+    /// multiply `x − 128` (signed bytes) by the weights.
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    pub bias128: Vec<i32>,
     pub cpad: usize,
     /// Per tap, padded with tap 0 to a multiple of 4: (kernel row, byte offset `kx·dilation·c` in the row).
     pub taps: Vec<(usize, usize)>,
@@ -82,7 +96,9 @@ pub(crate) struct DwPlan {
     /// of channel `64·cb + 16·L + 4·q + j` (what two rounds of unpacks make of four tap loads).
     pub w4: Vec<i8>,
     /// Bias (zero point folded) and multiplier in the lane order of `w4`'s accumulators, `[c/64][4][16]`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub bias4: Vec<i32>,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub m4: Vec<f32>,
 }
 
@@ -92,6 +108,8 @@ pub struct QConv {
     plan: Plan,
     /// Bias with the input zero point folded in, padded to a multiple of 64.
     bias: Vec<i32>,
+    /// `bias + 128·Σ_k w[k]`, for the kernels that multiply `x − 128` (see [`DwPlan::bias128`]).
+    bias128: Vec<i32>,
     multiplier: Vec<f32>,
 }
 
@@ -122,6 +140,7 @@ impl QConv {
     /// Prepares (checks, packs) a convolution. Grouped convolutions other than depthwise with one filter per
     /// channel are not handled (the caller keeps them on the float path).
     pub fn new(spec: QConvSpec, isa: Isa) -> Result<QConv, String> {
+        let isa = isa.supported();
         let [kh, kw] = spec.geom.kernel;
         let s = &spec;
         let depthwise = s.geom.check()?;
@@ -134,15 +153,18 @@ impl QConv {
             return Err("weights, bias or multiplier do not match the convolution".into());
         }
         let mut bias = vec![0i32; round_up(s.geom.c_out, 64)];
+        let mut bias128 = vec![0i32; round_up(s.geom.c_out, 64)];
         let mut multiplier = vec![0f32; round_up(s.geom.c_out, 64)];
         for o in 0..s.geom.c_out {
             let wsum: i64 = s.weights[o * cin_g * taps..(o + 1) * cin_g * taps].iter().map(|&v| v as i64).sum();
             let b = s.bias.as_ref().map_or(0, |b| b[o] as i64) - s.z_x as i64 * wsum;
-            bias[o] = i32::try_from(b).map_err(|_| "bias out of the int32 range".to_string())?;
+            let range = |v: i64| i32::try_from(v).map_err(|_| "bias out of the int32 range".to_string());
+            bias[o] = range(b)?;
+            bias128[o] = range(b + 128 * wsum)?;
             multiplier[o] = s.multiplier[o];
         }
         let plan = if depthwise {
-            Plan::Depthwise(DwPlan::new(s, &bias, &multiplier))
+            Plan::Depthwise(DwPlan::new(s, &bias, &bias128, &multiplier))
         } else {
             let k = taps * s.geom.c_in;
             let kp = round_up(k, 4);
@@ -153,17 +175,24 @@ impl QConv {
             while c0 < s.geom.c_out {
                 let valid = (s.geom.c_out - c0).min(64);
                 let width = round_up(valid, 16);
-                let mut packed = vec![0i8; kp * width];
+                let mmla = isa == Isa::NeonI8mm;
+                let mut packed = vec![0i8; if mmla { round_up(kp, 8) } else { kp } * width];
                 for j in 0..valid {
                     let o = c0 + j;
                     for c in 0..s.geom.c_in {
                         for t in 0..taps {
                             let kk = t * s.geom.c_in + c;
-                            packed[(kk / 4) * width * 4 + j * 4 + kk % 4] = s.weights[(o * s.geom.c_in + c) * taps + t];
+                            let at = if mmla {
+                                (kk / 8) * width * 8 + (j / 2) * 16 + (j % 2) * 8 + kk % 8
+                            } else {
+                                (kk / 4) * width * 4 + j * 4 + kk % 4
+                            };
+                            packed[at] = s.weights[(o * s.geom.c_in + c) * taps + t];
                         }
                     }
                 }
-                blocks.push(Block { c0, width, valid, packed });
+                let no_i8_min = !packed.contains(&i8::MIN);
+                blocks.push(Block { c0, width, valid, packed, no_i8_min });
                 c0 += valid;
             }
             Plan::Gemm { kp, direct, blocks }
@@ -171,7 +200,7 @@ impl QConv {
         // The packed plan holds the weights now: drop the unpacked copy (a model's worth of memory).
         let mut spec = spec;
         spec.weights = Vec::new();
-        Ok(QConv { spec, isa, plan, bias, multiplier })
+        Ok(QConv { spec, isa, plan, bias, bias128, multiplier })
     }
 
     pub fn spec(&self) -> &QConvSpec {
@@ -226,12 +255,11 @@ impl QConv {
                 // Each (row tile, channel block) is written by exactly one part.
                 *p = (y_addr + (r0 + i) * s.geom.c_out * elem) as *mut u8;
             }
+            let bias = if signed_x(self.isa) { &self.bias128 } else { &self.bias };
             for b in blocks {
                 // SAFETY: row pointers address `kp` readable bytes; output rows hold `c_out` elements each and
                 // (tile, block) pairs are disjoint across parts.
-                unsafe {
-                    gemm_block(self.isa, rows, &out_ptrs[..rows.len()], g.kp, b, &self.bias, &self.multiplier, g.out)
-                };
+                unsafe { gemm_block(self.isa, rows, &out_ptrs[..rows.len()], g.kp, b, bias, &self.multiplier, g.out) };
             }
         });
     }
@@ -253,8 +281,15 @@ impl QConv {
     }
 
     fn depthwise_row(&self, d: &Dw, p: &DwPlan, yrow: &mut [u8]) {
+        #[cfg(target_arch = "aarch64")]
+        if self.isa.is_arm() {
+            // SAFETY: the ISA was detected at construction (or capped below what the CPU has); every row pointer
+            // addresses a full (padded) input row.
+            unsafe { aarch64::depthwise_row(self.isa, &self.spec, d, p, &self.bias, &self.multiplier, yrow) };
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
-        if self.isa >= Isa::Avx2 {
+        if self.isa.is_x86() {
             // SAFETY: the ISA was detected at construction (or capped below what the CPU has); every row pointer
             // addresses a full (padded) input row.
             unsafe { x86::depthwise_row(self.isa, &self.spec, d, p, &self.bias, &self.multiplier, yrow) };
@@ -282,17 +317,19 @@ impl QConv {
 }
 
 impl DwPlan {
-    fn new(s: &QConvSpec, bias: &[i32], multiplier: &[f32]) -> DwPlan {
+    fn new(s: &QConvSpec, bias: &[i32], bias128: &[i32], multiplier: &[f32]) -> DwPlan {
         let [kh, kw] = s.geom.kernel;
         let (c, taps) = (s.geom.c_in, kh * kw);
         let cpad = round_up(c, 16);
         let mut w = vec![0i32; taps * cpad];
         let mut w16 = vec![0i32; taps * cpad];
+        let mut wh = vec![0i16; taps * cpad];
         for ch in 0..c {
             for t in 0..taps {
                 let v = s.weights[ch * taps + t];
                 w[t * cpad + ch] = v as i32;
                 w16[t * cpad + ch] = (v as i16 as u16) as i32;
+                wh[t * cpad + ch] = v as i16;
             }
         }
         let mut tap_list: Vec<(usize, usize)> =
@@ -325,7 +362,7 @@ impl DwPlan {
                 }
             }
         }
-        DwPlan { w, w16, cpad, taps: tap_list, w4, bias4, m4 }
+        DwPlan { w, w16, wh, bias128: bias128.to_vec(), cpad, taps: tap_list, w4, bias4, m4 }
     }
 }
 
@@ -365,6 +402,27 @@ impl<T> Dw<'_, T> {
     }
 }
 
+/// Row pointers `rows[r0..r0 + nr]` of one register tile, the missing rows repeating the first (computed, never
+/// stored), and `nr`.
+#[inline]
+pub(crate) fn row_tile<const MR: usize, T>(rows: &[*const T], r0: usize) -> ([*const T; MR], usize) {
+    let nr = (rows.len() - r0).min(MR);
+    let mut rp = [rows[r0]; MR];
+    rp[..nr].copy_from_slice(&rows[r0..r0 + nr]);
+    (rp, nr)
+}
+
+/// Whether `isa`'s GEMM kernels multiply `x − 128` as signed bytes (and so start from `bias128`).
+fn signed_x(isa: Isa) -> bool {
+    #[cfg(target_arch = "aarch64")]
+    return aarch64::signed_x(isa);
+    #[allow(unreachable_code)]
+    {
+        let _ = isa;
+        false
+    }
+}
+
 /// `out[r][b.c0..b.c0+b.valid] = requant(bias + Σ_k rows[r][k]·w[k])` for every row.
 ///
 /// # Safety
@@ -381,8 +439,13 @@ unsafe fn gemm_block(
     out: Out,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx2 {
+    if isa.is_x86() {
         unsafe { x86::gemm_block(isa, rows, outs, kp, b, bias, m, out) };
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if isa.is_arm() {
+        unsafe { aarch64::gemm_block(isa, rows, outs, kp, b, bias, m, out) };
         return;
     }
     let _ = isa;
@@ -672,14 +735,32 @@ pub(crate) fn im2col<T: Copy>(
 }
 
 /// `dst.copy_from_slice(src)` without a `memcpy` call for the short runs of thin inputs (an RGB stem copies
-/// 3-9 values at a time).
+/// 3-9 values at a time): runs of 4 to 32 bytes as two overlapping word copies.
 #[inline(always)]
 fn copy_short<T: Copy>(dst: &mut [T], src: &[T]) {
-    if src.len() <= 16 {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = s;
+    let n = std::mem::size_of_val(src);
+    assert!(dst.len() == src.len());
+    let (d, s) = (dst.as_mut_ptr() as *mut u8, src.as_ptr() as *const u8);
+    // SAFETY: both ranges hold `n` bytes (checked above); `T: Copy` values are plain bytes to copy.
+    unsafe {
+        macro_rules! two {
+            ($t:ty) => {{
+                let w = std::mem::size_of::<$t>();
+                let (a, b) = ((s as *const $t).read_unaligned(), (s.add(n - w) as *const $t).read_unaligned());
+                (d as *mut $t).write_unaligned(a);
+                (d.add(n - w) as *mut $t).write_unaligned(b);
+            }};
         }
-    } else {
-        dst.copy_from_slice(src);
+        match n {
+            16..=32 => two!(u128),
+            8..=15 => two!(u64),
+            4..=7 => two!(u32),
+            0..=3 => {
+                for i in 0..n {
+                    *d.add(i) = *s.add(i);
+                }
+            }
+            _ => dst.copy_from_slice(src),
+        }
     }
 }

@@ -3,7 +3,7 @@
 #![allow(clippy::needless_range_loop)] // register tiles are indexed [row][vector] on purpose
 use std::arch::x86_64::*;
 
-use super::{Block, Dw, DwPlan, Out, QConvSpec};
+use super::{Block, Dw, DwPlan, Out, QConvSpec, row_tile};
 use crate::{Isa, unroll};
 
 /// # Safety
@@ -125,16 +125,6 @@ pub(crate) fn round_to_u8_16(f: __m512, z: __m512i) -> __m128i {
     let i = _mm512_add_epi32(_mm512_cvtps_epi32(f), z);
     let i = _mm512_min_epi32(_mm512_max_epi32(i, _mm512_setzero_si512()), _mm512_set1_epi32(255));
     _mm512_cvtepi32_epi8(i)
-}
-
-/// Row pointers `rows[r0..r0 + nr]` of one register tile, the missing rows repeating the first (computed, never
-/// stored), and `nr`.
-#[inline]
-pub(crate) fn row_tile<const MR: usize, T>(rows: &[*const T], r0: usize) -> ([*const T; MR], usize) {
-    let nr = (rows.len() - r0).min(MR);
-    let mut rp = [rows[r0]; MR];
-    rp[..nr].copy_from_slice(&rows[r0..r0 + nr]);
-    (rp, nr)
 }
 
 /// 8 lanes of [`requant16`].

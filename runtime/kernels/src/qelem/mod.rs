@@ -1,4 +1,6 @@
 //! Element-wise and data-movement INT8 kernels on NHWC uint8 tensors.
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 use super::Isa;
@@ -8,12 +10,17 @@ use super::reference::QParams;
 pub fn qadd(isa: Isa, a: &[u8], qa: QParams, b: &[u8], qb: QParams, qc: QParams, out: &mut [u8]) {
     let (r_a, r_b) = (qa.scale / qc.scale, qb.scale / qc.scale);
     let k = qc.zero as f32 - (r_a * qa.zero as f32 + r_b * qb.zero as f32);
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))] // only the x86 paths advance it (for now)
+    #[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(unused_mut))]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx512Vnni {
+    if isa.supported() == Isa::Avx512Vnni {
         // SAFETY: AVX-512 F/BW/VL are part of the detected ISA.
         done = unsafe { x86::qadd_512(a, b, r_a, r_b, k, out) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if isa.supported().is_arm() {
+        // SAFETY: NEON is part of every aarch64 level.
+        done = unsafe { aarch64::qadd(a, b, r_a, r_b, k, out) };
     }
     let _ = isa;
     for ((o, &av), &bv) in out.iter_mut().zip(a).zip(b).skip(done) {
@@ -39,12 +46,17 @@ pub fn quantize(x: f32, q: QParams) -> u8 {
 
 /// QuantizeLinear of a contiguous slice.
 pub fn quantize_slice(isa: Isa, x: &[f32], q: QParams, out: &mut [u8]) {
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))] // only the x86 paths advance it (for now)
+    #[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(unused_mut))]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx512Vnni {
+    if isa.supported() == Isa::Avx512Vnni {
         // SAFETY: AVX-512 F/BW/VL are part of the detected ISA.
         done = unsafe { x86::quantize_512(x, q.scale, q.zero, out) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if isa.supported().is_arm() {
+        // SAFETY: NEON is part of every aarch64 level.
+        done = unsafe { aarch64::quantize(x, q.scale, q.zero, out) };
     }
     let _ = isa;
     for (o, &v) in out.iter_mut().zip(x).skip(done) {

@@ -1,0 +1,213 @@
+//! aarch64 fp32 kernels of `fconv`: NEON (4 lanes, fused multiply-add), on every ARMv8-A core.
+#![allow(clippy::needless_range_loop)] // register tiles are indexed [row][vector] on purpose
+use std::arch::aarch64::*;
+
+use super::{FBlock, KPart};
+use crate::qconv::{Dw, row_tile};
+use crate::unroll;
+// Clamps are written `min(hi, max(lo, v))`: NEON's fmin/fmax return NaN when an operand is NaN, so a NaN result
+// stays NaN (as in the ONNX ops).
+
+/// Register tiles of 6 rows × 16 channels (24 accumulators, 4 weight vectors, one broadcast value): per depth, 4
+/// weight loads and 6 value loads feed 24 `fmla` by element.
+///
+/// # Safety
+/// See `fconv::gemm_block`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn gemm_block(
+    rows: &[*const f32],
+    outs: &[*mut f32],
+    part: KPart,
+    b: &FBlock,
+    bias: &[f32],
+    clamp: [f32; 2],
+    koff: &[usize],
+) {
+    const MR: usize = 6;
+    let mut r0 = 0;
+    while r0 < rows.len() {
+        let (rp, nr) = row_tile::<MR, f32>(rows, r0);
+        let outs = &outs[r0..r0 + nr];
+        let mut j0 = 0;
+        while j0 < b.valid {
+            unsafe {
+                match (nr, koff.is_empty()) {
+                    (1, true) => tile::<1, false>(&[rp[0]], outs, part, b, j0, bias, clamp, koff),
+                    (1, false) => tile::<1, true>(&[rp[0]], outs, part, b, j0, bias, clamp, koff),
+                    (2 | 3, true) => tile::<3, false>(&[rp[0], rp[1], rp[2]], outs, part, b, j0, bias, clamp, koff),
+                    (2 | 3, false) => tile::<3, true>(&[rp[0], rp[1], rp[2]], outs, part, b, j0, bias, clamp, koff),
+                    (_, true) => tile::<MR, false>(&rp, outs, part, b, j0, bias, clamp, koff),
+                    (_, false) => tile::<MR, true>(&rp, outs, part, b, j0, bias, clamp, koff),
+                }
+            }
+            j0 += 16;
+        }
+        r0 += nr;
+    }
+}
+
+/// Channels `b.c0 + j0..+16` of `MR` rows (rows past `outs.len()` repeat one and are not stored). `OFF`: depth
+/// `kk` of a row is at `koff[kk]` (an implicit GEMM), else at `kk`.
+#[inline]
+#[target_feature(enable = "neon")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const MR: usize, const OFF: bool>(
+    rows: &[*const f32; MR],
+    outs: &[*mut f32],
+    part: KPart,
+    b: &FBlock,
+    j0: usize,
+    bias: &[f32],
+    clamp: [f32; 2],
+    koff: &[usize],
+) {
+    let c = b.c0 + j0;
+    let n = (b.valid - j0).min(16);
+    unsafe {
+        let bv: [float32x4_t; 4] = std::array::from_fn(|j| vld1q_f32(bias.as_ptr().add(c + 4 * j)));
+        let mut acc = [bv; MR];
+        if !part.first {
+            for (r, &o) in outs.iter().enumerate() {
+                if n == 16 {
+                    acc[r] = std::array::from_fn(|j| vld1q_f32(o.add(c + 4 * j)));
+                } else {
+                    let mut t = [0f32; 16];
+                    std::ptr::copy_nonoverlapping(o.add(c), t.as_mut_ptr(), n);
+                    acc[r] = std::array::from_fn(|j| vld1q_f32(t.as_ptr().add(4 * j)));
+                }
+            }
+        }
+        let mut wp = b.packed.as_ptr().add(part.k0 * b.width + j0);
+        for kk in 0..part.kc {
+            let w: [float32x4_t; 4] = std::array::from_fn(|j| vld1q_f32(wp.add(4 * j)));
+            let o = if OFF { *koff.get_unchecked(kk) } else { kk };
+            unroll!(MR, r => {
+                let a = *rows[r].add(o);
+                unroll!(4, j => { acc[r][j] = vfmaq_n_f32(acc[r][j], w[j], a); });
+            });
+            wp = wp.add(b.width);
+        }
+        let (lo, hi) = (vdupq_n_f32(clamp[0]), vdupq_n_f32(clamp[1]));
+        for (r, &o) in outs.iter().enumerate() {
+            let mut t = [0f32; 16];
+            unroll!(4, j => {
+                let v = if part.last { vminq_f32(hi, vmaxq_f32(lo, acc[r][j])) } else { acc[r][j] };
+                vst1q_f32(t.as_mut_ptr().add(4 * j), v);
+            });
+            if n == 16 {
+                unroll!(4, j => { vst1q_f32(o.add(c + 4 * j), vld1q_f32(t.as_ptr().add(4 * j))); });
+            } else {
+                std::ptr::copy_nonoverlapping(t.as_ptr(), o.add(c), n);
+            }
+        }
+    }
+}
+
+/// One output row of a float depthwise convolution (see `FConv::depthwise_row`): 8 channels (two vectors) × up
+/// to 8 output pixels per pass over the taps, so each weight load serves every pixel of the block. Pixels whose
+/// window leaves the readable columns (and taps on null rows, the top/bottom padding) skip the taps outside.
+/// Channels past the last multiple of 4 run scalar.
+///
+/// # Safety
+/// `d.rows[ky]` address full input rows (see `Dw`).
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn depthwise_row(
+    d: &Dw<f32>,
+    wt: &[f32],
+    cpad: usize,
+    bias: &[f32],
+    clamp: [f32; 2],
+    yrow: &mut [f32],
+) {
+    let inner = d.inner();
+    let full = d.c / 4 * 4;
+    unsafe {
+        let mut c0 = 0;
+        while c0 < full {
+            let nv = if full - c0 >= 8 { 2 } else { 1 };
+            let mut ox = 0;
+            while ox < d.ow {
+                let edge = ox < inner.start || ox >= inner.end;
+                let r = if edge {
+                    1
+                } else {
+                    match inner.end - ox {
+                        8.. => 8,
+                        4.. => 4,
+                        _ => 1,
+                    }
+                };
+                match (nv, r, edge) {
+                    (2, 8, _) => dw_block::<2, 8, false>(d, wt, cpad, bias, clamp, c0, ox, yrow),
+                    (2, 4, _) => dw_block::<2, 4, false>(d, wt, cpad, bias, clamp, c0, ox, yrow),
+                    (2, _, false) => dw_block::<2, 1, false>(d, wt, cpad, bias, clamp, c0, ox, yrow),
+                    (2, _, true) => dw_block::<2, 1, true>(d, wt, cpad, bias, clamp, c0, ox, yrow),
+                    (_, 8, _) => dw_block::<1, 8, false>(d, wt, cpad, bias, clamp, c0, ox, yrow),
+                    (_, 4, _) => dw_block::<1, 4, false>(d, wt, cpad, bias, clamp, c0, ox, yrow),
+                    (_, _, false) => dw_block::<1, 1, false>(d, wt, cpad, bias, clamp, c0, ox, yrow),
+                    (_, _, true) => dw_block::<1, 1, true>(d, wt, cpad, bias, clamp, c0, ox, yrow),
+                }
+                ox += r;
+            }
+            c0 += 4 * nv;
+        }
+        for ox in 0..d.ow {
+            let o = ox * d.step;
+            for ch in full..d.c {
+                let mut a = bias[ch];
+                for (t, &(ky, off)) in d.taps.iter().enumerate() {
+                    if !d.rows[ky].is_null() && d.readable(o + off) {
+                        a += *d.rows[ky].wrapping_add(o + off + ch) * wt[t * cpad + ch];
+                    }
+                }
+                yrow[ox * d.c + ch] = super::clampf(a, clamp);
+            }
+        }
+    }
+}
+
+/// `R` output pixels from `ox` × `NV` vectors of channels from `c0`. With `EDGE` (one pixel), taps outside the
+/// readable columns are skipped.
+#[inline]
+#[target_feature(enable = "neon")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dw_block<const NV: usize, const R: usize, const EDGE: bool>(
+    d: &Dw<f32>,
+    wt: &[f32],
+    cpad: usize,
+    bias: &[f32],
+    clamp: [f32; 2],
+    c0: usize,
+    ox: usize,
+    yrow: &mut [f32],
+) {
+    let step = d.step;
+    unsafe {
+        let bv: [float32x4_t; NV] = std::array::from_fn(|j| vld1q_f32(bias.as_ptr().add(c0 + 4 * j)));
+        let mut acc = [bv; R];
+        let base = ox * step;
+        for (t, &(ky, off)) in d.taps.iter().enumerate() {
+            let row = *d.rows.get_unchecked(ky);
+            if row.is_null() || (EDGE && !d.readable(base + off)) {
+                continue;
+            }
+            let src = row.wrapping_add(base + off + c0);
+            let wrow = wt.as_ptr().add(t * cpad + c0);
+            unroll!(NV, j => {
+                let w = vld1q_f32(wrow.add(4 * j));
+                unroll!(R, r => {
+                    let x = vld1q_f32(src.add(r * step + 4 * j));
+                    acc[r][j] = vfmaq_f32(acc[r][j], x, w);
+                });
+            });
+        }
+        let (lo, hi) = (vdupq_n_f32(clamp[0]), vdupq_n_f32(clamp[1]));
+        let dst = yrow.as_mut_ptr().add(ox * d.c + c0);
+        unroll!(R, r => {
+            unroll!(NV, j => {
+                vst1q_f32(dst.add(r * d.c + 4 * j), vminq_f32(hi, vmaxq_f32(lo, acc[r][j])));
+            });
+        });
+    }
+}
