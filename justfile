@@ -51,9 +51,12 @@ pruning:
     python3 scripts/pruning.py --md PRUNING.md
 
 # aarch64 (issue 27): Debian's cross toolchain in a chroot under ~/.cache/armprobe (root; reused), the kernels'
-# property tests under qemu on -cpu max and a Cortex-A53, and the stripped aarch64 mobile library sizes
+# property tests under qemu (-cpu max, Cortex-A76, Cortex-A53), every shared model against onnxruntime, the
+# aarch64 phone library for the Python bindings test, and the stripped aarch64 mobile library sizes. The host
+# binary makes the INT8 reference files; `scripts/aarch64.sh count-models` then prints the instruction counts.
 aarch64:
-    ./scripts/aarch64.sh all
+    cargo build --release --workspace
+    EDGEPACK_BIN="${CARGO_TARGET_DIR:-target}/release/edgepack" ./scripts/aarch64.sh all
 
 # Shell completions (bash, zsh, fish) and man pages into $CARGO_TARGET_DIR/share (install them from there)
 completions:

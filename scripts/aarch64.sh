@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # edgepack on aarch64 (issue 27). Adapted from shared/tools/aarch64.sh.
-#   aarch64.sh test                    # setup, then the kernels' property tests under qemu on -cpu max and on a
-#                                      # Cortex-A53 (no dotprod/i8mm); what the test command (CI) runs
+#   aarch64.sh test                    # setup, the kernels' property tests under qemu on -cpu max (i8mm),
+#                                      # a Cortex-A76 (dotprod) and a Cortex-A53 (plain NEON), clippy, then
+#                                      # `models` and `bindings`; what the test command (CI) runs
+#   aarch64.sh bindings                # the aarch64 phone library + an aarch64 Python, for the bindings test
+#   aarch64.sh models                  # every shared model on aarch64 (tract + kernels, interpreter) against
+#                                      # onnxruntime's outputs from this host (needs $EDGEPACK_BIN, $PY)
+#   aarch64.sh count-models            # instructions per inference table (BENCHMARKS.md), after `test`
 #   aarch64.sh size                    # the stripped aarch64 mobile library sizes (small build, tract build)
 #   aarch64.sh all                     # test + size (`just aarch64`)
 #
@@ -53,7 +58,8 @@ in_ch() {
         CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
         CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -cpu $QEMU_CPU -L /usr/aarch64-linux-gnu")
     local v
-    for v in RUSTC_BOOTSTRAP RUSTFLAGS CARGO_INCREMENTAL CARGO_TERM_COLOR RUST_BACKTRACE; do
+    for v in RUSTC_BOOTSTRAP RUSTFLAGS CARGO_INCREMENTAL CARGO_TERM_COLOR RUST_BACKTRACE EDGEPACK_CPU EDGEPACK_KERNELS \
+        EDGEPACK_ISA EDGEPACK_EXPECT_ISA MODEL_CHECK_PROFILE; do
         if [ -n "${!v:-}" ]; then e+=("$v=${!v}"); fi
     done
     chroot "$CH" /usr/bin/env -i "${e[@]}" "$@"
@@ -103,6 +109,12 @@ TOML
     cp -f /etc/ssl/certs/ca-certificates.crt "$CH/etc/ssl/host-ca-bundle.crt"
     build_plugin
     base_mounts
+    # clippy for the aarch64 code (the kernels' NEON modules are compiled on aarch64 only)
+    if ! in_ch cargo clippy --version >/dev/null 2>&1; then
+        log "apt-get install rust-clippy"
+        in_ch sh -c "apt-get update -qq && apt-get install -y -qq $([ "$SUITE" = trixie ] && echo -t trixie-backports) \
+            rust-clippy >/dev/null && apt-get clean"
+    fi
     # qemu 7.2 (used by `count`) shows the guest the host's x86 /proc/cpuinfo; code that parses it
     # (tract's fp16 probe, ORT's cpuinfo) then misdetects or crashes. qemu looks a path up under its
     # -L prefix first, so store the aarch64 cpuinfo that qemu 11 emulates at <sysroot>/proc/cpuinfo.
@@ -201,7 +213,11 @@ C
 count() {
     local bin=$1; shift
     local out; out=$(mktemp)
-    env -i /usr/bin/qemu-aarch64 -cpu "$QEMU_CPU" -L "$CH/usr/aarch64-linux-gnu" \
+    local keep=() v
+    for v in EDGEPACK_CPU EDGEPACK_KERNELS EDGEPACK_ISA; do
+        if [ -n "${!v:-}" ]; then keep+=("$v=${!v}"); fi
+    done
+    env -i "${keep[@]}" /usr/bin/qemu-aarch64 -cpu "$QEMU_CPU" -L "$CH/usr/aarch64-linux-gnu" \
         -plugin "$ROOT/libinsncount.so,out=$out${ARMPROBE_EXACT:+,mode=insn}" "$bin" "$@" >&2
     cat "$out"; rm -f "$out"
 }
@@ -508,18 +524,83 @@ RS
 # The project's own checks on aarch64 (see the header).
 project_dir() { realpath "$(dirname "$0")/.."; }
 
+# The chroot's target dir serves every checkout (each is mounted at /src): rebuild the workspace's own crates from
+# these sources, as scripts/test.sh does for the host build (the dependencies stay cached).
+clean_workspace() {
+    local dir=$1 crates
+    crates=$(cd "$dir" && cargo metadata --no-deps --format-version 1 | python3 -c \
+        'import json,sys; print(" ".join("-p " + p["name"] for p in json.load(sys.stdin)["packages"]))')
+    # shellcheck disable=SC2086
+    cargo_in "$dir" clean --release --target $TRIPLE -q $crates
+}
+
 project_test() {
     local dir; dir=$(project_dir)
     local t0=$SECONDS
-    # The chroot's target dir serves every checkout (each is mounted at /src): rebuild the tested crate from these
-    # sources, as scripts/test.sh does for the host build.
-    cargo_in "$dir" clean --release --target $TRIPLE -p edgepack-kernels -q
-    for cpu in max cortex-a53; do
+    clean_workspace "$dir"
+    # -cpu max: dotprod and i8mm; Cortex-A76: dotprod only; Cortex-A53: neither (plain NEON). The tests check that
+    # the CPU model offers the level named here, so each kernel path provably ran.
+    local cpu expect
+    for cpu in max:i8mm cortex-a76:dotprod cortex-a53:neon; do
+        expect=${cpu#*:} cpu=${cpu%%:*}
+        export EDGEPACK_EXPECT_ISA=$expect
         log "edgepack-kernels property tests under qemu -cpu $cpu"
         QEMU_CPU=$cpu  # read by in_ch: the cargo runner's CPU model
         cargo_in "$dir" test --locked --release --target $TRIPLE -p edgepack-kernels
     done
-    log "tests done in $((SECONDS - t0)) s"
+    log "clippy on the aarch64 build of the kernels (warnings are errors)"
+    cargo_in "$dir" clippy --locked --release --target $TRIPLE -p edgepack-kernels --all-targets -- -D warnings
+    unset EDGEPACK_EXPECT_ISA
+    log "kernel tests done in $((SECONDS - t0)) s"
+    project_models
+    project_bindings
+}
+
+# What tests/python/test_bindings.py needs to run the generated Python bindings on aarch64: the phone library (the
+# small build: kernel interpreter, no tract, no GPU) for aarch64 and an aarch64 CPython (the `ort-setup` root).
+project_bindings() {
+    local dir; dir=$(project_dir)
+    log "aarch64 libedgepack_mobile.so (kernel interpreter) and an aarch64 Python for the bindings test"
+    cargo_in "$dir" build --locked --release --target $TRIPLE -p edgepack-mobile --lib --no-default-features
+    ort_setup
+}
+
+MODEL_CHECK=/var/cache/armprobe-target/$TRIPLE/release/examples/model_check
+CASES=/var/cache/armprobe-cases
+
+# Every shared model (and the INT8 files of EfficientNet-Lite0 and SqueezeNet) on aarch64 under qemu -cpu max, on
+# tract (with edgepack's kernels) and on the kernel interpreter, against onnxruntime's outputs computed on this
+# host (scripts/arm_cases.py; needs the host's edgepack binary for `quantize`, $EDGEPACK_BIN, and a Python with
+# onnxruntime, $PY). Fails when a model does not load or an output is off.
+project_models() {
+    local dir; dir=$(project_dir)
+    local py=${PY:-$HOME/.cache/edgepack-venv/bin/python}
+    local bin=${EDGEPACK_BIN:-${CARGO_TARGET_DIR:-$dir/target}/release/edgepack}
+    [ -x "$bin" ] || { echo "FATAL: the host edgepack binary is required for the aarch64 model checks ($bin)" >&2; exit 1; }
+    if [ -z "${PY:-}" ] && [ ! -x "$py" ]; then
+        log "Python environment for the reference outputs ($(dirname "$(dirname "$py")"))"
+        python3 -m venv "$(dirname "$(dirname "$py")")"
+        "$py" -m pip install -q --disable-pip-version-check -r "$dir/requirements-test.txt"
+    fi
+    "$py" -c 'import onnxruntime' 2>/dev/null || { echo "FATAL: $py lacks onnxruntime" >&2; exit 1; }
+    local t0=$SECONDS
+    log "reference cases (onnxruntime on this host) in $CH$CASES"
+    "$py" "$dir/scripts/arm_cases.py" "$CH$CASES" --edgepack "$bin" >/dev/null
+    log "aarch64 model_check (tract + kernels, interpreter)"
+    cargo_in "$dir" build --locked --release --target $TRIPLE -p edgepack-runtime --no-default-features \
+        --features tract --example model_check
+    local failed=() c be
+    for c in "$CH$CASES"/*/case.txt; do
+        c=$(basename "$(dirname "$c")")
+        for be in tract interp; do
+            if ! EDGEPACK_CPU=$be QEMU_CPU=max run "$CH$MODEL_CHECK" "$CASES/$c"; then failed+=("$c on $be"); fi
+        done
+    done
+    log "aarch64 model checks done in $((SECONDS - t0)) s"
+    if [ ${#failed[@]} -gt 0 ]; then
+        echo "FAILED on aarch64: ${failed[*]}" >&2
+        exit 1
+    fi
 }
 
 project_size() {
@@ -538,6 +619,59 @@ project_size() {
     printf '%s\n' "| stripped libedgepack_mobile.so (mobile profile, CPU only) | size |" "|---|---|" "${rows[@]}"
 }
 
+# Instructions executed per inference (the speed proxy of issue 27) under qemu -cpu max, one thread, as a markdown
+# table: EfficientNet-Lite0 and SqueezeNet, fp32 and the INT8 files of `edgepack quantize`, on edgepack's kernels at
+# each aarch64 level, the portable kernels, plain tract, the kernel interpreter and onnxruntime's aarch64 wheel.
+# Per inference = (count of 3 runs − count of 1 run) / 2, so loading and planning are left out. Needs the reference
+# cases and model_check of `project_models` (run `aarch64.sh test` first) and, for onnxruntime, `ort-setup`.
+project_count() {
+    local dir; dir=$(project_dir)
+    QEMU_CPU=max
+    local models=(efficientnet_lite0_fp32 efficientnet_lite0_int8 squeezenet1.0_fp32 squeezenet1.0_int8)
+    local c
+    for c in "${models[@]}"; do
+        [ -e "$CH$CASES/$c/case.txt" ] || { echo "FATAL: no reference case $c: run '$0 test' first" >&2; exit 1; }
+    done
+    [ -x "$CH$MODEL_CHECK" ] || { echo "FATAL: no aarch64 model_check: run '$0 test' first" >&2; exit 1; }
+    ort_setup
+    local ort_v; ort_v=$(sed -n 's/^Version: //p' "$PYROOT"/site/onnxruntime-*.dist-info/METADATA)
+    local configs=(
+        "edgepack, tract + ARM kernels (i8mm: usmmla)|EDGEPACK_ISA=i8mm"
+        "edgepack, tract + ARM kernels (dotprod: sdot)|EDGEPACK_ISA=dotprod"
+        "edgepack, tract + ARM kernels (plain NEON)|EDGEPACK_ISA=neon"
+        "edgepack, tract + portable kernels|EDGEPACK_ISA=portable"
+        "edgepack, kernel interpreter (i8mm)|EDGEPACK_CPU=interp"
+        "plain tract (EDGEPACK_KERNELS=off)|EDGEPACK_KERNELS=off"
+        "onnxruntime $ort_v, SVE off (NEON, dotprod, i8mm: what edgepack's kernels use)|ORT_NOSVE"
+        "onnxruntime $ort_v, -cpu max (its SVE kernels at qemu's vector length, wider than phones')|ORT"
+    )
+    per() {  # per CONFIG_ENV CASE → instructions per inference
+        local env=$1 c=$2 a b
+        if [ "$env" = ORT ] || [ "$env" = ORT_NOSVE ]; then
+            local QEMU_CPU=max
+            [ "$env" = ORT_NOSVE ] && QEMU_CPU=max,sve=off
+            a=$(count_py "$dir/scripts/arm_ort_run.py" "$CH$CASES/$c" 1 2>/dev/null | awk '/insns/{print $2}')
+            b=$(count_py "$dir/scripts/arm_ort_run.py" "$CH$CASES/$c" 3 2>/dev/null | awk '/insns/{print $2}')
+        else
+            a=$(export "$env"; count "$CH$MODEL_CHECK" "$CH$CASES/$c" 1 2>/dev/null | awk '/insns/{print $2}')
+            b=$(export "$env"; count "$CH$MODEL_CHECK" "$CH$CASES/$c" 3 2>/dev/null | awk '/insns/{print $2}')
+        fi
+        [ -n "$a" ] && [ -n "$b" ] || { echo "FATAL: counting $c ($env) failed" >&2; exit 1; }
+        echo $(( (b - a) / 2 ))
+    }
+    echo "| millions of instructions per inference, qemu -cpu max, 1 thread | EfficientNet-Lite0 fp32 | EfficientNet-Lite0 INT8 | SqueezeNet 1.0 fp32 | SqueezeNet 1.0 INT8 |"
+    echo "|---|---:|---:|---:|---:|"
+    local cfg row n
+    for cfg in "${configs[@]}"; do
+        row="| ${cfg%%|*} |"
+        for c in "${models[@]}"; do
+            n=$(per "${cfg#*|}" "$c")
+            row+=" $(awk -v n="$n" 'BEGIN{printf "%.1f", n/1e6}') |"
+        done
+        echo "$row"
+    done
+}
+
 case "${1:-}" in
     setup) setup ;;
     test) setup; project_test ;;
@@ -549,6 +683,9 @@ case "${1:-}" in
     selftest) setup; selftest ;;
     shell) base_mounts; in_ch bash ;;
     ort-setup) setup; ort_setup ;;
+    models) setup; project_models ;;
+    bindings) setup; project_bindings ;;
+    count-models) setup; project_count ;;
     count-py) shift; count_py "$@" ;;
     *) sed -n '2,20p' "$0"; exit 2 ;;
 esac

@@ -52,12 +52,12 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 step "cargo test (release: numerics on real models are too slow unoptimised)"
 cargo test --release --workspace
 
-step "aarch64: the kernels' property tests under qemu (-cpu max, Cortex-A53; scripts/aarch64.sh test)"
-./scripts/aarch64.sh test
-
 step "build the edgepack binary"
 cargo build --release --workspace
 export EDGEPACK_BIN="$CARGO_TARGET_DIR/release/edgepack"
+
+step "aarch64 under qemu (scripts/aarch64.sh test): kernel property tests on three CPU models, shared models = onnxruntime"
+PY="$PY" ./scripts/aarch64.sh test
 
 step "Python acceptance tests (real clients: onnxruntime, jsonschema, the edgepack binary)"
 PYTEST_ARGS=(-q -rs tests/python)

@@ -218,6 +218,45 @@ def test_python_bindings_kernel_interpreter_build(fixtures, tmp_path):
     assert "kernel-interpreter build" in r.stdout, r.stdout[-3000:]
 
 
+def test_python_bindings_on_aarch64(fixtures, tmp_path):
+    """Issue 27: the phone library for aarch64 (the small build, as phones ship it) passes the same Python checks,
+    loaded by the same generated module in an aarch64 CPython under qemu -cpu max (the cloud checks against the
+    server on this host's loopback). `scripts/aarch64.sh test` (part of the test command) builds the library and
+    the Python."""
+    root = os.environ.get("ARMPROBE_ROOT") or os.path.expanduser("~/.cache/armprobe")
+    ch = os.path.join(root, os.environ.get("ARMPROBE_SUITE", "trixie") + "-root")
+    lib = os.path.join(ch, "var/cache/armprobe-target/aarch64-unknown-linux-gnu/release/libedgepack_mobile.so")
+    qemu, pyroot = os.path.join(ch, "usr/bin/qemu-aarch64"), os.path.join(root, "arm64py")
+    python = os.path.join(pyroot, "usr/bin/python3.13")
+    for path in (lib, qemu, python):
+        if not os.path.exists(path):
+            required(path, "scripts/aarch64.sh test builds it")
+    out = tmp_path / "bindings"
+    r = subprocess.run([os.path.join(ROOT, "scripts", "bindings.sh"), str(out)], capture_output=True, text=True,
+                       timeout=3600, env=dict(os.environ, EDGEPACK_MOBILE_FEATURES=""))
+    assert r.returncode == 0, r.stdout + r.stderr
+    module = tmp_path / "aarch64"
+    module.mkdir()
+    shutil.copy(out / "python" / "edgepack_mobile.py", module)
+    shutil.copy(lib, module)
+    fx = json.loads((fixtures / "fixtures.json").read_text())
+    fx.update(module_dir=str(module), cpu="interp", emulated=True)
+    (tmp_path / "fixtures.json").write_text(json.dumps(fx))
+    test = os.path.join(ROOT, "mobile", "tests", "bindings_test.py")
+    r = subprocess.run([qemu, "-cpu", "max", "-L", pyroot, python, "-c",
+                        "import platform, runpy, sys; print('machine', platform.machine(), flush=True); "
+                        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+                        test, str(tmp_path / "fixtures.json")],
+                       capture_output=True, text=True, timeout=1800)
+    print(r.stdout[-4000:], r.stderr[-2000:])
+    assert "machine aarch64" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    passed, failed = summary(r.stdout)
+    # Four checks are wall-clock bounds tuned for native speed: skipped under the emulator (they run on x86).
+    assert r.returncode == 0 and failed == 0 and passed >= 14, r.stdout[-6000:] + r.stderr[-3000:]
+    assert len(re.findall(r"^SKIP ", r.stdout, re.M)) == 4, r.stdout[-3000:]
+    assert "kernel-interpreter build" in r.stdout, r.stdout[-3000:]
+
+
 def test_kotlin_bindings(fixtures, bindings, tmp_path):
     kotlinc = os.path.join(KOTLIN_HOME, "bin", "kotlinc")
     if not os.path.exists(kotlinc):
