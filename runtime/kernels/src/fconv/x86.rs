@@ -74,7 +74,15 @@ unsafe fn tiles_512<const MR: usize, const NV: usize, const OFF: bool>(
     let mut r0 = 0;
     while r0 < rows.len() {
         let (rp, nr) = row_tile::<MR, f32>(rows, r0);
-        unsafe { tile_512::<MR, NV, OFF>(&rp, &outs[r0..r0 + nr], k, b, bias, clamp, koff) };
+        if nr < MR / 2 {
+            // A short last tile (a GEMV at batch 1, the 49th pixel of a 7×7 image): one row at a time rather than
+            // MR rows of which most repeat.
+            for r in r0..r0 + nr {
+                unsafe { tile_512::<1, NV, OFF>(&[rows[r]], &outs[r..r + 1], k, b, bias, clamp, koff) };
+            }
+        } else {
+            unsafe { tile_512::<MR, NV, OFF>(&rp, &outs[r0..r0 + nr], k, b, bias, clamp, koff) };
+        }
         r0 += nr;
     }
 }
