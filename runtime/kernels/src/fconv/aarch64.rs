@@ -152,18 +152,7 @@ pub(crate) unsafe fn depthwise_row(
             }
             c0 += 4 * nv;
         }
-        for ox in 0..d.ow {
-            let o = ox * d.step;
-            for ch in full..d.c {
-                let mut a = bias[ch];
-                for (t, &(ky, off)) in d.taps.iter().enumerate() {
-                    if !d.rows[ky].is_null() && d.readable(o + off) {
-                        a += *d.rows[ky].wrapping_add(o + off + ch) * wt[t * cpad + ch];
-                    }
-                }
-                yrow[ox * d.c + ch] = super::clampf(a, clamp);
-            }
-        }
+        super::depthwise_scalar(d, wt, cpad, bias, clamp, full..d.c, yrow);
     }
 }
 

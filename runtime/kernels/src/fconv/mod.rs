@@ -393,6 +393,36 @@ unsafe fn gemm_block(
     }
 }
 
+/// Channels `chans` of one output row of a float depthwise convolution in scalar code (the SIMD kernels' channels
+/// past their last vector); taps in the zero padding are skipped.
+///
+/// # Safety
+/// `d.rows[ky]` address full input rows (see `Dw`).
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+pub(crate) unsafe fn depthwise_scalar(
+    d: &Dw<f32>,
+    wt: &[f32],
+    cpad: usize,
+    bias: &[f32],
+    clamp: [f32; 2],
+    chans: std::ops::Range<usize>,
+    yrow: &mut [f32],
+) {
+    for ox in 0..d.ow {
+        let o = ox * d.step;
+        for ch in chans.clone() {
+            let mut a = bias[ch];
+            for (t, &(ky, off)) in d.taps.iter().enumerate() {
+                if !d.rows[ky].is_null() && d.readable(o + off) {
+                    // SAFETY: readable columns of a non-null row lie inside the input row.
+                    a += unsafe { *d.rows[ky].wrapping_add(o + off + ch) } * wt[t * cpad + ch];
+                }
+            }
+            yrow[ox * d.c + ch] = clampf(a, clamp);
+        }
+    }
+}
+
 /// `a` clamped to `[lo, hi]`, NaN kept (as the ONNX Clip/Relu).
 #[inline(always)]
 pub(crate) fn clampf(a: f32, [lo, hi]: [f32; 2]) -> f32 {

@@ -346,15 +346,7 @@ unsafe fn dw_avx2(d: &Dw<f32>, wt: &[f32], cpad: usize, bias: &[f32], clamp: [f3
                 _mm256_storeu_ps(yrow.as_mut_ptr().add(ox * c + c0), _mm256_min_ps(hi, _mm256_max_ps(lo, acc)));
                 c0 += 8;
             }
-            for ch in full..c {
-                let mut a = bias[ch];
-                for (t, tap) in d.taps.iter().enumerate() {
-                    if live(tap) {
-                        a += *d.rows[tap.0].wrapping_add(o + tap.1 + ch) * wt[t * cpad + ch];
-                    }
-                }
-                yrow[ox * c + ch] = super::clampf(a, clamp);
-            }
         }
+        super::depthwise_scalar(d, wt, cpad, bias, clamp, full..c, yrow);
     }
 }

@@ -437,16 +437,7 @@ pub(crate) unsafe fn depthwise_row(
     unsafe {
         let full = if isa >= Isa::NeonDot { dw_dot(s.z_y, d, p, m, yrow) } else { dw_neon(s, d, p, bias, m, yrow) };
         // Channels past the last full vector: scalar.
-        let taps = &p.taps[..s.geom.kernel[0] * s.geom.kernel[1]];
-        for ox in 0..d.ow {
-            for ch in full..d.c {
-                let mut a = bias[ch];
-                for (t, &(ky, off)) in taps.iter().enumerate() {
-                    a += *d.rows[ky].add(ox * d.step + off + ch) as i32 * p.w[t * p.cpad + ch];
-                }
-                yrow[ox * d.c + ch] = crate::requant(a, m[ch], s.z_y as i32);
-            }
-        }
+        p.row_scalar(s.z_y, s.geom.kernel[0] * s.geom.kernel[1], d, bias, m, full..d.c, yrow);
     }
 }
 
@@ -459,7 +450,7 @@ unsafe fn dw_dot(z_y: u8, d: &Dw, p: &DwPlan, m: &[f32], yrow: &mut [u8]) -> usi
     let groups = p.taps.len() / 4;
     let full = d.c / 16 * 16;
     // Tap t of output pixel ox, channel c, is at base[t] + ox·step + c.
-    let base: Vec<*const u8> = p.taps.iter().map(|&(ky, off)| d.rows[ky].wrapping_add(off)).collect();
+    let base = d.tap_starts(&p.taps);
     unsafe {
         for c0 in (0..full).step_by(16) {
             let (cb, quarter) = (c0 / 64, (c0 % 64) / 16);
@@ -523,7 +514,7 @@ unsafe fn dw_dot_pixels<const R: usize>(
 #[target_feature(enable = "neon")]
 unsafe fn dw_neon(s: &QConvSpec, d: &Dw, p: &DwPlan, bias: &[i32], m: &[f32], yrow: &mut [u8]) -> usize {
     let taps = s.geom.kernel[0] * s.geom.kernel[1];
-    let base: Vec<*const u8> = p.taps[..taps].iter().map(|&(ky, off)| d.rows[ky].wrapping_add(off)).collect();
+    let base = d.tap_starts(&p.taps[..taps]);
     let full16 = d.c / 16 * 16;
     let full = d.c / 8 * 8;
     unsafe {

@@ -317,6 +317,35 @@ impl QConv {
 }
 
 impl DwPlan {
+    /// Channels `chans` of one depthwise output row in scalar code (the SIMD kernels' channels past their last
+    /// vector), over the first `taps` taps.
+    ///
+    /// # Safety
+    /// `d` describes valid padded input rows (see `QConv::run_depthwise`).
+    #[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn row_scalar(
+        &self,
+        z_y: u8,
+        taps: usize,
+        d: &Dw,
+        bias: &[i32],
+        m: &[f32],
+        chans: std::ops::Range<usize>,
+        yrow: &mut [u8],
+    ) {
+        for ox in 0..d.ow {
+            for ch in chans.clone() {
+                let mut a = bias[ch];
+                for (t, &(ky, off)) in self.taps[..taps].iter().enumerate() {
+                    // SAFETY: `rows[ky]` holds a full padded row; `ox·step + off + ch` stays inside it.
+                    a += unsafe { *d.rows[ky].add(ox * d.step + off + ch) } as i32 * self.w[t * self.cpad + ch];
+                }
+                yrow[ox * d.c + ch] = requant(a, m[ch], z_y as i32);
+            }
+        }
+    }
+
     fn new(s: &QConvSpec, bias: &[i32], bias128: &[i32], multiplier: &[f32]) -> DwPlan {
         let [kh, kw] = s.geom.kernel;
         let (c, taps) = (s.geom.c_in, kh * kw);
@@ -382,6 +411,13 @@ pub(crate) struct Dw<'a, T = u8> {
 }
 
 impl<T> Dw<'_, T> {
+    /// Where each of `taps` starts for output pixel 0 (tap `t` of pixel `ox`, channel `c` is at
+    /// `starts[t] + ox·step + c`): the row pointers resolved once per output row.
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    pub fn tap_starts(&self, taps: &[(usize, usize)]) -> Vec<*const T> {
+        taps.iter().map(|&(ky, off)| self.rows[ky].wrapping_add(off)).collect()
+    }
+
     /// Output pixels whose every tap lies in the readable columns: `lo..hi` (empty when none).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub fn inner(&self) -> std::ops::Range<usize> {

@@ -335,13 +335,7 @@ unsafe fn depthwise_row_avx2(s: &QConvSpec, d: &Dw, p: &DwPlan, bias: &[i32], m:
                 std::ptr::copy_nonoverlapping(q.as_ptr(), yrow.as_mut_ptr().add(ox * d.c + c0), 8);
                 c0 += 8;
             }
-            for ch in full..d.c {
-                let mut a = bias[ch];
-                for (t, &(ky, off)) in taps.iter().enumerate() {
-                    a += *d.rows[ky].add(o + off + ch) as i32 * p.w[t * p.cpad + ch];
-                }
-                yrow[ox * d.c + ch] = crate::requant(a, m[ch], s.z_y as i32);
-            }
         }
+        p.row_scalar(s.z_y, taps.len(), d, bias, m, full..d.c, yrow);
     }
 }
