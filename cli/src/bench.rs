@@ -208,11 +208,18 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let mut times = Vec::with_capacity(a.runs as usize);
     let until = a.duration.map(Duration::from_secs_f64);
     let all = Instant::now();
+    // Device counters over the timed runs: the most any run allocated, the last run's dispatches.
+    let mut counters = s.run_counters();
     while times.len() < a.runs as usize || until.is_some_and(|d| all.elapsed() < d) {
         let f = feeds.clone();
         let t = Instant::now();
         s.run(f)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
+        if let (Some(c), Some(now)) = (counters.as_mut(), s.run_counters()) {
+            c.alloc_bytes = if times.len() == 1 { now.alloc_bytes } else { c.alloc_bytes.max(now.alloc_bytes) };
+            c.dispatches = now.dispatches;
+            c.submissions = now.submissions;
+        }
     }
     let wall = all.elapsed().as_secs_f64();
     let stats = Stats::of(&times).context("no timed run")?;
@@ -256,6 +263,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "stability": {"stable": stable, "window_p50_ms": windows, "limit_pct": a.stability_pct},
         "times_ms": times,
         "peak_rss_mb": peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
+        "gpu_dispatches_per_run": counters.map(|c| c.dispatches),
+        "gpu_submissions_per_run": counters.map(|c| c.submissions),
+        "gpu_alloc_bytes_per_run": counters.map(|c| c.alloc_bytes),
         "profile": profile,
         "trace": a.trace,
     });
@@ -283,6 +293,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     println!("  throughput  {:.1} samples/s", res["throughput_per_s"].as_f64().unwrap_or(0.0));
     if let Some(mb) = res["peak_rss_mb"].as_f64() {
         println!("  peak RSS    {mb:.0} MiB");
+    }
+    if let Some(c) = counters {
+        println!(
+            "  device      {} dispatches, {} submissions, {} bytes allocated per run",
+            c.dispatches, c.submissions, c.alloc_bytes
+        );
     }
     if let Some(p) = &profile {
         let total: f64 = p.iter().map(|o| o.ms_per_run).sum();

@@ -413,6 +413,12 @@ impl Session {
         self.backend.describe()
     }
 
+    /// What the last run did on the device, where the backend counts it (the GPU backend's fused plans:
+    /// dispatches, submissions, device memory allocated during the run).
+    pub fn run_counters(&self) -> Option<edgepack_backend::RunCounters> {
+        self.backend.run_counters()
+    }
+
     /// The backend as structured fields (what `--json` outputs report as `backend`).
     pub fn backend_info(&self) -> BackendInfo {
         BackendInfo {

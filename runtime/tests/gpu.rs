@@ -139,8 +139,17 @@ fn shared_models_match_cpu() {
         let x = Tensor::from_f32(shape.to_vec(), data).unwrap();
         let gpu = Session::from_model(&model, &opts(Device::Gpu)).unwrap();
         let cpu = Session::from_model(&model, &opts(Device::Cpu)).unwrap();
+        gpu.run_one(x.clone()).unwrap();
         let g = gpu.run_one(x.clone()).unwrap();
         let c = cpu.run_one(x).unwrap();
+        // Issue 28: the CNN classifiers run as one fused program: few dispatches, one submission, nothing
+        // allocated on the device by a steady-state run.
+        let counters = gpu.run_counters();
+        eprintln!("{}: {counters:?}", path.display());
+        if !path.ends_with("ultraface_rfb_320.onnx") {
+            let c = counters.unwrap_or_else(|| panic!("{}: not fused", path.display()));
+            assert!(c.dispatches <= 60 && c.submissions == 1 && c.alloc_bytes == 0, "{}: {c:?}", path.display());
+        }
         for ((name, gt), (_, ct)) in g.iter().zip(&c) {
             assert_eq!(gt.shape(), ct.shape(), "{name}");
             let (gv, cv) = (gt.to_f32_vec(), ct.to_f32_vec());
@@ -245,5 +254,223 @@ fn run_time_parameters_stay_on_the_host() {
         for (a, b) in g[0].1.to_f32_vec().iter().zip(c[0].1.to_f32_vec()) {
             assert!((a - b).abs() < 1e-5, "n={n}: {a} vs {b}");
         }
+    }
+}
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s % 2000) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
+/// Every kernel of the fused programs and their fusions against the CPU backend: pointwise convolutions
+/// (pixel counts with and without a multiple of 4, batch 2), depthwise with strides and asymmetric pads, a grouped
+/// 3×3, the stem shape (3 input channels), Clip/Relu/SiLU/HardSwish epilogues, a residual Add, a Concat stored in
+/// place by its convolutions and one copied (a pooled input), Max/Average/Global pools, Gemm with transB, bias and
+/// alpha/beta, MatMul, Softmax, a standalone broadcast Mul. Each must run as one fused program (counters present)
+/// with no device memory allocated by its second run.
+#[test]
+fn fused_kernels_match_cpu() {
+    if !gpu_or_skip("fused_kernels_match_cpu") {
+        return;
+    }
+    use builder::{attr_float, attr_int, attr_ints, tensor_f32, value_info};
+    use edgepack_runtime::onnx::{Dim, node};
+    let conv_w = |name: &str, o: usize, i: usize, k: usize, seed: u32| {
+        tensor_f32(name, &[o as i64, i as i64, k as i64, k as i64], &values(o * i * k * k, seed))
+    };
+    let bias = |name: &str, o: usize, seed: u32| tensor_f32(name, &[o as i64], &values(o, seed));
+    let conv = |name: &str, x: &str, w: &str, b: &str, y: &str, k: i64, s: i64, pads: &[i64], group: i64| {
+        node(
+            "Conv",
+            name,
+            &[x, w, b],
+            &[y],
+            vec![
+                attr_ints("kernel_shape", &[k, k]),
+                attr_ints("strides", &[s, s]),
+                attr_ints("pads", pads),
+                attr_int("group", group),
+            ],
+        )
+    };
+    let fixed = |d: &[usize]| d.iter().map(|&v| Dim::Fixed(v)).collect::<Vec<_>>();
+    let out = |name: &str| value_info(name, 1, &[]);
+    type Case = (&'static str, edgepack_runtime::onnx::Model, Vec<usize>, usize);
+    let mut cases: Vec<Case> = Vec::new();
+    // Pointwise 7×7 (49 pixels) with batch 2, Clip; then a pointwise 8×8 with a residual Add.
+    cases.push((
+        "pointwise+clip, residual add",
+        builder::model(
+            vec![
+                conv("c1", "x", "w1", "b1", "h", 1, 1, &[0, 0, 0, 0], 1),
+                node("Clip", "clip", &["h", "lo", "hi"], &["y"], vec![]),
+                conv("c2", "x8", "w2", "b2", "g", 1, 1, &[0, 0, 0, 0], 1),
+                node("Add", "res", &["g", "x8"], &["y2"], vec![]),
+            ],
+            vec![value_info("x", 1, &fixed(&[2, 12, 7, 7])), value_info("x8", 1, &fixed(&[2, 12, 8, 8]))],
+            vec![out("y"), out("y2")],
+            vec![
+                conv_w("w1", 18, 12, 1, 1),
+                bias("b1", 18, 2),
+                conv_w("w2", 12, 12, 1, 3),
+                bias("b2", 12, 4),
+                tensor_f32("lo", &[], &[0.0]),
+                tensor_f32("hi", &[], &[0.5]),
+            ],
+        ),
+        vec![2, 12, 7, 7],
+        2,
+    ));
+    // Depthwise 3×3 stride 2 with asymmetric pads, 5×5 stride 1; stem 3→8 3×3/2; grouped 3×3 + SiLU; HardSwish.
+    cases.push((
+        "depthwise, stem, grouped, silu, hardswish",
+        builder::model(
+            vec![
+                conv("stem", "x", "ws", "bs", "s", 3, 2, &[0, 0, 1, 1], 1),
+                conv("dw", "s", "wd", "bd", "d", 3, 2, &[0, 0, 1, 1], 8),
+                conv("dw5", "d", "wd5", "bd5", "d5", 5, 1, &[2, 2, 2, 2], 8),
+                conv("grp", "d5", "wg", "bg", "g", 3, 1, &[1, 1, 1, 1], 2),
+                node("Sigmoid", "sig", &["g"], &["gs"], vec![]),
+                node("Mul", "silu", &["g", "gs"], &["gm"], vec![]),
+                node("HardSwish", "hsw", &["gm"], &["y"], vec![]),
+            ],
+            vec![value_info("x", 1, &fixed(&[1, 3, 19, 21]))],
+            vec![out("y")],
+            vec![
+                conv_w("ws", 8, 3, 3, 5),
+                bias("bs", 8, 6),
+                conv_w("wd", 8, 1, 3, 7),
+                bias("bd", 8, 8),
+                conv_w("wd5", 8, 1, 5, 9),
+                bias("bd5", 8, 10),
+                conv_w("wg", 12, 4, 3, 11),
+                bias("bg", 12, 12),
+            ],
+        ),
+        vec![1, 3, 19, 21],
+        1,
+    ));
+    // A fire module: squeeze, two expands concatenated (stored in place), a pooled input concatenated (copied).
+    cases.push((
+        "concat in place and copied, pools",
+        builder::model(
+            vec![
+                conv("sq", "x", "wq", "bq", "q", 1, 1, &[0, 0, 0, 0], 1),
+                node("Relu", "rq", &["q"], &["qr"], vec![]),
+                conv("e1", "qr", "we1", "be1", "e1", 1, 1, &[0, 0, 0, 0], 1),
+                node("Relu", "r1", &["e1"], &["e1r"], vec![]),
+                conv("e3", "qr", "we3", "be3", "e3", 3, 1, &[1, 1, 1, 1], 1),
+                node("Relu", "r3", &["e3"], &["e3r"], vec![]),
+                node(
+                    "MaxPool",
+                    "mp",
+                    &["x"],
+                    &["mp"],
+                    vec![
+                        attr_ints("kernel_shape", &[3, 3]),
+                        attr_ints("strides", &[1, 1]),
+                        attr_ints("pads", &[1, 1, 1, 1]),
+                    ],
+                ),
+                node("Concat", "cat", &["e1r", "e3r", "mp"], &["cat"], vec![attr_int("axis", 1)]),
+                node(
+                    "AveragePool",
+                    "ap",
+                    &["cat"],
+                    &["ap"],
+                    vec![
+                        attr_ints("kernel_shape", &[2, 2]),
+                        attr_ints("strides", &[2, 2]),
+                        attr_ints("pads", &[0, 0, 1, 1]),
+                    ],
+                ),
+                node("GlobalAveragePool", "gap", &["ap"], &["y"], vec![]),
+                node("GlobalMaxPool", "gmp", &["cat"], &["y2"], vec![]),
+            ],
+            vec![value_info("x", 1, &fixed(&[2, 6, 9, 9]))],
+            vec![out("y"), out("y2")],
+            vec![
+                conv_w("wq", 4, 6, 1, 13),
+                bias("bq", 4, 14),
+                conv_w("we1", 8, 4, 1, 15),
+                bias("be1", 8, 16),
+                conv_w("we3", 8, 4, 3, 17),
+                bias("be3", 8, 18),
+            ],
+        ),
+        vec![2, 6, 9, 9],
+        2,
+    ));
+    // Classifier heads: Gemm (transB, alpha, beta, bias) → Softmax; MatMul → standalone broadcast Mul.
+    cases.push((
+        "gemm, matmul, softmax, broadcast mul",
+        builder::model(
+            vec![
+                node(
+                    "Gemm",
+                    "fc",
+                    &["x", "W", "c"],
+                    &["h"],
+                    vec![attr_int("transB", 1), attr_float("alpha", 0.5), attr_float("beta", 2.0)],
+                ),
+                node("Softmax", "sm", &["h"], &["y"], vec![]),
+                node("MatMul", "mm", &["x", "M"], &["m"], vec![]),
+                node("Mul", "scale", &["m", "sc"], &["y2"], vec![]),
+                node("Relu", "r", &["m"], &["y3"], vec![]),
+            ],
+            vec![value_info("x", 1, &fixed(&[3, 37]))],
+            vec![out("y"), out("y2"), out("y3")],
+            vec![
+                tensor_f32("W", &[10, 37], &values(370, 19)),
+                tensor_f32("c", &[10], &values(10, 20)),
+                tensor_f32("M", &[37, 6], &values(222, 21)),
+                tensor_f32("sc", &[3, 1], &[1.0, -2.0, 0.5]),
+            ],
+        ),
+        vec![3, 37],
+        3,
+    ));
+    for (what, m, shape, outputs) in cases {
+        let xs: Vec<Tensor> = m
+            .graph
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(k, v)| {
+                let dims: Vec<usize> = edgepack_runtime::onnx::value_info_to_type(v)
+                    .and_then(|t| t.shape)
+                    .map(|s| s.iter().map(|d| if let Dim::Fixed(v) = d { *v } else { 1 }).collect())
+                    .unwrap_or_else(|| shape.clone());
+                let n = dims.iter().product();
+                Tensor::from_f32(dims, values(n, 100 + k as u32)).unwrap()
+            })
+            .collect();
+        let feeds = |s: &Session| -> Vec<(String, Tensor)> {
+            s.inputs().iter().map(|i| i.name.clone()).zip(xs.iter().cloned()).collect()
+        };
+        let gpu = Session::from_model(&m, &opts(Device::Gpu)).unwrap();
+        let cpu = Session::from_model(&m, &opts(Device::Cpu)).unwrap();
+        let c = cpu.run(feeds(&cpu)).unwrap();
+        gpu.run(feeds(&gpu)).unwrap();
+        let g = gpu.run(feeds(&gpu)).unwrap();
+        let counters = gpu.run_counters().unwrap_or_else(|| panic!("{what}: not run as a fused program"));
+        assert_eq!(counters.alloc_bytes, 0, "{what}: {counters:?}");
+        assert_eq!(counters.submissions, 1, "{what}: {counters:?}");
+        assert_eq!(g.len(), outputs, "{what}");
+        for ((name, gt), (_, ct)) in g.iter().zip(&c) {
+            assert_eq!(gt.shape(), ct.shape(), "{what}: {name}");
+            for (i, (a, b)) in gt.to_f32_vec().iter().zip(ct.to_f32_vec()).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{what}: {name}[{i}] {a} vs {b}");
+            }
+        }
+        eprintln!("{what}: {} dispatches, matches the CPU", counters.dispatches);
     }
 }

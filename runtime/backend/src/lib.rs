@@ -34,6 +34,17 @@ impl std::str::FromStr for Device {
 }
 
 /// An executor of one loaded model.
+/// What one run did on a device (a GPU backend's fused plans; see `Backend::run_counters`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RunCounters {
+    /// Compute dispatches recorded.
+    pub dispatches: usize,
+    /// Command buffers submitted.
+    pub submissions: usize,
+    /// Device memory (buffers) created during the run.
+    pub alloc_bytes: u64,
+}
+
 pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
     /// Human-readable description, e.g. "cpu (tract 0.23.9, 2 threads)".
@@ -42,6 +53,10 @@ pub trait Backend: Send + Sync {
     /// "wgpu llvmpipe (LLVM 15.0.6, 256 bits) / Vulkan".
     fn engine(&self) -> String {
         self.describe()
+    }
+    /// What the last run did on the device, where the backend counts it (`None`: not counted).
+    fn run_counters(&self) -> Option<RunCounters> {
+        None
     }
     /// CPU threads the backend runs on (resolved: never 0); `None` where threads are not its unit (a GPU).
     fn threads(&self) -> Option<usize> {

@@ -28,6 +28,9 @@ impl AdapterInfo {
 pub(crate) struct GpuDevice {
     pub device: <super::plan::B as burn_backend::BackendTypes>::Device,
     pub info: AdapterInfo,
+    /// The same wgpu device and queue burn's runtime uses, for the fused programs' own pipelines and buffers.
+    pub wgpu: wgpu::Device,
+    pub queue: wgpu::Queue,
 }
 
 static DEVICE: OnceLock<std::result::Result<GpuDevice, String>> = OnceLock::new();
@@ -64,7 +67,7 @@ fn init() -> std::result::Result<GpuDevice, String> {
         driver: format!("{} {}", raw.driver, raw.driver_info).trim().to_string(),
         shader_f16: setup.device.features().contains(wgpu::Features::SHADER_F16),
     };
-    Ok(GpuDevice { device: selector.into(), info })
+    Ok(GpuDevice { device: selector.into(), info, wgpu: setup.device.clone(), queue: setup.queue.clone() })
 }
 
 /// Brings the device up on the platform's native compute API: Metal on Apple platforms, Vulkan elsewhere (then

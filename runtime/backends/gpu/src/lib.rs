@@ -15,6 +15,7 @@
 //! the CPU's. `EDGEPACK_GPU_PRECISION=f16` (adapters with `shader-f16`) runs the QDQ graph as written in f16:
 //! faster on some GPUs, not bit-equal (2-3 % of ImageNet-sample top-1s differed from the CPU's).
 mod device;
+mod fused;
 mod ops;
 mod plan;
 

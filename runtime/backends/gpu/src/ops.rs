@@ -229,7 +229,7 @@ fn drop_1d(t: T) -> T {
 }
 
 /// Padding per spatial dim from `pads` / `auto_pad`.
-fn conv_pads(
+pub(crate) fn conv_pads(
     node: &NodeProto,
     input: &[usize],
     kernel: &[usize],
@@ -261,7 +261,7 @@ fn conv_pads(
     }
 }
 
-fn ints_or(node: &NodeProto, name: &str, n: usize, default: usize) -> Result<Vec<usize>> {
+pub(crate) fn ints_or(node: &NodeProto, name: &str, n: usize, default: usize) -> Result<Vec<usize>> {
     match node.attr_ints(name) {
         Some(v) if v.len() == n && v.iter().all(|&x| x > 0) => Ok(v.iter().map(|&x| x as usize).collect()),
         Some(v) if !v.is_empty() => Err(fail(node, format!("{name} {v:?}"))),

@@ -8,6 +8,7 @@ use burn_backend::{FloatDType, TensorData as BData, TensorMetadata};
 
 use super::Precision;
 use super::device::{GpuDevice, device};
+use super::fused;
 use super::ops;
 use edgepack_backend::{Backend, BackendKind, HostLoader, Timeline};
 use edgepack_core::tensor::{DType, Tensor, TensorData};
@@ -155,6 +156,8 @@ struct Plan {
     steps: Vec<usize>,
     /// Slots whose last reader is step `i` (freed after it).
     frees: Vec<Vec<usize>>,
+    /// The steps compiled to fused kernels with a memory plan (see `fused`), when they all could be.
+    fused: Option<fused::Program>,
 }
 
 pub struct GpuBackend {
@@ -183,6 +186,10 @@ pub struct GpuBackend {
     unlowered: Option<Model>,
     fallback: OnceLock<std::result::Result<Box<GpuBackend>, String>>,
     weight_bytes: Mutex<(usize, usize)>,
+    /// What the last run did on the device (fused plans only).
+    counters: Mutex<Option<edgepack_backend::RunCounters>>,
+    /// Why the last plan built runs step by step, when it does.
+    fused_why: Mutex<Option<String>>,
 }
 
 const MAX_PLANS: usize = 8;
@@ -324,6 +331,8 @@ impl GpuBackend {
             unlowered,
             fallback: OnceLock::new(),
             weight_bytes: Mutex::new((0, 0)),
+            counters: Mutex::new(None),
+            fused_why: Mutex::new(None),
         })
     }
 
@@ -530,7 +539,150 @@ impl GpuBackend {
                 frees[i].push(s);
             }
         }
-        Ok(Plan { consts, steps, frees })
+        let (fused, fused_why) = match self.compile_fused(&steps, &env, host_inputs) {
+            Ok(p) => (Some(p), None),
+            Err(why) => {
+                if std::env::var_os("EDGEPACK_GPU_DUMP").is_some() {
+                    eprintln!("// not fused: {why}");
+                }
+                (None, Some(why))
+            }
+        };
+        if let Ok(mut g) = self.fused_why.lock() {
+            g.clone_from(&fused_why);
+        }
+        Ok(Plan { consts, steps, frees, fused })
+    }
+
+    /// The plan's steps as one fused program (f32; `EDGEPACK_GPU_FUSED=0` turns it off), or why not.
+    fn compile_fused(
+        &self,
+        steps: &[usize],
+        env: &[Option<Val>],
+        host_inputs: &[Option<Tensor>],
+    ) -> std::result::Result<fused::Program, String> {
+        if self.prec != Precision::F32 {
+            return Err("fused kernels run f32 only".into());
+        }
+        if std::env::var("EDGEPACK_GPU_FUSED").is_ok_and(|v| v == "0" || v == "off") {
+            return Err("turned off by EDGEPACK_GPU_FUSED=0".into());
+        }
+        let mut shapes = HashMap::new();
+        let mut dev_slot = |s: usize| -> std::result::Result<(), String> {
+            match &env[s] {
+                Some(Val::Dev(d)) if d.dt == DType::F32 => {
+                    shapes.insert(s, d.shape.clone());
+                    Ok(())
+                }
+                Some(Val::Dev(d)) => Err(format!("a {:?} value on the device", d.dt)),
+                _ => Err("a value neither on the host nor on the device".into()),
+            }
+        };
+        let host = |v: &Val| -> std::result::Result<Tensor, String> {
+            match v {
+                Val::Host(h) => Ok(h.t.clone()),
+                Val::Q(q) => self
+                    .fold(&q.node, &q.host_inputs)
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| "an empty fold".to_string()),
+                Val::Dev(_) => Err("device value".into()),
+            }
+        };
+        // Values something reads (a Dropout's unread mask may be of any type).
+        let used: HashSet<usize> = steps
+            .iter()
+            .flat_map(|&ni| self.node_ins[ni].iter().flatten().copied())
+            .chain(self.outputs.iter().copied())
+            .collect();
+        let mut fsteps = Vec::with_capacity(steps.len());
+        for &ni in steps {
+            let mut ins = Vec::new();
+            for s in &self.node_ins[ni] {
+                ins.push(match s.and_then(|s| env[s].as_ref().map(|v| (s, v))) {
+                    None => None,
+                    Some((s, Val::Dev(_))) => {
+                        dev_slot(s)?;
+                        Some(fused::In::Dev(s))
+                    }
+                    Some((_, v)) => Some(fused::In::Host(host(v)?)),
+                });
+            }
+            for s in self.node_outs[ni].iter().flatten() {
+                if matches!(env[*s], Some(Val::Dev(_))) && used.contains(s) {
+                    dev_slot(*s)?;
+                }
+            }
+            fsteps.push(fused::Step { node: &self.nodes[ni], ins, outs: self.node_outs[ni].clone() });
+        }
+        let mut inputs = Vec::new();
+        for ((s, _), h) in self.inputs.iter().zip(host_inputs) {
+            inputs.push(if h.is_some() {
+                None
+            } else {
+                dev_slot(*s)?;
+                Some(*s)
+            });
+        }
+        let mut outputs = Vec::new();
+        for &s in &self.outputs {
+            outputs.push(match &env[s] {
+                Some(Val::Dev(_)) => {
+                    dev_slot(s)?;
+                    fused::Out::Dev(s)
+                }
+                Some(v) => fused::Out::Host(host(v)?),
+                None => return Err("an output never computed".into()),
+            });
+        }
+        let graph = fused::Graph { steps: fsteps, shapes, inputs, outputs, opset: self.opset };
+        let program = fused::compile(&graph, self.gpu)?;
+        // Warm-up: the first run of the program (pipelines are compiled already; this faults the buffers in).
+        let zeros: Vec<Option<Tensor>> = self
+            .inputs
+            .iter()
+            .zip(host_inputs)
+            .map(|((s, _), h)| match (h, &env[*s]) {
+                (None, Some(Val::Dev(d))) => {
+                    Tensor::from_f32(d.shape.clone(), vec![0.0; d.shape.iter().product()]).ok()
+                }
+                _ => None,
+            })
+            .collect();
+        let refs: Vec<Option<&Tensor>> = zeros.iter().map(|t| t.as_ref()).collect();
+        program.run(self.gpu, &refs, None)?;
+        Ok(program)
+    }
+
+    /// Runs a fused plan when the plan for these inputs has one: `None` otherwise.
+    fn run_fused(&self, inputs: &[Tensor], timing: Option<&mut Timeline>) -> Result<Option<Vec<Tensor>>> {
+        let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+        let host: Vec<Option<Tensor>> =
+            inputs.iter().enumerate().map(|(i, t)| self.host_kept(i, t).then(|| t.clone())).collect();
+        let plan = self.plan(&shapes, &host)?;
+        let Some(p) = &plan.fused else {
+            if let Ok(mut g) = self.counters.lock() {
+                *g = None;
+            }
+            return Ok(None);
+        };
+        let refs: Vec<Option<&Tensor>> = inputs.iter().zip(&host).map(|(t, h)| h.is_none().then_some(t)).collect();
+        let outs = p.run(self.gpu, &refs, timing).map_err(gpu_err)?;
+        if let Ok(mut g) = self.counters.lock() {
+            *g = Some(p.last_counters());
+        }
+        Ok(Some(outs))
+    }
+
+    /// What the last run did on the device, when its plan is fused.
+    pub fn last_counters(&self) -> Option<edgepack_backend::RunCounters> {
+        self.counters.lock().ok().and_then(|g| *g)
+    }
+
+    /// Why the last plan built runs step by step (`None`: it is fused).
+    pub fn unfused_reason(&self) -> Option<String> {
+        self.fused_why.lock().ok().and_then(|g| g.clone())
     }
 
     /// The plan for these input shapes and host-kept input values (parameters fed at run time: shapes, axes,
@@ -633,7 +785,14 @@ impl Backend for GpuBackend {
         format!("wgpu {}", self.gpu.info.short())
     }
 
+    fn run_counters(&self) -> Option<edgepack_backend::RunCounters> {
+        self.last_counters()
+    }
+
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        if let Some(outs) = self.run_fused(&inputs, None)? {
+            return Ok(outs);
+        }
         let env = self.execute(inputs, &[], None)?;
         self.outputs.iter().map(|&s| self.read(env[s].as_ref())).collect()
     }
@@ -672,6 +831,10 @@ impl Backend for GpuBackend {
     fn trace(&self, inputs: Vec<Tensor>, runs: usize) -> Result<Timeline> {
         let mut timeline = Timeline::new();
         for _ in 0..runs.max(1) {
+            if self.run_fused(&inputs, Some(&mut timeline))?.is_some() {
+                timeline.end_run();
+                continue;
+            }
             let env = self.execute(inputs.clone(), &[], Some(&mut timeline))?;
             for &s in &self.outputs {
                 self.read(env[s].as_ref())?;

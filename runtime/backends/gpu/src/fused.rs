@@ -1,0 +1,1459 @@
+//! Fused programs: a plan's device steps compiled to edgepack's own WGSL kernels on the wgpu device burn uses.
+//!
+//! At plan time (shapes known) the steps are grouped into kernels: a convolution (pointwise, depthwise or
+//! general; NCHW, weights pre-packed for `vec4` loads, bias fused), a Gemm/MatMul with a constant matrix, a
+//! pooling, a softmax or an element-wise operation, each with an **epilogue**: the element-wise readers that
+//! follow it (Relu, Clip, Sigmoid, SiLU as Sigmoid + Mul, HardSwish…, Add/Mul/Sub/Div of another value or a
+//! constant, broadcast: the residual Add of a block) applied to each output before it is stored. A Concat whose
+//! inputs come from convolutions is never copied: each convolution stores into its channel range of the
+//! Concat's buffer. Reshape/Flatten/Squeeze/Unsqueeze/Identity/Dropout are views of their input's buffer.
+//!
+//! The **memory plan** assigns every activation a buffer by liveness (a buffer is reused once its last reader
+//! ran; graph outputs live to the end) and creates all buffers, bind groups and pipelines when the plan is
+//! built. A run writes the inputs into a persistent mapped upload buffer, records every dispatch and the copies
+//! of the outputs into a persistent readback buffer in **one command buffer**, submits once and waits once:
+//! no device memory is allocated in a steady-state run ([`Program::run`] measures it).
+//!
+//! A plan whose steps include anything else (an op or a shape the kernels here do not cover, a non-float value)
+//! is not compiled: the step-by-step burn interpreter runs it, as before.
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use burn_wgpu::wgpu;
+use edgepack_backend::{RunCounters, Timeline};
+use edgepack_core::tensor::Tensor;
+use edgepack_onnx::{NodeExt, NodeProto};
+
+use super::device::GpuDevice;
+use super::ops::{conv_pads, ints_or};
+
+/// Bytes of every buffer this module created (load and run alike): a run's allocation is the difference.
+static ALLOC_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Invocations per workgroup of every kernel.
+const WG: u64 = 64;
+
+/// A step's input as the plan walk found it.
+pub(crate) enum In {
+    /// A device value (its slot).
+    Dev(usize),
+    /// A value known on the host (initializer, folded constant).
+    Host(Tensor),
+}
+
+/// One device step of the plan.
+pub(crate) struct Step<'a> {
+    pub node: &'a NodeProto,
+    pub ins: Vec<Option<In>>,
+    pub outs: Vec<Option<usize>>,
+}
+
+/// A graph output: a device value or a constant folded on the host.
+pub(crate) enum Out {
+    Dev(usize),
+    Host(Tensor),
+}
+
+/// What a plan hands to [`compile`].
+pub(crate) struct Graph<'a> {
+    pub steps: Vec<Step<'a>>,
+    /// The shape of every device value (all f32).
+    pub shapes: HashMap<usize, Vec<usize>>,
+    /// Per graph input: its device slot, or `None` when the plan keeps it on the host.
+    pub inputs: Vec<Option<usize>>,
+    pub outputs: Vec<Out>,
+    pub opset: i64,
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Kernel descriptions (logical: value slots, WGSL text)
+
+/// A kernel binding after binding 0 (the output).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Bind {
+    /// An activation buffer (the root slot of the value).
+    Act(usize),
+    /// A constant buffer (index into the program's constants).
+    Const(usize),
+}
+
+/// The bindings of one kernel and their WGSL declarations.
+struct Binds {
+    list: Vec<(Bind, bool)>,
+    decl: String,
+}
+
+impl Binds {
+    fn new() -> Binds {
+        Binds { list: Vec::new(), decl: "@group(0) @binding(0) var<storage, read_write> y: array<f32>;\n".into() }
+    }
+
+    fn get(&mut self, b: Bind, vec4: bool) -> String {
+        if let Some(i) = self.list.iter().position(|&(x, v)| x == b && v == vec4) {
+            return format!("b{}", i + 1);
+        }
+        self.list.push((b, vec4));
+        let i = self.list.len();
+        let ty = if vec4 { "vec4<f32>" } else { "f32" };
+        let _ = writeln!(self.decl, "@group(0) @binding({i}) var<storage, read> b{i}: array<{ty}>;");
+        format!("b{i}")
+    }
+}
+
+/// A WGSL f32 literal, exact (infinities included).
+fn lit(v: f32) -> String {
+    format!("bitcast<f32>({:#010x}u)", v.to_bits())
+}
+
+/// An element-wise operand: a device value, a constant tensor, or a scalar.
+#[derive(Clone)]
+enum Operand {
+    Dev(usize),
+    Const(Arc<Tensor>),
+    Scalar(f32),
+}
+
+#[derive(Clone)]
+enum EpiOp {
+    /// A WGSL statement on `a`.
+    Unary(String),
+    /// `a = a op x` (or `x op a` when `swapped`).
+    Bin { op: &'static str, x: Operand, swapped: bool },
+}
+
+/// One kernel, before buffers exist.
+struct KDesc {
+    wgsl: String,
+    /// The ONNX nodes it covers, by name.
+    label: String,
+    /// Their op types, e.g. `Conv+Clip+Add`.
+    op: String,
+    out: usize,
+    binds: Vec<Bind>,
+    grid: Grid,
+}
+
+/// How a kernel's invocations are laid out.
+#[derive(Clone, Copy)]
+enum Grid {
+    /// `n` invocations, the index `t` spread over x and y (each at most 65535 workgroups).
+    Flat(u64),
+    /// `x` invocations along x (index `t`) × `y` × `z` workgroups (`wid.y`, `wid.z`: uniform in a workgroup).
+    Tiled(u64, u32, u32),
+}
+
+/// The pointwise tile: (pixel vec4s, channel vec4s) per invocation; `EDGEPACK_GPU_PW=PVxOV` overrides it.
+fn pointwise_tile() -> (usize, usize) {
+    std::env::var("EDGEPACK_GPU_PW")
+        .ok()
+        .and_then(|v| v.split_once('x').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))))
+        .filter(|&(a, b): &(usize, usize)| (1..=4).contains(&a) && (1..=4).contains(&b))
+        .unwrap_or((2, 2))
+}
+
+fn numel(s: &[usize]) -> usize {
+    s.iter().product()
+}
+
+fn unary_stmt(node: &NodeProto, opset: i64, ins: &[Option<In>]) -> Option<String> {
+    let f = |name: &str, d: f32| node.attr_f(name).unwrap_or(d);
+    Some(match node.op() {
+        "Relu" => "a = max(a, 0.0);".into(),
+        "Sigmoid" => "a = 1.0 / (1.0 + exp(-a));".into(),
+        "Tanh" => "a = tanh(clamp(a, -20.0, 20.0));".into(),
+        "Exp" => "a = exp(a);".into(),
+        "Log" => "a = log(a);".into(),
+        "Sqrt" => "a = sqrt(a);".into(),
+        "Reciprocal" => "a = 1.0 / a;".into(),
+        "Neg" => "a = -a;".into(),
+        "Abs" => "a = abs(a);".into(),
+        "Floor" => "a = floor(a);".into(),
+        "Ceil" => "a = ceil(a);".into(),
+        "Round" => "a = round(a);".into(),
+        "Identity" | "Dropout" => String::new(),
+        "LeakyRelu" => format!("a = select(a * {}, a, a >= 0.0);", lit(f("alpha", 0.01))),
+        "HardSigmoid" => {
+            format!("a = clamp({} * a + {}, 0.0, 1.0);", lit(f("alpha", 0.2)), lit(f("beta", 0.5)))
+        }
+        "HardSwish" => format!("a = a * clamp({} * a + 0.5, 0.0, 1.0);", lit(1.0 / 6.0)),
+        "Elu" => format!("a = select({} * (exp(a) - 1.0), a, a >= 0.0);", lit(f("alpha", 1.0))),
+        "Softplus" => "a = select(log(1.0 + exp(a)), a, a > 20.0);".into(),
+        "Clip" => {
+            let (lo, hi) = if opset < 11 {
+                (f("min", f32::MIN), f("max", f32::MAX))
+            } else {
+                let bound = |i: usize, d: f32| match ins.get(i) {
+                    None | Some(None) => Some(d),
+                    Some(Some(In::Host(t))) if t.len() == 1 => Some(t.to_f32_vec()[0]),
+                    _ => None,
+                };
+                (bound(1, f32::NEG_INFINITY)?, bound(2, f32::INFINITY)?)
+            };
+            format!("a = min(max(a, {}), {});", lit(lo), lit(hi))
+        }
+        _ => return None,
+    })
+}
+
+fn binary_op(op: &str) -> Option<&'static str> {
+    Some(match op {
+        "Add" => "+",
+        "Sub" => "-",
+        "Mul" => "*",
+        "Div" => "/",
+        "Max" => "max",
+        "Min" => "min",
+        _ => return None,
+    })
+}
+
+fn alias_op(op: &str) -> bool {
+    matches!(op, "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Identity" | "Dropout")
+}
+
+struct Builder<'g, 'a> {
+    g: &'g Graph<'a>,
+    readers: HashMap<usize, Vec<usize>>,
+    outputs: HashSet<usize>,
+    /// Materialized values → the root slot whose buffer holds them.
+    root: HashMap<usize, usize>,
+    done: Vec<bool>,
+    /// Concat inputs a convolution may store in place: slot → (the Concat's output, channel offset, channels).
+    place: HashMap<usize, (usize, usize, usize)>,
+    placed: HashSet<usize>,
+    consts: Vec<Vec<f32>>,
+    kernels: Vec<KDesc>,
+}
+
+type R<T> = std::result::Result<T, String>;
+
+impl<'g, 'a> Builder<'g, 'a> {
+    fn shape(&self, slot: usize) -> R<&'g [usize]> {
+        self.g.shapes.get(&slot).map(|s| s.as_slice()).ok_or_else(|| format!("no shape for value {slot}"))
+    }
+
+    fn konst(&mut self, v: Vec<f32>) -> Bind {
+        self.consts.push(if v.is_empty() { vec![0.0] } else { v });
+        Bind::Const(self.consts.len() - 1)
+    }
+
+    fn dev_in(&self, s: usize, i: usize) -> R<usize> {
+        match self.g.steps[s].ins.get(i) {
+            Some(Some(In::Dev(slot))) if self.root.contains_key(slot) => Ok(*slot),
+            _ => Err(format!("{} `{}`: input {i} is not a computed device value", self.op(s), self.name(s))),
+        }
+    }
+
+    fn host_in(&self, s: usize, i: usize) -> Option<&'g Tensor> {
+        match self.g.steps[s].ins.get(i) {
+            Some(Some(In::Host(t))) => Some(t),
+            _ => None,
+        }
+    }
+
+    fn op(&self, s: usize) -> &'a str {
+        self.g.steps[s].node.op()
+    }
+
+    fn name(&self, s: usize) -> &'a str {
+        self.g.steps[s].node.name()
+    }
+
+    fn out0(&self, s: usize) -> R<usize> {
+        self.g.steps[s].outs.first().copied().flatten().ok_or_else(|| format!("{} without output", self.op(s)))
+    }
+
+    fn operand(&self, s: usize, i: usize) -> Option<Operand> {
+        match self.g.steps[s].ins.get(i)? {
+            Some(In::Dev(slot)) if self.root.contains_key(slot) => Some(Operand::Dev(*slot)),
+            Some(In::Host(t)) if t.len() == 1 => Some(Operand::Scalar(t.to_f32_vec()[0])),
+            Some(In::Host(t)) => Some(Operand::Const(Arc::new(t.clone()))),
+            _ => None,
+        }
+    }
+
+    fn operand_shape(&self, x: &Operand) -> R<Vec<usize>> {
+        Ok(match x {
+            Operand::Dev(s) => self.shape(*s)?.to_vec(),
+            Operand::Const(t) => t.shape().to_vec(),
+            Operand::Scalar(_) => vec![],
+        })
+    }
+
+    /// Greedily absorbs the element-wise readers of `slot` into an epilogue: (ops, final value, covered steps).
+    fn extend(&mut self, mut slot: usize) -> R<(Vec<EpiOp>, usize, Vec<usize>)> {
+        let mut epi = Vec::new();
+        let mut covered = Vec::new();
+        loop {
+            if self.outputs.contains(&slot) {
+                break;
+            }
+            let rs = self.readers.get(&slot).cloned().unwrap_or_default();
+            let shape = self.shape(slot)?.to_vec();
+            // SiLU: x · sigmoid(x), x read by both.
+            if rs.len() == 2 {
+                let (sg, mul) = if self.op(rs[0]) == "Sigmoid" { (rs[0], rs[1]) } else { (rs[1], rs[0]) };
+                if self.op(sg) == "Sigmoid" && self.op(mul) == "Mul" && !self.done[sg] && !self.done[mul] {
+                    let s_out = self.out0(sg)?;
+                    let mins: Vec<Option<usize>> = self.g.steps[mul]
+                        .ins
+                        .iter()
+                        .map(|i| match i {
+                            Some(In::Dev(x)) => Some(*x),
+                            _ => None,
+                        })
+                        .collect();
+                    let pair = mins == [Some(slot), Some(s_out)] || mins == [Some(s_out), Some(slot)];
+                    let single = self.readers.get(&s_out).is_some_and(|r| r == &[mul]);
+                    if pair && single && !self.outputs.contains(&s_out) && self.shape(self.out0(mul)?)? == shape {
+                        epi.push(EpiOp::Unary("a = a / (1.0 + exp(-a));".into()));
+                        self.done[sg] = true;
+                        self.done[mul] = true;
+                        covered.extend([sg, mul]);
+                        slot = self.out0(mul)?;
+                        continue;
+                    }
+                }
+                break;
+            }
+            let [r] = rs[..] else { break };
+            if self.done[r] || self.shape(self.out0(r)?)? != shape {
+                break;
+            }
+            let ins = &self.g.steps[r].ins;
+            let reads_slot = |i: usize| matches!(ins.get(i), Some(Some(In::Dev(x))) if *x == slot);
+            if let Some(stmt) = unary_stmt(self.g.steps[r].node, self.g.opset, ins) {
+                if !reads_slot(0) {
+                    break;
+                }
+                epi.push(EpiOp::Unary(stmt));
+            } else if let Some(op) = binary_op(self.op(r)) {
+                if ins.len() != 2 {
+                    break;
+                }
+                let (mine, other) = if reads_slot(0) { (0, 1) } else { (1, 0) };
+                if !reads_slot(mine) || reads_slot(other) {
+                    break;
+                }
+                let Some(x) = self.operand(r, other) else { break };
+                epi.push(EpiOp::Bin { op, x, swapped: mine == 1 });
+            } else {
+                break;
+            }
+            self.done[r] = true;
+            covered.push(r);
+            slot = self.out0(r)?;
+        }
+        Ok((epi, slot, covered))
+    }
+
+    /// The index of `x` (broadcast to `out`) for flat output index `i`, as a WGSL expression.
+    fn index_expr(xs: &[usize], out: &[usize], i: &str) -> String {
+        if xs == out || numel(xs) == numel(out) && xs.iter().filter(|&&d| d != 1).eq(out.iter().filter(|&&d| d != 1)) {
+            return i.to_string();
+        }
+        if numel(xs) == 1 {
+            return "0u".into();
+        }
+        let r = out.len();
+        let mut xs_full = vec![1usize; r - xs.len().min(r)];
+        xs_full.extend_from_slice(xs);
+        let mut terms = Vec::new();
+        let (mut ostride, mut xstride) = (1usize, 1usize);
+        for d in (0..r).rev() {
+            if xs_full[d] != 1 {
+                terms.push(format!("(({i} / {ostride}u) % {}u) * {xstride}u", out[d]));
+            }
+            ostride *= out[d];
+            xstride *= xs_full[d];
+        }
+        format!("({})", terms.join(" + "))
+    }
+
+    fn operand_expr(&mut self, binds: &mut Binds, x: &Operand, out: &[usize], i: &str) -> R<String> {
+        Ok(match x {
+            Operand::Scalar(v) => lit(*v),
+            Operand::Dev(s) => {
+                let xs = self.shape(*s)?.to_vec();
+                let root = self.root[s];
+                format!("{}[{}]", binds.get(Bind::Act(root), false), Self::index_expr(&xs, out, i))
+            }
+            Operand::Const(t) => {
+                let b = self.konst(t.to_f32_vec());
+                format!("{}[{}]", binds.get(b, false), Self::index_expr(t.shape(), out, i))
+            }
+        })
+    }
+
+    fn epi_code(&mut self, binds: &mut Binds, epi: &[EpiOp], out: &[usize]) -> R<String> {
+        let mut code = String::new();
+        for e in epi {
+            match e {
+                EpiOp::Unary(s) => {
+                    let _ = writeln!(code, "  {s}");
+                }
+                EpiOp::Bin { op, x, swapped } => {
+                    let xs = self.operand_shape(x)?;
+                    if xs.len() > out.len() || numel(&xs) > numel(out) {
+                        return Err("epilogue operand larger than its output".into());
+                    }
+                    let v = self.operand_expr(binds, x, out, "idx")?;
+                    let (l, r) = if *swapped { (v.as_str(), "a") } else { ("a", v.as_str()) };
+                    let _ = if op.len() == 1 {
+                        writeln!(code, "  a = {l} {op} {r};")
+                    } else {
+                        writeln!(code, "  a = {op}({l}, {r});")
+                    };
+                }
+            }
+        }
+        Ok(code)
+    }
+
+    /// Finishes a kernel writing `out_root`: declarations, the epilogue function, the body. Bodies read `t`
+    /// (the invocation's index along x, clamped to the last valid one so that every invocation loads in bounds)
+    /// and guard their stores with `ok`.
+    fn emit(&mut self, binds: Binds, epi: String, body: String, grid: Grid, out_root: usize, steps: &[usize]) -> R<()> {
+        let (along_x, total) = match grid {
+            Grid::Flat(n) => (n, n),
+            Grid::Tiled(x, y, z) => (x, x * y as u64 * z as u64),
+        };
+        if total == 0 {
+            return Err("a kernel with nothing to compute".into());
+        }
+        if total >= u32::MAX as u64 / 2 {
+            return Err("a tensor beyond 2^31 elements".into());
+        }
+        let first = match grid {
+            Grid::Flat(_) => "(wid.y * nwg.x + wid.x)",
+            Grid::Tiled(..) => "wid.x",
+        };
+        let wgsl = format!(
+            "{}\nfn epi(v: f32, idx: u32) -> f32 {{\n  var a = v;\n{epi}  return a;\n}}\n\n@compute @workgroup_size({WG})\n\
+             fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, \
+             @builtin(local_invocation_index) li: u32) {{\n  let t0 = {first} * {WG}u + li;\n  let ok = t0 < {along_x}u;\n  \
+             let t = min(t0, {}u);\n{body}}}\n",
+            binds.decl,
+            along_x - 1
+        );
+        let label = steps.iter().map(|&s| self.name(s)).collect::<Vec<_>>().join(" + ");
+        let op = steps.iter().map(|&s| self.op(s)).collect::<Vec<_>>().join("+");
+        let kbinds = binds.list.iter().map(|b| b.0).collect();
+        self.kernels.push(KDesc { wgsl, label, op, out: out_root, binds: kbinds, grid });
+        Ok(())
+    }
+
+    /// Where a kernel producing `slot` stores: (root, channel offset, channels of the root).
+    fn placement(&mut self, slot: usize, channels: usize) -> (usize, usize, usize) {
+        if let Some(&(c, off, tot)) = self.place.get(&slot) {
+            self.placed.insert(slot);
+            self.root.entry(c).or_insert(c);
+            (c, off, tot)
+        } else {
+            self.root.insert(slot, slot);
+            (slot, 0, channels)
+        }
+    }
+
+    fn conv(&mut self, s: usize) -> R<()> {
+        let node = self.g.steps[s].node;
+        let x = self.dev_in(s, 0)?;
+        let xs = self.shape(x)?.to_vec();
+        let w = self.host_in(s, 1).ok_or("Conv weights computed on the device")?;
+        let ws = w.shape().to_vec();
+        if xs.len() != 4 || ws.len() != 4 {
+            return Err(format!("Conv of rank {}", xs.len()));
+        }
+        let bias = match self.g.steps[s].ins.get(2) {
+            None | Some(None) => None,
+            Some(Some(In::Host(t))) => Some(t.to_f32_vec()),
+            _ => return Err("Conv bias computed on the device".into()),
+        };
+        let (n, ic, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
+        let (oc, icg, kh, kw) = (ws[0], ws[1], ws[2], ws[3]);
+        let group = node.attr_i("group").unwrap_or(1).max(1) as usize;
+        let stride = ints_or(node, "strides", 2, 1).map_err(|e| e.to_string())?;
+        let dil = ints_or(node, "dilations", 2, 1).map_err(|e| e.to_string())?;
+        let pads = conv_pads(node, &xs[2..], &[kh, kw], &stride, &dil).map_err(|e| e.to_string())?;
+        let out = self.out0(s)?;
+        let os = self.shape(out)?.to_vec();
+        if ic != icg * group || oc % group != 0 || os.len() != 4 || os[1] != oc {
+            return Err("Conv shapes".into());
+        }
+        let (oh, ow) = (os[2], os[3]);
+        let ocg = oc / group;
+        let wv = w.to_f32_vec();
+        let bias = bias.unwrap_or_else(|| vec![0.0; oc]);
+        let (epi, fin, covered) = self.extend(out)?;
+        let (root, coff, ctot) = self.placement(fin, oc);
+        let mut binds = Binds::new();
+        let xb = self.root[&x];
+        let p = oh * ow;
+        // Stores go to the root (a Concat's buffer at a channel offset); the epilogue indexes the conv's own output.
+        let store = |ocx: &str, pix: &str| {
+            format!(
+                "if (ok) {{ y[(n * {ctot}u + {ocx} + {coff}u) * {p}u + {pix}] = epi(v, (n * {oc}u + {ocx}) * {p}u + {pix}); }}"
+            )
+        };
+        let (body, grid);
+        let pointwise = kh == 1 && kw == 1 && stride == [1, 1] && dil == [1, 1] && group == 1;
+        let pointwise = pointwise && pads.iter().all(|&(a, b)| a == 0 && b == 0);
+        // Work is laid out so that what a workgroup shares is uniform across it (output channels, batch index:
+        // weight loads are broadcasts) and what varies along its invocations is the pixel (input loads of
+        // neighbouring addresses): the shape GPUs coalesce, and that lavapipe turns into scalar loads.
+        if pointwise {
+            // 4·PV pixels × 4·OV output channels per invocation (vec4 loads of both); weights as [oc/4][ic] vec4.
+            let (pv, ov) = pointwise_tile();
+            let ob = oc.div_ceil(4 * ov);
+            let ocp = ob * 4 * ov;
+            let mut wp = vec![0.0f32; ocp * ic];
+            for o in 0..oc {
+                for i in 0..ic {
+                    wp[((o / 4) * ic + i) * 4 + o % 4] = wv[o * ic + i];
+                }
+            }
+            let mut bp = bias.clone();
+            bp.resize(ocp, 0.0);
+            let (wb, bb) = (self.konst(wp), self.konst(bp));
+            let (wn, bn) = (binds.get(wb, true), binds.get(bb, true));
+            let pb = p.div_ceil(4 * pv);
+            let aligned = p % 4 == 0;
+            let last = n * ic * p - 1;
+            let xn = binds.get(Bind::Act(xb), aligned);
+            let load = |k: usize| {
+                if aligned {
+                    format!("{xn}[(xi + {})/ 4u]", 4 * k)
+                } else {
+                    let e = |d: usize| format!("{xn}[min(xi + {}u, {last}u)]", 4 * k + d);
+                    format!("vec4<f32>({}, {}, {}, {})", e(0), e(1), e(2), e(3))
+                }
+            };
+            let mut b = format!(
+                "  let p0 = (t % {pb}u) * {}u;\n  let r = t / {pb}u;\n  let ob = r % {ob}u;\n  let n = r / {ob}u;\n  \
+                 var xi = n * {}u + p0;\n",
+                4 * pv,
+                ic * p
+            );
+            for v in 0..pv {
+                for o in 0..4 * ov {
+                    let _ = writeln!(b, "  var a{v}_{o} = vec4<f32>(0.0);");
+                }
+            }
+            for k in 0..ov {
+                let _ = writeln!(b, "  var wi{k} = (ob * {ov}u + {k}u) * {ic}u;");
+            }
+            let _ = writeln!(b, "  for (var i = 0u; i < {ic}u; i = i + 1u) {{");
+            for v in 0..pv {
+                let _ = writeln!(b, "    let x{v} = {};", load(v));
+            }
+            for k in 0..ov {
+                let _ = writeln!(b, "    let w{k} = {wn}[wi{k}];\n    wi{k} = wi{k} + 1u;");
+            }
+            for v in 0..pv {
+                for o in 0..4 * ov {
+                    let c = ["x", "y", "z", "w"][o % 4];
+                    let _ = writeln!(b, "    a{v}_{o} = fma(x{v}, vec4<f32>(w{}.{c}), a{v}_{o});", o / 4);
+                }
+            }
+            let _ = writeln!(b, "    xi = xi + {p}u;\n  }}");
+            for o in 0..4 * ov {
+                let _ = writeln!(
+                    b,
+                    "  {{\n    let o = ob * {}u + {o}u;\n    let bo = {bn}[o / 4u][{}];\n    if (o < {oc}u) {{",
+                    4 * ov,
+                    o % 4
+                );
+                for v in 0..pv {
+                    for q in 0..4 {
+                        let pix = format!("p0 + {}u", 4 * v + q);
+                        let guard =
+                            if aligned && p % (4 * pv) == 0 { String::new() } else { format!("if ({pix} < {p}u) ") };
+                        let _ = writeln!(
+                            b,
+                            "      {guard}{{\n        let v = a{v}_{o}[{q}] + bo;\n        {}\n      }}",
+                            store("o", &pix)
+                        );
+                    }
+                }
+                b.push_str("    }\n  }\n");
+            }
+            body = b;
+            grid = Grid::Flat((pb * ob * n) as u64);
+        } else if group == ic && group == oc && icg == 1 {
+            // Depthwise: 4 output columns of one channel per invocation.
+            let (bb, wb) = (self.konst(bias.clone()), self.konst(wv));
+            let (bn, wn) = (binds.get(bb, false), binds.get(wb, false));
+            let xn = binds.get(Bind::Act(xb), false);
+            let owb = ow.div_ceil(4);
+            let mut b = format!(
+                "  let owb = t % {owb}u;\n  var r = t / {owb}u;\n  let oh = r % {oh}u;\n  r = r / {oh}u;\n  let c = r % {oc}u;\n  \
+                 let n = r / {oc}u;\n  let ow0 = owb * 4u;\n  \
+                 let bz = {bn}[c];\n  var a0 = bz;\n  var a1 = bz;\n  var a2 = bz;\n  var a3 = bz;\n  let xc = (n * {ic}u + c) * {}u;\n  \
+                 let ih0 = i32(oh * {}u) - {};\n  let iw0 = i32(ow0 * {}u) - {};\n  \
+                 for (var kh = 0u; kh < {kh}u; kh = kh + 1u) {{\n    let ih = ih0 + i32(kh * {}u);\n    \
+                 if (ih < 0 || ih >= {h}) {{ continue; }}\n    let xr = xc + u32(ih) * {wd}u;\n    \
+                 for (var kw = 0u; kw < {kw}u; kw = kw + 1u) {{\n      let wv = {wn}[(c * {kh}u + kh) * {kw}u + kw];\n",
+                h * wd,
+                stride[0],
+                pads[0].0,
+                stride[1],
+                pads[1].0,
+                dil[0]
+            );
+            for q in 0..4 {
+                let _ = writeln!(
+                    b,
+                    "      let iq{q} = iw0 + i32({}u + kw * {}u);\n      \
+                     a{q} = fma(select(0.0, {xn}[xr + u32(clamp(iq{q}, 0, {}))], iq{q} >= 0 && iq{q} < {wd}), wv, a{q});",
+                    q * stride[1],
+                    dil[1],
+                    wd - 1
+                );
+            }
+            b.push_str("    }\n  }\n");
+            for q in 0..4 {
+                let _ = writeln!(
+                    b,
+                    "  if (ow0 + {q}u < {ow}u) {{\n    let v = a{q};\n    {}\n  }}",
+                    store("c", &format!("oh * {ow}u + ow0 + {q}u"))
+                );
+            }
+            body = b;
+            grid = Grid::Flat((oh * owb * oc * n) as u64);
+        } else {
+            // General: 4 output channels of a group × 4 output columns per invocation; weights as
+            // [g][ocg/4][icg][kh][kw] vec4.
+            let obg = ocg.div_ceil(4);
+            let mut wp = vec![0.0f32; group * icg * kh * kw * obg * 4];
+            for g in 0..group {
+                for o in 0..ocg {
+                    for i in 0..icg {
+                        for y in 0..kh {
+                            for x in 0..kw {
+                                let src = (((g * ocg + o) * icg + i) * kh + y) * kw + x;
+                                let dst = ((((g * obg + o / 4) * icg + i) * kh + y) * kw + x) * 4 + o % 4;
+                                wp[dst] = wv[src];
+                            }
+                        }
+                    }
+                }
+            }
+            let mut bp = vec![0.0f32; group * obg * 4];
+            for g in 0..group {
+                bp[g * obg * 4..g * obg * 4 + ocg].copy_from_slice(&bias[g * ocg..(g + 1) * ocg]);
+            }
+            let (wb, bb) = (self.konst(wp), self.konst(bp));
+            let (wn, bn) = (binds.get(wb, true), binds.get(bb, true));
+            let xn = binds.get(Bind::Act(xb), false);
+            let owb = ow.div_ceil(4);
+            let gobg = group * obg;
+            let mut b = format!(
+                "  let owb = t % {owb}u;\n  var r = t / {owb}u;\n  let oh = r % {oh}u;\n  r = r / {oh}u;\n  \
+                 let gb = r % {gobg}u;\n  let ob = gb % {obg}u;\n  let g = gb / {obg}u;\n  let n = r / {gobg}u;\n  let ow0 = owb * 4u;\n  var a0 = vec4<f32>(0.0);\n  \
+                 var a1 = vec4<f32>(0.0);\n  var a2 = vec4<f32>(0.0);\n  var a3 = vec4<f32>(0.0);\n  \
+                 let ih0 = i32(oh * {}u) - {};\n  let iw0 = i32(ow0 * {}u) - {};\n  var wi = gb * {}u;\n  \
+                 for (var i = 0u; i < {icg}u; i = i + 1u) {{\n    let xc = (n * {ic}u + g * {icg}u + i) * {}u;\n    \
+                 for (var kh = 0u; kh < {kh}u; kh = kh + 1u) {{\n      let ih = ih0 + i32(kh * {}u);\n      \
+                 let inside = ih >= 0 && ih < {h};\n      let xr = xc + u32(clamp(ih, 0, {})) * {wd}u;\n      \
+                 for (var kw = 0u; kw < {kw}u; kw = kw + 1u) {{\n        let wv = {wn}[wi];\n        wi = wi + 1u;\n",
+                stride[0],
+                pads[0].0,
+                stride[1],
+                pads[1].0,
+                icg * kh * kw,
+                h * wd,
+                dil[0],
+                h - 1
+            );
+            for q in 0..4 {
+                let _ = writeln!(
+                    b,
+                    "        let iq{q} = iw0 + i32({}u + kw * {}u);\n        \
+                     a{q} = fma(vec4<f32>(select(0.0, {xn}[xr + u32(clamp(iq{q}, 0, {}))], inside && iq{q} >= 0 && iq{q} < {wd})), wv, a{q});",
+                    q * stride[1],
+                    dil[1],
+                    wd - 1
+                );
+            }
+            let _ = writeln!(b, "      }}\n    }}\n  }}\n  let bv = {bn}[gb];");
+            for j in 0..4 {
+                let c = ["x", "y", "z", "w"][j];
+                let _ = writeln!(
+                    b,
+                    "  let o{j} = ob * 4u + {j}u;\n  if (o{j} < {ocg}u) {{\n    let c{j} = g * {ocg}u + o{j};"
+                );
+                for q in 0..4 {
+                    let _ = writeln!(
+                        b,
+                        "    if (ow0 + {q}u < {ow}u) {{\n      let v = a{q}.{c} + bv.{c};\n      {}\n    }}",
+                        store(&format!("c{j}"), &format!("oh * {ow}u + ow0 + {q}u"))
+                    );
+                }
+                b.push_str("  }\n");
+            }
+            body = b;
+            grid = Grid::Flat((oh * owb * group * obg * n) as u64);
+        }
+        let epi = self.epi_code(&mut binds, &epi, &os)?;
+        let mut steps = vec![s];
+        steps.extend(covered);
+        self.emit(binds, epi, body, grid, root, &steps)
+    }
+
+    /// Gemm / MatMul with a constant right-hand side: `y[m, n] = Σ a[m, k] · w[k, n]` (+ bias in the epilogue).
+    fn gemm(&mut self, s: usize) -> R<()> {
+        let node = self.g.steps[s].node;
+        let a = self.dev_in(s, 0)?;
+        let as_ = self.shape(a)?.to_vec();
+        let w = self.host_in(s, 1).ok_or("a matrix product of two device values")?;
+        let ws = w.shape().to_vec();
+        let gemm = self.op(s) == "Gemm";
+        if ws.len() != 2 || as_.is_empty() || (gemm && (as_.len() != 2 || node.attr_i("transA").unwrap_or(0) != 0)) {
+            return Err("matrix product shapes".into());
+        }
+        let trans_b = gemm && node.attr_i("transB").unwrap_or(0) != 0;
+        let (kk, nn) = if trans_b { (ws[1], ws[0]) } else { (ws[0], ws[1]) };
+        if as_[as_.len() - 1] != kk {
+            return Err("matrix product inner dims".into());
+        }
+        let m = numel(&as_) / kk;
+        let alpha = if gemm { node.attr_f("alpha").unwrap_or(1.0) } else { 1.0 };
+        let beta = if gemm { node.attr_f("beta").unwrap_or(1.0) } else { 1.0 };
+        let wv = w.to_f32_vec();
+        let nb = nn.div_ceil(4);
+        let mut wp = vec![0.0f32; kk * nb * 4];
+        for k in 0..kk {
+            for j in 0..nn {
+                wp[k * nb * 4 + j] = alpha * if trans_b { wv[j * kk + k] } else { wv[k * nn + j] };
+            }
+        }
+        let out = self.out0(s)?;
+        let os = self.shape(out)?.to_vec();
+        let mut head = Vec::new();
+        if gemm && let Some(c) = self.host_in(s, 2) {
+            let cv: Vec<f32> = c.to_f32_vec().into_iter().map(|v| v * beta).collect();
+            let ct = Tensor::from_f32(c.shape().to_vec(), cv).map_err(|e| e.to_string())?;
+            head.push(EpiOp::Bin { op: "+", x: Operand::Const(Arc::new(ct)), swapped: false });
+        } else if gemm && matches!(self.g.steps[s].ins.get(2), Some(Some(_))) {
+            return Err("Gemm bias computed on the device".into());
+        }
+        let (mut epi, fin, covered) = self.extend(out)?;
+        head.append(&mut epi);
+        self.root.insert(fin, fin);
+        let mut binds = Binds::new();
+        let wb = self.konst(wp);
+        let wn = binds.get(wb, true);
+        let an = binds.get(Bind::Act(self.root[&a]), false);
+        let mut body = format!(
+            "  let nb = t;\n  let m = wid.y;\n  var acc = vec4<f32>(0.0);\n  var ai = m * {kk}u;\n  \
+             var wi = nb;\n  for (var k = 0u; k < {kk}u; k = k + 1u) {{\n    acc = fma(vec4<f32>({an}[ai]), {wn}[wi], acc);\n    \
+             ai = ai + 1u;\n    wi = wi + {nb}u;\n  }}\n"
+        );
+        for j in 0..4 {
+            let _ = writeln!(
+                body,
+                "  if (ok && nb * 4u + {j}u < {nn}u) {{ let i = m * {nn}u + nb * 4u + {j}u; y[i] = epi(acc[{j}], i); }}"
+            );
+        }
+        let epi = self.epi_code(&mut binds, &head, &os)?;
+        let mut steps = vec![s];
+        steps.extend(covered);
+        self.emit(binds, epi, body, Grid::Tiled(nb as u64, m as u32, 1), fin, &steps)
+    }
+
+    fn pool(&mut self, s: usize) -> R<()> {
+        let node = self.g.steps[s].node;
+        let op = self.op(s);
+        let x = self.dev_in(s, 0)?;
+        let xs = self.shape(x)?.to_vec();
+        let out = self.out0(s)?;
+        let os = self.shape(out)?.to_vec();
+        if xs.len() != 4 || os.len() != 4 || self.g.steps[s].outs.iter().skip(1).any(|o| o.is_some()) {
+            return Err(format!("{op} of rank {}", xs.len()));
+        }
+        let (h, w) = (xs[2], xs[3]);
+        let global = matches!(op, "GlobalAveragePool" | "GlobalMaxPool" | "ReduceMean" | "ReduceMax");
+        let max = matches!(op, "MaxPool" | "GlobalMaxPool" | "ReduceMax");
+        if matches!(op, "ReduceMean" | "ReduceMax") {
+            let axes: Vec<i64> = match (node.attr_ints("axes"), self.host_in(s, 1)) {
+                (Some(a), _) => a.to_vec(),
+                (None, Some(t)) => t.to_f32_vec().into_iter().map(|v| v as i64).collect(),
+                _ => vec![],
+            };
+            let axes: HashSet<i64> = axes.iter().map(|&a| if a < 0 { a + 4 } else { a }).collect();
+            if axes != HashSet::from([2, 3]) || node.attr_i("keepdims").unwrap_or(1) != 1 {
+                return Err(format!("{op} over axes {axes:?}"));
+            }
+        }
+        let (epi, fin, covered) = self.extend(out)?;
+        self.root.insert(fin, fin);
+        let mut binds = Binds::new();
+        let xn = binds.get(Bind::Act(self.root[&x]), false);
+        let init = if max { lit(f32::NEG_INFINITY) } else { "0.0".into() };
+        let body = if global {
+            let fin = if max { "m".to_string() } else { format!("m / {}", lit((h * w) as f32)) };
+            format!(
+                "  let xc = t * {hw}u;\n  var m = {init};\n  for (var i = 0u; i < {hw}u; i = i + 1u) {{\n    \
+                 let v = {xn}[xc + i];\n    {acc}\n  }}\n  if (ok) {{ y[t] = epi({fin}, t); }}\n",
+                hw = h * w,
+                acc = if max { "m = max(m, v);" } else { "m = m + v;" }
+            )
+        } else {
+            let kernel = node.attr_ints("kernel_shape").ok_or("pool without kernel_shape")?;
+            let k: Vec<usize> = kernel.iter().map(|&v| v.max(1) as usize).collect();
+            if k.len() != 2 {
+                return Err("pool kernel rank".into());
+            }
+            let stride = ints_or(node, "strides", 2, 1).map_err(|e| e.to_string())?;
+            let dil = ints_or(node, "dilations", 2, 1).map_err(|e| e.to_string())?;
+            let pads = conv_pads(node, &xs[2..], &k, &stride, &dil).map_err(|e| e.to_string())?;
+            let ceil = node.attr_i("ceil_mode").unwrap_or(0) == 1;
+            let include = node.attr_i("count_include_pad").unwrap_or(0) == 1;
+            if !max && (ceil || dil != [1, 1]) {
+                return Err("AveragePool with ceil_mode or dilations".into());
+            }
+            let (oh, ow) = (os[2], os[3]);
+            let fin = match (max, include) {
+                (true, _) => "m".to_string(),
+                (false, true) => format!("m / {}", lit((k[0] * k[1]) as f32)),
+                (false, false) => "m / f32(cnt)".to_string(),
+            };
+            format!(
+                "  let ow = t % {ow}u;\n  var r = t / {ow}u;\n  let oh = r % {oh}u;\n  let nc = r / {oh}u;\n  \
+                 let xc = nc * {}u;\n  var m = {init};\n  var cnt = 0u;\n  \
+                 for (var kh = 0u; kh < {}u; kh = kh + 1u) {{\n    let ih = i32(oh * {}u + kh * {}u) - {};\n    \
+                 if (ih < 0 || ih >= {h}) {{ continue; }}\n    for (var kw = 0u; kw < {}u; kw = kw + 1u) {{\n      \
+                 let iw = i32(ow * {}u + kw * {}u) - {};\n      if (iw < 0 || iw >= {w}) {{ continue; }}\n      \
+                 let v = {xn}[xc + u32(ih) * {w}u + u32(iw)];\n      {}\n      cnt = cnt + 1u;\n    }}\n  }}\n  \
+                 if (ok) {{ y[t] = epi({fin}, t); }}\n",
+                h * w,
+                k[0],
+                stride[0],
+                dil[0],
+                pads[0].0,
+                k[1],
+                stride[1],
+                dil[1],
+                pads[1].0,
+                if max { "m = max(m, v);" } else { "m = m + v;" }
+            )
+        };
+        let epi = self.epi_code(&mut binds, &epi, &os)?;
+        let mut steps = vec![s];
+        steps.extend(covered);
+        self.emit(binds, epi, body, Grid::Flat(numel(&os) as u64), fin, &steps)
+    }
+
+    fn softmax(&mut self, s: usize) -> R<()> {
+        let node = self.g.steps[s].node;
+        let x = self.dev_in(s, 0)?;
+        let xs = self.shape(x)?.to_vec();
+        let r = xs.len() as i64;
+        let default = if self.g.opset >= 13 { -1 } else { 1 };
+        let axis = node.attr_i("axis").unwrap_or(default);
+        let axis = if axis < 0 { axis + r } else { axis };
+        if !(0..r).contains(&axis) || (self.g.opset >= 13 && axis != r - 1) {
+            return Err("Softmax over an inner axis".into());
+        }
+        let cols = numel(&xs[axis as usize..]);
+        let rows = numel(&xs) / cols.max(1);
+        let out = self.out0(s)?;
+        let os = self.shape(out)?.to_vec();
+        let (epi, fin, covered) = self.extend(out)?;
+        self.root.insert(fin, fin);
+        let mut binds = Binds::new();
+        let xn = binds.get(Bind::Act(self.root[&x]), false);
+        let value = if self.op(s) == "LogSoftmax" { "v - mx - log(sm)" } else { "exp(v - mx) / sm" };
+        let body = format!(
+            "  let base = t * {cols}u;\n  var mx = {};\n  for (var i = 0u; i < {cols}u; i = i + 1u) {{ mx = max(mx, {xn}[base + i]); }}\n  \
+             var sm = 0.0;\n  for (var i = 0u; i < {cols}u; i = i + 1u) {{ sm = sm + exp({xn}[base + i] - mx); }}\n  \
+             if (ok) {{\n    for (var i = 0u; i < {cols}u; i = i + 1u) {{\n      let v = {xn}[base + i];\n      y[base + i] = epi({value}, base + i);\n    }}\n  }}\n",
+            lit(f32::NEG_INFINITY)
+        );
+        let epi = self.epi_code(&mut binds, &epi, &os)?;
+        let mut steps = vec![s];
+        steps.extend(covered);
+        self.emit(binds, epi, body, Grid::Flat(rows as u64), fin, &steps)
+    }
+
+    /// A standalone element-wise step (its producer had other readers): the first operand loaded, the op and
+    /// its own readers as the epilogue.
+    fn elementwise(&mut self, s: usize) -> R<()> {
+        let node = self.g.steps[s].node;
+        let out = self.out0(s)?;
+        let os = self.shape(out)?.to_vec();
+        let first = self.operand(s, 0).ok_or("element-wise input not computed")?;
+        let mut head = Vec::new();
+        if let Some(stmt) = unary_stmt(node, self.g.opset, &self.g.steps[s].ins) {
+            head.push(EpiOp::Unary(stmt));
+        } else if let Some(op) = binary_op(self.op(s)) {
+            let n = self.g.steps[s].ins.len();
+            if n < 2 || (n > 2 && !matches!(self.op(s), "Max" | "Min")) {
+                return Err(format!("{} with {n} inputs", self.op(s)));
+            }
+            for i in 1..n {
+                let x = self.operand(s, i).ok_or("element-wise input not computed")?;
+                head.push(EpiOp::Bin { op, x, swapped: false });
+            }
+        } else {
+            return Err(format!("op {}", self.op(s)));
+        }
+        let fs = self.operand_shape(&first)?;
+        let (mut epi, fin, covered) = self.extend(out)?;
+        head.append(&mut epi);
+        self.root.insert(fin, fin);
+        let mut binds = Binds::new();
+        let load = self.operand_expr(&mut binds, &first, &os, "t")?;
+        let _ = fs;
+        let body = format!("  if (ok) {{ y[t] = epi({load}, t); }}\n");
+        let epi = self.epi_code(&mut binds, &head, &os)?;
+        let mut steps = vec![s];
+        steps.extend(covered);
+        self.emit(binds, epi, body, Grid::Flat(numel(&os) as u64), fin, &steps)
+    }
+
+    fn concat(&mut self, s: usize) -> R<()> {
+        let node = self.g.steps[s].node;
+        let out = self.out0(s)?;
+        let os = self.shape(out)?.to_vec();
+        let r = os.len() as i64;
+        let axis = node.attr_i("axis").unwrap_or(0);
+        let axis = if axis < 0 { axis + r } else { axis };
+        if !(0..r).contains(&axis) {
+            return Err("Concat axis".into());
+        }
+        let axis = axis as usize;
+        let outer = numel(&os[..axis]);
+        let total = numel(&os[axis..]);
+        self.root.entry(out).or_insert(out);
+        let root = self.root[&out];
+        let mut off = 0usize;
+        for i in 0..self.g.steps[s].ins.len() {
+            let slot = match &self.g.steps[s].ins[i] {
+                Some(In::Dev(x)) => Some(*x),
+                _ => None,
+            };
+            let xs = match &self.g.steps[s].ins[i] {
+                Some(In::Dev(x)) => self.shape(*x)?.to_vec(),
+                Some(In::Host(t)) => t.shape().to_vec(),
+                None => continue,
+            };
+            let inner = numel(&xs[axis.min(xs.len())..]);
+            if slot.is_some_and(|x| self.placed.contains(&x)) {
+                off += inner;
+                continue;
+            }
+            if inner > 0 {
+                let x = self.operand(s, i).ok_or("Concat input not computed")?;
+                let mut binds = Binds::new();
+                let src = match &x {
+                    Operand::Dev(x) => binds.get(Bind::Act(self.root[x]), false),
+                    Operand::Const(t) => {
+                        let b = self.konst(t.to_f32_vec());
+                        binds.get(b, false)
+                    }
+                    Operand::Scalar(v) => {
+                        let b = self.konst(vec![*v]);
+                        binds.get(b, false)
+                    }
+                };
+                let body = format!(
+                    "  let j = t % {inner}u;\n  let o = t / {inner}u;\n  if (ok) {{ y[o * {total}u + {off}u + j] = {src}[o * {inner}u + j]; }}\n"
+                );
+                self.emit(binds, String::new(), body, Grid::Flat((outer * inner) as u64), root, &[s])?;
+            }
+            off += inner;
+        }
+        Ok(())
+    }
+
+    fn build(mut self) -> R<Self> {
+        let g = self.g;
+        for (si, st) in g.steps.iter().enumerate() {
+            for i in st.ins.iter().flatten() {
+                if let In::Dev(x) = i {
+                    let r = self.readers.entry(*x).or_default();
+                    if !r.contains(&si) {
+                        r.push(si);
+                    }
+                }
+            }
+        }
+        for o in &g.outputs {
+            if let Out::Dev(x) = o {
+                self.outputs.insert(*x);
+            }
+        }
+        for x in g.inputs.iter().flatten() {
+            self.root.insert(*x, *x);
+        }
+        // Concats (channels of NCHW values) their convolutions may store into in place.
+        for (si, st) in g.steps.iter().enumerate() {
+            if st.node.op() != "Concat" {
+                continue;
+            }
+            let Some(Some(out)) = st.outs.first() else { continue };
+            let Some(os) = g.shapes.get(out) else { continue };
+            let axis = st.node.attr_i("axis").unwrap_or(0);
+            if os.len() != 4 || (axis != 1 && axis != -3) || self.outputs.contains(out) {
+                continue;
+            }
+            let mut off = 0;
+            let mut seen = HashSet::new();
+            for i in &st.ins {
+                let (slot, c) = match i {
+                    Some(In::Dev(x)) => (Some(*x), g.shapes.get(x).map_or(0, |s| s.get(1).copied().unwrap_or(0))),
+                    Some(In::Host(t)) => (None, t.shape().get(1).copied().unwrap_or(0)),
+                    None => (None, 0),
+                };
+                if let Some(x) = slot {
+                    let only = self.readers.get(&x).is_some_and(|r| r == &[si]);
+                    if only && !self.outputs.contains(&x) && !g.inputs.contains(&Some(x)) && seen.insert(x) {
+                        self.place.insert(x, (*out, off, os[1]));
+                    }
+                }
+                off += c;
+            }
+        }
+        self.done = vec![false; g.steps.len()];
+        for s in 0..g.steps.len() {
+            if self.done[s] {
+                continue;
+            }
+            self.done[s] = true;
+            let st = &g.steps[s];
+            let op = st.node.op();
+            if st.node.domain_name() != "" && st.node.domain_name() != "ai.onnx" {
+                return Err(format!("op {}", op));
+            }
+            match op {
+                _ if alias_op(op) => {
+                    let x = self.dev_in(s, 0)?;
+                    let out = self.out0(s)?;
+                    if numel(self.shape(x)?) != numel(self.shape(out)?) || self.place.contains_key(&out) {
+                        return Err(format!("{op} that is not a view"));
+                    }
+                    if st.outs.iter().skip(1).any(|o| o.is_some_and(|o| self.readers.contains_key(&o))) {
+                        return Err("Dropout mask read".into());
+                    }
+                    let r = self.root[&x];
+                    self.root.insert(out, r);
+                }
+                "Conv" => self.conv(s)?,
+                "Gemm" | "MatMul" => self.gemm(s)?,
+                "MaxPool" | "AveragePool" | "GlobalAveragePool" | "GlobalMaxPool" | "ReduceMean" | "ReduceMax" => {
+                    self.pool(s)?
+                }
+                "Softmax" | "LogSoftmax" => self.softmax(s)?,
+                "Concat" => self.concat(s)?,
+                _ => self.elementwise(s)?,
+            }
+        }
+        Ok(self)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Device objects
+
+struct Kernel {
+    pipeline: Arc<wgpu::ComputePipeline>,
+    group: wgpu::BindGroup,
+    groups: (u32, u32, u32),
+    label: String,
+    op: String,
+}
+
+enum OutBuf {
+    /// (buffer, element count, shape, byte offset in the readback buffer)
+    Dev(usize, usize, Vec<usize>, u64),
+    Host(Tensor),
+}
+
+struct Io {
+    /// The upload buffer is mapped (ready for the next run's inputs).
+    upload_mapped: bool,
+    last: RunCounters,
+}
+
+/// A compiled plan: kernels, buffers, bind groups; see the module documentation.
+pub(crate) struct Program {
+    kernels: Vec<Kernel>,
+    buffers: Vec<wgpu::Buffer>,
+    _consts: Vec<wgpu::Buffer>,
+    /// Per graph input: (buffer, byte offset in the upload buffer, bytes), `None` for host-kept inputs.
+    inputs: Vec<Option<(usize, u64, u64)>>,
+    outputs: Vec<OutBuf>,
+    upload: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    io: Mutex<Io>,
+}
+
+fn create_buffer(dev: &wgpu::Device, label: &str, size: u64, usage: wgpu::BufferUsages, mapped: bool) -> wgpu::Buffer {
+    let size = size.max(4).div_ceil(4) * 4;
+    ALLOC_BYTES.fetch_add(size, Ordering::Relaxed);
+    dev.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: mapped })
+}
+
+fn pipelines() -> &'static Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>> {
+    static P: OnceLock<Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>> = OnceLock::new();
+    P.get_or_init(Default::default)
+}
+
+/// Polls a future wgpu resolves synchronously on native backends (error scopes).
+fn ready<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// Compiles the plan's steps; `Err` says why they stay on the step-by-step path.
+pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
+    let b = Builder {
+        g: graph,
+        readers: HashMap::new(),
+        outputs: HashSet::new(),
+        root: HashMap::new(),
+        done: Vec::new(),
+        place: HashMap::new(),
+        placed: HashSet::new(),
+        consts: Vec::new(),
+        kernels: Vec::new(),
+    }
+    .build()?;
+    if std::env::var_os("EDGEPACK_GPU_DUMP").is_some() {
+        for k in &b.kernels {
+            let threads = match k.grid {
+                Grid::Flat(n) => n,
+                Grid::Tiled(x, y, z) => x * y as u64 * z as u64,
+            };
+            eprintln!("// {} ({}): {threads} invocations\n{}", k.label, k.op, k.wgsl);
+        }
+    }
+    let dev = &gpu.wgpu;
+    let limits = dev.limits();
+    let max_bind = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+    if b.kernels.iter().any(|k| k.binds.len() + 1 > limits.max_storage_buffers_per_shader_stage as usize) {
+        return Err("a kernel with more buffers than the adapter binds".into());
+    }
+    // Memory plan: roots in first-touch order, released after their last touch; best-fit reuse.
+    let bytes = |root: usize| -> R<u64> {
+        graph.shapes.get(&root).map(|s| numel(s) as u64 * 4).ok_or_else(|| format!("no shape for value {root}"))
+    };
+    let out_roots: HashSet<usize> = graph
+        .outputs
+        .iter()
+        .filter_map(|o| match o {
+            Out::Dev(x) => b.root.get(x).copied(),
+            Out::Host(_) => None,
+        })
+        .collect();
+    let mut last: HashMap<usize, usize> = HashMap::new();
+    for (ki, k) in b.kernels.iter().enumerate() {
+        last.insert(k.out, ki);
+        for bd in &k.binds {
+            if let Bind::Act(r) = bd {
+                last.insert(*r, ki);
+            }
+        }
+    }
+    let mut sizes: Vec<u64> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    let mut assign: HashMap<usize, usize> = HashMap::new();
+    let take = |need: u64, sizes: &mut Vec<u64>, free: &mut Vec<usize>| -> usize {
+        let best = free.iter().enumerate().filter(|&(_, &b)| sizes[b] >= need).min_by_key(|&(_, &b)| sizes[b]);
+        if let Some((i, _)) = best {
+            return free.swap_remove(i);
+        }
+        // None fits: grow the largest free buffer rather than adding one.
+        if let Some((i, _)) = free.iter().enumerate().max_by_key(|&(_, &b)| sizes[b]) {
+            let b = free.swap_remove(i);
+            sizes[b] = need;
+            return b;
+        }
+        sizes.push(need);
+        sizes.len() - 1
+    };
+    for x in graph.inputs.iter().flatten() {
+        let r = b.root[x];
+        if let std::collections::hash_map::Entry::Vacant(e) = assign.entry(r) {
+            e.insert(take(bytes(r)?, &mut sizes, &mut free));
+        }
+    }
+    for (ki, k) in b.kernels.iter().enumerate() {
+        if let std::collections::hash_map::Entry::Vacant(e) = assign.entry(k.out) {
+            e.insert(take(bytes(k.out)?, &mut sizes, &mut free));
+        }
+        let mut touched: Vec<usize> = vec![k.out];
+        touched.extend(k.binds.iter().filter_map(|bd| if let Bind::Act(r) = bd { Some(*r) } else { None }));
+        touched.sort_unstable();
+        touched.dedup();
+        for r in touched {
+            if last.get(&r) == Some(&ki) && !out_roots.contains(&r) {
+                let buf = *assign.get(&r).ok_or("a value read before it is written")?;
+                free.push(buf);
+            }
+        }
+    }
+    if sizes.iter().any(|&s| s > max_bind) {
+        return Err(format!("an activation over the adapter's {max_bind}-byte binding limit"));
+    }
+    let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
+    let act_usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let buffers: Vec<wgpu::Buffer> =
+        sizes.iter().map(|&s| create_buffer(dev, "edgepack activation", s, act_usage, false)).collect();
+    let consts: Vec<wgpu::Buffer> = b
+        .consts
+        .iter()
+        .map(|c| {
+            let buf = create_buffer(dev, "edgepack weights", c.len() as u64 * 4, wgpu::BufferUsages::STORAGE, true);
+            if let Ok(mut view) = buf.slice(..).get_mapped_range_mut() {
+                let mut bytes: Vec<u8> = c.iter().flat_map(|v| v.to_le_bytes()).collect();
+                bytes.resize(view.len(), 0);
+                view.copy_from_slice(&bytes);
+            }
+            buf.unmap();
+            buf
+        })
+        .collect();
+    let mut kernels = Vec::new();
+    for k in &b.kernels {
+        let pipeline = {
+            let mut cache = pipelines().lock().map_err(|_| "pipeline cache poisoned")?;
+            match cache.get(&k.wgsl) {
+                Some(p) => p.clone(),
+                None => {
+                    let module = dev.create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(&k.op),
+                        source: wgpu::ShaderSource::Wgsl(k.wgsl.as_str().into()),
+                    });
+                    let p = Arc::new(dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                        label: Some(&k.op),
+                        layout: None,
+                        module: &module,
+                        entry_point: Some("main"),
+                        compilation_options: Default::default(),
+                        cache: None,
+                    }));
+                    cache.insert(k.wgsl.clone(), p.clone());
+                    p
+                }
+            }
+        };
+        let layout = pipeline.get_bind_group_layout(0);
+        let mut entries =
+            vec![wgpu::BindGroupEntry { binding: 0, resource: buffers[assign[&k.out]].as_entire_binding() }];
+        for (i, bd) in k.binds.iter().enumerate() {
+            let buf = match bd {
+                Bind::Act(r) => &buffers[*assign.get(r).ok_or("an unassigned value")?],
+                Bind::Const(c) => &consts[*c],
+            };
+            entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: buf.as_entire_binding() });
+        }
+        let group =
+            dev.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries });
+        let max = limits.max_compute_workgroups_per_dimension as u64;
+        let groups = match k.grid {
+            Grid::Flat(n) => {
+                let wgs = n.div_ceil(WG);
+                let x = wgs.min(max);
+                (x, wgs.div_ceil(x), 1)
+            }
+            Grid::Tiled(x, y, z) => (x.div_ceil(WG), y as u64, z as u64),
+        };
+        if groups.0 > max || groups.1 > max || groups.2 > max {
+            return Err("a kernel beyond the dispatch limits".into());
+        }
+        kernels.push(Kernel {
+            pipeline,
+            group,
+            groups: (groups.0 as u32, groups.1 as u32, groups.2 as u32),
+            label: k.label.clone(),
+            op: k.op.clone(),
+        });
+    }
+    if let Some(Some(e)) = ready(scope.pop()) {
+        // A kernel the adapter refused (its WGSL or limits): drop the cached pipelines of this program.
+        if let Ok(mut cache) = pipelines().lock() {
+            for k in &b.kernels {
+                cache.remove(&k.wgsl);
+            }
+        }
+        return Err(format!("the adapter refused a fused kernel: {e}"));
+    }
+    let mut up = 0u64;
+    let inputs = graph
+        .inputs
+        .iter()
+        .map(|x| {
+            x.map(|x| {
+                let n = bytes(x).unwrap_or(0);
+                let r = (assign[&b.root[&x]], up, n);
+                up += n.div_ceil(4) * 4;
+                r
+            })
+        })
+        .collect();
+    let mut down = 0u64;
+    let outputs = graph
+        .outputs
+        .iter()
+        .map(|o| match o {
+            Out::Host(t) => Ok(OutBuf::Host(t.clone())),
+            Out::Dev(x) => {
+                let r = *b.root.get(x).ok_or("an output never computed")?;
+                let shape = graph.shapes[x].clone();
+                let n = numel(&shape);
+                let ob = OutBuf::Dev(assign[&r], n, shape, down);
+                down += n as u64 * 4;
+                Ok(ob)
+            }
+        })
+        .collect::<R<Vec<_>>>()?;
+    let upload =
+        create_buffer(dev, "edgepack upload", up, wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC, true);
+    let readback = create_buffer(
+        dev,
+        "edgepack readback",
+        down,
+        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        false,
+    );
+    Ok(Program {
+        kernels,
+        buffers,
+        _consts: consts,
+        inputs,
+        outputs,
+        upload,
+        readback,
+        io: Mutex::new(Io { upload_mapped: true, last: RunCounters::default() }),
+    })
+}
+
+impl Program {
+    pub fn last_counters(&self) -> RunCounters {
+        self.io.lock().map(|g| g.last).unwrap_or_default()
+    }
+
+    /// Maps the upload and readback buffers after a submission and waits for both.
+    fn wait_maps(&self, gpu: &GpuDevice, read: bool) -> std::result::Result<(), String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx2 = tx.clone();
+        self.upload.slice(..).map_async(wgpu::MapMode::Write, move |r| {
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        });
+        let mut expect = 1;
+        if read {
+            self.readback.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx2.send(r.map_err(|e| e.to_string()));
+            });
+            expect += 1;
+        }
+        gpu.wgpu.poll(wgpu::PollType::Wait { submission_index: None, timeout: None }).map_err(|e| e.to_string())?;
+        for _ in 0..expect {
+            rx.recv().map_err(|e| e.to_string())??;
+        }
+        Ok(())
+    }
+
+    /// One run: inputs (per graph input, `None` for host-kept ones) → outputs. With `timeline`, each kernel is
+    /// submitted and waited for alone, and recorded under the nodes it covers.
+    pub fn run(
+        &self,
+        gpu: &GpuDevice,
+        inputs: &[Option<&Tensor>],
+        timeline: Option<&mut Timeline>,
+    ) -> std::result::Result<Vec<Tensor>, String> {
+        let mut io = self.io.lock().map_err(|_| "fused program lock poisoned")?;
+        let before = ALLOC_BYTES.load(Ordering::Relaxed);
+        if !io.upload_mapped {
+            self.wait_maps(gpu, false)?;
+            io.upload_mapped = true;
+        }
+        {
+            let mut view = self.upload.slice(..).get_mapped_range_mut().map_err(|e| e.to_string())?;
+            for (spec, t) in self.inputs.iter().zip(inputs) {
+                if let (Some((_, off, n)), Some(t)) = (spec, t) {
+                    let v = t.to_f32_vec();
+                    if v.len() as u64 * 4 != *n {
+                        return Err(format!("input of {} values, the plan expects {}", v.len(), n / 4));
+                    }
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    view.slice(*off as usize..(*off + *n) as usize).copy_from_slice(&bytes);
+                }
+            }
+        }
+        self.upload.unmap();
+        io.upload_mapped = false;
+        let dev = &gpu.wgpu;
+        let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("edgepack run") });
+        for (b, off, n) in self.inputs.iter().flatten() {
+            if *n > 0 {
+                enc.copy_buffer_to_buffer(&self.upload, *off, &self.buffers[*b], 0, *n);
+            }
+        }
+        let mut submissions = 0;
+        let record = |enc: &mut wgpu::CommandEncoder, ks: &[Kernel]| {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            for k in ks {
+                pass.set_pipeline(&k.pipeline);
+                pass.set_bind_group(0, &k.group, &[]);
+                pass.dispatch_workgroups(k.groups.0, k.groups.1, k.groups.2);
+            }
+        };
+        if let Some(tl) = timeline {
+            gpu.queue.submit([enc.finish()]);
+            submissions += 1;
+            for k in &self.kernels {
+                let start = std::time::Instant::now();
+                let mut e = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+                record(&mut e, std::slice::from_ref(k));
+                gpu.queue.submit([e.finish()]);
+                submissions += 1;
+                dev.poll(wgpu::PollType::Wait { submission_index: None, timeout: None }).map_err(|e| e.to_string())?;
+                tl.record(&k.label, &k.op, start);
+            }
+            enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        } else {
+            record(&mut enc, &self.kernels);
+        }
+        for o in &self.outputs {
+            if let OutBuf::Dev(b, n, _, off) = o
+                && *n > 0
+            {
+                enc.copy_buffer_to_buffer(&self.buffers[*b], 0, &self.readback, *off, *n as u64 * 4);
+            }
+        }
+        gpu.queue.submit([enc.finish()]);
+        submissions += 1;
+        self.wait_maps(gpu, true)?;
+        io.upload_mapped = true;
+        let outs = {
+            let view = self.readback.slice(..).get_mapped_range().map_err(|e| e.to_string())?;
+            self.outputs
+                .iter()
+                .map(|o| match o {
+                    OutBuf::Host(t) => Ok(t.clone()),
+                    OutBuf::Dev(_, n, shape, off) => {
+                        let bytes = &view[*off as usize..*off as usize + n * 4];
+                        let v = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                        Tensor::from_f32(shape.clone(), v).map_err(|e| e.to_string())
+                    }
+                })
+                .collect::<R<Vec<_>>>()
+        };
+        self.readback.unmap();
+        io.last = RunCounters {
+            dispatches: self.kernels.len(),
+            submissions,
+            alloc_bytes: ALLOC_BYTES.load(Ordering::Relaxed) - before,
+        };
+        outs
+    }
+}
