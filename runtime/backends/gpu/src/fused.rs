@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use burn_wgpu::wgpu;
 use edgepack_backend::{RunCounters, Timeline};
-use edgepack_core::tensor::Tensor;
+use edgepack_core::tensor::{DType, Tensor};
 use edgepack_onnx::{NodeExt, NodeProto};
 
 use super::device::GpuDevice;
@@ -56,11 +56,23 @@ pub(crate) enum Out {
     Host(Tensor),
 }
 
+/// An int8 weight: its values minus the zero point, and its scale (one, or one per index of `axis`).
+pub(crate) struct QInfo {
+    pub ints: Vec<f32>,
+    pub scale: Vec<f32>,
+    pub axis: usize,
+}
+
 /// What a plan hands to [`compile`].
 pub(crate) struct Graph<'a> {
     pub steps: Vec<Step<'a>>,
-    /// The shape of every device value (all f32).
+    /// The shape of every device value.
     pub shapes: HashMap<usize, Vec<usize>>,
+    /// Its ONNX element type (integers and booleans ride as exact f32, as on the step-by-step path).
+    pub dtypes: HashMap<usize, DType>,
+    /// Weights given as DequantizeLinear of int8 initializers: (step, input) → the integers (zero point removed)
+    /// and the scales along `axis`.
+    pub qweights: HashMap<(usize, usize), QInfo>,
     /// Per graph input: its device slot, or `None` when the plan keeps it on the host.
     pub inputs: Vec<Option<usize>>,
     pub outputs: Vec<Out>,
@@ -81,7 +93,7 @@ enum Bind {
 
 /// The bindings of one kernel and their WGSL declarations.
 struct Binds {
-    list: Vec<(Bind, bool)>,
+    list: Vec<(Bind, &'static str)>,
     decl: String,
 }
 
@@ -90,17 +102,26 @@ impl Binds {
         Binds { list: Vec::new(), decl: "@group(0) @binding(0) var<storage, read_write> y: array<f32>;\n".into() }
     }
 
-    fn get(&mut self, b: Bind, vec4: bool) -> String {
-        if let Some(i) = self.list.iter().position(|&(x, v)| x == b && v == vec4) {
+    /// The binding of `b` read as `array<ty>` ("f32", "vec4<f32>", "u32": int8 weights packed four per word).
+    fn get(&mut self, b: Bind, ty: &'static str) -> String {
+        if let Some(i) = self.list.iter().position(|&(x, t)| x == b && t == ty) {
             return format!("b{}", i + 1);
         }
-        self.list.push((b, vec4));
+        self.list.push((b, ty));
         let i = self.list.len();
-        let ty = if vec4 { "vec4<f32>" } else { "f32" };
         let _ = writeln!(self.decl, "@group(0) @binding({i}) var<storage, read> b{i}: array<{ty}>;");
         format!("b{i}")
     }
 }
+
+const V4: &str = "vec4<f32>";
+const F1: &str = "f32";
+
+/// WGSL helpers every kernel may call: int8 weights packed four per u32 word (x in the low byte), unpacked by
+/// sign-extending shifts.
+const HELPERS: &str = "fn i8x4(w: u32) -> vec4<f32> {\n  return vec4<f32>(vec4<i32>(bitcast<i32>(w << 24u), \
+bitcast<i32>(w << 16u), bitcast<i32>(w << 8u), bitcast<i32>(w)) >> vec4<u32>(24u));\n}\n\
+fn i8at(w: u32, k: u32) -> f32 {\n  return f32(bitcast<i32>(w << (24u - 8u * k)) >> 24u);\n}\n";
 
 /// A WGSL f32 literal, exact (infinities included).
 fn lit(v: f32) -> String {
@@ -121,6 +142,8 @@ enum EpiOp {
     Unary(String),
     /// `a = a op x` (or `x op a` when `swapped`).
     Bin { op: &'static str, x: Operand, swapped: bool },
+    /// `a = table[a]` (a Gather from a constant 1-D table: QLinearAdd's lookup on an f32 device).
+    Lookup(Arc<Tensor>),
 }
 
 /// One kernel, before buffers exist.
@@ -153,6 +176,15 @@ fn pointwise_tile() -> (usize, usize) {
         .unwrap_or((2, 2))
 }
 
+/// A load through a dequantization (zero point, scale), when there is one.
+fn transform(e: String, f: Option<(f32, f32)>) -> String {
+    match f {
+        None => e,
+        Some((z, 1.0)) => format!("({e} - {})", lit(z)),
+        Some((z, s)) => format!("(({e} - {}) * {})", lit(z), lit(s)),
+    }
+}
+
 fn numel(s: &[usize]) -> usize {
     s.iter().product()
 }
@@ -180,6 +212,31 @@ fn unary_stmt(node: &NodeProto, opset: i64, ins: &[Option<In>]) -> Option<String
         "HardSwish" => format!("a = a * clamp({} * a + 0.5, 0.0, 1.0);", lit(1.0 / 6.0)),
         "Elu" => format!("a = select({} * (exp(a) - 1.0), a, a >= 0.0);", lit(f("alpha", 1.0))),
         "Softplus" => "a = select(log(1.0 + exp(a)), a, a > 20.0);".into(),
+        "QuantizeLinear" | "DequantizeLinear" => {
+            let param = |i: usize| match ins.get(i) {
+                None | Some(None) => Some(0.0),
+                Some(Some(In::Host(t))) if t.len() == 1 => Some(t.to_f32_vec()[0]),
+                _ => None,
+            };
+            let (scale, zero) = (param(1)?, param(2)?);
+            if node.op() == "DequantizeLinear" {
+                return Some(format!("a = (a - {}) * {};", lit(zero), lit(scale)));
+            }
+            let out_dt = match ins.get(2) {
+                Some(Some(In::Host(z))) => Some(z.dtype()),
+                _ => node.attr_i("output_dtype").and_then(|c| DType::from_onnx_code(c as i32)),
+            };
+            let (lo, hi) = match out_dt {
+                Some(DType::I8) => (-128.0, 127.0),
+                Some(DType::U8) | None => (0.0, 255.0),
+                Some(DType::I16) => (-32768.0, 32767.0),
+                Some(DType::U16) => (0.0, 65535.0),
+                Some(_) => return None,
+            };
+            // Division, not a multiplication by the reciprocal; ties to even (WGSL `round`), as the step path.
+            let q = if scale == 1.0 { "round(a)".to_string() } else { format!("round(a / {})", lit(scale)) };
+            format!("a = clamp({q} + {}, {}, {});", lit(zero), lit(lo), lit(hi))
+        }
         "Clip" => {
             let (lo, hi) = if opset < 11 {
                 (f("min", f32::MIN), f("max", f32::MAX))
@@ -225,6 +282,13 @@ struct Builder<'g, 'a> {
     placed: HashSet<usize>,
     consts: Vec<Vec<f32>>,
     kernels: Vec<KDesc>,
+    /// Casts that do not change a value (integers and booleans to anything, floats to floats): output → input.
+    same: HashMap<usize, usize>,
+    /// Constants stored packed as int8 (indices into `consts`).
+    packed: HashSet<usize>,
+    /// DequantizeLinear outputs read only as the data input of Conv/Gemm/MatMul: computed in their loads,
+    /// never stored. Output → (input, zero point, scale).
+    virt: HashMap<usize, (usize, f32, f32)>,
 }
 
 type R<T> = std::result::Result<T, String>;
@@ -241,7 +305,7 @@ impl<'g, 'a> Builder<'g, 'a> {
 
     fn dev_in(&self, s: usize, i: usize) -> R<usize> {
         match self.g.steps[s].ins.get(i) {
-            Some(Some(In::Dev(slot))) if self.root.contains_key(slot) => Ok(*slot),
+            Some(Some(In::Dev(slot))) if self.resolve(*slot).is_some() => Ok(self.resolve(*slot).unwrap_or(*slot)),
             _ => Err(format!("{} `{}`: input {i} is not a computed device value", self.op(s), self.name(s))),
         }
     }
@@ -265,9 +329,19 @@ impl<'g, 'a> Builder<'g, 'a> {
         self.g.steps[s].outs.first().copied().flatten().ok_or_else(|| format!("{} without output", self.op(s)))
     }
 
+    /// A device value through the casts that do not change it, when it is materialized.
+    fn resolve(&self, mut slot: usize) -> Option<usize> {
+        loop {
+            if self.root.contains_key(&slot) {
+                return Some(slot);
+            }
+            slot = *self.same.get(&slot)?;
+        }
+    }
+
     fn operand(&self, s: usize, i: usize) -> Option<Operand> {
         match self.g.steps[s].ins.get(i)? {
-            Some(In::Dev(slot)) if self.root.contains_key(slot) => Some(Operand::Dev(*slot)),
+            Some(In::Dev(slot)) => self.resolve(*slot).map(Operand::Dev),
             Some(In::Host(t)) if t.len() == 1 => Some(Operand::Scalar(t.to_f32_vec()[0])),
             Some(In::Host(t)) => Some(Operand::Const(Arc::new(t.clone()))),
             _ => None,
@@ -280,6 +354,79 @@ impl<'g, 'a> Builder<'g, 'a> {
             Operand::Const(t) => t.shape().to_vec(),
             Operand::Scalar(_) => vec![],
         })
+    }
+
+    /// A product's weights as values with per-output-channel scales: the integers of an int8 weight quantized
+    /// along `axis` (the output channels, `oc` of them) with their scales, else the values and no scale. `packed`
+    /// when every value is an integer in [-128, 127]: stored four per u32 word and unpacked in the loads.
+    fn weights(&self, s: usize, axis: usize, oc: usize, w: &Tensor) -> (Vec<f32>, Option<Vec<f32>>, bool) {
+        let int8 = |v: &[f32]| v.iter().all(|x| x.fract() == 0.0 && (-128.0..=127.0).contains(x));
+        if let Some(q) = self.g.qweights.get(&(s, 1))
+            && q.ints.len() == w.len()
+            && (q.scale.len() == 1 || q.axis == axis && q.scale.len() == oc)
+        {
+            let scale = if q.scale.len() == 1 { vec![q.scale[0]; oc] } else { q.scale.clone() };
+            let packed = int8(&q.ints);
+            return (q.ints.clone(), Some(scale), packed);
+        }
+        let v = w.to_f32_vec();
+        let packed = int8(&v);
+        (v, None, packed)
+    }
+
+    /// Constants: int8 values four per u32 word (as f32 bit patterns) when `packed`, else the floats.
+    fn konst_w(&mut self, v: Vec<f32>, packed: bool) -> Bind {
+        if !packed {
+            return self.konst(v);
+        }
+        let words = v
+            .chunks(4)
+            .map(|c| {
+                let mut w = 0u32;
+                for (k, x) in c.iter().enumerate() {
+                    w |= ((*x as i32 as i8) as u8 as u32) << (8 * k);
+                }
+                f32::from_bits(w)
+            })
+            .collect();
+        let b = self.konst(words);
+        if let Bind::Const(i) = b {
+            self.packed.insert(i);
+        }
+        b
+    }
+
+    /// The data input of a Conv/Gemm/MatMul: a materialized value, or the input of a DequantizeLinear computed
+    /// in the loads (zero point, scale).
+    fn data_input(&self, s: usize) -> R<(usize, Option<(f32, f32)>)> {
+        if let Some(Some(In::Dev(x))) = self.g.steps[s].ins.first()
+            && let Some(&(src, z, sc)) = self.virt.get(x)
+        {
+            let src = self.resolve(src).ok_or("a dequantized input not computed")?;
+            return Ok((src, Some((z, sc))));
+        }
+        Ok((self.dev_in(s, 0)?, None))
+    }
+
+    /// A Cast of `slot` as a statement: nothing when the value is unchanged, truncation for float → integer.
+    fn cast_stmt(&self, s: usize, slot: usize) -> Option<String> {
+        let to = DType::from_onnx_code(self.g.steps[s].node.attr_i("to")? as i32)?;
+        let from = *self.g.dtypes.get(&slot)?;
+        let float = |d: DType| matches!(d, DType::F32 | DType::F16 | DType::F64);
+        match (float(from), float(to), to) {
+            (false, _, _) | (true, true, _) => Some(String::new()),
+            (true, false, DType::Bool) => Some("a = select(0.0, 1.0, a != 0.0);".into()),
+            (true, false, _) => Some("a = trunc(a);".into()),
+        }
+    }
+
+    /// A Gather of a constant 1-D table by device indices (axis 0).
+    fn lookup_table(&self, s: usize) -> Option<Arc<Tensor>> {
+        if self.op(s) != "Gather" || self.g.steps[s].node.attr_i("axis").unwrap_or(0) != 0 {
+            return None;
+        }
+        let t = self.host_in(s, 0)?;
+        (t.shape().len() == 1 && !t.is_empty()).then(|| Arc::new(t.clone()))
     }
 
     /// Greedily absorbs the element-wise readers of `slot` into an epilogue: (ops, final value, covered steps).
@@ -319,12 +466,25 @@ impl<'g, 'a> Builder<'g, 'a> {
                 break;
             }
             let [r] = rs[..] else { break };
-            if self.done[r] || self.shape(self.out0(r)?)? != shape {
+            if self.done[r] || self.shape(self.out0(r)?)? != shape || self.virt.contains_key(&self.out0(r)?) {
                 break;
             }
             let ins = &self.g.steps[r].ins;
             let reads_slot = |i: usize| matches!(ins.get(i), Some(Some(In::Dev(x))) if *x == slot);
-            if let Some(stmt) = unary_stmt(self.g.steps[r].node, self.g.opset, ins) {
+            if self.op(r) == "Cast" {
+                if !reads_slot(0) {
+                    break;
+                }
+                match self.cast_stmt(r, slot) {
+                    Some(stmt) => epi.push(EpiOp::Unary(stmt)),
+                    None => break,
+                }
+            } else if let Some(t) = self.lookup_table(r) {
+                if !reads_slot(1) {
+                    break;
+                }
+                epi.push(EpiOp::Lookup(t));
+            } else if let Some(stmt) = unary_stmt(self.g.steps[r].node, self.g.opset, ins) {
                 if !reads_slot(0) {
                     break;
                 }
@@ -378,11 +538,11 @@ impl<'g, 'a> Builder<'g, 'a> {
             Operand::Dev(s) => {
                 let xs = self.shape(*s)?.to_vec();
                 let root = self.root[s];
-                format!("{}[{}]", binds.get(Bind::Act(root), false), Self::index_expr(&xs, out, i))
+                format!("{}[{}]", binds.get(Bind::Act(root), F1), Self::index_expr(&xs, out, i))
             }
             Operand::Const(t) => {
                 let b = self.konst(t.to_f32_vec());
-                format!("{}[{}]", binds.get(b, false), Self::index_expr(t.shape(), out, i))
+                format!("{}[{}]", binds.get(b, F1), Self::index_expr(t.shape(), out, i))
             }
         })
     }
@@ -393,6 +553,16 @@ impl<'g, 'a> Builder<'g, 'a> {
             match e {
                 EpiOp::Unary(s) => {
                     let _ = writeln!(code, "  {s}");
+                }
+                EpiOp::Lookup(t) => {
+                    let b = self.konst(t.to_f32_vec());
+                    let n = binds.get(b, F1);
+                    let len = t.len();
+                    let _ = writeln!(
+                        code,
+                        "  {{\n    let k = i32(round(a));\n    a = {n}[u32(clamp(select(k, k + {len}, k < 0), 0, {}))];\n  }}",
+                        len - 1
+                    );
                 }
                 EpiOp::Bin { op, x, swapped } => {
                     let xs = self.operand_shape(x)?;
@@ -431,7 +601,7 @@ impl<'g, 'a> Builder<'g, 'a> {
             Grid::Tiled(..) => "wid.x",
         };
         let wgsl = format!(
-            "{}\nfn epi(v: f32, idx: u32) -> f32 {{\n  var a = v;\n{epi}  return a;\n}}\n\n@compute @workgroup_size({WG})\n\
+            "{}\n{HELPERS}\nfn epi(v: f32, idx: u32) -> f32 {{\n  var a = v;\n{epi}  return a;\n}}\n\n@compute @workgroup_size({WG})\n\
              fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, \
              @builtin(local_invocation_index) li: u32) {{\n  let t0 = {first} * {WG}u + li;\n  let ok = t0 < {along_x}u;\n  \
              let t = min(t0, {}u);\n{body}}}\n",
@@ -459,7 +629,8 @@ impl<'g, 'a> Builder<'g, 'a> {
 
     fn conv(&mut self, s: usize) -> R<()> {
         let node = self.g.steps[s].node;
-        let x = self.dev_in(s, 0)?;
+        let (x, xf) = self.data_input(s)?;
+        let tx = move |e: String| transform(e, xf);
         let xs = self.shape(x)?.to_vec();
         let w = self.host_in(s, 1).ok_or("Conv weights computed on the device")?;
         let ws = w.shape().to_vec();
@@ -484,7 +655,9 @@ impl<'g, 'a> Builder<'g, 'a> {
         }
         let (oh, ow) = (os[2], os[3]);
         let ocg = oc / group;
-        let wv = w.to_f32_vec();
+        let (wv, wscale, packed) = self.weights(s, 0, oc, w);
+        let wty = if packed { "u32" } else { V4 };
+        let wload = |e: String| if packed { format!("i8x4({e})") } else { e };
         let bias = bias.unwrap_or_else(|| vec![0.0; oc]);
         let (epi, fin, covered) = self.extend(out)?;
         let (root, coff, ctot) = self.placement(fin, oc);
@@ -498,6 +671,8 @@ impl<'g, 'a> Builder<'g, 'a> {
             )
         };
         let (body, grid);
+        // A scaled product (int8 weights): the accumulator times the output channel's scale, then the bias.
+        let scaled = |acc: &str, sc: &str| if wscale.is_some() { format!("{acc} * {sc}") } else { acc.to_string() };
         let pointwise = kh == 1 && kw == 1 && stride == [1, 1] && dil == [1, 1] && group == 1;
         let pointwise = pointwise && pads.iter().all(|&(a, b)| a == 0 && b == 0);
         // Work is laid out so that what a workgroup shares is uniform across it (output channels, batch index:
@@ -516,19 +691,24 @@ impl<'g, 'a> Builder<'g, 'a> {
             }
             let mut bp = bias.clone();
             bp.resize(ocp, 0.0);
-            let (wb, bb) = (self.konst(wp), self.konst(bp));
-            let (wn, bn) = (binds.get(wb, true), binds.get(bb, true));
+            let (wb, bb) = (self.konst_w(wp, packed), self.konst(bp));
+            let (wn, bn) = (binds.get(wb, wty), binds.get(bb, V4));
+            let sn = wscale.clone().map(|mut sc| {
+                sc.resize(ocp, 0.0);
+                let b = self.konst(sc);
+                binds.get(b, V4)
+            });
             let pb = p.div_ceil(4 * pv);
             let aligned = p % 4 == 0;
             let last = n * ic * p - 1;
-            let xn = binds.get(Bind::Act(xb), aligned);
+            let xn = binds.get(Bind::Act(xb), if aligned { V4 } else { F1 });
             let load = |k: usize| {
-                if aligned {
+                tx(if aligned {
                     format!("{xn}[(xi + {})/ 4u]", 4 * k)
                 } else {
                     let e = |d: usize| format!("{xn}[min(xi + {}u, {last}u)]", 4 * k + d);
                     format!("vec4<f32>({}, {}, {}, {})", e(0), e(1), e(2), e(3))
-                }
+                })
             };
             let mut b = format!(
                 "  let p0 = (t % {pb}u) * {}u;\n  let r = t / {pb}u;\n  let ob = r % {ob}u;\n  let n = r / {ob}u;\n  \
@@ -549,7 +729,7 @@ impl<'g, 'a> Builder<'g, 'a> {
                 let _ = writeln!(b, "    let x{v} = {};", load(v));
             }
             for k in 0..ov {
-                let _ = writeln!(b, "    let w{k} = {wn}[wi{k}];\n    wi{k} = wi{k} + 1u;");
+                let _ = writeln!(b, "    let w{k} = {};\n    wi{k} = wi{k} + 1u;", wload(format!("{wn}[wi{k}]")));
             }
             for v in 0..pv {
                 for o in 0..4 * ov {
@@ -561,9 +741,10 @@ impl<'g, 'a> Builder<'g, 'a> {
             for o in 0..4 * ov {
                 let _ = writeln!(
                     b,
-                    "  {{\n    let o = ob * {}u + {o}u;\n    let bo = {bn}[o / 4u][{}];\n    if (o < {oc}u) {{",
+                    "  {{\n    let o = ob * {}u + {o}u;\n    let bo = {bn}[o / 4u][{}];\n    let so = {};\n    if (o < {oc}u) {{",
                     4 * ov,
-                    o % 4
+                    o % 4,
+                    sn.as_ref().map_or("1.0".to_string(), |sn| format!("{sn}[o / 4u][{}]", o % 4))
                 );
                 for v in 0..pv {
                     for q in 0..4 {
@@ -572,7 +753,8 @@ impl<'g, 'a> Builder<'g, 'a> {
                             if aligned && p % (4 * pv) == 0 { String::new() } else { format!("if ({pix} < {p}u) ") };
                         let _ = writeln!(
                             b,
-                            "      {guard}{{\n        let v = a{v}_{o}[{q}] + bo;\n        {}\n      }}",
+                            "      {guard}{{\n        let v = {} + bo;\n        {}\n      }}",
+                            scaled(&format!("a{v}_{o}[{q}]"), "so"),
                             store("o", &pix)
                         );
                     }
@@ -583,18 +765,27 @@ impl<'g, 'a> Builder<'g, 'a> {
             grid = Grid::Flat((pb * ob * n) as u64);
         } else if group == ic && group == oc && icg == 1 {
             // Depthwise: 4 output columns of one channel per invocation.
-            let (bb, wb) = (self.konst(bias.clone()), self.konst(wv));
-            let (bn, wn) = (binds.get(bb, false), binds.get(wb, false));
-            let xn = binds.get(Bind::Act(xb), false);
+            let (bb, wb) = (self.konst(bias.clone()), self.konst_w(wv, packed));
+            let (bn, wn) = (binds.get(bb, F1), binds.get(wb, if packed { "u32" } else { F1 }));
+            let sn = wscale.clone().map(|sc| {
+                let b = self.konst(sc);
+                binds.get(b, F1)
+            });
+            let xn = binds.get(Bind::Act(xb), F1);
+            let sz = sn.as_ref().map_or("1.0".to_string(), |sn| format!("{sn}[c]"));
             let owb = ow.div_ceil(4);
+            let widx =
+                "(c * {kh}u + kh) * {kw}u + kw".replace("{kh}", &kh.to_string()).replace("{kw}", &kw.to_string());
+            let wexpr =
+                if packed { format!("i8at({wn}[({widx}) / 4u], ({widx}) % 4u)") } else { format!("{wn}[{widx}]") };
             let mut b = format!(
                 "  let owb = t % {owb}u;\n  var r = t / {owb}u;\n  let oh = r % {oh}u;\n  r = r / {oh}u;\n  let c = r % {oc}u;\n  \
                  let n = r / {oc}u;\n  let ow0 = owb * 4u;\n  \
-                 let bz = {bn}[c];\n  var a0 = bz;\n  var a1 = bz;\n  var a2 = bz;\n  var a3 = bz;\n  let xc = (n * {ic}u + c) * {}u;\n  \
+                 let bz = {bn}[c];\n  let sz = {sz};\n  var a0 = 0.0;\n  var a1 = 0.0;\n  var a2 = 0.0;\n  var a3 = 0.0;\n  let xc = (n * {ic}u + c) * {}u;\n  \
                  let ih0 = i32(oh * {}u) - {};\n  let iw0 = i32(ow0 * {}u) - {};\n  \
                  for (var kh = 0u; kh < {kh}u; kh = kh + 1u) {{\n    let ih = ih0 + i32(kh * {}u);\n    \
                  if (ih < 0 || ih >= {h}) {{ continue; }}\n    let xr = xc + u32(ih) * {wd}u;\n    \
-                 for (var kw = 0u; kw < {kw}u; kw = kw + 1u) {{\n      let wv = {wn}[(c * {kh}u + kh) * {kw}u + kw];\n",
+                 for (var kw = 0u; kw < {kw}u; kw = kw + 1u) {{\n      let wv = {wexpr};\n",
                 h * wd,
                 stride[0],
                 pads[0].0,
@@ -606,17 +797,18 @@ impl<'g, 'a> Builder<'g, 'a> {
                 let _ = writeln!(
                     b,
                     "      let iq{q} = iw0 + i32({}u + kw * {}u);\n      \
-                     a{q} = fma(select(0.0, {xn}[xr + u32(clamp(iq{q}, 0, {}))], iq{q} >= 0 && iq{q} < {wd}), wv, a{q});",
+                     a{q} = fma(select(0.0, {}, iq{q} >= 0 && iq{q} < {wd}), wv, a{q});",
                     q * stride[1],
                     dil[1],
-                    wd - 1
+                    tx(format!("{xn}[xr + u32(clamp(iq{q}, 0, {}))]", wd - 1))
                 );
             }
             b.push_str("    }\n  }\n");
             for q in 0..4 {
                 let _ = writeln!(
                     b,
-                    "  if (ow0 + {q}u < {ow}u) {{\n    let v = a{q};\n    {}\n  }}",
+                    "  if (ow0 + {q}u < {ow}u) {{\n    let v = {} + bz;\n    {}\n  }}",
+                    scaled(&format!("a{q}"), "sz"),
                     store("c", &format!("oh * {ow}u + ow0 + {q}u"))
                 );
             }
@@ -644,9 +836,20 @@ impl<'g, 'a> Builder<'g, 'a> {
             for g in 0..group {
                 bp[g * obg * 4..g * obg * 4 + ocg].copy_from_slice(&bias[g * ocg..(g + 1) * ocg]);
             }
-            let (wb, bb) = (self.konst(wp), self.konst(bp));
-            let (wn, bn) = (binds.get(wb, true), binds.get(bb, true));
-            let xn = binds.get(Bind::Act(xb), false);
+            let sp = wscale.clone().map(|sc| {
+                let mut sp = vec![0.0f32; group * obg * 4];
+                for g in 0..group {
+                    sp[g * obg * 4..g * obg * 4 + ocg].copy_from_slice(&sc[g * ocg..(g + 1) * ocg]);
+                }
+                sp
+            });
+            let (wb, bb) = (self.konst_w(wp, packed), self.konst(bp));
+            let (wn, bn) = (binds.get(wb, wty), binds.get(bb, V4));
+            let sn = sp.map(|sp| {
+                let b = self.konst(sp);
+                binds.get(b, V4)
+            });
+            let xn = binds.get(Bind::Act(xb), F1);
             let owb = ow.div_ceil(4);
             let gobg = group * obg;
             let mut b = format!(
@@ -657,7 +860,7 @@ impl<'g, 'a> Builder<'g, 'a> {
                  for (var i = 0u; i < {icg}u; i = i + 1u) {{\n    let xc = (n * {ic}u + g * {icg}u + i) * {}u;\n    \
                  for (var kh = 0u; kh < {kh}u; kh = kh + 1u) {{\n      let ih = ih0 + i32(kh * {}u);\n      \
                  let inside = ih >= 0 && ih < {h};\n      let xr = xc + u32(clamp(ih, 0, {})) * {wd}u;\n      \
-                 for (var kw = 0u; kw < {kw}u; kw = kw + 1u) {{\n        let wv = {wn}[wi];\n        wi = wi + 1u;\n",
+                 for (var kw = 0u; kw < {kw}u; kw = kw + 1u) {{\n        let wv = {};\n        wi = wi + 1u;\n",
                 stride[0],
                 pads[0].0,
                 stride[1],
@@ -665,19 +868,21 @@ impl<'g, 'a> Builder<'g, 'a> {
                 icg * kh * kw,
                 h * wd,
                 dil[0],
-                h - 1
+                h - 1,
+                wload(format!("{wn}[wi]"))
             );
             for q in 0..4 {
                 let _ = writeln!(
                     b,
                     "        let iq{q} = iw0 + i32({}u + kw * {}u);\n        \
-                     a{q} = fma(vec4<f32>(select(0.0, {xn}[xr + u32(clamp(iq{q}, 0, {}))], inside && iq{q} >= 0 && iq{q} < {wd})), wv, a{q});",
+                     a{q} = fma(vec4<f32>(select(0.0, {}, inside && iq{q} >= 0 && iq{q} < {wd})), wv, a{q});",
                     q * stride[1],
                     dil[1],
-                    wd - 1
+                    tx(format!("{xn}[xr + u32(clamp(iq{q}, 0, {}))]", wd - 1))
                 );
             }
-            let _ = writeln!(b, "      }}\n    }}\n  }}\n  let bv = {bn}[gb];");
+            let sv = sn.as_ref().map_or("vec4<f32>(1.0)".to_string(), |sn| format!("{sn}[gb]"));
+            let _ = writeln!(b, "      }}\n    }}\n  }}\n  let bv = {bn}[gb];\n  let sv = {sv};");
             for j in 0..4 {
                 let c = ["x", "y", "z", "w"][j];
                 let _ = writeln!(
@@ -687,7 +892,8 @@ impl<'g, 'a> Builder<'g, 'a> {
                 for q in 0..4 {
                     let _ = writeln!(
                         b,
-                        "    if (ow0 + {q}u < {ow}u) {{\n      let v = a{q}.{c} + bv.{c};\n      {}\n    }}",
+                        "    if (ow0 + {q}u < {ow}u) {{\n      let v = {} + bv.{c};\n      {}\n    }}",
+                        scaled(&format!("a{q}.{c}"), &format!("sv.{c}")),
                         store(&format!("c{j}"), &format!("oh * {ow}u + ow0 + {q}u"))
                     );
                 }
@@ -705,7 +911,7 @@ impl<'g, 'a> Builder<'g, 'a> {
     /// Gemm / MatMul with a constant right-hand side: `y[m, n] = Σ a[m, k] · w[k, n]` (+ bias in the epilogue).
     fn gemm(&mut self, s: usize) -> R<()> {
         let node = self.g.steps[s].node;
-        let a = self.dev_in(s, 0)?;
+        let (a, af) = self.data_input(s)?;
         let as_ = self.shape(a)?.to_vec();
         let w = self.host_in(s, 1).ok_or("a matrix product of two device values")?;
         let ws = w.shape().to_vec();
@@ -721,12 +927,20 @@ impl<'g, 'a> Builder<'g, 'a> {
         let m = numel(&as_) / kk;
         let alpha = if gemm { node.attr_f("alpha").unwrap_or(1.0) } else { 1.0 };
         let beta = if gemm { node.attr_f("beta").unwrap_or(1.0) } else { 1.0 };
-        let wv = w.to_f32_vec();
+        let (wv, mut wscale, packed) = self.weights(s, if trans_b { 0 } else { 1 }, nn, w);
+        let alpha_w = if packed {
+            if alpha != 1.0 {
+                wscale = Some(wscale.unwrap_or_else(|| vec![1.0; nn]).into_iter().map(|v| v * alpha).collect());
+            }
+            1.0
+        } else {
+            alpha
+        };
         let nb = nn.div_ceil(4);
         let mut wp = vec![0.0f32; kk * nb * 4];
         for k in 0..kk {
             for j in 0..nn {
-                wp[k * nb * 4 + j] = alpha * if trans_b { wv[j * kk + k] } else { wv[k * nn + j] };
+                wp[k * nb * 4 + j] = alpha_w * if trans_b { wv[j * kk + k] } else { wv[k * nn + j] };
             }
         }
         let out = self.out0(s)?;
@@ -743,13 +957,23 @@ impl<'g, 'a> Builder<'g, 'a> {
         head.append(&mut epi);
         self.root.insert(fin, fin);
         let mut binds = Binds::new();
-        let wb = self.konst(wp);
-        let wn = binds.get(wb, true);
-        let an = binds.get(Bind::Act(self.root[&a]), false);
+        let wb = self.konst_w(wp, packed);
+        let wn = binds.get(wb, if packed { "u32" } else { V4 });
+        let wl = if packed { format!("i8x4({wn}[wi])") } else { format!("{wn}[wi]") };
+        let an = binds.get(Bind::Act(self.root[&a]), F1);
+        let ax = transform(format!("{an}[ai]"), af);
+        let scale = match wscale {
+            Some(mut sc) => {
+                sc.resize(nb * 4, 0.0);
+                let b = self.konst(sc);
+                format!("  acc = acc * {}[nb];\n", binds.get(b, V4))
+            }
+            None => String::new(),
+        };
         let mut body = format!(
             "  let nb = t;\n  let m = wid.y;\n  var acc = vec4<f32>(0.0);\n  var ai = m * {kk}u;\n  \
-             var wi = nb;\n  for (var k = 0u; k < {kk}u; k = k + 1u) {{\n    acc = fma(vec4<f32>({an}[ai]), {wn}[wi], acc);\n    \
-             ai = ai + 1u;\n    wi = wi + {nb}u;\n  }}\n"
+             var wi = nb;\n  for (var k = 0u; k < {kk}u; k = k + 1u) {{\n    acc = fma(vec4<f32>({ax}), {wl}, acc);\n    \
+             ai = ai + 1u;\n    wi = wi + {nb}u;\n  }}\n{scale}"
         );
         for j in 0..4 {
             let _ = writeln!(
@@ -790,7 +1014,7 @@ impl<'g, 'a> Builder<'g, 'a> {
         let (epi, fin, covered) = self.extend(out)?;
         self.root.insert(fin, fin);
         let mut binds = Binds::new();
-        let xn = binds.get(Bind::Act(self.root[&x]), false);
+        let xn = binds.get(Bind::Act(self.root[&x]), F1);
         let init = if max { lit(f32::NEG_INFINITY) } else { "0.0".into() };
         let body = if global {
             let fin = if max { "m".to_string() } else { format!("m / {}", lit((h * w) as f32)) };
@@ -864,7 +1088,7 @@ impl<'g, 'a> Builder<'g, 'a> {
         let (epi, fin, covered) = self.extend(out)?;
         self.root.insert(fin, fin);
         let mut binds = Binds::new();
-        let xn = binds.get(Bind::Act(self.root[&x]), false);
+        let xn = binds.get(Bind::Act(self.root[&x]), F1);
         let value = if self.op(s) == "LogSoftmax" { "v - mx - log(sm)" } else { "exp(v - mx) / sm" };
         let body = format!(
             "  let base = t * {cols}u;\n  var mx = {};\n  for (var i = 0u; i < {cols}u; i = i + 1u) {{ mx = max(mx, {xn}[base + i]); }}\n  \
@@ -884,9 +1108,15 @@ impl<'g, 'a> Builder<'g, 'a> {
         let node = self.g.steps[s].node;
         let out = self.out0(s)?;
         let os = self.shape(out)?.to_vec();
-        let first = self.operand(s, 0).ok_or("element-wise input not computed")?;
         let mut head = Vec::new();
-        if let Some(stmt) = unary_stmt(node, self.g.opset, &self.g.steps[s].ins) {
+        let table = self.lookup_table(s);
+        let first = self.operand(s, if table.is_some() { 1 } else { 0 }).ok_or("element-wise input not computed")?;
+        if let Some(t) = table {
+            head.push(EpiOp::Lookup(t));
+        } else if self.op(s) == "Cast" {
+            let Operand::Dev(x) = first else { return Err("a Cast of a constant".into()) };
+            head.push(EpiOp::Unary(self.cast_stmt(s, x).ok_or("Cast types")?));
+        } else if let Some(stmt) = unary_stmt(node, self.g.opset, &self.g.steps[s].ins) {
             head.push(EpiOp::Unary(stmt));
         } else if let Some(op) = binary_op(self.op(s)) {
             let n = self.g.steps[s].ins.len();
@@ -949,14 +1179,14 @@ impl<'g, 'a> Builder<'g, 'a> {
                 let x = self.operand(s, i).ok_or("Concat input not computed")?;
                 let mut binds = Binds::new();
                 let src = match &x {
-                    Operand::Dev(x) => binds.get(Bind::Act(self.root[x]), false),
+                    Operand::Dev(x) => binds.get(Bind::Act(self.root[x]), F1),
                     Operand::Const(t) => {
                         let b = self.konst(t.to_f32_vec());
-                        binds.get(b, false)
+                        binds.get(b, F1)
                     }
                     Operand::Scalar(v) => {
                         let b = self.konst(vec![*v]);
-                        binds.get(b, false)
+                        binds.get(b, F1)
                     }
                 };
                 let body = format!(
@@ -1017,9 +1247,40 @@ impl<'g, 'a> Builder<'g, 'a> {
                 off += c;
             }
         }
+        // Casts that keep the value, and dequantizations folded into the loads of the products reading them.
+        for (si, st) in g.steps.iter().enumerate() {
+            let (Some(Some(In::Dev(x))), Some(Some(out))) = (st.ins.first(), st.outs.first()) else { continue };
+            if st.node.op() == "Cast" && self.cast_stmt(si, *x).is_some_and(|c| c.is_empty()) {
+                self.same.insert(*out, *x);
+            }
+            if st.node.op() == "DequantizeLinear" && !self.outputs.contains(out) {
+                let param = |i: usize| match st.ins.get(i) {
+                    None | Some(None) => Some(0.0),
+                    Some(Some(In::Host(t))) if t.len() == 1 => Some(t.to_f32_vec()[0]),
+                    _ => None,
+                };
+                let readers = self.readers.get(out).cloned().unwrap_or_default();
+                let products = !readers.is_empty()
+                    && readers.iter().all(|&r| {
+                        let rs = &g.steps[r];
+                        matches!(rs.node.op(), "Conv" | "Gemm" | "MatMul")
+                            && matches!(rs.ins.first(), Some(Some(In::Dev(v))) if v == out)
+                            && !rs.ins.iter().skip(1).any(|i| matches!(i, Some(In::Dev(v)) if v == out))
+                    });
+                if let (true, Some(z), Some(sc)) = (products, param(2), param(1)) {
+                    self.virt.insert(*out, (*x, z, sc));
+                }
+            }
+        }
         self.done = vec![false; g.steps.len()];
         for s in 0..g.steps.len() {
             if self.done[s] {
+                continue;
+            }
+            if let Some(Some(out)) = self.g.steps[s].outs.first()
+                && self.virt.contains_key(out)
+            {
+                self.done[s] = true;
                 continue;
             }
             self.done[s] = true;
@@ -1048,6 +1309,11 @@ impl<'g, 'a> Builder<'g, 'a> {
                 }
                 "Softmax" | "LogSoftmax" => self.softmax(s)?,
                 "Concat" => self.concat(s)?,
+                "Cast" if self.dev_in(s, 0).is_ok() && self.same.contains_key(&self.out0(s)?) => {
+                    let x = self.dev_in(s, 0)?;
+                    let r = self.root[&x];
+                    self.root.insert(self.out0(s)?, r);
+                }
                 _ => self.elementwise(s)?,
             }
         }
@@ -1089,6 +1355,8 @@ pub(crate) struct Program {
     upload: wgpu::Buffer,
     readback: wgpu::Buffer,
     io: Mutex<Io>,
+    /// Bytes of constants resident on the device: (as f32, as packed int8).
+    pub const_bytes: (usize, usize),
 }
 
 fn create_buffer(dev: &wgpu::Device, label: &str, size: u64, usage: wgpu::BufferUsages, mapped: bool) -> wgpu::Buffer {
@@ -1124,6 +1392,9 @@ pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
         placed: HashSet::new(),
         consts: Vec::new(),
         kernels: Vec::new(),
+        same: HashMap::new(),
+        virt: HashMap::new(),
+        packed: HashSet::new(),
     }
     .build()?;
     if std::env::var_os("EDGEPACK_GPU_DUMP").is_some() {
@@ -1286,6 +1557,14 @@ pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
         }
         return Err(format!("the adapter refused a fused kernel: {e}"));
     }
+    let mut const_bytes = (0, 0);
+    for (i, c) in b.consts.iter().enumerate() {
+        if b.packed.contains(&i) {
+            const_bytes.1 += c.len() * 4;
+        } else {
+            const_bytes.0 += c.len() * 4;
+        }
+    }
     let mut up = 0u64;
     let inputs = graph
         .inputs
@@ -1333,6 +1612,7 @@ pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
         upload,
         readback,
         io: Mutex::new(Io { upload_mapped: true, last: RunCounters::default() }),
+        const_bytes,
     })
 }
 

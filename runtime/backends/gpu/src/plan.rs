@@ -42,6 +42,31 @@ pub(crate) struct QWeight {
     pub host_inputs: Vec<Option<Tensor>>,
 }
 
+impl QWeight {
+    /// The weight's integers (zero point removed) and scales, from the DequantizeLinear's host inputs.
+    pub fn host_info(&self) -> Option<fused::QInfo> {
+        let x = self.host_inputs.first()?.as_ref()?;
+        let scale = self.host_inputs.get(1)?.as_ref()?.to_f32_vec();
+        let zp: Vec<f32> = match self.host_inputs.get(2) {
+            Some(Some(z)) => z.to_f32_vec(),
+            _ => vec![0.0],
+        };
+        let rank = x.shape().len() as i64;
+        let axis = self.node.attr_i("axis").unwrap_or(1);
+        let axis = if axis < 0 { axis + rank } else { axis };
+        let axis = usize::try_from(axis).ok().filter(|&a| a < x.shape().len())?;
+        let inner: usize = x.shape()[axis + 1..].iter().product::<usize>().max(1);
+        let dim = x.shape()[axis];
+        let ints = x
+            .to_f32_vec()
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| v - if zp.len() == 1 { zp[0] } else { zp[(i / inner) % dim] })
+            .collect();
+        Some(fused::QInfo { ints, scale, axis })
+    }
+}
+
 /// A device value: the burn float tensor (compute precision) and the ONNX element type and shape it stands for
 /// (integers and booleans are carried as exact floats; a rank-0 value is a `[1]` tensor).
 #[derive(Clone)]
@@ -158,6 +183,8 @@ struct Plan {
     frees: Vec<Vec<usize>>,
     /// The steps compiled to fused kernels with a memory plan (see `fused`), when they all could be.
     fused: Option<fused::Program>,
+    /// The ONNX type of each output.
+    out_dtypes: Vec<DType>,
 }
 
 pub struct GpuBackend {
@@ -540,7 +567,13 @@ impl GpuBackend {
             }
         }
         let (fused, fused_why) = match self.compile_fused(&steps, &env, host_inputs) {
-            Ok(p) => (Some(p), None),
+            Ok(p) => {
+                // What a run uses: the program's constants (int8 weights packed four per word).
+                if let Ok(mut g) = self.weight_bytes.lock() {
+                    *g = p.const_bytes;
+                }
+                (Some(p), None)
+            }
             Err(why) => {
                 if std::env::var_os("EDGEPACK_GPU_DUMP").is_some() {
                     eprintln!("// not fused: {why}");
@@ -551,7 +584,8 @@ impl GpuBackend {
         if let Ok(mut g) = self.fused_why.lock() {
             g.clone_from(&fused_why);
         }
-        Ok(Plan { consts, steps, frees, fused })
+        let out_dtypes = self.outputs.iter().map(|&s| env[s].as_ref().map_or(DType::F32, Val::dtype)).collect();
+        Ok(Plan { consts, steps, frees, fused, out_dtypes })
     }
 
     /// The plan's steps as one fused program (f32; `EDGEPACK_GPU_FUSED=0` turns it off), or why not.
@@ -568,13 +602,14 @@ impl GpuBackend {
             return Err("turned off by EDGEPACK_GPU_FUSED=0".into());
         }
         let mut shapes = HashMap::new();
+        let mut dtypes = HashMap::new();
         let mut dev_slot = |s: usize| -> std::result::Result<(), String> {
             match &env[s] {
-                Some(Val::Dev(d)) if d.dt == DType::F32 => {
+                Some(Val::Dev(d)) => {
                     shapes.insert(s, d.shape.clone());
+                    dtypes.insert(s, d.dt);
                     Ok(())
                 }
-                Some(Val::Dev(d)) => Err(format!("a {:?} value on the device", d.dt)),
                 _ => Err("a value neither on the host nor on the device".into()),
             }
         };
@@ -597,7 +632,15 @@ impl GpuBackend {
             .chain(self.outputs.iter().copied())
             .collect();
         let mut fsteps = Vec::with_capacity(steps.len());
-        for &ni in steps {
+        let mut qweights = HashMap::new();
+        for (si, &ni) in steps.iter().enumerate() {
+            for (i, s) in self.node_ins[ni].iter().enumerate() {
+                if let Some(Some(Val::Q(q))) = s.map(|s| &env[s])
+                    && let Some(info) = q.host_info()
+                {
+                    qweights.insert((si, i), info);
+                }
+            }
             let mut ins = Vec::new();
             for s in &self.node_ins[ni] {
                 ins.push(match s.and_then(|s| env[s].as_ref().map(|v| (s, v))) {
@@ -636,7 +679,7 @@ impl GpuBackend {
                 None => return Err("an output never computed".into()),
             });
         }
-        let graph = fused::Graph { steps: fsteps, shapes, inputs, outputs, opset: self.opset };
+        let graph = fused::Graph { steps: fsteps, shapes, dtypes, qweights, inputs, outputs, opset: self.opset };
         let program = fused::compile(&graph, self.gpu)?;
         // Warm-up: the first run of the program (pipelines are compiled already; this faults the buffers in).
         let zeros: Vec<Option<Tensor>> = self
@@ -669,6 +712,12 @@ impl GpuBackend {
         };
         let refs: Vec<Option<&Tensor>> = inputs.iter().zip(&host).map(|(t, h)| h.is_none().then_some(t)).collect();
         let outs = p.run(self.gpu, &refs, timing).map_err(gpu_err)?;
+        // Integer and boolean outputs ride as exact floats: back to their ONNX types.
+        let outs = outs
+            .into_iter()
+            .zip(&plan.out_dtypes)
+            .map(|(t, &dt)| if t.dtype() == dt { t } else { round_to(t, dt) })
+            .collect();
         if let Ok(mut g) = self.counters.lock() {
             *g = Some(p.last_counters());
         }
