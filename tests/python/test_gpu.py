@@ -90,6 +90,24 @@ def test_shared_models_match_cpu(gpu, shared, fname):
         print(f"{fname} {o['name']}: cosine vs cpu {o['cosine']:.7f}, max |diff| {o['max_abs_diff']:.3g}")
 
 
+def test_bench_reports_device_counters(gpu, shared):
+    """Issue 28: `bench --json` on the GPU reports what a steady-state run does on the device; EfficientNet-Lite0
+    and SqueezeNet run as fused programs: at most 60 dispatches, one submission, no device memory allocated. The
+    step-by-step path (EDGEPACK_GPU_FUSED=0) is not counted and says so with nulls."""
+    models = [os.path.join(ROOT, "assets", "models", "efficientnet_lite0_fp32.onnx"),
+              os.path.join(shared, "models", "squeezenet1.0_fp32.onnx")]
+    for model in models:
+        out = json.loads(ep("bench", model, "--device", "gpu", "--runs", "3", "--warmup", "1", "--json").stdout)
+        counters = {k: out[k] for k in ("gpu_dispatches_per_run", "gpu_submissions_per_run", "gpu_alloc_bytes_per_run")}
+        print(f"\n{os.path.basename(model)} on {gpu['name']}: {counters}, p50 {out['p50_ms']:.1f} ms")
+        assert 0 < counters["gpu_dispatches_per_run"] <= 60, counters
+        assert counters["gpu_submissions_per_run"] == 1, counters
+        assert counters["gpu_alloc_bytes_per_run"] == 0, counters
+    out = json.loads(ep("bench", models[0], "--device", "gpu", "--runs", "1", "--warmup", "0", "--json",
+                        env={"EDGEPACK_GPU_FUSED": "0"}).stdout)
+    assert out["gpu_dispatches_per_run"] is None and out["gpu_alloc_bytes_per_run"] is None, out
+
+
 def test_cli_device_flag(gpu, tmp_path):
     model = os.path.join(ROOT, "assets", "models", "mnist_cntk_opset8_simplified.onnx")
     x = tmp_path / "x.npy"

@@ -18,7 +18,6 @@
 //! is not compiled: the step-by-step burn interpreter runs it, as before.
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use burn_wgpu::wgpu;
@@ -29,8 +28,15 @@ use edgepack_onnx::{NodeExt, NodeProto};
 use super::device::GpuDevice;
 use super::ops::{conv_pads, ints_or};
 
-/// Bytes of every buffer this module created (load and run alike): a run's allocation is the difference.
-static ALLOC_BYTES: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    /// Bytes of the buffers this module created on this thread (load and run alike): a run's allocation is the
+    /// difference over the run (per thread, so that plans compiled by other sessions at the same time do not count).
+    static ALLOC_BYTES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn allocated() -> u64 {
+    ALLOC_BYTES.with(|c| c.get())
+}
 
 /// Invocations per workgroup of every kernel.
 const WG: u64 = 64;
@@ -183,6 +189,11 @@ fn transform(e: String, f: Option<(f32, f32)>) -> String {
         Some((z, 1.0)) => format!("({e} - {})", lit(z)),
         Some((z, s)) => format!("(({e} - {}) * {})", lit(z), lit(s)),
     }
+}
+
+/// Channel vec4s per invocation of the general convolution; `EDGEPACK_GPU_CONV=OV` overrides it.
+fn general_tile() -> usize {
+    std::env::var("EDGEPACK_GPU_CONV").ok().and_then(|v| v.parse().ok()).filter(|v| (1..=4).contains(v)).unwrap_or(2)
 }
 
 fn numel(s: &[usize]) -> usize {
@@ -608,7 +619,12 @@ impl<'g, 'a> Builder<'g, 'a> {
             binds.decl,
             along_x - 1
         );
-        let label = steps.iter().map(|&s| self.name(s)).collect::<Vec<_>>().join(" + ");
+        // Nodes by name (unnamed ones as op#step).
+        let label = steps
+            .iter()
+            .map(|&s| if self.name(s).is_empty() { format!("{}#{s}", self.op(s)) } else { self.name(s).to_string() })
+            .collect::<Vec<_>>()
+            .join(" + ");
         let op = steps.iter().map(|&s| self.op(s)).collect::<Vec<_>>().join("+");
         let kbinds = binds.list.iter().map(|b| b.0).collect();
         self.kernels.push(KDesc { wgsl, label, op, out: out_root, binds: kbinds, grid });
@@ -815,10 +831,12 @@ impl<'g, 'a> Builder<'g, 'a> {
             body = b;
             grid = Grid::Flat((oh * owb * oc * n) as u64);
         } else {
-            // General: 4 output channels of a group × 4 output columns per invocation; weights as
-            // [g][ocg/4][icg][kh][kw] vec4.
-            let obg = ocg.div_ceil(4);
-            let mut wp = vec![0.0f32; group * icg * kh * kw * obg * 4];
+            // General: 4·OV output channels of a group × 4 output columns per invocation; weights as
+            // [g][ocg/4][icg][kh][kw] vec4 (blocks of 4 channels, padded to a multiple of OV per group).
+            let ov = if ocg > 4 { general_tile() } else { 1 };
+            let obg = ocg.div_ceil(4 * ov) * ov;
+            let kk = icg * kh * kw;
+            let mut wp = vec![0.0f32; group * obg * kk * 4];
             for g in 0..group {
                 for o in 0..ocg {
                     for i in 0..icg {
@@ -832,17 +850,15 @@ impl<'g, 'a> Builder<'g, 'a> {
                     }
                 }
             }
-            let mut bp = vec![0.0f32; group * obg * 4];
-            for g in 0..group {
-                bp[g * obg * 4..g * obg * 4 + ocg].copy_from_slice(&bias[g * ocg..(g + 1) * ocg]);
-            }
-            let sp = wscale.clone().map(|sc| {
-                let mut sp = vec![0.0f32; group * obg * 4];
+            let per_group = |v: &[f32]| {
+                let mut p = vec![0.0f32; group * obg * 4];
                 for g in 0..group {
-                    sp[g * obg * 4..g * obg * 4 + ocg].copy_from_slice(&sc[g * ocg..(g + 1) * ocg]);
+                    p[g * obg * 4..g * obg * 4 + ocg].copy_from_slice(&v[g * ocg..(g + 1) * ocg]);
                 }
-                sp
-            });
+                p
+            };
+            let bp = per_group(&bias);
+            let sp = wscale.as_deref().map(per_group);
             let (wb, bb) = (self.konst_w(wp, packed), self.konst(bp));
             let (wn, bn) = (binds.get(wb, wty), binds.get(bb, V4));
             let sn = sp.map(|sp| {
@@ -851,56 +867,73 @@ impl<'g, 'a> Builder<'g, 'a> {
             });
             let xn = binds.get(Bind::Act(xb), F1);
             let owb = ow.div_ceil(4);
-            let gobg = group * obg;
+            let blocks = obg / ov;
+            let gobg = group * blocks;
             let mut b = format!(
                 "  let owb = t % {owb}u;\n  var r = t / {owb}u;\n  let oh = r % {oh}u;\n  r = r / {oh}u;\n  \
-                 let gb = r % {gobg}u;\n  let ob = gb % {obg}u;\n  let g = gb / {obg}u;\n  let n = r / {gobg}u;\n  let ow0 = owb * 4u;\n  var a0 = vec4<f32>(0.0);\n  \
-                 var a1 = vec4<f32>(0.0);\n  var a2 = vec4<f32>(0.0);\n  var a3 = vec4<f32>(0.0);\n  \
-                 let ih0 = i32(oh * {}u) - {};\n  let iw0 = i32(ow0 * {}u) - {};\n  var wi = gb * {}u;\n  \
-                 for (var i = 0u; i < {icg}u; i = i + 1u) {{\n    let xc = (n * {ic}u + g * {icg}u + i) * {}u;\n    \
+                 let gb = r % {gobg}u;\n  let ob = gb % {blocks}u;\n  let g = gb / {blocks}u;\n  let n = r / {gobg}u;\n  \
+                 let ow0 = owb * 4u;\n  let ih0 = i32(oh * {}u) - {};\n  let iw0 = i32(ow0 * {}u) - {};\n  \
+                 let wb = (g * {obg}u + ob * {ov}u) * {kk}u;\n  var wi = 0u;\n",
+                stride[0], pads[0].0, stride[1], pads[1].0,
+            );
+            for q in 0..4 {
+                for k in 0..ov {
+                    let _ = writeln!(b, "  var a{q}_{k} = vec4<f32>(0.0);");
+                }
+            }
+            let _ = writeln!(
+                b,
+                "  for (var i = 0u; i < {icg}u; i = i + 1u) {{\n    let xc = (n * {ic}u + g * {icg}u + i) * {}u;\n    \
                  for (var kh = 0u; kh < {kh}u; kh = kh + 1u) {{\n      let ih = ih0 + i32(kh * {}u);\n      \
                  let inside = ih >= 0 && ih < {h};\n      let xr = xc + u32(clamp(ih, 0, {})) * {wd}u;\n      \
-                 for (var kw = 0u; kw < {kw}u; kw = kw + 1u) {{\n        let wv = {};\n        wi = wi + 1u;\n",
-                stride[0],
-                pads[0].0,
-                stride[1],
-                pads[1].0,
-                icg * kh * kw,
+                 for (var kw = 0u; kw < {kw}u; kw = kw + 1u) {{",
                 h * wd,
                 dil[0],
-                h - 1,
-                wload(format!("{wn}[wi]"))
+                h - 1
             );
+            for k in 0..ov {
+                let _ = writeln!(b, "        let w{k} = {};", wload(format!("{wn}[wb + {}u + wi]", k * kk)));
+            }
+            b.push_str("        wi = wi + 1u;\n");
             for q in 0..4 {
                 let _ = writeln!(
                     b,
                     "        let iq{q} = iw0 + i32({}u + kw * {}u);\n        \
-                     a{q} = fma(vec4<f32>(select(0.0, {}, inside && iq{q} >= 0 && iq{q} < {wd})), wv, a{q});",
+                     let x{q} = vec4<f32>(select(0.0, {}, inside && iq{q} >= 0 && iq{q} < {wd}));",
                     q * stride[1],
                     dil[1],
                     tx(format!("{xn}[xr + u32(clamp(iq{q}, 0, {}))]", wd - 1))
                 );
+                for k in 0..ov {
+                    let _ = writeln!(b, "        a{q}_{k} = fma(x{q}, w{k}, a{q}_{k});");
+                }
             }
-            let sv = sn.as_ref().map_or("vec4<f32>(1.0)".to_string(), |sn| format!("{sn}[gb]"));
-            let _ = writeln!(b, "      }}\n    }}\n  }}\n  let bv = {bn}[gb];\n  let sv = {sv};");
-            for j in 0..4 {
-                let c = ["x", "y", "z", "w"][j];
-                let _ = writeln!(
-                    b,
-                    "  let o{j} = ob * 4u + {j}u;\n  if (o{j} < {ocg}u) {{\n    let c{j} = g * {ocg}u + o{j};"
-                );
-                for q in 0..4 {
+            b.push_str("      }\n    }\n  }\n");
+            for k in 0..ov {
+                let sv = sn
+                    .as_ref()
+                    .map_or("vec4<f32>(1.0)".to_string(), |sn| format!("{sn}[g * {obg}u + ob * {ov}u + {k}u]"));
+                let _ = writeln!(b, "  {{\n  let bv = {bn}[g * {obg}u + ob * {ov}u + {k}u];\n  let sv = {sv};");
+                for j in 0..4 {
+                    let c = ["x", "y", "z", "w"][j];
                     let _ = writeln!(
                         b,
-                        "    if (ow0 + {q}u < {ow}u) {{\n      let v = {} + bv.{c};\n      {}\n    }}",
-                        scaled(&format!("a{q}.{c}"), &format!("sv.{c}")),
-                        store(&format!("c{j}"), &format!("oh * {ow}u + ow0 + {q}u"))
+                        "  let o{j} = (ob * {ov}u + {k}u) * 4u + {j}u;\n  if (o{j} < {ocg}u) {{\n    let c{j} = g * {ocg}u + o{j};"
                     );
+                    for q in 0..4 {
+                        let _ = writeln!(
+                            b,
+                            "    if (ow0 + {q}u < {ow}u) {{\n      let v = {} + bv.{c};\n      {}\n    }}",
+                            scaled(&format!("a{q}_{k}.{c}"), &format!("sv.{c}")),
+                            store(&format!("c{j}"), &format!("oh * {ow}u + ow0 + {q}u"))
+                        );
+                    }
+                    b.push_str("  }\n");
                 }
                 b.push_str("  }\n");
             }
             body = b;
-            grid = Grid::Flat((oh * owb * group * obg * n) as u64);
+            grid = Grid::Flat((oh * owb * gobg * n) as u64);
         }
         let epi = self.epi_code(&mut binds, &epi, &os)?;
         let mut steps = vec![s];
@@ -1361,7 +1394,7 @@ pub(crate) struct Program {
 
 fn create_buffer(dev: &wgpu::Device, label: &str, size: u64, usage: wgpu::BufferUsages, mapped: bool) -> wgpu::Buffer {
     let size = size.max(4).div_ceil(4) * 4;
-    ALLOC_BYTES.fetch_add(size, Ordering::Relaxed);
+    ALLOC_BYTES.with(|c| c.set(c.get() + size));
     dev.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: mapped })
 }
 
@@ -1651,7 +1684,7 @@ impl Program {
         timeline: Option<&mut Timeline>,
     ) -> std::result::Result<Vec<Tensor>, String> {
         let mut io = self.io.lock().map_err(|_| "fused program lock poisoned")?;
-        let before = ALLOC_BYTES.load(Ordering::Relaxed);
+        let before = allocated();
         if !io.upload_mapped {
             self.wait_maps(gpu, false)?;
             io.upload_mapped = true;
@@ -1729,11 +1762,7 @@ impl Program {
                 .collect::<R<Vec<_>>>()
         };
         self.readback.unmap();
-        io.last = RunCounters {
-            dispatches: self.kernels.len(),
-            submissions,
-            alloc_bytes: ALLOC_BYTES.load(Ordering::Relaxed) - before,
-        };
+        io.last = RunCounters { dispatches: self.kernels.len(), submissions, alloc_bytes: allocated() - before };
         outs
     }
 }

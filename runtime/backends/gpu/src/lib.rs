@@ -5,7 +5,10 @@
 //! device values, results of such nodes) is folded on the host by the CPU backend, the rest become device
 //! steps. That first walk executes every device step, so it also compiles every shader (warm-up at load).
 //! Runs replay the steps only; each device value is dropped after its last use and burn's memory pool reuses
-//! the buffers between runs.
+//! the buffers between runs. When every step of a plan is something edgepack's own kernels cover, the plan is
+//! compiled once more into a fused program (`fused`): a few dozen dispatches with fused epilogues, buffers
+//! assigned by liveness, one submission per run; the step-by-step path above stays for the rest (and for
+//! requests of intermediate values, profiling aside).
 //!
 //! INT8 QDQ models: a DequantizeLinear of an int8 initializer stays int8 on the device (burn's Q8S, four values
 //! per u32: a quarter of the f32 upload and resident bytes) and is dequantized on the GPU each run, its

@@ -616,12 +616,29 @@ impl GpuBackend {
         let host = |v: &Val| -> std::result::Result<Tensor, String> {
             match v {
                 Val::Host(h) => Ok(h.t.clone()),
-                Val::Q(q) => self
-                    .fold(&q.node, &q.host_inputs)
-                    .map_err(|e| e.to_string())?
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| "an empty fold".to_string()),
+                Val::Q(q) => match q.host_info() {
+                    // Dequantized here (integers × scales), not folded through a one-node model per weight.
+                    Some(info) => {
+                        let shape = q.shape.clone();
+                        let inner: usize = shape[info.axis + 1..].iter().product::<usize>().max(1);
+                        let dim = shape[info.axis];
+                        let v = info
+                            .ints
+                            .iter()
+                            .enumerate()
+                            .map(|(i, x)| {
+                                x * if info.scale.len() == 1 { info.scale[0] } else { info.scale[(i / inner) % dim] }
+                            })
+                            .collect();
+                        Tensor::from_f32(shape, v).map_err(|e| e.to_string())
+                    }
+                    None => self
+                        .fold(&q.node, &q.host_inputs)
+                        .map_err(|e| e.to_string())?
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| "an empty fold".to_string()),
+                },
                 Val::Dev(_) => Err("device value".into()),
             }
         };

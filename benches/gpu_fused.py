@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""The GPU backend's fused programs against its step-by-step path and the CPU backend, on whatever adapter this
+machine has (lavapipe in CI and on the development machine; a real GPU on a GPU host), one run, side by side.
+
+Per model: `edgepack bench MODEL --device cpu`, `--device gpu` (fused: the default) and `--device gpu` with
+`EDGEPACK_GPU_FUSED=0` (the step-by-step burn interpreter), medians of `--runs` timed runs after warm-ups, and the
+device counters `bench --json` reports for the fused run (dispatches, submissions, device bytes allocated by a
+steady-state run). The INT8 row quantizes the shipped EfficientNet-Lite0 on the shipped photos first.
+
+Usage: benches/gpu_fused.py [--runs 20] [--slow-runs 3] [--md BENCHMARKS.md]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, os.path.join(ROOT, "benches", "peers"))
+import mdtable  # noqa: E402
+from bench_vs_ort import edgepack_bin  # noqa: E402
+
+BEGIN, END = "<!-- gpu-fused:begin -->", "<!-- gpu-fused:end -->"
+SHARED = os.environ.get("EDGEPACK_SHARED") or os.path.join(ROOT, "..", "shared")
+
+
+def bench(model, device, runs, warmup, env=None):
+    r = subprocess.run([edgepack_bin(), "bench", model, "--device", device, "--runs", str(runs), "--warmup",
+                        str(warmup), "--json"], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        raise SystemExit(f"edgepack bench {model} --device {device} failed:\n{r.stderr}")
+    return json.loads(r.stdout)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--slow-runs", type=int, default=3, help="timed runs of the step-by-step path")
+    ap.add_argument("--md", help="write the table into this markdown file")
+    a = ap.parse_args()
+    tmp = tempfile.mkdtemp()
+    effnet = os.path.join(ROOT, "assets", "models", "efficientnet_lite0_fp32.onnx")
+    int8 = os.path.join(tmp, "effnet_int8.onnx")
+    subprocess.run([edgepack_bin(), "quantize", effnet, "--calib", os.path.join(ROOT, "assets", "photos"),
+                    "--preset", "tf", "--holdout", "0", "--out", int8, "-q"], check=True)
+    models = [("EfficientNet-Lite0 fp32", effnet), ("EfficientNet-Lite0 INT8", int8)]
+    squeeze = os.path.join(SHARED, "models", "squeezenet1.0_fp32.onnx")
+    if os.path.exists(squeeze):
+        models.append(("SqueezeNet 1.0 fp32", squeeze))
+    rows, adapter = [], ""
+    for name, path in models:
+        cpu = bench(path, "cpu", a.runs, 2)
+        fused = bench(path, "gpu", a.runs, 2)
+        steps = bench(path, "gpu", a.slow_runs, 1, env={"EDGEPACK_GPU_FUSED": "0"})
+        adapter = fused["backend"].get("engine", "")
+        row = {
+            "model": name,
+            "cpu_ms": cpu["p50_ms"],
+            "steps_ms": steps["p50_ms"],
+            "fused_ms": fused["p50_ms"],
+            "dispatches": fused["gpu_dispatches_per_run"],
+            "submissions": fused["gpu_submissions_per_run"],
+            "alloc": fused["gpu_alloc_bytes_per_run"],
+            "load_ms": fused["load_ms"],
+            "cpu_threads": cpu.get("threads"),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    lines = [
+        f"`python3 benches/gpu_fused.py --runs {a.runs} --slow-runs {a.slow_runs}` on {adapter}, "
+        f"CPU backend with {rows[0]['cpu_threads']} threads; medians; batch 1.",
+        "",
+        "| model | cpu ms | gpu step by step ms | gpu fused ms | fused ÷ cpu | step by step ÷ fused | dispatches | "
+        "submissions | device bytes allocated per run | load ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['cpu_ms']:.2f} | {r['steps_ms']:.1f} | {r['fused_ms']:.1f} | "
+            f"{r['fused_ms'] / r['cpu_ms']:.1f}× | {r['steps_ms'] / r['fused_ms']:.1f}× | {r['dispatches']} | "
+            f"{r['submissions']} | {r['alloc']} | {r['load_ms']:.0f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if a.md:
+        mdtable.replace_between(a.md, BEGIN, END, table)
+
+
+if __name__ == "__main__":
+    main()
