@@ -45,14 +45,17 @@ def main():
     int8 = os.path.join(tmp, "effnet_int8.onnx")
     subprocess.run([edgepack_bin(), "quantize", effnet, "--calib", os.path.join(ROOT, "assets", "photos"),
                     "--preset", "tf", "--holdout", "0", "--out", int8, "-q"], check=True)
-    models = [("EfficientNet-Lite0 fp32", effnet), ("EfficientNet-Lite0 INT8", int8)]
-    squeeze = os.path.join(SHARED, "models", "squeezenet1.0_fp32.onnx")
-    if os.path.exists(squeeze):
-        models.append(("SqueezeNet 1.0 fp32", squeeze))
+    # (name, file, timed runs: fewer for the 1024×1024 detector)
+    models = [("EfficientNet-Lite0 fp32", effnet, a.runs), ("EfficientNet-Lite0 INT8", int8, a.runs),
+              ("UltraFace RFB-320 fp32", os.path.join(ROOT, "assets", "models", "ultraface_rfb_320.onnx"), a.runs)]
+    for name, f, runs in (("SqueezeNet 1.0 fp32", "squeezenet1.0_fp32.onnx", a.runs),
+                          ("YOLOv8n DocLayNet 1024² fp32", "yolov8n-doclaynet.onnx", max(3, a.runs // 4))):
+        if os.path.exists(os.path.join(SHARED, "models", f)):
+            models.append((name, os.path.join(SHARED, "models", f), runs))
     rows, adapter = [], ""
-    for name, path in models:
-        cpu = bench(path, "cpu", a.runs, 2)
-        fused = bench(path, "gpu", a.runs, 2)
+    for name, path, runs in models:
+        cpu = bench(path, "cpu", runs, 2)
+        fused = bench(path, "gpu", runs, 2)
         steps = bench(path, "gpu", a.slow_runs, 1, env={"EDGEPACK_GPU_FUSED": "0"})
         adapter = fused["backend"].get("engine", "")
         row = {
@@ -70,7 +73,7 @@ def main():
         print(json.dumps(row), flush=True)
     lines = [
         f"`python3 benches/gpu_fused.py --runs {a.runs} --slow-runs {a.slow_runs}` on {adapter}, "
-        f"CPU backend with {rows[0]['cpu_threads']} threads; medians; batch 1.",
+        f"CPU backend with {rows[0]['cpu_threads']} threads; medians (YOLO: a quarter of the runs); batch 1.",
         "",
         "| model | cpu ms | gpu step by step ms | gpu fused ms | fused ÷ cpu | step by step ÷ fused | dispatches | "
         "submissions | device bytes allocated per run | load ms |",

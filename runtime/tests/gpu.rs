@@ -101,11 +101,12 @@ fn shared_models_match_cpu() {
         return;
     }
     let photos = root().join("assets/photos");
-    let cases: [(&str, &str, [usize; 4]); 4] = [
+    let cases: [(&str, &str, [usize; 4]); 5] = [
         ("assets/models/efficientnet_lite0_fp32.onnx", "skimage_chelsea.png", [1, 3, 224, 224]),
         ("../shared/models/squeezenet1.0_fp32.onnx", "skimage_coffee.png", [1, 3, 224, 224]),
         ("assets/models/ultraface_rfb_320.onnx", "skimage_astronaut.png", [1, 3, 240, 320]),
         ("assets/models/mnist_cntk_opset8_simplified.onnx", "", [1, 1, 28, 28]),
+        ("../shared/models/yolov8n-doclaynet.onnx", "skimage_coffee.png", [1, 3, 1024, 1024]),
     ];
     for (path, photo, shape) in cases {
         let path = root().join(path);
@@ -142,13 +143,14 @@ fn shared_models_match_cpu() {
         gpu.run_one(x.clone()).unwrap();
         let g = gpu.run_one(x.clone()).unwrap();
         let c = cpu.run_one(x).unwrap();
-        // Issue 28: the CNN classifiers run as one fused program: few dispatches, one submission, nothing
-        // allocated on the device by a steady-state run.
+        // Issue 28: each runs as one fused program: one submission, nothing allocated on the device by a
+        // steady-state run; the CNN classifiers in at most 60 dispatches.
         let counters = gpu.run_counters();
         eprintln!("{}: {counters:?}", path.display());
-        if !path.ends_with("ultraface_rfb_320.onnx") {
-            let c = counters.unwrap_or_else(|| panic!("{}: not fused", path.display()));
-            assert!(c.dispatches <= 60 && c.submissions == 1 && c.alloc_bytes == 0, "{}: {c:?}", path.display());
+        let k = counters.unwrap_or_else(|| panic!("{}: not fused", path.display()));
+        assert!(k.submissions == 1 && k.alloc_bytes == 0, "{}: {k:?}", path.display());
+        if path.to_string_lossy().contains("efficientnet") || path.to_string_lossy().contains("squeezenet") {
+            assert!(k.dispatches <= 60, "{}: {k:?}", path.display());
         }
         for ((name, gt), (_, ct)) in g.iter().zip(&c) {
             assert_eq!(gt.shape(), ct.shape(), "{name}");
@@ -304,7 +306,7 @@ fn fused_kernels_match_cpu() {
     let fixed = |d: &[usize]| d.iter().map(|&v| Dim::Fixed(v)).collect::<Vec<_>>();
     let out = |name: &str| value_info(name, 1, &[]);
     type Case = (&'static str, edgepack_runtime::onnx::Model, Vec<usize>, usize);
-    let mut cases: Vec<Case> = Vec::new();
+    let mut cases: Vec<Case> = Vec::with_capacity(5);
     // Pointwise 7×7 (49 pixels) with batch 2, Clip; then a pointwise 8×8 with a residual Add.
     cases.push((
         "pointwise+clip, residual add",
@@ -437,6 +439,49 @@ fn fused_kernels_match_cpu() {
         ),
         vec![3, 37],
         3,
+    ));
+    // Data movement: Transpose, Softmax along an inner axis, Slice with steps (and reversed), Split, Resize nearest.
+    let i64s = |name: &str, v: &[i64]| builder::tensor_i64(name, &[v.len() as i64], v);
+    cases.push((
+        "transpose, inner softmax, slice, split, resize",
+        builder::model(
+            vec![
+                node("Transpose", "tr", &["x"], &["t"], vec![attr_ints("perm", &[0, 2, 3, 1])]),
+                node("Softmax", "sm", &["t"], &["y"], vec![attr_int("axis", 1)]),
+                node("Slice", "sl", &["x", "s0", "e0", "a0", "st0"], &["sl"], vec![]),
+                node("Split", "sp", &["x", "splits"], &["sp0", "sp1"], vec![attr_int("axis", 1)]),
+                node("Add", "add", &["sp0", "sl"], &["y2"], vec![]),
+                node("Relu", "relu", &["sp1"], &["y3"], vec![]),
+                node(
+                    "Resize",
+                    "rz",
+                    &["x", "", "scales"],
+                    &["y4"],
+                    vec![
+                        builder::attr_string("mode", "nearest"),
+                        builder::attr_string("coordinate_transformation_mode", "asymmetric"),
+                        builder::attr_string("nearest_mode", "floor"),
+                    ],
+                ),
+                node("Slice", "rev", &["x", "s1", "e1", "a1", "st1"], &["y5"], vec![]),
+            ],
+            vec![value_info("x", 1, &fixed(&[1, 6, 5, 4]))],
+            vec![out("y"), out("y2"), out("y3"), out("y4"), out("y5")],
+            vec![
+                i64s("s0", &[1, 0]),
+                i64s("e0", &[5, 4]),
+                i64s("a0", &[1, 3]),
+                i64s("st0", &[2, 1]),
+                i64s("splits", &[2, 4]),
+                tensor_f32("scales", &[4], &[1.0, 1.0, 2.0, 1.5]),
+                i64s("s1", &[-1]),
+                i64s("e1", &[-1_000_000_000]),
+                i64s("a1", &[2]),
+                i64s("st1", &[-1]),
+            ],
+        ),
+        vec![1, 6, 5, 4],
+        5,
     ));
     for (what, m, shape, outputs) in cases {
         let xs: Vec<Tensor> = m

@@ -419,6 +419,14 @@ impl<'g, 'a> Builder<'g, 'a> {
         Ok((self.dev_in(s, 0)?, None))
     }
 
+    /// The step's output is an integer (carried as an exact float).
+    fn int_out(&self, s: usize) -> bool {
+        self.out0(s)
+            .ok()
+            .and_then(|o| self.g.dtypes.get(&o))
+            .is_some_and(|d| !matches!(d, DType::F32 | DType::F16 | DType::F64))
+    }
+
     /// A Cast of `slot` as a statement: nothing when the value is unchanged, truncation for float → integer.
     fn cast_stmt(&self, s: usize, slot: usize) -> Option<String> {
         let to = DType::from_onnx_code(self.g.steps[s].node.attr_i("to")? as i32)?;
@@ -510,6 +518,9 @@ impl<'g, 'a> Builder<'g, 'a> {
                 }
                 let Some(x) = self.operand(r, other) else { break };
                 epi.push(EpiOp::Bin { op, x, swapped: mine == 1 });
+                if op == "/" && self.int_out(r) {
+                    epi.push(EpiOp::Unary("a = trunc(a);".into()));
+                }
             } else {
                 break;
             }
@@ -1111,10 +1122,13 @@ impl<'g, 'a> Builder<'g, 'a> {
         let default = if self.g.opset >= 13 { -1 } else { 1 };
         let axis = node.attr_i("axis").unwrap_or(default);
         let axis = if axis < 0 { axis + r } else { axis };
-        if !(0..r).contains(&axis) || (self.g.opset >= 13 && axis != r - 1) {
-            return Err("Softmax over an inner axis".into());
+        if !(0..r).contains(&axis) {
+            return Err("Softmax axis".into());
         }
-        let cols = numel(&xs[axis as usize..]);
+        let axis = axis as usize;
+        // Opset 13 normalizes along one axis (elements `inner` apart); earlier opsets over the flattened tail.
+        let (cols, inner) =
+            if self.g.opset >= 13 { (xs[axis], numel(&xs[axis + 1..])) } else { (numel(&xs[axis..]), 1) };
         let rows = numel(&xs) / cols.max(1);
         let out = self.out0(s)?;
         let os = self.shape(out)?.to_vec();
@@ -1124,15 +1138,236 @@ impl<'g, 'a> Builder<'g, 'a> {
         let xn = binds.get(Bind::Act(self.root[&x]), F1);
         let value = if self.op(s) == "LogSoftmax" { "v - mx - log(sm)" } else { "exp(v - mx) / sm" };
         let body = format!(
-            "  let base = t * {cols}u;\n  var mx = {};\n  for (var i = 0u; i < {cols}u; i = i + 1u) {{ mx = max(mx, {xn}[base + i]); }}\n  \
-             var sm = 0.0;\n  for (var i = 0u; i < {cols}u; i = i + 1u) {{ sm = sm + exp({xn}[base + i] - mx); }}\n  \
-             if (ok) {{\n    for (var i = 0u; i < {cols}u; i = i + 1u) {{\n      let v = {xn}[base + i];\n      y[base + i] = epi({value}, base + i);\n    }}\n  }}\n",
+            "  let base = (t / {inner}u) * {}u + t % {inner}u;\n  var mx = {};\n  \
+             for (var i = 0u; i < {cols}u; i = i + 1u) {{ mx = max(mx, {xn}[base + i * {inner}u]); }}\n  \
+             var sm = 0.0;\n  for (var i = 0u; i < {cols}u; i = i + 1u) {{ sm = sm + exp({xn}[base + i * {inner}u] - mx); }}\n  \
+             if (ok) {{\n    for (var i = 0u; i < {cols}u; i = i + 1u) {{\n      let k = base + i * {inner}u;\n      \
+             let v = {xn}[k];\n      y[k] = epi({value}, k);\n    }}\n  }}\n",
+            cols * inner,
             lit(f32::NEG_INFINITY)
         );
         let epi = self.epi_code(&mut binds, &epi, &os)?;
         let mut steps = vec![s];
         steps.extend(covered);
         self.emit(binds, epi, body, Grid::Flat(rows as u64), fin, &steps)
+    }
+
+    /// A data movement: output element `t` (of `os`) reads input element `Σ_d map_d(c_d) · xstride[src_d]`,
+    /// where `c_d` is the output coordinate; `map_d` is `c_d` itself (`None`) or a table of input coordinates.
+    fn movement(
+        &mut self,
+        steps: &[usize],
+        x: usize,
+        out: usize,
+        src_dim: &[usize],
+        maps: Vec<Option<Vec<u32>>>,
+    ) -> R<()> {
+        let xs = self.shape(x)?.to_vec();
+        let os = self.shape(out)?.to_vec();
+        if src_dim.len() != os.len() || maps.len() != os.len() {
+            return Err("movement ranks".into());
+        }
+        let mut xstride = vec![1usize; xs.len()];
+        for d in (0..xs.len().saturating_sub(1)).rev() {
+            xstride[d] = xstride[d + 1] * xs[d + 1];
+        }
+        let (epi, fin, covered) = self.extend(out)?;
+        self.root.insert(fin, fin);
+        let mut binds = Binds::new();
+        let xn = binds.get(Bind::Act(self.root[&x]), F1);
+        let mut table = Vec::new();
+        let mut body = String::from("  var r = t;\n  var src = 0u;\n");
+        for d in (0..os.len()).rev() {
+            let _ = writeln!(body, "  let c{d} = r % {}u;\n  r = r / {}u;", os[d], os[d]);
+            match &maps[d] {
+                None => {
+                    let _ = writeln!(body, "  src = src + c{d} * {}u;", xstride[src_dim[d]]);
+                }
+                Some(m) => {
+                    if m.len() != os[d] || m.iter().any(|&i| i as usize >= xs[src_dim[d]]) {
+                        return Err("movement table".into());
+                    }
+                    let _ =
+                        writeln!(body, "  src = src + u32(tb[{}u + c{d}]) * {}u;", table.len(), xstride[src_dim[d]]);
+                    table.extend(m.iter().map(|&v| v as f32));
+                }
+            }
+        }
+        if !table.is_empty() {
+            let b = self.konst(table);
+            let tn = binds.get(b, F1);
+            body = body.replace("tb[", &format!("{tn}["));
+        }
+        let _ = writeln!(body, "  if (ok) {{ y[t] = epi({xn}[src], t); }}");
+        let epi = self.epi_code(&mut binds, &epi, &os)?;
+        let mut all = steps.to_vec();
+        all.extend(covered);
+        self.emit(binds, epi, body, Grid::Flat(numel(&os) as u64), fin, &all)
+    }
+
+    fn transpose(&mut self, s: usize) -> R<()> {
+        let x = self.dev_in(s, 0)?;
+        let r = self.shape(x)?.len();
+        let perm: Vec<usize> = match self.g.steps[s].node.attr_ints("perm") {
+            Some(p) => p.iter().map(|&v| v as usize).collect(),
+            None => (0..r).rev().collect(),
+        };
+        let mut seen = perm.clone();
+        seen.sort_unstable();
+        if seen != (0..r).collect::<Vec<_>>() {
+            return Err("Transpose perm".into());
+        }
+        let out = self.out0(s)?;
+        self.movement(&[s], x, out, &perm, vec![None; r])
+    }
+
+    /// Slice (constant starts/ends/axes/steps) and Split (each output a slice along its axis).
+    fn slices(&mut self, s: usize) -> R<()> {
+        let node = self.g.steps[s].node;
+        let x = self.dev_in(s, 0)?;
+        let xs = self.shape(x)?.to_vec();
+        let r = xs.len() as i64;
+        let norm = |a: i64| if a < 0 { a + r } else { a };
+        let ints = |i: usize| -> Option<Vec<i64>> {
+            self.host_in(s, i).map(|t| t.to_f32_vec().iter().map(|&v| v as i64).collect())
+        };
+        let mut jobs: Vec<(usize, Vec<Option<Vec<u32>>>)> = Vec::new();
+        if self.op(s) == "Split" {
+            let axis = norm(node.attr_i("axis").unwrap_or(0));
+            if !(0..r).contains(&axis) {
+                return Err("Split axis".into());
+            }
+            let axis = axis as usize;
+            let mut off = 0usize;
+            for o in self.g.steps[s].outs.clone() {
+                let Some(o) = o else { continue };
+                let os = self.shape(o)?.to_vec();
+                let mut maps: Vec<Option<Vec<u32>>> = (0..xs.len()).map(|_| None).collect();
+                maps[axis] = Some((off as u32..(off + os[axis]) as u32).collect());
+                off += os[axis];
+                if self.readers.contains_key(&o) || self.outputs.contains(&o) {
+                    jobs.push((o, maps));
+                }
+            }
+        } else {
+            // The ends are in the output shape already. Before opset 10 starts/axes are attributes.
+            let attr = |n: &str| node.attr_ints(n).map(|v| v.to_vec());
+            let (starts, axes, steps) = if self.g.opset < 10 {
+                let starts = attr("starts").ok_or("Slice starts")?;
+                let axes = attr("axes").unwrap_or_else(|| (0..starts.len() as i64).collect());
+                let n = starts.len();
+                (starts, axes, vec![1; n])
+            } else {
+                let starts = ints(1).ok_or("Slice starts")?;
+                let axes = ints(3).unwrap_or_else(|| (0..starts.len() as i64).collect());
+                let steps = ints(4).unwrap_or_else(|| vec![1; starts.len()]);
+                (starts, axes, steps)
+            };
+            let out = self.out0(s)?;
+            let os = self.shape(out)?.to_vec();
+            let mut maps: Vec<Option<Vec<u32>>> = (0..xs.len()).map(|_| None).collect();
+            for (k, &a) in axes.iter().enumerate() {
+                let a = norm(a);
+                if !(0..r).contains(&a) || steps.get(k).is_none_or(|&st| st == 0) {
+                    return Err("Slice axes".into());
+                }
+                let (a, dim, step) = (a as usize, xs[a as usize] as i64, steps[k]);
+                let st = starts[k].clamp(-(1i64 << 40), 1i64 << 40);
+                let st = if st < 0 { st + dim } else { st };
+                let st = if step > 0 { st.clamp(0, dim) } else { st.clamp(0, dim - 1) };
+                maps[a] = Some((0..os[a] as i64).map(|c| (st + c * step).clamp(0, dim - 1) as u32).collect());
+            }
+            jobs.push((out, maps));
+        }
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let dims: Vec<usize> = (0..xs.len()).collect();
+        for (o, maps) in jobs {
+            self.movement(&[s], x, o, &dims, maps)?;
+        }
+        Ok(())
+    }
+
+    /// Resize in `nearest` mode: each output coordinate's input coordinate from ONNX's coordinate transformation
+    /// and nearest mode, computed here in f32 as onnxruntime does, as per-dimension tables.
+    fn resize(&mut self, s: usize) -> R<()> {
+        let node = self.g.steps[s].node;
+        let x = self.dev_in(s, 0)?;
+        let xs = self.shape(x)?.to_vec();
+        let out = self.out0(s)?;
+        let os = self.shape(out)?.to_vec();
+        let mode = node.attr_s("mode").unwrap_or("nearest");
+        let ctm = node.attr_s("coordinate_transformation_mode").unwrap_or(if self.g.opset < 11 {
+            "asymmetric"
+        } else {
+            "half_pixel"
+        });
+        let nearest =
+            node.attr_s("nearest_mode").unwrap_or(if self.g.opset < 11 { "floor" } else { "round_prefer_floor" });
+        if mode != "nearest"
+            || node.attr_i("antialias").unwrap_or(0) != 0
+            || node.attr_ints("axes").is_some()
+            || xs.len() != os.len()
+        {
+            return Err(format!("Resize mode {mode}"));
+        }
+        let scales_in = if self.g.opset < 11 { 1 } else { 2 };
+        let scales: Option<Vec<f32>> =
+            self.host_in(s, scales_in).map(|t| t.to_f32_vec()).filter(|v| v.len() == xs.len());
+        let mut maps = Vec::new();
+        for d in 0..xs.len() {
+            let (inp, outp) = (xs[d], os[d]);
+            let scale = scales.as_ref().map_or(outp as f32 / inp as f32, |v| v[d]);
+            let mut m = Vec::with_capacity(outp);
+            for c in 0..outp {
+                let c = c as f32;
+                let xo = match ctm {
+                    "half_pixel" => (c + 0.5) / scale - 0.5,
+                    "asymmetric" => c / scale,
+                    "pytorch_half_pixel" => {
+                        if outp > 1 {
+                            (c + 0.5) / scale - 0.5
+                        } else {
+                            0.0
+                        }
+                    }
+                    "align_corners" => {
+                        if outp == 1 {
+                            0.0
+                        } else {
+                            c * (inp as f32 - 1.0) / (outp as f32 - 1.0)
+                        }
+                    }
+                    "tf_half_pixel_for_nn" => (c + 0.5) / scale,
+                    other => return Err(format!("Resize coordinate_transformation_mode {other}")),
+                };
+                let half = xo - xo.floor() == 0.5;
+                let i = match nearest {
+                    "round_prefer_floor" => {
+                        if half {
+                            xo.floor()
+                        } else {
+                            xo.round()
+                        }
+                    }
+                    "round_prefer_ceil" => {
+                        if half {
+                            xo.ceil()
+                        } else {
+                            xo.round()
+                        }
+                    }
+                    "floor" => xo.floor(),
+                    "ceil" => xo.ceil(),
+                    other => return Err(format!("Resize nearest_mode {other}")),
+                };
+                m.push(i.clamp(0.0, inp as f32 - 1.0) as u32);
+            }
+            maps.push(if inp == outp && m.iter().enumerate().all(|(i, &v)| v as usize == i) { None } else { Some(m) });
+        }
+        let dims: Vec<usize> = (0..xs.len()).collect();
+        self.movement(&[s], x, out, &dims, maps)
     }
 
     /// A standalone element-wise step (its producer had other readers): the first operand loaded, the op and
@@ -1159,6 +1394,10 @@ impl<'g, 'a> Builder<'g, 'a> {
             for i in 1..n {
                 let x = self.operand(s, i).ok_or("element-wise input not computed")?;
                 head.push(EpiOp::Bin { op, x, swapped: false });
+            }
+            if op == "/" && self.int_out(s) {
+                // Integer division truncates.
+                head.push(EpiOp::Unary("a = trunc(a);".into()));
             }
         } else {
             return Err(format!("op {}", self.op(s)));
@@ -1341,6 +1580,9 @@ impl<'g, 'a> Builder<'g, 'a> {
                     self.pool(s)?
                 }
                 "Softmax" | "LogSoftmax" => self.softmax(s)?,
+                "Transpose" => self.transpose(s)?,
+                "Slice" | "Split" => self.slices(s)?,
+                "Resize" => self.resize(s)?,
                 "Concat" => self.concat(s)?,
                 "Cast" if self.dev_in(s, 0).is_ok() && self.same.contains_key(&self.out0(s)?) => {
                     let x = self.dev_in(s, 0)?;
