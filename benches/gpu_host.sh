@@ -7,8 +7,9 @@
 #   EDGEPACK_BIN=target/release/edgepack [WRK=wrk] benches/gpu_host.sh [LOG_DIR]
 #
 # Needs: the edgepack binary (gpu feature, the default), wrk, python3 with numpy, onnx, onnxruntime, fastapi and
-# uvicorn. DURATION (s per load cell, default 5), RUNS (timed runs per engine cell, default 30), MAX_BATCH
-# (default 32) and WRK_THREADS (default 4) tune it.
+# uvicorn (and, for the PyTorch eager rows, torch with CUDA and onnx2torch). DURATION (s per load cell, default 5),
+# RUNS (timed runs per engine cell, default 30), BATCHES (default 1,8,32,128), MAX_BATCH (default 32) and
+# WRK_THREADS (default 4) tune it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${1:-$(mktemp -d)}
@@ -34,8 +35,14 @@ timeout 180 "$BIN" run assets/models/efficientnet_lite0_fp32.onnx assets/photos/
   --device gpu --json > "$LOG/smoke.json" 2> "$LOG/smoke.err" || { cat "$LOG/smoke.err" >&2; exit 1; }
 head -c 600 "$LOG/smoke.json"; echo
 step "engine: GPU vs CPU backends vs onnxruntime"
-timeout 240 python3 benches/peers/gpu_host.py --runs "$RUNS" --f16 --md BENCHMARKS.md 2>&1 | tee "$LOG/engine.log"
+# PyTorch eager rows when torch with CUDA and onnx2torch import (the wheel travels: see benches/peers/torch_eager.py).
+TORCH=""
+python3 -c 'import torch, onnx2torch; assert torch.cuda.is_available()' 2>/dev/null && TORCH="--torch"
+timeout 420 python3 benches/peers/gpu_host.py --batches "${BATCHES:-1,8,32,128}" --runs "$RUNS" --f16 $TORCH \
+  --md BENCHMARKS.md 2>&1 | tee "$LOG/engine.log"
 engine=$?
+step "fused programs vs the step-by-step path, with device counters"
+timeout 300 python3 benches/gpu_fused.py --runs "$RUNS" --slow-runs 5 2>&1 | tee "$LOG/fused.log"
 step "serve: edgepack serve --device gpu vs FastAPI + onnxruntime"
 timeout 330 python3 benches/peers/serve_load.py --device gpu --binary --max-batch "$MAX_BATCH" \
   --wrk-threads "$WRK_THREADS" --duration "$DURATION" --md BENCHMARKS.md 2>&1 | tee "$LOG/serve.log"

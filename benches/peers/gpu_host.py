@@ -58,6 +58,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--f16", action="store_true", help="also the GPU backend at f16 (adapters with shader-f16)")
     ap.add_argument("--no-ort", action="store_true", help="leave onnxruntime out")
+    ap.add_argument("--torch", action="store_true",
+                    help="also PyTorch eager on CUDA (fp32 and fp16) through onnx2torch (benches/peers/torch_eager.py)")
     ap.add_argument("--md", help="BENCHMARKS.md to update")
     a = ap.parse_args()
     gpu = adapter()
@@ -83,17 +85,37 @@ def main():
                 r = fn()
                 rows.append({"model": label, "target": name, "batch": b, "p50_ms": r["p50_ms"],
                              "throughput_per_s": r["throughput_per_s"], "load_ms": r.get("load_ms"),
-                             "first_run_ms": r.get("first_run_ms"), "backend": (r.get("backend") or {}).get("description") if isinstance(r.get("backend"), dict) else r.get("backend")})
+                             "first_run_ms": r.get("first_run_ms"), "backend": (r.get("backend") or {}).get("description") if isinstance(r.get("backend"), dict) else r.get("backend"),
+                             "dispatches": r.get("gpu_dispatches_per_run")})
                 print(json.dumps(rows[-1]), flush=True)
+        if a.torch and label == "fp32":
+            # The same batch-free ONNX file in PyTorch eager on CUDA (its own process: torch is heavy).
+            for f16 in (False, True):
+                cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "torch_eager.py"),
+                       ort_model or free_batch_copy(model, os.path.join(work, "torch.onnx")), "--batches", a.batches,
+                       "--runs", str(a.runs), "--warmup", str(a.warmup)] + (["--f16"] if f16 else [])
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode != 0:
+                    print(f"PyTorch eager skipped: {r.stderr.strip()[-300:]}", flush=True)
+                    break
+                for line in r.stdout.splitlines():
+                    t = json.loads(line)
+                    rows.append({"model": label, "target": f"pytorch eager cuda {t['precision']}", "batch": t["batch"],
+                                 "p50_ms": t["p50_ms"], "throughput_per_s": t["throughput_per_s"], "load_ms": None,
+                                 "first_run_ms": None, "backend": "torch", "dispatches": None})
+                    print(json.dumps(rows[-1]), flush=True)
     tp = {(r["model"], r["target"], r["batch"]): r["throughput_per_s"] for r in rows}
     opt = lambda v: "—" if v is None else f"{v:.0f}"  # noqa: E731
-    lines = ["| model | target | batch | p50 ms | samples/s | ÷ edgepack cpu | ÷ own batch 1 | load ms | first run ms |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | target | batch | p50 ms | samples/s | ÷ edgepack cpu | ÷ own batch 1 | load ms | first run ms | "
+             "dispatches |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         m, t, b = r["model"], r["target"], r["batch"]
+        own1 = tp.get((m, t, 1))
         lines.append(f"| {m} | {t} | {b} | {r['p50_ms']:.2f} | {tp[m, t, b]:.0f} | "
-                     f"{tp[m, t, b] / tp[m, 'edgepack cpu', b]:.2f}× | {tp[m, t, b] / tp[m, t, 1]:.2f}× | "
-                     f"{opt(r['load_ms'])} | {opt(r['first_run_ms'])} |")
+                     f"{tp[m, t, b] / tp[m, 'edgepack cpu', b]:.2f}× | "
+                     f"{'—' if own1 is None else f'{tp[m, t, b] / own1:.2f}×'} | "
+                     f"{opt(r['load_ms'])} | {opt(r['first_run_ms'])} | {opt(r.get('dispatches'))} |")
     top = max(batches)
     summary = [f"- {m}: GPU backend at batch {top} / batch 1: "
                f"**{tp[m, 'edgepack gpu', top] / tp[m, 'edgepack gpu', 1]:.2f}×** samples/s"
@@ -104,13 +126,15 @@ def main():
         cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | sed 's/.*: *//'"], capture_output=True,
                              text=True).stdout.strip()
         flags = "".join(f" --{k} {v}" for k, v in (("batches", a.batches), ("runs", a.runs)))
-        meta = (f"`python3 benches/peers/gpu_host.py{flags}{' --f16' if a.f16 else ''} --md {a.md}` on "
+        flags += (" --f16" if a.f16 else "") + (" --torch" if a.torch else "")
+        meta = (f"`python3 benches/peers/gpu_host.py{flags} --md {a.md}` on "
                 f"{gpu['name']} / {gpu['api']} ({gpu['device_type']}, driver {gpu['driver']}) with {os.cpu_count()} "
                 f"CPU cores ({cpu}); EfficientNet-Lite0, random input; `edgepack bench --free-batch` medians of "
                 f"{a.runs} runs after {a.warmup} warm-ups, samples/s over the timed runs (inputs uploaded and outputs "
                 "read back every run); onnxruntime's CPU execution provider with one intra-op thread per core on "
-                "the same file with a free batch dim. Load and first run include every shader compiled for that "
-                "input shape.")
+                "the same file with a free batch dim; PyTorch eager (with --torch): the same file through onnx2torch "
+                "on CUDA, channels-last, input copied in and output copied back every run. Load and first run "
+                "include every shader compiled for that input shape; dispatches: the fused program's per run.")
         mdtable.replace_between(a.md, BEGIN, END, f"{meta}\n\n{table}")
 
 
