@@ -145,3 +145,71 @@ impl Rng {
         (self.next() >> 40) as f32 / (1u64 << 24) as f32
     }
 }
+
+/// ONNX Resize along one axis: the input coordinate of output coordinate `xo` under `coord` (the
+/// `coordinate_transformation_mode`; anything unknown is `asymmetric`), computed in f64 as ONNX's reference does,
+/// with the unrounded output length (input × scale). `None` outside `tf_crop_and_resize`'s crop (`roi`: its start
+/// and end along this axis).
+pub fn resize_coord(coord: &str, xo: usize, len_in: usize, len_out: usize, scale: f64, roi: (f64, f64)) -> Option<f64> {
+    let (i_in, o, xr) = (len_in as f64, len_in as f64 * scale, xo as f64);
+    Some(match coord {
+        "half_pixel" => (xr + 0.5) / scale - 0.5,
+        "half_pixel_symmetric" => {
+            let adj = len_out as f64 / o;
+            let center = i_in / 2.0;
+            center * (1.0 - adj) + (xr + 0.5) / scale - 0.5
+        }
+        "pytorch_half_pixel" => {
+            if len_out > 1 {
+                (xr + 0.5) / scale - 0.5
+            } else {
+                0.0
+            }
+        }
+        "align_corners" => {
+            if len_out == 1 {
+                0.0
+            } else {
+                xr * (i_in - 1.0) / (o - 1.0)
+            }
+        }
+        "tf_half_pixel_for_nn" => (xr + 0.5) / scale,
+        "tf_crop_and_resize" => {
+            let x = if len_out > 1 {
+                roi.0 * (i_in - 1.0) + xr * (roi.1 - roi.0) * (i_in - 1.0) / (o - 1.0)
+            } else {
+                0.5 * (roi.0 + roi.1) * (i_in - 1.0)
+            };
+            if x < 0.0 || x > i_in - 1.0 {
+                return None;
+            }
+            x
+        }
+        _ => xr / scale,
+    })
+}
+
+/// ONNX Resize `nearest`: the input index of coordinate `x` under `mode` (the `nearest_mode`; anything unknown is
+/// `round_prefer_floor`), before clamping into the input.
+pub fn resize_nearest(mode: &str, x: f64) -> f64 {
+    let f = x.floor();
+    let half = x - f == 0.5;
+    match mode {
+        "round_prefer_ceil" => {
+            if half {
+                x.ceil()
+            } else {
+                x.round()
+            }
+        }
+        "floor" => f,
+        "ceil" => x.ceil(),
+        _ => {
+            if half {
+                f
+            } else {
+                x.round()
+            }
+        }
+    }
+}

@@ -27,6 +27,7 @@ use edgepack_onnx::{NodeExt, NodeProto};
 
 use super::device::GpuDevice;
 use super::ops::{conv_pads, ints_or};
+use edgepack_kernels::reference::{resize_coord, resize_nearest};
 
 thread_local! {
     /// Bytes of the buffers this module created on this thread (load and run alike): a run's allocation is the
@@ -1290,7 +1291,7 @@ impl<'g, 'a> Builder<'g, 'a> {
     }
 
     /// Resize in `nearest` mode: each output coordinate's input coordinate from ONNX's coordinate transformation
-    /// and nearest mode, computed here in f32 as onnxruntime does, as per-dimension tables.
+    /// and nearest mode (`kernels::reference`, as the interpreter), as per-dimension tables.
     fn resize(&mut self, s: usize) -> R<()> {
         let node = self.g.steps[s].node;
         let x = self.dev_in(s, 0)?;
@@ -1318,51 +1319,12 @@ impl<'g, 'a> Builder<'g, 'a> {
         let mut maps = Vec::new();
         for d in 0..xs.len() {
             let (inp, outp) = (xs[d], os[d]);
-            let scale = scales.as_ref().map_or(outp as f32 / inp as f32, |v| v[d]);
+            let scale = scales.as_ref().map_or(outp as f64 / inp as f64, |v| v[d] as f64);
             let mut m = Vec::with_capacity(outp);
             for c in 0..outp {
-                let c = c as f32;
-                let xo = match ctm {
-                    "half_pixel" => (c + 0.5) / scale - 0.5,
-                    "asymmetric" => c / scale,
-                    "pytorch_half_pixel" => {
-                        if outp > 1 {
-                            (c + 0.5) / scale - 0.5
-                        } else {
-                            0.0
-                        }
-                    }
-                    "align_corners" => {
-                        if outp == 1 {
-                            0.0
-                        } else {
-                            c * (inp as f32 - 1.0) / (outp as f32 - 1.0)
-                        }
-                    }
-                    "tf_half_pixel_for_nn" => (c + 0.5) / scale,
-                    other => return Err(format!("Resize coordinate_transformation_mode {other}")),
-                };
-                let half = xo - xo.floor() == 0.5;
-                let i = match nearest {
-                    "round_prefer_floor" => {
-                        if half {
-                            xo.floor()
-                        } else {
-                            xo.round()
-                        }
-                    }
-                    "round_prefer_ceil" => {
-                        if half {
-                            xo.ceil()
-                        } else {
-                            xo.round()
-                        }
-                    }
-                    "floor" => xo.floor(),
-                    "ceil" => xo.ceil(),
-                    other => return Err(format!("Resize nearest_mode {other}")),
-                };
-                m.push(i.clamp(0.0, inp as f32 - 1.0) as u32);
+                // The interpreter's arithmetic (ONNX's reference, in f64).
+                let xo = resize_coord(ctm, c, inp, outp, scale, (0.0, 1.0)).ok_or("Resize outside its crop")?;
+                m.push(resize_nearest(nearest, xo).clamp(0.0, inp as f64 - 1.0) as u32);
             }
             maps.push(if inp == outp && m.iter().enumerate().all(|(i, &v)| v as usize == i) { None } else { Some(m) });
         }

@@ -2,6 +2,7 @@
 //! or scales (also computed at run time), axes and the aspect-ratio policies; separable, one axis at a time.
 use super::math::f64s;
 use super::*;
+use edgepack_kernels::reference::{resize_coord, resize_nearest};
 
 /// For one axis: per output coordinate, the (input index, weight) taps, or `None` outside the crop
 /// (tf_crop_and_resize's extrapolation).
@@ -16,68 +17,14 @@ struct Mode<'a> {
 }
 
 fn taps(m: &Mode, len_in: usize, len_out: usize, scale: f64, roi: (f64, f64)) -> Taps {
-    // The coordinate transforms use the unrounded output length (input × scale), as ONNX's reference does.
-    let (i_in, o) = (len_in as f64, len_in as f64 * scale);
+    let i_in = len_in as f64;
     (0..len_out)
         .map(|xo| {
-            let xr = xo as f64;
-            let x = match m.coord {
-                "half_pixel" => (xr + 0.5) / scale - 0.5,
-                "half_pixel_symmetric" => {
-                    let adj = len_out as f64 / o;
-                    let center = i_in / 2.0;
-                    center * (1.0 - adj) + (xr + 0.5) / scale - 0.5
-                }
-                "pytorch_half_pixel" => {
-                    if len_out > 1 {
-                        (xr + 0.5) / scale - 0.5
-                    } else {
-                        0.0
-                    }
-                }
-                "align_corners" => {
-                    if len_out == 1 {
-                        0.0
-                    } else {
-                        xr * (i_in - 1.0) / (o - 1.0)
-                    }
-                }
-                "tf_crop_and_resize" => {
-                    let x = if len_out > 1 {
-                        roi.0 * (i_in - 1.0) + xr * (roi.1 - roi.0) * (i_in - 1.0) / (o - 1.0)
-                    } else {
-                        0.5 * (roi.0 + roi.1) * (i_in - 1.0)
-                    };
-                    if x < 0.0 || x > i_in - 1.0 {
-                        return None;
-                    }
-                    x
-                }
-                _ => xr / scale, // asymmetric
-            };
+            let x = resize_coord(m.coord, xo, len_in, len_out, scale, roi)?;
             let clampi = |v: i64| v.clamp(0, len_in as i64 - 1) as usize;
             Some(match m.interp {
                 "nearest" => {
-                    let f = x.floor();
-                    let frac = x - f;
-                    let k = match m.nearest {
-                        "round_prefer_ceil" => {
-                            if frac == 0.5 {
-                                x.ceil()
-                            } else {
-                                x.round()
-                            }
-                        }
-                        "floor" => f,
-                        "ceil" => x.ceil(),
-                        _ => {
-                            if frac == 0.5 {
-                                f
-                            } else {
-                                x.round()
-                            }
-                        }
-                    };
+                    let k = resize_nearest(m.nearest, x);
                     vec![(clampi(k as i64), 1.0)]
                 }
                 "linear" => {
