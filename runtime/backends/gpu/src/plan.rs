@@ -697,7 +697,9 @@ impl GpuBackend {
             });
         }
         let graph = fused::Graph { steps: fsteps, shapes, dtypes, qweights, inputs, outputs, opset: self.opset };
-        let program = fused::compile(&graph, self.gpu)?;
+        // A defect in the compiler must not cost the model its GPU: it falls back to the step-by-step path.
+        let program = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fused::compile(&graph, self.gpu)))
+            .map_err(|_| "the fused compiler panicked".to_string())??;
         // Warm-up: the first run of the program (pipelines are compiled already; this faults the buffers in).
         let zeros: Vec<Option<Tensor>> = self
             .inputs
