@@ -608,7 +608,20 @@ impl<'g, 'a> Builder<'g, 'a> {
     /// Finishes a kernel writing `out_root`: declarations, the epilogue function, the body. Bodies read `t`
     /// (the invocation's index along x, clamped to the last valid one so that every invocation loads in bounds)
     /// and guard their stores with `ok`.
-    fn emit(&mut self, binds: Binds, epi: String, body: String, grid: Grid, out_root: usize, steps: &[usize]) -> R<()> {
+    /// `epi` (applied to outputs of shape `os`) is generated here, after the body's bindings; `steps` are the
+    /// step the kernel is for and the ones its epilogue covers.
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &mut self,
+        mut binds: Binds,
+        epi: &[EpiOp],
+        os: &[usize],
+        body: String,
+        grid: Grid,
+        out_root: usize,
+        steps: &[usize],
+    ) -> R<()> {
+        let epi = self.epi_code(&mut binds, epi, os)?;
         let (along_x, total) = match grid {
             Grid::Flat(n) => (n, n),
             Grid::Tiled(x, y, z) => (x, x * y as u64 * z as u64),
@@ -947,10 +960,7 @@ impl<'g, 'a> Builder<'g, 'a> {
             body = b;
             grid = Grid::Flat((oh * owb * gobg * n) as u64);
         }
-        let epi = self.epi_code(&mut binds, &epi, &os)?;
-        let mut steps = vec![s];
-        steps.extend(covered);
-        self.emit(binds, epi, body, grid, root, &steps)
+        self.emit(binds, &epi, &os, body, grid, root, &[&[s], &covered[..]].concat())
     }
 
     /// Gemm / MatMul with a constant right-hand side: `y[m, n] = Σ a[m, k] · w[k, n]` (+ bias in the epilogue).
@@ -1026,10 +1036,7 @@ impl<'g, 'a> Builder<'g, 'a> {
                 "  if (ok && nb * 4u + {j}u < {nn}u) {{ let i = m * {nn}u + nb * 4u + {j}u; y[i] = epi(acc[{j}], i); }}"
             );
         }
-        let epi = self.epi_code(&mut binds, &head, &os)?;
-        let mut steps = vec![s];
-        steps.extend(covered);
-        self.emit(binds, epi, body, Grid::Tiled(nb as u64, m as u32, 1), fin, &steps)
+        self.emit(binds, &head, &os, body, Grid::Tiled(nb as u64, m as u32, 1), fin, &[&[s], &covered[..]].concat())
     }
 
     fn pool(&mut self, s: usize) -> R<()> {
@@ -1109,10 +1116,7 @@ impl<'g, 'a> Builder<'g, 'a> {
                 if max { "m = max(m, v);" } else { "m = m + v;" }
             )
         };
-        let epi = self.epi_code(&mut binds, &epi, &os)?;
-        let mut steps = vec![s];
-        steps.extend(covered);
-        self.emit(binds, epi, body, Grid::Flat(numel(&os) as u64), fin, &steps)
+        self.emit(binds, &epi, &os, body, Grid::Flat(numel(&os) as u64), fin, &[&[s], &covered[..]].concat())
     }
 
     fn softmax(&mut self, s: usize) -> R<()> {
@@ -1147,10 +1151,7 @@ impl<'g, 'a> Builder<'g, 'a> {
             cols * inner,
             lit(f32::NEG_INFINITY)
         );
-        let epi = self.epi_code(&mut binds, &epi, &os)?;
-        let mut steps = vec![s];
-        steps.extend(covered);
-        self.emit(binds, epi, body, Grid::Flat(rows as u64), fin, &steps)
+        self.emit(binds, &epi, &os, body, Grid::Flat(rows as u64), fin, &[&[s], &covered[..]].concat())
     }
 
     /// A data movement: output element `t` (of `os`) reads input element `Σ_d map_d(c_d) · xstride[src_d]`,
@@ -1200,10 +1201,7 @@ impl<'g, 'a> Builder<'g, 'a> {
             body = body.replace("tb[", &format!("{tn}["));
         }
         let _ = writeln!(body, "  if (ok) {{ y[t] = epi({xn}[src], t); }}");
-        let epi = self.epi_code(&mut binds, &epi, &os)?;
-        let mut all = steps.to_vec();
-        all.extend(covered);
-        self.emit(binds, epi, body, Grid::Flat(numel(&os) as u64), fin, &all)
+        self.emit(binds, &epi, &os, body, Grid::Flat(numel(&os) as u64), fin, &[steps, &covered[..]].concat())
     }
 
     fn transpose(&mut self, s: usize) -> R<()> {
@@ -1364,18 +1362,13 @@ impl<'g, 'a> Builder<'g, 'a> {
         } else {
             return Err(format!("op {}", self.op(s)));
         }
-        let fs = self.operand_shape(&first)?;
         let (mut epi, fin, covered) = self.extend(out)?;
         head.append(&mut epi);
         self.root.insert(fin, fin);
         let mut binds = Binds::new();
         let load = self.operand_expr(&mut binds, &first, &os, "t")?;
-        let _ = fs;
         let body = format!("  if (ok) {{ y[t] = epi({load}, t); }}\n");
-        let epi = self.epi_code(&mut binds, &head, &os)?;
-        let mut steps = vec![s];
-        steps.extend(covered);
-        self.emit(binds, epi, body, Grid::Flat(numel(&os) as u64), fin, &steps)
+        self.emit(binds, &head, &os, body, Grid::Flat(numel(&os) as u64), fin, &[&[s], &covered[..]].concat())
     }
 
     fn concat(&mut self, s: usize) -> R<()> {
@@ -1426,7 +1419,7 @@ impl<'g, 'a> Builder<'g, 'a> {
                 let body = format!(
                     "  let j = t % {inner}u;\n  let o = t / {inner}u;\n  if (ok) {{ y[o * {total}u + {off}u + j] = {src}[o * {inner}u + j]; }}\n"
                 );
-                self.emit(binds, String::new(), body, Grid::Flat((outer * inner) as u64), root, &[s])?;
+                self.emit(binds, &[], &os, body, Grid::Flat((outer * inner) as u64), root, &[s])?;
             }
             off += inner;
         }

@@ -215,8 +215,6 @@ pub struct GpuBackend {
     weight_bytes: Mutex<(usize, usize)>,
     /// What the last run did on the device (fused plans only).
     counters: Mutex<Option<edgepack_backend::RunCounters>>,
-    /// Why the last plan built runs step by step, when it does.
-    fused_why: Mutex<Option<String>>,
 }
 
 const MAX_PLANS: usize = 8;
@@ -359,7 +357,6 @@ impl GpuBackend {
             fallback: OnceLock::new(),
             weight_bytes: Mutex::new((0, 0)),
             counters: Mutex::new(None),
-            fused_why: Mutex::new(None),
         })
     }
 
@@ -566,24 +563,21 @@ impl GpuBackend {
                 frees[i].push(s);
             }
         }
-        let (fused, fused_why) = match self.compile_fused(&steps, &env, host_inputs) {
+        let fused = match self.compile_fused(&steps, &env, host_inputs) {
             Ok(p) => {
                 // What a run uses: the program's constants (int8 weights packed four per word).
                 if let Ok(mut g) = self.weight_bytes.lock() {
                     *g = p.const_bytes;
                 }
-                (Some(p), None)
+                Some(p)
             }
             Err(why) => {
                 if std::env::var_os("EDGEPACK_GPU_DUMP").is_some() {
                     eprintln!("// not fused: {why}");
                 }
-                (None, Some(why))
+                None
             }
         };
-        if let Ok(mut g) = self.fused_why.lock() {
-            g.clone_from(&fused_why);
-        }
         let out_dtypes = self.outputs.iter().map(|&s| env[s].as_ref().map_or(DType::F32, Val::dtype)).collect();
         Ok(Plan { consts, steps, frees, fused, out_dtypes })
     }
@@ -746,11 +740,6 @@ impl GpuBackend {
     /// What the last run did on the device, when its plan is fused.
     pub fn last_counters(&self) -> Option<edgepack_backend::RunCounters> {
         self.counters.lock().ok().and_then(|g| *g)
-    }
-
-    /// Why the last plan built runs step by step (`None`: it is fused).
-    pub fn unfused_reason(&self) -> Option<String> {
-        self.fused_why.lock().ok().and_then(|g| g.clone())
     }
 
     /// The plan for these input shapes and host-kept input values (parameters fed at run time: shapes, axes,
