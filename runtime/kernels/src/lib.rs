@@ -27,7 +27,7 @@ mod tests;
 #[allow(unused_macros)]
 macro_rules! unroll {
     ($n:expr, $i:ident => $body:block) => {{
-        unroll!(@ $n, $i, $body, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+        unroll!(@ $n, $i, $body, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23);
     }};
     (@ $n:expr, $i:ident, $body:block, $($k:literal)*) => {
         $(

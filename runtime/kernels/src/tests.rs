@@ -45,7 +45,7 @@ fn random_conv(r: &mut Rng, kind: usize, big: bool) -> Option<(QConvSpec, Conv2d
             c_in = pick(r, &[1, 3, 8, 16, 17, 32, 40, 64, 72, 96, 130, 144, 240]);
             c_out = c_in;
             group = c_in;
-            let k = pick(r, &[3, 5]);
+            let k = pick(r, &[3, 5, 7]);
             kernel = [k, pick(r, &[k, 1])];
             stride = [r.range(1, 2) as usize, r.range(1, 2) as usize];
             dilation = [r.range(1, 2) as usize, r.range(1, 2) as usize];
@@ -406,6 +406,49 @@ fn fconv_kernels_equal_a_direct_loop_for_every_isa_and_thread_split() {
             super::with_threads(2, || {
                 check_fconv(&mut r, case % 3, true, isa, &format!("{isa:?} threaded case {case}"))
             });
+        }
+    }
+}
+
+/// Float depthwise rows of every width from 1 to 19 (full pixel blocks, tails of 1–7, rows shorter than the
+/// kernel), kernels 3/5/7 × strides 1/2 × symmetric and one-sided pads, channel counts with and without a last
+/// partial vector, against the direct loop.
+#[test]
+fn fconv_depthwise_rows_of_every_width() {
+    let mut r = Rng(0xd3_0000);
+    for &isa in &Isa::available() {
+        for k in [3, 5, 7] {
+            for stride in [1, 2] {
+                for (w, c) in (1..20).zip([16, 17, 40, 48, 3].into_iter().cycle()) {
+                    let pads = if w % 2 == 0 { [k / 2; 4] } else { [0, 0, k / 2, k / 2] };
+                    let geom = ConvGeometry {
+                        c_in: c,
+                        c_out: c,
+                        group: c,
+                        kernel: [k, k],
+                        stride: [stride; 2],
+                        dilation: [1, 1],
+                        pads,
+                    };
+                    let h = k.max(3);
+                    let spec = FConvSpec {
+                        geom,
+                        weights: (0..c * k * k).map(|_| r.unit() - 0.5).collect(),
+                        bias: Some((0..c).map(|_| r.unit() - 0.5).collect()),
+                        clamp: [f32::NEG_INFINITY, f32::INFINITY],
+                    };
+                    let conv = FConv::new(spec.clone(), isa).unwrap();
+                    let Some((oh, ow)) = conv.output_hw(h, w) else { continue };
+                    let x: Vec<f32> = (0..h * w * c).map(|_| r.unit() * 2.0 - 1.0).collect();
+                    let (want, mag) = fconv_reference(&spec, &x, [1, h, w]);
+                    let mut got = vec![f32::NAN; oh * ow * c];
+                    conv.run(&x, 1, h, w, &mut got).unwrap();
+                    for (i, ((&g, &e), &m)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                        let what = format!("{isa:?} k{k} s{stride} w{w} c{c} element {i}");
+                        assert!((g as f64 - e).abs() <= 1e-5 * (1.0 + m), "{what}: {g} vs {e}");
+                    }
+                }
+            }
         }
     }
 }

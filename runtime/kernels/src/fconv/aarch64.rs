@@ -104,8 +104,9 @@ unsafe fn tile<const MR: usize, const OFF: bool>(
     }
 }
 
-/// One output row of a float depthwise convolution (see `FConv::depthwise_row`): 8 channels (two vectors) × up
-/// to 8 output pixels per pass over the taps, so each weight load serves every pixel of the block. Pixels whose
+/// One output row of a float depthwise convolution (see `FConv::depthwise_row`). Kernels 3 or 5 wide with
+/// dilation 1 (stride 1 or 2) slide along the row (`dw_slide_row`); others take 8 channels (two vectors) × up to
+/// 8 output pixels per pass over the taps, so each weight load serves every pixel of the block, and pixels whose
 /// window leaves the readable columns (and taps on null rows, the top/bottom padding) skip the taps outside.
 /// Channels past the last multiple of 4 run scalar.
 ///
@@ -123,6 +124,19 @@ pub(crate) unsafe fn depthwise_row(
     let inner = d.inner();
     let full = d.c / 4 * 4;
     unsafe {
+        let slide = match d.slide_shape() {
+            Some((3, 1)) => Some(dw_slide_row::<3, 1> as SlideRow),
+            Some((3, 2)) => Some(dw_slide_row::<3, 2> as SlideRow),
+            Some((5, 1)) => Some(dw_slide_row::<5, 1> as SlideRow),
+            Some((5, 2)) => Some(dw_slide_row::<5, 2> as SlideRow),
+            // Other widths (7 would spill: 14 weight vectors + 16 accumulators) and dilations: tap by tap.
+            _ => None,
+        };
+        if let Some(row) = slide {
+            row(d, wt, cpad, bias, clamp, full, yrow);
+            super::depthwise_scalar(d, wt, cpad, bias, clamp, full..d.c, yrow);
+            return;
+        }
         let mut c0 = 0;
         while c0 < full {
             let nv = if full - c0 >= 8 { 2 } else { 1 };
@@ -153,6 +167,118 @@ pub(crate) unsafe fn depthwise_row(
             c0 += 4 * nv;
         }
         super::depthwise_scalar(d, wt, cpad, bias, clamp, full..d.c, yrow);
+    }
+}
+
+/// Channels `0..full` of one output row of a `KW`-wide kernel with stride `S` and dilation 1: blocks of 8 output
+/// pixels (a last block of 5–7 pixels computed as 8, one of 1–4 as 4, the missing pixels never stored), each
+/// through the channels in slabs of two vectors (a last odd vector alone), so the input is read in address
+/// order.
+#[target_feature(enable = "neon")]
+unsafe fn dw_slide_row<const KW: usize, const S: usize>(
+    d: &Dw<f32>,
+    wt: &[f32],
+    cpad: usize,
+    bias: &[f32],
+    clamp: [f32; 2],
+    full: usize,
+    yrow: &mut [f32],
+) {
+    let inner = d.inner();
+    let mut ox = 0;
+    unsafe {
+        while ox < d.ow {
+            let n = (d.ow - ox).min(8);
+            let r = if n > 4 { 8 } else { 4 };
+            // A block reading outside the readable columns, or partly past the row's end, checks each input.
+            let edge = ox < inner.start || ox + r > inner.end;
+            let mut c0 = 0;
+            while c0 < full {
+                let two = full - c0 >= 8;
+                macro_rules! block {
+                    ($nv:literal, $r:literal, $edge:literal) => {
+                        dw_slide::<$nv, $r, KW, S, $edge>(d, wt, cpad, bias, clamp, c0, ox, n, yrow)
+                    };
+                }
+                match (two, r, edge) {
+                    (true, 8, false) => block!(2, 8, false),
+                    (true, 8, true) => block!(2, 8, true),
+                    (true, _, false) => block!(2, 4, false),
+                    (true, _, true) => block!(2, 4, true),
+                    (false, 8, false) => block!(1, 8, false),
+                    (false, 8, true) => block!(1, 8, true),
+                    (false, _, false) => block!(1, 4, false),
+                    (false, _, true) => block!(1, 4, true),
+                }
+                c0 += if two { 8 } else { 4 };
+            }
+            ox += n;
+        }
+    }
+}
+
+/// A sliding row kernel of one kernel width and stride.
+type SlideRow = unsafe fn(&Dw<f32>, &[f32], usize, &[f32], [f32; 2], usize, &mut [f32]);
+
+/// `R` output pixels from `ox` × `NV` vectors of channels from `c0`, sliding along each kernel row: the
+/// `(R−1)·S + KW` input pixels the block's windows cover are loaded once each and multiplied into every
+/// accumulator whose window holds them, that kernel row's `KW` weight vectors kept in registers (per kernel row
+/// `((R−1)·S + 2·KW)·NV` loads for `R·KW·NV` multiply-adds). With `EDGE`, input pixels outside the readable
+/// columns count as zeros and only the first `n` pixels are stored.
+#[inline]
+#[target_feature(enable = "neon")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dw_slide<const NV: usize, const R: usize, const KW: usize, const S: usize, const EDGE: bool>(
+    d: &Dw<f32>,
+    wt: &[f32],
+    cpad: usize,
+    bias: &[f32],
+    clamp: [f32; 2],
+    c0: usize,
+    ox: usize,
+    n: usize,
+    yrow: &mut [f32],
+) {
+    let kh = d.taps.len() / KW;
+    let c = d.c;
+    unsafe {
+        let bv: [float32x4_t; NV] = std::array::from_fn(|j| vld1q_f32(bias.as_ptr().add(c0 + 4 * j)));
+        let mut acc = [bv; R];
+        let base = ox * d.step;
+        let zero = vdupq_n_f32(0.0);
+        for ky in 0..kh {
+            let row = *d.rows.get_unchecked(ky);
+            if row.is_null() {
+                continue;
+            }
+            let wrow = wt.as_ptr().add(ky * KW * cpad + c0);
+            let w: [[float32x4_t; NV]; KW] =
+                std::array::from_fn(|kx| std::array::from_fn(|j| vld1q_f32(wrow.add(kx * cpad + 4 * j))));
+            let mut src = row.wrapping_add(base + c0);
+            unroll!((R - 1) * S + KW, p => {
+                let live = !EDGE || d.readable(base + p * c);
+                let x: [float32x4_t; NV] =
+                    std::array::from_fn(|j| if live { vld1q_f32(src.wrapping_add(4 * j)) } else { zero });
+                unroll!(R, r => {
+                    if p >= S * r && p - S * r < KW {
+                        let kx = p - S * r;
+                        unroll!(NV, j => {
+                            acc[r][j] = vfmaq_f32(acc[r][j], x[j], w[kx][j]);
+                        });
+                    }
+                });
+                src = src.wrapping_add(c);
+            });
+        }
+        let (lo, hi) = (vdupq_n_f32(clamp[0]), vdupq_n_f32(clamp[1]));
+        let dst = yrow.as_mut_ptr().add(ox * c + c0);
+        unroll!(R, r => {
+            if !EDGE || r < n {
+                unroll!(NV, j => {
+                    vst1q_f32(dst.add(r * c + 4 * j), vminq_f32(hi, vmaxq_f32(lo, acc[r][j])));
+                });
+            }
+        });
     }
 }
 

@@ -211,6 +211,22 @@ pub(crate) unsafe fn depthwise_row(
 ) {
     unsafe {
         if isa >= Isa::Avx512Vnni {
+            macro_rules! slide {
+                ($kw:literal, $s:literal) => {{
+                    dw_512_slide_row::<$kw, $s>(d, wt, cpad, bias, clamp, yrow);
+                    return;
+                }};
+            }
+            match d.slide_shape() {
+                Some((3, 1)) => slide!(3, 1),
+                Some((3, 2)) => slide!(3, 2),
+                Some((5, 1)) => slide!(5, 1),
+                Some((5, 2)) => slide!(5, 2),
+                Some((7, 1)) => slide!(7, 1),
+                Some((7, 2)) => slide!(7, 2),
+                // Other widths and dilations: tap by tap.
+                _ => {}
+            }
             let inner = d.inner();
             let mut c0 = 0;
             while c0 < d.c {
@@ -226,6 +242,132 @@ pub(crate) unsafe fn depthwise_row(
         } else {
             dw_avx2(d, wt, cpad, bias, clamp, yrow)
         }
+    }
+}
+
+/// One output row of a `KW`-wide kernel with stride `S` and dilation 1: blocks of 8 output pixels (a last block
+/// of 5–7 pixels computed as 8, one of 1–4 as 4, the missing pixels never stored), each through all channels in
+/// slabs of two vectors (a last odd vector alone, the last vector masked), so the input is read in address order.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn dw_512_slide_row<const KW: usize, const S: usize>(
+    d: &Dw<f32>,
+    wt: &[f32],
+    cpad: usize,
+    bias: &[f32],
+    clamp: [f32; 2],
+    yrow: &mut [f32],
+) {
+    let mask = |c0: usize| {
+        let left = d.c.saturating_sub(c0).min(16);
+        if left == 16 { u16::MAX } else { (1u16 << left) - 1 }
+    };
+    let inner = d.inner();
+    let mut ox = 0;
+    unsafe {
+        while ox < d.ow {
+            let n = (d.ow - ox).min(8);
+            let r = if n > 4 { 8 } else { 4 };
+            // A block reading outside the readable columns, or partly past the row's end, checks each input.
+            let edge = ox < inner.start || ox + r > inner.end;
+            let mut c0 = 0;
+            while c0 < d.c {
+                macro_rules! block {
+                    ($nv:literal, $r:literal, $edge:literal) => {
+                        dw_512_slide::<$nv, $r, KW, S, $edge>(
+                            d,
+                            wt,
+                            cpad,
+                            bias,
+                            clamp,
+                            c0,
+                            &std::array::from_fn(|j| mask(c0 + 16 * j)),
+                            ox,
+                            n,
+                            yrow,
+                        )
+                    };
+                }
+                let two = d.c - c0 > 16;
+                match (two, r, edge) {
+                    (true, 8, false) => block!(2, 8, false),
+                    (true, 8, true) => block!(2, 8, true),
+                    (true, _, false) => block!(2, 4, false),
+                    (true, _, true) => block!(2, 4, true),
+                    (false, 8, false) => block!(1, 8, false),
+                    (false, 8, true) => block!(1, 8, true),
+                    (false, _, false) => block!(1, 4, false),
+                    (false, _, true) => block!(1, 4, true),
+                }
+                c0 += if two { 32 } else { 16 };
+            }
+            ox += n;
+        }
+    }
+}
+
+/// `R` output pixels from `ox` × `NV` channel vectors from `c0`, sliding along each kernel row: the `(R−1)·S + KW`
+/// input pixels the block's windows cover are loaded once each and multiplied into every accumulator whose
+/// window holds them, with that kernel row's `KW` weight vectors kept in registers. Per kernel row that is
+/// `((R−1)·S + 2·KW)·NV` loads for `R·KW·NV` multiply-adds (the tap-by-tap block loads once per multiply-add).
+/// With `EDGE`, input pixels outside the readable columns load nothing (an empty mask gives zeros); only the
+/// first `n` pixels are stored.
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dw_512_slide<const NV: usize, const R: usize, const KW: usize, const S: usize, const EDGE: bool>(
+    d: &Dw<f32>,
+    wt: &[f32],
+    cpad: usize,
+    bias: &[f32],
+    clamp: [f32; 2],
+    c0: usize,
+    masks: &[u16; NV],
+    ox: usize,
+    n: usize,
+    yrow: &mut [f32],
+) {
+    let kh = d.taps.len() / KW;
+    let c = d.c;
+    unsafe {
+        let bv: [__m512; NV] = std::array::from_fn(|j| _mm512_loadu_ps(bias.as_ptr().add(c0 + 16 * j)));
+        let mut acc = [bv; R];
+        let base = ox * d.step;
+        for ky in 0..kh {
+            let row = *d.rows.get_unchecked(ky);
+            if row.is_null() {
+                continue;
+            }
+            let wrow = wt.as_ptr().add(ky * KW * cpad + c0);
+            let w: [[__m512; NV]; KW] =
+                std::array::from_fn(|kx| std::array::from_fn(|j| _mm512_loadu_ps(wrow.add(kx * cpad + 16 * j))));
+            let mut src = row.wrapping_add(base + c0);
+            unroll!((R - 1) * S + KW, p => {
+                let live = !EDGE || d.readable(base + p * c);
+                let x: [__m512; NV] = std::array::from_fn(|j| {
+                    _mm512_maskz_loadu_ps(if live { masks[j] } else { 0 }, src.wrapping_add(16 * j))
+                });
+                unroll!(R, r => {
+                    if p >= S * r && p - S * r < KW {
+                        let kx = p - S * r;
+                        unroll!(NV, j => {
+                            acc[r][j] = _mm512_fmadd_ps(x[j], w[kx][j], acc[r][j]);
+                        });
+                    }
+                });
+                src = src.wrapping_add(c);
+            });
+        }
+        let (lo, hi) = (_mm512_set1_ps(clamp[0]), _mm512_set1_ps(clamp[1]));
+        let dst = yrow.as_mut_ptr().add(ox * c + c0);
+        unroll!(R, r => {
+            if !EDGE || r < n {
+                unroll!(NV, j => {
+                    let v = _mm512_min_ps(hi, _mm512_max_ps(lo, acc[r][j]));
+                    _mm512_mask_storeu_ps(dst.add(r * c + 16 * j), masks[j], v);
+                });
+            }
+        });
     }
 }
 

@@ -418,6 +418,17 @@ impl<T> Dw<'_, T> {
         taps.iter().map(|&(ky, off)| self.rows[ky].wrapping_add(off)).collect()
     }
 
+    /// `(kw, stride)` when the taps along a kernel row are one pixel apart (dilation 1 in width): the shape the
+    /// sliding float depthwise kernels take.
+    #[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+    pub fn slide_shape(&self) -> Option<(usize, usize)> {
+        let kh = self.taps.last().map_or(1, |&(ky, _)| ky + 1);
+        let kw = self.taps.len() / kh;
+        let stride = self.step / self.c;
+        let dil1 = kw == 1 || self.taps[1].1 == self.c;
+        (dil1 && stride * self.c == self.step).then_some((kw, stride))
+    }
+
     /// Output pixels whose every tap lies in the readable columns: `lo..hi` (empty when none).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub fn inner(&self) -> std::ops::Range<usize> {
