@@ -65,3 +65,58 @@ pub(crate) unsafe fn quantize(x: &[f32], s: f32, z: u8, out: &mut [u8]) -> usize
     }
     n
 }
+
+/// One pixel of a float max pooling (see `qelem::MaxPixel`): channels in blocks of 16 (four vectors); returns
+/// how many (the rest run scalar). `vmaxnmq` returns the number when one operand is NaN, so a NaN never enters
+/// the max.
+///
+/// # Safety
+/// See `qelem::MaxPixel` (NEON is part of every aarch64 level).
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn maxpool_px_f32(x: *const f32, cells: &[usize], c: usize, dst: *mut f32) -> usize {
+    let full = c / 16 * 16;
+    let mut c0 = 0;
+    unsafe {
+        while c0 < full {
+            let mut acc = [vdupq_n_f32(f32::NEG_INFINITY); 4];
+            for &at in cells {
+                let p = x.add(at + c0);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = vmaxnmq_f32(*a, vld1q_f32(p.add(4 * j)));
+                }
+            }
+            for (j, a) in acc.iter().enumerate() {
+                vst1q_f32(dst.add(c0 + 4 * j), *a);
+            }
+            c0 += 16;
+        }
+    }
+    full
+}
+
+/// One pixel of a uint8 max pooling (see `qelem::MaxPixel`): channels in blocks of 64 (four vectors); returns how
+/// many (the rest run scalar).
+///
+/// # Safety
+/// See `qelem::MaxPixel` (NEON is part of every aarch64 level).
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn maxpool_px_u8(x: *const u8, cells: &[usize], c: usize, dst: *mut u8) -> usize {
+    let full = c / 64 * 64;
+    let mut c0 = 0;
+    unsafe {
+        while c0 < full {
+            let mut acc = [vdupq_n_u8(0); 4];
+            for &at in cells {
+                let p = x.add(at + c0);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = vmaxq_u8(*a, vld1q_u8(p.add(16 * j)));
+                }
+            }
+            for (j, a) in acc.iter().enumerate() {
+                vst1q_u8(dst.add(c0 + 16 * j), *a);
+            }
+            c0 += 64;
+        }
+    }
+    full
+}

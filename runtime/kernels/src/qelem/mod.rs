@@ -102,6 +102,45 @@ pub fn quantize_nchw_to_nhwc(isa: Isa, x: &[f32], [n, c, h, w]: [usize; 4], q: Q
     });
 }
 
+/// `y[b][j][i] = x[b][i][j]` for `rows` ≤ 4 planes of `cols` values, in chunks of columns split across the pool.
+fn interleave_planes<T: Copy + Send + Sync>(x: &[T], n: usize, rows: usize, cols: usize, y: &mut [T]) {
+    const CHUNK: usize = 4096;
+    let chunks = cols.div_ceil(CHUNK);
+    let items = n * chunks;
+    let parts = (super::threads() * 2).min(items).min((n * rows * cols / 65_536).max(1));
+    let per = items.div_ceil(parts);
+    let y_addr = y.as_mut_ptr() as usize;
+    super::for_each_part(parts, |part| {
+        for item in part * per..((part + 1) * per).min(items) {
+            let (b, j0) = (item / chunks, (item % chunks) * CHUNK);
+            let len = (cols - j0).min(CHUNK);
+            let plane = |i: usize| &x[(b * rows + i) * cols + j0..][..len];
+            // SAFETY: columns j0..j0+len of image b are written by this part only.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut((y_addr as *mut T).add((b * cols + j0) * rows), len * rows) };
+            match rows {
+                1 => dst.copy_from_slice(plane(0)),
+                2 => {
+                    for ((d, &a), &b) in dst.chunks_exact_mut(2).zip(plane(0)).zip(plane(1)) {
+                        d.copy_from_slice(&[a, b]);
+                    }
+                }
+                3 => {
+                    for (((d, &a), &b), &c) in dst.chunks_exact_mut(3).zip(plane(0)).zip(plane(1)).zip(plane(2)) {
+                        d.copy_from_slice(&[a, b, c]);
+                    }
+                }
+                _ => {
+                    let (p0, p1, p2, p3) = (plane(0), plane(1), plane(2), plane(3));
+                    for ((((d, &a), &b), &c), &e) in dst.chunks_exact_mut(4).zip(p0).zip(p1).zip(p2).zip(p3) {
+                        d.copy_from_slice(&[a, b, c, e]);
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// Max pooling geometry (NHWC).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Pool2d {
@@ -136,21 +175,48 @@ impl Pool2d {
 /// Max pooling on raw uint8 values, then `table` (the requantization to the output's parameters; monotonic, so
 /// it commutes with the max). Window cells outside the input are skipped.
 pub fn maxpool(x: &[u8], dims: [usize; 4], g: Pool2d, table: &[u8; 256], out: &mut [u8]) -> Option<()> {
-    maxpool_with(x, dims, g, 0, u8::max, |a| table[a as usize], out)
+    #[allow(unused_mut, unused_assignments)]
+    let mut simd: Option<MaxPixel<u8>> = None;
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512bw") {
+        simd = Some(x86::maxpool_px_u8);
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        simd = Some(aarch64::maxpool_px_u8);
+    }
+    maxpool_with(x, dims, g, 0, simd, |a| table[a as usize], out)
 }
 
-/// Float max pooling on NHWC (window cells outside the input are skipped, as in onnxruntime).
+/// Float max pooling on NHWC (window cells outside the input are skipped, as in onnxruntime; a NaN never wins).
 pub fn maxpool_f32(x: &[f32], dims: [usize; 4], g: Pool2d, out: &mut [f32]) -> Option<()> {
-    // `v > a` keeps the first NaN out of the max and compiles to `maxps` (f32::max's NaN handling does not).
-    maxpool_with(x, dims, g, f32::NEG_INFINITY, |a, v| if v > a { v } else { a }, |a| a, out)
+    #[allow(unused_mut, unused_assignments)]
+    let mut simd: Option<MaxPixel<f32>> = None;
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        simd = Some(x86::maxpool_px_f32);
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        simd = Some(aarch64::maxpool_px_f32);
+    }
+    maxpool_with(x, dims, g, f32::NEG_INFINITY, simd, |a| a, out)
 }
 
-fn maxpool_with<T: Copy + Send + Sync>(
+/// A per-ISA kernel for one output pixel of a max pooling: the max over the window's `cells` (offsets of the
+/// window pixels' first channels in `x`) of the leading channels it handles (of `c`), written to `dst`; returns
+/// how many channels that was. The maxima stay in registers while the cells stream past.
+///
+/// # Safety
+/// The CPU has the kernel's ISA; `x + cell` addresses `c` readable values for every cell, `dst` `c` writable.
+pub(crate) type MaxPixel<T> = unsafe fn(x: *const T, cells: &[usize], c: usize, dst: *mut T) -> usize;
+
+fn maxpool_with<T: Copy + Send + Sync + PartialOrd>(
     x: &[T],
     [n, h, w, c]: [usize; 4],
     g: Pool2d,
     lowest: T,
-    max: impl Fn(T, T) -> T + Sync,
+    simd: Option<MaxPixel<T>>,
     finish: impl Fn(T) -> T + Sync,
     out: &mut [T],
 ) -> Option<()> {
@@ -160,37 +226,47 @@ fn maxpool_with<T: Copy + Send + Sync>(
     if !covered(oh, h, g.kernel[0], g.stride[0], g.pads[0]) || !covered(ow, w, g.kernel[1], g.stride[1], g.pads[1]) {
         return None;
     }
+    if x.len() < n * h * w * c || out.len() < n * oh * ow * c {
+        return None;
+    }
     let rows = n * oh;
     let work = rows * ow * c * g.kernel[0] * g.kernel[1];
     let parts = (super::threads() * 2).min(rows).min((work / 100_000).max(1));
     let per = rows.div_ceil(parts);
     let out_addr = out.as_mut_ptr() as usize;
+    // The cells of one window that lie inside the input, along one axis.
+    let inside = |o: usize, k: usize, s: usize, p: usize, len: usize| {
+        let first = (o * s) as isize - p as isize;
+        (first.max(0) as usize)..((first + k as isize).min(len as isize) as usize)
+    };
     super::for_each_part(parts, |part| {
-        let mut acc = vec![lowest; c];
+        let mut cells = Vec::with_capacity(g.kernel[0] * g.kernel[1]);
         for r in part * per..((part + 1) * per).min(rows) {
             let (b, oy) = (r / oh, r % oh);
+            let iy = inside(oy, g.kernel[0], g.stride[0], g.pads[0], h);
             for ox in 0..ow {
-                acc.fill(lowest);
-                for ky in 0..g.kernel[0] {
-                    let iy = (oy * g.stride[0] + ky) as isize - g.pads[0] as isize;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    for kx in 0..g.kernel[1] {
-                        let ix = (ox * g.stride[1] + kx) as isize - g.pads[1] as isize;
-                        if ix < 0 || ix >= w as isize {
-                            continue;
-                        }
-                        let src = &x[((b * h + iy as usize) * w + ix as usize) * c..][..c];
-                        for (a, &v) in acc.iter_mut().zip(src) {
-                            *a = max(*a, v);
-                        }
-                    }
+                let ix = inside(ox, g.kernel[1], g.stride[1], g.pads[1], w);
+                cells.clear();
+                for y in iy.clone() {
+                    cells.extend(ix.clone().map(|x| ((b * h + y) * w + x) * c));
                 }
                 // SAFETY: output pixel (r, ox) is written by this part only.
-                let dst = unsafe { std::slice::from_raw_parts_mut((out_addr as *mut T).add((r * ow + ox) * c), c) };
-                for (d, &a) in dst.iter_mut().zip(&acc) {
-                    *d = finish(a);
+                let px = unsafe { std::slice::from_raw_parts_mut((out_addr as *mut T).add((r * ow + ox) * c), c) };
+                // SAFETY: the cells lie inside `x` (checked against its length above) and hold `c` values each.
+                let done = simd.map_or(0, |k| unsafe { k(x.as_ptr(), &cells, c, px.as_mut_ptr()) });
+                for (ch, d) in px.iter_mut().enumerate().skip(done) {
+                    let mut a = lowest;
+                    for &at in &cells {
+                        let v = x[at + ch];
+                        // `v > a`: the first NaN never enters the max.
+                        if v > a {
+                            a = v;
+                        }
+                    }
+                    *d = a;
+                }
+                for d in px.iter_mut() {
+                    *d = finish(*d);
                 }
             }
         }
@@ -252,6 +328,10 @@ pub fn transpose<T: Copy + Send + Sync>(x: &[T], n: usize, rows: usize, cols: us
     const BR: usize = 16;
     const BC: usize = 256;
     assert!(x.len() >= n * rows * cols && y.len() >= n * rows * cols, "transpose: buffers too small");
+    if (1..=4).contains(&rows) && n * cols >= 4096 {
+        // An image's few channels into pixels (NCHW → NHWC of a network's input): one streaming pass.
+        return interleave_planes(x, n, rows, cols, y);
+    }
     let (rb, cb) = (rows.div_ceil(BR), cols.div_ceil(BC));
     let items = n * rb * cb;
     let parts = (super::threads() * 2).min(items).min((n * rows * cols / 32_768).max(1));

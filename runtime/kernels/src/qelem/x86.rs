@@ -3,6 +3,7 @@
 use std::arch::x86_64::*;
 
 use crate::qconv::x86::round_to_u8_16;
+use crate::unroll;
 
 /// QLinearAdd on 16 lanes at a time (see `qelem::qadd`); returns how many leading elements it wrote.
 ///
@@ -45,4 +46,60 @@ pub(crate) unsafe fn quantize_512(x: &[f32], s: f32, z: u8, out: &mut [u8]) -> u
         }
     }
     n
+}
+
+/// One pixel of a float max pooling (see `qelem::MaxPixel`): every channel, in blocks of 64 (four vectors, the
+/// last ones masked). `max_ps(v, a)` returns `a` when either is NaN, so a NaN never enters the max.
+///
+/// # Safety
+/// See `qelem::MaxPixel`; the CPU must have AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn maxpool_px_f32(x: *const f32, cells: &[usize], c: usize, dst: *mut f32) -> usize {
+    let mut c0 = 0;
+    unsafe {
+        while c0 < c {
+            let m: [u16; 4] = std::array::from_fn(|j| {
+                let left = (c - c0).saturating_sub(16 * j).min(16);
+                ((1u32 << left) - 1) as u16
+            });
+            let mut acc = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+            for &at in cells {
+                let p = x.add(at + c0);
+                unroll!(4, j => {
+                    acc[j] = _mm512_max_ps(_mm512_maskz_loadu_ps(m[j], p.wrapping_add(16 * j)), acc[j]);
+                });
+            }
+            unroll!(4, j => { _mm512_mask_storeu_ps(dst.add(c0 + 16 * j), m[j], acc[j]); });
+            c0 += 64;
+        }
+    }
+    c
+}
+
+/// One pixel of a uint8 max pooling (see `qelem::MaxPixel`): every channel, in blocks of 256 (four vectors, the
+/// last ones masked).
+///
+/// # Safety
+/// See `qelem::MaxPixel`; the CPU must have AVX-512 F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn maxpool_px_u8(x: *const u8, cells: &[usize], c: usize, dst: *mut u8) -> usize {
+    let mut c0 = 0;
+    unsafe {
+        while c0 < c {
+            let m: [u64; 4] = std::array::from_fn(|j| {
+                let left = (c - c0).saturating_sub(64 * j).min(64);
+                if left == 64 { u64::MAX } else { (1u64 << left) - 1 }
+            });
+            let mut acc = [_mm512_setzero_si512(); 4];
+            for &at in cells {
+                let p = x.add(at + c0);
+                unroll!(4, j => {
+                    acc[j] = _mm512_max_epu8(_mm512_maskz_loadu_epi8(m[j], p.wrapping_add(64 * j) as *const i8), acc[j]);
+                });
+            }
+            unroll!(4, j => { _mm512_mask_storeu_epi8(dst.add(c0 + 64 * j) as *mut i8, m[j], acc[j]); });
+            c0 += 256;
+        }
+    }
+    c
 }
