@@ -45,7 +45,7 @@ const LAYERS: &[Layer] = &[
     l("pw 1152->192 @7", 7, 1152, 192, 1, 1, false),
     l("pw 1152->320 @7", 7, 1152, 320, 1, 1, false),
     l("pw 320->1280 @7", 7, 320, 1280, 1, 1, false),
-    l("sq conv1 7x7/2 3->96 @224", 224, 3, 96, 7, 2, false),
+    l("sq conv1 3x3/2 3->64 @224", 224, 3, 64, 3, 2, false),
     l("sq fire 3x3 16->64 @55", 55, 16, 64, 3, 1, false),
 ];
 
@@ -53,6 +53,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let filter = args.get(1).cloned().unwrap_or_default();
     let runs: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(50);
+    let threads: usize = std::env::var("EDGEPACK_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let isa = std::env::var("EDGEPACK_ISA").ok().and_then(|s| Isa::parse(&s)).unwrap_or_else(Isa::detect);
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut rnd = move || {
@@ -100,11 +101,11 @@ fn main() {
                 conv.run(x, 1, *h, *w, y).expect("run");
             }
             let t = Instant::now();
-            conv.run(x, 1, *h, *w, y).expect("run");
+            edgepack_runtime::kernels::with_threads(threads, || conv.run(x, 1, *h, *w, y)).expect("run");
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
-    println!("{} ({} runs, 1 thread)", isa.name(), runs);
+    println!("{} ({} runs, {} thread(s))", isa.name(), runs, threads);
     println!("{:<28} {:>9} {:>9}", "layer", "p50 ms", "GMAC/s");
     for (name, _, _, _, _, macs, times) in cases.iter_mut() {
         times.sort_by(f64::total_cmp);

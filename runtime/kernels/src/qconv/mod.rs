@@ -572,7 +572,7 @@ impl Window {
         let rows = _n * oh * ow;
         let tile = if let RowSource::Im2col { .. } = t.rows { TILE_ROWS } else { DIRECT_ROWS };
         let tiles = rows.div_ceil(tile);
-        let wanted = (super::threads() * 2).min((t.macs / 100_000).max(1));
+        let wanted = (super::threads() * 4).min((t.macs / 100_000).max(1));
         let col_parts = if tiles >= wanted { 1 } else { wanted.div_ceil(tiles).min(blocks.len()) };
         let row_parts = tiles.min(wanted.div_ceil(col_parts));
         let per = rows.div_ceil(row_parts);
@@ -692,8 +692,9 @@ impl Window {
         let span = (kh - 1) * self.dilation[0] + 1;
         let rows = n * oh;
         let macs = rows * ow * c * kh * self.kernel[1];
-        // Enough work per part to pay a hand-off; a few parts per thread balance uneven threads.
-        let parts = (super::threads() * 2).min(rows).min((macs / 50_000).max(1));
+        // Enough work per part to pay a hand-off; four parts per thread balance uneven threads (a thread left
+        // waiting at the end of an operator idles for a part at most).
+        let parts = (super::threads() * 4).min(rows).min((macs / 50_000).max(1));
         let per = rows.div_ceil(parts.max(1));
         for_each_part(parts, |part| {
             let zrow = pad.map_or_else(Vec::new, |pad| vec![pad; row_len]);
