@@ -32,6 +32,18 @@ def edgepack_bin():
     return os.environ.get("EDGEPACK_BIN") or os.path.join(tgt, "release", "edgepack")
 
 
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def ep_bench(model, threads, runs, warmup):
     r = subprocess.run([edgepack_bin(), "bench", model, "--threads", str(threads), "--runs", str(runs),
                         "--warmup", str(warmup), "--json"], capture_output=True, text=True, check=True)
@@ -96,7 +108,8 @@ def main():
     print(table)
     if a.md:
         cmd = f"python3 benches/peers/bench_vs_ort.py --runs {a.runs} --rounds {a.rounds} --md BENCHMARKS.md"
-        meta = (f"Measured with `{cmd}` on {platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}; "
+        meta = (f"Measured with `{cmd}` on {platform.machine()} ({cpu_model()}), {os.cpu_count()} cores, "
+                f"onnxruntime {ort.__version__}; "
                 f"median of {a.rounds} alternating rounds of {a.runs} timed runs each (batch 1, after {a.warmup} warm-ups).")
         mdtable.replace_between(a.md, BEGIN, END, f"{meta}\n\n{table}")
 
