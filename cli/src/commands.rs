@@ -895,13 +895,19 @@ pub struct QuantizeArgs {
     /// Labels of an IDX calibration file (MNIST); makes the held-out samples labelled
     #[arg(long)]
     idx_labels: Option<PathBuf>,
-    /// Use at most this many calibration samples (the first ones, in sorted order)
+    /// Use at most this many calibration samples (the first ones, in sorted order, or shuffled with --shuffle)
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
     calib_limit: u32,
     /// Held-out samples for the budget and the fidelity report: the next N samples after the calibration ones
     /// (or the first N of --eval)
     #[arg(long, default_value_t = 200)]
     holdout: usize,
+    /// Take the calibration and held-out samples in a fixed shuffled order (for folders sorted by class)
+    #[arg(long)]
+    shuffle: bool,
+    /// The order --shuffle uses: the same seed gives the same samples on every machine
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    seed: u64,
     /// Take the held-out samples from this folder instead (same layouts as --calib)
     #[arg(long)]
     eval: Option<PathBuf>,
@@ -939,6 +945,12 @@ pub struct QuantizeArgs {
     /// Keep these nodes (by name) or op types in float; repeatable
     #[arg(long)]
     exclude: Vec<String>,
+    /// Quantize only nodes of these op types (e.g. --op-types Conv,Gemm); the others stay float
+    #[arg(long, value_delimiter = ',')]
+    op_types: Vec<String>,
+    /// One scale per weight tensor instead of one per output channel
+    #[arg(long)]
+    per_tensor: bool,
     /// Output INT8 ONNX file
     #[arg(short, long)]
     out: PathBuf,
@@ -954,9 +966,16 @@ pub struct QuantizeArgs {
     /// Print a JSON document instead of text
     #[arg(long)]
     json: bool,
+    /// Read flags from a TOML file first (`method = "mse"`, `exclude = ["Softmax"]`, `shuffle = true`; any flag
+    /// of this command by its long name); flags on the command line override it
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     load: LoadArgs,
 }
+
+/// The seed `--shuffle` uses unless told otherwise.
+pub const DEFAULT_SEED: u64 = 0x5eed;
 
 /// The files a job writes: the model, its JSON report (default: OUT + `suffix`) and the HTML page beside it.
 pub fn job_outputs(out: &Path, report: Option<&Path>, suffix: &str) -> (PathBuf, PathBuf) {
@@ -991,7 +1010,7 @@ pub fn open_with_graph(path: &Path, opts: &SessionOptions) -> Result<(Session, e
 }
 
 /// The datasets of an offline job: the first `limit` samples of `calib` calibrate, the next `holdout` (or the first
-/// `holdout` of `eval`) are held out. `shuffle`: both in a fixed shuffled order.
+/// `holdout` of `eval`) are held out. `shuffle`: both in the fixed shuffled order of that seed.
 pub struct SampleSets {
     data: Dataset,
     eval: Option<Dataset>,
@@ -1008,17 +1027,21 @@ impl SampleSets {
         limit: usize,
         eval: Option<&Path>,
         holdout: usize,
-        shuffle: bool,
+        shuffle: Option<u64>,
     ) -> Result<SampleSets> {
-        let order = |d: Dataset| if shuffle { d.shuffled(0x5eed) } else { d };
+        let order = |d: Dataset| match shuffle {
+            Some(seed) => d.shuffled(seed),
+            None => d,
+        };
         let data = order(Dataset::open(calib, idx_labels)?);
         let n = data.len().min(limit.max(1));
         let eval_data = eval.map(|p| Dataset::open(p, None).map(order)).transpose()?;
+        let order_note = shuffle.map(|seed| format!(" (shuffled, seed {seed})")).unwrap_or_default();
         Ok(SampleSets {
             data,
             eval: eval_data,
-            calib_src: calib.display().to_string(),
-            eval_src: eval.map(|p| p.display().to_string()).unwrap_or_default(),
+            calib_src: format!("{}{order_note}", calib.display()),
+            eval_src: eval.map(|p| format!("{}{order_note}", p.display())).unwrap_or_default(),
             n,
             holdout,
         })
@@ -1042,6 +1065,10 @@ impl SampleSets {
 
 /// Runs a library job that reports [`Event`]s: one progress bar per stage, notes printed above it.
 pub fn with_progress<T>(job: impl FnOnce(&mut dyn FnMut(Event)) -> T) -> T {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() && !crate::output::quiet() {
+        return with_progress_lines(job);
+    }
     let mut bar: Option<indicatif::ProgressBar> = None;
     let out = job(&mut |e| match e {
         Event::Stage(name, total) => {
@@ -1062,6 +1089,45 @@ pub fn with_progress<T>(job: impl FnOnce(&mut dyn FnMut(Event)) -> T) -> T {
     });
     if let Some(b) = bar.take() {
         b.finish_and_clear();
+    }
+    out
+}
+
+/// [`with_progress`] when stderr is not a terminal (a CI log, a pipe): plain lines instead of bars, one when a
+/// stage starts, one every 10 s while it runs and one when it ends, so a long job is never silent.
+fn with_progress_lines<T>(job: impl FnOnce(&mut dyn FnMut(Event)) -> T) -> T {
+    use std::time::{Duration, Instant};
+    struct Stage {
+        name: &'static str,
+        total: usize,
+        at: usize,
+        start: Instant,
+        said: Instant,
+    }
+    let end = |s: &Stage| eprintln!("{}: done, {} steps in {:.1} s", s.name, s.total, s.start.elapsed().as_secs_f64());
+    let mut stage: Option<Stage> = None;
+    let out = job(&mut |e| match e {
+        Event::Stage(name, total) => {
+            if let Some(s) = stage.take() {
+                end(&s);
+            }
+            eprintln!("{name}: {total} steps");
+            let now = Instant::now();
+            stage = Some(Stage { name, total, at: 0, start: now, said: now });
+        }
+        Event::Step(d) => {
+            if let Some(s) = &mut stage {
+                s.at = d;
+                if s.said.elapsed() >= Duration::from_secs(10) {
+                    eprintln!("{}: {}/{} ({:.0} s)", s.name, s.at, s.total, s.start.elapsed().as_secs_f64());
+                    s.said = Instant::now();
+                }
+            }
+        }
+        Event::Note(line) => eprintln!("{line}"),
+    });
+    if let Some(s) = stage.take() {
+        end(&s);
     }
     out
 }
@@ -1099,6 +1165,24 @@ fn check_excludes(model: &edgepack_runtime::onnx::Model, exclude: &[String]) -> 
     Ok(())
 }
 
+/// `--op-types` must name op types the pass quantizes and the model has.
+fn check_op_types(model: &edgepack_runtime::onnx::Model, op_types: &[String]) -> Result<()> {
+    use edgepack_quantize::qdq::ACTIVATION_CONSUMERS as QUANTIZABLE;
+    use edgepack_runtime::onnx::NodeExt;
+    for t in op_types {
+        if !QUANTIZABLE.contains(&t.as_str()) {
+            bail!(Usage(format!("--op-types {t}: not an op type quantize handles ({})", QUANTIZABLE.join(", "))));
+        }
+        if !model.graph.nodes.iter().any(|n| n.op() == t.as_str()) {
+            let have: std::collections::BTreeSet<&str> =
+                model.graph.nodes.iter().map(|n| n.op()).filter(|o| QUANTIZABLE.contains(o)).collect();
+            let have = have.into_iter().collect::<Vec<_>>().join(", ");
+            bail!(Usage(format!("--op-types {t}: the model has no {t} node (its quantizable op types: {have})")));
+        }
+    }
+    Ok(())
+}
+
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
     use edgepack_quantize::{calib, pipeline, qdq};
     let method = match a.method.as_str() {
@@ -1121,6 +1205,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     let opts = session_options(&a.load)?;
     let (s, model, fp32_bytes) = open_with_graph(&a.model, &opts)?;
     check_excludes(&model, &a.exclude)?;
+    check_op_types(&model, &a.op_types)?;
     let pre = image_preprocess(&s, a.preset.as_deref())?;
     let sets = SampleSets::open(
         &a.calib,
@@ -1128,7 +1213,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         a.calib_limit as usize,
         a.eval.as_deref(),
         a.holdout,
-        false,
+        a.shuffle.then_some(a.seed),
     )?;
     let job = pipeline::Job {
         model: &model,
@@ -1140,7 +1225,11 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         pre: pre.as_ref(),
         method,
         method_name: if a.method == "percentile" { format!("percentile {}", a.percentile) } else { a.method.clone() },
-        cfg: qdq::QdqConfig { exclude: a.exclude.clone(), ..Default::default() },
+        cfg: qdq::QdqConfig {
+            exclude: a.exclude.clone(),
+            op_types: a.op_types.clone(),
+            per_tensor_weights: a.per_tensor,
+        },
         budget,
         max_float_fraction: a.max_float_fraction,
         sensitivity_samples: a.sensitivity_samples,
@@ -1151,7 +1240,8 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         session: opts.clone(),
         held_out_max_bytes: 1 << 30,
     };
-    let (q, report) = with_progress(|on| pipeline::run(&job, on))?;
+    let (q, mut report) = with_progress(|on| pipeline::run(&job, on))?;
+    report.provenance = Some(crate::output::provenance());
     let (report_path, html_path) = write_model_and_report(
         &a.out,
         &q.to_bytes(),

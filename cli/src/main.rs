@@ -2,6 +2,7 @@
 //! `edgepack-runtime` and `edgepack-packager`.
 mod bench;
 mod commands;
+mod config;
 mod demo;
 mod interrupt;
 mod output;
@@ -109,6 +110,7 @@ enum Command {
     /// Accuracy on a labelled dataset (labels.csv + images/, one folder per class, or MNIST IDX files)
     Eval(commands::EvalArgs),
     /// Quantize an fp32 model to INT8 (QDQ: per-channel int8 weights, uint8 activations) calibrated on real samples
+    #[command(args_override_self = true)]
     Quantize(commands::QuantizeArgs),
     /// Prune an fp32 model: unstructured (magnitude zeros, for a smaller zstd bundle) or structured (whole
     /// channels removed, for speed), repaired by bias correction, by a uniform amount or a plan under a budget
@@ -241,7 +243,17 @@ fn set_log_level(level: Option<&str>, verbose: u8) {
 fn main() -> ExitCode {
     quiet_headless_vulkan();
     let json_requested = std::env::args_os().any(|a| a == "--json");
-    let cli = match command().try_get_matches().and_then(|m| Cli::from_arg_matches(&m)) {
+    let args = match config::expand(std::env::args_os().collect(), &command()) {
+        Ok(a) => a,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            if json_requested {
+                output::json_error(exit::USAGE, exit::kind(exit::USAGE), &msg);
+            }
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let cli = match command().try_get_matches_from(args).and_then(|m| Cli::from_arg_matches(&m)) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();

@@ -37,6 +37,9 @@ pub struct PruneArgs {
     /// Take the statistics and held-out samples in a fixed shuffled order (for datasets sorted by class)
     #[arg(long)]
     shuffle: bool,
+    /// The order --shuffle uses: the same seed gives the same samples on every machine
+    #[arg(long, default_value_t = crate::commands::DEFAULT_SEED)]
+    seed: u64,
     /// Pre-processing preset for a bare .onnx model fed with images
     #[arg(long, value_parser = preset_parser())]
     preset: Option<String>,
@@ -129,7 +132,7 @@ pub fn prune(a: PruneArgs) -> Result<()> {
         a.calib_limit as usize,
         a.eval.as_deref(),
         a.holdout,
-        a.shuffle,
+        a.shuffle.then_some(a.seed),
     )?;
     let job = prune::Job {
         model: &model,

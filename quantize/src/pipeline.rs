@@ -321,6 +321,8 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
                 Some(format!("kept fp32 by the budget search (sensitivity rank {rank} of {})", sens.len()))
             } else if let Some(why) = gated.get(name) {
                 Some(format!("speed gate: no integer kernel ({why})"))
+            } else if fp && !job.cfg.op_types.is_empty() && !job.cfg.op_types.iter().any(|t| t == op) {
+                Some("not among --op-types".into())
             } else if fp {
                 Some("excluded (--exclude)".into())
             } else {
@@ -360,6 +362,7 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
         float_ops,
         warnings,
         seconds: t0.elapsed().as_secs_f64(),
+        provenance: None,
     };
     Ok((q, report))
 }

@@ -25,6 +25,8 @@ pub struct Range {
 pub struct QdqConfig {
     /// Node names or op types to keep in float.
     pub exclude: Vec<String>,
+    /// When not empty, only nodes of these op types are quantized (the others stay float).
+    pub op_types: Vec<String>,
     /// Per-tensor weights instead of per-channel (for comparison only).
     pub per_tensor_weights: bool,
 }
@@ -39,8 +41,9 @@ pub enum QdqError {
 
 /// Ops with a weight input that get integer weights.
 const WEIGHTED: &[&str] = &["Conv", "Gemm", "MatMul"];
-/// Ops whose float activation inputs get a QDQ pair (so the integer path continues through them).
-const ACTIVATION_CONSUMERS: &[&str] =
+/// Ops whose float activation inputs get a QDQ pair (so the integer path continues through them): every op type
+/// the pass quantizes.
+pub const ACTIVATION_CONSUMERS: &[&str] =
     &["Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool"];
 
 /// What the pass did, node by node.
@@ -91,6 +94,7 @@ pub fn quantizable_nodes(model: &Model, cfg: &QdqConfig) -> Vec<(String, String)
 
 fn excluded(cfg: &QdqConfig, n: &NodeProto) -> bool {
     cfg.exclude.iter().any(|e| e == n.name() || e == n.op())
+        || (!cfg.op_types.is_empty() && !cfg.op_types.iter().any(|t| t == n.op()))
 }
 
 /// The float activations whose ranges the pass needs (inputs of quantizable ops that are not initializers).

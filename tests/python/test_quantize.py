@@ -289,3 +289,49 @@ def test_speed_gate_keeps_layers_without_an_integer_kernel_in_fp32(tmp_path):
     # without the gate the same layers are INT8.
     assert all(l["precision"] == "int8" for l in ra["layers"] if l["node"] in {g["node"] for g in gated})
     assert plain.returncode == 0
+
+
+def test_quantize_flags_config_file_and_report_footer(binary, tmp_path):
+    """Issue 29 item 6: --config (every flag, the command line wins), --op-types, --per-tensor, --shuffle/--seed,
+    progress lines on a non-terminal stderr, and the report's footer (version, command line, time)."""
+    import onnx
+    from onnx import numpy_helper
+    mnist = os.path.join(ROOT, "assets", "models", "mnist_cntk_opset8_simplified.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(16):
+        # Sorted by scale, like a class-sorted folder: the first samples are the quiet ones.
+        np.save(calib / f"x{i:02}.npy", (rng.random((1, 1, 28, 28)) * (i + 1) * 16).astype(np.float32))
+    cfg = tmp_path / "quantize.toml"
+    cfg.write_text('method = "mse"\ncalib_limit = 4\nholdout = 4\nop_types = ["Conv"]\nper_tensor = true\n'
+                   'shuffle = true\nseed = 7\nlatency_runs = 0\n')
+    out = tmp_path / "q.onnx"
+    r = ep("quantize", mnist, "--calib", calib, "--config", cfg, "--method", "minmax", "-o", out)
+    # stderr is a pipe here: plain progress lines instead of bars.
+    assert re.search(r"^calibrate: \d+ steps$", r.stderr, re.M) and "calibrate: done" in r.stderr, r.stderr
+    rep = json.load(open(str(out) + ".report.json"))
+    assert rep["method"] == "minmax"  # the command line overrides the file
+    assert "shuffled, seed 7" in rep["calibration"]["source"]
+    prec = {l["op"]: l["precision"] for l in rep["layers"]}
+    assert prec.get("Conv") == "int8" and all(p == "fp32" for op, p in prec.items() if op != "Conv"), prec
+    assert any(l["reason"] == "not among --op-types" for l in rep["layers"] if l["op"] != "Conv")
+    prov = rep["provenance"]
+    assert prov["edgepack"] and "--config" in prov["command"] and re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", prov["utc"])
+    assert prov["command"] in open(str(out) + ".report.html").read().replace("&quot;", '"').replace("&#x27;", "'")
+    m = onnx.load(str(out))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    dq_scales = [inits[n.input[1]] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                 and inits[n.input[0]].ndim == 4]
+    assert dq_scales and all(s.size == 1 for s in dq_scales), "per-tensor conv weights have one scale each"
+    # Another seed takes other samples (this folder's samples differ in range, so the calibration differs).
+    out2 = tmp_path / "q2.onnx"
+    ep("quantize", mnist, "--calib", calib, "--config", cfg, "--seed", "8", "-o", out2)
+    assert out.read_bytes() != out2.read_bytes()
+    # Bad configuration: one line, usage exit code, nothing written.
+    cfg.write_text('methd = "mse"\n')
+    r = ep("quantize", mnist, "--calib", calib, "--config", cfg, "-o", tmp_path / "bad.onnx", check=False)
+    assert r.returncode == 2 and "`methd` is not a flag of `edgepack quantize`" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad.onnx").exists()
+    r = ep("quantize", mnist, "--calib", calib, "--op-types", "Softmax", "-o", tmp_path / "bad.onnx", check=False)
+    assert r.returncode == 2 and "--op-types Softmax" in r.stderr
