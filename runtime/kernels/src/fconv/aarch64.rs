@@ -170,10 +170,8 @@ pub(crate) unsafe fn depthwise_row(
     }
 }
 
-/// Channels `0..full` of one output row of a `KW`-wide kernel with stride `S` and dilation 1: blocks of 8 output
-/// pixels (a last block of 5–7 pixels computed as 8, one of 1–4 as 4, the missing pixels never stored), each
-/// through the channels in slabs of two vectors (a last odd vector alone), so the input is read in address
-/// order.
+/// Channels `0..full` of one output row of a `KW`-wide kernel with stride `S` and dilation 1, walked by
+/// `fconv::slide_blocks` (4-lane vectors).
 #[target_feature(enable = "neon")]
 unsafe fn dw_slide_row<const KW: usize, const S: usize>(
     d: &Dw<f32>,
@@ -184,37 +182,24 @@ unsafe fn dw_slide_row<const KW: usize, const S: usize>(
     full: usize,
     yrow: &mut [f32],
 ) {
-    let inner = d.inner();
-    let mut ox = 0;
-    unsafe {
-        while ox < d.ow {
-            let n = (d.ow - ox).min(8);
-            let r = if n > 4 { 8 } else { 4 };
-            // A block reading outside the readable columns, or partly past the row's end, checks each input.
-            let edge = ox < inner.start || ox + r > inner.end;
-            let mut c0 = 0;
-            while c0 < full {
-                let two = full - c0 >= 8;
-                macro_rules! block {
-                    ($nv:literal, $r:literal, $edge:literal) => {
-                        dw_slide::<$nv, $r, KW, S, $edge>(d, wt, cpad, bias, clamp, c0, ox, n, yrow)
-                    };
-                }
-                match (two, r, edge) {
-                    (true, 8, false) => block!(2, 8, false),
-                    (true, 8, true) => block!(2, 8, true),
-                    (true, _, false) => block!(2, 4, false),
-                    (true, _, true) => block!(2, 4, true),
-                    (false, 8, false) => block!(1, 8, false),
-                    (false, 8, true) => block!(1, 8, true),
-                    (false, _, false) => block!(1, 4, false),
-                    (false, _, true) => block!(1, 4, true),
-                }
-                c0 += if two { 8 } else { 4 };
-            }
-            ox += n;
+    super::slide_blocks(d, 4, full, |b| {
+        macro_rules! block {
+            ($nv:literal, $r:literal, $edge:literal) => {
+                // SAFETY: as `depthwise_row` (NEON is part of every aarch64 level).
+                unsafe { dw_slide::<$nv, $r, KW, S, $edge>(d, wt, cpad, bias, clamp, b.c0, b.ox, b.n, yrow) }
+            };
         }
-    }
+        match (b.two, b.wide, b.edge) {
+            (true, true, false) => block!(2, 8, false),
+            (true, true, true) => block!(2, 8, true),
+            (true, false, false) => block!(2, 4, false),
+            (true, false, true) => block!(2, 4, true),
+            (false, true, false) => block!(1, 8, false),
+            (false, true, true) => block!(1, 8, true),
+            (false, false, false) => block!(1, 4, false),
+            (false, false, true) => block!(1, 4, true),
+        }
+    });
 }
 
 /// A sliding row kernel of one kernel width and stride.

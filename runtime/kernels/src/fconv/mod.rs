@@ -393,6 +393,44 @@ unsafe fn gemm_block(
     }
 }
 
+/// One block of a sliding depthwise kernel's walk over an output row (see [`slide_blocks`]).
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+#[derive(Clone, Copy)]
+pub(crate) struct SlideBlock {
+    /// First output pixel and how many of the block's pixels exist (the rest are neither read nor stored).
+    pub ox: usize,
+    pub n: usize,
+    /// An 8-pixel block (else 4).
+    pub wide: bool,
+    /// The block reads outside the readable columns or past the row's end: each input is checked.
+    pub edge: bool,
+    /// First channel, and whether the slab is two vectors (else one).
+    pub c0: usize,
+    pub two: bool,
+}
+
+/// The walk of the sliding depthwise kernels over one output row: blocks of 8 output pixels (a last block of 5–7
+/// pixels computed as 8, one of 1–4 as 4), each through channels `0..chans` in slabs of two `lanes`-wide vectors
+/// (a last odd or partial vector alone), so the input is read in address order.
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+#[inline(always)]
+pub(crate) fn slide_blocks(d: &Dw<f32>, lanes: usize, chans: usize, mut block: impl FnMut(SlideBlock)) {
+    let inner = d.inner();
+    let mut ox = 0;
+    while ox < d.ow {
+        let n = (d.ow - ox).min(8);
+        let wide = n > 4;
+        let edge = ox < inner.start || ox + if wide { 8 } else { 4 } > inner.end;
+        let mut c0 = 0;
+        while c0 < chans {
+            let two = chans - c0 > lanes;
+            block(SlideBlock { ox, n, wide, edge, c0, two });
+            c0 += if two { 2 * lanes } else { lanes };
+        }
+        ox += n;
+    }
+}
+
 /// Channels `chans` of one output row of a float depthwise convolution in scalar code (the SIMD kernels' channels
 /// past their last vector); taps in the zero padding are skipped.
 ///

@@ -245,9 +245,8 @@ pub(crate) unsafe fn depthwise_row(
     }
 }
 
-/// One output row of a `KW`-wide kernel with stride `S` and dilation 1: blocks of 8 output pixels (a last block
-/// of 5–7 pixels computed as 8, one of 1–4 as 4, the missing pixels never stored), each through all channels in
-/// slabs of two vectors (a last odd vector alone, the last vector masked), so the input is read in address order.
+/// One output row of a `KW`-wide kernel with stride `S` and dilation 1, walked by `fconv::slide_blocks` (16-lane
+/// vectors, the last one masked).
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn dw_512_slide_row<const KW: usize, const S: usize>(
@@ -262,48 +261,37 @@ unsafe fn dw_512_slide_row<const KW: usize, const S: usize>(
         let left = d.c.saturating_sub(c0).min(16);
         if left == 16 { u16::MAX } else { (1u16 << left) - 1 }
     };
-    let inner = d.inner();
-    let mut ox = 0;
-    unsafe {
-        while ox < d.ow {
-            let n = (d.ow - ox).min(8);
-            let r = if n > 4 { 8 } else { 4 };
-            // A block reading outside the readable columns, or partly past the row's end, checks each input.
-            let edge = ox < inner.start || ox + r > inner.end;
-            let mut c0 = 0;
-            while c0 < d.c {
-                macro_rules! block {
-                    ($nv:literal, $r:literal, $edge:literal) => {
-                        dw_512_slide::<$nv, $r, KW, S, $edge>(
-                            d,
-                            wt,
-                            cpad,
-                            bias,
-                            clamp,
-                            c0,
-                            &std::array::from_fn(|j| mask(c0 + 16 * j)),
-                            ox,
-                            n,
-                            yrow,
-                        )
-                    };
+    super::slide_blocks(d, 16, d.c, |b| {
+        macro_rules! block {
+            ($nv:literal, $r:literal, $edge:literal) => {
+                // SAFETY: as `depthwise_row`: AVX-512 was detected, the rows address full padded input rows.
+                unsafe {
+                    dw_512_slide::<$nv, $r, KW, S, $edge>(
+                        d,
+                        wt,
+                        cpad,
+                        bias,
+                        clamp,
+                        b.c0,
+                        &std::array::from_fn(|j| mask(b.c0 + 16 * j)),
+                        b.ox,
+                        b.n,
+                        yrow,
+                    )
                 }
-                let two = d.c - c0 > 16;
-                match (two, r, edge) {
-                    (true, 8, false) => block!(2, 8, false),
-                    (true, 8, true) => block!(2, 8, true),
-                    (true, _, false) => block!(2, 4, false),
-                    (true, _, true) => block!(2, 4, true),
-                    (false, 8, false) => block!(1, 8, false),
-                    (false, 8, true) => block!(1, 8, true),
-                    (false, _, false) => block!(1, 4, false),
-                    (false, _, true) => block!(1, 4, true),
-                }
-                c0 += if two { 32 } else { 16 };
-            }
-            ox += n;
+            };
         }
-    }
+        match (b.two, b.wide, b.edge) {
+            (true, true, false) => block!(2, 8, false),
+            (true, true, true) => block!(2, 8, true),
+            (true, false, false) => block!(2, 4, false),
+            (true, false, true) => block!(2, 4, true),
+            (false, true, false) => block!(1, 8, false),
+            (false, true, true) => block!(1, 8, true),
+            (false, false, false) => block!(1, 4, false),
+            (false, false, true) => block!(1, 4, true),
+        }
+    });
 }
 
 /// `R` output pixels from `ox` × `NV` channel vectors from `c0`, sliding along each kernel row: the `(R−1)·S + KW`
