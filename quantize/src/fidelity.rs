@@ -31,6 +31,34 @@ pub struct Metrics {
     /// % top-1 / top-5 correct (labelled samples only).
     pub top1: Option<f64>,
     pub top5: Option<f64>,
+    /// 95 % confidence intervals of the percentages above (Wilson score interval over `samples`).
+    pub ci95: Intervals,
+}
+
+/// 95 % confidence intervals, in %, of a [`Metrics`]' percentages: what the held-out sample size can tell apart.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Intervals {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top1_agreement: Option<[f64; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top1: Option<[f64; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top5: Option<[f64; 2]>,
+}
+
+/// The Wilson score interval (95 %) of a proportion of `pct` % observed over `n` samples, in %.
+pub fn wilson95(pct: f64, n: usize) -> [f64; 2] {
+    if n == 0 {
+        return [0.0, 100.0];
+    }
+    let (p, n, z) = (pct / 100.0, n as f64, 1.959_964);
+    let d = 1.0 + z * z / n;
+    let center = (p + z * z / (2.0 * n)) / d;
+    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / d;
+    // At p = 0 or 1 the interval's end is the observation itself (exactly, not 1 − ε).
+    let lo = if p <= 0.0 { 0.0 } else { (center - half).max(0.0) };
+    let hi = if p >= 1.0 { 1.0 } else { (center + half).min(1.0) };
+    [100.0 * lo, 100.0 * hi]
 }
 
 /// Limits beyond which a compressed model has collapsed rather than degraded: more than this many points of top-1
@@ -212,12 +240,16 @@ impl HeldOut {
         }
         let pct = |x: usize| 100.0 * x as f64 / n.max(1) as f64;
         let labelled = self.classes.is_some() && self.labelled();
+        let (top1_agreement, top1, top5) =
+            (self.classes.map(|_| pct(agree)), labelled.then(|| pct(tally.top1)), labelled.then(|| pct(tally.top5)));
+        let ci = |v: Option<f64>| v.map(|p| wilson95(p, n));
         Metrics {
             samples: n,
             output_sqnr_db: sqnr_db(sig, noise),
-            top1_agreement: self.classes.map(|_| pct(agree)),
-            top1: labelled.then(|| pct(tally.top1)),
-            top5: labelled.then(|| pct(tally.top5)),
+            top1_agreement,
+            top1,
+            top5,
+            ci95: Intervals { top1_agreement: ci(top1_agreement), top1: ci(top1), top5: ci(top5) },
         }
     }
 
@@ -401,14 +433,25 @@ mod collapse_tests {
             top1_agreement: Some(ag),
             top1: Some(top1),
             top5: None,
+            ..Default::default()
         };
         assert!(collapse(&m(91.0, 100.0, 99.0), &m(90.0, 97.0, 25.0)).is_none());
         let w = collapse(&m(91.0, 100.0, 99.0), &m(72.0, 75.0, 3.2)).unwrap();
         assert!(w.contains("-19.0 pt") && w.contains("75.0 %") && w.contains("3.2 dB"), "{w}");
         // A classifier whose answers hold is not flagged for its logits' SQNR; a model without classes is.
         assert!(collapse(&m(91.0, 100.0, 99.0), &m(90.5, 98.0, 8.0)).is_none());
-        let plain = |db| Metrics { samples: 8, output_sqnr_db: Some(db), top1_agreement: None, top1: None, top5: None };
+        let plain = |db| Metrics { samples: 8, output_sqnr_db: Some(db), ..Default::default() };
         assert!(collapse(&plain(99.0), &plain(8.0)).unwrap().contains("8.0 dB"));
+    }
+
+    #[test]
+    fn wilson_intervals_match_the_textbook() {
+        // 81 of 100: 72.2-87.5 % (Wilson, z = 1.96); all of 200: 98.1-100 %; none of 10: 0-27.8 %.
+        let r = |v: [f64; 2]| [(v[0] * 10.0).round() / 10.0, (v[1] * 10.0).round() / 10.0];
+        assert_eq!(r(wilson95(81.0, 100)), [72.2, 87.5]);
+        assert_eq!(r(wilson95(100.0, 200)), [98.1, 100.0]);
+        assert_eq!(r(wilson95(0.0, 10)), [0.0, 27.8]);
+        assert_eq!(wilson95(100.0, 200)[1], 100.0);
     }
 }
 

@@ -112,6 +112,19 @@ pub(crate) fn opt(v: Option<f64>, digits: usize) -> String {
     v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into())
 }
 
+/// `95 % CI lo–hi` of an interval, or nothing.
+pub(crate) fn ci(v: Option<[f64; 2]>) -> String {
+    v.map(|[lo, hi]| format!("95 % CI {lo:.1}–{hi:.1}")).unwrap_or_default()
+}
+
+/// What one held-out sample weighs in the percentages, and how wide their uncertainty is.
+pub(crate) fn sample_note(n: usize) -> String {
+    format!(
+        "({n} held-out samples: one sample is {:.2} pt; the intervals say which differences the samples can show)",
+        100.0 / n.max(1) as f64
+    )
+}
+
 pub(crate) fn db(v: Option<f64>) -> String {
     match v {
         Some(x) => format!("{x:.1}"),
@@ -135,11 +148,17 @@ impl Report {
         );
         let _ = writeln!(s, "  {:<22} {:>10} {:>10}", "", "fp32", "int8");
         if f.top1.is_some() {
-            let _ = writeln!(s, "  {:<22} {:>10} {:>10}", "top-1 %", opt(f.top1, 2), opt(q.top1, 2));
-            let _ = writeln!(s, "  {:<22} {:>10} {:>10}", "top-5 %", opt(f.top5, 2), opt(q.top5, 2));
+            let _ =
+                writeln!(s, "  {:<22} {:>10} {:>10}   {}", "top-1 %", opt(f.top1, 2), opt(q.top1, 2), ci(q.ci95.top1));
+            let _ =
+                writeln!(s, "  {:<22} {:>10} {:>10}   {}", "top-5 %", opt(f.top5, 2), opt(q.top5, 2), ci(q.ci95.top5));
         }
         if q.top1_agreement.is_some() {
-            let _ = writeln!(s, "  {:<22} {:>10} {:>10}", "top-1 agreement %", "100", opt(q.top1_agreement, 2));
+            let (label, a) = ("top-1 agreement %", opt(q.top1_agreement, 2));
+            let _ = writeln!(s, "  {label:<22} {:>10} {a:>10}   {}", "100", ci(q.ci95.top1_agreement));
+        }
+        if f.top1.is_some() || q.top1_agreement.is_some() {
+            let _ = writeln!(s, "  {}", sample_note(q.samples));
         }
         let _ = writeln!(s, "  {:<22} {:>10} {:>10}", "output SQNR dB", "exact", db(q.output_sqnr_db));
         let _ = writeln!(
@@ -239,14 +258,27 @@ impl Report {
         let (f, q) = (&self.fp32, &self.int8);
         let _ = write!(h, "<h2>Summary</h2><table><tr><th></th><th>fp32</th><th>int8</th></tr>");
         if f.top1.is_some() {
-            let _ = write!(h, "<tr><td>top-1 %</td><td>{}</td><td>{}</td></tr>", opt(f.top1, 2), opt(q.top1, 2));
-            let _ = write!(h, "<tr><td>top-5 %</td><td>{}</td><td>{}</td></tr>", opt(f.top5, 2), opt(q.top5, 2));
+            let _ = write!(
+                h,
+                "<tr><td>top-1 %</td><td>{}</td><td>{} <small>{}</small></td></tr>",
+                opt(f.top1, 2),
+                opt(q.top1, 2),
+                ci(q.ci95.top1)
+            );
+            let _ = write!(
+                h,
+                "<tr><td>top-5 %</td><td>{}</td><td>{} <small>{}</small></td></tr>",
+                opt(f.top5, 2),
+                opt(q.top5, 2),
+                ci(q.ci95.top5)
+            );
         }
         if q.top1_agreement.is_some() {
             let _ = write!(
                 h,
-                "<tr><td>top-1 agreement with fp32 %</td><td>100</td><td>{}</td></tr>",
-                opt(q.top1_agreement, 2)
+                "<tr><td>top-1 agreement with fp32 %</td><td>100</td><td>{} <small>{}</small></td></tr>",
+                opt(q.top1_agreement, 2),
+                ci(q.ci95.top1_agreement)
             );
         }
         let _ = write!(h, "<tr><td>output SQNR dB</td><td>exact</td><td>{}</td></tr>", db(q.output_sqnr_db));

@@ -313,6 +313,8 @@ def test_quantize_flags_config_file_and_report_footer(binary, tmp_path):
     rep = json.load(open(str(out) + ".report.json"))
     assert rep["method"] == "minmax"  # the command line overrides the file
     assert "shuffled, seed 7" in rep["calibration"]["source"]
+    lo, hi = rep["int8"]["ci95"]["top1_agreement"]  # every accuracy figure has its 95 % interval
+    assert 0 <= lo <= rep["int8"]["top1_agreement"] <= hi <= 100 and hi - lo > 10  # 4 samples say little
     prec = {l["op"]: l["precision"] for l in rep["layers"]}
     assert prec.get("Conv") == "int8" and all(p == "fp32" for op, p in prec.items() if op != "Conv"), prec
     assert any(l["reason"] == "not among --op-types" for l in rep["layers"] if l["op"] != "Conv")
