@@ -221,11 +221,19 @@ fn maxpool_concat_and_quantize_equal_their_float_definitions() {
             continue;
         }
         let table = qelem::requant_table(qi, qo);
-        let mut got = vec![0u8; n * oh * ow * c];
-        qelem::maxpool(&x, [n, h, w, c], g, &table, &mut got).unwrap();
+        // Each ISA's pixel kernel (and the portable loop) on the same case; the checks below use the best one.
         let xf: Vec<f32> = x.iter().map(|&v| dq(v, qi)).collect();
-        let mut got_f = vec![f32::NAN; got.len()];
-        qelem::maxpool_f32(&xf, [n, h, w, c], g, &mut got_f).unwrap();
+        let (mut got, mut got_f) = (Vec::new(), Vec::new());
+        for &isa in &Isa::available() {
+            let (mut q, mut f) = (vec![0u8; n * oh * ow * c], vec![f32::NAN; n * oh * ow * c]);
+            qelem::maxpool(isa, &x, [n, h, w, c], g, &table, &mut q).unwrap();
+            qelem::maxpool_f32(isa, &xf, [n, h, w, c], g, &mut f).unwrap();
+            if !got.is_empty() {
+                assert_eq!(q, got, "maxpool {isa:?} case {case}");
+                assert_eq!(f, got_f, "float maxpool {isa:?} case {case}");
+            }
+            (got, got_f) = (q, f);
+        }
         for b in 0..n {
             for oy in 0..oh {
                 for ox in 0..ow {

@@ -34,6 +34,7 @@ pub enum Kernel {
     MaxPool {
         g: Pool2d,
         table: [u8; 256],
+        isa: Isa,
     },
     Concat {
         tables: Vec<[u8; 256]>,
@@ -48,7 +49,7 @@ pub enum Kernel {
     /// `[N, K]` f32 → `[N, c_out]` f32 (a 1×1 convolution over `N` pixels).
     FGemm(FConv),
     FAdd,
-    FMaxPool(Pool2d),
+    FMaxPool(Pool2d, Isa),
     FConcat(usize),
     FGlobalAvg,
     /// NCHW → NHWC or back, uint8 or f32 (the chain boundaries of the layout pass).
@@ -210,7 +211,7 @@ impl Kernel {
             },
             "EpQMaxPool" => {
                 let table = raw(node, "table", 2, 256)?.try_into().map_err(|_| "table".to_string())?;
-                Kernel::MaxPool { g: pool2d(node)?, table }
+                Kernel::MaxPool { g: pool2d(node)?, table, isa: Isa::detect() }
             }
             "EpQConcat" => {
                 let n = node.input.len();
@@ -233,7 +234,7 @@ impl Kernel {
             }
             "EpGemm" => Kernel::FGemm(fconv(node, "")?),
             "EpAdd" => Kernel::FAdd,
-            "EpMaxPool" => Kernel::FMaxPool(pool2d(node)?),
+            "EpMaxPool" => Kernel::FMaxPool(pool2d(node)?, Isa::detect()),
             "EpConcat" => Kernel::FConcat(node.input.len()),
             "EpGlobalAveragePool" => Kernel::FGlobalAvg,
             "EpLayout" => match node.attr_s("to") {
@@ -257,7 +258,7 @@ impl Kernel {
             Kernel::FConvConcat(_) => "EpConvConcat",
             Kernel::FGemm(_) => "EpGemm",
             Kernel::FAdd => "EpAdd",
-            Kernel::FMaxPool(_) => "EpMaxPool",
+            Kernel::FMaxPool(..) => "EpMaxPool",
             Kernel::FConcat(_) => "EpConcat",
             Kernel::FGlobalAvg => "EpGlobalAveragePool",
             Kernel::Layout { .. } => "EpLayout",
@@ -271,7 +272,7 @@ impl Kernel {
                 | Kernel::FConvConcat(_)
                 | Kernel::FGemm(_)
                 | Kernel::FAdd
-                | Kernel::FMaxPool(_)
+                | Kernel::FMaxPool(..)
                 | Kernel::FConcat(_)
                 | Kernel::FGlobalAvg
         )
@@ -370,7 +371,7 @@ impl Kernel {
                 }
                 x.clone()
             }
-            Kernel::MaxPool { g, .. } | Kernel::FMaxPool(g) => {
+            Kernel::MaxPool { g, .. } | Kernel::FMaxPool(g, _) => {
                 let (h, w) = hw(x)?;
                 let (oh, ow) = g.output_hw(h, w).ok_or_else(|| format!("{name}: input {h}x{w} too small"))?;
                 vec![x[0].clone(), D::known(oh), D::known(ow), x[3].clone()]
@@ -420,8 +421,8 @@ impl Kernel {
                 let parts = edgepack_kernels::threads().min(a.len() / 65536).max(1);
                 for_each_range(y, parts, |r, o| qelem::qadd(*isa, &a[r.clone()], *qa, &b[r], *qb, *qc, o));
             }
-            (Kernel::MaxPool { g, table }, DataMut::U8(y)) => {
-                qelem::maxpool(u8s(0)?, [x[0], x[1], x[2], x[3]], *g, table, y)
+            (Kernel::MaxPool { g, table, isa }, DataMut::U8(y)) => {
+                qelem::maxpool(*isa, u8s(0)?, [x[0], x[1], x[2], x[3]], *g, table, y)
                     .ok_or_else(|| format!("{name}: a pooling window holds no input cell"))?;
             }
             (Kernel::Concat { tables }, DataMut::U8(y)) => {
@@ -453,8 +454,8 @@ impl Kernel {
                     }
                 });
             }
-            (Kernel::FMaxPool(g), DataMut::F32(y)) => {
-                qelem::maxpool_f32(f32s(0)?, [x[0], x[1], x[2], x[3]], *g, y)
+            (Kernel::FMaxPool(g, isa), DataMut::F32(y)) => {
+                qelem::maxpool_f32(*isa, f32s(0)?, [x[0], x[1], x[2], x[3]], *g, y)
                     .ok_or_else(|| format!("{name}: a pooling window holds no input cell"))?;
             }
             (Kernel::FConcat(_), DataMut::F32(y)) => {

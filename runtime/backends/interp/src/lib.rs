@@ -422,7 +422,7 @@ fn run_pool(g: &Pool2d, x: &Tensor) -> Res<Tensor> {
     let data = match x.data() {
         TensorData::F32(v) => {
             let mut y = vec![0.0; b * oh * ow * c];
-            qelem::maxpool_f32(&layout(v, [b, c, h, w], true), [b, h, w, c], *g, &mut y).ok_or(empty)?;
+            qelem::maxpool_f32(Isa::detect(), &layout(v, [b, c, h, w], true), [b, h, w, c], *g, &mut y).ok_or(empty)?;
             TensorData::F32(layout(&y, [b, oh, ow, c], false))
         }
         TensorData::U8(v) => {
@@ -430,7 +430,7 @@ fn run_pool(g: &Pool2d, x: &Tensor) -> Res<Tensor> {
             qelem::transpose(v, b, c, h * w, &mut nhwc);
             let mut y = vec![0u8; b * oh * ow * c];
             let identity: [u8; 256] = std::array::from_fn(|i| i as u8);
-            qelem::maxpool(&nhwc, [b, h, w, c], *g, &identity, &mut y).ok_or(empty)?;
+            qelem::maxpool(Isa::detect(), &nhwc, [b, h, w, c], *g, &identity, &mut y).ok_or(empty)?;
             let mut out = vec![0u8; y.len()];
             qelem::transpose(&y, b, oh * ow, c, &mut out);
             TensorData::U8(out)

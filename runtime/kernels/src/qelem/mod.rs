@@ -174,33 +174,13 @@ impl Pool2d {
 
 /// Max pooling on raw uint8 values, then `table` (the requantization to the output's parameters; monotonic, so
 /// it commutes with the max). Window cells outside the input are skipped.
-pub fn maxpool(x: &[u8], dims: [usize; 4], g: Pool2d, table: &[u8; 256], out: &mut [u8]) -> Option<()> {
-    #[allow(unused_mut, unused_assignments)]
-    let mut simd: Option<MaxPixel<u8>> = None;
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512bw") {
-        simd = Some(x86::maxpool_px_u8);
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        simd = Some(aarch64::maxpool_px_u8);
-    }
-    maxpool_with(x, dims, g, 0, simd, |a| table[a as usize], out)
+pub fn maxpool(isa: Isa, x: &[u8], dims: [usize; 4], g: Pool2d, table: &[u8; 256], out: &mut [u8]) -> Option<()> {
+    maxpool_with(isa, x, dims, g, |a| table[a as usize], out)
 }
 
 /// Float max pooling on NHWC (window cells outside the input are skipped, as in onnxruntime; a NaN never wins).
-pub fn maxpool_f32(x: &[f32], dims: [usize; 4], g: Pool2d, out: &mut [f32]) -> Option<()> {
-    #[allow(unused_mut, unused_assignments)]
-    let mut simd: Option<MaxPixel<f32>> = None;
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        simd = Some(x86::maxpool_px_f32);
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        simd = Some(aarch64::maxpool_px_f32);
-    }
-    maxpool_with(x, dims, g, f32::NEG_INFINITY, simd, |a| a, out)
+pub fn maxpool_f32(isa: Isa, x: &[f32], dims: [usize; 4], g: Pool2d, out: &mut [f32]) -> Option<()> {
+    maxpool_with(isa, x, dims, g, |a| a, out)
 }
 
 /// A per-ISA kernel for one output pixel of a max pooling: the max over the window's `cells` (offsets of the
@@ -211,15 +191,53 @@ pub fn maxpool_f32(x: &[f32], dims: [usize; 4], g: Pool2d, out: &mut [f32]) -> O
 /// The CPU has the kernel's ISA; `x + cell` addresses `c` readable values for every cell, `dst` `c` writable.
 pub(crate) type MaxPixel<T> = unsafe fn(x: *const T, cells: &[usize], c: usize, dst: *mut T) -> usize;
 
-fn maxpool_with<T: Copy + Send + Sync + PartialOrd>(
+/// A value max pooling runs on: the max's identity and the pixel kernel of an instruction set.
+trait PoolValue: Copy + Send + Sync + PartialOrd {
+    const LOWEST: Self;
+    fn pixel_kernel(isa: Isa) -> Option<MaxPixel<Self>>;
+}
+
+impl PoolValue for f32 {
+    const LOWEST: f32 = f32::NEG_INFINITY;
+    fn pixel_kernel(isa: Isa) -> Option<MaxPixel<f32>> {
+        #[cfg(target_arch = "x86_64")]
+        if isa.supported() == Isa::Avx512Vnni {
+            return Some(x86::maxpool_px_f32);
+        }
+        #[cfg(target_arch = "aarch64")]
+        if isa.supported().is_arm() {
+            return Some(aarch64::maxpool_px_f32);
+        }
+        let _ = isa;
+        None
+    }
+}
+
+impl PoolValue for u8 {
+    const LOWEST: u8 = 0;
+    fn pixel_kernel(isa: Isa) -> Option<MaxPixel<u8>> {
+        #[cfg(target_arch = "x86_64")]
+        if isa.supported() == Isa::Avx512Vnni {
+            return Some(x86::maxpool_px_u8);
+        }
+        #[cfg(target_arch = "aarch64")]
+        if isa.supported().is_arm() {
+            return Some(aarch64::maxpool_px_u8);
+        }
+        let _ = isa;
+        None
+    }
+}
+
+fn maxpool_with<T: PoolValue>(
+    isa: Isa,
     x: &[T],
     [n, h, w, c]: [usize; 4],
     g: Pool2d,
-    lowest: T,
-    simd: Option<MaxPixel<T>>,
     finish: impl Fn(T) -> T + Sync,
     out: &mut [T],
 ) -> Option<()> {
+    let simd = T::pixel_kernel(isa);
     let (oh, ow) = g.output_hw(h, w)?;
     // Every window must hold an input cell (the lowering checks pads < kernel, so this holds there).
     let covered = |o: usize, len: usize, k: usize, s: usize, p: usize| (0..o).all(|i| i * s + k > p && i * s < len + p);
@@ -255,7 +273,7 @@ fn maxpool_with<T: Copy + Send + Sync + PartialOrd>(
                 // SAFETY: the cells lie inside `x` (checked against its length above) and hold `c` values each.
                 let done = simd.map_or(0, |k| unsafe { k(x.as_ptr(), &cells, c, px.as_mut_ptr()) });
                 for (ch, d) in px.iter_mut().enumerate().skip(done) {
-                    let mut a = lowest;
+                    let mut a = T::LOWEST;
                     for &at in &cells {
                         let v = x[at + ch];
                         // `v > a`: the first NaN never enters the max.
