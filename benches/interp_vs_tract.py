@@ -51,7 +51,7 @@ def main():
         for label, fname, preset in models:
             src = os.path.join(a.shared, "models", fname)
             q = os.path.join(tmp, fname.replace(".onnx", "_int8.onnx"))
-            subprocess.run([edgepack_bin(), "quantize", src, "--calib", photos, "--preset", preset, "--holdout", "0",
+            subprocess.run([edgepack_bin(), "quantize", "--budget", "none", src, "--calib", photos, "--preset", preset, "--holdout", "0",
                             "--latency-runs", "0", "-q", "-o", q], check=True, capture_output=True)
             for prec, path in (("fp32", src), ("int8", q)):
                 t, i = [], []

@@ -100,7 +100,7 @@ def main():
             print(d, flush=True)
             continue
         q = os.path.join(a.out, f"{name}.onnx")
-        subprocess.run([a.edgepack, "quantize", src, "--calib", os.path.join(shared, PHOTOS), "--preset", preset,
+        subprocess.run([a.edgepack, "quantize", "--budget", "none", src, "--calib", os.path.join(shared, PHOTOS), "--preset", preset,
                         "--holdout", "0", "--latency-runs", "0", "-o", q], check=True, stdout=subprocess.DEVNULL)
         print(write_case(a.out, name, q, inputs[fname], 0.999, "inf", stamp), flush=True)
         for f in (q, q + ".report.json", q + ".report.html"):

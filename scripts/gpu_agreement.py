@@ -61,7 +61,7 @@ def quantized(src, calib_files, preset, work, key):
             link = os.path.join(cdir, os.path.basename(f))
             if not os.path.exists(link):
                 os.symlink(f, link)
-        ep("quantize", src, "--calib", cdir, "--preset", preset, "--holdout", "0", "--latency-runs", "0",
+        ep("quantize", "--budget", "none", src, "--calib", cdir, "--preset", preset, "--holdout", "0", "--latency-runs", "0",
            "-o", out)
     return out
 

@@ -68,7 +68,7 @@ def main():
             for r in rows[: a.calib]:
                 os.symlink(os.path.join(data, "images", r["file"]), os.path.join(cdir, r["file"]))
             q = os.path.join(tmp, "int8.onnx")
-            subprocess.run([edgepack_bin(), "quantize", src, "--calib", cdir, "--preset", preset, "--holdout", "0",
+            subprocess.run([edgepack_bin(), "quantize", "--budget", "none", src, "--calib", cdir, "--preset", preset, "--holdout", "0",
                             "--latency-runs", "0", "-o", q], check=True, capture_output=True)
             xs = [ev.preprocess(os.path.join(data, "images", r["file"]), 256, 224, **ev.PRESETS[preset]) for r in sel]
             ndir = os.path.join(tmp, "npy")

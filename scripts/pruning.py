@@ -126,10 +126,10 @@ def run_model(key, args):
     st, st5 = run_structured(fp32, w, common, args)
     ru, rs, rs5 = (json.load(open(p + ".prune.json")) for p in (un, st, st5))
     q = f"{w}/unstructured_int8.onnx"
-    ep("quantize", un, "--calib", DATA, "--preset", preset, "--calib-limit", 100, "--holdout", 100,
+    ep("quantize", "--budget", "none", un, "--calib", DATA, "--preset", preset, "--calib-limit", 100, "--holdout", 100,
        "--latency-runs", 0, "-o", q)
     qf = f"{w}/int8.onnx"
-    ep("quantize", fp32, "--calib", DATA, "--preset", preset, "--calib-limit", 100, "--holdout", 100,
+    ep("quantize", "--budget", "none", fp32, "--calib", DATA, "--preset", preset, "--calib-limit", 100, "--holdout", 100,
        "--latency-runs", 0, "-o", qf)
     sizes = {}
     for tag, model, main, comp in [("fp32", fp32, "fp32:fp32", "none"), ("unstructured_zstd", un, "pruned:fp32", "zstd"),

@@ -88,7 +88,7 @@ def run_one(shared, model, tmp):
             # One input: one .npy per sample. Several inputs: edgepack takes single-input models only today.
             np.save(os.path.join(cdir, f"{i:03d}_{name}.npy") if len(feeds) > 1 else os.path.join(cdir, f"{i:03d}.npy"), x)
     out = os.path.join(tmp, model.replace(".onnx", "_int8.onnx"))
-    cmd = [edgepack_bin(), "quantize", src, "--calib", cdir, "--holdout", "0", "--latency-runs", "0",
+    cmd = [edgepack_bin(), "quantize", "--budget", "none", src, "--calib", cdir, "--holdout", "0", "--latency-runs", "0",
            "--layer-samples", "2", "--threads", "2", "-o", out, "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     res = {"model": model, "rc": r.returncode}

@@ -51,7 +51,7 @@ def main():
             fname, preset = MODELS[key]
             fp32 = os.path.join(a.shared, "models", fname)
             int8 = os.path.join(tmp, f"{key}_int8.onnx")
-            subprocess.run([edgepack_bin(), "quantize", fp32, "--calib", calib, "--preset", preset, "--holdout", "0",
+            subprocess.run([edgepack_bin(), "quantize", "--budget", "none", fp32, "--calib", calib, "--preset", preset, "--holdout", "0",
                             "--latency-runs", "0", "-o", int8], check=True, capture_output=True)
             for t in map(int, a.threads.split(",")):
                 m = {k: [] for k in ("ep32", "ep8", "ort32", "ort8")}

@@ -67,7 +67,7 @@ def main():
     batches = [int(b) for b in a.batches.split(",")]
     work = tempfile.mkdtemp(prefix="edgepack-gpu-host-")
     int8 = os.path.join(work, "effnet_int8.onnx")
-    subprocess.run([edgepack_bin(), "quantize", MODEL, "--calib", PHOTOS, "--preset", "tf", "--holdout", "0",
+    subprocess.run([edgepack_bin(), "quantize", "--budget", "none", MODEL, "--calib", PHOTOS, "--preset", "tf", "--holdout", "0",
                     "--latency-runs", "0", "-o", int8], check=True, capture_output=True)
     rows = []
     for label, model in (("fp32", MODEL), ("INT8", int8)):

@@ -114,7 +114,7 @@ def main():
         if a.int8:
             # INT8 QDQ from `edgepack quantize`, calibrated on the shipped photos; both services run this file.
             model = os.path.join(work, "effnet_int8.onnx")
-            subprocess.run([edgepack_bin(), "quantize", MODEL, "--calib", os.path.dirname(PHOTO), "--preset", "tf",
+            subprocess.run([edgepack_bin(), "quantize", "--budget", "none", MODEL, "--calib", os.path.dirname(PHOTO), "--preset", "tf",
                             "--holdout", "0", "--latency-runs", "0", "-o", model], check=True, capture_output=True)
         bundle = os.path.join(work, "effnet.edgepack")
         subprocess.run([edgepack_bin(), "pack", model, "--preset", "tf", "-o", bundle], check=True, capture_output=True)

@@ -70,6 +70,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         method_name: "minmax".into(),
         cfg: Default::default(),
         budget: None,
+        sensitivity_method: None,
         max_float_fraction: 0.25,
         sensitivity_samples: 1,
         layer_samples: 1,

@@ -20,6 +20,17 @@ pub fn sqnr_db(signal: f64, noise: f64) -> Option<f64> {
     Some((10.0 * (signal / noise).log10()).max(-200.0))
 }
 
+/// Cosine similarity from Σa², Σb², Σab (1 when both are zero or they are equal, 0 when one alone is zero).
+fn cosine(aa: f64, bb: f64, ab: f64, diff: f64) -> f64 {
+    if diff <= 0.0 {
+        return 1.0;
+    }
+    if aa <= 0.0 || bb <= 0.0 {
+        return 0.0;
+    }
+    (ab / (aa.sqrt() * bb.sqrt())).clamp(-1.0, 1.0)
+}
+
 /// Quality of one model on the held-out samples.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Metrics {
@@ -33,6 +44,29 @@ pub struct Metrics {
     pub top5: Option<f64>,
     /// 95 % confidence intervals of the percentages above (Wilson score interval over `samples`).
     pub ci95: Intervals,
+    /// Each output on its own (empty for the fp32 reference itself).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<OutputFidelity>,
+}
+
+/// One model output against fp32, over all the samples.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct OutputFidelity {
+    pub name: String,
+    /// dB, `null` = identical.
+    pub sqnr_db: Option<f64>,
+    /// Cosine similarity of the output with fp32's, all samples' values as one vector.
+    pub cosine: f64,
+}
+
+impl Metrics {
+    /// The lowest SQNR of any output (`None`: every output identical).
+    pub fn worst_output_sqnr_db(&self) -> Option<f64> {
+        if self.outputs.is_empty() {
+            return self.output_sqnr_db;
+        }
+        self.outputs.iter().filter_map(|o| o.sqnr_db).min_by(f64::total_cmp)
+    }
 }
 
 /// 95 % confidence intervals, in %, of a [`Metrics`]' percentages: what the held-out sample size can tell apart.
@@ -106,6 +140,11 @@ pub struct HeldOut {
     labels: Vec<Option<usize>>,
     /// fp32 outputs, all outputs flattened and concatenated per sample.
     reference: Vec<Vec<f32>>,
+    /// The outputs' names and, per sample, each output's length in `reference`.
+    output_names: Vec<String>,
+    output_lens: Vec<Vec<usize>>,
+    /// Median seconds of one fp32 run (what a pass over the samples costs, for planning).
+    pub fp32_run_secs: f64,
     /// Number of classes when the first output is classification-shaped (see [`class_count`]), else `None`.
     classes: Option<usize>,
     pub fp32: Metrics,
@@ -155,17 +194,24 @@ impl HeldOut {
             inputs: vec![],
             labels: vec![],
             reference: vec![],
+            output_names: vec![],
+            output_lens: vec![],
+            fp32_run_secs: 0.0,
             classes: None,
             fp32: Metrics::default(),
         };
         let total = range.len();
         let mut bytes = 0usize;
+        let mut run_secs = Vec::new();
         for (done, k) in range.enumerate() {
             let s = data.get(k)?;
             let x = s.to_input(pre)?;
+            let t0 = Instant::now();
             let outs = fp32.run(vec![(h.input_name.clone(), x.clone())])?;
+            run_secs.push(t0.elapsed().as_secs_f64());
             if done == 0 {
                 h.classes = outs.first().and_then(|(_, t)| class_count(t.shape()));
+                h.output_names = outs.iter().map(|(n, _)| n.clone()).collect();
             }
             let r = flatten(&outs);
             bytes += x.len() * x.dtype().size() + r.len() * 4;
@@ -176,11 +222,39 @@ impl HeldOut {
             h.inputs.push(x);
             h.labels.push(s.label);
             h.reference.push(r);
+            h.output_lens.push(outs.iter().map(|(_, t)| t.len()).collect());
             progress(done + 1, total);
         }
-        h.fp32 = h.score(&h.reference);
-        h.fp32.output_sqnr_db = None;
+        h.rescore_fp32();
+        h.fp32_run_secs = median_ci95(run_secs).0;
         Ok(h)
+    }
+
+    fn rescore_fp32(&mut self) {
+        self.fp32 = self.score(&self.reference);
+        self.fp32.output_sqnr_db = None;
+        self.fp32.outputs.clear();
+    }
+
+    /// Splits off the samples from `at` on: `self` keeps the first `at` (the ones that choose), the other set the
+    /// rest (the ones that judge), each with its own fp32 figures.
+    pub fn split_off(&mut self, at: usize) -> HeldOut {
+        let at = at.min(self.len());
+        let mut rest = HeldOut {
+            input_name: self.input_name.clone(),
+            ids: self.ids.split_off(at),
+            inputs: self.inputs.split_off(at),
+            labels: self.labels.split_off(at),
+            reference: self.reference.split_off(at),
+            output_names: self.output_names.clone(),
+            output_lens: self.output_lens.split_off(at),
+            fp32_run_secs: self.fp32_run_secs,
+            classes: self.classes,
+            fp32: Metrics::default(),
+        };
+        self.rescore_fp32();
+        rest.rescore_fp32();
+        rest
     }
 
     pub fn len(&self) -> usize {
@@ -222,10 +296,25 @@ impl HeldOut {
     fn score(&self, outs: &[Vec<f32>]) -> Metrics {
         let n = outs.len();
         let (mut sig, mut noise) = (0f64, 0f64);
+        // Per output: Σref², Σ(ref−q)², Σq², Σref·q.
+        let mut per = vec![[0f64; 4]; self.output_names.len()];
         let mut agree = 0usize;
         let mut tally = crate::eval::TopK::default();
         for (k, o) in outs.iter().enumerate() {
             let r = &self.reference[k];
+            let mut start = 0;
+            for (j, &len) in self.output_lens[k].iter().enumerate() {
+                let end = (start + len).min(r.len());
+                let acc = &mut per[j];
+                for (i, &a) in r[start..end].iter().enumerate() {
+                    let (a, b) = (a as f64, o.get(start + i).copied().unwrap_or(0.0) as f64);
+                    acc[0] += a * a;
+                    acc[1] += (a - b) * (a - b);
+                    acc[2] += b * b;
+                    acc[3] += a * b;
+                }
+                start = end;
+            }
             for (a, b) in r.iter().zip(o) {
                 sig += (*a as f64).powi(2);
                 noise += (*a as f64 - *b as f64).powi(2);
@@ -250,6 +339,16 @@ impl HeldOut {
             top1,
             top5,
             ci95: Intervals { top1_agreement: ci(top1_agreement), top1: ci(top1), top5: ci(top5) },
+            outputs: self
+                .output_names
+                .iter()
+                .zip(&per)
+                .map(|(name, &[rr, e, qq, rq])| OutputFidelity {
+                    name: name.clone(),
+                    sqnr_db: sqnr_db(rr, e),
+                    cosine: cosine(rr, qq, rq, e),
+                })
+                .collect(),
         }
     }
 

@@ -12,9 +12,22 @@ use edgepack_runtime::{Session, SessionOptions};
 use crate::calib::{self, CalibError, Method};
 use crate::data::Dataset;
 use crate::fidelity::{self, HeldOut};
-use crate::mixed::{self, Budget, Probe};
+use crate::mixed::{self, Budget, Probe, SensitivityMethod};
 use crate::qdq::{self, QdqConfig};
 use crate::report::{BudgetOutcome, Latency, Layer, Preparation, Report, SampleInfo, Size};
+
+/// Estimated seconds up to which the automatic choice measures sensitivities exactly (one pass per layer).
+pub const EXACT_SENSITIVITY_SECS: f64 = 120.0;
+/// Tensor bytes the one-pass sensitivity keeps alive at once.
+const LOCAL_SENSITIVITY_BYTES: usize = 512 << 20;
+
+/// How the report names a gate: the budget given, or the default gate and what it became for this model.
+fn gate_text(asked: Option<Budget>, resolved: Budget) -> String {
+    match asked {
+        Some(Budget::Default) => format!("default ({resolved})"),
+        _ => resolved.to_string(),
+    }
+}
 
 /// Samples from a dataset.
 pub struct Samples<'a> {
@@ -38,7 +51,11 @@ pub struct Job<'a> {
     pub method: Method,
     pub method_name: String,
     pub cfg: QdqConfig,
+    /// The accuracy gate: a budget, [`Budget::Default`] (the default gate) or `None` (all INT8, whatever it costs).
     pub budget: Option<Budget>,
+    /// How layer sensitivities are measured; `None`: exactly when that takes at most
+    /// [`EXACT_SENSITIVITY_SECS`] (estimated), else in one pass.
+    pub sensitivity_method: Option<SensitivityMethod>,
     /// At most this fraction of the quantizable nodes may stay fp32 under the budget.
     pub max_float_fraction: f64,
     /// Held-out samples used per node by the sensitivity analysis.
@@ -175,8 +192,9 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
             on(Event::Step(d))
         })?;
 
-    // 3. Held-out samples and their fp32 results.
-    let (held, held_src) = build_held_out(
+    // 3. Held-out samples and their fp32 results. With a gate, the first half of them choose the fp32 layers and
+    //    the other half judge the written model, so the report's figures are not the ones the choice was fitted to.
+    let (mut select, held_src) = build_held_out(
         &fp32,
         &job.calib,
         job.held_out.as_ref(),
@@ -186,13 +204,33 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
         &mut warnings,
         on,
     )?;
-    if let Some(b) = &job.budget
-        && let Some(why) = b.unusable(&held)
+    let gate = job.budget.map(|b| b.resolve(&select));
+    if let Some(b) = &gate
+        && let Some(why) = b.unusable(&select)
     {
         return Err(CalibError::Invalid(format!("budget {b}: {why}")));
     }
+    let start = held_src.range.start;
+    let judge = match gate {
+        Some(_) if select.len() >= 2 => Some(select.split_off(select.len().div_ceil(2))),
+        Some(_) => {
+            warnings.push(
+                "one held-out sample: the gate chooses the fp32 layers on the sample the report measures (optimistic)"
+                    .into(),
+            );
+            None
+        }
+        None => None,
+    };
+    let info = |from: usize, n: usize, labelled: bool| SampleInfo {
+        source: held_src.source.clone(),
+        samples: n,
+        labelled,
+        which: which(&(start + from..start + from + n)),
+    };
+    let selection_info = judge.as_ref().map(|_| info(0, select.len(), select.labelled()));
 
-    // 4. Full INT8, then (if a budget misses) sensitivity and the mixed-precision search.
+    // 4. Full INT8, then (if the gate misses) sensitivity and the mixed-precision search on the selection samples.
     let mut cfg = job.cfg.clone();
     let (mut full, mut full_summary) =
         qdq::quantize(&model, &ranges, &cfg).map_err(|e| CalibError::Invalid(e.to_string()))?;
@@ -217,43 +255,74 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
     }
     let job_cfg = cfg;
     let units = qdq::quantizable_nodes(&model, &job_cfg);
-    on(Event::Stage("evaluate int8", held.len()));
-    let full_metrics = held.evaluate(&Session::from_model(&full, &job.session)?, None, |d, _| on(Event::Step(d)))?;
+    on(Event::Stage("evaluate int8", select.len()));
+    let full_metrics = select.evaluate(&Session::from_model(&full, &job.session)?, None, |d, _| on(Event::Step(d)))?;
     let mut sens: Vec<mixed::Sensitivity> = Vec::new();
-    let need_search = job.budget.is_some_and(|b| !b.met(b.value(&held.fp32, &full_metrics)));
+    let need_search = gate.is_some_and(|b| !b.met(b.value(&select.fp32, &full_metrics)));
+    let n_sens = job.sensitivity_samples.max(1).min(select.len());
+    // Measuring every layer alone costs a pass of the model per layer and sample; past a couple of minutes the
+    // one-pass local measure takes over.
+    let exact_secs = units.len() as f64 * n_sens as f64 * select.fp32_run_secs * 1.5;
+    let sens_method = job.sensitivity_method.unwrap_or(if exact_secs <= EXACT_SENSITIVITY_SECS {
+        SensitivityMethod::Exact
+    } else {
+        SensitivityMethod::Local
+    });
     if need_search || job.always_sensitivity {
         on(Event::Stage("sensitivity", units.len()));
-        let n = job.sensitivity_samples.max(1);
-        sens = mixed::sensitivity(&model, &ranges, &job_cfg, &job.session, &held, n, |d, _| on(Event::Step(d)))?;
+        sens = match sens_method {
+            SensitivityMethod::Exact => {
+                mixed::sensitivity(&model, &ranges, &job_cfg, &job.session, &select, n_sens, |d, _| on(Event::Step(d)))?
+            }
+            SensitivityMethod::Local => {
+                on(Event::Stage("sensitivity (one pass)", units.len() * n_sens));
+                mixed::local_sensitivity(
+                    &model,
+                    &full,
+                    &units,
+                    &job.session,
+                    &select,
+                    n_sens,
+                    LOCAL_SENSITIVITY_BYTES,
+                    |d, _| on(Event::Step(d)),
+                )?
+            }
+        };
     }
     let max_float = ((units.len() as f64) * job.max_float_fraction.clamp(0.0, 1.0)).floor() as usize;
-    let (q, summary, metrics, budget) = match job.budget {
+    let (q, summary, select_metrics, mut budget) = match gate {
         Some(b) if need_search => {
             let order: Vec<String> = sens.iter().map(|s| s.node.clone()).collect();
             on(Event::Stage("mixed precision", 0));
-            let first =
-                Probe { float_nodes: 0, value: b.value(&held.fp32, &full_metrics), met: false, metrics: full_metrics };
-            let r = mixed::search(&model, &ranges, &job_cfg, &job.session, &held, b, &order, max_float, first, |p| {
-                on(Event::Note(format!(
-                    "  {} node(s) in fp32: {:.3} ({})",
-                    p.float_nodes,
-                    p.value,
-                    if p.met { "meets the budget" } else { "misses" }
-                )))
-            })?;
+            let first = Probe {
+                float_nodes: 0,
+                value: b.value(&select.fp32, &full_metrics),
+                met: false,
+                metrics: full_metrics,
+            };
+            let r =
+                mixed::search(&model, &ranges, &job_cfg, &job.session, &select, b, &order, max_float, first, |p| {
+                    on(Event::Note(format!(
+                        "  {} node(s) in fp32: {:.3} ({})",
+                        p.float_nodes,
+                        p.value,
+                        if p.met { "meets the budget" } else { "misses" }
+                    )))
+                })?;
             if !r.met {
                 warnings.push(format!(
                     "budget {b} not met with up to {max_float} node(s) in fp32 (--max-float-fraction {}): best reached {:.3} with {} in fp32; that model was written",
                     job.max_float_fraction,
-                    b.value(&held.fp32, &r.metrics),
+                    b.value(&select.fp32, &r.metrics),
                     r.float_nodes.len()
                 ));
             }
             let outcome = BudgetOutcome {
                 budget: b,
-                text: b.to_string(),
+                text: gate_text(job.budget, b),
                 met: r.met,
-                reached: b.value(&held.fp32, &r.metrics),
+                reached: b.value(&select.fp32, &r.metrics),
+                judged: None,
                 max_float_nodes: max_float,
                 float_nodes: r.float_nodes.clone(),
                 probes: r.probes,
@@ -261,16 +330,17 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
             (r.model, r.summary, r.metrics, Some(outcome))
         }
         _ => {
-            let outcome = job.budget.map(|b| BudgetOutcome {
+            let outcome = gate.map(|b| BudgetOutcome {
                 budget: b,
-                text: b.to_string(),
+                text: gate_text(job.budget, b),
                 met: true,
-                reached: b.value(&held.fp32, &full_metrics),
+                reached: b.value(&select.fp32, &full_metrics),
+                judged: None,
                 max_float_nodes: max_float,
                 float_nodes: vec![],
                 probes: vec![Probe {
                     float_nodes: 0,
-                    value: b.value(&held.fp32, &full_metrics),
+                    value: b.value(&select.fp32, &full_metrics),
                     met: true,
                     metrics: full_metrics.clone(),
                 }],
@@ -278,9 +348,22 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
             (full, full_summary, full_metrics, outcome)
         }
     };
+    let qs = Session::from_model(&q, &job.session)?;
+    // The report's figures: on the judging samples when there are some.
+    let held = judge.as_ref().unwrap_or(&select);
+    let metrics = match &judge {
+        Some(j) => {
+            on(Event::Stage("evaluate on the report samples", j.len()));
+            let m = j.evaluate(&qs, None, |d, _| on(Event::Step(d)))?;
+            if let Some(b) = budget.as_mut() {
+                b.judged = Some(b.budget.value(&j.fp32, &m));
+            }
+            m
+        }
+        None => select_metrics,
+    };
 
     // 5. Per-layer SQNR of the written model, latency, sizes.
-    let qs = Session::from_model(&q, &job.session)?;
     let layer_nodes: Vec<(String, String, String)> = model
         .graph
         .nodes
@@ -351,7 +434,9 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
         output: job.output_name.clone(),
         method: job.method_name.clone(),
         calibration: job.calib.info(job.calib.range.len(), false),
-        held_out: held_src.info(held.len(), held.labelled()),
+        held_out: info(if judge.is_some() { select.len() } else { 0 }, held.len(), held.labelled()),
+        selection: selection_info,
+        sensitivity_method: (!sens.is_empty()).then_some(sens_method),
         preparation: Preparation { opset_upgrade: upgrade, folded_batchnorm, named_nodes, constants },
         fp32: held.fp32.clone(),
         int8: metrics,

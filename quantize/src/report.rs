@@ -32,8 +32,10 @@ pub struct BudgetOutcome {
     pub budget: Budget,
     pub text: String,
     pub met: bool,
-    /// The budget's metric reached by the written model.
+    /// The budget's metric reached by the written model on the samples that chose its fp32 layers.
     pub reached: f64,
+    /// The same figure on the report's samples (disjoint from those), when there are some.
+    pub judged: Option<f64>,
     pub max_float_nodes: usize,
     pub float_nodes: Vec<String>,
     pub probes: Vec<Probe>,
@@ -77,7 +79,12 @@ pub struct Report {
     pub output: String,
     pub method: String,
     pub calibration: SampleInfo,
+    /// The samples every figure of the report is measured on.
     pub held_out: SampleInfo,
+    /// The held-out samples that chose the fp32 layers under the gate (disjoint from `held_out`), when split.
+    pub selection: Option<SampleInfo>,
+    /// How the layer sensitivities were measured, when they were.
+    pub sensitivity_method: Option<crate::mixed::SensitivityMethod>,
     pub preparation: Preparation,
     pub fp32: Metrics,
     pub int8: Metrics,
@@ -179,14 +186,25 @@ impl Report {
         if let Some(b) = &self.budget {
             let _ = writeln!(
                 s,
-                "budget {}: {} (reached {:.3}) with {} node(s) kept in fp32 (cap {}), {} candidates tried",
+                "budget {}: {} (reached {:.3}{}) with {} node(s) kept in fp32 (cap {}), {} candidates tried",
                 b.text,
                 if b.met { "met" } else { "NOT met, best candidate written" },
                 b.reached,
+                self.selection.as_ref().map(|x| format!(" on the {} choosing samples", x.samples)).unwrap_or_default(),
                 b.float_nodes.len(),
                 b.max_float_nodes,
                 b.probes.len()
             );
+            if let (Some(j), Some(x)) = (b.judged, &self.selection) {
+                let _ = writeln!(
+                    s,
+                    "  on the report's {} samples ({}; the choosing ones: {}): {:.3}",
+                    q.samples, self.held_out.which, x.which, j
+                );
+            }
+        }
+        if let Some(m) = self.sensitivity_method {
+            let _ = writeln!(s, "sensitivity: {}", m.describe());
         }
         let _ = writeln!(s, "layers: {} int8, {} fp32", self.int8_layers(), self.layers.len() - self.int8_layers());
         let mut rows: Vec<&Layer> = self.layers.iter().collect();
@@ -309,12 +327,19 @@ impl Report {
         if let Some(b) = &self.budget {
             let _ = write!(
                 h,
-                "<h2>Budget: {}</h2><p>{} — reached {:.3} with {} node(s) kept in fp32 (cap {}).</p>",
+                "<h2>Budget: {}</h2><p>{} — reached {:.3}{} with {} node(s) kept in fp32 (cap {}).{}</p>",
                 esc(&b.text),
                 if b.met { "met" } else { "<span class=\"warn\">not met: best candidate written</span>" },
                 b.reached,
+                self.selection
+                    .as_ref()
+                    .map(|x| format!(" on the {} samples that chose ({})", x.samples, esc(&x.which)))
+                    .unwrap_or_default(),
                 b.float_nodes.len(),
-                b.max_float_nodes
+                b.max_float_nodes,
+                b.judged
+                    .map(|j| format!(" On the report's own samples ({}): {j:.3}.", esc(&self.held_out.which)))
+                    .unwrap_or_default()
             );
             h.push_str(&probe_chart(b));
         }
@@ -324,7 +349,11 @@ impl Report {
             "dB",
         ));
         if self.layers.iter().any(|l| l.sensitivity_db.is_some()) {
-            let _ = write!(h, "<h2>Sensitivity (model output SQNR with only this layer quantized)</h2>");
+            let _ = write!(
+                h,
+                "<h2>Sensitivity ({})</h2>",
+                esc(self.sensitivity_method.unwrap_or(crate::mixed::SensitivityMethod::Exact).describe())
+            );
             h.push_str(&bar_chart(
                 self.layers.iter().map(|l| (l.node.as_str(), l.sensitivity_db, l.precision == "fp32")).collect(),
                 "dB",
@@ -418,7 +447,8 @@ pub(crate) fn bar_chart(rows: Vec<(&str, Option<f64>, bool)>, unit: &str) -> Str
 fn probe_chart(b: &BudgetOutcome) -> String {
     let (w, hgt, pad) = (600.0, 220.0, 40.0);
     let target = match b.budget {
-        Budget::Top1Drop(v) | Budget::Agreement(v) | Budget::Sqnr(v) => v,
+        Budget::Top1Drop(v) | Budget::Agreement(v) | Budget::Sqnr(v) | Budget::Fidelity { db: v, .. } => v,
+        Budget::Default => f64::NAN,
     };
     let vals: Vec<f64> = b.probes.iter().map(|p| p.value).filter(|v| v.is_finite()).chain([target]).collect();
     let (lo, hi) = vals.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, c), &v| (a.min(v), c.max(v)));

@@ -170,7 +170,7 @@ def test_int8_requantization_equals_cpu(gpu, tmp_path, model, preset):
 
     photos = os.path.join(ROOT, "assets", "photos")
     q = tmp_path / "q.onnx"
-    ep("quantize", os.path.join(ROOT, "assets", "models", model), "--calib", photos, "--preset", preset,
+    ep("quantize", "--budget", "none", os.path.join(ROOT, "assets", "models", model), "--calib", photos, "--preset", preset,
        "--holdout", "0", "--latency-runs", "0", "-o", q)
     g = onnx.load(str(q)).graph
     producer = {o: n for n in g.node for o in n.output}

@@ -31,7 +31,7 @@ def outputs(model, preset, photo, out, env=None):
 def test_fp32_and_int8_match_tract(tmp_path, model, preset, photo):
     src = os.path.join(ASSETS, "models", model)
     q = tmp_path / "q.onnx"
-    ep("quantize", src, "--calib", PHOTOS, "--preset", preset, "--holdout", "0", "--latency-runs", "0", "-o", q)
+    ep("quantize", "--budget", "none", src, "--calib", PHOTOS, "--preset", preset, "--holdout", "0", "--latency-runs", "0", "-o", q)
     for name, m in (("fp32", src), ("int8", str(q))):
         want, _ = outputs(m, preset, photo, tmp_path / f"{name}_tract")
         got, log = outputs(m, preset, photo, tmp_path / f"{name}_interp", env=INTERP)
@@ -124,7 +124,7 @@ def test_int8_files_match_onnxruntime(shared, binary, tmp_path, fname, preset):
     file in both; the interpreter's integer kernels use onnxruntime's requantization)."""
     src = os.path.join(shared, "models", fname)
     q = tmp_path / "q.onnx"
-    ep("quantize", src, "--calib", PHOTOS, "--preset", preset, "--holdout", "0", "--latency-runs", "0", "-o", q)
+    ep("quantize", "--budget", "none", src, "--calib", PHOTOS, "--preset", preset, "--holdout", "0", "--latency-runs", "0", "-o", q)
     feeds = model_inputs.all_inputs(shared)[fname]
     r = ort_parity.compare(str(q), feeds, edgepack_bin(), env=INTERP)
     assert r["loaded"], r

@@ -203,8 +203,11 @@ def test_budget_search_report_and_a_budget_that_cannot_be_met(shared, binary, tm
     fp32 = [l for l in rep["layers"] if l["precision"] == "fp32"]
     assert len(fp32) == len(b["float_nodes"]) and all("budget search" in l["reason"] for l in fp32)
     assert all(l["sensitivity_db"] is not None for l in rep["layers"])
-    assert rep["held_out"]["labelled"] and rep["int8"]["samples"] == 100 and rep["fp32"]["top1"] > 90
-    assert rep["calibration"]["which"] == "first 50" and rep["held_out"]["which"] == "samples 51-150"
+    # The first half of the held-out samples chose the fp32 layers; the report measures the other half.
+    assert rep["held_out"]["labelled"] and rep["int8"]["samples"] == 50 and rep["fp32"]["top1"] > 90
+    assert rep["calibration"]["which"] == "first 50" and rep["selection"]["which"] == "samples 51-100"
+    assert rep["held_out"]["which"] == "samples 101-150" and rep["selection"]["samples"] == 50
+    assert isinstance(b["judged"], float) and rep["sensitivity_method"] == "exact"
     html = open(f"{out}.report.html").read()
     svgs = re.findall(r"<svg.*?</svg>", html, re.S)
     assert len(svgs) >= 3
@@ -221,6 +224,36 @@ def test_budget_search_report_and_a_budget_that_cannot_be_met(shared, binary, tm
     rep = json.loads(r.stdout)["report"]
     assert rep["budget"]["met"] and rep["budget"]["float_nodes"] == [] and len(rep["budget"]["probes"]) == 1
     assert rep["fp32"]["top1"] - rep["int8"]["top1"] <= 0.5
+
+
+def test_default_gate_none_and_one_pass_sensitivity(shared, binary, tmp_path):
+    """Without --budget the default gate applies (top-1 agreement on a classifier) on samples apart from the
+    report's; --budget none is all INT8 measured on every held-out sample; the one-pass sensitivity ranks the same
+    layers as the exact one."""
+    imgs, lbls = _mnist_idx(shared)
+    mnist = os.path.join(shared, "models", "mnist_cntk_opset7.onnx")
+    common = ["--calib", imgs, "--idx-labels", lbls, "--preset", "mnist", "--calib-limit", 50, "--holdout", 60,
+              "--latency-runs", 0, "--json"]
+    rep = json.loads(ep("quantize", mnist, *common, "-o", tmp_path / "d.onnx").stdout)["report"]
+    assert rep["budget"]["text"] == "default (top-1 agreement ≥ 97 %)" and rep["budget"]["met"]
+    assert rep["selection"]["which"] == "samples 51-80" and rep["held_out"]["which"] == "samples 81-110"
+    assert rep["int8"]["samples"] == 30 and rep["budget"]["judged"] is not None
+    rep = json.loads(ep("quantize", mnist, *common, "--budget", "none", "-o", tmp_path / "n.onnx").stdout)["report"]
+    assert rep["budget"] is None and rep["selection"] is None and rep["int8"]["samples"] == 60
+    assert rep["int8"]["outputs"][0]["cosine"] > 0.99
+    ranks = {}
+    for m in ("exact", "local"):
+        rep = json.loads(ep("quantize", mnist, *common, "--sensitivity", "--sensitivity-method", m,
+                            "-o", tmp_path / f"{m}.onnx").stdout)["report"]
+        assert rep["sensitivity_method"] == m
+        sens = {l["node"]: l["sensitivity_db"] for l in rep["layers"] if l["precision"] == "int8"}
+        assert all(v is not None for v in sens.values()) and len(sens) >= 5
+        ranks[m] = sorted(sens, key=sens.get)
+    # Both put the same layer first (the one whose quantization costs the most).
+    assert ranks["exact"][0] == ranks["local"][0], ranks
+    # A non-classifier gets the fidelity gate, per output.
+    r = ep("quantize", mnist, *common, "--budget", "fidelity=20,0.99", "-o", tmp_path / "f.onnx")
+    assert json.loads(r.stdout)["report"]["budget"]["text"] == "every output SQNR ≥ 20 dB or cosine ≥ 0.99"
 
 
 def test_budgets_that_cannot_be_checked_and_unsupported_models_are_clear(shared, binary, tmp_path):
