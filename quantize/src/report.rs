@@ -69,7 +69,8 @@ pub struct Layer {
     pub reason: Option<String>,
     /// SQNR of the node's output in the written model against fp32 (accumulated error), dB.
     pub sqnr_db: Option<f64>,
-    /// Output SQNR of the model when this node alone is quantized, dB (when sensitivity was measured).
+    /// SQNR when this node alone is quantized, dB (when sensitivity was measured): of the model's output
+    /// (`exact`) or of the node's own output (`local`; see [`Report::sensitivity_method`]).
     pub sensitivity_db: Option<f64>,
 }
 
@@ -223,7 +224,14 @@ impl Report {
         let _ = writeln!(
             s,
             "  {:<w$} {:<18} {:>9} {:>12} {:>14}  reason",
-            "node", "op", "precision", "SQNR dB", "alone: out dB"
+            "node",
+            "op",
+            "precision",
+            "SQNR dB",
+            match self.sensitivity_method {
+                Some(crate::mixed::SensitivityMethod::Local) => "alone: own dB",
+                _ => "alone: out dB",
+            }
         );
         for l in rows {
             let name: String = l.node.chars().take(w).collect();
