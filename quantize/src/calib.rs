@@ -2,8 +2,8 @@
 //! Streaming: one sample in memory at a time, observers keep fixed-size state.
 use std::collections::HashMap;
 
+use edgepack_runtime::Session;
 use edgepack_runtime::process::ImagePreprocess;
-use edgepack_runtime::{Session, Tensor};
 
 use crate::data::{DataError, Dataset};
 use crate::qdq::Range;
@@ -205,10 +205,7 @@ pub fn calibrate(
     if samples.is_empty() {
         return Err(CalibError::Invalid("no calibration samples".into()));
     }
-    let input = match session.inputs() {
-        [one] => one.name.clone(),
-        more => return Err(CalibError::Invalid(format!("calibration feeds one input; the model has {}", more.len()))),
-    };
+    let inputs: Vec<String> = session.inputs().iter().map(|i| i.name.clone()).collect();
     let names: Vec<&str> = values.iter().map(String::as_str).collect();
     let mut obs: Vec<Observer> = values.iter().map(|_| Observer::new()).collect();
     let passes = if method.needs_histogram() { 2 } else { 1 };
@@ -216,8 +213,8 @@ pub fn calibrate(
     let mut done = 0;
     for pass in 0..passes {
         for k in samples.clone() {
-            let x: Tensor = data.get(k)?.to_input(pre)?;
-            let outs = session.run_values(vec![(input.clone(), x)], &names)?;
+            let feeds = data.get(k)?.to_inputs(pre, &inputs)?;
+            let outs = session.run_values(feeds, &names)?;
             for (o, (_, t)) in obs.iter_mut().zip(&outs) {
                 let v = t.to_f32_vec();
                 if pass == 0 { o.observe_range(&v) } else { o.observe_hist(&v) }

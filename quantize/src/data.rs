@@ -2,7 +2,8 @@
 //! number of samples):
 //! - labelled: `labels.csv` + `images/` (as `shared/data/imagenet_sample`), one folder per class, or MNIST IDX
 //!   files (gzip or raw);
-//! - unlabelled (calibration): any folder of images (JPEG/PNG) and `.npy` tensors, searched recursively.
+//! - unlabelled (calibration): any folder of images (JPEG/PNG), `.npy` tensors and `.npz` files (one array per
+//!   input of a multi-input model, by input name), searched recursively.
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -35,6 +36,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
 pub enum SampleData {
     Image(DynamicImage),
     Tensor(Tensor),
+    /// One array per model input, by input name (an `.npz` file).
+    Feeds(Vec<(String, Tensor)>),
 }
 
 pub struct Sample {
@@ -57,6 +60,42 @@ impl Sample {
                 ))),
             },
             SampleData::Tensor(t) => Ok(t.clone()),
+            SampleData::Feeds(f) => match f.as_slice() {
+                [(_, t)] => Ok(t.clone()),
+                _ => Err(DataError::Invalid(format!("{}: {} arrays for a model with one input", self.id, f.len()))),
+            },
+        }
+    }
+
+    /// The feeds of a model whose inputs are `inputs` (names, in order): an `.npz` sample gives each input its
+    /// array by name (every input needed, no other array); an image or `.npy` sample feeds a one-input model.
+    pub fn to_inputs(&self, pre: Option<&ImagePreprocess>, inputs: &[String]) -> Result<Vec<(String, Tensor)>> {
+        match (&self.data, inputs) {
+            (SampleData::Feeds(f), _) => {
+                let missing: Vec<&str> =
+                    inputs.iter().filter(|n| !f.iter().any(|(k, _)| k == *n)).map(String::as_str).collect();
+                let extra: Vec<&str> = f.iter().filter(|(k, _)| !inputs.contains(k)).map(|(k, _)| k.as_str()).collect();
+                if !missing.is_empty() || !extra.is_empty() {
+                    return Err(DataError::Invalid(format!(
+                        "{}: the arrays ({}) must be the model's inputs ({}){}{}",
+                        self.id,
+                        f.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", "),
+                        inputs.join(", "),
+                        if missing.is_empty() { String::new() } else { format!("; missing: {}", missing.join(", ")) },
+                        if extra.is_empty() { String::new() } else { format!("; not inputs: {}", extra.join(", ")) },
+                    )));
+                }
+                Ok(inputs.iter().map(|n| (n.clone(), f.iter().find(|(k, _)| k == n).unwrap().1.clone())).collect())
+            }
+            (_, [one]) => Ok(vec![(one.clone(), self.to_input(pre)?)]),
+            (_, more) => Err(DataError::Invalid(format!(
+                "{}: the model has {} inputs ({}): give each sample as an .npz file with one array per input name \
+                 (numpy.savez(path, {}=..., ...))",
+                self.id,
+                more.len(),
+                more.join(", "),
+                more.first().map(String::as_str).unwrap_or("x")
+            ))),
         }
     }
 }
@@ -119,7 +158,7 @@ fn class_of(name: &str, labels: Option<&[String]>, sorted: &[String]) -> usize {
 fn is_sample_file(p: &Path) -> bool {
     matches!(
         p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(),
-        Some("jpg" | "jpeg" | "png" | "npy")
+        Some("jpg" | "jpeg" | "png" | "npy" | "npz")
     )
 }
 
@@ -210,7 +249,7 @@ impl Dataset {
         let mut files = Vec::new();
         collect_files(path, &mut files, 0)?;
         if files.is_empty() {
-            return Err(DataError::Invalid(format!("{}: no images or .npy files found", path.display())));
+            return Err(DataError::Invalid(format!("{}: no images, .npy or .npz files found", path.display())));
         }
         Ok(Dataset { order: None, items: Items::Files(files.into_iter().map(|f| (f, None)).collect()) })
     }
@@ -262,7 +301,9 @@ impl Dataset {
                 let (p, label) = v.get(k).ok_or_else(|| DataError::Invalid(format!("no sample {k}")))?;
                 let id = p.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
                 let bytes = std::fs::read(p).map_err(io(p))?;
-                let data = if p.extension().is_some_and(|e| e == "npy") {
+                let data = if p.extension().is_some_and(|e| e == "npz") {
+                    SampleData::Feeds(crate::npz::read(&bytes).map_err(|m| DataError::Invalid(format!("{id}: {m}")))?)
+                } else if p.extension().is_some_and(|e| e == "npy") {
                     SampleData::Tensor(
                         npy::read(&bytes).map_err(|source| DataError::Sample { id: id.clone(), source })?,
                     )

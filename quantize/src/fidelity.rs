@@ -134,9 +134,9 @@ pub fn collapse(fp32: &Metrics, got: &Metrics) -> Option<String> {
 
 /// Held-out samples with their fp32 results.
 pub struct HeldOut {
-    input_name: String,
     pub ids: Vec<String>,
-    inputs: Vec<Tensor>,
+    /// Each sample's feeds (one tensor per model input).
+    inputs: Vec<Vec<(String, Tensor)>>,
     labels: Vec<Option<usize>>,
     /// fp32 outputs, all outputs flattened and concatenated per sample.
     reference: Vec<Vec<f32>>,
@@ -182,14 +182,8 @@ impl HeldOut {
         max_bytes: usize,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<HeldOut, CalibError> {
-        let input_name = match fp32.inputs() {
-            [one] => one.name.clone(),
-            more => {
-                return Err(CalibError::Invalid(format!("evaluation feeds one input; the model has {}", more.len())));
-            }
-        };
+        let names: Vec<String> = fp32.inputs().iter().map(|i| i.name.clone()).collect();
         let mut h = HeldOut {
-            input_name,
             ids: vec![],
             inputs: vec![],
             labels: vec![],
@@ -205,16 +199,16 @@ impl HeldOut {
         let mut run_secs = Vec::new();
         for (done, k) in range.enumerate() {
             let s = data.get(k)?;
-            let x = s.to_input(pre)?;
+            let x = s.to_inputs(pre, &names)?;
             let t0 = Instant::now();
-            let outs = fp32.run(vec![(h.input_name.clone(), x.clone())])?;
+            let outs = fp32.run(x.clone())?;
             run_secs.push(t0.elapsed().as_secs_f64());
             if done == 0 {
                 h.classes = outs.first().and_then(|(_, t)| class_count(t.shape()));
                 h.output_names = outs.iter().map(|(n, _)| n.clone()).collect();
             }
             let r = flatten(&outs);
-            bytes += x.len() * x.dtype().size() + r.len() * 4;
+            bytes += x.iter().map(|(_, t)| t.len() * t.dtype().size()).sum::<usize>() + r.len() * 4;
             if bytes > max_bytes && done > 0 {
                 break;
             }
@@ -241,7 +235,6 @@ impl HeldOut {
     pub fn split_off(&mut self, at: usize) -> HeldOut {
         let at = at.min(self.len());
         let mut rest = HeldOut {
-            input_name: self.input_name.clone(),
             ids: self.ids.split_off(at),
             inputs: self.inputs.split_off(at),
             labels: self.labels.split_off(at),
@@ -274,7 +267,7 @@ impl HeldOut {
     }
 
     pub fn input(&self, k: usize) -> Vec<(String, Tensor)> {
-        vec![(self.input_name.clone(), self.inputs[k].clone())]
+        self.inputs[k].clone()
     }
 
     /// Runs `s` on the first `limit` held-out samples (all when `None`) and scores it against fp32.

@@ -1,5 +1,5 @@
 //! edgepack offline model tools, as passes over `edgepack_runtime::onnx::Graph`:
-//! - [`data`]: datasets and calibration samples (shared by `edgepack eval`), read lazily;
+//! - [`data`]: datasets and calibration samples (shared by `edgepack eval`), read lazily; [`npz`]: `.npz` samples;
 //! - [`calib`]: streaming calibration (min-max, percentile, entropy, MSE observers);
 //! - [`qdq`]: the QDQ INT8 pass; [`mixed`]: per-layer sensitivity and mixed precision under a budget;
 //! - [`fidelity`] + [`report`]: how close the INT8 model is to fp32, as JSON, a table and HTML;
@@ -10,6 +10,7 @@ pub mod data;
 pub mod eval;
 pub mod fidelity;
 pub mod mixed;
+pub mod npz;
 pub mod pipeline;
 pub mod prune;
 pub mod qdq;

@@ -93,6 +93,8 @@ pub struct Report {
     pub size: Size,
     pub latency: Option<Latency>,
     pub layers: Vec<Layer>,
+    /// Whether the layers' `sqnr_db` were measured (a backend that fuses layers may not expose their outputs).
+    pub layer_sqnr_measured: bool,
     /// Other nodes that stay fp32, with the reason (control flow, unsupported ops).
     pub float_ops: BTreeMap<String, String>,
     pub warnings: Vec<String>,
@@ -141,6 +143,11 @@ pub(crate) fn db(v: Option<f64>) -> String {
 }
 
 impl Report {
+    /// A layer's accumulated SQNR as the table shows it: "-" when it was not measured, "exact" when identical.
+    fn layer_db(&self, l: &Layer) -> String {
+        if self.layer_sqnr_measured { db(l.sqnr_db) } else { "-".into() }
+    }
+
     pub fn int8_layers(&self) -> usize {
         self.layers.iter().filter(|l| l.precision == "int8").count()
     }
@@ -241,7 +248,7 @@ impl Report {
                 name,
                 l.op,
                 l.precision,
-                db(l.sqnr_db),
+                self.layer_db(l),
                 if l.sensitivity_db.is_some() || l.precision == "int8" { opt(l.sensitivity_db, 1) } else { "-".into() },
                 l.reason.as_deref().unwrap_or("")
             );
@@ -351,11 +358,13 @@ impl Report {
             );
             h.push_str(&probe_chart(b));
         }
-        let _ = write!(h, "<h2>Per-layer SQNR (written model vs fp32, accumulated)</h2>");
-        h.push_str(&bar_chart(
-            self.layers.iter().map(|l| (l.node.as_str(), l.sqnr_db, l.precision == "fp32")).collect(),
-            "dB",
-        ));
+        if self.layer_sqnr_measured {
+            let _ = write!(h, "<h2>Per-layer SQNR (written model vs fp32, accumulated)</h2>");
+            h.push_str(&bar_chart(
+                self.layers.iter().map(|l| (l.node.as_str(), l.sqnr_db, l.precision == "fp32")).collect(),
+                "dB",
+            ));
+        }
         if self.layers.iter().any(|l| l.sensitivity_db.is_some()) {
             let _ = write!(
                 h,
@@ -379,7 +388,7 @@ impl Report {
                 esc(&l.node),
                 esc(&l.op),
                 l.precision,
-                db(l.sqnr_db),
+                self.layer_db(l),
                 opt(l.sensitivity_db, 1),
                 esc(l.reason.as_deref().unwrap_or(""))
             );

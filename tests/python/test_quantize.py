@@ -120,7 +120,7 @@ def test_quantize_refuses_bad_input_clearly(binary, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     r = ep("quantize", mnist, "--calib", empty, "--preset", "mnist", "-o", tmp_path / "q.onnx", check=False)
-    assert r.returncode == 4 and "no images or .npy" in r.stderr
+    assert r.returncode == 4 and "no images, .npy or .npz" in r.stderr
     calib = tmp_path / "calib"
     calib.mkdir()
     np.save(calib / "x.npy", np.zeros((1, 1, 28, 28), np.float32))
@@ -272,10 +272,16 @@ def test_budgets_that_cannot_be_checked_and_unsupported_models_are_clear(shared,
     assert r.returncode == 2 and "'kl'" in r.stderr and "minmax" in r.stderr
     r = ep("quantize", mnist, "--calib", calib, "-o", tmp_path / "missing" / "q.onnx", check=False)
     assert r.returncode == 4 and "does not exist" in r.stderr
-    # Silero VAD: three inputs and If control flow: refused with the reason per node, not a crash.
+    # Silero VAD has three inputs: .npy samples are refused with what to give instead (one .npz per sample).
     r = ep("quantize", os.path.join(shared, "models", "silero_vad_16k_op15.onnx"), "--calib", calib, "-o", q, check=False)
-    assert r.returncode == 5, r.stderr
-    assert "3 inputs" in r.stderr and "/model/decoder/If: control flow" in r.stderr and not q.exists()
+    assert r.returncode == 4, r.stderr
+    assert "3 inputs (input, state, sr)" in r.stderr and ".npz" in r.stderr and not q.exists()
+    # The older export keeps every layer inside If control flow: nothing to quantize, the reason per node.
+    npz = tmp_path / "npz"
+    npz.mkdir()
+    np.savez(npz / "0.npz", **model_inputs.silero_inputs(shared))
+    r = ep("quantize", os.path.join(shared, "models", "silero_vad.onnx"), "--calib", npz, "-o", q, check=False)
+    assert r.returncode == 5 and "nothing to quantize" in r.stderr and "If_0: control flow" in r.stderr, r.stderr
 
 
 def test_pack_carries_both_variants_and_the_report(shared, binary, tmp_path):
@@ -370,3 +376,70 @@ def test_quantize_flags_config_file_and_report_footer(binary, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad.onnx").exists()
     r = ep("quantize", mnist, "--calib", calib, "--op-types", "Softmax", "-o", tmp_path / "bad.onnx", check=False)
     assert r.returncode == 2 and "--op-types Softmax" in r.stderr
+
+
+def _two_input_model(path):
+    """`ids` (int64 token ids) and `mask` (float): Gather → Mul(mask) → MatMul → Add → Relu → MatMul → y."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(0, 1, (32, 16)).astype(np.float32), "E"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (16, 16)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (16,)).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (16, 4)).astype(np.float32), "W2")]
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["emb"], name="embed"),
+             helper.make_node("Mul", ["emb", "mask"], ["masked"], name="apply_mask"),
+             helper.make_node("MatMul", ["masked", "W1"], ["h"], name="fc1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="bias1"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")]
+    g = helper.make_graph(nodes, "two_inputs",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 6]),
+                           helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 6, 1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+
+
+def test_a_two_input_model_calibrates_from_npz(binary, tmp_path):
+    """Issue 29, item 2: one .npz per sample (one array per input name, stored or deflated); the integer input
+    passes through unquantized; onnxruntime runs the INT8 file close to fp32 on held-out samples."""
+    model = tmp_path / "two.onnx"
+    _two_input_model(model)
+    data = tmp_path / "npz"
+    data.mkdir()
+    rng = np.random.default_rng(5)
+    feeds = []
+    for i in range(60):
+        f = {"ids": rng.integers(0, 32, (1, 6)).astype(np.int64),
+             "mask": (rng.random((1, 6, 1)) > 0.2).astype(np.float32)}
+        feeds.append(f)
+        (np.savez_compressed if i % 2 else np.savez)(data / f"{i:03d}.npz", **f)
+    out = tmp_path / "two_int8.onnx"
+    r = ep("quantize", model, "--calib", data, "--calib-limit", 40, "--holdout", 20, "--latency-runs", 0, "--json",
+           "-o", out)
+    rep = json.loads(r.stdout)["report"]
+    assert rep["calibration"]["samples"] == 40 and rep["int8"]["samples"] == 10
+    assert {l["node"]: l["precision"] for l in rep["layers"]}["fc1"] == "int8"
+    import onnx
+    g = onnx.load(str(out)).graph
+    assert [i.name for i in g.input] == ["ids", "mask"]
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "ids" for n in g.node)
+    assert any(n.op_type == "DequantizeLinear" and n.output[0].startswith("W1") for n in g.node)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    ref, got = ort.InferenceSession(str(model), so), ort.InferenceSession(str(out), so)
+    a = np.concatenate([ref.run(None, f)[0].ravel() for f in feeds[40:]])
+    b = np.concatenate([got.run(None, f)[0].ravel() for f in feeds[40:]])
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
+    # A sample missing an input, or a bare .npy for a two-input model: a clear error naming the inputs.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    np.savez(bad / "0.npz", ids=feeds[0]["ids"])
+    r = ep("quantize", model, "--calib", bad, "-o", tmp_path / "x.onnx", check=False)
+    assert r.returncode == 4 and "missing: mask" in r.stderr, r.stderr
+    np.save(bad / "1.npy", feeds[0]["mask"])
+    os.remove(bad / "0.npz")
+    r = ep("quantize", model, "--calib", bad, "-o", tmp_path / "x.onnx", check=False)
+    assert r.returncode == 4 and "2 inputs (ids, mask)" in r.stderr and ".npz" in r.stderr, r.stderr

@@ -44,18 +44,13 @@ impl ChannelStats {
         values: &[String],
         mut progress: impl FnMut(usize, usize),
     ) -> Result<ChannelStats, CalibError> {
-        let input = match s.inputs() {
-            [one] => one.name.clone(),
-            more => {
-                return Err(CalibError::Invalid(format!("statistics feed one input; the model has {}", more.len())));
-            }
-        };
+        let inputs: Vec<String> = s.inputs().iter().map(|i| i.name.clone()).collect();
         let names: Vec<&str> = values.iter().map(String::as_str).collect();
         let mut acc: Vec<Acc> = vec![Acc::default(); values.len()];
         let total = range.len();
         for (done, k) in range.enumerate() {
-            let x = data.get(k)?.to_input(pre)?;
-            let outs = s.run_values(vec![(input.clone(), x)], &names)?;
+            let feeds = data.get(k)?.to_inputs(pre, &inputs)?;
+            let outs = s.run_values(feeds, &names)?;
             for (a, (_, t)) in acc.iter_mut().zip(&outs) {
                 accumulate(a, t);
             }
