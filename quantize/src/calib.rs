@@ -205,16 +205,19 @@ pub fn calibrate(
     if samples.is_empty() {
         return Err(CalibError::Invalid("no calibration samples".into()));
     }
-    let inputs: Vec<String> = session.inputs().iter().map(|i| i.name.clone()).collect();
-    let names: Vec<&str> = values.iter().map(String::as_str).collect();
+    let mut feeds = crate::feeds::Feeds::of(session);
+    let state = feeds.state_outputs();
+    let names: Vec<&str> = values.iter().chain(&state).map(String::as_str).collect();
     let mut obs: Vec<Observer> = values.iter().map(|_| Observer::new()).collect();
     let passes = if method.needs_histogram() { 2 } else { 1 };
     let total = samples.len() * passes;
     let mut done = 0;
     for pass in 0..passes {
+        feeds.reset();
         for k in samples.clone() {
-            let feeds = data.get(k)?.to_inputs(pre, &inputs)?;
-            let outs = session.run_values(feeds, &names)?;
+            let x = feeds.next(&data.get(k)?, pre)?;
+            let outs = session.run_values(x, &names)?;
+            feeds.carry(&outs[values.len()..]);
             for (o, (_, t)) in obs.iter_mut().zip(&outs) {
                 let v = t.to_f32_vec();
                 if pass == 0 { o.observe_range(&v) } else { o.observe_hist(&v) }

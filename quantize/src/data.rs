@@ -69,11 +69,18 @@ impl Sample {
 
     /// The feeds of a model whose inputs are `inputs` (names, in order): an `.npz` sample gives each input its
     /// array by name (every input needed, no other array); an image or `.npy` sample feeds a one-input model.
-    pub fn to_inputs(&self, pre: Option<&ImagePreprocess>, inputs: &[String]) -> Result<Vec<(String, Tensor)>> {
-        match (&self.data, inputs) {
+    /// Inputs in `optional` may be absent from an `.npz` sample (a recurrent state the caller carries over).
+    pub fn to_inputs(
+        &self,
+        pre: Option<&ImagePreprocess>,
+        inputs: &[String],
+        optional: &[String],
+    ) -> Result<Vec<(String, Tensor)>> {
+        let needed: Vec<&String> = inputs.iter().filter(|n| !optional.contains(n)).collect();
+        match (&self.data, needed.as_slice()) {
             (SampleData::Feeds(f), _) => {
                 let missing: Vec<&str> =
-                    inputs.iter().filter(|n| !f.iter().any(|(k, _)| k == *n)).map(String::as_str).collect();
+                    needed.iter().filter(|n| !f.iter().any(|(k, _)| k == **n)).map(|n| n.as_str()).collect();
                 let extra: Vec<&str> = f.iter().filter(|(k, _)| !inputs.contains(k)).map(|(k, _)| k.as_str()).collect();
                 if !missing.is_empty() || !extra.is_empty() {
                     return Err(DataError::Invalid(format!(
@@ -85,16 +92,16 @@ impl Sample {
                         if extra.is_empty() { String::new() } else { format!("; not inputs: {}", extra.join(", ")) },
                     )));
                 }
-                Ok(inputs.iter().map(|n| (n.clone(), f.iter().find(|(k, _)| k == n).unwrap().1.clone())).collect())
+                Ok(inputs.iter().filter_map(|n| Some((n.clone(), f.iter().find(|(k, _)| k == n)?.1.clone()))).collect())
             }
-            (_, [one]) => Ok(vec![(one.clone(), self.to_input(pre)?)]),
+            (_, [one]) => Ok(vec![((*one).clone(), self.to_input(pre)?)]),
             (_, more) => Err(DataError::Invalid(format!(
                 "{}: the model has {} inputs ({}): give each sample as an .npz file with one array per input name \
                  (numpy.savez(path, {}=..., ...))",
                 self.id,
-                more.len(),
-                more.join(", "),
-                more.first().map(String::as_str).unwrap_or("x")
+                inputs.len(),
+                inputs.join(", "),
+                more.first().map(|s| s.as_str()).unwrap_or("x")
             ))),
         }
     }

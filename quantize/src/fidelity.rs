@@ -182,7 +182,7 @@ impl HeldOut {
         max_bytes: usize,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<HeldOut, CalibError> {
-        let names: Vec<String> = fp32.inputs().iter().map(|i| i.name.clone()).collect();
+        let mut feeds = crate::feeds::Feeds::of(fp32);
         let mut h = HeldOut {
             ids: vec![],
             inputs: vec![],
@@ -199,9 +199,10 @@ impl HeldOut {
         let mut run_secs = Vec::new();
         for (done, k) in range.enumerate() {
             let s = data.get(k)?;
-            let x = s.to_inputs(pre, &names)?;
+            let x = feeds.next(&s, pre)?;
             let t0 = Instant::now();
             let outs = fp32.run(x.clone())?;
+            feeds.carry(&outs);
             run_secs.push(t0.elapsed().as_secs_f64());
             if done == 0 {
                 h.classes = outs.first().and_then(|(_, t)| class_count(t.shape()));

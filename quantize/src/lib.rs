@@ -1,5 +1,5 @@
 //! edgepack offline model tools, as passes over `edgepack_runtime::onnx::Graph`:
-//! - [`data`]: datasets and calibration samples (shared by `edgepack eval`), read lazily; [`npz`]: `.npz` samples;
+//! - [`data`]: datasets and calibration samples (shared by `edgepack eval`), read lazily; [`npz`]: `.npz` samples; [`feeds`]: samples as a model's feeds, recurrent state carried over a sequence;
 //! - [`calib`]: streaming calibration (min-max, percentile, entropy, MSE observers);
 //! - [`qdq`]: the QDQ INT8 pass; [`mixed`]: per-layer sensitivity and mixed precision under a budget;
 //! - [`fidelity`] + [`report`]: how close the INT8 model is to fp32, as JSON, a table and HTML;
@@ -8,6 +8,7 @@
 pub mod calib;
 pub mod data;
 pub mod eval;
+pub mod feeds;
 pub mod fidelity;
 pub mod mixed;
 pub mod npz;

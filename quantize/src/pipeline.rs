@@ -437,6 +437,7 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
         held_out: info(if judge.is_some() { select.len() } else { 0 }, held.len(), held.labelled()),
         selection: selection_info,
         sensitivity_method: (!sens.is_empty()).then_some(sens_method),
+        recurrent_state: crate::feeds::Feeds::of(&fp32).describe(),
         preparation: Preparation { opset_upgrade: upgrade, folded_batchnorm, named_nodes, constants },
         fp32: held.fp32.clone(),
         int8: metrics,

@@ -84,6 +84,9 @@ pub struct Report {
     pub held_out: SampleInfo,
     /// The held-out samples that chose the fp32 layers under the gate (disjoint from `held_out`), when split.
     pub selection: Option<SampleInfo>,
+    /// Recurrent state carried from one sample to the next ("state ← stateN"), when the model has some.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub recurrent_state: Vec<String>,
     /// How the layer sensitivities were measured, when they were.
     pub sensitivity_method: Option<crate::mixed::SensitivityMethod>,
     pub preparation: Preparation,
@@ -213,6 +216,13 @@ impl Report {
         }
         if let Some(m) = self.sensitivity_method {
             let _ = writeln!(s, "sensitivity: {}", m.describe());
+        }
+        if !self.recurrent_state.is_empty() {
+            let _ = writeln!(
+                s,
+                "state carried over the samples in order: {} (zeros first; every step judged from fp32's state)",
+                self.recurrent_state.join(", ")
+            );
         }
         let _ = writeln!(s, "layers: {} int8, {} fp32", self.int8_layers(), self.layers.len() - self.int8_layers());
         let mut rows: Vec<&Layer> = self.layers.iter().collect();

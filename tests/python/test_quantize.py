@@ -443,3 +443,51 @@ def test_a_two_input_model_calibrates_from_npz(binary, tmp_path):
     os.remove(bad / "0.npz")
     r = ep("quantize", model, "--calib", bad, "-o", tmp_path / "x.onnx", check=False)
     assert r.returncode == 4 and "2 inputs (ids, mask)" in r.stderr and ".npz" in r.stderr, r.stderr
+
+
+def test_recurrent_state_is_carried_over_the_sample_sequence(binary, tmp_path):
+    """Issue 29, item 2: `state` in, `stateN` out: calibration feeds each step the previous step's state (zeros
+    first), so the ranges cover the state the model reaches over a sequence, not just its first step."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    w = np.random.default_rng(1).normal(0, 0.5, (4, 3)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Mul", ["state", "decay"], ["kept"], name="decay_state"),
+         helper.make_node("Add", ["kept", "x"], ["stateN"], name="accumulate"),
+         helper.make_node("MatMul", ["stateN", "W"], ["y"], name="readout")],
+        "stateful",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3]),
+         helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.full((1,), 0.9, np.float32), "decay"), numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    model = tmp_path / "rnn.onnx"
+    onnx.save(m, str(model))
+    data = tmp_path / "seq"
+    data.mkdir()
+    xs = [np.random.default_rng(i).random((1, 4)).astype(np.float32) for i in range(60)]
+    for i, x in enumerate(xs):
+        np.savez(data / f"{i:03d}.npz", x=x)
+    out = tmp_path / "rnn_int8.onnx"
+    r = ep("quantize", model, "--calib", data, "--calib-limit", 40, "--holdout", 20, "--latency-runs", 0, "--json",
+           "-o", out)
+    rep = json.loads(r.stdout)["report"]
+    assert rep["recurrent_state"] == ["state ← stateN"]
+    # Over 40 steps of x in [0, 1) the state reaches about 5-9; one step from zeros would stay below 1.
+    q = onnx.load(str(out))
+    scale = next(numpy_helper.to_array(t) for t in q.graph.initializer if t.name.startswith("stateN_scale"))
+    assert float(scale) * 255 > 4.0, float(scale) * 255
+    # onnxruntime runs the INT8 file over the held-out steps, feeding its own state back, close to fp32.
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    outs = []
+    for path in (model, out):
+        s, state, ys = ort.InferenceSession(str(path), so), np.zeros((1, 4), np.float32), []
+        for x in xs:
+            y, state = s.run(None, {"x": x, "state": state})
+            ys.append(y.ravel())
+        outs.append(np.concatenate(ys[40:]))
+    a, b = outs
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.999

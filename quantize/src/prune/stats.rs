@@ -44,13 +44,15 @@ impl ChannelStats {
         values: &[String],
         mut progress: impl FnMut(usize, usize),
     ) -> Result<ChannelStats, CalibError> {
-        let inputs: Vec<String> = s.inputs().iter().map(|i| i.name.clone()).collect();
-        let names: Vec<&str> = values.iter().map(String::as_str).collect();
+        let mut feeds = crate::feeds::Feeds::of(s);
+        let state = feeds.state_outputs();
+        let names: Vec<&str> = values.iter().chain(&state).map(String::as_str).collect();
         let mut acc: Vec<Acc> = vec![Acc::default(); values.len()];
         let total = range.len();
         for (done, k) in range.enumerate() {
-            let feeds = data.get(k)?.to_inputs(pre, &inputs)?;
-            let outs = s.run_values(feeds, &names)?;
+            let x = feeds.next(&data.get(k)?, pre)?;
+            let outs = s.run_values(x, &names)?;
+            feeds.carry(&outs[values.len()..]);
             for (a, (_, t)) in acc.iter_mut().zip(&outs) {
                 accumulate(a, t);
             }
