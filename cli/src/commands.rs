@@ -958,6 +958,12 @@ pub struct QuantizeArgs {
     /// One scale per weight tensor instead of one per output channel
     #[arg(long)]
     per_tensor: bool,
+    /// Dynamic quantization (onnxruntime's quantize_dynamic form): MatMul/Gemm quantize their input on every call
+    /// (DynamicQuantizeLinear + MatMulInteger, int8 weights), LSTM/GRU/RNN get int8 weights; nothing is calibrated
+    /// (the --calib samples only supply held-out samples for the gate and the report). For transformers and
+    /// recurrent models
+    #[arg(long)]
+    dynamic: bool,
     /// Output INT8 ONNX file
     #[arg(short, long)]
     out: PathBuf,
@@ -1237,11 +1243,18 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         held_out: Some(sets.held_out()),
         pre: pre.as_ref(),
         method,
-        method_name: if a.method == "percentile" { format!("percentile {}", a.percentile) } else { a.method.clone() },
+        method_name: if a.dynamic {
+            "dynamic (each call's own range)".into()
+        } else if a.method == "percentile" {
+            format!("percentile {}", a.percentile)
+        } else {
+            a.method.clone()
+        },
         cfg: qdq::QdqConfig {
             exclude: a.exclude.clone(),
             op_types: a.op_types.clone(),
             per_tensor_weights: a.per_tensor,
+            dynamic: a.dynamic,
         },
         budget,
         sensitivity_method,

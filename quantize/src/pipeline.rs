@@ -170,18 +170,28 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
         if nodes.is_empty() { String::new() } else { format!("; per node: {}", fmt_map(&nodes)) }
     };
     let values = qdq::activations_to_calibrate(&model, &job.cfg);
-    if values.is_empty() {
+    if job.cfg.dynamic && qdq::quantizable_nodes(&model, &job.cfg).is_empty() {
+        return Err(CalibError::Unsupported(format!(
+            "nothing to quantize dynamically: no MatMul/Gemm with a constant weight, no LSTM/GRU/RNN{}",
+            per_node()
+        )));
+    }
+    if values.is_empty() && !job.cfg.dynamic {
         return Err(CalibError::Unsupported(format!(
             "nothing to quantize: no Conv/Gemm/MatMul/Add/Concat/pool of the main graph reads a float activation{}",
             per_node()
         )));
     }
     let passes = if job.method.needs_histogram() { 2 } else { 1 };
-    on(Event::Stage("calibrate", job.calib.range.len() * passes));
-    let ranges =
+    // Dynamic quantization measures each call's range itself: nothing to calibrate.
+    let ranges = if job.cfg.dynamic {
+        HashMap::new()
+    } else {
+        on(Event::Stage("calibrate", job.calib.range.len() * passes));
         calib::calibrate(&fp32, job.calib.data, job.calib.range.clone(), job.pre, &values, job.method, |d, _| {
             on(Event::Step(d))
-        })?;
+        })?
+    };
 
     // 3. Held-out samples and their fp32 results. With a gate, the first half of them choose the fp32 layers and
     //    the other half judge the written model, so the report's figures are not the ones the choice was fitted to.
@@ -254,11 +264,14 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
     // Measuring every layer alone costs a pass of the model per layer and sample; past a couple of minutes the
     // one-pass local measure takes over.
     let exact_secs = units.len() as f64 * n_sens as f64 * select.fp32_run_secs * 1.5;
-    let sens_method = job.sensitivity_method.unwrap_or(if exact_secs <= EXACT_SENSITIVITY_SECS {
-        SensitivityMethod::Exact
-    } else {
-        SensitivityMethod::Local
-    });
+    // The one-pass probe reads QDQ pairs: dynamic models are measured exactly.
+    let sens_method = job.sensitivity_method.filter(|_| !job_cfg.dynamic).unwrap_or(
+        if exact_secs <= EXACT_SENSITIVITY_SECS || job_cfg.dynamic {
+            SensitivityMethod::Exact
+        } else {
+            SensitivityMethod::Local
+        },
+    );
     if need_search || job.always_sensitivity {
         on(Event::Stage("sensitivity", units.len()));
         sens = match sens_method {
@@ -392,6 +405,13 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
     } else {
         None
     };
+    if let Some(l) = latency.as_ref().filter(|l| l.ratio > 1.1) {
+        warnings.push(format!(
+            "the INT8 model runs slower than fp32 on this CPU runtime ({:.2} ms against {:.2}, ×{:.2}): layers without \
+             an integer kernel run as float with quantize/dequantize around them",
+            l.int8_ms, l.fp32_ms, l.ratio
+        ));
+    }
     let search_float: Vec<String> = budget.as_ref().map(|b| b.float_nodes.clone()).unwrap_or_default();
     let sens_of: HashMap<&str, Option<f64>> = sens.iter().map(|s| (s.node.as_str(), s.output_sqnr_db)).collect();
     let layers = layer_nodes

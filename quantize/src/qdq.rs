@@ -29,6 +29,9 @@ pub struct QdqConfig {
     pub op_types: Vec<String>,
     /// Per-tensor weights instead of per-channel (for comparison only).
     pub per_tensor_weights: bool,
+    /// Dynamic quantization ([`crate::dynamic`]): no calibrated activations; MatMul/Gemm quantize their input per
+    /// call, recurrent ops get int8 weights.
+    pub dynamic: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +84,9 @@ pub fn float_nodes(model: &Model) -> BTreeMap<String, String> {
 /// The nodes the pass would quantize (name, op type), in graph order: the units of sensitivity analysis and of
 /// mixed precision (keeping a node in fp32 = excluding it by name).
 pub fn quantizable_nodes(model: &Model, cfg: &QdqConfig) -> Vec<(String, String)> {
+    if cfg.dynamic {
+        return crate::dynamic::quantizable_nodes(model, cfg);
+    }
     let acts: HashSet<String> = activations_to_calibrate(model, cfg).into_iter().collect();
     model
         .graph
@@ -92,6 +98,11 @@ pub fn quantizable_nodes(model: &Model, cfg: &QdqConfig) -> Vec<(String, String)
         .collect()
 }
 
+/// Whether `cfg` keeps `n` in float (by name, op type, or not among its op types).
+pub fn is_excluded(cfg: &QdqConfig, n: &NodeProto) -> bool {
+    excluded(cfg, n)
+}
+
 fn excluded(cfg: &QdqConfig, n: &NodeProto) -> bool {
     cfg.exclude.iter().any(|e| e == n.name() || e == n.op())
         || (!cfg.op_types.is_empty() && !cfg.op_types.iter().any(|t| t == n.op()))
@@ -99,6 +110,9 @@ fn excluded(cfg: &QdqConfig, n: &NodeProto) -> bool {
 
 /// The float activations whose ranges the pass needs (inputs of quantizable ops that are not initializers).
 pub fn activations_to_calibrate(model: &Model, cfg: &QdqConfig) -> Vec<String> {
+    if cfg.dynamic {
+        return vec![];
+    }
     let inits: HashSet<&str> = model.graph.initializers.iter().filter_map(|t| t.name.as_deref()).collect();
     // Element types from the ops' typing rules: shape arithmetic (Shape → Gather → Concat...) is not an activation.
     let types = model.graph.infer_elem_types();
@@ -184,6 +198,9 @@ pub fn quantize(
     let opset = model.opset("").unwrap_or(0);
     if opset < 13 {
         return Err(QdqError::Opset(opset));
+    }
+    if cfg.dynamic {
+        return crate::dynamic::quantize(model, cfg);
     }
     let mut m = model.clone();
     let mut summary = QdqSummary::default();

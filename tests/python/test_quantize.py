@@ -491,3 +491,52 @@ def test_recurrent_state_is_carried_over_the_sample_sequence(binary, tmp_path):
         outs.append(np.concatenate(ys[40:]))
     a, b = outs
     assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.999
+
+
+def test_dynamic_quantization_of_matmul_gemm_and_lstm_runs_in_onnxruntime(binary, tmp_path):
+    """Issue 29, item 3: --dynamic writes onnxruntime's quantize_dynamic form (DynamicQuantizeLinear +
+    MatMulInteger for MatMul/Gemm, int8 LSTM weights behind DequantizeLinear); both runtimes run it, close to fp32."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(7)
+    H = 24
+    f = lambda *s, sd=0.3: rng.normal(0, sd, s).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(f(16, 32), "W1"), numpy_helper.from_array(f(1, 4 * H, 32, sd=0.2), "W"),
+             numpy_helper.from_array(f(1, 4 * H, H, sd=0.2), "R"), numpy_helper.from_array(f(5, H), "W3"),
+             numpy_helper.from_array(f(5), "b3"), numpy_helper.from_array(np.array([1, H], np.int64), "shape")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h1"], name="proj"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu"),
+             helper.make_node("LSTM", ["r1", "W", "R"], ["Y", "Y_h"], name="lstm", hidden_size=H),
+             helper.make_node("Reshape", ["Y_h", "shape"], ["last"], name="flatten"),
+             helper.make_node("Gemm", ["last", "W3", "b3"], ["y"], name="head", transB=1)]
+    g = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 1, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    model = tmp_path / "lstm.onnx"
+    onnx.save(m, str(model))
+    data = tmp_path / "x"
+    data.mkdir()
+    xs = [rng.normal(0, 1, (8, 1, 16)).astype(np.float32) for _ in range(30)]
+    for i, x in enumerate(xs):
+        np.save(data / f"{i:03d}.npy", x)
+    out = tmp_path / "lstm_dyn.onnx"
+    r = ep("quantize", model, "--calib", data, "--calib-limit", 10, "--holdout", 20, "--dynamic", "--budget", "none",
+           "--json", "-o", out)
+    rep = json.loads(r.stdout)["report"]
+    assert {l["node"]: l["precision"] for l in rep["layers"]} == {"proj": "int8", "lstm": "int8", "head": "int8"}
+    assert rep["method"].startswith("dynamic") and rep["size"]["ratio"] < 0.4
+    q = onnx.load(str(out))
+    ops = [n.op_type for n in q.graph.node]
+    assert ops.count("DynamicQuantizeLinear") == 2 and ops.count("MatMulInteger") == 2, ops
+    lstm = next(n for n in q.graph.node if n.op_type == "LSTM")
+    producer = {o: n for n in q.graph.node for o in n.output}
+    assert all(producer[lstm.input[i]].op_type == "DequantizeLinear" for i in (1, 2))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    ref, got = ort.InferenceSession(str(model), so), ort.InferenceSession(str(out), so)
+    a = np.concatenate([ref.run(None, {"x": x})[0].ravel() for x in xs[10:]])
+    b = np.concatenate([got.run(None, {"x": x})[0].ravel() for x in xs[10:]])
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.995
+    # edgepack's runtime measured the same file on the same samples (its report).
+    assert rep["int8"]["outputs"][0]["cosine"] > 0.995
