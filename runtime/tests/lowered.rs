@@ -277,3 +277,76 @@ fn lowered_f32_graph_equals_the_graph_as_written() {
         }
     }
 }
+
+/// Dynamic quantization's MatMul (`DynamicQuantizeLinear → MatMulInteger → Cast → Mul [→ Add]`) lowered to
+/// `EpDynGemm` equals the scalar arithmetic of the ops as ONNX (and onnxruntime) define them, bit for bit: random
+/// K (not only multiples of 4), N across the 64-channel blocks, rank-2 and rank-3 inputs, with and without bias,
+/// and an all-zero input (a zero range).
+#[test]
+fn lowered_dynamic_matmul_equals_the_scalar_reference() {
+    let mut r = Rng(0xd1a_11c);
+    for case in 0..24 {
+        let (k, n) = (r.range(1, 40) as usize, r.range(1, 90) as usize);
+        let lead: Vec<usize> =
+            if case % 2 == 0 { vec![r.range(1, 9) as usize] } else { vec![1, r.range(1, 9) as usize] };
+        let rows: usize = lead.iter().product();
+        let with_bias = case % 3 != 0;
+        let wq: Vec<i8> = (0..k * n).map(|_| r.range(-127, 127) as i8).collect();
+        let ws: Vec<f32> = (0..n).map(|_| 0.0005 + r.unit() * 0.01).collect();
+        let b: Vec<f32> = (0..n).map(|_| r.unit() - 0.5).collect();
+        let shift = r.unit() * 2.0 - 1.0;
+        let x: Vec<f32> = if case == 5 {
+            vec![0.0; rows * k]
+        } else {
+            (0..rows * k).map(|_| (r.unit() - 0.5) * 6.0 + shift).collect()
+        };
+        // ONNX DynamicQuantizeLinear: the range widened to hold 0, scale (max − min)/255 (1 for a zero range),
+        // zero point round(−min/scale) saturated, q = saturate(round(x/scale) + zero); then the exact integer
+        // product, cast, times (s_x · s_w[n]), plus the bias.
+        let (lo, hi) = x.iter().fold((0f32, 0f32), |(a, b), &v| (a.min(v), b.max(v)));
+        let s_x = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+        let z = (-lo / s_x).round_ties_even().clamp(0.0, 255.0);
+        let q: Vec<i32> = x.iter().map(|&v| ((v / s_x).round_ties_even() + z).clamp(0.0, 255.0) as i32).collect();
+        let mut want = vec![0f32; rows * n];
+        for i in 0..rows {
+            for j in 0..n {
+                let acc: i32 = (0..k).map(|kk| (q[i * k + kk] - z as i32) * wq[kk * n + j] as i32).sum();
+                let y = acc as f32 * (s_x * ws[j]);
+                want[i * n + j] = if with_bias { y + b[j] } else { y };
+            }
+        }
+        let mut nodes = vec![
+            node("DynamicQuantizeLinear", "dql", &["x"], &["xq", "xs", "xz"], vec![]),
+            node("MatMulInteger", "mmi", &["xq", "w", "xz", "wz"], &["acc"], vec![]),
+            node("Cast", "cast", &["acc"], &["accf"], vec![attr_int("to", 1)]),
+            node("Mul", "scale", &["xs", "ws"], &["sc"], vec![]),
+            node("Mul", "out", &["accf", "sc"], &[if with_bias { "y0" } else { "y" }], vec![]),
+        ];
+        if with_bias {
+            nodes.push(node("Add", "bias", &["y0", "b"], &["y"], vec![]));
+        }
+        let dims: Vec<Dim> = lead.iter().map(|&d| Dim::Fixed(d)).chain([Dim::Fixed(k)]).collect();
+        let out_dims: Vec<Dim> = lead.iter().map(|&d| Dim::Fixed(d)).chain([Dim::Fixed(n)]).collect();
+        let m = model(
+            nodes,
+            vec![value_info("x", 1, &dims)],
+            vec![value_info("y", 1, &out_dims)],
+            vec![
+                tensor_raw("w", &[k as i64, n as i64], 3, wq.iter().map(|&v| v as u8).collect()),
+                tensor_raw("wz", &[], 3, vec![0]),
+                tensor_f32("ws", &[n as i64], &ws),
+                tensor_f32("b", &[n as i64], &b),
+            ],
+        );
+        let mut lowered = m.clone();
+        assert_eq!(lowered.lower_qdq_kernels(), 1, "case {case}");
+        let ops: Vec<&str> = lowered.graph.nodes.iter().map(|n| n.op()).collect();
+        assert_eq!(ops, ["EpDynGemm"], "case {case}");
+        let shape: Vec<usize> = lead.iter().copied().chain([k]).collect();
+        for threads in [1, 2] {
+            let s = Session::from_model(&m, &SessionOptions { threads, ..Default::default() }).unwrap();
+            let got = s.run_one(Tensor::from_f32(shape.clone(), x.clone()).unwrap()).unwrap()[0].1.to_f32_vec();
+            assert_eq!(got, want, "case {case} (k {k}, n {n}, rows {rows}), threads {threads}");
+        }
+    }
+}

@@ -538,5 +538,11 @@ def test_dynamic_quantization_of_matmul_gemm_and_lstm_runs_in_onnxruntime(binary
     a = np.concatenate([ref.run(None, {"x": x})[0].ravel() for x in xs[10:]])
     b = np.concatenate([got.run(None, {"x": x})[0].ravel() for x in xs[10:]])
     assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.995
-    # edgepack's runtime measured the same file on the same samples (its report).
+    # edgepack's runtime measured the same file on the same samples (its report), with its integer kernel for
+    # the dynamic MatMuls, and computes what onnxruntime computes.
     assert rep["int8"]["outputs"][0]["cosine"] > 0.995
+    prof = json.loads(ep("bench", out, "--profile", "--runs", 3, "--json").stdout)
+    assert any(p["op"] == "EpDynGemm" and p["count"] == 2 for p in prof["profile"]), prof["profile"]
+    import ort_parity
+    r = ort_parity.compare(str(out), {"x": xs[12]}, binary)
+    assert r["loaded"] and r["outputs"][0]["max_abs_diff"] <= 1e-5 * max(1.0, r["outputs"][0]["max_abs_ref"]), r

@@ -116,6 +116,45 @@ fn qconv_kernels_equal_the_scalar_reference_for_every_isa() {
     }
 }
 
+/// A GEMM whose input zero point and scale come with each call (dynamic quantization) equals the same GEMM built
+/// with that zero point and multiplier, on every ISA: the per-call bias folding is the build-time one.
+#[test]
+fn qconv_dynamic_input_equals_a_gemm_built_for_it() {
+    for isa in Isa::available() {
+        let mut r = Rng(0xd7_0000 + isa as u64);
+        for case in 0..40 {
+            let (k, n, rows) = (r.range(1, 70) as usize, r.range(1, 140) as usize, r.range(1, 300) as usize);
+            let geom = ConvGeometry {
+                c_in: k,
+                c_out: n,
+                group: 1,
+                kernel: [1, 1],
+                stride: [1, 1],
+                dilation: [1, 1],
+                pads: [0; 4],
+            };
+            let weights: Vec<i8> = (0..n * k).map(|_| r.range(-128, 127) as i8).collect();
+            let bias: Vec<i32> = (0..n).map(|_| r.range(-9_000, 9_000) as i32).collect();
+            let m: Vec<f32> = (0..n).map(|_| 1e-4 + r.unit() * 1e-3).collect();
+            let z_x = r.range(0, 255) as u8;
+            let spec = |z_x: u8| QConvSpec {
+                geom,
+                z_x,
+                z_y: 0,
+                weights: weights.clone(),
+                bias: Some(bias.clone()),
+                multiplier: m.clone(),
+            };
+            let x: Vec<u8> = (0..rows * k).map(|_| r.range(0, 255) as u8).collect();
+            let (mut want, mut got) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+            QConv::new(spec(z_x), isa).unwrap().run_f32(&x, rows, 1, 1, &mut want).unwrap();
+            let dynamic = QConv::new(spec(0), isa).unwrap();
+            dynamic.run_f32_dynamic(&x, rows, z_x, &m, &mut got).unwrap();
+            assert_eq!(got, want, "{isa:?} case {case}: k {k}, n {n}, rows {rows}, z_x {z_x}");
+        }
+    }
+}
+
 #[test]
 fn qconv_kernels_split_across_threads_equal_the_reference() {
     for &isa in &Isa::available() {

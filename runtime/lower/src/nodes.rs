@@ -56,6 +56,61 @@ pub enum Kernel {
     Layout {
         to_nhwc: bool,
     },
+    /// Dynamic quantization's MatMul: `[.., K]` f32 → `[.., N]` f32. Each call quantizes its input to uint8 over
+    /// its own range (DynamicQuantizeLinear's arithmetic), multiplies by the int8 weights on the integer GEMM and
+    /// scales by `s_x·w_scale[n]` (+ bias), as DynamicQuantizeLinear → MatMulInteger → Cast → Mul (→ Add).
+    DynGemm {
+        /// `[N, K]` int8 weights as a 1×1 convolution (its multiplier unused: each call brings its own).
+        conv: QConv,
+        w_scale: Vec<f32>,
+        bias: Option<Vec<f32>>,
+        isa: Isa,
+    },
+}
+
+/// DynamicQuantizeLinear's parameters for `x`: the range widened to hold 0, `scale = (max − min) / 255`,
+/// `zero = round(−min / scale)` saturated (ONNX's definition, as onnxruntime computes it). `None` when every value
+/// is 0 (a zero scale).
+pub fn dynamic_qparams(x: &[f32]) -> Option<QParams> {
+    // 16 running minima and maxima (the compare-and-select form compiles to vector min/max; NaNs are skipped).
+    let (mut lo16, mut hi16) = ([0f32; 16], [0f32; 16]);
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..16 {
+            lo16[i] = if c[i] < lo16[i] { c[i] } else { lo16[i] };
+            hi16[i] = if c[i] > hi16[i] { c[i] } else { hi16[i] };
+        }
+    }
+    let (mut lo, mut hi) = (0f32, 0f32);
+    for &v in lo16.iter().chain(tail) {
+        lo = if v < lo { v } else { lo };
+    }
+    for &v in hi16.iter().chain(tail) {
+        hi = if v > hi { v } else { hi };
+    }
+    let scale = (hi - lo) / 255.0;
+    if !(scale.is_finite() && scale > 0.0) {
+        return None;
+    }
+    let zero = (-lo / scale).round_ties_even().clamp(0.0, 255.0) as u8;
+    Some(QParams { scale, zero })
+}
+
+fn dyn_gemm(node: &NodeProto) -> Res<Kernel> {
+    let count = |name: &str| -> Res<usize> {
+        let v = int(node, name)?;
+        usize::try_from(v).map_err(|_| format!("{}: {name} = {v} is negative", node.name()))
+    };
+    let (k, n) = (count("c_in")?, count("c_out")?);
+    let geom =
+        ConvGeometry { c_in: k, c_out: n, group: 1, kernel: [1, 1], stride: [1, 1], dilation: [1, 1], pads: [0; 4] };
+    let weights = raw(node, "weights", 3, n * k)?.iter().map(|&b| b as i8).collect();
+    let w_scale = floats(raw(node, "w_scale", 1, n * 4)?);
+    let bias = if node.attr("bias").is_some() { Some(floats(raw(node, "bias", 1, n * 4)?)) } else { None };
+    let spec = QConvSpec { geom, z_x: 0, z_y: 0, weights, bias: None, multiplier: w_scale.clone() };
+    let conv = QConv::new(spec, Isa::detect()).map_err(|e| format!("{}: {e}", node.name()))?;
+    Ok(Kernel::DynGemm { conv, w_scale, bias, isa: Isa::detect() })
 }
 
 /// A dimension of a shape as an executor knows it: concrete (`usize`) or possibly symbolic (tract's `TDim`).
@@ -222,6 +277,7 @@ impl Kernel {
                 Kernel::Concat { tables }
             }
             "EpQuantize" => Kernel::Quantize { q: qparams(node, "scale", "zero")?, isa: Isa::detect() },
+            "EpDynGemm" => dyn_gemm(node)?,
             "EpConv" => Kernel::FConv(fconv(node, "")?),
             // Convolution `i` reads input `i`, its attributes carry the suffix `_i`.
             "EpConvConcat" => {
@@ -262,6 +318,7 @@ impl Kernel {
             Kernel::FConcat(_) => "EpConcat",
             Kernel::FGlobalAvg => "EpGlobalAveragePool",
             Kernel::Layout { .. } => "EpLayout",
+            Kernel::DynGemm { .. } => "EpDynGemm",
         }
     }
 
@@ -275,6 +332,7 @@ impl Kernel {
                 | Kernel::FMaxPool(..)
                 | Kernel::FConcat(_)
                 | Kernel::FGlobalAvg
+                | Kernel::DynGemm { .. }
         )
     }
 
@@ -296,9 +354,13 @@ impl Kernel {
         }
     }
 
-    /// Rank of every input and of the output.
-    pub fn rank(&self) -> usize {
-        if matches!(self, Kernel::Gemm { .. } | Kernel::FGemm(_)) { 2 } else { 4 }
+    /// Rank of every input and of the output; `None`: any rank from 2, the output's the input's (`EpDynGemm`).
+    pub fn rank(&self) -> Option<usize> {
+        match self {
+            Kernel::DynGemm { .. } => None,
+            Kernel::Gemm { .. } | Kernel::FGemm(_) => Some(2),
+            _ => Some(4),
+        }
     }
 
     pub fn arity(&self) -> usize {
@@ -317,14 +379,23 @@ impl Kernel {
         if ins.len() != self.arity() {
             return Err(format!("{name}: expected {} inputs, got {}", self.arity(), ins.len()));
         }
-        let rank = self.rank();
+        let x = &ins[0];
+        let val = |d: &D| d.value().ok_or_else(|| format!("{name}: dimension {d:?} must be concrete"));
+        if let Kernel::DynGemm { conv, .. } = self {
+            let (k, n) = (conv.spec().geom.c_in, conv.spec().geom.c_out);
+            match x.split_last() {
+                Some((last, lead)) if !lead.is_empty() && val(last)? == k => {
+                    return Ok(lead.iter().cloned().chain([D::known(n)]).collect());
+                }
+                _ => return Err(format!("{name}: input {x:?} does not end in {k} columns")),
+            }
+        }
+        let rank = self.rank().unwrap_or(2);
         for s in ins {
             if s.len() != rank {
                 return Err(format!("{name}: expected rank-{rank} inputs, got {s:?}"));
             }
         }
-        let x = &ins[0];
-        let val = |d: &D| d.value().ok_or_else(|| format!("{name}: dimension {d:?} must be concrete"));
         let hw = |s: &Vec<D>| -> Res<(usize, usize)> { Ok((val(&s[1])?, val(&s[2])?)) };
         // [N, K] → [N, c_out].
         let rows = |k: usize, c_out: usize| -> Res<Vec<D>> {
@@ -390,6 +461,7 @@ impl Kernel {
             }
             Kernel::FGlobalAvg => vec![x[0].clone(), D::known(1), D::known(1), x[3].clone()],
             Kernel::Layout { to_nhwc: false } => vec![x[0].clone(), x[3].clone(), x[1].clone(), x[2].clone()],
+            Kernel::DynGemm { .. } => unreachable!("answered above"),
         })
     }
 
@@ -478,6 +550,29 @@ impl Kernel {
                     }
                     for a in o.iter_mut() {
                         *a /= hw as f32;
+                    }
+                }
+            }
+            (Kernel::DynGemm { conv, w_scale, bias, isa }, DataMut::F32(y)) => {
+                let xs = f32s(0)?;
+                let (k, n) = (conv.spec().geom.c_in, conv.spec().geom.c_out);
+                let rows = xs.len() / k.max(1);
+                match dynamic_qparams(xs) {
+                    // Every input 0: every product is 0.
+                    None => y.fill(0.0),
+                    Some(q) => {
+                        let mut xq = vec![0u8; xs.len()];
+                        let parts = edgepack_kernels::threads().min(xs.len() / 16384).max(1);
+                        for_each_range(&mut xq, parts, |r, o| qelem::quantize_slice(*isa, &xs[r], q, o));
+                        let m: Vec<f32> = w_scale.iter().map(|&s| q.scale * s).collect();
+                        conv.run_f32_dynamic(&xq, rows, q.zero, &m, y).map_err(err)?;
+                    }
+                }
+                if let Some(b) = bias {
+                    for row in y.chunks_exact_mut(n) {
+                        for (v, &bb) in row.iter_mut().zip(b) {
+                            *v += bb;
+                        }
                     }
                 }
             }

@@ -5,7 +5,9 @@
 //! - `DQ(x) → Gemm(DQ(w), DQ(b)) [→ [Relu|Clip] → Q]` → `EpQGemm(x)` (rank 2, uint8 or float output);
 //! - `DQ(a) + DQ(b) → Q` on two kernel outputs → `EpQAdd(a, b)` (QLinearAdd's arithmetic);
 //! - `DQ(x) → MaxPool → Q`, `DQ(xᵢ) → Concat(axis 1) → Q` on kernel outputs → `EpQMaxPool`, `EpQConcat` with
-//!   256-entry requantization tables (max and concat commute with the monotonic DQ/Q maps, so this is exact).
+//!   256-entry requantization tables (max and concat commute with the monotonic DQ/Q maps, so this is exact);
+//! - dynamic quantization's `DynamicQuantizeLinear → MatMulInteger → Cast → Mul [→ Add]` → `EpDynGemm(x)` (f32 in
+//!   and out, any rank: no layout).
 //!
 //! Then the layout pass: every kernel reads and writes `name__nhwc`; a kernel input produced elsewhere enters
 //! through `EpQuantize` (the QuantizeLinear that produced it, writing NHWC) or a Transpose, and a kernel output read
@@ -22,7 +24,8 @@ pub const DOMAIN: &str = "ai.edgepack";
 /// Suffix of the NHWC twin of a value.
 pub const NHWC: &str = "__nhwc";
 /// Op types of the kernel nodes.
-pub const OPS: [&str; 7] = ["EpQConv", "EpQGemm", "EpQAdd", "EpQMaxPool", "EpQConcat", "EpQuantize", "EpLayout"];
+pub const OPS: [&str; 8] =
+    ["EpQConv", "EpQGemm", "EpQAdd", "EpQMaxPool", "EpQConcat", "EpQuantize", "EpLayout", "EpDynGemm"];
 
 pub(super) fn ep_node(
     op: &str,
@@ -51,7 +54,7 @@ fn table_of(from: (f32, u8), to: (f32, u8)) -> Vec<u8> {
 /// Whether a kernel op takes part in the NHWC layout (the Gemm kernels read and write rank-2 tensors, whose
 /// layout is the same either way).
 pub(super) fn in_layout(op: &str) -> bool {
-    !matches!(op, "EpQGemm" | "EpGemm")
+    !matches!(op, "EpQGemm" | "EpGemm" | "EpDynGemm")
 }
 
 /// A kernel node and the nodes it replaces (indices into the graph being lowered).
@@ -203,6 +206,82 @@ fn gemm(c: &Ctx, idx: usize) -> Option<Rewrite> {
     Some(Rewrite { remove, node: ep_node("EpQGemm", &name, &[&wi.dqx.input[0]], output, attrs) })
 }
 
+/// Dynamic quantization's MatMul, `DynamicQuantizeLinear(x) → MatMulInteger(x_q, W, x_zp, 0) → Cast(float) →
+/// Mul(·, Mul(x_scale, w_scale)) [→ Add(·, b)]` with constant int8 `W [K, N]`, constant `w_scale` (scalar or `[N]`)
+/// and bias `[N]` → `EpDynGemm(x)`. The DynamicQuantizeLinear stays for other readers (removed when dead).
+fn dyn_gemm(c: &Ctx, idx: usize) -> Option<Rewrite> {
+    use edgepack_onnx::passes::tensor_f32_values;
+    let mi = &c.g.nodes[idx];
+    let d = c.producer(mi.input.first()?, "DynamicQuantizeLinear")?;
+    if d.output.first() != mi.input.first() || d.output.get(2) != mi.input.get(2) {
+        return None;
+    }
+    let w = c.g.initializer(mi.input.get(1)?)?;
+    if w.data_type != Some(3) || w.dims.len() != 2 {
+        return None;
+    }
+    let (k, n) = (w.dims[0] as usize, w.dims[1] as usize);
+    let wv = crate::qdq_lower::int_values(w)?;
+    if let Some(z) = mi.input.get(3).filter(|z| !z.is_empty()) {
+        crate::qdq_lower::int_values(c.g.initializer(z)?)?.iter().all(|&v| v == 0.0).then_some(())?;
+    }
+    let cast_i = c.only_reader(mi.output.first()?)?;
+    let cast = &c.g.nodes[cast_i];
+    (cast.op() == "Cast" && cast.attr_i("to") == Some(1)).then_some(())?;
+    let mul_i = c.only_reader(cast.output.first()?)?;
+    let mul = &c.g.nodes[mul_i];
+    (mul.op() == "Mul" && mul.input.len() == 2).then_some(())?;
+    let other = if mul.input[0] == cast.output[0] { &mul.input[1] } else { &mul.input[0] };
+    let sc_i = *c.producers_of(other)?;
+    let sc = &c.g.nodes[sc_i];
+    (sc.op() == "Mul" && c.only_reader(other) == Some(mul_i)).then_some(())?;
+    let xs = d.output.get(1)?;
+    let ws = if &sc.input[0] == xs {
+        &sc.input[1]
+    } else if &sc.input[1] == xs {
+        &sc.input[0]
+    } else {
+        return None;
+    };
+    let ws = tensor_f32_values(c.g.initializer(ws)?)?;
+    let w_scale: Vec<f32> = match ws.len() {
+        1 => vec![ws[0]; n],
+        l if l == n => ws,
+        _ => return None,
+    };
+    let mut remove = vec![idx, cast_i, mul_i, sc_i];
+    let mut out = mul.output.first()?.clone();
+    let mut bias = None;
+    if let Some(add_i) = c.only_reader(&out) {
+        let add = &c.g.nodes[add_i];
+        let b = add.input.iter().find(|i| **i != out).and_then(|b| c.g.initializer(b)).and_then(tensor_f32_values);
+        if add.op() == "Add" && add.input.len() == 2 && b.as_ref().is_some_and(|b| b.len() == n) {
+            bias = b;
+            remove.push(add_i);
+            out = add.output.first()?.clone();
+        }
+    }
+    // OIHW [N, K, 1, 1]: row n holds column n of W.
+    let mut weights = vec![0u8; n * k];
+    for kk in 0..k {
+        for j in 0..n {
+            weights[j * k + kk] = wv[kk * n + j] as i8 as u8;
+        }
+    }
+    let f32_raw = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let mut attrs = vec![
+        attr_int("c_in", k as i64),
+        attr_int("c_out", n as i64),
+        attr_tensor("weights", tensor_raw("weights", &[n as i64, k as i64], 3, weights)),
+        attr_tensor("w_scale", tensor_raw("w_scale", &[n as i64], 1, f32_raw(&w_scale))),
+    ];
+    if let Some(b) = &bias {
+        attrs.push(attr_tensor("bias", tensor_raw("bias", &[n as i64], 1, f32_raw(b))));
+    }
+    let name = format!("{}_kernel", mi.name());
+    Some(Rewrite { remove, node: ep_node("EpDynGemm", &name, &[&d.input[0]], &out, attrs) })
+}
+
 /// The quantized value behind `DQ(value)` when it is a kernel output, with its parameters.
 fn kernel_dq<'a>(c: &Ctx<'a>, value: &str, nhwc: &Made) -> Option<(&'a str, (f32, u8))> {
     let dq = c.producer(value, "DequantizeLinear")?;
@@ -345,6 +424,7 @@ impl QdqKernels for Graph {
                 "Add" => add(&c, i, nhwc),
                 "MaxPool" => maxpool(&c, i, nhwc),
                 "Concat" => concat(&c, i, nhwc),
+                "MatMulInteger" if n.domain_name().is_empty() => dyn_gemm(&c, i),
                 _ => None,
             },
             |_, _| 0,

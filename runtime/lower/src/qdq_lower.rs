@@ -22,7 +22,7 @@ use edgepack_onnx::passes::tensor_f32_values;
 use edgepack_onnx::{Graph, NodeExt, NodeProto, TensorProto, node};
 
 /// Integer values of an int8/uint8/int32 initializer, as f32.
-pub(super) fn int_values(t: &TensorProto) -> Option<Vec<f32>> {
+pub(crate) fn int_values(t: &TensorProto) -> Option<Vec<f32>> {
     let raw = t.raw_data.as_ref();
     let n: i64 = t.dims.iter().product();
     let v: Vec<f32> = match (t.data_type?, raw) {
@@ -77,6 +77,11 @@ impl<'a> Ctx<'a> {
     pub(super) fn producer(&self, value: &str, op: &str) -> Option<&'a NodeProto> {
         let n = &self.g.nodes[*self.producers.get(value)?];
         (n.op() == op).then_some(n)
+    }
+
+    /// The index of the node producing `value`.
+    pub(super) fn producers_of(&self, value: &str) -> Option<&usize> {
+        self.producers.get(value)
     }
 
     /// The only reader of `value`, if it has exactly one and `value` is not a graph output.

@@ -142,10 +142,14 @@ impl Expansion for EpExpansion {
             Some(dt) => s.equals(&outputs[0].datum_type, datum(dt))?,
             None => s.equals(&outputs[0].datum_type, &inputs[0].datum_type)?,
         }
-        let rank = self.0.0.rank() as i64;
-        s.equals(&outputs[0].rank, rank)?;
-        for i in inputs {
-            s.equals(&i.rank, rank)?;
+        match self.0.0.rank() {
+            Some(rank) => {
+                s.equals(&outputs[0].rank, rank as i64)?;
+                for i in inputs {
+                    s.equals(&i.rank, rank as i64)?;
+                }
+            }
+            None => s.equals(&outputs[0].rank, &inputs[0].rank)?,
         }
         s.given_all(inputs.iter().map(|i| &i.shape), move |s, shapes| {
             let shapes: Vec<TVec<TDim>> = shapes.into_iter().map(|s| s.into_iter().collect()).collect();

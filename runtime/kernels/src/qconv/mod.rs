@@ -46,6 +46,15 @@ pub(crate) const TILE_ROWS: usize = 48;
 /// block's weights serves every row while the weights sit in L1.
 pub(crate) const DIRECT_ROWS: usize = 256;
 
+/// The per-channel output stage of a GEMM run: bias (zero point folded in; `bias128` for the kernels that
+/// multiply `x − 128`) and multiplier, each padded to a multiple of 64 channels.
+#[derive(Clone, Copy)]
+struct Epilogue<'a> {
+    bias: &'a [i32],
+    bias128: &'a [i32],
+    multiplier: &'a [f32],
+}
+
 /// A GEMM plan and the output stage of one run.
 struct Gemm<'a> {
     kp: usize,
@@ -111,6 +120,10 @@ pub struct QConv {
     /// `bias + 128·Σ_k w[k]`, for the kernels that multiply `x − 128` (see [`DwPlan::bias128`]).
     bias128: Vec<i32>,
     multiplier: Vec<f32>,
+    /// Per output channel: the bias before the zero point is folded in, and `Σ_k w[k]` (for
+    /// [`QConv::run_f32_dynamic`], whose input zero point changes with every call).
+    bias_raw: Vec<i64>,
+    wsum: Vec<i64>,
 }
 
 impl std::fmt::Debug for QConv {
@@ -155,8 +168,11 @@ impl QConv {
         let mut bias = vec![0i32; round_up(s.geom.c_out, 64)];
         let mut bias128 = vec![0i32; round_up(s.geom.c_out, 64)];
         let mut multiplier = vec![0f32; round_up(s.geom.c_out, 64)];
+        let (mut bias_raw, mut wsums) = (Vec::with_capacity(s.geom.c_out), Vec::with_capacity(s.geom.c_out));
         for o in 0..s.geom.c_out {
             let wsum: i64 = s.weights[o * cin_g * taps..(o + 1) * cin_g * taps].iter().map(|&v| v as i64).sum();
+            bias_raw.push(s.bias.as_ref().map_or(0, |b| b[o] as i64));
+            wsums.push(wsum);
             let b = s.bias.as_ref().map_or(0, |b| b[o] as i64) - s.z_x as i64 * wsum;
             let range = |v: i64| i32::try_from(v).map_err(|_| "bias out of the int32 range".to_string());
             bias[o] = range(b)?;
@@ -200,7 +216,7 @@ impl QConv {
         // The packed plan holds the weights now: drop the unpacked copy (a model's worth of memory).
         let mut spec = spec;
         spec.weights = Vec::new();
-        Ok(QConv { spec, isa, plan, bias, bias128, multiplier })
+        Ok(QConv { spec, isa, plan, bias, bias128, multiplier, bias_raw, wsum: wsums })
     }
 
     pub fn spec(&self) -> &QConvSpec {
@@ -222,7 +238,7 @@ impl QConv {
         match &self.plan {
             Plan::Gemm { kp, direct, blocks } => {
                 let g = Gemm { kp: *kp, direct: *direct, blocks, out: Out::U8(s.z_y) };
-                self.run_gemm(x, [n, h, w], (oh, ow), &g, y.as_mut_ptr() as usize)
+                self.run_gemm(x, [n, h, w], (oh, ow), &g, self.epilogue(), y.as_mut_ptr() as usize)
             }
             Plan::Depthwise(p) => self.run_depthwise(x, [n, h, w], (oh, ow), p, y),
         }
@@ -236,15 +252,64 @@ impl QConv {
         match &self.plan {
             Plan::Gemm { kp, direct, blocks } => {
                 let g = Gemm { kp: *kp, direct: *direct, blocks, out: Out::F32 };
-                self.run_gemm(x, [n, h, w], (oh, ow), &g, y.as_mut_ptr() as usize);
+                self.run_gemm(x, [n, h, w], (oh, ow), &g, self.epilogue(), y.as_mut_ptr() as usize);
                 Ok(())
             }
             Plan::Depthwise(_) => Err("a float output is only available for group-1 convolutions".into()),
         }
     }
 
+    /// As [`QConv::run_f32`] for a 1×1 convolution over `rows` pixels (a GEMM `[rows, c_in] · Wᵀ`) whose input
+    /// was quantized for this call only: zero point `z_x` (instead of the spec's) and per-channel output scale
+    /// `multiplier` (`s_x·s_w[o]`). `y[r][o] = f32(Σ_k (x[r][k] − z_x)·w[o][k] + bias[o]) · multiplier[o]`.
+    pub fn run_f32_dynamic(
+        &self,
+        x: &[u8],
+        rows: usize,
+        z_x: u8,
+        multiplier: &[f32],
+        y: &mut [f32],
+    ) -> Result<(), String> {
+        let s = &self.spec;
+        if s.geom.kernel != [1, 1] || s.geom.stride != [1, 1] || s.geom.pads != [0; 4] || s.geom.group != 1 {
+            return Err("a dynamic input is only available for 1×1 group-1 convolutions".into());
+        }
+        if multiplier.len() != s.geom.c_out {
+            return Err(format!("{} multipliers for {} channels", multiplier.len(), s.geom.c_out));
+        }
+        let (oh, ow) = self.window().check(x.len(), [rows, 1, 1], y.len(), s.geom.c_out)?;
+        let Plan::Gemm { kp, direct, blocks } = &self.plan else {
+            return Err("a dynamic input is only available for GEMM convolutions".into());
+        };
+        let padded = self.bias.len();
+        let (mut bias, mut bias128, mut m) = (vec![0i32; padded], vec![0i32; padded], vec![0f32; padded]);
+        for o in 0..s.geom.c_out {
+            let b = self.bias_raw[o] - z_x as i64 * self.wsum[o];
+            let range = |v: i64| i32::try_from(v).map_err(|_| "bias out of the int32 range".to_string());
+            bias[o] = range(b)?;
+            bias128[o] = range(b + 128 * self.wsum[o])?;
+            m[o] = multiplier[o];
+        }
+        let g = Gemm { kp: *kp, direct: *direct, blocks, out: Out::F32 };
+        let e = Epilogue { bias: &bias, bias128: &bias128, multiplier: &m };
+        self.run_gemm(x, [rows, 1, 1], (oh, ow), &g, e, y.as_mut_ptr() as usize);
+        Ok(())
+    }
+
+    fn epilogue(&self) -> Epilogue<'_> {
+        Epilogue { bias: &self.bias, bias128: &self.bias128, multiplier: &self.multiplier }
+    }
+
     /// `y_addr`: the output, `n·oh·ow·c_out` elements of `g.out`'s type.
-    fn run_gemm(&self, x: &[u8], [n, h, w]: [usize; 3], (oh, ow): (usize, usize), g: &Gemm, y_addr: usize) {
+    fn run_gemm(
+        &self,
+        x: &[u8],
+        [n, h, w]: [usize; 3],
+        (oh, ow): (usize, usize),
+        g: &Gemm,
+        e: Epilogue,
+        y_addr: usize,
+    ) {
         let elem = if g.out == Out::F32 { 4 } else { 1 };
         let s = &self.spec;
         let rows = if g.direct { RowSource::Direct } else { RowSource::Im2col { pad: s.z_x } };
@@ -255,11 +320,11 @@ impl QConv {
                 // Each (row tile, channel block) is written by exactly one part.
                 *p = (y_addr + (r0 + i) * s.geom.c_out * elem) as *mut u8;
             }
-            let bias = if signed_x(self.isa) { &self.bias128 } else { &self.bias };
+            let bias = if signed_x(self.isa) { e.bias128 } else { e.bias };
             for b in blocks {
                 // SAFETY: row pointers address `kp` readable bytes; output rows hold `c_out` elements each and
                 // (tile, block) pairs are disjoint across parts.
-                unsafe { gemm_block(self.isa, rows, &out_ptrs[..rows.len()], g.kp, b, bias, &self.multiplier, g.out) };
+                unsafe { gemm_block(self.isa, rows, &out_ptrs[..rows.len()], g.kp, b, bias, e.multiplier, g.out) };
             }
         });
     }
