@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Dynamic INT8 latency: edgepack fp32, edgepack `quantize --dynamic`, onnxruntime fp32 and onnxruntime's own
+"""Dynamic INT8 latency: edgepack fp32, edgepack `quantize --mode dynamic`, onnxruntime fp32 and onnxruntime's own
 `quantize_dynamic` file, side by side, on a transformer block's MatMuls.
 
 The model is built here (no weights to download): a transformer feed-forward block and its projections on
 `[1, T, D]` tokens — `x·Wq`, `x·Wo` (D×D), `x·W1` (D×F) → Relu → `·W2` (F×D) + residual — with seeded random
-weights. edgepack quantizes it with `--dynamic --budget none` (its held-out samples are random tokens, only the
+weights. edgepack quantizes it with `--mode dynamic --budget none` (its held-out samples are random tokens, only the
 report uses them); onnxruntime with `quantize_dynamic(per_channel=True, weight_type=QInt8)`. For each thread count
 the four measurements alternate for --rounds rounds (batch 1); the table reports medians of the per-round medians.
 Writes BENCHMARKS.md between the bench-dynamic markers.
@@ -73,7 +73,7 @@ def main():
             np.save(os.path.join(data, f"{i}.npy"), rng.normal(0, 1, (1, a.tokens, a.dim)).astype(np.float32))
         ours = os.path.join(tmp, "block_dynamic.onnx")
         subprocess.run([edgepack_bin(), "quantize", fp32, "--calib", data, "--calib-limit", "2", "--holdout", "4",
-                        "--dynamic", "--budget", "none", "--latency-runs", "0", "-o", ours], check=True,
+                        "--mode", "dynamic", "--budget", "none", "--latency-runs", "0", "-o", ours], check=True,
                        capture_output=True)
         from onnxruntime.quantization import QuantType, quantize_dynamic
         theirs = os.path.join(tmp, "block_ort_dynamic.onnx")

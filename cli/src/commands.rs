@@ -958,12 +958,12 @@ pub struct QuantizeArgs {
     /// One scale per weight tensor instead of one per output channel
     #[arg(long)]
     per_tensor: bool,
-    /// Dynamic quantization (onnxruntime's quantize_dynamic form): MatMul/Gemm quantize their input on every call
-    /// (DynamicQuantizeLinear + MatMulInteger, int8 weights), LSTM/GRU/RNN get int8 weights; nothing is calibrated
-    /// (the --calib samples only supply held-out samples for the gate and the report). For transformers and
-    /// recurrent models
-    #[arg(long)]
-    dynamic: bool,
+    /// static: calibrated activation ranges (QDQ); dynamic: onnxruntime's quantize_dynamic form, MatMul/Gemm
+    /// quantize their input on every call (DynamicQuantizeLinear + MatMulInteger, int8 weights) and LSTM/GRU/RNN get
+    /// int8 weights, nothing calibrated (the --calib samples only supply held-out samples); auto: static, and when
+    /// that misses the gate, dynamic too, keeping the closer of the two
+    #[arg(long, default_value = "auto", value_parser = ["auto", "static", "dynamic"])]
+    mode: String,
     /// Output INT8 ONNX file
     #[arg(short, long)]
     out: PathBuf,
@@ -1243,7 +1243,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         held_out: Some(sets.held_out()),
         pre: pre.as_ref(),
         method,
-        method_name: if a.dynamic {
+        method_name: if a.mode == "dynamic" {
             "dynamic (each call's own range)".into()
         } else if a.method == "percentile" {
             format!("percentile {}", a.percentile)
@@ -1254,7 +1254,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             exclude: a.exclude.clone(),
             op_types: a.op_types.clone(),
             per_tensor_weights: a.per_tensor,
-            dynamic: a.dynamic,
+            dynamic: a.mode == "dynamic",
         },
         budget,
         sensitivity_method,
@@ -1264,6 +1264,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         latency_runs: a.latency_runs,
         always_sensitivity: a.sensitivity,
         speed_gate: a.speed_gate,
+        try_dynamic: a.mode == "auto",
         session: opts.clone(),
         held_out_max_bytes: 1 << 30,
     };

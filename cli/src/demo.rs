@@ -77,6 +77,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         latency_runs: 3,
         always_sensitivity: false,
         speed_gate: false,
+        try_dynamic: false,
         session: SessionOptions { threads: a.threads, ..Default::default() },
         held_out_max_bytes: 1 << 28,
     };

@@ -141,7 +141,8 @@ impl Budget {
         }
     }
 
-    fn better(&self, a: f64, b: f64) -> bool {
+    /// Whether metric value `a` is closer to meeting the budget than `b`.
+    pub fn better(&self, a: f64, b: f64) -> bool {
         match self {
             Budget::Top1Drop(_) => a < b,
             _ => a > b,

@@ -30,6 +30,7 @@ fn gate_text(asked: Option<Budget>, resolved: Budget) -> String {
 }
 
 /// Samples from a dataset.
+#[derive(Clone)]
 pub struct Samples<'a> {
     pub data: &'a Dataset,
     pub range: Range<usize>,
@@ -37,6 +38,7 @@ pub struct Samples<'a> {
     pub source: String,
 }
 
+#[derive(Clone)]
 pub struct Job<'a> {
     /// The fp32 model as given (any opset).
     pub model: &'a Model,
@@ -68,6 +70,8 @@ pub struct Job<'a> {
     pub always_sensitivity: bool,
     /// Keep in fp32 the layers the CPU runtime has no integer kernel for (they would be slower in INT8).
     pub speed_gate: bool,
+    /// When static INT8 misses the gate, try dynamic quantization and keep the better (see [`run`]).
+    pub try_dynamic: bool,
     pub session: SessionOptions,
     /// Memory cap for cached held-out inputs and fp32 outputs.
     pub held_out_max_bytes: usize,
@@ -143,7 +147,41 @@ pub fn unknown_excludes(model: &Model, exclude: &[String]) -> (Vec<String>, Vec<
 }
 
 /// Runs the job. Errors are bad input (data, budget that cannot be checked) or a model the CPU backend cannot run.
+/// With `try_dynamic`, a static result that misses its gate is compared with dynamic quantization (where the
+/// model has MatMul/Gemm or recurrent weights), and the one closer to the gate on the choosing samples is kept.
 pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), CalibError> {
+    let (q, report) = run_once(job, on)?;
+    let missed = report.budget.as_ref().filter(|b| !b.met).map(|b| (b.budget, b.reached));
+    let Some((gate, reached)) = missed.filter(|_| job.try_dynamic && !job.cfg.dynamic) else {
+        return Ok((q, report));
+    };
+    let mut cfg = job.cfg.clone();
+    cfg.dynamic = true;
+    let dynamic_job = Job { cfg, method_name: "dynamic (each call's own range)".into(), ..job.clone() };
+    on(Event::Note(format!("static INT8 missed the gate ({reached:.3}): trying dynamic quantization")));
+    match run_once(&dynamic_job, on) {
+        Ok((dq, mut dr)) => {
+            let d_reached = dr.budget.as_ref().map_or(f64::NAN, |b| b.reached);
+            if gate.better(d_reached, reached) {
+                dr.warnings.push(format!(
+                    "dynamic quantization chosen: static INT8 reached {reached:.3} on the choosing samples, dynamic {d_reached:.3}"
+                ));
+                Ok((dq, dr))
+            } else {
+                let mut report = report;
+                report.warnings.push(format!(
+                    "static INT8 kept: dynamic quantization reached {d_reached:.3} on the choosing samples, not better"
+                ));
+                Ok((q, report))
+            }
+        }
+        // Nothing for the dynamic pass (a CNN): the static result stands.
+        Err(CalibError::Unsupported(_)) => Ok((q, report)),
+        Err(e) => Err(e),
+    }
+}
+
+fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), CalibError> {
     let t0 = Instant::now();
     let mut warnings = Vec::new();
     // 1. One modern, named, BN-folded graph: what gets calibrated is exactly what gets quantized.

@@ -494,7 +494,7 @@ def test_recurrent_state_is_carried_over_the_sample_sequence(binary, tmp_path):
 
 
 def test_dynamic_quantization_of_matmul_gemm_and_lstm_runs_in_onnxruntime(binary, tmp_path):
-    """Issue 29, item 3: --dynamic writes onnxruntime's quantize_dynamic form (DynamicQuantizeLinear +
+    """Issue 29, item 3: --mode dynamic writes onnxruntime's quantize_dynamic form (DynamicQuantizeLinear +
     MatMulInteger for MatMul/Gemm, int8 LSTM weights behind DequantizeLinear); both runtimes run it, close to fp32."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -521,8 +521,8 @@ def test_dynamic_quantization_of_matmul_gemm_and_lstm_runs_in_onnxruntime(binary
     for i, x in enumerate(xs):
         np.save(data / f"{i:03d}.npy", x)
     out = tmp_path / "lstm_dyn.onnx"
-    r = ep("quantize", model, "--calib", data, "--calib-limit", 10, "--holdout", 20, "--dynamic", "--budget", "none",
-           "--json", "-o", out)
+    r = ep("quantize", model, "--calib", data, "--calib-limit", 10, "--holdout", 20, "--mode", "dynamic", "--budget",
+           "none", "--json", "-o", out)
     rep = json.loads(r.stdout)["report"]
     assert {l["node"]: l["precision"] for l in rep["layers"]} == {"proj": "int8", "lstm": "int8", "head": "int8"}
     assert rep["method"].startswith("dynamic") and rep["size"]["ratio"] < 0.4
@@ -546,3 +546,13 @@ def test_dynamic_quantization_of_matmul_gemm_and_lstm_runs_in_onnxruntime(binary
     import ort_parity
     r = ort_parity.compare(str(out), {"x": xs[12]}, binary)
     assert r["loaded"] and r["outputs"][0]["max_abs_diff"] <= 1e-5 * max(1.0, r["outputs"][0]["max_abs_ref"]), r
+    # --mode auto (the default): static INT8 first; when it misses the gate, dynamic too, and the closer one is
+    # written, the report saying which and why.
+    r = ep("quantize", model, "--calib", data, "--calib-limit", 10, "--holdout", 20, "--budget", "sqnr=99",
+           "--max-float-fraction", 0, "--json", "-o", tmp_path / "auto.onnx")
+    rep = json.loads(r.stdout)["report"]
+    chosen = [w for w in rep["warnings"] if w.startswith(("dynamic quantization chosen", "static INT8 kept"))]
+    assert len(chosen) == 1, rep["warnings"]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "auto.onnx")).graph.node]
+    assert ("MatMulInteger" in ops) == chosen[0].startswith("dynamic"), (chosen, ops)
+    assert rep["method"].startswith("dynamic") == chosen[0].startswith("dynamic")
