@@ -139,6 +139,7 @@ def run_one(shared, model, tmp):
         "float_layers": {l["node"]: l["reason"] for l in layers if l["precision"] == "fp32"},
         "edgepack_sqnr": rep["int8"]["output_sqnr_db"],
         "gate": rep["budget"] and {k: rep["budget"][k] for k in ("text", "met", "reached")},
+        "method": rep["method"],
         "folded_bn": len(rep["preparation"]["folded_batchnorm"]),
         "size": rep["size"]["ratio"],
     })
@@ -194,6 +195,8 @@ def main():
         gate = "-" if not g else f"{'met' if g['met'] else 'not met'} ({g['reached']:.1f})"
         es = "exact" if r["edgepack_sqnr"] is None else f"{r['edgepack_sqnr']:.1f} dB"
         bn = f", {r['folded_bn']} BatchNorm folded" if r["folded_bn"] else ""
+        if r.get("method", "").startswith("dynamic"):
+            bn += ", dynamic: chosen by --mode auto"
         lines.append(f"| {r['model']} | quantized ({100 * r['size']:.0f} % of fp32{bn}) | {r['int8_layers']} of {r['layers']} | {kept} | {gate} | {es} | {ort_col} |")
     table = "\n".join(lines)
     print(table)

@@ -1041,14 +1041,15 @@ impl SampleSets {
         eval: Option<&Path>,
         holdout: usize,
         shuffle: Option<u64>,
+        inputs: &[String],
     ) -> Result<SampleSets> {
         let order = |d: Dataset| match shuffle {
             Some(seed) => d.shuffled(seed),
             None => d,
         };
-        let data = order(Dataset::open(calib, idx_labels)?);
+        let data = order(Dataset::open_for_inputs(calib, idx_labels, inputs)?);
         let n = data.len().min(limit.max(1));
-        let eval_data = eval.map(|p| Dataset::open(p, None).map(order)).transpose()?;
+        let eval_data = eval.map(|p| Dataset::open_for_inputs(p, None, inputs).map(order)).transpose()?;
         let order_note = shuffle.map(|seed| format!(" (shuffled, seed {seed})")).unwrap_or_default();
         Ok(SampleSets {
             data,
@@ -1233,6 +1234,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         a.eval.as_deref(),
         a.holdout,
         a.shuffle.then_some(a.seed),
+        &s.inputs().iter().map(|i| i.name.clone()).collect::<Vec<_>>(),
     )?;
     let job = pipeline::Job {
         model: &model,

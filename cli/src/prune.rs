@@ -133,6 +133,7 @@ pub fn prune(a: PruneArgs) -> Result<()> {
         a.eval.as_deref(),
         a.holdout,
         a.shuffle.then_some(a.seed),
+        &s.inputs().iter().map(|i| i.name.clone()).collect::<Vec<_>>(),
     )?;
     let job = prune::Job {
         model: &model,

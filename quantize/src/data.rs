@@ -109,7 +109,18 @@ impl Sample {
 
 enum Items {
     Files(Vec<(PathBuf, Option<usize>)>),
-    Idx { images: Vec<u8>, rows: usize, cols: usize, labels: Vec<u8> },
+    /// One folder per model input, `.npy` files of the same names in each: `files[i][k]` feeds input `i` of
+    /// sample `k`.
+    PerInput {
+        inputs: Vec<String>,
+        files: Vec<Vec<PathBuf>>,
+    },
+    Idx {
+        images: Vec<u8>,
+        rows: usize,
+        cols: usize,
+        labels: Vec<u8>,
+    },
 }
 
 /// An indexed, lazily read set of samples.
@@ -261,6 +272,50 @@ impl Dataset {
         Ok(Dataset { order: None, items: Items::Files(files.into_iter().map(|f| (f, None)).collect()) })
     }
 
+    /// As [`Dataset::open`], for a model with these `inputs`: a model with several inputs may also take one
+    /// folder per input under `path` (named as the inputs), holding `.npy` files of the same names (a sample is
+    /// the files of one name).
+    pub fn open_for_inputs(path: &Path, idx_labels: Option<&Path>, inputs: &[String]) -> Result<Dataset> {
+        if inputs.len() > 1 && idx_labels.is_none() && inputs.iter().all(|i| path.join(i).is_dir()) {
+            return Dataset::per_input(path, inputs);
+        }
+        Dataset::open(path, idx_labels)
+    }
+
+    fn per_input(path: &Path, inputs: &[String]) -> Result<Dataset> {
+        let mut files = Vec::with_capacity(inputs.len());
+        for i in inputs {
+            let v: Vec<PathBuf> = sorted_entries(&path.join(i))?
+                .into_iter()
+                .filter(|p| p.extension().is_some_and(|e| e == "npy"))
+                .collect();
+            files.push(v);
+        }
+        let names = |v: &Vec<PathBuf>| -> Vec<String> {
+            v.iter().map(|p| p.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default()).collect()
+        };
+        let first = names(&files[0]);
+        if first.is_empty() {
+            return Err(DataError::Invalid(format!("{}: no .npy files", path.join(&inputs[0]).display())));
+        }
+        for (i, f) in inputs.iter().zip(&files).skip(1) {
+            let these = names(f);
+            if these != first {
+                let odd = first.iter().chain(&these).find(|n| !(first.contains(n) && these.contains(n)));
+                return Err(DataError::Invalid(format!(
+                    "{}: the input folders must hold files of the same names ({} has {}, {} has {}; e.g. {})",
+                    path.display(),
+                    inputs[0],
+                    first.len(),
+                    i,
+                    these.len(),
+                    odd.map(String::as_str).unwrap_or("?")
+                )));
+            }
+        }
+        Ok(Dataset { order: None, items: Items::PerInput { inputs: inputs.to_vec(), files } })
+    }
+
     /// Labelled when the layout says so (`idx_labels`, or `labels.csv` in `path`), else unlabelled samples.
     pub fn open(path: &Path, idx_labels: Option<&Path>) -> Result<Dataset> {
         if idx_labels.is_some() || path.join("labels.csv").is_file() {
@@ -274,6 +329,7 @@ impl Dataset {
         match &self.items {
             Items::Files(v) => v.len(),
             Items::Idx { labels, .. } => labels.len(),
+            Items::PerInput { files, .. } => files[0].len(),
         }
     }
 
@@ -320,6 +376,17 @@ impl Dataset {
                     )
                 };
                 Ok(Sample { id, data, label: *label })
+            }
+            Items::PerInput { inputs, files } => {
+                let mut feeds = Vec::with_capacity(inputs.len());
+                for (name, f) in inputs.iter().zip(files) {
+                    let p = f.get(k).ok_or_else(|| DataError::Invalid(format!("no sample {k}")))?;
+                    let bytes = std::fs::read(p).map_err(io(p))?;
+                    let id = p.display().to_string();
+                    feeds.push((name.clone(), npy::read(&bytes).map_err(|source| DataError::Sample { id, source })?));
+                }
+                let id = files[0][k].file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
+                Ok(Sample { id, data: SampleData::Feeds(feeds), label: None })
             }
             Items::Idx { images, rows, cols, labels } => {
                 let n = rows * cols;
@@ -371,6 +438,30 @@ mod tests {
             .collect();
         assert!(inputs.iter().any(|x| x == &t));
         assert!(inputs.iter().any(|x| x.shape() == [1, 3, 4, 4] && x.dtype() == DType::F32));
+    }
+
+    #[test]
+    fn one_folder_per_input() {
+        let d = tempfile::tempdir().unwrap();
+        let inputs = ["ids".to_string(), "mask".to_string()];
+        for (i, name) in inputs.iter().enumerate() {
+            std::fs::create_dir(d.path().join(name)).unwrap();
+            for k in 0..3 {
+                let t = Tensor::from_f32(vec![1, 2], vec![k as f32, i as f32]).unwrap();
+                std::fs::write(d.path().join(name).join(format!("{k:02}.npy")), npy::write(&t)).unwrap();
+            }
+        }
+        let ds = Dataset::open_for_inputs(d.path(), None, &inputs).unwrap();
+        assert_eq!(ds.len(), 3);
+        let f = ds.get(2).unwrap().to_inputs(None, &inputs, &[]).unwrap();
+        assert_eq!(f[0].0, "ids");
+        assert_eq!((f[0].1.to_f32_vec(), f[1].1.to_f32_vec()), (vec![2.0, 0.0], vec![2.0, 1.0]));
+        // A file missing from one input's folder: an error naming the layout.
+        std::fs::remove_file(d.path().join("mask").join("01.npy")).unwrap();
+        let e = Dataset::open_for_inputs(d.path(), None, &inputs).err().unwrap().to_string();
+        assert!(e.contains("same names") && e.contains("01.npy"), "{e}");
+        // A one-input model reads the folder as plain samples (recursively).
+        assert_eq!(Dataset::open_for_inputs(d.path(), None, &inputs[..1]).unwrap().len(), 5);
     }
 
     #[test]

@@ -100,6 +100,12 @@ pub fn quantize(model: &Model, cfg: &QdqConfig) -> Result<(Model, QdqSummary), Q
     let mut dql: HashMap<String, (String, String, String)> = HashMap::new();
     let mut replaced: Vec<usize> = Vec::new();
     for (idx, n) in model.graph.nodes.iter().enumerate() {
+        if matches!(n.op(), "Conv" | "ConvTranspose") {
+            summary.skipped.insert(
+                n.name().to_string(),
+                "dynamic quantization covers MatMul/Gemm and recurrent weights; stays fp32".into(),
+            );
+        }
         let Some(p) = plan(n, &init_refs) else { continue };
         if crate::qdq::is_excluded(cfg, n) {
             summary.excluded.push(n.name().to_string());

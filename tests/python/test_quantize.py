@@ -433,7 +433,17 @@ def test_a_two_input_model_calibrates_from_npz(binary, tmp_path):
     a = np.concatenate([ref.run(None, f)[0].ravel() for f in feeds[40:]])
     b = np.concatenate([got.run(None, f)[0].ravel() for f in feeds[40:]])
     assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
-    # A sample missing an input, or a bare .npy for a two-input model: a clear error naming the inputs.
+    # The same samples as one folder per input (.npy files of the same names): the same calibration.
+    per = tmp_path / "per_input"
+    for name in ("ids", "mask"):
+        (per / name).mkdir(parents=True)
+        for i, f in enumerate(feeds):
+            np.save(per / name / f"{i:03d}.npy", f[name])
+    r = ep("quantize", model, "--calib", per, "--calib-limit", 40, "--holdout", 20, "--latency-runs", 0, "--json",
+           "-o", tmp_path / "two_per_input.onnx")
+    rep2 = json.loads(r.stdout)["report"]
+    assert rep2["calibration"]["samples"] == 40 and rep2["int8"] == rep["int8"]
+        # A sample missing an input, or a bare .npy for a two-input model: a clear error naming the inputs.
     bad = tmp_path / "bad"
     bad.mkdir()
     np.savez(bad / "0.npz", ids=feeds[0]["ids"])
