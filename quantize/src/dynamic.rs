@@ -13,7 +13,7 @@ use edgepack_runtime::onnx::builder::{attr_int, tensor_f32, tensor_raw};
 use edgepack_runtime::onnx::passes::tensor_f32_values;
 use edgepack_runtime::onnx::{Model, NodeExt, NodeProto, TensorProto, node};
 
-use crate::qdq::{QdqConfig, QdqError, QdqSummary, quantize_weights};
+use crate::qdq::{QdqConfig, QdqError, QdqSummary, quantize_weights, sanitize};
 
 /// The nodes the dynamic pass would quantize (name, op type), in graph order.
 pub fn quantizable_nodes(model: &Model, cfg: &QdqConfig) -> Vec<(String, String)> {
@@ -81,10 +81,6 @@ fn plan(n: &NodeProto, inits: &HashMap<&str, &TensorProto>) -> Option<Plan> {
         .then_some(Plan::Recurrent),
         _ => None,
     }
-}
-
-fn sanitize(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '.' { c } else { '_' }).collect()
 }
 
 /// Applies the dynamic pass to every node [`quantizable_nodes`] lists (those `cfg` does not exclude).

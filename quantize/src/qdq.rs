@@ -369,7 +369,8 @@ pub fn quantize(
     Ok((m, summary))
 }
 
-fn sanitize(name: &str) -> String {
+/// A value name made safe to derive initializer and node names from.
+pub(crate) fn sanitize(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '.' { c } else { '_' }).collect()
 }
 
