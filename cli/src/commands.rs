@@ -958,6 +958,13 @@ pub struct QuantizeArgs {
     /// One scale per weight tensor instead of one per output channel
     #[arg(long)]
     per_tensor: bool,
+    /// Activation type of the QDQ pairs: u8 (edgepack's integer kernels) or s8 (onnxruntime's S8S8; edgepack runs it
+    /// as exact integer arithmetic on float ops, slower)
+    #[arg(long, default_value = "u8", value_parser = ["u8", "s8"])]
+    activation_type: String,
+    /// Activation ranges symmetric around 0 (zero point 128 for u8, 0 for s8)
+    #[arg(long)]
+    symmetric_activations: bool,
     /// static: calibrated activation ranges (QDQ); dynamic: onnxruntime's quantize_dynamic form, MatMul/Gemm
     /// quantize their input on every call (DynamicQuantizeLinear + MatMulInteger, int8 weights) and LSTM/GRU/RNN get
     /// int8 weights, nothing calibrated (the --calib samples only supply held-out samples); auto: static, and when
@@ -1257,6 +1264,8 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             op_types: a.op_types.clone(),
             per_tensor_weights: a.per_tensor,
             dynamic: a.mode == "dynamic",
+            signed_activations: a.activation_type == "s8",
+            symmetric_activations: a.symmetric_activations,
         },
         budget,
         sensitivity_method,

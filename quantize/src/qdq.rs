@@ -32,6 +32,25 @@ pub struct QdqConfig {
     /// Dynamic quantization ([`crate::dynamic`]): no calibrated activations; MatMul/Gemm quantize their input per
     /// call, recurrent ops get int8 weights.
     pub dynamic: bool,
+    /// int8 activations instead of uint8 (onnxruntime's S8S8 QDQ, preferred by some ARM runtimes).
+    pub signed_activations: bool,
+    /// Activation ranges symmetric around 0 (zero point 128 for uint8, 0 for int8).
+    pub symmetric_activations: bool,
+}
+
+/// An activation's quantization: scale, zero point and ONNX element type (2 = uint8, 3 = int8), widened to hold 0.
+/// Symmetric: `[−m, m]` with `m = max |r|` (zero point 128 or 0), as onnxruntime's `ActivationSymmetric`.
+pub fn activation_qparams(r: Range, signed: bool, symmetric: bool) -> (f32, i32, i32) {
+    let ty = if signed { 3 } else { 2 };
+    if !symmetric {
+        let (scale, zp) = activation_params(r);
+        return (scale, if signed { zp as i32 - 128 } else { zp as i32 }, ty);
+    }
+    let m = r.min.abs().max(r.max.abs());
+    if !(m.is_finite() && m > f32::EPSILON) {
+        return (1.0, if signed { 0 } else { 128 }, ty);
+    }
+    (2.0 * m / 255.0, if signed { 0 } else { 128 }, ty)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,12 +231,12 @@ pub fn quantize(
             summary.skipped.insert(a.clone(), "no calibration range".into());
             continue;
         };
-        let (scale, zp) = activation_params(r);
+        let (scale, zp, ty) = activation_qparams(r, cfg.signed_activations, cfg.symmetric_activations);
         let base = sanitize(a);
         let (s_name, z_name) =
             (m.graph.unique_name(&format!("{base}_scale")), m.graph.unique_name(&format!("{base}_zero_point")));
         m.graph.initializers.push(tensor_f32(&s_name, &[], &[scale]));
-        m.graph.initializers.push(tensor_raw(&z_name, &[], 2, vec![zp]));
+        m.graph.initializers.push(tensor_raw(&z_name, &[], ty, vec![zp as u8]));
         let q = m.graph.unique_name(&format!("{base}_quantized"));
         let dq = m.graph.unique_name(&format!("{base}_dequantized"));
         m.graph.nodes.push(node("QuantizeLinear", &format!("{q}_node"), &[a, &s_name, &z_name], &[&q], vec![]));
@@ -393,6 +412,17 @@ mod tests {
         let (q, s) = quantize_weights(&w, &[2, 2], 0, false, Some(&[0.01, 0.0]));
         assert_eq!((s[0], &q[..2]), (0.01, &[0i8, 0][..]));
         assert!((s[1] - 0.5 / 127.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn signed_and_symmetric_activations() {
+        let r = Range { min: -1.0, max: 3.0 };
+        // int8 asymmetric: the uint8 grid shifted by 128 (the same real values).
+        assert_eq!(activation_qparams(r, true, false), (4.0 / 255.0, 64 - 128, 3));
+        // Symmetric: [-3, 3], zero point 128 (uint8) or 0 (int8); 0 stays exact.
+        assert_eq!(activation_qparams(r, false, true), (6.0 / 255.0, 128, 2));
+        assert_eq!(activation_qparams(r, true, true), (6.0 / 255.0, 0, 3));
+        assert_eq!(activation_qparams(Range { min: 0.0, max: 0.0 }, true, true), (1.0, 0, 3));
     }
 
     #[test]

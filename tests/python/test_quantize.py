@@ -566,3 +566,29 @@ def test_dynamic_quantization_of_matmul_gemm_and_lstm_runs_in_onnxruntime(binary
     ops = [n.op_type for n in onnx.load(str(tmp_path / "auto.onnx")).graph.node]
     assert ("MatMulInteger" in ops) == chosen[0].startswith("dynamic"), (chosen, ops)
     assert rep["method"].startswith("dynamic") == chosen[0].startswith("dynamic")
+
+
+def test_signed_and_symmetric_activations(shared, binary, tmp_path):
+    """Issue 29, item 6: --activation-type s8 writes int8 QDQ pairs (onnxruntime's S8S8), --symmetric-activations
+    ranges symmetric around 0; onnxruntime runs both, edgepack's runtime computes what onnxruntime computes."""
+    import onnx
+    from onnx import numpy_helper
+    import ort_parity
+    imgs, lbls = _mnist_idx(shared)
+    mnist = os.path.join(ROOT, "assets", "models", "mnist_cntk_opset8_simplified.onnx")
+    x = model_inputs.mnist_first(shared, 1)
+    for flags, ty, sym in ((["--activation-type", "s8"], 3, False), (["--symmetric-activations"], 2, True),
+                           (["--activation-type", "s8", "--symmetric-activations"], 3, True)):
+        out = tmp_path / f"m{len(flags)}{ty}.onnx"
+        r = ep("quantize", mnist, "--calib", imgs, "--idx-labels", lbls, "--preset", "mnist", "--calib-limit", 50,
+               "--holdout", 100, "--budget", "none", "--latency-runs", 0, "--json", "-o", out, *flags)
+        rep = json.loads(r.stdout)["report"]
+        assert rep["int8"]["top1_agreement"] >= 98, rep["int8"]
+        g = onnx.load(str(out)).graph
+        zps = [t for t in g.initializer if t.name.endswith("_zero_point") and not t.dims and t.data_type in (2, 3)]
+        acts = [t for t in zps if any(n.op_type == "QuantizeLinear" and n.input[2] == t.name for n in g.node)]
+        assert acts and all(t.data_type == ty for t in acts), [(t.name, t.data_type) for t in acts]
+        if sym:
+            assert all(int(numpy_helper.to_array(t)) == (0 if ty == 3 else 128) for t in acts)
+        p = ort_parity.compare(str(out), {"Input3": x}, binary)
+        assert p["loaded"] and p["outputs"][0]["cosine"] > 0.99999, p
