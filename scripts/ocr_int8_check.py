@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""PP-OCRv4 after `edgepack quantize` with default settings, judged the way an app uses it, in onnxruntime.
+
+- rec: the text of each single-line image of shared/data/ocr (greedy CTC with the model's own character list),
+  fp32 against INT8: identical or not, and the characters that differ.
+- det: the probability map thresholded at 0.3 (RapidOCR's threshold) on each page: IoU of the text pixels and the
+  number of text row bands (MODELS.md's reference figure), fp32 against INT8.
+
+Calibration and the gate use the inputs scripts/quant_all.py uses (the four OCR images as lines for rec, two pages
+for det): shared/data/ocr holds four images only, so the images judged here are among the calibration inputs.
+Prints a markdown table; --md writes it into QUANTIZATION.md between the ocr-int8 markers.
+
+Usage: scripts/ocr_int8_check.py [--md QUANTIZATION.md]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+sys.path.insert(0, os.path.dirname(__file__))
+import mdtable  # noqa: E402
+import model_inputs as mi  # noqa: E402
+from quant_all import calibration_samples, edgepack_bin  # noqa: E402
+
+BEGIN, END = "<!-- ocr-int8:begin -->", "<!-- ocr-int8:end -->"
+
+
+def quantize(shared, model, tmp):
+    cdir = os.path.join(tmp, model + "_calib")
+    os.mkdir(cdir)
+    for i, feeds in enumerate(calibration_samples(shared, model)):
+        np.save(os.path.join(cdir, f"{i:03d}.npy"), next(iter(feeds.values())))
+    out = os.path.join(tmp, model.replace(".onnx", "_int8.onnx"))
+    r = subprocess.run([edgepack_bin(), "quantize", os.path.join(shared, "models", model), "--calib", cdir,
+                        "--holdout", "0", "--latency-runs", "0", "--json", "-o", out], capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{model}: {r.stderr.strip()}")
+    rep = json.loads(r.stdout)["report"]
+    return out, rep
+
+
+def session(path):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def ctc_text(probs, chars):
+    ids = probs[0].argmax(-1)
+    out, prev = [], 0
+    for i in ids:
+        if i != prev and i != 0:
+            out.append(chars[i - 1] if i - 1 < len(chars) else " ")
+        prev = i
+    return "".join(out)
+
+
+def bands(mask):
+    rows = mask.any(axis=1)
+    return int(np.sum(rows[1:] & ~rows[:-1]) + rows[0])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", default=mi.shared_dir())
+    ap.add_argument("--md")
+    a = ap.parse_args()
+    ocr = os.path.join(a.shared, "data", "ocr")
+    lines = ["| model | form written (default settings) | image | fp32 | INT8 | same |", "|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(a.shared, "models", "ppocrv4_rec.onnx")
+        q, rep = quantize(a.shared, "ppocrv4_rec.onnx", tmp)
+        meta = {p.key: p.value for p in onnx.load(src).metadata_props}
+        chars = meta["character"].split("\n")
+        form = f"{rep['method'].split(' ')[0]}, {100 * rep['size']['ratio']:.0f} % of fp32"
+        s32, s8 = session(src), session(q)
+        for f in ("en_rec.jpg", "text_cls.jpg"):
+            x = mi.ppocr_line_input(os.path.join(ocr, f), 48, 320, min_w=320)
+            t32, t8 = ctc_text(s32.run(None, {"x": x})[0], chars), ctc_text(s8.run(None, {"x": x})[0], chars)
+            print(json.dumps({"rec": f, "fp32": t32, "int8": t8}, ensure_ascii=False), flush=True)
+            lines.append(f"| ppocrv4_rec | {form} | {f} | {t32} | {t8} | {'yes' if t32 == t8 else 'no'} |")
+        src = os.path.join(a.shared, "models", "ppocrv4_det.onnx")
+        q, rep = quantize(a.shared, "ppocrv4_det.onnx", tmp)
+        form = f"{rep['method'].split(' ')[0]}, {100 * rep['size']['ratio']:.0f} % of fp32"
+        s32, s8 = session(src), session(q)
+        for f in ("ch_en_num.jpg", "en.jpg"):
+            x = mi.ppocr_det_input(os.path.join(ocr, f))
+            m32, m8 = s32.run(None, {"x": x})[0][0, 0] > 0.3, s8.run(None, {"x": x})[0][0, 0] > 0.3
+            iou = float((m32 & m8).sum() / max((m32 | m8).sum(), 1))
+            row = {"det": f, "bands_fp32": bands(m32), "bands_int8": bands(m8), "iou": iou}
+            print(json.dumps(row), flush=True)
+            lines.append(f"| ppocrv4_det | {form} | {f} | {row['bands_fp32']} text row bands | "
+                         f"{row['bands_int8']} bands, text-pixel IoU {iou:.3f} | "
+                         f"{'bands equal' if row['bands_fp32'] == row['bands_int8'] else 'no'} |")
+    table = "\n".join(lines)
+    print(table)
+    if a.md:
+        head = (f"`python3 scripts/ocr_int8_check.py --md {a.md}` — onnxruntime {ort.__version__} runs fp32 and the "
+                "INT8 file of `edgepack quantize` (default settings; calibration and gate on the inputs of "
+                "scripts/quant_all.py, which include these images: shared/data/ocr has four).")
+        mdtable.replace_between(a.md, BEGIN, END, f"{head}\n\n{table}")
+
+
+if __name__ == "__main__":
+    main()
