@@ -31,6 +31,25 @@ fn cosine(aa: f64, bb: f64, ab: f64, diff: f64) -> f64 {
     (ab / (aa.sqrt() * bb.sqrt())).clamp(-1.0, 1.0)
 }
 
+/// A class distribution from a classifier output: the values themselves when they already are one (non-negative,
+/// summing to 1), else their softmax.
+fn class_distribution(v: &[f32]) -> Vec<f64> {
+    let sum: f64 = v.iter().map(|&x| x as f64).sum();
+    if v.iter().all(|&x| x >= 0.0) && (sum - 1.0).abs() < 1e-3 {
+        return v.iter().map(|&x| x as f64 / sum).collect();
+    }
+    let m = v.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let e: Vec<f64> = v.iter().map(|&x| (x as f64 - m).exp()).collect();
+    let z: f64 = e.iter().sum();
+    e.into_iter().map(|x| x / z).collect()
+}
+
+/// KL(p‖q) of two classifier outputs' distributions, in nats (probabilities floored at 1e-12).
+fn class_kl(reference: &[f32], got: &[f32]) -> f64 {
+    let (p, q) = (class_distribution(reference), class_distribution(got));
+    p.iter().zip(&q).filter(|(a, _)| **a > 0.0).map(|(a, b)| a * (a / b.max(1e-12)).ln()).sum()
+}
+
 /// Quality of one model on the held-out samples.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Metrics {
@@ -44,6 +63,10 @@ pub struct Metrics {
     pub top5: Option<f64>,
     /// 95 % confidence intervals of the percentages above (Wilson score interval over `samples`).
     pub ci95: Intervals,
+    /// Classifiers: the mean KL divergence of the class distribution from fp32's (nats; logits go through a
+    /// softmax, probabilities are taken as they are). A smooth stand-in for agreement that a few samples resolve.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class_kl: Option<f64>,
     /// Each output on its own (empty for the fp32 reference itself).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<OutputFidelity>,
@@ -228,6 +251,7 @@ impl HeldOut {
     fn rescore_fp32(&mut self) {
         self.fp32 = self.score(&self.reference);
         self.fp32.output_sqnr_db = None;
+        self.fp32.class_kl = None;
         self.fp32.outputs.clear();
     }
 
@@ -293,6 +317,7 @@ impl HeldOut {
         // Per output: Σref², Σ(ref−q)², Σq², Σref·q.
         let mut per = vec![[0f64; 4]; self.output_names.len()];
         let mut agree = 0usize;
+        let mut kl = 0f64;
         let mut tally = crate::eval::TopK::default();
         for (k, o) in outs.iter().enumerate() {
             let r = &self.reference[k];
@@ -316,6 +341,7 @@ impl HeldOut {
             if let Some(c) = self.classes {
                 let (rc, oc) = (&r[..c.min(r.len())], &o[..c.min(o.len())]);
                 agree += (argmax(rc) == argmax(oc)) as usize;
+                kl += class_kl(rc, oc);
                 if let Some(l) = self.labels[k].filter(|&l| l < oc.len()) {
                     tally.add(Some(rank_of(oc, l)));
                 }
@@ -333,6 +359,7 @@ impl HeldOut {
             top1,
             top5,
             ci95: Intervals { top1_agreement: ci(top1_agreement), top1: ci(top1), top5: ci(top5) },
+            class_kl: self.classes.map(|_| kl / n.max(1) as f64),
             outputs: self
                 .output_names
                 .iter()

@@ -157,6 +157,9 @@ pub struct Sensitivity {
     pub op: String,
     /// dB; `null` = the output did not change.
     pub output_sqnr_db: Option<f64>,
+    /// Classifiers: mean KL divergence of the class distribution from fp32's, nats (exact method only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class_kl: Option<f64>,
 }
 
 fn quantize_excluding(
@@ -188,10 +191,23 @@ pub fn sensitivity(
         let (m, _) = quantize_excluding(model, ranges, cfg, &others)?;
         let s = Session::from_model(&m, opts)?;
         let metrics = held.evaluate(&s, Some(samples), |_, _| {})?;
-        out.push(Sensitivity { node: name.clone(), op: op.clone(), output_sqnr_db: metrics.output_sqnr_db });
+        out.push(Sensitivity {
+            node: name.clone(),
+            op: op.clone(),
+            output_sqnr_db: metrics.output_sqnr_db,
+            class_kl: metrics.class_kl,
+        });
         progress(i + 1, units.len());
     }
-    out.sort_by(|a, b| a.output_sqnr_db.unwrap_or(f64::INFINITY).total_cmp(&b.output_sqnr_db.unwrap_or(f64::INFINITY)));
+    // Classifiers: what moves the class distribution most first (agreement follows it; the logits' SQNR counts
+    // changes no answer depends on). Other models: the lowest output SQNR first.
+    if out.iter().all(|s| s.class_kl.is_some()) {
+        out.sort_by(|a, b| b.class_kl.unwrap_or(0.0).total_cmp(&a.class_kl.unwrap_or(0.0)));
+    } else {
+        out.sort_by(|a, b| {
+            a.output_sqnr_db.unwrap_or(f64::INFINITY).total_cmp(&b.output_sqnr_db.unwrap_or(f64::INFINITY))
+        });
+    }
     Ok(out)
 }
 
@@ -209,7 +225,10 @@ pub enum SensitivityMethod {
 impl SensitivityMethod {
     pub fn describe(self) -> &'static str {
         match self {
-            SensitivityMethod::Exact => "model output SQNR with the layer alone quantized (one pass per layer)",
+            SensitivityMethod::Exact => {
+                "model output SQNR with the layer alone quantized (one pass per layer; classifiers are ranked by the \
+                 KL divergence of their class distribution)"
+            }
             SensitivityMethod::Local => {
                 "the layer's own output SQNR with only its inputs and weights quantized (all layers in one pass)"
             }
@@ -370,6 +389,7 @@ pub fn local_sensitivity(
                 node: name.clone(),
                 op: by_node[name.as_str()].to_string(),
                 output_sqnr_db: crate::fidelity::sqnr_db(acc[i].0, acc[i].1),
+                class_kl: None,
             })
         })
         .collect();

@@ -190,7 +190,8 @@ def test_budget_search_report_and_a_budget_that_cannot_be_met(shared, binary, tm
     mnist = os.path.join(ROOT, "assets", "models", "mnist_cntk_opset8_simplified.onnx")
     out = tmp_path / "m.onnx"
     r = ep("quantize", mnist, "--calib", imgs, "--idx-labels", lbls, "--preset", "mnist", "--calib-limit", 50,
-           "--holdout", 100, "--budget", "sqnr=99", "--max-float-fraction", 0.4, "--sensitivity-samples", 4, "-o", out)
+           "--holdout", 100, "--budget", "sqnr=99", "--max-float-fraction", 0.4, "--sensitivity-samples", 4,
+           "--mode", "static", "-o", out)
     assert "budget output SQNR ≥ 99 dB: NOT met" in r.stdout and "warning: budget" in r.stderr
     rep = json.load(open(f"{out}.report.json"))
     b = rep["budget"]
