@@ -50,6 +50,14 @@ fn class_kl(reference: &[f32], got: &[f32]) -> f64 {
     p.iter().zip(&q).filter(|(a, _)| **a > 0.0).map(|(a, b)| a * (a / b.max(1e-12)).ln()).sum()
 }
 
+/// Adds Σref² and Σ(ref−q)² of `reference` against `got` to `acc` (the two sums [`sqnr_db`] takes).
+pub fn add_error(acc: &mut (f64, f64), reference: &[f32], got: &[f32]) {
+    for (&x, &y) in reference.iter().zip(got) {
+        acc.0 += (x as f64).powi(2);
+        acc.1 += (x as f64 - y as f64).powi(2);
+    }
+}
+
 /// Quality of one model on the held-out samples.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Metrics {
@@ -313,7 +321,6 @@ impl HeldOut {
 
     fn score(&self, outs: &[Vec<f32>]) -> Metrics {
         let n = outs.len();
-        let (mut sig, mut noise) = (0f64, 0f64);
         // Per output: Σref², Σ(ref−q)², Σq², Σref·q.
         let mut per = vec![[0f64; 4]; self.output_names.len()];
         let mut agree = 0usize;
@@ -334,10 +341,6 @@ impl HeldOut {
                 }
                 start = end;
             }
-            for (a, b) in r.iter().zip(o) {
-                sig += (*a as f64).powi(2);
-                noise += (*a as f64 - *b as f64).powi(2);
-            }
             if let Some(c) = self.classes {
                 let (rc, oc) = (&r[..c.min(r.len())], &o[..c.min(o.len())]);
                 agree += (argmax(rc) == argmax(oc)) as usize;
@@ -347,6 +350,8 @@ impl HeldOut {
                 }
             }
         }
+        // Over all outputs: the per-output sums pooled.
+        let (sig, noise) = per.iter().fold((0f64, 0f64), |(s, e), a| (s + a[0], e + a[1]));
         let pct = |x: usize| 100.0 * x as f64 / n.max(1) as f64;
         let labelled = self.classes.is_some() && self.labelled();
         let (top1_agreement, top1, top5) =
@@ -390,10 +395,7 @@ impl HeldOut {
             let a = fp32.run_values(self.input(k), &names)?;
             let b = q.run_values(self.input(k), &names)?;
             for (i, ((_, ta), (_, tb))) in a.iter().zip(&b).enumerate() {
-                for (x, y) in ta.to_f32_vec().iter().zip(tb.to_f32_vec()) {
-                    acc[i].0 += (*x as f64).powi(2);
-                    acc[i].1 += (*x as f64 - y as f64).powi(2);
-                }
+                add_error(&mut acc[i], &ta.to_f32_vec(), &tb.to_f32_vec());
             }
             progress(k + 1, n);
         }

@@ -204,11 +204,14 @@ pub fn sensitivity(
     if out.iter().all(|s| s.class_kl.is_some()) {
         out.sort_by(|a, b| b.class_kl.unwrap_or(0.0).total_cmp(&a.class_kl.unwrap_or(0.0)));
     } else {
-        out.sort_by(|a, b| {
-            a.output_sqnr_db.unwrap_or(f64::INFINITY).total_cmp(&b.output_sqnr_db.unwrap_or(f64::INFINITY))
-        });
+        sort_by_sqnr(&mut out);
     }
     Ok(out)
+}
+
+/// Most sensitive first: the lowest SQNR (an unchanged output, `None`, last).
+fn sort_by_sqnr(v: &mut [Sensitivity]) {
+    v.sort_by(|a, b| a.output_sqnr_db.unwrap_or(f64::INFINITY).total_cmp(&b.output_sqnr_db.unwrap_or(f64::INFINITY)));
 }
 
 /// How the per-layer sensitivities were measured.
@@ -365,11 +368,7 @@ pub fn local_sensitivity(
             for (i, pair) in vals.chunks(2).enumerate() {
                 let (a, b) = (pair[0].1.to_f32_vec(), pair[1].1.to_f32_vec());
                 bytes += 4 * (a.len() + b.len());
-                let e = &mut acc[at + i];
-                for (x, y) in a.iter().zip(&b) {
-                    e.0 += (*x as f64).powi(2);
-                    e.1 += (*x as f64 - *y as f64).powi(2);
-                }
+                crate::fidelity::add_error(&mut acc[at + i], &a, &b);
             }
             done += end - at;
             progress(done, total);
@@ -393,7 +392,7 @@ pub fn local_sensitivity(
             })
         })
         .collect();
-    out.sort_by(|a, b| a.output_sqnr_db.unwrap_or(f64::INFINITY).total_cmp(&b.output_sqnr_db.unwrap_or(f64::INFINITY)));
+    sort_by_sqnr(&mut out);
     Ok(out)
 }
 
