@@ -147,6 +147,51 @@ def run_model(key, args):
             "check": check}
 
 
+LOWBIT_BEGIN, LOWBIT_END = "<!-- pruning-lowbit:begin -->", "<!-- pruning-lowbit:end -->"
+
+
+def run_lowbit(key, args):
+    """Pruned + 4-bit weights: the unstructured model (pruned as `run_model` does, unless already there) and the
+    fp32 one through `edgepack quantize --weight-only 4` (the default gate), zstd bundles, top-1 on all images."""
+    title, fp32, preset, w, common = setup(key, args)
+    un = f"{w}/unstructured.onnx"
+    if not os.path.exists(un):
+        ep("prune", fp32, *common, "--method", "unstructured", "--scope", "global", "--budget", "top1-drop=1",
+           "--levels", 0.8, "--curve", "0.1,0.2,0.3,0.4,0.5,0.6,0.7", "--latency-runs", 0, "-o", un)
+    sparsity = json.load(open(un + ".prune.json"))["compute"]["sparsity"]
+    rows = []
+    fp32_bundle = f"{w}/fp32.edgepack"
+    ep("pack", fp32, "-o", fp32_bundle, "--preset", preset, "--main", "fp32:fp32", "--compress", "none")
+    base = top1_eval(fp32, preset)
+    for tag, label, src in [("int4", "4-bit weights", fp32), ("unstructured_int4", "unstructured + 4-bit weights", un)]:
+        q = f"{w}/{tag}.onnx"
+        rep = json.loads(ep("quantize", "--weight-only", 4, src, "--calib", DATA, "--preset", preset, "--calib-limit",
+                            100, "--holdout", 100, "--latency-runs", 0, "-o", q, "--json"))["report"]
+        out = f"{w}/{tag}.edgepack"
+        ep("pack", q, "-o", out, "--preset", preset, "--main", f"{tag.replace('_', '-')}:int4", "--compress", "zstd")
+        prec = [la["precision"] for la in rep["layers"]]
+        rows.append({"label": label, "bytes": os.path.getsize(out), "top1": top1_eval(out, preset),
+                     "layers": {p: prec.count(p) for p in ("int4", "int8", "fp32") if prec.count(p)},
+                     "budget": rep["budget"] and rep["budget"]["text"]})
+    return {"title": title, "fp32_bytes": os.path.getsize(fp32_bundle), "fp32_top1": base, "sparsity": sparsity,
+            "rows": rows}
+
+
+def md_lowbit(results):
+    L = ["Measured by `scripts/pruning.py --only lowbit`: `edgepack quantize --weight-only 4` with its default gate "
+         "(calibration on the first 100 images, the gate on the next 100), zstd bundles, top-1 by `edgepack eval` on "
+         "all 1000 images (the bundle as shipped: the loader unpacks the int4 weights).", "",
+         "| model | bundle | layers | bytes | of fp32 | top-1, 1000 images | drop |", "|---|---|---|---|---|---|---|"]
+    for r in results.values():
+        L.append(f"| {r['title']} | fp32 | | {r['fp32_bytes']} | 100.0% | {r['fp32_top1']:.1f} | |")
+        for x in r["rows"]:
+            layers = ", ".join(f"{n} {p}" for p, n in x["layers"].items())
+            what = x["label"].replace("unstructured", f"unstructured ({pct(r['sparsity'])} sparse)")
+            L.append(f"| {r['title']} | {what}, zstd | {layers} | {x['bytes']} | "
+                     f"{x['bytes'] / r['fp32_bytes']:.1%} | {x['top1']:.1f} | {r['fp32_top1'] - x['top1']:+.1f} pt |")
+    return "\n".join(L)
+
+
 def pct(x):
     return f"{100 * x:.1f} %"
 
@@ -231,7 +276,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--holdout", type=int, default=500)
     ap.add_argument("--latency-runs", type=int, default=200)
-    ap.add_argument("--only", choices=["structured"], help="rerun only this part; the rest from --work/results.json")
+    ap.add_argument("--only", choices=["structured", "lowbit"],
+                    help="rerun only this part (structured: the rest from --work/results.json; lowbit: the pruned + "
+                         "4-bit table, its own section)")
     ap.add_argument("--check-images", type=int, default=30)
     ap.add_argument("--models", default="efficientnet,squeezenet")
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/edgepack-pruning"))
@@ -242,6 +289,13 @@ def main():
         raise SystemExit(f"MISSING: {DATA} (the ImageNet sample is read from ../shared, never shipped)")
     cache = os.path.join(args.work, "results.json")
     os.makedirs(args.work, exist_ok=True)
+    if args.only == "lowbit":
+        low = {k: run_lowbit(k, args) for k in args.models.split(",")}
+        json.dump(low, open(os.path.join(args.work, "lowbit.json"), "w"), indent=1)
+        mdtable.replace_between(args.md, LOWBIT_BEGIN, LOWBIT_END, md_lowbit(low))
+        print(json.dumps(low, indent=1))
+        print(f"wrote {args.md}")
+        return
     results = json.load(open(cache)) if os.path.exists(cache) else {}
     if not args.cached_only:
         for k in args.models.split(","):

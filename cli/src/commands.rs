@@ -641,7 +641,7 @@ pub struct PackArgs {
     /// Detection: NMS IoU threshold
     #[arg(long, default_value_t = 0.3)]
     iou_threshold: f32,
-    /// Extra variant: ID=PATH[:PRECISION] (precision fp32, fp16, int8, mixed; default int8)
+    /// Extra variant: ID=PATH[:PRECISION] (precision fp32, fp16, int8, int4, mixed; default int8)
     #[arg(long = "variant", value_name = "ID=PATH[:PRECISION]")]
     variants: Vec<String>,
     /// Attach a report file (stored under reports/)
@@ -667,8 +667,9 @@ fn parse_precision(s: &str) -> Result<Precision> {
         "fp32" => Precision::Fp32,
         "fp16" => Precision::Fp16,
         "int8" => Precision::Int8,
+        "int4" => Precision::Int4,
         "mixed" => Precision::Mixed,
-        _ => bail!(Usage(format!("unknown precision `{s}` (fp32, fp16, int8, mixed)"))),
+        _ => bail!(Usage(format!("unknown precision `{s}` (fp32, fp16, int8, int4, mixed)"))),
     })
 }
 
@@ -713,7 +714,7 @@ pub fn pack(a: PackArgs) -> Result<()> {
         let (id, rest) =
             v.split_once('=').ok_or_else(|| Usage(format!("--variant expects ID=PATH[:PRECISION], got `{v}`")))?;
         let (path, prec) = match rest.rsplit_once(':') {
-            Some((p, pr)) if ["fp32", "fp16", "int8", "mixed"].contains(&pr) => (p, parse_precision(pr)?),
+            Some((p, pr)) if ["fp32", "fp16", "int8", "int4", "mixed"].contains(&pr) => (p, parse_precision(pr)?),
             _ => (rest, Precision::Int8),
         };
         let vb = std::fs::read(path).with_context(|| format!("reading {path}"))?;
@@ -971,6 +972,19 @@ pub struct QuantizeArgs {
     /// that misses the gate, dynamic too, keeping the closer of the two
     #[arg(long, default_value = "auto", value_parser = ["auto", "static", "dynamic"])]
     mode: String,
+    /// How weights become integers: nearest (round to nearest), gptq (each layer's rounding fitted to its
+    /// calibration inputs, error spread along the inverse input covariance), bias-correction (the mean output error
+    /// folded into the bias), gptq+bias-correction, or auto (nearest and gptq+bias-correction both, the one closer
+    /// to fp32 on the choosing samples kept)
+    #[arg(long, default_value = "auto", value_parser = ["auto", "nearest", "gptq", "bias-correction", "gptq+bias-correction"])]
+    rounding: String,
+    /// Weight-only quantization with this many bits (4 or 8): smaller weights, activations stay float (runs at
+    /// fp32 speed; for download size). 4-bit weights come in blocks of --block-size with one scale each
+    #[arg(long, value_name = "BITS", value_parser = ["4", "8"])]
+    weight_only: Option<String>,
+    /// With --weight-only 4: weights per scale (a channel shorter than this, or not a multiple, gets int8)
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(2..=4096))]
+    block_size: u32,
     /// Output INT8 ONNX file
     #[arg(short, long)]
     out: PathBuf,
@@ -1228,6 +1242,9 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&a.max_float_fraction) {
         bail!(Usage("--max-float-fraction must be within 0..1".into()));
     }
+    if a.weight_only.is_some() && a.mode == "dynamic" {
+        bail!(Usage("--weight-only keeps activations float; it does not combine with --mode dynamic".into()));
+    }
     check_job_outputs(&a.out, a.report.as_deref(), ".report.json")?;
     let opts = session_options(&a.load)?;
     let (s, model, fp32_bytes) = open_with_graph(&a.model, &opts)?;
@@ -1252,7 +1269,9 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         held_out: Some(sets.held_out()),
         pre: pre.as_ref(),
         method,
-        method_name: if a.mode == "dynamic" {
+        method_name: if let Some(b) = &a.weight_only {
+            format!("weight-only int{b} (activations float)")
+        } else if a.mode == "dynamic" {
             "dynamic (each call's own range)".into()
         } else if a.method == "percentile" {
             format!("percentile {}", a.percentile)
@@ -1266,6 +1285,20 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             dynamic: a.mode == "dynamic",
             signed_activations: a.activation_type == "s8",
             symmetric_activations: a.symmetric_activations,
+            refiner: None,
+            wider: vec![],
+            weight_only: a.weight_only.as_deref().map(|b| edgepack_quantize::weight_only::WeightOnly {
+                bits: if b == "4" { 4 } else { 8 },
+                group: a.block_size as usize,
+            }),
+        },
+        rounding: match a.rounding.as_str() {
+            "nearest" => pipeline::Rounding::Nearest,
+            "auto" => pipeline::Rounding::Auto,
+            r => pipeline::Rounding::Fitted(edgepack_quantize::rounding::Methods {
+                gptq: r.starts_with("gptq"),
+                bias_correction: r.ends_with("bias-correction"),
+            }),
         },
         budget,
         sensitivity_method,
@@ -1275,7 +1308,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         latency_runs: a.latency_runs,
         always_sensitivity: a.sensitivity,
         speed_gate: a.speed_gate,
-        try_dynamic: a.mode == "auto",
+        try_dynamic: a.mode == "auto" && a.weight_only.is_none(),
         session: opts.clone(),
         held_out_max_bytes: 1 << 30,
     };

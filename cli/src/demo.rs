@@ -78,6 +78,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         always_sensitivity: false,
         speed_gate: false,
         try_dynamic: false,
+        rounding: edgepack_quantize::pipeline::Rounding::Nearest,
         session: SessionOptions { threads: a.threads, ..Default::default() },
         held_out_max_bytes: 1 << 28,
     };

@@ -169,7 +169,12 @@ fn quantize_excluding(
     extra: &[String],
 ) -> Result<(Model, QdqSummary), CalibError> {
     let mut c = cfg.clone();
-    c.exclude.extend(extra.iter().cloned());
+    // In 4-bit weight-only quantization the fallback of a sensitive layer is 8-bit weights, not fp32.
+    if c.weight_only.is_some_and(|w| w.bits == 4) {
+        c.wider.extend(extra.iter().cloned());
+    } else {
+        c.exclude.extend(extra.iter().cloned());
+    }
     qdq::quantize(model, ranges, &c).map_err(|e| CalibError::Invalid(e.to_string()))
 }
 

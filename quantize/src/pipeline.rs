@@ -14,7 +14,8 @@ use crate::data::Dataset;
 use crate::fidelity::{self, HeldOut};
 use crate::mixed::{self, Budget, Probe, SensitivityMethod};
 use crate::qdq::{self, QdqConfig};
-use crate::report::{BudgetOutcome, Latency, Layer, Preparation, Report, SampleInfo, Size};
+use crate::report::{BudgetOutcome, Latency, Layer, Preparation, Report, RoundingChoice, SampleInfo, Size};
+use crate::rounding::{Methods, Refiner};
 
 /// Estimated seconds up to which the automatic choice measures sensitivities exactly (one pass per layer).
 pub const EXACT_SENSITIVITY_SECS: f64 = 120.0;
@@ -72,10 +73,27 @@ pub struct Job<'a> {
     pub speed_gate: bool,
     /// When static INT8 misses the gate, try dynamic quantization and keep the better (see [`run`]).
     pub try_dynamic: bool,
+    /// How weights are rounded (see [`crate::rounding`]).
+    pub rounding: Rounding,
     pub session: SessionOptions,
     /// Memory cap for cached held-out inputs and fp32 outputs.
     pub held_out_max_bytes: usize,
 }
+
+/// How a job rounds weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rounding {
+    /// Round to nearest.
+    Nearest,
+    /// Fitted to the calibration inputs with these methods.
+    Fitted(Methods),
+    /// Nearest, bias correction and GPTQ + bias correction, the one closest to the fp32 model on the choosing
+    /// samples kept.
+    Auto,
+}
+
+/// Calibration samples the rounding statistics are gathered on (at most).
+const ROUNDING_SAMPLES: usize = 64;
 
 /// What the job is doing, for progress bars.
 pub enum Event {
@@ -152,7 +170,8 @@ pub fn unknown_excludes(model: &Model, exclude: &[String]) -> (Vec<String>, Vec<
 pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), CalibError> {
     let (q, report) = run_once(job, on)?;
     let missed = report.budget.as_ref().filter(|b| !b.met).map(|b| (b.budget, b.reached));
-    let Some((gate, reached)) = missed.filter(|_| job.try_dynamic && !job.cfg.dynamic) else {
+    let Some((gate, reached)) = missed.filter(|_| job.try_dynamic && !job.cfg.dynamic && job.cfg.weight_only.is_none())
+    else {
         return Ok((q, report));
     };
     let mut cfg = job.cfg.clone();
@@ -208,21 +227,28 @@ fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cal
         if nodes.is_empty() { String::new() } else { format!("; per node: {}", fmt_map(&nodes)) }
     };
     let values = qdq::activations_to_calibrate(&model, &job.cfg);
+    if job.cfg.weight_only.is_some() && qdq::quantizable_nodes(&model, &job.cfg).is_empty() {
+        return Err(CalibError::Unsupported(format!(
+            "nothing to quantize: no Conv/Gemm/MatMul with a constant f32 weight{}",
+            per_node()
+        )));
+    }
     if job.cfg.dynamic && qdq::quantizable_nodes(&model, &job.cfg).is_empty() {
         return Err(CalibError::Unsupported(format!(
             "nothing to quantize dynamically: no MatMul/Gemm with a constant weight, no LSTM/GRU/RNN{}",
             per_node()
         )));
     }
-    if values.is_empty() && !job.cfg.dynamic {
+    if values.is_empty() && !job.cfg.dynamic && job.cfg.weight_only.is_none() {
         return Err(CalibError::Unsupported(format!(
             "nothing to quantize: no Conv/Gemm/MatMul/Add/Concat/pool of the main graph reads a float activation{}",
             per_node()
         )));
     }
     let passes = if job.method.needs_histogram() { 2 } else { 1 };
-    // Dynamic quantization measures each call's range itself: nothing to calibrate.
-    let ranges = if job.cfg.dynamic {
+    // Dynamic quantization measures each call's range itself, weight-only leaves activations float: nothing to
+    // calibrate.
+    let ranges = if job.cfg.dynamic || job.cfg.weight_only.is_some() {
         HashMap::new()
     } else {
         on(Event::Stage("calibrate", job.calib.range.len() * passes));
@@ -274,7 +300,12 @@ fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cal
     let (mut full, mut full_summary) =
         qdq::quantize(&model, &ranges, &cfg).map_err(|e| CalibError::Invalid(e.to_string()))?;
     // The runtime's view: quantized layers without an integer kernel run slower than in fp32.
-    let slow = edgepack_runtime::onnx::qdq_kernels::layers_without_int8_kernel(&full);
+    // (Weight-only layers run in float by design.)
+    let slow = if cfg.weight_only.is_some() {
+        vec![]
+    } else {
+        edgepack_runtime::onnx::qdq_kernels::layers_without_int8_kernel(&full)
+    };
     let gated: HashMap<String, String> = if job.speed_gate { slow.iter().cloned().collect() } else { HashMap::new() };
     if !slow.is_empty() {
         let names: Vec<&str> = slow.iter().map(|(n, _)| n.as_str()).collect();
@@ -292,10 +323,69 @@ fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cal
         cfg.exclude.extend(gated.keys().cloned());
         (full, full_summary) = qdq::quantize(&model, &ranges, &cfg).map_err(|e| CalibError::Invalid(e.to_string()))?;
     }
-    let job_cfg = cfg;
-    let units = qdq::quantizable_nodes(&model, &job_cfg);
+    let units = qdq::quantizable_nodes(&model, &cfg);
     on(Event::Stage("evaluate int8", select.len()));
-    let full_metrics = select.evaluate(&Session::from_model(&full, &job.session)?, None, |d, _| on(Event::Step(d)))?;
+    let mut full_metrics =
+        select.evaluate(&Session::from_model(&full, &job.session)?, None, |d, _| on(Event::Step(d)))?;
+    // Weight rounding fitted to the calibration inputs: kept when asked, or (auto) when it brings the model closer
+    // to fp32 on the choosing samples than round-to-nearest does.
+    let mut rounding = RoundingChoice { used: Methods { gptq: false, bias_correction: false }, compared: vec![] };
+    let (bc, gptq_bc) = (Methods { gptq: false, bias_correction: true }, Methods { gptq: true, bias_correction: true });
+    let candidates: Vec<Methods> = match job.rounding {
+        // (The dynamic pass rounds its weights to nearest: no calibrated inputs to fit.)
+        _ if cfg.dynamic => vec![],
+        Rounding::Nearest => vec![],
+        Rounding::Fitted(m) => vec![m],
+        Rounding::Auto => vec![bc, gptq_bc],
+    };
+    if !candidates.is_empty() {
+        let n = job.calib.range.len().min(ROUNDING_SAMPLES);
+        on(Event::Stage("rounding statistics", n));
+        let names: Vec<String> = units.iter().map(|(n, _)| n.clone()).collect();
+        let stats = Refiner::collect(
+            &model,
+            &fp32,
+            &names,
+            job.calib.data,
+            job.calib.range.start..job.calib.range.start + n,
+            job.pre,
+            candidates[0],
+            |d, _| on(Event::Step(d)),
+        )?;
+        // Judged by the gate's own measure (or the output SQNR without a gate), ties by the output SQNR; on equal
+        // terms the simpler rounding stays.
+        let score = |m: &fidelity::Metrics| match gate {
+            Some(b) => (b.value(&select.fp32, m), m.output_sqnr_db.unwrap_or(f64::INFINITY)),
+            None => (m.output_sqnr_db.unwrap_or(f64::INFINITY), 0.0),
+        };
+        let better = |a: (f64, f64), b: (f64, f64)| match gate {
+            Some(g) if a.0 != b.0 => g.better(a.0, b.0),
+            _ if a.0 != b.0 => a.0 > b.0,
+            _ => a.1 > b.1,
+        };
+        let mut best = score(&full_metrics);
+        rounding.compared.push(("nearest".into(), best.0));
+        let forced = matches!(job.rounding, Rounding::Fitted(_));
+        for methods in candidates {
+            let mut fcfg = cfg.clone();
+            fcfg.refiner = Some(std::sync::Arc::new(stats.with_methods(methods)));
+            on(Event::Stage("fit weights", 0));
+            let (fm, fs) = qdq::quantize(&model, &ranges, &fcfg).map_err(|e| CalibError::Invalid(e.to_string()))?;
+            on(Event::Stage("evaluate fitted weights", select.len()));
+            let f_metrics =
+                select.evaluate(&Session::from_model(&fm, &job.session)?, None, |d, _| on(Event::Step(d)))?;
+            let s = score(&f_metrics);
+            rounding.compared.push((methods.to_string(), s.0));
+            on(Event::Note(format!("  weights {methods}: {:.3} (best so far {:.3})", s.0, best.0)));
+            if forced || better(s, best) {
+                best = s;
+                rounding.used = methods;
+                cfg = fcfg;
+                (full, full_summary, full_metrics) = (fm, fs, f_metrics);
+            }
+        }
+    }
+    let job_cfg = cfg;
     let mut sens: Vec<mixed::Sensitivity> = Vec::new();
     let need_search = gate.is_some_and(|b| !b.met(b.value(&select.fp32, &full_metrics)));
     let n_sens = job.sensitivity_samples.max(1).min(select.len());
@@ -303,8 +393,9 @@ fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cal
     // one-pass local measure takes over.
     let exact_secs = units.len() as f64 * n_sens as f64 * select.fp32_run_secs * 1.5;
     // The one-pass probe reads QDQ pairs: dynamic models are measured exactly.
-    let sens_method = job.sensitivity_method.filter(|_| !job_cfg.dynamic).unwrap_or(
-        if exact_secs <= EXACT_SENSITIVITY_SECS || job_cfg.dynamic {
+    let no_qdq_pairs = job_cfg.dynamic || job_cfg.weight_only.is_some();
+    let sens_method = job.sensitivity_method.filter(|_| !no_qdq_pairs).unwrap_or(
+        if exact_secs <= EXACT_SENSITIVITY_SECS || no_qdq_pairs {
             SensitivityMethod::Exact
         } else {
             SensitivityMethod::Local
@@ -345,8 +436,9 @@ fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cal
             let r =
                 mixed::search(&model, &ranges, &job_cfg, &job.session, &select, b, &order, max_float, first, |p| {
                     on(Event::Note(format!(
-                        "  {} node(s) in fp32: {:.3} ({})",
+                        "  {} node(s) {}: {:.3} ({})",
                         p.float_nodes,
+                        if job_cfg.weight_only.is_some_and(|w| w.bits == 4) { "at 8 bits" } else { "in fp32" },
                         p.value,
                         if p.met { "meets the budget" } else { "misses" }
                     )))
@@ -459,7 +551,8 @@ fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cal
             let fp = summary.excluded.iter().any(|e| e == name);
             let reason = if search_float.contains(name) {
                 let rank = sens.iter().position(|s| &s.node == name).map(|r| r + 1).unwrap_or(0);
-                Some(format!("kept fp32 by the budget search (sensitivity rank {rank} of {})", sens.len()))
+                let kept = if job.cfg.weight_only.is_some_and(|w| w.bits == 4) { "at 8 bits" } else { "fp32" };
+                Some(format!("kept {kept} by the budget search (sensitivity rank {rank} of {})", sens.len()))
             } else if let Some(why) = gated.get(name) {
                 Some(format!("speed gate: no integer kernel ({why})"))
             } else if fp && !job.cfg.op_types.is_empty() && !job.cfg.op_types.iter().any(|t| t == op) {
@@ -473,7 +566,14 @@ fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cal
             Layer {
                 node: name.clone(),
                 op: op.clone(),
-                precision: if int8 { "int8" } else { "fp32" }.into(),
+                precision: if summary.int4_weights.contains(name) {
+                    "int4"
+                } else if int8 {
+                    "int8"
+                } else {
+                    "fp32"
+                }
+                .into(),
                 reason,
                 sqnr_db: *sq,
                 sensitivity_db: sens_of.get(name.as_str()).copied().flatten(),
@@ -495,6 +595,8 @@ fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cal
         held_out: info(if judge.is_some() { select.len() } else { 0 }, held.len(), held.labelled()),
         selection: selection_info,
         sensitivity_method: (!sens.is_empty()).then_some(sens_method),
+        rounding,
+        weight_only: job.cfg.weight_only,
         recurrent_state: crate::feeds::Feeds::of(&fp32).describe(),
         preparation: Preparation { opset_upgrade: upgrade, folded_batchnorm, named_nodes, constants },
         fp32: held.fp32.clone(),

@@ -36,6 +36,13 @@ pub struct QdqConfig {
     pub signed_activations: bool,
     /// Activation ranges symmetric around 0 (zero point 128 for uint8, 0 for int8).
     pub symmetric_activations: bool,
+    /// Weight rounding fitted to calibration inputs (GPTQ, bias correction); `None`: round to nearest.
+    pub refiner: Option<std::sync::Arc<crate::rounding::Refiner>>,
+    /// Weight-only quantization ([`crate::weight_only`]): low-bit weights, activations stay float.
+    pub weight_only: Option<crate::weight_only::WeightOnly>,
+    /// Nodes a 4-bit weight-only pass keeps at 8 bits (where the mixed-precision search puts the sensitive layers
+    /// in that mode: their size stays small).
+    pub wider: Vec<String>,
 }
 
 /// An activation's quantization: scale, zero point and ONNX element type (2 = uint8, 3 = int8), widened to hold 0.
@@ -81,6 +88,8 @@ pub struct QdqSummary {
     pub excluded: Vec<String>,
     /// `Max(x, -f32::MAX)` guards placed in front of fp32 Conv/Gemm nodes (see `quantize`).
     pub fp32_guards: usize,
+    /// Nodes whose weights are 4-bit (weight-only; the others of `quantized_weights` are int8).
+    pub int4_weights: Vec<String>,
 }
 
 /// Compute-heavy ops this pass leaves in float, with the reason the report gives.
@@ -106,6 +115,9 @@ pub fn quantizable_nodes(model: &Model, cfg: &QdqConfig) -> Vec<(String, String)
     if cfg.dynamic {
         return crate::dynamic::quantizable_nodes(model, cfg);
     }
+    if cfg.weight_only.is_some() {
+        return crate::weight_only::quantizable_nodes(model, cfg);
+    }
     let acts: HashSet<String> = activations_to_calibrate(model, cfg).into_iter().collect();
     model
         .graph
@@ -129,7 +141,7 @@ fn excluded(cfg: &QdqConfig, n: &NodeProto) -> bool {
 
 /// The float activations whose ranges the pass needs (inputs of quantizable ops that are not initializers).
 pub fn activations_to_calibrate(model: &Model, cfg: &QdqConfig) -> Vec<String> {
-    if cfg.dynamic {
+    if cfg.dynamic || cfg.weight_only.is_some() {
         return vec![];
     }
     let inits: HashSet<&str> = model.graph.initializers.iter().filter_map(|t| t.name.as_deref()).collect();
@@ -220,6 +232,9 @@ pub fn quantize(
     }
     if cfg.dynamic {
         return crate::dynamic::quantize(model, cfg);
+    }
+    if let Some(wo) = cfg.weight_only {
+        return crate::weight_only::quantize(model, cfg, wo);
     }
     let mut m = model.clone();
     let mut summary = QdqSummary::default();
@@ -313,8 +328,16 @@ pub fn quantize(
                         .and_then(|b| inits.get(b))
                         .and_then(tensor_f32_values)
                         .map(|bv| bv.iter().map(|b| b.abs() / (x_scale * BIAS_LIMIT)).collect());
-                    let (q, scales) =
+                    let (mut q, scales) =
                         quantize_weights(&data, &w.dims, axis, cfg.per_tensor_weights, min_scale.as_deref());
+                    // Rounding fitted to the calibration inputs, at the same scales.
+                    let inner: usize = w.dims[axis + 1..].iter().product::<i64>() as usize;
+                    let channels = w.dims[axis] as usize;
+                    let scale_of = |i: usize| scales[if scales.len() == 1 { 0 } else { (i / inner) % channels }];
+                    let refined = cfg.refiner.as_ref().and_then(|r| r.refine(n.name(), &data, &scale_of, -127, 127));
+                    if let Some(r) = &refined {
+                        q.clone_from(&r.q);
+                    }
                     let wname = sanitize(w.name.as_deref().unwrap_or("w"));
                     let (qn, sn, zn, dqn) = (
                         m.graph.unique_name(&format!("{wname}_quantized")),
@@ -331,9 +354,29 @@ pub fn quantize(
                     new_nodes
                         .push((i, node("DequantizeLinear", &format!("{dqn}_node"), &[&qn, &sn, &zn], &[&dqn], attrs)));
                     rewired.input[1] = dqn;
-                    // Bias: int32 at scale s_x * s_w[c].
-                    if let Some(b) = n.input.get(2).and_then(|b| inits.get(b)).filter(|b| b.dims.len() == 1)
-                        && let Some(bv) = tensor_f32_values(b)
+                    // Bias (corrected for the weights' mean error when refined; a Conv or Gemm without one gets
+                    // one then): int32 at scale s_x * s_w[c].
+                    let delta = refined.as_ref().map(|r| r.bias_delta.clone()).filter(|d| d.iter().any(|v| *v != 0.0));
+                    let given = n.input.get(2).filter(|b| !b.is_empty()).map(|b| {
+                        inits
+                            .get(b)
+                            .filter(|b| b.dims.len() == 1)
+                            .and_then(|b| Some((sanitize(b.name.as_deref().unwrap_or("bias")), tensor_f32_values(b)?)))
+                    });
+                    let beta = n.attr_f("beta").unwrap_or(1.0);
+                    let bias: Option<(String, Vec<f32>)> = match (given, delta) {
+                        (Some(Some((name, mut bv))), Some(d)) if bv.len() == d.len() => {
+                            let per = if n.op() == "Gemm" { beta } else { 1.0 };
+                            bv.iter_mut().zip(&d).for_each(|(b, d)| *b += d / per);
+                            Some((name, bv))
+                        }
+                        (Some(b), _) => b,
+                        (None, Some(d)) if n.op() == "Conv" || (n.op() == "Gemm" && beta != 0.0) => {
+                            Some((format!("{}_bias", sanitize(n.name())), d.iter().map(|v| v / beta).collect()))
+                        }
+                        (None, _) => None,
+                    };
+                    if let Some((bname, bv)) = bias
                         && (bv.len() == scales.len() || scales.len() == 1)
                     {
                         let bs: Vec<f32> =
@@ -343,14 +386,14 @@ pub fn quantize(
                             .zip(&bs)
                             .map(|(&v, &s)| (v / s).round().clamp(i32::MIN as f32, i32::MAX as f32) as i32)
                             .collect();
-                        let bname = sanitize(b.name.as_deref().unwrap_or("bias"));
                         let (bqn, bsn, bdq) = (
                             m.graph.unique_name(&format!("{bname}_quantized")),
                             m.graph.unique_name(&format!("{bname}_scale")),
                             m.graph.unique_name(&format!("{bname}_dequantized")),
                         );
-                        new_inits.push(tensor_raw(&bqn, &b.dims, 6, bq.iter().flat_map(|v| v.to_le_bytes()).collect()));
-                        new_inits.push(tensor_f32(&bsn, &b.dims, &bs));
+                        let bdims = [bv.len() as i64];
+                        new_inits.push(tensor_raw(&bqn, &bdims, 6, bq.iter().flat_map(|v| v.to_le_bytes()).collect()));
+                        new_inits.push(tensor_f32(&bsn, &bdims, &bs));
                         // No zero point: it is optional and 0 for int32 bias (saves 4 bytes per channel).
                         new_nodes.push((
                             i,
@@ -362,6 +405,9 @@ pub fn quantize(
                                 vec![attr_int("axis", 0)],
                             ),
                         ));
+                        if rewired.input.len() < 3 {
+                            rewired.input.resize(3, String::new());
+                        }
                         rewired.input[2] = bdq;
                     }
                     summary.quantized_weights.push(n.name().to_string());

@@ -75,6 +75,14 @@ pub struct Layer {
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
+pub struct RoundingChoice {
+    pub used: crate::rounding::Methods,
+    /// (rounding, value of the gate's measure, or the output SQNR without a gate) for each rounding tried.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub compared: Vec<(String, f64)>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
     pub model: String,
     pub output: String,
@@ -89,6 +97,11 @@ pub struct Report {
     pub recurrent_state: Vec<String>,
     /// How the layer sensitivities were measured, when they were.
     pub sensitivity_method: Option<crate::mixed::SensitivityMethod>,
+    /// How the weights were rounded, and what each rounding reached on the choosing samples when compared.
+    pub rounding: RoundingChoice,
+    /// Weight-only quantization (bits, block size), when used: activations stay float.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight_only: Option<crate::weight_only::WeightOnly>,
     pub preparation: Preparation,
     pub fp32: Metrics,
     pub int8: Metrics,
@@ -151,8 +164,9 @@ impl Report {
         if self.layer_sqnr_measured { db(l.sqnr_db) } else { "-".into() }
     }
 
+    /// Layers with integer weights (int8 or int4).
     pub fn int8_layers(&self) -> usize {
-        self.layers.iter().filter(|l| l.precision == "int8").count()
+        self.layers.iter().filter(|l| l.precision != "fp32").count()
     }
 
     /// Summary lines for a terminal, then one row per layer (`all_layers`) or the fp32 and worst ten.
@@ -217,6 +231,29 @@ impl Report {
         if let Some(m) = self.sensitivity_method {
             let _ = writeln!(s, "sensitivity: {}", m.describe());
         }
+        if let Some(w) = self.weight_only {
+            let _ = writeln!(
+                s,
+                "weight-only: {}-bit weights{}, activations float",
+                w.bits,
+                if w.bits == 4 {
+                    format!(" in blocks of {} (int8 per channel where a channel is shorter)", w.group)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        let compared: Vec<String> = self.rounding.compared.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
+        let _ = writeln!(
+            s,
+            "weight rounding: {}{}",
+            self.rounding.used,
+            if compared.is_empty() {
+                String::new()
+            } else {
+                format!(" (on the choosing samples: {})", compared.join(", "))
+            }
+        );
         if !self.recurrent_state.is_empty() {
             let _ = writeln!(
                 s,
@@ -224,10 +261,17 @@ impl Report {
                 self.recurrent_state.join(", ")
             );
         }
-        let _ = writeln!(s, "layers: {} int8, {} fp32", self.int8_layers(), self.layers.len() - self.int8_layers());
+        let int4 = self.layers.iter().filter(|l| l.precision == "int4").count();
+        let _ = writeln!(
+            s,
+            "layers: {}{} int8, {} fp32",
+            if int4 > 0 { format!("{int4} int4, ") } else { String::new() },
+            self.int8_layers() - int4,
+            self.layers.len() - self.int8_layers()
+        );
         let mut rows: Vec<&Layer> = self.layers.iter().collect();
         if !all_layers {
-            let mut worst: Vec<&Layer> = self.layers.iter().filter(|l| l.precision == "int8").collect();
+            let mut worst: Vec<&Layer> = self.layers.iter().filter(|l| l.precision != "fp32").collect();
             worst.sort_by(|a, b| a.sqnr_db.unwrap_or(f64::INFINITY).total_cmp(&b.sqnr_db.unwrap_or(f64::INFINITY)));
             worst.truncate(10);
             rows = self
@@ -259,7 +303,7 @@ impl Report {
                 l.op,
                 l.precision,
                 self.layer_db(l),
-                if l.sensitivity_db.is_some() || l.precision == "int8" { opt(l.sensitivity_db, 1) } else { "-".into() },
+                if l.sensitivity_db.is_some() || l.precision != "fp32" { opt(l.sensitivity_db, 1) } else { "-".into() },
                 l.reason.as_deref().unwrap_or("")
             );
         }
@@ -345,7 +389,7 @@ impl Report {
         }
         let _ = write!(
             h,
-            "<tr><td>layers int8 / fp32</td><td></td><td>{} / {}</td></tr></table>",
+            "<tr><td>layers integer / fp32</td><td></td><td>{} / {}</td></tr></table>",
             self.int8_layers(),
             self.layers.len() - self.int8_layers()
         );

@@ -318,9 +318,14 @@ impl Session {
     /// Loads a checked model on the backend chosen by `opts.device`.
     pub fn from_model(model: &Model, opts: &SessionOptions) -> Result<Session> {
         let freed;
-        let model = if opts.free_batch {
+        let low_bit = model.graph.initializers.iter().any(|t| matches!(t.data_type, Some(21 | 22)));
+        let model = if opts.free_batch || low_bit {
             let mut m = model.clone();
-            m.graph.free_batch_dim();
+            if opts.free_batch {
+                m.graph.free_batch_dim();
+            }
+            // 4-bit weights are unpacked to f32 once here: no backend carries a 4-bit type.
+            m.graph.fold_low_bit_weights();
             freed = m;
             &freed
         } else {

@@ -53,6 +53,8 @@ pub enum Precision {
     Fp32,
     Fp16,
     Int8,
+    // 4-bit weights (int8 where a layer needs it), float activations: `edgepack quantize --weight-only 4`.
+    Int4,
     Mixed,
 }
 
@@ -66,12 +68,13 @@ pub enum Task {
 }
 
 impl Precision {
-    /// The manifest's word for it: "fp32", "fp16", "int8", "mixed".
+    /// The manifest's word for it: "fp32", "fp16", "int8", "int4", "mixed".
     pub fn as_str(self) -> &'static str {
         match self {
             Precision::Fp32 => "fp32",
             Precision::Fp16 => "fp16",
             Precision::Int8 => "int8",
+            Precision::Int4 => "int4",
             Precision::Mixed => "mixed",
         }
     }

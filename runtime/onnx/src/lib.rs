@@ -573,6 +573,16 @@ fn check_tensor(t: &TensorProto) -> Result<()> {
     if code == 8 {
         return Ok(()); // strings: counted by string_data
     }
+    // 4-bit integers (uint4 21, int4 22): two per byte, raw storage only (unpacked by `fold_low_bit_weights`).
+    if code == 21 || code == 22 {
+        let need = count.div_ceil(2);
+        return match &t.raw_data {
+            Some(raw) if raw.len() as u64 == need => Ok(()),
+            Some(raw) => bad(format!("dims {:?} need {need} packed 4-bit bytes, raw_data holds {}", t.dims, raw.len())),
+            None if t.int32_data.len() as u64 == need => Ok(()),
+            None => bad(format!("dims {:?} need {need} packed 4-bit values", t.dims)),
+        };
+    }
     let Some(size) = onnx_elem_size(code) else {
         return bad(format!("unknown data type {code}"));
     };

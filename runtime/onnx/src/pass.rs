@@ -111,6 +111,18 @@ impl Pass for TopoSort {
     }
 }
 
+/// 4-bit weights unpacked to f32 initializers (see [`crate::Graph::fold_low_bit_weights`]).
+pub struct FoldLowBitWeights;
+
+impl Pass for FoldLowBitWeights {
+    fn name(&self) -> &'static str {
+        "fold-low-bit-weights"
+    }
+    fn run(&self, model: &mut Model) -> Result<usize> {
+        Ok(model.graph.fold_low_bit_weights())
+    }
+}
+
 /// The preparation every offline tool gives a model before calibrating or pruning it: opset 13, named nodes,
 /// constants as initializers, nodes sorted.
 pub const PREPARE: &[&dyn Pass] = &[&UpgradeOpset(13), &NameNodes, &ConstantsToInitializers, &TopoSort];

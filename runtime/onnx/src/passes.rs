@@ -1,6 +1,9 @@
 //! Small rewrite passes over [`Graph`] that several consumers need (quantize, the GPU lowering):
 //! - [`Graph::name_unnamed_nodes`]: every node gets a unique name, so reports and `--exclude` can point at it;
-//! - [`Graph::fold_batchnorm`]: inference BatchNormalization after a Conv is folded into the Conv's weights and bias.
+//! - [`Graph::fold_batchnorm`]: inference BatchNormalization after a Conv is folded into the Conv's weights and bias;
+//! - [`Graph::fold_low_bit_weights`]: 4-bit weights (`DequantizeLinear` of a constant int4/uint4, any domain, and
+//!   the `Cast` to float and `Reshape` after it) unpacked once to f32 initializers, so no backend needs a 4-bit
+//!   type.
 //!
 //! Each pass keeps the graph's results (up to float rounding) and its value names, except the values it removes.
 use std::collections::HashSet;
@@ -283,5 +286,173 @@ impl Graph {
             }
         }
         t
+    }
+}
+
+/// The integers of a packed 4-bit tensor (uint4 21, int4 22; the first value in the low nibble).
+pub fn unpack_4bit(t: &TensorProto) -> Option<Vec<i32>> {
+    let signed = match t.data_type {
+        Some(22) => true,
+        Some(21) => false,
+        _ => return None,
+    };
+    let n: i64 = t.dims.iter().product();
+    let bytes: Vec<u8> = match &t.raw_data {
+        Some(raw) => raw.clone(),
+        None => t.int32_data.iter().map(|&v| v as u8).collect(),
+    };
+    if bytes.len() as i64 != (n + 1) / 2 {
+        return None;
+    }
+    let nib = |b: u8| if signed { ((b << 4) as i8 >> 4) as i32 } else { b as i32 };
+    Some((0..n as usize).map(|i| nib(if i % 2 == 0 { bytes[i / 2] & 0xF } else { bytes[i / 2] >> 4 })).collect())
+}
+
+impl Graph {
+    /// Unpacks 4-bit weights: every `DequantizeLinear` (default or `com.microsoft` domain) of a constant int4/uint4
+    /// tensor (and of a constant int8/uint8 one when the graph quantizes no activation: weight-only quantization) with constant f32 or float16 scales (per tensor, per axis or blocked) becomes an f32 initializer, and
+    /// a `Cast` to float or a `Reshape` by a constant shape of such a value is folded too. Returns how many nodes were folded.
+    pub fn fold_low_bit_weights(&mut self) -> usize {
+        // A graph that quantizes no activation (weight-only quantization) has its 8-bit weights unpacked too: every
+        // consumer runs in float anyway, and the float kernels want plain f32 weights.
+        let weight_only = !self.nodes.iter().any(|n| matches!(n.op(), "QuantizeLinear" | "DynamicQuantizeLinear"));
+        let mut folded = 0;
+        let mut made: HashSet<String> = HashSet::new();
+        let mut k = 0;
+        while k < self.nodes.len() {
+            let n = &self.nodes[k];
+            let dom = n.domain_name();
+            let value = if n.op() == "DequantizeLinear" && (dom.is_empty() || dom == "com.microsoft") {
+                self.dequantize_constant(k, weight_only)
+            } else if n.op() == "Reshape" && n.input.first().is_some_and(|x| made.contains(x)) {
+                self.reshape_constant(k)
+            } else if n.op() == "Cast" && n.attr_i("to") == Some(1) && n.input.first().is_some_and(|x| made.contains(x))
+            {
+                // The folded values are f32 already.
+                let mut t = self.initializer(&n.input[0]).cloned();
+                if let (Some(t), Some(o)) = (t.as_mut(), n.output.first()) {
+                    t.name = Some(o.clone());
+                }
+                t
+            } else {
+                None
+            };
+            match value {
+                Some(t) => {
+                    made.insert(t.name.clone().unwrap_or_default());
+                    self.initializers.push(t);
+                    self.nodes.remove(k);
+                    folded += 1;
+                }
+                None => k += 1,
+            }
+        }
+        if folded > 0 {
+            self.remove_unused_initializers();
+        }
+        folded
+    }
+
+    fn dequantize_constant(&self, k: usize, eight_bit: bool) -> Option<TensorProto> {
+        let n = &self.nodes[k];
+        let x = self.initializer(n.input.first()?)?;
+        let ints = |t: &TensorProto| -> Option<Vec<i32>> {
+            match t.data_type {
+                Some(2 | 3) if eight_bit => {
+                    let signed = t.data_type == Some(3);
+                    let b: Vec<i32> = match &t.raw_data {
+                        Some(raw) => raw.iter().map(|&v| if signed { v as i8 as i32 } else { v as i32 }).collect(),
+                        None => t.int32_data.clone(),
+                    };
+                    (b.len() as i64 == t.dims.iter().product::<i64>()).then_some(b)
+                }
+                _ => unpack_4bit(t),
+            }
+        };
+        let q = ints(x)?;
+        // f32 or float16 scales.
+        let st = self.initializer(n.input.get(1)?)?;
+        let scale: Vec<f32> = if st.data_type == Some(10) {
+            super::tensor_from_proto(st).ok()?.to_f32_vec()
+        } else {
+            tensor_f32_values(st)?
+        };
+        let zp: Vec<i32> = match n.input.get(2).filter(|z| !z.is_empty()) {
+            Some(z) => ints(self.initializer(z)?)?,
+            None => vec![0],
+        };
+        let dims: Vec<usize> = x.dims.iter().map(|&d| d as usize).collect();
+        let rank = dims.len() as i64;
+        let axis = n.attr_i("axis").unwrap_or(1);
+        let axis = if axis < 0 { axis + rank } else { axis };
+        let block = n.attr_i("block_size").unwrap_or(0).max(0) as usize;
+        let per_tensor = scale.len() == 1;
+        if !per_tensor && !(0..rank).contains(&axis) {
+            return None;
+        }
+        let axis = axis.max(0) as usize;
+        let d_axis = dims.get(axis).copied().unwrap_or(1).max(1);
+        let inner: usize = dims.get(axis + 1..).map(|s| s.iter().product()).unwrap_or(1);
+        let outer: usize = dims[..axis.min(dims.len())].iter().product();
+        let s_axis = if block > 0 { d_axis.div_ceil(block) } else { d_axis };
+        let want = if per_tensor {
+            1
+        } else if block > 0 {
+            outer * s_axis * inner
+        } else {
+            d_axis
+        };
+        if scale.len() != want || (zp.len() != 1 && zp.len() != want) {
+            return None;
+        }
+        let vals: Vec<f32> = q
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let s = if per_tensor {
+                    0
+                } else {
+                    let a = (i / inner) % d_axis;
+                    match a.checked_div(block) {
+                        Some(b) => ((i / inner / d_axis) * s_axis + b) * inner + i % inner,
+                        None => a,
+                    }
+                };
+                // With float16 scales the product is exact in f32 (11-bit × 4/8-bit mantissas) and kept so, as
+                // onnxruntime does (the specification would round it to float16 before the Cast).
+                (v - zp[if zp.len() == 1 { 0 } else { s }]) as f32 * scale[s]
+            })
+            .collect();
+        Some(tensor_f32(n.output.first()?, &x.dims, &vals))
+    }
+
+    fn reshape_constant(&self, k: usize) -> Option<TensorProto> {
+        let n = &self.nodes[k];
+        if n.attr_i("allowzero").unwrap_or(0) != 0 {
+            return None;
+        }
+        let x = self.initializer(n.input.first()?)?;
+        let shape = self.initializer(n.input.get(1)?)?;
+        if shape.data_type != Some(7) {
+            return None;
+        }
+        let shape: Vec<i64> = super::tensor_from_proto(shape).ok()?.to_f32_vec().iter().map(|&v| v as i64).collect();
+        let total: i64 = x.dims.iter().product();
+        let mut dims: Vec<i64> = shape
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| if d == 0 { x.dims.get(i).copied().unwrap_or(0) } else { d })
+            .collect();
+        if let Some(free) = dims.iter().position(|&d| d == -1) {
+            let known: i64 = dims.iter().filter(|&&d| d != -1).product();
+            dims[free] = if known > 0 { total / known } else { 0 };
+        }
+        if dims.iter().product::<i64>() != total || dims.iter().any(|&d| d < 0) {
+            return None;
+        }
+        let mut t = x.clone();
+        t.name = Some(n.output.first()?.clone());
+        t.dims = dims;
+        Some(t)
     }
 }

@@ -172,3 +172,90 @@ fn element_types_follow_shape_arithmetic() {
     assert_eq!((t["shape"], t["n"], t["dims"]), (7, 7, 7));
     assert_eq!((t["h"], t["y"], t["yi"]), (1, 1, 6));
 }
+
+/// int4 `[-8, 7, 3, -1, 0, 1, 2, -3]` packed low nibble first.
+fn int4_tensor(name: &str, dims: &[i64]) -> TensorProto {
+    tensor_raw(name, dims, 22, vec![0x78, 0xF3, 0x10, 0xD2])
+}
+
+#[test]
+fn four_bit_weights_fold_to_f32_blocked_and_per_axis() {
+    // Default-domain blocked DequantizeLinear (opset 21 form): [2, 4], axis 1, blocks of 2, scales [2, 2].
+    let mut m = model(
+        vec![
+            node("DequantizeLinear", "dq", &["q", "s"], &["w"], vec![attr_int("axis", 1), attr_int("block_size", 2)]),
+            node("MatMul", "mm", &["x", "w"], &["y"], vec![]),
+        ],
+        vec![value_info("x", 1, &[Dim::Fixed(1), Dim::Fixed(2)])],
+        vec![value_info("y", 1, &[Dim::Fixed(1), Dim::Fixed(4)])],
+        vec![int4_tensor("q", &[2, 4]), tensor_f32("s", &[2, 2], &[0.5, 1.0, 0.25, 2.0])],
+    );
+    m.check().unwrap();
+    assert_eq!(m.graph.fold_low_bit_weights(), 1);
+    let w = m.graph.initializer("w").unwrap();
+    assert_eq!(passes::tensor_f32_values(w).unwrap(), vec![-4.0, 3.5, 3.0, -1.0, 0.0, 0.25, 4.0, -6.0]);
+    assert_eq!(m.graph.nodes.len(), 1);
+    assert!(m.graph.initializer("q").is_none(), "the packed tensor is dropped once unused");
+
+    // com.microsoft form with float16 scales: [4 blocks of 2] → Cast → Reshape [2, 4].
+    let s16: Vec<u8> = [0.5f32, 1.0, 0.25, 2.0].iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+    let mut dq = node("DequantizeLinear", "dq", &["q", "s"], &["b"], vec![attr_int("axis", 0)]);
+    dq.domain = Some("com.microsoft".into());
+    let mut m = model(
+        vec![
+            dq,
+            node("Cast", "cast", &["b"], &["bf"], vec![attr_int("to", 1)]),
+            node("Reshape", "r", &["bf", "shape"], &["w"], vec![]),
+            node("MatMul", "mm", &["x", "w"], &["y"], vec![]),
+        ],
+        vec![value_info("x", 1, &[Dim::Fixed(1), Dim::Fixed(2)])],
+        vec![value_info("y", 1, &[Dim::Fixed(1), Dim::Fixed(4)])],
+        vec![int4_tensor("q", &[4, 2]), tensor_raw("s", &[4], 10, s16), tensor_i64("shape", &[2], &[2, 4])],
+    );
+    m.set_opset("com.microsoft", 1);
+    assert_eq!(m.graph.fold_low_bit_weights(), 3);
+    let w = m.graph.initializer("w").unwrap();
+    assert_eq!(w.dims, vec![2, 4]);
+    assert_eq!(passes::tensor_f32_values(w).unwrap(), vec![-4.0, 3.5, 3.0, -1.0, 0.0, 0.25, 4.0, -6.0]);
+    assert_eq!(m.graph.nodes.iter().map(|n| n.op()).collect::<Vec<_>>(), vec!["MatMul"]);
+}
+
+#[test]
+fn eight_bit_weights_fold_only_where_no_activation_is_quantized() {
+    let q8 = tensor_raw("q", &[2, 2], 3, vec![1, 0xFF, 2, 0x80]);
+    let build = |quantized_input: bool| {
+        let mut nodes = vec![node("DequantizeLinear", "dq", &["q", "s"], &["w"], vec![attr_int("axis", 1)])];
+        let x = if quantized_input {
+            nodes.push(node("QuantizeLinear", "qx", &["x", "xs"], &["xq"], vec![]));
+            nodes.push(node("DequantizeLinear", "dqx", &["xq", "xs"], &["xd"], vec![]));
+            "xd"
+        } else {
+            "x"
+        };
+        nodes.push(node("MatMul", "mm", &[x, "w"], &["y"], vec![]));
+        model(
+            nodes,
+            vec![value_info("x", 1, &[Dim::Fixed(1), Dim::Fixed(2)])],
+            vec![value_info("y", 1, &[Dim::Fixed(1), Dim::Fixed(2)])],
+            vec![q8.clone(), tensor_f32("s", &[2], &[0.5, 0.25]), tensor_f32("xs", &[], &[0.1])],
+        )
+    };
+    let mut wo = build(false);
+    assert_eq!(wo.graph.fold_low_bit_weights(), 1);
+    assert_eq!(passes::tensor_f32_values(wo.graph.initializer("w").unwrap()).unwrap(), vec![0.5, -0.25, 1.0, -32.0]);
+    // A QDQ model keeps its int8 weights for the integer kernels.
+    let mut qdq = build(true);
+    assert_eq!(qdq.graph.fold_low_bit_weights(), 0);
+}
+
+#[test]
+fn a_truncated_int4_tensor_is_a_clear_error() {
+    let m = model(
+        vec![node("DequantizeLinear", "dq", &["q", "s"], &["y"], vec![attr_int("axis", 0)])],
+        vec![],
+        vec![value_info("y", 1, &[Dim::Fixed(2), Dim::Fixed(4)])],
+        vec![tensor_raw("q", &[2, 4], 22, vec![0x78, 0xF3, 0x10]), tensor_f32("s", &[2], &[1.0, 1.0])],
+    );
+    let e = m.check().unwrap_err().to_string();
+    assert!(e.contains("need 4 packed 4-bit bytes"), "{e}");
+}

@@ -1,0 +1,240 @@
+//! Weight-only quantization: fewer bits per weight for a smaller download, activations left in float.
+//!
+//! - 4-bit: Conv / Gemm / MatMul weights as signed int4 in blocks of consecutive weights along a row of the weight
+//!   (the reduction axis of a Conv or a transposed Gemm, the output axis of a MatMul `[K, N]`): the block is the
+//!   largest divisor of the row between `group/2` and `group` (40 input channels: blocks of 20), one float16 scale per
+//!   block, the clipping of each block chosen to minimise its squared error. Stored packed two per byte
+//!   as `com.microsoft.DequantizeLinear(int4 [blocks, group], f16 scale [blocks], axis 0) → Cast(float) →
+//!   Reshape(weight dims)`:
+//!   onnxruntime reads it at any opset, and edgepack's loader unpacks it once to f32 (`FoldLowBitWeights`), so the
+//!   model then runs at fp32 speed on every backend.
+//! - Grouped (depthwise) convolutions, rows with no such divisor, the layers of `QdqConfig::wider` (those the
+//!   accuracy gate finds too sensitive for 4 bits) and `bits = 8`: int8 per output channel behind a standard `DequantizeLinear`.
+//!
+//! With a [`crate::rounding::Refiner`] in the configuration the integers come from GPTQ and the float biases
+//! absorb the mean error (bias correction).
+use std::collections::HashMap;
+
+use edgepack_runtime::onnx::builder::{attr_int, tensor_f32, tensor_raw};
+use edgepack_runtime::onnx::passes::tensor_f32_values;
+use edgepack_runtime::onnx::{Model, NodeExt, NodeProto, TensorProto, node};
+
+use crate::qdq::{QdqConfig, QdqError, QdqSummary, quantize_weights, sanitize};
+
+/// ONNX element type of signed 4-bit integers.
+pub const INT4: i32 = 22;
+
+/// Bits and block size of weight-only quantization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct WeightOnly {
+    /// 4 or 8.
+    pub bits: u8,
+    /// Weights per scale (4-bit).
+    pub group: usize,
+}
+
+/// Axis of the output channels in a node's weight.
+fn channel_axis(n: &NodeProto, rank: usize) -> usize {
+    match n.op() {
+        "Conv" => 0,
+        "Gemm" if n.attr_i("transB").unwrap_or(0) == 1 => 0,
+        _ => rank - 1,
+    }
+}
+
+fn weight<'a>(n: &NodeProto, inits: &HashMap<&str, &'a TensorProto>) -> Option<&'a TensorProto> {
+    if !matches!(n.op(), "Conv" | "Gemm" | "MatMul") {
+        return None;
+    }
+    let w = *inits.get(n.input.get(1)?.as_str())?;
+    let x = n.input.first()?;
+    (!inits.contains_key(x.as_str()) && w.data_type == Some(1) && w.dims.len() >= 2 && !w.dims.contains(&0))
+        .then_some(w)
+}
+
+/// The nodes the pass would quantize (name, op type), in graph order.
+pub fn quantizable_nodes(model: &Model, cfg: &QdqConfig) -> Vec<(String, String)> {
+    let inits: HashMap<&str, &TensorProto> =
+        model.graph.initializers.iter().filter_map(|t| Some((t.name.as_deref()?, t))).collect();
+    model
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| !crate::qdq::is_excluded(cfg, n) && weight(n, &inits).is_some())
+        .map(|n| (n.name().to_string(), n.op().to_string()))
+        .collect()
+}
+
+/// Signed 4-bit blocks of `g` consecutive weights: (integers, one scale per block). Each block's clipping is the
+/// one of 1, 0.95 … 0.6 × its largest |w| with the least squared error.
+pub fn quantize_blocks(w: &[f32], g: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut q = vec![0i8; w.len()];
+    let mut scales = Vec::with_capacity(w.len() / g);
+    for (b, block) in w.chunks(g).enumerate() {
+        let m = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+        if !(m > 0.0 && m.is_finite()) {
+            scales.push(1.0);
+            continue;
+        }
+        let err = |s: f32| block.iter().map(|&v| (v - (v / s).round().clamp(-8.0, 7.0) * s).powi(2)).sum::<f32>();
+        // Scales are stored as float16: choose among values float16 holds exactly.
+        let f16 = |s: f32| half::f16::from_f32(s).to_f32();
+        let s = (0..9)
+            .map(|k| f16(m * (1.0 - 0.05 * k as f32) / 7.0))
+            .filter(|s| *s > 0.0 && s.is_finite())
+            .min_by(|a, b| err(*a).total_cmp(&err(*b)))
+            .unwrap_or(1.0);
+        for (o, &v) in q[b * g..].iter_mut().zip(block) {
+            *o = (v / s).round().clamp(-8.0, 7.0) as i8;
+        }
+        scales.push(s);
+    }
+    (q, scales)
+}
+
+/// Packs signed 4-bit integers two per byte, the first in the low nibble (ONNX's int4 layout).
+pub fn pack_int4(q: &[i8]) -> Vec<u8> {
+    q.chunks(2).map(|p| (p[0] as u8 & 0xF) | ((*p.get(1).unwrap_or(&0) as u8 & 0xF) << 4)).collect()
+}
+
+/// Applies the weight-only pass to every node [`quantizable_nodes`] lists.
+pub fn quantize(model: &Model, cfg: &QdqConfig, wo: WeightOnly) -> Result<(Model, QdqSummary), QdqError> {
+    if wo.bits != 4 && wo.bits != 8 {
+        return Err(QdqError::Invalid(format!("weight-only quantization has 4 or 8 bits, not {}", wo.bits)));
+    }
+    let group = wo.group.max(2);
+    let mut m = model.clone();
+    let mut summary = QdqSummary::default();
+    let inits: HashMap<String, TensorProto> =
+        model.graph.initializers.iter().filter_map(|t| Some((t.name.clone()?, t.clone()))).collect();
+    let refs: HashMap<&str, &TensorProto> = inits.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut new_inits: Vec<TensorProto> = Vec::new();
+    let mut new_nodes: Vec<NodeProto> = Vec::new();
+    let mut int4_used = false;
+    for (idx, n) in model.graph.nodes.iter().enumerate() {
+        let Some(w) = weight(n, &refs) else { continue };
+        if crate::qdq::is_excluded(cfg, n) {
+            summary.excluded.push(n.name().to_string());
+            continue;
+        }
+        let Some(data) = tensor_f32_values(w) else { continue };
+        let wname = sanitize(w.name.as_deref().unwrap_or("w"));
+        let inner = data.len() / w.dims[0] as usize;
+        let mut rn = n.clone();
+        let name = |m: &Model, s: &str| m.graph.unique_name(&format!("{wname}_{s}"));
+        let delta: Option<Vec<f32>>;
+        // Blocks never straddle two rows of the weight's first axis (output channels of a Conv, inputs of a MatMul):
+        // the block is the largest divisor of the row within [group/2, group]. Grouped (depthwise) convolutions
+        // keep int8: few weights, and each of their channels is alone.
+        let grouped = n.op() == "Conv" && n.attr_i("group").unwrap_or(1) > 1;
+        let block = (group.div_ceil(2)..=group).rev().find(|g| inner.is_multiple_of(*g));
+        let wider = cfg.wider.iter().any(|x| x == n.name());
+        if let (4, false, false, Some(group)) = (wo.bits, grouped, wider, block) {
+            let (mut q, scales) = quantize_blocks(&data, group);
+            let refined = cfg.refiner.as_ref().and_then(|r| r.refine(n.name(), &data, &|i| scales[i / group], -8, 7));
+            if let Some(r) = &refined {
+                q.clone_from(&r.q);
+            }
+            delta = refined.map(|r| r.bias_delta.clone());
+            let blocks = (data.len() / group) as i64;
+            let (qn, sn, dqn, shn, out) = (
+                name(&m, "int4"),
+                name(&m, "int4_scale"),
+                name(&m, "int4_blocks"),
+                name(&m, "shape"),
+                name(&m, "dequantized"),
+            );
+            let f32n = name(&m, "int4_blocks_f32");
+            new_inits.push(tensor_raw(&qn, &[blocks, group as i64], INT4, pack_int4(&q)));
+            let s16: Vec<u8> = scales.iter().flat_map(|s| half::f16::from_f32(*s).to_le_bytes()).collect();
+            new_inits.push(tensor_raw(&sn, &[blocks], 10, s16));
+            new_inits.push(tensor_raw(
+                &shn,
+                &[w.dims.len() as i64],
+                7,
+                w.dims.iter().flat_map(|d| d.to_le_bytes()).collect(),
+            ));
+            let mut dq =
+                node("DequantizeLinear", &format!("{dqn}_node"), &[&qn, &sn], &[&dqn], vec![attr_int("axis", 0)]);
+            dq.domain = Some("com.microsoft".into());
+            new_nodes.push(dq);
+            new_nodes.push(node("Cast", &format!("{f32n}_node"), &[&dqn], &[&f32n], vec![attr_int("to", 1)]));
+            new_nodes.push(node("Reshape", &format!("{out}_node"), &[&f32n, &shn], &[&out], vec![]));
+            rn.input[1] = out;
+            int4_used = true;
+            summary.int4_weights.push(n.name().to_string());
+        } else {
+            let axis = channel_axis(n, w.dims.len());
+            let (mut q, scales) = quantize_weights(&data, &w.dims, axis, false, None);
+            let inner_a: usize = w.dims[axis + 1..].iter().product::<i64>() as usize;
+            let ch = w.dims[axis] as usize;
+            let refined = cfg
+                .refiner
+                .as_ref()
+                .and_then(|r| r.refine(n.name(), &data, &|i| scales[(i / inner_a) % ch], -127, 127));
+            if let Some(r) = &refined {
+                q.clone_from(&r.q);
+            }
+            delta = refined.map(|r| r.bias_delta.clone());
+            let (qn, sn, zn, out) =
+                (name(&m, "quantized"), name(&m, "scale"), name(&m, "zero_point"), name(&m, "dequantized"));
+            new_inits.push(tensor_raw(&qn, &w.dims, 3, q.iter().map(|&v| v as u8).collect()));
+            new_inits.push(tensor_f32(&sn, &[ch as i64], &scales));
+            new_inits.push(tensor_raw(&zn, &[ch as i64], 3, vec![0u8; ch]));
+            new_nodes.push(node(
+                "DequantizeLinear",
+                &format!("{out}_node"),
+                &[&qn, &sn, &zn],
+                &[&out],
+                vec![attr_int("axis", axis as i64)],
+            ));
+            rn.input[1] = out;
+        }
+        // Bias correction: the float bias absorbs the weights' mean error.
+        if let Some(d) = delta.filter(|d| d.iter().any(|v| *v != 0.0)) {
+            let beta = if n.op() == "Gemm" { n.attr_f("beta").unwrap_or(1.0) } else { 1.0 };
+            let given = n.input.get(2).filter(|b| !b.is_empty()).and_then(|b| refs.get(b.as_str()));
+            let base = given.and_then(|b| tensor_f32_values(b)).filter(|b| b.len() == d.len());
+            let fits = n.op() != "MatMul" && beta != 0.0 && (given.is_none() || base.is_some());
+            if fits {
+                let bv: Vec<f32> = match base {
+                    Some(b) => b.iter().zip(&d).map(|(b, d)| b + d / beta).collect(),
+                    None => d.iter().map(|d| d / beta).collect(),
+                };
+                let bn = m.graph.unique_name(&format!("{}_bias_corrected", sanitize(n.name())));
+                new_inits.push(tensor_f32(&bn, &[bv.len() as i64], &bv));
+                rn.input.resize(rn.input.len().max(3), String::new());
+                rn.input[2] = bn;
+            }
+        }
+        m.graph.nodes[idx] = rn;
+        summary.quantized_weights.push(n.name().to_string());
+    }
+    if int4_used && m.opset("com.microsoft").is_none() {
+        m.set_opset("com.microsoft", 1);
+    }
+    m.graph.initializers.extend(new_inits);
+    m.graph.nodes.extend(new_nodes);
+    m.graph.topo_sort().map_err(|e| QdqError::Invalid(e.to_string()))?;
+    m.graph.remove_unused_initializers();
+    m.check().map_err(|e| QdqError::Invalid(e.to_string()))?;
+    Ok((m, summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_round_trip_and_pack_low_nibble_first() {
+        let w: Vec<f32> = (0..64).map(|i| ((i * 37) % 29) as f32 / 10.0 - 1.4).collect();
+        let (q, s) = quantize_blocks(&w, 32);
+        assert_eq!(s.len(), 2);
+        for (i, (&qv, &wv)) in q.iter().zip(&w).enumerate() {
+            assert!((-8..=7).contains(&qv));
+            // Clipping may move the largest values by more than half a step, never the rest by more than one.
+            assert!((qv as f32 * s[i / 32] - wv).abs() <= s[i / 32] * 1.5 + 0.2, "{i}");
+        }
+        assert_eq!(pack_int4(&[1, -1, 7, -8, 3]), vec![0xF1, 0x87, 0x03]);
+    }
+}
