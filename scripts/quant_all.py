@@ -109,6 +109,38 @@ def cosine(ref, got):
     return 1.0 if na == nb == 0 else float(a @ b / (na * nb)) if na and nb else 0.0
 
 
+def ort_quantize(src, samples, out, tmp, model):
+    """onnxruntime's own static quantizer on the same calibration samples (QDQ, per-channel int8 weights, uint8
+    activations, MinMax: its defaults with per-channel on, as scripts/quant_accuracy.py), for the comparison column.
+    Recurrent state is fed as the fp32 model computes it over the sequence (its reader has no state carry)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    if max(o.version for o in onnx.load(src, load_external_data=False).opset_import if o.domain in ("", "ai.onnx")) < 13:
+        up = os.path.join(tmp, model.replace(".onnx", "_op13.onnx"))
+        subprocess.run([edgepack_bin(), "rewrite", src, up, "--opset", "13"], check=True, capture_output=True)
+        src = up
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    feeds = [dict(f) for f in samples]
+    if "state" in names and not any("state" in f for f in feeds):
+        state = np.zeros((2, 1, 128), np.float32)
+        for f in feeds:
+            f["state"] = state
+            state = sess.run(None, f)[1]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(src, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
 def run_one(shared, model, tmp):
     src = os.path.join(shared, "models", model)
     cdir = os.path.join(tmp, model + "_calib")
@@ -146,6 +178,7 @@ def run_one(shared, model, tmp):
     feeds = mi.all_inputs(shared)[model]
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    ref = None
     try:
         ref = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]).run(None, feeds)
         got = ort.InferenceSession(out, so, providers=["CPUExecutionProvider"]).run(None, feeds)
@@ -155,6 +188,18 @@ def run_one(shared, model, tmp):
             res["stream"] = silero_stream_cosine(src, out, shared)
     except Exception as e:  # noqa: BLE001 (reported in the table)
         res["ort_error"] = f"{type(e).__name__}: {e}"[:200]
+    theirs = os.path.join(tmp, model.replace(".onnx", "_ort_int8.onnx"))
+    try:
+        if ref is None:
+            raise RuntimeError("onnxruntime cannot run the fp32 model")
+        ort_quantize(src, samples, theirs, tmp, model)
+        got = ort.InferenceSession(theirs, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+        res["ortq_cosine"] = cosine(ref, got)
+        res["ortq_size"] = os.path.getsize(theirs) / os.path.getsize(src)
+        if model.startswith("silero"):
+            res["ortq_stream"] = silero_stream_cosine(src, theirs, shared)
+    except Exception as e:  # noqa: BLE001 (reported in the table)
+        res["ortq_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:160]
     return res
 
 
@@ -173,14 +218,14 @@ def main():
             res = run_one(a.shared, m, tmp)
             print(json.dumps(res), flush=True)
             rows.append(res)
-    lines = ["| model | result | int8 layers | kept fp32 (why) | default gate (on calibration inputs) | output SQNR, edgepack runtime (calibration inputs) | onnxruntime runs the INT8 file: output SQNR / cosine vs fp32 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | result | int8 layers | kept fp32 (why) | default gate (on calibration inputs) | output SQNR, edgepack runtime (calibration inputs) | onnxruntime runs the INT8 file: output SQNR / cosine vs fp32 | onnxruntime's quantize_static on the same samples: cosine vs fp32 (size) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["rc"] is None:
-            lines.append(f"| {r['model']} | {r['error']} | - | - | - | - | - |")
+            lines.append(f"| {r['model']} | {r['error']} | - | - | - | - | - | - |")
             continue
         if r["rc"] != 0:
-            lines.append(f"| {r['model']} | refused (exit {r['rc']}): {r['error'].replace('|', '/')} | - | - | - | - | - |")
+            lines.append(f"| {r['model']} | refused (exit {r['rc']}): {r['error'].replace('|', '/')} | - | - | - | - | - | - |")
             continue
         why = {**r["float_layers"], **r["float_ops"]}
         reasons = {}
@@ -197,7 +242,13 @@ def main():
         bn = f", {r['folded_bn']} BatchNorm folded" if r["folded_bn"] else ""
         if r.get("method", "").startswith("dynamic"):
             bn += ", dynamic: chosen by --mode auto"
-        lines.append(f"| {r['model']} | quantized ({100 * r['size']:.0f} % of fp32{bn}) | {r['int8_layers']} of {r['layers']} | {kept} | {gate} | {es} | {ort_col} |")
+        if "ortq_cosine" in r:
+            theirs = f"{r['ortq_cosine']:.4f} ({100 * r['ortq_size']:.0f} %)"
+            if "ortq_stream" in r:
+                theirs += f"; streamed: cosine {r['ortq_stream'][0]:.4f}, max difference {r['ortq_stream'][1]:.3f}"
+        else:
+            theirs = f"fails: {r.get('ortq_error', '?').replace('|', '/')}"
+        lines.append(f"| {r['model']} | quantized ({100 * r['size']:.0f} % of fp32{bn}) | {r['int8_layers']} of {r['layers']} | {kept} | {gate} | {es} | {ort_col} | {theirs} |")
     table = "\n".join(lines)
     print(table)
     if a.md:

@@ -4,10 +4,10 @@
 For the ImageNet models the calibration split is scripts/quant_accuracy.py's: `edgepack quantize` calibrates on the
 first --edgepack-calib images of shared/data/imagenet_sample and holds out the rest of the first --calib images for
 its gate; every other image is evaluated, by onnxruntime, for each variant:
-- INT8 (QDQ) at every `--rounding`: nearest, bias-correction, gptq, gptq+bias-correction, all layers INT8
-  (`--budget none`), then the defaults (the gate, `--rounding auto`);
-- 4-bit weight-only (`--weight-only 4`, blocks of 32): nearest and gptq+bias-correction with every layer at its
-  lowest width, then the default gate.
+- INT8 (QDQ) at every `--rounding`: nearest, bias-correction, gptq, gptq+bias-correction, sequential, all layers
+  INT8 (`--budget none`), then the defaults (the gate, `--rounding auto`);
+- 4-bit weight-only (`--weight-only 4`, blocks of 32): nearest, gptq+bias-correction and sequential with every
+  layer at its lowest width, then the default gate.
 Sizes are the ONNX file and its zstd bundle (`edgepack pack --compress zstd`) against fp32's. The default 4-bit
 file also runs through `edgepack eval` on the same input tensors: its top-1 must equal onnxruntime's on that file
 (edgepack's loader unpacks the int4 weights itself).
@@ -35,10 +35,13 @@ VARIANTS = [
     ("INT8, bias correction", ["--budget", "none", "--rounding", "bias-correction"]),
     ("INT8, GPTQ", ["--budget", "none", "--rounding", "gptq"]),
     ("INT8, GPTQ + bias correction", ["--budget", "none", "--rounding", "gptq+bias-correction"]),
+    ("INT8, GPTQ + bias correction layer by layer", ["--budget", "none", "--rounding", "sequential"]),
     ("INT8, defaults (gate, rounding auto)", []),
     ("4-bit weights, nearest", ["--weight-only", "4", "--budget", "none", "--rounding", "nearest"]),
     ("4-bit weights, GPTQ + bias correction", ["--weight-only", "4", "--budget", "none", "--rounding",
                                                 "gptq+bias-correction"]),
+    ("4-bit weights, GPTQ + bias correction layer by layer", ["--weight-only", "4", "--budget", "none",
+                                                              "--rounding", "sequential"]),
     ("4-bit weights, defaults (gate, rounding auto)", ["--weight-only", "4"]),
 ]
 
@@ -108,6 +111,7 @@ def md(results, cmd):
             used = v["rounding"]["used"]
             kept = ("gptq+bias-correction" if used["gptq"] and used["bias_correction"] else "gptq" if used["gptq"]
                     else "bias-correction" if used["bias_correction"] else "nearest")
+            kept += " (layer by layer)" if used.get("sequential") else ""
             rt = f" (edgepack's runtime = onnxruntime on {v['runtime_vs_ort']:.1f} % of top-1)" if "runtime_vs_ort" in v else ""
             L.append(f"| {r['model']} ({r['eval']} images, fp32 {r['fp32']:.2f}) | {v['label']} | {layers} | "
                      f"{v['top1']:.2f}{rt} | {v['top1'] - r['fp32']:+.2f} pt | {v['agree']:.1f} % | {v['file']:.1%} | "

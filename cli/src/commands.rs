@@ -974,9 +974,10 @@ pub struct QuantizeArgs {
     mode: String,
     /// How weights become integers: nearest (round to nearest), gptq (each layer's rounding fitted to its
     /// calibration inputs, error spread along the inverse input covariance), bias-correction (the mean output error
-    /// folded into the bias), gptq+bias-correction, or auto (nearest and gptq+bias-correction both, the one closer
-    /// to fp32 on the choosing samples kept)
-    #[arg(long, default_value = "auto", value_parser = ["auto", "nearest", "gptq", "bias-correction", "gptq+bias-correction"])]
+    /// folded into the bias), gptq+bias-correction, sequential (gptq+bias-correction fitted layer by layer on the
+    /// inputs of the partly quantized model; slower, no better on EfficientNet-Lite0), or auto (nearest,
+    /// bias-correction and gptq+bias-correction: the one closest to fp32 on the choosing samples kept)
+    #[arg(long, default_value = "auto", value_parser = ["auto", "nearest", "gptq", "bias-correction", "gptq+bias-correction", "sequential"])]
     rounding: String,
     /// Weight-only quantization with this many bits (4 or 8): smaller weights, activations stay float (runs at
     /// fp32 speed; for download size). 4-bit weights come in blocks of --block-size with one scale each
@@ -1219,6 +1220,7 @@ fn check_op_types(model: &edgepack_runtime::onnx::Model, op_types: &[String]) ->
 }
 
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
+    use edgepack_quantize::rounding::Methods;
     use edgepack_quantize::{calib, pipeline, qdq};
     let method = match a.method.as_str() {
         "percentile" if !(a.percentile > 0.0 && a.percentile <= 100.0) => {
@@ -1294,11 +1296,11 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         },
         rounding: match a.rounding.as_str() {
             "nearest" => pipeline::Rounding::Nearest,
-            "auto" => pipeline::Rounding::Auto,
-            r => pipeline::Rounding::Fitted(edgepack_quantize::rounding::Methods {
-                gptq: r.starts_with("gptq"),
-                bias_correction: r.ends_with("bias-correction"),
-            }),
+            "bias-correction" => pipeline::Rounding::Fitted(Methods::BIAS_CORRECTION),
+            "gptq" => pipeline::Rounding::Fitted(Methods { bias_correction: false, ..Methods::GPTQ_BIAS_CORRECTION }),
+            "gptq+bias-correction" => pipeline::Rounding::Fitted(Methods::GPTQ_BIAS_CORRECTION),
+            "sequential" => pipeline::Rounding::Fitted(Methods::SEQUENTIAL),
+            _ => pipeline::Rounding::Auto,
         },
         budget,
         sensitivity_method,

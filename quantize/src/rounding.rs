@@ -15,7 +15,7 @@
 //! to the other columns, as in SparseGPT). Cross-layer equalization is not done: it evens out per-tensor weight
 //! ranges, which per-channel (and per-block) scales already fit one channel at a time.
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use edgepack_runtime::Session;
 use edgepack_runtime::onnx::passes::tensor_f32_values;
@@ -115,6 +115,16 @@ pub struct Refined {
 pub struct Methods {
     pub gptq: bool,
     pub bias_correction: bool,
+    /// Statistics layer after layer on the partly quantized model ([`Refiner::collect_sequential`]), not all at
+    /// once on the fp32 model.
+    pub sequential: bool,
+}
+
+impl Methods {
+    pub const NEAREST: Methods = Methods { gptq: false, bias_correction: false, sequential: false };
+    pub const BIAS_CORRECTION: Methods = Methods { gptq: false, bias_correction: true, sequential: false };
+    pub const GPTQ_BIAS_CORRECTION: Methods = Methods { gptq: true, bias_correction: true, sequential: false };
+    pub const SEQUENTIAL: Methods = Methods { gptq: true, bias_correction: true, sequential: true };
 }
 
 impl std::fmt::Display for Methods {
@@ -122,23 +132,24 @@ impl std::fmt::Display for Methods {
         f.write_str(match (self.gptq, self.bias_correction) {
             (true, true) => "gptq+bias-correction",
             (true, false) => "gptq",
-            (false, true) => "nearest+bias-correction",
+            (false, true) => "bias-correction",
             (false, false) => "nearest",
-        })
+        })?;
+        if self.sequential { f.write_str(" (layer by layer)") } else { Ok(()) }
     }
 }
 
 /// The input statistics of a model's weighted layers and the rounding they lead to (cached per node, so the
 /// mixed-precision search, which rebuilds the model many times, fits each layer once).
 pub struct Refiner {
-    layers: Arc<HashMap<String, (Layer, Vec<Moments>)>>,
+    layers: Arc<RwLock<Stats>>,
     pub methods: Methods,
     cache: Mutex<HashMap<(String, i32), Arc<Refined>>>,
 }
 
 impl std::fmt::Debug for Refiner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Refiner({} layers, {})", self.layers.len(), self.methods)
+        write!(f, "Refiner({} layers, {})", self.len(), self.methods)
     }
 }
 
@@ -284,6 +295,57 @@ impl Layer {
     }
 }
 
+type Stats = HashMap<String, Arc<(Layer, Vec<Moments>)>>;
+
+/// The input moments of `nodes` (those this module can fit) of `model` on `samples` of `data`, run by `session`.
+#[allow(clippy::too_many_arguments)]
+fn gather(
+    model: &Model,
+    session: &Session,
+    nodes: &[String],
+    data: &Dataset,
+    samples: std::ops::Range<usize>,
+    pre: Option<&ImagePreprocess>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Stats, CalibError> {
+    let inits: HashMap<&str, &TensorProto> =
+        model.graph.initializers.iter().filter_map(|t| Some((t.name.as_deref()?, t))).collect();
+    let mut layers: HashMap<String, (Layer, Vec<Moments>)> = model
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| nodes.iter().any(|x| x == n.name()))
+        .filter_map(|n| {
+            let l = layer_of(n, &inits)?;
+            let m = (0..l.groups).map(|_| Moments::new(l.d)).collect();
+            Some((n.name().to_string(), (l, m)))
+        })
+        .collect();
+    let mut inputs: Vec<String> = layers.values().map(|(l, _)| l.input.clone()).collect();
+    inputs.sort();
+    inputs.dedup();
+    let mut feeds = crate::feeds::Feeds::of(session);
+    let state = feeds.state_outputs();
+    let names: Vec<&str> = inputs.iter().chain(&state).map(String::as_str).collect();
+    let total = samples.len();
+    for (done, k) in samples.enumerate() {
+        let x = feeds.next(&data.get(k)?, pre)?;
+        let outs = session.run_values(x, &names)?;
+        feeds.carry(&outs[inputs.len()..]);
+        let values: HashMap<&str, (Vec<f32>, Vec<usize>)> = outs[..inputs.len()]
+            .iter()
+            .map(|(name, t)| (name.as_str(), (t.to_f32_vec(), t.shape().to_vec())))
+            .collect();
+        for (layer, moments) in layers.values_mut() {
+            if let Some((v, shape)) = values.get(layer.input.as_str()) {
+                layer.accumulate(moments, v, shape, done);
+            }
+        }
+        progress(done + 1, total);
+    }
+    Ok(layers.into_iter().filter(|(_, (_, m))| m.iter().all(|g| g.n > 0.0)).map(|(k, v)| (k, Arc::new(v))).collect())
+}
+
 impl Refiner {
     /// Gathers the input moments of `nodes` (those this module can fit) on `samples` of `data`, running the fp32
     /// `session` of `model`. `progress(done, total)` after each sample.
@@ -298,43 +360,53 @@ impl Refiner {
         methods: Methods,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Refiner, CalibError> {
+        let layers = gather(model, session, nodes, data, samples, pre, &mut progress)?;
+        Ok(Refiner { layers: Arc::new(RwLock::new(layers)), methods, cache: Mutex::new(HashMap::new()) })
+    }
+
+    /// GPTQ as its authors run it, layer after layer: each weighted layer of `units` (graph order) is fitted to the
+    /// inputs it gets when every layer before it is already quantized (and fitted), the later ones fp32, so it
+    /// also absorbs what the earlier layers' rounding changed in its input. One model build and one pass over
+    /// the samples per layer. `cfg`: the pass's configuration (without a refiner). `progress(done, layers)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn collect_sequential(
+        model: &Model,
+        ranges: &HashMap<String, crate::qdq::Range>,
+        cfg: &crate::qdq::QdqConfig,
+        units: &[(String, String)],
+        opts: &edgepack_runtime::SessionOptions,
+        data: &Dataset,
+        samples: std::ops::Range<usize>,
+        pre: Option<&ImagePreprocess>,
+        methods: Methods,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Refiner, CalibError> {
+        let refiner = Arc::new(Refiner {
+            layers: Arc::new(RwLock::new(HashMap::new())),
+            methods,
+            cache: Mutex::new(HashMap::new()),
+        });
         let inits: HashMap<&str, &TensorProto> =
             model.graph.initializers.iter().filter_map(|t| Some((t.name.as_deref()?, t))).collect();
-        let mut layers: HashMap<String, (Layer, Vec<Moments>)> = model
-            .graph
-            .nodes
-            .iter()
-            .filter(|n| nodes.iter().any(|x| x == n.name()))
-            .filter_map(|n| {
-                let l = layer_of(n, &inits)?;
-                let m = (0..l.groups).map(|_| Moments::new(l.d)).collect();
-                Some((n.name().to_string(), (l, m)))
-            })
+        let weighted: Vec<usize> = (0..units.len())
+            .filter(|&i| model.graph.nodes.iter().any(|n| n.name() == units[i].0 && layer_of(n, &inits).is_some()))
             .collect();
-        let mut inputs: Vec<String> = layers.values().map(|(l, _)| l.input.clone()).collect();
-        inputs.sort();
-        inputs.dedup();
-        let mut feeds = crate::feeds::Feeds::of(session);
-        let state = feeds.state_outputs();
-        let names: Vec<&str> = inputs.iter().chain(&state).map(String::as_str).collect();
-        let total = samples.len();
-        for (done, k) in samples.enumerate() {
-            let x = feeds.next(&data.get(k)?, pre)?;
-            let outs = session.run_values(x, &names)?;
-            feeds.carry(&outs[inputs.len()..]);
-            let values: HashMap<&str, (Vec<f32>, Vec<usize>)> = outs[..inputs.len()]
-                .iter()
-                .map(|(name, t)| (name.as_str(), (t.to_f32_vec(), t.shape().to_vec())))
-                .collect();
-            for (layer, moments) in layers.values_mut() {
-                if let Some((v, shape)) = values.get(layer.input.as_str()) {
-                    layer.accumulate(moments, v, shape, done);
-                }
+        for (done, &i) in weighted.iter().enumerate() {
+            let mut c = cfg.clone();
+            c.refiner = Some(refiner.clone());
+            c.exclude.extend(units[i..].iter().map(|(n, _)| n.clone()));
+            let (m, _) = crate::qdq::quantize(model, ranges, &c).map_err(|e| CalibError::Invalid(e.to_string()))?;
+            let session = Session::from_model(&m, opts)?;
+            let stats =
+                gather(&m, &session, std::slice::from_ref(&units[i].0), data, samples.clone(), pre, &mut |_, _| {})?;
+            if let Ok(mut l) = refiner.layers.write() {
+                l.extend(stats);
             }
-            progress(done + 1, total);
+            progress(done + 1, weighted.len());
         }
-        layers.retain(|_, (_, m)| m.iter().all(|g| g.n > 0.0));
-        Ok(Refiner { layers: Arc::new(layers), methods, cache: Mutex::new(HashMap::new()) })
+        let layers = refiner.layers.clone();
+        let cache = refiner.cache.lock().map(|c| c.clone()).unwrap_or_default();
+        Ok(Refiner { layers, methods, cache: Mutex::new(cache) })
     }
 
     /// The same statistics with other methods (and a fresh cache).
@@ -344,11 +416,11 @@ impl Refiner {
 
     /// Layers with statistics.
     pub fn len(&self) -> usize {
-        self.layers.len()
+        self.layers.read().map(|l| l.len()).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.layers.is_empty()
+        self.len() == 0
     }
 
     /// Quantizes `node`'s weight `w` (its initializer's layout) to integers in `[qmin, qmax]` at the scale
@@ -366,7 +438,8 @@ impl Refiner {
         if let Some(r) = self.cache.lock().ok()?.get(&key) {
             return Some(r.clone());
         }
-        let (layer, moments) = self.layers.get(node)?;
+        let stats = self.layers.read().ok()?.get(node)?.clone();
+        let (layer, moments) = &*stats;
         if w.len() != layer.rows * layer.d {
             return None;
         }
@@ -621,7 +694,9 @@ mod tests {
             }
             (sq, (mean / (inputs.len() * rows) as f64).abs())
         };
-        let run = |gptq, bias_correction| fit(&layer, &m, &w, &scale_of, -8, 7, Methods { gptq, bias_correction });
+        let run = |gptq, bias_correction| {
+            fit(&layer, &m, &w, &scale_of, -8, 7, Methods { gptq, bias_correction, sequential: false })
+        };
         let (rtn, g, bc) = (run(false, false), run(true, false), run(false, true));
         assert!(!rtn.gptq && g.gptq);
         assert!(err(&g).0 < 0.7 * err(&rtn).0, "gptq {:?} nearest {:?}", err(&g), err(&rtn));
@@ -640,8 +715,7 @@ mod tests {
             w[i] = 0.0;
         }
         let layer = Layer { geom: Geometry::Linear, input: "x".into(), rows, d, groups: 1, row_major: false };
-        let r =
-            fit(&layer, &[moments_of(&inputs)], &w, &|_| 0.1, -127, 127, Methods { gptq: true, bias_correction: true });
+        let r = fit(&layer, &[moments_of(&inputs)], &w, &|_| 0.1, -127, 127, Methods::GPTQ_BIAS_CORRECTION);
         assert!(r.gptq);
         for (i, &v) in w.iter().enumerate() {
             if v == 0.0 {

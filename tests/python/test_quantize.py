@@ -611,7 +611,7 @@ def test_weight_only_4bit_with_fitted_rounding_runs_in_onnxruntime(shared, binar
         reports[r] = (out, json.loads(res.stdout)["report"])
     out, rep = reports["gptq+bias-correction"]
     near = reports["nearest"][1]
-    assert rep["rounding"]["used"] == {"gptq": True, "bias_correction": True}
+    assert rep["rounding"]["used"] == {"gptq": True, "bias_correction": True, "sequential": False}
     print(f"4-bit output SQNR: nearest {near['int8']['output_sqnr_db']:.1f} dB, gptq+bc {rep['int8']['output_sqnr_db']:.1f} dB")
     assert rep["int8"]["output_sqnr_db"] > near["int8"]["output_sqnr_db"] + 3
     assert rep["int8"]["top1_agreement"] >= 85, rep["int8"]  # 92 % on 800 images (QUANTIZATION.md)
