@@ -959,8 +959,8 @@ pub struct QuantizeArgs {
     /// One scale per weight tensor instead of one per output channel
     #[arg(long)]
     per_tensor: bool,
-    /// Activation type of the QDQ pairs: u8 (edgepack's integer kernels) or s8 (onnxruntime's S8S8; edgepack runs it
-    /// as exact integer arithmetic on float ops, slower)
+    /// Activation type of the QDQ pairs: u8 or s8 (onnxruntime's S8S8; edgepack's runtime maps it onto the same
+    /// uint8 integer kernels, same values and speed)
     #[arg(long, default_value = "u8", value_parser = ["u8", "s8"])]
     activation_type: String,
     /// Activation ranges symmetric around 0 (zero point 128 for u8, 0 for s8)

@@ -593,6 +593,15 @@ def test_signed_and_symmetric_activations(shared, binary, tmp_path):
             assert all(int(numpy_helper.to_array(t)) == (0 if ty == 3 else 128) for t in acts)
         p = ort_parity.compare(str(out), {"Input3": x}, binary)
         assert p["loaded"] and p["outputs"][0]["cosine"] > 0.99999, p
+    # int8 activations are the uint8 ones shifted by 128: edgepack runs the s8 file on its uint8 integer kernels
+    # and gets exactly what the u8 file (same ranges) gives.
+    u8, s8 = tmp_path / "u8.onnx", tmp_path / "s8.onnx"
+    for path, flags in ((u8, []), (s8, ["--activation-type", "s8"])):
+        ep("quantize", mnist, "--calib", imgs, "--idx-labels", lbls, "--preset", "mnist", "--calib-limit", 50,
+           "--holdout", 100, "--budget", "none", "--rounding", "nearest", "--latency-runs", 0, "-o", path, *flags)
+    a = ort_parity.edgepack_outputs(str(s8), {"Input3": x}, ["Plus214_Output_0"], binary, 1, "cpu", None)
+    b = ort_parity.edgepack_outputs(str(u8), {"Input3": x}, ["Plus214_Output_0"], binary, 1, "cpu", None)
+    assert np.array_equal(a["outputs"]["Plus214_Output_0"], b["outputs"]["Plus214_Output_0"]), (a, b)
 
 
 def test_weight_only_4bit_with_fitted_rounding_runs_in_onnxruntime(shared, binary, tmp_path):

@@ -5,6 +5,7 @@ pub mod f32_kernels;
 pub mod nodes;
 pub mod qdq_kernels;
 pub mod qdq_lower;
+pub mod signed;
 
 pub use f32_kernels::F32Kernels;
 pub use qdq_kernels::QdqKernels;
@@ -49,6 +50,19 @@ impl Pass for LowerF32Kernels {
     }
 }
 
+/// int8 activation QDQ pairs → their uint8 twins, same values ([`signed::signed_activations_to_unsigned`]), so
+/// the integer kernels take them.
+pub struct UnsignedActivations;
+
+impl Pass for UnsignedActivations {
+    fn name(&self) -> &'static str {
+        "unsigned-activations"
+    }
+    fn run(&self, model: &mut Model) -> Result<usize> {
+        Ok(signed::signed_activations_to_unsigned(&mut model.graph))
+    }
+}
+
 /// What [`Model::lower_for_cpu`] rewrote.
 pub struct CpuLowering {
     pub model: Model,
@@ -76,11 +90,15 @@ impl LowerForCpu for Model {
     /// requantization multiply): the patterns the integer kernels cover become kernel nodes (NHWC uint8 chains),
     /// the rest is lowered to float ops carrying exact integers. Float graphs: Conv chains (with their Relu/Clip,
     /// residual Adds, MaxPools, Concats) become fp32 NHWC kernel nodes; not mixed with the integer lowering (its
-    /// float ops carry exact integers). `kernels: false` keeps everything on float ops.
+    /// float ops carry exact integers). int8 activation pairs become their uint8 twins first (same values).
+    /// `kernels: false` keeps everything on float ops.
     fn lower_for_cpu(&self, kernels: bool) -> CpuLowering {
         let mut model = self.clone();
         // The passes cannot fail (a rewrite that would not sort leaves the graph as it was).
         let mut run = |p: &dyn Pass| p.run(&mut model).unwrap_or(0);
+        if kernels {
+            run(&UnsignedActivations);
+        }
         let integer_kernels = if kernels { run(&LowerQdqKernels) } else { 0 };
         let integer_ops = run(&LowerQdqInteger(LowerFor::Host));
         let float_kernels = if kernels && integer_kernels + integer_ops == 0 { run(&LowerF32Kernels) } else { 0 };

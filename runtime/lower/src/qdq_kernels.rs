@@ -357,6 +357,7 @@ fn concat(c: &Ctx, idx: usize, nhwc: &Made) -> Option<Rewrite> {
 /// Each with the reason.
 pub fn layers_without_int8_kernel(model: &Model) -> Vec<(String, String)> {
     let mut lowered = model.clone();
+    crate::signed::signed_activations_to_unsigned(&mut lowered.graph);
     lowered.lower_qdq_kernels();
     let made: HashSet<&str> =
         lowered.graph.nodes.iter().filter(|n| n.domain_name() == DOMAIN).map(|n| n.name()).collect();
