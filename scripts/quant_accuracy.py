@@ -112,7 +112,10 @@ def edgepack_quantize(src, calib, out, a, extra=()):
     return json.loads(ep(*args).stdout)["report"]
 
 
-def imagenet(key, a, tmp):
+def imagenet_split(key, a, tmp):
+    """(fp32 model path, preset, input name, calibration folder, evaluation rows, preprocess) of an ImageNet model:
+    the first --calib images as a labelled folder (labels make the held-out part usable for a top-1 budget), the
+    rest (up to --eval-limit) for evaluation."""
     fname, preset = IMAGENET[key]
     ev = model_inputs._tools(a.shared)
     data = os.path.join(a.shared, "data", "imagenet_sample")
@@ -120,8 +123,6 @@ def imagenet(key, a, tmp):
     calib_rows, eval_rows = rows[: a.calib], rows[a.calib: a.calib + a.eval_limit if a.eval_limit else None]
     prep = lambda r: ev.preprocess(os.path.join(data, "images", r["file"]), 256, 224, **ev.PRESETS[preset])  # noqa: E731
     src = os.path.join(a.shared, "models", fname)
-    name = session(src).get_inputs()[0].name
-    # The calibration images as a labelled folder (labels make the held-out part usable for a top-1 budget).
     cdir = os.path.join(tmp, f"{key}_calib")
     os.makedirs(os.path.join(cdir, "images"))
     with open(os.path.join(cdir, "labels.csv"), "w") as f:
@@ -129,6 +130,12 @@ def imagenet(key, a, tmp):
         for r in calib_rows:
             os.symlink(os.path.join(data, "images", r["file"]), os.path.join(cdir, "images", r["file"]))
             f.write(f"{r['file']},{r['class_index']}\n")
+    return src, preset, session(src).get_inputs()[0].name, cdir, calib_rows, eval_rows, prep
+
+
+def imagenet(key, a, tmp):
+    src, preset, name, cdir, calib_rows, eval_rows, prep = imagenet_split(key, a, tmp)
+    fname = IMAGENET[key][0]
     ours = os.path.join(tmp, f"{key}_edgepack_int8.onnx")
     rep = edgepack_quantize(src, cdir, ours, a, ["--preset", preset])
     theirs = os.path.join(tmp, f"{key}_ort_int8.onnx")

@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 import mdtable  # noqa: E402
 import model_inputs  # noqa: E402
-from quant_accuracy import IMAGENET, accuracy, ep, predict, session, write_npy_dataset  # noqa: E402
+from quant_accuracy import IMAGENET, accuracy, ep, imagenet_split, predict, write_npy_dataset  # noqa: E402
 
 BEGIN, END = "<!-- quant-rounding:begin -->", "<!-- quant-rounding:end -->"
 VARIANTS = [
@@ -47,21 +47,9 @@ VARIANTS = [
 
 
 def run_model(key, a, tmp):
-    fname, preset = IMAGENET[key]
-    ev = model_inputs._tools(a.shared)
-    data = os.path.join(a.shared, "data", "imagenet_sample")
-    rows = list(csv.DictReader(open(os.path.join(data, "labels.csv"))))
-    calib_rows, eval_rows = rows[: a.calib], rows[a.calib: a.calib + a.eval_limit if a.eval_limit else None]
-    src = os.path.join(a.shared, "models", fname)
-    name = session(src).get_inputs()[0].name
-    cdir = os.path.join(tmp, f"{key}_calib")
-    os.makedirs(os.path.join(cdir, "images"))
-    with open(os.path.join(cdir, "labels.csv"), "w") as f:
-        f.write("file,class_index\n")
-        for r in calib_rows:
-            os.symlink(os.path.join(data, "images", r["file"]), os.path.join(cdir, "images", r["file"]))
-            f.write(f"{r['file']},{r['class_index']}\n")
-    xs = [ev.preprocess(os.path.join(data, "images", r["file"]), 256, 224, **ev.PRESETS[preset]) for r in eval_rows]
+    src, preset, name, cdir, _, eval_rows, prep = imagenet_split(key, a, tmp)
+    fname = IMAGENET[key][0]
+    xs = [prep(r) for r in eval_rows]
     labels = [int(r["class_index"]) for r in eval_rows]
     fp = predict(src, xs, name)
     fp32_bundle = os.path.join(tmp, f"{key}_fp32.edgepack")

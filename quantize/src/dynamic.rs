@@ -17,15 +17,7 @@ use crate::qdq::{QdqConfig, QdqError, QdqSummary, quantize_weights, sanitize};
 
 /// The nodes the dynamic pass would quantize (name, op type), in graph order.
 pub fn quantizable_nodes(model: &Model, cfg: &QdqConfig) -> Vec<(String, String)> {
-    let inits: HashMap<&str, &TensorProto> =
-        model.graph.initializers.iter().filter_map(|t| Some((t.name.as_deref()?, t))).collect();
-    model
-        .graph
-        .nodes
-        .iter()
-        .filter(|n| !crate::qdq::is_excluded(cfg, n) && plan(n, &inits).is_some())
-        .map(|n| (n.name().to_string(), n.op().to_string()))
-        .collect()
+    crate::qdq::nodes_taken(model, cfg, |n, inits| plan(n, inits).is_some())
 }
 
 /// What the pass does to one node, if anything.

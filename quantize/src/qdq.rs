@@ -129,6 +129,24 @@ pub fn quantizable_nodes(model: &Model, cfg: &QdqConfig) -> Vec<(String, String)
         .collect()
 }
 
+/// The nodes `cfg` does not exclude for which `takes(node, initializers by name)` holds (name, op type), in graph
+/// order: the units of the dynamic and weight-only passes.
+pub(crate) fn nodes_taken(
+    model: &Model,
+    cfg: &QdqConfig,
+    takes: impl Fn(&NodeProto, &HashMap<&str, &TensorProto>) -> bool,
+) -> Vec<(String, String)> {
+    let inits: HashMap<&str, &TensorProto> =
+        model.graph.initializers.iter().filter_map(|t| Some((t.name.as_deref()?, t))).collect();
+    model
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| !excluded(cfg, n) && takes(n, &inits))
+        .map(|n| (n.name().to_string(), n.op().to_string()))
+        .collect()
+}
+
 /// Whether `cfg` keeps `n` in float (by name, op type, or not among its op types).
 pub fn is_excluded(cfg: &QdqConfig, n: &NodeProto) -> bool {
     excluded(cfg, n)

@@ -54,15 +54,7 @@ fn weight<'a>(n: &NodeProto, inits: &HashMap<&str, &'a TensorProto>) -> Option<&
 
 /// The nodes the pass would quantize (name, op type), in graph order.
 pub fn quantizable_nodes(model: &Model, cfg: &QdqConfig) -> Vec<(String, String)> {
-    let inits: HashMap<&str, &TensorProto> =
-        model.graph.initializers.iter().filter_map(|t| Some((t.name.as_deref()?, t))).collect();
-    model
-        .graph
-        .nodes
-        .iter()
-        .filter(|n| !crate::qdq::is_excluded(cfg, n) && weight(n, &inits).is_some())
-        .map(|n| (n.name().to_string(), n.op().to_string()))
-        .collect()
+    crate::qdq::nodes_taken(model, cfg, |n, inits| weight(n, inits).is_some())
 }
 
 /// Signed 4-bit blocks of `g` consecutive weights: (integers, one scale per block). Each block's clipping is the
