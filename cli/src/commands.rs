@@ -1439,11 +1439,42 @@ pub struct BatchArgs {
     /// Items between fsyncs of the .part file (what an interruption can lose)
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     pub sync_every: u32,
+    /// Process only shard I of N (0-based: a Kubernetes Indexed Job's JOB_COMPLETION_INDEX): the I-th of N
+    /// contiguous slices of the inputs in their fixed order; also writes <OUT>.shard.json for `batch-merge`
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<edgepack_server::batch::Shard>,
     /// Print the summary as a JSON document
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub load: crate::LoadArgs,
+}
+
+#[derive(Args)]
+pub struct BatchMergeArgs {
+    /// The outputs of every shard of one `batch --shard I/N` run (any order)
+    #[arg(required = true)]
+    pub parts: Vec<PathBuf>,
+    /// The merged JSON lines, in input order (written atomically)
+    #[arg(short, long)]
+    pub out: PathBuf,
+    /// Print the summary as a JSON document
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn batch_merge(a: BatchMergeArgs) -> Result<()> {
+    check_writable(&[&a.out])?;
+    let r = edgepack_server::batch::merge_shards(&a.parts, &a.out).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidData => anyhow::Error::new(BadInput(e.to_string())),
+        _ => anyhow::Error::new(e).context(format!("writing {}", a.out.display())),
+    })?;
+    if a.json {
+        crate::output::json_line(json!({"out": a.out, "shards": r.shards, "items": r.items}))?;
+    } else {
+        eprintln!("{}: {} items from {} shards", a.out.display(), r.items, r.shards);
+    }
+    Ok(())
 }
 
 pub fn batch(a: BatchArgs) -> Result<()> {
@@ -1460,17 +1491,19 @@ pub fn batch(a: BatchArgs) -> Result<()> {
     };
     let s = open_session(&a.model, &a.load)?;
     let mut bar: Option<indicatif::ProgressBar> = None;
-    let report = run_batch(&s, &input, &a.out, a.top_k.map(|k| k as usize), a.sync_every as usize, |done, total| {
-        let b = bar.get_or_insert_with(|| progress(total, "batch"));
-        b.set_position(done as u64);
-    })
-    .with_context(|| format!("writing {}", a.out.display()))?;
+    let report =
+        run_batch(&s, &input, &a.out, a.top_k.map(|k| k as usize), a.sync_every as usize, a.shard, |done, total| {
+            let b = bar.get_or_insert_with(|| progress(total, "batch"));
+            b.set_position(done as u64);
+        })
+        .with_context(|| format!("writing {}", a.out.display()))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     let failed = report.failed + report.resumed_failed;
     let summary = json!({"out": a.out, "backend": backend_json(&s), "total": report.total,
-        "resumed": report.resumed, "done": report.done, "failed": failed});
+        "resumed": report.resumed, "done": report.done, "failed": failed,
+        "shard": a.shard.map(|s| format!("{}/{}", s.index, s.count))});
     // Every item has its line (failed ones with an `error`), but a run with failed items is not a success.
     let failure = (failed > 0).then(|| {
         format!("{failed} of {} items failed; their lines in {} carry the error", report.total, a.out.display())

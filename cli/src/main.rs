@@ -140,6 +140,8 @@ enum Command {
     /// Bulk inference over a folder of images or a JSONL file of KServe v2 requests; JSON lines out, written
     /// atomically and resumable after an interruption
     Batch(commands::BatchArgs),
+    /// Merge the outputs of every shard of a `batch --shard I/N` run into one file in input order
+    BatchMerge(commands::BatchMergeArgs),
     /// Serve a repository of bundles over the KServe v2 protocol (HTTP), with dynamic batching and routing
     Serve(commands::ServeArgs),
     /// Offline demo: pack the shipped EfficientNet-Lite0, verify it, classify the shipped photos
@@ -290,6 +292,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::demo(a),
         Command::Serve(a) => commands::serve(a),
         Command::Batch(a) => commands::batch(a),
+        Command::BatchMerge(a) => commands::batch_merge(a),
         Command::Devices { json } => commands::devices(json),
         Command::Rewrite { input, output, topo_sort, remove_unused_initializers, opset, free_batch } => {
             commands::rewrite(&input, &output, topo_sort, remove_unused_initializers, opset, free_batch)

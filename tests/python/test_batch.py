@@ -89,3 +89,47 @@ def test_batch_jsonl_requests(tmp_path, binary):
         y = np.array(got[f"r{i}"]["outputs"][0]["data"], np.float32)
         np.testing.assert_allclose(y, s.run(None, {"Input3": x})[0].ravel(), rtol=1e-4, atol=1e-4)
     assert "error" in got["bad"] and "error" in got["line 7"]
+
+
+def test_sharded_batch_merges_to_the_unsharded_output(tmp_path, binary):
+    """Issue 30, item 5: `batch --shard I/N` over 4 shards, run in any order, merges (`batch-merge`) to the same
+    bytes as one unsharded run; an incomplete set of shards or a bad shard spec is refused clearly."""
+    from PIL import Image
+
+    bundle = tmp_path / "m.edgepack"
+    ep("pack", MNIST, "--preset", "mnist", "-o", bundle)
+    imgs = tmp_path / "imgs"
+    for sub in ("a", "b"):
+        (imgs / sub).mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    n = 37
+    for i in range(n):
+        Image.fromarray((rng.random((28, 28)) * 255).astype(np.uint8)).save(imgs / ("ab"[i % 2]) / f"{i:03d}.png")
+    ref = tmp_path / "ref.jsonl"
+    ep("batch", bundle, imgs, "-o", ref, "--threads", "1")
+    parts, sizes = [], []
+    for i in (3, 1, 0, 2):  # any order, as pods finish
+        out = tmp_path / f"part-{i}.jsonl"
+        r = json.loads(ep("batch", bundle, imgs, "-o", out, "--shard", f"{i}/4", "--json", "--threads", "1").stdout)
+        assert r["shard"] == f"{i}/4" and r["failed"] == 0, r
+        sizes.append(r["total"])
+        side = json.loads((tmp_path / f"part-{i}.jsonl.shard.json").read_text())
+        assert side["shard"] == i and side["of"] == 4 and side["total_items"] == n, side
+        parts.append(out)
+    assert sum(sizes) == n and max(sizes) - min(sizes) <= 1, sizes
+    merged = tmp_path / "merged.jsonl"
+    r = json.loads(ep("batch-merge", *parts, "-o", merged, "--json").stdout)
+    assert r["items"] == n and r["shards"] == 4
+    assert merged.read_bytes() == ref.read_bytes()
+    # A shard missing: refused (exit 4, bad input), nothing written.
+    bad = tmp_path / "bad.jsonl"
+    r = ep("batch-merge", *parts[:3], "-o", bad, check=False)
+    assert r.returncode == 4 and "shards missing: 2/4" in r.stderr, r.stderr
+    assert not bad.exists() and not (tmp_path / "bad.jsonl.part").exists()
+    # A shard whose output is cut short: refused.
+    (tmp_path / "part-0.jsonl").write_bytes(b"\n".join((tmp_path / "part-0.jsonl").read_bytes().split(b"\n")[:-2]) + b"\n")
+    r = ep("batch-merge", *parts, "-o", bad, check=False)
+    assert r.returncode == 4 and "incomplete" in r.stderr and not bad.exists(), r.stderr
+    # A shard index out of range: a usage error before anything runs.
+    r = ep("batch", bundle, imgs, "-o", tmp_path / "x.jsonl", "--shard", "4/4", check=False)
+    assert r.returncode == 2 and "0 ≤ I < N" in r.stderr, r.stderr
