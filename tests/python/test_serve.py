@@ -312,6 +312,45 @@ def test_promtool_check_metrics(server):
     assert b"edgepack_requests_total{" in text and b"edgepack_queue_depth{" in text
 
 
+def test_grafana_dashboard_queries_only_what_the_server_exports(server):
+    """Issue 30, item 6: every metric the dashboard (deploy/grafana/edgepack-serve.json) queries is on /metrics, and
+    every label it selects or groups by is one those metrics carry."""
+    dash = json.load(open(os.path.join(ROOT, "deploy", "grafana", "edgepack-serve.json")))
+    x = mnist_input(1)
+    for path in ("/v2/models/mnist/infer", "/v2/models/mnist/versions/9/infer"):  # a success and an error
+        server.post_json(path, {"inputs": [{"name": "Input3", "shape": list(x.shape), "datatype": "FP32",
+                                            "data": x.ravel().tolist()}]})
+    text = server.get("/metrics")[1].decode()
+    kinds = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    labels = {}
+    for line in text.splitlines():
+        m = re.match(r"^(edgepack_\w+)\{([^}]*)\}", line)
+        if m:
+            base = re.sub(r"_(bucket|sum|count)$", "", m[1]) if m[1] not in kinds else m[1]
+            labels.setdefault(base, set()).update(re.findall(r'(\w+)="', m[2]))
+    exprs = [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
+    exprs += [("variable " + v["name"], v["definition"]) for v in dash["templating"]["list"] if "definition" in v]
+    assert len(exprs) >= 12
+    checked = 0
+    for title, expr in exprs:
+        used = set()
+        for name in set(re.findall(r"edgepack_\w+", expr)):
+            base = re.sub(r"_(bucket|sum|count)$", "", name) if name not in kinds else name
+            assert base in kinds, f"{title}: {name} is not exported"
+            if name != base:
+                assert kinds[base] == "histogram", f"{title}: {name} on a {kinds[base]}"
+            used.add(base)
+        groups = re.findall(r"(?:by|ignoring)\s*\(([^)]*)\)", expr) + re.findall(r"label_values\(\w+, *(\w+)\)", expr)
+        wanted = {w.strip() for g in groups for w in g.split(",") if w.strip()}
+        wanted |= set(re.findall(r"(\w+)\s*(?:=~|!=|=)\s*\"", expr))
+        seen = set().union(*(labels.get(b, set()) for b in used)) | {"le"}
+        # Metrics without samples yet (no rejection happened) cannot show their labels: the rest must.
+        if all(b in labels for b in used):
+            assert wanted <= seen, f"{title}: labels {wanted - seen} not on {sorted(used)}"
+            checked += 1
+    assert checked >= 10, f"only {checked} queries had samples to check their labels against"
+
+
 def test_hot_reload_without_dropping_requests(server, repo):
     x = mnist_input(9)
     body = {"inputs": [{"name": "Input3", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": x.ravel().tolist()}]}
