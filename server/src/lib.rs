@@ -70,7 +70,7 @@ pub enum ServeError {
 struct Model {
     config: ModelConfig,
     versions: BTreeMap<String, Arc<Version>>,
-    files: BTreeMap<String, (PathBuf, (u64, Option<std::time::SystemTime>))>,
+    files: BTreeMap<String, FileSig>,
 }
 
 impl Model {
@@ -79,9 +79,22 @@ impl Model {
     }
 }
 
+/// A bundle file's identity for change detection: path, size, modification time.
+type FileSig = (PathBuf, (u64, Option<std::time::SystemTime>));
+
+/// A model version that failed to load: the file that failed (not reloaded until it changes) and why.
+#[derive(Clone)]
+struct Failure {
+    file: FileSig,
+    reason: String,
+}
+
 struct AppState {
     opts: ServeOptions,
     models: RwLock<BTreeMap<String, Arc<Model>>>,
+    /// Model versions of the repository that failed to load, by (model, version): listed as unavailable with the
+    /// reason, they keep the server not ready.
+    failed: RwLock<BTreeMap<(String, String), Failure>>,
     ready: AtomicBool,
     metrics: Arc<Metrics>,
     rng: AtomicU64,
@@ -89,11 +102,29 @@ struct AppState {
 
 impl AppState {
     fn model(&self, name: &str) -> Result<Arc<Model>, ApiError> {
-        self.models
-            .read()
-            .ok()
-            .and_then(|m| m.get(name).cloned())
-            .ok_or_else(|| ApiError::not_found(format!("unknown model `{name}`")))
+        self.models.read().ok().and_then(|m| m.get(name).cloned()).ok_or_else(|| match self.failures(name, None) {
+            Some(why) => ApiError::unavailable(format!("model `{name}` is unavailable: {why}"), 5),
+            None => ApiError::not_found(format!("unknown model `{name}`")),
+        })
+    }
+
+    /// Why versions of `name` (or its `version`) failed to load, when they did.
+    fn failures(&self, name: &str, version: Option<&str>) -> Option<String> {
+        let f = self.failed.read().ok()?;
+        let why: Vec<String> = f
+            .iter()
+            .filter(|((m, v), _)| m == name && version.is_none_or(|x| x == v))
+            .map(|((_, v), e)| format!("version {v} failed to load: {}", e.reason))
+            .collect();
+        (!why.is_empty()).then(|| why.join("; "))
+    }
+
+    /// The error for a version `name` does not serve: unavailable with the reason when it failed to load.
+    fn no_version(&self, name: &str, v: &str) -> ApiError {
+        match self.failures(name, Some(v)) {
+            Some(why) => ApiError::unavailable(format!("model `{name}` {why}"), 5),
+            None => ApiError::not_found(format!("model `{name}` has no version `{v}`")),
+        }
     }
 
     /// A uniform number in [0, 100) (xorshift over a shared state).
@@ -116,9 +147,7 @@ impl AppState {
     ) -> Result<(Arc<Version>, Option<Arc<Version>>), ApiError> {
         let get = |v: &str| m.versions.get(v).cloned();
         if let Some(v) = pinned {
-            return get(v)
-                .map(|v| (v, None))
-                .ok_or_else(|| ApiError::not_found(format!("model `{name}` has no version `{v}`")));
+            return get(v).map(|v| (v, None)).ok_or_else(|| self.no_version(name, v));
         }
         let r = &m.config.routing;
         let default = r.default.as_deref().and_then(get).or_else(|| m.latest().cloned());
@@ -173,6 +202,7 @@ async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let state = Arc::new(AppState {
         opts: opts.clone(),
         models: RwLock::new(BTreeMap::new()),
+        failed: RwLock::new(BTreeMap::new()),
         ready: AtomicBool::new(false),
         metrics: Arc::new(Metrics::default()),
         rng: AtomicU64::new(seed | 1),
@@ -251,6 +281,9 @@ fn sync_repo(state: &AppState) {
         tracing::warn!(problem = %p, "model repository");
     }
     let current = state.models.read().map(|m| m.clone()).unwrap_or_default();
+    let mut failed = state.failed.read().map(|f| f.clone()).unwrap_or_default();
+    // Versions gone from the repository are no longer failures.
+    failed.retain(|(m, v), _| found.get(m).is_some_and(|d| d.versions.contains_key(v)));
     let mut next = BTreeMap::new();
     let mut changed = false;
     for (name, dir) in found {
@@ -269,6 +302,17 @@ fn sync_repo(state: &AppState) {
                 files.insert(v.clone(), file.clone());
                 continue;
             }
+            // The same file failed before: not read again (nor logged again) until it changes.
+            let key = (name.clone(), v.clone());
+            if failed.get(&key).is_some_and(|f| &f.file == file) {
+                if let Some(prev) = old.and_then(|o| o.versions.get(v)) {
+                    versions.insert(v.clone(), prev.clone());
+                    if let Some(f) = old.and_then(|o| o.files.get(v)) {
+                        files.insert(v.clone(), f.clone());
+                    }
+                }
+                continue;
+            }
             changed = true;
             let t0 = Instant::now();
             let mut opts = SessionOptions { variant: dir.config.variant.clone(), ..state.opts.session.clone() };
@@ -281,9 +325,15 @@ fn sync_repo(state: &AppState) {
                         batching = loaded.batchable, load_ms = t0.elapsed().as_millis() as u64, "loaded and warmed up");
                     versions.insert(v.clone(), loaded);
                     files.insert(v.clone(), file.clone());
+                    failed.remove(&key);
                 }
                 Err(e) => {
+                    // Logged once per change of the file; the version is listed as unavailable with the reason.
                     tracing::error!(model = %name, version = %v, error = %e, "loading failed");
+                    failed.insert(key, Failure { file: file.clone(), reason: e.to_string() });
+                    if old.and_then(|o| o.versions.get(v)).is_none() {
+                        state.metrics.set("edgepack_model_ready", &[("model", &name), ("version", v)], 0.0);
+                    }
                     // Keep serving what was there.
                     if let Some(prev) = old.and_then(|o| o.versions.get(v)) {
                         versions.insert(v.clone(), prev.clone());
@@ -311,6 +361,9 @@ fn sync_repo(state: &AppState) {
                 .map(|(_, old)| old.clone())
         })
         .collect();
+    if let Ok(mut f) = state.failed.write() {
+        *f = failed;
+    }
     if !changed && retired.is_empty() {
         return;
     }
@@ -360,9 +413,27 @@ async fn live() -> Response {
 }
 
 async fn ready(State(s): St) -> Response {
-    let r = s.ready.load(Ordering::SeqCst);
+    // Not ready while a configured model version cannot load and nothing serves in its place (a bad update of a
+    // loaded version keeps the old one serving: listed, but the server stays ready).
+    let serving =
+        |m: &str, v: &str| s.models.read().ok().is_some_and(|ms| ms.get(m).is_some_and(|x| x.versions.contains_key(v)));
+    let failed: Vec<Value> = s
+        .failed
+        .read()
+        .map(|f| {
+            f.iter()
+                .filter(|((m, v), _)| !serving(m, v))
+                .map(|((m, v), e)| json!({"model": m, "version": v, "reason": e.reason}))
+                .collect()
+        })
+        .unwrap_or_default();
+    let r = s.ready.load(Ordering::SeqCst) && failed.is_empty();
     let status = if r { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, axum::Json(json!({ "ready": r }))).into_response()
+    let mut body = json!({ "ready": r });
+    if !failed.is_empty() {
+        body["unavailable"] = json!(failed);
+    }
+    (status, axum::Json(body)).into_response()
 }
 
 fn tensor_meta(io: &[edgepack_runtime::IoInfo], batch: bool) -> Vec<Value> {
@@ -385,11 +456,7 @@ fn tensor_meta(io: &[edgepack_runtime::IoInfo], batch: bool) -> Vec<Value> {
 fn metadata(s: &AppState, name: &str, version: Option<&str>) -> Result<Response, ApiError> {
     let m = s.model(name)?;
     let v = match version {
-        Some(v) => m
-            .versions
-            .get(v)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(format!("model `{name}` has no version `{v}`")))?,
+        Some(v) => m.versions.get(v).cloned().ok_or_else(|| s.no_version(name, v))?,
         None => s.route(&m, name, None, &HeaderMap::new())?.0,
     };
     let mut versions: Vec<&String> = m.versions.keys().collect();
@@ -418,7 +485,7 @@ fn model_ready_inner(s: &AppState, name: &str, version: Option<&str>) -> Result<
     if let Some(v) = version
         && !m.versions.contains_key(v)
     {
-        return Err(ApiError::not_found(format!("model `{name}` has no version `{v}`")));
+        return Err(s.no_version(name, v));
     }
     Ok(axum::Json(json!({ "name": name, "ready": true })).into_response())
 }

@@ -34,7 +34,7 @@ def require(tool, why):
 
 
 class Server:
-    def __init__(self, repo, *args):
+    def __init__(self, repo, *args, wait_ready=True):
         self.proc = subprocess.Popen([edgepack_bin(), "serve", "--repo", str(repo), "--addr", "127.0.0.1:0", *args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.log = []
@@ -47,7 +47,8 @@ class Server:
         threading.Thread(target=self._drain, daemon=True).start()
         deadline = time.time() + 300
         while time.time() < deadline:
-            if self.get("/v2/health/ready")[0] == 200:
+            status, body, _ = self.get("/v2/health/ready")
+            if status == 200 or (not wait_ready and b'"unavailable"' in body):
                 return
             assert self.proc.poll() is None, "".join(self.log)
             time.sleep(0.2)
@@ -310,6 +311,42 @@ def test_promtool_check_metrics(server):
     r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
     assert r.returncode == 0, (r.stdout + r.stderr).decode() + text.decode()[:3000]
     assert b"edgepack_requests_total{" in text and b"edgepack_queue_depth{" in text
+
+
+def test_a_model_that_cannot_load_is_unavailable_with_its_reason(tmp_path, binary):
+    """Issue 30, item 4: a truncated bundle in the repository is listed as unavailable with the reason (metadata and
+    ready endpoints, 503 not 404), keeps the server not ready, is logged once (not on every poll), and loads once
+    fixed; the other models serve meanwhile."""
+    repo = tmp_path / "repo"
+    for m in ("good", "bad"):
+        (repo / m / "1").mkdir(parents=True)
+    ep("pack", MNIST, "--preset", "mnist", "-o", repo / "good" / "1" / "model.edgepack")
+    whole = (repo / "good" / "1" / "model.edgepack").read_bytes()
+    (repo / "bad" / "1" / "model.edgepack").write_bytes(whole[: len(whole) // 2])
+    s = Server(repo, "--poll", "0.2", "--device", "cpu", wait_ready=False)
+    try:
+        status, body, _ = s.get("/v2/health/ready")
+        r = json.loads(body)
+        assert status == 503 and r["ready"] is False, r
+        assert [(u["model"], u["version"]) for u in r["unavailable"]] == [("bad", "1")] and r["unavailable"][0]["reason"]
+        for path in ("/v2/models/bad", "/v2/models/bad/ready", "/v2/models/bad/versions/1"):
+            status, body, headers = s.get(path)
+            assert status == 503 and "version 1 failed to load" in json.loads(body)["error"], (path, body)
+        assert s.get("/v2/models/nope")[0] == 404
+        x = mnist_input(5)
+        status, _, _ = s.post_json("/v2/models/good/infer", {"inputs": [
+            {"name": "Input3", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]})
+        assert status == 200
+        time.sleep(1.5)  # several polls
+        assert sum("loading failed" in line for line in s.log) == 1, "".join(s.log)
+        # Fixed in place: loads on the next poll, the server becomes ready.
+        (repo / "bad" / "1" / "model.edgepack").write_bytes(whole)
+        deadline = time.time() + 60
+        while time.time() < deadline and s.get("/v2/health/ready")[0] != 200:
+            time.sleep(0.2)
+        assert s.get("/v2/health/ready")[0] == 200 and s.get("/v2/models/bad/ready")[0] == 200
+    finally:
+        assert s.stop() == 0, "".join(s.log[-20:])
 
 
 def test_grafana_dashboard_queries_only_what_the_server_exports(server):
