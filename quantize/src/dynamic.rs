@@ -79,9 +79,7 @@ fn plan(n: &NodeProto, inits: &HashMap<&str, &TensorProto>) -> Option<Plan> {
 pub fn quantize(model: &Model, cfg: &QdqConfig) -> Result<(Model, QdqSummary), QdqError> {
     let mut m = model.clone();
     let mut summary = QdqSummary::default();
-    let inits: HashMap<String, TensorProto> =
-        model.graph.initializers.iter().filter_map(|t| Some((t.name.clone()?, t.clone()))).collect();
-    let init_refs: HashMap<&str, &TensorProto> = inits.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let init_refs = model.graph.initializers_by_name();
     let mut new_inits: Vec<TensorProto> = Vec::new();
     let mut new_nodes: Vec<NodeProto> = Vec::new();
     // One DynamicQuantizeLinear per activation: (x_q, x_scale, x_zero_point).
@@ -155,7 +153,7 @@ pub fn quantize(model: &Model, cfg: &QdqConfig) -> Result<(Model, QdqSummary), Q
             Plan::Recurrent => {
                 let mut rn = n.clone();
                 for i in [1usize, 2] {
-                    let t = &inits[&n.input[i]];
+                    let t = init_refs[n.input[i].as_str()];
                     let vals = tensor_f32_values(t).unwrap_or_default();
                     if t.dims.len() != 3 {
                         continue;

@@ -271,8 +271,7 @@ pub fn local_probe_graph(
     };
     let producer: HashMap<&str, &NodeProto> =
         full.graph.nodes.iter().flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n))).collect();
-    let full_inits: HashMap<&str, &TensorProto> =
-        full.graph.initializers.iter().filter_map(|t| Some((t.name.as_deref()?, t))).collect();
+    let full_inits: HashMap<&str, &TensorProto> = full.graph.initializers_by_name();
     let have: HashSet<String> = g.graph.initializers.iter().filter_map(|t| t.name.clone()).collect();
     let mut copied: HashSet<String> = HashSet::new();
     let mut copy_init = |g: &mut Model, name: &str| {

@@ -136,8 +136,7 @@ pub(crate) fn nodes_taken(
     cfg: &QdqConfig,
     takes: impl Fn(&NodeProto, &HashMap<&str, &TensorProto>) -> bool,
 ) -> Vec<(String, String)> {
-    let inits: HashMap<&str, &TensorProto> =
-        model.graph.initializers.iter().filter_map(|t| Some((t.name.as_deref()?, t))).collect();
+    let inits: HashMap<&str, &TensorProto> = model.graph.initializers_by_name();
     model
         .graph
         .nodes

@@ -308,8 +308,7 @@ fn gather(
     pre: Option<&ImagePreprocess>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Stats, CalibError> {
-    let inits: HashMap<&str, &TensorProto> =
-        model.graph.initializers.iter().filter_map(|t| Some((t.name.as_deref()?, t))).collect();
+    let inits: HashMap<&str, &TensorProto> = model.graph.initializers_by_name();
     let mut layers: HashMap<String, (Layer, Vec<Moments>)> = model
         .graph
         .nodes
@@ -386,8 +385,7 @@ impl Refiner {
             methods,
             cache: Mutex::new(HashMap::new()),
         });
-        let inits: HashMap<&str, &TensorProto> =
-            model.graph.initializers.iter().filter_map(|t| Some((t.name.as_deref()?, t))).collect();
+        let inits: HashMap<&str, &TensorProto> = model.graph.initializers_by_name();
         let weighted: Vec<usize> = (0..units.len())
             .filter(|&i| model.graph.nodes.iter().any(|n| n.name() == units[i].0 && layer_of(n, &inits).is_some()))
             .collect();

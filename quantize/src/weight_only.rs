@@ -97,9 +97,7 @@ pub fn quantize(model: &Model, cfg: &QdqConfig, wo: WeightOnly) -> Result<(Model
     let group = wo.group.max(2);
     let mut m = model.clone();
     let mut summary = QdqSummary::default();
-    let inits: HashMap<String, TensorProto> =
-        model.graph.initializers.iter().filter_map(|t| Some((t.name.clone()?, t.clone()))).collect();
-    let refs: HashMap<&str, &TensorProto> = inits.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let refs = model.graph.initializers_by_name();
     let mut new_inits: Vec<TensorProto> = Vec::new();
     let mut new_nodes: Vec<NodeProto> = Vec::new();
     let mut int4_used = false;

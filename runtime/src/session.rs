@@ -318,13 +318,14 @@ impl Session {
     /// Loads a checked model on the backend chosen by `opts.device`.
     pub fn from_model(model: &Model, opts: &SessionOptions) -> Result<Session> {
         let freed;
-        let low_bit = model.graph.initializers.iter().any(|t| matches!(t.data_type, Some(21 | 22)));
+        let low_bit = model.graph.has_low_bit_weights();
         let model = if opts.free_batch || low_bit {
             let mut m = model.clone();
             if opts.free_batch {
                 m.graph.free_batch_dim();
             }
-            // 4-bit weights are unpacked to f32 once here: no backend carries a 4-bit type.
+            // 4-bit (and weight-only 8-bit) weights are unpacked to f32 once here: no backend carries a 4-bit type,
+            // and the float kernels want plain f32 weights.
             m.graph.fold_low_bit_weights();
             freed = m;
             &freed

@@ -258,6 +258,11 @@ impl Graph {
         self.initializers.iter().find(|t| t.name.as_deref() == Some(name))
     }
 
+    /// The named initializers by name, for passes that look many of them up.
+    pub fn initializers_by_name(&self) -> HashMap<&str, &TensorProto> {
+        self.initializers.iter().filter_map(|t| Some((t.name.as_deref()?, t))).collect()
+    }
+
     /// Adds or replaces an initializer (matched by name).
     pub fn set_initializer(&mut self, t: TensorProto) {
         match self.initializers.iter_mut().find(|x| x.name == t.name) {

@@ -313,9 +313,7 @@ impl Graph {
     /// tensor (and of a constant int8/uint8 one when the graph quantizes no activation: weight-only quantization) with constant f32 or float16 scales (per tensor, per axis or blocked) becomes an f32 initializer, and
     /// a `Cast` to float or a `Reshape` by a constant shape of such a value is folded too. Returns how many nodes were folded.
     pub fn fold_low_bit_weights(&mut self) -> usize {
-        // A graph that quantizes no activation (weight-only quantization) has its 8-bit weights unpacked too: every
-        // consumer runs in float anyway, and the float kernels want plain f32 weights.
-        let weight_only = !self.nodes.iter().any(|n| matches!(n.op(), "QuantizeLinear" | "DynamicQuantizeLinear"));
+        let weight_only = self.quantizes_no_activation();
         let mut folded = 0;
         let mut made: HashSet<String> = HashSet::new();
         let mut k = 0;
@@ -351,6 +349,25 @@ impl Graph {
             self.remove_unused_initializers();
         }
         folded
+    }
+
+    /// A graph that quantizes no activation (weight-only quantization): its 8-bit weights are unpacked too, since
+    /// every consumer runs in float anyway and the float kernels want plain f32 weights.
+    fn quantizes_no_activation(&self) -> bool {
+        !self.nodes.iter().any(|n| matches!(n.op(), "QuantizeLinear" | "DynamicQuantizeLinear"))
+    }
+
+    /// Whether [`Graph::fold_low_bit_weights`] has anything to unpack (cheap: no copy of the graph).
+    pub fn has_low_bit_weights(&self) -> bool {
+        self.initializers.iter().any(|t| matches!(t.data_type, Some(21 | 22)))
+            || (self.quantizes_no_activation()
+                && self.nodes.iter().any(|n| {
+                    n.op() == "DequantizeLinear"
+                        && n.input
+                            .first()
+                            .and_then(|x| self.initializer(x))
+                            .is_some_and(|t| matches!(t.data_type, Some(2 | 3)))
+                }))
     }
 
     fn dequantize_constant(&self, k: usize, eight_bit: bool) -> Option<TensorProto> {

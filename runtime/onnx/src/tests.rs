@@ -241,10 +241,13 @@ fn eight_bit_weights_fold_only_where_no_activation_is_quantized() {
         )
     };
     let mut wo = build(false);
+    assert!(wo.graph.has_low_bit_weights());
     assert_eq!(wo.graph.fold_low_bit_weights(), 1);
+    assert!(!wo.graph.has_low_bit_weights());
     assert_eq!(passes::tensor_f32_values(wo.graph.initializer("w").unwrap()).unwrap(), vec![0.5, -0.25, 1.0, -32.0]);
     // A QDQ model keeps its int8 weights for the integer kernels.
     let mut qdq = build(true);
+    assert!(!qdq.graph.has_low_bit_weights());
     assert_eq!(qdq.graph.fold_low_bit_weights(), 0);
 }
 
