@@ -27,10 +27,10 @@ MODEL = os.path.join(ROOT, "assets", "models", "efficientnet_lite0_fp32.onnx")
 PHOTOS = os.path.join(ROOT, "assets", "photos")
 
 
-def ep_bench(model, device, batch, runs, warmup, env=None):
+def ep_bench(model, device, batch, runs, warmup, env=None, threads=0):
     r = subprocess.run([edgepack_bin(), "bench", model, "--free-batch", "--batch", str(batch), "--device", device,
-                        "--runs", str(runs), "--warmup", str(warmup), "--json"], capture_output=True, text=True,
-                       env={**os.environ, **(env or {})})
+                        "--runs", str(runs), "--warmup", str(warmup), "--threads", str(threads), "--json"],
+                       capture_output=True, text=True, env={**os.environ, **(env or {})})
     if r.returncode != 0:
         raise SystemExit(f"edgepack bench {model} --device {device} --batch {batch} failed:\n{r.stderr}")
     return json.loads(r.stdout)

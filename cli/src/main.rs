@@ -47,7 +47,8 @@ Environment:
                           --log-level and -v override it
   EDGEPACK_GPU=off        never use the GPU (--device auto runs on the CPU)
   EDGEPACK_GPU_PRECISION  f16: f16 QDQ arithmetic on GPUs with shader-f16
-  EDGEPACK_CACHE_DIR      where --device auto caches its measured choice (default ~/.cache/edgepack)";
+  EDGEPACK_CACHE_DIR      where --device auto caches its measured choice (default ~/.cache/edgepack)
+  EDGEPACK_ALLOC_CACHE_MB freed large buffers kept for reuse by later runs, in MiB (default 1024; 0: none)";
 
 #[derive(Parser)]
 #[command(
@@ -242,7 +243,16 @@ fn set_log_level(level: Option<&str>, verbose: u8) {
     }
 }
 
+/// Freed large blocks (activations) are kept for the next run instead of being unmapped and faulted in again
+/// (`alloc::Recycle`); `EDGEPACK_ALLOC_CACHE_MB` bounds what is kept.
+#[global_allocator]
+static ALLOC: edgepack_runtime::alloc::Recycle = edgepack_runtime::alloc::Recycle::new(ALLOC_CACHE_MB << 20);
+const ALLOC_CACHE_MB: usize = 1024;
+
 fn main() -> ExitCode {
+    if let Some(mb) = std::env::var("EDGEPACK_ALLOC_CACHE_MB").ok().and_then(|v| v.trim().parse::<usize>().ok()) {
+        ALLOC.set_limit(mb.saturating_mul(1 << 20));
+    }
     quiet_headless_vulkan();
     let json_requested = std::env::args_os().any(|a| a == "--json");
     let args = match config::expand(std::env::args_os().collect(), &command()) {

@@ -13,7 +13,7 @@
 pub use edgepack_backend as backend;
 pub use edgepack_bundle as bundle;
 pub use edgepack_bundle::compress;
-pub use edgepack_core::{fsutil, npy, tensor};
+pub use edgepack_core::{alloc, fsutil, npy, tensor};
 #[cfg(feature = "gpu")]
 pub use edgepack_gpu as gpu;
 pub use edgepack_interp as interp;

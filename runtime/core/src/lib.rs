@@ -1,5 +1,6 @@
 //! The base of the runtime's crate ladder: typed tensors and element types, dimensions, the one error type,
 //! `.npy` reading and atomic writes. It depends on no other edgepack crate.
+pub mod alloc;
 mod dim;
 pub mod error;
 pub mod fsutil;
