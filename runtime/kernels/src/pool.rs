@@ -6,9 +6,14 @@
 //! recently are still spinning, so a hand-off costs an atomic store (onnxruntime's pool does the same). Workers
 //! spin for [`SPIN`] after their last part, then sleep on a condition variable until the next job.
 //!
-//! Parts are claimed dynamically (one atomic counter per job), so callers can split finer than the thread count and
-//! a slow or descheduled thread does not hold the others back. One job runs at a time: a second caller (another
-//! session on another thread, or a nested call) runs its parts inline rather than waiting.
+//! Parts are claimed dynamically, so callers can split finer than the thread count and a slow or descheduled thread
+//! does not hold the others back; but each participant first claims its own contiguous range (the caller the first
+//! `parts / P`, worker `w` the `w + 1`-th), and only then the rest of the others' ranges. Callers split their work
+//! in address order (a convolution's parts are bands of output rows), so a thread gets the same band of every
+//! layer and reads what it wrote itself, from its own core's cache: with one shared counter the two threads of a
+//! 2-core machine took alternate parts, and a depthwise layer ran slower on two threads than on one (its input
+//! pulled across cores). One job runs at a time: a second caller (another session on another thread, or a nested
+//! call) runs its parts inline rather than waiting.
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Condvar, Mutex, OnceLock};
@@ -27,9 +32,14 @@ struct Job {
     workers: usize,
 }
 
+/// Participants of one job at most (the caller and `MAX_PARTICIPANTS - 1` workers).
+const MAX_PARTICIPANTS: usize = 64;
+
 struct Shared {
-    /// `epoch << 32 | next part to claim`.
+    /// `epoch << 32`: a new job is published by a new epoch.
     state: AtomicU64,
+    /// Per participant `epoch << 32 | next part to claim` in its range (see [`range`]).
+    next: [AtomicU64; MAX_PARTICIPANTS],
     /// The job of the current epoch; written by the caller (holding `busy`) before the epoch is published.
     job: Mutex<Option<Job>>,
     /// Parts of the current job that have finished.
@@ -51,6 +61,7 @@ fn shared() -> &'static Shared {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| Shared {
         state: AtomicU64::new(0),
+        next: std::array::from_fn(|_| AtomicU64::new(0)),
         job: Mutex::new(None),
         done: AtomicUsize::new(0),
         panicked: AtomicBool::new(false),
@@ -65,7 +76,7 @@ fn shared() -> &'static Shared {
 /// Runs `f(i)` for every `i in 0..parts` on the calling thread and up to `threads - 1` pool workers; returns when
 /// all parts have finished. Panics of `f` are propagated to the caller.
 pub fn run(parts: usize, threads: usize, f: &(dyn Fn(usize) + Sync)) {
-    let workers = threads.saturating_sub(1).min(parts.saturating_sub(1));
+    let workers = threads.saturating_sub(1).min(parts.saturating_sub(1)).min(MAX_PARTICIPANTS - 1);
     let s = shared();
     if workers == 0 || parts > u32::MAX as usize || s.busy.compare_exchange(false, true, Acquire, Relaxed).is_err() {
         (0..parts).for_each(f);
@@ -79,12 +90,15 @@ pub fn run(parts: usize, threads: usize, f: &(dyn Fn(usize) + Sync)) {
     *s.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(Job { epoch, task, parts: parts as u32, workers });
     s.done.store(0, Relaxed);
     s.panicked.store(false, Relaxed);
+    for (p, next) in s.next.iter().enumerate().take(workers + 1) {
+        next.store((epoch as u64) << 32 | range(parts, workers + 1, p).start as u64, Relaxed);
+    }
     s.state.store((epoch as u64) << 32, SeqCst);
     if s.sleepers.load(SeqCst) > 0 {
         let _g = s.sleep.lock().unwrap_or_else(|e| e.into_inner());
         s.wake.notify_all();
     }
-    claim(s, epoch, parts as u32, task);
+    claim(s, epoch, parts as u32, workers + 1, 0, task);
     let mut spins = 0u32;
     while s.done.load(Acquire) < parts {
         spins += 1;
@@ -102,24 +116,34 @@ pub fn run(parts: usize, threads: usize, f: &(dyn Fn(usize) + Sync)) {
     }
 }
 
-/// Claims and runs parts of `epoch` until none is left. Every part is counted in `done` when it ends, a panicking
-/// one too (the panic is recorded and re-raised by the caller once no thread uses the task any more).
+/// Parts `p` of `participants` claims first: a contiguous share of `0..parts`.
+pub(crate) fn range(parts: usize, participants: usize, p: usize) -> std::ops::Range<usize> {
+    let share = |i: usize| (parts as u64 * i as u64 / participants as u64) as usize;
+    share(p)..share(p + 1)
+}
+
+/// Claims and runs parts of `epoch` until none is left: participant `me`'s own range first, then what is left of
+/// the others'. Every part is counted in `done` when it ends, a panicking one too (the panic is recorded and
+/// re-raised by the caller once no thread uses the task any more).
 ///
 /// `task` is only dereferenced after a claim of `epoch` succeeded: the caller of that epoch is then still waiting
 /// for the claimed part, so the closure is alive.
-fn claim(s: &Shared, epoch: u32, parts: u32, task: Task) {
-    loop {
-        let v = s.state.load(Acquire);
-        if (v >> 32) as u32 != epoch || (v as u32) >= parts {
-            return;
-        }
-        if s.state.compare_exchange_weak(v, v + 1, AcqRel, Relaxed).is_ok() {
-            // SAFETY: see above.
-            let f = unsafe { &*task };
-            if catch_unwind(AssertUnwindSafe(|| f(v as u32 as usize))).is_err() {
-                s.panicked.store(true, Release);
+fn claim(s: &Shared, epoch: u32, parts: u32, participants: usize, me: usize, task: Task) {
+    for q in (me..participants).chain(0..me) {
+        let end = range(parts as usize, participants, q).end as u32;
+        loop {
+            let v = s.next[q].load(Acquire);
+            if (v >> 32) as u32 != epoch || (v as u32) >= end {
+                break;
             }
-            s.done.fetch_add(1, AcqRel);
+            if s.next[q].compare_exchange_weak(v, v + 1, AcqRel, Relaxed).is_ok() {
+                // SAFETY: see above.
+                let f = unsafe { &*task };
+                if catch_unwind(AssertUnwindSafe(|| f(v as u32 as usize))).is_err() {
+                    s.panicked.store(true, Release);
+                }
+                s.done.fetch_add(1, AcqRel);
+            }
         }
     }
 }
@@ -168,7 +192,7 @@ fn worker(s: &'static Shared, id: usize) {
         if id >= job.workers {
             continue;
         }
-        claim(s, job.epoch, job.parts, job.task);
+        claim(s, job.epoch, job.parts, job.workers + 1, id + 1, job.task);
     }
 }
 

@@ -515,3 +515,72 @@ fn the_expected_instruction_set_is_detected() {
     let best = *Isa::available().last().unwrap();
     assert_eq!(best, want, "best instruction set detected");
 }
+
+/// Small images whose GEMM splits its channel blocks and rows below a tile across threads (`gemm_split`): 1×1
+/// convolutions on 7×7 and 14×14 pixels with 1–20 channel blocks, a classifier GEMV, on 2 and 3 threads, equal the
+/// direct loop (fp32) and the scalar reference (INT8).
+#[test]
+fn small_image_gemms_split_across_threads_equal_the_reference() {
+    let mut r = Rng(0x5b1_7000);
+    let isa = *Isa::available().last().unwrap();
+    for &(hw, c_in, c_out) in &[(7, 64, 192), (14, 48, 112), (7, 32, 320), (7, 40, 1280), (1, 1280, 1000), (3, 16, 40)]
+    {
+        let geom =
+            ConvGeometry { c_in, c_out, group: 1, kernel: [1, 1], stride: [1, 1], dilation: [1, 1], pads: [0; 4] };
+        let spec = FConvSpec {
+            geom,
+            weights: (0..c_in * c_out).map(|_| r.unit() - 0.5).collect(),
+            bias: Some((0..c_out).map(|_| r.unit() - 0.5).collect()),
+            clamp: [0.0, 6.0],
+        };
+        let x: Vec<f32> = (0..hw * hw * c_in).map(|_| r.unit() * 2.0 - 1.0).collect();
+        let (want, mag) = fconv_reference(&spec, &x, [1, hw, hw]);
+        let conv = FConv::new(spec, isa).unwrap();
+        let q = QConvSpec {
+            geom,
+            z_x: 128,
+            z_y: 3,
+            weights: (0..c_in * c_out).map(|_| (r.range(0, 254) as i32 - 127) as i8).collect(),
+            bias: Some((0..c_out).map(|_| r.range(0, 2000) as i32 - 1000).collect()),
+            multiplier: (0..c_out).map(|_| 0.0005 + r.unit() * 0.002).collect(),
+        };
+        let xq: Vec<u8> = (0..hw * hw * c_in).map(|_| r.range(0, 255) as u8).collect();
+        for threads in [2, 3] {
+            super::with_threads(threads, || {
+                let mut got = vec![f32::NAN; want.len()];
+                conv.run(&x, 1, hw, hw, &mut got).unwrap();
+                for (i, ((&g, &e), &m)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                    let what = format!("{hw}x{hw} {c_in}->{c_out} on {threads} threads, element {i}");
+                    assert!((g as f64 - e).abs() <= 1e-5 * (1.0 + m), "{what}: {g} vs {e}");
+                }
+                let g = Conv2d { group: 1, kernel: [1, 1], stride: [1, 1], dilation: [1, 1], pads: [0; 4] };
+                check_qconv(&q, g, [1, c_in, hw, hw], &xq, isa, &format!("int8 {hw}x{hw} {c_in}->{c_out} {threads}t"));
+            });
+        }
+    }
+}
+
+#[test]
+fn gemm_split_balances_threads_with_the_fewest_row_parts() {
+    use super::qconv::gemm_split;
+    // 7×7 (one tile) × three 64-wide blocks on 2 threads: two row halves of each block.
+    assert_eq!(gemm_split(49, 1, &[64; 3], 2, 8), (2, 3));
+    // 112 channels = a 64- and a 48-wide block: a column split alone would give one thread 57 %.
+    assert_eq!(gemm_split(196, 1, &[64, 48], 2, 8), (2, 2));
+    // Twenty blocks: ten pairs on two threads, rows whole (no weight read twice).
+    assert_eq!(gemm_split(49, 1, &[64; 20], 2, 8), (1, 10));
+    // Enough row tiles: rows only, as many parts as wanted.
+    assert_eq!(gemm_split(12544, 49, &[64; 2], 2, 8), (8, 1));
+    // One thread: one part.
+    assert_eq!(gemm_split(49, 1, &[64; 3], 1, 4), (1, 1));
+    // Any shape: parts within bounds and the heaviest thread near an even share where the rows allow it.
+    for rows in [1, 7, 49, 196, 300] {
+        for nb in 1..24 {
+            for threads in 2..6 {
+                let widths: Vec<usize> = (0..nb).map(|i| if i + 1 == nb { 16 * (1 + i % 4) } else { 64 }).collect();
+                let (rp, cp) = gemm_split(rows, rows.div_ceil(256), &widths, threads, threads * 4);
+                assert!(rp >= 1 && cp >= 1 && cp <= nb && rp <= rows.max(1), "{rows} rows {nb} blocks: {rp}x{cp}");
+            }
+        }
+    }
+}

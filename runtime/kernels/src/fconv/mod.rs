@@ -37,6 +37,12 @@ pub(crate) struct FBlock {
     pub packed: Vec<f32>,
 }
 
+impl super::qconv::Width for FBlock {
+    fn width(&self) -> usize {
+        self.width
+    }
+}
+
 enum Plan {
     Gemm {
         k: usize,

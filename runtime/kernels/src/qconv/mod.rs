@@ -45,6 +45,8 @@ pub(crate) const TILE_ROWS: usize = 48;
 /// Rows per tile when they are read in place (1×1 convolutions): a whole small image, so each pass over a
 /// block's weights serves every row while the weights sit in L1.
 pub(crate) const DIRECT_ROWS: usize = 256;
+/// Fewest output pixels in a part of a GEMM split across threads (a register tile's rows or so).
+const MIN_PART_ROWS: usize = 8;
 
 /// The per-channel output stage of a GEMM run: bias (zero point folded in; `bias128` for the kernels that
 /// multiply `x − 128`) and multiplier, each padded to a multiple of 64 channels.
@@ -620,12 +622,72 @@ pub(crate) enum RowSource<T> {
     Padded,
 }
 
+/// A packed channel block's width (channels computed), for the thread split.
+pub(crate) trait Width {
+    fn width(&self) -> usize;
+}
+
+impl Width for Block {
+    fn width(&self) -> usize {
+        self.width
+    }
+}
+
+/// How a GEMM of `rows` output pixels in `tiles` row tiles and channel blocks of `widths` splits across `threads`:
+/// `(row parts, column parts)`, parts ordered row part first (the pool gives each thread a contiguous range).
+/// - At least `wanted` row tiles: rows only, `wanted` parts (each part reads every block's weights once, as one
+///   thread would).
+/// - Fewer (a small image: 7×7 = 49 pixels is one tile): channel blocks split too, and rows below a tile if that
+///   is what balances the threads: the fewest row parts (each re-reads its blocks' weights) whose heaviest thread
+///   carries at most 5 % over an even share, else the best balance found. Three 64-channel blocks of a 7×7 image
+///   on two threads become two row halves of each (one thread with two blocks and one with one took 2/3 of the
+///   time of one thread, not 1/2); twenty blocks become ten pairs, not seven triples.
+pub(crate) fn gemm_split(rows: usize, tiles: usize, widths: &[usize], threads: usize, wanted: usize) -> (usize, usize) {
+    let nb = widths.len().max(1);
+    if tiles >= wanted || threads <= 1 || rows == 0 {
+        return (tiles.min(wanted).max(1), 1);
+    }
+    let total: usize = widths.iter().sum::<usize>().max(1);
+    // The heaviest thread's share of the work over an even share, when each thread runs its own range of parts.
+    let imbalance = |rp: usize, cp: usize, bper: usize| {
+        let per = rows.div_ceil(rp);
+        let load = |p: usize| {
+            let (r, c) = (p / cp, p % cp);
+            let nrows = rows.saturating_sub(r * per).min(per);
+            nrows * widths[(c * bper).min(widths.len())..((c + 1) * bper).min(widths.len())].iter().sum::<usize>()
+        };
+        let parts = rp * cp;
+        let users = threads.min(parts);
+        let heaviest = (0..users).map(|t| super::pool::range(parts, users, t).map(load).sum::<usize>()).max();
+        heaviest.unwrap_or(0) as f64 * threads as f64 / (rows * total) as f64
+    };
+    let first_bper = nb.div_ceil(wanted.div_ceil(tiles).min(nb).max(1));
+    let max_rp = rows.div_ceil(MIN_PART_ROWS).clamp(1, 2 * threads);
+    let mut best = (f64::INFINITY, 1, nb);
+    for rp in 1..=max_rp {
+        for bper in (1..=first_bper).rev() {
+            let cp = nb.div_ceil(bper);
+            if bper < first_bper && nb.div_ceil(bper + 1) == cp {
+                continue; // the same column parts as a wider share
+            }
+            let imb = imbalance(rp, cp, bper);
+            if imb < best.0 - 1e-9 {
+                best = (imb, rp, cp);
+            }
+            if imb <= 1.05 {
+                return (rp, cp);
+            }
+        }
+    }
+    (best.1, best.2)
+}
+
 impl Window {
     /// Calls `f(rows, r0, blocks)` for tiles of up to [`TILE_ROWS`] output pixels (im2col) or [`DIRECT_ROWS`]
     /// (rows read in place) and a share of the channel `blocks`, split across the kernel pool: enough work per
     /// part to pay a hand-off, a few parts per thread; images with fewer row tiles than parts (7×7 = 49 rows)
     /// split their channel blocks too. Every (tile, block) pair is visited once.
-    pub fn for_each_gemm_tile<T: Copy + Send + Sync, B: Sync>(
+    pub fn for_each_gemm_tile<T: Copy + Send + Sync, B: Sync + Width>(
         &self,
         x: &[T],
         [_n, h, w]: [usize; 3],
@@ -637,9 +699,13 @@ impl Window {
         let rows = _n * oh * ow;
         let tile = if let RowSource::Im2col { .. } = t.rows { TILE_ROWS } else { DIRECT_ROWS };
         let tiles = rows.div_ceil(tile);
-        let wanted = (super::threads() * 4).min((t.macs / 100_000).max(1));
-        let col_parts = if tiles >= wanted { 1 } else { wanted.div_ceil(tiles).min(blocks.len()) };
-        let row_parts = tiles.min(wanted.div_ceil(col_parts));
+        let threads = super::threads();
+        let wanted = (threads * 4).min((t.macs / 100_000).max(1));
+        let (row_parts, col_parts) = if tiles >= wanted || threads <= 1 {
+            (tiles.min(wanted).max(1), 1)
+        } else {
+            gemm_split(rows, tiles, &blocks.iter().map(Width::width).collect::<Vec<_>>(), threads, wanted)
+        };
         let per = rows.div_ceil(row_parts);
         let bper = blocks.len().div_ceil(col_parts);
         for_each_part(row_parts * col_parts, |part| {
