@@ -983,7 +983,9 @@ pub struct QuantizeArgs {
     /// fp32 speed; for download size). 4-bit weights come in blocks of --block-size with one scale each
     #[arg(long, value_name = "BITS", value_parser = ["4", "8"])]
     weight_only: Option<String>,
-    /// With --weight-only 4: weights per scale (a channel shorter than this, or not a multiple, gets int8)
+    /// With --weight-only 4: weights per scale (N); each row of a weight (one output channel of a Conv) is cut into
+    /// equal blocks of the largest length in [N/2, N] that divides it; rows with no such length and depthwise
+    /// convolutions get int8
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(2..=4096))]
     block_size: u32,
     /// Output INT8 ONNX file
