@@ -1387,6 +1387,10 @@ pub struct ServeArgs {
     /// Address to listen on (port 0: any free port, printed at start)
     #[arg(long, default_value = "127.0.0.1:8000")]
     pub addr: std::net::SocketAddr,
+    /// Also serve KServe v2 gRPC (inference.GRPCInferenceService, as tritonclient.grpc speaks it) on this address
+    /// (port 0: any free port, printed at start); off when not given
+    #[arg(long)]
+    pub grpc_addr: Option<std::net::SocketAddr>,
     /// Seconds between repository scans for new, changed or removed versions (0 = load once)
     #[arg(long, default_value_t = 5.0)]
     pub poll: f64,
@@ -1421,6 +1425,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         request_timeout: std::time::Duration::from_millis(a.timeout_ms.max(1)),
         log_json: a.log_json,
         http_threads: a.http_threads,
+        grpc_addr: a.grpc_addr,
     };
     edgepack_server::serve(opts)?;
     Ok(())

@@ -185,7 +185,8 @@ fn line_for(s: &Session, item: &Item, top_k: Option<usize>) -> Value {
             let run = || -> Result<Value, String> {
                 let req = crate::kserve::parse_request(body, None).map_err(|e| e.message)?;
                 let outs = s.run(req.inputs).map_err(|e| e.to_string())?;
-                let sel: Vec<_> = outs.into_iter().map(|(n, t)| (n, t, false)).collect();
+                let sel: Vec<_> =
+                    outs.into_iter().map(|(n, t)| (n, crate::kserve::OutValue::Tensor(t), false)).collect();
                 let r = crate::kserve::response("batch", "", Some(id), &sel);
                 let v: Value = serde_json::from_slice(&r.body).map_err(|e| e.to_string())?;
                 Ok(json!({ "id": id, "outputs": v["outputs"] }))

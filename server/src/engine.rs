@@ -201,13 +201,15 @@ impl Version {
                 let l = labels(&self.model, &self.version);
                 let reason = if matches!(e, TrySendError::Full(_)) { "queue_full" } else { "unloading" };
                 self.metrics.inc("edgepack_rejected_total", &[l[0], l[1], ("reason", reason)]);
-                Err(ApiError::unavailable(
+                let msg = if reason == "queue_full" {
                     format!(
                         "{} version {}: {} requests queued, try again",
                         self.model, self.version, self.config.queue_capacity
-                    ),
-                    1,
-                ))
+                    )
+                } else {
+                    format!("{} version {} is unloading", self.model, self.version)
+                };
+                Err(if reason == "queue_full" { ApiError::busy(msg) } else { ApiError::unavailable(msg, 1) })
             }
         }
     }

@@ -8,11 +8,13 @@ pub struct ApiError {
     pub message: String,
     /// Seconds for a `Retry-After` header (back-pressure).
     pub retry_after: Option<u64>,
+    /// A full queue (gRPC: RESOURCE_EXHAUSTED rather than UNAVAILABLE).
+    pub exhausted: bool,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError { status, message: message.into(), retry_after: None }
+        ApiError { status, message: message.into(), retry_after: None, exhausted: false }
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
@@ -21,7 +23,16 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, message)
     }
     pub fn unavailable(message: impl Into<String>, retry_after: u64) -> ApiError {
-        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into(), retry_after: Some(retry_after) }
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            retry_after: Some(retry_after),
+            exhausted: false,
+        }
+    }
+    /// Back-pressure: a full queue (503 with Retry-After over HTTP, RESOURCE_EXHAUSTED over gRPC).
+    pub fn busy(message: impl Into<String>) -> ApiError {
+        ApiError { exhausted: true, ..ApiError::unavailable(message, 1) }
     }
 
     /// A runtime error from running a request: the caller's fault (shape, dtype, names) or the server's.

@@ -53,13 +53,21 @@ fn param_u64(p: &Option<Map<String, Value>>, key: &str) -> Option<u64> {
     p.as_ref().and_then(|m| m.get(key)).and_then(Value::as_u64)
 }
 
+/// An output a request asks for: its name, whether it comes back as binary data, and `classification` (KServe's
+/// output parameter: the top `k` classes as `"score:index[:label]"` strings instead of the tensor; 0: the tensor).
+#[derive(Debug, Clone)]
+pub struct Wanted {
+    pub name: String,
+    pub binary: bool,
+    pub classification: usize,
+}
+
 /// A parsed request: named input tensors, the outputs asked for (all when empty) and how to return them.
 #[derive(Debug)]
 pub struct Request {
     pub id: Option<String>,
     pub inputs: Vec<(String, Tensor)>,
-    /// (name, as binary)
-    pub outputs: Vec<(String, bool)>,
+    pub outputs: Vec<Wanted>,
     pub binary_default: bool,
     /// Triton's `timeout` parameter, in microseconds.
     pub timeout_us: Option<u64>,
@@ -142,15 +150,21 @@ pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<Request, Ap
         .unwrap_or_default()
         .into_iter()
         .map(|o| {
-            let b = o
+            let binary = o
                 .parameters
                 .as_ref()
                 .and_then(|m| m.get("binary_data"))
                 .and_then(Value::as_bool)
                 .unwrap_or(binary_default);
-            (o.name, b)
+            let classification = match o.parameters.as_ref().and_then(|m| m.get("classification")) {
+                None => 0,
+                Some(v) => v.as_u64().filter(|&k| (1..=1_000_000).contains(&k)).ok_or_else(|| {
+                    ApiError::bad_request(format!("output `{}`: classification must be a positive integer", o.name))
+                })? as usize,
+            };
+            Ok(Wanted { name: o.name, binary, classification })
         })
-        .collect();
+        .collect::<Result<_, ApiError>>()?;
     let timeout_us = param_u64(&req.parameters, "timeout");
     Ok(Request { id: req.id, inputs, outputs, binary_default, timeout_us })
 }
@@ -172,27 +186,100 @@ pub struct Response {
     pub json_len: Option<usize>,
 }
 
-/// Builds the response for `outputs` (already filtered to the requested ones, in order).
-pub fn response(model: &str, version: &str, id: Option<&str>, outputs: &[(String, Tensor, bool)]) -> Response {
+/// An output as the protocols return it: a tensor, or the strings of a `classification` request (a BYTES tensor).
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutValue {
+    Tensor(Tensor),
+    Strings { shape: Vec<usize>, values: Vec<String> },
+}
+
+impl OutValue {
+    pub fn datatype(&self) -> &'static str {
+        match self {
+            OutValue::Tensor(t) => t.dtype().kserve_name(),
+            OutValue::Strings { .. } => "BYTES",
+        }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            OutValue::Tensor(t) => t.shape(),
+            OutValue::Strings { shape, .. } => shape,
+        }
+    }
+
+    /// The binary form: little-endian elements, or BYTES as each string's u32 length then its bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        match self {
+            OutValue::Tensor(t) => t.to_le_bytes(),
+            OutValue::Strings { values, .. } => {
+                let mut b = Vec::with_capacity(values.iter().map(|v| v.len() + 4).sum());
+                for v in values {
+                    b.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                    b.extend_from_slice(v.as_bytes());
+                }
+                b
+            }
+        }
+    }
+
+    fn data_json(&self) -> Value {
+        match self {
+            OutValue::Tensor(t) => data_json(t),
+            OutValue::Strings { values, .. } => json!(values),
+        }
+    }
+}
+
+/// The top `k` classes of every row of `t` (the last axis holds the classes) as KServe's classification strings
+/// `"score:index"`, or `"score:index:label"` when `labels` (shifted by `label_offset`) name the index.
+pub fn classification(
+    t: &Tensor,
+    k: usize,
+    labels: Option<&[String]>,
+    label_offset: usize,
+) -> Result<OutValue, ApiError> {
+    let classes = t.shape().last().copied().unwrap_or(0);
+    if t.shape().is_empty() || classes == 0 {
+        return Err(ApiError::bad_request(format!(
+            "classification needs an output with classes, not shape {:?}",
+            t.shape()
+        )));
+    }
+    let k = k.min(classes);
+    let v = t.to_f32_vec();
+    let mut values = Vec::with_capacity(v.len() / classes * k);
+    for row in v.chunks(classes) {
+        let mut idx: Vec<usize> = (0..classes).collect();
+        idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        for &i in &idx[..k] {
+            let label = i.checked_sub(label_offset).and_then(|j| labels.and_then(|l| l.get(j)));
+            values.push(match label {
+                Some(l) => format!("{:.6}:{i}:{l}", row[i]),
+                None => format!("{:.6}:{i}", row[i]),
+            });
+        }
+    }
+    let mut shape = t.shape().to_vec();
+    *shape.last_mut().unwrap_or(&mut 0) = k;
+    Ok(OutValue::Strings { shape, values })
+}
+
+/// Builds the response for `outputs` (already filtered to the requested ones, in order; the flag: binary).
+pub fn response(model: &str, version: &str, id: Option<&str>, outputs: &[(String, OutValue, bool)]) -> Response {
     let mut binary = Vec::new();
     let outs: Vec<OutputJson> = outputs
         .iter()
         .map(|(name, t, bin)| {
             let (parameters, data) = if *bin {
-                let bytes = t.to_le_bytes();
+                let bytes = t.to_bytes();
                 let p = json!({ "binary_data_size": bytes.len() });
                 binary.extend_from_slice(&bytes);
                 (Some(p), None)
             } else {
-                (None, Some(data_json(t)))
+                (None, Some(t.data_json()))
             };
-            OutputJson {
-                name: name.clone(),
-                datatype: t.dtype().kserve_name(),
-                shape: t.shape().to_vec(),
-                parameters,
-                data,
-            }
+            OutputJson { name: name.clone(), datatype: t.datatype(), shape: t.shape().to_vec(), parameters, data }
         })
         .collect();
     let mut head = json!({ "model_name": model, "model_version": version, "outputs": outs });
@@ -250,11 +337,32 @@ mod tests {
         assert!(parse_request(&body[..body.len() - 1], Some(head.len())).is_err());
         assert!(parse_request(&body, Some(body.len() + 1)).is_err());
         let t = r.inputs[0].1.clone();
-        let resp = response("m", "1", Some("a"), &[("y".into(), t, true)]);
+        let resp = response("m", "1", Some("a"), &[("y".into(), OutValue::Tensor(t), true)]);
         let n = resp.json_len.unwrap();
         let v: Value = serde_json::from_slice(&resp.body[..n]).unwrap();
         assert_eq!(v["outputs"][0]["parameters"]["binary_data_size"], 12);
         assert_eq!(resp.body.len(), n + 12);
+    }
+
+    #[test]
+    fn classification_strings_rank_each_row() {
+        let t = Tensor::new(vec![2, 3], TensorData::F32(vec![0.1, 0.7, 0.2, 3.0, -1.0, 2.0])).unwrap();
+        let labels = ["bg".to_string(), "cat".into(), "dog".into()];
+        let OutValue::Strings { shape, values } = classification(&t, 2, Some(&labels[1..]), 1).unwrap() else {
+            panic!("strings expected")
+        };
+        assert_eq!(shape, vec![2, 2]);
+        assert_eq!(values, ["0.700000:1:cat", "0.200000:2:dog", "3.000000:0", "2.000000:2:dog"]);
+        let bytes = OutValue::Strings { shape: vec![1], values: vec!["ab".into()] }.to_bytes();
+        assert_eq!(bytes, [2, 0, 0, 0, b'a', b'b']);
+        let r = parse_request(
+            br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}],"outputs":[{"name":"y","parameters":{"classification":3}}]}"#,
+            None,
+        )
+        .unwrap();
+        assert_eq!(r.outputs[0].classification, 3);
+        let bad = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}],"outputs":[{"name":"y","parameters":{"classification":-1}}]}"#;
+        assert_eq!(parse_request(bad, None).unwrap_err().status.as_u16(), 400);
     }
 
     #[test]

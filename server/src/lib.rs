@@ -10,15 +10,16 @@
 pub mod batch;
 mod engine;
 mod error;
+mod grpc;
 mod kserve;
 mod metrics;
 pub mod repo;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -55,6 +56,8 @@ pub struct ServeOptions {
     /// Threads of the HTTP runtime, which parse and encode request bodies (0: one per core). Engine calls run on
     /// the model versions' own worker threads, not here.
     pub http_threads: usize,
+    /// Where KServe v2 gRPC listens (None: no gRPC).
+    pub grpc_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +98,10 @@ struct AppState {
     /// Model versions of the repository that failed to load, by (model, version): listed as unavailable with the
     /// reason, they keep the server not ready.
     failed: RwLock<BTreeMap<(String, String), Failure>>,
+    /// Models unloaded through the repository API: not loaded by polls until loaded again.
+    unloaded: RwLock<BTreeSet<String>>,
+    /// One repository sync at a time (polls and load/unload calls).
+    sync_lock: Mutex<()>,
     ready: AtomicBool,
     metrics: Arc<Metrics>,
     rng: AtomicU64,
@@ -169,6 +176,229 @@ impl AppState {
     }
 }
 
+/// A tensor as metadata and configuration answers describe it (`-1`: any size).
+pub(crate) struct TensorMeta {
+    pub name: String,
+    pub datatype: &'static str,
+    pub shape: Vec<i64>,
+}
+
+/// A model's metadata, for either protocol.
+pub(crate) struct ModelInfo {
+    pub versions: Vec<String>,
+    pub backend: String,
+    pub inputs: Vec<TensorMeta>,
+    pub outputs: Vec<TensorMeta>,
+}
+
+/// A model's batching configuration (Triton's `config`), for either protocol.
+pub(crate) struct ConfigInfo {
+    pub max_batch_size: usize,
+    pub max_queue_delay_us: u64,
+    pub queue_capacity: usize,
+    pub routing: Value,
+    pub backend: String,
+    pub inputs: Vec<TensorMeta>,
+    pub outputs: Vec<TensorMeta>,
+}
+
+/// One model version of the repository index (Triton's repository extension).
+pub(crate) struct IndexEntry {
+    pub name: String,
+    pub version: String,
+    /// `READY`, `UNAVAILABLE` (it failed to load: `reason`) or `UNLOADED` (through the repository API).
+    pub state: &'static str,
+    pub reason: String,
+}
+
+fn tensor_meta(io: &[edgepack_runtime::IoInfo], batch: bool) -> Vec<TensorMeta> {
+    io.iter()
+        .map(|i| TensorMeta {
+            name: i.name.clone(),
+            datatype: i.dtype.map(DType::kserve_name).unwrap_or("BYTES"),
+            shape: i
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(k, d)| match d {
+                    edgepack_runtime::onnx::Dim::Fixed(n) if !(k == 0 && batch) => *n as i64,
+                    _ => -1,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+impl AppState {
+    /// Whether the server is ready, and the versions that keep it from being: they failed to load and nothing
+    /// serves in their place (a bad update of a loaded version keeps the old one serving: the server stays ready).
+    fn readiness(&self) -> (bool, Vec<(String, String, String)>) {
+        let serving = |m: &str, v: &str| {
+            self.models.read().ok().is_some_and(|ms| ms.get(m).is_some_and(|x| x.versions.contains_key(v)))
+        };
+        let failed: Vec<(String, String, String)> = self
+            .failed
+            .read()
+            .map(|f| {
+                f.iter()
+                    .filter(|((m, v), _)| !serving(m, v))
+                    .map(|((m, v), e)| (m.clone(), v.clone(), e.reason.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (self.ready.load(Ordering::SeqCst) && failed.is_empty(), failed)
+    }
+
+    fn model_info(&self, name: &str, version: Option<&str>) -> Result<ModelInfo, ApiError> {
+        let m = self.model(name)?;
+        let v = match version {
+            Some(v) => m.versions.get(v).cloned().ok_or_else(|| self.no_version(name, v))?,
+            None => self.route(&m, name, None, &HeaderMap::new())?.0,
+        };
+        let mut versions: Vec<String> = m.versions.keys().cloned().collect();
+        versions.sort_by(|a, b| version_order(a, b));
+        Ok(ModelInfo {
+            versions,
+            backend: v.session.backend_description(),
+            inputs: tensor_meta(v.session.inputs(), v.batchable),
+            outputs: tensor_meta(v.session.outputs(), v.batchable),
+        })
+    }
+
+    /// Ok when the model (or that version of it) serves; the error says why not.
+    fn model_ready(&self, name: &str, version: Option<&str>) -> Result<(), ApiError> {
+        let m = self.model(name)?;
+        match version {
+            Some(v) if !m.versions.contains_key(v) => Err(self.no_version(name, v)),
+            _ => Ok(()),
+        }
+    }
+
+    fn config_info(&self, name: &str) -> Result<ConfigInfo, ApiError> {
+        let m = self.model(name)?;
+        let latest = m.latest().ok_or_else(|| ApiError::unavailable("no loaded version", 1))?;
+        Ok(ConfigInfo {
+            max_batch_size: if latest.batchable { m.config.max_batch_size } else { 0 },
+            max_queue_delay_us: (m.config.max_queue_delay_ms * 1000.0) as u64,
+            queue_capacity: m.config.queue_capacity,
+            routing: serde_json::to_value(&m.config.routing).unwrap_or(Value::Null),
+            backend: latest.session.backend_description(),
+            inputs: tensor_meta(latest.session.inputs(), latest.batchable),
+            outputs: tensor_meta(latest.session.outputs(), latest.batchable),
+        })
+    }
+
+    /// Every model version of the repository with its state (`ready_only`: the ready ones).
+    fn index(&self, ready_only: bool) -> Vec<IndexEntry> {
+        let mut out = Vec::new();
+        let found = repo::scan(&self.opts.repo).map(|(f, _)| f).unwrap_or_default();
+        let models = self.models.read().map(|m| m.clone()).unwrap_or_default();
+        let failed = self.failed.read().map(|f| f.clone()).unwrap_or_default();
+        let unloaded = self.unloaded.read().map(|u| u.clone()).unwrap_or_default();
+        for (name, dir) in &found {
+            let mut versions: Vec<&String> = dir.versions.keys().collect();
+            versions.sort_by(|a, b| version_order(a, b));
+            for v in versions {
+                let (state, reason) = if models.get(name).is_some_and(|m| m.versions.contains_key(v)) {
+                    ("READY", String::new())
+                } else if unloaded.contains(name) {
+                    ("UNLOADED", "unloaded through the repository API".to_string())
+                } else if let Some(f) = failed.get(&(name.clone(), v.clone())) {
+                    ("UNAVAILABLE", f.reason.clone())
+                } else {
+                    ("UNAVAILABLE", "not loaded yet".to_string())
+                };
+                if !ready_only || state == "READY" {
+                    out.push(IndexEntry { name: name.clone(), version: v.clone(), state, reason });
+                }
+            }
+        }
+        out
+    }
+
+    /// Loads a repository model now (again, if it failed or was unloaded); the error says why it cannot serve.
+    async fn load_model(self: &Arc<Self>, name: &str) -> Result<(), ApiError> {
+        let in_repo = repo::scan(&self.opts.repo).is_ok_and(|(f, _)| f.contains_key(name));
+        if !in_repo {
+            return Err(ApiError::not_found(format!("the repository has no model `{name}`")));
+        }
+        if let Ok(mut u) = self.unloaded.write() {
+            u.remove(name);
+        }
+        // A file that failed is read again on request, changed or not.
+        if let Ok(mut f) = self.failed.write() {
+            f.retain(|(m, _), _| m != name);
+        }
+        let s = self.clone();
+        let _ = tokio::task::spawn_blocking(move || sync_repo(&s)).await;
+        match self.models.read().ok().and_then(|m| m.get(name).cloned()) {
+            Some(_) => Ok(()),
+            None => Err(self.model(name).err().unwrap_or_else(|| ApiError::unavailable("not loaded", 1))),
+        }
+    }
+
+    /// Stops serving a model until it is loaded again (its versions finish the requests they hold).
+    async fn unload_model(self: &Arc<Self>, name: &str) -> Result<(), ApiError> {
+        let known = self.models.read().is_ok_and(|m| m.contains_key(name))
+            || repo::scan(&self.opts.repo).is_ok_and(|(f, _)| f.contains_key(name));
+        if !known {
+            return Err(ApiError::not_found(format!("the repository has no model `{name}`")));
+        }
+        if let Ok(mut u) = self.unloaded.write() {
+            u.insert(name.to_string());
+        }
+        let s = self.clone();
+        let _ = tokio::task::spawn_blocking(move || sync_repo(&s)).await;
+        Ok(())
+    }
+}
+
+/// The routed inference both protocols run once they have parsed their request: inputs checked against `v`,
+/// queued (batched with others), mirrored to the shadow version, and the `wanted` outputs (all when empty) in
+/// that order, as tensors or classification strings.
+async fn run_infer(
+    s: &Arc<AppState>,
+    v: &Arc<Version>,
+    shadow: Option<Arc<Version>>,
+    inputs: Vec<(String, Tensor)>,
+    wanted: &[kserve::Wanted],
+    deadline: Instant,
+) -> Result<Vec<(String, kserve::OutValue, bool)>, ApiError> {
+    let inputs = v.check_inputs(inputs)?;
+    let declared: Vec<&str> = v.session.outputs().iter().map(|o| o.name.as_str()).collect();
+    for o in wanted {
+        if !declared.contains(&o.name.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "unknown output `{}`; the model's outputs are {}",
+                o.name,
+                declared.join(", ")
+            )));
+        }
+    }
+    let mirror = shadow.map(|sv| (sv, inputs.clone()));
+    let outs = execute(v, inputs, deadline).await?;
+    if let Some((sv, inputs)) = mirror {
+        spawn_shadow(s.clone(), v.clone(), sv, inputs, outs.clone(), deadline);
+    }
+    if wanted.is_empty() {
+        return Ok(outs.into_iter().map(|(n, t)| (n, kserve::OutValue::Tensor(t), false)).collect());
+    }
+    let offset = match v.session.postprocess() {
+        Some(edgepack_runtime::process::Postprocess::Classification { label_offset, .. }) => *label_offset,
+        _ => 0,
+    };
+    let mut selected = Vec::with_capacity(wanted.len());
+    for w in wanted {
+        let Some((_, t)) = outs.iter().find(|o| o.0 == w.name) else { continue };
+        let value = match w.classification {
+            0 => kserve::OutValue::Tensor(t.clone()),
+            k => kserve::classification(t, k, v.session.labels(), offset)?,
+        };
+        selected.push((w.name.clone(), value, w.binary));
+    }
+    Ok(selected)
+}
+
 type St = State<Arc<AppState>>;
 
 /// Runs the server until SIGTERM/SIGINT, then finishes every accepted request and returns.
@@ -197,19 +427,27 @@ async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     std::fs::read_dir(&opts.repo).map_err(|e| ServeError::Repo(opts.repo.clone(), e))?;
     let listener = tokio::net::TcpListener::bind(opts.addr).await.map_err(|e| ServeError::Bind(opts.addr, e))?;
     let addr = listener.local_addr()?;
+    let grpc_listener = match opts.grpc_addr {
+        Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|e| ServeError::Bind(a, e))?),
+        None => None,
+    };
+    let grpc_addr = grpc_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let seed =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
     let state = Arc::new(AppState {
         opts: opts.clone(),
         models: RwLock::new(BTreeMap::new()),
         failed: RwLock::new(BTreeMap::new()),
+        unloaded: RwLock::new(BTreeSet::new()),
+        sync_lock: Mutex::new(()),
         ready: AtomicBool::new(false),
         metrics: Arc::new(Metrics::default()),
         rng: AtomicU64::new(seed | 1),
     });
     // Live at once (the port answers); ready after the first load has warmed every model.
-    eprintln!("edgepack serve: listening on http://{addr} (repository {})", opts.repo.display());
-    tracing::info!(%addr, repo = %opts.repo.display(), "listening");
+    let grpc_note = grpc_addr.map(|a| format!(" and grpc://{a}")).unwrap_or_default();
+    eprintln!("edgepack serve: listening on http://{addr}{grpc_note} (repository {})", opts.repo.display());
+    tracing::info!(%addr, grpc = ?grpc_addr, repo = %opts.repo.display(), "listening");
     let loader = state.clone();
     tokio::spawn(async move {
         let s = loader.clone();
@@ -225,14 +463,27 @@ async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         }
     });
     let app = router(state.clone());
+    // One signal stops both protocols: each stops accepting and finishes the requests it has.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopping = state.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            stopping.ready.store(false, Ordering::SeqCst);
-            tracing::info!("shutting down: not accepting new connections, finishing accepted requests");
-        })
-        .await?;
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stopping.ready.store(false, Ordering::SeqCst);
+        tracing::info!("shutting down: not accepting new connections, finishing accepted requests");
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let grpc = grpc_listener.map(|l| tokio::spawn(grpc::serve(state.clone(), l, stopped(stop_rx.clone()))));
+    axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx)).await?;
+    if let Some(g) = grpc {
+        match g.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "gRPC server"),
+            Err(e) => tracing::error!(error = %e, "gRPC server task"),
+            Ok(Ok(())) => {}
+        }
+    }
     // Every HTTP request has its answer; stop the workers.
     let models = state.models.read().map(|m| m.clone()).unwrap_or_default();
     for m in models.values() {
@@ -270,7 +521,8 @@ async fn shutdown_signal() {
 /// Loads what changed in the repository, then swaps it in; versions no longer there stop taking requests and
 /// finish the ones they have.
 fn sync_repo(state: &AppState) {
-    let (found, problems) = match repo::scan(&state.opts.repo) {
+    let _one = state.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut found, problems) = match repo::scan(&state.opts.repo) {
         Ok(x) => x,
         Err(e) => {
             tracing::error!(error = %e, "scanning the model repository");
@@ -280,6 +532,9 @@ fn sync_repo(state: &AppState) {
     for p in problems {
         tracing::warn!(problem = %p, "model repository");
     }
+    // Models unloaded through the repository API stay unloaded (and their versions retire) until loaded again.
+    let unloaded = state.unloaded.read().map(|u| u.clone()).unwrap_or_default();
+    found.retain(|name, _| !unloaded.contains(name));
     let current = state.models.read().map(|m| m.clone()).unwrap_or_default();
     let mut failed = state.failed.read().map(|f| f.clone()).unwrap_or_default();
     // Versions gone from the repository are no longer failures.
@@ -391,6 +646,8 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{spec}", post(classify))
         .route("/metrics", get(metrics))
         .route("/v2/openapi.json", get(openapi))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{model}/{action}", post(repository_load))
         .fallback(not_found)
         .with_state(state)
 }
@@ -413,61 +670,29 @@ async fn live() -> Response {
 }
 
 async fn ready(State(s): St) -> Response {
-    // Not ready while a configured model version cannot load and nothing serves in its place (a bad update of a
-    // loaded version keeps the old one serving: listed, but the server stays ready).
-    let serving =
-        |m: &str, v: &str| s.models.read().ok().is_some_and(|ms| ms.get(m).is_some_and(|x| x.versions.contains_key(v)));
-    let failed: Vec<Value> = s
-        .failed
-        .read()
-        .map(|f| {
-            f.iter()
-                .filter(|((m, v), _)| !serving(m, v))
-                .map(|((m, v), e)| json!({"model": m, "version": v, "reason": e.reason}))
-                .collect()
-        })
-        .unwrap_or_default();
-    let r = s.ready.load(Ordering::SeqCst) && failed.is_empty();
+    let (r, failed) = s.readiness();
     let status = if r { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let mut body = json!({ "ready": r });
     if !failed.is_empty() {
-        body["unavailable"] = json!(failed);
+        body["unavailable"] =
+            failed.iter().map(|(m, v, reason)| json!({"model": m, "version": v, "reason": reason})).collect();
     }
     (status, axum::Json(body)).into_response()
 }
 
-fn tensor_meta(io: &[edgepack_runtime::IoInfo], batch: bool) -> Vec<Value> {
-    io.iter()
-        .map(|i| {
-            let shape: Vec<i64> = i
-                .shape
-                .iter()
-                .enumerate()
-                .map(|(k, d)| match d {
-                    edgepack_runtime::onnx::Dim::Fixed(n) if !(k == 0 && batch) => *n as i64,
-                    _ => -1,
-                })
-                .collect();
-            json!({ "name": i.name, "datatype": i.dtype.map(DType::kserve_name).unwrap_or("BYTES"), "shape": shape })
-        })
-        .collect()
+fn meta_json(t: &[TensorMeta]) -> Vec<Value> {
+    t.iter().map(|t| json!({ "name": t.name, "datatype": t.datatype, "shape": t.shape })).collect()
 }
 
 fn metadata(s: &AppState, name: &str, version: Option<&str>) -> Result<Response, ApiError> {
-    let m = s.model(name)?;
-    let v = match version {
-        Some(v) => m.versions.get(v).cloned().ok_or_else(|| s.no_version(name, v))?,
-        None => s.route(&m, name, None, &HeaderMap::new())?.0,
-    };
-    let mut versions: Vec<&String> = m.versions.keys().collect();
-    versions.sort_by(|a, b| version_order(a, b));
+    let i = s.model_info(name, version)?;
     Ok(axum::Json(json!({
         "name": name,
-        "versions": versions,
+        "versions": i.versions,
         "platform": "edgepack",
-        "backend": v.session.backend_description(),
-        "inputs": tensor_meta(v.session.inputs(), v.batchable),
-        "outputs": tensor_meta(v.session.outputs(), v.batchable),
+        "backend": i.backend,
+        "inputs": meta_json(&i.inputs),
+        "outputs": meta_json(&i.outputs),
     }))
     .into_response())
 }
@@ -481,12 +706,7 @@ async fn model_metadata_v(State(s): St, Path((m, v)): Path<(String, String)>) ->
 }
 
 fn model_ready_inner(s: &AppState, name: &str, version: Option<&str>) -> Result<Response, ApiError> {
-    let m = s.model(name)?;
-    if let Some(v) = version
-        && !m.versions.contains_key(v)
-    {
-        return Err(s.no_version(name, v));
-    }
+    s.model_ready(name, version)?;
     Ok(axum::Json(json!({ "name": name, "ready": true })).into_response())
 }
 
@@ -499,19 +719,58 @@ async fn model_ready_v(State(s): St, Path((m, v)): Path<(String, String)>) -> Re
 }
 
 async fn model_config(State(s): St, Path(name): Path<String>) -> Result<Response, ApiError> {
-    let m = s.model(&name)?;
-    let latest = m.latest().ok_or_else(|| ApiError::unavailable("no loaded version", 1))?;
-    let max_batch = if latest.batchable { m.config.max_batch_size } else { 0 };
+    let c = s.config_info(&name)?;
     Ok(axum::Json(json!({
         "name": name,
-        "max_batch_size": max_batch,
-        "dynamic_batching": { "max_queue_delay_microseconds": (m.config.max_queue_delay_ms * 1000.0) as u64 },
-        "queue_capacity": m.config.queue_capacity,
-        "routing": m.config.routing,
-        "input": tensor_meta(latest.session.inputs(), latest.batchable),
-        "output": tensor_meta(latest.session.outputs(), latest.batchable),
+        "max_batch_size": c.max_batch_size,
+        "dynamic_batching": { "max_queue_delay_microseconds": c.max_queue_delay_us },
+        "queue_capacity": c.queue_capacity,
+        "routing": c.routing,
+        "input": meta_json(&c.inputs),
+        "output": meta_json(&c.outputs),
     }))
     .into_response())
+}
+
+/// `POST /v2/repository/index` (Triton's repository extension): every model version with its state; body
+/// `{"ready": true}` lists only the ready ones.
+async fn repository_index(State(s): St, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let bytes = read_body(&s, &headers, body).await?;
+    let ready_only = if bytes.iter().all(u8::is_ascii_whitespace) {
+        false
+    } else {
+        let v: Value =
+            serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
+        match v.as_object().map(|o| o.get("ready")) {
+            None => return Err(ApiError::bad_request("the body must be a JSON object")),
+            Some(None) => false,
+            Some(Some(Value::Bool(b))) => *b,
+            Some(Some(_)) => return Err(ApiError::bad_request("`ready` must be a boolean")),
+        }
+    };
+    let rows: Vec<Value> = s
+        .index(ready_only)
+        .into_iter()
+        .map(|e| {
+            let mut r = json!({ "name": e.name, "version": e.version, "state": e.state });
+            if !e.reason.is_empty() {
+                r["reason"] = json!(e.reason);
+            }
+            r
+        })
+        .collect();
+    Ok(axum::Json(rows).into_response())
+}
+
+/// `POST /v2/repository/models/{m}/load` and `/unload`.
+async fn repository_load(State(s): St, Path((name, action)): Path<(String, String)>) -> Result<Response, ApiError> {
+    match action.as_str() {
+        "load" => s.load_model(&name).await?,
+        "unload" => s.unload_model(&name).await?,
+        _ => return Err(ApiError::not_found("no such endpoint (POST .../load or .../unload)")),
+    }
+    tracing::info!(model = %name, action, "repository request");
+    Ok(StatusCode::OK.into_response())
 }
 
 async fn metrics(State(s): St) -> Response {
@@ -580,17 +839,24 @@ where
             (e.into_response(), v)
         }
     };
-    let status = resp.status().as_u16().to_string();
-    // Names a client made up never become label values (unbounded series): they count as `_unknown`.
-    let known = s
-        .models
-        .read()
-        .is_ok_and(|m| m.get(model).is_some_and(|m| version.is_empty() || m.versions.contains_key(&version)));
-    let (model, version) = if known { (model, version.as_str()) } else { ("_unknown", "") };
-    let l = [("model", model), ("version", version)];
-    s.metrics.inc("edgepack_requests_total", &[l[0], l[1], ("endpoint", endpoint), ("status", &status)]);
-    s.metrics.observe("edgepack_request_duration_seconds", &l, t0.elapsed().as_secs_f64());
+    s.record(model, &version, endpoint, resp.status().as_u16(), t0.elapsed());
     resp
+}
+
+impl AppState {
+    /// Counts a request and its duration (both protocols).
+    fn record(&self, model: &str, version: &str, endpoint: &str, status: u16, took: Duration) {
+        // Names a client made up never become label values (unbounded series): they count as `_unknown`.
+        let known = self
+            .models
+            .read()
+            .is_ok_and(|m| m.get(model).is_some_and(|m| version.is_empty() || m.versions.contains_key(version)));
+        let (model, version) = if known { (model, version) } else { ("_unknown", "") };
+        let l = [("model", model), ("version", version)];
+        let status = status.to_string();
+        self.metrics.inc("edgepack_requests_total", &[l[0], l[1], ("endpoint", endpoint), ("status", &status)]);
+        self.metrics.observe("edgepack_request_duration_seconds", &l, took.as_secs_f64());
+    }
 }
 
 async fn infer(State(s): St, Path(m): Path<String>, headers: HeaderMap, body: Body) -> Response {
@@ -627,30 +893,13 @@ async fn infer_inner(
     };
     let req = kserve::parse_request(&bytes, json_len).map_err(fail)?;
     drop(bytes);
-    let inputs = v.check_inputs(req.inputs).map_err(fail)?;
-    let declared: Vec<&str> = v.session.outputs().iter().map(|o| o.name.as_str()).collect();
-    for (o, _) in &req.outputs {
-        if !declared.contains(&o.as_str()) {
-            return Err(fail(ApiError::bad_request(format!(
-                "unknown output `{o}`; the model's outputs are {}",
-                declared.join(", ")
-            ))));
+    let deadline = deadline(&s, &headers, req.timeout_us);
+    let mut selected = run_infer(&s, &v, shadow, req.inputs, &req.outputs, deadline).await.map_err(fail)?;
+    if req.outputs.is_empty() {
+        for o in &mut selected {
+            o.2 = req.binary_default;
         }
     }
-    let deadline = deadline(&s, &headers, req.timeout_us);
-    let mirror = shadow.map(|sv| (sv, inputs.clone()));
-    let outs = execute(&v, inputs, deadline).await.map_err(fail)?;
-    if let Some((sv, inputs)) = mirror {
-        spawn_shadow(s.clone(), v.clone(), sv, inputs, outs.clone(), deadline);
-    }
-    let selected: Vec<(String, Tensor, bool)> = if req.outputs.is_empty() {
-        outs.into_iter().map(|(n, t)| (n, t, req.binary_default)).collect()
-    } else {
-        req.outputs
-            .iter()
-            .filter_map(|(n, b)| outs.iter().find(|o| &o.0 == n).map(|o| (n.clone(), o.1.clone(), *b)))
-            .collect()
-    };
     let r = kserve::response(&name, &v.version, req.id.as_deref(), &selected);
     let mut resp = Response::new(Body::from(r.body));
     let h = resp.headers_mut();

@@ -44,6 +44,8 @@ class Server:
         assert m, f"no address in {line!r}"
         self.url = f"http://{m[1]}"
         self.host = m[1]
+        g = re.search(r"and grpc://([\d.]+:\d+)", line)
+        self.grpc = g[1] if g else None
         threading.Thread(target=self._drain, daemon=True).start()
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -114,7 +116,7 @@ def repo(tmp_path_factory, binary):
 
 @pytest.fixture(scope="module")
 def server(repo):
-    s = Server(repo, "--poll", "0.5", "--max-body-mib", "4", "--device", "cpu")
+    s = Server(repo, "--poll", "0.5", "--max-body-mib", "4", "--device", "cpu", "--grpc-addr", "127.0.0.1:0")
     yield s
     assert s.stop() == 0, "".join(s.log[-20:])
 
@@ -145,6 +147,105 @@ def test_tritonclient_metadata_and_infer(server):
     i.set_data_from_numpy(x)
     y = c.infer("mnist", [i]).as_numpy(out_name)
     np.testing.assert_allclose(y, mnist_reference(x), rtol=1e-4, atol=1e-4)
+
+
+def test_tritonclient_grpc_health_metadata_infer_and_errors(server):
+    """Issue 30, item 1: KServe v2 gRPC through tritonclient.grpc: health, metadata, config, infer (raw tensors),
+    the HTTP error cases as gRPC status codes, and the same metrics."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    assert server.grpc, "the server printed no gRPC address"
+    c = grpcclient.InferenceServerClient(url=server.grpc)
+    assert c.is_server_live() and c.is_server_ready()
+    assert c.is_model_ready("mnist") and c.is_model_ready("mnist", "2")
+    assert c.get_server_metadata().name == "edgepack"
+    meta = c.get_model_metadata("mnist")
+    assert meta.name == "mnist" and list(meta.versions) == ["1", "2"]
+    inp, out = meta.inputs[0], meta.outputs[0]
+    assert inp.datatype == "FP32" and list(inp.shape) == [-1, 1, 28, 28], inp
+    cfg = c.get_model_config("mnist").config
+    assert cfg.max_batch_size == 8 and list(cfg.input[0].dims) == [1, 28, 28], cfg
+    x = mnist_input(11)
+    i = grpcclient.InferInput(inp.name, list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    r = c.infer("mnist", [i], outputs=[grpcclient.InferRequestedOutput(out.name)], model_version="2", request_id="g1")
+    np.testing.assert_allclose(r.as_numpy(out.name), mnist_reference(x), rtol=1e-4, atol=1e-4)
+    resp = r.get_response()
+    assert resp.model_version == "2" and resp.id == "g1"
+    # A batch of 3 in one request, no outputs named (all of them), the A/B key in the metadata routes it.
+    xb = np.concatenate([mnist_input(20 + k) for k in range(3)])
+    i = grpcclient.InferInput(inp.name, list(xb.shape), "FP32")
+    i.set_data_from_numpy(xb)
+    r = c.infer("mnist", [i], headers={"x-user": "user-3"})
+    want = np.concatenate([mnist_reference(xb[k:k + 1]) for k in range(3)])
+    np.testing.assert_allclose(r.as_numpy(out.name), want, rtol=1e-4, atol=1e-4)
+    ab = {c.infer("mnist", [i], headers={"x-user": "user-3"}).get_response().model_version for _ in range(3)}
+    assert len(ab) == 1, ab
+    # The HTTP error cases, as gRPC codes.
+    def code(model, tensor, version="", outputs=None, dtype="FP32"):
+        t = grpcclient.InferInput(inp.name if tensor is not None else "x", list((tensor if tensor is not None else x).shape), dtype)
+        t.set_data_from_numpy(tensor if tensor is not None else x)
+        try:
+            c.infer(model, [t], model_version=version, outputs=outputs)
+        except InferenceServerException as e:
+            return e.status()
+        return "OK"
+    assert code("nope", x) == "StatusCode.NOT_FOUND"
+    assert code("mnist", x, version="9") == "StatusCode.NOT_FOUND"
+    assert code("mnist", None) == "StatusCode.INVALID_ARGUMENT"  # wrong input name
+    assert code("mnist", x[..., :27].copy()) == "StatusCode.INVALID_ARGUMENT"  # wrong shape
+    assert code("mnist", x.astype(np.int32), dtype="INT32") == "StatusCode.INVALID_ARGUMENT"  # wrong dtype
+    assert code("mnist", x, outputs=[grpcclient.InferRequestedOutput("nope")]) == "StatusCode.INVALID_ARGUMENT"
+    try:
+        c.get_model_metadata("nope")
+        raise AssertionError("metadata of an unknown model")
+    except InferenceServerException as e:
+        assert e.status() == "StatusCode.NOT_FOUND"
+    # A deadline too short for any run: DEADLINE_EXCEEDED, and the server still answers afterwards.
+    ems = c.get_model_metadata("effnet")
+    t = grpcclient.InferInput(ems.inputs[0].name, [1] + list(ems.inputs[0].shape[1:]), "FP32")
+    t.set_data_from_numpy(np.random.default_rng(0).random([1] + list(ems.inputs[0].shape[1:]), dtype=np.float32))
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("effnet", [t], client_timeout=0.0005)
+    assert e.value.status() == "StatusCode.DEADLINE_EXCEEDED", e.value
+    assert c.is_server_ready() and c.infer("effnet", [t]).as_numpy(ems.outputs[0].name).shape[0] == 1
+    metrics = server.get("/metrics")[1].decode()
+    assert re.search(r'edgepack_requests_total\{model="mnist",version="2",endpoint="grpc_infer",status="200"\} \d+', metrics)
+    assert re.search(r'edgepack_requests_total\{model="_unknown",version="",endpoint="grpc_infer",status="404"\} \d+', metrics)
+
+
+def test_classification_output_parameter_over_http_and_grpc(server):
+    """Issue 30, item 4: KServe's `classification` output parameter: the top k of each row as
+    "score:index:label" strings (labels from the bundle), over HTTP (JSON and binary) and gRPC."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    h = httpclient.InferenceServerClient(url=server.host)
+    meta = h.get_model_metadata("effnet")
+    name, out = meta["inputs"][0]["name"], meta["outputs"][0]["name"]
+    shape = [2] + meta["inputs"][0]["shape"][1:]
+    x = np.random.default_rng(4).random(shape, dtype=np.float32)
+    i = httpclient.InferInput(name, shape, "FP32")
+    i.set_data_from_numpy(x)
+    logits = h.infer("effnet", [i], outputs=[httpclient.InferRequestedOutput(out)]).as_numpy(out)
+    want = [list(np.argsort(-row, kind="stable")[:3]) for row in logits]
+    labels = [line.strip() for line in open(SYNSETS)]
+    got = []
+    for binary in (True, False):
+        r = h.infer("effnet", [i], outputs=[httpclient.InferRequestedOutput(out, binary_data=binary, class_count=3)])
+        got.append(r.as_numpy(out))
+    g = grpcclient.InferenceServerClient(url=server.grpc)
+    gi = grpcclient.InferInput(name, shape, "FP32")
+    gi.set_data_from_numpy(x)
+    got.append(g.infer("effnet", [gi], outputs=[grpcclient.InferRequestedOutput(out, class_count=3)]).as_numpy(out))
+    for strings in got:
+        assert strings.shape == (2, 3), strings
+        for row, idx, lg in zip(strings, want, logits):
+            parts = [(s.decode() if isinstance(s, bytes) else s).split(":", 2) for s in row]
+            assert [int(p[1]) for p in parts] == idx, (parts, idx)
+            assert all(abs(float(p[0]) - lg[int(p[1])]) < 1e-4 for p in parts), parts
+            assert all(p[2] == labels[int(p[1])] for p in parts), parts
 
 
 def readme_curl_examples():
@@ -349,6 +450,51 @@ def test_a_model_that_cannot_load_is_unavailable_with_its_reason(tmp_path, binar
         assert s.stop() == 0, "".join(s.log[-20:])
 
 
+def test_repository_index_load_and_unload_over_http_and_grpc(tmp_path, binary):
+    """Issue 30, item 4: Triton's repository extension. The index lists every version with its state and the reason
+    one is unavailable; unload stops a model (404 afterwards, other models unaffected, polls do not bring it back),
+    load brings it back; the same over gRPC (tritonclient.grpc)."""
+    import tritonclient.grpc as grpcclient
+
+    repo = tmp_path / "repo"
+    for m in ("a", "b", "broken"):
+        (repo / m / "1").mkdir(parents=True)
+    ep("pack", MNIST, "--preset", "mnist", "-o", repo / "a" / "1" / "model.edgepack")
+    whole = (repo / "a" / "1" / "model.edgepack").read_bytes()
+    (repo / "b" / "1" / "model.edgepack").write_bytes(whole)
+    (repo / "broken" / "1" / "model.edgepack").write_bytes(whole[:100])
+    s = Server(repo, "--poll", "0.2", "--device", "cpu", "--grpc-addr", "127.0.0.1:0", wait_ready=False)
+    try:
+        def index(ready=None):
+            body = json.dumps({} if ready is None else {"ready": ready}).encode()
+            status, b, _ = s.request("POST", "/v2/repository/index", body, {"Content-Type": "application/json"})
+            assert status == 200, b
+            return {(r["name"], r["version"]): (r["state"], r.get("reason", "")) for r in json.loads(b)}
+        idx = index()
+        assert idx[("a", "1")] == ("READY", "") and idx[("b", "1")] == ("READY", ""), idx
+        assert idx[("broken", "1")][0] == "UNAVAILABLE" and idx[("broken", "1")][1], idx
+        assert set(index(ready=True)) == {("a", "1"), ("b", "1")}
+        assert s.request("POST", "/v2/repository/models/a/unload")[0] == 200
+        assert s.get("/v2/models/a/ready")[0] == 404 and s.get("/v2/models/b/ready")[0] == 200
+        time.sleep(1.0)  # polls do not load it again
+        assert index()[("a", "1")][0] == "UNLOADED" and s.get("/v2/models/a/ready")[0] == 404
+        assert s.request("POST", "/v2/repository/models/a/load")[0] == 200
+        assert s.get("/v2/models/a/ready")[0] == 200
+        status, b, _ = s.request("POST", "/v2/repository/models/broken/load")
+        assert status == 503 and "failed to load" in json.loads(b)["error"], b
+        assert s.request("POST", "/v2/repository/models/nope/load")[0] == 404
+        g = grpcclient.InferenceServerClient(url=s.grpc)
+        models = {(m.name, m.version): m.state for m in g.get_model_repository_index().models}
+        assert models[("a", "1")] == "READY" and models[("broken", "1")] == "UNAVAILABLE", models
+        g.unload_model("b")
+        assert not g.is_model_ready("b") and s.get("/v2/models/b/ready")[0] == 404
+        g.load_model("b")
+        assert g.is_model_ready("b")
+        assert g.is_model_ready("broken") is False
+    finally:
+        assert s.stop() == 0, "".join(s.log[-20:])
+
+
 def test_grafana_dashboard_queries_only_what_the_server_exports(server):
     """Issue 30, item 6: every metric the dashboard (deploy/grafana/edgepack-serve.json) queries is on /metrics, and
     every label it selects or groups by is one those metrics carry."""
@@ -461,10 +607,12 @@ def test_schemathesis_finds_nothing(server, tmp_path):
         pytest.fail(f"schemathesis is not installed beside {sys.executable} (requirements-test.txt)")
     spec = server.url + "/v2/openapi.json"
     cfg = tmp_path / "deep.toml"  # not schemathesis.toml: that name is loaded from the cwd by every run
-    cfg.write_text('[parameters]\n"path.model" = "mnist"\n"path.version" = "1"\n"path.model_verb" = "mnist:classify"\n')
+    cfg.write_text('[parameters]\n"path.model" = "mnist"\n"path.version" = "1"\n')
     runs = [
         [st, "run", spec, "--checks", "all", "-n", "40", "--generation-deterministic"],
+        # The served model named: load/unload would take it away from the tests that follow (their own test).
         [st, "--config-file", str(cfg), "run", spec, "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+         "--exclude-operation-id", "repository_load", "--exclude-operation-id", "repository_unload",
          "-n", "40", "--generation-deterministic"],
     ]
     for cmd in runs:
