@@ -1403,6 +1403,10 @@ pub struct ServeArgs {
     /// Logs as JSON lines
     #[arg(long)]
     pub log_json: bool,
+    /// Access log: one JSON line per HTTP request and gRPC call (time, remote, path, status, ms, bytes), appended
+    /// to this file (`-`: stdout)
+    #[arg(long, value_name = "FILE")]
+    pub access_log: Option<PathBuf>,
     /// Threads parsing and answering HTTP requests (0 = one per core); inference runs on each model's workers
     #[arg(long, default_value_t = 0)]
     pub http_threads: usize,
@@ -1426,6 +1430,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         log_json: a.log_json,
         http_threads: a.http_threads,
         grpc_addr: a.grpc_addr,
+        access_log: a.access_log,
     };
     edgepack_server::serve(opts)?;
     Ok(())

@@ -58,6 +58,8 @@ pub struct ServeOptions {
     pub http_threads: usize,
     /// Where KServe v2 gRPC listens (None: no gRPC).
     pub grpc_addr: Option<SocketAddr>,
+    /// The access log: one JSON line per request of either protocol (`-`: stdout; None: none).
+    pub access_log: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +107,36 @@ struct AppState {
     ready: AtomicBool,
     metrics: Arc<Metrics>,
     rng: AtomicU64,
+    access: Option<AccessLog>,
+}
+
+/// `--access-log`: one JSON object per request, both protocols, written and flushed line by line (a crash loses
+/// no finished line).
+struct AccessLog {
+    out: Mutex<Box<dyn std::io::Write + Send>>,
+}
+
+impl AccessLog {
+    fn open(path: &std::path::Path) -> std::io::Result<AccessLog> {
+        let out: Box<dyn std::io::Write + Send> = if path.as_os_str() == "-" {
+            Box::new(std::io::stdout())
+        } else {
+            Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?)
+        };
+        Ok(AccessLog { out: Mutex::new(out) })
+    }
+
+    /// Writes `entry` with the time it is written (`ts`, UTC, milliseconds).
+    fn write(&self, mut entry: Value) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        entry["ts"] = json!(edgepack_runtime::utc_rfc3339(now.as_secs(), Some(now.subsec_millis())));
+        let mut line = entry.to_string();
+        line.push('\n');
+        if let Ok(mut out) = self.out.lock() {
+            // A full disk or a closed stdout must not fail the request it describes.
+            let _ = out.write_all(line.as_bytes()).and_then(|_| out.flush());
+        }
+    }
 }
 
 impl AppState {
@@ -432,6 +464,13 @@ async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         None => None,
     };
     let grpc_addr = grpc_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let access =
+        match &opts.access_log {
+            Some(p) => Some(AccessLog::open(p).map_err(|e| {
+                ServeError::Io(std::io::Error::new(e.kind(), format!("access log {}: {e}", p.display())))
+            })?),
+            None => None,
+        };
     let seed =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
     let state = Arc::new(AppState {
@@ -443,6 +482,7 @@ async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         ready: AtomicBool::new(false),
         metrics: Arc::new(Metrics::default()),
         rng: AtomicU64::new(seed | 1),
+        access,
     });
     // Live at once (the port answers); ready after the first load has warmed every model.
     let grpc_note = grpc_addr.map(|a| format!(" and grpc://{a}")).unwrap_or_default();
@@ -476,7 +516,9 @@ async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         let _ = rx.wait_for(|v| *v).await;
     };
     let grpc = grpc_listener.map(|l| tokio::spawn(grpc::serve(state.clone(), l, stopped(stop_rx.clone()))));
-    axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx)).await?;
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(stopped(stop_rx))
+        .await?;
     if let Some(g) = grpc {
         match g.await {
             Ok(Err(e)) => tracing::error!(error = %e, "gRPC server"),
@@ -649,7 +691,35 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{model}/{action}", post(repository_load))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), access_log))
         .with_state(state)
+}
+
+/// Writes the access log line of an HTTP request (when `--access-log` is on).
+async fn access_log(State(s): St, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if s.access.is_none() {
+        return next.run(req).await;
+    }
+    let t0 = Instant::now();
+    let header = |h: &HeaderMap, k: header::HeaderName| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+    let remote = req.extensions().get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0.to_string());
+    let (req_bytes, agent) = (header(req.headers(), header::CONTENT_LENGTH), header(req.headers(), header::USER_AGENT));
+    let resp = next.run(req).await;
+    if let Some(log) = &s.access {
+        log.write(json!({
+            "proto": "http",
+            "remote": remote,
+            "method": method,
+            "path": path,
+            "status": resp.status().as_u16(),
+            "ms": (t0.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+            "request_bytes": req_bytes.and_then(|v| v.parse::<u64>().ok()),
+            "response_bytes": header(resp.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok()),
+            "user_agent": agent,
+        }));
+    }
+    resp
 }
 
 async fn not_found() -> ApiError {

@@ -463,7 +463,9 @@ def test_repository_index_load_and_unload_over_http_and_grpc(tmp_path, binary):
     whole = (repo / "a" / "1" / "model.edgepack").read_bytes()
     (repo / "b" / "1" / "model.edgepack").write_bytes(whole)
     (repo / "broken" / "1" / "model.edgepack").write_bytes(whole[:100])
-    s = Server(repo, "--poll", "0.2", "--device", "cpu", "--grpc-addr", "127.0.0.1:0", wait_ready=False)
+    access = tmp_path / "access.jsonl"
+    s = Server(repo, "--poll", "0.2", "--device", "cpu", "--grpc-addr", "127.0.0.1:0", "--access-log", str(access),
+               wait_ready=False)
     try:
         def index(ready=None):
             body = json.dumps({} if ready is None else {"ready": ready}).encode()
@@ -491,6 +493,17 @@ def test_repository_index_load_and_unload_over_http_and_grpc(tmp_path, binary):
         g.load_model("b")
         assert g.is_model_ready("b")
         assert g.is_model_ready("broken") is False
+        # --access-log: a JSON line per HTTP request and gRPC call, in order, with its status.
+        lines = [json.loads(x) for x in access.read_text().splitlines()]
+        http = [x for x in lines if x["proto"] == "http"]
+        grpc = [x for x in lines if x["proto"] == "grpc"]
+        assert all(x["ts"].endswith("Z") and x["ms"] >= 0 and x["remote"].startswith("127.0.0.1:") for x in lines)
+        unload = [x for x in http if x["path"] == "/v2/repository/models/a/unload"]
+        assert unload and unload[0]["method"] == "POST" and unload[0]["status"] == 200, http
+        assert any(x["path"] == "/v2/repository/models/nope/load" and x["status"] == 404 for x in http)
+        calls = [x["path"].rsplit("/", 1)[1] for x in grpc]
+        assert calls[:2] == ["RepositoryIndex", "RepositoryModelUnload"] and "RepositoryModelLoad" in calls, calls
+        assert all(x["grpc_status"] == "Ok" for x in grpc), grpc
     finally:
         assert s.stop() == 0, "".join(s.log[-20:])
 

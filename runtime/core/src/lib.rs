@@ -1,9 +1,11 @@
 //! The base of the runtime's crate ladder: typed tensors and element types, dimensions, the one error type,
 //! `.npy` reading and atomic writes. It depends on no other edgepack crate.
 pub mod alloc;
+mod clock;
 mod dim;
 pub mod error;
 pub mod fsutil;
+pub use clock::utc_rfc3339;
 mod kind;
 pub mod npy;
 pub mod tensor;

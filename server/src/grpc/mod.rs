@@ -187,6 +187,21 @@ fn wanted(req: &ModelInferRequest) -> Result<Vec<Wanted>, ApiError> {
 }
 
 impl Grpc {
+    /// Writes the access log line of an RPC (when `--access-log` is on).
+    fn access(&self, rpc: &str, remote: Option<std::net::SocketAddr>, err: Option<&Status>, t0: Instant) {
+        if let Some(log) = &self.s.access {
+            log.write(serde_json::json!({
+                "proto": "grpc",
+                "remote": remote.map(|a| a.to_string()),
+                "method": "POST",
+                "path": format!("/inference.GRPCInferenceService/{rpc}"),
+                "status": err.map_or(tonic::Code::Ok, Status::code) as i32,
+                "grpc_status": format!("{:?}", err.map_or(tonic::Code::Ok, Status::code)),
+                "ms": (t0.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+            }));
+        }
+    }
+
     async fn infer(
         &self,
         headers: axum::http::HeaderMap,
@@ -226,128 +241,182 @@ impl Grpc {
 
 #[tonic::async_trait]
 impl GrpcInferenceService for Grpc {
-    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
-        Ok(Response::new(ServerLiveResponse { live: true }))
+    async fn server_live(&self, r: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+        let (t0, remote) = (Instant::now(), r.remote_addr());
+        let result = async move { Ok(Response::new(ServerLiveResponse { live: true })) }.await;
+        self.access("ServerLive", remote, result.as_ref().err(), t0);
+        result
     }
 
-    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
-        Ok(Response::new(ServerReadyResponse { ready: self.s.readiness().0 }))
+    async fn server_ready(&self, r: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
+        let (t0, remote) = (Instant::now(), r.remote_addr());
+        let result = async move { Ok(Response::new(ServerReadyResponse { ready: self.s.readiness().0 })) }.await;
+        self.access("ServerReady", remote, result.as_ref().err(), t0);
+        result
     }
 
     async fn model_ready(&self, r: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
-        let r = r.into_inner();
-        // A boolean, as clients expect: unknown, failed and unloaded models are not ready.
-        let ready = self.s.model_ready(&r.name, version_arg(&r.version)).is_ok();
-        Ok(Response::new(ModelReadyResponse { ready }))
+        let (t0, remote) = (Instant::now(), r.remote_addr());
+        let result = async move {
+            let r = r.into_inner();
+            // A boolean, as clients expect: unknown, failed and unloaded models are not ready.
+            let ready = self.s.model_ready(&r.name, version_arg(&r.version)).is_ok();
+            Ok(Response::new(ModelReadyResponse { ready }))
+        }
+        .await;
+        self.access("ModelReady", remote, result.as_ref().err(), t0);
+        result
     }
 
     async fn server_metadata(
         &self,
-        _: Request<ServerMetadataRequest>,
+        r: Request<ServerMetadataRequest>,
     ) -> Result<Response<ServerMetadataResponse>, Status> {
-        Ok(Response::new(ServerMetadataResponse {
-            name: "edgepack".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            extensions: ["binary_tensor_data", "classification", "model_repository", "classify", "detect"]
-                .map(String::from)
-                .to_vec(),
-        }))
+        let (t0, remote) = (Instant::now(), r.remote_addr());
+        let result = async move {
+            Ok(Response::new(ServerMetadataResponse {
+                name: "edgepack".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                extensions: ["binary_tensor_data", "classification", "model_repository", "classify", "detect"]
+                    .map(String::from)
+                    .to_vec(),
+            }))
+        }
+        .await;
+        self.access("ServerMetadata", remote, result.as_ref().err(), t0);
+        result
     }
 
     async fn model_metadata(
         &self,
         r: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        let r = r.into_inner();
-        let i = self.s.model_info(&r.name, version_arg(&r.version)).map_err(|e| status(&e))?;
-        Ok(Response::new(ModelMetadataResponse {
-            name: r.name,
-            versions: i.versions,
-            platform: "edgepack".into(),
-            inputs: tensor_metadata(&i.inputs),
-            outputs: tensor_metadata(&i.outputs),
-        }))
+        let (t0, remote) = (Instant::now(), r.remote_addr());
+        let result = async move {
+            let r = r.into_inner();
+            let i = self.s.model_info(&r.name, version_arg(&r.version)).map_err(|e| status(&e))?;
+            Ok(Response::new(ModelMetadataResponse {
+                name: r.name,
+                versions: i.versions,
+                platform: "edgepack".into(),
+                inputs: tensor_metadata(&i.inputs),
+                outputs: tensor_metadata(&i.outputs),
+            }))
+        }
+        .await;
+        self.access("ModelMetadata", remote, result.as_ref().err(), t0);
+        result
     }
 
     async fn model_infer(&self, r: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
-        let t0 = Instant::now();
-        let timeout = grpc_timeout(r.metadata());
-        let headers = r.metadata().clone().into_headers();
-        let req = r.into_inner();
-        let model = req.model_name.clone();
-        let (result, version) = match self.infer(headers, req, timeout).await {
-            Ok((resp, v)) => (Ok(resp), v),
-            Err((e, v)) => {
-                if e.status.is_server_error() {
-                    tracing::warn!(model, version = %v, status = e.status.as_u16(), error = %e.message, "gRPC request failed");
+        let (t0, remote) = (Instant::now(), r.remote_addr());
+        let result = async move {
+            let t0 = Instant::now();
+            let timeout = grpc_timeout(r.metadata());
+            let headers = r.metadata().clone().into_headers();
+            let req = r.into_inner();
+            let model = req.model_name.clone();
+            let (result, version) = match self.infer(headers, req, timeout).await {
+                Ok((resp, v)) => (Ok(resp), v),
+                Err((e, v)) => {
+                    if e.status.is_server_error() {
+                        tracing::warn!(model, version = %v, status = e.status.as_u16(), error = %e.message, "gRPC request failed");
+                    }
+                    (Err(e), v)
                 }
-                (Err(e), v)
-            }
-        };
-        let code = result.as_ref().map_or_else(|e| e.status.as_u16(), |_| 200);
-        self.s.record(&model, &version, "grpc_infer", code, t0.elapsed());
-        result.map(Response::new).map_err(|e| status(&e))
+            };
+            let code = result.as_ref().map_or_else(|e| e.status.as_u16(), |_| 200);
+            self.s.record(&model, &version, "grpc_infer", code, t0.elapsed());
+            result.map(Response::new).map_err(|e| status(&e))
+        }
+        .await;
+        self.access("ModelInfer", remote, result.as_ref().err(), t0);
+        result
     }
 
     async fn model_config(&self, r: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
-        let r = r.into_inner();
-        let c = self.s.config_info(&r.name).map_err(|e| status(&e))?;
-        // Triton's dims leave out the batch dim of a batching model.
-        let dims = |t: &TensorMeta| t.shape.iter().skip(usize::from(c.max_batch_size > 0)).copied().collect();
-        Ok(Response::new(ModelConfigResponse {
-            config: Some(ModelConfig {
-                name: r.name,
-                platform: "edgepack".into(),
-                backend: c.backend.clone(),
-                max_batch_size: c.max_batch_size.min(i32::MAX as usize) as i32,
-                input: c
-                    .inputs
-                    .iter()
-                    .map(|t| ModelInput { name: t.name.clone(), data_type: data_type(t.datatype), dims: dims(t) })
-                    .collect(),
-                output: c
-                    .outputs
-                    .iter()
-                    .map(|t| ModelOutput { name: t.name.clone(), data_type: data_type(t.datatype), dims: dims(t) })
-                    .collect(),
-                dynamic_batching: (c.max_batch_size > 0)
-                    .then_some(ModelDynamicBatching { max_queue_delay_microseconds: c.max_queue_delay_us }),
-            }),
-        }))
+        let (t0, remote) = (Instant::now(), r.remote_addr());
+        let result = async move {
+            let r = r.into_inner();
+            let c = self.s.config_info(&r.name).map_err(|e| status(&e))?;
+            // Triton's dims leave out the batch dim of a batching model.
+            let dims = |t: &TensorMeta| t.shape.iter().skip(usize::from(c.max_batch_size > 0)).copied().collect();
+            Ok(Response::new(ModelConfigResponse {
+                config: Some(ModelConfig {
+                    name: r.name,
+                    platform: "edgepack".into(),
+                    backend: c.backend.clone(),
+                    max_batch_size: c.max_batch_size.min(i32::MAX as usize) as i32,
+                    input: c
+                        .inputs
+                        .iter()
+                        .map(|t| ModelInput { name: t.name.clone(), data_type: data_type(t.datatype), dims: dims(t) })
+                        .collect(),
+                    output: c
+                        .outputs
+                        .iter()
+                        .map(|t| ModelOutput { name: t.name.clone(), data_type: data_type(t.datatype), dims: dims(t) })
+                        .collect(),
+                    dynamic_batching: (c.max_batch_size > 0)
+                        .then_some(ModelDynamicBatching { max_queue_delay_microseconds: c.max_queue_delay_us }),
+                }),
+            }))
+        }
+        .await;
+        self.access("ModelConfig", remote, result.as_ref().err(), t0);
+        result
     }
 
     async fn repository_index(
         &self,
         r: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
-        let models = self
-            .s
-            .index(r.into_inner().ready)
-            .into_iter()
-            .map(|e| repository_index_response::ModelIndex {
-                name: e.name,
-                version: e.version,
-                state: e.state.into(),
-                reason: e.reason,
-            })
-            .collect();
-        Ok(Response::new(RepositoryIndexResponse { models }))
+        let (t0, remote) = (Instant::now(), r.remote_addr());
+        let result = async move {
+            let models = self
+                .s
+                .index(r.into_inner().ready)
+                .into_iter()
+                .map(|e| repository_index_response::ModelIndex {
+                    name: e.name,
+                    version: e.version,
+                    state: e.state.into(),
+                    reason: e.reason,
+                })
+                .collect();
+            Ok(Response::new(RepositoryIndexResponse { models }))
+        }
+        .await;
+        self.access("RepositoryIndex", remote, result.as_ref().err(), t0);
+        result
     }
 
     async fn repository_model_load(
         &self,
         r: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
-        self.s.load_model(&r.into_inner().model_name).await.map_err(|e| status(&e))?;
-        Ok(Response::new(RepositoryModelLoadResponse {}))
+        let (t0, remote) = (Instant::now(), r.remote_addr());
+        let result = async move {
+            self.s.load_model(&r.into_inner().model_name).await.map_err(|e| status(&e))?;
+            Ok(Response::new(RepositoryModelLoadResponse {}))
+        }
+        .await;
+        self.access("RepositoryModelLoad", remote, result.as_ref().err(), t0);
+        result
     }
 
     async fn repository_model_unload(
         &self,
         r: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
-        self.s.unload_model(&r.into_inner().model_name).await.map_err(|e| status(&e))?;
-        Ok(Response::new(RepositoryModelUnloadResponse {}))
+        let (t0, remote) = (Instant::now(), r.remote_addr());
+        let result = async move {
+            self.s.unload_model(&r.into_inner().model_name).await.map_err(|e| status(&e))?;
+            Ok(Response::new(RepositoryModelUnloadResponse {}))
+        }
+        .await;
+        self.access("RepositoryModelUnload", remote, result.as_ref().err(), t0);
+        result
     }
 }
 
