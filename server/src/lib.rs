@@ -14,6 +14,7 @@ mod grpc;
 mod kserve;
 mod metrics;
 pub mod repo;
+mod rollout;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -108,6 +109,7 @@ struct AppState {
     metrics: Arc<Metrics>,
     rng: AtomicU64,
     access: Option<AccessLog>,
+    rollouts: rollout::Rollouts,
 }
 
 /// `--access-log`: one JSON object per request, both protocols, written and flushed line by line (a crash loses
@@ -194,7 +196,11 @@ impl AppState {
             let key = headers.get(ab.header.as_str())?.to_str().ok()?;
             get(if repo::sticky_hash(key) < ab.percent_b { &ab.b } else { &ab.a })
         });
-        let canary = r.canary.as_ref().filter(|c| self.percent() < c.percent).and_then(|c| get(&c.version));
+        let canary = r
+            .canary
+            .as_ref()
+            .filter(|c| self.percent() < self.rollouts.canary_percent(name, c))
+            .and_then(|c| get(&c.version));
         let chosen = ab
             .or(canary)
             .or(default)
@@ -483,6 +489,7 @@ async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         metrics: Arc::new(Metrics::default()),
         rng: AtomicU64::new(seed | 1),
         access,
+        rollouts: rollout::Rollouts::default(),
     });
     // Live at once (the port answers); ready after the first load has warmed every model.
     let grpc_note = grpc_addr.map(|a| format!(" and grpc://{a}")).unwrap_or_default();
@@ -681,6 +688,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v2/models/{model}", get(model_metadata))
         .route("/v2/models/{model}/ready", get(model_ready))
         .route("/v2/models/{model}/config", get(model_config))
+        .route("/v2/models/{model}/rollout", get(model_rollout))
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}", get(model_metadata_v))
         .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_v))
@@ -800,6 +808,10 @@ async fn model_config(State(s): St, Path(name): Path<String>) -> Result<Response
         "output": meta_json(&c.outputs),
     }))
     .into_response())
+}
+
+async fn model_rollout(State(s): St, Path(name): Path<String>) -> Result<Response, ApiError> {
+    Ok(axum::Json(s.rollout(&name)?).into_response())
 }
 
 /// `POST /v2/repository/index` (Triton's repository extension): every model version with its state; body
@@ -923,9 +935,31 @@ impl AppState {
             .is_ok_and(|m| m.get(model).is_some_and(|m| version.is_empty() || m.versions.contains_key(version)));
         let (model, version) = if known { (model, version) } else { ("_unknown", "") };
         let l = [("model", model), ("version", version)];
-        let status = status.to_string();
-        self.metrics.inc("edgepack_requests_total", &[l[0], l[1], ("endpoint", endpoint), ("status", &status)]);
+        let code = status.to_string();
+        self.metrics.inc("edgepack_requests_total", &[l[0], l[1], ("endpoint", endpoint), ("status", &code)]);
         self.metrics.observe("edgepack_request_duration_seconds", &l, took.as_secs_f64());
+        // Rollout statistics: answered inferences of a known version; server errors count against it.
+        let routing = self.models.read().ok().and_then(|m| m.get(model).map(|m| m.config.routing.clone()));
+        if let (true, false, Some(routing)) = (known, version.is_empty(), routing)
+            && matches!(endpoint, "infer" | "grpc_infer" | "classify" | "detect")
+            && let Some(d) = self.rollouts.record(model, version, status < 500, took.as_secs_f64() * 1e3, &routing)
+        {
+            tracing::info!(model = %d.model, version = %d.version, action = d.action, from_percent = d.from_percent,
+                to_percent = d.to_percent, requests = d.requests, error_rate = d.error_rate,
+                p99_ms = d.p99_ms.unwrap_or(0.0),
+                reason = %d.reason, "canary decision");
+            let l = [("model", d.model.as_str()), ("version", d.version.as_str())];
+            self.metrics.inc("edgepack_rollout_decisions_total", &[l[0], l[1], ("decision", d.action)]);
+            self.metrics.set("edgepack_canary_percent", &l, d.to_percent);
+        }
+    }
+
+    /// `GET /v2/models/{m}/rollout`.
+    fn rollout(&self, name: &str) -> Result<Value, ApiError> {
+        let m = self.model(name)?;
+        let baseline =
+            m.config.routing.default.clone().or_else(|| m.latest().map(|v| v.version.clone())).unwrap_or_default();
+        Ok(self.rollouts.report(name, &m.config.routing, &baseline))
     }
 }
 
@@ -1015,6 +1049,9 @@ fn spawn_shadow(
             },
         };
         s.metrics.inc("edgepack_shadow_requests_total", &[l[0], l[1], ("result", result)]);
+        if matches!(result, "agree" | "disagree") {
+            s.rollouts.shadow(&primary.model, &shadow.version, result == "agree");
+        }
         if result != "agree" {
             tracing::info!(model = %primary.model, version = %primary.version, shadow = %shadow.version, result, "shadow comparison");
         }

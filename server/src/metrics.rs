@@ -43,6 +43,12 @@ const DESCS: &[(&str, &str, Kind)] = &[
         "Requests mirrored to a shadow version, by result (agree, disagree, error, dropped).",
         Kind::Counter,
     ),
+    (
+        "edgepack_rollout_decisions_total",
+        "Decisions of the automatic canary, by model, canary version and decision (promote, rollback).",
+        Kind::Counter,
+    ),
+    ("edgepack_canary_percent", "Share of requests the automatic canary routes to its version now.", Kind::Gauge),
     ("edgepack_model_ready", "1 when the model version is loaded and warmed up.", Kind::Gauge),
     ("edgepack_model_info", "Constant 1, labelled with the backend running the model version.", Kind::Gauge),
 ];

@@ -73,8 +73,38 @@ pub struct Routing {
 #[serde(deny_unknown_fields)]
 pub struct Canary {
     pub version: String,
-    /// 0-100.
+    /// 0-100 (with `auto`: the starting share).
     pub percent: f64,
+    /// Promote step by step or roll back by the canary's measured errors and latency (`rollout.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto: Option<CanaryAuto>,
+}
+
+/// The automatic canary's limits: each window of `min_requests` canary requests within them adds `step_percent`;
+/// an error rate over `max_error_rate` (or a p99 over `max_p99_ms`) rolls the canary back to 0 %.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryAuto {
+    #[serde(default = "one_percent")]
+    pub max_error_rate: f64,
+    #[serde(default)]
+    pub max_p99_ms: Option<f64>,
+    #[serde(default = "hundred")]
+    pub min_requests: u64,
+    #[serde(default = "ten")]
+    pub step_percent: f64,
+}
+
+fn one_percent() -> f64 {
+    0.01
+}
+
+fn hundred() -> u64 {
+    100
+}
+
+fn ten() -> f64 {
+    10.0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

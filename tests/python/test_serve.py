@@ -508,6 +508,74 @@ def test_repository_index_load_and_unload_over_http_and_grpc(tmp_path, binary):
         assert s.stop() == 0, "".join(s.log[-20:])
 
 
+def gather_model(clip):
+    """y = data[idx] over 4 values: with `clip` the index is clamped (never fails); without it an index past the
+    end fails at run time (a 500: the version "returns errors")."""
+    import onnx
+    from onnx import TensorProto as T, helper as oh
+
+    nodes = [oh.make_node("Clip", ["idx", "lo", "hi"], ["ci"])] if clip else []
+    nodes.append(oh.make_node("Gather", ["data", "ci" if clip else "idx"], ["y"], axis=0))
+    inits = [oh.make_tensor("data", T.FLOAT, [4], [1, 2, 3, 4])]
+    if clip:
+        inits += [oh.make_tensor("lo", T.INT64, [], [0]), oh.make_tensor("hi", T.INT64, [], [3])]
+    g = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("idx", T.INT64, [1])],
+                      [oh.make_tensor_value_info("y", T.FLOAT, [1])], inits)
+    return oh.make_model(g, opset_imports=[oh.make_opsetid("", 13)])
+
+
+def test_automatic_canary_rolls_back_errors_and_promotes_a_good_version(tmp_path, binary):
+    """Issue 30, item 3: a canary with `auto` limits. Version 2 of `bad` fails on the requests sent: it is rolled back
+    to 0 % (logged as a JSON line, counted in the metrics) and every later request goes to version 1; version 2 of
+    `good` passes each window and is promoted step by step to 100 %. The rollout endpoint's counts equal the ones
+    the test makes from the answers."""
+    import onnx
+
+    repo = tmp_path / "repo"
+    for m, canary_ok in (("bad", False), ("good", True)):
+        for v, clip in (("1", True), ("2", canary_ok)):
+            (repo / m / v).mkdir(parents=True)
+            onnx.save(gather_model(clip), str(repo / m / v / "model.onnx"))
+        auto = {"max_error_rate": 0.05, "min_requests": 20 if m == "bad" else 8, "step_percent": 25 if m == "bad" else 40}
+        (repo / m / "config.json").write_text(json.dumps({"max_batch_size": 0, "routing": {
+            "default": "1", "canary": {"version": "2", "percent": 50 if m == "bad" else 20, "auto": auto}}}))
+    s = Server(repo, "--poll", "0", "--device", "cpu", "--log-json")
+    try:
+        body = {"inputs": [{"name": "idx", "shape": [1], "datatype": "INT64", "data": [7]}]}
+        tally = {"bad": {}, "good": {}}
+        for m in ("bad", "good"):
+            for _ in range(120):
+                status, b, _ = s.post_json(f"/v2/models/{m}/infer", body)
+                key = (json.loads(b).get("model_version", "2"), status)  # a failed request names no version: v2's
+                tally[m][key] = tally[m].get(key, 0) + 1
+        # bad: version 2 failed every request it got and was rolled back; all later requests went to version 1.
+        assert set(tally["bad"]) == {("1", 200), ("2", 500)}, tally
+        r = json.loads(s.get("/v2/models/bad/rollout")[1])
+        arms = {a["role"]: a for a in r["arms"]}
+        assert arms["default"]["requests"] == tally["bad"][("1", 200)] and arms["default"]["errors"] == 0
+        assert arms["canary"]["requests"] == arms["canary"]["errors"] == tally["bad"][("2", 500)] <= 20, (arms, tally)
+        assert r["canary"]["state"] == "rolled_back" and r["canary"]["percent"] == 0, r["canary"]
+        assert [d["action"] for d in r["canary"]["decisions"]] == ["rollback"]
+        assert r["comparisons"][0]["error_rate"]["z"] > 0
+        # good: promoted 20 -> 60 -> 100 %, never rolled back, the canary answered correctly.
+        g = json.loads(s.get("/v2/models/good/rollout")[1])
+        assert g["canary"]["state"] == "promoted" and g["canary"]["percent"] == 100, g["canary"]
+        assert [(d["action"], d["to_percent"]) for d in g["canary"]["decisions"]] == [("promote", 60), ("promote", 100)]
+        garms = {a["role"]: a for a in g["arms"]}
+        assert garms["canary"]["requests"] == tally["good"][("2", 200)] and garms["canary"]["errors"] == 0, (garms, tally)
+        assert garms["default"]["requests"] == tally["good"][("1", 200)]
+        assert all(json.loads(s.post_json("/v2/models/good/infer", body)[1])["model_version"] == "2" for _ in range(10))
+        metrics = s.get("/metrics")[1].decode()
+        assert 'edgepack_rollout_decisions_total{model="bad",version="2",decision="rollback"} 1' in metrics
+        assert 'edgepack_rollout_decisions_total{model="good",version="2",decision="promote"} 2' in metrics
+        assert re.search(r'edgepack_canary_percent\{model="bad",version="2"\} 0\b', metrics), metrics
+        logged = [json.loads(x) for x in s.log if x.startswith("{") and "canary decision" in x]
+        assert [(x["fields"]["model"], x["fields"]["action"]) for x in logged] == \
+            [("bad", "rollback"), ("good", "promote"), ("good", "promote")], logged
+    finally:
+        assert s.stop() == 0, "".join(s.log[-20:])
+
+
 def test_grafana_dashboard_queries_only_what_the_server_exports(server):
     """Issue 30, item 6: every metric the dashboard (deploy/grafana/edgepack-serve.json) queries is on /metrics, and
     every label it selects or groups by is one those metrics carry."""
