@@ -1407,6 +1407,19 @@ pub struct ServeArgs {
     /// to this file (`-`: stdout)
     #[arg(long, value_name = "FILE")]
     pub access_log: Option<PathBuf>,
+    /// Where asynchronous jobs (POST /v2/models/M/jobs) are stored, durably (default: REPO/.jobs; `none`: jobs off)
+    #[arg(long, value_name = "DIR")]
+    pub jobs_dir: Option<PathBuf>,
+    /// Largest asynchronous job request, in MiB (413 beyond; streamed to disk, not held in memory)
+    #[arg(long, default_value_t = 256)]
+    pub max_job_mib: usize,
+    /// Seconds a finished job and its result are kept
+    #[arg(long, default_value_t = 86_400)]
+    pub job_ttl_s: u64,
+    /// Asynchronous jobs run at once (each through its model version's batching queue); 0: this server accepts and
+    /// stores jobs but runs none (they run at its next start with workers)
+    #[arg(long, default_value_t = 4)]
+    pub job_workers: usize,
     /// Threads parsing and answering HTTP requests (0 = one per core); inference runs on each model's workers
     #[arg(long, default_value_t = 0)]
     pub http_threads: usize,
@@ -1421,7 +1434,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         anyhow::bail!(Usage("--variant is set per model in <REPO>/<model>/config.json (\"variant\")".into()));
     }
     let opts = edgepack_server::ServeOptions {
-        repo: a.repo,
+        repo: a.repo.clone(),
         addr: a.addr,
         poll: (a.poll > 0.0).then(|| std::time::Duration::from_secs_f64(a.poll)),
         session,
@@ -1430,6 +1443,15 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         log_json: a.log_json,
         http_threads: a.http_threads,
         grpc_addr: a.grpc_addr,
+        jobs: match a.jobs_dir {
+            Some(d) if d.as_os_str() == "none" => None,
+            d => Some(edgepack_server::JobOptions {
+                dir: d.unwrap_or_else(|| a.repo.join(".jobs")),
+                max_bytes: a.max_job_mib.saturating_mul(1 << 20),
+                ttl: std::time::Duration::from_secs(a.job_ttl_s),
+                workers: a.job_workers,
+            }),
+        },
         access_log: a.access_log,
     };
     edgepack_server::serve(opts)?;

@@ -11,6 +11,7 @@ pub mod batch;
 mod engine;
 mod error;
 mod grpc;
+mod jobs;
 mod kserve;
 mod metrics;
 pub mod repo;
@@ -61,7 +62,11 @@ pub struct ServeOptions {
     pub grpc_addr: Option<SocketAddr>,
     /// The access log: one JSON line per request of either protocol (`-`: stdout; None: none).
     pub access_log: Option<PathBuf>,
+    /// Asynchronous jobs: where they are stored (None: off), their size limit and time to live.
+    pub jobs: Option<JobOptions>,
 }
+
+pub use jobs::JobOptions;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -110,6 +115,7 @@ struct AppState {
     rng: AtomicU64,
     access: Option<AccessLog>,
     rollouts: rollout::Rollouts,
+    jobs: Option<jobs::Jobs>,
 }
 
 /// `--access-log`: one JSON object per request, both protocols, written and flushed line by line (a crash loses
@@ -391,17 +397,13 @@ impl AppState {
     }
 }
 
-/// The routed inference both protocols run once they have parsed their request: inputs checked against `v`,
-/// queued (batched with others), mirrored to the shadow version, and the `wanted` outputs (all when empty) in
-/// that order, as tensors or classification strings.
-async fn run_infer(
-    s: &Arc<AppState>,
-    v: &Arc<Version>,
-    shadow: Option<Arc<Version>>,
+/// A parsed request checked against the version that will run it: inputs (names, types, shapes; ordered as the
+/// model declares) and the outputs asked for.
+fn check_request(
+    v: &Version,
     inputs: Vec<(String, Tensor)>,
     wanted: &[kserve::Wanted],
-    deadline: Instant,
-) -> Result<Vec<(String, kserve::OutValue, bool)>, ApiError> {
+) -> Result<Vec<(String, Tensor)>, ApiError> {
     let inputs = v.check_inputs(inputs)?;
     let declared: Vec<&str> = v.session.outputs().iter().map(|o| o.name.as_str()).collect();
     for o in wanted {
@@ -413,6 +415,21 @@ async fn run_infer(
             )));
         }
     }
+    Ok(inputs)
+}
+
+/// The routed inference both protocols run once they have parsed their request: inputs checked against `v`,
+/// queued (batched with others), mirrored to the shadow version, and the `wanted` outputs (all when empty) in
+/// that order, as tensors or classification strings.
+async fn run_infer(
+    s: &Arc<AppState>,
+    v: &Arc<Version>,
+    shadow: Option<Arc<Version>>,
+    inputs: Vec<(String, Tensor)>,
+    wanted: &[kserve::Wanted],
+    deadline: Instant,
+) -> Result<Vec<(String, kserve::OutValue, bool)>, ApiError> {
+    let inputs = check_request(v, inputs, wanted)?;
     let mirror = shadow.map(|sv| (sv, inputs.clone()));
     let outs = execute(v, inputs, deadline).await?;
     if let Some((sv, inputs)) = mirror {
@@ -479,6 +496,12 @@ async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         };
     let seed =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+    let job_store = match &opts.jobs {
+        Some(j) => Some(jobs::Jobs::open(j.clone()).map_err(|e| {
+            ServeError::Io(std::io::Error::new(e.kind(), format!("job store {}: {e}", j.dir.display())))
+        })?),
+        None => None,
+    };
     let state = Arc::new(AppState {
         opts: opts.clone(),
         models: RwLock::new(BTreeMap::new()),
@@ -490,6 +513,7 @@ async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         rng: AtomicU64::new(seed | 1),
         access,
         rollouts: rollout::Rollouts::default(),
+        jobs: job_store,
     });
     // Live at once (the port answers); ready after the first load has warmed every model.
     let grpc_note = grpc_addr.map(|a| format!(" and grpc://{a}")).unwrap_or_default();
@@ -509,6 +533,7 @@ async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             }
         }
     });
+    jobs::start(&state);
     let app = router(state.clone());
     // One signal stops both protocols: each stops accepting and finishes the requests it has.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -696,6 +721,9 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{spec}", post(classify))
         .route("/metrics", get(metrics))
         .route("/v2/openapi.json", get(openapi))
+        .route("/v2/models/{model}/jobs", post(job_submit))
+        .route("/v2/models/{model}/versions/{version}/jobs", post(job_submit_v))
+        .route("/v2/jobs/{id}", get(job_get).delete(job_delete))
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{model}/{action}", post(repository_load))
         .fallback(not_found)
@@ -808,6 +836,22 @@ async fn model_config(State(s): St, Path(name): Path<String>) -> Result<Response
         "output": meta_json(&c.outputs),
     }))
     .into_response())
+}
+
+async fn job_submit(State(s): St, Path(m): Path<String>, headers: HeaderMap, body: Body) -> Response {
+    jobs::submit(s, m, None, headers, body).await
+}
+
+async fn job_submit_v(State(s): St, Path((m, v)): Path<(String, String)>, headers: HeaderMap, body: Body) -> Response {
+    jobs::submit(s, m, Some(v), headers, body).await
+}
+
+async fn job_get(State(s): St, Path(id): Path<String>) -> Result<Response, ApiError> {
+    Ok(axum::Json(jobs::get(&s, &id)?).into_response())
+}
+
+async fn job_delete(State(s): St, Path(id): Path<String>) -> Result<Response, ApiError> {
+    Ok(axum::Json(jobs::delete(&s, &id)?).into_response())
 }
 
 async fn model_rollout(State(s): St, Path(name): Path<String>) -> Result<Response, ApiError> {

@@ -49,6 +49,13 @@ const DESCS: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     ("edgepack_canary_percent", "Share of requests the automatic canary routes to its version now.", Kind::Gauge),
+    (
+        "edgepack_jobs_total",
+        "Asynchronous jobs by model and status reached (queued, succeeded, failed, cancelled).",
+        Kind::Counter,
+    ),
+    ("edgepack_jobs_queued", "Asynchronous jobs waiting to run, by model (scale workers on it).", Kind::Gauge),
+    ("edgepack_jobs_oldest_age_seconds", "Age of the oldest queued asynchronous job, by model.", Kind::Gauge),
     ("edgepack_model_ready", "1 when the model version is loaded and warmed up.", Kind::Gauge),
     ("edgepack_model_info", "Constant 1, labelled with the backend running the model version.", Kind::Gauge),
 ];

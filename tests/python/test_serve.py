@@ -576,6 +576,95 @@ def test_automatic_canary_rolls_back_errors_and_promotes_a_good_version(tmp_path
         assert s.stop() == 0, "".join(s.log[-20:])
 
 
+class Webhook:
+    """A real HTTP receiver for job webhooks: records every POSTed JSON body."""
+
+    def __init__(self):
+        import http.server
+
+        got = self.got = []
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def test_async_jobs_survive_sigkill_and_call_their_webhook_once(tmp_path, binary):
+    """Issue 30, item 2: 20 jobs accepted (202 + Location) by a server that stores but does not run them, the server
+    SIGKILLed, restarted with workers: all 20 succeed with the outputs of direct infers, each webhook is called
+    once; unknown models and oversized bodies are refused at submission; a finished job can be deleted."""
+    repo = tmp_path / "repo"
+    (repo / "mnist" / "1").mkdir(parents=True)
+    ep("pack", MNIST, "--preset", "mnist", "-o", repo / "mnist" / "1" / "model.edgepack")
+    (repo / "mnist" / "config.json").write_text(json.dumps({"max_batch_size": 8, "max_queue_delay_ms": 2}))
+    hook = Webhook()
+    xs = [mnist_input(300 + k) for k in range(20)]
+    body = lambda x: {"inputs": [{"name": "Input3", "shape": [1, 1, 28, 28], "datatype": "FP32",  # noqa: E731
+                                  "data": x.ravel().tolist()}]}
+    s = Server(repo, "--poll", "0", "--device", "cpu", "--job-workers", "0", "--max-job-mib", "1")
+    ids = []
+    try:
+        for x in xs:
+            status, b, headers = s.post_json("/v2/models/mnist/jobs", body(x), {"x-edgepack-webhook": hook.url})
+            r = json.loads(b)
+            location = {k.lower(): v for k, v in headers.items()}.get("location")
+            assert status == 202 and r["status"] == "queued" and location == f"/v2/jobs/{r['id']}", (status, b, headers)
+            ids.append(r["id"])
+        assert json.loads(s.get(f"/v2/jobs/{ids[0]}")[1])["status"] == "queued"
+        assert s.post_json("/v2/models/nope/jobs", body(xs[0]))[0] == 404
+        big = tmp_path / "big.json"
+        big.write_bytes(b"x" * (2 << 20))
+        r = subprocess.run([require("curl", "the oversized job"), "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                            "--data-binary", f"@{big}", s.url + "/v2/models/mnist/jobs"], capture_output=True, text=True)
+        assert r.stdout == "413", r.stdout
+        metrics = s.get("/metrics")[1].decode()
+        assert re.search(r'edgepack_jobs_queued\{model="mnist"\} 20\b', metrics), metrics
+    finally:
+        s.proc.kill()  # SIGKILL: no shutdown, nothing flushed by the server
+        s.proc.wait(30)
+    s = Server(repo, "--poll", "0", "--device", "cpu")
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            states = [json.loads(s.get(f"/v2/jobs/{i}")[1]) for i in ids]
+            if all(j["status"] == "succeeded" for j in states):
+                break
+            time.sleep(0.2)
+        assert all(j["status"] == "succeeded" for j in states), [j["status"] for j in states]
+        for x, j in zip(xs, states):
+            status, b, _ = s.post_json("/v2/models/mnist/infer", body(x))
+            direct = json.loads(b)["outputs"][0]
+            # Jobs run batched with each other: equal to the direct run within float rounding.
+            assert status == 200 and j["result"]["outputs"][0]["shape"] == direct["shape"], j
+            np.testing.assert_allclose(j["result"]["outputs"][0]["data"], direct["data"], rtol=1e-5, atol=1e-5)
+            assert j["result"]["id"] == j["id"] and j["model_version"] == "1"
+        while time.time() < deadline and len(hook.got) < len(ids):
+            time.sleep(0.2)
+        time.sleep(1.0)  # a second call would come now
+        calls = [g["id"] for g in hook.got]
+        assert sorted(calls) == sorted(ids), (len(calls), len(set(calls)))
+        assert all(g["status"] == "succeeded" and g["result"]["outputs"] for g in hook.got)
+        assert all(json.loads(s.get(f"/v2/jobs/{i}")[1])["webhook"]["delivered"] for i in ids)
+        metrics = s.get("/metrics")[1].decode()
+        assert re.search(r'edgepack_jobs_total\{model="mnist",status="succeeded"\} 20\b', metrics), metrics
+        assert re.search(r'edgepack_jobs_queued\{model="mnist"\} 0\b', metrics), metrics
+        status, b, _ = s.request("DELETE", f"/v2/jobs/{ids[0]}")
+        assert status == 200 and json.loads(b)["status"] == "deleted"
+        assert s.get(f"/v2/jobs/{ids[0]}")[0] == 404 and s.get("/v2/jobs/" + "0" * 32)[0] == 404
+    finally:
+        assert s.stop() == 0, "".join(s.log[-20:])
+        hook.httpd.shutdown()
+
+
 def test_grafana_dashboard_queries_only_what_the_server_exports(server):
     """Issue 30, item 6: every metric the dashboard (deploy/grafana/edgepack-serve.json) queries is on /metrics, and
     every label it selects or groups by is one those metrics carry."""
