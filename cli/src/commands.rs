@@ -1416,6 +1416,10 @@ pub struct ServeArgs {
     /// Seconds a finished job and its result are kept
     #[arg(long, default_value_t = 86_400)]
     pub job_ttl_s: u64,
+    /// A shared job queue in Redis (redis://HOST:PORT): jobs, requests and results there, run by every server given
+    /// the same URL, each job by one of them (default: on disk, this server only)
+    #[arg(long, value_name = "URL")]
+    pub queue: Option<String>,
     /// Asynchronous jobs run at once (each through its model version's batching queue); 0: this server accepts and
     /// stores jobs but runs none (they run at its next start with workers)
     #[arg(long, default_value_t = 4)]
@@ -1450,6 +1454,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 max_bytes: a.max_job_mib.saturating_mul(1 << 20),
                 ttl: std::time::Duration::from_secs(a.job_ttl_s),
                 workers: a.job_workers,
+                queue: a.queue.clone(),
             }),
         },
         access_log: a.access_log,

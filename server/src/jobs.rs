@@ -30,6 +30,7 @@ use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
 use crate::error::ApiError;
+use crate::redis::{Redis, Reply};
 use crate::{AppState, kserve};
 
 /// The header naming a job's webhook.
@@ -44,7 +45,28 @@ pub struct JobOptions {
     pub ttl: Duration,
     /// Jobs run at once (each through its model version's batching queue); 0: accepted and stored, not run.
     pub workers: usize,
+    /// `redis://HOST:PORT`: the queue, records, requests and results in that Redis server, shared by every server
+    /// given the same URL (the jobs dir then only spools request bodies). None: on disk, this server only.
+    pub queue: Option<String>,
 }
+
+/// Redis keys of the shared store.
+const QUEUE: &str = "edgepack:jobs:queue";
+const RUNNING: &str = "edgepack:jobs:running";
+const LEASES: &str = "edgepack:jobs:leases";
+
+fn key(id: &str, part: &str) -> String {
+    format!("edgepack:job:{id}:{part}")
+}
+
+fn queued_key(model: &str) -> String {
+    format!("edgepack:jobs:queued:{model}")
+}
+
+/// Puts a job whose lease ran out (its server died while running it) back on the queue, once: only the caller
+/// whose ZREM removed the lease moves it.
+const REQUEUE: &str = "if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then \
+    redis.call('LREM', KEYS[2], 1, ARGV[1]); redis.call('RPUSH', KEYS[3], ARGV[1]); return 1 end return 0";
 
 /// A job's record (`meta.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -97,6 +119,7 @@ pub struct Jobs {
     /// One writer of job records at a time (the atomic write's temp file is per path and process).
     write: Mutex<()>,
     seq: AtomicU64,
+    redis: Option<Redis>,
 }
 
 fn now_ms() -> u64 {
@@ -115,7 +138,9 @@ impl Jobs {
     pub fn open(opts: JobOptions) -> std::io::Result<Jobs> {
         std::fs::create_dir_all(&opts.dir)?;
         edgepack_runtime::fsutil::check_writable(&opts.dir.join("meta.json"))?;
+        let redis = opts.queue.as_deref().map(Redis::connect).transpose()?;
         Ok(Jobs {
+            redis,
             opts,
             queue: Mutex::new(VecDeque::new()),
             waiting: Mutex::new(BTreeMap::new()),
@@ -134,13 +159,115 @@ impl Jobs {
         if !valid_id(id) {
             return None;
         }
-        serde_json::from_slice(&std::fs::read(self.path(id).join("meta.json")).ok()?).ok()
+        let bytes = match &self.redis {
+            Some(r) => r.cmd(&[b"GET", key(id, "meta").as_bytes()]).ok()?.bytes()?,
+            None => std::fs::read(self.path(id).join("meta.json")).ok()?,
+        };
+        serde_json::from_slice(&bytes).ok()
     }
 
     fn save(&self, m: &Meta) -> std::io::Result<()> {
-        let _one = self.write.lock().unwrap_or_else(|e| e.into_inner());
         let bytes = serde_json::to_vec_pretty(m).map_err(std::io::Error::other)?;
+        if let Some(r) = &self.redis {
+            r.cmd(&[b"SET", key(&m.id, "meta").as_bytes(), &bytes])?;
+            if m.finished() {
+                // Redis deletes a finished job's keys after its time to live.
+                let ttl = self.opts.ttl.as_millis().max(1).to_string();
+                for part in ["meta", "request", "result"] {
+                    r.cmd(&[b"PEXPIRE", key(&m.id, part).as_bytes(), ttl.as_bytes()])?;
+                }
+            }
+            return Ok(());
+        }
+        let _one = self.write.lock().unwrap_or_else(|e| e.into_inner());
         edgepack_runtime::fsutil::write_atomic(&self.path(&m.id).join("meta.json"), &bytes)
+    }
+
+    /// A stored request moves to Redis (the local spool file is removed); on disk it stays where it is.
+    fn commit_request(&self, id: &str) -> std::io::Result<()> {
+        let Some(r) = &self.redis else { return Ok(()) };
+        let spool = self.path(id);
+        let bytes = std::fs::read(spool.join("request.bin"))?;
+        r.cmd(&[b"SET", key(id, "request").as_bytes(), &bytes])?;
+        let _ = std::fs::remove_dir_all(spool);
+        Ok(())
+    }
+
+    fn request(&self, id: &str) -> std::io::Result<Vec<u8>> {
+        match &self.redis {
+            Some(r) => r
+                .cmd(&[b"GET", key(id, "request").as_bytes()])?
+                .bytes()
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "request gone from the store")),
+            None => std::fs::read(self.path(id).join("request.bin")),
+        }
+    }
+
+    fn put_result(&self, id: &str, body: &[u8]) -> std::io::Result<()> {
+        match &self.redis {
+            Some(r) => r.cmd(&[b"SET", key(id, "result").as_bytes(), body]).map(drop),
+            None => edgepack_runtime::fsutil::write_atomic(&self.path(id).join("result.json"), body),
+        }
+    }
+
+    fn result(&self, id: &str) -> Option<Vec<u8>> {
+        match &self.redis {
+            Some(r) => r.cmd(&[b"GET", key(id, "result").as_bytes()]).ok()?.bytes(),
+            None => std::fs::read(self.path(id).join("result.json")).ok(),
+        }
+    }
+
+    fn remove(&self, id: &str) -> std::io::Result<()> {
+        match &self.redis {
+            Some(r) => r
+                .cmd(&[b"DEL", key(id, "meta").as_bytes(), key(id, "request").as_bytes(), key(id, "result").as_bytes()])
+                .map(drop),
+            None => std::fs::remove_dir_all(self.path(id)),
+        }
+    }
+
+    /// The next queued job, waiting up to a second with Redis (blocking: call it off the async threads), where
+    /// the job moves to the running list under a lease that outlives any deadline.
+    fn dequeue(&self, lease: Duration) -> Option<String> {
+        let Some(r) = &self.redis else { return self.queue.lock().ok()?.pop_front() };
+        let moved = r.cmd(&[b"BLMOVE", QUEUE.as_bytes(), RUNNING.as_bytes(), b"RIGHT", b"LEFT", b"1"]).ok()?;
+        let id = String::from_utf8(moved.bytes()?).ok()?;
+        let until = (now_ms() + lease.as_millis() as u64).to_string();
+        let _ = r.cmd(&[b"ZADD", LEASES.as_bytes(), until.as_bytes(), id.as_bytes()]);
+        if let Some(m) = self.read(&id) {
+            let _ = r.cmd(&[b"ZREM", queued_key(&m.model).as_bytes(), id.as_bytes()]);
+        }
+        Some(id)
+    }
+
+    /// A job that ran (or was skipped) leaves the running list.
+    fn done(&self, id: &str) {
+        if let Some(r) = &self.redis {
+            let _ = r.cmd(&[b"LREM", RUNNING.as_bytes(), b"1", id.as_bytes()]);
+            let _ = r.cmd(&[b"ZREM", LEASES.as_bytes(), id.as_bytes()]);
+        }
+    }
+
+    fn request_cancel(&self, id: &str) {
+        match &self.redis {
+            Some(r) => drop(r.cmd(&[b"SET", key(id, "cancel").as_bytes(), b"1", b"EX", b"86400"])),
+            None => drop(self.cancel.lock().map(|mut c| c.insert(id.to_string()))),
+        }
+    }
+
+    fn take_cancel(&self, id: &str) -> bool {
+        match &self.redis {
+            Some(r) => r.cmd(&[b"DEL", key(id, "cancel").as_bytes()]).is_ok_and(|n| n.int() == 1),
+            None => self.cancel.lock().map(|mut c| c.remove(id)).unwrap_or(false),
+        }
+    }
+
+    /// A queued job that will not run (cancelled) leaves the depth figures.
+    fn unqueue(&self, m: &Meta) {
+        match &self.redis {
+            Some(r) => drop(r.cmd(&[b"ZREM", queued_key(&m.model).as_bytes(), m.id.as_bytes()])),
+            None => drop(self.waiting.lock().map(|mut w| w.remove(&m.id))),
+        }
     }
 
     fn new_id(&self) -> String {
@@ -157,6 +284,12 @@ impl Jobs {
     }
 
     fn enqueue(&self, m: &Meta) {
+        if let Some(r) = &self.redis {
+            let score = m.created_unix_ms.to_string();
+            let _ = r.cmd(&[b"ZADD", queued_key(&m.model).as_bytes(), score.as_bytes(), m.id.as_bytes()]);
+            let _ = r.cmd(&[b"LPUSH", QUEUE.as_bytes(), m.id.as_bytes()]);
+            return;
+        }
         if let Ok(mut w) = self.waiting.lock() {
             w.insert(m.id.clone(), (m.model.clone(), m.created_unix_ms));
         }
@@ -168,6 +301,9 @@ impl Jobs {
 
     /// Every job on disk at start: unfinished ones queued again (oldest first), undelivered webhooks returned.
     fn recover(&self) -> Vec<Meta> {
+        if self.redis.is_some() {
+            return Vec::new(); // the shared queue is recovered by the lease sweep
+        }
         let mut all: Vec<Meta> = std::fs::read_dir(&self.opts.dir)
             .map(|d| d.flatten().filter_map(|e| self.read(&e.file_name().to_string_lossy())).collect())
             .unwrap_or_default();
@@ -189,6 +325,20 @@ impl Jobs {
 
     /// Deletes finished jobs past their time to live.
     fn sweep(&self) {
+        if let Some(r) = &self.redis {
+            // Jobs whose server died while running them (their lease ran out) go back on the queue.
+            let now = now_ms().to_string();
+            let expired =
+                r.cmd(&[b"ZRANGEBYSCORE", LEASES.as_bytes(), b"-inf", now.as_bytes(), b"LIMIT", b"0", b"100"]);
+            for id in expired.map(Reply::array).unwrap_or_default().into_iter().filter_map(Reply::bytes) {
+                let keys = [LEASES.as_bytes(), RUNNING.as_bytes(), QUEUE.as_bytes()];
+                let moved = r.cmd(&[b"EVAL", REQUEUE.as_bytes(), b"3", keys[0], keys[1], keys[2], &id]);
+                if moved.is_ok_and(|n| n.int() == 1) {
+                    tracing::warn!(job = %String::from_utf8_lossy(&id), "job lease expired: queued again");
+                }
+            }
+            return;
+        }
         let ttl = self.opts.ttl.as_millis() as u64;
         let now = now_ms();
         for e in std::fs::read_dir(&self.opts.dir).into_iter().flatten().flatten() {
@@ -203,7 +353,20 @@ impl Jobs {
     }
 
     fn set_gauges(&self, s: &AppState) {
-        let waiting = self.waiting.lock().map(|w| w.clone()).unwrap_or_default();
+        let mut waiting = self.waiting.lock().map(|w| w.clone()).unwrap_or_default();
+        if let Some(r) = &self.redis {
+            let models: Vec<String> = s.models.read().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+            waiting.clear();
+            for m in models {
+                let first = r.cmd(&[b"ZRANGE", queued_key(&m).as_bytes(), b"0", b"0", b"WITHSCORES"]);
+                let n = r.cmd(&[b"ZCARD", queued_key(&m).as_bytes()]).map(|n| n.int()).unwrap_or(0);
+                let oldest = first.map(Reply::array).ok().and_then(|a| a.get(1).map(Reply::int)).unwrap_or(0);
+                // What the gauges need: n queued, the oldest created at `oldest`.
+                for i in 0..n {
+                    waiting.insert(format!("{m}#{i}"), (m.clone(), oldest as u64));
+                }
+            }
+        }
         let mut per: BTreeMap<String, (usize, u64)> = BTreeMap::new();
         for (model, created) in waiting.values() {
             let e = per.entry(model.clone()).or_insert((0, u64::MAX));
@@ -231,15 +394,26 @@ pub fn start(s: &Arc<AppState>) {
         let s = s.clone();
         tokio::spawn(async move {
             loop {
-                let next = s.jobs.as_ref().and_then(|j| j.queue.lock().ok()?.pop_front());
+                let Some(j) = s.jobs.as_ref() else { return };
+                let next = if j.redis.is_some() {
+                    let s2 = s.clone();
+                    let lease = s.opts.request_timeout.max(Duration::from_secs(1)) * 10 + Duration::from_secs(30);
+                    tokio::task::spawn_blocking(move || s2.jobs.as_ref().and_then(|j| j.dequeue(lease)))
+                        .await
+                        .ok()
+                        .flatten()
+                } else {
+                    j.dequeue(Duration::ZERO)
+                };
                 match next {
-                    Some(id) => run(&s, &id).await,
-                    None => match s.jobs.as_ref() {
-                        Some(j) => {
-                            let _ = tokio::time::timeout(Duration::from_secs(1), j.wake.notified()).await;
-                        }
-                        None => return,
-                    },
+                    Some(id) => {
+                        run(&s, &id).await;
+                        j.done(&id);
+                    }
+                    None if j.redis.is_none() => {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), j.wake.notified()).await;
+                    }
+                    None => {}
                 }
             }
         });
@@ -360,7 +534,9 @@ async fn submit_inner(
         webhook_attempts: 0,
         webhook_delivered: false,
     };
-    // Durable before the 202: the record is fsynced and renamed into place (the request already is).
+    // Durable before the 202: the record is fsynced and renamed into place (the request already is), or both are
+    // in Redis.
+    jobs.commit_request(&id).map_err(io)?;
     jobs.save(&meta).map_err(io)?;
     s.metrics.inc("edgepack_jobs_total", &[("model", &meta.model), ("status", "queued")]);
     jobs.enqueue(&meta);
@@ -421,9 +597,7 @@ fn record(jobs: &Jobs, m: &Meta) -> Value {
         v["error"] = json!({ "status": m.http_status, "message": e });
     }
     if m.status == "succeeded"
-        && let Some(r) = std::fs::read(jobs.path(&m.id).join("result.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        && let Some(r) = jobs.result(&m.id).and_then(|b| serde_json::from_slice::<Value>(&b).ok())
     {
         v["result"] = r;
     }
@@ -438,20 +612,15 @@ pub fn delete(s: &AppState, id: &str) -> Result<Value, ApiError> {
     let jobs = s.jobs.as_ref().ok_or_else(|| ApiError::not_found("asynchronous jobs are off"))?;
     let mut m = jobs.read(id).ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))?;
     if m.finished() {
-        std::fs::remove_dir_all(jobs.path(id))
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("job store: {e}")))?;
+        jobs.remove(id).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("job store: {e}")))?;
         return Ok(json!({ "id": id, "status": "deleted" }));
     }
     if m.status == "running" {
-        if let Ok(mut c) = jobs.cancel.lock() {
-            c.insert(id.to_string());
-        }
+        jobs.request_cancel(id);
         return Ok(json!({ "id": id, "status": "cancelling" }));
     }
     finish(s, jobs, &mut m, "cancelled", None);
-    if let Ok(mut w) = jobs.waiting.lock() {
-        w.remove(id);
-    }
+    jobs.unqueue(&m);
     Ok(record(jobs, &m))
 }
 
@@ -490,12 +659,12 @@ async fn run(s: &Arc<AppState>, id: &str) {
     let _ = jobs.save(&m);
     let t0 = Instant::now();
     let outcome = execute(s, &m).await;
-    let cancelled = jobs.cancel.lock().map(|mut c| c.remove(id)).unwrap_or(false);
+    let cancelled = jobs.take_cancel(id);
     match outcome {
         _ if cancelled => finish(s, jobs, &mut m, "cancelled", None),
         Ok((version, body)) => {
             m.ran_on = Some(version);
-            match edgepack_runtime::fsutil::write_atomic(&jobs.path(id).join("result.json"), &body) {
+            match jobs.put_result(id, &body) {
                 Ok(()) => finish(s, jobs, &mut m, "succeeded", None),
                 Err(e) => finish(
                     s,
@@ -516,13 +685,13 @@ async fn run(s: &Arc<AppState>, id: &str) {
 
 /// The job's request through routing, the model's queue and the outputs asked for: (version, response JSON).
 async fn execute(s: &Arc<AppState>, m: &Meta) -> Result<(String, Vec<u8>), ApiError> {
-    let jobs = s.jobs.as_ref().ok_or_else(|| ApiError::unavailable("jobs are off", 1))?;
     let model = s.model(&m.model)?;
     let (v, shadow) = s.route(&model, &m.model, m.version.as_deref(), &HeaderMap::new())?;
-    let path = jobs.path(&m.id).join("request.bin");
-    let json_len = m.json_len;
+    let (json_len, s2, id) = (m.json_len, s.clone(), m.id.clone());
     let req = tokio::task::spawn_blocking(move || -> Result<kserve::Request, ApiError> {
-        let bytes = std::fs::read(&path)
+        let jobs = s2.jobs.as_ref().ok_or_else(|| ApiError::unavailable("jobs are off", 1))?;
+        let bytes = jobs
+            .request(&id)
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("job store: {e}")))?;
         kserve::parse_request(&bytes, json_len)
     })

@@ -14,6 +14,7 @@ mod grpc;
 mod jobs;
 mod kserve;
 mod metrics;
+mod redis;
 pub mod repo;
 mod rollout;
 

@@ -665,6 +665,73 @@ def test_async_jobs_survive_sigkill_and_call_their_webhook_once(tmp_path, binary
         hook.httpd.shutdown()
 
 
+def test_two_servers_share_a_redis_job_queue_and_run_each_job_once(tmp_path, binary):
+    """Issue 30, item 2: a real redis-server (Debian's package) holds the queue; two `edgepack serve` processes
+    given the same --queue each take jobs from it. 200 jobs submitted half to each: every one succeeds, is readable
+    from either server, ran on exactly one of them (their success counters add up to 200) and called its webhook
+    once."""
+    import socket
+
+    redis = require("redis-server", "Debian package redis-server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    rproc = subprocess.Popen([redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    repo = tmp_path / "repo"
+    (repo / "mnist" / "1").mkdir(parents=True)
+    ep("pack", MNIST, "--preset", "mnist", "-o", repo / "mnist" / "1" / "model.edgepack")
+    hook = Webhook()
+    servers = []
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        for k in range(2):
+            servers.append(Server(repo, "--poll", "0", "--device", "cpu", "--queue", f"redis://127.0.0.1:{port}",
+                                  "--jobs-dir", str(tmp_path / f"spool{k}")))
+        xs = [mnist_input(500 + k) for k in range(200)]
+        ids = []
+        for k, x in enumerate(xs):
+            body = {"inputs": [{"name": "Input3", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                "data": x.ravel().tolist()}]}
+            status, b, _ = servers[k % 2].post_json("/v2/models/mnist/jobs", body, {"x-edgepack-webhook": hook.url})
+            assert status == 202, b
+            ids.append(json.loads(b)["id"])
+        deadline = time.time() + 120
+        done = {}
+        while time.time() < deadline and len(done) < len(ids):
+            for k, i in enumerate(ids):
+                if i not in done:
+                    j = json.loads(servers[(k + 1) % 2].get(f"/v2/jobs/{i}")[1])  # read from the other server
+                    if j["status"] == "succeeded":
+                        done[i] = j
+            time.sleep(0.2)
+        assert len(done) == len(ids), f"{len(done)} of {len(ids)} succeeded"
+        want = mnist_reference(xs[7])
+        np.testing.assert_allclose(np.array(done[ids[7]]["result"]["outputs"][0]["data"], np.float32).reshape(want.shape),
+                                   want, rtol=1e-4, atol=1e-4)
+        ran = 0
+        for srv in servers:
+            m = re.search(r'edgepack_jobs_total\{model="mnist",status="succeeded"\} (\d+)', srv.get("/metrics")[1].decode())
+            ran += int(m[1]) if m else 0
+        assert ran == len(ids), f"jobs ran {ran} times for {len(ids)} jobs"
+        while time.time() < deadline and len(hook.got) < len(ids):
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert sorted(g["id"] for g in hook.got) == sorted(ids)
+    finally:
+        for srv in servers:
+            assert srv.stop() == 0, "".join(srv.log[-20:])
+        rproc.terminate()
+        rproc.wait(10)
+        hook.httpd.shutdown()
+
+
 def test_grafana_dashboard_queries_only_what_the_server_exports(server):
     """Issue 30, item 6: every metric the dashboard (deploy/grafana/edgepack-serve.json) queries is on /metrics, and
     every label it selects or groups by is one those metrics carry."""
