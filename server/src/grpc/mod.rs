@@ -31,9 +31,14 @@ pub(crate) async fn serve(
     let svc = GrpcInferenceServiceServer::new(Grpc { s: state })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX);
+    // Tensors are large messages: no Nagle delay on the replies, and HTTP/2 windows that let a request of a few
+    // MiB arrive without a round trip per 64 KiB (the defaults held a 600 KiB request for ~45 ms on loopback).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
         .add_service(svc)
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), stop)
+        .serve_with_incoming_shutdown(incoming, stop)
         .await
 }
 
