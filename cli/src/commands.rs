@@ -1407,6 +1407,10 @@ pub struct ServeArgs {
     /// to this file (`-`: stdout)
     #[arg(long, value_name = "FILE")]
     pub access_log: Option<PathBuf>,
+    /// Base URL of swagger-ui-dist (swagger-ui.css, swagger-ui-bundle.js) for the /v2/docs page; host the two files
+    /// yourself for browsers without internet access
+    #[arg(long, value_name = "URL", default_value = edgepack_server::SWAGGER_UI_CDN)]
+    pub swagger_ui: String,
     /// Where asynchronous jobs (POST /v2/models/M/jobs) are stored, durably (default: REPO/.jobs; `none`: jobs off)
     #[arg(long, value_name = "DIR")]
     pub jobs_dir: Option<PathBuf>,
@@ -1458,6 +1462,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             }),
         },
         access_log: a.access_log,
+        swagger_ui: a.swagger_ui,
     };
     edgepack_server::serve(opts)?;
     Ok(())

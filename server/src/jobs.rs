@@ -94,6 +94,11 @@ pub struct Meta {
     pub http_status: Option<u16>,
     #[serde(default)]
     pub json_len: Option<usize>,
+    /// A raw-image job: `classify` or `detect` (None: a KServe v2 request).
+    #[serde(default)]
+    pub verb: Option<String>,
+    #[serde(default)]
+    pub top_k: Option<usize>,
     #[serde(default)]
     pub webhook: Option<String>,
     #[serde(default)]
@@ -438,7 +443,23 @@ pub async fn submit(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match submit_inner(&s, model, version, headers, body).await {
+    match submit_inner(&s, model, version, None, headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/models/{m}:classify/jobs` (or `:detect`): a raw image, run as `:classify` would run it.
+pub async fn submit_image(
+    s: Arc<AppState>,
+    model: String,
+    version: Option<String>,
+    verb: crate::ImageVerb,
+    top_k: Option<usize>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match submit_inner(&s, model, version, Some((verb, top_k)), headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -448,6 +469,7 @@ async fn submit_inner(
     s: &Arc<AppState>,
     model: String,
     version: Option<String>,
+    image: Option<(crate::ImageVerb, Option<usize>)>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -492,18 +514,25 @@ async fn submit_inner(
     let io = |e: std::io::Error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("job store: {e}"));
     tokio::fs::create_dir_all(&dir).await.map_err(io)?;
     let stored = stream_to(&dir.join("request.bin"), body, limit).await;
+    let stored = match stored {
+        Ok(0) if image.is_some() => Err(ApiError::bad_request("the request has no image")),
+        Ok(n) => Ok(n),
+        Err(Stream::TooBig) => Err(too_big()),
+        Err(Stream::Body(m)) => Err(ApiError::bad_request(format!("reading the body: {m}"))),
+        Err(Stream::Io(e)) => Err(io(e)),
+    };
     if let Err(e) = stored {
         let _ = tokio::fs::remove_dir_all(&dir).await;
-        return Err(match e {
-            Stream::TooBig => too_big(),
-            Stream::Body(m) => ApiError::bad_request(format!("reading the body: {m}")),
-            Stream::Io(e) => io(e),
-        });
+        return Err(e);
     }
     // A request `infer` would refuse is refused now, not accepted to fail later.
     let (v, _) = s.route(&m, &model, version.as_deref(), &HeaderMap::new())?;
     let path = dir.join("request.bin");
     let checked = tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+        if image.is_some() {
+            // An image is decoded when the job runs; the model must have the pre-processing for it.
+            return crate::check_image_model(&v, &v.model);
+        }
         let bytes =
             std::fs::read(&path).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let req = kserve::parse_request(&bytes, json_len)?;
@@ -530,6 +559,8 @@ async fn submit_inner(
         error: None,
         http_status: None,
         json_len,
+        verb: image.map(|i| i.0.name().to_string()),
+        top_k: image.and_then(|i| i.1),
         webhook,
         webhook_attempts: 0,
         webhook_delivered: false,
@@ -556,7 +587,7 @@ enum Stream {
 }
 
 /// Writes the body to `path` as it arrives (fsynced, renamed into place), refusing more than `limit` bytes.
-async fn stream_to(path: &Path, body: Body, limit: usize) -> Result<(), Stream> {
+async fn stream_to(path: &Path, body: Body, limit: usize) -> Result<usize, Stream> {
     use futures_util::StreamExt;
     let tmp = path.with_extension("part");
     let mut f = tokio::fs::File::create(&tmp).await.map_err(Stream::Io)?;
@@ -572,7 +603,8 @@ async fn stream_to(path: &Path, body: Body, limit: usize) -> Result<(), Stream> 
     }
     f.sync_all().await.map_err(Stream::Io)?;
     drop(f);
-    tokio::fs::rename(&tmp, path).await.map_err(Stream::Io)
+    tokio::fs::rename(&tmp, path).await.map_err(Stream::Io)?;
+    Ok(n)
 }
 
 /// `GET /v2/jobs/{id}`: the record, and the KServe response as `result` once succeeded.
@@ -687,16 +719,23 @@ async fn run(s: &Arc<AppState>, id: &str) {
 async fn execute(s: &Arc<AppState>, m: &Meta) -> Result<(String, Vec<u8>), ApiError> {
     let model = s.model(&m.model)?;
     let (v, shadow) = s.route(&model, &m.model, m.version.as_deref(), &HeaderMap::new())?;
-    let (json_len, s2, id) = (m.json_len, s.clone(), m.id.clone());
-    let req = tokio::task::spawn_blocking(move || -> Result<kserve::Request, ApiError> {
+    let (s2, id) = (s.clone(), m.id.clone());
+    let bytes = tokio::task::spawn_blocking(move || {
         let jobs = s2.jobs.as_ref().ok_or_else(|| ApiError::unavailable("jobs are off", 1))?;
-        let bytes = jobs
-            .request(&id)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("job store: {e}")))?;
-        kserve::parse_request(&bytes, json_len)
+        jobs.request(&id).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("job store: {e}")))
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    if let Some(verb) = m.verb.as_deref().and_then(crate::ImageVerb::parse) {
+        // A raw-image job: the bytes are the image.
+        let deadline = crate::deadline(s, &HeaderMap::new(), None);
+        let body = crate::run_image(&v, &m.model, verb, m.top_k, bytes, deadline).await?;
+        return Ok((v.version.clone(), body.to_string().into_bytes()));
+    }
+    let json_len = m.json_len;
+    let req = tokio::task::spawn_blocking(move || kserve::parse_request(&bytes, json_len))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     let deadline = crate::deadline(s, &HeaderMap::new(), req.timeout_us);
     let mut outs = crate::run_infer(s, &v, shadow, req.inputs, &req.outputs, deadline).await?;
     // Results are JSON documents: binary tensors are written as JSON data.

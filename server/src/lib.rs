@@ -65,7 +65,12 @@ pub struct ServeOptions {
     pub access_log: Option<PathBuf>,
     /// Asynchronous jobs: where they are stored (None: off), their size limit and time to live.
     pub jobs: Option<JobOptions>,
+    /// Where the `/v2/docs` page loads Swagger UI from (`swagger-ui.css`, `swagger-ui-bundle.js` of swagger-ui-dist).
+    pub swagger_ui: String,
 }
+
+/// swagger-ui-dist 5 on jsDelivr, as FastAPI's `/docs` loads it by default.
+pub const SWAGGER_UI_CDN: &str = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5";
 
 pub use jobs::JobOptions;
 
@@ -720,8 +725,10 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_v))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
         .route("/v1/models/{spec}", post(classify))
+        .route("/v1/models/{spec}/jobs", post(image_job))
         .route("/metrics", get(metrics))
         .route("/v2/openapi.json", get(openapi))
+        .route("/v2/docs", get(docs))
         .route("/v2/models/{model}/jobs", post(job_submit))
         .route("/v2/models/{model}/versions/{version}/jobs", post(job_submit_v))
         .route("/v2/jobs/{id}", get(job_get).delete(job_delete))
@@ -906,6 +913,21 @@ async fn metrics(State(s): St) -> Response {
 
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json")).into_response()
+}
+
+/// `GET /v2/docs`: Swagger UI over `/v2/openapi.json` (its assets from `--swagger-ui`).
+async fn docs(State(s): St) -> Response {
+    let base = s.opts.swagger_ui.trim_end_matches('/');
+    let esc = |v: &str| v.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;");
+    let page = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>edgepack serve: API</title>\n\
+         <link rel=\"stylesheet\" href=\"{b}/swagger-ui.css\"></head>\n<body><div id=\"swagger-ui\"></div>\n\
+         <script src=\"{b}/swagger-ui-bundle.js\"></script>\n\
+         <script>window.ui = SwaggerUIBundle({{url: \"openapi.json\", dom_id: \"#swagger-ui\"}});</script>\n\
+         </body></html>\n",
+        b = esc(base)
+    );
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page).into_response()
 }
 
 /// The request body, at most `max_body_bytes` (413 beyond).
@@ -1128,10 +1150,63 @@ fn display_top(classes: Vec<Vec<edgepack_runtime::process::ClassScore>>) -> Vec<
 }
 
 /// What `POST /v1/models/{m}:<verb>` does with a raw image.
-#[derive(Clone, Copy)]
-enum ImageVerb {
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum ImageVerb {
     Classify,
     Detect,
+}
+
+impl ImageVerb {
+    fn name(self) -> &'static str {
+        match self {
+            ImageVerb::Classify => "classify",
+            ImageVerb::Detect => "detect",
+        }
+    }
+
+    fn parse(s: &str) -> Option<ImageVerb> {
+        match s {
+            "classify" => Some(ImageVerb::Classify),
+            "detect" => Some(ImageVerb::Detect),
+            _ => None,
+        }
+    }
+}
+
+/// `{model}:{verb}` and the image endpoints' query (`top_k`, `version`), checked.
+fn image_call(spec: &str, query: Option<&str>) -> Result<(String, ImageVerb, Option<usize>, Option<String>), ApiError> {
+    let mut top_k = None;
+    let mut version = None;
+    for (k, v) in query.unwrap_or("").split('&').filter(|p| !p.is_empty()).filter_map(|p| p.split_once('=')) {
+        match k {
+            "top_k" => match v.parse::<usize>() {
+                Ok(n) if (1..=1000).contains(&n) => top_k = Some(n),
+                _ => return Err(ApiError::bad_request(format!("top_k must be an integer in 1..=1000, got `{v}`"))),
+            },
+            "version" if !v.is_empty() => version = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    match spec.rsplit_once(':').and_then(|(n, v)| Some((n, ImageVerb::parse(v)?))) {
+        Some((n, verb)) => Ok((n.to_string(), verb, top_k, version)),
+        None => {
+            Err(ApiError::not_found(format!("unknown verb in `{spec}` (POST /v1/models/<model>:classify or :detect)")))
+        }
+    }
+}
+
+/// `POST /v1/models/{m}:classify/jobs` and `:detect/jobs`: the raw image as an asynchronous job.
+async fn image_job(
+    State(s): St,
+    Path(spec): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match image_call(&spec, query.as_deref()) {
+        Ok((name, verb, top_k, version)) => jobs::submit_image(s, name, version, verb, top_k, headers, body).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 /// `POST /v1/models/{m}:classify` and `:detect`: a raw JPEG/PNG body through the bundle's pre- and
@@ -1144,36 +1219,11 @@ async fn classify(
     body: Body,
 ) -> Response {
     // Parsed here so a bad value is a KServe error body like every other.
-    let mut top_k = None;
-    let mut version = None;
-    for (k, v) in query.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()).filter_map(|p| p.split_once('='))
-    {
-        match k {
-            "top_k" => match v.parse::<usize>() {
-                Ok(n) if (1..=1000).contains(&n) => top_k = Some(n),
-                _ => {
-                    return ApiError::bad_request(format!("top_k must be an integer in 1..=1000, got `{v}`"))
-                        .into_response();
-                }
-            },
-            "version" if !v.is_empty() => version = Some(v.to_string()),
-            _ => {}
-        }
-    }
-    let (name, verb) = match spec.rsplit_once(':') {
-        Some((n, "classify")) => (n.to_string(), ImageVerb::Classify),
-        Some((n, "detect")) => (n.to_string(), ImageVerb::Detect),
-        _ => {
-            return ApiError::not_found(format!(
-                "unknown verb in `{spec}` (POST /v1/models/<model>:classify or :detect)"
-            ))
-            .into_response();
-        }
+    let (name, verb, top_k, version) = match image_call(&spec, query.as_deref()) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
     };
-    let what = match verb {
-        ImageVerb::Classify => "classify",
-        ImageVerb::Detect => "detect",
-    };
+    let what = verb.name();
     let f = image_inner(s.clone(), name.clone(), verb, top_k, version, headers, body);
     instrumented(&s, &name, what, f).await
 }
@@ -1191,29 +1241,47 @@ async fn image_inner(
     let (v, _) = s.route(&model, &name, version.as_deref(), &headers).map_err(|e| (e, String::new()))?;
     let ver = v.version.clone();
     let fail = |e: ApiError| (e, ver.clone());
-    if v.session.preprocess().is_none() {
-        return Err(fail(ApiError::bad_request(format!(
-            "model `{name}` has no image pre-processing (pack it with --preset)"
-        ))));
-    }
+    check_image_model(&v, &name).map_err(fail)?;
     let bytes = read_body(&s, &headers, body).await.map_err(fail)?;
+    let body = run_image(&v, &name, verb, top_k, bytes.to_vec(), deadline(&s, &headers, None)).await.map_err(fail)?;
+    Ok((axum::Json(body).into_response(), v.version.clone()))
+}
+
+/// A raw image can only go to a model packed with its pre-processing.
+fn check_image_model(v: &Version, name: &str) -> Result<(), ApiError> {
+    match v.session.preprocess() {
+        Some(_) => Ok(()),
+        None => {
+            Err(ApiError::bad_request(format!("model `{name}` has no image pre-processing (pack it with --preset)")))
+        }
+    }
+}
+
+/// A raw JPEG/PNG through `v`'s pre-processing, its batching queue and post-processing: top classes or boxes.
+async fn run_image(
+    v: &Arc<Version>,
+    name: &str,
+    verb: ImageVerb,
+    top_k: Option<usize>,
+    bytes: Vec<u8>,
+    deadline: Instant,
+) -> Result<Value, ApiError> {
     let vv = v.clone();
     let batch = tokio::task::spawn_blocking(move || vv.session.image_input(&[&bytes]))
         .await
-        .map_err(|e| fail(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))?
-        .map_err(|e| fail(ApiError::from_runtime(&e)))?;
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::from_runtime(&e))?;
     let size = batch.sizes[0];
-    let inputs = v.check_inputs(vec![(batch.input, batch.tensor)]).map_err(fail)?;
-    let outs = execute(&v, inputs, deadline(&s, &headers, None)).await.map_err(fail)?;
-    let body = match verb {
+    let inputs = v.check_inputs(vec![(batch.input, batch.tensor)])?;
+    let outs = execute(v, inputs, deadline).await?;
+    Ok(match verb {
         ImageVerb::Classify => {
-            let classes = v.session.classify_outputs(&outs, top_k).map_err(|e| fail(ApiError::from_runtime(&e)))?;
+            let classes = v.session.classify_outputs(&outs, top_k).map_err(|e| ApiError::from_runtime(&e))?;
             json!({ "model_name": name, "model_version": v.version, "predictions": display_top(classes) })
         }
         ImageVerb::Detect => {
-            let dets = v.session.detections_from_outputs(&outs, size).map_err(|e| fail(ApiError::from_runtime(&e)))?;
+            let dets = v.session.detections_from_outputs(&outs, size).map_err(|e| ApiError::from_runtime(&e))?;
             json!({ "model_name": name, "model_version": v.version, "detections": dets })
         }
-    };
-    Ok((axum::Json(body).into_response(), v.version.clone()))
+    })
 }

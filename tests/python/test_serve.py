@@ -732,6 +732,35 @@ def test_two_servers_share_a_redis_job_queue_and_run_each_job_once(tmp_path, bin
         hook.httpd.shutdown()
 
 
+def test_raw_image_jobs_and_the_docs_page(server):
+    """Issue 30, items 2 and 4: a raw photo as an asynchronous classify job gives what :classify answers directly; a
+    :detect job on a classifier fails with the reason; GET /v2/docs is a Swagger UI page over /v2/openapi.json."""
+    photo = open(os.path.join(PHOTOS, "skimage_chelsea.png"), "rb").read()
+    status, b, _ = server.request("POST", "/v1/models/effnet:classify?top_k=3", photo, {"Content-Type": "image/png"})
+    assert status == 200, b
+    direct = json.loads(b)["predictions"]
+    jobs = {}
+    for verb in ("classify", "detect"):
+        status, b, _ = server.request("POST", f"/v1/models/effnet:{verb}/jobs?top_k=3", photo, {"Content-Type": "image/png"})
+        assert status == 202, b
+        jobs[verb] = json.loads(b)["id"]
+    assert server.request("POST", "/v1/models/effnet:bogus/jobs", photo)[0] == 404
+    assert server.request("POST", "/v1/models/mnist:classify/jobs?top_k=0", photo)[0] == 400
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        got = {v: json.loads(server.get(f"/v2/jobs/{i}")[1]) for v, i in jobs.items()}
+        if all(g["status"] in ("succeeded", "failed") for g in got.values()):
+            break
+        time.sleep(0.1)
+    assert got["classify"]["status"] == "succeeded" and got["classify"]["result"]["predictions"] == direct, got
+    assert got["detect"]["status"] == "failed" and got["detect"]["error"]["status"] == 400, got["detect"]
+    assert "no detection post-processing" in got["detect"]["error"]["message"], got["detect"]
+    status, b, headers = server.get("/v2/docs")
+    page = b.decode()
+    assert status == 200 and headers["content-type"].startswith("text/html"), headers
+    assert 'url: "openapi.json"' in page and "swagger-ui-bundle.js" in page and "swagger-ui.css" in page
+
+
 def test_grafana_dashboard_queries_only_what_the_server_exports(server):
     """Issue 30, item 6: every metric the dashboard (deploy/grafana/edgepack-serve.json) queries is on /metrics, and
     every label it selects or groups by is one those metrics carry."""
