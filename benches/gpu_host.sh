@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU-host measurements of BENCHMARKS.md in one go (an NVIDIA/AMD host with a Vulkan driver): the adapter, a
-# smoke run on the GPU backend, the engine table (benches/peers/gpu_host.py) and `edgepack serve --device gpu`
+# smoke run on the GPU backend, the engine table (benches/peers/gpu_host.py), the CPU batch table at every core
+# (benches/peers/cpu_batch.py) and `edgepack serve --device gpu`
 # under load against FastAPI + onnxruntime (benches/peers/serve_load.py). Tables go into BENCHMARKS.md; logs into
 # the folder given (default: a temp folder).
 #
@@ -41,6 +42,8 @@ python3 -c 'import torch, onnx2torch; assert torch.cuda.is_available()' 2>/dev/n
 timeout 420 python3 benches/peers/gpu_host.py --batches "${BATCHES:-1,8,32,128}" --runs "$RUNS" --f16 $TORCH \
   --md BENCHMARKS.md 2>&1 | tee "$LOG/engine.log"
 engine=$?
+step "CPU backend at batch 1/8/32 on every core vs onnxruntime, with and without the block cache"
+timeout 300 python3 benches/peers/cpu_batch.py --runs "$RUNS" --rounds 2 --md BENCHMARKS.md 2>&1 | tee "$LOG/cpu_batch.log"
 step "fused programs vs the step-by-step path, with device counters"
 timeout 300 python3 benches/gpu_fused.py --runs "$RUNS" --slow-runs 5 2>&1 | tee "$LOG/fused.log"
 step "serve: edgepack serve --device gpu vs FastAPI + onnxruntime"

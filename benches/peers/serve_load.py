@@ -70,6 +70,45 @@ def ms(s):
     return float(v) * {"us": 1e-3, "ms": 1.0, "s": 1000.0}[unit]
 
 
+GRPC = "127.0.0.1:8792"
+
+
+def grpc_load(addr, model, x, clients, seconds):
+    """N concurrent ModelInfer calls on one gRPC channel for `seconds`: requests/s and latency percentiles. Any
+    failed call fails the run."""
+    import asyncio
+
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc as pbg
+
+    req = pb.ModelInferRequest(model_name=model)
+    t = req.inputs.add()
+    t.name, t.datatype = "input", "FP32"
+    t.shape.extend(x.shape)
+    req.raw_input_contents.append(np.ascontiguousarray(x, np.float32).tobytes())
+
+    async def run():
+        opts = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        async with grpc.aio.insecure_channel(addr, options=opts) as ch:
+            stub = pbg.GRPCInferenceServiceStub(ch)
+            lat = []
+            end = time.perf_counter() + seconds
+
+            async def client():
+                while time.perf_counter() < end:
+                    t0 = time.perf_counter()
+                    await stub.ModelInfer(req)
+                    lat.append(time.perf_counter() - t0)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*[client() for _ in range(clients)])
+            return lat, time.perf_counter() - t0
+
+    lat, wall = asyncio.run(run())
+    lat.sort()
+    return {"rps": len(lat) / wall, "p50_ms": lat[len(lat) // 2] * 1e3, "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3}
+
+
 def wrk(url, clients, seconds, body, lua, threads=1):
     body_file, header_len = body
     r = subprocess.run([WRK, f"-t{min(threads, clients)}", f"-c{clients}", f"-d{seconds}s", "--timeout", "60s", "--latency", "-s", lua, url],
@@ -98,6 +137,8 @@ def main():
     ap.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (at most one per connection)")
     ap.add_argument("--int8", action="store_true", help="serve the INT8 QDQ model (edgepack quantize) on both services")
     ap.add_argument("--binary", action="store_true", help="also load edgepack with binary tensor requests")
+    ap.add_argument("--grpc", action="store_true",
+                    help="also load edgepack over KServe v2 gRPC (raw tensors; a grpc.aio client, one channel)")
     ap.add_argument("--md")
     a = ap.parse_args()
     global BEGIN, END
@@ -142,7 +183,8 @@ def main():
         lua = os.path.join(work, "post.lua")
         open(lua, "w").write(LUA)
         ep = subprocess.Popen([edgepack_bin(), "serve", "--repo", repo, "--addr", "127.0.0.1:8790", "--poll", "0",
-                               "--device", a.device], stderr=subprocess.DEVNULL)
+                               "--device", a.device] + (["--grpc-addr", GRPC] if a.grpc else []),
+                              stderr=subprocess.DEVNULL)
         procs.append(ep)
         peer = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", os.path.dirname(__file__),
                                  "fastapi_ort:app", "--port", "8791", "--log-level", "warning"],
@@ -158,14 +200,19 @@ def main():
         if a.binary:
             targets["edgepack serve, batching on, binary tensors"] = (targets["edgepack serve, batching on"][0], "binary")
             targets["edgepack serve, batching off, binary tensors"] = (targets["edgepack serve, batching off"][0], "binary")
+        if a.grpc:
+            targets["edgepack serve, batching on, gRPC"] = ("effnet", "grpc")
+            targets["edgepack serve, batching off, gRPC"] = ("effnet_b1", "grpc")
         # Same answer from both services.
         outs = []
         for url in (targets["edgepack serve, batching on"][0], targets["FastAPI + onnxruntime"][0]):
             req = urllib.request.Request(url, data=open(body_file, "rb").read(), headers={"Content-Type": "application/json"})
             outs.append(np.array(json.loads(urllib.request.urlopen(req).read())["outputs"][0]["data"]))
         assert np.argmax(outs[0]) == np.argmax(outs[1]), "the services disagree on top-1"
+        load = lambda url, kind, c, secs: (grpc_load(GRPC, url, x, c, secs) if kind == "grpc"  # noqa: E731
+                                           else wrk(url, c, secs, bodies[kind], lua, a.wrk_threads))
         for url, kind in targets.values():
-            wrk(url, 8, 3, bodies[kind], lua, a.wrk_threads)  # warm-up
+            load(url, kind, 8, 3)  # warm-up
         # The engine alone, batch 1 and the largest batch (same batch-freed model the server runs): what batching
         # can gain.
         engine = {}
@@ -176,7 +223,7 @@ def main():
         rows = []
         for c in clients:
             for name, (url, kind) in targets.items():
-                r = wrk(url, c, a.duration, bodies[kind], lua, a.wrk_threads)
+                r = load(url, kind, c, a.duration)
                 rows.append({"target": name, "clients": c, **r})
                 print(json.dumps(rows[-1]), flush=True)
     finally:
@@ -201,6 +248,11 @@ def main():
         if a.binary:
             bon, boff = get("edgepack serve, batching on, binary tensors", 32), get("edgepack serve, batching off, binary tensors", 32)
             lines.append(f"- with binary tensors (no JSON parsing), batching on / off: **{bon['rps'] / boff['rps']:.2f}×**")
+        if a.grpc:
+            gon = get("edgepack serve, batching on, gRPC", 32)
+            ref = get("edgepack serve, batching on, binary tensors", 32) if a.binary else on
+            lines.append(f"- gRPC / HTTP ({'binary' if a.binary else 'JSON'} tensors), batching on: **{gon['rps'] / ref['rps']:.2f}×** "
+                         f"throughput, **{gon['p99_ms'] / ref['p99_ms']:.2f}×** p99")
     table = "\n".join(lines)
     print(table)
     if a.md:
@@ -211,7 +263,7 @@ def main():
             from gpu_host import adapter as gpu_adapter
             gpu = gpu_adapter()
             adapter = f" ({gpu['name']} / {gpu['api']}, driver {gpu['driver']})"
-        flags = (" --int8" if a.int8 else "") + (" --binary" if a.binary else "")
+        flags = (" --int8" if a.int8 else "") + (" --binary" if a.binary else "") + (" --grpc" if a.grpc else "")
         for opt, default in (("device", "cpu"), ("max_batch", 8), ("wrk_threads", 1), ("duration", 10)):
             if getattr(a, opt) != default:
                 flags += f" --{opt.replace('_', '-')} {getattr(a, opt)}"
@@ -220,7 +272,9 @@ def main():
                 f"wrk with {a.wrk_threads} thread(s) and N connections for {a.duration} s per cell, services and load "
                 f"generator on the same machine. edgepack: `--device {a.device}`{adapter}, max batch {a.max_batch}, "
                 f"{a.instances} instance(s) per model, engine threads {a.engine_threads or 'one per core'}; the peer: "
-                "one uvicorn worker, onnxruntime with one intra-op thread per core, runs off the event loop.")
+                "one uvicorn worker, onnxruntime with one intra-op thread per core, runs off the event loop."
+                + (" gRPC rows: the same tensor as raw_input_contents from a Python grpc.aio client (N concurrent calls "
+                   "on one channel, as tritonclient.grpc uses one)." if a.grpc else ""))
         mdtable.replace_between(a.md, BEGIN, END, f"{meta}\n\n{table}")
 
 
