@@ -491,22 +491,10 @@ async fn submit_inner(
             )
         }
     };
-    let json_len = match headers.get(kserve::HEADER_LEN) {
-        None => None,
-        Some(h) => Some(
-            h.to_str()
-                .ok()
-                .and_then(|x| x.parse::<usize>().ok())
-                .ok_or_else(|| ApiError::bad_request(format!("invalid {} header", kserve::HEADER_LEN)))?,
-        ),
-    };
+    let json_len = kserve::json_len(&headers)?;
     let limit = jobs.opts.max_bytes;
     let too_big = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("job request over {limit} bytes"));
-    if headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        .is_some_and(|n| n > limit)
-    {
+    if crate::declared_over(&headers, limit) {
         return Err(too_big());
     }
     let id = jobs.new_id();

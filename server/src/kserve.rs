@@ -13,6 +13,19 @@ use crate::error::ApiError;
 /// The header that carries the JSON part's length when binary tensor data follows it.
 pub const HEADER_LEN: &str = "inference-header-content-length";
 
+/// The JSON part's length from [`HEADER_LEN`] (None: the body is all JSON).
+pub fn json_len(headers: &axum::http::HeaderMap) -> Result<Option<usize>, ApiError> {
+    match headers.get(HEADER_LEN) {
+        None => Ok(None),
+        Some(h) => h
+            .to_str()
+            .ok()
+            .and_then(|x| x.parse::<usize>().ok())
+            .map(Some)
+            .ok_or_else(|| ApiError::bad_request(format!("invalid {HEADER_LEN} header"))),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InferRequest {

@@ -930,15 +930,16 @@ async fn docs(State(s): St) -> Response {
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page).into_response()
 }
 
+/// Whether the request's Content-Length says it is over `limit` bytes (refused before reading it).
+fn declared_over(headers: &HeaderMap, limit: usize) -> bool {
+    headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok()).is_some_and(|n| n > limit)
+}
+
 /// The request body, at most `max_body_bytes` (413 beyond).
 async fn read_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, ApiError> {
     let limit = s.opts.max_body_bytes;
     let too_big = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {limit} bytes"));
-    if headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        .is_some_and(|n| n > limit)
-    {
+    if declared_over(headers, limit) {
         return Err(too_big());
     }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
@@ -1053,15 +1054,7 @@ async fn infer_inner(
     let ver = v.version.clone();
     let fail = |e: ApiError| (e, ver.clone());
     let bytes = read_body(&s, &headers, body).await.map_err(fail)?;
-    let json_len = match headers.get(kserve::HEADER_LEN) {
-        None => None,
-        Some(h) => Some(
-            h.to_str()
-                .ok()
-                .and_then(|x| x.parse::<usize>().ok())
-                .ok_or_else(|| fail(ApiError::bad_request(format!("invalid {} header", kserve::HEADER_LEN))))?,
-        ),
-    };
+    let json_len = kserve::json_len(&headers).map_err(fail)?;
     let req = kserve::parse_request(&bytes, json_len).map_err(fail)?;
     drop(bytes);
     let deadline = deadline(&s, &headers, req.timeout_us);
