@@ -5,10 +5,10 @@
 //! `Inference-Header-Content-Length`), streams it to the job store (at most `--max-job-mib`, never whole in memory
 //! before it is on disk), fsyncs it and its record, and only then answers `202 {"id", "status": "queued"}` with a
 //! `Location`: an accepted job is never lost. Workers run queued jobs through the same routing, batching queue and
-//! checks as `infer`; `GET /v2/jobs/{id}` gives `queued|running|succeeded|failed|cancelled` and, once succeeded, the
-//! KServe response as `result` (JSON tensors); `DELETE /v2/jobs/{id}` cancels a job that has not finished (a running
-//! one finishes but its result is dropped) or deletes a finished one. Finished jobs are deleted `--job-ttl-s` after
-//! they finish. A `x-edgepack-webhook: http://…` header on the submission has the final record POSTed there when
+//! checks as `infer`; `GET /v2/jobs/{id}` gives `queued|running|succeeded|failed` and, once succeeded, the KServe
+//! response as `result` (JSON tensors); `DELETE /v2/jobs/{id}` removes the job: one that has not finished is
+//! cancelled (a running one finishes but its result is dropped), a finished one deleted; a GET afterwards is a 404.
+//! Finished jobs are deleted `--job-ttl-s` after they finish. A `x-edgepack-webhook: http://…` header on the submission has the final record POSTed there when
 //! the job finishes, retried with backoff (1, 2, 4, 8 s) until it answers 2xx; its delivery is recorded, so a
 //! restart neither loses nor repeats it.
 //!
@@ -627,21 +627,23 @@ fn record(jobs: &Jobs, m: &Meta) -> Value {
     v
 }
 
-/// `DELETE /v2/jobs/{id}`: cancels an unfinished job, deletes a finished one.
+/// `DELETE /v2/jobs/{id}`: the job is gone afterwards (404): a finished one is deleted, a queued one is cancelled,
+/// a running one finishes but its result is dropped and its record removed. The answer says which.
 pub fn delete(s: &AppState, id: &str) -> Result<Value, ApiError> {
     let jobs = s.jobs.as_ref().ok_or_else(|| ApiError::not_found("asynchronous jobs are off"))?;
-    let mut m = jobs.read(id).ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))?;
-    if m.finished() {
-        jobs.remove(id).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("job store: {e}")))?;
-        return Ok(json!({ "id": id, "status": "deleted" }));
-    }
-    if m.status == "running" {
+    let m = jobs.read(id).ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))?;
+    let status = if m.finished() {
+        "deleted"
+    } else {
+        // A worker that already read the record sees the flag when it is done and drops what it made.
         jobs.request_cancel(id);
-        return Ok(json!({ "id": id, "status": "cancelling" }));
-    }
-    finish(s, jobs, &mut m, "cancelled", None);
-    jobs.unqueue(&m);
-    Ok(record(jobs, &m))
+        jobs.unqueue(&m);
+        s.metrics.inc("edgepack_jobs_total", &[("model", &m.model), ("status", "cancelled")]);
+        jobs.set_gauges(s);
+        "cancelled"
+    };
+    jobs.remove(id).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("job store: {e}")))?;
+    Ok(json!({ "id": id, "status": status }))
 }
 
 fn finish(s: &AppState, jobs: &Jobs, m: &mut Meta, status: &str, err: Option<ApiError>) {
@@ -679,9 +681,12 @@ async fn run(s: &Arc<AppState>, id: &str) {
     let _ = jobs.save(&m);
     let t0 = Instant::now();
     let outcome = execute(s, &m).await;
-    let cancelled = jobs.take_cancel(id);
+    if jobs.take_cancel(id) {
+        // Deleted while it ran: nothing of it is kept.
+        let _ = jobs.remove(id);
+        return;
+    }
     match outcome {
-        _ if cancelled => finish(s, jobs, &mut m, "cancelled", None),
         Ok((version, body)) => {
             m.ran_on = Some(version);
             match jobs.put_result(id, &body) {

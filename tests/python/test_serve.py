@@ -620,6 +620,11 @@ def test_async_jobs_survive_sigkill_and_call_their_webhook_once(tmp_path, binary
             assert status == 202 and r["status"] == "queued" and location == f"/v2/jobs/{r['id']}", (status, b, headers)
             ids.append(r["id"])
         assert json.loads(s.get(f"/v2/jobs/{ids[0]}")[1])["status"] == "queued"
+        # A queued job deleted is cancelled: gone at once, and it never runs (no webhook call after the restart).
+        status, b, _ = s.post_json("/v2/models/mnist/jobs", body(xs[0]), {"x-edgepack-webhook": hook.url})
+        gone = json.loads(b)["id"]
+        status, b, _ = s.request("DELETE", f"/v2/jobs/{gone}")
+        assert status == 200 and json.loads(b)["status"] == "cancelled" and s.get(f"/v2/jobs/{gone}")[0] == 404
         assert s.post_json("/v2/models/nope/jobs", body(xs[0]))[0] == 404
         big = tmp_path / "big.json"
         big.write_bytes(b"x" * (2 << 20))
