@@ -192,8 +192,16 @@ fn wanted(req: &ModelInferRequest) -> Result<Vec<Wanted>, ApiError> {
 }
 
 impl Grpc {
-    /// Writes the access log line of an RPC (when `--access-log` is on).
-    fn access(&self, rpc: &str, remote: Option<std::net::SocketAddr>, err: Option<&Status>, t0: Instant) {
+    /// Runs an RPC's body and writes its access log line (when `--access-log` is on).
+    async fn logged<T>(
+        &self,
+        rpc: &str,
+        remote: Option<std::net::SocketAddr>,
+        body: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let t0 = Instant::now();
+        let result = body.await;
+        let err = result.as_ref().err();
         if let Some(log) = &self.s.access {
             log.write(serde_json::json!({
                 "proto": "grpc",
@@ -205,6 +213,7 @@ impl Grpc {
                 "ms": (t0.elapsed().as_secs_f64() * 1e6).round() / 1e3,
             }));
         }
+        result
     }
 
     async fn infer(
@@ -247,38 +256,32 @@ impl Grpc {
 #[tonic::async_trait]
 impl GrpcInferenceService for Grpc {
     async fn server_live(&self, r: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
-        let (t0, remote) = (Instant::now(), r.remote_addr());
-        let result = async move { Ok(Response::new(ServerLiveResponse { live: true })) }.await;
-        self.access("ServerLive", remote, result.as_ref().err(), t0);
-        result
+        self.logged("ServerLive", r.remote_addr(), async move { Ok(Response::new(ServerLiveResponse { live: true })) })
+            .await
     }
 
     async fn server_ready(&self, r: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
-        let (t0, remote) = (Instant::now(), r.remote_addr());
-        let result = async move { Ok(Response::new(ServerReadyResponse { ready: self.s.readiness().0 })) }.await;
-        self.access("ServerReady", remote, result.as_ref().err(), t0);
-        result
+        self.logged("ServerReady", r.remote_addr(), async move {
+            Ok(Response::new(ServerReadyResponse { ready: self.s.readiness().0 }))
+        })
+        .await
     }
 
     async fn model_ready(&self, r: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
-        let (t0, remote) = (Instant::now(), r.remote_addr());
-        let result = async move {
+        self.logged("ModelReady", r.remote_addr(), async move {
             let r = r.into_inner();
             // A boolean, as clients expect: unknown, failed and unloaded models are not ready.
             let ready = self.s.model_ready(&r.name, version_arg(&r.version)).is_ok();
             Ok(Response::new(ModelReadyResponse { ready }))
-        }
-        .await;
-        self.access("ModelReady", remote, result.as_ref().err(), t0);
-        result
+        })
+        .await
     }
 
     async fn server_metadata(
         &self,
         r: Request<ServerMetadataRequest>,
     ) -> Result<Response<ServerMetadataResponse>, Status> {
-        let (t0, remote) = (Instant::now(), r.remote_addr());
-        let result = async move {
+        self.logged("ServerMetadata", r.remote_addr(), async move {
             Ok(Response::new(ServerMetadataResponse {
                 name: "edgepack".into(),
                 version: env!("CARGO_PKG_VERSION").into(),
@@ -286,18 +289,15 @@ impl GrpcInferenceService for Grpc {
                     .map(String::from)
                     .to_vec(),
             }))
-        }
-        .await;
-        self.access("ServerMetadata", remote, result.as_ref().err(), t0);
-        result
+        })
+        .await
     }
 
     async fn model_metadata(
         &self,
         r: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        let (t0, remote) = (Instant::now(), r.remote_addr());
-        let result = async move {
+        self.logged("ModelMetadata", r.remote_addr(), async move {
             let r = r.into_inner();
             let i = self.s.model_info(&r.name, version_arg(&r.version)).map_err(|e| status(&e))?;
             Ok(Response::new(ModelMetadataResponse {
@@ -307,15 +307,12 @@ impl GrpcInferenceService for Grpc {
                 inputs: tensor_metadata(&i.inputs),
                 outputs: tensor_metadata(&i.outputs),
             }))
-        }
-        .await;
-        self.access("ModelMetadata", remote, result.as_ref().err(), t0);
-        result
+        })
+        .await
     }
 
     async fn model_infer(&self, r: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
-        let (t0, remote) = (Instant::now(), r.remote_addr());
-        let result = async move {
+        self.logged("ModelInfer", r.remote_addr(), async move {
             let t0 = Instant::now();
             let timeout = grpc_timeout(r.metadata());
             let headers = r.metadata().clone().into_headers();
@@ -333,15 +330,12 @@ impl GrpcInferenceService for Grpc {
             let code = result.as_ref().map_or_else(|e| e.status.as_u16(), |_| 200);
             self.s.record(&model, &version, "grpc_infer", code, t0.elapsed());
             result.map(Response::new).map_err(|e| status(&e))
-        }
-        .await;
-        self.access("ModelInfer", remote, result.as_ref().err(), t0);
-        result
+        })
+        .await
     }
 
     async fn model_config(&self, r: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
-        let (t0, remote) = (Instant::now(), r.remote_addr());
-        let result = async move {
+        self.logged("ModelConfig", r.remote_addr(), async move {
             let r = r.into_inner();
             let c = self.s.config_info(&r.name).map_err(|e| status(&e))?;
             // Triton's dims leave out the batch dim of a batching model.
@@ -366,18 +360,15 @@ impl GrpcInferenceService for Grpc {
                         .then_some(ModelDynamicBatching { max_queue_delay_microseconds: c.max_queue_delay_us }),
                 }),
             }))
-        }
-        .await;
-        self.access("ModelConfig", remote, result.as_ref().err(), t0);
-        result
+        })
+        .await
     }
 
     async fn repository_index(
         &self,
         r: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
-        let (t0, remote) = (Instant::now(), r.remote_addr());
-        let result = async move {
+        self.logged("RepositoryIndex", r.remote_addr(), async move {
             let models = self
                 .s
                 .index(r.into_inner().ready)
@@ -390,38 +381,30 @@ impl GrpcInferenceService for Grpc {
                 })
                 .collect();
             Ok(Response::new(RepositoryIndexResponse { models }))
-        }
-        .await;
-        self.access("RepositoryIndex", remote, result.as_ref().err(), t0);
-        result
+        })
+        .await
     }
 
     async fn repository_model_load(
         &self,
         r: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
-        let (t0, remote) = (Instant::now(), r.remote_addr());
-        let result = async move {
+        self.logged("RepositoryModelLoad", r.remote_addr(), async move {
             self.s.load_model(&r.into_inner().model_name).await.map_err(|e| status(&e))?;
             Ok(Response::new(RepositoryModelLoadResponse {}))
-        }
-        .await;
-        self.access("RepositoryModelLoad", remote, result.as_ref().err(), t0);
-        result
+        })
+        .await
     }
 
     async fn repository_model_unload(
         &self,
         r: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
-        let (t0, remote) = (Instant::now(), r.remote_addr());
-        let result = async move {
+        self.logged("RepositoryModelUnload", r.remote_addr(), async move {
             self.s.unload_model(&r.into_inner().model_name).await.map_err(|e| status(&e))?;
             Ok(Response::new(RepositoryModelUnloadResponse {}))
-        }
-        .await;
-        self.access("RepositoryModelUnload", remote, result.as_ref().err(), t0);
-        result
+        })
+        .await
     }
 }
 
