@@ -997,20 +997,18 @@ impl AppState {
     /// Counts a request and its duration (both protocols).
     fn record(&self, model: &str, version: &str, endpoint: &str, status: u16, took: Duration) {
         // Names a client made up never become label values (unbounded series): they count as `_unknown`.
-        let known = self
-            .models
-            .read()
-            .is_ok_and(|m| m.get(model).is_some_and(|m| version.is_empty() || m.versions.contains_key(version)));
+        let served = self.models.read().ok().and_then(|m| m.get(model).cloned());
+        let known = served.as_ref().is_some_and(|m| version.is_empty() || m.versions.contains_key(version));
         let (model, version) = if known { (model, version) } else { ("_unknown", "") };
         let l = [("model", model), ("version", version)];
         let code = status.to_string();
         self.metrics.inc("edgepack_requests_total", &[l[0], l[1], ("endpoint", endpoint), ("status", &code)]);
         self.metrics.observe("edgepack_request_duration_seconds", &l, took.as_secs_f64());
         // Rollout statistics: answered inferences of a known version; server errors count against it.
-        let routing = self.models.read().ok().and_then(|m| m.get(model).map(|m| m.config.routing.clone()));
-        if let (true, false, Some(routing)) = (known, version.is_empty(), routing)
+        if let (Some(m), false) = (served.filter(|_| known), version.is_empty())
             && matches!(endpoint, "infer" | "grpc_infer" | "classify" | "detect")
-            && let Some(d) = self.rollouts.record(model, version, status < 500, took.as_secs_f64() * 1e3, &routing)
+            && let Some(d) =
+                self.rollouts.record(model, version, status < 500, took.as_secs_f64() * 1e3, &m.config.routing)
         {
             tracing::info!(model = %d.model, version = %d.version, action = d.action, from_percent = d.from_percent,
                 to_percent = d.to_percent, requests = d.requests, error_rate = d.error_rate,
