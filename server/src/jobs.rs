@@ -357,28 +357,31 @@ impl Jobs {
         }
     }
 
-    fn set_gauges(&self, s: &AppState) {
-        let mut waiting = self.waiting.lock().map(|w| w.clone()).unwrap_or_default();
+    /// Queued jobs per model: how many, and when the oldest was created (ms).
+    fn queued(&self, models: &[String]) -> BTreeMap<String, (usize, u64)> {
+        let mut per: BTreeMap<String, (usize, u64)> = BTreeMap::new();
         if let Some(r) = &self.redis {
-            let models: Vec<String> = s.models.read().map(|m| m.keys().cloned().collect()).unwrap_or_default();
-            waiting.clear();
             for m in models {
-                let first = r.cmd(&[b"ZRANGE", queued_key(&m).as_bytes(), b"0", b"0", b"WITHSCORES"]);
-                let n = r.cmd(&[b"ZCARD", queued_key(&m).as_bytes()]).map(|n| n.int()).unwrap_or(0);
+                let n = r.cmd(&[b"ZCARD", queued_key(m).as_bytes()]).map(|n| n.int()).unwrap_or(0);
+                let first = r.cmd(&[b"ZRANGE", queued_key(m).as_bytes(), b"0", b"0", b"WITHSCORES"]);
                 let oldest = first.map(Reply::array).ok().and_then(|a| a.get(1).map(Reply::int)).unwrap_or(0);
-                // What the gauges need: n queued, the oldest created at `oldest`.
-                for i in 0..n {
-                    waiting.insert(format!("{m}#{i}"), (m.clone(), oldest as u64));
+                if n > 0 {
+                    per.insert(m.clone(), (n as usize, oldest as u64));
                 }
             }
+            return per;
         }
-        let mut per: BTreeMap<String, (usize, u64)> = BTreeMap::new();
-        for (model, created) in waiting.values() {
-            let e = per.entry(model.clone()).or_insert((0, u64::MAX));
+        for (model, created) in self.waiting.lock().map(|w| w.clone()).unwrap_or_default().into_values() {
+            let e = per.entry(model).or_insert((0, u64::MAX));
             e.0 += 1;
-            e.1 = e.1.min(*created);
+            e.1 = e.1.min(created);
         }
+        per
+    }
+
+    fn set_gauges(&self, s: &AppState) {
         let models: Vec<String> = s.models.read().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+        let per = self.queued(&models);
         let now = now_ms();
         for m in models.iter().chain(per.keys()) {
             let (n, oldest) = per.get(m).copied().unwrap_or((0, now));
