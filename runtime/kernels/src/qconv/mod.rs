@@ -633,7 +633,14 @@ impl Width for Block {
     }
 }
 
-/// How a GEMM of `rows` output pixels in `tiles` row tiles and channel blocks of `widths` splits across `threads`:
+/// A bare width (the split's tests).
+impl Width for usize {
+    fn width(&self) -> usize {
+        *self
+    }
+}
+
+/// How a GEMM of `rows` output pixels in `tiles` row tiles and channel `blocks` splits across `threads`:
 /// `(row parts, column parts)`, parts ordered row part first (the pool gives each thread a contiguous range).
 /// - At least `wanted` row tiles: rows only, `wanted` parts (each part reads every block's weights once, as one
 ///   thread would).
@@ -642,11 +649,18 @@ impl Width for Block {
 ///   carries at most 5 % over an even share, else the best balance found. Three 64-channel blocks of a 7×7 image
 ///   on two threads become two row halves of each (one thread with two blocks and one with one took 2/3 of the
 ///   time of one thread, not 1/2); twenty blocks become ten pairs, not seven triples.
-pub(crate) fn gemm_split(rows: usize, tiles: usize, widths: &[usize], threads: usize, wanted: usize) -> (usize, usize) {
-    let nb = widths.len().max(1);
+pub(crate) fn gemm_split<B: Width>(
+    rows: usize,
+    tiles: usize,
+    blocks: &[B],
+    threads: usize,
+    wanted: usize,
+) -> (usize, usize) {
     if tiles >= wanted || threads <= 1 || rows == 0 {
         return (tiles.min(wanted).max(1), 1);
     }
+    let widths: Vec<usize> = blocks.iter().map(Width::width).collect();
+    let nb = widths.len().max(1);
     let total: usize = widths.iter().sum::<usize>().max(1);
     // The heaviest thread's share of the work over an even share, when each thread runs its own range of parts.
     let imbalance = |rp: usize, cp: usize, bper: usize| {
@@ -701,11 +715,7 @@ impl Window {
         let tiles = rows.div_ceil(tile);
         let threads = super::threads();
         let wanted = (threads * 4).min((t.macs / 100_000).max(1));
-        let (row_parts, col_parts) = if tiles >= wanted || threads <= 1 {
-            (tiles.min(wanted).max(1), 1)
-        } else {
-            gemm_split(rows, tiles, &blocks.iter().map(Width::width).collect::<Vec<_>>(), threads, wanted)
-        };
+        let (row_parts, col_parts) = gemm_split(rows, tiles, blocks, threads, wanted);
         let per = rows.div_ceil(row_parts);
         let bper = blocks.len().div_ceil(col_parts);
         for_each_part(row_parts * col_parts, |part| {
