@@ -111,9 +111,10 @@ impl Redis {
             .ok_or_else(|| bad(format!("`{url}` is not redis://HOST:PORT")))?
             .to_string();
         let r = Redis { addr, idle: Mutex::new(Vec::new()) };
-        match r.cmd(&[b"PING"])? {
-            Reply::Simple(p) if p == "PONG" => Ok(r),
-            other => Err(bad(format!("PING answered {other:?}"))),
+        match r.cmd(&[b"PING"]) {
+            Ok(Reply::Simple(p)) if p == "PONG" => Ok(r),
+            Ok(other) => Err(bad(format!("{url}: PING answered {other:?}"))),
+            Err(e) => Err(std::io::Error::new(e.kind(), format!("{url}: {e}"))),
         }
     }
 
