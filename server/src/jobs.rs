@@ -211,7 +211,10 @@ impl Jobs {
     fn put_result(&self, id: &str, body: &[u8]) -> std::io::Result<()> {
         match &self.redis {
             Some(r) => r.cmd(&[b"SET", key(id, "result").as_bytes(), body]).map(drop),
-            None => edgepack_runtime::fsutil::write_atomic(&self.path(id).join("result.json"), body),
+            None => {
+                let _one = self.write.lock().unwrap_or_else(|e| e.into_inner());
+                edgepack_runtime::fsutil::write_atomic(&self.path(id).join("result.json"), body)
+            }
         }
     }
 
@@ -227,7 +230,16 @@ impl Jobs {
             Some(r) => r
                 .cmd(&[b"DEL", key(id, "meta").as_bytes(), key(id, "request").as_bytes(), key(id, "result").as_bytes()])
                 .map(drop),
-            None => std::fs::remove_dir_all(self.path(id)),
+            None => {
+                // Under the writers' lock: a worker saving the record of a job being deleted would otherwise put its
+                // temporary file in the folder between remove_dir_all's listing and its rmdir (ENOTEMPTY). Writes
+                // that come after it fail on the missing folder, and the worker drops them (the job is cancelled).
+                let _one = self.write.lock().unwrap_or_else(|e| e.into_inner());
+                match std::fs::remove_dir_all(self.path(id)) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    r => r,
+                }
+            }
         }
     }
 

@@ -737,6 +737,36 @@ def test_two_servers_share_a_redis_job_queue_and_run_each_job_once(tmp_path, bin
         hook.httpd.shutdown()
 
 
+def test_deleting_jobs_while_they_run_never_fails(tmp_path, binary, monkeypatch):
+    """A DELETE that meets a worker writing the job's record answers 200 (it answered 500 "Directory not empty" when
+    the worker's temporary file appeared in the folder being removed: found by schemathesis). Writes are slowed so
+    that each worker write is in flight for a while; every job is deleted right after it is accepted."""
+    repo = tmp_path / "repo"
+    (repo / "mnist" / "1").mkdir(parents=True)
+    ep("pack", MNIST, "--preset", "mnist", "-o", repo / "mnist" / "1" / "model.edgepack")
+    monkeypatch.setenv("EDGEPACK_SLOW_WRITES_MS", "40")
+    s = Server(repo, "--poll", "0", "--device", "cpu", "--job-workers", "2")
+    x = mnist_input(7)
+    body = {"inputs": [{"name": "Input3", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": x.ravel().tolist()}]}
+    try:
+        answers = []
+        for k in range(30):
+            status, b, _ = s.post_json("/v2/models/mnist/jobs", body)
+            assert status == 202, b
+            jid = json.loads(b)["id"]
+            time.sleep(0.01 * (k % 6))  # queued, running, or writing its record when deleted
+            status, b, _ = s.request("DELETE", f"/v2/jobs/{jid}")
+            assert status == 200, b
+            answers.append(json.loads(b)["status"])
+            assert s.get(f"/v2/jobs/{jid}")[0] == 404
+        assert set(answers) <= {"cancelled", "deleted"}, answers
+        time.sleep(0.5)
+        left = [p.name for p in (repo / ".jobs").iterdir() if not p.name.startswith(".")]
+        assert left == [], left  # nothing of a deleted job is left behind, even by a worker that finished after
+    finally:
+        assert s.stop() == 0, "".join(s.log[-20:])
+
+
 def test_raw_image_jobs_and_the_docs_page(server):
     """Issue 30, items 2 and 4: a raw photo as an asynchronous classify job gives what :classify answers directly; a
     :detect job on a classifier fails with the reason; GET /v2/docs is a Swagger UI page over /v2/openapi.json."""
