@@ -91,10 +91,32 @@ setup() {
             T="-t trixie-backports"
         fi
         base_mounts
-        log "apt-get install rustc cargo libstd-rust-dev:arm64 cross gcc (~1 min, ~330 MB download)"
-        in_ch sh -c "dpkg --add-architecture arm64 && apt-get update -qq && \
-            apt-get install -y -qq $T rustc cargo libstd-rust-dev:arm64 \
-                gcc-aarch64-linux-gnu libc6-dev-arm64-cross ca-certificates >/dev/null && \
+        in_ch sh -c "dpkg --add-architecture arm64 && apt-get update -qq"
+        # The host compiler and the arm64 standard library must be one version (libstd-rust-dev Breaks any
+        # other). A mirror publishes a new rustc for amd64 before arm64's build lands (seen 2026-12-05: amd64
+        # 1.98.1, arm64 1.97.1 in trixie-backports): then the amd64 packages of the arm64 version come from the
+        # pool, where superseded versions stay for a while.
+        local V A ver
+        V=$(in_ch apt-cache $T policy libstd-rust-dev:arm64 | awk '/Candidate:/{print $2}')
+        A=$(in_ch apt-cache $T policy libstd-rust-dev:amd64 | awk '/Candidate:/{print $2}')
+        [ -n "$V" ] && [ "$V" != "(none)" ] || { echo "FATAL: no libstd-rust-dev:arm64 in $SUITE" >&2; exit 1; }
+        local pkgs=(rustc cargo libstd-rust-dev rust-clippy)
+        if [ "$V" != "$A" ]; then
+            ver=$(echo "$V" | cut -d. -f1-2)
+            log "the mirror's amd64 Rust ($A) is ahead of its arm64 std ($V): amd64 $V from the pool"
+            rm -rf "$CH/tmp/rustdebs" && mkdir -p "$CH/tmp/rustdebs"
+            pkgs=()
+            for p in rustc cargo libstd-rust-dev "libstd-rust-$ver" rust-clippy; do
+                curl -fsS -o "$CH/tmp/rustdebs/${p}_${V}_amd64.deb" "$MIRROR/pool/main/r/rustc/${p}_${V}_amd64.deb" \
+                    || { echo "FATAL: ${p} $V (amd64) is neither in the index nor in the pool of $MIRROR" >&2; exit 1; }
+                pkgs+=("/tmp/rustdebs/${p}_${V}_amd64.deb")
+            done
+        else
+            pkgs=("rustc=$V" cargo "libstd-rust-dev=$V" "rust-clippy=$V")
+        fi
+        log "apt-get install rustc $V, cargo, clippy, libstd-rust-dev:arm64, cross gcc (~1 min, ~330 MB download)"
+        in_ch sh -c "apt-get install -y -qq $T ${pkgs[*]} libstd-rust-dev:arm64=$V \
+                gcc-aarch64-linux-gnu libc6-dev-arm64-cross ca-certificates >/dev/null && rm -rf /tmp/rustdebs && \
             cd /tmp && apt-get download -qq qemu-user $T && \
             dpkg-deb --fsys-tarfile qemu-user_*.deb | tar -x -C / ./usr/bin/qemu-aarch64 && \
             rm -f qemu-user_*.deb && apt-get clean"
