@@ -59,6 +59,9 @@ export EDGEPACK_BIN="$CARGO_TARGET_DIR/release/edgepack"
 step "aarch64 under qemu (scripts/aarch64.sh test): kernel property tests on three CPU models, shared models = onnxruntime"
 PY="$PY" ./scripts/aarch64.sh test
 
+step "fuzz: every target of fuzz/ for ${EDGEPACK_FUZZ_SECONDS:-20} s after its committed reproducers (scripts/fuzz.sh)"
+PY="$PY" ./scripts/fuzz.sh "${EDGEPACK_FUZZ_SECONDS:-20}"
+
 step "Python acceptance tests (real clients: onnxruntime, jsonschema, the edgepack binary)"
 PYTEST_ARGS=(-q -rs tests/python)
 [ "$QUICK" = 1 ] && PYTEST_ARGS+=(-m "not slow")

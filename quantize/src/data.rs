@@ -141,6 +141,11 @@ fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     }
 }
 
+/// Parses an unsigned-byte IDX file (MNIST's format): its dims, or why it is not one.
+pub fn parse_idx(bytes: &[u8]) -> Result<Vec<usize>> {
+    idx(bytes, Path::new("<idx>")).map(|(dims, _)| dims)
+}
+
 /// Parses an unsigned-byte IDX file: (dims, payload).
 fn idx<'a>(bytes: &'a [u8], what: &Path) -> Result<(Vec<usize>, &'a [u8])> {
     let bad = |m: &str| DataError::Invalid(format!("{}: {m}", what.display()));

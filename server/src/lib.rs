@@ -16,6 +16,21 @@ mod kserve;
 mod metrics;
 mod redis;
 pub mod repo;
+
+/// The wire decoders, for the fuzz targets of `fuzz/`: the same functions the HTTP and gRPC handlers call, with the
+/// error as its message. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// An HTTP inference body (`json_len`: the `Inference-Header-Content-Length` header) into its tensors.
+    pub fn kserve_request(body: &[u8], json_len: Option<usize>) -> Result<usize, String> {
+        crate::kserve::parse_request(body, json_len).map(|r| r.inputs.len()).map_err(|e| e.message)
+    }
+
+    /// A serialized gRPC `ModelInferRequest` into its tensors and requested outputs.
+    pub fn grpc_infer_request(bytes: &[u8]) -> Result<usize, String> {
+        crate::grpc::decode_infer_request(bytes).map_err(|e| e.message)
+    }
+}
 mod rollout;
 
 use std::collections::{BTreeMap, BTreeSet};

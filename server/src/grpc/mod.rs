@@ -176,6 +176,14 @@ fn inputs(req: &mut ModelInferRequest) -> Result<Vec<(String, Tensor)>, ApiError
     Ok(out)
 }
 
+/// A serialized `ModelInferRequest` through the same decoding as the RPC (the fuzz targets' entry, see
+/// [`crate::fuzzing`]): how many input tensors and requested outputs it holds.
+pub(crate) fn decode_infer_request(bytes: &[u8]) -> Result<usize, ApiError> {
+    use prost::Message;
+    let mut req = ModelInferRequest::decode(bytes).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(inputs(&mut req)?.len() + wanted(&req)?.len())
+}
+
 fn wanted(req: &ModelInferRequest) -> Result<Vec<Wanted>, ApiError> {
     req.outputs
         .iter()

@@ -1,0 +1,12 @@
+//! ONNX bytes: decode, check, load on the interpreter and on tract, run on small synthetic inputs.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(
+    init: edgepack_fuzz::contain_dependency_panics(),
+    |data: &[u8]| {
+        if let Ok(model) = edgepack_runtime::onnx::Model::from_bytes(data) {
+            edgepack_fuzz::load_and_run(&model);
+        }
+    }
+);

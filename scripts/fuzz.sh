@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Runs every libFuzzer target of fuzz/ (cargo fuzz, nightly, AddressSanitizer) for SECONDS each, after replaying
+# the committed reproducers of earlier findings (fuzz/regressions/<target>/). A crash, a leak, a timeout or an
+# out-of-memory fails the run and leaves its reproducer under $EDGEPACK_FUZZ_HOME/artifacts/<target>/.
+#
+#   scripts/fuzz.sh SECONDS [TARGET...]     (the test command runs it with 20; RELIABILITY.md has longer runs)
+#
+# Installs what it needs when missing: the nightly toolchain (rustup) and cargo-fuzz (crates.io), under ~/.cache.
+# The corpus grows across runs in $EDGEPACK_FUZZ_HOME/corpus (seeded each time by fuzz/seeds.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+SECS=${1:?usage: scripts/fuzz.sh SECONDS [TARGET...]}
+shift
+HOME_DIR=${EDGEPACK_FUZZ_HOME:-$HOME/.cache/edgepack-fuzz}
+TOOLS=$HOME/.cache/edgepack-tools
+PY=${PY:-${EDGEPACK_VENV:-$HOME/.cache/edgepack-venv}/bin/python}
+export PATH="$TOOLS/bin:$PATH"
+CARGO_FUZZ_VERSION=0.13.2
+
+rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+  cargo install -q --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION" --root "$TOOLS"
+fi
+[ -x "$PY" ] || { echo "FATAL: no Python at $PY (scripts/test.sh makes the environment)" >&2; exit 1; }
+
+# The instrumented build has its own target folder: other flags, other toolchain than the workspace's.
+FUZZ_ARGS=(--fuzz-dir fuzz --target-dir "$HOME/.cache/edgepack-fuzz-target")
+cargo +nightly fmt --manifest-path fuzz/Cargo.toml -- --check
+cargo +nightly fuzz build "${FUZZ_ARGS[@]}"
+
+mapfile -t ALL < <(cargo +nightly fuzz list --fuzz-dir fuzz)
+TARGETS=("$@")
+[ ${#TARGETS[@]} -eq 0 ] && TARGETS=("${ALL[@]}")
+
+SEEDS="$HOME_DIR/seeds"
+rm -rf "$SEEDS"
+"$PY" fuzz/seeds.py "$SEEDS" --edgepack "${EDGEPACK_BIN:-}" --shared "${EDGEPACK_SHARED:-$ROOT/../shared}"
+
+# libFuzzer's limits: an allocation over 2 GiB or an RSS over 3 GiB is a finding (a size taken from the input
+# without a bound), so is one input running 30 s.
+LIMITS=(-rss_limit_mb=3072 -malloc_limit_mb=2048 -timeout=30 -print_final_stats=1)
+summary=()
+failed=()
+for t in "${TARGETS[@]}"; do
+  printf '\n==> fuzz %s (%s s)\n' "$t" "$SECS"
+  corpus="$HOME_DIR/corpus/$t"
+  art="$HOME_DIR/artifacts/$t/"
+  mkdir -p "$corpus" "$art" "$SEEDS/$t"
+  log="$HOME_DIR/$t.log"
+  reg="fuzz/regressions/$t"
+  if [ -d "$reg" ] && [ -n "$(ls -A "$reg")" ]; then
+    # Every committed reproducer once: each must now run clean.
+    if ! cargo +nightly fuzz run "${FUZZ_ARGS[@]}" "$t" "$reg"/* -- "${LIMITS[@]}" -artifact_prefix="$art" \
+      > "$log.regressions" 2>&1; then
+      tail -40 "$log.regressions"
+      failed+=("$t (a committed reproducer fails again)")
+      continue
+    fi
+  fi
+  # The seeds enter the corpus once, minimised (libFuzzer's merge keeps the files that add coverage): later runs
+  # start from the corpus alone instead of replaying every seed first.
+  stamp="$(sha256sum fuzz/seeds.py | cut -c1-16)-$(ls "$SEEDS/$t" | wc -l)"
+  if [ "$(cat "$corpus/.seeded" 2>/dev/null)" != "$stamp" ]; then
+    if ! cargo +nightly fuzz run "${FUZZ_ARGS[@]}" "$t" "$corpus" "$SEEDS/$t" -- "${LIMITS[@]}" -merge=1 \
+      -artifact_prefix="$art" > "$log.merge" 2>&1; then
+      tail -60 "$log.merge"
+      failed+=("$t (a seed fails: $(ls -t "$art" | head -1))")
+      continue
+    fi
+    echo "$stamp" > "$corpus/.seeded"
+  fi
+  if cargo +nightly fuzz run "${FUZZ_ARGS[@]}" "$t" "$corpus" -- "${LIMITS[@]}" \
+    -max_total_time="$SECS" -artifact_prefix="$art" > "$log" 2>&1; then
+    status=ok
+  else
+    status=FAILED
+    tail -60 "$log"
+    failed+=("$t (reproducer: $(ls -t "$art" | head -1))")
+  fi
+  execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo "?")
+  cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo "?")
+  summary+=("$(printf '%-18s %-6s %12s execs %7s edges %6s corpus files' "$t" "$status" "$execs" "$cov" \
+    "$(find "$corpus" -type f ! -name .seeded | wc -l)")")
+done
+
+printf '\n==> fuzz summary (%s s per target, logs in %s)\n' "$SECS" "$HOME_DIR"
+printf '%s\n' "${summary[@]}"
+if [ ${#failed[@]} -gt 0 ]; then
+  printf 'FAILED: %s\n' "${failed[@]}" >&2
+  exit 1
+fi
