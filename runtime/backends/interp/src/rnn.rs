@@ -82,11 +82,36 @@ pub(crate) fn op_rnn(a: &Args) -> Res<Vec<Tensor>> {
         return Err(format!("{kind} input of rank {}", xs.len()));
     }
     let (seq, batch, isz) = if layout == 0 { (xs[0], xs[1], xs[2]) } else { (xs[1], xs[0], xs[2]) };
-    let dirs = w.shape()[0];
-    let hidden = r.shape()[2];
+    let (ws, rs) = (w.shape(), r.shape());
+    if ws.len() != 3 || rs.len() != 3 {
+        return Err(format!("{kind} weights of ranks {} and {} (3 expected)", ws.len(), rs.len()));
+    }
+    let dirs = ws[0];
+    let hidden = rs[2];
     let direction = n.attr_s("direction").unwrap_or("forward");
-    if (direction == "bidirectional") != (dirs == 2) {
+    if (direction == "bidirectional") != (dirs == 2) || dirs == 0 || dirs > 2 {
         return Err(format!("direction {direction} with {dirs} weight sets"));
+    }
+    if n.attr_i("hidden_size").is_some_and(|h| h != hidden as i64) {
+        return Err(format!("{kind} hidden_size {:?} but R has {hidden} columns", n.attr_i("hidden_size")));
+    }
+    // Every optional input's shape, before any indexing (the spec's shapes; `layout` 1 swaps batch and dirs).
+    let state = if layout == 0 { vec![dirs, batch, hidden] } else { vec![batch, dirs, hidden] };
+    let want: [(&str, Option<&Tensor>, Vec<usize>); 7] = [
+        ("W", Some(w), vec![dirs, gates * hidden, isz]),
+        ("R", Some(r), vec![dirs, gates * hidden, hidden]),
+        ("B", opt(3), vec![dirs, 2 * gates * hidden]),
+        ("sequence_lens", opt(4), vec![batch]),
+        ("initial_h", opt(5), state.clone()),
+        ("initial_c", opt(6), state),
+        ("P", opt(7), vec![dirs, 3 * hidden]),
+    ];
+    for (name, t, shape) in want {
+        if let Some(t) = t
+            && t.shape() != shape.as_slice()
+        {
+            return Err(format!("{kind} input {name} has shape {:?}, expected {shape:?}", t.shape()));
+        }
     }
     let clip = n.attr_f("clip").map(|c| c as f64);
     let input_forget = n.attr_i("input_forget").unwrap_or(0) != 0;
@@ -121,10 +146,9 @@ pub(crate) fn op_rnn(a: &Args) -> Res<Vec<Tensor>> {
         let g = acts.get(d * per + 1);
         let hact = acts.get(d * per + 2);
         for b in 0..batch {
-            let mut h: Vec<f64> =
-                h0.as_ref().map_or(vec![0.0; hidden], |v| v[(d * batch + b) * hidden..][..hidden].to_vec());
-            let mut c: Vec<f64> =
-                c0.as_ref().map_or(vec![0.0; hidden], |v| v[(d * batch + b) * hidden..][..hidden].to_vec());
+            let s0 = if layout == 0 { (d * batch + b) * hidden } else { (b * dirs + d) * hidden };
+            let mut h: Vec<f64> = h0.as_ref().map_or(vec![0.0; hidden], |v| v[s0..s0 + hidden].to_vec());
+            let mut c: Vec<f64> = c0.as_ref().map_or(vec![0.0; hidden], |v| v[s0..s0 + hidden].to_vec());
             let len = lens[b];
             for step in 0..len {
                 let t = if reverse { len - 1 - step } else { step };
