@@ -218,6 +218,9 @@ pub(crate) fn op_layer_norm(a: &Args) -> Res<Vec<Tensor>> {
         match t {
             None => Ok(vec![default; inner]),
             Some(t) => {
+                if broadcast(t.shape(), bshape)? != bshape {
+                    return Err(format!("LayerNormalization scale/bias of shape {:?} for {bshape:?}", t.shape()));
+                }
                 let st = broadcast_strides(t.shape(), bshape);
                 let v = f64s(t);
                 let mut out = Vec::with_capacity(inner);
@@ -249,6 +252,9 @@ pub(crate) fn op_group_norm(a: &Args) -> Res<Vec<Tensor>> {
     let s = x.shape().to_vec();
     let groups = a.n.attr_i("num_groups").unwrap_or(1).max(1) as usize;
     let eps = a.n.attr_f("epsilon").unwrap_or(1e-5) as f64;
+    if s.len() < 2 {
+        return Err(format!("GroupNormalization of a rank-{} input", s.len()));
+    }
     let (c, inner) = (s[1], s[2..].iter().product::<usize>().max(1));
     if c % groups != 0 {
         return Err(format!("{c} channels in {groups} groups"));
@@ -256,6 +262,13 @@ pub(crate) fn op_group_norm(a: &Args) -> Res<Vec<Tensor>> {
     let (scale, bias) = (f64s(input(a.ins, 1)?), f64s(input(a.ins, 2)?));
     // Opset 18 gives scale/bias per group, 21 per channel.
     let per_channel = scale.len() == c;
+    if scale.len() != bias.len() || !(per_channel || scale.len() == groups) {
+        return Err(format!(
+            "GroupNormalization scale/bias of {} and {} values for {c} channels in {groups} groups",
+            scale.len(),
+            bias.len()
+        ));
+    }
     let cpg = c / groups;
     let mut v = f64s(x);
     for (g, chunk) in v.chunks_mut(cpg * inner).enumerate() {
@@ -431,6 +444,20 @@ pub(crate) fn op_conv_transpose(a: &Args) -> Res<Vec<Tensor>> {
     let (strides, dil, opad) = (ints("strides", 1), ints("dilations", 1), ints("output_padding", 0));
     let kernel = ws[2..].to_vec();
     let sp = &xs[2..];
+    // The spec's constraints, before any index arithmetic.
+    let bias_len = a.ins.get(2).copied().flatten().map(|b| b.shape().to_vec());
+    if c % group != 0
+        || ws[0] != c
+        || [&strides, &dil, &opad].iter().any(|v| v.len() != r)
+        || strides.iter().chain(&dil).chain(&kernel).chain(sp).any(|&v| v == 0)
+        || n.attr_ints("output_shape").is_some_and(|o| o.len() < r)
+        || bias_len.as_ref().is_some_and(|b| b != &[m])
+    {
+        return Err(format!(
+            "ConvTranspose of input {xs:?}, weights {ws:?}, group {group}, bias {bias_len:?}, strides {strides:?}, \
+             dilations {dil:?}, output_padding {opad:?}"
+        ));
+    }
     let span = |i: usize| (kernel[i] - 1) * dil[i] + 1;
     let full: Vec<usize> = (0..r).map(|i| (sp[i] - 1) * strides[i] + span(i) + opad[i]).collect();
     let (mut begin, mut out) = (vec![0usize; r], vec![0usize; r]);
