@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// With --url: send tensors as KServe binary data (the extension tritonclient uses) instead of JSON
     #[arg(long)]
     binary: bool,
+    /// Record the resident set size (and open file descriptors) after every N timed runs, for soak tests: a run
+    /// that leaks shows a growing series; the report gives its growth after the first sample
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    rss_every: Option<u32>,
     /// Print a JSON document instead of text
     #[arg(long)]
     json: bool,
@@ -70,6 +74,34 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Resident set size of this process in bytes now (Linux: VmRSS), if known.
+pub fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Open file descriptors of this process (Linux), if known.
+pub fn open_fds() -> Option<usize> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count())
+}
+
+/// A soak series: (runs so far, RSS MiB, open fds) samples, and how far the later samples rose above the first
+/// (per cent; the first sample is taken after N runs, past the warm-up).
+fn soak_json(samples: &[(usize, f64, Option<usize>)]) -> serde_json::Value {
+    let first = samples.first().map_or(0.0, |s| s.1);
+    let growth = |v: f64| if first > 0.0 { 100.0 * (v - first) / first } else { 0.0 };
+    let max_later = samples.iter().skip(1).map(|s| s.1).fold(first, f64::max);
+    let fds: Vec<usize> = samples.iter().filter_map(|s| s.2).collect();
+    json!({
+        "samples": samples.iter().map(|s| json!({"run": s.0, "rss_mb": s.1, "open_fds": s.2})).collect::<Vec<_>>(),
+        "rss_growth_pct": growth(max_later),
+        "fds_first": fds.first(),
+        "fds_max": fds.iter().max(),
+    })
 }
 
 /// Latency statistics of a set of timings (milliseconds).
@@ -210,11 +242,18 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let all = Instant::now();
     // Device counters over the timed runs: the most any run allocated, the last run's dispatches.
     let mut counters = s.run_counters();
+    let mut soak = Vec::new();
     while times.len() < a.runs as usize || until.is_some_and(|d| all.elapsed() < d) {
         let f = feeds.clone();
         let t = Instant::now();
         s.run(f)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
+        if let Some(n) = a.rss_every
+            && times.len() % n as usize == 0
+        {
+            let mb = rss_bytes().map_or(0.0, |b| b as f64 / (1 << 20) as f64);
+            soak.push((times.len(), mb, open_fds()));
+        }
         if let (Some(c), Some(now)) = (counters.as_mut(), s.run_counters()) {
             c.alloc_bytes = if times.len() == 1 { now.alloc_bytes } else { c.alloc_bytes.max(now.alloc_bytes) };
             c.dispatches = now.dispatches;
@@ -263,6 +302,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "stability": {"stable": stable, "window_p50_ms": windows, "limit_pct": a.stability_pct},
         "times_ms": times,
         "peak_rss_mb": peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
+        "soak": a.rss_every.map(|_| soak_json(&soak)),
         "gpu_dispatches_per_run": counters.map(|c| c.dispatches),
         "gpu_submissions_per_run": counters.map(|c| c.submissions),
         "gpu_alloc_bytes_per_run": counters.map(|c| c.alloc_bytes),
@@ -293,6 +333,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     println!("  throughput  {:.1} samples/s", res["throughput_per_s"].as_f64().unwrap_or(0.0));
     if let Some(mb) = res["peak_rss_mb"].as_f64() {
         println!("  peak RSS    {mb:.0} MiB");
+    }
+    if a.rss_every.is_some() && !soak.is_empty() {
+        let series: Vec<String> = soak.iter().map(|s| format!("{:.1}", s.1)).collect();
+        let fds: Vec<String> = soak.iter().filter_map(|s| s.2).map(|f| f.to_string()).collect();
+        println!(
+            "  soak        RSS every {} runs (MiB): {}; growth {:.2} % after the first; open fds {}",
+            a.rss_every.unwrap_or(1),
+            series.join(" "),
+            res["soak"]["rss_growth_pct"].as_f64().unwrap_or(0.0),
+            fds.join(" ")
+        );
     }
     if let Some(c) = counters {
         println!(
