@@ -50,6 +50,17 @@ pruning:
     cargo build --release --workspace
     python3 scripts/pruning.py --md PRUNING.md
 
+# Every fuzz target for SECONDS each (RELIABILITY.md), the table rewritten
+fuzz SECONDS="600":
+    cargo build --release --workspace
+    EDGEPACK_BIN=$CARGO_TARGET_DIR/release/edgepack EDGEPACK_FUZZ_MD=RELIABILITY.md ./scripts/fuzz.sh {{SECONDS}}
+
+# The soak runs: every backend over 10000 runs, the server under 10 minutes of mixed traffic (BENCHMARKS.md)
+soak:
+    cargo build --release --workspace
+    python3 scripts/soak_engine.py --md BENCHMARKS.md
+    python3 scripts/soak_serve.py --md BENCHMARKS.md
+
 # aarch64 (issue 27): Debian's cross toolchain in a chroot under ~/.cache/armprobe (root; reused), the kernels'
 # property tests under qemu (-cpu max, Cortex-A76, Cortex-A53), every shared model against onnxruntime, the
 # aarch64 phone library for the Python bindings test, and the stripped aarch64 mobile library sizes. The host

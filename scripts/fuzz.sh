@@ -4,6 +4,7 @@
 # out-of-memory fails the run and leaves its reproducer under $EDGEPACK_FUZZ_HOME/artifacts/<target>/.
 #
 #   scripts/fuzz.sh SECONDS [TARGET...]     (the test command runs it with 20; RELIABILITY.md has longer runs)
+#   EDGEPACK_FUZZ_MD=RELIABILITY.md scripts/fuzz.sh 600    also writes the summary table into that file
 #
 # Installs what it needs when missing: the nightly toolchain (rustup) and cargo-fuzz (crates.io), under ~/.cache.
 # The corpus grows across runs in $EDGEPACK_FUZZ_HOME/corpus (seeded each time by fuzz/seeds.py).
@@ -41,6 +42,7 @@ rm -rf "$SEEDS"
 # without a bound), so is one input running 30 s.
 LIMITS=(-rss_limit_mb=3072 -malloc_limit_mb=2048 -timeout=30 -print_final_stats=1)
 summary=()
+rows=()
 failed=()
 for t in "${TARGETS[@]}"; do
   printf '\n==> fuzz %s (%s s)\n' "$t" "$SECS"
@@ -80,12 +82,22 @@ for t in "${TARGETS[@]}"; do
   fi
   execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo "?")
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo "?")
-  summary+=("$(printf '%-18s %-6s %12s execs %7s edges %6s corpus files' "$t" "$status" "$execs" "$cov" \
-    "$(find "$corpus" -type f ! -name .seeded | wc -l)")")
+  files=$(find "$corpus" -type f ! -name .seeded | wc -l)
+  rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo "?")
+  summary+=("$(printf '%-18s %-6s %12s execs %7s edges %6s corpus files' "$t" "$status" "$execs" "$cov" "$files")")
+  rows+=("| \`$t\` | $status | $execs | $rate | $cov | $files |")
 done
 
 printf '\n==> fuzz summary (%s s per target, logs in %s)\n' "$SECS" "$HOME_DIR"
 printf '%s\n' "${summary[@]}"
+if [ -n "${EDGEPACK_FUZZ_MD:-}" ]; then
+  table=$(printf '%s\n' "\`scripts/fuzz.sh $SECS\` on $(nproc) cores, $(date -u +%Y-%m-%d), one target after the other:" "" \
+    "| target | result | executions | per second | edges covered | corpus files |" "|---|---|---:|---:|---:|---:|" \
+    "${rows[@]}")
+  "$PY" -c 'import sys; sys.path.insert(0, "scripts"); import mdtable
+mdtable.replace_between(sys.argv[1], "<!-- fuzz-run:begin -->", "<!-- fuzz-run:end -->", sys.argv[2])' \
+    "$EDGEPACK_FUZZ_MD" "$table"
+fi
 if [ ${#failed[@]} -gt 0 ]; then
   printf 'FAILED: %s\n' "${failed[@]}" >&2
   exit 1

@@ -5,11 +5,7 @@ use libfuzzer_sys::{fuzz_mutator, fuzz_target};
 
 fuzz_target!(
     init: edgepack_fuzz::contain_dependency_panics(),
-    |data: &[u8]| {
-        if let Ok(model) = edgepack_runtime::onnx::Model::from_bytes(data) {
-            edgepack_fuzz::load_and_run(&model);
-        }
-    }
+    |data: &[u8]| edgepack_fuzz::fuzz_model_bytes(data)
 );
 
 fuzz_mutator!(|data: &mut [u8], size: usize, max_size: usize, seed: u32| {

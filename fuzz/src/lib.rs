@@ -18,17 +18,21 @@ const MAX_INPUT_ELEMENTS: usize = 1 << 16;
 pub fn contain_dependency_panics() {
     std::panic::set_hook(Box::new(|info| {
         let trace = std::backtrace::Backtrace::force_capture().to_string();
-        let culprit = trace
-            .lines()
-            .filter_map(|l| l.trim_start().strip_prefix("at "))
-            .find(|f| !f.starts_with("/rustc/") && !f.contains("/library/") && !f.contains("fuzz/src/lib.rs"))
+        let culprit = edgepack_runtime::panic_origin(&trace, "fuzz/src/lib.rs")
             .unwrap_or_else(|| info.location().map_or("", |l| l.file()));
-        if culprit.contains("/.cargo/registry/") || culprit.contains("/.cargo/git/") {
+        if edgepack_runtime::is_dependency_source(culprit) {
             return;
         }
         eprintln!("{info}\npanicked in {culprit}\n{trace}");
         std::process::abort();
     }));
+}
+
+/// ONNX bytes as the model targets take them: decoded and checked, then [`load_and_run`].
+pub fn fuzz_model_bytes(data: &[u8]) {
+    if let Ok(model) = Model::from_bytes(data) {
+        load_and_run(&model);
+    }
 }
 
 /// Loads a model on the interpreter and on tract and runs it on small synthetic inputs; every failure must be a

@@ -46,13 +46,8 @@ fn run_model(model: &Model) {
 fn every_fuzz_reproducer_ends_in_a_result_or_a_typed_error() {
     std::panic::set_hook(Box::new(|info| {
         let trace = std::backtrace::Backtrace::force_capture().to_string();
-        let culprit = trace
-            .lines()
-            .filter_map(|l| l.trim_start().strip_prefix("at "))
-            .find(|f| !f.starts_with("/rustc/") && !f.contains("/library/") && !f.contains("fuzz_regressions.rs"))
-            .unwrap_or_default()
-            .to_string();
-        if !culprit.contains("/.cargo/registry/") {
+        let culprit = edgepack_runtime::panic_origin(&trace, "fuzz_regressions.rs").unwrap_or_default().to_string();
+        if !edgepack_runtime::is_dependency_source(&culprit) {
             OWN_PANICS.lock().unwrap().push(format!("{info} (in {culprit})"));
         }
     }));

@@ -79,6 +79,21 @@ pub fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     }
 }
 
+/// Where a panic started, from the text of its backtrace: the innermost frame outside the standard library and
+/// outside files containing `skip` (the panic hook's own). The fuzz targets and their regression test tell an
+/// engine panic (a bug) from a dependency's panic that [`no_panic`] turns into a typed error with it.
+pub fn panic_origin<'a>(backtrace: &'a str, skip: &str) -> Option<&'a str> {
+    backtrace
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("at "))
+        .find(|f| !f.starts_with("/rustc/") && !f.contains("/library/") && !f.contains(skip))
+}
+
+/// Whether a source path belongs to a dependency (cargo's registry or git checkouts).
+pub fn is_dependency_source(path: &str) -> bool {
+    path.contains("/.cargo/registry/") || path.contains("/.cargo/git/")
+}
+
 /// Why a bundle was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
