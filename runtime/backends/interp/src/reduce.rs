@@ -2,9 +2,12 @@
 use super::math::{f64s, is_float};
 use super::*;
 
-/// (outer, len, inner) of `shape` around axis `ax`.
-fn around(shape: &[usize], ax: usize) -> (usize, usize, usize) {
-    (shape[..ax].iter().product(), shape[ax], shape[ax + 1..].iter().product())
+/// (outer, len, inner) of `shape` around axis `ax` (an error for a scalar, which has no axis to work along).
+fn around(shape: &[usize], ax: usize) -> Res<(usize, usize, usize)> {
+    if ax >= shape.len() {
+        return Err(format!("axis {ax} of a rank-{} input", shape.len()));
+    }
+    Ok((shape[..ax].iter().product(), shape[ax], shape[ax + 1..].iter().product()))
 }
 
 /// The reduced axes of a Reduce* node: from input 1 (opset 18; ReduceSum 13) or the `axes` attribute; `None` means
@@ -80,7 +83,7 @@ pub(crate) fn op_arg(a: &Args) -> Res<Vec<Tensor>> {
     let last = a.n.attr_i("select_last_index").unwrap_or(0) != 0;
     let max = a.n.op() == "ArgMax";
     let v = f64s(x);
-    let (outer, len, inner) = around(&shape, ax);
+    let (outer, len, inner) = around(&shape, ax)?;
     let mut y = Vec::with_capacity(outer * inner);
     for o in 0..outer {
         for i in 0..inner {
@@ -110,7 +113,7 @@ pub(crate) fn op_cumsum(a: &Args) -> Res<Vec<Tensor>> {
     let ax = axis(i64s(input(a.ins, 1)?)?.first().copied().ok_or("no axis")?, shape.len())?;
     let (excl, rev) = (a.n.attr_i("exclusive").unwrap_or(0) != 0, a.n.attr_i("reverse").unwrap_or(0) != 0);
     let v = f64s(x);
-    let (outer, len, inner) = around(&shape, ax);
+    let (outer, len, inner) = around(&shape, ax)?;
     let mut y = vec![0.0; v.len()];
     for o in 0..outer {
         for i in 0..inner {
@@ -138,7 +141,7 @@ pub(crate) fn op_topk(a: &Args) -> Res<Vec<Tensor>> {
     let ax = axis(a.n.attr_i("axis").unwrap_or(-1), shape.len())?;
     let k = if a.opset < 10 { a.n.attr_i("k").unwrap_or(0) } else { *i64s(input(a.ins, 1)?)?.first().ok_or("no k")? };
     let largest = a.n.attr_i("largest").unwrap_or(1) != 0;
-    let (outer, len, inner) = around(&shape, ax);
+    let (outer, len, inner) = around(&shape, ax)?;
     let k = usize::try_from(k).ok().filter(|&k| k <= len).ok_or_else(|| format!("k {k} for a dim of {len}"))?;
     let v = f64s(x);
     let mut ids = vec![0i64; outer * k * inner];
@@ -172,8 +175,11 @@ pub(crate) fn op_softmax_like(a: &Args) -> Res<Vec<Tensor>> {
     let rank = shape.len();
     let default = if a.opset < 13 { 1 } else { -1 };
     let ax = axis(a.n.attr_i("axis").unwrap_or(default), rank)?;
-    let (outer, len, inner) =
-        if a.opset < 13 { (shape[..ax].iter().product(), shape[ax..].iter().product(), 1) } else { around(&shape, ax) };
+    let (outer, len, inner) = if a.opset < 13 {
+        (shape[..ax].iter().product(), shape[ax..].iter().product(), 1)
+    } else {
+        around(&shape, ax)?
+    };
     let v = f64s(x);
     let mut y = vec![0.0; v.len()];
     let hard = a.n.op() == "Hardmax";
