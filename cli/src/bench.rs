@@ -68,20 +68,22 @@ pub struct BenchArgs {
     load: LoadArgs,
 }
 
-/// Peak resident set size of this process in bytes (Linux: VmHWM), if known.
-pub fn peak_rss_bytes() -> Option<u64> {
+/// A `kB` field of this process's `/proc/self/status` (Linux: `VmHWM`, `VmRSS`) in bytes, if known.
+fn status_bytes(field: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = s.lines().find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
 
+/// Peak resident set size of this process in bytes (Linux: VmHWM), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    status_bytes("VmHWM")
+}
+
 /// Resident set size of this process in bytes now (Linux: VmRSS), if known.
 pub fn rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    status_bytes("VmRSS")
 }
 
 /// Open file descriptors of this process (Linux), if known.
