@@ -9,6 +9,9 @@ fn out_float(shape: Vec<usize>, v: Vec<f64>, like: DType) -> Res<Tensor> {
 
 /// Batched matrix product with numpy broadcasting of the batch dims (1-D operands promoted and squeezed).
 pub(crate) fn matmul(x: &Tensor, y: &Tensor) -> Res<Tensor> {
+    if x.shape().is_empty() || y.shape().is_empty() {
+        return Err(format!("MatMul of a scalar ({:?} and {:?})", x.shape(), y.shape()));
+    }
     let (mut xs, mut ys) = (x.shape().to_vec(), y.shape().to_vec());
     let (x1, y1) = (xs.len() == 1, ys.len() == 1);
     if x1 {
@@ -106,12 +109,12 @@ pub(crate) fn op_matmul_integer(a: &Args) -> Res<Vec<Tensor>> {
 pub(crate) fn op_gemm(a: &Args) -> Res<Vec<Tensor>> {
     let (x, w) = (a.x()?, input(a.ins, 1)?);
     let t = |v: &Tensor, on: bool| -> Res<Tensor> {
-        if !on {
-            return Ok(v.clone());
-        }
         let s = v.shape();
         if s.len() != 2 {
             return Err(format!("Gemm of a rank-{} operand", s.len()));
+        }
+        if !on {
+            return Ok(v.clone());
         }
         strided(v, vec![s[1], s[0]], 0, &[1, s[1] as isize])
     };

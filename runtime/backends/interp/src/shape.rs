@@ -308,6 +308,14 @@ pub(crate) fn op_scatter_nd(a: &Args) -> Res<Vec<Tensor>> {
     let is = ind.shape();
     let m = *is.last().ok_or("indices of rank 0")?;
     let xs = x.shape();
+    if m > xs.len() {
+        return Err(format!("ScatterND: index tuples of {m} into data of rank {}", xs.len()));
+    }
+    // updates: indices.shape[:-1] + data.shape[m:].
+    let want: Vec<usize> = is[..is.len() - 1].iter().chain(&xs[m..]).copied().collect();
+    if upd.shape() != want.as_slice() {
+        return Err(format!("ScatterND: updates {:?}, expected {want:?}", upd.shape()));
+    }
     let slice: usize = xs[m..].iter().product();
     let strides = dense_strides(xs);
     let reduction = a.n.attr_s("reduction").unwrap_or("none");
