@@ -86,6 +86,19 @@ impl Pass for FreeBatchDim {
     }
 }
 
+/// Shapes traced at one input shape are dropped from a graph with symbolic inputs
+/// ([`crate::Graph::forget_traced_shapes`]).
+pub struct ForgetTracedShapes;
+
+impl Pass for ForgetTracedShapes {
+    fn name(&self) -> &'static str {
+        "forget-traced-shapes"
+    }
+    fn run(&self, model: &mut Model) -> Result<usize> {
+        Ok(model.graph.forget_traced_shapes())
+    }
+}
+
 /// Nodes whose outputs nothing reads are removed, then unread initializers.
 pub struct RemoveDead;
 

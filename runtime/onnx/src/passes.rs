@@ -44,6 +44,69 @@ impl Graph {
         before - self.nodes.len()
     }
 
+    /// Whether [`Graph::forget_traced_shapes`] would change anything: some graph input has a dim that is not a
+    /// fixed number, and there are value_info shapes or fixed output dims.
+    pub fn has_traced_shapes(&self) -> bool {
+        use super::proto::{tensor_shape_proto::dimension::Value as D, type_proto::Value as T};
+        fn shape(v: &super::ValueInfoProto) -> Option<&super::proto::TensorShapeProto> {
+            match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+                Some(T::TensorType(t)) => t.shape.as_ref(),
+                _ => None,
+            }
+        }
+        let fixed = |d: &super::proto::tensor_shape_proto::Dimension| matches!(d.value, Some(D::DimValue(_)));
+        let inits: HashSet<&str> = self.initializers.iter().filter_map(|t| t.name.as_deref()).collect();
+        let dynamic = self
+            .inputs
+            .iter()
+            .filter(|v| !v.name.as_deref().is_some_and(|n| inits.contains(n)))
+            .filter_map(shape)
+            .any(|s| !s.dim.iter().all(fixed));
+        dynamic
+            && (self.value_info.iter().any(|v| shape(v).is_some())
+                || self.outputs.iter().filter_map(shape).any(|s| s.dim.iter().any(fixed)))
+    }
+
+    /// Forgets the shapes an exporter traced at one input shape when the graph takes other ones: when some graph
+    /// input has a dim that is not a fixed number (symbolic, or unknown), every `value_info` keeps its element type
+    /// but loses its shape, and the graph outputs' fixed dims become unknown (their symbolic ones and their rank
+    /// stay). Exporters with dynamic axes (torch.onnx with `dynamic_axes`, Ultralytics' `dynamic=True`) write
+    /// value_info traced at the example input, e.g. `1×16×160×160` after the first Conv of a 320² trace, which
+    /// contradicts every other input shape; the shapes at run time are inferred from the concrete inputs instead.
+    /// Returns how many annotations were changed (0: a static graph, or nothing to forget).
+    pub fn forget_traced_shapes(&mut self) -> usize {
+        use super::proto::{tensor_shape_proto::dimension::Value as D, type_proto::Value as T};
+        fn tensor(v: &mut super::ValueInfoProto) -> Option<&mut super::proto::type_proto::Tensor> {
+            match v.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+                Some(T::TensorType(t)) => Some(t),
+                _ => None,
+            }
+        }
+        if !self.has_traced_shapes() {
+            return 0;
+        }
+        let mut changed = 0;
+        for v in &mut self.value_info {
+            if let Some(t) = tensor(v)
+                && t.shape.take().is_some()
+            {
+                changed += 1;
+            }
+        }
+        for v in &mut self.outputs {
+            let Some(s) = tensor(v).and_then(|t| t.shape.as_mut()) else { continue };
+            let mut any = false;
+            for d in &mut s.dim {
+                if matches!(d.value, Some(D::DimValue(_))) {
+                    d.value = None;
+                    any = true;
+                }
+            }
+            changed += usize::from(any);
+        }
+        changed
+    }
+
     /// Makes a graph that is written for one sample take batches: every graph input and output whose leading
     /// dim is fixed at 1 gets a symbolic one (`batch`), intermediate shape annotations are dropped (they would pin
     /// it), and a Reshape whose target shape is a constant starting with 1 copies the leading dim instead (0; a

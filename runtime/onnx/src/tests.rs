@@ -262,3 +262,32 @@ fn a_truncated_int4_tensor_is_a_clear_error() {
     let e = m.check().unwrap_err().to_string();
     assert!(e.contains("need 4 packed 4-bit bytes"), "{e}");
 }
+
+#[test]
+fn traced_shapes_are_forgotten_only_in_graphs_with_symbolic_inputs() {
+    let build = |batch: Dim| {
+        let mut m = model(
+            vec![node("Relu", "r", &["x"], &["h"], vec![]), node("Relu", "r2", &["h"], &["y"], vec![])],
+            vec![value_info("x", 1, &[batch.clone(), Dim::Fixed(4)])],
+            vec![value_info("y", 1, &[batch, Dim::Fixed(4)])],
+            vec![],
+        );
+        // What an exporter traced at batch 1.
+        m.graph.value_info.push(value_info("h", 1, &[Dim::Fixed(1), Dim::Fixed(4)]));
+        m
+    };
+    let mut fixed = build(Dim::Fixed(1));
+    assert!(!fixed.graph.has_traced_shapes());
+    assert_eq!(fixed.graph.forget_traced_shapes(), 0);
+    assert_eq!(fixed.graph.value_type("h").and_then(|t| t.shape).map(|s| s.len()), Some(2));
+
+    let mut dynamic = build(Dim::Symbolic("batch".into()));
+    assert!(dynamic.graph.has_traced_shapes());
+    assert_eq!(dynamic.graph.forget_traced_shapes(), 2);
+    let h = dynamic.graph.value_type("h").unwrap();
+    assert_eq!((h.elem_type, h.shape), (1, None), "the element type stays, the shape goes");
+    let y = dynamic.graph.value_type("y").unwrap().shape.unwrap();
+    assert_eq!(y, vec![Dim::Symbolic("batch".into()), Dim::Symbolic(String::new())], "symbolic dims stay");
+    assert!(!dynamic.graph.has_traced_shapes());
+    dynamic.check().unwrap();
+}

@@ -26,7 +26,7 @@ pub use device::{AdapterInfo, adapter};
 pub use ops::SUPPORTED_OPS;
 pub use plan::GpuBackend;
 
-use edgepack_onnx::{Model, NodeExt, NodeProto};
+use edgepack_onnx::{Model, NodeExt};
 
 /// Compute precision on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -45,16 +45,27 @@ impl std::fmt::Display for Precision {
     }
 }
 
-/// First node (ops in the default domain the GPU backend implements) it cannot run: (op, domain, node).
+/// First node the GPU backend cannot run: (op, domain, node). It runs the ops of its table (default domain), and
+/// any other default-domain op whose inputs are all known on the host once the input shapes are (computed from
+/// initializers, constants and `Shape`/`Size` of anything, never from a graph input's values): the plan folds
+/// those on the host's CPU backend, like the anchors a dynamic-axes YOLO export makes with `Range` from its
+/// feature maps' shapes.
 pub fn unsupported_op(model: &Model) -> Option<(String, String, String)> {
-    fn find(nodes: &[NodeProto]) -> Option<(String, String, String)> {
-        nodes.iter().find_map(|n| {
-            let domain = n.domain_name();
-            let ok = (domain.is_empty() || domain == "ai.onnx") && SUPPORTED_OPS.contains(&n.op());
-            (!ok).then(|| (n.op().to_string(), domain.to_string(), n.name().to_string()))
-        })
-    }
-    find(&model.graph.nodes)
+    let g = &model.graph;
+    let mut known: std::collections::HashSet<&str> = g.initializers.iter().filter_map(|t| t.name.as_deref()).collect();
+    known.insert("");
+    g.nodes.iter().find_map(|n| {
+        let domain = n.domain_name();
+        let default = domain.is_empty() || domain == "ai.onnx";
+        let host = default
+            && !matches!(n.op(), "RandomNormal" | "RandomUniform" | "If" | "Loop" | "Scan")
+            && (matches!(n.op(), "Shape" | "Size") || n.input.iter().all(|i| known.contains(i.as_str())));
+        if host {
+            known.extend(n.output.iter().map(String::as_str));
+        }
+        let ok = default && (host || SUPPORTED_OPS.contains(&n.op()));
+        (!ok).then(|| (n.op().to_string(), domain.to_string(), n.name().to_string()))
+    })
 }
 
 /// True when the graph holds QDQ weights (an int8/uint8 initializer feeding a DequantizeLinear).
