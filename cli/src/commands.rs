@@ -418,7 +418,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     let backend = s.backend_description();
     let raw = a.raw || !a.values.is_empty();
-    let detector = matches!(s.postprocess(), Some(Postprocess::SsdDetection { .. }));
+    let detector = s.postprocess().is_some_and(Postprocess::is_detection);
     let top_k = a.top_k.map(|k| k as usize);
     let classifier = !raw
         && !detector
@@ -448,8 +448,13 @@ pub fn run(a: RunArgs) -> Result<()> {
             let name = name_of(i).unwrap_or_default();
             println!("{name}: {} detections ({backend}, {ms:.1} ms for {} image(s))", dets.len(), sizes.len());
             for d in dets {
+                let extra = match (&d.mask, &d.keypoints) {
+                    (Some(m), _) => format!("  (mask: {} px)", m.area()),
+                    (_, Some(k)) => format!("  ({} keypoints)", k.len()),
+                    _ => String::new(),
+                };
                 println!(
-                    "  {:.3}  [{:.0}, {:.0}, {:.0}, {:.0}] {}",
+                    "  {:.3}  [{:.0}, {:.0}, {:.0}, {:.0}] {}{extra}",
                     d.score,
                     d.x1,
                     d.y1,
@@ -635,12 +640,15 @@ pub struct PackArgs {
     /// Classification: classes reported per input
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     top_k: u32,
-    /// Detection: score threshold
-    #[arg(long, default_value_t = 0.7)]
-    score_threshold: f32,
-    /// Detection: NMS IoU threshold
-    #[arg(long, default_value_t = 0.3)]
-    iou_threshold: f32,
+    /// Detection: score threshold (default: 0.25 for a YOLO head, 0.7 for an SSD one)
+    #[arg(long)]
+    score_threshold: Option<f32>,
+    /// Detection: NMS IoU threshold (default: 0.45 for a YOLO head, 0.3 for an SSD one)
+    #[arg(long)]
+    iou_threshold: Option<f32>,
+    /// Detection: NMS across classes (one box per place, whatever its class) instead of per class
+    #[arg(long)]
+    class_agnostic: bool,
     /// Extra variant: ID=PATH[:PRECISION] (precision fp32, fp16, int8, int4, mixed; default int8)
     #[arg(long = "variant", value_name = "ID=PATH[:PRECISION]")]
     variants: Vec<String>,
@@ -685,6 +693,7 @@ pub fn pack(a: PackArgs) -> Result<()> {
         )));
     }
     let model = edgepack_runtime::onnx::Model::from_bytes(&bytes).with_context(|| format!("{}", a.model.display()))?;
+    let yolo = edgepack_packager::yolo_export(&model);
     let task = match a.task.as_str() {
         "detection" => Task::Detection,
         "custom" => Task::Custom,
@@ -723,10 +732,20 @@ pub fn pack(a: PackArgs) -> Result<()> {
     // Pre-processing: explicit JSON, or a preset sized from the model's first input.
     let pre = if let Some(j) = &a.preprocess_json {
         Some(Preprocess::Image(serde_json::from_str(j).map_err(|e| Usage(format!("--preprocess-json: {e}")))?))
-    } else if let Some(p) = &a.preset {
+    } else if let Some(p) = a.preset.as_deref().or(yolo.as_ref().filter(|_| task == Task::Detection).map(|_| "yolo")) {
         let (inputs, _) = edgepack_runtime::session::model_io(&model);
         let input = inputs.first().context("the model has no input")?;
-        Some(Preprocess::Image(input.image_preset(p).map_err(|e| Usage(format!("--preset {p}: {e}")))?))
+        // An input of symbolic size is fed at the export size an Ultralytics model records (`imgsz`).
+        let size = yolo.as_ref().and_then(|y| y.imgsz);
+        let pre = input.image_preset_sized(p, size).map_err(|e| Usage(format!("--preset {p}: {e}")))?;
+        if a.preset.is_none() {
+            let (w, h) = pre.input_size((1, 1));
+            crate::output::note(format!(
+                "an Ultralytics YOLO export: pre-processing `yolo` (letterbox to {w}×{h}, pad 114, RGB /255), its \
+                 class names as labels"
+            ));
+        }
+        Some(Preprocess::Image(pre))
     } else {
         None
     };
@@ -747,18 +766,29 @@ pub fn pack(a: PackArgs) -> Result<()> {
                 top_k: a.top_k as usize,
                 label_offset: 0,
             }),
-            Task::Detection => match edgepack_packager::ssd_outputs(outputs.iter().map(String::as_str)) {
-                Some((scores, boxes)) => Some(Postprocess::SsdDetection {
+            Task::Detection => match (&yolo, edgepack_packager::ssd_outputs(outputs.iter().map(String::as_str))) {
+                (Some(y), _) => Some(Postprocess::Yolo {
+                    output: None,
+                    classes: y.names.len(),
+                    objectness: false,
+                    task: y.task.clone(),
+                    score_threshold: a.score_threshold.unwrap_or(0.25),
+                    iou_threshold: a.iou_threshold.unwrap_or(0.45),
+                    class_agnostic: a.class_agnostic,
+                    max_detections: 300,
+                }),
+                (None, Some((scores, boxes))) => Some(Postprocess::SsdDetection {
                     scores_output: scores.to_string(),
                     boxes_output: boxes.to_string(),
                     classes: vec![1],
-                    score_threshold: a.score_threshold,
-                    iou_threshold: a.iou_threshold,
+                    score_threshold: a.score_threshold.unwrap_or(0.7),
+                    iou_threshold: a.iou_threshold.unwrap_or(0.3),
                     max_detections: 1000,
                 }),
-                None => bail!(Usage(format!(
-                    "--task detection needs outputs named like `scores` and `boxes` (the model's: {}); describe \
-                         them with --postprocess-json, or pack with --task custom",
+                (None, None) => bail!(Usage(format!(
+                    "--task detection needs an Ultralytics YOLO export (its metadata `task` and `names`) or outputs \
+                     named like `scores` and `boxes` (the model's: {}); describe them with --postprocess-json (e.g. \
+                     {{\"kind\":\"yolo\",\"classes\":80}}), or pack with --task custom",
                     outputs.join(", ")
                 ))),
             },
@@ -773,6 +803,9 @@ pub fn pack(a: PackArgs) -> Result<()> {
     }
     if let Some(l) = &a.labels {
         b = b.labels(&read_labels(l)?)?;
+    } else if let Some(y) = yolo.as_ref().filter(|y| task == Task::Detection && !y.names.is_empty()) {
+        // The class names an Ultralytics export carries in its metadata.
+        b = b.labels(&y.names)?;
     }
     for r in &a.report {
         let fname = r.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or("report".into());

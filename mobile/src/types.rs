@@ -201,6 +201,29 @@ pub struct Detection {
     pub y1: f32,
     pub x2: f32,
     pub y2: f32,
+    /// Instance mask over the box (YOLO segment models).
+    pub mask: Option<Mask>,
+    /// Keypoints (YOLO pose models; empty otherwise).
+    pub keypoints: Vec<Keypoint>,
+}
+
+/// A binary mask in image pixels over the box at (`x`, `y`) of `width`×`height`: `rle` counts runs of pixels in
+/// row-major order, alternately off and on, starting with off.
+#[derive(uniffi::Record, Debug, Clone, PartialEq)]
+pub struct Mask {
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+    pub rle: Vec<u32>,
+}
+
+/// One keypoint in image pixels, with its visibility score when the model gives one.
+#[derive(uniffi::Record, Debug, Clone, PartialEq)]
+pub struct Keypoint {
+    pub x: f32,
+    pub y: f32,
+    pub score: Option<f32>,
 }
 
 impl From<edgepack_runtime::process::Detection> for Detection {
@@ -213,6 +236,13 @@ impl From<edgepack_runtime::process::Detection> for Detection {
             y1: d.y1,
             x2: d.x2,
             y2: d.y2,
+            mask: d.mask.map(|m| Mask { x: m.x, y: m.y, width: m.width, height: m.height, rle: m.rle }),
+            keypoints: d
+                .keypoints
+                .unwrap_or_default()
+                .into_iter()
+                .map(|k| Keypoint { x: k.x, y: k.y, score: k.score })
+                .collect(),
         }
     }
 }

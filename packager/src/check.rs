@@ -68,6 +68,7 @@ fn check_preprocess(pre: &Preprocess, inputs: &[TensorSpec]) -> Result<(), Strin
         Resize::None => None,
         Resize::Stretch { width, height } => Some((width as usize, height as usize)),
         Resize::ShorterSideCrop { crop_width, crop_height, .. } => Some((crop_width as usize, crop_height as usize)),
+        Resize::Letterbox { width, height, .. } => Some((width as usize, height as usize)),
     };
     if let Some((pw, ph)) = size {
         for (what, made, dim) in [("height", ph, h), ("width", pw, w)] {
@@ -186,6 +187,51 @@ fn check_postprocess(post: &Postprocess, outputs: &[TensorSpec], labels: Option<
                 }
             }
         }
+        Postprocess::Yolo { output: name, classes, task, .. } => {
+            let spec = post.yolo_spec().ok_or("a YOLO head without its parameters")?;
+            let o = match name {
+                Some(n) => output(outputs, n, "YOLO head")?,
+                None => outputs.first().ok_or("the model has no output")?,
+            };
+            let a = spec.attributes();
+            let dims: Vec<Option<usize>> = o.shape.iter().map(fixed).collect();
+            let fits = o.shape.is_empty()
+                || (dims.len() == 3 && (dims[1].is_none_or(|d| d == a) || dims[2].is_none_or(|d| d == a)));
+            if !fits {
+                return Err(format!(
+                    "output `{}` {} is not a YOLO head of {classes} classes ({a} values per anchor: [batch, {a},                      anchors] or [batch, anchors, {a}]); set \"classes\" (and \"objectness\" for YOLOv5) in                      --postprocess-json",
+                    o.name,
+                    shape(o)
+                ));
+            }
+            if let edgepack_runtime::process::YoloTask::Segment { protos_output, mask_coefficients } = task {
+                let p = match protos_output {
+                    Some(n) => output(outputs, n, "prototypes")?,
+                    None => outputs
+                        .iter()
+                        .find(|x| x.name != o.name)
+                        .ok_or("a YOLO segment head needs a second output, the mask prototypes [batch, 32, mh, mw]")?,
+                };
+                if !p.shape.is_empty()
+                    && (p.shape.len() != 4 || fixed(&p.shape[1]).is_some_and(|m| m != *mask_coefficients))
+                {
+                    return Err(format!(
+                        "prototypes output `{}` {} is not [batch, {mask_coefficients}, mh, mw]",
+                        p.name,
+                        shape(p)
+                    ));
+                }
+            }
+            if let Some(l) = labels
+                && l != *classes
+            {
+                return Err(format!(
+                    "{l} labels for a YOLO head of {classes} classes (output `{}`): the labels file belongs to \
+                     another model",
+                    o.name
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -206,7 +252,7 @@ pub fn check(
     if let Some(p) = post {
         let fits = match task {
             Task::Classification => matches!(p, Postprocess::Classification { .. }),
-            Task::Detection => matches!(p, Postprocess::SsdDetection { .. }),
+            Task::Detection => p.is_detection(),
             Task::Custom => true,
         };
         if !fits {

@@ -28,7 +28,9 @@ pub enum PackError {
 }
 
 mod check;
+mod ultralytics;
 pub use check::ssd_outputs;
+pub use ultralytics::{YoloExport, parse_names, yolo_export};
 
 type Result<T> = std::result::Result<T, PackError>;
 

@@ -80,6 +80,12 @@ impl IoInfo {
     /// A named pre-processing preset ([`process::ImagePreprocess::preset`]) sized for this image input, laid out
     /// NHWC when the 1 or 3 channels are last and not second, with the input's element type.
     pub fn image_preset(&self, name: &str) -> Result<process::ImagePreprocess> {
+        self.image_preset_sized(name, None)
+    }
+
+    /// Like [`IoInfo::image_preset`]; an input whose height and width are symbolic is fed images of `size`
+    /// (height, width), else of YOLO's usual 640×640 for the `yolo` preset.
+    pub fn image_preset_sized(&self, name: &str, size: Option<(u32, u32)>) -> Result<process::ImagePreprocess> {
         let fixed = |d: &Dim| if let Dim::Fixed(n) = d { Some(*n as u32) } else { None };
         let s = &self.shape;
         let channels_first = s.len() == 4 && matches!(s[1], Dim::Fixed(1 | 3));
@@ -89,6 +95,10 @@ impl IoInfo {
             4 => fixed(&s[1]).zip(fixed(&s[2])),
             _ => None,
         };
+        let symbolic = |a: &Dim, b: &Dim| !matches!(a, Dim::Fixed(_)) && !matches!(b, Dim::Fixed(_));
+        let free = s.len() == 4
+            && if channels_first { symbolic(&s[2], &s[3]) } else { channels_last && symbolic(&s[1], &s[2]) };
+        let hw = hw.or(if free { size.or((name == "yolo").then_some((640, 640))) } else { None });
         let (h, w) = hw.ok_or_else(|| {
             Error::Processing(format!("input `{}` {} is not an image", self.name, self.shape_string()))
         })?;
@@ -319,11 +329,14 @@ impl Session {
     pub fn from_model(model: &Model, opts: &SessionOptions) -> Result<Session> {
         let freed;
         let low_bit = model.graph.has_low_bit_weights();
-        let model = if opts.free_batch || low_bit {
+        let traced = model.graph.has_traced_shapes();
+        let model = if opts.free_batch || low_bit || traced {
             let mut m = model.clone();
             if opts.free_batch {
                 m.graph.free_batch_dim();
             }
+            // A model with symbolic inputs runs at the shapes it is given, not at those its exporter traced.
+            m.graph.forget_traced_shapes();
             // 4-bit (and weight-only 8-bit) weights are unpacked to f32 once here: no backend carries a 4-bit type,
             // and the float kernels want plain f32 weights.
             m.graph.fold_low_bit_weights();
@@ -662,6 +675,25 @@ impl Session {
                 image_size,
                 self.labels(),
             ),
+            Some(p @ Postprocess::Yolo { output, task, .. }) => {
+                let spec = p.yolo_spec().ok_or_else(|| Error::Internal("a YOLO head without its spec".into()))?;
+                let head = self.output(outs, output.as_deref())?;
+                let protos = match task {
+                    process::YoloTask::Segment { protos_output: Some(n), .. } => Some(self.output(outs, Some(n))?),
+                    process::YoloTask::Segment { protos_output: None, .. } => {
+                        Some(outs.iter().map(|o| &o.1).find(|t| !std::ptr::eq(*t, head)).ok_or_else(|| {
+                            Error::Processing("a YOLO segment head needs its prototypes output".into())
+                        })?)
+                    }
+                    _ => None,
+                };
+                // Boxes come in model-input pixels: back through the pre-processing (the letterbox) to the image.
+                let (map, input_size) = match self.preprocess() {
+                    Some(Preprocess::Image(pre)) => (pre.input_map(image_size), pre.input_size(image_size)),
+                    None => (process::InputMap::IDENTITY, image_size),
+                };
+                process::decode_yolo(&spec, head, protos, 0, &map, image_size, input_size, self.labels())
+            }
             _ => Err(Error::Processing("this model has no detection post-processing".into())),
         }
     }

@@ -16,7 +16,6 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use edgepack_runtime::Session;
-use edgepack_runtime::process::Postprocess;
 use serde_json::{Value, json};
 
 /// What to run over.
@@ -164,7 +163,7 @@ fn line_for(s: &Session, item: &Item, top_k: Option<usize>) -> Value {
                 let size = batch.sizes[0];
                 let outs = s.run(vec![(batch.input, batch.tensor)]).map_err(|e| e.to_string())?;
                 Ok(match s.postprocess() {
-                    Some(Postprocess::SsdDetection { .. }) => {
+                    Some(p) if p.is_detection() => {
                         json!({ "detections": s.detections_from_outputs(&outs, size).map_err(|e| e.to_string())? })
                     }
                     _ => {

@@ -7,7 +7,9 @@
 //! `(pixel * scale - mean) / std`.
 
 mod stream;
+mod yolo;
 pub use stream::{StateLink, StreamSpec, read_wav};
+pub use yolo::{Keypoint, Mask, YoloSpec, YoloTask, decode as decode_yolo};
 
 use image::DynamicImage;
 
@@ -50,6 +52,76 @@ pub enum Resize {
     Stretch { width: u32, height: u32 },
     /// Resize so the shorter side is `shorter_side` (aspect kept, never below the crop), then centre-crop.
     ShorterSideCrop { shorter_side: u32, crop_width: u32, crop_height: u32 },
+    /// Resize to fit inside `width`×`height` keeping the aspect ratio (scale `r = min(width/w, height/h)`, size
+    /// `round(w·r)`×`round(h·r)`), then pad to the full size with `pad` (Ultralytics' letterbox: 114), the image
+    /// centred (`round(pad/2 − 0.1)` before it, as Ultralytics rounds) or at the top left.
+    Letterbox {
+        width: u32,
+        height: u32,
+        #[serde(default = "default_pad")]
+        pad: u8,
+        #[serde(default)]
+        anchor: LetterboxAnchor,
+    },
+}
+
+fn default_pad() -> u8 {
+    114
+}
+
+/// Where a letterboxed image sits in its padded frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LetterboxAnchor {
+    #[default]
+    Center,
+    TopLeft,
+}
+
+/// Where a letterboxed image of `w`×`h` lands in a `width`×`height` frame: (scale, resized width, resized height,
+/// left, top).
+pub fn letterbox_geometry(
+    w: u32,
+    h: u32,
+    width: u32,
+    height: u32,
+    anchor: LetterboxAnchor,
+) -> (f64, u32, u32, u32, u32) {
+    let r = (width as f64 / w.max(1) as f64).min(height as f64 / h.max(1) as f64);
+    let nw = ((w as f64 * r).round_ties_even() as u32).clamp(1, width);
+    let nh = ((h as f64 * r).round_ties_even() as u32).clamp(1, height);
+    match anchor {
+        LetterboxAnchor::TopLeft => (r, nw, nh, 0, 0),
+        LetterboxAnchor::Center => {
+            let half = |free: u32| ((free as f64 / 2.0 - 0.1).round_ties_even().max(0.0)) as u32;
+            (r, nw, nh, half(width - nw), half(height - nh))
+        }
+    }
+}
+
+/// How model-input pixels relate to the original image's: `model = image · k + o` per axis (the resize and the
+/// crop or padding of the pre-processing), and back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InputMap {
+    pub kx: f32,
+    pub ky: f32,
+    pub ox: f32,
+    pub oy: f32,
+}
+
+impl InputMap {
+    /// The identity: the model sees the image's own pixels.
+    pub const IDENTITY: InputMap = InputMap { kx: 1.0, ky: 1.0, ox: 0.0, oy: 0.0 };
+
+    /// A model-input point in image pixels.
+    pub fn to_image(&self, x: f32, y: f32) -> (f32, f32) {
+        ((x - self.ox) / self.kx, (y - self.oy) / self.ky)
+    }
+
+    /// An image point in model-input pixels.
+    pub fn to_model(&self, x: f32, y: f32) -> (f32, f32) {
+        (x * self.kx + self.ox, y * self.ky + self.oy)
+    }
 }
 
 /// Image pre-processing for one model input.
@@ -122,6 +194,38 @@ pub enum Postprocess {
         #[serde(default = "default_max_detections")]
         max_detections: usize,
     },
+    /// Ultralytics YOLO head (v5/v8/v11; detect, segment or pose): `[B, 4+classes(+extra), N]` or transposed,
+    /// boxes `cx, cy, w, h` in model-input pixels, mapped back through the pre-processing (letterbox) to the image.
+    Yolo {
+        /// The head output (default: the first output).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<String>,
+        classes: usize,
+        /// A v5-style objectness column after the box (scores = objectness × class score).
+        #[serde(default)]
+        objectness: bool,
+        #[serde(default)]
+        task: YoloTask,
+        #[serde(default = "default_yolo_score")]
+        score_threshold: f32,
+        #[serde(default = "default_yolo_iou")]
+        iou_threshold: f32,
+        /// NMS across classes (one box per place whatever its class) instead of per class.
+        #[serde(default)]
+        class_agnostic: bool,
+        #[serde(default = "default_yolo_max")]
+        max_detections: usize,
+    },
+}
+
+fn default_yolo_score() -> f32 {
+    0.25
+}
+fn default_yolo_iou() -> f32 {
+    0.45
+}
+fn default_yolo_max() -> usize {
+    300
 }
 
 impl Postprocess {
@@ -130,6 +234,41 @@ impl Postprocess {
         match self {
             Postprocess::Classification { .. } => "classification",
             Postprocess::SsdDetection { .. } => "SSD detection",
+            Postprocess::Yolo { task: YoloTask::Detect, .. } => "YOLO detection",
+            Postprocess::Yolo { task: YoloTask::Segment { .. }, .. } => "YOLO segmentation",
+            Postprocess::Yolo { task: YoloTask::Pose { .. }, .. } => "YOLO pose",
+        }
+    }
+}
+
+impl Postprocess {
+    /// Whether it produces detections (boxes), as SSD and YOLO heads do.
+    pub fn is_detection(&self) -> bool {
+        matches!(self, Postprocess::SsdDetection { .. } | Postprocess::Yolo { .. })
+    }
+
+    /// The YOLO decoding parameters, for a YOLO head.
+    pub fn yolo_spec(&self) -> Option<YoloSpec> {
+        match self {
+            Postprocess::Yolo {
+                classes,
+                objectness,
+                task,
+                score_threshold,
+                iou_threshold,
+                class_agnostic,
+                max_detections,
+                ..
+            } => Some(YoloSpec {
+                classes: *classes,
+                objectness: *objectness,
+                task: task.clone(),
+                score_threshold: *score_threshold,
+                iou_threshold: *iou_threshold,
+                class_agnostic: *class_agnostic,
+                max_detections: *max_detections,
+            }),
+            _ => None,
         }
     }
 }
@@ -139,7 +278,7 @@ fn default_max_detections() -> usize {
 }
 
 /// Named pre-processing recipes matching `shared/models/MODELS.md`.
-pub const PRESETS: &[&str] = &["tf", "caffe_bgr", "imagenet", "raw255", "mnist", "ultraface"];
+pub const PRESETS: &[&str] = &["tf", "caffe_bgr", "imagenet", "raw255", "mnist", "ultraface", "yolo"];
 
 impl ImagePreprocess {
     /// A named preset for a model whose image input is `height`×`width`.
@@ -174,6 +313,18 @@ impl ImagePreprocess {
                 scale: 1.0,
                 mean: vec![0.0],
                 std: vec![1.0],
+                dtype: DType::F32,
+            },
+            // Ultralytics YOLO: letterbox (pad 114, centred), RGB, 0..1.
+            "yolo" => ImagePreprocess {
+                input: None,
+                resize: Resize::Letterbox { width, height, pad: default_pad(), anchor: LetterboxAnchor::Center },
+                interpolation: Interpolation::Bilinear,
+                color: ColorOrder::Rgb,
+                layout: Layout::Nchw,
+                scale: 1.0 / 255.0,
+                mean: vec![0.0; 3],
+                std: vec![1.0; 3],
                 dtype: DType::F32,
             },
             "ultraface" => ImagePreprocess {
@@ -212,6 +363,7 @@ impl ImagePreprocess {
             Resize::Stretch { width, height } if dims_ok(width, height) => {}
             Resize::ShorterSideCrop { shorter_side, crop_width, crop_height }
                 if dims_ok(crop_width, crop_height) && (1..=16384).contains(&shorter_side) => {}
+            Resize::Letterbox { width, height, .. } if dims_ok(width, height) => {}
             _ => return Err(Error::Processing(format!("invalid resize {:?}", self.resize))),
         }
         Ok(())
@@ -272,6 +424,53 @@ impl ImagePreprocess {
                     out.extend_from_slice(&resized[row..row + crop_width as usize * c]);
                 }
                 Ok((crop_width, crop_height, out))
+            }
+            Resize::Letterbox { width, height, pad, anchor } => {
+                let (_, nw, nh, left, top) = letterbox_geometry(w, h, width, height, anchor);
+                let resized = resize(w, h, pixels, c, nw, nh, self.interpolation)?;
+                let mut out = vec![pad; (width * height) as usize * c];
+                let row = nw as usize * c;
+                for y in 0..nh as usize {
+                    let at = ((y + top as usize) * width as usize + left as usize) * c;
+                    out[at..at + row].copy_from_slice(&resized[y * row..(y + 1) * row]);
+                }
+                Ok((width, height, out))
+            }
+        }
+    }
+
+    /// The model input's (width, height) the pipeline produces from an image of `image_size`.
+    pub fn input_size(&self, image_size: (u32, u32)) -> (u32, u32) {
+        match self.resize {
+            Resize::None => image_size,
+            Resize::Stretch { width, height } | Resize::Letterbox { width, height, .. } => (width, height),
+            Resize::ShorterSideCrop { crop_width, crop_height, .. } => (crop_width, crop_height),
+        }
+    }
+
+    /// How this pipeline maps an image of `image_size` (width, height) into model-input pixels.
+    pub fn input_map(&self, image_size: (u32, u32)) -> InputMap {
+        let (w, h) = (image_size.0.max(1), image_size.1.max(1));
+        match self.resize {
+            Resize::None => InputMap::IDENTITY,
+            Resize::Stretch { width, height } => {
+                InputMap { kx: width as f32 / w as f32, ky: height as f32 / h as f32, ox: 0.0, oy: 0.0 }
+            }
+            Resize::ShorterSideCrop { shorter_side, crop_width, crop_height } => {
+                let r = shorter_side as f64 / w.min(h) as f64;
+                let nw = ((w as f64 * r).round_ties_even() as u32).max(crop_width);
+                let nh = ((h as f64 * r).round_ties_even() as u32).max(crop_height);
+                InputMap {
+                    kx: nw as f32 / w as f32,
+                    ky: nh as f32 / h as f32,
+                    ox: -(((nw - crop_width) / 2) as f32),
+                    oy: -(((nh - crop_height) / 2) as f32),
+                }
+            }
+            Resize::Letterbox { width, height, anchor, .. } => {
+                // Ultralytics maps boxes back with the scale r itself (not the rounded size's ratio).
+                let (r, _, _, left, top) = letterbox_geometry(w, h, width, height, anchor);
+                InputMap { kx: r as f32, ky: r as f32, ox: left as f32, oy: top as f32 }
             }
         }
     }
@@ -507,6 +706,12 @@ pub struct Detection {
     pub y1: f32,
     pub x2: f32,
     pub y2: f32,
+    /// Instance mask (YOLO segment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<Mask>,
+    /// Keypoints (YOLO pose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keypoints: Option<Vec<Keypoint>>,
 }
 
 /// The display part of a label line: ImageNet synset lines `n01440764 tench, Tinca tinca` lose the wnid.
@@ -582,15 +787,29 @@ fn iou(a: &Detection, b: &Detection) -> f32 {
 }
 
 /// Hard non-maximum suppression (per class), highest score first.
-pub fn nms(mut dets: Vec<Detection>, iou_threshold: f32, max: usize) -> Vec<Detection> {
-    dets.sort_by(|a, b| b.score.total_cmp(&a.score));
-    let mut keep: Vec<Detection> = Vec::new();
-    for d in dets {
+pub fn nms(dets: Vec<Detection>, iou_threshold: f32, max: usize) -> Vec<Detection> {
+    let keep = nms_order(&dets, iou_threshold, max, false);
+    let mut dets: Vec<Option<Detection>> = dets.into_iter().map(Some).collect();
+    keep.into_iter().filter_map(|i| dets[i].take()).collect()
+}
+
+/// Greedy non-maximum suppression: the indices of the kept detections, highest score first (ties keep the lower
+/// index first). A detection is dropped when it overlaps a kept one by more than `iou_threshold` (of the same
+/// class, or of any class when `class_agnostic`).
+pub fn nms_order(dets: &[Detection], iou_threshold: f32, max: usize, class_agnostic: bool) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..dets.len()).collect();
+    order.sort_by(|&a, &b| dets[b].score.total_cmp(&dets[a].score).then(a.cmp(&b)));
+    let mut keep: Vec<usize> = Vec::new();
+    for i in order {
         if keep.len() >= max {
             break;
         }
-        if keep.iter().all(|k| k.class_index != d.class_index || iou(k, &d) <= iou_threshold) {
-            keep.push(d);
+        let d = &dets[i];
+        if keep
+            .iter()
+            .all(|&k| (!class_agnostic && dets[k].class_index != d.class_index) || iou(&dets[k], d) <= iou_threshold)
+        {
+            keep.push(i);
         }
     }
     keep
@@ -632,6 +851,8 @@ pub fn detect_ssd(
                     y1: bb[1] * h,
                     x2: bb[2] * w,
                     y2: bb[3] * h,
+                    mask: None,
+                    keypoints: None,
                 });
             }
         }
@@ -710,6 +931,76 @@ mod tests {
     }
 
     #[test]
+    fn letterbox_pads_like_ultralytics_and_maps_back() {
+        // 500×300 into 320×320: r = 0.64, 320×192, 64 rows of padding above (round(64 − 0.1)).
+        assert_eq!(letterbox_geometry(500, 300, 320, 320, LetterboxAnchor::Center), (0.64, 320, 192, 0, 64));
+        // An odd free space: round(d/2 − 0.1) puts the smaller half first.
+        let (_, nw, _, left, _) = letterbox_geometry(301, 640, 640, 640, LetterboxAnchor::Center);
+        assert_eq!((nw, left), (301, 169));
+        assert_eq!(letterbox_geometry(500, 300, 320, 320, LetterboxAnchor::TopLeft).4, 0);
+        let mut p = ImagePreprocess::preset("yolo", 320, 320).unwrap();
+        let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(500, 300, image::Rgb([255, 0, 51])));
+        let t = p.apply(&img).unwrap();
+        assert_eq!(t.shape(), &[1, 3, 320, 320]);
+        let v = t.as_f32().unwrap();
+        let at = |c: usize, y: usize, x: usize| v[c * 320 * 320 + y * 320 + x];
+        assert_eq!((at(0, 63, 10) * 255.0).round(), 114.0); // padding
+        assert_eq!((at(0, 64, 10), at(1, 64, 10), (at(2, 64, 10) * 255.0).round()), (1.0, 0.0, 51.0));
+        assert_eq!((at(0, 256, 10) * 255.0).round(), 114.0);
+        // Model pixels back to the image: (x − left) / r.
+        let m = p.input_map((500, 300));
+        assert_eq!(m.to_image(160.0, 64.0), (250.0, 0.0));
+        assert_eq!(m.to_model(250.0, 150.0), (160.0, 160.0));
+        p.resize = Resize::Stretch { width: 100, height: 50 };
+        assert_eq!(p.input_map((200, 200)).to_image(50.0, 50.0), (100.0, 200.0));
+    }
+
+    fn yolo(classes: usize, objectness: bool) -> YoloSpec {
+        YoloSpec {
+            classes,
+            objectness,
+            task: YoloTask::Detect,
+            score_threshold: 0.25,
+            iou_threshold: 0.45,
+            class_agnostic: false,
+            max_detections: 300,
+        }
+    }
+
+    #[test]
+    fn yolo_heads_in_both_layouts_with_and_without_objectness() {
+        // Three anchors: a confident class-1 box, an overlapping class-1 duplicate, a box under the threshold.
+        let anchors =
+            [[50.0, 50.0, 20.0, 20.0, 0.1, 0.9], [52.0, 50.0, 20.0, 20.0, 0.1, 0.8], [10.0, 10.0, 4.0, 4.0, 0.2, 0.1]];
+        let attrs_first: Vec<f32> = (0..6).flat_map(|k| anchors.iter().map(move |a| a[k])).collect();
+        let first = Tensor::from_f32(vec![1, 6, 3], attrs_first).unwrap();
+        let last = Tensor::from_f32(vec![1, 3, 6], anchors.iter().flatten().copied().collect()).unwrap();
+        let map = InputMap { kx: 0.5, ky: 0.5, ox: 0.0, oy: 10.0 };
+        for t in [&first, &last] {
+            let d = decode_yolo(&yolo(2, false), t, None, 0, &map, (200, 200), (100, 100), None).unwrap();
+            assert_eq!(d.len(), 1, "{d:?}");
+            assert_eq!((d[0].class_index, d[0].score), (1, 0.9));
+            assert_eq!((d[0].x1, d[0].y1, d[0].x2, d[0].y2), (80.0, 60.0, 120.0, 100.0));
+        }
+        // v5: column 4 is the objectness; scores are objectness × class score.
+        let v5 = Tensor::from_f32(vec![1, 1, 7], vec![50.0, 50.0, 20.0, 20.0, 0.5, 0.2, 0.8]).unwrap();
+        let d = decode_yolo(&yolo(2, true), &v5, None, 0, &InputMap::IDENTITY, (100, 100), (100, 100), None).unwrap();
+        assert_eq!((d[0].class_index, d[0].score), (1, 0.4));
+        // A head of another width is refused with the expected layout.
+        let e = decode_yolo(&yolo(3, false), &first, None, 0, &map, (200, 200), (100, 100), None).unwrap_err();
+        assert!(e.to_string().contains("7 values per anchor"), "{e}");
+        let e = decode_yolo(&yolo(2, false), &first, None, 1, &map, (200, 200), (100, 100), None).unwrap_err();
+        assert!(e.to_string().contains("batch row 1"), "{e}");
+    }
+
+    #[test]
+    fn mask_runs_decode_row_major() {
+        let m = Mask { x: 0, y: 0, width: 3, height: 2, rle: vec![0, 2, 3, 1] };
+        assert_eq!(m.decode(), [true, true, false, false, false, true]);
+        assert_eq!(m.area(), 3);
+    }
+
+    #[test]
     fn softmax_topk_and_nms() {
         let p = softmax(&[1.0, 2.0, 3.0], Softmax::Auto);
         assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
@@ -723,6 +1014,8 @@ mod tests {
             y1: 0.0,
             x2: x + 10.0,
             y2: 10.0,
+            mask: None,
+            keypoints: None,
         };
         let kept = nms(vec![d(0.9, 0.0), d(0.8, 1.0), d(0.7, 50.0)], 0.3, 10);
         assert_eq!(kept.len(), 2);
