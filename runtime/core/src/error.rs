@@ -83,10 +83,13 @@ pub fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// outside files containing `skip` (the panic hook's own). The fuzz targets and their regression test tell an
 /// engine panic (a bug) from a dependency's panic that [`no_panic`] turns into a typed error with it.
 pub fn panic_origin<'a>(backtrace: &'a str, skip: &str) -> Option<&'a str> {
-    backtrace
-        .lines()
-        .filter_map(|l| l.trim_start().strip_prefix("at "))
-        .find(|f| !f.starts_with("/rustc/") && !f.contains("/library/") && !f.contains(skip))
+    backtrace.lines().filter_map(|l| l.trim_start().strip_prefix("at ")).find(|f| {
+        // (A frame in C, such as libc's thread start, is never where a Rust panic began: a release build
+        // without debug info may resolve no other frame.)
+        let file = f.split(':').next().unwrap_or(f);
+        let c = [".c", ".h", ".S", ".cc", ".cpp"].iter().any(|e| file.ends_with(e));
+        !f.starts_with("/rustc/") && !f.contains("/library/") && !f.contains(skip) && !c
+    })
 }
 
 /// Whether a source path belongs to a dependency (cargo's registry or git checkouts).
@@ -119,4 +122,24 @@ pub enum BundleError {
     NoSuchVariant { wanted: String, available: String },
     #[error("invalid key: {0}")]
     Key(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_origin_is_the_innermost_rust_frame_outside_std() {
+        let trace = "   0: std::backtrace::Backtrace::create\n             at /rustc/abc/library/std/src/backtrace.rs:331:13\n   \
+                     1: hook\n             at ./fuzz/src/lib.rs:20:21\n   \
+                     2: core::panicking::panic_bounds_check\n             at /rustc/abc/library/core/src/panicking.rs:280:5\n   \
+                     3: op_split\n             at ./runtime/backends/interp/src/shape.rs:86:15\n";
+        assert_eq!(panic_origin(trace, "fuzz/src/lib.rs"), Some("./runtime/backends/interp/src/shape.rs:86:15"));
+        // A release build may resolve nothing but libc's thread start: no origin, the caller falls back to the
+        // panic's own location.
+        let libc_only = "  9: start_thread\n             at ./nptl/pthread_create.c:442:8\n";
+        assert_eq!(panic_origin(libc_only, "x"), None);
+        assert!(is_dependency_source("/root/.cargo/registry/src/index.crates.io-x/ndarray-0.17.2/src/zip/mod.rs"));
+        assert!(!is_dependency_source("./runtime/backends/interp/src/shape.rs"));
+    }
 }

@@ -459,9 +459,10 @@ fn i64s(t: &Tensor) -> Res<Vec<i64>> {
     }
 }
 
+/// An axis attribute in `[-rank, rank)` as an index of a dim that exists (a scalar has none).
 fn axis(a: i64, rank: usize) -> Res<usize> {
     let r = rank as i64;
-    if a < -r || a >= r.max(1) {
+    if a < -r || a >= r {
         return Err(format!("axis {a} out of range for rank {rank}"));
     }
     Ok(if a < 0 { (a + r) as usize } else { a as usize })
