@@ -955,10 +955,12 @@ pub struct QuantizeArgs {
     #[arg(long, default_value_t = 99.99)]
     percentile: f64,
     /// Accuracy gate on the held-out samples: top1-drop=PT, agreement=PCT, sqnr=DB (every output),
-    /// fidelity=DB,COSINE (every output: SQNR ≥ DB or cosine ≥ COSINE) or none (all INT8 whatever it costs). When the
+    /// fidelity=DB,COSINE (every output: SQNR ≥ DB or cosine ≥ COSINE), detections=PCT (a YOLO detector: that % of
+    /// the fp32 detections found again, same class, IoU ≥ 0.5) or none (all INT8 whatever it costs). When the
     /// all-INT8 model misses it, the most sensitive layers are kept in fp32 (the fewest that meet it), chosen on the
     /// first half of the held-out samples and reported on the other half. Default: top-1 agreement ≥ 97 % on
-    /// classifiers, fidelity=30,0.999 on other models
+    /// classifiers, detections=97 on YOLO detectors (a bundle with YOLO post-processing or an Ultralytics export),
+    /// fidelity=30,0.999 on other models
     #[arg(long, value_name = "GATE")]
     budget: Option<String>,
     /// At most this fraction of the quantizable layers may be kept in fp32 to meet the budget
@@ -1297,6 +1299,25 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         a.shuffle.then_some(a.seed),
         &s.inputs().iter().map(|i| i.name.clone()).collect::<Vec<_>>(),
     )?;
+    // A detector is judged by its detections: the bundle's YOLO post-processing, or an Ultralytics export's own.
+    let detector = match s.postprocess() {
+        Some(p @ Postprocess::Yolo { output, .. }) => {
+            p.yolo_spec().map(|spec| edgepack_quantize::fidelity::Detector { output: output.clone(), spec })
+        }
+        Some(_) => None,
+        None => edgepack_packager::yolo_export(&model).map(|y| edgepack_quantize::fidelity::Detector {
+            output: None,
+            spec: edgepack_runtime::process::YoloSpec {
+                classes: y.names.len(),
+                objectness: false,
+                task: y.task,
+                score_threshold: 0.25,
+                iou_threshold: 0.45,
+                class_agnostic: false,
+                max_detections: 300,
+            },
+        }),
+    };
     let job = pipeline::Job {
         model: &model,
         model_name: a.model.display().to_string(),
@@ -1305,6 +1326,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         calib: sets.calib(),
         held_out: Some(sets.held_out()),
         pre: pre.as_ref(),
+        detector,
         method,
         method_name: if let Some(b) = &a.weight_only {
             format!("weight-only int{b} (activations float)")

@@ -66,6 +66,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         },
         held_out: None,
         pre: Some(&pre),
+        detector: None,
         method: edgepack_quantize::calib::Method::MinMax,
         method_name: "minmax".into(),
         cfg: Default::default(),

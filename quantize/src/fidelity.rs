@@ -5,7 +5,7 @@
 //! mixed-precision search costs one pass of the candidate only. Memory is bounded by [`HeldOut::build`]'s cap.
 use std::time::Instant;
 
-use edgepack_runtime::process::ImagePreprocess;
+use edgepack_runtime::process::{Detection, ImagePreprocess, InputMap};
 use edgepack_runtime::{Session, Tensor};
 
 use crate::calib::CalibError;
@@ -78,6 +78,65 @@ pub struct Metrics {
     /// Each output on its own (empty for the fp32 reference itself).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<OutputFidelity>,
+    /// Detectors (a YOLO head): how many of fp32's detections the model finds again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detections: Option<DetectionMatch>,
+}
+
+/// A detector's detections against fp32's over the samples: each fp32 detection (highest score first) matched
+/// to at most one detection of the same class with IoU ≥ [`DETECTION_IOU`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct DetectionMatch {
+    pub fp32: usize,
+    pub matched: usize,
+    /// Detections with no fp32 counterpart.
+    pub extra: usize,
+}
+
+impl DetectionMatch {
+    /// % of the fp32 detections found again (100 when fp32 found none).
+    pub fn pct(&self) -> f64 {
+        if self.fp32 == 0 { 100.0 } else { 100.0 * self.matched as f64 / self.fp32 as f64 }
+    }
+}
+
+/// IoU at which a detection counts as the same as fp32's.
+pub const DETECTION_IOU: f32 = 0.5;
+
+/// How the held-out samples score a detector: its head output and the YOLO decoding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detector {
+    /// The head output's name (default: the first output).
+    pub output: Option<String>,
+    pub spec: edgepack_runtime::process::YoloSpec,
+}
+
+fn box_iou(a: &Detection, b: &Detection) -> f32 {
+    let iw = (a.x2.min(b.x2) - a.x1.max(b.x1)).max(0.0);
+    let ih = (a.y2.min(b.y2) - a.y1.max(b.y1)).max(0.0);
+    let inter = iw * ih;
+    inter / ((a.x2 - a.x1) * (a.y2 - a.y1) + (b.x2 - b.x1) * (b.y2 - b.y1) - inter + 1e-9)
+}
+
+/// Greedy one-to-one matching of `reference` (in its score order) to same-class detections of `got`.
+pub fn match_detections(reference: &[Detection], got: &[Detection]) -> DetectionMatch {
+    let mut used = vec![false; got.len()];
+    let mut matched = 0;
+    for r in reference {
+        let best = got
+            .iter()
+            .enumerate()
+            .filter(|(j, g)| !used[*j] && g.class_index == r.class_index)
+            .map(|(j, g)| (box_iou(r, g), j))
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        if let Some((iou, j)) = best
+            && iou >= DETECTION_IOU
+        {
+            used[j] = true;
+            matched += 1;
+        }
+    }
+    DetectionMatch { fp32: reference.len(), matched, extra: got.len() - matched }
 }
 
 /// One model output against fp32, over all the samples.
@@ -171,9 +230,13 @@ pub struct HeldOut {
     labels: Vec<Option<usize>>,
     /// fp32 outputs, all outputs flattened and concatenated per sample.
     reference: Vec<Vec<f32>>,
-    /// The outputs' names and, per sample, each output's length in `reference`.
+    /// The outputs' names and, per sample, each output's shape (its length in `reference` is their product).
     output_names: Vec<String>,
     output_lens: Vec<Vec<usize>>,
+    output_shapes: Vec<Vec<Vec<usize>>>,
+    /// Detectors: the decoding, and fp32's detections per sample.
+    detector: Option<(usize, Detector)>,
+    fp32_detections: Vec<Vec<Detection>>,
     /// Median seconds of one fp32 run (what a pass over the samples costs, for planning).
     pub fp32_run_secs: f64,
     /// Number of classes when the first output is classification-shaped (see [`class_count`]), else `None`.
@@ -221,6 +284,9 @@ impl HeldOut {
             reference: vec![],
             output_names: vec![],
             output_lens: vec![],
+            output_shapes: vec![],
+            detector: None,
+            fp32_detections: vec![],
             fp32_run_secs: 0.0,
             classes: None,
             fp32: Metrics::default(),
@@ -249,6 +315,7 @@ impl HeldOut {
             h.labels.push(s.label);
             h.reference.push(r);
             h.output_lens.push(outs.iter().map(|(_, t)| t.len()).collect());
+            h.output_shapes.push(outs.iter().map(|(_, t)| t.shape().to_vec()).collect());
             progress(done + 1, total);
         }
         h.rescore_fp32();
@@ -274,6 +341,9 @@ impl HeldOut {
             reference: self.reference.split_off(at),
             output_names: self.output_names.clone(),
             output_lens: self.output_lens.split_off(at),
+            output_shapes: self.output_shapes.split_off(at),
+            detector: self.detector.clone(),
+            fp32_detections: self.fp32_detections.split_off(at.min(self.fp32_detections.len())),
             fp32_run_secs: self.fp32_run_secs,
             classes: self.classes,
             fp32: Metrics::default(),
@@ -297,6 +367,46 @@ impl HeldOut {
 
     pub fn is_classification(&self) -> bool {
         self.classes.is_some()
+    }
+
+    /// Scores detections too from now on: fp32's are decoded once here. An error when the head output is missing
+    /// or does not fit the decoding.
+    pub fn set_detector(&mut self, d: Detector) -> Result<(), CalibError> {
+        let j = match &d.output {
+            Some(n) => self.output_names.iter().position(|o| o == n),
+            None => (!self.output_names.is_empty()).then_some(0),
+        }
+        .ok_or_else(|| CalibError::Invalid(format!("no detection head output {:?}", d.output)))?;
+        let mut dets = Vec::with_capacity(self.len());
+        for k in 0..self.len() {
+            dets.push(self.decode(k, j, &d, &self.reference[k])?);
+        }
+        self.detector = Some((j, d));
+        self.fp32_detections = dets;
+        self.rescore_fp32();
+        Ok(())
+    }
+
+    pub fn has_detector(&self) -> bool {
+        self.detector.is_some()
+    }
+
+    /// Detections of output `j` of sample `k` from its flattened outputs `flat`, in model-input pixels (matching
+    /// is the same there as in image pixels: the letterbox maps boxes by one scale and offset).
+    fn decode(&self, k: usize, j: usize, d: &Detector, flat: &[f32]) -> Result<Vec<Detection>, CalibError> {
+        let start: usize = self.output_lens[k][..j].iter().sum();
+        let len = self.output_lens[k][j];
+        let shape = self.output_shapes[k][j].clone();
+        let head = Tensor::from_f32(shape, flat.get(start..start + len).unwrap_or_default().to_vec())
+            .map_err(|e| CalibError::Invalid(format!("detection head: {e}")))?;
+        let size = self.inputs[k]
+            .first()
+            .map(|(_, t)| t.shape())
+            .filter(|s| s.len() == 4)
+            .map_or((1, 1), |s| if s[1] <= 4 { (s[3] as u32, s[2] as u32) } else { (s[2] as u32, s[1] as u32) });
+        let all = (u32::MAX / 4, u32::MAX / 4);
+        edgepack_runtime::process::decode_yolo(&d.spec, &head, None, 0, &InputMap::IDENTITY, all, size, None)
+            .map_err(|e| CalibError::Invalid(format!("detection head: {e}")))
     }
 
     pub fn input(&self, k: usize) -> Vec<(String, Tensor)> {
@@ -357,7 +467,18 @@ impl HeldOut {
         let (top1_agreement, top1, top5) =
             (self.classes.map(|_| pct(agree)), labelled.then(|| pct(tally.top1)), labelled.then(|| pct(tally.top5)));
         let ci = |v: Option<f64>| v.map(|p| wilson95(p, n));
+        let detections = self.detector.as_ref().map(|(j, d)| {
+            let mut m = DetectionMatch::default();
+            for (k, o) in outs.iter().enumerate() {
+                // A head that no longer decodes has found nothing.
+                let got = self.decode(k, *j, d, o).unwrap_or_default();
+                let r = match_detections(&self.fp32_detections[k], &got);
+                (m.fp32, m.matched, m.extra) = (m.fp32 + r.fp32, m.matched + r.matched, m.extra + r.extra);
+            }
+            m
+        });
         Metrics {
+            detections,
             samples: n,
             output_sqnr_db: sqnr_db(sig, noise),
             top1_agreement,

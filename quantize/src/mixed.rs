@@ -26,13 +26,17 @@ pub enum Budget {
     Sqnr(f64),
     /// Every output either has an SQNR of at least `db` or a cosine similarity of at least `cosine` with fp32.
     Fidelity { db: f64, cosine: f64 },
+    /// Detectors (a YOLO head): at least this % of fp32's detections found again (same class, IoU ≥ 0.5).
+    Detections(f64),
     /// The default gate, decided by the model's output once the held-out samples are known ([`Budget::resolve`]):
-    /// classifiers keep [`DEFAULT_AGREEMENT`] % top-1 agreement, other models [`DEFAULT_FIDELITY`].
+    /// classifiers keep [`DEFAULT_AGREEMENT`] % top-1 agreement, detectors [`DEFAULT_DETECTIONS`] % of the fp32
+    /// detections, other models [`DEFAULT_FIDELITY`].
     Default,
 }
 
 /// The default gate's figures, tuned on the shared models (QUANTIZATION.md, "Safe by default").
 pub const DEFAULT_AGREEMENT: f64 = 97.0;
+pub const DEFAULT_DETECTIONS: f64 = 97.0;
 pub const DEFAULT_FIDELITY: Budget = Budget::Fidelity { db: 30.0, cosine: 0.999 };
 
 impl std::str::FromStr for Budget {
@@ -60,9 +64,11 @@ impl std::str::FromStr for Budget {
             "top1-drop" if v >= 0.0 => Ok(Budget::Top1Drop(v)),
             "agreement" if (0.0..=100.0).contains(&v) => Ok(Budget::Agreement(v)),
             "sqnr" => Ok(Budget::Sqnr(v)),
-            "top1-drop" | "agreement" => Err(format!("budget `{s}`: value out of range")),
+            "detections" if (0.0..=100.0).contains(&v) => Ok(Budget::Detections(v)),
+            "top1-drop" | "agreement" | "detections" => Err(format!("budget `{s}`: value out of range")),
             other => Err(format!(
-                "unknown budget `{other}` (default, none, top1-drop=PT, agreement=PCT, sqnr=DB, fidelity=DB,COSINE)"
+                "unknown budget `{other}` (default, none, top1-drop=PT, agreement=PCT, sqnr=DB, fidelity=DB,COSINE, \
+                 detections=PCT)"
             )),
         }
     }
@@ -75,6 +81,7 @@ impl std::fmt::Display for Budget {
             Budget::Agreement(v) => write!(f, "top-1 agreement ≥ {v} %"),
             Budget::Sqnr(v) => write!(f, "output SQNR ≥ {v} dB"),
             Budget::Fidelity { db, cosine } => write!(f, "every output SQNR ≥ {db} dB or cosine ≥ {cosine}"),
+            Budget::Detections(v) => write!(f, "fp32 detections found ≥ {v} %"),
             Budget::Default => write!(f, "the default gate"),
         }
     }
@@ -85,6 +92,7 @@ impl Budget {
     /// other models; any other budget is itself.
     pub fn resolve(self, held: &HeldOut) -> Budget {
         match self {
+            Budget::Default if held.has_detector() => Budget::Detections(DEFAULT_DETECTIONS),
             Budget::Default if held.is_classification() => Budget::Agreement(DEFAULT_AGREEMENT),
             Budget::Default => DEFAULT_FIDELITY,
             b => b,
@@ -103,6 +111,11 @@ impl Budget {
             Budget::Agreement(_) if !held.is_classification() => {
                 Some("agreement needs a classification output ([N, classes], other dims 1); use sqnr=DB".into())
             }
+            Budget::Detections(_) if !held.has_detector() => Some(
+                "detections needs a detection head: a bundle packed with YOLO post-processing, or an Ultralytics \
+                 export"
+                    .into(),
+            ),
             _ if held.is_empty() => Some("no held-out samples".into()),
             _ => None,
         }
@@ -128,6 +141,7 @@ impl Budget {
                     o.sqnr_db.unwrap_or(f64::INFINITY).max(by_cos)
                 })
                 .fold(f64::INFINITY, f64::min),
+            Budget::Detections(_) => q.detections.map_or(0.0, |d| d.pct()),
             Budget::Default => f64::NAN,
         }
     }
@@ -135,7 +149,7 @@ impl Budget {
     pub fn met(&self, value: f64) -> bool {
         match *self {
             Budget::Top1Drop(b) => value <= b + 1e-9,
-            Budget::Agreement(b) => value >= b - 1e-9,
+            Budget::Agreement(b) | Budget::Detections(b) => value >= b - 1e-9,
             Budget::Sqnr(b) | Budget::Fidelity { db: b, .. } => value >= b,
             Budget::Default => false,
         }
@@ -581,5 +595,37 @@ mod tests {
         assert!(!Budget::Agreement(99.0).met(Budget::Agreement(99.0).value(&fp32, &q)));
         assert!(!Budget::Sqnr(30.0).met(25.0));
         assert!(Budget::Sqnr(30.0).met(Budget::Sqnr(30.0).value(&fp32, &Metrics::default())));
+    }
+
+    #[test]
+    fn the_detection_gate_counts_fp32_detections_found_again() {
+        use crate::fidelity::{DetectionMatch, match_detections};
+        use edgepack_runtime::process::Detection;
+        assert_eq!("detections=95".parse::<Budget>().unwrap(), Budget::Detections(95.0));
+        assert!("detections=120".parse::<Budget>().is_err());
+        let d = |class_index: usize, x: f32| Detection {
+            class_index,
+            label: None,
+            score: 0.9,
+            x1: x,
+            y1: 0.0,
+            x2: x + 10.0,
+            y2: 10.0,
+            mask: None,
+            keypoints: None,
+        };
+        // fp32: three boxes. Found again: the first (shifted 1 px, IoU 0.82), not the second (other class), not
+        // the third (shifted 6 px, IoU 0.25); one box of the model's has no fp32 counterpart.
+        let fp32 = [d(0, 0.0), d(1, 50.0), d(2, 100.0)];
+        let got = [d(0, 1.0), d(0, 50.0), d(2, 106.0)];
+        let m = match_detections(&fp32, &got);
+        assert_eq!(m, DetectionMatch { fp32: 3, matched: 1, extra: 2 });
+        // One detection matches at most one fp32 detection.
+        assert_eq!(match_detections(&[d(0, 0.0), d(0, 0.5)], &[d(0, 0.0)]).matched, 1);
+        let q = Metrics { detections: Some(DetectionMatch { fp32: 40, matched: 39, extra: 0 }), ..Default::default() };
+        let b = Budget::Detections(97.0);
+        assert_eq!(b.value(&Metrics::default(), &q), 97.5);
+        assert!(b.met(97.5) && !b.met(96.9) && b.better(98.0, 97.0));
+        assert_eq!(Budget::Detections(95.0).value(&Metrics::default(), &Metrics::default()), 0.0);
     }
 }

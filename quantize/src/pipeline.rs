@@ -51,6 +51,8 @@ pub struct Job<'a> {
     /// Held-out samples for the budget and the report; `None`: the calibration samples (with a warning).
     pub held_out: Option<Samples<'a>>,
     pub pre: Option<&'a ImagePreprocess>,
+    /// A detection head (YOLO): the held-out samples also score detections, and the default gate is theirs.
+    pub detector: Option<crate::fidelity::Detector>,
     pub method: Method,
     pub method_name: String,
     pub cfg: QdqConfig,
@@ -269,6 +271,9 @@ fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cal
         &mut warnings,
         on,
     )?;
+    if let Some(d) = &job.detector {
+        select.set_detector(d.clone())?;
+    }
     let gate = job.budget.map(|b| b.resolve(&select));
     if let Some(b) = &gate
         && let Some(why) = b.unusable(&select)
@@ -297,6 +302,16 @@ fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cal
 
     // 4. Full INT8, then (if the gate misses) sensitivity and the mixed-precision search on the selection samples.
     let mut cfg = job.cfg.clone();
+    if !cfg.dynamic && cfg.weight_only.is_none() {
+        for (output, ratio, names) in qdq::mixed_range_tails(&model, &ranges) {
+            warnings.push(format!(
+                "output `{output}` joins values whose ranges differ {ratio:.0}× (a detection head's boxes and \
+                 scores): its decode after the last weighted layers stays fp32 ({} nodes)",
+                names.len()
+            ));
+            cfg.exclude.extend(names);
+        }
+    }
     let (mut full, mut full_summary) =
         qdq::quantize(&model, &ranges, &cfg).map_err(|e| CalibError::Invalid(e.to_string()))?;
     // The runtime's view: quantized layers without an integer kernel run slower than in fp32.

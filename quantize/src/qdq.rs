@@ -75,6 +75,9 @@ const WEIGHTED: &[&str] = &["Conv", "Gemm", "MatMul"];
 pub const ACTIVATION_CONSUMERS: &[&str] =
     &["Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool"];
 
+/// Element-wise activations that read a value's dequantized form when the value is quantized for another reader.
+pub const UNARY_ACTIVATIONS: &[&str] = &["Sigmoid", "HardSigmoid", "Tanh", "HardSwish", "Softplus", "Elu", "Selu"];
+
 /// What the pass did, node by node.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct QdqSummary {
@@ -108,6 +111,60 @@ fn float_reason(op: &str) -> Option<&'static str> {
 pub fn float_nodes(model: &Model) -> BTreeMap<String, String> {
     model.graph.nodes.iter().filter_map(|n| Some((n.name().to_string(), float_reason(n.op())?.to_string()))).collect()
 }
+
+/// The decode tail of a detection head that joins values of very different ranges in one output: for each graph
+/// output made by a Concat whose inputs' calibrated magnitudes differ by `MIXED_RANGE_RATIO` or more (YOLO's box
+/// coordinates in pixels, hundreds, beside class scores in 0..1), the nodes computing it after the last weighted
+/// layers (Conv, Gemm, MatMul: those stay quantized). One 8-bit scale for such a tensor leaves the scores a handful
+/// of levels; quantized one op before (the DFL decode's Sub/Add/Div, the stride Mul) the boxes lose pixels. Kept in
+/// float they cost nothing the integer kernels would save. Returns (output, ratio, node names).
+pub fn mixed_range_tails(model: &Model, ranges: &HashMap<String, Range>) -> Vec<(String, f32, Vec<String>)> {
+    let g = &model.graph;
+    let producers = g.producers();
+    let weighted = |n: &NodeProto| matches!(n.op(), "Conv" | "ConvTranspose" | "Gemm" | "MatMul");
+    let mut out = Vec::new();
+    for o in g.outputs.iter().filter_map(|o| o.name.as_deref()) {
+        let Some(&ni) = producers.get(o) else { continue };
+        let concat = &g.nodes[ni];
+        if concat.op() != "Concat" {
+            continue;
+        }
+        let mags: Vec<f32> = concat
+            .input
+            .iter()
+            .filter_map(|i| ranges.get(i))
+            .map(|r| r.min.abs().max(r.max.abs()))
+            .filter(|m| m.is_finite())
+            .collect();
+        let (lo, hi) = mags.iter().fold((f32::INFINITY, 0f32), |(lo, hi), &m| (lo.min(m), hi.max(m)));
+        if mags.len() < 2 || lo <= 0.0 || hi / lo < MIXED_RANGE_RATIO {
+            continue;
+        }
+        let mut names = Vec::new();
+        let mut seen = HashSet::new();
+        let mut stack = vec![ni];
+        while let Some(k) = stack.pop() {
+            if !seen.insert(k) {
+                continue;
+            }
+            let n = &g.nodes[k];
+            names.push(n.name().to_string());
+            for i in &n.input {
+                if let Some(&p) = producers.get(i.as_str())
+                    && !weighted(&g.nodes[p])
+                {
+                    stack.push(p);
+                }
+            }
+        }
+        names.sort();
+        out.push((o.to_string(), hi / lo, names));
+    }
+    out
+}
+
+/// Magnitude ratio between the inputs of an output Concat above which its decode tail stays float.
+pub const MIXED_RANGE_RATIO: f32 = 32.0;
 
 /// The nodes the pass would quantize (name, op type), in graph order: the units of sensitivity analysis and of
 /// mixed precision (keeping a node in fp32 = excluding it by name).
@@ -315,6 +372,16 @@ pub fn quantize(
                     }
                 };
                 m.graph.nodes[i].input[0] = guarded;
+            }
+            // A unary activation beside a quantized reader of the same value (SiLU's Sigmoid next to its Mul,
+            // hard-swish's HardSigmoid) reads the dequantized value too, as onnxruntime's QDQ form has every
+            // reader of a quantized tensor do: the producer's output is then requantized only, which is what the
+            // CPU backend's integer kernels take (a float reader kept a YOLOv8's every Conv off them).
+            if UNARY_ACTIVATIONS.contains(&n.op())
+                && !excluded(cfg, &n)
+                && let Some((dq, _)) = n.input.first().and_then(|x| dq_of.get(x))
+            {
+                m.graph.nodes[i].input[0] = dq.clone();
             }
             continue;
         }

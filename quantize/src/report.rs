@@ -189,6 +189,18 @@ impl Report {
             let (label, a) = ("top-1 agreement %", opt(q.top1_agreement, 2));
             let _ = writeln!(s, "  {label:<22} {:>10} {a:>10}   {}", "100", ci(q.ci95.top1_agreement));
         }
+        if let Some(d) = q.detections {
+            let _ = writeln!(
+                s,
+                "  {:<22} {:>10} {:>10}   ({} of {}, {} extra)",
+                "detections found %",
+                "100",
+                format!("{:.1}", d.pct()),
+                d.matched,
+                d.fp32,
+                d.extra
+            );
+        }
         if f.top1.is_some() || q.top1_agreement.is_some() {
             let _ = writeln!(s, "  {}", sample_note(q.samples));
         }
@@ -368,6 +380,16 @@ impl Report {
                 ci(q.ci95.top1_agreement)
             );
         }
+        if let Some(d) = q.detections {
+            let _ = write!(
+                h,
+                "<tr><td>fp32 detections found %</td><td>100</td><td>{:.1} <small>({} of {}, {} extra)</small></td></tr>",
+                d.pct(),
+                d.matched,
+                d.fp32,
+                d.extra
+            );
+        }
         let _ = write!(h, "<tr><td>output SQNR dB</td><td>exact</td><td>{}</td></tr>", db(q.output_sqnr_db));
         let _ = write!(
             h,
@@ -518,7 +540,11 @@ pub(crate) fn bar_chart(rows: Vec<(&str, Option<f64>, bool)>, unit: &str) -> Str
 fn probe_chart(b: &BudgetOutcome) -> String {
     let (w, hgt, pad) = (600.0, 220.0, 40.0);
     let target = match b.budget {
-        Budget::Top1Drop(v) | Budget::Agreement(v) | Budget::Sqnr(v) | Budget::Fidelity { db: v, .. } => v,
+        Budget::Top1Drop(v)
+        | Budget::Agreement(v)
+        | Budget::Sqnr(v)
+        | Budget::Fidelity { db: v, .. }
+        | Budget::Detections(v) => v,
         Budget::Default => f64::NAN,
     };
     let vals: Vec<f64> = b.probes.iter().map(|p| p.value).filter(|v| v.is_finite()).chain([target]).collect();

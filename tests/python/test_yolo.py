@@ -5,8 +5,6 @@ Ultralytics' padding; `pack` reads the export's metadata and the bundle gives th
 decoding of segment and pose heads equals a numpy reference on head outputs made for the test."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -15,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import ort_parity
 import yolo_variants
-from conftest import ROOT, edgepack_bin, ep
+from conftest import edgepack_bin, ep
 
 YOLO = "yolov8n-doclaynet.onnx"
 
@@ -322,3 +320,23 @@ def test_pose_decoding_equals_the_numpy_reference(binary, tmp_path):
         ref = np.stack([(col[:, 0] - left) / r, (col[:, 1] - top) / r, col[:, 2]], 1)
         mine = np.array([[p["x"], p["y"], p["score"]] for p in g["keypoints"]])
         assert np.allclose(mine, ref, atol=1e-2), (mine[:3], ref[:3])
+
+
+def test_int8_keeps_the_fp32_detections(shared, binary, tmp_path):
+    """Issue 32: INT8 by `edgepack quantize` with default settings finds ≥ 95 % of the fp32 detections again (IoU ≥
+    0.5, same class), onnxruntime running both files on held-out images composed from the shared data. The
+    defaults that make it: the quantizer's gate for a YOLO detector counts detections (`detections=97` on the
+    choosing half), the decode after the head's last convolutions stays fp32 (its output Concat joins pixel
+    coordinates and 0..1 scores), and SiLU's Sigmoid reads the dequantized value like its Mul."""
+    import yolo_int8_check
+
+    out = tmp_path / "res.json"
+    yolo_int8_check.main(["--edgepack", edgepack_bin(), "--shared", shared, "--work", str(tmp_path / "w"),
+                          "--json", str(out)])
+    r = json.load(open(out))
+    print(f"\nYOLOv8n INT8: {r['matched']} of {r['fp32_detections']} fp32 detections found "
+          f"({100 * r['matched_share']:.1f} %), {r['int8_extra']} extra; INT8 file {r['int8_bytes']} bytes")
+    assert r["fp32_detections"] >= 30, r
+    assert r["matched_share"] >= 0.95, r
+    report = json.load(open(tmp_path / "w" / "int8.onnx.report.json"))
+    assert "detections" in json.dumps(report["budget"]), report["budget"]
