@@ -472,6 +472,7 @@ impl Graph {
                     check_tensor(t)?;
                 }
             }
+            check_axes(self, node)?;
         }
         self.topo_order(outer)?;
         // Subgraphs (If/Loop/Scan bodies) see every outer value.
@@ -494,6 +495,45 @@ impl Graph {
         }
         Ok(())
     }
+}
+
+/// The largest |axis| an ONNX op's `axis`/`axes` attribute may name (a dim of a tensor of at most this rank).
+pub const MAX_AXIS: i64 = 64;
+
+/// An `axis`/`axes` attribute of a default-domain op names a dim: at most [`MAX_AXIS`] away from 0, and for
+/// LayerNormalization within the declared rank of its input. Backends trust it: tract's LayerNormalization rules
+/// loop up to the axis (an axis of 10⁹ exhausted memory in a fuzz run).
+fn check_axes(g: &Graph, node: &NodeProto) -> Result<()> {
+    if !matches!(node.domain_name(), "" | "ai.onnx") {
+        return Ok(());
+    }
+    for a in &node.attribute {
+        let vals: Vec<i64> = match a.name.as_deref() {
+            Some("axis") => a.i.into_iter().collect(),
+            Some("axes") => a.ints.clone(),
+            _ => continue,
+        };
+        if let Some(v) = vals.iter().find(|v| v.abs() > MAX_AXIS) {
+            return Err(Error::MalformedModel(format!(
+                "node `{}` ({}): axis {v} is out of range (tensors of rank above {MAX_AXIS} are not supported)",
+                node.name(),
+                node.op()
+            )));
+        }
+    }
+    if node.op() == "LayerNormalization" {
+        let axis = node.attr_i("axis").unwrap_or(-1);
+        let rank = node.input.first().and_then(|x| g.value_type(x)).and_then(|t| t.shape).map(|s| s.len() as i64);
+        if let Some(r) = rank
+            && !(-r..r).contains(&axis)
+        {
+            return Err(Error::MalformedModel(format!(
+                "node `{}` (LayerNormalization): axis {axis} is out of range for its rank-{r} input",
+                node.name()
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn value_info_type(v: &ValueInfoProto) -> Option<ValueType> {

@@ -291,3 +291,21 @@ fn traced_shapes_are_forgotten_only_in_graphs_with_symbolic_inputs() {
     assert!(!dynamic.graph.has_traced_shapes());
     dynamic.check().unwrap();
 }
+
+#[test]
+fn axes_beyond_any_rank_are_malformed() {
+    let ln = |axis: i64| {
+        model(
+            vec![node("LayerNormalization", "ln", &["x", "s"], &["y"], vec![attr_int("axis", axis)])],
+            vec![value_info("x", 1, &[Dim::Fixed(2), Dim::Fixed(3)])],
+            vec![value_info("y", 1, &[Dim::Fixed(2), Dim::Fixed(3)])],
+            vec![tensor_f32("s", &[3], &[1.0, 1.0, 1.0])],
+        )
+    };
+    ln(-1).check().unwrap();
+    ln(1).check().unwrap();
+    for bad in [2, -3, 1_054_494_063] {
+        let e = ln(bad).check().unwrap_err().to_string();
+        assert!(e.contains("axis") && e.contains("out of range"), "{bad}: {e}");
+    }
+}
