@@ -146,6 +146,32 @@ def _():
     assert b.x2 - b.x1 > 50, b  # a face, not a speck
 
 
+def iou(a, b):
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter + 1e-9)
+
+
+if "yolo" in FX:
+    @check("detect document regions with YOLOv8 on the device and through the cloud")
+    def _():
+        img = read(FX["yolo_image"])
+        local = ep.Engine.open(FX["yolo"], opts()).detect(img).detections
+        assert len(local) == len(FX["yolo_reference"]), (local, FX["yolo_reference"])
+        for want in FX["yolo_reference"]:
+            best = max(local, key=lambda d: iou([d.x1, d.y1, d.x2, d.y2], want["box_xyxy_image_px"]))
+            assert best.label == want["class"], (best, want)
+            assert iou([best.x1, best.y1, best.x2, best.y2], want["box_xyxy_image_px"]) >= 0.9, (best, want)
+            assert best.mask is None and best.keypoints == [], best
+        remote = ep.Engine.cloud_only(cloud(FX["serve"], "doclayout", ep.FallbackPolicy.ALWAYS), None).detect(img)
+        assert remote.provenance.place == ep.Place.CLOUD
+        assert [d.label for d in remote.detections] == [d.label for d in local], (remote.detections, local)
+        assert all(abs(a.x1 - b.x1) < 0.5 and abs(a.y2 - b.y2) < 0.5 for a, b in zip(remote.detections, local))
+else:
+    print("SKIP detect document regions with YOLOv8 (no shared model)", flush=True)
+
+
 @check("the GPU backend (wgpu) through the bindings")
 def _():
     if FX.get("cpu") == "interp":

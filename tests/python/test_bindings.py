@@ -140,7 +140,20 @@ def fixtures(bindings, tmp_path_factory, binary):
     (d / "mnist_expected.bin").write_bytes(s.run(None, {"Input3": x})[0].astype("<f4").tobytes())
 
     repo = d / "repo"
-    for name, src in [("effnet", d / "effnet.edgepack"), ("ultraface", d / "ultraface.edgepack"), ("mnist", d / "mnist.edgepack")]:
+    served = [("effnet", d / "effnet.edgepack"), ("ultraface", d / "ultraface.edgepack"), ("mnist", d / "mnist.edgepack")]
+    # The shared YOLOv8n (AGPL: test use only, never committed): the detector apps ship most, through the bindings.
+    shared = os.path.abspath(os.environ.get("EDGEPACK_SHARED") or os.path.join(ROOT, "..", "shared"))
+    yolo = os.path.join(shared, "models", "yolov8n-doclaynet.onnx")
+    yolo_fx = {}
+    if os.path.exists(yolo):
+        ep("pack", yolo, "--task", "detection", "--class-agnostic", "-o", d / "yolo.edgepack")
+        served.append(("doclayout", d / "yolo.edgepack"))
+        ref = json.load(open(os.path.join(shared, "models", "reference_results", "yolov8n-doclaynet.detections.json")))
+        yolo_fx = {"yolo": str(d / "yolo.edgepack"), "yolo_image": os.path.join(shared, "data", "ocr", "en.jpg"),
+                   "yolo_reference": ref["detections"]["en.jpg"]}
+    else:
+        print(f"\n{'!' * 20} SKIPPED: the YOLO check (no {yolo})")
+    for name, src in served:
         (repo / name / "1").mkdir(parents=True)
         shutil.copy(src, repo / name / "1" / "model.edgepack")
     server = Server(repo, "--device", "cpu")
@@ -162,6 +175,7 @@ def fixtures(bindings, tmp_path_factory, binary):
         "serve": server.url,
         "slow": slow.url,
         "dead": dead_url(),
+        **yolo_fx,
     }
     # The stream API's check needs Silero VAD and its test recording from ../shared (skipped loudly without).
     shared = os.path.abspath(os.environ.get("EDGEPACK_SHARED") or os.path.join(ROOT, "..", "shared"))

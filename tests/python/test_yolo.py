@@ -157,6 +157,39 @@ def test_bundle_gives_the_reference_detections(shared, variants, tmp_path, which
             assert abs(best["score"] - w["score"]) < 0.02, (img, w, best)
 
 
+def test_batch_and_serve_detect_give_the_run_detections(shared, tmp_path):
+    """`edgepack batch` over a folder and `edgepack serve`'s `POST /v1/models/{m}:detect` with the raw JPEG give
+    the detections `edgepack run` gives on the same bundle."""
+    import shutil
+
+    from test_serve import Server
+
+    bundle = tmp_path / "repo" / "doc" / "1" / "model.edgepack"
+    bundle.parent.mkdir(parents=True)
+    ep("pack", os.path.join(shared, "models", YOLO), "--task", "detection", "--class-agnostic", "-o", bundle)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for f in ("en.jpg", "ch_en_num.jpg"):
+        shutil.copy(os.path.join(shared, "data", "ocr", f), imgs / f)
+    want = {f: json.loads(ep("run", bundle, imgs / f, "--json").stdout)["results"][0]["detections"]
+            for f in ("en.jpg", "ch_en_num.jpg")}
+    out = tmp_path / "out.jsonl"
+    ep("batch", bundle, imgs, "-o", out)
+    got = {x["file"]: x["detections"] for x in map(json.loads, open(out))}
+    assert got == want, (got, want)
+    server = Server(tmp_path / "repo", "--device", "cpu")
+    try:
+        status, body, _ = server.request("POST", "/v1/models/doc:detect", (imgs / "en.jpg").read_bytes(),
+                                         {"Content-Type": "image/jpeg"})
+        assert status == 200, body
+        dets = json.loads(body)["detections"]
+        assert [d["label"] for d in dets] == [d["label"] for d in want["en.jpg"]], (dets, want["en.jpg"])
+        for a, b in zip(dets, want["en.jpg"]):
+            assert all(abs(a[k] - b[k]) < 1e-3 for k in ("x1", "y1", "x2", "y2", "score")), (a, b)
+    finally:
+        assert server.stop() == 0, "".join(server.log[-20:])
+
+
 # --- segment and pose decoding against numpy -----------------------------------------------------------------
 
 
