@@ -12,10 +12,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import ort_parity
+import yolo_int8_check
 import yolo_variants
 from conftest import edgepack_bin, ep
 
 YOLO = "yolov8n-doclaynet.onnx"
+iou = yolo_int8_check.iou
 
 
 @pytest.fixture(scope="module")
@@ -87,24 +89,9 @@ def test_dynamic_axes_export_runs_on_the_gpu_backend(variants, binary):
         _compare(r["outputs"]["output0"], _ort(variants["reference"], x), ("gpu", b, s))
 
 
-def letterbox_reference(path, size, pad=114):
-    """Ultralytics' letterbox with PIL's bilinear resize: scale r = min(size/w, size/h), size round(w·r)×round(h·r),
-    centred with round(d/2 − 0.1) before; RGB, /255, NCHW."""
-    from PIL import Image
-
-    im = Image.open(path).convert("RGB")
-    w, h = im.size
-    r = min(size / w, size / h)
-    nw, nh = round(w * r), round(h * r)
-    left, top = round((size - nw) / 2 - 0.1), round((size - nh) / 2 - 0.1)
-    canvas = np.full((size, size, 3), pad, np.uint8)
-    canvas[top:top + nh, left:left + nw] = np.asarray(im.resize((nw, nh), Image.BILINEAR))
-    return (canvas.astype(np.float32) / 255.0).transpose(2, 0, 1)[None], (r, left, top)
-
-
 def test_letterbox_preset_is_pil_resize_plus_ultralytics_padding(shared, variants, tmp_path):
-    """`--preset yolo` on a bare model: the input tensor of a PNG equals the PIL letterbox pixel for pixel
-    (landscape cuts of two photos: the padding above and below)."""
+    """`--preset yolo` on a bare model: the input tensor of a PNG equals the PIL letterbox (Ultralytics' rounding,
+    `yolo_int8_check.letterbox`) pixel for pixel (landscape cuts of two photos: the padding above and below)."""
     for img in ("skimage_astronaut.png", "skimage_coffee.png"):
         path = os.path.join(shared, "data", "photos", img)
         from PIL import Image
@@ -116,18 +103,10 @@ def test_letterbox_preset_is_pil_resize_plus_ultralytics_padding(shared, variant
         out = tmp_path / f"in_{img}"
         ep("run", variants["dynamic"], cut, "--preset", "yolo", "--raw", "--save-inputs", out)
         got = np.load(out / "input_images.npy")
-        ref, _ = letterbox_reference(cut, 640)
+        ref, _, _ = yolo_int8_check.letterbox(cut, 640)
         assert got.shape == ref.shape, (got.shape, ref.shape)
         # Pixel for pixel (x·(1/255) and x/255 differ in the last float bit).
         assert np.array_equal(np.rint(got * 255), np.rint(ref * 255)), float(np.abs(got - ref).max())
-
-
-def _iou(a, b):
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
-    return inter / (area(a) + area(b) - inter + 1e-9)
 
 
 @pytest.mark.parametrize("which", ["static", "dynamic"])
@@ -151,9 +130,9 @@ def test_bundle_gives_the_reference_detections(shared, variants, tmp_path, which
         got = doc["results"][0]["detections"]
         assert len(got) == len(want), (img, got, want)
         for w in want:
-            best = max(got, key=lambda g: _iou([g["x1"], g["y1"], g["x2"], g["y2"]], w["box_xyxy_image_px"]))
-            iou = _iou([best["x1"], best["y1"], best["x2"], best["y2"]], w["box_xyxy_image_px"])
-            assert best["label"] == w["class"] and iou >= 0.9, (img, w, best, iou)
+            best = max(got, key=lambda g: iou([g["x1"], g["y1"], g["x2"], g["y2"]], w["box_xyxy_image_px"]))
+            overlap = iou([best["x1"], best["y1"], best["x2"], best["y2"]], w["box_xyxy_image_px"])
+            assert best["label"] == w["class"] and overlap >= 0.9, (img, w, best, overlap)
             assert abs(best["score"] - w["score"]) < 0.02, (img, w, best)
 
 
@@ -231,7 +210,7 @@ def nms_reference(boxes, scores, classes, iou_thr, agnostic=False):
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     keep = []
     for i in order:
-        if all((not agnostic and classes[k] != classes[i]) or _iou(boxes[k], boxes[i]) <= iou_thr for k in keep):
+        if all((not agnostic and classes[k] != classes[i]) or iou(boxes[k], boxes[i]) <= iou_thr for k in keep):
             keep.append(i)
     return keep
 
@@ -361,8 +340,6 @@ def test_int8_keeps_the_fp32_detections(shared, binary, tmp_path):
     defaults that make it: the quantizer's gate for a YOLO detector counts detections (`detections=97` on the
     choosing half), the decode after the head's last convolutions stays fp32 (its output Concat joins pixel
     coordinates and 0..1 scores), and SiLU's Sigmoid reads the dequantized value like its Mul."""
-    import yolo_int8_check
-
     out = tmp_path / "res.json"
     yolo_int8_check.main(["--edgepack", edgepack_bin(), "--shared", shared, "--work", str(tmp_path / "w"),
                           "--json", str(out)])

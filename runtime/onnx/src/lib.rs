@@ -513,7 +513,7 @@ fn check_axes(g: &Graph, node: &NodeProto) -> Result<()> {
             Some("axes") => a.ints.clone(),
             _ => continue,
         };
-        if let Some(v) = vals.iter().find(|v| v.abs() > MAX_AXIS) {
+        if let Some(v) = vals.iter().find(|v| v.unsigned_abs() > MAX_AXIS as u64) {
             return Err(Error::MalformedModel(format!(
                 "node `{}` ({}): axis {v} is out of range (tensors of rank above {MAX_AXIS} are not supported)",
                 node.name(),

@@ -222,10 +222,19 @@ pub(crate) fn op_depth_space(a: &Args) -> Res<Vec<Tensor>> {
     Ok(vec![y.reshape(vec![n, c * b * b, h / b, w / b]).map_err(|e| e.to_string())?])
 }
 
+/// GatherElements/ScatterElements indices: the data's rank, and no longer than the data along the other axes.
+fn check_element_indices(op: &str, data: &[usize], ind: &[usize], ax: usize) -> Res<()> {
+    if ind.len() != data.len() || ind.iter().zip(data).enumerate().any(|(d, (&i, &x))| d != ax && i > x) {
+        return Err(format!("{op}: indices {ind:?} do not fit data {data:?} along axis {ax}"));
+    }
+    Ok(())
+}
+
 pub(crate) fn op_gather_elements(a: &Args) -> Res<Vec<Tensor>> {
     let (x, ind) = (a.x()?, input(a.ins, 1)?);
     let rank = x.shape().len();
     let ax = axis(a.n.attr_i("axis").unwrap_or(0), rank)?;
+    check_element_indices("GatherElements", x.shape(), ind.shape(), ax)?;
     let ids = i64s(ind)?;
     let es = x.dtype().size();
     let src = x.to_le_bytes();
@@ -245,6 +254,10 @@ pub(crate) fn op_scatter_elements(a: &Args) -> Res<Vec<Tensor>> {
     let (x, ind, upd) = (a.x()?, input(a.ins, 1)?, input(a.ins, 2)?);
     let rank = x.shape().len();
     let ax = axis(a.n.attr_i("axis").unwrap_or(0), rank)?;
+    check_element_indices("ScatterElements", x.shape(), ind.shape(), ax)?;
+    if upd.shape() != ind.shape() {
+        return Err(format!("ScatterElements: updates {:?} and indices {:?} differ", upd.shape(), ind.shape()));
+    }
     let ids = i64s(ind)?;
     let reduction = a.n.attr_s("reduction").unwrap_or("none");
     let strides = dense_strides(x.shape());
