@@ -111,13 +111,6 @@ pub struct Detector {
     pub spec: edgepack_runtime::process::YoloSpec,
 }
 
-fn box_iou(a: &Detection, b: &Detection) -> f32 {
-    let iw = (a.x2.min(b.x2) - a.x1.max(b.x1)).max(0.0);
-    let ih = (a.y2.min(b.y2) - a.y1.max(b.y1)).max(0.0);
-    let inter = iw * ih;
-    inter / ((a.x2 - a.x1) * (a.y2 - a.y1) + (b.x2 - b.x1) * (b.y2 - b.y1) - inter + 1e-9)
-}
-
 /// Greedy one-to-one matching of `reference` (in its score order) to same-class detections of `got`.
 pub fn match_detections(reference: &[Detection], got: &[Detection]) -> DetectionMatch {
     let mut used = vec![false; got.len()];
@@ -127,7 +120,7 @@ pub fn match_detections(reference: &[Detection], got: &[Detection]) -> Detection
             .iter()
             .enumerate()
             .filter(|(j, g)| !used[*j] && g.class_index == r.class_index)
-            .map(|(j, g)| (box_iou(r, g), j))
+            .map(|(j, g)| (edgepack_runtime::process::iou(r, g), j))
             .max_by(|a, b| a.0.total_cmp(&b.0));
         if let Some((iou, j)) = best
             && iou >= DETECTION_IOU
