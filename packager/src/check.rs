@@ -199,7 +199,9 @@ fn check_postprocess(post: &Postprocess, outputs: &[TensorSpec], labels: Option<
                 || (dims.len() == 3 && (dims[1].is_none_or(|d| d == a) || dims[2].is_none_or(|d| d == a)));
             if !fits {
                 return Err(format!(
-                    "output `{}` {} is not a YOLO head of {classes} classes ({a} values per anchor: [batch, {a},                      anchors] or [batch, anchors, {a}]); set \"classes\" (and \"objectness\" for YOLOv5) in                      --postprocess-json",
+                    "output `{}` {} is not a YOLO head of {classes} classes ({a} values per anchor: [batch, {a}, \
+                     anchors] or [batch, anchors, {a}]); set \"classes\" (and \"objectness\" for YOLOv5) in \
+                     --postprocess-json",
                     o.name,
                     shape(o)
                 ));
