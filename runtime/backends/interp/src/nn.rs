@@ -149,9 +149,27 @@ fn channel_affine(x: &Tensor, f: impl Fn(usize, f64) -> f64) -> Res<Tensor> {
     out_float(s.to_vec(), v, x.dtype())
 }
 
+/// The per-channel parameters of a normalisation (inputs `from..to`): each must hold exactly C values, C being axis
+/// 1 of `x` (which must exist).
+fn channel_params(a: &Args, x: &Tensor, from: usize, to: usize) -> Res<Vec<Vec<f64>>> {
+    let s = x.shape();
+    if s.len() < 2 {
+        return Err(format!("{}: expected an input of N, C, ... got {s:?}", a.n.op()));
+    }
+    (from..to)
+        .map(|i| {
+            let t = input(a.ins, i)?;
+            if t.len() != s[1] {
+                return Err(format!("{}: input {i} holds {} values for {} channels", a.n.op(), t.len(), s[1]));
+            }
+            Ok(f64s(t))
+        })
+        .collect()
+}
+
 pub(crate) fn op_batch_norm(a: &Args) -> Res<Vec<Tensor>> {
     let x = a.x()?;
-    let p: Vec<Vec<f64>> = (1..5).map(|i| input(a.ins, i).map(f64s)).collect::<Res<_>>()?;
+    let p = channel_params(a, x, 1, 5)?;
     let eps = a.n.attr_f("epsilon").unwrap_or(1e-5) as f64;
     if a.n.attr_i("training_mode").unwrap_or(0) == 0 {
         let y = channel_affine(x, |c, e| (e - p[2][c]) / (p[3][c] + eps).sqrt() * p[0][c] + p[1][c])?;
@@ -184,7 +202,8 @@ pub(crate) fn op_batch_norm(a: &Args) -> Res<Vec<Tensor>> {
 
 pub(crate) fn op_instance_norm(a: &Args) -> Res<Vec<Tensor>> {
     let x = a.x()?;
-    let (scale, bias) = (f64s(input(a.ins, 1)?), f64s(input(a.ins, 2)?));
+    let p = channel_params(a, x, 1, 3)?;
+    let (scale, bias) = (&p[0], &p[1]);
     let eps = a.n.attr_f("epsilon").unwrap_or(1e-5) as f64;
     let s = x.shape();
     let (c, inner) = (s[1], s[2..].iter().product::<usize>().max(1));
