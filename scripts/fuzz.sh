@@ -4,7 +4,8 @@
 # out-of-memory fails the run and leaves its reproducer under $EDGEPACK_FUZZ_HOME/artifacts/<target>/.
 #
 #   scripts/fuzz.sh SECONDS [TARGET...]     (the test command runs it with 20; RELIABILITY.md has longer runs)
-#   EDGEPACK_FUZZ_MD=RELIABILITY.md scripts/fuzz.sh 600    also writes the summary table into that file
+#   EDGEPACK_FUZZ_MD=RELIABILITY.md scripts/fuzz.sh 3600 T  also writes T's row of the table in that file
+#   EDGEPACK_FUZZ_RUNS=10000000 ...                         stops a target after that many executions
 #
 # Installs what it needs when missing: the nightly toolchain (rustup) and cargo-fuzz (crates.io), under ~/.cache.
 # The corpus grows across runs in $EDGEPACK_FUZZ_HOME/corpus (seeded each time by fuzz/seeds.py).
@@ -88,7 +89,10 @@ for t in "${TARGETS[@]}"; do
     find "$corpus" -type f ! -name .seeded | LC_ALL=C sort | sed -n "1,100p" | xargs -r cp -t "$from"
     seed=(-seed="${EDGEPACK_FUZZ_SEED:-1}")
   fi
-  if cargo +nightly fuzz run "${FUZZ_ARGS[@]}" "$t" "$from" -- "${LIMITS[@]}" "${seed[@]}" \
+  runs=()
+  [ -n "${EDGEPACK_FUZZ_RUNS:-}" ] && runs=(-runs="$EDGEPACK_FUZZ_RUNS")
+  started=$(date +%s)
+  if cargo +nightly fuzz run "${FUZZ_ARGS[@]}" "$t" "$from" -- "${LIMITS[@]}" "${seed[@]}" "${runs[@]}" \
     -max_total_time="$SECS" -artifact_prefix="$art" > "$log" 2>&1; then
     status=ok
   else
@@ -110,18 +114,14 @@ for t in "${TARGETS[@]}"; do
   files=$(find "$corpus" -type f ! -name .seeded | wc -l)
   rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo "?")
   summary+=("$(printf '%-18s %-6s %12s execs %7s edges %6s corpus files' "$t" "$status" "$execs" "$cov" "$files")")
-  rows+=("| \`$t\` | $status | $execs | $rate | $cov | $files |")
+  rows+=("| \`$t\` | $(($(date +%s) - started)) | $(date -u +%Y-%m-%d) | $status | $execs | $rate | $cov | $files |")
 done
 
 printf '\n==> fuzz summary (%s s per target, logs in %s)\n' "$SECS" "$HOME_DIR"
 printf '%s\n' "${summary[@]}"
 if [ -n "${EDGEPACK_FUZZ_MD:-}" ]; then
-  table=$(printf '%s\n' "\`scripts/fuzz.sh $SECS\` on $(nproc) cores, $(date -u +%Y-%m-%d), one target after the other:" "" \
-    "| target | result | executions | per second | edges covered | corpus files |" "|---|---|---:|---:|---:|---:|" \
-    "${rows[@]}")
-  "$PY" -c 'import sys; sys.path.insert(0, "scripts"); import mdtable
-mdtable.replace_between(sys.argv[1], "<!-- fuzz-run:begin -->", "<!-- fuzz-run:end -->", sys.argv[2])' \
-    "$EDGEPACK_FUZZ_MD" "$table"
+  printf '%s\n' "${rows[@]}" > "$HOME_DIR/rows.md"
+  "$PY" scripts/fuzz_table.py "$EDGEPACK_FUZZ_MD" "$HOME_DIR/rows.md"
 fi
 if [ ${#found[@]} -gt 0 ]; then
   printf '\n!!!!!!!!!!!!!!!!!!!! NEW FUZZ FINDINGS of the short search (fix them and commit each reproducer under fuzz/regressions/):\n' >&2
