@@ -86,6 +86,10 @@ lint:
 bindings:
     ./scripts/bindings.sh
 
+# Swift for Linux (Debian's swiftlang) in the Debian root of scripts/aarch64.sh; the Swift checks run in the test command
+swift-setup:
+    ./scripts/swift.sh setup
+
 # Stripped size of the CPU-only mobile library (`mobile` profile) into BENCHMARKS.md; a separate, long build
 mobile-size:
     ./scripts/mobile_size.sh --md BENCHMARKS.md --abort

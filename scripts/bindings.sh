@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Generates the Swift, Kotlin and Python bindings of the mobile crate from the built library (uniffi library mode,
-# with the in-repo uniffi-bindgen), and puts the library beside the Python module (the generated module loads it
-# from its own folder).
+# with the in-repo uniffi-bindgen), puts the library beside the Python module (the generated module loads it from
+# its own folder), and a Linux module map for Swift under swift/linux/.
 #
 #   scripts/bindings.sh [OUT]        default OUT: $CARGO_TARGET_DIR/bindings
 #   EDGEPACK_MOBILE_FEATURES=...     cargo features of the library, defaults off (unset: the crate's defaults,
@@ -29,4 +29,9 @@ for lang in python kotlin swift; do
   "$BINDGEN" generate --library "$LIB" --language "$lang" --out-dir "$OUT/$lang" >/dev/null
 done
 cp "$LIB" "$OUT/python/"
+# The generated module map is Apple's (`use "Darwin"`, which Linux lacks; the XCFramework ships it as is): Swift on
+# Linux gets one without Apple's modules, beside a copy of the header it names.
+mkdir -p "$OUT/swift/linux"
+cp "$OUT/swift/EdgepackMobileFFI.h" "$OUT/swift/linux/"
+grep -v 'use "Darwin"' "$OUT/swift/EdgepackMobileFFI.modulemap" > "$OUT/swift/linux/module.modulemap"
 echo "bindings in $OUT: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"

@@ -59,6 +59,9 @@ export EDGEPACK_BIN="$CARGO_TARGET_DIR/release/edgepack"
 step "aarch64 under qemu (scripts/aarch64.sh test): kernel property tests on three CPU models, shared models = onnxruntime"
 PY="$PY" ./scripts/aarch64.sh test
 
+step "Swift for Linux in the same Debian root (scripts/swift.sh setup): the Swift bindings test runs there"
+./scripts/swift.sh setup
+
 step "fuzz: every target of fuzz/ for ${EDGEPACK_FUZZ_SECONDS:-20} s after its committed reproducers (scripts/fuzz.sh)"
 PY="$PY" ./scripts/fuzz.sh "${EDGEPACK_FUZZ_SECONDS:-20}"
 

@@ -1,6 +1,7 @@
-"""The mobile SDK (issue 7) through its generated bindings, not Rust stand-ins: the uniffi-generated Python module and
-Kotlin sources on the JVM run mobile/tests/bindings_test.py and mobile/tests/BindingsTest.kt against the built
-library and a real `edgepack serve` on loopback; the Swift header is checked against the library's exported symbols.
+"""The mobile SDK (issue 7) through its generated bindings, not Rust stand-ins: the uniffi-generated Python module,
+the Kotlin sources on the JVM and the Swift sources (Swift for Linux, issue 33) run mobile/tests/bindings_test.py,
+BindingsTest.kt and BindingsTest.swift, one list of checks, against the built library and a real `edgepack serve` on
+loopback; the Swift header is also checked against the library's exported symbols.
 
 Fixtures come from the shipped assets (no ../shared needed): bundles packed by the edgepack binary (one signed),
 a model with an operator no backend has, expected outputs from onnxruntime, a live server, a slow one and a dead
@@ -194,9 +195,21 @@ def fixtures(bindings, tmp_path_factory, binary):
     (d / "fixtures.json").write_text(json.dumps(fx, indent=1))
     # The Kotlin test reads a flat properties file.
     flat = {**{k: v for k, v in fx.items() if isinstance(v, str)}, **{f"photo.{k}": v for k, v in fx["photos"].items()}}
+    for i, det in enumerate(fx.get("yolo_reference", [])):
+        flat.update({f"yolo_reference.{i}.class": det["class"], f"yolo_reference.{i}.box": ",".join(map(str, det["box_xyxy_image_px"]))})
+    if "yolo_reference" in fx:
+        flat["yolo_reference.count"] = str(len(fx["yolo_reference"]))
     (d / "fixtures.properties").write_text("".join(f"{k}={v}\n" for k, v in flat.items()))
     yield d
     assert server.stop() == 0, "".join(server.log[-20:])
+
+
+def expected_checks(fixtures):
+    """How many checks each language runs with these fixtures: the whole list (mobile/README.md) but the YOLO and
+    stream checks when ../shared lacks their model."""
+    fx = json.loads((fixtures / "fixtures.json").read_text())
+    names = re.findall(CHECK_SOURCES["Python"][1], open(os.path.join(ROOT, "mobile", "tests", CHECK_SOURCES["Python"][0])).read())
+    return len(names) - ("yolo" not in fx) - ("silero" not in fx)
 
 
 def summary(out):
@@ -210,7 +223,7 @@ def test_python_bindings(fixtures):
                        capture_output=True, text=True, timeout=900)
     print(r.stdout[-4000:], r.stderr[-2000:])
     passed, failed = summary(r.stdout)
-    assert r.returncode == 0 and failed == 0 and passed >= 15, r.stdout[-6000:] + r.stderr[-3000:]
+    assert r.returncode == 0 and failed == 0 and passed == expected_checks(fixtures), r.stdout[-6000:] + r.stderr[-3000:]
 
 
 def test_python_bindings_kernel_interpreter_build(fixtures, tmp_path):
@@ -228,7 +241,7 @@ def test_python_bindings_kernel_interpreter_build(fixtures, tmp_path):
                        capture_output=True, text=True, timeout=900)
     print(r.stdout[-4000:], r.stderr[-2000:])
     passed, failed = summary(r.stdout)
-    assert r.returncode == 0 and failed == 0 and passed >= 15, r.stdout[-6000:] + r.stderr[-3000:]
+    assert r.returncode == 0 and failed == 0 and passed == expected_checks(fixtures), r.stdout[-6000:] + r.stderr[-3000:]
     assert "kernel-interpreter build" in r.stdout, r.stdout[-3000:]
 
 
@@ -266,7 +279,7 @@ def test_python_bindings_on_aarch64(fixtures, tmp_path):
     assert "machine aarch64" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     passed, failed = summary(r.stdout)
     # Four checks are wall-clock bounds tuned for native speed: skipped under the emulator (they run on x86).
-    assert r.returncode == 0 and failed == 0 and passed >= 14, r.stdout[-6000:] + r.stderr[-3000:]
+    assert r.returncode == 0 and failed == 0 and passed == expected_checks(fixtures) - 4, r.stdout[-6000:] + r.stderr[-3000:]
     assert len(re.findall(r"^SKIP ", r.stdout, re.M)) == 4, r.stdout[-3000:]
     assert "kernel-interpreter build" in r.stdout, r.stdout[-3000:]
 
@@ -291,17 +304,21 @@ def test_kotlin_bindings(fixtures, bindings, tmp_path):
                         "BindingsTestKt", str(fixtures / "fixtures.properties")], capture_output=True, text=True, timeout=900)
     print(r.stdout[-4000:], r.stderr[-2000:])
     passed, failed = summary(r.stdout)
-    assert r.returncode == 0 and failed == 0 and passed >= 12, r.stdout[-6000:] + r.stderr[-3000:]
+    assert r.returncode == 0 and failed == 0 and passed == expected_checks(fixtures), r.stdout[-6000:] + r.stderr[-3000:]
 
 
 def test_swift_header_matches_the_library(bindings, tmp_path):
-    """No Swift compiler here: the generated C header must parse (gcc, clang's nullability spelled out) and declare
-    exactly the `uniffi_*`/`ffi_*` functions the library exports."""
+    """Beside the Swift run (test_swift_bindings): the generated C header parses as plain C (gcc, clang's
+    nullability spelled out), declares exactly the `uniffi_*`/`ffi_*` functions the library exports, and the
+    Linux module map differs from Apple's only by its `use "Darwin"`."""
     headers = list((bindings / "swift").glob("*.h"))
     assert len(headers) == 1, headers
     swift = list((bindings / "swift").glob("*.swift"))
     assert len(swift) == 1 and re.search(r"\bclass Engine\b", swift[0].read_text())
-    assert (bindings / "swift" / "EdgepackMobileFFI.modulemap").exists()
+    apple = (bindings / "swift" / "EdgepackMobileFFI.modulemap").read_text()
+    linux = (bindings / "swift" / "linux" / "module.modulemap").read_text()
+    assert 'use "Darwin"' in apple and 'use "Darwin"' not in linux and "module EdgepackMobileFFI" in linux
+    assert [x for x in apple.splitlines() if "Darwin" not in x] == linux.splitlines(), (apple, linux)
     unit = tmp_path / "include_header.c"
     unit.write_text(f'#include "{headers[0]}"\nint main(void) {{ return 0; }}\n')
     r = subprocess.run(["gcc", "-fsyntax-only", "-std=c11", "-Wall", "-Werror", "-D_Nonnull=", "-D_Nullable=", str(unit)],
@@ -314,3 +331,46 @@ def test_swift_header_matches_the_library(bindings, tmp_path):
     exported = {line.split()[-1] for line in nm.splitlines() if re.search(r" T (uniffi|ffi)_edgepack_mobile_", line)}
     assert declared, "no functions in the header"
     assert declared == exported, f"header only: {sorted(declared - exported)[:10]}; library only: {sorted(exported - declared)[:10]}"
+
+
+def test_swift_bindings(fixtures, bindings):
+    """Issue 33: the generated Swift, compiled by Swift for Linux (Debian's swiftlang, in the Debian root that
+    scripts/aarch64.sh makes) with the Linux module map scripts/bindings.sh writes, runs BindingsTest.swift against
+    the library and the live server."""
+    if os.geteuid() != 0:
+        required("root", "scripts/swift.sh runs the Swift toolchain in a chroot")
+    root = os.environ.get("ARMPROBE_ROOT") or os.path.expanduser("~/.cache/armprobe")
+    if not os.path.exists(os.path.join(root, os.environ.get("ARMPROBE_SUITE", "trixie") + "-root", ".armprobe-ok")):
+        required("the Debian root of scripts/aarch64.sh", "scripts/aarch64.sh test makes it")
+    r = subprocess.run([os.path.join(ROOT, "scripts", "swift.sh"), "test", str(bindings), str(fixtures / "fixtures.json")],
+                       capture_output=True, text=True, timeout=1800)
+    print(r.stdout[-4000:], r.stderr[-3000:])
+    assert "FATAL" not in r.stderr, r.stderr[-3000:]
+    passed, failed = summary(r.stdout.split("==> the README example")[0])
+    assert r.returncode == 0 and failed == 0 and passed == expected_checks(fixtures), r.stdout[-6000:] + r.stderr[-3000:]
+    # mobile/README.md's Swift example, run on the signed EfficientNet bundle, the chelsea photo and the server.
+    example = r.stdout.split("==> the README example", 1)[1]
+    assert re.search(r"^282 tiger cat 0\.3\d+$", example, re.M), example
+    assert "answered on the device by " in example and "not an image: " in example, example
+    assert re.search(r"^best: tiger cat from the cloud: .*below 0\.99", example, re.M), example
+
+
+CHECK_SOURCES = {
+    "Python": ("bindings_test.py", r'@check\("([^"]+)"'),
+    "Kotlin": ("BindingsTest.kt", r'\bcheck\("([^"]+)"\)'),
+    "Swift": ("BindingsTest.swift", r'\bc\.check\("([^"]+)"\)'),
+}
+
+
+def test_the_three_languages_run_the_same_checks():
+    """One list of checks for Python, Kotlin and Swift, in the same order, and mobile/README.md's table is that
+    list."""
+    lists = {}
+    for lang, (name, pattern) in CHECK_SOURCES.items():
+        lists[lang] = re.findall(pattern, open(os.path.join(ROOT, "mobile", "tests", name)).read())
+        assert len(lists[lang]) >= 18, (lang, lists[lang])
+    assert lists["Kotlin"] == lists["Python"], set(lists["Kotlin"]) ^ set(lists["Python"])
+    assert lists["Swift"] == lists["Python"], set(lists["Swift"]) ^ set(lists["Python"])
+    readme = open(os.path.join(ROOT, "mobile", "README.md")).read()
+    table = re.findall(r"^\| \d+ \| ([^|]+?) \| ✓ \| ✓ \| ✓ \|$", readme, re.M)
+    assert table == lists["Python"], set(table) ^ set(lists["Python"])
