@@ -82,19 +82,41 @@ pub fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// Where a panic started, from the text of its backtrace: the innermost frame outside the standard library and
 /// outside files containing `skip` (the panic hook's own). The fuzz targets and their regression test tell an
 /// engine panic (a bug) from a dependency's panic that [`no_panic`] turns into a typed error with it.
+///
+/// A release build without debug info resolves no source files (or only C ones, such as libc's thread start, never
+/// where a Rust panic began): then the origin is the innermost function after the panic machinery that is not the
+/// standard library's, by its symbol (`tract_onnx::ops::einsum::resolve_ellipsis`).
 pub fn panic_origin<'a>(backtrace: &'a str, skip: &str) -> Option<&'a str> {
-    backtrace.lines().filter_map(|l| l.trim_start().strip_prefix("at ")).find(|f| {
-        // (A frame in C, such as libc's thread start, is never where a Rust panic began: a release build
-        // without debug info may resolve no other frame.)
+    let file = backtrace.lines().filter_map(|l| l.trim_start().strip_prefix("at ")).find(|f| {
         let file = f.split(':').next().unwrap_or(f);
         let c = [".c", ".h", ".S", ".cc", ".cpp"].iter().any(|e| file.ends_with(e));
         !f.starts_with("/rustc/") && !f.contains("/library/") && !f.contains(skip) && !c
+    });
+    file.or_else(|| {
+        let symbols: Vec<&str> = backtrace
+            .lines()
+            .filter_map(|l| l.trim_start().split_once(": ").filter(|(n, _)| n.parse::<u32>().is_ok()).map(|(_, s)| s))
+            .collect();
+        let start = symbols.iter().rposition(|s| s.contains("rust_begin_unwind") || s.contains("panicking::"))?;
+        symbols[start + 1..].iter().copied().find(|s| !STD_CRATES.contains(&symbol_crate(s)))
     })
 }
 
-/// Whether a source path belongs to a dependency (cargo's registry or git checkouts).
+const STD_CRATES: [&str; 6] = ["std", "core", "alloc", "__rustc", "panic_unwind", "test"];
+
+/// The crate of a symbol: `tract_core` for `<tract_core::ops::X as tract_core::ops::EvalOp>::eval`.
+fn symbol_crate(symbol: &str) -> &str {
+    symbol.trim_start_matches('<').split("::").next().unwrap_or(symbol)
+}
+
+/// Whether a panic origin ([`panic_origin`]) belongs to a dependency: a source path in cargo's registry or git
+/// checkouts, or a symbol of a crate that is neither edgepack's nor a test's.
 pub fn is_dependency_source(path: &str) -> bool {
-    path.contains("/.cargo/registry/") || path.contains("/.cargo/git/")
+    if path.contains('/') || path.ends_with(".rs") {
+        return path.contains("/.cargo/registry/") || path.contains("/.cargo/git/");
+    }
+    let krate = symbol_crate(path);
+    !krate.starts_with("edgepack") && !krate.starts_with("fuzz") && !STD_CRATES.contains(&krate)
 }
 
 /// Why a bundle was rejected.
@@ -139,6 +161,17 @@ mod tests {
         // panic's own location.
         let libc_only = "  9: start_thread\n             at ./nptl/pthread_create.c:442:8\n";
         assert_eq!(panic_origin(libc_only, "x"), None);
+        // Without source files, the symbols tell: here tract's einsum, past the panic machinery and `core`.
+        let symbols = "   0: fuzz_regressions::every::{{closure}}\n   1: std::panicking::panic_with_hook\n   \
+                       2: __rustc::rust_begin_unwind\n   3: core::panicking::panic_fmt\n   \
+                       4: <core::ops::range::Range<usize> as core::iter::Iterator>::next\n   \
+                       5: tract_onnx::ops::einsum::resolve_ellipsis\n   \
+                       6: <edgepack_tract::CpuBackend as edgepack_backend::Backend>::prepare\n";
+        let origin = panic_origin(symbols, "fuzz_regressions.rs");
+        assert_eq!(origin, Some("tract_onnx::ops::einsum::resolve_ellipsis"));
+        assert!(is_dependency_source(origin.unwrap()));
+        assert!(!is_dependency_source("<edgepack_tract::CpuBackend as edgepack_backend::Backend>::prepare"));
+        assert!(!is_dependency_source("edgepack_interp::nn::op_einsum"));
         assert!(is_dependency_source("/root/.cargo/registry/src/index.crates.io-x/ndarray-0.17.2/src/zip/mod.rs"));
         assert!(!is_dependency_source("./runtime/backends/interp/src/shape.rs"));
     }

@@ -690,14 +690,29 @@ pub(crate) fn op_einsum(a: &Args) -> Res<Vec<Tensor>> {
     if terms.len() != ts.len() {
         return Err(format!("equation `{eq}` for {} inputs", ts.len()));
     }
-    // Expand `...` into upper-case labels per input (right-aligned broadcast dims).
-    let mut ell_rank = 0;
+    // Every term: letters, and at most one `...` (which stands for the dims its letters leave).
+    let well_formed = |term: &str| {
+        let rest = term.replacen("...", "", 1);
+        rest.chars().all(|c| c.is_ascii_alphabetic())
+    };
+    if let Some(bad) = terms.iter().copied().chain(rhs.as_deref()).find(|t| !well_formed(t)) {
+        return Err(format!("Einsum equation `{eq}`: term `{bad}` is not letters with at most one `...`"));
+    }
     for (t, term) in ts.iter().zip(&terms) {
-        if term.contains("...") {
-            ell_rank = ell_rank.max(t.shape().len() + 3 - term.len());
+        let (letters, rank) = (term.replacen("...", "", 1).len(), t.shape().len());
+        if letters > rank || (letters < rank && !term.contains("...")) {
+            return Err(format!("Einsum equation `{eq}`: term `{term}` for an input of rank {rank}"));
         }
     }
-    let ell: Vec<char> = (0..ell_rank).map(|i| (b'A' + i as u8) as char).collect();
+    // Expand `...` into labels of their own (right-aligned broadcast dims), outside the letters.
+    let ell_rank = ts
+        .iter()
+        .zip(&terms)
+        .filter(|(_, term)| term.contains("..."))
+        .map(|(t, term)| t.shape().len() - term.replacen("...", "", 1).len())
+        .max()
+        .unwrap_or(0);
+    let ell: Vec<char> = (0..ell_rank as u32).filter_map(|i| char::from_u32(0x100 + i)).collect();
     let expand = |term: &str, rank: usize| -> Vec<char> {
         match term.find("...") {
             Some(p) => {
@@ -731,14 +746,24 @@ pub(crate) fn op_einsum(a: &Args) -> Res<Vec<Tensor>> {
             let mut once: Vec<char> = sizes
                 .keys()
                 .copied()
-                .filter(|c| c.is_ascii_lowercase() && labels.iter().flatten().filter(|x| *x == c).count() == 1)
+                .filter(|c| c.is_ascii_alphabetic() && labels.iter().flatten().filter(|x| *x == c).count() == 1)
                 .collect();
             once.sort_unstable();
             ell.iter().copied().chain(once).collect()
         }
     };
+    if let Some(c) = out.iter().find(|c| !sizes.contains_key(c)) {
+        return Err(format!("Einsum equation `{eq}`: output label {c} is in no input"));
+    }
+    if out.iter().enumerate().any(|(i, c)| out[..i].contains(c)) {
+        return Err(format!("Einsum equation `{eq}`: an output label repeats"));
+    }
     let all: Vec<char> = out.iter().copied().chain(sizes.keys().copied().filter(|c| !out.contains(c))).collect();
     let dims: Vec<usize> = all.iter().map(|c| sizes[c]).collect();
+    // Direct summation visits every combination of labels: refuse what would not end.
+    if dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).is_none_or(|n| n > 1 << 32) {
+        return Err(format!("Einsum equation `{eq}`: {dims:?} is too many terms to sum"));
+    }
     let vals: Vec<Vec<f64>> = ts.iter().map(|t| f64s(t)).collect();
     let strides: Vec<Vec<usize>> = ts
         .iter()
