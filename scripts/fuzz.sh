@@ -35,8 +35,11 @@ mapfile -t ALL < <(cargo +nightly fuzz list --fuzz-dir fuzz)
 TARGETS=("$@")
 [ ${#TARGETS[@]} -eq 0 ] && TARGETS=("${ALL[@]}")
 
-SEEDS="$HOME_DIR/seeds"
-rm -rf "$SEEDS"
+# Each run its own seeds folder and rows file: runs of different targets may go side by side.
+mkdir -p "$HOME_DIR"
+SEEDS=$(mktemp -d "$HOME_DIR/seeds.XXXXXX")
+ROWS=$(mktemp "$HOME_DIR/rows.XXXXXX")
+trap 'rm -rf "$SEEDS" "$ROWS"' EXIT
 "$PY" fuzz/seeds.py "$SEEDS" --edgepack "${EDGEPACK_BIN:-}" --shared "${EDGEPACK_SHARED:-$ROOT/../shared}"
 
 # libFuzzer's limits: an allocation over 2 GiB or an RSS over 3 GiB is a finding (a size taken from the input
@@ -120,8 +123,8 @@ done
 printf '\n==> fuzz summary (%s s per target, logs in %s)\n' "$SECS" "$HOME_DIR"
 printf '%s\n' "${summary[@]}"
 if [ -n "${EDGEPACK_FUZZ_MD:-}" ]; then
-  printf '%s\n' "${rows[@]}" > "$HOME_DIR/rows.md"
-  "$PY" scripts/fuzz_table.py "$EDGEPACK_FUZZ_MD" "$HOME_DIR/rows.md"
+  printf '%s\n' "${rows[@]}" > "$ROWS"
+  flock "$HOME_DIR/table.lock" "$PY" scripts/fuzz_table.py "$EDGEPACK_FUZZ_MD" "$ROWS"
 fi
 if [ ${#found[@]} -gt 0 ]; then
   printf '\n!!!!!!!!!!!!!!!!!!!! NEW FUZZ FINDINGS of the short search (fix them and commit each reproducer under fuzz/regressions/):\n' >&2
