@@ -450,6 +450,20 @@ fn tensor(shape: Vec<usize>, data: TensorData) -> Res<Tensor> {
     Tensor::new(shape, data).map_err(|e| e.to_string())
 }
 
+/// The most elements one tensor the interpreter makes may hold (2 GiB of f64, its working type): a shape taken
+/// from a model's values (ConstantOfShape, Range, Tile, Expand...) is checked against it before anything is
+/// allocated, so a mangled model is a typed error, not an allocation failure.
+pub(crate) const MAX_ELEMENTS: usize = 1 << 28;
+
+/// The element count of `shape`, refused when it overflows or exceeds [`MAX_ELEMENTS`].
+pub(crate) fn checked_len(shape: &[usize]) -> Res<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_ELEMENTS)
+        .ok_or_else(|| format!("a tensor of shape {shape:?} is over the interpreter's {MAX_ELEMENTS} elements"))
+}
+
 /// Integer values of a small tensor (shapes, axes, indices).
 fn i64s(t: &Tensor) -> Res<Vec<i64>> {
     match t.data() {
@@ -619,7 +633,7 @@ fn unravel(mut k: usize, shape: &[usize], idx: &mut [usize]) {
 fn strided(x: &Tensor, out: Vec<usize>, base: isize, strides: &[isize]) -> Res<Tensor> {
     let es = x.dtype().size();
     let src = x.to_le_bytes();
-    let mut dst = Vec::with_capacity(out.iter().product::<usize>() * es);
+    let mut dst = Vec::with_capacity(checked_len(&out)? * es);
     for_each_offset(&out, base, strides, |o| {
         let o = o as usize * es;
         dst.extend_from_slice(&src[o..o + es]);

@@ -35,10 +35,10 @@ pub(crate) fn op_tile(a: &Args) -> Res<Vec<Tensor>> {
     if reps.len() != x.shape().len() {
         return Err(format!("{} repeats for rank {}", reps.len(), x.shape().len()));
     }
-    let out: Vec<usize> = x.shape().iter().zip(&reps).map(|(d, r)| d * r).collect();
+    let out: Vec<usize> = x.shape().iter().zip(&reps).map(|(d, r)| d.saturating_mul(*r)).collect();
     let es = x.dtype().size();
     let src = x.to_le_bytes();
-    let total: usize = out.iter().product();
+    let total = super::checked_len(&out)?;
     let strides = dense_strides(x.shape());
     let mut idx = vec![0; out.len()];
     let mut dst = Vec::with_capacity(total * es);
@@ -57,7 +57,7 @@ pub(crate) fn op_constant_of_shape(a: &Args) -> Res<Vec<Tensor>> {
         Some(t) => tensor_from_proto(t).map_err(|e| e.to_string())?,
         None => Tensor::from_f32(vec![1], vec![0.0]).map_err(|e| e.to_string())?,
     };
-    let n: usize = shape.iter().product();
+    let n = super::checked_len(&shape)?;
     let one = value.to_le_bytes();
     Ok(vec![bytes_tensor(value.dtype(), shape, &one.repeat(n))?])
 }
@@ -69,7 +69,11 @@ pub(crate) fn op_range(a: &Args) -> Res<Vec<Tensor>> {
     if delta == 0.0 {
         return Err("Range with delta 0".into());
     }
-    let n = ((limit - start) / delta).ceil().max(0.0) as usize;
+    let n = ((limit - start) / delta).ceil().max(0.0);
+    if n > super::MAX_ELEMENTS as f64 {
+        return Err(format!("Range from {start} to {limit} by {delta}: {n} elements"));
+    }
+    let n = n as usize;
     if super::math::is_float(dt) {
         let v = (0..n).map(|i| start + i as f64 * delta).collect();
         return Ok(vec![tensor(vec![n], TensorData::F64(v))?.cast(dt)]);
@@ -90,7 +94,11 @@ pub(crate) fn op_split(a: &Args) -> Res<Vec<Tensor>> {
         None => match a.n.attr_ints("split") {
             Some(s) => s.iter().map(|&d| d.max(0) as usize).collect(),
             None => {
-                let n = a.n.attr_i("num_outputs").map(|n| n as usize).unwrap_or(parts).max(1);
+                let n = match a.n.attr_i("num_outputs") {
+                    Some(n) if usize::try_from(n).is_ok_and(|n| n == parts && n > 0) => parts,
+                    Some(n) => return Err(format!("Split: num_outputs {n} for {parts} outputs")),
+                    None => parts.max(1),
+                };
                 let chunk = dim.div_ceil(n);
                 (0..n).map(|i| chunk.min(dim.saturating_sub(i * chunk))).collect()
             }
