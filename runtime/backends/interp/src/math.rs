@@ -322,7 +322,7 @@ pub(crate) fn op_mod(a: &Args) -> Res<Vec<Tensor>> {
 /// Sum and Mean of any number of broadcasting inputs.
 pub(crate) fn op_sum_mean(a: &Args) -> Res<Vec<Tensor>> {
     let ts: Vec<&Tensor> = (0..a.ins.len()).map(|i| input(a.ins, i)).collect::<Res<_>>()?;
-    let mut y = ts[0].clone();
+    let mut y = ts.first().copied().ok_or_else(|| format!("{} of no inputs", a.n.op()))?.clone();
     for t in &ts[1..] {
         y = binary("Add", &y, t)?;
     }
