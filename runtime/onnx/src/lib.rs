@@ -455,6 +455,9 @@ impl Graph {
                 return Err(Error::MalformedModel("a graph input or output has no name".into()));
             }
         }
+        for v in self.inputs.iter().chain(&self.outputs).chain(&self.value_info) {
+            check_declared_size(v)?;
+        }
         for node in &self.nodes {
             if node.op().is_empty() {
                 return Err(Error::MalformedModel(format!("node `{}` has no op_type", node.name())));
@@ -495,6 +498,26 @@ impl Graph {
         }
         Ok(())
     }
+}
+
+/// The most elements a graph input, output or value may declare with fixed dims (1 GiB of f32). Backends trust
+/// declared shapes: tract's type inference computed an EyeLike of a declared 2³¹×4 input at load, allocating
+/// 32 GiB, which no panic guard can catch.
+pub const MAX_DECLARED_ELEMENTS: u128 = 1 << 28;
+
+fn check_declared_size(v: &ValueInfoProto) -> Result<()> {
+    let Some(shape) = value_info_type(v).and_then(|t| t.shape) else { return Ok(()) };
+    let n = shape.iter().try_fold(1u128, |n, d| match d {
+        Dim::Fixed(d) => n.checked_mul(*d as u128),
+        Dim::Symbolic(_) => Some(n),
+    });
+    if n.is_none_or(|n| n > MAX_DECLARED_ELEMENTS) {
+        return Err(Error::MalformedModel(format!(
+            "`{}` declares a shape of over {MAX_DECLARED_ELEMENTS} elements",
+            v.name.as_deref().unwrap_or("")
+        )));
+    }
+    Ok(())
 }
 
 /// The largest |axis| an ONNX op's `axis`/`axes` attribute may name (a dim of a tensor of at most this rank).

@@ -135,7 +135,10 @@ pub(crate) fn run_if(n: &NodeProto, then: &Sub, other: &Sub, ins: &[Option<&Tens
 
 pub(crate) fn run_loop(n: &NodeProto, body: &Sub, ins: &[Option<&Tensor>]) -> Res<Vec<Tensor>> {
     let own = n.input.len();
-    let trips = ins.first().copied().flatten().map(|t| i64s(&t.cast(DType::I64))).transpose()?.map(|v| v[0]);
+    let trips = match ins.first().copied().flatten() {
+        Some(t) => Some(first(&i64s(&t.cast(DType::I64))?, "the trip count")?),
+        None => None,
+    };
     let mut cond = match ins.get(1).copied().flatten() {
         Some(c) => truthy(c)?,
         None => true,
@@ -144,6 +147,8 @@ pub(crate) fn run_loop(n: &NodeProto, body: &Sub, ins: &[Option<&Tensor>]) -> Re
     let n_scan = n.output.len().saturating_sub(carried.len());
     let mut scans: Vec<Vec<Tensor>> = vec![Vec::new(); n_scan];
     let mut i = 0i64;
+    // Elements the scan outputs hold so far (each iteration counting at least one): bounds the stacked outputs.
+    let mut scanned = 0usize;
     while cond && trips.is_none_or(|m| i < m) {
         let mut inputs = vec![tensor(vec![], TensorData::I64(vec![i]))?, tensor(vec![], TensorData::Bool(vec![cond]))?];
         inputs.extend(carried.iter().cloned());
@@ -158,6 +163,10 @@ pub(crate) fn run_loop(n: &NodeProto, body: &Sub, ins: &[Option<&Tensor>]) -> Re
         }
         for s in scans.iter_mut() {
             s.push(it.next().ok_or("missing scan output")?);
+        }
+        scanned += scans.iter().map(|s| s.last().map_or(0, Tensor::len).max(1)).sum::<usize>();
+        if scanned > MAX_ELEMENTS {
+            return Err(format!("scan outputs of more than {MAX_ELEMENTS} elements"));
         }
         i += 1;
         if i > 10_000_000 {

@@ -263,8 +263,35 @@ fn prepare(n: &NodeProto, consts: &HashMap<String, Tensor>) -> Result<Op> {
 
 fn two(v: &[i64]) -> Res<[usize; 2]> {
     match *v {
-        [a, b] if a > 0 && b > 0 => Ok([a as usize, b as usize]),
+        [a, b] if a > 0 && b > 0 && a <= LIMIT && b <= LIMIT => Ok([a as usize, b as usize]),
         _ => Err(format!("2-D attributes expected, got {v:?}")),
+    }
+}
+
+/// The largest size, stride, dilation or padding a window attribute may give ([`MAX_ELEMENTS`]): products of two
+/// such values and an input dim stay far from overflowing.
+const LIMIT: i64 = MAX_ELEMENTS as i64;
+
+/// An attribute list of sizes (kernel, strides, dilations, pads): each in `0..=MAX_ELEMENTS`, `None` when absent.
+fn size_list(n: &NodeProto, name: &str) -> Res<Option<Vec<usize>>> {
+    n.attr_ints(name)
+        .map(|v| {
+            v.iter()
+                .map(|&x| (0..=LIMIT).contains(&x).then_some(x as usize).ok_or_else(|| format!("{name} {v:?}")))
+                .collect()
+        })
+        .transpose()
+}
+
+/// The most padding the NHWC convolution kernel takes (it pads whole input rows): a model with more (a mangled
+/// one) runs through the direct loops, whose memory is the output's.
+const KERNEL_PADS: usize = 1 << 10;
+
+/// The `group` attribute: at least 1 (an absent or smaller one is 1), at most [`MAX_ELEMENTS`].
+fn group_of(n: &NodeProto) -> Res<usize> {
+    match n.attr_i("group").unwrap_or(1) {
+        g if g > LIMIT => Err(format!("group {g}")),
+        g => Ok(g.max(1) as usize),
     }
 }
 
@@ -279,7 +306,7 @@ fn pads_of(
 ) -> Res<Option<[usize; 4]>> {
     match n.attr_s("auto_pad").unwrap_or("NOTSET") {
         "NOTSET" => match n.attr_ints("pads").unwrap_or(&[0, 0, 0, 0]) {
-            &[t, l, b, r] if t >= 0 && l >= 0 && b >= 0 && r >= 0 => {
+            &[t, l, b, r] if [t, l, b, r].iter().all(|p| (0..=LIMIT).contains(p)) => {
                 Ok(Some([t as usize, l as usize, b as usize, r as usize]))
             }
             p => Err(format!("pads {p:?}")),
@@ -294,7 +321,7 @@ fn pads_of(
             };
             let total = |i: usize| {
                 let out = hw[i].div_ceil(stride[i]);
-                ((out - 1) * stride[i] + (k[i] - 1) * dil[i] + 1).saturating_sub(hw[i])
+                (out.saturating_sub(1) * stride[i] + k[i].saturating_sub(1) * dil[i] + 1).saturating_sub(hw[i])
             };
             let tot = [total(0), total(1)];
             let small = [tot[0] / 2, tot[1] / 2];
@@ -309,7 +336,7 @@ fn pads_of(
     }
 }
 
-/// An NCHW float Conv as the NHWC kernel; `None` when the padding needs the input size.
+/// An NCHW float Conv as the NHWC kernel; `None` when the padding needs the input size or exceeds [`KERNEL_PADS`].
 fn conv_of(n: &NodeProto, w: &Tensor, bias: Option<&Tensor>, hw: Option<[usize; 2]>) -> Res<Option<fconv::FConv>> {
     let d = w.shape().to_vec();
     let Some(wv) = w.as_f32().filter(|_| d.len() == 4) else {
@@ -319,9 +346,13 @@ fn conv_of(n: &NodeProto, w: &Tensor, bias: Option<&Tensor>, hw: Option<[usize; 
     let stride = two(n.attr_ints("strides").unwrap_or(&[1, 1]))?;
     let dilation = two(n.attr_ints("dilations").unwrap_or(&[1, 1]))?;
     let Some(pads) = pads_of(n, kernel, stride, dilation, hw)? else { return Ok(None) };
-    let group = n.attr_i("group").unwrap_or(1).max(1) as usize;
+    if pads.iter().any(|&p| p > KERNEL_PADS) {
+        return Ok(None);
+    }
+    let group = group_of(n)?;
+    let c_in = d[1].checked_mul(group).ok_or_else(|| format!("group {group} of {} channels", d[1]))?;
     let spec = fconv::FConvSpec {
-        geom: ConvGeometry { c_in: d[1] * group, c_out: d[0], group, kernel, stride, dilation, pads },
+        geom: ConvGeometry { c_in, c_out: d[0], group, kernel, stride, dilation, pads },
         weights: wv.to_vec(),
         bias: bias.map(Tensor::to_f32_vec),
         clamp: [f32::NEG_INFINITY, f32::INFINITY],
@@ -329,7 +360,8 @@ fn conv_of(n: &NodeProto, w: &Tensor, bias: Option<&Tensor>, hw: Option<[usize; 
     fconv::FConv::new(spec, Isa::detect()).map(Some)
 }
 
-/// An NCW float Conv (1-D) as the NHWC kernel over a height of 1; `None` when the padding needs the input length.
+/// An NCW float Conv (1-D) as the NHWC kernel over a height of 1; `None` when the padding needs the input length
+/// or exceeds [`KERNEL_PADS`].
 fn conv1d_of(n: &NodeProto, w: &Tensor, bias: Option<&Tensor>, len: Option<usize>) -> Res<Option<fconv::FConv>> {
     let d = w.shape().to_vec();
     let Some(wv) = w.as_f32().filter(|_| d.len() == 3) else {
@@ -338,14 +370,14 @@ fn conv1d_of(n: &NodeProto, w: &Tensor, bias: Option<&Tensor>, len: Option<usize
     let one = |name: &str| -> Res<usize> {
         match n.attr_ints(name) {
             None => Ok(1),
-            Some(&[v]) if v > 0 => Ok(v as usize),
+            Some(&[v]) if v > 0 && v <= LIMIT => Ok(v as usize),
             Some(v) => Err(format!("{name} {v:?}")),
         }
     };
     let (k, stride, dil) = (d[2], one("strides")?, one("dilations")?);
     let (pb, pe) = match n.attr_s("auto_pad").unwrap_or("NOTSET") {
         "NOTSET" => match n.attr_ints("pads").unwrap_or(&[0, 0]) {
-            &[b, e] if b >= 0 && e >= 0 => (b as usize, e as usize),
+            &[b, e] if (0..=LIMIT).contains(&b) && (0..=LIMIT).contains(&e) => (b as usize, e as usize),
             p => return Err(format!("pads {p:?}")),
         },
         "VALID" => (0, 0),
@@ -356,16 +388,19 @@ fn conv1d_of(n: &NodeProto, w: &Tensor, bias: Option<&Tensor>, len: Option<usize
                 None => return Ok(None),
             };
             let out = l.div_ceil(stride);
-            let total = ((out - 1) * stride + (k - 1) * dil + 1).saturating_sub(l);
+            let total = (out.saturating_sub(1) * stride + k.saturating_sub(1) * dil + 1).saturating_sub(l);
             let small = total / 2;
             if mode == "SAME_UPPER" { (small, total - small) } else { (total - small, small) }
         }
         mode => return Err(format!("auto_pad {mode}")),
     };
-    let group = n.attr_i("group").unwrap_or(1).max(1) as usize;
+    if pb.max(pe) > KERNEL_PADS {
+        return Ok(None);
+    }
+    let group = group_of(n)?;
     let spec = fconv::FConvSpec {
         geom: ConvGeometry {
-            c_in: d[1] * group,
+            c_in: d[1].checked_mul(group).ok_or_else(|| format!("group {group} of {} channels", d[1]))?,
             c_out: d[0],
             group,
             kernel: [1, k],
@@ -410,7 +445,7 @@ fn run_conv(conv: &fconv::FConv, x: &Tensor) -> Res<Tensor> {
     }
     let (oh, ow) = conv.output_hw(h, w).ok_or_else(|| format!("input {h}x{w} too small"))?;
     let co = conv.spec().geom.c_out;
-    let mut y = vec![0.0; b * oh * ow * co];
+    let mut y = vec![0.0; checked_len(&[b, co, oh, ow])?];
     conv.run(&layout(f32s(x)?, [b, c, h, w], true), b, h, w, &mut y)?;
     tensor(vec![b, co, oh, ow], TensorData::F32(layout(&y, [b, oh, ow, co], false)))
 }
@@ -418,6 +453,7 @@ fn run_conv(conv: &fconv::FConv, x: &Tensor) -> Res<Tensor> {
 fn run_pool(g: &Pool2d, x: &Tensor) -> Res<Tensor> {
     let [b, c, h, w] = image_dims(x)?;
     let (oh, ow) = g.output_hw(h, w).ok_or_else(|| format!("input {h}x{w} too small"))?;
+    checked_len(&[b, c, oh, ow])?;
     let empty = "a pooling window holds no input cell";
     let data = match x.data() {
         TensorData::F32(v) => {
@@ -464,6 +500,31 @@ pub(crate) fn checked_len(shape: &[usize]) -> Res<usize> {
         .ok_or_else(|| format!("a tensor of shape {shape:?} is over the interpreter's {MAX_ELEMENTS} elements"))
 }
 
+/// The element count of an op's output `shape`: refused when it overflows, or exceeds both [`MAX_ELEMENTS`] and
+/// the largest input (an output no bigger than an input the model already holds is no blow-up).
+pub(crate) fn out_len(shape: &[usize], ins: &[&Tensor]) -> Res<usize> {
+    let n = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    match n {
+        Some(n) if n <= MAX_ELEMENTS || ins.iter().any(|t| n <= t.len()) => Ok(n),
+        _ => checked_len(shape),
+    }
+}
+
+/// Checks an op's inputs: an empty tensor's other dims must not multiply past [`MAX_ELEMENTS`] (a non-empty
+/// one holds its product already), so loops over outer and inner dims stay bounded and their products exact.
+fn check_inputs(ins: &[Option<&Tensor>]) -> Res<()> {
+    for t in ins.iter().flatten().filter(|t| t.is_empty()) {
+        let nonzero: Vec<usize> = t.shape().iter().copied().filter(|&d| d != 0).collect();
+        checked_len(&nonzero).map_err(|_| format!("an empty tensor of shape {:?}", t.shape()))?;
+    }
+    Ok(())
+}
+
+/// The first element of a tensor that holds one (a scalar operand: Range's bounds, OneHot's depth, a trip count).
+fn first<T: Copy>(v: &[T], what: &str) -> Res<T> {
+    v.first().copied().ok_or_else(|| format!("{what} is empty"))
+}
+
 /// Integer values of a small tensor (shapes, axes, indices).
 fn i64s(t: &Tensor) -> Res<Vec<i64>> {
     match t.data() {
@@ -503,14 +564,16 @@ fn image_dims(x: &Tensor) -> Res<[usize; 4]> {
 
 fn run_step(s: &Step, ins: &[Option<&Tensor>], opset: i64) -> Res<Vec<Tensor>> {
     let n = &s.node;
+    check_inputs(ins)?;
     match &s.op {
         Op::Kernel(k) => {
             let ts: Vec<&Tensor> = (0..ins.len()).map(|i| input(ins, i)).collect::<Res<_>>()?;
+            let first_type = ts.first().ok_or("a kernel node without inputs")?.dtype();
             let shapes: Vec<Vec<usize>> = ts.iter().map(|t| t.shape().to_vec()).collect();
             let out = k.out_shape(&shapes)?;
             let mut data = Vec::with_capacity(ts.len());
             for t in &ts {
-                let want = k.input_type().unwrap_or(ts[0].dtype());
+                let want = k.input_type().unwrap_or(first_type);
                 if t.dtype() != want {
                     return Err(format!("expected {want} inputs, got {}", t.dtype()));
                 }
@@ -521,8 +584,8 @@ fn run_step(s: &Step, ins: &[Option<&Tensor>], opset: i64) -> Res<Vec<Tensor>> {
                 });
             }
             let ins: Vec<(Data, &[usize])> = data.into_iter().zip(shapes.iter().map(Vec::as_slice)).collect();
-            let len: usize = out.iter().product();
-            let y = match k.output_type().unwrap_or(ts[0].dtype()) {
+            let len = checked_len(&out)?;
+            let y = match k.output_type().unwrap_or(first_type) {
                 DType::U8 => {
                     let mut y = vec![0u8; len];
                     k.eval(&ins, &out, DataMut::U8(&mut y))?;
@@ -569,7 +632,7 @@ fn float_map(x: &Tensor, f: impl Fn(f64) -> f64) -> Res<Tensor> {
 /// Numpy broadcasting of two shapes.
 fn broadcast(a: &[usize], b: &[usize]) -> Res<Vec<usize>> {
     let r = a.len().max(b.len());
-    (0..r)
+    let out = (0..r)
         .map(|i| {
             let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
             let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
@@ -579,7 +642,12 @@ fn broadcast(a: &[usize], b: &[usize]) -> Res<Vec<usize>> {
                 _ => Err(format!("shapes {a:?} and {b:?} do not broadcast")),
             }
         })
-        .collect()
+        .collect::<Res<Vec<usize>>>()?;
+    // The shape of an operand needs no check (a tensor holds it, or, for Expand, the copy checks it).
+    if out != a && out != b {
+        checked_len(&out)?;
+    }
+    Ok(out)
 }
 
 /// Row-major element strides of `shape`.
@@ -676,7 +744,7 @@ fn binary(op: &str, a: &Tensor, b: &Tensor) -> Res<Tensor> {
             "Add" => x[i].wrapping_add(y[j]),
             "Sub" => x[i].wrapping_sub(y[j]),
             "Mul" => x[i].wrapping_mul(y[j]),
-            "Div" => x[i].checked_div(y[j]).ok_or("integer division by zero")?,
+            "Div" => x[i].checked_div(y[j]).ok_or("integer division by zero or overflow")?,
             "Max" => x[i].max(y[j]),
             _ => x[i].min(y[j]),
         });
@@ -702,7 +770,8 @@ fn qparams_at(x: &Tensor, scale: &Tensor, zero: Option<&Tensor>, axis_attr: i64,
         // Blocked (opset 21): the scale has x's shape with axis `ax` divided into blocks of `block`.
         let xs = x.shape();
         let ss = scale.shape();
-        if ss.len() != xs.len() || ss[ax] != xs[ax].div_ceil(block) {
+        let fits = |d: usize| if d == ax { ss[d] == xs[d].div_ceil(block) } else { ss[d] == xs[d] };
+        if ss.len() != xs.len() || !(0..xs.len()).all(fits) {
             return Err(format!("scale {ss:?} for blocks of {block} along axis {ax} of {xs:?}"));
         }
         let sstr = dense_strides(ss);
@@ -997,6 +1066,7 @@ fn plain_op(op: &str) -> Option<PlainFn> {
 
 fn plain(n: &NodeProto, ins: &[Option<&Tensor>], opset: i64) -> Res<Vec<Tensor>> {
     let f = plain_op(n.op()).ok_or_else(|| format!("{} is not an interpreter op", n.op()))?;
+    check_inputs(ins)?;
     f(&Args { n, ins, opset })
 }
 
@@ -1177,14 +1247,14 @@ fn op_gather(a: &Args) -> Res<Tensor> {
             (0..len).contains(&j).then_some(j as usize).ok_or(format!("index {i} out of range {len}"))
         })
         .collect::<Res<Vec<usize>>>()?;
-    let mut dst = Vec::with_capacity(outer * ids.len() * inner * es);
+    let out: Vec<usize> = shape[..ax].iter().chain(idx.shape()).chain(&shape[ax + 1..]).copied().collect();
+    let mut dst = Vec::with_capacity(out_len(&out, &[x, idx])? * es);
     for o in 0..outer {
         for &j in &ids {
             let at = ((o * shape[ax] + j) * inner) * es;
             dst.extend_from_slice(&src[at..at + inner * es]);
         }
     }
-    let out: Vec<usize> = shape[..ax].iter().chain(idx.shape()).chain(&shape[ax + 1..]).copied().collect();
     Tensor::from_le_bytes(x.dtype(), out, &dst).map_err(|e| e.to_string())
 }
 
@@ -1241,7 +1311,7 @@ fn op_reshape(a: &Args) -> Res<Tensor> {
         });
     }
     if let Some(i) = infer {
-        let known: usize = out.iter().product();
+        let known = out.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).unwrap_or(0);
         if known == 0 || x.len() % known != 0 {
             return Err(format!("cannot reshape {shape:?} into {spec:?}"));
         }
@@ -1321,12 +1391,18 @@ fn op_slice(a: &Args) -> Res<Tensor> {
         (i64s(input(ins, 1)?)?, i64s(input(ins, 2)?)?, opt(3)?.unwrap_or_default(), opt(4)?.unwrap_or_default())
     };
     let axes: Vec<usize> = if axes.is_empty() {
+        if starts.len() > rank {
+            return Err(format!("{} starts for rank {rank}", starts.len()));
+        }
         (0..starts.len()).collect()
     } else {
         axes.iter().map(|&a| axis(a, rank)).collect::<Res<_>>()?
     };
     if starts.len() != axes.len() || ends.len() != axes.len() || !(steps.is_empty() || steps.len() == axes.len()) {
         return Err("starts, ends, axes and steps differ in length".into());
+    }
+    if axes.iter().enumerate().any(|(k, a)| axes[..k].contains(a)) {
+        return Err(format!("axes {axes:?} repeat"));
     }
     let dense = dense_strides(&shape);
     let mut out = shape.clone();
@@ -1344,11 +1420,12 @@ fn op_slice(a: &Args) -> Res<Tensor> {
         } else {
             (norm(starts[k]).clamp(-1, dim - 1), norm(ends[k]).clamp(-1, dim - 1))
         };
-        let (span, by) = if step > 0 { ((e - s).max(0), step) } else { ((s - e).max(0), -step) };
-        let len = (span + by - 1) / by;
-        out[a] = len as usize;
+        let span = if step > 0 { (e - s).max(0) } else { (s - e).max(0) };
+        let len = (span as u64).div_ceil(step.unsigned_abs()) as usize;
+        out[a] = len;
         base += s.max(0) as isize * dense[a];
-        strides[a] = dense[a] * step as isize;
+        // A step past the dim takes one element (no stride to overflow).
+        strides[a] = if len > 1 { dense[a] * step as isize } else { 0 };
     }
     strided(x, out, base, &strides)
 }
@@ -1401,8 +1478,11 @@ fn op_quantize_linear(a: &Args) -> Res<Tensor> {
         Some(DType::U16) => (0, 65535, DType::U16),
         Some(d) => return Err(format!("zero point of type {d}")),
     };
-    let y: Vec<i64> =
-        v.iter().zip(&q).map(|(&x, &(s, z))| ((x / s).round_ties_even() as i64 + z as i64).clamp(lo, hi)).collect();
+    let y: Vec<i64> = v
+        .iter()
+        .zip(&q)
+        .map(|(&x, &(s, z))| ((x / s).round_ties_even() as i64).saturating_add(z as i64).clamp(lo, hi))
+        .collect();
     Ok(tensor(shape, TensorData::I64(y))?.cast(dt))
 }
 
@@ -1414,7 +1494,7 @@ fn op_dequantize_linear(a: &Args) -> Res<Tensor> {
     let (scale, zero) = (input(ins, 1)?, ins.get(2).copied().flatten());
     // The common case, a per-tensor 8-bit activation: one multiply per element through a 256-entry table.
     if let (Some(&s), 1, TensorData::U8(_) | TensorData::I8(_)) = (f32s(scale)?.first(), scale.len(), x.data()) {
-        let z = zero.map_or(0.0, |z| z.to_f32_vec()[0]);
+        let z = zero.map_or(Ok(0.0), |z| first(&z.to_f32_vec(), "the zero point"))?;
         let y = match x.data() {
             TensorData::U8(v) => {
                 let lut: Vec<f32> = (0..256).map(|q| (q as f32 - z) * s).collect();
@@ -1430,7 +1510,7 @@ fn op_dequantize_linear(a: &Args) -> Res<Tensor> {
     }
     let q = qparams_at(x, scale, zero, n.attr_i("axis").unwrap_or(1), block_size(n))?;
     let v = i64s(&x.cast(DType::I64))?;
-    let y = v.iter().zip(&q).map(|(&v, &(s, z))| (v - z as i64) as f32 * s).collect();
+    let y = v.iter().zip(&q).map(|(&v, &(s, z))| v.wrapping_sub(z as i64) as f32 * s).collect();
     tensor(shape, TensorData::F32(y))
 }
 

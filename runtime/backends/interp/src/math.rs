@@ -277,7 +277,7 @@ pub(crate) fn op_prelu(a: &Args) -> Res<Vec<Tensor>> {
         return Ok(vec![tensor(out, TensorData::F64(v))?.cast(x.dtype())]);
     }
     let (p, q) = (i64v(x), i64v(s));
-    let v = idx[0].iter().zip(&idx[1]).map(|(&i, &j)| if p[i] < 0 { p[i] * q[j] } else { p[i] }).collect();
+    let v = idx[0].iter().zip(&idx[1]).map(|(&i, &j)| if p[i] < 0 { p[i].wrapping_mul(q[j]) } else { p[i] }).collect();
     Ok(vec![tensor(out, TensorData::I64(v))?.cast(x.dtype())])
 }
 
@@ -313,7 +313,7 @@ pub(crate) fn op_mod(a: &Args) -> Res<Vec<Tensor>> {
     let (p, q) = (i64v(x), i64v(y));
     let mut v = Vec::with_capacity(idx[0].len());
     for (&i, &j) in idx[0].iter().zip(&idx[1]) {
-        let r = p[i].checked_rem(q[j]).ok_or("integer modulo by zero")?;
+        let r = p[i].checked_rem(q[j]).ok_or("integer modulo by zero or overflow")?;
         v.push(if fmod || r == 0 || (r < 0) == (q[j] < 0) { r } else { r + q[j] });
     }
     Ok(vec![tensor(out, TensorData::I64(v))?.cast(x.dtype())])

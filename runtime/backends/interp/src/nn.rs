@@ -37,9 +37,10 @@ pub(crate) fn matmul(x: &Tensor, y: &Tensor) -> Res<Tensor> {
     if !y1 {
         shape.push(n);
     }
+    let total = out_len(&shape, &[x, y])?;
     if let (TensorData::F32(a), TensorData::F32(b)) = (x.data(), y.data()) {
         // f32 × f32: accumulate in f32 (as onnxruntime's MLAS does), row by row so the inner loop vectorises.
-        let mut out = vec![0f32; bx.len() * m * n];
+        let mut out = vec![0f32; total];
         for (t, (&i, &j)) in bx.iter().zip(&by).enumerate() {
             let (pa, pb) = (&a[i * m * k..(i + 1) * m * k], &b[j * k * n..(j + 1) * k * n]);
             let po = &mut out[t * m * n..(t + 1) * m * n];
@@ -57,7 +58,7 @@ pub(crate) fn matmul(x: &Tensor, y: &Tensor) -> Res<Tensor> {
     }
     let float = is_float(x.dtype());
     let (a, b) = (f64s(x), f64s(y));
-    let mut out = vec![0.0; bx.len() * m * n];
+    let mut out = vec![0.0; total];
     for (t, (&i, &j)) in bx.iter().zip(&by).enumerate() {
         let (pa, pb) = (&a[i * m * k..(i + 1) * m * k], &b[j * k * n..(j + 1) * k * n]);
         let po = &mut out[t * m * n..(t + 1) * m * n];
@@ -94,7 +95,8 @@ fn minus_zero(t: &Tensor, zero: Option<&Tensor>, axis: Option<usize>) -> Res<Ten
     if z.len() != 1 && z.len() != len {
         return Err(format!("{} zero points for {shape:?}", z.len()));
     }
-    let v = super::math::i64v(t).iter().enumerate().map(|(i, &e)| (e - z[(i / inner) % len]) as f64).collect();
+    let v =
+        super::math::i64v(t).iter().enumerate().map(|(i, &e)| e.wrapping_sub(z[(i / inner) % len]) as f64).collect();
     tensor(shape.to_vec(), TensorData::F64(v))
 }
 
@@ -293,7 +295,7 @@ pub(crate) fn op_group_norm(a: &Args) -> Res<Vec<Tensor>> {
     }
     let cpg = c / groups;
     let mut v = f64s(x);
-    for (g, chunk) in v.chunks_mut(cpg * inner).enumerate() {
+    for (g, chunk) in v.chunks_mut((cpg * inner).max(1)).enumerate() {
         let grp = g % groups;
         normalize(chunk, eps, |i| {
             let ch = if per_channel { grp * cpg + i / inner } else { grp };
@@ -338,18 +340,19 @@ pub(crate) struct Window {
 
 pub(crate) fn window(n: &NodeProto, input: &[usize], kernel: &[usize], ceil: bool) -> Res<Window> {
     let r = input.len();
-    let ints = |name: &str, d: i64| -> Vec<usize> {
-        n.attr_ints(name).map(|v| v.iter().map(|&x| x.max(0) as usize).collect()).unwrap_or_else(|| vec![d as usize; r])
-    };
-    let (strides, dil) = (ints("strides", 1), ints("dilations", 1));
+    let ints = |name: &str, d: usize| -> Res<Vec<usize>> { Ok(size_list(n, name)?.unwrap_or_else(|| vec![d; r])) };
+    let (strides, dil) = (ints("strides", 1)?, ints("dilations", 1)?);
     if strides.len() != r || dil.len() != r || strides.contains(&0) || dil.contains(&0) {
         return Err("strides/dilations do not match the spatial rank".into());
+    }
+    if kernel.len() != r || kernel.iter().any(|&k| k == 0 || k > MAX_ELEMENTS) {
+        return Err(format!("kernel {kernel:?} for a spatial rank of {r}"));
     }
     let span = |i: usize| (kernel[i] - 1) * dil[i] + 1;
     let (mut begin, mut end) = (vec![0; r], vec![0; r]);
     match n.attr_s("auto_pad").unwrap_or("NOTSET") {
         "NOTSET" => {
-            let p = ints("pads", 0);
+            let p = ints("pads", 0)?;
             let p = if p.len() == 2 * r { p } else { vec![0; 2 * r] };
             begin.copy_from_slice(&p[..r]);
             end.copy_from_slice(&p[r..]);
@@ -358,7 +361,7 @@ pub(crate) fn window(n: &NodeProto, input: &[usize], kernel: &[usize], ceil: boo
         mode => {
             for i in 0..r {
                 let out = input[i].div_ceil(strides[i]);
-                let total = ((out - 1) * strides[i] + span(i)).saturating_sub(input[i]);
+                let total = (out.saturating_sub(1) * strides[i] + span(i)).saturating_sub(input[i]);
                 let small = total / 2;
                 (begin[i], end[i]) = if mode == "SAME_LOWER" { (total - small, small) } else { (small, total - small) };
             }
@@ -414,11 +417,14 @@ pub(crate) fn conv_direct(n: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tens
     if xs.len() < 3 || ws.len() != xs.len() {
         return Err(format!("Conv of {xs:?} with weights {ws:?}"));
     }
-    let group = n.attr_i("group").unwrap_or(1).max(1) as usize;
+    let group = group_of(n)?;
     let (batch, c, m) = (xs[0], xs[1], ws[0]);
     let cpg = ws[1];
-    if cpg * group != c || m % group != 0 {
+    if cpg.checked_mul(group) != Some(c) || m % group != 0 {
         return Err(format!("{c} input channels, weights {ws:?}, group {group}"));
+    }
+    if let Some(b) = b.filter(|b| b.len() != m) {
+        return Err(format!("a bias of {} values for {m} output channels", b.len()));
     }
     let sp = &xs[2..];
     let win = window(n, sp, &ws[2..], false)?;
@@ -427,7 +433,8 @@ pub(crate) fn conv_direct(n: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tens
     let (isz, osz, ksz) =
         (sp.iter().product::<usize>(), win.out.iter().product::<usize>(), ws[2..].iter().product::<usize>());
     let mpg = m / group;
-    let mut y = vec![0.0; batch * m * osz];
+    let shape: Vec<usize> = [batch, m].iter().chain(&win.out).copied().collect();
+    let mut y = vec![0.0; checked_len(&shape)?];
     for nb in 0..batch {
         for oc in 0..m {
             let g = oc / mpg;
@@ -446,7 +453,6 @@ pub(crate) fn conv_direct(n: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tens
             }
         }
     }
-    let shape: Vec<usize> = [batch, m].iter().chain(&win.out).copied().collect();
     out_float(shape, y, x.dtype())
 }
 
@@ -455,15 +461,13 @@ pub(crate) fn op_conv_transpose(a: &Args) -> Res<Vec<Tensor>> {
     let n = a.n;
     let (xs, ws) = (x.shape().to_vec(), w.shape().to_vec());
     let r = xs.len().checked_sub(2).filter(|&r| r >= 1 && ws.len() == r + 2).ok_or("ConvTranspose shapes")?;
-    let group = n.attr_i("group").unwrap_or(1).max(1) as usize;
+    let group = group_of(n)?;
     let (batch, c) = (xs[0], xs[1]);
     let mpg = ws[1];
-    let m = mpg * group;
+    let m = mpg.checked_mul(group).ok_or_else(|| format!("group {group} of {mpg} channels"))?;
     let cpg = c / group;
-    let ints = |name: &str, d: usize| -> Vec<usize> {
-        n.attr_ints(name).map(|v| v.iter().map(|&x| x.max(0) as usize).collect()).unwrap_or_else(|| vec![d; r])
-    };
-    let (strides, dil, opad) = (ints("strides", 1), ints("dilations", 1), ints("output_padding", 0));
+    let ints = |name: &str, d: usize| -> Res<Vec<usize>> { Ok(size_list(n, name)?.unwrap_or_else(|| vec![d; r])) };
+    let (strides, dil, opad) = (ints("strides", 1)?, ints("dilations", 1)?, ints("output_padding", 0)?);
     let kernel = ws[2..].to_vec();
     let sp = &xs[2..];
     // The spec's constraints, before any index arithmetic.
@@ -471,7 +475,7 @@ pub(crate) fn op_conv_transpose(a: &Args) -> Res<Vec<Tensor>> {
     if c % group != 0
         || ws[0] != c
         || [&strides, &dil, &opad].iter().any(|v| v.len() != r)
-        || strides.iter().chain(&dil).chain(&kernel).chain(sp).any(|&v| v == 0)
+        || strides.iter().chain(&dil).chain(&kernel).chain(sp).any(|&v| v == 0 || v > MAX_ELEMENTS)
         || n.attr_ints("output_shape").is_some_and(|o| o.len() < r)
         || bias_len.as_ref().is_some_and(|b| b != &[m])
     {
@@ -483,8 +487,8 @@ pub(crate) fn op_conv_transpose(a: &Args) -> Res<Vec<Tensor>> {
     let span = |i: usize| (kernel[i] - 1) * dil[i] + 1;
     let full: Vec<usize> = (0..r).map(|i| (sp[i] - 1) * strides[i] + span(i) + opad[i]).collect();
     let (mut begin, mut out) = (vec![0usize; r], vec![0usize; r]);
-    let pads = ints("pads", 0);
-    let given = n.attr_ints("output_shape").map(|v| v.iter().map(|&x| x.max(0) as usize).collect::<Vec<_>>());
+    let pads = ints("pads", 0)?;
+    let given = size_list(n, "output_shape")?;
     let auto = n.attr_s("auto_pad").unwrap_or("NOTSET");
     for i in 0..r {
         if let Some(os) = &given {
@@ -506,8 +510,9 @@ pub(crate) fn op_conv_transpose(a: &Args) -> Res<Vec<Tensor>> {
     let (xv, wv) = (f64s(x), f64s(w));
     let (isz, osz, ksz) =
         (sp.iter().product::<usize>(), out.iter().product::<usize>(), kernel.iter().product::<usize>());
+    let shape: Vec<usize> = [batch, m].iter().chain(&out).copied().collect();
     let ostr = dense_strides(&out);
-    let mut y = vec![0.0; batch * m * osz];
+    let mut y = vec![0.0; checked_len(&shape)?];
     let (mut ip, mut kp) = (vec![0usize; r], vec![0usize; r]);
     for nb in 0..batch {
         for ic in 0..c {
@@ -544,7 +549,6 @@ pub(crate) fn op_conv_transpose(a: &Args) -> Res<Vec<Tensor>> {
             *e += bv[(k / osz) % m];
         }
     }
-    let shape: Vec<usize> = [batch, m].iter().chain(&out).copied().collect();
     Ok(vec![out_float(shape, y, x.dtype())?])
 }
 
@@ -557,8 +561,9 @@ pub(crate) fn pool_direct(a: &Args) -> Res<Vec<Tensor>> {
         return Err(format!("pooling of {xs:?}"));
     }
     let sp = xs[2..].to_vec();
+    // Sizes under 1 count as 1; one past the limit stands for any larger size (`window` refuses it).
     let kernel: Vec<usize> =
-        n.attr_ints("kernel_shape").unwrap_or_default().iter().map(|&k| k.max(1) as usize).collect();
+        n.attr_ints("kernel_shape").unwrap_or_default().iter().map(|&k| k.clamp(1, LIMIT + 1) as usize).collect();
     if kernel.len() != sp.len() {
         return Err("kernel_shape does not match the spatial rank".into());
     }
@@ -568,6 +573,8 @@ pub(crate) fn pool_direct(a: &Args) -> Res<Vec<Tensor>> {
     let p = n.attr_i("p").unwrap_or(2) as f64;
     let (isz, osz) = (sp.iter().product::<usize>(), win.out.iter().product::<usize>());
     let planes = xs[0] * xs[1];
+    let shape: Vec<usize> = xs[..2].iter().chain(&win.out).copied().collect();
+    checked_len(&shape)?;
     let v = f64s(x);
     let mut y = vec![0.0; planes * osz];
     let mut ind = vec![0i64; planes * osz];
@@ -604,7 +611,7 @@ pub(crate) fn pool_direct(a: &Args) -> Res<Vec<Tensor>> {
                 _ => acc[o] / count[o].max(1) as f64,
             };
             let flat = (pl * isz + arg[o]) as i64;
-            io[o] = if storage_order && sp.len() == 2 {
+            io[o] = if storage_order && sp.len() == 2 && sp[1] > 0 {
                 let (h, w) = (arg[o] / sp[1], arg[o] % sp[1]);
                 (pl * isz + w * sp[0] + h) as i64
             } else {
@@ -612,7 +619,6 @@ pub(crate) fn pool_direct(a: &Args) -> Res<Vec<Tensor>> {
             };
         }
     }
-    let shape: Vec<usize> = xs[..2].iter().chain(&win.out).copied().collect();
     let mut outs = vec![out_float(shape.clone(), y, x.dtype())?];
     if n.output.len() > 1 {
         outs.push(tensor(shape, TensorData::I64(ind))?);
@@ -623,8 +629,8 @@ pub(crate) fn pool_direct(a: &Args) -> Res<Vec<Tensor>> {
 /// Per output position: the window cells inside the padded input (what count_include_pad divides by).
 fn recount_with_pads(n: &NodeProto, sp: &[usize], w: &Window) -> Vec<usize> {
     let r = sp.len();
-    let pads: Vec<usize> =
-        n.attr_ints("pads").map(|v| v.iter().map(|&x| x.max(0) as usize).collect()).unwrap_or_else(|| vec![0; 2 * r]);
+    // `window` has checked the pads (in range, or of another length and then unused).
+    let pads: Vec<usize> = size_list(n, "pads").ok().flatten().unwrap_or_else(|| vec![0; 2 * r]);
     let end: Vec<usize> = if pads.len() == 2 * r { pads[r..].to_vec() } else { vec![0; r] };
     let osz: usize = w.out.iter().product();
     let mut o = vec![0usize; r];
@@ -645,6 +651,9 @@ fn recount_with_pads(n: &NodeProto, sp: &[usize], w: &Window) -> Vec<usize> {
 pub(crate) fn op_global_max_pool(a: &Args) -> Res<Vec<Tensor>> {
     let x = a.x()?;
     let s = x.shape().to_vec();
+    if s.len() < 2 {
+        return Err(format!("GlobalMaxPool of {s:?} (N, C, ... expected)"));
+    }
     let inner: usize = s[2..].iter().product::<usize>().max(1);
     let y = f64s(x).chunks(inner).map(|c| c.iter().copied().fold(f64::NEG_INFINITY, f64::max)).collect();
     let out: Vec<usize> = s[..2].iter().copied().chain(std::iter::repeat_n(1, s.len() - 2)).collect();
@@ -660,6 +669,9 @@ pub(crate) fn op_lrn(a: &Args) -> Res<Vec<Tensor>> {
         a.n.attr_f("beta").unwrap_or(0.75) as f64,
         a.n.attr_f("bias").unwrap_or(1.0) as f64,
     );
+    if s.len() < 2 {
+        return Err(format!("LRN of {s:?} (N, C, ... expected)"));
+    }
     let (c, inner) = (s[1], s[2..].iter().product::<usize>());
     let v = f64s(x);
     let mut y = vec![0.0; v.len()];
@@ -783,6 +795,7 @@ pub(crate) fn op_einsum(a: &Args) -> Res<Vec<Tensor>> {
         .collect();
     let osz: usize = dims[..out.len()].iter().product();
     let inner: usize = dims[out.len()..].iter().product();
+    checked_len(&dims[..out.len()])?;
     let mut y = vec![0.0; osz];
     let mut idx = vec![0usize; all.len()];
     for (o, yo) in y.iter_mut().enumerate() {

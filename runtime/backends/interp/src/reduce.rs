@@ -183,6 +183,8 @@ pub(crate) fn op_softmax_like(a: &Args) -> Res<Vec<Tensor>> {
     let v = f64s(x);
     let mut y = vec![0.0; v.len()];
     let hard = a.n.op() == "Hardmax";
+    // An empty axis has nothing to normalise (and no cell for Hardmax's 1).
+    let outer = if len == 0 { 0 } else { outer };
     for o in 0..outer {
         for i in 0..inner {
             let at = |k: usize| (o * len + k) * inner + i;

@@ -31,7 +31,7 @@ fn taps(m: &Mode, len_in: usize, len_out: usize, scale: f64, roi: (f64, f64)) ->
                     let x = if m.coord == "tf_crop_and_resize" { x } else { x.clamp(0.0, i_in - 1.0) };
                     let f = x.floor();
                     let w = x - f;
-                    vec![(clampi(f as i64), 1.0 - w), (clampi(f as i64 + 1), w)]
+                    vec![(clampi(f as i64), 1.0 - w), (clampi((f as i64).saturating_add(1)), w)]
                 }
                 _ => {
                     // Cubic convolution (Keys) with coefficient A.
@@ -50,7 +50,7 @@ fn taps(m: &Mode, len_in: usize, len_out: usize, scale: f64, roi: (f64, f64)) ->
                     };
                     let mut v: Vec<(usize, f64, bool)> = (-1..=2)
                         .map(|o| {
-                            let idx = f as i64 + o;
+                            let idx = (f as i64).saturating_add(o);
                             (clampi(idx), k(t - o as f64), (0..len_in as i64).contains(&idx))
                         })
                         .collect();
@@ -164,6 +164,10 @@ pub(crate) fn op_resize(a: &Args) -> Res<Vec<Tensor>> {
     if n.attr_i("antialias").unwrap_or(0) != 0 && scales.iter().any(|&s| s < 1.0) && m.interp != "nearest" {
         return Err("antialiased downscaling is not supported".into());
     }
+    checked_len(&out)?;
+    if let Some(d) = (0..rank).find(|&d| shape[d] == 0 && out[d] > 0) {
+        return Err(format!("Resize of an empty axis {d} to {}", out[d]));
+    }
     let extrapolate = n.attr_f("extrapolation_value").unwrap_or(0.0) as f64;
     let mut v = f64s(x);
     let mut cur = shape.clone();
@@ -177,6 +181,9 @@ pub(crate) fn op_resize(a: &Args) -> Res<Vec<Tensor>> {
             _ if roi.len() == 2 * rank => (roi[d], roi[d + rank]),
             _ => (0.0, 1.0),
         };
+        let mut next = cur.clone();
+        next[d] = out[d];
+        checked_len(&next)?;
         let t = taps(&m, cur[d], out[d], scales[d], r);
         v = along(&v, &cur, d, &t, extrapolate);
         cur[d] = out[d];

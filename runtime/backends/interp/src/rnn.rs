@@ -123,6 +123,9 @@ pub(crate) fn op_rnn(a: &Args) -> Res<Vec<Tensor>> {
     };
     let acts = activations(n, dirs, defaults)?;
     let per = defaults.len();
+    if acts.len() < dirs * per {
+        return Err(format!("{kind}: {} activations for {dirs} directions of {per}", acts.len()));
+    }
     let (xv, wv, rv) = (f64s(x), f64s(w), f64s(r));
     let bv = opt(3).map(f64s).unwrap_or_else(|| vec![0.0; dirs * 2 * gates * hidden]);
     let lens: Vec<usize> = match opt(4) {
@@ -133,7 +136,7 @@ pub(crate) fn op_rnn(a: &Args) -> Res<Vec<Tensor>> {
     let c0 = opt(6).map(f64s);
     let p = opt(7).map(f64s);
     let at_x = |t: usize, b: usize| if layout == 0 { (t * batch + b) * isz } else { (b * seq + t) * isz };
-    let mut y = vec![0.0; seq * dirs * batch * hidden];
+    let mut y = vec![0.0; checked_len(&[seq, dirs, batch, hidden])?];
     let (mut yh, mut yc) = (vec![0.0; dirs * batch * hidden], vec![0.0; dirs * batch * hidden]);
     let cl = |v: f64| clip.map_or(v, |c| v.clamp(-c, c));
     for d in 0..dirs {

@@ -57,6 +57,9 @@ pub(crate) fn op_constant_of_shape(a: &Args) -> Res<Vec<Tensor>> {
         Some(t) => tensor_from_proto(t).map_err(|e| e.to_string())?,
         None => Tensor::from_f32(vec![1], vec![0.0]).map_err(|e| e.to_string())?,
     };
+    if value.len() != 1 {
+        return Err(format!("ConstantOfShape value of {} elements (one expected)", value.len()));
+    }
     let n = super::checked_len(&shape)?;
     let one = value.to_le_bytes();
     Ok(vec![bytes_tensor(value.dtype(), shape, &one.repeat(n))?])
@@ -65,7 +68,7 @@ pub(crate) fn op_constant_of_shape(a: &Args) -> Res<Vec<Tensor>> {
 pub(crate) fn op_range(a: &Args) -> Res<Vec<Tensor>> {
     let (s, l, d) = (a.x()?, input(a.ins, 1)?, input(a.ins, 2)?);
     let dt = s.dtype();
-    let (start, limit, delta) = (f64s(s)[0], f64s(l)[0], f64s(d)[0]);
+    let (start, limit, delta) = (first(&f64s(s), "start")?, first(&f64s(l), "limit")?, first(&f64s(d), "delta")?);
     if delta == 0.0 {
         return Err("Range with delta 0".into());
     }
@@ -78,8 +81,8 @@ pub(crate) fn op_range(a: &Args) -> Res<Vec<Tensor>> {
         let v = (0..n).map(|i| start + i as f64 * delta).collect();
         return Ok(vec![tensor(vec![n], TensorData::F64(v))?.cast(dt)]);
     }
-    let (st, de) = (i64v(s)[0], i64v(d)[0]);
-    let v = (0..n as i64).map(|i| st + i * de).collect();
+    let (st, de) = (first(&i64v(s), "start")?, first(&i64v(d), "delta")?);
+    let v = (0..n as i64).map(|i| st.wrapping_add(i.wrapping_mul(de))).collect();
     Ok(vec![tensor(vec![n], TensorData::I64(v))?.cast(dt)])
 }
 
@@ -104,7 +107,7 @@ pub(crate) fn op_split(a: &Args) -> Res<Vec<Tensor>> {
             }
         },
     };
-    if sizes.iter().sum::<usize>() != dim || sizes.len() != parts {
+    if sizes.iter().try_fold(0usize, |t, &s| t.checked_add(s)) != Some(dim) || sizes.len() != parts {
         return Err(format!("split {sizes:?} of a dim of {dim} into {parts} outputs"));
     }
     let dense = dense_strides(x.shape());
@@ -150,13 +153,20 @@ pub(crate) fn op_pad(a: &Args) -> Res<Vec<Tensor>> {
     let shape = x.shape();
     let out: Vec<usize> = (0..rank)
         .map(|d| {
-            usize::try_from(shape[d] as i64 + before[d] + after[d]).map_err(|_| "negative output size".to_string())
+            (shape[d] as i64)
+                .checked_add(before[d])
+                .and_then(|v| v.checked_add(after[d]))
+                .and_then(|v| usize::try_from(v).ok())
+                .ok_or_else(|| format!("pads {pads:?} of {shape:?}"))
         })
         .collect::<Res<_>>()?;
     let es = x.dtype().size();
+    if fill.len() < es {
+        return Err("Pad: an empty constant_value".into());
+    }
     let src = x.to_le_bytes();
     let strides = dense_strides(shape);
-    let total: usize = out.iter().product();
+    let total = checked_len(&out)?;
     let mut idx = vec![0; rank];
     let mut dst = Vec::with_capacity(total * es);
     for k in 0..total {
@@ -165,7 +175,11 @@ pub(crate) fn op_pad(a: &Args) -> Res<Vec<Tensor>> {
         let mut inside = true;
         for d in 0..rank {
             let n = shape[d] as i64;
-            let mut i = idx[d] as i64 - before[d];
+            let mut i = (idx[d] as i64).saturating_sub(before[d]);
+            if n == 0 {
+                inside = false;
+                break;
+            }
             if !(0..n).contains(&i) {
                 match mode {
                     "reflect" if n > 1 => {
@@ -180,8 +194,7 @@ pub(crate) fn op_pad(a: &Args) -> Res<Vec<Tensor>> {
                     _ => inside = false,
                 }
             }
-            if !inside || n == 0 {
-                inside = false;
+            if !inside {
                 break;
             }
             off += i as isize * strides[d];
@@ -205,11 +218,12 @@ pub(crate) fn op_depth_space(a: &Args) -> Res<Vec<Tensor>> {
         return Err("blocksize must be positive".into());
     }
     let s = |v: &[usize]| dense_strides(v);
+    let bb = b.checked_mul(b).filter(|&bb| bb <= MAX_ELEMENTS).ok_or_else(|| format!("blocksize {b}"))?;
     if a.n.op() == "DepthToSpace" {
-        if c % (b * b) != 0 {
+        if c % bb != 0 {
             return Err(format!("{c} channels do not divide into blocks of {b}x{b}"));
         }
-        let co = c / (b * b);
+        let co = c / bb;
         // View the input as 6-D and permute, as the ONNX reference does.
         let (view, perm): (Vec<usize>, [usize; 6]) = if a.n.attr_s("mode") == Some("CRD") {
             (vec![n, co, b, b, h, w], [0, 1, 4, 2, 5, 3])
@@ -227,7 +241,8 @@ pub(crate) fn op_depth_space(a: &Args) -> Res<Vec<Tensor>> {
     let st = s(&view);
     let perm = [0, 3, 5, 1, 2, 4];
     let y = strided(x, perm.iter().map(|&p| view[p]).collect(), 0, &perm.map(|p| st[p]))?;
-    Ok(vec![y.reshape(vec![n, c * b * b, h / b, w / b]).map_err(|e| e.to_string())?])
+    let co = c.checked_mul(bb).ok_or_else(|| format!("{c} channels in blocks of {b}x{b}"))?;
+    Ok(vec![y.reshape(vec![n, co, h / b, w / b]).map_err(|e| e.to_string())?])
 }
 
 /// GatherElements/ScatterElements indices: the data's rank, and no longer than the data along the other axes.
@@ -298,8 +313,8 @@ pub(crate) fn op_gather_nd(a: &Args) -> Res<Vec<Tensor>> {
     let is = ind.shape();
     let m = *is.last().ok_or("indices of rank 0")?;
     let xs = x.shape();
-    if bd + m > xs.len() {
-        return Err(format!("indices of depth {m} into rank {}", xs.len()));
+    if bd >= is.len() || bd + m > xs.len() || xs[..bd] != is[..bd] {
+        return Err(format!("GatherND: indices {is:?} into data {xs:?} with {bd} batch dims"));
     }
     let batch: usize = xs[..bd].iter().product();
     let tuples: usize = is[bd..is.len() - 1].iter().product();
@@ -308,7 +323,8 @@ pub(crate) fn op_gather_nd(a: &Args) -> Res<Vec<Tensor>> {
     let es = x.dtype().size();
     let src = x.to_le_bytes();
     let strides = dense_strides(&xs[bd..]);
-    let mut dst = Vec::with_capacity(batch * tuples * slice * es);
+    let out: Vec<usize> = is[..is.len() - 1].iter().chain(&xs[bd + m..]).copied().collect();
+    let mut dst = Vec::with_capacity(out_len(&out, &[x, ind])? * es);
     for b in 0..batch {
         for t in 0..tuples {
             let tup = &ids[(b * tuples + t) * m..(b * tuples + t + 1) * m];
@@ -319,7 +335,6 @@ pub(crate) fn op_gather_nd(a: &Args) -> Res<Vec<Tensor>> {
             dst.extend_from_slice(&src[off * es..(off + slice) * es]);
         }
     }
-    let out: Vec<usize> = is[..is.len() - 1].iter().chain(&xs[bd + m..]).copied().collect();
     Ok(vec![bytes_tensor(x.dtype(), out, &dst)?])
 }
 
@@ -376,19 +391,22 @@ pub(crate) fn op_nonzero(a: &Args) -> Res<Vec<Tensor>> {
 
 pub(crate) fn op_one_hot(a: &Args) -> Res<Vec<Tensor>> {
     let (ind, depth, values) = (a.x()?, input(a.ins, 1)?, input(a.ins, 2)?);
-    let d = f64s(depth)[0] as i64;
+    let d = first(&f64s(depth), "depth")? as i64;
+    let vals = f64s(values);
+    if vals.len() != 2 {
+        return Err(format!("OneHot values of {} elements (two expected)", vals.len()));
+    }
     if d <= 0 {
         return Err(format!("depth {d}"));
     }
     let rank = ind.shape().len() + 1;
     let ax = axis(a.n.attr_i("axis").unwrap_or(-1), rank)?;
     let ids = f64s(ind);
-    let vals = f64s(values);
     let mut out = ind.shape().to_vec();
-    out.insert(ax, d as usize);
+    out.insert(ax, usize::try_from(d).map_err(|_| format!("depth {d}"))?);
     let outer: usize = ind.shape()[..ax].iter().product();
     let inner: usize = ind.shape()[ax..].iter().product();
-    let mut y = vec![vals[0]; outer * d as usize * inner];
+    let mut y = vec![vals[0]; checked_len(&out)?];
     for o in 0..outer {
         for i in 0..inner {
             let mut k = ids[o * inner + i] as i64;
@@ -409,7 +427,10 @@ pub(crate) fn op_trilu(a: &Args) -> Res<Vec<Tensor>> {
     if s.len() < 2 {
         return Err("Trilu needs rank 2 or more".into());
     }
-    let k = a.ins.get(1).copied().flatten().map(i64s).transpose()?.map_or(0, |v| v[0]);
+    let k = match a.ins.get(1).copied().flatten() {
+        Some(t) => first(&i64s(t)?, "k")?,
+        None => 0,
+    };
     let upper = a.n.attr_i("upper").unwrap_or(1) != 0;
     let (r, c) = (s[s.len() - 2], s[s.len() - 1]);
     let es = x.dtype().size();
