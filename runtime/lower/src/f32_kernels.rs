@@ -57,8 +57,9 @@ fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
     let w = tensor_f32_values(wt)?;
     let d: Vec<usize> = wt.dims.iter().map(|&v| v as usize).collect();
     let group = n.attr_i("group").unwrap_or(1).max(1) as usize;
-    let (c_out, c_in) = (d[0], d[1] * group);
-    if !(group == 1 || (group == c_in && c_out == c_in && d[1] == 1)) || w.len() != d.iter().product::<usize>() {
+    let (c_out, c_in) = (d[0], d[1].checked_mul(group)?);
+    let elements = d.iter().try_fold(1usize, |n, &x| n.checked_mul(x))?;
+    if !(group == 1 || (group == c_in && c_out == c_in && d[1] == 1)) || w.len() != elements {
         return None;
     }
     let [strides, dilations, pads] = conv_geometry(n, d[2], d[3])?;

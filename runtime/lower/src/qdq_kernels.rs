@@ -71,11 +71,11 @@ pub(super) fn conv_geometry(n: &NodeProto, kh: usize, kw: usize) -> Option<[Vec<
     }
     let two = |name: &str, default: i64| -> Option<Vec<i64>> {
         let v = n.attr_ints(name).map(|v| v.to_vec()).unwrap_or_else(|| vec![default; 2]);
-        (v.len() == 2 && v.iter().all(|&x| x >= default)).then_some(v)
+        (v.len() == 2 && v.iter().all(|&x| (default..=MAX_GEOMETRY).contains(&x))).then_some(v)
     };
     let (strides, dilations) = (two("strides", 1)?, two("dilations", 1)?);
     let pads = n.attr_ints("pads").map(|v| v.to_vec()).unwrap_or_else(|| vec![0; 4]);
-    if pads.len() != 4 || pads.iter().any(|&p| p < 0) {
+    if pads.len() != 4 || pads.iter().any(|&p| !(0..=MAX_GEOMETRY).contains(&p)) {
         return None;
     }
     if n.attr_ints("kernel_shape").is_some_and(|k| k != [kh as i64, kw as i64]) {
@@ -83,6 +83,10 @@ pub(super) fn conv_geometry(n: &NodeProto, kh: usize, kw: usize) -> Option<[Vec<
     }
     Some([strides, dilations, pads])
 }
+
+/// The largest stride, dilation or pad a Conv lowered to a kernel may have: the kernels' window arithmetic then
+/// cannot overflow (a mangled model's Conv keeps its ONNX form, which the backends check).
+const MAX_GEOMETRY: i64 = 1 << 20;
 
 /// The attributes of a 2-D MaxPool the kernels run (explicit pads smaller than the window, so every window holds
 /// an input cell; no dilation, no indices output).
@@ -97,7 +101,11 @@ pub(super) fn maxpool_attrs(n: &NodeProto) -> Option<Vec<edgepack_onnx::Attribut
     let k = n.attr_ints("kernel_shape")?.to_vec();
     let strides = n.attr_ints("strides").map(|v| v.to_vec()).unwrap_or_else(|| vec![1, 1]);
     let pads = n.attr_ints("pads").map(|v| v.to_vec()).unwrap_or_else(|| vec![0; 4]);
-    if k.len() != 2 || strides.len() != 2 || pads.len() != 4 || k.iter().chain(&strides).any(|&v| v < 1) {
+    if k.len() != 2
+        || strides.len() != 2
+        || pads.len() != 4
+        || k.iter().chain(&strides).any(|v| !(1..=MAX_GEOMETRY).contains(v))
+    {
         return None;
     }
     if pads.iter().any(|&p| p < 0) || pads[0].max(pads[2]) >= k[0] || pads[1].max(pads[3]) >= k[1] {
@@ -121,7 +129,7 @@ fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
     u8_params(g, m.dqx)?;
     let d: Vec<usize> = m.w_t.dims.iter().map(|&v| v as usize).collect();
     let group = n.attr_i("group").unwrap_or(1).max(1) as usize;
-    let (c_out, c_in) = (d[0], d[1] * group);
+    let (c_out, c_in) = (d[0], d[1].checked_mul(group)?);
     if !(group == 1 || (group == c_in && c_out == c_in && d[1] == 1)) {
         return None;
     }
