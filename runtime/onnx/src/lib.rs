@@ -520,6 +520,34 @@ fn check_declared_size(v: &ValueInfoProto) -> Result<()> {
     Ok(())
 }
 
+/// The largest value a window attribute (`pads`, `strides`, `dilations`, `kernel_shape`, `output_padding`,
+/// `output_shape`) of a default-domain op may hold.
+pub const MAX_GEOMETRY: i64 = 1 << 20;
+
+/// Window attributes within ±[`MAX_GEOMETRY`], and a ConvTranspose `output_padding` below its stride or dilation
+/// (as PyTorch requires of what it exports). tract sizes tensors from them while it plans: an `output_padding` of
+/// 5·10¹¹ made it allocate 10 TB at load in a fuzz run.
+fn check_geometry(node: &NodeProto) -> Result<()> {
+    const NAMES: [&str; 6] = ["pads", "strides", "dilations", "kernel_shape", "output_padding", "output_shape"];
+    let bad = |what: String| Err(Error::MalformedModel(format!("node `{}` ({}): {what}", node.name(), node.op())));
+    for a in node.attribute.iter().filter(|a| NAMES.contains(&a.name.as_deref().unwrap_or(""))) {
+        if let Some(v) = a.ints.iter().find(|v| v.unsigned_abs() > MAX_GEOMETRY as u64) {
+            return bad(format!("{} {v} is out of range (at most {MAX_GEOMETRY})", a.name.as_deref().unwrap_or("")));
+        }
+    }
+    if node.op() == "ConvTranspose"
+        && let Some(op) = node.attr_ints("output_padding")
+    {
+        let at = |name: &str, i: usize| node.attr_ints(name).and_then(|v| v.get(i).copied()).unwrap_or(1);
+        if let Some((i, p)) =
+            op.iter().enumerate().find(|&(i, &p)| p < 0 || p >= at("strides", i).max(at("dilations", i)))
+        {
+            return bad(format!("output_padding {p} on axis {i} is not below its stride or dilation"));
+        }
+    }
+    Ok(())
+}
+
 /// The largest |axis| an ONNX op's `axis`/`axes` attribute may name (a dim of a tensor of at most this rank).
 pub const MAX_AXIS: i64 = 64;
 
@@ -544,6 +572,7 @@ fn check_axes(g: &Graph, node: &NodeProto) -> Result<()> {
             )));
         }
     }
+    check_geometry(node)?;
     if node.op() == "LayerNormalization" {
         let axis = node.attr_i("axis").unwrap_or(-1);
         let rank = node.input.first().and_then(|x| g.value_type(x)).and_then(|t| t.shape).map(|s| s.len() as i64);
