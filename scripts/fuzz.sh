@@ -54,7 +54,8 @@ for t in "${TARGETS[@]}"; do
   corpus="$HOME_DIR/corpus/$t"
   art="$HOME_DIR/artifacts/$t/"
   mkdir -p "$corpus" "$art" "$SEEDS/$t"
-  log="$HOME_DIR/$t.log"
+  # (A log per target and length: the test command's 20 s runs may go while a long run of the same target does.)
+  log="$HOME_DIR/$t.$SECS.log"
   reg="fuzz/regressions/$t"
   if [ -d "$reg" ] && [ -n "$(ls -A "$reg")" ]; then
     # Every committed reproducer once: each must now run clean.
@@ -112,15 +113,15 @@ for t in "${TARGETS[@]}"; do
     fi
   fi
   [ "$from" != "$corpus" ] && rm -rf "$from"
-  execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo "?")
-  cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo "?")
+  execs=$(grep -a -o 'stat::number_of_executed_units: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo "?")
+  cov=$(grep -a -o 'cov: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo "?")
   files=$(find "$corpus" -type f ! -name .seeded | wc -l)
-  rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo "?")
+  rate=$(grep -a -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo "?")
   summary+=("$(printf '%-18s %-6s %12s execs %7s edges %6s corpus files' "$t" "$status" "$execs" "$cov" "$files")")
   rows+=("| \`$t\` | $(($(date +%s) - started)) | $(date -u +%Y-%m-%d) | $status | $execs | $rate | $cov | $files |")
 done
 
-printf '\n==> fuzz summary (%s s per target, logs in %s)\n' "$SECS" "$HOME_DIR"
+printf '\n==> fuzz summary (%s s per target, logs in %s/TARGET.%s.log)\n' "$SECS" "$HOME_DIR" "$SECS"
 printf '%s\n' "${summary[@]}"
 if [ -n "${EDGEPACK_FUZZ_MD:-}" ]; then
   printf '%s\n' "${rows[@]}" > "$ROWS"
