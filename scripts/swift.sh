@@ -57,6 +57,9 @@ setup() {
 
 test_bindings() {
   local bindings fixtures
+  [ $# -eq 2 ] || { echo "usage: scripts/swift.sh test BINDINGS_DIR FIXTURES.json" >&2; exit 2; }
+  [ -d "$1" ] || { echo "FATAL: no bindings folder $1 (scripts/bindings.sh DIR makes one)" >&2; exit 1; }
+  [ -f "$2" ] || { echo "FATAL: no fixtures file $2 (tests/python/test_bindings.py writes one)" >&2; exit 1; }
   bindings=$(cd "${1:?usage: scripts/swift.sh test BINDINGS_DIR FIXTURES.json}" && pwd)
   fixtures=$(cd "$(dirname "${2:?usage: scripts/swift.sh test BINDINGS_DIR FIXTURES.json}")" && pwd)/$(basename "$2")
   for f in swift/EdgepackMobile.swift swift/linux/module.modulemap swift/linux/EdgepackMobileFFI.h \
