@@ -1,6 +1,7 @@
 //! CPU backend on tract: the model is parsed once; an optimised plan is built per concrete set of input
 //! shapes (at load for static models, on first use otherwise) and cached.
 mod ops;
+mod optim;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,8 @@ type PlanKey = (Vec<Vec<usize>>, Vec<String>);
 struct PlanCache {
     map: HashMap<PlanKey, Plan>,
     order: Vec<PlanKey>,
+    /// The optimiser's rewrites and their cap in the plan that came closest to it.
+    rewrites: Option<[usize; 2]>,
 }
 
 /// Plans kept per model; a new shape beyond this evicts the oldest.
@@ -150,6 +153,12 @@ impl CpuBackend {
         })
     }
 
+    /// The rewrites tract's optimiser applied, and the most it was allowed, in the plan built so far that came
+    /// closest to that cap (`None` before the first plan).
+    pub fn optimiser_rewrites(&self) -> Option<[usize; 2]> {
+        self.plans.lock().ok()?.rewrites
+    }
+
     /// The graphs to run when a request asks for values the kernel graph does not compute under their names.
     fn fallbacks(&self) -> &[Fallback] {
         self.fallbacks.get_or_init(|| {
@@ -186,8 +195,12 @@ impl CpuBackend {
         if !outputs.is_empty() {
             m = m.with_outputs_by_name(outputs).map_err(tract_err)?;
         }
-        let plan = m.into_optimized().and_then(|t| t.into_runnable_with_options(&self.options)).map_err(tract_err)?;
+        let (typed, rewrites) = optim::optimized(m).map_err(tract_err)?;
+        let plan = typed.into_runnable_with_options(&self.options).map_err(tract_err)?;
         let mut cache = self.plans.lock().map_err(|_| backend_err("plan cache poisoned"))?;
+        if cache.rewrites.is_none_or(|[u, c]| rewrites[0] * c > u * rewrites[1]) {
+            cache.rewrites = Some(rewrites);
+        }
         if cache.map.len() >= MAX_PLANS {
             let oldest = cache.order.remove(0);
             cache.map.remove(&oldest);

@@ -1,0 +1,86 @@
+//! tract's optimiser with a bound on its rewrites.
+//!
+//! tract optimises a model by applying rewrite patches, pass after pass, until no pass finds one. Nothing bounds
+//! that loop: on a model whose shapes do not agree (a mangled attention block adding a `[2,3,4,6]` score to a
+//! `[2,3,h,8]` value with `h` = 1, found by `onnx_structured`), two of its codegen rewrites undo each other and
+//! the plan never finishes. Every pass here runs inside [`Bounded`], which counts the rewrites of the whole
+//! optimisation and fails it, as a typed error, past [`cap`] of them: far more than any real model needs (the
+//! shared models' counts are tested to stay under a tenth of it: `runtime/tests/session.rs`), so a model that
+//! converges is never cut short.
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::optim::{Optimizer, OptimizerSession, TypedPass};
+
+/// Rewrites allowed per node of the typed model, with [`MIN_REWRITES`] as the floor.
+const REWRITES_PER_NODE: usize = 32;
+const MIN_REWRITES: usize = 1024;
+
+/// The most rewrites an optimisation of a model of `nodes` typed nodes may apply.
+pub(crate) fn cap(nodes: usize) -> usize {
+    MIN_REWRITES.max(nodes.saturating_mul(REWRITES_PER_NODE))
+}
+
+/// One of tract's passes, counting what it changes into the optimisation's shared count.
+#[derive(Clone, Debug)]
+struct Bounded {
+    inner: Box<dyn TypedPass>,
+    used: Arc<AtomicUsize>,
+    cap: usize,
+}
+
+impl Bounded {
+    fn count(&self) -> TractResult<()> {
+        let used = self.used.fetch_add(1, Ordering::Relaxed) + 1;
+        if used > self.cap {
+            return Err(TractError::msg(format!(
+                "tract's optimiser did not converge: {} rewrites applied, the last by {:?} (a model whose shapes do \
+                 not agree?)",
+                self.cap, self.inner
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl TypedPass for Bounded {
+    fn reset(&mut self) -> TractResult<()> {
+        self.inner.reset()
+    }
+
+    fn next(&mut self, session: &mut OptimizerSession, model: &TypedModel) -> TractResult<Option<TypedModelPatch>> {
+        let patch = self.inner.next(session, model)?;
+        if patch.is_some() {
+            self.count()?;
+        }
+        Ok(patch)
+    }
+
+    fn run_direct(&mut self, model: &mut TypedModel) -> TractResult<bool> {
+        let changed = self.inner.run_direct(model)?;
+        if changed {
+            self.count()?;
+        }
+        Ok(changed)
+    }
+}
+
+/// What `InferenceModel::into_optimized` does (analysis and typing, then tract's declutter and codegen
+/// optimisers), with every pass bounded; also returns the rewrites applied and the cap.
+pub(crate) fn optimized(model: InferenceModel) -> TractResult<(TypedModel, [usize; 2])> {
+    let mut typed = model.into_typed()?;
+    let used = Arc::new(AtomicUsize::new(0));
+    let cap = cap(typed.nodes.len());
+    let bounded = |o: Optimizer| Optimizer {
+        passes: o
+            .passes
+            .into_iter()
+            .map(|inner| Box::new(Bounded { inner, used: used.clone(), cap }) as Box<dyn TypedPass>)
+            .collect(),
+        steps: None,
+    };
+    bounded(Optimizer::declutter()).optimize(&mut typed)?;
+    typed.optimize_with_session(&mut bounded(Optimizer::codegen()).session())?;
+    Ok((typed, [used.load(Ordering::Relaxed), cap]))
+}
