@@ -295,6 +295,14 @@ fn group_of(n: &NodeProto) -> Res<usize> {
     }
 }
 
+/// The `group` attribute and the channels `per_group · group` (a Conv's input channels, a ConvTranspose's output
+/// channels), checked.
+pub(crate) fn group_channels(n: &NodeProto, per_group: usize) -> Res<(usize, usize)> {
+    let group = group_of(n)?;
+    let c_in = per_group.checked_mul(group).ok_or_else(|| format!("group {group} of {per_group} channels"))?;
+    Ok((group, c_in))
+}
+
 /// Padding (top, left, bottom, right) of a 2-D window op; `None` when it depends on the input size `hw`
 /// (auto_pad SAME with a stride) and that is not given.
 fn pads_of(
@@ -349,8 +357,7 @@ fn conv_of(n: &NodeProto, w: &Tensor, bias: Option<&Tensor>, hw: Option<[usize; 
     if pads.iter().any(|&p| p > KERNEL_PADS) {
         return Ok(None);
     }
-    let group = group_of(n)?;
-    let c_in = d[1].checked_mul(group).ok_or_else(|| format!("group {group} of {} channels", d[1]))?;
+    let (group, c_in) = group_channels(n, d[1])?;
     let spec = fconv::FConvSpec {
         geom: ConvGeometry { c_in, c_out: d[0], group, kernel, stride, dilation, pads },
         weights: wv.to_vec(),
@@ -397,10 +404,10 @@ fn conv1d_of(n: &NodeProto, w: &Tensor, bias: Option<&Tensor>, len: Option<usize
     if pb.max(pe) > KERNEL_PADS {
         return Ok(None);
     }
-    let group = group_of(n)?;
+    let (group, c_in) = group_channels(n, d[1])?;
     let spec = fconv::FConvSpec {
         geom: ConvGeometry {
-            c_in: d[1].checked_mul(group).ok_or_else(|| format!("group {group} of {} channels", d[1]))?,
+            c_in,
             c_out: d[0],
             group,
             kernel: [1, k],

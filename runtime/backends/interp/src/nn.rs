@@ -461,10 +461,8 @@ pub(crate) fn op_conv_transpose(a: &Args) -> Res<Vec<Tensor>> {
     let n = a.n;
     let (xs, ws) = (x.shape().to_vec(), w.shape().to_vec());
     let r = xs.len().checked_sub(2).filter(|&r| r >= 1 && ws.len() == r + 2).ok_or("ConvTranspose shapes")?;
-    let group = group_of(n)?;
-    let (batch, c) = (xs[0], xs[1]);
-    let mpg = ws[1];
-    let m = mpg.checked_mul(group).ok_or_else(|| format!("group {group} of {mpg} channels"))?;
+    let (batch, c, mpg) = (xs[0], xs[1], ws[1]);
+    let (group, m) = group_channels(n, mpg)?;
     let cpg = c / group;
     let ints = |name: &str, d: usize| -> Res<Vec<usize>> { Ok(size_list(n, name)?.unwrap_or_else(|| vec![d; r])) };
     let (strides, dil, opad) = (ints("strides", 1)?, ints("dilations", 1)?, ints("output_padding", 0)?);
