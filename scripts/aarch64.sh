@@ -29,41 +29,22 @@
 #   aarch64.sh count-py SCRIPT ARGS... # "insns: N" for an arm64 python run (ORT under qemu 7.2)
 set -euo pipefail
 
-ROOT=${ARMPROBE_ROOT:-$HOME/.cache/armprobe}
-SUITE=${ARMPROBE_SUITE:-trixie}
 MIRROR=${ARMPROBE_MIRROR:-http://deb.debian.org/debian}
-CH=$ROOT/$SUITE-root
 TRIPLE=aarch64-unknown-linux-gnu
 QEMU_CPU=${ARMPROBE_CPU:-max}          # e.g. cortex-a53 (no dotprod), cortex-a76 (dotprod, no i8mm)
 log() { printf '[armprobe %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
-# ---- mounts (chroot needs /proc for qemu + rustc; /dev for /dev/null etc.) ------------------------
-MOUNTED=()
-mnt() {  # mnt SRC DST [bind]
-    mkdir -p "$2"
-    mountpoint -q "$2" && return 0
-    if [ "$1" = proc ]; then mount -t proc proc "$2"; else mount --bind "$1" "$2"; fi
-    MOUNTED+=("$2")
-}
-cleanup() { local i; for ((i=${#MOUNTED[@]}-1; i>=0; i--)); do umount -l "${MOUNTED[i]}" || true; done; }
-trap cleanup EXIT
-base_mounts() { mnt proc "$CH/proc"; mnt /dev "$CH/dev"; }
-
-# Environment for anything run in the chroot. The host's CA bundle is copied in at setup because
-# cargo and apt in the chroot must trust the same certificates as the host.
-in_ch() {
-    local e=(HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive
-        SSL_CERT_FILE=/etc/ssl/host-ca-bundle.crt CARGO_HTTP_CAINFO=/etc/ssl/host-ca-bundle.crt
+# ---- the root's mounts and `in_ch` (shared with scripts/swift.sh) ------------------------------------
+# shellcheck source=scripts/chroot.sh
+. "$(dirname "$0")/chroot.sh"
+ch_env() {  # cargo's cross-build environment; QEMU_CPU is read at each call (`test` changes it per CPU)
+    e+=(CARGO_HTTP_CAINFO=/etc/ssl/host-ca-bundle.crt
         CARGO_TARGET_DIR=/var/cache/armprobe-target CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
         CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
         CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -cpu $QEMU_CPU -L /usr/aarch64-linux-gnu")
-    local v
-    for v in RUSTC_BOOTSTRAP RUSTFLAGS CARGO_INCREMENTAL CARGO_TERM_COLOR RUST_BACKTRACE EDGEPACK_CPU EDGEPACK_KERNELS \
-        EDGEPACK_ISA EDGEPACK_EXPECT_ISA MODEL_CHECK_PROFILE; do
-        if [ -n "${!v:-}" ]; then e+=("$v=${!v}"); fi
-    done
-    chroot "$CH" /usr/bin/env -i "${e[@]}" "$@"
 }
+CH_PASS=(RUSTC_BOOTSTRAP RUSTFLAGS CARGO_INCREMENTAL CARGO_TERM_COLOR RUST_BACKTRACE EDGEPACK_CPU EDGEPACK_KERNELS
+    EDGEPACK_ISA EDGEPACK_EXPECT_ISA MODEL_CHECK_PROFILE)
 
 setup() {
     local t0=$SECONDS

@@ -14,38 +14,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-ROOT=${ARMPROBE_ROOT:-$HOME/.cache/armprobe}
-SUITE=${ARMPROBE_SUITE:-trixie}
-CH=$ROOT/$SUITE-root
 log() { printf '[swift %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-
-MOUNTED=()
-mnt() {  # mnt SRC DST
-  mkdir -p "$2"
-  mountpoint -q "$2" && return 0
-  if [ "$1" = proc ]; then mount -t proc proc "$2"; else mount --bind "$1" "$2"; fi
-  MOUNTED+=("$2")
-}
-cleanup() { local i; for ((i = ${#MOUNTED[@]} - 1; i >= 0; i--)); do umount -l "${MOUNTED[i]}" || true; done; }
-trap cleanup EXIT
-
-in_ch() {
-  local e=(HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive
-    SSL_CERT_FILE=/etc/ssl/host-ca-bundle.crt)
-  local v
-  for v in EDGEPACK_REQUIRE_GPU RUST_BACKTRACE RUST_LOG LD_LIBRARY_PATH; do
-    if [ -n "${!v:-}" ]; then e+=("$v=${!v}"); fi
-  done
-  chroot "$CH" /usr/bin/env -i "${e[@]}" "$@"
-}
+# shellcheck source=scripts/chroot.sh
+. scripts/chroot.sh
+CH_PASS=(EDGEPACK_REQUIRE_GPU RUST_BACKTRACE RUST_LOG LD_LIBRARY_PATH)
 
 setup() {
   if [ ! -e "$CH/.armprobe-ok" ]; then
     log "no Debian root at $CH: scripts/aarch64.sh setup makes it"
     ./scripts/aarch64.sh setup
   fi
-  mnt proc "$CH/proc"
-  mnt /dev "$CH/dev"
+  base_mounts
   cp -f /etc/ssl/certs/ca-certificates.crt "$CH/etc/ssl/host-ca-bundle.crt"
   if [ ! -x "$CH/usr/bin/swiftc" ] || ! ls "$CH"/usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
     log "apt-get install swiftlang mesa-vulkan-drivers libvulkan1 in $CH (~1 min, ~250 MB download)"
