@@ -75,31 +75,45 @@ def iou(a, b):
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter + 1e-9)
 
 
-def detections(head, geo, wh, score=0.25, iou_thr=0.45):
-    """Ultralytics' decoding in numpy: best class > score, class-aware greedy NMS, boxes to image pixels."""
-    a = head[0]
-    cls = a[4:]
-    best, conf = cls.argmax(0), cls.max(0)
-    idx = np.nonzero(conf > score)[0]
-    idx = idx[np.argsort(-conf[idx], kind="stable")]
-    r, left, top = geo
-    boxes = [[(a[0, i] - a[2, i] / 2 - left) / r, (a[1, i] - a[3, i] / 2 - top) / r,
-              (a[0, i] + a[2, i] / 2 - left) / r, (a[1, i] + a[3, i] / 2 - top) / r] for i in idx]
+def nms(boxes, scores, classes, iou_thr, agnostic=False):
+    """Greedy NMS, highest score first (ties by index); class-aware unless `agnostic`: the kept indices."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     keep = []
-    for k in range(len(idx)):
-        if all(best[idx[j]] != best[idx[k]] or iou(boxes[j], boxes[k]) <= iou_thr for j in keep):
-            keep.append(k)
-    w, h = wh
-    return [(int(best[idx[k]]), float(conf[idx[k]]),
-             [min(max(boxes[k][0], 0), w), min(max(boxes[k][1], 0), h), min(max(boxes[k][2], 0), w),
-              min(max(boxes[k][3], 0), h)]) for k in keep]
+    for i in order:
+        if all((not agnostic and classes[k] != classes[i]) or iou(boxes[k], boxes[i]) <= iou_thr for k in keep):
+            keep.append(i)
+    return keep
+
+
+def decode(head, size, image_wh, classes=None, score_thr=0.25, iou_thr=0.45):
+    """Ultralytics' decoding in numpy: best class per anchor over the threshold (`classes` score rows after the
+    4 box rows; default all of them), class-aware NMS, boxes through the inverse letterbox (scale_boxes: gain r,
+    centred pad, as `letterbox`) and clipped to the image. Returns the detections (anchor, class, score, box) and
+    the geometry (r, left, top)."""
+    a = head[0]
+    cls = a[4:] if classes is None else a[4:4 + classes]
+    best, conf = cls.argmax(0), cls.max(0)
+    idx = np.nonzero(conf > score_thr)[0]
+    idx = idx[np.argsort(-conf[idx], kind="stable")]
+    xyxy = [[a[0, i] - a[2, i] / 2, a[1, i] - a[3, i] / 2, a[0, i] + a[2, i] / 2, a[1, i] + a[3, i] / 2] for i in idx]
+    keep = nms(xyxy, conf[idx].tolist(), best[idx].tolist(), iou_thr)
+    w, h = image_wh
+    r = min(size / w, size / h)
+    left, top = round((size - round(w * r)) / 2 - 0.1), round((size - round(h * r)) / 2 - 0.1)
+    out = []
+    for k in keep:
+        i, b = idx[k], xyxy[k]
+        box = [min(max((b[0] - left) / r, 0), w), min(max((b[1] - top) / r, 0), h),
+               min(max((b[2] - left) / r, 0), w), min(max((b[3] - top) / r, 0), h)]
+        out.append({"anchor": int(i), "class": int(best[i]), "score": float(conf[i]), "box": box})
+    return out, (r, left, top)
 
 
 def matched(ref, got, thr=0.5):
     """Greedy one-to-one matching of the reference detections (highest score first) to same-class ones."""
     used, n = set(), 0
-    for c, _, b in ref:
-        cands = [(iou(b, g[2]), j) for j, g in enumerate(got) if j not in used and g[0] == c]
+    for d in ref:
+        cands = [(iou(d["box"], g["box"]), j) for j, g in enumerate(got) if j not in used and g["class"] == d["class"]]
         best = max(cands, default=(0.0, -1))
         if best[0] >= thr:
             used.add(best[1])
@@ -136,9 +150,9 @@ def main(argv=None):
     total = found = extra = 0
     rows = []
     for p in lists["eval"]:
-        x, geo, wh = letterbox(p, a.size)
-        ref = detections(fp.run(None, {"images": x})[0], geo, wh)
-        got = detections(q.run(None, {"images": x})[0], geo, wh)
+        x, _, wh = letterbox(p, a.size)
+        ref, _ = decode(fp.run(None, {"images": x})[0], a.size, wh)
+        got, _ = decode(q.run(None, {"images": x})[0], a.size, wh)
         m = matched(ref, got)
         total, found, extra = total + len(ref), found + m, extra + len(got) - m
         rows.append({"image": os.path.basename(p), "fp32": len(ref), "int8": len(got), "matched": m})

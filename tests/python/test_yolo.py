@@ -206,38 +206,6 @@ def make_head(rng, n, classes, extra, size, transposed=False):
     return head.transpose(0, 2, 1) if transposed else head
 
 
-def nms_reference(boxes, scores, classes, iou_thr, agnostic=False):
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-    keep = []
-    for i in order:
-        if all((not agnostic and classes[k] != classes[i]) or iou(boxes[k], boxes[i]) <= iou_thr for k in keep):
-            keep.append(i)
-    return keep
-
-
-def decode_reference(head, classes, size, image_wh, score_thr=0.25, iou_thr=0.45):
-    """numpy YOLO decoding: best class per anchor over the threshold, class-aware NMS, boxes through the inverse
-    letterbox (Ultralytics' scale_boxes: gain r, centred pad) and clipped to the image."""
-    a = head[0]
-    cls = a[4:4 + classes]
-    best, conf = cls.argmax(0), cls.max(0)
-    idx = np.nonzero(conf > score_thr)[0]
-    idx = idx[np.argsort(-conf[idx], kind="stable")]
-    xyxy = [[a[0, i] - a[2, i] / 2, a[1, i] - a[3, i] / 2, a[0, i] + a[2, i] / 2, a[1, i] + a[3, i] / 2] for i in idx]
-    keep = nms_reference(xyxy, conf[idx].tolist(), best[idx].tolist(), iou_thr)
-    w, h = image_wh
-    r = min(size / w, size / h)
-    left, top = round((size - round(w * r)) / 2 - 0.1), round((size - round(h * r)) / 2 - 0.1)
-    out = []
-    for k in keep:
-        i = idx[k]
-        b = xyxy[k]
-        box = [min(max((b[0] - left) / r, 0), w), min(max((b[1] - top) / r, 0), h),
-               min(max((b[2] - left) / r, 0), w), min(max((b[3] - top) / r, 0), h)]
-        out.append({"anchor": int(i), "class": int(best[i]), "score": float(conf[i]), "box": box})
-    return out, (r, left, top)
-
-
 def mask_reference(coeffs, protos, box, geo, size):
     """The mask of one detection in image pixels: logits Σ coeff·proto sampled bilinearly (edges clamped) at each
     pixel centre of the box (mapped into the model input, then the prototype grid), on where positive."""
@@ -294,7 +262,7 @@ def test_segment_decoding_equals_the_numpy_reference(binary, tmp_path, transpose
     img = _image(tmp_path, 500, 300)
     got = json.loads(ep("run", bundle, img, "--json").stdout)["results"][0]["detections"]
     chw = head[0].T if transposed else head[0]
-    want, geo = decode_reference(chw[None].astype(np.float32), classes, size, (500, 300))
+    want, geo = yolo_int8_check.decode(chw[None].astype(np.float32), size, (500, 300), classes)
     assert len(got) == len(want) and len(want) >= 8, (len(got), len(want))
     for g, w in zip(got, want):
         assert g["class_index"] == w["class"] and abs(g["score"] - w["score"]) < 1e-5, (g, w)
@@ -324,7 +292,7 @@ def test_pose_decoding_equals_the_numpy_reference(binary, tmp_path):
     ep("pack", model, "--task", "detection", "--preset", "yolo", "--postprocess-json", json.dumps(post), "-o", bundle)
     img = _image(tmp_path, 240, 400)
     got = json.loads(ep("run", bundle, img, "--json").stdout)["results"][0]["detections"]
-    want, (r, left, top) = decode_reference(head.astype(np.float32), 1, size, (240, 400))
+    want, (r, left, top) = yolo_int8_check.decode(head.astype(np.float32), size, (240, 400), 1)
     assert len(got) == len(want) and len(want) >= 5, (len(got), len(want))
     for g, w in zip(got, want):
         assert np.allclose([g["x1"], g["y1"], g["x2"], g["y2"]], w["box"], atol=1e-2), (g, w)
