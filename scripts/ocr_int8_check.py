@@ -3,8 +3,10 @@
 
 - rec: the text of each single-line image of shared/data/ocr (greedy CTC with the model's own character list),
   fp32 against INT8: identical or not, and the characters that differ.
-- det: the probability map thresholded at 0.3 (RapidOCR's threshold) on each page: IoU of the text pixels and the
-  number of text row bands (MODELS.md's reference figure), fp32 against INT8.
+- det: the probability map thresholded at 0.3 (RapidOCR's threshold) on each page, then DB's box extraction (as
+  PaddleOCR/RapidOCR: each connected text region, kept when its mean probability is at least 0.5 and its sides 3
+  pixels or more, its box grown by area × 1.5 / perimeter): the boxes of fp32 and INT8 matched one to one at
+  IoU ≥ 0.5; also the IoU of the text pixels and the number of text row bands (MODELS.md's reference figure).
 
 Calibration and the gate use the inputs scripts/quant_all.py uses (the four OCR images as lines for rec, two pages
 for det): shared/data/ocr holds four images only, so the images judged here are among the calibration inputs.
@@ -66,6 +68,57 @@ def bands(mask):
     return int(np.sum(rows[1:] & ~rows[:-1]) + rows[0])
 
 
+def text_boxes(prob, thresh=0.3, box_thresh=0.5, unclip=1.5, min_side=3):
+    """DB post-processing on a probability map (axis-aligned): [x0, y0, x1, y1] per text region (8-connected
+    pixels over `thresh`), highest mean probability first."""
+    mask = prob > thresh
+    h, w = mask.shape
+    label = np.zeros(mask.shape, np.int32)
+    boxes, n = [], 0
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if label[y0, x0]:
+            continue
+        n += 1
+        label[y0, x0] = n
+        stack, ys, xs = [(y0, x0)], [], []
+        while stack:
+            y, x = stack.pop()
+            ys.append(y)
+            xs.append(x)
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    v, u = y + dy, x + dx
+                    if 0 <= v < h and 0 <= u < w and mask[v, u] and not label[v, u]:
+                        label[v, u] = n
+                        stack.append((v, u))
+        ys, xs = np.array(ys), np.array(xs)
+        bw, bh = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+        score = float(prob[ys, xs].mean())
+        if min(bw, bh) < min_side or score < box_thresh:
+            continue
+        d = bw * bh * unclip / (2 * (bw + bh))
+        boxes.append((score, [xs.min() - d, ys.min() - d, xs.max() + 1 + d, ys.max() + 1 + d]))
+    return [b for _, b in sorted(boxes, key=lambda t: -t[0])]
+
+
+def box_iou(a, b):
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def match_boxes(ref, got, thr=0.5):
+    """Greedy one-to-one matching of `ref` to `got` at IoU ≥ thr: the IoU of each match."""
+    used, ious = set(), []
+    for r in ref:
+        best = max(((box_iou(r, g), j) for j, g in enumerate(got) if j not in used), default=(0.0, -1))
+        if best[0] >= thr:
+            used.add(best[1])
+            ious.append(best[0])
+    return ious
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", default=mi.shared_dir())
@@ -91,13 +144,21 @@ def main():
         s32, s8 = session(src), session(q)
         for f in ("ch_en_num.jpg", "en.jpg"):
             x = mi.ppocr_det_input(os.path.join(ocr, f))
-            m32, m8 = s32.run(None, {"x": x})[0][0, 0] > 0.3, s8.run(None, {"x": x})[0][0, 0] > 0.3
+            p32, p8 = s32.run(None, {"x": x})[0][0, 0], s8.run(None, {"x": x})[0][0, 0]
+            m32, m8 = p32 > 0.3, p8 > 0.3
             iou = float((m32 & m8).sum() / max((m32 | m8).sum(), 1))
-            row = {"det": f, "bands_fp32": bands(m32), "bands_int8": bands(m8), "iou": iou}
+            b32, b8 = text_boxes(p32), text_boxes(p8)
+            ious = match_boxes(b32, b8)
+            row = {"det": f, "boxes_fp32": len(b32), "boxes_int8": len(b8), "matched": len(ious),
+                   "matched_iou_mean": float(np.mean(ious)) if ious else None,
+                   "matched_iou_min": float(np.min(ious)) if ious else None,
+                   "bands_fp32": bands(m32), "bands_int8": bands(m8), "iou": iou}
             print(json.dumps(row), flush=True)
-            lines.append(f"| ppocrv4_det | {form} | {f} | {row['bands_fp32']} text row bands | "
-                         f"{row['bands_int8']} bands, text-pixel IoU {iou:.3f} | "
-                         f"{'bands equal' if row['bands_fp32'] == row['bands_int8'] else 'no'} |")
+            same = len(ious) == len(b32) == len(b8)
+            at = f", IoU {row['matched_iou_mean']:.3f} on average, {row['matched_iou_min']:.3f} at least" if ious else ""
+            lines.append(f"| ppocrv4_det | {form} | {f} | {len(b32)} text boxes ({row['bands_fp32']} row bands) | "
+                         f"{len(b8)} boxes, {len(ious)} matched at IoU ≥ 0.5{at}; {row['bands_int8']} bands; "
+                         f"text-pixel IoU {iou:.3f} | {'same boxes' if same else 'no'} |")
     table = "\n".join(lines)
     print(table)
     if a.md:
