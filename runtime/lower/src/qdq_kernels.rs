@@ -293,8 +293,9 @@ fn dyn_gemm(c: &Ctx, idx: usize) -> Option<Rewrite> {
 /// The quantized value behind `DQ(value)` when it is a kernel output, with its parameters.
 fn kernel_dq<'a>(c: &Ctx<'a>, value: &str, nhwc: &Made) -> Option<(&'a str, (f32, u8))> {
     let dq = c.producer(value, "DequantizeLinear")?;
-    nhwc.contains_key(&dq.input[0]).then_some(())?;
-    Some((dq.input[0].as_str(), u8_params(c.g, dq)?))
+    let x = dq.input.first()?;
+    nhwc.contains_key(x).then_some(())?;
+    Some((x.as_str(), u8_params(c.g, dq)?))
 }
 
 /// The Q reading `value` (its only reader, through Identity nodes), the nodes up to it, and its parameters.

@@ -3,6 +3,7 @@
 //!
 //! Quantize, prune and the GPU lowering are small passes over [`Graph`]: they look values up by name, ask for
 //! producers and consumers, insert/remove nodes and initializers, and re-sort topologically.
+mod arity;
 #[allow(clippy::all)]
 #[rustfmt::skip]
 pub mod proto;
@@ -475,6 +476,7 @@ impl Graph {
                     check_tensor(t)?;
                 }
             }
+            check_arity(node)?;
             check_axes(self, node)?;
         }
         self.topo_order(outer)?;
@@ -554,6 +556,43 @@ pub const MAX_AXIS: i64 = 64;
 /// An `axis`/`axes` attribute of a default-domain op names a dim: at most [`MAX_AXIS`] away from 0, and for
 /// LayerNormalization within the declared rank of its input. Backends trust it: tract's LayerNormalization rules
 /// loop up to the axis (an axis of 10⁹ exhausted memory in a fuzz run).
+/// A default-domain node has as many inputs and outputs as some version of its op takes, and names every input
+/// all versions require ([`arity::ARITY`], from the onnx package's schemas). Passes and backends index a node's
+/// inputs by the op's signature: a DequantizeLinear of no inputs made the QDQ lowering index an empty list.
+fn check_arity(node: &NodeProto) -> Result<()> {
+    if !matches!(node.domain_name(), "" | "ai.onnx") {
+        return Ok(());
+    }
+    let Ok(i) = arity::ARITY.binary_search_by(|e| e.0.cmp(node.op())) else { return Ok(()) };
+    let (op, lo, hi, olo, ohi, required) = arity::ARITY[i];
+    let (n_in, n_out) = (node.input.len(), node.output.len());
+    let what = || format!("{op} node `{}`", node.name());
+    if n_in < lo as usize || n_in > hi as usize {
+        let want = if lo == hi {
+            lo.to_string()
+        } else if hi == u32::MAX {
+            format!("at least {lo}")
+        } else {
+            format!("{lo} to {hi}")
+        };
+        return Err(Error::MalformedModel(format!("{} has {n_in} inputs, the op takes {want}", what())));
+    }
+    if n_out < olo as usize || n_out > ohi as usize {
+        let want = if olo == ohi {
+            olo.to_string()
+        } else if ohi == u32::MAX {
+            format!("at least {olo}")
+        } else {
+            format!("{olo} to {ohi}")
+        };
+        return Err(Error::MalformedModel(format!("{} has {n_out} outputs, the op gives {want}", what())));
+    }
+    if let Some(k) = node.input.iter().take(32).enumerate().position(|(k, v)| v.is_empty() && required >> k & 1 == 1) {
+        return Err(Error::MalformedModel(format!("{} leaves its required input {k} empty", what())));
+    }
+    Ok(())
+}
+
 fn check_axes(g: &Graph, node: &NodeProto) -> Result<()> {
     if !matches!(node.domain_name(), "" | "ai.onnx") {
         return Ok(());

@@ -309,3 +309,33 @@ fn axes_beyond_any_rank_are_malformed() {
         assert!(e.contains("axis") && e.contains("out of range"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn nodes_hold_the_inputs_and_outputs_their_op_takes() {
+    let one = |n: NodeProto| {
+        model(
+            vec![n],
+            vec![value_info("x", 1, &[Dim::Fixed(2), Dim::Fixed(3)])],
+            vec![value_info("y", 1, &[Dim::Fixed(2), Dim::Fixed(3)])],
+            vec![tensor_f32("s", &[], &[0.5]), tensor_f32("w", &[3, 3], &[0.0; 9])],
+        )
+    };
+    // What the schemas allow: optional inputs left out or named "", a trailing optional output.
+    one(node("Clip", "c", &["x"], &["y"], vec![])).check().unwrap();
+    one(node("Clip", "c", &["x", "", "s"], &["y"], vec![])).check().unwrap();
+    one(node("Dropout", "d", &["x"], &["y", "mask"], vec![])).check().unwrap();
+    one(node("MatMul", "m", &["x", "w"], &["y"], vec![])).check().unwrap();
+    one(node("EpAnything", "k", &[], &["y"], vec![])).check().unwrap(); // not an ONNX op: its backend decides
+    let bad = [
+        (node("DequantizeLinear", "dq", &[], &["y"], vec![]), "has 0 inputs, the op takes 2 to 3"),
+        (node("MatMul", "m", &["x", "w", "x"], &["y"], vec![]), "has 3 inputs, the op takes 2"),
+        (node("MatMul", "m", &["x", ""], &["y"], vec![]), "leaves its required input 1 empty"),
+        (node("Relu", "r", &["x"], &[], vec![]), "has 0 outputs, the op gives 1"),
+        (node("Relu", "r", &["x"], &["y", "z"], vec![]), "has 2 outputs, the op gives 1"),
+        (node("Sum", "s", &[], &["y"], vec![]), "the op takes at least 1"),
+    ];
+    for (n, want) in bad {
+        let e = one(n).check().unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+}
