@@ -948,8 +948,9 @@ pub struct QuantizeArgs {
     /// Pre-processing preset for a bare .onnx model fed with images
     #[arg(long, value_parser = preset_parser())]
     preset: Option<String>,
-    /// Range estimation: minmax, percentile (with --percentile), entropy or mse
-    #[arg(long, default_value = "minmax", value_parser = ["minmax", "percentile", "entropy", "mse"])]
+    /// Range estimation: minmax, percentile (with --percentile), entropy, mse, or auto (min-max, and when that misses
+    /// the gate, MSE ranges too: the one closer to the gate on the choosing samples is kept)
+    #[arg(long, default_value = "auto", value_parser = ["auto", "minmax", "percentile", "entropy", "mse"])]
     method: String,
     /// With --method percentile: the percentile of |activation| kept in range (e.g. 99.99)
     #[arg(long, default_value_t = 99.99)]
@@ -1334,6 +1335,8 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             "dynamic (each call's own range)".into()
         } else if a.method == "percentile" {
             format!("percentile {}", a.percentile)
+        } else if a.method == "auto" {
+            "minmax".into()
         } else {
             a.method.clone()
         },
@@ -1368,6 +1371,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         always_sensitivity: a.sensitivity,
         speed_gate: a.speed_gate,
         try_dynamic: a.mode == "auto" && a.weight_only.is_none(),
+        try_mse: a.method == "auto" && a.weight_only.is_none() && a.mode != "dynamic",
         session: opts.clone(),
         held_out_max_bytes: 1 << 30,
     };

@@ -79,6 +79,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         always_sensitivity: false,
         speed_gate: false,
         try_dynamic: false,
+        try_mse: false,
         rounding: edgepack_quantize::pipeline::Rounding::Nearest,
         session: SessionOptions { threads: a.threads, ..Default::default() },
         held_out_max_bytes: 1 << 28,

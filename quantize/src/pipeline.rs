@@ -75,6 +75,9 @@ pub struct Job<'a> {
     pub speed_gate: bool,
     /// When static INT8 misses the gate, try dynamic quantization and keep the better (see [`run`]).
     pub try_dynamic: bool,
+    /// `--method auto`: a min-max result that misses its gate is compared with MSE ranges (a static pass again),
+    /// and the one closer to the gate on the choosing samples is kept.
+    pub try_mse: bool,
     /// How weights are rounded (see [`crate::rounding`]).
     pub rounding: Rounding,
     pub session: SessionOptions,
@@ -170,7 +173,7 @@ pub fn unknown_excludes(model: &Model, exclude: &[String]) -> (Vec<String>, Vec<
 /// With `try_dynamic`, a static result that misses its gate is compared with dynamic quantization (where the
 /// model has MatMul/Gemm or recurrent weights), and the one closer to the gate on the choosing samples is kept.
 pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), CalibError> {
-    let (q, report) = run_once(job, on)?;
+    let (q, report) = run_static(job, on)?;
     let missed = report.budget.as_ref().filter(|b| !b.met).map(|b| (b.budget, b.reached));
     let Some((gate, reached)) = missed.filter(|_| job.try_dynamic && !job.cfg.dynamic && job.cfg.weight_only.is_none())
     else {
@@ -199,6 +202,40 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
         // Nothing for the dynamic pass (a CNN): the static result stands.
         Err(CalibError::Unsupported(_)) => Ok((q, report)),
         Err(e) => Err(e),
+    }
+}
+
+/// The static (or weight-only, or dynamic) pass; with `try_mse`, a min-max result that misses its gate is compared
+/// with MSE ranges and the one closer to the gate on the choosing samples is kept.
+fn run_static(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), CalibError> {
+    let (q, report) = run_once(job, on)?;
+    let missed = report.budget.as_ref().filter(|b| !b.met).map(|b| (b.budget, b.reached));
+    let eligible = job.try_mse && job.method == Method::MinMax && !job.cfg.dynamic && job.cfg.weight_only.is_none();
+    let Some((gate, reached)) = missed.filter(|_| eligible) else {
+        return Ok((q, report));
+    };
+    let mse_job = Job { method: Method::Mse, method_name: "mse".into(), ..job.clone() };
+    on(Event::Note(format!("min-max ranges missed the gate ({reached:.3}): trying MSE ranges")));
+    let (mq, mut mr) = match run_once(&mse_job, on) {
+        Ok(r) => r,
+        Err(e) => {
+            let mut report = report;
+            report.warnings.push(format!("min-max ranges kept (--method auto): the MSE pass failed: {e}"));
+            return Ok((q, report));
+        }
+    };
+    let m_reached = mr.budget.as_ref().map_or(f64::NAN, |b| b.reached);
+    if gate.better(m_reached, reached) {
+        mr.warnings.push(format!(
+            "MSE ranges chosen (--method auto): min-max reached {reached:.3} on the choosing samples, MSE {m_reached:.3}"
+        ));
+        Ok((mq, mr))
+    } else {
+        let mut report = report;
+        report.warnings.push(format!(
+            "min-max ranges kept (--method auto): MSE reached {m_reached:.3} on the choosing samples, not better"
+        ));
+        Ok((q, report))
     }
 }
 

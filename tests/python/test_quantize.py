@@ -645,3 +645,33 @@ def test_weight_only_4bit_with_fitted_rounding_runs_in_onnxruntime(shared, binar
     info = json.loads(ep("inspect", bundle, "--json").stdout)
     variants = info["bundle"]["manifest"]["variants"]
     assert [v["precision"] for v in variants] == ["int4"], variants
+
+
+def test_method_auto_tries_mse_ranges_when_minmax_misses_the_gate(binary, tmp_path):
+    """Issue 29: `--method auto` (the default) quantizes with min-max ranges and, when that misses the gate, with MSE
+    ranges too, keeping the closer on the choosing samples (PP-OCRv4 det gives fp32's text boxes only with MSE).
+    A gate no INT8 model meets (SQNR 80 dB) makes both passes run: auto's result is the better of `--method minmax`
+    and `--method mse`, and a gate min-max meets never starts the MSE pass."""
+    mnist = os.path.join(ROOT, "assets", "models", "mnist_cntk_opset8_simplified.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(24):
+        np.save(calib / f"x{i:02}.npy", (rng.exponential(40.0, (1, 1, 28, 28))).astype(np.float32))
+    common = ["--calib", calib, "--calib-limit", "16", "--holdout", "8", "--mode", "static", "--latency-runs", "0",
+              "--json"]
+    rep = {}
+    for m in ("auto", "minmax", "mse"):
+        r = ep("quantize", mnist, *common, "--budget", "sqnr=80", "--method", m, "-o", tmp_path / f"{m}.onnx")
+        rep[m] = json.loads(r.stdout)["report"]
+    reached = {m: rep[m]["budget"]["reached"] for m in rep}
+    assert not any(rep[m]["budget"]["met"] for m in rep), reached
+    best = "mse" if reached["mse"] > reached["minmax"] else "minmax"
+    assert rep["auto"]["method"] == best and reached["auto"] == reached[best], (reached, rep["auto"]["warnings"])
+    said = [w for w in rep["auto"]["warnings"] if "(--method auto)" in w]
+    assert len(said) == 1 and said[0].startswith("MSE ranges chosen" if best == "mse" else "min-max ranges kept"), said
+    assert not any("(--method auto)" in w for m in ("minmax", "mse") for w in rep[m]["warnings"])
+    # The default gate, met by min-max: no MSE pass.
+    met = json.loads(ep("quantize", mnist, *common, "-o", tmp_path / "met.onnx").stdout)["report"]
+    assert met["budget"]["met"] and met["method"] == "minmax", met["budget"]
+    assert not any("(--method auto)" in w for w in met["warnings"]), met["warnings"]
