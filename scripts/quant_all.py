@@ -253,7 +253,7 @@ def main():
     print(table)
     if a.md:
         meta = (f"`python3 scripts/quant_all.py --md {a.md}` — onnxruntime {ort.__version__}; default settings (the "
-                "default gate, min-max); calibration on a few real inputs per model (scripts/quant_all.py says which), "
+                "default gate, `--method auto`); calibration on a few real inputs per model (scripts/quant_all.py says which), "
                 "which also serve as the gate's held-out samples (no others: optimistic, the report warns); SQNR and "
                 "cosine over all outputs against fp32 on the parity input.")
         mdtable.replace_between(a.md, BEGIN, END, f"{meta}\n\n{table}")
