@@ -69,8 +69,8 @@ def bands(mask):
 
 
 def text_boxes(prob, thresh=0.3, box_thresh=0.5, unclip=1.5, min_side=3):
-    """DB post-processing on a probability map (axis-aligned): [x0, y0, x1, y1] per text region (8-connected
-    pixels over `thresh`), highest mean probability first."""
+    """DB post-processing on a probability map, with axis-aligned boxes where DB fits rotated rectangles:
+    [x0, y0, x1, y1] per text region (8-connected pixels over `thresh`), highest box score first."""
     mask = prob > thresh
     h, w = mask.shape
     label = np.zeros(mask.shape, np.int32)
@@ -93,7 +93,9 @@ def text_boxes(prob, thresh=0.3, box_thresh=0.5, unclip=1.5, min_side=3):
                         stack.append((v, u))
         ys, xs = np.array(ys), np.array(xs)
         bw, bh = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
-        score = float(prob[ys, xs].mean())
+        # DB's box score: the mean probability over the region's box (its rotated rectangle there), not only
+        # over the pixels above the threshold.
+        score = float(prob[ys.min():ys.max() + 1, xs.min():xs.max() + 1].mean())
         if min(bw, bh) < min_side or score < box_thresh:
             continue
         d = bw * bh * unclip / (2 * (bw + bh))
