@@ -173,6 +173,14 @@ pub fn unknown_excludes(model: &Model, exclude: &[String]) -> (Vec<String>, Vec<
 /// With `try_dynamic`, a static result that misses its gate is compared with dynamic quantization (where the
 /// model has MatMul/Gemm or recurrent weights), and the one closer to the gate on the choosing samples is kept.
 pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), CalibError> {
+    let t0 = Instant::now();
+    let (q, mut report) = run_or_fall_back(job, on)?;
+    // The whole job: every pass `--method auto` and `--mode auto` ran, not only the one written.
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok((q, report))
+}
+
+fn run_or_fall_back(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), CalibError> {
     let (q, report) = run_static(job, on)?;
     let missed = report.budget.as_ref().filter(|b| !b.met).map(|b| (b.budget, b.reached));
     let Some((gate, reached)) = missed.filter(|_| job.try_dynamic && !job.cfg.dynamic && job.cfg.weight_only.is_none())

@@ -553,9 +553,6 @@ fn check_geometry(node: &NodeProto) -> Result<()> {
 /// The largest |axis| an ONNX op's `axis`/`axes` attribute may name (a dim of a tensor of at most this rank).
 pub const MAX_AXIS: i64 = 64;
 
-/// An `axis`/`axes` attribute of a default-domain op names a dim: at most [`MAX_AXIS`] away from 0, and for
-/// LayerNormalization within the declared rank of its input. Backends trust it: tract's LayerNormalization rules
-/// loop up to the axis (an axis of 10⁹ exhausted memory in a fuzz run).
 /// A default-domain node has as many inputs and outputs as some version of its op takes, and names every input
 /// all versions require ([`arity::ARITY`], from the onnx package's schemas). Passes and backends index a node's
 /// inputs by the op's signature: a DequantizeLinear of no inputs made the QDQ lowering index an empty list.
@@ -593,6 +590,9 @@ fn check_arity(node: &NodeProto) -> Result<()> {
     Ok(())
 }
 
+/// An `axis`/`axes` attribute of a default-domain op names a dim: at most [`MAX_AXIS`] away from 0, and for
+/// LayerNormalization within the declared rank of its input. Backends trust it: tract's LayerNormalization rules
+/// loop up to the axis (an axis of 10⁹ exhausted memory in a fuzz run).
 fn check_axes(g: &Graph, node: &NodeProto) -> Result<()> {
     if !matches!(node.domain_name(), "" | "ai.onnx") {
         return Ok(());

@@ -5,12 +5,16 @@
 //! `[2,3,h,8]` value with `h` = 1, found by `onnx_structured`), two of its codegen rewrites undo each other and
 //! the plan never finishes. Every pass here runs inside [`Bounded`], which counts the rewrites of the whole
 //! optimisation and fails it, as a typed error, past [`cap`] of them: far more than any real model needs (the
-//! shared models' counts are tested to stay under a tenth of it: `runtime/tests/session.rs`), so a model that
-//! converges is never cut short.
+//! shared models' counts are tested to stay under a tenth of it: `runtime/tests/tract_optimiser.rs`), so a model that
+//! converges is never cut short. The cap counts the nodes of loop and branch bodies too (tract declutters a Scan's
+//! body, what ONNX LSTM/GRU/RNN/Scan become, in the outer session, so its rewrites count here); what tract does
+//! inside a body when it generates code for it (its own `into_optimized`) is beyond this bound.
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::logic::IfThenElse;
+use tract_onnx::tract_core::ops::scan::Scan;
 use tract_onnx::tract_core::optim::{Optimizer, OptimizerSession, TypedPass};
 
 /// Rewrites allowed per node of the typed model, with [`MIN_REWRITES`] as the floor.
@@ -22,12 +26,31 @@ pub(crate) fn cap(nodes: usize) -> usize {
     MIN_REWRITES.max(nodes.saturating_mul(REWRITES_PER_NODE))
 }
 
+/// The nodes of `model` and of every Scan and If body inside it.
+fn nodes(model: &TypedModel) -> usize {
+    model
+        .nodes
+        .iter()
+        .map(|n| {
+            1 + n.op_as::<Scan>().map_or(0, |s| nodes(&s.body))
+                + n.op_as::<IfThenElse>().map_or(0, |i| nodes(&i.then_body) + nodes(&i.else_body))
+        })
+        .sum()
+}
+
 /// One of tract's passes, counting what it changes into the optimisation's shared count.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 struct Bounded {
     inner: Box<dyn TypedPass>,
     used: Arc<AtomicUsize>,
     cap: usize,
+}
+
+/// tract names the pass in its error context ("running pass …"): the pass's own name, not the wrapper's fields.
+impl std::fmt::Debug for Bounded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
 }
 
 impl Bounded {
@@ -35,8 +58,8 @@ impl Bounded {
         let used = self.used.fetch_add(1, Ordering::Relaxed) + 1;
         if used > self.cap {
             return Err(TractError::msg(format!(
-                "tract's optimiser did not converge: {} rewrites applied, the last by {:?} (a model whose shapes do \
-                 not agree?)",
+                "tract's optimiser did not converge: over {} rewrites, the last by {:?} (a model whose shapes do not \
+                 agree?)",
                 self.cap, self.inner
             )));
         }
@@ -71,7 +94,7 @@ impl TypedPass for Bounded {
 pub(crate) fn optimized(model: InferenceModel) -> TractResult<(TypedModel, [usize; 2])> {
     let mut typed = model.into_typed()?;
     let used = Arc::new(AtomicUsize::new(0));
-    let cap = cap(typed.nodes.len());
+    let cap = cap(nodes(&typed));
     let bounded = |o: Optimizer| Optimizer {
         passes: o
             .passes
