@@ -564,25 +564,16 @@ fn check_arity(node: &NodeProto) -> Result<()> {
     let (op, lo, hi, olo, ohi, required) = arity::ARITY[i];
     let (n_in, n_out) = (node.input.len(), node.output.len());
     let what = || format!("{op} node `{}`", node.name());
+    let span = |lo: u32, hi: u32| match hi {
+        _ if lo == hi => lo.to_string(),
+        u32::MAX => format!("at least {lo}"),
+        _ => format!("{lo} to {hi}"),
+    };
     if n_in < lo as usize || n_in > hi as usize {
-        let want = if lo == hi {
-            lo.to_string()
-        } else if hi == u32::MAX {
-            format!("at least {lo}")
-        } else {
-            format!("{lo} to {hi}")
-        };
-        return Err(Error::MalformedModel(format!("{} has {n_in} inputs, the op takes {want}", what())));
+        return Err(Error::MalformedModel(format!("{} has {n_in} inputs, the op takes {}", what(), span(lo, hi))));
     }
     if n_out < olo as usize || n_out > ohi as usize {
-        let want = if olo == ohi {
-            olo.to_string()
-        } else if ohi == u32::MAX {
-            format!("at least {olo}")
-        } else {
-            format!("{olo} to {ohi}")
-        };
-        return Err(Error::MalformedModel(format!("{} has {n_out} outputs, the op gives {want}", what())));
+        return Err(Error::MalformedModel(format!("{} has {n_out} outputs, the op gives {}", what(), span(olo, ohi))));
     }
     if let Some(k) = node.input.iter().take(32).enumerate().position(|(k, v)| v.is_empty() && required >> k & 1 == 1) {
         return Err(Error::MalformedModel(format!("{} leaves its required input {k} empty", what())));
