@@ -181,68 +181,83 @@ pub fn run(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cali
 }
 
 fn run_or_fall_back(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), CalibError> {
-    let (q, report) = run_static(job, on)?;
-    let missed = report.budget.as_ref().filter(|b| !b.met).map(|b| (b.budget, b.reached));
-    let Some((gate, reached)) = missed.filter(|_| job.try_dynamic && !job.cfg.dynamic && job.cfg.weight_only.is_none())
-    else {
-        return Ok((q, report));
-    };
+    let first = run_static(job, on)?;
+    if !(job.try_dynamic && !job.cfg.dynamic && job.cfg.weight_only.is_none()) {
+        return Ok(first);
+    }
     let mut cfg = job.cfg.clone();
     cfg.dynamic = true;
     let dynamic_job = Job { cfg, method_name: "dynamic (each call's own range)".into(), ..job.clone() };
-    on(Event::Note(format!("static INT8 missed the gate ({reached:.3}): trying dynamic quantization")));
-    match run_once(&dynamic_job, on) {
-        Ok((dq, mut dr)) => {
-            let d_reached = dr.budget.as_ref().map_or(f64::NAN, |b| b.reached);
-            if gate.better(d_reached, reached) {
-                dr.warnings.push(format!(
-                    "dynamic quantization chosen: static INT8 reached {reached:.3} on the choosing samples, dynamic {d_reached:.3}"
-                ));
-                Ok((dq, dr))
-            } else {
-                let mut report = report;
-                report.warnings.push(format!(
-                    "static INT8 kept: dynamic quantization reached {d_reached:.3} on the choosing samples, not better"
-                ));
-                Ok((q, report))
-            }
-        }
-        // Nothing for the dynamic pass (a CNN): the static result stands.
-        Err(CalibError::Unsupported(_)) => Ok((q, report)),
+    let names = Alternative { first: "static INT8", second: "dynamic quantization", flag: "--mode auto" };
+    keep_closer(first, names, on, |on| match run_once(&dynamic_job, on) {
+        Ok(r) => Ok(Second::Ran(Box::new(r))),
+        // Nothing for the dynamic pass (a CNN): the static result stands, nothing to say.
+        Err(CalibError::Unsupported(_)) => Ok(Second::Skipped(None)),
         Err(e) => Err(e),
-    }
+    })
 }
 
 /// The static (or weight-only, or dynamic) pass; with `try_mse`, a min-max result that misses its gate is compared
 /// with MSE ranges and the one closer to the gate on the choosing samples is kept.
 fn run_static(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), CalibError> {
-    let (q, report) = run_once(job, on)?;
-    let missed = report.budget.as_ref().filter(|b| !b.met).map(|b| (b.budget, b.reached));
-    let eligible = job.try_mse && job.method == Method::MinMax && !job.cfg.dynamic && job.cfg.weight_only.is_none();
-    let Some((gate, reached)) = missed.filter(|_| eligible) else {
-        return Ok((q, report));
-    };
+    let first = run_once(job, on)?;
+    if !(job.try_mse && job.method == Method::MinMax && !job.cfg.dynamic && job.cfg.weight_only.is_none()) {
+        return Ok(first);
+    }
     let mse_job = Job { method: Method::Mse, method_name: "mse".into(), ..job.clone() };
-    on(Event::Note(format!("min-max ranges missed the gate ({reached:.3}): trying MSE ranges")));
-    let (mq, mut mr) = match run_once(&mse_job, on) {
-        Ok(r) => r,
-        Err(e) => {
-            let mut report = report;
-            report.warnings.push(format!("min-max ranges kept (--method auto): the MSE pass failed: {e}"));
+    let names = Alternative { first: "min-max ranges", second: "MSE ranges", flag: "--method auto" };
+    keep_closer(first, names, on, |on| match run_once(&mse_job, on) {
+        Ok(r) => Ok(Second::Ran(Box::new(r))),
+        // The min-max file is a valid result: a failed second try does not take it away.
+        Err(e) => Ok(Second::Skipped(Some(format!("the MSE pass failed: {e}")))),
+    })
+}
+
+/// The names a second try is reported by.
+struct Alternative {
+    first: &'static str,
+    second: &'static str,
+    /// The option that asked for the second try.
+    flag: &'static str,
+}
+
+/// What a second try gave.
+enum Second {
+    Ran(Box<(Model, Report)>),
+    /// Nothing to compare; the reason, when the report should say it.
+    Skipped(Option<String>),
+}
+
+/// `first` came from one pass. When it missed its gate, `second` runs, and the result that came closer to the gate
+/// on the choosing samples is kept; the kept report says which and by how much.
+fn keep_closer(
+    first: (Model, Report),
+    names: Alternative,
+    on: &mut dyn FnMut(Event),
+    second: impl FnOnce(&mut dyn FnMut(Event)) -> Result<Second, CalibError>,
+) -> Result<(Model, Report), CalibError> {
+    let Some((gate, reached)) = first.1.budget.as_ref().filter(|b| !b.met).map(|b| (b.budget, b.reached)) else {
+        return Ok(first);
+    };
+    let Alternative { first: a, second: b, flag } = names;
+    on(Event::Note(format!("{a} missed the gate ({reached:.3}): trying {b}")));
+    let (q, mut report) = first;
+    let (sq, mut sr) = match second(on)? {
+        Second::Ran(r) => *r,
+        Second::Skipped(why) => {
+            report.warnings.extend(why.map(|w| format!("{a} kept ({flag}): {w}")));
             return Ok((q, report));
         }
     };
-    let m_reached = mr.budget.as_ref().map_or(f64::NAN, |b| b.reached);
-    if gate.better(m_reached, reached) {
-        mr.warnings.push(format!(
-            "MSE ranges chosen (--method auto): min-max reached {reached:.3} on the choosing samples, MSE {m_reached:.3}"
-        ));
-        Ok((mq, mr))
+    let s_reached = sr.budget.as_ref().map_or(f64::NAN, |b| b.reached);
+    if gate.better(s_reached, reached) {
+        sr.warnings
+            .push(format!("{b} chosen ({flag}): {a} reached {reached:.3} on the choosing samples, {b} {s_reached:.3}"));
+        Ok((sq, sr))
     } else {
-        let mut report = report;
-        report.warnings.push(format!(
-            "min-max ranges kept (--method auto): MSE reached {m_reached:.3} on the choosing samples, not better"
-        ));
+        report
+            .warnings
+            .push(format!("{a} kept ({flag}): {b} reached {s_reached:.3} on the choosing samples, not better"));
         Ok((q, report))
     }
 }
