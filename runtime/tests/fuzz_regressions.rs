@@ -1,7 +1,8 @@
 //! The reproducers the fuzzers found (`fuzz/regressions/<target>/`, issue 31), replayed as the fuzz targets ran
 //! them: every model loaded on the interpreter and on tract and run on small synthetic inputs, every bundle opened
-//! and its members read. Each must end in a result or a typed error, and no panic may start in edgepack's own code
-//! (a dependency's panic caught at the session's boundary is tolerated, as in the fuzz targets).
+//! and its members read, every image decoded and pre-processed. Each must end in a result or a typed error, and no
+//! panic may start in edgepack's own code (a dependency's panic caught at the session's boundary is tolerated, as
+//! in the fuzz targets).
 //!
 //! One test in its own binary: it installs a process-wide panic hook and sets `EDGEPACK_CPU`.
 
@@ -10,6 +11,7 @@ use std::sync::Mutex;
 
 use edgepack_runtime::bundle::{Bundle, OpenOptions};
 use edgepack_runtime::onnx::Model;
+use edgepack_runtime::process::{ImagePreprocess, PRESETS, decode_image};
 use edgepack_runtime::{Device, Session, SessionOptions};
 
 static OWN_PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -74,6 +76,19 @@ fn every_fuzz_reproducer_ends_in_a_result_or_a_typed_error() {
             }
             let opts = SessionOptions { device: Device::Cpu, threads: 1, ..Default::default() };
             let _ = Session::from_bundle(b, &opts);
+        }
+        n += 1;
+        let own = std::mem::take(&mut *OWN_PANICS.lock().unwrap());
+        assert!(own.is_empty(), "{}: {own:?}", f.display());
+    }
+    // As the fuzz target runs them: decode, then every preset at four input sizes. (Timeouts are the fuzz run's to
+    // catch; here each must finish and end in a tensor or a typed error.)
+    for f in files("image_preprocess") {
+        if let Ok(img) = decode_image(&std::fs::read(&f).unwrap()) {
+            for (k, name) in PRESETS.iter().enumerate() {
+                let (h, w) = [(224, 224), (28, 28), (240, 320), (1, 7)][k % 4];
+                let _ = ImagePreprocess::preset(name, h, w).unwrap().apply(&img);
+            }
         }
         n += 1;
         let own = std::mem::take(&mut *OWN_PANICS.lock().unwrap());

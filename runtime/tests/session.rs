@@ -77,6 +77,14 @@ fn malformed_onnx_is_a_typed_error() {
 }
 
 #[test]
+fn a_window_of_over_2_pow_18_elements_is_refused_before_tract_plans_it() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/onnx_structured");
+    let bytes = std::fs::read(dir.join("averagepool-window-of-half-a-million.onnx")).unwrap();
+    let e = Session::from_onnx_bytes(&bytes, &opts()).err().expect("must fail");
+    assert!(matches!(&e, Error::MalformedModel(m) if m.contains("kernel_shape [2, 253782] covers over 262144")), "{e}");
+}
+
+#[test]
 fn unsupported_op_names_op_and_node() {
     let m = model(
         vec![node("FrobnicateV9", "mystery_node", &["x"], &["y"], vec![])],

@@ -526,15 +526,26 @@ fn check_declared_size(v: &ValueInfoProto) -> Result<()> {
 /// `output_shape`) of a default-domain op may hold.
 pub const MAX_GEOMETRY: i64 = 1 << 20;
 
-/// Window attributes within ±[`MAX_GEOMETRY`], and a ConvTranspose `output_padding` below its stride or dilation
-/// (as PyTorch requires of what it exports). tract sizes tensors from them while it plans: an `output_padding` of
-/// 5·10¹¹ made it allocate 10 TB at load in a fuzz run.
+/// The most elements a `kernel_shape` window may cover (a 512 × 512 pool). tract precomputes every window
+/// offset per padding zone while it plans: a 2 × 253 782 AveragePool over a 32 × 32 input took 6 s to load
+/// under the fuzzer, and one of 2²⁰ × 2²⁰ would never finish.
+pub const MAX_WINDOW: u64 = 1 << 18;
+
+/// Window attributes within ±[`MAX_GEOMETRY`], windows of at most [`MAX_WINDOW`] elements, and a ConvTranspose
+/// `output_padding` below its stride or dilation (as PyTorch requires of what it exports). tract sizes tensors from
+/// them while it plans: an `output_padding` of 5·10¹¹ made it allocate 10 TB at load in a fuzz run.
 fn check_geometry(node: &NodeProto) -> Result<()> {
     const NAMES: [&str; 6] = ["pads", "strides", "dilations", "kernel_shape", "output_padding", "output_shape"];
     let bad = |what: String| Err(Error::MalformedModel(format!("node `{}` ({}): {what}", node.name(), node.op())));
     for a in node.attribute.iter().filter(|a| NAMES.contains(&a.name.as_deref().unwrap_or(""))) {
         if let Some(v) = a.ints.iter().find(|v| v.unsigned_abs() > MAX_GEOMETRY as u64) {
             return bad(format!("{} {v} is out of range (at most {MAX_GEOMETRY})", a.name.as_deref().unwrap_or("")));
+        }
+    }
+    if let Some(k) = node.attr_ints("kernel_shape") {
+        let window = k.iter().try_fold(1u64, |n, &v| n.checked_mul(v.unsigned_abs()));
+        if window.is_none_or(|n| n > MAX_WINDOW) {
+            return bad(format!("kernel_shape {k:?} covers over {MAX_WINDOW} elements"));
         }
     }
     if node.op() == "ConvTranspose"

@@ -416,14 +416,9 @@ impl ImagePreprocess {
                 // Python's round() is round-half-to-even; match it for identical sizes.
                 let nw = ((w as f64 * r).round_ties_even() as u32).max(crop_width);
                 let nh = ((h as f64 * r).round_ties_even() as u32).max(crop_height);
-                let resized = resize(w, h, pixels, c, nw, nh, self.interpolation)?;
                 let (left, top) = ((nw - crop_width) / 2, (nh - crop_height) / 2);
-                let mut out = Vec::with_capacity((crop_width * crop_height) as usize * c);
-                for y in top..top + crop_height {
-                    let row = (y * nw + left) as usize * c;
-                    out.extend_from_slice(&resized[row..row + crop_width as usize * c]);
-                }
-                Ok((crop_width, crop_height, out))
+                let window = Window { left, top, width: crop_width, height: crop_height };
+                Ok((crop_width, crop_height, resize_window(w, h, pixels, c, (nw, nh), window, self.interpolation)?))
             }
             Resize::Letterbox { width, height, pad, anchor } => {
                 let (_, nw, nh, left, top) = letterbox_geometry(w, h, width, height, anchor);
@@ -592,18 +587,50 @@ fn clip8(v: i64) -> u8 {
 /// first, in 22-bit fixed point with its rounding), so a bundle's preprocessing reproduces PIL-based references
 /// bit for bit. Nearest neighbour samples the source pixel under each output pixel centre.
 fn resize(w: u32, h: u32, pixels: Vec<u8>, c: usize, nw: u32, nh: u32, interp: Interpolation) -> Result<Vec<u8>> {
-    if (w, h) == (nw, nh) {
-        return Ok(pixels);
-    }
-    if w == 0 || h == 0 || nw == 0 || nh == 0 {
+    resize_window(w, h, pixels, c, (nw, nh), Window { left: 0, top: 0, width: nw, height: nh }, interp)
+}
+
+/// A rectangle of the resized image.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    left: u32,
+    top: u32,
+    width: u32,
+    height: u32,
+}
+
+/// [`resize`] to `size`, but only the pixels of `window` computed: each output pixel depends on its own row's and
+/// column's filter taps alone, so the window equals the crop of the full resize bit for bit, at the cost of the
+/// window rather than of the whole resized image (a 16384 × 17 image resized to a shorter side of 256 would be
+/// 60 M pixels before its 224 × 224 crop).
+fn resize_window(
+    w: u32,
+    h: u32,
+    pixels: Vec<u8>,
+    c: usize,
+    size: (u32, u32),
+    window: Window,
+    interp: Interpolation,
+) -> Result<Vec<u8>> {
+    let (nw, nh) = size;
+    if w == 0 || h == 0 || nw == 0 || nh == 0 || window.width == 0 || window.height == 0 {
         return Err(Error::Image("empty image".into()));
     }
+    if window.left + window.width > nw || window.top + window.height > nh {
+        return Err(Error::Processing(format!("{window:?} is outside the {nw}x{nh} image")));
+    }
     let (w, h, nw, nh) = (w as usize, h as usize, nw as usize, nh as usize);
+    let xs = window.left as usize..(window.left + window.width) as usize;
+    let ys = window.top as usize..(window.top + window.height) as usize;
+    let ww = xs.len();
+    if (w, h) == (nw, nh) && (ww, ys.len()) == (w, h) {
+        return Ok(pixels);
+    }
     if interp == Interpolation::Nearest {
-        let mut out = Vec::with_capacity(nw * nh * c);
-        for y in 0..nh {
+        let mut out = Vec::with_capacity(ww * ys.len() * c);
+        for y in ys {
             let sy = (((y as f64 + 0.5) * h as f64 / nh as f64) as usize).min(h - 1);
-            for x in 0..nw {
+            for x in xs.clone() {
                 let sx = (((x as f64 + 0.5) * w as f64 / nw as f64) as usize).min(w - 1);
                 out.extend_from_slice(&pixels[(sy * w + sx) * c..(sy * w + sx + 1) * c]);
             }
@@ -611,39 +638,42 @@ fn resize(w: u32, h: u32, pixels: Vec<u8>, c: usize, nw: u32, nh: u32, interp: I
         return Ok(out);
     }
     let half = 1i64 << (PRECISION_BITS - 1);
-    // Horizontal pass (only when the width changes), over every row.
-    let (tmp, tw) = if nw != w {
+    // Horizontal pass (only when the width changes), over every source row, for the window's columns.
+    let tmp = if nw != w {
         let coeffs = coefficients(w as u32, nw as u32, interp);
-        let mut tmp = vec![0u8; nw * h * c];
+        let mut tmp = vec![0u8; ww * h * c];
         for y in 0..h {
             let row = &pixels[y * w * c..(y + 1) * w * c];
-            for (x, (xmin, k)) in coeffs.iter().enumerate() {
+            for (x, (xmin, k)) in coeffs[xs.clone()].iter().enumerate() {
                 for ch in 0..c {
                     let mut ss = half;
                     for (i, &kv) in k.iter().enumerate() {
                         ss += row[(xmin + i) * c + ch] as i64 * kv as i64;
                     }
-                    tmp[(y * nw + x) * c + ch] = clip8(ss);
+                    tmp[(y * ww + x) * c + ch] = clip8(ss);
                 }
             }
         }
-        (tmp, nw)
+        tmp
+    } else if ww == w {
+        pixels
     } else {
-        (pixels, w)
+        pixels.chunks_exact(w * c).flat_map(|row| &row[xs.start * c..xs.end * c]).copied().collect()
     };
+    let row = ww * c;
     if nh == h {
-        return Ok(tmp);
+        return Ok(tmp[ys.start * row..ys.end * row].to_vec());
     }
-    // Vertical pass.
+    // Vertical pass, for the window's rows.
     let coeffs = coefficients(h as u32, nh as u32, interp);
-    let mut out = vec![0u8; tw * nh * c];
-    for (y, (ymin, k)) in coeffs.iter().enumerate() {
-        for x in 0..tw * c {
+    let mut out = vec![0u8; row * ys.len()];
+    for (y, (ymin, k)) in coeffs[ys].iter().enumerate() {
+        for x in 0..row {
             let mut ss = half;
             for (i, &kv) in k.iter().enumerate() {
-                ss += tmp[(ymin + i) * tw * c + x] as i64 * kv as i64;
+                ss += tmp[(ymin + i) * row + x] as i64 * kv as i64;
             }
-            out[y * tw * c + x] = clip8(ss);
+            out[y * row + x] = clip8(ss);
         }
     }
     Ok(out)
@@ -887,6 +917,42 @@ mod tests {
             assert!((v[0] - (10.0 - 127.0) / 128.0).abs() < 1e-6);
             assert!((v[224 * 224] - (20.0 - 127.0) / 128.0).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn a_resized_window_is_the_crop_of_the_full_resize_bit_for_bit() {
+        // Pseudo-random pixels: a smooth image would hide a tap taken from the wrong row or column.
+        let (w, h, c) = (37usize, 23usize, 3usize);
+        let mut x = 12345u32;
+        let pixels: Vec<u8> = (0..w * h * c)
+            .map(|_| {
+                x = x.wrapping_mul(1664525).wrapping_add(1013904223);
+                (x >> 24) as u8
+            })
+            .collect();
+        for interp in [Interpolation::Bilinear, Interpolation::Bicubic, Interpolation::Nearest] {
+            // Up, down, one side unchanged, both unchanged.
+            for (nw, nh) in [(61u32, 50u32), (19, 11), (37, 40), (50, 23), (37, 23)] {
+                let full = resize(w as u32, h as u32, pixels.clone(), c, nw, nh, interp).unwrap();
+                for window in [
+                    Window { left: 0, top: 0, width: nw, height: nh },
+                    Window { left: 3, top: 2, width: nw - 5, height: nh - 4 },
+                    Window { left: nw - 1, top: nh - 1, width: 1, height: 1 },
+                ] {
+                    let got = resize_window(w as u32, h as u32, pixels.clone(), c, (nw, nh), window, interp).unwrap();
+                    let row = nw as usize * c;
+                    let want: Vec<u8> = (window.top..window.top + window.height)
+                        .flat_map(|y| {
+                            let at = y as usize * row + window.left as usize * c;
+                            full[at..at + window.width as usize * c].to_vec()
+                        })
+                        .collect();
+                    assert_eq!(got, want, "{interp:?} to {nw}x{nh}, {window:?}");
+                }
+            }
+        }
+        let outside = Window { left: 2, top: 0, width: 60, height: 1 };
+        assert!(resize_window(w as u32, h as u32, pixels, c, (61, 50), outside, Interpolation::Bilinear).is_err());
     }
 
     #[test]
