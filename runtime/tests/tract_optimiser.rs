@@ -1,5 +1,6 @@
 //! The tract backend bounds tract's optimiser (`runtime/backends/tract/src/optim.rs`): a model whose rewrites
 //! never converge is a typed error, and the bound leaves real models ten times the room they use (they use 0–5 %).
+//! It also checks the input rank of tract's NCHW ops before tract reads their axes (`runtime/backends/tract/src/ops.rs`).
 #![cfg(feature = "tract")]
 
 use std::path::{Path, PathBuf};
@@ -26,6 +27,40 @@ fn a_model_whose_rewrites_never_converge_is_a_typed_error() {
     assert!(e.contains("optimiser did not converge"), "{e}");
     assert!(!e.contains('\n'), "{e}");
     eprintln!("refused in {:.2} s: {e}", t.elapsed().as_secs_f64());
+}
+
+/// `onnx_structured` found a BatchNormalization of a rank-1 input: tract's NCHW shape reads the channel axis
+/// unchecked (`get_unchecked(1)` of a one-dim shape, undefined behaviour). The rank check refuses it first, and a
+/// BatchNormalization of `[N, C]` (BatchNorm1d) still runs.
+#[test]
+fn nchw_ops_of_too_low_a_rank_are_typed_errors_before_tract_reads_their_axes() {
+    let path = root().join("fuzz/regressions/onnx_structured/batchnorm-of-a-rank-one-input.onnx");
+    let m = Model::load(&path).unwrap();
+    let cpu = CpuBackend::load(&m, &[DType::F32; 5], 1).unwrap();
+    let e = cpu.prepare(&[vec![2, 3, 4, 5], vec![3], vec![3], vec![3], vec![3]]).unwrap_err().to_string();
+    assert!(e.contains("BatchNorm needs an input of rank 2 or more, not 1"), "{e}");
+
+    use edgepack_runtime::onnx::builder::*;
+    use edgepack_runtime::onnx::{Dim, node};
+    let params =
+        [("s", [1.0, 2.0, 3.0]), ("b", [0.5, 0.0, -0.5]), ("mean", [0.0, 1.0, 2.0]), ("var", [1.0, 4.0, 0.25])];
+    let bn1d = model(
+        vec![node(
+            "BatchNormalization",
+            "bn",
+            &["x", "s", "b", "mean", "var"],
+            &["y"],
+            vec![attr_float("epsilon", 0.0)],
+        )],
+        vec![value_info("x", 1, &[Dim::Fixed(2), Dim::Fixed(3)])],
+        vec![value_info("y", 1, &[Dim::Fixed(2), Dim::Fixed(3)])],
+        params.iter().map(|(n, v)| tensor_f32(n, &[3], v)).collect(),
+    );
+    let cpu = CpuBackend::load(&bn1d, &[DType::F32], 1).unwrap();
+    let x = edgepack_runtime::Tensor::from_f32(vec![2, 3], vec![1.0, 1.0, 1.0, 2.0, 3.0, 4.0]).unwrap();
+    let y = cpu.run(vec![x]).unwrap().remove(0);
+    // s·(x − mean)/√var + b per channel.
+    assert_eq!(y.as_f32().unwrap(), &[1.5, 0.0, -6.5, 2.5, 2.0, 11.5]);
 }
 
 /// Every shipped and shared model plans within a tenth of its cap (batch 1, symbolic dims 1). `CpuBackend::load`

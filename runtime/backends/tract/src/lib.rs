@@ -113,6 +113,7 @@ impl CpuBackend {
         // Kernel nodes run inside tract's plans: outside a granted run they split work over tract's pool.
         edgepack_kernels::set_ambient_threads(tract_pool_threads);
         let mut onnx = tract_onnx::onnx();
+        // Against tract's own ops: kernel nodes are edgepack's lowering, never a model's own.
         if let Some((op, domain, node)) = find_unsupported(&model.graph.nodes, &onnx.op_register.0) {
             return Err(Error::UnsupportedOp { op, domain, node, backend: "cpu" });
         }
@@ -185,7 +186,7 @@ impl CpuBackend {
             // The first fallback computing every requested value (the graph as written computes them all).
             let fallbacks = self.fallbacks();
             match fallbacks.iter().find(|f| outputs.iter().all(|o| f.kept.contains(o))).or(fallbacks.last()) {
-                Some(f) => tract_onnx::onnx().model_for_read(&mut &f.bytes[..]).map_err(tract_err)?,
+                Some(f) => crate::ops::onnx().model_for_read(&mut &f.bytes[..]).map_err(tract_err)?,
                 None => self.model.clone(),
             }
         };

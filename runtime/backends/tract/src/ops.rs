@@ -10,10 +10,133 @@ use tract_onnx::tract_hir::internal::*;
 use edgepack_core::tensor::DType;
 use edgepack_lower::nodes::{Data, DataMut, Kernel, KernelDim};
 
-/// Adds the kernel ops to a tract ONNX op register.
+/// tract's ONNX parser with edgepack's additions: the kernel ops, and rank checks in front of the NCHW ops.
+pub fn onnx() -> tract_onnx::Onnx {
+    let mut onnx = tract_onnx::onnx();
+    register(&mut onnx.op_register);
+    onnx
+}
+
+/// Adds the kernel ops to a tract ONNX op register, and puts a rank check in front of its NCHW ops.
 pub fn register(reg: &mut OnnxOpRegister) {
     for op in edgepack_lower::nodes::ops() {
         reg.insert(op, parse);
+    }
+    let tract_own = TRACT_NCHW.get_or_init(|| {
+        NCHW_OPS.iter().filter_map(|&(op, rank)| reg.0.get(op).map(|&b| (op.to_string(), (rank, b)))).collect()
+    });
+    for op in tract_own.keys() {
+        reg.0.insert(op.clone(), parse_nchw);
+    }
+}
+
+/// The ops tract parses into NCHW shapes, with the input rank each needs. tract's `DataFormat::shape` takes a shape
+/// of any rank and `BaseDataShape::c`/`hw_dims` index it unchecked (`get_unchecked`): a BatchNormalization of a
+/// rank-1 input read past the shape's end while tract inferred its facts (undefined behaviour; the fuzzer found it
+/// as an abort of the standard library's debug checks).
+const NCHW_OPS: [(&str, usize); 8] = [
+    ("BatchNormalization", 2),
+    ("Conv", 3),
+    ("ConvInteger", 3),
+    ("QLinearConv", 3),
+    ("ConvTranspose", 3),
+    ("MaxPool", 3),
+    ("AveragePool", 3),
+    ("LpPool", 3),
+];
+
+/// An op register's entry (the type is private to tract-onnx).
+type OpBuilder = fn(&ParsingContext, &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)>;
+
+/// tract's own parsers of [`NCHW_OPS`] (op register builders are plain `fn`s: the wrapper finds them here).
+static TRACT_NCHW: std::sync::OnceLock<std::collections::HashMap<String, (usize, OpBuilder)>> =
+    std::sync::OnceLock::new();
+
+fn parse_nchw(ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let &(min_rank, tract_parse) = TRACT_NCHW
+        .get()
+        .and_then(|m| m.get(&node.op_type))
+        .ok_or_else(|| format_err!("{}: no parser", node.op_type))?;
+    let (op, extra) = tract_parse(ctx, node)?;
+    let inner = op
+        .as_op()
+        .downcast_ref::<Box<dyn Expansion>>()
+        .ok_or_else(|| format_err!("{}: tract's parser gave no expansion to check", node.op_type))?
+        .clone();
+    Ok((expand(RankGuard { inner, min_rank }), extra))
+}
+
+/// A tract expansion whose first input (and output) must have at least `min_rank` dims: checked before its own
+/// shape rules run and again when it is wired into the typed model.
+#[derive(Debug, Clone)]
+struct RankGuard {
+    inner: Box<dyn Expansion>,
+    min_rank: usize,
+}
+
+impl RankGuard {
+    fn check(name: &str, min_rank: usize, rank: usize) -> TractResult<()> {
+        ensure!(rank >= min_rank, "{name} needs an input of rank {min_rank} or more, not {rank}");
+        Ok(())
+    }
+}
+
+impl Expansion for RankGuard {
+    fn name(&self) -> StaticName {
+        self.inner.as_ref().name()
+    }
+
+    fn validation(&self) -> Validation {
+        self.inner.as_ref().validation()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        self.inner.as_ref().info()
+    }
+
+    fn nboutputs(&self) -> TractResult<usize> {
+        self.inner.as_ref().nboutputs()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        // Before the wrapped rules: the solver applies rules in order, so a known rank is checked before any of
+        // them reads an axis. Within an op the input's rank can only come from its own fact or the output's.
+        let (name, min_rank) = (self.inner.as_ref().name(), self.min_rank);
+        for t in inputs.first().into_iter().chain(outputs.first()) {
+            let name = name.clone();
+            s.given(&t.rank, move |_, rank| Self::check(&name, min_rank, rank.max(0) as usize))?;
+        }
+        self.inner.as_ref().rules(s, inputs, outputs)
+    }
+
+    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+        if let Some(&x) = inputs.first() {
+            Self::check(&self.inner.as_ref().name(), self.min_rank, model.outlet_fact(x)?.rank())?;
+        }
+        self.inner.as_ref().wire(prefix, model, inputs)
+    }
+
+    fn wire_with_inference_model_and_node(
+        &self,
+        prefix: &str,
+        model: &InferenceModel,
+        node: &InferenceNode,
+        typed_model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        if let Some(&x) = inputs.first() {
+            Self::check(&self.inner.as_ref().name(), self.min_rank, typed_model.outlet_fact(x)?.rank())?;
+        }
+        self.inner.as_ref().wire_with_inference_model_and_node(prefix, model, node, typed_model, inputs)
+    }
+
+    fn runs_out_of_plan(&self) -> bool {
+        self.inner.as_ref().runs_out_of_plan()
     }
 }
 
