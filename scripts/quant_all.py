@@ -71,29 +71,38 @@ def calibration_samples(shared, model):
     return None  # no recipe yet: the table says so
 
 
-def silero_sequence(shared, chunks=48):
+SILERO_CALIB_CHUNKS = 48
+
+
+def silero_sequence(shared, chunks=SILERO_CALIB_CHUNKS, held_out=False):
     """Consecutive 512-sample chunks of the test recording, each with the 64 samples before it as context, as the
-    VAD runs on a stream; no `state`: edgepack carries it from one sample to the next (stateN → state)."""
+    VAD runs on a stream; no `state`: edgepack carries it from one sample to the next (stateN → state). The first
+    `chunks` calibrate; `held_out` gives the rest of the recording instead (never seen by the quantizer)."""
     import wave
     with wave.open(os.path.join(shared, "data", "audio", "silero_test_16k.wav")) as w:
         x = np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768.0
     x = np.concatenate([np.zeros(64, np.float32), x])
-    return [{"input": x[None, i * 512:i * 512 + 576].copy(), "sr": np.array(16000, np.int64)} for i in range(chunks)]
+    n = (len(x) - 64) // 512
+    which = range(chunks, n) if held_out else range(chunks)
+    return [{"input": x[None, i * 512:i * 512 + 576].copy(), "sr": np.array(16000, np.int64)} for i in which]
 
 
-def silero_stream_cosine(src, out, shared):
-    """fp32 and INT8 run by onnxruntime over the same chunk sequence, each feeding its own state back."""
+def silero_stream_cosine(src, out, shared, held_out=False):
+    """fp32 and INT8 run by onnxruntime over the same chunk sequence, each feeding its own state back (from zero
+    state at the sequence's first chunk)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     probs = []
     for path in (src, out):
         s, state, ps = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]), np.zeros((2, 1, 128), np.float32), []
-        for f in silero_sequence(shared):
+        for f in silero_sequence(shared, held_out=held_out):
             p, state = s.run(None, {**f, "state": state})
             ps.append(float(np.asarray(p).ravel()[0]))
         probs.append(np.array(ps, np.float64))
     a, b = probs
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))), float(np.abs(a - b).max())
+    # (The app's reading: speech where the probability passes 0.5.)
+    agree = 100.0 * float(np.mean((a > 0.5) == (b > 0.5)))
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))), float(np.abs(a - b).max()), agree
 
 
 def sqnr(ref, got):
@@ -186,6 +195,7 @@ def run_one(shared, model, tmp):
         res["ort_cosine"] = cosine(ref, got)
         if model.startswith("silero"):
             res["stream"] = silero_stream_cosine(src, out, shared)
+            res["stream_held_out"] = silero_stream_cosine(src, out, shared, held_out=True)
     except Exception as e:  # noqa: BLE001 (reported in the table)
         res["ort_error"] = f"{type(e).__name__}: {e}"[:200]
     theirs = os.path.join(tmp, model.replace(".onnx", "_ort_int8.onnx"))
@@ -198,6 +208,7 @@ def run_one(shared, model, tmp):
         res["ortq_size"] = os.path.getsize(theirs) / os.path.getsize(src)
         if model.startswith("silero"):
             res["ortq_stream"] = silero_stream_cosine(src, theirs, shared)
+            res["ortq_stream_held_out"] = silero_stream_cosine(src, theirs, shared, held_out=True)
     except Exception as e:  # noqa: BLE001 (reported in the table)
         res["ortq_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:160]
     return res
@@ -235,7 +246,12 @@ def main():
         kept = "; ".join(f"{len(v)} × {k}" for k, v in reasons.items()) or "none"
         ort_col = f"{r['ort_sqnr']:.1f} dB / {r['ort_cosine']:.4f}" if "ort_sqnr" in r else f"fails: {r['ort_error']}"
         if "stream" in r:
-            ort_col += f"; over {len(silero_sequence(a.shared))} streamed chunks, own state fed back: speech probability cosine {r['stream'][0]:.4f}, max difference {r['stream'][1]:.3f}"
+            held = len(silero_sequence(a.shared, held_out=True))
+            ort_col += (f"; over the {len(silero_sequence(a.shared))} calibration chunks streamed, own state fed back: speech "
+                        f"probability cosine {r['stream'][0]:.4f}, max difference {r['stream'][1]:.3f}; over the {held} "
+                        f"held-out chunks after them: cosine {r['stream_held_out'][0]:.4f}, max difference "
+                        f"{r['stream_held_out'][1]:.3f}, speech/no-speech (p > 0.5) the same on "
+                        f"{r['stream_held_out'][2]:.1f} % of chunks")
         g = r["gate"]
         gate = "-" if not g else f"{'met' if g['met'] else 'not met'} ({g['reached']:.1f})"
         es = "exact" if r["edgepack_sqnr"] is None else f"{r['edgepack_sqnr']:.1f} dB"
@@ -245,7 +261,9 @@ def main():
         if "ortq_cosine" in r:
             theirs = f"{r['ortq_cosine']:.4f} ({100 * r['ortq_size']:.0f} %)"
             if "ortq_stream" in r:
-                theirs += f"; streamed: cosine {r['ortq_stream'][0]:.4f}, max difference {r['ortq_stream'][1]:.3f}"
+                theirs += (f"; streamed: cosine {r['ortq_stream'][0]:.4f}, max difference {r['ortq_stream'][1]:.3f}; "
+                           f"held out: cosine {r['ortq_stream_held_out'][0]:.4f}, max difference "
+                           f"{r['ortq_stream_held_out'][1]:.3f}, same decision on {r['ortq_stream_held_out'][2]:.1f} %")
         else:
             theirs = f"fails: {r.get('ortq_error', '?').replace('|', '/')}"
         lines.append(f"| {r['model']} | quantized ({100 * r['size']:.0f} % of fp32{bn}) | {r['int8_layers']} of {r['layers']} | {kept} | {gate} | {es} | {ort_col} | {theirs} |")

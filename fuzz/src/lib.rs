@@ -13,13 +13,13 @@ const MAX_INPUT_ELEMENTS: usize = 1 << 16;
 /// Panics are bugs, with one exception: a dependency's panic (tract's, say) that the engine catches at its
 /// boundary (`no_panic`) and returns as a typed error is the behaviour under test. libfuzzer-sys aborts on every
 /// panic, caught or not; this hook aborts on the engine's own panics and lets a dependency's panic unwind to the
-/// boundary that catches it. Whose panic it is: the innermost frame of the backtrace outside the standard library
-/// (a division by zero or an index out of bounds panics inside `core` on behalf of its caller).
+/// boundary that catches it. Whose panic it is: `panic_culprit`, the panic's location or else the innermost frame of
+/// the backtrace outside the standard library.
 pub fn contain_dependency_panics() {
     std::panic::set_hook(Box::new(|info| {
         let trace = std::backtrace::Backtrace::force_capture().to_string();
-        let culprit = edgepack_runtime::panic_origin(&trace, "fuzz/src/lib.rs")
-            .unwrap_or_else(|| info.location().map_or("", |l| l.file()));
+        let culprit =
+            edgepack_runtime::panic_culprit(info.location().map(|l| l.file()), &trace, "fuzz/src/lib.rs").unwrap_or("");
         if edgepack_runtime::is_dependency_source(culprit) {
             return;
         }

@@ -42,7 +42,7 @@ pub mod stream;
 
 pub use backend::{Backend, BackendKind, Device};
 pub use bundle::{Bundle, Manifest, OpenOptions, PublicKey};
-pub use edgepack_core::{Error, Result, is_dependency_source, no_panic, panic_origin, utc_rfc3339};
+pub use edgepack_core::{Error, Result, is_dependency_source, no_panic, panic_culprit, panic_origin, utc_rfc3339};
 pub use session::{BackendInfo, IoInfo, Session, SessionOptions};
 pub use tensor::{DType, Tensor, TensorData};
 

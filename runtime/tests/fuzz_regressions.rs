@@ -48,9 +48,9 @@ fn run_model(model: &Model) {
 fn every_fuzz_reproducer_ends_in_a_result_or_a_typed_error() {
     std::panic::set_hook(Box::new(|info| {
         let trace = std::backtrace::Backtrace::force_capture().to_string();
-        let culprit = edgepack_runtime::panic_origin(&trace, "fuzz_regressions.rs")
-            .unwrap_or_else(|| info.location().map_or("", |l| l.file()))
-            .to_string();
+        let location = info.location().map(|l| l.file());
+        let culprit =
+            edgepack_runtime::panic_culprit(location, &trace, "fuzz_regressions.rs").unwrap_or_default().to_string();
         if edgepack_runtime::is_dependency_source(&culprit) {
             eprintln!("tolerated, a dependency's panic: {info} (in {culprit})");
         } else {

@@ -102,6 +102,18 @@ pub fn panic_origin<'a>(backtrace: &'a str, skip: &str) -> Option<&'a str> {
     })
 }
 
+/// Whose panic it is, for a panic hook: the panic's own location (`PanicHookInfo::location`) when it lies outside
+/// the standard library, since an index, an `unwrap` or an arithmetic overflow reports its caller there
+/// (`#[track_caller]`), else [`panic_origin`] of the backtrace. The location comes first because a backtrace may
+/// resolve no file for an inlined dependency frame: a tract panic inside a rule called through edgepack's
+/// wrapper of that rule showed the wrapper as its innermost file.
+pub fn panic_culprit<'a>(location: Option<&'a str>, backtrace: &'a str, skip: &str) -> Option<&'a str> {
+    location
+        .filter(|f| !f.starts_with("/rustc/") && !f.contains("/library/") && !f.contains(skip))
+        .or_else(|| panic_origin(backtrace, skip))
+        .or(location)
+}
+
 const STD_CRATES: [&str; 6] = ["std", "core", "alloc", "__rustc", "panic_unwind", "test"];
 
 /// The crate of a symbol: `tract_core` for `<tract_core::ops::X as tract_core::ops::EvalOp>::eval`.
@@ -174,5 +186,22 @@ mod tests {
         assert!(!is_dependency_source("edgepack_interp::nn::op_einsum"));
         assert!(is_dependency_source("/root/.cargo/registry/src/index.crates.io-x/ndarray-0.17.2/src/zip/mod.rs"));
         assert!(!is_dependency_source("./runtime/backends/interp/src/shape.rs"));
+    }
+
+    #[test]
+    fn panic_culprit_is_the_panics_own_location_unless_that_is_std() {
+        // tract's conv rules indexed past the inputs, called through edgepack's rank check: the backtrace's
+        // innermost file is edgepack's, the panic's location tract's.
+        let trace = "   8: rules
+   9: rules
+             at ./runtime/backends/tract/src/ops.rs:114:29
+";
+        let tract = "/root/.cargo/registry/src/index.crates.io-x/tract-hir-0.23.9/src/ops/cnn/conv.rs";
+        assert_eq!(panic_culprit(Some(tract), trace, "fuzz/src/lib.rs"), Some(tract));
+        assert!(is_dependency_source(panic_culprit(Some(tract), trace, "fuzz/src/lib.rs").unwrap()));
+        // A panic raised inside std (a capacity overflow) is blamed on the backtrace's innermost frame.
+        let std = "/rustc/abc/library/alloc/src/raw_vec/mod.rs";
+        assert_eq!(panic_culprit(Some(std), trace, "x"), Some("./runtime/backends/tract/src/ops.rs:114:29"));
+        assert_eq!(panic_culprit(Some(std), "", "x"), Some(std));
     }
 }

@@ -11,6 +11,6 @@ pub mod npy;
 pub mod tensor;
 
 pub use dim::{Dim, shape_string};
-pub use error::{BundleError, Error, Result, is_dependency_source, no_panic, panic_origin};
+pub use error::{BundleError, Error, Result, is_dependency_source, no_panic, panic_culprit, panic_origin};
 pub use kind::BackendKind;
 pub use tensor::{DType, Tensor, TensorData};
