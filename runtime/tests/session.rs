@@ -76,12 +76,19 @@ fn malformed_onnx_is_a_typed_error() {
     }
 }
 
+/// Fuzz reproducers that `Model::check` refuses before a backend sees them, each with the reason it gives.
 #[test]
-fn a_window_of_over_2_pow_18_elements_is_refused_before_tract_plans_it() {
+fn sizes_that_would_stall_tract_are_refused_by_the_check() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/onnx_structured");
-    let bytes = std::fs::read(dir.join("averagepool-window-of-half-a-million.onnx")).unwrap();
-    let e = Session::from_onnx_bytes(&bytes, &opts()).err().expect("must fail");
-    assert!(matches!(&e, Error::MalformedModel(m) if m.contains("kernel_shape [2, 253782] covers over 262144")), "{e}");
+    for (file, why) in [
+        ("averagepool-window-of-half-a-million.onnx", "kernel_shape [2, 253782] covers over 262144"),
+        // No elements, but tract's transpose loops over the other dims.
+        ("transpose-of-an-empty-input-with-a-7e11-dim.onnx", "declares a shape of over 268435456 elements"),
+    ] {
+        let bytes = std::fs::read(dir.join(file)).unwrap();
+        let e = Session::from_onnx_bytes(&bytes, &opts()).err().expect("must fail");
+        assert!(matches!(&e, Error::MalformedModel(m) if m.contains(why)), "{file}: {e}");
+    }
 }
 
 #[test]

@@ -502,20 +502,22 @@ impl Graph {
     }
 }
 
-/// The most elements a graph input, output or value may declare with fixed dims (1 GiB of f32). Backends trust
-/// declared shapes: tract's type inference computed an EyeLike of a declared 2³¹×4 input at load, allocating
-/// 32 GiB, which no panic guard can catch.
+/// The most elements a graph input, output or value may declare with fixed dims (1 GiB of f32), zero dims aside.
+/// Backends trust declared shapes: tract's type inference computed an EyeLike of a declared 2³¹×4 input at load,
+/// allocating 32 GiB, which no panic guard can catch; and a Transpose of a declared 1×1×3×700 970 477 325×0×255
+/// input (no elements) ran tract's block loop over the other dims for ever.
 pub const MAX_DECLARED_ELEMENTS: u128 = 1 << 28;
 
 fn check_declared_size(v: &ValueInfoProto) -> Result<()> {
     let Some(shape) = value_info_type(v).and_then(|t| t.shape) else { return Ok(()) };
+    // A zero dim counts as one: an empty tensor's other dims still size loops.
     let n = shape.iter().try_fold(1u128, |n, d| match d {
-        Dim::Fixed(d) => n.checked_mul(*d as u128),
+        Dim::Fixed(d) => n.checked_mul((*d as u128).max(1)),
         Dim::Symbolic(_) => Some(n),
     });
     if n.is_none_or(|n| n > MAX_DECLARED_ELEMENTS) {
         return Err(Error::MalformedModel(format!(
-            "`{}` declares a shape of over {MAX_DECLARED_ELEMENTS} elements",
+            "`{}` declares a shape of over {MAX_DECLARED_ELEMENTS} elements (zero dims counted as one)",
             v.name.as_deref().unwrap_or("")
         )));
     }
