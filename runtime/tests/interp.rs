@@ -117,3 +117,59 @@ fn wrong_input_shapes_are_errors_not_panics() {
         assert!(b.run(vec![x]).is_err(), "{shape:?} must be refused");
     }
 }
+
+/// A `kernel_shape` that is not the weights' spatial shape is refused (onnxruntime refuses it too): constant
+/// weights at load, weights fed at run time when the node runs. Conv 2-D, 1-D and 3-D, and ConvTranspose.
+#[test]
+fn a_kernel_shape_other_than_the_weights_is_an_error() {
+    let d = |n: usize| Dim::Fixed(n);
+    let conv = |op: &str, x: &[usize], w: &[usize], k: &[i64], w_input: bool| {
+        let xd: Vec<Dim> = x.iter().map(|&n| d(n)).collect();
+        let wd: Vec<Dim> = w.iter().map(|&n| d(n)).collect();
+        let wn: usize = w.iter().product();
+        let mut inputs = vec![value_info("x", 1, &xd)];
+        let mut inits = vec![];
+        if w_input {
+            inputs.push(value_info("w", 1, &wd));
+        } else {
+            let dims: Vec<i64> = w.iter().map(|&n| n as i64).collect();
+            inits.push(tensor_f32("w", &dims, &vec![0.5; wn]));
+        }
+        model(
+            vec![node(op, "c", &["x", "w"], &["y"], vec![attr_ints("kernel_shape", k)])],
+            inputs,
+            vec![value_info("y", 1, &[])],
+            inits,
+        )
+    };
+    let cases: [(&str, &[usize], &[usize], &[i64]); 4] = [
+        ("Conv", &[1, 2, 8, 8], &[3, 2, 3, 3], &[5, 5]),
+        ("Conv", &[1, 2, 8], &[3, 2, 3], &[3, 3]),
+        ("Conv", &[1, 2, 4, 4, 4], &[3, 2, 3, 3, 3], &[3, 3, 2]),
+        ("ConvTranspose", &[1, 2, 4, 4], &[2, 3, 3, 3], &[5, 5]),
+    ];
+    for (op, x, w, k) in cases {
+        for w_input in [false, true] {
+            let m = conv(op, x, w, k, w_input);
+            let feeds = |b: &InterpBackend| {
+                let mut v = vec![Tensor::from_f32(x.to_vec(), vec![1.0; x.iter().product()]).unwrap()];
+                if w_input {
+                    v.push(Tensor::from_f32(w.to_vec(), vec![0.5; w.iter().product()]).unwrap());
+                }
+                b.run(v)
+            };
+            let e = match InterpBackend::load(&m, 1) {
+                Err(e) => e,
+                Ok(b) => feeds(&b).expect_err("must be refused"),
+            };
+            assert!(
+                e.to_string().contains("is not the weights' spatial shape"),
+                "{op} {k:?} (weights fed: {w_input}): {e}"
+            );
+            // The same node with the right kernel_shape runs.
+            let good: Vec<i64> = w[2..].iter().map(|&n| n as i64).collect();
+            let b = InterpBackend::load(&conv(op, x, w, &good, w_input), 1).unwrap();
+            feeds(&b).unwrap_or_else(|e| panic!("{op} {good:?}: {e}"));
+        }
+    }
+}

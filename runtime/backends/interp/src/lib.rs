@@ -350,6 +350,7 @@ fn conv_of(n: &NodeProto, w: &Tensor, bias: Option<&Tensor>, hw: Option<[usize; 
     let Some(wv) = w.as_f32().filter(|_| d.len() == 4) else {
         return Err("f32 OIHW weights expected (2-D convolutions only)".into());
     };
+    nn::check_kernel_shape(n, &d[2..])?;
     let kernel = [d[2], d[3]];
     let stride = two(n.attr_ints("strides").unwrap_or(&[1, 1]))?;
     let dilation = two(n.attr_ints("dilations").unwrap_or(&[1, 1]))?;
@@ -374,6 +375,7 @@ fn conv1d_of(n: &NodeProto, w: &Tensor, bias: Option<&Tensor>, len: Option<usize
     let Some(wv) = w.as_f32().filter(|_| d.len() == 3) else {
         return Err("f32 OIW weights expected".into());
     };
+    nn::check_kernel_shape(n, &d[2..])?;
     let one = |name: &str| -> Res<usize> {
         match n.attr_ints(name) {
             None => Ok(1),
