@@ -142,7 +142,9 @@ fn a_kernel_shape_other_than_the_weights_is_an_error() {
             inits,
         )
     };
-    let cases: [(&str, &[usize], &[usize], &[i64]); 4] = [
+    // (op, input shape, weight shape, a kernel_shape that disagrees)
+    type Case = (&'static str, &'static [usize], &'static [usize], &'static [i64]);
+    let cases: [Case; 4] = [
         ("Conv", &[1, 2, 8, 8], &[3, 2, 3, 3], &[5, 5]),
         ("Conv", &[1, 2, 8], &[3, 2, 3], &[3, 3]),
         ("Conv", &[1, 2, 4, 4, 4], &[3, 2, 3, 3, 3], &[3, 3, 2]),
