@@ -410,8 +410,6 @@ fn for_window(w: &Window, input: &[usize], mut f: impl FnMut(usize, usize, Optio
     }
 }
 
-/// N-D convolution by direct loops (what the NHWC kernel does not take: 3-D, non-constant or non-f32 weights,
-/// asymmetric shapes).
 /// A Conv's or ConvTranspose's `kernel_shape`, when given, must be its weights' spatial dims, as the spec says and
 /// onnxruntime checks; the kernels read the weights' own. (A ConvTranspose chain whose `kernel_shape` said 5×5×5 over
 /// 32×32×2 weights ran 30 s in the fuzzer before this check refused it.)
@@ -424,6 +422,8 @@ pub(crate) fn check_kernel_shape(n: &NodeProto, spatial: &[usize]) -> Res<()> {
     }
 }
 
+/// N-D convolution by direct loops (what the NHWC kernel does not take: 3-D, non-constant or non-f32 weights,
+/// asymmetric shapes).
 pub(crate) fn conv_direct(n: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Res<Tensor> {
     let (xs, ws) = (x.shape(), w.shape());
     if xs.len() < 3 || ws.len() != xs.len() {
