@@ -267,7 +267,7 @@ impl FConv {
             for b in blocks {
                 // The depth in passes of equal length: each pass's weights (at most `KC_FLOATS`) stay in L1 while
                 // the tile's rows use them; the output holds the partial sums between passes.
-                let passes = (k * b.width).div_ceil(KC_FLOATS);
+                let passes = (k * b.width).div_ceil(KC_FLOATS).max(1);
                 let step = k.div_ceil(passes);
                 let mut k0 = 0;
                 while k0 < k {

@@ -107,7 +107,8 @@ fn interleave_planes<T: Copy + Send + Sync>(x: &[T], n: usize, rows: usize, cols
     const CHUNK: usize = 4096;
     let chunks = cols.div_ceil(CHUNK);
     let items = n * chunks;
-    let parts = (super::threads() * 2).min(items).min((n * rows * cols / 65_536).max(1));
+    // At least one part: an empty input (n or cols 0) gives an empty loop, not a division by zero.
+    let parts = (super::threads() * 2).min(items).min((n * rows * cols / 65_536).max(1)).max(1);
     let per = items.div_ceil(parts);
     let y_addr = y.as_mut_ptr() as usize;
     super::for_each_part(parts, |part| {
@@ -249,7 +250,8 @@ fn maxpool_with<T: PoolValue>(
     }
     let rows = n * oh;
     let work = rows * ow * c * g.kernel[0] * g.kernel[1];
-    let parts = (super::threads() * 2).min(rows).min((work / 100_000).max(1));
+    // At least one part: an empty batch (rows 0) gives an empty loop, not a division by zero.
+    let parts = (super::threads() * 2).min(rows).min((work / 100_000).max(1)).max(1);
     let per = rows.div_ceil(parts);
     let out_addr = out.as_mut_ptr() as usize;
     // The cells of one window that lie inside the input, along one axis.
