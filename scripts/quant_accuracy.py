@@ -156,7 +156,8 @@ def imagenet(key, a, tmp):
             "ort": accuracy(oo, labels), "edgepack_agree": agree(eo), "ort_agree": agree(oo),
             "runtime_vs_ort": rt_vs_ort, "edgepack_size": os.path.getsize(ours) / size,
             "ort_size": os.path.getsize(theirs) / size, "float_layers": len(rep["layers"]) - sum(l["precision"] == "int8" for l in rep["layers"]),
-            "layers": len(rep["layers"]), "budget": rep["budget"] and {k: rep["budget"][k] for k in ("text", "met", "reached", "judged")}}
+            "layers": len(rep["layers"]), "budget": rep["budget"] and {k: rep["budget"][k] for k in ("text", "met", "reached", "judged")},
+            "drop_ci": paired_drop(fp, eo, labels)[1], "ort_drop_ci": paired_drop(fp, oo, labels)[1], "methods": methods_of(rep)}
 
 
 def mnist(a, tmp):
@@ -184,7 +185,8 @@ def mnist(a, tmp):
             "ort": oo and accuracy(oo, ls), "edgepack_agree": agree(eo), "ort_agree": oo and agree(oo), "runtime_vs_ort": None,
             "edgepack_size": os.path.getsize(ours) / size, "ort_size": theirs and os.path.getsize(theirs) / size,
             "float_layers": len(rep["layers"]) - sum(l["precision"] == "int8" for l in rep["layers"]), "layers": len(rep["layers"]),
-            "budget": rep["budget"] and {k: rep["budget"][k] for k in ("text", "met", "reached", "judged")}}
+            "budget": rep["budget"] and {k: rep["budget"][k] for k in ("text", "met", "reached", "judged")},
+            "drop_ci": paired_drop(fp, eo, ls)[1], "ort_drop_ci": oo and paired_drop(fp, oo, ls)[1], "methods": methods_of(rep)}
 
 
 def decode_faces(scores, boxes, W, H):
@@ -255,7 +257,31 @@ def ultraface(a, tmp):
     size = os.path.getsize(src)
     return {"model": fname, "faces_fp32": ref, "matched_edgepack": found_ours, "matched_ort": found_theirs,
             "per_photo": per_photo, "edgepack_size": os.path.getsize(ours) / size, "ort_size": os.path.getsize(theirs) / size,
-            "output_sqnr_db": rep["int8"]["output_sqnr_db"]}
+            "output_sqnr_db": rep["int8"]["output_sqnr_db"], "methods": methods_of(rep)}
+
+
+def methods_of(rep):
+    """What edgepack chose on its choosing samples: the weight rounding and activation equalization."""
+    used = rep["rounding"]["used"]
+    rounding = "+".join(k for k, v in (("gptq", used["gptq"]), ("bias-correction", used["bias_correction"])) if v) or "nearest"
+    if used.get("sequential"):
+        rounding += " (layer by layer)"
+    e = rep.get("equalization")
+    if e is None:
+        return rounding
+    return rounding + (f"; equalized ({e['groups']} channel groups)" if e["used"] else "; equalization tried, not kept")
+
+
+def paired_drop(fp, q, labels):
+    """fp32 − INT8 top-1 (pt) and the half-width of its 95 % confidence interval (paired: only the images where
+    exactly one of the two is right count)."""
+    n = len(labels)
+    a = np.array([int(np.argmax(x) == l) for x, l in zip(fp, labels)])
+    b = np.array([int(np.argmax(x) == l) for x, l in zip(q, labels)])
+    d = a - b
+    mean = d.mean()
+    half = 1.96 * np.sqrt(max(((d - mean) ** 2).sum() / max(n - 1, 1), 0.0) / n)
+    return 100.0 * mean, 100.0 * half
 
 
 def budget_cell(b):
@@ -290,26 +316,26 @@ def main():
             else:
                 raise SystemExit(f"unknown model {key}")
             print(json.dumps((results + faces_res)[-1]), flush=True)
-    lines = ["| model | eval samples | fp32 top-1 / top-5 | edgepack INT8 | drop | onnxruntime INT8 | drop | top-1 agreement with fp32 (edgepack / ort) | edgepack gate: its value on the held-out half that chose → on the other half | layers kept fp32 | size vs fp32 (edgepack / ort) | edgepack runtime = onnxruntime top-1 on edgepack's INT8 file |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | eval samples | fp32 top-1 / top-5 | edgepack INT8 | drop (95 % CI) | onnxruntime INT8 | drop (95 % CI) | top-1 agreement with fp32 (edgepack / ort) | edgepack gate: its value on the held-out half that chose → on the other half | layers kept fp32 | edgepack methods (chosen on the choosing half) | size vs fp32 (edgepack / ort) | edgepack runtime = onnxruntime top-1 on edgepack's INT8 file |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         (f1, f5), (e1, e5) = r["fp32"], r["edgepack"]
         rt = "-" if r["runtime_vs_ort"] is None else f"{r['runtime_vs_ort']:.1f} %"
         if r["ort"]:
             (o1, o5) = r["ort"]
-            theirs = (f"{o1:.2f} / {o5:.2f} | {f1 - o1:+.2f}", f"{r['ort_agree']:.1f} %", f"{100 * r['ort_size']:.1f} %")
+            theirs = (f"{o1:.2f} / {o5:.2f} | {f1 - o1:+.2f} (±{r['ort_drop_ci']:.2f})", f"{r['ort_agree']:.1f} %", f"{100 * r['ort_size']:.1f} %")
         else:
             theirs = ("quantize_static fails | -", "-", "-")
-        lines.append(f"| {r['model']} | {r['eval']} | {f1:.2f} / {f5:.2f} | {e1:.2f} / {e5:.2f} | **{f1 - e1:+.2f}** | {theirs[0]} | "
-                     f"{r['edgepack_agree']:.1f} % / {theirs[1]} | {budget_cell(r['budget'])} | {r['float_layers']} of {r['layers']} | "
+        lines.append(f"| {r['model']} | {r['eval']} | {f1:.2f} / {f5:.2f} | {e1:.2f} / {e5:.2f} | **{f1 - e1:+.2f}** (±{r['drop_ci']:.2f}) | {theirs[0]} | "
+                     f"{r['edgepack_agree']:.1f} % / {theirs[1]} | {budget_cell(r['budget'])} | {r['float_layers']} of {r['layers']} | {r['methods']} | "
                      f"{100 * r['edgepack_size']:.1f} % / {theirs[2]} | {rt} |")
     table = "\n".join(lines)
     if faces_res:
-        table += "\n\n| model | fp32 faces (photos) | matched at IoU ≥ 0.5: edgepack INT8 | onnxruntime INT8 | size vs fp32 (edgepack / ort) |\n|---|---|---|---|---|\n"
+        table += "\n\n| model | fp32 faces (photos) | matched at IoU ≥ 0.5: edgepack INT8 | onnxruntime INT8 | edgepack methods | size vs fp32 (edgepack / ort) |\n|---|---|---|---|---|---|\n"
         for r in faces_res:
             n = max(r["faces_fp32"], 1)
             table += (f"| {r['model']} | {r['faces_fp32']} | {r['matched_edgepack']} ({100 * r['matched_edgepack'] / n:.1f} %) | "
-                      f"{r['matched_ort']} ({100 * r['matched_ort'] / n:.1f} %) | {100 * r['edgepack_size']:.1f} % / {100 * r['ort_size']:.1f} % |\n")
+                      f"{r['matched_ort']} ({100 * r['matched_ort'] / n:.1f} %) | {r['methods']} | {100 * r['edgepack_size']:.1f} % / {100 * r['ort_size']:.1f} % |\n")
     print(table)
     if a.md:
         cmd = (f"python3 scripts/quant_accuracy.py --models {a.models} --calib {a.calib} --edgepack-calib {a.edgepack_calib} "
@@ -320,7 +346,8 @@ def main():
                 f"the second half judge); onnxruntime calibrates on all "
                 f"{a.calib}. Evaluation: every other sample, all three models run by onnxruntime (only the quantization "
                 f"differs); range method {a.method} on both sides. UltraFace: calibration on the first {a.calib} ImageNet-sample "
-                f"images (default gate), evaluation on the faces of shared/data/photos. Drop = fp32 − INT8 top-1 (pt).")
+                f"images (default gate), evaluation on the faces of shared/data/photos. Drop = fp32 − INT8 top-1 (pt), with the "
+                f"half-width of its paired 95 % confidence interval (only images where exactly one model is right count).")
         mdtable.replace_between(a.md, BEGIN, END, f"{meta}\n\n{table}")
 
 

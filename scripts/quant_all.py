@@ -182,6 +182,7 @@ def run_one(shared, model, tmp):
         "gate": rep["budget"] and {k: rep["budget"][k] for k in ("text", "met", "reached")},
         "method": rep["method"],
         "folded_bn": len(rep["preparation"]["folded_batchnorm"]),
+        "equalized": (rep.get("equalization") or {}).get("used") and rep["equalization"]["groups"],
         "size": rep["size"]["ratio"],
     })
     feeds = mi.all_inputs(shared)[model]
@@ -258,6 +259,8 @@ def main():
         bn = f", {r['folded_bn']} BatchNorm folded" if r["folded_bn"] else ""
         if r.get("method", "").startswith("dynamic"):
             bn += ", dynamic: chosen by --mode auto"
+        if r.get("equalized"):
+            bn += f", activations equalized ({r['equalized']} channel groups)"
         if "ortq_cosine" in r:
             theirs = f"{r['ortq_cosine']:.4f} ({100 * r['ortq_size']:.0f} %)"
             if "ortq_stream" in r:

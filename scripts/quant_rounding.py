@@ -5,7 +5,8 @@ For the ImageNet models the calibration split is scripts/quant_accuracy.py's: `e
 first --edgepack-calib images of shared/data/imagenet_sample and holds out the rest of the first --calib images for
 its gate; every other image is evaluated, by onnxruntime, for each variant:
 - INT8 (QDQ) at every `--rounding`: nearest, bias-correction, gptq, gptq+bias-correction, sequential, all layers
-  INT8 (`--budget none`), then the defaults (the gate, `--rounding auto`);
+  INT8 (`--budget none`), without equalization; nearest and gptq+bias-correction with activations equalized
+  (`--equalize on`); then the defaults (the gate, `--rounding auto`, `--equalize auto`);
 - 4-bit weight-only (`--weight-only 4`, blocks of 32): nearest, gptq+bias-correction and sequential with every
   layer at its lowest width, then the default gate.
 Sizes are the ONNX file and its zstd bundle (`edgepack pack --compress zstd`) against fp32's. The default 4-bit
@@ -31,12 +32,16 @@ from quant_accuracy import IMAGENET, accuracy, ep, imagenet_split, predict, writ
 
 BEGIN, END = "<!-- quant-rounding:begin -->", "<!-- quant-rounding:end -->"
 VARIANTS = [
-    ("INT8, nearest", ["--budget", "none", "--rounding", "nearest"]),
-    ("INT8, bias correction", ["--budget", "none", "--rounding", "bias-correction"]),
-    ("INT8, GPTQ", ["--budget", "none", "--rounding", "gptq"]),
-    ("INT8, GPTQ + bias correction", ["--budget", "none", "--rounding", "gptq+bias-correction"]),
-    ("INT8, GPTQ + bias correction layer by layer", ["--budget", "none", "--rounding", "sequential"]),
-    ("INT8, defaults (gate, rounding auto)", []),
+    ("INT8, nearest", ["--budget", "none", "--rounding", "nearest", "--equalize", "off"]),
+    ("INT8, bias correction", ["--budget", "none", "--rounding", "bias-correction", "--equalize", "off"]),
+    ("INT8, GPTQ", ["--budget", "none", "--rounding", "gptq", "--equalize", "off"]),
+    ("INT8, GPTQ + bias correction", ["--budget", "none", "--rounding", "gptq+bias-correction", "--equalize", "off"]),
+    ("INT8, GPTQ + bias correction layer by layer", ["--budget", "none", "--rounding", "sequential", "--equalize",
+                                                     "off"]),
+    ("INT8, nearest, activations equalized", ["--budget", "none", "--rounding", "nearest", "--equalize", "on"]),
+    ("INT8, GPTQ + bias correction, activations equalized", ["--budget", "none", "--rounding", "gptq+bias-correction",
+                                                             "--equalize", "on"]),
+    ("INT8, defaults (gate, rounding auto, equalize auto)", []),
     ("4-bit weights, nearest", ["--weight-only", "4", "--budget", "none", "--rounding", "nearest"]),
     ("4-bit weights, GPTQ + bias correction", ["--weight-only", "4", "--budget", "none", "--rounding",
                                                 "gptq+bias-correction"]),
@@ -66,12 +71,14 @@ def run_model(key, a, tmp):
         ep("pack", q, "-o", bundle, "--preset", preset, "--compress", "zstd")
         pq = predict(q, xs, name)
         agree = 100.0 * sum(int(np.argmax(x) == np.argmax(y)) for x, y in zip(pq, fp)) / len(fp)
+        f, g = np.stack([np.ravel(x) for x in fp]), np.stack([np.ravel(y) for y in pq])
+        sqnr = 10 * np.log10(float((f.astype(np.float64) ** 2).sum()) / max(float(((f - g).astype(np.float64) ** 2).sum()), 1e-30))
         prec = [la["precision"] for la in rep["layers"]]
         v = {"label": label, "args": " ".join(extra) or "(none)", "top1": accuracy(pq, labels)[0], "agree": agree,
              "file": os.path.getsize(q) / os.path.getsize(src),
              "bundle": os.path.getsize(bundle) / os.path.getsize(fp32_bundle),
              "layers": {p: prec.count(p) for p in ("int4", "int8", "fp32") if prec.count(p)},
-             "rounding": rep["rounding"], "seconds": secs}
+             "rounding": rep["rounding"], "seconds": secs, "sqnr": sqnr, "equalization": rep.get("equalization")}
         if extra == ["--weight-only", "4"]:
             ndir = os.path.join(tmp, f"{key}_npy")
             write_npy_dataset(ndir, xs, labels)
@@ -89,9 +96,9 @@ def md(results, cmd):
     L = [f"Measured by `{cmd}` (onnxruntime runs every file on the evaluation images; the calibration and gate "
          "images are never evaluated). File and bundle sizes against fp32's (bundle: `edgepack pack --compress zstd` "
          "against the uncompressed fp32 bundle).", "",
-         "| model | variant | layers | top-1 (eval images) | drop | agreement with fp32 | file | zstd bundle | "
-         "rounding kept (choosing samples) | seconds |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         "| model | variant | layers | top-1 (eval images) | drop | agreement with fp32 | output SQNR vs fp32 | file | "
+         "zstd bundle | rounding kept (choosing samples) | activation equalization (choosing samples) | seconds |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results.values():
         for v in r["variants"]:
             layers = ", ".join(f"{n} {p}" for p, n in v["layers"].items())
@@ -100,10 +107,13 @@ def md(results, cmd):
             kept = ("gptq+bias-correction" if used["gptq"] and used["bias_correction"] else "gptq" if used["gptq"]
                     else "bias-correction" if used["bias_correction"] else "nearest")
             kept += " (layer by layer)" if used.get("sequential") else ""
+            e = v["equalization"]
+            eq = "-" if e is None else (f"{'used' if e['used'] else 'not kept'}, {e['groups']} groups ("
+                                        + "; ".join(f"{k} {x:.3g}" for k, x in e["compared"]) + ")")
             rt = f" (edgepack's runtime = onnxruntime on {v['runtime_vs_ort']:.1f} % of top-1)" if "runtime_vs_ort" in v else ""
             L.append(f"| {r['model']} ({r['eval']} images, fp32 {r['fp32']:.2f}) | {v['label']} | {layers} | "
-                     f"{v['top1']:.2f}{rt} | {v['top1'] - r['fp32']:+.2f} pt | {v['agree']:.1f} % | {v['file']:.1%} | "
-                     f"{v['bundle']:.1%} | {kept}{f' ({cmp})' if cmp else ''} | {v['seconds']:.0f} |")
+                     f"{v['top1']:.2f}{rt} | {v['top1'] - r['fp32']:+.2f} pt | {v['agree']:.1f} % | {v['sqnr']:.1f} dB | "
+                     f"{v['file']:.1%} | {v['bundle']:.1%} | {kept}{f' ({cmp})' if cmp else ''} | {eq} | {v['seconds']:.0f} |")
     return "\n".join(L)
 
 

@@ -1015,6 +1015,12 @@ pub struct QuantizeArgs {
     /// bias-correction and gptq+bias-correction: the one closest to fp32 on the choosing samples kept)
     #[arg(long, default_value = "auto", value_parser = ["auto", "nearest", "gptq", "bias-correction", "gptq+bias-correction", "sequential"])]
     rounding: String,
+    /// Activation equalization before calibration: each channel's range moved into the weights of the layers that
+    /// read it (through ReLU, pools, Concat and residual sums; the model's function unchanged), so one INT8 scale
+    /// serves every channel. auto: tried when there are held-out samples, and kept when the INT8 model comes closer
+    /// to fp32 on the choosing samples (the gate's measure, ties by output SQNR); on: always; off: never
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    equalize: String,
     /// Weight-only quantization with this many bits (4 or 8): smaller weights, activations stay float (runs at
     /// fp32 speed; for download size). 4-bit weights come in blocks of --block-size with one scale each
     #[arg(long, value_name = "BITS", value_parser = ["4", "8"])]
@@ -1361,6 +1367,11 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             "gptq+bias-correction" => pipeline::Rounding::Fitted(Methods::GPTQ_BIAS_CORRECTION),
             "sequential" => pipeline::Rounding::Fitted(Methods::SEQUENTIAL),
             _ => pipeline::Rounding::Auto,
+        },
+        equalize: match a.equalize.as_str() {
+            "on" => pipeline::Equalize::On,
+            "off" => pipeline::Equalize::Off,
+            _ => pipeline::Equalize::Auto,
         },
         budget,
         sensitivity_method,

@@ -81,6 +81,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         try_dynamic: false,
         try_mse: false,
         rounding: edgepack_quantize::pipeline::Rounding::Nearest,
+        equalize: edgepack_quantize::pipeline::Equalize::Off,
         session: SessionOptions { threads: a.threads, ..Default::default() },
         held_out_max_bytes: 1 << 28,
     };

@@ -82,6 +82,19 @@ pub struct RoundingChoice {
     pub compared: Vec<(String, f64)>,
 }
 
+/// Activation equalization, when it was tried ([`crate::equalize`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EqualizationChoice {
+    /// Whether the written model is the equalized one.
+    pub used: bool,
+    /// Channel groups scaled, and their channels in all.
+    pub groups: usize,
+    pub channels: usize,
+    pub alpha: f32,
+    /// ("as given" / "equalized", value of the gate's measure (or the output SQNR) on the choosing samples).
+    pub compared: Vec<(String, f64)>,
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
     pub model: String,
@@ -99,6 +112,9 @@ pub struct Report {
     pub sensitivity_method: Option<crate::mixed::SensitivityMethod>,
     /// How the weights were rounded, and what each rounding reached on the choosing samples when compared.
     pub rounding: RoundingChoice,
+    /// Activation equalization, when tried.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub equalization: Option<EqualizationChoice>,
     /// Weight-only quantization (bits, block size), when used: activations stay float.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weight_only: Option<crate::weight_only::WeightOnly>,
@@ -266,6 +282,18 @@ impl Report {
                 format!(" (on the choosing samples: {})", compared.join(", "))
             }
         );
+        if let Some(e) = &self.equalization {
+            let compared: Vec<String> = e.compared.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
+            let _ = writeln!(
+                s,
+                "activation equalization: {} ({} channel groups, {} channels, alpha {}; on the choosing samples: {})",
+                if e.used { "used" } else { "tried, not kept" },
+                e.groups,
+                e.channels,
+                e.alpha,
+                compared.join(", ")
+            );
+        }
         if !self.recurrent_state.is_empty() {
             let _ = writeln!(
                 s,

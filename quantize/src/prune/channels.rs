@@ -96,6 +96,9 @@ const UNARY: &[&str] = &[
     "Exp",
     "Gelu",
 ];
+/// The channel-wise unary ops that commute with a positive per-channel scale (f(s·x) = s·f(x), s > 0): what may
+/// carry a group that [`Groups::rescale`] scales.
+const HOMOGENEOUS_UNARY: &[&str] = &["Relu", "LeakyRelu", "PRelu", "Dropout", "Identity", "Neg", "Abs"];
 const POOLS: &[&str] = &["MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"];
 const BINARY: &[&str] = &["Add", "Sub", "Mul", "Div", "Max", "Min", "Sum"];
 
@@ -181,6 +184,18 @@ fn flattens_pooled(model: &Model, n: &NodeProto) -> bool {
 impl Groups {
     /// Finds the channel groups of `model` (nodes in topological order, as the passes keep them).
     pub fn analyze(model: &Model) -> Groups {
+        Self::analyze_with(model, false)
+    }
+
+    /// Groups whose channels can be rescaled without changing the model's function: as [`Groups::analyze`], but a
+    /// group is carried only by ops that commute with a positive per-channel scale (ReLU-like activations, pools,
+    /// Concat, sums and maxima of tied activations, products with a scalar constant); any other op blocks it. What
+    /// activation equalization ([`crate::equalize`]) scales.
+    pub fn analyze_scalable(model: &Model) -> Groups {
+        Self::analyze_with(model, true)
+    }
+
+    fn analyze_with(model: &Model, homogeneous: bool) -> Groups {
         let g = &model.graph;
         let mut w = Walker { parent: vec![], groups: vec![] };
         let mut layouts: HashMap<String, Layout> = HashMap::new();
@@ -241,6 +256,9 @@ impl Groups {
                         block_all(&mut w, format!("read by grouped Conv `{}` (group {groups})", n.name()));
                     }
                 }
+                op if homogeneous && UNARY.contains(&op) && !HOMOGENEOUS_UNARY.contains(&op) => {
+                    block_all(&mut w, format!("read by {op} `{}`, which a channel scale does not pass", n.name()));
+                }
                 op if UNARY.contains(&op) || POOLS.contains(&op) => {
                     let extra_ok = n.input.iter().skip(1).all(|s| s.is_empty() || is_scalar_initializer(model, s));
                     let extra_outputs = n.output.iter().skip(1).any(|s| !s.is_empty());
@@ -266,6 +284,18 @@ impl Groups {
                             && p[0].spatial_one == p[1].spatial_one
                     });
                     if acts.is_empty() {
+                        continue;
+                    }
+                    // A channel scale passes a sum or maximum of activations scaled alike, and a product with
+                    // (or a quotient by) a constant; not a product of two activations nor an added constant.
+                    let all_acts = acts.len() == n.input.iter().filter(|s| !s.is_empty()).count();
+                    let scalable = if acts.len() >= 2 {
+                        all_acts && matches!(op, "Add" | "Sub" | "Max" | "Min" | "Sum")
+                    } else {
+                        op == "Mul" || (op == "Div" && ins.first().is_some_and(Option::is_some))
+                    };
+                    if homogeneous && !scalable {
+                        block_all(&mut w, format!("read by {op} `{}`, which a channel scale does not pass", n.name()));
                         continue;
                     }
                     if !others_scalar || !shapes_match {
@@ -544,6 +574,75 @@ impl Groups {
         m.graph.inputs.retain(|v| !v.name.as_ref().is_some_and(|n| inits.contains(n)));
         Ok(m)
     }
+
+    /// The model with channel `c` of group `gi` divided by `scales[&gi][c]` where the group starts (its source
+    /// Convs' filters and biases, and the biases of the depthwise Convs that carry it) and multiplied back where
+    /// it is read (its consumers' input weights). For groups of [`Groups::analyze_scalable`] and positive scales
+    /// the function is unchanged; only how its values spread over channels (and so over an INT8 range) moves.
+    pub fn rescale(&self, model: &Model, scales: &BTreeMap<usize, Vec<f32>>) -> Result<Model, PruneError> {
+        // Per node: a divisor per output channel (sources: filters and bias; depthwise: bias) and a factor per
+        // input channel (consumers).
+        let mut out_div: BTreeMap<usize, (bool, BTreeMap<usize, f32>)> = BTreeMap::new();
+        let mut in_mul: BTreeMap<usize, BTreeMap<usize, f32>> = BTreeMap::new();
+        for (&gi, sc) in scales {
+            let grp = self.groups.get(gi).ok_or_else(|| PruneError::Invalid(format!("no group {gi}")))?;
+            if grp.blocked.is_some() || sc.len() != grp.channels || sc.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+                return Err(PruneError::Invalid(format!("group `{}` cannot take these scales", grp.name)));
+            }
+            for u in &grp.uses {
+                let (map, offset) = match *u {
+                    Use::Source { node } => (&mut out_div.entry(node).or_insert((true, BTreeMap::new())).1, 0),
+                    Use::Depthwise { node, offset } => {
+                        (&mut out_div.entry(node).or_insert((false, BTreeMap::new())).1, offset)
+                    }
+                    Use::ConvInput { node, offset } | Use::GemmInput { node, offset } => {
+                        (in_mul.entry(node).or_default(), offset)
+                    }
+                };
+                map.extend(sc.iter().enumerate().map(|(c, &s)| (offset + c, s)));
+            }
+        }
+        let mut m = model.clone();
+        for (&node, cols) in &in_mul {
+            let n = m.graph.nodes[node].clone();
+            let (wd, mut wv) = weights(&m, node)?;
+            let is_gemm = n.op() == "Gemm";
+            let trans_b = n.attr_i("transB").unwrap_or(0) != 0;
+            for (i, w) in wv.iter_mut().enumerate() {
+                let j = if !is_gemm {
+                    (i / wd[2..].iter().product::<usize>()) % wd[1]
+                } else if trans_b {
+                    i % wd[1]
+                } else {
+                    i / wd[1]
+                };
+                if let Some(s) = cols.get(&j) {
+                    *w *= s;
+                }
+            }
+            set_weights_as(&mut m, node, wd, wv, "equalized")?;
+        }
+        for (&node, (filters, rows)) in &out_div {
+            let n = m.graph.nodes[node].clone();
+            let (wd, mut wv) = weights(&m, node)?;
+            if *filters {
+                let per = wv.len() / wd[0].max(1);
+                for (&c, s) in rows {
+                    wv[c * per..(c + 1) * per].iter_mut().for_each(|w| *w /= s);
+                }
+                set_weights_as(&mut m, node, wd.clone(), wv, "equalized")?;
+            }
+            if n.input.get(2).is_some_and(|b| !b.is_empty()) {
+                let mut b = bias_of(&m, &n, wd[0])?;
+                for (&c, s) in rows {
+                    b[c] /= s;
+                }
+                set_input_tensor(&mut m, node, 2, vec![wd[0]], b, "equalized")?;
+            }
+        }
+        m.graph.value_info.clear();
+        Ok(m)
+    }
 }
 
 /// Least-squares reconstruction of the removed channels `rm` of a value from its kept channels, from its
@@ -683,15 +782,28 @@ pub(crate) fn weights(m: &Model, node: usize) -> Result<(Vec<usize>, Vec<f32>), 
 
 /// Writes a node's weights under a name no other node reads (a shared initializer is copied first).
 pub(crate) fn set_weights(m: &mut Model, node: usize, dims: Vec<usize>, v: Vec<f32>) -> Result<(), PruneError> {
-    set_input_tensor(m, node, 1, dims, v)
+    set_input_tensor(m, node, 1, dims, v, "pruned")
+}
+
+fn set_weights_as(m: &mut Model, node: usize, dims: Vec<usize>, v: Vec<f32>, suffix: &str) -> Result<(), PruneError> {
+    set_input_tensor(m, node, 1, dims, v, suffix)
 }
 
 pub(crate) fn set_bias(m: &mut Model, node: usize, v: Vec<f32>) -> Result<(), PruneError> {
     let len = v.len();
-    set_input_tensor(m, node, 2, vec![len], v)
+    set_input_tensor(m, node, 2, vec![len], v, "pruned")
 }
 
-fn set_input_tensor(m: &mut Model, node: usize, slot: usize, dims: Vec<usize>, v: Vec<f32>) -> Result<(), PruneError> {
+/// Writes input `slot` of a node under a name no other node reads (a shared initializer is copied first, under a
+/// fresh name ending in `_{suffix}`).
+fn set_input_tensor(
+    m: &mut Model,
+    node: usize,
+    slot: usize,
+    dims: Vec<usize>,
+    v: Vec<f32>,
+    suffix: &str,
+) -> Result<(), PruneError> {
     let existing = m.graph.nodes[node].input.get(slot).filter(|s| !s.is_empty()).cloned();
     let shared = existing.as_ref().is_some_and(|name| {
         m.graph.nodes.iter().enumerate().filter(|(i, n)| *i != node && n.input.iter().any(|s| s == name)).count() > 0
@@ -701,7 +813,7 @@ fn set_input_tensor(m: &mut Model, node: usize, slot: usize, dims: Vec<usize>, v
         Some(name) if !shared => name,
         other => {
             let base = other.unwrap_or_else(|| format!("{}_bias", m.graph.nodes[node].name()));
-            let fresh = m.graph.unique_name(&format!("{base}_pruned"));
+            let fresh = m.graph.unique_name(&format!("{base}_{suffix}"));
             let inputs = &mut m.graph.nodes[node].input;
             while inputs.len() <= slot {
                 inputs.push(String::new());

@@ -396,3 +396,48 @@ fn order_statistic_interval_is_the_exact_binomial_one() {
     assert!((level - (1.0 - 2.0 * 43081973.0 / 4294967296.0)).abs() < 1e-12);
     assert_eq!(order_statistic_ci(1, 0.95).0, 0);
 }
+
+/// Every scalable group of `m` rescaled with uneven scales (0.05 to ~2): the outputs must not move.
+fn rescaled(m: &Model) -> (Groups, Model) {
+    let g = Groups::analyze_scalable(m);
+    let scales: BTreeMap<usize, Vec<f32>> =
+        g.prunable().map(|(i, grp)| (i, (0..grp.channels).map(|c| 0.05 + 0.37 * c as f32).collect())).collect();
+    let eq = g.rescale(m, &scales).unwrap();
+    (g, eq)
+}
+
+#[test]
+fn channel_scales_pass_homogeneous_ops_only_and_keep_the_function() {
+    let m = net(&[]);
+    let (g, eq) = rescaled(&m);
+    // `a` reaches a Clip (not homogeneous): blocked here, though pruning may cut it.
+    assert!(group(&g, "a").1.blocked.as_deref().is_some_and(|w| w.contains("Clip")), "{g:?}");
+    assert!(Groups::analyze(&m).by_name("a").is_some_and(|i| Groups::analyze(&m).groups[i].blocked.is_none()));
+    // The residual pair (b + c → Relu → Concat), d (→ Concat) and e (→ Relu → pool → Gemm) scale.
+    for name in ["b", "d", "e"] {
+        assert!(group(&g, name).1.prunable(), "{name}: {g:?}");
+    }
+    assert!(max_diff(&run(&m), &run(&eq)) < 1e-5);
+    // The weights did move: e's filters were divided, fc's columns multiplied.
+    let w = |m: &Model, n: &str| {
+        let t = m.graph.nodes.iter().find(|x| x.name() == n).unwrap().input[1].clone();
+        edgepack_runtime::onnx::passes::tensor_f32_values(m.graph.initializer(&t).unwrap()).unwrap()
+    };
+    assert!(max_diff(&w(&m, "e"), &w(&eq, "e")) > 0.1 && max_diff(&w(&m, "fc"), &w(&eq, "fc")) > 0.01);
+
+    // With a Relu in place of the Clip, `a` scales too, through the depthwise Conv (whose bias follows).
+    let mut r = net(&[]);
+    let clip = r.graph.nodes.iter_mut().find(|n| n.name() == "dw_clip").unwrap();
+    clip.op_type = Some("Relu".into());
+    clip.input.truncate(1);
+    let (g, eq) = rescaled(&r);
+    let (_, a) = group(&g, "a");
+    assert!(a.prunable() && a.uses.iter().any(|u| matches!(u, Use::Depthwise { .. })), "{a:?}");
+    assert!(max_diff(&run(&r), &run(&eq)) < 1e-5);
+    // A product of two activations stops a scale: x·x is not homogeneous.
+    let mut sq = net(&[]);
+    let res = sq.graph.nodes.iter_mut().find(|n| n.name() == "res").unwrap();
+    res.op_type = Some("Mul".into());
+    let g = Groups::analyze_scalable(&sq);
+    assert!(group(&g, "b").1.blocked.as_deref().is_some_and(|w| w.contains("Mul")), "{g:?}");
+}
