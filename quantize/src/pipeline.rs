@@ -232,7 +232,19 @@ fn run_static(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), C
     if !(job.try_mse && job.method == Method::MinMax && !job.cfg.dynamic && job.cfg.weight_only.is_none()) {
         return Ok(first);
     }
-    let mse_job = Job { method: Method::Mse, method_name: "mse".into(), ..job.clone() };
+    // The MSE pass follows the min-max pass's equalization choice instead of trying it again (a pass of its own on
+    // models like PP-OCRv4 det).
+    let equalize = match first.1.equalization.as_ref() {
+        Some(e) if job.equalize == Equalize::Auto => {
+            if e.used {
+                Equalize::On
+            } else {
+                Equalize::Off
+            }
+        }
+        _ => job.equalize,
+    };
+    let mse_job = Job { method: Method::Mse, method_name: "mse".into(), equalize, ..job.clone() };
     let names = Alternative { first: "min-max ranges", second: "MSE ranges", flag: "--method auto" };
     keep_closer(first, names, on, |on| match run_once(&mse_job, on) {
         Ok(r) => Ok(Second::Ran(Box::new(r))),
