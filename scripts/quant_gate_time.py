@@ -40,10 +40,12 @@ def edgepack_bin():
     return os.environ.get("EDGEPACK_BIN") or os.path.join(tgt, "release", "edgepack")
 
 
-def crops(shared, hw, norm, n, out):
+def crops(shared, hw, norm, n, out, srcs=None):
+    """n random crops (fixed seed) of `srcs` (default: every OCR image and photo) as normalised .npy inputs."""
     d = os.path.join(shared, "data")
-    srcs = [os.path.join(d, "ocr", f) for f in sorted(os.listdir(os.path.join(d, "ocr")))]
-    srcs += [os.path.join(d, "photos", f) for f in sorted(os.listdir(os.path.join(d, "photos")))]
+    if srcs is None:
+        srcs = [os.path.join(d, "ocr", f) for f in sorted(os.listdir(os.path.join(d, "ocr")))]
+        srcs += [os.path.join(d, "photos", f) for f in sorted(os.listdir(os.path.join(d, "photos")))]
     rng = np.random.default_rng(0)
     os.makedirs(out)
     for k in range(n):
@@ -86,6 +88,7 @@ def main():
                 "method": rep["sensitivity_method"] or "not needed", "mode": rep["method"].split(" ")[0], "gate": b["text"], "met": b["met"],
                 "reached": b["reached"], "judged": b["judged"], "fp32_layers": fp32, "seconds": secs,
                 "cosine": min(o["cosine"] for o in rep["int8"]["outputs"]),
+                "equalization": rep.get("equalization"),
             }
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -93,6 +96,9 @@ def main():
              "|---|---:|---|---:|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         form = "dynamic" if r["mode"] == "dynamic" else f"static ({r['mode']})"
+        e = r.get("equalization")
+        if e:
+            form += f", equalized ({e['groups']} groups)" if e["used"] else ", equalization tried, not kept"
         lines.append(f"| {r['model']} | {r['nodes']} | {form} | {r['units']} | {r['method']} | {r['gate']} | "
                      f"{'yes' if r['met'] else 'no'} ({r['reached']:.1f}) | {r['judged']:.1f} | {r['fp32_layers']} | "
                      f"{r['cosine']:.4f} | {r['seconds']:.0f} |")
