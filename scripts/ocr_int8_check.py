@@ -10,6 +10,8 @@
 
 Calibration and the gate use the inputs scripts/quant_all.py uses (the four OCR images as lines for rec, two pages
 for det): shared/data/ocr holds four images only, so the images judged here are among the calibration inputs.
+det is also quantized without the pages: 16 calibration and 16 held-out 640×640 crops of the photos and the two
+single-line images (scripts/quant_gate_time.py's crops), so its pages are judged unseen.
 Prints a markdown table; --md writes it into QUANTIZATION.md between the ocr-int8 markers.
 
 Usage: scripts/ocr_int8_check.py [--md QUANTIZATION.md]
@@ -45,6 +47,23 @@ def quantize(shared, model, tmp):
         sys.exit(f"{model}: {r.stderr.strip()}")
     rep = json.loads(r.stdout)["report"]
     return out, rep
+
+
+def quantize_without_pages(shared, tmp, n=16):
+    """det calibrated and gated on crops that exclude the two pages it is judged on."""
+    import quant_gate_time as qgt
+    d = os.path.join(shared, "data")
+    srcs = [os.path.join(d, "ocr", f) for f in ("en_rec.jpg", "text_cls.jpg")]
+    srcs += [os.path.join(d, "photos", f) for f in sorted(os.listdir(os.path.join(d, "photos")))]
+    cdir = os.path.join(tmp, "det_held_out_calib")
+    qgt.crops(shared, *qgt.MODELS["ppocrv4_det.onnx"], 2 * n, cdir, srcs=srcs)
+    out = os.path.join(tmp, "ppocrv4_det_held_out_int8.onnx")
+    r = subprocess.run([edgepack_bin(), "quantize", os.path.join(shared, "models", "ppocrv4_det.onnx"), "--calib", cdir,
+                        "--calib-limit", str(n), "--holdout", str(n), "--latency-runs", "0", "--json", "-o", out],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"ppocrv4_det (without the pages): {r.stderr.strip()}")
+    return out, json.loads(r.stdout)["report"]
 
 
 def session(path):
@@ -141,32 +160,38 @@ def main():
             print(json.dumps({"rec": f, "fp32": t32, "int8": t8}, ensure_ascii=False), flush=True)
             lines.append(f"| ppocrv4_rec | {form} | {f} | {t32} | {t8} | {'yes' if t32 == t8 else 'no'} |")
         src = os.path.join(a.shared, "models", "ppocrv4_det.onnx")
-        q, rep = quantize(a.shared, "ppocrv4_det.onnx", tmp)
-        form = f"{rep['method'].split(' ')[0]}, {100 * rep['size']['ratio']:.0f} % of fp32"
-        s32, s8 = session(src), session(q)
-        for f in ("ch_en_num.jpg", "en.jpg"):
-            x = mi.ppocr_det_input(os.path.join(ocr, f))
-            p32, p8 = s32.run(None, {"x": x})[0][0, 0], s8.run(None, {"x": x})[0][0, 0]
-            m32, m8 = p32 > 0.3, p8 > 0.3
-            iou = float((m32 & m8).sum() / max((m32 | m8).sum(), 1))
-            b32, b8 = text_boxes(p32), text_boxes(p8)
-            ious = match_boxes(b32, b8)
-            row = {"det": f, "boxes_fp32": len(b32), "boxes_int8": len(b8), "matched": len(ious),
-                   "matched_iou_mean": float(np.mean(ious)) if ious else None,
-                   "matched_iou_min": float(np.min(ious)) if ious else None,
-                   "bands_fp32": bands(m32), "bands_int8": bands(m8), "iou": iou}
-            print(json.dumps(row), flush=True)
-            same = len(ious) == len(b32) == len(b8)
-            at = f", IoU {row['matched_iou_mean']:.3f} on average, {row['matched_iou_min']:.3f} at least" if ious else ""
-            lines.append(f"| ppocrv4_det | {form} | {f} | {len(b32)} text boxes ({row['bands_fp32']} row bands) | "
-                         f"{len(b8)} boxes, {len(ious)} matched at IoU ≥ 0.5{at}; {row['bands_int8']} bands; "
-                         f"text-pixel IoU {iou:.3f} | {'same boxes' if same else 'no'} |")
+        s32 = session(src)
+        for label, (q, rep) in (("", quantize(a.shared, "ppocrv4_det.onnx", tmp)),
+                                (", calibrated without these pages", quantize_without_pages(a.shared, tmp))):
+            form = f"{rep['method'].split(' ')[0]}, {100 * rep['size']['ratio']:.0f} % of fp32{label}"
+            e = rep.get("equalization")
+            if e and e["used"]:
+                form += ", activations equalized"
+            s8 = session(q)
+            for f in ("ch_en_num.jpg", "en.jpg"):
+                x = mi.ppocr_det_input(os.path.join(ocr, f))
+                p32, p8 = s32.run(None, {"x": x})[0][0, 0], s8.run(None, {"x": x})[0][0, 0]
+                m32, m8 = p32 > 0.3, p8 > 0.3
+                iou = float((m32 & m8).sum() / max((m32 | m8).sum(), 1))
+                b32, b8 = text_boxes(p32), text_boxes(p8)
+                ious = match_boxes(b32, b8)
+                row = {"det": f, "form": form, "boxes_fp32": len(b32), "boxes_int8": len(b8), "matched": len(ious),
+                       "matched_iou_mean": float(np.mean(ious)) if ious else None,
+                       "matched_iou_min": float(np.min(ious)) if ious else None,
+                       "bands_fp32": bands(m32), "bands_int8": bands(m8), "iou": iou}
+                print(json.dumps(row), flush=True)
+                same = len(ious) == len(b32) == len(b8)
+                at = f", IoU {row['matched_iou_mean']:.3f} on average, {row['matched_iou_min']:.3f} at least" if ious else ""
+                lines.append(f"| ppocrv4_det | {form} | {f} | {len(b32)} text boxes ({row['bands_fp32']} row bands) | "
+                             f"{len(b8)} boxes, {len(ious)} matched at IoU ≥ 0.5{at}; {row['bands_int8']} bands; "
+                             f"text-pixel IoU {iou:.3f} | {'same boxes' if same else 'no'} |")
     table = "\n".join(lines)
     print(table)
     if a.md:
         head = (f"`python3 scripts/ocr_int8_check.py --md {a.md}` — onnxruntime {ort.__version__} runs fp32 and the "
                 "INT8 file of `edgepack quantize` (default settings; calibration and gate on the inputs of "
-                "scripts/quant_all.py, which include these images: shared/data/ocr has four).")
+                "scripts/quant_all.py, which include these images: shared/data/ocr has four; the rows \"calibrated "
+                "without these pages\": 16 + 16 held-out crops of shared/data/photos and the two line images).")
         mdtable.replace_between(a.md, BEGIN, END, f"{head}\n\n{table}")
 
 
