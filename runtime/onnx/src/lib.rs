@@ -628,6 +628,23 @@ fn check_axes(g: &Graph, node: &NodeProto) -> Result<()> {
             )));
         }
     }
+    // A Transpose `perm` names each axis once; tract follows its cycles, and `[1, 1, 1, 1]` never closes one (it grew
+    // a list to 2 GiB in a fuzz run).
+    if node.op() == "Transpose"
+        && let Some(perm) = node.attr_ints("perm")
+    {
+        let mut seen = vec![false; perm.len()];
+        let once = |p: &i64| {
+            usize::try_from(*p).ok().filter(|&p| p < seen.len()).is_some_and(|p| !std::mem::replace(&mut seen[p], true))
+        };
+        if !perm.iter().all(once) {
+            return Err(Error::MalformedModel(format!(
+                "node `{}` (Transpose): perm {perm:?} is not a permutation of 0..{}",
+                node.name(),
+                perm.len()
+            )));
+        }
+    }
     Ok(())
 }
 

@@ -339,3 +339,20 @@ fn nodes_hold_the_inputs_and_outputs_their_op_takes() {
         assert!(e.contains(want), "{e}");
     }
 }
+
+#[test]
+fn a_transpose_perm_must_name_each_axis_once() {
+    let transpose = |perm: &[i64]| {
+        model(
+            vec![node("Transpose", "t", &["x"], &["y"], vec![attr_ints("perm", perm)])],
+            vec![value_info("x", 1, &[Dim::Fixed(2), Dim::Fixed(3), Dim::Fixed(4)])],
+            vec![value_info("y", 1, &[Dim::Fixed(4), Dim::Fixed(2), Dim::Fixed(3)])],
+            vec![],
+        )
+    };
+    assert!(transpose(&[2, 0, 1]).check().is_ok());
+    for bad in [&[1, 1, 1][..], &[0, 1, 3], &[-1, 0, 1], &[0, 0]] {
+        let err = transpose(bad).check().unwrap_err().to_string();
+        assert!(err.contains("not a permutation"), "{bad:?}: {err}");
+    }
+}
