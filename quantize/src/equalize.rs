@@ -165,20 +165,20 @@ fn channel_peaks(
     values: &[String],
     progress: &mut impl FnMut(usize, usize),
 ) -> Result<std::collections::HashMap<String, Vec<f32>>, CalibError> {
-    let mut feeds = crate::feeds::Feeds::of(s);
-    let state = feeds.state_outputs();
-    let names: Vec<&str> = values.iter().chain(&state).map(String::as_str).collect();
     let mut peaks: Vec<Vec<f32>> = vec![vec![]; values.len()];
-    let total = range.len();
-    for (done, k) in range.enumerate() {
-        let x = feeds.next(&data.get(k)?, pre)?;
-        let outs = s.run_values(x, &names)?;
-        feeds.carry(&outs[values.len()..]);
-        for (p, (_, t)) in peaks.iter_mut().zip(&outs) {
-            fold_peaks(p, t);
-        }
-        progress(done + 1, total);
-    }
+    crate::feeds::visit_samples(
+        s,
+        data,
+        range,
+        pre,
+        values,
+        |outs| {
+            for (p, (_, t)) in peaks.iter_mut().zip(outs) {
+                fold_peaks(p, t);
+            }
+        },
+        progress,
+    )?;
     Ok(values.iter().cloned().zip(peaks).collect())
 }
 

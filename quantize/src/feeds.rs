@@ -93,6 +93,31 @@ impl Feeds {
     }
 }
 
+/// Runs `session` over samples `range` of `data` in order, the recurrent state carried from one to the next, and
+/// hands `visit` the values named in `values` of each sample; `progress(done, total)` after each.
+pub fn visit_samples(
+    session: &Session,
+    data: &crate::data::Dataset,
+    range: std::ops::Range<usize>,
+    pre: Option<&ImagePreprocess>,
+    values: &[String],
+    mut visit: impl FnMut(&[(String, Tensor)]),
+    mut progress: impl FnMut(usize, usize),
+) -> Result<(), crate::calib::CalibError> {
+    let mut feeds = Feeds::of(session);
+    let state = feeds.state_outputs();
+    let names: Vec<&str> = values.iter().chain(&state).map(String::as_str).collect();
+    let total = range.len();
+    for (done, k) in range.enumerate() {
+        let x = feeds.next(&data.get(k)?, pre)?;
+        let outs = session.run_values(x, &names)?;
+        feeds.carry(&outs[values.len()..]);
+        visit(&outs[..values.len()]);
+        progress(done + 1, total);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,20 +44,20 @@ impl ChannelStats {
         values: &[String],
         mut progress: impl FnMut(usize, usize),
     ) -> Result<ChannelStats, CalibError> {
-        let mut feeds = crate::feeds::Feeds::of(s);
-        let state = feeds.state_outputs();
-        let names: Vec<&str> = values.iter().chain(&state).map(String::as_str).collect();
         let mut acc: Vec<Acc> = vec![Acc::default(); values.len()];
-        let total = range.len();
-        for (done, k) in range.enumerate() {
-            let x = feeds.next(&data.get(k)?, pre)?;
-            let outs = s.run_values(x, &names)?;
-            feeds.carry(&outs[values.len()..]);
-            for (a, (_, t)) in acc.iter_mut().zip(&outs) {
-                accumulate(a, t);
-            }
-            progress(done + 1, total);
-        }
+        crate::feeds::visit_samples(
+            s,
+            data,
+            range,
+            pre,
+            values,
+            |outs| {
+                for (a, (_, t)) in acc.iter_mut().zip(outs) {
+                    accumulate(a, t);
+                }
+            },
+            &mut progress,
+        )?;
         Ok(ChannelStats(
             values
                 .iter()
