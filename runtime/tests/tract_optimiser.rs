@@ -108,3 +108,17 @@ fn real_models_use_a_tenth_of_the_rewrite_cap_at_most() {
     }
     assert!(n >= want, "only {n} models planned");
 }
+
+/// `onnx_structured` found a Gather of a Gather (a mangled NLLLoss expansion) whose output is 30 G floats: tract
+/// allocated 120 GB when the node ran, which aborts the process. The plan's typed facts are checked first.
+#[test]
+fn a_value_over_the_per_value_limit_is_a_typed_error_before_tract_allocates_it() {
+    let path = root().join("fuzz/regressions/onnx_structured/gather-of-120-gb.onnx");
+    let m = Model::load(&path).unwrap();
+    let cpu = CpuBackend::load(&m, &[DType::F32, DType::I64, DType::F32], 1).unwrap();
+    let shapes = [vec![3, 5, 6, 6, 5, 3, 4], vec![3, 6, 6, 5, 3, 4], vec![5, 2]];
+    let e = cpu.prepare(&shapes).unwrap_err().to_string();
+    assert!(e.contains("over the limit of 1073741824 bytes per value"), "{e}");
+    assert!(e.contains("[3, 6, 6, 5, 3, 4, 6, 6, 5, 3, 4, 6, 6, 5, 3, 4]"), "{e}");
+    eprintln!("{e}");
+}

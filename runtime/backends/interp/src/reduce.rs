@@ -37,38 +37,62 @@ pub(crate) fn op_reduce(a: &Args) -> Res<Vec<Tensor>> {
     let kept: Vec<usize> = (0..rank).map(|d| if axes.contains(&d) { 1 } else { shape[d] }).collect();
     let n_out: usize = kept.iter().product();
     let op = a.n.op();
-    let init = match op {
-        "ReduceMax" => f64::NEG_INFINITY,
-        "ReduceMin" => f64::INFINITY,
-        "ReduceProd" => 1.0,
-        _ => 0.0,
+    // The op is decided once, not per element: the per-element match on the name made a reduce over a large input
+    // (a fuzzed NLLLoss expansion) take tens of seconds.
+    #[derive(Clone, Copy)]
+    enum Fold {
+        Max,
+        Min,
+        Prod,
+        Abs,
+        Square,
+        Exp,
+        Sum,
+    }
+    let (init, fold) = match op {
+        "ReduceMax" => (f64::NEG_INFINITY, Fold::Max),
+        "ReduceMin" => (f64::INFINITY, Fold::Min),
+        "ReduceProd" => (1.0, Fold::Prod),
+        "ReduceL1" => (0.0, Fold::Abs),
+        "ReduceL2" | "ReduceSumSquare" => (0.0, Fold::Square),
+        "ReduceLogSumExp" => (0.0, Fold::Exp),
+        _ => (0.0, Fold::Sum),
     };
     let v = f64s(x);
     let mut acc = vec![init; n_out];
+    // Each input axis's step in the output: zero along a reduced axis. The input is walked in order with an odometer,
+    // so the output offset moves by one stride per element instead of being recomputed from the full index.
     let out_strides = dense_strides(&kept);
+    let step: Vec<usize> = (0..rank).map(|d| if axes.contains(&d) { 0 } else { out_strides[d] as usize }).collect();
     let mut idx = vec![0usize; rank];
+    let mut o = 0usize;
     let count = v.len().checked_div(n_out).unwrap_or(0);
-    for (k, &e) in v.iter().enumerate() {
-        unravel(k, &shape, &mut idx);
-        let o: usize = (0..rank).map(|d| if axes.contains(&d) { 0 } else { idx[d] * out_strides[d] as usize }).sum();
+    for &e in v.iter() {
         let s = &mut acc[o];
-        *s = match op {
-            "ReduceMax" => s.max(e),
-            "ReduceMin" => s.min(e),
-            "ReduceProd" => *s * e,
-            "ReduceL1" => *s + e.abs(),
-            "ReduceL2" | "ReduceSumSquare" => *s + e * e,
-            "ReduceLogSumExp" => *s + e.exp(),
-            _ => *s + e,
+        *s = match fold {
+            Fold::Max => s.max(e),
+            Fold::Min => s.min(e),
+            Fold::Prod => *s * e,
+            Fold::Abs => *s + e.abs(),
+            Fold::Square => *s + e * e,
+            Fold::Exp => *s + e.exp(),
+            Fold::Sum => *s + e,
         };
+        for d in (0..rank).rev() {
+            idx[d] += 1;
+            o += step[d];
+            if idx[d] < shape[d] {
+                break;
+            }
+            o -= step[d] * shape[d];
+            idx[d] = 0;
+        }
     }
-    for s in &mut acc {
-        *s = match op {
-            "ReduceMean" => *s / count as f64,
-            "ReduceL2" => s.sqrt(),
-            "ReduceLogSum" | "ReduceLogSumExp" => s.ln(),
-            _ => *s,
-        };
+    match op {
+        "ReduceMean" => acc.iter_mut().for_each(|s| *s /= count as f64),
+        "ReduceL2" => acc.iter_mut().for_each(|s| *s = s.sqrt()),
+        "ReduceLogSum" | "ReduceLogSumExp" => acc.iter_mut().for_each(|s| *s = s.ln()),
+        _ => {}
     }
     let out: Vec<usize> = if keep { kept } else { (0..rank).filter(|d| !axes.contains(d)).map(|d| shape[d]).collect() };
     let y = tensor(out, TensorData::F64(acc))?;

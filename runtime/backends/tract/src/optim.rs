@@ -93,6 +93,7 @@ impl TypedPass for Bounded {
 /// optimisers), with every pass bounded; also returns the rewrites applied and the cap.
 pub(crate) fn optimized(model: InferenceModel) -> TractResult<(TypedModel, [usize; 2])> {
     let mut typed = model.into_typed()?;
+    check_sizes(&typed)?;
     let used = Arc::new(AtomicUsize::new(0));
     let cap = cap(nodes(&typed));
     let bounded = |o: Optimizer| Optimizer {
@@ -105,5 +106,33 @@ pub(crate) fn optimized(model: InferenceModel) -> TractResult<(TypedModel, [usiz
     };
     bounded(Optimizer::declutter()).optimize(&mut typed)?;
     typed.optimize_with_session(&mut bounded(Optimizer::codegen()).session())?;
+    check_sizes(&typed)?;
     Ok((typed, [used.load(Ordering::Relaxed), cap]))
+}
+
+/// The most bytes one value of a plan may take: 1 GiB, the interpreter's bound of 2^28 elements for f32.
+pub(crate) const MAX_VALUE_BYTES: usize = 1 << 30;
+
+/// Refuses a graph whose typed facts give a value over [`MAX_VALUE_BYTES`] (or whose size overflows): tract would
+/// allocate it when the node runs (or when the optimiser folds it), and an allocation of 120 GB aborts the process
+/// instead of failing. Checked before the optimiser, which folds constant subgraphs, and after it. Values whose
+/// shape depends on data (symbolic dims) are not known here.
+pub(crate) fn check_sizes(model: &TypedModel) -> TractResult<()> {
+    for node in &model.nodes {
+        for (slot, out) in node.outputs.iter().enumerate() {
+            let Some(shape) = out.fact.shape.as_concrete() else { continue };
+            let bytes = shape.iter().try_fold(out.fact.datum_type.size_of(), |a, &d| a.checked_mul(d));
+            if bytes.is_none_or(|b| b > MAX_VALUE_BYTES) {
+                let size = bytes.map_or_else(|| "more than 2^64 bytes".to_string(), |b| format!("{b} bytes"));
+                return Err(tract_onnx::tract_hir::internal::format_err!(
+                    "node `{}` ({}) output {slot} would be a {:?} tensor of shape {shape:?}, {size}: over the \
+                     limit of {MAX_VALUE_BYTES} bytes per value",
+                    node.name,
+                    node.op().name(),
+                    out.fact.datum_type,
+                ));
+            }
+        }
+    }
+    Ok(())
 }
