@@ -279,3 +279,35 @@ fn a_description_that_does_not_fit_the_model_is_refused() {
     });
     assert!(ok.build(None).is_ok());
 }
+
+/// Bundle members are written by libzstd and read by the runtime's ruzstd. On weight-like bytes (int8 codes of a
+/// narrow bell-shaped distribution, ~3.6 bits of entropy each) libzstd's Huffman literals must come well under
+/// ruzstd's encoder, and the frame must decode to the same bytes under the declared-size limit.
+#[test]
+fn libzstd_frames_decode_with_ruzstd_and_code_weights_tighter() {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    // Laplacian codes (scale 2.5 steps), clamped to int8.
+    let codes: Vec<u8> = (0..400_000)
+        .map(|_| {
+            let (u, s) = (next(), if next() < 0.5 { -1.0 } else { 1.0 });
+            (s * -2.5 * (1.0 - u).ln()).round().clamp(-127.0, 127.0) as i8 as u8
+        })
+        .collect();
+    let ours = zstd_compress(&codes);
+    let ruzstd = edgepack_runtime::compress::zstd_compress(&codes);
+    assert_eq!(edgepack_runtime::compress::zstd_decompress(&ours, codes.len() as u64).unwrap(), codes);
+    assert!(edgepack_runtime::compress::zstd_decompress(&ours, codes.len() as u64 - 1).is_err());
+    let bits = |z: &[u8]| 8.0 * z.len() as f64 / codes.len() as f64;
+    let mut hist = [0usize; 256];
+    codes.iter().for_each(|&c| hist[c as usize] += 1);
+    let n = codes.len() as f64;
+    let entropy: f64 = hist.iter().filter(|&&c| c > 0).map(|&c| -(c as f64 / n) * (c as f64 / n).log2()).sum();
+    eprintln!("bits per code: entropy {entropy:.2}, libzstd {:.2}, ruzstd {:.2}", bits(&ours), bits(&ruzstd));
+    assert!(bits(&ours) < entropy + 0.5 && bits(&ours) < 0.9 * bits(&ruzstd), "{} vs {}", bits(&ours), bits(&ruzstd));
+}

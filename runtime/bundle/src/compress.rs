@@ -1,8 +1,9 @@
-//! zstd for bundle members (pure Rust, `ruzstd`): the packager compresses, [`crate::Bundle::member`]
-//! decompresses at load with a declared size as the hard limit (a decompression bomb stops there).
+//! zstd for bundle members: the packager compresses (with libzstd, `edgepack_packager::zstd_compress`),
+//! [`crate::Bundle::member`] decompresses with pure-Rust `ruzstd` at load with a declared size as the hard limit (a decompression bomb stops there).
 use std::io::Read;
 
-/// One zstd frame of `bytes` (ruzstd's fastest level, about zstd's level 1).
+/// One zstd frame of `bytes` with ruzstd's encoder (its only level, "fastest"; weaker literal coding than
+/// libzstd's): for tests and a fallback; bundles are written by `edgepack_packager::zstd_compress`.
 pub fn zstd_compress(bytes: &[u8]) -> Vec<u8> {
     ruzstd::encoding::compress_to_vec(bytes, ruzstd::encoding::CompressionLevel::Fastest)
 }
