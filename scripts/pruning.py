@@ -163,24 +163,30 @@ def run_lowbit(key, args):
     fp32_bundle = f"{w}/fp32.edgepack"
     ep("pack", fp32, "-o", fp32_bundle, "--preset", preset, "--main", "fp32:fp32", "--compress", "none")
     base = top1_eval(fp32, preset)
-    for tag, label, src in [("int4", "4-bit weights", fp32), ("unstructured_int4", "unstructured + 4-bit weights", un)]:
+    for tag, label, src, grid in [("int4", "4-bit weights", fp32, "blocks"),
+                                  ("unstructured_int4", "unstructured + 4-bit weights", un, "blocks"),
+                                  ("coded", "4-bit coded grid", fp32, "coded"),
+                                  ("unstructured_coded", "unstructured + 4-bit coded grid", un, "coded")]:
         q = f"{w}/{tag}.onnx"
-        rep = json.loads(ep("quantize", "--weight-only", 4, src, "--calib", DATA, "--preset", preset, "--calib-limit",
-                            100, "--holdout", 100, "--latency-runs", 0, "-o", q, "--json"))["report"]
+        rep = json.loads(ep("quantize", "--weight-only", 4, "--weight-grid", grid, src, "--calib", DATA, "--preset",
+                            preset, "--calib-limit", 100, "--holdout", 100, "--latency-runs", 0, "-o", q,
+                            "--json"))["report"]
         out = f"{w}/{tag}.edgepack"
-        ep("pack", q, "-o", out, "--preset", preset, "--main", f"{tag.replace('_', '-')}:int4", "--compress", "zstd")
+        ep("pack", q, "-o", out, "--preset", preset, "--main", f"{tag.replace('_', '-')}:{'int4' if grid == 'blocks' else 'int8'}",
+           "--compress", "zstd")
         prec = [la["precision"] for la in rep["layers"]]
         rows.append({"label": label, "bytes": os.path.getsize(out), "top1": top1_eval(out, preset),
-                     "layers": {p: prec.count(p) for p in ("int4", "int8", "fp32") if prec.count(p)},
+                     "layers": {p: prec.count(p) for p in ("int4", "coded", "int8", "fp32") if prec.count(p)},
                      "budget": rep["budget"] and rep["budget"]["text"]})
     return {"title": title, "fp32_bytes": os.path.getsize(fp32_bundle), "fp32_top1": base, "sparsity": sparsity,
             "rows": rows}
 
 
 def md_lowbit(results):
-    L = ["Measured by `scripts/pruning.py --only lowbit`: `edgepack quantize --weight-only 4` with its default gate "
-         "(calibration on the first 100 images, the gate on the next 100), zstd bundles, top-1 by `edgepack eval` on "
-         "all 1000 images (the bundle as shipped: the loader unpacks the int4 weights).", "",
+    L = ["Measured by `scripts/pruning.py --only lowbit`: `edgepack quantize --weight-only 4` (int4 blocks, or "
+         "`--weight-grid coded`: int8 codes carrying 4 bits of entropy each) with its default gate (calibration on the "
+         "first 100 images, the gate on the next 100), zstd bundles (libzstd, level 1), top-1 by `edgepack eval` on "
+         "all 1000 images (the bundle as shipped: the loader unpacks the weights).", "",
          "| model | bundle | layers | bytes | of fp32 | top-1, 1000 images | drop |", "|---|---|---|---|---|---|---|"]
     for r in results.values():
         L.append(f"| {r['title']} | fp32 | | {r['fp32_bytes']} | 100.0% | {r['fp32_top1']:.1f} | |")

@@ -184,7 +184,7 @@ fn quantize_excluding(
 ) -> Result<(Model, QdqSummary), CalibError> {
     let mut c = cfg.clone();
     // In 4-bit weight-only quantization the fallback of a sensitive layer is 8-bit weights, not fp32.
-    if c.weight_only.is_some_and(|w| w.bits == 4) {
+    if c.weight_only.is_some_and(|w| w.narrow()) {
         c.wider.extend(extra.iter().cloned());
     } else {
         c.exclude.extend(extra.iter().cloned());

@@ -697,7 +697,7 @@ fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cal
                     on(Event::Note(format!(
                         "  {} node(s) {}: {:.3} ({})",
                         p.float_nodes,
-                        if job_cfg.weight_only.is_some_and(|w| w.bits == 4) { "at 8 bits" } else { "in fp32" },
+                        if job_cfg.weight_only.is_some_and(|w| w.narrow()) { "at 8 bits" } else { "in fp32" },
                         p.value,
                         if p.met { "meets the budget" } else { "misses" }
                     )))
@@ -810,7 +810,7 @@ fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cal
             let fp = summary.excluded.iter().any(|e| e == name);
             let reason = if search_float.contains(name) {
                 let rank = sens.iter().position(|s| &s.node == name).map(|r| r + 1).unwrap_or(0);
-                let kept = if job.cfg.weight_only.is_some_and(|w| w.bits == 4) { "at 8 bits" } else { "fp32" };
+                let kept = if job.cfg.weight_only.is_some_and(|w| w.narrow()) { "at 8 bits" } else { "fp32" };
                 Some(format!("kept {kept} by the budget search (sensitivity rank {rank} of {})", sens.len()))
             } else if let Some(why) = gated.get(name) {
                 Some(format!("speed gate: no integer kernel ({why})"))
@@ -827,6 +827,8 @@ fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cal
                 op: op.clone(),
                 precision: if summary.int4_weights.contains(name) {
                     "int4"
+                } else if summary.coded_weights.contains(name) {
+                    "coded"
                 } else if int8 {
                     "int8"
                 } else {

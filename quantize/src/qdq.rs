@@ -93,6 +93,8 @@ pub struct QdqSummary {
     pub fp32_guards: usize,
     /// Nodes whose weights are 4-bit (weight-only; the others of `quantized_weights` are int8).
     pub int4_weights: Vec<String>,
+    /// Nodes whose weights are on the coded grid (weight-only; int8 storage of a coarser step).
+    pub coded_weights: Vec<String>,
 }
 
 /// Compute-heavy ops this pass leaves in float, with the reason the report gives.

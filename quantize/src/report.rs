@@ -264,7 +264,10 @@ impl Report {
                 s,
                 "weight-only: {}-bit weights{}, activations float",
                 w.bits,
-                if w.bits == 4 {
+                if w.coded {
+                    " on the coded grid (int8 storage, a per-channel step giving that entropy; sized by the bundle's zstd)"
+                        .to_string()
+                } else if w.bits == 4 {
                     format!(" in blocks of {} (int8 per channel where a channel is shorter)", w.group)
                 } else {
                     String::new()
@@ -302,11 +305,13 @@ impl Report {
             );
         }
         let int4 = self.layers.iter().filter(|l| l.precision == "int4").count();
+        let coded = self.layers.iter().filter(|l| l.precision == "coded").count();
         let _ = writeln!(
             s,
-            "layers: {}{} int8, {} fp32",
+            "layers: {}{}{} int8, {} fp32",
             if int4 > 0 { format!("{int4} int4, ") } else { String::new() },
-            self.int8_layers() - int4,
+            if coded > 0 { format!("{coded} coded, ") } else { String::new() },
+            self.int8_layers() - int4 - coded,
             self.layers.len() - self.int8_layers()
         );
         let mut rows: Vec<&Layer> = self.layers.iter().collect();

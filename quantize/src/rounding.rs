@@ -139,12 +139,15 @@ impl std::fmt::Display for Methods {
     }
 }
 
+/// A refinement's cache key: the node, the grid's `qmax`, and the bits of its first and last elements' scales.
+type RefineKey = (String, i32, [u32; 2]);
+
 /// The input statistics of a model's weighted layers and the rounding they lead to (cached per node, so the
 /// mixed-precision search, which rebuilds the model many times, fits each layer once).
 pub struct Refiner {
     layers: Arc<RwLock<Stats>>,
     pub methods: Methods,
-    cache: Mutex<HashMap<(String, i32), Arc<Refined>>>,
+    cache: Mutex<HashMap<RefineKey, Arc<Refined>>>,
 }
 
 impl std::fmt::Debug for Refiner {
@@ -423,7 +426,7 @@ impl Refiner {
 
     /// Quantizes `node`'s weight `w` (its initializer's layout) to integers in `[qmin, qmax]` at the scale
     /// `scale_of(element index)` with the configured methods; `None` when the node has no statistics. Cached per
-    /// node and grid (`qmax`).
+    /// node and grid (`qmax` and the first and last elements' scales: int8 and the coarser coded grid share `qmax`).
     pub fn refine(
         &self,
         node: &str,
@@ -432,7 +435,8 @@ impl Refiner {
         qmin: i32,
         qmax: i32,
     ) -> Option<Arc<Refined>> {
-        let key = (node.to_string(), qmax);
+        let ends = [scale_of(0).to_bits(), scale_of(w.len().saturating_sub(1)).to_bits()];
+        let key = (node.to_string(), qmax, ends);
         if let Some(r) = self.cache.lock().ok()?.get(&key) {
             return Some(r.clone());
         }

@@ -624,7 +624,7 @@ def test_weight_only_4bit_with_fitted_rounding_runs_in_onnxruntime(shared, binar
     print(f"4-bit output SQNR: nearest {near['int8']['output_sqnr_db']:.1f} dB, gptq+bc {rep['int8']['output_sqnr_db']:.1f} dB")
     assert rep["int8"]["output_sqnr_db"] > near["int8"]["output_sqnr_db"] + 3
     assert rep["int8"]["top1_agreement"] >= 85, rep["int8"]  # 92 % on 800 images (QUANTIZATION.md)
-    assert rep["weight_only"] == {"bits": 4, "group": 32}
+    assert rep["weight_only"] == {"bits": 4, "group": 32, "coded": False}
     assert sum(la["precision"] == "int4" for la in rep["layers"]) >= 30
     assert os.path.getsize(out) <= 0.17 * os.path.getsize(src)
     # Weight-only runs at fp32 speed on edgepack's CPU backend (int4, and weight-only int8, unpacked once at load):
@@ -647,6 +647,46 @@ def test_weight_only_4bit_with_fitted_rounding_runs_in_onnxruntime(shared, binar
     info = json.loads(ep("inspect", bundle, "--json").stdout)
     variants = info["bundle"]["manifest"]["variants"]
     assert [v["precision"] for v in variants] == ["int4"], variants
+
+
+def test_coded_weight_grid_is_plain_int8_onnx_closer_than_int4_blocks_at_the_same_bundle_size(shared, binary, tmp_path):
+    """Issue 29, item 5: `--weight-only 4 --weight-grid coded` stores int8 codes on a per-channel step whose codes
+    carry 4 bits of entropy. The file is standard int8 DequantizeLinear that onnxruntime runs; its zstd bundle is
+    about the size of the int4 blocks' bundle and its output closer to fp32 (same calibration, same rounding, every
+    layer at its narrow width); edgepack's loader computes what onnxruntime computes."""
+    import onnx
+    import ort_parity
+    src = os.path.join(shared, "models", "efficientnet_lite0_fp32.onnx")
+    data = os.path.join(shared, "data", "imagenet_sample")
+    common = ["--calib", data, "--preset", "tf", "--shuffle", "--calib-limit", 32, "--holdout", 64, "--weight-only",
+              "4", "--budget", "none", "--latency-runs", 0, "--json"]
+    rep, size = {}, {}
+    for grid in ("blocks", "coded"):
+        out = tmp_path / f"{grid}.onnx"
+        rep[grid] = json.loads(ep("quantize", src, *common, "--weight-grid", grid, "-o", out).stdout)["report"]
+        bundle = tmp_path / f"{grid}.edgepack"
+        ep("pack", out, "-o", bundle, "--preset", "tf", "--main", f"{grid}:int8", "--compress", "zstd")
+        size[grid] = os.path.getsize(bundle)
+    sq = {g: rep[g]["int8"]["output_sqnr_db"] for g in rep}
+    print(f"\n4-bit weights, blocks vs coded: bundle {size['blocks']} vs {size['coded']} bytes, output SQNR "
+          f"{sq['blocks']:.1f} vs {sq['coded']:.1f} dB, agreement {rep['blocks']['int8']['top1_agreement']:.1f} vs "
+          f"{rep['coded']['int8']['top1_agreement']:.1f} %")
+    coded = rep["coded"]
+    assert coded["weight_only"] == {"bits": 4, "group": 32, "coded": True}
+    assert sum(la["precision"] == "coded" for la in coded["layers"]) >= 30, coded["layers"]
+    # About the same bundle (int4 blocks also shrink under zstd, to ~4.15 bits per weight; the codes take ~4.05),
+    # measurably closer to fp32: 9.1 → 11.9 dB here.
+    assert size["coded"] < 1.05 * size["blocks"], size
+    assert sq["coded"] > sq["blocks"] + 2, sq
+    g = onnx.load(str(tmp_path / "coded.onnx")).graph
+    assert not any(t.data_type == onnx.TensorProto.INT4 for t in g.initializer)
+    assert not any(n.domain == "com.microsoft" for n in g.node), "standard ONNX only"
+    assert not any(n.op_type == "QuantizeLinear" for n in g.node), "activations stay float"
+    x = np.random.RandomState(4).rand(1, 3, 224, 224).astype(np.float32)
+    p = ort_parity.compare(str(tmp_path / "coded.onnx"), {"input": x}, binary, 2)
+    assert p["loaded"] and p["outputs"][0]["cosine"] > 0.99999 and p["outputs"][0]["max_abs_diff"] < 1e-3, p
+    r = ep("quantize", src, *common, "--weight-only", "5", "-o", tmp_path / "x.onnx", check=False)
+    assert r.returncode == 2 and "--weight-grid coded" in r.stderr, r.stderr
 
 
 def test_method_auto_tries_mse_ranges_when_minmax_misses_the_gate(binary, tmp_path):
