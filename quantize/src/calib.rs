@@ -205,26 +205,25 @@ pub fn calibrate(
     if samples.is_empty() {
         return Err(CalibError::Invalid("no calibration samples".into()));
     }
-    let mut feeds = crate::feeds::Feeds::of(session);
-    let state = feeds.state_outputs();
-    let names: Vec<&str> = values.iter().chain(&state).map(String::as_str).collect();
     let mut obs: Vec<Observer> = values.iter().map(|_| Observer::new()).collect();
     let passes = if method.needs_histogram() { 2 } else { 1 };
     let total = samples.len() * passes;
-    let mut done = 0;
     for pass in 0..passes {
-        feeds.reset();
-        for k in samples.clone() {
-            let x = feeds.next(&data.get(k)?, pre)?;
-            let outs = session.run_values(x, &names)?;
-            feeds.carry(&outs[values.len()..]);
-            for (o, (_, t)) in obs.iter_mut().zip(&outs) {
-                let v = t.to_f32_vec();
-                if pass == 0 { o.observe_range(&v) } else { o.observe_hist(&v) }
-            }
-            done += 1;
-            progress(done, total);
-        }
+        // Each pass starts from the initial recurrent state, as the first did.
+        crate::feeds::visit_samples(
+            session,
+            data,
+            samples.clone(),
+            pre,
+            values,
+            |outs| {
+                for (o, (_, t)) in obs.iter_mut().zip(outs) {
+                    let v = t.to_f32_vec();
+                    if pass == 0 { o.observe_range(&v) } else { o.observe_hist(&v) }
+                }
+            },
+            |done, _| progress(pass * samples.len() + done, total),
+        )?;
     }
     Ok(values.iter().cloned().zip(obs.iter().map(|o| o.range(method))).collect())
 }
