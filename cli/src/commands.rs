@@ -1377,6 +1377,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             symmetric_activations: a.symmetric_activations,
             refiner: None,
             wider: vec![],
+            coded_bits: Default::default(),
             weight_only: a.weight_only.as_deref().map(|b| edgepack_quantize::weight_only::WeightOnly {
                 bits: b.parse().unwrap_or(8),
                 group: a.block_size as usize,

@@ -527,6 +527,47 @@ fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cal
             }
         }
     }
+    // 4a. The coded grid's bits by layer, for the same total size: each coded layer's effect on the output alone
+    //     is measured at the uniform width, and the bits go where the noise is (`weight_only::allocate_bits`). Kept
+    //     when the output SQNR on the choosing samples, the quantity it minimises the noise of, is higher: a top-1
+    //     agreement on 50 samples moves by 2 % for one image (the pruned EfficientNet-Lite0: 98 → 96 % there while
+    //     its SQNR went 14.0 → 18.9 dB, and top-1 on 1000 images 83.9 → 86.5).
+    let mut rate_allocation = None;
+    if let Some(wo) = cfg.weight_only.filter(|w| w.coded && !full_summary.coded_weights.is_empty()) {
+        let n = job.sensitivity_samples.max(1).min(select.len());
+        on(Event::Stage("rate allocation: sensitivity", units.len()));
+        let sens = mixed::sensitivity(&model, &ranges, &cfg, &job.session, &select, n, |d, _| on(Event::Step(d)))?;
+        let layers: Vec<(String, usize, f64)> = sens
+            .iter()
+            .filter(|s| full_summary.coded_weights.contains(&s.node))
+            .map(|s| {
+                let size = crate::rounding::weight_values(&model, &s.node).map_or(0, |w| w.len());
+                (s.node.clone(), size, s.output_sqnr_db.map_or(0.0, |db| 10f64.powf(-db / 10.0)))
+            })
+            .collect();
+        let bits = crate::weight_only::allocate_bits(&layers, f64::from(wo.bits));
+        let mut acfg = cfg.clone();
+        acfg.coded_bits = bits.clone();
+        on(Event::Stage("rate allocation: evaluate", select.len()));
+        let (am, asum) = qdq::quantize(&model, &ranges, &acfg).map_err(|e| CalibError::Invalid(e.to_string()))?;
+        let a_metrics = select.evaluate(&Session::from_model(&am, &job.session)?, None, |d, _| on(Event::Step(d)))?;
+        let sqnr = |m: &fidelity::Metrics| m.output_sqnr_db.unwrap_or(f64::INFINITY);
+        let (before, after) = ((sqnr(&full_metrics), 0.0), (sqnr(&a_metrics), 0.0));
+        let used = after.0 > before.0;
+        on(Event::Note(format!(
+            "  bits by layer ({:.1}–{:.1}): output SQNR {:.2} dB against {:.2} dB uniform{}",
+            bits.values().copied().fold(f64::INFINITY, f64::min),
+            bits.values().copied().fold(f64::NEG_INFINITY, f64::max),
+            after.0,
+            before.0,
+            if used { ", kept" } else { "" }
+        )));
+        rate_allocation = Some(crate::report::RateAllocation { used, compared: [before.0, after.0], bits });
+        if used {
+            cfg = acfg;
+            (full, full_summary, full_metrics) = (am, asum, a_metrics);
+        }
+    }
     // 4b. Activation equalization, then calibration, rounding and the all-INT8 model again on the equalized graph.
     //     `auto` compares it with the model as given like a rounding: by the gate's measure on the choosing samples,
     //     ties by the output SQNR. An attempt that fails leaves the model as given (`auto`: with a warning).
@@ -859,6 +900,7 @@ fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cal
         rounding,
         equalization,
         weight_only: job.cfg.weight_only,
+        rate_allocation,
         recurrent_state: crate::feeds::Feeds::of(&fp32).describe(),
         preparation: Preparation { opset_upgrade: upgrade, folded_batchnorm, named_nodes, constants },
         fp32: held.fp32.clone(),

@@ -43,6 +43,9 @@ pub struct QdqConfig {
     /// Nodes a 4-bit weight-only pass keeps at 8 bits (where the mixed-precision search puts the sensitive layers
     /// in that mode: their size stays small).
     pub wider: Vec<String>,
+    /// The coded weight grid's bits per weight of each node, where they differ from `weight_only.bits`
+    /// ([`crate::weight_only::allocate_bits`]).
+    pub coded_bits: std::collections::BTreeMap<String, f64>,
 }
 
 /// An activation's quantization: scale, zero point and ONNX element type (2 = uint8, 3 = int8), widened to hold 0.

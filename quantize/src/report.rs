@@ -118,6 +118,9 @@ pub struct Report {
     /// Weight-only quantization (bits, block size), when used: activations stay float.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weight_only: Option<crate::weight_only::WeightOnly>,
+    /// The coded grid's bits per weight by layer, when the rate allocation was tried (`weight_only::allocate_bits`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_allocation: Option<RateAllocation>,
     pub preparation: Preparation,
     pub fp32: Metrics,
     pub int8: Metrics,
@@ -134,6 +137,16 @@ pub struct Report {
     /// Who made the report and how (set by the caller that knows its command line).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub provenance: Option<Provenance>,
+}
+
+/// The coded grid's rate allocation: tried when every layer's bits are the same; kept when closer to fp32 on the
+/// choosing samples (`compared`: their output SQNR in dB, uniform then allocated).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RateAllocation {
+    pub used: bool,
+    pub compared: [f64; 2],
+    /// Bits per weight of each coded layer (the allocation tried).
+    pub bits: std::collections::BTreeMap<String, f64>,
 }
 
 /// The footer of a report: the tool's version, the command that ran and when (UTC).

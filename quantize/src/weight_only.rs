@@ -92,6 +92,50 @@ pub fn coded_steps(w: &[f32], channels: usize, channel_of: &dyn Fn(usize) -> usi
     steps(hi.exp2())
 }
 
+/// Bits per weight of each coded layer for the same total size, by sensitivity: `layers` are (node, weights, the
+/// model's output noise power, relative to the output's, with that layer alone at `bits`). Reverse water-filling
+/// at high rate: each bit quarters a layer's noise, so the total noise `Σ Nₗ·4^(bits−bₗ)` under `Σ nₗ·bₗ` fixed
+/// is least at `bₗ = bits + ½·log2(Nₗ/nₗ) − μ`, μ bisected to keep the total; each layer within
+/// [`bits` − 1, `bits` + 2] (and 2..7), so no layer is starved outside the range where the model holds.
+pub fn allocate_bits(layers: &[(String, usize, f64)], bits: f64) -> std::collections::BTreeMap<String, f64> {
+    let (lo, hi) = ((bits - 1.0).max(2.0), (bits + 2.0).min(7.0));
+    let total: f64 = layers.iter().map(|(_, n, _)| *n as f64).sum();
+    if layers.is_empty() || total <= 0.0 {
+        return Default::default();
+    }
+    // A layer whose noise did not register (or is not finite) gets the floor.
+    let raw: Vec<f64> = layers
+        .iter()
+        .map(|(_, n, noise)| {
+            if *noise > 0.0 && noise.is_finite() && *n > 0 {
+                0.5 * (noise / *n as f64).log2()
+            } else {
+                f64::NEG_INFINITY
+            }
+        })
+        .collect();
+    let at = |mu: f64| -> Vec<f64> { raw.iter().map(|r| (bits + r - mu).clamp(lo, hi)).collect() };
+    let spent = |b: &[f64]| -> f64 { b.iter().zip(layers).map(|(b, (_, n, _))| b * *n as f64).sum::<f64>() / total };
+    // The average falls as μ grows: bisect μ over a range wide enough for any finite noise.
+    let finite: Vec<f64> = raw.iter().copied().filter(|r| r.is_finite()).collect();
+    let (mut a, mut b) = (
+        finite.iter().copied().fold(f64::INFINITY, f64::min) - 10.0,
+        finite.iter().copied().fold(f64::NEG_INFINITY, f64::max) + 10.0,
+    );
+    if !a.is_finite() {
+        return Default::default();
+    }
+    for _ in 0..60 {
+        let mid = 0.5 * (a + b);
+        if spent(&at(mid)) > bits {
+            a = mid;
+        } else {
+            b = mid;
+        }
+    }
+    layers.iter().zip(at(b)).map(|((name, _, _), b)| (name.clone(), b)).collect()
+}
+
 /// Axis of the output channels in a node's weight.
 fn channel_axis(n: &NodeProto, rank: usize) -> usize {
     match n.op() {
@@ -220,7 +264,8 @@ pub fn quantize(model: &Model, cfg: &QdqConfig, wo: WeightOnly) -> Result<(Model
             let inner_a: usize = w.dims[axis + 1..].iter().product::<i64>() as usize;
             let ch = w.dims[axis] as usize;
             let (mut q, scales) = if wo.coded && !grouped && !wider {
-                let steps = coded_steps(&data, ch, &|i| (i / inner_a) % ch, f64::from(wo.bits));
+                let bits = cfg.coded_bits.get(n.name()).copied().unwrap_or(f64::from(wo.bits));
+                let steps = coded_steps(&data, ch, &|i| (i / inner_a) % ch, bits);
                 let q = data
                     .iter()
                     .enumerate()
@@ -349,5 +394,21 @@ mod tests {
             "weight SQNR at 4 bits: coded {coded:.1} dB, int4 blocks of 32 {blocks:.1} dB (4.5 bits with scales)"
         );
         assert!(coded > blocks + 2.0, "coded {coded:.1} dB, blocks {blocks:.1} dB");
+    }
+
+    /// The allocation keeps the average, gives the noisier layer (per weight) more bits, quarters-for-a-bit
+    /// balances them (equal marginal noise where no bound binds), and respects the bounds.
+    #[test]
+    fn bits_go_where_the_noise_is_for_the_same_total() {
+        let layers = vec![("a".to_string(), 1000, 1e-2), ("b".to_string(), 1000, 1e-3), ("c".to_string(), 2000, 0.0)];
+        let b = allocate_bits(&layers, 4.0);
+        let avg = (b["a"] * 1000.0 + b["b"] * 1000.0 + b["c"] * 2000.0) / 4000.0;
+        assert!((avg - 4.0).abs() < 1e-6, "{b:?}");
+        assert_eq!(b["c"], 3.0, "a layer with no measurable noise gets the floor: {b:?}");
+        // a and b share 10 bits per pair of weights; a's noise is 10x b's: a gets ½·log2(10) ≈ 1.66 bits more.
+        assert!((b["a"] - b["b"] - 0.5 * 10f64.log2()).abs() < 1e-6, "{b:?}");
+        let b = allocate_bits(&[("x".to_string(), 10, 1.0), ("y".to_string(), 10_000_000, 1e-9)], 4.0);
+        assert_eq!(b["x"], 6.0, "{b:?}");
+        assert!(b["y"] >= 3.0 && b["y"] <= 4.0, "{b:?}");
     }
 }
