@@ -350,3 +350,26 @@ fn lowered_dynamic_matmul_equals_the_scalar_reference() {
         }
     }
 }
+
+/// `onnx_structured` found `Identity(y) → y` over a graph input `y`: the float lowering bypasses Identity nodes by
+/// renaming their readers to the node's input, and a rename of `y` to itself never resolved (a 30 s timeout at
+/// load). The node goes without a rename.
+#[test]
+fn an_identity_writing_its_own_input_is_bypassed_without_a_rename() {
+    let m = model(
+        vec![node("Identity", "same", &["y"], &["y"], vec![]), node("Relu", "relu", &["y"], &["z"], vec![])],
+        vec![value_info("y", 1, &[Dim::Fixed(4)])],
+        vec![value_info("z", 1, &[Dim::Fixed(4)])],
+        vec![],
+    );
+    let mut lowered = m.clone();
+    let t = std::time::Instant::now();
+    assert_eq!(lowered.graph.lower_f32_kernels(), 0, "no kernel pattern: the graph is left as it is");
+    assert!(t.elapsed().as_secs_f64() < 5.0);
+    // A session ends in the model's result or a typed error (tract calls `y` written twice a loop).
+    let x = Tensor::from_f32(vec![4], vec![-1.0, 2.0, -3.0, 4.0]).unwrap();
+    match Session::from_model(&m, &SessionOptions { threads: 1, ..Default::default() }).and_then(|s| s.run_one(x)) {
+        Ok(out) => assert_eq!(out[0].1.to_f32_vec(), vec![0.0, 2.0, 0.0, 4.0]),
+        Err(e) => assert!(e.to_string().contains("Loop detected"), "{e}"),
+    }
+}

@@ -325,14 +325,21 @@ impl Bypass for Graph {
             // Dropout's training_mode input (opset 12+) must be absent or a constant false; only the 1-input form
             // (or the attribute-free one) is taken here.
             let bypass = bypass && (n.op() == "Identity" || n.input.len() == 1);
-            if bypass {
+            // An Identity writing the name it reads (`y → y`, over a graph input `y`) goes without a rename: its
+            // readers read `y` already, and a rename of `y` to itself never resolves.
+            if bypass && n.output[0] != n.input[0] {
                 renames.insert(n.output[0].clone(), n.input[0].clone());
             }
             !bypass
         });
+        // Follows a chain of bypassed nodes to its source; a cycle of them (no source) stops where it closes.
         let resolve = |v: &str| {
             let mut cur = v.to_string();
+            let mut seen = HashSet::new();
             while let Some(next) = renames.get(&cur) {
+                if !seen.insert(cur.clone()) {
+                    break;
+                }
                 cur = next.clone();
             }
             cur
