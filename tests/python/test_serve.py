@@ -208,7 +208,9 @@ def test_tritonclient_grpc_health_metadata_infer_and_errors(server):
     t.set_data_from_numpy(np.random.default_rng(0).random([1] + list(ems.inputs[0].shape[1:]), dtype=np.float32))
     with pytest.raises(InferenceServerException) as e:
         c.infer("effnet", [t], client_timeout=0.0005)
-    assert e.value.status() == "StatusCode.DEADLINE_EXCEEDED", e.value
+    # DEADLINE_EXCEEDED as a rule; the gRPC client reported CANCELLED once when the 0.5 ms passed while it was still
+    # starting the call (a local CI run with a fuzzer on the other core). Either way the call fails, not the server.
+    assert e.value.status() in ("StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED"), e.value
     assert c.is_server_ready() and c.infer("effnet", [t]).as_numpy(ems.outputs[0].name).shape[0] == 1
     metrics = server.get("/metrics")[1].decode()
     assert re.search(r'edgepack_requests_total\{model="mnist",version="2",endpoint="grpc_infer",status="200"\} \d+', metrics)
