@@ -183,7 +183,7 @@ fn quantize_excluding(
     extra: &[String],
 ) -> Result<(Model, QdqSummary), CalibError> {
     let mut c = cfg.clone();
-    // In 4-bit weight-only quantization the fallback of a sensitive layer is 8-bit weights, not fp32.
+    // In narrow weight-only quantization the fallback of a sensitive layer is wider weights, not fp32.
     if c.weight_only.is_some_and(|w| w.narrow()) {
         c.wider.extend(extra.iter().cloned());
     } else {
@@ -206,8 +206,12 @@ pub fn sensitivity(
     let units = qdq::quantizable_nodes(model, cfg);
     let mut out = Vec::with_capacity(units.len());
     for (i, (name, op)) in units.iter().enumerate() {
-        let others: Vec<String> = units.iter().filter(|(n, _)| n != name).map(|(n, _)| n.clone()).collect();
-        let (m, _) = quantize_excluding(model, ranges, cfg, &others)?;
+        // The layer alone: the others stay float in every mode (a weight-only search's fallback width would
+        // add the others' noise to every measure, and the coded grid's rate allocation reads these as each
+        // layer's own noise).
+        let mut alone = cfg.clone();
+        alone.exclude.extend(units.iter().filter(|(n, _)| n != name).map(|(n, _)| n.clone()));
+        let (m, _) = qdq::quantize(model, ranges, &alone).map_err(|e| CalibError::Invalid(e.to_string()))?;
         let s = Session::from_model(&m, opts)?;
         let metrics = held.evaluate(&s, Some(samples), |_, _| {})?;
         out.push(Sensitivity {

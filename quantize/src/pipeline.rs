@@ -738,7 +738,7 @@ fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cal
                     on(Event::Note(format!(
                         "  {} node(s) {}: {:.3} ({})",
                         p.float_nodes,
-                        if job_cfg.weight_only.is_some_and(|w| w.narrow()) { "at 8 bits" } else { "in fp32" },
+                        job_cfg.weight_only.filter(|w| w.narrow()).map_or("in fp32".into(), |w| w.fallback()),
                         p.value,
                         if p.met { "meets the budget" } else { "misses" }
                     )))
@@ -851,7 +851,7 @@ fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cal
             let fp = summary.excluded.iter().any(|e| e == name);
             let reason = if search_float.contains(name) {
                 let rank = sens.iter().position(|s| &s.node == name).map(|r| r + 1).unwrap_or(0);
-                let kept = if job.cfg.weight_only.is_some_and(|w| w.narrow()) { "at 8 bits" } else { "fp32" };
+                let kept = job.cfg.weight_only.filter(|w| w.narrow()).map_or("fp32".into(), |w| w.fallback());
                 Some(format!("kept {kept} by the budget search (sensitivity rank {rank} of {})", sens.len()))
             } else if let Some(why) = gated.get(name) {
                 Some(format!("speed gate: no integer kernel ({why})"))

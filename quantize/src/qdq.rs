@@ -40,8 +40,8 @@ pub struct QdqConfig {
     pub refiner: Option<std::sync::Arc<crate::rounding::Refiner>>,
     /// Weight-only quantization ([`crate::weight_only`]): low-bit weights, activations stay float.
     pub weight_only: Option<crate::weight_only::WeightOnly>,
-    /// Nodes a 4-bit weight-only pass keeps at 8 bits (where the mixed-precision search puts the sensitive layers
-    /// in that mode: their size stays small).
+    /// Nodes a narrow weight-only pass keeps wider (int4 blocks: int8; the coded grid: 2 more bits), where the
+    /// mixed-precision search puts the sensitive layers in that mode: their size stays small.
     pub wider: Vec<String>,
     /// The coded weight grid's bits per weight of each node, where they differ from `weight_only.bits`
     /// ([`crate::weight_only::allocate_bits`]).

@@ -37,11 +37,19 @@ pub struct WeightOnly {
     pub coded: bool,
 }
 
+/// Bits the coded grid adds to a layer the accuracy gate finds too sensitive (`QdqConfig::wider`).
+pub const WIDER_CODED_BITS: f64 = 2.0;
+
 impl WeightOnly {
-    /// Whether a layer too sensitive for these weights falls back to int8 weights (rather than fp32): every grid
+    /// Whether a layer too sensitive for these weights falls back to wider weights (rather than fp32): every grid
     /// below 8 bits.
     pub fn narrow(&self) -> bool {
         self.bits < 8
+    }
+
+    /// What a sensitive layer falls back to, for messages.
+    pub fn fallback(&self) -> String {
+        if self.coded { format!("at {WIDER_CODED_BITS} more bits") } else { "at 8 bits".into() }
     }
 }
 
@@ -263,8 +271,12 @@ pub fn quantize(model: &Model, cfg: &QdqConfig, wo: WeightOnly) -> Result<(Model
             let axis = channel_axis(n, w.dims.len());
             let inner_a: usize = w.dims[axis + 1..].iter().product::<i64>() as usize;
             let ch = w.dims[axis] as usize;
-            let (mut q, scales) = if wo.coded && !grouped && !wider {
-                let bits = cfg.coded_bits.get(n.name()).copied().unwrap_or(f64::from(wo.bits));
+            let (mut q, scales) = if wo.coded && !grouped {
+                // A layer the gate finds too sensitive gets WIDER_CODED_BITS more on the same grid: plain int8 costs
+                // up to 7.2 bits per weight once entropy-coded (EfficientNet-Lite0's classifier), 2 more bits quarter
+                // the layer's noise twice for far less.
+                let bits = cfg.coded_bits.get(n.name()).copied().unwrap_or(f64::from(wo.bits))
+                    + if wider { WIDER_CODED_BITS } else { 0.0 };
                 let steps = coded_steps(&data, ch, &|i| (i / inner_a) % ch, bits);
                 let q = data
                     .iter()

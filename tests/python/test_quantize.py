@@ -694,6 +694,13 @@ def test_coded_weight_grid_is_plain_int8_onnx_closer_than_int4_blocks_at_the_sam
     assert p["loaded"] and p["outputs"][0]["cosine"] > 0.99999 and p["outputs"][0]["max_abs_diff"] < 1e-3, p
     r = ep("quantize", src, *common, "--weight-only", "5", "-o", tmp_path / "x.onnx", check=False)
     assert r.returncode == 2 and "--weight-grid coded" in r.stderr, r.stderr
+    # Under a gate, the layers it finds too sensitive get 2 more bits on the same grid, not plain int8 (which costs
+    # EfficientNet-Lite0's classifier 7.2 bits per weight once coded).
+    gated = [a for a in common if a not in ("--budget", "none")]
+    g = json.loads(ep("quantize", src, *gated, "--weight-grid", "coded", "--budget", "sqnr=60", "--max-float-fraction",
+                      "0.1", "-o", tmp_path / "gated.onnx").stdout)["report"]
+    wider = [la for la in g["layers"] if (la["reason"] or "").startswith("kept at 2 more bits")]
+    assert wider and all(la["precision"] == "coded" for la in wider), g["layers"]
 
 
 def test_method_auto_tries_mse_ranges_when_minmax_misses_the_gate(binary, tmp_path):
