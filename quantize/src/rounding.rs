@@ -326,25 +326,25 @@ fn gather(
     let mut inputs: Vec<String> = layers.values().map(|(l, _)| l.input.clone()).collect();
     inputs.sort();
     inputs.dedup();
-    let mut feeds = crate::feeds::Feeds::of(session);
-    let state = feeds.state_outputs();
-    let names: Vec<&str> = inputs.iter().chain(&state).map(String::as_str).collect();
-    let total = samples.len();
-    for (done, k) in samples.enumerate() {
-        let x = feeds.next(&data.get(k)?, pre)?;
-        let outs = session.run_values(x, &names)?;
-        feeds.carry(&outs[inputs.len()..]);
-        let values: HashMap<&str, (Vec<f32>, Vec<usize>)> = outs[..inputs.len()]
-            .iter()
-            .map(|(name, t)| (name.as_str(), (t.to_f32_vec(), t.shape().to_vec())))
-            .collect();
-        for (layer, moments) in layers.values_mut() {
-            if let Some((v, shape)) = values.get(layer.input.as_str()) {
-                layer.accumulate(moments, v, shape, done);
+    let mut done = 0;
+    crate::feeds::visit_samples(
+        session,
+        data,
+        samples,
+        pre,
+        &inputs,
+        |outs| {
+            let values: HashMap<&str, (Vec<f32>, Vec<usize>)> =
+                outs.iter().map(|(name, t)| (name.as_str(), (t.to_f32_vec(), t.shape().to_vec()))).collect();
+            for (layer, moments) in layers.values_mut() {
+                if let Some((v, shape)) = values.get(layer.input.as_str()) {
+                    layer.accumulate(moments, v, shape, done);
+                }
             }
-        }
-        progress(done + 1, total);
-    }
+            done += 1;
+        },
+        progress,
+    )?;
     Ok(layers.into_iter().filter(|(_, (_, m))| m.iter().all(|g| g.n > 0.0)).map(|(k, v)| (k, Arc::new(v))).collect())
 }
 
