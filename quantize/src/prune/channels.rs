@@ -172,7 +172,7 @@ fn flattens_pooled(model: &Model, n: &NodeProto) -> bool {
         "Reshape" => {
             let Some(t) = n.input.get(1).and_then(|s| model.graph.initializer(s)) else { return false };
             let v: Vec<i64> = match (&t.raw_data, t.int64_data.is_empty()) {
-                (Some(r), _) => r.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
+                (Some(r), _) => r.as_chunks::<8>().0.iter().map(|c| i64::from_le_bytes(*c)).collect(),
                 (None, _) => t.int64_data.clone(),
             };
             v.len() == 2 && matches!(v[0], -1..=1) && v[1] == -1

@@ -247,7 +247,7 @@ impl Tensor {
         }
         let data = match dtype {
             DType::F32 => TensorData::F32(conv!(f32, 4)),
-            DType::F16 => TensorData::F16(bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()),
+            DType::F16 => TensorData::F16(bytes.as_chunks::<2>().0.iter().map(|c| f16::from_le_bytes(*c)).collect()),
             DType::F64 => TensorData::F64(conv!(f64, 8)),
             DType::I64 => TensorData::I64(conv!(i64, 8)),
             DType::I32 => TensorData::I32(conv!(i32, 4)),

@@ -173,7 +173,7 @@ fn byte(node: &NodeProto, name: &str) -> Res<u8> {
 }
 
 fn floats(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes.as_chunks::<4>().0.iter().map(|c| f32::from_le_bytes(*c)).collect()
 }
 
 /// The geometry attributes every convolution kernel node carries (names suffixed with `sfx`).
@@ -205,7 +205,7 @@ fn qconv(node: &NodeProto) -> Res<QConv> {
     let multiplier = floats(raw(node, "multiplier", 1, g.c_out * 4)?);
     let bias = if node.attr("bias").is_some() {
         let b = raw(node, "bias", 6, g.c_out * 4)?;
-        Some(b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Some(b.as_chunks::<4>().0.iter().map(|c| i32::from_le_bytes(*c)).collect())
     } else {
         None
     };

@@ -28,7 +28,7 @@ pub(crate) fn int_values(t: &TensorProto) -> Option<Vec<f32>> {
     let v: Vec<f32> = match (t.data_type?, raw) {
         (3, Some(r)) => r.iter().map(|&b| b as i8 as f32).collect(),
         (2, Some(r)) => r.iter().map(|&b| b as f32).collect(),
-        (6, Some(r)) => r.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32).collect(),
+        (6, Some(r)) => r.as_chunks::<4>().0.iter().map(|c| i32::from_le_bytes(*c) as f32).collect(),
         (3 | 2 | 6, None) => t.int32_data.iter().map(|&x| x as f32).collect(),
         _ => return None,
     };

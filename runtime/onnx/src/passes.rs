@@ -18,7 +18,7 @@ pub fn tensor_f32_values(t: &TensorProto) -> Option<Vec<f32>> {
     }
     let n: i64 = t.dims.iter().product();
     let v: Vec<f32> = match &t.raw_data {
-        Some(raw) => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Some(raw) => raw.as_chunks::<4>().0.iter().map(|c| f32::from_le_bytes(*c)).collect(),
         None => t.float_data.clone(),
     };
     (v.len() as i64 == n).then_some(v)

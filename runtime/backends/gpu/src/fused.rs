@@ -1952,7 +1952,7 @@ impl Program {
                     OutBuf::Host(t) => Ok(t.clone()),
                     OutBuf::Dev(_, n, shape, off) => {
                         let bytes = &view[*off as usize..*off as usize + n * 4];
-                        let v = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                        let v = bytes.as_chunks::<4>().0.iter().map(|c| f32::from_le_bytes(*c)).collect();
                         Tensor::from_f32(shape.clone(), v).map_err(|e| e.to_string())
                     }
                 })

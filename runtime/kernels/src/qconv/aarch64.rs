@@ -489,7 +489,7 @@ unsafe fn dw_dot_pixels<const R: usize>(
         let bv: [int32x4_t; 4] = std::array::from_fn(|q| vld1q_s32(p.bias128.as_ptr().add(c0 + 4 * q)));
         let mut acc = [bv; R];
         let o = ox * d.step + c0;
-        for (g, b4) in base.chunks_exact(4).enumerate() {
+        for (g, b4) in base.as_chunks::<4>().0.iter().enumerate() {
             let w: [int8x16_t; 4] = std::array::from_fn(|q| vld1q_s8(wb.add((g * 4 + q) * 64)));
             unroll!(R, r => {
                 let at = o + r * d.step;

@@ -567,9 +567,9 @@ unsafe fn gemm_block(
     for (&row, &dst) in rows.iter().zip(outs) {
         acc.copy_from_slice(&bias[b.c0..b.c0 + b.width]);
         let xr = unsafe { std::slice::from_raw_parts(row, kp) };
-        for (k4, xs) in xr.chunks_exact(4).enumerate() {
+        for (k4, xs) in xr.as_chunks::<4>().0.iter().enumerate() {
             let wblk = &b.packed[k4 * b.width * 4..(k4 + 1) * b.width * 4];
-            for (a, wq) in acc.iter_mut().zip(wblk.chunks_exact(4)) {
+            for (a, wq) in acc.iter_mut().zip(wblk.as_chunks::<4>().0) {
                 *a += xs[0] as i32 * wq[0] as i32
                     + xs[1] as i32 * wq[1] as i32
                     + xs[2] as i32 * wq[2] as i32

@@ -88,8 +88,8 @@ pub fn quantize_nchw_to_nhwc(isa: Isa, x: &[f32], [n, c, h, w]: [usize; 4], q: Q
             if c == 3 {
                 let (r, rest) = planes.split_at(CHUNK);
                 let (g, bl) = rest.split_at(CHUNK);
-                for (i, px) in dst.chunks_exact_mut(3).enumerate() {
-                    px.copy_from_slice(&[r[i], g[i], bl[i]]);
+                for (i, px) in dst.as_chunks_mut::<3>().0.iter_mut().enumerate() {
+                    *px = [r[i], g[i], bl[i]];
                 }
             } else {
                 for (i, px) in dst.chunks_exact_mut(c).enumerate() {
@@ -122,19 +122,23 @@ fn interleave_planes<T: Copy + Send + Sync>(x: &[T], n: usize, rows: usize, cols
             match rows {
                 1 => dst.copy_from_slice(plane(0)),
                 2 => {
-                    for ((d, &a), &b) in dst.chunks_exact_mut(2).zip(plane(0)).zip(plane(1)) {
-                        d.copy_from_slice(&[a, b]);
+                    for ((d, &a), &b) in dst.as_chunks_mut::<2>().0.iter_mut().zip(plane(0)).zip(plane(1)) {
+                        *d = [a, b];
                     }
                 }
                 3 => {
-                    for (((d, &a), &b), &c) in dst.chunks_exact_mut(3).zip(plane(0)).zip(plane(1)).zip(plane(2)) {
-                        d.copy_from_slice(&[a, b, c]);
+                    for (((d, &a), &b), &c) in
+                        dst.as_chunks_mut::<3>().0.iter_mut().zip(plane(0)).zip(plane(1)).zip(plane(2))
+                    {
+                        *d = [a, b, c];
                     }
                 }
                 _ => {
                     let (p0, p1, p2, p3) = (plane(0), plane(1), plane(2), plane(3));
-                    for ((((d, &a), &b), &c), &e) in dst.chunks_exact_mut(4).zip(p0).zip(p1).zip(p2).zip(p3) {
-                        d.copy_from_slice(&[a, b, c, e]);
+                    for ((((d, &a), &b), &c), &e) in
+                        dst.as_chunks_mut::<4>().0.iter_mut().zip(p0).zip(p1).zip(p2).zip(p3)
+                    {
+                        *d = [a, b, c, e];
                     }
                 }
             }
