@@ -38,8 +38,95 @@ pub const ZSTD_LEVEL: i32 = 1;
 
 /// One zstd frame of `bytes` at [`ZSTD_LEVEL`], readable by the runtime's pure-Rust decoder
 /// ([`edgepack_runtime::compress::zstd_decompress`]). Falls back to ruzstd should libzstd fail.
+///
+/// An ONNX model's frame ends a block at each end of a large initializer's `raw_data` ([`onnx_raw_spans`]): every
+/// zstd block has one Huffman table for its literals, and a 128 KiB block that straddles two weights of different
+/// statistics (a 3.4-bit classifier after a 5-bit convolution, scales and biases between) codes both with one
+/// table. Blocks on tensor bounds take EfficientNet-Lite0 on the 4-bit coded grid from 2.71 to 2.57 MB; the
+/// frame is the same standard zstd. Kept only when smaller than the plain frame.
 pub fn zstd_compress(bytes: &[u8]) -> Vec<u8> {
-    zstd::bulk::compress(bytes, ZSTD_LEVEL).unwrap_or_else(|_| edgepack_runtime::compress::zstd_compress(bytes))
+    let plain =
+        zstd::bulk::compress(bytes, ZSTD_LEVEL).unwrap_or_else(|_| edgepack_runtime::compress::zstd_compress(bytes));
+    let cuts: Vec<usize> = onnx_raw_spans(bytes, TENSOR_BLOCK_MIN).into_iter().flat_map(|(s, e)| [s, e]).collect();
+    if cuts.is_empty() {
+        return plain;
+    }
+    match zstd_blocks_at(bytes, &cuts) {
+        Ok(aligned) if aligned.len() < plain.len() => aligned,
+        _ => plain,
+    }
+}
+
+/// Initializers smaller than this share blocks with their neighbours (a block header and a table cost more).
+const TENSOR_BLOCK_MIN: usize = 4096;
+
+/// One zstd frame of `bytes` whose blocks end at each of `cuts` (ascending offsets): a flush at each.
+fn zstd_blocks_at(bytes: &[u8], cuts: &[usize]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    let mut enc = zstd::stream::write::Encoder::new(Vec::with_capacity(bytes.len() / 2), ZSTD_LEVEL)?;
+    enc.set_pledged_src_size(Some(bytes.len() as u64))?;
+    let mut pos = 0;
+    for &c in cuts.iter().chain(std::iter::once(&bytes.len())) {
+        let c = c.min(bytes.len());
+        if c > pos {
+            enc.write_all(&bytes[pos..c])?;
+            enc.flush()?;
+            pos = c;
+        }
+    }
+    enc.finish()
+}
+
+/// Byte spans `[start, end)` of the initializers' `raw_data` in a serialized ONNX model (`ModelProto.graph` = 7,
+/// `GraphProto.initializer` = 5, `TensorProto.raw_data` = 9) of at least `min` bytes, in file order; empty when
+/// `bytes` is not a model. A walk of the protobuf wire format: nothing is decoded.
+pub fn onnx_raw_spans(bytes: &[u8], min: usize) -> Vec<(usize, usize)> {
+    fn varint(b: &[u8], p: &mut usize) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let x = *b.get(*p)?;
+            *p += 1;
+            v |= u64::from(x & 0x7f) << shift;
+            if x < 0x80 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    /// The length-delimited fields numbered `want` of the message in `b[start..end]`; `None` if it does not parse.
+    fn fields(b: &[u8], (start, end): (usize, usize), want: u64) -> Option<Vec<(usize, usize)>> {
+        let (mut p, mut out) = (start, Vec::new());
+        while p < end {
+            let key = varint(b, &mut p)?;
+            match key & 7 {
+                0 => {
+                    varint(b, &mut p)?;
+                }
+                1 => p = p.checked_add(8)?,
+                5 => p = p.checked_add(4)?,
+                2 => {
+                    let n = usize::try_from(varint(b, &mut p)?).ok()?;
+                    let s = p;
+                    p = p.checked_add(n)?;
+                    if p <= end && key >> 3 == want {
+                        out.push((s, p));
+                    }
+                }
+                _ => return None,
+            }
+        }
+        (p == end).then_some(out)
+    }
+    let walk = || -> Option<Vec<(usize, usize)>> {
+        let mut spans = Vec::new();
+        for g in fields(bytes, (0, bytes.len()), 7)? {
+            for t in fields(bytes, g, 5)? {
+                spans.extend(fields(bytes, t, 9)?.into_iter().filter(|(s, e)| e - s >= min));
+            }
+        }
+        Some(spans)
+    };
+    walk().unwrap_or_default()
 }
 pub use check::ssd_outputs;
 pub use ultralytics::{YoloExport, parse_names, yolo_export};

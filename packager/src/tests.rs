@@ -311,3 +311,50 @@ fn libzstd_frames_decode_with_ruzstd_and_code_weights_tighter() {
     eprintln!("bits per code: entropy {entropy:.2}, libzstd {:.2}, ruzstd {:.2}", bits(&ours), bits(&ruzstd));
     assert!(bits(&ours) < entropy + 0.5 && bits(&ours) < 0.9 * bits(&ruzstd), "{} vs {}", bits(&ours), bits(&ruzstd));
 }
+
+/// A model's frame ends its blocks on the bounds of its large initializers: the walk finds exactly their raw
+/// bytes, the frame decodes to the model with the runtime's ruzstd, and two weights of different statistics (a
+/// 3-bit-entropy classifier after a 5-bit convolution, 96 KiB each, so a plain frame's 128 KiB blocks straddle
+/// them) come out smaller than one plain frame. Bytes that are not a model get the plain frame.
+#[test]
+fn model_frames_end_blocks_on_initializer_bounds_and_code_tighter() {
+    use edgepack_runtime::onnx::builder::{model, tensor_raw, value_info};
+    use edgepack_runtime::onnx::{Dim, node};
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut laplace = |scale: f64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let u = (state >> 11) as f64 / (1u64 << 53) as f64;
+        let s = if state & 1 == 0 { -1.0 } else { 1.0 };
+        (s * -scale * (1.0 - u).ln()).round().clamp(-127.0, 127.0) as i8 as u8
+    };
+    let n = 96 * 1024;
+    let wide: Vec<u8> = (0..n).map(|_| laplace(6.0)).collect();
+    let narrow: Vec<u8> = (0..n).map(|_| laplace(1.0)).collect();
+    let bias: Vec<u8> = (0..64).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let m = model(
+        vec![node("MatMul", "a", &["x", "A"], &["h"], vec![]), node("MatMul", "b", &["h", "B"], &["y"], vec![])],
+        vec![value_info("x", 1, &[Dim::Fixed(1), Dim::Fixed(384)])],
+        vec![value_info("y", 1, &[Dim::Fixed(1), Dim::Fixed(256)])],
+        vec![
+            tensor_raw("A", &[384, 256], 3, wide.clone()),
+            tensor_raw("bias", &[64], 1, bias),
+            tensor_raw("B", &[256, 384], 3, narrow.clone()),
+        ],
+    )
+    .to_bytes();
+    let spans = onnx_raw_spans(&m, 4096);
+    assert_eq!(spans.len(), 2, "{spans:?}");
+    assert_eq!(&m[spans[0].0..spans[0].1], wide.as_slice());
+    assert_eq!(&m[spans[1].0..spans[1].1], narrow.as_slice());
+    let plain = zstd::bulk::compress(&m, ZSTD_LEVEL).unwrap();
+    let ours = zstd_compress(&m);
+    assert_eq!(edgepack_runtime::compress::zstd_decompress(&ours, m.len() as u64).unwrap(), m);
+    eprintln!("model frame: plain {} bytes, blocks on tensor bounds {} bytes", plain.len(), ours.len());
+    assert!(ours.len() < plain.len() * 99 / 100, "{} vs {}", ours.len(), plain.len());
+    // Not a model (and a truncated one): no spans, the plain frame.
+    assert!(onnx_raw_spans(&wide, 16).is_empty());
+    assert!(onnx_raw_spans(&m[..m.len() - 7], 16).is_empty());
+    assert_eq!(zstd_compress(&narrow), zstd::bulk::compress(&narrow, ZSTD_LEVEL).unwrap());
+}
