@@ -1021,11 +1021,11 @@ pub struct QuantizeArgs {
     /// to fp32 on the choosing samples (the gate's measure, ties by output SQNR); on: always; off: never
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
     equalize: String,
-    /// Weight-only quantization with this many bits (4 or 8; 3 to 6 on the coded grid): smaller weights,
-    /// activations stay float (runs at fp32 speed; for download size). 4-bit weights come in blocks of
-    /// --block-size with one scale each
-    #[arg(long, value_name = "BITS", value_parser = ["3", "4", "5", "6", "8"])]
-    weight_only: Option<String>,
+    /// Weight-only quantization with this many bits (4 or 8; 2 to 6 on the coded grid, fractions too: 3.6):
+    /// smaller weights, activations stay float (runs at fp32 speed; for download size). 4-bit weights come in
+    /// blocks of --block-size with one scale each
+    #[arg(long, value_name = "BITS")]
+    weight_only: Option<f64>,
     /// The grid of --weight-only weights. blocks: int4 in blocks of --block-size, one float16 scale per block
     /// (4 bits per weight in the ONNX file and in the bundle). coded: int8 storage on a per-channel step chosen so
     /// the codes carry BITS bits of entropy; the ONNX file is int8-sized, a zstd bundle (`pack --compress zstd`)
@@ -1296,12 +1296,16 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&a.max_float_fraction) {
         bail!(Usage("--max-float-fraction must be within 0..1".into()));
     }
-    match (a.weight_only.as_deref(), a.weight_grid.as_str()) {
-        (Some("3" | "5" | "6"), "blocks") => {
-            bail!(Usage("--weight-only 3, 5 and 6 are coded-grid widths: add --weight-grid coded".into()))
+    let (lo, hi) = edgepack_quantize::weight_only::CODED_BITS;
+    match (a.weight_only, a.weight_grid.as_str()) {
+        (Some(b), "blocks") if b != 4.0 && b != 8.0 => {
+            if (lo..=hi).contains(&b) {
+                bail!(Usage(format!("--weight-only {b} is a coded-grid width: add --weight-grid coded")))
+            }
+            bail!(Usage(format!("--weight-only takes 4 or 8 bits ({lo} to {hi} with --weight-grid coded), not {b}")))
         }
-        (Some("8"), "coded") => {
-            bail!(Usage("--weight-grid coded takes 3 to 6 bits; --weight-only 8 is plain int8".into()))
+        (Some(b), "coded") if !(lo..=hi).contains(&b) => {
+            bail!(Usage(format!("--weight-grid coded takes {lo} to {hi} bits per weight, not {b}; 8 is plain int8")))
         }
         (None, "coded") => bail!(Usage("--weight-grid applies to --weight-only".into())),
         _ => {}
@@ -1378,8 +1382,8 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             refiner: None,
             wider: vec![],
             coded_bits: Default::default(),
-            weight_only: a.weight_only.as_deref().map(|b| edgepack_quantize::weight_only::WeightOnly {
-                bits: b.parse().unwrap_or(8),
+            weight_only: a.weight_only.map(|b| edgepack_quantize::weight_only::WeightOnly {
+                bits: b,
                 group: a.block_size as usize,
                 coded: a.weight_grid == "coded",
             }),

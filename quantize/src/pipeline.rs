@@ -545,7 +545,7 @@ fn run_once(job: &Job, on: &mut dyn FnMut(Event)) -> Result<(Model, Report), Cal
                 (s.node.clone(), size, s.output_sqnr_db.map_or(0.0, |db| 10f64.powf(-db / 10.0)))
             })
             .collect();
-        let bits = crate::weight_only::allocate_bits(&layers, f64::from(wo.bits));
+        let bits = crate::weight_only::allocate_bits(&layers, wo.bits);
         let mut acfg = cfg.clone();
         acfg.coded_bits = bits.clone();
         on(Event::Stage("rate allocation: evaluate", select.len()));

@@ -280,7 +280,7 @@ impl Report {
                 if w.coded {
                     " on the coded grid (int8 storage, a per-channel step giving that entropy; sized by the bundle's zstd)"
                         .to_string()
-                } else if w.bits == 4 {
+                } else if w.bits == 4.0 {
                     format!(" in blocks of {} (int8 per channel where a channel is shorter)", w.group)
                 } else {
                     String::new()

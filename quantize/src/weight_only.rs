@@ -25,10 +25,11 @@ use crate::qdq::{QdqConfig, QdqError, QdqSummary, quantize_weights, sanitize};
 pub const INT4: i32 = 22;
 
 /// Bits and block size of weight-only quantization.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct WeightOnly {
-    /// 4 or 8 for int4 blocks; 3 to 6 for the coded grid (its target bits per weight).
-    pub bits: u8,
+    /// 4 or 8 for int4 blocks; 2 to 6 for the coded grid (its target bits per weight, fractions allowed: 3.5 sizes
+    /// a bundle between 3 and 4).
+    pub bits: f64,
     /// Weights per scale (4-bit blocks).
     pub group: usize,
     /// The coded grid ([`coded_steps`]): int8 storage on a per-channel step coarse enough that the codes carry
@@ -37,6 +38,10 @@ pub struct WeightOnly {
     pub coded: bool,
 }
 
+/// The coded grid's range of bits per weight: below 2 a uniform grid leaves most weights at zero (pruning, not
+/// quantization); above 6 plain int8 is as small once entropy-coded.
+pub const CODED_BITS: (f64, f64) = (2.0, 6.0);
+
 /// Bits the coded grid adds to a layer the accuracy gate finds too sensitive (`QdqConfig::wider`).
 pub const WIDER_CODED_BITS: f64 = 2.0;
 
@@ -44,7 +49,7 @@ impl WeightOnly {
     /// Whether a layer too sensitive for these weights falls back to wider weights (rather than fp32): every grid
     /// below 8 bits.
     pub fn narrow(&self) -> bool {
-        self.bits < 8
+        self.bits < 8.0
     }
 
     /// What a sensitive layer falls back to, for messages.
@@ -97,7 +102,29 @@ pub fn coded_steps(w: &[f32], channels: usize, channel_of: &dyn Fn(usize) -> usi
             hi = mid;
         }
     }
-    steps(hi.exp2())
+    // bfloat16 values (8 significant bits, stored as f32): the bundle's zstd keeps about 2 of their 4 bytes, and the
+    // step is a free choice anyway. Rounded up, so never finer than int8's.
+    steps(hi.exp2()).into_iter().map(ceil_bf16).collect()
+}
+
+/// The smallest bfloat16 value (as f32) at least `x`, for a positive finite `x`; other values as they are.
+fn ceil_bf16(x: f32) -> f32 {
+    if !(x.is_finite() && x > 0.0) || x.to_bits() & 0xFFFF == 0 {
+        return x;
+    }
+    let up = f32::from_bits((x.to_bits() | 0xFFFF) + 1);
+    if up.is_finite() { up } else { x }
+}
+
+/// `x` to 11 significant bits (float16's precision, float32's range), to nearest: a coded model's corrected biases,
+/// which the bundle's zstd then stores in about 2.5 of their 4 bytes. The relative change (≤ 2⁻¹¹) is far below the
+/// weights' own error on the coded grid.
+fn short_mantissa(x: f32) -> f32 {
+    if !x.is_finite() {
+        return x;
+    }
+    let r = f32::from_bits((x.to_bits() + 0x1000) & !0x1FFF);
+    if r.is_finite() { r } else { x }
 }
 
 /// Bits per weight of each coded layer for the same total size, by sensitivity: `layers` are (node, weights, the
@@ -202,10 +229,13 @@ pub fn pack_int4(q: &[i8]) -> Vec<u8> {
 
 /// Applies the weight-only pass to every node [`quantizable_nodes`] lists.
 pub fn quantize(model: &Model, cfg: &QdqConfig, wo: WeightOnly) -> Result<(Model, QdqSummary), QdqError> {
-    if wo.coded && !(3..=6).contains(&wo.bits) {
-        return Err(QdqError::Invalid(format!("the coded weight grid takes 3 to 6 bits per weight, not {}", wo.bits)));
+    if wo.coded && !(CODED_BITS.0..=CODED_BITS.1).contains(&wo.bits) {
+        return Err(QdqError::Invalid(format!(
+            "the coded weight grid takes {} to {} bits per weight, not {}",
+            CODED_BITS.0, CODED_BITS.1, wo.bits
+        )));
     }
-    if !wo.coded && wo.bits != 4 && wo.bits != 8 {
+    if !wo.coded && wo.bits != 4.0 && wo.bits != 8.0 {
         return Err(QdqError::Invalid(format!("weight-only quantization has 4 or 8 bits, not {}", wo.bits)));
     }
     let group = wo.group.max(2);
@@ -233,7 +263,7 @@ pub fn quantize(model: &Model, cfg: &QdqConfig, wo: WeightOnly) -> Result<(Model
         let grouped = n.op() == "Conv" && n.attr_i("group").unwrap_or(1) > 1;
         let block = (group.div_ceil(2)..=group).rev().find(|g| inner.is_multiple_of(*g));
         let wider = cfg.wider.iter().any(|x| x == n.name());
-        if let (4, false, false, Some(group), false) = (wo.bits, grouped, wider, block, wo.coded) {
+        if let (true, false, false, Some(group), false) = (wo.bits == 4.0, grouped, wider, block, wo.coded) {
             let (mut q, scales) = quantize_blocks(&data, group);
             let refined = cfg.refiner.as_ref().and_then(|r| r.refine(n.name(), &data, &|i| scales[i / group], -8, 7));
             if let Some(r) = &refined {
@@ -275,7 +305,7 @@ pub fn quantize(model: &Model, cfg: &QdqConfig, wo: WeightOnly) -> Result<(Model
                 // A layer the gate finds too sensitive gets WIDER_CODED_BITS more on the same grid: plain int8 costs
                 // up to 7.2 bits per weight once entropy-coded (EfficientNet-Lite0's classifier), 2 more bits quarter
                 // the layer's noise twice for far less.
-                let bits = cfg.coded_bits.get(n.name()).copied().unwrap_or(f64::from(wo.bits))
+                let bits = cfg.coded_bits.get(n.name()).copied().unwrap_or(wo.bits)
                     + if wider { WIDER_CODED_BITS } else { 0.0 };
                 let steps = coded_steps(&data, ch, &|i| (i / inner_a) % ch, bits);
                 let q = data
@@ -316,10 +346,13 @@ pub fn quantize(model: &Model, cfg: &QdqConfig, wo: WeightOnly) -> Result<(Model
             let base = given.and_then(|b| tensor_f32_values(b)).filter(|b| b.len() == d.len());
             let fits = n.op() != "MatMul" && beta != 0.0 && (given.is_none() || base.is_some());
             if fits {
-                let bv: Vec<f32> = match base {
+                let mut bv: Vec<f32> = match base {
                     Some(b) => b.iter().zip(&d).map(|(b, d)| b + d / beta).collect(),
                     None => d.iter().map(|d| d / beta).collect(),
                 };
+                if wo.coded {
+                    bv.iter_mut().for_each(|b| *b = short_mantissa(*b));
+                }
                 let bn = m.graph.unique_name(&format!("{}_bias_corrected", sanitize(n.name())));
                 new_inits.push(tensor_f32(&bn, &[bv.len() as i64], &bv));
                 rn.input.resize(rn.input.len().max(3), String::new());
@@ -391,7 +424,8 @@ mod tests {
                 .fold((0f64, 0f64), |(s, n), (i, &v)| (s + f64::from(v).powi(2), n + f64::from(v - dq(i)).powi(2)));
             10.0 * (s / n).log10()
         };
-        for bits in [3.0, 4.0, 5.0, 6.0] {
+        // Fractional rates too: the bundle's size is set between whole bits.
+        for bits in [2.0, 3.0, 3.55, 4.0, 5.0, 6.0] {
             let steps = coded_steps(&w, ch, &|i| i / inner, bits);
             assert!((entropy(&steps) - bits).abs() < 0.05, "{bits}: {}", entropy(&steps));
             for c in 1..ch {
@@ -406,6 +440,22 @@ mod tests {
             "weight SQNR at 4 bits: coded {coded:.1} dB, int4 blocks of 32 {blocks:.1} dB (4.5 bits with scales)"
         );
         assert!(coded > blocks + 2.0, "coded {coded:.1} dB, blocks {blocks:.1} dB");
+    }
+
+    /// Coded steps are bfloat16 values rounded up; biases keep 11 significant bits, to nearest.
+    #[test]
+    fn steps_and_biases_are_short_floats() {
+        for x in [1e-6f32, 0.013, 0.5, 1.0, 3.7, 1e30] {
+            let s = ceil_bf16(x);
+            assert!(s >= x && s.to_bits() & 0xFFFF == 0 && (s - x) / x < 1.0 / 128.0, "{x} -> {s}");
+            let b = short_mantissa(-x);
+            assert!(b.to_bits() & 0x1FFF == 0 && ((b + x) / x).abs() <= 1.0 / 2048.0, "{x} -> {b}");
+        }
+        assert_eq!(ceil_bf16(0.5), 0.5);
+        assert_eq!(ceil_bf16(f32::MAX), f32::MAX);
+        assert!(short_mantissa(f32::NAN).is_nan() && short_mantissa(0.0) == 0.0);
+        let w: Vec<f32> = (0..512).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.001).collect();
+        assert!(coded_steps(&w, 4, &|i| i / 128, 4.0).iter().all(|s| s.to_bits() & 0xFFFF == 0));
     }
 
     /// The allocation keeps the average, gives the noisier layer (per weight) more bits, quarters-for-a-bit

@@ -694,6 +694,18 @@ def test_coded_weight_grid_is_plain_int8_onnx_closer_than_int4_blocks_at_the_sam
     assert p["loaded"] and p["outputs"][0]["cosine"] > 0.99999 and p["outputs"][0]["max_abs_diff"] < 1e-3, p
     r = ep("quantize", src, *common, "--weight-only", "5", "-o", tmp_path / "x.onnx", check=False)
     assert r.returncode == 2 and "--weight-grid coded" in r.stderr, r.stderr
+    for bad in ("1.5", "6.5", "nan"):
+        r = ep("quantize", src, *common, "--weight-grid", "coded", "--weight-only", bad, "-o", tmp_path / "x.onnx",
+               check=False)
+        assert r.returncode == 2 and "2 to 6 bits" in r.stderr, (bad, r.stderr)
+    # A fractional rate sizes the bundle between whole bits (the way to a size target).
+    frac = tmp_path / "coded35.onnx"
+    f = json.loads(ep("quantize", src, *common, "--weight-grid", "coded", "--weight-only", "3.5", "-o", frac).stdout)
+    assert f["report"]["weight_only"]["bits"] == 3.5, f["report"]["weight_only"]
+    ep("pack", frac, "-o", tmp_path / "coded35.edgepack", "--preset", "tf", "--compress", "zstd")
+    s35 = os.path.getsize(tmp_path / "coded35.edgepack")
+    print(f"coded grid at 3.5 bits: bundle {s35} bytes ({s35 / size['coded']:.3f} of 4 bits')")
+    assert 0.8 * size["coded"] < s35 < 0.95 * size["coded"], (s35, size["coded"])
     # Under a gate, the layers it finds too sensitive get 2 more bits on the same grid, not plain int8 (which costs
     # EfficientNet-Lite0's classifier 7.2 bits per weight once coded).
     gated = [a for a in common if a not in ("--budget", "none")]
