@@ -20,7 +20,9 @@ Reports (JSON + HTML) stay under --work. `--only structured` reruns the structur
 rest from --work/results.json (from an earlier full run).
 """
 import argparse
+import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -150,51 +152,134 @@ def run_model(key, args):
 LOWBIT_BEGIN, LOWBIT_END = "<!-- pruning-lowbit:begin -->", "<!-- pruning-lowbit:end -->"
 
 
+def halves(w):
+    """The sample in two disjoint halves of 500 (even and odd rows of labels.csv, so both span every stretch of the
+    class-sorted list): folders of their own labels.csv beside a link to the images."""
+    rows = list(csv.reader(open(os.path.join(DATA, "labels.csv"))))
+    out = []
+    for k in (0, 1):
+        d = os.path.join(w, f"half{k}")
+        os.makedirs(d, exist_ok=True)
+        link = os.path.join(d, "images")
+        if not os.path.islink(link):
+            os.symlink(os.path.join(DATA, "images"), link)
+        with open(os.path.join(d, "labels.csv"), "w", newline="") as f:
+            cw = csv.writer(f)
+            cw.writerow(rows[0])
+            cw.writerows(rows[1:][k::2])
+        out.append(d)
+    return out
+
+
+def correct(model, data, preset, path):
+    """{image: top-1 right} by `edgepack eval --predictions`."""
+    ep("eval", model, data, "--preset", preset, "--device", "cpu", "--predictions", path, "--json")
+    return {r["file"]: r["top1"] == r["label"] for r in csv.DictReader(open(path))}
+
+
+def coded(src, rate, calib, preset, out):
+    """`edgepack quantize --weight-only RATE --weight-grid coded --budget none` (calibration and GPTQ on 100 images of
+    CALIB, the rate allocation's sensitivities on its other 400), packed with zstd: (report, bundle path, bundle
+    bytes). At a size target the bits are placed by the rate allocation; the default gate would add bits to the
+    layers it finds sensitive (2 more on the classifier: 320 KB), which a size target has no room for."""
+    rep = json.loads(ep("quantize", "--weight-only", f"{rate:g}", "--weight-grid", "coded", "--budget", "none", src,
+                        "--calib", calib, "--preset", preset, "--shuffle", "--calib-limit", 100, "--holdout", 400,
+                        "--latency-runs", 0, "-o", out, "--json"))["report"]
+    bundle = out[:-len(".onnx")] + ".edgepack"
+    ep("pack", out, "-o", bundle, "--preset", preset, "--main", "pruned-coded:int8", "--compress", "zstd")
+    return rep, bundle, os.path.getsize(bundle)
+
+
+def fit_rate(src, calib, preset, target, stem):
+    """The largest coded rate (a multiple of 0.05 bits) whose bundle fits TARGET bytes: 4 and 3.5 bits, the secant
+    between them, then down by 0.05 until it fits. Only sizes decide: no label is read."""
+    tried = {}
+
+    def size(r):
+        r = round(r, 2)
+        if r not in tried:
+            tried[r] = coded(src, r, calib, preset, f"{stem}_{r:g}.onnx")
+        return tried[r][2]
+
+    s4, s35 = size(4.0), size(3.5)
+    r = 3.5 + (target - s35) * 0.5 / (s4 - s35) if s4 != s35 else 3.5
+    r = math.floor(min(max(r, 2.0), 6.0) * 20 + 1e-9) / 20
+    while size(r) > target and r > 2.0:
+        r = round(r - 0.05, 2)
+    fits = [x for x in tried if tried[x][2] <= target]
+    best = max(fits) if fits else min(tried)
+    return best, tried[best], {f"{x:g}": tried[x][2] for x in sorted(tried)}
+
+
 def run_lowbit(key, args):
-    """Pruned + 4-bit weights: the unstructured model (pruned as `run_model` does, unless already there) and the
-    fp32 one through `edgepack quantize --weight-only 4` (the default gate), zstd bundles, top-1 on all images."""
-    title, fp32, preset, w, common = setup(key, args)
-    un = f"{w}/unstructured.onnx"
-    if not os.path.exists(un):
-        ep("prune", fp32, *common, "--method", "unstructured", "--scope", "global", "--budget", "top1-drop=1",
-           "--levels", 0.8, "--curve", "0.1,0.2,0.3,0.4,0.5,0.6,0.7", "--latency-runs", 0, "-o", un)
-    sparsity = json.load(open(un + ".prune.json"))["compute"]["sparsity"]
-    rows = []
+    """Pruned + low-bit weights within a size target, cross-fitted: the sample split in two halves; on one half the
+    pruning plan (statistics, held-out budget), the coded rate that fits the target and the quantizer's calibration
+    and gate; top-1 on the other half, which no step saw; then the halves swap. Each of the 1000 images is judged by
+    the model that never saw it, and the drop against fp32 comes with its paired 95 % confidence interval."""
+    title, fp32, preset, w, _ = setup(key, args)
     fp32_bundle = f"{w}/fp32.edgepack"
     ep("pack", fp32, "-o", fp32_bundle, "--preset", preset, "--main", "fp32:fp32", "--compress", "none")
-    base = top1_eval(fp32, preset)
-    for tag, label, src, grid in [("int4", "4-bit weights", fp32, "blocks"),
-                                  ("unstructured_int4", "unstructured + 4-bit weights", un, "blocks"),
-                                  ("coded", "4-bit coded grid", fp32, "coded"),
-                                  ("unstructured_coded", "unstructured + 4-bit coded grid", un, "coded")]:
-        q = f"{w}/{tag}.onnx"
-        rep = json.loads(ep("quantize", "--weight-only", 4, "--weight-grid", grid, src, "--calib", DATA, "--preset",
-                            preset, "--calib-limit", 100, "--holdout", 400, "--latency-runs", 0, "-o", q,
-                            "--json"))["report"]
-        out = f"{w}/{tag}.edgepack"
-        ep("pack", q, "-o", out, "--preset", preset, "--main", f"{tag.replace('_', '-')}:{'int4' if grid == 'blocks' else 'int8'}",
-           "--compress", "zstd")
+    fp32_bytes = os.path.getsize(fp32_bundle)
+    target = int(args.lowbit_target * fp32_bytes)
+    folds, right = [], {"fp32": {}, "pruned": {}, "final": {}}
+    dirs = halves(w)
+    for k in (0, 1):
+        choose, report = dirs[k], dirs[1 - k]
+        un = f"{w}/lowbit{k}_pruned.onnx"
+        ep("prune", fp32, "--calib", choose, "--preset", preset, "--shuffle", "--calib-limit", 200, "--holdout", 300,
+           "--method", "unstructured", "--scope", "global", "--budget", f"top1-drop={args.lowbit_prune_budget:g}",
+           "--levels", 0.8, "--latency-runs", 0, "-o", un)
+        plan = json.load(open(un + ".prune.json"))
+        rate, (rep, bundle, size), sizes = fit_rate(un, choose, preset, target, f"{w}/lowbit{k}_coded")
+        got = {tag: correct(m, report, preset, f"{w}/lowbit{k}_{tag}.csv")
+               for tag, m in (("fp32", fp32), ("pruned", un), ("final", bundle))}
+        for tag in right:
+            right[tag].update(got[tag])
         prec = [la["precision"] for la in rep["layers"]]
-        rows.append({"label": label, "bytes": os.path.getsize(out), "top1": top1_eval(out, preset),
-                     "layers": {p: prec.count(p) for p in ("int4", "coded", "int8", "fp32") if prec.count(p)},
-                     "budget": rep["budget"] and rep["budget"]["text"]})
-    return {"title": title, "fp32_bytes": os.path.getsize(fp32_bundle), "fp32_top1": base, "sparsity": sparsity,
-            "rows": rows}
+        folds.append({"chosen_on": os.path.basename(choose), "reported_on": os.path.basename(report),
+                      "sparsity": plan["compute"]["sparsity"], "rate": rate, "sizes": sizes, "bytes": size,
+                      "layers": {p: prec.count(p) for p in ("coded", "int8", "fp32") if prec.count(p)},
+                      "wider": len((rep.get("budget") or {}).get("float_nodes") or []),
+                      "top1": {t: 100.0 * sum(v.values()) / len(v) for t, v in got.items()}})
+    names = sorted(right["fp32"])
+    pooled = {}
+    for tag in ("pruned", "final"):
+        d = np.array([float(right["fp32"][n]) - float(right[tag][n]) for n in names])
+        se = d.std(ddof=1) / np.sqrt(len(d))
+        pooled[tag] = {"top1": 100.0 * np.mean([right[tag][n] for n in names]), "drop": 100.0 * d.mean(),
+                       "ci95": [100.0 * (d.mean() - 1.96 * se), 100.0 * (d.mean() + 1.96 * se)]}
+    return {"title": title, "fp32_bytes": fp32_bytes, "target": args.lowbit_target, "images": len(names),
+            "fp32_top1": 100.0 * np.mean([right["fp32"][n] for n in names]), "folds": folds, "pooled": pooled,
+            "prune_budget": args.lowbit_prune_budget}
 
 
 def md_lowbit(results):
-    L = ["Measured by `scripts/pruning.py --only lowbit`: `edgepack quantize --weight-only 4` (int4 blocks, or "
-         "`--weight-grid coded`: int8 codes carrying 4 bits of entropy each) with its default gate (calibration on the "
-         "first 100 images, the gate on the next 400: 200 choose, 200 report), zstd bundles (libzstd, level 1), top-1 by `edgepack eval` on "
-         "all 1000 images (the bundle as shipped: the loader unpacks the weights).", "",
-         "| model | bundle | layers | bytes | of fp32 | top-1, 1000 images | drop |", "|---|---|---|---|---|---|---|"]
+    L = ["Measured by `scripts/pruning.py --only lowbit`, cross-fitted on two disjoint halves of the 1000 images (even "
+         "and odd rows). On the choosing half: `edgepack prune --method unstructured --scope global --budget "
+         "top1-drop=B` (statistics on 200 images, the plan on the other 300), then `edgepack quantize --weight-only R "
+         "--weight-grid coded --budget none` (calibration and GPTQ on 100 images, the rate allocation's layer "
+         "sensitivities on the other 400; no gate: at a size target the allocation places the bits), R the largest multiple of 0.05 bits whose zstd bundle (libzstd, level 1) fits the target, found from the bundle "
+         "sizes alone. Top-1 by `edgepack eval` of the bundle as shipped on the other half, which no step saw; then "
+         "the halves swap. The last row pools the 1000 images, each judged by the model that never saw it; the drop's "
+         "95 % confidence interval is that of the paired per-image difference.", ""]
     for r in results.values():
-        L.append(f"| {r['title']} | fp32 | | {r['fp32_bytes']} | 100.0% | {r['fp32_top1']:.1f} | |")
-        for x in r["rows"]:
-            layers = ", ".join(f"{n} {p}" for p, n in x["layers"].items())
-            what = x["label"].replace("unstructured", f"unstructured ({pct(r['sparsity'])} sparse)")
-            L.append(f"| {r['title']} | {what}, zstd | {layers} | {x['bytes']} | "
-                     f"{x['bytes'] / r['fp32_bytes']:.1%} | {x['top1']:.1f} | {r['fp32_top1'] - x['top1']:+.1f} pt |")
+        L += [f"**{r['title']}**: fp32 bundle {r['fp32_bytes']} bytes, target ≤ {r['target']:.0%} of it; pruning budget "
+              f"B = {r['prune_budget']:g} pt.", "",
+              "| chosen on → reported on | sparsity | coded rate (bundle bytes tried) | layers | bundle | of fp32 | "
+              "top-1 fp32 | pruned fp32 | pruned + coded | drop |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for f in r["folds"]:
+            t = f["top1"]
+            tried = ", ".join(f"{x}: {b}" for x, b in f["sizes"].items())
+            layers = ", ".join(f"{n} {p}" for p, n in f["layers"].items()) + \
+                (f" ({f['wider']} widened by the gate)" if f["wider"] else "")
+            L.append(f"| {f['chosen_on']} → {f['reported_on']} (500) | {pct(f['sparsity'])} | {f['rate']:g} bits "
+                     f"({tried}) | {layers} | {f['bytes']} | {f['bytes'] / r['fp32_bytes']:.1%} | {t['fp32']:.1f} | "
+                     f"{t['pruned']:.1f} | {t['final']:.1f} | {t['fp32'] - t['final']:+.1f} pt |")
+        p, q = r["pooled"]["final"], r["pooled"]["pruned"]
+        big = max(f["bytes"] for f in r["folds"])
+        L.append(f"| both, pooled ({r['images']}) | | | | ≤ {big} | ≤ {big / r['fp32_bytes']:.1%} | {r['fp32_top1']:.1f} | "
+                 f"{q['top1']:.1f} | {p['top1']:.1f} | **{p['drop']:+.1f} pt** (95 % CI {p['ci95'][0]:+.1f} to "
+                 f"{p['ci95'][1]:+.1f}; pruning alone {q['drop']:+.1f}) |")
     return "\n".join(L)
 
 
@@ -284,8 +369,11 @@ def main():
     ap.add_argument("--latency-runs", type=int, default=200)
     ap.add_argument("--only", choices=["structured", "lowbit"],
                     help="rerun only this part (structured: the rest from --work/results.json; lowbit: the pruned + "
-                         "4-bit table, its own section)")
+                         "low-bit table, cross-fitted, its own section)")
     ap.add_argument("--check-images", type=int, default=30)
+    ap.add_argument("--lowbit-target", type=float, default=0.15, help="--only lowbit: bundle bytes, of fp32's")
+    ap.add_argument("--lowbit-prune-budget", type=float, default=0.5,
+                    help="--only lowbit: the pruning plan's top-1 budget (pt) on the choosing half")
     ap.add_argument("--models", default="efficientnet,squeezenet")
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/edgepack-pruning"))
     ap.add_argument("--md", default=os.path.join(ROOT, "PRUNING.md"))
