@@ -160,9 +160,11 @@ def halves(w):
     for k in (0, 1):
         d = os.path.join(w, f"half{k}")
         os.makedirs(d, exist_ok=True)
-        link = os.path.join(d, "images")
+        link, images = os.path.join(d, "images"), os.path.join(DATA, "images")
+        if os.path.islink(link) and os.readlink(link) != images:
+            os.remove(link)
         if not os.path.islink(link):
-            os.symlink(os.path.join(DATA, "images"), link)
+            os.symlink(images, link)
         with open(os.path.join(d, "labels.csv"), "w", newline="") as f:
             cw = csv.writer(f)
             cw.writerow(rows[0])
@@ -191,8 +193,8 @@ def coded(src, rate, calib, preset, out):
 
 
 def fit_rate(src, calib, preset, target, stem):
-    """The largest coded rate (a multiple of 0.05 bits) whose bundle fits TARGET bytes: 4 and 3.5 bits, the secant
-    between them, then down by 0.05 until it fits. Only sizes decide: no label is read."""
+    """A coded rate (a multiple of 0.05 bits) whose bundle fits TARGET bytes: 4 and 3.5 bits, the secant between
+    them, then down by 0.05 until it fits; the largest rate tried that fits. Only sizes decide: no label is read."""
     tried = {}
 
     def size(r):
@@ -207,14 +209,20 @@ def fit_rate(src, calib, preset, target, stem):
     while size(r) > target and r > 2.0:
         r = round(r - 0.05, 2)
     fits = [x for x in tried if tried[x][2] <= target]
-    best = max(fits) if fits else min(tried)
-    return best, tried[best], {f"{x:g}": tried[x][2] for x in sorted(tried)}
+    if not fits:
+        raise SystemExit(f"no coded rate down to 2 bits fits {target} bytes: {sizes_of(tried)}")
+    best = max(fits)
+    return best, tried[best], sizes_of(tried)
+
+
+def sizes_of(tried):
+    return {f"{x:g}": tried[x][2] for x in sorted(tried)}
 
 
 def run_lowbit(key, args):
     """Pruned + low-bit weights within a size target, cross-fitted: the sample split in two halves; on one half the
-    pruning plan (statistics, held-out budget), the coded rate that fits the target and the quantizer's calibration
-    and gate; top-1 on the other half, which no step saw; then the halves swap. Each of the 1000 images is judged by
+    pruning plan (statistics, held-out budget), the coded rate that fits the target and the quantizer's calibration,
+    GPTQ and rate allocation; top-1 on the other half, which no step saw; then the halves swap. Each of the 1000 images is judged by
     the model that never saw it, and the drop against fp32 comes with its paired 95 % confidence interval."""
     title, fp32, preset, w, _ = setup(key, args)
     fp32_bundle = f"{w}/fp32.edgepack"
@@ -240,6 +248,7 @@ def run_lowbit(key, args):
                       "sparsity": plan["compute"]["sparsity"], "rate": rate, "sizes": sizes, "bytes": size,
                       "layers": {p: prec.count(p) for p in ("coded", "int8", "fp32") if prec.count(p)},
                       "wider": len((rep.get("budget") or {}).get("float_nodes") or []),
+                      "images": len(got["fp32"]),
                       "top1": {t: 100.0 * sum(v.values()) / len(v) for t, v in got.items()}})
     names = sorted(right["fp32"])
     pooled = {}
@@ -257,9 +266,10 @@ def md_lowbit(results):
     L = ["Measured by `scripts/pruning.py --only lowbit`, cross-fitted on two disjoint halves of the 1000 images (even "
          "and odd rows). On the choosing half: `edgepack prune --method unstructured --scope global --budget "
          "top1-drop=B` (statistics on 200 images, the plan on the other 300), then `edgepack quantize --weight-only R "
-         "--weight-grid coded --budget none` (calibration and GPTQ on 100 images, the rate allocation's layer "
-         "sensitivities on the other 400; no gate: at a size target the allocation places the bits), R the largest multiple of 0.05 bits whose zstd bundle (libzstd, level 1) fits the target, found from the bundle "
-         "sizes alone. Top-1 by `edgepack eval` of the bundle as shipped on the other half, which no step saw; then "
+         "--weight-grid coded --budget none` (calibration and GPTQ on 100 images, the rate allocation on the "
+         "other 400: layer sensitivities on 16 of them, kept when they say it is closer; no gate: at a size target the "
+         "allocation places the bits), R a multiple of 0.05 bits whose zstd bundle (libzstd, level 1) fits the target, found from the bundle sizes "
+         "alone (the secant between 4 and 3.5 bits, then down by 0.05 until it fits). Top-1 by `edgepack eval` of the bundle as shipped on the other half, which no step saw; then "
          "the halves swap. The last row pools the 1000 images, each judged by the model that never saw it; the drop's "
          "95 % confidence interval is that of the paired per-image difference.", ""]
     for r in results.values():
@@ -272,7 +282,7 @@ def md_lowbit(results):
             tried = ", ".join(f"{x}: {b}" for x, b in f["sizes"].items())
             layers = ", ".join(f"{n} {p}" for p, n in f["layers"].items()) + \
                 (f" ({f['wider']} widened by the gate)" if f["wider"] else "")
-            L.append(f"| {f['chosen_on']} → {f['reported_on']} (500) | {pct(f['sparsity'])} | {f['rate']:g} bits "
+            L.append(f"| {f['chosen_on']} → {f['reported_on']} ({f.get('images', 500)}) | {pct(f['sparsity'])} | {f['rate']:g} bits "
                      f"({tried}) | {layers} | {f['bytes']} | {f['bytes'] / r['fp32_bytes']:.1%} | {t['fp32']:.1f} | "
                      f"{t['pruned']:.1f} | {t['final']:.1f} | {t['fp32'] - t['final']:+.1f} pt |")
         p, q = r["pooled"]["final"], r["pooled"]["pruned"]
@@ -377,15 +387,19 @@ def main():
     ap.add_argument("--models", default="efficientnet,squeezenet")
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/edgepack-pruning"))
     ap.add_argument("--md", default=os.path.join(ROOT, "PRUNING.md"))
-    ap.add_argument("--cached-only", action="store_true", help="rewrite the tables from --work/results.json")
+    ap.add_argument("--cached-only", action="store_true", help="rewrite the tables from --work/results.json (--only lowbit: --work/lowbit.json)")
     args = ap.parse_args()
     if not os.path.isdir(DATA):
         raise SystemExit(f"MISSING: {DATA} (the ImageNet sample is read from ../shared, never shipped)")
     cache = os.path.join(args.work, "results.json")
     os.makedirs(args.work, exist_ok=True)
     if args.only == "lowbit":
-        low = {k: run_lowbit(k, args) for k in args.models.split(",")}
-        json.dump(low, open(os.path.join(args.work, "lowbit.json"), "w"), indent=1)
+        saved = os.path.join(args.work, "lowbit.json")
+        if args.cached_only:
+            low = json.load(open(saved))
+        else:
+            low = {k: run_lowbit(k, args) for k in args.models.split(",")}
+            json.dump(low, open(saved, "w"), indent=1)
         mdtable.replace_between(args.md, LOWBIT_BEGIN, LOWBIT_END, md_lowbit(low))
         print(json.dumps(low, indent=1))
         print(f"wrote {args.md}")

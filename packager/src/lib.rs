@@ -42,7 +42,7 @@ pub const ZSTD_LEVEL: i32 = 1;
 /// An ONNX model's frame ends a block at each end of a large initializer's `raw_data` ([`onnx_raw_spans`]): every
 /// zstd block has one Huffman table for its literals, and a 128 KiB block that straddles two weights of different
 /// statistics (a 3.4-bit classifier after a 5-bit convolution, scales and biases between) codes both with one
-/// table. Blocks on tensor bounds take EfficientNet-Lite0 on the 4-bit coded grid from 2.71 to 2.57 MB; the
+/// table. Blocks on tensor bounds take EfficientNet-Lite0 on the 4-bit coded grid from 2.71 to 2.58 MB; the
 /// frame is the same standard zstd. Kept only when smaller than the plain frame.
 pub fn zstd_compress(bytes: &[u8]) -> Vec<u8> {
     let plain =

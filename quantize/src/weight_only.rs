@@ -107,7 +107,8 @@ pub fn coded_steps(w: &[f32], channels: usize, channel_of: &dyn Fn(usize) -> usi
     steps(hi.exp2()).into_iter().map(ceil_bf16).collect()
 }
 
-/// The smallest bfloat16 value (as f32) at least `x`, for a positive finite `x`; other values as they are.
+/// The smallest bfloat16 value (as f32) at least `x`, for a positive finite `x` up to bfloat16's largest; other
+/// values (zero, negatives, non-finite, above that) as they are.
 fn ceil_bf16(x: f32) -> f32 {
     if !(x.is_finite() && x > 0.0) || x.to_bits() & 0xFFFF == 0 {
         return x;
