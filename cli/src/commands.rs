@@ -1296,18 +1296,22 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&a.max_float_fraction) {
         bail!(Usage("--max-float-fraction must be within 0..1".into()));
     }
-    let (lo, hi) = edgepack_quantize::weight_only::CODED_BITS;
-    match (a.weight_only, a.weight_grid.as_str()) {
-        (Some(b), "blocks") if b != 4.0 && b != 8.0 => {
-            if (lo..=hi).contains(&b) {
-                bail!(Usage(format!("--weight-only {b} is a coded-grid width: add --weight-grid coded")))
-            }
-            bail!(Usage(format!("--weight-only takes 4 or 8 bits ({lo} to {hi} with --weight-grid coded), not {b}")))
+    let weight_only = a.weight_only.map(|b| edgepack_quantize::weight_only::WeightOnly {
+        bits: b,
+        group: a.block_size as usize,
+        coded: a.weight_grid == "coded",
+    });
+    match weight_only.map(|w| (w, w.check())) {
+        Some((w, Err(e))) => {
+            let (lo, hi) = edgepack_quantize::weight_only::CODED_BITS;
+            let hint = if w.coded {
+                "; 8 is plain int8, without --weight-grid coded".to_string()
+            } else {
+                format!("; {lo} to {hi} with --weight-grid coded")
+            };
+            bail!(Usage(format!("--weight-only: {e}{hint}")))
         }
-        (Some(b), "coded") if !(lo..=hi).contains(&b) => {
-            bail!(Usage(format!("--weight-grid coded takes {lo} to {hi} bits per weight, not {b}; 8 is plain int8")))
-        }
-        (None, "coded") => bail!(Usage("--weight-grid applies to --weight-only".into())),
+        None if a.weight_grid == "coded" => bail!(Usage("--weight-grid applies to --weight-only".into())),
         _ => {}
     }
     if a.weight_only.is_some() && a.mode == "dynamic" {
@@ -1382,11 +1386,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             refiner: None,
             wider: vec![],
             coded_bits: Default::default(),
-            weight_only: a.weight_only.map(|b| edgepack_quantize::weight_only::WeightOnly {
-                bits: b,
-                group: a.block_size as usize,
-                coded: a.weight_grid == "coded",
-            }),
+            weight_only,
         },
         rounding: match a.rounding.as_str() {
             "nearest" => pipeline::Rounding::Nearest,

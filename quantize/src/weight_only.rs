@@ -52,6 +52,18 @@ impl WeightOnly {
         self.bits < 8.0
     }
 
+    /// Whether these widths exist: 4 or 8 bits on int4 blocks, [`CODED_BITS`] on the coded grid.
+    pub fn check(&self) -> Result<(), String> {
+        let (lo, hi) = CODED_BITS;
+        if self.coded && !(lo..=hi).contains(&self.bits) {
+            return Err(format!("the coded weight grid takes {lo} to {hi} bits per weight, not {}", self.bits));
+        }
+        if !self.coded && self.bits != 4.0 && self.bits != 8.0 {
+            return Err(format!("weight-only quantization in int4 blocks has 4 or 8 bits, not {}", self.bits));
+        }
+        Ok(())
+    }
+
     /// What a sensitive layer falls back to, for messages.
     pub fn fallback(&self) -> String {
         if self.coded { format!("at {WIDER_CODED_BITS} more bits") } else { "at 8 bits".into() }
@@ -230,15 +242,7 @@ pub fn pack_int4(q: &[i8]) -> Vec<u8> {
 
 /// Applies the weight-only pass to every node [`quantizable_nodes`] lists.
 pub fn quantize(model: &Model, cfg: &QdqConfig, wo: WeightOnly) -> Result<(Model, QdqSummary), QdqError> {
-    if wo.coded && !(CODED_BITS.0..=CODED_BITS.1).contains(&wo.bits) {
-        return Err(QdqError::Invalid(format!(
-            "the coded weight grid takes {} to {} bits per weight, not {}",
-            CODED_BITS.0, CODED_BITS.1, wo.bits
-        )));
-    }
-    if !wo.coded && wo.bits != 4.0 && wo.bits != 8.0 {
-        return Err(QdqError::Invalid(format!("weight-only quantization has 4 or 8 bits, not {}", wo.bits)));
-    }
+    wo.check().map_err(QdqError::Invalid)?;
     let group = wo.group.max(2);
     let mut m = model.clone();
     let mut summary = QdqSummary::default();
