@@ -516,9 +516,9 @@ fn the_expected_instruction_set_is_detected() {
     assert_eq!(best, want, "best instruction set detected");
 }
 
-/// Small images whose GEMM splits its channel blocks and rows below a tile across threads (`gemm_split`): 1×1
-/// convolutions on 7×7 and 14×14 pixels with 1–20 channel blocks, a classifier GEMV, on 2 and 3 threads, equal the
-/// direct loop (fp32) and the scalar reference (INT8).
+/// Small images whose GEMM splits its channel blocks and rows below a tile across threads (`gemm_split`; 14×14
+/// on two threads: bands of rows): 1×1 convolutions on 7×7 and 14×14 pixels with 1–20 channel blocks, a
+/// classifier GEMV, on 2 and 3 threads, equal the direct loop (fp32) and the scalar reference (INT8).
 #[test]
 fn small_image_gemms_split_across_threads_equal_the_reference() {
     let mut r = Rng(0x5b1_7000);
@@ -565,8 +565,11 @@ fn gemm_split_balances_threads_with_the_fewest_row_parts() {
     use super::qconv::gemm_split;
     // 7×7 (one tile) × three 64-wide blocks on 2 threads: two row halves of each block.
     assert_eq!(gemm_split(49, 1, &[64; 3], 2, 8), (2, 3));
-    // 112 channels = a 64- and a 48-wide block: a column split alone would give one thread 57 %.
-    assert_eq!(gemm_split(196, 1, &[64, 48], 2, 8), (2, 2));
+    // 112 channels = a 64- and a 48-wide block on 1 thread of 3: a column split alone would give one thread 57 %.
+    assert_eq!(gemm_split(98, 1, &[64, 48], 3, 12), (3, 2));
+    // 14×14 on two threads: bands of rows, two per thread, every channel (what the depthwise layer after reads).
+    assert_eq!(gemm_split(196, 1, &[64, 48], 2, 8), (4, 1));
+    assert_eq!(gemm_split(196, 1, &[64; 20], 2, 8), (4, 1));
     // Twenty blocks: ten pairs on two threads, rows whole (no weight read twice).
     assert_eq!(gemm_split(49, 1, &[64; 20], 2, 8), (1, 10));
     // Enough row tiles: rows only, as many parts as wanted.
