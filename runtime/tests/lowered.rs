@@ -257,10 +257,13 @@ fn lowered_f32_graph_equals_the_graph_as_written() {
         inits,
     );
     let mut lowered = m.clone();
-    assert_eq!(lowered.lower_f32_kernels(), 9, "every pattern becomes a kernel (fire module: one)");
+    assert_eq!(lowered.lower_f32_kernels(), 8, "every pattern becomes a kernel (fire module: one; pw + res: one)");
     let ops: Vec<&str> = lowered.graph.nodes.iter().map(|n| n.op()).collect();
     assert!(!ops.contains(&"Conv") && !ops.contains(&"Dropout"), "{ops:?}");
     assert_eq!(ops.iter().filter(|o| **o == "EpConvConcat").count(), 1, "{ops:?}");
+    // The residual Add is the projection's output stage: `EpConv(d2, a2)`, no `EpAdd`.
+    assert!(!ops.contains(&"EpAdd"), "{ops:?}");
+    assert_eq!(lowered.graph.nodes.iter().filter(|n| n.op() == "EpConv" && n.input.len() == 2).count(), 1, "{ops:?}");
     let x: Vec<f32> = (0..2 * 3 * 13 * 11).map(|_| r.unit() * 2.0 - 1.0).collect();
     for threads in [1, 2] {
         let s = Session::from_model(&m, &SessionOptions { threads, ..Default::default() }).unwrap();

@@ -437,11 +437,25 @@ fn check_fconv(r: &mut Rng, kind: usize, big: bool, isa: Isa, what: &str) -> boo
     };
     let x: Vec<f32> = (0..n * h * w * spec.geom.c_in).map(|_| r.unit() * 2.0 - 1.0).collect();
     let (want, mag) = fconv_reference(&spec, &x, [n, h, w]);
+    // The fused residual (group 1): clamp(conv + residual), the sum before the clamp from the same reference.
+    let none = [f32::NEG_INFINITY, f32::INFINITY];
+    let (sum, _) = fconv_reference(&FConvSpec { clamp: none, ..spec.clone() }, &x, [n, h, w]);
+    let residual: Vec<f32> = (0..want.len()).map(|_| r.unit() * 4.0 - 2.0).collect();
     let conv = FConv::new(spec, isa).unwrap();
     let mut got = vec![f32::NAN; want.len()];
     conv.run(&x, n, h, w, &mut got).unwrap();
     for (i, ((&g, &e), &m)) in got.iter().zip(&want).zip(&mag).enumerate() {
         assert!((g as f64 - e).abs() <= 1e-5 * (1.0 + m), "{what}: {conv:?} element {i}: {g} vs {e}");
+    }
+    if conv.spec().geom.group == 1 {
+        got.fill(f32::NAN);
+        conv.run_add(&x, [n, h, w], &residual, &mut got).unwrap();
+        for (i, (((&g, &e), &m), &a)) in got.iter().zip(&sum).zip(&mag).zip(&residual).enumerate() {
+            let e = (e + a as f64).clamp(clamp[0] as f64, clamp[1] as f64);
+            assert!((g as f64 - e).abs() <= 1e-5 * (2.0 + m), "{what}: {conv:?} + residual, element {i}: {g} vs {e}");
+        }
+    } else {
+        assert!(conv.run_add(&x, [n, h, w], &residual, &mut got).is_err(), "{what}: a depthwise residual");
     }
     true
 }

@@ -6,6 +6,8 @@
 //!   `EpAdd`, `EpMaxPool`, `EpConcat`, `EpGlobalAveragePool` (its `[n, 1, 1, c]` NHWC output is already NCHW in
 //!   memory, so the chain's exit transpose is free);
 //! - a Concat of group-1 convolutions read by nothing else → `EpConvConcat` (each writes its channels in place);
+//! - an `EpAdd` of a group-1 convolution without a clamp, read by nothing else, and another value → `EpConv(x,
+//!   residual)`: the residual added in the convolution's output stage (a projection and its skip connection);
 //! - `Gemm(x, W, b)` with constant weights → `EpGemm(x)` (rank 2, no layout of its own).
 //!
 //! Then the layout pass of `qdq_kernels`: kernel chains stay NHWC, Transposes only where a chain starts or ends.
@@ -247,6 +249,56 @@ fn fuse_conv_concats(c: &Ctx, rewrites: Vec<Rewrite>) -> Vec<Rewrite> {
         .collect()
 }
 
+/// `EpAdd(a, b)` where `a` is the output of a group-1 `EpConv` without a clamp, read by nothing else (a
+/// projection and its skip connection) → `EpConv(x, b)`: the convolution adds `b` in its output stage, and the
+/// Add's pass over memory (a part split of its own on every thread) goes.
+fn fuse_residual_adds(c: &Ctx, rewrites: Vec<Rewrite>) -> Vec<Rewrite> {
+    let by_output: HashMap<&str, usize> =
+        rewrites.iter().enumerate().map(|(i, r)| (r.node.output[0].as_str(), i)).collect();
+    let none = [f32::NEG_INFINITY, f32::INFINITY];
+    let mut fused: Vec<(usize, usize, String)> = Vec::new();
+    let mut used: HashSet<usize> = HashSet::new();
+    for (i, r) in rewrites.iter().enumerate() {
+        if r.node.op() != "EpAdd" || r.node.input.len() != 2 || r.node.input[0] == r.node.input[1] {
+            continue;
+        }
+        let conv_of = |v: &str| {
+            let k = *by_output.get(v)?;
+            let n = &rewrites[k].node;
+            let bare = n.op() == "EpConv"
+                && n.input.len() == 1
+                && n.attr_i("group") == Some(1)
+                && n.attribute.iter().find(|a| a.name.as_deref() == Some("clamp")).is_some_and(|a| a.floats == none)
+                && c.readers.get(v) == Some(&1)
+                && !c.pinned.contains(v);
+            (bare && !used.contains(&k)).then_some(k)
+        };
+        let pick = [0, 1].into_iter().find_map(|j| Some((conv_of(&r.node.input[j])?, r.node.input[1 - j].clone())));
+        if let Some((k, residual)) = pick {
+            used.insert(k);
+            fused.push((i, k, residual));
+        }
+    }
+    let mut gone: HashSet<usize> = HashSet::new();
+    let mut merged: HashMap<usize, Rewrite> = HashMap::new();
+    for (i, k, residual) in fused {
+        let (add, conv) = (&rewrites[i], &rewrites[k]);
+        let mut remove = conv.remove.clone();
+        remove.extend(add.remove.iter().copied());
+        let mut node = conv.node.clone();
+        node.input.push(residual);
+        node.output = add.node.output.clone();
+        gone.insert(k);
+        merged.insert(i, Rewrite { remove, node });
+    }
+    rewrites
+        .into_iter()
+        .enumerate()
+        .filter(|(k, _)| !gone.contains(k))
+        .map(|(k, r)| merged.remove(&k).unwrap_or(r))
+        .collect()
+}
+
 /// The float-kernel lowering on the graph types (an extension trait: they live in `edgepack-onnx`).
 pub trait F32Kernels {
     /// Rewrites the float patterns the fp32 kernels cover; returns how many were rewritten.
@@ -293,7 +345,7 @@ impl F32Kernels for Graph {
                 },
                 channels,
             );
-            fuse_conv_concats(&c, out)
+            fuse_residual_adds(&c, fuse_conv_concats(&c, out))
         };
         let count = rewrites.len();
         g.apply_kernel_rewrites(rewrites).map(|g| *self = g).map_or(0, |_| count)

@@ -44,6 +44,9 @@ pub enum Kernel {
         isa: Isa,
     },
     FConv(FConv),
+    /// A group-1 convolution with a residual Add fused into its output stage (`EpConv(x, residual)`):
+    /// `clamp(conv(x) + residual)`, the residual of the output's shape.
+    FConvAdd(FConv),
     /// Convolutions writing their channels of one concatenated output (no separate Concat copy).
     FConvConcat(Vec<FConv>),
     /// `[N, K]` f32 → `[N, c_out]` f32 (a 1×1 convolution over `N` pixels).
@@ -278,6 +281,13 @@ impl Kernel {
             }
             "EpQuantize" => Kernel::Quantize { q: qparams(node, "scale", "zero")?, isa: Isa::detect() },
             "EpDynGemm" => dyn_gemm(node)?,
+            "EpConv" if node.input.len() == 2 => {
+                let conv = fconv(node, "")?;
+                if conv.spec().geom.group != 1 {
+                    return Err(format!("{}: a residual is added by group-1 convolutions only", node.name()));
+                }
+                Kernel::FConvAdd(conv)
+            }
             "EpConv" => Kernel::FConv(fconv(node, "")?),
             // Convolution `i` reads input `i`, its attributes carry the suffix `_i`.
             "EpConvConcat" => {
@@ -310,7 +320,7 @@ impl Kernel {
             Kernel::MaxPool { .. } => "EpQMaxPool",
             Kernel::Concat { .. } => "EpQConcat",
             Kernel::Quantize { .. } => "EpQuantize",
-            Kernel::FConv(_) => "EpConv",
+            Kernel::FConv(_) | Kernel::FConvAdd(_) => "EpConv",
             Kernel::FConvConcat(_) => "EpConvConcat",
             Kernel::FGemm(_) => "EpGemm",
             Kernel::FAdd => "EpAdd",
@@ -326,6 +336,7 @@ impl Kernel {
         matches!(
             self,
             Kernel::FConv(_)
+                | Kernel::FConvAdd(_)
                 | Kernel::FConvConcat(_)
                 | Kernel::FGemm(_)
                 | Kernel::FAdd
@@ -365,7 +376,7 @@ impl Kernel {
 
     pub fn arity(&self) -> usize {
         match self {
-            Kernel::Add { .. } | Kernel::FAdd => 2,
+            Kernel::Add { .. } | Kernel::FAdd | Kernel::FConvAdd(_) => 2,
             Kernel::Concat { tables } => tables.len(),
             Kernel::FConcat(n) => *n,
             Kernel::FConvConcat(convs) => convs.len(),
@@ -419,6 +430,13 @@ impl Kernel {
             Kernel::Gemm { conv, .. } => rows(conv.spec().geom.c_in, conv.spec().geom.c_out)?,
             Kernel::Conv(conv) => image(conv.spec().geom.c_in, conv.spec().geom.c_out, &|h, w| conv.output_hw(h, w))?,
             Kernel::FConv(conv) => image(conv.spec().geom.c_in, conv.spec().geom.c_out, &|h, w| conv.output_hw(h, w))?,
+            Kernel::FConvAdd(conv) => {
+                let out = image(conv.spec().geom.c_in, conv.spec().geom.c_out, &|h, w| conv.output_hw(h, w))?;
+                if ins[1] != out {
+                    return Err(format!("{name}: residual {:?} differs from the output {out:?}", ins[1]));
+                }
+                out
+            }
             Kernel::FConvConcat(convs) => {
                 let mut out: Option<(usize, usize)> = None;
                 for (conv, s) in convs.iter().zip(ins) {
@@ -508,6 +526,9 @@ impl Kernel {
                 qelem::quantize_nchw_to_nhwc(*isa, f32s(0)?, [x[0], x[1], x[2], x[3]], *q, y);
             }
             (Kernel::FConv(conv), DataMut::F32(y)) => conv.run(f32s(0)?, x[0], x[1], x[2], y).map_err(err)?,
+            (Kernel::FConvAdd(conv), DataMut::F32(y)) => {
+                conv.run_add(f32s(0)?, [x[0], x[1], x[2]], f32s(1)?, y).map_err(err)?
+            }
             (Kernel::FGemm(conv), DataMut::F32(y)) => conv.run(f32s(0)?, x[0], 1, 1, y).map_err(err)?,
             (Kernel::FConvConcat(convs), DataMut::F32(y)) => {
                 let mut offset = 0;

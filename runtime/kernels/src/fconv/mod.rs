@@ -154,6 +154,26 @@ impl FConv {
         self.run_into(x, [n, h, w], y, self.spec.geom.c_out, 0)
     }
 
+    /// `y = clamp(conv(x) + residual)`, `residual` of the output's shape: a residual Add fused into the output
+    /// stage (added to each tile while it is in cache, not in a pass of its own). Group-1 convolutions only.
+    pub fn run_add(&self, x: &[f32], [n, h, w]: [usize; 3], residual: &[f32], y: &mut [f32]) -> Result<(), String> {
+        let (oh, ow) = self.geom().check(x.len(), [n, h, w], y.len(), self.spec.geom.c_out)?;
+        let Plan::Gemm { k, direct, blocks } = &self.plan else {
+            return Err("a residual is added by group-1 convolutions only".into());
+        };
+        if residual.len() != y.len() {
+            return Err(format!("residual of {} values for an output of {}", residual.len(), y.len()));
+        }
+        let out = Out {
+            y: y.as_mut_ptr() as usize,
+            ld: self.spec.geom.c_out,
+            offset: 0,
+            residual: residual.as_ptr() as usize,
+        };
+        self.run_gemm(x, [n, h, w], (oh, ow), (*k, *direct, blocks), out);
+        Ok(())
+    }
+
     /// As [`FConv::run`], writing channels `offset..offset + c_out` of an output whose pixels are `ld` floats
     /// apart (a channel concatenation written in place). Group-1 convolutions only, unless `ld == c_out`.
     pub fn run_into(
@@ -171,7 +191,8 @@ impl FConv {
         }
         match &self.plan {
             Plan::Gemm { k, direct, blocks } => {
-                self.run_gemm(x, [n, h, w], (oh, ow), (*k, *direct, blocks), y.as_mut_ptr() as usize, ld, offset)
+                let out = Out { y: y.as_mut_ptr() as usize, ld, offset, residual: 0 };
+                self.run_gemm(x, [n, h, w], (oh, ow), (*k, *direct, blocks), out)
             }
             Plan::Depthwise { w: wt, cpad, taps } => {
                 if ld != s.geom.c_out {
@@ -200,23 +221,19 @@ impl FConv {
         Ok(())
     }
 
-    /// `y_addr`: the output, pixels `ld` floats apart, this convolution's channels from `offset`.
-    #[allow(clippy::too_many_arguments)]
     fn run_gemm(
         &self,
         x: &[f32],
         [n, h, w]: [usize; 3],
         (oh, ow): (usize, usize),
         (k, direct, blocks): (usize, bool, &[FBlock]),
-        y_addr: usize,
-        ld: usize,
-        offset: usize,
+        out: Out,
     ) {
         let s = &self.spec;
         let macs = n * oh * ow * k * s.geom.c_out;
         if direct {
             let tiles = GemmTiles { k, rows: RowSource::Direct, macs };
-            return self.gemm_tiles(x, [n, h, w], (oh, ow), &tiles, blocks, &[], (y_addr, ld, offset));
+            return self.gemm_tiles(x, [n, h, w], (oh, ow), &tiles, blocks, &[], out);
         }
         // An implicit GEMM over the zero-padded input: depth `(ky·kw + kx)·c + ci` of an output pixel is
         // `koff` floats after its window's first element.
@@ -229,7 +246,7 @@ impl FConv {
                 })
                 .collect();
             let tiles = GemmTiles { k, rows: RowSource::Padded, macs };
-            self.gemm_tiles(xp, [n, hp, wp], (oh, ow), &tiles, blocks, &koff, (y_addr, ld, offset));
+            self.gemm_tiles(xp, [n, hp, wp], (oh, ow), &tiles, blocks, &koff, out);
         };
         if s.geom.pads == [0; 4] {
             return run(x, [h, w]);
@@ -254,9 +271,11 @@ impl FConv {
         tiles: &GemmTiles<f32>,
         blocks: &[FBlock],
         koff: &[usize],
-        (y_addr, ld, offset): (usize, usize, usize),
+        Out { y: y_addr, ld, offset, residual }: Out,
     ) {
         let (s, k) = (&self.spec, tiles.k);
+        // With a residual the kernels store the sums unclamped; the residual and the clamp follow.
+        let clamp = if residual == 0 { s.clamp } else { [f32::NEG_INFINITY, f32::INFINITY] };
         self.geom().for_each_gemm_tile(x, nhw, ohw, tiles, blocks, |rows, r0, blocks| {
             let mut out_ptrs = [std::ptr::null_mut::<f32>(); DIRECT_ROWS];
             for (i, p) in out_ptrs.iter_mut().enumerate().take(rows.len()) {
@@ -279,13 +298,31 @@ impl FConv {
                         if koff.is_empty() {
                             let rows_k: [*const f32; DIRECT_ROWS] =
                                 std::array::from_fn(|i| rows.get(i).map_or(std::ptr::null(), |p| p.wrapping_add(k0)));
-                            gemm_block(self.isa, &rows_k[..nr], &out_ptrs[..nr], part, b, &self.bias, s.clamp, &[]);
+                            gemm_block(self.isa, &rows_k[..nr], &out_ptrs[..nr], part, b, &self.bias, clamp, &[]);
                         } else {
                             let koff = &koff[k0..k0 + kc];
-                            gemm_block(self.isa, rows, &out_ptrs[..nr], part, b, &self.bias, s.clamp, koff);
+                            gemm_block(self.isa, rows, &out_ptrs[..nr], part, b, &self.bias, clamp, koff);
                         }
                     }
                     k0 += kc;
+                }
+                if residual != 0 {
+                    for (i, &o) in out_ptrs[..nr].iter().enumerate() {
+                        // SAFETY: the residual has the output's layout; this part alone writes these channels of
+                        // these rows (the ones its passes just stored).
+                        let (o, r) = unsafe {
+                            (
+                                std::slice::from_raw_parts_mut(o.add(b.c0), b.valid),
+                                std::slice::from_raw_parts(
+                                    (residual as *const f32).add((r0 + i) * ld + offset + b.c0),
+                                    b.valid,
+                                ),
+                            )
+                        };
+                        for (v, &a) in o.iter_mut().zip(r) {
+                            *v = clampf(*v + a, s.clamp);
+                        }
+                    }
                 }
             }
         });
@@ -329,6 +366,16 @@ impl FConv {
             }
         }
     }
+}
+
+/// Where a GEMM stores: the output (pixels `ld` floats apart, this convolution's channels from `offset`) and a
+/// residual of the same layout to add (0: none), as addresses so the parts can share them.
+#[derive(Clone, Copy)]
+struct Out {
+    y: usize,
+    ld: usize,
+    offset: usize,
+    residual: usize,
 }
 
 thread_local! {
