@@ -649,9 +649,10 @@ impl Width for usize {
 /// - Fewer, but [`MIN_BAND_ROWS`] rows or more per thread (14×14 = 196 pixels on two threads): rows only, two
 ///   parts per thread. Each thread computes every channel of its band of the image, the band the depthwise
 ///   convolution after it reads; with the channel blocks split, that layer read half its input from the other
-///   cores' caches (EfficientNet-Lite0 on two threads: its 14×14 depthwise layers 0.99–1.11× as fast after a row
-///   split, the model 1 % faster). Each part reads every block's weights, which smaller images do not pay for
-///   (7×7 expansions ran 7–16 % slower split by rows).
+///   cores' caches. Each part reads every block's weights, which smaller images do not pay for. (On two
+///   threads, both splits behind a temporary switch, runs alternating in one process: a row split at 14×14 made
+///   EfficientNet-Lite0's depthwise layers there 0.99–1.11× as fast and the model 1 % faster; at 7×7 too, its
+///   expansions ran 7–16 % slower and the model 6 %.)
 /// - Fewer still (a small image: 7×7 = 49 pixels is one tile): channel blocks split too, and rows below a tile
 ///   if that is what balances the threads: the fewest row parts (each re-reads its blocks' weights) whose
 ///   heaviest thread carries at most 5 % over an even share, else the best balance found. Three 64-channel blocks
