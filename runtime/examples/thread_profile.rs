@@ -47,7 +47,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let [x, y] = &nodes[name];
         let (x, y) = (median(x), median(y));
         (a, b) = (a + x, b + y);
-        println!("{:<64} {x:>9.1} {y:>9.1} {:>8.2}", &name[name.len().saturating_sub(64)..], x / y);
+        // The name's last 64 characters (not bytes: node names may be any UTF-8).
+        let tail = name.char_indices().rev().nth(63).map_or(0, |(i, _)| i);
+        println!("{:<64} {x:>9.1} {y:>9.1} {:>8.2}", &name[tail..], x / y);
     }
     println!("{:<64} {a:>9.1} {b:>9.1} {:>8.2}", "sum of nodes", a / b);
     Ok(())

@@ -578,25 +578,32 @@ fn small_image_gemms_split_across_threads_equal_the_reference() {
 fn gemm_split_balances_threads_with_the_fewest_row_parts() {
     use super::qconv::gemm_split;
     // 7×7 (one tile) × three 64-wide blocks on 2 threads: two row halves of each block.
-    assert_eq!(gemm_split(49, 1, &[64; 3], 2, 8), (2, 3));
+    assert_eq!(gemm_split(49, 1, &[64; 3], 2, 8, true), (2, 3));
     // 112 channels = a 64- and a 48-wide block on 1 thread of 3: a column split alone would give one thread 57 %.
-    assert_eq!(gemm_split(98, 1, &[64, 48], 3, 12), (3, 2));
+    assert_eq!(gemm_split(98, 1, &[64, 48], 3, 12, true), (3, 2));
     // 14×14 on two threads: bands of rows, two per thread, every channel (what the depthwise layer after reads).
-    assert_eq!(gemm_split(196, 1, &[64, 48], 2, 8), (4, 1));
-    assert_eq!(gemm_split(196, 1, &[64; 20], 2, 8), (4, 1));
+    assert_eq!(gemm_split(196, 1, &[64, 48], 2, 8, true), (4, 1));
+    assert_eq!(gemm_split(196, 1, &[64; 20], 2, 8, true), (4, 1));
+    // 13×13 (fewer than two bands per thread) and the rows of a [N, K] GEMM keep the search.
+    assert_eq!(gemm_split(169, 1, &[64; 2], 2, 8, true), (1, 2));
+    assert_eq!(gemm_split(196, 1, &[64; 20], 2, 8, false), (1, 10));
     // Twenty blocks: ten pairs on two threads, rows whole (no weight read twice).
-    assert_eq!(gemm_split(49, 1, &[64; 20], 2, 8), (1, 10));
+    assert_eq!(gemm_split(49, 1, &[64; 20], 2, 8, true), (1, 10));
     // Enough row tiles: rows only, as many parts as wanted.
-    assert_eq!(gemm_split(12544, 49, &[64; 2], 2, 8), (8, 1));
+    assert_eq!(gemm_split(12544, 49, &[64; 2], 2, 8, true), (8, 1));
     // One thread: one part.
-    assert_eq!(gemm_split(49, 1, &[64; 3], 1, 4), (1, 1));
+    assert_eq!(gemm_split(49, 1, &[64; 3], 1, 4, true), (1, 1));
     // Any shape: parts within bounds and the heaviest thread near an even share where the rows allow it.
-    for rows in [1, 7, 49, 196, 300] {
+    for rows in [1, 7, 49, 144, 169, 196, 300] {
         for nb in 1..24 {
             for threads in 2..6 {
                 let widths: Vec<usize> = (0..nb).map(|i| if i + 1 == nb { 16 * (1 + i % 4) } else { 64 }).collect();
-                let (rp, cp) = gemm_split(rows, rows.div_ceil(256), &widths, threads, threads * 4);
+                let (rp, cp) = gemm_split(rows, rows.div_ceil(256), &widths, threads, threads * 4, true);
                 assert!(rp >= 1 && cp >= 1 && cp <= nb && rp <= rows.max(1), "{rows} rows {nb} blocks: {rp}x{cp}");
+                if cp == 1 && rp > 1 && rows >= 2 * threads * 48 && rows <= 256 {
+                    // Bands of rows: as many per thread.
+                    assert_eq!(rp % threads, 0, "{rows} rows on {threads} threads: {rp} bands");
+                }
             }
         }
     }

@@ -1,5 +1,6 @@
 //! fp32 2-D convolution on NHWC activations, bias and activation clamp (Relu, Clip/Relu6) fused into the output
-//! stage. The float twin of [`super::qconv`], with the same plans:
+//! stage, and for group-1 convolutions a residual Add ([`FConv::run_add`]). The float twin of [`super::qconv`],
+//! with the same plans:
 //! - **GEMM** (`group == 1`): 1×1, stride-1, unpadded convolutions read activation rows directly; others are
 //!   implicit GEMMs over a zero-padded copy of the input (row pointer + a per-depth offset table, no im2col). Weights packed once in blocks of up to 64 output channels, `[k][width]`.
 //!   Register tiles of `MR` pixels × `NV` vectors (AVX-512: 16 lanes, AVX2: 8, NEON: 4), one FMA per weight vector

@@ -646,13 +646,15 @@ impl Width for usize {
 /// `(row parts, column parts)`, parts ordered row part first (the pool gives each thread a contiguous range).
 /// - At least `wanted` row tiles: rows only, `wanted` parts (each part reads every block's weights once, as one
 ///   thread would).
-/// - Fewer, but [`MIN_BAND_ROWS`] rows or more per thread (14×14 = 196 pixels on two threads): rows only, two
-///   parts per thread. Each thread computes every channel of its band of the image, the band the depthwise
-///   convolution after it reads; with the channel blocks split, that layer read half its input from the other
-///   cores' caches. Each part reads every block's weights, which smaller images do not pay for. (On two
-///   threads, both splits behind a temporary switch, runs alternating in one process: a row split at 14×14 made
-///   EfficientNet-Lite0's depthwise layers there 0.99–1.11× as fast and the model 1 % faster; at 7×7 too, its
-///   expansions ran 7–16 % slower and the model 6 %.)
+/// - Fewer, but the pixels of an image (`image`; not the rows of a `[N, K]` GEMM, whose next layer reads whole
+///   rows) in one tile, two bands of [`MIN_BAND_ROWS`] rows or more per thread (14×14 = 196 pixels on two
+///   threads): rows only, two bands per thread. Each thread computes every channel of its band of the image, the
+///   band the depthwise convolution after it reads; with the channel blocks split, that layer read half its input
+///   from the other cores' caches. Each part reads every block's weights, which smaller images do not pay for.
+///   (On two threads, both splits behind a temporary switch, runs alternating in one process: a row split at
+///   14×14 made EfficientNet-Lite0's depthwise layers there 0.99–1.11× as fast and the model 1 % faster; at 7×7
+///   too, its expansions ran 7–16 % slower and the model 6 %. SqueezeNet with one band per thread at 13×13 was
+///   no faster.)
 /// - Fewer still (a small image: 7×7 = 49 pixels is one tile): channel blocks split too, and rows below a tile
 ///   if that is what balances the threads: the fewest row parts (each re-reads its blocks' weights) whose
 ///   heaviest thread carries at most 5 % over an even share, else the best balance found. Three 64-channel blocks
@@ -664,13 +666,15 @@ pub(crate) fn gemm_split<B: Width>(
     blocks: &[B],
     threads: usize,
     wanted: usize,
+    image: bool,
 ) -> (usize, usize) {
     if tiles >= wanted || threads <= 1 || rows == 0 {
         return (tiles.min(wanted).max(1), 1);
     }
-    // Enough rows for each thread's weight reads to pay: rows only, two parts per thread (see above).
-    if rows >= threads * MIN_BAND_ROWS {
-        return ((2 * threads).min(rows / MIN_BAND_ROWS).min(wanted).max(1), 1);
+    // An image in one tile with enough rows for each thread's weight reads to pay: two bands of rows per thread
+    // (see above).
+    if image && tiles == 1 && rows >= 2 * threads * MIN_BAND_ROWS && 2 * threads <= wanted {
+        return (2 * threads, 1);
     }
     let widths: Vec<usize> = blocks.iter().map(Width::width).collect();
     let nb = widths.len().max(1);
@@ -728,7 +732,7 @@ impl Window {
         let tiles = rows.div_ceil(tile);
         let threads = super::threads();
         let wanted = (threads * 4).min((t.macs / 100_000).max(1));
-        let (row_parts, col_parts) = gemm_split(rows, tiles, blocks, threads, wanted);
+        let (row_parts, col_parts) = gemm_split(rows, tiles, blocks, threads, wanted, oh * ow > 1);
         let per = rows.div_ceil(row_parts);
         let bper = blocks.len().div_ceil(col_parts);
         for_each_part(row_parts * col_parts, |part| {
