@@ -241,12 +241,7 @@ fn fuse_conv_concats(c: &Ctx, rewrites: Vec<Rewrite>) -> Vec<Rewrite> {
         let node = ep("EpConvConcat", cat.node.name(), &inputs, &cat.node.output[0], attrs);
         merged.insert(i, Rewrite { remove, node });
     }
-    rewrites
-        .into_iter()
-        .enumerate()
-        .filter(|(k, _)| !gone.contains(k))
-        .map(|(k, r)| merged.remove(&k).unwrap_or(r))
-        .collect()
+    merge_rewrites(rewrites, &gone, merged)
 }
 
 /// `EpAdd(a, b)` where `a` is the output of a group-1 `EpConv` without a clamp, read by nothing else (a
@@ -291,6 +286,11 @@ fn fuse_residual_adds(c: &Ctx, rewrites: Vec<Rewrite>) -> Vec<Rewrite> {
         gone.insert(k);
         merged.insert(i, Rewrite { remove, node });
     }
+    merge_rewrites(rewrites, &gone, merged)
+}
+
+/// `rewrites` without those in `gone`, each one in `merged` (by index) replaced by its merged rewrite.
+fn merge_rewrites(rewrites: Vec<Rewrite>, gone: &HashSet<usize>, mut merged: HashMap<usize, Rewrite>) -> Vec<Rewrite> {
     rewrites
         .into_iter()
         .enumerate()
