@@ -76,6 +76,38 @@ fn unsupported_op_is_a_typed_error_naming_it() {
     assert!(s.backend_description().starts_with("cpu"));
 }
 
+/// A session that `Device::Auto` puts on the CPU never starts the GPU device: once started, burn's device server
+/// thread wakes every 150 µs for the life of the process and takes turns on the cores the CPU kernels use. The
+/// check runs in a child process of this test binary (the other tests here start the device in this one).
+#[test]
+fn auto_on_the_cpu_starts_no_gpu_device() {
+    const NAME: &str = "auto_on_the_cpu_starts_no_gpu_device";
+    if std::env::var("EDGEPACK_TEST_CHILD").is_ok_and(|v| v == NAME) {
+        assert!(edgepack_runtime::gpu::adapter().is_ok());
+        // An op the GPU lacks sends Auto to the CPU whatever the adapter (lavapipe would anyway, being software).
+        let mut m = builder::tiny_classifier();
+        m.graph.nodes[1].op_type = Some("Mish".into());
+        let s = Session::from_model(&m, &opts(Device::Auto)).unwrap();
+        assert!(s.backend_description().starts_with("cpu"), "{}", s.backend_description());
+        s.run_one(Tensor::from_f32(vec![1, 4], vec![0.5; 4]).unwrap()).unwrap();
+        assert!(!edgepack_runtime::gpu::device_started(), "Auto on the CPU started the GPU device");
+        // The counter-check: a GPU session does start it.
+        Session::from_model(&builder::tiny_classifier(), &opts(Device::Gpu)).unwrap();
+        assert!(edgepack_runtime::gpu::device_started());
+        return;
+    }
+    if !gpu_or_skip(NAME) {
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([NAME, "--exact", "--nocapture", "--test-threads", "1"])
+        .env("EDGEPACK_TEST_CHILD", NAME)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("1 passed"), "the child test failed:\n{text}");
+}
+
 #[test]
 fn bad_inputs_are_errors_not_panics() {
     if !gpu_or_skip("bad_inputs_are_errors_not_panics") {

@@ -22,7 +22,7 @@ mod fused;
 mod ops;
 mod plan;
 
-pub use device::{AdapterInfo, adapter};
+pub use device::{AdapterInfo, adapter, device_started};
 pub use ops::SUPPORTED_OPS;
 pub use plan::GpuBackend;
 
