@@ -281,6 +281,66 @@ fn lowered_f32_graph_equals_the_graph_as_written() {
     }
 }
 
+/// `Softmax` on the kernels (`EpSoftmax`) equals its definition for the opset the model imports: before opset 13
+/// the dimensions from `axis` on are one row (any axis), from 13 on only the last axis is lowered (another axis
+/// stays tract's Softmax); short rows (a detector's 2-class scores) and enough of them to split across threads.
+#[test]
+fn lowered_softmax_equals_its_definition() {
+    let mut r = Rng(0x0050_f73a);
+    // (opset, shape, axis attribute, lowered)
+    let cases: [(i64, &[usize], Option<i64>, bool); 6] = [
+        (9, &[1, 20_000, 2], Some(2), true),
+        (11, &[2, 5, 3], Some(1), true),
+        (11, &[4, 7], None, true),
+        (13, &[3, 4, 9], None, true),
+        (13, &[2, 6, 17], Some(-1), true),
+        (13, &[2, 6, 5], Some(1), false),
+    ];
+    for (opset, shape, axis, lowered) in cases {
+        let attrs = axis.map(|a| vec![attr_int("axis", a)]).unwrap_or_default();
+        let dims: Vec<Dim> = shape.iter().map(|&d| Dim::Fixed(d)).collect();
+        let mut m = model(
+            vec![node("Softmax", "sm", &["x"], &["y"], attrs)],
+            vec![value_info("x", 1, &dims)],
+            vec![value_info("y", 1, &dims)],
+            vec![],
+        );
+        m.set_opset("", opset);
+        let mut k = m.clone();
+        k.lower_f32_kernels();
+        let ops: Vec<&str> = k.graph.nodes.iter().map(|n| n.op()).collect();
+        assert_eq!(ops == ["EpSoftmax"], lowered, "opset {opset} {shape:?} axis {axis:?}: {ops:?}");
+        // The definition: rows over the dimensions from `a` on (before 13), or over axis `a` alone (13 on).
+        let rank = shape.len() as i64;
+        let a = axis.unwrap_or(if opset < 13 { 1 } else { -1 });
+        let a = (if a < 0 { a + rank } else { a }) as usize;
+        let x: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| r.unit() * 20.0 - 10.0).collect();
+        let (outer, len, inner) = if opset < 13 {
+            (shape[..a].iter().product::<usize>(), shape[a..].iter().product::<usize>(), 1)
+        } else {
+            (shape[..a].iter().product(), shape[a], shape[a + 1..].iter().product::<usize>())
+        };
+        let mut want = vec![0f64; x.len()];
+        for o in 0..outer {
+            for i in 0..inner {
+                let at = |j: usize| (o * len + j) * inner + i;
+                let max = (0..len).map(|j| x[at(j)] as f64).fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = (0..len).map(|j| (x[at(j)] as f64 - max).exp()).sum();
+                for j in 0..len {
+                    want[at(j)] = (x[at(j)] as f64 - max).exp() / sum;
+                }
+            }
+        }
+        for threads in [1, 2] {
+            let s = Session::from_model(&m, &SessionOptions { threads, ..Default::default() }).unwrap();
+            let y = s.run_one(Tensor::from_f32(shape.to_vec(), x.clone()).unwrap()).unwrap()[0].1.to_f32_vec();
+            for (i, (&g, &w)) in y.iter().zip(&want).enumerate() {
+                assert!((g as f64 - w).abs() <= 1e-6 * (1.0 + w), "opset {opset} {shape:?} [{i}]: {g} vs {w}");
+            }
+        }
+    }
+}
+
 /// Dynamic quantization's MatMul (`DynamicQuantizeLinear → MatMulInteger → Cast → Mul [→ Add]`) lowered to
 /// `EpDynGemm` equals the scalar arithmetic of the ops as ONNX (and onnxruntime) define them, bit for bit: random
 /// K (not only multiples of 4), N across the 64-channel blocks, rank-2 and rank-3 inputs, with and without bias,

@@ -522,6 +522,55 @@ fn fconv_depthwise_rows_of_every_width() {
 
 /// The test command says which instruction set the CPU it runs on must offer (`EDGEPACK_EXPECT_ISA`, e.g. `i8mm`
 /// under `qemu -cpu max`): the ISA tests above then provably ran that path, not only the portable one.
+/// Global average pooling split by channel ranges equals the serial sum in pixel order, bit for bit, for channel
+/// counts that are and are not multiples of the 16-float ranges, one image or several (a range across images).
+#[test]
+fn global_avg_pool_split_by_channels_equals_the_serial_sum() {
+    let mut r = Rng(0x6a9);
+    for &(n, hw, c) in &[(1, 49, 1280), (1, 169, 1000), (3, 100, 200), (2, 1, 7), (1, 4, 3)] {
+        let x: Vec<f32> = (0..n * hw * c).map(|_| r.unit() * 4.0 - 2.0).collect();
+        let mut want = vec![0f32; n * c];
+        for b in 0..n {
+            for p in 0..hw {
+                for ch in 0..c {
+                    want[b * c + ch] += x[(b * hw + p) * c + ch];
+                }
+            }
+            for v in &mut want[b * c..(b + 1) * c] {
+                *v /= hw as f32;
+            }
+        }
+        for threads in [1, 2, 3] {
+            let mut y = vec![f32::NAN; n * c];
+            super::with_threads(threads, || qelem::global_avg_f32(&x, n, hw, c, &mut y));
+            assert_eq!(y, want, "n {n} hw {hw} c {c} threads {threads}");
+        }
+    }
+}
+
+/// The softmax's exponential against f64 `exp` over every 1/1024 step of [−90, 0] (and the ends): within 2 ulp
+/// wherever the result is a normal float, never above `e^x`'s normal-range floor below it, NaN for NaN.
+#[test]
+fn softmax_exp_is_within_two_ulp() {
+    let mut worst = 0f64;
+    for i in 0..=90 * 1024 {
+        let x = -(i as f32) / 1024.0;
+        let got = qelem::exp_nonpositive(x) as f64;
+        let want = (x as f64).exp();
+        if want < f32::MIN_POSITIVE as f64 {
+            assert!(got <= 1.2e-38, "exp({x}) = {got}, expected about {want}");
+            continue;
+        }
+        let ulp = (want as f32).abs().to_bits();
+        let ulp = (f32::from_bits(ulp + 1) - f32::from_bits(ulp)) as f64;
+        worst = worst.max((got - want).abs() / ulp);
+    }
+    assert!(worst <= 2.0, "worst error {worst} ulp");
+    assert_eq!(qelem::exp_nonpositive(0.0), 1.0);
+    assert!(qelem::exp_nonpositive(f32::NAN).is_nan());
+    assert!(qelem::exp_nonpositive(f32::NEG_INFINITY) <= 1.2e-38);
+}
+
 #[test]
 fn the_expected_instruction_set_is_detected() {
     let Ok(name) = std::env::var("EDGEPACK_EXPECT_ISA") else { return };

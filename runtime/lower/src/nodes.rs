@@ -55,6 +55,11 @@ pub enum Kernel {
     FMaxPool(Pool2d, Isa),
     FConcat(usize),
     FGlobalAvg,
+    /// Softmax over the dimensions from `axis` on, flattened (rank any; a negative axis counts from the end):
+    /// contiguous rows, outside the NHWC chains.
+    FSoftmax {
+        axis: i64,
+    },
     /// NCHW → NHWC or back, uint8 or f32 (the chain boundaries of the layout pass).
     Layout {
         to_nhwc: bool,
@@ -303,6 +308,9 @@ impl Kernel {
             "EpMaxPool" => Kernel::FMaxPool(pool2d(node)?, Isa::detect()),
             "EpConcat" => Kernel::FConcat(node.input.len()),
             "EpGlobalAveragePool" => Kernel::FGlobalAvg,
+            "EpSoftmax" => Kernel::FSoftmax {
+                axis: node.attr_i("axis").ok_or_else(|| format!("{}: EpSoftmax without an axis", node.name()))?,
+            },
             "EpLayout" => match node.attr_s("to") {
                 Some("nhwc") => Kernel::Layout { to_nhwc: true },
                 Some("nchw") => Kernel::Layout { to_nhwc: false },
@@ -327,6 +335,7 @@ impl Kernel {
             Kernel::FMaxPool(..) => "EpMaxPool",
             Kernel::FConcat(_) => "EpConcat",
             Kernel::FGlobalAvg => "EpGlobalAveragePool",
+            Kernel::FSoftmax { .. } => "EpSoftmax",
             Kernel::Layout { .. } => "EpLayout",
             Kernel::DynGemm { .. } => "EpDynGemm",
         }
@@ -343,6 +352,7 @@ impl Kernel {
                 | Kernel::FMaxPool(..)
                 | Kernel::FConcat(_)
                 | Kernel::FGlobalAvg
+                | Kernel::FSoftmax { .. }
                 | Kernel::DynGemm { .. }
         )
     }
@@ -365,10 +375,11 @@ impl Kernel {
         }
     }
 
-    /// Rank of every input and of the output; `None`: any rank from 2, the output's the input's (`EpDynGemm`).
+    /// Rank of every input and of the output; `None`: any rank, the output's the input's (`EpDynGemm` from 2,
+    /// `EpSoftmax` from 1).
     pub fn rank(&self) -> Option<usize> {
         match self {
-            Kernel::DynGemm { .. } => None,
+            Kernel::DynGemm { .. } | Kernel::FSoftmax { .. } => None,
             Kernel::Gemm { .. } | Kernel::FGemm(_) => Some(2),
             _ => Some(4),
         }
@@ -400,6 +411,10 @@ impl Kernel {
                 }
                 _ => return Err(format!("{name}: input {x:?} does not end in {k} columns")),
             }
+        }
+        if let Kernel::FSoftmax { axis } = self {
+            softmax_axis(*axis, x.len()).ok_or_else(|| format!("{name}: axis {axis} outside rank {}", x.len()))?;
+            return Ok(x.clone());
         }
         let rank = self.rank().unwrap_or(2);
         for s in ins {
@@ -479,7 +494,7 @@ impl Kernel {
             }
             Kernel::FGlobalAvg => vec![x[0].clone(), D::known(1), D::known(1), x[3].clone()],
             Kernel::Layout { to_nhwc: false } => vec![x[0].clone(), x[3].clone(), x[1].clone(), x[2].clone()],
-            Kernel::DynGemm { .. } => unreachable!("answered above"),
+            Kernel::DynGemm { .. } | Kernel::FSoftmax { .. } => unreachable!("answered above"),
         })
     }
 
@@ -557,22 +572,15 @@ impl Kernel {
                 qelem::concat_channels_f32(&ins, x[0] * x[1] * x[2], y);
             }
             (Kernel::FGlobalAvg, DataMut::F32(y)) => {
-                let xs = f32s(0)?;
                 let (hw, c) = (x[1] * x[2], x[3]);
                 if hw == 0 {
                     return Err(format!("{name}: empty image"));
                 }
-                for (b, o) in y.chunks_exact_mut(c).enumerate() {
-                    o.fill(0.0);
-                    for p in xs[b * hw * c..(b + 1) * hw * c].chunks_exact(c) {
-                        for (a, &v) in o.iter_mut().zip(p) {
-                            *a += v;
-                        }
-                    }
-                    for a in o.iter_mut() {
-                        *a /= hw as f32;
-                    }
-                }
+                qelem::global_avg_f32(f32s(0)?, x[0], hw, c, y);
+            }
+            (Kernel::FSoftmax { axis }, DataMut::F32(y)) => {
+                let a = softmax_axis(*axis, x.len()).ok_or_else(|| format!("{name}: axis {axis} outside the rank"))?;
+                qelem::softmax_rows(f32s(0)?, x[a..].iter().product(), y);
             }
             (Kernel::DynGemm { conv, w_scale, bias, isa }, DataMut::F32(y)) => {
                 let xs = f32s(0)?;
@@ -610,6 +618,12 @@ impl Kernel {
         }
         Ok(())
     }
+}
+
+/// Softmax's first flattened dimension: `axis` in `-rank..rank` (negative from the end).
+fn softmax_axis(axis: i64, rank: usize) -> Option<usize> {
+    let a = if axis < 0 { axis + rank as i64 } else { axis };
+    (0..rank as i64).contains(&a).then_some(a as usize)
 }
 
 /// `f(range, out[range])` for `parts` consecutive ranges of an element-wise output, split across the kernel pool.

@@ -52,9 +52,9 @@ fn table_of(from: (f32, u8), to: (f32, u8)) -> Vec<u8> {
 }
 
 /// Whether a kernel op takes part in the NHWC layout (the Gemm kernels read and write rank-2 tensors, whose
-/// layout is the same either way).
+/// layout is the same either way; the softmax reads its input as the graph lays it out).
 pub(super) fn in_layout(op: &str) -> bool {
-    !matches!(op, "EpQGemm" | "EpGemm" | "EpDynGemm")
+    !matches!(op, "EpQGemm" | "EpGemm" | "EpDynGemm" | "EpSoftmax")
 }
 
 /// A kernel node and the nodes it replaces (indices into the graph being lowered).

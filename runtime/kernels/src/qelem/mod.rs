@@ -1,4 +1,5 @@
-//! Element-wise and data-movement INT8 kernels on NHWC uint8 tensors.
+//! Element-wise and data-movement INT8 kernels on NHWC uint8 tensors, and their float twins (max pooling, channel
+//! concatenation, global average pooling, row softmax).
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
 #[cfg(target_arch = "x86_64")]
@@ -315,6 +316,140 @@ pub fn concat_channels_f32(inputs: &[(&[f32], usize)], pixels: usize, out: &mut 
             off += c;
         }
     });
+}
+
+/// Global average pooling of `n` NHWC images of `hw` pixels and `c` channels into `[n, c]` (`out`), split across
+/// the pool by ranges of output channels (whole cache lines): each part sums its channels of every pixel, the ones
+/// a convolution split by channel blocks wrote on the same thread. Per channel the pixels are summed in order, then
+/// divided by `hw`.
+pub fn global_avg_f32(x: &[f32], n: usize, hw: usize, c: usize, out: &mut [f32]) {
+    let total = n * c;
+    assert!(x.len() >= total * hw && out.len() >= total, "global_avg_f32: buffers too small");
+    let parts = super::threads().min((total * hw / 16_384).max(1)).min(total.div_ceil(16)).max(1);
+    let per = total.div_ceil(parts).next_multiple_of(16);
+    let out_addr = out.as_mut_ptr() as usize;
+    super::for_each_part(parts, |part| {
+        let (start, end) = ((part * per).min(total), ((part + 1) * per).min(total));
+        let mut i = start;
+        while i < end {
+            // The part's channels of image b: c0..c1.
+            let (b, c0) = (i / c, i % c);
+            let c1 = (c0 + end - i).min(c);
+            // SAFETY: outputs start..end are written by this part only.
+            let o = unsafe { std::slice::from_raw_parts_mut((out_addr as *mut f32).add(i), c1 - c0) };
+            o.fill(0.0);
+            for p in 0..hw {
+                let px = &x[(b * hw + p) * c + c0..][..c1 - c0];
+                for (a, &v) in o.iter_mut().zip(px) {
+                    *a += v;
+                }
+            }
+            for a in o.iter_mut() {
+                *a /= hw as f32;
+            }
+            i += c1 - c0;
+        }
+    });
+}
+
+/// Softmax of each row of `n` values of `x` into `y` (the same size): `e = exp(x − max)`, then `e · (1 / Σe)`
+/// (onnxruntime's order of operations; the sum kept in f64, as a recognizer's 6625-class rows summed in f32 lose
+/// digits). Rows split across the pool for large inputs. Every pass is plain arithmetic the compiler vectorizes
+/// ([`exp_nonpositive`], no libm call: glibc's `expf` takes a slow path for each result that underflows, which
+/// a long row's far-from-max entries all do). Short rows are the other point: a detector's two-class scores are
+/// thousands of 2-value rows, where a kernel call per row costs more than the arithmetic.
+pub fn softmax_rows(x: &[f32], n: usize, y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "softmax_rows: x and y differ in size");
+    if n == 0 || x.is_empty() {
+        return;
+    }
+    let rows = x.len() / n;
+    let parts = super::threads().min((x.len() / 32_768).max(1)).min(rows).max(1);
+    let y_addr = y.as_mut_ptr() as usize;
+    super::for_each_part(parts, |part| {
+        let (r0, r1) = (rows * part / parts, rows * (part + 1) / parts);
+        // SAFETY: rows r0..r1 are written by this part only.
+        let ys = unsafe { std::slice::from_raw_parts_mut((y_addr as *mut f32).add(r0 * n), (r1 - r0) * n) };
+        let xs = &x[r0 * n..r1 * n];
+        #[cfg(target_arch = "x86_64")]
+        if Isa::detect().is_x86() {
+            // SAFETY: AVX2 and FMA are present (both x86 levels of `Isa` imply them).
+            return unsafe { softmax_rows_avx2(xs, n, ys) };
+        }
+        softmax_rows_in(xs, n, ys);
+    });
+}
+
+/// [`softmax_rows_in`] compiled for AVX2 (8-wide vectors instead of the baseline's 4).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_rows_avx2(x: &[f32], n: usize, y: &mut [f32]) {
+    softmax_rows_in(x, n, y)
+}
+
+#[inline(always)]
+fn softmax_rows_in(x: &[f32], n: usize, y: &mut [f32]) {
+    for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+        let max = max_f32(xr);
+        for (o, &v) in yr.iter_mut().zip(xr) {
+            *o = exp_nonpositive(v - max);
+        }
+        let r = (1.0 / sum_f64(yr)) as f32;
+        for o in yr.iter_mut() {
+            *o *= r;
+        }
+    }
+}
+
+/// The largest value (NaNs skipped; −∞ for none), in 16 running maxima the compiler keeps in vector registers.
+#[inline(always)]
+fn max_f32(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in m.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    tail.iter().chain(&m).fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a })
+}
+
+/// The sum in f64, over 8 running sums (independent additions the compiler vectorizes).
+#[inline(always)]
+fn sum_f64(x: &[f32]) -> f64 {
+    let mut s = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in s.iter_mut().zip(c) {
+            *a += v as f64;
+        }
+    }
+    tail.iter().map(|&v| v as f64).sum::<f64>() + s.iter().sum::<f64>()
+}
+
+/// `exp(x)` for `x ≤ 0` in f32 arithmetic alone: `x = k·ln2 + r` (`|r| ≤ ln2/2`, ln2 in two parts, Cody and Waite's), `e^r` by its
+/// Taylor polynomial to degree 7 (truncation below 1e-8, under half an ulp), `2^k` built in the exponent bits.
+/// Within 2 ulp of the exact value; below `−87.33` (where `e^x` leaves the normal range) it returns `e^−87.33`
+/// ≈ 1.2e-38, which no softmax sum can tell from 0. NaN stays NaN.
+#[inline(always)]
+pub fn exp_nonpositive(x: f32) -> f32 {
+    const LO: f32 = -87.336_54; // ln(2^−126)
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4; // 355/512 (exactly 0.693359375): k·LN2_HI is exact for |k| ≤ 126
+    const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
+    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
+    let x = if x < LO { LO } else { x };
+    // t's low mantissa bits hold k in two's complement (no float → int conversion, which vectorizes poorly).
+    let t = x * LOG2E + ROUND;
+    let k = t - ROUND;
+    let r = (x - k * LN2_HI) - k * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23)
 }
 
 /// Concatenation along the channel axis (last in NHWC), each input through its requantization table.
