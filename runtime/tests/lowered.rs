@@ -207,7 +207,7 @@ fn lowered_qgemm_equals_the_scalar_reference() {
 
 // ---- fast kernels (qconv, qelem) against the scalar reference, for every ISA this CPU has ----
 
-/// A float CNN with every pattern of `onnx::f32_kernels` (Conv+Clip, depthwise Conv+Relu, residual Add, MaxPool,
+/// A float CNN with every pattern of `onnx::f32_kernels` (Conv+Clip, depthwise Conv+Relu, residual Add + Relu, MaxPool,
 /// Dropout, a fire module's fused convolutions + Concat, Concat, GlobalAveragePool, Gemm) runs on the kernels and matches the graph as written (tract's ops, reached
 /// through the fallback by asking for a value the kernels fuse away).
 #[test]
@@ -234,7 +234,8 @@ fn lowered_f32_graph_equals_the_graph_as_written() {
         node("Conv", "dw", &["a2", "wd"], &["d1"], vec![attr_int("group", 8), attr_ints("pads", &[1, 0, 1, 2])]),
         node("Relu", "relu", &["d1"], &["d2"], vec![]),
         node("Conv", "pw", &["d2", "w2"], &["p1"], vec![attr_ints("strides", &[1, 1])]),
-        node("Add", "res", &["p1", "a2"], &["s"], vec![]),
+        node("Add", "res", &["p1", "a2"], &["s0"], vec![]),
+        node("Relu", "resrelu", &["s0"], &["s"], vec![]),
         node("MaxPool", "mp", &["s"], &["m"], vec![attr_ints("kernel_shape", &[3, 3]), attr_ints("strides", &[2, 2])]),
         node("Dropout", "drop", &["m"], &["m2"], vec![]),
         // A fire module: two convolutions of one input, concatenated (fused: each writes its channels).
@@ -264,6 +265,10 @@ fn lowered_f32_graph_equals_the_graph_as_written() {
     // The residual Add is the projection's output stage: `EpConv(d2, a2)`, no `EpAdd`.
     assert!(!ops.contains(&"EpAdd"), "{ops:?}");
     assert_eq!(lowered.graph.nodes.iter().filter(|n| n.op() == "EpConv" && n.input.len() == 2).count(), 1, "{ops:?}");
+    // The Relu after the sum is that convolution's clamp.
+    assert!(!ops.contains(&"Relu"), "{ops:?}");
+    let res = lowered.graph.nodes.iter().find(|n| n.op() == "EpConv" && n.input.len() == 2).unwrap();
+    assert_eq!(res.attribute.iter().find(|a| a.name.as_deref() == Some("clamp")).unwrap().floats, [0.0, f32::INFINITY]);
     let x: Vec<f32> = (0..2 * 3 * 13 * 11).map(|_| r.unit() * 2.0 - 1.0).collect();
     for threads in [1, 2] {
         let s = Session::from_model(&m, &SessionOptions { threads, ..Default::default() }).unwrap();

@@ -2,12 +2,13 @@
 //!
 //! - `Conv(x, W, b) → [Relu|Clip]` (constant weights, group 1 or depthwise) → `EpConv(x)` with the bias and the
 //!   clamp fused (BatchNormalization after a Conv is folded first);
-//! - `Add(a, b)`, `MaxPool(x)`, `Concat(axis 1)`, `GlobalAveragePool(x)` whose inputs are kernel outputs →
-//!   `EpAdd`, `EpMaxPool`, `EpConcat`, `EpGlobalAveragePool` (its `[n, 1, 1, c]` NHWC output is already NCHW in
-//!   memory, so the chain's exit transpose is free);
+//! - `Add(a, b)` [→ Relu|Clip], `MaxPool(x)`, `Concat(axis 1)`, `GlobalAveragePool(x)` whose inputs are kernel
+//!   outputs → `EpAdd` (the activation as its clamp), `EpMaxPool`, `EpConcat`, `EpGlobalAveragePool` (its
+//!   `[n, 1, 1, c]` NHWC output is already NCHW in memory, so the chain's exit transpose is free);
 //! - a Concat of group-1 convolutions read by nothing else → `EpConvConcat` (each writes its channels in place);
 //! - an `EpAdd` of a group-1 convolution without a clamp, read by nothing else, and another value → `EpConv(x,
-//!   residual)`: the residual added in the convolution's output stage (a projection and its skip connection);
+//!   residual)`: the residual added in the convolution's output stage (a projection and its skip connection),
+//!   the Add's clamp the convolution's (applied after the sum);
 //! - `Gemm(x, W, b)` with constant weights → `EpGemm(x)` (rank 2, no layout of its own);
 //! - a float `Softmax` over contiguous rows (opset < 13: any axis, the dimensions from it flattened; 13 on: the last
 //!   axis) → `EpSoftmax(x)` (any rank, no layout of its own): one pass over all rows, where tract calls its
@@ -78,24 +79,10 @@ fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
     let mut remove = vec![idx];
     let mut out = n.output.first()?.clone();
     let mut clamp = [f32::NEG_INFINITY, f32::INFINITY];
-    if let Some(a) = c.only_reader(&out).map(|i| (i, &g.nodes[i]))
-        && a.1.domain_name().is_empty()
-    {
-        let (i, a) = a;
-        let bound = |k: usize, default: f32| match a.input.get(k).filter(|s| !s.is_empty()) {
-            None => Some(default),
-            Some(s) => c.scalar(s),
-        };
-        let fused = match a.op() {
-            "Relu" => Some([0.0, f32::INFINITY]),
-            "Clip" => bound(1, f32::NEG_INFINITY).zip(bound(2, f32::INFINITY)).map(|(lo, hi)| [lo, hi]),
-            _ => None,
-        };
-        if let Some(cl) = fused.filter(|cl| !cl[0].is_nan() && !cl[1].is_nan() && cl[0] <= cl[1]) {
-            clamp = cl;
-            remove.push(i);
-            out = a.output.first()?.clone();
-        }
+    if let Some((i, cl, o)) = activation_of(c, &out) {
+        clamp = cl;
+        remove.push(i);
+        out = o;
     }
     let raw: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
     let mut attrs = vec![
@@ -113,6 +100,25 @@ fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
         attrs.push(attr_tensor("bias", tensor_f32("bias", &[c_out as i64], b)));
     }
     Some(Rewrite { remove, node: ep("EpConv", &format!("{}_kernel", n.name()), &[&n.input[0]], &out, attrs) })
+}
+
+/// The `Relu` or `Clip` (constant bounds) that alone reads `v`: (its node index, its `[lo, hi]`, its output).
+fn activation_of(c: &Ctx, v: &str) -> Option<(usize, [f32; 2], String)> {
+    let i = c.only_reader(v)?;
+    let a = &c.g.nodes[i];
+    if !a.domain_name().is_empty() {
+        return None;
+    }
+    let bound = |k: usize, default: f32| match a.input.get(k).filter(|s| !s.is_empty()) {
+        None => Some(default),
+        Some(s) => c.scalar(s),
+    };
+    let cl = match a.op() {
+        "Relu" => [0.0, f32::INFINITY],
+        "Clip" => bound(1, f32::NEG_INFINITY).zip(bound(2, f32::INFINITY)).map(|(lo, hi)| [lo, hi])?,
+        _ => return None,
+    };
+    (!cl[0].is_nan() && !cl[1].is_nan() && cl[0] <= cl[1]).then(|| Some((i, cl, a.output.first()?.clone())))?
 }
 
 /// Output channels of a kernel node.
@@ -213,6 +219,12 @@ fn simple(c: &Ctx, idx: usize, made: &Made) -> Option<Rewrite> {
     }
     let name = format!("{}_kernel", n.name());
     let ins: Vec<&str> = n.input.iter().map(|s| s.as_str()).collect();
+    // A Relu or Clip that alone reads the sum: applied to it (a residual block's activation).
+    let act = if n.op() == "Add" { activation_of(c, &n.output[0]) } else { None };
+    if let Some((a, cl, out)) = act.filter(|_| ins.len() == 2) {
+        let node = ep("EpAdd", &name, &ins, &out, vec![attr_floats("clamp", &cl)]);
+        return Some(Rewrite { remove: vec![idx, a], node });
+    }
     let node = match n.op() {
         "Add" if ins.len() == 2 => ep("EpAdd", &name, &ins, &n.output[0], vec![]),
         "GlobalAveragePool" if ins.len() == 1 => ep("EpGlobalAveragePool", &name, &ins, &n.output[0], vec![]),
@@ -314,6 +326,11 @@ fn fuse_residual_adds(c: &Ctx, rewrites: Vec<Rewrite>) -> Vec<Rewrite> {
         let mut node = conv.node.clone();
         node.input.push(residual);
         node.output = add.node.output.clone();
+        // The Add's clamp (a Relu or Clip after it) is applied after the sum, as the convolution's clamp.
+        if let Some(cl) = add.node.attribute.iter().find(|a| a.name.as_deref() == Some("clamp")) {
+            node.attribute.retain(|at| at.name.as_deref() != Some("clamp"));
+            node.attribute.push(cl.clone());
+        }
         gone.insert(k);
         merged.insert(i, Rewrite { remove, node });
     }

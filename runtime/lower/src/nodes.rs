@@ -51,7 +51,8 @@ pub enum Kernel {
     FConvConcat(Vec<FConv>),
     /// `[N, K]` f32 → `[N, c_out]` f32 (a 1×1 convolution over `N` pixels).
     FGemm(FConv),
-    FAdd,
+    /// `clamp(a + b)` (`[−∞, +∞]`: a plain sum); the clamp is the Relu or Clip after a residual Add.
+    FAdd([f32; 2]),
     FMaxPool(Pool2d, Isa),
     FConcat(usize),
     FGlobalAvg,
@@ -304,7 +305,13 @@ impl Kernel {
                 Kernel::FConvConcat(convs)
             }
             "EpGemm" => Kernel::FGemm(fconv(node, "")?),
-            "EpAdd" => Kernel::FAdd,
+            "EpAdd" => Kernel::FAdd(match node.attribute.iter().find(|a| a.name.as_deref() == Some("clamp")) {
+                None => [f32::NEG_INFINITY, f32::INFINITY],
+                Some(a) => match a.floats.as_slice() {
+                    &[lo, hi] if lo <= hi => [lo, hi],
+                    c => return Err(format!("{}: bad clamp {c:?}", node.name())),
+                },
+            }),
             "EpMaxPool" => Kernel::FMaxPool(pool2d(node)?, Isa::detect()),
             "EpConcat" => Kernel::FConcat(node.input.len()),
             "EpGlobalAveragePool" => Kernel::FGlobalAvg,
@@ -331,7 +338,7 @@ impl Kernel {
             Kernel::FConv(_) | Kernel::FConvAdd(_) => "EpConv",
             Kernel::FConvConcat(_) => "EpConvConcat",
             Kernel::FGemm(_) => "EpGemm",
-            Kernel::FAdd => "EpAdd",
+            Kernel::FAdd(_) => "EpAdd",
             Kernel::FMaxPool(..) => "EpMaxPool",
             Kernel::FConcat(_) => "EpConcat",
             Kernel::FGlobalAvg => "EpGlobalAveragePool",
@@ -348,7 +355,7 @@ impl Kernel {
                 | Kernel::FConvAdd(_)
                 | Kernel::FConvConcat(_)
                 | Kernel::FGemm(_)
-                | Kernel::FAdd
+                | Kernel::FAdd(_)
                 | Kernel::FMaxPool(..)
                 | Kernel::FConcat(_)
                 | Kernel::FGlobalAvg
@@ -387,7 +394,7 @@ impl Kernel {
 
     pub fn arity(&self) -> usize {
         match self {
-            Kernel::Add { .. } | Kernel::FAdd | Kernel::FConvAdd(_) => 2,
+            Kernel::Add { .. } | Kernel::FAdd(_) | Kernel::FConvAdd(_) => 2,
             Kernel::Concat { tables } => tables.len(),
             Kernel::FConcat(n) => *n,
             Kernel::FConvConcat(convs) => convs.len(),
@@ -469,7 +476,7 @@ impl Kernel {
                 let c: usize = convs.iter().map(|c| c.spec().geom.c_out).sum();
                 vec![x[0].clone(), D::known(oh), D::known(ow), D::known(c)]
             }
-            Kernel::Add { .. } | Kernel::FAdd => {
+            Kernel::Add { .. } | Kernel::FAdd(_) => {
                 if ins[0] != ins[1] {
                     return Err(format!("{name}: inputs {:?} and {:?} differ (no broadcasting)", ins[0], ins[1]));
                 }
@@ -553,12 +560,13 @@ impl Kernel {
                     offset += conv.spec().geom.c_out;
                 }
             }
-            (Kernel::FAdd, DataMut::F32(y)) => {
+            (Kernel::FAdd(clamp), DataMut::F32(y)) => {
                 let (a, b) = (f32s(0)?, f32s(1)?);
                 let parts = (edgepack_kernels::threads() * 2).min(a.len() / 32_768).max(1);
+                let plain = *clamp == [f32::NEG_INFINITY, f32::INFINITY];
                 for_each_range(y, parts, |r, o| {
                     for ((o, &p), &q) in o.iter_mut().zip(&a[r.clone()]).zip(&b[r]) {
-                        *o = p + q;
+                        *o = if plain { p + q } else { edgepack_kernels::fconv::clampf(p + q, *clamp) };
                     }
                 });
             }

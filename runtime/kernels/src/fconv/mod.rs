@@ -517,7 +517,7 @@ pub(crate) unsafe fn depthwise_scalar(
 
 /// `a` clamped to `[lo, hi]`, NaN kept (as the ONNX Clip/Relu).
 #[inline(always)]
-pub(crate) fn clampf(a: f32, [lo, hi]: [f32; 2]) -> f32 {
+pub fn clampf(a: f32, [lo, hi]: [f32; 2]) -> f32 {
     if a < lo {
         lo
     } else if a > hi {
