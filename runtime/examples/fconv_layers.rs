@@ -80,6 +80,7 @@ fn main() {
             weights: (0..ly.c_out * ly.c_in / group * ly.k * ly.k).map(|_| rnd()).collect(),
             bias: Some((0..ly.c_out).map(|_| rnd()).collect()),
             clamp: [0.0, 6.0],
+            act: Default::default(),
         };
         let conv = FConv::new(spec, isa).expect("layer");
         let [h, w] = ly.hw;

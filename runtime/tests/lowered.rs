@@ -208,6 +208,7 @@ fn lowered_qgemm_equals_the_scalar_reference() {
 // ---- fast kernels (qconv, qelem) against the scalar reference, for every ISA this CPU has ----
 
 /// A float CNN with every pattern of `onnx::f32_kernels` (Conv+Clip, depthwise Conv+Relu, residual Add + Relu, MaxPool,
+/// Conv+SiLU and an Add after it,
 /// Dropout, a fire module's fused convolutions + Concat, Concat, GlobalAveragePool, Gemm) runs on the kernels and matches the graph as written (tract's ops, reached
 /// through the fallback by asking for a value the kernels fuse away).
 #[test]
@@ -237,7 +238,13 @@ fn lowered_f32_graph_equals_the_graph_as_written() {
         node("Add", "res", &["p1", "a2"], &["s0"], vec![]),
         node("Relu", "resrelu", &["s0"], &["s"], vec![]),
         node("MaxPool", "mp", &["s"], &["m"], vec![attr_ints("kernel_shape", &[3, 3]), attr_ints("strides", &[2, 2])]),
-        node("Dropout", "drop", &["m"], &["m2"], vec![]),
+        node("Dropout", "drop", &["m"], &["m1"], vec![]),
+        // A convolution with SiLU written out (YOLO's), and a residual Add after it: the Add cannot go into that
+        // convolution's output stage (it comes after the activation).
+        node("Conv", "sc", &["m1", "w2"], &["sv"], vec![]),
+        node("Sigmoid", "sig", &["sv"], &["sg"], vec![]),
+        node("Mul", "silu", &["sg", "sv"], &["sl"], vec![]),
+        node("Add", "sres", &["sl", "m1"], &["m2"], vec![]),
         // A fire module: two convolutions of one input, concatenated (fused: each writes its channels).
         node("Conv", "c3", &["m2", "w3"], &["e"], vec![attr_ints("pads", &[1, 1, 1, 1])]),
         node("Conv", "f1", &["m2", "w2"], &["f"], vec![]),
@@ -258,12 +265,14 @@ fn lowered_f32_graph_equals_the_graph_as_written() {
         inits,
     );
     let mut lowered = m.clone();
-    assert_eq!(lowered.lower_f32_kernels(), 8, "every pattern becomes a kernel (fire module: one; pw + res: one)");
+    assert_eq!(lowered.lower_f32_kernels(), 10, "every pattern becomes a kernel (fire module: one; pw + res: one)");
     let ops: Vec<&str> = lowered.graph.nodes.iter().map(|n| n.op()).collect();
     assert!(!ops.contains(&"Conv") && !ops.contains(&"Dropout"), "{ops:?}");
     assert_eq!(ops.iter().filter(|o| **o == "EpConvConcat").count(), 1, "{ops:?}");
-    // The residual Add is the projection's output stage: `EpConv(d2, a2)`, no `EpAdd`.
-    assert!(!ops.contains(&"EpAdd"), "{ops:?}");
+    // The residual Add is the projection's output stage: `EpConv(d2, a2)`; the one after the SiLU stays `EpAdd`.
+    assert_eq!(ops.iter().filter(|o| **o == "EpAdd").count(), 1, "{ops:?}");
+    assert!(!ops.contains(&"Sigmoid") && !ops.contains(&"Mul"), "{ops:?}");
+    assert_eq!(lowered.graph.nodes.iter().filter(|n| n.attr_s("act") == Some("silu")).count(), 1, "{ops:?}");
     assert_eq!(lowered.graph.nodes.iter().filter(|n| n.op() == "EpConv" && n.input.len() == 2).count(), 1, "{ops:?}");
     // The Relu after the sum is that convolution's clamp.
     assert!(!ops.contains(&"Relu"), "{ops:?}");

@@ -377,9 +377,17 @@ fn kernel_timing() {
 
 // ---- fp32 convolution (fconv) against a float64 direct loop, for every ISA, 1 and 2 threads ----
 
-use super::fconv::{FConv, FConvSpec};
+use super::fconv::{Act, FConv, FConvSpec};
 
 /// Direct NHWC convolution in f64: (values, Σ|x·w| per output for the tolerance).
+/// The output stage's activation in f64.
+fn act_f64(act: Act, v: f64) -> f64 {
+    match act {
+        Act::None => v,
+        Act::Silu => v / (1.0 + (-v).exp()),
+    }
+}
+
 fn fconv_reference(s: &FConvSpec, x: &[f32], [n, h, w]: [usize; 3]) -> (Vec<f64>, Vec<f64>) {
     let g = Conv2d {
         group: s.geom.group,
@@ -417,7 +425,7 @@ fn fconv_reference(s: &FConvSpec, x: &[f32], [n, h, w]: [usize; 3]) -> (Vec<f64>
                         }
                     }
                     let i = ((b * oh + oy) * ow + ox) * s.geom.c_out + o;
-                    y[i] = acc.clamp(s.clamp[0] as f64, s.clamp[1] as f64);
+                    y[i] = act_f64(s.act, acc.clamp(s.clamp[0] as f64, s.clamp[1] as f64));
                     mag[i] = m;
                 }
             }
@@ -434,12 +442,14 @@ fn check_fconv(r: &mut Rng, kind: usize, big: bool, isa: Isa, what: &str) -> boo
         weights: q.weights.iter().map(|&v| v as f32 / 64.0).collect(),
         bias: (r.range(0, 1) == 1).then(|| (0..q.geom.c_out).map(|_| r.unit() * 4.0 - 2.0).collect()),
         clamp,
+        act: [Act::None, Act::Silu][r.range(0, 1) as usize],
     };
     let x: Vec<f32> = (0..n * h * w * spec.geom.c_in).map(|_| r.unit() * 2.0 - 1.0).collect();
     let (want, mag) = fconv_reference(&spec, &x, [n, h, w]);
     // The fused residual (group 1): clamp(conv + residual), the sum before the clamp from the same reference.
     let none = [f32::NEG_INFINITY, f32::INFINITY];
-    let (sum, _) = fconv_reference(&FConvSpec { clamp: none, ..spec.clone() }, &x, [n, h, w]);
+    let (sum, _) = fconv_reference(&FConvSpec { clamp: none, act: Act::None, ..spec.clone() }, &x, [n, h, w]);
+    let act = spec.act;
     let residual: Vec<f32> = (0..want.len()).map(|_| r.unit() * 4.0 - 2.0).collect();
     let conv = FConv::new(spec, isa).unwrap();
     let mut got = vec![f32::NAN; want.len()];
@@ -451,7 +461,7 @@ fn check_fconv(r: &mut Rng, kind: usize, big: bool, isa: Isa, what: &str) -> boo
         got.fill(f32::NAN);
         conv.run_add(&x, [n, h, w], &residual, &mut got).unwrap();
         for (i, (((&g, &e), &m), &a)) in got.iter().zip(&sum).zip(&mag).zip(&residual).enumerate() {
-            let e = (e + a as f64).clamp(clamp[0] as f64, clamp[1] as f64);
+            let e = act_f64(act, (e + a as f64).clamp(clamp[0] as f64, clamp[1] as f64));
             assert!((g as f64 - e).abs() <= 1e-5 * (2.0 + m), "{what}: {conv:?} + residual, element {i}: {g} vs {e}");
         }
     } else {
@@ -503,6 +513,7 @@ fn fconv_depthwise_rows_of_every_width() {
                         weights: (0..c * k * k).map(|_| r.unit() - 0.5).collect(),
                         bias: Some((0..c).map(|_| r.unit() - 0.5).collect()),
                         clamp: [f32::NEG_INFINITY, f32::INFINITY],
+                        act: Act::None,
                     };
                     let conv = FConv::new(spec.clone(), isa).unwrap();
                     let Some((oh, ow)) = conv.output_hw(h, w) else { continue };
@@ -595,6 +606,7 @@ fn small_image_gemms_split_across_threads_equal_the_reference() {
             weights: (0..c_in * c_out).map(|_| r.unit() - 0.5).collect(),
             bias: Some((0..c_out).map(|_| r.unit() - 0.5).collect()),
             clamp: [0.0, 6.0],
+            act: Act::None,
         };
         let x: Vec<f32> = (0..hw * hw * c_in).map(|_| r.unit() * 2.0 - 1.0).collect();
         let (want, mag) = fconv_reference(&spec, &x, [1, hw, hw]);

@@ -1,12 +1,13 @@
 //! Float graphs to edgepack's fp32 kernels (`kernels::fconv`): custom `ai.edgepack` nodes on NHWC f32 tensors.
 //!
-//! - `Conv(x, W, b) → [Relu|Clip]` (constant weights, group 1 or depthwise) → `EpConv(x)` with the bias and the
-//!   clamp fused (BatchNormalization after a Conv is folded first);
+//! - `Conv(x, W, b) → [Relu|Clip|SiLU]` (constant weights, group 1 or depthwise) → `EpConv(x)` with the bias and
+//!   the clamp or SiLU (`Mul(v, Sigmoid(v))`, YOLO's activation; attribute `act`) fused (BatchNormalization after a
+//!   Conv is folded first);
 //! - `Add(a, b)` [→ Relu|Clip], `MaxPool(x)`, `Concat(axis 1)`, `GlobalAveragePool(x)` whose inputs are kernel
 //!   outputs → `EpAdd` (the activation as its clamp), `EpMaxPool`, `EpConcat`, `EpGlobalAveragePool` (its
 //!   `[n, 1, 1, c]` NHWC output is already NCHW in memory, so the chain's exit transpose is free);
 //! - a Concat of group-1 convolutions read by nothing else → `EpConvConcat` (each writes its channels in place);
-//! - an `EpAdd` of a group-1 convolution without a clamp, read by nothing else, and another value → `EpConv(x,
+//! - an `EpAdd` of a group-1 convolution without a clamp or activation, read by nothing else, and another value → `EpConv(x,
 //!   residual)`: the residual added in the convolution's output stage (a projection and its skip connection),
 //!   the Add's clamp the convolution's (applied after the sum);
 //! - `Gemm(x, W, b)` with constant weights → `EpGemm(x)` (rank 2, no layout of its own);
@@ -18,7 +19,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::qdq_kernels::{Rewrite, conv_geometry, ep_node as ep, maxpool_attrs};
-use edgepack_onnx::builder::{attr_floats, attr_int, attr_ints, attr_tensor, tensor_f32};
+use edgepack_onnx::builder::{attr_floats, attr_int, attr_ints, attr_string, attr_tensor, tensor_f32};
 use edgepack_onnx::passes::tensor_f32_values;
 use edgepack_onnx::{Graph, Model, NodeExt, NodeProto};
 
@@ -79,9 +80,14 @@ fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
     let mut remove = vec![idx];
     let mut out = n.output.first()?.clone();
     let mut clamp = [f32::NEG_INFINITY, f32::INFINITY];
+    let mut silu = false;
     if let Some((i, cl, o)) = activation_of(c, &out) {
         clamp = cl;
         remove.push(i);
+        out = o;
+    } else if let Some((nodes, o)) = silu_of(c, &out) {
+        silu = true;
+        remove.extend(nodes);
         out = o;
     }
     let raw: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -98,6 +104,9 @@ fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
     ];
     if let Some(b) = &bias {
         attrs.push(attr_tensor("bias", tensor_f32("bias", &[c_out as i64], b)));
+    }
+    if silu {
+        attrs.push(attr_string("act", "silu"));
     }
     Some(Rewrite { remove, node: ep("EpConv", &format!("{}_kernel", n.name()), &[&n.input[0]], &out, attrs) })
 }
@@ -119,6 +128,23 @@ fn activation_of(c: &Ctx, v: &str) -> Option<(usize, [f32; 2], String)> {
         _ => return None,
     };
     (!cl[0].is_nan() && !cl[1].is_nan() && cl[0] <= cl[1]).then(|| Some((i, cl, a.output.first()?.clone())))?
+}
+
+/// SiLU written out, `Mul(v, Sigmoid(v))` (either operand order), when those two nodes are `v`'s only readers and
+/// the Sigmoid's output is read by the Mul alone: (the two node indices, the Mul's output).
+fn silu_of(c: &Ctx, v: &str) -> Option<(Vec<usize>, String)> {
+    if c.readers.get(v) != Some(&2) || c.pinned.contains(v) {
+        return None;
+    }
+    let g = c.g;
+    let plain = |i: usize, op: &str| g.nodes[i].op() == op && g.nodes[i].domain_name().is_empty();
+    let sig = (0..g.nodes.len()).find(|&i| plain(i, "Sigmoid") && g.nodes[i].input.first().is_some_and(|x| x == v))?;
+    let s = g.nodes[sig].output.first()?;
+    let mul = c.only_reader(s)?;
+    let m = &g.nodes[mul];
+    let operands = m.input.len() == 2 && m.input.iter().any(|i| i == v) && m.input.iter().any(|i| i == s);
+    (plain(mul, "Mul") && operands).then_some(())?;
+    Some((vec![sig, mul], m.output.first()?.clone()))
 }
 
 /// Output channels of a kernel node.
@@ -287,7 +313,7 @@ fn fuse_conv_concats(c: &Ctx, rewrites: Vec<Rewrite>) -> Vec<Rewrite> {
     merge_rewrites(rewrites, &gone, merged)
 }
 
-/// `EpAdd(a, b)` where `a` is the output of a group-1 `EpConv` without a clamp, read by nothing else (a
+/// `EpAdd(a, b)` where `a` is the output of a group-1 `EpConv` without a clamp or activation, read by nothing else (a
 /// projection and its skip connection) → `EpConv(x, b)`: the convolution adds `b` in its output stage, and the
 /// Add's pass over memory (a part split of its own on every thread) goes.
 fn fuse_residual_adds(c: &Ctx, rewrites: Vec<Rewrite>) -> Vec<Rewrite> {
@@ -307,6 +333,7 @@ fn fuse_residual_adds(c: &Ctx, rewrites: Vec<Rewrite>) -> Vec<Rewrite> {
                 && n.input.len() == 1
                 && n.attr_i("group") == Some(1)
                 && n.attribute.iter().find(|a| a.name.as_deref() == Some("clamp")).is_some_and(|a| a.floats == none)
+                && n.attr_s("act").is_none()
                 && c.readers.get(v) == Some(&1)
                 && !c.pinned.contains(v);
             (bare && !used.contains(&k)).then_some(k)

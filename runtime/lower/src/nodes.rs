@@ -3,7 +3,7 @@
 //! parsed from their ONNX attributes once (weights packed at load), output shapes, evaluation on slices. The tract
 //! backend wraps them as tract ops (`cpu_ops`), the kernel interpreter (`interp`) calls them directly.
 use edgepack_core::tensor::DType;
-use edgepack_kernels::fconv::{FConv, FConvSpec};
+use edgepack_kernels::fconv::{Act, FConv, FConvSpec};
 use edgepack_kernels::qconv::{QConv, QConvSpec};
 use edgepack_kernels::qelem::{self, Pool2d};
 use edgepack_kernels::reference::QParams;
@@ -252,11 +252,17 @@ fn fconv(node: &NodeProto, sfx: &str) -> Res<FConv> {
     if clamp.len() != 2 {
         return Err(format!("{}: clamp must hold 2 floats", node.name()));
     }
+    let act = match node.attr_s(&a("act")) {
+        None => Act::None,
+        Some("silu") => Act::Silu,
+        Some(other) => return Err(format!("{}: unknown activation {other:?}", node.name())),
+    };
     let spec = FConvSpec {
         geom: g,
         weights: floats(raw(node, &a("weights"), 1, g.c_out * per_out(&g) * 4)?),
         bias,
         clamp: [clamp[0], clamp[1]],
+        act,
     };
     FConv::new(spec, Isa::detect()).map_err(|e| format!("{}: {e}", node.name()))
 }

@@ -364,6 +364,7 @@ fn conv_of(n: &NodeProto, w: &Tensor, bias: Option<&Tensor>, hw: Option<[usize; 
         weights: wv.to_vec(),
         bias: bias.map(Tensor::to_f32_vec),
         clamp: [f32::NEG_INFINITY, f32::INFINITY],
+        act: Default::default(),
     };
     fconv::FConv::new(spec, Isa::detect()).map(Some)
 }
@@ -420,6 +421,7 @@ fn conv1d_of(n: &NodeProto, w: &Tensor, bias: Option<&Tensor>, len: Option<usize
         weights: wv.to_vec(),
         bias: bias.map(Tensor::to_f32_vec),
         clamp: [f32::NEG_INFINITY, f32::INFINITY],
+        act: Default::default(),
     };
     fconv::FConv::new(spec, Isa::detect()).map(Some)
 }

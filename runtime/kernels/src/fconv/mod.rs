@@ -1,5 +1,6 @@
 //! fp32 2-D convolution on NHWC activations, bias and activation clamp (Relu, Clip/Relu6) fused into the output
-//! stage, and for group-1 convolutions a residual Add ([`FConv::run_add`]). The float twin of [`super::qconv`],
+//! stage, then an activation ([`Act`]: SiLU) on each tile while in cache, and for group-1 convolutions a residual
+//! Add ([`FConv::run_add`]). The float twin of [`super::qconv`],
 //! with the same plans:
 //! - **GEMM** (`group == 1`): 1×1, stride-1, unpadded convolutions read activation rows directly; others are
 //!   implicit GEMMs over a zero-padded copy of the input (row pointer + a per-depth offset table, no im2col). Weights packed once in blocks of up to 64 output channels, `[k][width]`.
@@ -27,6 +28,71 @@ pub struct FConvSpec {
     pub bias: Option<Vec<f32>>,
     /// Output clamp `[lo, hi]` (−∞, +∞ for none; Relu is `[0, +∞]`).
     pub clamp: [f32; 2],
+    /// An activation after the clamp (and after a residual), applied to each output tile while it is in cache.
+    pub act: Act,
+}
+
+/// The activations of the output stage beyond a clamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Act {
+    #[default]
+    None,
+    /// SiLU (swish), `x·σ(x)`: YOLOv5/v8's activation, written in ONNX as `Mul(x, Sigmoid(x))`.
+    Silu,
+}
+
+impl Act {
+    /// Applies the activation to `v` in place, with the widest vectors `isa` has.
+    pub fn apply_isa(self, isa: Isa, v: &mut [f32]) {
+        if self == Act::None {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        match isa {
+            // SAFETY: the ISA was detected (x86 levels imply their features).
+            Isa::Avx512Vnni => return unsafe { act_avx512(self, v) },
+            Isa::Avx2 => return unsafe { act_avx2(self, v) },
+            _ => {}
+        }
+        let _ = isa;
+        self.apply(v)
+    }
+
+    /// Applies the activation to `v` in place (plain arithmetic the compiler vectorizes at the build's baseline).
+    #[inline(always)]
+    pub fn apply(self, v: &mut [f32]) {
+        match self {
+            Act::None => {}
+            Act::Silu => {
+                for x in v {
+                    *x *= sigmoid(*x);
+                }
+            }
+        }
+    }
+}
+
+/// [`Act::apply`] compiled for AVX-512 (16 lanes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn act_avx512(act: Act, v: &mut [f32]) {
+    act.apply(v)
+}
+
+/// [`Act::apply`] compiled for AVX2 (8 lanes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn act_avx2(act: Act, v: &mut [f32]) {
+    act.apply(v)
+}
+
+/// `σ(x) = 1 / (1 + e^−x)` from `e = e^−|x|` (never overflows): `1 / (1 + e)` for `x ≥ 0`, `e / (1 + e)` below.
+/// Within a few ulp; NaN stays NaN.
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    let e = super::qelem::exp_nonpositive(-x.abs());
+    let d = 1.0 / (1.0 + e);
+    if x >= 0.0 { d } else { e * d }
 }
 
 pub(crate) struct FBlock {
@@ -216,6 +282,7 @@ impl FConv {
                         cols: cols.clone(),
                     };
                     self.depthwise_row(&d, wt, *cpad, yrow);
+                    s.act.apply_isa(self.isa, yrow);
                 });
             }
         }
@@ -323,6 +390,12 @@ impl FConv {
                         for (v, &a) in o.iter_mut().zip(r) {
                             *v = clampf(*v + a, s.clamp);
                         }
+                        s.act.apply_isa(self.isa, o);
+                    }
+                } else if s.act != Act::None {
+                    for &o in &out_ptrs[..nr] {
+                        // SAFETY: as above, the channels of these rows this part just stored.
+                        s.act.apply_isa(self.isa, unsafe { std::slice::from_raw_parts_mut(o.add(b.c0), b.valid) });
                     }
                 }
             }
