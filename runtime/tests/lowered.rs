@@ -207,10 +207,10 @@ fn lowered_qgemm_equals_the_scalar_reference() {
 
 // ---- fast kernels (qconv, qelem) against the scalar reference, for every ISA this CPU has ----
 
-/// A float CNN with every pattern of `onnx::f32_kernels` (Conv+Clip, depthwise Conv+Relu, residual Add + Relu, MaxPool,
-/// Conv+SiLU and an Add after it,
-/// Dropout, a fire module's fused convolutions + Concat, Concat, GlobalAveragePool, Gemm) runs on the kernels and matches the graph as written (tract's ops, reached
-/// through the fallback by asking for a value the kernels fuse away).
+/// A float CNN with every pattern of `onnx::f32_kernels` (Conv+Clip, depthwise Conv+Relu, residual Add + Relu,
+/// MaxPool, Dropout, Conv+SiLU and an Add after it, a fire module's fused convolutions + Concat, Concat,
+/// GlobalAveragePool, Gemm) runs on the kernels and matches the graph as written (tract's ops, reached through the
+/// fallback by asking for a value the kernels fuse away).
 #[test]
 fn lowered_f32_graph_equals_the_graph_as_written() {
     let mut r = Rng(0x00f3_2f32);

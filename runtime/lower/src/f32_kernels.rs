@@ -7,9 +7,9 @@
 //!   outputs → `EpAdd` (the activation as its clamp), `EpMaxPool`, `EpConcat`, `EpGlobalAveragePool` (its
 //!   `[n, 1, 1, c]` NHWC output is already NCHW in memory, so the chain's exit transpose is free);
 //! - a Concat of group-1 convolutions read by nothing else → `EpConvConcat` (each writes its channels in place);
-//! - an `EpAdd` of a group-1 convolution without a clamp or activation, read by nothing else, and another value → `EpConv(x,
-//!   residual)`: the residual added in the convolution's output stage (a projection and its skip connection),
-//!   the Add's clamp the convolution's (applied after the sum);
+//! - an `EpAdd` of a group-1 convolution without a clamp or activation, read by nothing else, and another value →
+//!   `EpConv(x, residual)`: the residual added in the convolution's output stage (a projection and its skip
+//!   connection), the Add's clamp the convolution's (applied after the sum);
 //! - `Gemm(x, W, b)` with constant weights → `EpGemm(x)` (rank 2, no layout of its own);
 //! - a float `Softmax` over contiguous rows (opset < 13: any axis, the dimensions from it flattened; 13 on: the last
 //!   axis) → `EpSoftmax(x)` (any rank, no layout of its own): one pass over all rows, where tract calls its
