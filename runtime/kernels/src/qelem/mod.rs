@@ -405,8 +405,7 @@ fn softmax_rows_in(x: &[f32], n: usize, y: &mut [f32]) {
 #[inline(always)]
 fn max_f32(x: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; 16];
-    let chunks = x.chunks_exact(16);
-    let tail = chunks.remainder();
+    let (chunks, tail) = x.as_chunks::<16>();
     for c in chunks {
         for (a, &v) in m.iter_mut().zip(c) {
             *a = if v > *a { v } else { *a };
@@ -419,8 +418,7 @@ fn max_f32(x: &[f32]) -> f32 {
 #[inline(always)]
 fn sum_f64(x: &[f32]) -> f64 {
     let mut s = [0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let tail = chunks.remainder();
+    let (chunks, tail) = x.as_chunks::<8>();
     for c in chunks {
         for (a, &v) in s.iter_mut().zip(c) {
             *a += v as f64;
