@@ -569,10 +569,10 @@ impl Kernel {
             (Kernel::FAdd(clamp), DataMut::F32(y)) => {
                 let (a, b) = (f32s(0)?, f32s(1)?);
                 let parts = (edgepack_kernels::threads() * 2).min(a.len() / 32_768).max(1);
-                let plain = *clamp == [f32::NEG_INFINITY, f32::INFINITY];
                 for_each_range(y, parts, |r, o| {
                     for ((o, &p), &q) in o.iter_mut().zip(&a[r.clone()]).zip(&b[r]) {
-                        *o = if plain { p + q } else { edgepack_kernels::fconv::clampf(p + q, *clamp) };
+                        // `[−∞, +∞]` leaves the sum as it is (NaN too).
+                        *o = edgepack_kernels::fconv::clampf(p + q, *clamp);
                     }
                 });
             }
