@@ -23,7 +23,12 @@ import onnxruntime as ort
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import mdtable  # noqa: E402
-MODELS = ["efficientnet_lite0_fp32.onnx", "squeezenet1.0_fp32.onnx", "ultraface_rfb_320.onnx"]
+MODELS = ["efficientnet_lite0_fp32.onnx", "squeezenet1.0_fp32.onnx", "ultraface_rfb_320.onnx", "ppocrv4_det.onnx",
+          "ppocrv4_rec.onnx", "ppocr_mobile_v2_cls.onnx"]
+# Input shapes of models with free image dimensions (RapidOCR's sizes: a 48-pixel text line 320 wide, the
+# orientation classifier's 48×192, a 480×640 page for the detector).
+SHAPES = {"ppocrv4_det.onnx": [1, 3, 480, 640], "ppocrv4_rec.onnx": [1, 3, 48, 320],
+          "ppocr_mobile_v2_cls.onnx": [1, 3, 48, 192]}
 BEGIN, END = "<!-- bench-vs-ort:begin -->", "<!-- bench-vs-ort:end -->"
 
 
@@ -44,13 +49,17 @@ def cpu_model():
     return platform.processor() or "unknown CPU"
 
 
-def ep_bench(model, threads, runs, warmup):
-    r = subprocess.run([edgepack_bin(), "bench", model, "--threads", str(threads), "--runs", str(runs),
-                        "--warmup", str(warmup), "--json"], capture_output=True, text=True, check=True)
+def ep_bench(model, threads, runs, warmup, shape=None):
+    cmd = [edgepack_bin(), "bench", model, "--threads", str(threads), "--runs", str(runs), "--warmup", str(warmup),
+           "--json"]
+    if shape:
+        name = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).get_inputs()[0].name
+        cmd += ["--shape", f"{name}=" + ",".join(map(str, shape))]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(r.stdout)
 
 
-def ort_bench(model, threads, runs, warmup, batch=1):
+def ort_bench(model, threads, runs, warmup, batch=1, shape=None):
     """onnxruntime's CPU provider on `model` at `batch` (its leading dim; symbolic dims are 1): load time, median
     latency and samples/s over the timed runs."""
     t0 = time.perf_counter()
@@ -61,7 +70,7 @@ def ort_bench(model, threads, runs, warmup, batch=1):
     s = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     load_ms = (time.perf_counter() - t0) * 1e3
     i = s.get_inputs()[0]
-    shape = [batch] + [d if isinstance(d, int) else 1 for d in i.shape[1:]]
+    shape = shape or [batch] + [d if isinstance(d, int) else 1 for d in i.shape[1:]]
     x = np.random.default_rng(1).uniform(-1, 1, shape).astype(np.float32)
     for _ in range(warmup + 1):
         s.run(None, {i.name: x})
@@ -92,17 +101,18 @@ def main():
         for t in map(int, a.threads.split(",")):
             e, o, loads, rss = [], [], [], []
             for _ in range(a.rounds):
-                r = ep_bench(model, t, a.runs, a.warmup)
+                r = ep_bench(model, t, a.runs, a.warmup, SHAPES.get(fname))
                 e.append(r["p50_ms"])
                 loads.append(r["load_ms"])
                 rss.append(r["peak_rss_mb"] or 0)
-                o.append(ort_bench(model, t, a.runs, a.warmup)["p50_ms"])
+                o.append(ort_bench(model, t, a.runs, a.warmup, shape=SHAPES.get(fname))["p50_ms"])
             em, om = statistics.median(e), statistics.median(o)
             rows.append((fname, t, em, om, em / om, statistics.median(loads), max(rss)))
             print(f"{fname} threads={t}: edgepack p50 {em:.2f} ms, onnxruntime p50 {om:.2f} ms, ratio {em / om:.2f}", flush=True)
     lines = ["| model | threads | edgepack p50 (ms) | onnxruntime p50 (ms) | ratio edgepack/ort | edgepack load (ms) | edgepack peak RSS (MiB) |",
              "|---|---|---|---|---|---|---|"]
     for f, t, em, om, ratio, load, rss in rows:
+        f = f + (" " + "×".join(map(str, SHAPES[f])) if f in SHAPES else "")
         lines.append(f"| {f} | {t} | {em:.2f} | {om:.2f} | **{ratio:.2f}** | {load:.0f} | {rss:.0f} |")
     table = "\n".join(lines)
     print(table)

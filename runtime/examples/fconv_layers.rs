@@ -81,6 +81,7 @@ fn main() {
             bias: Some((0..ly.c_out).map(|_| rnd()).collect()),
             clamp: [0.0, 6.0],
             act: Default::default(),
+            affine: None,
         };
         let conv = FConv::new(spec, isa).expect("layer");
         let [h, w] = ly.hw;

@@ -295,6 +295,113 @@ fn lowered_f32_graph_equals_the_graph_as_written() {
     }
 }
 
+/// PP-LCNetV3's blocks (PP-OCR): constant `Mul`/`Add` after a convolution (a scalar and a per-channel one) folded
+/// into its weights and bias, HardSwish in its three spellings (written out as `Add`/`Clip`/`Mul`/`Div`, the op,
+/// `Mul(v, HardSigmoid(v))`) as the activation, a scalar `Mul`/`Add` after it as the output stage's affine, a
+/// squeeze-and-excitation block (its bias a constant `Reshape`, folded; a HardSigmoid gate; `EpScale`); the
+/// kernels match the graph as written. A `Mul` whose input has two readers is not folded.
+#[test]
+fn lowered_affine_and_hardswish_equal_the_graph_as_written() {
+    let mut r = Rng(0x4a2d_5e11);
+    let mut w = |name: &str, dims: &[i64]| {
+        let n: i64 = dims.iter().product();
+        tensor_f32(name, dims, &(0..n).map(|_| r.unit() - 0.5).collect::<Vec<_>>())
+    };
+    let inits = vec![
+        w("w1", &[8, 3, 3, 3]),
+        w("b1", &[8]),
+        w("pc", &[8, 1, 1]),
+        w("wd", &[8, 1, 3, 3]),
+        w("w2", &[6, 8, 1, 1]),
+        tensor_f32("s1", &[1], &[1.7]),
+        tensor_f32("s2", &[1], &[0.4]),
+        tensor_f32("t2", &[1], &[-0.3]),
+        tensor_f32("s3", &[], &[2.2]),
+        tensor_f32("three", &[], &[3.0]),
+        tensor_f32("six", &[1], &[6.0]),
+        tensor_f32("lo", &[], &[0.0]),
+        tensor_f32("hi", &[], &[6.0]),
+    ];
+    let nodes = vec![
+        node("Conv", "c1", &["x", "w1", "b1"], &["a1"], vec![attr_ints("pads", &[1, 1, 1, 1])]),
+        node("Mul", "m1", &["s1", "a1"], &["a2"], vec![]),
+        node("Add", "p1", &["a2", "pc"], &["a3"], vec![]),
+        node("Add", "hs_add", &["a3", "three"], &["h1"], vec![]),
+        node("Clip", "hs_clip", &["h1", "lo", "hi"], &["h2"], vec![]),
+        node("Mul", "hs_mul", &["a3", "h2"], &["h3"], vec![]),
+        node("Div", "hs_div", &["h3", "six"], &["h4"], vec![]),
+        node("Mul", "m2", &["s2", "h4"], &["h5"], vec![]),
+        node("Add", "p2", &["h5", "t2"], &["h6"], vec![]),
+        node("Conv", "dw", &["h6", "wd"], &["d1"], vec![attr_int("group", 8), attr_ints("pads", &[1, 1, 1, 1])]),
+        node("Mul", "m3", &["d1", "s3"], &["d2"], vec![]),
+        node("HardSwish", "hs", &["d2"], &["d3"], vec![]),
+        node("Conv", "c2", &["d3", "w2"], &["e1"], vec![]),
+        node("HardSigmoid", "hsig", &["e1"], &["e2"], vec![attr_float("alpha", 1.0 / 6.0), attr_float("beta", 0.5)]),
+        node("Mul", "hs3", &["e1", "e2"], &["e3"], vec![]),
+        // A squeeze-and-excitation block: the gate (one pixel per channel) scales the image.
+        node("GlobalAveragePool", "se_pool", &["e3"], &["g1"], vec![]),
+        // Its bias as exporters write it: a per-channel Add of a constant Reshape.
+        node("Conv", "se1", &["g1", "w_se1"], &["g2a"], vec![]),
+        node("Reshape", "se_bias", &["b_se1", "se_shape"], &["b_r"], vec![]),
+        node("Add", "se_add", &["g2a", "b_r"], &["g2"], vec![]),
+        node("Relu", "se_relu", &["g2"], &["g3"], vec![]),
+        node("Conv", "se2", &["g3", "w_se2"], &["g4"], vec![]),
+        node("HardSigmoid", "se_gate", &["g4"], &["g5"], vec![attr_float("alpha", 0.2), attr_float("beta", 0.5)]),
+        node("Mul", "se", &["g5", "e3"], &["e4"], vec![]),
+        // Read twice: stays a Mul outside the kernels.
+        node("Conv", "c3", &["e4", "w2_sq"], &["f1"], vec![]),
+        node("Mul", "m4", &["f1", "s1"], &["y"], vec![]),
+        node("Relu", "side", &["f1"], &["z"], vec![]),
+    ];
+    let mut inits = inits;
+    inits.push(w("w2_sq", &[6, 6, 1, 1]));
+    inits.push(w("w_se1", &[2, 6, 1, 1]));
+    inits.push(w("b_se1", &[2]));
+    inits.push(tensor_i64("se_shape", &[4], &[1, -1, 1, 1]));
+    inits.push(w("w_se2", &[6, 2, 1, 1]));
+    let m = model(
+        nodes,
+        vec![value_info("x", 1, &[Dim::Fixed(2), Dim::Fixed(3), Dim::Fixed(9), Dim::Fixed(10)])],
+        vec![
+            value_info("y", 1, &[Dim::Fixed(2), Dim::Fixed(6), Dim::Fixed(9), Dim::Fixed(10)]),
+            value_info("z", 1, &[Dim::Fixed(2), Dim::Fixed(6), Dim::Fixed(9), Dim::Fixed(10)]),
+        ],
+        inits,
+    );
+    let mut m = m;
+    m.set_opset("", 14); // HardSwish
+    let mut lowered = m.clone();
+    assert_eq!(lowered.lower_f32_kernels(), 8, "six convolutions, the pool and the gate's Mul");
+    let ops: Vec<&str> = lowered.graph.nodes.iter().map(|n| n.op()).collect();
+    for gone in ["Conv", "Add", "Clip", "Div", "HardSwish", "HardSigmoid", "GlobalAveragePool", "Reshape"] {
+        assert!(!ops.contains(&gone), "{gone}: {ops:?}");
+    }
+    assert_eq!(ops.iter().filter(|o| **o == "Mul").count(), 1, "only the Mul of a value read twice: {ops:?}");
+    let acts: Vec<Option<&str>> =
+        lowered.graph.nodes.iter().filter(|n| n.op() == "EpConv").map(|n| n.attr_s("act")).collect();
+    let hardswish = Some("hardswish");
+    assert_eq!(acts, [hardswish, hardswish, hardswish, None, Some("hardsigmoid"), None], "{ops:?}");
+    assert_eq!(ops.iter().filter(|o| **o == "EpScale").count(), 1, "{ops:?}");
+    let affine: Vec<&[f32]> =
+        lowered.graph.nodes.iter().filter_map(|n| n.attr("affine")).map(|a| a.floats.as_slice()).collect();
+    assert_eq!(affine, [&[0.4f32, -0.3][..]]);
+    let x: Vec<f32> = (0..2 * 3 * 9 * 10).map(|_| r.unit() * 8.0 - 4.0).collect();
+    for threads in [1, 2] {
+        let s = Session::from_model(&m, &SessionOptions { threads, ..Default::default() }).unwrap();
+        let input = || vec![("x".to_string(), Tensor::from_f32(vec![2, 3, 9, 10], x.clone()).unwrap())];
+        let fast = s.run(input()).unwrap();
+        // "a1" (the Conv output before its folded Mul) exists only in the graph as written.
+        let slow = s.run_values(input(), &["y", "z", "a1"]).unwrap();
+        for i in 0..2 {
+            let (f, w) = (fast[i].1.to_f32_vec(), slow[i].1.to_f32_vec());
+            assert_eq!(f.len(), 2 * 6 * 9 * 10);
+            for (a, b) in f.iter().zip(&w) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "threads {threads}, output {i}: {a} vs {b}");
+            }
+        }
+    }
+}
+
 /// `Softmax` on the kernels (`EpSoftmax`) equals its definition for the opset the model imports: before opset 13
 /// the dimensions from `axis` on are one row (any axis), from 13 on only the last axis is lowered (another axis
 /// stays tract's Softmax); short rows (a detector's 2-class scores) and enough of them to split across threads.

@@ -385,7 +385,15 @@ fn act_f64(act: Act, v: f64) -> f64 {
     match act {
         Act::None => v,
         Act::Silu => v / (1.0 + (-v).exp()),
+        Act::HardSwish => v * (v + 3.0).clamp(0.0, 6.0) / 6.0,
+        Act::HardSigmoid { alpha, beta } => (v * alpha as f64 + beta as f64).clamp(0.0, 1.0),
     }
+}
+
+/// The output stage after the clamp in f64: the activation, then the affine.
+fn post_f64(s: &FConvSpec, v: f64) -> f64 {
+    let a = act_f64(s.act, v);
+    s.affine.map_or(a, |[m, t]| a * m as f64 + t as f64)
 }
 
 fn fconv_reference(s: &FConvSpec, x: &[f32], [n, h, w]: [usize; 3]) -> (Vec<f64>, Vec<f64>) {
@@ -425,7 +433,7 @@ fn fconv_reference(s: &FConvSpec, x: &[f32], [n, h, w]: [usize; 3]) -> (Vec<f64>
                         }
                     }
                     let i = ((b * oh + oy) * ow + ox) * s.geom.c_out + o;
-                    y[i] = act_f64(s.act, acc.clamp(s.clamp[0] as f64, s.clamp[1] as f64));
+                    y[i] = post_f64(s, acc.clamp(s.clamp[0] as f64, s.clamp[1] as f64));
                     mag[i] = m;
                 }
             }
@@ -442,14 +450,16 @@ fn check_fconv(r: &mut Rng, kind: usize, big: bool, isa: Isa, what: &str) -> boo
         weights: q.weights.iter().map(|&v| v as f32 / 64.0).collect(),
         bias: (r.range(0, 1) == 1).then(|| (0..q.geom.c_out).map(|_| r.unit() * 4.0 - 2.0).collect()),
         clamp,
-        act: [Act::None, Act::Silu][r.range(0, 1) as usize],
+        act: [Act::None, Act::Silu, Act::HardSwish, Act::HardSigmoid { alpha: 0.2, beta: 0.5 }][r.range(0, 3) as usize],
+        affine: (r.range(0, 1) == 1).then(|| [r.unit() * 2.0 - 1.0, r.unit() - 0.5]),
     };
     let x: Vec<f32> = (0..n * h * w * spec.geom.c_in).map(|_| r.unit() * 2.0 - 1.0).collect();
     let (want, mag) = fconv_reference(&spec, &x, [n, h, w]);
     // The fused residual (group 1): clamp(conv + residual), the sum before the clamp from the same reference.
     let none = [f32::NEG_INFINITY, f32::INFINITY];
-    let (sum, _) = fconv_reference(&FConvSpec { clamp: none, act: Act::None, ..spec.clone() }, &x, [n, h, w]);
-    let act = spec.act;
+    let (sum, _) =
+        fconv_reference(&FConvSpec { clamp: none, act: Act::None, affine: None, ..spec.clone() }, &x, [n, h, w]);
+    let post = spec.clone();
     let residual: Vec<f32> = (0..want.len()).map(|_| r.unit() * 4.0 - 2.0).collect();
     let conv = FConv::new(spec, isa).unwrap();
     let mut got = vec![f32::NAN; want.len()];
@@ -461,7 +471,7 @@ fn check_fconv(r: &mut Rng, kind: usize, big: bool, isa: Isa, what: &str) -> boo
         got.fill(f32::NAN);
         conv.run_add(&x, [n, h, w], &residual, &mut got).unwrap();
         for (i, (((&g, &e), &m), &a)) in got.iter().zip(&sum).zip(&mag).zip(&residual).enumerate() {
-            let e = act_f64(act, (e + a as f64).clamp(clamp[0] as f64, clamp[1] as f64));
+            let e = post_f64(&post, (e + a as f64).clamp(clamp[0] as f64, clamp[1] as f64));
             assert!((g as f64 - e).abs() <= 1e-5 * (2.0 + m), "{what}: {conv:?} + residual, element {i}: {g} vs {e}");
         }
     } else {
@@ -514,6 +524,7 @@ fn fconv_depthwise_rows_of_every_width() {
                         bias: Some((0..c).map(|_| r.unit() - 0.5).collect()),
                         clamp: [f32::NEG_INFINITY, f32::INFINITY],
                         act: Act::None,
+                        affine: None,
                     };
                     let conv = FConv::new(spec.clone(), isa).unwrap();
                     let Some((oh, ow)) = conv.output_hw(h, w) else { continue };
@@ -607,6 +618,7 @@ fn small_image_gemms_split_across_threads_equal_the_reference() {
             bias: Some((0..c_out).map(|_| r.unit() - 0.5).collect()),
             clamp: [0.0, 6.0],
             act: Act::None,
+            affine: None,
         };
         let x: Vec<f32> = (0..hw * hw * c_in).map(|_| r.unit() * 2.0 - 1.0).collect();
         let (want, mag) = fconv_reference(&spec, &x, [1, hw, hw]);

@@ -1,11 +1,17 @@
 //! Float graphs to edgepack's fp32 kernels (`kernels::fconv`): custom `ai.edgepack` nodes on NHWC f32 tensors.
 //!
-//! - `Conv(x, W, b) → [Relu|Clip|SiLU]` (constant weights, group 1 or depthwise) → `EpConv(x)` with the bias and
-//!   the clamp or SiLU (`Mul(v, Sigmoid(v))`, YOLO's activation; attribute `act`) fused (BatchNormalization after a
-//!   Conv is folded first);
+//! - `Conv(x, W, b) → [Mul|Add by constants] → [Relu|Clip|SiLU|HardSwish] → [Mul → Add by scalars]` (constant
+//!   weights, group 1 or depthwise) → `EpConv(x)`: BatchNormalization after a Conv and constant `Mul`/`Add` (one
+//!   value or one per channel) are folded into the weights and bias; the clamp, or SiLU (`Mul(v, Sigmoid(v))`,
+//!   YOLO's activation) or HardSwish (written out `Add`/`Clip`/`Mul`/`Div`, the op, or `Mul(v, HardSigmoid(v))`;
+//!   MobileNetV3's, PP-LCNet's) as attribute `act`, and a scalar `Mul`/`Add` after it as attribute `affine`
+//!   (PP-LCNetV3's learnable affine blocks) are the output stage's;
 //! - `Add(a, b)` [→ Relu|Clip], `MaxPool(x)`, `Concat(axis 1)`, `GlobalAveragePool(x)` whose inputs are kernel
 //!   outputs → `EpAdd` (the activation as its clamp), `EpMaxPool`, `EpConcat`, `EpGlobalAveragePool` (its
 //!   `[n, 1, 1, c]` NHWC output is already NCHW in memory, so the chain's exit transpose is free);
+//! - `Mul(x, gate)` of kernel outputs, `gate` one pixel per channel (a GlobalAveragePool's output through 1×1
+//!   convolutions and activations: a squeeze-and-excitation block, its HardSigmoid the last convolution's `act`) →
+//!   `EpScale(x, gate)`;
 //! - a Concat of group-1 convolutions read by nothing else → `EpConvConcat` (each writes its channels in place);
 //! - an `EpAdd` of a group-1 convolution without a clamp or activation, read by nothing else, and another value →
 //!   `EpConv(x, residual)`: the residual added in the convolution's output stage (a projection and its skip
@@ -26,8 +32,17 @@ use edgepack_onnx::{Graph, Model, NodeExt, NodeProto};
 use crate::qdq_kernels::{ApplyRewrites, Made, declare_kernels, match_rewrites};
 
 /// Op types of the float kernel nodes.
-pub const OPS: [&str; 8] =
-    ["EpConv", "EpConvConcat", "EpGemm", "EpAdd", "EpMaxPool", "EpConcat", "EpGlobalAveragePool", "EpSoftmax"];
+pub const OPS: [&str; 9] = [
+    "EpConv",
+    "EpConvConcat",
+    "EpGemm",
+    "EpAdd",
+    "EpScale",
+    "EpMaxPool",
+    "EpConcat",
+    "EpGlobalAveragePool",
+    "EpSoftmax",
+];
 
 struct Ctx<'a> {
     g: &'a Graph,
@@ -37,6 +52,9 @@ struct Ctx<'a> {
     float: HashMap<String, i32>,
     /// The default domain's opset (`None`: unknown, a graph lowered on its own).
     opset: Option<i64>,
+    /// Values of one pixel per channel: a GlobalAveragePool's output and what 1×1 unpadded convolutions,
+    /// activations and per-channel constants make of it (a squeeze-and-excitation block's gate).
+    pooled: HashSet<String>,
 }
 
 impl Ctx<'_> {
@@ -63,7 +81,7 @@ fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
     if wt.dims.len() != 4 || wt.data_type != Some(1) {
         return None;
     }
-    let w = tensor_f32_values(wt)?;
+    let mut w = tensor_f32_values(wt)?;
     let d: Vec<usize> = wt.dims.iter().map(|&v| v as usize).collect();
     let group = n.attr_i("group").unwrap_or(1).max(1) as usize;
     let (c_out, c_in) = (d[0], d[1].checked_mul(group)?);
@@ -72,23 +90,69 @@ fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
         return None;
     }
     let [strides, dilations, pads] = conv_geometry(n, d[2], d[3])?;
-    let bias = match n.input.get(2).filter(|b| !b.is_empty()) {
+    let mut bias = match n.input.get(2).filter(|b| !b.is_empty()) {
         None => None,
         Some(b) => Some(tensor_f32_values(g.initializer(b)?).filter(|v| v.len() == c_out)?),
     };
-    // [Relu|Clip] read only by this Conv: fused as the output clamp.
     let mut remove = vec![idx];
     let mut out = n.output.first()?.clone();
+    // `Mul` and `Add` of constants (one value, or one per channel) read only by this Conv: folded into its weights
+    // and bias, as onnxruntime's Conv-Mul and Conv-Add fusions do (PP-LCNetV3's affine blocks, a BatchNorm
+    // written out).
+    while let Some((i, mul, k, o)) = channel_const_of(c, &out, c_out, true) {
+        let per = |ch: usize| if k.len() == 1 { k[0] } else { k[ch] };
+        if mul {
+            let row = w.len() / c_out;
+            for (ch, ws) in w.chunks_mut(row).enumerate() {
+                ws.iter_mut().for_each(|v| *v *= per(ch));
+            }
+            if let Some(b) = &mut bias {
+                b.iter_mut().enumerate().for_each(|(ch, v)| *v *= per(ch));
+            }
+        } else {
+            let b = bias.get_or_insert_with(|| vec![0.0; c_out]);
+            b.iter_mut().enumerate().for_each(|(ch, v)| *v += per(ch));
+        }
+        remove.push(i);
+        out = o;
+    }
+    // [Relu|Clip] read only by this Conv: fused as the output clamp; or SiLU or HardSwish as its activation.
     let mut clamp = [f32::NEG_INFINITY, f32::INFINITY];
-    let mut silu = false;
+    let mut act = None;
+    let mut act_params = [0.0; 2];
     if let Some((i, cl, o)) = activation_of(c, &out) {
         clamp = cl;
         remove.push(i);
         out = o;
     } else if let Some((nodes, o)) = silu_of(c, &out) {
-        silu = true;
+        act = Some("silu");
         remove.extend(nodes);
         out = o;
+    } else if let Some((nodes, o)) = hardswish_of(c, &out) {
+        act = Some("hardswish");
+        remove.extend(nodes);
+        out = o;
+    } else if let Some((i, ab, o)) = hardsigmoid_of(c, &out) {
+        act = Some("hardsigmoid");
+        act_params = ab;
+        remove.push(i);
+        out = o;
+    }
+    // After a clamp or an activation: a scalar `Mul` then `Add` (either alone) as the output stage's affine.
+    let mut affine = None;
+    if clamp != [f32::NEG_INFINITY, f32::INFINITY] || act.is_some() {
+        let mut post = [1.0f32, 0.0];
+        for want_mul in [true, false] {
+            match channel_const_of(c, &out, 1, false) {
+                Some((i, mul, k, o)) if mul == want_mul => {
+                    post[usize::from(!mul)] = k[0];
+                    remove.push(i);
+                    out = o;
+                    affine = Some(post);
+                }
+                _ => {}
+            }
+        }
     }
     let raw: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
     let mut attrs = vec![
@@ -105,8 +169,14 @@ fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
     if let Some(b) = &bias {
         attrs.push(attr_tensor("bias", tensor_f32("bias", &[c_out as i64], b)));
     }
-    if silu {
-        attrs.push(attr_string("act", "silu"));
+    if let Some(a) = act {
+        attrs.push(attr_string("act", a));
+    }
+    if act == Some("hardsigmoid") {
+        attrs.push(attr_floats("act_params", &act_params));
+    }
+    if let Some(a) = affine {
+        attrs.push(attr_floats("affine", &a));
     }
     Some(Rewrite { remove, node: ep("EpConv", &format!("{}_kernel", n.name()), &[&n.input[0]], &out, attrs) })
 }
@@ -128,6 +198,112 @@ fn activation_of(c: &Ctx, v: &str) -> Option<(usize, [f32; 2], String)> {
         _ => return None,
     };
     (!cl[0].is_nan() && !cl[1].is_nan() && cl[0] <= cl[1]).then(|| Some((i, cl, a.output.first()?.clone())))?
+}
+
+/// The `Mul` or `Add` (default domain) that alone reads `v`, a 4-D value of `c_out` channels, and multiplies or adds a
+/// finite constant of one value or (when `per_channel`) one per channel (`[c_out, 1, 1]`, leading 1s allowed): (its
+/// node index, whether it is a `Mul`, the values, its output).
+fn channel_const_of(c: &Ctx, v: &str, c_out: usize, per_channel: bool) -> Option<(usize, bool, Vec<f32>, String)> {
+    let i = c.only_reader(v)?;
+    let n = &c.g.nodes[i];
+    if !n.domain_name().is_empty() || !matches!(n.op(), "Mul" | "Add") || n.input.len() != 2 {
+        return None;
+    }
+    let other = n.input.iter().find(|x| *x != v)?;
+    let t = c.g.initializer(other)?;
+    let k = tensor_f32_values(t).filter(|k| k.iter().all(|x| x.is_finite()))?;
+    let dims: Vec<i64> = t.dims.iter().copied().skip_while(|&d| d == 1).collect();
+    if t.dims.len() > 4 || !(k.len() == 1 || (per_channel && dims == [c_out as i64, 1, 1])) {
+        return None;
+    }
+    Some((i, n.op() == "Mul", k, n.output.first()?.clone()))
+}
+
+/// HardSwish after `v`: written out as `Div(Mul(v, Clip(Add(v, 3), 0, 6)), 6)` (each node the only reader of the one
+/// before, `v` read by the Add and the Mul alone), the `HardSwish` op, or `Mul(v, HardSigmoid(v))` with α = 1/6,
+/// β = ½: (the node indices, the last one's output).
+fn hardswish_of(c: &Ctx, v: &str) -> Option<(Vec<usize>, String)> {
+    let g = c.g;
+    let plain = |i: usize, op: &str| g.nodes[i].op() == op && g.nodes[i].domain_name().is_empty();
+    let out = |i: usize| g.nodes[i].output.first().cloned();
+    if let Some(i) = c.only_reader(v).filter(|&i| plain(i, "HardSwish")) {
+        return Some((vec![i], out(i)?));
+    }
+    if c.readers.get(v) != Some(&2) || c.pinned.contains(v) {
+        return None;
+    }
+    let reads = |i: usize, a: &str, b: &str| {
+        let n = &g.nodes[i].input;
+        n.len() == 2 && ((n[0] == a && n[1] == b) || (n[0] == b && n[1] == a))
+    };
+    let is_const = |name: &str, want: f32| c.scalar(name) == Some(want);
+    let readers_of_v = (0..g.nodes.len()).filter(|&i| g.nodes[i].input.iter().any(|x| x == v));
+    for first in readers_of_v {
+        let n = &g.nodes[first];
+        if plain(first, "Add") && n.input.len() == 2 && n.input.iter().any(|x| x != v && is_const(x, 3.0)) {
+            let (clip, cl, clip_out) = activation_of(c, &out(first)?)?;
+            let mul = c.only_reader(&clip_out).filter(|&m| plain(m, "Mul") && reads(m, v, &clip_out))?;
+            let div = c.only_reader(&out(mul)?)?;
+            let d = &g.nodes[div];
+            let by_six = plain(div, "Div") && d.input.len() == 2 && is_const(&d.input[1], 6.0);
+            return (cl == [0.0, 6.0] && by_six).then(|| Some((vec![first, clip, mul, div], out(div)?)))?;
+        }
+        if plain(first, "HardSigmoid") && n.input.len() == 1 {
+            let (alpha, beta) = (n.attr_f("alpha").unwrap_or(0.2), n.attr_f("beta").unwrap_or(0.5));
+            let hs = out(first)?;
+            let mul = c.only_reader(&hs).filter(|&m| plain(m, "Mul") && reads(m, v, &hs))?;
+            return (alpha == 1.0 / 6.0 && beta == 0.5).then(|| Some((vec![first, mul], out(mul)?)))?;
+        }
+    }
+    None
+}
+
+/// The `HardSigmoid` (finite α, β) that alone reads `v`: (its index, `[α, β]`, its output).
+fn hardsigmoid_of(c: &Ctx, v: &str) -> Option<(usize, [f32; 2], String)> {
+    let i = c.only_reader(v)?;
+    let n = &c.g.nodes[i];
+    if n.op() != "HardSigmoid" || !n.domain_name().is_empty() || n.input.len() != 1 {
+        return None;
+    }
+    let ab = [n.attr_f("alpha").unwrap_or(0.2), n.attr_f("beta").unwrap_or(0.5)];
+    ab.iter().all(|x| x.is_finite()).then(|| Some((i, ab, n.output.first()?.clone())))?
+}
+
+/// The values of one pixel per channel (`Ctx::pooled`), in one pass over the sorted graph.
+fn pooled_values(g: &Graph) -> HashSet<String> {
+    let mut pooled: HashSet<String> = HashSet::new();
+    // A constant that broadcasts over channels only (its last two dimensions 1, or a single value).
+    let per_channel = |name: &str| {
+        g.initializer(name).is_some_and(|t| {
+            let d = &t.dims;
+            d.len() <= 4 && (d.iter().product::<i64>() == 1 || (d.len() >= 3 && d[d.len() - 2..] == [1, 1]))
+        })
+    };
+    for n in &g.nodes {
+        let Some(out) = n.output.first() else { continue };
+        if !n.domain_name().is_empty() || n.output.len() != 1 {
+            continue;
+        }
+        let first = n.input.first().is_some_and(|i| pooled.contains(i));
+        let one = match n.op() {
+            "GlobalAveragePool" => true,
+            "Conv" => {
+                let unpadded = n.attr_ints("pads").is_none_or(|p| p.iter().all(|&v| v == 0))
+                    && n.attr_s("auto_pad").is_none_or(|a| a == "NOTSET" || a == "VALID");
+                let w = n.input.get(1).and_then(|w| g.initializer(w));
+                first && unpadded && w.is_some_and(|w| w.dims.len() == 4 && w.dims[2..] == [1, 1])
+            }
+            "Relu" | "Clip" | "Sigmoid" | "HardSigmoid" | "HardSwish" => first,
+            "Mul" | "Add" | "Sub" | "Div" if n.input.len() == 2 => {
+                n.input.iter().all(|i| pooled.contains(i) || per_channel(i))
+            }
+            _ => false,
+        };
+        if one {
+            pooled.insert(out.clone());
+        }
+    }
+    pooled
 }
 
 /// SiLU written out, `Mul(v, Sigmoid(v))` (either operand order), when those two nodes are `v`'s only readers and
@@ -239,20 +415,32 @@ fn simple(c: &Ctx, idx: usize, made: &Made) -> Option<Rewrite> {
     if !n.domain_name().is_empty() || n.output.len() != 1 || !n.input.iter().all(|i| made.contains_key(i)) {
         return None;
     }
-    // A residual Add of equal channel counts (no broadcasting across channels).
-    if n.op() == "Add" && n.input.iter().map(|i| made[i]).collect::<HashSet<_>>().len() != 1 {
+    // A residual Add, or a gate's Mul, of equal channel counts (no broadcasting across channels).
+    if matches!(n.op(), "Add" | "Mul") && n.input.iter().map(|i| made[i]).collect::<HashSet<_>>().len() != 1 {
         return None;
     }
     let name = format!("{}_kernel", n.name());
     let ins: Vec<&str> = n.input.iter().map(|s| s.as_str()).collect();
     // A Relu or Clip that alone reads the sum: applied to it (a residual block's activation).
     let act = if n.op() == "Add" { activation_of(c, &n.output[0]) } else { None };
-    if let Some((a, cl, out)) = act.filter(|_| ins.len() == 2) {
+    let same = |a: &str, b: &str| c.pooled.contains(a) == c.pooled.contains(b);
+    if let Some((a, cl, out)) = act.filter(|_| ins.len() == 2 && same(ins[0], ins[1])) {
         let node = ep("EpAdd", &name, &ins, &out, vec![attr_floats("clamp", &cl)]);
         return Some(Rewrite { remove: vec![idx, a], node });
     }
     let node = match n.op() {
-        "Add" if ins.len() == 2 => ep("EpAdd", &name, &ins, &n.output[0], vec![]),
+        // Not a broadcast of a gate over an image (EpAdd adds equal shapes).
+        "Add" if ins.len() == 2 && same(ins[0], ins[1]) => ep("EpAdd", &name, &ins, &n.output[0], vec![]),
+        // A gate of one pixel per channel times an image of those channels: the gate second.
+        "Mul" if ins.len() == 2 => {
+            let gate = |i: &str| c.pooled.contains(i);
+            let ins = match (gate(ins[0]), gate(ins[1])) {
+                (false, true) => [ins[0], ins[1]],
+                (true, false) => [ins[1], ins[0]],
+                _ => return None,
+            };
+            ep("EpScale", &name, &ins, &n.output[0], vec![])
+        }
         "GlobalAveragePool" if ins.len() == 1 => ep("EpGlobalAveragePool", &name, &ins, &n.output[0], vec![]),
         "Concat" if n.attr_i("axis") == Some(1) && !ins.is_empty() => ep("EpConcat", &name, &ins, &n.output[0], vec![]),
         "MaxPool" if ins.len() == 1 => ep("EpMaxPool", &name, &ins, &n.output[0], maxpool_attrs(n)?),
@@ -334,6 +522,7 @@ fn fuse_residual_adds(c: &Ctx, rewrites: Vec<Rewrite>) -> Vec<Rewrite> {
                 && n.attr_i("group") == Some(1)
                 && n.attribute.iter().find(|a| a.name.as_deref() == Some("clamp")).is_some_and(|a| a.floats == none)
                 && n.attr_s("act").is_none()
+                && n.attr("affine").is_none()
                 && c.readers.get(v) == Some(&1)
                 && !c.pinned.contains(v);
             (bare && !used.contains(&k)).then_some(k)
@@ -403,6 +592,7 @@ fn lower(graph: &mut Graph, opset: Option<i64>) -> usize {
     let mut g = graph.clone();
     g.name_unnamed_nodes();
     g.constants_to_initializers();
+    g.fold_constant_reshapes();
     g.fold_batchnorm();
     g.bypass_inference_identities();
     if g.topo_sort().is_err() {
@@ -417,14 +607,14 @@ fn lower(graph: &mut Graph, opset: Option<i64>) -> usize {
             }
             edgepack_onnx::collect_subgraph_refs(n, &mut pinned);
         }
-        let c = Ctx { g: &g, readers, pinned, float: g.infer_elem_types(), opset };
+        let c = Ctx { g: &g, readers, pinned, float: g.infer_elem_types(), opset, pooled: pooled_values(&g) };
         let out = match_rewrites(
             &g,
             |i, n, made| match n.op() {
                 "Conv" if n.domain_name().is_empty() => conv(&c, i),
                 "Gemm" if n.domain_name().is_empty() => gemm(&c, i),
                 "Softmax" if n.domain_name().is_empty() => softmax(&c, i),
-                "Add" | "Concat" | "MaxPool" | "GlobalAveragePool" => simple(&c, i, made),
+                "Add" | "Mul" | "Concat" | "MaxPool" | "GlobalAveragePool" => simple(&c, i, made),
                 _ => None,
             },
             channels,
@@ -437,9 +627,63 @@ fn lower(graph: &mut Graph, opset: Option<i64>) -> usize {
 
 trait Bypass {
     fn bypass_inference_identities(&mut self) -> usize;
+    fn fold_constant_reshapes(&mut self) -> usize;
 }
 
 impl Bypass for Graph {
+    /// Replaces a `Reshape` of an f32 initializer by a constant shape (int64 initializer; `0` copies the input's
+    /// dimension unless `allowzero`, one `-1` is inferred) with an initializer of the new dims: exporters write a
+    /// per-channel bias as `Reshape(b, [1, c, 1, 1])`, which the constant folding of `Conv → Add` then takes.
+    fn fold_constant_reshapes(&mut self) -> usize {
+        let outputs: HashSet<String> = self.outputs.iter().filter_map(|o| o.name.clone()).collect();
+        let fold = |n: &NodeProto| -> Option<edgepack_onnx::TensorProto> {
+            if n.op() != "Reshape" || !n.domain_name().is_empty() || n.input.len() != 2 || n.output.len() != 1 {
+                return None;
+            }
+            let out = n.output[0].clone();
+            if outputs.contains(&out) || self.initializer(&out).is_some() {
+                return None;
+            }
+            let data = self.initializer(&n.input[0]).filter(|t| t.data_type == Some(1))?;
+            let shape = edgepack_onnx::tensor_from_proto(self.initializer(&n.input[1])?).ok()?;
+            let edgepack_core::tensor::TensorData::I64(want) = shape.data() else { return None };
+            let len: i64 = data.dims.iter().product();
+            let allowzero = n.attr_i("allowzero").unwrap_or(0) != 0;
+            let mut dims: Vec<i64> = want
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| if d == 0 && !allowzero { data.dims.get(i).copied().unwrap_or(-2) } else { d })
+                .collect();
+            let known: i64 = dims.iter().filter(|&&d| d != -1).product();
+            match dims.iter().filter(|&&d| d == -1).count() {
+                0 if known == len => {}
+                1 if known > 0 && len % known == 0 => {
+                    dims.iter_mut().filter(|d| **d == -1).for_each(|d| *d = len / known)
+                }
+                _ => return None,
+            }
+            if dims.iter().any(|&d| d < 0) {
+                return None;
+            }
+            let mut t = data.clone();
+            t.name = Some(out);
+            t.dims = dims;
+            Some(t)
+        };
+        let made: Vec<(usize, edgepack_onnx::TensorProto)> =
+            self.nodes.iter().enumerate().filter_map(|(i, n)| Some((i, fold(n)?))).collect();
+        let gone: HashSet<usize> = made.iter().map(|(i, _)| *i).collect();
+        let mut i = 0;
+        self.nodes.retain(|_| {
+            i += 1;
+            !gone.contains(&(i - 1))
+        });
+        let made: Vec<_> = made.into_iter().map(|(_, t)| t).collect();
+        let count = made.len();
+        self.initializers.extend(made);
+        count
+    }
+
     /// Removes `Identity` and inference `Dropout` nodes (only their first output read, not a graph output): their
     /// readers read the input instead. Kernel chains then run through them (SqueezeNet's Dropout before conv10).
     fn bypass_inference_identities(&mut self) -> usize {

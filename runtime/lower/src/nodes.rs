@@ -53,6 +53,8 @@ pub enum Kernel {
     FGemm(FConv),
     /// `clamp(a + b)` (`[−∞, +∞]`: a plain sum); the clamp is the Relu or Clip after a residual Add.
     FAdd([f32; 2]),
+    /// `x · s`, `s` one value per image and channel (`[n, 1, 1, c]`): a squeeze-and-excitation gate.
+    FScale,
     FMaxPool(Pool2d, Isa),
     FConcat(usize),
     FGlobalAvg,
@@ -243,26 +245,43 @@ fn pool2d(node: &NodeProto) -> Res<Pool2d> {
     Ok(g)
 }
 
+/// A `[lo, hi]` clamp attribute (`None` when absent): two floats, `lo ≤ hi` (neither NaN).
+fn clamp_attr(node: &NodeProto, name: &str) -> Res<Option<[f32; 2]>> {
+    match node.attr(name).map(|a| a.floats.as_slice()) {
+        None => Ok(None),
+        Some(&[lo, hi]) if lo <= hi => Ok(Some([lo, hi])),
+        Some(c) => Err(format!("{}: bad {name} {c:?} (two floats, lo ≤ hi)", node.name())),
+    }
+}
+
 fn fconv(node: &NodeProto, sfx: &str) -> Res<FConv> {
     let a = |name: &str| format!("{name}{sfx}");
     let g = geometry(node, sfx)?;
     let bias =
         if node.attr(&a("bias")).is_some() { Some(floats(raw(node, &a("bias"), 1, g.c_out * 4)?)) } else { None };
-    let clamp = attr(node, &a("clamp"))?.floats.as_slice();
-    if clamp.len() != 2 {
-        return Err(format!("{}: clamp must hold 2 floats", node.name()));
-    }
+    let clamp = clamp_attr(node, &a("clamp"))?.ok_or_else(|| format!("{}: no {}", node.name(), a("clamp")))?;
     let act = match node.attr_s(&a("act")) {
         None => Act::None,
         Some("silu") => Act::Silu,
+        Some("hardswish") => Act::HardSwish,
+        Some("hardsigmoid") => match attr(node, &a("act_params"))?.floats.as_slice() {
+            &[alpha, beta] => Act::HardSigmoid { alpha, beta },
+            _ => return Err(format!("{}: act_params must hold HardSigmoid's α and β", node.name())),
+        },
         Some(other) => return Err(format!("{}: unknown activation {other:?}", node.name())),
+    };
+    let affine = match node.attr(&a("affine")).map(|t| t.floats.as_slice()) {
+        None => None,
+        Some(&[scale, shift]) => Some([scale, shift]),
+        Some(_) => return Err(format!("{}: affine must hold 2 floats", node.name())),
     };
     let spec = FConvSpec {
         geom: g,
         weights: floats(raw(node, &a("weights"), 1, g.c_out * per_out(&g) * 4)?),
         bias,
-        clamp: [clamp[0], clamp[1]],
+        clamp,
         act,
+        affine,
     };
     FConv::new(spec, Isa::detect()).map_err(|e| format!("{}: {e}", node.name()))
 }
@@ -311,13 +330,8 @@ impl Kernel {
                 Kernel::FConvConcat(convs)
             }
             "EpGemm" => Kernel::FGemm(fconv(node, "")?),
-            "EpAdd" => Kernel::FAdd(match node.attribute.iter().find(|a| a.name.as_deref() == Some("clamp")) {
-                None => [f32::NEG_INFINITY, f32::INFINITY],
-                Some(a) => match a.floats.as_slice() {
-                    &[lo, hi] if lo <= hi => [lo, hi],
-                    c => return Err(format!("{}: bad clamp {c:?}", node.name())),
-                },
-            }),
+            "EpAdd" => Kernel::FAdd(clamp_attr(node, "clamp")?.unwrap_or([f32::NEG_INFINITY, f32::INFINITY])),
+            "EpScale" => Kernel::FScale,
             "EpMaxPool" => Kernel::FMaxPool(pool2d(node)?, Isa::detect()),
             "EpConcat" => Kernel::FConcat(node.input.len()),
             "EpGlobalAveragePool" => Kernel::FGlobalAvg,
@@ -345,6 +359,7 @@ impl Kernel {
             Kernel::FConvConcat(_) => "EpConvConcat",
             Kernel::FGemm(_) => "EpGemm",
             Kernel::FAdd(_) => "EpAdd",
+            Kernel::FScale => "EpScale",
             Kernel::FMaxPool(..) => "EpMaxPool",
             Kernel::FConcat(_) => "EpConcat",
             Kernel::FGlobalAvg => "EpGlobalAveragePool",
@@ -362,6 +377,7 @@ impl Kernel {
                 | Kernel::FConvConcat(_)
                 | Kernel::FGemm(_)
                 | Kernel::FAdd(_)
+                | Kernel::FScale
                 | Kernel::FMaxPool(..)
                 | Kernel::FConcat(_)
                 | Kernel::FGlobalAvg
@@ -400,7 +416,7 @@ impl Kernel {
 
     pub fn arity(&self) -> usize {
         match self {
-            Kernel::Add { .. } | Kernel::FAdd(_) | Kernel::FConvAdd(_) => 2,
+            Kernel::Add { .. } | Kernel::FAdd(_) | Kernel::FConvAdd(_) | Kernel::FScale => 2,
             Kernel::Concat { tables } => tables.len(),
             Kernel::FConcat(n) => *n,
             Kernel::FConvConcat(convs) => convs.len(),
@@ -485,6 +501,12 @@ impl Kernel {
             Kernel::Add { .. } | Kernel::FAdd(_) => {
                 if ins[0] != ins[1] {
                     return Err(format!("{name}: inputs {:?} and {:?} differ (no broadcasting)", ins[0], ins[1]));
+                }
+                x.clone()
+            }
+            Kernel::FScale => {
+                if ins[1] != [x[0].clone(), D::known(1), D::known(1), x[3].clone()] {
+                    return Err(format!("{name}: gate {:?} is not one value per image and channel of {x:?}", ins[1]));
                 }
                 x.clone()
             }
@@ -575,6 +597,9 @@ impl Kernel {
                         *o = edgepack_kernels::fconv::clampf(p + q, *clamp);
                     }
                 });
+            }
+            (Kernel::FScale, DataMut::F32(y)) => {
+                qelem::scale_channels_f32(f32s(0)?, f32s(1)?, x[0], x[1] * x[2], x[3], y)
             }
             (Kernel::FMaxPool(g, isa), DataMut::F32(y)) => {
                 qelem::maxpool_f32(*isa, f32s(0)?, [x[0], x[1], x[2], x[3]], *g, y)

@@ -365,6 +365,7 @@ fn conv_of(n: &NodeProto, w: &Tensor, bias: Option<&Tensor>, hw: Option<[usize; 
         bias: bias.map(Tensor::to_f32_vec),
         clamp: [f32::NEG_INFINITY, f32::INFINITY],
         act: Default::default(),
+        affine: None,
     };
     fconv::FConv::new(spec, Isa::detect()).map(Some)
 }
@@ -422,6 +423,7 @@ fn conv1d_of(n: &NodeProto, w: &Tensor, bias: Option<&Tensor>, len: Option<usize
         bias: bias.map(Tensor::to_f32_vec),
         clamp: [f32::NEG_INFINITY, f32::INFINITY],
         act: Default::default(),
+        affine: None,
     };
     fconv::FConv::new(spec, Isa::detect()).map(Some)
 }

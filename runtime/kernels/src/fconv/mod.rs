@@ -1,5 +1,6 @@
 //! fp32 2-D convolution on NHWC activations, bias and activation clamp (Relu, Clip/Relu6) fused into the output
-//! stage, then an activation ([`Act`]: SiLU) on each tile while in cache, and for group-1 convolutions a residual
+//! stage, then an activation ([`Act`]: SiLU, HardSwish, HardSigmoid) and a scalar affine on each tile while in cache, and for
+//! group-1 convolutions a residual
 //! Add ([`FConv::run_add`]). The float twin of [`super::qconv`],
 //! with the same plans:
 //! - **GEMM** (`group == 1`): 1×1, stride-1, unpadded convolutions read activation rows directly; others are
@@ -30,32 +31,53 @@ pub struct FConvSpec {
     pub clamp: [f32; 2],
     /// An activation after the clamp (and after a residual), applied to each output tile while it is in cache.
     pub act: Act,
+    /// `[scale, shift]`: `y·scale + shift` after the activation, a multiply then an add (a learnable affine block
+    /// after the activation, as PP-LCNetV3 writes `Mul` and `Add` of scalars); `None`: none.
+    pub affine: Option<[f32; 2]>,
 }
 
 /// The activations of the output stage beyond a clamp.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Act {
     #[default]
     None,
     /// SiLU (swish), `x·σ(x)`: YOLOv5/v8's activation, written in ONNX as `Mul(x, Sigmoid(x))`.
     Silu,
+    /// HardSwish, `x·clamp(x + 3, 0, 6) / 6` in that order (MobileNetV3's and PP-LCNet's activation, as exporters
+    /// write it out: `Add`, `Clip`, `Mul`, `Div`).
+    HardSwish,
+    /// HardSigmoid, `clamp(α·x + β, 0, 1)` (a squeeze-and-excitation block's gate in MobileNetV3 and PP-LCNet).
+    HardSigmoid { alpha: f32, beta: f32 },
 }
 
 impl Act {
-    /// Applies the activation to `v` in place, with the widest vectors `isa` has.
-    pub fn apply_isa(self, isa: Isa, v: &mut [f32]) {
-        if self == Act::None {
+    /// Applies the activation, then `affine` (`[scale, shift]`), to `v` in place, with the widest vectors `isa`
+    /// has.
+    pub fn apply_isa(self, isa: Isa, affine: Option<[f32; 2]>, v: &mut [f32]) {
+        if self == Act::None && affine.is_none() {
             return;
         }
         #[cfg(target_arch = "x86_64")]
         match isa {
             // SAFETY: the ISA was detected (x86 levels imply their features).
-            Isa::Avx512Vnni => return unsafe { act_avx512(self, v) },
-            Isa::Avx2 => return unsafe { act_avx2(self, v) },
+            Isa::Avx512Vnni => return unsafe { act_avx512(self, affine, v) },
+            Isa::Avx2 => return unsafe { act_avx2(self, affine, v) },
             _ => {}
         }
         let _ = isa;
-        self.apply(v)
+        self.apply_affine(affine, v)
+    }
+
+    /// [`Act::apply`], then `y·scale + shift` (two roundings, as the graph's `Mul` and `Add`) when `affine` is
+    /// given.
+    #[inline(always)]
+    fn apply_affine(self, affine: Option<[f32; 2]>, v: &mut [f32]) {
+        self.apply(v);
+        if let Some([scale, shift]) = affine {
+            for x in v {
+                *x = *x * scale + shift;
+            }
+        }
     }
 
     /// Applies the activation to `v` in place (plain arithmetic the compiler vectorizes at the build's baseline).
@@ -68,6 +90,16 @@ impl Act {
                     *x *= sigmoid(*x);
                 }
             }
+            Act::HardSwish => {
+                for x in v {
+                    *x = *x * clampf(*x + 3.0, [0.0, 6.0]) / 6.0;
+                }
+            }
+            Act::HardSigmoid { alpha, beta } => {
+                for x in v {
+                    *x = clampf(*x * alpha + beta, [0.0, 1.0]);
+                }
+            }
         }
     }
 }
@@ -75,15 +107,15 @@ impl Act {
 /// [`Act::apply`] compiled for AVX-512 (16 lanes).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn act_avx512(act: Act, v: &mut [f32]) {
-    act.apply(v)
+unsafe fn act_avx512(act: Act, affine: Option<[f32; 2]>, v: &mut [f32]) {
+    act.apply_affine(affine, v)
 }
 
 /// [`Act::apply`] compiled for AVX2 (8 lanes).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn act_avx2(act: Act, v: &mut [f32]) {
-    act.apply(v)
+unsafe fn act_avx2(act: Act, affine: Option<[f32; 2]>, v: &mut [f32]) {
+    act.apply_affine(affine, v)
 }
 
 /// `σ(x) = 1 / (1 + e^−x)` from `e = e^−|x|` (never overflows): `1 / (1 + e)` for `x ≥ 0`, `e / (1 + e)` below.
@@ -165,6 +197,14 @@ impl FConv {
         }
         if s.clamp[0].is_nan() || s.clamp[1].is_nan() || s.clamp[0] > s.clamp[1] {
             return Err(format!("bad clamp {:?}", s.clamp));
+        }
+        if s.affine.is_some_and(|a| a.iter().any(|v| !v.is_finite())) {
+            return Err(format!("bad affine {:?}", s.affine));
+        }
+        if let Act::HardSigmoid { alpha, beta } = s.act
+            && !(alpha.is_finite() && beta.is_finite())
+        {
+            return Err(format!("bad HardSigmoid α {alpha}, β {beta}"));
         }
         let mut bias = vec![0f32; s.geom.c_out.div_ceil(64) * 64];
         if let Some(b) = &s.bias {
@@ -282,7 +322,7 @@ impl FConv {
                         cols: cols.clone(),
                     };
                     self.depthwise_row(&d, wt, *cpad, yrow);
-                    s.act.apply_isa(self.isa, yrow);
+                    s.act.apply_isa(self.isa, s.affine, yrow);
                 });
             }
         }
@@ -390,12 +430,14 @@ impl FConv {
                         for (v, &a) in o.iter_mut().zip(r) {
                             *v = clampf(*v + a, s.clamp);
                         }
-                        s.act.apply_isa(self.isa, o);
+                        s.act.apply_isa(self.isa, s.affine, o);
                     }
-                } else if s.act != Act::None {
+                } else if s.act != Act::None || s.affine.is_some() {
                     for &o in &out_ptrs[..nr] {
                         // SAFETY: as above, the channels of these rows this part just stored.
-                        s.act.apply_isa(self.isa, unsafe { std::slice::from_raw_parts_mut(o.add(b.c0), b.valid) });
+                        s.act.apply_isa(self.isa, s.affine, unsafe {
+                            std::slice::from_raw_parts_mut(o.add(b.c0), b.valid)
+                        });
                     }
                 }
             }

@@ -352,6 +352,33 @@ pub fn global_avg_f32(x: &[f32], n: usize, hw: usize, c: usize, out: &mut [f32])
     });
 }
 
+/// `y[b, p, c] = x[b, p, c] · s[b, c]`: NHWC `x` of `n` images of `hw` pixels and `c` channels scaled per image and
+/// channel (a squeeze-and-excitation block's gate), split across the pool by ranges of pixels.
+pub fn scale_channels_f32(x: &[f32], s: &[f32], n: usize, hw: usize, c: usize, y: &mut [f32]) {
+    let pixels = n * hw;
+    assert!(
+        x.len() >= pixels * c && y.len() >= pixels * c && s.len() >= n * c,
+        "scale_channels_f32: buffers too small"
+    );
+    if c == 0 {
+        return;
+    }
+    let parts = super::threads().min((pixels * c / 16_384).max(1));
+    let per = pixels.div_ceil(parts);
+    let y_addr = y.as_mut_ptr() as usize;
+    super::for_each_part(parts, |part| {
+        let (p0, p1) = ((part * per).min(pixels), ((part + 1) * per).min(pixels));
+        // SAFETY: pixels p0..p1 of the output are written by this part only.
+        let o = unsafe { std::slice::from_raw_parts_mut((y_addr as *mut f32).add(p0 * c), (p1 - p0) * c) };
+        for (p, (o, xs)) in (p0..p1).zip(o.chunks_exact_mut(c).zip(x[p0 * c..p1 * c].chunks_exact(c))) {
+            let g = &s[(p / hw) * c..][..c];
+            for ((o, &v), &k) in o.iter_mut().zip(xs).zip(g) {
+                *o = v * k;
+            }
+        }
+    });
+}
+
 /// Softmax of each row of `n` values of `x` into `y` (the same size): `e = exp(x − max)`, then `e · (1 / Σe)`
 /// (onnxruntime's order of operations; the sum kept in f64, as a recognizer's 6625-class rows summed in f32 lose
 /// digits). Rows split across the pool for large inputs. Every pass is plain arithmetic the compiler vectorizes
