@@ -402,6 +402,74 @@ fn lowered_affine_and_hardswish_equal_the_graph_as_written() {
     }
 }
 
+/// Nearest-neighbour `Resize` by whole factors between kernels (an FPN's top-down path) becomes `EpUpsample` in the
+/// modes where it picks pixel `(oy / sh, ox / sw)` (asymmetric/floor, half_pixel with the default rounding), and
+/// equals tract's Resize; a fractional factor and the `round_prefer_floor` asymmetric mode stay Resize.
+#[test]
+fn lowered_upsample_equals_resize() {
+    let mut r = Rng(0x5ca1_ab1e);
+    let mut w = |name: &str, dims: &[i64]| {
+        let n: i64 = dims.iter().product();
+        tensor_f32(name, dims, &(0..n).map(|_| r.unit() - 0.5).collect::<Vec<_>>())
+    };
+    let inits = vec![
+        w("w1", &[5, 3, 3, 3]),
+        w("w2", &[4, 5, 1, 1]),
+        tensor_f32("roi", &[0], &[]),
+        tensor_f32("s23", &[4], &[1.0, 1.0, 2.0, 3.0]),
+        tensor_f32("s44", &[4], &[1.0, 1.0, 4.0, 4.0]),
+        tensor_f32("s15", &[4], &[1.0, 1.0, 1.5, 1.5]),
+    ];
+    let resize = |name: &str, x: &str, s: &str, y: &str, ctm: Option<&str>, nearest: Option<&str>| {
+        let mut a = vec![attr_string("mode", "nearest")];
+        a.extend(ctm.map(|v| attr_string("coordinate_transformation_mode", v)));
+        a.extend(nearest.map(|v| attr_string("nearest_mode", v)));
+        node("Resize", name, &[x, "roi", s], &[y], a)
+    };
+    let nodes = vec![
+        node("Conv", "c1", &["x", "w1"], &["a0"], vec![attr_ints("pads", &[1, 1, 1, 1])]),
+        node("Relu", "r1", &["a0"], &["a"], vec![]),
+        resize("up1", "a", "s23", "b", Some("asymmetric"), Some("floor")),
+        node("Conv", "c2", &["b", "w2"], &["c"], vec![]),
+        resize("up2", "c", "s44", "d", None, None),
+        node("Relu", "relu", &["d"], &["y"], vec![]),
+        resize("up3", "a", "s15", "e", Some("asymmetric"), Some("floor")),
+        resize("up4", "a", "s44", "f", Some("asymmetric"), Some("round_prefer_floor")),
+        node("Concat", "cat", &["e", "e"], &["z"], vec![attr_int("axis", 1)]),
+    ];
+    let mut m = model(
+        nodes,
+        vec![value_info("x", 1, &[Dim::Fixed(2), Dim::Fixed(3), Dim::Fixed(5), Dim::Fixed(7)])],
+        vec![
+            value_info("y", 1, &[Dim::Fixed(2), Dim::Fixed(4), Dim::Fixed(40), Dim::Fixed(84)]),
+            value_info("z", 1, &[Dim::Fixed(2), Dim::Fixed(10), Dim::Fixed(7), Dim::Fixed(10)]),
+            value_info("f", 1, &[Dim::Fixed(2), Dim::Fixed(5), Dim::Fixed(20), Dim::Fixed(28)]),
+        ],
+        inits,
+    );
+    m.set_opset("", 13);
+    let mut lowered = m.clone();
+    lowered.lower_f32_kernels();
+    let ops: Vec<&str> = lowered.graph.nodes.iter().map(|n| n.op()).collect();
+    assert_eq!(ops.iter().filter(|o| **o == "EpUpsample").count(), 2, "{ops:?}");
+    assert_eq!(ops.iter().filter(|o| **o == "Resize").count(), 2, "{ops:?}");
+    let x: Vec<f32> = (0..2 * 3 * 5 * 7).map(|_| r.unit() * 2.0 - 1.0).collect();
+    for threads in [1, 2] {
+        let s = Session::from_model(&m, &SessionOptions { threads, ..Default::default() }).unwrap();
+        let input = || vec![("x".to_string(), Tensor::from_f32(vec![2, 3, 5, 7], x.clone()).unwrap())];
+        let fast = s.run(input()).unwrap();
+        // "a0" (the first convolution's output before its fused Relu) forces the graph as written.
+        let slow = s.run_values(input(), &["y", "z", "f", "a0"]).unwrap();
+        for (i, len) in [(0, 2 * 4 * 40 * 84), (1, 2 * 10 * 7 * 10), (2, 2 * 5 * 20 * 28)] {
+            let (f, w) = (fast[i].1.to_f32_vec(), slow[i].1.to_f32_vec());
+            assert_eq!((f.len(), w.len()), (len, len), "output {i}");
+            for (a, b) in f.iter().zip(&w) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "threads {threads}, output {i}: {a} vs {b}");
+            }
+        }
+    }
+}
+
 /// `Softmax` on the kernels (`EpSoftmax`) equals its definition for the opset the model imports: before opset 13
 /// the dimensions from `axis` on are one row (any axis), from 13 on only the last axis is lowered (another axis
 /// stays tract's Softmax); short rows (a detector's 2-class scores) and enough of them to split across threads.

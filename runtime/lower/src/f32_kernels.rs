@@ -12,6 +12,8 @@
 //! - `Mul(x, gate)` of kernel outputs, `gate` one pixel per channel (a GlobalAveragePool's output through 1×1
 //!   convolutions and activations: a squeeze-and-excitation block, its HardSigmoid the last convolution's `act`) →
 //!   `EpScale(x, gate)`;
+//! - a nearest-neighbour `Resize` of a kernel output by whole factors (constant scales `[1, 1, sh, sw]`, in the modes
+//!   where that is pixel `(oy / sh, ox / sw)`: an FPN's top-down path) → `EpUpsample`;
 //! - a Concat of group-1 convolutions read by nothing else → `EpConvConcat` (each writes its channels in place);
 //! - an `EpAdd` of a group-1 convolution without a clamp or activation, read by nothing else, and another value →
 //!   `EpConv(x, residual)`: the residual added in the convolution's output stage (a projection and its skip
@@ -32,12 +34,13 @@ use edgepack_onnx::{Graph, Model, NodeExt, NodeProto};
 use crate::qdq_kernels::{ApplyRewrites, Made, declare_kernels, match_rewrites};
 
 /// Op types of the float kernel nodes.
-pub const OPS: [&str; 9] = [
+pub const OPS: [&str; 10] = [
     "EpConv",
     "EpConvConcat",
     "EpGemm",
     "EpAdd",
     "EpScale",
+    "EpUpsample",
     "EpMaxPool",
     "EpConcat",
     "EpGlobalAveragePool",
@@ -412,7 +415,9 @@ fn softmax(c: &Ctx, idx: usize) -> Option<Rewrite> {
 
 fn simple(c: &Ctx, idx: usize, made: &Made) -> Option<Rewrite> {
     let n = &c.g.nodes[idx];
-    if !n.domain_name().is_empty() || n.output.len() != 1 || !n.input.iter().all(|i| made.contains_key(i)) {
+    // Resize's other inputs are constants (roi, scales).
+    let data = if n.op() == "Resize" { &n.input[..1.min(n.input.len())] } else { &n.input[..] };
+    if !n.domain_name().is_empty() || n.output.len() != 1 || !data.iter().all(|i| made.contains_key(i)) {
         return None;
     }
     // A residual Add, or a gate's Mul, of equal channel counts (no broadcasting across channels).
@@ -421,6 +426,9 @@ fn simple(c: &Ctx, idx: usize, made: &Made) -> Option<Rewrite> {
     }
     let name = format!("{}_kernel", n.name());
     let ins: Vec<&str> = n.input.iter().map(|s| s.as_str()).collect();
+    if ins.is_empty() {
+        return None;
+    }
     // A Relu or Clip that alone reads the sum: applied to it (a residual block's activation).
     let act = if n.op() == "Add" { activation_of(c, &n.output[0]) } else { None };
     let same = |a: &str, b: &str| c.pooled.contains(a) == c.pooled.contains(b);
@@ -444,9 +452,38 @@ fn simple(c: &Ctx, idx: usize, made: &Made) -> Option<Rewrite> {
         "GlobalAveragePool" if ins.len() == 1 => ep("EpGlobalAveragePool", &name, &ins, &n.output[0], vec![]),
         "Concat" if n.attr_i("axis") == Some(1) && !ins.is_empty() => ep("EpConcat", &name, &ins, &n.output[0], vec![]),
         "MaxPool" if ins.len() == 1 => ep("EpMaxPool", &name, &ins, &n.output[0], maxpool_attrs(n)?),
+        "Resize" => {
+            ep("EpUpsample", &name, &ins[..1], &n.output[0], vec![attr_ints("scales", &upsample_scales(c, n)?)])
+        }
         _ => return None,
     };
     Some(Rewrite { remove: vec![idx], node })
+}
+
+/// A `Resize` (opset 11 on: `X, roi, scales[, sizes]`) that upsamples height and width by whole factors with
+/// nearest neighbours, `scales = [1, 1, sh, sw]` constant, no `sizes` and no `axes`: `[sh, sw]`. Taken in the modes
+/// where that is pixel `(oy / sh, ox / sw)`: asymmetric with `floor`, and (pytorch_)half_pixel with either
+/// round-to-nearest (whole factors never land on a tie).
+fn upsample_scales(c: &Ctx, n: &NodeProto) -> Option<[i64; 2]> {
+    if n.input.len() < 3 || n.attr_s("mode") != Some("nearest") || n.attr("axes").is_some() {
+        return None;
+    }
+    if n.input.get(3).is_some_and(|s| !s.is_empty()) {
+        return None;
+    }
+    let ctm = n.attr_s("coordinate_transformation_mode").unwrap_or("half_pixel");
+    let nearest = n.attr_s("nearest_mode").unwrap_or("round_prefer_floor");
+    let whole = match ctm {
+        "asymmetric" => nearest == "floor",
+        "half_pixel" | "pytorch_half_pixel" => matches!(nearest, "round_prefer_floor" | "round_prefer_ceil"),
+        _ => false,
+    };
+    let s = tensor_f32_values(c.g.initializer(&n.input[2])?)?;
+    let int = |v: f32| ((1.0..=1024.0).contains(&v) && v.fract() == 0.0).then_some(v as i64);
+    match s.as_slice() {
+        &[1.0, 1.0, sh, sw] if whole => Some([int(sh)?, int(sw)?]),
+        _ => None,
+    }
 }
 
 /// `EpConcat` of group-1 `EpConv` outputs read by nothing else → one `EpConvConcat`: each convolution writes
@@ -614,7 +651,7 @@ fn lower(graph: &mut Graph, opset: Option<i64>) -> usize {
                 "Conv" if n.domain_name().is_empty() => conv(&c, i),
                 "Gemm" if n.domain_name().is_empty() => gemm(&c, i),
                 "Softmax" if n.domain_name().is_empty() => softmax(&c, i),
-                "Add" | "Mul" | "Concat" | "MaxPool" | "GlobalAveragePool" => simple(&c, i, made),
+                "Add" | "Mul" | "Concat" | "MaxPool" | "GlobalAveragePool" | "Resize" => simple(&c, i, made),
                 _ => None,
             },
             channels,

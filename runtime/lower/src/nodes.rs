@@ -58,6 +58,8 @@ pub enum Kernel {
     FMaxPool(Pool2d, Isa),
     FConcat(usize),
     FGlobalAvg,
+    /// Nearest-neighbour upsampling by whole factors `[sh, sw]`.
+    FUpsample([usize; 2]),
     /// Softmax over the dimensions from `axis` on, flattened (rank any; a negative axis counts from the end):
     /// contiguous rows, outside the NHWC chains.
     FSoftmax {
@@ -245,6 +247,9 @@ fn pool2d(node: &NodeProto) -> Res<Pool2d> {
     Ok(g)
 }
 
+/// The largest whole upsampling factor `EpUpsample` takes.
+const LIMIT_SCALE: i64 = 1024;
+
 /// A `[lo, hi]` clamp attribute (`None` when absent): two floats, `lo ≤ hi` (neither NaN).
 fn clamp_attr(node: &NodeProto, name: &str) -> Res<Option<[f32; 2]>> {
     match node.attr(name).map(|a| a.floats.as_slice()) {
@@ -335,6 +340,17 @@ impl Kernel {
             "EpMaxPool" => Kernel::FMaxPool(pool2d(node)?, Isa::detect()),
             "EpConcat" => Kernel::FConcat(node.input.len()),
             "EpGlobalAveragePool" => Kernel::FGlobalAvg,
+            "EpUpsample" => match node.attr_ints("scales") {
+                Some(&[sh, sw]) if (1..=LIMIT_SCALE).contains(&sh) && (1..=LIMIT_SCALE).contains(&sw) => {
+                    Kernel::FUpsample([sh as usize, sw as usize])
+                }
+                s => {
+                    return Err(format!(
+                        "{}: EpUpsample scales {s:?}: two whole factors in 1..={LIMIT_SCALE}",
+                        node.name()
+                    ));
+                }
+            },
             "EpSoftmax" => Kernel::FSoftmax {
                 axis: node.attr_i("axis").ok_or_else(|| format!("{}: EpSoftmax without an axis", node.name()))?,
             },
@@ -363,6 +379,7 @@ impl Kernel {
             Kernel::FMaxPool(..) => "EpMaxPool",
             Kernel::FConcat(_) => "EpConcat",
             Kernel::FGlobalAvg => "EpGlobalAveragePool",
+            Kernel::FUpsample(_) => "EpUpsample",
             Kernel::FSoftmax { .. } => "EpSoftmax",
             Kernel::Layout { .. } => "EpLayout",
             Kernel::DynGemm { .. } => "EpDynGemm",
@@ -381,6 +398,7 @@ impl Kernel {
                 | Kernel::FMaxPool(..)
                 | Kernel::FConcat(_)
                 | Kernel::FGlobalAvg
+                | Kernel::FUpsample(_)
                 | Kernel::FSoftmax { .. }
                 | Kernel::DynGemm { .. }
         )
@@ -528,6 +546,13 @@ impl Kernel {
                 vec![x[0].clone(), x[2].clone(), x[3].clone(), x[1].clone()]
             }
             Kernel::FGlobalAvg => vec![x[0].clone(), D::known(1), D::known(1), x[3].clone()],
+            Kernel::FUpsample([sh, sw]) => {
+                let (h, w) = hw(x)?;
+                let big = || format!("{name}: {h}x{w} upsampled by {sh}x{sw} is too large");
+                let oh = h.checked_mul(*sh).filter(|&v| v <= 1 << 30).ok_or_else(big)?;
+                let ow = w.checked_mul(*sw).filter(|&v| v <= 1 << 30).ok_or_else(big)?;
+                vec![x[0].clone(), D::known(oh), D::known(ow), x[3].clone()]
+            }
             Kernel::Layout { to_nhwc: false } => vec![x[0].clone(), x[3].clone(), x[1].clone(), x[2].clone()],
             Kernel::DynGemm { .. } | Kernel::FSoftmax { .. } => unreachable!("answered above"),
         })
@@ -616,6 +641,9 @@ impl Kernel {
                     return Err(format!("{name}: empty image"));
                 }
                 qelem::global_avg_f32(f32s(0)?, x[0], hw, c, y);
+            }
+            (Kernel::FUpsample(s), DataMut::F32(y)) => {
+                qelem::upsample_nearest_f32(f32s(0)?, [x[0], x[1], x[2], x[3]], *s, y)
             }
             (Kernel::FSoftmax { axis }, DataMut::F32(y)) => {
                 let a = softmax_axis(*axis, x.len()).ok_or_else(|| format!("{name}: axis {axis} outside the rank"))?;

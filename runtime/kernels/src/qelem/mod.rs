@@ -379,6 +379,36 @@ pub fn scale_channels_f32(x: &[f32], s: &[f32], n: usize, hw: usize, c: usize, y
     });
 }
 
+/// Nearest-neighbour upsampling of NHWC `x` (`[n, h, w, c]`) by whole factors `[sh, sw]` into `y`
+/// (`[n, h·sh, w·sw, c]`): output pixel `(oy, ox)` is input pixel `(oy / sh, ox / sw)` (what ONNX's Resize computes
+/// for whole scales in its asymmetric/floor and half-pixel modes). Split across the pool by output rows.
+pub fn upsample_nearest_f32(x: &[f32], [n, h, w, c]: [usize; 4], [sh, sw]: [usize; 2], y: &mut [f32]) {
+    let (oh, ow) = (h * sh, w * sw);
+    assert!(x.len() >= n * h * w * c && y.len() >= n * oh * ow * c, "upsample_nearest_f32: buffers too small");
+    let rows = n * oh;
+    let row = ow * c;
+    if rows == 0 || row == 0 {
+        return;
+    }
+    let parts = super::threads().min((rows * row / 16_384).max(1));
+    let per = rows.div_ceil(parts);
+    let y_addr = y.as_mut_ptr() as usize;
+    super::for_each_part(parts, |part| {
+        let (r0, r1) = ((part * per).min(rows), ((part + 1) * per).min(rows));
+        // SAFETY: output rows r0..r1 are written by this part only.
+        let o = unsafe { std::slice::from_raw_parts_mut((y_addr as *mut f32).add(r0 * row), (r1 - r0) * row) };
+        for (r, out) in (r0..r1).zip(o.chunks_exact_mut(row)) {
+            let (b, oy) = (r / oh, r % oh);
+            let src = &x[(b * h + oy / sh) * w * c..][..w * c];
+            for (px, out) in src.chunks_exact(c).zip(out.chunks_exact_mut(sw * c)) {
+                for o in out.chunks_exact_mut(c) {
+                    o.copy_from_slice(px);
+                }
+            }
+        }
+    });
+}
+
 /// Softmax of each row of `n` values of `x` into `y` (the same size): `e = exp(x − max)`, then `e · (1 / Σe)`
 /// (onnxruntime's order of operations; the sum kept in f64, as a recognizer's 6625-class rows summed in f32 lose
 /// digits). Rows split across the pool for large inputs. Every pass is plain arithmetic the compiler vectorizes
