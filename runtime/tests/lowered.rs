@@ -205,6 +205,13 @@ fn lowered_qgemm_equals_the_scalar_reference() {
     }
 }
 
+/// The kernel ops a session's plan runs for `input` (tract's names of edgepack's kernel nodes start with `Ep`): a
+/// plan that fell back to the graph as written runs none, and comparing it with the graph as written would test
+/// nothing.
+fn kernel_ops(s: &Session, input: Vec<(String, Tensor)>) -> Vec<String> {
+    s.profile(input, 1).unwrap().into_iter().map(|t| t.op).filter(|op| op.starts_with("Ep")).collect()
+}
+
 // ---- fast kernels (qconv, qelem) against the scalar reference, for every ISA this CPU has ----
 
 /// A float CNN with every pattern of `onnx::f32_kernels` (Conv+Clip, depthwise Conv+Relu, residual Add + Relu,
@@ -282,6 +289,9 @@ fn lowered_f32_graph_equals_the_graph_as_written() {
     for threads in [1, 2] {
         let s = Session::from_model(&m, &SessionOptions { threads, ..Default::default() }).unwrap();
         let input = || vec![("x".to_string(), Tensor::from_f32(vec![2, 3, 13, 11], x.clone()).unwrap())];
+        let ran = kernel_ops(&s, input());
+        assert!(ran.iter().any(|o| o == "EpConvConcat"), "{ran:?}");
+        assert!(ran.iter().any(|o| o == "EpGemm"), "{ran:?}");
         let fast = s.run(input()).unwrap();
         // "a1" (the Conv output before its fused Clip) exists only in the graph as written.
         let slow = s.run_values(input(), &["y", "logits", "a1"]).unwrap();
@@ -389,6 +399,9 @@ fn lowered_affine_and_hardswish_equal_the_graph_as_written() {
     for threads in [1, 2] {
         let s = Session::from_model(&m, &SessionOptions { threads, ..Default::default() }).unwrap();
         let input = || vec![("x".to_string(), Tensor::from_f32(vec![2, 3, 9, 10], x.clone()).unwrap())];
+        let ran = kernel_ops(&s, input());
+        assert!(ran.iter().any(|o| o == "EpScale"), "{ran:?}");
+        assert!(ran.iter().any(|o| o == "EpConv"), "{ran:?}");
         let fast = s.run(input()).unwrap();
         // "a1" (the Conv output before its folded Mul) exists only in the graph as written.
         let slow = s.run_values(input(), &["y", "z", "a1"]).unwrap();
@@ -457,6 +470,8 @@ fn lowered_upsample_equals_resize() {
     for threads in [1, 2] {
         let s = Session::from_model(&m, &SessionOptions { threads, ..Default::default() }).unwrap();
         let input = || vec![("x".to_string(), Tensor::from_f32(vec![2, 3, 5, 7], x.clone()).unwrap())];
+        let ran = kernel_ops(&s, input());
+        assert!(ran.iter().any(|o| o == "EpUpsample"), "{ran:?}");
         let fast = s.run(input()).unwrap();
         // "a0" (the first convolution's output before its fused Relu) forces the graph as written.
         let slow = s.run_values(input(), &["y", "z", "f", "a0"]).unwrap();
@@ -468,6 +483,107 @@ fn lowered_upsample_equals_resize() {
             }
         }
     }
+}
+
+/// A DB text detector's head: `ConvTranspose` whose stride is its kernel (2×2 and 2×3), its bias Add, a
+/// BatchNormalization and a Relu, then a sigmoid, on the kernels (`EpConvTranspose`, the stage folded), equal to
+/// the graph as written; an overlapping ConvTranspose (stride 1) stays tract's.
+#[test]
+fn lowered_conv_transpose_equals_the_graph_as_written() {
+    let mut r = Rng(0xdb_2024);
+    let mut w = |name: &str, dims: &[i64], lo: f32| {
+        let n: i64 = dims.iter().product();
+        tensor_f32(name, dims, &(0..n).map(|_| r.unit() - 0.5 + lo).collect::<Vec<_>>())
+    };
+    let inits = vec![
+        w("w1", &[6, 3, 3, 3], 0.0),
+        w("t1", &[6, 5, 2, 3], 0.0),
+        w("tb1", &[5], 0.0),
+        w("ab", &[1, 5, 1, 1], 0.0),
+        w("gamma", &[5], 1.0),
+        w("beta", &[5], 0.0),
+        w("mean", &[5], 0.0),
+        w("var", &[5], 1.0),
+        w("t2", &[5, 1, 2, 2], 0.0),
+        w("ab2", &[1, 1, 1, 1], 0.0),
+        w("t3", &[6, 4, 3, 3], 0.0),
+    ];
+    let nodes = vec![
+        node("Conv", "c1", &["x", "w1"], &["a0"], vec![attr_ints("pads", &[1, 1, 1, 1])]),
+        node("Relu", "r1", &["a0"], &["a"], vec![]),
+        node("ConvTranspose", "up1", &["a", "t1", "tb1"], &["b0"], vec![attr_ints("strides", &[2, 3])]),
+        node("Add", "bias1", &["b0", "ab"], &["b1"], vec![]),
+        node("BatchNormalization", "bn", &["b1", "gamma", "beta", "mean", "var"], &["b2"], vec![]),
+        node("Relu", "r2", &["b2"], &["b3"], vec![]),
+        node(
+            "ConvTranspose",
+            "up2",
+            &["b3", "t2"],
+            &["c0"],
+            vec![attr_ints("strides", &[2, 2]), attr_ints("kernel_shape", &[2, 2])],
+        ),
+        node("Add", "bias2", &["c0", "ab2"], &["c1"], vec![]),
+        node("Sigmoid", "sig", &["c1"], &["y"], vec![]),
+        node("ConvTranspose", "same", &["a", "t3"], &["z"], vec![attr_ints("pads", &[1, 1, 1, 1])]),
+    ];
+    let mut m = model(
+        nodes,
+        vec![value_info("x", 1, &[Dim::Fixed(2), Dim::Fixed(3), Dim::Fixed(5), Dim::Fixed(7)])],
+        vec![
+            value_info("y", 1, &[Dim::Fixed(2), Dim::Fixed(1), Dim::Fixed(20), Dim::Fixed(42)]),
+            value_info("z", 1, &[Dim::Fixed(2), Dim::Fixed(4), Dim::Fixed(5), Dim::Fixed(7)]),
+        ],
+        inits,
+    );
+    m.set_opset("", 13);
+    let mut lowered = m.clone();
+    lowered.lower_f32_kernels();
+    let ops: Vec<&str> = lowered.graph.nodes.iter().map(|n| n.op()).collect();
+    assert_eq!(ops.iter().filter(|o| **o == "EpConvTranspose").count(), 2, "{ops:?}");
+    assert_eq!(ops.iter().filter(|o| **o == "ConvTranspose").count(), 1, "{ops:?}");
+    for gone in ["Add", "BatchNormalization", "Relu", "Sigmoid"] {
+        assert!(!ops.contains(&gone), "{gone}: {ops:?}");
+    }
+    let x: Vec<f32> = (0..2 * 3 * 5 * 7).map(|_| r.unit() * 2.0 - 1.0).collect();
+    for threads in [1, 2] {
+        let s = Session::from_model(&m, &SessionOptions { threads, ..Default::default() }).unwrap();
+        let input = || vec![("x".to_string(), Tensor::from_f32(vec![2, 3, 5, 7], x.clone()).unwrap())];
+        let ran = kernel_ops(&s, input());
+        assert!(ran.iter().any(|o| o == "EpConvTranspose"), "{ran:?}");
+        let fast = s.run(input()).unwrap();
+        // "a0" (the first convolution's output before its fused Relu) forces the graph as written.
+        let slow = s.run_values(input(), &["y", "z", "a0"]).unwrap();
+        for (i, len) in [(0, 2 * 20 * 42), (1, 2 * 4 * 5 * 7)] {
+            let (f, w) = (fast[i].1.to_f32_vec(), slow[i].1.to_f32_vec());
+            assert_eq!((f.len(), w.len()), (len, len), "output {i}");
+            for (a, b) in f.iter().zip(&w) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "threads {threads}, output {i}: {a} vs {b}");
+            }
+        }
+    }
+}
+
+/// A kernel graph that does not plan at some input shape (here an image smaller than the kernel MaxPool's window)
+/// runs as the graph as written at that shape, and on the kernels at the others.
+#[test]
+fn a_shape_the_kernels_refuse_runs_the_graph_as_written() {
+    let inits = vec![tensor_f32("w", &[4, 3, 1, 1], &[0.5; 12])];
+    let nodes = vec![
+        node("Conv", "c", &["x", "w"], &["a"], vec![]),
+        node("Relu", "r", &["a"], &["b"], vec![]),
+        node("MaxPool", "mp", &["b"], &["y"], vec![attr_ints("kernel_shape", &[2, 2]), attr_ints("strides", &[2, 2])]),
+    ];
+    let dims = [Dim::Symbolic("n".into()), Dim::Fixed(3), Dim::Symbolic("h".into()), Dim::Symbolic("w".into())];
+    let m = model(nodes, vec![value_info("x", 1, &dims)], vec![value_info("y", 1, &dims)], inits);
+    let s = Session::from_model(&m, &SessionOptions { threads: 1, ..Default::default() }).unwrap();
+    let input = |h: usize| vec![("x".to_string(), Tensor::from_f32(vec![1, 3, h, h], vec![1.0; 3 * h * h]).unwrap())];
+    // tract's MaxPool gives a 1×1 image the window's partial max here.
+    let y = s.run(input(1)).unwrap();
+    assert_eq!(y[0].1.shape()[..2], [1, 4]);
+    assert!(kernel_ops(&s, input(1)).is_empty());
+    let y = s.run(input(4)).unwrap();
+    assert_eq!((y[0].1.shape(), y[0].1.to_f32_vec()), (&[1, 4, 2, 2][..], vec![1.5; 16]));
+    assert!(kernel_ops(&s, input(4)).iter().any(|o| o == "EpMaxPool"));
 }
 
 /// `Softmax` on the kernels (`EpSoftmax`) equals its definition for the opset the model imports: before opset 13

@@ -385,6 +385,7 @@ fn act_f64(act: Act, v: f64) -> f64 {
     match act {
         Act::None => v,
         Act::Silu => v / (1.0 + (-v).exp()),
+        Act::Sigmoid => 1.0 / (1.0 + (-v).exp()),
         Act::HardSwish => v * (v + 3.0).clamp(0.0, 6.0) / 6.0,
         Act::HardSigmoid { alpha, beta } => (v * alpha as f64 + beta as f64).clamp(0.0, 1.0),
     }
@@ -450,7 +451,8 @@ fn check_fconv(r: &mut Rng, kind: usize, big: bool, isa: Isa, what: &str) -> boo
         weights: q.weights.iter().map(|&v| v as f32 / 64.0).collect(),
         bias: (r.range(0, 1) == 1).then(|| (0..q.geom.c_out).map(|_| r.unit() * 4.0 - 2.0).collect()),
         clamp,
-        act: [Act::None, Act::Silu, Act::HardSwish, Act::HardSigmoid { alpha: 0.2, beta: 0.5 }][r.range(0, 3) as usize],
+        act: [Act::None, Act::Silu, Act::Sigmoid, Act::HardSwish, Act::HardSigmoid { alpha: 0.2, beta: 0.5 }]
+            [r.range(0, 4) as usize],
         affine: (r.range(0, 1) == 1).then(|| [r.unit() * 2.0 - 1.0, r.unit() - 0.5]),
     };
     let x: Vec<f32> = (0..n * h * w * spec.geom.c_in).map(|_| r.unit() * 2.0 - 1.0).collect();
@@ -493,6 +495,50 @@ fn fconv_kernels_equal_a_direct_loop_for_every_isa_and_thread_split() {
             super::with_threads(2, || {
                 check_fconv(&mut r, case % 3, true, isa, &format!("{isa:?} threaded case {case}"))
             });
+        }
+    }
+}
+
+/// `FConv::run_pitched` (a transposed convolution's sub-pixel rows) writes exactly what `run` writes, each input
+/// row's outputs moved to `r·pitch + x·ld + offset`, and leaves every other float alone; bad pitches are refused.
+#[test]
+fn fconv_pitched_output_equals_the_contiguous_one_moved() {
+    let mut r = Rng(0x9e7c_0001);
+    for &isa in &Isa::available() {
+        for &(n, h, w, c_in, c_out, threads) in &[(1, 3, 5, 4, 6, 1), (2, 7, 9, 16, 40, 2), (1, 24, 31, 24, 48, 2)] {
+            let geom =
+                ConvGeometry { c_in, c_out, group: 1, kernel: [1, 1], stride: [1, 1], dilation: [1, 1], pads: [0; 4] };
+            let spec = FConvSpec {
+                geom,
+                weights: (0..c_in * c_out).map(|_| r.unit() - 0.5).collect(),
+                bias: Some((0..c_out).map(|_| r.unit() - 0.5).collect()),
+                clamp: [0.0, f32::INFINITY],
+                act: Act::None,
+                affine: None,
+            };
+            let conv = FConv::new(spec, isa).unwrap();
+            let x: Vec<f32> = (0..n * h * w * c_in).map(|_| r.unit() * 2.0 - 1.0).collect();
+            let mut want = vec![0f32; n * h * w * c_out];
+            conv.run(&x, n, h, w, &mut want).unwrap();
+            let (ld, offset) = (2 * c_out + 3, c_out + 1);
+            let pitch = 2 * w * ld + 5;
+            let mut got = vec![f32::NAN; n * h * pitch];
+            super::with_threads(threads, || conv.run_pitched(&x, [n, h, w], &mut got, [ld, pitch, offset])).unwrap();
+            let mut written = vec![false; got.len()];
+            for rr in 0..n * h {
+                for xx in 0..w {
+                    for o in 0..c_out {
+                        let at = rr * pitch + xx * ld + offset + o;
+                        assert_eq!(got[at], want[(rr * w + xx) * c_out + o], "{isa:?} row {rr} pixel {xx} channel {o}");
+                        written[at] = true;
+                    }
+                }
+            }
+            assert!(got.iter().zip(&written).all(|(v, &w)| w || v.is_nan()), "{isa:?}: a float outside the outputs");
+            let short = n * h * pitch - pitch + (w - 1) * ld + offset + c_out - 1;
+            assert!(conv.run_pitched(&x, [n, h, w], &mut got[..short], [ld, pitch, offset]).is_err());
+            assert!(conv.run_pitched(&x, [n, h, w], &mut got, [c_out - 1, pitch, offset]).is_err());
+            assert!(conv.run_pitched(&x, [n, h, w], &mut got, [ld, w * ld - 1, offset]).is_err());
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Float graphs to edgepack's fp32 kernels (`kernels::fconv`): custom `ai.edgepack` nodes on NHWC f32 tensors.
 //!
-//! - `Conv(x, W, b) → [Mul|Add by constants] → [Relu|Clip|SiLU|HardSwish] → [Mul → Add by scalars]` (constant
+//! - `Conv(x, W, b) → [Mul|Add by constants, BatchNormalization] → [Relu|Clip|SiLU|Sigmoid|HardSwish|HardSigmoid]
+//!   → [Mul → Add by scalars]` (constant
 //!   weights, group 1 or depthwise) → `EpConv(x)`: BatchNormalization after a Conv and constant `Mul`/`Add` (one
 //!   value or one per channel) are folded into the weights and bias; the clamp, or SiLU (`Mul(v, Sigmoid(v))`,
 //!   YOLO's activation) or HardSwish (written out `Add`/`Clip`/`Mul`/`Div`, the op, or `Mul(v, HardSigmoid(v))`;
@@ -12,6 +13,9 @@
 //! - `Mul(x, gate)` of kernel outputs, `gate` one pixel per channel (a GlobalAveragePool's output through 1×1
 //!   convolutions and activations: a squeeze-and-excitation block, its HardSigmoid the last convolution's `act`) →
 //!   `EpScale(x, gate)`;
+//! - `ConvTranspose(x, W, b)` whose stride is its kernel (no padding) → `EpConvTranspose(x)`: one 1×1 convolution
+//!   per kernel row writing its output rows in place, with `EpConv`'s output stage (BatchNormalization after the
+//!   bias Add folded, Relu, sigmoid);
 //! - a nearest-neighbour `Resize` of a kernel output by whole factors (constant scales `[1, 1, sh, sw]`, in the modes
 //!   where that is pixel `(oy / sh, ox / sw)`: an FPN's top-down path) → `EpUpsample`;
 //! - a Concat of group-1 convolutions read by nothing else → `EpConvConcat` (each writes its channels in place);
@@ -34,13 +38,14 @@ use edgepack_onnx::{Graph, Model, NodeExt, NodeProto};
 use crate::qdq_kernels::{ApplyRewrites, Made, declare_kernels, match_rewrites};
 
 /// Op types of the float kernel nodes.
-pub const OPS: [&str; 10] = [
+pub const OPS: [&str; 11] = [
     "EpConv",
     "EpConvConcat",
     "EpGemm",
     "EpAdd",
     "EpScale",
     "EpUpsample",
+    "EpConvTranspose",
     "EpMaxPool",
     "EpConcat",
     "EpGlobalAveragePool",
@@ -88,6 +93,9 @@ fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
     let d: Vec<usize> = wt.dims.iter().map(|&v| v as usize).collect();
     let group = n.attr_i("group").unwrap_or(1).max(1) as usize;
     let (c_out, c_in) = (d[0], d[1].checked_mul(group)?);
+    if c_out == 0 {
+        return None;
+    }
     let elements = d.iter().try_fold(1usize, |n, &x| n.checked_mul(x))?;
     if !(group == 1 || (group == c_in && c_out == c_in && d[1] == 1)) || w.len() != elements {
         return None;
@@ -97,65 +105,14 @@ fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
         None => None,
         Some(b) => Some(tensor_f32_values(g.initializer(b)?).filter(|v| v.len() == c_out)?),
     };
-    let mut remove = vec![idx];
-    let mut out = n.output.first()?.clone();
-    // `Mul` and `Add` of constants (one value, or one per channel) read only by this Conv: folded into its weights
-    // and bias, as onnxruntime's Conv-Mul and Conv-Add fusions do (PP-LCNetV3's affine blocks, a BatchNorm
-    // written out).
-    while let Some((i, mul, k, o)) = channel_const_of(c, &out, c_out, true) {
-        let per = |ch: usize| if k.len() == 1 { k[0] } else { k[ch] };
-        if mul {
-            let row = w.len() / c_out;
-            for (ch, ws) in w.chunks_mut(row).enumerate() {
-                ws.iter_mut().for_each(|v| *v *= per(ch));
-            }
-            if let Some(b) = &mut bias {
-                b.iter_mut().enumerate().for_each(|(ch, v)| *v *= per(ch));
-            }
-        } else {
-            let b = bias.get_or_insert_with(|| vec![0.0; c_out]);
-            b.iter_mut().enumerate().for_each(|(ch, v)| *v += per(ch));
+    let st = output_stage(c, n.output.first()?, c_out);
+    if let Some((scale, shift)) = &st.fold {
+        let row = w.len() / c_out;
+        for (ch, ws) in w.chunks_mut(row).enumerate() {
+            ws.iter_mut().for_each(|v| *v *= scale[ch]);
         }
-        remove.push(i);
-        out = o;
-    }
-    // [Relu|Clip] read only by this Conv: fused as the output clamp; or SiLU or HardSwish as its activation.
-    let mut clamp = [f32::NEG_INFINITY, f32::INFINITY];
-    let mut act = None;
-    let mut act_params = [0.0; 2];
-    if let Some((i, cl, o)) = activation_of(c, &out) {
-        clamp = cl;
-        remove.push(i);
-        out = o;
-    } else if let Some((nodes, o)) = silu_of(c, &out) {
-        act = Some("silu");
-        remove.extend(nodes);
-        out = o;
-    } else if let Some((nodes, o)) = hardswish_of(c, &out) {
-        act = Some("hardswish");
-        remove.extend(nodes);
-        out = o;
-    } else if let Some((i, ab, o)) = hardsigmoid_of(c, &out) {
-        act = Some("hardsigmoid");
-        act_params = ab;
-        remove.push(i);
-        out = o;
-    }
-    // After a clamp or an activation: a scalar `Mul` then `Add` (either alone) as the output stage's affine.
-    let mut affine = None;
-    if clamp != [f32::NEG_INFINITY, f32::INFINITY] || act.is_some() {
-        let mut post = [1.0f32, 0.0];
-        for want_mul in [true, false] {
-            match channel_const_of(c, &out, 1, false) {
-                Some((i, mul, k, o)) if mul == want_mul => {
-                    post[usize::from(!mul)] = k[0];
-                    remove.push(i);
-                    out = o;
-                    affine = Some(post);
-                }
-                _ => {}
-            }
-        }
+        let b = bias.get_or_insert_with(|| vec![0.0; c_out]);
+        b.iter_mut().enumerate().for_each(|(ch, v)| *v = *v * scale[ch] + shift[ch]);
     }
     let raw: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
     let mut attrs = vec![
@@ -166,22 +123,227 @@ fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
         attr_ints("strides", &strides),
         attr_ints("dilations", &dilations),
         attr_ints("pads", &pads),
-        attr_floats("clamp", &clamp),
         attr_tensor("weights", edgepack_onnx::builder::tensor_raw("weights", &wt.dims, 1, raw)),
     ];
     if let Some(b) = &bias {
         attrs.push(attr_tensor("bias", tensor_f32("bias", &[c_out as i64], b)));
     }
-    if let Some(a) = act {
-        attrs.push(attr_string("act", a));
+    attrs.extend(st.attrs());
+    let mut remove = vec![idx];
+    remove.extend(&st.remove);
+    Some(Rewrite { remove, node: ep("EpConv", &format!("{}_kernel", n.name()), &[&n.input[0]], &st.out, attrs) })
+}
+
+/// What a convolution's output stage takes of the nodes after its output `v` (each the only reader of the one
+/// before): constant `Mul`/`Add` (one value or one per channel) and inference `BatchNormalization`, folded into
+/// the weights and bias (as onnxruntime's Conv-Mul, Conv-Add and Conv-BN fusions do: PP-LCNetV3's affine blocks, a
+/// head's bias and BatchNorm); then a clamp (Relu, Clip), or SiLU, sigmoid, HardSwish or HardSigmoid as the
+/// activation; then a scalar `Mul` → `Add` (either alone) as the affine after it.
+struct Stage {
+    remove: Vec<usize>,
+    /// The last node's output: the kernel's.
+    out: String,
+    /// `[scale, shift]` per output channel to fold into the weights (`w·scale`) and bias (`b·scale + shift`).
+    fold: Option<(Vec<f32>, Vec<f32>)>,
+    clamp: [f32; 2],
+    act: Option<&'static str>,
+    act_params: [f32; 2],
+    affine: Option<[f32; 2]>,
+}
+
+impl Stage {
+    /// The kernel node's `clamp`, `act`, `act_params` and `affine` attributes.
+    fn attrs(&self) -> Vec<edgepack_onnx::AttributeProto> {
+        let mut attrs = vec![attr_floats("clamp", &self.clamp)];
+        if let Some(a) = self.act {
+            attrs.push(attr_string("act", a));
+        }
+        if self.act == Some("hardsigmoid") {
+            attrs.push(attr_floats("act_params", &self.act_params));
+        }
+        if let Some(a) = self.affine {
+            attrs.push(attr_floats("affine", &a));
+        }
+        attrs
     }
-    if act == Some("hardsigmoid") {
-        attrs.push(attr_floats("act_params", &act_params));
+}
+
+fn output_stage(c: &Ctx, v: &str, c_out: usize) -> Stage {
+    let mut st = Stage {
+        remove: Vec::new(),
+        out: v.to_string(),
+        fold: None,
+        clamp: [f32::NEG_INFINITY, f32::INFINITY],
+        act: None,
+        act_params: [0.0; 2],
+        affine: None,
+    };
+    let (mut scale, mut shift) = (vec![1f32; c_out], vec![0f32; c_out]);
+    loop {
+        if let Some((i, mul, k, o)) = channel_const_of(c, &st.out, c_out, true) {
+            let per = |ch: usize| if k.len() == 1 { k[0] } else { k[ch] };
+            for ch in 0..c_out {
+                if mul {
+                    scale[ch] *= per(ch);
+                    shift[ch] *= per(ch);
+                } else {
+                    shift[ch] += per(ch);
+                }
+            }
+            st.remove.push(i);
+            st.out = o;
+        } else if let Some((i, k, mean, beta, o)) = batchnorm_of(c, &st.out, c_out) {
+            for ch in 0..c_out {
+                scale[ch] *= k[ch];
+                shift[ch] = (shift[ch] - mean[ch]) * k[ch] + beta[ch];
+            }
+            st.remove.push(i);
+            st.out = o;
+        } else {
+            break;
+        }
     }
-    if let Some(a) = affine {
-        attrs.push(attr_floats("affine", &a));
+    if !st.remove.is_empty() {
+        st.fold = Some((scale, shift));
     }
-    Some(Rewrite { remove, node: ep("EpConv", &format!("{}_kernel", n.name()), &[&n.input[0]], &out, attrs) })
+    if let Some((i, cl, o)) = activation_of(c, &st.out) {
+        st.clamp = cl;
+        st.remove.push(i);
+        st.out = o;
+    } else if let Some((nodes, o)) = silu_of(c, &st.out) {
+        st.act = Some("silu");
+        st.remove.extend(nodes);
+        st.out = o;
+    } else if let Some((nodes, o)) = hardswish_of(c, &st.out) {
+        st.act = Some("hardswish");
+        st.remove.extend(nodes);
+        st.out = o;
+    } else if let Some((i, ab, o)) = hardsigmoid_of(c, &st.out) {
+        st.act = Some("hardsigmoid");
+        st.act_params = ab;
+        st.remove.push(i);
+        st.out = o;
+    } else if let Some(i) = c.only_reader(&st.out).filter(|&i| {
+        let n = &c.g.nodes[i];
+        n.op() == "Sigmoid" && n.domain_name().is_empty() && n.input.len() == 1 && n.output.len() == 1
+    }) {
+        st.act = Some("sigmoid");
+        st.remove.push(i);
+        st.out = c.g.nodes[i].output[0].clone();
+    }
+    // After a clamp or an activation: a scalar `Mul` then `Add` (either alone) as the output stage's affine.
+    if st.clamp != [f32::NEG_INFINITY, f32::INFINITY] || st.act.is_some() {
+        let mut post = [1.0f32, 0.0];
+        for want_mul in [true, false] {
+            match channel_const_of(c, &st.out, 1, false) {
+                Some((i, mul, k, o)) if mul == want_mul => {
+                    post[usize::from(!mul)] = k[0];
+                    st.remove.push(i);
+                    st.out = o;
+                    st.affine = Some(post);
+                }
+                _ => {}
+            }
+        }
+    }
+    st
+}
+
+/// The inference `BatchNormalization` (constant parameters of `c_out` values, one output) that alone reads `v`:
+/// (its index, `γ/√(σ²+ε)`, the mean, `β`, its output).
+#[allow(clippy::type_complexity)]
+fn batchnorm_of(c: &Ctx, v: &str, c_out: usize) -> Option<(usize, Vec<f32>, Vec<f32>, Vec<f32>, String)> {
+    let i = c.only_reader(v)?;
+    let n = &c.g.nodes[i];
+    let one_output = n.output.len() == 1 || n.output[1..].iter().all(|o| o.is_empty());
+    if n.op() != "BatchNormalization" || !n.domain_name().is_empty() || n.input.len() != 5 || !one_output {
+        return None;
+    }
+    if n.attr_i("training_mode").unwrap_or(0) != 0 || n.input[0] != v {
+        return None;
+    }
+    let p = |k: usize| tensor_f32_values(c.g.initializer(&n.input[k])?).filter(|x| x.len() == c_out);
+    let (gamma, beta, mean, var) = (p(1)?, p(2)?, p(3)?, p(4)?);
+    let eps = n.attr_f("epsilon").unwrap_or(1e-5);
+    let k: Vec<f32> = (0..c_out).map(|j| gamma[j] / (var[j] + eps).sqrt()).collect();
+    let finite = k.iter().chain(&mean).chain(&beta).all(|x| x.is_finite());
+    finite.then(|| Some((i, k, mean, beta, n.output[0].clone())))?
+}
+
+/// `ConvTranspose(x, W, b)` whose stride is its kernel (constant weights `[c_in, c_out, kh, kw]`, group 1, no
+/// padding, dilation or output padding: a segmentation head's ×2 upsampling) → `EpConvTranspose(x)`: each input
+/// pixel's `kh·kw` output pixels do not overlap, so kernel row `dy` is a 1×1 convolution to `kw·c_out` channels
+/// writing output rows `y·kh + dy` in place (attributes of an `EpConv` per kernel row, suffixed `_dy`), with the
+/// same output stage as `EpConv`.
+fn conv_transpose(c: &Ctx, idx: usize) -> Option<Rewrite> {
+    let g = c.g;
+    let n = &g.nodes[idx];
+    if c.float.get(n.input.first()?) != Some(&1) || n.output.len() != 1 {
+        return None;
+    }
+    let wt = g.initializer(n.input.get(1)?)?;
+    if wt.dims.len() != 4 || wt.data_type != Some(1) || n.attr_i("group").unwrap_or(1) != 1 {
+        return None;
+    }
+    let w = tensor_f32_values(wt)?;
+    let [c_in, c_out, kh, kw] = [0, 1, 2, 3].map(|i| wt.dims[i] as usize);
+    let k = [kh as i64, kw as i64];
+    let zeros = |name: &str| n.attr_ints(name).is_none_or(|v| v.iter().all(|&x| x == 0));
+    let geometry = n.attr_ints("strides") == Some(&k[..])
+        && n.attr_ints("kernel_shape").is_none_or(|v| v == k)
+        && n.attr_ints("dilations").is_none_or(|v| v.iter().all(|&x| x == 1))
+        && zeros("pads")
+        && zeros("output_padding")
+        && n.attr("output_shape").is_none()
+        && n.attr_s("auto_pad").is_none_or(|a| a == "NOTSET");
+    let count = [c_in, c_out, kh, kw].iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+    if !geometry || count != Some(w.len()) || c_in == 0 || c_out == 0 || kh == 0 || kw == 0 {
+        return None;
+    }
+    let mut bias = match n.input.get(2).filter(|b| !b.is_empty()) {
+        None => vec![0f32; c_out],
+        Some(b) => tensor_f32_values(g.initializer(b)?).filter(|v| v.len() == c_out)?,
+    };
+    let st = output_stage(c, &n.output[0], c_out);
+    let (scale, shift) = st.fold.clone().unwrap_or((vec![1.0; c_out], vec![0.0; c_out]));
+    bias.iter_mut().enumerate().for_each(|(ch, b)| *b = *b * scale[ch] + shift[ch]);
+    let wide = kw * c_out;
+    let mut attrs = vec![attr_ints("kernel_shape", &k), attr_int("c_out", c_out as i64)];
+    for dy in 0..kh {
+        // OIHW [(dx, co), ci, 1, 1] of kernel row dy.
+        let sub: Vec<f32> = (0..wide * c_in)
+            .map(|i| {
+                let (o, ci) = (i / c_in, i % c_in);
+                let (dx, co) = (o / c_out, o % c_out);
+                w[((ci * c_out + co) * kh + dy) * kw + dx] * scale[co]
+            })
+            .collect();
+        let sub_bias: Vec<f32> = (0..wide).map(|o| bias[o % c_out]).collect();
+        let raw: Vec<u8> = sub.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut a = vec![
+            attr_int("c_in", c_in as i64),
+            attr_int("c_out", wide as i64),
+            attr_int("group", 1),
+            attr_ints("kernel_shape", &[1, 1]),
+            attr_ints("strides", &[1, 1]),
+            attr_ints("dilations", &[1, 1]),
+            attr_ints("pads", &[0, 0, 0, 0]),
+            attr_tensor(
+                "weights",
+                edgepack_onnx::builder::tensor_raw("weights", &[wide as i64, c_in as i64, 1, 1], 1, raw),
+            ),
+            attr_tensor("bias", tensor_f32("bias", &[wide as i64], &sub_bias)),
+        ];
+        a.extend(st.attrs());
+        for mut at in a {
+            at.name = Some(format!("{}_{dy}", at.name.as_deref().unwrap_or_default()));
+            attrs.push(at);
+        }
+    }
+    let mut remove = vec![idx];
+    remove.extend(&st.remove);
+    let name = format!("{}_kernel", n.name());
+    Some(Rewrite { remove, node: ep("EpConvTranspose", &name, &[&n.input[0]], &st.out, attrs) })
 }
 
 /// The `Relu` or `Clip` (constant bounds) that alone reads `v`: (its node index, its `[lo, hi]`, its output).
@@ -329,7 +491,7 @@ fn silu_of(c: &Ctx, v: &str) -> Option<(Vec<usize>, String)> {
 /// Output channels of a kernel node.
 fn channels(n: &NodeProto, made: &Made) -> usize {
     match n.op() {
-        "EpConv" => n.attr_i("c_out").unwrap_or(0) as usize,
+        "EpConv" | "EpConvTranspose" => n.attr_i("c_out").unwrap_or(0) as usize,
         "EpConcat" => n.input.iter().map(|i| made.get(i).copied().unwrap_or(0)).sum(),
         _ => n.input.first().and_then(|i| made.get(i)).copied().unwrap_or(0),
     }
@@ -650,6 +812,7 @@ fn lower(graph: &mut Graph, opset: Option<i64>) -> usize {
             |i, n, made| match n.op() {
                 "Conv" if n.domain_name().is_empty() => conv(&c, i),
                 "Gemm" if n.domain_name().is_empty() => gemm(&c, i),
+                "ConvTranspose" if n.domain_name().is_empty() => conv_transpose(&c, i),
                 "Softmax" if n.domain_name().is_empty() => softmax(&c, i),
                 "Add" | "Mul" | "Concat" | "MaxPool" | "GlobalAveragePool" | "Resize" => simple(&c, i, made),
                 _ => None,

@@ -58,6 +58,15 @@ pub enum Kernel {
     FMaxPool(Pool2d, Isa),
     FConcat(usize),
     FGlobalAvg,
+    /// A transposed convolution whose stride is its kernel: one 1×1 convolution per kernel row to `kw·c_out`
+    /// channels, each writing its output rows in place.
+    /// `post`: the activation and affine, applied to the whole output after the rows (narrow rows).
+    FConvTranspose {
+        rows: Vec<FConv>,
+        kw: usize,
+        post: Option<(Act, Option<[f32; 2]>)>,
+        isa: Isa,
+    },
     /// Nearest-neighbour upsampling by whole factors `[sh, sw]`.
     FUpsample([usize; 2]),
     /// Softmax over the dimensions from `axis` on, flattened (rank any; a negative axis counts from the end):
@@ -260,6 +269,11 @@ fn clamp_attr(node: &NodeProto, name: &str) -> Res<Option<[f32; 2]>> {
 }
 
 fn fconv(node: &NodeProto, sfx: &str) -> Res<FConv> {
+    FConv::new(fconv_spec(node, sfx)?, Isa::detect()).map_err(|e| format!("{}: {e}", node.name()))
+}
+
+/// The convolution a kernel node's attributes (suffixed `sfx`) describe.
+fn fconv_spec(node: &NodeProto, sfx: &str) -> Res<FConvSpec> {
     let a = |name: &str| format!("{name}{sfx}");
     let g = geometry(node, sfx)?;
     let bias =
@@ -268,6 +282,7 @@ fn fconv(node: &NodeProto, sfx: &str) -> Res<FConv> {
     let act = match node.attr_s(&a("act")) {
         None => Act::None,
         Some("silu") => Act::Silu,
+        Some("sigmoid") => Act::Sigmoid,
         Some("hardswish") => Act::HardSwish,
         Some("hardsigmoid") => match attr(node, &a("act_params"))?.floats.as_slice() {
             &[alpha, beta] => Act::HardSigmoid { alpha, beta },
@@ -280,15 +295,14 @@ fn fconv(node: &NodeProto, sfx: &str) -> Res<FConv> {
         Some(&[scale, shift]) => Some([scale, shift]),
         Some(_) => return Err(format!("{}: affine must hold 2 floats", node.name())),
     };
-    let spec = FConvSpec {
+    Ok(FConvSpec {
         geom: g,
         weights: floats(raw(node, &a("weights"), 1, g.c_out * per_out(&g) * 4)?),
         bias,
         clamp,
         act,
         affine,
-    };
-    FConv::new(spec, Isa::detect()).map_err(|e| format!("{}: {e}", node.name()))
+    })
 }
 
 impl Kernel {
@@ -340,6 +354,36 @@ impl Kernel {
             "EpMaxPool" => Kernel::FMaxPool(pool2d(node)?, Isa::detect()),
             "EpConcat" => Kernel::FConcat(node.input.len()),
             "EpGlobalAveragePool" => Kernel::FGlobalAvg,
+            "EpConvTranspose" => {
+                let [kh, kw] = usizes(node, "kernel_shape")?;
+                let c_out = usize::try_from(int(node, "c_out")?).unwrap_or(0);
+                // Rows narrower than a vector (a one-channel head) apply the activation and affine in one pass over
+                // the output afterwards, not on a few values of each tile.
+                let mut post = None;
+                let rows: Vec<FConv> = (0..kh)
+                    .map(|i| {
+                        let mut spec = fconv_spec(node, &format!("_{i}"))?;
+                        if kw * c_out < 16 && (spec.act != Act::None || spec.affine.is_some()) {
+                            post = Some((spec.act, spec.affine));
+                            (spec.act, spec.affine) = (Act::None, None);
+                        }
+                        FConv::new(spec, Isa::detect()).map_err(|e| format!("{}: {e}", node.name()))
+                    })
+                    .collect::<Res<_>>()?;
+                let fits = |c: &FConv| {
+                    let g = &c.spec().geom;
+                    g.group == 1
+                        && g.kernel == [1, 1]
+                        && g.stride == [1, 1]
+                        && g.pads == [0; 4]
+                        && g.c_in == rows[0].spec().geom.c_in
+                        && Some(g.c_out) == kw.checked_mul(c_out)
+                };
+                if rows.is_empty() || c_out == 0 || !rows.iter().all(fits) {
+                    return Err(format!("{}: EpConvTranspose rows do not make a {kh}x{kw} kernel", node.name()));
+                }
+                Kernel::FConvTranspose { rows, kw, post, isa: Isa::detect() }
+            }
             "EpUpsample" => match node.attr_ints("scales") {
                 Some(&[sh, sw]) if (1..=LIMIT_SCALE).contains(&sh) && (1..=LIMIT_SCALE).contains(&sw) => {
                     Kernel::FUpsample([sh as usize, sw as usize])
@@ -380,6 +424,7 @@ impl Kernel {
             Kernel::FConcat(_) => "EpConcat",
             Kernel::FGlobalAvg => "EpGlobalAveragePool",
             Kernel::FUpsample(_) => "EpUpsample",
+            Kernel::FConvTranspose { .. } => "EpConvTranspose",
             Kernel::FSoftmax { .. } => "EpSoftmax",
             Kernel::Layout { .. } => "EpLayout",
             Kernel::DynGemm { .. } => "EpDynGemm",
@@ -399,6 +444,7 @@ impl Kernel {
                 | Kernel::FConcat(_)
                 | Kernel::FGlobalAvg
                 | Kernel::FUpsample(_)
+                | Kernel::FConvTranspose { .. }
                 | Kernel::FSoftmax { .. }
                 | Kernel::DynGemm { .. }
         )
@@ -546,6 +592,18 @@ impl Kernel {
                 vec![x[0].clone(), x[2].clone(), x[3].clone(), x[1].clone()]
             }
             Kernel::FGlobalAvg => vec![x[0].clone(), D::known(1), D::known(1), x[3].clone()],
+            Kernel::FConvTranspose { rows, kw, .. } => {
+                let g = &rows[0].spec().geom;
+                let (kh, c_out) = (rows.len(), g.c_out / kw);
+                let (h, w) = hw(x)?;
+                if val(&x[3])? != g.c_in {
+                    return Err(format!("{name}: input has {:?} channels, expected {}", x[3], g.c_in));
+                }
+                let big = || format!("{name}: {h}x{w} upsampled by {kh}x{kw} is too large");
+                let oh = h.checked_mul(kh).filter(|&v| v <= 1 << 30).ok_or_else(big)?;
+                let ow = w.checked_mul(*kw).filter(|&v| v <= 1 << 30).ok_or_else(big)?;
+                vec![x[0].clone(), D::known(oh), D::known(ow), D::known(c_out)]
+            }
             Kernel::FUpsample([sh, sw]) => {
                 let (h, w) = hw(x)?;
                 let big = || format!("{name}: {h}x{w} upsampled by {sh}x{sw} is too large");
@@ -641,6 +699,18 @@ impl Kernel {
                     return Err(format!("{name}: empty image"));
                 }
                 qelem::global_avg_f32(f32s(0)?, x[0], hw, c, y);
+            }
+            (Kernel::FConvTranspose { rows, post, isa, .. }, DataMut::F32(y)) => {
+                let (kh, wide) = (rows.len(), rows[0].spec().geom.c_out);
+                // Output row `y·kh + dy` of image b is input row `r = b·h + y` times kernel row dy.
+                let row = x[2] * wide;
+                for (dy, conv) in rows.iter().enumerate() {
+                    conv.run_pitched(f32s(0)?, [x[0], x[1], x[2]], y, [wide, kh * row, dy * row]).map_err(err)?;
+                }
+                if let Some((act, affine)) = post {
+                    let parts = edgepack_kernels::threads().min(y.len() / 32_768).max(1);
+                    for_each_range(y, parts, |_, o| act.apply_isa(*isa, *affine, o));
+                }
             }
             (Kernel::FUpsample(s), DataMut::F32(y)) => {
                 qelem::upsample_nearest_f32(f32s(0)?, [x[0], x[1], x[2], x[3]], *s, y)

@@ -180,24 +180,33 @@ impl CpuBackend {
         if let Some(p) = self.plans.lock().map_err(|_| backend_err("plan cache poisoned"))?.map.get(&key) {
             return Ok(p.clone());
         }
-        let mut m = if outputs.iter().all(|o| self.kept.contains(o)) {
-            self.model.clone()
+        let parse = |f: &Fallback| crate::ops::onnx().model_for_read(&mut &f.bytes[..]).map_err(tract_err);
+        let (plan, rewrites) = if outputs.iter().all(|o| self.kept.contains(o)) {
+            match self.build(self.model.clone(), shapes, outputs) {
+                Ok(built) => built,
+                // A kernel refusing a shape the graph accepts (an input smaller than a pooling window, an Add that
+                // broadcasts a 1-pixel upsampling at a degenerate input size): the fallbacks in order, the graph as
+                // written last; its error when none plans.
+                Err(e) => {
+                    let mut last = Err(e);
+                    for f in self.fallbacks() {
+                        last = parse(f).and_then(|m| self.build(m, shapes, outputs));
+                        if last.is_ok() {
+                            break;
+                        }
+                    }
+                    last?
+                }
+            }
         } else {
             // The first fallback computing every requested value (the graph as written computes them all).
             let fallbacks = self.fallbacks();
-            match fallbacks.iter().find(|f| outputs.iter().all(|o| f.kept.contains(o))).or(fallbacks.last()) {
-                Some(f) => crate::ops::onnx().model_for_read(&mut &f.bytes[..]).map_err(tract_err)?,
+            let m = match fallbacks.iter().find(|f| outputs.iter().all(|o| f.kept.contains(o))).or(fallbacks.last()) {
+                Some(f) => parse(f)?,
                 None => self.model.clone(),
-            }
+            };
+            self.build(m, shapes, outputs)?
         };
-        for (i, (shape, dt)) in shapes.iter().zip(&self.input_dtypes).enumerate() {
-            m = m.with_input_fact(i, Fact::dt_shape(*dt, shape.clone())).map_err(tract_err)?;
-        }
-        if !outputs.is_empty() {
-            m = m.with_outputs_by_name(outputs).map_err(tract_err)?;
-        }
-        let (typed, rewrites) = optim::optimized(m).map_err(tract_err)?;
-        let plan = typed.into_runnable_with_options(&self.options).map_err(tract_err)?;
         let mut cache = self.plans.lock().map_err(|_| backend_err("plan cache poisoned"))?;
         if cache.rewrites.is_none_or(|[u, c]| rewrites[0] * c > u * rewrites[1]) {
             cache.rewrites = Some(rewrites);
@@ -209,6 +218,18 @@ impl CpuBackend {
         cache.map.insert(key.clone(), plan.clone());
         cache.order.push(key);
         Ok(plan)
+    }
+
+    /// `m` planned at `shapes` for `outputs` (all its outputs when empty), and the optimiser's rewrites.
+    fn build(&self, mut m: InferenceModel, shapes: &[Vec<usize>], outputs: &[String]) -> Result<(Plan, [usize; 2])> {
+        for (i, (shape, dt)) in shapes.iter().zip(&self.input_dtypes).enumerate() {
+            m = m.with_input_fact(i, Fact::dt_shape(*dt, shape.clone())).map_err(tract_err)?;
+        }
+        if !outputs.is_empty() {
+            m = m.with_outputs_by_name(outputs).map_err(tract_err)?;
+        }
+        let (typed, rewrites) = optim::optimized(m).map_err(tract_err)?;
+        Ok((typed.into_runnable_with_options(&self.options).map_err(tract_err)?, rewrites))
     }
 
     fn execute(&self, inputs: Vec<ETensor>, outputs: &[String]) -> Result<Vec<ETensor>> {

@@ -1,5 +1,5 @@
 //! fp32 2-D convolution on NHWC activations, bias and activation clamp (Relu, Clip/Relu6) fused into the output
-//! stage, then an activation ([`Act`]: SiLU, HardSwish, HardSigmoid) and a scalar affine on each tile while in cache, and for
+//! stage, then an activation ([`Act`]: SiLU, sigmoid, HardSwish, HardSigmoid) and a scalar affine on each tile while in cache, and for
 //! group-1 convolutions a residual
 //! Add ([`FConv::run_add`]). The float twin of [`super::qconv`],
 //! with the same plans:
@@ -46,6 +46,8 @@ pub enum Act {
     /// HardSwish, `x·clamp(x + 3, 0, 6) / 6` in that order (MobileNetV3's and PP-LCNet's activation, as exporters
     /// write it out: `Add`, `Clip`, `Mul`, `Div`).
     HardSwish,
+    /// The logistic sigmoid `σ(x)` (a segmentation head's last activation).
+    Sigmoid,
     /// HardSigmoid, `clamp(α·x + β, 0, 1)` (a squeeze-and-excitation block's gate in MobileNetV3 and PP-LCNet).
     HardSigmoid { alpha: f32, beta: f32 },
 }
@@ -88,6 +90,11 @@ impl Act {
             Act::Silu => {
                 for x in v {
                     *x *= sigmoid(*x);
+                }
+            }
+            Act::Sigmoid => {
+                for x in v {
+                    *x = sigmoid(*x);
                 }
             }
             Act::HardSwish => {
@@ -271,12 +278,7 @@ impl FConv {
         if residual.len() != y.len() {
             return Err(format!("residual of {} values for an output of {}", residual.len(), y.len()));
         }
-        let out = Out {
-            y: y.as_mut_ptr() as usize,
-            ld: self.spec.geom.c_out,
-            offset: 0,
-            residual: residual.as_ptr() as usize,
-        };
+        let out = Out::contiguous(y.as_mut_ptr() as usize, self.spec.geom.c_out, 0, residual.as_ptr() as usize);
         self.run_gemm(x, [n, h, w], (oh, ow), (*k, *direct, blocks), out);
         Ok(())
     }
@@ -298,7 +300,7 @@ impl FConv {
         }
         match &self.plan {
             Plan::Gemm { k, direct, blocks } => {
-                let out = Out { y: y.as_mut_ptr() as usize, ld, offset, residual: 0 };
+                let out = Out::contiguous(y.as_mut_ptr() as usize, ld, offset, 0);
                 self.run_gemm(x, [n, h, w], (oh, ow), (*k, *direct, blocks), out)
             }
             Plan::Depthwise { w: wt, cpad, taps } => {
@@ -326,6 +328,36 @@ impl FConv {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// As [`FConv::run`] for a 1×1 convolution (stride 1, unpadded), input pixel `(b, y, x)` (row `r = b·h + y`)
+    /// writing its `c_out` values at `r·pitch + x·ld + offset` of `y`: a transposed convolution whose stride is its
+    /// kernel writes each kernel row's outputs this way (`ld = kw·c_out` apart within a row, rows `pitch` apart).
+    pub fn run_pitched(
+        &self,
+        x: &[f32],
+        [n, h, w]: [usize; 3],
+        y: &mut [f32],
+        [ld, pitch, offset]: [usize; 3],
+    ) -> Result<(), String> {
+        let s = &self.spec;
+        let Plan::Gemm { k, direct: true, blocks } = &self.plan else {
+            return Err("a pitched output needs a 1×1, stride-1, unpadded convolution".into());
+        };
+        let (rows, c_out) = (n * h, s.geom.c_out);
+        if x.len() != rows * w * s.geom.c_in {
+            return Err(format!("buffer sizes do not match [{n}, {h}, {w}, {}]", s.geom.c_in));
+        }
+        if rows == 0 || w == 0 {
+            return Ok(());
+        }
+        let last = (rows - 1).checked_mul(pitch).and_then(|v| v.checked_add((w - 1) * ld + offset + c_out));
+        if ld < c_out || pitch < w * ld || last.is_none_or(|l| l > y.len()) {
+            return Err(format!("output of {} floats: ld {ld}, pitch {pitch}, offset {offset} do not fit", y.len()));
+        }
+        let out = Out { y: y.as_mut_ptr() as usize, ld, offset, residual: 0, row: w, pitch };
+        self.run_gemm(x, [n, h, w], (h, w), (*k, true, blocks), out);
         Ok(())
     }
 
@@ -379,8 +411,9 @@ impl FConv {
         tiles: &GemmTiles<f32>,
         blocks: &[FBlock],
         koff: &[usize],
-        Out { y: y_addr, ld, offset, residual }: Out,
+        out: Out,
     ) {
+        let (y_addr, residual) = (out.y, out.residual);
         let (s, k) = (&self.spec, tiles.k);
         // With a residual the kernels store the sums unclamped; the residual and the clamp follow.
         let clamp = if residual == 0 { s.clamp } else { [f32::NEG_INFINITY, f32::INFINITY] };
@@ -388,7 +421,7 @@ impl FConv {
             let mut out_ptrs = [std::ptr::null_mut::<f32>(); DIRECT_ROWS];
             for (i, p) in out_ptrs.iter_mut().enumerate().take(rows.len()) {
                 // Each (row tile, channel block) is written by exactly one part.
-                *p = (y_addr as *mut f32).wrapping_add((r0 + i) * ld + offset);
+                *p = (y_addr as *mut f32).wrapping_add(out.at(r0 + i));
             }
             let nr = rows.len();
             for b in blocks {
@@ -422,7 +455,7 @@ impl FConv {
                             (
                                 std::slice::from_raw_parts_mut(o.add(b.c0), b.valid),
                                 std::slice::from_raw_parts(
-                                    (residual as *const f32).add((r0 + i) * ld + offset + b.c0),
+                                    (residual as *const f32).add(out.at(r0 + i) + b.c0),
                                     b.valid,
                                 ),
                             )
@@ -484,14 +517,33 @@ impl FConv {
     }
 }
 
-/// Where a GEMM stores: the output (pixels `ld` floats apart, this convolution's channels from `offset`) and a
-/// residual of the same layout to add (0: none), as addresses so the parts can share them.
+/// Where a GEMM stores: the output (pixels `ld` floats apart, this convolution's channels from `offset`; unless
+/// `row` is 0, every `row` pixels start a new output row `pitch` floats after the last one's start) and a residual
+/// of the same layout to add (0: none), as addresses so the parts can share them.
 #[derive(Clone, Copy)]
 struct Out {
     y: usize,
     ld: usize,
     offset: usize,
     residual: usize,
+    row: usize,
+    pitch: usize,
+}
+
+impl Out {
+    fn contiguous(y: usize, ld: usize, offset: usize, residual: usize) -> Out {
+        Out { y, ld, offset, residual, row: 0, pitch: 0 }
+    }
+
+    /// Where output pixel `p` starts, in floats from the output's start.
+    #[inline]
+    fn at(&self, p: usize) -> usize {
+        let base = match p.checked_div(self.row) {
+            None => p * self.ld,
+            Some(r) => r * self.pitch + (p - r * self.row) * self.ld,
+        };
+        base + self.offset
+    }
 }
 
 thread_local! {
