@@ -212,6 +212,41 @@ fn kernel_ops(s: &Session, input: Vec<(String, Tensor)>) -> Vec<String> {
     s.profile(input, 1).unwrap().into_iter().map(|t| t.op).filter(|op| op.starts_with("Ep")).collect()
 }
 
+/// At 1 and 2 threads, `m` on `x` (its input "x", of `shape`): the plan runs each of `kernels`, and every model output
+/// has its length in `lens` and equals the graph as written within `tol` relative. The graph as written is what
+/// answers a request that also asks for `fused_away`, a value the kernels fuse away (a convolution's output before
+/// its fused activation).
+fn assert_kernels_equal_the_graph(
+    m: &Model,
+    shape: &[usize],
+    x: &[f32],
+    lens: &[usize],
+    fused_away: &str,
+    kernels: &[&str],
+    tol: f32,
+) {
+    let names: Vec<String> = m.graph.outputs.iter().filter_map(|o| o.name.clone()).collect();
+    let mut asked: Vec<&str> = names.iter().map(|v| v.as_str()).collect();
+    asked.push(fused_away);
+    for threads in [1, 2] {
+        let s = Session::from_model(m, &SessionOptions { threads, ..Default::default() }).unwrap();
+        let input = || vec![("x".to_string(), Tensor::from_f32(shape.to_vec(), x.to_vec()).unwrap())];
+        let ran = kernel_ops(&s, input());
+        for k in kernels {
+            assert!(ran.iter().any(|o| o == k), "threads {threads}: {k} did not run: {ran:?}");
+        }
+        let fast = s.run(input()).unwrap();
+        let slow = s.run_values(input(), &asked).unwrap();
+        for (i, &len) in lens.iter().enumerate() {
+            let (f, w) = (fast[i].1.to_f32_vec(), slow[i].1.to_f32_vec());
+            assert_eq!((f.len(), w.len()), (len, len), "threads {threads}, output {i}");
+            for (a, b) in f.iter().zip(&w) {
+                assert!((a - b).abs() <= tol * (1.0 + b.abs()), "threads {threads}, output {i}: {a} vs {b}");
+            }
+        }
+    }
+}
+
 // ---- fast kernels (qconv, qelem) against the scalar reference, for every ISA this CPU has ----
 
 /// A float CNN with every pattern of `onnx::f32_kernels` (Conv+Clip, depthwise Conv+Relu, residual Add + Relu,
@@ -286,23 +321,7 @@ fn lowered_f32_graph_equals_the_graph_as_written() {
     let res = lowered.graph.nodes.iter().find(|n| n.op() == "EpConv" && n.input.len() == 2).unwrap();
     assert_eq!(res.attribute.iter().find(|a| a.name.as_deref() == Some("clamp")).unwrap().floats, [0.0, f32::INFINITY]);
     let x: Vec<f32> = (0..2 * 3 * 13 * 11).map(|_| r.unit() * 2.0 - 1.0).collect();
-    for threads in [1, 2] {
-        let s = Session::from_model(&m, &SessionOptions { threads, ..Default::default() }).unwrap();
-        let input = || vec![("x".to_string(), Tensor::from_f32(vec![2, 3, 13, 11], x.clone()).unwrap())];
-        let ran = kernel_ops(&s, input());
-        assert!(ran.iter().any(|o| o == "EpConvConcat"), "{ran:?}");
-        assert!(ran.iter().any(|o| o == "EpGemm"), "{ran:?}");
-        let fast = s.run(input()).unwrap();
-        // "a1" (the Conv output before its fused Clip) exists only in the graph as written.
-        let slow = s.run_values(input(), &["y", "logits", "a1"]).unwrap();
-        for (i, len) in [(0, 44), (1, 10)] {
-            let (f, w) = (fast[i].1.to_f32_vec(), slow[i].1.to_f32_vec());
-            assert_eq!(f.len(), len);
-            for (a, b) in f.iter().zip(&w) {
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "threads {threads}, output {i}: {f:?} vs {w:?}");
-            }
-        }
-    }
+    assert_kernels_equal_the_graph(&m, &[2, 3, 13, 11], &x, &[44, 10], "a1", &["EpConvConcat", "EpGemm"], 1e-4);
 }
 
 /// PP-LCNetV3's blocks (PP-OCR): constant `Mul`/`Add` after a convolution (a scalar and a per-channel one) folded
@@ -396,23 +415,7 @@ fn lowered_affine_and_hardswish_equal_the_graph_as_written() {
         lowered.graph.nodes.iter().filter_map(|n| n.attr("affine")).map(|a| a.floats.as_slice()).collect();
     assert_eq!(affine, [&[0.4f32, -0.3][..]]);
     let x: Vec<f32> = (0..2 * 3 * 9 * 10).map(|_| r.unit() * 8.0 - 4.0).collect();
-    for threads in [1, 2] {
-        let s = Session::from_model(&m, &SessionOptions { threads, ..Default::default() }).unwrap();
-        let input = || vec![("x".to_string(), Tensor::from_f32(vec![2, 3, 9, 10], x.clone()).unwrap())];
-        let ran = kernel_ops(&s, input());
-        assert!(ran.iter().any(|o| o == "EpScale"), "{ran:?}");
-        assert!(ran.iter().any(|o| o == "EpConv"), "{ran:?}");
-        let fast = s.run(input()).unwrap();
-        // "a1" (the Conv output before its folded Mul) exists only in the graph as written.
-        let slow = s.run_values(input(), &["y", "z", "a1"]).unwrap();
-        for i in 0..2 {
-            let (f, w) = (fast[i].1.to_f32_vec(), slow[i].1.to_f32_vec());
-            assert_eq!(f.len(), 2 * 6 * 9 * 10);
-            for (a, b) in f.iter().zip(&w) {
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "threads {threads}, output {i}: {a} vs {b}");
-            }
-        }
-    }
+    assert_kernels_equal_the_graph(&m, &[2, 3, 9, 10], &x, &[2 * 6 * 9 * 10; 2], "a1", &["EpScale", "EpConv"], 1e-4);
 }
 
 /// Nearest-neighbour `Resize` by whole factors between kernels (an FPN's top-down path) becomes `EpUpsample` in the
@@ -467,22 +470,15 @@ fn lowered_upsample_equals_resize() {
     assert_eq!(ops.iter().filter(|o| **o == "EpUpsample").count(), 2, "{ops:?}");
     assert_eq!(ops.iter().filter(|o| **o == "Resize").count(), 2, "{ops:?}");
     let x: Vec<f32> = (0..2 * 3 * 5 * 7).map(|_| r.unit() * 2.0 - 1.0).collect();
-    for threads in [1, 2] {
-        let s = Session::from_model(&m, &SessionOptions { threads, ..Default::default() }).unwrap();
-        let input = || vec![("x".to_string(), Tensor::from_f32(vec![2, 3, 5, 7], x.clone()).unwrap())];
-        let ran = kernel_ops(&s, input());
-        assert!(ran.iter().any(|o| o == "EpUpsample"), "{ran:?}");
-        let fast = s.run(input()).unwrap();
-        // "a0" (the first convolution's output before its fused Relu) forces the graph as written.
-        let slow = s.run_values(input(), &["y", "z", "f", "a0"]).unwrap();
-        for (i, len) in [(0, 2 * 4 * 40 * 84), (1, 2 * 10 * 7 * 10), (2, 2 * 5 * 20 * 28)] {
-            let (f, w) = (fast[i].1.to_f32_vec(), slow[i].1.to_f32_vec());
-            assert_eq!((f.len(), w.len()), (len, len), "output {i}");
-            for (a, b) in f.iter().zip(&w) {
-                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "threads {threads}, output {i}: {a} vs {b}");
-            }
-        }
-    }
+    assert_kernels_equal_the_graph(
+        &m,
+        &[2, 3, 5, 7],
+        &x,
+        &[2 * 4 * 40 * 84, 2 * 10 * 7 * 10, 2 * 5 * 20 * 28],
+        "a0",
+        &["EpUpsample"],
+        1e-5,
+    );
 }
 
 /// A DB text detector's head: `ConvTranspose` whose stride is its kernel (2×2 and 2×3), its bias Add, a
@@ -545,22 +541,15 @@ fn lowered_conv_transpose_equals_the_graph_as_written() {
         assert!(!ops.contains(&gone), "{gone}: {ops:?}");
     }
     let x: Vec<f32> = (0..2 * 3 * 5 * 7).map(|_| r.unit() * 2.0 - 1.0).collect();
-    for threads in [1, 2] {
-        let s = Session::from_model(&m, &SessionOptions { threads, ..Default::default() }).unwrap();
-        let input = || vec![("x".to_string(), Tensor::from_f32(vec![2, 3, 5, 7], x.clone()).unwrap())];
-        let ran = kernel_ops(&s, input());
-        assert!(ran.iter().any(|o| o == "EpConvTranspose"), "{ran:?}");
-        let fast = s.run(input()).unwrap();
-        // "a0" (the first convolution's output before its fused Relu) forces the graph as written.
-        let slow = s.run_values(input(), &["y", "z", "a0"]).unwrap();
-        for (i, len) in [(0, 2 * 20 * 42), (1, 2 * 4 * 5 * 7)] {
-            let (f, w) = (fast[i].1.to_f32_vec(), slow[i].1.to_f32_vec());
-            assert_eq!((f.len(), w.len()), (len, len), "output {i}");
-            for (a, b) in f.iter().zip(&w) {
-                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "threads {threads}, output {i}: {a} vs {b}");
-            }
-        }
-    }
+    assert_kernels_equal_the_graph(
+        &m,
+        &[2, 3, 5, 7],
+        &x,
+        &[2 * 20 * 42, 2 * 4 * 5 * 7],
+        "a0",
+        &["EpConvTranspose"],
+        1e-5,
+    );
 }
 
 /// A kernel graph that does not plan at some input shape (here an image smaller than the kernel MaxPool's window)

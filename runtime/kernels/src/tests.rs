@@ -499,6 +499,18 @@ fn fconv_kernels_equal_a_direct_loop_for_every_isa_and_thread_split() {
     }
 }
 
+/// A 1×1 fp32 convolution from `c_in` to `c_out` channels with weights and bias in [−0.5, 0.5) and `clamp`.
+fn random_pointwise(r: &mut Rng, c_in: usize, c_out: usize, clamp: [f32; 2]) -> FConvSpec {
+    FConvSpec {
+        geom: ConvGeometry { c_in, c_out, group: 1, kernel: [1, 1], stride: [1, 1], dilation: [1, 1], pads: [0; 4] },
+        weights: (0..c_in * c_out).map(|_| r.unit() - 0.5).collect(),
+        bias: Some((0..c_out).map(|_| r.unit() - 0.5).collect()),
+        clamp,
+        act: Act::None,
+        affine: None,
+    }
+}
+
 /// `FConv::run_pitched` (a transposed convolution's sub-pixel rows) writes exactly what `run` writes, each input
 /// row's outputs moved to `r·pitch + x·ld + offset`, and leaves every other float alone; bad pitches are refused.
 #[test]
@@ -506,16 +518,7 @@ fn fconv_pitched_output_equals_the_contiguous_one_moved() {
     let mut r = Rng(0x9e7c_0001);
     for &isa in &Isa::available() {
         for &(n, h, w, c_in, c_out, threads) in &[(1, 3, 5, 4, 6, 1), (2, 7, 9, 16, 40, 2), (1, 24, 31, 24, 48, 2)] {
-            let geom =
-                ConvGeometry { c_in, c_out, group: 1, kernel: [1, 1], stride: [1, 1], dilation: [1, 1], pads: [0; 4] };
-            let spec = FConvSpec {
-                geom,
-                weights: (0..c_in * c_out).map(|_| r.unit() - 0.5).collect(),
-                bias: Some((0..c_out).map(|_| r.unit() - 0.5).collect()),
-                clamp: [0.0, f32::INFINITY],
-                act: Act::None,
-                affine: None,
-            };
+            let spec = random_pointwise(&mut r, c_in, c_out, [0.0, f32::INFINITY]);
             let conv = FConv::new(spec, isa).unwrap();
             let x: Vec<f32> = (0..n * h * w * c_in).map(|_| r.unit() * 2.0 - 1.0).collect();
             let mut want = vec![0f32; n * h * w * c_out];
@@ -656,16 +659,8 @@ fn small_image_gemms_split_across_threads_equal_the_reference() {
     let isa = *Isa::available().last().unwrap();
     for &(hw, c_in, c_out) in &[(7, 64, 192), (14, 48, 112), (7, 32, 320), (7, 40, 1280), (1, 1280, 1000), (3, 16, 40)]
     {
-        let geom =
-            ConvGeometry { c_in, c_out, group: 1, kernel: [1, 1], stride: [1, 1], dilation: [1, 1], pads: [0; 4] };
-        let spec = FConvSpec {
-            geom,
-            weights: (0..c_in * c_out).map(|_| r.unit() - 0.5).collect(),
-            bias: Some((0..c_out).map(|_| r.unit() - 0.5).collect()),
-            clamp: [0.0, 6.0],
-            act: Act::None,
-            affine: None,
-        };
+        let spec = random_pointwise(&mut r, c_in, c_out, [0.0, 6.0]);
+        let geom = spec.geom;
         let x: Vec<f32> = (0..hw * hw * c_in).map(|_| r.unit() * 2.0 - 1.0).collect();
         let (want, mag) = fconv_reference(&spec, &x, [1, hw, hw]);
         let conv = FConv::new(spec, isa).unwrap();

@@ -30,7 +30,7 @@
 //! Then the layout pass of `qdq_kernels`: kernel chains stay NHWC, Transposes only where a chain starts or ends.
 use std::collections::{HashMap, HashSet};
 
-use crate::qdq_kernels::{Rewrite, conv_geometry, ep_node as ep, maxpool_attrs};
+use crate::qdq_kernels::{Rewrite, conv_geometry, ep_node as ep, maxpool_attrs, pointwise_geometry};
 use edgepack_onnx::builder::{attr_floats, attr_int, attr_ints, attr_string, attr_tensor, tensor_f32};
 use edgepack_onnx::passes::tensor_f32_values;
 use edgepack_onnx::{Graph, Model, NodeExt, NodeProto};
@@ -262,10 +262,7 @@ fn batchnorm_of(c: &Ctx, v: &str, c_out: usize) -> Option<(usize, Vec<f32>, Vec<
     if n.attr_i("training_mode").unwrap_or(0) != 0 || n.input[0] != v {
         return None;
     }
-    let p = |k: usize| tensor_f32_values(c.g.initializer(&n.input[k])?).filter(|x| x.len() == c_out);
-    let (gamma, beta, mean, var) = (p(1)?, p(2)?, p(3)?, p(4)?);
-    let eps = n.attr_f("epsilon").unwrap_or(1e-5);
-    let k: Vec<f32> = (0..c_out).map(|j| gamma[j] / (var[j] + eps).sqrt()).collect();
+    let (k, mean, beta) = c.g.batchnorm_scale(n, c_out)?;
     let finite = k.iter().chain(&mean).chain(&beta).all(|x| x.is_finite());
     finite.then(|| Some((i, k, mean, beta, n.output[0].clone())))?
 }
@@ -320,20 +317,14 @@ fn conv_transpose(c: &Ctx, idx: usize) -> Option<Rewrite> {
             .collect();
         let sub_bias: Vec<f32> = (0..wide).map(|o| bias[o % c_out]).collect();
         let raw: Vec<u8> = sub.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let mut a = vec![
-            attr_int("c_in", c_in as i64),
-            attr_int("c_out", wide as i64),
-            attr_int("group", 1),
-            attr_ints("kernel_shape", &[1, 1]),
-            attr_ints("strides", &[1, 1]),
-            attr_ints("dilations", &[1, 1]),
-            attr_ints("pads", &[0, 0, 0, 0]),
+        let mut a = pointwise_geometry(c_in, wide);
+        a.extend([
             attr_tensor(
                 "weights",
                 edgepack_onnx::builder::tensor_raw("weights", &[wide as i64, c_in as i64, 1, 1], 1, raw),
             ),
             attr_tensor("bias", tensor_f32("bias", &[wide as i64], &sub_bias)),
-        ];
+        ]);
         a.extend(st.attrs());
         for mut at in a {
             at.name = Some(format!("{}_{dy}", at.name.as_deref().unwrap_or_default()));
@@ -531,17 +522,11 @@ fn gemm(c: &Ctx, idx: usize) -> Option<Rewrite> {
             (if tb { w[o * k + kk] } else { w[kk * c_out + o] }).to_le_bytes()
         })
         .collect();
-    let mut attrs = vec![
-        attr_int("c_in", k as i64),
-        attr_int("c_out", c_out as i64),
-        attr_int("group", 1),
-        attr_ints("kernel_shape", &[1, 1]),
-        attr_ints("strides", &[1, 1]),
-        attr_ints("dilations", &[1, 1]),
-        attr_ints("pads", &[0, 0, 0, 0]),
+    let mut attrs = pointwise_geometry(k, c_out);
+    attrs.extend([
         attr_floats("clamp", &[f32::NEG_INFINITY, f32::INFINITY]),
         attr_tensor("weights", edgepack_onnx::builder::tensor_raw("weights", &[c_out as i64, k as i64, 1, 1], 1, raw)),
-    ];
+    ]);
     if let Some(b) = &bias {
         attrs.push(attr_tensor("bias", tensor_f32("bias", &[c_out as i64], b)));
     }
@@ -641,7 +626,7 @@ fn upsample_scales(c: &Ctx, n: &NodeProto) -> Option<[i64; 2]> {
         _ => false,
     };
     let s = tensor_f32_values(c.g.initializer(&n.input[2])?)?;
-    let int = |v: f32| ((1.0..=1024.0).contains(&v) && v.fract() == 0.0).then_some(v as i64);
+    let int = |v: f32| ((1.0..=crate::nodes::LIMIT_SCALE as f32).contains(&v) && v.fract() == 0.0).then_some(v as i64);
     match s.as_slice() {
         &[1.0, 1.0, sh, sw] if whole => Some([int(sh)?, int(sw)?]),
         _ => None,

@@ -257,7 +257,7 @@ fn pool2d(node: &NodeProto) -> Res<Pool2d> {
 }
 
 /// The largest whole upsampling factor `EpUpsample` takes.
-const LIMIT_SCALE: i64 = 1024;
+pub(crate) const LIMIT_SCALE: i64 = 1024;
 
 /// A `[lo, hi]` clamp attribute (`None` when absent): two floats, `lo ≤ hi` (neither NaN).
 fn clamp_attr(node: &NodeProto, name: &str) -> Res<Option<[f32; 2]>> {
@@ -523,6 +523,12 @@ impl Kernel {
             }
             Ok(vec![x[0].clone(), D::known(c_out)])
         };
+        // An image of `h`×`w` scaled by whole factors (at most 2^30 per side).
+        let upsampled = |h: usize, w: usize, [sh, sw]: [usize; 2]| -> Res<(usize, usize)> {
+            let big = || format!("{name}: {h}x{w} upsampled by {sh}x{sw} is too large");
+            let side = |a: usize, b: usize| a.checked_mul(b).filter(|&v| v <= 1 << 30).ok_or_else(big);
+            Ok((side(h, sh)?, side(w, sw)?))
+        };
         // [N, H, W, c_in] → [N, OH, OW, c_out].
         type OutHw<'a> = &'a dyn Fn(usize, usize) -> Option<(usize, usize)>;
         let image = |c_in: usize, c_out: usize, out_hw: OutHw| -> Res<Vec<D>> {
@@ -599,16 +605,12 @@ impl Kernel {
                 if val(&x[3])? != g.c_in {
                     return Err(format!("{name}: input has {:?} channels, expected {}", x[3], g.c_in));
                 }
-                let big = || format!("{name}: {h}x{w} upsampled by {kh}x{kw} is too large");
-                let oh = h.checked_mul(kh).filter(|&v| v <= 1 << 30).ok_or_else(big)?;
-                let ow = w.checked_mul(*kw).filter(|&v| v <= 1 << 30).ok_or_else(big)?;
+                let (oh, ow) = upsampled(h, w, [kh, *kw])?;
                 vec![x[0].clone(), D::known(oh), D::known(ow), D::known(c_out)]
             }
             Kernel::FUpsample([sh, sw]) => {
                 let (h, w) = hw(x)?;
-                let big = || format!("{name}: {h}x{w} upsampled by {sh}x{sw} is too large");
-                let oh = h.checked_mul(*sh).filter(|&v| v <= 1 << 30).ok_or_else(big)?;
-                let ow = w.checked_mul(*sw).filter(|&v| v <= 1 << 30).ok_or_else(big)?;
+                let (oh, ow) = upsampled(h, w, [*sh, *sw])?;
                 vec![x[0].clone(), D::known(oh), D::known(ow), x[3].clone()]
             }
             Kernel::Layout { to_nhwc: false } => vec![x[0].clone(), x[3].clone(), x[1].clone(), x[2].clone()],

@@ -63,6 +63,20 @@ pub(super) struct Rewrite {
     pub node: NodeProto,
 }
 
+/// The geometry attributes of a kernel node that is a 1×1, stride-1, unpadded convolution from `c_in` to `c_out`
+/// channels (a Gemm's rows, a transposed convolution's kernel row).
+pub(super) fn pointwise_geometry(c_in: usize, c_out: usize) -> Vec<edgepack_onnx::AttributeProto> {
+    vec![
+        attr_int("c_in", c_in as i64),
+        attr_int("c_out", c_out as i64),
+        attr_int("group", 1),
+        attr_ints("kernel_shape", &[1, 1]),
+        attr_ints("strides", &[1, 1]),
+        attr_ints("dilations", &[1, 1]),
+        attr_ints("pads", &[0, 0, 0, 0]),
+    ]
+}
+
 /// `[strides, dilations, pads]` of a Conv with a `kh×kw` kernel, when its attributes are explicit (no auto_pad)
 /// and consistent.
 pub(super) fn conv_geometry(n: &NodeProto, kh: usize, kw: usize) -> Option<[Vec<i64>; 3]> {
@@ -192,20 +206,14 @@ fn gemm(c: &Ctx, idx: usize) -> Option<Rewrite> {
             (0, m, vec![idx], n.output.first()?.as_str(), 1)
         }
     };
-    let mut attrs = vec![
-        attr_int("c_in", k as i64),
-        attr_int("c_out", c_out as i64),
-        attr_int("group", 1),
-        attr_ints("kernel_shape", &[1, 1]),
-        attr_ints("strides", &[1, 1]),
-        attr_ints("dilations", &[1, 1]),
-        attr_ints("pads", &[0, 0, 0, 0]),
+    let mut attrs = pointwise_geometry(k, c_out);
+    attrs.extend([
         attr_int("z_x", wi.z_x.0 as i64),
         attr_int("z_y", z_y),
         attr_int("float_out", float_out),
         attr_tensor("weights", tensor_raw("weights", &[c_out as i64, k as i64, 1, 1], 3, weights)),
         attr_tensor("multiplier", edgepack_onnx::builder::tensor_f32("multiplier", &[c_out as i64], &multiplier)),
-    ];
+    ]);
     if let Some(b) = &wi.bias {
         let raw = b.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect();
         attrs.push(attr_tensor("bias", tensor_raw("bias", &[c_out as i64], 6, raw)));

@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 
 use super::builder::tensor_f32;
-use super::{Graph, NodeExt, TensorProto};
+use super::{Graph, NodeExt, NodeProto, TensorProto};
 
 /// Reads an f32 tensor (raw or typed storage); `None` for other types or inconsistent sizes.
 pub fn tensor_f32_values(t: &TensorProto) -> Option<Vec<f32>> {
@@ -237,6 +237,16 @@ impl Graph {
         folded
     }
 
+    /// An inference `BatchNormalization` node's per-channel factor `γ/√(σ²+ε)`, its mean and its `β`, when its four
+    /// parameters are f32 initializers of `c` values: the BN is `(x − mean)·k + β`.
+    pub fn batchnorm_scale(&self, bn: &NodeProto, c: usize) -> Option<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let get = |k: usize| self.initializer(bn.input.get(k)?).and_then(tensor_f32_values).filter(|v| v.len() == c);
+        let (gamma, beta, mean, var) = (get(1)?, get(2)?, get(3)?, get(4)?);
+        let eps = bn.attr_f("epsilon").unwrap_or(1e-5);
+        let k: Vec<f32> = (0..c).map(|j| gamma[j] / (var[j] + eps).sqrt()).collect();
+        Some((k, mean, beta))
+    }
+
     fn try_fold_bn(&mut self, bn_idx: usize) -> Option<String> {
         let bn = self.nodes[bn_idx].clone();
         // Training-mode outputs (mean/var) must be absent.
@@ -253,13 +263,13 @@ impl Graph {
             return None;
         }
         let get = |name: &str| self.initializer(name).and_then(tensor_f32_values);
-        let (gamma, beta, mean, var) = (get(&bn.input[1])?, get(&bn.input[2])?, get(&bn.input[3])?, get(&bn.input[4])?);
         let w_t = self.initializer(conv.input.get(1)?)?.clone();
         let w = tensor_f32_values(&w_t)?;
         let c = *w_t.dims.first()? as usize;
-        if [gamma.len(), beta.len(), mean.len(), var.len()].iter().any(|&l| l != c) || c == 0 {
+        if c == 0 {
             return None;
         }
+        let (k, mean, beta) = self.batchnorm_scale(&bn, c)?;
         let b = match conv.input.get(2).filter(|b| !b.is_empty()) {
             Some(b) => {
                 let v = get(b)?;
@@ -267,8 +277,6 @@ impl Graph {
             }
             None => vec![0.0; c],
         };
-        let eps = bn.attr_f("epsilon").unwrap_or(1e-5);
-        let k: Vec<f32> = (0..c).map(|j| gamma[j] / (var[j] + eps).sqrt()).collect();
         let inner = w.len() / c;
         let w2: Vec<f32> = w.iter().enumerate().map(|(i, &v)| v * k[i / inner]).collect();
         let b2: Vec<f32> = (0..c).map(|j| (b[j] - mean[j]) * k[j] + beta[j]).collect();

@@ -360,21 +360,10 @@ pub fn scale_channels_f32(x: &[f32], s: &[f32], n: usize, hw: usize, c: usize, y
         x.len() >= pixels * c && y.len() >= pixels * c && s.len() >= n * c,
         "scale_channels_f32: buffers too small"
     );
-    if c == 0 {
-        return;
-    }
-    let parts = super::threads().min((pixels * c / 16_384).max(1));
-    let per = pixels.div_ceil(parts);
-    let y_addr = y.as_mut_ptr() as usize;
-    super::for_each_part(parts, |part| {
-        let (p0, p1) = ((part * per).min(pixels), ((part + 1) * per).min(pixels));
-        // SAFETY: pixels p0..p1 of the output are written by this part only.
-        let o = unsafe { std::slice::from_raw_parts_mut((y_addr as *mut f32).add(p0 * c), (p1 - p0) * c) };
-        for (p, (o, xs)) in (p0..p1).zip(o.chunks_exact_mut(c).zip(x[p0 * c..p1 * c].chunks_exact(c))) {
-            let g = &s[(p / hw) * c..][..c];
-            for ((o, &v), &k) in o.iter_mut().zip(xs).zip(g) {
-                *o = v * k;
-            }
+    for_each_row_f32(y, pixels, c, |p, o| {
+        let g = &s[(p / hw) * c..][..c];
+        for ((o, &v), &k) in o.iter_mut().zip(&x[p * c..][..c]).zip(g) {
+            *o = v * k;
         }
     });
 }
@@ -385,26 +374,36 @@ pub fn scale_channels_f32(x: &[f32], s: &[f32], n: usize, hw: usize, c: usize, y
 pub fn upsample_nearest_f32(x: &[f32], [n, h, w, c]: [usize; 4], [sh, sw]: [usize; 2], y: &mut [f32]) {
     let (oh, ow) = (h * sh, w * sw);
     assert!(x.len() >= n * h * w * c && y.len() >= n * oh * ow * c, "upsample_nearest_f32: buffers too small");
-    let rows = n * oh;
-    let row = ow * c;
+    if c == 0 {
+        return;
+    }
+    for_each_row_f32(y, n * oh, ow * c, |r, out| {
+        let (b, oy) = (r / oh, r % oh);
+        let src = &x[(b * h + oy / sh) * w * c..][..w * c];
+        for (px, out) in src.chunks_exact(c).zip(out.chunks_exact_mut(sw * c)) {
+            for o in out.chunks_exact_mut(c) {
+                o.copy_from_slice(px);
+            }
+        }
+    });
+}
+
+/// `f(r, row)` for each of the first `rows` rows of `row` floats of `y`, split across the pool by ranges of rows
+/// (about 16K floats per part at least).
+fn for_each_row_f32(y: &mut [f32], rows: usize, row: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     if rows == 0 || row == 0 {
         return;
     }
+    assert!(y.len() >= rows * row, "for_each_row_f32: output too small");
     let parts = super::threads().min((rows * row / 16_384).max(1));
     let per = rows.div_ceil(parts);
     let y_addr = y.as_mut_ptr() as usize;
     super::for_each_part(parts, |part| {
         let (r0, r1) = ((part * per).min(rows), ((part + 1) * per).min(rows));
-        // SAFETY: output rows r0..r1 are written by this part only.
+        // SAFETY: rows r0..r1 of the output are written by this part only.
         let o = unsafe { std::slice::from_raw_parts_mut((y_addr as *mut f32).add(r0 * row), (r1 - r0) * row) };
         for (r, out) in (r0..r1).zip(o.chunks_exact_mut(row)) {
-            let (b, oy) = (r / oh, r % oh);
-            let src = &x[(b * h + oy / sh) * w * c..][..w * c];
-            for (px, out) in src.chunks_exact(c).zip(out.chunks_exact_mut(sw * c)) {
-                for o in out.chunks_exact_mut(c) {
-                    o.copy_from_slice(px);
-                }
-            }
+            f(r, out);
         }
     });
 }
