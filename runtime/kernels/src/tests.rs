@@ -722,3 +722,110 @@ fn gemm_split_balances_threads_with_the_fewest_row_parts() {
         }
     }
 }
+
+/// A convolution chain (`[1×1,] depthwise [, 1×1]`, a residual added to the last) equals its convolutions run one
+/// after the other, for every ISA, 1–4 threads, windows 3×3 and 5×5 at strides 1 and 2, with and without the
+/// expansion, the projection and the residual, at sizes where the fused row walk runs (in one part per thread,
+/// and with the expansion staged where parts would repeat too much of it: 5×5 at stride 1 on 4 threads) and below
+/// them (one after the other).
+#[test]
+fn fchain_equals_its_convolutions_one_after_the_other() {
+    use super::fconv::{Act, FChain, FConv, FConvSpec};
+    let mut r = Rng(0xc4a1_0000);
+    let spec = |r: &mut Rng, c_in: usize, c_out: usize, k: usize, s: usize, dw: bool, act: Act| {
+        let group = if dw { c_in } else { 1 };
+        let geom = ConvGeometry {
+            c_in,
+            c_out,
+            group,
+            kernel: [k, k],
+            stride: [s, s],
+            dilation: [1, 1],
+            pads: [k / 2, k / 2, k / 2, k / 2 - usize::from(s == 2 && k == 3)],
+        };
+        FConvSpec {
+            geom,
+            weights: (0..c_out * c_in / group * k * k).map(|_| r.unit() - 0.5).collect(),
+            bias: Some((0..c_out).map(|_| r.unit() - 0.5).collect()),
+            clamp: if dw { [0.0, 6.0] } else { [f32::NEG_INFINITY, f32::INFINITY] },
+            act,
+            affine: None,
+        }
+    };
+    for &isa in &Isa::available() {
+        for (pre, post, residual) in
+            [(true, true, true), (true, true, false), (true, false, false), (false, true, true), (false, true, false)]
+        {
+            for (k, s) in [(3, 1), (3, 2), (5, 1), (5, 2)] {
+                // Wide enough that the fused walk runs (a 69×65×60 expansion, a 35×33×60 depthwise output), and
+                // small.
+                for (n, h, w) in [(1, 69, 65), (2, 9, 7)] {
+                    let (c_in, cm) = (if pre { 12 } else { 60 }, 60);
+                    let c_out = if residual && s == 1 { c_in } else { 20 };
+                    if residual && (s != 1 || c_out != c_in) {
+                        continue;
+                    }
+                    let mut specs = Vec::new();
+                    if pre {
+                        specs.push(spec(&mut r, c_in, cm, 1, 1, false, Act::HardSwish));
+                    }
+                    specs.push(spec(&mut r, cm, cm, k, s, true, Act::None));
+                    if post {
+                        specs.push(spec(&mut r, cm, c_out, 1, 1, false, Act::None));
+                    }
+                    let convs: Vec<FConv> = specs.iter().map(|s| FConv::new(s.clone(), isa).unwrap()).collect();
+                    let chain =
+                        FChain::new(specs.iter().map(|s| FConv::new(s.clone(), isa).unwrap()).collect()).unwrap();
+                    assert_eq!(chain.fuses([n, h, w]), h > 9, "pre {pre} post {post} k{k} s{s} {n}x{h}x{w}");
+                    let x: Vec<f32> = (0..n * h * w * chain.c_in()).map(|_| r.unit() * 2.0 - 1.0).collect();
+                    let (oh, ow) = chain.output_hw(h, w).unwrap();
+                    let res: Vec<f32> = (0..n * oh * ow * chain.c_out()).map(|_| r.unit() - 0.5).collect();
+                    // The convolutions one after the other.
+                    let (mut cur, mut hw) = (x.clone(), (h, w));
+                    for (i, conv) in convs.iter().enumerate() {
+                        let (a, b) = conv.output_hw(hw.0, hw.1).unwrap();
+                        let mut out = vec![0f32; n * a * b * conv.spec().geom.c_out];
+                        if residual && i + 1 == convs.len() {
+                            conv.run_add(&cur, [n, hw.0, hw.1], &res, &mut out).unwrap();
+                        } else {
+                            conv.run(&cur, n, hw.0, hw.1, &mut out).unwrap();
+                        }
+                        (cur, hw) = (out, (a, b));
+                    }
+                    for threads in 1..=4 {
+                        let mut got = vec![f32::NAN; cur.len()];
+                        let r_in = residual.then_some(&res[..]);
+                        super::with_threads(threads, || chain.run(&x, [n, h, w], r_in, &mut got)).unwrap();
+                        let what =
+                            format!("{isa:?} pre {pre} post {post} res {residual} k{k} s{s} {n}x{h}x{w} t{threads}");
+                        for (i, (&g, &e)) in got.iter().zip(&cur).enumerate() {
+                            assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "{what}: element {i}: {g} vs {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Not chains: no depthwise convolution, a 3×3 convolution around it, mismatched channels.
+    let mut r = Rng(1);
+    let pw = |r: &mut Rng, a, b| FConv::new(spec(r, a, b, 1, 1, false, Act::None), Isa::Portable).unwrap();
+    let dw = |r: &mut Rng, c| FConv::new(spec(r, c, c, 3, 1, true, Act::None), Isa::Portable).unwrap();
+    assert!(FChain::new(vec![pw(&mut r, 4, 8), pw(&mut r, 8, 8)]).is_err());
+    assert!(FChain::new(vec![dw(&mut r, 8)]).is_err());
+    assert!(
+        FChain::new(vec![
+            FConv::new(spec(&mut r, 4, 8, 3, 1, false, Act::None), Isa::Portable).unwrap(),
+            dw(&mut r, 8)
+        ])
+        .is_err()
+    );
+    assert!(FChain::new(vec![pw(&mut r, 4, 6), dw(&mut r, 8)]).is_err());
+    assert!(FChain::new(vec![pw(&mut r, 4, 8), dw(&mut r, 8), pw(&mut r, 8, 4), pw(&mut r, 4, 4)]).is_err());
+    // A residual needs a projection; buffers must match.
+    let chain = FChain::new(vec![pw(&mut r, 4, 8), dw(&mut r, 8)]).unwrap();
+    let x = vec![0.5f32; 5 * 5 * 4];
+    let mut y = vec![0f32; 5 * 5 * 8];
+    assert!(chain.run(&x, [1, 5, 5], Some(&y.clone()), &mut y).is_err());
+    assert!(chain.run(&x[1..], [1, 5, 5], None, &mut y).is_err());
+    assert!(chain.run(&x, [1, 5, 5], None, &mut y).is_ok());
+}

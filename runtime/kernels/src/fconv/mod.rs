@@ -10,15 +10,19 @@
 //! - **Depthwise**: direct, vectorised over channels, blocks of output pixels per weight load, reading the input
 //!   rows in place (no padded copy): taps in the zero padding are skipped, pixels whose window lies inside the
 //!   row take the fast path.
+//! - **Chains** ([`FChain`]): a 1×1 expansion, a depthwise convolution and a 1×1 projection run row by row, the
+//!   tensors between them kept in cache.
 //!
 //! The sums run in a different order than a reference loop (FMA, per-tile accumulation), so results differ from
 //! it by float rounding only; tests compare with a tolerance.
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
+mod chain;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 use super::qconv::{DIRECT_ROWS, Dw, GemmTiles, RowSource, Window};
 use super::{ConvGeometry, Isa};
+pub use chain::FChain;
 
 /// A float convolution as the lowering pass writes it.
 #[derive(Debug, Clone, PartialEq)]
@@ -356,7 +360,7 @@ impl FConv {
         if ld < c_out || pitch < w * ld || last.is_none_or(|l| l > y.len()) {
             return Err(format!("output of {} floats: ld {ld}, pitch {pitch}, offset {offset} do not fit", y.len()));
         }
-        let out = Out { y: y.as_mut_ptr() as usize, ld, offset, residual: 0, row: w, pitch };
+        let out = Out { y: y.as_mut_ptr() as usize, ld, offset, residual: 0, row: w, pitch, slots: 0, first: 0 };
         self.run_gemm(x, [n, h, w], (h, w), (*k, true, blocks), out);
         Ok(())
     }
@@ -528,11 +532,15 @@ struct Out {
     residual: usize,
     row: usize,
     pitch: usize,
+    /// With rows (`row > 0`): a ring of this many rows (0: none), output row `r` in slot `(first + r) % slots`
+    /// (a convolution chain's ring of expanded rows).
+    slots: usize,
+    first: usize,
 }
 
 impl Out {
     fn contiguous(y: usize, ld: usize, offset: usize, residual: usize) -> Out {
-        Out { y, ld, offset, residual, row: 0, pitch: 0 }
+        Out { y, ld, offset, residual, row: 0, pitch: 0, slots: 0, first: 0 }
     }
 
     /// Where output pixel `p` starts, in floats from the output's start.
@@ -540,7 +548,10 @@ impl Out {
     fn at(&self, p: usize) -> usize {
         let base = match p.checked_div(self.row) {
             None => p * self.ld,
-            Some(r) => r * self.pitch + (p - r * self.row) * self.ld,
+            Some(r) => {
+                let slot = if self.slots == 0 { r } else { (self.first + r) % self.slots };
+                slot * self.pitch + (p - r * self.row) * self.ld
+            }
         };
         base + self.offset
     }
