@@ -307,21 +307,94 @@ fn lowered_f32_graph_equals_the_graph_as_written() {
         inits,
     );
     let mut lowered = m.clone();
-    assert_eq!(lowered.lower_f32_kernels(), 10, "every pattern becomes a kernel (fire module: one; pw + res: one)");
+    assert_eq!(lowered.lower_f32_kernels(), 9, "every pattern becomes a kernel (fire module: one; dw + pw + res: one)");
     let ops: Vec<&str> = lowered.graph.nodes.iter().map(|n| n.op()).collect();
     assert!(!ops.contains(&"Conv") && !ops.contains(&"Dropout"), "{ops:?}");
     assert_eq!(ops.iter().filter(|o| **o == "EpConvConcat").count(), 1, "{ops:?}");
-    // The residual Add is the projection's output stage: `EpConv(d2, a2)`; the one after the SiLU stays `EpAdd`.
+    // The residual Add is the projection's output stage, the projection the depthwise convolution's chain:
+    // `EpConvChain(a2, a2)`; the Add after the SiLU stays `EpAdd`.
     assert_eq!(ops.iter().filter(|o| **o == "EpAdd").count(), 1, "{ops:?}");
     assert!(!ops.contains(&"Sigmoid") && !ops.contains(&"Mul"), "{ops:?}");
     assert_eq!(lowered.graph.nodes.iter().filter(|n| n.attr_s("act") == Some("silu")).count(), 1, "{ops:?}");
-    assert_eq!(lowered.graph.nodes.iter().filter(|n| n.op() == "EpConv" && n.input.len() == 2).count(), 1, "{ops:?}");
-    // The Relu after the sum is that convolution's clamp.
+    let chain = |n: &&edgepack_runtime::onnx::NodeProto| n.op() == "EpConvChain" && n.input.len() == 2;
+    assert_eq!(lowered.graph.nodes.iter().filter(chain).count(), 1, "{ops:?}");
+    // The Relu after the sum is the projection's clamp.
     assert!(!ops.contains(&"Relu"), "{ops:?}");
-    let res = lowered.graph.nodes.iter().find(|n| n.op() == "EpConv" && n.input.len() == 2).unwrap();
-    assert_eq!(res.attribute.iter().find(|a| a.name.as_deref() == Some("clamp")).unwrap().floats, [0.0, f32::INFINITY]);
+    let res = lowered.graph.nodes.iter().find(chain).unwrap();
+    assert_eq!(res.attr_i("convs"), Some(2));
+    assert_eq!(
+        res.attribute.iter().find(|a| a.name.as_deref() == Some("clamp_1")).unwrap().floats,
+        [0.0, f32::INFINITY]
+    );
     let x: Vec<f32> = (0..2 * 3 * 13 * 11).map(|_| r.unit() * 2.0 - 1.0).collect();
     assert_kernels_equal_the_graph(&m, &[2, 3, 13, 11], &x, &[44, 10], "a1", &["EpConvConcat", "EpGemm"], 1e-4);
+}
+
+/// Inverted-residual blocks (MobileNetV2's, EfficientNet's: a 1×1 expansion, a depthwise convolution, a 1×1
+/// projection, each read only by the next, the block's input added to the last) become one `EpConvChain`, run row
+/// by row: with and without the residual, strides 1 and 2, 3×3 and 5×5 windows, an expansion wide enough that the
+/// fused walk runs (not the convolutions one after the other), a batch of two; equal to the graph as written.
+#[test]
+fn lowered_inverted_residual_blocks_run_as_chains() {
+    let mut r = Rng(0xc4a1);
+    let mut w = |name: &str, dims: &[i64]| {
+        let n = dims.iter().product::<i64>() as usize;
+        let v: Vec<f32> = (0..n).map(|_| (r.unit() - 0.5) * 0.5).collect();
+        tensor_f32(name, dims, &v)
+    };
+    let inits = vec![
+        w("ws", &[8, 3, 3, 3]),
+        w("we", &[48, 8, 1, 1]),
+        w("be", &[48]),
+        w("wd", &[48, 1, 3, 3]),
+        w("bd", &[48]),
+        w("wp", &[8, 48, 1, 1]),
+        w("bp", &[8]),
+        w("we2", &[40, 8, 1, 1]),
+        w("wd2", &[40, 1, 5, 5]),
+        w("wp2", &[16, 40, 1, 1]),
+        tensor_f32("lo", &[], &[0.0]),
+        tensor_f32("hi", &[], &[6.0]),
+    ];
+    let nodes = vec![
+        // A stem: the residual is a kernel output.
+        node("Conv", "st", &["x", "ws"], &["x0"], vec![attr_ints("pads", &[1, 1, 1, 1])]),
+        // Block 1: stride 1, residual.
+        node("Conv", "e1", &["x0", "we", "be"], &["a1"], vec![]),
+        node("Clip", "e1c", &["a1", "lo", "hi"], &["a2"], vec![]),
+        node("Conv", "d1", &["a2", "wd", "bd"], &["b1"], vec![attr_int("group", 48), attr_ints("pads", &[1, 1, 1, 1])]),
+        node("Clip", "d1c", &["b1", "lo", "hi"], &["b2"], vec![]),
+        node("Conv", "p1", &["b2", "wp", "bp"], &["c1"], vec![]),
+        node("Add", "r1", &["c1", "x0"], &["s1"], vec![]),
+        // Block 2: stride 2, 5×5, no residual, no biases.
+        node("Conv", "e2", &["s1", "we2"], &["a3"], vec![]),
+        node("Relu", "e2r", &["a3"], &["a4"], vec![]),
+        node(
+            "Conv",
+            "d2",
+            &["a4", "wd2"],
+            &["b3"],
+            vec![attr_int("group", 40), attr_ints("pads", &[2, 2, 2, 2]), attr_ints("strides", &[2, 2])],
+        ),
+        node("Relu", "d2r", &["b3"], &["b4"], vec![]),
+        node("Conv", "p2", &["b4", "wp2"], &["y"], vec![]),
+    ];
+    let (h, wd) = (41, 39);
+    let m = model(
+        nodes,
+        vec![value_info("x", 1, &[Dim::Fixed(2), Dim::Fixed(3), Dim::Fixed(h), Dim::Fixed(wd)])],
+        vec![value_info("y", 1, &[Dim::Fixed(2), Dim::Fixed(16), Dim::Fixed(21), Dim::Fixed(20)])],
+        inits,
+    );
+    let mut lowered = m.clone();
+    assert_eq!(lowered.lower_f32_kernels(), 3, "the stem, one chain per block");
+    let chains: Vec<_> = lowered.graph.nodes.iter().filter(|n| n.op() == "EpConvChain").collect();
+    assert_eq!(
+        chains.iter().map(|n| (n.attr_i("convs"), n.input.len())).collect::<Vec<_>>(),
+        [(Some(3), 2), (Some(3), 1)]
+    );
+    let x: Vec<f32> = (0..2 * 3 * h * wd).map(|_| r.unit() * 2.0 - 1.0).collect();
+    assert_kernels_equal_the_graph(&m, &[2, 3, h, wd], &x, &[2 * 16 * 21 * 20], "a1", &["EpConvChain"], 1e-4);
 }
 
 /// PP-LCNetV3's blocks (PP-OCR): constant `Mul`/`Add` after a convolution (a scalar and a per-channel one) folded
@@ -400,7 +473,7 @@ fn lowered_affine_and_hardswish_equal_the_graph_as_written() {
     let mut m = m;
     m.set_opset("", 14); // HardSwish
     let mut lowered = m.clone();
-    assert_eq!(lowered.lower_f32_kernels(), 8, "six convolutions, the pool and the gate's Mul");
+    assert_eq!(lowered.lower_f32_kernels(), 7, "six convolutions (dw and c2 one chain), the pool and the gate's Mul");
     let ops: Vec<&str> = lowered.graph.nodes.iter().map(|n| n.op()).collect();
     for gone in ["Conv", "Add", "Clip", "Div", "HardSwish", "HardSigmoid", "GlobalAveragePool", "Reshape"] {
         assert!(!ops.contains(&gone), "{gone}: {ops:?}");
@@ -409,13 +482,16 @@ fn lowered_affine_and_hardswish_equal_the_graph_as_written() {
     let acts: Vec<Option<&str>> =
         lowered.graph.nodes.iter().filter(|n| n.op() == "EpConv").map(|n| n.attr_s("act")).collect();
     let hardswish = Some("hardswish");
-    assert_eq!(acts, [hardswish, hardswish, hardswish, None, Some("hardsigmoid"), None], "{ops:?}");
+    assert_eq!(acts, [hardswish, None, Some("hardsigmoid"), None], "{ops:?}");
+    let chain = lowered.graph.nodes.iter().find(|n| n.op() == "EpConvChain").expect("dw and c2 as a chain");
+    assert_eq!([chain.attr_s("act_0"), chain.attr_s("act_1")], [hardswish; 2]);
     assert_eq!(ops.iter().filter(|o| **o == "EpScale").count(), 1, "{ops:?}");
     let affine: Vec<&[f32]> =
         lowered.graph.nodes.iter().filter_map(|n| n.attr("affine")).map(|a| a.floats.as_slice()).collect();
     assert_eq!(affine, [&[0.4f32, -0.3][..]]);
     let x: Vec<f32> = (0..2 * 3 * 9 * 10).map(|_| r.unit() * 8.0 - 4.0).collect();
-    assert_kernels_equal_the_graph(&m, &[2, 3, 9, 10], &x, &[2 * 6 * 9 * 10; 2], "a1", &["EpScale", "EpConv"], 1e-4);
+    let kernels = ["EpScale", "EpConv", "EpConvChain"];
+    assert_kernels_equal_the_graph(&m, &[2, 3, 9, 10], &x, &[2 * 6 * 9 * 10; 2], "a1", &kernels, 1e-4);
 }
 
 /// Nearest-neighbour `Resize` by whole factors between kernels (an FPN's top-down path) becomes `EpUpsample` in the

@@ -22,6 +22,9 @@
 //! - an `EpAdd` of a group-1 convolution without a clamp or activation, read by nothing else, and another value →
 //!   `EpConv(x, residual)`: the residual added in the convolution's output stage (a projection and its skip
 //!   connection), the Add's clamp the convolution's (applied after the sum);
+//! - a depthwise `EpConv` with the 1×1 convolution before it (an expansion) and/or after it (a projection, its
+//!   residual fused), each read by nothing else → `EpConvChain`: run row by row, the wide tensors between them
+//!   never leave the cache (an inverted-residual block: MobileNetV2's, EfficientNet's);
 //! - `Gemm(x, W, b)` with constant weights → `EpGemm(x)` (rank 2, no layout of its own);
 //! - a float `Softmax` over contiguous rows (opset < 13: any axis, the dimensions from it flattened; 13 on: the last
 //!   axis) → `EpSoftmax(x)` (any rank, no layout of its own): one pass over all rows, where tract calls its
@@ -38,9 +41,10 @@ use edgepack_onnx::{Graph, Model, NodeExt, NodeProto};
 use crate::qdq_kernels::{ApplyRewrites, Made, declare_kernels, match_rewrites};
 
 /// Op types of the float kernel nodes.
-pub const OPS: [&str; 11] = [
+pub const OPS: [&str; 12] = [
     "EpConv",
     "EpConvConcat",
+    "EpConvChain",
     "EpGemm",
     "EpAdd",
     "EpScale",
@@ -737,6 +741,78 @@ fn fuse_residual_adds(c: &Ctx, rewrites: Vec<Rewrite>) -> Vec<Rewrite> {
     merge_rewrites(rewrites, &gone, merged)
 }
 
+/// A depthwise `EpConv` with the 1×1 group-1 `EpConv` whose output only it reads (an expansion) and the one that
+/// only reads its output (a projection, with or without a fused residual), at least one of the two →
+/// `EpConvChain(x[, residual])`: the convolutions run row by row (`kernels::fconv::FChain`), so the wide tensors
+/// between them stay in cache. Attribute `convs` counts them; convolution `i`'s attributes carry the suffix `_i`.
+fn fuse_conv_chains(c: &Ctx, rewrites: Vec<Rewrite>) -> Vec<Rewrite> {
+    let by_output: HashMap<&str, usize> =
+        rewrites.iter().enumerate().map(|(i, r)| (r.node.output[0].as_str(), i)).collect();
+    let ints = |n: &NodeProto, a: &str| n.attr(a).map(|t| t.ints.clone()).unwrap_or_default();
+    let pointwise = |n: &NodeProto| {
+        n.op() == "EpConv"
+            && n.attr_i("group") == Some(1)
+            && ints(n, "kernel_shape") == [1, 1]
+            && ints(n, "strides") == [1, 1]
+            && ints(n, "pads").iter().all(|&p| p == 0)
+    };
+    // The rewrite making `v`, when nothing else reads `v`.
+    let only_maker =
+        |v: &str| (c.readers.get(v) == Some(&1) && !c.pinned.contains(v)).then(|| by_output.get(v).copied()).flatten();
+    let mut used: HashSet<usize> = HashSet::new();
+    // (the depthwise convolution's index, the chain's indices in order)
+    let mut chains: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (i, r) in rewrites.iter().enumerate() {
+        let n = &r.node;
+        let depthwise = n.op() == "EpConv"
+            && n.input.len() == 1
+            && n.attr_i("c_in").is_some_and(|ci| n.attr_i("group") == Some(ci) && n.attr_i("c_out") == Some(ci));
+        if !depthwise || used.contains(&i) {
+            continue;
+        }
+        let pre = only_maker(&n.input[0])
+            .filter(|&k| !used.contains(&k) && pointwise(&rewrites[k].node) && rewrites[k].node.input.len() == 1);
+        let out = n.output[0].as_str();
+        let post = (c.readers.get(out) == Some(&1) && !c.pinned.contains(out))
+            .then(|| {
+                rewrites
+                    .iter()
+                    .position(|p| pointwise(&p.node) && p.node.input.first().map(String::as_str) == Some(out))
+            })
+            .flatten()
+            .filter(|k| !used.contains(k));
+        if pre.is_none() && post.is_none() {
+            continue;
+        }
+        let chain: Vec<usize> = pre.into_iter().chain([i]).chain(post).collect();
+        used.extend(&chain);
+        chains.push((i, chain));
+    }
+    let mut gone: HashSet<usize> = HashSet::new();
+    let mut merged: HashMap<usize, Rewrite> = HashMap::new();
+    for (at, chain) in chains {
+        let (first, last) = (&rewrites[chain[0]].node, &rewrites[chain[chain.len() - 1]].node);
+        let mut inputs = vec![first.input[0].as_str()];
+        inputs.extend(last.input.get(1).map(String::as_str));
+        let mut attrs = vec![attr_int("convs", chain.len() as i64)];
+        let mut remove = Vec::new();
+        for (j, &k) in chain.iter().enumerate() {
+            remove.extend(rewrites[k].remove.iter().copied());
+            for a in &rewrites[k].node.attribute {
+                let mut a = a.clone();
+                a.name = Some(format!("{}_{j}", a.name.as_deref().unwrap_or_default()));
+                attrs.push(a);
+            }
+        }
+        // The chain takes the depthwise convolution's place in the rewrites (the others are dropped) and name.
+        let name = rewrites[at].node.name().to_string();
+        let node = ep("EpConvChain", &name, &inputs, &last.output[0], attrs);
+        gone.extend(chain.iter().filter(|&&k| k != at));
+        merged.insert(at, Rewrite { remove, node });
+    }
+    merge_rewrites(rewrites, &gone, merged)
+}
+
 /// `rewrites` without those in `gone`, each one in `merged` (by index) replaced by its merged rewrite.
 fn merge_rewrites(rewrites: Vec<Rewrite>, gone: &HashSet<usize>, mut merged: HashMap<usize, Rewrite>) -> Vec<Rewrite> {
     rewrites
@@ -804,7 +880,7 @@ fn lower(graph: &mut Graph, opset: Option<i64>) -> usize {
             },
             channels,
         );
-        fuse_residual_adds(&c, fuse_conv_concats(&c, out))
+        fuse_conv_chains(&c, fuse_residual_adds(&c, fuse_conv_concats(&c, out)))
     };
     let count = rewrites.len();
     g.apply_kernel_rewrites(rewrites).map(|g| *graph = g).map_or(0, |_| count)

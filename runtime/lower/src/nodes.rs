@@ -3,7 +3,7 @@
 //! parsed from their ONNX attributes once (weights packed at load), output shapes, evaluation on slices. The tract
 //! backend wraps them as tract ops (`cpu_ops`), the kernel interpreter (`interp`) calls them directly.
 use edgepack_core::tensor::DType;
-use edgepack_kernels::fconv::{Act, FConv, FConvSpec};
+use edgepack_kernels::fconv::{Act, FChain, FConv, FConvSpec};
 use edgepack_kernels::qconv::{QConv, QConvSpec};
 use edgepack_kernels::qelem::{self, Pool2d};
 use edgepack_kernels::reference::QParams;
@@ -49,6 +49,12 @@ pub enum Kernel {
     FConvAdd(FConv),
     /// Convolutions writing their channels of one concatenated output (no separate Concat copy).
     FConvConcat(Vec<FConv>),
+    /// `[1×1,] depthwise [, 1×1]` run row by row (`EpConvChain(x[, residual])`): an inverted-residual block whose
+    /// wide middle tensors stay in cache; the residual is added in the last 1×1 convolution's output stage.
+    FConvChain {
+        chain: Box<FChain>,
+        residual: bool,
+    },
     /// `[N, K]` f32 → `[N, c_out]` f32 (a 1×1 convolution over `N` pixels).
     FGemm(FConv),
     /// `clamp(a + b)` (`[−∞, +∞]`: a plain sum); the clamp is the Relu or Clip after a residual Add.
@@ -348,6 +354,20 @@ impl Kernel {
                 }
                 Kernel::FConvConcat(convs)
             }
+            // Convolution `i` of `convs`, in order, carries the suffix `_i`; a second input is the residual.
+            "EpConvChain" => {
+                let n = usize::try_from(int(node, "convs")?).unwrap_or(0);
+                if n > 3 {
+                    return Err(format!("{}: {n} convolutions in a chain (at most 3)", node.name()));
+                }
+                let convs: Vec<FConv> = (0..n).map(|i| fconv(node, &format!("_{i}"))).collect::<Res<_>>()?;
+                let chain = FChain::new(convs).map_err(|e| format!("{}: {e}", node.name()))?;
+                let residual = node.input.len() == 2;
+                if residual && !chain.has_post() {
+                    return Err(format!("{}: a residual needs a chain ending in a 1×1 convolution", node.name()));
+                }
+                Kernel::FConvChain { chain: Box::new(chain), residual }
+            }
             "EpGemm" => Kernel::FGemm(fconv(node, "")?),
             "EpAdd" => Kernel::FAdd(clamp_attr(node, "clamp")?.unwrap_or([f32::NEG_INFINITY, f32::INFINITY])),
             "EpScale" => Kernel::FScale,
@@ -417,6 +437,7 @@ impl Kernel {
             Kernel::Quantize { .. } => "EpQuantize",
             Kernel::FConv(_) | Kernel::FConvAdd(_) => "EpConv",
             Kernel::FConvConcat(_) => "EpConvConcat",
+            Kernel::FConvChain { .. } => "EpConvChain",
             Kernel::FGemm(_) => "EpGemm",
             Kernel::FAdd(_) => "EpAdd",
             Kernel::FScale => "EpScale",
@@ -437,6 +458,7 @@ impl Kernel {
             Kernel::FConv(_)
                 | Kernel::FConvAdd(_)
                 | Kernel::FConvConcat(_)
+                | Kernel::FConvChain { .. }
                 | Kernel::FGemm(_)
                 | Kernel::FAdd(_)
                 | Kernel::FScale
@@ -484,6 +506,7 @@ impl Kernel {
             Kernel::Concat { tables } => tables.len(),
             Kernel::FConcat(n) => *n,
             Kernel::FConvConcat(convs) => convs.len(),
+            Kernel::FConvChain { residual, .. } => 1 + *residual as usize,
             _ => 1,
         }
     }
@@ -547,6 +570,13 @@ impl Kernel {
             Kernel::FConvAdd(conv) => {
                 let out = image(conv.spec().geom.c_in, conv.spec().geom.c_out, &|h, w| conv.output_hw(h, w))?;
                 if ins[1] != out {
+                    return Err(format!("{name}: residual {:?} differs from the output {out:?}", ins[1]));
+                }
+                out
+            }
+            Kernel::FConvChain { chain, residual } => {
+                let out = image(chain.c_in(), chain.c_out(), &|h, w| chain.output_hw(h, w))?;
+                if *residual && ins[1] != out {
                     return Err(format!("{name}: residual {:?} differs from the output {out:?}", ins[1]));
                 }
                 out
@@ -665,6 +695,10 @@ impl Kernel {
                 conv.run_add(f32s(0)?, [x[0], x[1], x[2]], f32s(1)?, y).map_err(err)?
             }
             (Kernel::FGemm(conv), DataMut::F32(y)) => conv.run(f32s(0)?, x[0], 1, 1, y).map_err(err)?,
+            (Kernel::FConvChain { chain, residual }, DataMut::F32(y)) => {
+                let res = if *residual { Some(f32s(1)?) } else { None };
+                chain.run(f32s(0)?, [x[0], x[1], x[2]], res, y).map_err(err)?
+            }
             (Kernel::FConvConcat(convs), DataMut::F32(y)) => {
                 let mut offset = 0;
                 for (i, conv) in convs.iter().enumerate() {
