@@ -240,16 +240,16 @@ fn maxpool_concat_and_quantize_equal_their_float_definitions() {
     let qf = |x: f32, p: reference::QParams| {
         (((x as f64 / p.scale as f64) as f32).round_ties_even() + p.zero as f32).clamp(0.0, 255.0) as u8
     };
-    for case in 0..30 {
+    for case in 0..60 {
         let (n, h, w, c) =
             (r.range(1, 2) as usize, r.range(1, 9) as usize, r.range(1, 9) as usize, r.range(1, 20) as usize);
         let (h, w) = if case % 5 == 0 { (h + 20, w + 7) } else { (h, w) };
         // Some channel counts past the 64-channel blocks the kernel keeps in registers.
         let c = if case % 3 == 0 { c + 60 + 64 * (case % 2) } else { c };
         let g = qelem::Pool2d {
-            kernel: [r.range(1, 3) as usize, r.range(1, 3) as usize],
+            kernel: [r.range(1, 5) as usize, r.range(1, 5) as usize],
             stride: [r.range(1, 2) as usize, r.range(1, 2) as usize],
-            pads: [r.range(0, 1) as usize, r.range(0, 1) as usize, r.range(0, 1) as usize, r.range(0, 1) as usize],
+            pads: [r.range(0, 2) as usize, r.range(0, 2) as usize, r.range(0, 2) as usize, r.range(0, 2) as usize],
             ceil_mode: r.range(0, 1) == 1,
         };
         let (qi, qo) =

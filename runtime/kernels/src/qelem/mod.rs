@@ -264,25 +264,37 @@ fn maxpool_with<T: PoolValue>(
         let first = (o * s) as isize - p as isize;
         (first.max(0) as usize)..((first + k as isize).min(len as isize) as usize)
     };
+    // Windows that no column edge clips (their whole width inside the row) read one set of offsets from their
+    // first cell, built once per output row; clipped ones build their own.
     super::for_each_part(parts, |part| {
-        let mut cells = Vec::with_capacity(g.kernel[0] * g.kernel[1]);
+        let (mut cells, mut inner) = (Vec::with_capacity(g.kernel[0] * g.kernel[1]), Vec::new());
         for r in part * per..((part + 1) * per).min(rows) {
             let (b, oy) = (r / oh, r % oh);
             let iy = inside(oy, g.kernel[0], g.stride[0], g.pads[0], h);
+            inner.clear();
+            for y in 0..iy.len() {
+                inner.extend((0..g.kernel[1]).map(|x| (y * w + x) * c));
+            }
             for ox in 0..ow {
                 let ix = inside(ox, g.kernel[1], g.stride[1], g.pads[1], w);
-                cells.clear();
-                for y in iy.clone() {
-                    cells.extend(ix.clone().map(|x| ((b * h + y) * w + x) * c));
-                }
+                let base = ((b * h + iy.start) * w + ix.start) * c;
+                let cells = if ix.len() == g.kernel[1] {
+                    &inner
+                } else {
+                    cells.clear();
+                    for y in 0..iy.len() {
+                        cells.extend((0..ix.len()).map(|x| (y * w + x) * c));
+                    }
+                    &cells
+                };
                 // SAFETY: output pixel (r, ox) is written by this part only.
                 let px = unsafe { std::slice::from_raw_parts_mut((out_addr as *mut T).add((r * ow + ox) * c), c) };
                 // SAFETY: the cells lie inside `x` (checked against its length above) and hold `c` values each.
-                let done = simd.map_or(0, |k| unsafe { k(x.as_ptr(), &cells, c, px.as_mut_ptr()) });
+                let done = simd.map_or(0, |k| unsafe { k(x.as_ptr().add(base), cells, c, px.as_mut_ptr()) });
                 for (ch, d) in px.iter_mut().enumerate().skip(done) {
                     let mut a = T::LOWEST;
-                    for &at in &cells {
-                        let v = x[at + ch];
+                    for &at in cells.iter() {
+                        let v = x[base + at + ch];
                         // `v > a`: the first NaN never enters the max.
                         if v > a {
                             a = v;
