@@ -32,6 +32,8 @@ pub struct FChain {
 thread_local! {
     /// A part's ring of expanded rows and its depthwise output row, kept between runs.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The tensors between the convolutions of a chain run one after the other, kept between runs.
+    static STAGED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A 1×1, stride-1, unpadded convolution (its GEMM reads activation rows in place).
@@ -138,15 +140,20 @@ impl FChain {
         let parts = threads.min(rows);
         // Rows two neighbouring parts both expand: those one window holds beyond the stride.
         let shared = span.saturating_sub(stride);
-        let staged;
-        let (x, pre) = match &self.pre {
+        let staged = match &self.pre {
             Some(pre) if parts > 1 && (parts - 1) * shared * 10 > n * h => {
-                let mut mid = vec![0f32; n * h * w * cm];
-                pre.run(x, n, h, w, &mut mid)?;
-                staged = mid;
-                (&staged[..], None)
+                let mut mid = take_staged(n * h * w * cm);
+                if let Err(e) = pre.run(x, n, h, w, &mut mid[..n * h * w * cm]) {
+                    keep_staged(mid);
+                    return Err(e);
+                }
+                Some(mid)
             }
-            pre => (x, pre.as_ref()),
+            _ => None,
+        };
+        let (x, pre) = match &staged {
+            Some(mid) => (&mid[..n * h * w * cm], None),
+            None => (x, self.pre.as_ref()),
         };
         // Without an expansion to repeat, more parts than threads balance uneven threads.
         let parts = if pre.is_some() { parts } else { (threads * 4).min(rows) };
@@ -187,6 +194,9 @@ impl FChain {
                 }
             })
         });
+        if let Some(mid) = staged {
+            keep_staged(mid);
+        }
         match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
             Some(e) => Err(e),
             None => Ok(()),
@@ -291,7 +301,8 @@ impl FChain {
         Ok(())
     }
 
-    /// The convolutions one after the other, each over its whole input (tensors that stay in cache anyway).
+    /// The convolutions one after the other, each over its whole input (tensors that stay in cache anyway), the
+    /// ones between them in a buffer kept between runs.
     fn run_staged(
         &self,
         x: &[f32],
@@ -300,22 +311,56 @@ impl FChain {
         y: &mut [f32],
     ) -> Result<(), String> {
         let convs: Vec<&FConv> = self.convs().collect();
-        let mut cur = std::borrow::Cow::Borrowed(x);
-        let (mut h, mut w) = (h, w);
+        let mut sizes = Vec::new();
+        let mut hw = (h, w);
+        for conv in &convs[..convs.len() - 1] {
+            hw = conv.output_hw(hw.0, hw.1).ok_or("a chain's input is smaller than a kernel")?;
+            sizes.push((hw, n * hw.0 * hw.1 * conv.spec.geom.c_out));
+        }
+        let total: usize = sizes.iter().map(|s| s.1).sum();
+        let mut buf = take_staged(total);
+        let (mut cur, mut rest, mut hw) = (x, &mut buf[..], (h, w));
+        let mut result = Ok(());
         for (i, conv) in convs.iter().enumerate() {
             if i + 1 == convs.len() {
-                return match residual {
-                    Some(r) => conv.run_add(&cur, [n, h, w], r, y),
-                    None => conv.run(&cur, n, h, w, y),
+                result = match residual {
+                    Some(r) => conv.run_add(cur, [n, hw.0, hw.1], r, y),
+                    None => conv.run(cur, n, hw.0, hw.1, y),
                 };
+                break;
             }
-            let (oh, ow) = conv.output_hw(h, w).ok_or("a chain's input is smaller than a kernel")?;
-            let mut out = vec![0f32; n * oh * ow * conv.spec.geom.c_out];
-            conv.run(&cur, n, h, w, &mut out)?;
-            (cur, h, w) = (std::borrow::Cow::Owned(out), oh, ow);
+            let (out, more) = std::mem::take(&mut rest).split_at_mut(sizes[i].1);
+            if let Err(e) = conv.run(cur, n, hw.0, hw.1, out) {
+                result = Err(e);
+                break;
+            }
+            (cur, rest, hw) = (out, more, sizes[i].0);
         }
-        Ok(())
+        keep_staged(buf);
+        result
     }
+}
+
+/// The calling thread's kept buffer for tensors between convolutions, at least `len` floats (those beyond
+/// what it held before zeroed once); give it back with [`keep_staged`].
+fn take_staged(len: usize) -> Vec<f32> {
+    // Taken out of the cell (a re-entrant call finds it empty and grows a buffer of its own).
+    let mut v = STAGED.with(|c| c.try_borrow_mut().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default());
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    v
+}
+
+/// Keeps `v` for the calling thread's next chain run (the larger of it and what is kept).
+fn keep_staged(v: Vec<f32>) {
+    STAGED.with(|c| {
+        if let Ok(mut kept) = c.try_borrow_mut()
+            && kept.len() < v.len()
+        {
+            *kept = v;
+        }
+    });
 }
 
 /// Below this size (in bytes) of the wide tensor, a chain runs its convolutions one after the other: a tensor
