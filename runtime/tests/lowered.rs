@@ -395,6 +395,22 @@ fn lowered_inverted_residual_blocks_run_as_chains() {
     );
     let x: Vec<f32> = (0..2 * 3 * h * wd).map(|_| r.unit() * 2.0 - 1.0).collect();
     assert_kernels_equal_the_graph(&m, &[2, 3, h, wd], &x, &[2 * 16 * 21 * 20], "a1", &["EpConvChain"], 1e-4);
+    // One channel (a block pruned to one): group 1 is an ordinary 3×3 convolution there, not a chain's depthwise.
+    let one = model(
+        vec![
+            node("Conv", "e", &["x", "w1"], &["a"], vec![]),
+            node("Conv", "d", &["a", "w3"], &["b"], vec![attr_int("group", 1), attr_ints("pads", &[1, 1, 1, 1])]),
+            node("Conv", "p", &["b", "w1"], &["y"], vec![]),
+        ],
+        vec![value_info("x", 1, &[Dim::Fixed(1), Dim::Fixed(1), Dim::Fixed(9), Dim::Fixed(9)])],
+        vec![value_info("y", 1, &[Dim::Fixed(1), Dim::Fixed(1), Dim::Fixed(9), Dim::Fixed(9)])],
+        vec![tensor_f32("w1", &[1, 1, 1, 1], &[0.5]), tensor_f32("w3", &[1, 1, 3, 3], &[0.1; 9])],
+    );
+    let mut lowered = one.clone();
+    assert_eq!(lowered.lower_f32_kernels(), 3);
+    assert!(lowered.graph.nodes.iter().all(|n| n.op() != "EpConvChain"));
+    let x: Vec<f32> = (0..81).map(|i| i as f32 / 81.0).collect();
+    assert_kernels_equal_the_graph(&one, &[1, 1, 9, 9], &x, &[81], "a", &["EpConv"], 1e-5);
 }
 
 /// PP-LCNetV3's blocks (PP-OCR): constant `Mul`/`Add` after a convolution (a scalar and a per-channel one) folded

@@ -764,9 +764,11 @@ fn fuse_conv_chains(c: &Ctx, rewrites: Vec<Rewrite>) -> Vec<Rewrite> {
     let mut chains: Vec<(usize, Vec<usize>)> = Vec::new();
     for (i, r) in rewrites.iter().enumerate() {
         let n = &r.node;
+        // As the kernels decide (`ConvGeometry::check`): one channel with group 1 is an ordinary convolution.
         let depthwise = n.op() == "EpConv"
             && n.input.len() == 1
-            && n.attr_i("c_in").is_some_and(|ci| n.attr_i("group") == Some(ci) && n.attr_i("c_out") == Some(ci));
+            && n.attr_i("c_in")
+                .is_some_and(|ci| ci > 1 && n.attr_i("group") == Some(ci) && n.attr_i("c_out") == Some(ci));
         if !depthwise || used.contains(&i) {
             continue;
         }
