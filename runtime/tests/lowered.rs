@@ -727,6 +727,71 @@ fn lowered_softmax_equals_its_definition() {
     }
 }
 
+/// A QDQ graph's float Softmax (a detector's decode kept in fp32 after its integer layers) runs on `EpSoftmax`
+/// too, beside the integer lowering, and equals its definition on the dequantized values.
+#[test]
+fn a_qdq_graph_s_float_softmax_runs_on_the_kernel() {
+    use edgepack_runtime::onnx::LowerForCpu;
+    let mut r = Rng(0x050f_70dd);
+    // A quantized 1×1 convolution (an NHWC integer-kernel chain), its output dequantized and a Softmax over the
+    // last axis.
+    let (c_in, c_out, h, w) = (4usize, 5usize, 6usize, 9usize);
+    let g = Conv2d { group: 1, kernel: [1, 1], stride: [1, 1], dilation: [1, 1], pads: [0; 4] };
+    let x: Vec<u8> = (0..c_in * h * w).map(|_| r.range(0, 255) as u8).collect();
+    let wq: Vec<i8> = (0..c_out * c_in).map(|_| r.range(-127, 127) as i8).collect();
+    let bias: Vec<i32> = (0..c_out).map(|_| r.range(-500, 500) as i32).collect();
+    let (s_x, z_x, s_y, z_y) = (0.02f32, 100u8, 0.05f32, 128u8);
+    let s_w: Vec<f32> = (0..c_out).map(|_| 0.002 + r.unit() * 0.004).collect();
+    let m = reference::multiplier(s_x, &s_w, s_y);
+    let yq = reference::qconv2d(&x, [1, c_in, h, w], z_x, &wq, c_out, Some(&bias), &m, z_y, g);
+    let dims = |c: usize| [Dim::Fixed(1), Dim::Fixed(c), Dim::Fixed(h), Dim::Fixed(w)];
+    let mut model = model(
+        vec![
+            node("DequantizeLinear", "dqx", &["xq", "sx", "zx"], &["xd"], vec![]),
+            node("DequantizeLinear", "dqw", &["wq", "sw", "zw"], &["wd"], vec![attr_int("axis", 0)]),
+            node("DequantizeLinear", "dqb", &["bq", "sb"], &["bd"], vec![attr_int("axis", 0)]),
+            node("Conv", "conv", &["xd", "wd", "bd"], &["c"], vec![attr_ints("kernel_shape", &[1, 1])]),
+            node("QuantizeLinear", "qy", &["c", "sy", "zy"], &["cq"], vec![]),
+            node("DequantizeLinear", "dqy", &["cq", "sy", "zy"], &["cd"], vec![]),
+            node("Softmax", "sm", &["cd"], &["y"], vec![attr_int("axis", -1)]),
+        ],
+        vec![value_info("xq", 2, &dims(c_in))],
+        vec![value_info("y", 1, &dims(c_out))],
+        vec![
+            tensor_f32("sx", &[], &[s_x]),
+            tensor_raw("zx", &[], 2, vec![z_x]),
+            tensor_raw("wq", &[c_out as i64, c_in as i64, 1, 1], 3, wq.iter().map(|&v| v as u8).collect()),
+            tensor_f32("sw", &[c_out as i64], &s_w),
+            tensor_raw("zw", &[c_out as i64], 3, vec![0; c_out]),
+            tensor_raw("bq", &[c_out as i64], 6, bias.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            tensor_f32("sb", &[c_out as i64], &s_w.iter().map(|s| s_x * s).collect::<Vec<_>>()),
+            tensor_f32("sy", &[], &[s_y]),
+            tensor_raw("zy", &[], 2, vec![z_y]),
+        ],
+    );
+    model.set_opset("", 13);
+    let low = model.lower_for_cpu(true);
+    let ops: Vec<&str> = low.model.graph.nodes.iter().map(|nd| nd.op()).collect();
+    assert!(low.integer_kernels > 0 && ops.contains(&"EpQConv"), "{ops:?}");
+    assert_eq!((low.float_kernels, ops.iter().filter(|o| **o == "EpSoftmax").count()), (1, 1), "{ops:?}");
+    assert!(!ops.contains(&"Softmax"), "{ops:?}");
+    let s = Session::from_model(&model, &SessionOptions { threads: 1, ..Default::default() }).unwrap();
+    let input = || vec![("xq".to_string(), Tensor::from_le_bytes(DType::U8, vec![1, c_in, h, w], &x).unwrap())];
+    // Both kernels ran: the kernel graph planned (no fallback to the graph as written).
+    let ran = kernel_ops(&s, input());
+    assert!(ran.iter().any(|o| o == "EpQConv") && ran.iter().any(|o| o == "EpSoftmax"), "{ran:?}");
+    let got = s.run(input()).unwrap()[0].1.to_f32_vec();
+    let cd: Vec<f64> = yq.iter().map(|&v| (v as f64 - z_y as f64) * s_y as f64).collect();
+    for (row, (g, x)) in got.chunks(w).zip(cd.chunks(w)).enumerate() {
+        let max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = x.iter().map(|v| (v - max).exp()).sum();
+        for (&g, &v) in g.iter().zip(x) {
+            let want = (v - max).exp() / sum;
+            assert!((g as f64 - want).abs() <= 1e-6 * (1.0 + want), "row {row}: {g} vs {want}");
+        }
+    }
+}
+
 /// Dynamic quantization's MatMul (`DynamicQuantizeLinear → MatMulInteger → Cast → Mul [→ Add]`) lowered to
 /// `EpDynGemm` equals the scalar arithmetic of the ops as ONNX (and onnxruntime) define them, bit for bit: random
 /// K (not only multiples of 4), N across the 64-channel blocks, rank-2 and rank-3 inputs, with and without bias,

@@ -829,6 +829,9 @@ fn merge_rewrites(rewrites: Vec<Rewrite>, gone: &HashSet<usize>, mut merged: Has
 pub trait F32Kernels {
     /// Rewrites the float patterns the fp32 kernels cover; returns how many were rewritten.
     fn lower_f32_kernels(&mut self) -> usize;
+    /// Rewrites float `Softmax` nodes only (→ `EpSoftmax`, outside any layout chain): the float part of a QDQ
+    /// graph (a detector's box decode kept in fp32), where the rest of this lowering does not apply.
+    fn lower_f32_softmax(&mut self) -> usize;
 }
 
 impl F32Kernels for Model {
@@ -836,7 +839,13 @@ impl F32Kernels for Model {
     /// domain. Returns how many patterns became kernels.
     fn lower_f32_kernels(&mut self) -> usize {
         let opset = self.opset("");
-        let n = lower(&mut self.graph, opset);
+        let n = lower(&mut self.graph, opset, false);
+        declare_kernels(self, n)
+    }
+
+    fn lower_f32_softmax(&mut self) -> usize {
+        let opset = self.opset("");
+        let n = lower(&mut self.graph, opset, true);
         declare_kernels(self, n)
     }
 }
@@ -845,18 +854,26 @@ impl F32Kernels for Graph {
     /// Rewrites the float patterns the fp32 kernels cover (module docs) and puts their chains in NHWC. Returns
     /// how many patterns were rewritten (0: the graph is untouched). Meant for graphs without QDQ nodes.
     fn lower_f32_kernels(&mut self) -> usize {
-        lower(self, None)
+        lower(self, None, false)
+    }
+
+    fn lower_f32_softmax(&mut self) -> usize {
+        lower(self, None, true)
     }
 }
 
-/// The lowering of [`F32Kernels`] with the default domain's opset, when known.
-fn lower(graph: &mut Graph, opset: Option<i64>) -> usize {
+/// The lowering of [`F32Kernels`] with the default domain's opset, when known; `softmax_only`: Softmax nodes only.
+fn lower(graph: &mut Graph, opset: Option<i64>, softmax_only: bool) -> usize {
     let mut g = graph.clone();
     g.name_unnamed_nodes();
-    g.constants_to_initializers();
-    g.fold_constant_reshapes();
-    g.fold_batchnorm();
-    g.bypass_inference_identities();
+    // A graph lowered already (a QDQ graph's kernel chains) keeps its nodes and layout: Softmax nodes are replaced
+    // in place (same values in and out, outside any layout chain).
+    if !softmax_only {
+        g.constants_to_initializers();
+        g.fold_constant_reshapes();
+        g.fold_batchnorm();
+        g.bypass_inference_identities();
+    }
     if g.topo_sort().is_err() {
         return 0;
     }
@@ -873,18 +890,28 @@ fn lower(graph: &mut Graph, opset: Option<i64>) -> usize {
         let out = match_rewrites(
             &g,
             |i, n, made| match n.op() {
+                "Softmax" if n.domain_name().is_empty() => softmax(&c, i),
+                _ if softmax_only => None,
                 "Conv" if n.domain_name().is_empty() => conv(&c, i),
                 "Gemm" if n.domain_name().is_empty() => gemm(&c, i),
                 "ConvTranspose" if n.domain_name().is_empty() => conv_transpose(&c, i),
-                "Softmax" if n.domain_name().is_empty() => softmax(&c, i),
                 "Add" | "Mul" | "Concat" | "MaxPool" | "GlobalAveragePool" | "Resize" => simple(&c, i, made),
                 _ => None,
             },
             channels,
         );
-        fuse_conv_chains(&c, fuse_residual_adds(&c, fuse_conv_concats(&c, out)))
+        if softmax_only { out } else { fuse_conv_chains(&c, fuse_residual_adds(&c, fuse_conv_concats(&c, out))) }
     };
     let count = rewrites.len();
+    if softmax_only {
+        if count > 0 {
+            for r in rewrites {
+                g.nodes[r.remove[0]] = r.node;
+            }
+            *graph = g;
+        }
+        return count;
+    }
     g.apply_kernel_rewrites(rewrites).map(|g| *graph = g).map_or(0, |_| count)
 }
 

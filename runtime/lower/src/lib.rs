@@ -50,6 +50,19 @@ impl Pass for LowerF32Kernels {
     }
 }
 
+/// Float `Softmax` nodes → `EpSoftmax`, in graphs where the rest of [`LowerF32Kernels`] does not apply (QDQ
+/// graphs: their float ops carry exact integers; a Softmax there is float math, a detector's decode).
+pub struct LowerF32Softmax;
+
+impl Pass for LowerF32Softmax {
+    fn name(&self) -> &'static str {
+        "lower-f32-softmax"
+    }
+    fn run(&self, model: &mut Model) -> Result<usize> {
+        Ok(model.lower_f32_softmax())
+    }
+}
+
 /// int8 activation QDQ pairs → their uint8 twins, same values ([`signed::signed_activations_to_unsigned`]), so
 /// the integer kernels take them.
 pub struct UnsignedActivations;
@@ -90,7 +103,8 @@ impl LowerForCpu for Model {
     /// requantization multiply): the patterns the integer kernels cover become kernel nodes (NHWC uint8 chains),
     /// the rest is lowered to float ops carrying exact integers. Float graphs: Conv chains (with their Relu/Clip,
     /// residual Adds, MaxPools, Concats) become fp32 NHWC kernel nodes; not mixed with the integer lowering (its
-    /// float ops carry exact integers). int8 activation pairs become their uint8 twins first (same values).
+    /// float ops carry exact integers) except for their float Softmax nodes. int8 activation pairs become their
+    /// uint8 twins first (same values).
     /// `kernels: false` keeps everything on float ops.
     fn lower_for_cpu(&self, kernels: bool) -> CpuLowering {
         let mut model = self.clone();
@@ -101,7 +115,12 @@ impl LowerForCpu for Model {
         }
         let integer_kernels = if kernels { run(&LowerQdqKernels) } else { 0 };
         let integer_ops = run(&LowerQdqInteger(LowerFor::Host));
-        let float_kernels = if kernels && integer_kernels + integer_ops == 0 { run(&LowerF32Kernels) } else { 0 };
+        let float_kernels = match (kernels, integer_kernels + integer_ops) {
+            (false, _) => 0,
+            (true, 0) => run(&LowerF32Kernels),
+            // The float part of a QDQ graph: its Softmax only (a detector's box decode).
+            (true, _) => run(&LowerF32Softmax),
+        };
         CpuLowering { model, integer_kernels, integer_ops, float_kernels }
     }
 }
