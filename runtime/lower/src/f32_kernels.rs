@@ -676,11 +676,7 @@ fn fuse_conv_concats(c: &Ctx, rewrites: Vec<Rewrite>) -> Vec<Rewrite> {
             let conv = &rewrites[k];
             remove.extend(conv.remove.iter().copied());
             inputs.push(conv.node.input[0].as_str());
-            for a in &conv.node.attribute {
-                let mut a = a.clone();
-                a.name = Some(format!("{}_{j}", a.name.as_deref().unwrap_or_default()));
-                attrs.push(a);
-            }
+            attrs.extend(suffixed_attrs(&conv.node, j));
             gone.insert(k);
         }
         let node = ep("EpConvConcat", cat.node.name(), &inputs, &cat.node.output[0], attrs);
@@ -800,11 +796,7 @@ fn fuse_conv_chains(c: &Ctx, rewrites: Vec<Rewrite>) -> Vec<Rewrite> {
         let mut remove = Vec::new();
         for (j, &k) in chain.iter().enumerate() {
             remove.extend(rewrites[k].remove.iter().copied());
-            for a in &rewrites[k].node.attribute {
-                let mut a = a.clone();
-                a.name = Some(format!("{}_{j}", a.name.as_deref().unwrap_or_default()));
-                attrs.push(a);
-            }
+            attrs.extend(suffixed_attrs(&rewrites[k].node, j));
         }
         // The chain takes the depthwise convolution's place in the rewrites (the others are dropped) and name.
         let name = rewrites[at].node.name().to_string();
@@ -813,6 +805,16 @@ fn fuse_conv_chains(c: &Ctx, rewrites: Vec<Rewrite>) -> Vec<Rewrite> {
         merged.insert(at, Rewrite { remove, node });
     }
     merge_rewrites(rewrites, &gone, merged)
+}
+
+/// The attributes of kernel node `n`, each name suffixed `_j`: convolution `j` of a node running several
+/// (`EpConvConcat`, `EpConvChain`; `nodes` parses them back with that suffix).
+fn suffixed_attrs(n: &NodeProto, j: usize) -> impl Iterator<Item = edgepack_onnx::AttributeProto> + '_ {
+    n.attribute.iter().map(move |a| {
+        let mut a = a.clone();
+        a.name = Some(format!("{}_{j}", a.name.as_deref().unwrap_or_default()));
+        a
+    })
 }
 
 /// `rewrites` without those in `gone`, each one in `merged` (by index) replaced by its merged rewrite.

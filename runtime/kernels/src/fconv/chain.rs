@@ -16,7 +16,6 @@
 //!
 //! `cargo run --release --example fconv_chains` times both ways on EfficientNet-Lite0's and UltraFace's blocks.
 use super::{FConv, Out, Plan};
-use crate::qconv::Dw;
 
 /// Convolutions run as one: an optional 1×1 expansion (`pre`), a depthwise convolution, an optional 1×1
 /// projection (`post`), each reading the one before.
@@ -88,7 +87,7 @@ impl FChain {
         self.post.as_ref().unwrap_or(&self.dw).spec.geom.c_out
     }
 
-    /// Whether the last convolution adds a residual (`run`'s `residual` must then be given).
+    /// Whether the chain ends in a 1×1 projection (the only convolution that can add a residual).
     pub fn has_post(&self) -> bool {
         self.post.is_some()
     }
@@ -179,7 +178,7 @@ impl FChain {
                 let res = crate::with_threads(1, || {
                     self.rows_fused(
                         x,
-                        [n, h, w, xc],
+                        [h, w, xc],
                         (oh, ow),
                         rows * part / parts..rows * (part + 1) / parts,
                         pre,
@@ -210,7 +209,7 @@ impl FChain {
     fn rows_fused(
         &self,
         x: &[f32],
-        [n, h, w, xc]: [usize; 4],
+        [h, w, xc]: [usize; 3],
         (oh, ow): (usize, usize),
         part: std::ops::Range<usize>,
         pre: Option<&FConv>,
@@ -220,7 +219,6 @@ impl FChain {
         y_addr: usize,
     ) -> Result<(), String> {
         let g = &self.dw.spec.geom;
-        let Plan::Depthwise { w: wt, cpad, taps } = &self.dw.plan else { unreachable!("checked in new") };
         let (cm, c_out) = (g.c_in, self.c_out());
         let [pt, pl, _, _] = g.pads;
         let span = (g.kernel[0] - 1) * g.dilation[0] + 1;
@@ -273,7 +271,6 @@ impl FChain {
                         row.wrapping_sub(pl * cm)
                     };
                 }
-                let d = Dw { rows: &row_ptrs, taps, step: g.stride[1] * cm, c: cm, ow, cols: pl * cm..(pl + w) * cm };
                 let dst = match self.post {
                     Some(_) => &mut mid[i * ow * cm..(i + 1) * ow * cm],
                     // SAFETY: output row `r + i` (ow·c_out floats) is written by this part only.
@@ -281,8 +278,7 @@ impl FChain {
                         std::slice::from_raw_parts_mut((y_addr as *mut f32).add((r + i) * ow * c_out), ow * c_out)
                     },
                 };
-                self.dw.depthwise_row(&d, wt, *cpad, dst);
-                self.dw.spec.act.apply_isa(self.dw.isa, self.dw.spec.affine, dst);
+                self.dw.depthwise_out_row(&row_ptrs, w, dst);
             }
             if let Some(post) = &self.post {
                 let px = count * ow;
@@ -297,7 +293,6 @@ impl FChain {
             }
             r += count;
         }
-        let _ = n;
         Ok(())
     }
 

@@ -307,28 +307,17 @@ impl FConv {
                 let out = Out::contiguous(y.as_mut_ptr() as usize, ld, offset, 0);
                 self.run_gemm(x, [n, h, w], (oh, ow), (*k, *direct, blocks), out)
             }
-            Plan::Depthwise { w: wt, cpad, taps } => {
+            Plan::Depthwise { .. } => {
                 if ld != s.geom.c_out {
                     return Err("a depthwise convolution writes a whole output".into());
                 }
                 let y_addr = y.as_mut_ptr() as usize;
-                let [_, pl, _, _] = s.geom.pads;
-                let cols = pl * s.geom.c_in..(pl + w) * s.geom.c_in;
                 self.geom().for_each_row(x, [n, h, w], (oh, ow), None, |row_ptrs, r| {
                     // SAFETY: output row `r` (ow·c floats) is written by one part only.
                     let yrow = unsafe {
                         std::slice::from_raw_parts_mut((y_addr as *mut f32).add(r * ow * s.geom.c_in), ow * s.geom.c_in)
                     };
-                    let d = Dw {
-                        rows: row_ptrs,
-                        taps,
-                        step: s.geom.stride[1] * s.geom.c_in,
-                        c: s.geom.c_in,
-                        ow,
-                        cols: cols.clone(),
-                    };
-                    self.depthwise_row(&d, wt, *cpad, yrow);
-                    s.act.apply_isa(self.isa, s.affine, yrow);
+                    self.depthwise_out_row(row_ptrs, w, yrow);
                 });
             }
         }
@@ -483,6 +472,19 @@ impl FConv {
 
     fn geom(&self) -> Window {
         self.spec.geom.window()
+    }
+
+    /// One output row (`yrow`: `ow·c` floats) of a depthwise plan, its activation and affine applied. `rows[ky]`
+    /// is the input row (of an input `w` pixels wide) kernel row `ky` reads, as if padded left and right: only the
+    /// columns inside the image are read, and rows in the top/bottom padding are null (`Window::for_each_row`
+    /// without a pad value).
+    fn depthwise_out_row(&self, rows: &[*const f32], w: usize, yrow: &mut [f32]) {
+        let Plan::Depthwise { w: wt, cpad, taps } = &self.plan else { unreachable!("a depthwise plan") };
+        let (g, pl) = (&self.spec.geom, self.spec.geom.pads[1]);
+        let ow = yrow.len() / g.c_in;
+        let d = Dw { rows, taps, step: g.stride[1] * g.c_in, c: g.c_in, ow, cols: pl * g.c_in..(pl + w) * g.c_in };
+        self.depthwise_row(&d, wt, *cpad, yrow);
+        self.spec.act.apply_isa(self.isa, self.spec.affine, yrow);
     }
 
     fn depthwise_row(&self, d: &Dw<f32>, wt: &[f32], cpad: usize, yrow: &mut [f32]) {
