@@ -94,8 +94,16 @@ fn check_qconv(spec: &QConvSpec, g: Conv2d, shape: [usize; 4], x: &[u8], isa: Is
     let want = nchw_to_nhwc(&want, [n, spec.geom.c_out, oh, ow]);
     let conv = QConv::new(spec.clone(), isa).unwrap();
     let mut got = vec![0u8; want.len()];
-    conv.run(&nchw_to_nhwc(x, shape), n, h, w, &mut got).unwrap();
+    let xt = nchw_to_nhwc(x, shape);
+    conv.run(&xt, n, h, w, &mut got).unwrap();
     assert_eq!(got, want, "{what}: {conv:?} {g:?} input {shape:?}");
+    // With an output table (a fused activation): every output byte mapped, none twice.
+    let mut r = Rng(0x7ab1e + spec.z_x as u64 * 256 + spec.z_y as u64);
+    let table: [u8; 256] = std::array::from_fn(|_| r.range(0, 255) as u8);
+    let conv = QConv::new(spec.clone(), isa).unwrap().with_table(table);
+    conv.run(&xt, n, h, w, &mut got).unwrap();
+    let mapped: Vec<u8> = want.iter().map(|&v| table[v as usize]).collect();
+    assert_eq!(got, mapped, "{what} with an output table: {conv:?} {g:?} input {shape:?}");
 }
 
 #[test]
@@ -227,6 +235,59 @@ fn qadd_kernels_equal_the_scalar_reference_for_every_isa() {
             let mut got = vec![0u8; n];
             qelem::qadd(isa, &a, qa, &b, qb, qc, &mut got);
             assert_eq!(got, want, "{isa:?} case {case}");
+        }
+    }
+}
+
+/// Table lookups (`lut`, in place, and `lut_window`: a channel window, nearest upsampling) equal the direct
+/// definition for every ISA, on 1 and 2 threads, at lengths around the vector widths.
+#[test]
+fn table_lookups_equal_their_definition_for_every_isa() {
+    let mut r = Rng(0x1a7);
+    for &isa in &Isa::available() {
+        for case in 0..60 {
+            let table: [u8; 256] = std::array::from_fn(|_| r.range(0, 255) as u8);
+            let len = if case < 20 { case * 7 } else { r.range(0, 300) as usize };
+            let x: Vec<u8> = (0..len).map(|_| r.range(0, 255) as u8).collect();
+            let want: Vec<u8> = x.iter().map(|&v| table[v as usize]).collect();
+            let mut got = vec![0u8; len];
+            qelem::lut(isa, &x, &table, &mut got);
+            assert_eq!(got, want, "{isa:?} lut case {case}");
+            let mut inplace = x.clone();
+            qelem::lut_in_place(isa, &mut inplace, &table);
+            assert_eq!(inplace, want, "{isa:?} in-place lut case {case}");
+            let (n, h, w, c) =
+                (r.range(1, 2) as usize, r.range(1, 9) as usize, r.range(1, 9) as usize, r.range(1, 80) as usize);
+            let (c0, cw) = match case % 3 {
+                0 => (0, c),
+                _ => {
+                    let c0 = r.range(0, c as i64 - 1) as usize;
+                    (c0, r.range(0, (c - c0) as i64) as usize)
+                }
+            };
+            let s = if case % 2 == 0 { [1, 1] } else { [r.range(1, 3) as usize, r.range(1, 3) as usize] };
+            // Big enough now and then to split across threads.
+            let (h, w) = if case % 7 == 0 { (h * 20, w * 30) } else { (h, w) };
+            let x: Vec<u8> = (0..n * h * w * c).map(|_| r.range(0, 255) as u8).collect();
+            let (oh, ow) = (h * s[0], w * s[1]);
+            let mut want = vec![0u8; n * oh * ow * cw];
+            for b in 0..n {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        for j in 0..cw {
+                            let v = x[((b * h + oy / s[0]) * w + ox / s[1]) * c + c0 + j];
+                            want[((b * oh + oy) * ow + ox) * cw + j] = table[v as usize];
+                        }
+                    }
+                }
+            }
+            for threads in [1, 2] {
+                let mut got = vec![0u8; want.len()];
+                super::with_threads(threads, || {
+                    qelem::lut_window(isa, &x, [n, h, w, c], (c0, cw), s, &table, &mut got)
+                });
+                assert_eq!(got, want, "{isa:?} window case {case}: {:?} ({c0}, {cw}) {s:?}", [n, h, w, c]);
+            }
         }
     }
 }

@@ -128,6 +128,9 @@ pub struct QConv {
     /// [`QConv::run_f32_dynamic`], whose input zero point changes with every call).
     bias_raw: Vec<i64>,
     wsum: Vec<i64>,
+    /// A quantized element-wise function applied to the uint8 output in the output stage (while each tile is in
+    /// cache): a SiLU or other activation the QDQ graph computes between this convolution's Q and the next Q.
+    table: Option<Box<[u8; 256]>>,
 }
 
 impl std::fmt::Debug for QConv {
@@ -220,7 +223,18 @@ impl QConv {
         // The packed plan holds the weights now: drop the unpacked copy (a model's worth of memory).
         let mut spec = spec;
         spec.weights = Vec::new();
-        Ok(QConv { spec, isa, plan, bias, bias128, multiplier, bias_raw, wsum: wsums })
+        Ok(QConv { spec, isa, plan, bias, bias128, multiplier, bias_raw, wsum: wsums, table: None })
+    }
+
+    /// The convolution followed by `y = table[y]` on its uint8 output ([`crate::qelem::lut`]), in its output stage.
+    pub fn with_table(mut self, table: [u8; 256]) -> QConv {
+        self.table = Some(Box::new(table));
+        self
+    }
+
+    /// The output table of [`QConv::with_table`].
+    pub fn table(&self) -> Option<&[u8; 256]> {
+        self.table.as_deref()
     }
 
     pub fn spec(&self) -> &QConvSpec {
@@ -330,6 +344,15 @@ impl QConv {
                 // (tile, block) pairs are disjoint across parts.
                 unsafe { gemm_block(self.isa, rows, &out_ptrs[..rows.len()], g.kp, b, bias, e.multiplier, g.out) };
             }
+            if let (Some(t), Out::U8(_), Some(first), Some(last)) = (&self.table, g.out, blocks.first(), blocks.last())
+            {
+                // The tile's blocks, just written, through the output table.
+                let (c0, c1) = (first.c0, last.c0 + last.valid);
+                for &p in &out_ptrs[..rows.len()] {
+                    // SAFETY: this part's (tile, blocks) bytes, as above.
+                    unsafe { crate::qelem::lut_raw(self.isa, p.add(c0), p.add(c0), c1 - c0, t) };
+                }
+            }
         });
     }
 
@@ -346,6 +369,9 @@ impl QConv {
             let yrow = unsafe { std::slice::from_raw_parts_mut((y_addr + r * ow * c) as *mut u8, ow * c) };
             let dw = Dw { rows, taps: &p.taps, step: s.geom.stride[1] * c, c, ow, cols: 0..usize::MAX };
             self.depthwise_row(&dw, p, yrow);
+            if let Some(t) = &self.table {
+                crate::qelem::lut_in_place(self.isa, yrow, t);
+            }
         });
     }
 

@@ -1,4 +1,4 @@
-//! aarch64 element-wise integer kernels (NEON): QLinearAdd and QuantizeLinear. Same results as the portable code
+//! aarch64 element-wise integer kernels (NEON): QLinearAdd, QuantizeLinear and table lookups. Same results as the portable code
 //! in `qelem`, bit for bit (tested for every ISA the CPU has).
 use std::arch::aarch64::*;
 
@@ -119,4 +119,30 @@ pub(crate) unsafe fn maxpool_px_u8(x: *const u8, cells: &[usize], c: usize, dst:
         }
     }
     full
+}
+
+/// `dst[i] = table[src[i]]`, 16 bytes at a time: one 64-entry table lookup (`tbl`, out-of-range indices give 0)
+/// and three lookups that keep the lanes their quarter of the table does not hold (`tbx`). Returns how many
+/// leading bytes it wrote.
+///
+/// # Safety
+/// NEON (every aarch64 core); `src` and `dst` address `len` bytes each (the same or disjoint).
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn lut(src: *const u8, dst: *mut u8, len: usize, table: &[u8; 256]) -> usize {
+    let n = len / 16 * 16;
+    unsafe {
+        let t: [uint8x16x4_t; 4] = std::array::from_fn(|q| vld1q_u8_x4(table.as_ptr().add(64 * q)));
+        let (s64, s128, s192) = (vdupq_n_u8(64), vdupq_n_u8(128), vdupq_n_u8(192));
+        let mut i = 0;
+        while i < n {
+            let idx = vld1q_u8(src.add(i));
+            let mut r = vqtbl4q_u8(t[0], idx);
+            r = vqtbx4q_u8(r, t[1], vsubq_u8(idx, s64));
+            r = vqtbx4q_u8(r, t[2], vsubq_u8(idx, s128));
+            r = vqtbx4q_u8(r, t[3], vsubq_u8(idx, s192));
+            vst1q_u8(dst.add(i), r);
+            i += 16;
+        }
+    }
+    n
 }

@@ -39,6 +39,112 @@ pub fn requant_table(from: QParams, to: QParams) -> [u8; 256] {
     })
 }
 
+/// A quantized element-wise function on uint8 values, `y[i] = table[x[i]]`: any chain of element-wise float ops
+/// between a DequantizeLinear and a QuantizeLinear (SiLU's `x·σ(x)` with its inner QDQ pair, a LeakyRelu, a
+/// requantization) tabulated over the 256 inputs.
+pub fn lut(isa: Isa, x: &[u8], table: &[u8; 256], y: &mut [u8]) {
+    let len = x.len().min(y.len());
+    // SAFETY: both slices hold `len` bytes.
+    unsafe { lut_raw(isa, x.as_ptr(), y.as_mut_ptr(), len, table) }
+}
+
+/// [`lut`] in place.
+pub fn lut_in_place(isa: Isa, y: &mut [u8], table: &[u8; 256]) {
+    let (p, len) = (y.as_mut_ptr(), y.len());
+    // SAFETY: `y` holds `len` bytes; each byte is read before it is written.
+    unsafe { lut_raw(isa, p, p, len, table) }
+}
+
+/// `dst[i] = table[src[i]]` for `i < len`; `src` may be `dst`.
+///
+/// # Safety
+/// `src` and `dst` address `len` bytes each, either the same bytes or disjoint ones.
+pub(crate) unsafe fn lut_raw(isa: Isa, src: *const u8, dst: *mut u8, len: usize, table: &[u8; 256]) {
+    #[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(unused_mut))]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa.supported() == Isa::Avx512Vnni && std::is_x86_feature_detected!("avx512vbmi") {
+        // SAFETY: AVX-512 F/BW and VBMI were detected; the caller's ranges.
+        done = unsafe { x86::lut_vbmi(src, dst, len, table) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if isa.supported().is_arm() {
+        // SAFETY: NEON is part of every aarch64 level; the caller's ranges.
+        done = unsafe { aarch64::lut(src, dst, len, table) };
+    }
+    let _ = isa;
+    for i in done..len {
+        // SAFETY: `i < len`; the byte at `i` is read before it is written.
+        unsafe { *dst.add(i) = table[*src.add(i) as usize] };
+    }
+}
+
+/// The channels `c0..c0 + cw` of an NHWC uint8 tensor `[n, h, w, c]`, upsampled by whole factors `[sh, sw]`
+/// (nearest neighbour) and mapped through `table`: `y[b, oy, ox, j] = table[x[b, oy / sh, ox / sw, c0 + j]]`.
+/// A quantized element-wise function followed by a channel Split or a nearest Resize (they commute).
+#[allow(clippy::too_many_arguments)]
+pub fn lut_window(
+    isa: Isa,
+    x: &[u8],
+    [n, h, w, c]: [usize; 4],
+    (c0, cw): (usize, usize),
+    [sh, sw]: [usize; 2],
+    table: &[u8; 256],
+    y: &mut [u8],
+) {
+    let (oh, ow) = (h * sh, w * sw);
+    assert!(c0 + cw <= c && x.len() >= n * h * w * c && y.len() >= n * oh * ow * cw);
+    if cw == 0 || w == 0 {
+        return;
+    }
+    if (c0, cw, sh, sw) == (0, c, 1, 1) {
+        let len = n * h * w * c;
+        let parts = super::threads().min(len / 65536).max(1);
+        let per = len.div_ceil(parts);
+        let (src, dst) = (x.as_ptr() as usize, y.as_mut_ptr() as usize);
+        super::for_each_part(parts, |p| {
+            let r = (p * per).min(len)..((p + 1) * per).min(len);
+            // SAFETY: the ranges are disjoint and inside both tensors.
+            unsafe { lut_raw(isa, (src as *const u8).add(r.start), (dst as *mut u8).add(r.start), r.len(), table) };
+        });
+        return;
+    }
+    // One input row per item: its pixels' window mapped once, then copied to the `sw` columns and `sh` rows.
+    let rows = n * h;
+    let parts = super::threads().min(y.len() / 32_768).max(1).min(rows.max(1));
+    let per = rows.div_ceil(parts.max(1));
+    let dst = y.as_mut_ptr() as usize;
+    super::for_each_part(parts, |p| {
+        let mut mapped = vec![0u8; w * cw];
+        for r in (p * per).min(rows)..((p + 1) * per).min(rows) {
+            let src = &x[r * w * c..(r + 1) * w * c];
+            for (px, m) in mapped.chunks_exact_mut(cw).enumerate() {
+                lut(isa, &src[px * c + c0..px * c + c0 + cw], table, m);
+            }
+            let row = ow * cw;
+            for dy in 0..sh {
+                // SAFETY: output row `r·sh + dy` is written by this part only.
+                let out = unsafe { std::slice::from_raw_parts_mut((dst as *mut u8).add((r * sh + dy) * row), row) };
+                if dy > 0 {
+                    // SAFETY: the first copy of this input row, just written by this part.
+                    let first = unsafe { std::slice::from_raw_parts((dst as *const u8).add(r * sh * row), row) };
+                    out.copy_from_slice(first);
+                    continue;
+                }
+                if sw == 1 {
+                    out.copy_from_slice(&mapped);
+                } else {
+                    for (px, m) in mapped.chunks_exact(cw).enumerate() {
+                        for dx in 0..sw {
+                            out[(px * sw + dx) * cw..][..cw].copy_from_slice(m);
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// `round_half_even(x / s) + z`, saturated to uint8 (ONNX QuantizeLinear).
 #[inline]
 pub fn quantize(x: f32, q: QParams) -> u8 {
