@@ -887,3 +887,219 @@ fn an_identity_writing_its_own_input_is_bypassed_without_a_rename() {
         Err(e) => assert!(e.to_string().contains("Loop detected"), "{e}"),
     }
 }
+
+/// A quantizer's SiLU (`DQ(v) → Sigmoid → Q → DQ → Mul(DQ(v), ·)`) whose product is split into channel halves and
+/// upsampled by a nearest Resize, each then quantized; one half through a 1×1 convolution and a HardSwish, added to
+/// the other half. Every element-wise region becomes a 256-entry table (the Split halves and the Resize read the
+/// convolution's output through windowed and upsampling tables; the HardSwish moves into its convolution's output
+/// stage), no float op is left, and the outputs equal the ops as ONNX defines them, computed here on NCHW arrays,
+/// bit for bit at 1 and 2 threads.
+#[test]
+fn quantized_element_wise_regions_run_as_tables() {
+    use edgepack_runtime::kernels::reference::QParams;
+    use edgepack_runtime::onnx::LowerForCpu;
+    let mut r = Rng(0x007a_b1e5);
+    let (c, k, h, w) = (6usize, 4usize, 7usize, 9usize);
+    let x: Vec<u8> = (0..c * h * w).map(|_| r.range(0, 255) as u8).collect();
+    let q = |scale: f32, zero: u8| QParams { scale, zero };
+    let (qx, qv, qs, qa, qb, qu, qv2, qh, qsum) = (
+        q(0.02, 110),
+        q(0.05, 140),
+        q(1.0 / 255.0, 0),
+        q(0.03, 20),
+        q(0.025, 25),
+        q(0.035, 15),
+        q(0.04, 120),
+        q(0.03, 30),
+        q(0.05, 40),
+    );
+    // Two convolutions: 3×3 (pad 1) from c to 2k channels, 1×1 from k to k.
+    let conv = |r: &mut Rng, ci: usize, co: usize, taps: usize, qi: QParams, qo: QParams| {
+        let wq: Vec<i8> = (0..co * ci * taps).map(|_| r.range(-127, 127) as i8).collect();
+        let bias: Vec<i32> = (0..co).map(|_| r.range(-3_000, 3_000) as i32).collect();
+        // Accumulators spread over about ±5400·√(ci·taps): onto about ±60 output steps.
+        let s_w: Vec<f32> =
+            (0..co).map(|_| qo.scale * 60.0 / (qi.scale * 5400.0 * ((ci * taps) as f32).sqrt())).collect();
+        (wq, bias, s_w)
+    };
+    let (w1, b1, sw1) = conv(&mut r, c, 2 * k, 9, qx, qv);
+    let (w2, b2, sw2) = conv(&mut r, k, k, 1, qb, qv2);
+    let g3 = Conv2d { group: 1, kernel: [3, 3], stride: [1, 1], dilation: [1, 1], pads: [1; 4] };
+    let g1 = Conv2d { group: 1, kernel: [1, 1], stride: [1, 1], dilation: [1, 1], pads: [0; 4] };
+
+    // The ops as ONNX defines them, on NCHW arrays.
+    let dq = |v: u8, p: QParams| (v as i32 - p.zero as i32) as f32 * p.scale;
+    let qf = |v: f32, p: QParams| ((v / p.scale).round_ties_even() + p.zero as f32).clamp(0.0, 255.0) as u8;
+    let v = reference::qconv2d(
+        &x,
+        [1, c, h, w],
+        qx.zero,
+        &w1,
+        2 * k,
+        Some(&b1),
+        &reference::multiplier(qx.scale, &sw1, qv.scale),
+        qv.zero,
+        g3,
+    );
+    let m: Vec<f32> = v
+        .iter()
+        .map(|&b| {
+            let d = dq(b, qv);
+            let s = (1.0 / (1.0 + (-(d as f64)).exp())) as f32;
+            d * dq(qf(s, qs), qs)
+        })
+        .collect();
+    let half = k * h * w;
+    let a: Vec<u8> = m[..half].iter().map(|&f| qf(f, qa)).collect();
+    let b: Vec<u8> = m[half..].iter().map(|&f| qf(f, qb)).collect();
+    let mut u = vec![0u8; 2 * k * 4 * h * w];
+    for ch in 0..2 * k {
+        for oy in 0..2 * h {
+            for ox in 0..2 * w {
+                u[(ch * 2 * h + oy) * 2 * w + ox] = qf(m[(ch * h + oy / 2) * w + ox / 2], qu);
+            }
+        }
+    }
+    let v2 = reference::qconv2d(
+        &b,
+        [1, k, h, w],
+        qb.zero,
+        &w2,
+        k,
+        Some(&b2),
+        &reference::multiplier(qb.scale, &sw2, qv2.scale),
+        qv2.zero,
+        g1,
+    );
+    let hs: Vec<u8> = v2
+        .iter()
+        .map(|&t| {
+            let d = dq(t, qv2);
+            qf(d * (d * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0), qh)
+        })
+        .collect();
+    let sum = reference::qadd(&a, qa, &hs, qh, qsum);
+    for (name, vals) in [("a", &a), ("b", &b), ("hardswish", &hs), ("sum", &sum), ("u", &u)] {
+        let spread = vals.iter().collect::<std::collections::HashSet<_>>().len();
+        assert!(spread >= 20, "{name}: only {spread} distinct values: the test would show little");
+    }
+
+    let dims = |c: usize, h: usize, w: usize| [Dim::Fixed(1), Dim::Fixed(c), Dim::Fixed(h), Dim::Fixed(w)];
+    let qp = |p: QParams, s: &str, z: &str| [tensor_f32(s, &[], &[p.scale]), tensor_raw(z, &[], 2, vec![p.zero])];
+    let dq_n = |name: &str, x: &str, p: &str, y: &str| {
+        node("DequantizeLinear", name, &[x, &format!("s{p}"), &format!("z{p}")], &[y], vec![])
+    };
+    let q_n = |name: &str, x: &str, p: &str, y: &str| {
+        node("QuantizeLinear", name, &[x, &format!("s{p}"), &format!("z{p}")], &[y], vec![])
+    };
+    let mut inits = Vec::new();
+    for (p, n) in
+        [(qx, "x"), (qv, "v"), (qs, "s"), (qa, "a"), (qb, "b"), (qu, "u"), (qv2, "v2"), (qh, "h"), (qsum, "sum")]
+    {
+        inits.extend(qp(p, &format!("s{n}"), &format!("z{n}")));
+    }
+    for (i, (wq, bias, s_w, qi, co, ci, kk)) in
+        [(&w1, &b1, &sw1, qx, 2 * k, c, 3i64), (&w2, &b2, &sw2, qb, k, k, 1)].into_iter().enumerate()
+    {
+        inits.extend([
+            tensor_raw(&format!("w{i}"), &[co as i64, ci as i64, kk, kk], 3, wq.iter().map(|&v| v as u8).collect()),
+            tensor_f32(&format!("sw{i}"), &[co as i64], s_w),
+            tensor_raw(&format!("zw{i}"), &[co as i64], 3, vec![0; co]),
+            tensor_raw(&format!("bq{i}"), &[co as i64], 6, bias.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            tensor_f32(&format!("sb{i}"), &[co as i64], &s_w.iter().map(|s| qi.scale * s).collect::<Vec<_>>()),
+        ]);
+    }
+    inits.push(tensor_i64("split", &[2], &[k as i64, k as i64]));
+    inits.push(tensor_f32("scales", &[4], &[1.0, 1.0, 2.0, 2.0]));
+    let weights = |i: usize| {
+        [
+            node(
+                "DequantizeLinear",
+                &format!("dqw{i}"),
+                &[&format!("w{i}"), &format!("sw{i}"), &format!("zw{i}")],
+                &[&format!("wd{i}")],
+                vec![attr_int("axis", 0)],
+            ),
+            node(
+                "DequantizeLinear",
+                &format!("dqb{i}"),
+                &[&format!("bq{i}"), &format!("sb{i}")],
+                &[&format!("bd{i}")],
+                vec![attr_int("axis", 0)],
+            ),
+        ]
+    };
+    let mut nodes = vec![dq_n("dqx", "xq", "x", "xd")];
+    nodes.extend(weights(0));
+    nodes.extend([
+        node(
+            "Conv",
+            "conv0",
+            &["xd", "wd0", "bd0"],
+            &["c0"],
+            vec![attr_ints("kernel_shape", &[3, 3]), attr_ints("pads", &[1; 4])],
+        ),
+        q_n("qv", "c0", "v", "vq"),
+        dq_n("dqv", "vq", "v", "vd"),
+        node("Sigmoid", "sig", &["vd"], &["sg"], vec![]),
+        q_n("qs", "sg", "s", "sq"),
+        dq_n("dqs", "sq", "s", "sd"),
+        node("Mul", "mul", &["vd", "sd"], &["m"], vec![]),
+        node("Split", "split", &["m", "split"], &["ma", "mb"], vec![attr_int("axis", 1)]),
+        q_n("qa", "ma", "a", "aq"),
+        q_n("qb", "mb", "b", "bq"),
+        node(
+            "Resize",
+            "up",
+            &["m", "", "scales"],
+            &["mu"],
+            vec![
+                attr_string("mode", "nearest"),
+                attr_string("coordinate_transformation_mode", "asymmetric"),
+                attr_string("nearest_mode", "floor"),
+            ],
+        ),
+        q_n("qu", "mu", "u", "u"),
+        dq_n("dqb", "bq", "b", "bd"),
+    ]);
+    nodes.extend(weights(1));
+    nodes.extend([
+        node("Conv", "conv1", &["bd", "wd1", "bd1"], &["c1"], vec![attr_ints("kernel_shape", &[1, 1])]),
+        q_n("qv2", "c1", "v2", "v2q"),
+        dq_n("dqv2", "v2q", "v2", "v2d"),
+        node("HardSwish", "hswish", &["v2d"], &["hsw"], vec![]),
+        q_n("qh", "hsw", "h", "hq"),
+        dq_n("dqa", "aq", "a", "ad"),
+        dq_n("dqh", "hq", "h", "hd"),
+        node("Add", "add", &["ad", "hd"], &["sm"], vec![]),
+        q_n("qsum", "sm", "sum", "sum"),
+    ]);
+    let mut model = model(
+        nodes,
+        vec![value_info("xq", 2, &dims(c, h, w))],
+        vec![value_info("sum", 2, &dims(k, h, w)), value_info("u", 2, &dims(2 * k, 2 * h, 2 * w))],
+        inits,
+    );
+    model.set_opset("", 14);
+
+    let low = model.lower_for_cpu(true).model;
+    let ops: Vec<&str> = low.graph.nodes.iter().map(|n| n.op()).collect();
+    assert!(low.graph.nodes.iter().all(|n| n.domain_name() == "ai.edgepack"), "a float op is left: {ops:?}");
+    assert_eq!(ops.iter().filter(|o| **o == "EpQTable").count(), 3, "{ops:?}");
+    let fused: Vec<&str> =
+        low.graph.nodes.iter().filter(|n| n.op() == "EpQConv" && n.attr("table").is_some()).map(|n| n.name()).collect();
+    assert_eq!(fused, ["conv1_kernel"], "the HardSwish moves into its convolution: {ops:?}");
+    for threads in [1, 2] {
+        let s = Session::from_model(&model, &SessionOptions { threads, ..Default::default() }).unwrap();
+        let input = || vec![("xq".to_string(), Tensor::from_le_bytes(DType::U8, vec![1, c, h, w], &x).unwrap())];
+        let ran = kernel_ops(&s, input());
+        assert!(ran.iter().any(|o| o == "EpQTable") && ran.iter().any(|o| o == "EpQAdd"), "{ran:?}");
+        let out = s.run(input()).unwrap();
+        let bytes = |i: usize| match out[i].1.data() {
+            edgepack_runtime::TensorData::U8(v) => v.clone(),
+            _ => panic!("output {i} is not uint8"),
+        };
+        assert_eq!(bytes(0), sum, "threads {threads}: sum");
+        assert_eq!(bytes(1), u, "threads {threads}: upsampled");
+    }
+}

@@ -604,7 +604,7 @@ fn simple(c: &Ctx, idx: usize, made: &Made) -> Option<Rewrite> {
         "Concat" if n.attr_i("axis") == Some(1) && !ins.is_empty() => ep("EpConcat", &name, &ins, &n.output[0], vec![]),
         "MaxPool" if ins.len() == 1 => ep("EpMaxPool", &name, &ins, &n.output[0], maxpool_attrs(n)?),
         "Resize" => {
-            ep("EpUpsample", &name, &ins[..1], &n.output[0], vec![attr_ints("scales", &upsample_scales(c, n)?)])
+            ep("EpUpsample", &name, &ins[..1], &n.output[0], vec![attr_ints("scales", &upsample_scales(c.g, n)?)])
         }
         _ => return None,
     };
@@ -615,7 +615,7 @@ fn simple(c: &Ctx, idx: usize, made: &Made) -> Option<Rewrite> {
 /// nearest neighbours, `scales = [1, 1, sh, sw]` constant, no `sizes` and no `axes`: `[sh, sw]`. Taken in the modes
 /// where that is pixel `(oy / sh, ox / sw)`: asymmetric with `floor`, and (pytorch_)half_pixel with either
 /// round-to-nearest (whole factors never land on a tie).
-fn upsample_scales(c: &Ctx, n: &NodeProto) -> Option<[i64; 2]> {
+pub(crate) fn upsample_scales(g: &Graph, n: &NodeProto) -> Option<[i64; 2]> {
     if n.input.len() < 3 || n.attr_s("mode") != Some("nearest") || n.attr("axes").is_some() {
         return None;
     }
@@ -629,7 +629,7 @@ fn upsample_scales(c: &Ctx, n: &NodeProto) -> Option<[i64; 2]> {
         "half_pixel" | "pytorch_half_pixel" => matches!(nearest, "round_prefer_floor" | "round_prefer_ceil"),
         _ => false,
     };
-    let s = tensor_f32_values(c.g.initializer(&n.input[2])?)?;
+    let s = tensor_f32_values(g.initializer(&n.input[2])?)?;
     let int = |v: f32| ((1.0..=crate::nodes::LIMIT_SCALE as f32).contains(&v) && v.fract() == 0.0).then_some(v as i64);
     match s.as_slice() {
         &[1.0, 1.0, sh, sw] if whole => Some([int(sh)?, int(sw)?]),

@@ -5,6 +5,7 @@ pub mod f32_kernels;
 pub mod nodes;
 pub mod qdq_kernels;
 pub mod qdq_lower;
+mod qdq_tables;
 pub mod signed;
 
 pub use f32_kernels::F32Kernels;

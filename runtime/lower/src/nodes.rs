@@ -39,6 +39,14 @@ pub enum Kernel {
     Concat {
         tables: Vec<[u8; 256]>,
     },
+    /// `y = table[x]` on the channels `c0..c0 + cw` of the input (all of them without a window), upsampled by
+    /// whole factors `[sh, sw]` (nearest): a quantized element-wise function, then a channel Split or a Resize.
+    Table {
+        table: Box<[u8; 256]>,
+        window: Option<(usize, usize)>,
+        scales: [usize; 2],
+        isa: Isa,
+    },
     Quantize {
         q: QParams,
         isa: Isa,
@@ -238,7 +246,16 @@ fn qconv(node: &NodeProto) -> Res<QConv> {
         None
     };
     let spec = QConvSpec { geom: g, z_x: byte(node, "z_x")?, z_y: byte(node, "z_y")?, weights, bias, multiplier };
-    QConv::new(spec, Isa::detect()).map_err(|e| format!("{}: {e}", node.name()))
+    let conv = QConv::new(spec, Isa::detect()).map_err(|e| format!("{}: {e}", node.name()))?;
+    Ok(match node.attr("table") {
+        Some(_) => conv.with_table(table(node, "table")?),
+        None => conv,
+    })
+}
+
+/// A 256-entry uint8 table attribute.
+fn table(node: &NodeProto, name: &str) -> Res<[u8; 256]> {
+    raw(node, name, 2, 256)?.try_into().map_err(|_| format!("{}: {name} must hold 256 bytes", node.name()))
 }
 
 fn qparams(node: &NodeProto, s: &str, z: &str) -> Res<QParams> {
@@ -323,9 +340,26 @@ impl Kernel {
                 qc: qparams(node, "s_c", "z_c")?,
                 isa: Isa::detect(),
             },
-            "EpQMaxPool" => {
-                let table = raw(node, "table", 2, 256)?.try_into().map_err(|_| "table".to_string())?;
-                Kernel::MaxPool { g: pool2d(node)?, table, isa: Isa::detect() }
+            "EpQMaxPool" => Kernel::MaxPool { g: pool2d(node)?, table: table(node, "table")?, isa: Isa::detect() },
+            "EpQTable" => {
+                let window = match node.attr("channels") {
+                    Some(_) => {
+                        let [c0, cw] = usizes(node, "channels")?;
+                        Some((c0, cw))
+                    }
+                    None => None,
+                };
+                let scales = match node.attr("scales") {
+                    Some(_) => usizes(node, "scales")?,
+                    None => [1, 1],
+                };
+                if scales.iter().any(|&s| !(1..=LIMIT_SCALE as usize).contains(&s)) {
+                    return Err(format!(
+                        "{}: EpQTable scales {scales:?}: whole factors in 1..={LIMIT_SCALE}",
+                        node.name()
+                    ));
+                }
+                Kernel::Table { table: Box::new(table(node, "table")?), window, scales, isa: Isa::detect() }
             }
             "EpQConcat" => {
                 let n = node.input.len();
@@ -434,6 +468,7 @@ impl Kernel {
             Kernel::Add { .. } => "EpQAdd",
             Kernel::MaxPool { .. } => "EpQMaxPool",
             Kernel::Concat { .. } => "EpQConcat",
+            Kernel::Table { .. } => "EpQTable",
             Kernel::Quantize { .. } => "EpQuantize",
             Kernel::FConv(_) | Kernel::FConvAdd(_) => "EpConv",
             Kernel::FConvConcat(_) => "EpConvConcat",
@@ -628,6 +663,17 @@ impl Kernel {
                 vec![x[0].clone(), x[2].clone(), x[3].clone(), x[1].clone()]
             }
             Kernel::FGlobalAvg => vec![x[0].clone(), D::known(1), D::known(1), x[3].clone()],
+            Kernel::Table { window, scales, .. } => {
+                let (h, w) = hw(x)?;
+                let c = val(&x[3])?;
+                let cw = match window {
+                    Some((c0, cw)) if c0.checked_add(*cw).is_some_and(|end| end <= c) => *cw,
+                    Some(win) => return Err(format!("{name}: channel window {win:?} outside {c} channels")),
+                    None => c,
+                };
+                let (oh, ow) = upsampled(h, w, *scales)?;
+                vec![x[0].clone(), D::known(oh), D::known(ow), D::known(cw)]
+            }
             Kernel::FConvTranspose { rows, kw, .. } => {
                 let g = &rows[0].spec().geom;
                 let (kh, c_out) = (rows.len(), g.c_out / kw);
@@ -686,6 +732,10 @@ impl Kernel {
                     .map(|(i, tb)| Ok((u8s(i)?, inputs[i].1[3], tb)))
                     .collect::<Res<_>>()?;
                 qelem::concat_channels(&ins, x[0] * x[1] * x[2], y);
+            }
+            (Kernel::Table { table, window, scales, isa }, DataMut::U8(y)) => {
+                let win = window.unwrap_or((0, x[3]));
+                qelem::lut_window(*isa, u8s(0)?, [x[0], x[1], x[2], x[3]], win, *scales, table, y);
             }
             (Kernel::Quantize { q, isa }, DataMut::U8(y)) => {
                 qelem::quantize_nchw_to_nhwc(*isa, f32s(0)?, [x[0], x[1], x[2], x[3]], *q, y);

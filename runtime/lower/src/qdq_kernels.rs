@@ -6,6 +6,9 @@
 //! - `DQ(a) + DQ(b) → Q` on two kernel outputs → `EpQAdd(a, b)` (QLinearAdd's arithmetic);
 //! - `DQ(x) → MaxPool → Q`, `DQ(xᵢ) → Concat(axis 1) → Q` on kernel outputs → `EpQMaxPool`, `EpQConcat` with
 //!   256-entry requantization tables (max and concat commute with the monotonic DQ/Q maps, so this is exact);
+//! - `DQ(x) → element-wise float ops [→ Split | Resize] → Q` on a kernel output (a SiLU with its inner QDQ pair) →
+//!   `EpQTable(x)`, a 256-entry table (`qdq_tables`); moved into the producing `EpQConv`'s output stage when that
+//!   convolution's output has no other reader;
 //! - dynamic quantization's `DynamicQuantizeLinear → MatMulInteger → Cast → Mul [→ Add]` → `EpDynGemm(x)` (f32 in
 //!   and out, any rank: no layout).
 //!
@@ -24,8 +27,8 @@ pub const DOMAIN: &str = "ai.edgepack";
 /// Suffix of the NHWC twin of a value.
 pub const NHWC: &str = "__nhwc";
 /// Op types of the kernel nodes.
-pub const OPS: [&str; 8] =
-    ["EpQConv", "EpQGemm", "EpQAdd", "EpQMaxPool", "EpQConcat", "EpQuantize", "EpLayout", "EpDynGemm"];
+pub const OPS: [&str; 9] =
+    ["EpQConv", "EpQGemm", "EpQAdd", "EpQMaxPool", "EpQConcat", "EpQTable", "EpQuantize", "EpLayout", "EpDynGemm"];
 
 pub(super) fn ep_node(
     op: &str,
@@ -40,7 +43,7 @@ pub(super) fn ep_node(
 }
 
 /// Per-tensor uint8 parameters (scale, zero point) of a DQ or Q node.
-fn u8_params(g: &Graph, n: &NodeProto) -> Option<(f32, u8)> {
+pub(crate) fn u8_params(g: &Graph, n: &NodeProto) -> Option<(f32, u8)> {
     let s = scalar_f32(g, n.input.get(1)?)?;
     let (z, ty) = zero_point(g, n)?;
     (ty == 2 && s.is_finite() && s > 0.0).then_some((s, z as u8))
@@ -434,9 +437,15 @@ impl QdqKernels for Graph {
             return 0;
         }
         let c = Ctx::new(&g);
+        let mut tables = crate::qdq_tables::Tables::new();
         let rewrites = match_rewrites(
             &g,
             |i, n, nhwc| match n.op() {
+                "QuantizeLinear" if n.domain_name().is_empty() => {
+                    let r = crate::qdq_tables::table(&c, i, nhwc, &tables)?;
+                    crate::qdq_tables::record(&r, &mut tables);
+                    Some(r)
+                }
                 "Conv" if n.domain_name().is_empty() => conv(&c, i),
                 "Gemm" if n.domain_name().is_empty() => gemm(&c, i),
                 "Add" => add(&c, i, nhwc),
@@ -448,7 +457,14 @@ impl QdqKernels for Graph {
             |_, _| 0,
         );
         let count = rewrites.len();
-        g.apply_kernel_rewrites(rewrites).map(|g| *self = g).map_or(0, |_| count)
+        match g.apply_kernel_rewrites(rewrites) {
+            Some(mut g) => {
+                crate::qdq_tables::fuse_output_tables(&mut g);
+                *self = g;
+                count
+            }
+            None => 0,
+        }
     }
 }
 

@@ -79,6 +79,11 @@ impl<'a> Ctx<'a> {
         (n.op() == op).then_some(n)
     }
 
+    /// The producing node of every value.
+    pub(super) fn producers(&self) -> &HashMap<&'a str, usize> {
+        &self.producers
+    }
+
     /// The index of the node producing `value`.
     pub(super) fn producers_of(&self, value: &str) -> Option<&usize> {
         self.producers.get(value)
