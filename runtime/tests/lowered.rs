@@ -1103,3 +1103,55 @@ fn quantized_element_wise_regions_run_as_tables() {
         assert_eq!(bytes(1), u, "threads {threads}: upsampled");
     }
 }
+
+/// A QuantizeLinear of a float value no integer pattern reads (after a Transpose: a detector's head) runs on the
+/// vectorised kernel (`EpQuantizeLinear`, any rank) and equals ONNX's `round_half_even(x / s) + z`, saturated, at 1
+/// and 2 threads: ties, both saturation ends, a length that splits across threads.
+#[test]
+fn a_float_value_s_quantize_linear_runs_on_the_kernel() {
+    use edgepack_runtime::onnx::LowerForCpu;
+    let mut r = Rng(0x0051_ab1e);
+    let (s, z) = (0.037f32, 97u8);
+    let shape = [1usize, 4, 128, 160];
+    let len: usize = shape.iter().product();
+    let x: Vec<f32> = (0..len)
+        .map(|i| match i % 5 {
+            // Exact ties: (k + 0.5)·s, rounded to f32, divided back.
+            0 => (r.range(-140, 200) as f32 + 0.5) * s,
+            1 => r.range(-20_000, 20_000) as f32 * 0.001,
+            _ => (r.unit() - 0.5) * 12.0,
+        })
+        .collect();
+    let mut model = model(
+        vec![
+            node("Transpose", "t", &["x"], &["xt"], vec![attr_ints("perm", &[0, 1, 3, 2])]),
+            node("QuantizeLinear", "q", &["xt", "s", "z"], &["y"], vec![]),
+        ],
+        vec![value_info("x", 1, &shape.map(Dim::Fixed))],
+        vec![value_info("y", 2, &[1, 4, 160, 128].map(Dim::Fixed))],
+        vec![tensor_f32("s", &[], &[s]), tensor_raw("z", &[], 2, vec![z])],
+    );
+    model.set_opset("", 13);
+    let ops: Vec<String> = model.lower_for_cpu(true).model.graph.nodes.iter().map(|n| n.op().to_string()).collect();
+    assert_eq!(ops, ["Transpose", "EpQuantizeLinear"]);
+    let mut want = vec![0u8; len];
+    for c in 0..4 {
+        for i in 0..128 {
+            for j in 0..160 {
+                let v = x[(c * 128 + i) * 160 + j];
+                want[(c * 160 + j) * 128 + i] = ((v / s).round_ties_even() + z as f32).clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    assert!(want.contains(&0) && want.contains(&255), "both saturation ends are tested");
+    for threads in [1, 2] {
+        let sess = Session::from_model(&model, &SessionOptions { threads, ..Default::default() }).unwrap();
+        let input = || vec![("x".to_string(), Tensor::from_f32(shape.to_vec(), x.clone()).unwrap())];
+        assert!(kernel_ops(&sess, input()).iter().any(|o| o == "EpQuantizeLinear"));
+        let out = sess.run(input()).unwrap();
+        match out[0].1.data() {
+            edgepack_runtime::TensorData::U8(v) => assert_eq!(v, &want, "threads {threads}"),
+            _ => panic!("not uint8"),
+        }
+    }
+}

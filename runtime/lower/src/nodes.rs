@@ -51,6 +51,11 @@ pub enum Kernel {
         q: QParams,
         isa: Isa,
     },
+    /// QuantizeLinear on any rank, no layout change (`EpQuantizeLinear`): f32 → uint8.
+    QuantizeFlat {
+        q: QParams,
+        isa: Isa,
+    },
     FConv(FConv),
     /// A group-1 convolution with a residual Add fused into its output stage (`EpConv(x, residual)`):
     /// `clamp(conv(x) + residual)`, the residual of the output's shape.
@@ -370,6 +375,7 @@ impl Kernel {
                 Kernel::Concat { tables }
             }
             "EpQuantize" => Kernel::Quantize { q: qparams(node, "scale", "zero")?, isa: Isa::detect() },
+            "EpQuantizeLinear" => Kernel::QuantizeFlat { q: qparams(node, "scale", "zero")?, isa: Isa::detect() },
             "EpDynGemm" => dyn_gemm(node)?,
             "EpConv" if node.input.len() == 2 => {
                 let conv = fconv(node, "")?;
@@ -470,6 +476,7 @@ impl Kernel {
             Kernel::Concat { .. } => "EpQConcat",
             Kernel::Table { .. } => "EpQTable",
             Kernel::Quantize { .. } => "EpQuantize",
+            Kernel::QuantizeFlat { .. } => "EpQuantizeLinear",
             Kernel::FConv(_) | Kernel::FConvAdd(_) => "EpConv",
             Kernel::FConvConcat(_) => "EpConvConcat",
             Kernel::FConvChain { .. } => "EpConvChain",
@@ -511,7 +518,7 @@ impl Kernel {
     pub fn input_type(&self) -> Option<DType> {
         match self {
             Kernel::Layout { .. } => None,
-            k if k.is_float() || matches!(k, Kernel::Quantize { .. }) => Some(DType::F32),
+            k if k.is_float() || matches!(k, Kernel::Quantize { .. } | Kernel::QuantizeFlat { .. }) => Some(DType::F32),
             _ => Some(DType::U8),
         }
     }
@@ -529,7 +536,7 @@ impl Kernel {
     /// `EpSoftmax` from 1).
     pub fn rank(&self) -> Option<usize> {
         match self {
-            Kernel::DynGemm { .. } | Kernel::FSoftmax { .. } => None,
+            Kernel::DynGemm { .. } | Kernel::FSoftmax { .. } | Kernel::QuantizeFlat { .. } => None,
             Kernel::Gemm { .. } | Kernel::FGemm(_) => Some(2),
             _ => Some(4),
         }
@@ -562,6 +569,9 @@ impl Kernel {
                 }
                 _ => return Err(format!("{name}: input {x:?} does not end in {k} columns")),
             }
+        }
+        if let Kernel::QuantizeFlat { .. } = self {
+            return Ok(x.clone());
         }
         if let Kernel::FSoftmax { axis } = self {
             softmax_axis(*axis, x.len()).ok_or_else(|| format!("{name}: axis {axis} outside rank {}", x.len()))?;
@@ -690,7 +700,9 @@ impl Kernel {
                 vec![x[0].clone(), D::known(oh), D::known(ow), x[3].clone()]
             }
             Kernel::Layout { to_nhwc: false } => vec![x[0].clone(), x[3].clone(), x[1].clone(), x[2].clone()],
-            Kernel::DynGemm { .. } | Kernel::FSoftmax { .. } => unreachable!("answered above"),
+            Kernel::DynGemm { .. } | Kernel::FSoftmax { .. } | Kernel::QuantizeFlat { .. } => {
+                unreachable!("answered above")
+            }
         })
     }
 
@@ -736,6 +748,11 @@ impl Kernel {
             (Kernel::Table { table, window, scales, isa }, DataMut::U8(y)) => {
                 let win = window.unwrap_or((0, x[3]));
                 qelem::lut_window(*isa, u8s(0)?, [x[0], x[1], x[2], x[3]], win, *scales, table, y);
+            }
+            (Kernel::QuantizeFlat { q, isa }, DataMut::U8(y)) => {
+                let xs = f32s(0)?;
+                let parts = edgepack_kernels::threads().min(xs.len() / 65536).max(1);
+                for_each_range(y, parts, |r, o| qelem::quantize_slice(*isa, &xs[r], *q, o));
             }
             (Kernel::Quantize { q, isa }, DataMut::U8(y)) => {
                 qelem::quantize_nchw_to_nhwc(*isa, f32s(0)?, [x[0], x[1], x[2], x[3]], *q, y);

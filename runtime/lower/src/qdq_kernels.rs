@@ -27,8 +27,18 @@ pub const DOMAIN: &str = "ai.edgepack";
 /// Suffix of the NHWC twin of a value.
 pub const NHWC: &str = "__nhwc";
 /// Op types of the kernel nodes.
-pub const OPS: [&str; 9] =
-    ["EpQConv", "EpQGemm", "EpQAdd", "EpQMaxPool", "EpQConcat", "EpQTable", "EpQuantize", "EpLayout", "EpDynGemm"];
+pub const OPS: [&str; 10] = [
+    "EpQConv",
+    "EpQGemm",
+    "EpQAdd",
+    "EpQMaxPool",
+    "EpQConcat",
+    "EpQTable",
+    "EpQuantize",
+    "EpQuantizeLinear",
+    "EpLayout",
+    "EpDynGemm",
+];
 
 pub(super) fn ep_node(
     op: &str,
@@ -57,7 +67,7 @@ fn table_of(from: (f32, u8), to: (f32, u8)) -> Vec<u8> {
 /// Whether a kernel op takes part in the NHWC layout (the Gemm kernels read and write rank-2 tensors, whose
 /// layout is the same either way; the softmax reads its input as the graph lays it out).
 pub(super) fn in_layout(op: &str) -> bool {
-    !matches!(op, "EpQGemm" | "EpGemm" | "EpDynGemm" | "EpSoftmax")
+    !matches!(op, "EpQGemm" | "EpGemm" | "EpDynGemm" | "EpSoftmax" | "EpQuantizeLinear")
 }
 
 /// A kernel node and the nodes it replaces (indices into the graph being lowered).
@@ -457,14 +467,48 @@ impl QdqKernels for Graph {
             |_, _| 0,
         );
         let count = rewrites.len();
-        match g.apply_kernel_rewrites(rewrites) {
-            Some(mut g) => {
-                crate::qdq_tables::fuse_output_tables(&mut g);
-                *self = g;
-                count
-            }
-            None => 0,
+        if let Some(mut lowered) = g.apply_kernel_rewrites(rewrites) {
+            crate::qdq_tables::fuse_output_tables(&mut lowered);
+            *self = lowered;
         }
+        count + self.quantize_kernels()
+    }
+}
+
+/// The QuantizeLinear nodes of float values no integer pattern reads (after a Reshape, a Transpose, a float Concat:
+/// a detector's head) → `EpQuantizeLinear`, the vectorised `round_half_even(x / s) + z` on any rank, instead of the
+/// exact-division float ops (f64 casts) the integer lowering would write. The Q after a Conv, Gemm, MatMul, Add,
+/// Relu or Clip stays: the integer lowering reads it as a requantization.
+trait QuantizeKernels {
+    fn quantize_kernels(&mut self) -> usize;
+}
+
+impl QuantizeKernels for Graph {
+    fn quantize_kernels(&mut self) -> usize {
+        let producers: HashMap<String, String> =
+            self.nodes.iter().flat_map(|n| n.output.iter().map(move |o| (o.clone(), n.op().to_string()))).collect();
+        let mut count = 0;
+        for i in 0..self.nodes.len() {
+            let n = &self.nodes[i];
+            if n.op() != "QuantizeLinear" || !n.domain_name().is_empty() || n.input.is_empty() || n.output.len() != 1 {
+                continue;
+            }
+            let Some((s, z)) = u8_params(self, n) else { continue };
+            let requant = producers
+                .get(&n.input[0])
+                .is_some_and(|p| matches!(p.as_str(), "Conv" | "Gemm" | "MatMul" | "Add" | "Relu" | "Clip"));
+            if requant {
+                continue;
+            }
+            let attrs = vec![attr_float("scale", s), attr_int("zero", z as i64)];
+            let name = format!("{}_kernel", n.name());
+            self.nodes[i] = ep_node("EpQuantizeLinear", &name, &[&n.input[0]], &n.output[0], attrs);
+            count += 1;
+        }
+        if count > 0 {
+            self.remove_unused_initializers();
+        }
+        count
     }
 }
 
