@@ -1155,3 +1155,66 @@ fn a_float_value_s_quantize_linear_runs_on_the_kernel() {
         }
     }
 }
+
+/// A C2f block (YOLOv8): a convolution's output split into channel halves (`Split`, sizes as an input and, before
+/// opset 13, as an attribute), one half through two convolutions and added back to itself, all concatenated, on the
+/// kernels (`EpChannels` per half, so the block stays in the NHWC chain) and equal to the graph as written; a Split
+/// of the graph's input (not a kernel output) stays tract's.
+#[test]
+fn lowered_channel_split_equals_the_graph_as_written() {
+    for opset in [11, 13] {
+        let mut r = Rng(0x0c2f_0000 + opset);
+        let mut w = |name: &str, dims: &[i64]| {
+            let n: i64 = dims.iter().product();
+            tensor_f32(name, dims, &(0..n).map(|_| r.unit() - 0.5).collect::<Vec<_>>())
+        };
+        let mut inits =
+            vec![w("w1", &[8, 3, 1, 1]), w("w2", &[5, 5, 3, 3]), w("w3", &[5, 5, 3, 3]), w("w4", &[4, 13, 1, 1])];
+        let split = |name: &str, x: &str, outs: &[&str], sizes: &[i64]| match opset {
+            13 => node("Split", name, &[x, &format!("{name}_sizes")], outs, vec![attr_int("axis", 1)]),
+            _ => node("Split", name, &[x], outs, vec![attr_int("axis", 1), attr_ints("split", sizes)]),
+        };
+        if opset == 13 {
+            inits.push(tensor_i64("sp_sizes", &[2], &[3, 5]));
+            inits.push(tensor_i64("sx_sizes", &[2], &[1, 2]));
+        }
+        let nodes = vec![
+            node("Conv", "c1", &["x", "w1"], &["a0"], vec![]),
+            node("Relu", "r1", &["a0"], &["a"], vec![]),
+            split("sp", "a", &["h0", "h1"], &[3, 5]),
+            node("Conv", "c2", &["h1", "w2"], &["b0"], vec![attr_ints("pads", &[1; 4])]),
+            node("Relu", "r2", &["b0"], &["b"], vec![]),
+            node("Conv", "c3", &["b", "w3"], &["d"], vec![attr_ints("pads", &[1; 4])]),
+            node("Add", "res", &["h1", "d"], &["e"], vec![]),
+            node("Concat", "cat", &["h0", "h1", "e"], &["f"], vec![attr_int("axis", 1)]),
+            node("Conv", "c4", &["f", "w4"], &["y"], vec![]),
+            split("sx", "x", &["x0", "x1"], &[1, 2]),
+        ];
+        let mut m = model(
+            nodes,
+            vec![value_info("x", 1, &[Dim::Fixed(2), Dim::Fixed(3), Dim::Fixed(9), Dim::Fixed(11)])],
+            vec![
+                value_info("y", 1, &[Dim::Fixed(2), Dim::Fixed(4), Dim::Fixed(9), Dim::Fixed(11)]),
+                value_info("x1", 1, &[Dim::Fixed(2), Dim::Fixed(2), Dim::Fixed(9), Dim::Fixed(11)]),
+            ],
+            inits,
+        );
+        m.set_opset("", opset as i64);
+        let mut lowered = m.clone();
+        lowered.lower_f32_kernels();
+        let ops: Vec<&str> = lowered.graph.nodes.iter().map(|n| n.op()).collect();
+        assert_eq!(ops.iter().filter(|o| **o == "EpChannels").count(), 2, "opset {opset}: {ops:?}");
+        assert_eq!(ops.iter().filter(|o| **o == "Split").count(), 1, "opset {opset}: {ops:?}");
+        assert!(!ops.contains(&"Concat") && !ops.contains(&"Add"), "opset {opset}: {ops:?}");
+        let x: Vec<f32> = (0..2 * 3 * 9 * 11).map(|_| r.unit() * 2.0 - 1.0).collect();
+        assert_kernels_equal_the_graph(
+            &m,
+            &[2, 3, 9, 11],
+            &x,
+            &[2 * 4 * 9 * 11, 2 * 2 * 9 * 11],
+            "a0",
+            &["EpChannels", "EpConcat"],
+            1e-5,
+        );
+    }
+}

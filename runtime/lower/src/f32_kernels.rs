@@ -38,10 +38,10 @@ use edgepack_onnx::builder::{attr_floats, attr_int, attr_ints, attr_string, attr
 use edgepack_onnx::passes::tensor_f32_values;
 use edgepack_onnx::{Graph, Model, NodeExt, NodeProto};
 
-use crate::qdq_kernels::{ApplyRewrites, Made, declare_kernels, match_rewrites};
+use crate::qdq_kernels::{ApplyRewrites, Made, SPLIT, declare_kernels, match_rewrites};
 
 /// Op types of the float kernel nodes.
-pub const OPS: [&str; 12] = [
+pub const OPS: [&str; 13] = [
     "EpConv",
     "EpConvConcat",
     "EpConvChain",
@@ -52,6 +52,7 @@ pub const OPS: [&str; 12] = [
     "EpConvTranspose",
     "EpMaxPool",
     "EpConcat",
+    "EpChannels",
     "EpGlobalAveragePool",
     "EpSoftmax",
 ];
@@ -488,6 +489,7 @@ fn channels(n: &NodeProto, made: &Made) -> usize {
     match n.op() {
         "EpConv" | "EpConvTranspose" => n.attr_i("c_out").unwrap_or(0) as usize,
         "EpConcat" => n.input.iter().map(|i| made.get(i).copied().unwrap_or(0)).sum(),
+        "EpChannels" => n.attr_ints("channels").and_then(|c| c.get(1)).map_or(0, |&c| c as usize),
         _ => n.input.first().and_then(|i| made.get(i)).copied().unwrap_or(0),
     }
 }
@@ -608,6 +610,24 @@ fn simple(c: &Ctx, idx: usize, made: &Made) -> Option<Rewrite> {
         }
         _ => return None,
     };
+    Some(Rewrite { remove: vec![idx], node })
+}
+
+/// A channel `Split` of a kernel output with explicit sizes → one `EpChannels` per output (written as one
+/// `EpSplit` rewrite, expanded when applied): a C2f block's halves stay in the NHWC chain.
+fn split(c: &Ctx, idx: usize, made: &Made) -> Option<Rewrite> {
+    let n = &c.g.nodes[idx];
+    let sizes = crate::qdq_tables::split_sizes(c.g, n)?;
+    let x = n.input.first()?;
+    let total = *made.get(x)?;
+    if sizes.iter().sum::<usize>() != total || n.output.iter().any(|o| o.is_empty()) {
+        return None;
+    }
+    let split: Vec<i64> = sizes.iter().map(|&s| s as i64).collect();
+    let outs: Vec<&str> = n.output.iter().map(|o| o.as_str()).collect();
+    let mut node =
+        edgepack_onnx::node(SPLIT, &format!("{}_kernel", n.name()), &[x], &outs, vec![attr_ints("split", &split)]);
+    node.domain = Some(crate::qdq_kernels::DOMAIN.into());
     Some(Rewrite { remove: vec![idx], node })
 }
 
@@ -898,6 +918,7 @@ fn lower(graph: &mut Graph, opset: Option<i64>, softmax_only: bool) -> usize {
                 "Gemm" if n.domain_name().is_empty() => gemm(&c, i),
                 "ConvTranspose" if n.domain_name().is_empty() => conv_transpose(&c, i),
                 "Add" | "Mul" | "Concat" | "MaxPool" | "GlobalAveragePool" | "Resize" => simple(&c, i, made),
+                "Split" => split(&c, i, made),
                 _ => None,
             },
             channels,

@@ -76,6 +76,8 @@ pub enum Kernel {
     FScale,
     FMaxPool(Pool2d, Isa),
     FConcat(usize),
+    /// The channels `c0..c0 + cw` (`EpChannels`): one output of a channel Split.
+    FChannels(usize, usize),
     FGlobalAvg,
     /// A transposed convolution whose stride is its kernel: one 1×1 convolution per kernel row to `kw·c_out`
     /// channels, each writing its output rows in place.
@@ -413,6 +415,10 @@ impl Kernel {
             "EpScale" => Kernel::FScale,
             "EpMaxPool" => Kernel::FMaxPool(pool2d(node)?, Isa::detect()),
             "EpConcat" => Kernel::FConcat(node.input.len()),
+            "EpChannels" => {
+                let [c0, cw] = usizes(node, "channels")?;
+                Kernel::FChannels(c0, cw)
+            }
             "EpGlobalAveragePool" => Kernel::FGlobalAvg,
             "EpConvTranspose" => {
                 let [kh, kw] = usizes(node, "kernel_shape")?;
@@ -485,6 +491,7 @@ impl Kernel {
             Kernel::FScale => "EpScale",
             Kernel::FMaxPool(..) => "EpMaxPool",
             Kernel::FConcat(_) => "EpConcat",
+            Kernel::FChannels(..) => "EpChannels",
             Kernel::FGlobalAvg => "EpGlobalAveragePool",
             Kernel::FUpsample(_) => "EpUpsample",
             Kernel::FConvTranspose { .. } => "EpConvTranspose",
@@ -506,6 +513,7 @@ impl Kernel {
                 | Kernel::FScale
                 | Kernel::FMaxPool(..)
                 | Kernel::FConcat(_)
+                | Kernel::FChannels(..)
                 | Kernel::FGlobalAvg
                 | Kernel::FUpsample(_)
                 | Kernel::FConvTranspose { .. }
@@ -673,6 +681,13 @@ impl Kernel {
                 vec![x[0].clone(), x[2].clone(), x[3].clone(), x[1].clone()]
             }
             Kernel::FGlobalAvg => vec![x[0].clone(), D::known(1), D::known(1), x[3].clone()],
+            Kernel::FChannels(c0, cw) => {
+                let c = val(&x[3])?;
+                if c0.checked_add(*cw).is_none_or(|end| end > c) {
+                    return Err(format!("{name}: channels {c0}..{c0}+{cw} outside {c}"));
+                }
+                vec![x[0].clone(), x[1].clone(), x[2].clone(), D::known(*cw)]
+            }
             Kernel::Table { window, scales, .. } => {
                 let (h, w) = hw(x)?;
                 let c = val(&x[3])?;
@@ -795,6 +810,9 @@ impl Kernel {
                 let ins: Vec<(&[f32], usize)> =
                     (0..inputs.len()).map(|i| Ok((f32s(i)?, inputs[i].1[3]))).collect::<Res<_>>()?;
                 qelem::concat_channels_f32(&ins, x[0] * x[1] * x[2], y);
+            }
+            (Kernel::FChannels(c0, cw), DataMut::F32(y)) => {
+                qelem::channel_window(f32s(0)?, x[0] * x[1] * x[2], x[3], (*c0, *cw), y)
             }
             (Kernel::FGlobalAvg, DataMut::F32(y)) => {
                 let (hw, c) = (x[1] * x[2], x[3]);

@@ -535,13 +535,38 @@ pub(crate) fn match_rewrites(
             && r.remove.iter().all(|k| !taken.contains(k))
         {
             taken.extend(r.remove.iter().copied());
-            if in_layout(r.node.op()) {
+            if r.node.op() == SPLIT {
+                for (o, c) in r.node.output.iter().zip(r.node.attr_ints("split").unwrap_or_default()) {
+                    made.insert(o.clone(), *c as usize);
+                }
+            } else if in_layout(r.node.op()) {
                 made.insert(r.node.output[0].clone(), channels(&r.node, &made));
             }
             out.push(r);
         }
     }
     out
+}
+
+/// A channel Split of a kernel output as a rewrite writes it: one node with the Split's outputs and their sizes
+/// (`split`), which [`ApplyRewrites::apply_kernel_rewrites`] expands into one `EpChannels` node per output.
+pub(crate) const SPLIT: &str = "EpSplit";
+
+fn expand_split(n: NodeProto) -> Vec<NodeProto> {
+    if n.op() != SPLIT {
+        return vec![n];
+    }
+    let sizes = n.attr_ints("split").unwrap_or_default().to_vec();
+    let mut c0 = 0;
+    n.output
+        .iter()
+        .zip(sizes)
+        .map(|(o, cw)| {
+            let attrs = vec![attr_ints("channels", &[c0, cw])];
+            c0 += cw;
+            ep_node("EpChannels", &format!("{}_{o}", n.name()), &[&n.input[0]], o, attrs)
+        })
+        .collect()
 }
 
 /// Applying rewrites and the NHWC layout pass, shared by both kernel lowerings.
@@ -563,7 +588,7 @@ impl ApplyRewrites for Graph {
         for k in remove.into_iter().rev() {
             self.nodes.remove(k);
         }
-        self.nodes.extend(rewrites.into_iter().map(|r| r.node));
+        self.nodes.extend(rewrites.into_iter().flat_map(|r| expand_split(r.node)));
         self.nhwc_layout();
         self.topo_sort().ok()?;
         self.remove_dead_nodes();

@@ -214,19 +214,25 @@ fn scalar_const(g: &Graph, name: &str) -> Option<f32> {
     scalar_f32(g, name)
 }
 
-/// A channel `Split` (axis 1) with explicit sizes: the channel window `(c0, cw)` of output `out`.
-fn split_window(g: &Graph, n: &NodeProto, out: &str) -> Option<(usize, usize)> {
-    if !matches!(n.attr_i("axis").unwrap_or(0), 1 | -3) {
+/// The output sizes of a channel `Split` (axis 1 of a rank-4 tensor) given explicitly (an input, or the `split`
+/// attribute before opset 13), one per output.
+pub(crate) fn split_sizes(g: &Graph, n: &NodeProto) -> Option<Vec<usize>> {
+    if n.op() != "Split" || !n.domain_name().is_empty() || !matches!(n.attr_i("axis").unwrap_or(0), 1 | -3) {
         return None;
     }
     let sizes: Vec<i64> = match n.input.get(1).filter(|s| !s.is_empty()) {
         Some(s) => int64_values(g, s)?,
         None => n.attr_ints("split")?.to_vec(),
     };
+    (sizes.len() == n.output.len() && sizes.iter().all(|&s| (0..1 << 30).contains(&s))).then_some(())?;
+    Some(sizes.into_iter().map(|s| s as usize).collect())
+}
+
+/// A channel `Split` with explicit sizes: the channel window `(c0, cw)` of output `out`.
+fn split_window(g: &Graph, n: &NodeProto, out: &str) -> Option<(usize, usize)> {
+    let sizes = split_sizes(g, n)?;
     let k = n.output.iter().position(|o| o == out)?;
-    (sizes.len() == n.output.len() && sizes.iter().all(|&s| s >= 0)).then_some(())?;
-    let c0: i64 = sizes[..k].iter().sum();
-    Some((c0 as usize, sizes[k] as usize))
+    Some((sizes[..k].iter().sum(), sizes[k]))
 }
 
 fn int64_values(g: &Graph, name: &str) -> Option<Vec<i64>> {

@@ -436,6 +436,22 @@ pub fn concat_channels_f32(inputs: &[(&[f32], usize)], pixels: usize, out: &mut 
     });
 }
 
+/// The channels `c0..c0 + cw` of `pixels` NHWC pixels of `c` channels (a channel Split's output), split across the
+/// pool by ranges of pixels.
+pub fn channel_window<T: Copy + Send + Sync>(x: &[T], pixels: usize, c: usize, (c0, cw): (usize, usize), y: &mut [T]) {
+    assert!(c0 + cw <= c && x.len() >= pixels * c && y.len() >= pixels * cw);
+    let parts = (super::threads() * 2).min((pixels * cw / 32_768).max(1));
+    let per = pixels.div_ceil(parts);
+    let out_addr = y.as_mut_ptr() as usize;
+    super::for_each_part(parts, |part| {
+        for p in part * per..((part + 1) * per).min(pixels) {
+            // SAFETY: pixel `p` of the output is written by this part only.
+            let dst = unsafe { std::slice::from_raw_parts_mut((out_addr as *mut T).add(p * cw), cw) };
+            dst.copy_from_slice(&x[p * c + c0..p * c + c0 + cw]);
+        }
+    });
+}
+
 /// Global average pooling of `n` NHWC images of `hw` pixels and `c` channels into `[n, c]` (`out`), split across
 /// the pool by ranges of output channels (whole cache lines): each part sums its channels of every pixel, the ones
 /// a convolution split by channel blocks wrote on the same thread. Per channel the pixels are summed in order, then
