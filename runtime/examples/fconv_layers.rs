@@ -1,4 +1,4 @@
-//! Times the fp32 convolution kernels on the layer shapes of EfficientNet-Lite0 and SqueezeNet, one thread,
+//! Times the fp32 convolution kernels on the layer shapes of EfficientNet-Lite0, SqueezeNet and YOLOv8n, one thread,
 //! side by side (rounds alternate between layers; medians). A tool for kernel work, not a target:
 //! `cargo run --release --example fconv_layers [-- FILTER [RUNS]]`.
 //! `EDGEPACK_ISA=avx2|avx512vnni` picks the instruction set (default: the best the CPU has);
@@ -48,6 +48,11 @@ const LAYERS: &[Layer] = &[
     l("fc 1280->1000 @1", 1, 1280, 1000, 1, 1, false),
     l("sq conv1 3x3/2 3->64 @224", 224, 3, 64, 3, 2, false),
     l("sq fire 3x3 16->64 @55", 55, 16, 64, 3, 1, false),
+    l("yolo stem 3x3/2 3->16 @640", 640, 3, 16, 3, 2, false),
+    l("yolo 3x3/2 16->32 @320", 320, 16, 32, 3, 2, false),
+    l("yolo c2f 3x3 16->16 @160", 160, 16, 16, 3, 1, false),
+    l("yolo 3x3/2 32->64 @160", 160, 32, 64, 3, 2, false),
+    l("yolo head 3x3 64->64 @80", 80, 64, 64, 3, 1, false),
 ];
 
 fn main() {
