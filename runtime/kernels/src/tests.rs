@@ -362,7 +362,7 @@ fn maxpool_concat_and_quantize_equal_their_float_definitions() {
         let x2: Vec<u8> = (0..n * h * w * c2).map(|_| r.range(0, 255) as u8).collect();
         let (t1, t2) = (qelem::requant_table(qi, qo), qelem::requant_table(q2, qo));
         let mut cat = vec![0u8; n * h * w * (c + c2)];
-        qelem::concat_channels(&[(&x, c, &t1), (&x2, c2, &t2)], n * h * w, &mut cat);
+        qelem::concat_channels(Isa::detect(), &[(&x, c, &t1), (&x2, c2, &t2)], n * h * w, &mut cat);
         for p in 0..n * h * w {
             for ch in 0..c + c2 {
                 let want = if ch < c { qf(dq(x[p * c + ch], qi), qo) } else { qf(dq(x2[p * c2 + ch - c], q2), qo) };

@@ -38,6 +38,7 @@ pub enum Kernel {
     },
     Concat {
         tables: Vec<[u8; 256]>,
+        isa: Isa,
     },
     /// `y = table[x]` on the channels `c0..c0 + cw` of the input (all of them without a window), upsampled by
     /// whole factors `[sh, sw]` (nearest): a quantized element-wise function, then a channel Split or a Resize.
@@ -374,7 +375,7 @@ impl Kernel {
                     .chunks_exact(256)
                     .map(|c| c.try_into().unwrap_or([0; 256]))
                     .collect();
-                Kernel::Concat { tables }
+                Kernel::Concat { tables, isa: Isa::detect() }
             }
             "EpQuantize" => Kernel::Quantize { q: qparams(node, "scale", "zero")?, isa: Isa::detect() },
             "EpQuantizeLinear" => Kernel::QuantizeFlat { q: qparams(node, "scale", "zero")?, isa: Isa::detect() },
@@ -553,7 +554,7 @@ impl Kernel {
     pub fn arity(&self) -> usize {
         match self {
             Kernel::Add { .. } | Kernel::FAdd(_) | Kernel::FConvAdd(_) | Kernel::FScale => 2,
-            Kernel::Concat { tables } => tables.len(),
+            Kernel::Concat { tables, .. } => tables.len(),
             Kernel::FConcat(n) => *n,
             Kernel::FConvConcat(convs) => convs.len(),
             Kernel::FConvChain { residual, .. } => 1 + *residual as usize,
@@ -753,12 +754,12 @@ impl Kernel {
                 qelem::maxpool(*isa, u8s(0)?, [x[0], x[1], x[2], x[3]], *g, table, y)
                     .ok_or_else(|| format!("{name}: a pooling window holds no input cell"))?;
             }
-            (Kernel::Concat { tables }, DataMut::U8(y)) => {
+            (Kernel::Concat { tables, isa }, DataMut::U8(y)) => {
                 let ins: Vec<(&[u8], usize, &[u8; 256])> = (0..inputs.len())
                     .zip(tables)
                     .map(|(i, tb)| Ok((u8s(i)?, inputs[i].1[3], tb)))
                     .collect::<Res<_>>()?;
-                qelem::concat_channels(&ins, x[0] * x[1] * x[2], y);
+                qelem::concat_channels(*isa, &ins, x[0] * x[1] * x[2], y);
             }
             (Kernel::Table { table, window, scales, isa }, DataMut::U8(y)) => {
                 let win = window.unwrap_or((0, x[3]));

@@ -641,7 +641,7 @@ pub fn exp_nonpositive(x: f32) -> f32 {
 }
 
 /// Concatenation along the channel axis (last in NHWC), each input through its requantization table.
-pub fn concat_channels(inputs: &[(&[u8], usize, &[u8; 256])], pixels: usize, out: &mut [u8]) {
+pub fn concat_channels(isa: Isa, inputs: &[(&[u8], usize, &[u8; 256])], pixels: usize, out: &mut [u8]) {
     let c_out: usize = inputs.iter().map(|i| i.1).sum();
     // Inputs already at the output's parameters (identity table) are plain copies.
     let identity: Vec<bool> = inputs.iter().map(|i| i.2.iter().enumerate().all(|(k, &v)| v as usize == k)).collect();
@@ -658,9 +658,7 @@ pub fn concat_channels(inputs: &[(&[u8], usize, &[u8; 256])], pixels: usize, out
                 if copy {
                     dst.copy_from_slice(src);
                 } else {
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        *d = table[v as usize];
-                    }
+                    lut(isa, src, table, dst);
                 }
             }
             off += c;
