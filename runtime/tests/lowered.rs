@@ -1218,3 +1218,76 @@ fn lowered_channel_split_equals_the_graph_as_written() {
         );
     }
 }
+
+/// A quantized convolution whose output stays float (a detector's last convolutions: no Q after it, a Reshape
+/// reads it) runs on the integer kernel with a float output (`EpQConv` `float_out`: `f32(acc)·s_x·s_w[o]`, as
+/// onnxruntime's integer convolution with a float output) and equals that arithmetic, at 1 and 2 threads.
+#[test]
+fn a_quantized_convolution_with_a_float_output_runs_on_the_kernel() {
+    use edgepack_runtime::onnx::LowerForCpu;
+    let mut r = Rng(0x00f1_0a70);
+    let (c_in, c_out, h, w) = (5usize, 7usize, 6usize, 8usize);
+    let x: Vec<u8> = (0..c_in * h * w).map(|_| r.range(0, 255) as u8).collect();
+    let wq: Vec<i8> = (0..c_out * c_in * 9).map(|_| r.range(-127, 127) as i8).collect();
+    let bias: Vec<i32> = (0..c_out).map(|_| r.range(-2_000, 2_000) as i32).collect();
+    let (s_x, z_x) = (0.02f32, 77u8);
+    let s_w: Vec<f32> = (0..c_out).map(|_| 0.001 + r.unit() * 0.004).collect();
+    let mut want = vec![0f32; c_out * h * w];
+    for o in 0..c_out {
+        for oy in 0..h {
+            for ox in 0..w {
+                let mut acc = bias[o] as i64;
+                for ci in 0..c_in {
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            let (iy, ix) = (oy as isize + ky as isize - 1, ox as isize + kx as isize - 1);
+                            if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                let xv = x[(ci * h + iy as usize) * w + ix as usize] as i64 - z_x as i64;
+                                acc += xv * wq[((o * c_in + ci) * 3 + ky) * 3 + kx] as i64;
+                            }
+                        }
+                    }
+                }
+                want[(o * h + oy) * w + ox] = acc as f32 * (s_x * s_w[o]);
+            }
+        }
+    }
+    let mut model = model(
+        vec![
+            // A quantized graph quantizes its activations (a graph that does not is weight-only quantization,
+            // whose weights the session unpacks to f32).
+            node("QuantizeLinear", "qx", &["x", "sx", "zx"], &["xq"], vec![]),
+            node("DequantizeLinear", "dqx", &["xq", "sx", "zx"], &["xd"], vec![]),
+            node("DequantizeLinear", "dqw", &["wq", "sw", "zw"], &["wd"], vec![attr_int("axis", 0)]),
+            node("DequantizeLinear", "dqb", &["bq", "sb"], &["bd"], vec![attr_int("axis", 0)]),
+            node("Conv", "conv", &["xd", "wd", "bd"], &["c"], vec![attr_ints("pads", &[1; 4])]),
+            node("Reshape", "flat", &["c", "shape"], &["y"], vec![]),
+        ],
+        vec![value_info("x", 1, &[1, c_in, h, w].map(Dim::Fixed))],
+        vec![value_info("y", 1, &[1, c_out, h * w].map(Dim::Fixed))],
+        vec![
+            tensor_f32("sx", &[], &[s_x]),
+            tensor_raw("zx", &[], 2, vec![z_x]),
+            tensor_raw("wq", &[c_out as i64, c_in as i64, 3, 3], 3, wq.iter().map(|&v| v as u8).collect()),
+            tensor_f32("sw", &[c_out as i64], &s_w),
+            tensor_raw("zw", &[c_out as i64], 3, vec![0; c_out]),
+            tensor_raw("bq", &[c_out as i64], 6, bias.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            tensor_f32("sb", &[c_out as i64], &s_w.iter().map(|s| s_x * s).collect::<Vec<_>>()),
+            tensor_i64("shape", &[3], &[1, c_out as i64, (h * w) as i64]),
+        ],
+    );
+    model.set_opset("", 13);
+    let low = model.lower_for_cpu(true).model;
+    let conv = low.graph.nodes.iter().find(|n| n.op() == "EpQConv").expect("the convolution is a kernel");
+    assert_eq!(conv.attr_i("float_out"), Some(1));
+    for threads in [1, 2] {
+        let s = Session::from_model(&model, &SessionOptions { threads, ..Default::default() }).unwrap();
+        // Floats that quantize back to `x` exactly.
+        let xf: Vec<f32> = x.iter().map(|&v| (v as i32 - z_x as i32) as f32 * s_x).collect();
+        let input = || vec![("x".to_string(), Tensor::from_f32(vec![1, c_in, h, w], xf.clone()).unwrap())];
+        let ran = kernel_ops(&s, input());
+        assert!(ran.iter().any(|o| o == "EpQConv"), "{ran:?}");
+        let got = s.run(input()).unwrap()[0].1.to_f32_vec();
+        assert_eq!(got, want, "threads {threads}");
+    }
+}

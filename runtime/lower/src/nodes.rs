@@ -19,7 +19,11 @@ type Res<T> = std::result::Result<T, String>;
 
 #[derive(Debug)]
 pub enum Kernel {
-    Conv(QConv),
+    /// NHWC uint8 → uint8, or f32 `f32(acc)·s_x·s_w` with `float_out` (group 1).
+    Conv {
+        conv: QConv,
+        float_out: bool,
+    },
     /// `[N, K]` uint8 → `[N, c_out]` uint8 or f32 (a 1×1 convolution over `N` pixels).
     Gemm {
         conv: QConv,
@@ -340,7 +344,14 @@ impl Kernel {
     /// Parses a kernel node (`op` one of [`ops`]).
     pub fn parse(node: &NodeProto) -> Res<Kernel> {
         Ok(match node.op() {
-            "EpQConv" => Kernel::Conv(qconv(node)?),
+            "EpQConv" => {
+                let (conv, float_out) =
+                    (qconv(node)?, node.attr("float_out").is_some() && int(node, "float_out")? != 0);
+                if float_out && (conv.spec().geom.group != 1 || conv.table().is_some()) {
+                    return Err(format!("{}: a float output needs a group-1 convolution without a table", node.name()));
+                }
+                Kernel::Conv { conv, float_out }
+            }
             "EpQGemm" => Kernel::Gemm { conv: qconv(node)?, float_out: int(node, "float_out")? != 0 },
             "EpQAdd" => Kernel::Add {
                 qa: qparams(node, "s_a", "z_a")?,
@@ -476,7 +487,7 @@ impl Kernel {
 
     pub fn op_name(&self) -> &'static str {
         match self {
-            Kernel::Conv(_) => "EpQConv",
+            Kernel::Conv { .. } => "EpQConv",
             Kernel::Gemm { .. } => "EpQGemm",
             Kernel::Add { .. } => "EpQAdd",
             Kernel::MaxPool { .. } => "EpQMaxPool",
@@ -536,7 +547,11 @@ impl Kernel {
     pub fn output_type(&self) -> Option<DType> {
         match self {
             Kernel::Layout { .. } => None,
-            k if k.is_float() || matches!(k, Kernel::Gemm { float_out: true, .. }) => Some(DType::F32),
+            k if k.is_float()
+                || matches!(k, Kernel::Gemm { float_out: true, .. } | Kernel::Conv { float_out: true, .. }) =>
+            {
+                Some(DType::F32)
+            }
             _ => Some(DType::U8),
         }
     }
@@ -619,7 +634,9 @@ impl Kernel {
         Ok(match self {
             Kernel::FGemm(conv) => rows(conv.spec().geom.c_in, conv.spec().geom.c_out)?,
             Kernel::Gemm { conv, .. } => rows(conv.spec().geom.c_in, conv.spec().geom.c_out)?,
-            Kernel::Conv(conv) => image(conv.spec().geom.c_in, conv.spec().geom.c_out, &|h, w| conv.output_hw(h, w))?,
+            Kernel::Conv { conv, .. } => {
+                image(conv.spec().geom.c_in, conv.spec().geom.c_out, &|h, w| conv.output_hw(h, w))?
+            }
             Kernel::FConv(conv) => image(conv.spec().geom.c_in, conv.spec().geom.c_out, &|h, w| conv.output_hw(h, w))?,
             Kernel::FConvAdd(conv) => {
                 let out = image(conv.spec().geom.c_in, conv.spec().geom.c_out, &|h, w| conv.output_hw(h, w))?;
@@ -738,7 +755,12 @@ impl Kernel {
             _ => Err(wrong()),
         };
         match (self, y) {
-            (Kernel::Conv(conv), DataMut::U8(y)) => conv.run(u8s(0)?, x[0], x[1], x[2], y).map_err(err)?,
+            (Kernel::Conv { conv, float_out: false }, DataMut::U8(y)) => {
+                conv.run(u8s(0)?, x[0], x[1], x[2], y).map_err(err)?
+            }
+            (Kernel::Conv { conv, float_out: true }, DataMut::F32(y)) => {
+                conv.run_f32(u8s(0)?, x[0], x[1], x[2], y).map_err(err)?
+            }
             (Kernel::Gemm { conv, float_out: false }, DataMut::U8(y)) => {
                 conv.run(u8s(0)?, x[0], 1, 1, y).map_err(err)?
             }

@@ -149,7 +149,7 @@ pub(super) fn maxpool_attrs(n: &NodeProto) -> Option<Vec<edgepack_onnx::Attribut
 fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
     let g = c.g;
     let n = &g.nodes[idx];
-    let m = match_weighted(c, idx)?;
+    let Some(m) = match_weighted(c, idx) else { return conv_float_out(c, idx) };
     if m.is_gemm || m.w_t.dims.len() != 4 || m.z_x.1 != 2 || m.z_y.1 != 2 {
         return None;
     }
@@ -184,6 +184,47 @@ fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
     }
     let name = format!("{}_kernel", n.name());
     Some(Rewrite { remove: m.remove, node: ep_node("EpQConv", &name, &[&m.dqx.input[0]], &m.q.output[0], attrs) })
+}
+
+/// `DQ(x) → Conv(DQ(w), DQ(b))` (group 1) whose output stays float (a detector's last convolutions) →
+/// `EpQConv(x)` with `float_out`: `f32(acc)·s_x·s_w[o]`, NHWC f32 (onnxruntime's integer convolution with a float
+/// output), read by the float ops after it through the layout pass's transpose.
+fn conv_float_out(c: &Ctx, idx: usize) -> Option<Rewrite> {
+    let g = c.g;
+    let n = &g.nodes[idx];
+    let wi = match_weighted_inputs(c, idx)?;
+    if wi.is_gemm || wi.w_t.dims.len() != 4 || wi.z_x.1 != 2 || n.attr_i("group").unwrap_or(1) != 1 {
+        return None;
+    }
+    u8_params(g, wi.dqx)?;
+    if wi.w.iter().any(|&v| !(-128.0..=127.0).contains(&v)) {
+        return None;
+    }
+    let d: Vec<usize> = wi.w_t.dims.iter().map(|&v| v as usize).collect();
+    let (c_out, c_in) = (d[0], d[1]);
+    let [strides, dilations, pads] = conv_geometry(n, d[2], d[3])?;
+    let weights: Vec<u8> = wi.w.iter().map(|&v| (v as i8) as u8).collect();
+    let multiplier: Vec<f32> = (0..c_out).map(|o| wi.s_x * wi.s_w[if wi.s_w.len() == 1 { 0 } else { o }]).collect();
+    let mut attrs = vec![
+        attr_int("c_in", c_in as i64),
+        attr_int("c_out", c_out as i64),
+        attr_int("group", 1),
+        attr_ints("kernel_shape", &[d[2] as i64, d[3] as i64]),
+        attr_ints("strides", &strides),
+        attr_ints("dilations", &dilations),
+        attr_ints("pads", &pads),
+        attr_int("z_x", wi.z_x.0 as i64),
+        attr_int("z_y", 0),
+        attr_int("float_out", 1),
+        attr_tensor("weights", tensor_raw("weights", &wi.w_t.dims, 3, weights)),
+        attr_tensor("multiplier", edgepack_onnx::builder::tensor_f32("multiplier", &[c_out as i64], &multiplier)),
+    ];
+    if let Some(b) = &wi.bias {
+        let raw = b.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect();
+        attrs.push(attr_tensor("bias", tensor_raw("bias", &[c_out as i64], 6, raw)));
+    }
+    let name = format!("{}_kernel", n.name());
+    Some(Rewrite { remove: vec![idx], node: ep_node("EpQConv", &name, &[&wi.dqx.input[0]], n.output.first()?, attrs) })
 }
 
 /// `DQ(x) → Gemm(DQ(W), DQ(b))` (transA 0, alpha = beta = 1) → `EpQGemm(x)`: a 1×1 convolution on `[N, K]` (the
@@ -407,7 +448,7 @@ pub fn layers_without_int8_kernel(model: &Model) -> Vec<(String, String)> {
         .map(|n| {
             let why = match n.op() {
                 "Conv" if n.attr_i("group").unwrap_or(1) > 1 => "grouped convolution other than depthwise",
-                "Conv" => "pattern not covered (output not requantized, or an activation outside the Q range)",
+                "Conv" => "pattern not covered (auto_pad, a depthwise convolution with a float output, or an activation outside the Q range)",
                 "Gemm" => "pattern not covered (transA, alpha/beta ≠ 1, or weights not int8)",
                 _ => "no integer kernel for MatMul yet",
             };
