@@ -196,6 +196,12 @@ fn conv_float_out(c: &Ctx, idx: usize) -> Option<Rewrite> {
     if wi.is_gemm || wi.w_t.dims.len() != 4 || wi.z_x.1 != 2 || n.attr_i("group").unwrap_or(1) != 1 {
         return None;
     }
+    // A requantized output (a Q, or a Relu/Clip before one, that the patterns above did not take: an int8 output
+    // zero point, per-channel output parameters) keeps onnxruntime's integer arithmetic (`qdq_lower`).
+    let out = n.output.first()?;
+    if g.nodes.iter().any(|m| m.input.contains(out) && matches!(m.op(), "QuantizeLinear" | "Relu" | "Clip")) {
+        return None;
+    }
     u8_params(g, wi.dqx)?;
     if wi.w.iter().any(|&v| !(-128.0..=127.0).contains(&v)) {
         return None;
@@ -224,7 +230,7 @@ fn conv_float_out(c: &Ctx, idx: usize) -> Option<Rewrite> {
         attrs.push(attr_tensor("bias", tensor_raw("bias", &[c_out as i64], 6, raw)));
     }
     let name = format!("{}_kernel", n.name());
-    Some(Rewrite { remove: vec![idx], node: ep_node("EpQConv", &name, &[&wi.dqx.input[0]], n.output.first()?, attrs) })
+    Some(Rewrite { remove: vec![idx], node: ep_node("EpQConv", &name, &[&wi.dqx.input[0]], out, attrs) })
 }
 
 /// `DQ(x) → Gemm(DQ(W), DQ(b))` (transA 0, alpha = beta = 1) → `EpQGemm(x)`: a 1×1 convolution on `[N, K]` (the
