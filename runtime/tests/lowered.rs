@@ -9,10 +9,13 @@ use edgepack_runtime::{DType, Session, SessionOptions, Tensor};
 
 fn run_u8(m: &Model, input: Tensor) -> Vec<u8> {
     let s = Session::from_model(m, &SessionOptions { threads: 1, ..Default::default() }).unwrap();
-    let out = s.run_one(input).unwrap();
-    match out[0].1.data() {
+    u8_data(&s.run_one(input).unwrap()[0].1)
+}
+
+fn u8_data(t: &Tensor) -> Vec<u8> {
+    match t.data() {
         edgepack_runtime::TensorData::U8(v) => v.clone(),
-        _ => panic!("expected u8 output, got {:?}", out[0].1.dtype()),
+        _ => panic!("expected u8 output, got {:?}", t.dtype()),
     }
 }
 
@@ -1095,12 +1098,8 @@ fn quantized_element_wise_regions_run_as_tables() {
         let ran = kernel_ops(&s, input());
         assert!(ran.iter().any(|o| o == "EpQTable") && ran.iter().any(|o| o == "EpQAdd"), "{ran:?}");
         let out = s.run(input()).unwrap();
-        let bytes = |i: usize| match out[i].1.data() {
-            edgepack_runtime::TensorData::U8(v) => v.clone(),
-            _ => panic!("output {i} is not uint8"),
-        };
-        assert_eq!(bytes(0), sum, "threads {threads}: sum");
-        assert_eq!(bytes(1), u, "threads {threads}: upsampled");
+        assert_eq!(u8_data(&out[0].1), sum, "threads {threads}: sum");
+        assert_eq!(u8_data(&out[1].1), u, "threads {threads}: upsampled");
     }
 }
 
@@ -1149,10 +1148,7 @@ fn a_float_value_s_quantize_linear_runs_on_the_kernel() {
         let input = || vec![("x".to_string(), Tensor::from_f32(shape.to_vec(), x.clone()).unwrap())];
         assert!(kernel_ops(&sess, input()).iter().any(|o| o == "EpQuantizeLinear"));
         let out = sess.run(input()).unwrap();
-        match out[0].1.data() {
-            edgepack_runtime::TensorData::U8(v) => assert_eq!(v, &want, "threads {threads}"),
-            _ => panic!("not uint8"),
-        }
+        assert_eq!(u8_data(&out[0].1), want, "threads {threads}");
     }
 }
 

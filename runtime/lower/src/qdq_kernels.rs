@@ -18,7 +18,7 @@
 //! of kernels therefore stay in uint8 NHWC with no float round trip and no transposes inside.
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::qdq_lower::{Ctx, match_weighted, match_weighted_inputs, scalar_f32, zero_point};
+use crate::qdq_lower::{Ctx, Weighted, WeightedInputs, match_weighted, match_weighted_inputs, scalar_f32, zero_point};
 use edgepack_onnx::builder::{attr_float, attr_int, attr_ints, attr_tensor, tensor_raw};
 use edgepack_onnx::{Graph, Model, NodeExt, NodeProto, node};
 
@@ -146,25 +146,87 @@ pub(super) fn maxpool_attrs(n: &NodeProto) -> Option<Vec<edgepack_onnx::Attribut
     ])
 }
 
+/// Where a weighted kernel writes: requantized uint8 (zero point `z_y`, multipliers `(s_x·s_w)/s_y`, the nodes up
+/// to the Q removed) or `f32(acc)·s_x·s_w` (`float_out`: the output stays float).
+struct KernelOut<'a> {
+    z_y: i64,
+    multiplier: Vec<f32>,
+    remove: Vec<usize>,
+    value: &'a str,
+    float_out: bool,
+}
+
+impl<'a> KernelOut<'a> {
+    fn requantized(m: Weighted<'a>) -> Self {
+        KernelOut { z_y: m.z_y.0 as i64, multiplier: m.m, remove: m.remove, value: &m.q.output[0], float_out: false }
+    }
+
+    fn float(wi: &WeightedInputs<'a>, idx: usize, c_out: usize) -> Option<Self> {
+        let multiplier = (0..c_out).map(|o| wi.s_x * wi.s_w[if wi.s_w.len() == 1 { 0 } else { o }]).collect();
+        Some(KernelOut { z_y: 0, multiplier, remove: vec![idx], value: wi.n.output.first()?, float_out: true })
+    }
+}
+
+/// The integer attributes of a weighted kernel node: zero points, output kind, int8 `weights` (OIHW `w_dims`;
+/// `None` when one is outside int8), per-channel multiplier and int32 bias.
+fn weighted_attrs(
+    wi: &WeightedInputs,
+    out: &KernelOut,
+    w_dims: &[i64],
+    weights: &[f32],
+) -> Option<Vec<edgepack_onnx::AttributeProto>> {
+    if weights.iter().any(|&v| !(-128.0..=127.0).contains(&v)) {
+        return None;
+    }
+    let c_out = out.multiplier.len() as i64;
+    let mut attrs = vec![
+        attr_int("z_x", wi.z_x.0 as i64),
+        attr_int("z_y", out.z_y),
+        attr_int("float_out", out.float_out as i64),
+        attr_tensor("weights", tensor_raw("weights", w_dims, 3, weights.iter().map(|&v| (v as i8) as u8).collect())),
+        attr_tensor("multiplier", edgepack_onnx::builder::tensor_f32("multiplier", &[c_out], &out.multiplier)),
+    ];
+    if let Some(b) = &wi.bias {
+        let raw = b.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect();
+        attrs.push(attr_tensor("bias", tensor_raw("bias", &[c_out], 6, raw)));
+    }
+    Some(attrs)
+}
+
+/// `DQ(x) → Conv(DQ(w), DQ(b))` → `EpQConv(x)`: requantized when `[Relu|Clip] → Q` follows (group 1 or
+/// depthwise); group 1 with `float_out` when the output stays float (a detector's last convolutions:
+/// onnxruntime's integer convolution with a float output, NHWC f32, read by the float ops after it through the
+/// layout pass's transpose).
 fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
     let g = c.g;
     let n = &g.nodes[idx];
-    let Some(m) = match_weighted(c, idx) else { return conv_float_out(c, idx) };
-    if m.is_gemm || m.w_t.dims.len() != 4 || m.z_x.1 != 2 || m.z_y.1 != 2 {
+    let wi = match_weighted_inputs(c, idx)?;
+    if wi.is_gemm || wi.w_t.dims.len() != 4 || wi.z_x.1 != 2 {
         return None;
     }
-    u8_params(g, m.dqx)?;
-    let d: Vec<usize> = m.w_t.dims.iter().map(|&v| v as usize).collect();
+    u8_params(g, wi.dqx)?;
+    let d: Vec<usize> = wi.w_t.dims.iter().map(|&v| v as usize).collect();
     let group = n.attr_i("group").unwrap_or(1).max(1) as usize;
     let (c_out, c_in) = (d[0], d[1].checked_mul(group)?);
     if !(group == 1 || (group == c_in && c_out == c_in && d[1] == 1)) {
         return None;
     }
     let [strides, dilations, pads] = conv_geometry(n, d[2], d[3])?;
-    let weights: Vec<u8> = m.w.iter().map(|&v| (v as i8) as u8).collect();
-    if m.w.iter().any(|&v| !(-128.0..=127.0).contains(&v)) {
-        return None;
-    }
+    let out = match match_weighted(c, idx) {
+        Some(m) if m.z_y.1 == 2 => KernelOut::requantized(m),
+        Some(_) => return None,
+        None => {
+            // A requantized output (a Q, or a Relu/Clip before one, that the pattern did not take: an int8 output
+            // zero point, per-channel output parameters) keeps onnxruntime's integer arithmetic (`qdq_lower`).
+            let v = n.output.first()?;
+            if group != 1
+                || g.nodes.iter().any(|m| m.input.contains(v) && matches!(m.op(), "QuantizeLinear" | "Relu" | "Clip"))
+            {
+                return None;
+            }
+            KernelOut::float(&wi, idx, c_out)?
+        }
+    };
     let mut attrs = vec![
         attr_int("c_in", c_in as i64),
         attr_int("c_out", c_out as i64),
@@ -173,64 +235,10 @@ fn conv(c: &Ctx, idx: usize) -> Option<Rewrite> {
         attr_ints("strides", &strides),
         attr_ints("dilations", &dilations),
         attr_ints("pads", &pads),
-        attr_int("z_x", m.z_x.0 as i64),
-        attr_int("z_y", m.z_y.0 as i64),
-        attr_tensor("weights", tensor_raw("weights", &m.w_t.dims, 3, weights)),
-        attr_tensor("multiplier", edgepack_onnx::builder::tensor_f32("multiplier", &[c_out as i64], &m.m)),
     ];
-    if let Some(b) = &m.bias {
-        let raw = b.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect();
-        attrs.push(attr_tensor("bias", tensor_raw("bias", &[c_out as i64], 6, raw)));
-    }
+    attrs.extend(weighted_attrs(&wi, &out, &wi.w_t.dims, &wi.w)?);
     let name = format!("{}_kernel", n.name());
-    Some(Rewrite { remove: m.remove, node: ep_node("EpQConv", &name, &[&m.dqx.input[0]], &m.q.output[0], attrs) })
-}
-
-/// `DQ(x) → Conv(DQ(w), DQ(b))` (group 1) whose output stays float (a detector's last convolutions) →
-/// `EpQConv(x)` with `float_out`: `f32(acc)·s_x·s_w[o]`, NHWC f32 (onnxruntime's integer convolution with a float
-/// output), read by the float ops after it through the layout pass's transpose.
-fn conv_float_out(c: &Ctx, idx: usize) -> Option<Rewrite> {
-    let g = c.g;
-    let n = &g.nodes[idx];
-    let wi = match_weighted_inputs(c, idx)?;
-    if wi.is_gemm || wi.w_t.dims.len() != 4 || wi.z_x.1 != 2 || n.attr_i("group").unwrap_or(1) != 1 {
-        return None;
-    }
-    // A requantized output (a Q, or a Relu/Clip before one, that the patterns above did not take: an int8 output
-    // zero point, per-channel output parameters) keeps onnxruntime's integer arithmetic (`qdq_lower`).
-    let out = n.output.first()?;
-    if g.nodes.iter().any(|m| m.input.contains(out) && matches!(m.op(), "QuantizeLinear" | "Relu" | "Clip")) {
-        return None;
-    }
-    u8_params(g, wi.dqx)?;
-    if wi.w.iter().any(|&v| !(-128.0..=127.0).contains(&v)) {
-        return None;
-    }
-    let d: Vec<usize> = wi.w_t.dims.iter().map(|&v| v as usize).collect();
-    let (c_out, c_in) = (d[0], d[1]);
-    let [strides, dilations, pads] = conv_geometry(n, d[2], d[3])?;
-    let weights: Vec<u8> = wi.w.iter().map(|&v| (v as i8) as u8).collect();
-    let multiplier: Vec<f32> = (0..c_out).map(|o| wi.s_x * wi.s_w[if wi.s_w.len() == 1 { 0 } else { o }]).collect();
-    let mut attrs = vec![
-        attr_int("c_in", c_in as i64),
-        attr_int("c_out", c_out as i64),
-        attr_int("group", 1),
-        attr_ints("kernel_shape", &[d[2] as i64, d[3] as i64]),
-        attr_ints("strides", &strides),
-        attr_ints("dilations", &dilations),
-        attr_ints("pads", &pads),
-        attr_int("z_x", wi.z_x.0 as i64),
-        attr_int("z_y", 0),
-        attr_int("float_out", 1),
-        attr_tensor("weights", tensor_raw("weights", &wi.w_t.dims, 3, weights)),
-        attr_tensor("multiplier", edgepack_onnx::builder::tensor_f32("multiplier", &[c_out as i64], &multiplier)),
-    ];
-    if let Some(b) = &wi.bias {
-        let raw = b.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect();
-        attrs.push(attr_tensor("bias", tensor_raw("bias", &[c_out as i64], 6, raw)));
-    }
-    let name = format!("{}_kernel", n.name());
-    Some(Rewrite { remove: vec![idx], node: ep_node("EpQConv", &name, &[&wi.dqx.input[0]], out, attrs) })
+    Some(Rewrite { remove: out.remove, node: ep_node("EpQConv", &name, &[&wi.dqx.input[0]], out.value, attrs) })
 }
 
 /// `DQ(x) → Gemm(DQ(W), DQ(b))` (transA 0, alpha = beta = 1) → `EpQGemm(x)`: a 1×1 convolution on `[N, K]` (the
@@ -244,42 +252,24 @@ fn gemm(c: &Ctx, idx: usize) -> Option<Rewrite> {
         return None;
     }
     u8_params(g, wi.dqx)?;
-    if wi.w.iter().any(|&v| !(-128.0..=127.0).contains(&v)) {
-        return None;
-    }
     let tb = n.attr_i("transB").unwrap_or(0) == 1;
     let (d0, d1) = (wi.w_t.dims[0] as usize, wi.w_t.dims[1] as usize);
     let (k, c_out) = if tb { (d1, d0) } else { (d0, d1) };
     // OIHW [c_out, k, 1, 1].
-    let weights: Vec<u8> = (0..c_out * k)
+    let weights: Vec<f32> = (0..c_out * k)
         .map(|i| {
             let (o, kk) = (i / k, i % k);
-            let v = if tb { wi.w[o * k + kk] } else { wi.w[kk * c_out + o] };
-            (v as i8) as u8
+            if tb { wi.w[o * k + kk] } else { wi.w[kk * c_out + o] }
         })
         .collect();
-    let q = match_weighted(c, idx).filter(|m| m.z_y.1 == 2 && u8_params(g, m.q).is_some());
-    let (z_y, multiplier, remove, output, float_out) = match &q {
-        Some(m) => (m.z_y.0 as i64, m.m.clone(), m.remove.clone(), m.q.output[0].as_str(), 0),
-        None => {
-            let m = (0..c_out).map(|o| wi.s_x * wi.s_w[if wi.s_w.len() == 1 { 0 } else { o }]).collect();
-            (0, m, vec![idx], n.output.first()?.as_str(), 1)
-        }
+    let out = match match_weighted(c, idx).filter(|m| m.z_y.1 == 2 && u8_params(g, m.q).is_some()) {
+        Some(m) => KernelOut::requantized(m),
+        None => KernelOut::float(&wi, idx, c_out)?,
     };
     let mut attrs = pointwise_geometry(k, c_out);
-    attrs.extend([
-        attr_int("z_x", wi.z_x.0 as i64),
-        attr_int("z_y", z_y),
-        attr_int("float_out", float_out),
-        attr_tensor("weights", tensor_raw("weights", &[c_out as i64, k as i64, 1, 1], 3, weights)),
-        attr_tensor("multiplier", edgepack_onnx::builder::tensor_f32("multiplier", &[c_out as i64], &multiplier)),
-    ]);
-    if let Some(b) = &wi.bias {
-        let raw = b.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect();
-        attrs.push(attr_tensor("bias", tensor_raw("bias", &[c_out as i64], 6, raw)));
-    }
+    attrs.extend(weighted_attrs(&wi, &out, &[c_out as i64, k as i64, 1, 1], &weights)?);
     let name = format!("{}_kernel", n.name());
-    Some(Rewrite { remove, node: ep_node("EpQGemm", &name, &[&wi.dqx.input[0]], output, attrs) })
+    Some(Rewrite { remove: out.remove, node: ep_node("EpQGemm", &name, &[&wi.dqx.input[0]], out.value, attrs) })
 }
 
 /// Dynamic quantization's MatMul, `DynamicQuantizeLinear(x) → MatMulInteger(x_q, W, x_zp, 0) → Cast(float) →

@@ -126,8 +126,7 @@ pub(super) struct Weighted<'a> {
     pub bias: Option<Vec<f32>>,
     /// onnxruntime's per-channel output scale: `(s_x · s_w[c]) / s_y` in f32.
     pub m: Vec<f32>,
-    /// (value, onnx type) of the input and output zero points.
-    pub z_x: (f32, i32),
+    /// (value, onnx type) of the output zero point.
     pub z_y: (f32, i32),
     /// Nodes the rewrite replaces: the Conv/Gemm, the activation, the Q.
     pub remove: Vec<usize>,
@@ -210,7 +209,7 @@ pub(super) fn match_weighted_inputs<'a>(c: &Ctx<'a>, idx: usize) -> Option<Weigh
 
 pub(super) fn match_weighted<'a>(c: &Ctx<'a>, idx: usize) -> Option<Weighted<'a>> {
     let g = c.g;
-    let WeightedInputs { n, dqx, is_gemm, w_t, w, channels, bias, s_x, s_w, z_x } = match_weighted_inputs(c, idx)?;
+    let WeightedInputs { n, dqx, is_gemm, w_t, w, channels, bias, s_x, s_w, .. } = match_weighted_inputs(c, idx)?;
     // Output chain: [Relu|Clip] → Q, each read once.
     let mut remove = vec![idx];
     let mut cur = n.output.first()?.clone();
@@ -247,7 +246,7 @@ pub(super) fn match_weighted<'a>(c: &Ctx<'a>, idx: usize) -> Option<Weighted<'a>
     }
     remove.push(next);
     let m: Vec<f32> = (0..channels).map(|k| (s_x * s_w[if s_w.len() == 1 { 0 } else { k }]) / s_y).collect();
-    Some(Weighted { n, dqx, q, is_gemm, w_t, w, channels, bias, m, z_x, z_y: (z_y, z_ty), remove })
+    Some(Weighted { n, dqx, q, is_gemm, w_t, w, channels, bias, m, z_y: (z_y, z_ty), remove })
 }
 
 fn lower_weighted(c: &Ctx, idx: usize, uid: usize, target: LowerFor) -> Option<Rewrite> {

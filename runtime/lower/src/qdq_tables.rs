@@ -221,7 +221,10 @@ pub(crate) fn split_sizes(g: &Graph, n: &NodeProto) -> Option<Vec<usize>> {
         return None;
     }
     let sizes: Vec<i64> = match n.input.get(1).filter(|s| !s.is_empty()) {
-        Some(s) => int64_values(g, s)?,
+        Some(s) => match edgepack_onnx::tensor_from_proto(g.initializer(s)?).ok()?.into_data() {
+            edgepack_core::tensor::TensorData::I64(v) => v,
+            _ => return None,
+        },
         None => n.attr_ints("split")?.to_vec(),
     };
     (sizes.len() == n.output.len() && sizes.iter().all(|&s| (0..1 << 30).contains(&s))).then_some(())?;
@@ -233,19 +236,6 @@ fn split_window(g: &Graph, n: &NodeProto, out: &str) -> Option<(usize, usize)> {
     let sizes = split_sizes(g, n)?;
     let k = n.output.iter().position(|o| o == out)?;
     Some((sizes[..k].iter().sum(), sizes[k]))
-}
-
-fn int64_values(g: &Graph, name: &str) -> Option<Vec<i64>> {
-    let t = g.initializer(name)?;
-    if t.data_type != Some(7) {
-        return None;
-    }
-    let n: i64 = t.dims.iter().product();
-    let v: Vec<i64> = match &t.raw_data {
-        Some(raw) => raw.as_chunks::<8>().0.iter().map(|c| i64::from_le_bytes(*c)).collect(),
-        None => t.int64_data.clone(),
-    };
-    (v.len() as i64 == n).then_some(v)
 }
 
 /// `[element-wise region on DQ(v)] [→ Split | Resize] → Q` (uint8), `v` a kernel output → `EpQTable(v)`.
