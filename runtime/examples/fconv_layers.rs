@@ -2,10 +2,11 @@
 //! side by side (rounds alternate between layers; medians). A tool for kernel work, not a target:
 //! `cargo run --release --example fconv_layers [-- FILTER [RUNS]]`.
 //! `EDGEPACK_ISA=avx2|avx512vnni` picks the instruction set (default: the best the CPU has);
-//! `EDGEPACK_BENCH_CACHE=warm|cold` runs each layer on warm or flushed caches.
+//! `EDGEPACK_BENCH_CACHE=warm|cold` runs each layer on warm or flushed caches; `EDGEPACK_ACT=silu` gives every
+//! layer a SiLU output stage (YOLOv8's) instead of Relu6.
 use std::time::Instant;
 
-use edgepack_runtime::kernels::fconv::{FConv, FConvSpec};
+use edgepack_runtime::kernels::fconv::{Act, FConv, FConvSpec};
 use edgepack_runtime::kernels::{ConvGeometry, Isa};
 
 struct Layer {
@@ -53,6 +54,8 @@ const LAYERS: &[Layer] = &[
     l("yolo c2f 3x3 16->16 @160", 160, 16, 16, 3, 1, false),
     l("yolo 3x3/2 32->64 @160", 160, 32, 64, 3, 2, false),
     l("yolo head 3x3 64->64 @80", 80, 64, 64, 3, 1, false),
+    l("yolo c2f pw 32->32 @160", 160, 32, 32, 1, 1, false),
+    l("yolo c2f pw 48->32 @160", 160, 48, 32, 1, 1, false),
 ];
 
 fn main() {
@@ -68,6 +71,7 @@ fn main() {
         seed ^= seed << 17;
         (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
     };
+    let silu = std::env::var("EDGEPACK_ACT").is_ok_and(|v| v == "silu");
     let mut cases = Vec::new();
     for ly in LAYERS.iter().filter(|ly| ly.name.contains(&filter)) {
         let group = if ly.depthwise { ly.c_in } else { 1 };
@@ -85,7 +89,7 @@ fn main() {
             weights: (0..ly.c_out * ly.c_in / group * ly.k * ly.k).map(|_| rnd()).collect(),
             bias: Some((0..ly.c_out).map(|_| rnd()).collect()),
             clamp: [0.0, 6.0],
-            act: Default::default(),
+            act: if silu { Act::Silu } else { Act::None },
             affine: None,
         };
         let conv = FConv::new(spec, isa).expect("layer");

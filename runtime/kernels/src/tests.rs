@@ -560,6 +560,48 @@ fn fconv_kernels_equal_a_direct_loop_for_every_isa_and_thread_split() {
     }
 }
 
+/// The output-stage activations (and the affine after them) over slices of every tail length, on every ISA,
+/// against f64, on [−1000, 1000]: within a relative 1e-6 (a few ulp; of the terms of a sum) plus 2e-35, where the exponential's floor at
+/// e^−87.3 takes over; NaN stays NaN. The same vector code runs in the convolutions' output stages, which
+/// `fconv_kernels_equal_a_direct_loop_for_every_isa_and_thread_split` covers.
+#[test]
+fn fconv_activations_equal_f64_on_every_isa() {
+    let mut r = Rng(0xac7_0001);
+    let mut xs: Vec<f32> =
+        vec![0.0, -0.0, 1e-30, -1e-30, 1.0, -1.0, 3.0, -3.0, 87.0, -87.0, 88.0, -88.0, 100.0, -100.0];
+    xs.extend([1e3f32, -1e3, f32::MIN_POSITIVE, -f32::MIN_POSITIVE, f32::NAN, 0.5, -2.5, 6.0, -6.0]);
+    xs.extend((0..3000).map(|i| (r.unit() * 2.0 - 1.0) * if i % 3 == 0 { 100.0 } else { 12.0 }));
+    let acts = [Act::None, Act::Silu, Act::Sigmoid, Act::HardSwish, Act::HardSigmoid { alpha: 0.2, beta: 0.5 }];
+    for &isa in &Isa::available() {
+        for act in acts {
+            for affine in [None, Some([0.75f32, -0.25f32])] {
+                for len in (0..=17).chain([xs.len()]) {
+                    let mut got = xs[..len].to_vec();
+                    act.apply_isa(isa, affine, &mut got);
+                    for (&x, &g) in xs.iter().zip(&got) {
+                        let a = act_f64(act, x as f64);
+                        let e = affine.map_or(a, |[m, t]| a * m as f64 + t as f64);
+                        // The terms of a sum set the scale of its rounding (the sum may cancel).
+                        let a_scale = match act {
+                            Act::HardSigmoid { alpha, beta } => (x as f64 * alpha as f64).abs() + beta.abs() as f64,
+                            _ => a.abs(),
+                        };
+                        let scale = affine.map_or(a_scale, |[m, t]| a_scale * (m as f64).abs() + (t as f64).abs());
+                        if x.is_nan() {
+                            assert!(g.is_nan(), "{isa:?} {act:?} {affine:?}: NaN gave {g}");
+                            continue;
+                        }
+                        assert!(
+                            (g as f64 - e).abs() <= 1e-6 * scale + 2e-35,
+                            "{isa:?} {act:?} {affine:?} at {x}: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A 1×1 fp32 convolution from `c_in` to `c_out` channels with weights and bias in [−0.5, 0.5) and `clamp`.
 fn random_pointwise(r: &mut Rng, c_in: usize, c_out: usize, clamp: [f32; 2]) -> FConvSpec {
     FConvSpec {

@@ -2,7 +2,7 @@
 #![allow(clippy::needless_range_loop)] // register tiles are indexed [row][vector] on purpose
 use std::arch::aarch64::*;
 
-use super::{FBlock, KPart};
+use super::{Act, FBlock, KPart, Post};
 use crate::qconv::{Dw, row_tile};
 use crate::unroll;
 // Clamps are written `min(hi, max(lo, v))`: NEON's fmin/fmax return NaN when an operand is NaN, so a NaN result
@@ -23,6 +23,7 @@ pub(crate) unsafe fn gemm_block(
     bias: &[f32],
     clamp: [f32; 2],
     koff: &[usize],
+    post: Post,
 ) {
     const MR: usize = 6;
     let mut r0 = 0;
@@ -33,12 +34,16 @@ pub(crate) unsafe fn gemm_block(
         while j0 < b.valid {
             unsafe {
                 match (nr, koff.is_empty()) {
-                    (1, true) => tile::<1, false>(&[rp[0]], outs, part, b, j0, bias, clamp, koff),
-                    (1, false) => tile::<1, true>(&[rp[0]], outs, part, b, j0, bias, clamp, koff),
-                    (2 | 3, true) => tile::<3, false>(&[rp[0], rp[1], rp[2]], outs, part, b, j0, bias, clamp, koff),
-                    (2 | 3, false) => tile::<3, true>(&[rp[0], rp[1], rp[2]], outs, part, b, j0, bias, clamp, koff),
-                    (_, true) => tile::<MR, false>(&rp, outs, part, b, j0, bias, clamp, koff),
-                    (_, false) => tile::<MR, true>(&rp, outs, part, b, j0, bias, clamp, koff),
+                    (1, true) => tile::<1, false>(&[rp[0]], outs, part, b, j0, bias, clamp, koff, post),
+                    (1, false) => tile::<1, true>(&[rp[0]], outs, part, b, j0, bias, clamp, koff, post),
+                    (2 | 3, true) => {
+                        tile::<3, false>(&[rp[0], rp[1], rp[2]], outs, part, b, j0, bias, clamp, koff, post)
+                    }
+                    (2 | 3, false) => {
+                        tile::<3, true>(&[rp[0], rp[1], rp[2]], outs, part, b, j0, bias, clamp, koff, post)
+                    }
+                    (_, true) => tile::<MR, false>(&rp, outs, part, b, j0, bias, clamp, koff, post),
+                    (_, false) => tile::<MR, true>(&rp, outs, part, b, j0, bias, clamp, koff, post),
                 }
             }
             j0 += 16;
@@ -61,6 +66,7 @@ unsafe fn tile<const MR: usize, const OFF: bool>(
     bias: &[f32],
     clamp: [f32; 2],
     koff: &[usize],
+    post: Post,
 ) {
     let c = b.c0 + j0;
     let n = (b.valid - j0).min(16);
@@ -92,7 +98,12 @@ unsafe fn tile<const MR: usize, const OFF: bool>(
         for (r, &o) in outs.iter().enumerate() {
             let mut t = [0f32; 16];
             unroll!(4, j => {
-                let v = if part.last { vminq_f32(hi, vmaxq_f32(lo, acc[r][j])) } else { acc[r][j] };
+                let v = if part.last {
+                    let v = vminq_f32(hi, vmaxq_f32(lo, acc[r][j]));
+                    if post.is_none() { v } else { act_neon(post, v) }
+                } else {
+                    acc[r][j]
+                };
                 vst1q_f32(t.as_mut_ptr().add(4 * j), v);
             });
             if n == 16 {
@@ -101,6 +112,84 @@ unsafe fn tile<const MR: usize, const OFF: bool>(
                 std::ptr::copy_nonoverlapping(t.as_ptr(), o.add(c), n);
             }
         }
+    }
+}
+
+/// `exp(x)` for `x ≤ 0` on 4 lanes, as `qelem::exp_nonpositive` computes it (the same reduction and degree-7
+/// polynomial, the multiply-adds fused; `2^k` built in the exponent bits). NaN stays NaN.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn exp_nonpositive_neon(x: float32x4_t) -> float32x4_t {
+    // fmax gives NaN when an operand is NaN.
+    let x = vmaxq_f32(vdupq_n_f32(-87.336_54), x);
+    let k = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(std::f32::consts::LOG2_E)));
+    let r = vfmsq_f32(x, k, vdupq_n_f32(0.693_359_4));
+    let r = vfmsq_f32(r, k, vdupq_n_f32(-2.121_944_4e-4));
+    let mut p = vdupq_n_f32(1.0 / 5040.0);
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = vfmaq_f32(vdupq_n_f32(c), p, r);
+    }
+    // k in [−126, 0] (NaN converts to 0: p is NaN already).
+    let two_k = vreinterpretq_f32_s32(vshlq_n_s32::<23>(vaddq_s32(vcvtq_s32_f32(k), vdupq_n_s32(127))));
+    vmulq_f32(p, two_k)
+}
+
+/// `e = e^−|v|`, `1 / (1 + e)` and the lanes where `v < 0` (see the x86 `sigmoid_parts_512`).
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn sigmoid_parts_neon(v: float32x4_t) -> (float32x4_t, float32x4_t, uint32x4_t) {
+    let e = unsafe { exp_nonpositive_neon(vnegq_f32(vabsq_f32(v))) };
+    let d = vaddq_f32(vdupq_n_f32(1.0), e);
+    let mut inv = vrecpeq_f32(d);
+    inv = vmulq_f32(inv, vrecpsq_f32(d, inv));
+    inv = vmulq_f32(inv, vrecpsq_f32(d, inv));
+    (e, inv, vcltzq_f32(v))
+}
+
+/// [`Act`] then the affine on 4 lanes (see the x86 `act_512`): the sigmoid's `1 / (1 + e)` by the reciprocal
+/// estimate and two Newton steps; HardSwish, HardSigmoid and the affine in the graph's order and roundings.
+#[inline]
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn act_neon(post: Post, v: float32x4_t) -> float32x4_t {
+    let sigmoid_parts = |v| unsafe { sigmoid_parts_neon(v) };
+    let v = match post.act {
+        Act::None => v,
+        Act::Silu => {
+            let (e, inv, below) = sigmoid_parts(v);
+            vmulq_f32(vbslq_f32(below, vmulq_f32(v, e), v), inv)
+        }
+        Act::Sigmoid => {
+            let (e, inv, below) = sigmoid_parts(v);
+            vbslq_f32(below, vmulq_f32(inv, e), inv)
+        }
+        Act::HardSwish => {
+            let c = vminq_f32(vdupq_n_f32(6.0), vmaxq_f32(vdupq_n_f32(0.0), vaddq_f32(v, vdupq_n_f32(3.0))));
+            vdivq_f32(vmulq_f32(v, c), vdupq_n_f32(6.0))
+        }
+        Act::HardSigmoid { alpha, beta } => {
+            let a = vaddq_f32(vmulq_f32(v, vdupq_n_f32(alpha)), vdupq_n_f32(beta));
+            vminq_f32(vdupq_n_f32(1.0), vmaxq_f32(vdupq_n_f32(0.0), a))
+        }
+    };
+    match post.affine {
+        None => v,
+        Some([scale, shift]) => vaddq_f32(vmulq_f32(v, vdupq_n_f32(scale)), vdupq_n_f32(shift)),
+    }
+}
+
+/// [`act_neon`] over a slice (the last partial vector through a copy).
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn apply_neon(post: Post, v: &mut [f32]) {
+    let mut chunks = v.chunks_exact_mut(4);
+    for c in &mut chunks {
+        unsafe { vst1q_f32(c.as_mut_ptr(), act_neon(post, vld1q_f32(c.as_ptr()))) };
+    }
+    let rest = chunks.into_remainder();
+    if !rest.is_empty() {
+        let mut t = [0f32; 4];
+        t[..rest.len()].copy_from_slice(rest);
+        unsafe { vst1q_f32(t.as_mut_ptr(), act_neon(post, vld1q_f32(t.as_ptr()))) };
+        rest.copy_from_slice(&t[..rest.len()]);
     }
 }
 

@@ -66,9 +66,14 @@ impl Act {
         #[cfg(target_arch = "x86_64")]
         match isa {
             // SAFETY: the ISA was detected (x86 levels imply their features).
-            Isa::Avx512Vnni => return unsafe { act_avx512(self, affine, v) },
+            Isa::Avx512Vnni => return unsafe { x86::apply_512(Post { act: self, affine }, v) },
             Isa::Avx2 => return unsafe { act_avx2(self, affine, v) },
             _ => {}
+        }
+        #[cfg(target_arch = "aarch64")]
+        if isa.is_arm() {
+            // SAFETY: NEON is part of every aarch64 level.
+            return unsafe { aarch64::apply_neon(Post { act: self, affine }, v) };
         }
         let _ = isa;
         self.apply_affine(affine, v)
@@ -115,11 +120,21 @@ impl Act {
     }
 }
 
-/// [`Act::apply`] compiled for AVX-512 (16 lanes).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn act_avx512(act: Act, affine: Option<[f32; 2]>, v: &mut [f32]) {
-    act.apply_affine(affine, v)
+/// What a GEMM's last pass applies after the clamp, on each tile in registers where the kernel can: an activation,
+/// then an affine.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Post {
+    pub act: Act,
+    pub affine: Option<[f32; 2]>,
+}
+
+impl Post {
+    pub const NONE: Post = Post { act: Act::None, affine: None };
+
+    #[inline(always)]
+    pub fn is_none(self) -> bool {
+        self == Post::NONE
+    }
 }
 
 /// [`Act::apply`] compiled for AVX2 (8 lanes).
@@ -408,8 +423,13 @@ impl FConv {
     ) {
         let (y_addr, residual) = (out.y, out.residual);
         let (s, k) = (&self.spec, tiles.k);
-        // With a residual the kernels store the sums unclamped; the residual and the clamp follow.
-        let clamp = if residual == 0 { s.clamp } else { [f32::NEG_INFINITY, f32::INFINITY] };
+        // With a residual the kernels store the sums unclamped; the residual, the clamp and the activation follow.
+        // Without, the kernels' last pass applies the clamp and the activation to each tile.
+        let (clamp, post) = if residual == 0 {
+            (s.clamp, Post { act: s.act, affine: s.affine })
+        } else {
+            ([f32::NEG_INFINITY, f32::INFINITY], Post::NONE)
+        };
         self.geom().for_each_gemm_tile(x, nhw, ohw, tiles, blocks, |rows, r0, blocks| {
             let mut out_ptrs = [std::ptr::null_mut::<f32>(); DIRECT_ROWS];
             for (i, p) in out_ptrs.iter_mut().enumerate().take(rows.len()) {
@@ -432,10 +452,11 @@ impl FConv {
                         if koff.is_empty() {
                             let rows_k: [*const f32; DIRECT_ROWS] =
                                 std::array::from_fn(|i| rows.get(i).map_or(std::ptr::null(), |p| p.wrapping_add(k0)));
-                            gemm_block(self.isa, &rows_k[..nr], &out_ptrs[..nr], part, b, &self.bias, clamp, &[]);
+                            let outs = &out_ptrs[..nr];
+                            gemm_block(self.isa, &rows_k[..nr], outs, part, b, &self.bias, clamp, &[], post);
                         } else {
                             let koff = &koff[k0..k0 + kc];
-                            gemm_block(self.isa, rows, &out_ptrs[..nr], part, b, &self.bias, clamp, koff);
+                            gemm_block(self.isa, rows, &out_ptrs[..nr], part, b, &self.bias, clamp, koff, post);
                         }
                     }
                     k0 += kc;
@@ -457,13 +478,6 @@ impl FConv {
                             *v = clampf(*v + a, s.clamp);
                         }
                         s.act.apply_isa(self.isa, s.affine, o);
-                    }
-                } else if s.act != Act::None || s.affine.is_some() {
-                    for &o in &out_ptrs[..nr] {
-                        // SAFETY: as above, the channels of these rows this part just stored.
-                        s.act.apply_isa(self.isa, s.affine, unsafe {
-                            std::slice::from_raw_parts_mut(o.add(b.c0), b.valid)
-                        });
                     }
                 }
             }
@@ -578,8 +592,8 @@ pub(crate) struct KPart {
     pub last: bool,
 }
 
-/// `out[r][b.c0..b.c0+b.valid] (+)= Σ_{k in part} A[r][k]·w[k]` for every row (bias first, clamp last), where
-/// `A[r][k]` is `rows[r][k - k0]` (`koff` empty) or `rows[r][koff[k - k0]]`.
+/// `out[r][b.c0..b.c0+b.valid] (+)= Σ_{k in part} A[r][k]·w[k]` for every row (bias first, clamp and `post`
+/// last), where `A[r][k]` is `rows[r][k - k0]` (`koff` empty) or `rows[r][koff[k - k0]]`.
 ///
 /// # Safety
 /// Each `rows[r]` addresses `part.kc` readable floats (already offset to `part.k0`) or, with `koff`, the floats
@@ -594,15 +608,16 @@ unsafe fn gemm_block(
     bias: &[f32],
     clamp: [f32; 2],
     koff: &[usize],
+    post: Post,
 ) {
     #[cfg(target_arch = "x86_64")]
     if isa.is_x86() {
-        unsafe { x86::gemm_block(isa, rows, outs, part, b, bias, clamp, koff) };
+        unsafe { x86::gemm_block(isa, rows, outs, part, b, bias, clamp, koff, post) };
         return;
     }
     #[cfg(target_arch = "aarch64")]
     if isa.is_arm() {
-        unsafe { aarch64::gemm_block(rows, outs, part, b, bias, clamp, koff) };
+        unsafe { aarch64::gemm_block(rows, outs, part, b, bias, clamp, koff, post) };
         return;
     }
     let _ = isa;
@@ -623,6 +638,9 @@ unsafe fn gemm_block(
         }
         for (v, &a) in o.iter_mut().zip(&acc) {
             *v = if part.last { clampf(a, clamp) } else { a };
+        }
+        if part.last {
+            post.act.apply_affine(post.affine, o);
         }
     }
 }

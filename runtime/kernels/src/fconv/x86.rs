@@ -5,7 +5,7 @@ use std::arch::x86_64::*;
 use crate::{Isa, unroll};
 // Clamps are written `min(hi, max(lo, v))`: the vector min/max return their second operand when one is NaN, so
 // a NaN result stays NaN (as in the ONNX ops).
-use super::{FBlock, KPart};
+use super::{Act, FBlock, KPart, Post};
 use crate::qconv::Dw;
 use crate::qconv::row_tile;
 
@@ -21,16 +21,115 @@ pub(crate) unsafe fn gemm_block(
     bias: &[f32],
     clamp: [f32; 2],
     koff: &[usize],
+    post: Post,
 ) {
     unsafe {
         if isa >= Isa::Avx512Vnni {
             if koff.is_empty() {
-                tiles_512_by_width::<false>(rows, outs, k, b, bias, clamp, koff)
+                tiles_512_by_width::<false>(rows, outs, k, b, bias, clamp, koff, post)
             } else {
-                tiles_512_by_width::<true>(rows, outs, k, b, bias, clamp, koff)
+                tiles_512_by_width::<true>(rows, outs, k, b, bias, clamp, koff, post)
             }
         } else {
-            tiles_avx2(rows, outs, k, b, bias, clamp, koff)
+            tiles_avx2(rows, outs, k, b, bias, clamp, koff);
+            if k.last && !post.is_none() {
+                for &o in outs {
+                    post.act.apply_isa(isa, post.affine, std::slice::from_raw_parts_mut(o.add(b.c0), b.valid));
+                }
+            }
+        }
+    }
+}
+
+/// `exp(x)` for `x ≤ 0` on 16 lanes, as `qelem::exp_nonpositive` computes it (the same reduction and degree-7
+/// polynomial; the multiply-adds fused, `2^k` by `vscalefps`). NaN stays NaN.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_nonpositive_512(x: __m512) -> __m512 {
+    // vmaxps returns its second operand when one is NaN: NaN stays NaN.
+    let x = _mm512_max_ps(_mm512_set1_ps(-87.336_54), x);
+    let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+        x,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.0 / 5040.0);
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    _mm512_scalef_ps(p, k)
+}
+
+/// `1 / d` for `d` in [1, 2] (and NaN): the 14-bit estimate and one Newton step.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn recip_512(d: __m512) -> __m512 {
+    let r = _mm512_rcp14_ps(d);
+    _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(1.0)), r)
+}
+
+/// `e = e^−|v|`, `1 / (1 + e)` and the lanes where `v < 0`: σ(v) is the reciprocal where `v ≥ 0`, `e` times it
+/// below.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn sigmoid_parts_512(v: __m512) -> (__m512, __m512, __mmask16) {
+    // −|v|: the sign bit set.
+    let neg = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MIN)));
+    let e = unsafe { exp_nonpositive_512(neg) };
+    let inv = unsafe { recip_512(_mm512_add_ps(_mm512_set1_ps(1.0), e)) };
+    (e, inv, _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_setzero_ps()))
+}
+
+/// [`Act`] then the affine on 16 lanes, in registers (a convolution's output stage) or over a slice
+/// ([`apply_512`]): SiLU and the sigmoid from `e = e^−|x|` and `1 / (1 + e)` (as `fconv::sigmoid`, the division
+/// by a refined reciprocal: within a few ulp); HardSwish, HardSigmoid and the affine in the graph's order and
+/// roundings. NaN stays NaN.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn act_512(post: Post, v: __m512) -> __m512 {
+    let sigmoid_parts = |v| unsafe { sigmoid_parts_512(v) };
+    let v = match post.act {
+        Act::None => v,
+        Act::Silu => {
+            let (e, inv, below) = sigmoid_parts(v);
+            _mm512_mul_ps(_mm512_mask_mul_ps(v, below, v, e), inv)
+        }
+        Act::Sigmoid => {
+            let (e, inv, below) = sigmoid_parts(v);
+            _mm512_mask_mul_ps(inv, below, inv, e)
+        }
+        Act::HardSwish => {
+            let c = _mm512_min_ps(
+                _mm512_set1_ps(6.0),
+                _mm512_max_ps(_mm512_setzero_ps(), _mm512_add_ps(v, _mm512_set1_ps(3.0))),
+            );
+            _mm512_div_ps(_mm512_mul_ps(v, c), _mm512_set1_ps(6.0))
+        }
+        Act::HardSigmoid { alpha, beta } => {
+            let a = _mm512_add_ps(_mm512_mul_ps(v, _mm512_set1_ps(alpha)), _mm512_set1_ps(beta));
+            _mm512_min_ps(_mm512_set1_ps(1.0), _mm512_max_ps(_mm512_setzero_ps(), a))
+        }
+    };
+    match post.affine {
+        None => v,
+        Some([scale, shift]) => _mm512_add_ps(_mm512_mul_ps(v, _mm512_set1_ps(scale)), _mm512_set1_ps(shift)),
+    }
+}
+
+/// [`act_512`] over a slice, the last partial vector masked.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn apply_512(post: Post, v: &mut [f32]) {
+    let mut chunks = v.chunks_exact_mut(16);
+    for c in &mut chunks {
+        unsafe { _mm512_storeu_ps(c.as_mut_ptr(), act_512(post, _mm512_loadu_ps(c.as_ptr()))) };
+    }
+    let rest = chunks.into_remainder();
+    if !rest.is_empty() {
+        let m = ((1u32 << rest.len()) - 1) as u16;
+        unsafe {
+            let x = _mm512_maskz_loadu_ps(m, rest.as_ptr());
+            _mm512_mask_storeu_ps(rest.as_mut_ptr(), m, act_512(post, x));
         }
     }
 }
@@ -46,18 +145,19 @@ unsafe fn tiles_512_by_width<const OFF: bool>(
     bias: &[f32],
     clamp: [f32; 2],
     koff: &[usize],
+    post: Post,
 ) {
     unsafe {
         match b.width / 16 {
-            4 => tiles_512::<6, 4, OFF>(rows, outs, k, b, bias, clamp, koff),
-            3 => tiles_512::<8, 3, OFF>(rows, outs, k, b, bias, clamp, koff),
+            4 => tiles_512::<6, 4, OFF>(rows, outs, k, b, bias, clamp, koff, post),
+            3 => tiles_512::<8, 3, OFF>(rows, outs, k, b, bias, clamp, koff, post),
             // With offsets, twelve rows would spill: the offset loads get hoisted into twelve more registers.
-            2 if OFF => tiles_512::<8, 2, OFF>(rows, outs, k, b, bias, clamp, koff),
-            2 => tiles_512::<12, 2, OFF>(rows, outs, k, b, bias, clamp, koff),
+            2 if OFF => tiles_512::<8, 2, OFF>(rows, outs, k, b, bias, clamp, koff, post),
+            2 => tiles_512::<12, 2, OFF>(rows, outs, k, b, bias, clamp, koff, post),
             // One vector of channels: with offsets, eight rows keep their pointers in registers (sixteen reload
             // them for every broadcast); 1.1–1.2× on YOLOv8n's 16-channel 3×3 convolutions.
-            _ if OFF => tiles_512::<8, 1, OFF>(rows, outs, k, b, bias, clamp, koff),
-            _ => tiles_512::<16, 1, OFF>(rows, outs, k, b, bias, clamp, koff),
+            _ if OFF => tiles_512::<8, 1, OFF>(rows, outs, k, b, bias, clamp, koff, post),
+            _ => tiles_512::<16, 1, OFF>(rows, outs, k, b, bias, clamp, koff, post),
         }
     }
 }
@@ -73,6 +173,7 @@ unsafe fn tiles_512<const MR: usize, const NV: usize, const OFF: bool>(
     bias: &[f32],
     clamp: [f32; 2],
     koff: &[usize],
+    post: Post,
 ) {
     let mut r0 = 0;
     while r0 < rows.len() {
@@ -81,10 +182,10 @@ unsafe fn tiles_512<const MR: usize, const NV: usize, const OFF: bool>(
             // A short last tile (a GEMV at batch 1, the 49th pixel of a 7×7 image): one row at a time rather than
             // MR rows of which most repeat.
             for r in r0..r0 + nr {
-                unsafe { tile_512::<1, NV, OFF>(&[rows[r]], &outs[r..r + 1], k, b, bias, clamp, koff) };
+                unsafe { tile_512::<1, NV, OFF>(&[rows[r]], &outs[r..r + 1], k, b, bias, clamp, koff, post) };
             }
         } else {
-            unsafe { tile_512::<MR, NV, OFF>(&rp, &outs[r0..r0 + nr], k, b, bias, clamp, koff) };
+            unsafe { tile_512::<MR, NV, OFF>(&rp, &outs[r0..r0 + nr], k, b, bias, clamp, koff, post) };
         }
         r0 += nr;
     }
@@ -101,6 +202,7 @@ unsafe fn tile_512<const MR: usize, const NV: usize, const OFF: bool>(
     bias: &[f32],
     clamp: [f32; 2],
     koff: &[usize],
+    post: Post,
 ) {
     unsafe {
         let masks: [u16; NV] = std::array::from_fn(|j| {
@@ -131,7 +233,12 @@ unsafe fn tile_512<const MR: usize, const NV: usize, const OFF: bool>(
         unroll!(NV, j => {
             unroll!(MR, r => {
                 if let Some(&o) = outs.get(r) {
-                    let v = if part.last { _mm512_min_ps(hi, _mm512_max_ps(lo, acc[r][j])) } else { acc[r][j] };
+                    let v = if part.last {
+                        let v = _mm512_min_ps(hi, _mm512_max_ps(lo, acc[r][j]));
+                        if post.is_none() { v } else { act_512(post, v) }
+                    } else {
+                        acc[r][j]
+                    };
                     _mm512_mask_storeu_ps(o.add(b.c0 + 16 * j), masks[j], v);
                 }
             });
