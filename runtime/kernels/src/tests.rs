@@ -722,6 +722,38 @@ fn global_avg_pool_split_by_channels_equals_the_serial_sum() {
     }
 }
 
+/// Softmax rows of every length from 1 to 20 (one vector per row up to 16 on AVX-512 and NEON) and long ones, on
+/// every ISA and split across two threads, against f64: within 4e-7 relative (2 ulp of the exponential, the f32
+/// product) and the rounding of `x − max` in f32, plus 1e-38 (the exponential's floor); rows with a NaN are all
+/// NaN.
+#[test]
+fn softmax_rows_equal_f64_on_every_isa() {
+    let mut r = Rng(0x50f7_0001);
+    for &isa in &Isa::available() {
+        for n in (1..=20).chain([33, 100]) {
+            let rows = 37;
+            let mut x: Vec<f32> = (0..rows * n).map(|_| (r.unit() * 2.0 - 1.0) * 30.0).collect();
+            x[n] = f32::NAN; // row 1 (of rows ≥ 2), its first value
+            let mut y = vec![0f32; x.len()];
+            super::with_threads(2, || qelem::softmax_rows_isa(isa, &x, n, &mut y));
+            for (i, (xr, yr)) in x.chunks(n).zip(y.chunks(n)).enumerate() {
+                if xr.iter().any(|v| v.is_nan()) {
+                    assert!(yr.iter().all(|v| v.is_nan()), "{isa:?} n {n} row {i}: NaN row gave {yr:?}");
+                    continue;
+                }
+                let max = xr.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
+                let sum: f64 = xr.iter().map(|&v| (v as f64 - max).exp()).sum();
+                for (&v, &g) in xr.iter().zip(yr) {
+                    let e = (v as f64 - max).exp() / sum;
+                    // The f32 difference x − max is rounded (half an ulp of it) before the exponential.
+                    let tol = (4e-7 + 1.2e-7 * (v as f64 - max).abs()) * e + 1e-38;
+                    assert!((g as f64 - e).abs() <= tol, "{isa:?} n {n} row {i}: {g} vs {e}");
+                }
+            }
+        }
+    }
+}
+
 /// The softmax's exponential against f64 `exp` over every 1/1024 step of [−90, 0] (and the ends): within 2 ulp
 /// wherever the result is a normal float, never above `e^x`'s normal-range floor below it, NaN for NaN.
 #[test]

@@ -4,6 +4,7 @@ use std::arch::aarch64::*;
 
 use super::{Act, FBlock, KPart, Post};
 use crate::qconv::{Dw, row_tile};
+use crate::qelem::aarch64::exp_nonpositive_neon;
 use crate::unroll;
 // Clamps are written `min(hi, max(lo, v))`: NEON's fmin/fmax return NaN when an operand is NaN, so a NaN result
 // stays NaN (as in the ONNX ops).
@@ -115,25 +116,6 @@ unsafe fn tile<const MR: usize, const OFF: bool>(
     }
 }
 
-/// `exp(x)` for `x ≤ 0` on 4 lanes, as `qelem::exp_nonpositive` computes it (the same reduction and degree-7
-/// polynomial, the multiply-adds fused; `2^k` built in the exponent bits). NaN stays NaN.
-#[inline]
-#[target_feature(enable = "neon")]
-unsafe fn exp_nonpositive_neon(x: float32x4_t) -> float32x4_t {
-    // fmax gives NaN when an operand is NaN.
-    let x = vmaxq_f32(vdupq_n_f32(-87.336_54), x);
-    let k = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(std::f32::consts::LOG2_E)));
-    let r = vfmsq_f32(x, k, vdupq_n_f32(0.693_359_4));
-    let r = vfmsq_f32(r, k, vdupq_n_f32(-2.121_944_4e-4));
-    let mut p = vdupq_n_f32(1.0 / 5040.0);
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = vfmaq_f32(vdupq_n_f32(c), p, r);
-    }
-    // k in [−126, 0] (NaN converts to 0: p is NaN already).
-    let two_k = vreinterpretq_f32_s32(vshlq_n_s32::<23>(vaddq_s32(vcvtq_s32_f32(k), vdupq_n_s32(127))));
-    vmulq_f32(p, two_k)
-}
-
 /// `e = e^−|v|`, `1 / (1 + e)` and the lanes where `v < 0` (see the x86 `sigmoid_parts_512`).
 #[inline]
 #[target_feature(enable = "neon")]
@@ -180,11 +162,10 @@ pub(crate) unsafe fn act_neon(post: Post, v: float32x4_t) -> float32x4_t {
 /// [`act_neon`] over a slice (the last partial vector through a copy).
 #[target_feature(enable = "neon")]
 pub(crate) unsafe fn apply_neon(post: Post, v: &mut [f32]) {
-    let mut chunks = v.chunks_exact_mut(4);
-    for c in &mut chunks {
+    let (chunks, rest) = v.as_chunks_mut::<4>();
+    for c in chunks {
         unsafe { vst1q_f32(c.as_mut_ptr(), act_neon(post, vld1q_f32(c.as_ptr()))) };
     }
-    let rest = chunks.into_remainder();
     if !rest.is_empty() {
         let mut t = [0f32; 4];
         t[..rest.len()].copy_from_slice(rest);

@@ -8,6 +8,7 @@ use crate::{Isa, unroll};
 use super::{Act, FBlock, KPart, Post};
 use crate::qconv::Dw;
 use crate::qconv::row_tile;
+use crate::qelem::x86::exp_nonpositive_512;
 
 /// # Safety
 /// See `fconv::gemm_block`; `isa` must be supported by the CPU.
@@ -41,32 +42,12 @@ pub(crate) unsafe fn gemm_block(
     }
 }
 
-/// `exp(x)` for `x ≤ 0` on 16 lanes, as `qelem::exp_nonpositive` computes it (the same reduction and degree-7
-/// polynomial; the multiply-adds fused, `2^k` by `vscalefps`). NaN stays NaN.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_nonpositive_512(x: __m512) -> __m512 {
-    // vmaxps returns its second operand when one is NaN: NaN stays NaN.
-    let x = _mm512_max_ps(_mm512_set1_ps(-87.336_54), x);
-    let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
-        x,
-        _mm512_set1_ps(std::f32::consts::LOG2_E),
-    ));
-    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_359_4), x);
-    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm512_set1_ps(1.0 / 5040.0);
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-    }
-    _mm512_scalef_ps(p, k)
-}
-
-/// `1 / d` for `d` in [1, 2] (and NaN): the 14-bit estimate and one Newton step.
+/// `1 / d`, correctly rounded (as the scalar sigmoid divides): the 14-bit estimate and a Newton step measured no
+/// faster in the convolutions' output stages on Zen 4, and the division keeps the scalar code's results.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn recip_512(d: __m512) -> __m512 {
-    let r = _mm512_rcp14_ps(d);
-    _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(1.0)), r)
+    _mm512_div_ps(_mm512_set1_ps(1.0), d)
 }
 
 /// `e = e^−|v|`, `1 / (1 + e)` and the lanes where `v < 0`: σ(v) is the reciprocal where `v ≥ 0`, `e` times it
@@ -82,8 +63,7 @@ unsafe fn sigmoid_parts_512(v: __m512) -> (__m512, __m512, __mmask16) {
 }
 
 /// [`Act`] then the affine on 16 lanes, in registers (a convolution's output stage) or over a slice
-/// ([`apply_512`]): SiLU and the sigmoid from `e = e^−|x|` and `1 / (1 + e)` (as `fconv::sigmoid`, the division
-/// by a refined reciprocal: within a few ulp); HardSwish, HardSigmoid and the affine in the graph's order and
+/// ([`apply_512`]): SiLU and the sigmoid from `e = e^−|x|` and `1 / (1 + e)` (as `fconv::sigmoid`); HardSwish, HardSigmoid and the affine in the graph's order and
 /// roundings. NaN stays NaN.
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -120,11 +100,10 @@ pub(crate) unsafe fn act_512(post: Post, v: __m512) -> __m512 {
 /// [`act_512`] over a slice, the last partial vector masked.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn apply_512(post: Post, v: &mut [f32]) {
-    let mut chunks = v.chunks_exact_mut(16);
-    for c in &mut chunks {
+    let (chunks, rest) = v.as_chunks_mut::<16>();
+    for c in chunks {
         unsafe { _mm512_storeu_ps(c.as_mut_ptr(), act_512(post, _mm512_loadu_ps(c.as_ptr()))) };
     }
-    let rest = chunks.into_remainder();
     if !rest.is_empty() {
         let m = ((1u32 << rest.len()) - 1) as u16;
         unsafe {

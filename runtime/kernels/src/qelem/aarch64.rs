@@ -1,4 +1,5 @@
-//! aarch64 element-wise integer kernels (NEON): QLinearAdd, QuantizeLinear and table lookups. Same results as the portable code
+//! aarch64 element-wise kernels (NEON): QLinearAdd, QuantizeLinear, table lookups, and the float exponential and
+//! short-row softmax. Same results as the portable code
 //! in `qelem`, bit for bit (tested for every ISA the CPU has).
 use std::arch::aarch64::*;
 
@@ -145,4 +146,62 @@ pub(crate) unsafe fn lut(src: *const u8, dst: *mut u8, len: usize, table: &[u8; 
         }
     }
     n
+}
+
+/// `exp(x)` for `x ≤ 0` on 4 lanes, as `qelem::exp_nonpositive` computes it (the same reduction and degree-7
+/// polynomial, the multiply-adds fused; `2^k` built in the exponent bits). NaN stays NaN.
+#[inline]
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn exp_nonpositive_neon(x: float32x4_t) -> float32x4_t {
+    // fmax gives NaN when an operand is NaN.
+    let x = vmaxq_f32(vdupq_n_f32(-87.336_54), x);
+    let k = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(std::f32::consts::LOG2_E)));
+    let r = vfmsq_f32(x, k, vdupq_n_f32(0.693_359_4));
+    let r = vfmsq_f32(r, k, vdupq_n_f32(-2.121_944_4e-4));
+    let mut p = vdupq_n_f32(1.0 / 5040.0);
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = vfmaq_f32(vdupq_n_f32(c), p, r);
+    }
+    // k in [−126, 0] (NaN converts to 0: p is NaN already).
+    let two_k = vreinterpretq_f32_s32(vshlq_n_s32::<23>(vaddq_s32(vcvtq_s32_f32(k), vdupq_n_s32(127))));
+    vmulq_f32(p, two_k)
+}
+
+/// Softmax of rows of `n ≤ 16` values (see `qelem::softmax_rows`), one row in four vectors (lanes past `n` are
+/// −∞ going in and 0 after the exponential): the row's maximum, `exp(x − max)`, the sum in f64, `e · (1 / Σe)`.
+///
+/// # Safety
+/// NEON (every aarch64 core); `1 ≤ n ≤ 16`, `x` and `y` whole rows of the same length.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn softmax_short_rows(x: &[f32], n: usize, y: &mut [f32]) {
+    let nv = n.div_ceil(4);
+    // The lanes inside the row.
+    let keep: [uint32x4_t; 4] = std::array::from_fn(|j| {
+        let lanes = [0usize, 1, 2, 3].map(|l| if 4 * j + l < n { u32::MAX } else { 0 });
+        unsafe { vld1q_u32(lanes.as_ptr()) }
+    });
+    for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+        let mut t = [f32::NEG_INFINITY; 16];
+        t[..n].copy_from_slice(xr);
+        unsafe {
+            let v: [float32x4_t; 4] = std::array::from_fn(|j| vld1q_f32(t.as_ptr().add(4 * j)));
+            let mx = v[1..nv].iter().fold(v[0], |m, &vj| vmaxnmq_f32(m, vj));
+            let max = vdupq_n_f32(vmaxnmvq_f32(mx));
+            let mut sum = vdupq_n_f64(0.0);
+            let mut e = [vdupq_n_f32(0.0); 4];
+            for ((ej, &vj), &kj) in e.iter_mut().zip(&v).zip(&keep).take(nv) {
+                // Lanes past the row: exp(−∞ − max) is the floor e^−87.3, zeroed so that the sum leaves it out.
+                *ej = vreinterpretq_f32_u32(vandq_u32(
+                    kj,
+                    vreinterpretq_u32_f32(exp_nonpositive_neon(vsubq_f32(vj, max))),
+                ));
+                sum = vaddq_f64(sum, vaddq_f64(vcvt_f64_f32(vget_low_f32(*ej)), vcvt_high_f64_f32(*ej)));
+            }
+            let r = vdupq_n_f32((1.0 / vaddvq_f64(sum)) as f32);
+            for (j, &ej) in e.iter().enumerate().take(nv) {
+                vst1q_f32(t.as_mut_ptr().add(4 * j), vmulq_f32(ej, r));
+            }
+        }
+        yr.copy_from_slice(&t[..n]);
+    }
 }

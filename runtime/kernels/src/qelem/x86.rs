@@ -1,4 +1,5 @@
-//! x86-64 element-wise integer kernels (AVX-512): QLinearAdd, QuantizeLinear and table lookups. Same results as the portable code
+//! x86-64 element-wise kernels (AVX-512): QLinearAdd, QuantizeLinear, table lookups, and the float exponential and
+//! short-row softmax. Same results as the portable code
 //! in `qelem`, bit for bit (tested for every ISA the CPU has).
 use std::arch::x86_64::*;
 
@@ -131,4 +132,45 @@ pub(crate) unsafe fn lut_vbmi(src: *const u8, dst: *mut u8, len: usize, table: &
         }
     }
     len
+}
+
+/// `exp(x)` for `x ≤ 0` on 16 lanes, as `qelem::exp_nonpositive` computes it (the same reduction and degree-7
+/// polynomial; the multiply-adds fused, `2^k` by `vscalefps`). NaN stays NaN.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn exp_nonpositive_512(x: __m512) -> __m512 {
+    // vmaxps returns its second operand when one is NaN: NaN stays NaN.
+    let x = _mm512_max_ps(_mm512_set1_ps(-87.336_54), x);
+    let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+        x,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.0 / 5040.0);
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    _mm512_scalef_ps(p, k)
+}
+
+/// Softmax of rows of `n ≤ 16` values (see `qelem::softmax_rows`), one row per vector: the row's maximum, `exp(x −
+/// max)`, the sum in f64, `e · (1 / Σe)`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `1 ≤ n ≤ 16`, `x` and `y` whole rows of the same length.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn softmax_short_rows_512(x: &[f32], n: usize, y: &mut [f32]) {
+    let m = (u32::MAX >> (32 - n)) as u16;
+    for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(m, xr.as_ptr());
+            let max = _mm512_set1_ps(_mm512_mask_reduce_max_ps(m, v));
+            let e = _mm512_maskz_mov_ps(m, exp_nonpositive_512(_mm512_sub_ps(v, max)));
+            let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(e));
+            let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e))));
+            let r = (1.0 / _mm512_reduce_add_pd(_mm512_add_pd(lo, hi))) as f32;
+            _mm512_mask_storeu_ps(yr.as_mut_ptr(), m, _mm512_mul_ps(e, _mm512_set1_ps(r)));
+        }
+    }
 }
