@@ -602,6 +602,42 @@ fn fconv_activations_equal_f64_on_every_isa() {
     }
 }
 
+/// The zero-padded copy of an implicit GEMM's input (split across the pool from 64 Ki elements) equals the input
+/// placed inside its padding, on 1 to 3 threads, one-sided and symmetric pads, into a buffer that held a larger and
+/// a smaller copy before.
+#[test]
+fn padded_input_copies_equal_the_input_inside_its_padding() {
+    let mut r = Rng(0xbad_0001);
+    let mut buf: Vec<f32> = vec![7.0; 10];
+    for &(n, h, w, c, pads) in
+        &[(1, 5, 7, 3, [1, 1, 1, 1]), (2, 70, 90, 16, [1, 2, 1, 0]), (1, 161, 161, 8, [0, 0, 1, 1])]
+    {
+        let geom = ConvGeometry { c_in: c, c_out: c, group: 1, kernel: [3, 3], stride: [1, 1], dilation: [1, 1], pads };
+        let x: Vec<f32> = (0..n * h * w * c).map(|_| r.unit() + 1.0).collect();
+        for threads in 1..=3 {
+            let [hp, wp] = super::with_threads(threads, || geom.window().pad_input(&x, [n, h, w], 0.0, &mut buf));
+            let [pt, pl, pb, pr] = pads;
+            assert_eq!([hp, wp], [h + pt + pb, w + pl + pr]);
+            assert_eq!(buf.len(), n * hp * wp * c);
+            for b in 0..n {
+                for y in 0..hp {
+                    for xx in 0..wp {
+                        for ch in 0..c {
+                            let inside = (pt..pt + h).contains(&y) && (pl..pl + w).contains(&xx);
+                            let want = if inside { x[((b * h + y - pt) * w + xx - pl) * c + ch] } else { 0.0 };
+                            assert_eq!(
+                                buf[((b * hp + y) * wp + xx) * c + ch],
+                                want,
+                                "{threads} threads, [{b},{y},{xx},{ch}]"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A 1×1 fp32 convolution from `c_in` to `c_out` channels with weights and bias in [−0.5, 0.5) and `clamp`.
 fn random_pointwise(r: &mut Rng, c_in: usize, c_out: usize, clamp: [f32; 2]) -> FConvSpec {
     FConvSpec {

@@ -806,21 +806,45 @@ impl Window {
         });
     }
 
-    /// The input with its padding written out: `[n, h + pt + pb, w + pl + pr, c]` into `out` (resized).
-    pub fn pad_input<T: Copy>(&self, x: &[T], [n, h, w]: [usize; 3], pad: T, out: &mut Vec<T>) -> [usize; 2] {
+    /// The input with its padding written out: `[n, h + pt + pb, w + pl + pr, c]` into `out` (resized), its rows
+    /// split across the pool for large inputs (a pass over memory that one thread alone would keep the others
+    /// waiting on).
+    pub fn pad_input<T: Copy + Send + Sync>(
+        &self,
+        x: &[T],
+        [n, h, w]: [usize; 3],
+        pad: T,
+        out: &mut Vec<T>,
+    ) -> [usize; 2] {
         let [pt, pl, pb, pr] = self.pads;
         let (hp, wp, c) = (h + pt + pb, w + pl + pr, self.c);
+        let (rows, row_len) = (n * hp, wp * c);
+        let total = rows * row_len;
+        assert_eq!(x.len(), n * h * w * c, "pad_input: the input is not [{n}, {h}, {w}, {c}]");
         out.clear();
-        out.reserve(n * hp * wp * c);
-        for b in 0..n {
-            out.extend(std::iter::repeat_n(pad, pt * wp * c));
-            for row in x[b * h * w * c..(b + 1) * h * w * c].chunks_exact(w * c) {
-                out.extend(std::iter::repeat_n(pad, pl * c));
-                out.extend_from_slice(row);
-                out.extend(std::iter::repeat_n(pad, pr * c));
+        out.reserve(total);
+        let base = out.spare_capacity_mut().as_mut_ptr() as usize;
+        let parts = super::threads().min((total / 65_536).max(1)).min(rows.max(1));
+        super::for_each_part(parts, |part| {
+            for r in rows * part / parts..rows * (part + 1) / parts {
+                let (b, y) = (r / hp, r % hp);
+                // SAFETY: row `r` of the `total` reserved elements is written by this part only, every element of
+                // it once, before `set_len` below makes them readable.
+                unsafe {
+                    let dst = (base as *mut T).add(r * row_len);
+                    let fill = |from: usize, to: usize| (from..to).for_each(|i| dst.add(i).write(pad));
+                    if y < pt || y >= pt + h {
+                        fill(0, row_len);
+                        continue;
+                    }
+                    fill(0, pl * c);
+                    std::ptr::copy_nonoverlapping(x.as_ptr().add((b * h + y - pt) * w * c), dst.add(pl * c), w * c);
+                    fill((pl + w) * c, row_len);
+                }
             }
-            out.extend(std::iter::repeat_n(pad, pb * wp * c));
-        }
+        });
+        // SAFETY: every one of the `total` elements was written above.
+        unsafe { out.set_len(total) };
         [hp, wp]
     }
 
