@@ -602,6 +602,34 @@ fn fconv_activations_equal_f64_on_every_isa() {
     }
 }
 
+/// Float channel concatenations (pixel by pixel, split across the pool) and channel windows equal the copies
+/// written out, on 1 and 3 threads, with inputs of 1 to 40 channels.
+#[test]
+fn float_channel_concats_and_windows_equal_their_definition() {
+    let mut r = Rng(0xca7_0001);
+    for (pixels, cs) in [(7usize, vec![1usize, 3]), (9000, vec![16, 16, 16]), (5000, vec![40, 8, 1, 33])] {
+        let xs: Vec<Vec<f32>> = cs.iter().map(|&c| (0..pixels * c).map(|_| r.unit()).collect()).collect();
+        let c_out: usize = cs.iter().sum();
+        let mut want = Vec::with_capacity(pixels * c_out);
+        for p in 0..pixels {
+            for (x, &c) in xs.iter().zip(&cs) {
+                want.extend_from_slice(&x[p * c..(p + 1) * c]);
+            }
+        }
+        for threads in [1, 3] {
+            let ins: Vec<(&[f32], usize)> = xs.iter().map(|x| x.as_slice()).zip(cs.iter().copied()).collect();
+            let mut got = vec![f32::NAN; pixels * c_out];
+            super::with_threads(threads, || qelem::concat_channels_f32(&ins, pixels, &mut got));
+            assert_eq!(got, want, "{pixels} pixels of {cs:?}, {threads} threads");
+            let (c0, cw) = (cs[0], c_out - cs[0]);
+            let mut win = vec![f32::NAN; pixels * cw];
+            super::with_threads(threads, || qelem::channel_window(&want, pixels, c_out, (c0, cw), &mut win));
+            let expect: Vec<f32> = want.chunks(c_out).flat_map(|px| px[c0..].iter().copied()).collect();
+            assert_eq!(win, expect, "window of {pixels} pixels of {cs:?}, {threads} threads");
+        }
+    }
+}
+
 /// The zero-padded copy of an implicit GEMM's input (split across the pool from 64 Ki elements) equals the input
 /// placed inside its padding, on 1 to 3 threads, one-sided and symmetric pads, into a buffer that held a larger and
 /// a smaller copy before.

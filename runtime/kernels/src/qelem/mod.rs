@@ -424,14 +424,15 @@ pub fn concat_channels_f32(inputs: &[(&[f32], usize)], pixels: usize, out: &mut 
     let per = pixels.div_ceil(parts);
     let out_addr = out.as_mut_ptr() as usize;
     super::for_each_part(parts, |part| {
-        let mut off = 0;
-        for &(x, c) in inputs {
-            for p in part * per..((part + 1) * per).min(pixels) {
-                // SAFETY: pixel `p` of the output is written by this part only.
-                let dst = unsafe { std::slice::from_raw_parts_mut((out_addr as *mut f32).add(p * c_out + off), c) };
-                dst.copy_from_slice(&x[p * c..(p + 1) * c]);
+        // Pixel by pixel: each output pixel written whole (its cache lines once), the inputs read in order.
+        for p in part * per..((part + 1) * per).min(pixels) {
+            // SAFETY: pixel `p` of the output is written by this part only.
+            let dst = unsafe { std::slice::from_raw_parts_mut((out_addr as *mut f32).add(p * c_out), c_out) };
+            let mut off = 0;
+            for &(x, c) in inputs {
+                dst[off..off + c].copy_from_slice(&x[p * c..(p + 1) * c]);
+                off += c;
             }
-            off += c;
         }
     });
 }
