@@ -3,9 +3,22 @@
 use edgepack_runtime::kernels::reference::Rng;
 use edgepack_runtime::kernels::reference::{self, Conv2d};
 use edgepack_runtime::onnx::builder::*;
-use edgepack_runtime::onnx::{Dim, Model, NodeExt, node};
+use edgepack_runtime::onnx::{Dim, Model, NodeExt, TensorProto, node};
 use edgepack_runtime::onnx::{F32Kernels, QdqInteger, QdqKernels};
 use edgepack_runtime::{DType, Session, SessionOptions, Tensor};
+
+/// The initializers of a QDQ weighted node's weights and bias: int8 `wq` of shape `dims` at per-output-channel
+/// scales `sw` (zero points `zw`, all 0) and int32 `bq` at scales `s_x·s_w` (`sb`).
+fn qdq_weights(dims: &[i64], wq: &[i8], s_w: &[f32], bias: &[i32], s_x: f32) -> Vec<TensorProto> {
+    let c_out = s_w.len();
+    vec![
+        tensor_raw("wq", dims, 3, wq.iter().map(|&v| v as u8).collect()),
+        tensor_f32("sw", &[c_out as i64], s_w),
+        tensor_raw("zw", &[c_out as i64], 3, vec![0; c_out]),
+        tensor_raw("bq", &[c_out as i64], 6, bias.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        tensor_f32("sb", &[c_out as i64], &s_w.iter().map(|s| s_x * s).collect::<Vec<_>>()),
+    ]
+}
 
 fn run_u8(m: &Model, input: Tensor) -> Vec<u8> {
     let s = Session::from_model(m, &SessionOptions { threads: 1, ..Default::default() }).unwrap();
@@ -72,22 +85,17 @@ fn lowered_qconv_equals_the_scalar_reference_on_random_geometry() {
             ],
             vec![value_info("xq", 2, &[Dim::Fixed(1), Dim::Fixed(c_in), Dim::Fixed(h), Dim::Fixed(w)])],
             vec![value_info("yq", 2, &[Dim::Fixed(1), Dim::Fixed(c_out), Dim::Fixed(oh), Dim::Fixed(ow)])],
-            vec![
-                tensor_f32("sx", &[], &[s_x]),
-                tensor_raw("zx", &[], 2, vec![z_x]),
-                tensor_raw(
-                    "wq",
+            vec![tensor_f32("sx", &[], &[s_x]), tensor_raw("zx", &[], 2, vec![z_x])]
+                .into_iter()
+                .chain(qdq_weights(
                     &[c_out as i64, (c_in / group) as i64, kernel[0] as i64, kernel[1] as i64],
-                    3,
-                    wq.iter().map(|&v| v as u8).collect(),
-                ),
-                tensor_f32("sw", &[c_out as i64], &s_w),
-                tensor_raw("zw", &[c_out as i64], 3, vec![0; c_out]),
-                tensor_raw("bq", &[c_out as i64], 6, bias.iter().flat_map(|v| v.to_le_bytes()).collect()),
-                tensor_f32("sb", &[c_out as i64], &s_w.iter().map(|s| s_x * s).collect::<Vec<_>>()),
-                tensor_f32("sy", &[], &[s_y]),
-                tensor_raw("zy", &[], 2, vec![z_y]),
-            ],
+                    &wq,
+                    &s_w,
+                    &bias,
+                    s_x,
+                ))
+                .chain([tensor_f32("sy", &[], &[s_y]), tensor_raw("zy", &[], 2, vec![z_y])])
+                .collect(),
         );
         let mut lowered = model.clone();
         assert!(lowered.graph.lower_qdq_integer() >= 1, "case {case}: the pattern was not lowered");
@@ -167,17 +175,11 @@ fn lowered_qgemm_equals_the_scalar_reference() {
             ],
             vec![value_info("xq", 2, &[Dim::Fixed(n), Dim::Fixed(k)])],
             vec![value_info("yq", 2, &[Dim::Fixed(n), Dim::Fixed(c_out)])],
-            vec![
-                tensor_f32("sx", &[], &[s_x]),
-                tensor_raw("zx", &[], 2, vec![z_x]),
-                tensor_raw("wq", &[c_out as i64, k as i64], 3, wq.iter().map(|&v| v as u8).collect()),
-                tensor_f32("sw", &[c_out as i64], &s_w),
-                tensor_raw("zw", &[c_out as i64], 3, vec![0; c_out]),
-                tensor_raw("bq", &[c_out as i64], 6, bias.iter().flat_map(|v| v.to_le_bytes()).collect()),
-                tensor_f32("sb", &[c_out as i64], &s_w.iter().map(|s| s_x * s).collect::<Vec<_>>()),
-                tensor_f32("sy", &[], &[s_y]),
-                tensor_raw("zy", &[], 2, vec![z_y]),
-            ],
+            vec![tensor_f32("sx", &[], &[s_x]), tensor_raw("zx", &[], 2, vec![z_x])]
+                .into_iter()
+                .chain(qdq_weights(&[c_out as i64, k as i64], &wq, &s_w, &bias, s_x))
+                .chain([tensor_f32("sy", &[], &[s_y]), tensor_raw("zy", &[], 2, vec![z_y])])
+                .collect(),
         );
         let mut lowered = model.clone();
         assert!(lowered.graph.lower_qdq_integer() >= 1, "case {case}: the pattern was not lowered");
@@ -760,17 +762,11 @@ fn a_qdq_graph_s_float_softmax_runs_on_the_kernel() {
         ],
         vec![value_info("xq", 2, &dims(c_in))],
         vec![value_info("y", 1, &dims(c_out))],
-        vec![
-            tensor_f32("sx", &[], &[s_x]),
-            tensor_raw("zx", &[], 2, vec![z_x]),
-            tensor_raw("wq", &[c_out as i64, c_in as i64, 1, 1], 3, wq.iter().map(|&v| v as u8).collect()),
-            tensor_f32("sw", &[c_out as i64], &s_w),
-            tensor_raw("zw", &[c_out as i64], 3, vec![0; c_out]),
-            tensor_raw("bq", &[c_out as i64], 6, bias.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            tensor_f32("sb", &[c_out as i64], &s_w.iter().map(|s| s_x * s).collect::<Vec<_>>()),
-            tensor_f32("sy", &[], &[s_y]),
-            tensor_raw("zy", &[], 2, vec![z_y]),
-        ],
+        vec![tensor_f32("sx", &[], &[s_x]), tensor_raw("zx", &[], 2, vec![z_x])]
+            .into_iter()
+            .chain(qdq_weights(&[c_out as i64, c_in as i64, 1, 1], &wq, &s_w, &bias, s_x))
+            .chain([tensor_f32("sy", &[], &[s_y]), tensor_raw("zy", &[], 2, vec![z_y])])
+            .collect(),
     );
     model.set_opset("", 13);
     let low = model.lower_for_cpu(true);
@@ -1261,16 +1257,11 @@ fn a_quantized_convolution_with_a_float_output_runs_on_the_kernel() {
         ],
         vec![value_info("x", 1, &[1, c_in, h, w].map(Dim::Fixed))],
         vec![value_info("y", 1, &[1, c_out, h * w].map(Dim::Fixed))],
-        vec![
-            tensor_f32("sx", &[], &[s_x]),
-            tensor_raw("zx", &[], 2, vec![z_x]),
-            tensor_raw("wq", &[c_out as i64, c_in as i64, 3, 3], 3, wq.iter().map(|&v| v as u8).collect()),
-            tensor_f32("sw", &[c_out as i64], &s_w),
-            tensor_raw("zw", &[c_out as i64], 3, vec![0; c_out]),
-            tensor_raw("bq", &[c_out as i64], 6, bias.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            tensor_f32("sb", &[c_out as i64], &s_w.iter().map(|s| s_x * s).collect::<Vec<_>>()),
-            tensor_i64("shape", &[3], &[1, c_out as i64, (h * w) as i64]),
-        ],
+        vec![tensor_f32("sx", &[], &[s_x]), tensor_raw("zx", &[], 2, vec![z_x])]
+            .into_iter()
+            .chain(qdq_weights(&[c_out as i64, c_in as i64, 3, 3], &wq, &s_w, &bias, s_x))
+            .chain([tensor_i64("shape", &[3], &[1, c_out as i64, (h * w) as i64])])
+            .collect(),
     );
     model.set_opset("", 13);
     let low = model.lower_for_cpu(true).model;
