@@ -3,6 +3,8 @@
 //! in `qelem`, bit for bit (tested for every ISA the CPU has).
 use std::arch::aarch64::*;
 
+use super::{EXP_LO, EXP_POLY, LN2_HI, LN2_LO};
+
 /// QLinearAdd on 16 lanes at a time (see `qelem::qadd`); returns how many leading elements it wrote. The two
 /// fused multiply-adds are the scalar `mul_add`s; `fcvtns` rounds half to even.
 ///
@@ -154,12 +156,12 @@ pub(crate) unsafe fn lut(src: *const u8, dst: *mut u8, len: usize, table: &[u8; 
 #[target_feature(enable = "neon")]
 pub(crate) unsafe fn exp_nonpositive_neon(x: float32x4_t) -> float32x4_t {
     // fmax gives NaN when an operand is NaN.
-    let x = vmaxq_f32(vdupq_n_f32(-87.336_54), x);
+    let x = vmaxq_f32(vdupq_n_f32(EXP_LO), x);
     let k = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(std::f32::consts::LOG2_E)));
-    let r = vfmsq_f32(x, k, vdupq_n_f32(0.693_359_4));
-    let r = vfmsq_f32(r, k, vdupq_n_f32(-2.121_944_4e-4));
-    let mut p = vdupq_n_f32(1.0 / 5040.0);
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+    let r = vfmsq_f32(x, k, vdupq_n_f32(LN2_HI));
+    let r = vfmsq_f32(r, k, vdupq_n_f32(LN2_LO));
+    let mut p = vdupq_n_f32(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
         p = vfmaq_f32(vdupq_n_f32(c), p, r);
     }
     // k in [−126, 0] (NaN converts to 0: p is NaN already).

@@ -642,22 +642,23 @@ fn sum_f64(x: &[f32]) -> f64 {
 /// ≈ 1.2e-38, which no softmax sum can tell from 0. NaN stays NaN.
 #[inline(always)]
 pub fn exp_nonpositive(x: f32) -> f32 {
-    const LO: f32 = -87.336_54; // ln(2^−126)
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4; // 355/512 (exactly 0.693359375): k·LN2_HI is exact for |k| ≤ 126
-    const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
     const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
-    let x = if x < LO { LO } else { x };
+    let x = if x < EXP_LO { EXP_LO } else { x };
     // t's low mantissa bits hold k in two's complement (no float → int conversion, which vectorizes poorly).
-    let t = x * LOG2E + ROUND;
+    let t = x * std::f32::consts::LOG2_E + ROUND;
     let k = t - ROUND;
     let r = (x - k * LN2_HI) - k * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let p = EXP_POLY[1..].iter().fold(EXP_POLY[0], |p, &c| c + r * p);
     p * f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23)
 }
+
+/// The floor of [`exp_nonpositive`]'s argument, `ln(2^−126)` (the vector versions share these constants).
+pub(crate) const EXP_LO: f32 = -87.336_54;
+/// ln 2 in two parts: 355/512 (exactly 0.693359375, so `k·LN2_HI` is exact for |k| ≤ 126) and the rest.
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+/// `e^r`'s Taylor coefficients, highest degree first (Horner's order).
+pub(crate) const EXP_POLY: [f32; 8] = [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
 
 /// Concatenation along the channel axis (last in NHWC), each input through its requantization table.
 pub fn concat_channels(isa: Isa, inputs: &[(&[u8], usize, &[u8; 256])], pixels: usize, out: &mut [u8]) {

@@ -3,6 +3,7 @@
 //! in `qelem`, bit for bit (tested for every ISA the CPU has).
 use std::arch::x86_64::*;
 
+use super::{EXP_LO, EXP_POLY, LN2_HI, LN2_LO};
 use crate::qconv::x86::round_to_u8_16;
 use crate::unroll;
 
@@ -140,15 +141,15 @@ pub(crate) unsafe fn lut_vbmi(src: *const u8, dst: *mut u8, len: usize, table: &
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn exp_nonpositive_512(x: __m512) -> __m512 {
     // vmaxps returns its second operand when one is NaN: NaN stays NaN.
-    let x = _mm512_max_ps(_mm512_set1_ps(-87.336_54), x);
+    let x = _mm512_max_ps(_mm512_set1_ps(EXP_LO), x);
     let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
         x,
         _mm512_set1_ps(std::f32::consts::LOG2_E),
     ));
-    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_359_4), x);
-    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm512_set1_ps(1.0 / 5040.0);
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(LN2_HI), x);
+    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(LN2_LO), r);
+    let mut p = _mm512_set1_ps(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
     }
     _mm512_scalef_ps(p, k)
