@@ -5,7 +5,8 @@ machine has (lavapipe in CI and on the development machine; a real GPU on a GPU 
 Per model: `edgepack bench MODEL --device cpu`, `--device gpu` (fused: the default) and `--device gpu` with
 `EDGEPACK_GPU_FUSED=0` (the step-by-step burn interpreter), medians of `--runs` timed runs after warm-ups, and the
 device counters `bench --json` reports for the fused run (dispatches, submissions, device bytes allocated by a
-steady-state run). The INT8 row quantizes the shipped EfficientNet-Lite0 on the shipped photos first.
+steady-state run). On an adapter with shader-f16, the fused run again with `EDGEPACK_GPU_PRECISION=f16` (activations
+stored as f16, f32 arithmetic; its counters must equal the f32 program's). The INT8 row quantizes the shipped EfficientNet-Lite0 on the shipped photos first.
 
 Usage: benches/gpu_fused.py [--runs 20] [--slow-runs 3] [--md BENCHMARKS.md]
 """
@@ -57,12 +58,19 @@ def main():
         cpu = bench(path, "cpu", runs, 2)
         fused = bench(path, "gpu", runs, 2)
         steps = bench(path, "gpu", a.slow_runs, 1, env={"EDGEPACK_GPU_FUSED": "0"})
+        half = bench(path, "gpu", runs, 2, env={"EDGEPACK_GPU_PRECISION": "f16"})
+        if "f16" not in half["backend"].get("description", ""):
+            half = None  # no shader-f16: the request fell back to f32
+        elif any(half[k] != fused[k] for k in ("gpu_dispatches_per_run", "gpu_submissions_per_run",
+                                                "gpu_alloc_bytes_per_run")):
+            raise SystemExit(f"{name}: the f16 program differs from the f32 one: {half}")
         adapter = fused["backend"].get("engine", "")
         row = {
             "model": name,
             "cpu_ms": cpu["p50_ms"],
             "steps_ms": steps["p50_ms"],
             "fused_ms": fused["p50_ms"],
+            "f16_ms": half["p50_ms"] if half else None,
             "dispatches": fused["gpu_dispatches_per_run"],
             "submissions": fused["gpu_submissions_per_run"],
             "alloc": fused["gpu_alloc_bytes_per_run"],
@@ -75,14 +83,16 @@ def main():
         f"`python3 benches/gpu_fused.py --runs {a.runs} --slow-runs {a.slow_runs}` on {adapter}, "
         f"CPU backend with {rows[0]['cpu_threads']} threads; medians (YOLO: a quarter of the runs); batch 1.",
         "",
-        "| model | cpu ms | gpu step by step ms | gpu fused ms | fused ÷ cpu | step by step ÷ fused | dispatches | "
-        "submissions | device bytes allocated per run | load ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | cpu ms | gpu step by step ms | gpu fused ms | fused ÷ cpu | step by step ÷ fused | "
+        "gpu fused, f16 storage ms | dispatches | submissions | device bytes allocated per run | load ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        half = "—" if r["f16_ms"] is None else f"{r['f16_ms']:.1f}"
         lines.append(
             f"| {r['model']} | {r['cpu_ms']:.2f} | {r['steps_ms']:.1f} | {r['fused_ms']:.1f} | "
-            f"{r['fused_ms'] / r['cpu_ms']:.1f}× | {r['steps_ms'] / r['fused_ms']:.1f}× | {r['dispatches']} | "
+            f"{r['fused_ms'] / r['cpu_ms']:.1f}× | {r['steps_ms'] / r['fused_ms']:.1f}× | "
+            f"{half} | {r['dispatches']} | "
             f"{r['submissions']} | {r['alloc']} | {r['load_ms']:.0f} |"
         )
     table = "\n".join(lines)

@@ -5,8 +5,9 @@ ImageNet models (EfficientNet-Lite0, SqueezeNet): `edgepack eval` runs the fp32 
 `edgepack quantize`, calibrated on the first --calib images) over the ImageNet sample with `--device cpu` and with
 `--device gpu`, the same binary decoding and pre-processing the same files; the table gives the share of images
 whose top-1 class is the same on both backends (target >= 99.5 %). The INT8 variant runs with the precision the
-GPU backend's default (f32 compute, QDQ patterns as integer arithmetic), and with --int8-f16 also at f16 compute
-(opt-in: float QDQ arithmetic in half precision).
+GPU backend's default (f32 compute, QDQ patterns as integer arithmetic). With --f16 both variants also run at
+the opt-in f16 precision (`EDGEPACK_GPU_PRECISION=f16`): activations stored as f16 with f32 arithmetic in the fused
+programs, the INT8 variant's QDQ patterns as written (float arithmetic, not the integer lowering).
 
 UltraFace: the shipped photos plus the first --face-images ImageNet-sample images go through `edgepack run
 --output-dir` on both backends (fp32 and INT8); faces are decoded as the reference does (score > 0.7, NMS 0.3) and
@@ -17,7 +18,7 @@ whole sample is about 15 minutes on 2 cores, which is why CI does not run it. Im
 --chunk, each run by every configuration before the next chunk, their predictions kept under --work: a run stopped
 by --hours (or interrupted) reports the same images for every configuration, and a rerun resumes.
 
-Usage: scripts/gpu_agreement.py [--limit N] [--hours H] [--cached-only] [--int8-f16] [--models efficientnet,squeezenet,ultraface] [--md CONFORMANCE.md]
+Usage: scripts/gpu_agreement.py [--limit N] [--hours H] [--cached-only] [--f16] [--models efficientnet,squeezenet,ultraface] [--md CONFORMANCE.md]
 """
 import argparse
 import csv
@@ -97,9 +98,10 @@ def imagenet(a, work, deadline):
         # (title, variant, model, preset, gpu env, cpu cache tag, gpu cache tag)
         configs += [(title, "fp32", src, preset, None, f"{key}_fp32", f"{key}_fp32"),
                     (title, "INT8 weights", q, preset, None, f"{key}_int8", f"{key}_int8i")]
-        if a.int8_f16:
-            configs.append((title, "INT8 weights, f16 compute", q, preset, {"EDGEPACK_GPU_PRECISION": "f16"},
-                            f"{key}_int8", f"{key}_int8_f16"))
+        if a.f16:
+            f16 = {"EDGEPACK_GPU_PRECISION": "f16"}
+            configs += [(title, "fp32, f16 storage", src, preset, f16, f"{key}_fp32", f"{key}_fp32_f16"),
+                        (title, "INT8 weights, f16", q, preset, f16, f"{key}_int8", f"{key}_int8_f16")]
     got = {c[6]: {"cpu": [], "gpu": [], "ms": [], "backend": None} for c in configs}
     for skip in range(0, n, a.chunk):
         if time.time() > deadline:
@@ -147,12 +149,13 @@ def ultraface(a, work):
     out = []
     # (variant, model, gpu env, gpu cache suffix)
     variants = [("fp32", src, None, ""), ("INT8 weights", q, None, "_int")]
-    if a.int8_f16:
-        variants.append(("INT8 weights, f16 compute", q, {"EDGEPACK_GPU_PRECISION": "f16"}, "_f16"))
+    if a.f16:
+        f16 = {"EDGEPACK_GPU_PRECISION": "f16"}
+        variants += [("fp32, f16 storage", src, f16, "_f16"), ("INT8 weights, f16", q, f16, "_f16")]
     for name, model, env, suffix in variants:
         got = {}
         for device in ("cpu", "gpu"):
-            d = os.path.join(work, f"ultraface_{name.split()[0].lower()}_{device}_{len(files)}")
+            d = os.path.join(work, f"ultraface_{name.split()[0].rstrip(',').lower()}_{device}_{len(files)}")
             if device == "gpu":
                 d += suffix
             if not os.path.exists(os.path.join(d, "boxes.npy")):
@@ -178,8 +181,8 @@ def main():
     ap.add_argument("--calib", type=int, default=100, help="ImageNet images the INT8 variants calibrate on")
     ap.add_argument("--limit", type=int, default=0, help="ImageNet images evaluated (0 = all 1000)")
     ap.add_argument("--face-images", type=int, default=100, help="ImageNet images added to the photos for UltraFace")
-    ap.add_argument("--int8-f16", action="store_true",
-                    help="also run the INT8 variants at f16 compute (EDGEPACK_GPU_PRECISION=f16, float QDQ arithmetic)")
+    ap.add_argument("--f16", action="store_true",
+                    help="also run both variants at EDGEPACK_GPU_PRECISION=f16 (f16 activations; INT8 as float QDQ)")
     ap.add_argument("--chunk", type=int, default=50, help="images per eval call (the unit of resumption)")
     ap.add_argument("--hours", type=float, default=0, help="stop starting new chunks after this long (0 = no limit)")
     ap.add_argument("--cached-only", action="store_true",
@@ -213,7 +216,7 @@ def main():
     print(table)
     if a.md:
         adapter = subprocess.run([edgepack_bin(), "devices"], capture_output=True, text=True).stdout.strip()
-        meta = (f"`python3 scripts/gpu_agreement.py{f' --limit {a.limit}' if a.limit else ''} --md {a.md}` — the GPU "
+        meta = (f"`python3 scripts/gpu_agreement.py{' --f16' if a.f16 else ''}{f' --limit {a.limit}' if a.limit else ''} --md {a.md}` — the GPU "
                 f"backend against the CPU backend, same binary, same decoded and pre-processed inputs. INT8 variants: "
                 f"`edgepack quantize` calibrated on the first {a.calib} ImageNet-sample images (this is agreement between "
                 f"backends, not accuracy: every image counts). ImageNet-sample images evaluated: the first "

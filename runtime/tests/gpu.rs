@@ -174,7 +174,7 @@ fn shared_models_match_cpu() {
         let cpu = Session::from_model(&model, &opts(Device::Cpu)).unwrap();
         gpu.run_one(x.clone()).unwrap();
         let g = gpu.run_one(x.clone()).unwrap();
-        let c = cpu.run_one(x).unwrap();
+        let c = cpu.run_one(x.clone()).unwrap();
         // Issue 28: each runs as one fused program: one submission, nothing allocated on the device by a
         // steady-state run; the CNN classifiers in at most 60 dispatches.
         let counters = gpu.run_counters();
@@ -184,16 +184,34 @@ fn shared_models_match_cpu() {
         if path.to_string_lossy().contains("efficientnet") || path.to_string_lossy().contains("squeezenet") {
             assert!(k.dispatches <= 60, "{}: {k:?}", path.display());
         }
-        for ((name, gt), (_, ct)) in g.iter().zip(&c) {
-            assert_eq!(gt.shape(), ct.shape(), "{name}");
-            let (gv, cv) = (gt.to_f32_vec(), ct.to_f32_vec());
-            let cos = cosine(&gv, &cv);
-            eprintln!("{}: {name} cosine {cos:.7}", path.display());
-            assert!(cos >= 0.9999, "{}: {name} cosine {cos}", path.display());
-            if gv.len() >= 10 && gt.shape().len() == 2 {
-                let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
-                assert_eq!(argmax(&gv), argmax(&cv), "{}: top-1", path.display());
+        let compare = |g: &[(String, Tensor)], what: &str, min_cos: f64| {
+            for ((name, gt), (_, ct)) in g.iter().zip(&c) {
+                assert_eq!(gt.shape(), ct.shape(), "{name}");
+                let (gv, cv) = (gt.to_f32_vec(), ct.to_f32_vec());
+                let cos = cosine(&gv, &cv);
+                eprintln!("{}{what}: {name} cosine {cos:.7}", path.display());
+                assert!(cos >= min_cos, "{}{what}: {name} cosine {cos}", path.display());
+                if gv.len() >= 10 && gt.shape().len() == 2 {
+                    let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+                    assert_eq!(argmax(&gv), argmax(&cv), "{}{what}: top-1", path.display());
+                }
             }
+        };
+        compare(&g, "", 0.9999);
+        // f16 storage (f32 arithmetic) on adapters with shader-f16, for the models that are quick on lavapipe:
+        // the same fused program shape, the top-1 kept.
+        let quick = !path.to_string_lossy().contains("yolov8n");
+        if quick && edgepack_runtime::gpu::adapter().is_ok_and(|a| a.shader_f16) {
+            use edgepack_runtime::Backend;
+            use edgepack_runtime::gpu::{GpuBackend, Precision};
+            let h = GpuBackend::load_with_precision(&model, Precision::F16, edgepack_runtime::session::host_loader())
+                .unwrap();
+            h.run(vec![x.clone()]).unwrap();
+            let hv = h.run(vec![x.clone()]).unwrap();
+            let hk = h.run_counters().unwrap_or_else(|| panic!("{}: f16 not fused", path.display()));
+            assert_eq!((hk.submissions, hk.alloc_bytes, hk.dispatches), (1, 0, k.dispatches), "{}", path.display());
+            let named: Vec<(String, Tensor)> = g.iter().map(|(n, _)| n.clone()).zip(hv).collect();
+            compare(&named, " (f16 storage)", 0.999);
         }
     }
 }
@@ -314,6 +332,10 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
 fn fused_kernels_match_cpu() {
     if !gpu_or_skip("fused_kernels_match_cpu") {
         return;
+    }
+    let f16 = edgepack_runtime::gpu::adapter().is_ok_and(|a| a.shader_f16);
+    if !f16 {
+        eprintln!("!!! fused_kernels_match_cpu: the adapter has no shader-f16; f16 storage not tested !!!");
     }
     use builder::{attr_float, attr_int, attr_ints, tensor_f32, value_info};
     use edgepack_runtime::onnx::{Dim, node};
@@ -549,5 +571,28 @@ fn fused_kernels_match_cpu() {
             }
         }
         eprintln!("{what}: {} dispatches, matches the CPU", counters.dispatches);
+        // f16 storage (adapters with shader-f16): the same program with every float activation stored as f16
+        // and f32 arithmetic. Each stored value is rounded once to f16 (relative 2^-11), so the outputs stay
+        // within a few f16 steps of the CPU's, measured against the output's scale.
+        if !f16 {
+            continue;
+        }
+        use edgepack_runtime::Backend;
+        use edgepack_runtime::gpu::{GpuBackend, Precision};
+        let h = GpuBackend::load_with_precision(&m, Precision::F16, edgepack_runtime::session::host_loader()).unwrap();
+        h.run(xs.clone()).unwrap();
+        let hv = h.run(xs.clone()).unwrap();
+        let k = h.run_counters().unwrap_or_else(|| panic!("{what}: f16 not run as a fused program"));
+        assert_eq!((k.alloc_bytes, k.submissions, k.dispatches), (0, 1, counters.dispatches), "{what}: f16 {k:?}");
+        for (ht, (name, ct)) in hv.iter().zip(&c) {
+            assert_eq!(ht.shape(), ct.shape(), "{what}: f16 {name}");
+            let cv = ct.to_f32_vec();
+            let scale = cv.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+            let worst = ht.to_f32_vec().iter().zip(&cv).map(|(a, b)| (a - b).abs() / scale).fold(0f32, f32::max);
+            eprintln!("{what}: f16 {name}: largest difference {worst:.2e} of the output's scale");
+            assert!(worst <= 2e-3, "{what}: f16 {name}: {worst} of the output's scale {scale}");
+            // And the values did go through f16 (an f32 program would differ by float rounding only).
+            assert!(worst >= 1e-5, "{what}: f16 {name}: {worst}: stored as f32?");
+        }
     }
 }

@@ -14,6 +14,11 @@
 //! of the outputs into a persistent readback buffer in **one command buffer**, submits once and waits once:
 //! no device memory is allocated in a steady-state run ([`Program::run`] measures it).
 //!
+//! At f16 precision ([`Graph::half`]) activation buffers of floats (and of 8-bit integers and booleans, exact in
+//! f16) hold f16: kernels read them through `ldN(k)` functions that widen to f32 and store through `st(i, v)`,
+//! which narrows (saturating at ±65504); accumulation, epilogues and constants stay f32. Inputs are narrowed on the
+//! host as they are written into the upload buffer, outputs widened as they are read back.
+//!
 //! A plan whose steps include anything else (an op or a shape the kernels here do not cover, a non-float value)
 //! is not compiled: the step-by-step burn interpreter runs it, as before.
 use std::collections::{HashMap, HashSet};
@@ -84,6 +89,8 @@ pub(crate) struct Graph<'a> {
     pub inputs: Vec<Option<usize>>,
     pub outputs: Vec<Out>,
     pub opset: i64,
+    /// Activations stored as f16 (f32 arithmetic): floats, and integers that f16 holds exactly (8-bit, booleans).
+    pub half: bool,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -98,26 +105,71 @@ enum Bind {
     Const(usize),
 }
 
+/// How an activation buffer stores its values. Arithmetic is f32 either way: f16 values are widened when loaded
+/// and narrowed (saturated to ±65504) when stored.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Elem {
+    F32,
+    F16,
+}
+
+impl Elem {
+    fn bytes(self) -> u64 {
+        match self {
+            Elem::F32 => 4,
+            Elem::F16 => 2,
+        }
+    }
+
+    fn wgsl(self) -> &'static str {
+        match self {
+            Elem::F32 => "f32",
+            Elem::F16 => "f16",
+        }
+    }
+}
+
 /// The bindings of one kernel and their WGSL declarations.
 struct Binds {
-    list: Vec<(Bind, &'static str)>,
+    list: Vec<(Bind, String)>,
     decl: String,
 }
 
 impl Binds {
     fn new() -> Binds {
-        Binds { list: Vec::new(), decl: "@group(0) @binding(0) var<storage, read_write> y: array<f32>;\n".into() }
+        Binds { list: Vec::new(), decl: String::new() }
     }
 
-    /// The binding of `b` read as `array<ty>` ("f32", "vec4<f32>", "u32": int8 weights packed four per word).
-    fn get(&mut self, b: Bind, ty: &'static str) -> String {
-        if let Some(i) = self.list.iter().position(|&(x, t)| x == b && t == ty) {
+    /// The binding of `b` read as `array<ty>` ("f32", "vec4<f32>", "u32": int8 weights packed four per word;
+    /// "f16", "vec4<f16>": activations stored as f16).
+    fn get(&mut self, b: Bind, ty: &str) -> String {
+        if let Some(i) = self.list.iter().position(|(x, t)| *x == b && t == ty) {
             return format!("b{}", i + 1);
         }
-        self.list.push((b, ty));
+        self.list.push((b, ty.to_string()));
         let i = self.list.len();
         let _ = writeln!(self.decl, "@group(0) @binding({i}) var<storage, read> b{i}: array<{ty}>;");
         format!("b{i}")
+    }
+
+    /// An activation buffer stored as `elem`, read through a function of the element index that returns f32
+    /// (`vec4<f32>` when `vec4`): the name of that function.
+    fn act(&mut self, root: usize, elem: Elem, vec4: bool) -> String {
+        let (ty, ret) = match vec4 {
+            true => (format!("vec4<{}>", elem.wgsl()), V4),
+            false => (elem.wgsl().to_string(), F1),
+        };
+        let fresh = !self.list.iter().any(|(x, t)| *x == Bind::Act(root) && *t == ty);
+        let b = self.get(Bind::Act(root), &ty);
+        let name = format!("ld{}", &b[1..]);
+        if fresh {
+            let _ = writeln!(self.decl, "fn {name}(k: u32) -> {ret} {{ return {ret}({b}[k]); }}");
+        }
+        name
+    }
+
+    fn uses_f16(&self) -> bool {
+        self.list.iter().any(|(_, t)| t.contains("f16"))
     }
 }
 
@@ -308,6 +360,18 @@ type R<T> = std::result::Result<T, String>;
 impl<'g, 'a> Builder<'g, 'a> {
     fn shape(&self, slot: usize) -> R<&'g [usize]> {
         self.g.shapes.get(&slot).map(|s| s.as_slice()).ok_or_else(|| format!("no shape for value {slot}"))
+    }
+
+    /// How the buffer of root `slot` stores its values.
+    fn elem(&self, slot: usize) -> Elem {
+        let exact_in_f16 =
+            |d: &DType| matches!(d, DType::F32 | DType::F16 | DType::F64 | DType::U8 | DType::I8 | DType::Bool);
+        if self.g.half && self.g.dtypes.get(&slot).is_some_and(exact_in_f16) { Elem::F16 } else { Elem::F32 }
+    }
+
+    /// A read of the activation buffer of root `root` (see [`Binds::act`]).
+    fn act(&self, binds: &mut Binds, root: usize, vec4: bool) -> String {
+        binds.act(root, self.elem(root), vec4)
     }
 
     fn konst(&mut self, v: Vec<f32>) -> Bind {
@@ -561,7 +625,7 @@ impl<'g, 'a> Builder<'g, 'a> {
             Operand::Dev(s) => {
                 let xs = self.shape(*s)?.to_vec();
                 let root = self.root[s];
-                format!("{}[{}]", binds.get(Bind::Act(root), F1), Self::index_expr(&xs, out, i))
+                format!("{}({})", self.act(binds, root, false), Self::index_expr(&xs, out, i))
             }
             Operand::Const(t) => {
                 let b = self.konst(t.to_f32_vec());
@@ -636,11 +700,19 @@ impl<'g, 'a> Builder<'g, 'a> {
             Grid::Flat(_) => "(wid.y * nwg.x + wid.x)",
             Grid::Tiled(..) => "wid.x",
         };
+        let out = self.elem(out_root);
+        let store = match out {
+            Elem::F32 => "v".to_string(),
+            Elem::F16 => format!("f16(clamp(v, {}, {}))", lit(-65504.0), lit(65504.0)),
+        };
+        let enable = if out == Elem::F16 || binds.uses_f16() { "enable f16;\n" } else { "" };
         let wgsl = format!(
-            "{}\n{HELPERS}\nfn epi(v: f32, idx: u32) -> f32 {{\n  var a = v;\n{epi}  return a;\n}}\n\n@compute @workgroup_size({WG})\n\
+            "{enable}@group(0) @binding(0) var<storage, read_write> y: array<{}>;\n{}\n{HELPERS}\n\
+             fn st(i: u32, v: f32) {{\n  y[i] = {store};\n}}\n\nfn epi(v: f32, idx: u32) -> f32 {{\n  var a = v;\n{epi}  return a;\n}}\n\n@compute @workgroup_size({WG})\n\
              fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, \
              @builtin(local_invocation_index) li: u32) {{\n  let t0 = {first} * {WG}u + li;\n  let ok = t0 < {along_x}u;\n  \
              let t = min(t0, {}u);\n{body}}}\n",
+            out.wgsl(),
             binds.decl,
             along_x - 1
         );
@@ -708,7 +780,7 @@ impl<'g, 'a> Builder<'g, 'a> {
         // Stores go to the root (a Concat's buffer at a channel offset); the epilogue indexes the conv's own output.
         let store = |ocx: &str, pix: &str| {
             format!(
-                "if (ok) {{ y[(n * {ctot}u + {ocx} + {coff}u) * {p}u + {pix}] = epi(v, (n * {oc}u + {ocx}) * {p}u + {pix}); }}"
+                "if (ok) {{ st((n * {ctot}u + {ocx} + {coff}u) * {p}u + {pix}, epi(v, (n * {oc}u + {ocx}) * {p}u + {pix})); }}"
             )
         };
         let (body, grid);
@@ -742,12 +814,12 @@ impl<'g, 'a> Builder<'g, 'a> {
             let pb = p.div_ceil(4 * pv);
             let aligned = p % 4 == 0;
             let last = n * ic * p - 1;
-            let xn = binds.get(Bind::Act(xb), if aligned { V4 } else { F1 });
+            let xn = self.act(&mut binds, xb, aligned);
             let load = |k: usize| {
                 tx(if aligned {
-                    format!("{xn}[(xi + {})/ 4u]", 4 * k)
+                    format!("{xn}((xi + {}) / 4u)", 4 * k)
                 } else {
-                    let e = |d: usize| format!("{xn}[min(xi + {}u, {last}u)]", 4 * k + d);
+                    let e = |d: usize| format!("{xn}(min(xi + {}u, {last}u))", 4 * k + d);
                     format!("vec4<f32>({}, {}, {}, {})", e(0), e(1), e(2), e(3))
                 })
             };
@@ -812,7 +884,7 @@ impl<'g, 'a> Builder<'g, 'a> {
                 let b = self.konst(sc);
                 binds.get(b, F1)
             });
-            let xn = binds.get(Bind::Act(xb), F1);
+            let xn = self.act(&mut binds, xb, false);
             let sz = sn.as_ref().map_or("1.0".to_string(), |sn| format!("{sn}[c]"));
             let owb = ow.div_ceil(4);
             let widx =
@@ -841,7 +913,7 @@ impl<'g, 'a> Builder<'g, 'a> {
                      a{q} = fma(select(0.0, {}, iq{q} >= 0 && iq{q} < {wd}), wv, a{q});",
                     q * stride[1],
                     dil[1],
-                    tx(format!("{xn}[xr + u32(clamp(iq{q}, 0, {}))]", wd - 1))
+                    tx(format!("{xn}(xr + u32(clamp(iq{q}, 0, {})))", wd - 1))
                 );
             }
             b.push_str("    }\n  }\n");
@@ -890,7 +962,7 @@ impl<'g, 'a> Builder<'g, 'a> {
                 let b = self.konst(sp);
                 binds.get(b, V4)
             });
-            let xn = binds.get(Bind::Act(xb), F1);
+            let xn = self.act(&mut binds, xb, false);
             let owb = ow.div_ceil(4);
             let blocks = obg / ov;
             let gobg = group * blocks;
@@ -927,7 +999,7 @@ impl<'g, 'a> Builder<'g, 'a> {
                      let x{q} = vec4<f32>(select(0.0, {}, inside && iq{q} >= 0 && iq{q} < {wd}));",
                     q * stride[1],
                     dil[1],
-                    tx(format!("{xn}[xr + u32(clamp(iq{q}, 0, {}))]", wd - 1))
+                    tx(format!("{xn}(xr + u32(clamp(iq{q}, 0, {})))", wd - 1))
                 );
                 for k in 0..ov {
                     let _ = writeln!(b, "        a{q}_{k} = fma(x{q}, w{k}, a{q}_{k});");
@@ -1015,8 +1087,8 @@ impl<'g, 'a> Builder<'g, 'a> {
         let wb = self.konst_w(wp, packed);
         let wn = binds.get(wb, if packed { "u32" } else { V4 });
         let wl = if packed { format!("i8x4({wn}[wi])") } else { format!("{wn}[wi]") };
-        let an = binds.get(Bind::Act(self.root[&a]), F1);
-        let ax = transform(format!("{an}[ai]"), af);
+        let an = self.act(&mut binds, self.root[&a], false);
+        let ax = transform(format!("{an}(ai)"), af);
         let scale = match wscale {
             Some(mut sc) => {
                 sc.resize(nb * 4, 0.0);
@@ -1033,7 +1105,7 @@ impl<'g, 'a> Builder<'g, 'a> {
         for j in 0..4 {
             let _ = writeln!(
                 body,
-                "  if (ok && nb * 4u + {j}u < {nn}u) {{ let i = m * {nn}u + nb * 4u + {j}u; y[i] = epi(acc[{j}], i); }}"
+                "  if (ok && nb * 4u + {j}u < {nn}u) {{ let i = m * {nn}u + nb * 4u + {j}u; st(i, epi(acc[{j}], i)); }}"
             );
         }
         self.emit(binds, &head, &os, body, Grid::Tiled(nb as u64, m as u32, 1), fin, &[&[s], &covered[..]].concat())
@@ -1066,13 +1138,13 @@ impl<'g, 'a> Builder<'g, 'a> {
         let (epi, fin, covered) = self.extend(out)?;
         self.root.insert(fin, fin);
         let mut binds = Binds::new();
-        let xn = binds.get(Bind::Act(self.root[&x]), F1);
+        let xn = self.act(&mut binds, self.root[&x], false);
         let init = if max { lit(f32::NEG_INFINITY) } else { "0.0".into() };
         let body = if global {
             let fin = if max { "m".to_string() } else { format!("m / {}", lit((h * w) as f32)) };
             format!(
                 "  let xc = t * {hw}u;\n  var m = {init};\n  for (var i = 0u; i < {hw}u; i = i + 1u) {{\n    \
-                 let v = {xn}[xc + i];\n    {acc}\n  }}\n  if (ok) {{ y[t] = epi({fin}, t); }}\n",
+                 let v = {xn}(xc + i);\n    {acc}\n  }}\n  if (ok) {{ st(t, epi({fin}, t)); }}\n",
                 hw = h * w,
                 acc = if max { "m = max(m, v);" } else { "m = m + v;" }
             )
@@ -1102,8 +1174,8 @@ impl<'g, 'a> Builder<'g, 'a> {
                  for (var kh = 0u; kh < {}u; kh = kh + 1u) {{\n    let ih = i32(oh * {}u + kh * {}u) - {};\n    \
                  if (ih < 0 || ih >= {h}) {{ continue; }}\n    for (var kw = 0u; kw < {}u; kw = kw + 1u) {{\n      \
                  let iw = i32(ow * {}u + kw * {}u) - {};\n      if (iw < 0 || iw >= {w}) {{ continue; }}\n      \
-                 let v = {xn}[xc + u32(ih) * {w}u + u32(iw)];\n      {}\n      cnt = cnt + 1u;\n    }}\n  }}\n  \
-                 if (ok) {{ y[t] = epi({fin}, t); }}\n",
+                 let v = {xn}(xc + u32(ih) * {w}u + u32(iw));\n      {}\n      cnt = cnt + 1u;\n    }}\n  }}\n  \
+                 if (ok) {{ st(t, epi({fin}, t)); }}\n",
                 h * w,
                 k[0],
                 stride[0],
@@ -1140,14 +1212,14 @@ impl<'g, 'a> Builder<'g, 'a> {
         let (epi, fin, covered) = self.extend(out)?;
         self.root.insert(fin, fin);
         let mut binds = Binds::new();
-        let xn = binds.get(Bind::Act(self.root[&x]), F1);
+        let xn = self.act(&mut binds, self.root[&x], false);
         let value = if self.op(s) == "LogSoftmax" { "v - mx - log(sm)" } else { "exp(v - mx) / sm" };
         let body = format!(
             "  let base = (t / {inner}u) * {}u + t % {inner}u;\n  var mx = {};\n  \
-             for (var i = 0u; i < {cols}u; i = i + 1u) {{ mx = max(mx, {xn}[base + i * {inner}u]); }}\n  \
-             var sm = 0.0;\n  for (var i = 0u; i < {cols}u; i = i + 1u) {{ sm = sm + exp({xn}[base + i * {inner}u] - mx); }}\n  \
+             for (var i = 0u; i < {cols}u; i = i + 1u) {{ mx = max(mx, {xn}(base + i * {inner}u)); }}\n  \
+             var sm = 0.0;\n  for (var i = 0u; i < {cols}u; i = i + 1u) {{ sm = sm + exp({xn}(base + i * {inner}u) - mx); }}\n  \
              if (ok) {{\n    for (var i = 0u; i < {cols}u; i = i + 1u) {{\n      let k = base + i * {inner}u;\n      \
-             let v = {xn}[k];\n      y[k] = epi({value}, k);\n    }}\n  }}\n",
+             let v = {xn}(k);\n      st(k, epi({value}, k));\n    }}\n  }}\n",
             cols * inner,
             lit(f32::NEG_INFINITY)
         );
@@ -1176,7 +1248,7 @@ impl<'g, 'a> Builder<'g, 'a> {
         let (epi, fin, covered) = self.extend(out)?;
         self.root.insert(fin, fin);
         let mut binds = Binds::new();
-        let xn = binds.get(Bind::Act(self.root[&x]), F1);
+        let xn = self.act(&mut binds, self.root[&x], false);
         let mut table = Vec::new();
         let mut body = String::from("  var r = t;\n  var src = 0u;\n");
         for d in (0..os.len()).rev() {
@@ -1200,7 +1272,7 @@ impl<'g, 'a> Builder<'g, 'a> {
             let tn = binds.get(b, F1);
             body = body.replace("tb[", &format!("{tn}["));
         }
-        let _ = writeln!(body, "  if (ok) {{ y[t] = epi({xn}[src], t); }}");
+        let _ = writeln!(body, "  if (ok) {{ st(t, epi({xn}(src), t)); }}");
         self.emit(binds, &epi, &os, body, Grid::Flat(numel(&os) as u64), fin, &[steps, &covered[..]].concat())
     }
 
@@ -1367,7 +1439,7 @@ impl<'g, 'a> Builder<'g, 'a> {
         self.root.insert(fin, fin);
         let mut binds = Binds::new();
         let load = self.operand_expr(&mut binds, &first, &os, "t")?;
-        let body = format!("  if (ok) {{ y[t] = epi({load}, t); }}\n");
+        let body = format!("  if (ok) {{ st(t, epi({load}, t)); }}\n");
         self.emit(binds, &head, &os, body, Grid::Flat(numel(&os) as u64), fin, &[&[s], &covered[..]].concat())
     }
 
@@ -1405,8 +1477,12 @@ impl<'g, 'a> Builder<'g, 'a> {
             if inner > 0 {
                 let x = self.operand(s, i).ok_or("Concat input not computed")?;
                 let mut binds = Binds::new();
+                let at = |e: &str, src: String| match &x {
+                    Operand::Dev(_) => format!("{src}({e})"),
+                    _ => format!("{src}[{e}]"),
+                };
                 let src = match &x {
-                    Operand::Dev(x) => binds.get(Bind::Act(self.root[x]), F1),
+                    Operand::Dev(x) => self.act(&mut binds, self.root[x], false),
                     Operand::Const(t) => {
                         let b = self.konst(t.to_f32_vec());
                         binds.get(b, F1)
@@ -1417,7 +1493,8 @@ impl<'g, 'a> Builder<'g, 'a> {
                     }
                 };
                 let body = format!(
-                    "  let j = t % {inner}u;\n  let o = t / {inner}u;\n  if (ok) {{ y[o * {total}u + {off}u + j] = {src}[o * {inner}u + j]; }}\n"
+                    "  let j = t % {inner}u;\n  let o = t / {inner}u;\n  if (ok) {{ st(o * {total}u + {off}u + j, {}); }}\n",
+                    at(&format!("o * {inner}u + j"), src)
                 );
                 self.emit(binds, &[], &os, body, Grid::Flat((outer * inner) as u64), root, &[s])?;
             }
@@ -1563,8 +1640,8 @@ struct Kernel {
 }
 
 enum OutBuf {
-    /// (buffer, element count, shape, byte offset in the readback buffer)
-    Dev(usize, usize, Vec<usize>, u64),
+    /// (buffer, element count, shape, byte offset in the readback buffer, how the buffer stores it)
+    Dev(usize, usize, Vec<usize>, u64, Elem),
     Host(Tensor),
 }
 
@@ -1579,8 +1656,9 @@ pub(crate) struct Program {
     kernels: Vec<Kernel>,
     buffers: Vec<wgpu::Buffer>,
     _consts: Vec<wgpu::Buffer>,
-    /// Per graph input: (buffer, byte offset in the upload buffer, bytes), `None` for host-kept inputs.
-    inputs: Vec<Option<(usize, u64, u64)>>,
+    /// Per graph input: (buffer, byte offset in the upload buffer, element count, how the buffer stores it),
+    /// `None` for host-kept inputs.
+    inputs: Vec<Option<(usize, u64, usize, Elem)>>,
     outputs: Vec<OutBuf>,
     upload: wgpu::Buffer,
     readback: wgpu::Buffer,
@@ -1593,6 +1671,11 @@ fn create_buffer(dev: &wgpu::Device, label: &str, size: u64, usage: wgpu::Buffer
     let size = size.max(4).div_ceil(4) * 4;
     ALLOC_BYTES.with(|c| c.set(c.get() + size));
     dev.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: mapped })
+}
+
+/// Bytes a copy of `n` values stored as `elem` moves (buffer copies go by multiples of 4 bytes).
+fn copy_size(n: usize, elem: Elem) -> u64 {
+    (n as u64 * elem.bytes()).div_ceil(4) * 4
 }
 
 fn pipelines() -> &'static Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>> {
@@ -1644,7 +1727,8 @@ pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
     }
     // Memory plan: roots in first-touch order, released after their last touch; best-fit reuse.
     let bytes = |root: usize| -> R<u64> {
-        graph.shapes.get(&root).map(|s| numel(s) as u64 * 4).ok_or_else(|| format!("no shape for value {root}"))
+        let n = graph.shapes.get(&root).map(|s| numel(s) as u64).ok_or_else(|| format!("no shape for value {root}"))?;
+        Ok(n * b.elem(root).bytes())
     };
     let out_roots: HashSet<usize> = graph
         .outputs
@@ -1801,10 +1885,10 @@ pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
         .iter()
         .map(|x| {
             x.map(|x| {
-                let n = bytes(x).unwrap_or(0);
-                let r = (assign[&b.root[&x]], up, n);
-                up += n.div_ceil(4) * 4;
-                r
+                let r = b.root[&x];
+                let spec = (assign[&r], up, graph.shapes.get(&x).map_or(0, |s| numel(s)), b.elem(r));
+                up += copy_size(spec.2, spec.3);
+                spec
             })
         })
         .collect();
@@ -1818,8 +1902,9 @@ pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
                 let r = *b.root.get(x).ok_or("an output never computed")?;
                 let shape = graph.shapes[x].clone();
                 let n = numel(&shape);
-                let ob = OutBuf::Dev(assign[&r], n, shape, down);
-                down += n as u64 * 4;
+                let elem = b.elem(r);
+                let ob = OutBuf::Dev(assign[&r], n, shape, down, elem);
+                down += copy_size(n, elem);
                 Ok(ob)
             }
         })
@@ -1889,13 +1974,16 @@ impl Program {
         {
             let mut view = self.upload.slice(..).get_mapped_range_mut().map_err(|e| e.to_string())?;
             for (spec, t) in self.inputs.iter().zip(inputs) {
-                if let (Some((_, off, n)), Some(t)) = (spec, t) {
+                if let (Some((_, off, n, elem)), Some(t)) = (spec, t) {
                     let v = t.to_f32_vec();
-                    if v.len() as u64 * 4 != *n {
-                        return Err(format!("input of {} values, the plan expects {}", v.len(), n / 4));
+                    if v.len() != *n {
+                        return Err(format!("input of {} values, the plan expects {n}", v.len()));
                     }
-                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    view.slice(*off as usize..(*off + *n) as usize).copy_from_slice(&bytes);
+                    let bytes: Vec<u8> = match elem {
+                        Elem::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                        Elem::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+                    };
+                    view.slice(*off as usize..*off as usize + bytes.len()).copy_from_slice(&bytes);
                 }
             }
         }
@@ -1903,9 +1991,9 @@ impl Program {
         io.upload_mapped = false;
         let dev = &gpu.wgpu;
         let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("edgepack run") });
-        for (b, off, n) in self.inputs.iter().flatten() {
+        for (b, off, n, elem) in self.inputs.iter().flatten() {
             if *n > 0 {
-                enc.copy_buffer_to_buffer(&self.upload, *off, &self.buffers[*b], 0, *n);
+                enc.copy_buffer_to_buffer(&self.upload, *off, &self.buffers[*b], 0, copy_size(*n, *elem));
             }
         }
         let mut submissions = 0;
@@ -1934,10 +2022,10 @@ impl Program {
             record(&mut enc, &self.kernels);
         }
         for o in &self.outputs {
-            if let OutBuf::Dev(b, n, _, off) = o
+            if let OutBuf::Dev(b, n, _, off, elem) = o
                 && *n > 0
             {
-                enc.copy_buffer_to_buffer(&self.buffers[*b], 0, &self.readback, *off, *n as u64 * 4);
+                enc.copy_buffer_to_buffer(&self.buffers[*b], 0, &self.readback, *off, copy_size(*n, *elem));
             }
         }
         gpu.queue.submit([enc.finish()]);
@@ -1950,9 +2038,14 @@ impl Program {
                 .iter()
                 .map(|o| match o {
                     OutBuf::Host(t) => Ok(t.clone()),
-                    OutBuf::Dev(_, n, shape, off) => {
-                        let bytes = &view[*off as usize..*off as usize + n * 4];
-                        let v = bytes.as_chunks::<4>().0.iter().map(|c| f32::from_le_bytes(*c)).collect();
+                    OutBuf::Dev(_, n, shape, off, elem) => {
+                        let bytes = &view[*off as usize..*off as usize + n * elem.bytes() as usize];
+                        let v = match elem {
+                            Elem::F32 => bytes.as_chunks::<4>().0.iter().map(|c| f32::from_le_bytes(*c)).collect(),
+                            Elem::F16 => {
+                                bytes.as_chunks::<2>().0.iter().map(|c| half::f16::from_le_bytes(*c).to_f32()).collect()
+                            }
+                        };
                         Tensor::from_f32(shape.clone(), v).map_err(|e| e.to_string())
                     }
                 })

@@ -15,8 +15,12 @@
 //! per-channel scale applied there. At f32 (the default) the QDQ patterns are first rewritten to the integer
 //! arithmetic of the CPU backend and onnxruntime (`qdq_lower`, for an f32 device): integer-valued floats are
 //! exact, the requantization is one f32 multiply, QLinearAdd a table lookup, so the quantized activations equal
-//! the CPU's. `EDGEPACK_GPU_PRECISION=f16` (adapters with `shader-f16`) runs the QDQ graph as written in f16:
-//! faster on some GPUs, not bit-equal (2-3 % of ImageNet-sample top-1s differed from the CPU's).
+//! the CPU's.
+//!
+//! `EDGEPACK_GPU_PRECISION=f16` (adapters with `shader-f16`, opt-in): fused programs store every float activation
+//! (and 8-bit or boolean value, which f16 holds exactly) as f16 and compute in f32: half the activation bytes read
+//! and written, one rounding per stored value. Plans that are not fused compute in f16 on burn. INT8 models run
+//! their QDQ graph as written (float arithmetic), not the integer lowering, so they are not bit-equal to the CPU.
 mod device;
 mod fused;
 mod ops;

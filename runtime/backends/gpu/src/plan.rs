@@ -582,16 +582,14 @@ impl GpuBackend {
         Ok(Plan { consts, steps, frees, fused, out_dtypes })
     }
 
-    /// The plan's steps as one fused program (f32; `EDGEPACK_GPU_FUSED=0` turns it off), or why not.
+    /// The plan's steps as one fused program (activations stored as f16 at f16 precision, arithmetic f32;
+    /// `EDGEPACK_GPU_FUSED=0` turns it off), or why not.
     fn compile_fused(
         &self,
         steps: &[usize],
         env: &[Option<Val>],
         host_inputs: &[Option<Tensor>],
     ) -> std::result::Result<fused::Program, String> {
-        if self.prec != Precision::F32 {
-            return Err("fused kernels run f32 only".into());
-        }
         if std::env::var("EDGEPACK_GPU_FUSED").is_ok_and(|v| v == "0" || v == "off") {
             return Err("turned off by EDGEPACK_GPU_FUSED=0".into());
         }
@@ -690,7 +688,8 @@ impl GpuBackend {
                 None => return Err("an output never computed".into()),
             });
         }
-        let graph = fused::Graph { steps: fsteps, shapes, dtypes, qweights, inputs, outputs, opset: self.opset };
+        let half = self.prec == Precision::F16;
+        let graph = fused::Graph { steps: fsteps, shapes, dtypes, qweights, inputs, outputs, opset: self.opset, half };
         // A defect in the compiler must not cost the model its GPU: it falls back to the step-by-step path.
         let program = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fused::compile(&graph, self.gpu)))
             .map_err(|_| "the fused compiler panicked".to_string())??;
