@@ -5,8 +5,10 @@ machine has (lavapipe in CI and on the development machine; a real GPU on a GPU 
 Per model: `edgepack bench MODEL --device cpu`, `--device gpu` (fused: the default) and `--device gpu` with
 `EDGEPACK_GPU_FUSED=0` (the step-by-step burn interpreter), medians of `--runs` timed runs after warm-ups, and the
 device counters `bench --json` reports for the fused run (dispatches, submissions, device bytes allocated by a
-steady-state run). On an adapter with shader-f16, the fused run again with `EDGEPACK_GPU_PRECISION=f16` (activations
-stored as f16, f32 arithmetic; its counters must equal the f32 program's). The INT8 row quantizes the shipped EfficientNet-Lite0 on the shipped photos first.
+steady-state run). The fused column uses the default tiles (`EDGEPACK_GPU_AUTOTUNE=0`); the tuned column times the
+pointwise convolutions' tiles at load (`EDGEPACK_GPU_AUTOTUNE=1`, a fresh cache directory: one load to time them,
+a second, timed, that reads the choices back). On an adapter with shader-f16, the fused run again with
+`EDGEPACK_GPU_PRECISION=f16` (activations stored as f16, f32 arithmetic; its counters must equal the f32 program's). The INT8 row quantizes the shipped EfficientNet-Lite0 on the shipped photos first.
 
 Usage: benches/gpu_fused.py [--runs 20] [--slow-runs 3] [--md BENCHMARKS.md]
 """
@@ -56,9 +58,12 @@ def main():
     rows, adapter = [], ""
     for name, path, runs in models:
         cpu = bench(path, "cpu", runs, 2)
-        fused = bench(path, "gpu", runs, 2)
+        fused = bench(path, "gpu", runs, 2, env={"EDGEPACK_GPU_AUTOTUNE": "0"})
+        tune = {"EDGEPACK_GPU_AUTOTUNE": "1", "EDGEPACK_CACHE_DIR": tempfile.mkdtemp()}
+        bench(path, "gpu", 1, 0, env=tune)
+        tuned = bench(path, "gpu", runs, 2, env=tune)
         steps = bench(path, "gpu", a.slow_runs, 1, env={"EDGEPACK_GPU_FUSED": "0"})
-        half = bench(path, "gpu", runs, 2, env={"EDGEPACK_GPU_PRECISION": "f16"})
+        half = bench(path, "gpu", runs, 2, env={"EDGEPACK_GPU_PRECISION": "f16", "EDGEPACK_GPU_AUTOTUNE": "0"})
         if "f16" not in half["backend"].get("description", ""):
             half = None  # no shader-f16: the request fell back to f32
         elif any(half[k] != fused[k] for k in ("gpu_dispatches_per_run", "gpu_submissions_per_run",
@@ -70,6 +75,7 @@ def main():
             "cpu_ms": cpu["p50_ms"],
             "steps_ms": steps["p50_ms"],
             "fused_ms": fused["p50_ms"],
+            "tuned_ms": tuned["p50_ms"],
             "f16_ms": half["p50_ms"] if half else None,
             "dispatches": fused["gpu_dispatches_per_run"],
             "submissions": fused["gpu_submissions_per_run"],
@@ -84,15 +90,16 @@ def main():
         f"CPU backend with {rows[0]['cpu_threads']} threads; medians (YOLO: a quarter of the runs); batch 1.",
         "",
         "| model | cpu ms | gpu step by step ms | gpu fused ms | fused ÷ cpu | step by step ÷ fused | "
-        "gpu fused, f16 storage ms | dispatches | submissions | device bytes allocated per run | load ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "gpu fused, tiles tuned ms | gpu fused, f16 storage ms | dispatches | submissions | "
+        "device bytes allocated per run | load ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         half = "—" if r["f16_ms"] is None else f"{r['f16_ms']:.1f}"
         lines.append(
             f"| {r['model']} | {r['cpu_ms']:.2f} | {r['steps_ms']:.1f} | {r['fused_ms']:.1f} | "
             f"{r['fused_ms'] / r['cpu_ms']:.1f}× | {r['steps_ms'] / r['fused_ms']:.1f}× | "
-            f"{half} | {r['dispatches']} | "
+            f"{r['tuned_ms']:.1f} | {half} | {r['dispatches']} | "
             f"{r['submissions']} | {r['alloc']} | {r['load_ms']:.0f} |"
         )
     table = "\n".join(lines)

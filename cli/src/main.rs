@@ -46,8 +46,10 @@ Environment:
   EDGEPACK_LOG            log filter of `serve` and the libraries (e.g. info, debug, edgepack_server=trace);
                           --log-level and -v override it
   EDGEPACK_GPU=off        never use the GPU (--device auto runs on the CPU)
-  EDGEPACK_GPU_PRECISION  f16: f16 QDQ arithmetic on GPUs with shader-f16
-  EDGEPACK_CACHE_DIR      where --device auto caches its measured choice (default ~/.cache/edgepack)
+  EDGEPACK_GPU_PRECISION  f16: f16 activations (f32 arithmetic) on GPUs with shader-f16
+  EDGEPACK_GPU_AUTOTUNE   0: no tile timing at GPU load; 1: time tiles on a software adapter too
+  EDGEPACK_CACHE_DIR      where --device auto caches its measured choice and the GPU its tuned tiles
+                          (default ~/.cache/edgepack)
   EDGEPACK_ALLOC_CACHE_MB freed large buffers kept for reuse by later runs, in MiB (default 1024; 0: none)";
 
 #[derive(Parser)]

@@ -22,15 +22,7 @@ pub struct Choice {
     pub adapter: String,
 }
 
-pub fn cache_dir() -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os("EDGEPACK_CACHE_DIR") {
-        return Some(PathBuf::from(d));
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return Some(PathBuf::from(d).join("edgepack"));
-    }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("edgepack"))
-}
+pub use crate::fsutil::cache_dir;
 
 fn cache_file() -> Option<PathBuf> {
     cache_dir().map(|d| d.join("device-choice.json"))

@@ -596,3 +596,109 @@ fn fused_kernels_match_cpu() {
         }
     }
 }
+
+/// The pointwise convolutions' tiles: every tile computes the same values, bit for bit (one child process per
+/// tile fixed by `EDGEPACK_GPU_PW`, each also against the CPU backend); with `EDGEPACK_GPU_AUTOTUNE=1` every tile is
+/// timed at load, the fastest kept (the default unless another is 3 % faster), the choice written to the cache
+/// directory, and a second process reads it from there instead of timing again.
+#[test]
+fn pointwise_tiles_are_tuned_and_cached() {
+    const NAME: &str = "pointwise_tiles_are_tuned_and_cached";
+    if std::env::var("EDGEPACK_TEST_CHILD").is_ok_and(|v| v == NAME) {
+        tiles_child();
+        return;
+    }
+    if !gpu_or_skip(NAME) {
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let child = |env: &[(&str, &str)]| -> String {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([NAME, "--exact", "--nocapture", "--test-threads", "1"]).env("EDGEPACK_TEST_CHILD", NAME);
+        cmd.env("EDGEPACK_CACHE_DIR", cache.path()).env_remove("EDGEPACK_GPU_PW").env_remove("EDGEPACK_GPU_AUTOTUNE");
+        let out = cmd.envs(env.iter().copied()).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.contains("1 passed"), "the child test ({env:?}) failed:\n{text}");
+        // (libtest may print `test NAME ... ` on the same line.)
+        let bits = text.lines().find_map(|l| l.split("OUTPUT BITS ").nth(1)).expect("no output bits");
+        bits.chars().take(16).collect()
+    };
+    let mut seen = Vec::new();
+    for tile in ["2x2", "1x1", "2x1", "1x2", "4x2", "2x4"] {
+        seen.push((tile, child(&[("EDGEPACK_GPU_PW", tile), ("EDGEPACK_TEST_EXPECT", "fixed")])));
+    }
+    seen.push(("tuned", child(&[("EDGEPACK_GPU_AUTOTUNE", "1"), ("EDGEPACK_TEST_EXPECT", "measured")])));
+    assert!(cache.path().join("gpu-tiles.json").exists(), "no tile cache written");
+    seen.push(("cached", child(&[("EDGEPACK_GPU_AUTOTUNE", "1"), ("EDGEPACK_TEST_EXPECT", "cached")])));
+    assert!(seen.iter().all(|(_, b)| *b == seen[0].1), "tiles computed different values: {seen:?}");
+}
+
+/// The child of [`pointwise_tiles_are_tuned_and_cached`]: three pointwise convolutions (49 pixels with batch 2
+/// and a Relu, a SiLU epilogue, 64 pixels) on the GPU against the CPU; prints a hash of the outputs' bits.
+fn tiles_child() {
+    use builder::{tensor_f32, value_info};
+    use edgepack_runtime::Backend;
+    use edgepack_runtime::gpu::{GpuBackend, TuneSource};
+    use edgepack_runtime::onnx::{Dim, node};
+    let pw = |name: &str, x: &str, w: &str, b: &str, y: &str| node("Conv", name, &[x, w, b], &[y], vec![]);
+    let w =
+        |name: &str, o: usize, i: usize, seed: u32| tensor_f32(name, &[o as i64, i as i64, 1, 1], &values(o * i, seed));
+    let b = |name: &str, o: usize, seed: u32| tensor_f32(name, &[o as i64], &values(o, seed));
+    let fixed = |d: &[usize]| d.iter().map(|&v| Dim::Fixed(v)).collect::<Vec<_>>();
+    let m = builder::model(
+        vec![
+            pw("c1", "x", "w1", "b1", "h1"),
+            node("Relu", "relu", &["h1"], &["h"], vec![]),
+            pw("c2", "h", "w2", "b2", "g"),
+            node("Sigmoid", "sig", &["g"], &["gs"], vec![]),
+            node("Mul", "silu", &["g", "gs"], &["y"], vec![]),
+            pw("c3", "x8", "w3", "b3", "y2"),
+        ],
+        vec![value_info("x", 1, &fixed(&[2, 12, 7, 7])), value_info("x8", 1, &fixed(&[1, 24, 8, 8]))],
+        vec![value_info("y", 1, &[]), value_info("y2", 1, &[])],
+        vec![
+            w("w1", 18, 12, 1),
+            b("b1", 18, 2),
+            w("w2", 40, 18, 3),
+            b("b2", 40, 4),
+            w("w3", 20, 24, 5),
+            b("b3", 20, 6),
+        ],
+    );
+    let xs = vec![
+        Tensor::from_f32(vec![2, 12, 7, 7], values(2 * 12 * 49, 7)).unwrap(),
+        Tensor::from_f32(vec![1, 24, 8, 8], values(24 * 64, 8)).unwrap(),
+    ];
+    let cpu = Session::from_model(&m, &opts(Device::Cpu)).unwrap();
+    let feeds: Vec<(String, Tensor)> = cpu.inputs().iter().map(|i| i.name.clone()).zip(xs.iter().cloned()).collect();
+    let c = cpu.run(feeds).unwrap();
+    let g = GpuBackend::load(&m, edgepack_runtime::session::host_loader()).unwrap();
+    g.run(xs.clone()).unwrap();
+    let out = g.run(xs).unwrap();
+    assert!(g.run_counters().is_some(), "not fused");
+    let mut hash = 0xcbf29ce484222325u64;
+    for (gt, (name, ct)) in out.iter().zip(&c) {
+        for (a, b) in gt.to_f32_vec().iter().zip(ct.to_f32_vec()) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{name}: {a} vs {b}");
+            hash = (hash ^ a.to_bits() as u64).wrapping_mul(0x100000001b3);
+        }
+    }
+    let tuning = g.tuning();
+    eprintln!("{tuning:?}");
+    match std::env::var("EDGEPACK_TEST_EXPECT").unwrap().as_str() {
+        "fixed" => assert!(tuning.is_empty(), "{tuning:?}"),
+        expect => {
+            assert_eq!(tuning.len(), 3, "{tuning:?}");
+            for t in &tuning {
+                let source = if expect == "measured" { TuneSource::Measured } else { TuneSource::Cached };
+                assert_eq!(t.source, source, "{t:?}");
+                assert_eq!(t.us.len(), 6, "{t:?}");
+                assert!(t.us.iter().all(|(_, us)| *us > 0.0 && us.is_finite()), "{t:?}");
+                // The kept tile is the default (listed first) or faster than it.
+                let kept = t.us.iter().find(|(tile, _)| *tile == t.tile).unwrap().1;
+                assert!(t.tile == t.us[0].0 || kept < t.us[0].1, "{t:?}");
+            }
+        }
+    }
+    println!("OUTPUT BITS {hash:016x}");
+}

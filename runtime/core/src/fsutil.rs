@@ -23,6 +23,18 @@ pub fn remove_pending() -> usize {
     n
 }
 
+/// edgepack's cache directory (measurements kept between processes: the `Device::Auto` choice, the GPU's tuned
+/// tiles): `$EDGEPACK_CACHE_DIR`, else `$XDG_CACHE_HOME/edgepack`, else `~/.cache/edgepack`.
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("EDGEPACK_CACHE_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("edgepack"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("edgepack"))
+}
+
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_atomic_with(path, |f| f.write_all(bytes))
 }

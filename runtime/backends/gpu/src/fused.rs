@@ -14,6 +14,12 @@
 //! of the outputs into a persistent readback buffer in **one command buffer**, submits once and waits once:
 //! no device memory is allocated in a steady-state run ([`Program::run`] measures it).
 //!
+//! **Tiles.** A pointwise convolution is generated in several tiles ([`POINTWISE_TILES`]: pixels × output
+//! channels per invocation; each output is the same sum in the same order, so every tile computes the same bits).
+//! On hardware adapters each tile is timed at load ([`time_variants`]), the fastest kept unless it is within 3 % of
+//! the default, and the choice is cached per adapter and kernel (`gpu-tiles.json` in the cache directory): a later
+//! load compiles the chosen tile only. [`TUNE_BUDGET`] bounds a load's timing.
+//!
 //! At f16 precision ([`Graph::half`]) activation buffers of floats (and of 8-bit integers and booleans, exact in
 //! f16) hold f16: kernels read them through `ldN(k)` functions that widen to f32 and store through `st(i, v)`,
 //! which narrows (saturating at ±65504); accumulation, epilogues and constants stay f32. Inputs are narrowed on the
@@ -205,16 +211,24 @@ enum EpiOp {
     Lookup(Arc<Tensor>),
 }
 
+/// One way to compute a kernel: its WGSL and grid, and the tile it uses (`PVxOV`; empty for kernels without
+/// variants).
+struct Variant {
+    tile: String,
+    wgsl: String,
+    grid: Grid,
+}
+
 /// One kernel, before buffers exist.
 struct KDesc {
-    wgsl: String,
+    /// Its variants, all computing the same values (bit for bit): the first is the default.
+    variants: Vec<Variant>,
     /// The ONNX nodes it covers, by name.
     label: String,
     /// Their op types, e.g. `Conv+Clip+Add`.
     op: String,
     out: usize,
     binds: Vec<Bind>,
-    grid: Grid,
 }
 
 /// How a kernel's invocations are laid out.
@@ -226,13 +240,31 @@ enum Grid {
     Tiled(u64, u32, u32),
 }
 
-/// The pointwise tile: (pixel vec4s, channel vec4s) per invocation; `EDGEPACK_GPU_PW=PVxOV` overrides it.
-fn pointwise_tile() -> (usize, usize) {
-    std::env::var("EDGEPACK_GPU_PW")
+/// The pointwise convolution's tiles, (pixel vec4s, channel vec4s) per invocation, the default first: at most 32
+/// vec4 accumulators, and channel blocks that divide 16 (the weights' padding).
+const POINTWISE_TILES: [(usize, usize); 6] = [(2, 2), (1, 1), (2, 1), (1, 2), (4, 2), (2, 4)];
+
+/// How the pointwise tile is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TileMode {
+    /// This one (`EDGEPACK_GPU_PW=PVxOV`, or the default when tuning is off).
+    Fixed((usize, usize)),
+    /// Every tile of [`POINTWISE_TILES`], timed at load ([`tune`]).
+    Tune,
+}
+
+/// `EDGEPACK_GPU_PW=PVxOV` (one of [`POINTWISE_TILES`]) fixes the pointwise tile; otherwise the tiles are tuned
+/// when `tune` ([`tuning_on`]).
+fn pointwise_tile(tune: bool) -> TileMode {
+    let fixed = std::env::var("EDGEPACK_GPU_PW")
         .ok()
         .and_then(|v| v.split_once('x').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))))
-        .filter(|&(a, b): &(usize, usize)| (1..=4).contains(&a) && (1..=4).contains(&b))
-        .unwrap_or((2, 2))
+        .filter(|t| POINTWISE_TILES.contains(t));
+    match fixed {
+        Some(t) => TileMode::Fixed(t),
+        None if tune => TileMode::Tune,
+        None => TileMode::Fixed(POINTWISE_TILES[0]),
+    }
 }
 
 /// A load through a dequantization (zero point, scale), when there is one.
@@ -353,6 +385,8 @@ struct Builder<'g, 'a> {
     /// DequantizeLinear outputs read only as the data input of Conv/Gemm/MatMul: computed in their loads,
     /// never stored. Output → (input, zero point, scale).
     virt: HashMap<usize, (usize, f32, f32)>,
+    /// Kernels with variants get all of them, to be timed at load (see [`tuning_on`]).
+    tune: bool,
 }
 
 type R<T> = std::result::Result<T, String>;
@@ -677,7 +711,7 @@ impl<'g, 'a> Builder<'g, 'a> {
     #[allow(clippy::too_many_arguments)]
     fn emit(
         &mut self,
-        mut binds: Binds,
+        binds: Binds,
         epi: &[EpiOp],
         os: &[usize],
         body: String,
@@ -685,37 +719,55 @@ impl<'g, 'a> Builder<'g, 'a> {
         out_root: usize,
         steps: &[usize],
     ) -> R<()> {
+        self.emit_alts(binds, epi, os, vec![(String::new(), body, grid)], out_root, steps)
+    }
+
+    /// [`Builder::emit`] for a kernel with variants (tile, body, grid) that compute the same values: the first is
+    /// the default, the others are timed against it at load ([`tune`]).
+    fn emit_alts(
+        &mut self,
+        mut binds: Binds,
+        epi: &[EpiOp],
+        os: &[usize],
+        alts: Vec<(String, String, Grid)>,
+        out_root: usize,
+        steps: &[usize],
+    ) -> R<()> {
         let epi = self.epi_code(&mut binds, epi, os)?;
-        let (along_x, total) = match grid {
-            Grid::Flat(n) => (n, n),
-            Grid::Tiled(x, y, z) => (x, x * y as u64 * z as u64),
-        };
-        if total == 0 {
-            return Err("a kernel with nothing to compute".into());
-        }
-        if total >= u32::MAX as u64 / 2 {
-            return Err("a tensor beyond 2^31 elements".into());
-        }
-        let first = match grid {
-            Grid::Flat(_) => "(wid.y * nwg.x + wid.x)",
-            Grid::Tiled(..) => "wid.x",
-        };
         let out = self.elem(out_root);
         let store = match out {
             Elem::F32 => "v".to_string(),
             Elem::F16 => format!("f16(clamp(v, {}, {}))", lit(-65504.0), lit(65504.0)),
         };
         let enable = if out == Elem::F16 || binds.uses_f16() { "enable f16;\n" } else { "" };
-        let wgsl = format!(
-            "{enable}@group(0) @binding(0) var<storage, read_write> y: array<{}>;\n{}\n{HELPERS}\n\
-             fn st(i: u32, v: f32) {{\n  y[i] = {store};\n}}\n\nfn epi(v: f32, idx: u32) -> f32 {{\n  var a = v;\n{epi}  return a;\n}}\n\n@compute @workgroup_size({WG})\n\
-             fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, \
-             @builtin(local_invocation_index) li: u32) {{\n  let t0 = {first} * {WG}u + li;\n  let ok = t0 < {along_x}u;\n  \
-             let t = min(t0, {}u);\n{body}}}\n",
-            out.wgsl(),
-            binds.decl,
-            along_x - 1
-        );
+        let mut variants = Vec::with_capacity(alts.len());
+        for (tile, body, grid) in alts {
+            let (along_x, total) = match grid {
+                Grid::Flat(n) => (n, n),
+                Grid::Tiled(x, y, z) => (x, x * y as u64 * z as u64),
+            };
+            if total == 0 {
+                return Err("a kernel with nothing to compute".into());
+            }
+            if total >= u32::MAX as u64 / 2 {
+                return Err("a tensor beyond 2^31 elements".into());
+            }
+            let first = match grid {
+                Grid::Flat(_) => "(wid.y * nwg.x + wid.x)",
+                Grid::Tiled(..) => "wid.x",
+            };
+            let wgsl = format!(
+                "{enable}@group(0) @binding(0) var<storage, read_write> y: array<{}>;\n{}\n{HELPERS}\n\
+                 fn st(i: u32, v: f32) {{\n  y[i] = {store};\n}}\n\nfn epi(v: f32, idx: u32) -> f32 {{\n  var a = v;\n{epi}  return a;\n}}\n\n@compute @workgroup_size({WG})\n\
+                 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, \
+                 @builtin(local_invocation_index) li: u32) {{\n  let t0 = {first} * {WG}u + li;\n  let ok = t0 < {along_x}u;\n  \
+                 let t = min(t0, {}u);\n{body}}}\n",
+                out.wgsl(),
+                binds.decl,
+                along_x - 1
+            );
+            variants.push(Variant { tile, wgsl, grid });
+        }
         // Nodes by name (unnamed ones as op#step).
         let label = steps
             .iter()
@@ -724,7 +776,7 @@ impl<'g, 'a> Builder<'g, 'a> {
             .join(" + ");
         let op = steps.iter().map(|&s| self.op(s)).collect::<Vec<_>>().join("+");
         let kbinds = binds.list.iter().map(|b| b.0).collect();
-        self.kernels.push(KDesc { wgsl, label, op, out: out_root, binds: kbinds, grid });
+        self.kernels.push(KDesc { variants, label, op, out: out_root, binds: kbinds });
         Ok(())
     }
 
@@ -783,7 +835,8 @@ impl<'g, 'a> Builder<'g, 'a> {
                 "if (ok) {{ st((n * {ctot}u + {ocx} + {coff}u) * {p}u + {pix}, epi(v, (n * {oc}u + {ocx}) * {p}u + {pix})); }}"
             )
         };
-        let (body, grid);
+        // (tile, body, grid) per variant; the first is the default.
+        let mut alts: Vec<(String, String, Grid)> = Vec::new();
         // A scaled product (int8 weights): the accumulator times the output channel's scale, then the bias.
         let scaled = |acc: &str, sc: &str| if wscale.is_some() { format!("{acc} * {sc}") } else { acc.to_string() };
         let pointwise = kh == 1 && kw == 1 && stride == [1, 1] && dil == [1, 1] && group == 1;
@@ -792,10 +845,9 @@ impl<'g, 'a> Builder<'g, 'a> {
         // weight loads are broadcasts) and what varies along its invocations is the pixel (input loads of
         // neighbouring addresses): the shape GPUs coalesce, and that lavapipe turns into scalar loads.
         if pointwise {
-            // 4·PV pixels × 4·OV output channels per invocation (vec4 loads of both); weights as [oc/4][ic] vec4.
-            let (pv, ov) = pointwise_tile();
-            let ob = oc.div_ceil(4 * ov);
-            let ocp = ob * 4 * ov;
+            // 4·PV pixels × 4·OV output channels per invocation (vec4 loads of both); weights as [oc/4][ic] vec4,
+            // channels padded to a multiple of 16 so that every tile of [`POINTWISE_TILES`] reads the same buffers.
+            let ocp = oc.div_ceil(16) * 16;
             let mut wp = vec![0.0f32; ocp * ic];
             for o in 0..oc {
                 for i in 0..ic {
@@ -811,71 +863,81 @@ impl<'g, 'a> Builder<'g, 'a> {
                 let b = self.konst(sc);
                 binds.get(b, V4)
             });
-            let pb = p.div_ceil(4 * pv);
             let aligned = p % 4 == 0;
             let last = n * ic * p - 1;
             let xn = self.act(&mut binds, xb, aligned);
-            let load = |k: usize| {
-                tx(if aligned {
-                    format!("{xn}((xi + {}) / 4u)", 4 * k)
-                } else {
-                    let e = |d: usize| format!("{xn}(min(xi + {}u, {last}u))", 4 * k + d);
-                    format!("vec4<f32>({}, {}, {}, {})", e(0), e(1), e(2), e(3))
-                })
+            let tiles: Vec<(usize, usize)> = match pointwise_tile(self.tune) {
+                TileMode::Fixed(t) => vec![t],
+                // The default first: it is what runs when tuning is off or over its budget.
+                TileMode::Tune => POINTWISE_TILES.to_vec(),
             };
-            let mut b = format!(
-                "  let p0 = (t % {pb}u) * {}u;\n  let r = t / {pb}u;\n  let ob = r % {ob}u;\n  let n = r / {ob}u;\n  \
-                 var xi = n * {}u + p0;\n",
-                4 * pv,
-                ic * p
-            );
-            for v in 0..pv {
-                for o in 0..4 * ov {
-                    let _ = writeln!(b, "  var a{v}_{o} = vec4<f32>(0.0);");
-                }
-            }
-            for k in 0..ov {
-                let _ = writeln!(b, "  var wi{k} = (ob * {ov}u + {k}u) * {ic}u;");
-            }
-            let _ = writeln!(b, "  for (var i = 0u; i < {ic}u; i = i + 1u) {{");
-            for v in 0..pv {
-                let _ = writeln!(b, "    let x{v} = {};", load(v));
-            }
-            for k in 0..ov {
-                let _ = writeln!(b, "    let w{k} = {};\n    wi{k} = wi{k} + 1u;", wload(format!("{wn}[wi{k}]")));
-            }
-            for v in 0..pv {
-                for o in 0..4 * ov {
-                    let c = ["x", "y", "z", "w"][o % 4];
-                    let _ = writeln!(b, "    a{v}_{o} = fma(x{v}, vec4<f32>(w{}.{c}), a{v}_{o});", o / 4);
-                }
-            }
-            let _ = writeln!(b, "    xi = xi + {p}u;\n  }}");
-            for o in 0..4 * ov {
-                let _ = writeln!(
-                    b,
-                    "  {{\n    let o = ob * {}u + {o}u;\n    let bo = {bn}[o / 4u][{}];\n    let so = {};\n    if (o < {oc}u) {{",
-                    4 * ov,
-                    o % 4,
-                    sn.as_ref().map_or("1.0".to_string(), |sn| format!("{sn}[o / 4u][{}]", o % 4))
+            for (pv, ov) in tiles {
+                let ob = oc.div_ceil(4 * ov);
+                let pb = p.div_ceil(4 * pv);
+                let load = |k: usize| {
+                    tx(if aligned {
+                        format!("{xn}((xi + {}) / 4u)", 4 * k)
+                    } else {
+                        let e = |d: usize| format!("{xn}(min(xi + {}u, {last}u))", 4 * k + d);
+                        format!("vec4<f32>({}, {}, {}, {})", e(0), e(1), e(2), e(3))
+                    })
+                };
+                let mut b = format!(
+                    "  let p0 = (t % {pb}u) * {}u;\n  let r = t / {pb}u;\n  let ob = r % {ob}u;\n  let n = r / {ob}u;\n  \
+                     var xi = n * {}u + p0;\n",
+                    4 * pv,
+                    ic * p
                 );
                 for v in 0..pv {
-                    for q in 0..4 {
-                        let pix = format!("p0 + {}u", 4 * v + q);
-                        let guard =
-                            if aligned && p % (4 * pv) == 0 { String::new() } else { format!("if ({pix} < {p}u) ") };
-                        let _ = writeln!(
-                            b,
-                            "      {guard}{{\n        let v = {} + bo;\n        {}\n      }}",
-                            scaled(&format!("a{v}_{o}[{q}]"), "so"),
-                            store("o", &pix)
-                        );
+                    for o in 0..4 * ov {
+                        let _ = writeln!(b, "  var a{v}_{o} = vec4<f32>(0.0);");
                     }
                 }
-                b.push_str("    }\n  }\n");
+                for k in 0..ov {
+                    let _ = writeln!(b, "  var wi{k} = (ob * {ov}u + {k}u) * {ic}u;");
+                }
+                let _ = writeln!(b, "  for (var i = 0u; i < {ic}u; i = i + 1u) {{");
+                for v in 0..pv {
+                    let _ = writeln!(b, "    let x{v} = {};", load(v));
+                }
+                for k in 0..ov {
+                    let _ = writeln!(b, "    let w{k} = {};\n    wi{k} = wi{k} + 1u;", wload(format!("{wn}[wi{k}]")));
+                }
+                for v in 0..pv {
+                    for o in 0..4 * ov {
+                        let c = ["x", "y", "z", "w"][o % 4];
+                        let _ = writeln!(b, "    a{v}_{o} = fma(x{v}, vec4<f32>(w{}.{c}), a{v}_{o});", o / 4);
+                    }
+                }
+                let _ = writeln!(b, "    xi = xi + {p}u;\n  }}");
+                for o in 0..4 * ov {
+                    let _ = writeln!(
+                        b,
+                        "  {{\n    let o = ob * {}u + {o}u;\n    let bo = {bn}[o / 4u][{}];\n    let so = {};\n    if (o < {oc}u) {{",
+                        4 * ov,
+                        o % 4,
+                        sn.as_ref().map_or("1.0".to_string(), |sn| format!("{sn}[o / 4u][{}]", o % 4))
+                    );
+                    for v in 0..pv {
+                        for q in 0..4 {
+                            let pix = format!("p0 + {}u", 4 * v + q);
+                            let guard = if aligned && p % (4 * pv) == 0 {
+                                String::new()
+                            } else {
+                                format!("if ({pix} < {p}u) ")
+                            };
+                            let _ = writeln!(
+                                b,
+                                "      {guard}{{\n        let v = {} + bo;\n        {}\n      }}",
+                                scaled(&format!("a{v}_{o}[{q}]"), "so"),
+                                store("o", &pix)
+                            );
+                        }
+                    }
+                    b.push_str("    }\n  }\n");
+                }
+                alts.push((format!("{pv}x{ov}"), b, Grid::Flat((pb * ob * n) as u64)));
             }
-            body = b;
-            grid = Grid::Flat((pb * ob * n) as u64);
         } else if group == ic && group == oc && icg == 1 {
             // Depthwise: 4 output columns of one channel per invocation.
             let (bb, wb) = (self.konst(bias.clone()), self.konst_w(wv, packed));
@@ -925,8 +987,7 @@ impl<'g, 'a> Builder<'g, 'a> {
                     store("c", &format!("oh * {ow}u + ow0 + {q}u"))
                 );
             }
-            body = b;
-            grid = Grid::Flat((oh * owb * oc * n) as u64);
+            alts.push((String::new(), b, Grid::Flat((oh * owb * oc * n) as u64)));
         } else {
             // General: 4·OV output channels of a group × 4 output columns per invocation; weights as
             // [g][ocg/4][icg][kh][kw] vec4 (blocks of 4 channels, padded to a multiple of OV per group).
@@ -1029,10 +1090,9 @@ impl<'g, 'a> Builder<'g, 'a> {
                 }
                 b.push_str("  }\n");
             }
-            body = b;
-            grid = Grid::Flat((oh * owb * gobg * n) as u64);
+            alts.push((String::new(), b, Grid::Flat((oh * owb * gobg * n) as u64)));
         }
-        self.emit(binds, &epi, &os, body, grid, root, &[&[s], &covered[..]].concat())
+        self.emit_alts(binds, &epi, &os, alts, root, &[&[s], &covered[..]].concat())
     }
 
     /// Gemm / MatMul with a constant right-hand side: `y[m, n] = Σ a[m, k] · w[k, n]` (+ bias in the epilogue).
@@ -1631,6 +1691,134 @@ impl<'g, 'a> Builder<'g, 'a> {
 // ---------------------------------------------------------------------------------------------------------------
 // Device objects
 
+/// Wall time a program may spend timing kernel variants at load (compilations included); kernels past it keep
+/// their default variant, uncached, and are timed at a later load.
+const TUNE_BUDGET: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Wall time of one timed sample (a run of dispatches of one variant, submitted and waited for).
+const TUNE_SAMPLE_S: f64 = 2e-3;
+
+/// How a kernel's tile was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TuneSource {
+    /// Timed at this load.
+    Measured,
+    /// Read from the cache of an earlier load's timings.
+    Cached,
+    /// The load's tuning budget was spent: the default.
+    OverBudget,
+}
+
+/// A kernel's tile, how it was chosen, and each variant's time (µs per dispatch) when they were measured.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Tuned {
+    pub label: String,
+    pub tile: String,
+    pub source: TuneSource,
+    pub us: Vec<(String, f64)>,
+}
+
+/// Tiles are tuned on hardware adapters; `EDGEPACK_GPU_AUTOTUNE=1` tunes on a software one too (lavapipe: seconds
+/// per model), `=0` turns tuning off (the default tile).
+fn tuning_on(info: &super::AdapterInfo) -> bool {
+    match std::env::var("EDGEPACK_GPU_AUTOTUNE").as_deref() {
+        Ok("1" | "on") => true,
+        Ok("0" | "off") => false,
+        _ => info.device_type != "Cpu",
+    }
+}
+
+type Prepared = (Arc<wgpu::ComputePipeline>, wgpu::BindGroup, (u32, u32, u32));
+
+/// Seconds for `reps` dispatches of one variant in one submission, waited for.
+fn time_dispatches(gpu: &GpuDevice, p: &Prepared, reps: u32) -> R<f64> {
+    let start = std::time::Instant::now();
+    let mut enc = gpu.wgpu.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("edgepack tune") });
+    {
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+        for _ in 0..reps {
+            pass.set_pipeline(&p.0);
+            pass.set_bind_group(0, &p.1, &[]);
+            pass.dispatch_workgroups(p.2.0, p.2.1, p.2.2);
+        }
+    }
+    gpu.queue.submit([enc.finish()]);
+    gpu.wgpu.poll(wgpu::PollType::Wait { submission_index: None, timeout: None }).map_err(|e| e.to_string())?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Microseconds per dispatch of each variant: the best of three samples each, taken in turn, with as many
+/// dispatches per sample as fill [`TUNE_SAMPLE_S`] (at most 64), after one dispatch of each.
+fn time_variants(gpu: &GpuDevice, variants: &[Prepared]) -> R<Vec<f64>> {
+    for p in variants {
+        time_dispatches(gpu, p, 1)?;
+    }
+    let one = time_dispatches(gpu, &variants[0], 1)?;
+    let reps = (TUNE_SAMPLE_S / one.max(1e-7)).ceil().clamp(1.0, 64.0) as u32;
+    let mut best = vec![f64::INFINITY; variants.len()];
+    for _ in 0..3 {
+        for (b, p) in best.iter_mut().zip(variants) {
+            *b = b.min(time_dispatches(gpu, p, reps)? / reps as f64);
+        }
+    }
+    Ok(best.into_iter().map(|s| s * 1e6).collect())
+}
+
+/// The fastest variant, unless it is within 3 % of the default (the first): timing noise does not move a kernel
+/// off its default.
+fn choose(us: &[f64]) -> usize {
+    let best = (0..us.len()).min_by(|&a, &b| us[a].total_cmp(&us[b])).unwrap_or(0);
+    if us[best] < 0.97 * us[0] { best } else { 0 }
+}
+
+/// A cached tile choice.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct TileEntry {
+    tile: String,
+    us: std::collections::BTreeMap<String, f64>,
+    adapter: String,
+}
+
+/// The cache key of a kernel on an adapter: its default variant's WGSL (shapes, epilogue, storage) and the
+/// adapter's name, API and driver.
+fn tile_key(info: &super::AdapterInfo, wgsl: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{}|{}|{}|{wgsl}", info.name, info.api, info.driver));
+    hex::encode(&digest[..12])
+}
+
+fn tiles_file() -> Option<std::path::PathBuf> {
+    edgepack_core::fsutil::cache_dir().map(|d| d.join("gpu-tiles.json"))
+}
+
+/// The tile cache of this process, read from `gpu-tiles.json` in the cache directory on first use.
+fn tile_cache<T>(f: impl FnOnce(&mut std::collections::BTreeMap<String, TileEntry>) -> T) -> T {
+    static CACHE: OnceLock<Mutex<std::collections::BTreeMap<String, TileEntry>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| {
+        let read = tiles_file().and_then(|f| std::fs::read(f).ok());
+        Mutex::new(read.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default())
+    });
+    f(&mut cache.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Writes the tile cache back (atomically, merged with what other processes wrote meanwhile). A cache that
+/// cannot be written only costs a measurement at the next load.
+fn save_tile_cache() {
+    let Some(file) = tiles_file() else { return };
+    let on_disk: std::collections::BTreeMap<String, TileEntry> =
+        std::fs::read(&file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    let bytes = tile_cache(|c| {
+        for (k, v) in on_disk {
+            c.entry(k).or_insert(v);
+        }
+        serde_json::to_vec_pretty(&*c)
+    });
+    if let (Some(dir), Ok(bytes)) = (file.parent(), bytes) {
+        let _ = std::fs::create_dir_all(dir).and_then(|_| edgepack_core::fsutil::write_atomic(&file, &bytes));
+    }
+}
+
 struct Kernel {
     pipeline: Arc<wgpu::ComputePipeline>,
     group: wgpu::BindGroup,
@@ -1665,6 +1853,8 @@ pub(crate) struct Program {
     io: Mutex<Io>,
     /// Bytes of constants resident on the device: (as f32, as packed int8).
     pub const_bytes: (usize, usize),
+    /// How each kernel with variants got its tile.
+    pub tuned: Vec<Tuned>,
 }
 
 fn create_buffer(dev: &wgpu::Device, label: &str, size: u64, usage: wgpu::BufferUsages, mapped: bool) -> wgpu::Buffer {
@@ -1708,15 +1898,18 @@ pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
         same: HashMap::new(),
         virt: HashMap::new(),
         packed: HashSet::new(),
+        tune: tuning_on(&gpu.info),
     }
     .build()?;
-    if std::env::var_os("EDGEPACK_GPU_DUMP").is_some() {
+    let dump = std::env::var_os("EDGEPACK_GPU_DUMP").is_some();
+    if dump {
         for k in &b.kernels {
-            let threads = match k.grid {
+            let v = &k.variants[0];
+            let threads = match v.grid {
                 Grid::Flat(n) => n,
                 Grid::Tiled(x, y, z) => x * y as u64 * z as u64,
             };
-            eprintln!("// {} ({}): {threads} invocations\n{}", k.label, k.op, k.wgsl);
+            eprintln!("// {} ({}): {threads} invocations, {} variants\n{}", k.label, k.op, k.variants.len(), v.wgsl);
         }
     }
     let dev = &gpu.wgpu;
@@ -1806,16 +1999,17 @@ pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
             buf
         })
         .collect();
-    let mut kernels = Vec::new();
-    for k in &b.kernels {
+    let max = limits.max_compute_workgroups_per_dimension as u64;
+    // A variant's pipeline (shared by identical WGSL across programs), bind group and workgroup counts.
+    let prepare = |k: &KDesc, v: &Variant| -> R<Prepared> {
         let pipeline = {
             let mut cache = pipelines().lock().map_err(|_| "pipeline cache poisoned")?;
-            match cache.get(&k.wgsl) {
+            match cache.get(&v.wgsl) {
                 Some(p) => p.clone(),
                 None => {
                     let module = dev.create_shader_module(wgpu::ShaderModuleDescriptor {
                         label: Some(&k.op),
-                        source: wgpu::ShaderSource::Wgsl(k.wgsl.as_str().into()),
+                        source: wgpu::ShaderSource::Wgsl(v.wgsl.as_str().into()),
                     });
                     let p = Arc::new(dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                         label: Some(&k.op),
@@ -1825,7 +2019,7 @@ pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
                         compilation_options: Default::default(),
                         cache: None,
                     }));
-                    cache.insert(k.wgsl.clone(), p.clone());
+                    cache.insert(v.wgsl.clone(), p.clone());
                     p
                 }
             }
@@ -1842,8 +2036,7 @@ pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
         }
         let group =
             dev.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries });
-        let max = limits.max_compute_workgroups_per_dimension as u64;
-        let groups = match k.grid {
+        let groups = match v.grid {
             Grid::Flat(n) => {
                 let wgs = n.div_ceil(WG);
                 let x = wgs.min(max);
@@ -1854,19 +2047,65 @@ pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
         if groups.0 > max || groups.1 > max || groups.2 > max {
             return Err("a kernel beyond the dispatch limits".into());
         }
-        kernels.push(Kernel {
-            pipeline,
-            group,
-            groups: (groups.0 as u32, groups.1 as u32, groups.2 as u32),
-            label: k.label.clone(),
-            op: k.op.clone(),
-        });
+        Ok((pipeline, group, (groups.0 as u32, groups.1 as u32, groups.2 as u32)))
+    };
+    let mut kernels = Vec::new();
+    let mut tuned = Vec::new();
+    let deadline = std::time::Instant::now() + TUNE_BUDGET;
+    for k in &b.kernels {
+        let mut pick = 0;
+        if k.variants.len() > 1 {
+            let tiles: Vec<&str> = k.variants.iter().map(|v| v.tile.as_str()).collect();
+            let key = tile_key(&gpu.info, &k.variants[0].wgsl);
+            let cached = tile_cache(|c| c.get(&key).cloned());
+            let (source, us) = match cached {
+                Some(e) if tiles.contains(&e.tile.as_str()) => {
+                    pick = tiles.iter().position(|t| *t == e.tile).unwrap_or(0);
+                    (TuneSource::Cached, e.us.into_iter().collect())
+                }
+                _ if std::time::Instant::now() < deadline => {
+                    let ready = k.variants.iter().map(|v| prepare(k, v)).collect::<R<Vec<_>>>()?;
+                    let us = time_variants(gpu, &ready)?;
+                    pick = choose(&us);
+                    let us: Vec<(String, f64)> = tiles.iter().map(|t| t.to_string()).zip(us).collect();
+                    let entry = TileEntry {
+                        tile: tiles[pick].to_string(),
+                        us: us.iter().cloned().collect(),
+                        adapter: gpu.info.short(),
+                    };
+                    tile_cache(|c| c.insert(key, entry));
+                    (TuneSource::Measured, us)
+                }
+                _ => (TuneSource::OverBudget, Vec::new()),
+            };
+            // Only the chosen variant's pipeline stays cached.
+            if let Ok(mut cache) = pipelines().lock() {
+                for (i, v) in k.variants.iter().enumerate() {
+                    if i != pick {
+                        cache.remove(&v.wgsl);
+                    }
+                }
+            }
+            tuned.push(Tuned { label: k.label.clone(), tile: tiles[pick].to_string(), source, us });
+        }
+        let (pipeline, group, groups) = prepare(k, &k.variants[pick])?;
+        kernels.push(Kernel { pipeline, group, groups, label: k.label.clone(), op: k.op.clone() });
+    }
+    if tuned.iter().any(|t| t.source == TuneSource::Measured) {
+        save_tile_cache();
+    }
+    if dump {
+        for t in &tuned {
+            eprintln!("// tile {} ({:?}) for {}: {:?}", t.tile, t.source, t.label, t.us);
+        }
     }
     if let Some(Some(e)) = ready(scope.pop()) {
         // A kernel the adapter refused (its WGSL or limits): drop the cached pipelines of this program.
         if let Ok(mut cache) = pipelines().lock() {
             for k in &b.kernels {
-                cache.remove(&k.wgsl);
+                for v in &k.variants {
+                    cache.remove(&v.wgsl);
+                }
             }
         }
         return Err(format!("the adapter refused a fused kernel: {e}"));
@@ -1928,6 +2167,7 @@ pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
         readback,
         io: Mutex::new(Io { upload_mapped: true, last: RunCounters::default() }),
         const_bytes,
+        tuned,
     })
 }
 

@@ -27,6 +27,7 @@ mod ops;
 mod plan;
 
 pub use device::{AdapterInfo, adapter, device_started};
+pub use fused::{TuneSource, Tuned};
 pub use ops::SUPPORTED_OPS;
 pub use plan::GpuBackend;
 

@@ -215,6 +215,8 @@ pub struct GpuBackend {
     weight_bytes: Mutex<(usize, usize)>,
     /// What the last run did on the device (fused plans only).
     counters: Mutex<Option<edgepack_backend::RunCounters>>,
+    /// The tiles of the last fused program compiled.
+    tuning: Mutex<Vec<fused::Tuned>>,
 }
 
 const MAX_PLANS: usize = 8;
@@ -226,8 +228,9 @@ type PlanKey = (Vec<Vec<usize>>, Vec<Option<Vec<u8>>>);
 const HOST_INPUT_MAX: usize = 64;
 
 /// f32 unless `EDGEPACK_GPU_PRECISION=f16` asks for f16 on an adapter with shader-f16. INT8 models are f32 too:
-/// their integer arithmetic (see [`GpuBackend::load_with`]) is exact only in f32, and f16 accumulation moved the
-/// top-1 of 2-3 % of ImageNet-sample images away from the CPU's (CONFORMANCE.md).
+/// their integer arithmetic (see [`GpuBackend::load_with`]) is exact only in f32; at f16 they run their QDQ graph
+/// as written, whose float requantization moved 0.5-3.3 % of ImageNet-sample top-1s away from the CPU's
+/// (CONFORMANCE.md).
 fn precision_for(f16: bool) -> Precision {
     match std::env::var("EDGEPACK_GPU_PRECISION").as_deref() {
         Ok("f16") if f16 => Precision::F16,
@@ -357,6 +360,7 @@ impl GpuBackend {
             fallback: OnceLock::new(),
             weight_bytes: Mutex::new((0, 0)),
             counters: Mutex::new(None),
+            tuning: Mutex::new(Vec::new()),
         })
     }
 
@@ -366,6 +370,12 @@ impl GpuBackend {
 
     pub fn adapter(&self) -> &super::AdapterInfo {
         &self.gpu.info
+    }
+
+    /// How the kernels with variants (pointwise convolutions' tiles) of the last fused program got theirs: timed
+    /// at load, read from the cache of an earlier load's timings, or the default.
+    pub fn tuning(&self) -> Vec<fused::Tuned> {
+        self.tuning.lock().map(|g| g.clone()).unwrap_or_default()
     }
 
     /// (bytes of weights resident on the device as floats, bytes resident as int8), after the first plan.
@@ -568,6 +578,9 @@ impl GpuBackend {
                 // What a run uses: the program's constants (int8 weights packed four per word).
                 if let Ok(mut g) = self.weight_bytes.lock() {
                     *g = p.const_bytes;
+                }
+                if let Ok(mut g) = self.tuning.lock() {
+                    *g = p.tuned.clone();
                 }
                 Some(p)
             }
