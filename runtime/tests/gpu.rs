@@ -597,8 +597,8 @@ fn fused_kernels_match_cpu() {
     }
 }
 
-/// The pointwise convolutions' tiles: every tile computes the same values, bit for bit (one child process per
-/// tile fixed by `EDGEPACK_GPU_PW`, each also against the CPU backend); with `EDGEPACK_GPU_AUTOTUNE=1` every tile is
+/// The convolutions' tiles: every tile computes the same values, bit for bit (one child process per tile fixed by
+/// `EDGEPACK_GPU_PW` or `EDGEPACK_GPU_CONV`, each also against the CPU backend); with `EDGEPACK_GPU_AUTOTUNE=1` every tile is
 /// timed at load, the fastest kept (the default unless another is 3 % faster), the choice written to the cache
 /// directory, and a second process reads it from there instead of timing again.
 #[test]
@@ -627,6 +627,9 @@ fn pointwise_tiles_are_tuned_and_cached() {
     for tile in ["2x2", "1x1", "2x1", "1x2", "4x2", "2x4"] {
         seen.push((tile, child(&[("EDGEPACK_GPU_PW", tile), ("EDGEPACK_TEST_EXPECT", "fixed")])));
     }
+    for ov in ["1", "4"] {
+        seen.push((ov, child(&[("EDGEPACK_GPU_CONV", ov), ("EDGEPACK_TEST_EXPECT", "fixed")])));
+    }
     seen.push(("tuned", child(&[("EDGEPACK_GPU_AUTOTUNE", "1"), ("EDGEPACK_TEST_EXPECT", "measured")])));
     assert!(cache.path().join("gpu-tiles.json").exists(), "no tile cache written");
     seen.push(("cached", child(&[("EDGEPACK_GPU_AUTOTUNE", "1"), ("EDGEPACK_TEST_EXPECT", "cached")])));
@@ -634,7 +637,8 @@ fn pointwise_tiles_are_tuned_and_cached() {
 }
 
 /// The child of [`pointwise_tiles_are_tuned_and_cached`]: three pointwise convolutions (49 pixels with batch 2
-/// and a Relu, a SiLU epilogue, 64 pixels) on the GPU against the CPU; prints a hash of the outputs' bits.
+/// and a Relu, a SiLU epilogue, 64 pixels) and two 3×3 ones (20 channels; 2 groups of 6) on the GPU against the
+/// CPU; prints a hash of the outputs' bits.
 fn tiles_child() {
     use builder::{tensor_f32, value_info};
     use edgepack_runtime::Backend;
@@ -653,9 +657,11 @@ fn tiles_child() {
             node("Sigmoid", "sig", &["g"], &["gs"], vec![]),
             node("Mul", "silu", &["g", "gs"], &["y"], vec![]),
             pw("c3", "x8", "w3", "b3", "y2"),
+            node("Conv", "k3", &["x8", "w4", "b4"], &["y3"], vec![builder::attr_ints("pads", &[1, 1, 1, 1])]),
+            node("Conv", "g3", &["y3", "w5", "b5"], &["y4"], vec![builder::attr_int("group", 2)]),
         ],
         vec![value_info("x", 1, &fixed(&[2, 12, 7, 7])), value_info("x8", 1, &fixed(&[1, 24, 8, 8]))],
-        vec![value_info("y", 1, &[]), value_info("y2", 1, &[])],
+        vec![value_info("y", 1, &[]), value_info("y2", 1, &[]), value_info("y4", 1, &[])],
         vec![
             w("w1", 18, 12, 1),
             b("b1", 18, 2),
@@ -663,6 +669,10 @@ fn tiles_child() {
             b("b2", 40, 4),
             w("w3", 20, 24, 5),
             b("b3", 20, 6),
+            tensor_f32("w4", &[20, 24, 3, 3], &values(20 * 24 * 9, 9)),
+            b("b4", 20, 10),
+            tensor_f32("w5", &[12, 10, 3, 3], &values(12 * 10 * 9, 11)),
+            b("b5", 12, 12),
         ],
     );
     let xs = vec![
@@ -688,11 +698,13 @@ fn tiles_child() {
     match std::env::var("EDGEPACK_TEST_EXPECT").unwrap().as_str() {
         "fixed" => assert!(tuning.is_empty(), "{tuning:?}"),
         expect => {
-            assert_eq!(tuning.len(), 3, "{tuning:?}");
+            // Three pointwise kernels (six tiles each), the 3×3 one of 20 channels (three), the grouped one of
+            // 6 channels a group (two).
+            let counts: Vec<usize> = tuning.iter().map(|t| t.us.len()).collect();
+            assert_eq!(counts, [6, 6, 6, 3, 2], "{tuning:?}");
             for t in &tuning {
                 let source = if expect == "measured" { TuneSource::Measured } else { TuneSource::Cached };
                 assert_eq!(t.source, source, "{t:?}");
-                assert_eq!(t.us.len(), 6, "{t:?}");
                 assert!(t.us.iter().all(|(_, us)| *us > 0.0 && us.is_finite()), "{t:?}");
                 // The kept tile is the default (listed first) or faster than it.
                 let kept = t.us.iter().find(|(tile, _)| *tile == t.tile).unwrap().1;

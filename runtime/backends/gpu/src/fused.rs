@@ -14,8 +14,9 @@
 //! of the outputs into a persistent readback buffer in **one command buffer**, submits once and waits once:
 //! no device memory is allocated in a steady-state run ([`Program::run`] measures it).
 //!
-//! **Tiles.** A pointwise convolution is generated in several tiles ([`POINTWISE_TILES`]: pixels × output
-//! channels per invocation; each output is the same sum in the same order, so every tile computes the same bits).
+//! **Tiles.** Convolutions are generated in several tiles (pointwise: [`POINTWISE_TILES`], pixels × output
+//! channels per invocation; general: output channels per invocation, [`general_tile`]); each output is the same
+//! sum in the same order, so every tile computes the same bits.
 //! On hardware adapters each tile is timed at load ([`time_variants`]), the fastest kept unless it is within 3 % of
 //! the default, and the choice is cached per adapter and kernel (`gpu-tiles.json` in the cache directory): a later
 //! load compiles the chosen tile only. [`TUNE_BUDGET`] bounds a load's timing.
@@ -276,9 +277,14 @@ fn transform(e: String, f: Option<(f32, f32)>) -> String {
     }
 }
 
-/// Channel vec4s per invocation of the general convolution; `EDGEPACK_GPU_CONV=OV` overrides it.
-fn general_tile() -> usize {
-    std::env::var("EDGEPACK_GPU_CONV").ok().and_then(|v| v.parse().ok()).filter(|v| (1..=4).contains(v)).unwrap_or(2)
+/// Channel vec4s per invocation of the general convolution (tile `1xOV`): `EDGEPACK_GPU_CONV=OV` fixes it;
+/// otherwise 2 (1 for groups of at most 4 channels), or each of 2, 1 and 4 timed when `tune`.
+fn general_tile(tune: bool) -> TileMode {
+    match std::env::var("EDGEPACK_GPU_CONV").ok().and_then(|v| v.parse().ok()).filter(|v| (1..=4).contains(v)) {
+        Some(ov) => TileMode::Fixed((1, ov)),
+        None if tune => TileMode::Tune,
+        None => TileMode::Fixed((1, 2)),
+    }
 }
 
 fn numel(s: &[usize]) -> usize {
@@ -989,10 +995,16 @@ impl<'g, 'a> Builder<'g, 'a> {
             }
             alts.push((String::new(), b, Grid::Flat((oh * owb * oc * n) as u64)));
         } else {
-            // General: 4·OV output channels of a group × 4 output columns per invocation; weights as
-            // [g][ocg/4][icg][kh][kw] vec4 (blocks of 4 channels, padded to a multiple of OV per group).
-            let ov = if ocg > 4 { general_tile() } else { 1 };
-            let obg = ocg.div_ceil(4 * ov) * ov;
+            // General: 4·OV output channels of a group × 4 output columns per invocation (tile `1xOV`); weights
+            // as [g][ocg/4][icg][kh][kw] vec4 (blocks of 4 channels, padded per group to a multiple of the widest
+            // tile's, so that every tile reads the same buffers).
+            let tiles: Vec<usize> = match general_tile(self.tune) {
+                TileMode::Fixed((_, ov)) => vec![if ocg > 4 { ov } else { 1 }],
+                // The default first; no tile wider than the group's channels.
+                TileMode::Tune => [2, 1, 4].into_iter().filter(|&ov| ov == 1 || 4 * ov < 2 * ocg).collect(),
+            };
+            let widest = tiles.iter().copied().max().unwrap_or(1);
+            let obg = ocg.div_ceil(4 * widest) * widest;
             let kk = icg * kh * kw;
             let mut wp = vec![0.0f32; group * obg * kk * 4];
             for g in 0..group {
@@ -1025,72 +1037,74 @@ impl<'g, 'a> Builder<'g, 'a> {
             });
             let xn = self.act(&mut binds, xb, false);
             let owb = ow.div_ceil(4);
-            let blocks = obg / ov;
-            let gobg = group * blocks;
-            let mut b = format!(
-                "  let owb = t % {owb}u;\n  var r = t / {owb}u;\n  let oh = r % {oh}u;\n  r = r / {oh}u;\n  \
+            for ov in tiles {
+                let blocks = ocg.div_ceil(4 * ov);
+                let gobg = group * blocks;
+                let mut b = format!(
+                    "  let owb = t % {owb}u;\n  var r = t / {owb}u;\n  let oh = r % {oh}u;\n  r = r / {oh}u;\n  \
                  let gb = r % {gobg}u;\n  let ob = gb % {blocks}u;\n  let g = gb / {blocks}u;\n  let n = r / {gobg}u;\n  \
                  let ow0 = owb * 4u;\n  let ih0 = i32(oh * {}u) - {};\n  let iw0 = i32(ow0 * {}u) - {};\n  \
                  let wb = (g * {obg}u + ob * {ov}u) * {kk}u;\n  var wi = 0u;\n",
-                stride[0], pads[0].0, stride[1], pads[1].0,
-            );
-            for q in 0..4 {
-                for k in 0..ov {
-                    let _ = writeln!(b, "  var a{q}_{k} = vec4<f32>(0.0);");
+                    stride[0], pads[0].0, stride[1], pads[1].0,
+                );
+                for q in 0..4 {
+                    for k in 0..ov {
+                        let _ = writeln!(b, "  var a{q}_{k} = vec4<f32>(0.0);");
+                    }
                 }
-            }
-            let _ = writeln!(
-                b,
-                "  for (var i = 0u; i < {icg}u; i = i + 1u) {{\n    let xc = (n * {ic}u + g * {icg}u + i) * {}u;\n    \
+                let _ = writeln!(
+                    b,
+                    "  for (var i = 0u; i < {icg}u; i = i + 1u) {{\n    let xc = (n * {ic}u + g * {icg}u + i) * {}u;\n    \
                  for (var kh = 0u; kh < {kh}u; kh = kh + 1u) {{\n      let ih = ih0 + i32(kh * {}u);\n      \
                  let inside = ih >= 0 && ih < {h};\n      let xr = xc + u32(clamp(ih, 0, {})) * {wd}u;\n      \
                  for (var kw = 0u; kw < {kw}u; kw = kw + 1u) {{",
-                h * wd,
-                dil[0],
-                h - 1
-            );
-            for k in 0..ov {
-                let _ = writeln!(b, "        let w{k} = {};", wload(format!("{wn}[wb + {}u + wi]", k * kk)));
-            }
-            b.push_str("        wi = wi + 1u;\n");
-            for q in 0..4 {
-                let _ = writeln!(
-                    b,
-                    "        let iq{q} = iw0 + i32({}u + kw * {}u);\n        \
-                     let x{q} = vec4<f32>(select(0.0, {}, inside && iq{q} >= 0 && iq{q} < {wd}));",
-                    q * stride[1],
-                    dil[1],
-                    tx(format!("{xn}(xr + u32(clamp(iq{q}, 0, {})))", wd - 1))
+                    h * wd,
+                    dil[0],
+                    h - 1
                 );
                 for k in 0..ov {
-                    let _ = writeln!(b, "        a{q}_{k} = fma(x{q}, w{k}, a{q}_{k});");
+                    let _ = writeln!(b, "        let w{k} = {};", wload(format!("{wn}[wb + {}u + wi]", k * kk)));
                 }
-            }
-            b.push_str("      }\n    }\n  }\n");
-            for k in 0..ov {
-                let sv = sn
-                    .as_ref()
-                    .map_or("vec4<f32>(1.0)".to_string(), |sn| format!("{sn}[g * {obg}u + ob * {ov}u + {k}u]"));
-                let _ = writeln!(b, "  {{\n  let bv = {bn}[g * {obg}u + ob * {ov}u + {k}u];\n  let sv = {sv};");
-                for j in 0..4 {
-                    let c = ["x", "y", "z", "w"][j];
+                b.push_str("        wi = wi + 1u;\n");
+                for q in 0..4 {
                     let _ = writeln!(
                         b,
-                        "  let o{j} = (ob * {ov}u + {k}u) * 4u + {j}u;\n  if (o{j} < {ocg}u) {{\n    let c{j} = g * {ocg}u + o{j};"
+                        "        let iq{q} = iw0 + i32({}u + kw * {}u);\n        \
+                     let x{q} = vec4<f32>(select(0.0, {}, inside && iq{q} >= 0 && iq{q} < {wd}));",
+                        q * stride[1],
+                        dil[1],
+                        tx(format!("{xn}(xr + u32(clamp(iq{q}, 0, {})))", wd - 1))
                     );
-                    for q in 0..4 {
+                    for k in 0..ov {
+                        let _ = writeln!(b, "        a{q}_{k} = fma(x{q}, w{k}, a{q}_{k});");
+                    }
+                }
+                b.push_str("      }\n    }\n  }\n");
+                for k in 0..ov {
+                    let sv = sn
+                        .as_ref()
+                        .map_or("vec4<f32>(1.0)".to_string(), |sn| format!("{sn}[g * {obg}u + ob * {ov}u + {k}u]"));
+                    let _ = writeln!(b, "  {{\n  let bv = {bn}[g * {obg}u + ob * {ov}u + {k}u];\n  let sv = {sv};");
+                    for j in 0..4 {
+                        let c = ["x", "y", "z", "w"][j];
                         let _ = writeln!(
                             b,
-                            "    if (ow0 + {q}u < {ow}u) {{\n      let v = {} + bv.{c};\n      {}\n    }}",
-                            scaled(&format!("a{q}_{k}.{c}"), &format!("sv.{c}")),
-                            store(&format!("c{j}"), &format!("oh * {ow}u + ow0 + {q}u"))
+                            "  let o{j} = (ob * {ov}u + {k}u) * 4u + {j}u;\n  if (o{j} < {ocg}u) {{\n    let c{j} = g * {ocg}u + o{j};"
                         );
+                        for q in 0..4 {
+                            let _ = writeln!(
+                                b,
+                                "    if (ow0 + {q}u < {ow}u) {{\n      let v = {} + bv.{c};\n      {}\n    }}",
+                                scaled(&format!("a{q}_{k}.{c}"), &format!("sv.{c}")),
+                                store(&format!("c{j}"), &format!("oh * {ow}u + ow0 + {q}u"))
+                            );
+                        }
+                        b.push_str("  }\n");
                     }
                     b.push_str("  }\n");
                 }
-                b.push_str("  }\n");
+                alts.push((format!("1x{ov}"), b, Grid::Flat((oh * owb * gobg * n) as u64)));
             }
-            alts.push((String::new(), b, Grid::Flat((oh * owb * gobg * n) as u64)));
         }
         self.emit_alts(binds, &epi, &os, alts, root, &[&[s], &covered[..]].concat())
     }
@@ -2061,7 +2075,9 @@ pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
             let (source, us) = match cached {
                 Some(e) if tiles.contains(&e.tile.as_str()) => {
                     pick = tiles.iter().position(|t| *t == e.tile).unwrap_or(0);
-                    (TuneSource::Cached, e.us.into_iter().collect())
+                    // In the variants' order (the default first), as when measured.
+                    let us = tiles.iter().filter_map(|t| Some((t.to_string(), *e.us.get(*t)?))).collect();
+                    (TuneSource::Cached, us)
                 }
                 _ if std::time::Instant::now() < deadline => {
                     let ready = k.variants.iter().map(|v| prepare(k, v)).collect::<R<Vec<_>>>()?;
