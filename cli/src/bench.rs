@@ -308,6 +308,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "gpu_dispatches_per_run": counters.map(|c| c.dispatches),
         "gpu_submissions_per_run": counters.map(|c| c.submissions),
         "gpu_alloc_bytes_per_run": counters.map(|c| c.alloc_bytes),
+        "gpu_activation_bytes": counters.map(|c| c.activation_bytes),
         "profile": profile,
         "trace": a.trace,
     });

@@ -108,6 +108,41 @@ def test_bench_reports_device_counters(gpu, shared):
     assert out["gpu_dispatches_per_run"] is None and out["gpu_alloc_bytes_per_run"] is None, out
 
 
+def test_f16_storage_halves_activation_memory(gpu, tmp_path):
+    """`EDGEPACK_GPU_PRECISION=f16`: the fused program stores activations as f16 (`gpu_activation_bytes` in
+    `bench --json`). fp32 EfficientNet-Lite0: every activation, half the bytes. Its INT8 file from `edgepack
+    quantize`: only its quantized activations (exact in f16), so its outputs equal the f32 program's bit for bit."""
+    import numpy as np
+
+    if not gpu.get("shader_f16"):
+        pytest.skip(f"{gpu['name']} has no shader-f16")
+    photos = os.path.join(ROOT, "assets", "photos")
+    fp32 = os.path.join(ROOT, "assets", "models", "efficientnet_lite0_fp32.onnx")
+    int8 = tmp_path / "q.onnx"
+    ep("quantize", "--budget", "none", fp32, "--calib", photos, "--preset", "tf", "--holdout", "0",
+       "--latency-runs", "0", "-q", "-o", int8)
+    img = os.path.join(photos, "skimage_astronaut.png")
+    for model, ratio in ((fp32, (0.45, 0.55)), (int8, (0.3, 0.95))):
+        got = {}
+        for prec in ("f32", "f16"):
+            env = {"EDGEPACK_GPU_PRECISION": prec}
+            b = json.loads(ep("bench", model, "--device", "gpu", "--runs", "1", "--warmup", "0", "--json",
+                              env=env).stdout)
+            assert b["gpu_submissions_per_run"] == 1 and b["gpu_alloc_bytes_per_run"] == 0, b
+            out = tmp_path / f"{os.path.basename(str(model))}.{prec}"
+            ep("run", model, img, "--preset", "tf", "--device", "gpu", "--output-dir", out, env=env)
+            got[prec] = (b["gpu_activation_bytes"], np.load(out / "logits.npy"), b["backend"]["description"])
+        (b32, y32, d32), (b16, y16, d16) = got["f32"], got["f16"]
+        print(f"\n{os.path.basename(str(model))}: activations {b32} B at f32, {b16} B at f16 ({d16})")
+        assert "f32 compute" in d32 and "f16 compute" in d16, (d32, d16)
+        assert ratio[0] * b32 <= b16 <= ratio[1] * b32, (b32, b16)
+        if model == int8:
+            assert np.array_equal(y32, y16), np.abs(y32 - y16).max()
+        else:
+            assert 0 < np.abs(y32 - y16).max() < 0.05 * np.abs(y32).max(), np.abs(y32 - y16).max()
+            assert y32.argmax() == y16.argmax()
+
+
 def test_cli_device_flag(gpu, tmp_path):
     model = os.path.join(ROOT, "assets", "models", "mnist_cntk_opset8_simplified.onnx")
     x = tmp_path / "x.npy"

@@ -33,7 +33,6 @@ impl std::str::FromStr for Device {
     }
 }
 
-/// An executor of one loaded model.
 /// What one run did on a device (a GPU backend's fused plans; see `Backend::run_counters`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RunCounters {
@@ -43,8 +42,11 @@ pub struct RunCounters {
     pub submissions: usize,
     /// Device memory (buffers) created during the run.
     pub alloc_bytes: u64,
+    /// Device memory the run's activation buffers take (the plan's, reused by every run).
+    pub activation_bytes: u64,
 }
 
+/// An executor of one loaded model.
 pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
     /// Human-readable description, e.g. "cpu (tract 0.23.9, 2 threads)".

@@ -22,7 +22,7 @@
 //! load compiles the chosen tile only. [`TUNE_BUDGET`] bounds a load's timing.
 //!
 //! At f16 precision ([`Graph::half`]) activation buffers of floats (and of 8-bit integers and booleans, exact in
-//! f16) hold f16: kernels read them through `ldN(k)` functions that widen to f32 and store through `st(i, v)`,
+//! f16; only those in a graph rewritten to integer arithmetic) hold f16: kernels read them through `ldN(k)` functions that widen to f32 and store through `st(i, v)`,
 //! which narrows (saturating at ±65504); accumulation, epilogues and constants stay f32. Inputs are narrowed on the
 //! host as they are written into the upload buffer, outputs widened as they are read back.
 //!
@@ -96,8 +96,19 @@ pub(crate) struct Graph<'a> {
     pub inputs: Vec<Option<usize>>,
     pub outputs: Vec<Out>,
     pub opset: i64,
-    /// Activations stored as f16 (f32 arithmetic): floats, and integers that f16 holds exactly (8-bit, booleans).
-    pub half: bool,
+    /// Which activations are stored as f16 (arithmetic stays f32).
+    pub half: Half,
+}
+
+/// Which activation buffers hold f16.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Half {
+    /// None.
+    Off,
+    /// Values f16 holds exactly: 8-bit integers and booleans (a graph's quantized activations), nothing else.
+    Exact,
+    /// Those and every float value.
+    Floats,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -404,9 +415,13 @@ impl<'g, 'a> Builder<'g, 'a> {
 
     /// How the buffer of root `slot` stores its values.
     fn elem(&self, slot: usize) -> Elem {
-        let exact_in_f16 =
-            |d: &DType| matches!(d, DType::F32 | DType::F16 | DType::F64 | DType::U8 | DType::I8 | DType::Bool);
-        if self.g.half && self.g.dtypes.get(&slot).is_some_and(exact_in_f16) { Elem::F16 } else { Elem::F32 }
+        let f16 = match (self.g.half, self.g.dtypes.get(&slot)) {
+            (Half::Off, _) | (_, None) => false,
+            (_, Some(DType::U8 | DType::I8 | DType::Bool)) => true,
+            (Half::Floats, Some(d)) => matches!(d, DType::F32 | DType::F16 | DType::F64),
+            (Half::Exact, Some(_)) => false,
+        };
+        if f16 { Elem::F16 } else { Elem::F32 }
     }
 
     /// A read of the activation buffer of root `root` (see [`Binds::act`]).
@@ -1869,6 +1884,8 @@ pub(crate) struct Program {
     pub const_bytes: (usize, usize),
     /// How each kernel with variants got its tile.
     pub tuned: Vec<Tuned>,
+    /// Bytes of the activation buffers of the memory plan.
+    activation_bytes: u64,
 }
 
 fn create_buffer(dev: &wgpu::Device, label: &str, size: u64, usage: wgpu::BufferUsages, mapped: bool) -> wgpu::Buffer {
@@ -2173,6 +2190,7 @@ pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
         wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         false,
     );
+    let activation_bytes = buffers.iter().map(|b| b.size()).sum();
     Ok(Program {
         kernels,
         buffers,
@@ -2184,6 +2202,7 @@ pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
         io: Mutex::new(Io { upload_mapped: true, last: RunCounters::default() }),
         const_bytes,
         tuned,
+        activation_bytes,
     })
 }
 
@@ -2308,7 +2327,12 @@ impl Program {
                 .collect::<R<Vec<_>>>()
         };
         self.readback.unmap();
-        io.last = RunCounters { dispatches: self.kernels.len(), submissions, alloc_bytes: allocated() - before };
+        io.last = RunCounters {
+            dispatches: self.kernels.len(),
+            submissions,
+            alloc_bytes: allocated() - before,
+            activation_bytes: self.activation_bytes,
+        };
         outs
     }
 }

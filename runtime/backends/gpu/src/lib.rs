@@ -19,8 +19,9 @@
 //!
 //! `EDGEPACK_GPU_PRECISION=f16` (adapters with `shader-f16`, opt-in): fused programs store every float activation
 //! (and 8-bit or boolean value, which f16 holds exactly) as f16 and compute in f32: half the activation bytes read
-//! and written, one rounding per stored value. Plans that are not fused compute in f16 on burn. INT8 models run
-//! their QDQ graph as written (float arithmetic), not the integer lowering, so they are not bit-equal to the CPU.
+//! and written, one rounding per stored value. Plans that are not fused compute in f16 on burn. INT8 models keep
+//! the integer lowering: only their quantized activations are stored as f16 (exactly), and plans that are not fused
+//! run in f32, so their results are the f32 ones, bit for bit.
 mod device;
 mod fused;
 mod ops;

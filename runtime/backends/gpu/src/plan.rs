@@ -227,10 +227,8 @@ type PlanKey = (Vec<Vec<usize>>, Vec<Option<Vec<u8>>>);
 /// specialised on their values. Larger ones go to the device, where an op that needs them known fails.
 const HOST_INPUT_MAX: usize = 64;
 
-/// f32 unless `EDGEPACK_GPU_PRECISION=f16` asks for f16 on an adapter with shader-f16. INT8 models are f32 too:
-/// their integer arithmetic (see [`GpuBackend::load_with`]) is exact only in f32; at f16 they run their QDQ graph
-/// as written, whose float requantization moved 0.5-3.3 % of ImageNet-sample top-1s away from the CPU's
-/// (CONFORMANCE.md).
+/// f32 unless `EDGEPACK_GPU_PRECISION=f16` asks for f16 on an adapter with shader-f16 (fused programs then store
+/// activations as f16; see the crate documentation for INT8 models).
 fn precision_for(f16: bool) -> Precision {
     match std::env::var("EDGEPACK_GPU_PRECISION").as_deref() {
         Ok("f16") if f16 => Precision::F16,
@@ -258,10 +256,12 @@ impl GpuBackend {
         Self::load_with(model, gpu, prec, true, host)
     }
 
-    /// At f32, QDQ patterns are rewritten to the integer arithmetic the CPU backend and onnxruntime's fused
+    /// QDQ patterns are rewritten to the integer arithmetic the CPU backend and onnxruntime's fused
     /// kernels compute (`round(f32(Σ (x−z_x)·w + b) · m) + z_y`, QLinearAdd's scaled sums): integer-valued
     /// floats are exact in f32, so each requantization rounds as theirs does instead of flipping a few values
-    /// per layer that then spread through the network. Weights stay int8 (`DequantizeLinear(w, 1)`).
+    /// per layer that then spread through the network. Weights stay int8 (`DequantizeLinear(w, 1)`). At f16 too:
+    /// the rewritten graph's step-by-step path runs in f32 ([`GpuBackend::ctx`]) and its fused programs store only
+    /// the quantized activations as f16.
     fn load_with(
         model: &Model,
         gpu: &'static GpuDevice,
@@ -273,7 +273,7 @@ impl GpuBackend {
         edgepack_onnx::run_passes(&mut m, edgepack_onnx::pass::DEVICE_PREPARE)?;
         m.graph.topo_sort()?;
         let mut unlowered = None;
-        if lower && prec == Precision::F32 && super::has_int8_weights(&m) {
+        if lower && super::has_int8_weights(&m) {
             let written = m.clone();
             if m.graph.lower_qdq_integer_with(edgepack_lower::LowerFor::F32Device) > 0 {
                 unlowered = Some(written);
@@ -383,8 +383,11 @@ impl GpuBackend {
         self.weight_bytes.lock().map(|g| *g).unwrap_or_default()
     }
 
+    /// The step-by-step path's context. A graph rewritten to integer arithmetic runs it in f32 whatever the
+    /// precision (integer-valued floats are exact only there); at f16 only its fused programs store in f16.
     fn ctx(&self) -> Ctx<'_> {
-        Ctx { device: &self.gpu.device, prec: self.prec, opset: self.opset }
+        let prec = if self.unlowered.is_some() { Precision::F32 } else { self.prec };
+        Ctx { device: &self.gpu.device, prec, opset: self.opset }
     }
 
     /// Folds one node whose inputs are all known on the host, on the CPU backend.
@@ -554,7 +557,7 @@ impl GpuBackend {
             if let Val::Host(h) = v
                 && h.up.get().is_some()
             {
-                bytes += h.t.len() * if self.prec == Precision::F16 { 2 } else { 4 };
+                bytes += h.t.len() * if self.ctx().prec == Precision::F16 { 2 } else { 4 };
             }
         }
         if let Ok(mut g) = self.weight_bytes.lock() {
@@ -701,7 +704,13 @@ impl GpuBackend {
                 None => return Err("an output never computed".into()),
             });
         }
-        let half = self.prec == Precision::F16;
+        // At f16, f16 buffers: for every float value, or, in a graph rewritten to integer arithmetic, only for
+        // the values f16 holds exactly (its quantized activations), so that its results stay the f32 ones.
+        let half = match (self.prec, self.unlowered.is_some()) {
+            (Precision::F32, _) => fused::Half::Off,
+            (Precision::F16, true) => fused::Half::Exact,
+            (Precision::F16, false) => fused::Half::Floats,
+        };
         let graph = fused::Graph { steps: fsteps, shapes, dtypes, qweights, inputs, outputs, opset: self.opset, half };
         // A defect in the compiler must not cost the model its GPU: it falls back to the step-by-step path.
         let program = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fused::compile(&graph, self.gpu)))
