@@ -5,7 +5,6 @@
 // Without the GPU backend there is nothing to choose between: the cache and timing helpers go unused.
 #![cfg_attr(not(feature = "gpu"), allow(dead_code))]
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use crate::Result;
 use crate::backend::Backend;
@@ -22,24 +21,16 @@ pub struct Choice {
     pub adapter: String,
 }
 
-pub use crate::fsutil::cache_dir;
-
-fn cache_file() -> Option<PathBuf> {
-    cache_dir().map(|d| d.join("device-choice.json"))
-}
+const CACHE_FILE: &str = "device-choice.json";
 
 fn read_cache() -> BTreeMap<String, Choice> {
-    cache_file().and_then(|f| std::fs::read(f).ok()).and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    crate::fsutil::read_cached_map(CACHE_FILE)
 }
 
 fn write_cache(key: &str, choice: &Choice) {
-    let Some(file) = cache_file() else { return };
-    let mut all = read_cache();
-    all.insert(key.to_string(), choice.clone());
-    if let (Some(dir), Ok(bytes)) = (file.parent(), serde_json::to_vec_pretty(&all)) {
-        // A cache that cannot be written only costs a measurement next time.
-        let _ = std::fs::create_dir_all(dir).and_then(|_| crate::fsutil::write_atomic(&file, &bytes));
-    }
+    crate::fsutil::update_cached_map(CACHE_FILE, |all: &mut BTreeMap<String, Choice>| {
+        all.insert(key.to_string(), choice.clone());
+    });
 }
 
 /// A synthetic input of a fully static declaration (`None` when a dimension is free).

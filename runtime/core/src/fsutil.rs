@@ -35,6 +35,26 @@ pub fn cache_dir() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("edgepack"))
 }
 
+/// The JSON map `name` (`device-choice.json`…) in [`cache_dir`]: empty when absent or unreadable.
+pub fn read_cached_map<T: serde::de::DeserializeOwned>(name: &str) -> std::collections::BTreeMap<String, T> {
+    let bytes = cache_dir().and_then(|d| std::fs::read(d.join(name)).ok());
+    bytes.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+/// Changes the JSON map `name` in [`cache_dir`] as `change` says and writes it back atomically. A cache that
+/// cannot be written only costs a measurement next time, so failures are ignored.
+pub fn update_cached_map<T: serde::Serialize + serde::de::DeserializeOwned>(
+    name: &str,
+    change: impl FnOnce(&mut std::collections::BTreeMap<String, T>),
+) {
+    let Some(dir) = cache_dir() else { return };
+    let mut map = read_cached_map(name);
+    change(&mut map);
+    if let Ok(bytes) = serde_json::to_vec_pretty(&map) {
+        let _ = std::fs::create_dir_all(&dir).and_then(|_| write_atomic(&dir.join(name), &bytes));
+    }
+}
+
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_atomic_with(path, |f| f.write_all(bytes))
 }

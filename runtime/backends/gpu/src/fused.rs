@@ -256,12 +256,12 @@ enum Grid {
 /// vec4 accumulators, and channel blocks that divide 16 (the weights' padding).
 const POINTWISE_TILES: [(usize, usize); 6] = [(2, 2), (1, 1), (2, 1), (1, 2), (4, 2), (2, 4)];
 
-/// How the pointwise tile is chosen.
+/// How a convolution's tile is chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TileMode {
     /// This one (`EDGEPACK_GPU_PW=PVxOV`, or the default when tuning is off).
     Fixed((usize, usize)),
-    /// Every tile of [`POINTWISE_TILES`], timed at load ([`tune`]).
+    /// Every tile, timed at load ([`time_variants`]).
     Tune,
 }
 
@@ -744,7 +744,7 @@ impl<'g, 'a> Builder<'g, 'a> {
     }
 
     /// [`Builder::emit`] for a kernel with variants (tile, body, grid) that compute the same values: the first is
-    /// the default, the others are timed against it at load ([`tune`]).
+    /// the default, the others are timed against it at load ([`time_variants`]).
     fn emit_alts(
         &mut self,
         mut binds: Binds,
@@ -1817,35 +1817,20 @@ fn tile_key(info: &super::AdapterInfo, wgsl: &str) -> String {
     hex::encode(&digest[..12])
 }
 
-fn tiles_file() -> Option<std::path::PathBuf> {
-    edgepack_core::fsutil::cache_dir().map(|d| d.join("gpu-tiles.json"))
-}
+const TILES_FILE: &str = "gpu-tiles.json";
 
 /// The tile cache of this process, read from `gpu-tiles.json` in the cache directory on first use.
 fn tile_cache<T>(f: impl FnOnce(&mut std::collections::BTreeMap<String, TileEntry>) -> T) -> T {
     static CACHE: OnceLock<Mutex<std::collections::BTreeMap<String, TileEntry>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(|| {
-        let read = tiles_file().and_then(|f| std::fs::read(f).ok());
-        Mutex::new(read.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default())
-    });
+    let cache = CACHE.get_or_init(|| Mutex::new(edgepack_core::fsutil::read_cached_map(TILES_FILE)));
     f(&mut cache.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
 /// Writes the tile cache back (atomically, merged with what other processes wrote meanwhile). A cache that
 /// cannot be written only costs a measurement at the next load.
 fn save_tile_cache() {
-    let Some(file) = tiles_file() else { return };
-    let on_disk: std::collections::BTreeMap<String, TileEntry> =
-        std::fs::read(&file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-    let bytes = tile_cache(|c| {
-        for (k, v) in on_disk {
-            c.entry(k).or_insert(v);
-        }
-        serde_json::to_vec_pretty(&*c)
-    });
-    if let (Some(dir), Ok(bytes)) = (file.parent(), bytes) {
-        let _ = std::fs::create_dir_all(dir).and_then(|_| edgepack_core::fsutil::write_atomic(&file, &bytes));
-    }
+    let ours = tile_cache(|c| c.clone());
+    edgepack_core::fsutil::update_cached_map(TILES_FILE, |on_disk| on_disk.extend(ours));
 }
 
 struct Kernel {
@@ -2085,6 +2070,8 @@ pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
     let deadline = std::time::Instant::now() + TUNE_BUDGET;
     for k in &b.kernels {
         let mut pick = 0;
+        // The picked variant when timing prepared it already.
+        let mut timed = None;
         if k.variants.len() > 1 {
             let tiles: Vec<&str> = k.variants.iter().map(|v| v.tile.as_str()).collect();
             let key = tile_key(&gpu.info, &k.variants[0].wgsl);
@@ -2097,9 +2084,10 @@ pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
                     (TuneSource::Cached, us)
                 }
                 _ if std::time::Instant::now() < deadline => {
-                    let ready = k.variants.iter().map(|v| prepare(k, v)).collect::<R<Vec<_>>>()?;
+                    let mut ready = k.variants.iter().map(|v| prepare(k, v)).collect::<R<Vec<_>>>()?;
                     let us = time_variants(gpu, &ready)?;
                     pick = choose(&us);
+                    timed = Some(ready.swap_remove(pick));
                     let us: Vec<(String, f64)> = tiles.iter().map(|t| t.to_string()).zip(us).collect();
                     let entry = TileEntry {
                         tile: tiles[pick].to_string(),
@@ -2121,7 +2109,10 @@ pub(crate) fn compile(graph: &Graph, gpu: &GpuDevice) -> R<Program> {
             }
             tuned.push(Tuned { label: k.label.clone(), tile: tiles[pick].to_string(), source, us });
         }
-        let (pipeline, group, groups) = prepare(k, &k.variants[pick])?;
+        let (pipeline, group, groups) = match timed {
+            Some(p) => p,
+            None => prepare(k, &k.variants[pick])?,
+        };
         kernels.push(Kernel { pipeline, group, groups, label: k.label.clone(), op: k.op.clone() });
     }
     if tuned.iter().any(|t| t.source == TuneSource::Measured) {
